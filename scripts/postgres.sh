@@ -1,0 +1,116 @@
+#!/usr/bin/env bash
+# A private PostgreSQL server for omnibox's tests and benchmarks.
+#
+#   eval "$(scripts/postgres.sh start [--port 54329] [--dir DIR] [--durable])"
+#       installs Debian's postgresql package if its binaries are missing,
+#       creates a throwaway cluster in DIR, starts it on 127.0.0.1:PORT only,
+#       creates role/database/password omnibox, and prints:
+#         export OMNIBOX_TEST_DATABASE_URL=postgres://omnibox:omnibox@127.0.0.1:PORT/omnibox
+#         export OMNIBOX_TEST_PG_PID=<postmaster pid>  OMNIBOX_TEST_PG_DIR=DIR
+#       Without --durable the cluster runs with fsync=off (tests: fast, and
+#       the data is thrown away); --durable keeps PostgreSQL's defaults (benchmarks).
+#   scripts/postgres.sh stop [--dir DIR]
+#       stops the server started by `start` (by the PID in DIR) and removes DIR.
+#
+# Progress goes to stderr; only the export lines go to stdout.
+set -euo pipefail
+
+cmd=${1:-}
+shift || true
+PORT=54329
+DIR=""
+DURABLE=0
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --port) PORT=$2; shift 2 ;;
+    --dir) DIR=$2; shift 2 ;;
+    --durable) DURABLE=1; shift ;;
+    *) echo "postgres.sh: unknown option $1" >&2; exit 2 ;;
+  esac
+done
+DIR=${DIR:-/tmp/omnibox-pg-$PORT}
+log() { echo "[postgres.sh] $*" >&2; }
+
+pg_bin() {
+  local d
+  d=$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -1 || true)
+  [ -n "$d" ] && [ -x "$d/initdb" ] && echo "$d"
+}
+
+install_postgres() {
+  log "installing Debian's postgresql package (first time on this machine: about a minute)"
+  export DEBIAN_FRONTEND=noninteractive
+  # Keep the package from starting its own cluster: this script runs its own.
+  local policy=/usr/sbin/policy-rc.d created_policy=0
+  if [ ! -e "$policy" ]; then
+    printf '#!/bin/sh\nexit 101\n' > "$policy"; chmod +x "$policy"; created_policy=1
+  fi
+  apt-get update -qq >&2
+  apt-get install -y -qq postgresql >&2
+  [ "$created_policy" = 1 ] && rm -f "$policy"
+  return 0
+}
+
+as_postgres() {
+  if [ "$(id -u)" = 0 ]; then
+    runuser -u postgres -- "$@"
+  else
+    "$@"
+  fi
+}
+
+start() {
+  local bin
+  bin=$(pg_bin || true)
+  if [ -z "$bin" ]; then
+    install_postgres
+    bin=$(pg_bin)
+  fi
+  if [ "$(id -u)" = 0 ] && ! id postgres >/dev/null 2>&1; then
+    log "no postgres user: reinstall the postgresql package"; exit 1
+  fi
+  if [ -f "$DIR/data/postmaster.pid" ] && kill -0 "$(head -1 "$DIR/data/postmaster.pid")" 2>/dev/null; then
+    log "a server from an earlier run is still up in $DIR; stopping it first"
+    stop
+  fi
+  rm -rf "$DIR"
+  mkdir -p "$DIR"
+  [ "$(id -u)" = 0 ] && chown postgres:postgres "$DIR"
+  log "initdb in $DIR ($("$bin/postgres" --version))"
+  as_postgres "$bin/initdb" -D "$DIR/data" -U postgres --auth=trust -E UTF8 --locale=C.UTF-8 >"$DIR/initdb.log" 2>&1 \
+    || { cat "$DIR/initdb.log" >&2; exit 1; }
+  local opts="-c listen_addresses=127.0.0.1 -p $PORT -k $DIR -c max_connections=300 -c TimeZone=UTC"
+  if [ "$DURABLE" = 0 ]; then
+    opts="$opts -c fsync=off -c synchronous_commit=off -c full_page_writes=off"
+  fi
+  as_postgres "$bin/pg_ctl" -D "$DIR/data" -l "$DIR/server.log" -o "$opts" -w -t 60 start >&2 \
+    || { cat "$DIR/server.log" >&2; exit 1; }
+  local pid
+  pid=$(head -1 "$DIR/data/postmaster.pid")
+  "$bin/psql" -h 127.0.0.1 -p "$PORT" -U postgres -d postgres -v ON_ERROR_STOP=1 -q >&2 <<SQL
+CREATE ROLE omnibox LOGIN PASSWORD 'omnibox';
+CREATE DATABASE omnibox OWNER omnibox;
+SQL
+  log "PostgreSQL on 127.0.0.1:$PORT (pid $pid, data in $DIR)"
+  echo "export OMNIBOX_TEST_DATABASE_URL=postgres://omnibox:omnibox@127.0.0.1:$PORT/omnibox"
+  echo "export OMNIBOX_TEST_PG_PID=$pid"
+  echo "export OMNIBOX_TEST_PG_DIR=$DIR"
+}
+
+stop() {
+  local pid=""
+  [ -f "$DIR/data/postmaster.pid" ] && pid=$(head -1 "$DIR/data/postmaster.pid")
+  if [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null; then
+    kill -INT "$pid" 2>/dev/null || true   # fast shutdown
+    for _ in $(seq 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+    kill -0 "$pid" 2>/dev/null && kill -KILL "$pid" 2>/dev/null || true
+    log "stopped PostgreSQL (pid $pid)"
+  fi
+  rm -rf "$DIR"
+}
+
+case "$cmd" in
+  start) start ;;
+  stop) stop ;;
+  *) echo "usage: scripts/postgres.sh start|stop [--port P] [--dir D] [--durable]" >&2; exit 2 ;;
+esac

@@ -1,0 +1,475 @@
+//! The domain service: creates validated events and applies the pure state
+//! transitions of SPEC §2 (the reference's `OmniBoxDomainService`).
+//!
+//! Nothing here touches a database: stores perform the same transitions in
+//! SQL, guarded so that they hold under concurrency; this module is the
+//! specification they follow, and what handlers and tests use in memory.
+
+use std::time::Duration;
+
+use uuid::Uuid;
+
+use crate::error::{Error, Result};
+use crate::model::limits::{self, Limits};
+use crate::model::{
+    Event, EventStatus, InboxEvent, InboxRoute, NewInboxEvent, NewOutboxEvent, OutboxEvent,
+    OutboxRoute, Route, Timestamp, UnlockReason, WorkerId, time, validate,
+};
+
+/// Exponential backoff with equal jitter for counted failures:
+/// `d = min(cap, base * 2^attempts_made)`, then a delay uniformly drawn from
+/// `[d/2, d]`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Backoff {
+    /// Delay before the first retry (before jitter).
+    pub base: Duration,
+    /// Longest delay.
+    pub cap: Duration,
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Backoff {
+            base: limits::DEFAULT_BACKOFF_BASE,
+            cap: limits::DEFAULT_BACKOFF_CAP,
+        }
+    }
+}
+
+impl Backoff {
+    /// The un-jittered delay after `attempts_made` counted failures.
+    pub fn ceiling(&self, attempts_made: i32) -> Duration {
+        let exp = attempts_made.clamp(0, 62) as u32;
+        let factor = 1u64.checked_shl(exp).unwrap_or(u64::MAX);
+        let base_ms = self.base.as_millis() as u64;
+        Duration::from_millis(base_ms.saturating_mul(factor)).min(self.cap)
+    }
+
+    /// The delay with equal jitter: half fixed, half random.
+    pub fn delay(&self, attempts_made: i32) -> Duration {
+        self.delay_with(attempts_made, fastrand::f64())
+    }
+
+    /// The delay for a given random draw in `[0, 1)`, for tests.
+    pub fn delay_with(&self, attempts_made: i32, unit: f64) -> Duration {
+        let ceiling = self.ceiling(attempts_made);
+        let half = ceiling / 2;
+        half + (ceiling - half).mul_f64(unit.clamp(0.0, 1.0))
+    }
+}
+
+/// How a failure is recorded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Retry {
+    /// A counted failure: `attempts_made + 1`; at `max_attempts` the event
+    /// becomes `failed`. `None` schedules the retry by the backoff.
+    Counted(Option<Timestamp>),
+    /// A transient failure (the broker did not answer): no attempt spent; retry at this time.
+    NotCounted(Timestamp),
+}
+
+/// Creates events with the limits of SPEC §2 and applies the lifecycle's pure
+/// transitions. `DomainService::default()` uses the SPEC's limits.
+#[derive(Debug, Clone, Default)]
+pub struct DomainService {
+    limits: Limits,
+    backoff: Backoff,
+}
+
+impl DomainService {
+    /// A service with these limits and backoff.
+    pub fn new(limits: Limits, backoff: Backoff) -> Self {
+        DomainService { limits, backoff }
+    }
+
+    /// The limits in force.
+    pub fn limits(&self) -> &Limits {
+        &self.limits
+    }
+
+    /// The backoff in force.
+    pub fn backoff(&self) -> &Backoff {
+        &self.backoff
+    }
+
+    /// Validates a new outbox event and fills its defaults (UUIDv7 id, now,
+    /// pending, 0 attempts).
+    pub fn create_outbox_event(&self, new: NewOutboxEvent) -> Result<OutboxEvent> {
+        let route = OutboxRoute {
+            aggregate_type: validate::required(
+                "aggregate_type",
+                &new.aggregate_type,
+                limits::AGGREGATE_TYPE_MAX_LENGTH,
+            )?,
+            aggregate_id: new.aggregate_id,
+            topic: validate::required("topic", &new.topic, limits::TOPIC_MAX_LENGTH)?,
+            partition_key: validate::required(
+                "partition_key",
+                &new.partition_key,
+                limits::PARTITION_KEY_MAX_LENGTH,
+            )?,
+        };
+        let common = Common {
+            id: new.id,
+            event_type: new.event_type,
+            payload: new.payload,
+            headers: new.headers,
+            trace_id: new.trace_id,
+            idempotency_key: new.idempotency_key,
+            correlation_id: new.correlation_id,
+            causation_id: new.causation_id,
+            schema_version: new.schema_version,
+            max_attempts: new.max_attempts,
+            scheduled_at: new.scheduled_at,
+            created_at: new.created_at,
+        };
+        self.build(common, route)
+    }
+
+    /// Validates a new inbox event and fills its defaults.
+    pub fn create_inbox_event(&self, new: NewInboxEvent) -> Result<InboxEvent> {
+        let route = InboxRoute {
+            message_id: validate::required(
+                "message_id",
+                &new.message_id,
+                limits::MESSAGE_ID_MAX_LENGTH,
+            )?,
+            consumer_group: validate::required(
+                "consumer_group",
+                &new.consumer_group,
+                limits::CONSUMER_GROUP_MAX_LENGTH,
+            )?,
+            source: validate::required("source", &new.source, limits::SOURCE_MAX_LENGTH)?,
+        };
+        let common = Common {
+            id: new.id,
+            event_type: new.event_type,
+            payload: new.payload,
+            headers: new.headers,
+            trace_id: new.trace_id,
+            idempotency_key: None,
+            correlation_id: new.correlation_id,
+            causation_id: new.causation_id,
+            schema_version: new.schema_version,
+            max_attempts: new.max_attempts,
+            scheduled_at: new.scheduled_at,
+            created_at: new.created_at,
+        };
+        self.build(common, route)
+    }
+
+    fn build<R: Route>(&self, c: Common, route: R) -> Result<Event<R>> {
+        let event_type =
+            validate::required("event_type", &c.event_type, limits::EVENT_TYPE_MAX_LENGTH)?;
+        let payload = validate::payload(c.payload, &self.limits)?;
+        let headers = validate::headers(c.headers, &self.limits)?;
+        let trace_id = validate::optional(
+            "trace_id",
+            c.trace_id.as_deref(),
+            limits::TRACE_ID_MAX_LENGTH,
+        )?;
+        let idempotency_key = validate::optional(
+            "idempotency_key",
+            c.idempotency_key.as_deref(),
+            limits::IDEMPOTENCY_KEY_MAX_LENGTH,
+        )?;
+        let correlation_id = validate::optional(
+            "correlation_id",
+            c.correlation_id.as_deref(),
+            limits::CORRELATION_ID_MAX_LENGTH,
+        )?;
+        let causation_id = validate::optional(
+            "causation_id",
+            c.causation_id.as_deref(),
+            limits::CAUSATION_ID_MAX_LENGTH,
+        )?;
+        let schema_version = validate::optional(
+            "schema_version",
+            c.schema_version.as_deref(),
+            limits::SCHEMA_VERSION_MAX_LENGTH,
+        )?;
+        let max_attempts =
+            validate::max_attempts(c.max_attempts.unwrap_or(self.limits.max_attempts))?;
+        let created_at = c.created_at.map(time::truncate).unwrap_or_else(time::now);
+        let scheduled_at = c.scheduled_at.map(time::truncate).unwrap_or(created_at);
+        validate::scheduled_at(scheduled_at, created_at, &self.limits)?;
+        Ok(Event {
+            id: c.id.unwrap_or_else(Uuid::now_v7),
+            seq: None,
+            event_type,
+            payload,
+            headers,
+            trace_id,
+            idempotency_key,
+            correlation_id,
+            causation_id,
+            schema_version,
+            status: EventStatus::Pending,
+            attempts_made: 0,
+            max_attempts,
+            last_error: None,
+            scheduled_at,
+            completed_at: None,
+            locked_at: None,
+            locked_by: None,
+            created_at,
+            updated_at: created_at,
+            route,
+        })
+    }
+
+    /// True when the event's lock is older than `timeout` at `now`.
+    pub fn is_lock_stale<R: Route>(
+        &self,
+        event: &Event<R>,
+        now: Timestamp,
+        timeout: Duration,
+    ) -> bool {
+        match event.locked_at {
+            None => false,
+            Some(at) => (now - at)
+                .to_std()
+                .map(|age| age > timeout)
+                .unwrap_or(false),
+        }
+    }
+
+    /// Fails unless `worker` holds the event's lock.
+    pub fn assert_locked_by<R: Route>(&self, event: &Event<R>, worker: &WorkerId) -> Result<()> {
+        match event.locked_by.as_deref() {
+            None => Err(Error::NotLocked { id: event.id }),
+            Some(owner) if owner == worker.as_str() => Ok(()),
+            Some(owner) => Err(Error::LockedByAnotherWorker {
+                id: event.id,
+                locked_by: owner.to_string(),
+                worker_id: worker.to_string(),
+            }),
+        }
+    }
+
+    /// Locks a pending, unlocked event for `worker` at `at`.
+    pub fn lock<R: Route>(
+        &self,
+        event: &Event<R>,
+        worker: &WorkerId,
+        at: Timestamp,
+    ) -> Result<Event<R>> {
+        require_pending(event, "only pending events can be locked")?;
+        if let Some(owner) = &event.locked_by {
+            return Err(Error::AlreadyLocked {
+                id: event.id,
+                locked_by: owner.clone(),
+            });
+        }
+        let mut next = event.clone();
+        next.locked_at = Some(time::truncate(at));
+        next.locked_by = Some(worker.to_string());
+        next.updated_at = time::truncate(at);
+        Ok(next)
+    }
+
+    /// Extends the lock held by `worker` to `now`.
+    pub fn refresh_lock<R: Route>(
+        &self,
+        event: &Event<R>,
+        worker: &WorkerId,
+        now: Timestamp,
+    ) -> Result<Event<R>> {
+        require_pending(event, "only pending events can have their lock refreshed")?;
+        self.assert_locked_by(event, worker)?;
+        let mut next = event.clone();
+        next.locked_at = Some(time::truncate(now));
+        next.updated_at = time::truncate(now);
+        Ok(next)
+    }
+
+    /// Releases the lock held by `worker`, changing nothing else.
+    pub fn unlock<R: Route>(&self, event: &Event<R>, worker: &WorkerId) -> Result<Event<R>> {
+        require_pending(event, "only pending events can be unlocked")?;
+        self.assert_locked_by(event, worker)?;
+        let mut next = event.clone();
+        next.locked_at = None;
+        next.locked_by = None;
+        Ok(next)
+    }
+
+    /// Releases the lock whoever holds it, recording `Force unlock: <reason>`.
+    pub fn force_unlock<R: Route>(
+        &self,
+        event: &Event<R>,
+        reason: &UnlockReason,
+    ) -> Result<Event<R>> {
+        if !event.is_locked() {
+            return Err(Error::NotLocked { id: event.id });
+        }
+        let mut next = event.clone();
+        next.locked_at = None;
+        next.locked_by = None;
+        next.last_error = Some(reason.last_error());
+        Ok(next)
+    }
+
+    /// Marks the event held by `worker` completed at `at`.
+    pub fn mark_completed<R: Route>(
+        &self,
+        event: &Event<R>,
+        at: Timestamp,
+        worker: &WorkerId,
+    ) -> Result<Event<R>> {
+        self.assert_locked_by(event, worker)?;
+        require_pending(event, "only pending events can be completed")?;
+        let at = time::truncate(at);
+        if at < event.created_at {
+            return Err(Error::validation(
+                "completed_at",
+                format!(
+                    "{} is before created_at {}",
+                    time::format(&at),
+                    time::format(&event.created_at)
+                ),
+            ));
+        }
+        if at < event.scheduled_at {
+            return Err(Error::validation(
+                "completed_at",
+                format!(
+                    "{} is before scheduled_at {}",
+                    time::format(&at),
+                    time::format(&event.scheduled_at)
+                ),
+            ));
+        }
+        let mut next = event.clone();
+        next.status = EventStatus::Completed;
+        next.completed_at = Some(at);
+        next.locked_at = None;
+        next.locked_by = None;
+        next.updated_at = at;
+        Ok(next)
+    }
+
+    /// Records a failure of the event held by `worker` at `now`.
+    ///
+    /// A counted failure spends an attempt; the event becomes `failed` when
+    /// `attempts_made` reaches `max_attempts`, else it is rescheduled (by the
+    /// given time or the backoff). A not-counted failure only reschedules.
+    pub fn mark_failed<R: Route>(
+        &self,
+        event: &Event<R>,
+        error: &str,
+        worker: &WorkerId,
+        retry: Retry,
+        now: Timestamp,
+    ) -> Result<Event<R>> {
+        let message = validate::truncate_error(
+            error,
+            self.limits.last_error_max_bytes,
+            &self.limits.truncation_suffix,
+        )?;
+        self.assert_locked_by(event, worker)?;
+        require_pending(event, "only pending events can fail")?;
+        let (attempts, retry_at) = match retry {
+            Retry::Counted(at) => (
+                event.attempts_made + 1,
+                at.unwrap_or_else(|| now + chrono_dur(self.backoff.delay(event.attempts_made))),
+            ),
+            Retry::NotCounted(at) => (event.attempts_made, at),
+        };
+        if attempts > event.max_attempts {
+            return Err(Error::validation(
+                "attempts_made",
+                format!("cannot exceed max_attempts ({})", event.max_attempts),
+            ));
+        }
+        let retry_at = time::truncate(retry_at);
+        if retry_at < event.created_at {
+            return Err(Error::validation(
+                "next_retry_at",
+                format!(
+                    "{} is before created_at {}",
+                    time::format(&retry_at),
+                    time::format(&event.created_at)
+                ),
+            ));
+        }
+        if (retry_at - event.created_at).num_seconds() > self.limits.scheduled_at_max_future_seconds
+        {
+            return Err(Error::validation(
+                "next_retry_at",
+                format!("{} is too far in the future", time::format(&retry_at)),
+            ));
+        }
+        let mut next = event.clone();
+        next.attempts_made = attempts;
+        next.status = if attempts == event.max_attempts {
+            EventStatus::Failed
+        } else {
+            EventStatus::Pending
+        };
+        if next.status == EventStatus::Pending {
+            next.scheduled_at = retry_at;
+        }
+        next.last_error = Some(message);
+        next.locked_at = None;
+        next.locked_by = None;
+        next.updated_at = time::truncate(now);
+        Ok(next)
+    }
+
+    /// Replays a failed event: pending again, attempts reset, error cleared,
+    /// scheduled at `now`.
+    pub fn requeue<R: Route>(&self, event: &Event<R>, now: Timestamp) -> Result<Event<R>> {
+        if event.status != EventStatus::Failed {
+            return Err(Error::InvalidState {
+                id: event.id,
+                current: event.status.to_string(),
+                expected: "failed".into(),
+                detail: Some("only failed events can be replayed".into()),
+            });
+        }
+        let now = time::truncate(now);
+        let mut next = event.clone();
+        next.status = EventStatus::Pending;
+        next.attempts_made = 0;
+        next.last_error = None;
+        next.scheduled_at = now;
+        next.updated_at = now;
+        Ok(next)
+    }
+}
+
+struct Common {
+    id: Option<Uuid>,
+    event_type: String,
+    payload: serde_json::Value,
+    headers: Option<crate::model::Headers>,
+    trace_id: Option<String>,
+    idempotency_key: Option<String>,
+    correlation_id: Option<String>,
+    causation_id: Option<String>,
+    schema_version: Option<String>,
+    max_attempts: Option<i32>,
+    scheduled_at: Option<Timestamp>,
+    created_at: Option<Timestamp>,
+}
+
+fn require_pending<R: Route>(event: &Event<R>, detail: &str) -> Result<()> {
+    if event.status == EventStatus::Pending {
+        Ok(())
+    } else {
+        Err(Error::InvalidState {
+            id: event.id,
+            current: event.status.to_string(),
+            expected: "pending".into(),
+            detail: Some(detail.into()),
+        })
+    }
+}
+
+/// Converts a std duration to chrono's, saturating.
+pub(crate) fn chrono_dur(d: Duration) -> chrono::Duration {
+    chrono::Duration::from_std(d).unwrap_or(chrono::Duration::MAX)
+}
+
+#[cfg(test)]
+mod tests;

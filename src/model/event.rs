@@ -1,0 +1,535 @@
+//! The event entities: [`OutboxEvent`] and [`InboxEvent`] share the columns of
+//! [`Event`] and differ in their routing part ([`OutboxRoute`], [`InboxRoute`]).
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::str::FromStr;
+
+use serde::Serialize;
+use serde_json::{Map, Value};
+use uuid::Uuid;
+
+use super::time::{Timestamp, serde_ts};
+use crate::error::{Error, Result};
+
+/// JSON object payload of an event.
+pub type Payload = Map<String, Value>;
+/// String headers of an event.
+pub type Headers = BTreeMap<String, String>;
+
+/// Lifecycle status of an event (SPEC §2).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EventStatus {
+    /// Waiting to be processed (possibly locked by a worker, possibly scheduled later).
+    Pending,
+    /// Processed or published.
+    Completed,
+    /// Gave up after `max_attempts` counted failures (dead letter).
+    Failed,
+}
+
+impl EventStatus {
+    /// All statuses, in lifecycle order.
+    pub const ALL: [EventStatus; 3] = [
+        EventStatus::Pending,
+        EventStatus::Completed,
+        EventStatus::Failed,
+    ];
+
+    /// The stored name: `pending`, `completed` or `failed`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EventStatus::Pending => "pending",
+            EventStatus::Completed => "completed",
+            EventStatus::Failed => "failed",
+        }
+    }
+}
+
+impl fmt::Display for EventStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for EventStatus {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "pending" => Ok(EventStatus::Pending),
+            "completed" => Ok(EventStatus::Completed),
+            "failed" => Ok(EventStatus::Failed),
+            _ => Err(Error::validation(
+                "status",
+                format!("unknown status {s:?}; expected pending, completed or failed"),
+            )),
+        }
+    }
+}
+
+/// Which of the two tables an event lives in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Table {
+    /// `outbox_events`: events this service publishes.
+    Outbox,
+    /// `inbox_events`: events this service consumed.
+    Inbox,
+}
+
+impl Table {
+    /// Both tables.
+    pub const ALL: [Table; 2] = [Table::Outbox, Table::Inbox];
+
+    /// `outbox` or `inbox`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Table::Outbox => "outbox",
+            Table::Inbox => "inbox",
+        }
+    }
+}
+
+impl fmt::Display for Table {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for Table {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "outbox" | "outbox_events" => Ok(Table::Outbox),
+            "inbox" | "inbox_events" => Ok(Table::Inbox),
+            _ => Err(Error::validation(
+                "table",
+                format!("unknown table {s:?}; expected outbox or inbox"),
+            )),
+        }
+    }
+}
+
+/// Routing part of an outbox event: where it goes on the broker.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct OutboxRoute {
+    /// Kind of aggregate the event belongs to, e.g. `order`.
+    pub aggregate_type: String,
+    /// The aggregate's id.
+    pub aggregate_id: Uuid,
+    /// Broker topic.
+    pub topic: String,
+    /// Broker message key; events of one `(topic, partition_key)` keep their order.
+    pub partition_key: String,
+}
+
+/// Routing part of an inbox event: where it came from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct InboxRoute {
+    /// The broker message id (deduplication key together with the consumer group).
+    pub message_id: String,
+    /// The consumer group that stored it.
+    pub consumer_group: String,
+    /// Producing service or topic.
+    pub source: String,
+}
+
+/// Marker trait tying a route type to its table.
+pub trait Route: Clone + fmt::Debug + Send + Sync + 'static {
+    /// The table events with this route live in.
+    const TABLE: Table;
+}
+
+impl Route for OutboxRoute {
+    const TABLE: Table = Table::Outbox;
+}
+
+impl Route for InboxRoute {
+    const TABLE: Table = Table::Inbox;
+}
+
+/// One row of `outbox_events` or `inbox_events`.
+///
+/// Values are created by the [`DomainService`](crate::DomainService) (which
+/// validates them) or read from a store; the state transitions of the domain
+/// service return new values. Fields are read through accessors so that a
+/// value always satisfies the invariants of SPEC §2.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Event<R> {
+    pub(crate) id: Uuid,
+    /// Insertion order; `None` until the event is stored.
+    pub(crate) seq: Option<i64>,
+    pub(crate) event_type: String,
+    pub(crate) payload: Payload,
+    pub(crate) headers: Option<Headers>,
+    pub(crate) trace_id: Option<String>,
+    pub(crate) idempotency_key: Option<String>,
+    pub(crate) correlation_id: Option<String>,
+    pub(crate) causation_id: Option<String>,
+    pub(crate) schema_version: Option<String>,
+    pub(crate) status: EventStatus,
+    pub(crate) attempts_made: i32,
+    pub(crate) max_attempts: i32,
+    pub(crate) last_error: Option<String>,
+    #[serde(with = "serde_ts")]
+    pub(crate) scheduled_at: Timestamp,
+    #[serde(with = "serde_ts::option")]
+    pub(crate) completed_at: Option<Timestamp>,
+    #[serde(with = "serde_ts::option")]
+    pub(crate) locked_at: Option<Timestamp>,
+    pub(crate) locked_by: Option<String>,
+    #[serde(with = "serde_ts")]
+    pub(crate) created_at: Timestamp,
+    #[serde(with = "serde_ts")]
+    pub(crate) updated_at: Timestamp,
+    #[serde(flatten)]
+    pub(crate) route: R,
+}
+
+/// An event of the outbox table.
+pub type OutboxEvent = Event<OutboxRoute>;
+/// An event of the inbox table.
+pub type InboxEvent = Event<InboxRoute>;
+
+impl<R: Route> Event<R> {
+    /// Primary key (UUIDv7 by default, so ids sort by creation time).
+    pub fn id(&self) -> Uuid {
+        self.id
+    }
+    /// Insertion order in its table; `None` before the event is stored.
+    pub fn seq(&self) -> Option<i64> {
+        self.seq
+    }
+    /// Event type, e.g. `order.created`.
+    pub fn event_type(&self) -> &str {
+        &self.event_type
+    }
+    /// The JSON object payload.
+    pub fn payload(&self) -> &Payload {
+        &self.payload
+    }
+    /// Headers, if any.
+    pub fn headers(&self) -> Option<&Headers> {
+        self.headers.as_ref()
+    }
+    /// One header's value.
+    pub fn header(&self, key: &str) -> Option<&str> {
+        self.headers.as_ref()?.get(key).map(String::as_str)
+    }
+    /// Trace id.
+    pub fn trace_id(&self) -> Option<&str> {
+        self.trace_id.as_deref()
+    }
+    /// Idempotency key (unique per table when set).
+    pub fn idempotency_key(&self) -> Option<&str> {
+        self.idempotency_key.as_deref()
+    }
+    /// Correlation id.
+    pub fn correlation_id(&self) -> Option<&str> {
+        self.correlation_id.as_deref()
+    }
+    /// Causation id.
+    pub fn causation_id(&self) -> Option<&str> {
+        self.causation_id.as_deref()
+    }
+    /// Schema version of the payload.
+    pub fn schema_version(&self) -> Option<&str> {
+        self.schema_version.as_deref()
+    }
+    /// Lifecycle status.
+    pub fn status(&self) -> EventStatus {
+        self.status
+    }
+    /// Counted failures so far (a success is not counted).
+    pub fn attempts_made(&self) -> i32 {
+        self.attempts_made
+    }
+    /// Counted failures allowed before the event becomes `failed`.
+    pub fn max_attempts(&self) -> i32 {
+        self.max_attempts
+    }
+    /// Last error message (truncated to 2000 bytes).
+    pub fn last_error(&self) -> Option<&str> {
+        self.last_error.as_deref()
+    }
+    /// Not processed before this time.
+    pub fn scheduled_at(&self) -> Timestamp {
+        self.scheduled_at
+    }
+    /// When it was completed (set iff status is `completed`).
+    pub fn completed_at(&self) -> Option<Timestamp> {
+        self.completed_at
+    }
+    /// When the current lock was taken (also the claim's fencing token).
+    pub fn locked_at(&self) -> Option<Timestamp> {
+        self.locked_at
+    }
+    /// The worker holding the lock.
+    pub fn locked_by(&self) -> Option<&str> {
+        self.locked_by.as_deref()
+    }
+    /// Creation time.
+    pub fn created_at(&self) -> Timestamp {
+        self.created_at
+    }
+    /// Last change of the row.
+    pub fn updated_at(&self) -> Timestamp {
+        self.updated_at
+    }
+    /// The table-specific part.
+    pub fn route(&self) -> &R {
+        &self.route
+    }
+    /// The table this event belongs to.
+    pub fn table(&self) -> Table {
+        R::TABLE
+    }
+    /// True while a worker holds the event.
+    pub fn is_locked(&self) -> bool {
+        self.locked_at.is_some()
+    }
+    /// True when the event may still be processed.
+    pub fn can_retry(&self) -> bool {
+        self.status == EventStatus::Pending && self.attempts_made < self.max_attempts
+    }
+    /// Counted failures left before `failed` (0 unless pending).
+    pub fn attempts_left(&self) -> i32 {
+        if self.status == EventStatus::Pending {
+            self.max_attempts - self.attempts_made
+        } else {
+            0
+        }
+    }
+    /// Failures recorded, when `failed`; else 0.
+    pub fn failure_count(&self) -> i32 {
+        if self.status == EventStatus::Failed {
+            self.attempts_made
+        } else {
+            0
+        }
+    }
+
+    /// Checks the cross-field invariants of SPEC §2 (status and completion time,
+    /// attempts, lock consistency). Events built by this crate always pass.
+    pub fn validate_invariants(&self) -> Result<()> {
+        let invalid = |message: String| Err(Error::validation("event", message));
+        match (self.status, self.completed_at) {
+            (EventStatus::Completed, None) => {
+                return invalid("completed_at must be set when status is completed".into());
+            }
+            (EventStatus::Completed, Some(_)) | (_, None) => {}
+            (status, Some(_)) => {
+                return invalid(format!(
+                    "completed_at must be empty when status is {status}"
+                ));
+            }
+        }
+        if self.attempts_made < 0 {
+            return invalid(format!(
+                "attempts_made must be >= 0, got {}",
+                self.attempts_made
+            ));
+        }
+        if self.max_attempts < 1 {
+            return invalid(format!(
+                "max_attempts must be >= 1, got {}",
+                self.max_attempts
+            ));
+        }
+        if self.attempts_made > self.max_attempts {
+            return invalid(format!(
+                "attempts_made ({}) cannot exceed max_attempts ({})",
+                self.attempts_made, self.max_attempts
+            ));
+        }
+        if self.status == EventStatus::Pending && self.attempts_made >= self.max_attempts {
+            return invalid(format!(
+                "status is pending, but attempts_made ({}) has reached max_attempts ({})",
+                self.attempts_made, self.max_attempts
+            ));
+        }
+        if self.locked_at.is_some() != self.locked_by.is_some() {
+            return invalid("locked_at and locked_by must be both set or both empty".into());
+        }
+        if self.is_locked() && self.status != EventStatus::Pending {
+            return invalid(format!(
+                "a locked event must be pending, got {}",
+                self.status
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl Event<OutboxRoute> {
+    /// Kind of aggregate, e.g. `order`.
+    pub fn aggregate_type(&self) -> &str {
+        &self.route.aggregate_type
+    }
+    /// The aggregate's id.
+    pub fn aggregate_id(&self) -> Uuid {
+        self.route.aggregate_id
+    }
+    /// Broker topic.
+    pub fn topic(&self) -> &str {
+        &self.route.topic
+    }
+    /// Broker message key.
+    pub fn partition_key(&self) -> &str {
+        &self.route.partition_key
+    }
+}
+
+impl Event<InboxRoute> {
+    /// Broker message id.
+    pub fn message_id(&self) -> &str {
+        &self.route.message_id
+    }
+    /// Consumer group.
+    pub fn consumer_group(&self) -> &str {
+        &self.route.consumer_group
+    }
+    /// Producing service or topic.
+    pub fn source(&self) -> &str {
+        &self.route.source
+    }
+    /// Alias of [`completed_at`](Event::completed_at).
+    pub fn processed_at(&self) -> Option<Timestamp> {
+        self.completed_at
+    }
+}
+
+/// Input for a new outbox event; turned into an [`OutboxEvent`] by
+/// [`DomainService::create_outbox_event`](crate::DomainService::create_outbox_event),
+/// which applies every rule of SPEC §2.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NewOutboxEvent {
+    /// Required: kind of aggregate (1..50 characters).
+    pub aggregate_type: String,
+    /// Required: the aggregate's id.
+    pub aggregate_id: Uuid,
+    /// Required: event type (1..100 characters).
+    pub event_type: String,
+    /// Required: broker topic (1..255 characters).
+    pub topic: String,
+    /// Required: broker key (1..255 characters).
+    pub partition_key: String,
+    /// Required: a non-empty JSON object.
+    pub payload: Value,
+    /// Optional headers.
+    pub headers: Option<Headers>,
+    /// Explicit id; a UUIDv7 by default.
+    pub id: Option<Uuid>,
+    /// Idempotency key: a second event with the same key is not inserted.
+    pub idempotency_key: Option<String>,
+    /// Trace id.
+    pub trace_id: Option<String>,
+    /// Correlation id.
+    pub correlation_id: Option<String>,
+    /// Causation id.
+    pub causation_id: Option<String>,
+    /// Payload schema version.
+    pub schema_version: Option<String>,
+    /// Counted failures allowed (default 6).
+    pub max_attempts: Option<i32>,
+    /// Not published before this time (default: now).
+    pub scheduled_at: Option<Timestamp>,
+    /// Creation time (default: now).
+    pub created_at: Option<Timestamp>,
+}
+
+impl NewOutboxEvent {
+    /// An event with the required fields; the rest default.
+    pub fn new(
+        aggregate_type: impl Into<String>,
+        aggregate_id: Uuid,
+        event_type: impl Into<String>,
+        topic: impl Into<String>,
+        partition_key: impl Into<String>,
+        payload: Value,
+    ) -> Self {
+        NewOutboxEvent {
+            aggregate_type: aggregate_type.into(),
+            aggregate_id,
+            event_type: event_type.into(),
+            topic: topic.into(),
+            partition_key: partition_key.into(),
+            payload,
+            headers: None,
+            id: None,
+            idempotency_key: None,
+            trace_id: None,
+            correlation_id: None,
+            causation_id: None,
+            schema_version: None,
+            max_attempts: None,
+            scheduled_at: None,
+            created_at: None,
+        }
+    }
+}
+
+/// Input for a new inbox event; see
+/// [`DomainService::create_inbox_event`](crate::DomainService::create_inbox_event).
+#[derive(Debug, Clone, PartialEq)]
+pub struct NewInboxEvent {
+    /// Required: broker message id (1..255 characters).
+    pub message_id: String,
+    /// Required: consumer group (1..255 characters).
+    pub consumer_group: String,
+    /// Required: producing service or topic (1..255 characters).
+    pub source: String,
+    /// Required: event type (1..100 characters).
+    pub event_type: String,
+    /// Required: a non-empty JSON object.
+    pub payload: Value,
+    /// Optional headers.
+    pub headers: Option<Headers>,
+    /// Explicit id; a UUIDv7 by default.
+    pub id: Option<Uuid>,
+    /// Trace id.
+    pub trace_id: Option<String>,
+    /// Correlation id.
+    pub correlation_id: Option<String>,
+    /// Causation id.
+    pub causation_id: Option<String>,
+    /// Payload schema version.
+    pub schema_version: Option<String>,
+    /// Counted failures allowed (default 6).
+    pub max_attempts: Option<i32>,
+    /// Not processed before this time (default: now).
+    pub scheduled_at: Option<Timestamp>,
+    /// Creation time (default: now).
+    pub created_at: Option<Timestamp>,
+}
+
+impl NewInboxEvent {
+    /// An event with the required fields; the rest default.
+    pub fn new(
+        message_id: impl Into<String>,
+        consumer_group: impl Into<String>,
+        source: impl Into<String>,
+        event_type: impl Into<String>,
+        payload: Value,
+    ) -> Self {
+        NewInboxEvent {
+            message_id: message_id.into(),
+            consumer_group: consumer_group.into(),
+            source: source.into(),
+            event_type: event_type.into(),
+            payload,
+            headers: None,
+            id: None,
+            trace_id: None,
+            correlation_id: None,
+            causation_id: None,
+            schema_version: None,
+            max_attempts: None,
+            scheduled_at: None,
+            created_at: None,
+        }
+    }
+}

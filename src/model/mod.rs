@@ -1,0 +1,15 @@
+//! The domain model: events, their status, the limits and validation rules of
+//! SPEC §2, and timestamps.
+
+mod event;
+pub mod limits;
+pub mod time;
+pub mod validate;
+
+pub use event::{
+    Event, EventStatus, Headers, InboxEvent, InboxRoute, NewInboxEvent, NewOutboxEvent,
+    OutboxEvent, OutboxRoute, Payload, Route, Table,
+};
+pub use limits::Limits;
+pub use time::Timestamp;
+pub use validate::{UnlockReason, WorkerId};

@@ -1,0 +1,629 @@
+//! The validation rules of SPEC §2, one function per rule, each returning an
+//! [`Error::Validation`] that names the field and says what to do.
+
+use std::fmt;
+use std::io;
+
+use serde_json::Value;
+
+use super::event::{Headers, Payload};
+use super::limits::{self, Limits};
+use super::time::Timestamp;
+use crate::error::{Error, Result};
+
+/// A required string field: trimmed, non-empty, at most `max` characters, no
+/// control characters.
+pub fn required(field: &str, value: &str, max: usize) -> Result<String> {
+    let v = value.trim();
+    if v.is_empty() {
+        return Err(Error::validation(field, "must not be empty"));
+    }
+    check_text(field, v, max)?;
+    Ok(v.to_string())
+}
+
+/// An optional string field: trimmed; if given it must follow the rules of
+/// [`required`]. An all-whitespace value is rejected rather than dropped.
+pub fn optional(field: &str, value: Option<&str>, max: usize) -> Result<Option<String>> {
+    value.map(|v| required(field, v, max)).transpose()
+}
+
+fn check_text(field: &str, v: &str, max: usize) -> Result<()> {
+    let chars = v.chars().count();
+    if chars > max {
+        return Err(Error::validation(
+            field,
+            format!("is {chars} characters long; the limit is {max}"),
+        ));
+    }
+    if let Some(c) = v.chars().find(|c| c.is_control()) {
+        return Err(Error::validation(
+            field,
+            format!("contains the control character {:?}; remove it", c),
+        ));
+    }
+    Ok(())
+}
+
+/// The payload: a non-empty JSON object of at most `limits.payload_max_bytes`
+/// bytes in compact form, without NUL characters (PostgreSQL's `jsonb` cannot
+/// store `\u0000`).
+pub fn payload(value: Value, limits: &Limits) -> Result<Payload> {
+    let map = match value {
+        Value::Object(map) => map,
+        other => {
+            return Err(Error::validation(
+                "payload",
+                format!("must be a JSON object, got {}", json_kind(&other)),
+            ));
+        }
+    };
+    if map.is_empty() {
+        return Err(Error::validation("payload", "must not be empty ({})"));
+    }
+    let size = compact_len(&map);
+    if size > limits.payload_max_bytes {
+        return Err(Error::validation(
+            "payload",
+            format!(
+                "is {size} bytes as compact JSON; the limit is {} bytes",
+                limits.payload_max_bytes
+            ),
+        ));
+    }
+    if map.iter().any(|(k, v)| k.contains('\0') || contains_nul(v)) {
+        return Err(Error::validation(
+            "payload",
+            "contains a NUL character (\\u0000), which PostgreSQL cannot store; remove it",
+        ));
+    }
+    Ok(map)
+}
+
+/// Name of a JSON value's kind, for messages.
+pub fn json_kind(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+fn contains_nul(v: &Value) -> bool {
+    match v {
+        Value::String(s) => s.contains('\0'),
+        Value::Array(a) => a.iter().any(contains_nul),
+        Value::Object(m) => m.iter().any(|(k, v)| k.contains('\0') || contains_nul(v)),
+        _ => false,
+    }
+}
+
+/// Length of the compact JSON text, counted without building it.
+pub fn compact_len(map: &Payload) -> usize {
+    struct Counter(usize);
+    impl io::Write for Counter {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            self.0 += buf.len();
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut c = Counter(0);
+    serde_json::to_writer(&mut c, map).expect("serialising a JSON map to a counter cannot fail");
+    c.0
+}
+
+/// Headers: at most `headers_max_count`; keys 1..64 and values 1..512
+/// characters without control characters; no two keys equal ignoring case.
+pub fn headers(headers: Option<Headers>, limits: &Limits) -> Result<Option<Headers>> {
+    let Some(headers) = headers else {
+        return Ok(None);
+    };
+    if headers.len() > limits.headers_max_count {
+        return Err(Error::validation(
+            "headers",
+            format!(
+                "{} headers given; the limit is {}",
+                headers.len(),
+                limits.headers_max_count
+            ),
+        ));
+    }
+    let mut seen = std::collections::HashMap::with_capacity(headers.len());
+    for (key, value) in &headers {
+        let field = format!("headers[{key:?}]");
+        if key.is_empty() {
+            return Err(Error::validation("headers", "a header key is empty"));
+        }
+        let key_chars = key.chars().count();
+        if key_chars > limits.header_key_max_length {
+            return Err(Error::validation(
+                field,
+                format!(
+                    "key is {key_chars} characters long; the limit is {}",
+                    limits.header_key_max_length
+                ),
+            ));
+        }
+        if key.chars().any(char::is_control) {
+            return Err(Error::validation(field, "key contains a control character"));
+        }
+        if value.is_empty() {
+            return Err(Error::validation(field, "value must not be empty"));
+        }
+        let value_chars = value.chars().count();
+        if value_chars > limits.header_value_max_length {
+            return Err(Error::validation(
+                field,
+                format!(
+                    "value is {value_chars} characters long; the limit is {}",
+                    limits.header_value_max_length
+                ),
+            ));
+        }
+        if value.chars().any(char::is_control) {
+            return Err(Error::validation(
+                field,
+                "value contains a control character",
+            ));
+        }
+        if let Some(other) = seen.insert(key.to_lowercase(), key) {
+            return Err(Error::validation(
+                "headers",
+                format!("keys {other:?} and {key:?} differ only in case; keep one"),
+            ));
+        }
+    }
+    Ok(Some(headers))
+}
+
+/// `scheduled_at` must lie within `[created_at - skew, created_at + max_future]`.
+pub fn scheduled_at(scheduled: Timestamp, created: Timestamp, limits: &Limits) -> Result<()> {
+    let delta = (scheduled - created).num_milliseconds();
+    if delta < -limits.scheduled_at_skew_seconds * 1000 {
+        return Err(Error::validation(
+            "scheduled_at",
+            format!(
+                "{} is more than {} s before created_at {}",
+                super::time::format(&scheduled),
+                limits.scheduled_at_skew_seconds,
+                super::time::format(&created)
+            ),
+        ));
+    }
+    if delta > limits.scheduled_at_max_future_seconds * 1000 {
+        return Err(Error::validation(
+            "scheduled_at",
+            format!(
+                "{} is too far in the future (at most {} days after creation)",
+                super::time::format(&scheduled),
+                limits.scheduled_at_max_future_seconds / 86_400
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// `max_attempts` must be at least 1.
+pub fn max_attempts(value: i32) -> Result<i32> {
+    if value < 1 {
+        return Err(Error::validation(
+            "max_attempts",
+            format!("must be at least 1, got {value}"),
+        ));
+    }
+    Ok(value)
+}
+
+/// Truncates an error message to `max_bytes` bytes on a UTF-8 character
+/// boundary, ending with `suffix` when cut. The message is trimmed first and
+/// must not be empty.
+pub fn truncate_error(error: &str, max_bytes: usize, suffix: &str) -> Result<String> {
+    if max_bytes < 1 {
+        return Err(Error::validation(
+            "max_bytes",
+            format!("must be >= 1, got {max_bytes}"),
+        ));
+    }
+    let s = error.trim();
+    if s.is_empty() {
+        return Err(Error::validation(
+            "error",
+            "an error message must not be empty",
+        ));
+    }
+    if s.len() <= max_bytes {
+        return Ok(s.to_string());
+    }
+    if suffix.len() >= max_bytes {
+        return Ok(floor_char_boundary(s, max_bytes).to_string());
+    }
+    let keep = floor_char_boundary(s, max_bytes - suffix.len());
+    Ok(format!("{keep}{suffix}"))
+}
+
+fn floor_char_boundary(s: &str, max: usize) -> &str {
+    let mut end = max.min(s.len());
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
+/// A worker id: `^[A-Za-z0-9.\-/:]+$`, at most 255 characters. The default
+/// is `host:pid`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct WorkerId(String);
+
+impl WorkerId {
+    /// Checks and wraps a worker id (surrounding whitespace is trimmed).
+    pub fn new(id: impl AsRef<str>) -> Result<Self> {
+        let id = id.as_ref().trim();
+        if id.is_empty() {
+            return Err(Error::validation("worker_id", "must not be empty"));
+        }
+        if id.len() > limits::WORKER_ID_MAX_LENGTH {
+            return Err(Error::validation(
+                "worker_id",
+                format!(
+                    "is {} characters long; the limit is {}",
+                    id.len(),
+                    limits::WORKER_ID_MAX_LENGTH
+                ),
+            ));
+        }
+        if let Some(c) = id
+            .chars()
+            .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '/' | ':')))
+        {
+            return Err(Error::validation(
+                "worker_id",
+                format!("{id:?} contains {c:?}; use only letters, digits and . - / :"),
+            ));
+        }
+        Ok(WorkerId(id.to_string()))
+    }
+
+    /// `host:pid` of this process (characters outside the pattern replaced by `-`).
+    pub fn default_for_process() -> Self {
+        let host = hostname().unwrap_or_else(|| "localhost".to_string());
+        let host: String = host
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || matches!(c, '.' | '-') {
+                    c
+                } else {
+                    '-'
+                }
+            })
+            .take(200)
+            .collect();
+        WorkerId(format!("{host}:{}", std::process::id()))
+    }
+
+    /// The id as text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+fn hostname() -> Option<String> {
+    if let Ok(h) = std::env::var("HOSTNAME") {
+        if !h.trim().is_empty() {
+            return Some(h.trim().to_string());
+        }
+    }
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .or_else(|_| std::fs::read_to_string("/etc/hostname"))
+        .ok()
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+}
+
+impl fmt::Display for WorkerId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::str::FromStr for WorkerId {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        WorkerId::new(s)
+    }
+}
+
+/// The reason of a force unlock: trimmed, 1..255 characters. Recorded as
+/// `Force unlock: <reason>` in `last_error`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UnlockReason(String);
+
+impl UnlockReason {
+    /// Checks and wraps a reason.
+    pub fn new(reason: impl AsRef<str>) -> Result<Self> {
+        let r = reason.as_ref().trim();
+        if r.is_empty() {
+            return Err(Error::validation(
+                "reason",
+                "a force unlock needs a reason; say why, e.g. --reason \"worker host-3 died\"",
+            ));
+        }
+        let chars = r.chars().count();
+        if chars > limits::FORCE_UNLOCK_REASON_MAX_LENGTH {
+            return Err(Error::validation(
+                "reason",
+                format!(
+                    "is {chars} characters long; the limit is {}",
+                    limits::FORCE_UNLOCK_REASON_MAX_LENGTH
+                ),
+            ));
+        }
+        if r.chars().any(char::is_control) {
+            return Err(Error::validation("reason", "contains a control character"));
+        }
+        Ok(UnlockReason(r.to_string()))
+    }
+
+    /// The reason as given (trimmed).
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// What is stored in `last_error`.
+    pub fn last_error(&self) -> String {
+        format!("Force unlock: {}", self.0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    fn lim() -> Limits {
+        Limits::default()
+    }
+
+    #[test]
+    fn required_trims_and_rejects_empty_long_and_control() {
+        assert_eq!(required("topic", "  orders ", 10).unwrap(), "orders");
+        assert_eq!(
+            required("topic", "   ", 10).unwrap_err().to_string(),
+            "topic: must not be empty"
+        );
+        assert_eq!(
+            required("topic", "abcdefghijk", 10)
+                .unwrap_err()
+                .to_string(),
+            "topic: is 11 characters long; the limit is 10"
+        );
+        // Characters, not bytes: ten two-byte characters fit.
+        assert!(required("topic", "éééééééééé", 10).is_ok());
+        assert!(
+            required("topic", "a\u{0}b", 10)
+                .unwrap_err()
+                .to_string()
+                .contains("control character")
+        );
+    }
+
+    #[test]
+    fn optional_passes_none_and_checks_some() {
+        assert_eq!(optional("trace_id", None, 64).unwrap(), None);
+        assert_eq!(
+            optional("trace_id", Some(" t "), 64).unwrap(),
+            Some("t".into())
+        );
+        assert!(optional("trace_id", Some(" "), 64).is_err());
+    }
+
+    #[test]
+    fn payload_must_be_a_non_empty_object() {
+        assert_eq!(
+            payload(json!([1]), &lim()).unwrap_err().to_string(),
+            "payload: must be a JSON object, got an array"
+        );
+        assert_eq!(
+            payload(json!("x"), &lim()).unwrap_err().to_string(),
+            "payload: must be a JSON object, got a string"
+        );
+        assert_eq!(
+            payload(json!(null), &lim()).unwrap_err().to_string(),
+            "payload: must be a JSON object, got null"
+        );
+        assert_eq!(
+            payload(json!({}), &lim()).unwrap_err().to_string(),
+            "payload: must not be empty ({})"
+        );
+        assert_eq!(payload(json!({"a": 1}), &lim()).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn payload_size_is_measured_compact_and_capped() {
+        let limits = Limits {
+            payload_max_bytes: 20,
+            ..Limits::default()
+        };
+        // {"a":"123456789012"} is exactly 20 bytes.
+        assert!(payload(json!({"a": "123456789012"}), &limits).is_ok());
+        let err = payload(json!({"a": "1234567890123"}), &limits).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "payload: is 21 bytes as compact JSON; the limit is 20 bytes"
+        );
+        let big = "x".repeat(1_000_000);
+        assert!(
+            payload(json!({ "a": big }), &lim())
+                .unwrap_err()
+                .to_string()
+                .contains("the limit is 1000000 bytes")
+        );
+    }
+
+    #[test]
+    fn payload_rejects_nul_anywhere() {
+        assert!(
+            payload(json!({"a": {"b": ["x\u{0}"]}}), &lim())
+                .unwrap_err()
+                .to_string()
+                .contains("NUL")
+        );
+        assert!(payload(json!({"a\u{0}": 1}), &lim()).is_err());
+    }
+
+    #[test]
+    fn nan_and_infinity_cannot_be_parsed_into_a_payload() {
+        assert!(serde_json::from_str::<Value>(r#"{"a": NaN}"#).is_err());
+        assert!(serde_json::from_str::<Value>(r#"{"a": Infinity}"#).is_err());
+        // A Rust f64 NaN cannot become a JSON number either.
+        assert!(serde_json::Number::from_f64(f64::NAN).is_none());
+    }
+
+    fn h(pairs: &[(&str, &str)]) -> Option<Headers> {
+        Some(
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        )
+    }
+
+    #[test]
+    fn headers_rules() {
+        assert_eq!(headers(None, &lim()).unwrap(), None);
+        assert!(headers(h(&[("a", "b")]), &lim()).is_ok());
+        assert_eq!(
+            headers(h(&[("", "b")]), &lim()).unwrap_err().to_string(),
+            "headers: a header key is empty"
+        );
+        assert!(
+            headers(h(&[("a", "")]), &lim())
+                .unwrap_err()
+                .to_string()
+                .contains("value must not be empty")
+        );
+        let long_key = "k".repeat(65);
+        assert!(
+            headers(h(&[(&long_key, "v")]), &lim())
+                .unwrap_err()
+                .to_string()
+                .contains("key is 65 characters")
+        );
+        assert!(headers(h(&[(&"k".repeat(64), "v")]), &lim()).is_ok());
+        let long_val = "v".repeat(513);
+        assert!(
+            headers(h(&[("k", &long_val)]), &lim())
+                .unwrap_err()
+                .to_string()
+                .contains("value is 513 characters")
+        );
+        assert!(
+            headers(h(&[("k", "a\nb")]), &lim())
+                .unwrap_err()
+                .to_string()
+                .contains("control character")
+        );
+        assert!(
+            headers(h(&[("k\t", "v")]), &lim())
+                .unwrap_err()
+                .to_string()
+                .contains("control character")
+        );
+        let err = headers(h(&[("X-Id", "1"), ("x-id", "2")]), &lim()).unwrap_err();
+        assert!(err.to_string().contains("differ only in case"), "{err}");
+        let many: Headers = (0..101)
+            .map(|i| (format!("k{i}"), "v".to_string()))
+            .collect();
+        assert_eq!(
+            headers(Some(many), &lim()).unwrap_err().to_string(),
+            "headers: 101 headers given; the limit is 100"
+        );
+    }
+
+    #[test]
+    fn scheduled_at_window() {
+        let created = crate::time::parse("t", "2026-01-01T00:00:00Z").unwrap();
+        let at = |s: &str| crate::time::parse("t", s).unwrap();
+        assert!(scheduled_at(at("2025-12-31T23:59:00Z"), created, &lim()).is_ok());
+        assert!(
+            scheduled_at(at("2025-12-31T23:58:59Z"), created, &lim())
+                .unwrap_err()
+                .to_string()
+                .contains("more than 60 s before created_at")
+        );
+        assert!(scheduled_at(at("2027-01-01T00:00:00Z"), created, &lim()).is_ok());
+        assert!(
+            scheduled_at(at("2027-01-01T00:00:01Z"), created, &lim())
+                .unwrap_err()
+                .to_string()
+                .contains("too far in the future")
+        );
+    }
+
+    #[test]
+    fn max_attempts_at_least_one() {
+        assert_eq!(max_attempts(1).unwrap(), 1);
+        assert_eq!(
+            max_attempts(0).unwrap_err().to_string(),
+            "max_attempts: must be at least 1, got 0"
+        );
+    }
+
+    #[test]
+    fn truncation_keeps_utf8_boundaries() {
+        assert_eq!(truncate_error("  boom  ", 10, "...").unwrap(), "boom");
+        assert!(truncate_error("   ", 10, "...").is_err());
+        assert!(truncate_error("x", 0, "...").is_err());
+        // 'é' is two bytes; 2000 bytes would cut one in half.
+        let long = "é".repeat(1500);
+        let t = truncate_error(&long, 2000, limits::DEFAULT_TRUNCATION_SUFFIX).unwrap();
+        assert!(t.len() <= 2000);
+        assert!(t.ends_with("... [TRUNCATED]"));
+        assert_eq!(t.len(), 1984 + "... [TRUNCATED]".len());
+        // Suffix longer than the limit: plain cut.
+        assert_eq!(truncate_error("héllo", 2, "...").unwrap(), "h");
+        // Exactly at the limit: untouched.
+        let exact = "a".repeat(2000);
+        assert_eq!(truncate_error(&exact, 2000, "...").unwrap(), exact);
+    }
+
+    #[test]
+    fn worker_id_pattern() {
+        assert!(WorkerId::new("host-1.example.com:1234").is_ok());
+        assert!(WorkerId::new("k8s/pod-7:relay").is_ok());
+        assert!(WorkerId::new("").is_err());
+        assert!(
+            WorkerId::new("has space")
+                .unwrap_err()
+                .to_string()
+                .contains("contains ' '")
+        );
+        assert!(WorkerId::new("x".repeat(256)).is_err());
+        assert!(WorkerId::new("x".repeat(255)).is_ok());
+        let d = WorkerId::default_for_process();
+        assert!(WorkerId::new(d.as_str()).is_ok(), "{d}");
+        assert!(d.as_str().ends_with(&format!(":{}", std::process::id())));
+    }
+
+    #[test]
+    fn unlock_reason_rules() {
+        assert_eq!(
+            UnlockReason::new(" dead ").unwrap().last_error(),
+            "Force unlock: dead"
+        );
+        assert!(
+            UnlockReason::new("  ")
+                .unwrap_err()
+                .to_string()
+                .contains("needs a reason")
+        );
+        assert!(UnlockReason::new("r".repeat(256)).is_err());
+        assert!(UnlockReason::new("r".repeat(255)).is_ok());
+    }
+}

@@ -1,0 +1,248 @@
+//! A store chosen by URL at run time: what the CLI uses.
+
+use std::time::Duration;
+
+use uuid::Uuid;
+
+use super::migrate::{MigrationReport, MigrationScript};
+use super::postgres::{PgOptions, PgRoute, PgTable};
+use super::sqlite::{SqliteRoute, SqliteTable};
+use super::{
+    BulkOutcome, Capabilities, Claim, ClaimOptions, ClaimToken, Created, EventStore, FailReport,
+    Failure, InboxStore, ListFilter, OutboxStore, PgStore, RequeueFilter, SqliteStore, TableCounts,
+    redact_url,
+};
+use crate::error::{Error, Result};
+use crate::model::{Event, InboxEvent, InboxRoute, OutboxEvent, OutboxRoute, UnlockReason};
+
+/// The backends a URL can name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    /// `postgres://` or `postgresql://`.
+    Postgres,
+    /// `sqlite://PATH` or `sqlite:PATH`.
+    Sqlite,
+}
+
+impl Backend {
+    /// The backend a database URL names.
+    pub fn from_url(url: &str) -> Result<Self> {
+        let scheme = url
+            .split(':')
+            .next()
+            .unwrap_or_default()
+            .to_ascii_lowercase();
+        match scheme.as_str() {
+            "postgres" | "postgresql" => Ok(Backend::Postgres),
+            "sqlite" => Ok(Backend::Sqlite),
+            _ => Err(Error::Config(format!(
+                "unsupported database URL {}: use sqlite://PATH or postgres://USER:PASSWORD@HOST/DB",
+                redact_url(url)
+            ))),
+        }
+    }
+
+    /// `postgres` or `sqlite`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Backend::Postgres => "postgres",
+            Backend::Sqlite => "sqlite",
+        }
+    }
+
+    /// The embedded migrations of this backend.
+    pub fn migrations(self) -> Vec<MigrationScript> {
+        match self {
+            Backend::Postgres => PgStore::migrations(),
+            Backend::Sqlite => SqliteStore::migrations(),
+        }
+    }
+}
+
+/// Options of [`AnyStore::connect`].
+#[derive(Debug, Clone, Default)]
+pub struct StoreOptions {
+    /// PostgreSQL schema holding the tables.
+    pub schema: Option<String>,
+    /// Pool size (PostgreSQL).
+    pub max_connections: Option<u32>,
+}
+
+/// Either backend.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub enum AnyStore {
+    /// PostgreSQL.
+    Postgres(PgStore),
+    /// SQLite.
+    Sqlite(SqliteStore),
+}
+
+impl AnyStore {
+    /// Connects to the database named by `url`.
+    pub async fn connect(url: &str, opts: &StoreOptions) -> Result<Self> {
+        match Backend::from_url(url)? {
+            Backend::Postgres => {
+                let mut pg = PgOptions {
+                    schema: opts.schema.clone(),
+                    ..PgOptions::default()
+                };
+                if let Some(n) = opts.max_connections {
+                    pg.max_connections = n;
+                }
+                Ok(AnyStore::Postgres(PgStore::connect(url, &pg).await?))
+            }
+            Backend::Sqlite => {
+                if opts.schema.is_some() {
+                    return Err(Error::Config(
+                        "a schema applies to PostgreSQL only; remove it or use a postgres:// URL"
+                            .into(),
+                    ));
+                }
+                Ok(AnyStore::Sqlite(SqliteStore::connect(url).await?))
+            }
+        }
+    }
+
+    /// Which backend.
+    pub fn backend(&self) -> Backend {
+        match self {
+            AnyStore::Postgres(_) => Backend::Postgres,
+            AnyStore::Sqlite(_) => Backend::Sqlite,
+        }
+    }
+
+    /// Applies pending migrations.
+    pub async fn migrate(&self) -> Result<MigrationReport> {
+        match self {
+            AnyStore::Postgres(s) => s.migrate().await,
+            AnyStore::Sqlite(s) => s.migrate().await,
+        }
+    }
+
+    /// Fails with a hint when the schema is missing or old.
+    pub async fn ensure_migrated(&self) -> Result<()> {
+        match self {
+            AnyStore::Postgres(s) => s.ensure_migrated().await,
+            AnyStore::Sqlite(s) => s.ensure_migrated().await,
+        }
+    }
+
+    /// What the store supports.
+    pub fn capabilities(&self) -> Capabilities {
+        match self {
+            AnyStore::Postgres(s) => s.capabilities(),
+            AnyStore::Sqlite(s) => s.capabilities(),
+        }
+    }
+
+    /// The outbox table.
+    pub fn outbox(&self) -> AnyTable<OutboxRoute> {
+        match self {
+            AnyStore::Postgres(s) => AnyTable::Postgres(s.outbox()),
+            AnyStore::Sqlite(s) => AnyTable::Sqlite(s.outbox()),
+        }
+    }
+
+    /// The inbox table.
+    pub fn inbox(&self) -> AnyTable<InboxRoute> {
+        match self {
+            AnyStore::Postgres(s) => AnyTable::Postgres(s.inbox()),
+            AnyStore::Sqlite(s) => AnyTable::Sqlite(s.inbox()),
+        }
+    }
+}
+
+/// One table of either backend.
+#[derive(Debug)]
+pub enum AnyTable<R> {
+    /// PostgreSQL.
+    Postgres(PgTable<R>),
+    /// SQLite.
+    Sqlite(SqliteTable<R>),
+}
+
+impl<R> Clone for AnyTable<R> {
+    fn clone(&self) -> Self {
+        match self {
+            AnyTable::Postgres(t) => AnyTable::Postgres(t.clone()),
+            AnyTable::Sqlite(t) => AnyTable::Sqlite(t.clone()),
+        }
+    }
+}
+
+macro_rules! delegate {
+    ($self:ident, $t:ident => $e:expr) => {
+        match $self {
+            AnyTable::Postgres($t) => $e.await,
+            AnyTable::Sqlite($t) => $e.await,
+        }
+    };
+}
+
+impl<R: PgRoute + SqliteRoute> EventStore<R> for AnyTable<R> {
+    fn capabilities(&self) -> Capabilities {
+        match self {
+            AnyTable::Postgres(t) => t.capabilities(),
+            AnyTable::Sqlite(t) => t.capabilities(),
+        }
+    }
+    async fn get(&self, id: Uuid) -> Result<Option<Event<R>>> {
+        delegate!(self, t => t.get(id))
+    }
+    async fn list(&self, filter: &ListFilter) -> Result<Vec<Event<R>>> {
+        delegate!(self, t => t.list(filter))
+    }
+    async fn counts(&self) -> Result<TableCounts> {
+        delegate!(self, t => t.counts())
+    }
+    async fn claim(&self, opts: &ClaimOptions) -> Result<Claim<R>> {
+        delegate!(self, t => t.claim(opts))
+    }
+    async fn complete(&self, token: &ClaimToken, ids: &[Uuid]) -> Result<usize> {
+        delegate!(self, t => t.complete(token, ids))
+    }
+    async fn fail(&self, token: &ClaimToken, failures: &[Failure]) -> Result<FailReport> {
+        delegate!(self, t => t.fail(token, failures))
+    }
+    async fn release(&self, token: &ClaimToken, ids: &[Uuid]) -> Result<usize> {
+        delegate!(self, t => t.release(token, ids))
+    }
+    async fn force_unlock(&self, id: Uuid, reason: &UnlockReason) -> Result<Event<R>> {
+        delegate!(self, t => t.force_unlock(id, reason))
+    }
+    async fn release_stale_locks(&self, older_than: Duration, batch_size: u32) -> Result<u64> {
+        delegate!(self, t => t.release_stale_locks(older_than, batch_size))
+    }
+    async fn delete_completed(&self, older_than: Duration, batch_size: u32) -> Result<u64> {
+        delegate!(self, t => t.delete_completed(older_than, batch_size))
+    }
+    async fn requeue_failed(&self, filter: &RequeueFilter) -> Result<Vec<Uuid>> {
+        delegate!(self, t => t.requeue_failed(filter))
+    }
+}
+
+impl OutboxStore for AnyTable<OutboxRoute> {
+    async fn create(&self, event: &OutboxEvent) -> Result<Created<OutboxEvent>> {
+        delegate!(self, t => t.create(event))
+    }
+    async fn create_many(&self, events: &[OutboxEvent]) -> Result<Vec<BulkOutcome>> {
+        delegate!(self, t => t.create_many(events))
+    }
+}
+
+impl InboxStore for AnyTable<InboxRoute> {
+    async fn insert(&self, event: &InboxEvent) -> Result<Created<InboxEvent>> {
+        delegate!(self, t => t.insert(event))
+    }
+    async fn insert_many(&self, events: &[InboxEvent]) -> Result<Vec<BulkOutcome>> {
+        delegate!(self, t => t.insert_many(events))
+    }
+    async fn get_by_message_id(
+        &self,
+        message_id: &str,
+        consumer_group: &str,
+    ) -> Result<Option<InboxEvent>> {
+        delegate!(self, t => t.get_by_message_id(message_id, consumer_group))
+    }
+}

@@ -1,0 +1,565 @@
+//! Storage: the store traits, their request and report types, and one module
+//! per backend ([`postgres`], [`sqlite`]), each owning its migrations.
+//!
+//! A backend's store ([`PgStore`], [`SqliteStore`], or [`AnyStore`] chosen by
+//! URL at run time) hands out one *table handle* per table:
+//! `store.outbox()` implements [`EventStore<OutboxRoute>`] and [`OutboxStore`],
+//! `store.inbox()` implements [`EventStore<InboxRoute>`] and [`InboxStore`].
+//!
+//! # The claim
+//!
+//! [`EventStore::claim`] hands out up to N due rows in `(scheduled_at, seq)`
+//! order, read from a partial index on exactly that order (no sort of the
+//! backlog), with `FOR UPDATE SKIP LOCKED` on PostgreSQL so concurrent
+//! claimers never wait for or receive each other's rows. For the outbox it
+//! keeps per-key order: a row is handed out only if every earlier pending
+//! row of its `(topic, partition_key)` that is due, tried, or locked is in
+//! the same claim. A claim can therefore take a whole *run* of one key, and
+//! ordered throughput does not collapse to one event per key per claim.
+//!
+//! Every claim returns a [`ClaimToken`] (worker id and the claim's
+//! `locked_at`); completion, failure and release are guarded by it, so a
+//! worker whose lease expired cannot overwrite a newer claim.
+
+use std::future::Future;
+use std::time::Duration;
+
+use serde::Serialize;
+use uuid::Uuid;
+
+use crate::domain::Retry;
+use crate::error::{Error, Result};
+use crate::model::{
+    Event, EventStatus, InboxEvent, InboxRoute, OutboxEvent, OutboxRoute, Route, Table, Timestamp,
+    UnlockReason, WorkerId, time,
+};
+
+mod any;
+mod migrate;
+pub mod postgres;
+pub mod sqlite;
+
+pub use any::{AnyStore, AnyTable, Backend, StoreOptions};
+pub use migrate::{AppliedMigration, MIGRATIONS_TABLE, MigrationReport, MigrationScript};
+pub use postgres::PgStore;
+pub use sqlite::SqliteStore;
+
+/// The default database: an SQLite file in the working directory.
+pub const DEFAULT_DATABASE_URL: &str = "sqlite://omnibox.db";
+
+/// Optional features of a store (the reference's `RepositoryCapabilities`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+pub struct Capabilities {
+    /// Bulk create and bulk completion in one statement.
+    pub bulk: bool,
+    /// Concurrent claimers on many machines (`FOR UPDATE SKIP LOCKED`).
+    pub distributed_locking: bool,
+    /// Release of stale locks and deletion of old rows.
+    pub retention: bool,
+    /// Wake-ups on insert (PostgreSQL LISTEN/NOTIFY).
+    pub notify: bool,
+}
+
+/// What a claim asks for.
+#[derive(Debug, Clone)]
+pub struct ClaimOptions {
+    /// The claiming worker.
+    pub worker: WorkerId,
+    /// Most rows to hand out.
+    pub limit: u32,
+    /// A lock older than this counts as expired and its row may be claimed again.
+    pub lease: Duration,
+}
+
+impl ClaimOptions {
+    /// A claim of up to `limit` rows for `worker` with the default 5-minute lease.
+    pub fn new(worker: WorkerId, limit: u32) -> Self {
+        ClaimOptions {
+            worker,
+            limit,
+            lease: crate::model::limits::DEFAULT_LEASE_TIMEOUT,
+        }
+    }
+
+    /// Sets the lease.
+    pub fn lease(mut self, lease: Duration) -> Self {
+        self.lease = lease;
+        self
+    }
+
+    pub(crate) fn check(&self) -> Result<()> {
+        if self.limit == 0 {
+            return Err(Error::validation(
+                "limit",
+                "a claim must ask for at least 1 row",
+            ));
+        }
+        if self.lease.is_zero() {
+            return Err(Error::validation("lease", "must be longer than 0 s"));
+        }
+        Ok(())
+    }
+}
+
+/// Proof of a claim: the worker and the `locked_at` the claim wrote. Writes
+/// that follow a claim must present it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClaimToken {
+    /// The claiming worker.
+    pub worker: WorkerId,
+    /// The `locked_at` value written by the claim.
+    pub locked_at: Timestamp,
+}
+
+/// The rows a claim handed out, in insertion order, with the claim's token.
+#[derive(Debug, Clone)]
+pub struct Claim<R> {
+    /// The token that guards writes to these rows.
+    pub token: ClaimToken,
+    /// The claimed events, ordered by `seq`.
+    pub events: Vec<Event<R>>,
+}
+
+impl<R> Claim<R> {
+    /// True when nothing was claimed.
+    pub fn is_empty(&self) -> bool {
+        self.events.is_empty()
+    }
+    /// Number of claimed events.
+    pub fn len(&self) -> usize {
+        self.events.len()
+    }
+}
+
+/// One failed event of a claim, as written by [`EventStore::fail`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct Failure {
+    /// The event.
+    pub id: Uuid,
+    /// What went wrong (truncated to 2000 bytes when stored).
+    pub error: String,
+    /// Whether an attempt is spent.
+    pub counted: bool,
+    /// When to try again, if the event stays pending.
+    pub retry_at: Timestamp,
+}
+
+impl Failure {
+    /// A counted failure retried at `retry_at` (or failed at `max_attempts`).
+    pub fn counted(id: Uuid, error: impl Into<String>, retry_at: Timestamp) -> Self {
+        Failure {
+            id,
+            error: error.into(),
+            counted: true,
+            retry_at,
+        }
+    }
+
+    /// A transient failure: no attempt spent, retried at `retry_at`.
+    pub fn transient(id: Uuid, error: impl Into<String>, retry_at: Timestamp) -> Self {
+        Failure {
+            id,
+            error: error.into(),
+            counted: false,
+            retry_at,
+        }
+    }
+
+    /// Builds a failure from the domain's [`Retry`], resolving a counted
+    /// failure without a time through the backoff of `event`'s attempts.
+    pub fn from_retry<R: Route>(
+        event: &Event<R>,
+        error: impl Into<String>,
+        retry: Retry,
+        backoff: &crate::domain::Backoff,
+    ) -> Self {
+        match retry {
+            Retry::Counted(at) => Failure::counted(
+                event.id(),
+                error,
+                at.unwrap_or_else(|| {
+                    time::now() + crate::domain::chrono_dur(backoff.delay(event.attempts_made()))
+                }),
+            ),
+            Retry::NotCounted(at) => Failure::transient(event.id(), error, at),
+        }
+    }
+}
+
+/// What [`EventStore::fail`] did.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct FailReport {
+    /// Rows rescheduled (still pending).
+    pub rescheduled: Vec<Uuid>,
+    /// Rows that reached `max_attempts` and are now `failed`.
+    pub failed: Vec<Uuid>,
+}
+
+/// Filters of [`EventStore::list`]. All set filters must match.
+#[derive(Debug, Clone, Default)]
+pub struct ListFilter {
+    /// Only rows with this status.
+    pub status: Option<EventStatus>,
+    /// Only this event type.
+    pub event_type: Option<String>,
+    /// Only this topic (outbox) or source (inbox).
+    pub topic: Option<String>,
+    /// Only rows created at or after this time.
+    pub since: Option<Timestamp>,
+    /// Only rows after this `seq` (keyset paging).
+    pub after_seq: Option<i64>,
+    /// Most rows to return (default 100).
+    pub limit: Option<u32>,
+}
+
+/// Which failed rows [`EventStore::requeue_failed`] puts back to pending.
+/// At least one selector, or `all`, is required.
+#[derive(Debug, Clone, Default)]
+pub struct RequeueFilter {
+    /// These ids.
+    pub ids: Vec<Uuid>,
+    /// This event type.
+    pub event_type: Option<String>,
+    /// This topic (outbox) or source (inbox).
+    pub topic: Option<String>,
+    /// Rows whose `last_error` contains this text.
+    pub error_contains: Option<String>,
+    /// Rows that failed at or after this time.
+    pub since: Option<Timestamp>,
+    /// Rows that failed before this time.
+    pub until: Option<Timestamp>,
+    /// Every failed row (must be explicit).
+    pub all: bool,
+    /// Most rows to requeue.
+    pub limit: Option<u32>,
+}
+
+impl RequeueFilter {
+    /// True when no selector is set.
+    pub fn selects_nothing(&self) -> bool {
+        self.ids.is_empty()
+            && self.event_type.is_none()
+            && self.topic.is_none()
+            && self.error_contains.is_none()
+            && self.since.is_none()
+            && self.until.is_none()
+    }
+
+    pub(crate) fn check(&self) -> Result<()> {
+        if self.selects_nothing() && !self.all {
+            return Err(Error::validation(
+                "filter",
+                "no rows selected; give an id, event type, topic, error text or time range, or ask for all rows explicitly",
+            ));
+        }
+        if self.limit == Some(0) {
+            return Err(Error::validation("limit", "must be at least 1"));
+        }
+        Ok(())
+    }
+}
+
+/// Counts of one table for `omnibox status`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct TableCounts {
+    /// Which table.
+    pub table: Table,
+    /// Pending rows (locked or not).
+    pub pending: u64,
+    /// Completed rows.
+    pub completed: u64,
+    /// Failed rows.
+    pub failed: u64,
+    /// Rows locked by a worker.
+    pub locked: u64,
+    /// Pending, unlocked rows whose time has come.
+    pub due_now: u64,
+    /// Creation time of the oldest pending row.
+    #[serde(with = "crate::model::time::serde_ts::option")]
+    pub oldest_pending_created_at: Option<Timestamp>,
+    /// The database's clock when counted.
+    #[serde(with = "crate::model::time::serde_ts")]
+    pub now: Timestamp,
+}
+
+impl TableCounts {
+    /// Age of the oldest pending row.
+    pub fn oldest_pending_age(&self) -> Option<Duration> {
+        self.oldest_pending_created_at
+            .map(|t| (self.now - t).to_std().unwrap_or(Duration::ZERO))
+    }
+}
+
+/// The result of creating one outbox event.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Created<E> {
+    /// A new row was written.
+    Inserted(E),
+    /// A row with the same idempotency key (outbox) or the same
+    /// `(message_id, consumer_group)` (inbox) exists; it is returned and nothing was written.
+    Existing(E),
+}
+
+impl<E> Created<E> {
+    /// The row, new or existing.
+    pub fn into_inner(self) -> E {
+        match self {
+            Created::Inserted(e) | Created::Existing(e) => e,
+        }
+    }
+    /// True when a new row was written.
+    pub fn is_inserted(&self) -> bool {
+        matches!(self, Created::Inserted(_))
+    }
+}
+
+/// The result of one element of a bulk create.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct BulkOutcome {
+    /// Id of the row: the new one, or the existing row's.
+    pub id: Uuid,
+    /// True when the row already existed and nothing was written.
+    pub existing: bool,
+}
+
+/// Operations common to both tables.
+///
+/// Implemented by the table handles of every backend. Methods return futures
+/// that are `Send`, so the engine can run them on any tokio worker.
+pub trait EventStore<R: Route>: Clone + Send + Sync + 'static {
+    /// What this store supports.
+    fn capabilities(&self) -> Capabilities;
+
+    /// One row by id.
+    fn get(&self, id: Uuid) -> impl Future<Output = Result<Option<Event<R>>>> + Send;
+
+    /// Rows matching `filter`, in insertion order.
+    fn list(&self, filter: &ListFilter) -> impl Future<Output = Result<Vec<Event<R>>>> + Send;
+
+    /// Counts for `status`.
+    fn counts(&self) -> impl Future<Output = Result<TableCounts>> + Send;
+
+    /// Claims up to `limit` due rows (see the module documentation).
+    fn claim(&self, opts: &ClaimOptions) -> impl Future<Output = Result<Claim<R>>> + Send;
+
+    /// Marks claimed rows completed. Rows no longer held by `token` are not
+    /// touched and reported in [`Error::ConcurrentUpdate`]; the rest are written.
+    fn complete(
+        &self,
+        token: &ClaimToken,
+        ids: &[Uuid],
+    ) -> impl Future<Output = Result<usize>> + Send;
+
+    /// Records failures of claimed rows (guarded like [`complete`](EventStore::complete)).
+    fn fail(
+        &self,
+        token: &ClaimToken,
+        failures: &[Failure],
+    ) -> impl Future<Output = Result<FailReport>> + Send;
+
+    /// Unlocks claimed rows untried (guarded like [`complete`](EventStore::complete)).
+    fn release(
+        &self,
+        token: &ClaimToken,
+        ids: &[Uuid],
+    ) -> impl Future<Output = Result<usize>> + Send;
+
+    /// Unlocks one row whoever holds it, recording `Force unlock: <reason>`.
+    fn force_unlock(
+        &self,
+        id: Uuid,
+        reason: &UnlockReason,
+    ) -> impl Future<Output = Result<Event<R>>> + Send;
+
+    /// Unlocks every row locked longer than `older_than`, `batch_size` rows per
+    /// statement; returns how many.
+    fn release_stale_locks(
+        &self,
+        older_than: Duration,
+        batch_size: u32,
+    ) -> impl Future<Output = Result<u64>> + Send;
+
+    /// Deletes up to `batch_size` completed rows completed more than
+    /// `older_than` ago; returns how many (call again until 0).
+    fn delete_completed(
+        &self,
+        older_than: Duration,
+        batch_size: u32,
+    ) -> impl Future<Output = Result<u64>> + Send;
+
+    /// Puts failed rows matching `filter` back to pending (attempts 0, error
+    /// cleared, scheduled now); returns their ids.
+    fn requeue_failed(
+        &self,
+        filter: &RequeueFilter,
+    ) -> impl Future<Output = Result<Vec<Uuid>>> + Send;
+}
+
+/// Outbox-specific operations.
+pub trait OutboxStore: EventStore<OutboxRoute> {
+    /// Inserts one event; an event whose idempotency key exists is not
+    /// inserted and the existing row is returned.
+    fn create(
+        &self,
+        event: &OutboxEvent,
+    ) -> impl Future<Output = Result<Created<OutboxEvent>>> + Send;
+
+    /// Inserts many events in one transaction (all or nothing), in order;
+    /// idempotency keys are respected as in [`create`](OutboxStore::create).
+    fn create_many(
+        &self,
+        events: &[OutboxEvent],
+    ) -> impl Future<Output = Result<Vec<BulkOutcome>>> + Send;
+}
+
+/// Inbox-specific operations.
+pub trait InboxStore: EventStore<InboxRoute> {
+    /// Inserts one event unless its `(message_id, consumer_group)` exists, in
+    /// which case the existing row is returned as [`Created::Existing`] (a duplicate).
+    fn insert(
+        &self,
+        event: &InboxEvent,
+    ) -> impl Future<Output = Result<Created<InboxEvent>>> + Send;
+
+    /// Inserts many events in one transaction; duplicates are reported as existing.
+    fn insert_many(
+        &self,
+        events: &[InboxEvent],
+    ) -> impl Future<Output = Result<Vec<BulkOutcome>>> + Send;
+
+    /// The row of a broker message in a consumer group.
+    fn get_by_message_id(
+        &self,
+        message_id: &str,
+        consumer_group: &str,
+    ) -> impl Future<Output = Result<Option<InboxEvent>>> + Send;
+}
+
+/// Checks the ids of a guarded update against what it changed.
+pub(crate) fn guard_result(expected: &[Uuid], changed: &[Uuid]) -> Result<()> {
+    if changed.len() == expected.len() {
+        return Ok(());
+    }
+    let changed: std::collections::HashSet<&Uuid> = changed.iter().collect();
+    let missing: Vec<Uuid> = expected
+        .iter()
+        .filter(|id| !changed.contains(id))
+        .copied()
+        .collect();
+    Err(Error::ConcurrentUpdate {
+        expected: expected.len(),
+        actual: expected.len() - missing.len(),
+        missing,
+    })
+}
+
+/// Redacts the password of a database URL for messages and logs.
+pub fn redact_url(url: &str) -> String {
+    let Some(scheme_end) = url.find("://") else {
+        return url.to_string();
+    };
+    let rest = &url[scheme_end + 3..];
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let authority = &rest[..authority_end];
+    match authority.rfind('@') {
+        Some(at) => {
+            let userinfo = &authority[..at];
+            let user = userinfo.split(':').next().unwrap_or("");
+            let redacted = if userinfo.contains(':') {
+                format!("{user}:***")
+            } else {
+                user.to_string()
+            };
+            format!("{}://{}{}", &url[..scheme_end], redacted, &rest[at..])
+        }
+        None => url.to_string(),
+    }
+    .split('&')
+    .map(|part| match part.split_once("password=") {
+        Some((before, _)) if before.is_empty() || before.ends_with('?') => {
+            format!("{before}password=***")
+        }
+        _ => part.to_string(),
+    })
+    .collect::<Vec<_>>()
+    .join("&")
+}
+
+/// Error truncation used by every store before writing `last_error`.
+pub(crate) fn stored_error(error: &str) -> String {
+    use crate::model::limits::{DEFAULT_TRUNCATION_SUFFIX, LAST_ERROR_MAX_LENGTH};
+    crate::model::validate::truncate_error(error, LAST_ERROR_MAX_LENGTH, DEFAULT_TRUNCATION_SUFFIX)
+        .unwrap_or_else(|_| "(no error message)".to_string())
+}
+
+/// Column of the "topic" filter: `topic` on the outbox, `source` on the inbox.
+pub(crate) fn topic_column(table: Table) -> &'static str {
+    match table {
+        Table::Outbox => "topic",
+        Table::Inbox => "source",
+    }
+}
+
+pub(crate) const DEFAULT_LIST_LIMIT: u32 = 100;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn redacts_passwords_only() {
+        assert_eq!(
+            redact_url("postgres://u:secret@h:5432/db"),
+            "postgres://u:***@h:5432/db"
+        );
+        assert_eq!(redact_url("postgres://u@h/db"), "postgres://u@h/db");
+        assert_eq!(
+            redact_url("postgres://h/db?password=x&a=1"),
+            "postgres://h/db?password=***&a=1"
+        );
+        assert_eq!(redact_url("sqlite://omnibox.db"), "sqlite://omnibox.db");
+        assert_eq!(
+            redact_url("postgres://u:p@ss@h/db"),
+            "postgres://u:***@h/db"
+        );
+    }
+
+    #[test]
+    fn guard_reports_missing_rows() {
+        let a = Uuid::from_u128(1);
+        let b = Uuid::from_u128(2);
+        assert!(guard_result(&[a, b], &[b, a]).is_ok());
+        match guard_result(&[a, b], &[b]).unwrap_err() {
+            Error::ConcurrentUpdate {
+                expected,
+                actual,
+                missing,
+            } => {
+                assert_eq!((expected, actual), (2, 1));
+                assert_eq!(missing, vec![a]);
+            }
+            e => panic!("{e:?}"),
+        }
+    }
+
+    #[test]
+    fn requeue_filter_needs_a_selector() {
+        assert!(RequeueFilter::default().check().is_err());
+        assert!(
+            RequeueFilter {
+                all: true,
+                ..Default::default()
+            }
+            .check()
+            .is_ok()
+        );
+        assert!(
+            RequeueFilter {
+                event_type: Some("x".into()),
+                ..Default::default()
+            }
+            .check()
+            .is_ok()
+        );
+    }
+}

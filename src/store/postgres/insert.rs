@@ -1,0 +1,298 @@
+//! Bulk inserts: one `INSERT ... SELECT FROM UNNEST(arrays)` per 1,000 rows,
+//! usable on the caller's own connection or transaction.
+
+use std::collections::{HashMap, HashSet};
+
+use sqlx::{PgConnection, Row};
+use uuid::Uuid;
+
+use super::sql;
+use super::{PgTable, decode};
+use crate::error::{Error, Result, storage};
+use crate::model::{Event, InboxEvent, InboxRoute, OutboxEvent, OutboxRoute, Route, Timestamp};
+use crate::store::{BulkOutcome, Created, EventStore, InboxStore, OutboxStore};
+
+const CHUNK: usize = 1000;
+
+/// The columns every table has, as arrays.
+#[derive(Default)]
+struct Common {
+    id: Vec<Uuid>,
+    event_type: Vec<String>,
+    payload: Vec<String>,
+    headers: Vec<Option<String>>,
+    trace_id: Vec<Option<String>>,
+    idempotency_key: Vec<Option<String>>,
+    correlation_id: Vec<Option<String>>,
+    causation_id: Vec<Option<String>>,
+    schema_version: Vec<Option<String>>,
+    status: Vec<&'static str>,
+    attempts_made: Vec<i32>,
+    max_attempts: Vec<i32>,
+    last_error: Vec<Option<String>>,
+    scheduled_at: Vec<Timestamp>,
+    completed_at: Vec<Option<Timestamp>>,
+    created_at: Vec<Timestamp>,
+}
+
+impl Common {
+    fn push<R: Route>(&mut self, e: &Event<R>) -> Result<()> {
+        e.validate_invariants()?;
+        if e.locked_at.is_some() {
+            return Err(Error::validation(
+                "locked_at",
+                "a new event cannot be inserted locked",
+            ));
+        }
+        self.id.push(e.id);
+        self.event_type.push(e.event_type.clone());
+        self.payload
+            .push(serde_json::to_string(&e.payload).expect("a JSON map serialises"));
+        self.headers.push(
+            e.headers
+                .as_ref()
+                .map(|h| serde_json::to_string(h).expect("a string map serialises")),
+        );
+        self.trace_id.push(e.trace_id.clone());
+        self.idempotency_key.push(e.idempotency_key.clone());
+        self.correlation_id.push(e.correlation_id.clone());
+        self.causation_id.push(e.causation_id.clone());
+        self.schema_version.push(e.schema_version.clone());
+        self.status.push(e.status.as_str());
+        self.attempts_made.push(e.attempts_made);
+        self.max_attempts.push(e.max_attempts);
+        self.last_error.push(e.last_error.clone());
+        self.scheduled_at.push(e.scheduled_at);
+        self.completed_at.push(e.completed_at);
+        self.created_at.push(e.created_at);
+        Ok(())
+    }
+
+    fn bind<'q>(
+        self,
+        q: sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>,
+    ) -> sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments> {
+        q.bind(self.id)
+            .bind(self.event_type)
+            .bind(self.payload)
+            .bind(self.headers)
+            .bind(self.trace_id)
+            .bind(self.idempotency_key)
+            .bind(self.correlation_id)
+            .bind(self.causation_id)
+            .bind(self.schema_version)
+            .bind(self.status)
+            .bind(self.attempts_made)
+            .bind(self.max_attempts)
+            .bind(self.last_error)
+            .bind(self.scheduled_at)
+            .bind(self.completed_at)
+            .bind(self.created_at)
+    }
+}
+
+/// Inserts outbox events on `conn` (a connection or an open transaction) in
+/// order. An event whose idempotency key already exists is not inserted; its
+/// outcome names the existing row. Nothing is committed here.
+pub async fn insert_outbox(
+    conn: &mut PgConnection,
+    events: &[OutboxEvent],
+) -> Result<Vec<BulkOutcome>> {
+    let mut inserted = HashSet::with_capacity(events.len());
+    for chunk in events.chunks(CHUNK) {
+        let mut common = Common::default();
+        let mut aggregate_type = Vec::with_capacity(chunk.len());
+        let mut aggregate_id = Vec::with_capacity(chunk.len());
+        let mut topic = Vec::with_capacity(chunk.len());
+        let mut partition_key = Vec::with_capacity(chunk.len());
+        for e in chunk {
+            common.push(e)?;
+            aggregate_type.push(e.route.aggregate_type.as_str());
+            aggregate_id.push(e.route.aggregate_id);
+            topic.push(e.route.topic.as_str());
+            partition_key.push(e.route.partition_key.as_str());
+        }
+        let ids: Vec<Uuid> = common
+            .bind(sqlx::query(sql::INSERT_OUTBOX))
+            .bind(aggregate_type)
+            .bind(aggregate_id)
+            .bind(topic)
+            .bind(partition_key)
+            .fetch_all(&mut *conn)
+            .await
+            .map_err(storage)?
+            .iter()
+            .map(|r| r.try_get(0))
+            .collect::<Result<_, _>>()
+            .map_err(storage)?;
+        inserted.extend(ids);
+    }
+    let skipped_keys: Vec<&str> = events
+        .iter()
+        .filter(|e| !inserted.contains(&e.id))
+        .filter_map(|e| e.idempotency_key.as_deref())
+        .collect();
+    let existing: HashMap<String, Uuid> = if skipped_keys.is_empty() {
+        HashMap::new()
+    } else {
+        sqlx::query(sql::EXISTING_BY_IDEMPOTENCY_KEY)
+            .bind(&skipped_keys)
+            .fetch_all(&mut *conn)
+            .await
+            .map_err(storage)?
+            .iter()
+            .map(|r| Ok((r.try_get(0)?, r.try_get(1)?)))
+            .collect::<Result<_, sqlx::Error>>()
+            .map_err(storage)?
+    };
+    events
+        .iter()
+        .map(|e| {
+            if inserted.contains(&e.id) {
+                return Ok(BulkOutcome {
+                    id: e.id,
+                    existing: false,
+                });
+            }
+            e.idempotency_key
+                .as_ref()
+                .and_then(|k| existing.get(k))
+                .map(|&id| BulkOutcome { id, existing: true })
+                .ok_or_else(|| Error::validation("id", format!("event {} was not inserted", e.id)))
+        })
+        .collect()
+}
+
+/// Inserts inbox events on `conn` in order. An event whose
+/// `(message_id, consumer_group)` exists is not inserted; its outcome names
+/// the existing row. Nothing is committed here.
+pub async fn insert_inbox(
+    conn: &mut PgConnection,
+    events: &[InboxEvent],
+) -> Result<Vec<BulkOutcome>> {
+    let mut inserted = HashSet::with_capacity(events.len());
+    for chunk in events.chunks(CHUNK) {
+        let mut common = Common::default();
+        let mut message_id = Vec::with_capacity(chunk.len());
+        let mut consumer_group = Vec::with_capacity(chunk.len());
+        let mut source = Vec::with_capacity(chunk.len());
+        for e in chunk {
+            common.push(e)?;
+            message_id.push(e.route.message_id.as_str());
+            consumer_group.push(e.route.consumer_group.as_str());
+            source.push(e.route.source.as_str());
+        }
+        let ids: Vec<Uuid> = common
+            .bind(sqlx::query(sql::INSERT_INBOX))
+            .bind(message_id)
+            .bind(consumer_group)
+            .bind(source)
+            .fetch_all(&mut *conn)
+            .await
+            .map_err(storage)?
+            .iter()
+            .map(|r| r.try_get(0))
+            .collect::<Result<_, _>>()
+            .map_err(storage)?;
+        inserted.extend(ids);
+    }
+    let skipped: Vec<&InboxEvent> = events
+        .iter()
+        .filter(|e| !inserted.contains(&e.id))
+        .collect();
+    let existing: HashMap<(String, String), Uuid> = if skipped.is_empty() {
+        HashMap::new()
+    } else {
+        let messages: Vec<&str> = skipped
+            .iter()
+            .map(|e| e.route.message_id.as_str())
+            .collect();
+        let groups: Vec<&str> = skipped
+            .iter()
+            .map(|e| e.route.consumer_group.as_str())
+            .collect();
+        sqlx::query(sql::EXISTING_BY_MESSAGE)
+            .bind(messages)
+            .bind(groups)
+            .fetch_all(&mut *conn)
+            .await
+            .map_err(storage)?
+            .iter()
+            .map(|r| Ok(((r.try_get(0)?, r.try_get(1)?), r.try_get(2)?)))
+            .collect::<Result<_, sqlx::Error>>()
+            .map_err(storage)?
+    };
+    events
+        .iter()
+        .map(|e| {
+            if inserted.contains(&e.id) {
+                return Ok(BulkOutcome {
+                    id: e.id,
+                    existing: false,
+                });
+            }
+            existing
+                .get(&(e.route.message_id.clone(), e.route.consumer_group.clone()))
+                .map(|&id| BulkOutcome { id, existing: true })
+                .ok_or_else(|| Error::validation("id", format!("event {} was not inserted", e.id)))
+        })
+        .collect()
+}
+
+impl OutboxStore for PgTable<OutboxRoute> {
+    async fn create(&self, event: &OutboxEvent) -> Result<Created<OutboxEvent>> {
+        let outcome = self.create_many(std::slice::from_ref(event)).await?[0];
+        let row = self
+            .get(outcome.id)
+            .await?
+            .ok_or(Error::NotFound { id: outcome.id })?;
+        Ok(if outcome.existing {
+            Created::Existing(row)
+        } else {
+            Created::Inserted(row)
+        })
+    }
+
+    async fn create_many(&self, events: &[OutboxEvent]) -> Result<Vec<BulkOutcome>> {
+        let mut tx = self.pool.begin().await.map_err(storage)?;
+        let outcomes = insert_outbox(&mut tx, events).await?;
+        tx.commit().await.map_err(storage)?;
+        Ok(outcomes)
+    }
+}
+
+impl InboxStore for PgTable<InboxRoute> {
+    async fn insert(&self, event: &InboxEvent) -> Result<Created<InboxEvent>> {
+        let outcome = self.insert_many(std::slice::from_ref(event)).await?[0];
+        let row = self
+            .get(outcome.id)
+            .await?
+            .ok_or(Error::NotFound { id: outcome.id })?;
+        Ok(if outcome.existing {
+            Created::Existing(row)
+        } else {
+            Created::Inserted(row)
+        })
+    }
+
+    async fn insert_many(&self, events: &[InboxEvent]) -> Result<Vec<BulkOutcome>> {
+        let mut tx = self.pool.begin().await.map_err(storage)?;
+        let outcomes = insert_inbox(&mut tx, events).await?;
+        tx.commit().await.map_err(storage)?;
+        Ok(outcomes)
+    }
+
+    async fn get_by_message_id(
+        &self,
+        message_id: &str,
+        consumer_group: &str,
+    ) -> Result<Option<InboxEvent>> {
+        let row = sqlx::query(sql::INBOX_BY_MESSAGE)
+            .bind(message_id)
+            .bind(consumer_group)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(storage)?;
+        row.as_ref().map(decode).transpose()
+    }
+}

@@ -1,0 +1,347 @@
+//! PostgreSQL store: pooled, `FOR UPDATE SKIP LOCKED` claims, server-side
+//! time for leases and completion, versioned migrations in
+//! `migrations/postgres`.
+//!
+//! Events can be inserted inside the caller's own transaction with
+//! [`insert_outbox`] and [`insert_inbox`], so that business rows and outbox
+//! rows commit together:
+//!
+//! ```no_run
+//! # async fn f(pool: sqlx::PgPool, event: omnibox::OutboxEvent) -> Result<(), Box<dyn std::error::Error>> {
+//! let mut tx = pool.begin().await?;
+//! // ... the service's own writes on `tx` ...
+//! omnibox::store::postgres::insert_outbox(&mut tx, std::slice::from_ref(&event)).await?;
+//! tx.commit().await?;
+//! # Ok(()) }
+//! ```
+
+use std::marker::PhantomData;
+use std::str::FromStr;
+use std::time::Duration;
+
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgRow};
+use sqlx::types::Json;
+use sqlx::{ConnectOptions, Connection, Row};
+
+use super::migrate::{self, MIGRATIONS_TABLE, MigrationReport, MigrationScript};
+use super::redact_url;
+use crate::error::{Error, Result, storage};
+use crate::model::{Event, EventStatus, Headers, InboxRoute, OutboxRoute, Payload};
+
+mod insert;
+mod sql;
+mod table;
+
+pub use insert::{insert_inbox, insert_outbox};
+pub use sql::OUTBOX_CLAIM_SCAN;
+
+/// Connection settings beyond the URL.
+#[derive(Debug, Clone)]
+pub struct PgOptions {
+    /// Schema holding the tables (`search_path`); `None` keeps the server's default.
+    pub schema: Option<String>,
+    /// Pool size.
+    pub max_connections: u32,
+    /// How long to wait for a pooled connection.
+    pub acquire_timeout: Duration,
+}
+
+impl Default for PgOptions {
+    fn default() -> Self {
+        PgOptions {
+            schema: None,
+            max_connections: 10,
+            acquire_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// A PostgreSQL database holding the omnibox tables.
+#[derive(Debug, Clone)]
+pub struct PgStore {
+    pool: PgPool,
+    schema: Option<String>,
+}
+
+impl PgStore {
+    /// Connects (failing fast when the server cannot be reached) and opens a pool.
+    pub async fn connect(url: &str, opts: &PgOptions) -> Result<Self> {
+        let redacted = redact_url(url);
+        let mut connect = PgConnectOptions::from_str(url)
+            .map_err(|e| Error::Config(format!("invalid PostgreSQL URL {redacted}: {e}")))?
+            .application_name("omnibox");
+        if let Some(schema) = &opts.schema {
+            check_schema_name(schema)?;
+            connect = connect.options([("search_path", schema.as_str())]);
+        }
+        connect = connect.log_statements(tracing::log::LevelFilter::Trace);
+        // One direct connection first: the pool would retry a refused
+        // connection until its acquire timeout instead of reporting it.
+        let probe = connect
+            .connect()
+            .await
+            .map_err(|source| Error::StorageConnection {
+                url: redacted.clone(),
+                source,
+            })?;
+        probe.close().await.ok();
+        let pool = PgPoolOptions::new()
+            .max_connections(opts.max_connections.max(1))
+            .acquire_timeout(opts.acquire_timeout)
+            .connect_lazy_with(connect);
+        Ok(PgStore {
+            pool,
+            schema: opts.schema.clone(),
+        })
+    }
+
+    /// Wraps a pool the application already has.
+    pub fn from_pool(pool: PgPool) -> Self {
+        PgStore { pool, schema: None }
+    }
+
+    /// The pool, for the application's own queries.
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    /// The outbox table.
+    pub fn outbox(&self) -> PgTable<OutboxRoute> {
+        PgTable {
+            pool: self.pool.clone(),
+            route: PhantomData,
+        }
+    }
+
+    /// The inbox table.
+    pub fn inbox(&self) -> PgTable<InboxRoute> {
+        PgTable {
+            pool: self.pool.clone(),
+            route: PhantomData,
+        }
+    }
+
+    fn migrator() -> sqlx::migrate::Migrator {
+        let mut m = sqlx::migrate!("./migrations/postgres");
+        m.dangerous_set_table_name(MIGRATIONS_TABLE);
+        m
+    }
+
+    /// The embedded migrations, for `migrate --print-sql`.
+    pub fn migrations() -> Vec<MigrationScript> {
+        migrate::scripts(&Self::migrator())
+    }
+
+    /// Creates the schema (if one was configured) and applies pending
+    /// migrations, under PostgreSQL's advisory lock, so concurrent callers are safe.
+    pub async fn migrate(&self) -> Result<MigrationReport> {
+        if let Some(schema) = &self.schema {
+            check_schema_name(schema)?;
+            // An identifier cannot be a bind parameter; the name was checked
+            // against ^[a-z_][a-z0-9_]*$ above, so it needs no quoting.
+            let ddl = format!("CREATE SCHEMA IF NOT EXISTS {schema}");
+            sqlx::query(sqlx::AssertSqlSafe(ddl))
+                .execute(&self.pool)
+                .await
+                .map_err(storage)?;
+        }
+        let before = self.applied_versions().await?;
+        let m = Self::migrator();
+        m.run(&self.pool).await.map_err(Error::Migration)?;
+        let after = self.applied_versions().await?;
+        Ok(migrate::report(&m, &before, &after))
+    }
+
+    /// Versions applied so far (empty on a fresh database).
+    pub async fn applied_versions(&self) -> Result<Vec<i64>> {
+        let exists: Option<String> =
+            sqlx::query_scalar("SELECT to_regclass('omnibox_migrations')::text")
+                .fetch_one(&self.pool)
+                .await
+                .map_err(storage)?;
+        if exists.is_none() {
+            return Ok(Vec::new());
+        }
+        sqlx::query_scalar("SELECT version FROM omnibox_migrations WHERE success ORDER BY version")
+            .fetch_all(&self.pool)
+            .await
+            .map_err(storage)
+    }
+
+    /// Fails with a hint when the schema is missing or older than this binary.
+    pub async fn ensure_migrated(&self) -> Result<()> {
+        let current = self
+            .applied_versions()
+            .await?
+            .into_iter()
+            .max()
+            .unwrap_or(0);
+        let latest = migrate::latest(&Self::migrator());
+        if current < latest {
+            return Err(Error::Config(format!(
+                "the database schema is at version {current}, this omnibox needs version {latest}; run `omnibox migrate` first"
+            )));
+        }
+        Ok(())
+    }
+
+    /// What this store supports.
+    pub fn capabilities(&self) -> super::Capabilities {
+        CAPABILITIES
+    }
+}
+
+const CAPABILITIES: super::Capabilities = super::Capabilities {
+    bulk: true,
+    distributed_locking: true,
+    retention: true,
+    notify: false,
+};
+
+/// Schema names are interpolated into DDL, so only plain identifiers pass.
+fn check_schema_name(schema: &str) -> Result<()> {
+    let ok = !schema.is_empty()
+        && schema.len() <= 63
+        && schema.starts_with(|c: char| c.is_ascii_lowercase() || c == '_')
+        && schema
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::Config(format!(
+            "invalid schema name {schema:?}: use lowercase letters, digits and _ (at most 63, not starting with a digit)"
+        )))
+    }
+}
+
+/// One table of a [`PgStore`]; implements the store traits.
+#[derive(Debug)]
+pub struct PgTable<R> {
+    pool: PgPool,
+    route: PhantomData<fn() -> R>,
+}
+
+impl<R> Clone for PgTable<R> {
+    fn clone(&self) -> Self {
+        PgTable {
+            pool: self.pool.clone(),
+            route: PhantomData,
+        }
+    }
+}
+
+impl<R> PgTable<R> {
+    /// The pool.
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+}
+
+mod sealed {
+    use sqlx::postgres::PgRow;
+
+    /// Per-table SQL and decoding; implemented for the two routes only.
+    pub trait PgRoute: crate::model::Route + Sized {
+        /// The table's statements.
+        fn sql() -> &'static super::sql::TableSql;
+        /// Reads the routing columns.
+        fn decode_route(row: &PgRow) -> Result<Self, sqlx::Error>;
+    }
+}
+
+pub use sealed::PgRoute;
+
+impl PgRoute for OutboxRoute {
+    fn sql() -> &'static sql::TableSql {
+        &sql::OUTBOX
+    }
+    fn decode_route(row: &PgRow) -> Result<Self, sqlx::Error> {
+        Ok(OutboxRoute {
+            aggregate_type: row.try_get("aggregate_type")?,
+            aggregate_id: row.try_get("aggregate_id")?,
+            topic: row.try_get("topic")?,
+            partition_key: row.try_get("partition_key")?,
+        })
+    }
+}
+
+impl PgRoute for InboxRoute {
+    fn sql() -> &'static sql::TableSql {
+        &sql::INBOX
+    }
+    fn decode_route(row: &PgRow) -> Result<Self, sqlx::Error> {
+        Ok(InboxRoute {
+            message_id: row.try_get("message_id")?,
+            consumer_group: row.try_get("consumer_group")?,
+            source: row.try_get("source")?,
+        })
+    }
+}
+
+pub(crate) fn decode<R: PgRoute>(row: &PgRow) -> Result<Event<R>> {
+    decode_inner(row).map_err(|e| {
+        let id = row
+            .try_get::<uuid::Uuid, _>("id")
+            .map(|id| id.to_string())
+            .unwrap_or_else(|_| "?".into());
+        Error::CorruptRow {
+            id,
+            message: e.to_string(),
+        }
+    })
+}
+
+fn decode_inner<R: PgRoute>(row: &PgRow) -> Result<Event<R>, sqlx::Error> {
+    let status: String = row.try_get("status")?;
+    let status =
+        EventStatus::from_str(&status).map_err(|e| sqlx::Error::Decode(e.to_string().into()))?;
+    Ok(Event {
+        id: row.try_get("id")?,
+        seq: Some(row.try_get("seq")?),
+        event_type: row.try_get("event_type")?,
+        payload: row.try_get::<Json<Payload>, _>("payload")?.0,
+        headers: row
+            .try_get::<Option<Json<Headers>>, _>("headers")?
+            .map(|j| j.0),
+        trace_id: row.try_get("trace_id")?,
+        idempotency_key: row.try_get("idempotency_key")?,
+        correlation_id: row.try_get("correlation_id")?,
+        causation_id: row.try_get("causation_id")?,
+        schema_version: row.try_get("schema_version")?,
+        status,
+        attempts_made: row.try_get("attempts_made")?,
+        max_attempts: row.try_get("max_attempts")?,
+        last_error: row.try_get("last_error")?,
+        scheduled_at: row.try_get("scheduled_at")?,
+        completed_at: row.try_get("completed_at")?,
+        locked_at: row.try_get("locked_at")?,
+        locked_by: row.try_get("locked_by")?,
+        created_at: row.try_get("created_at")?,
+        updated_at: row.try_get("updated_at")?,
+        route: R::decode_route(row)?,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn schema_names_are_plain_identifiers() {
+        assert!(check_schema_name("omnibox").is_ok());
+        assert!(check_schema_name("t_0123abc").is_ok());
+        assert!(check_schema_name("_x").is_ok());
+        for bad in [
+            "",
+            "1abc",
+            "Omnibox",
+            "a-b",
+            "a;drop table x",
+            "a\"b",
+            &"a".repeat(64),
+        ] {
+            assert!(check_schema_name(bad).is_err(), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,250 @@
+//! [`EventStore`] for PostgreSQL tables.
+
+use std::time::Duration;
+
+use sqlx::{Postgres, QueryBuilder, Row};
+use uuid::Uuid;
+
+use super::{PgRoute, PgTable, decode};
+use crate::error::{Error, Result, storage};
+use crate::model::{Event, EventStatus, Timestamp, UnlockReason, time};
+use crate::store::{
+    Capabilities, Claim, ClaimOptions, ClaimToken, DEFAULT_LIST_LIMIT, EventStore, FailReport,
+    Failure, ListFilter, RequeueFilter, TableCounts, guard_result, stored_error, topic_column,
+};
+
+impl<R: PgRoute> EventStore<R> for PgTable<R> {
+    fn capabilities(&self) -> Capabilities {
+        super::CAPABILITIES
+    }
+
+    async fn get(&self, id: Uuid) -> Result<Option<Event<R>>> {
+        let row = sqlx::query(R::sql().get)
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(storage)?;
+        row.as_ref().map(decode).transpose()
+    }
+
+    async fn list(&self, filter: &ListFilter) -> Result<Vec<Event<R>>> {
+        let mut qb: QueryBuilder<Postgres> = QueryBuilder::new(R::sql().select_all);
+        if let Some(status) = filter.status {
+            qb.push(" AND status = ").push_bind(status.as_str());
+        }
+        if let Some(t) = &filter.event_type {
+            qb.push(" AND event_type = ").push_bind(t.clone());
+        }
+        if let Some(t) = &filter.topic {
+            qb.push(" AND ")
+                .push(topic_column(R::TABLE))
+                .push(" = ")
+                .push_bind(t.clone());
+        }
+        if let Some(since) = filter.since {
+            qb.push(" AND created_at >= ").push_bind(since);
+        }
+        if let Some(after) = filter.after_seq {
+            qb.push(" AND seq > ").push_bind(after);
+        }
+        qb.push(" ORDER BY seq LIMIT ")
+            .push_bind(i64::from(filter.limit.unwrap_or(DEFAULT_LIST_LIMIT)));
+        let rows = qb.build().fetch_all(&self.pool).await.map_err(storage)?;
+        rows.iter().map(decode).collect()
+    }
+
+    async fn counts(&self) -> Result<TableCounts> {
+        let row = sqlx::query(R::sql().counts)
+            .fetch_one(&self.pool)
+            .await
+            .map_err(storage)?;
+        let count = |name: &str| -> Result<u64> {
+            Ok(row.try_get::<i64, _>(name).map_err(storage)? as u64)
+        };
+        Ok(TableCounts {
+            table: R::TABLE,
+            pending: count("pending")?,
+            completed: count("completed")?,
+            failed: count("failed")?,
+            locked: count("locked")?,
+            due_now: count("due_now")?,
+            oldest_pending_created_at: row.try_get("oldest_pending").map_err(storage)?,
+            now: time::truncate(row.try_get("now").map_err(storage)?),
+        })
+    }
+
+    async fn claim(&self, opts: &ClaimOptions) -> Result<Claim<R>> {
+        opts.check()?;
+        let rows = sqlx::query(R::sql().claim)
+            .bind(opts.lease.as_secs_f64())
+            .bind(i64::from(opts.limit))
+            .bind(opts.worker.as_str())
+            .fetch_all(&self.pool)
+            .await
+            .map_err(storage)?;
+        let mut events = rows.iter().map(decode).collect::<Result<Vec<Event<R>>>>()?;
+        events.sort_by_key(|e| e.seq);
+        let locked_at = events
+            .first()
+            .and_then(|e| e.locked_at)
+            .unwrap_or_else(time::now);
+        Ok(Claim {
+            token: ClaimToken {
+                worker: opts.worker.clone(),
+                locked_at,
+            },
+            events,
+        })
+    }
+
+    async fn complete(&self, token: &ClaimToken, ids: &[Uuid]) -> Result<usize> {
+        if ids.is_empty() {
+            return Ok(0);
+        }
+        let changed: Vec<Uuid> = sqlx::query_scalar(R::sql().complete)
+            .bind(ids)
+            .bind(token.worker.as_str())
+            .bind(token.locked_at)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(storage)?;
+        guard_result(ids, &changed)?;
+        Ok(changed.len())
+    }
+
+    async fn fail(&self, token: &ClaimToken, failures: &[Failure]) -> Result<FailReport> {
+        if failures.is_empty() {
+            return Ok(FailReport::default());
+        }
+        let ids: Vec<Uuid> = failures.iter().map(|f| f.id).collect();
+        let errors: Vec<String> = failures.iter().map(|f| stored_error(&f.error)).collect();
+        let counted: Vec<bool> = failures.iter().map(|f| f.counted).collect();
+        let retry_at: Vec<Timestamp> = failures
+            .iter()
+            .map(|f| time::truncate(f.retry_at))
+            .collect();
+        let rows = sqlx::query(R::sql().fail)
+            .bind(&ids)
+            .bind(errors)
+            .bind(counted)
+            .bind(retry_at)
+            .bind(token.worker.as_str())
+            .bind(token.locked_at)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(storage)?;
+        let mut report = FailReport::default();
+        let mut changed = Vec::with_capacity(rows.len());
+        for row in rows {
+            let id: Uuid = row.try_get("id").map_err(storage)?;
+            let status: String = row.try_get("status").map_err(storage)?;
+            changed.push(id);
+            if status == EventStatus::Failed.as_str() {
+                report.failed.push(id);
+            } else {
+                report.rescheduled.push(id);
+            }
+        }
+        guard_result(&ids, &changed)?;
+        Ok(report)
+    }
+
+    async fn release(&self, token: &ClaimToken, ids: &[Uuid]) -> Result<usize> {
+        if ids.is_empty() {
+            return Ok(0);
+        }
+        let changed: Vec<Uuid> = sqlx::query_scalar(R::sql().release)
+            .bind(ids)
+            .bind(token.worker.as_str())
+            .bind(token.locked_at)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(storage)?;
+        guard_result(ids, &changed)?;
+        Ok(changed.len())
+    }
+
+    async fn force_unlock(&self, id: Uuid, reason: &UnlockReason) -> Result<Event<R>> {
+        let row = sqlx::query(R::sql().force_unlock)
+            .bind(id)
+            .bind(reason.last_error())
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(storage)?;
+        match row {
+            Some(row) => decode(&row),
+            None => match self.get(id).await? {
+                None => Err(Error::NotFound { id }),
+                Some(_) => Err(Error::NotLocked { id }),
+            },
+        }
+    }
+
+    async fn release_stale_locks(&self, older_than: Duration, batch_size: u32) -> Result<u64> {
+        let batch = i64::from(batch_size.max(1));
+        let mut total = 0;
+        loop {
+            let n = sqlx::query(R::sql().release_stale)
+                .bind(older_than.as_secs_f64())
+                .bind(batch)
+                .execute(&self.pool)
+                .await
+                .map_err(storage)?
+                .rows_affected();
+            total += n;
+            if n < batch as u64 {
+                return Ok(total);
+            }
+        }
+    }
+
+    async fn delete_completed(&self, older_than: Duration, batch_size: u32) -> Result<u64> {
+        let n = sqlx::query(R::sql().delete_completed)
+            .bind(older_than.as_secs_f64())
+            .bind(i64::from(batch_size.max(1)))
+            .execute(&self.pool)
+            .await
+            .map_err(storage)?
+            .rows_affected();
+        Ok(n)
+    }
+
+    async fn requeue_failed(&self, filter: &RequeueFilter) -> Result<Vec<Uuid>> {
+        filter.check()?;
+        let mut qb: QueryBuilder<Postgres> = QueryBuilder::new(R::sql().requeue_head);
+        if !filter.ids.is_empty() {
+            qb.push(" AND id = ANY(")
+                .push_bind(filter.ids.clone())
+                .push(")");
+        }
+        if let Some(t) = &filter.event_type {
+            qb.push(" AND event_type = ").push_bind(t.clone());
+        }
+        if let Some(t) = &filter.topic {
+            qb.push(" AND ")
+                .push(topic_column(R::TABLE))
+                .push(" = ")
+                .push_bind(t.clone());
+        }
+        if let Some(text) = &filter.error_contains {
+            qb.push(" AND strpos(last_error, ")
+                .push_bind(text.clone())
+                .push(") > 0");
+        }
+        if let Some(since) = filter.since {
+            qb.push(" AND updated_at >= ").push_bind(since);
+        }
+        if let Some(until) = filter.until {
+            qb.push(" AND updated_at < ").push_bind(until);
+        }
+        qb.push(" ORDER BY seq");
+        if let Some(limit) = filter.limit {
+            qb.push(" LIMIT ").push_bind(i64::from(limit));
+        }
+        qb.push(" FOR UPDATE SKIP LOCKED) RETURNING id");
+        qb.build_query_scalar()
+            .fetch_all(&self.pool)
+            .await
+            .map_err(storage)
+    }
+}

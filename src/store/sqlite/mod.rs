@@ -1,0 +1,286 @@
+//! SQLite store: the embedded default. One file, WAL journal, a busy timeout
+//! so concurrent writers wait instead of failing, write transactions taken
+//! with `BEGIN IMMEDIATE`. Times are computed by this process (SQLite has no
+//! server clock) and stored in the fixed text form of [`crate::time`].
+
+use std::marker::PhantomData;
+use std::str::FromStr;
+use std::time::Duration;
+
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow,
+    SqliteSynchronous,
+};
+use sqlx::{ConnectOptions, Row};
+use uuid::Uuid;
+
+use super::migrate::{self, MIGRATIONS_TABLE, MigrationReport, MigrationScript};
+use crate::error::{Error, Result, storage};
+use crate::model::{Event, EventStatus, InboxRoute, OutboxRoute, time};
+
+mod sql;
+mod table;
+
+pub use sql::OUTBOX_CLAIM_SCAN;
+
+/// How long a writer waits for the database lock before failing.
+pub const BUSY_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// An SQLite database file holding the omnibox tables.
+#[derive(Debug, Clone)]
+pub struct SqliteStore {
+    pool: SqlitePool,
+}
+
+impl SqliteStore {
+    /// Opens (creating it if missing) the database at `url`
+    /// (`sqlite://PATH`, `sqlite:PATH`).
+    pub async fn connect(url: &str) -> Result<Self> {
+        let opts = SqliteConnectOptions::from_str(url)
+            .map_err(|e| Error::Config(format!("invalid SQLite URL {url}: {e}")))?
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Full)
+            .busy_timeout(BUSY_TIMEOUT)
+            .log_statements(tracing::log::LevelFilter::Trace);
+        let pool = SqlitePoolOptions::new()
+            .max_connections(4)
+            .connect_with(opts)
+            .await
+            .map_err(|source| Error::StorageConnection {
+                url: url.to_string(),
+                source,
+            })?;
+        Ok(SqliteStore { pool })
+    }
+
+    /// Wraps a pool the application already has.
+    pub fn from_pool(pool: SqlitePool) -> Self {
+        SqliteStore { pool }
+    }
+
+    /// The pool, for the application's own queries.
+    pub fn pool(&self) -> &SqlitePool {
+        &self.pool
+    }
+
+    /// The outbox table.
+    pub fn outbox(&self) -> SqliteTable<OutboxRoute> {
+        SqliteTable {
+            pool: self.pool.clone(),
+            route: PhantomData,
+        }
+    }
+
+    /// The inbox table.
+    pub fn inbox(&self) -> SqliteTable<InboxRoute> {
+        SqliteTable {
+            pool: self.pool.clone(),
+            route: PhantomData,
+        }
+    }
+
+    fn migrator() -> sqlx::migrate::Migrator {
+        let mut m = sqlx::migrate!("./migrations/sqlite");
+        m.dangerous_set_table_name(MIGRATIONS_TABLE);
+        m
+    }
+
+    /// The embedded migrations, for `migrate --print-sql`.
+    pub fn migrations() -> Vec<MigrationScript> {
+        migrate::scripts(&Self::migrator())
+    }
+
+    /// Applies pending migrations.
+    pub async fn migrate(&self) -> Result<MigrationReport> {
+        let before = self.applied_versions().await?;
+        let m = Self::migrator();
+        m.run(&self.pool).await.map_err(Error::Migration)?;
+        let after = self.applied_versions().await?;
+        Ok(migrate::report(&m, &before, &after))
+    }
+
+    /// Versions applied so far.
+    pub async fn applied_versions(&self) -> Result<Vec<i64>> {
+        let exists: Option<String> = sqlx::query_scalar(
+            "SELECT name FROM sqlite_master WHERE type = 'table' AND name = 'omnibox_migrations'",
+        )
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(storage)?;
+        if exists.is_none() {
+            return Ok(Vec::new());
+        }
+        sqlx::query_scalar("SELECT version FROM omnibox_migrations WHERE success ORDER BY version")
+            .fetch_all(&self.pool)
+            .await
+            .map_err(storage)
+    }
+
+    /// Fails with a hint when the schema is missing or older than this binary.
+    pub async fn ensure_migrated(&self) -> Result<()> {
+        let current = self
+            .applied_versions()
+            .await?
+            .into_iter()
+            .max()
+            .unwrap_or(0);
+        let latest = migrate::latest(&Self::migrator());
+        if current < latest {
+            return Err(Error::Config(format!(
+                "the database schema is at version {current}, this omnibox needs version {latest}; run `omnibox migrate` first"
+            )));
+        }
+        Ok(())
+    }
+
+    /// What this store supports.
+    pub fn capabilities(&self) -> super::Capabilities {
+        CAPABILITIES
+    }
+}
+
+const CAPABILITIES: super::Capabilities = super::Capabilities {
+    bulk: true,
+    distributed_locking: false,
+    retention: true,
+    notify: false,
+};
+
+/// One table of an [`SqliteStore`]; implements the store traits.
+#[derive(Debug)]
+pub struct SqliteTable<R> {
+    pool: SqlitePool,
+    route: PhantomData<fn() -> R>,
+}
+
+impl<R> Clone for SqliteTable<R> {
+    fn clone(&self) -> Self {
+        SqliteTable {
+            pool: self.pool.clone(),
+            route: PhantomData,
+        }
+    }
+}
+
+impl<R> SqliteTable<R> {
+    /// The pool.
+    pub fn pool(&self) -> &SqlitePool {
+        &self.pool
+    }
+}
+
+mod sealed {
+    use sqlx::sqlite::SqliteRow;
+
+    /// Per-table SQL and decoding; implemented for the two routes only.
+    pub trait SqliteRoute: crate::model::Route + Sized {
+        /// The table's statements.
+        fn sql() -> &'static super::sql::TableSql;
+        /// Reads the routing columns.
+        fn decode_route(row: &SqliteRow) -> Result<Self, String>;
+    }
+}
+
+pub use sealed::SqliteRoute;
+
+impl SqliteRoute for OutboxRoute {
+    fn sql() -> &'static sql::TableSql {
+        &sql::OUTBOX
+    }
+    fn decode_route(row: &SqliteRow) -> Result<Self, String> {
+        Ok(OutboxRoute {
+            aggregate_type: get(row, "aggregate_type")?,
+            aggregate_id: uuid_col(row, "aggregate_id")?,
+            topic: get(row, "topic")?,
+            partition_key: get(row, "partition_key")?,
+        })
+    }
+}
+
+impl SqliteRoute for InboxRoute {
+    fn sql() -> &'static sql::TableSql {
+        &sql::INBOX
+    }
+    fn decode_route(row: &SqliteRow) -> Result<Self, String> {
+        Ok(InboxRoute {
+            message_id: get(row, "message_id")?,
+            consumer_group: get(row, "consumer_group")?,
+            source: get(row, "source")?,
+        })
+    }
+}
+
+fn get<'r, T: sqlx::Decode<'r, sqlx::Sqlite> + sqlx::Type<sqlx::Sqlite>>(
+    row: &'r SqliteRow,
+    col: &str,
+) -> Result<T, String> {
+    row.try_get(col).map_err(|e| format!("column {col}: {e}"))
+}
+
+fn uuid_col(row: &SqliteRow, col: &str) -> Result<Uuid, String> {
+    let s: String = get(row, col)?;
+    Uuid::parse_str(&s).map_err(|e| format!("column {col}: bad UUID {s:?}: {e}"))
+}
+
+fn ts_col(row: &SqliteRow, col: &str) -> Result<time::Timestamp, String> {
+    let s: String = get(row, col)?;
+    time::parse_stored(&s).map_err(|e| format!("column {col}: {e}"))
+}
+
+fn opt_ts_col(row: &SqliteRow, col: &str) -> Result<Option<time::Timestamp>, String> {
+    let s: Option<String> = get(row, col)?;
+    s.map(|s| time::parse_stored(&s).map_err(|e| format!("column {col}: {e}")))
+        .transpose()
+}
+
+fn json_col<T: serde::de::DeserializeOwned>(
+    row: &SqliteRow,
+    col: &str,
+) -> Result<Option<T>, String> {
+    let s: Option<String> = get(row, col)?;
+    s.map(|s| serde_json::from_str(&s).map_err(|e| format!("column {col}: {e}")))
+        .transpose()
+}
+
+pub(crate) fn decode<R: SqliteRoute>(row: &SqliteRow) -> Result<Event<R>> {
+    decode_inner(row).map_err(|message| Error::CorruptRow {
+        id: row
+            .try_get::<String, _>("id")
+            .unwrap_or_else(|_| "?".into()),
+        message,
+    })
+}
+
+fn decode_inner<R: SqliteRoute>(row: &SqliteRow) -> Result<Event<R>, String> {
+    let status: String = get(row, "status")?;
+    Ok(Event {
+        id: uuid_col(row, "id")?,
+        seq: Some(get(row, "seq")?),
+        event_type: get(row, "event_type")?,
+        payload: json_col(row, "payload")?.ok_or("column payload: null")?,
+        headers: json_col(row, "headers")?,
+        trace_id: get(row, "trace_id")?,
+        idempotency_key: get(row, "idempotency_key")?,
+        correlation_id: get(row, "correlation_id")?,
+        causation_id: get(row, "causation_id")?,
+        schema_version: get(row, "schema_version")?,
+        status: EventStatus::from_str(&status).map_err(|e| e.to_string())?,
+        attempts_made: get(row, "attempts_made")?,
+        max_attempts: get(row, "max_attempts")?,
+        last_error: get(row, "last_error")?,
+        scheduled_at: ts_col(row, "scheduled_at")?,
+        completed_at: opt_ts_col(row, "completed_at")?,
+        locked_at: opt_ts_col(row, "locked_at")?,
+        locked_by: get(row, "locked_by")?,
+        created_at: ts_col(row, "created_at")?,
+        updated_at: ts_col(row, "updated_at")?,
+        route: R::decode_route(row)?,
+    })
+}
+
+/// A JSON array of ids, for `json_each(?)`.
+pub(crate) fn id_array(ids: &[Uuid]) -> String {
+    serde_json::to_string(&ids.iter().map(|id| id.to_string()).collect::<Vec<_>>())
+        .expect("strings serialise")
+}

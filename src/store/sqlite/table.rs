@@ -1,0 +1,456 @@
+//! [`EventStore`], [`OutboxStore`] and [`InboxStore`] for SQLite tables.
+
+use std::time::Duration;
+
+use serde_json::json;
+use sqlx::{QueryBuilder, Row, Sqlite, SqliteConnection};
+use uuid::Uuid;
+
+use super::{SqliteRoute, SqliteTable, decode, id_array, sql};
+use crate::domain::chrono_dur;
+use crate::error::{Error, Result, storage};
+use crate::model::{
+    Event, EventStatus, InboxEvent, InboxRoute, OutboxEvent, OutboxRoute, Route, UnlockReason, time,
+};
+use crate::store::{
+    BulkOutcome, Capabilities, Claim, ClaimOptions, ClaimToken, Created, DEFAULT_LIST_LIMIT,
+    EventStore, FailReport, Failure, InboxStore, ListFilter, OutboxStore, RequeueFilter,
+    TableCounts, guard_result, stored_error, topic_column,
+};
+
+fn ts(t: &time::Timestamp) -> String {
+    time::format(t)
+}
+
+fn changed_ids(rows: &[sqlx::sqlite::SqliteRow]) -> Result<Vec<Uuid>> {
+    rows.iter()
+        .map(|r| {
+            let s: String = r.try_get(0).map_err(storage)?;
+            Uuid::parse_str(&s).map_err(|e| Error::CorruptRow {
+                id: s.clone(),
+                message: e.to_string(),
+            })
+        })
+        .collect()
+}
+
+impl<R: SqliteRoute> EventStore<R> for SqliteTable<R> {
+    fn capabilities(&self) -> Capabilities {
+        super::CAPABILITIES
+    }
+
+    async fn get(&self, id: Uuid) -> Result<Option<Event<R>>> {
+        let row = sqlx::query(R::sql().get)
+            .bind(id.to_string())
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(storage)?;
+        row.as_ref().map(decode).transpose()
+    }
+
+    async fn list(&self, filter: &ListFilter) -> Result<Vec<Event<R>>> {
+        let mut qb: QueryBuilder<Sqlite> = QueryBuilder::new(R::sql().select_all);
+        if let Some(status) = filter.status {
+            qb.push(" AND status = ").push_bind(status.as_str());
+        }
+        if let Some(t) = &filter.event_type {
+            qb.push(" AND event_type = ").push_bind(t.clone());
+        }
+        if let Some(t) = &filter.topic {
+            qb.push(" AND ")
+                .push(topic_column(R::TABLE))
+                .push(" = ")
+                .push_bind(t.clone());
+        }
+        if let Some(since) = filter.since {
+            qb.push(" AND created_at >= ").push_bind(ts(&since));
+        }
+        if let Some(after) = filter.after_seq {
+            qb.push(" AND seq > ").push_bind(after);
+        }
+        qb.push(" ORDER BY seq LIMIT ")
+            .push_bind(i64::from(filter.limit.unwrap_or(DEFAULT_LIST_LIMIT)));
+        let rows = qb.build().fetch_all(&self.pool).await.map_err(storage)?;
+        rows.iter().map(decode).collect()
+    }
+
+    async fn counts(&self) -> Result<TableCounts> {
+        let now = time::now();
+        let row = sqlx::query(R::sql().counts)
+            .bind(ts(&now))
+            .fetch_one(&self.pool)
+            .await
+            .map_err(storage)?;
+        let count = |name: &str| -> Result<u64> {
+            Ok(row.try_get::<i64, _>(name).map_err(storage)? as u64)
+        };
+        let oldest: Option<String> = row.try_get("oldest_pending").map_err(storage)?;
+        Ok(TableCounts {
+            table: R::TABLE,
+            pending: count("pending")?,
+            completed: count("completed")?,
+            failed: count("failed")?,
+            locked: count("locked")?,
+            due_now: count("due_now")?,
+            oldest_pending_created_at: oldest.as_deref().and_then(|s| time::parse_stored(s).ok()),
+            now,
+        })
+    }
+
+    async fn claim(&self, opts: &ClaimOptions) -> Result<Claim<R>> {
+        opts.check()?;
+        let now = time::now();
+        let cutoff = now - chrono_dur(opts.lease);
+        let rows = sqlx::query(R::sql().claim)
+            .bind(ts(&now))
+            .bind(ts(&cutoff))
+            .bind(i64::from(opts.limit))
+            .bind(opts.worker.as_str())
+            .fetch_all(&self.pool)
+            .await
+            .map_err(storage)?;
+        let mut events = rows.iter().map(decode).collect::<Result<Vec<Event<R>>>>()?;
+        events.sort_by_key(|e| e.seq);
+        Ok(Claim {
+            token: ClaimToken {
+                worker: opts.worker.clone(),
+                locked_at: now,
+            },
+            events,
+        })
+    }
+
+    async fn complete(&self, token: &ClaimToken, ids: &[Uuid]) -> Result<usize> {
+        if ids.is_empty() {
+            return Ok(0);
+        }
+        let rows = sqlx::query(R::sql().complete)
+            .bind(id_array(ids))
+            .bind(ts(&time::now()))
+            .bind(token.worker.as_str())
+            .bind(ts(&token.locked_at))
+            .fetch_all(&self.pool)
+            .await
+            .map_err(storage)?;
+        let changed = changed_ids(&rows)?;
+        guard_result(ids, &changed)?;
+        Ok(changed.len())
+    }
+
+    async fn fail(&self, token: &ClaimToken, failures: &[Failure]) -> Result<FailReport> {
+        if failures.is_empty() {
+            return Ok(FailReport::default());
+        }
+        let ids: Vec<Uuid> = failures.iter().map(|f| f.id).collect();
+        let list: Vec<serde_json::Value> = failures
+            .iter()
+            .map(|f| {
+                json!({
+                    "id": f.id.to_string(),
+                    "error": stored_error(&f.error),
+                    "counted": i32::from(f.counted),
+                    "retry_at": ts(&time::truncate(f.retry_at)),
+                })
+            })
+            .collect();
+        let rows = sqlx::query(R::sql().fail)
+            .bind(serde_json::Value::Array(list).to_string())
+            .bind(ts(&time::now()))
+            .bind(token.worker.as_str())
+            .bind(ts(&token.locked_at))
+            .fetch_all(&self.pool)
+            .await
+            .map_err(storage)?;
+        let mut report = FailReport::default();
+        let changed = changed_ids(&rows)?;
+        for (row, id) in rows.iter().zip(&changed) {
+            let status: String = row.try_get(1).map_err(storage)?;
+            if status == EventStatus::Failed.as_str() {
+                report.failed.push(*id);
+            } else {
+                report.rescheduled.push(*id);
+            }
+        }
+        guard_result(&ids, &changed)?;
+        Ok(report)
+    }
+
+    async fn release(&self, token: &ClaimToken, ids: &[Uuid]) -> Result<usize> {
+        if ids.is_empty() {
+            return Ok(0);
+        }
+        let rows = sqlx::query(R::sql().release)
+            .bind(id_array(ids))
+            .bind(ts(&time::now()))
+            .bind(token.worker.as_str())
+            .bind(ts(&token.locked_at))
+            .fetch_all(&self.pool)
+            .await
+            .map_err(storage)?;
+        let changed = changed_ids(&rows)?;
+        guard_result(ids, &changed)?;
+        Ok(changed.len())
+    }
+
+    async fn force_unlock(&self, id: Uuid, reason: &UnlockReason) -> Result<Event<R>> {
+        let row = sqlx::query(R::sql().force_unlock)
+            .bind(id.to_string())
+            .bind(reason.last_error())
+            .bind(ts(&time::now()))
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(storage)?;
+        match row {
+            Some(row) => decode(&row),
+            None => match self.get(id).await? {
+                None => Err(Error::NotFound { id }),
+                Some(_) => Err(Error::NotLocked { id }),
+            },
+        }
+    }
+
+    async fn release_stale_locks(&self, older_than: Duration, batch_size: u32) -> Result<u64> {
+        let batch = i64::from(batch_size.max(1));
+        let mut total = 0;
+        loop {
+            let now = time::now();
+            let n = sqlx::query(R::sql().release_stale)
+                .bind(ts(&now))
+                .bind(ts(&(now - chrono_dur(older_than))))
+                .bind(batch)
+                .execute(&self.pool)
+                .await
+                .map_err(storage)?
+                .rows_affected();
+            total += n;
+            if n < batch as u64 {
+                return Ok(total);
+            }
+        }
+    }
+
+    async fn delete_completed(&self, older_than: Duration, batch_size: u32) -> Result<u64> {
+        let cutoff = time::now() - chrono_dur(older_than);
+        let n = sqlx::query(R::sql().delete_completed)
+            .bind(ts(&cutoff))
+            .bind(i64::from(batch_size.max(1)))
+            .execute(&self.pool)
+            .await
+            .map_err(storage)?
+            .rows_affected();
+        Ok(n)
+    }
+
+    async fn requeue_failed(&self, filter: &RequeueFilter) -> Result<Vec<Uuid>> {
+        filter.check()?;
+        let now = ts(&time::now());
+        let mut qb: QueryBuilder<Sqlite> = QueryBuilder::new(R::sql().requeue_head);
+        qb.push_bind(now.clone())
+            .push(", updated_at = ")
+            .push_bind(now);
+        qb.push(R::sql().requeue_where);
+        if !filter.ids.is_empty() {
+            qb.push(" AND id IN (SELECT value FROM json_each(")
+                .push_bind(id_array(&filter.ids))
+                .push("))");
+        }
+        if let Some(t) = &filter.event_type {
+            qb.push(" AND event_type = ").push_bind(t.clone());
+        }
+        if let Some(t) = &filter.topic {
+            qb.push(" AND ")
+                .push(topic_column(R::TABLE))
+                .push(" = ")
+                .push_bind(t.clone());
+        }
+        if let Some(text) = &filter.error_contains {
+            qb.push(" AND instr(last_error, ")
+                .push_bind(text.clone())
+                .push(") > 0");
+        }
+        if let Some(since) = filter.since {
+            qb.push(" AND updated_at >= ").push_bind(ts(&since));
+        }
+        if let Some(until) = filter.until {
+            qb.push(" AND updated_at < ").push_bind(ts(&until));
+        }
+        qb.push(" ORDER BY seq");
+        if let Some(limit) = filter.limit {
+            qb.push(" LIMIT ").push_bind(i64::from(limit));
+        }
+        qb.push(") RETURNING id");
+        let rows = qb.build().fetch_all(&self.pool).await.map_err(storage)?;
+        changed_ids(&rows)
+    }
+}
+
+/// Binds the common columns (?1..?16) of an insert.
+fn bind_common<'q, R: Route>(
+    q: sqlx::query::Query<'q, Sqlite, sqlx::sqlite::SqliteArguments>,
+    e: &Event<R>,
+) -> Result<sqlx::query::Query<'q, Sqlite, sqlx::sqlite::SqliteArguments>> {
+    e.validate_invariants()?;
+    if e.locked_at.is_some() {
+        return Err(Error::validation(
+            "locked_at",
+            "a new event cannot be inserted locked",
+        ));
+    }
+    Ok(q.bind(e.id.to_string())
+        .bind(e.event_type.clone())
+        .bind(serde_json::to_string(&e.payload).expect("a JSON map serialises"))
+        .bind(
+            e.headers
+                .as_ref()
+                .map(|h| serde_json::to_string(h).expect("a string map serialises")),
+        )
+        .bind(e.trace_id.clone())
+        .bind(e.idempotency_key.clone())
+        .bind(e.correlation_id.clone())
+        .bind(e.causation_id.clone())
+        .bind(e.schema_version.clone())
+        .bind(e.status.as_str())
+        .bind(e.attempts_made)
+        .bind(e.max_attempts)
+        .bind(e.last_error.clone())
+        .bind(ts(&e.scheduled_at))
+        .bind(e.completed_at.as_ref().map(ts))
+        .bind(ts(&e.created_at)))
+}
+
+/// Inserts outbox events on `conn` (a connection or an open transaction) in
+/// order, respecting idempotency keys. Nothing is committed here.
+pub async fn insert_outbox(
+    conn: &mut SqliteConnection,
+    events: &[OutboxEvent],
+) -> Result<Vec<BulkOutcome>> {
+    let mut out = Vec::with_capacity(events.len());
+    for e in events {
+        let q = bind_common(sqlx::query(sql::OUTBOX.insert), e)?
+            .bind(e.route.aggregate_type.clone())
+            .bind(e.route.aggregate_id.to_string())
+            .bind(e.route.topic.clone())
+            .bind(e.route.partition_key.clone());
+        let inserted = q.fetch_optional(&mut *conn).await.map_err(storage)?;
+        if inserted.is_some() {
+            out.push(BulkOutcome {
+                id: e.id,
+                existing: false,
+            });
+            continue;
+        }
+        let key = e.idempotency_key.clone().unwrap_or_default();
+        let existing: String = sqlx::query_scalar(sql::OUTBOX_BY_IDEMPOTENCY_KEY)
+            .bind(key)
+            .fetch_one(&mut *conn)
+            .await
+            .map_err(storage)?;
+        let id = Uuid::parse_str(&existing).map_err(|err| Error::CorruptRow {
+            id: existing.clone(),
+            message: err.to_string(),
+        })?;
+        out.push(BulkOutcome { id, existing: true });
+    }
+    Ok(out)
+}
+
+/// Inserts inbox events on `conn` in order; an existing
+/// `(message_id, consumer_group)` is reported as existing. Nothing is committed here.
+pub async fn insert_inbox(
+    conn: &mut SqliteConnection,
+    events: &[InboxEvent],
+) -> Result<Vec<BulkOutcome>> {
+    let mut out = Vec::with_capacity(events.len());
+    for e in events {
+        let q = bind_common(sqlx::query(sql::INBOX.insert), e)?
+            .bind(e.route.message_id.clone())
+            .bind(e.route.consumer_group.clone())
+            .bind(e.route.source.clone());
+        let inserted = q.fetch_optional(&mut *conn).await.map_err(storage)?;
+        if inserted.is_some() {
+            out.push(BulkOutcome {
+                id: e.id,
+                existing: false,
+            });
+            continue;
+        }
+        let row = sqlx::query(sql::INBOX_BY_MESSAGE)
+            .bind(e.route.message_id.clone())
+            .bind(e.route.consumer_group.clone())
+            .fetch_one(&mut *conn)
+            .await
+            .map_err(storage)?;
+        let existing: InboxEvent = decode(&row)?;
+        out.push(BulkOutcome {
+            id: existing.id,
+            existing: true,
+        });
+    }
+    Ok(out)
+}
+
+impl OutboxStore for SqliteTable<OutboxRoute> {
+    async fn create(&self, event: &OutboxEvent) -> Result<Created<OutboxEvent>> {
+        let outcome = self.create_many(std::slice::from_ref(event)).await?[0];
+        let row = self
+            .get(outcome.id)
+            .await?
+            .ok_or(Error::NotFound { id: outcome.id })?;
+        Ok(if outcome.existing {
+            Created::Existing(row)
+        } else {
+            Created::Inserted(row)
+        })
+    }
+
+    async fn create_many(&self, events: &[OutboxEvent]) -> Result<Vec<BulkOutcome>> {
+        let mut tx = self
+            .pool
+            .begin_with("BEGIN IMMEDIATE")
+            .await
+            .map_err(storage)?;
+        let outcomes = insert_outbox(&mut tx, events).await?;
+        tx.commit().await.map_err(storage)?;
+        Ok(outcomes)
+    }
+}
+
+impl InboxStore for SqliteTable<InboxRoute> {
+    async fn insert(&self, event: &InboxEvent) -> Result<Created<InboxEvent>> {
+        let outcome = self.insert_many(std::slice::from_ref(event)).await?[0];
+        let row = self
+            .get(outcome.id)
+            .await?
+            .ok_or(Error::NotFound { id: outcome.id })?;
+        Ok(if outcome.existing {
+            Created::Existing(row)
+        } else {
+            Created::Inserted(row)
+        })
+    }
+
+    async fn insert_many(&self, events: &[InboxEvent]) -> Result<Vec<BulkOutcome>> {
+        let mut tx = self
+            .pool
+            .begin_with("BEGIN IMMEDIATE")
+            .await
+            .map_err(storage)?;
+        let outcomes = insert_inbox(&mut tx, events).await?;
+        tx.commit().await.map_err(storage)?;
+        Ok(outcomes)
+    }
+
+    async fn get_by_message_id(
+        &self,
+        message_id: &str,
+        consumer_group: &str,
+    ) -> Result<Option<InboxEvent>> {
+        let row = sqlx::query(sql::INBOX_BY_MESSAGE)
+            .bind(message_id.to_string())
+            .bind(consumer_group.to_string())
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(storage)?;
+        row.as_ref().map(decode).transpose()
+    }
+}

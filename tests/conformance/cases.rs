@@ -1,0 +1,1106 @@
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use omnibox::store::{AnyStore, BulkOutcome, Created, ListFilter, RequeueFilter};
+use omnibox::{
+    ClaimOptions, DomainService, Error, EventStatus, EventStore, Failure, InboxStore,
+    NewInboxEvent, NewOutboxEvent, OutboxEvent, OutboxStore, UnlockReason, WorkerId, time,
+};
+use serde_json::json;
+use uuid::Uuid;
+
+use crate::common::TestDb;
+
+fn svc() -> DomainService {
+    DomainService::default()
+}
+
+fn w(name: &str) -> WorkerId {
+    WorkerId::new(name).unwrap()
+}
+
+fn new_event(key: &str, n: usize) -> NewOutboxEvent {
+    NewOutboxEvent::new(
+        "order",
+        Uuid::from_u128(n as u128 + 1),
+        "order.created",
+        "orders",
+        key,
+        json!({ "n": n, "key": key }),
+    )
+}
+
+fn ev(key: &str, n: usize) -> OutboxEvent {
+    svc().create_outbox_event(new_event(key, n)).unwrap()
+}
+
+fn ids(events: &[OutboxEvent]) -> Vec<Uuid> {
+    events.iter().map(|e| e.id()).collect()
+}
+
+async fn raw(db: &TestDb, pg: &'static str, sqlite: &'static str) -> Result<u64, sqlx::Error> {
+    match &db.store {
+        AnyStore::Postgres(s) => sqlx::query(pg)
+            .execute(s.pool())
+            .await
+            .map(|r| r.rows_affected()),
+        AnyStore::Sqlite(s) => sqlx::query(sqlite)
+            .execute(s.pool())
+            .await
+            .map(|r| r.rows_affected()),
+        _ => unreachable!(),
+    }
+}
+
+async fn seed(db: &TestDb, events: &[OutboxEvent]) {
+    let out = db.store.outbox().create_many(events).await.unwrap();
+    assert!(out.iter().all(|o| !o.existing));
+}
+
+pub async fn migrate_is_idempotent(db: &TestDb) {
+    let again = db.store.migrate().await.unwrap();
+    assert!(again.applied.is_empty(), "{again:?}");
+    assert_eq!(again.version, 1);
+    db.store.ensure_migrated().await.unwrap();
+}
+
+pub async fn create_and_get_round_trip(db: &TestDb) {
+    let mut n = new_event("k", 1);
+    n.headers = Some([("traceparent".to_string(), "00-abc-01".to_string())].into());
+    n.trace_id = Some("trace-1".into());
+    n.correlation_id = Some("corr".into());
+    n.causation_id = Some("cause".into());
+    n.schema_version = Some("2.1.0".into());
+    n.max_attempts = Some(3);
+    n.payload = json!({"nested": {"list": [1, 2.5, "é"], "flag": true, "none": null}});
+    let event = svc().create_outbox_event(n).unwrap();
+    let created = db.store.outbox().create(&event).await.unwrap();
+    let Created::Inserted(stored) = created else {
+        panic!("expected a new row")
+    };
+    assert!(stored.seq().is_some());
+    // Everything but seq comes back exactly, timestamps to the microsecond.
+    let mut expected = serde_json::to_value(&event).unwrap();
+    let mut actual = serde_json::to_value(&stored).unwrap();
+    expected.as_object_mut().unwrap().remove("seq");
+    actual.as_object_mut().unwrap().remove("seq");
+    assert_eq!(actual, expected);
+    assert_eq!(
+        db.store.outbox().get(event.id()).await.unwrap().unwrap(),
+        stored
+    );
+    assert_eq!(db.store.outbox().get(Uuid::new_v4()).await.unwrap(), None);
+}
+
+pub async fn idempotent_create_returns_the_existing_row(db: &TestDb) {
+    let mut a = new_event("k", 1);
+    a.idempotency_key = Some("order-1-created".into());
+    let mut b = new_event("k", 2);
+    b.idempotency_key = Some("order-1-created".into());
+    let first = svc().create_outbox_event(a).unwrap();
+    let second = svc().create_outbox_event(b).unwrap();
+    let outbox = db.store.outbox();
+    assert!(outbox.create(&first).await.unwrap().is_inserted());
+    match outbox.create(&second).await.unwrap() {
+        Created::Existing(e) => assert_eq!(e.id(), first.id()),
+        other => panic!("expected the existing row, got {other:?}"),
+    }
+    assert_eq!(outbox.counts().await.unwrap().pending, 1);
+}
+
+pub async fn bulk_create_keeps_order_and_idempotency(db: &TestDb) {
+    let outbox = db.store.outbox();
+    let mut pre = new_event("k", 0);
+    pre.idempotency_key = Some("dup-existing".into());
+    let pre = svc().create_outbox_event(pre).unwrap();
+    seed(db, std::slice::from_ref(&pre)).await;
+
+    // 2,500 events cross the 1,000-row chunks; two repeat a key.
+    let mut events = Vec::new();
+    for i in 1..=2500 {
+        let mut n = new_event(&format!("k{}", i % 7), i);
+        if i == 10 {
+            n.idempotency_key = Some("dup-existing".into());
+        }
+        if i == 1500 || i == 2400 {
+            n.idempotency_key = Some("dup-in-batch".into());
+        }
+        events.push(svc().create_outbox_event(n).unwrap());
+    }
+    let out = outbox.create_many(&events).await.unwrap();
+    assert_eq!(out.len(), 2500);
+    assert_eq!(
+        out[9],
+        BulkOutcome {
+            id: pre.id(),
+            existing: true
+        }
+    );
+    assert_eq!(
+        out[1499],
+        BulkOutcome {
+            id: events[1499].id(),
+            existing: false
+        }
+    );
+    assert_eq!(
+        out[2399],
+        BulkOutcome {
+            id: events[1499].id(),
+            existing: true
+        }
+    );
+    assert_eq!(out.iter().filter(|o| o.existing).count(), 2);
+    assert_eq!(outbox.counts().await.unwrap().pending, 1 + 2498);
+
+    // seq follows input order.
+    let rows = outbox
+        .list(&ListFilter {
+            limit: Some(5000),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let order: Vec<Uuid> = rows.iter().map(|e| e.id()).collect();
+    let mut expected = vec![pre.id()];
+    expected.extend(
+        events
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| *i != 9 && *i != 2399)
+            .map(|(_, e)| e.id()),
+    );
+    assert_eq!(order, expected);
+    let seqs: Vec<i64> = rows.iter().map(|e| e.seq().unwrap()).collect();
+    assert!(seqs.windows(2).all(|w| w[0] < w[1]));
+}
+
+pub async fn bulk_create_is_all_or_nothing(db: &TestDb) {
+    let outbox = db.store.outbox();
+    let mut events: Vec<OutboxEvent> = (0..1200).map(|i| ev("k", i)).collect();
+    // The last event reuses the first one's id: the whole input must fail.
+    let mut dup = new_event("k", 9999);
+    dup.id = Some(events[0].id());
+    events.push(svc().create_outbox_event(dup).unwrap());
+    let err = outbox.create_many(&events).await.unwrap_err();
+    assert!(matches!(err, Error::StorageIntegrity(_)), "{err:?}");
+    assert_eq!(
+        outbox.counts().await.unwrap().pending,
+        0,
+        "nothing of the input is written"
+    );
+}
+
+pub async fn inbox_insert_reports_duplicates(db: &TestDb) {
+    let inbox = db.store.inbox();
+    let make = |msg: &str, group: &str| {
+        svc()
+            .create_inbox_event(NewInboxEvent::new(
+                msg,
+                group,
+                "orders",
+                "order.created",
+                json!({"m": msg}),
+            ))
+            .unwrap()
+    };
+    let first = make("m-1", "billing");
+    assert!(inbox.insert(&first).await.unwrap().is_inserted());
+    match inbox.insert(&make("m-1", "billing")).await.unwrap() {
+        Created::Existing(e) => assert_eq!(e.id(), first.id()),
+        other => panic!("{other:?}"),
+    }
+    assert!(
+        inbox
+            .insert(&make("m-1", "shipping"))
+            .await
+            .unwrap()
+            .is_inserted(),
+        "another group is not a duplicate"
+    );
+
+    let batch = vec![
+        make("m-2", "billing"),
+        make("m-1", "billing"),
+        make("m-2", "billing"),
+        make("m-3", "billing"),
+    ];
+    let out = inbox.insert_many(&batch).await.unwrap();
+    assert_eq!(
+        out.iter().map(|o| o.existing).collect::<Vec<_>>(),
+        vec![false, true, true, false]
+    );
+    assert_eq!(out[1].id, first.id());
+    assert_eq!(out[2].id, batch[0].id());
+    let found = inbox
+        .get_by_message_id("m-3", "billing")
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(found.id(), batch[3].id());
+    assert_eq!(found.source(), "orders");
+    assert!(
+        inbox
+            .get_by_message_id("m-3", "shipping")
+            .await
+            .unwrap()
+            .is_none()
+    );
+    assert_eq!(inbox.counts().await.unwrap().pending, 4);
+}
+
+pub async fn list_filters_and_pages(db: &TestDb) {
+    let outbox = db.store.outbox();
+    let mut events = Vec::new();
+    for i in 0..30 {
+        let mut n = new_event("k", i);
+        if i % 3 == 0 {
+            n.topic = "payments".into();
+            n.event_type = "payment.made".into();
+        }
+        events.push(svc().create_outbox_event(n).unwrap());
+    }
+    seed(db, &events).await;
+    let payments = outbox
+        .list(&ListFilter {
+            topic: Some("payments".into()),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(payments.len(), 10);
+    assert!(payments.iter().all(|e| e.topic() == "payments"));
+    let by_type = outbox
+        .list(&ListFilter {
+            event_type: Some("order.created".into()),
+            limit: Some(5),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(by_type.len(), 5);
+    let next = outbox
+        .list(&ListFilter {
+            event_type: Some("order.created".into()),
+            limit: Some(100),
+            after_seq: by_type.last().unwrap().seq(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(next.len(), 15);
+    assert!(next[0].seq() > by_type[4].seq());
+    let none = outbox
+        .list(&ListFilter {
+            status: Some(EventStatus::Failed),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert!(none.is_empty());
+    let future = time::now() + chrono::Duration::hours(1);
+    let since = outbox
+        .list(&ListFilter {
+            since: Some(future),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert!(since.is_empty());
+}
+
+pub async fn counts_per_status(db: &TestDb) {
+    let outbox = db.store.outbox();
+    let mut events: Vec<OutboxEvent> = (0..6).map(|i| ev(&format!("k{i}"), i)).collect();
+    let mut later = new_event("later", 99);
+    later.scheduled_at = Some(time::now() + chrono::Duration::hours(1));
+    events.push(svc().create_outbox_event(later).unwrap());
+    seed(db, &events).await;
+    let claim = outbox.claim(&ClaimOptions::new(w("w1"), 3)).await.unwrap();
+    assert_eq!(claim.len(), 3);
+    outbox
+        .complete(&claim.token, &ids(&claim.events[..1]))
+        .await
+        .unwrap();
+    let c = outbox.counts().await.unwrap();
+    assert_eq!(
+        (c.pending, c.completed, c.failed, c.locked, c.due_now),
+        (6, 1, 0, 2, 3)
+    );
+    assert_eq!(c.oldest_pending_created_at, Some(events[1].created_at()));
+    assert!(c.oldest_pending_age().unwrap() < Duration::from_secs(60));
+}
+
+pub async fn claim_takes_due_rows_in_order(db: &TestDb) {
+    let outbox = db.store.outbox();
+    let now = time::now();
+    let mut events = Vec::new();
+    for i in 0..10 {
+        let mut n = new_event(&format!("k{i}"), i);
+        n.created_at = Some(now);
+        // Scheduled in reverse order, 30..21 s ago; one in the future.
+        n.scheduled_at = Some(now - chrono::Duration::seconds(30 - i as i64));
+        events.push(n);
+    }
+    events[4].scheduled_at = Some(now + chrono::Duration::hours(1));
+    let events: Vec<OutboxEvent> = events
+        .into_iter()
+        .map(|n| svc().create_outbox_event(n).unwrap())
+        .collect();
+    seed(db, &events).await;
+    let claim = outbox.claim(&ClaimOptions::new(w("w1"), 5)).await.unwrap();
+    let got: HashSet<Uuid> = ids(&claim.events).into_iter().collect();
+    let expected: HashSet<Uuid> = [0, 1, 2, 3, 5].iter().map(|&i| events[i].id()).collect();
+    assert_eq!(got, expected, "the five due rows scheduled earliest");
+    assert!(
+        claim
+            .events
+            .iter()
+            .all(|e| e.locked_by() == Some("w1") && e.locked_at() == Some(claim.token.locked_at))
+    );
+    let rest = outbox
+        .claim(&ClaimOptions::new(w("w2"), 100))
+        .await
+        .unwrap();
+    assert_eq!(rest.len(), 4, "the future row is not due");
+    assert!(!ids(&rest.events).contains(&events[4].id()));
+    assert!(
+        outbox
+            .claim(&ClaimOptions::new(w("w3"), 100))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    let err = outbox
+        .claim(&ClaimOptions::new(w("w3"), 0))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::Validation { .. }));
+}
+
+pub async fn claim_keeps_per_key_order_and_takes_runs(db: &TestDb) {
+    let outbox = db.store.outbox();
+    // Interleaved: a0 b0 a1 b1 a2 a3 a4 b2
+    let order = [
+        ("a", 0),
+        ("b", 0),
+        ("a", 1),
+        ("b", 1),
+        ("a", 2),
+        ("a", 3),
+        ("a", 4),
+        ("b", 2),
+    ];
+    let events: Vec<OutboxEvent> = order.iter().map(|(k, i)| ev(k, *i)).collect();
+    seed(db, &events).await;
+    // A claim of 3 takes the first three: a0 b0 a1 (runs of a and b from their heads).
+    let first = outbox.claim(&ClaimOptions::new(w("w1"), 3)).await.unwrap();
+    assert_eq!(ids(&first.events), ids(&events[..3]));
+    // Another worker gets nothing: every remaining row is behind a held row of its key.
+    let other = outbox
+        .claim(&ClaimOptions::new(w("w2"), 100))
+        .await
+        .unwrap();
+    assert!(
+        other.is_empty(),
+        "got {:?}",
+        other
+            .events
+            .iter()
+            .map(|e| e.partition_key())
+            .collect::<Vec<_>>()
+    );
+    // Completing a0 and b0 (a1 still held) frees b's run but not a's.
+    outbox
+        .complete(&first.token, &[events[0].id(), events[1].id()])
+        .await
+        .unwrap();
+    let second = outbox
+        .claim(&ClaimOptions::new(w("w2"), 100))
+        .await
+        .unwrap();
+    assert_eq!(ids(&second.events), vec![events[3].id(), events[7].id()]);
+    outbox
+        .complete(&first.token, &[events[2].id()])
+        .await
+        .unwrap();
+    // Now a's run a2 a3 a4 goes out whole, in order.
+    let third = outbox
+        .claim(&ClaimOptions::new(w("w3"), 100))
+        .await
+        .unwrap();
+    assert_eq!(ids(&third.events), ids(&events[4..7]));
+}
+
+pub async fn tried_or_locked_heads_block_their_key(db: &TestDb) {
+    let outbox = db.store.outbox();
+    let now = time::now();
+    // Key x: a row scheduled later and never tried, then a due row: the due row goes.
+    let mut later = new_event("x", 0);
+    later.scheduled_at = Some(now + chrono::Duration::hours(1));
+    let later = svc().create_outbox_event(later).unwrap();
+    let x1 = ev("x", 1);
+    // Key y: the head fails (counted, retried in an hour); y1 must wait behind it.
+    let y0 = ev("y", 0);
+    let y1 = ev("y", 1);
+    // Key z: the head becomes failed (dead letter); z1 is free afterwards.
+    let mut z0 = new_event("z", 0);
+    z0.max_attempts = Some(1);
+    let z0 = svc().create_outbox_event(z0).unwrap();
+    let z1 = ev("z", 1);
+    seed(
+        db,
+        &[
+            later.clone(),
+            x1.clone(),
+            y0.clone(),
+            y1.clone(),
+            z0.clone(),
+            z1.clone(),
+        ],
+    )
+    .await;
+
+    let heads = outbox.claim(&ClaimOptions::new(w("w1"), 1)).await.unwrap();
+    assert_eq!(
+        ids(&heads.events),
+        vec![x1.id()],
+        "a future, untried row does not hold its key"
+    );
+    let c = outbox.claim(&ClaimOptions::new(w("w1"), 10)).await.unwrap();
+    // y0 and y1 form a run; z0 and z1 too.
+    assert_eq!(ids(&c.events), vec![y0.id(), y1.id(), z0.id(), z1.id()]);
+    // The run is released from the first failure on: y0 fails, y1 is released untried.
+    let retry = now + chrono::Duration::hours(1);
+    outbox
+        .fail(
+            &c.token,
+            &[Failure::counted(y0.id(), "broker said no", retry)],
+        )
+        .await
+        .unwrap();
+    outbox.release(&c.token, &[y1.id()]).await.unwrap();
+    let z_report = outbox
+        .fail(&c.token, &[Failure::counted(z0.id(), "poison", retry)])
+        .await
+        .unwrap();
+    assert_eq!(z_report.failed, vec![z0.id()]);
+    outbox.release(&c.token, &[z1.id()]).await.unwrap();
+
+    let next = outbox.claim(&ClaimOptions::new(w("w2"), 10)).await.unwrap();
+    assert_eq!(
+        ids(&next.events),
+        vec![z1.id()],
+        "y1 waits behind its tried head; z1 is free once z0 failed"
+    );
+}
+
+pub async fn claim_skips_held_rows_until_the_lease_expires(db: &TestDb) {
+    let outbox = db.store.outbox();
+    let events: Vec<OutboxEvent> = (0..5).map(|i| ev(&format!("k{i}"), i)).collect();
+    seed(db, &events).await;
+    let first = outbox.claim(&ClaimOptions::new(w("w1"), 10)).await.unwrap();
+    assert_eq!(first.len(), 5);
+    assert!(
+        outbox
+            .claim(&ClaimOptions::new(w("w2"), 10))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    // For a claimer with a 10 ms lease, w1's locks have expired.
+    let second = outbox
+        .claim(&ClaimOptions::new(w("w2"), 10).lease(Duration::from_millis(10)))
+        .await
+        .unwrap();
+    assert_eq!(ids(&second.events), ids(&events));
+    // w1 lost its lease: its completion is refused and names the rows.
+    match outbox
+        .complete(&first.token, &ids(&events))
+        .await
+        .unwrap_err()
+    {
+        Error::ConcurrentUpdate {
+            expected,
+            actual,
+            missing,
+        } => {
+            assert_eq!((expected, actual), (5, 0));
+            assert_eq!(missing.len(), 5);
+        }
+        e => panic!("{e:?}"),
+    }
+    assert_eq!(
+        outbox.complete(&second.token, &ids(&events)).await.unwrap(),
+        5
+    );
+    assert_eq!(outbox.counts().await.unwrap().completed, 5);
+}
+
+pub async fn fencing_rejects_a_stale_claim_of_the_same_worker(db: &TestDb) {
+    let outbox = db.store.outbox();
+    let events: Vec<OutboxEvent> = (0..3).map(|i| ev(&format!("k{i}"), i)).collect();
+    seed(db, &events).await;
+    let old = outbox
+        .claim(&ClaimOptions::new(w("relay"), 10))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    // The same worker id (a restarted process, say) re-claims after expiry.
+    let new = outbox
+        .claim(&ClaimOptions::new(w("relay"), 10).lease(Duration::from_millis(5)))
+        .await
+        .unwrap();
+    assert_eq!(new.len(), 3);
+    assert_ne!(old.token, new.token);
+    let err = outbox
+        .fail(
+            &old.token,
+            &[Failure::counted(events[0].id(), "late", time::now())],
+        )
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::ConcurrentUpdate { .. }), "{err:?}");
+    assert!(matches!(
+        outbox.release(&old.token, &ids(&events)).await.unwrap_err(),
+        Error::ConcurrentUpdate { .. }
+    ));
+    // Partly held: the held rows are written, the rest reported.
+    outbox
+        .complete(&new.token, &[events[0].id()])
+        .await
+        .unwrap();
+    match outbox
+        .complete(&new.token, &ids(&events))
+        .await
+        .unwrap_err()
+    {
+        Error::ConcurrentUpdate {
+            expected: 3,
+            actual: 2,
+            missing,
+        } => assert_eq!(missing, vec![events[0].id()]),
+        e => panic!("{e:?}"),
+    }
+    assert_eq!(outbox.counts().await.unwrap().completed, 3);
+}
+
+pub async fn fail_counts_attempts_then_dead_letters(db: &TestDb) {
+    let outbox = db.store.outbox();
+    let mut n = new_event("k", 0);
+    n.max_attempts = Some(2);
+    let e = svc().create_outbox_event(n).unwrap();
+    seed(db, std::slice::from_ref(&e)).await;
+    let long = "x".repeat(3000);
+    let c = outbox.claim(&ClaimOptions::new(w("w1"), 1)).await.unwrap();
+    let retry = time::now() - chrono::Duration::milliseconds(1);
+    let r = outbox
+        .fail(&c.token, &[Failure::counted(e.id(), &long, retry)])
+        .await
+        .unwrap();
+    assert_eq!(r.rescheduled, vec![e.id()]);
+    let row = outbox.get(e.id()).await.unwrap().unwrap();
+    assert_eq!(
+        (row.status(), row.attempts_made(), row.is_locked()),
+        (EventStatus::Pending, 1, false)
+    );
+    assert_eq!(row.scheduled_at(), time::truncate(retry));
+    let stored = row.last_error().unwrap();
+    assert!(
+        stored.len() <= 2000 && stored.ends_with("... [TRUNCATED]"),
+        "{}",
+        stored.len()
+    );
+
+    let c = outbox.claim(&ClaimOptions::new(w("w1"), 1)).await.unwrap();
+    assert_eq!(c.len(), 1);
+    let r = outbox
+        .fail(&c.token, &[Failure::counted(e.id(), "again", time::now())])
+        .await
+        .unwrap();
+    assert_eq!(r.failed, vec![e.id()]);
+    let row = outbox.get(e.id()).await.unwrap().unwrap();
+    assert_eq!(
+        (row.status(), row.attempts_made(), row.last_error()),
+        (EventStatus::Failed, 2, Some("again"))
+    );
+    assert!(
+        outbox
+            .claim(&ClaimOptions::new(w("w1"), 1))
+            .await
+            .unwrap()
+            .is_empty(),
+        "failed rows are not claimed"
+    );
+    assert_eq!(outbox.counts().await.unwrap().failed, 1);
+}
+
+pub async fn transient_failure_spends_no_attempt(db: &TestDb) {
+    let outbox = db.store.outbox();
+    let e = ev("k", 0);
+    seed(db, std::slice::from_ref(&e)).await;
+    let c = outbox.claim(&ClaimOptions::new(w("w1"), 1)).await.unwrap();
+    let retry = time::now() + chrono::Duration::seconds(1);
+    outbox
+        .fail(
+            &c.token,
+            &[Failure::transient(e.id(), "broker unreachable", retry)],
+        )
+        .await
+        .unwrap();
+    let row = outbox.get(e.id()).await.unwrap().unwrap();
+    assert_eq!(
+        (row.status(), row.attempts_made()),
+        (EventStatus::Pending, 0)
+    );
+    assert_eq!(row.scheduled_at(), time::truncate(retry));
+    assert!(
+        outbox
+            .claim(&ClaimOptions::new(w("w1"), 1))
+            .await
+            .unwrap()
+            .is_empty(),
+        "not due for a second"
+    );
+}
+
+pub async fn release_returns_rows_untried(db: &TestDb) {
+    let outbox = db.store.outbox();
+    let events: Vec<OutboxEvent> = (0..3).map(|i| ev("k", i)).collect();
+    seed(db, &events).await;
+    let c = outbox.claim(&ClaimOptions::new(w("w1"), 10)).await.unwrap();
+    assert_eq!(outbox.release(&c.token, &ids(&events)).await.unwrap(), 3);
+    let row = outbox.get(events[0].id()).await.unwrap().unwrap();
+    assert_eq!(
+        (row.is_locked(), row.last_error(), row.attempts_made()),
+        (false, None, 0)
+    );
+    let again = outbox.claim(&ClaimOptions::new(w("w2"), 10)).await.unwrap();
+    assert_eq!(ids(&again.events), ids(&events));
+}
+
+pub async fn force_unlock_records_the_reason(db: &TestDb) {
+    let outbox = db.store.outbox();
+    let e = ev("k", 0);
+    seed(db, std::slice::from_ref(&e)).await;
+    let reason = UnlockReason::new("worker host-3 died").unwrap();
+    assert!(matches!(
+        outbox.force_unlock(e.id(), &reason).await.unwrap_err(),
+        Error::NotLocked { .. }
+    ));
+    assert!(matches!(
+        outbox
+            .force_unlock(Uuid::new_v4(), &reason)
+            .await
+            .unwrap_err(),
+        Error::NotFound { .. }
+    ));
+    let c = outbox.claim(&ClaimOptions::new(w("w1"), 1)).await.unwrap();
+    let row = outbox.force_unlock(e.id(), &reason).await.unwrap();
+    assert!(!row.is_locked());
+    assert_eq!(row.last_error(), Some("Force unlock: worker host-3 died"));
+    // The old owner's completion is fenced off.
+    assert!(matches!(
+        outbox.complete(&c.token, &[e.id()]).await.unwrap_err(),
+        Error::ConcurrentUpdate { .. }
+    ));
+    assert_eq!(
+        outbox
+            .claim(&ClaimOptions::new(w("w2"), 1))
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
+}
+
+pub async fn release_stale_locks_in_batches(db: &TestDb) {
+    let outbox = db.store.outbox();
+    let events: Vec<OutboxEvent> = (0..25).map(|i| ev(&format!("k{i}"), i)).collect();
+    seed(db, &events).await;
+    outbox.claim(&ClaimOptions::new(w("w1"), 25)).await.unwrap();
+    assert_eq!(
+        outbox
+            .release_stale_locks(Duration::from_secs(3600), 10)
+            .await
+            .unwrap(),
+        0,
+        "not stale yet"
+    );
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    assert_eq!(
+        outbox
+            .release_stale_locks(Duration::from_millis(10), 10)
+            .await
+            .unwrap(),
+        25
+    );
+    assert_eq!(outbox.counts().await.unwrap().locked, 0);
+    assert_eq!(
+        db.store
+            .inbox()
+            .release_stale_locks(Duration::from_millis(10), 10)
+            .await
+            .unwrap(),
+        0
+    );
+}
+
+pub async fn delete_completed_in_batches(db: &TestDb) {
+    let outbox = db.store.outbox();
+    let events: Vec<OutboxEvent> = (0..25).map(|i| ev(&format!("k{i}"), i)).collect();
+    seed(db, &events).await;
+    let c = outbox.claim(&ClaimOptions::new(w("w1"), 20)).await.unwrap();
+    outbox.complete(&c.token, &ids(&c.events)).await.unwrap();
+    assert_eq!(
+        outbox
+            .delete_completed(Duration::from_secs(3600), 100)
+            .await
+            .unwrap(),
+        0,
+        "within retention"
+    );
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    assert_eq!(
+        outbox
+            .delete_completed(Duration::from_millis(10), 8)
+            .await
+            .unwrap(),
+        8
+    );
+    assert_eq!(
+        outbox
+            .delete_completed(Duration::from_millis(10), 8)
+            .await
+            .unwrap(),
+        8
+    );
+    assert_eq!(
+        outbox
+            .delete_completed(Duration::from_millis(10), 8)
+            .await
+            .unwrap(),
+        4
+    );
+    assert_eq!(
+        outbox
+            .delete_completed(Duration::from_millis(10), 8)
+            .await
+            .unwrap(),
+        0
+    );
+    let c = outbox.counts().await.unwrap();
+    assert_eq!(
+        (c.completed, c.pending),
+        (0, 5),
+        "pending rows are never deleted"
+    );
+}
+
+pub async fn requeue_failed_by_filter(db: &TestDb) {
+    let outbox = db.store.outbox();
+    let mut events = Vec::new();
+    for i in 0..6 {
+        let mut n = new_event(&format!("k{i}"), i);
+        n.max_attempts = Some(1);
+        if i >= 4 {
+            n.event_type = "order.cancelled".into();
+        }
+        events.push(svc().create_outbox_event(n).unwrap());
+    }
+    seed(db, &events).await;
+    let c = outbox.claim(&ClaimOptions::new(w("w1"), 10)).await.unwrap();
+    let failures: Vec<Failure> = events
+        .iter()
+        .enumerate()
+        .map(|(i, e)| {
+            Failure::counted(
+                e.id(),
+                if i % 2 == 0 {
+                    "timeout talking to X"
+                } else {
+                    "schema mismatch"
+                },
+                time::now(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        outbox.fail(&c.token, &failures).await.unwrap().failed.len(),
+        6
+    );
+
+    let err = outbox
+        .requeue_failed(&RequeueFilter::default())
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::Validation { .. }));
+    let by_id = outbox
+        .requeue_failed(&RequeueFilter {
+            ids: vec![events[0].id()],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(by_id, vec![events[0].id()]);
+    let row = outbox.get(events[0].id()).await.unwrap().unwrap();
+    assert_eq!(
+        (row.status(), row.attempts_made(), row.last_error()),
+        (EventStatus::Pending, 0, None)
+    );
+    let by_type = outbox
+        .requeue_failed(&RequeueFilter {
+            event_type: Some("order.cancelled".into()),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(by_type.len(), 2);
+    let by_error = outbox
+        .requeue_failed(&RequeueFilter {
+            error_contains: Some("timeout".into()),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        by_error,
+        vec![events[2].id()],
+        "0 and 4 were requeued already"
+    );
+    let future = time::now() + chrono::Duration::hours(1);
+    let none = outbox
+        .requeue_failed(&RequeueFilter {
+            since: Some(future),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert!(none.is_empty());
+    let rest = outbox
+        .requeue_failed(&RequeueFilter {
+            all: true,
+            limit: Some(10),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(rest.len(), 2);
+    assert_eq!(outbox.counts().await.unwrap().failed, 0);
+}
+
+pub async fn database_enforces_invariants(db: &TestDb) {
+    let cases: [(&str, &'static str, &'static str); 6] = [
+        (
+            "attempts over max",
+            "INSERT INTO outbox_events (id, event_type, payload, status, attempts_made, max_attempts, aggregate_type, aggregate_id, topic, partition_key) VALUES (gen_random_uuid(), 't', '{\"a\":1}', 'pending', 7, 6, 'a', gen_random_uuid(), 't', 'k')",
+            "INSERT INTO outbox_events (id, event_type, payload, status, attempts_made, max_attempts, scheduled_at, created_at, updated_at, aggregate_type, aggregate_id, topic, partition_key) VALUES ('00000000-0000-0000-0000-000000000001', 't', '{\"a\":1}', 'pending', 7, 6, '2026-01-01T00:00:00.000000Z', '2026-01-01T00:00:00.000000Z', '2026-01-01T00:00:00.000000Z', 'a', '00000000-0000-0000-0000-000000000001', 't', 'k')",
+        ),
+        (
+            "completed without completed_at",
+            "INSERT INTO outbox_events (id, event_type, payload, status, aggregate_type, aggregate_id, topic, partition_key) VALUES (gen_random_uuid(), 't', '{\"a\":1}', 'completed', 'a', gen_random_uuid(), 't', 'k')",
+            "INSERT INTO outbox_events (id, event_type, payload, status, scheduled_at, created_at, updated_at, aggregate_type, aggregate_id, topic, partition_key) VALUES ('00000000-0000-0000-0000-000000000002', 't', '{\"a\":1}', 'completed', '2026-01-01T00:00:00.000000Z', '2026-01-01T00:00:00.000000Z', '2026-01-01T00:00:00.000000Z', 'a', '00000000-0000-0000-0000-000000000001', 't', 'k')",
+        ),
+        (
+            "locked_at without locked_by",
+            "INSERT INTO outbox_events (id, event_type, payload, locked_at, aggregate_type, aggregate_id, topic, partition_key) VALUES (gen_random_uuid(), 't', '{\"a\":1}', now(), 'a', gen_random_uuid(), 't', 'k')",
+            "INSERT INTO outbox_events (id, event_type, payload, locked_at, scheduled_at, created_at, updated_at, aggregate_type, aggregate_id, topic, partition_key) VALUES ('00000000-0000-0000-0000-000000000003', 't', '{\"a\":1}', '2026-01-01T00:00:00.000000Z', '2026-01-01T00:00:00.000000Z', '2026-01-01T00:00:00.000000Z', '2026-01-01T00:00:00.000000Z', 'a', '00000000-0000-0000-0000-000000000001', 't', 'k')",
+        ),
+        (
+            "unknown status",
+            "INSERT INTO outbox_events (id, event_type, payload, status, aggregate_type, aggregate_id, topic, partition_key) VALUES (gen_random_uuid(), 't', '{\"a\":1}', 'done', 'a', gen_random_uuid(), 't', 'k')",
+            "INSERT INTO outbox_events (id, event_type, payload, status, scheduled_at, created_at, updated_at, aggregate_type, aggregate_id, topic, partition_key) VALUES ('00000000-0000-0000-0000-000000000004', 't', '{\"a\":1}', 'done', '2026-01-01T00:00:00.000000Z', '2026-01-01T00:00:00.000000Z', '2026-01-01T00:00:00.000000Z', 'a', '00000000-0000-0000-0000-000000000001', 't', 'k')",
+        ),
+        (
+            "payload not an object",
+            "INSERT INTO outbox_events (id, event_type, payload, aggregate_type, aggregate_id, topic, partition_key) VALUES (gen_random_uuid(), 't', '[1,2]', 'a', gen_random_uuid(), 't', 'k')",
+            "INSERT INTO outbox_events (id, event_type, payload, scheduled_at, created_at, updated_at, aggregate_type, aggregate_id, topic, partition_key) VALUES ('00000000-0000-0000-0000-000000000005', 't', '[1,2]', '2026-01-01T00:00:00.000000Z', '2026-01-01T00:00:00.000000Z', '2026-01-01T00:00:00.000000Z', 'a', '00000000-0000-0000-0000-000000000001', 't', 'k')",
+        ),
+        (
+            "duplicate inbox message",
+            "INSERT INTO inbox_events (id, event_type, payload, message_id, consumer_group, source) SELECT gen_random_uuid(), 't', '{\"a\":1}', 'm', 'g', 's' FROM generate_series(1, 2)",
+            "INSERT INTO inbox_events (id, event_type, payload, scheduled_at, created_at, updated_at, message_id, consumer_group, source) VALUES ('00000000-0000-0000-0000-000000000006', 't', '{\"a\":1}', '2026-01-01T00:00:00.000000Z', '2026-01-01T00:00:00.000000Z', '2026-01-01T00:00:00.000000Z', 'm', 'g', 's'), ('00000000-0000-0000-0000-000000000007', 't', '{\"a\":1}', '2026-01-01T00:00:00.000000Z', '2026-01-01T00:00:00.000000Z', '2026-01-01T00:00:00.000000Z', 'm', 'g', 's')",
+        ),
+    ];
+    for (what, pg, sqlite) in cases {
+        let err = raw(db, pg, sqlite).await.expect_err(what);
+        let db_err = err
+            .as_database_error()
+            .unwrap_or_else(|| panic!("{what}: {err}"));
+        assert!(
+            db_err.is_check_violation() || db_err.is_unique_violation(),
+            "{what}: expected a constraint violation, got {db_err}"
+        );
+    }
+    // The same writes with valid values pass, so the failures above are the constraints'.
+    raw(
+        db,
+        "INSERT INTO outbox_events (id, event_type, payload, aggregate_type, aggregate_id, topic, partition_key) VALUES (gen_random_uuid(), 't', '{\"a\":1}', 'a', gen_random_uuid(), 't', 'k')",
+        "INSERT INTO outbox_events (id, event_type, payload, scheduled_at, created_at, updated_at, aggregate_type, aggregate_id, topic, partition_key) VALUES ('00000000-0000-0000-0000-000000000008', 't', '{\"a\":1}', '2026-01-01T00:00:00.000000Z', '2026-01-01T00:00:00.000000Z', '2026-01-01T00:00:00.000000Z', 'a', '00000000-0000-0000-0000-000000000001', 't', 'k')",
+    )
+    .await
+    .unwrap();
+    // An update that breaks the lock pairing is refused too.
+    let err = raw(
+        db,
+        "UPDATE outbox_events SET locked_by = 'w1'",
+        "UPDATE outbox_events SET locked_by = 'w1'",
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        err.as_database_error().unwrap().is_check_violation(),
+        "{err}"
+    );
+    if !db.is_postgres() {
+        // SQLite also checks the timestamp text form, so comparisons stay correct.
+        let err = raw(
+            db,
+            "",
+            "UPDATE outbox_events SET scheduled_at = '2026-01-01 00:00:00'",
+        )
+        .await
+        .unwrap_err();
+        assert!(
+            err.as_database_error().unwrap().is_check_violation(),
+            "{err}"
+        );
+    }
+}
+
+pub async fn claim_is_served_by_the_index(db: &TestDb) {
+    let events: Vec<OutboxEvent> = (0..20_000)
+        .map(|i| ev(&format!("k{}", i % 100), i))
+        .collect();
+    seed(db, &events).await;
+    match &db.store {
+        AnyStore::Postgres(s) => {
+            sqlx::query("ANALYZE outbox_events")
+                .execute(s.pool())
+                .await
+                .unwrap();
+            let sql = format!(
+                "EXPLAIN (FORMAT TEXT) {}",
+                omnibox::store::postgres::OUTBOX_CLAIM_SCAN
+            );
+            let plan: Vec<String> = sqlx::query_scalar(sqlx::AssertSqlSafe(sql))
+                .fetch_all(s.pool())
+                .await
+                .unwrap();
+            let plan = plan.join("\n");
+            assert!(
+                plan.contains("Index Scan using outbox_events_claim"),
+                "{plan}"
+            );
+            assert!(
+                !plan.contains("Sort"),
+                "the claim must not sort the backlog:\n{plan}"
+            );
+            assert!(!plan.contains("Seq Scan"), "{plan}");
+        }
+        AnyStore::Sqlite(s) => {
+            let sql = format!(
+                "EXPLAIN QUERY PLAN {}",
+                omnibox::store::sqlite::OUTBOX_CLAIM_SCAN
+            );
+            let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
+                .bind(time::format(&time::now()))
+                .fetch_all(s.pool())
+                .await
+                .unwrap();
+            let plan: Vec<String> = rows
+                .iter()
+                .map(|r| sqlx::Row::get::<String, _>(r, "detail"))
+                .collect();
+            let plan = plan.join("\n");
+            assert!(plan.contains("USING INDEX outbox_events_claim"), "{plan}");
+            assert!(
+                !plan.contains("TEMP B-TREE"),
+                "the claim must not sort the backlog:\n{plan}"
+            );
+        }
+        _ => unreachable!(),
+    }
+    // And the claim itself hands out a full batch from the 20,000.
+    let c = db
+        .store
+        .outbox()
+        .claim(&ClaimOptions::new(w("w1"), 1000))
+        .await
+        .unwrap();
+    assert_eq!(c.len(), 1000);
+}
+
+pub async fn concurrent_claimers_share_the_work_in_key_order(db: &TestDb) {
+    const ROWS: usize = 10_000;
+    const KEYS: usize = 50;
+    let events: Vec<OutboxEvent> = (0..ROWS)
+        .map(|i| ev(&format!("key-{}", i % KEYS), i))
+        .collect();
+    seed(db, &events).await;
+    let seq_of: HashMap<Uuid, (String, usize)> = events
+        .iter()
+        .enumerate()
+        .map(|(i, e)| (e.id(), (e.partition_key().to_string(), i)))
+        .collect();
+    let seq_of = Arc::new(seq_of);
+    let clock = Arc::new(AtomicU64::new(0));
+    let mut tasks = Vec::new();
+    for worker in 0..4 {
+        let outbox = db.store.outbox();
+        let clock = clock.clone();
+        tasks.push(tokio::spawn(async move {
+            let me = w(&format!("worker-{worker}"));
+            let mut got: Vec<(u64, Uuid)> = Vec::new();
+            let mut idle = 0;
+            while idle < 50 {
+                let c = outbox
+                    .claim(&ClaimOptions::new(me.clone(), 100))
+                    .await
+                    .unwrap();
+                if c.is_empty() {
+                    idle += 1;
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                    continue;
+                }
+                idle = 0;
+                // Stamp each event in claim order: a key's next rows can only
+                // be claimed after these are completed, so stamps must follow seq.
+                for e in &c.events {
+                    got.push((clock.fetch_add(1, Ordering::SeqCst), e.id()));
+                }
+                outbox.complete(&c.token, &ids(&c.events)).await.unwrap();
+            }
+            got
+        }));
+    }
+    let mut all: Vec<(u64, Uuid)> = Vec::new();
+    let mut per_worker = Vec::new();
+    for t in tasks {
+        let got = t.await.unwrap();
+        per_worker.push(got.len());
+        all.extend(got);
+    }
+    let unique: HashSet<Uuid> = all.iter().map(|(_, id)| *id).collect();
+    assert_eq!(all.len(), unique.len(), "no row was handed out twice");
+    assert_eq!(unique.len(), ROWS, "every row was handed out");
+    all.sort();
+    let mut last_by_key: HashMap<String, usize> = HashMap::new();
+    for (_, id) in &all {
+        let (key, seq) = &seq_of[id];
+        if let Some(prev) = last_by_key.insert(key.clone(), *seq) {
+            assert!(
+                prev < *seq,
+                "key {key}: row {seq} handed out after row {prev}"
+            );
+        }
+    }
+    assert_eq!(
+        db.store.outbox().counts().await.unwrap().completed,
+        ROWS as u64
+    );
+    eprintln!("rows per worker: {per_worker:?}");
+}
