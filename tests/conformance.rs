@@ -30,3 +30,91 @@ backend_tests!(
     claim_is_served_by_the_index,
     concurrent_claimers_share_the_work_in_key_order,
 );
+
+/// PostgreSQL only: timestamps are absolute instants whatever the session's
+/// TimeZone (the reference's `timezone('UTC', now())` defaults shift by the
+/// session's offset).
+#[tokio::test]
+async fn postgres_timestamps_ignore_the_session_time_zone() {
+    use omnibox::store::PgStore;
+    use omnibox::{
+        ClaimOptions, DomainService, EventStore, NewOutboxEvent, OutboxStore, WorkerId, time,
+    };
+    use sqlx::Executor;
+    let Some(url) = common::pg_url() else { return };
+    let schema = format!("t_{}", uuid::Uuid::new_v4().simple());
+    let admin = sqlx::PgPool::connect(&url).await.unwrap();
+    let ddl = format!("CREATE SCHEMA {schema}");
+    sqlx::query(sqlx::AssertSqlSafe(ddl))
+        .execute(&admin)
+        .await
+        .unwrap();
+    // sqlx starts sessions in UTC; switch every connection to New York, the
+    // way an application's pool might be configured.
+    let path = schema.clone();
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .after_connect(move |conn, _| {
+            let path = path.clone();
+            Box::pin(async move {
+                conn.execute("SET TimeZone = 'America/New_York'").await?;
+                sqlx::query("SELECT set_config('search_path', $1, false)")
+                    .bind(path)
+                    .execute(&mut *conn)
+                    .await?;
+                Ok(())
+            })
+        })
+        .connect(&url)
+        .await
+        .unwrap();
+    let store = PgStore::from_pool(pool);
+    store.migrate().await.unwrap();
+    let tz: String = sqlx::query_scalar("SHOW TimeZone")
+        .fetch_one(store.pool())
+        .await
+        .unwrap();
+    assert_eq!(tz, "America/New_York");
+    let event = DomainService::default()
+        .create_outbox_event(NewOutboxEvent::new(
+            "order",
+            uuid::Uuid::now_v7(),
+            "order.created",
+            "orders",
+            "k",
+            serde_json::json!({"a": 1}),
+        ))
+        .unwrap();
+    store.outbox().create(&event).await.unwrap();
+    let before = time::now();
+    let claim = store
+        .outbox()
+        .claim(&ClaimOptions::new(WorkerId::new("w").unwrap(), 1))
+        .await
+        .unwrap();
+    let after = time::now();
+    let row = &claim.events[0];
+    assert_eq!(row.created_at(), event.created_at());
+    let locked = row.locked_at().unwrap();
+    // Server-side now() lands between two client readings (1 s of slack for clocks).
+    assert!(
+        locked >= before - chrono::Duration::seconds(1)
+            && locked <= after + chrono::Duration::seconds(1)
+    );
+    // A column default (now()) written under the New York session is still the right instant.
+    let default_created: chrono::DateTime<chrono::Utc> = sqlx::query_scalar(
+        "INSERT INTO outbox_events (id, event_type, payload, aggregate_type, aggregate_id, topic, partition_key) \
+         VALUES (gen_random_uuid(), 't', '{\"a\":1}', 'a', gen_random_uuid(), 't', 'k2') RETURNING created_at",
+    )
+    .fetch_one(store.pool())
+    .await
+    .unwrap();
+    assert!(
+        (default_created - time::now()).num_seconds().abs() <= 1,
+        "{default_created}"
+    );
+    let ddl = format!("DROP SCHEMA {schema} CASCADE");
+    sqlx::query(sqlx::AssertSqlSafe(ddl))
+        .execute(store.pool())
+        .await
+        .unwrap();
+}

@@ -59,7 +59,8 @@ fn create_outbox_event_trims_and_defaults() {
 
 #[test]
 fn create_outbox_event_rejects_each_bad_field() {
-    let cases: Vec<(Box<dyn Fn(&mut NewOutboxEvent)>, &str)> = vec![
+    type Mutation = Box<dyn Fn(&mut NewOutboxEvent)>;
+    let cases: Vec<(Mutation, &str)> = vec![
         (
             Box::new(|n| n.aggregate_type = " ".into()),
             "aggregate_type: must not be empty",

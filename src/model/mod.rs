@@ -2,6 +2,7 @@
 //! SPEC §2, and timestamps.
 
 mod event;
+pub mod input;
 pub mod limits;
 pub mod time;
 pub mod validate;

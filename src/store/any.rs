@@ -246,3 +246,84 @@ impl InboxStore for AnyTable<InboxRoute> {
         delegate!(self, t => t.get_by_message_id(message_id, consumer_group))
     }
 }
+
+/// A transaction for inserting many outbox events in chunks (for inputs too
+/// large to hold in memory): nothing is visible until [`commit`](Self::commit),
+/// and dropping the writer rolls everything back.
+#[derive(Debug)]
+pub struct OutboxBulkWriter {
+    tx: BulkTx,
+}
+
+#[derive(Debug)]
+enum BulkTx {
+    Postgres(sqlx::Transaction<'static, sqlx::Postgres>),
+    Sqlite(sqlx::Transaction<'static, sqlx::Sqlite>),
+}
+
+impl AnyTable<OutboxRoute> {
+    /// Opens a bulk insert transaction.
+    pub async fn begin_bulk(&self) -> Result<OutboxBulkWriter> {
+        let tx = match self {
+            AnyTable::Postgres(t) => {
+                BulkTx::Postgres(t.pool().begin().await.map_err(crate::error::storage)?)
+            }
+            AnyTable::Sqlite(t) => BulkTx::Sqlite(
+                t.pool()
+                    .begin_with("BEGIN IMMEDIATE")
+                    .await
+                    .map_err(crate::error::storage)?,
+            ),
+        };
+        Ok(OutboxBulkWriter { tx })
+    }
+}
+
+impl OutboxBulkWriter {
+    /// Inserts events in order, respecting idempotency keys.
+    pub async fn insert(&mut self, events: &[OutboxEvent]) -> Result<Vec<BulkOutcome>> {
+        match &mut self.tx {
+            BulkTx::Postgres(tx) => super::postgres::insert_outbox(tx, events).await,
+            BulkTx::Sqlite(tx) => super::sqlite::insert_outbox(tx, events).await,
+        }
+    }
+
+    /// Inserts a stream of chunks in order (PostgreSQL: one streaming COPY
+    /// for runs without idempotency keys). Stops at the first error, of the
+    /// stream or of the database; call [`rollback`](Self::rollback) then (or drop the writer).
+    pub async fn insert_stream<S>(&mut self, chunks: S) -> Result<Vec<BulkOutcome>>
+    where
+        S: futures_util::Stream<Item = Result<Vec<OutboxEvent>>> + Send,
+    {
+        match &mut self.tx {
+            BulkTx::Postgres(tx) => super::postgres::insert_outbox_stream(tx, chunks).await,
+            BulkTx::Sqlite(tx) => {
+                use futures_util::StreamExt;
+                let mut chunks = std::pin::pin!(chunks);
+                let mut out = Vec::new();
+                while let Some(chunk) = chunks.next().await {
+                    out.extend(super::sqlite::insert_outbox(tx, &chunk?).await?);
+                }
+                Ok(out)
+            }
+        }
+    }
+
+    /// Commits everything inserted.
+    pub async fn commit(self) -> Result<()> {
+        match self.tx {
+            BulkTx::Postgres(tx) => tx.commit().await,
+            BulkTx::Sqlite(tx) => tx.commit().await,
+        }
+        .map_err(crate::error::storage)
+    }
+
+    /// Discards everything inserted.
+    pub async fn rollback(self) -> Result<()> {
+        match self.tx {
+            BulkTx::Postgres(tx) => tx.rollback().await,
+            BulkTx::Sqlite(tx) => tx.rollback().await,
+        }
+        .map_err(crate::error::storage)
+    }
+}

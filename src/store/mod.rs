@@ -39,7 +39,7 @@ mod migrate;
 pub mod postgres;
 pub mod sqlite;
 
-pub use any::{AnyStore, AnyTable, Backend, StoreOptions};
+pub use any::{AnyStore, AnyTable, Backend, OutboxBulkWriter, StoreOptions};
 pub use migrate::{AppliedMigration, MIGRATIONS_TABLE, MigrationReport, MigrationScript};
 pub use postgres::PgStore;
 pub use sqlite::SqliteStore;

@@ -14,6 +14,161 @@ use crate::store::{BulkOutcome, Created, EventStore, InboxStore, OutboxStore};
 
 const CHUNK: usize = 1000;
 
+/// Appends one CSV field: quoted (quotes doubled) or, for `None`, empty
+/// (COPY's CSV NULL).
+fn csv_field(buf: &mut String, value: Option<&str>) {
+    if let Some(v) = value {
+        buf.push('"');
+        for c in v.chars() {
+            if c == '"' {
+                buf.push('"');
+            }
+            buf.push(c);
+        }
+        buf.push('"');
+    }
+}
+
+/// One CSV line of [`sql::COPY_OUTBOX`].
+fn copy_outbox_row(buf: &mut String, e: &OutboxEvent) -> Result<()> {
+    use std::fmt::Write as _;
+    e.validate_invariants()?;
+    if e.locked_at.is_some() {
+        return Err(Error::validation(
+            "locked_at",
+            "a new event cannot be inserted locked",
+        ));
+    }
+    let payload = serde_json::to_string(&e.payload).expect("a JSON map serialises");
+    let headers = e
+        .headers
+        .as_ref()
+        .map(|h| serde_json::to_string(h).expect("a string map serialises"));
+    let ts = |t: &Timestamp| crate::time::format(t);
+    let _ = write!(buf, "{},", e.id);
+    csv_field(buf, Some(&e.event_type));
+    buf.push(',');
+    csv_field(buf, Some(&payload));
+    buf.push(',');
+    csv_field(buf, headers.as_deref());
+    for v in [
+        &e.trace_id,
+        &e.idempotency_key,
+        &e.correlation_id,
+        &e.causation_id,
+        &e.schema_version,
+    ] {
+        buf.push(',');
+        csv_field(buf, v.as_deref());
+    }
+    let _ = write!(
+        buf,
+        ",{},{},{},",
+        e.status.as_str(),
+        e.attempts_made,
+        e.max_attempts
+    );
+    csv_field(buf, e.last_error.as_deref());
+    let _ = write!(buf, ",{},", ts(&e.scheduled_at));
+    if let Some(t) = &e.completed_at {
+        buf.push_str(&ts(t));
+    }
+    let created = ts(&e.created_at);
+    let _ = write!(buf, ",{created},{created},");
+    csv_field(buf, Some(&e.route.aggregate_type));
+    let _ = write!(buf, ",{},", e.route.aggregate_id);
+    csv_field(buf, Some(&e.route.topic));
+    buf.push(',');
+    csv_field(buf, Some(&e.route.partition_key));
+    buf.push('\n');
+    Ok(())
+}
+
+/// Inserts a chunk without idempotency keys with COPY.
+async fn copy_outbox(conn: &mut PgConnection, chunk: &[OutboxEvent]) -> Result<()> {
+    let mut buf = String::with_capacity(chunk.len() * 512);
+    for e in chunk {
+        copy_outbox_row(&mut buf, e)?;
+    }
+    let mut copy = conn.copy_in_raw(sql::COPY_OUTBOX).await.map_err(storage)?;
+    if let Err(e) = copy.send(buf.into_bytes()).await {
+        let _ = copy.abort("send failed").await;
+        return Err(storage(e));
+    }
+    copy.finish().await.map_err(storage)?;
+    Ok(())
+}
+
+fn has_keys(chunk: &[OutboxEvent]) -> bool {
+    chunk.iter().any(|e| e.idempotency_key.is_some())
+}
+
+/// Inserts a stream of chunks on `conn`, in order: runs of chunks without
+/// idempotency keys go through one streaming COPY (the server inserts while
+/// the next chunk is parsed), chunks with keys through the idempotent
+/// INSERT. Stops at the first error (of the stream or of the database);
+/// nothing is committed here.
+pub async fn insert_outbox_stream<S>(conn: &mut PgConnection, chunks: S) -> Result<Vec<BulkOutcome>>
+where
+    S: futures_util::Stream<Item = Result<Vec<OutboxEvent>>> + Send,
+{
+    use futures_util::StreamExt;
+    let mut chunks = std::pin::pin!(chunks);
+    let mut outcomes = Vec::new();
+    let mut pending: Option<Vec<OutboxEvent>> = None;
+    loop {
+        let chunk = match pending.take() {
+            Some(c) => c,
+            None => match chunks.next().await {
+                Some(c) => c?,
+                None => return Ok(outcomes),
+            },
+        };
+        if has_keys(&chunk) {
+            outcomes.extend(insert_outbox(conn, &chunk).await?);
+            continue;
+        }
+        // A COPY that stays open for every following chunk without keys.
+        let mut copy = conn.copy_in_raw(sql::COPY_OUTBOX).await.map_err(storage)?;
+        let mut buf = String::with_capacity(chunk.len() * 512);
+        let mut next = Some(chunk);
+        let result: Result<()> = async {
+            while let Some(chunk) = next.take() {
+                buf.clear();
+                for e in &chunk {
+                    copy_outbox_row(&mut buf, e)?;
+                }
+                copy.send(buf.as_bytes()).await.map_err(storage)?;
+                outcomes.extend(chunk.iter().map(|e| BulkOutcome {
+                    id: e.id,
+                    existing: false,
+                }));
+                match chunks.next().await {
+                    Some(Ok(c)) if !has_keys(&c) => next = Some(c),
+                    Some(Ok(c)) => pending = Some(c),
+                    Some(Err(e)) => return Err(e),
+                    None => {}
+                }
+            }
+            Ok(())
+        }
+        .await;
+        match result {
+            Ok(()) => {
+                copy.finish().await.map_err(storage)?;
+            }
+            Err(e) => {
+                let _ = copy.abort("input rejected").await;
+                return Err(e);
+            }
+        }
+        if pending.is_none() {
+            // The stream ended inside the COPY.
+            return Ok(outcomes);
+        }
+    }
+}
+
 /// The columns every table has, as arrays.
 #[derive(Default)]
 struct Common {
@@ -100,6 +255,11 @@ pub async fn insert_outbox(
 ) -> Result<Vec<BulkOutcome>> {
     let mut inserted = HashSet::with_capacity(events.len());
     for chunk in events.chunks(CHUNK) {
+        if chunk.iter().all(|e| e.idempotency_key.is_none()) {
+            copy_outbox(conn, chunk).await?;
+            inserted.extend(chunk.iter().map(|e| e.id));
+            continue;
+        }
         let mut common = Common::default();
         let mut aggregate_type = Vec::with_capacity(chunk.len());
         let mut aggregate_id = Vec::with_capacity(chunk.len());

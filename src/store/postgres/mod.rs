@@ -32,7 +32,7 @@ mod insert;
 mod sql;
 mod table;
 
-pub use insert::{insert_inbox, insert_outbox};
+pub use insert::{insert_inbox, insert_outbox, insert_outbox_stream};
 pub use sql::OUTBOX_CLAIM_SCAN;
 
 /// Connection settings beyond the URL.

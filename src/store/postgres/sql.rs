@@ -244,3 +244,11 @@ pub(super) const EXISTING_BY_MESSAGE: &str = "SELECT i.message_id, i.consumer_gr
 
 pub(super) const INBOX_BY_MESSAGE: &str =
     "SELECT * FROM inbox_events WHERE message_id = $1 AND consumer_group = $2";
+
+/// COPY of outbox rows without idempotency keys (nothing can conflict, so
+/// the plain, faster path applies). Columns in the order of `copy_outbox_row`.
+pub(super) const COPY_OUTBOX: &str = "COPY outbox_events (
+        id, event_type, payload, headers, trace_id, idempotency_key, correlation_id, causation_id,
+        schema_version, status, attempts_made, max_attempts, last_error, scheduled_at, completed_at,
+        created_at, updated_at, aggregate_type, aggregate_id, topic, partition_key)
+    FROM STDIN (FORMAT csv)";

@@ -22,6 +22,7 @@ mod sql;
 mod table;
 
 pub use sql::OUTBOX_CLAIM_SCAN;
+pub use table::{insert_inbox, insert_outbox};
 
 /// How long a writer waits for the database lock before failing.
 pub const BUSY_TIMEOUT: Duration = Duration::from_secs(30);
@@ -91,11 +92,17 @@ impl SqliteStore {
         migrate::scripts(&Self::migrator())
     }
 
-    /// Applies pending migrations.
+    /// Applies pending migrations. Two processes opening a fresh file at
+    /// once may both try; the loser finds the schema in place and succeeds.
     pub async fn migrate(&self) -> Result<MigrationReport> {
         let before = self.applied_versions().await?;
         let m = Self::migrator();
-        m.run(&self.pool).await.map_err(Error::Migration)?;
+        if let Err(e) = m.run(&self.pool).await {
+            if self.ensure_migrated().await.is_err() {
+                return Err(Error::Migration(e));
+            }
+            tracing::debug!(error = %e, "another process applied the migrations first");
+        }
         let after = self.applied_versions().await?;
         Ok(migrate::report(&m, &before, &after))
     }

@@ -1,0 +1,195 @@
+//! omnibox's benchmark harness: `bench/run.sh` (or `cargo bench --bench
+//! harness -- SCENARIO ...`). Prints events/s with the exact command behind
+//! each figure, and appends one JSON line per round to bench/results/ in the
+//! shape of the Python peer's benchmark (shared/peer), for side-by-side tables.
+//!
+//! Scenarios:
+//!   enqueue  `omnibox enqueue --jsonl` of N events into PostgreSQL (the
+//!            release binary, in a fresh schema per round; includes process
+//!            start, JSON parsing, validation and the inserts).
+//!
+//! Needs OMNIBOX_BENCH_DATABASE_URL (bench/run.sh starts a server when unset).
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Instant;
+
+use clap::Parser;
+use serde_json::json;
+
+#[derive(Debug, Parser)]
+#[command(about = "omnibox benchmark harness")]
+struct Args {
+    /// Scenario to run
+    #[arg(value_parser = ["enqueue"])]
+    scenario: String,
+    /// Events per round
+    #[arg(long, default_value_t = 20_000)]
+    events: usize,
+    /// Rounds (the median is reported)
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
+    /// Distinct partition keys (0 = one per event, like the peer's keys=unique)
+    #[arg(long, default_value_t = 0)]
+    keys: usize,
+    /// Accepted for `cargo bench` compatibility
+    #[arg(long, hide = true)]
+    bench: bool,
+}
+
+fn main() {
+    let args = Args::parse();
+    let url = std::env::var("OMNIBOX_BENCH_DATABASE_URL").unwrap_or_else(|_| {
+        eprintln!(
+            "OMNIBOX_BENCH_DATABASE_URL is not set; run bench/run.sh, which starts PostgreSQL"
+        );
+        std::process::exit(2);
+    });
+    match args.scenario.as_str() {
+        "enqueue" => enqueue(&args, &url),
+        _ => unreachable!(),
+    }
+}
+
+fn bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_omnibox"))
+}
+
+fn results_file() -> PathBuf {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("bench/results");
+    std::fs::create_dir_all(&dir).expect("create bench/results");
+    dir.join("results.jsonl")
+}
+
+/// The peer's row shape: topic orders.events, ~157-character payload, one header.
+fn write_events(path: &Path, n: usize, keys: usize) {
+    let mut out = std::io::BufWriter::new(std::fs::File::create(path).expect("create input"));
+    for i in 0..n {
+        let key_no = if keys == 0 { i } else { i % keys };
+        let aggregate = format!("00000000-0000-7000-8000-{key_no:012}");
+        let line = json!({
+            "aggregate_type": "order",
+            "aggregate_id": aggregate,
+            "event_type": "order.created",
+            "topic": "orders.events",
+            "partition_key": aggregate,
+            "headers": {"source": "bench"},
+            "payload": {
+                "order_id": aggregate,
+                "customer_id": format!("customer-{:06}", i % 1000),
+                "amount_cents": 1000 + i % 5000,
+                "currency": "EUR",
+                "items": [{"sku": "SKU-1", "qty": 1}],
+                "seq": i
+            }
+        });
+        writeln!(out, "{line}").expect("write input");
+    }
+}
+
+fn omnibox(url: &str, schema: &str, args: &[&str], stdin: Option<&Path>) -> std::process::Output {
+    let mut cmd = Command::new(bin());
+    cmd.args(args)
+        .env("OMNIBOX_DATABASE_URL", url)
+        .env("OMNIBOX_DATABASE_SCHEMA", schema)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    if let Some(path) = stdin {
+        cmd.stdin(std::fs::File::open(path).expect("open input"));
+    }
+    let out = cmd.output().expect("run omnibox");
+    if !out.status.success() {
+        panic!(
+            "omnibox {args:?} failed: {}\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    out
+}
+
+/// A connection for checks outside the timed region.
+struct Db {
+    rt: tokio::runtime::Runtime,
+    pool: sqlx::PgPool,
+}
+
+impl Db {
+    fn new(url: &str) -> Db {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let pool = rt.block_on(sqlx::PgPool::connect(url)).expect("connect");
+        Db { rt, pool }
+    }
+
+    fn scalar(&self, sql: String) -> String {
+        self.rt
+            .block_on(sqlx::query_scalar(sqlx::AssertSqlSafe(sql)).fetch_one(&self.pool))
+            .expect("query")
+    }
+
+    fn exec(&self, sql: String) {
+        self.rt
+            .block_on(sqlx::query(sqlx::AssertSqlSafe(sql)).execute(&self.pool))
+            .expect("statement");
+    }
+}
+
+fn enqueue(args: &Args, url: &str) {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("events.jsonl");
+    write_events(&input, args.events, args.keys);
+    let db = Db::new(url);
+    let mut rates = Vec::new();
+    let mut results = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(results_file())
+        .unwrap();
+    let command = format!(
+        "OMNIBOX_DATABASE_URL=<url> OMNIBOX_DATABASE_SCHEMA=<fresh> omnibox enqueue --jsonl < events.jsonl  # {} events",
+        args.events
+    );
+    for round in 1..=args.rounds {
+        let schema = format!("bench_{}", uuid::Uuid::new_v4().simple());
+        omnibox(url, &schema, &["migrate", "-q"], None);
+        let start = Instant::now();
+        omnibox(url, &schema, &["enqueue", "--jsonl", "-q"], Some(&input));
+        let secs = start.elapsed().as_secs_f64();
+        let count = db.scalar(format!("SELECT count(*)::text FROM {schema}.outbox_events"));
+        let verified = count == args.events.to_string();
+        db.exec(format!("DROP SCHEMA {schema} CASCADE"));
+        let rate = args.events as f64 / secs;
+        rates.push(rate);
+        println!(
+            "enqueue round {round}: {} events in {secs:.3} s = {rate:.0} events/s (rows in table: {count}, verified: {verified})",
+            args.events
+        );
+        let line = json!({
+            "scenario": "omnibox_enqueue",
+            "events": args.events,
+            "seconds": secs,
+            "events_per_s": rate,
+            "params": {"keys": if args.keys == 0 { json!("unique") } else { json!(args.keys) }, "round": round, "transactions": 1},
+            "verified": verified,
+        });
+        writeln!(results, "{line}").unwrap();
+        assert!(verified, "expected {} rows, found {count}", args.events);
+    }
+    report("enqueue", &rates, &command);
+}
+
+fn report(name: &str, rates: &[f64], command: &str) {
+    let mut sorted = rates.to_vec();
+    sorted.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    let median = sorted[sorted.len() / 2];
+    println!(
+        "{name}: median {median:.0} events/s (min {:.0}, max {:.0}, {} rounds)\n  command: {command}",
+        sorted[0],
+        sorted[sorted.len() - 1],
+        sorted.len()
+    );
+}

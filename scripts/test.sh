@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# The test command (README): provisions what the tests need and runs every test.
+#
+#   scripts/test.sh [extra nextest arguments]
+#
+# - PostgreSQL: uses OMNIBOX_TEST_DATABASE_URL when set; otherwise installs
+#   Debian's postgresql package if missing and starts a private, throwaway
+#   server on 127.0.0.1:${OMNIBOX_TEST_PG_PORT:-54329}, stopped (by PID) on exit.
+# - Every test gets its own SQLite file or PostgreSQL schema, so tests run
+#   in parallel. Under CI=true a test that cannot reach its database fails.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PG_PORT=${OMNIBOX_TEST_PG_PORT:-54329}
+started_pg=0
+cleanup() {
+  if [ "$started_pg" = 1 ]; then scripts/postgres.sh stop --port "$PG_PORT" || true; fi
+}
+trap cleanup EXIT INT TERM
+
+if [ -z "${OMNIBOX_TEST_DATABASE_URL:-}" ]; then
+  eval "$(scripts/postgres.sh start --port "$PG_PORT")"
+  started_pg=1
+fi
+export OMNIBOX_TEST_DATABASE_URL
+
+if cargo nextest --version >/dev/null 2>&1; then
+  cargo nextest run --all-targets --no-fail-fast "$@"
+else
+  echo "[test.sh] cargo-nextest not found; using cargo test" >&2
+  cargo test --all-targets --no-fail-fast "$@"
+fi
+# nextest does not run doctests.
+cargo test --doc --quiet

@@ -1,0 +1,109 @@
+//! Parsers for values that several commands take.
+
+use std::time::Duration;
+
+use omnibox::{Timestamp, time};
+
+/// A duration such as `90s`, `5m`, `1h30m`, `7d`, `2w`, `250ms`.
+pub fn duration(text: &str) -> Result<Duration, String> {
+    let t = text.trim();
+    if t.is_empty() {
+        return Err("empty duration; write e.g. 30s, 5m, 2h or 7d".into());
+    }
+    let mut total = Duration::ZERO;
+    let mut rest = t;
+    while !rest.is_empty() {
+        let digits = rest
+            .find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(rest.len());
+        if digits == 0 {
+            return Err(format!(
+                "{text:?} is not a duration; write e.g. 30s, 5m, 2h or 7d"
+            ));
+        }
+        let n: u64 = rest[..digits]
+            .parse()
+            .map_err(|_| format!("{text:?}: number too large"))?;
+        rest = &rest[digits..];
+        let unit_len = rest
+            .find(|c: char| c.is_ascii_digit())
+            .unwrap_or(rest.len());
+        let unit = &rest[..unit_len];
+        rest = &rest[unit_len..];
+        let secs = match unit {
+            "ms" => {
+                total += Duration::from_millis(n);
+                continue;
+            }
+            "s" | "sec" | "secs" => 1,
+            "m" | "min" | "mins" => 60,
+            "h" | "hour" | "hours" => 3600,
+            "d" | "day" | "days" => 86_400,
+            "w" | "week" | "weeks" => 604_800,
+            "" => {
+                return Err(format!(
+                    "{text:?} has no unit; write e.g. {n}s, {n}m, {n}h or {n}d"
+                ));
+            }
+            other => {
+                return Err(format!(
+                    "{text:?}: unknown unit {other:?}; use ms, s, m, h, d or w"
+                ));
+            }
+        };
+        total += Duration::from_secs(n.saturating_mul(secs));
+    }
+    Ok(total)
+}
+
+/// A point in time: RFC 3339 with an offset, or a duration meaning "that long ago".
+pub fn since(text: &str) -> Result<Timestamp, String> {
+    if text.trim().starts_with(|c: char| c.is_ascii_digit()) && !text.contains('-') {
+        let d = duration(text)?;
+        let d = chrono::Duration::from_std(d).map_err(|_| format!("{text:?} is too long ago"))?;
+        return Ok(time::now() - d);
+    }
+    time::parse("time", text).map_err(|e| match e {
+        omnibox::Error::Validation { message, .. } => {
+            format!("{message}; or give a duration such as 2h (meaning 2 hours ago)")
+        }
+        other => other.to_string(),
+    })
+}
+
+/// A UUID.
+pub fn uuid(text: &str) -> Result<uuid::Uuid, String> {
+    uuid::Uuid::parse_str(text.trim()).map_err(|e| format!("{text:?} is not a UUID ({e})"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(duration("90s").unwrap(), Duration::from_secs(90));
+        assert_eq!(duration("5m").unwrap(), Duration::from_secs(300));
+        assert_eq!(duration("1h30m").unwrap(), Duration::from_secs(5400));
+        assert_eq!(duration("7d").unwrap(), Duration::from_secs(604_800));
+        assert_eq!(duration("250ms").unwrap(), Duration::from_millis(250));
+        assert!(duration("5").unwrap_err().contains("has no unit"));
+        assert!(duration("5y").unwrap_err().contains("unknown unit"));
+        assert!(duration("abc").is_err());
+        assert!(duration("").is_err());
+    }
+
+    #[test]
+    fn since_accepts_both_forms() {
+        let t = since("2026-01-01T00:00:00Z").unwrap();
+        assert_eq!(time::format(&t), "2026-01-01T00:00:00.000000Z");
+        let ago = since("2h").unwrap();
+        let delta = time::now() - ago;
+        assert!((delta.num_seconds() - 7200).abs() < 5);
+        assert!(
+            since("2026-01-01T00:00:00")
+                .unwrap_err()
+                .contains("no UTC offset")
+        );
+    }
+}

@@ -1,0 +1,65 @@
+//! Settings: flag > environment > `omnibox.toml` > default. Flags and
+//! environment are resolved by clap (`#[arg(env = ...)]`); this module adds
+//! the file and the defaults.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context as _, Result};
+use serde::Deserialize;
+
+use super::GlobalArgs;
+use super::output::Format;
+
+/// The configuration file's keys. Unknown keys are an error, so a typo does
+/// not silently fall back to a default.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    /// Database URL.
+    pub database_url: Option<String>,
+    /// PostgreSQL schema.
+    pub schema: Option<String>,
+    /// Output format.
+    pub format: Option<Format>,
+}
+
+/// The resolved settings every command sees.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub database_url: String,
+    pub schema: Option<String>,
+    pub format: Format,
+    /// Where the file settings came from, if any.
+    pub config_file: Option<PathBuf>,
+}
+
+pub const DEFAULT_FILE: &str = "omnibox.toml";
+
+pub fn load(global: &GlobalArgs) -> Result<Settings> {
+    let (file, path) = match &global.config {
+        Some(path) => (read(path)?, Some(path.clone())),
+        None if Path::new(DEFAULT_FILE).exists() => (
+            read(Path::new(DEFAULT_FILE))?,
+            Some(PathBuf::from(DEFAULT_FILE)),
+        ),
+        None => (FileConfig::default(), None),
+    };
+    Ok(Settings {
+        database_url: global
+            .database_url
+            .clone()
+            .or(file.database_url)
+            .unwrap_or_else(|| omnibox::store::DEFAULT_DATABASE_URL.to_string()),
+        schema: global.schema.clone().or(file.schema),
+        format: global.format.or(file.format).unwrap_or(Format::Table),
+        config_file: path,
+    })
+}
+
+fn read(path: &Path) -> Result<FileConfig> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read the config file {}", path.display()))?;
+    toml::from_str(&text).map_err(|e| {
+        super::UsageError(format!("config file {}: {}", path.display(), e.message())).into()
+    })
+}

@@ -1,0 +1,326 @@
+//! `omnibox enqueue`: insert outbox events from flags or JSON lines.
+
+use std::io::{BufRead, BufReader, Read};
+use std::path::PathBuf;
+
+use anyhow::{Context as _, Result};
+use clap::Args;
+use omnibox::store::BulkOutcome;
+use omnibox::{DomainService, Headers, NewOutboxEvent, OutboxEvent, OutboxStore, Timestamp, time};
+use serde::Serialize;
+use uuid::Uuid;
+
+use super::output::{self, Format};
+use super::{Context, ExitStatus, UsageError, args};
+
+/// Rows per insert statement and per hand-over from the parser.
+const CHUNK: usize = 1000;
+/// Longest accepted input line (a payload is at most 1,000,000 bytes).
+const MAX_LINE: u64 = 4 * 1024 * 1024;
+
+/// Insert outbox events: one from flags, or many as JSON lines
+///
+/// With --jsonl, each line of the input is one event: an object with the
+/// fields aggregate_type, aggregate_id (UUID), event_type, topic,
+/// partition_key and payload (object), and optionally id, headers,
+/// idempotency_key, trace_id, correlation_id, causation_id, schema_version,
+/// max_attempts and scheduled_at (RFC 3339 with an offset). The input is
+/// validated and inserted in one transaction: a bad line is reported with
+/// its number and nothing of the input is written. An event whose
+/// idempotency key exists already is not inserted again.
+///
+/// Examples:
+///   omnibox enqueue --aggregate-type order --aggregate-id 0190f1d2-7a3b-7cde-8f00-123456789abc \
+///       --event-type order.created --topic orders --partition-key order-42 --payload '{"total": 12.5}'
+///   omnibox enqueue --jsonl events.jsonl
+///   generate-events | omnibox enqueue --jsonl
+#[derive(Debug, Args)]
+#[command(verbatim_doc_comment)]
+pub struct EnqueueArgs {
+    /// Read events as JSON lines from PATH, or from stdin when PATH is - or omitted
+    #[arg(long, value_name = "PATH", num_args = 0..=1, default_missing_value = "-")]
+    jsonl: Option<PathBuf>,
+
+    /// Kind of aggregate, e.g. order
+    #[arg(
+        long,
+        value_name = "TYPE",
+        required_unless_present = "jsonl",
+        conflicts_with = "jsonl"
+    )]
+    aggregate_type: Option<String>,
+    /// The aggregate's id (UUID)
+    #[arg(long, value_name = "UUID", value_parser = args::uuid, required_unless_present = "jsonl", conflicts_with = "jsonl")]
+    aggregate_id: Option<Uuid>,
+    /// Event type, e.g. order.created
+    #[arg(
+        long,
+        value_name = "TYPE",
+        required_unless_present = "jsonl",
+        conflicts_with = "jsonl"
+    )]
+    event_type: Option<String>,
+    /// Broker topic
+    #[arg(long, required_unless_present = "jsonl", conflicts_with = "jsonl")]
+    topic: Option<String>,
+    /// Broker key; events of one key are published in order
+    #[arg(
+        long,
+        value_name = "KEY",
+        required_unless_present = "jsonl",
+        conflicts_with = "jsonl"
+    )]
+    partition_key: Option<String>,
+    /// The payload: a JSON object, or @PATH to read it from a file
+    #[arg(
+        long,
+        value_name = "JSON",
+        required_unless_present = "jsonl",
+        conflicts_with = "jsonl"
+    )]
+    payload: Option<String>,
+    /// A header KEY=VALUE (repeatable)
+    #[arg(long = "header", value_name = "KEY=VALUE", value_parser = parse_header, conflicts_with = "jsonl")]
+    headers: Vec<(String, String)>,
+    /// Event id [default: a new UUIDv7]
+    #[arg(long, value_parser = args::uuid, conflicts_with = "jsonl")]
+    id: Option<Uuid>,
+    /// Idempotency key: an event with an existing key is not inserted again
+    #[arg(long, value_name = "KEY", conflicts_with = "jsonl")]
+    idempotency_key: Option<String>,
+    /// Trace id
+    #[arg(long, conflicts_with = "jsonl")]
+    trace_id: Option<String>,
+    /// Correlation id
+    #[arg(long, conflicts_with = "jsonl")]
+    correlation_id: Option<String>,
+    /// Causation id
+    #[arg(long, conflicts_with = "jsonl")]
+    causation_id: Option<String>,
+    /// Payload schema version, e.g. 1.0.0
+    #[arg(long, value_name = "VERSION", conflicts_with = "jsonl")]
+    schema_version: Option<String>,
+    /// Counted failures before the event is failed [default: 6]
+    #[arg(long, value_name = "N", conflicts_with = "jsonl")]
+    max_attempts: Option<i32>,
+    /// Publish no earlier than this time (RFC 3339 with an offset)
+    #[arg(long, value_name = "TIME", value_parser = parse_time, conflicts_with = "jsonl")]
+    scheduled_at: Option<Timestamp>,
+}
+
+fn parse_header(s: &str) -> Result<(String, String), String> {
+    let (k, v) = s
+        .split_once('=')
+        .ok_or_else(|| format!("{s:?} is not KEY=VALUE"))?;
+    Ok((k.to_string(), v.to_string()))
+}
+
+fn parse_time(s: &str) -> Result<Timestamp, String> {
+    time::parse("scheduled_at", s).map_err(|e| match e {
+        omnibox::Error::Validation { message, .. } => message,
+        other => other.to_string(),
+    })
+}
+
+/// `--format json` shape of enqueue.
+#[derive(Debug, Default, Serialize)]
+struct Report {
+    /// Rows written.
+    inserted: u64,
+    /// Inputs whose idempotency key existed (nothing written).
+    existing: u64,
+    /// Id of each input's row, in input order (the existing row's id for an existing key).
+    ids: Vec<Uuid>,
+}
+
+impl Report {
+    fn add(&mut self, outcomes: &[BulkOutcome]) {
+        for o in outcomes {
+            if o.existing {
+                self.existing += 1;
+            } else {
+                self.inserted += 1;
+            }
+            self.ids.push(o.id);
+        }
+    }
+}
+
+pub async fn run(args: EnqueueArgs, ctx: &Context) -> Result<ExitStatus> {
+    let report = match args.jsonl.clone() {
+        Some(path) => from_lines(path, ctx).await?,
+        None => from_flags(args, ctx).await?,
+    };
+    match ctx.format() {
+        Format::Json => output::json(&report)?,
+        Format::Table => {
+            let noun = if report.inserted == 1 {
+                "event"
+            } else {
+                "events"
+            };
+            let mut msg = format!("Enqueued {} {noun}", report.inserted);
+            if report.existing > 0 {
+                msg.push_str(&format!(
+                    "; {} already existed (same idempotency key)",
+                    report.existing
+                ));
+            }
+            if report.ids.len() == 1 {
+                msg.push_str(&format!(": {}", report.ids[0]));
+            }
+            output::line(format!("{msg}."))?;
+        }
+    }
+    Ok(ExitStatus::Success)
+}
+
+async fn from_flags(args: EnqueueArgs, ctx: &Context) -> Result<Report> {
+    let payload_text = args.payload.expect("required by clap");
+    let payload_text = match payload_text.strip_prefix('@') {
+        Some(path) => std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read the payload file {path}"))?,
+        None => payload_text,
+    };
+    let payload: serde_json::Value = serde_json::from_str(&payload_text).map_err(|e| {
+        let msg = omnibox::model::input::json_error(e).to_string();
+        UsageError(format!("--payload: {}", msg.trim_start_matches("json: ")))
+    })?;
+    let headers: Option<Headers> = if args.headers.is_empty() {
+        None
+    } else {
+        Some(args.headers.into_iter().collect())
+    };
+    let new = NewOutboxEvent {
+        aggregate_type: args.aggregate_type.expect("required by clap"),
+        aggregate_id: args.aggregate_id.expect("required by clap"),
+        event_type: args.event_type.expect("required by clap"),
+        topic: args.topic.expect("required by clap"),
+        partition_key: args.partition_key.expect("required by clap"),
+        payload,
+        headers,
+        id: args.id,
+        idempotency_key: args.idempotency_key,
+        trace_id: args.trace_id,
+        correlation_id: args.correlation_id,
+        causation_id: args.causation_id,
+        schema_version: args.schema_version,
+        max_attempts: args.max_attempts,
+        scheduled_at: args.scheduled_at,
+        created_at: None,
+    };
+    let event = DomainService::default().create_outbox_event(new)?;
+    let store = ctx.store().await?;
+    let created = store.outbox().create(&event).await?;
+    let mut report = Report::default();
+    report.add(&[BulkOutcome {
+        existing: !created.is_inserted(),
+        id: created.into_inner().id(),
+    }]);
+    Ok(report)
+}
+
+/// Parses and validates on a blocking thread while the previous chunk is
+/// inserted; everything goes into one transaction.
+async fn from_lines(path: PathBuf, ctx: &Context) -> Result<Report> {
+    let input: Box<dyn Read + Send> = if path.as_os_str() == "-" {
+        Box::new(std::io::stdin())
+    } else {
+        Box::new(
+            std::fs::File::open(&path)
+                .map_err(|e| UsageError(format!("cannot open {}: {e}", path.display())))?,
+        )
+    };
+    let store = ctx.store().await?;
+    let (tx, rx) = tokio::sync::mpsc::channel::<omnibox::Result<Vec<OutboxEvent>>>(4);
+    let parser = tokio::task::spawn_blocking(move || parse_lines(input, tx));
+    let outbox = store.outbox();
+    let mut writer = outbox.begin_bulk().await?;
+    let started = std::time::Instant::now();
+    let chunks = tokio_stream_from(rx);
+    let outcomes = match writer.insert_stream(chunks).await {
+        Ok(o) => o,
+        Err(e) => {
+            writer.rollback().await?;
+            return Err(e.into());
+        }
+    };
+    parser.await?;
+    writer.commit().await?;
+    tracing::debug!(elapsed = ?started.elapsed(), events = outcomes.len(), "enqueued");
+    let mut report = Report::default();
+    report.add(&outcomes);
+    if report.ids.is_empty() && !ctx.quiet {
+        eprintln!("omnibox: warning: the input held no events");
+    }
+    Ok(report)
+}
+
+fn tokio_stream_from<T: Send + 'static>(
+    mut rx: tokio::sync::mpsc::Receiver<T>,
+) -> impl futures_util::Stream<Item = T> + Send {
+    futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx))
+}
+
+/// A bad line: an input error naming the line (exit 2).
+fn line_error(number: u64, message: impl std::fmt::Display) -> omnibox::Error {
+    omnibox::Error::validation(format!("line {number}"), message.to_string())
+}
+
+fn parse_lines(
+    input: Box<dyn Read + Send>,
+    tx: tokio::sync::mpsc::Sender<omnibox::Result<Vec<OutboxEvent>>>,
+) {
+    let domain = DomainService::default();
+    let mut reader = BufReader::with_capacity(1 << 16, input);
+    let mut buf = Vec::new();
+    let mut chunk = Vec::with_capacity(CHUNK);
+    let mut number = 0u64;
+    loop {
+        number += 1;
+        buf.clear();
+        let read = match (&mut reader).take(MAX_LINE + 1).read_until(b'\n', &mut buf) {
+            Ok(n) => n,
+            Err(e) => {
+                let _ = tx.blocking_send(Err(line_error(
+                    number,
+                    format!("cannot read the input: {e}"),
+                )));
+                return;
+            }
+        };
+        if read == 0 {
+            break;
+        }
+        if buf.len() as u64 > MAX_LINE {
+            let _ = tx.blocking_send(Err(line_error(
+                number,
+                format!("longer than {MAX_LINE} bytes; a payload may be at most 1000000 bytes"),
+            )));
+            return;
+        }
+        let line = match std::str::from_utf8(&buf) {
+            Ok(s) => s.trim(),
+            Err(e) => {
+                let _ = tx.blocking_send(Err(line_error(number, format!("not valid UTF-8 ({e})"))));
+                return;
+            }
+        };
+        if line.is_empty() {
+            continue;
+        }
+        match NewOutboxEvent::from_json(line).and_then(|n| domain.create_outbox_event(n)) {
+            Ok(event) => chunk.push(event),
+            Err(e) => {
+                let _ = tx.blocking_send(Err(line_error(number, e)));
+                return;
+            }
+        }
+        if chunk.len() == CHUNK && tx.blocking_send(Ok(std::mem::take(&mut chunk))).is_err() {
+            return;
+        }
+    }
+    if !chunk.is_empty() {
+        let _ = tx.blocking_send(Ok(chunk));
+    }
+}

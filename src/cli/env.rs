@@ -1,0 +1,18 @@
+//! Every environment variable the CLI reads, in one place.
+
+/// Database URL (`--database-url`); default `sqlite://omnibox.db`.
+pub const DATABASE_URL: &str = "OMNIBOX_DATABASE_URL";
+/// PostgreSQL schema holding the tables (`--schema`).
+pub const DATABASE_SCHEMA: &str = "OMNIBOX_DATABASE_SCHEMA";
+/// Path of the configuration file (`--config`); default `./omnibox.toml` if present.
+pub const CONFIG: &str = "OMNIBOX_CONFIG";
+/// Output format of reporting commands (`--format`): `table` or `json`.
+pub const FORMAT: &str = "OMNIBOX_FORMAT";
+/// Log filter in `tracing` syntax (e.g. `omnibox=debug`); wins over `RUST_LOG`.
+pub const LOG: &str = "OMNIBOX_LOG";
+/// Log filter used when `OMNIBOX_LOG` is unset.
+pub const RUST_LOG: &str = "RUST_LOG";
+/// Log format (`--log-format`): `text` or `json`.
+pub const LOG_FORMAT: &str = "OMNIBOX_LOG_FORMAT";
+/// Any value turns colour off (<https://no-color.org>).
+pub const NO_COLOR: &str = "NO_COLOR";

@@ -1,0 +1,143 @@
+//! `omnibox list`: rows with filters.
+
+use anyhow::Result;
+use clap::Args;
+use omnibox::store::{AnyStore, ListFilter};
+use omnibox::{Event, EventStatus, EventStore, Route, Table, Timestamp, time};
+use serde_json::json;
+
+use super::output::{self, Format, ellipsize};
+use super::{Context, ExitStatus, args};
+
+/// List events with filters, oldest first
+///
+/// Examples:
+///   omnibox list --status failed
+///   omnibox list --table inbox --since 2h --limit 20
+///   omnibox list --topic orders --event-type order.created --format json
+#[derive(Debug, Args)]
+#[command(verbatim_doc_comment)]
+pub struct ListArgs {
+    /// Which table
+    #[arg(long, value_enum, default_value_t = TableArg::Outbox)]
+    table: TableArg,
+    /// Only this status: pending, completed or failed
+    #[arg(long, value_parser = parse_status)]
+    status: Option<EventStatus>,
+    /// Only this event type
+    #[arg(long, value_name = "TYPE")]
+    event_type: Option<String>,
+    /// Only this topic (outbox) or source (inbox)
+    #[arg(long, alias = "source")]
+    topic: Option<String>,
+    /// Only rows created since: RFC 3339 (2026-01-31T12:00:00Z) or a duration ago (2h)
+    #[arg(long, value_parser = args::since, value_name = "TIME")]
+    since: Option<Timestamp>,
+    /// Most rows to show
+    #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    limit: u32,
+    /// Start after this sequence number (paging: pass the last seq shown)
+    #[arg(long, value_name = "SEQ")]
+    after: Option<i64>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum TableArg {
+    Outbox,
+    Inbox,
+}
+
+impl From<TableArg> for Table {
+    fn from(t: TableArg) -> Table {
+        match t {
+            TableArg::Outbox => Table::Outbox,
+            TableArg::Inbox => Table::Inbox,
+        }
+    }
+}
+
+fn parse_status(s: &str) -> Result<EventStatus, String> {
+    s.parse::<EventStatus>().map_err(|e| match e {
+        omnibox::Error::Validation { message, .. } => message,
+        other => other.to_string(),
+    })
+}
+
+pub async fn run(args: ListArgs, ctx: &Context) -> Result<ExitStatus> {
+    let store: AnyStore = ctx.store().await?;
+    let filter = ListFilter {
+        status: args.status,
+        event_type: args.event_type.clone(),
+        topic: args.topic.clone(),
+        since: args.since,
+        after_seq: args.after,
+        limit: Some(args.limit),
+    };
+    let table = Table::from(args.table);
+    match table {
+        Table::Outbox => {
+            let rows = store.outbox().list(&filter).await?;
+            print(ctx, table, &rows, |e| {
+                (e.topic().to_string(), e.partition_key().to_string())
+            })
+        }
+        Table::Inbox => {
+            let rows = store.inbox().list(&filter).await?;
+            print(ctx, table, &rows, |e| {
+                (e.source().to_string(), e.message_id().to_string())
+            })
+        }
+    }
+}
+
+fn print<R: Route + serde::Serialize>(
+    ctx: &Context,
+    table: Table,
+    rows: &[Event<R>],
+    route: impl Fn(&Event<R>) -> (String, String),
+) -> Result<ExitStatus> {
+    match ctx.format() {
+        Format::Json => output::json(&json!({ "table": table, "events": rows }))?,
+        Format::Table => {
+            let (topic, key) = match table {
+                Table::Outbox => ("topic", "key"),
+                Table::Inbox => ("source", "message id"),
+            };
+            let mut t = output::table([
+                "seq",
+                "id",
+                "status",
+                "event type",
+                topic,
+                key,
+                "attempts",
+                "scheduled at",
+                "locked by",
+                "last error",
+            ]);
+            for e in rows {
+                let (topic, key) = route(e);
+                t.add_row(vec![
+                    e.seq().map(|s| s.to_string()).unwrap_or_default(),
+                    e.id().to_string(),
+                    e.status().to_string(),
+                    e.event_type().to_string(),
+                    topic,
+                    ellipsize(&key, 40),
+                    format!("{}/{}", e.attempts_made(), e.max_attempts()),
+                    time::format(&e.scheduled_at()),
+                    e.locked_by().unwrap_or("-").to_string(),
+                    e.last_error()
+                        .map(|m| ellipsize(m, 50))
+                        .unwrap_or_else(|| "-".into()),
+                ]);
+            }
+            if rows.is_empty() {
+                output::line("No events match.")?;
+            } else {
+                output::line(t)?;
+            }
+        }
+    }
+    Ok(ExitStatus::Success)
+}

@@ -1,0 +1,288 @@
+//! The command line: arguments, settings, logging, exit codes. Each
+//! subcommand lives in its own file with an `XxxArgs` and a `run`.
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Result;
+use clap::{Args, Parser, Subcommand};
+use omnibox::store::{AnyStore, StoreOptions, redact_url};
+
+mod args;
+mod config;
+mod enqueue;
+mod env;
+mod list;
+mod migrate;
+mod output;
+mod show;
+mod status;
+
+use output::Format;
+
+/// Transactional outbox and inbox for PostgreSQL and SQLite: enqueue events,
+/// inspect them, and operate the tables.
+#[derive(Debug, Parser)]
+#[command(
+    name = "omnibox",
+    version,
+    about,
+    propagate_version = true,
+    max_term_width = 100,
+    after_help = "Exit status: 0 success; 1 the command ran and the answer is no (or a runtime failure); \
+                  2 usage, input or connection error (nothing changed); 3 partially done."
+)]
+pub struct Cli {
+    #[command(flatten)]
+    global: GlobalArgs,
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// Options every command takes.
+#[derive(Debug, Args)]
+#[command(next_help_heading = "Global options")]
+pub struct GlobalArgs {
+    /// Database URL: sqlite://PATH or postgres://USER:PASS@HOST/DB [default: sqlite://omnibox.db]
+    #[arg(long, global = true, env = env::DATABASE_URL, value_name = "URL", hide_env_values = true)]
+    database_url: Option<String>,
+
+    /// PostgreSQL schema that holds the tables (created by `migrate`)
+    #[arg(long, global = true, env = env::DATABASE_SCHEMA, value_name = "NAME", hide_env_values = true)]
+    schema: Option<String>,
+
+    /// Configuration file [default: ./omnibox.toml when present]
+    #[arg(long, global = true, env = env::CONFIG, value_name = "PATH", hide_env_values = true)]
+    config: Option<PathBuf>,
+
+    /// Output format: table for people, json for scripts [default: table]
+    #[arg(long, global = true, env = env::FORMAT, value_enum, hide_env_values = true)]
+    format: Option<Format>,
+
+    /// When to use colour
+    #[arg(long, global = true, value_enum, default_value_t = ColorChoice::Auto)]
+    color: ColorChoice,
+
+    /// Log format on stderr
+    #[arg(long, global = true, env = env::LOG_FORMAT, value_enum, default_value_t = LogFormat::Text, hide_env_values = true)]
+    log_format: LogFormat,
+
+    /// More logging (-v info, -vv debug, -vvv trace)
+    #[arg(short, long, global = true, action = clap::ArgAction::Count, conflicts_with = "quiet")]
+    verbose: u8,
+
+    /// Only errors on stderr
+    #[arg(short, long, global = true)]
+    quiet: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum ColorChoice {
+    Auto,
+    Always,
+    Never,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    Migrate(migrate::MigrateArgs),
+    Enqueue(Box<enqueue::EnqueueArgs>),
+    Status(status::StatusArgs),
+    List(list::ListArgs),
+    Show(show::ShowArgs),
+}
+
+/// What a command hands back: its exit status.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExitStatus {
+    /// 0: done.
+    Success,
+    /// 1: the command ran and the answer is "no".
+    No,
+}
+
+/// An error in what the user asked for: exit 2, nothing changed.
+#[derive(Debug)]
+pub struct UsageError(pub String);
+
+impl std::fmt::Display for UsageError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for UsageError {}
+
+/// Shared state of one invocation.
+pub struct Context {
+    pub settings: config::Settings,
+    pub quiet: bool,
+}
+
+impl Context {
+    pub fn format(&self) -> Format {
+        self.settings.format
+    }
+
+    /// Connects to the configured database. The embedded SQLite default is
+    /// created and migrated on first use; PostgreSQL must be migrated with
+    /// `omnibox migrate`.
+    pub async fn store(&self) -> Result<AnyStore> {
+        let store = self.connect().await?;
+        if let AnyStore::Sqlite(_) = store {
+            store.migrate().await?;
+        } else {
+            store.ensure_migrated().await?;
+        }
+        Ok(store)
+    }
+
+    /// Connects without checking the schema.
+    pub async fn connect(&self) -> Result<AnyStore> {
+        let opts = StoreOptions {
+            schema: self.settings.schema.clone(),
+            max_connections: None,
+        };
+        tracing::debug!(url = %redact_url(&self.settings.database_url), "connecting");
+        Ok(AnyStore::connect(&self.settings.database_url, &opts).await?)
+    }
+}
+
+pub fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            // clap prints usage errors on stderr (exit 2) and --help/--version on stdout (exit 0).
+            let _ = e.print();
+            return ExitCode::from(if e.use_stderr() { 2 } else { 0 });
+        }
+    };
+    let color = use_color(cli.global.color);
+    init_logging(&cli.global);
+    let settings = match config::load(&cli.global) {
+        Ok(s) => s,
+        Err(e) => return report(&e, color),
+    };
+    if let Some(path) = &settings.config_file {
+        tracing::debug!(path = %path.display(), "read the config file");
+    }
+    let ctx = Context {
+        settings,
+        quiet: cli.global.quiet,
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => return report(&e.into(), color),
+    };
+    let result = runtime.block_on(async {
+        match cli.command {
+            Command::Migrate(args) => migrate::run(args, &ctx).await,
+            Command::Enqueue(args) => enqueue::run(*args, &ctx).await,
+            Command::Status(args) => status::run(args, &ctx).await,
+            Command::List(args) => list::run(args, &ctx).await,
+            Command::Show(args) => show::run(args, &ctx).await,
+        }
+    });
+    match result {
+        Ok(ExitStatus::Success) => ExitCode::SUCCESS,
+        Ok(ExitStatus::No) => ExitCode::from(1),
+        Err(e) => report(&e, color),
+    }
+}
+
+/// Prints `omnibox: error: ...` (and a hint where there is one) and picks the exit code.
+fn report(err: &anyhow::Error, color: bool) -> ExitCode {
+    if is_broken_pipe(err) {
+        return ExitCode::SUCCESS;
+    }
+    let prefix = if color {
+        "\x1b[1;31merror:\x1b[0m"
+    } else {
+        "error:"
+    };
+    eprintln!("omnibox: {prefix} {err:#}");
+    if let Some(hint) = hint(err) {
+        eprintln!("omnibox: hint: {hint}");
+    }
+    ExitCode::from(exit_code(err))
+}
+
+fn exit_code(err: &anyhow::Error) -> u8 {
+    if err.downcast_ref::<UsageError>().is_some() {
+        return 2;
+    }
+    match err.downcast_ref::<omnibox::Error>() {
+        Some(e) if e.is_input_error() || e.is_connection_error() => 2,
+        Some(omnibox::Error::Migration(_)) => 2,
+        Some(omnibox::Error::ConcurrentUpdate { .. }) => 3,
+        _ => 1,
+    }
+}
+
+fn hint(err: &anyhow::Error) -> Option<&'static str> {
+    match err.downcast_ref::<omnibox::Error>()? {
+        omnibox::Error::StorageConnection { .. } => {
+            Some("check --database-url / OMNIBOX_DATABASE_URL and that the server is up")
+        }
+        omnibox::Error::ConcurrentUpdate { .. } => {
+            Some("another worker or an operator changed these rows meanwhile; nothing was lost")
+        }
+        _ => None,
+    }
+}
+
+fn is_broken_pipe(err: &anyhow::Error) -> bool {
+    err.chain().any(|e| {
+        e.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+    })
+}
+
+fn use_color(choice: ColorChoice) -> bool {
+    match choice {
+        ColorChoice::Always => true,
+        ColorChoice::Never => false,
+        ColorChoice::Auto => {
+            std::env::var_os(env::NO_COLOR).is_none_or(|v| v.is_empty())
+                && std::io::stderr().is_terminal()
+        }
+    }
+}
+
+fn init_logging(global: &GlobalArgs) {
+    use tracing_subscriber::EnvFilter;
+    let level = if global.quiet {
+        "error"
+    } else {
+        match global.verbose {
+            0 => "warn",
+            1 => "info",
+            2 => "debug",
+            _ => "trace",
+        }
+    };
+    let filter = std::env::var(env::LOG)
+        .or_else(|_| std::env::var(env::RUST_LOG))
+        .ok()
+        .filter(|s| !s.trim().is_empty())
+        .and_then(|s| EnvFilter::try_new(s).ok())
+        .unwrap_or_else(|| EnvFilter::new(format!("{level},sqlx=warn")));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false);
+    let _ = match global.log_format {
+        LogFormat::Json => builder.json().try_init(),
+        LogFormat::Text => builder.with_ansi(use_color(global.color)).try_init(),
+    };
+}

@@ -1,0 +1,101 @@
+//! Output helpers: table or JSON on stdout, durations for humans.
+
+use std::io::Write;
+use std::time::Duration;
+
+use anyhow::Result;
+use comfy_table::{ContentArrangement, Table, presets};
+use serde::{Deserialize, Serialize};
+
+/// `--format`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Format {
+    /// Human-readable tables.
+    Table,
+    /// One JSON document per command, with a stable, documented shape.
+    Json,
+}
+
+/// A table in the house style.
+pub fn table<I, S>(header: I) -> Table
+where
+    I: IntoIterator<Item = S>,
+    S: Into<comfy_table::Cell>,
+{
+    let mut t = Table::new();
+    t.load_style(presets::UTF8_FULL_CONDENSED.with_rounded_corners())
+        .set_content_arrangement(ContentArrangement::Dynamic)
+        .set_header(header);
+    t
+}
+
+/// Writes a line to stdout.
+pub fn line(text: impl std::fmt::Display) -> Result<()> {
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "{text}")?;
+    Ok(())
+}
+
+/// Writes a value as pretty JSON to stdout.
+pub fn json<T: Serialize>(value: &T) -> Result<()> {
+    // Serialise first: a write error then surfaces as an io::Error (a
+    // broken pipe exits 0), not wrapped in serde_json's error.
+    let mut text = serde_json::to_string_pretty(value)?;
+    text.push('\n');
+    std::io::stdout().lock().write_all(text.as_bytes())?;
+    Ok(())
+}
+
+/// `3d 4h`, `5m 12s`, `800ms`: the two largest units.
+pub fn human_duration(d: Duration) -> String {
+    let secs = d.as_secs();
+    if secs == 0 {
+        return format!("{}ms", d.as_millis());
+    }
+    let (days, hours, mins, s) = (secs / 86_400, secs / 3600 % 24, secs / 60 % 60, secs % 60);
+    match (days, hours, mins) {
+        (0, 0, 0) => format!("{s}s"),
+        (0, 0, m) => format!("{m}m {s}s"),
+        (0, h, m) => format!("{h}h {m}m"),
+        (d, h, _) => format!("{d}d {h}h"),
+    }
+}
+
+/// Shortens text to `max` characters with an ellipsis.
+pub fn ellipsize(text: &str, max: usize) -> String {
+    let one_line: String = text
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect();
+    if one_line.chars().count() <= max {
+        one_line
+    } else {
+        let cut: String = one_line.chars().take(max.saturating_sub(1)).collect();
+        format!("{cut}…")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(human_duration(Duration::from_millis(800)), "800ms");
+        assert_eq!(human_duration(Duration::from_secs(42)), "42s");
+        assert_eq!(human_duration(Duration::from_secs(312)), "5m 12s");
+        assert_eq!(human_duration(Duration::from_secs(3 * 3600 + 60)), "3h 1m");
+        assert_eq!(
+            human_duration(Duration::from_secs(2 * 86_400 + 3600)),
+            "2d 1h"
+        );
+    }
+
+    #[test]
+    fn ellipsis() {
+        assert_eq!(ellipsize("short", 10), "short");
+        assert_eq!(ellipsize("a\nb", 10), "a b");
+        assert_eq!(ellipsize("abcdefghijk", 5), "abcd…");
+    }
+}

@@ -1,0 +1,121 @@
+//! `omnibox show ID`: one row in full.
+
+use anyhow::Result;
+use clap::Args;
+use omnibox::{Event, EventStore, Route, Table, time};
+use serde_json::json;
+use uuid::Uuid;
+
+use super::list::TableArg;
+use super::output::{self, Format};
+use super::{Context, ExitStatus, args};
+
+/// Show one event in full, with its payload as pretty JSON
+///
+/// Looks in the outbox, then the inbox, unless --table is given. Exits 1 when
+/// no event has this id.
+///
+/// Examples:
+///   omnibox show 0190f1d2-7a3b-7cde-8f00-123456789abc
+///   omnibox show 0190f1d2-7a3b-7cde-8f00-123456789abc --format json | jq .payload
+#[derive(Debug, Args)]
+#[command(verbatim_doc_comment)]
+pub struct ShowArgs {
+    /// The event id (a UUID)
+    #[arg(value_parser = args::uuid)]
+    id: Uuid,
+    /// Look only in this table
+    #[arg(long, value_enum)]
+    table: Option<TableArg>,
+}
+
+pub async fn run(args: ShowArgs, ctx: &Context) -> Result<ExitStatus> {
+    let store = ctx.store().await?;
+    let want = |t: Table| args.table.is_none_or(|a| Table::from(a) == t);
+    if want(Table::Outbox)
+        && let Some(e) = store.outbox().get(args.id).await?
+    {
+        let route = vec![
+            ("aggregate type", e.aggregate_type().to_string()),
+            ("aggregate id", e.aggregate_id().to_string()),
+            ("topic", e.topic().to_string()),
+            ("partition key", e.partition_key().to_string()),
+        ];
+        return print(ctx, &e, route);
+    }
+    if want(Table::Inbox)
+        && let Some(e) = store.inbox().get(args.id).await?
+    {
+        let route = vec![
+            ("message id", e.message_id().to_string()),
+            ("consumer group", e.consumer_group().to_string()),
+            ("source", e.source().to_string()),
+        ];
+        return print(ctx, &e, route);
+    }
+    let place = match args.table {
+        Some(t) => Table::from(t).to_string(),
+        None => "the outbox or the inbox".to_string(),
+    };
+    eprintln!("omnibox: no event {} in {place}", args.id);
+    Ok(ExitStatus::No)
+}
+
+fn print<R: Route + serde::Serialize>(
+    ctx: &Context,
+    e: &Event<R>,
+    route: Vec<(&'static str, String)>,
+) -> Result<ExitStatus> {
+    match ctx.format() {
+        Format::Json => {
+            let mut v = serde_json::to_value(e)?;
+            v["table"] = json!(e.table());
+            output::json(&v)?;
+        }
+        Format::Table => {
+            let opt = |v: Option<&str>| v.unwrap_or("-").to_string();
+            let ts = |v: Option<omnibox::Timestamp>| {
+                v.map(|t| time::format(&t)).unwrap_or_else(|| "-".into())
+            };
+            let mut rows: Vec<(&str, String)> = vec![
+                ("table", e.table().to_string()),
+                ("id", e.id().to_string()),
+                ("seq", e.seq().map(|s| s.to_string()).unwrap_or_default()),
+                ("status", e.status().to_string()),
+                ("event type", e.event_type().to_string()),
+            ];
+            rows.extend(route);
+            rows.extend([
+                (
+                    "attempts",
+                    format!("{}/{}", e.attempts_made(), e.max_attempts()),
+                ),
+                ("last error", opt(e.last_error())),
+                ("created at", time::format(&e.created_at())),
+                ("scheduled at", time::format(&e.scheduled_at())),
+                ("completed at", ts(e.completed_at())),
+                ("locked at", ts(e.locked_at())),
+                ("locked by", opt(e.locked_by())),
+                ("updated at", time::format(&e.updated_at())),
+                ("idempotency key", opt(e.idempotency_key())),
+                ("trace id", opt(e.trace_id())),
+                ("correlation id", opt(e.correlation_id())),
+                ("causation id", opt(e.causation_id())),
+                ("schema version", opt(e.schema_version())),
+            ]);
+            let mut t = output::table(["field", "value"]);
+            for (k, v) in rows {
+                t.add_row(vec![k.to_string(), v]);
+            }
+            output::line(t)?;
+            if let Some(h) = e.headers() {
+                output::line(format!("headers:\n{}", serde_json::to_string_pretty(h)?))?;
+            }
+            output::line(format!(
+                "payload:\n{}",
+                serde_json::to_string_pretty(e.payload())?
+            ))?;
+        }
+    }
+    Ok(ExitStatus::Success)
+}

@@ -1,0 +1,180 @@
+//! The JSON form of a new outbox event (one line of `omnibox enqueue --jsonl`,
+//! SPEC §5): an object with the outbox fields.
+
+use serde::Deserialize;
+use serde_json::Value;
+use uuid::Uuid;
+
+use super::event::{Headers, NewOutboxEvent};
+use super::time;
+use crate::error::{Error, Result};
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Line {
+    aggregate_type: String,
+    aggregate_id: String,
+    event_type: String,
+    topic: String,
+    partition_key: String,
+    payload: Value,
+    #[serde(default)]
+    id: Option<String>,
+    #[serde(default)]
+    headers: Option<Headers>,
+    #[serde(default)]
+    idempotency_key: Option<String>,
+    #[serde(default)]
+    trace_id: Option<String>,
+    #[serde(default)]
+    correlation_id: Option<String>,
+    #[serde(default)]
+    causation_id: Option<String>,
+    #[serde(default)]
+    schema_version: Option<String>,
+    #[serde(default)]
+    max_attempts: Option<i64>,
+    #[serde(default)]
+    scheduled_at: Option<String>,
+}
+
+/// Parses a UUID field with a message that names the field.
+pub fn parse_uuid(field: &str, text: &str) -> Result<Uuid> {
+    Uuid::parse_str(text.trim()).map_err(|e| {
+        Error::validation(
+            field,
+            format!(
+                "{text:?} is not a UUID ({e}); write e.g. 0190f1d2-7a3b-7cde-8f00-123456789abc"
+            ),
+        )
+    })
+}
+
+impl NewOutboxEvent {
+    /// Parses one JSON object with the outbox fields: required
+    /// `aggregate_type`, `aggregate_id` (UUID), `event_type`, `topic`,
+    /// `partition_key`, `payload` (object); optional `id`, `headers`,
+    /// `idempotency_key`, `trace_id`, `correlation_id`, `causation_id`,
+    /// `schema_version`, `max_attempts`, `scheduled_at` (RFC 3339 with offset).
+    /// Unknown fields are rejected. The result still goes through
+    /// [`DomainService::create_outbox_event`](crate::DomainService::create_outbox_event).
+    pub fn from_json(text: &str) -> Result<Self> {
+        let line: Line = serde_json::from_str(text).map_err(json_error)?;
+        let max_attempts = line
+            .max_attempts
+            .map(|n| {
+                i32::try_from(n)
+                    .map_err(|_| Error::validation("max_attempts", format!("{n} is out of range")))
+            })
+            .transpose()?;
+        Ok(NewOutboxEvent {
+            aggregate_id: parse_uuid("aggregate_id", &line.aggregate_id)?,
+            aggregate_type: line.aggregate_type,
+            event_type: line.event_type,
+            topic: line.topic,
+            partition_key: line.partition_key,
+            payload: line.payload,
+            headers: line.headers,
+            id: line
+                .id
+                .as_deref()
+                .map(|s| parse_uuid("id", s))
+                .transpose()?,
+            idempotency_key: line.idempotency_key,
+            trace_id: line.trace_id,
+            correlation_id: line.correlation_id,
+            causation_id: line.causation_id,
+            schema_version: line.schema_version,
+            max_attempts,
+            scheduled_at: line
+                .scheduled_at
+                .as_deref()
+                .map(|s| time::parse("scheduled_at", s))
+                .transpose()?,
+            created_at: None,
+        })
+    }
+}
+
+/// Turns a serde_json error into a validation error without the meaningless
+/// "at line 1 column N" of data errors (kept for syntax errors).
+pub fn json_error(e: serde_json::Error) -> Error {
+    use serde_json::error::Category;
+    let msg = e.to_string();
+    match e.classify() {
+        Category::Syntax | Category::Eof => {
+            let msg = match msg.rfind(" at line ") {
+                Some(i) => format!("{} (column {})", &msg[..i], e.column()),
+                None => msg,
+            };
+            Error::validation("json", format!("invalid JSON: {msg}"))
+        }
+        Category::Data | Category::Io => {
+            let msg = match msg.rfind(" at line ") {
+                Some(i) => msg[..i].to_string(),
+                None => msg,
+            };
+            Error::validation("json", msg)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const OK: &str = r#"{"aggregate_type":"order","aggregate_id":"0190f1d2-7a3b-7cde-8f00-123456789abc","event_type":"order.created","topic":"orders","partition_key":"o-1","payload":{"total":5}}"#;
+
+    #[test]
+    fn parses_required_and_optional_fields() {
+        let n = NewOutboxEvent::from_json(OK).unwrap();
+        assert_eq!(n.topic, "orders");
+        assert_eq!(n.payload["total"], 5);
+        let full = r#"{"aggregate_type":"order","aggregate_id":"0190f1d2-7a3b-7cde-8f00-123456789abc","event_type":"e","topic":"t","partition_key":"k","payload":{"a":1},
+            "id":"0190f1d2-7a3b-7cde-8f00-000000000001","headers":{"h":"v"},"idempotency_key":"ik","trace_id":"tr","correlation_id":"c","causation_id":"ca","schema_version":"1.2.0","max_attempts":3,"scheduled_at":"2026-01-01T00:00:00+01:00"}"#;
+        let n = NewOutboxEvent::from_json(full).unwrap();
+        assert_eq!(n.max_attempts, Some(3));
+        assert_eq!(n.headers.unwrap()["h"], "v");
+        assert_eq!(
+            time::format(&n.scheduled_at.unwrap()),
+            "2025-12-31T23:00:00.000000Z"
+        );
+    }
+
+    fn err(text: &str) -> String {
+        NewOutboxEvent::from_json(text).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn rejections_name_the_problem() {
+        assert!(
+            err("{not json").starts_with("json: invalid JSON: key must be a string (column 2)"),
+            "{}",
+            err("{not json")
+        );
+        assert_eq!(
+            err(r#"{"aggregate_type":"order"}"#),
+            "json: missing field `aggregate_id`"
+        );
+        assert!(
+            err(&OK.replace("\"payload\"", "\"topc\":1,\"payload\""))
+                .starts_with("json: unknown field `topc`")
+        );
+        assert!(
+            err(&OK.replace("0190f1d2-7a3b-7cde-8f00-123456789abc", "nope"))
+                .starts_with("aggregate_id: \"nope\" is not a UUID")
+        );
+        let naive = OK.replace("}}", "},\"scheduled_at\":\"2026-01-01T00:00:00\"}");
+        assert!(
+            err(&naive)
+                .starts_with("scheduled_at: timestamp \"2026-01-01T00:00:00\" has no UTC offset"),
+            "{}",
+            err(&naive)
+        );
+        assert!(
+            err(&OK.replace("}}", "},\"max_attempts\":99999999999}"))
+                .starts_with("max_attempts: 99999999999 is out of range")
+        );
+        assert!(err(r#"{"payload": NaN}"#).starts_with("json: invalid JSON"));
+    }
+}

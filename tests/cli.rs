@@ -1,0 +1,485 @@
+//! The real binary, run in a clean environment and a temporary directory;
+//! exit code, stdout and stderr compared with snapshots (ids and times masked).
+
+mod common;
+
+use std::io::Write;
+use std::path::Path;
+use std::process::{Command, Stdio};
+
+struct Run {
+    code: i32,
+    stdout: String,
+    stderr: String,
+}
+
+impl Run {
+    fn render(&self) -> String {
+        format!(
+            "exit: {}\n--- stdout\n{}--- stderr\n{}",
+            self.code, self.stdout, self.stderr
+        )
+    }
+}
+
+fn omnibox(dir: &Path, args: &[&str], stdin: Option<&str>, env: &[(&str, &str)]) -> Run {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_omnibox"));
+    cmd.args(args)
+        .current_dir(dir)
+        .env_clear()
+        .env("NO_COLOR", "1")
+        .env("COLUMNS", "100")
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let mut child = cmd.spawn().expect("run omnibox");
+    if let Some(input) = stdin {
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(input.as_bytes())
+            .unwrap();
+    }
+    let out = child.wait_with_output().unwrap();
+    Run {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+fn run(dir: &Path, args: &[&str]) -> Run {
+    omnibox(dir, args, None, &[])
+}
+
+macro_rules! snap {
+    ($name:expr, $run:expr) => {
+        insta::with_settings!({
+            filters => vec![
+                // Same widths as what they mask, so tables stay aligned.
+                (r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}", "xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx"),
+                (r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z", "YYYY-MM-DDTHH:MM:SS.ffffffZ"),
+                (r"\b\d+ms\b|\b\d+s\b|\b\d+m \d+s\b", "[AGE]"),
+                (r#""oldest_pending_age_seconds": [0-9.e-]+"#, r#""oldest_pending_age_seconds": [AGE]"#),
+                (r"omnibox \d+\.\d+\.\d+", "omnibox [VERSION]"),
+            ],
+            prepend_module_to_snapshot => false,
+        }, {
+            insta::assert_snapshot!($name, $run.render());
+        });
+    };
+}
+
+const LINE: &str = r#"{"aggregate_type":"order","aggregate_id":"0190f1d2-7a3b-7cde-8f00-123456789abc","event_type":"order.created","topic":"orders","partition_key":"order-1","payload":{"total":12.5}}"#;
+
+fn pending(dir: &Path) -> u64 {
+    let r = run(dir, &["status", "--format", "json"]);
+    assert_eq!(r.code, 0, "{}", r.render());
+    let v: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+    v["tables"][0]["pending"].as_u64().unwrap()
+}
+
+#[test]
+fn help() {
+    let dir = tempfile::tempdir().unwrap();
+    snap!("help", run(dir.path(), &["--help"]));
+    snap!("enqueue_help", run(dir.path(), &["enqueue", "--help"]));
+}
+
+#[test]
+fn migrate_creates_the_default_database_once() {
+    let dir = tempfile::tempdir().unwrap();
+    snap!("migrate_first", run(dir.path(), &["migrate"]));
+    assert!(dir.path().join("omnibox.db").exists());
+    snap!("migrate_again", run(dir.path(), &["migrate"]));
+    snap!(
+        "migrate_json",
+        run(dir.path(), &["migrate", "--format", "json"])
+    );
+}
+
+#[test]
+fn migrate_prints_sql_without_connecting() {
+    let dir = tempfile::tempdir().unwrap();
+    let r = run(
+        dir.path(),
+        &[
+            "migrate",
+            "--print-sql",
+            "--database-url",
+            "postgres://u:p@127.0.0.1:1/db",
+        ],
+    );
+    assert_eq!(r.code, 0, "{}", r.render());
+    assert!(
+        r.stdout
+            .starts_with("-- omnibox migration 1: initial schema\n")
+    );
+    assert!(r.stdout.contains("CREATE TABLE outbox_events"));
+    assert!(r.stdout.contains("FOR UPDATE") || r.stdout.contains("outbox_events_claim"));
+    let r = run(dir.path(), &["migrate", "--print-sql"]);
+    assert!(
+        r.stdout.contains("INTEGER PRIMARY KEY AUTOINCREMENT"),
+        "sqlite DDL for the default URL"
+    );
+    assert!(
+        !dir.path().join("omnibox.db").exists(),
+        "--print-sql does not touch the database"
+    );
+}
+
+#[test]
+fn enqueue_one_event_then_inspect_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let r = run(
+        dir.path(),
+        &[
+            "enqueue",
+            "--aggregate-type",
+            "order",
+            "--aggregate-id",
+            "0190f1d2-7a3b-7cde-8f00-123456789abc",
+            "--event-type",
+            "order.created",
+            "--topic",
+            "orders",
+            "--partition-key",
+            "order-42",
+            "--payload",
+            r#"{"total": 12.5, "items": ["a", "b"]}"#,
+            "--header",
+            "traceparent=00-abc-def-01",
+            "--idempotency-key",
+            "order-42-created",
+            "--format",
+            "json",
+        ],
+    );
+    assert_eq!(r.code, 0, "{}", r.render());
+    let v: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+    assert_eq!(
+        (v["inserted"].as_u64(), v["existing"].as_u64()),
+        (Some(1), Some(0))
+    );
+    let id = v["ids"][0].as_str().unwrap().to_string();
+    snap!("show_table", run(dir.path(), &["show", &id]));
+    snap!(
+        "show_json",
+        run(dir.path(), &["show", &id, "--format", "json"])
+    );
+    snap!("status_table", run(dir.path(), &["status"]));
+    snap!(
+        "status_json",
+        run(dir.path(), &["status", "--format", "json"])
+    );
+    snap!("list_table", run(dir.path(), &["list"]));
+    // The same idempotency key again: nothing new.
+    let again = run(
+        dir.path(),
+        &[
+            "enqueue",
+            "--aggregate-type",
+            "order",
+            "--aggregate-id",
+            "0190f1d2-7a3b-7cde-8f00-123456789abc",
+            "--event-type",
+            "order.created",
+            "--topic",
+            "orders",
+            "--partition-key",
+            "order-42",
+            "--payload",
+            r#"{"total": 99}"#,
+            "--idempotency-key",
+            "order-42-created",
+        ],
+    );
+    snap!("enqueue_existing", again);
+    assert!(
+        again.stdout.contains(&id),
+        "the existing row's id is reported"
+    );
+    assert_eq!(pending(dir.path()), 1);
+}
+
+#[test]
+fn enqueue_json_lines_in_bulk() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut input = String::new();
+    for i in 0..2500 {
+        input.push_str(&LINE.replace("order-1", &format!("order-{}", i % 10)));
+        input.push('\n');
+        if i == 5 {
+            input.push('\n'); // blank lines are skipped
+        }
+    }
+    let r = omnibox(dir.path(), &["enqueue", "--jsonl"], Some(&input), &[]);
+    snap!("enqueue_jsonl", r);
+    assert_eq!(pending(dir.path()), 2500);
+    let file = dir.path().join("events.jsonl");
+    std::fs::write(&file, format!("{LINE}\n{LINE}\n")).unwrap();
+    let r = run(
+        dir.path(),
+        &["enqueue", "--jsonl", "events.jsonl", "--format", "json"],
+    );
+    assert_eq!(r.code, 0, "{}", r.render());
+    let v: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+    assert_eq!(v["ids"].as_array().unwrap().len(), 2);
+    assert_eq!(pending(dir.path()), 2502);
+    snap!(
+        "list_filtered",
+        run(
+            dir.path(),
+            &[
+                "list", "--topic", "orders", "--status", "pending", "--limit", "3", "--after", "10"
+            ]
+        )
+    );
+}
+
+/// Each bad input: exit 2, one line naming the problem, nothing written.
+#[test]
+fn enqueue_rejects_bad_input_and_writes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    run(dir.path(), &["migrate"]);
+    let big = format!(r#"{{"blob":"{}"}}"#, "x".repeat(1_000_001));
+    let cases: Vec<(&str, String)> = vec![
+        (
+            "malformed_line",
+            "{\"aggregate_type\": \"order\",".to_string(),
+        ),
+        ("oversized_payload", LINE.replace(r#"{"total":12.5}"#, &big)),
+        ("empty_payload", LINE.replace(r#"{"total":12.5}"#, "{}")),
+        (
+            "payload_not_object",
+            LINE.replace(r#"{"total":12.5}"#, "[1,2,3]"),
+        ),
+        (
+            "naive_timestamp",
+            LINE.replace("}}", r#"},"scheduled_at":"2026-12-01T10:00:00"}"#),
+        ),
+        (
+            "bad_uuid",
+            LINE.replace("0190f1d2-7a3b-7cde-8f00-123456789abc", "0190f1d2-nope"),
+        ),
+        ("unknown_field", LINE.replace("\"topic\"", "\"topik\"")),
+        ("nan", LINE.replace("12.5", "NaN")),
+        (
+            "bad_header",
+            LINE.replace("}}", r#"},"headers":{"a":"x","A":"y"}}"#),
+        ),
+    ];
+    for (name, bad) in cases {
+        // Good lines before and after: all-or-nothing.
+        let input = format!("{LINE}\n{LINE}\n{bad}\n{LINE}\n");
+        let r = omnibox(dir.path(), &["enqueue", "--jsonl"], Some(&input), &[]);
+        assert_eq!(r.code, 2, "{name}: {}", r.render());
+        assert_eq!(
+            r.stderr.lines().count(),
+            1,
+            "{name}: one line: {}",
+            r.stderr
+        );
+        assert!(
+            r.stderr.starts_with("omnibox: error: line 3: "),
+            "{name}: {}",
+            r.stderr
+        );
+        assert!(r.stdout.is_empty());
+        if name != "oversized_payload" {
+            snap!(format!("reject_{name}"), r);
+        } else {
+            assert!(
+                r.stderr.contains("the limit is 1000000 bytes"),
+                "{}",
+                r.stderr
+            );
+        }
+        assert_eq!(pending(dir.path()), 0, "{name}: nothing written");
+    }
+    // The same rules apply to flags.
+    let flag_cases: Vec<(&str, Vec<&str>)> = vec![
+        ("flag_bad_uuid", vec!["--aggregate-id", "xyz"]),
+        (
+            "flag_naive_time",
+            vec!["--scheduled-at", "2026-12-01 10:00:00"],
+        ),
+        ("flag_payload_array", vec!["--payload", "[1]"]),
+        ("flag_payload_invalid", vec!["--payload", "{oops"]),
+        ("flag_empty_topic", vec!["--topic", "  "]),
+    ];
+    for (name, overrides) in flag_cases {
+        let mut args: Vec<&str> = vec!["enqueue"];
+        let defaults = [
+            ("--aggregate-type", "order"),
+            ("--aggregate-id", "0190f1d2-7a3b-7cde-8f00-123456789abc"),
+            ("--event-type", "order.created"),
+            ("--topic", "orders"),
+            ("--partition-key", "k"),
+            ("--payload", r#"{"a":1}"#),
+        ];
+        for (flag, value) in defaults {
+            if !overrides.contains(&flag) {
+                args.extend([flag, value]);
+            }
+        }
+        args.extend(overrides.iter().copied());
+        let r = run(dir.path(), &args);
+        assert_eq!(r.code, 2, "{name}: {}", r.render());
+        snap!(name, r);
+        assert_eq!(pending(dir.path()), 0, "{name}: nothing written");
+    }
+    snap!(
+        "missing_required_flags",
+        run(dir.path(), &["enqueue", "--topic", "orders"])
+    );
+}
+
+#[test]
+fn inspection_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    snap!("show_bad_uuid", run(dir.path(), &["show", "not-a-uuid"]));
+    snap!(
+        "show_missing",
+        run(
+            dir.path(),
+            &["show", "0190f1d2-7a3b-7cde-8f00-123456789abc"]
+        )
+    );
+    snap!(
+        "list_bad_status",
+        run(dir.path(), &["list", "--status", "done"])
+    );
+    snap!(
+        "list_naive_since",
+        run(dir.path(), &["list", "--since", "2026-01-01T00:00:00"])
+    );
+    snap!("list_empty", run(dir.path(), &["list", "--table", "inbox"]));
+}
+
+#[test]
+fn configuration_precedence_flag_env_file_default() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    std::fs::write(
+        d.join("omnibox.toml"),
+        "database_url = \"sqlite://from-file.db\"\nformat = \"json\"\n",
+    )
+    .unwrap();
+    let r = run(d, &["migrate"]);
+    assert_eq!(r.code, 0, "{}", r.render());
+    assert!(d.join("from-file.db").exists(), "file beats default");
+    assert!(
+        r.stdout.trim_start().starts_with('{'),
+        "format from the file"
+    );
+    let r = omnibox(
+        d,
+        &["migrate"],
+        None,
+        &[("OMNIBOX_DATABASE_URL", "sqlite://from-env.db")],
+    );
+    assert_eq!(r.code, 0, "{}", r.render());
+    assert!(d.join("from-env.db").exists(), "environment beats file");
+    let r = omnibox(
+        d,
+        &[
+            "migrate",
+            "--database-url",
+            "sqlite://from-flag.db",
+            "--format",
+            "table",
+        ],
+        None,
+        &[("OMNIBOX_DATABASE_URL", "sqlite://from-env2.db")],
+    );
+    assert_eq!(r.code, 0, "{}", r.render());
+    assert!(
+        d.join("from-flag.db").exists() && !d.join("from-env2.db").exists(),
+        "flag beats environment"
+    );
+    assert!(
+        r.stdout.starts_with("Applied"),
+        "flag beats the file's format"
+    );
+
+    std::fs::write(d.join("omnibox.toml"), "databse_url = \"x\"\n").unwrap();
+    snap!("config_unknown_key", run(d, &["status"]));
+}
+
+#[test]
+fn connection_errors_are_clear_and_redacted() {
+    let dir = tempfile::tempdir().unwrap();
+    let r = run(
+        dir.path(),
+        &[
+            "status",
+            "--database-url",
+            "postgres://app:s3cret@127.0.0.1:1/app",
+        ],
+    );
+    assert_eq!(r.code, 2, "{}", r.render());
+    assert!(!r.stderr.contains("s3cret"), "{}", r.stderr);
+    assert!(
+        r.stderr.contains("postgres://app:***@127.0.0.1:1/app"),
+        "{}",
+        r.stderr
+    );
+    snap!(
+        "unsupported_url",
+        run(dir.path(), &["status", "--database-url", "mysql://x/y"])
+    );
+    snap!(
+        "sqlite_schema",
+        run(dir.path(), &["status", "--schema", "x"])
+    );
+}
+
+#[test]
+fn postgres_enqueue_and_status() {
+    let Some(url) = common::pg_url() else { return };
+    let schema = format!("cli_{}", uuid::Uuid::new_v4().simple());
+    let dir = tempfile::tempdir().unwrap();
+    let env = [
+        ("OMNIBOX_DATABASE_URL", url.as_str()),
+        ("OMNIBOX_DATABASE_SCHEMA", schema.as_str()),
+    ];
+    let r = omnibox(dir.path(), &["status"], None, &env);
+    assert_eq!(r.code, 2, "{}", r.render());
+    assert!(
+        r.stderr.contains("run `omnibox migrate` first"),
+        "{}",
+        r.stderr
+    );
+    let r = omnibox(dir.path(), &["migrate"], None, &env);
+    assert_eq!(r.code, 0, "{}", r.render());
+    let input = format!("{LINE}\n{LINE}\n");
+    let r = omnibox(dir.path(), &["enqueue", "--jsonl"], Some(&input), &env);
+    assert_eq!(r.code, 0, "{}", r.render());
+    let bad = format!("{LINE}\n{{\"x\":1}}\n");
+    let r = omnibox(dir.path(), &["enqueue", "--jsonl"], Some(&bad), &env);
+    assert_eq!(r.code, 2, "{}", r.render());
+    let r = omnibox(dir.path(), &["status", "--format", "json"], None, &env);
+    let v: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+    assert_eq!(
+        v["tables"][0]["pending"], 2,
+        "the rejected input wrote nothing"
+    );
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let pool = sqlx::PgPool::connect(&url).await.unwrap();
+        let ddl = format!("DROP SCHEMA {schema} CASCADE");
+        sqlx::query(sqlx::AssertSqlSafe(ddl))
+            .execute(&pool)
+            .await
+            .unwrap();
+    });
+}
