@@ -25,10 +25,10 @@ fi
 export OMNIBOX_TEST_DATABASE_URL
 
 if cargo nextest --version >/dev/null 2>&1; then
-  cargo nextest run --all-targets --no-fail-fast "$@"
+  cargo nextest run --lib --bins --tests --no-fail-fast "$@"
 else
   echo "[test.sh] cargo-nextest not found; using cargo test" >&2
-  cargo test --all-targets --no-fail-fast "$@"
+  cargo test --lib --bins --tests --no-fail-fast "$@"
 fi
 # nextest does not run doctests.
 cargo test --doc --quiet
