@@ -33,6 +33,10 @@ struct Args {
     /// Distinct partition keys (0 = one per event, like the peer's keys=unique)
     #[arg(long, default_value_t = 0)]
     keys: usize,
+    /// Give every event an idempotency key (the INSERT ... ON CONFLICT path
+    /// instead of COPY)
+    #[arg(long)]
+    idempotency_keys: bool,
     /// Accepted for `cargo bench` compatibility
     #[arg(long, hide = true)]
     bench: bool,
@@ -63,12 +67,12 @@ fn results_file() -> PathBuf {
 }
 
 /// The peer's row shape: topic orders.events, ~157-character payload, one header.
-fn write_events(path: &Path, n: usize, keys: usize) {
+fn write_events(path: &Path, n: usize, keys: usize, idempotency_keys: bool) {
     let mut out = std::io::BufWriter::new(std::fs::File::create(path).expect("create input"));
     for i in 0..n {
         let key_no = if keys == 0 { i } else { i % keys };
         let aggregate = format!("00000000-0000-7000-8000-{key_no:012}");
-        let line = json!({
+        let mut line = json!({
             "aggregate_type": "order",
             "aggregate_id": aggregate,
             "event_type": "order.created",
@@ -84,6 +88,9 @@ fn write_events(path: &Path, n: usize, keys: usize) {
                 "seq": i
             }
         });
+        if idempotency_keys {
+            line["idempotency_key"] = json!(format!("bench-{i}"));
+        }
         writeln!(out, "{line}").expect("write input");
     }
 }
@@ -141,7 +148,7 @@ impl Db {
 fn enqueue(args: &Args, url: &str) {
     let dir = tempfile::tempdir().unwrap();
     let input = dir.path().join("events.jsonl");
-    write_events(&input, args.events, args.keys);
+    write_events(&input, args.events, args.keys, args.idempotency_keys);
     let db = Db::new(url);
     let mut rates = Vec::new();
     let mut results = std::fs::OpenOptions::new()
@@ -150,8 +157,13 @@ fn enqueue(args: &Args, url: &str) {
         .open(results_file())
         .unwrap();
     let command = format!(
-        "OMNIBOX_DATABASE_URL=<url> OMNIBOX_DATABASE_SCHEMA=<fresh> omnibox enqueue --jsonl < events.jsonl  # {} events",
-        args.events
+        "OMNIBOX_DATABASE_URL=<url> OMNIBOX_DATABASE_SCHEMA=<fresh> omnibox enqueue --jsonl < events.jsonl  # {} events{}",
+        args.events,
+        if args.idempotency_keys {
+            ", each with an idempotency key"
+        } else {
+            ""
+        }
     );
     for round in 1..=args.rounds {
         let schema = format!("bench_{}", uuid::Uuid::new_v4().simple());
@@ -168,12 +180,17 @@ fn enqueue(args: &Args, url: &str) {
             "enqueue round {round}: {} events in {secs:.3} s = {rate:.0} events/s (rows in table: {count}, verified: {verified})",
             args.events
         );
-        let line = json!({
+        let mut line = json!({
             "scenario": "omnibox_enqueue",
             "events": args.events,
             "seconds": secs,
             "events_per_s": rate,
-            "params": {"keys": if args.keys == 0 { json!("unique") } else { json!(args.keys) }, "round": round, "transactions": 1},
+            "params": {
+                "keys": if args.keys == 0 { json!("unique") } else { json!(args.keys) },
+                "idempotency_keys": args.idempotency_keys,
+                "round": round,
+                "transactions": 1,
+            },
             "verified": verified,
         });
         writeln!(results, "{line}").unwrap();
