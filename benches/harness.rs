@@ -180,7 +180,7 @@ fn enqueue(args: &Args, url: &str) {
             "enqueue round {round}: {} events in {secs:.3} s = {rate:.0} events/s (rows in table: {count}, verified: {verified})",
             args.events
         );
-        let mut line = json!({
+        let line = json!({
             "scenario": "omnibox_enqueue",
             "events": args.events,
             "seconds": secs,
