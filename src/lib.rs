@@ -58,7 +58,10 @@
 
 pub mod domain;
 pub mod error;
+pub mod metrics;
 pub mod model;
+pub mod pipeline;
+pub mod relay;
 pub mod store;
 
 pub use domain::{Backoff, DomainService, Retry};

@@ -29,6 +29,7 @@ backend_tests!(
     database_enforces_invariants,
     claim_is_served_by_the_index,
     concurrent_claimers_share_the_work_in_key_order,
+    rows_behind_failed_heads_do_not_starve_them,
 );
 
 /// PostgreSQL only: timestamps are absolute instants whatever the session's

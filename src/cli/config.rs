@@ -21,6 +21,11 @@ pub struct FileConfig {
     pub schema: Option<String>,
     /// Output format.
     pub format: Option<Format>,
+    /// Broker URL of `publish`.
+    pub broker: Option<String>,
+    /// librdkafka properties (`[kafka]` table), overridden by `-X`.
+    #[serde(default)]
+    pub kafka: std::collections::BTreeMap<String, String>,
 }
 
 /// The resolved settings every command sees.
@@ -29,6 +34,8 @@ pub struct Settings {
     pub database_url: String,
     pub schema: Option<String>,
     pub format: Format,
+    pub broker: Option<String>,
+    pub kafka_properties: Vec<(String, String)>,
     /// Where the file settings came from, if any.
     pub config_file: Option<PathBuf>,
 }
@@ -52,6 +59,8 @@ pub fn load(global: &GlobalArgs) -> Result<Settings> {
             .unwrap_or_else(|| omnibox::store::DEFAULT_DATABASE_URL.to_string()),
         schema: global.schema.clone().or(file.schema),
         format: global.format.or(file.format).unwrap_or(Format::Table),
+        broker: file.broker,
+        kafka_properties: file.kafka.into_iter().collect(),
         config_file: path,
     })
 }

@@ -16,3 +16,5 @@ pub const RUST_LOG: &str = "RUST_LOG";
 pub const LOG_FORMAT: &str = "OMNIBOX_LOG_FORMAT";
 /// Any value turns colour off (<https://no-color.org>).
 pub const NO_COLOR: &str = "NO_COLOR";
+/// Broker URL of `publish` (`--broker`); default `file:omnibox-events.jsonl`.
+pub const BROKER: &str = "OMNIBOX_BROKER";

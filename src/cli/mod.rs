@@ -16,7 +16,9 @@ mod env;
 mod list;
 mod migrate;
 mod output;
+mod publish;
 mod show;
+mod signals;
 mod status;
 
 use output::Format;
@@ -97,6 +99,7 @@ enum Command {
     Status(status::StatusArgs),
     List(list::ListArgs),
     Show(show::ShowArgs),
+    Publish(Box<publish::PublishArgs>),
 }
 
 /// What a command hands back: its exit status.
@@ -191,6 +194,7 @@ pub fn main() -> ExitCode {
             Command::Status(args) => status::run(args, &ctx).await,
             Command::List(args) => list::run(args, &ctx).await,
             Command::Show(args) => show::run(args, &ctx).await,
+            Command::Publish(args) => publish::run_publish(*args, &ctx).await,
         }
     });
     match result {
@@ -276,7 +280,13 @@ fn init_logging(global: &GlobalArgs) {
         .ok()
         .filter(|s| !s.trim().is_empty())
         .and_then(|s| EnvFilter::try_new(s).ok())
-        .unwrap_or_else(|| EnvFilter::new(format!("{level},sqlx=warn")));
+        .unwrap_or_else(|| {
+            // librdkafka reports every failed connection attempt; the relay says what matters itself.
+            let kafka = if global.verbose >= 2 { level } else { "off" };
+            EnvFilter::new(format!(
+                "{level},sqlx=warn,librdkafka={kafka},rdkafka={kafka}"
+            ))
+        });
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

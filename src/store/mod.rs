@@ -38,11 +38,13 @@ mod any;
 mod migrate;
 pub mod postgres;
 pub mod sqlite;
+mod wakeup;
 
 pub use any::{AnyStore, AnyTable, Backend, OutboxBulkWriter, StoreOptions};
 pub use migrate::{AppliedMigration, MIGRATIONS_TABLE, MigrationReport, MigrationScript};
 pub use postgres::PgStore;
 pub use sqlite::SqliteStore;
+pub use wakeup::AnyWakeup;
 
 /// The default database: an SQLite file in the working directory.
 pub const DEFAULT_DATABASE_URL: &str = "sqlite://omnibox.db";

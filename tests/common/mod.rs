@@ -5,6 +5,8 @@
 
 #![allow(dead_code)]
 
+pub mod kafka;
+
 use omnibox::store::postgres::PgOptions;
 use omnibox::store::{AnyStore, PgStore, SqliteStore};
 

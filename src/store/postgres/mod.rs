@@ -195,7 +195,7 @@ const CAPABILITIES: super::Capabilities = super::Capabilities {
     bulk: true,
     distributed_locking: true,
     retention: true,
-    notify: false,
+    notify: true,
 };
 
 /// Schema names are interpolated into DDL, so only plain identifiers pass.

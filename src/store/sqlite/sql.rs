@@ -123,8 +123,12 @@ macro_rules! table_sql {
 const OUTBOX_CLAIM: &str = "WITH cand AS MATERIALIZED (
         SELECT seq, topic, partition_key FROM (
             SELECT seq, topic, partition_key, scheduled_at FROM (
-                SELECT seq, topic, partition_key, scheduled_at FROM outbox_events
+                SELECT seq, topic, partition_key, scheduled_at FROM outbox_events r
                 WHERE status = 'pending' AND locked_at IS NULL AND scheduled_at <= ?1
+                  AND NOT EXISTS (
+                      SELECT 1 FROM outbox_events h
+                      WHERE h.status = 'pending' AND (h.last_error IS NOT NULL OR h.locked_at IS NOT NULL)
+                        AND h.topic = r.topic AND h.partition_key = r.partition_key AND h.seq < r.seq)
                 ORDER BY scheduled_at, seq LIMIT ?3)
             UNION ALL
             SELECT seq, topic, partition_key, scheduled_at FROM (
@@ -179,6 +183,10 @@ pub const INBOX_BY_MESSAGE: &str =
     "SELECT * FROM inbox_events WHERE message_id = ?1 AND consumer_group = ?2";
 
 /// The candidate scan of the claim alone, for EXPLAIN QUERY PLAN in tests.
-pub const OUTBOX_CLAIM_SCAN: &str = "SELECT seq FROM outbox_events
+pub const OUTBOX_CLAIM_SCAN: &str = "SELECT seq FROM outbox_events r
     WHERE status = 'pending' AND locked_at IS NULL AND scheduled_at <= ?1
+      AND NOT EXISTS (
+          SELECT 1 FROM outbox_events h
+          WHERE h.status = 'pending' AND (h.last_error IS NOT NULL OR h.locked_at IS NOT NULL)
+            AND h.topic = r.topic AND h.partition_key = r.partition_key AND h.seq < r.seq)
     ORDER BY scheduled_at, seq LIMIT 1000";

@@ -1,0 +1,227 @@
+//! `omnibox publish`: the outbox relay.
+
+use std::io::IsTerminal;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Result;
+use clap::Args;
+use indicatif::{ProgressBar, ProgressStyle};
+use omnibox::metrics::Metrics;
+use omnibox::pipeline::{ProcessorOptions, RunMode, RunOptions, RunReport, run};
+use omnibox::relay::{self, AnySink, Sink};
+use omnibox::{EventStore, Table, WorkerId};
+use serde_json::json;
+
+use super::output::{self, Format, human_duration};
+use super::{Context, ExitStatus, args, env};
+
+/// Publish due outbox events to the broker (the relay)
+///
+/// Claims due events in batches, publishes each batch with every message in
+/// flight at once (events of one key in order), then marks them completed.
+/// A broker that does not answer costs no attempt: the events are retried in
+/// about a second and the relay backs off. A broker that rejects a record
+/// counts a failed attempt (retried with backoff; failed at max_attempts,
+/// and then also written to --dlq-topic).
+///
+/// Without --once the relay runs until SIGINT/SIGTERM: it stops claiming,
+/// finishes the batch in hand and exits 0 with no row left locked. On
+/// PostgreSQL it wakes on LISTEN/NOTIFY as soon as a row is inserted.
+///
+/// Examples:
+///   omnibox publish --batch 100                       # to ./omnibox-events.jsonl
+///   omnibox publish --broker kafka://127.0.0.1:9092 --batch 1000 --dlq-topic outbox.dlq
+///   omnibox publish --broker kafka://k1:9092,k2:9092 -X compression.type=lz4 --once
+///   omnibox publish --broker stdout --once | jq .value.payload
+#[derive(Debug, Args)]
+#[command(verbatim_doc_comment)]
+pub struct PublishArgs {
+    /// Where to publish: kafka://HOST:PORT[,HOST:PORT], file:PATH, stdout or null [default: file:omnibox-events.jsonl]
+    #[arg(long, env = env::BROKER, value_name = "URL", hide_env_values = true)]
+    broker: Option<String>,
+    /// A librdkafka property for the producer (repeatable), e.g. -X linger.ms=20
+    #[arg(short = 'X', value_name = "KEY=VALUE", value_parser = parse_property)]
+    properties: Vec<(String, String)>,
+    /// Events per claim
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    batch: u32,
+    /// Publish what is due, then exit (for jobs and cron)
+    #[arg(long)]
+    once: bool,
+    /// This relay's id in locked_by [default: HOST:PID]
+    #[arg(long, value_name = "ID", value_parser = parse_worker)]
+    worker_id: Option<WorkerId>,
+    /// Lease of a claim: a relay that dies leaves its rows to others after this long
+    #[arg(long, default_value = "5m", value_parser = args::duration, value_name = "DURATION")]
+    lease: Duration,
+    /// Longest wait for one message's acknowledgement
+    #[arg(long, default_value = "30s", value_parser = args::duration, value_name = "DURATION")]
+    publish_timeout: Duration,
+    /// Also write events that end up failed to this topic (best effort)
+    #[arg(long, value_name = "TOPIC")]
+    dlq_topic: Option<String>,
+    /// Longest idle wait between polls when nothing is due
+    #[arg(long, default_value = "1s", value_parser = args::duration, value_name = "DURATION")]
+    poll_interval: Duration,
+    /// Serve Prometheus metrics on this address, e.g. 127.0.0.1:9898
+    #[arg(long, value_name = "ADDR")]
+    metrics_addr: Option<SocketAddr>,
+}
+
+fn parse_property(s: &str) -> Result<(String, String), String> {
+    let (k, v) = s
+        .split_once('=')
+        .ok_or_else(|| format!("{s:?} is not KEY=VALUE"))?;
+    if k.trim().is_empty() {
+        return Err(format!("{s:?} has an empty key"));
+    }
+    Ok((k.trim().to_string(), v.to_string()))
+}
+
+fn parse_worker(s: &str) -> Result<WorkerId, String> {
+    WorkerId::new(s).map_err(|e| match e {
+        omnibox::Error::Validation { message, .. } => message,
+        other => other.to_string(),
+    })
+}
+
+pub async fn run_publish(args: PublishArgs, ctx: &Context) -> Result<ExitStatus> {
+    let broker = args
+        .broker
+        .clone()
+        .or_else(|| ctx.settings.broker.clone())
+        .unwrap_or_else(|| relay::sink::DEFAULT_BROKER_URL.to_string());
+    let mut properties = ctx.settings.kafka_properties.clone();
+    properties.extend(args.properties.iter().cloned());
+    let sink = Arc::new(AnySink::from_url(
+        &broker,
+        &properties,
+        args.publish_timeout,
+    )?);
+    if args.lease <= args.publish_timeout {
+        return Err(super::UsageError(format!(
+            "--lease ({}) must be longer than --publish-timeout ({}), or a slow broker lets other relays take the batch",
+            human_duration(args.lease),
+            human_duration(args.publish_timeout)
+        ))
+        .into());
+    }
+    let store = ctx.store().await?;
+    let worker = args
+        .worker_id
+        .clone()
+        .unwrap_or_else(WorkerId::default_for_process);
+    let mut options = ProcessorOptions::new(worker.clone());
+    options.batch = args.batch;
+    options.lease = args.lease;
+    options.commit_retry_for = args.lease / 2;
+    let metrics = Arc::new(Metrics::new());
+    let mut builder = relay::publisher(store.outbox(), sink.clone(), options, args.publish_timeout)
+        .metrics(metrics.clone());
+    if let Some(topic) = &args.dlq_topic {
+        builder = builder.dead_letter(sink.clone(), topic.clone());
+    }
+    let processor = builder.build();
+    let _metrics_server = match args.metrics_addr {
+        Some(addr) => Some(omnibox::metrics::serve(addr, metrics.clone()).await?),
+        None => None,
+    };
+    let mode = if args.once {
+        RunMode::Once
+    } else {
+        RunMode::Watch
+    };
+    let run_options = RunOptions {
+        mode,
+        idle_max: args.poll_interval,
+        ..RunOptions::default()
+    };
+    if !ctx.quiet && mode == RunMode::Watch {
+        eprintln!(
+            "omnibox: publishing to {} as {worker} (batch {}); SIGINT or SIGTERM stops after the current batch",
+            sink.describe(),
+            args.batch
+        );
+    }
+    let shutdown = super::signals::shutdown_channel();
+    let mut wakeup = store.wakeup(Table::Outbox).await?;
+    let progress = if mode == RunMode::Once && !ctx.quiet && std::io::stderr().is_terminal() {
+        let due = store.outbox().counts().await?.due_now;
+        let bar = ProgressBar::new(due);
+        bar.set_style(
+            ProgressStyle::with_template(
+                "{spinner} {pos}/{len} events [{elapsed_precise}] {per_sec} {msg}",
+            )
+            .expect("valid template"),
+        );
+        Some(bar)
+    } else {
+        None
+    };
+    let report = run(&processor, &run_options, shutdown, &mut wakeup, |batch| {
+        if let Some(bar) = &progress {
+            bar.inc((batch.completed + batch.failed + batch.dead + batch.transient) as u64);
+            if batch.transient > 0 {
+                bar.set_message(format!("{} transient", batch.transient));
+            }
+        }
+    })
+    .await?;
+    if let Some(bar) = progress {
+        bar.finish_and_clear();
+    }
+    print_summary(ctx, &report, &sink.describe(), &worker)?;
+    if report.commit_errors > 0 {
+        eprintln!(
+            "omnibox: error: {} batch(es) could not be marked; their rows are published again after the lease expires",
+            report.commit_errors
+        );
+        return Ok(ExitStatus::No);
+    }
+    if mode == RunMode::Once && report.transient > 0 && report.completed == 0 {
+        eprintln!(
+            "omnibox: error: the broker did not answer; {} event(s) rescheduled without spending an attempt",
+            report.transient
+        );
+        return Ok(ExitStatus::No);
+    }
+    Ok(ExitStatus::Success)
+}
+
+fn print_summary(ctx: &Context, r: &RunReport, broker: &str, worker: &WorkerId) -> Result<()> {
+    match ctx.format() {
+        Format::Json => {
+            let mut v = serde_json::to_value(r)?;
+            v["broker"] = json!(broker);
+            v["worker_id"] = json!(worker.as_str());
+            output::json(&v)
+        }
+        Format::Table => {
+            let mut t = output::table([
+                "published",
+                "failed",
+                "dead",
+                "transient",
+                "released",
+                "lease lost",
+                "batches",
+                "elapsed",
+                "events/s",
+            ]);
+            t.add_row(vec![
+                r.completed.to_string(),
+                r.failed.to_string(),
+                r.dead.to_string(),
+                r.transient.to_string(),
+                r.released.to_string(),
+                r.lease_lost.to_string(),
+                r.batches.to_string(),
+                human_duration(Duration::from_secs_f64(r.elapsed_seconds)),
+                format!("{:.0}", r.events_per_second),
+            ]);
+            output::line(t)
+        }
+    }
+}

@@ -1,0 +1,38 @@
+//! SIGINT/SIGTERM: the first asks the running command to stop after the
+//! work in hand; the second exits at once (rows left locked are recovered by
+//! lease expiry).
+
+use tokio::sync::watch;
+
+/// A channel that turns true on the first SIGINT or SIGTERM.
+pub fn shutdown_channel() -> watch::Receiver<bool> {
+    let (tx, rx) = watch::channel(false);
+    tokio::spawn(async move {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot listen for SIGTERM");
+                    return;
+                }
+            };
+        let mut count = 0;
+        loop {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+            count += 1;
+            if count == 1 {
+                eprintln!("omnibox: stopping after the current batch (signal again to exit now)");
+                let _ = tx.send(true);
+            } else {
+                eprintln!(
+                    "omnibox: exiting now; rows of the batch in hand are released when their lease expires"
+                );
+                std::process::exit(130);
+            }
+        }
+    });
+    rx
+}

@@ -1,0 +1,244 @@
+//! Prometheus metrics (SPEC §6) and a minimal `/metrics` endpoint for
+//! long-running commands (`--metrics-addr`).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::error::{Error, Result};
+
+/// Labels of the per-event counters.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct EventLabels {
+    /// `outbox` or `inbox`.
+    pub table: String,
+    /// The event type.
+    pub event_type: String,
+}
+
+/// Labels of the failure counter.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct FailureLabels {
+    /// `outbox` or `inbox`.
+    pub table: String,
+    /// The event type.
+    pub event_type: String,
+    /// `counted`, `transient` or `dead` (reached max_attempts).
+    pub kind: String,
+}
+
+/// Labels of per-table series.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TableLabels {
+    /// `outbox` or `inbox`.
+    pub table: String,
+}
+
+/// Every metric the engine records.
+pub struct Metrics {
+    registry: Registry,
+    /// Events completed (published, or processed by a handler).
+    pub completed: Family<EventLabels, Counter>,
+    /// Events a handler skipped (completed, not processed).
+    pub skipped: Family<EventLabels, Counter>,
+    /// Failures by kind.
+    pub failed: Family<FailureLabels, Counter>,
+    /// Events released untried (run stopped at a failure, circuit open, shutdown).
+    pub released: Family<TableLabels, Counter>,
+    /// Rows whose lease was lost before their result was written.
+    pub lease_lost: Family<TableLabels, Counter>,
+    /// Result writes that failed after all retries.
+    pub commit_failed: Family<TableLabels, Counter>,
+    /// Rows per claimed batch.
+    pub batch_size: Family<TableLabels, Histogram>,
+    /// Time to publish or handle one batch, seconds.
+    pub batch_latency: Family<TableLabels, Histogram>,
+    /// Age of the oldest event of the last claimed batch (how late it was handled), seconds.
+    pub lag_seconds: Family<TableLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
+    /// Free-form counters of other components (inbox consumer and the like).
+    pub counters: Family<CounterLabels, Counter>,
+}
+
+/// Labels of [`Metrics::counters`].
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CounterLabels {
+    /// What is counted, e.g. `consumed`, `duplicate`, `committed`.
+    pub name: String,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// A registry with every family registered under the `omnibox_` prefix.
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("omnibox");
+        let completed = Family::<EventLabels, Counter>::default();
+        let skipped = Family::<EventLabels, Counter>::default();
+        let failed = Family::<FailureLabels, Counter>::default();
+        let released = Family::<TableLabels, Counter>::default();
+        let lease_lost = Family::<TableLabels, Counter>::default();
+        let commit_failed = Family::<TableLabels, Counter>::default();
+        let batch_size = Family::<TableLabels, Histogram>::new_with_constructor(|| {
+            Histogram::new(exponential_buckets(1.0, 4.0, 8))
+        });
+        let batch_latency = Family::<TableLabels, Histogram>::new_with_constructor(|| {
+            Histogram::new(exponential_buckets(0.001, 2.0, 16))
+        });
+        let lag_seconds =
+            Family::<TableLabels, Gauge<f64, std::sync::atomic::AtomicU64>>::default();
+        let counters = Family::<CounterLabels, Counter>::default();
+        registry.register(
+            "events_completed",
+            "Events published or processed",
+            completed.clone(),
+        );
+        registry.register(
+            "events_skipped",
+            "Events a handler chose not to process",
+            skipped.clone(),
+        );
+        registry.register(
+            "events_failed",
+            "Failed attempts by kind (counted, transient, dead)",
+            failed.clone(),
+        );
+        registry.register(
+            "events_released",
+            "Events released untried",
+            released.clone(),
+        );
+        registry.register(
+            "lease_lost",
+            "Rows whose lease was lost before the result was written",
+            lease_lost.clone(),
+        );
+        registry.register(
+            "commit_failed",
+            "Result writes that failed after every retry",
+            commit_failed.clone(),
+        );
+        registry.register("batch_size", "Rows per claimed batch", batch_size.clone());
+        registry.register(
+            "batch_latency_seconds",
+            "Time to publish or handle a batch",
+            batch_latency.clone(),
+        );
+        registry.register(
+            "lag_seconds",
+            "Age of the oldest due event when claimed",
+            lag_seconds.clone(),
+        );
+        registry.register(
+            "component",
+            "Counters of the inbox consumer and other components",
+            counters.clone(),
+        );
+        Metrics {
+            registry,
+            completed,
+            skipped,
+            failed,
+            released,
+            lease_lost,
+            commit_failed,
+            batch_size,
+            batch_latency,
+            lag_seconds,
+            counters,
+        }
+    }
+
+    /// Increments a [`counters`](Self::counters) entry.
+    pub fn count(&self, name: &str, n: u64) {
+        self.counters
+            .get_or_create(&CounterLabels {
+                name: name.to_string(),
+            })
+            .inc_by(n);
+    }
+
+    /// The text exposition format.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry)
+            .expect("writing to a String cannot fail");
+        out
+    }
+}
+
+/// Serves `GET /metrics` (any path, in fact) on `addr` until the task is dropped.
+pub async fn serve(addr: SocketAddr, metrics: Arc<Metrics>) -> Result<tokio::task::JoinHandle<()>> {
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| Error::Config(format!("cannot listen on {addr} for metrics: {e}")))?;
+    tracing::info!(%addr, "serving Prometheus metrics");
+    Ok(tokio::spawn(async move {
+        loop {
+            let Ok((mut socket, _)) = listener.accept().await else {
+                continue;
+            };
+            let metrics = metrics.clone();
+            tokio::spawn(async move {
+                let mut buf = [0u8; 1024];
+                // Read the request head; its content does not matter.
+                let _ =
+                    tokio::time::timeout(std::time::Duration::from_secs(2), socket.read(&mut buf))
+                        .await;
+                let body = metrics.render();
+                let head = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-type: text/plain; version=0.0.4; charset=utf-8\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+                    body.len()
+                );
+                let _ = socket.write_all(head.as_bytes()).await;
+                let _ = socket.write_all(body.as_bytes()).await;
+                let _ = socket.shutdown().await;
+            });
+        }
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn renders_and_serves() {
+        let m = Arc::new(Metrics::new());
+        m.completed
+            .get_or_create(&EventLabels {
+                table: "outbox".into(),
+                event_type: "order.created".into(),
+            })
+            .inc_by(3);
+        let text = m.render();
+        assert!(
+            text.contains(
+                r#"omnibox_events_completed_total{table="outbox",event_type="order.created"} 3"#
+            ),
+            "{text}"
+        );
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        drop(listener);
+        let _server = serve(addr, m).await.unwrap();
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        s.write_all(b"GET /metrics HTTP/1.1\r\nhost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let mut resp = String::new();
+        s.read_to_string(&mut resp).await.unwrap();
+        assert!(resp.starts_with("HTTP/1.1 200 OK"));
+        assert!(resp.contains("omnibox_events_completed_total"));
+    }
+}

@@ -1,0 +1,22 @@
+//! The batch pipeline shared by the outbox relay and the inbox processor
+//! (the reference's `EventBatchProcessor`, `EventProcessorBuilder`, fetch and
+//! commit strategies and steps):
+//!
+//! * fetch: [`EventStore::claim`](crate::EventStore::claim), one short statement;
+//! * steps: the [`BatchHandler`] (publish, or run handlers) between a
+//!   [`circuit::CircuitBreaker`], the dead-letter step and the metrics step,
+//!   all inside one `tracing` span per batch;
+//! * commit: bulk completion, failure and release, each one statement
+//!   guarded by the claim's token and retried while the database fails.
+//!
+//! [`runner::run`] loops over batches (once or watching) with idle backoff
+//! and graceful shutdown.
+
+pub mod circuit;
+mod processor;
+pub mod runner;
+
+pub use processor::{
+    BatchHandler, BatchReport, DeadLetter, Outcome, Processor, ProcessorBuilder, ProcessorOptions,
+};
+pub use runner::{RunMode, RunOptions, RunReport, Sleep, Wakeup, run};

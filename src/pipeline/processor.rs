@@ -1,0 +1,510 @@
+//! One batch: claim (fetch strategy), handle (the handler step, with the
+//! circuit breaker, dead-letter and metrics steps around it), write the
+//! results in bulk (commit strategy). The claim and the writes are separate
+//! short statements: no database transaction is open while the handler or
+//! the broker works.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tracing::Instrument;
+use uuid::Uuid;
+
+use super::circuit::{CircuitBreaker, CircuitConfig};
+use crate::domain::{Backoff, Retry, chrono_dur};
+use crate::error::{Error, Result};
+use crate::metrics::{EventLabels, FailureLabels, Metrics, TableLabels};
+use crate::model::limits::DEFAULT_LEASE_TIMEOUT;
+use crate::model::{Event, Route, WorkerId, time};
+use crate::relay::Message;
+use crate::relay::sink::{AnySink, Sink};
+use crate::store::{Claim, ClaimOptions, EventStore, Failure};
+
+/// What the handler step decided for one event.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// Published or processed.
+    Completed,
+    /// The handler chose not to process it; it is completed all the same.
+    Skipped,
+    /// It failed; [`Retry::Counted`] spends an attempt (`None`: retry by the
+    /// backoff), [`Retry::NotCounted`] does not.
+    Failed {
+        /// Why.
+        error: String,
+        /// How the failure counts.
+        retry: Retry,
+    },
+    /// Not tried (a key's run stopped at an earlier failure, or shutdown):
+    /// unlocked, nothing else changes.
+    Released,
+}
+
+/// The step that does the work for a claimed batch: publish it, or run the
+/// application's handler on each event.
+pub trait BatchHandler<R: Route>: Send + Sync + 'static {
+    /// One outcome per event, in the order given. Events of one key come in
+    /// insertion order; a handler that keeps per-key order stops a key at its
+    /// first failure and returns [`Outcome::Released`] for the rest.
+    fn handle(&self, events: &[Event<R>]) -> impl Future<Output = Vec<Outcome>> + Send;
+}
+
+/// How a failed event is written to a dead-letter topic.
+pub trait DeadLetter {
+    /// The message for `topic`, carrying `error`.
+    fn dead_letter(&self, topic: &str, error: &str) -> Message;
+}
+
+/// How a guarded write ended.
+enum Written<T> {
+    Done(T),
+    /// The lease of these rows was lost; the rest was written.
+    Lost(Vec<Uuid>),
+    /// The database kept failing.
+    Failed,
+}
+
+/// Settings of a [`Processor`].
+#[derive(Debug, Clone)]
+pub struct ProcessorOptions {
+    /// The worker claiming rows.
+    pub worker: WorkerId,
+    /// Rows per claim.
+    pub batch: u32,
+    /// Lease of a claim.
+    pub lease: Duration,
+    /// Backoff of counted failures.
+    pub backoff: Backoff,
+    /// Delay of a transient failure's retry.
+    pub transient_delay: Duration,
+    /// How long result writes are retried when the database fails.
+    pub commit_retry_for: Duration,
+}
+
+impl ProcessorOptions {
+    /// Defaults: batch 100, lease 5 min, backoff 10 s..1 h, transient retry in 1 s.
+    pub fn new(worker: WorkerId) -> Self {
+        ProcessorOptions {
+            worker,
+            batch: 100,
+            lease: DEFAULT_LEASE_TIMEOUT,
+            backoff: Backoff::default(),
+            transient_delay: crate::model::limits::DEFAULT_TRANSIENT_RETRY_DELAY,
+            commit_retry_for: DEFAULT_LEASE_TIMEOUT / 2,
+        }
+    }
+}
+
+/// What one batch did.
+#[derive(Debug, Clone, Default)]
+pub struct BatchReport {
+    /// Rows claimed.
+    pub claimed: usize,
+    /// Completed (published or processed).
+    pub completed: usize,
+    /// Completed by a handler's choice, not processed.
+    pub skipped: usize,
+    /// Counted failures still pending (rescheduled by the backoff).
+    pub failed: usize,
+    /// Counted failures that reached `max_attempts` (now `failed`).
+    pub dead: usize,
+    /// Transient failures (no attempt spent).
+    pub transient: usize,
+    /// Released untried.
+    pub released: usize,
+    /// Rows whose lease was lost before their result could be written.
+    pub lease_lost: usize,
+    /// Dead-lettered events written to the DLQ topic.
+    pub dead_lettered: usize,
+    /// The result write failed after every retry (the rows stay locked until
+    /// their lease expires).
+    pub commit_error: Option<String>,
+    /// Time spent in the handler step.
+    pub handle_time: Duration,
+    /// Age of the oldest claimed event's due time.
+    pub lag: Duration,
+}
+
+impl BatchReport {
+    /// True when the downstream did not answer for any event of the batch.
+    pub fn all_transient(&self) -> bool {
+        self.transient > 0 && self.completed + self.skipped + self.failed + self.dead == 0
+    }
+}
+
+/// Claims, handles and writes back batches of one table.
+pub struct Processor<R: Route, S: EventStore<R>, H: BatchHandler<R>> {
+    store: S,
+    handler: H,
+    options: ProcessorOptions,
+    dlq: Option<(Arc<AnySink>, String)>,
+    metrics: Option<Arc<Metrics>>,
+    breaker: Mutex<CircuitBreaker>,
+    job: &'static str,
+    _route: std::marker::PhantomData<fn() -> R>,
+}
+
+/// Builds a [`Processor`] (the reference's `EventProcessorBuilder`).
+pub struct ProcessorBuilder<R: Route, S: EventStore<R>, H: BatchHandler<R>> {
+    store: S,
+    handler: H,
+    options: ProcessorOptions,
+    dlq: Option<(Arc<AnySink>, String)>,
+    metrics: Option<Arc<Metrics>>,
+    circuit: CircuitConfig,
+    job: &'static str,
+    _route: std::marker::PhantomData<fn() -> R>,
+}
+
+impl<R: Route, S: EventStore<R>, H: BatchHandler<R>> ProcessorBuilder<R, S, H> {
+    /// A builder for `store` with `handler` as the handler step.
+    pub fn new(store: S, handler: H, options: ProcessorOptions) -> Self {
+        ProcessorBuilder {
+            store,
+            handler,
+            options,
+            dlq: None,
+            metrics: None,
+            circuit: CircuitConfig::default(),
+            job: "processor",
+            _route: std::marker::PhantomData,
+        }
+    }
+
+    /// Writes events that become `failed` to `topic` through `sink` (best effort).
+    pub fn dead_letter(mut self, sink: Arc<AnySink>, topic: impl Into<String>) -> Self {
+        self.dlq = Some((sink, topic.into()));
+        self
+    }
+
+    /// Records metrics.
+    pub fn metrics(mut self, metrics: Arc<Metrics>) -> Self {
+        self.metrics = Some(metrics);
+        self
+    }
+
+    /// Circuit breaker settings.
+    pub fn circuit(mut self, config: CircuitConfig) -> Self {
+        self.circuit = config;
+        self
+    }
+
+    /// Name of the job in logs and spans.
+    pub fn job(mut self, name: &'static str) -> Self {
+        self.job = name;
+        self
+    }
+
+    /// The processor.
+    pub fn build(self) -> Processor<R, S, H> {
+        Processor {
+            store: self.store,
+            handler: self.handler,
+            options: self.options,
+            dlq: self.dlq,
+            metrics: self.metrics,
+            breaker: Mutex::new(CircuitBreaker::new(self.circuit)),
+            job: self.job,
+            _route: std::marker::PhantomData,
+        }
+    }
+}
+
+impl<R, S, H> Processor<R, S, H>
+where
+    R: Route,
+    S: EventStore<R>,
+    H: BatchHandler<R>,
+    Event<R>: DeadLetter,
+{
+    /// The settings in force.
+    pub fn options(&self) -> &ProcessorOptions {
+        &self.options
+    }
+
+    /// The store.
+    pub fn store(&self) -> &S {
+        &self.store
+    }
+
+    /// How long to pause before the next claim, if the circuit is open.
+    pub fn pause(&self) -> Option<Duration> {
+        self.breaker
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .pause()
+    }
+
+    /// Claims one batch, handles it, writes the results. An error means the
+    /// claim itself failed (nothing was claimed); failures after the claim
+    /// are in the report.
+    pub async fn process_batch(&self) -> Result<BatchReport> {
+        let span = tracing::info_span!("batch", job = self.job, table = %R::TABLE, worker = %self.options.worker);
+        async {
+            let claim = self
+                .store
+                .claim(&ClaimOptions {
+                    worker: self.options.worker.clone(),
+                    limit: self.options.batch,
+                    lease: self.options.lease,
+                })
+                .await?;
+            if claim.is_empty() {
+                return Ok(BatchReport::default());
+            }
+            let now = time::now();
+            let lag = claim
+                .events
+                .iter()
+                .map(|e| e.scheduled_at())
+                .min()
+                .and_then(|t| (now - t).to_std().ok())
+                .unwrap_or_default();
+            let started = Instant::now();
+            let mut outcomes = self.handler.handle(&claim.events).await;
+            outcomes.resize(claim.events.len(), Outcome::Released);
+            let handle_time = started.elapsed();
+            let mut report = self.commit(&claim, &outcomes).await;
+            report.handle_time = handle_time;
+            report.lag = lag;
+            {
+                let mut breaker = self.breaker.lock().unwrap_or_else(|p| p.into_inner());
+                if report.all_transient() {
+                    breaker.record_failure();
+                } else if report.completed + report.skipped > 0 {
+                    breaker.record_success();
+                }
+            }
+            self.record_metrics(&claim, &outcomes, &report);
+            tracing::debug!(
+                claimed = report.claimed,
+                completed = report.completed,
+                failed = report.failed + report.dead,
+                transient = report.transient,
+                released = report.released,
+                elapsed_ms = handle_time.as_millis() as u64,
+                "batch done"
+            );
+            Ok(report)
+        }
+        .instrument(span)
+        .await
+    }
+
+    /// Writes the outcomes: completions, failures, releases, each one bulk
+    /// statement guarded by the claim's token, retried while the database
+    /// fails.
+    async fn commit(&self, claim: &Claim<R>, outcomes: &[Outcome]) -> BatchReport {
+        let mut report = BatchReport {
+            claimed: claim.events.len(),
+            ..BatchReport::default()
+        };
+        let now = time::now();
+        let mut done = Vec::new();
+        let mut skipped = Vec::new();
+        let mut released = Vec::new();
+        let mut failures = Vec::new();
+        let mut errors: HashMap<Uuid, String> = HashMap::new();
+        for (event, outcome) in claim.events.iter().zip(outcomes) {
+            match outcome {
+                Outcome::Completed => {
+                    report.completed += 1;
+                    done.push(event.id());
+                }
+                Outcome::Skipped => {
+                    report.skipped += 1;
+                    done.push(event.id());
+                    skipped.push(event.id());
+                }
+                Outcome::Released => {
+                    report.released += 1;
+                    released.push(event.id());
+                }
+                Outcome::Failed { error, retry } => {
+                    let retry_at = match retry {
+                        Retry::Counted(Some(at)) | Retry::NotCounted(at) => *at,
+                        Retry::Counted(None) => {
+                            now + chrono_dur(self.options.backoff.delay(event.attempts_made()))
+                        }
+                    };
+                    let counted = matches!(retry, Retry::Counted(_));
+                    if !counted {
+                        report.transient += 1;
+                    }
+                    errors.insert(event.id(), error.clone());
+                    failures.push(Failure {
+                        id: event.id(),
+                        error: error.clone(),
+                        counted,
+                        retry_at,
+                    });
+                }
+            }
+        }
+        let token = &claim.token;
+        if let Written::Lost(lost) = self
+            .write(&mut report, "complete", || {
+                self.store.complete(token, &done)
+            })
+            .await
+        {
+            let lost_skipped = lost.iter().filter(|id| skipped.contains(id)).count();
+            report.skipped -= lost_skipped;
+            report.completed -= lost.len() - lost_skipped;
+        }
+        let mut dead = Vec::new();
+        if !failures.is_empty() {
+            let counted = failures.iter().filter(|f| f.counted).count();
+            match self
+                .write(&mut report, "fail", || self.store.fail(token, &failures))
+                .await
+            {
+                Written::Done(r) => dead = r.failed,
+                Written::Lost(lost) => {
+                    let lost_counted = failures
+                        .iter()
+                        .filter(|f| f.counted && lost.contains(&f.id))
+                        .count();
+                    report.transient -= lost.len() - lost_counted;
+                    tracing::warn!(
+                        "some failures were written without a dead-letter report; check `omnibox list --status failed`"
+                    );
+                }
+                Written::Failed => {}
+            }
+            report.dead = dead.len();
+            report.failed = counted.saturating_sub(report.dead);
+        }
+        self.write(&mut report, "release", || {
+            self.store.release(token, &released)
+        })
+        .await;
+        if !dead.is_empty() {
+            self.dead_letter(claim, &dead, &errors, &mut report).await;
+        }
+        report
+    }
+
+    /// Runs one guarded write with retries while the database fails.
+    async fn write<T, F, Fut>(&self, report: &mut BatchReport, what: &str, mut op: F) -> Written<T>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<T>>,
+    {
+        let deadline = Instant::now() + self.options.commit_retry_for;
+        let mut wait = Duration::from_millis(100);
+        loop {
+            match op().await {
+                Ok(v) => return Written::Done(v),
+                Err(Error::ConcurrentUpdate { missing, .. }) => {
+                    tracing::warn!(
+                        rows = missing.len(),
+                        ids = ?missing.iter().take(10).collect::<Vec<_>>(),
+                        "{what}: the lease of these rows was lost (another worker or an operator took them); \
+                         they will be handled again"
+                    );
+                    report.lease_lost += missing.len();
+                    return Written::Lost(missing);
+                }
+                Err(e) if Instant::now() + wait < deadline => {
+                    tracing::warn!(error = %e, retry_in_ms = wait.as_millis() as u64, "{what}: cannot write the results; retrying");
+                    tokio::time::sleep(wait).await;
+                    wait = (wait * 2).min(Duration::from_secs(5));
+                }
+                Err(e) => {
+                    let msg = format!(
+                        "{what}: cannot write the results after retrying for {:?}: {e}; the batch's rows stay locked by {} \
+                         until their lease expires ({:?}), then they are handled again",
+                        self.options.commit_retry_for, self.options.worker, self.options.lease
+                    );
+                    tracing::error!("{msg}");
+                    report.commit_error = Some(msg);
+                    return Written::Failed;
+                }
+            }
+        }
+    }
+
+    async fn dead_letter(
+        &self,
+        claim: &Claim<R>,
+        dead: &[Uuid],
+        errors: &HashMap<Uuid, String>,
+        report: &mut BatchReport,
+    ) {
+        let Some((sink, topic)) = &self.dlq else {
+            return;
+        };
+        let messages: Vec<Message> = claim
+            .events
+            .iter()
+            .filter(|e| dead.contains(&e.id()))
+            .map(|e| e.dead_letter(topic, errors.get(&e.id()).map(String::as_str).unwrap_or("")))
+            .collect();
+        let deliveries = sink.send(&messages, Duration::from_secs(30)).await;
+        for (m, d) in messages.iter().zip(deliveries) {
+            if d == crate::relay::sink::Delivery::Delivered {
+                report.dead_lettered += 1;
+            } else {
+                tracing::error!(event_id = %m.event_id, topic = %topic, delivery = ?d, "could not write a dead letter (the row is failed in the table)");
+            }
+        }
+    }
+
+    fn record_metrics(&self, claim: &Claim<R>, outcomes: &[Outcome], report: &BatchReport) {
+        let Some(m) = &self.metrics else { return };
+        let table = R::TABLE.to_string();
+        let t = TableLabels {
+            table: table.clone(),
+        };
+        m.batch_size
+            .get_or_create(&t)
+            .observe(report.claimed as f64);
+        m.batch_latency
+            .get_or_create(&t)
+            .observe(report.handle_time.as_secs_f64());
+        m.lag_seconds
+            .get_or_create(&t)
+            .set(report.lag.as_secs_f64());
+        m.released.get_or_create(&t).inc_by(report.released as u64);
+        m.lease_lost
+            .get_or_create(&t)
+            .inc_by(report.lease_lost as u64);
+        if report.commit_error.is_some() {
+            m.commit_failed.get_or_create(&t).inc();
+        }
+        for (event, outcome) in claim.events.iter().zip(outcomes) {
+            let labels = EventLabels {
+                table: table.clone(),
+                event_type: event.event_type().to_string(),
+            };
+            match outcome {
+                Outcome::Completed => {
+                    m.completed.get_or_create(&labels).inc();
+                }
+                Outcome::Skipped => {
+                    m.skipped.get_or_create(&labels).inc();
+                }
+                Outcome::Failed { retry, .. } => {
+                    let kind = match retry {
+                        Retry::NotCounted(_) => "transient",
+                        Retry::Counted(_) if event.attempts_made() + 1 >= event.max_attempts() => {
+                            "dead"
+                        }
+                        Retry::Counted(_) => "counted",
+                    };
+                    m.failed
+                        .get_or_create(&FailureLabels {
+                            table: table.clone(),
+                            event_type: labels.event_type,
+                            kind: kind.into(),
+                        })
+                        .inc();
+                }
+                Outcome::Released => {}
+            }
+        }
+    }
+}

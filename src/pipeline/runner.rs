@@ -1,0 +1,197 @@
+//! The loop around a [`Processor`]: claim batches until nothing is due
+//! (`Once`) or forever (`Watch`), idle with backoff (woken early by
+//! PostgreSQL notifications), pause while the circuit is open, and stop
+//! cleanly on shutdown: the batch in hand is finished and written, never
+//! abandoned with rows locked.
+
+use std::future::Future;
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use tokio::sync::watch;
+
+use super::processor::{BatchHandler, BatchReport, DeadLetter, Processor};
+use crate::error::Result;
+use crate::model::{Event, Route};
+use crate::store::EventStore;
+
+/// When the loop ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RunMode {
+    /// Drain what is due, then return (jobs, cron).
+    Once,
+    /// Run until shutdown.
+    Watch,
+}
+
+/// Settings of [`run`].
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    /// Once or watch.
+    pub mode: RunMode,
+    /// First idle wait after an empty claim.
+    pub idle_min: Duration,
+    /// Longest idle wait (also the polling interval when notifications are on).
+    pub idle_max: Duration,
+}
+
+impl Default for RunOptions {
+    fn default() -> Self {
+        RunOptions {
+            mode: RunMode::Watch,
+            idle_min: Duration::from_millis(10),
+            idle_max: Duration::from_secs(1),
+        }
+    }
+}
+
+/// Totals of a run; `--format json` shape of `publish` and `inbox process`.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct RunReport {
+    /// Batches claimed.
+    pub batches: u64,
+    /// Rows claimed.
+    pub claimed: u64,
+    /// Completed (published or processed).
+    pub completed: u64,
+    /// Skipped by a handler (completed, not processed).
+    pub skipped: u64,
+    /// Counted failures rescheduled by the backoff.
+    pub failed: u64,
+    /// Counted failures that reached max_attempts (now `failed`).
+    pub dead: u64,
+    /// Dead letters written to the DLQ topic.
+    pub dead_lettered: u64,
+    /// Transient failures (no attempt spent).
+    pub transient: u64,
+    /// Released untried.
+    pub released: u64,
+    /// Rows whose lease was lost before their result was written.
+    pub lease_lost: u64,
+    /// Batches whose results could not be written (rows left to lease expiry).
+    pub commit_errors: u64,
+    /// Seconds the run took.
+    pub elapsed_seconds: f64,
+    /// Completed events per second.
+    pub events_per_second: f64,
+    /// Why the run stopped early, if it did.
+    pub stopped_because: Option<String>,
+}
+
+impl RunReport {
+    fn add(&mut self, b: &BatchReport) {
+        self.batches += 1;
+        self.claimed += b.claimed as u64;
+        self.completed += b.completed as u64;
+        self.skipped += b.skipped as u64;
+        self.failed += b.failed as u64;
+        self.dead += b.dead as u64;
+        self.dead_lettered += b.dead_lettered as u64;
+        self.transient += b.transient as u64;
+        self.released += b.released as u64;
+        self.lease_lost += b.lease_lost as u64;
+        self.commit_errors += u64::from(b.commit_error.is_some());
+    }
+}
+
+/// Something that can wake an idle loop early (PostgreSQL LISTEN/NOTIFY).
+pub trait Wakeup: Send {
+    /// Resolves when new rows may be there, or after `max`.
+    fn wait(&mut self, max: Duration) -> impl Future<Output = ()> + Send;
+}
+
+/// A [`Wakeup`] that only sleeps.
+#[derive(Debug, Default)]
+pub struct Sleep;
+
+impl Wakeup for Sleep {
+    async fn wait(&mut self, max: Duration) {
+        tokio::time::sleep(max).await;
+    }
+}
+
+/// Runs `processor` until done (see [`RunMode`]) or until `shutdown` turns
+/// true. `on_batch` sees every batch (progress bars). Errors of the claim
+/// end a `Once` run; a `Watch` run logs them and retries with backoff.
+pub async fn run<R, S, H, W>(
+    processor: &Processor<R, S, H>,
+    options: &RunOptions,
+    mut shutdown: watch::Receiver<bool>,
+    wakeup: &mut W,
+    mut on_batch: impl FnMut(&BatchReport),
+) -> Result<RunReport>
+where
+    R: Route,
+    S: EventStore<R>,
+    H: BatchHandler<R>,
+    Event<R>: DeadLetter,
+    W: Wakeup,
+{
+    let started = Instant::now();
+    let mut report = RunReport::default();
+    let mut idle = options.idle_min;
+    let mut claim_errors = 0u32;
+    loop {
+        if *shutdown.borrow() {
+            report.stopped_because = Some("shutdown requested".into());
+            break;
+        }
+        if let Some(pause) = processor.pause() {
+            if options.mode == RunMode::Once {
+                report.stopped_because = Some("the broker or handler did not answer".into());
+                break;
+            }
+            tracing::warn!(
+                pause_ms = pause.as_millis() as u64,
+                "downstream not answering; pausing before the next claim"
+            );
+            wait_or_shutdown(&mut shutdown, pause).await;
+            continue;
+        }
+        let batch = match processor.process_batch().await {
+            Ok(b) => {
+                claim_errors = 0;
+                tracing::trace!(claimed = b.claimed, "claim");
+                b
+            }
+            Err(e) if options.mode == RunMode::Watch && !e.is_input_error() => {
+                claim_errors += 1;
+                let wait = Duration::from_millis(200 * 2u64.pow(claim_errors.min(6)))
+                    .min(Duration::from_secs(10));
+                tracing::error!(error = %e, retry_in_ms = wait.as_millis() as u64, "claim failed");
+                wait_or_shutdown(&mut shutdown, wait).await;
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
+        if batch.claimed == 0 {
+            if options.mode == RunMode::Once {
+                break;
+            }
+            tokio::select! {
+                _ = wakeup.wait(idle) => {}
+                _ = shutdown.changed() => {}
+            }
+            idle = (idle * 2).min(options.idle_max);
+            continue;
+        }
+        idle = options.idle_min;
+        report.add(&batch);
+        on_batch(&batch);
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    report.elapsed_seconds = elapsed;
+    report.events_per_second = if elapsed > 0.0 {
+        report.completed as f64 / elapsed
+    } else {
+        0.0
+    };
+    Ok(report)
+}
+
+async fn wait_or_shutdown(shutdown: &mut watch::Receiver<bool>, d: Duration) {
+    tokio::select! {
+        _ = tokio::time::sleep(d) => {}
+        _ = shutdown.changed() => {}
+    }
+}

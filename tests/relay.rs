@@ -1,0 +1,411 @@
+//! The relay through the real Kafka protocol: librdkafka's mock cluster
+//! (real TCP listeners speaking the Kafka protocol) and the relay of the
+//! library, on both stores.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use omnibox::pipeline::{ProcessorOptions, RunMode, RunOptions, Sleep, run};
+use omnibox::relay::{self, AnySink};
+use omnibox::store::AnyStore;
+use omnibox::{
+    Backoff, DomainService, EventStatus, EventStore, NewOutboxEvent, OutboxEvent, OutboxStore,
+    WorkerId,
+};
+use rdkafka::mocking::MockCluster;
+use serde_json::json;
+use tokio::sync::watch;
+
+use common::kafka::consume;
+
+fn event(topic: &str, key: &str, n: usize) -> OutboxEvent {
+    let mut e = NewOutboxEvent::new(
+        "order",
+        uuid::Uuid::now_v7(),
+        "order.updated",
+        topic,
+        key,
+        json!({ "n": n, "key": key }),
+    );
+    e.headers = Some(
+        [(
+            "traceparent".to_string(),
+            format!("00-{n:032x}-{n:016x}-01"),
+        )]
+        .into(),
+    );
+    e.trace_id = Some(format!("trace-{n}"));
+    e.correlation_id = Some("corr".into());
+    DomainService::default().create_outbox_event(e).unwrap()
+}
+
+fn options(worker: &str, batch: u32) -> ProcessorOptions {
+    let mut o = ProcessorOptions::new(WorkerId::new(worker).unwrap());
+    o.batch = batch;
+    o.backoff = Backoff {
+        base: Duration::from_millis(20),
+        cap: Duration::from_millis(100),
+    };
+    o
+}
+
+fn kafka(
+    cluster: &MockCluster<'_, rdkafka::producer::DefaultProducerContext>,
+    timeout: Duration,
+) -> Arc<AnySink> {
+    Arc::new(
+        AnySink::from_url(
+            &format!("kafka://{}", cluster.bootstrap_servers()),
+            &[],
+            timeout,
+        )
+        .unwrap(),
+    )
+}
+
+async fn drain(
+    store: &AnyStore,
+    sink: Arc<AnySink>,
+    worker: &str,
+    batch: u32,
+    dlq: Option<&str>,
+) -> omnibox::pipeline::RunReport {
+    let mut b = relay::publisher(
+        store.outbox(),
+        sink.clone(),
+        options(worker, batch),
+        Duration::from_secs(10),
+    );
+    if let Some(t) = dlq {
+        b = b.dead_letter(sink, t);
+    }
+    let p = b.build();
+    let (_tx, rx) = watch::channel(false);
+    let opts = RunOptions {
+        mode: RunMode::Once,
+        ..RunOptions::default()
+    };
+    run(&p, &opts, rx, &mut Sleep, |_| {}).await.unwrap()
+}
+
+mod cases {
+    use super::*;
+    use crate::common::TestDb;
+
+    /// Every row arrives once, with its key, headers and envelope.
+    pub async fn every_row_arrives_once_with_key_headers_and_envelope(db: &TestDb) {
+        let cluster = MockCluster::new(1).unwrap();
+        cluster.create_topic("orders", 3, 1).unwrap();
+        let events: Vec<OutboxEvent> = (0..500)
+            .map(|n| event("orders", &format!("order-{}", n % 20), n))
+            .collect();
+        db.store.outbox().create_many(&events).await.unwrap();
+        let report = drain(
+            &db.store,
+            kafka(&cluster, Duration::from_secs(10)),
+            "relay-1",
+            100,
+            None,
+        )
+        .await;
+        assert_eq!(report.completed, 500);
+        let got = consume(
+            &cluster.bootstrap_servers(),
+            "orders",
+            500,
+            Duration::from_secs(30),
+        )
+        .await;
+        assert_eq!(got.len(), 500, "exactly once");
+        let by_id: std::collections::HashMap<String, &common::kafka::Received> = got
+            .iter()
+            .map(|m| (m.headers["event_id"].clone(), m))
+            .collect();
+        assert_eq!(by_id.len(), 500, "no event twice");
+        for e in &events {
+            let m = by_id[&e.id().to_string()];
+            assert_eq!(m.key, e.partition_key());
+            assert_eq!(m.headers["event_type"], "order.updated");
+            assert_eq!(m.headers["trace_id"], e.trace_id().unwrap());
+            assert_eq!(m.headers["correlation_id"], "corr");
+            assert_eq!(
+                m.headers["traceparent"],
+                e.header("traceparent").unwrap(),
+                "W3C traceparent is propagated"
+            );
+            assert!(!m.headers.contains_key("schema_version"));
+            assert_eq!(m.value["schema_version"], "1.0.0");
+            assert_eq!(m.value["event_type"], "order.updated");
+            assert_eq!(m.value["aggregate_type"], "order");
+            assert_eq!(m.value["aggregate_id"], e.aggregate_id().to_string());
+            assert_eq!(
+                m.value["payload"],
+                serde_json::Value::Object(e.payload().clone())
+            );
+            assert_eq!(m.value["timestamp"], omnibox::time::format(&e.created_at()));
+            assert_eq!(m.value["trace_id"], e.trace_id().unwrap());
+        }
+        let c = db.store.outbox().counts().await.unwrap();
+        assert_eq!((c.completed, c.pending, c.locked), (500, 0, 0));
+    }
+
+    /// A record the broker rejects is a counted failure, then failed at
+    /// max_attempts, then written to the dead-letter topic; other topics flow.
+    pub async fn rejected_record_is_counted_then_failed_then_dead_lettered(db: &TestDb) {
+        let cluster = MockCluster::new(1).unwrap();
+        cluster.create_topic("orders", 1, 1).unwrap();
+        cluster.create_topic("orders.dlq", 1, 1).unwrap();
+        cluster
+            .topic_error(
+                "forbidden",
+                rdkafka::types::RDKafkaRespErr::RD_KAFKA_RESP_ERR_TOPIC_AUTHORIZATION_FAILED,
+            )
+            .unwrap();
+        let mut bad = NewOutboxEvent::new(
+            "order",
+            uuid::Uuid::now_v7(),
+            "order.secret",
+            "forbidden",
+            "k",
+            json!({"x": 1}),
+        );
+        bad.max_attempts = Some(2);
+        let bad = DomainService::default().create_outbox_event(bad).unwrap();
+        let good = event("orders", "k", 1);
+        db.store
+            .outbox()
+            .create_many(&[bad.clone(), good.clone()])
+            .await
+            .unwrap();
+        let sink = kafka(&cluster, Duration::from_secs(5));
+
+        let first = drain(&db.store, sink.clone(), "relay-1", 10, Some("orders.dlq")).await;
+        assert_eq!(
+            (first.completed, first.failed, first.dead, first.transient),
+            (1, 1, 0, 0),
+            "{first:?}"
+        );
+        let row = db.store.outbox().get(bad.id()).await.unwrap().unwrap();
+        assert_eq!(
+            (row.status(), row.attempts_made()),
+            (EventStatus::Pending, 1)
+        );
+        assert!(
+            row.last_error()
+                .unwrap()
+                .contains("broker rejected the record"),
+            "{:?}",
+            row.last_error()
+        );
+
+        // After the (short) backoff, the second counted failure makes it failed and dead-lettered.
+        let mut dead = 0;
+        for _ in 0..50 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            let r = drain(&db.store, sink.clone(), "relay-1", 10, Some("orders.dlq")).await;
+            dead += r.dead_lettered;
+            if r.dead > 0 {
+                break;
+            }
+        }
+        assert_eq!(dead, 1);
+        let row = db.store.outbox().get(bad.id()).await.unwrap().unwrap();
+        assert_eq!(
+            (row.status(), row.attempts_made()),
+            (EventStatus::Failed, 2)
+        );
+        let dlq = consume(
+            &cluster.bootstrap_servers(),
+            "orders.dlq",
+            1,
+            Duration::from_secs(20),
+        )
+        .await;
+        assert_eq!(dlq.len(), 1);
+        assert_eq!(dlq[0].headers["event_id"], bad.id().to_string());
+        assert_eq!(dlq[0].headers["dlq_original_topic"], "forbidden");
+        assert_eq!(dlq[0].headers["dlq_attempts"], "2");
+        assert!(dlq[0].headers["dlq_error"].contains("rejected"));
+        assert_eq!(dlq[0].value["payload"]["x"], 1);
+        let orders = consume(
+            &cluster.bootstrap_servers(),
+            "orders",
+            1,
+            Duration::from_secs(20),
+        )
+        .await;
+        assert_eq!(
+            orders.len(),
+            1,
+            "the good event went out; the failing head of another topic did not hold it up"
+        );
+    }
+
+    /// All brokers down: no attempt is spent; once the broker is back,
+    /// everything is delivered.
+    pub async fn broker_outage_spends_no_attempts(db: &TestDb) {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter("omnibox=debug")
+            .with_test_writer()
+            .try_init();
+        let cluster = MockCluster::new(1).unwrap();
+        cluster.create_topic("orders", 1, 1).unwrap();
+        let events: Vec<OutboxEvent> = (0..200)
+            .map(|n| event("orders", &format!("k{}", n % 10), n))
+            .collect();
+        db.store.outbox().create_many(&events).await.unwrap();
+        cluster.broker_down(1).unwrap();
+        let sink = Arc::new(
+            AnySink::from_url(
+                &format!("kafka://{}", cluster.bootstrap_servers()),
+                &[],
+                Duration::from_secs(2),
+            )
+            .unwrap(),
+        );
+        let p = relay::publisher(
+            db.store.outbox(),
+            sink,
+            options("relay-1", 50),
+            Duration::from_secs(2),
+        )
+        .build();
+        let (tx, rx) = watch::channel(false);
+        let relay = tokio::spawn(async move {
+            let opts = RunOptions {
+                mode: RunMode::Watch,
+                idle_max: Duration::from_millis(200),
+                ..RunOptions::default()
+            };
+            run(&p, &opts, rx, &mut Sleep, |_| {}).await.unwrap()
+        });
+        tokio::time::sleep(Duration::from_secs(8)).await;
+        let rows = db
+            .store
+            .outbox()
+            .list(&omnibox::ListFilter {
+                limit: Some(1000),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        assert_eq!(
+            rows.iter()
+                .filter(|e| e.status() == EventStatus::Completed)
+                .count(),
+            0
+        );
+        assert!(
+            rows.iter().all(|e| e.attempts_made() == 0),
+            "an outage spends no attempt"
+        );
+        assert!(
+            rows.iter().any(|e| e
+                .last_error()
+                .is_some_and(|m| m.contains("broker not answering"))),
+            "the transient failure is recorded"
+        );
+        cluster.broker_up(1).unwrap();
+        let mut done = false;
+        for _ in 0..120 {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            if db.store.outbox().counts().await.unwrap().completed == 200 {
+                done = true;
+                break;
+            }
+        }
+        tx.send(true).unwrap();
+        let report = relay.await.unwrap();
+        assert!(
+            done,
+            "not all delivered after the broker came back: {report:?}"
+        );
+        assert!(report.transient > 0);
+        let rows = db
+            .store
+            .outbox()
+            .list(&omnibox::ListFilter {
+                limit: Some(1000),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        assert!(rows.iter().all(|e| e.attempts_made() == 0));
+        let got = consume(
+            &cluster.bootstrap_servers(),
+            "orders",
+            200,
+            Duration::from_secs(30),
+        )
+        .await;
+        let ids: std::collections::HashSet<_> =
+            got.iter().map(|m| m.headers["event_id"].clone()).collect();
+        assert_eq!(ids.len(), 200, "every event arrived");
+        assert_eq!(db.store.outbox().counts().await.unwrap().locked, 0);
+    }
+}
+
+backend_tests!(
+    every_row_arrives_once_with_key_headers_and_envelope,
+    rejected_record_is_counted_then_failed_then_dead_lettered,
+    broker_outage_spends_no_attempts,
+);
+
+/// 4 relays over 20,000 rows in 100 keys: each key's events are on the topic
+/// in insertion order, every event once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn four_relays_keep_each_keys_order() {
+    let Some(db) = common::postgres().await else {
+        return;
+    };
+    let cluster = MockCluster::new(1).unwrap();
+    cluster.create_topic("orders", 8, 1).unwrap();
+    let events: Vec<OutboxEvent> = (0..20_000)
+        .map(|n| event("orders", &format!("key-{}", n % 100), n))
+        .collect();
+    db.store.outbox().create_many(&events).await.unwrap();
+    let sink = kafka(&cluster, Duration::from_secs(10));
+    let mut relays = Vec::new();
+    for i in 0..4 {
+        let store = db.store.clone();
+        let sink = sink.clone();
+        relays.push(tokio::spawn(async move {
+            drain(&store, sink, &format!("relay-{i}"), 500, None).await
+        }));
+    }
+    let mut total = 0;
+    for r in relays {
+        let report = r.await.unwrap();
+        total += report.completed;
+    }
+    // A relay's Once run ends at its first empty claim, which can come while
+    // another relay holds the keys; drain what is left.
+    total += drain(&db.store, sink.clone(), "relay-final", 500, None)
+        .await
+        .completed;
+    assert_eq!(total, 20_000);
+    let got = consume(
+        &cluster.bootstrap_servers(),
+        "orders",
+        20_000,
+        Duration::from_secs(60),
+    )
+    .await;
+    assert_eq!(got.len(), 20_000, "every event exactly once");
+    let mut by_partition = got.clone();
+    by_partition.sort_by_key(|m| (m.partition, m.offset));
+    let mut last: std::collections::HashMap<String, u64> = std::collections::HashMap::new();
+    for m in &by_partition {
+        let n = m.value["payload"]["n"].as_u64().unwrap();
+        if let Some(prev) = last.insert(m.key.clone(), n) {
+            assert!(
+                prev < n,
+                "key {}: event {n} is on the topic after event {prev}",
+                m.key
+            );
+        }
+    }
+    assert_eq!(last.len(), 100);
+}
