@@ -1,0 +1,396 @@
+//! `omnibox publish` as a process: the embedded default, an unreachable
+//! broker, SIGTERM, and kill -9 in the middle of a batch (Kafka protocol via
+//! librdkafka's mock cluster, which listens on real TCP ports).
+
+mod common;
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use omnibox::{DomainService, EventStore, NewOutboxEvent, OutboxEvent, OutboxStore};
+use rdkafka::mocking::MockCluster;
+use serde_json::json;
+
+use common::kafka::consume;
+
+fn omnibox(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_omnibox"));
+    cmd.args(args)
+        .current_dir(dir)
+        .env_clear()
+        .env("NO_COLOR", "1")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd
+}
+
+fn events(n: usize, keys: usize) -> Vec<OutboxEvent> {
+    (0..n)
+        .map(|i| {
+            DomainService::default()
+                .create_outbox_event(NewOutboxEvent::new(
+                    "order",
+                    uuid::Uuid::now_v7(),
+                    "order.updated",
+                    "orders",
+                    format!("key-{}", i % keys),
+                    json!({ "n": i }),
+                ))
+                .unwrap()
+        })
+        .collect()
+}
+
+fn signal(child: &Child, sig: &str) {
+    let status = Command::new("kill")
+        .arg(format!("-{sig}"))
+        .arg(child.id().to_string())
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
+
+fn wait_exit(mut child: Child, limit: Duration) -> (i32, String) {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            let mut err = String::new();
+            use std::io::Read;
+            child
+                .stderr
+                .take()
+                .unwrap()
+                .read_to_string(&mut err)
+                .unwrap();
+            return (status.code().unwrap_or(-1), err);
+        }
+        if Instant::now() > deadline {
+            child.kill().ok();
+            panic!("omnibox did not exit within {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+struct PgEnv {
+    db: common::TestDb,
+    schema: String,
+}
+
+impl PgEnv {
+    async fn new() -> Option<PgEnv> {
+        let db = common::postgres().await?;
+        let schema: String = match &db.store {
+            omnibox::store::AnyStore::Postgres(s) => sqlx::query_scalar("SELECT current_schema()")
+                .fetch_one(s.pool())
+                .await
+                .unwrap(),
+            _ => unreachable!(),
+        };
+        Some(PgEnv { db, schema })
+    }
+
+    fn env(&self) -> Vec<(&str, &str)> {
+        vec![
+            ("OMNIBOX_DATABASE_URL", self.db.url.as_str()),
+            ("OMNIBOX_DATABASE_SCHEMA", self.schema.as_str()),
+        ]
+    }
+}
+
+#[test]
+fn publish_once_to_the_default_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let line = r#"{"aggregate_type":"order","aggregate_id":"0190f1d2-7a3b-7cde-8f00-123456789abc","event_type":"order.created","topic":"orders","partition_key":"order-1","payload":{"total":12.5},"headers":{"traceparent":"00-a-b-01"}}"#;
+    let mut enqueue = omnibox(d, &["enqueue", "--jsonl"], &[])
+        .stdin(Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    enqueue
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(format!("{line}\n{line}\n{line}\n").as_bytes())
+        .unwrap();
+    assert!(enqueue.wait().unwrap().success());
+    let out = omnibox(d, &["publish", "--once", "--format", "json"], &[])
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["completed"], 3);
+    assert_eq!(report["broker"], "file:omnibox-events.jsonl");
+    let file = std::fs::read_to_string(d.join("omnibox-events.jsonl")).unwrap();
+    let lines: Vec<serde_json::Value> = file
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 3);
+    for l in &lines {
+        assert_eq!(l["topic"], "orders");
+        assert_eq!(l["key"], "order-1");
+        assert_eq!(l["headers"]["traceparent"], "00-a-b-01");
+        assert_eq!(l["headers"]["event_type"], "order.created");
+        assert_eq!(l["value"]["payload"]["total"], 12.5);
+        assert_eq!(l["value"]["schema_version"], "1.0.0");
+    }
+    // Nothing left: a second run publishes nothing and appends nothing.
+    let out = omnibox(d, &["publish", "--once"], &[]).output().unwrap();
+    assert_eq!(out.status.code(), Some(0));
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(table.contains("published"), "{table}");
+    assert_eq!(
+        std::fs::read_to_string(d.join("omnibox-events.jsonl"))
+            .unwrap()
+            .lines()
+            .count(),
+        3
+    );
+}
+
+#[test]
+fn publish_usage_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    for (args, needle) in [
+        (
+            vec!["publish", "--broker", "amqp://x"],
+            "unsupported broker URL",
+        ),
+        (
+            vec!["publish", "--lease", "10s", "--publish-timeout", "30s"],
+            "--lease",
+        ),
+        (vec!["publish", "--worker-id", "bad id"], "contains ' '"),
+        (vec!["publish", "--batch", "0"], "--batch"),
+        (vec!["publish", "-X", "novalue"], "KEY=VALUE"),
+    ] {
+        let out = omnibox(d, &args, &[]).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert!(err.contains(needle), "{args:?}: {err}");
+    }
+}
+
+/// The broker does not answer: no attempt is spent, the rows stay pending
+/// with the reason, and `--once` says so with exit code 1.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unreachable_broker_spends_no_attempt() {
+    let db = common::sqlite().await;
+    db.store.outbox().create_many(&events(20, 4)).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let out = omnibox(
+        dir.path(),
+        &[
+            "publish",
+            "--once",
+            "--broker",
+            "kafka://127.0.0.1:1",
+            "--publish-timeout",
+            "2s",
+            "--lease",
+            "1m",
+        ],
+        &[("OMNIBOX_DATABASE_URL", db.url.as_str())],
+    )
+    .output()
+    .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("the broker did not answer"), "{err}");
+    let rows = db.store.outbox().list(&Default::default()).await.unwrap();
+    assert!(
+        rows.iter()
+            .all(|e| e.attempts_made() == 0 && e.status() == omnibox::EventStatus::Pending)
+    );
+    assert!(rows.iter().any(|e| {
+        e.last_error()
+            .is_some_and(|m| m.contains("broker not answering"))
+    }));
+    assert_eq!(db.store.outbox().counts().await.unwrap().locked, 0);
+}
+
+/// SIGTERM in the middle of a run: the relay finishes its batch, exits 0,
+/// and leaves no row locked; every completed row is on the topic.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_leaves_no_row_locked() {
+    let Some(pg) = PgEnv::new().await else { return };
+    let cluster = MockCluster::new(1).unwrap();
+    cluster.create_topic("orders", 2, 1).unwrap();
+    cluster
+        .broker_round_trip_time(1, Duration::from_millis(200))
+        .unwrap();
+    pg.db
+        .store
+        .outbox()
+        .create_many(&events(3000, 50))
+        .await
+        .unwrap();
+    let broker = format!("kafka://{}", cluster.bootstrap_servers());
+    let dir = tempfile::tempdir().unwrap();
+    let child = omnibox(
+        dir.path(),
+        &["publish", "--broker", &broker, "--batch", "200"],
+        &pg.env(),
+    )
+    .spawn()
+    .unwrap();
+    let outbox = pg.db.store.outbox();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let c = outbox.counts().await.unwrap();
+        if c.completed > 0 && c.locked > 0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the relay never got going: {c:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    signal(&child, "TERM");
+    let (code, err) =
+        tokio::task::spawn_blocking(move || wait_exit(child, Duration::from_secs(60)))
+            .await
+            .unwrap();
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("stopping after the current batch"), "{err}");
+    let c = outbox.counts().await.unwrap();
+    assert_eq!(c.locked, 0, "no row left locked: {c:?}");
+    assert!(c.completed < 3000, "stopped early, as asked: {c:?}");
+    let got = consume(
+        &cluster.bootstrap_servers(),
+        "orders",
+        c.completed as usize,
+        Duration::from_secs(30),
+    )
+    .await;
+    let on_topic: std::collections::HashSet<String> =
+        got.iter().map(|m| m.headers["event_id"].clone()).collect();
+    let completed = outbox
+        .list(&omnibox::ListFilter {
+            status: Some(omnibox::EventStatus::Completed),
+            limit: Some(10_000),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    for e in completed {
+        assert!(
+            on_topic.contains(&e.id().to_string()),
+            "completed but not on the topic: {}",
+            e.id()
+        );
+    }
+}
+
+/// kill -9 in the middle of a batch: after the lease expires another relay
+/// publishes every row; none is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_mid_batch_loses_nothing() {
+    let Some(pg) = PgEnv::new().await else { return };
+    let cluster = MockCluster::new(1).unwrap();
+    cluster.create_topic("orders", 2, 1).unwrap();
+    cluster
+        .broker_round_trip_time(1, Duration::from_millis(300))
+        .unwrap();
+    let all = events(2000, 20);
+    pg.db.store.outbox().create_many(&all).await.unwrap();
+    let broker = format!("kafka://{}", cluster.bootstrap_servers());
+    let dir = tempfile::tempdir().unwrap();
+    let args = [
+        "publish",
+        "--broker",
+        &broker,
+        "--batch",
+        "500",
+        "--lease",
+        "3s",
+        "--publish-timeout",
+        "2s",
+    ];
+    let child = omnibox(dir.path(), &args, &pg.env()).spawn().unwrap();
+    let outbox = pg.db.store.outbox();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let c = outbox.counts().await.unwrap();
+        if c.locked > 0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the relay never claimed: {c:?}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    signal(&child, "KILL");
+    let (code, _) = tokio::task::spawn_blocking(move || wait_exit(child, Duration::from_secs(10)))
+        .await
+        .unwrap();
+    assert_ne!(code, 0);
+    let left_locked = outbox.counts().await.unwrap().locked;
+    assert!(left_locked > 0, "the kill landed mid-batch");
+    // A second relay (same lease) takes over once the dead one's lease expires.
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let out = omnibox(
+            dir.path(),
+            &[
+                "publish",
+                "--once",
+                "--broker",
+                &broker,
+                "--batch",
+                "500",
+                "--lease",
+                "3s",
+                "--publish-timeout",
+                "2s",
+            ],
+            &pg.env(),
+        )
+        .output()
+        .unwrap();
+        assert!(
+            out.status.code() == Some(0),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let c = outbox.counts().await.unwrap();
+        if c.completed == 2000 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not everything published after the lease expired: {c:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let got = consume(
+        &cluster.bootstrap_servers(),
+        "orders",
+        2000,
+        Duration::from_secs(30),
+    )
+    .await;
+    let on_topic: std::collections::HashSet<String> =
+        got.iter().map(|m| m.headers["event_id"].clone()).collect();
+    for e in &all {
+        assert!(on_topic.contains(&e.id().to_string()), "lost: {}", e.id());
+    }
+    eprintln!(
+        "{} rows were locked by the killed relay; {} messages on the topic for 2000 events",
+        left_locked,
+        got.len()
+    );
+}
