@@ -7,6 +7,11 @@
 //!   enqueue  `omnibox enqueue --jsonl` of N events into PostgreSQL (the
 //!            release binary, in a fresh schema per round; includes process
 //!            start, JSON parsing, validation and the inserts).
+//!   publish  the relay (library, in this process) draining N pending rows
+//!            (seeded and VACUUM ANALYZEd outside the timed region) with R
+//!            relays, batch B, K keys, to the null sink or Kafka
+//!            (OMNIBOX_BENCH_BROKERS); `--backlog M` seeds M rows and times
+//!            the first N.
 //!
 //! Needs OMNIBOX_BENCH_DATABASE_URL (bench/run.sh starts a server when unset).
 
@@ -22,7 +27,7 @@ use serde_json::json;
 #[command(about = "omnibox benchmark harness")]
 struct Args {
     /// Scenario to run
-    #[arg(value_parser = ["enqueue"])]
+    #[arg(value_parser = ["enqueue", "publish"])]
     scenario: String,
     /// Events per round
     #[arg(long, default_value_t = 20_000)]
@@ -37,6 +42,18 @@ struct Args {
     /// instead of COPY)
     #[arg(long)]
     idempotency_keys: bool,
+    /// publish: relays working at once
+    #[arg(long, default_value_t = 1)]
+    relays: usize,
+    /// publish: rows per claim
+    #[arg(long, default_value_t = 1000)]
+    batch: u32,
+    /// publish: null or kafka
+    #[arg(long, default_value = "null", value_parser = ["null", "kafka"])]
+    sink: String,
+    /// publish: rows pending before the timed run (default: --events)
+    #[arg(long)]
+    backlog: Option<usize>,
     /// Accepted for `cargo bench` compatibility
     #[arg(long, hide = true)]
     bench: bool,
@@ -52,6 +69,7 @@ fn main() {
     });
     match args.scenario.as_str() {
         "enqueue" => enqueue(&args, &url),
+        "publish" => publish(&args, &url),
         _ => unreachable!(),
     }
 }
@@ -209,4 +227,165 @@ fn report(name: &str, rates: &[f64], command: &str) {
         sorted[sorted.len() - 1],
         sorted.len()
     );
+}
+
+fn publish(args: &Args, url: &str) {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    use omnibox::pipeline::{ProcessorOptions, RunMode, RunOptions, Sleep, run};
+    use omnibox::relay::{self, AnySink};
+    use omnibox::store::postgres::{PgOptions, PgStore, insert_outbox};
+    use omnibox::{DomainService, NewOutboxEvent, WorkerId};
+
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let backlog = args.backlog.unwrap_or(args.events).max(args.events);
+    let keys = if args.keys == 0 {
+        "unique".to_string()
+    } else {
+        args.keys.to_string()
+    };
+    let brokers = std::env::var("OMNIBOX_BENCH_BROKERS").ok();
+    if args.sink == "kafka" && brokers.is_none() {
+        eprintln!("--sink kafka needs OMNIBOX_BENCH_BROKERS (bench/run.sh starts tansu for it)");
+        std::process::exit(2);
+    }
+    let command = format!(
+        "bench/run.sh publish --events {} --backlog {backlog} --relays {} --batch {} --keys {} --sink {}",
+        args.events, args.relays, args.batch, args.keys, args.sink
+    );
+    let mut rates = Vec::new();
+    let mut results = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(results_file())
+        .unwrap();
+    for round in 1..=args.rounds {
+        let schema = format!("bench_{}", uuid::Uuid::new_v4().simple());
+        let topic = format!("bench-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
+        let (secs, published, latencies) = rt.block_on(async {
+            let opts = PgOptions {
+                schema: Some(schema.clone()),
+                max_connections: (args.relays as u32 + 2).max(4),
+                ..PgOptions::default()
+            };
+            let store = PgStore::connect(url, &opts).await.expect("connect");
+            store.migrate().await.expect("migrate");
+            // Seed outside the timed region, in the peer's row shape.
+            let domain = DomainService::default();
+            let mut conn = store.pool().acquire().await.unwrap();
+            let mut i = 0;
+            while i < backlog {
+                let chunk: Vec<_> = (i..(i + 10_000).min(backlog))
+                    .map(|n| {
+                        let key_no = if args.keys == 0 { n } else { n % args.keys };
+                        let aggregate = uuid::Uuid::from_u128(key_no as u128 + 1);
+                        let mut e = NewOutboxEvent::new(
+                            "order",
+                            aggregate,
+                            "order.created",
+                            topic.clone(),
+                            aggregate.to_string(),
+                            json!({"order_id": aggregate, "customer_id": format!("customer-{:06}", n % 1000),
+                                   "amount_cents": 1000 + n % 5000, "currency": "EUR",
+                                   "items": [{"sku": "SKU-1", "qty": 1}], "seq": n}),
+                        );
+                        e.headers = Some([("source".to_string(), "bench".to_string())].into());
+                        domain.create_outbox_event(e).unwrap()
+                    })
+                    .collect();
+                insert_outbox(&mut conn, &chunk).await.expect("seed");
+                i += chunk.len();
+            }
+            drop(conn);
+            sqlx::query("VACUUM ANALYZE outbox_events").execute(store.pool()).await.unwrap();
+            let sink = Arc::new(match &brokers {
+                Some(b) if args.sink == "kafka" => {
+                    AnySink::from_url(&format!("kafka://{b}"), &[], std::time::Duration::from_secs(30)).unwrap()
+                }
+                _ => AnySink::from_url("null", &[], std::time::Duration::from_secs(30)).unwrap(),
+            });
+            let done = Arc::new(AtomicU64::new(0));
+            let (tx, rx) = tokio::sync::watch::channel(false);
+            let tx = Arc::new(tx);
+            let target = args.events as u64;
+            let start = Instant::now();
+            let mut tasks = Vec::new();
+            for r in 0..args.relays {
+                let mut o = ProcessorOptions::new(WorkerId::new(format!("bench-{r}")).unwrap());
+                o.batch = args.batch;
+                let p = relay::publisher(store.outbox(), sink.clone(), o, std::time::Duration::from_secs(30)).build();
+                let rx = rx.clone();
+                let tx = tx.clone();
+                let done = done.clone();
+                tasks.push(tokio::spawn(async move {
+                    let mut lat = Vec::new();
+                    let opts = RunOptions {
+                        mode: RunMode::Watch,
+                        idle_min: std::time::Duration::from_millis(1),
+                        idle_max: std::time::Duration::from_millis(20),
+                    };
+                    run(&p, &opts, rx, &mut Sleep, |b| {
+                        lat.push(b.handle_time);
+                        if done.fetch_add(b.completed as u64, Ordering::SeqCst) + b.completed as u64 >= target {
+                            let _ = tx.send(true);
+                        }
+                    })
+                    .await
+                    .unwrap();
+                    lat
+                }));
+            }
+            let mut latencies = Vec::new();
+            for t in tasks {
+                latencies.extend(t.await.unwrap());
+            }
+            let secs = start.elapsed().as_secs_f64();
+            let published = done.load(Ordering::SeqCst);
+            store.pool().close().await;
+            (secs, published, latencies)
+        });
+        let db = Db::new(url);
+        let completed: String = db.scalar(format!(
+            "SELECT count(*)::text FROM {schema}.outbox_events WHERE status = 'completed'"
+        ));
+        db.exec(format!("DROP SCHEMA {schema} CASCADE"));
+        let verified = published >= args.events as u64 && completed == published.to_string();
+        let rate = published as f64 / secs;
+        rates.push(rate);
+        let mut lat: Vec<f64> = latencies.iter().map(|d| d.as_secs_f64() * 1000.0).collect();
+        lat.sort_by(|a, b| a.partial_cmp(b).unwrap());
+        let pct = |p: f64| {
+            lat.get(((lat.len() as f64 - 1.0) * p) as usize)
+                .copied()
+                .unwrap_or(0.0)
+        };
+        println!(
+            "publish round {round}: {published} events in {secs:.3} s = {rate:.0} events/s; batch publish latency p50 {:.1} ms, p99 {:.1} ms ({} batches; keys {keys}, relays {}, batch {}, sink {}, backlog {backlog}, verified {verified})",
+            pct(0.5),
+            pct(0.99),
+            lat.len(),
+            args.relays,
+            args.batch,
+            args.sink
+        );
+        let line = json!({
+            "scenario": "omnibox_publish",
+            "events": published,
+            "seconds": secs,
+            "events_per_s": rate,
+            "params": {"batch_size": args.batch, "workers": args.relays, "keys": keys, "sink": args.sink,
+                       "backlog": backlog, "round": round, "latency_p50_ms": pct(0.5), "latency_p99_ms": pct(0.99)},
+            "verified": verified,
+        });
+        writeln!(results, "{line}").unwrap();
+        assert!(
+            verified,
+            "published {published}, completed in table {completed}"
+        );
+    }
+    report("publish", &rates, &command);
 }

@@ -6,6 +6,7 @@
 #![allow(dead_code)]
 
 pub mod kafka;
+pub mod tansu;
 
 use omnibox::store::postgres::PgOptions;
 use omnibox::store::{AnyStore, PgStore, SqliteStore};

@@ -1,0 +1,305 @@
+//! End to end against tansu, a real Kafka-protocol broker process:
+//! `omnibox publish` processes, PostgreSQL, and a broker that goes away.
+
+mod common;
+
+use std::collections::{HashMap, HashSet};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use omnibox::{DomainService, EventStatus, EventStore, NewOutboxEvent, OutboxEvent, OutboxStore};
+use serde_json::json;
+
+use common::kafka::consume;
+use common::tansu::{Tansu, create_topic, shared_brokers};
+
+fn events(topic: &str, n: usize, keys: usize) -> Vec<OutboxEvent> {
+    (0..n)
+        .map(|i| {
+            let mut e = NewOutboxEvent::new(
+                "order",
+                uuid::Uuid::now_v7(),
+                "order.updated",
+                topic,
+                format!("key-{}", i % keys),
+                json!({ "n": i }),
+            );
+            e.headers = Some(
+                [(
+                    "traceparent".to_string(),
+                    format!("00-{i:032x}-{i:016x}-01"),
+                )]
+                .into(),
+            );
+            DomainService::default().create_outbox_event(e).unwrap()
+        })
+        .collect()
+}
+
+async fn pg() -> Option<(common::TestDb, String)> {
+    let db = common::postgres().await?;
+    let schema: String = match &db.store {
+        omnibox::store::AnyStore::Postgres(s) => sqlx::query_scalar("SELECT current_schema()")
+            .fetch_one(s.pool())
+            .await
+            .unwrap(),
+        _ => unreachable!(),
+    };
+    Some((db, schema))
+}
+
+fn publish(dir: &Path, db: &common::TestDb, schema: &str, args: &[&str]) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_omnibox"));
+    cmd.arg("publish")
+        .args(args)
+        .current_dir(dir)
+        .env_clear()
+        .env("NO_COLOR", "1")
+        .env("OMNIBOX_DATABASE_URL", &db.url)
+        .env("OMNIBOX_DATABASE_SCHEMA", schema)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    cmd
+}
+
+fn topic_name(prefix: &str) -> String {
+    format!(
+        "{prefix}-{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..12]
+    )
+}
+
+/// Every row arrives once, with its key, headers and envelope.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publish_delivers_every_row_to_tansu() {
+    let Some(brokers) = shared_brokers() else {
+        return;
+    };
+    let Some((db, schema)) = pg().await else {
+        return;
+    };
+    let topic = topic_name("orders");
+    create_topic(&brokers, &topic, 3).await;
+    let all = events(&topic, 2000, 20);
+    db.store.outbox().create_many(&all).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let broker = format!("kafka://{brokers}");
+    let out = publish(
+        dir.path(),
+        &db,
+        &schema,
+        &[
+            "--once", "--broker", &broker, "--batch", "500", "--format", "json",
+        ],
+    )
+    .output()
+    .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["completed"], 2000);
+    let got = consume(&brokers, &topic, 2000, Duration::from_secs(60)).await;
+    assert_eq!(got.len(), 2000);
+    let by_id: HashMap<String, &common::kafka::Received> = got
+        .iter()
+        .map(|m| (m.headers["event_id"].clone(), m))
+        .collect();
+    assert_eq!(by_id.len(), 2000);
+    for e in &all {
+        let m = by_id[&e.id().to_string()];
+        assert_eq!(m.key, e.partition_key());
+        assert_eq!(m.headers["traceparent"], e.header("traceparent").unwrap());
+        assert_eq!(m.headers["event_type"], "order.updated");
+        assert_eq!(m.value["payload"]["n"], e.payload()["n"]);
+        assert_eq!(m.value["aggregate_id"], e.aggregate_id().to_string());
+    }
+}
+
+/// Four relay processes over 20,000 rows in 100 keys: each key's events are
+/// on the topic in insertion order, each once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn four_relays_keep_each_keys_order_on_tansu() {
+    let Some(brokers) = shared_brokers() else {
+        return;
+    };
+    let Some((db, schema)) = pg().await else {
+        return;
+    };
+    let topic = topic_name("ordered");
+    create_topic(&brokers, &topic, 4).await;
+    db.store
+        .outbox()
+        .create_many(&events(&topic, 20_000, 100))
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let broker = format!("kafka://{brokers}");
+    let relays: Vec<_> = (0..4)
+        .map(|i| {
+            publish(
+                dir.path(),
+                &db,
+                &schema,
+                &[
+                    "--once",
+                    "--broker",
+                    &broker,
+                    "--batch",
+                    "1000",
+                    "--worker-id",
+                    &format!("relay-{i}"),
+                ],
+            )
+            .spawn()
+            .unwrap()
+        })
+        .collect();
+    for r in relays {
+        let out = r.wait_with_output().unwrap();
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    // A relay's --once ends at its first empty claim, which can come while
+    // another holds the keys: drain the rest.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while db.store.outbox().counts().await.unwrap().completed < 20_000 {
+        let out = publish(
+            dir.path(),
+            &db,
+            &schema,
+            &["--once", "--broker", &broker, "--batch", "1000"],
+        )
+        .output()
+        .unwrap();
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(Instant::now() < deadline);
+    }
+    let mut got = consume(&brokers, &topic, 20_000, Duration::from_secs(120)).await;
+    assert_eq!(got.len(), 20_000, "every event exactly once");
+    got.sort_by_key(|m| (m.partition, m.offset));
+    let mut last: HashMap<String, u64> = HashMap::new();
+    for m in &got {
+        let n = m.value["payload"]["n"].as_u64().unwrap();
+        if let Some(prev) = last.insert(m.key.clone(), n) {
+            assert!(
+                prev < n,
+                "key {}: event {n} is on the topic after event {prev}",
+                m.key
+            );
+        }
+    }
+    assert_eq!(last.len(), 100);
+}
+
+/// The broker is down for 30 s: no attempt is spent, and everything is
+/// delivered after it returns.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broker_down_for_30_seconds_spends_no_attempts() {
+    let Some(mut tansu) = Tansu::start().await else {
+        return;
+    };
+    let Some((db, schema)) = pg().await else {
+        return;
+    };
+    let brokers = tansu.brokers();
+    let topic = topic_name("outage");
+    create_topic(&brokers, &topic, 2).await;
+    let all = events(&topic, 1000, 10);
+    db.store.outbox().create_many(&all).await.unwrap();
+    tansu.kill();
+    let dir = tempfile::tempdir().unwrap();
+    let broker = format!("kafka://{brokers}");
+    let relay = publish(
+        dir.path(),
+        &db,
+        &schema,
+        &[
+            "--broker",
+            &broker,
+            "--batch",
+            "200",
+            "--publish-timeout",
+            "5s",
+        ],
+    )
+    .spawn()
+    .unwrap();
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    let outbox = db.store.outbox();
+    let rows = outbox
+        .list(&omnibox::ListFilter {
+            limit: Some(5000),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        rows.iter()
+            .filter(|e| e.status() == EventStatus::Completed)
+            .count(),
+        0
+    );
+    assert!(
+        rows.iter().all(|e| e.attempts_made() == 0),
+        "the outage spent attempts"
+    );
+    assert!(rows.iter().any(|e| {
+        e.last_error()
+            .is_some_and(|m| m.contains("broker not answering"))
+    }));
+    tansu.restart().await;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while outbox.counts().await.unwrap().completed < 1000 {
+        assert!(
+            Instant::now() < deadline,
+            "not delivered after the broker returned: {:?}",
+            outbox.counts().await.unwrap()
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let status = Command::new("kill")
+        .arg("-TERM")
+        .arg(relay.id().to_string())
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let out = relay.wait_with_output().unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rows = outbox
+        .list(&omnibox::ListFilter {
+            limit: Some(5000),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert!(
+        rows.iter().all(|e| e.attempts_made() == 0),
+        "no attempt spent"
+    );
+    assert_eq!(outbox.counts().await.unwrap().locked, 0);
+    let got = consume(&brokers, &topic, 1000, Duration::from_secs(60)).await;
+    let ids: HashSet<String> = got.iter().map(|m| m.headers["event_id"].clone()).collect();
+    for e in &all {
+        assert!(ids.contains(&e.id().to_string()), "lost {}", e.id());
+    }
+}
