@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The main job on the embedded default: an SQLite file, no servers.
-# Builds omnibox, creates the schema, enqueues sample events (in bulk from
-# JSON lines, and one from flags), then shows the status and a few rows.
+# The main job on the embedded default: an SQLite file and a JSON lines file,
+# no servers. Builds omnibox, creates the schema, enqueues sample events (in
+# bulk from JSON lines, and one from flags), publishes them with the relay to
+# ./omnibox-events.jsonl, and shows the status.
 #
 #   scripts/demo.sh            # works in target/demo (recreated each run)
 set -euo pipefail
@@ -33,7 +34,13 @@ say "omnibox enqueue --aggregate-type order ... --idempotency-key order-42-creat
 say "omnibox status"
 "$bin" status
 
-say "omnibox list --limit 5"
-"$bin" list --limit 5
+say "omnibox publish --batch 100 --once      # the relay, to file:omnibox-events.jsonl"
+"$bin" publish --batch 100 --once
+
+say "head -n 1 omnibox-events.jsonl"
+head -n 1 omnibox-events.jsonl
+
+say "omnibox status"
+"$bin" status
 
 printf '\nThe database is %s/omnibox.db; inspect it with `%s status` there, or with sqlite3.\n' "$work" "$bin"

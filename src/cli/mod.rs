@@ -24,7 +24,7 @@ mod status;
 use output::Format;
 
 /// Transactional outbox and inbox for PostgreSQL and SQLite: enqueue events,
-/// inspect them, and operate the tables.
+/// publish them to Kafka, inspect them, and operate the tables.
 #[derive(Debug, Parser)]
 #[command(
     name = "omnibox",
@@ -96,10 +96,10 @@ enum LogFormat {
 enum Command {
     Migrate(migrate::MigrateArgs),
     Enqueue(Box<enqueue::EnqueueArgs>),
+    Publish(Box<publish::PublishArgs>),
     Status(status::StatusArgs),
     List(list::ListArgs),
     Show(show::ShowArgs),
-    Publish(Box<publish::PublishArgs>),
 }
 
 /// What a command hands back: its exit status.
