@@ -323,10 +323,11 @@ fn publish(args: &Args, url: &str) {
                 let done = done.clone();
                 tasks.push(tokio::spawn(async move {
                     let mut lat = Vec::new();
+                    // The relay's production defaults (10 ms doubling to 1 s when a
+                    // claim comes back empty).
                     let opts = RunOptions {
                         mode: RunMode::Watch,
-                        idle_min: std::time::Duration::from_millis(1),
-                        idle_max: std::time::Duration::from_millis(20),
+                        ..RunOptions::default()
                     };
                     run(&p, &opts, rx, &mut Sleep, |b| {
                         lat.push(b.handle_time);

@@ -46,10 +46,11 @@ CREATE INDEX outbox_events_claim ON outbox_events (scheduled_at, seq)
 -- Per-key order: the pending rows of one (topic, partition_key), oldest first.
 CREATE INDEX outbox_events_key_order ON outbox_events (topic, partition_key, seq)
     WHERE status = 'pending';
--- Keys held up: pending rows that were tried or are locked. Small; lets the
--- claim skip rows queued behind them without walking the key's backlog.
+-- Keys held up by a failure: pending rows that were tried (and wait for a
+-- retry). Small, and rows enter it only when something fails; it lets the
+-- claim skip rows queued behind a failed head without walking the key.
 CREATE INDEX outbox_events_key_held ON outbox_events (topic, partition_key, seq)
-    WHERE status = 'pending' AND (last_error IS NOT NULL OR locked_at IS NOT NULL);
+    WHERE status = 'pending' AND last_error IS NOT NULL;
 -- Lease expiry and stale-lock release.
 CREATE INDEX outbox_events_locked ON outbox_events (locked_at)
     WHERE locked_at IS NOT NULL;

@@ -44,7 +44,7 @@ CREATE INDEX outbox_events_claim ON outbox_events (scheduled_at, seq)
 CREATE INDEX outbox_events_key_order ON outbox_events (topic, partition_key, seq)
     WHERE status = 'pending';
 CREATE INDEX outbox_events_key_held ON outbox_events (topic, partition_key, seq)
-    WHERE status = 'pending' AND (last_error IS NOT NULL OR locked_at IS NOT NULL);
+    WHERE status = 'pending' AND last_error IS NOT NULL;
 CREATE INDEX outbox_events_locked ON outbox_events (locked_at)
     WHERE locked_at IS NOT NULL;
 CREATE INDEX outbox_events_cleanup ON outbox_events (completed_at)

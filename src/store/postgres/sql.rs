@@ -134,9 +134,9 @@ macro_rules! table_sql {
 
 /// The outbox claim keeps per-key order. Candidates are the first $2 due rows
 /// (unlocked, or lease expired) in (scheduled_at, seq) order, locked with
-/// SKIP LOCKED, leaving out rows queued behind a tried or locked row of their
-/// key (one probe of the small key_held index each; without this, rows stuck
-/// behind a failed head could fill every window and starve the head itself). For each key among them, the *barrier* is the earliest
+/// SKIP LOCKED, leaving out rows queued behind a tried row of their key (one
+/// probe of the small key_held index each; without this, rows stuck behind a
+/// failed head could fill every window and starve the head itself). For each key among them, the *barrier* is the earliest
 /// pending row of that key that is not a candidate and is due, tried
 /// (last_error set) or locked; it is found with one probe of the key-order
 /// index per key. A candidate is claimed only if it precedes its key's
@@ -145,10 +145,15 @@ macro_rules! table_sql {
 const OUTBOX_CLAIM: &str = "WITH free AS (
         SELECT id, seq, scheduled_at, topic, partition_key FROM outbox_events r
         WHERE status = 'pending' AND locked_at IS NULL AND scheduled_at <= now()
-          AND NOT EXISTS (
-              SELECT 1 FROM outbox_events h
-              WHERE h.status = 'pending' AND (h.last_error IS NOT NULL OR h.locked_at IS NOT NULL)
-                AND h.topic = r.topic AND h.partition_key = r.partition_key AND h.seq < r.seq)
+          -- NOT COALESCE(scalar subquery), not NOT EXISTS: the planner turns
+          -- NOT EXISTS into an anti-join whose plan depends on how many rows
+          -- the statistics say are held (a nested loop over all of them when
+          -- they said none), and a bare `IS NULL` makes it sort the backlog.
+          -- This form stays an index scan with one probe per row.
+          AND NOT COALESCE((SELECT true FROM outbox_events h
+               WHERE h.status = 'pending' AND h.last_error IS NOT NULL
+                 AND h.topic = r.topic AND h.partition_key = r.partition_key AND h.seq < r.seq
+               LIMIT 1), false)
         ORDER BY scheduled_at, seq
         LIMIT $2
         FOR UPDATE SKIP LOCKED
@@ -171,7 +176,7 @@ const OUTBOX_CLAIM: &str = "WITH free AS (
         FROM cand
         GROUP BY topic, partition_key
     ),
-    barrier AS (
+    barrier AS MATERIALIZED (
         SELECT k.topic, k.partition_key,
                (SELECT e.seq FROM outbox_events e
                  WHERE e.status = 'pending'
@@ -200,10 +205,15 @@ pub static INBOX: TableSql = table_sql!("inbox_events", plain_claim!("inbox_even
 /// The candidate scan of the claim alone, for EXPLAIN in tests and benches.
 pub const OUTBOX_CLAIM_SCAN: &str = "SELECT id FROM outbox_events r
     WHERE status = 'pending' AND locked_at IS NULL AND scheduled_at <= now()
-      AND NOT EXISTS (
-          SELECT 1 FROM outbox_events h
-          WHERE h.status = 'pending' AND (h.last_error IS NOT NULL OR h.locked_at IS NOT NULL)
-            AND h.topic = r.topic AND h.partition_key = r.partition_key AND h.seq < r.seq)
+      -- NOT COALESCE(scalar subquery), not NOT EXISTS: the planner turns
+      -- NOT EXISTS into an anti-join whose plan depends on how many rows
+      -- the statistics say are held (a nested loop over all of them when
+      -- they said none), and a bare `IS NULL` makes it sort the backlog.
+      -- This form stays an index scan with one probe per row.
+      AND NOT COALESCE((SELECT true FROM outbox_events h
+           WHERE h.status = 'pending' AND h.last_error IS NOT NULL
+             AND h.topic = r.topic AND h.partition_key = r.partition_key AND h.seq < r.seq
+           LIMIT 1), false)
     ORDER BY scheduled_at, seq
     LIMIT 1000
     FOR UPDATE SKIP LOCKED";

@@ -127,7 +127,7 @@ const OUTBOX_CLAIM: &str = "WITH cand AS MATERIALIZED (
                 WHERE status = 'pending' AND locked_at IS NULL AND scheduled_at <= ?1
                   AND NOT EXISTS (
                       SELECT 1 FROM outbox_events h
-                      WHERE h.status = 'pending' AND (h.last_error IS NOT NULL OR h.locked_at IS NOT NULL)
+                      WHERE h.status = 'pending' AND h.last_error IS NOT NULL
                         AND h.topic = r.topic AND h.partition_key = r.partition_key AND h.seq < r.seq)
                 ORDER BY scheduled_at, seq LIMIT ?3)
             UNION ALL
@@ -187,6 +187,6 @@ pub const OUTBOX_CLAIM_SCAN: &str = "SELECT seq FROM outbox_events r
     WHERE status = 'pending' AND locked_at IS NULL AND scheduled_at <= ?1
       AND NOT EXISTS (
           SELECT 1 FROM outbox_events h
-          WHERE h.status = 'pending' AND (h.last_error IS NOT NULL OR h.locked_at IS NOT NULL)
+          WHERE h.status = 'pending' AND h.last_error IS NOT NULL
             AND h.topic = r.topic AND h.partition_key = r.partition_key AND h.seq < r.seq)
     ORDER BY scheduled_at, seq LIMIT 1000";
