@@ -79,6 +79,9 @@ fn bin() -> PathBuf {
 }
 
 fn results_file() -> PathBuf {
+    if let Ok(p) = std::env::var("OMNIBOX_BENCH_RESULTS") {
+        return PathBuf::from(p);
+    }
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("bench/results");
     std::fs::create_dir_all(&dir).expect("create bench/results");
     dir.join("results.jsonl")
@@ -302,6 +305,16 @@ fn publish(args: &Args, url: &str) {
             }
             drop(conn);
             sqlx::query("VACUUM ANALYZE outbox_events").execute(store.pool()).await.unwrap();
+            if let (Some(b), "kafka") = (&brokers, args.sink.as_str()) {
+                use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+                let admin: AdminClient<rdkafka::client::DefaultClientContext> =
+                    rdkafka::ClientConfig::new().set("bootstrap.servers", b).create().expect("admin client");
+                let new = NewTopic::new(&topic, 4, TopicReplication::Fixed(1));
+                let opts = AdminOptions::new().operation_timeout(Some(std::time::Duration::from_secs(30)));
+                for r in admin.create_topics([&new], &opts).await.expect("create topic") {
+                    r.expect("create topic");
+                }
+            }
             let sink = Arc::new(match &brokers {
                 Some(b) if args.sink == "kafka" => {
                     AnySink::from_url(&format!("kafka://{b}"), &[], std::time::Duration::from_secs(30)).unwrap()

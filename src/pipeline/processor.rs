@@ -57,6 +57,27 @@ pub trait DeadLetter {
     fn dead_letter(&self, topic: &str, error: &str) -> Message;
 }
 
+/// A claimed and handled batch whose results are not written yet.
+#[derive(Debug)]
+pub struct Handled<R> {
+    claim: Claim<R>,
+    outcomes: Vec<Outcome>,
+    handle_time: Duration,
+    lag: Duration,
+}
+
+impl<R> Handled<R> {
+    /// Rows in the batch.
+    pub fn len(&self) -> usize {
+        self.claim.events.len()
+    }
+
+    /// True when the batch is empty (never, in practice).
+    pub fn is_empty(&self) -> bool {
+        self.claim.events.is_empty()
+    }
+}
+
 /// How a guarded write ended.
 enum Written<T> {
     Done(T),
@@ -241,6 +262,15 @@ where
     /// claim itself failed (nothing was claimed); failures after the claim
     /// are in the report.
     pub async fn process_batch(&self) -> Result<BatchReport> {
+        match self.claim_and_handle().await? {
+            Some(handled) => Ok(self.finish(handled).await),
+            None => Ok(BatchReport::default()),
+        }
+    }
+
+    /// First half of a batch: claim and run the handler step. `None` when
+    /// nothing was due. The rows stay locked until [`finish`](Self::finish).
+    pub async fn claim_and_handle(&self) -> Result<Option<Handled<R>>> {
         let span = tracing::info_span!("batch", job = self.job, table = %R::TABLE, worker = %self.options.worker);
         async {
             let claim = self
@@ -252,7 +282,7 @@ where
                 })
                 .await?;
             if claim.is_empty() {
-                return Ok(BatchReport::default());
+                return Ok(None);
             }
             let now = time::now();
             let lag = claim
@@ -265,32 +295,49 @@ where
             let started = Instant::now();
             let mut outcomes = self.handler.handle(&claim.events).await;
             outcomes.resize(claim.events.len(), Outcome::Released);
-            let handle_time = started.elapsed();
-            let mut report = self.commit(&claim, &outcomes).await;
-            report.handle_time = handle_time;
-            report.lag = lag;
-            {
-                let mut breaker = self.breaker.lock().unwrap_or_else(|p| p.into_inner());
-                if report.all_transient() {
-                    breaker.record_failure();
-                } else if report.completed + report.skipped > 0 {
-                    breaker.record_success();
-                }
-            }
-            self.record_metrics(&claim, &outcomes, &report);
-            tracing::debug!(
-                claimed = report.claimed,
-                completed = report.completed,
-                failed = report.failed + report.dead,
-                transient = report.transient,
-                released = report.released,
-                elapsed_ms = handle_time.as_millis() as u64,
-                "batch done"
-            );
-            Ok(report)
+            Ok(Some(Handled {
+                claim,
+                outcomes,
+                handle_time: started.elapsed(),
+                lag,
+            }))
         }
         .instrument(span)
         .await
+    }
+
+    /// Second half of a batch: write the results (with the dead-letter,
+    /// circuit breaker and metrics steps).
+    pub async fn finish(&self, handled: Handled<R>) -> BatchReport {
+        let Handled {
+            claim,
+            outcomes,
+            handle_time,
+            lag,
+        } = handled;
+        let mut report = self.commit(&claim, &outcomes).await;
+        report.handle_time = handle_time;
+        report.lag = lag;
+        {
+            let mut breaker = self.breaker.lock().unwrap_or_else(|p| p.into_inner());
+            if report.all_transient() {
+                breaker.record_failure();
+            } else if report.completed + report.skipped > 0 {
+                breaker.record_success();
+            }
+        }
+        self.record_metrics(&claim, &outcomes, &report);
+        tracing::debug!(
+            worker = %self.options.worker,
+            claimed = report.claimed,
+            completed = report.completed,
+            failed = report.failed + report.dead,
+            transient = report.transient,
+            released = report.released,
+            elapsed_ms = handle_time.as_millis() as u64,
+            "batch done"
+        );
+        report
     }
 
     /// Writes the outcomes: completions, failures, releases, each one bulk

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 use tokio::sync::watch;
 
-use super::processor::{BatchHandler, BatchReport, DeadLetter, Processor};
+use super::processor::{BatchHandler, BatchReport, DeadLetter, Handled, Processor};
 use crate::error::Result;
 use crate::model::{Event, Route};
 use crate::store::EventStore;
@@ -131,12 +131,26 @@ where
     let mut report = RunReport::default();
     let mut idle = options.idle_min;
     let mut claim_errors = 0u32;
+    // Two batches in flight: while the results of one are written, the next
+    // is claimed and handled (on another connection). Per-key order holds:
+    // the rows of the batch being written are still locked, so the next
+    // claim does not take anything behind them.
+    let mut in_flight: Option<Handled<R>> = None;
+    let mut finish = |report: &mut RunReport, batch: BatchReport| {
+        report.add(&batch);
+        on_batch(&batch);
+    };
     loop {
         if *shutdown.borrow() {
             report.stopped_because = Some("shutdown requested".into());
             break;
         }
         if let Some(pause) = processor.pause() {
+            if let Some(h) = in_flight.take() {
+                let b = processor.finish(h).await;
+                finish(&mut report, b);
+                continue;
+            }
             if options.mode == RunMode::Once {
                 report.stopped_because = Some("the broker or handler did not answer".into());
                 break;
@@ -148,11 +162,37 @@ where
             wait_or_shutdown(&mut shutdown, pause).await;
             continue;
         }
-        let batch = match processor.process_batch().await {
-            Ok(b) => {
+        let previous = in_flight.take();
+        let had_previous = previous.is_some();
+        let (next, written) = tokio::join!(processor.claim_and_handle(), async {
+            match previous {
+                Some(h) => Some(processor.finish(h).await),
+                None => None,
+            }
+        });
+        if let Some(b) = written {
+            finish(&mut report, b);
+        }
+        match next {
+            Ok(Some(h)) => {
                 claim_errors = 0;
-                tracing::trace!(claimed = b.claimed, "claim");
-                b
+                idle = options.idle_min;
+                in_flight = Some(h);
+            }
+            // The claim ran while the previous batch's rows were still
+            // locked, so it may have found their keys blocked: claim again
+            // now that they are written before calling it idle.
+            Ok(None) if had_previous => claim_errors = 0,
+            Ok(None) => {
+                claim_errors = 0;
+                if options.mode == RunMode::Once {
+                    break;
+                }
+                tokio::select! {
+                    _ = wakeup.wait(idle) => {}
+                    _ = shutdown.changed() => {}
+                }
+                idle = (idle * 2).min(options.idle_max);
             }
             Err(e) if options.mode == RunMode::Watch && !e.is_input_error() => {
                 claim_errors += 1;
@@ -160,24 +200,20 @@ where
                     .min(Duration::from_secs(10));
                 tracing::error!(error = %e, retry_in_ms = wait.as_millis() as u64, "claim failed");
                 wait_or_shutdown(&mut shutdown, wait).await;
-                continue;
             }
-            Err(e) => return Err(e),
-        };
-        if batch.claimed == 0 {
-            if options.mode == RunMode::Once {
-                break;
+            Err(e) => {
+                if let Some(h) = in_flight.take() {
+                    let b = processor.finish(h).await;
+                    finish(&mut report, b);
+                }
+                return Err(e);
             }
-            tokio::select! {
-                _ = wakeup.wait(idle) => {}
-                _ = shutdown.changed() => {}
-            }
-            idle = (idle * 2).min(options.idle_max);
-            continue;
         }
-        idle = options.idle_min;
-        report.add(&batch);
-        on_batch(&batch);
+    }
+    // Never leave a handled batch unwritten.
+    if let Some(h) = in_flight.take() {
+        let b = processor.finish(h).await;
+        finish(&mut report, b);
     }
     let elapsed = started.elapsed().as_secs_f64();
     report.elapsed_seconds = elapsed;
