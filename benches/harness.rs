@@ -7,6 +7,9 @@
 //!   enqueue  `omnibox enqueue --jsonl` of N events into PostgreSQL (the
 //!            release binary, in a fresh schema per round; includes process
 //!            start, JSON parsing, validation and the inserts).
+//!   produce  the broker's own rate for the relay's producer settings: N
+//!            messages of the same shape through the Kafka sink, B in flight
+//!            at a time, no database (OMNIBOX_BENCH_BROKERS).
 //!   publish  the relay (library, in this process) draining N pending rows
 //!            (seeded and VACUUM ANALYZEd outside the timed region) with R
 //!            relays, batch B, K keys, to the null sink or Kafka
@@ -27,7 +30,7 @@ use serde_json::json;
 #[command(about = "omnibox benchmark harness")]
 struct Args {
     /// Scenario to run
-    #[arg(value_parser = ["enqueue", "publish"])]
+    #[arg(value_parser = ["enqueue", "publish", "produce"])]
     scenario: String,
     /// Events per round
     #[arg(long, default_value_t = 20_000)]
@@ -70,6 +73,7 @@ fn main() {
     match args.scenario.as_str() {
         "enqueue" => enqueue(&args, &url),
         "publish" => publish(&args, &url),
+        "produce" => produce(&args),
         _ => unreachable!(),
     }
 }
@@ -402,4 +406,96 @@ fn publish(args: &Args, url: &str) {
         );
     }
     report("publish", &rates, &command);
+}
+
+fn produce(args: &Args) {
+    use std::sync::Arc;
+
+    use omnibox::relay::{AnySink, Message, Sink};
+    use omnibox::{DomainService, NewOutboxEvent};
+
+    let brokers = std::env::var("OMNIBOX_BENCH_BROKERS").unwrap_or_else(|_| {
+        eprintln!(
+            "produce needs OMNIBOX_BENCH_BROKERS (bench/run.sh produce --sink kafka starts tansu)"
+        );
+        std::process::exit(2);
+    });
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let mut rates = Vec::new();
+    for round in 1..=args.rounds {
+        let topic = format!(
+            "produce-{}",
+            &uuid::Uuid::new_v4().simple().to_string()[..8]
+        );
+        let messages: Vec<Message> = (0..args.events)
+            .map(|n| {
+                let aggregate = uuid::Uuid::from_u128(n as u128 + 1);
+                let mut e = NewOutboxEvent::new(
+                    "order",
+                    aggregate,
+                    "order.created",
+                    topic.clone(),
+                    aggregate.to_string(),
+                    json!({"order_id": aggregate, "customer_id": format!("customer-{:06}", n % 1000),
+                           "amount_cents": 1000 + n % 5000, "currency": "EUR",
+                           "items": [{"sku": "SKU-1", "qty": 1}], "seq": n}),
+                );
+                e.headers = Some([("source".to_string(), "bench".to_string())].into());
+                Message::from_event(&DomainService::default().create_outbox_event(e).unwrap())
+            })
+            .collect();
+        let secs = rt.block_on(async {
+            use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+            let admin: AdminClient<rdkafka::client::DefaultClientContext> =
+                rdkafka::ClientConfig::new()
+                    .set("bootstrap.servers", &brokers)
+                    .create()
+                    .expect("admin client");
+            let new = NewTopic::new(&topic, 4, TopicReplication::Fixed(1));
+            let opts =
+                AdminOptions::new().operation_timeout(Some(std::time::Duration::from_secs(30)));
+            for r in admin
+                .create_topics([&new], &opts)
+                .await
+                .expect("create topic")
+            {
+                r.expect("create topic");
+            }
+            let sink = Arc::new(
+                AnySink::from_url(
+                    &format!("kafka://{brokers}"),
+                    &[],
+                    std::time::Duration::from_secs(30),
+                )
+                .unwrap(),
+            );
+            let start = Instant::now();
+            for chunk in messages.chunks(args.batch as usize) {
+                let d = sink.send(chunk, std::time::Duration::from_secs(30)).await;
+                assert!(
+                    d.iter().all(|d| *d == omnibox::relay::Delivery::Delivered),
+                    "{:?}",
+                    d.first()
+                );
+            }
+            start.elapsed().as_secs_f64()
+        });
+        let rate = args.events as f64 / secs;
+        rates.push(rate);
+        println!(
+            "produce round {round}: {} messages in {secs:.3} s = {rate:.0} messages/s ({} in flight at a time)",
+            args.events, args.batch
+        );
+    }
+    report(
+        "produce",
+        &rates,
+        &format!(
+            "bench/run.sh produce --sink kafka --events {} --batch {}",
+            args.events, args.batch
+        ),
+    );
 }

@@ -396,3 +396,52 @@ async fn kill_9_mid_batch_loses_nothing() {
         got.len()
     );
 }
+
+/// `--metrics-addr` serves Prometheus metrics while the relay runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_are_served_while_publishing() {
+    let db = common::sqlite().await;
+    db.store.outbox().create_many(&events(30, 3)).await.unwrap();
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let addr = format!("127.0.0.1:{port}");
+    let dir = tempfile::tempdir().unwrap();
+    let child = omnibox(
+        dir.path(),
+        &["publish", "--broker", "null", "--metrics-addr", &addr],
+        &[("OMNIBOX_DATABASE_URL", db.url.as_str())],
+    )
+    .spawn()
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let body = loop {
+        if let Ok(mut s) = tokio::net::TcpStream::connect(&addr).await {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            s.write_all(b"GET /metrics HTTP/1.1\r\nhost: x\r\n\r\n")
+                .await
+                .unwrap();
+            let mut resp = String::new();
+            s.read_to_string(&mut resp).await.unwrap();
+            if resp.contains(
+                r#"omnibox_events_completed_total{table="outbox",event_type="order.updated"} 30"#,
+            ) {
+                break resp;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "metrics never showed the 30 published events"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(body.starts_with("HTTP/1.1 200 OK"));
+    assert!(body.contains("omnibox_batch_latency_seconds"));
+    signal(&child, "TERM");
+    let (code, err) =
+        tokio::task::spawn_blocking(move || wait_exit(child, Duration::from_secs(30)))
+            .await
+            .unwrap();
+    assert_eq!(code, 0, "{err}");
+}

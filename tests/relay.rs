@@ -409,3 +409,71 @@ async fn four_relays_keep_each_keys_order() {
     }
     assert_eq!(last.len(), 100);
 }
+
+/// The database drops the relay's connections between publishing and
+/// writing the results: the write is retried on a fresh connection, the rows
+/// are completed, none is left locked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_hiccup_while_writing_results_is_retried() {
+    use omnibox::Event;
+    use omnibox::pipeline::{BatchHandler, Outcome, ProcessorBuilder};
+    use omnibox::store::postgres::{PgOptions, PgStore};
+
+    struct DropConnections {
+        admin: sqlx::PgPool,
+        app: String,
+    }
+    impl BatchHandler<omnibox::OutboxRoute> for DropConnections {
+        async fn handle(&self, events: &[Event<omnibox::OutboxRoute>]) -> Vec<Outcome> {
+            let killed: Vec<bool> = sqlx::query_scalar(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = $1",
+            )
+            .bind(&self.app)
+            .fetch_all(&self.admin)
+            .await
+            .unwrap();
+            assert!(!killed.is_empty(), "no connection to drop");
+            vec![Outcome::Completed; events.len()]
+        }
+    }
+
+    let Some(url) = common::pg_url() else { return };
+    let schema = format!("t_{}", uuid::Uuid::new_v4().simple());
+    let app = format!("omnibox-hiccup-{}", &schema[2..10]);
+    let store = PgStore::connect(
+        &url,
+        &PgOptions {
+            schema: Some(schema.clone()),
+            application_name: Some(app.clone()),
+            ..PgOptions::default()
+        },
+    )
+    .await
+    .unwrap();
+    store.migrate().await.unwrap();
+    let events: Vec<OutboxEvent> = (0..50)
+        .map(|n| event("orders", &format!("k{n}"), n))
+        .collect();
+    store.outbox().create_many(&events).await.unwrap();
+    let admin = sqlx::PgPool::connect(&url).await.unwrap();
+    let p = ProcessorBuilder::new(
+        store.outbox(),
+        DropConnections {
+            admin: admin.clone(),
+            app,
+        },
+        options("relay-1", 100),
+    )
+    .build();
+    let report = p.process_batch().await.unwrap();
+    assert_eq!(report.claimed, 50);
+    assert!(report.commit_error.is_none(), "{:?}", report.commit_error);
+    assert_eq!(report.completed, 50);
+    let c = store.outbox().counts().await.unwrap();
+    assert_eq!((c.completed, c.locked), (50, 0));
+    let ddl = format!("DROP SCHEMA {schema} CASCADE");
+    sqlx::query(sqlx::AssertSqlSafe(ddl))
+        .execute(&admin)
+        .await
+        .unwrap();
+}

@@ -44,6 +44,8 @@ pub struct PgOptions {
     pub max_connections: u32,
     /// How long to wait for a pooled connection.
     pub acquire_timeout: Duration,
+    /// `application_name` of the connections (default `omnibox`).
+    pub application_name: Option<String>,
 }
 
 impl Default for PgOptions {
@@ -52,6 +54,7 @@ impl Default for PgOptions {
             schema: None,
             max_connections: 10,
             acquire_timeout: Duration::from_secs(30),
+            application_name: None,
         }
     }
 }
@@ -69,7 +72,7 @@ impl PgStore {
         let redacted = redact_url(url);
         let mut connect = PgConnectOptions::from_str(url)
             .map_err(|e| Error::Config(format!("invalid PostgreSQL URL {redacted}: {e}")))?
-            .application_name("omnibox");
+            .application_name(opts.application_name.as_deref().unwrap_or("omnibox"));
         if let Some(schema) = &opts.schema {
             check_schema_name(schema)?;
             connect = connect.options([("search_path", schema.as_str())]);
