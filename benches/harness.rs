@@ -310,14 +310,7 @@ fn publish(args: &Args, url: &str) {
             drop(conn);
             sqlx::query("VACUUM ANALYZE outbox_events").execute(store.pool()).await.unwrap();
             if let (Some(b), "kafka") = (&brokers, args.sink.as_str()) {
-                use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-                let admin: AdminClient<rdkafka::client::DefaultClientContext> =
-                    rdkafka::ClientConfig::new().set("bootstrap.servers", b).create().expect("admin client");
-                let new = NewTopic::new(&topic, 4, TopicReplication::Fixed(1));
-                let opts = AdminOptions::new().operation_timeout(Some(std::time::Duration::from_secs(30)));
-                for r in admin.create_topics([&new], &opts).await.expect("create topic") {
-                    r.expect("create topic");
-                }
+                create_topic(b, &topic).await;
             }
             let sink = Arc::new(match &brokers {
                 Some(b) if args.sink == "kafka" => {
@@ -448,22 +441,7 @@ fn produce(args: &Args) {
             })
             .collect();
         let secs = rt.block_on(async {
-            use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-            let admin: AdminClient<rdkafka::client::DefaultClientContext> =
-                rdkafka::ClientConfig::new()
-                    .set("bootstrap.servers", &brokers)
-                    .create()
-                    .expect("admin client");
-            let new = NewTopic::new(&topic, 4, TopicReplication::Fixed(1));
-            let opts =
-                AdminOptions::new().operation_timeout(Some(std::time::Duration::from_secs(30)));
-            for r in admin
-                .create_topics([&new], &opts)
-                .await
-                .expect("create topic")
-            {
-                r.expect("create topic");
-            }
+            create_topic(&brokers, &topic).await;
             let sink = Arc::new(
                 AnySink::from_url(
                     &format!("kafka://{brokers}"),
@@ -498,4 +476,22 @@ fn produce(args: &Args) {
             args.events, args.batch
         ),
     );
+}
+
+/// Creates a 4-partition topic (tansu implements CreateTopics).
+async fn create_topic(brokers: &str, topic: &str) {
+    use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+    let admin: AdminClient<rdkafka::client::DefaultClientContext> = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .create()
+        .expect("admin client");
+    let new = NewTopic::new(topic, 4, TopicReplication::Fixed(1));
+    let opts = AdminOptions::new().operation_timeout(Some(std::time::Duration::from_secs(30)));
+    for r in admin
+        .create_topics([&new], &opts)
+        .await
+        .expect("create topic")
+    {
+        r.expect("create topic");
+    }
 }

@@ -39,13 +39,7 @@ fn events(topic: &str, n: usize, keys: usize) -> Vec<OutboxEvent> {
 
 async fn pg() -> Option<(common::TestDb, String)> {
     let db = common::postgres().await?;
-    let schema: String = match &db.store {
-        omnibox::store::AnyStore::Postgres(s) => sqlx::query_scalar("SELECT current_schema()")
-            .fetch_one(s.pool())
-            .await
-            .unwrap(),
-        _ => unreachable!(),
-    };
+    let schema = db.schema().to_string();
     Some((db, schema))
 }
 

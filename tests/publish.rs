@@ -79,26 +79,19 @@ fn wait_exit(mut child: Child, limit: Duration) -> (i32, String) {
 
 struct PgEnv {
     db: common::TestDb,
-    schema: String,
 }
 
 impl PgEnv {
     async fn new() -> Option<PgEnv> {
-        let db = common::postgres().await?;
-        let schema: String = match &db.store {
-            omnibox::store::AnyStore::Postgres(s) => sqlx::query_scalar("SELECT current_schema()")
-                .fetch_one(s.pool())
-                .await
-                .unwrap(),
-            _ => unreachable!(),
-        };
-        Some(PgEnv { db, schema })
+        Some(PgEnv {
+            db: common::postgres().await?,
+        })
     }
 
     fn env(&self) -> Vec<(&str, &str)> {
         vec![
             ("OMNIBOX_DATABASE_URL", self.db.url.as_str()),
-            ("OMNIBOX_DATABASE_SCHEMA", self.schema.as_str()),
+            ("OMNIBOX_DATABASE_SCHEMA", self.db.schema()),
         ]
     }
 }

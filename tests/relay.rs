@@ -44,9 +44,11 @@ fn event(topic: &str, key: &str, n: usize) -> OutboxEvent {
 fn options(worker: &str, batch: u32) -> ProcessorOptions {
     let mut o = ProcessorOptions::new(WorkerId::new(worker).unwrap());
     o.batch = batch;
+    // Short enough for a test to wait out, long enough that one drain
+    // does not retry the same failure twice.
     o.backoff = Backoff {
-        base: Duration::from_millis(20),
-        cap: Duration::from_millis(100),
+        base: Duration::from_millis(600),
+        cap: Duration::from_millis(600),
     };
     o
 }
@@ -202,7 +204,7 @@ mod cases {
 
         // After the (short) backoff, the second counted failure makes it failed and dead-lettered.
         let mut dead = 0;
-        for _ in 0..50 {
+        for _ in 0..100 {
             tokio::time::sleep(Duration::from_millis(100)).await;
             let r = drain(&db.store, sink.clone(), "relay-1", 10, Some("orders.dlq")).await;
             dead += r.dead_lettered;

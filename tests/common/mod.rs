@@ -22,6 +22,11 @@ impl TestDb {
     pub fn is_postgres(&self) -> bool {
         matches!(self.store, AnyStore::Postgres(_))
     }
+
+    /// The PostgreSQL schema of this test (for OMNIBOX_DATABASE_SCHEMA of a CLI run).
+    pub fn schema(&self) -> &str {
+        self.schema.as_deref().expect("a PostgreSQL test database")
+    }
 }
 
 pub fn under_ci() -> bool {
