@@ -58,6 +58,7 @@
 
 pub mod domain;
 pub mod error;
+pub mod inbox;
 pub mod metrics;
 pub mod model;
 pub mod pipeline;

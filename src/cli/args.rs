@@ -71,6 +71,25 @@ pub fn since(text: &str) -> Result<Timestamp, String> {
     })
 }
 
+/// A librdkafka property `KEY=VALUE` (`-X`).
+pub fn property(s: &str) -> Result<(String, String), String> {
+    let (k, v) = s
+        .split_once('=')
+        .ok_or_else(|| format!("{s:?} is not KEY=VALUE"))?;
+    if k.trim().is_empty() {
+        return Err(format!("{s:?} has an empty key"));
+    }
+    Ok((k.trim().to_string(), v.to_string()))
+}
+
+/// A worker id.
+pub fn worker(s: &str) -> Result<omnibox::WorkerId, String> {
+    omnibox::WorkerId::new(s).map_err(|e| match e {
+        omnibox::Error::Validation { message, .. } => message,
+        other => other.to_string(),
+    })
+}
+
 /// A UUID.
 pub fn uuid(text: &str) -> Result<uuid::Uuid, String> {
     uuid::Uuid::parse_str(text.trim()).map_err(|e| format!("{text:?} is not a UUID ({e})"))

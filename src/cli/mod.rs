@@ -11,8 +11,10 @@ use omnibox::store::{AnyStore, StoreOptions, redact_url};
 
 mod args;
 mod config;
+mod demo;
 mod enqueue;
 mod env;
+mod inbox;
 mod list;
 mod migrate;
 mod output;
@@ -97,6 +99,8 @@ enum Command {
     Migrate(migrate::MigrateArgs),
     Enqueue(Box<enqueue::EnqueueArgs>),
     Publish(Box<publish::PublishArgs>),
+    Inbox(inbox::InboxArgs),
+    Demo(demo::DemoArgs),
     Status(status::StatusArgs),
     List(list::ListArgs),
     Show(show::ShowArgs),
@@ -195,6 +199,8 @@ pub fn main() -> ExitCode {
             Command::List(args) => list::run(args, &ctx).await,
             Command::Show(args) => show::run(args, &ctx).await,
             Command::Publish(args) => publish::run_publish(*args, &ctx).await,
+            Command::Inbox(args) => inbox::run(args, &ctx).await,
+            Command::Demo(args) => demo::run(args, &ctx).await,
         }
     });
     match result {

@@ -42,7 +42,7 @@ pub struct PublishArgs {
     #[arg(long, env = env::BROKER, value_name = "URL", hide_env_values = true)]
     broker: Option<String>,
     /// A librdkafka property for the producer (repeatable), e.g. -X linger.ms=20
-    #[arg(short = 'X', value_name = "KEY=VALUE", value_parser = parse_property)]
+    #[arg(short = 'X', value_name = "KEY=VALUE", value_parser = args::property)]
     properties: Vec<(String, String)>,
     /// Events per claim
     #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..=100_000))]
@@ -51,7 +51,7 @@ pub struct PublishArgs {
     #[arg(long)]
     once: bool,
     /// This relay's id in locked_by [default: HOST:PID]
-    #[arg(long, value_name = "ID", value_parser = parse_worker)]
+    #[arg(long, value_name = "ID", value_parser = args::worker)]
     worker_id: Option<WorkerId>,
     /// Lease of a claim: a relay that dies leaves its rows to others after this long
     #[arg(long, default_value = "5m", value_parser = args::duration, value_name = "DURATION")]
@@ -68,23 +68,6 @@ pub struct PublishArgs {
     /// Serve Prometheus metrics on this address, e.g. 127.0.0.1:9898
     #[arg(long, value_name = "ADDR")]
     metrics_addr: Option<SocketAddr>,
-}
-
-fn parse_property(s: &str) -> Result<(String, String), String> {
-    let (k, v) = s
-        .split_once('=')
-        .ok_or_else(|| format!("{s:?} is not KEY=VALUE"))?;
-    if k.trim().is_empty() {
-        return Err(format!("{s:?} has an empty key"));
-    }
-    Ok((k.trim().to_string(), v.to_string()))
-}
-
-fn parse_worker(s: &str) -> Result<WorkerId, String> {
-    WorkerId::new(s).map_err(|e| match e {
-        omnibox::Error::Validation { message, .. } => message,
-        other => other.to_string(),
-    })
 }
 
 pub async fn run_publish(args: PublishArgs, ctx: &Context) -> Result<ExitStatus> {

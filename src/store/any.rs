@@ -327,3 +327,83 @@ impl OutboxBulkWriter {
         .map_err(crate::error::storage)
     }
 }
+
+/// A transaction on the inbox table for the consumer: insert a batch (with
+/// deduplication), lock, complete or delete the new rows, then commit. Used
+/// for the exactly-once path, where storing the rows, running the handler and
+/// marking them completed commit together.
+#[derive(Debug)]
+pub struct InboxTx {
+    tx: BulkTx,
+}
+
+impl AnyTable<InboxRoute> {
+    /// Opens an inbox transaction.
+    pub async fn begin(&self) -> Result<InboxTx> {
+        let tx = match self {
+            AnyTable::Postgres(t) => {
+                BulkTx::Postgres(t.pool().begin().await.map_err(crate::error::storage)?)
+            }
+            AnyTable::Sqlite(t) => BulkTx::Sqlite(
+                t.pool()
+                    .begin_with("BEGIN IMMEDIATE")
+                    .await
+                    .map_err(crate::error::storage)?,
+            ),
+        };
+        Ok(InboxTx { tx })
+    }
+}
+
+impl InboxTx {
+    /// Inserts events in order; an existing `(message_id, consumer_group)` is
+    /// reported as existing and not written.
+    pub async fn insert(&mut self, events: &[InboxEvent]) -> Result<Vec<BulkOutcome>> {
+        match &mut self.tx {
+            BulkTx::Postgres(tx) => super::postgres::insert_inbox(tx, events).await,
+            BulkTx::Sqlite(tx) => super::sqlite::insert_inbox(tx, events).await,
+        }
+    }
+
+    /// Locks rows for `token` (so no processor claims them while a handler runs).
+    pub async fn lock(&mut self, ids: &[Uuid], token: &ClaimToken) -> Result<()> {
+        match &mut self.tx {
+            BulkTx::Postgres(tx) => super::postgres::lock_inbox(tx, ids, token).await,
+            BulkTx::Sqlite(tx) => super::sqlite::lock_inbox(tx, ids, token).await,
+        }
+    }
+
+    /// Marks rows completed (and unlocked).
+    pub async fn complete(&mut self, ids: &[Uuid]) -> Result<()> {
+        match &mut self.tx {
+            BulkTx::Postgres(tx) => super::postgres::complete_inbox(tx, ids).await,
+            BulkTx::Sqlite(tx) => super::sqlite::complete_inbox(tx, ids).await,
+        }
+    }
+
+    /// Deletes rows written in this transaction (a handler failed: as if never stored).
+    pub async fn delete(&mut self, ids: &[Uuid]) -> Result<()> {
+        match &mut self.tx {
+            BulkTx::Postgres(tx) => super::postgres::delete_inbox(tx, ids).await,
+            BulkTx::Sqlite(tx) => super::sqlite::delete_inbox(tx, ids).await,
+        }
+    }
+
+    /// Commits.
+    pub async fn commit(self) -> Result<()> {
+        match self.tx {
+            BulkTx::Postgres(tx) => tx.commit().await,
+            BulkTx::Sqlite(tx) => tx.commit().await,
+        }
+        .map_err(crate::error::storage)
+    }
+
+    /// Rolls back.
+    pub async fn rollback(self) -> Result<()> {
+        match self.tx {
+            BulkTx::Postgres(tx) => tx.rollback().await,
+            BulkTx::Sqlite(tx) => tx.rollback().await,
+        }
+        .map_err(crate::error::storage)
+    }
+}

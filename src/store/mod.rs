@@ -40,7 +40,7 @@ pub mod postgres;
 pub mod sqlite;
 mod wakeup;
 
-pub use any::{AnyStore, AnyTable, Backend, OutboxBulkWriter, StoreOptions};
+pub use any::{AnyStore, AnyTable, Backend, InboxTx, OutboxBulkWriter, StoreOptions};
 pub use migrate::{AppliedMigration, MIGRATIONS_TABLE, MigrationReport, MigrationScript};
 pub use postgres::PgStore;
 pub use sqlite::SqliteStore;
@@ -487,8 +487,9 @@ pub fn redact_url(url: &str) -> String {
     .join("&")
 }
 
-/// Error truncation used by every store before writing `last_error`.
-pub(crate) fn stored_error(error: &str) -> String {
+/// Error truncation used by every store before writing `last_error`
+/// (2000 bytes on a character boundary).
+pub fn stored_error(error: &str) -> String {
     use crate::model::limits::{DEFAULT_TRUNCATION_SUFFIX, LAST_ERROR_MAX_LENGTH};
     crate::model::validate::truncate_error(error, LAST_ERROR_MAX_LENGTH, DEFAULT_TRUNCATION_SUFFIX)
         .unwrap_or_else(|_| "(no error message)".to_string())

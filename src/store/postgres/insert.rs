@@ -456,3 +456,42 @@ impl InboxStore for PgTable<InboxRoute> {
         row.as_ref().map(decode).transpose()
     }
 }
+
+/// Locks inbox rows for `token` (inside the consumer's transaction).
+pub async fn lock_inbox(
+    conn: &mut PgConnection,
+    ids: &[Uuid],
+    token: &crate::store::ClaimToken,
+) -> Result<()> {
+    sqlx::query("UPDATE inbox_events SET locked_at = $2, locked_by = $3, updated_at = now() WHERE id = ANY($1)")
+        .bind(ids)
+        .bind(token.locked_at)
+        .bind(token.worker.as_str())
+        .execute(&mut *conn)
+        .await
+        .map_err(storage)?;
+    Ok(())
+}
+
+/// Marks inbox rows completed (inside the consumer's transaction).
+pub async fn complete_inbox(conn: &mut PgConnection, ids: &[Uuid]) -> Result<()> {
+    sqlx::query(
+        "UPDATE inbox_events SET status = 'completed', completed_at = now(), locked_at = NULL, locked_by = NULL, \
+         updated_at = now() WHERE id = ANY($1) AND status = 'pending'",
+    )
+    .bind(ids)
+    .execute(&mut *conn)
+    .await
+    .map_err(storage)?;
+    Ok(())
+}
+
+/// Deletes inbox rows (inside the consumer's transaction).
+pub async fn delete_inbox(conn: &mut PgConnection, ids: &[Uuid]) -> Result<()> {
+    sqlx::query("DELETE FROM inbox_events WHERE id = ANY($1)")
+        .bind(ids)
+        .execute(&mut *conn)
+        .await
+        .map_err(storage)?;
+    Ok(())
+}

@@ -32,7 +32,9 @@ mod insert;
 mod sql;
 mod table;
 
-pub use insert::{insert_inbox, insert_outbox, insert_outbox_stream};
+pub use insert::{
+    complete_inbox, delete_inbox, insert_inbox, insert_outbox, insert_outbox_stream, lock_inbox,
+};
 pub use sql::OUTBOX_CLAIM_SCAN;
 
 /// Connection settings beyond the URL.

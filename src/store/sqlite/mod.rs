@@ -22,7 +22,7 @@ mod sql;
 mod table;
 
 pub use sql::OUTBOX_CLAIM_SCAN;
-pub use table::{insert_inbox, insert_outbox};
+pub use table::{complete_inbox, delete_inbox, insert_inbox, insert_outbox, lock_inbox};
 
 /// How long a writer waits for the database lock before failing.
 pub const BUSY_TIMEOUT: Duration = Duration::from_secs(30);

@@ -454,3 +454,46 @@ impl InboxStore for SqliteTable<InboxRoute> {
         row.as_ref().map(decode).transpose()
     }
 }
+
+/// Locks inbox rows for `token` (inside the consumer's transaction).
+pub async fn lock_inbox(
+    conn: &mut SqliteConnection,
+    ids: &[Uuid],
+    token: &ClaimToken,
+) -> Result<()> {
+    sqlx::query(
+        "UPDATE inbox_events SET locked_at = ?2, locked_by = ?3, updated_at = ?2 \
+         WHERE id IN (SELECT value FROM json_each(?1))",
+    )
+    .bind(id_array(ids))
+    .bind(ts(&token.locked_at))
+    .bind(token.worker.as_str().to_string())
+    .execute(&mut *conn)
+    .await
+    .map_err(storage)?;
+    Ok(())
+}
+
+/// Marks inbox rows completed (inside the consumer's transaction).
+pub async fn complete_inbox(conn: &mut SqliteConnection, ids: &[Uuid]) -> Result<()> {
+    sqlx::query(
+        "UPDATE inbox_events SET status = 'completed', completed_at = ?2, locked_at = NULL, locked_by = NULL, \
+         updated_at = ?2 WHERE id IN (SELECT value FROM json_each(?1)) AND status = 'pending'",
+    )
+    .bind(id_array(ids))
+    .bind(ts(&time::now()))
+    .execute(&mut *conn)
+    .await
+    .map_err(storage)?;
+    Ok(())
+}
+
+/// Deletes inbox rows (inside the consumer's transaction).
+pub async fn delete_inbox(conn: &mut SqliteConnection, ids: &[Uuid]) -> Result<()> {
+    sqlx::query("DELETE FROM inbox_events WHERE id IN (SELECT value FROM json_each(?1))")
+        .bind(id_array(ids))
+        .execute(&mut *conn)
+        .await
+        .map_err(storage)?;
+    Ok(())
+}

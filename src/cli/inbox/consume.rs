@@ -1,0 +1,251 @@
+//! `omnibox inbox consume`.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Result;
+use clap::Args;
+use omnibox::WorkerId;
+use omnibox::inbox::{
+    AckStrategy, AnySource, CommitOn, ConsumeOptions, ConsumeReport, FileSource, InboxConsumer,
+    KafkaSource,
+};
+use omnibox::metrics::Metrics;
+use omnibox::relay::AnySink;
+use serde_json::json;
+
+use super::HandlerArgs;
+use crate::cli::output::{self, Format, human_duration};
+use crate::cli::{Context, ExitStatus, UsageError, args, signals};
+
+/// Consume broker messages into the inbox, once per message id and group
+///
+/// Reads from Kafka (a consumer group with manual offset commits), from a
+/// JSON lines file as `publish --broker file:` writes it, or from stdin.
+/// Each message becomes one inbox row per consumer group: a message id seen
+/// before is a duplicate and is not stored again. A message that cannot be
+/// parsed is stored as a failed row (raw bytes base64-encoded) and committed.
+///
+/// With --exec or --webhook the handler runs on each new row; without one,
+/// rows stay pending for `omnibox inbox process`.
+///
+/// Ack strategies (--ack):
+///   exactly-once (default)  offsets are committed after the transaction that stores
+///                           the rows (and runs the handler and marks them completed)
+///                           commits; a handler failure rolls the row back and the
+///                           message is delivered again
+///   at-least-once           offsets are committed once stored (--commit-on persist,
+///                           also after a handler error) or once handled
+///                           (--commit-on success); handler failures stay in the
+///                           table for `inbox process`
+///   at-most-once            offsets are committed before anything else
+///
+/// Examples:
+///   omnibox inbox consume --once                                 # ./omnibox-events.jsonl
+///   omnibox inbox consume --from kafka://127.0.0.1:9092 --topic orders --group billing
+///   omnibox inbox consume --from kafka://k:9092 --topic orders --group billing --exec './apply.sh'
+///   tail -f events.jsonl | omnibox inbox consume --from - --group audit
+#[derive(Debug, Args)]
+#[command(verbatim_doc_comment)]
+pub struct ConsumeArgs {
+    /// kafka://HOST:PORT[,HOST:PORT], file:PATH, or - for stdin [default: the broker's file, file:omnibox-events.jsonl]
+    #[arg(long, value_name = "URL")]
+    from: Option<String>,
+    /// Kafka topic to consume (repeatable)
+    #[arg(long = "topic", value_name = "TOPIC")]
+    topics: Vec<String>,
+    /// Consumer group: the inbox deduplicates per group
+    #[arg(long, default_value = "omnibox", value_name = "GROUP")]
+    group: String,
+    /// A librdkafka property for the consumer (repeatable)
+    #[arg(short = 'X', value_name = "KEY=VALUE", value_parser = args::property)]
+    properties: Vec<(String, String)>,
+    /// Stop at the end of the input (file) or once caught up with the end of every partition (Kafka)
+    #[arg(long)]
+    once: bool,
+    /// File source: keep reading as the file grows
+    #[arg(long, conflicts_with = "once")]
+    follow: bool,
+    /// When offsets are committed
+    #[arg(long, value_enum, default_value_t = Ack::ExactlyOnce)]
+    ack: Ack,
+    /// at-least-once: commit once stored, or once handled
+    #[arg(long, value_enum, default_value_t = CommitPoint::Persist)]
+    commit_on: CommitPoint,
+    #[command(flatten)]
+    handler: HandlerArgs,
+    /// Messages per database transaction
+    #[arg(long, default_value_t = 500, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    batch: u32,
+    /// Also write poison messages and rows that end up failed to this topic
+    #[arg(long, value_name = "TOPIC")]
+    dlq_topic: Option<String>,
+    /// Where the DLQ topic lives [default: the Kafka source's brokers, else file:omnibox-dlq.jsonl]
+    #[arg(long, value_name = "URL", requires = "dlq_topic")]
+    dlq_broker: Option<String>,
+    /// This consumer's id [default: HOST:PID]
+    #[arg(long, value_name = "ID", value_parser = args::worker)]
+    worker_id: Option<WorkerId>,
+    /// Serve Prometheus metrics on this address
+    #[arg(long, value_name = "ADDR")]
+    metrics_addr: Option<SocketAddr>,
+}
+
+// The CLI's names are the SPEC's: at-most-once, at-least-once, exactly-once.
+#[allow(clippy::enum_variant_names)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Ack {
+    AtMostOnce,
+    AtLeastOnce,
+    ExactlyOnce,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum CommitPoint {
+    Persist,
+    Success,
+}
+
+pub async fn run(args: ConsumeArgs, ctx: &Context) -> Result<ExitStatus> {
+    let from = args.from.clone().unwrap_or_else(|| {
+        ctx.settings
+            .broker
+            .clone()
+            .filter(|b| b.starts_with("file:"))
+            .unwrap_or_else(|| omnibox::relay::sink::DEFAULT_BROKER_URL.to_string())
+    });
+    let mut properties = ctx.settings.kafka_properties.clone();
+    properties.extend(args.properties.iter().cloned());
+    let source = if let Some(brokers) = from.strip_prefix("kafka://") {
+        if args.topics.is_empty() {
+            return Err(UsageError("a Kafka source needs at least one --topic".into()).into());
+        }
+        if args.follow {
+            return Err(UsageError(
+                "--follow applies to a file source; a Kafka source runs until stopped".into(),
+            )
+            .into());
+        }
+        AnySource::Kafka(Box::new(KafkaSource::new(
+            brokers,
+            &args.group,
+            &args.topics,
+            &properties,
+        )?))
+    } else {
+        if !args.topics.is_empty() {
+            return Err(UsageError(
+                "--topic applies to a Kafka source (--from kafka://...)".into(),
+            )
+            .into());
+        }
+        let path = match from.as_str() {
+            "-" | "stdin" => "-",
+            f => f
+                .strip_prefix("file:")
+                .map(|p| p.strip_prefix("//").unwrap_or(p))
+                .ok_or_else(|| {
+                    UsageError(format!(
+                        "unsupported source {f:?}: use kafka://HOST:PORT, file:PATH or - for stdin"
+                    ))
+                })?,
+        };
+        AnySource::File(FileSource::open(path, args.follow).await?)
+    };
+    let handler = args.handler.handler()?;
+    let store = ctx.store().await?;
+    let worker = args
+        .worker_id
+        .clone()
+        .unwrap_or_else(WorkerId::default_for_process);
+    let mut options = ConsumeOptions::new(args.group.clone(), worker.clone());
+    options.batch = args.batch as usize;
+    options.handler_timeout = args.handler.timeout;
+    options.ack = match args.ack {
+        Ack::AtMostOnce => AckStrategy::AtMostOnce,
+        Ack::AtLeastOnce => AckStrategy::AtLeastOnce(match args.commit_on {
+            CommitPoint::Persist => CommitOn::Persist,
+            CommitPoint::Success => CommitOn::Success,
+        }),
+        Ack::ExactlyOnce => AckStrategy::ExactlyOnce,
+    };
+    let metrics = Arc::new(Metrics::new());
+    let describe = omnibox::inbox::Source::describe(&source);
+    let mut consumer =
+        InboxConsumer::new(source, store.inbox(), handler, options).metrics(metrics.clone());
+    if let Some(topic) = &args.dlq_topic {
+        let url = args.dlq_broker.clone().unwrap_or_else(|| {
+            if from.starts_with("kafka://") {
+                from.clone()
+            } else {
+                "file:omnibox-dlq.jsonl".to_string()
+            }
+        });
+        let sink = AnySink::from_url(
+            &url,
+            &properties_for(&url, &properties),
+            Duration::from_secs(30),
+        )?;
+        consumer = consumer.dead_letter(Arc::new(sink), topic.clone());
+    }
+    let _server = match args.metrics_addr {
+        Some(addr) => Some(omnibox::metrics::serve(addr, metrics).await?),
+        None => None,
+    };
+    if !ctx.quiet && !args.once {
+        eprintln!(
+            "omnibox: consuming {describe} as {worker}; SIGINT or SIGTERM stops after the current batch"
+        );
+    }
+    let once = args.once || (!args.follow && !from.starts_with("kafka://"));
+    let report = consumer.run(once, signals::shutdown_channel()).await?;
+    print_summary(ctx, &report, &describe, &args.group)?;
+    Ok(ExitStatus::Success)
+}
+
+fn properties_for(url: &str, properties: &[(String, String)]) -> Vec<(String, String)> {
+    if url.starts_with("kafka://") {
+        properties.to_vec()
+    } else {
+        Vec::new()
+    }
+}
+
+fn print_summary(ctx: &Context, r: &ConsumeReport, source: &str, group: &str) -> Result<()> {
+    match ctx.format() {
+        Format::Json => {
+            let mut v = serde_json::to_value(r)?;
+            v["source"] = json!(source);
+            v["group"] = json!(group);
+            output::json(&v)
+        }
+        Format::Table => {
+            let mut t = output::table([
+                "consumed",
+                "stored",
+                "duplicates",
+                "poison",
+                "processed",
+                "skipped",
+                "failed",
+                "redelivered",
+                "elapsed",
+                "msgs/s",
+            ]);
+            t.add_row(vec![
+                r.consumed.to_string(),
+                r.stored.to_string(),
+                r.duplicates.to_string(),
+                r.poison.to_string(),
+                r.processed.to_string(),
+                r.skipped.to_string(),
+                r.failed.to_string(),
+                r.redelivered.to_string(),
+                human_duration(Duration::from_secs_f64(r.elapsed_seconds)),
+                format!("{:.0}", r.messages_per_second),
+            ]);
+            output::line(t)
+        }
+    }
+}

@@ -1,0 +1,174 @@
+//! `omnibox inbox process`.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Result;
+use clap::Args;
+use omnibox::inbox::HandlerStep;
+use omnibox::metrics::Metrics;
+use omnibox::pipeline::{self, ProcessorBuilder, ProcessorOptions, RunMode, RunOptions, RunReport};
+use omnibox::relay::AnySink;
+use omnibox::{Table, WorkerId};
+use serde_json::json;
+
+use super::HandlerArgs;
+use crate::cli::output::{self, Format, human_duration};
+use crate::cli::{Context, ExitStatus, UsageError, args, signals};
+
+/// Run a handler on pending inbox rows (the batch pipeline, like publish)
+///
+/// Claims due inbox rows in batches and runs the handler on each: completed,
+/// skipped, or failed (counted, with backoff; `failed` at max_attempts and
+/// then written to --dlq-topic; exit 75 or HTTP 429/502/503/504 retry without
+/// spending an attempt). Without --once it runs until SIGINT/SIGTERM, and on
+/// PostgreSQL wakes as soon as rows are inserted.
+///
+/// Examples:
+///   omnibox inbox process --exec './apply-event.sh' --once
+///   omnibox inbox process --webhook http://127.0.0.1:8080/events --concurrency 8
+#[derive(Debug, Args)]
+#[command(verbatim_doc_comment)]
+pub struct ProcessArgs {
+    #[command(flatten)]
+    handler: HandlerArgs,
+    /// Rows per claim
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    batch: u32,
+    /// Handler calls running at once
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=1000))]
+    concurrency: u32,
+    /// Process what is due, then exit
+    #[arg(long)]
+    once: bool,
+    /// This worker's id [default: HOST:PID]
+    #[arg(long, value_name = "ID", value_parser = args::worker)]
+    worker_id: Option<WorkerId>,
+    /// Lease of a claim
+    #[arg(long, default_value = "5m", value_parser = args::duration, value_name = "DURATION")]
+    lease: Duration,
+    /// Also write rows that end up failed to this topic
+    #[arg(long, value_name = "TOPIC")]
+    dlq_topic: Option<String>,
+    /// Where the DLQ topic lives [default: file:omnibox-dlq.jsonl]
+    #[arg(long, value_name = "URL", requires = "dlq_topic")]
+    dlq_broker: Option<String>,
+    /// Longest idle wait between polls when nothing is due
+    #[arg(long, default_value = "1s", value_parser = args::duration, value_name = "DURATION")]
+    poll_interval: Duration,
+    /// Serve Prometheus metrics on this address
+    #[arg(long, value_name = "ADDR")]
+    metrics_addr: Option<SocketAddr>,
+}
+
+pub async fn run(args: ProcessArgs, ctx: &Context) -> Result<ExitStatus> {
+    let Some(handler) = args.handler.handler()? else {
+        return Err(UsageError(
+            "inbox process needs a handler: --exec CMD or --webhook URL".into(),
+        )
+        .into());
+    };
+    if args.lease <= args.handler.timeout {
+        return Err(UsageError(
+            "--lease must be longer than --timeout, or a slow handler loses its rows".into(),
+        )
+        .into());
+    }
+    let store = ctx.store().await?;
+    let worker = args
+        .worker_id
+        .clone()
+        .unwrap_or_else(WorkerId::default_for_process);
+    let mut options = ProcessorOptions::new(worker.clone());
+    options.batch = args.batch;
+    options.lease = args.lease;
+    options.commit_retry_for = args.lease / 2;
+    let metrics = Arc::new(Metrics::new());
+    let step = HandlerStep::new(handler, args.concurrency as usize, args.handler.timeout);
+    let mut builder = ProcessorBuilder::new(store.inbox(), step, options)
+        .job("inbox_processor")
+        .metrics(metrics.clone());
+    if let Some(topic) = &args.dlq_topic {
+        let url = args
+            .dlq_broker
+            .clone()
+            .unwrap_or_else(|| "file:omnibox-dlq.jsonl".to_string());
+        let props = if url.starts_with("kafka://") {
+            ctx.settings.kafka_properties.clone()
+        } else {
+            Vec::new()
+        };
+        builder = builder.dead_letter(
+            Arc::new(AnySink::from_url(&url, &props, Duration::from_secs(30))?),
+            topic.clone(),
+        );
+    }
+    let processor = builder.build();
+    let _server = match args.metrics_addr {
+        Some(addr) => Some(omnibox::metrics::serve(addr, metrics).await?),
+        None => None,
+    };
+    let mode = if args.once {
+        RunMode::Once
+    } else {
+        RunMode::Watch
+    };
+    if !ctx.quiet && mode == RunMode::Watch {
+        eprintln!(
+            "omnibox: processing inbox rows as {worker}; SIGINT or SIGTERM stops after the current batch"
+        );
+    }
+    let mut wakeup = store.wakeup(Table::Inbox).await?;
+    let run_options = RunOptions {
+        mode,
+        idle_max: args.poll_interval,
+        ..RunOptions::default()
+    };
+    let report = pipeline::run(
+        &processor,
+        &run_options,
+        signals::shutdown_channel(),
+        &mut wakeup,
+        |_| {},
+    )
+    .await?;
+    print_summary(ctx, &report, &worker)?;
+    if report.commit_errors > 0 {
+        return Ok(ExitStatus::No);
+    }
+    Ok(ExitStatus::Success)
+}
+
+fn print_summary(ctx: &Context, r: &RunReport, worker: &WorkerId) -> Result<()> {
+    match ctx.format() {
+        Format::Json => {
+            let mut v = serde_json::to_value(r)?;
+            v["worker_id"] = json!(worker.as_str());
+            output::json(&v)
+        }
+        Format::Table => {
+            let mut t = output::table([
+                "processed",
+                "skipped",
+                "failed",
+                "dead",
+                "transient",
+                "batches",
+                "elapsed",
+                "events/s",
+            ]);
+            t.add_row(vec![
+                r.completed.to_string(),
+                r.skipped.to_string(),
+                r.failed.to_string(),
+                r.dead.to_string(),
+                r.transient.to_string(),
+                r.batches.to_string(),
+                human_duration(Duration::from_secs_f64(r.elapsed_seconds)),
+                format!("{:.0}", r.events_per_second),
+            ]);
+            output::line(t)
+        }
+    }
+}

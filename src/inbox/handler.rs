@@ -1,0 +1,357 @@
+//! Handlers of inbox events: the library's trait, and the two the CLI offers:
+//! a command (`--exec`) and an HTTP endpoint (`--webhook`).
+
+use std::future::Future;
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::domain::{Retry, chrono_dur};
+use crate::model::{InboxEvent, InboxRoute, time};
+use crate::pipeline::{BatchHandler, DeadLetter, Outcome};
+use crate::relay::Message;
+
+/// Exit code of an `--exec` handler meaning "skipped" (completed, not processed).
+pub const EXIT_SKIPPED: i32 = 3;
+/// Exit code meaning "try again later, not my fault" (EX_TEMPFAIL): no attempt spent.
+pub const EXIT_TEMPFAIL: i32 = 75;
+
+/// Handles one inbox event. Implemented for closures returning a future of
+/// [`Outcome`], and by [`ExecHandler`] and [`WebhookHandler`].
+pub trait Handler: Send + Sync + 'static {
+    /// What happened: completed, skipped, or failed (counted or not).
+    fn handle(&self, event: &InboxEvent) -> impl Future<Output = Outcome> + Send;
+}
+
+impl<F, Fut> Handler for F
+where
+    F: Fn(InboxEvent) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Outcome> + Send,
+{
+    fn handle(&self, event: &InboxEvent) -> impl Future<Output = Outcome> + Send {
+        self(event.clone())
+    }
+}
+
+fn counted(error: impl Into<String>) -> Outcome {
+    Outcome::Failed {
+        error: error.into(),
+        retry: Retry::Counted(None),
+    }
+}
+
+fn transient(error: impl Into<String>, after: Duration) -> Outcome {
+    Outcome::Failed {
+        error: error.into(),
+        retry: Retry::NotCounted(time::now() + chrono_dur(after)),
+    }
+}
+
+/// The JSON an external handler receives: the whole inbox row.
+pub fn event_json(event: &InboxEvent) -> String {
+    serde_json::to_string(event).expect("an event serialises")
+}
+
+/// Runs a command per event (`sh -c CMD`): the event as JSON on stdin and
+/// `OMNIBOX_*` variables in the environment. Exit 0 → completed; 3 →
+/// skipped; 75 → transient (no attempt spent); any other → counted failure
+/// with the tail of stderr; still running at the timeout → killed, counted.
+#[derive(Debug, Clone)]
+pub struct ExecHandler {
+    command: String,
+    timeout: Duration,
+}
+
+impl ExecHandler {
+    /// A handler running `command` through `sh -c`, killed after `timeout`.
+    pub fn new(command: impl Into<String>, timeout: Duration) -> Self {
+        ExecHandler {
+            command: command.into(),
+            timeout,
+        }
+    }
+}
+
+fn tail(bytes: &[u8], max: usize) -> String {
+    let text = String::from_utf8_lossy(bytes);
+    let text = text.trim();
+    let start = text.len().saturating_sub(max);
+    let mut start = start;
+    while !text.is_char_boundary(start) {
+        start += 1;
+    }
+    text[start..].to_string()
+}
+
+impl Handler for ExecHandler {
+    async fn handle(&self, event: &InboxEvent) -> Outcome {
+        let mut cmd = tokio::process::Command::new("sh");
+        cmd.arg("-c")
+            .arg(&self.command)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .env("OMNIBOX_EVENT_ID", event.id().to_string())
+            .env("OMNIBOX_EVENT_TYPE", event.event_type())
+            .env("OMNIBOX_MESSAGE_ID", event.message_id())
+            .env("OMNIBOX_CONSUMER_GROUP", event.consumer_group())
+            .env("OMNIBOX_SOURCE", event.source())
+            .env("OMNIBOX_ATTEMPT", (event.attempts_made() + 1).to_string());
+        for (name, value) in [
+            ("OMNIBOX_SCHEMA_VERSION", event.schema_version()),
+            ("OMNIBOX_TRACE_ID", event.trace_id()),
+            ("OMNIBOX_CORRELATION_ID", event.correlation_id()),
+            ("OMNIBOX_CAUSATION_ID", event.causation_id()),
+        ] {
+            if let Some(v) = value {
+                cmd.env(name, v);
+            }
+        }
+        let mut child = match cmd.spawn() {
+            Ok(c) => c,
+            Err(e) => {
+                return transient(
+                    format!("cannot start the handler `{}`: {e}", self.command),
+                    Duration::from_secs(5),
+                );
+            }
+        };
+        let input = event_json(event);
+        let mut stdin = child.stdin.take().expect("piped");
+        let mut stderr = child.stderr.take().expect("piped");
+        let run = async {
+            // A handler that does not read its stdin is fine.
+            let _ = stdin.write_all(input.as_bytes()).await;
+            drop(stdin);
+            let mut err = Vec::new();
+            let _ = stderr.read_to_end(&mut err).await;
+            (child.wait().await, err)
+        };
+        match tokio::time::timeout(self.timeout, run).await {
+            Err(_) => counted(format!(
+                "handler timed out after {:?} and was killed",
+                self.timeout
+            )),
+            Ok((Err(e), _)) => counted(format!("handler failed to run: {e}")),
+            Ok((Ok(status), err)) => match status.code() {
+                Some(0) => Outcome::Completed,
+                Some(EXIT_SKIPPED) => Outcome::Skipped,
+                Some(EXIT_TEMPFAIL) => transient(
+                    format!(
+                        "handler asked to retry later (exit 75): {}",
+                        tail(&err, 1500)
+                    ),
+                    crate::model::limits::DEFAULT_TRANSIENT_RETRY_DELAY,
+                ),
+                Some(code) => counted(format!("handler exited with {code}: {}", tail(&err, 1500))),
+                None => counted(format!(
+                    "handler was killed by a signal: {}",
+                    tail(&err, 1500)
+                )),
+            },
+        }
+    }
+}
+
+/// POSTs each event as JSON to a URL. 2xx → completed; 409 → skipped;
+/// 429/502/503/504 or no connection → transient (honouring `Retry-After`);
+/// any other status → counted failure with the status and the body's tail;
+/// no answer within the timeout → counted failure.
+#[derive(Debug, Clone)]
+pub struct WebhookHandler {
+    url: String,
+    client: reqwest::Client,
+}
+
+impl WebhookHandler {
+    /// A handler posting to `url`, each request bounded by `timeout`.
+    pub fn new(url: impl Into<String>, timeout: Duration) -> crate::Result<Self> {
+        let url = url.into();
+        if !(url.starts_with("http://") || url.starts_with("https://")) {
+            return Err(crate::Error::Config(format!(
+                "webhook URL {url:?} must start with http:// or https://"
+            )));
+        }
+        let client = reqwest::Client::builder()
+            .timeout(timeout)
+            .user_agent(concat!("omnibox/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .map_err(|e| crate::Error::Config(format!("cannot create the HTTP client: {e}")))?;
+        Ok(WebhookHandler { url, client })
+    }
+}
+
+fn retry_after(resp: &reqwest::Response) -> Duration {
+    let value = resp
+        .headers()
+        .get(reqwest::header::RETRY_AFTER)
+        .and_then(|v| v.to_str().ok())
+        .map(str::trim);
+    let Some(value) = value else {
+        return crate::model::limits::DEFAULT_TRANSIENT_RETRY_DELAY;
+    };
+    if let Ok(secs) = value.parse::<u64>() {
+        return Duration::from_secs(secs.min(3600));
+    }
+    chrono::DateTime::parse_from_rfc2822(value)
+        .ok()
+        .and_then(|at| {
+            (at.with_timezone(&chrono::Utc) - chrono::Utc::now())
+                .to_std()
+                .ok()
+        })
+        .map(|d| d.min(Duration::from_secs(3600)))
+        .unwrap_or(crate::model::limits::DEFAULT_TRANSIENT_RETRY_DELAY)
+}
+
+impl Handler for WebhookHandler {
+    async fn handle(&self, event: &InboxEvent) -> Outcome {
+        let sent = self
+            .client
+            .post(&self.url)
+            .header(reqwest::header::CONTENT_TYPE, "application/json")
+            .header("Idempotency-Key", event.id().to_string())
+            .header("X-Omnibox-Event-Id", event.id().to_string())
+            .header("X-Omnibox-Event-Type", event.event_type())
+            .header("X-Omnibox-Message-Id", event.message_id())
+            .body(event_json(event))
+            .send()
+            .await;
+        let resp = match sent {
+            Ok(r) => r,
+            Err(e) if e.is_timeout() => {
+                return counted(format!("webhook {} did not answer in time: {e}", self.url));
+            }
+            Err(e) => {
+                return transient(
+                    format!("webhook {} unreachable: {e}", self.url),
+                    crate::model::limits::DEFAULT_TRANSIENT_RETRY_DELAY,
+                );
+            }
+        };
+        let status = resp.status().as_u16();
+        match status {
+            200..=299 => Outcome::Completed,
+            409 => Outcome::Skipped,
+            429 | 502 | 503 | 504 => {
+                let after = retry_after(&resp);
+                let body = resp.text().await.unwrap_or_default();
+                transient(
+                    format!("webhook answered {status}: {}", tail(body.as_bytes(), 500)),
+                    after,
+                )
+            }
+            _ => {
+                let body = resp.text().await.unwrap_or_default();
+                counted(format!(
+                    "webhook answered {status}: {}",
+                    tail(body.as_bytes(), 1500)
+                ))
+            }
+        }
+    }
+}
+
+/// Any of the CLI's handlers.
+#[derive(Debug, Clone)]
+pub enum AnyHandler {
+    /// `--exec`.
+    Exec(ExecHandler),
+    /// `--webhook`.
+    Webhook(WebhookHandler),
+    /// Marks every event completed (the demo's "small handler").
+    Accept,
+}
+
+impl Handler for AnyHandler {
+    async fn handle(&self, event: &InboxEvent) -> Outcome {
+        match self {
+            AnyHandler::Exec(h) => h.handle(event).await,
+            AnyHandler::Webhook(h) => h.handle(event).await,
+            AnyHandler::Accept => Outcome::Completed,
+        }
+    }
+}
+
+/// The handler step of `inbox process`: runs a [`Handler`] on each claimed
+/// event, `concurrency` at a time, each bounded by `timeout` (a timeout is a
+/// counted failure).
+pub struct HandlerStep<H: Handler> {
+    handler: Arc<H>,
+    concurrency: usize,
+    timeout: Duration,
+}
+
+impl<H: Handler> HandlerStep<H> {
+    /// Wraps `handler`.
+    pub fn new(handler: Arc<H>, concurrency: usize, timeout: Duration) -> Self {
+        HandlerStep {
+            handler,
+            concurrency: concurrency.max(1),
+            timeout,
+        }
+    }
+}
+
+/// Runs `handler` on one event with a timeout.
+pub async fn run_handler<H: Handler>(
+    handler: &H,
+    event: &InboxEvent,
+    timeout: Duration,
+) -> Outcome {
+    match tokio::time::timeout(timeout, handler.handle(event)).await {
+        Ok(o) => o,
+        Err(_) => counted(format!("handler timed out after {timeout:?}")),
+    }
+}
+
+impl<H: Handler> BatchHandler<InboxRoute> for HandlerStep<H> {
+    async fn handle(&self, events: &[InboxEvent]) -> Vec<Outcome> {
+        let mut out = Vec::with_capacity(events.len());
+        for chunk in events.chunks(self.concurrency) {
+            let mut running = Vec::with_capacity(chunk.len());
+            for event in chunk {
+                running.push(run_handler(self.handler.as_ref(), event, self.timeout));
+            }
+            out.extend(futures_util::future::join_all(running).await);
+        }
+        out
+    }
+}
+
+impl DeadLetter for InboxEvent {
+    fn dead_letter(&self, topic: &str, error: &str) -> Message {
+        let mut headers = self.headers().cloned().unwrap_or_default();
+        headers.insert("event_id".into(), self.id().to_string());
+        headers.insert("message_id".into(), self.message_id().to_string());
+        headers.insert("event_type".into(), self.event_type().to_string());
+        headers.insert("source".into(), self.source().to_string());
+        headers.insert("consumer_group".into(), self.consumer_group().to_string());
+        headers.insert(
+            "dlq_error".into(),
+            error
+                .chars()
+                .filter(|c| !c.is_control())
+                .take(512)
+                .collect(),
+        );
+        headers.insert(
+            "dlq_attempts".into(),
+            (self.attempts_made() + 1).to_string(),
+        );
+        let value = serde_json::value::RawValue::from_string(
+            serde_json::to_string(self.payload()).expect("a payload serialises"),
+        )
+        .expect("valid JSON");
+        Message {
+            topic: topic.to_string(),
+            key: self.message_id().to_string(),
+            headers,
+            value,
+            event_id: self.id(),
+        }
+    }
+}

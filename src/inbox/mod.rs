@@ -1,0 +1,22 @@
+//! The inbox (SPEC §4): consume broker messages into `inbox_events`
+//! exactly once per `(message_id, consumer_group)`, and handle them.
+//!
+//! * [`normalize`] turns a broker message into an inbox event (or a poison row);
+//! * [`source`]: Kafka, a JSON lines file, stdin;
+//! * [`InboxConsumer`]: a batch of messages per database transaction, with
+//!   the ack strategies of [`AckStrategy`];
+//! * [`handler`]: the [`Handler`] trait, `--exec` and `--webhook` handlers,
+//!   and the handler step `omnibox inbox process` runs on claimed rows;
+//! * [`router`]: [`EventRouter`](router::EventRouter) dispatch by source,
+//!   event type and schema version, with payload migrations.
+
+mod consumer;
+pub mod handler;
+pub mod normalize;
+pub mod router;
+pub mod source;
+
+pub use consumer::{AckStrategy, CommitOn, ConsumeOptions, ConsumeReport, InboxConsumer};
+pub use handler::{AnyHandler, ExecHandler, Handler, HandlerStep, WebhookHandler};
+pub use normalize::{Normalized, RawMessage, normalize};
+pub use source::{AnySource, FileSource, KafkaSource, Polled, Source};

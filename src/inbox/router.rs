@@ -1,0 +1,438 @@
+//! Dispatch of inbox events to handlers by `(source, event_type,
+//! schema_version)` (the reference's `EventRouter` and the schema registry of
+//! `BaseEventSchema`).
+//!
+//! Resolution for an event of version `v`:
+//! 1. a handler registered for a version that is a prefix of `v` (by
+//!    components: `1.2` covers `1.2.7`), the longest prefix winning, so an
+//!    exact version beats its minor, which beats its major;
+//! 2. otherwise a chain of registered payload migrations from `v` to the
+//!    version of some handler (shortest chain, found breadth-first); the
+//!    handler gets the migrated payload and version;
+//! 3. otherwise a handler registered without a version;
+//! 4. otherwise a counted failure that names what is missing.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use serde_json::Value;
+
+use crate::domain::Retry;
+use crate::inbox::Handler;
+use crate::model::{InboxEvent, Payload};
+use crate::pipeline::Outcome;
+
+type BoxHandler =
+    Arc<dyn Fn(InboxEvent) -> Pin<Box<dyn Future<Output = Outcome> + Send>> + Send + Sync>;
+type Migration = Arc<dyn Fn(Payload) -> Result<Payload, String> + Send + Sync>;
+
+/// True when `prefix` is a component-wise prefix of `version` (`1.2` of `1.2.3`).
+pub fn version_covers(prefix: &str, version: &str) -> bool {
+    let p: Vec<&str> = prefix.split('.').collect();
+    let v: Vec<&str> = version.split('.').collect();
+    p.len() <= v.len() && p.iter().zip(&v).all(|(a, b)| a == b)
+}
+
+/// Versions and migrations of event payloads.
+#[derive(Default, Clone)]
+pub struct SchemaRegistry {
+    versions: HashMap<String, Vec<String>>,
+    migrations: HashMap<String, HashMap<String, Vec<(String, Migration)>>>,
+}
+
+impl SchemaRegistry {
+    /// Registers a schema version (or version prefix such as `1` or `1.2`).
+    pub fn register(&mut self, event_type: &str, version: &str) -> &mut Self {
+        self.versions
+            .entry(event_type.to_string())
+            .or_default()
+            .push(version.to_string());
+        self
+    }
+
+    /// The registered version that covers `version` best (longest prefix).
+    pub fn resolve(&self, event_type: &str, version: &str) -> Option<&str> {
+        self.versions
+            .get(event_type)?
+            .iter()
+            .filter(|p| version_covers(p, version))
+            .max_by_key(|p| p.split('.').count())
+            .map(String::as_str)
+    }
+
+    /// Registers a migration of `event_type` payloads from one version to another.
+    pub fn migration(
+        &mut self,
+        event_type: &str,
+        from: &str,
+        to: &str,
+        f: impl Fn(Payload) -> Result<Payload, String> + Send + Sync + 'static,
+    ) -> &mut Self {
+        self.migrations
+            .entry(event_type.to_string())
+            .or_default()
+            .entry(from.to_string())
+            .or_default()
+            .push((to.to_string(), Arc::new(f)));
+        self
+    }
+
+    /// The shortest chain of migrations from `from` to any of `targets`
+    /// (breadth-first), as the versions visited after `from`.
+    fn path(
+        &self,
+        event_type: &str,
+        from: &str,
+        targets: &[&str],
+    ) -> Option<Vec<(String, Migration)>> {
+        let graph = self.migrations.get(event_type)?;
+        let mut queue = VecDeque::from([(from.to_string(), Vec::<(String, Migration)>::new())]);
+        let mut seen = HashSet::from([from.to_string()]);
+        while let Some((at, path)) = queue.pop_front() {
+            if !path.is_empty() && targets.contains(&at.as_str()) {
+                return Some(path);
+            }
+            for (next, f) in graph.get(&at).into_iter().flatten() {
+                if seen.insert(next.clone()) {
+                    let mut p = path.clone();
+                    p.push((next.clone(), f.clone()));
+                    queue.push_back((next.clone(), p));
+                }
+            }
+        }
+        None
+    }
+
+    /// Migrates a payload from `from` to `to` through registered migrations.
+    pub fn migrate(
+        &self,
+        event_type: &str,
+        payload: Payload,
+        from: &str,
+        to: &str,
+    ) -> Result<Payload, String> {
+        if from == to {
+            return Ok(payload);
+        }
+        let path = self
+            .path(event_type, from, &[to])
+            .ok_or_else(|| format!("no migration of {event_type} from {from} to {to}"))?;
+        path.iter().try_fold(payload, |p, (_, f)| f(p))
+    }
+}
+
+struct RouteEntry {
+    version: Option<String>,
+    handler: BoxHandler,
+}
+
+/// Routes inbox events to handlers. It is itself a [`Handler`], so it can be
+/// used wherever one is expected (`inbox process`, the consumer).
+#[derive(Default)]
+pub struct EventRouter {
+    routes: HashMap<(String, String), Vec<RouteEntry>>,
+    registry: SchemaRegistry,
+}
+
+impl EventRouter {
+    /// An empty router.
+    pub fn new() -> Self {
+        EventRouter::default()
+    }
+
+    /// The schema registry (for migrations).
+    pub fn registry_mut(&mut self) -> &mut SchemaRegistry {
+        &mut self.registry
+    }
+
+    /// Routes events of `source` (`*` for any) and `event_type`, of
+    /// `version` (a version prefix, or `None` for any version), to `handler`.
+    pub fn on<F, Fut>(
+        &mut self,
+        source: &str,
+        event_type: &str,
+        version: Option<&str>,
+        handler: F,
+    ) -> &mut Self
+    where
+        F: Fn(InboxEvent) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Outcome> + Send + 'static,
+    {
+        let handler: BoxHandler = Arc::new(move |e| Box::pin(handler(e)));
+        self.routes
+            .entry((source.to_string(), event_type.to_string()))
+            .or_default()
+            .push(RouteEntry {
+                version: version.map(str::to_string),
+                handler,
+            });
+        self
+    }
+
+    fn entries(&self, source: &str, event_type: &str) -> Vec<&RouteEntry> {
+        let mut out: Vec<&RouteEntry> = Vec::new();
+        for s in [source, "*"] {
+            if let Some(v) = self.routes.get(&(s.to_string(), event_type.to_string())) {
+                out.extend(v.iter());
+            }
+        }
+        out
+    }
+
+    /// Dispatches one event (see the module documentation for the order).
+    pub async fn dispatch(&self, event: &InboxEvent) -> Outcome {
+        let entries = self.entries(event.source(), event.event_type());
+        let version = event.schema_version();
+        if let Some(v) = version {
+            let exact = entries
+                .iter()
+                .filter(|e| e.version.as_deref().is_some_and(|p| version_covers(p, v)))
+                .max_by_key(|e| e.version.as_deref().map_or(0, |p| p.split('.').count()));
+            if let Some(e) = exact {
+                return (e.handler)(event.clone()).await;
+            }
+            let targets: Vec<&str> = entries
+                .iter()
+                .filter_map(|e| e.version.as_deref())
+                .collect();
+            if let Some(path) = self.registry.path(event.event_type(), v, &targets) {
+                let target = path.last().map(|(t, _)| t.clone()).unwrap_or_default();
+                let migrated = path
+                    .iter()
+                    .try_fold(event.payload().clone(), |p, (_, f)| f(p));
+                return match migrated {
+                    Ok(payload) => {
+                        let mut e = event.clone();
+                        e.payload = payload;
+                        e.schema_version = Some(target.clone());
+                        let entry = entries
+                            .iter()
+                            .find(|x| x.version.as_deref() == Some(target.as_str()))
+                            .expect("the target has a handler");
+                        (entry.handler)(e).await
+                    }
+                    Err(why) => Outcome::Failed {
+                        error: format!(
+                            "migrating {} from {v} to {target} failed: {why}",
+                            event.event_type()
+                        ),
+                        retry: Retry::Counted(None),
+                    },
+                };
+            }
+        }
+        if let Some(e) = entries.iter().find(|e| e.version.is_none()) {
+            return (e.handler)(event.clone()).await;
+        }
+        let known: Vec<String> = entries.iter().filter_map(|e| e.version.clone()).collect();
+        Outcome::Failed {
+            error: format!(
+                "no handler for source {:?}, event type {:?}, schema version {}{}",
+                event.source(),
+                event.event_type(),
+                version.map_or("(none)".to_string(), |v| format!("{v:?}")),
+                if known.is_empty() {
+                    String::new()
+                } else {
+                    format!(
+                        " (handlers exist for versions {known:?}, and no migration leads there)"
+                    )
+                }
+            ),
+            retry: Retry::Counted(None),
+        }
+    }
+}
+
+impl Handler for EventRouter {
+    async fn handle(&self, event: &InboxEvent) -> Outcome {
+        self.dispatch(event).await
+    }
+}
+
+impl InboxEvent {
+    /// The payload as a typed value.
+    pub fn payload_as<T: serde::de::DeserializeOwned>(&self) -> crate::Result<T> {
+        serde_json::from_value(Value::Object(self.payload.clone())).map_err(|e| {
+            crate::Error::validation("payload", format!("does not match the expected type: {e}"))
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use serde_json::json;
+
+    use super::*;
+    use crate::{DomainService, NewInboxEvent};
+
+    fn event(source: &str, t: &str, v: Option<&str>, payload: Value) -> InboxEvent {
+        let mut n = NewInboxEvent::new("m", "g", source, t, payload);
+        n.schema_version = v.map(str::to_string);
+        DomainService::default().create_inbox_event(n).unwrap()
+    }
+
+    fn recorder(
+        log: &Arc<Mutex<Vec<String>>>,
+        name: &'static str,
+    ) -> impl Fn(InboxEvent) -> std::future::Ready<Outcome> + use<> {
+        let log = log.clone();
+        move |e: InboxEvent| {
+            log.lock().unwrap().push(format!(
+                "{name}:{}:{}",
+                e.schema_version().unwrap_or("-"),
+                Value::Object(e.payload().clone())
+            ));
+            std::future::ready(Outcome::Completed)
+        }
+    }
+
+    #[test]
+    fn prefixes() {
+        assert!(version_covers("1", "1.2.3"));
+        assert!(version_covers("1.2", "1.2.3"));
+        assert!(version_covers("1.2.3", "1.2.3"));
+        assert!(!version_covers("1.2", "1.20.0"));
+        assert!(!version_covers("1.2.3.4", "1.2.3"));
+        let mut r = SchemaRegistry::default();
+        r.register("t", "1").register("t", "1.2").register("t", "2");
+        assert_eq!(r.resolve("t", "1.2.9"), Some("1.2"));
+        assert_eq!(r.resolve("t", "1.3.0"), Some("1"));
+        assert_eq!(r.resolve("t", "3.0.0"), None);
+    }
+
+    #[tokio::test]
+    async fn exact_then_longest_prefix_then_versionless() {
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let mut router = EventRouter::new();
+        router
+            .on("shop", "order.created", Some("1"), recorder(&log, "v1"))
+            .on("shop", "order.created", Some("1.2"), recorder(&log, "v1.2"))
+            .on("*", "order.created", None, recorder(&log, "any"));
+        for v in [Some("1.2.5"), Some("1.0.0"), Some("9.0.0"), None] {
+            assert_eq!(
+                router
+                    .dispatch(&event("shop", "order.created", v, json!({"a": 1})))
+                    .await,
+                Outcome::Completed
+            );
+        }
+        let log = log.lock().unwrap().clone();
+        assert_eq!(
+            log,
+            vec![
+                r#"v1.2:1.2.5:{"a":1}"#,
+                r#"v1:1.0.0:{"a":1}"#,
+                r#"any:9.0.0:{"a":1}"#,
+                r#"any:-:{"a":1}"#
+            ]
+        );
+    }
+
+    #[tokio::test]
+    async fn migrations_chain_breadth_first() {
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let mut router = EventRouter::new();
+        router.on("shop", "order.created", Some("3.0.0"), recorder(&log, "v3"));
+        router
+            .registry_mut()
+            .migration("order.created", "1.0.0", "2.0.0", |mut p| {
+                let total = p.remove("total").ok_or("no total")?;
+                p.insert("amount".into(), total);
+                Ok(p)
+            })
+            .migration("order.created", "2.0.0", "3.0.0", |mut p| {
+                p.insert("currency".into(), json!("EUR"));
+                Ok(p)
+            })
+            // A longer detour must not be taken.
+            .migration("order.created", "1.0.0", "1.5.0", Ok)
+            .migration("order.created", "1.5.0", "2.0.0", Ok);
+        let out = router
+            .dispatch(&event(
+                "shop",
+                "order.created",
+                Some("1.0.0"),
+                json!({"total": 5}),
+            ))
+            .await;
+        assert_eq!(out, Outcome::Completed);
+        assert_eq!(
+            log.lock().unwrap()[0],
+            r#"v3:3.0.0:{"amount":5,"currency":"EUR"}"#
+        );
+        let failed = router
+            .dispatch(&event(
+                "shop",
+                "order.created",
+                Some("1.0.0"),
+                json!({"x": 1}),
+            ))
+            .await;
+        assert!(
+            matches!(failed, Outcome::Failed { ref error, .. } if error.contains("no total")),
+            "{failed:?}"
+        );
+        let reg = router.registry_mut().clone();
+        assert_eq!(
+            reg.migrate(
+                "order.created",
+                json!({"total": 1}).as_object().unwrap().clone(),
+                "1.0.0",
+                "3.0.0"
+            )
+            .unwrap(),
+            *json!({"amount": 1, "currency": "EUR"}).as_object().unwrap()
+        );
+        assert!(
+            reg.migrate("order.created", Payload::new(), "3.0.0", "1.0.0")
+                .is_err()
+        );
+    }
+
+    #[tokio::test]
+    async fn missing_handlers_are_a_counted_failure_that_says_what_is_missing() {
+        let mut router = EventRouter::new();
+        router.on("shop", "order.created", Some("2"), |_| async {
+            Outcome::Completed
+        });
+        let out = router
+            .dispatch(&event(
+                "shop",
+                "order.created",
+                Some("1.0.0"),
+                json!({"a": 1}),
+            ))
+            .await;
+        match out {
+            Outcome::Failed {
+                error,
+                retry: Retry::Counted(None),
+            } => {
+                assert!(error.contains("schema version \"1.0.0\""), "{error}");
+                assert!(error.contains("versions [\"2\"]"), "{error}");
+            }
+            other => panic!("{other:?}"),
+        }
+        let out = router
+            .dispatch(&event("billing", "refund", None, json!({"a": 1})))
+            .await;
+        assert!(matches!(out, Outcome::Failed { ref error, .. } if error.contains("\"refund\"")));
+    }
+
+    #[test]
+    fn typed_payloads() {
+        #[derive(serde::Deserialize, Debug, PartialEq)]
+        struct Order {
+            total: f64,
+        }
+        let e = event("shop", "t", None, json!({"total": 2.5}));
+        assert_eq!(e.payload_as::<Order>().unwrap(), Order { total: 2.5 });
+        let e = event("shop", "t", None, json!({"x": 1}));
+        assert!(e.payload_as::<Order>().is_err());
+    }
+}
