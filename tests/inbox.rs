@@ -1,0 +1,624 @@
+//! The inbox consumer and processor: exactly-once under redelivery, a crash
+//! between storing and committing, handler failures, the ack strategies'
+//! commit points, poison messages, and the --exec and --webhook mappings.
+
+mod common;
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use omnibox::inbox::{
+    AckStrategy, AnyHandler, CommitOn, ConsumeOptions, ExecHandler, HandlerStep, InboxConsumer,
+    Polled, RawMessage, Source, WebhookHandler,
+};
+use omnibox::pipeline::{Outcome, ProcessorBuilder, ProcessorOptions};
+use omnibox::store::AnyTable;
+use omnibox::{EventStatus, EventStore, InboxEvent, InboxRoute, InboxStore, Retry, WorkerId};
+use tokio::sync::watch;
+
+fn msg(id: &str, offset: i64, value: &str) -> RawMessage {
+    RawMessage {
+        topic: "orders".into(),
+        partition: 0,
+        offset,
+        key: Some(id.as_bytes().to_vec()),
+        headers: vec![
+            ("event_id".into(), id.as_bytes().to_vec()),
+            ("event_type".into(), b"order.created".to_vec()),
+        ],
+        payload: Some(value.as_bytes().to_vec()),
+    }
+}
+
+fn messages(n: usize) -> Vec<RawMessage> {
+    (0..n)
+        .map(|i| msg(&format!("m-{i}"), i as i64, &format!(r#"{{"n":{i}}}"#)))
+        .collect()
+}
+
+/// What the source saw when it was asked to commit.
+#[derive(Debug, Clone)]
+struct CommitSeen {
+    through: i64,
+    rows: u64,
+    completed: u64,
+}
+
+/// An in-memory source that records commits with the inbox's state then.
+struct VecSource {
+    queue: VecDeque<RawMessage>,
+    table: AnyTable<InboxRoute>,
+    commits: Arc<Mutex<Vec<CommitSeen>>>,
+    fail_commits: usize,
+}
+
+impl VecSource {
+    fn new(
+        messages: Vec<RawMessage>,
+        table: AnyTable<InboxRoute>,
+    ) -> (Self, Arc<Mutex<Vec<CommitSeen>>>) {
+        let commits = Arc::new(Mutex::new(Vec::new()));
+        (
+            VecSource {
+                queue: messages.into(),
+                table,
+                commits: commits.clone(),
+                fail_commits: 0,
+            },
+            commits,
+        )
+    }
+}
+
+impl Source for VecSource {
+    fn describe(&self) -> String {
+        "memory".into()
+    }
+    async fn poll(&mut self, max: usize, _wait: Duration) -> omnibox::Result<Polled> {
+        let n = max.min(self.queue.len());
+        let messages: Vec<RawMessage> = self.queue.drain(..n).collect();
+        Ok(Polled {
+            end: self.queue.is_empty(),
+            messages,
+        })
+    }
+    async fn commit(&mut self, through: &[RawMessage]) -> omnibox::Result<()> {
+        if self.fail_commits > 0 {
+            self.fail_commits -= 1;
+            return Err(omnibox::Error::Config(
+                "simulated crash before the offset commit".into(),
+            ));
+        }
+        let c = self.table.counts().await?;
+        self.commits.lock().unwrap().push(CommitSeen {
+            through: through.iter().map(|m| m.offset).max().unwrap_or(-1),
+            rows: c.pending + c.completed + c.failed,
+            completed: c.completed,
+        });
+        Ok(())
+    }
+    async fn rewind(&mut self, from: &[RawMessage]) -> omnibox::Result<()> {
+        for m in from.iter().rev() {
+            self.queue.push_front(m.clone());
+        }
+        Ok(())
+    }
+}
+
+type Calls = Arc<Mutex<HashMap<String, u32>>>;
+
+/// A handler that counts calls per message id and fails as told.
+fn counting(fail: HashMap<String, u32>) -> (Arc<impl omnibox::inbox::Handler>, Calls) {
+    let calls: Calls = Arc::new(Mutex::new(HashMap::new()));
+    let c = calls.clone();
+    let handler = move |e: InboxEvent| {
+        let calls = c.clone();
+        let fail = fail.clone();
+        async move {
+            let n = {
+                let mut calls = calls.lock().unwrap();
+                let n = calls.entry(e.message_id().to_string()).or_insert(0);
+                *n += 1;
+                *n
+            };
+            if fail.get(e.message_id()).is_some_and(|&times| n <= times) {
+                Outcome::Failed {
+                    error: format!("failure {n}"),
+                    retry: Retry::Counted(None),
+                }
+            } else {
+                Outcome::Completed
+            }
+        }
+    };
+    (Arc::new(handler), calls)
+}
+
+fn options(ack: AckStrategy, batch: usize) -> ConsumeOptions {
+    let mut o = ConsumeOptions::new("billing", WorkerId::new("consumer-1").unwrap());
+    o.ack = ack;
+    o.batch = batch;
+    o
+}
+
+fn stop() -> watch::Receiver<bool> {
+    watch::channel(false).1
+}
+
+mod cases {
+    use super::*;
+    use crate::common::TestDb;
+
+    /// The same messages twice: one row each, the handler ran once each.
+    pub async fn exactly_once_under_redelivery(db: &TestDb) {
+        let mut all = messages(200);
+        all.extend(messages(200).into_iter().step_by(2)); // 100 redeliveries
+        let (source, commits) = VecSource::new(all, db.store.inbox());
+        let (handler, calls) = counting(HashMap::new());
+        let mut consumer = InboxConsumer::new(
+            source,
+            db.store.inbox(),
+            Some(handler),
+            options(AckStrategy::ExactlyOnce, 64),
+        );
+        let r = consumer.run(true, stop()).await.unwrap();
+        assert_eq!(
+            (r.consumed, r.stored, r.duplicates, r.processed),
+            (300, 200, 100, 200)
+        );
+        let calls = calls.lock().unwrap();
+        assert_eq!(calls.len(), 200);
+        assert!(calls.values().all(|&n| n == 1), "a handler ran twice");
+        let c = db.store.inbox().counts().await.unwrap();
+        assert_eq!((c.completed, c.pending), (200, 0));
+        let seen = commits.lock().unwrap();
+        assert!(
+            seen.iter().all(|s| s.completed == s.rows),
+            "offsets committed only after the rows completed"
+        );
+        assert_eq!(seen.len(), 5, "300 messages in batches of 64");
+        assert_eq!(
+            seen.last().unwrap().through,
+            198,
+            "the redeliveries (offsets 0, 2, ... 198) were committed too"
+        );
+    }
+
+    /// The process dies after the transaction commits and before the offset
+    /// commit: on restart the messages come again, nothing runs twice, nothing is lost.
+    pub async fn crash_between_store_and_commit(db: &TestDb) {
+        let (handler, calls) = counting(HashMap::new());
+        let (mut source, _) = VecSource::new(messages(50), db.store.inbox());
+        source.fail_commits = 1;
+        let mut consumer = InboxConsumer::new(
+            source,
+            db.store.inbox(),
+            Some(handler.clone()),
+            options(AckStrategy::ExactlyOnce, 50),
+        );
+        let err = consumer.run(true, stop()).await.unwrap_err();
+        assert!(err.to_string().contains("simulated crash"));
+        assert_eq!(
+            db.store.inbox().counts().await.unwrap().completed,
+            50,
+            "the transaction had committed"
+        );
+        // Restart: the broker redelivers from the last committed offset (all of it).
+        let (source, commits) = VecSource::new(messages(50), db.store.inbox());
+        let mut consumer = InboxConsumer::new(
+            source,
+            db.store.inbox(),
+            Some(handler),
+            options(AckStrategy::ExactlyOnce, 50),
+        );
+        let r = consumer.run(true, stop()).await.unwrap();
+        assert_eq!((r.duplicates, r.stored, r.processed), (50, 0, 0));
+        assert!(
+            calls.lock().unwrap().values().all(|&n| n == 1),
+            "no duplicate effect"
+        );
+        assert_eq!(
+            commits.lock().unwrap().last().unwrap().through,
+            49,
+            "committed now"
+        );
+    }
+
+    /// A handler failure under exactly-once: not committed, delivered again,
+    /// completed once the handler succeeds.
+    pub async fn handler_failure_is_redelivered_until_it_succeeds(db: &TestDb) {
+        let (handler, calls) = counting(HashMap::from([("m-3".to_string(), 2)]));
+        let (source, commits) = VecSource::new(messages(10), db.store.inbox());
+        let mut consumer = InboxConsumer::new(
+            source,
+            db.store.inbox(),
+            Some(handler),
+            options(AckStrategy::ExactlyOnce, 10),
+        );
+        let r = consumer.run(true, stop()).await.unwrap();
+        assert_eq!(r.failed, 2);
+        assert!(
+            r.redelivered >= 2 * 7,
+            "m-3 and the messages after it came again: {r:?}"
+        );
+        let calls = calls.lock().unwrap();
+        assert_eq!(calls["m-3"], 3);
+        assert_eq!(
+            calls["m-2"], 1,
+            "messages before the failure were not handled again"
+        );
+        assert_eq!(
+            calls["m-9"], 1,
+            "messages after it were rolled back before their handler ran"
+        );
+        let c = db.store.inbox().counts().await.unwrap();
+        assert_eq!((c.completed, c.pending, c.failed), (10, 0, 0));
+        let seen = commits.lock().unwrap();
+        assert_eq!(
+            seen[0].through, 2,
+            "committed only up to the message before the failure"
+        );
+        assert!(seen.iter().all(|s| s.completed == s.rows));
+    }
+
+    /// A handler that never succeeds does not block the partition forever:
+    /// after the redelivery limit the message is stored as failed.
+    pub async fn a_hopeless_message_is_stored_failed(db: &TestDb) {
+        let (handler, _) = counting(HashMap::from([("m-1".to_string(), 100)]));
+        let (source, _) = VecSource::new(messages(3), db.store.inbox());
+        let mut o = options(AckStrategy::ExactlyOnce, 10);
+        o.max_redeliveries = 3;
+        let mut consumer = InboxConsumer::new(source, db.store.inbox(), Some(handler), o);
+        consumer.run(true, stop()).await.unwrap();
+        let row = db
+            .store
+            .inbox()
+            .get_by_message_id("m-1", "billing")
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(row.status(), EventStatus::Failed);
+        assert_eq!(row.last_error(), Some("failure 3"));
+        assert_eq!(db.store.inbox().counts().await.unwrap().completed, 2);
+    }
+
+    /// Where each ack strategy commits, seen from the table at commit time.
+    pub async fn ack_strategies_commit_where_they_say(db: &TestDb) {
+        async fn run_with(
+            db: &TestDb,
+            ack: AckStrategy,
+            group: &str,
+            fail: bool,
+        ) -> Vec<CommitSeen> {
+            let fails = if fail {
+                HashMap::from([("m-1".to_string(), 100)])
+            } else {
+                HashMap::new()
+            };
+            let (handler, _) = counting(fails);
+            let (source, commits) = VecSource::new(messages(3), db.store.inbox());
+            let mut o = options(ack, 10);
+            o.group = group.to_string();
+            let mut consumer = InboxConsumer::new(source, db.store.inbox(), Some(handler), o);
+            consumer.run(true, stop()).await.unwrap();
+            let seen = commits.lock().unwrap().clone();
+            seen
+        }
+        // at-most-once: before anything is stored.
+        let s = run_with(db, AckStrategy::AtMostOnce, "g1", false).await;
+        assert_eq!((s[0].through, s[0].rows), (2, 0));
+        // at-least-once on-persist: once stored, before handling, even when the handler fails.
+        let before = db.store.inbox().counts().await.unwrap();
+        let s = run_with(db, AckStrategy::AtLeastOnce(CommitOn::Persist), "g2", true).await;
+        assert_eq!(s.len(), 1);
+        let stored_before = before.pending + before.completed + before.failed;
+        assert_eq!(
+            (
+                s[0].through,
+                s[0].rows - stored_before,
+                s[0].completed - before.completed
+            ),
+            (2, 3, 0)
+        );
+        let row = db
+            .store
+            .inbox()
+            .get_by_message_id("m-1", "g2")
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            (row.status(), row.attempts_made(), row.is_locked()),
+            (EventStatus::Pending, 1, false),
+            "left for inbox process"
+        );
+        // at-least-once on-success: through the message before the failure; the rest comes again.
+        let before = db.store.inbox().counts().await.unwrap();
+        let s = run_with(db, AckStrategy::AtLeastOnce(CommitOn::Success), "g3", true).await;
+        assert_eq!(s[0].through, 0, "{s:?}");
+        assert_eq!(
+            s[0].completed - before.completed,
+            2,
+            "handled before the commit"
+        );
+        // exactly-once: after the transaction (rows stored and completed at commit time).
+        let before = db.store.inbox().counts().await.unwrap();
+        let s = run_with(db, AckStrategy::ExactlyOnce, "g4", false).await;
+        let stored_before = before.pending + before.completed + before.failed;
+        assert_eq!(
+            (s[0].rows - stored_before, s[0].completed - before.completed),
+            (3, 3)
+        );
+    }
+
+    /// A message that cannot be parsed is stored failed, with its bytes, and committed.
+    pub async fn poison_messages_are_stored_and_committed(db: &TestDb) {
+        let mut all = messages(2);
+        all.push(msg("bad-1", 2, "this is not json"));
+        all.push(msg("bad-2", 3, "[1,2,3]"));
+        let (source, commits) = VecSource::new(all, db.store.inbox());
+        let mut consumer = InboxConsumer::<_, AnyHandler>::new(
+            source,
+            db.store.inbox(),
+            None,
+            options(AckStrategy::ExactlyOnce, 10),
+        );
+        let r = consumer.run(true, stop()).await.unwrap();
+        assert_eq!((r.stored, r.poison), (4, 2));
+        let bad = db
+            .store
+            .inbox()
+            .get_by_message_id("bad-1", "billing")
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(bad.status(), EventStatus::Failed);
+        assert!(bad.last_error().unwrap().contains("not JSON"));
+        use base64::Engine;
+        let raw = base64::engine::general_purpose::STANDARD
+            .decode(bad.payload()["raw_base64"].as_str().unwrap())
+            .unwrap();
+        assert_eq!(raw, b"this is not json");
+        assert_eq!(
+            commits.lock().unwrap().last().unwrap().through,
+            3,
+            "committed"
+        );
+        let c = db.store.inbox().counts().await.unwrap();
+        assert_eq!(
+            (c.pending, c.failed),
+            (2, 2),
+            "without a handler the good rows wait for inbox process"
+        );
+    }
+
+    /// `inbox process` with --exec: exit 0 completed, 3 skipped, 75 retry
+    /// without an attempt, other exit counted with stderr, timeout counted.
+    pub async fn exec_handler_exit_codes(db: &TestDb) {
+        let rows: Vec<RawMessage> = ["ok", "skip", "later", "boom", "slow"]
+            .iter()
+            .enumerate()
+            .map(|(i, id)| msg(id, i as i64, r#"{"a":1}"#))
+            .collect();
+        let (source, _) = VecSource::new(rows, db.store.inbox());
+        let mut consumer = InboxConsumer::<_, AnyHandler>::new(
+            source,
+            db.store.inbox(),
+            None,
+            options(AckStrategy::ExactlyOnce, 10),
+        );
+        consumer.run(true, stop()).await.unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let seen = dir.path().join("seen");
+        let script = format!(
+            r#"cat > "{seen}-$OMNIBOX_MESSAGE_ID"; case "$OMNIBOX_MESSAGE_ID" in ok) exit 0;; skip) exit 3;; later) exit 75;; boom) echo "it broke: $OMNIBOX_EVENT_TYPE" >&2; exit 1;; slow) sleep 5;; esac"#,
+            seen = seen.display()
+        );
+        let handler = Arc::new(AnyHandler::Exec(ExecHandler::new(
+            script,
+            Duration::from_millis(500),
+        )));
+        let step = HandlerStep::new(handler, 5, Duration::from_secs(10));
+        let p = ProcessorBuilder::new(
+            db.store.inbox(),
+            step,
+            ProcessorOptions::new(WorkerId::new("p1").unwrap()),
+        )
+        .build();
+        let report = p.process_batch().await.unwrap();
+        assert_eq!(report.claimed, 5);
+        let get = |id: &str| {
+            let inbox = db.store.inbox();
+            let id = id.to_string();
+            async move {
+                inbox
+                    .get_by_message_id(&id, "billing")
+                    .await
+                    .unwrap()
+                    .unwrap()
+            }
+        };
+        assert_eq!(get("ok").await.status(), EventStatus::Completed);
+        assert_eq!(get("skip").await.status(), EventStatus::Completed);
+        let later = get("later").await;
+        assert_eq!(
+            (later.status(), later.attempts_made()),
+            (EventStatus::Pending, 0)
+        );
+        let boom = get("boom").await;
+        assert_eq!(
+            (boom.status(), boom.attempts_made()),
+            (EventStatus::Pending, 1)
+        );
+        assert!(
+            boom.last_error()
+                .unwrap()
+                .contains("exited with 1: it broke: order.created"),
+            "{:?}",
+            boom.last_error()
+        );
+        let slow = get("slow").await;
+        assert_eq!(slow.attempts_made(), 1);
+        assert!(
+            slow.last_error().unwrap().contains("timed out"),
+            "{:?}",
+            slow.last_error()
+        );
+        // The handler got the event as JSON on stdin.
+        let input: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(format!("{}-ok", seen.display())).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(input["message_id"], "ok");
+        assert_eq!(input["payload"]["a"], 1);
+        assert_eq!(input["consumer_group"], "billing");
+    }
+}
+
+backend_tests!(
+    exactly_once_under_redelivery,
+    crash_between_store_and_commit,
+    handler_failure_is_redelivered_until_it_succeeds,
+    a_hopeless_message_is_stored_failed,
+    ack_strategies_commit_where_they_say,
+    poison_messages_are_stored_and_committed,
+    exec_handler_exit_codes,
+);
+
+/// --webhook against a local HTTP server: 2xx completed, 409 skipped,
+/// 503 with Retry-After transient, 500 counted, refused transient.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn webhook_status_mapping() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let bodies = Arc::new(Mutex::new(Vec::<String>::new()));
+    let seen = bodies.clone();
+    tokio::spawn(async move {
+        loop {
+            let (mut s, _) = listener.accept().await.unwrap();
+            let seen = seen.clone();
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 65536];
+                let mut got = Vec::new();
+                loop {
+                    let n = s.read(&mut buf).await.unwrap_or(0);
+                    if n == 0 {
+                        break;
+                    }
+                    got.extend_from_slice(&buf[..n]);
+                    let text = String::from_utf8_lossy(&got);
+                    if let Some(head_end) = text.find("\r\n\r\n") {
+                        let len = text[..head_end]
+                            .lines()
+                            .find_map(|l| {
+                                l.to_ascii_lowercase()
+                                    .strip_prefix("content-length:")
+                                    .map(|v| v.trim().parse::<usize>().unwrap())
+                            })
+                            .unwrap_or(0);
+                        if got.len() >= head_end + 4 + len {
+                            break;
+                        }
+                    }
+                }
+                let text = String::from_utf8_lossy(&got).to_string();
+                let body = text.split("\r\n\r\n").nth(1).unwrap_or("").to_string();
+                seen.lock().unwrap().push(body.clone());
+                let id = serde_json::from_str::<serde_json::Value>(&body)
+                    .map(|v| v["message_id"].as_str().unwrap_or("").to_string())
+                    .unwrap_or_default();
+                let (status, extra) = match id.as_str() {
+                    "ok" => ("200 OK", ""),
+                    "dup" => ("409 Conflict", ""),
+                    "busy" => ("503 Service Unavailable", "retry-after: 120\r\n"),
+                    _ => ("500 Internal Server Error", ""),
+                };
+                let resp = format!(
+                    "HTTP/1.1 {status}\r\ncontent-length: 4\r\n{extra}connection: close\r\n\r\nnope"
+                );
+                let _ = s.write_all(resp.as_bytes()).await;
+            });
+        }
+    });
+    let db = common::sqlite().await;
+    let rows: Vec<RawMessage> = ["ok", "dup", "busy", "err"]
+        .iter()
+        .enumerate()
+        .map(|(i, id)| msg(id, i as i64, r#"{"a":1}"#))
+        .collect();
+    let (source, _) = VecSource::new(rows, db.store.inbox());
+    InboxConsumer::<_, AnyHandler>::new(
+        source,
+        db.store.inbox(),
+        None,
+        options(AckStrategy::ExactlyOnce, 10),
+    )
+    .run(true, stop())
+    .await
+    .unwrap();
+    let handler = Arc::new(AnyHandler::Webhook(
+        WebhookHandler::new(format!("http://{addr}/events"), Duration::from_secs(5)).unwrap(),
+    ));
+    let p = ProcessorBuilder::new(
+        db.store.inbox(),
+        HandlerStep::new(handler, 4, Duration::from_secs(10)),
+        ProcessorOptions::new(WorkerId::new("p1").unwrap()),
+    )
+    .build();
+    let before = omnibox::time::now();
+    p.process_batch().await.unwrap();
+    let get = |id: &'static str| {
+        let inbox = db.store.inbox();
+        async move {
+            inbox
+                .get_by_message_id(id, "billing")
+                .await
+                .unwrap()
+                .unwrap()
+        }
+    };
+    assert_eq!(get("ok").await.status(), EventStatus::Completed);
+    assert_eq!(get("dup").await.status(), EventStatus::Completed);
+    let busy = get("busy").await;
+    assert_eq!(
+        (busy.status(), busy.attempts_made()),
+        (EventStatus::Pending, 0)
+    );
+    assert!(
+        (busy.scheduled_at() - before).num_seconds() >= 115,
+        "Retry-After honoured: {}",
+        busy.scheduled_at()
+    );
+    let err = get("err").await;
+    assert_eq!(err.attempts_made(), 1);
+    assert!(
+        err.last_error()
+            .unwrap()
+            .contains("webhook answered 500: nope"),
+        "{:?}",
+        err.last_error()
+    );
+    assert!(
+        bodies
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|b| b.contains("\"payload\":{\"a\":1}"))
+    );
+    // Nobody listening: transient, no attempt spent.
+    let refused = WebhookHandler::new("http://127.0.0.1:1/x", Duration::from_secs(2)).unwrap();
+    let row = get("ok").await;
+    let out = omnibox::inbox::Handler::handle(&refused, &row).await;
+    assert!(
+        matches!(
+            out,
+            Outcome::Failed {
+                retry: Retry::NotCounted(_),
+                ..
+            }
+        ),
+        "{out:?}"
+    );
+}
