@@ -1,0 +1,186 @@
+//! The inbox consumer through the Kafka protocol: librdkafka's mock cluster
+//! (consumer groups and committed offsets work on it) and tansu.
+
+mod common;
+
+use std::collections::HashMap;
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use omnibox::inbox::{AckStrategy, ConsumeOptions, InboxConsumer, KafkaSource};
+use omnibox::pipeline::Outcome;
+use omnibox::{EventStore, InboxEvent, WorkerId};
+use rdkafka::ClientConfig;
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::mocking::MockCluster;
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use tokio::sync::watch;
+
+/// Produces `n` distinct messages plus a repeat of every other one.
+async fn produce(brokers: &str, topic: &str, n: usize) -> usize {
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("acks", "all")
+        .create()
+        .unwrap();
+    let mut sent = 0;
+    for i in (0..n).chain((0..n).step_by(2)) {
+        let id = format!("evt-{i}");
+        let headers = OwnedHeaders::new()
+            .insert(Header {
+                key: "event_id",
+                value: Some(id.as_str()),
+            })
+            .insert(Header {
+                key: "event_type",
+                value: Some("order.created"),
+            });
+        let value = format!(
+            r#"{{"schema_version":"1.0.0","event_type":"order.created","payload":{{"n":{i}}}}}"#
+        );
+        producer
+            .send(
+                FutureRecord::to(topic)
+                    .key(&id)
+                    .payload(&value)
+                    .headers(headers),
+                Duration::from_secs(10),
+            )
+            .await
+            .map_err(|(e, _)| e)
+            .unwrap();
+        sent += 1;
+    }
+    sent
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kafka_consumer_group_exactly_once_and_resume() {
+    let db = common::sqlite().await;
+    let cluster = MockCluster::new(1).unwrap();
+    cluster.create_topic("orders", 2, 1).unwrap();
+    let brokers = cluster.bootstrap_servers();
+    let sent = produce(&brokers, "orders", 200).await;
+    assert_eq!(sent, 300);
+    let calls: Arc<Mutex<HashMap<String, u32>>> = Arc::new(Mutex::new(HashMap::new()));
+    let c = calls.clone();
+    let handler = Arc::new(move |e: InboxEvent| {
+        let c = c.clone();
+        async move {
+            *c.lock()
+                .unwrap()
+                .entry(e.message_id().to_string())
+                .or_insert(0) += 1;
+            Outcome::Completed
+        }
+    });
+    let props = vec![("session.timeout.ms".to_string(), "6000".to_string())];
+    let source = KafkaSource::new(&brokers, "billing", &["orders".to_string()], &props).unwrap();
+    let mut o = ConsumeOptions::new("billing", WorkerId::new("c1").unwrap());
+    o.ack = AckStrategy::ExactlyOnce;
+    o.batch = 64;
+    o.poll_wait = Duration::from_secs(2);
+    let mut consumer =
+        InboxConsumer::new(source, db.store.inbox(), Some(handler.clone()), o.clone());
+    let (_tx, rx) = watch::channel(false);
+    let r = tokio::time::timeout(Duration::from_secs(60), consumer.run(true, rx.clone()))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (r.consumed, r.stored, r.duplicates),
+        (300, 200, 100),
+        "{r:?}"
+    );
+    drop(consumer);
+    {
+        let calls = calls.lock().unwrap();
+        assert_eq!(calls.len(), 200);
+        assert!(calls.values().all(|&n| n == 1));
+    }
+    let c = db.store.inbox().counts().await.unwrap();
+    assert_eq!(c.completed, 200);
+    // A new consumer in the same group resumes at the committed offsets.
+    let source = KafkaSource::new(&brokers, "billing", &["orders".to_string()], &props).unwrap();
+    let mut again = InboxConsumer::new(source, db.store.inbox(), Some(handler), o);
+    let r = tokio::time::timeout(Duration::from_secs(60), again.run(true, rx))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(r.consumed, 0, "everything was committed: {r:?}");
+}
+
+/// `omnibox inbox consume` against tansu, twice: the second run reads nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_consume_from_tansu() {
+    let Some(brokers) = common::tansu::shared_brokers() else {
+        return;
+    };
+    let Some(db) = common::postgres().await else {
+        return;
+    };
+    let topic = format!("inbox-{}", &uuid::Uuid::new_v4().simple().to_string()[..10]);
+    common::tansu::create_topic(&brokers, &topic, 2).await;
+    assert_eq!(produce(&brokers, &topic, 100).await, 150);
+    let dir = tempfile::tempdir().unwrap();
+    let effects = dir.path().join("effects.log");
+    let run = || {
+        Command::new(env!("CARGO_BIN_EXE_omnibox"))
+            .args([
+                "inbox",
+                "consume",
+                "--from",
+                &format!("kafka://{brokers}"),
+                "--topic",
+                &topic,
+            ])
+            .args(["--group", "audit", "--once", "--format", "json"])
+            .args([
+                "--exec",
+                &format!("echo $OMNIBOX_MESSAGE_ID >> {}", effects.display()),
+            ])
+            .current_dir(dir.path())
+            .env_clear()
+            .env("OMNIBOX_DATABASE_URL", &db.url)
+            .env("OMNIBOX_DATABASE_SCHEMA", db.schema())
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    };
+    let out = run();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        (
+            r["consumed"].as_u64(),
+            r["stored"].as_u64(),
+            r["processed"].as_u64()
+        ),
+        (Some(150), Some(100), Some(100))
+    );
+    let lines = std::fs::read_to_string(&effects).unwrap();
+    assert_eq!(
+        lines.lines().count(),
+        100,
+        "the handler ran once per message id"
+    );
+    let out = run();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(r["consumed"], 0, "the group's offsets were committed");
+    assert_eq!(
+        std::fs::read_to_string(&effects).unwrap().lines().count(),
+        100
+    );
+}
