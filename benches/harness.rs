@@ -7,6 +7,9 @@
 //!   enqueue  `omnibox enqueue --jsonl` of N events into PostgreSQL (the
 //!            release binary, in a fresh schema per round; includes process
 //!            start, JSON parsing, validation and the inserts).
+//!   inbox    exactly-once ingest of N distinct messages plus N/10
+//!            redeliveries into PostgreSQL from an in-memory source (as the
+//!            peer's inbox_consume), without a handler and with a trivial one.
 //!   produce  the broker's own rate for the relay's producer settings: N
 //!            messages of the same shape through the Kafka sink, B in flight
 //!            at a time, no database (OMNIBOX_BENCH_BROKERS).
@@ -30,7 +33,7 @@ use serde_json::json;
 #[command(about = "omnibox benchmark harness")]
 struct Args {
     /// Scenario to run
-    #[arg(value_parser = ["enqueue", "publish", "produce"])]
+    #[arg(value_parser = ["enqueue", "publish", "produce", "inbox"])]
     scenario: String,
     /// Events per round
     #[arg(long, default_value_t = 20_000)]
@@ -74,6 +77,7 @@ fn main() {
         "enqueue" => enqueue(&args, &url),
         "publish" => publish(&args, &url),
         "produce" => produce(&args),
+        "inbox" => inbox(&args, &url),
         _ => unreachable!(),
     }
 }
@@ -493,5 +497,149 @@ async fn create_topic(brokers: &str, topic: &str) {
         .expect("create topic")
     {
         r.expect("create topic");
+    }
+}
+
+/// An in-memory source for the inbox benchmark (the peer uses one too).
+struct MemorySource(std::collections::VecDeque<omnibox::inbox::RawMessage>);
+
+impl omnibox::inbox::Source for MemorySource {
+    fn describe(&self) -> String {
+        "memory".into()
+    }
+    async fn poll(
+        &mut self,
+        max: usize,
+        _wait: std::time::Duration,
+    ) -> omnibox::Result<omnibox::inbox::Polled> {
+        let n = max.min(self.0.len());
+        Ok(omnibox::inbox::Polled {
+            messages: self.0.drain(..n).collect(),
+            end: self.0.is_empty(),
+        })
+    }
+    async fn commit(&mut self, _through: &[omnibox::inbox::RawMessage]) -> omnibox::Result<()> {
+        Ok(())
+    }
+    async fn rewind(&mut self, from: &[omnibox::inbox::RawMessage]) -> omnibox::Result<()> {
+        for m in from.iter().rev() {
+            self.0.push_front(m.clone());
+        }
+        Ok(())
+    }
+}
+
+fn inbox(args: &Args, url: &str) {
+    use std::sync::Arc;
+
+    use omnibox::inbox::{AckStrategy, ConsumeOptions, InboxConsumer, RawMessage};
+    use omnibox::pipeline::Outcome;
+    use omnibox::store::AnyStore;
+    use omnibox::store::postgres::{PgOptions, PgStore};
+    use omnibox::{InboxEvent, WorkerId};
+
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let n = args.events;
+    let mut messages: Vec<RawMessage> = (0..n)
+        .map(|i| RawMessage {
+            topic: "orders.events".into(),
+            partition: 0,
+            offset: i as i64,
+            key: None,
+            headers: vec![
+                ("event_id".into(), format!("msg-{i:08}").into_bytes()),
+                ("event_type".into(), b"order.created".to_vec()),
+            ],
+            payload: Some(
+                json!({"order_id": format!("{i:08}"), "customer_id": format!("customer-{:06}", i % 1000),
+                       "amount_cents": 1000 + i % 5000, "currency": "EUR", "items": [{"sku": "SKU-1", "qty": 1}]})
+                .to_string()
+                .into_bytes(),
+            ),
+        })
+        .collect();
+    let mut rng = fastrand::Rng::with_seed(7);
+    for k in 0..n / 10 {
+        let mut m = messages[rng.usize(..n)].clone();
+        m.offset = (n + k) as i64;
+        messages.push(m);
+    }
+    let total = messages.len();
+    for handler in [false, true] {
+        let mut rates = Vec::new();
+        let command = format!(
+            "bench/run.sh inbox --events {n} --batch {}{}",
+            args.batch,
+            if handler {
+                "  # with a trivial handler"
+            } else {
+                ""
+            }
+        );
+        for round in 1..=args.rounds {
+            let schema = format!("bench_{}", uuid::Uuid::new_v4().simple());
+            let (secs, report) = rt.block_on(async {
+                let opts = PgOptions {
+                    schema: Some(schema.clone()),
+                    ..PgOptions::default()
+                };
+                let pg = PgStore::connect(url, &opts).await.expect("connect");
+                pg.migrate().await.expect("migrate");
+                let store = AnyStore::Postgres(pg);
+                let mut o = ConsumeOptions::new("bench", WorkerId::new("bench").unwrap());
+                o.ack = AckStrategy::ExactlyOnce;
+                o.batch = args.batch as usize;
+                let h = handler.then(|| Arc::new(|_e: InboxEvent| async { Outcome::Completed }));
+                let source = MemorySource(messages.clone().into());
+                let mut consumer = InboxConsumer::new(source, store.inbox(), h, o);
+                let (_tx, rx) = tokio::sync::watch::channel(false);
+                let start = Instant::now();
+                let report = consumer.run(true, rx).await.expect("consume");
+                (start.elapsed().as_secs_f64(), report)
+            });
+            let db = Db::new(url);
+            let rows = db.scalar(format!("SELECT count(*)::text FROM {schema}.inbox_events"));
+            let completed = db.scalar(format!(
+                "SELECT count(*)::text FROM {schema}.inbox_events WHERE status = 'completed'"
+            ));
+            db.exec(format!("DROP SCHEMA {schema} CASCADE"));
+            let distinct = report.stored;
+            let verified = rows == distinct.to_string()
+                && report.duplicates as usize == total - distinct as usize
+                && (!handler || completed == rows);
+            let rate = total as f64 / secs;
+            rates.push(rate);
+            println!(
+                "inbox round {round}: {total} messages ({distinct} distinct, {} duplicates) in {secs:.3} s = {rate:.0} messages/s; handler: {handler}; rows {rows}, completed {completed}, verified {verified}",
+                report.duplicates
+            );
+            let line = json!({
+                "scenario": "omnibox_inbox_consume",
+                "events": total,
+                "seconds": secs,
+                "events_per_s": rate,
+                "params": {"batch_size": args.batch, "handler": handler, "distinct": distinct, "duplicates": report.duplicates, "round": round},
+                "verified": verified,
+            });
+            let mut results = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(results_file())
+                .unwrap();
+            writeln!(results, "{line}").unwrap();
+            assert!(verified);
+        }
+        report(
+            if handler {
+                "inbox (trivial handler)"
+            } else {
+                "inbox (no handler)"
+            },
+            &rates,
+            &command,
+        );
     }
 }

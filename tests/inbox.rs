@@ -167,9 +167,11 @@ mod cases {
             (r.consumed, r.stored, r.duplicates, r.processed),
             (300, 200, 100, 200)
         );
-        let calls = calls.lock().unwrap();
-        assert_eq!(calls.len(), 200);
-        assert!(calls.values().all(|&n| n == 1), "a handler ran twice");
+        {
+            let calls = calls.lock().unwrap();
+            assert_eq!(calls.len(), 200);
+            assert!(calls.values().all(|&n| n == 1), "a handler ran twice");
+        }
         let c = db.store.inbox().counts().await.unwrap();
         assert_eq!((c.completed, c.pending), (200, 0));
         let seen = commits.lock().unwrap();
@@ -242,16 +244,18 @@ mod cases {
             r.redelivered >= 2 * 7,
             "m-3 and the messages after it came again: {r:?}"
         );
-        let calls = calls.lock().unwrap();
-        assert_eq!(calls["m-3"], 3);
-        assert_eq!(
-            calls["m-2"], 1,
-            "messages before the failure were not handled again"
-        );
-        assert_eq!(
-            calls["m-9"], 1,
-            "messages after it were rolled back before their handler ran"
-        );
+        {
+            let calls = calls.lock().unwrap();
+            assert_eq!(calls["m-3"], 3);
+            assert_eq!(
+                calls["m-2"], 1,
+                "messages before the failure were not handled again"
+            );
+            assert_eq!(
+                calls["m-9"], 1,
+                "messages after it were rolled back before their handler ran"
+            );
+        }
         let c = db.store.inbox().counts().await.unwrap();
         assert_eq!((c.completed, c.pending, c.failed), (10, 0, 0));
         let seen = commits.lock().unwrap();

@@ -184,3 +184,59 @@ async fn cli_consume_from_tansu() {
         100
     );
 }
+
+/// A handler failure under exactly-once seeks the Kafka consumer back: the
+/// message is delivered again and completed; nothing else runs twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kafka_handler_failure_seeks_back_and_redelivers() {
+    let db = common::sqlite().await;
+    let cluster = MockCluster::new(1).unwrap();
+    cluster.create_topic("payments", 1, 1).unwrap();
+    let brokers = cluster.bootstrap_servers();
+    produce(&brokers, "payments", 20).await;
+    let calls: Arc<Mutex<HashMap<String, u32>>> = Arc::new(Mutex::new(HashMap::new()));
+    let c = calls.clone();
+    let handler = Arc::new(move |e: InboxEvent| {
+        let c = c.clone();
+        async move {
+            let n = {
+                let mut m = c.lock().unwrap();
+                let n = m.entry(e.message_id().to_string()).or_insert(0);
+                *n += 1;
+                *n
+            };
+            if e.message_id() == "evt-5" && n <= 2 {
+                Outcome::Failed {
+                    error: "not yet".into(),
+                    retry: omnibox::Retry::Counted(None),
+                }
+            } else {
+                Outcome::Completed
+            }
+        }
+    });
+    let source = KafkaSource::new(&brokers, "ledger", &["payments".to_string()], &[]).unwrap();
+    let mut o = ConsumeOptions::new("ledger", WorkerId::new("c1").unwrap());
+    o.batch = 8;
+    o.poll_wait = Duration::from_secs(2);
+    let mut consumer = InboxConsumer::new(source, db.store.inbox(), Some(handler), o);
+    let (_tx, rx) = watch::channel(false);
+    let r = tokio::time::timeout(Duration::from_secs(60), consumer.run(true, rx))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(r.failed, 2, "{r:?}");
+    assert!(r.redelivered > 0);
+    {
+        let calls = calls.lock().unwrap();
+        assert_eq!(calls["evt-5"], 3);
+        assert!(
+            calls
+                .iter()
+                .filter(|(k, _)| *k != "evt-5")
+                .all(|(_, &n)| n == 1),
+            "{calls:?}"
+        );
+    }
+    assert_eq!(db.store.inbox().counts().await.unwrap().completed, 20);
+}

@@ -1,5 +1,6 @@
 //! `omnibox inbox process`.
 
+use std::io::IsTerminal;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -125,14 +126,34 @@ pub async fn run(args: ProcessArgs, ctx: &Context) -> Result<ExitStatus> {
         idle_max: args.poll_interval,
         ..RunOptions::default()
     };
+    let progress = if mode == RunMode::Once && !ctx.quiet && std::io::stderr().is_terminal() {
+        let due = omnibox::EventStore::counts(&store.inbox()).await?.due_now;
+        let bar = indicatif::ProgressBar::new(due);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{spinner} {pos}/{len} events [{elapsed_precise}] {per_sec} {msg}",
+            )
+            .expect("valid template"),
+        );
+        Some(bar)
+    } else {
+        None
+    };
     let report = pipeline::run(
         &processor,
         &run_options,
         signals::shutdown_channel(),
         &mut wakeup,
-        |_| {},
+        |b| {
+            if let Some(bar) = &progress {
+                bar.inc((b.completed + b.skipped + b.failed + b.dead + b.transient) as u64);
+            }
+        },
     )
     .await?;
+    if let Some(bar) = progress {
+        bar.finish_and_clear();
+    }
     print_summary(ctx, &report, &worker)?;
     if report.commit_errors > 0 {
         return Ok(ExitStatus::No);
