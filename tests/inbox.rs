@@ -306,8 +306,7 @@ mod cases {
             o.group = group.to_string();
             let mut consumer = InboxConsumer::new(source, db.store.inbox(), Some(handler), o);
             consumer.run(true, stop()).await.unwrap();
-            let seen = commits.lock().unwrap().clone();
-            seen
+            commits.lock().unwrap().clone()
         }
         // at-most-once: before anything is stored.
         let s = run_with(db, AckStrategy::AtMostOnce, "g1", false).await;
