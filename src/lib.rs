@@ -73,5 +73,6 @@ pub use model::{
 };
 pub use store::{
     AnyStore, BulkOutcome, Capabilities, Claim, ClaimOptions, ClaimToken, Created, EventStore,
-    FailReport, Failure, InboxStore, ListFilter, OutboxStore, RequeueFilter, TableCounts,
+    FailReport, Failure, InboxStore, ListFilter, MaintenanceStore, OutboxStore, RequeueFilter,
+    TableCounts,
 };

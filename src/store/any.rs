@@ -222,7 +222,35 @@ impl<R: PgRoute + SqliteRoute> EventStore<R> for AnyTable<R> {
     }
 }
 
+impl<R: PgRoute + SqliteRoute> super::MaintenanceStore<R> for AnyTable<R> {
+    async fn list_failed(&self, filter: &RequeueFilter) -> Result<Vec<Event<R>>> {
+        delegate!(self, t => t.list_failed(filter))
+    }
+    async fn force_unlock_worker(&self, worker: &str, reason: &UnlockReason) -> Result<Vec<Uuid>> {
+        delegate!(self, t => t.force_unlock_worker(worker, reason))
+    }
+    async fn count_stale_locks(&self, older_than: Duration) -> Result<u64> {
+        delegate!(self, t => t.count_stale_locks(older_than))
+    }
+    async fn count_older(
+        &self,
+        status: crate::model::EventStatus,
+        older_than: Duration,
+    ) -> Result<u64> {
+        delegate!(self, t => t.count_older(status, older_than))
+    }
+    async fn delete_failed(&self, older_than: Duration, batch_size: u32) -> Result<u64> {
+        delegate!(self, t => t.delete_failed(older_than, batch_size))
+    }
+    async fn failed_by_event_type(&self) -> Result<Vec<(String, u64)>> {
+        delegate!(self, t => t.failed_by_event_type())
+    }
+}
+
 impl OutboxStore for AnyTable<OutboxRoute> {
+    async fn blocked_keys(&self, limit: u32) -> Result<Vec<super::BlockedKey>> {
+        delegate!(self, t => t.blocked_keys(limit))
+    }
     async fn create(&self, event: &OutboxEvent) -> Result<Created<OutboxEvent>> {
         delegate!(self, t => t.create(event))
     }

@@ -35,6 +35,8 @@ use crate::model::{
 };
 
 mod any;
+pub mod audit;
+pub mod fingerprint;
 mod migrate;
 pub mod postgres;
 pub mod sqlite;
@@ -397,8 +399,73 @@ pub trait EventStore<R: Route>: Clone + Send + Sync + 'static {
     ) -> impl Future<Output = Result<Vec<Uuid>>> + Send;
 }
 
+/// Maintenance operations (the reference's retention capability and the
+/// on-call commands).
+pub trait MaintenanceStore<R: Route>: EventStore<R> {
+    /// Failed rows matching `filter` (what [`EventStore::requeue_failed`]
+    /// would change), in insertion order.
+    fn list_failed(
+        &self,
+        filter: &RequeueFilter,
+    ) -> impl Future<Output = Result<Vec<Event<R>>>> + Send;
+
+    /// Unlocks every row locked by `worker`, recording `Force unlock: <reason>`;
+    /// returns the ids.
+    fn force_unlock_worker(
+        &self,
+        worker: &str,
+        reason: &UnlockReason,
+    ) -> impl Future<Output = Result<Vec<Uuid>>> + Send;
+
+    /// Rows locked for longer than `older_than`.
+    fn count_stale_locks(&self, older_than: Duration) -> impl Future<Output = Result<u64>> + Send;
+
+    /// Completed rows completed more than `older_than` ago, or failed rows
+    /// that failed more than `older_than` ago.
+    fn count_older(
+        &self,
+        status: EventStatus,
+        older_than: Duration,
+    ) -> impl Future<Output = Result<u64>> + Send;
+
+    /// Deletes up to `batch_size` failed rows that failed more than
+    /// `older_than` ago; returns how many (call again until 0).
+    fn delete_failed(
+        &self,
+        older_than: Duration,
+        batch_size: u32,
+    ) -> impl Future<Output = Result<u64>> + Send;
+
+    /// Failed rows per event type, most first.
+    fn failed_by_event_type(&self) -> impl Future<Output = Result<Vec<(String, u64)>>> + Send;
+}
+
+/// A key held up behind a failed or retrying head (`status`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct BlockedKey {
+    /// Topic.
+    pub topic: String,
+    /// Partition key.
+    pub partition_key: String,
+    /// The head: the earliest pending row of the key that was tried.
+    pub head_id: Uuid,
+    /// The head's counted failures.
+    pub head_attempts: i32,
+    /// The head's last error.
+    pub head_error: Option<String>,
+    /// When the head is tried next.
+    #[serde(with = "crate::model::time::serde_ts")]
+    pub head_retry_at: Timestamp,
+    /// Pending rows queued behind the head.
+    pub waiting: u64,
+}
+
 /// Outbox-specific operations.
 pub trait OutboxStore: EventStore<OutboxRoute> {
+    /// Keys whose head was tried and waits for a retry, with the rows behind
+    /// it, most rows waiting first.
+    fn blocked_keys(&self, limit: u32) -> impl Future<Output = Result<Vec<BlockedKey>>> + Send;
+
     /// Inserts one event; an event whose idempotency key exists is not
     /// inserted and the existing row is returned.
     fn create(

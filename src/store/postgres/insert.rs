@@ -400,6 +400,28 @@ pub async fn insert_inbox(
 }
 
 impl OutboxStore for PgTable<OutboxRoute> {
+    async fn blocked_keys(&self, limit: u32) -> Result<Vec<crate::store::BlockedKey>> {
+        let rows = sqlx::query(sql::BLOCKED_KEYS)
+            .bind(i64::from(limit))
+            .fetch_all(&self.pool)
+            .await
+            .map_err(storage)?;
+        rows.iter()
+            .map(|r| {
+                Ok(crate::store::BlockedKey {
+                    topic: r.try_get(0)?,
+                    partition_key: r.try_get(1)?,
+                    head_id: r.try_get(2)?,
+                    head_attempts: r.try_get(3)?,
+                    head_error: r.try_get(4)?,
+                    head_retry_at: r.try_get(5)?,
+                    waiting: r.try_get::<i64, _>(6)? as u64,
+                })
+            })
+            .collect::<Result<_, sqlx::Error>>()
+            .map_err(storage)
+    }
+
     async fn create(&self, event: &OutboxEvent) -> Result<Created<OutboxEvent>> {
         let outcome = self.create_many(std::slice::from_ref(event)).await?[0];
         let row = self

@@ -13,6 +13,13 @@ pub struct TableSql {
     pub counts: &'static str,
     pub select_all: &'static str,
     pub requeue_head: &'static str,
+    pub failed_head: &'static str,
+    pub unlock_worker: &'static str,
+    pub count_stale: &'static str,
+    pub count_completed_older: &'static str,
+    pub count_failed_older: &'static str,
+    pub delete_failed: &'static str,
+    pub failed_by_type: &'static str,
 }
 
 /// The claim of a table without per-key order (the inbox): unlocked due rows
@@ -127,6 +134,37 @@ macro_rules! table_sql {
                 "UPDATE ", $t, "
                 SET status = 'pending', attempts_made = 0, last_error = NULL, scheduled_at = now(), updated_at = now()
                 WHERE id IN (SELECT id FROM ", $t, " WHERE status = 'failed'"
+            ),
+            failed_head: concat!("SELECT * FROM ", $t, " WHERE status = 'failed'"),
+            unlock_worker: concat!(
+                "UPDATE ", $t, "
+                SET locked_at = NULL, locked_by = NULL, last_error = $2, updated_at = now()
+                WHERE locked_by = $1
+                RETURNING id"
+            ),
+            count_stale: concat!(
+                "SELECT count(*) FROM ", $t, " WHERE locked_at < now() - make_interval(secs => $1)"
+            ),
+            count_completed_older: concat!(
+                "SELECT count(*) FROM ", $t,
+                " WHERE status = 'completed' AND completed_at < now() - make_interval(secs => $1)"
+            ),
+            count_failed_older: concat!(
+                "SELECT count(*) FROM ", $t,
+                " WHERE status = 'failed' AND updated_at < now() - make_interval(secs => $1)"
+            ),
+            delete_failed: concat!(
+                "DELETE FROM ", $t, " WHERE id IN (
+                    SELECT id FROM ", $t, "
+                    WHERE status = 'failed' AND updated_at < now() - make_interval(secs => $1)
+                    ORDER BY updated_at
+                    LIMIT $2
+                    FOR UPDATE SKIP LOCKED
+                )"
+            ),
+            failed_by_type: concat!(
+                "SELECT event_type, count(*) FROM ", $t,
+                " WHERE status = 'failed' GROUP BY event_type ORDER BY count(*) DESC, event_type"
             ),
         }
     };
@@ -272,3 +310,14 @@ pub(super) const COPY_OUTBOX: &str = "COPY outbox_events (
         schema_version, status, attempts_made, max_attempts, last_error, scheduled_at, completed_at,
         created_at, updated_at, aggregate_type, aggregate_id, topic, partition_key)
     FROM STDIN (FORMAT csv)";
+
+pub(super) const BLOCKED_KEYS: &str = "SELECT h.topic, h.partition_key, h.id, h.attempts_made, h.last_error, h.scheduled_at,
+        (SELECT count(*) FROM outbox_events w
+          WHERE w.status = 'pending' AND w.topic = h.topic AND w.partition_key = h.partition_key
+            AND w.seq > h.seq) AS waiting
+    FROM (SELECT DISTINCT ON (topic, partition_key) topic, partition_key, id, seq, attempts_made, last_error, scheduled_at
+          FROM outbox_events
+          WHERE status = 'pending' AND last_error IS NOT NULL
+          ORDER BY topic, partition_key, seq) h
+    ORDER BY waiting DESC, h.topic, h.partition_key
+    LIMIT $1";

@@ -8,6 +8,7 @@ use uuid::Uuid;
 use super::{PgRoute, PgTable, decode};
 use crate::error::{Error, Result, storage};
 use crate::model::{Event, EventStatus, Timestamp, UnlockReason, time};
+use crate::store::MaintenanceStore;
 use crate::store::{
     Capabilities, Claim, ClaimOptions, ClaimToken, DEFAULT_LIST_LIMIT, EventStore, FailReport,
     Failure, ListFilter, RequeueFilter, TableCounts, guard_result, stored_error, topic_column,
@@ -212,6 +213,18 @@ impl<R: PgRoute> EventStore<R> for PgTable<R> {
     async fn requeue_failed(&self, filter: &RequeueFilter) -> Result<Vec<Uuid>> {
         filter.check()?;
         let mut qb: QueryBuilder<Postgres> = QueryBuilder::new(R::sql().requeue_head);
+        push_failed_filters::<R>(&mut qb, filter);
+        qb.push(" FOR UPDATE SKIP LOCKED) RETURNING id");
+        qb.build_query_scalar()
+            .fetch_all(&self.pool)
+            .await
+            .map_err(storage)
+    }
+}
+
+/// The `AND ...` filters of a failed-row selection, then `ORDER BY seq [LIMIT]`.
+fn push_failed_filters<R: PgRoute>(qb: &mut QueryBuilder<Postgres>, filter: &RequeueFilter) {
+    {
         if !filter.ids.is_empty() {
             qb.push(" AND id = ANY(")
                 .push_bind(filter.ids.clone())
@@ -241,10 +254,70 @@ impl<R: PgRoute> EventStore<R> for PgTable<R> {
         if let Some(limit) = filter.limit {
             qb.push(" LIMIT ").push_bind(i64::from(limit));
         }
-        qb.push(" FOR UPDATE SKIP LOCKED) RETURNING id");
-        qb.build_query_scalar()
+    }
+}
+
+impl<R: PgRoute> MaintenanceStore<R> for PgTable<R> {
+    async fn list_failed(&self, filter: &RequeueFilter) -> Result<Vec<Event<R>>> {
+        filter.check()?;
+        let mut qb: QueryBuilder<Postgres> = QueryBuilder::new(R::sql().failed_head);
+        push_failed_filters::<R>(&mut qb, filter);
+        let rows = qb.build().fetch_all(&self.pool).await.map_err(storage)?;
+        rows.iter().map(decode).collect()
+    }
+
+    async fn force_unlock_worker(&self, worker: &str, reason: &UnlockReason) -> Result<Vec<Uuid>> {
+        sqlx::query_scalar(R::sql().unlock_worker)
+            .bind(worker)
+            .bind(reason.last_error())
             .fetch_all(&self.pool)
             .await
             .map_err(storage)
+    }
+
+    async fn count_stale_locks(&self, older_than: Duration) -> Result<u64> {
+        let n: i64 = sqlx::query_scalar(R::sql().count_stale)
+            .bind(older_than.as_secs_f64())
+            .fetch_one(&self.pool)
+            .await
+            .map_err(storage)?;
+        Ok(n as u64)
+    }
+
+    async fn count_older(&self, status: EventStatus, older_than: Duration) -> Result<u64> {
+        let sql = match status {
+            EventStatus::Completed => R::sql().count_completed_older,
+            EventStatus::Failed => R::sql().count_failed_older,
+            EventStatus::Pending => {
+                return Err(Error::validation(
+                    "status",
+                    "only completed or failed rows age out",
+                ));
+            }
+        };
+        let n: i64 = sqlx::query_scalar(sql)
+            .bind(older_than.as_secs_f64())
+            .fetch_one(&self.pool)
+            .await
+            .map_err(storage)?;
+        Ok(n as u64)
+    }
+
+    async fn delete_failed(&self, older_than: Duration, batch_size: u32) -> Result<u64> {
+        Ok(sqlx::query(R::sql().delete_failed)
+            .bind(older_than.as_secs_f64())
+            .bind(i64::from(batch_size.max(1)))
+            .execute(&self.pool)
+            .await
+            .map_err(storage)?
+            .rows_affected())
+    }
+
+    async fn failed_by_event_type(&self) -> Result<Vec<(String, u64)>> {
+        let rows: Vec<(String, i64)> = sqlx::query_as(R::sql().failed_by_type)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(storage)?;
+        Ok(rows.into_iter().map(|(t, n)| (t, n as u64)).collect())
     }
 }

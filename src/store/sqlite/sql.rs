@@ -15,6 +15,13 @@ pub struct TableSql {
     pub select_all: &'static str,
     pub requeue_head: &'static str,
     pub requeue_where: &'static str,
+    pub failed_head: &'static str,
+    pub unlock_worker: &'static str,
+    pub count_stale: &'static str,
+    pub count_completed_older: &'static str,
+    pub count_failed_older: &'static str,
+    pub delete_failed: &'static str,
+    pub failed_by_type: &'static str,
     pub insert: &'static str,
 }
 
@@ -112,6 +119,30 @@ macro_rules! table_sql {
             requeue_where: concat!(
                 " WHERE seq IN (SELECT seq FROM ", $t, " WHERE status = 'failed'"
             ),
+            failed_head: concat!("SELECT * FROM ", $t, " WHERE status = 'failed'"),
+            unlock_worker: concat!(
+                "UPDATE ", $t, "
+                SET locked_at = NULL, locked_by = NULL, last_error = ?2, updated_at = ?3
+                WHERE locked_by = ?1
+                RETURNING id"
+            ),
+            count_stale: concat!("SELECT count(*) FROM ", $t, " WHERE locked_at < ?1"),
+            count_completed_older: concat!(
+                "SELECT count(*) FROM ", $t, " WHERE status = 'completed' AND completed_at < ?1"
+            ),
+            count_failed_older: concat!(
+                "SELECT count(*) FROM ", $t, " WHERE status = 'failed' AND updated_at < ?1"
+            ),
+            delete_failed: concat!(
+                "DELETE FROM ", $t, " WHERE seq IN (
+                    SELECT seq FROM ", $t, "
+                    WHERE status = 'failed' AND updated_at < ?1
+                    ORDER BY updated_at LIMIT ?2)"
+            ),
+            failed_by_type: concat!(
+                "SELECT event_type, count(*) FROM ", $t,
+                " WHERE status = 'failed' GROUP BY event_type ORDER BY count(*) DESC, event_type"
+            ),
             insert: $insert,
         }
     };
@@ -190,3 +221,16 @@ pub const OUTBOX_CLAIM_SCAN: &str = "SELECT seq FROM outbox_events r
           WHERE h.status = 'pending' AND h.last_error IS NOT NULL
             AND h.topic = r.topic AND h.partition_key = r.partition_key AND h.seq < r.seq)
     ORDER BY scheduled_at, seq LIMIT 1000";
+
+pub const BLOCKED_KEYS: &str =
+    "SELECT h.topic, h.partition_key, h.id, h.attempts_made, h.last_error, h.scheduled_at,
+        (SELECT count(*) FROM outbox_events w
+          WHERE w.status = 'pending' AND w.topic = h.topic AND w.partition_key = h.partition_key
+            AND w.seq > h.seq) AS waiting
+    FROM outbox_events h
+    WHERE h.status = 'pending' AND h.last_error IS NOT NULL
+      AND h.seq = (SELECT min(x.seq) FROM outbox_events x
+                   WHERE x.status = 'pending' AND x.last_error IS NOT NULL
+                     AND x.topic = h.topic AND x.partition_key = h.partition_key)
+    ORDER BY waiting DESC, h.topic, h.partition_key
+    LIMIT ?1";

@@ -14,8 +14,8 @@ use crate::model::{
 };
 use crate::store::{
     BulkOutcome, Capabilities, Claim, ClaimOptions, ClaimToken, Created, DEFAULT_LIST_LIMIT,
-    EventStore, FailReport, Failure, InboxStore, ListFilter, OutboxStore, RequeueFilter,
-    TableCounts, guard_result, stored_error, topic_column,
+    EventStore, FailReport, Failure, InboxStore, ListFilter, MaintenanceStore, OutboxStore,
+    RequeueFilter, TableCounts, guard_result, stored_error, topic_column,
 };
 
 fn ts(t: &time::Timestamp) -> String {
@@ -249,6 +249,16 @@ impl<R: SqliteRoute> EventStore<R> for SqliteTable<R> {
             .push(", updated_at = ")
             .push_bind(now);
         qb.push(R::sql().requeue_where);
+        push_failed_filters::<R>(&mut qb, filter);
+        qb.push(") RETURNING id");
+        let rows = qb.build().fetch_all(&self.pool).await.map_err(storage)?;
+        changed_ids(&rows)
+    }
+}
+
+/// The `AND ...` filters of a failed-row selection, then `ORDER BY seq [LIMIT]`.
+fn push_failed_filters<R: SqliteRoute>(qb: &mut QueryBuilder<Sqlite>, filter: &RequeueFilter) {
+    {
         if !filter.ids.is_empty() {
             qb.push(" AND id IN (SELECT value FROM json_each(")
                 .push_bind(id_array(&filter.ids))
@@ -278,9 +288,76 @@ impl<R: SqliteRoute> EventStore<R> for SqliteTable<R> {
         if let Some(limit) = filter.limit {
             qb.push(" LIMIT ").push_bind(i64::from(limit));
         }
-        qb.push(") RETURNING id");
+    }
+}
+
+impl<R: SqliteRoute> MaintenanceStore<R> for SqliteTable<R> {
+    async fn list_failed(&self, filter: &RequeueFilter) -> Result<Vec<Event<R>>> {
+        filter.check()?;
+        let mut qb: QueryBuilder<Sqlite> = QueryBuilder::new(R::sql().failed_head);
+        push_failed_filters::<R>(&mut qb, filter);
         let rows = qb.build().fetch_all(&self.pool).await.map_err(storage)?;
+        rows.iter().map(decode).collect()
+    }
+
+    async fn force_unlock_worker(&self, worker: &str, reason: &UnlockReason) -> Result<Vec<Uuid>> {
+        let rows = sqlx::query(R::sql().unlock_worker)
+            .bind(worker.to_string())
+            .bind(reason.last_error())
+            .bind(ts(&time::now()))
+            .fetch_all(&self.pool)
+            .await
+            .map_err(storage)?;
         changed_ids(&rows)
+    }
+
+    async fn count_stale_locks(&self, older_than: Duration) -> Result<u64> {
+        let cutoff = time::now() - chrono_dur(older_than);
+        let n: i64 = sqlx::query_scalar(R::sql().count_stale)
+            .bind(ts(&cutoff))
+            .fetch_one(&self.pool)
+            .await
+            .map_err(storage)?;
+        Ok(n as u64)
+    }
+
+    async fn count_older(&self, status: EventStatus, older_than: Duration) -> Result<u64> {
+        let sql = match status {
+            EventStatus::Completed => R::sql().count_completed_older,
+            EventStatus::Failed => R::sql().count_failed_older,
+            EventStatus::Pending => {
+                return Err(Error::validation(
+                    "status",
+                    "only completed or failed rows age out",
+                ));
+            }
+        };
+        let cutoff = time::now() - chrono_dur(older_than);
+        let n: i64 = sqlx::query_scalar(sql)
+            .bind(ts(&cutoff))
+            .fetch_one(&self.pool)
+            .await
+            .map_err(storage)?;
+        Ok(n as u64)
+    }
+
+    async fn delete_failed(&self, older_than: Duration, batch_size: u32) -> Result<u64> {
+        let cutoff = time::now() - chrono_dur(older_than);
+        Ok(sqlx::query(R::sql().delete_failed)
+            .bind(ts(&cutoff))
+            .bind(i64::from(batch_size.max(1)))
+            .execute(&self.pool)
+            .await
+            .map_err(storage)?
+            .rows_affected())
+    }
+
+    async fn failed_by_event_type(&self) -> Result<Vec<(String, u64)>> {
+        let rows: Vec<(String, i64)> = sqlx::query_as(R::sql().failed_by_type)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(storage)?;
+        Ok(rows.into_iter().map(|(t, n)| (t, n as u64)).collect())
     }
 }
 
@@ -390,6 +467,35 @@ pub async fn insert_inbox(
 }
 
 impl OutboxStore for SqliteTable<OutboxRoute> {
+    async fn blocked_keys(&self, limit: u32) -> Result<Vec<crate::store::BlockedKey>> {
+        let rows = sqlx::query(sql::BLOCKED_KEYS)
+            .bind(i64::from(limit))
+            .fetch_all(&self.pool)
+            .await
+            .map_err(storage)?;
+        rows.iter()
+            .map(|r| {
+                let id: String = r.try_get(2).map_err(storage)?;
+                let at: String = r.try_get(5).map_err(storage)?;
+                Ok(crate::store::BlockedKey {
+                    topic: r.try_get(0).map_err(storage)?,
+                    partition_key: r.try_get(1).map_err(storage)?,
+                    head_id: Uuid::parse_str(&id).map_err(|e| Error::CorruptRow {
+                        id: id.clone(),
+                        message: e.to_string(),
+                    })?,
+                    head_attempts: r.try_get(3).map_err(storage)?,
+                    head_error: r.try_get(4).map_err(storage)?,
+                    head_retry_at: time::parse_stored(&at).map_err(|m| Error::CorruptRow {
+                        id: id.clone(),
+                        message: m,
+                    })?,
+                    waiting: r.try_get::<i64, _>(6).map_err(storage)? as u64,
+                })
+            })
+            .collect()
+    }
+
     async fn create(&self, event: &OutboxEvent) -> Result<Created<OutboxEvent>> {
         let outcome = self.create_many(std::slice::from_ref(event)).await?[0];
         let row = self

@@ -1,0 +1,203 @@
+//! The audit trail: every recorded replay, unlock, stale-lock release and
+//! cleanup, with who, when, what and why (`omnibox audit`).
+
+use serde::Serialize;
+use serde_json::Value;
+use sqlx::Row;
+use uuid::Uuid;
+
+use super::AnyStore;
+use crate::error::{Error, Result, storage};
+use crate::model::{Timestamp, time};
+
+/// One operator action.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct AuditEntry {
+    /// Sequence number (set when stored).
+    pub id: Option<i64>,
+    /// When.
+    #[serde(with = "crate::model::time::serde_ts")]
+    pub at: Timestamp,
+    /// Who: `--actor`, else the OS user.
+    pub actor: String,
+    /// What: `replay`, `unlock`, `unlock-worker`, `release-stale-locks`, `cleanup`.
+    pub action: String,
+    /// Which table (`outbox`, `inbox`), if one.
+    pub table: Option<String>,
+    /// Rows changed.
+    pub count: u64,
+    /// Ids of the rows changed (empty for bulk actions such as cleanup).
+    pub ids: Vec<Uuid>,
+    /// Why, as given.
+    pub reason: Option<String>,
+    /// Anything else worth keeping (the selectors, thresholds).
+    pub details: Value,
+}
+
+impl AuditEntry {
+    /// A new entry stamped now.
+    pub fn new(actor: impl Into<String>, action: impl Into<String>) -> Self {
+        AuditEntry {
+            id: None,
+            at: time::now(),
+            actor: actor.into(),
+            action: action.into(),
+            table: None,
+            count: 0,
+            ids: Vec::new(),
+            reason: None,
+            details: Value::Object(Default::default()),
+        }
+    }
+}
+
+/// Which entries `audit` returns.
+#[derive(Debug, Clone, Default)]
+pub struct AuditFilter {
+    /// Only this action.
+    pub action: Option<String>,
+    /// Only entries at or after this time.
+    pub since: Option<Timestamp>,
+    /// Only entries about this row.
+    pub id: Option<Uuid>,
+    /// Most entries (newest first), default 50.
+    pub limit: Option<u32>,
+}
+
+fn check(entry: &AuditEntry) -> Result<()> {
+    if entry.actor.trim().is_empty() || entry.actor.chars().count() > 255 {
+        return Err(Error::validation("actor", "must be 1..255 characters"));
+    }
+    if entry
+        .reason
+        .as_ref()
+        .is_some_and(|r| r.chars().count() > 1000)
+    {
+        return Err(Error::validation(
+            "reason",
+            "must be at most 1000 characters",
+        ));
+    }
+    Ok(())
+}
+
+impl AnyStore {
+    /// Records an operator action.
+    pub async fn record_audit(&self, entry: &AuditEntry) -> Result<i64> {
+        check(entry)?;
+        let ids = serde_json::to_string(&entry.ids).expect("ids serialise");
+        let details = serde_json::to_string(&entry.details).expect("details serialise");
+        match self {
+            AnyStore::Postgres(s) => sqlx::query_scalar(
+                "INSERT INTO omnibox_audit (at, actor, action, table_name, row_count, ids, reason, details)
+                 VALUES ($1, $2, $3, $4, $5, $6::jsonb, $7, $8::jsonb) RETURNING id",
+            )
+            .bind(entry.at)
+            .bind(&entry.actor)
+            .bind(&entry.action)
+            .bind(&entry.table)
+            .bind(entry.count as i64)
+            .bind(ids)
+            .bind(&entry.reason)
+            .bind(details)
+            .fetch_one(s.pool())
+            .await
+            .map_err(storage),
+            AnyStore::Sqlite(s) => sqlx::query_scalar(
+                "INSERT INTO omnibox_audit (at, actor, action, table_name, row_count, ids, reason, details)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8) RETURNING id",
+            )
+            .bind(time::format(&entry.at))
+            .bind(&entry.actor)
+            .bind(&entry.action)
+            .bind(&entry.table)
+            .bind(entry.count as i64)
+            .bind(ids)
+            .bind(&entry.reason)
+            .bind(details)
+            .fetch_one(s.pool())
+            .await
+            .map_err(storage),
+        }
+    }
+
+    /// Recorded actions, newest first.
+    pub async fn audit(&self, filter: &AuditFilter) -> Result<Vec<AuditEntry>> {
+        let limit = i64::from(filter.limit.unwrap_or(50));
+        let action = filter.action.clone();
+        let id = filter.id.map(|i| i.to_string());
+        match self {
+            AnyStore::Postgres(s) => {
+                let rows = sqlx::query(
+                    "SELECT id, at, actor, action, table_name, row_count, ids::text AS ids, reason, details::text AS details
+                     FROM omnibox_audit
+                     WHERE ($1::text IS NULL OR action = $1)
+                       AND ($2::timestamptz IS NULL OR at >= $2)
+                       AND ($3::text IS NULL OR ids @> jsonb_build_array($3::text))
+                     ORDER BY id DESC LIMIT $4",
+                )
+                .bind(action)
+                .bind(filter.since)
+                .bind(id)
+                .bind(limit)
+                .fetch_all(s.pool())
+                .await
+                .map_err(storage)?;
+                rows.iter()
+                    .map(|r| decode(r, r.try_get("at").map_err(storage)?))
+                    .collect()
+            }
+            AnyStore::Sqlite(s) => {
+                let rows = sqlx::query(
+                    "SELECT id, at, actor, action, table_name, row_count, ids, reason, details
+                     FROM omnibox_audit
+                     WHERE (?1 IS NULL OR action = ?1)
+                       AND (?2 IS NULL OR at >= ?2)
+                       AND (?3 IS NULL OR EXISTS (SELECT 1 FROM json_each(ids) WHERE value = ?3))
+                     ORDER BY id DESC LIMIT ?4",
+                )
+                .bind(action)
+                .bind(filter.since.map(|t| time::format(&t)))
+                .bind(id)
+                .bind(limit)
+                .fetch_all(s.pool())
+                .await
+                .map_err(storage)?;
+                rows.iter()
+                    .map(|r| {
+                        let at: String = r.try_get("at").map_err(storage)?;
+                        let at = time::parse_stored(&at).map_err(|m| Error::CorruptRow {
+                            id: "audit".into(),
+                            message: m,
+                        })?;
+                        decode(r, at)
+                    })
+                    .collect()
+            }
+        }
+    }
+}
+
+fn decode<R: Row>(r: &R, at: Timestamp) -> Result<AuditEntry>
+where
+    for<'a> &'a str: sqlx::ColumnIndex<R>,
+    for<'a> i64: sqlx::Decode<'a, R::Database> + sqlx::Type<R::Database>,
+    for<'a> String: sqlx::Decode<'a, R::Database> + sqlx::Type<R::Database>,
+    for<'a> Option<String>: sqlx::Decode<'a, R::Database>,
+{
+    let ids: String = r.try_get("ids").map_err(storage)?;
+    let details: Option<String> = r.try_get("details").map_err(storage)?;
+    Ok(AuditEntry {
+        id: Some(r.try_get("id").map_err(storage)?),
+        at,
+        actor: r.try_get("actor").map_err(storage)?,
+        action: r.try_get("action").map_err(storage)?,
+        table: r.try_get("table_name").map_err(storage)?,
+        count: r.try_get::<i64, _>("row_count").map_err(storage)? as u64,
+        ids: serde_json::from_str(&ids).unwrap_or_default(),
+        reason: r.try_get("reason").map_err(storage)?,
+        details: details
+            .and_then(|d| serde_json::from_str(&d).ok())
+            .unwrap_or(Value::Null),
+    })
+}
