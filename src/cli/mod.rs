@@ -10,18 +10,26 @@ use clap::{Args, Parser, Subcommand};
 use omnibox::store::{AnyStore, StoreOptions, redact_url};
 
 mod args;
+mod audit;
+mod cleanup;
+mod completions;
 mod config;
 mod demo;
 mod enqueue;
 mod env;
+mod failures;
 mod inbox;
 mod list;
 mod migrate;
 mod output;
 mod publish;
+mod release_stale_locks;
+mod replay;
+mod safety;
 mod show;
 mod signals;
 mod status;
+mod unlock;
 
 use output::Format;
 
@@ -104,6 +112,15 @@ enum Command {
     Status(status::StatusArgs),
     List(list::ListArgs),
     Show(show::ShowArgs),
+    Replay(Box<replay::ReplayArgs>),
+    Failures(failures::FailuresArgs),
+    Unlock(unlock::UnlockArgs),
+    ReleaseStaleLocks(release_stale_locks::ReleaseArgs),
+    Cleanup(cleanup::CleanupArgs),
+    Audit(audit::AuditArgs),
+    Completions(completions::CompletionsArgs),
+    #[command(hide = true)]
+    Generate(completions::GenerateArgs),
 }
 
 /// What a command hands back: its exit status.
@@ -113,6 +130,8 @@ pub enum ExitStatus {
     Success,
     /// 1: the command ran and the answer is "no".
     No,
+    /// 3: partially done (some rows changed concurrently).
+    Partial,
 }
 
 /// An error in what the user asked for: exit 2, nothing changed.
@@ -198,6 +217,14 @@ pub fn main() -> ExitCode {
             Command::Status(args) => status::run(args, &ctx).await,
             Command::List(args) => list::run(args, &ctx).await,
             Command::Show(args) => show::run(args, &ctx).await,
+            Command::Replay(args) => replay::run(*args, &ctx).await,
+            Command::Failures(args) => failures::run(args, &ctx).await,
+            Command::Unlock(args) => unlock::run(args, &ctx).await,
+            Command::ReleaseStaleLocks(args) => release_stale_locks::run(args, &ctx).await,
+            Command::Cleanup(args) => cleanup::run(args, &ctx).await,
+            Command::Audit(args) => audit::run(args, &ctx).await,
+            Command::Completions(args) => completions::run(args, &ctx).await,
+            Command::Generate(args) => completions::run_generate(args, &ctx).await,
             Command::Publish(args) => publish::run_publish(*args, &ctx).await,
             Command::Inbox(args) => inbox::run(args, &ctx).await,
             Command::Demo(args) => demo::run(args, &ctx).await,
@@ -206,6 +233,7 @@ pub fn main() -> ExitCode {
     match result {
         Ok(ExitStatus::Success) => ExitCode::SUCCESS,
         Ok(ExitStatus::No) => ExitCode::from(1),
+        Ok(ExitStatus::Partial) => ExitCode::from(3),
         Err(e) => report(&e, color),
     }
 }

@@ -1,0 +1,240 @@
+//! `omnibox cleanup`: delete completed (and optionally failed) rows past retention.
+
+use std::io::IsTerminal;
+use std::time::Duration;
+
+use anyhow::Result;
+use clap::Args;
+use omnibox::store::audit::AuditEntry;
+use omnibox::{EventStatus, EventStore, MaintenanceStore, Table};
+use serde_json::json;
+
+use super::list::TableArg;
+use super::output::{self, Format, human_duration};
+use super::safety::SafetyArgs;
+use super::{Context, ExitStatus, UsageError, args};
+
+/// Delete completed rows past their retention, in bounded batches
+///
+/// Deletes completed rows completed more than --older-than ago, --batch-size
+/// rows per statement, at most --max-iterations statements per table (so a
+/// cron run is bounded); on PostgreSQL rows in use are skipped, so two crons
+/// at once are safe. With --include-failed, failed rows that failed more than
+/// --failed-older-than ago go too. On the inbox, a retention shorter than
+/// --dedup-window is refused: deleting inbox rows early lets a redelivered
+/// message through as new.
+///
+/// Examples:
+///   omnibox cleanup --older-than 7d --dry-run
+///   omnibox cleanup --older-than 7d --include-failed --failed-older-than 30d --yes
+///   # crontab: 17 3 * * * omnibox cleanup --older-than 7d --yes --quiet
+#[derive(Debug, Args)]
+#[command(verbatim_doc_comment)]
+pub struct CleanupArgs {
+    /// Keep completed rows for this long
+    #[arg(long, value_parser = args::duration, value_name = "DURATION")]
+    older_than: Duration,
+    /// Also delete failed rows
+    #[arg(long)]
+    include_failed: bool,
+    /// With --include-failed: keep failed rows for this long
+    #[arg(long, default_value = "30d", value_parser = args::duration, value_name = "DURATION")]
+    failed_older_than: Duration,
+    /// Only this table [default: both]
+    #[arg(long, value_enum)]
+    table: Option<TableArg>,
+    /// Rows per DELETE statement
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    batch_size: u32,
+    /// Statements per table and kind, at most
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..))]
+    max_iterations: u32,
+    /// The inbox's deduplication window: its rows are kept at least this long
+    #[arg(long, default_value = "7d", value_parser = args::duration, value_name = "DURATION")]
+    dedup_window: Duration,
+    #[command(flatten)]
+    safety: SafetyArgs,
+}
+
+#[derive(Debug, Default, serde::Serialize)]
+struct Counts {
+    table: String,
+    completed: u64,
+    failed: u64,
+    bounded: bool,
+}
+
+pub async fn run(args: CleanupArgs, ctx: &Context) -> Result<ExitStatus> {
+    let tables: Vec<Table> = match args.table {
+        Some(t) => vec![Table::from(t)],
+        None => vec![Table::Outbox, Table::Inbox],
+    };
+    if tables.contains(&Table::Inbox) {
+        let shortest = if args.include_failed {
+            args.older_than.min(args.failed_older_than)
+        } else {
+            args.older_than
+        };
+        if shortest < args.dedup_window {
+            return Err(UsageError(format!(
+                "refusing to delete inbox rows younger than the deduplication window ({}): a redelivered message would be stored again as new; use a retention of at least {} (or --table outbox)",
+                human_duration(args.dedup_window),
+                human_duration(args.dedup_window)
+            ))
+            .into());
+        }
+    }
+    let store = ctx.store().await?;
+    let mut plan = Vec::new();
+    for t in &tables {
+        let (c, f) = match t {
+            Table::Outbox => (
+                store
+                    .outbox()
+                    .count_older(EventStatus::Completed, args.older_than)
+                    .await?,
+                if args.include_failed {
+                    store
+                        .outbox()
+                        .count_older(EventStatus::Failed, args.failed_older_than)
+                        .await?
+                } else {
+                    0
+                },
+            ),
+            Table::Inbox => (
+                store
+                    .inbox()
+                    .count_older(EventStatus::Completed, args.older_than)
+                    .await?,
+                if args.include_failed {
+                    store
+                        .inbox()
+                        .count_older(EventStatus::Failed, args.failed_older_than)
+                        .await?
+                } else {
+                    0
+                },
+            ),
+        };
+        plan.push(Counts {
+            table: t.to_string(),
+            completed: c,
+            failed: f,
+            bounded: false,
+        });
+    }
+    let total: u64 = plan.iter().map(|c| c.completed + c.failed).sum();
+    if args.safety.dry_run || total == 0 {
+        return report(ctx, &plan, true);
+    }
+    if !args.safety.confirm(&format!("delete {total} row(s)"))? {
+        eprintln!("omnibox: nothing changed");
+        return Ok(ExitStatus::No);
+    }
+    let bar =
+        (!ctx.quiet && std::io::stderr().is_terminal()).then(|| indicatif::ProgressBar::new(total));
+    let mut done = Vec::new();
+    for t in &tables {
+        let mut counts = Counts {
+            table: t.to_string(),
+            ..Counts::default()
+        };
+        for (status, older_than) in [
+            (EventStatus::Completed, args.older_than),
+            (EventStatus::Failed, args.failed_older_than),
+        ] {
+            if status == EventStatus::Failed && !args.include_failed {
+                continue;
+            }
+            let mut iterations = 0;
+            loop {
+                if iterations >= args.max_iterations {
+                    counts.bounded = true;
+                    break;
+                }
+                let n = match (t, status) {
+                    (Table::Outbox, EventStatus::Completed) => {
+                        store
+                            .outbox()
+                            .delete_completed(older_than, args.batch_size)
+                            .await?
+                    }
+                    (Table::Outbox, _) => {
+                        store
+                            .outbox()
+                            .delete_failed(older_than, args.batch_size)
+                            .await?
+                    }
+                    (Table::Inbox, EventStatus::Completed) => {
+                        store
+                            .inbox()
+                            .delete_completed(older_than, args.batch_size)
+                            .await?
+                    }
+                    (Table::Inbox, _) => {
+                        store
+                            .inbox()
+                            .delete_failed(older_than, args.batch_size)
+                            .await?
+                    }
+                };
+                iterations += 1;
+                if let Some(b) = &bar {
+                    b.inc(n);
+                }
+                match status {
+                    EventStatus::Completed => counts.completed += n,
+                    _ => counts.failed += n,
+                }
+                if n == 0 {
+                    break;
+                }
+            }
+        }
+        if counts.completed + counts.failed > 0 {
+            let mut entry = AuditEntry::new(args.safety.actor(), "cleanup");
+            entry.table = Some(t.to_string());
+            entry.count = counts.completed + counts.failed;
+            entry.details = json!({
+                "completed": counts.completed, "failed": counts.failed,
+                "older_than_seconds": args.older_than.as_secs_f64(),
+                "failed_older_than_seconds": args.include_failed.then_some(args.failed_older_than.as_secs_f64()),
+                "stopped_at_max_iterations": counts.bounded,
+            });
+            store.record_audit(&entry).await?;
+        }
+        done.push(counts);
+    }
+    if let Some(b) = bar {
+        b.finish_and_clear();
+    }
+    report(ctx, &done, false)?;
+    if done.iter().any(|c| c.bounded) {
+        eprintln!("omnibox: stopped at --max-iterations; rows past retention remain (run again)");
+    }
+    Ok(ExitStatus::Success)
+}
+
+fn report(ctx: &Context, counts: &[Counts], dry_run: bool) -> Result<ExitStatus> {
+    match ctx.format() {
+        Format::Json => output::json(&json!({"dry_run": dry_run, "tables": counts}))?,
+        Format::Table => {
+            let (c, f) = if dry_run {
+                ("completed to delete", "failed to delete")
+            } else {
+                ("completed deleted", "failed deleted")
+            };
+            let mut t = output::table(["table", c, f]);
+            for x in counts {
+                t.add_row(vec![
+                    x.table.clone(),
+                    x.completed.to_string(),
+                    x.failed.to_string(),
+                ]);
+            }
+            output::line(t)?;
+        }
+    }
+    Ok(ExitStatus::Success)
+}

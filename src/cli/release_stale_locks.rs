@@ -1,0 +1,122 @@
+//! `omnibox release-stale-locks`.
+
+use std::time::Duration;
+
+use anyhow::Result;
+use clap::Args;
+use omnibox::store::audit::AuditEntry;
+use omnibox::{EventStore, MaintenanceStore, Table};
+use serde_json::json;
+
+use super::list::TableArg;
+use super::output::{self, Format, human_duration};
+use super::safety::SafetyArgs;
+use super::{Context, ExitStatus, args};
+
+/// Unlock rows whose lock is older than a threshold (their worker is gone)
+///
+/// Batched; on PostgreSQL rows being changed by others are skipped (SKIP
+/// LOCKED), so it is safe to run beside live relays. The rows become
+/// claimable again; nothing else changes. Recorded in the audit trail.
+///
+/// Examples:
+///   omnibox release-stale-locks --older-than 5m --dry-run
+///   omnibox release-stale-locks --older-than 10m --yes        # from cron
+#[derive(Debug, Args)]
+#[command(verbatim_doc_comment)]
+pub struct ReleaseArgs {
+    /// Locks older than this are stale
+    #[arg(long, default_value = "5m", value_parser = args::duration, value_name = "DURATION")]
+    older_than: Duration,
+    /// Only this table [default: both]
+    #[arg(long, value_enum)]
+    table: Option<TableArg>,
+    /// Rows per statement
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    batch_size: u32,
+    #[command(flatten)]
+    safety: SafetyArgs,
+}
+
+pub async fn run(args: ReleaseArgs, ctx: &Context) -> Result<ExitStatus> {
+    let store = ctx.store().await?;
+    let tables: Vec<Table> = match args.table {
+        Some(t) => vec![Table::from(t)],
+        None => vec![Table::Outbox, Table::Inbox],
+    };
+    let mut counts = Vec::new();
+    for t in &tables {
+        let n = match t {
+            Table::Outbox => store.outbox().count_stale_locks(args.older_than).await?,
+            Table::Inbox => store.inbox().count_stale_locks(args.older_than).await?,
+        };
+        counts.push((*t, n));
+    }
+    let total: u64 = counts.iter().map(|(_, n)| n).sum();
+    if args.safety.dry_run || total == 0 {
+        return report(
+            ctx,
+            &counts,
+            args.safety.dry_run || total == 0,
+            args.older_than,
+        );
+    }
+    if !args.safety.confirm(&format!(
+        "release {total} lock(s) older than {}",
+        human_duration(args.older_than)
+    ))? {
+        eprintln!("omnibox: nothing changed");
+        return Ok(ExitStatus::No);
+    }
+    let mut released = Vec::new();
+    for t in &tables {
+        let n = match t {
+            Table::Outbox => {
+                store
+                    .outbox()
+                    .release_stale_locks(args.older_than, args.batch_size)
+                    .await?
+            }
+            Table::Inbox => {
+                store
+                    .inbox()
+                    .release_stale_locks(args.older_than, args.batch_size)
+                    .await?
+            }
+        };
+        if n > 0 {
+            let mut entry = AuditEntry::new(args.safety.actor(), "release-stale-locks");
+            entry.table = Some(t.to_string());
+            entry.count = n;
+            entry.details = json!({"older_than_seconds": args.older_than.as_secs_f64()});
+            store.record_audit(&entry).await?;
+        }
+        released.push((*t, n));
+    }
+    report(ctx, &released, false, args.older_than)?;
+    Ok(ExitStatus::Success)
+}
+
+fn report(
+    ctx: &Context,
+    counts: &[(Table, u64)],
+    dry_run: bool,
+    older_than: Duration,
+) -> Result<ExitStatus> {
+    match ctx.format() {
+        Format::Json => output::json(&json!({
+            "dry_run": dry_run,
+            "older_than_seconds": older_than.as_secs_f64(),
+            "tables": counts.iter().map(|(t, n)| json!({"table": t, "released": n})).collect::<Vec<_>>(),
+        }))?,
+        Format::Table => {
+            let verb = if dry_run { "would release" } else { "released" };
+            let mut t = output::table(["table", verb]);
+            for (table, n) in counts {
+                t.add_row(vec![table.to_string(), n.to_string()]);
+            }
+            output::line(t)?;
+        }
+    }
+    Ok(ExitStatus::Success)
+}

@@ -1,0 +1,213 @@
+//! `omnibox replay`: failed rows back to pending.
+
+use std::time::Duration;
+
+use anyhow::Result;
+use clap::Args;
+use omnibox::store::audit::AuditEntry;
+use omnibox::store::{AnyStore, fingerprint};
+use omnibox::{Event, MaintenanceStore, RequeueFilter, Route, Table, Timestamp, time};
+use serde_json::json;
+use uuid::Uuid;
+
+use super::list::TableArg;
+use super::output::{self, Format, ellipsize};
+use super::safety::SafetyArgs;
+use super::{Context, ExitStatus, UsageError, args};
+
+/// Put failed events back to pending (attempts reset, error cleared, due now)
+///
+/// Select rows with at least one selector, or --all. --dry-run lists what
+/// would change. --rate spreads a large replay over time so that it does not
+/// flood the broker. Every replay is recorded in the audit trail (omnibox audit).
+///
+/// Examples:
+///   omnibox replay --event-type order.created --since 2h --dry-run
+///   omnibox replay --group 3fa2b91c0d4e --reason "schema fixed in v2.3" --yes
+///   omnibox replay --table inbox --source billing --error-contains timeout --rate 100
+///   omnibox replay --id 0190f1d2-7a3b-7cde-8f00-123456789abc --reason "retry by hand"
+#[derive(Debug, Args)]
+#[command(verbatim_doc_comment)]
+pub struct ReplayArgs {
+    /// Which table
+    #[arg(long, value_enum, default_value_t = TableArg::Outbox)]
+    table: TableArg,
+    /// This row (repeatable)
+    #[arg(long = "id", value_name = "UUID", value_parser = args::uuid)]
+    ids: Vec<Uuid>,
+    /// Rows of this event type
+    #[arg(long, value_name = "TYPE")]
+    event_type: Option<String>,
+    /// Rows of this topic (outbox) or source (inbox)
+    #[arg(long, alias = "source", value_name = "NAME")]
+    topic: Option<String>,
+    /// Rows whose last error contains this text
+    #[arg(long, value_name = "TEXT")]
+    error_contains: Option<String>,
+    /// Rows of this failure group (see omnibox failures)
+    #[arg(long, value_name = "FINGERPRINT")]
+    group: Option<String>,
+    /// Rows that failed at or after this time (RFC 3339, or a duration ago such as 2h)
+    #[arg(long, value_parser = args::since, value_name = "TIME")]
+    since: Option<Timestamp>,
+    /// Rows that failed before this time
+    #[arg(long, value_parser = args::since, value_name = "TIME")]
+    until: Option<Timestamp>,
+    /// Every failed row (explicitly)
+    #[arg(long)]
+    all: bool,
+    /// At most this many rows
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+    limit: Option<u32>,
+    /// At most this many rows per second
+    #[arg(long, value_name = "ROWS_PER_SECOND", value_parser = clap::value_parser!(u32).range(1..))]
+    rate: Option<u32>,
+    /// Why (recorded in the audit trail)
+    #[arg(long, value_name = "TEXT")]
+    reason: Option<String>,
+    #[command(flatten)]
+    safety: SafetyArgs,
+}
+
+pub async fn run(args: ReplayArgs, ctx: &Context) -> Result<ExitStatus> {
+    let filter = RequeueFilter {
+        ids: args.ids.clone(),
+        event_type: args.event_type.clone(),
+        topic: args.topic.clone(),
+        error_contains: args.error_contains.clone(),
+        since: args.since,
+        until: args.until,
+        all: args.all,
+        limit: None,
+    };
+    if filter.selects_nothing() && args.group.is_none() && !args.all {
+        return Err(UsageError(
+            "replay needs a selector: --id, --event-type, --topic/--source, --error-contains, --group, --since/--until, or --all"
+                .into(),
+        )
+        .into());
+    }
+    let store = ctx.store().await?;
+    match Table::from(args.table) {
+        Table::Outbox => replay(&store.outbox(), &store, &args, filter, ctx).await,
+        Table::Inbox => replay(&store.inbox(), &store, &args, filter, ctx).await,
+    }
+}
+
+async fn replay<R, S>(
+    table: &S,
+    store: &AnyStore,
+    args: &ReplayArgs,
+    mut filter: RequeueFilter,
+    ctx: &Context,
+) -> Result<ExitStatus>
+where
+    R: Route + serde::Serialize,
+    S: MaintenanceStore<R>,
+{
+    // What the selectors pick, in insertion order.
+    let mut list_filter = filter.clone();
+    list_filter.all = true;
+    let mut rows: Vec<Event<R>> = table.list_failed(&list_filter).await?;
+    if let Some(group) = &args.group {
+        rows.retain(|e| {
+            fingerprint::fingerprint(e.event_type(), e.last_error().unwrap_or("")) == *group
+        });
+    }
+    if let Some(limit) = args.limit {
+        rows.truncate(limit as usize);
+    }
+    let ids: Vec<Uuid> = rows.iter().map(|e| e.id()).collect();
+    let table_name = R::TABLE.to_string();
+    if args.safety.dry_run || ids.is_empty() {
+        print(ctx, &table_name, &rows, args.safety.dry_run, 0)?;
+        return Ok(ExitStatus::Success);
+    }
+    if !args.safety.confirm(&format!(
+        "replay {} failed {table_name} event(s)",
+        ids.len()
+    ))? {
+        eprintln!("omnibox: nothing changed");
+        return Ok(ExitStatus::No);
+    }
+    // Requeue by id, in chunks paced by --rate.
+    let chunk = args.rate.map_or(ids.len(), |r| r as usize).max(1);
+    let mut done: Vec<Uuid> = Vec::with_capacity(ids.len());
+    for (n, part) in ids.chunks(chunk).enumerate() {
+        if n > 0 {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+        filter = RequeueFilter {
+            ids: part.to_vec(),
+            ..RequeueFilter::default()
+        };
+        done.extend(table.requeue_failed(&filter).await?);
+    }
+    let mut entry = AuditEntry::new(args.safety.actor(), "replay");
+    entry.table = Some(table_name.clone());
+    entry.count = done.len() as u64;
+    entry.ids = done.clone();
+    entry.reason = args.reason.clone();
+    entry.details = json!({
+        "event_type": args.event_type, "topic": args.topic, "error_contains": args.error_contains,
+        "group": args.group, "since": args.since.map(|t| time::format(&t)), "until": args.until.map(|t| time::format(&t)),
+        "all": args.all, "limit": args.limit, "rate": args.rate, "selected": ids.len(),
+    });
+    store.record_audit(&entry).await?;
+    let replayed: Vec<Event<R>> = rows
+        .into_iter()
+        .filter(|e| done.contains(&e.id()))
+        .collect();
+    print(ctx, &table_name, &replayed, false, ids.len())?;
+    if done.len() < ids.len() {
+        eprintln!(
+            "omnibox: {} of {} selected rows changed meanwhile (no longer failed) and were left alone",
+            ids.len() - done.len(),
+            ids.len()
+        );
+        return Ok(ExitStatus::Partial);
+    }
+    Ok(ExitStatus::Success)
+}
+
+fn print<R: Route + serde::Serialize>(
+    ctx: &Context,
+    table: &str,
+    rows: &[Event<R>],
+    dry_run: bool,
+    selected: usize,
+) -> Result<()> {
+    match ctx.format() {
+        Format::Json => output::json(&json!({
+            "table": table,
+            "dry_run": dry_run,
+            "replayed": if dry_run { 0 } else { rows.len() },
+            "selected": if dry_run { rows.len() } else { selected },
+            "ids": rows.iter().map(|e| e.id()).collect::<Vec<_>>(),
+        })),
+        Format::Table => {
+            if rows.is_empty() {
+                return output::line("No failed events match.");
+            }
+            let mut t = output::table(["id", "event type", "attempts", "failed at", "last error"]);
+            for e in rows {
+                t.add_row(vec![
+                    e.id().to_string(),
+                    e.event_type().to_string(),
+                    format!("{}/{}", e.attempts_made(), e.max_attempts()),
+                    time::format(&e.updated_at()),
+                    ellipsize(e.last_error().unwrap_or("-"), 60),
+                ]);
+            }
+            output::line(t)?;
+            if dry_run {
+                output::line(format!(
+                    "Dry run: {} {table} event(s) would be replayed; nothing changed.",
+                    rows.len()
+                ))
+            } else {
+                output::line(format!("Replayed {} {table} event(s).", rows.len()))
+            }
+        }
+    }
+}

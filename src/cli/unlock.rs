@@ -1,0 +1,214 @@
+//! `omnibox unlock`: force-unlock a row, or every row of a dead worker.
+
+use anyhow::Result;
+use clap::Args;
+use omnibox::store::audit::AuditEntry;
+use omnibox::{EventStore, MaintenanceStore, Table, UnlockReason, WorkerId};
+use serde_json::json;
+use uuid::Uuid;
+
+use super::list::TableArg;
+use super::output::{self, Format};
+use super::safety::SafetyArgs;
+use super::{Context, ExitStatus, UsageError, args};
+
+/// Force-unlock one event, or every event a dead worker holds
+///
+/// The lock is cleared whoever holds it and `Force unlock: <reason>` is
+/// recorded in last_error; the old holder can no longer write its result
+/// (its claim token no longer matches). Recorded in the audit trail.
+///
+/// Examples:
+///   omnibox unlock 0190f1d2-7a3b-7cde-8f00-123456789abc --reason "relay on host-3 was OOM-killed"
+///   omnibox unlock --worker host-3:4121 --reason "host-3 decommissioned" --yes
+#[derive(Debug, Args)]
+#[command(verbatim_doc_comment)]
+pub struct UnlockArgs {
+    /// The event to unlock
+    #[arg(value_parser = args::uuid, required_unless_present = "worker", conflicts_with = "worker")]
+    id: Option<Uuid>,
+    /// Unlock every event locked by this worker instead
+    #[arg(long, value_name = "WORKER", value_parser = args::worker)]
+    worker: Option<WorkerId>,
+    /// Why (1..255 characters; recorded in last_error and the audit trail)
+    #[arg(long, value_name = "TEXT")]
+    reason: Option<String>,
+    /// Which table [default: the one holding the id; both for --worker]
+    #[arg(long, value_enum)]
+    table: Option<TableArg>,
+    #[command(flatten)]
+    safety: SafetyArgs,
+}
+
+pub async fn run(args: UnlockArgs, ctx: &Context) -> Result<ExitStatus> {
+    let Some(reason) = args.reason.as_deref() else {
+        return Err(UsageError(
+            "unlock needs --reason TEXT: say why, e.g. --reason \"worker host-3 died\"".into(),
+        )
+        .into());
+    };
+    let reason = UnlockReason::new(reason)?;
+    let store = ctx.store().await?;
+    let tables: Vec<Table> = match args.table {
+        Some(t) => vec![Table::from(t)],
+        None => vec![Table::Outbox, Table::Inbox],
+    };
+    let mut changed: Vec<(Table, Vec<Uuid>)> = Vec::new();
+    if let Some(id) = args.id {
+        let mut found = None;
+        for t in &tables {
+            let locked_by = match t {
+                Table::Outbox => store
+                    .outbox()
+                    .get(id)
+                    .await?
+                    .map(|e| e.locked_by().map(str::to_string)),
+                Table::Inbox => store
+                    .inbox()
+                    .get(id)
+                    .await?
+                    .map(|e| e.locked_by().map(str::to_string)),
+            };
+            if let Some(l) = locked_by {
+                found = Some((*t, l));
+                break;
+            }
+        }
+        let Some((table, locked_by)) = found else {
+            eprintln!(
+                "omnibox: no event {id} in {}",
+                tables
+                    .iter()
+                    .map(|t| t.to_string())
+                    .collect::<Vec<_>>()
+                    .join(" or ")
+            );
+            return Ok(ExitStatus::No);
+        };
+        let Some(holder) = locked_by else {
+            eprintln!("omnibox: event {id} is not locked; nothing to do");
+            return Ok(ExitStatus::No);
+        };
+        if args.safety.dry_run {
+            report(ctx, &[(table, vec![id])], true)?;
+            eprintln!("omnibox: dry run: would unlock {id} (held by {holder}); nothing changed");
+            return Ok(ExitStatus::Success);
+        }
+        if !args
+            .safety
+            .confirm(&format!("unlock {table} event {id} held by {holder}"))?
+        {
+            eprintln!("omnibox: nothing changed");
+            return Ok(ExitStatus::No);
+        }
+        let result = match table {
+            Table::Outbox => store.outbox().force_unlock(id, &reason).await.map(|_| ()),
+            Table::Inbox => store.inbox().force_unlock(id, &reason).await.map(|_| ()),
+        };
+        match result {
+            Ok(()) => changed.push((table, vec![id])),
+            Err(omnibox::Error::NotLocked { .. }) => {
+                eprintln!("omnibox: event {id} was unlocked meanwhile; nothing changed");
+                return Ok(ExitStatus::Partial);
+            }
+            Err(e) => return Err(e.into()),
+        }
+    } else if let Some(worker) = &args.worker {
+        if args.safety.dry_run {
+            let mut would = Vec::new();
+            for t in &tables {
+                let rows = match t {
+                    Table::Outbox => store
+                        .outbox()
+                        .list(&omnibox::ListFilter {
+                            limit: Some(100_000),
+                            ..Default::default()
+                        })
+                        .await?
+                        .into_iter()
+                        .filter(|e| e.locked_by() == Some(worker.as_str()))
+                        .map(|e| e.id())
+                        .collect(),
+                    Table::Inbox => store
+                        .inbox()
+                        .list(&omnibox::ListFilter {
+                            limit: Some(100_000),
+                            ..Default::default()
+                        })
+                        .await?
+                        .into_iter()
+                        .filter(|e| e.locked_by() == Some(worker.as_str()))
+                        .map(|e| e.id())
+                        .collect(),
+                };
+                would.push((*t, rows));
+            }
+            report(ctx, &would, true)?;
+            return Ok(ExitStatus::Success);
+        }
+        if !args
+            .safety
+            .confirm(&format!("unlock every event held by {worker}"))?
+        {
+            eprintln!("omnibox: nothing changed");
+            return Ok(ExitStatus::No);
+        }
+        for t in &tables {
+            let ids = match t {
+                Table::Outbox => {
+                    store
+                        .outbox()
+                        .force_unlock_worker(worker.as_str(), &reason)
+                        .await?
+                }
+                Table::Inbox => {
+                    store
+                        .inbox()
+                        .force_unlock_worker(worker.as_str(), &reason)
+                        .await?
+                }
+            };
+            changed.push((*t, ids));
+        }
+    }
+    for (table, ids) in &changed {
+        if ids.is_empty() {
+            continue;
+        }
+        let mut entry = AuditEntry::new(
+            args.safety.actor(),
+            if args.worker.is_some() {
+                "unlock-worker"
+            } else {
+                "unlock"
+            },
+        );
+        entry.table = Some(table.to_string());
+        entry.count = ids.len() as u64;
+        entry.ids = ids.clone();
+        entry.reason = Some(reason.as_str().to_string());
+        entry.details = json!({"worker": args.worker.as_ref().map(|w| w.as_str())});
+        store.record_audit(&entry).await?;
+    }
+    report(ctx, &changed, false)?;
+    Ok(ExitStatus::Success)
+}
+
+fn report(ctx: &Context, changed: &[(Table, Vec<Uuid>)], dry_run: bool) -> Result<()> {
+    match ctx.format() {
+        Format::Json => output::json(&json!({
+            "dry_run": dry_run,
+            "tables": changed.iter().map(|(t, ids)| json!({"table": t, "unlocked": ids.len(), "ids": ids})).collect::<Vec<_>>(),
+        })),
+        Format::Table => {
+            let verb = if dry_run { "Would unlock" } else { "Unlocked" };
+            for (t, ids) in changed {
+                output::line(format!("{verb} {} {t} event(s).", ids.len()))?;
+                for id in ids.iter().take(20) {
+                    output::line(format!("  {id}"))?;
+                }
+            }
+            Ok(())
+        }
+    }
+}
