@@ -70,6 +70,7 @@ macro_rules! snap {
                 (r"\b\d+ms\b|\b\d+s\b|\b\d+m \d+s\b", "[AGE]"),
                 (r#""oldest_pending_age_seconds": [0-9.e-]+"#, r#""oldest_pending_age_seconds": [AGE]"#),
                 (r"omnibox \d+\.\d+\.\d+", "omnibox [VERSION]"),
+                (r"\b[0-9a-f]{12}\b", "ffffffffffff"),
             ],
             prepend_module_to_snapshot => false,
         }, {
@@ -482,4 +483,158 @@ fn postgres_enqueue_and_status() {
             .await
             .unwrap();
     });
+}
+
+/// The operations commands' human and JSON output and their errors.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operations_output() {
+    use omnibox::{
+        ClaimOptions, DomainService, EventStore, Failure, NewOutboxEvent, OutboxStore, WorkerId,
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let url = format!("sqlite://{}", d.join("omnibox.db").display());
+    {
+        let store = omnibox::store::SqliteStore::connect(&url).await.unwrap();
+        store.migrate().await.unwrap();
+        let outbox = store.outbox();
+        let events: Vec<_> = (0..3)
+            .map(|i| {
+                let mut n = NewOutboxEvent::new(
+                    "order",
+                    uuid::Uuid::now_v7(),
+                    if i == 2 {
+                        "order.refunded"
+                    } else {
+                        "order.created"
+                    },
+                    "orders",
+                    format!("order-{i}"),
+                    serde_json::json!({"n": i}),
+                );
+                n.max_attempts = Some(1);
+                DomainService::default().create_outbox_event(n).unwrap()
+            })
+            .collect();
+        outbox.create_many(&events).await.unwrap();
+        let c = outbox
+            .claim(&ClaimOptions::new(WorkerId::new("relay-1").unwrap(), 10))
+            .await
+            .unwrap();
+        let failures: Vec<_> = c
+            .events
+            .iter()
+            .map(|e| {
+                Failure::counted(
+                    e.id(),
+                    "broker rejected the record: Message size too large",
+                    omnibox::time::now(),
+                )
+            })
+            .collect();
+        outbox.fail(&c.token, &failures).await.unwrap();
+    }
+    let env = [("OMNIBOX_DATABASE_URL", url.as_str()), ("USER", "oncall")];
+    let run = |args: &[&str]| omnibox(d, args, None, &env);
+    snap!("ops_failures", run(&["failures"]));
+    snap!("ops_failures_json", run(&["failures", "--format", "json"]));
+    snap!("ops_replay_dry_run", run(&["replay", "--all", "--dry-run"]));
+    snap!("ops_replay_no_selector", run(&["replay"]));
+    snap!(
+        "ops_replay_no_yes",
+        run(&["replay", "--event-type", "order.created"])
+    );
+    snap!(
+        "ops_replay",
+        run(&[
+            "replay",
+            "--event-type",
+            "order.created",
+            "--reason",
+            "size limit raised",
+            "--yes"
+        ])
+    );
+    snap!(
+        "ops_status_check",
+        run(&["status", "--check", "--max-failed", "0"])
+    );
+    snap!(
+        "ops_unlock_no_reason",
+        run(&["unlock", "0190f1d2-7a3b-7cde-8f00-123456789abc"])
+    );
+    snap!(
+        "ops_unlock_missing",
+        run(&[
+            "unlock",
+            "0190f1d2-7a3b-7cde-8f00-123456789abc",
+            "--reason",
+            "x",
+            "--yes"
+        ])
+    );
+    snap!(
+        "ops_release_dry_run",
+        run(&["release-stale-locks", "--older-than", "5m", "--dry-run"])
+    );
+    snap!(
+        "ops_cleanup_guard",
+        run(&["cleanup", "--older-than", "1d", "--yes"])
+    );
+    snap!(
+        "ops_cleanup_dry_run",
+        run(&[
+            "cleanup",
+            "--older-than",
+            "7d",
+            "--dry-run",
+            "--format",
+            "json"
+        ])
+    );
+    snap!("ops_audit", run(&["audit"]));
+    snap!("ops_audit_json", run(&["audit", "--format", "json"]));
+}
+
+/// completions/ and man/ are what the clap definition generates today.
+#[test]
+fn completions_and_man_pages_are_current() {
+    let dir = tempfile::tempdir().unwrap();
+    let r = run(dir.path(), &["generate", "--out", "."]);
+    assert_eq!(r.code, 0, "{}", r.render());
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
+    for sub in ["completions", "man"] {
+        let fresh: Vec<_> = std::fs::read_dir(dir.path().join(sub))
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        let committed: Vec<_> = std::fs::read_dir(repo.join(sub))
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        let mut a = fresh.clone();
+        let mut b = committed.clone();
+        a.sort();
+        b.sort();
+        assert_eq!(
+            a, b,
+            "{sub}/ files differ: run `cargo run -- generate --out .` and commit"
+        );
+        for name in fresh {
+            let new = std::fs::read(dir.path().join(sub).join(&name)).unwrap();
+            let old = std::fs::read(repo.join(sub).join(&name)).unwrap();
+            assert!(
+                new == old,
+                "{sub}/{} is stale: run `cargo run -- generate --out .` and commit",
+                name.to_string_lossy()
+            );
+        }
+    }
+    let r = run(dir.path(), &["completions", "bash"]);
+    assert_eq!(r.code, 0);
+    assert!(
+        r.stdout.contains("_omnibox()"),
+        "{}",
+        &r.stdout[..200.min(r.stdout.len())]
+    );
 }

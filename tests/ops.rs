@@ -1,0 +1,611 @@
+//! The operations commands as a process, on both stores: replay by each
+//! selector, dry runs, refusals, unlock fencing, stale locks, cleanup bounds
+//! and the inbox retention guard, status checks, the audit trail.
+
+mod common;
+
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use omnibox::store::fingerprint;
+use omnibox::{
+    ClaimOptions, DomainService, EventStatus, EventStore, Failure, InboxStore, NewInboxEvent,
+    NewOutboxEvent, OutboxEvent, OutboxStore, WorkerId, time,
+};
+use serde_json::{Value, json};
+
+use common::TestDb;
+
+struct Out {
+    code: i32,
+    stdout: String,
+    stderr: String,
+}
+
+impl Out {
+    fn json(&self) -> Value {
+        serde_json::from_str(&self.stdout)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {}\n{}", self.stdout, self.stderr))
+    }
+}
+
+fn omnibox(db: &TestDb, args: &[&str]) -> Out {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_omnibox"));
+    cmd.args(args)
+        .current_dir(dir.path())
+        .env_clear()
+        .env("NO_COLOR", "1")
+        .env("USER", "oncall")
+        .env("OMNIBOX_DATABASE_URL", &db.url)
+        .stdin(Stdio::null());
+    if db.is_postgres() {
+        cmd.env("OMNIBOX_DATABASE_SCHEMA", db.schema());
+    }
+    let out = cmd.output().unwrap();
+    Out {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+fn new_event(event_type: &str, topic: &str, key: &str) -> OutboxEvent {
+    let mut n = NewOutboxEvent::new(
+        "order",
+        uuid::Uuid::now_v7(),
+        event_type,
+        topic,
+        key,
+        json!({"k": key}),
+    );
+    n.max_attempts = Some(1);
+    DomainService::default().create_outbox_event(n).unwrap()
+}
+
+/// Six failed outbox rows: types a/b, topics t1/t2, two error causes.
+async fn failed_rows(db: &TestDb) -> Vec<OutboxEvent> {
+    let events = vec![
+        new_event("order.a", "t1", "k1"),
+        new_event("order.a", "t1", "k2"),
+        new_event("order.b", "t1", "k3"),
+        new_event("order.b", "t2", "k4"),
+        new_event("order.a", "t2", "k5"),
+        new_event("order.a", "t2", "k6"),
+    ];
+    let outbox = db.store.outbox();
+    outbox.create_many(&events).await.unwrap();
+    let claim = outbox
+        .claim(&ClaimOptions::new(WorkerId::new("w").unwrap(), 10))
+        .await
+        .unwrap();
+    let failures: Vec<Failure> = claim
+        .events
+        .iter()
+        .enumerate()
+        .map(|(i, e)| {
+            let error = if i % 2 == 0 {
+                format!("timeout after {i}00 ms talking to {}", e.id())
+            } else {
+                "schema mismatch".to_string()
+            };
+            Failure::counted(e.id(), error, time::now())
+        })
+        .collect();
+    outbox.fail(&claim.token, &failures).await.unwrap();
+    events
+}
+
+async fn status_of(db: &TestDb, e: &OutboxEvent) -> EventStatus {
+    db.store
+        .outbox()
+        .get(e.id())
+        .await
+        .unwrap()
+        .unwrap()
+        .status()
+}
+
+mod cases {
+    use super::*;
+
+    pub async fn replay_by_each_selector(db: &TestDb) {
+        let ev = failed_rows(db).await;
+        // --id
+        let r = omnibox(
+            db,
+            &[
+                "replay",
+                "--id",
+                &ev[0].id().to_string(),
+                "--reason",
+                "by hand",
+                "--yes",
+                "--format",
+                "json",
+            ],
+        );
+        assert_eq!(r.code, 0, "{}", r.stderr);
+        assert_eq!(r.json()["replayed"], 1);
+        assert_eq!(status_of(db, &ev[0]).await, EventStatus::Pending);
+        let row = db.store.outbox().get(ev[0].id()).await.unwrap().unwrap();
+        assert_eq!((row.attempts_made(), row.last_error()), (0, None));
+        // --event-type
+        let r = omnibox(
+            db,
+            &[
+                "replay",
+                "--event-type",
+                "order.b",
+                "--yes",
+                "--format",
+                "json",
+            ],
+        );
+        assert_eq!(r.json()["replayed"], 2);
+        assert_eq!(status_of(db, &ev[2]).await, EventStatus::Pending);
+        // --error-contains (rows 4 has "timeout"; 0 and 2 are already replayed)
+        let r = omnibox(
+            db,
+            &[
+                "replay",
+                "--error-contains",
+                "timeout",
+                "--yes",
+                "--format",
+                "json",
+            ],
+        );
+        assert_eq!(r.json()["replayed"], 1);
+        assert_eq!(status_of(db, &ev[4]).await, EventStatus::Pending);
+        // --group (the remaining "schema mismatch" rows of order.a: 1 and 5)
+        let fp = fingerprint::fingerprint("order.a", "schema mismatch");
+        let r = omnibox(
+            db,
+            &[
+                "replay", "--group", &fp, "--limit", "1", "--yes", "--format", "json",
+            ],
+        );
+        assert_eq!(r.json()["replayed"], 1, "--limit 1");
+        assert_eq!(status_of(db, &ev[1]).await, EventStatus::Pending);
+        // --topic and --since: ev[5] is left
+        let r = omnibox(
+            db,
+            &["replay", "--topic", "t1", "--yes", "--format", "json"],
+        );
+        assert_eq!(r.json()["replayed"], 0);
+        let r = omnibox(
+            db,
+            &[
+                "replay",
+                "--since",
+                "1h",
+                "--until",
+                "2030-01-01T00:00:00Z",
+                "--yes",
+                "--format",
+                "json",
+            ],
+        );
+        assert_eq!(r.json()["replayed"], 1);
+        assert_eq!(status_of(db, &ev[5]).await, EventStatus::Pending);
+        // --all on nothing
+        let r = omnibox(db, &["replay", "--all", "--yes"]);
+        assert_eq!((r.code, r.stdout.trim()), (0, "No failed events match."));
+        // The audit trail has each replay, with who and why.
+        let a = omnibox(db, &["audit", "--action", "replay", "--format", "json"]).json();
+        let entries = a["entries"].as_array().unwrap();
+        assert_eq!(entries.len(), 5, "replays that changed rows: {a}");
+        let first = entries.last().unwrap();
+        assert_eq!(
+            (
+                first["actor"].as_str(),
+                first["reason"].as_str(),
+                first["count"].as_u64()
+            ),
+            (Some("oncall"), Some("by hand"), Some(1))
+        );
+        assert_eq!(first["ids"][0], ev[0].id().to_string());
+        let by_id = omnibox(
+            db,
+            &["audit", "--id", &ev[0].id().to_string(), "--format", "json"],
+        )
+        .json();
+        assert_eq!(by_id["entries"].as_array().unwrap().len(), 1);
+    }
+
+    pub async fn dry_runs_change_nothing(db: &TestDb) {
+        let ev = failed_rows(db).await;
+        let r = omnibox(db, &["replay", "--all", "--dry-run", "--format", "json"]);
+        assert_eq!(r.code, 0, "{}", r.stderr);
+        assert_eq!(
+            (r.json()["dry_run"].as_bool(), r.json()["selected"].as_u64()),
+            (Some(true), Some(6))
+        );
+        let r = omnibox(db, &["replay", "--all", "--dry-run"]);
+        assert!(
+            r.stdout
+                .contains("Dry run: 6 outbox event(s) would be replayed; nothing changed."),
+            "{}",
+            r.stdout
+        );
+        for e in &ev {
+            assert_eq!(status_of(db, e).await, EventStatus::Failed);
+        }
+        let r = omnibox(
+            db,
+            &[
+                "cleanup",
+                "--older-than",
+                "1ms",
+                "--include-failed",
+                "--failed-older-than",
+                "1ms",
+                "--table",
+                "outbox",
+                "--dry-run",
+                "--format",
+                "json",
+            ],
+        );
+        assert_eq!(r.json()["tables"][0]["failed"], 6, "{}", r.stdout);
+        assert_eq!(db.store.outbox().counts().await.unwrap().failed, 6);
+        assert!(
+            omnibox(db, &["audit", "--format", "json"]).json()["entries"]
+                .as_array()
+                .unwrap()
+                .is_empty()
+        );
+    }
+
+    pub async fn refusals_exit_2_and_change_nothing(db: &TestDb) {
+        failed_rows(db).await;
+        let r = omnibox(db, &["replay"]);
+        assert_eq!(r.code, 2);
+        assert!(r.stderr.contains("replay needs a selector"), "{}", r.stderr);
+        let r = omnibox(db, &["replay", "--all"]);
+        assert_eq!(r.code, 2, "no terminal and no --yes");
+        assert!(
+            r.stderr
+                .contains("refusing to replay 6 failed outbox event(s) without --yes"),
+            "{}",
+            r.stderr
+        );
+        let r = omnibox(db, &["unlock", &uuid::Uuid::now_v7().to_string()]);
+        assert_eq!(r.code, 2);
+        assert!(r.stderr.contains("needs --reason"), "{}", r.stderr);
+        let r = omnibox(
+            db,
+            &[
+                "unlock",
+                &uuid::Uuid::now_v7().to_string(),
+                "--reason",
+                "  ",
+            ],
+        );
+        assert_eq!(r.code, 2);
+        let r = omnibox(db, &["cleanup", "--older-than", "1d", "--yes"]);
+        assert_eq!(r.code, 2);
+        assert!(
+            r.stderr.contains("deduplication window (7d 0h)"),
+            "{}",
+            r.stderr
+        );
+        let r = omnibox(db, &["release-stale-locks", "--older-than", "bogus"]);
+        assert_eq!(r.code, 2);
+        assert_eq!(db.store.outbox().counts().await.unwrap().failed, 6);
+    }
+
+    pub async fn unlock_fences_the_old_owner(db: &TestDb) {
+        let outbox = db.store.outbox();
+        let events: Vec<OutboxEvent> = (0..3)
+            .map(|i| new_event("t", "t1", &format!("k{i}")))
+            .collect();
+        outbox.create_many(&events).await.unwrap();
+        let claim = outbox
+            .claim(&ClaimOptions::new(WorkerId::new("relay-7").unwrap(), 1))
+            .await
+            .unwrap();
+        let id = claim.events[0].id();
+        let r = omnibox(
+            db,
+            &[
+                "unlock",
+                &id.to_string(),
+                "--reason",
+                "relay-7 is gone",
+                "--yes",
+                "--format",
+                "json",
+            ],
+        );
+        assert_eq!(r.code, 0, "{}", r.stderr);
+        let row = outbox.get(id).await.unwrap().unwrap();
+        assert_eq!(
+            (row.is_locked(), row.last_error()),
+            (false, Some("Force unlock: relay-7 is gone"))
+        );
+        let err = outbox.complete(&claim.token, &[id]).await.unwrap_err();
+        assert!(
+            matches!(err, omnibox::Error::ConcurrentUpdate { .. }),
+            "the old owner is fenced off: {err:?}"
+        );
+        let r = omnibox(
+            db,
+            &["unlock", &id.to_string(), "--reason", "again", "--yes"],
+        );
+        assert_eq!(r.code, 1, "not locked any more");
+        // Everything a dead worker holds.
+        let claim = outbox
+            .claim(&ClaimOptions::new(WorkerId::new("relay-8").unwrap(), 10))
+            .await
+            .unwrap();
+        assert_eq!(claim.len(), 3);
+        let r = omnibox(
+            db,
+            &[
+                "unlock",
+                "--worker",
+                "relay-8",
+                "--reason",
+                "host lost",
+                "--yes",
+                "--format",
+                "json",
+            ],
+        );
+        assert_eq!(r.json()["tables"][0]["unlocked"], 3, "{}", r.stdout);
+        assert_eq!(outbox.counts().await.unwrap().locked, 0);
+        let a = omnibox(db, &["audit", "--format", "json"]).json();
+        let actions: Vec<&str> = a["entries"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["action"].as_str().unwrap())
+            .collect();
+        assert_eq!(actions, vec!["unlock-worker", "unlock"]);
+    }
+
+    pub async fn stale_locks_are_released(db: &TestDb) {
+        let outbox = db.store.outbox();
+        let events: Vec<OutboxEvent> = (0..4)
+            .map(|i| new_event("t", "t1", &format!("k{i}")))
+            .collect();
+        outbox.create_many(&events).await.unwrap();
+        let inbox_event = DomainService::default()
+            .create_inbox_event(NewInboxEvent::new("m1", "g", "s", "t", json!({"a": 1})))
+            .unwrap();
+        db.store.inbox().insert(&inbox_event).await.unwrap();
+        outbox
+            .claim(&ClaimOptions::new(WorkerId::new("old").unwrap(), 10))
+            .await
+            .unwrap();
+        db.store
+            .inbox()
+            .claim(&ClaimOptions::new(WorkerId::new("old").unwrap(), 10))
+            .await
+            .unwrap();
+        let r = omnibox(
+            db,
+            &[
+                "release-stale-locks",
+                "--older-than",
+                "1h",
+                "--yes",
+                "--format",
+                "json",
+            ],
+        );
+        assert_eq!(r.json()["tables"][0]["released"], 0, "not stale yet");
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        let r = omnibox(
+            db,
+            &[
+                "release-stale-locks",
+                "--older-than",
+                "10ms",
+                "--dry-run",
+                "--format",
+                "json",
+            ],
+        );
+        assert_eq!(
+            (
+                r.json()["tables"][0]["released"].as_u64(),
+                r.json()["tables"][1]["released"].as_u64()
+            ),
+            (Some(4), Some(1))
+        );
+        assert_eq!(outbox.counts().await.unwrap().locked, 4);
+        let r = omnibox(
+            db,
+            &[
+                "release-stale-locks",
+                "--older-than",
+                "10ms",
+                "--batch-size",
+                "3",
+                "--yes",
+                "--format",
+                "json",
+            ],
+        );
+        assert_eq!(r.code, 0, "{}", r.stderr);
+        assert_eq!(
+            (
+                r.json()["tables"][0]["released"].as_u64(),
+                r.json()["tables"][1]["released"].as_u64()
+            ),
+            (Some(4), Some(1))
+        );
+        assert_eq!(outbox.counts().await.unwrap().locked, 0);
+        assert_eq!(db.store.inbox().counts().await.unwrap().locked, 0);
+    }
+
+    pub async fn cleanup_is_bounded_and_guards_the_inbox(db: &TestDb) {
+        let outbox = db.store.outbox();
+        let events: Vec<OutboxEvent> = (0..25)
+            .map(|i| new_event("t", "t1", &format!("k{i}")))
+            .collect();
+        outbox.create_many(&events).await.unwrap();
+        let claim = outbox
+            .claim(&ClaimOptions::new(WorkerId::new("w").unwrap(), 25))
+            .await
+            .unwrap();
+        outbox
+            .complete(
+                &claim.token,
+                &claim.events.iter().map(|e| e.id()).collect::<Vec<_>>(),
+            )
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let args = [
+            "cleanup",
+            "--older-than",
+            "5ms",
+            "--table",
+            "outbox",
+            "--batch-size",
+            "10",
+            "--max-iterations",
+            "2",
+            "--yes",
+            "--format",
+            "json",
+        ];
+        let r = omnibox(db, &args);
+        assert_eq!(r.code, 0, "{}", r.stderr);
+        assert_eq!(r.json()["tables"][0]["completed"], 20, "two batches of 10");
+        assert!(
+            r.stderr.contains("stopped at --max-iterations"),
+            "{}",
+            r.stderr
+        );
+        assert_eq!(outbox.counts().await.unwrap().completed, 5);
+        let r = omnibox(db, &args);
+        assert_eq!(r.json()["tables"][0]["completed"], 5);
+        // The inbox keeps its deduplication window.
+        let r = omnibox(
+            db,
+            &["cleanup", "--older-than", "2d", "--table", "inbox", "--yes"],
+        );
+        assert_eq!(r.code, 2);
+        let r = omnibox(
+            db,
+            &[
+                "cleanup",
+                "--older-than",
+                "2d",
+                "--table",
+                "inbox",
+                "--dedup-window",
+                "1d",
+                "--yes",
+                "--format",
+                "json",
+            ],
+        );
+        assert_eq!(r.code, 0, "{}", r.stderr);
+        let a = omnibox(db, &["audit", "--action", "cleanup", "--format", "json"]).json();
+        assert_eq!(a["entries"].as_array().unwrap().len(), 2);
+        assert_eq!(
+            a["entries"][1]["details"]["stopped_at_max_iterations"],
+            true
+        );
+    }
+
+    pub async fn status_checks_exit_1_over_a_threshold(db: &TestDb) {
+        let r = omnibox(
+            db,
+            &[
+                "status",
+                "--check",
+                "--max-failed",
+                "0",
+                "--max-stale-locks",
+                "0",
+                "--max-pending-age",
+                "1h",
+            ],
+        );
+        assert_eq!(r.code, 0, "{}", r.stderr);
+        failed_rows(db).await;
+        let r = omnibox(db, &["status", "--check", "--max-failed", "0"]);
+        assert_eq!(r.code, 1);
+        assert!(
+            r.stderr
+                .contains("check failed: outbox: 6 failed events (limit 0)"),
+            "{}",
+            r.stderr
+        );
+        assert!(
+            r.stdout.contains("failed event type"),
+            "failures by event type are shown:\n{}",
+            r.stdout
+        );
+        let j = omnibox(
+            db,
+            &["status", "--check", "--max-failed", "0", "--format", "json"],
+        );
+        assert_eq!(j.code, 1);
+        let v = j.json();
+        assert_eq!(v["check"]["ok"], false);
+        assert_eq!(v["tables"][0]["failed_by_event_type"][0]["count"], 4);
+        // A key held up behind a retrying head.
+        let outbox = db.store.outbox();
+        let mut head = NewOutboxEvent::new(
+            "order",
+            uuid::Uuid::now_v7(),
+            "t",
+            "orders",
+            "stuck-key",
+            json!({"a": 1}),
+        );
+        head.max_attempts = Some(5);
+        let head = DomainService::default().create_outbox_event(head).unwrap();
+        let behind = DomainService::default()
+            .create_outbox_event(NewOutboxEvent::new(
+                "order",
+                uuid::Uuid::now_v7(),
+                "t",
+                "orders",
+                "stuck-key",
+                json!({"a": 2}),
+            ))
+            .unwrap();
+        outbox.create_many(&[head.clone(), behind]).await.unwrap();
+        let c = outbox
+            .claim(&ClaimOptions::new(WorkerId::new("w2").unwrap(), 1))
+            .await
+            .unwrap();
+        outbox
+            .fail(
+                &c.token,
+                &[Failure::counted(
+                    head.id(),
+                    "broker rejected the record",
+                    time::now() + chrono::Duration::hours(1),
+                )],
+            )
+            .await
+            .unwrap();
+        let v = omnibox(db, &["status", "--format", "json"]).json();
+        let b = &v["blocked_keys"][0];
+        assert_eq!(
+            (b["partition_key"].as_str(), b["waiting"].as_u64()),
+            (Some("stuck-key"), Some(1))
+        );
+        assert_eq!(b["head_id"], head.id().to_string());
+    }
+}
+
+backend_tests!(
+    replay_by_each_selector,
+    dry_runs_change_nothing,
+    refusals_exit_2_and_change_nothing,
+    unlock_fences_the_old_owner,
+    stale_locks_are_released,
+    cleanup_is_bounded_and_guards_the_inbox,
+    status_checks_exit_1_over_a_threshold,
+);
