@@ -278,6 +278,7 @@ Register-ArgumentCompleter -Native -CommandName 'omnibox' -ScriptBlock {
             [CompletionResult]::new('--since', '--since', [CompletionResultType]::ParameterName, 'Only rows created since: RFC 3339 (2026-01-31T12:00:00Z) or a duration ago (2h)')
             [CompletionResult]::new('--limit', '--limit', [CompletionResultType]::ParameterName, 'Most rows to show')
             [CompletionResult]::new('--after', '--after', [CompletionResultType]::ParameterName, 'Start after this sequence number (paging: pass the last seq shown)')
+            [CompletionResult]::new('--locked-by', '--locked-by', [CompletionResultType]::ParameterName, 'Only rows locked by this worker (see `omnibox unlock --worker`)')
             [CompletionResult]::new('--database-url', '--database-url', [CompletionResultType]::ParameterName, 'Database URL: sqlite://PATH or postgres://USER:PASS@HOST/DB [default: sqlite://omnibox.db]')
             [CompletionResult]::new('--schema', '--schema', [CompletionResultType]::ParameterName, 'PostgreSQL schema that holds the tables (created by `migrate`)')
             [CompletionResult]::new('--config', '--config', [CompletionResultType]::ParameterName, 'Configuration file [default: ./omnibox.toml when present]')

@@ -1127,7 +1127,7 @@ _omnibox() {
             return 0
             ;;
         omnibox__subcmd__list)
-            opts="-v -q -h -V --table --status --event-type --topic --since --limit --after --database-url --schema --config --format --color --log-format --verbose --quiet --help --version"
+            opts="-v -q -h -V --table --status --event-type --topic --since --limit --after --locked-by --database-url --schema --config --format --color --log-format --verbose --quiet --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -1158,6 +1158,10 @@ _omnibox() {
                     return 0
                     ;;
                 --after)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --locked-by)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;

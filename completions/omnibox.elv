@@ -262,6 +262,7 @@ set edit:completion:arg-completer[omnibox] = {|@words|
             cand --since 'Only rows created since: RFC 3339 (2026-01-31T12:00:00Z) or a duration ago (2h)'
             cand --limit 'Most rows to show'
             cand --after 'Start after this sequence number (paging: pass the last seq shown)'
+            cand --locked-by 'Only rows locked by this worker (see `omnibox unlock --worker`)'
             cand --database-url 'Database URL: sqlite://PATH or postgres://USER:PASS@HOST/DB [default: sqlite://omnibox.db]'
             cand --schema 'PostgreSQL schema that holds the tables (created by `migrate`)'
             cand --config 'Configuration file [default: ./omnibox.toml when present]'

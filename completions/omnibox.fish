@@ -246,6 +246,7 @@ complete -c omnibox -n "__fish_omnibox_using_subcommand list" -l topic -d 'Only 
 complete -c omnibox -n "__fish_omnibox_using_subcommand list" -l since -d 'Only rows created since: RFC 3339 (2026-01-31T12:00:00Z) or a duration ago (2h)' -r
 complete -c omnibox -n "__fish_omnibox_using_subcommand list" -l limit -d 'Most rows to show' -r
 complete -c omnibox -n "__fish_omnibox_using_subcommand list" -l after -d 'Start after this sequence number (paging: pass the last seq shown)' -r
+complete -c omnibox -n "__fish_omnibox_using_subcommand list" -l locked-by -d 'Only rows locked by this worker (see `omnibox unlock --worker`)' -r
 complete -c omnibox -n "__fish_omnibox_using_subcommand list" -l database-url -d 'Database URL: sqlite://PATH or postgres://USER:PASS@HOST/DB [default: sqlite://omnibox.db]' -r
 complete -c omnibox -n "__fish_omnibox_using_subcommand list" -l schema -d 'PostgreSQL schema that holds the tables (created by `migrate`)' -r
 complete -c omnibox -n "__fish_omnibox_using_subcommand list" -l config -d 'Configuration file [default: ./omnibox.toml when present]' -r -F

@@ -592,6 +592,87 @@ async fn operations_output() {
             "json"
         ])
     );
+    snap!(
+        "ops_replay_json",
+        run(&[
+            "replay",
+            "--event-type",
+            "order.refunded",
+            "--dry-run",
+            "--format",
+            "json"
+        ])
+    );
+    snap!(
+        "ops_replay_naive_since",
+        run(&["replay", "--since", "2026-11-26T10:00:00", "--dry-run"])
+    );
+    // A live claim by relay-2 over the two replayed rows, then force-unlocked.
+    {
+        let store = omnibox::store::SqliteStore::connect(&url).await.unwrap();
+        let c = store
+            .outbox()
+            .claim(&ClaimOptions::new(WorkerId::new("relay-2").unwrap(), 10))
+            .await
+            .unwrap();
+        assert_eq!(c.events.len(), 2);
+    }
+    snap!(
+        "ops_unlock_bad_id",
+        run(&["unlock", "not-a-uuid", "--reason", "x", "--yes"])
+    );
+    let long_reason = "x".repeat(256);
+    snap!(
+        "ops_unlock_long_reason",
+        run(&[
+            "unlock",
+            "--worker",
+            "relay-2",
+            "--reason",
+            &long_reason,
+            "--yes"
+        ])
+    );
+    snap!(
+        "ops_unlock_dry_run",
+        run(&[
+            "unlock",
+            "--worker",
+            "relay-2",
+            "--reason",
+            "relay-2 was OOM-killed",
+            "--dry-run"
+        ])
+    );
+    snap!(
+        "ops_unlock_json",
+        run(&[
+            "unlock",
+            "--worker",
+            "relay-2",
+            "--reason",
+            "relay-2 was OOM-killed",
+            "--yes",
+            "--format",
+            "json"
+        ])
+    );
+    snap!(
+        "ops_release_json",
+        run(&[
+            "release-stale-locks",
+            "--older-than",
+            "5m",
+            "--yes",
+            "--format",
+            "json"
+        ])
+    );
+    snap!("ops_cleanup_no_retention", run(&["cleanup", "--yes"]));
+    snap!(
+        "ops_cleanup",
+        run(&["cleanup", "--older-than", "7d", "--include-failed", "--yes"])
+    );
     snap!("ops_audit", run(&["audit"]));
     snap!("ops_audit_json", run(&["audit", "--format", "json"]));
 }

@@ -341,6 +341,31 @@ mod cases {
             .await
             .unwrap();
         assert_eq!(claim.len(), 3);
+        let listed = omnibox(db, &["list", "--locked-by", "relay-8", "--format", "json"]).json();
+        assert_eq!(listed["events"].as_array().unwrap().len(), 3);
+        let r = omnibox(
+            db,
+            &[
+                "unlock",
+                "--worker",
+                "relay-8",
+                "--reason",
+                "host lost",
+                "--dry-run",
+                "--format",
+                "json",
+            ],
+        );
+        assert_eq!(
+            (
+                r.json()["dry_run"].as_bool(),
+                r.json()["tables"][0]["unlocked"].as_u64()
+            ),
+            (Some(true), Some(3)),
+            "{}",
+            r.stdout
+        );
+        assert_eq!(outbox.counts().await.unwrap().locked, 3, "dry run");
         let r = omnibox(
             db,
             &[

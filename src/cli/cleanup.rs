@@ -126,7 +126,7 @@ pub async fn run(args: CleanupArgs, ctx: &Context) -> Result<ExitStatus> {
     }
     let total: u64 = plan.iter().map(|c| c.completed + c.failed).sum();
     if args.safety.dry_run || total == 0 {
-        return report(ctx, &plan, true);
+        return report(ctx, &plan, args.safety.dry_run);
     }
     if !args.safety.confirm(&format!("delete {total} row(s)"))? {
         eprintln!("omnibox: nothing changed");

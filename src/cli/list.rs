@@ -39,6 +39,9 @@ pub struct ListArgs {
     /// Start after this sequence number (paging: pass the last seq shown)
     #[arg(long, value_name = "SEQ")]
     after: Option<i64>,
+    /// Only rows locked by this worker (see `omnibox unlock --worker`)
+    #[arg(long, value_name = "WORKER")]
+    locked_by: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -71,6 +74,7 @@ pub async fn run(args: ListArgs, ctx: &Context) -> Result<ExitStatus> {
         topic: args.topic.clone(),
         since: args.since,
         after_seq: args.after,
+        locked_by: args.locked_by.clone(),
         limit: Some(args.limit),
     };
     let table = Table::from(args.table);

@@ -54,12 +54,7 @@ pub async fn run(args: ReleaseArgs, ctx: &Context) -> Result<ExitStatus> {
     }
     let total: u64 = counts.iter().map(|(_, n)| n).sum();
     if args.safety.dry_run || total == 0 {
-        return report(
-            ctx,
-            &counts,
-            args.safety.dry_run || total == 0,
-            args.older_than,
-        );
+        return report(ctx, &counts, args.safety.dry_run, args.older_than);
     }
     if !args.safety.confirm(&format!(
         "release {total} lock(s) older than {}",

@@ -117,30 +117,33 @@ pub async fn run(args: UnlockArgs, ctx: &Context) -> Result<ExitStatus> {
         if args.safety.dry_run {
             let mut would = Vec::new();
             for t in &tables {
-                let rows = match t {
-                    Table::Outbox => store
-                        .outbox()
-                        .list(&omnibox::ListFilter {
-                            limit: Some(100_000),
-                            ..Default::default()
-                        })
-                        .await?
-                        .into_iter()
-                        .filter(|e| e.locked_by() == Some(worker.as_str()))
-                        .map(|e| e.id())
-                        .collect(),
-                    Table::Inbox => store
-                        .inbox()
-                        .list(&omnibox::ListFilter {
-                            limit: Some(100_000),
-                            ..Default::default()
-                        })
-                        .await?
-                        .into_iter()
-                        .filter(|e| e.locked_by() == Some(worker.as_str()))
-                        .map(|e| e.id())
-                        .collect(),
+                let mut rows = Vec::new();
+                let mut filter = omnibox::ListFilter {
+                    locked_by: Some(worker.as_str().to_string()),
+                    limit: Some(10_000),
+                    ..Default::default()
                 };
+                loop {
+                    let page: Vec<(i64, Uuid)> = match t {
+                        Table::Outbox => store
+                            .outbox()
+                            .list(&filter)
+                            .await?
+                            .iter()
+                            .map(|e| (e.seq().unwrap_or_default(), e.id()))
+                            .collect(),
+                        Table::Inbox => store
+                            .inbox()
+                            .list(&filter)
+                            .await?
+                            .iter()
+                            .map(|e| (e.seq().unwrap_or_default(), e.id()))
+                            .collect(),
+                    };
+                    let Some(&(last, _)) = page.last() else { break };
+                    rows.extend(page.into_iter().map(|(_, id)| id));
+                    filter.after_seq = Some(last);
+                }
                 would.push((*t, rows));
             }
             report(ctx, &would, true)?;
@@ -202,7 +205,10 @@ fn report(ctx: &Context, changed: &[(Table, Vec<Uuid>)], dry_run: bool) -> Resul
         })),
         Format::Table => {
             let verb = if dry_run { "Would unlock" } else { "Unlocked" };
-            for (t, ids) in changed {
+            if changed.iter().all(|(_, ids)| ids.is_empty()) {
+                return output::line("No locked events match.");
+            }
+            for (t, ids) in changed.iter().filter(|(_, ids)| !ids.is_empty()) {
                 output::line(format!("{verb} {} {t} event(s).", ids.len()))?;
                 for id in ids.iter().take(20) {
                     output::line(format!("  {id}"))?;

@@ -212,6 +212,8 @@ pub struct ListFilter {
     pub since: Option<Timestamp>,
     /// Only rows after this `seq` (keyset paging).
     pub after_seq: Option<i64>,
+    /// Only rows locked by this worker.
+    pub locked_by: Option<String>,
     /// Most rows to return (default 100).
     pub limit: Option<u32>,
 }

@@ -68,6 +68,9 @@ impl<R: SqliteRoute> EventStore<R> for SqliteTable<R> {
         if let Some(after) = filter.after_seq {
             qb.push(" AND seq > ").push_bind(after);
         }
+        if let Some(worker) = &filter.locked_by {
+            qb.push(" AND locked_by = ").push_bind(worker.clone());
+        }
         qb.push(" ORDER BY seq LIMIT ")
             .push_bind(i64::from(filter.limit.unwrap_or(DEFAULT_LIST_LIMIT)));
         let rows = qb.build().fetch_all(&self.pool).await.map_err(storage)?;
