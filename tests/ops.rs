@@ -31,9 +31,18 @@ impl Out {
 
 fn omnibox(db: &TestDb, args: &[&str]) -> Out {
     let dir = tempfile::tempdir().unwrap();
+    let out = command(db, dir.path(), args).output().unwrap();
+    Out {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+fn command(db: &TestDb, dir: &std::path::Path, args: &[&str]) -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_omnibox"));
     cmd.args(args)
-        .current_dir(dir.path())
+        .current_dir(dir)
         .env_clear()
         .env("NO_COLOR", "1")
         .env("USER", "oncall")
@@ -42,12 +51,7 @@ fn omnibox(db: &TestDb, args: &[&str]) -> Out {
     if db.is_postgres() {
         cmd.env("OMNIBOX_DATABASE_SCHEMA", db.schema());
     }
-    let out = cmd.output().unwrap();
-    Out {
-        code: out.status.code().unwrap_or(-1),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    }
+    cmd
 }
 
 fn new_event(event_type: &str, topic: &str, key: &str) -> OutboxEvent {
@@ -540,6 +544,68 @@ mod cases {
         );
     }
 
+    /// Two crons at once: between them every old completed row goes once,
+    /// neither fails, and pending rows are untouched.
+    pub async fn two_cleanups_at_once_delete_each_row_once(db: &TestDb) {
+        let outbox = db.store.outbox();
+        let events: Vec<OutboxEvent> = (0..3000)
+            .map(|i| new_event("t", "t1", &format!("k{}", i % 50)))
+            .collect();
+        outbox.create_many(&events).await.unwrap();
+        let mut done = 0;
+        while done < 2000 {
+            let c = outbox
+                .claim(&ClaimOptions::new(WorkerId::new("w").unwrap(), 500))
+                .await
+                .unwrap();
+            let ids: Vec<_> = c.events.iter().map(|e| e.id()).take(2000 - done).collect();
+            let rest: Vec<_> = c.events.iter().map(|e| e.id()).skip(ids.len()).collect();
+            outbox.complete(&c.token, &ids).await.unwrap();
+            if !rest.is_empty() {
+                outbox.release(&c.token, &rest).await.unwrap();
+            }
+            done += ids.len();
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let dir = tempfile::tempdir().unwrap();
+        let args = [
+            "cleanup",
+            "--older-than",
+            "5ms",
+            "--table",
+            "outbox",
+            "--batch-size",
+            "50",
+            "--yes",
+            "--format",
+            "json",
+        ];
+        // Started together, so their batches interleave.
+        let children: Vec<_> = (0..2)
+            .map(|_| {
+                command(db, dir.path(), &args)
+                    .stdout(Stdio::piped())
+                    .stderr(Stdio::piped())
+                    .spawn()
+                    .unwrap()
+            })
+            .collect();
+        let mut deleted = 0;
+        for child in children {
+            let out = child.wait_with_output().unwrap();
+            let r = Out {
+                code: out.status.code().unwrap_or(-1),
+                stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+                stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+            };
+            assert_eq!(r.code, 0, "{}", r.stderr);
+            deleted += r.json()["tables"][0]["completed"].as_u64().unwrap();
+        }
+        assert_eq!(deleted, 2000, "each old completed row deleted once");
+        let c = outbox.counts().await.unwrap();
+        assert_eq!((c.completed, c.pending), (0, 1000));
+    }
+
     pub async fn status_checks_exit_1_over_a_threshold(db: &TestDb) {
         let r = omnibox(
             db,
@@ -632,5 +698,6 @@ backend_tests!(
     unlock_fences_the_old_owner,
     stale_locks_are_released,
     cleanup_is_bounded_and_guards_the_inbox,
+    two_cleanups_at_once_delete_each_row_once,
     status_checks_exit_1_over_a_threshold,
 );

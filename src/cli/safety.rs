@@ -29,6 +29,7 @@ impl SafetyArgs {
             .filter(|a| !a.trim().is_empty())
             .or_else(|| std::env::var("USER").ok().filter(|u| !u.is_empty()))
             .or_else(|| std::env::var("LOGNAME").ok().filter(|u| !u.is_empty()))
+            .or_else(os_user)
             .unwrap_or_else(|| "unknown".to_string())
     }
 
@@ -48,4 +49,26 @@ impl SafetyArgs {
             .default(false)
             .interact()?)
     }
+}
+
+/// The name of the process's user when $USER and $LOGNAME are unset (cron
+/// jobs, containers): the real uid from /proc, looked up in /etc/passwd;
+/// `uid:N` when there is no entry.
+fn os_user() -> Option<String> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let uid = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))?
+        .split_whitespace()
+        .next()?
+        .to_string();
+    let passwd = std::fs::read_to_string("/etc/passwd").unwrap_or_default();
+    passwd
+        .lines()
+        .find_map(|l| {
+            let mut f = l.split(':');
+            let name = f.next()?;
+            (f.nth(1)? == uid).then(|| name.to_string())
+        })
+        .or(Some(format!("uid:{uid}")))
 }
