@@ -150,7 +150,12 @@ pub async fn run(args: CleanupArgs, ctx: &Context) -> Result<ExitStatus> {
             let mut iterations = 0;
             loop {
                 if iterations >= args.max_iterations {
-                    counts.bounded = true;
+                    // The last batch was full: are there more?
+                    let left = match t {
+                        Table::Outbox => store.outbox().count_older(status, older_than).await?,
+                        Table::Inbox => store.inbox().count_older(status, older_than).await?,
+                    };
+                    counts.bounded |= left > 0;
                     break;
                 }
                 let n = match (t, status) {
@@ -187,7 +192,9 @@ pub async fn run(args: CleanupArgs, ctx: &Context) -> Result<ExitStatus> {
                     EventStatus::Completed => counts.completed += n,
                     _ => counts.failed += n,
                 }
-                if n == 0 {
+                // A short batch: nothing more past retention (or only rows
+                // another cleanup is deleting right now).
+                if n < u64::from(args.batch_size) {
                     break;
                 }
             }
