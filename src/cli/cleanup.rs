@@ -6,7 +6,7 @@ use std::time::Duration;
 use anyhow::Result;
 use clap::Args;
 use omnibox::store::audit::AuditEntry;
-use omnibox::{EventStatus, EventStore, MaintenanceStore, Table};
+use omnibox::{EventStatus, MaintenanceStore, Route, Table};
 use serde_json::json;
 
 use super::list::TableArg;
@@ -88,34 +88,8 @@ pub async fn run(args: CleanupArgs, ctx: &Context) -> Result<ExitStatus> {
     let mut plan = Vec::new();
     for t in &tables {
         let (c, f) = match t {
-            Table::Outbox => (
-                store
-                    .outbox()
-                    .count_older(EventStatus::Completed, args.older_than)
-                    .await?,
-                if args.include_failed {
-                    store
-                        .outbox()
-                        .count_older(EventStatus::Failed, args.failed_older_than)
-                        .await?
-                } else {
-                    0
-                },
-            ),
-            Table::Inbox => (
-                store
-                    .inbox()
-                    .count_older(EventStatus::Completed, args.older_than)
-                    .await?,
-                if args.include_failed {
-                    store
-                        .inbox()
-                        .count_older(EventStatus::Failed, args.failed_older_than)
-                        .await?
-                } else {
-                    0
-                },
-            ),
+            Table::Outbox => past_retention(&store.outbox(), &args).await?,
+            Table::Inbox => past_retention(&store.inbox(), &args).await?,
         };
         plan.push(Counts {
             table: t.to_string(),
@@ -136,69 +110,11 @@ pub async fn run(args: CleanupArgs, ctx: &Context) -> Result<ExitStatus> {
         (!ctx.quiet && std::io::stderr().is_terminal()).then(|| indicatif::ProgressBar::new(total));
     let mut done = Vec::new();
     for t in &tables {
-        let mut counts = Counts {
-            table: t.to_string(),
-            ..Counts::default()
+        let mut counts = match t {
+            Table::Outbox => delete_past_retention(&store.outbox(), &args, bar.as_ref()).await?,
+            Table::Inbox => delete_past_retention(&store.inbox(), &args, bar.as_ref()).await?,
         };
-        for (status, older_than) in [
-            (EventStatus::Completed, args.older_than),
-            (EventStatus::Failed, args.failed_older_than),
-        ] {
-            if status == EventStatus::Failed && !args.include_failed {
-                continue;
-            }
-            let mut iterations = 0;
-            loop {
-                if iterations >= args.max_iterations {
-                    // The last batch was full: are there more?
-                    let left = match t {
-                        Table::Outbox => store.outbox().count_older(status, older_than).await?,
-                        Table::Inbox => store.inbox().count_older(status, older_than).await?,
-                    };
-                    counts.bounded |= left > 0;
-                    break;
-                }
-                let n = match (t, status) {
-                    (Table::Outbox, EventStatus::Completed) => {
-                        store
-                            .outbox()
-                            .delete_completed(older_than, args.batch_size)
-                            .await?
-                    }
-                    (Table::Outbox, _) => {
-                        store
-                            .outbox()
-                            .delete_failed(older_than, args.batch_size)
-                            .await?
-                    }
-                    (Table::Inbox, EventStatus::Completed) => {
-                        store
-                            .inbox()
-                            .delete_completed(older_than, args.batch_size)
-                            .await?
-                    }
-                    (Table::Inbox, _) => {
-                        store
-                            .inbox()
-                            .delete_failed(older_than, args.batch_size)
-                            .await?
-                    }
-                };
-                iterations += 1;
-                if let Some(b) = &bar {
-                    b.inc(n);
-                }
-                match status {
-                    EventStatus::Completed => counts.completed += n,
-                    _ => counts.failed += n,
-                }
-                // A short batch: nothing more past retention (or only rows
-                // another cleanup is deleting right now).
-                if n < u64::from(args.batch_size) {
-                    break;
-                }
-            }
-        }
+        counts.table = t.to_string();
         if counts.completed + counts.failed > 0 {
             let mut entry = AuditEntry::new(args.safety.actor(), "cleanup");
             entry.table = Some(t.to_string());
@@ -221,6 +137,70 @@ pub async fn run(args: CleanupArgs, ctx: &Context) -> Result<ExitStatus> {
         eprintln!("omnibox: stopped at --max-iterations; rows past retention remain (run again)");
     }
     Ok(ExitStatus::Success)
+}
+
+/// One table's rows past retention: (completed, failed).
+async fn past_retention<R: Route, T: MaintenanceStore<R>>(
+    table: &T,
+    args: &CleanupArgs,
+) -> Result<(u64, u64)> {
+    let completed = table
+        .count_older(EventStatus::Completed, args.older_than)
+        .await?;
+    let failed = if args.include_failed {
+        table
+            .count_older(EventStatus::Failed, args.failed_older_than)
+            .await?
+    } else {
+        0
+    };
+    Ok((completed, failed))
+}
+
+/// Deletes one table's rows past retention, `--batch-size` rows per
+/// statement and at most `--max-iterations` statements per status.
+async fn delete_past_retention<R: Route, T: MaintenanceStore<R>>(
+    table: &T,
+    args: &CleanupArgs,
+    bar: Option<&indicatif::ProgressBar>,
+) -> Result<Counts> {
+    let mut counts = Counts::default();
+    for (status, older_than) in [
+        (EventStatus::Completed, args.older_than),
+        (EventStatus::Failed, args.failed_older_than),
+    ] {
+        if status == EventStatus::Failed && !args.include_failed {
+            continue;
+        }
+        let mut iterations = 0;
+        loop {
+            if iterations >= args.max_iterations {
+                // The last batch was full: are there more?
+                counts.bounded |= table.count_older(status, older_than).await? > 0;
+                break;
+            }
+            let n = match status {
+                EventStatus::Completed => {
+                    table.delete_completed(older_than, args.batch_size).await?
+                }
+                _ => table.delete_failed(older_than, args.batch_size).await?,
+            };
+            iterations += 1;
+            if let Some(b) = bar {
+                b.inc(n);
+            }
+            match status {
+                EventStatus::Completed => counts.completed += n,
+                _ => counts.failed += n,
+            }
+            // A short batch: nothing more past retention (or only rows
+            // another cleanup is deleting right now).
+            if n < u64::from(args.batch_size) {
+                break;
+            }
+        }
+    }
+    Ok(counts)
 }
 
 fn report(ctx: &Context, counts: &[Counts], dry_run: bool) -> Result<ExitStatus> {

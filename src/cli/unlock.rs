@@ -3,7 +3,7 @@
 use anyhow::Result;
 use clap::Args;
 use omnibox::store::audit::AuditEntry;
-use omnibox::{EventStore, MaintenanceStore, Table, UnlockReason, WorkerId};
+use omnibox::{EventStore, MaintenanceStore, Route, Table, UnlockReason, WorkerId};
 use serde_json::json;
 use uuid::Uuid;
 
@@ -117,33 +117,10 @@ pub async fn run(args: UnlockArgs, ctx: &Context) -> Result<ExitStatus> {
         if args.safety.dry_run {
             let mut would = Vec::new();
             for t in &tables {
-                let mut rows = Vec::new();
-                let mut filter = omnibox::ListFilter {
-                    locked_by: Some(worker.as_str().to_string()),
-                    limit: Some(10_000),
-                    ..Default::default()
+                let rows = match t {
+                    Table::Outbox => held_by(&store.outbox(), worker.as_str()).await?,
+                    Table::Inbox => held_by(&store.inbox(), worker.as_str()).await?,
                 };
-                loop {
-                    let page: Vec<(i64, Uuid)> = match t {
-                        Table::Outbox => store
-                            .outbox()
-                            .list(&filter)
-                            .await?
-                            .iter()
-                            .map(|e| (e.seq().unwrap_or_default(), e.id()))
-                            .collect(),
-                        Table::Inbox => store
-                            .inbox()
-                            .list(&filter)
-                            .await?
-                            .iter()
-                            .map(|e| (e.seq().unwrap_or_default(), e.id()))
-                            .collect(),
-                    };
-                    let Some(&(last, _)) = page.last() else { break };
-                    rows.extend(page.into_iter().map(|(_, id)| id));
-                    filter.after_seq = Some(last);
-                }
                 would.push((*t, rows));
             }
             report(ctx, &would, true)?;
@@ -195,6 +172,25 @@ pub async fn run(args: UnlockArgs, ctx: &Context) -> Result<ExitStatus> {
     }
     report(ctx, &changed, false)?;
     Ok(ExitStatus::Success)
+}
+
+/// The ids of every row `worker` holds, paged by seq.
+async fn held_by<R: Route, T: EventStore<R>>(table: &T, worker: &str) -> Result<Vec<Uuid>> {
+    let mut ids = Vec::new();
+    let mut filter = omnibox::ListFilter {
+        locked_by: Some(worker.to_string()),
+        limit: Some(10_000),
+        ..Default::default()
+    };
+    loop {
+        let page = table.list(&filter).await?;
+        ids.extend(page.iter().map(|e| e.id()));
+        match page.last().and_then(|e| e.seq()) {
+            Some(seq) if page.len() == 10_000 => filter.after_seq = Some(seq),
+            _ => break,
+        }
+    }
+    Ok(ids)
 }
 
 fn report(ctx: &Context, changed: &[(Table, Vec<Uuid>)], dry_run: bool) -> Result<()> {

@@ -289,10 +289,11 @@ enum BulkTx {
     Sqlite(sqlx::Transaction<'static, sqlx::Sqlite>),
 }
 
-impl AnyTable<OutboxRoute> {
-    /// Opens a bulk insert transaction.
-    pub async fn begin_bulk(&self) -> Result<OutboxBulkWriter> {
-        let tx = match self {
+impl<R> AnyTable<R> {
+    /// A write transaction (`BEGIN IMMEDIATE` on SQLite, so that the write
+    /// lock is taken up front rather than on a later upgrade).
+    async fn begin_tx(&self) -> Result<BulkTx> {
+        Ok(match self {
             AnyTable::Postgres(t) => {
                 BulkTx::Postgres(t.pool().begin().await.map_err(crate::error::storage)?)
             }
@@ -302,7 +303,14 @@ impl AnyTable<OutboxRoute> {
                     .await
                     .map_err(crate::error::storage)?,
             ),
-        };
+        })
+    }
+}
+
+impl AnyTable<OutboxRoute> {
+    /// Opens a bulk insert transaction.
+    pub async fn begin_bulk(&self) -> Result<OutboxBulkWriter> {
+        let tx = self.begin_tx().await?;
         Ok(OutboxBulkWriter { tx })
     }
 }
@@ -368,17 +376,7 @@ pub struct InboxTx {
 impl AnyTable<InboxRoute> {
     /// Opens an inbox transaction.
     pub async fn begin(&self) -> Result<InboxTx> {
-        let tx = match self {
-            AnyTable::Postgres(t) => {
-                BulkTx::Postgres(t.pool().begin().await.map_err(crate::error::storage)?)
-            }
-            AnyTable::Sqlite(t) => BulkTx::Sqlite(
-                t.pool()
-                    .begin_with("BEGIN IMMEDIATE")
-                    .await
-                    .map_err(crate::error::storage)?,
-            ),
-        };
+        let tx = self.begin_tx().await?;
         Ok(InboxTx { tx })
     }
 }
