@@ -66,6 +66,16 @@ pub enum Retry {
     Counted(Option<Timestamp>),
     /// A transient failure (the broker did not answer): no attempt spent; retry at this time.
     NotCounted(Timestamp),
+    /// A transient failure retried this long after it is recorded; stores
+    /// with a clock of their own (PostgreSQL) add it to their `now()`.
+    NotCountedAfter(Duration),
+}
+
+impl Retry {
+    /// True when the failure spends an attempt.
+    pub fn is_counted(&self) -> bool {
+        matches!(self, Retry::Counted(_))
+    }
 }
 
 /// Creates events with the limits of SPEC §2 and applies the lifecycle's pure
@@ -190,6 +200,7 @@ impl DomainService {
         )?;
         let max_attempts =
             validate::max_attempts(c.max_attempts.unwrap_or(self.limits.max_attempts))?;
+        let clock_default = c.created_at.is_none() && c.scheduled_at.is_none();
         let created_at = c.created_at.map(time::truncate).unwrap_or_else(time::now);
         let scheduled_at = c.scheduled_at.map(time::truncate).unwrap_or(created_at);
         validate::scheduled_at(scheduled_at, created_at, &self.limits)?;
@@ -212,9 +223,11 @@ impl DomainService {
             completed_at: None,
             locked_at: None,
             locked_by: None,
+            locked_until: None,
             created_at,
             updated_at: created_at,
             route,
+            clock_default,
         })
     }
 
@@ -262,13 +275,16 @@ impl DomainService {
             });
         }
         let mut next = event.clone();
-        next.locked_at = Some(time::truncate(at));
+        let at = time::truncate(at);
+        next.locked_at = Some(at);
         next.locked_by = Some(worker.to_string());
-        next.updated_at = time::truncate(at);
+        next.locked_until = Some(at + chrono_dur(crate::model::limits::DEFAULT_LEASE_TIMEOUT));
+        next.updated_at = at;
         Ok(next)
     }
 
-    /// Extends the lock held by `worker` to `now`.
+    /// Extends the lock held by `worker`: it now expires a lease after `now`.
+    /// `locked_at` (the claim's fencing token) does not change.
     pub fn refresh_lock<R: Route>(
         &self,
         event: &Event<R>,
@@ -278,8 +294,9 @@ impl DomainService {
         require_pending(event, "only pending events can have their lock refreshed")?;
         self.assert_locked_by(event, worker)?;
         let mut next = event.clone();
-        next.locked_at = Some(time::truncate(now));
-        next.updated_at = time::truncate(now);
+        let now = time::truncate(now);
+        next.locked_until = Some(now + chrono_dur(crate::model::limits::DEFAULT_LEASE_TIMEOUT));
+        next.updated_at = now;
         Ok(next)
     }
 
@@ -290,6 +307,7 @@ impl DomainService {
         let mut next = event.clone();
         next.locked_at = None;
         next.locked_by = None;
+        next.locked_until = None;
         Ok(next)
     }
 
@@ -305,6 +323,7 @@ impl DomainService {
         let mut next = event.clone();
         next.locked_at = None;
         next.locked_by = None;
+        next.locked_until = None;
         next.last_error = Some(reason.last_error());
         Ok(next)
     }
@@ -344,6 +363,7 @@ impl DomainService {
         next.completed_at = Some(at);
         next.locked_at = None;
         next.locked_by = None;
+        next.locked_until = None;
         next.updated_at = at;
         Ok(next)
     }
@@ -374,6 +394,7 @@ impl DomainService {
                 at.unwrap_or_else(|| now + chrono_dur(self.backoff.delay(event.attempts_made))),
             ),
             Retry::NotCounted(at) => (event.attempts_made, at),
+            Retry::NotCountedAfter(d) => (event.attempts_made, now + chrono_dur(d)),
         };
         if attempts > event.max_attempts {
             return Err(Error::validation(
@@ -412,6 +433,7 @@ impl DomainService {
         next.last_error = Some(message);
         next.locked_at = None;
         next.locked_by = None;
+        next.locked_until = None;
         next.updated_at = time::truncate(now);
         Ok(next)
     }

@@ -18,6 +18,7 @@ backend_tests!(
     claim_keeps_per_key_order_and_takes_runs,
     tried_or_locked_heads_block_their_key,
     claim_skips_held_rows_until_the_lease_expires,
+    extending_a_lease_keeps_the_rows,
     fencing_rejects_a_stale_claim_of_the_same_worker,
     fail_counts_attempts_then_dead_letters,
     transient_failure_spends_no_attempt,
@@ -30,6 +31,10 @@ backend_tests!(
     claim_is_served_by_the_index,
     concurrent_claimers_share_the_work_in_key_order,
     rows_behind_failed_heads_do_not_starve_them,
+    successors_scheduled_before_their_head_do_not_stall_the_claim,
+    a_held_hot_key_does_not_starve_other_relays,
+    a_replayed_head_is_claimed_with_its_run,
+    a_row_with_attempts_used_up_fails_cleanly,
 );
 
 /// PostgreSQL only: timestamps are absolute instants whatever the session's

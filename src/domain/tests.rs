@@ -215,7 +215,8 @@ fn refresh_and_unlock_need_the_owner() {
     let r = svc()
         .refresh_lock(&e, &worker("w1"), at("2026-01-01T00:01:00Z"))
         .unwrap();
-    assert_eq!(r.locked_at(), Some(at("2026-01-01T00:01:00Z")));
+    assert_eq!(r.locked_at(), e.locked_at(), "the fencing token stays");
+    assert_eq!(r.locked_until(), Some(at("2026-01-01T00:06:00Z")));
     let err = svc()
         .refresh_lock(&e, &worker("w2"), at("2026-01-01T00:01:00Z"))
         .unwrap_err();
@@ -485,7 +486,15 @@ fn invariants_catch_inconsistent_rows() {
         e.validate_invariants()
             .unwrap_err()
             .to_string()
-            .contains("both set or both empty")
+            .contains("all set or all empty")
+    );
+    let mut e = locked();
+    e.locked_until = None;
+    assert!(
+        e.validate_invariants()
+            .unwrap_err()
+            .to_string()
+            .contains("all set or all empty")
     );
     let mut e = locked();
     e.attempts_made = 7;

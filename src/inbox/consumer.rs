@@ -13,13 +13,13 @@ use uuid::Uuid;
 use super::handler::{Handler, run_handler};
 use super::normalize::{Normalized, RawMessage, normalize_all};
 use super::source::Source;
-use crate::domain::{Backoff, DomainService, Retry, chrono_dur};
+use crate::domain::{Backoff, DomainService, Retry};
 use crate::error::{Error, Result};
 use crate::metrics::Metrics;
 use crate::model::{InboxEvent, InboxRoute, WorkerId, time};
 use crate::pipeline::{DeadLetter, Outcome};
 use crate::relay::{AnySink, Sink};
-use crate::store::{AnyTable, ClaimToken, EventStore, Failure};
+use crate::store::{AnyTable, ClaimToken, EventStore, Failure, RetryAt};
 
 /// When the broker offset is committed (SPEC §4).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -422,6 +422,7 @@ impl<S: Source, H: Handler> InboxConsumer<S, H> {
         let token = ClaimToken {
             worker: self.options.worker.clone(),
             locked_at: time::now(),
+            lease: crate::model::limits::DEFAULT_LEASE_TIMEOUT,
         };
         let mut tx = self.store.begin().await?;
         let outcomes = tx
@@ -455,7 +456,6 @@ impl<S: Source, H: Handler> InboxConsumer<S, H> {
         };
         let mut done = Vec::new();
         let mut failures = Vec::new();
-        let now = time::now();
         for &i in &fresh {
             let event = normalized[i].event();
             match run_handler(handler.as_ref(), event, self.options.handler_timeout).await {
@@ -470,14 +470,15 @@ impl<S: Source, H: Handler> InboxConsumer<S, H> {
                 Outcome::Failed { error, retry } => {
                     report.failed += 1;
                     let retry_at = match retry {
-                        Retry::Counted(Some(at)) | Retry::NotCounted(at) => at,
-                        Retry::Counted(None) => now + chrono_dur(self.backoff.delay(0)),
+                        Retry::Counted(Some(at)) | Retry::NotCounted(at) => RetryAt::At(at),
+                        Retry::NotCountedAfter(d) => RetryAt::After(d),
+                        Retry::Counted(None) => RetryAt::After(self.backoff.delay(0)),
                     };
                     failures.push(Failure {
                         id: outcomes[i].id,
                         error,
-                        counted: matches!(retry, Retry::Counted(_)),
-                        retry_at,
+                        counted: retry.is_counted(),
+                        retry: retry_at,
                     });
                 }
             }

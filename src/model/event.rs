@@ -181,12 +181,22 @@ pub struct Event<R> {
     #[serde(with = "serde_ts::option")]
     pub(crate) locked_at: Option<Timestamp>,
     pub(crate) locked_by: Option<String>,
+    /// When the current lock expires (the claimer's lease; pushed forward
+    /// while a slow batch is in flight). Set iff `locked_at` is set.
+    #[serde(with = "serde_ts::option")]
+    pub(crate) locked_until: Option<Timestamp>,
     #[serde(with = "serde_ts")]
     pub(crate) created_at: Timestamp,
     #[serde(with = "serde_ts")]
     pub(crate) updated_at: Timestamp,
     #[serde(flatten)]
     pub(crate) route: R,
+    /// True when the caller set neither `scheduled_at` nor `created_at`: the
+    /// values above are this process's clock, and a store with a clock of
+    /// its own (PostgreSQL) stores its `now()` instead, so that producers'
+    /// clocks never decide the order in which rows become due.
+    #[serde(skip)]
+    pub(crate) clock_default: bool,
 }
 
 /// An event of the outbox table.
@@ -271,6 +281,10 @@ impl<R: Route> Event<R> {
     pub fn locked_by(&self) -> Option<&str> {
         self.locked_by.as_deref()
     }
+    /// When the current lock expires; any worker may claim the row after it.
+    pub fn locked_until(&self) -> Option<Timestamp> {
+        self.locked_until
+    }
     /// Creation time.
     pub fn created_at(&self) -> Timestamp {
         self.created_at
@@ -351,8 +365,12 @@ impl<R: Route> Event<R> {
                 self.attempts_made, self.max_attempts
             ));
         }
-        if self.locked_at.is_some() != self.locked_by.is_some() {
-            return invalid("locked_at and locked_by must be both set or both empty".into());
+        if self.locked_at.is_some() != self.locked_by.is_some()
+            || self.locked_at.is_some() != self.locked_until.is_some()
+        {
+            return invalid(
+                "locked_at, locked_by and locked_until must be all set or all empty".into(),
+            );
         }
         if self.is_locked() && self.status != EventStatus::Pending {
             return invalid(format!(

@@ -13,14 +13,14 @@ use tracing::Instrument;
 use uuid::Uuid;
 
 use super::circuit::{CircuitBreaker, CircuitConfig};
-use crate::domain::{Backoff, Retry, chrono_dur};
+use crate::domain::{Backoff, Retry};
 use crate::error::{Error, Result};
 use crate::metrics::{EventLabels, FailureLabels, Metrics, TableLabels};
 use crate::model::limits::DEFAULT_LEASE_TIMEOUT;
 use crate::model::{Event, Route, WorkerId, time};
 use crate::relay::Message;
 use crate::relay::sink::{AnySink, Sink};
-use crate::store::{Claim, ClaimOptions, EventStore, Failure};
+use crate::store::{Claim, ClaimOptions, EventStore, Failure, RetryAt};
 
 /// What the handler step decided for one event.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -348,7 +348,6 @@ where
             claimed: claim.events.len(),
             ..BatchReport::default()
         };
-        let now = time::now();
         let mut done = Vec::new();
         let mut skipped = Vec::new();
         let mut released = Vec::new();
@@ -371,12 +370,13 @@ where
                 }
                 Outcome::Failed { error, retry } => {
                     let retry_at = match retry {
-                        Retry::Counted(Some(at)) | Retry::NotCounted(at) => *at,
+                        Retry::Counted(Some(at)) | Retry::NotCounted(at) => RetryAt::At(*at),
+                        Retry::NotCountedAfter(d) => RetryAt::After(*d),
                         Retry::Counted(None) => {
-                            now + chrono_dur(self.options.backoff.delay(event.attempts_made()))
+                            RetryAt::After(self.options.backoff.delay(event.attempts_made()))
                         }
                     };
-                    let counted = matches!(retry, Retry::Counted(_));
+                    let counted = retry.is_counted();
                     if !counted {
                         report.transient += 1;
                     }
@@ -385,7 +385,7 @@ where
                         id: event.id(),
                         error: error.clone(),
                         counted,
-                        retry_at,
+                        retry: retry_at,
                     });
                 }
             }
@@ -536,7 +536,7 @@ where
                 }
                 Outcome::Failed { retry, .. } => {
                     let kind = match retry {
-                        Retry::NotCounted(_) => "transient",
+                        Retry::NotCounted(_) | Retry::NotCountedAfter(_) => "transient",
                         Retry::Counted(_) if event.attempts_made() + 1 >= event.max_attempts() => {
                             "dead"
                         }

@@ -199,6 +199,17 @@ impl<R: PgRoute + SqliteRoute> EventStore<R> for AnyTable<R> {
     async fn claim(&self, opts: &ClaimOptions) -> Result<Claim<R>> {
         delegate!(self, t => t.claim(opts))
     }
+    async fn claimable_exists(&self) -> Result<bool> {
+        delegate!(self, t => t.claimable_exists())
+    }
+    async fn extend_lease(
+        &self,
+        token: &ClaimToken,
+        ids: &[Uuid],
+        lease: Duration,
+    ) -> Result<usize> {
+        delegate!(self, t => t.extend_lease(token, ids, lease))
+    }
     async fn complete(&self, token: &ClaimToken, ids: &[Uuid]) -> Result<usize> {
         delegate!(self, t => t.complete(token, ids))
     }

@@ -8,18 +8,19 @@
 //!
 //! # The claim
 //!
-//! [`EventStore::claim`] hands out up to N due rows in `(scheduled_at, seq)`
-//! order, read from a partial index on exactly that order (no sort of the
-//! backlog), with `FOR UPDATE SKIP LOCKED` on PostgreSQL so concurrent
-//! claimers never wait for or receive each other's rows. For the outbox it
-//! keeps per-key order: a row is handed out only if every earlier pending
-//! row of its `(topic, partition_key)` that is due, tried, or locked is in
-//! the same claim. A claim can therefore take a whole *run* of one key, and
-//! ordered throughput does not collapse to one event per key per claim.
+//! [`EventStore::claim`] hands out up to N due rows. For the outbox it keeps
+//! per-key order: a row is handed out only if every earlier pending row of
+//! its `(topic, partition_key)` that is due, tried or locked is handed out in
+//! the same claim. It works key first: it finds keys whose head can be
+//! handed out (skipping rows behind a held head inside the index scan, so it
+//! cannot stall), then takes a *run* of each key from its head, keys in the
+//! order their rows became due. See `claim.rs` and docs/design.md.
 //!
 //! Every claim returns a [`ClaimToken`] (worker id and the claim's
 //! `locked_at`); completion, failure and release are guarded by it, so a
-//! worker whose lease expired cannot overwrite a newer claim.
+//! worker whose lease expired cannot overwrite a newer claim. Each claim
+//! writes its own expiry (`locked_until`), and any claimer may take a row
+//! once it has passed.
 
 use std::future::Future;
 use std::time::Duration;
@@ -31,11 +32,12 @@ use crate::domain::Retry;
 use crate::error::{Error, Result};
 use crate::model::{
     Event, EventStatus, InboxEvent, InboxRoute, OutboxEvent, OutboxRoute, Route, Table, Timestamp,
-    UnlockReason, WorkerId, time,
+    UnlockReason, WorkerId,
 };
 
 mod any;
 pub mod audit;
+pub(crate) mod claim;
 pub mod fingerprint;
 mod migrate;
 pub mod postgres;
@@ -71,7 +73,8 @@ pub struct ClaimOptions {
     pub worker: WorkerId,
     /// Most rows to hand out.
     pub limit: u32,
-    /// A lock older than this counts as expired and its row may be claimed again.
+    /// How long the claimed rows stay locked (written to `locked_until`);
+    /// after that any worker may claim them again.
     pub lease: Duration,
 }
 
@@ -113,6 +116,9 @@ pub struct ClaimToken {
     pub worker: WorkerId,
     /// The `locked_at` value written by the claim.
     pub locked_at: Timestamp,
+    /// The lease the claim took (its rows' `locked_until` is `locked_at`
+    /// plus this, until extended).
+    pub lease: Duration,
 }
 
 /// The rows a claim handed out, in insertion order, with the claim's token.
@@ -122,6 +128,10 @@ pub struct Claim<R> {
     pub token: ClaimToken,
     /// The claimed events, ordered by `seq`.
     pub events: Vec<Event<R>>,
+    /// True when rows this claim wanted were being claimed by another worker
+    /// at the same moment, so fewer (perhaps none) were handed out: an empty
+    /// contended claim does not mean that nothing is due.
+    pub contended: bool,
 }
 
 impl<R> Claim<R> {
@@ -135,6 +145,28 @@ impl<R> Claim<R> {
     }
 }
 
+/// When a failed event is tried again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RetryAt {
+    /// This long after the failure is written, by the database's clock
+    /// (PostgreSQL's `now()`), so no process's clock decides it.
+    After(Duration),
+    /// At this time (a handler's own `next_retry_at`).
+    At(Timestamp),
+}
+
+impl From<Timestamp> for RetryAt {
+    fn from(t: Timestamp) -> Self {
+        RetryAt::At(t)
+    }
+}
+
+impl From<Duration> for RetryAt {
+    fn from(d: Duration) -> Self {
+        RetryAt::After(d)
+    }
+}
+
 /// One failed event of a claim, as written by [`EventStore::fail`].
 #[derive(Debug, Clone, PartialEq)]
 pub struct Failure {
@@ -145,27 +177,27 @@ pub struct Failure {
     /// Whether an attempt is spent.
     pub counted: bool,
     /// When to try again, if the event stays pending.
-    pub retry_at: Timestamp,
+    pub retry: RetryAt,
 }
 
 impl Failure {
-    /// A counted failure retried at `retry_at` (or failed at `max_attempts`).
-    pub fn counted(id: Uuid, error: impl Into<String>, retry_at: Timestamp) -> Self {
+    /// A counted failure retried at `retry` (or failed at `max_attempts`).
+    pub fn counted(id: Uuid, error: impl Into<String>, retry: impl Into<RetryAt>) -> Self {
         Failure {
             id,
             error: error.into(),
             counted: true,
-            retry_at,
+            retry: retry.into(),
         }
     }
 
-    /// A transient failure: no attempt spent, retried at `retry_at`.
-    pub fn transient(id: Uuid, error: impl Into<String>, retry_at: Timestamp) -> Self {
+    /// A transient failure: no attempt spent, retried at `retry`.
+    pub fn transient(id: Uuid, error: impl Into<String>, retry: impl Into<RetryAt>) -> Self {
         Failure {
             id,
             error: error.into(),
             counted: false,
-            retry_at,
+            retry: retry.into(),
         }
     }
 
@@ -181,11 +213,11 @@ impl Failure {
             Retry::Counted(at) => Failure::counted(
                 event.id(),
                 error,
-                at.unwrap_or_else(|| {
-                    time::now() + crate::domain::chrono_dur(backoff.delay(event.attempts_made()))
-                }),
+                at.map(RetryAt::At)
+                    .unwrap_or_else(|| RetryAt::After(backoff.delay(event.attempts_made()))),
             ),
-            Retry::NotCounted(at) => Failure::transient(event.id(), error, at),
+            Retry::NotCounted(at) => Failure::transient(event.id(), error, RetryAt::At(at)),
+            Retry::NotCountedAfter(d) => Failure::transient(event.id(), error, RetryAt::After(d)),
         }
     }
 }
@@ -348,6 +380,25 @@ pub trait EventStore<R: Route>: Clone + Send + Sync + 'static {
     /// Claims up to `limit` due rows (see the module documentation).
     fn claim(&self, opts: &ClaimOptions) -> impl Future<Output = Result<Claim<R>>> + Send;
 
+    /// True when a row is due that a claim could hand out now: pending,
+    /// due, unlocked or its lease expired, and (outbox) at the head of its
+    /// key or right behind a head that can be handed out. Rows held by a
+    /// live lease do not count. Row locks of claims in progress are not
+    /// seen, so a `true` may be taken by another worker first; a `false`
+    /// means nothing is there for anyone until time passes or rows change.
+    fn claimable_exists(&self) -> impl Future<Output = Result<bool>> + Send;
+
+    /// Pushes the lease of claimed rows forward: they stay locked until
+    /// `lease` from now (by the database's clock). Returns how many rows are
+    /// still held by `token` (guarded like [`complete`](EventStore::complete),
+    /// but rows no longer held are only counted, not an error).
+    fn extend_lease(
+        &self,
+        token: &ClaimToken,
+        ids: &[Uuid],
+        lease: Duration,
+    ) -> impl Future<Output = Result<usize>> + Send;
+
     /// Marks claimed rows completed. Rows no longer held by `token` are not
     /// touched and reported in [`Error::ConcurrentUpdate`]; the rest are written.
     fn complete(
@@ -377,8 +428,8 @@ pub trait EventStore<R: Route>: Clone + Send + Sync + 'static {
         reason: &UnlockReason,
     ) -> impl Future<Output = Result<Event<R>>> + Send;
 
-    /// Unlocks every row locked longer than `older_than`, `batch_size` rows per
-    /// statement; returns how many.
+    /// Unlocks every row locked longer than `older_than` (by `locked_at`),
+    /// `batch_size` rows per statement; returns how many.
     fn release_stale_locks(
         &self,
         older_than: Duration,

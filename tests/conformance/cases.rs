@@ -397,43 +397,52 @@ pub async fn claim_keeps_per_key_order_and_takes_runs(db: &TestDb) {
     ];
     let events: Vec<OutboxEvent> = order.iter().map(|(k, i)| ev(k, *i)).collect();
     seed(db, &events).await;
-    // A claim of 3 takes the first three: a0 b0 a1 (runs of a and b from their heads).
+    // Key first: a's rows became due first, so a claim of 3 takes the run
+    // of a from its head (a0 a1 a2), not the first three rows by time.
     let first = outbox.claim(&ClaimOptions::new(w("w1"), 3)).await.unwrap();
-    assert_eq!(ids(&first.events), ids(&events[..3]));
-    // Another worker gets nothing: every remaining row is behind a held row of its key.
-    let other = outbox
-        .claim(&ClaimOptions::new(w("w2"), 100))
-        .await
-        .unwrap();
-    assert!(
-        other.is_empty(),
-        "got {:?}",
-        other
-            .events
-            .iter()
-            .map(|e| e.partition_key())
-            .collect::<Vec<_>>()
+    assert_eq!(
+        ids(&first.events),
+        ids(&[events[0].clone(), events[2].clone(), events[4].clone()])
     );
-    // Completing a0 and b0 (a1 still held) frees b's run but not a's.
-    outbox
-        .complete(&first.token, &[events[0].id(), events[1].id()])
-        .await
-        .unwrap();
+    // Another worker takes the other key whole; a is held by w1.
     let second = outbox
         .claim(&ClaimOptions::new(w("w2"), 100))
         .await
         .unwrap();
-    assert_eq!(ids(&second.events), vec![events[3].id(), events[7].id()]);
-    outbox
-        .complete(&first.token, &[events[2].id()])
-        .await
-        .unwrap();
-    // Now a's run a2 a3 a4 goes out whole, in order.
+    assert_eq!(
+        ids(&second.events),
+        ids(&[events[1].clone(), events[3].clone(), events[7].clone()])
+    );
+    // Nothing is left that anyone can take: a3 a4 wait behind w1's rows.
     let third = outbox
         .claim(&ClaimOptions::new(w("w3"), 100))
         .await
         .unwrap();
-    assert_eq!(ids(&third.events), ids(&events[4..7]));
+    assert!(third.is_empty(), "{:?}", ids(&third.events));
+    assert!(!outbox.claimable_exists().await.unwrap());
+    // Completing a0 and a1 (a2 still held) frees nothing.
+    outbox
+        .complete(&first.token, &[events[0].id(), events[2].id()])
+        .await
+        .unwrap();
+    assert!(
+        outbox
+            .claim(&ClaimOptions::new(w("w3"), 100))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    outbox
+        .complete(&first.token, &[events[4].id()])
+        .await
+        .unwrap();
+    // Now the rest of a's run goes out whole, in order.
+    assert!(outbox.claimable_exists().await.unwrap());
+    let fourth = outbox
+        .claim(&ClaimOptions::new(w("w3"), 100))
+        .await
+        .unwrap();
+    assert_eq!(ids(&fourth.events), ids(&events[5..7]));
 }
 
 pub async fn tried_or_locked_heads_block_their_key(db: &TestDb) {
@@ -499,12 +508,39 @@ pub async fn tried_or_locked_heads_block_their_key(db: &TestDb) {
     );
 }
 
+/// A lease is the claimer's: rows are taken again when the lease the
+/// claiming worker asked for has passed, whatever the lease of the worker
+/// that takes them (each claim stores its own `locked_until`).
 pub async fn claim_skips_held_rows_until_the_lease_expires(db: &TestDb) {
     let outbox = db.store.outbox();
     let events: Vec<OutboxEvent> = (0..5).map(|i| ev(&format!("k{i}"), i)).collect();
     seed(db, &events).await;
+    // w1 holds the rows with the default 5-minute lease: a claimer with a
+    // 10 ms lease does not judge them by its own setting.
     let first = outbox.claim(&ClaimOptions::new(w("w1"), 10)).await.unwrap();
     assert_eq!(first.len(), 5);
+    assert!(
+        first.events.iter().all(
+            |e| e.locked_until() == Some(e.locked_at().unwrap() + chrono::Duration::minutes(5))
+        )
+    );
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert!(
+        outbox
+            .claim(&ClaimOptions::new(w("w2"), 10).lease(Duration::from_millis(10)))
+            .await
+            .unwrap()
+            .is_empty(),
+        "w1's 5-minute lease has not expired"
+    );
+    outbox.release(&first.token, &ids(&events)).await.unwrap();
+    // w1 again, now with a 30 ms lease: a worker with the default 5-minute
+    // lease takes the rows once w1's own lease has passed.
+    let short = outbox
+        .claim(&ClaimOptions::new(w("w1"), 10).lease(Duration::from_millis(30)))
+        .await
+        .unwrap();
+    assert_eq!(short.len(), 5);
     assert!(
         outbox
             .claim(&ClaimOptions::new(w("w2"), 10))
@@ -512,16 +548,13 @@ pub async fn claim_skips_held_rows_until_the_lease_expires(db: &TestDb) {
             .unwrap()
             .is_empty()
     );
-    tokio::time::sleep(Duration::from_millis(50)).await;
-    // For a claimer with a 10 ms lease, w1's locks have expired.
-    let second = outbox
-        .claim(&ClaimOptions::new(w("w2"), 10).lease(Duration::from_millis(10)))
-        .await
-        .unwrap();
+    tokio::time::sleep(Duration::from_millis(60)).await;
+    assert!(outbox.claimable_exists().await.unwrap());
+    let second = outbox.claim(&ClaimOptions::new(w("w2"), 10)).await.unwrap();
     assert_eq!(ids(&second.events), ids(&events));
     // w1 lost its lease: its completion is refused and names the rows.
     match outbox
-        .complete(&first.token, &ids(&events))
+        .complete(&short.token, &ids(&events))
         .await
         .unwrap_err()
     {
@@ -542,18 +575,64 @@ pub async fn claim_skips_held_rows_until_the_lease_expires(db: &TestDb) {
     assert_eq!(outbox.counts().await.unwrap().completed, 5);
 }
 
+/// A lease is extended while its batch is in flight (the fencing token,
+/// `locked_at`, stays), and only by the claim that holds it.
+pub async fn extending_a_lease_keeps_the_rows(db: &TestDb) {
+    let outbox = db.store.outbox();
+    let events: Vec<OutboxEvent> = (0..3).map(|i| ev(&format!("k{i}"), i)).collect();
+    seed(db, &events).await;
+    let c = outbox
+        .claim(&ClaimOptions::new(w("w1"), 10).lease(Duration::from_millis(100)))
+        .await
+        .unwrap();
+    for _ in 0..4 {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(
+            outbox
+                .extend_lease(&c.token, &ids(&events), Duration::from_millis(100))
+                .await
+                .unwrap(),
+            3
+        );
+    }
+    assert!(
+        outbox
+            .claim(&ClaimOptions::new(w("w2"), 10))
+            .await
+            .unwrap()
+            .is_empty(),
+        "200 ms after a 100 ms claim, the extended lease still holds"
+    );
+    let row = outbox.get(events[0].id()).await.unwrap().unwrap();
+    assert_eq!(row.locked_at(), Some(c.token.locked_at));
+    assert!(row.locked_until().unwrap() > c.token.locked_at + chrono::Duration::milliseconds(150));
+    // A stale token extends nothing.
+    let stale = omnibox::ClaimToken {
+        locked_at: c.token.locked_at - chrono::Duration::seconds(1),
+        ..c.token.clone()
+    };
+    assert_eq!(
+        outbox
+            .extend_lease(&stale, &ids(&events), Duration::from_secs(60))
+            .await
+            .unwrap(),
+        0
+    );
+    assert_eq!(outbox.complete(&c.token, &ids(&events)).await.unwrap(), 3);
+}
+
 pub async fn fencing_rejects_a_stale_claim_of_the_same_worker(db: &TestDb) {
     let outbox = db.store.outbox();
     let events: Vec<OutboxEvent> = (0..3).map(|i| ev(&format!("k{i}"), i)).collect();
     seed(db, &events).await;
     let old = outbox
-        .claim(&ClaimOptions::new(w("relay"), 10))
+        .claim(&ClaimOptions::new(w("relay"), 10).lease(Duration::from_millis(5)))
         .await
         .unwrap();
     tokio::time::sleep(Duration::from_millis(20)).await;
     // The same worker id (a restarted process, say) re-claims after expiry.
     let new = outbox
-        .claim(&ClaimOptions::new(w("relay"), 10).lease(Duration::from_millis(5)))
+        .claim(&ClaimOptions::new(w("relay"), 10))
         .await
         .unwrap();
     assert_eq!(new.len(), 3);
@@ -932,8 +1011,12 @@ pub async fn database_enforces_invariants(db: &TestDb) {
         let db_err = err
             .as_database_error()
             .unwrap_or_else(|| panic!("{what}: {err}"));
+        // SQLite enforces the lease pairing with a trigger (a table CHECK
+        // cannot be added to an existing table).
         assert!(
-            db_err.is_check_violation() || db_err.is_unique_violation(),
+            db_err.is_check_violation()
+                || db_err.is_unique_violation()
+                || db_err.message().contains("must be set together"),
             "{what}: expected a constraint violation, got {db_err}"
         );
     }
@@ -977,39 +1060,67 @@ pub async fn claim_is_served_by_the_index(db: &TestDb) {
     let events: Vec<OutboxEvent> = (0..20_000)
         .map(|i| ev(&format!("k{}", i % 100), i))
         .collect();
-    seed(db, &events).await;
     match &db.store {
         AnyStore::Postgres(s) => {
+            // The plan must not depend on statistics: check it on a table
+            // analyzed while empty, then loaded (the statistics say "no
+            // rows"), on one loaded and never analyzed, and once analyzed.
             sqlx::query("ANALYZE outbox_events")
                 .execute(s.pool())
                 .await
                 .unwrap();
-            let sql = format!(
-                "EXPLAIN (FORMAT TEXT) {}",
-                omnibox::store::postgres::OUTBOX_CLAIM_SCAN
-            );
-            let plan: Vec<String> = sqlx::query_scalar(sqlx::AssertSqlSafe(sql))
-                .fetch_all(s.pool())
+            seed(db, &events).await;
+            let explain = || async {
+                let sql = format!(
+                    "EXPLAIN (FORMAT TEXT) {}",
+                    omnibox::store::postgres::OUTBOX_DISCOVER
+                );
+                let mut conn = s.pool().acquire().await.unwrap();
+                let mut tx = sqlx::Connection::begin(&mut *conn).await.unwrap();
+                let plan: Vec<String> = sqlx::query_scalar(sqlx::AssertSqlSafe(sql))
+                    .bind(1000_i64)
+                    .persistent(false)
+                    .fetch_all(&mut *tx)
+                    .await
+                    .unwrap();
+                plan.join("\n")
+            };
+            let mut plans = vec![("analyzed empty, then loaded", explain().await)];
+            sqlx::query("DELETE FROM pg_statistic WHERE starelid = 'outbox_events'::regclass")
+                .execute(s.pool())
+                .await
+                .ok();
+            plans.push(("loaded, statistics removed", explain().await));
+            sqlx::query("ANALYZE outbox_events")
+                .execute(s.pool())
                 .await
                 .unwrap();
-            let plan = plan.join("\n");
-            assert!(
-                plan.contains("Index Scan using outbox_events_claim"),
-                "{plan}"
-            );
-            assert!(
-                !plan.contains("Sort"),
-                "the claim must not sort the backlog:\n{plan}"
-            );
-            assert!(!plan.contains("Seq Scan"), "{plan}");
+            plans.push(("analyzed", explain().await));
+            for (when, plan) in plans {
+                assert!(
+                    plan.contains("Index Scan using outbox_events_claim"),
+                    "{when}:\n{plan}"
+                );
+                assert!(
+                    plan.contains("Index Scan using outbox_events_key_order"),
+                    "{when}:\n{plan}"
+                );
+                assert!(!plan.contains("Seq Scan"), "{when}:\n{plan}");
+                assert!(
+                    !plan.contains("Sort Key: r.scheduled_at"),
+                    "{when}: the claim must not sort the backlog:\n{plan}"
+                );
+            }
         }
         AnyStore::Sqlite(s) => {
+            seed(db, &events).await;
             let sql = format!(
                 "EXPLAIN QUERY PLAN {}",
-                omnibox::store::sqlite::OUTBOX_CLAIM_SCAN
+                omnibox::store::sqlite::OUTBOX_DISCOVER
             );
             let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
                 .bind(time::format(&time::now()))
+                .bind(1000_i64)
                 .fetch_all(s.pool())
                 .await
                 .unwrap();
@@ -1019,11 +1130,8 @@ pub async fn claim_is_served_by_the_index(db: &TestDb) {
                 .collect();
             let plan = plan.join("\n");
             assert!(plan.contains("USING INDEX outbox_events_claim"), "{plan}");
-            assert!(plan.contains("outbox_events_key_held"), "{plan}");
-            assert!(
-                !plan.contains("TEMP B-TREE"),
-                "the claim must not sort the backlog:\n{plan}"
-            );
+            assert!(plan.contains("outbox_events_key_order"), "{plan}");
+            assert!(!plan.contains("SCAN outbox_events"), "{plan}");
         }
         _ => unreachable!(),
     }
@@ -1114,8 +1222,11 @@ pub async fn rows_behind_failed_heads_do_not_starve_them(db: &TestDb) {
     let outbox = db.store.outbox();
     let events: Vec<OutboxEvent> = (0..200).map(|i| ev(&format!("k{}", i % 10), i)).collect();
     seed(db, &events).await;
-    let first = outbox.claim(&ClaimOptions::new(w("w1"), 50)).await.unwrap();
-    assert_eq!(first.len(), 50);
+    let first = outbox
+        .claim(&ClaimOptions::new(w("w1"), 200))
+        .await
+        .unwrap();
+    assert_eq!(first.len(), 200);
     // Each key's head fails transiently (retry in 50 ms); the rest of the runs are released.
     let heads: Vec<Uuid> = (0..10).map(|i| events[i].id()).collect();
     let retry = time::now() + chrono::Duration::milliseconds(50);
@@ -1137,11 +1248,170 @@ pub async fn rows_behind_failed_heads_do_not_starve_them(db: &TestDb) {
             .is_empty(),
         "heads not due yet"
     );
+    assert!(!outbox.claimable_exists().await.unwrap());
     tokio::time::sleep(Duration::from_millis(80)).await;
-    // 190 rows wait behind 10 heads; a window of 50 must still reach the heads.
-    let again = outbox.claim(&ClaimOptions::new(w("w1"), 50)).await.unwrap();
+    // 190 rows wait behind 10 heads; a claim of 10 must still reach the
+    // heads, and a tried head goes alone.
+    let again = outbox.claim(&ClaimOptions::new(w("w1"), 10)).await.unwrap();
     let got: HashSet<Uuid> = ids(&again.events).into_iter().collect();
-    for h in &heads {
-        assert!(got.contains(h), "head {h} was starved: {:?}", again.len());
+    assert_eq!(got, heads.iter().copied().collect::<HashSet<_>>());
+}
+
+fn ev_at(key: &str, n: usize, scheduled_at: omnibox::Timestamp) -> OutboxEvent {
+    let mut e = new_event(key, n);
+    e.scheduled_at = Some(scheduled_at);
+    svc().create_outbox_event(e).unwrap()
+}
+
+/// A key's later row scheduled before its head (clock skew, an explicit
+/// `scheduled_at`) must not stall the claim: the old window took the first N
+/// due rows by time and dropped rows whose head lay outside it, so N such
+/// rows ahead of the heads made every claim empty.
+pub async fn successors_scheduled_before_their_head_do_not_stall_the_claim(db: &TestDb) {
+    let outbox = db.store.outbox();
+    let past = time::now() - chrono::Duration::seconds(30);
+    // One key: k#1 now, k#2 thirty seconds earlier.
+    let one = vec![ev("k", 0), ev_at("k", 1, past)];
+    seed(db, &one).await;
+    let c = outbox.claim(&ClaimOptions::new(w("w1"), 1)).await.unwrap();
+    assert_eq!(
+        ids(&c.events),
+        vec![one[0].id()],
+        "the head first, alone in a batch of 1"
+    );
+    outbox.complete(&c.token, &ids(&c.events)).await.unwrap();
+    let c = outbox.claim(&ClaimOptions::new(w("w1"), 1)).await.unwrap();
+    assert_eq!(ids(&c.events), vec![one[1].id()]);
+    outbox.complete(&c.token, &ids(&c.events)).await.unwrap();
+    // 150 keys shaped the same way, batch 100: every claim is full and every
+    // key keeps its order.
+    let mut many = Vec::new();
+    for k in 0..150 {
+        many.push(ev(&format!("m{k}"), 2 * k));
     }
+    for k in 0..150 {
+        many.push(ev_at(&format!("m{k}"), 2 * k + 1, past));
+    }
+    seed(db, &many).await;
+    let mut handed = Vec::new();
+    loop {
+        let c = outbox
+            .claim(&ClaimOptions::new(w("w1"), 100))
+            .await
+            .unwrap();
+        if c.is_empty() {
+            break;
+        }
+        assert!(
+            c.len() == 100 || handed.len() + c.len() == 300,
+            "a short claim: {}",
+            c.len()
+        );
+        handed.extend(ids(&c.events));
+        outbox.complete(&c.token, &ids(&c.events)).await.unwrap();
+    }
+    assert_eq!(handed.len(), 300);
+    let pos: HashMap<Uuid, usize> = handed.iter().enumerate().map(|(i, id)| (*id, i)).collect();
+    for k in 0..150 {
+        assert!(
+            pos[&many[k].id()] < pos[&many[150 + k].id()],
+            "key m{k} out of order"
+        );
+    }
+}
+
+/// A hot key held by one relay (a backlog larger than the batch) must not
+/// fill every other relay's window: they claim the other keys.
+pub async fn a_held_hot_key_does_not_starve_other_relays(db: &TestDb) {
+    let outbox = db.store.outbox();
+    let mut events: Vec<OutboxEvent> = (0..500).map(|i| ev("hot", i)).collect();
+    events.extend((0..20).map(|i| ev(&format!("small{i}"), 500 + i)));
+    seed(db, &events).await;
+    let a = outbox.claim(&ClaimOptions::new(w("a"), 100)).await.unwrap();
+    assert_eq!(
+        ids(&a.events),
+        ids(&events[..100]),
+        "relay a takes a run of the hot key"
+    );
+    let b = outbox.claim(&ClaimOptions::new(w("b"), 100)).await.unwrap();
+    assert_eq!(
+        ids(&b.events),
+        ids(&events[500..]),
+        "relay b takes the small keys"
+    );
+    let c = outbox.claim(&ClaimOptions::new(w("c"), 100)).await.unwrap();
+    assert!(c.is_empty());
+    assert!(
+        !outbox.claimable_exists().await.unwrap(),
+        "everything left is held by a live lease"
+    );
+}
+
+/// The routine replay: a key whose head failed, newer rows queued on it;
+/// replay makes the head due now (later than the rows behind it) and clears
+/// its error. The claim must hand out the head and its run.
+pub async fn a_replayed_head_is_claimed_with_its_run(db: &TestDb) {
+    let outbox = db.store.outbox();
+    let mut n = new_event("k", 0);
+    n.max_attempts = Some(1);
+    let head = svc().create_outbox_event(n).unwrap();
+    seed(db, std::slice::from_ref(&head)).await;
+    let c = outbox.claim(&ClaimOptions::new(w("w1"), 10)).await.unwrap();
+    let r = outbox
+        .fail(
+            &c.token,
+            &[Failure::counted(head.id(), "rejected", time::now())],
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.failed, vec![head.id()]);
+    let rest: Vec<OutboxEvent> = (1..=150).map(|i| ev("k", i)).collect();
+    seed(db, &rest).await;
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    let replayed = outbox
+        .requeue_failed(&RequeueFilter {
+            all: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(replayed, vec![head.id()]);
+    assert!(outbox.claimable_exists().await.unwrap());
+    let c = outbox
+        .claim(&ClaimOptions::new(w("w1"), 100))
+        .await
+        .unwrap();
+    assert_eq!(c.len(), 100);
+    assert_eq!(c.events[0].id(), head.id(), "the replayed head goes first");
+    assert_eq!(ids(&c.events[1..]), ids(&rest[..99]));
+}
+
+/// A pending row whose attempts are used up (edited by hand) is handed out,
+/// and a counted failure makes it failed without breaking the database's
+/// attempts check; the old fail statement violated it and the batch was
+/// claimed again forever.
+pub async fn a_row_with_attempts_used_up_fails_cleanly(db: &TestDb) {
+    let outbox = db.store.outbox();
+    let e = ev("k", 0);
+    seed(db, std::slice::from_ref(&e)).await;
+    raw(
+        db,
+        "UPDATE outbox_events SET attempts_made = max_attempts",
+        "UPDATE outbox_events SET attempts_made = max_attempts",
+    )
+    .await
+    .unwrap();
+    let c = outbox.claim(&ClaimOptions::new(w("w1"), 10)).await.unwrap();
+    assert_eq!(c.len(), 1);
+    let r = outbox
+        .fail(
+            &c.token,
+            &[Failure::counted(e.id(), "attempts used up", time::now())],
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.failed, vec![e.id()]);
+    let row = outbox.get(e.id()).await.unwrap().unwrap();
+    assert_eq!(row.status(), EventStatus::Failed);
+    assert_eq!(row.attempts_made(), row.max_attempts());
 }

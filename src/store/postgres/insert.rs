@@ -485,10 +485,14 @@ pub async fn lock_inbox(
     ids: &[Uuid],
     token: &crate::store::ClaimToken,
 ) -> Result<()> {
-    sqlx::query("UPDATE inbox_events SET locked_at = $2, locked_by = $3, updated_at = now() WHERE id = ANY($1)")
-        .bind(ids)
-        .bind(token.locked_at)
-        .bind(token.worker.as_str())
+    sqlx::query(
+        "UPDATE inbox_events SET locked_at = $2, locked_by = $3, locked_until = $2 + make_interval(secs => $4), \
+         updated_at = now() WHERE id = ANY($1)",
+    )
+    .bind(ids)
+    .bind(token.locked_at)
+    .bind(token.worker.as_str())
+    .bind(token.lease.as_secs_f64())
         .execute(&mut *conn)
         .await
         .map_err(storage)?;
@@ -499,7 +503,7 @@ pub async fn lock_inbox(
 pub async fn complete_inbox(conn: &mut PgConnection, ids: &[Uuid]) -> Result<()> {
     sqlx::query(
         "UPDATE inbox_events SET status = 'completed', completed_at = now(), locked_at = NULL, locked_by = NULL, \
-         updated_at = now() WHERE id = ANY($1) AND status = 'pending'",
+         locked_until = NULL, updated_at = now() WHERE id = ANY($1) AND status = 'pending'",
     )
     .bind(ids)
     .execute(&mut *conn)

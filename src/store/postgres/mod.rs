@@ -35,7 +35,7 @@ mod table;
 pub use insert::{
     complete_inbox, delete_inbox, insert_inbox, insert_outbox, insert_outbox_stream, lock_inbox,
 };
-pub use sql::OUTBOX_CLAIM_SCAN;
+pub use sql::OUTBOX_DISCOVER;
 
 /// Connection settings beyond the URL.
 #[derive(Debug, Clone)]
@@ -252,12 +252,15 @@ mod sealed {
         fn sql() -> &'static super::sql::TableSql;
         /// Reads the routing columns.
         fn decode_route(row: &PgRow) -> Result<Self, sqlx::Error>;
+        /// True when the claim keeps per-key order (the outbox).
+        const KEY_ORDER: bool;
     }
 }
 
 pub use sealed::PgRoute;
 
 impl PgRoute for OutboxRoute {
+    const KEY_ORDER: bool = true;
     fn sql() -> &'static sql::TableSql {
         &sql::OUTBOX
     }
@@ -272,6 +275,7 @@ impl PgRoute for OutboxRoute {
 }
 
 impl PgRoute for InboxRoute {
+    const KEY_ORDER: bool = false;
     fn sql() -> &'static sql::TableSql {
         &sql::INBOX
     }
@@ -322,9 +326,11 @@ fn decode_inner<R: PgRoute>(row: &PgRow) -> Result<Event<R>, sqlx::Error> {
         completed_at: row.try_get("completed_at")?,
         locked_at: row.try_get("locked_at")?,
         locked_by: row.try_get("locked_by")?,
+        locked_until: row.try_get("locked_until")?,
         created_at: row.try_get("created_at")?,
         updated_at: row.try_get("updated_at")?,
         route: R::decode_route(row)?,
+        clock_default: false,
     })
 }
 

@@ -4,9 +4,11 @@
 pub struct TableSql {
     pub get: &'static str,
     pub claim: &'static str,
+    pub claimable_exists: &'static str,
     pub complete: &'static str,
     pub fail: &'static str,
     pub release: &'static str,
+    pub extend_lease: &'static str,
     pub force_unlock: &'static str,
     pub release_stale: &'static str,
     pub delete_completed: &'static str,
@@ -20,6 +22,38 @@ pub struct TableSql {
     pub count_failed_older: &'static str,
     pub delete_failed: &'static str,
     pub failed_by_type: &'static str,
+}
+
+/// A row that can be handed out now: due, and unlocked or its lease passed
+/// (`$alias` is the table alias). Used by every claim and walk.
+macro_rules! ready {
+    ($a:literal) => {
+        concat!(
+            "((",
+            $a,
+            ".locked_at IS NULL OR ",
+            $a,
+            ".locked_until <= now()) AND ",
+            $a,
+            ".scheduled_at <= now())"
+        )
+    };
+}
+
+/// A row that takes part in its key's order: due, tried, or locked. A row
+/// scheduled for later and never tried does not hold its key up.
+macro_rules! active {
+    ($a:literal) => {
+        concat!(
+            "(",
+            $a,
+            ".scheduled_at <= now() OR ",
+            $a,
+            ".last_error IS NOT NULL OR ",
+            $a,
+            ".locked_at IS NOT NULL)"
+        )
+    };
 }
 
 /// The claim of a table without per-key order (the inbox): unlocked due rows
@@ -40,9 +74,8 @@ macro_rules! plain_claim {
                 SELECT id, seq, scheduled_at FROM ",
             $t,
             "
-                WHERE locked_at < now() - make_interval(secs => $1)
-                  AND status = 'pending' AND scheduled_at <= now()
-                ORDER BY locked_at
+                WHERE locked_until <= now() AND status = 'pending' AND scheduled_at <= now()
+                ORDER BY locked_until
                 LIMIT $2
                 FOR UPDATE SKIP LOCKED
             ),
@@ -54,7 +87,8 @@ macro_rules! plain_claim {
             UPDATE ",
             $t,
             " t
-            SET locked_at = now(), locked_by = $3, updated_at = now()
+            SET locked_at = now(), locked_by = $3, locked_until = now() + make_interval(secs => $1),
+                updated_at = now()
             FROM picked
             WHERE t.id = picked.id
             RETURNING t.*"
@@ -62,52 +96,78 @@ macro_rules! plain_claim {
     };
 }
 
+macro_rules! plain_claimable_exists {
+    ($t:literal) => {
+        concat!(
+            "SELECT EXISTS (SELECT 1 FROM ",
+            $t,
+            " WHERE status = 'pending' AND locked_at IS NULL AND scheduled_at <= now())
+             OR EXISTS (SELECT 1 FROM ",
+            $t,
+            " WHERE locked_until <= now() AND status = 'pending' AND scheduled_at <= now())"
+        )
+    };
+}
+
 macro_rules! table_sql {
-    ($t:literal, $claim:expr) => {
+    ($t:literal, $claim:expr, $exists:expr) => {
         TableSql {
             get: concat!("SELECT * FROM ", $t, " WHERE id = $1"),
             claim: $claim,
+            claimable_exists: $exists,
             complete: concat!(
                 "UPDATE ", $t, "
-                SET status = 'completed', completed_at = now(), locked_at = NULL, locked_by = NULL, updated_at = now()
+                SET status = 'completed', completed_at = now(), locked_at = NULL, locked_by = NULL,
+                    locked_until = NULL, updated_at = now()
                 WHERE id = ANY($1) AND locked_by = $2 AND locked_at = $3
                 RETURNING id"
             ),
+            // A counted failure of a row whose attempts were already used up
+            // (edited by hand) makes it failed without breaking the
+            // attempts_made <= max_attempts check.
             fail: concat!(
                 "UPDATE ", $t, " t
-                SET attempts_made = t.attempts_made + CASE WHEN u.counted THEN 1 ELSE 0 END,
+                SET attempts_made = LEAST(t.attempts_made + CASE WHEN u.counted THEN 1 ELSE 0 END, t.max_attempts),
                     status = CASE WHEN u.counted AND t.attempts_made + 1 >= t.max_attempts
                                   THEN 'failed' ELSE 'pending' END,
                     scheduled_at = CASE WHEN u.counted AND t.attempts_made + 1 >= t.max_attempts
-                                        THEN t.scheduled_at ELSE u.retry_at END,
+                                        THEN t.scheduled_at
+                                        ELSE COALESCE(u.retry_at, now() + make_interval(secs => u.delay)) END,
                     last_error = u.error,
-                    locked_at = NULL, locked_by = NULL, updated_at = now()
-                FROM UNNEST($1::uuid[], $2::text[], $3::bool[], $4::timestamptz[]) AS u(id, error, counted, retry_at)
-                WHERE t.id = u.id AND t.locked_by = $5 AND t.locked_at = $6
+                    locked_at = NULL, locked_by = NULL, locked_until = NULL, updated_at = now()
+                FROM UNNEST($1::uuid[], $2::text[], $3::bool[], $4::timestamptz[], $5::float8[])
+                    AS u(id, error, counted, retry_at, delay)
+                WHERE t.id = u.id AND t.locked_by = $6 AND t.locked_at = $7
                 RETURNING t.id, t.status"
             ),
             release: concat!(
                 "UPDATE ", $t, "
-                SET locked_at = NULL, locked_by = NULL, updated_at = now()
+                SET locked_at = NULL, locked_by = NULL, locked_until = NULL, updated_at = now()
+                WHERE id = ANY($1) AND locked_by = $2 AND locked_at = $3
+                RETURNING id"
+            ),
+            extend_lease: concat!(
+                "UPDATE ", $t, "
+                SET locked_until = now() + make_interval(secs => $4), updated_at = now()
                 WHERE id = ANY($1) AND locked_by = $2 AND locked_at = $3
                 RETURNING id"
             ),
             force_unlock: concat!(
                 "UPDATE ", $t, "
-                SET locked_at = NULL, locked_by = NULL, last_error = $2, updated_at = now()
+                SET locked_at = NULL, locked_by = NULL, locked_until = NULL, last_error = $2, updated_at = now()
                 WHERE id = $1 AND locked_at IS NOT NULL
                 RETURNING *"
             ),
             release_stale: concat!(
                 "WITH stale AS (
                     SELECT id FROM ", $t, "
-                    WHERE locked_at < now() - make_interval(secs => $1)
-                    ORDER BY locked_at
+                    WHERE locked_until IS NOT NULL AND locked_at < now() - make_interval(secs => $1)
+                    ORDER BY locked_until
                     LIMIT $2
                     FOR UPDATE SKIP LOCKED
                 )
                 UPDATE ", $t, " t
-                SET locked_at = NULL, locked_by = NULL, updated_at = now()
+                SET locked_at = NULL, locked_by = NULL, locked_until = NULL, updated_at = now()
                 FROM stale WHERE t.id = stale.id"
             ),
             delete_completed: concat!(
@@ -124,10 +184,10 @@ macro_rules! table_sql {
                         count(*) FILTER (WHERE status = 'completed') AS completed,
                         count(*) FILTER (WHERE status = 'failed') AS failed,
                         count(*) FILTER (WHERE locked_at IS NOT NULL) AS locked,
-                        count(*) FILTER (WHERE status = 'pending' AND locked_at IS NULL AND scheduled_at <= now()) AS due_now,
+                        count(*) FILTER (WHERE status = 'pending' AND ", ready!("t"), ") AS due_now,
                         min(created_at) FILTER (WHERE status = 'pending') AS oldest_pending,
                         now() AS now
-                FROM ", $t
+                FROM ", $t, " t"
             ),
             select_all: concat!("SELECT * FROM ", $t, " WHERE TRUE"),
             requeue_head: concat!(
@@ -138,12 +198,13 @@ macro_rules! table_sql {
             failed_head: concat!("SELECT * FROM ", $t, " WHERE status = 'failed'"),
             unlock_worker: concat!(
                 "UPDATE ", $t, "
-                SET locked_at = NULL, locked_by = NULL, last_error = $2, updated_at = now()
+                SET locked_at = NULL, locked_by = NULL, locked_until = NULL, last_error = $2, updated_at = now()
                 WHERE locked_by = $1
                 RETURNING id"
             ),
             count_stale: concat!(
-                "SELECT count(*) FROM ", $t, " WHERE locked_at < now() - make_interval(secs => $1)"
+                "SELECT count(*) FROM ", $t,
+                " WHERE locked_until IS NOT NULL AND locked_at < now() - make_interval(secs => $1)"
             ),
             count_completed_older: concat!(
                 "SELECT count(*) FROM ", $t,
@@ -170,91 +231,131 @@ macro_rules! table_sql {
     };
 }
 
-/// The outbox claim keeps per-key order. Candidates are the first $2 due rows
-/// (unlocked, or lease expired) in (scheduled_at, seq) order, locked with
-/// SKIP LOCKED, leaving out rows queued behind a tried row of their key (one
-/// probe of the small key_held index each; without this, rows stuck behind a
-/// failed head could fill every window and starve the head itself). For each key among them, the *barrier* is the earliest
-/// pending row of that key that is not a candidate and is due, tried
-/// (last_error set) or locked; it is found with one probe of the key-order
-/// index per key. A candidate is claimed only if it precedes its key's
-/// barrier, so a claim takes runs of consecutive rows starting at a key's
-/// head, and never a row behind one that is held or waiting for a retry.
-const OUTBOX_CLAIM: &str = "WITH free AS (
-        SELECT id, seq, scheduled_at, topic, partition_key FROM outbox_events r
-        WHERE status = 'pending' AND locked_at IS NULL AND scheduled_at <= now()
-          -- NOT COALESCE(scalar subquery), not NOT EXISTS: the planner turns
-          -- NOT EXISTS into an anti-join whose plan depends on how many rows
-          -- the statistics say are held (a nested loop over all of them when
-          -- they said none), and a bare `IS NULL` makes it sort the backlog.
-          -- This form stays an index scan with one probe per row.
-          AND NOT COALESCE((SELECT true FROM outbox_events h
-               WHERE h.status = 'pending' AND h.last_error IS NOT NULL
-                 AND h.topic = r.topic AND h.partition_key = r.partition_key AND h.seq < r.seq
-               LIMIT 1), false)
-        ORDER BY scheduled_at, seq
-        LIMIT $2
-        FOR UPDATE SKIP LOCKED
+/// The filter that keeps a candidate row `r` of the outbox claim: its key's
+/// first active row before it, if any, is ready (not held by a live lease,
+/// not waiting for a retry). One probe of the key-order index per row, in
+/// the scan itself, so rows behind a held head never fill the window.
+/// `NOT COALESCE(scalar subquery)`, not `NOT EXISTS`: the planner turns
+/// `NOT EXISTS` into an anti-join whose plan depends on the statistics; this
+/// form stays an index scan with one probe per row whatever they say.
+macro_rules! key_open {
+    () => {
+        concat!(
+            "NOT COALESCE((
+                SELECT NOT ", ready!("e"), "
+                  FROM outbox_events e
+                 WHERE e.status = 'pending' AND e.topic = r.topic AND e.partition_key = r.partition_key
+                   AND e.seq < r.seq AND ", active!("e"), "
+                 ORDER BY e.seq LIMIT 1), false)"
+        )
+    };
+}
+
+/// Step 1 and 2 of the outbox claim (see `store/claim.rs`), run in the
+/// claim's transaction. `win`: the first $1 due, unlocked rows in
+/// `(scheduled_at, seq)` order whose key is open (claim index, row-locked
+/// with SKIP LOCKED so concurrent claimers scan past each other);
+/// `expired`: rows whose lease passed (lock index); `keys`: their keys in
+/// the order met. Then each key's head (its first active row) and its active
+/// rows from the head (key-order index; only the head when it was tried: a
+/// tried head goes alone), at most $1 per key and $1 in all: the nested loop
+/// is evaluated lazily, so keys past the first $1 rows are never walked.
+pub const OUTBOX_DISCOVER: &str = concat!(
+    "WITH win AS (
+        SELECT r.topic, r.partition_key, r.scheduled_at, r.seq
+          FROM outbox_events r
+         WHERE r.status = 'pending' AND r.locked_at IS NULL AND r.scheduled_at <= now()
+           AND ",
+    key_open!(),
+    "
+         ORDER BY r.scheduled_at, r.seq
+         LIMIT $1
+         FOR UPDATE OF r SKIP LOCKED
     ),
     expired AS (
-        SELECT id, seq, scheduled_at, topic, partition_key FROM outbox_events
-        WHERE locked_at < now() - make_interval(secs => $1)
-          AND status = 'pending' AND scheduled_at <= now()
-        ORDER BY locked_at
-        LIMIT $2
-        FOR UPDATE SKIP LOCKED
+        SELECT r.topic, r.partition_key, r.scheduled_at, r.seq
+          FROM outbox_events r
+         WHERE r.locked_until <= now() AND r.status = 'pending' AND r.scheduled_at <= now()
+           AND ",
+    key_open!(),
+    "
+         ORDER BY r.locked_until
+         LIMIT $1
+         FOR UPDATE OF r SKIP LOCKED
     ),
-    cand AS MATERIALIZED (
-        SELECT * FROM (SELECT * FROM free UNION ALL SELECT * FROM expired) c
-        ORDER BY scheduled_at, seq
-        LIMIT $2
-    ),
-    keys AS (
-        SELECT topic, partition_key, max(seq) AS max_seq
-        FROM cand
-        GROUP BY topic, partition_key
-    ),
-    barrier AS MATERIALIZED (
-        SELECT k.topic, k.partition_key,
-               (SELECT e.seq FROM outbox_events e
-                 WHERE e.status = 'pending'
-                   AND e.topic = k.topic AND e.partition_key = k.partition_key
-                   AND e.seq < k.max_seq
-                   AND (e.scheduled_at <= now() OR e.last_error IS NOT NULL OR e.locked_at IS NOT NULL)
-                   AND e.seq NOT IN (SELECT seq FROM cand)
-                 ORDER BY e.seq
-                 LIMIT 1) AS seq
-        FROM keys k
-    ),
-    picked AS (
-        SELECT c.id FROM cand c
-        JOIN barrier b ON b.topic = c.topic AND b.partition_key = c.partition_key
-        WHERE b.seq IS NULL OR c.seq < b.seq
+    keys AS MATERIALIZED (
+        SELECT topic, partition_key,
+               row_number() OVER (ORDER BY min(scheduled_at), min(seq)) AS ord
+          FROM (SELECT * FROM win UNION ALL SELECT * FROM expired) c
+         GROUP BY topic, partition_key
+         ORDER BY ord
     )
-    UPDATE outbox_events t
-    SET locked_at = now(), locked_by = $3, updated_at = now()
-    FROM picked
-    WHERE t.id = picked.id
-    RETURNING t.*";
+    SELECT k.ord, w.id, w.seq, ",
+    ready!("w"),
+    " AS ready, w.last_error IS NOT NULL AS tried
+      FROM keys k
+     CROSS JOIN LATERAL (
+        SELECT e.seq, e.last_error IS NOT NULL AS tried
+          FROM outbox_events e
+         WHERE e.status = 'pending' AND e.topic = k.topic AND e.partition_key = k.partition_key
+           AND ",
+    active!("e"),
+    "
+         ORDER BY e.seq LIMIT 1) h
+     CROSS JOIN LATERAL (
+        SELECT e.id, e.seq, e.locked_at, e.locked_until, e.scheduled_at, e.last_error
+          FROM outbox_events e
+         WHERE e.status = 'pending' AND e.topic = k.topic AND e.partition_key = k.partition_key
+           AND e.seq >= h.seq
+           AND e.seq <= CASE WHEN h.tried THEN h.seq ELSE 9223372036854775807 END
+           AND ",
+    active!("e"),
+    "
+         ORDER BY e.seq
+         LIMIT $1) w
+     LIMIT $1"
+);
 
-pub static OUTBOX: TableSql = table_sql!("outbox_events", OUTBOX_CLAIM);
-pub static INBOX: TableSql = table_sql!("inbox_events", plain_claim!("inbox_events"));
+/// Step 3a: lock the planned rows. A row another claimer holds is skipped
+/// (its key's run is cut there); the values read are the rows' latest.
+pub const OUTBOX_LOCK: &str = concat!(
+    "SELECT t.id FROM outbox_events t
+      WHERE t.id = ANY($1) AND t.status = 'pending' AND ",
+    ready!("t"),
+    "
+        FOR UPDATE SKIP LOCKED"
+);
 
-/// The candidate scan of the claim alone, for EXPLAIN in tests and benches.
-pub const OUTBOX_CLAIM_SCAN: &str = "SELECT id FROM outbox_events r
-    WHERE status = 'pending' AND locked_at IS NULL AND scheduled_at <= now()
-      -- NOT COALESCE(scalar subquery), not NOT EXISTS: the planner turns
-      -- NOT EXISTS into an anti-join whose plan depends on how many rows
-      -- the statistics say are held (a nested loop over all of them when
-      -- they said none), and a bare `IS NULL` makes it sort the backlog.
-      -- This form stays an index scan with one probe per row.
-      AND NOT COALESCE((SELECT true FROM outbox_events h
-           WHERE h.status = 'pending' AND h.last_error IS NOT NULL
-             AND h.topic = r.topic AND h.partition_key = r.partition_key AND h.seq < r.seq
-           LIMIT 1), false)
-    ORDER BY scheduled_at, seq
-    LIMIT 1000
-    FOR UPDATE SKIP LOCKED";
+/// Step 3b: mark the rows claimed with the claimer's own lease.
+pub const OUTBOX_MARK: &str = "UPDATE outbox_events
+    SET locked_at = now(), locked_by = $2, locked_until = now() + make_interval(secs => $3),
+        updated_at = now()
+    WHERE id = ANY($1)
+    RETURNING *";
+
+/// Is anything claimable now (for `publish --once`): a due, unlocked or
+/// expired row whose key is open. No row locks are taken.
+pub const OUTBOX_CLAIMABLE_EXISTS: &str = concat!(
+    "SELECT EXISTS (
+        SELECT 1 FROM outbox_events r
+         WHERE r.status = 'pending' AND r.locked_at IS NULL AND r.scheduled_at <= now()
+           AND ",
+    key_open!(),
+    ")
+     OR EXISTS (
+        SELECT 1 FROM outbox_events r
+         WHERE r.locked_until <= now() AND r.status = 'pending' AND r.scheduled_at <= now()
+           AND ",
+    key_open!(),
+    ")"
+);
+
+pub static OUTBOX: TableSql = table_sql!("outbox_events", "", OUTBOX_CLAIMABLE_EXISTS);
+pub static INBOX: TableSql = table_sql!(
+    "inbox_events",
+    plain_claim!("inbox_events"),
+    plain_claimable_exists!("inbox_events")
+);
 
 pub(super) const INSERT_OUTBOX: &str = "INSERT INTO outbox_events (
         id, event_type, payload, headers, trace_id, idempotency_key, correlation_id, causation_id,

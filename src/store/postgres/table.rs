@@ -9,9 +9,11 @@ use super::{PgRoute, PgTable, decode};
 use crate::error::{Error, Result, storage};
 use crate::model::{Event, EventStatus, Timestamp, UnlockReason, time};
 use crate::store::MaintenanceStore;
+use crate::store::claim::{self, WalkRow};
 use crate::store::{
     Capabilities, Claim, ClaimOptions, ClaimToken, DEFAULT_LIST_LIMIT, EventStore, FailReport,
-    Failure, ListFilter, RequeueFilter, TableCounts, guard_result, stored_error, topic_column,
+    Failure, ListFilter, RequeueFilter, RetryAt, TableCounts, guard_result, stored_error,
+    topic_column,
 };
 
 impl<R: PgRoute> EventStore<R> for PgTable<R> {
@@ -79,26 +81,47 @@ impl<R: PgRoute> EventStore<R> for PgTable<R> {
 
     async fn claim(&self, opts: &ClaimOptions) -> Result<Claim<R>> {
         opts.check()?;
+        if R::KEY_ORDER {
+            return self.claim_in_key_order(opts).await;
+        }
         let rows = sqlx::query(R::sql().claim)
             .bind(opts.lease.as_secs_f64())
             .bind(i64::from(opts.limit))
             .bind(opts.worker.as_str())
+            .persistent(false)
             .fetch_all(&self.pool)
             .await
             .map_err(storage)?;
-        let mut events = rows.iter().map(decode).collect::<Result<Vec<Event<R>>>>()?;
-        events.sort_by_key(|e| e.seq);
-        let locked_at = events
-            .first()
-            .and_then(|e| e.locked_at)
-            .unwrap_or_else(time::now);
-        Ok(Claim {
-            token: ClaimToken {
-                worker: opts.worker.clone(),
-                locked_at,
-            },
-            events,
-        })
+        let events = rows.iter().map(decode).collect::<Result<Vec<Event<R>>>>()?;
+        Ok(claimed(opts, events, false))
+    }
+
+    async fn claimable_exists(&self) -> Result<bool> {
+        sqlx::query_scalar(R::sql().claimable_exists)
+            .persistent(false)
+            .fetch_one(&self.pool)
+            .await
+            .map_err(storage)
+    }
+
+    async fn extend_lease(
+        &self,
+        token: &ClaimToken,
+        ids: &[Uuid],
+        lease: Duration,
+    ) -> Result<usize> {
+        if ids.is_empty() {
+            return Ok(0);
+        }
+        let changed: Vec<Uuid> = sqlx::query_scalar(R::sql().extend_lease)
+            .bind(ids)
+            .bind(token.worker.as_str())
+            .bind(token.locked_at)
+            .bind(lease.as_secs_f64())
+            .fetch_all(&self.pool)
+            .await
+            .map_err(storage)?;
+        Ok(changed.len())
     }
 
     async fn complete(&self, token: &ClaimToken, ids: &[Uuid]) -> Result<usize> {
@@ -123,15 +146,26 @@ impl<R: PgRoute> EventStore<R> for PgTable<R> {
         let ids: Vec<Uuid> = failures.iter().map(|f| f.id).collect();
         let errors: Vec<String> = failures.iter().map(|f| stored_error(&f.error)).collect();
         let counted: Vec<bool> = failures.iter().map(|f| f.counted).collect();
-        let retry_at: Vec<Timestamp> = failures
+        let retry_at: Vec<Option<Timestamp>> = failures
             .iter()
-            .map(|f| time::truncate(f.retry_at))
+            .map(|f| match f.retry {
+                RetryAt::At(t) => Some(time::truncate(t)),
+                RetryAt::After(_) => None,
+            })
+            .collect();
+        let delay: Vec<Option<f64>> = failures
+            .iter()
+            .map(|f| match f.retry {
+                RetryAt::After(d) => Some(d.as_secs_f64()),
+                RetryAt::At(_) => None,
+            })
             .collect();
         let rows = sqlx::query(R::sql().fail)
             .bind(&ids)
             .bind(errors)
             .bind(counted)
             .bind(retry_at)
+            .bind(delay)
             .bind(token.worker.as_str())
             .bind(token.locked_at)
             .fetch_all(&self.pool)
@@ -222,6 +256,86 @@ impl<R: PgRoute> EventStore<R> for PgTable<R> {
             .fetch_all(&self.pool)
             .await
             .map_err(storage)
+    }
+}
+
+/// A claim's result: events in `seq` order and the claim's token (the
+/// `locked_at` all of them got: the claiming transaction's `now()`).
+fn claimed<R: PgRoute>(
+    opts: &ClaimOptions,
+    mut events: Vec<Event<R>>,
+    contended: bool,
+) -> Claim<R> {
+    events.sort_by_key(|e| e.seq);
+    let locked_at = events
+        .first()
+        .and_then(|e| e.locked_at)
+        .unwrap_or_else(time::now);
+    Claim {
+        token: ClaimToken {
+            worker: opts.worker.clone(),
+            locked_at,
+            lease: opts.lease,
+        },
+        events,
+        contended,
+    }
+}
+
+impl<R: PgRoute> PgTable<R> {
+    /// The outbox claim (see `store/claim.rs`): discover open keys and walk
+    /// them, plan the runs, lock what can be locked, mark it claimed; one
+    /// transaction. Every statement is planned for its own parameters
+    /// (unnamed statements): a cached generic plan must not decide how the
+    /// claim reads the table.
+    async fn claim_in_key_order(&self, opts: &ClaimOptions) -> Result<Claim<R>> {
+        let limit = i64::from(opts.limit);
+        let mut tx = self.pool.begin().await.map_err(storage)?;
+        let rows = sqlx::query(super::sql::OUTBOX_DISCOVER)
+            .bind(limit)
+            .persistent(false)
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(storage)?;
+        let walked = rows
+            .iter()
+            .map(|r| {
+                Ok(WalkRow {
+                    key: r.try_get("ord")?,
+                    id: r.try_get("id")?,
+                    seq: r.try_get("seq")?,
+                    ready: r.try_get("ready")?,
+                    tried: r.try_get("tried")?,
+                })
+            })
+            .collect::<std::result::Result<Vec<_>, sqlx::Error>>()
+            .map_err(storage)?;
+        let runs = claim::plan(&walked, opts.limit as usize);
+        if runs.is_empty() {
+            tx.commit().await.map_err(storage)?;
+            return Ok(claimed(opts, Vec::new(), false));
+        }
+        let planned: Vec<Uuid> = runs.iter().flat_map(|r| r.ids.iter().copied()).collect();
+        let locked: std::collections::HashSet<Uuid> = sqlx::query_scalar(super::sql::OUTBOX_LOCK)
+            .bind(&planned)
+            .persistent(false)
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(storage)?
+            .into_iter()
+            .collect();
+        let (ids, contended) = claim::keep_locked_prefixes(&runs, &locked);
+        let rows = sqlx::query(super::sql::OUTBOX_MARK)
+            .bind(&ids)
+            .bind(opts.worker.as_str())
+            .bind(opts.lease.as_secs_f64())
+            .persistent(false)
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(storage)?;
+        tx.commit().await.map_err(storage)?;
+        let events = rows.iter().map(decode).collect::<Result<Vec<Event<R>>>>()?;
+        Ok(claimed(opts, events, contended))
     }
 }
 

@@ -21,7 +21,7 @@ use crate::model::{Event, EventStatus, InboxRoute, OutboxRoute, time};
 mod sql;
 mod table;
 
-pub use sql::OUTBOX_CLAIM_SCAN;
+pub use sql::OUTBOX_DISCOVER;
 pub use table::{complete_inbox, delete_inbox, insert_inbox, insert_outbox, lock_inbox};
 
 /// How long a writer waits for the database lock before failing.
@@ -186,12 +186,15 @@ mod sealed {
         fn sql() -> &'static super::sql::TableSql;
         /// Reads the routing columns.
         fn decode_route(row: &SqliteRow) -> Result<Self, String>;
+        /// True when the claim keeps per-key order (the outbox).
+        const KEY_ORDER: bool;
     }
 }
 
 pub use sealed::SqliteRoute;
 
 impl SqliteRoute for OutboxRoute {
+    const KEY_ORDER: bool = true;
     fn sql() -> &'static sql::TableSql {
         &sql::OUTBOX
     }
@@ -206,6 +209,7 @@ impl SqliteRoute for OutboxRoute {
 }
 
 impl SqliteRoute for InboxRoute {
+    const KEY_ORDER: bool = false;
     fn sql() -> &'static sql::TableSql {
         &sql::INBOX
     }
@@ -280,9 +284,11 @@ fn decode_inner<R: SqliteRoute>(row: &SqliteRow) -> Result<Event<R>, String> {
         completed_at: opt_ts_col(row, "completed_at")?,
         locked_at: opt_ts_col(row, "locked_at")?,
         locked_by: get(row, "locked_by")?,
+        locked_until: opt_ts_col(row, "locked_until")?,
         created_at: ts_col(row, "created_at")?,
         updated_at: ts_col(row, "updated_at")?,
         route: R::decode_route(row)?,
+        clock_default: false,
     })
 }
 

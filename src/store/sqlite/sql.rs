@@ -5,9 +5,11 @@
 pub struct TableSql {
     pub get: &'static str,
     pub claim: &'static str,
+    pub claimable_exists: &'static str,
     pub complete: &'static str,
     pub fail: &'static str,
     pub release: &'static str,
+    pub extend_lease: &'static str,
     pub force_unlock: &'static str,
     pub release_stale: &'static str,
     pub delete_completed: &'static str,
@@ -25,12 +27,45 @@ pub struct TableSql {
     pub insert: &'static str,
 }
 
+/// A row that can be handed out now (?1 is now): due, and unlocked or its
+/// lease passed.
+macro_rules! ready {
+    ($a:literal) => {
+        concat!(
+            "((",
+            $a,
+            ".locked_at IS NULL OR ",
+            $a,
+            ".locked_until <= ?1) AND ",
+            $a,
+            ".scheduled_at <= ?1)"
+        )
+    };
+}
+
+/// A row that takes part in its key's order (?1 is now): due, tried, or
+/// locked.
+macro_rules! active {
+    ($a:literal) => {
+        concat!(
+            "(",
+            $a,
+            ".scheduled_at <= ?1 OR ",
+            $a,
+            ".last_error IS NOT NULL OR ",
+            $a,
+            ".locked_at IS NOT NULL)"
+        )
+    };
+}
+
+/// ?1 now, ?2 the new locked_until, ?3 limit, ?4 worker.
 macro_rules! plain_claim {
     ($t:literal) => {
         concat!(
             "UPDATE ",
             $t,
-            " SET locked_at = ?1, locked_by = ?4, updated_at = ?1
+            " SET locked_at = ?1, locked_by = ?4, locked_until = ?2, updated_at = ?1
             WHERE seq IN (
                 SELECT seq FROM (
                     SELECT seq, scheduled_at FROM (
@@ -44,8 +79,8 @@ macro_rules! plain_claim {
                         SELECT seq, scheduled_at FROM ",
             $t,
             "
-                        WHERE locked_at < ?2 AND status = 'pending' AND scheduled_at <= ?1
-                        ORDER BY locked_at LIMIT ?3)
+                        WHERE locked_until <= ?1 AND status = 'pending' AND scheduled_at <= ?1
+                        ORDER BY locked_until LIMIT ?3)
                 )
                 ORDER BY scheduled_at, seq LIMIT ?3)
             RETURNING *"
@@ -53,26 +88,44 @@ macro_rules! plain_claim {
     };
 }
 
+macro_rules! plain_claimable_exists {
+    ($t:literal) => {
+        concat!(
+            "SELECT EXISTS (SELECT 1 FROM ",
+            $t,
+            " WHERE status = 'pending' AND locked_at IS NULL AND scheduled_at <= ?1)
+             OR EXISTS (SELECT 1 FROM ",
+            $t,
+            " WHERE locked_until <= ?1 AND status = 'pending' AND scheduled_at <= ?1)"
+        )
+    };
+}
+
 macro_rules! table_sql {
-    ($t:literal, $claim:expr, $insert:expr) => {
+    ($t:literal, $claim:expr, $exists:expr, $insert:expr) => {
         TableSql {
             get: concat!("SELECT * FROM ", $t, " WHERE id = ?1"),
             claim: $claim,
+            claimable_exists: $exists,
             complete: concat!(
                 "UPDATE ", $t, "
-                SET status = 'completed', completed_at = ?2, locked_at = NULL, locked_by = NULL, updated_at = ?2
+                SET status = 'completed', completed_at = ?2, locked_at = NULL, locked_by = NULL,
+                    locked_until = NULL, updated_at = ?2
                 WHERE id IN (SELECT value FROM json_each(?1)) AND locked_by = ?3 AND locked_at = ?4
                 RETURNING id"
             ),
+            // min(): a counted failure of a row whose attempts were already
+            // used up (edited by hand) makes it failed without breaking the
+            // attempts_made <= max_attempts check.
             fail: concat!(
                 "UPDATE ", $t, "
-                SET attempts_made = attempts_made + u.counted,
+                SET attempts_made = min(attempts_made + u.counted, max_attempts),
                     status = CASE WHEN u.counted = 1 AND attempts_made + 1 >= max_attempts
                                   THEN 'failed' ELSE 'pending' END,
                     scheduled_at = CASE WHEN u.counted = 1 AND attempts_made + 1 >= max_attempts
                                         THEN scheduled_at ELSE u.retry_at END,
                     last_error = u.error,
-                    locked_at = NULL, locked_by = NULL, updated_at = ?2
+                    locked_at = NULL, locked_by = NULL, locked_until = NULL, updated_at = ?2
                 FROM (SELECT json_extract(value, '$.id') AS id,
                              json_extract(value, '$.error') AS error,
                              json_extract(value, '$.counted') AS counted,
@@ -83,19 +136,26 @@ macro_rules! table_sql {
             ),
             release: concat!(
                 "UPDATE ", $t, "
-                SET locked_at = NULL, locked_by = NULL, updated_at = ?2
+                SET locked_at = NULL, locked_by = NULL, locked_until = NULL, updated_at = ?2
+                WHERE id IN (SELECT value FROM json_each(?1)) AND locked_by = ?3 AND locked_at = ?4
+                RETURNING id"
+            ),
+            extend_lease: concat!(
+                "UPDATE ", $t, "
+                SET locked_until = ?5, updated_at = ?2
                 WHERE id IN (SELECT value FROM json_each(?1)) AND locked_by = ?3 AND locked_at = ?4
                 RETURNING id"
             ),
             force_unlock: concat!(
                 "UPDATE ", $t, "
-                SET locked_at = NULL, locked_by = NULL, last_error = ?2, updated_at = ?3
+                SET locked_at = NULL, locked_by = NULL, locked_until = NULL, last_error = ?2, updated_at = ?3
                 WHERE id = ?1 AND locked_at IS NOT NULL
                 RETURNING *"
             ),
             release_stale: concat!(
-                "UPDATE ", $t, " SET locked_at = NULL, locked_by = NULL, updated_at = ?1
-                WHERE seq IN (SELECT seq FROM ", $t, " WHERE locked_at < ?2 ORDER BY locked_at LIMIT ?3)"
+                "UPDATE ", $t, " SET locked_at = NULL, locked_by = NULL, locked_until = NULL, updated_at = ?1
+                WHERE seq IN (SELECT seq FROM ", $t, "
+                              WHERE locked_until IS NOT NULL AND locked_at < ?2 ORDER BY locked_until LIMIT ?3)"
             ),
             delete_completed: concat!(
                 "DELETE FROM ", $t, " WHERE seq IN (
@@ -108,9 +168,9 @@ macro_rules! table_sql {
                         count(*) FILTER (WHERE status = 'completed') AS completed,
                         count(*) FILTER (WHERE status = 'failed') AS failed,
                         count(*) FILTER (WHERE locked_at IS NOT NULL) AS locked,
-                        count(*) FILTER (WHERE status = 'pending' AND locked_at IS NULL AND scheduled_at <= ?1) AS due_now,
+                        count(*) FILTER (WHERE status = 'pending' AND ", ready!("t"), ") AS due_now,
                         min(created_at) FILTER (WHERE status = 'pending') AS oldest_pending
-                FROM ", $t
+                FROM ", $t, " t"
             ),
             select_all: concat!("SELECT * FROM ", $t, " WHERE 1 = 1"),
             requeue_head: concat!(
@@ -122,11 +182,13 @@ macro_rules! table_sql {
             failed_head: concat!("SELECT * FROM ", $t, " WHERE status = 'failed'"),
             unlock_worker: concat!(
                 "UPDATE ", $t, "
-                SET locked_at = NULL, locked_by = NULL, last_error = ?2, updated_at = ?3
+                SET locked_at = NULL, locked_by = NULL, locked_until = NULL, last_error = ?2, updated_at = ?3
                 WHERE locked_by = ?1
                 RETURNING id"
             ),
-            count_stale: concat!("SELECT count(*) FROM ", $t, " WHERE locked_at < ?1"),
+            count_stale: concat!(
+                "SELECT count(*) FROM ", $t, " WHERE locked_until IS NOT NULL AND locked_at < ?1"
+            ),
             count_completed_older: concat!(
                 "SELECT count(*) FROM ", $t, " WHERE status = 'completed' AND completed_at < ?1"
             ),
@@ -148,46 +210,93 @@ macro_rules! table_sql {
     };
 }
 
-/// See the PostgreSQL claim (`store/postgres/sql.rs`) for the reasoning; the
-/// same query without row locks, since SQLite runs one writer at a time and
-/// this single UPDATE is its own write transaction.
-const OUTBOX_CLAIM: &str = "WITH cand AS MATERIALIZED (
-        SELECT seq, topic, partition_key FROM (
-            SELECT seq, topic, partition_key, scheduled_at FROM (
-                SELECT seq, topic, partition_key, scheduled_at FROM outbox_events r
-                WHERE status = 'pending' AND locked_at IS NULL AND scheduled_at <= ?1
-                  AND NOT EXISTS (
-                      SELECT 1 FROM outbox_events h
-                      WHERE h.status = 'pending' AND h.last_error IS NOT NULL
-                        AND h.topic = r.topic AND h.partition_key = r.partition_key AND h.seq < r.seq)
-                ORDER BY scheduled_at, seq LIMIT ?3)
-            UNION ALL
-            SELECT seq, topic, partition_key, scheduled_at FROM (
-                SELECT seq, topic, partition_key, scheduled_at FROM outbox_events
-                WHERE locked_at < ?2 AND status = 'pending' AND scheduled_at <= ?1
-                ORDER BY locked_at LIMIT ?3)
+/// The filter that keeps a candidate row `r` of the outbox claim: its key's
+/// first active row before it, if any, is ready (see the PostgreSQL twin).
+macro_rules! key_open {
+    () => {
+        concat!(
+            "NOT COALESCE((
+                SELECT NOT ", ready!("e"), "
+                  FROM outbox_events e
+                 WHERE e.status = 'pending' AND e.topic = r.topic AND e.partition_key = r.partition_key
+                   AND e.seq < r.seq AND ", active!("e"), "
+                 ORDER BY e.seq LIMIT 1), 0)"
         )
-        ORDER BY scheduled_at, seq LIMIT ?3
+    };
+}
+
+/// Steps 1 and 2 of the outbox claim (see `store/claim.rs`) in one
+/// statement, inside the claim's write transaction (?1 now, ?2 limit): the
+/// open keys of the first ?2 candidates in the order met, and for each key
+/// (one result row each, read lazily: the caller stops reading once it has
+/// enough) its active rows from its beginning as a JSON array of
+/// `[id, seq, ready, tried]`.
+pub const OUTBOX_DISCOVER: &str = concat!(
+    "WITH win AS (
+        SELECT r.topic, r.partition_key, r.scheduled_at, r.seq
+          FROM outbox_events r
+         WHERE r.status = 'pending' AND r.locked_at IS NULL AND r.scheduled_at <= ?1
+           AND ", key_open!(), "
+         ORDER BY r.scheduled_at, r.seq
+         LIMIT ?2
     ),
-    keys AS (
-        SELECT topic, partition_key, max(seq) AS max_seq FROM cand GROUP BY topic, partition_key
+    expired AS (
+        SELECT r.topic, r.partition_key, r.scheduled_at, r.seq
+          FROM outbox_events r
+         WHERE r.locked_until <= ?1 AND r.status = 'pending' AND r.scheduled_at <= ?1
+           AND ", key_open!(), "
+         ORDER BY r.locked_until
+         LIMIT ?2
     ),
-    barrier AS (
-        SELECT k.topic, k.partition_key,
-               (SELECT min(e.seq) FROM outbox_events e
-                 WHERE e.status = 'pending'
-                   AND e.topic = k.topic AND e.partition_key = k.partition_key
-                   AND e.seq < k.max_seq
-                   AND (e.scheduled_at <= ?1 OR e.last_error IS NOT NULL OR e.locked_at IS NOT NULL)
-                   AND e.seq NOT IN (SELECT seq FROM cand)) AS seq
-        FROM keys k
+    keys AS MATERIALIZED (
+        SELECT topic, partition_key, min(scheduled_at) AS first_at, min(seq) AS first_seq
+          FROM (SELECT * FROM win UNION ALL SELECT * FROM expired)
+         GROUP BY topic, partition_key
+         ORDER BY first_at, first_seq
+    ),
+    heads AS (
+        SELECT k.topic, k.partition_key, h.seq AS head_seq,
+               CASE WHEN h.last_error IS NULL THEN 9223372036854775807 ELSE h.seq END AS last_seq
+          FROM keys k
+          JOIN outbox_events h ON h.seq = (
+               SELECT e.seq FROM outbox_events e
+                WHERE e.status = 'pending' AND e.topic = k.topic AND e.partition_key = k.partition_key
+                  AND ", active!("e"), "
+                ORDER BY e.seq LIMIT 1)
     )
-    UPDATE outbox_events SET locked_at = ?1, locked_by = ?4, updated_at = ?1
-    WHERE seq IN (
-        SELECT c.seq FROM cand c
-        JOIN barrier b ON b.topic = c.topic AND b.partition_key = c.partition_key
-        WHERE b.seq IS NULL OR c.seq < b.seq)
+    SELECT (SELECT json_group_array(json_array(w.id, w.seq, ", ready!("w"), ", w.last_error IS NOT NULL))
+              FROM (SELECT e.id, e.seq, e.locked_at, e.locked_until, e.scheduled_at, e.last_error
+                      FROM outbox_events e
+                     WHERE e.status = 'pending' AND e.topic = k.topic AND e.partition_key = k.partition_key
+                       AND e.seq >= k.head_seq AND e.seq <= k.last_seq
+                       AND ", active!("e"), "
+                     ORDER BY e.seq
+                     LIMIT ?2) w) AS walk
+      FROM heads k"
+);
+
+/// Step 3 (no locks to take: SQLite has one writer, and the claim is one
+/// write transaction): ?1 now, ?2 worker, ?3 locked_until, ?4 the ids.
+pub const OUTBOX_MARK: &str = "UPDATE outbox_events
+    SET locked_at = ?1, locked_by = ?2, locked_until = ?3, updated_at = ?1
+    WHERE id IN (SELECT value FROM json_each(?4))
     RETURNING *";
+
+/// Is anything claimable now (for `publish --once`), ?1 now.
+pub const OUTBOX_CLAIMABLE_EXISTS: &str = concat!(
+    "SELECT EXISTS (
+        SELECT 1 FROM outbox_events r
+         WHERE r.status = 'pending' AND r.locked_at IS NULL AND r.scheduled_at <= ?1
+           AND ",
+    key_open!(),
+    ")
+     OR EXISTS (
+        SELECT 1 FROM outbox_events r
+         WHERE r.locked_until <= ?1 AND r.status = 'pending' AND r.scheduled_at <= ?1
+           AND ",
+    key_open!(),
+    ")"
+);
 
 const INSERT_OUTBOX: &str = "INSERT INTO outbox_events (
         id, event_type, payload, headers, trace_id, idempotency_key, correlation_id, causation_id,
@@ -205,22 +314,19 @@ const INSERT_INBOX: &str = "INSERT INTO inbox_events (
     ON CONFLICT (message_id, consumer_group) DO NOTHING
     RETURNING id";
 
-pub static OUTBOX: TableSql = table_sql!("outbox_events", OUTBOX_CLAIM, INSERT_OUTBOX);
-pub static INBOX: TableSql = table_sql!("inbox_events", plain_claim!("inbox_events"), INSERT_INBOX);
+pub static OUTBOX: TableSql =
+    table_sql!("outbox_events", "", OUTBOX_CLAIMABLE_EXISTS, INSERT_OUTBOX);
+pub static INBOX: TableSql = table_sql!(
+    "inbox_events",
+    plain_claim!("inbox_events"),
+    plain_claimable_exists!("inbox_events"),
+    INSERT_INBOX
+);
 
 pub const OUTBOX_BY_IDEMPOTENCY_KEY: &str =
     "SELECT id FROM outbox_events WHERE idempotency_key = ?1";
 pub const INBOX_BY_MESSAGE: &str =
     "SELECT * FROM inbox_events WHERE message_id = ?1 AND consumer_group = ?2";
-
-/// The candidate scan of the claim alone, for EXPLAIN QUERY PLAN in tests.
-pub const OUTBOX_CLAIM_SCAN: &str = "SELECT seq FROM outbox_events r
-    WHERE status = 'pending' AND locked_at IS NULL AND scheduled_at <= ?1
-      AND NOT EXISTS (
-          SELECT 1 FROM outbox_events h
-          WHERE h.status = 'pending' AND h.last_error IS NOT NULL
-            AND h.topic = r.topic AND h.partition_key = r.partition_key AND h.seq < r.seq)
-    ORDER BY scheduled_at, seq LIMIT 1000";
 
 pub const BLOCKED_KEYS: &str =
     "SELECT h.topic, h.partition_key, h.id, h.attempts_made, h.last_error, h.scheduled_at,

@@ -12,10 +12,11 @@ use crate::error::{Error, Result, storage};
 use crate::model::{
     Event, EventStatus, InboxEvent, InboxRoute, OutboxEvent, OutboxRoute, Route, UnlockReason, time,
 };
+use crate::store::claim::{self, WalkRow};
 use crate::store::{
     BulkOutcome, Capabilities, Claim, ClaimOptions, ClaimToken, Created, DEFAULT_LIST_LIMIT,
     EventStore, FailReport, Failure, InboxStore, ListFilter, MaintenanceStore, OutboxStore,
-    RequeueFilter, TableCounts, guard_result, stored_error, topic_column,
+    RequeueFilter, RetryAt, TableCounts, guard_result, stored_error, topic_column,
 };
 
 fn ts(t: &time::Timestamp) -> String {
@@ -102,25 +103,51 @@ impl<R: SqliteRoute> EventStore<R> for SqliteTable<R> {
 
     async fn claim(&self, opts: &ClaimOptions) -> Result<Claim<R>> {
         opts.check()?;
+        if R::KEY_ORDER {
+            return self.claim_in_key_order(opts).await;
+        }
         let now = time::now();
-        let cutoff = now - chrono_dur(opts.lease);
+        let until = now + chrono_dur(opts.lease);
         let rows = sqlx::query(R::sql().claim)
             .bind(ts(&now))
-            .bind(ts(&cutoff))
+            .bind(ts(&until))
             .bind(i64::from(opts.limit))
             .bind(opts.worker.as_str())
             .fetch_all(&self.pool)
             .await
             .map_err(storage)?;
-        let mut events = rows.iter().map(decode).collect::<Result<Vec<Event<R>>>>()?;
-        events.sort_by_key(|e| e.seq);
-        Ok(Claim {
-            token: ClaimToken {
-                worker: opts.worker.clone(),
-                locked_at: now,
-            },
-            events,
-        })
+        let events = rows.iter().map(decode).collect::<Result<Vec<Event<R>>>>()?;
+        Ok(claimed(opts, now, events))
+    }
+
+    async fn claimable_exists(&self) -> Result<bool> {
+        sqlx::query_scalar(R::sql().claimable_exists)
+            .bind(ts(&time::now()))
+            .fetch_one(&self.pool)
+            .await
+            .map_err(storage)
+    }
+
+    async fn extend_lease(
+        &self,
+        token: &ClaimToken,
+        ids: &[Uuid],
+        lease: Duration,
+    ) -> Result<usize> {
+        if ids.is_empty() {
+            return Ok(0);
+        }
+        let now = time::now();
+        let rows = sqlx::query(R::sql().extend_lease)
+            .bind(id_array(ids))
+            .bind(ts(&now))
+            .bind(token.worker.as_str())
+            .bind(ts(&token.locked_at))
+            .bind(ts(&(now + chrono_dur(lease))))
+            .fetch_all(&self.pool)
+            .await
+            .map_err(storage)?;
+        Ok(rows.len())
     }
 
     async fn complete(&self, token: &ClaimToken, ids: &[Uuid]) -> Result<usize> {
@@ -148,11 +175,16 @@ impl<R: SqliteRoute> EventStore<R> for SqliteTable<R> {
         let list: Vec<serde_json::Value> = failures
             .iter()
             .map(|f| {
+                let retry_at = match f.retry {
+                    RetryAt::At(t) => t,
+                    // SQLite's clock is this machine's.
+                    RetryAt::After(d) => time::now() + chrono_dur(d),
+                };
                 json!({
                     "id": f.id.to_string(),
                     "error": stored_error(&f.error),
                     "counted": i32::from(f.counted),
-                    "retry_at": ts(&time::truncate(f.retry_at)),
+                    "retry_at": ts(&time::truncate(retry_at)),
                 })
             })
             .collect();
@@ -256,6 +288,93 @@ impl<R: SqliteRoute> EventStore<R> for SqliteTable<R> {
         qb.push(") RETURNING id");
         let rows = qb.build().fetch_all(&self.pool).await.map_err(storage)?;
         changed_ids(&rows)
+    }
+}
+
+/// A claim's result: events in `seq` order and the claim's token.
+fn claimed<R: SqliteRoute>(
+    opts: &ClaimOptions,
+    locked_at: time::Timestamp,
+    mut events: Vec<Event<R>>,
+) -> Claim<R> {
+    events.sort_by_key(|e| e.seq);
+    Claim {
+        token: ClaimToken {
+            worker: opts.worker.clone(),
+            locked_at,
+            lease: opts.lease,
+        },
+        events,
+        contended: false,
+    }
+}
+
+/// Reads one key's walk, a JSON array of `[id, seq, ready, tried]`.
+fn walk_rows(key: i64, json: &str, out: &mut Vec<WalkRow>) -> Result<()> {
+    let corrupt = |message: String| Error::CorruptRow {
+        id: "?".into(),
+        message,
+    };
+    let rows: Vec<(String, i64, i64, i64)> =
+        serde_json::from_str(json).map_err(|e| corrupt(format!("claim walk: {e}")))?;
+    for (id, seq, ready, tried) in rows {
+        out.push(WalkRow {
+            key,
+            id: Uuid::parse_str(&id)
+                .map_err(|e| corrupt(format!("claim walk: bad id {id:?}: {e}")))?,
+            seq,
+            ready: ready != 0,
+            tried: tried != 0,
+        });
+    }
+    Ok(())
+}
+
+impl<R: SqliteRoute> SqliteTable<R> {
+    /// The outbox claim (see `store/claim.rs`) in one write transaction:
+    /// discover open keys and walk them (reading keys only until enough
+    /// rows are in hand), plan the runs, mark them claimed.
+    async fn claim_in_key_order(&self, opts: &ClaimOptions) -> Result<Claim<R>> {
+        use futures_util::TryStreamExt;
+        let now = time::now();
+        let limit = opts.limit as usize;
+        let mut tx = self
+            .pool
+            .begin_with("BEGIN IMMEDIATE")
+            .await
+            .map_err(storage)?;
+        let mut walked = Vec::new();
+        {
+            let mut keys = sqlx::query_scalar::<_, String>(sql::OUTBOX_DISCOVER)
+                .bind(ts(&now))
+                .bind(i64::from(opts.limit))
+                .fetch(&mut *tx);
+            let mut key = 0;
+            while walked.len() < limit {
+                let Some(json) = keys.try_next().await.map_err(storage)? else {
+                    break;
+                };
+                key += 1;
+                walk_rows(key, &json, &mut walked)?;
+            }
+        }
+        let runs = claim::plan(&walked, limit);
+        if runs.is_empty() {
+            tx.commit().await.map_err(storage)?;
+            return Ok(claimed(opts, now, Vec::new()));
+        }
+        let ids: Vec<Uuid> = runs.iter().flat_map(|r| r.ids.iter().copied()).collect();
+        let rows = sqlx::query(sql::OUTBOX_MARK)
+            .bind(ts(&now))
+            .bind(opts.worker.as_str())
+            .bind(ts(&(now + chrono_dur(opts.lease))))
+            .bind(id_array(&ids))
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(storage)?;
+        tx.commit().await.map_err(storage)?;
+        let events = rows.iter().map(decode).collect::<Result<Vec<Event<R>>>>()?;
+        Ok(claimed(opts, now, events))
     }
 }
 
@@ -571,12 +690,13 @@ pub async fn lock_inbox(
     token: &ClaimToken,
 ) -> Result<()> {
     sqlx::query(
-        "UPDATE inbox_events SET locked_at = ?2, locked_by = ?3, updated_at = ?2 \
+        "UPDATE inbox_events SET locked_at = ?2, locked_by = ?3, locked_until = ?4, updated_at = ?2 \
          WHERE id IN (SELECT value FROM json_each(?1))",
     )
     .bind(id_array(ids))
     .bind(ts(&token.locked_at))
     .bind(token.worker.as_str().to_string())
+    .bind(ts(&(token.locked_at + chrono_dur(token.lease))))
     .execute(&mut *conn)
     .await
     .map_err(storage)?;
@@ -587,7 +707,7 @@ pub async fn lock_inbox(
 pub async fn complete_inbox(conn: &mut SqliteConnection, ids: &[Uuid]) -> Result<()> {
     sqlx::query(
         "UPDATE inbox_events SET status = 'completed', completed_at = ?2, locked_at = NULL, locked_by = NULL, \
-         updated_at = ?2 WHERE id IN (SELECT value FROM json_each(?1)) AND status = 'pending'",
+         locked_until = NULL, updated_at = ?2 WHERE id IN (SELECT value FROM json_each(?1)) AND status = 'pending'",
     )
     .bind(id_array(ids))
     .bind(ts(&time::now()))

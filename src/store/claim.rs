@@ -1,0 +1,218 @@
+//! The outbox claim's plan, shared by every backend (docs/design.md, "The
+//! claim").
+//!
+//! A backend claims in three steps inside one transaction:
+//!
+//! 1. **Discover keys.** Scan the due, unlocked rows in `(scheduled_at, seq)`
+//!    order (and the rows whose lease expired), keeping only rows whose key
+//!    is *open*: the key's first active row (see below) is claimable. Rows
+//!    behind a held head (locked by a live lease, or tried and waiting for
+//!    its retry) are skipped *inside* the scan, so the scan can never fill up
+//!    with rows that cannot be handed out. The keys of the first N such rows,
+//!    in the order they were met, are the claim's keys.
+//! 2. **Walk each key** from its beginning along the per-key index, returning
+//!    its active rows in `seq` order; [`plan`] cuts each key's *run*.
+//! 3. **Lock and mark** the planned rows (`SKIP LOCKED` on PostgreSQL); rows
+//!    another claimer took in the meantime cut their key's run there
+//!    ([`keep_locked_prefixes`]), so a key is never handed out with a hole.
+//!
+//! Terms, for the pending rows of one key `(topic, partition_key)`:
+//! * *active*: due, or tried (`last_error` set), or locked. A row scheduled
+//!   for later and never tried is not active: it does not hold its key up.
+//! * *ready*: due, and unlocked or its lease (`locked_until`) has passed.
+//! * the *head*: the key's first active row (by `seq`).
+//! * the *run*: the head and the ready rows right after it, up to the first
+//!   active row that is not ready. A tried head is handed out alone (its
+//!   successors wait for its outcome), and a tried row after the head ends
+//!   the run.
+
+use std::collections::HashSet;
+
+use uuid::Uuid;
+
+/// One active row of a key, as step 2 reads it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct WalkRow {
+    /// The key's position in discovery order (the claim's fairness order).
+    pub key: i64,
+    /// The row.
+    pub id: Uuid,
+    /// Its insertion order.
+    pub seq: i64,
+    /// Due, and unlocked or lease expired.
+    pub ready: bool,
+    /// Tried before (`last_error` set).
+    pub tried: bool,
+}
+
+/// The rows a key hands out, in `seq` order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Run {
+    /// The key's position in discovery order.
+    pub key: i64,
+    /// Ids in `seq` order.
+    pub ids: Vec<Uuid>,
+}
+
+/// Cuts every key's run from the walked rows, keys in discovery order, at
+/// most `limit` rows in all. `rows` hold each key's active rows in `seq`
+/// order (rows of one key together); a key whose first row is not ready is
+/// held and hands out nothing.
+pub(crate) fn plan(rows: &[WalkRow], limit: usize) -> Vec<Run> {
+    let mut rows: Vec<&WalkRow> = rows.iter().collect();
+    // Backends return the rows grouped and ordered already; sorting is cheap
+    // insurance, and the order of keys is their discovery order.
+    rows.sort_by_key(|r| (r.key, r.seq));
+    let mut runs: Vec<Run> = Vec::new();
+    let mut budget = limit;
+    let mut i = 0;
+    while i < rows.len() && budget > 0 {
+        let key = rows[i].key;
+        let end = rows[i..]
+            .iter()
+            .position(|r| r.key != key)
+            .map_or(rows.len(), |n| i + n);
+        let key_rows = &rows[i..end];
+        i = end;
+        let head = key_rows[0];
+        if !head.ready {
+            continue;
+        }
+        let mut ids = vec![head.id];
+        if !head.tried {
+            for r in &key_rows[1..] {
+                if ids.len() >= budget || !r.ready || r.tried {
+                    break;
+                }
+                ids.push(r.id);
+            }
+        }
+        budget -= ids.len();
+        runs.push(Run { key, ids });
+    }
+    runs
+}
+
+/// After step 3 locked what it could: each run keeps its rows up to the
+/// first one that could not be locked. Returns the ids to mark, and whether
+/// anything was cut (another claimer was at work on the same rows).
+pub(crate) fn keep_locked_prefixes(runs: &[Run], locked: &HashSet<Uuid>) -> (Vec<Uuid>, bool) {
+    let mut keep = Vec::new();
+    let mut cut = false;
+    for run in runs {
+        for id in &run.ids {
+            if !locked.contains(id) {
+                cut = true;
+                break;
+            }
+            keep.push(*id);
+        }
+    }
+    (keep, cut)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(key: i64, seq: i64, ready: bool, tried: bool) -> WalkRow {
+        WalkRow {
+            key,
+            id: Uuid::from_u128(seq as u128),
+            seq,
+            ready,
+            tried,
+        }
+    }
+
+    fn seqs(runs: &[Run]) -> Vec<Vec<u128>> {
+        runs.iter()
+            .map(|r| r.ids.iter().map(|id| id.as_u128()).collect())
+            .collect()
+    }
+
+    #[test]
+    fn runs_stop_at_the_first_row_that_is_not_ready() {
+        let rows = vec![
+            row(1, 1, true, false),
+            row(1, 2, true, false),
+            row(1, 3, false, false), // locked by someone else, or a retry not yet due
+            row(1, 4, true, false),
+            row(2, 5, true, false),
+        ];
+        assert_eq!(seqs(&plan(&rows, 100)), vec![vec![1, 2], vec![5]]);
+    }
+
+    #[test]
+    fn a_held_head_hands_out_nothing() {
+        let rows = vec![
+            row(1, 1, false, true),
+            row(1, 2, true, false),
+            row(2, 3, true, false),
+        ];
+        assert_eq!(seqs(&plan(&rows, 100)), vec![vec![3]]);
+    }
+
+    #[test]
+    fn a_tried_head_goes_alone_and_a_tried_row_ends_a_run() {
+        let rows = vec![
+            row(1, 1, true, true),
+            row(1, 2, true, false),
+            row(2, 3, true, false),
+            row(2, 4, true, true),
+            row(2, 5, true, false),
+        ];
+        assert_eq!(seqs(&plan(&rows, 100)), vec![vec![1], vec![3]]);
+    }
+
+    #[test]
+    fn the_limit_is_filled_key_by_key_in_discovery_order() {
+        let mut rows = Vec::new();
+        for k in 0..3 {
+            for s in 0..5 {
+                rows.push(row(k, k * 10 + s, true, false));
+            }
+        }
+        rows.reverse(); // backends may hand rows over in any order
+        assert_eq!(
+            seqs(&plan(&rows, 7)),
+            vec![vec![0, 1, 2, 3, 4], vec![10, 11]]
+        );
+        assert!(plan(&rows, 0).is_empty());
+    }
+
+    #[test]
+    fn locked_prefixes_cut_at_the_first_hole() {
+        let runs = vec![
+            Run {
+                key: 1,
+                ids: (1..=4).map(Uuid::from_u128).collect(),
+            },
+            Run {
+                key: 2,
+                ids: vec![Uuid::from_u128(9)],
+            },
+        ];
+        let all: HashSet<Uuid> = (1..=9).map(Uuid::from_u128).collect();
+        assert_eq!(
+            keep_locked_prefixes(&runs, &all),
+            (
+                vec![1, 2, 3, 4, 9]
+                    .into_iter()
+                    .map(Uuid::from_u128)
+                    .collect(),
+                false
+            )
+        );
+        let holes: HashSet<Uuid> = [1, 2, 4, 9].into_iter().map(Uuid::from_u128).collect();
+        let (keep, cut) = keep_locked_prefixes(&runs, &holes);
+        assert_eq!(
+            keep,
+            vec![1, 2, 9]
+                .into_iter()
+                .map(Uuid::from_u128)
+                .collect::<Vec<_>>()
+        );
+        assert!(cut);
+    }
+}
