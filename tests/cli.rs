@@ -67,7 +67,8 @@ macro_rules! snap {
                 // Same widths as what they mask, so tables stay aligned.
                 (r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}", "xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx"),
                 (r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z", "YYYY-MM-DDTHH:MM:SS.ffffffZ"),
-                (r"\b\d+ms\b|\b\d+s\b|\b\d+m \d+s\b", "[AGE]"),
+                // An age and the padding after it (its width varies).
+                (r"\b(\d+ms|\d+s|\d+m \d+s)\b *", "[AGE] "),
                 (r#""oldest_pending_age_seconds": [0-9.e-]+"#, r#""oldest_pending_age_seconds": [AGE]"#),
                 (r"omnibox \d+\.\d+\.\d+", "omnibox [VERSION]"),
                 (r"\b[0-9a-f]{12}\b", "ffffffffffff"),
