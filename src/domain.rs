@@ -200,7 +200,10 @@ impl DomainService {
         )?;
         let max_attempts =
             validate::max_attempts(c.max_attempts.unwrap_or(self.limits.max_attempts))?;
-        let clock_default = c.created_at.is_none() && c.scheduled_at.is_none();
+        let clock_default = crate::model::ClockDefault {
+            created_at: c.created_at.is_none(),
+            scheduled_at: c.created_at.is_none() && c.scheduled_at.is_none(),
+        };
         let created_at = c.created_at.map(time::truncate).unwrap_or_else(time::now);
         let scheduled_at = c.scheduled_at.map(time::truncate).unwrap_or(created_at);
         validate::scheduled_at(scheduled_at, created_at, &self.limits)?;

@@ -37,6 +37,93 @@ backend_tests!(
     a_row_with_attempts_used_up_fails_cleanly,
 );
 
+/// PostgreSQL only: when the caller sets no time, the database's clock sets
+/// `scheduled_at` and `created_at` (a producer whose clock runs ahead must
+/// not let a later event of its key go first), and a transient retry is
+/// scheduled by the database's clock too.
+#[tokio::test]
+async fn postgres_times_come_from_the_database_clock() {
+    use omnibox::store::RetryAt;
+    use omnibox::{ClaimOptions, DomainService, EventStore, Failure, NewOutboxEvent, WorkerId};
+    let Some(db) = common::postgres().await else {
+        return;
+    };
+    let omnibox::store::AnyStore::Postgres(pg) = &db.store else {
+        unreachable!()
+    };
+    let svc = DomainService::default();
+    let mk = |key: &str, scheduled: Option<omnibox::Timestamp>, idempotency: Option<&str>| {
+        let mut n = NewOutboxEvent::new(
+            "order",
+            uuid::Uuid::now_v7(),
+            "order.created",
+            "orders",
+            key,
+            serde_json::json!({"a": 1}),
+        );
+        n.scheduled_at = scheduled;
+        n.idempotency_key = idempotency.map(str::to_string);
+        svc.create_outbox_event(n).unwrap()
+    };
+    // Both insert paths (COPY without idempotency keys, INSERT with them).
+    let plain = mk("k", None, None);
+    let keyed = mk("k2", None, Some("ik-1"));
+    let explicit_at = omnibox::time::truncate(omnibox::time::now() + chrono::Duration::seconds(30));
+    let explicit = mk("k3", Some(explicit_at), None);
+    let mut tx = pg.pool().begin().await.unwrap();
+    omnibox::store::postgres::insert_outbox(&mut tx, std::slice::from_ref(&plain))
+        .await
+        .unwrap();
+    omnibox::store::postgres::insert_outbox(&mut tx, &[keyed.clone(), explicit.clone()])
+        .await
+        .unwrap();
+    let now: chrono::DateTime<chrono::Utc> = sqlx::query_scalar("SELECT now()")
+        .fetch_one(&mut *tx)
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    for e in [&plain, &keyed] {
+        let row = db.store.outbox().get(e.id()).await.unwrap().unwrap();
+        assert_eq!(
+            row.scheduled_at(),
+            now,
+            "scheduled_at is the database's now()"
+        );
+        assert_eq!(row.created_at(), now);
+    }
+    let row = db.store.outbox().get(explicit.id()).await.unwrap().unwrap();
+    assert_eq!(
+        row.scheduled_at(),
+        explicit_at,
+        "a time the caller set is kept"
+    );
+    // A transient retry "in 1 s" is 1 s after the failure by the database's clock.
+    let c = db
+        .store
+        .outbox()
+        .claim(&ClaimOptions::new(WorkerId::new("w").unwrap(), 10))
+        .await
+        .unwrap();
+    assert_eq!(c.len(), 2);
+    db.store
+        .outbox()
+        .fail(
+            &c.token,
+            &[Failure::transient(
+                plain.id(),
+                "down",
+                RetryAt::After(std::time::Duration::from_secs(1)),
+            )],
+        )
+        .await
+        .unwrap();
+    let row = db.store.outbox().get(plain.id()).await.unwrap().unwrap();
+    assert_eq!(
+        row.scheduled_at() - row.updated_at(),
+        chrono::Duration::seconds(1)
+    );
+}
+
 /// PostgreSQL only: timestamps are absolute instants whatever the session's
 /// TimeZone (the reference's `timezone('UTC', now())` defaults shift by the
 /// session's offset).
@@ -99,7 +186,9 @@ async fn postgres_timestamps_ignore_the_session_time_zone() {
         .unwrap();
     let after = time::now();
     let row = &claim.events[0];
-    assert_eq!(row.created_at(), event.created_at());
+    // The caller set no time: created_at is the database's now(), within a
+    // second of this process's clock here.
+    assert!((row.created_at() - event.created_at()).num_seconds().abs() <= 1);
     let locked = row.locked_at().unwrap();
     // Server-side now() lands between two client readings (1 s of slack for clocks).
     assert!(

@@ -163,8 +163,8 @@ fn publish_usage_errors() {
             "unsupported broker URL",
         ),
         (
-            vec!["publish", "--lease", "10s", "--publish-timeout", "30s"],
-            "--lease",
+            vec!["publish", "--lease", "500ms"],
+            "--lease (500ms) must be at least 1s",
         ),
         (vec!["publish", "--worker-id", "bad id"], "contains ' '"),
         (vec!["publish", "--batch", "0"], "--batch"),

@@ -146,7 +146,11 @@ mod cases {
                 m.value["payload"],
                 serde_json::Value::Object(e.payload().clone())
             );
-            assert_eq!(m.value["timestamp"], omnibox::time::format(&e.created_at()));
+            let stored = db.store.outbox().get(e.id()).await.unwrap().unwrap();
+            assert_eq!(
+                m.value["timestamp"],
+                omnibox::time::format(&stored.created_at())
+            );
             assert_eq!(m.value["trace_id"], e.trace_id().unwrap());
         }
         let c = db.store.outbox().counts().await.unwrap();

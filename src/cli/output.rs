@@ -47,6 +47,42 @@ pub fn json<T: Serialize>(value: &T) -> Result<()> {
     Ok(())
 }
 
+/// Where a report goes: stdout, unless stdout carries the command's data
+/// (`publish --broker stdout`), then stderr.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Report {
+    /// stdout (the usual place for data).
+    Stdout,
+    /// stderr (stdout is taken).
+    Stderr,
+}
+
+impl Report {
+    /// Writes a line.
+    pub fn line(self, text: impl std::fmt::Display) -> Result<()> {
+        match self {
+            Report::Stdout => line(text),
+            Report::Stderr => {
+                writeln!(std::io::stderr().lock(), "{text}")?;
+                Ok(())
+            }
+        }
+    }
+
+    /// Writes a value as pretty JSON.
+    pub fn json<T: Serialize>(self, value: &T) -> Result<()> {
+        match self {
+            Report::Stdout => json(value),
+            Report::Stderr => {
+                let mut text = serde_json::to_string_pretty(value)?;
+                text.push('\n');
+                std::io::stderr().lock().write_all(text.as_bytes())?;
+                Ok(())
+            }
+        }
+    }
+}
+
 /// `3d 4h`, `5m 12s`, `800ms`: the two largest units.
 pub fn human_duration(d: Duration) -> String {
     let secs = d.as_secs();

@@ -22,13 +22,23 @@ use super::{Context, ExitStatus, args, env};
 /// Claims due events in batches, publishes each batch with every message in
 /// flight at once (events of one key in order), then marks them completed.
 /// A broker that does not answer costs no attempt: the events are retried in
-/// about a second and the relay backs off. A broker that rejects a record
-/// counts a failed attempt (retried with backoff; failed at max_attempts,
-/// and then also written to --dlq-topic).
+/// about a second and the relay backs off. A topic the broker does not know
+/// (or without a leader) backs off alone, also without spending attempts,
+/// while other topics go on; after --topic-unavailable-limit its events
+/// spend attempts. A broker that rejects a record counts a failed attempt
+/// (retried with backoff; failed at max_attempts, and then also written to
+/// --dlq-topic).
 ///
-/// Without --once the relay runs until SIGINT/SIGTERM: it stops claiming,
-/// finishes the batch in hand and exits 0 with no row left locked. On
-/// PostgreSQL it wakes on LISTEN/NOTIFY as soon as a row is inserted.
+/// With --once the relay exits when nothing due is left that it could
+/// publish (rows other relays hold are theirs to finish); it exits 1 when
+/// events were left rescheduled because the broker or a topic was not
+/// available, or when results could not be written. Without --once it runs
+/// until SIGINT/SIGTERM: it stops claiming, finishes the batch in hand and
+/// exits 0 with no row left locked. On PostgreSQL it wakes on LISTEN/NOTIFY
+/// as soon as a row is inserted.
+///
+/// With --broker stdout the messages are the output: the summary goes to
+/// stderr.
 ///
 /// Examples:
 ///   omnibox publish --batch 100                       # to ./omnibox-events.jsonl
@@ -53,7 +63,7 @@ pub struct PublishArgs {
     /// This relay's id in locked_by [default: HOST:PID]
     #[arg(long, value_name = "ID", value_parser = args::worker)]
     worker_id: Option<WorkerId>,
-    /// Lease of a claim: a relay that dies leaves its rows to others after this long
+    /// Lease of a claim: a relay that dies leaves its rows to others after this long (extended while a batch is in flight)
     #[arg(long, default_value = "5m", value_parser = args::duration, value_name = "DURATION")]
     lease: Duration,
     /// Longest wait for one message's acknowledgement
@@ -62,6 +72,9 @@ pub struct PublishArgs {
     /// Also write events that end up failed to this topic (best effort)
     #[arg(long, value_name = "TOPIC")]
     dlq_topic: Option<String>,
+    /// How long a topic may stay unavailable (unknown, no leader) before its events spend attempts
+    #[arg(long, default_value = "5m", value_parser = args::duration, value_name = "DURATION")]
+    topic_unavailable_limit: Duration,
     /// Longest idle wait between polls when nothing is due
     #[arg(long, default_value = "1s", value_parser = args::duration, value_name = "DURATION")]
     poll_interval: Duration,
@@ -83,11 +96,14 @@ pub async fn run_publish(args: PublishArgs, ctx: &Context) -> Result<ExitStatus>
         &properties,
         args.publish_timeout,
     )?);
-    if args.lease <= args.publish_timeout {
+    // The lease of a batch in flight is extended every third of it, so it
+    // may be shorter than the publish timeout; below a second it would be
+    // extended all the time.
+    if args.lease < Duration::from_secs(1) {
         return Err(super::UsageError(format!(
-            "--lease ({}) must be longer than --publish-timeout ({}), or a slow broker lets other relays take the batch",
-            human_duration(args.lease),
-            human_duration(args.publish_timeout)
+            "--lease ({}) must be at least 1s: a relay that dies leaves its rows to others after this long, \
+             and the lease of a batch in flight is extended every third of it",
+            human_duration(args.lease)
         ))
         .into());
     }
@@ -101,7 +117,12 @@ pub async fn run_publish(args: PublishArgs, ctx: &Context) -> Result<ExitStatus>
     options.lease = args.lease;
     options.commit_retry_for = args.lease / 2;
     let metrics = Arc::new(Metrics::new());
-    let mut builder = relay::publisher(store.outbox(), sink.clone(), options, args.publish_timeout)
+    let publish = relay::PublishOptions {
+        timeout: args.publish_timeout,
+        transient_delay: options.transient_delay,
+        unavailable_limit: args.topic_unavailable_limit,
+    };
+    let mut builder = relay::publisher_with(store.outbox(), sink.clone(), options, publish)
         .metrics(metrics.clone());
     if let Some(topic) = &args.dlq_topic {
         builder = builder.dead_letter(sink.clone(), topic.clone());
@@ -155,31 +176,72 @@ pub async fn run_publish(args: PublishArgs, ctx: &Context) -> Result<ExitStatus>
     if let Some(bar) = progress {
         bar.finish_and_clear();
     }
-    print_summary(ctx, &report, &sink.describe(), &worker)?;
+    // With the stdout sink, stdout carries the messages.
+    let to = if matches!(*sink, AnySink::Stdout(_)) {
+        output::Report::Stderr
+    } else {
+        output::Report::Stdout
+    };
+    let unavailable = processor.handler().unavailable_topics();
+    print_summary(ctx, to, &report, &sink.describe(), &worker, &unavailable)?;
+    let mut ok = true;
     if report.commit_errors > 0 {
         eprintln!(
             "omnibox: error: {} batch(es) could not be marked; their rows are published again after the lease expires",
             report.commit_errors
         );
-        return Ok(ExitStatus::No);
+        ok = false;
     }
-    if mode == RunMode::Once && report.transient > 0 && report.completed == 0 {
+    if report.error {
         eprintln!(
-            "omnibox: error: the broker did not answer; {} event(s) rescheduled without spending an attempt",
-            report.transient
+            "omnibox: error: stopped after {} batch(es): {}",
+            report.batches,
+            report.stopped_because.as_deref().unwrap_or("unknown error")
         );
-        return Ok(ExitStatus::No);
+        ok = false;
     }
-    Ok(ExitStatus::Success)
+    if mode == RunMode::Once {
+        for (topic, reason, _) in &unavailable {
+            eprintln!(
+                "omnibox: error: {reason}; its events were rescheduled without spending an attempt (topic {topic:?})"
+            );
+            ok = false;
+        }
+        let broker_down = report.transient.saturating_sub(report.unavailable);
+        if broker_down > 0 && report.completed == 0 {
+            eprintln!(
+                "omnibox: error: the broker did not answer; {broker_down} event(s) rescheduled without spending an attempt"
+            );
+            ok = false;
+        }
+    }
+    Ok(if ok {
+        ExitStatus::Success
+    } else {
+        ExitStatus::No
+    })
 }
 
-fn print_summary(ctx: &Context, r: &RunReport, broker: &str, worker: &WorkerId) -> Result<()> {
+fn print_summary(
+    ctx: &Context,
+    to: output::Report,
+    r: &RunReport,
+    broker: &str,
+    worker: &WorkerId,
+    unavailable: &[(String, String, Duration)],
+) -> Result<()> {
     match ctx.format() {
         Format::Json => {
             let mut v = serde_json::to_value(r)?;
             v["broker"] = json!(broker);
             v["worker_id"] = json!(worker.as_str());
-            output::json(&v)
+            v["unavailable_topics"] = unavailable
+                .iter()
+                .map(|(topic, reason, since)| {
+                    json!({"topic": topic, "reason": reason, "for_seconds": since.as_secs_f64()})
+                })
+                .collect();
+            to.json(&v)
         }
         Format::Table => {
             let mut t = output::table([
@@ -204,7 +266,7 @@ fn print_summary(ctx: &Context, r: &RunReport, broker: &str, worker: &WorkerId) 
                 human_duration(Duration::from_secs_f64(r.elapsed_seconds)),
                 format!("{:.0}", r.events_per_second),
             ]);
-            output::line(t)
+            to.line(t)
         }
     }
 }

@@ -17,7 +17,7 @@ use crate::domain::{Backoff, DomainService, Retry};
 use crate::error::{Error, Result};
 use crate::metrics::Metrics;
 use crate::model::{InboxEvent, InboxRoute, WorkerId, time};
-use crate::pipeline::{DeadLetter, Outcome};
+use crate::pipeline::{DeadLetter, Verdict};
 use crate::relay::{AnySink, Sink};
 use crate::store::{AnyTable, ClaimToken, EventStore, Failure, RetryAt};
 
@@ -326,16 +326,19 @@ impl<S: Source, H: Handler> InboxConsumer<S, H> {
                 if o.existing || n.is_poison() {
                     continue;
                 }
-                match run_handler(handler.as_ref(), n.event(), self.options.handler_timeout).await {
-                    Outcome::Completed => {
+                match run_handler(handler.as_ref(), n.event(), self.options.handler_timeout)
+                    .await
+                    .verdict()
+                {
+                    Verdict::Processed => {
                         report.processed += 1;
                         completed.push(o.id);
                     }
-                    Outcome::Skipped | Outcome::Released => {
+                    Verdict::Skipped => {
                         report.skipped += 1;
                         completed.push(o.id);
                     }
-                    Outcome::Failed { error, retry } => {
+                    Verdict::Failed { error, retry } => {
                         report.failed += 1;
                         let key = (
                             messages[i].topic.clone(),
@@ -458,16 +461,19 @@ impl<S: Source, H: Handler> InboxConsumer<S, H> {
         let mut failures = Vec::new();
         for &i in &fresh {
             let event = normalized[i].event();
-            match run_handler(handler.as_ref(), event, self.options.handler_timeout).await {
-                Outcome::Completed => {
+            match run_handler(handler.as_ref(), event, self.options.handler_timeout)
+                .await
+                .verdict()
+            {
+                Verdict::Processed => {
                     report.processed += 1;
                     done.push(outcomes[i].id);
                 }
-                Outcome::Skipped | Outcome::Released => {
+                Verdict::Skipped => {
                     report.skipped += 1;
                     done.push(outcomes[i].id);
                 }
-                Outcome::Failed { error, retry } => {
+                Verdict::Failed { error, retry } => {
                     report.failed += 1;
                     let retry_at = match retry {
                         Retry::Counted(Some(at)) | Retry::NotCounted(at) => RetryAt::At(at),
@@ -479,6 +485,7 @@ impl<S: Source, H: Handler> InboxConsumer<S, H> {
                         error,
                         counted: retry.is_counted(),
                         retry: retry_at,
+                        dead: false,
                     });
                 }
             }

@@ -191,12 +191,28 @@ pub struct Event<R> {
     pub(crate) updated_at: Timestamp,
     #[serde(flatten)]
     pub(crate) route: R,
-    /// True when the caller set neither `scheduled_at` nor `created_at`: the
-    /// values above are this process's clock, and a store with a clock of
-    /// its own (PostgreSQL) stores its `now()` instead, so that producers'
-    /// clocks never decide the order in which rows become due.
+    /// Which times the caller left to the clock: the values above are then
+    /// this process's clock, and a store with a clock of its own
+    /// (PostgreSQL) stores its `now()` instead, so that producers' clocks
+    /// never decide the order in which rows become due.
     #[serde(skip)]
-    pub(crate) clock_default: bool,
+    pub(crate) clock_default: ClockDefault,
+}
+
+/// Which of an event's times its creator left to the clock.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub(crate) struct ClockDefault {
+    /// `created_at` was not given.
+    pub created_at: bool,
+    /// `scheduled_at` was not given, nor `created_at` (it defaults to that).
+    pub scheduled_at: bool,
+}
+
+impl ClockDefault {
+    /// Any time is left to the clock.
+    pub fn any(self) -> bool {
+        self.created_at || self.scheduled_at
+    }
 }
 
 /// An event of the outbox table.

@@ -2,6 +2,7 @@
 //! SPEC §2, and timestamps.
 
 mod event;
+pub(crate) use event::ClockDefault;
 pub mod input;
 pub mod limits;
 pub mod time;

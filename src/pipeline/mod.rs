@@ -16,6 +16,7 @@ pub mod circuit;
 mod processor;
 pub mod runner;
 
+pub(crate) use processor::Verdict;
 pub use processor::{
     BatchHandler, BatchReport, DeadLetter, Outcome, Processor, ProcessorBuilder, ProcessorOptions,
 };

@@ -40,6 +40,54 @@ pub enum Outcome {
     /// Not tried (a key's run stopped at an earlier failure, or shutdown):
     /// unlocked, nothing else changes.
     Released,
+    /// The event's own destination is unavailable (for the relay: its topic
+    /// is unknown to the broker, or has no leader or too few replicas), not
+    /// the downstream as a whole: no attempt is spent, the event is retried
+    /// after `retry_after`, and the circuit breaker is not touched, so other
+    /// destinations keep flowing.
+    Unavailable {
+        /// Why.
+        error: String,
+        /// When to try again (by the database's clock).
+        retry_after: Duration,
+    },
+    /// It failed and must not be retried automatically: it becomes `failed`
+    /// now, whatever attempts are left (and is dead-lettered).
+    Dead {
+        /// Why.
+        error: String,
+    },
+}
+
+/// An [`Outcome`] reduced to what the inbox consumer distinguishes.
+pub(crate) enum Verdict {
+    Processed,
+    /// Skipped by the handler, or released.
+    Skipped,
+    Failed {
+        error: String,
+        retry: Retry,
+    },
+}
+
+impl Outcome {
+    /// [`Outcome::Unavailable`] is a failure that spends no attempt,
+    /// [`Outcome::Dead`] one that spends an attempt.
+    pub(crate) fn verdict(self) -> Verdict {
+        match self {
+            Outcome::Completed => Verdict::Processed,
+            Outcome::Skipped | Outcome::Released => Verdict::Skipped,
+            Outcome::Failed { error, retry } => Verdict::Failed { error, retry },
+            Outcome::Unavailable { error, retry_after } => Verdict::Failed {
+                error,
+                retry: Retry::NotCountedAfter(retry_after),
+            },
+            Outcome::Dead { error } => Verdict::Failed {
+                error,
+                retry: Retry::Counted(None),
+            },
+        }
+    }
 }
 
 /// The step that does the work for a claimed batch: publish it, or run the
@@ -57,13 +105,75 @@ pub trait DeadLetter {
     fn dead_letter(&self, topic: &str, error: &str) -> Message;
 }
 
-/// A claimed and handled batch whose results are not written yet.
+/// A claimed and handled batch whose results are not written yet. Its
+/// lease is kept alive until the results are written.
 #[derive(Debug)]
 pub struct Handled<R> {
     claim: Claim<R>,
     outcomes: Vec<Outcome>,
     handle_time: Duration,
     lag: Duration,
+    heartbeat: Heartbeat,
+}
+
+/// What [`Processor::claim_and_handle`] got.
+#[derive(Debug)]
+pub enum Claimed<R> {
+    /// A batch, handled, to be written with [`Processor::finish`].
+    Batch(Handled<R>),
+    /// Nothing was handed out. `contended`: rows were wanted that another
+    /// worker was claiming at the same moment (so it is worth trying again).
+    Empty {
+        /// Rows were lost to a concurrent claim.
+        contended: bool,
+    },
+}
+
+/// Keeps a batch's lease alive while it is in flight: every third of the
+/// lease, the rows' `locked_until` is pushed a lease ahead. A process that
+/// dies stops extending, and its rows come free when the lease runs out.
+#[derive(Debug)]
+struct Heartbeat(Option<tokio::task::JoinHandle<()>>);
+
+impl Heartbeat {
+    fn start<R: Route, S: EventStore<R>>(store: &S, claim: &Claim<R>, lease: Duration) -> Self {
+        let period = lease / 3;
+        if period.is_zero() || claim.events.is_empty() {
+            return Heartbeat(None);
+        }
+        let store = store.clone();
+        let token = claim.token.clone();
+        let ids: Vec<Uuid> = claim.events.iter().map(|e| e.id()).collect();
+        Heartbeat(Some(tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(period).await;
+                match store.extend_lease(&token, &ids, lease).await {
+                    Ok(held) if held < ids.len() => tracing::warn!(
+                        held,
+                        claimed = ids.len(),
+                        "some rows of the batch in flight are no longer held by this worker \
+                         (an operator unlocked them, or the lease ran out)"
+                    ),
+                    Ok(_) => tracing::debug!(rows = ids.len(), "lease extended"),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "could not extend the lease of the batch in flight")
+                    }
+                }
+            }
+        })))
+    }
+
+    fn stop(&mut self) {
+        if let Some(h) = self.0.take() {
+            h.abort();
+        }
+    }
+}
+
+impl Drop for Heartbeat {
+    fn drop(&mut self) {
+        self.stop();
+    }
 }
 
 impl<R> Handled<R> {
@@ -83,6 +193,9 @@ enum Written<T> {
     Done(T),
     /// The lease of these rows was lost; the rest was written.
     Lost(Vec<Uuid>),
+    /// An attempt whose answer was lost had already written every row (the
+    /// retry found none of them held any more): done, nothing to report.
+    DoneEarlier,
     /// The database kept failing.
     Failed,
 }
@@ -133,6 +246,9 @@ pub struct BatchReport {
     pub dead: usize,
     /// Transient failures (no attempt spent).
     pub transient: usize,
+    /// Events whose own destination was unavailable (no attempt spent;
+    /// counted in `transient` too).
+    pub unavailable: usize,
     /// Released untried.
     pub released: usize,
     /// Rows whose lease was lost before their result could be written.
@@ -151,7 +267,8 @@ pub struct BatchReport {
 impl BatchReport {
     /// True when the downstream did not answer for any event of the batch.
     pub fn all_transient(&self) -> bool {
-        self.transient > 0 && self.completed + self.skipped + self.failed + self.dead == 0
+        self.transient > self.unavailable
+            && self.completed + self.skipped + self.failed + self.dead == 0
     }
 }
 
@@ -258,19 +375,28 @@ where
             .pause()
     }
 
+    /// The handler step.
+    pub fn handler(&self) -> &H {
+        &self.handler
+    }
+
     /// Claims one batch, handles it, writes the results. An error means the
     /// claim itself failed (nothing was claimed); failures after the claim
     /// are in the report.
     pub async fn process_batch(&self) -> Result<BatchReport> {
         match self.claim_and_handle().await? {
-            Some(handled) => Ok(self.finish(handled).await),
-            None => Ok(BatchReport::default()),
+            Claimed::Batch(handled) => Ok(self.finish(handled).await),
+            Claimed::Empty { .. } => Ok(BatchReport::default()),
         }
     }
 
-    /// First half of a batch: claim and run the handler step. `None` when
-    /// nothing was due. The rows stay locked until [`finish`](Self::finish).
-    pub async fn claim_and_handle(&self) -> Result<Option<Handled<R>>> {
+    /// First half of a batch: claim and run the handler step. The rows stay
+    /// locked (their lease kept alive) until [`finish`](Self::finish).
+    ///
+    /// A row whose attempts are already used up (`attempts_made >=
+    /// max_attempts`: edited outside omnibox) is not handed to the handler:
+    /// it becomes `failed` and is dead-lettered.
+    pub async fn claim_and_handle(&self) -> Result<Claimed<R>> {
         let span = tracing::info_span!("batch", job = self.job, table = %R::TABLE, worker = %self.options.worker);
         async {
             let claim = self
@@ -282,8 +408,11 @@ where
                 })
                 .await?;
             if claim.is_empty() {
-                return Ok(None);
+                return Ok(Claimed::Empty {
+                    contended: claim.contended,
+                });
             }
+            let heartbeat = Heartbeat::start(&self.store, &claim, self.options.lease);
             let now = time::now();
             let lag = claim
                 .events
@@ -293,13 +422,44 @@ where
                 .and_then(|t| (now - t).to_std().ok())
                 .unwrap_or_default();
             let started = Instant::now();
-            let mut outcomes = self.handler.handle(&claim.events).await;
-            outcomes.resize(claim.events.len(), Outcome::Released);
-            Ok(Some(Handled {
+            let exhausted = |e: &Event<R>| e.attempts_made() >= e.max_attempts();
+            let outcomes = if claim.events.iter().any(exhausted) {
+                let live: Vec<Event<R>> = claim
+                    .events
+                    .iter()
+                    .filter(|e| !exhausted(e))
+                    .cloned()
+                    .collect();
+                let mut handled = self.handler.handle(&live).await.into_iter();
+                claim
+                    .events
+                    .iter()
+                    .map(|e| {
+                        if exhausted(e) {
+                            Outcome::Dead {
+                                error: format!(
+                                    "not tried: its attempts were used up before this try \
+                                     (attempts_made {} >= max_attempts {}, set outside omnibox)",
+                                    e.attempts_made(),
+                                    e.max_attempts()
+                                ),
+                            }
+                        } else {
+                            handled.next().unwrap_or(Outcome::Released)
+                        }
+                    })
+                    .collect()
+            } else {
+                let mut o = self.handler.handle(&claim.events).await;
+                o.resize(claim.events.len(), Outcome::Released);
+                o
+            };
+            Ok(Claimed::Batch(Handled {
                 claim,
                 outcomes,
                 handle_time: started.elapsed(),
                 lag,
+                heartbeat,
             }))
         }
         .instrument(span)
@@ -314,8 +474,10 @@ where
             outcomes,
             handle_time,
             lag,
+            mut heartbeat,
         } = handled;
         let mut report = self.commit(&claim, &outcomes).await;
+        heartbeat.stop();
         report.handle_time = handle_time;
         report.lag = lag;
         {
@@ -368,6 +530,16 @@ where
                     report.released += 1;
                     released.push(event.id());
                 }
+                Outcome::Unavailable { error, retry_after } => {
+                    report.transient += 1;
+                    report.unavailable += 1;
+                    errors.insert(event.id(), error.clone());
+                    failures.push(Failure::transient(event.id(), error.clone(), *retry_after));
+                }
+                Outcome::Dead { error } => {
+                    errors.insert(event.id(), error.clone());
+                    failures.push(Failure::dead(event.id(), error.clone()));
+                }
                 Outcome::Failed { error, retry } => {
                     let retry_at = match retry {
                         Retry::Counted(Some(at)) | Retry::NotCounted(at) => RetryAt::At(*at),
@@ -386,6 +558,7 @@ where
                         error: error.clone(),
                         counted,
                         retry: retry_at,
+                        dead: false,
                     });
                 }
             }
@@ -409,6 +582,17 @@ where
                 .await
             {
                 Written::Done(r) => dead = r.failed,
+                Written::DoneEarlier => {
+                    // The report of the attempt that wrote them was lost:
+                    // read back which rows are failed now.
+                    for f in failures.iter().filter(|f| f.counted) {
+                        if let Ok(Some(row)) = self.store.get(f.id).await
+                            && row.status() == crate::EventStatus::Failed
+                        {
+                            dead.push(f.id);
+                        }
+                    }
+                }
                 Written::Lost(lost) => {
                     let lost_counted = failures
                         .iter()
@@ -435,6 +619,12 @@ where
     }
 
     /// Runs one guarded write with retries while the database fails.
+    ///
+    /// A write is one statement, so it applies to all its rows or to none.
+    /// When an attempt fails without an answer (the connection dropped, say)
+    /// it may still have been applied; if the retry then finds that none of
+    /// the rows is held by this claim any more, the earlier attempt wrote
+    /// them, and that is not a lost lease.
     async fn write<T, F, Fut>(&self, report: &mut BatchReport, what: &str, mut op: F) -> Written<T>
     where
         F: FnMut() -> Fut,
@@ -442,9 +632,20 @@ where
     {
         let deadline = Instant::now() + self.options.commit_retry_for;
         let mut wait = Duration::from_millis(100);
+        let mut unanswered = false;
         loop {
             match op().await {
                 Ok(v) => return Written::Done(v),
+                Err(Error::ConcurrentUpdate {
+                    expected,
+                    actual: 0,
+                    ..
+                }) if unanswered && expected > 0 => {
+                    tracing::debug!(
+                        "{what}: an earlier attempt whose answer was lost had written the rows"
+                    );
+                    return Written::DoneEarlier;
+                }
                 Err(Error::ConcurrentUpdate { missing, .. }) => {
                     tracing::warn!(
                         rows = missing.len(),
@@ -456,6 +657,7 @@ where
                     return Written::Lost(missing);
                 }
                 Err(e) if Instant::now() + wait < deadline => {
+                    unanswered = true;
                     tracing::warn!(error = %e, retry_in_ms = wait.as_millis() as u64, "{what}: cannot write the results; retrying");
                     tokio::time::sleep(wait).await;
                     wait = (wait * 2).min(Duration::from_secs(5));
@@ -534,13 +736,16 @@ where
                 Outcome::Skipped => {
                     m.skipped.get_or_create(&labels).inc();
                 }
-                Outcome::Failed { retry, .. } => {
-                    let kind = match retry {
-                        Retry::NotCounted(_) | Retry::NotCountedAfter(_) => "transient",
-                        Retry::Counted(_) if event.attempts_made() + 1 >= event.max_attempts() => {
-                            "dead"
-                        }
-                        Retry::Counted(_) => "counted",
+                Outcome::Failed { .. } | Outcome::Unavailable { .. } | Outcome::Dead { .. } => {
+                    let kind = match outcome {
+                        Outcome::Unavailable { .. } => "unavailable",
+                        Outcome::Dead { .. } => "dead",
+                        Outcome::Failed {
+                            retry: Retry::NotCounted(_) | Retry::NotCountedAfter(_),
+                            ..
+                        } => "transient",
+                        _ if event.attempts_made() + 1 >= event.max_attempts() => "dead",
+                        _ => "counted",
                     };
                     m.failed
                         .get_or_create(&FailureLabels {

@@ -3,6 +3,12 @@
 //! PostgreSQL notifications), pause while the circuit is open, and stop
 //! cleanly on shutdown: the batch in hand is finished and written, never
 //! abandoned with rows locked.
+//!
+//! `Once` ends when nothing due is left that this worker could take: an
+//! empty claim ends it only when it was not contended and the store finds
+//! no claimable row ([`EventStore::claimable_exists`]). A claim emptied by
+//! another worker claiming the same rows at that moment is retried after a
+//! short pause; rows held by a live lease are that worker's to finish.
 
 use std::future::Future;
 use std::time::{Duration, Instant};
@@ -10,7 +16,7 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 use tokio::sync::watch;
 
-use super::processor::{BatchHandler, BatchReport, DeadLetter, Handled, Processor};
+use super::processor::{BatchHandler, BatchReport, Claimed, DeadLetter, Handled, Processor};
 use crate::error::Result;
 use crate::model::{Event, Route};
 use crate::store::EventStore;
@@ -33,6 +39,10 @@ pub struct RunOptions {
     pub idle_min: Duration,
     /// Longest idle wait (also the polling interval when notifications are on).
     pub idle_max: Duration,
+    /// `Once`: how long claims may keep coming back empty while rows that
+    /// could be claimed are there (other workers taking them first) before
+    /// the run gives up and says so.
+    pub contention_limit: Duration,
 }
 
 impl Default for RunOptions {
@@ -41,6 +51,7 @@ impl Default for RunOptions {
             mode: RunMode::Watch,
             idle_min: Duration::from_millis(10),
             idle_max: Duration::from_secs(1),
+            contention_limit: Duration::from_secs(60),
         }
     }
 }
@@ -64,6 +75,8 @@ pub struct RunReport {
     pub dead_lettered: u64,
     /// Transient failures (no attempt spent).
     pub transient: u64,
+    /// Of those, events whose own destination (topic) was unavailable.
+    pub unavailable: u64,
     /// Released untried.
     pub released: u64,
     /// Rows whose lease was lost before their result was written.
@@ -76,6 +89,10 @@ pub struct RunReport {
     pub events_per_second: f64,
     /// Why the run stopped early, if it did.
     pub stopped_because: Option<String>,
+    /// The run stopped on an error after it had started working (the
+    /// database failed mid-way): `stopped_because` says which.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub error: bool,
 }
 
 impl RunReport {
@@ -88,6 +105,7 @@ impl RunReport {
         self.dead += b.dead as u64;
         self.dead_lettered += b.dead_lettered as u64;
         self.transient += b.transient as u64;
+        self.unavailable += b.unavailable as u64;
         self.released += b.released as u64;
         self.lease_lost += b.lease_lost as u64;
         self.commit_errors += u64::from(b.commit_error.is_some());
@@ -131,6 +149,7 @@ where
     let mut report = RunReport::default();
     let mut idle = options.idle_min;
     let mut claim_errors = 0u32;
+    let mut contended_since: Option<Instant> = None;
     // Two batches in flight: while the results of one are written, the next
     // is claimed and handled (on another connection). Per-key order holds:
     // the rows of the batch being written are still locked, so the next
@@ -174,17 +193,37 @@ where
             finish(&mut report, b);
         }
         match next {
-            Ok(Some(h)) => {
+            Ok(Claimed::Batch(h)) => {
                 claim_errors = 0;
                 idle = options.idle_min;
+                contended_since = None;
                 in_flight = Some(h);
             }
             // The claim ran while the previous batch's rows were still
-            // locked, so it may have found their keys blocked: claim again
-            // now that they are written before calling it idle.
-            Ok(None) if had_previous => claim_errors = 0,
-            Ok(None) => {
+            // locked, so it may have found their keys held: claim again now
+            // that they are written before calling it idle.
+            Ok(Claimed::Empty { .. }) if had_previous => claim_errors = 0,
+            Ok(Claimed::Empty { contended }) => {
                 claim_errors = 0;
+                // Empty because another worker was claiming the same rows at
+                // that moment, or because nothing is there? Only the latter
+                // is idle (and ends a Once run).
+                let busy = contended || processor.store().claimable_exists().await.unwrap_or(false);
+                if busy {
+                    let since = *contended_since.get_or_insert_with(Instant::now);
+                    if options.mode == RunMode::Once && since.elapsed() > options.contention_limit {
+                        report.stopped_because = Some(format!(
+                            "rows were due but every claim for {:?} came back empty (other workers kept taking them first)",
+                            options.contention_limit
+                        ));
+                        report.error = true;
+                        break;
+                    }
+                    let pause = Duration::from_millis(5 + fastrand::u64(0..20));
+                    wait_or_shutdown(&mut shutdown, pause).await;
+                    continue;
+                }
+                contended_since = None;
                 if options.mode == RunMode::Once {
                     break;
                 }
@@ -206,7 +245,13 @@ where
                     let b = processor.finish(h).await;
                     finish(&mut report, b);
                 }
-                return Err(e);
+                if report.batches == 0 {
+                    return Err(e);
+                }
+                // Work was done before the failure: report it, and the error.
+                report.stopped_because = Some(format!("the claim failed: {e}"));
+                report.error = true;
+                break;
             }
         }
     }

@@ -2,17 +2,33 @@
 //! claim due outbox rows, publish them through a [`Sink`], write the results.
 //!
 //! A batch's messages are all in flight at once; events of one key are sent
-//! in insertion order, and a key stops at its first failure: the failed event
-//! is rescheduled (transient: no attempt spent, retried in about a second;
-//! rejected: counted, with backoff, `failed` at `max_attempts` and then
-//! dead-lettered), and the rest of the key's run is released untried.
+//! in insertion order. What a key's deliveries become ([`outcomes`]):
+//!
+//! * everything acknowledged is completed (it is on the broker);
+//! * the first failure after the key's last acknowledged message keeps its
+//!   kind: transient (no attempt spent, retried in about a second), topic
+//!   unavailable (no attempt spent, that topic backs off), or rejected
+//!   (counted, with backoff; `failed` at `max_attempts`, then dead-lettered);
+//!   the rest of the key's run is released untried and goes out after it;
+//! * a failure *before* a message of its key that the broker nevertheless
+//!   acknowledged (possible when all are in flight at once) is not retried:
+//!   a retry would deliver it after its successors. It becomes `failed` at
+//!   once and is dead-lettered, with a reason saying so. No later event of a
+//!   key is ever delivered before an earlier one that will still be retried.
+//!
+//! A topic the broker does not know (or that has no leader, or too few
+//! replicas) backs off on its own (1 s doubling to 1 min), without spending
+//! attempts and without pausing other topics; once it has been unavailable
+//! for longer than [`PublishOptions::unavailable_limit`], its events spend
+//! attempts, so they reach `failed` and the dead-letter topic instead of
+//! waiting forever.
 
-use std::collections::HashSet;
-use std::sync::Arc;
-use std::time::Duration;
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
-use crate::domain::{Retry, chrono_dur};
-use crate::model::{OutboxEvent, OutboxRoute, time};
+use crate::domain::Retry;
+use crate::model::{OutboxEvent, OutboxRoute};
 use crate::pipeline::{
     BatchHandler, DeadLetter, Outcome, Processor, ProcessorBuilder, ProcessorOptions,
 };
@@ -27,6 +43,9 @@ pub use sink::{AnySink, Delivery, Sink};
 /// Default bound on one message's delivery.
 pub const DEFAULT_PUBLISH_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// Default time a topic may stay unavailable before its events spend attempts.
+pub const DEFAULT_UNAVAILABLE_LIMIT: Duration = Duration::from_secs(300);
+
 impl DeadLetter for OutboxEvent {
     fn dead_letter(&self, topic: &str, error: &str) -> Message {
         let mut m = Message::dead_letter(self, topic);
@@ -40,85 +59,238 @@ impl DeadLetter for OutboxEvent {
         }
         m.headers.insert(
             "dlq_attempts".into(),
-            (self.attempts_made() + 1).to_string(),
+            (self.attempts_made() + 1)
+                .min(self.max_attempts())
+                .to_string(),
         );
         m
     }
 }
 
+/// Settings of a [`PublishHandler`].
+#[derive(Debug, Clone)]
+pub struct PublishOptions {
+    /// Bound on one message's delivery.
+    pub timeout: Duration,
+    /// Delay of a transient failure's retry.
+    pub transient_delay: Duration,
+    /// How long a topic may stay unavailable before its events spend
+    /// attempts (and so reach `failed` and the dead-letter topic).
+    pub unavailable_limit: Duration,
+}
+
+impl Default for PublishOptions {
+    fn default() -> Self {
+        PublishOptions {
+            timeout: DEFAULT_PUBLISH_TIMEOUT,
+            transient_delay: crate::model::limits::DEFAULT_TRANSIENT_RETRY_DELAY,
+            unavailable_limit: DEFAULT_UNAVAILABLE_LIMIT,
+        }
+    }
+}
+
+/// A topic that could not take messages, since when, and why.
+#[derive(Debug, Clone)]
+struct TopicTrouble {
+    since: Instant,
+    batches: u32,
+    reason: String,
+}
+
 /// The handler step of the relay: publish the batch through the sink.
 pub struct PublishHandler<K: Sink> {
     sink: Arc<K>,
-    timeout: Duration,
-    transient_delay: Duration,
+    options: PublishOptions,
+    topics: Mutex<HashMap<String, TopicTrouble>>,
 }
 
 impl<K: Sink> PublishHandler<K> {
     /// Publishes through `sink`, each message bounded by `timeout`.
     pub fn new(sink: Arc<K>, timeout: Duration) -> Self {
+        Self::with_options(
+            sink,
+            PublishOptions {
+                timeout,
+                ..PublishOptions::default()
+            },
+        )
+    }
+
+    /// Publishes through `sink` with `options`.
+    pub fn with_options(sink: Arc<K>, options: PublishOptions) -> Self {
         PublishHandler {
             sink,
-            timeout,
-            transient_delay: crate::model::limits::DEFAULT_TRANSIENT_RETRY_DELAY,
+            options,
+            topics: Mutex::new(HashMap::new()),
         }
     }
+
+    /// Topics that are unavailable now, with the reason and for how long.
+    pub fn unavailable_topics(&self) -> Vec<(String, String, Duration)> {
+        let topics = self.topics.lock().unwrap_or_else(|p| p.into_inner());
+        let mut v: Vec<_> = topics
+            .iter()
+            .map(|(t, tr)| (t.clone(), tr.reason.clone(), tr.since.elapsed()))
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// Updates the per-topic state from a batch's deliveries and says, per
+    /// unavailable topic, how long to wait (or that the limit has passed).
+    fn track_topics(
+        &self,
+        messages: &[Message],
+        deliveries: &[Delivery],
+    ) -> HashMap<String, TopicVerdict> {
+        let mut topics = self.topics.lock().unwrap_or_else(|p| p.into_inner());
+        let mut reasons: HashMap<&str, &str> = HashMap::new();
+        let mut delivered: HashSet<&str> = HashSet::new();
+        for (m, d) in messages.iter().zip(deliveries) {
+            match d {
+                Delivery::Unavailable(why) => {
+                    reasons.entry(m.topic.as_str()).or_insert(why.as_str());
+                }
+                Delivery::Delivered => {
+                    delivered.insert(m.topic.as_str());
+                }
+                _ => {}
+            }
+        }
+        for t in &delivered {
+            if topics.remove(*t).is_some() {
+                tracing::info!(topic = %t, "topic available again");
+            }
+        }
+        let mut verdicts = HashMap::new();
+        for (topic, why) in reasons {
+            let trouble = topics.entry(topic.to_string()).or_insert_with(|| {
+                tracing::warn!(topic = %topic, reason = %why, "topic unavailable; its events back off without spending attempts, other topics go on");
+                TopicTrouble {
+                    since: Instant::now(),
+                    batches: 0,
+                    reason: why.to_string(),
+                }
+            });
+            trouble.batches = trouble.batches.saturating_add(1);
+            trouble.reason = why.to_string();
+            let verdict = if trouble.since.elapsed() >= self.options.unavailable_limit {
+                TopicVerdict::GiveUp(format!(
+                    "{why}; unavailable for {}s, longer than the limit of {}s, so attempts are spent",
+                    trouble.since.elapsed().as_secs(),
+                    self.options.unavailable_limit.as_secs()
+                ))
+            } else {
+                let exp = trouble.batches.saturating_sub(1).min(6);
+                TopicVerdict::Wait(Duration::from_secs(1 << exp))
+            };
+            verdicts.insert(topic.to_string(), verdict);
+        }
+        verdicts
+    }
+}
+
+/// What to do with the events of an unavailable topic.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TopicVerdict {
+    /// Retry after this long; no attempt spent.
+    Wait(Duration),
+    /// Unavailable for too long: a counted failure with this error.
+    GiveUp(String),
 }
 
 impl<K: Sink> BatchHandler<OutboxRoute> for PublishHandler<K> {
     async fn handle(&self, events: &[OutboxEvent]) -> Vec<Outcome> {
         let messages: Vec<Message> = events.iter().map(Message::from_event).collect();
-        let deliveries = self.sink.send(&messages, self.timeout).await;
-        outcomes(events, &deliveries, self.transient_delay)
+        let deliveries = self.sink.send(&messages, self.options.timeout).await;
+        let topics = self.track_topics(&messages, &deliveries);
+        outcomes(events, &deliveries, self.options.transient_delay, &topics)
     }
 }
 
-/// Turns deliveries into outcomes, key by key: everything before a key's
-/// first failure is completed, the failure is recorded, the rest of the key
-/// is released untried.
+/// Turns deliveries into outcomes, key by key (see the module documentation):
+/// everything acknowledged is completed; the first failure after the key's
+/// last acknowledged message is recorded as what it is and the rest of the
+/// key is released untried; a failure before an acknowledged message of its
+/// key is dead (a retry would reorder the key).
 pub fn outcomes(
     events: &[OutboxEvent],
     deliveries: &[Delivery],
     transient_delay: Duration,
+    topics: &HashMap<String, TopicVerdict>,
 ) -> Vec<Outcome> {
-    let retry_transient = time::now() + chrono_dur(transient_delay);
+    let deliveries: Vec<&Delivery> = deliveries
+        .iter()
+        .chain(std::iter::repeat(&Delivery::NotSent))
+        .take(events.len())
+        .collect();
+    // The last acknowledged message of each key.
+    let mut last_delivered: HashMap<(&str, &str), usize> = HashMap::new();
+    for (i, (e, d)) in events.iter().zip(&deliveries).enumerate() {
+        if **d == Delivery::Delivered {
+            last_delivered.insert((e.topic(), e.partition_key()), i);
+        }
+    }
     let mut broken: HashSet<(&str, &str)> = HashSet::new();
     events
         .iter()
-        .zip(deliveries.iter().chain(std::iter::repeat(&Delivery::NotSent)))
-        .map(|(event, delivery)| {
+        .zip(deliveries)
+        .enumerate()
+        .map(|(i, (event, delivery))| {
             let key = (event.topic(), event.partition_key());
+            let before_a_delivered = last_delivered.get(&key).is_some_and(|&l| i < l);
+            if *delivery == Delivery::Delivered {
+                return Outcome::Completed;
+            }
+            if before_a_delivered {
+                let later = last_delivered[&key];
+                let why = match delivery {
+                    Delivery::Rejected(e) => format!("broker rejected the record: {e}"),
+                    Delivery::Transient(e) | Delivery::Unavailable(e) => e.clone(),
+                    Delivery::NotSent => "not sent".into(),
+                    Delivery::Delivered => String::new(),
+                };
+                tracing::error!(
+                    event_id = %event.id(), key = event.partition_key(), later = %events[later].id(),
+                    "an event failed after a later event of its key was acknowledged; it is failed now, not retried"
+                );
+                return Outcome::Dead {
+                    error: format!(
+                        "{why}; not retried: a later event of its key ({}) was already acknowledged by the broker, \
+                         so a retry would deliver this one out of order (replay it deliberately if wanted)",
+                        events[later].id()
+                    ),
+                };
+            }
             if broken.contains(&key) {
-                if *delivery == Delivery::Delivered {
-                    // Sent before the sink learnt of the earlier failure:
-                    // it is on the broker, so it counts as published.
-                    tracing::warn!(
-                        event_id = %event.id(), key = event.partition_key(),
-                        "published after an earlier event of its key failed; that key is out of order on the broker"
-                    );
-                    return Outcome::Completed;
-                }
                 return Outcome::Released;
             }
+            broken.insert(key);
             match delivery {
                 Delivery::Delivered => Outcome::Completed,
-                Delivery::Transient(e) => {
-                    broken.insert(key);
-                    Outcome::Failed {
-                        error: format!("broker not answering: {e}"),
-                        retry: Retry::NotCounted(retry_transient),
-                    }
-                }
-                Delivery::Rejected(e) => {
-                    broken.insert(key);
-                    Outcome::Failed {
-                        error: format!("broker rejected the record: {e}"),
+                Delivery::Transient(e) => Outcome::Failed {
+                    error: format!("broker not answering: {e}"),
+                    retry: Retry::NotCountedAfter(transient_delay),
+                },
+                Delivery::Unavailable(e) => match topics.get(event.topic()) {
+                    Some(TopicVerdict::GiveUp(why)) => Outcome::Failed {
+                        error: why.clone(),
                         retry: Retry::Counted(None),
-                    }
-                }
-                Delivery::NotSent => {
-                    broken.insert(key);
-                    Outcome::Released
-                }
+                    },
+                    Some(TopicVerdict::Wait(d)) => Outcome::Unavailable {
+                        error: e.clone(),
+                        retry_after: *d,
+                    },
+                    None => Outcome::Unavailable {
+                        error: e.clone(),
+                        retry_after: transient_delay,
+                    },
+                },
+                Delivery::Rejected(e) => Outcome::Failed {
+                    error: format!("broker rejected the record: {e}"),
+                    retry: Retry::Counted(None),
+                },
+                Delivery::NotSent => Outcome::Released,
             }
         })
         .collect()
@@ -134,7 +306,22 @@ pub fn publisher<S: OutboxStore, K: Sink>(
     options: ProcessorOptions,
     publish_timeout: Duration,
 ) -> ProcessorBuilder<OutboxRoute, S, PublishHandler<K>> {
-    ProcessorBuilder::new(store, PublishHandler::new(sink, publish_timeout), options)
+    let publish = PublishOptions {
+        timeout: publish_timeout,
+        transient_delay: options.transient_delay,
+        ..PublishOptions::default()
+    };
+    publisher_with(store, sink, options, publish)
+}
+
+/// Builds an [`OutboxPublisher`] with all publish settings.
+pub fn publisher_with<S: OutboxStore, K: Sink>(
+    store: S,
+    sink: Arc<K>,
+    options: ProcessorOptions,
+    publish: PublishOptions,
+) -> ProcessorBuilder<OutboxRoute, S, PublishHandler<K>> {
+    ProcessorBuilder::new(store, PublishHandler::with_options(sink, publish), options)
         .job("outbox_publisher")
 }
 
@@ -167,20 +354,121 @@ mod tests {
             Delivery::Transient("down".into()),
             Delivery::Rejected("too large".into()),
             Delivery::NotSent,
-            Delivery::Delivered,
+            Delivery::NotSent,
             Delivery::Delivered,
         ];
-        let o = outcomes(&events, &d, Duration::from_secs(1));
+        let o = outcomes(&events, &d, Duration::from_secs(1), &HashMap::new());
         assert_eq!(o[0], Outcome::Completed);
         assert!(
-            matches!(&o[1], Outcome::Failed { retry: Retry::NotCounted(_), error } if error.contains("down"))
+            matches!(&o[1], Outcome::Failed { retry: Retry::NotCountedAfter(_), error } if error.contains("down"))
         );
         assert!(
             matches!(&o[2], Outcome::Failed { retry: Retry::Counted(None), error } if error.contains("too large"))
         );
         assert_eq!(o[3], Outcome::Released);
-        assert_eq!(o[4], Outcome::Completed, "already on the broker");
+        assert_eq!(o[4], Outcome::Released);
         assert_eq!(o[5], Outcome::Completed);
+    }
+
+    #[test]
+    fn a_failure_before_an_acknowledged_message_of_its_key_is_dead() {
+        // k1 rejected, k2 and k3 acknowledged anyway (all were in flight),
+        // k4 timed out: k1 cannot be retried without reordering the key.
+        let events = vec![ev("k"), ev("k"), ev("k"), ev("k"), ev("o")];
+        let d = vec![
+            Delivery::Rejected("invalid record".into()),
+            Delivery::Delivered,
+            Delivery::Delivered,
+            Delivery::Transient("purged".into()),
+            Delivery::Rejected("too large".into()),
+        ];
+        let o = outcomes(&events, &d, Duration::from_secs(1), &HashMap::new());
+        assert!(
+            matches!(&o[0], Outcome::Dead { error } if error.contains("invalid record") && error.contains(&events[2].id().to_string())),
+            "{:?}",
+            o[0]
+        );
+        assert_eq!(o[1], Outcome::Completed);
+        assert_eq!(o[2], Outcome::Completed);
+        assert!(matches!(
+            &o[3],
+            Outcome::Failed {
+                retry: Retry::NotCountedAfter(_),
+                ..
+            }
+        ));
+        assert!(matches!(
+            &o[4],
+            Outcome::Failed {
+                retry: Retry::Counted(None),
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn an_unavailable_topic_backs_off_alone_then_spends_attempts() {
+        let events = vec![ev("a"), ev("b")];
+        let mut bad = events.clone();
+        bad[1].route.topic = "missing".into();
+        let d = vec![
+            Delivery::Delivered,
+            Delivery::Unavailable("topic \"missing\" does not exist".into()),
+        ];
+        let mut topics = HashMap::new();
+        topics.insert(
+            "missing".to_string(),
+            TopicVerdict::Wait(Duration::from_secs(4)),
+        );
+        let o = outcomes(&bad, &d, Duration::from_secs(1), &topics);
+        assert_eq!(o[0], Outcome::Completed);
+        assert_eq!(
+            o[1],
+            Outcome::Unavailable {
+                error: "topic \"missing\" does not exist".into(),
+                retry_after: Duration::from_secs(4)
+            }
+        );
+        topics.insert(
+            "missing".to_string(),
+            TopicVerdict::GiveUp("gone for 5m".into()),
+        );
+        let o = outcomes(&bad, &d, Duration::from_secs(1), &topics);
+        assert!(
+            matches!(&o[1], Outcome::Failed { retry: Retry::Counted(None), error } if error == "gone for 5m")
+        );
+    }
+
+    #[test]
+    fn topic_backoff_doubles_and_resets_on_a_delivery() {
+        let h = PublishHandler::with_options(
+            Arc::new(sink::NullSink),
+            PublishOptions {
+                unavailable_limit: Duration::from_secs(3600),
+                ..PublishOptions::default()
+            },
+        );
+        let m = |t: &str| {
+            let mut e = ev("k");
+            e.route.topic = t.into();
+            Message::from_event(&e)
+        };
+        let msgs = vec![m("x"), m("y")];
+        let d = vec![Delivery::Unavailable("no".into()), Delivery::Delivered];
+        let waits: Vec<TopicVerdict> = (0..9)
+            .map(|_| h.track_topics(&msgs, &d)["x"].clone())
+            .collect();
+        let secs: Vec<u64> = waits
+            .iter()
+            .map(|v| match v {
+                TopicVerdict::Wait(d) => d.as_secs(),
+                TopicVerdict::GiveUp(_) => 0,
+            })
+            .collect();
+        assert_eq!(secs, vec![1, 2, 4, 8, 16, 32, 64, 64, 64]);
+        assert_eq!(h.unavailable_topics().len(), 1);
+        h.track_topics(&msgs[..1], &[Delivery::Delivered]);
+        assert!(h.unavailable_topics().is_empty());
     }
 
     #[test]

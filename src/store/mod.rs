@@ -178,6 +178,8 @@ pub struct Failure {
     pub counted: bool,
     /// When to try again, if the event stays pending.
     pub retry: RetryAt,
+    /// Fail it now (status `failed`), whatever attempts are left.
+    pub dead: bool,
 }
 
 impl Failure {
@@ -188,6 +190,19 @@ impl Failure {
             error: error.into(),
             counted: true,
             retry: retry.into(),
+            dead: false,
+        }
+    }
+
+    /// A failure that must not be retried: `failed` now, one attempt spent
+    /// (without going past `max_attempts`).
+    pub fn dead(id: Uuid, error: impl Into<String>) -> Self {
+        Failure {
+            id,
+            error: error.into(),
+            counted: true,
+            retry: RetryAt::After(Duration::ZERO),
+            dead: true,
         }
     }
 
@@ -198,6 +213,7 @@ impl Failure {
             error: error.into(),
             counted: false,
             retry: retry.into(),
+            dead: false,
         }
     }
 

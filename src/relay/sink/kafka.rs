@@ -1,8 +1,20 @@
 //! Kafka through rdkafka (librdkafka): an idempotent producer with
-//! `acks=all`; every message of a batch is in flight at once, and the
-//! delivery reports are awaited together.
+//! `acks=all` and librdkafka's gap-less guarantee; every message of a batch
+//! is in flight at once, and the delivery reports are awaited together.
+//!
+//! Order: with the idempotent producer a broker appends a partition's
+//! batches in order, and with `enable.gapless.guarantee` a batch the broker
+//! rejects stops every later batch of the producer (a fatal error): nothing
+//! of a key after a rejected message is appended. The producer is then
+//! built anew for the next batch. The relay keeps its own rule on top
+//! (`relay::outcomes`), whatever the broker does.
+//!
+//! Topics: a topic not seen before is looked up in the broker's metadata
+//! before its messages are sent, so a missing topic is reported at once
+//! (and by name) instead of after the publish timeout.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures_util::future::join_all;
@@ -17,7 +29,10 @@ use crate::relay::Message;
 
 /// Publishes to Kafka.
 pub struct KafkaSink {
-    producer: FutureProducer,
+    config: ClientConfig,
+    producer: Mutex<Arc<FutureProducer>>,
+    /// Topics the broker's metadata (or a delivery) showed to exist.
+    known_topics: Mutex<HashSet<String>>,
     brokers: String,
 }
 
@@ -43,31 +58,163 @@ impl KafkaSink {
         config
             .set("bootstrap.servers", brokers)
             .set("enable.idempotence", "true")
+            .set("enable.gapless.guarantee", "true")
             .set("acks", "all")
             .set("linger.ms", "5")
             .set("message.timeout.ms", timeout.as_millis().max(1).to_string())
+            // A topic the broker does not know fails its messages after this
+            // long rather than after the message timeout.
+            .set("topic.metadata.propagation.max.ms", "1000")
             .set("client.id", "omnibox-relay");
         for (k, v) in properties {
             config.set(k, v);
         }
-        let producer: FutureProducer = config
-            .create()
-            .map_err(|e| Error::Config(format!("cannot create the Kafka producer: {e}")))?;
+        let producer = create(&config)?;
         Ok(KafkaSink {
-            producer,
+            config,
+            producer: Mutex::new(Arc::new(producer)),
+            known_topics: Mutex::new(HashSet::new()),
             brokers: brokers.to_string(),
         })
     }
 
     /// Waits for every queued message (used at shutdown).
     pub fn flush(&self, timeout: Duration) {
-        let _ = self.producer.flush(timeout);
+        let _ = self.producer().flush(timeout);
+    }
+
+    fn producer(&self) -> Arc<FutureProducer> {
+        self.producer
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// After a fatal error (the gap-less guarantee, or a producer fenced by
+    /// the broker) the producer is unusable: build a new one.
+    fn renew_if_fatal(&self, used: &Arc<FutureProducer>) {
+        let Some((code, reason)) = used.client().fatal_error() else {
+            return;
+        };
+        let mut slot = self.producer.lock().unwrap_or_else(|p| p.into_inner());
+        if !Arc::ptr_eq(&slot, used) {
+            return; // another batch renewed it already
+        }
+        match create(&self.config) {
+            Ok(fresh) => {
+                tracing::warn!(error = ?code, reason = %reason, "the Kafka producer hit a fatal error; using a new producer");
+                *slot = Arc::new(fresh);
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "the Kafka producer hit a fatal error and a new one cannot be created")
+            }
+        }
+    }
+
+    /// Looks up the topics not known yet in the broker's metadata. Returns
+    /// the ones the broker says are missing or unusable, with why. A broker
+    /// that does not answer says nothing here: the sends will tell.
+    async fn check_topics(
+        &self,
+        producer: &Arc<FutureProducer>,
+        messages: &[Message],
+        timeout: Duration,
+    ) -> HashMap<String, String> {
+        let unknown: Vec<String> = {
+            let known = self.known_topics.lock().unwrap_or_else(|p| p.into_inner());
+            let mut seen = HashSet::new();
+            messages
+                .iter()
+                .filter(|m| !known.contains(&m.topic) && seen.insert(m.topic.as_str()))
+                .map(|m| m.topic.clone())
+                .collect()
+        };
+        let mut troubled = HashMap::new();
+        for topic in unknown {
+            let p = producer.clone();
+            let t = topic.clone();
+            let wait = timeout.min(Duration::from_secs(5));
+            let md = tokio::task::spawn_blocking(move || {
+                p.client().fetch_metadata(Some(&t), wait).map(|md| {
+                    md.topics()
+                        .iter()
+                        .find(|mt| mt.name() == t)
+                        .map(|mt| (mt.error(), mt.partitions().len()))
+                })
+            })
+            .await;
+            match md {
+                Ok(Ok(Some((None, n)))) if n > 0 => {
+                    self.known_topics
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .insert(topic);
+                }
+                Ok(Ok(Some((Some(err), _)))) => {
+                    // Only "the topic is not there (yet)" holds its messages
+                    // back here; any other answer (not authorised, say) is
+                    // the sends' to report, as a rejection.
+                    let code: RDKafkaErrorCode = err.into();
+                    if is_unavailable(code) {
+                        troubled.insert(topic.clone(), topic_trouble(&topic, code));
+                    }
+                }
+                Ok(Ok(_)) => {
+                    troubled.insert(
+                        topic.clone(),
+                        format!("topic {topic:?} has no partitions on the broker yet"),
+                    );
+                }
+                // Not answered: let the sends report it.
+                Ok(Err(_)) | Err(_) => {}
+            }
+        }
+        troubled
     }
 }
 
-/// Sorts a Kafka error into transient (the broker did not answer) and
-/// rejected (the broker said no).
-pub fn classify(e: &KafkaError) -> Delivery {
+fn create(config: &ClientConfig) -> Result<FutureProducer> {
+    config
+        .create()
+        .map_err(|e| Error::Config(format!("cannot create the Kafka producer: {e}")))
+}
+
+/// Codes that say a topic cannot take messages *now* (and may later).
+fn is_unavailable(code: RDKafkaErrorCode) -> bool {
+    use RDKafkaErrorCode as C;
+    matches!(
+        code,
+        C::UnknownTopic
+            | C::UnknownPartition
+            | C::UnknownTopicOrPartition
+            | C::LeaderNotAvailable
+            | C::NotLeaderForPartition
+            | C::NotEnoughReplicas
+            | C::NotEnoughReplicasAfterAppend
+    )
+}
+
+/// What to tell an operator about a topic the broker cannot take messages for.
+fn topic_trouble(topic: &str, code: RDKafkaErrorCode) -> String {
+    use RDKafkaErrorCode as C;
+    match code {
+        C::UnknownTopicOrPartition | C::UnknownTopic => format!(
+            "topic {topic:?} does not exist on the broker ({code}): create it, or enable automatic topic creation"
+        ),
+        C::LeaderNotAvailable | C::NotLeaderForPartition => format!(
+            "topic {topic:?} has no leader available ({code}): the broker is electing one, or the topic is being created"
+        ),
+        C::NotEnoughReplicas | C::NotEnoughReplicasAfterAppend => format!(
+            "topic {topic:?} has too few in-sync replicas for acks=all ({code}): check the brokers holding it and min.insync.replicas"
+        ),
+        other => format!("topic {topic:?} cannot take messages ({other})"),
+    }
+}
+
+/// Sorts a Kafka error into transient (the broker did not answer),
+/// unavailable (this message's topic cannot take it now) and rejected (the
+/// broker said no to the record).
+pub fn classify(topic: &str, e: &KafkaError) -> Delivery {
     use RDKafkaErrorCode as C;
     let text = e.to_string();
     let Some(code) = e.rdkafka_error_code() else {
@@ -86,6 +233,7 @@ pub fn classify(e: &KafkaError) -> Delivery {
         | C::InvalidArgument
         | C::UnsupportedForMessageFormat
         | C::InvalidRequiredAcks => Delivery::Rejected(text),
+        c if is_unavailable(c) => Delivery::Unavailable(topic_trouble(topic, c)),
         C::MessageTimedOut
         | C::AllBrokersDown
         | C::BrokerTransportFailure
@@ -93,15 +241,8 @@ pub fn classify(e: &KafkaError) -> Delivery {
         | C::QueueFull
         | C::PurgeQueue
         | C::PurgeInflight
-        | C::UnknownTopic
-        | C::UnknownPartition
-        | C::UnknownTopicOrPartition
-        | C::LeaderNotAvailable
-        | C::NotLeaderForPartition
         | C::RequestTimedOut
         | C::NetworkException
-        | C::NotEnoughReplicas
-        | C::NotEnoughReplicasAfterAppend
         | C::BrokerNotAvailable
         | C::KafkaStorageError
         | C::Fatal => Delivery::Transient(text),
@@ -118,10 +259,16 @@ impl Sink for KafkaSink {
     }
 
     async fn send(&self, messages: &[Message], timeout: Duration) -> Vec<Delivery> {
+        let producer = self.producer();
+        let troubled = self.check_topics(&producer, messages, timeout).await;
         let mut out = vec![Delivery::NotSent; messages.len()];
         let mut pending = Vec::with_capacity(messages.len());
         let mut failed_keys: HashSet<(&str, &str)> = HashSet::new();
         for (i, m) in messages.iter().enumerate() {
+            if let Some(why) = troubled.get(&m.topic) {
+                out[i] = Delivery::Unavailable(why.clone());
+                continue;
+            }
             let key = (m.topic.as_str(), m.key.as_str());
             if failed_keys.contains(&key) {
                 continue;
@@ -137,10 +284,10 @@ impl Sink for KafkaSink {
                 .key(m.key.as_bytes())
                 .payload(m.value.get().as_bytes())
                 .headers(headers);
-            match self.producer.send_result(record) {
+            match producer.send_result(record) {
                 Ok(future) => pending.push((i, future)),
                 Err((e, _)) => {
-                    out[i] = classify(&e);
+                    out[i] = classify(&m.topic, &e);
                     failed_keys.insert(key);
                 }
             }
@@ -154,7 +301,7 @@ impl Sink for KafkaSink {
                 for (i, report) in indexes.into_iter().zip(reports) {
                     out[i] = match report {
                         Ok(Ok(_)) => Delivery::Delivered,
-                        Ok(Err((e, _))) => classify(&e),
+                        Ok(Err((e, _))) => classify(&messages[i].topic, &e),
                         Err(_) => {
                             Delivery::Transient("the producer dropped the delivery report".into())
                         }
@@ -167,6 +314,22 @@ impl Sink for KafkaSink {
                 }
             }
         }
+        {
+            let mut known = self.known_topics.lock().unwrap_or_else(|p| p.into_inner());
+            for (m, d) in messages.iter().zip(&out) {
+                match d {
+                    Delivery::Delivered if !known.contains(&m.topic) => {
+                        known.insert(m.topic.clone());
+                    }
+                    // Look it up again before its next messages go out.
+                    Delivery::Unavailable(_) => {
+                        known.remove(&m.topic);
+                    }
+                    _ => {}
+                }
+            }
+        }
+        self.renew_if_fatal(&producer);
         out
     }
 }

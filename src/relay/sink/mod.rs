@@ -25,9 +25,13 @@ pub const DEFAULT_BROKER_URL: &str = "file:omnibox-events.jsonl";
 pub enum Delivery {
     /// The broker acknowledged it (for Kafka: `acks=all`).
     Delivered,
-    /// The broker did not answer (down, unreachable, timed out, metadata
-    /// unavailable): the event is not at fault and spends no attempt.
+    /// The broker did not answer (down, unreachable, timed out): the event
+    /// is not at fault and spends no attempt.
     Transient(String),
+    /// This message's destination cannot take it now (the topic is unknown
+    /// to the broker, has no leader, or too few in-sync replicas) while the
+    /// broker itself answers: no attempt spent, and only that topic backs off.
+    Unavailable(String),
     /// The broker answered "no" (too large, not authorised, invalid): a
     /// counted failure.
     Rejected(String),

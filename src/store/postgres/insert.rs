@@ -29,8 +29,31 @@ fn csv_field(buf: &mut String, value: Option<&str>) {
     }
 }
 
-/// One CSV line of [`sql::COPY_OUTBOX`].
-fn copy_outbox_row(buf: &mut String, e: &OutboxEvent) -> Result<()> {
+/// The database's clock, for rows whose caller set no time: PostgreSQL's
+/// `now()` (in a transaction, the very value a column default would get).
+async fn db_now(conn: &mut PgConnection) -> Result<String> {
+    let now: Timestamp = sqlx::query_scalar("SELECT now()")
+        .fetch_one(&mut *conn)
+        .await
+        .map_err(storage)?;
+    Ok(crate::time::format(&now))
+}
+
+/// `db_now` when some event of `events` takes its times from the database.
+async fn db_now_for<R: Route>(
+    conn: &mut PgConnection,
+    events: &[Event<R>],
+) -> Result<Option<String>> {
+    if events.iter().any(|e| e.clock_default.any()) {
+        Ok(Some(db_now(conn).await?))
+    } else {
+        Ok(None)
+    }
+}
+
+/// One CSV line of [`sql::COPY_OUTBOX`]. An event whose caller set no time
+/// gets `now` (the database's clock) as `scheduled_at` and `created_at`.
+fn copy_outbox_row(buf: &mut String, e: &OutboxEvent, now: Option<&str>) -> Result<()> {
     use std::fmt::Write as _;
     e.validate_invariants()?;
     if e.locked_at.is_some() {
@@ -69,11 +92,15 @@ fn copy_outbox_row(buf: &mut String, e: &OutboxEvent) -> Result<()> {
         e.max_attempts
     );
     csv_field(buf, e.last_error.as_deref());
-    let _ = write!(buf, ",{},", ts(&e.scheduled_at));
+    let db_time = |used: bool| now.filter(|_| used);
+    let scheduled =
+        db_time(e.clock_default.scheduled_at).map_or_else(|| ts(&e.scheduled_at), str::to_string);
+    let _ = write!(buf, ",{scheduled},");
     if let Some(t) = &e.completed_at {
         buf.push_str(&ts(t));
     }
-    let created = ts(&e.created_at);
+    let created =
+        db_time(e.clock_default.created_at).map_or_else(|| ts(&e.created_at), str::to_string);
     let _ = write!(buf, ",{created},{created},");
     csv_field(buf, Some(&e.route.aggregate_type));
     let _ = write!(buf, ",{},", e.route.aggregate_id);
@@ -86,9 +113,10 @@ fn copy_outbox_row(buf: &mut String, e: &OutboxEvent) -> Result<()> {
 
 /// Inserts a chunk without idempotency keys with COPY.
 async fn copy_outbox(conn: &mut PgConnection, chunk: &[OutboxEvent]) -> Result<()> {
+    let now = db_now_for(conn, chunk).await?;
     let mut buf = String::with_capacity(chunk.len() * 512);
     for e in chunk {
-        copy_outbox_row(&mut buf, e)?;
+        copy_outbox_row(&mut buf, e, now.as_deref())?;
     }
     let mut copy = conn.copy_in_raw(sql::COPY_OUTBOX).await.map_err(storage)?;
     if let Err(e) = copy.send(buf.into_bytes()).await {
@@ -129,6 +157,8 @@ where
             continue;
         }
         // A COPY that stays open for every following chunk without keys.
+        // The database's clock, read once, for rows whose caller set no time.
+        let now = db_now(conn).await?;
         let mut copy = conn.copy_in_raw(sql::COPY_OUTBOX).await.map_err(storage)?;
         let mut buf = String::with_capacity(chunk.len() * 512);
         let mut next = Some(chunk);
@@ -136,7 +166,7 @@ where
             while let Some(chunk) = next.take() {
                 buf.clear();
                 for e in &chunk {
-                    copy_outbox_row(&mut buf, e)?;
+                    copy_outbox_row(&mut buf, e, Some(&now))?;
                 }
                 copy.send(buf.as_bytes()).await.map_err(storage)?;
                 outcomes.extend(chunk.iter().map(|e| BulkOutcome {
@@ -185,9 +215,10 @@ struct Common {
     attempts_made: Vec<i32>,
     max_attempts: Vec<i32>,
     last_error: Vec<Option<String>>,
-    scheduled_at: Vec<Timestamp>,
+    /// `None`: the caller set no time; the statement uses `now()`.
+    scheduled_at: Vec<Option<Timestamp>>,
     completed_at: Vec<Option<Timestamp>>,
-    created_at: Vec<Timestamp>,
+    created_at: Vec<Option<Timestamp>>,
 }
 
 impl Common {
@@ -217,9 +248,12 @@ impl Common {
         self.attempts_made.push(e.attempts_made);
         self.max_attempts.push(e.max_attempts);
         self.last_error.push(e.last_error.clone());
-        self.scheduled_at.push(e.scheduled_at);
+        let own = |t: Timestamp, default: bool| (!default).then_some(t);
+        self.scheduled_at
+            .push(own(e.scheduled_at, e.clock_default.scheduled_at));
         self.completed_at.push(e.completed_at);
-        self.created_at.push(e.created_at);
+        self.created_at
+            .push(own(e.created_at, e.clock_default.created_at));
         Ok(())
     }
 

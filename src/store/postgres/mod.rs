@@ -330,7 +330,7 @@ fn decode_inner<R: PgRoute>(row: &PgRow) -> Result<Event<R>, sqlx::Error> {
         created_at: row.try_get("created_at")?,
         updated_at: row.try_get("updated_at")?,
         route: R::decode_route(row)?,
-        clock_default: false,
+        clock_default: Default::default(),
     })
 }
 

@@ -128,15 +128,15 @@ macro_rules! table_sql {
             fail: concat!(
                 "UPDATE ", $t, " t
                 SET attempts_made = LEAST(t.attempts_made + CASE WHEN u.counted THEN 1 ELSE 0 END, t.max_attempts),
-                    status = CASE WHEN u.counted AND t.attempts_made + 1 >= t.max_attempts
+                    status = CASE WHEN u.dead OR (u.counted AND t.attempts_made + 1 >= t.max_attempts)
                                   THEN 'failed' ELSE 'pending' END,
-                    scheduled_at = CASE WHEN u.counted AND t.attempts_made + 1 >= t.max_attempts
+                    scheduled_at = CASE WHEN u.dead OR (u.counted AND t.attempts_made + 1 >= t.max_attempts)
                                         THEN t.scheduled_at
                                         ELSE COALESCE(u.retry_at, now() + make_interval(secs => u.delay)) END,
                     last_error = u.error,
                     locked_at = NULL, locked_by = NULL, locked_until = NULL, updated_at = now()
-                FROM UNNEST($1::uuid[], $2::text[], $3::bool[], $4::timestamptz[], $5::float8[])
-                    AS u(id, error, counted, retry_at, delay)
+                FROM UNNEST($1::uuid[], $2::text[], $3::bool[], $4::timestamptz[], $5::float8[], $8::bool[])
+                    AS u(id, error, counted, retry_at, delay, dead)
                 WHERE t.id = u.id AND t.locked_by = $6 AND t.locked_at = $7
                 RETURNING t.id, t.status"
             ),
@@ -363,8 +363,8 @@ pub(super) const INSERT_OUTBOX: &str = "INSERT INTO outbox_events (
         created_at, updated_at, aggregate_type, aggregate_id, topic, partition_key)
     SELECT u.id, u.event_type, u.payload::jsonb, u.headers::jsonb, u.trace_id, u.idempotency_key,
         u.correlation_id, u.causation_id, u.schema_version, u.status, u.attempts_made, u.max_attempts,
-        u.last_error, u.scheduled_at, u.completed_at, u.created_at, u.created_at,
-        u.aggregate_type, u.aggregate_id, u.topic, u.partition_key
+        u.last_error, COALESCE(u.scheduled_at, now()), u.completed_at, COALESCE(u.created_at, now()),
+        COALESCE(u.created_at, now()), u.aggregate_type, u.aggregate_id, u.topic, u.partition_key
     FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[],
         $8::text[], $9::text[], $10::text[], $11::int4[], $12::int4[], $13::text[], $14::timestamptz[],
         $15::timestamptz[], $16::timestamptz[], $17::text[], $18::uuid[], $19::text[], $20::text[])
@@ -381,8 +381,8 @@ pub(super) const INSERT_INBOX: &str = "INSERT INTO inbox_events (
         created_at, updated_at, message_id, consumer_group, source)
     SELECT u.id, u.event_type, u.payload::jsonb, u.headers::jsonb, u.trace_id, u.idempotency_key,
         u.correlation_id, u.causation_id, u.schema_version, u.status, u.attempts_made, u.max_attempts,
-        u.last_error, u.scheduled_at, u.completed_at, u.created_at, u.created_at,
-        u.message_id, u.consumer_group, u.source
+        u.last_error, COALESCE(u.scheduled_at, now()), u.completed_at, COALESCE(u.created_at, now()),
+        COALESCE(u.created_at, now()), u.message_id, u.consumer_group, u.source
     FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[],
         $8::text[], $9::text[], $10::text[], $11::int4[], $12::int4[], $13::text[], $14::timestamptz[],
         $15::timestamptz[], $16::timestamptz[], $17::text[], $18::text[], $19::text[])

@@ -168,6 +168,7 @@ impl<R: PgRoute> EventStore<R> for PgTable<R> {
             .bind(delay)
             .bind(token.worker.as_str())
             .bind(token.locked_at)
+            .bind(failures.iter().map(|f| f.dead).collect::<Vec<bool>>())
             .fetch_all(&self.pool)
             .await
             .map_err(storage)?;

@@ -288,7 +288,7 @@ fn decode_inner<R: SqliteRoute>(row: &SqliteRow) -> Result<Event<R>, String> {
         created_at: ts_col(row, "created_at")?,
         updated_at: ts_col(row, "updated_at")?,
         route: R::decode_route(row)?,
-        clock_default: false,
+        clock_default: Default::default(),
     })
 }
 

@@ -120,16 +120,17 @@ macro_rules! table_sql {
             fail: concat!(
                 "UPDATE ", $t, "
                 SET attempts_made = min(attempts_made + u.counted, max_attempts),
-                    status = CASE WHEN u.counted = 1 AND attempts_made + 1 >= max_attempts
+                    status = CASE WHEN u.dead = 1 OR (u.counted = 1 AND attempts_made + 1 >= max_attempts)
                                   THEN 'failed' ELSE 'pending' END,
-                    scheduled_at = CASE WHEN u.counted = 1 AND attempts_made + 1 >= max_attempts
+                    scheduled_at = CASE WHEN u.dead = 1 OR (u.counted = 1 AND attempts_made + 1 >= max_attempts)
                                         THEN scheduled_at ELSE u.retry_at END,
                     last_error = u.error,
                     locked_at = NULL, locked_by = NULL, locked_until = NULL, updated_at = ?2
                 FROM (SELECT json_extract(value, '$.id') AS id,
                              json_extract(value, '$.error') AS error,
                              json_extract(value, '$.counted') AS counted,
-                             json_extract(value, '$.retry_at') AS retry_at
+                             json_extract(value, '$.retry_at') AS retry_at,
+                             json_extract(value, '$.dead') AS dead
                       FROM json_each(?1)) AS u
                 WHERE ", $t, ".id = u.id AND ", $t, ".locked_by = ?3 AND ", $t, ".locked_at = ?4
                 RETURNING ", $t, ".id, ", $t, ".status"

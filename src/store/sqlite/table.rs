@@ -184,6 +184,7 @@ impl<R: SqliteRoute> EventStore<R> for SqliteTable<R> {
                     "id": f.id.to_string(),
                     "error": stored_error(&f.error),
                     "counted": i32::from(f.counted),
+                    "dead": i32::from(f.dead),
                     "retry_at": ts(&time::truncate(retry_at)),
                 })
             })
