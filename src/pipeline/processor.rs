@@ -123,9 +123,13 @@ pub enum Claimed<R> {
     Batch(Handled<R>),
     /// Nothing was handed out. `contended`: rows were wanted that another
     /// worker was claiming at the same moment (so it is worth trying again).
+    /// `more`: the claim examined as many due rows as it may and all were
+    /// held; the next claim goes on after them (so claim again at once).
     Empty {
         /// Rows were lost to a concurrent claim.
         contended: bool,
+        /// The scan stopped at its bound; claim again to go on.
+        more: bool,
     },
 }
 
@@ -280,8 +284,18 @@ pub struct Processor<R: Route, S: EventStore<R>, H: BatchHandler<R>> {
     dlq: Option<(Arc<AnySink>, String)>,
     metrics: Option<Arc<Metrics>>,
     breaker: Mutex<CircuitBreaker>,
+    scan: Mutex<ScanState>,
     job: &'static str,
     _route: std::marker::PhantomData<fn() -> R>,
+}
+
+/// Where this worker's claims go on scanning, and how far one may look:
+/// the bound doubles while claims find only held rows, so a long backlog
+/// behind another worker's key is crossed in a few claims.
+#[derive(Debug, Default)]
+struct ScanState {
+    after: Option<crate::store::ClaimCursor>,
+    widen: u32,
 }
 
 /// Builds a [`Processor`] (the reference's `EventProcessorBuilder`).
@@ -344,6 +358,7 @@ impl<R: Route, S: EventStore<R>, H: BatchHandler<R>> ProcessorBuilder<R, S, H> {
             dlq: self.dlq,
             metrics: self.metrics,
             breaker: Mutex::new(CircuitBreaker::new(self.circuit)),
+            scan: Mutex::new(ScanState::default()),
             job: self.job,
             _route: std::marker::PhantomData,
         }
@@ -399,17 +414,39 @@ where
     pub async fn claim_and_handle(&self) -> Result<Claimed<R>> {
         let span = tracing::info_span!("batch", job = self.job, table = %R::TABLE, worker = %self.options.worker);
         async {
+            let (after, widen) = {
+                let s = self.scan.lock().unwrap_or_else(|p| p.into_inner());
+                (s.after, s.widen)
+            };
+            let examine = self
+                .options
+                .batch
+                .max(500)
+                .saturating_mul(1 << widen.min(6))
+                .min(100_000);
             let claim = self
                 .store
                 .claim(&ClaimOptions {
                     worker: self.options.worker.clone(),
                     limit: self.options.batch,
+                    after,
+                    examine,
                     lease: self.options.lease,
                 })
                 .await?;
+            {
+                let mut s = self.scan.lock().unwrap_or_else(|p| p.into_inner());
+                s.after = claim.next;
+                s.widen = if claim.is_empty() && claim.next.is_some() {
+                    widen + 1
+                } else {
+                    0
+                };
+            }
             if claim.is_empty() {
                 return Ok(Claimed::Empty {
                     contended: claim.contended,
+                    more: claim.next.is_some(),
                 });
             }
             let heartbeat = Heartbeat::start(&self.store, &claim, self.options.lease);

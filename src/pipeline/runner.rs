@@ -203,7 +203,9 @@ where
             // locked, so it may have found their keys held: claim again now
             // that they are written before calling it idle.
             Ok(Claimed::Empty { .. }) if had_previous => claim_errors = 0,
-            Ok(Claimed::Empty { contended }) => {
+            // Every row the claim examined was held: go on scanning at once.
+            Ok(Claimed::Empty { more: true, .. }) => claim_errors = 0,
+            Ok(Claimed::Empty { contended, .. }) => {
                 claim_errors = 0;
                 // Empty because another worker was claiming the same rows at
                 // that moment, or because nothing is there? Only the latter

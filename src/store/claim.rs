@@ -4,14 +4,20 @@
 //! A backend claims in three steps inside one transaction:
 //!
 //! 1. **Discover keys.** Scan the due, unlocked rows in `(scheduled_at, seq)`
-//!    order (and the rows whose lease expired), keeping only rows whose key
-//!    is *open*: the key's first active row (see below) is claimable. Rows
-//!    behind a held head (locked by a live lease, or tried and waiting for
-//!    its retry) are skipped *inside* the scan, so the scan can never fill up
-//!    with rows that cannot be handed out. The keys of the first N such rows,
-//!    in the order they were met, are the claim's keys.
-//! 2. **Walk each key** from its beginning along the per-key index, returning
-//!    its active rows in `seq` order; [`plan`] cuts each key's *run*.
+//!    order from the claimer's cursor (and the rows whose lease expired); the
+//!    keys of those rows, in the order met, are the claim's candidate keys
+//!    ([`candidates`]). The scan examines a bounded number of rows: when it
+//!    stops at the bound, the claim says where, and the next claim goes on
+//!    from there, so no claim costs more than the bound.
+//! 2. **Walk each key**, in that order: one probe of the per-key index finds
+//!    its *head* (first active row); a key whose head is held (locked by a
+//!    live lease, or tried and waiting for its retry) yields nothing, any
+//!    other yields its active rows from the head in `seq` order, until N
+//!    rows are in hand (later keys are not even probed); [`plan`] cuts each
+//!    key's *run*. Openness is decided once per key, from the head, so the
+//!    backlog behind a held head never takes a place in the claim, and a row
+//!    scheduled before its head (clock skew, a replayed head) leads the
+//!    claim to the head.
 //! 3. **Lock and mark** the planned rows (`SKIP LOCKED` on PostgreSQL); rows
 //!    another claimer took in the meantime cut their key's run there
 //!    ([`keep_locked_prefixes`]), so a key is never handed out with a hole.
@@ -29,6 +35,61 @@
 use std::collections::HashSet;
 
 use uuid::Uuid;
+
+use crate::model::Timestamp;
+use crate::store::ClaimCursor;
+
+/// Before every due time: the cursor of a claim that starts at the oldest
+/// due row (year 1, which every database here can store).
+pub(crate) const BEGINNING: Timestamp = match chrono::DateTime::from_timestamp(-62_135_596_800, 0) {
+    Some(t) => t,
+    // Evaluated at compile time: 0001-01-01 is within chrono's range.
+    None => panic!("0001-01-01 is a valid time"),
+};
+
+/// One row of step 1.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Scanned {
+    /// The row's key.
+    pub topic: String,
+    /// The row's key.
+    pub partition_key: String,
+    /// Its due time.
+    pub scheduled_at: Timestamp,
+    /// Its insertion order.
+    pub seq: i64,
+    /// Found through its expired lease (not the cursor's scan).
+    pub expired: bool,
+}
+
+/// What step 1 found: the keys to walk, in order (all of them: a held key
+/// yields nothing, and step 2 stops once it has enough rows), and where the
+/// next claim goes on (`None`: the scan reached the end; the next claim
+/// starts over).
+pub(crate) fn candidates(
+    scanned: &[Scanned],
+    examined_limit: usize,
+) -> (Vec<(String, String)>, Option<ClaimCursor>) {
+    let in_order: Vec<&Scanned> = scanned.iter().filter(|r| !r.expired).collect();
+    let next = if in_order.len() >= examined_limit {
+        in_order.last().map(|r| ClaimCursor {
+            scheduled_at: r.scheduled_at,
+            seq: r.seq,
+        })
+    } else {
+        None
+    };
+    let mut rows: Vec<&Scanned> = scanned.iter().collect();
+    rows.sort_by_key(|r| (r.scheduled_at, r.seq));
+    let mut seen = HashSet::new();
+    let mut keys = Vec::new();
+    for r in rows {
+        if seen.insert((r.topic.as_str(), r.partition_key.as_str())) {
+            keys.push((r.topic.clone(), r.partition_key.clone()));
+        }
+    }
+    (keys, next)
+}
 
 /// One active row of a key, as step 2 reads it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -179,6 +240,44 @@ mod tests {
             vec![vec![0, 1, 2, 3, 4], vec![10, 11]]
         );
         assert!(plan(&rows, 0).is_empty());
+    }
+
+    fn scanned(key: &str, seq: i64, expired: bool) -> Scanned {
+        Scanned {
+            topic: "t".into(),
+            partition_key: key.into(),
+            scheduled_at: crate::time::now(),
+            seq,
+            expired,
+        }
+    }
+
+    #[test]
+    fn candidates_are_keys_in_order_with_where_to_go_on() {
+        let t0 = crate::time::now();
+        let mut rows = vec![
+            scanned("held", 1, false),
+            scanned("b", 2, false),
+            scanned("held", 3, false),
+            scanned("a", 4, false),
+            scanned("b", 5, false),
+            scanned("dead-relay", 0, true),
+        ];
+        for (i, r) in rows.iter_mut().enumerate() {
+            r.scheduled_at = t0 + chrono::Duration::milliseconds(i as i64);
+        }
+        rows[5].scheduled_at = t0 - chrono::Duration::seconds(1);
+        let (keys, next) = candidates(&rows, 100);
+        let names: Vec<&str> = keys.iter().map(|k| k.1.as_str()).collect();
+        assert_eq!(names, vec!["dead-relay", "held", "b", "a"]);
+        assert_eq!(
+            next, None,
+            "fewer rows than the bound: the scan reached the end"
+        );
+        // The bound was reached: the next claim goes on after the last row
+        // examined (the expired rows are not part of the cursor's scan).
+        let (_, next) = candidates(&rows, 5);
+        assert_eq!(next.map(|c| c.seq), Some(5));
     }
 
     #[test]

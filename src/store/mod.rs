@@ -66,6 +66,16 @@ pub struct Capabilities {
     pub notify: bool,
 }
 
+/// Where a claim's scan of due rows stopped (the last row it examined), so
+/// the next claim can go on from there: see [`Claim::next`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ClaimCursor {
+    /// The last examined row's due time.
+    pub scheduled_at: Timestamp,
+    /// The last examined row's insertion order.
+    pub seq: i64,
+}
+
 /// What a claim asks for.
 #[derive(Debug, Clone)]
 pub struct ClaimOptions {
@@ -73,6 +83,12 @@ pub struct ClaimOptions {
     pub worker: WorkerId,
     /// Most rows to hand out.
     pub limit: u32,
+    /// Scan due rows after this position (from a previous claim's
+    /// [`Claim::next`]); `None` starts at the oldest due row.
+    pub after: Option<ClaimCursor>,
+    /// Most due rows one claim examines (outbox); 0 means the default,
+    /// the larger of `limit` and 500.
+    pub examine: u32,
     /// How long the claimed rows stay locked (written to `locked_until`);
     /// after that any worker may claim them again.
     pub lease: Duration,
@@ -84,7 +100,18 @@ impl ClaimOptions {
         ClaimOptions {
             worker,
             limit,
+            after: None,
+            examine: 0,
             lease: crate::model::limits::DEFAULT_LEASE_TIMEOUT,
+        }
+    }
+
+    /// Most rows the scan examines.
+    pub(crate) fn examine_limit(&self) -> u32 {
+        if self.examine == 0 {
+            self.limit.max(500)
+        } else {
+            self.examine.max(self.limit)
         }
     }
 
@@ -132,6 +159,11 @@ pub struct Claim<R> {
     /// at the same moment, so fewer (perhaps none) were handed out: an empty
     /// contended claim does not mean that nothing is due.
     pub contended: bool,
+    /// Set when the claim's scan stopped at its bound before the end of the
+    /// due rows (outbox): pass it as [`ClaimOptions::after`] to go on. An
+    /// empty claim with `next` set does not mean that nothing is due: the
+    /// rows it examined were all held.
+    pub next: Option<ClaimCursor>,
 }
 
 impl<R> Claim<R> {

@@ -35,7 +35,7 @@ mod table;
 pub use insert::{
     complete_inbox, delete_inbox, insert_inbox, insert_outbox, insert_outbox_stream, lock_inbox,
 };
-pub use sql::OUTBOX_DISCOVER;
+pub use sql::{OUTBOX_SCAN, OUTBOX_WALK};
 
 /// Connection settings beyond the URL.
 #[derive(Debug, Clone)]

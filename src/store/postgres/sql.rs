@@ -74,7 +74,7 @@ macro_rules! plain_claim {
                 SELECT id, seq, scheduled_at FROM ",
             $t,
             "
-                WHERE locked_until <= now() AND status = 'pending' AND scheduled_at <= now()
+                WHERE locked_until <= now() AND scheduled_at <= now()
                 ORDER BY locked_until
                 LIMIT $2
                 FOR UPDATE SKIP LOCKED
@@ -104,7 +104,7 @@ macro_rules! plain_claimable_exists {
             " WHERE status = 'pending' AND locked_at IS NULL AND scheduled_at <= now())
              OR EXISTS (SELECT 1 FROM ",
             $t,
-            " WHERE locked_until <= now() AND status = 'pending' AND scheduled_at <= now())"
+            " WHERE locked_until <= now() AND scheduled_at <= now())"
         )
     };
 }
@@ -251,69 +251,54 @@ macro_rules! key_open {
     };
 }
 
-/// Step 1 and 2 of the outbox claim (see `store/claim.rs`), run in the
-/// claim's transaction. `win`: the first $1 due, unlocked rows in
-/// `(scheduled_at, seq)` order whose key is open (claim index, row-locked
-/// with SKIP LOCKED so concurrent claimers scan past each other);
-/// `expired`: rows whose lease passed (lock index); `keys`: their keys in
-/// the order met. Then each key's head (its first active row) and its active
-/// rows from the head (key-order index; only the head when it was tried: a
-/// tried head goes alone), at most $1 per key and $1 in all: the nested loop
-/// is evaluated lazily, so keys past the first $1 rows are never walked.
-pub const OUTBOX_DISCOVER: &str = concat!(
-    "WITH win AS (
-        SELECT r.topic, r.partition_key, r.scheduled_at, r.seq
+/// Step 1 of the outbox claim (see `store/claim.rs`): the due, unlocked
+/// rows after the cursor `($1, $2)` in `(scheduled_at, seq)` order (claim
+/// index), at most $3 of them, and at most $4 rows whose lease passed (lock
+/// index). Nothing is probed per row: whether a key can be handed out is
+/// found once per key by step 2. (A locked row is always pending, a check
+/// says so; leaving `status` out of the second scan keeps the planner from
+/// combining it with the key-order index.)
+pub const OUTBOX_SCAN: &str = "SELECT * FROM (
+        SELECT r.topic, r.partition_key, r.scheduled_at, r.seq, false AS expired
           FROM outbox_events r
          WHERE r.status = 'pending' AND r.locked_at IS NULL AND r.scheduled_at <= now()
-           AND ",
-    key_open!(),
-    "
+           AND (r.scheduled_at, r.seq) > ($1, $2)
          ORDER BY r.scheduled_at, r.seq
-         LIMIT $1
-         FOR UPDATE OF r SKIP LOCKED
-    ),
-    expired AS (
-        SELECT r.topic, r.partition_key, r.scheduled_at, r.seq
+         LIMIT $3) a
+    UNION ALL
+    SELECT * FROM (
+        SELECT r.topic, r.partition_key, r.scheduled_at, r.seq, true AS expired
           FROM outbox_events r
-         WHERE r.locked_until <= now() AND r.status = 'pending' AND r.scheduled_at <= now()
-           AND ",
-    key_open!(),
-    "
+         WHERE r.locked_until <= now() AND r.scheduled_at <= now()
          ORDER BY r.locked_until
-         LIMIT $1
-         FOR UPDATE OF r SKIP LOCKED
-    ),
-    keys AS MATERIALIZED (
-        SELECT topic, partition_key,
-               row_number() OVER (ORDER BY min(scheduled_at), min(seq)) AS ord
-          FROM (SELECT * FROM win UNION ALL SELECT * FROM expired) c
-         GROUP BY topic, partition_key
-         ORDER BY ord
-    )
-    SELECT k.ord, w.id, w.seq, ",
-    ready!("w"),
-    " AS ready, w.last_error IS NOT NULL AS tried
-      FROM keys k
+         LIMIT $4) b";
+
+/// Step 2: for each key ($1 topics, $2 partition keys, in the claim's
+/// order), its head (first active row: one probe of the key-order index),
+/// and, when the head can be handed out, its active rows from the head
+/// (only the head when it was tried: a tried head goes alone), at most $3
+/// per key and $3 in all. A held key costs its probe and yields nothing.
+/// The nested loop is evaluated lazily: keys after the first $3 rows are
+/// never probed.
+pub const OUTBOX_WALK: &str = concat!(
+    "SELECT k.ord, w.id, w.seq, ", ready!("w"), " AS ready, w.last_error IS NOT NULL AS tried
+      FROM unnest($1::text[], $2::text[]) WITH ORDINALITY AS k(topic, partition_key, ord)
      CROSS JOIN LATERAL (
-        SELECT e.seq, e.last_error IS NOT NULL AS tried
+        SELECT e.seq, e.last_error IS NOT NULL AS tried, ", ready!("e"), " AS ready
           FROM outbox_events e
          WHERE e.status = 'pending' AND e.topic = k.topic AND e.partition_key = k.partition_key
-           AND ",
-    active!("e"),
-    "
+           AND ", active!("e"), "
          ORDER BY e.seq LIMIT 1) h
      CROSS JOIN LATERAL (
         SELECT e.id, e.seq, e.locked_at, e.locked_until, e.scheduled_at, e.last_error
           FROM outbox_events e
-         WHERE e.status = 'pending' AND e.topic = k.topic AND e.partition_key = k.partition_key
+         WHERE h.ready AND e.status = 'pending' AND e.topic = k.topic AND e.partition_key = k.partition_key
            AND e.seq >= h.seq
            AND e.seq <= CASE WHEN h.tried THEN h.seq ELSE 9223372036854775807 END
-           AND ",
-    active!("e"),
-    "
+           AND ", active!("e"), "
          ORDER BY e.seq
-         LIMIT $1) w
-     LIMIT $1"
+         LIMIT $3) w
+     LIMIT $3"
 );
 
 /// Step 3a: lock the planned rows. A row another claimer holds is skipped
@@ -344,7 +329,7 @@ pub const OUTBOX_CLAIMABLE_EXISTS: &str = concat!(
     ")
      OR EXISTS (
         SELECT 1 FROM outbox_events r
-         WHERE r.locked_until <= now() AND r.status = 'pending' AND r.scheduled_at <= now()
+         WHERE r.locked_until <= now() AND r.scheduled_at <= now()
            AND ",
     key_open!(),
     ")"

@@ -8,8 +8,9 @@ use uuid::Uuid;
 use super::{PgRoute, PgTable, decode};
 use crate::error::{Error, Result, storage};
 use crate::model::{Event, EventStatus, Timestamp, UnlockReason, time};
+use crate::store::ClaimCursor;
 use crate::store::MaintenanceStore;
-use crate::store::claim::{self, WalkRow};
+use crate::store::claim::{self, Scanned, WalkRow};
 use crate::store::{
     Capabilities, Claim, ClaimOptions, ClaimToken, DEFAULT_LIST_LIMIT, EventStore, FailReport,
     Failure, ListFilter, RequeueFilter, RetryAt, TableCounts, guard_result, stored_error,
@@ -93,7 +94,7 @@ impl<R: PgRoute> EventStore<R> for PgTable<R> {
             .await
             .map_err(storage)?;
         let events = rows.iter().map(decode).collect::<Result<Vec<Event<R>>>>()?;
-        Ok(claimed(opts, events, false))
+        Ok(claimed(opts, events, false, None))
     }
 
     async fn claimable_exists(&self) -> Result<bool> {
@@ -266,6 +267,7 @@ fn claimed<R: PgRoute>(
     opts: &ClaimOptions,
     mut events: Vec<Event<R>>,
     contended: bool,
+    next: Option<ClaimCursor>,
 ) -> Claim<R> {
     events.sort_by_key(|e| e.seq);
     let locked_at = events
@@ -280,6 +282,7 @@ fn claimed<R: PgRoute>(
         },
         events,
         contended,
+        next,
     }
 }
 
@@ -290,15 +293,48 @@ impl<R: PgRoute> PgTable<R> {
     /// (unnamed statements): a cached generic plan must not decide how the
     /// claim reads the table.
     async fn claim_in_key_order(&self, opts: &ClaimOptions) -> Result<Claim<R>> {
-        let limit = i64::from(opts.limit);
+        let limit = opts.limit as usize;
+        let examine = opts.examine_limit();
+        let start = opts.after.unwrap_or(ClaimCursor {
+            scheduled_at: claim::BEGINNING,
+            seq: 0,
+        });
         let mut tx = self.pool.begin().await.map_err(storage)?;
-        let rows = sqlx::query(super::sql::OUTBOX_DISCOVER)
-            .bind(limit)
+        let scanned = sqlx::query(super::sql::OUTBOX_SCAN)
+            .bind(start.scheduled_at)
+            .bind(start.seq)
+            .bind(i64::from(examine))
+            .bind(i64::from(opts.limit))
             .persistent(false)
             .fetch_all(&mut *tx)
             .await
+            .map_err(storage)?
+            .iter()
+            .map(|r| {
+                Ok(Scanned {
+                    topic: r.try_get("topic")?,
+                    partition_key: r.try_get("partition_key")?,
+                    scheduled_at: r.try_get("scheduled_at")?,
+                    seq: r.try_get("seq")?,
+                    expired: r.try_get("expired")?,
+                })
+            })
+            .collect::<std::result::Result<Vec<_>, sqlx::Error>>()
             .map_err(storage)?;
-        let walked = rows
+        let (keys, next) = claim::candidates(&scanned, examine as usize);
+        if keys.is_empty() {
+            tx.commit().await.map_err(storage)?;
+            return Ok(claimed(opts, Vec::new(), false, next));
+        }
+        let (topics, partition_keys): (Vec<String>, Vec<String>) = keys.into_iter().unzip();
+        let walked = sqlx::query(super::sql::OUTBOX_WALK)
+            .bind(topics)
+            .bind(partition_keys)
+            .bind(i64::from(opts.limit))
+            .persistent(false)
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(storage)?
             .iter()
             .map(|r| {
                 Ok(WalkRow {
@@ -311,10 +347,10 @@ impl<R: PgRoute> PgTable<R> {
             })
             .collect::<std::result::Result<Vec<_>, sqlx::Error>>()
             .map_err(storage)?;
-        let runs = claim::plan(&walked, opts.limit as usize);
+        let runs = claim::plan(&walked, limit);
         if runs.is_empty() {
             tx.commit().await.map_err(storage)?;
-            return Ok(claimed(opts, Vec::new(), false));
+            return Ok(claimed(opts, Vec::new(), false, next));
         }
         let planned: Vec<Uuid> = runs.iter().flat_map(|r| r.ids.iter().copied()).collect();
         let locked: std::collections::HashSet<Uuid> = sqlx::query_scalar(super::sql::OUTBOX_LOCK)
@@ -336,7 +372,7 @@ impl<R: PgRoute> PgTable<R> {
             .map_err(storage)?;
         tx.commit().await.map_err(storage)?;
         let events = rows.iter().map(decode).collect::<Result<Vec<Event<R>>>>()?;
-        Ok(claimed(opts, events, contended))
+        Ok(claimed(opts, events, contended, next))
     }
 }
 

@@ -21,7 +21,7 @@ use crate::model::{Event, EventStatus, InboxRoute, OutboxRoute, time};
 mod sql;
 mod table;
 
-pub use sql::OUTBOX_DISCOVER;
+pub use sql::{OUTBOX_SCAN, OUTBOX_WALK};
 pub use table::{complete_inbox, delete_inbox, insert_inbox, insert_outbox, lock_inbox};
 
 /// How long a writer waits for the database lock before failing.

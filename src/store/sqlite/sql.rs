@@ -79,7 +79,7 @@ macro_rules! plain_claim {
                         SELECT seq, scheduled_at FROM ",
             $t,
             "
-                        WHERE locked_until <= ?1 AND status = 'pending' AND scheduled_at <= ?1
+                        WHERE locked_until <= ?1 AND scheduled_at <= ?1
                         ORDER BY locked_until LIMIT ?3)
                 )
                 ORDER BY scheduled_at, seq LIMIT ?3)
@@ -96,7 +96,7 @@ macro_rules! plain_claimable_exists {
             " WHERE status = 'pending' AND locked_at IS NULL AND scheduled_at <= ?1)
              OR EXISTS (SELECT 1 FROM ",
             $t,
-            " WHERE locked_until <= ?1 AND status = 'pending' AND scheduled_at <= ?1)"
+            " WHERE locked_until <= ?1 AND scheduled_at <= ?1)"
         )
     };
 }
@@ -226,38 +226,41 @@ macro_rules! key_open {
     };
 }
 
-/// Steps 1 and 2 of the outbox claim (see `store/claim.rs`) in one
-/// statement, inside the claim's write transaction (?1 now, ?2 limit): the
-/// open keys of the first ?2 candidates in the order met, and for each key
-/// (one result row each, read lazily: the caller stops reading once it has
-/// enough) its active rows from its beginning as a JSON array of
-/// `[id, seq, ready, tried]`.
-pub const OUTBOX_DISCOVER: &str = concat!(
-    "WITH win AS (
-        SELECT r.topic, r.partition_key, r.scheduled_at, r.seq
+/// Step 1 of the outbox claim (see `store/claim.rs`), ?1 now: the due,
+/// unlocked rows after the cursor `(?2, ?3)` in `(scheduled_at, seq)` order
+/// (claim index), at most ?4 of them, and at most ?5 rows whose lease passed
+/// (lock index).
+pub const OUTBOX_SCAN: &str = "SELECT * FROM (
+        SELECT r.topic, r.partition_key, r.scheduled_at, r.seq, 0 AS expired
           FROM outbox_events r
          WHERE r.status = 'pending' AND r.locked_at IS NULL AND r.scheduled_at <= ?1
-           AND ", key_open!(), "
+           AND (r.scheduled_at, r.seq) > (?2, ?3)
          ORDER BY r.scheduled_at, r.seq
-         LIMIT ?2
-    ),
-    expired AS (
-        SELECT r.topic, r.partition_key, r.scheduled_at, r.seq
+         LIMIT ?4)
+    UNION ALL
+    SELECT * FROM (
+        SELECT r.topic, r.partition_key, r.scheduled_at, r.seq, 1 AS expired
           FROM outbox_events r
-         WHERE r.locked_until <= ?1 AND r.status = 'pending' AND r.scheduled_at <= ?1
-           AND ", key_open!(), "
+         WHERE r.locked_until <= ?1 AND r.scheduled_at <= ?1
          ORDER BY r.locked_until
-         LIMIT ?2
-    ),
-    keys AS MATERIALIZED (
-        SELECT topic, partition_key, min(scheduled_at) AS first_at, min(seq) AS first_seq
-          FROM (SELECT * FROM win UNION ALL SELECT * FROM expired)
-         GROUP BY topic, partition_key
-         ORDER BY first_at, first_seq
+         LIMIT ?5)";
+
+/// Step 2, ?1 now, ?2 the keys as a JSON array of `[topic, partition_key]`
+/// in the claim's order, ?3 the limit: one result row per key (read lazily:
+/// the caller stops reading once it has enough), its active rows from its
+/// head as a JSON array of `[id, seq, ready, tried]` when the head can be
+/// handed out (only the head when it was tried: a tried head goes alone),
+/// an empty array when the key is held.
+pub const OUTBOX_WALK: &str = concat!(
+    "WITH keys AS (
+        SELECT k.key AS ord, json_extract(k.value, '$[0]') AS topic, json_extract(k.value, '$[1]') AS partition_key
+          FROM json_each(?2) k
     ),
     heads AS (
-        SELECT k.topic, k.partition_key, h.seq AS head_seq,
-               CASE WHEN h.last_error IS NULL THEN 9223372036854775807 ELSE h.seq END AS last_seq
+        SELECT k.ord, k.topic, k.partition_key, h.seq AS head_seq,
+               CASE WHEN NOT ", ready!("h"), " THEN -1
+                    WHEN h.last_error IS NULL THEN 9223372036854775807
+                    ELSE h.seq END AS last_seq
           FROM keys k
           JOIN outbox_events h ON h.seq = (
                SELECT e.seq FROM outbox_events e
@@ -265,14 +268,14 @@ pub const OUTBOX_DISCOVER: &str = concat!(
                   AND ", active!("e"), "
                 ORDER BY e.seq LIMIT 1)
     )
-    SELECT (SELECT json_group_array(json_array(w.id, w.seq, ", ready!("w"), ", w.last_error IS NOT NULL))
+    SELECT k.ord, (SELECT json_group_array(json_array(w.id, w.seq, ", ready!("w"), ", w.last_error IS NOT NULL))
               FROM (SELECT e.id, e.seq, e.locked_at, e.locked_until, e.scheduled_at, e.last_error
                       FROM outbox_events e
                      WHERE e.status = 'pending' AND e.topic = k.topic AND e.partition_key = k.partition_key
                        AND e.seq >= k.head_seq AND e.seq <= k.last_seq
                        AND ", active!("e"), "
                      ORDER BY e.seq
-                     LIMIT ?2) w) AS walk
+                     LIMIT ?3) w) AS walk
       FROM heads k"
 );
 
@@ -293,7 +296,7 @@ pub const OUTBOX_CLAIMABLE_EXISTS: &str = concat!(
     ")
      OR EXISTS (
         SELECT 1 FROM outbox_events r
-         WHERE r.locked_until <= ?1 AND r.status = 'pending' AND r.scheduled_at <= ?1
+         WHERE r.locked_until <= ?1 AND r.scheduled_at <= ?1
            AND ",
     key_open!(),
     ")"

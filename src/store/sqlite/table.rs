@@ -12,7 +12,8 @@ use crate::error::{Error, Result, storage};
 use crate::model::{
     Event, EventStatus, InboxEvent, InboxRoute, OutboxEvent, OutboxRoute, Route, UnlockReason, time,
 };
-use crate::store::claim::{self, WalkRow};
+use crate::store::ClaimCursor;
+use crate::store::claim::{self, Scanned, WalkRow};
 use crate::store::{
     BulkOutcome, Capabilities, Claim, ClaimOptions, ClaimToken, Created, DEFAULT_LIST_LIMIT,
     EventStore, FailReport, Failure, InboxStore, ListFilter, MaintenanceStore, OutboxStore,
@@ -117,7 +118,7 @@ impl<R: SqliteRoute> EventStore<R> for SqliteTable<R> {
             .await
             .map_err(storage)?;
         let events = rows.iter().map(decode).collect::<Result<Vec<Event<R>>>>()?;
-        Ok(claimed(opts, now, events))
+        Ok(claimed(opts, now, events, None))
     }
 
     async fn claimable_exists(&self) -> Result<bool> {
@@ -297,6 +298,7 @@ fn claimed<R: SqliteRoute>(
     opts: &ClaimOptions,
     locked_at: time::Timestamp,
     mut events: Vec<Event<R>>,
+    next: Option<ClaimCursor>,
 ) -> Claim<R> {
     events.sort_by_key(|e| e.seq);
     Claim {
@@ -307,6 +309,7 @@ fn claimed<R: SqliteRoute>(
         },
         events,
         contended: false,
+        next,
     }
 }
 
@@ -339,30 +342,65 @@ impl<R: SqliteRoute> SqliteTable<R> {
         use futures_util::TryStreamExt;
         let now = time::now();
         let limit = opts.limit as usize;
+        let examine = opts.examine_limit();
+        let start = opts.after.unwrap_or(ClaimCursor {
+            scheduled_at: claim::BEGINNING,
+            seq: 0,
+        });
         let mut tx = self
             .pool
             .begin_with("BEGIN IMMEDIATE")
             .await
             .map_err(storage)?;
+        let scanned = sqlx::query(sql::OUTBOX_SCAN)
+            .bind(ts(&now))
+            .bind(ts(&start.scheduled_at))
+            .bind(start.seq)
+            .bind(i64::from(examine))
+            .bind(i64::from(opts.limit))
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(storage)?
+            .iter()
+            .map(|r| {
+                let at: String = r.try_get("scheduled_at").map_err(storage)?;
+                Ok(Scanned {
+                    topic: r.try_get("topic").map_err(storage)?,
+                    partition_key: r.try_get("partition_key").map_err(storage)?,
+                    scheduled_at: time::parse_stored(&at).map_err(|m| Error::CorruptRow {
+                        id: "?".into(),
+                        message: m,
+                    })?,
+                    seq: r.try_get("seq").map_err(storage)?,
+                    expired: r.try_get::<i64, _>("expired").map_err(storage)? != 0,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let (keys, next) = claim::candidates(&scanned, examine as usize);
         let mut walked = Vec::new();
-        {
-            let mut keys = sqlx::query_scalar::<_, String>(sql::OUTBOX_DISCOVER)
+        if !keys.is_empty() {
+            let keys = serde_json::to_string(&keys).map_err(|e| Error::CorruptRow {
+                id: "?".into(),
+                message: e.to_string(),
+            })?;
+            let mut rows = sqlx::query(sql::OUTBOX_WALK)
                 .bind(ts(&now))
+                .bind(keys)
                 .bind(i64::from(opts.limit))
                 .fetch(&mut *tx);
-            let mut key = 0;
             while walked.len() < limit {
-                let Some(json) = keys.try_next().await.map_err(storage)? else {
+                let Some(row) = rows.try_next().await.map_err(storage)? else {
                     break;
                 };
-                key += 1;
+                let key: i64 = row.try_get("ord").map_err(storage)?;
+                let json: String = row.try_get("walk").map_err(storage)?;
                 walk_rows(key, &json, &mut walked)?;
             }
         }
         let runs = claim::plan(&walked, limit);
         if runs.is_empty() {
             tx.commit().await.map_err(storage)?;
-            return Ok(claimed(opts, now, Vec::new()));
+            return Ok(claimed(opts, now, Vec::new(), next));
         }
         let ids: Vec<Uuid> = runs.iter().flat_map(|r| r.ids.iter().copied()).collect();
         let rows = sqlx::query(sql::OUTBOX_MARK)
@@ -375,7 +413,7 @@ impl<R: SqliteRoute> SqliteTable<R> {
             .map_err(storage)?;
         tx.commit().await.map_err(storage)?;
         let events = rows.iter().map(decode).collect::<Result<Vec<Event<R>>>>()?;
-        Ok(claimed(opts, now, events))
+        Ok(claimed(opts, now, events, next))
     }
 }
 
