@@ -438,3 +438,274 @@ async fn metrics_are_served_while_publishing() {
             .unwrap();
     assert_eq!(code, 0, "{err}");
 }
+
+fn enqueue_flags(
+    dir: &Path,
+    env: &[(&str, &str)],
+    key: &str,
+    n: usize,
+    scheduled_at: Option<&str>,
+) {
+    let aggregate = format!("0190f1d2-7a3b-7cde-8f00-{n:012}");
+    let payload = format!(r#"{{"n": {n}}}"#);
+    let mut args = vec![
+        "enqueue",
+        "-q",
+        "--aggregate-type",
+        "order",
+        "--aggregate-id",
+        &aggregate,
+        "--event-type",
+        "order.updated",
+        "--topic",
+        "orders",
+        "--partition-key",
+        key,
+        "--payload",
+        &payload,
+    ];
+    if let Some(at) = scheduled_at {
+        args.extend(["--scheduled-at", at]);
+    }
+    let out = omnibox(dir, &args, env).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The claim window used to stall: k#2 scheduled 30 s before k#1 filled a
+/// window of 1 and `--once --batch 1` published nothing, exit 0. With the
+/// stdout sink the messages are the output (one JSON line each, so `| jq`
+/// works) and the summary goes to stderr.
+#[test]
+fn a_successor_scheduled_before_its_head_does_not_stall_publish() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let past = (omnibox::time::now() - chrono::Duration::seconds(30)).to_rfc3339();
+    enqueue_flags(d, &[], "k", 1, None);
+    enqueue_flags(d, &[], "k", 2, Some(&past));
+    // 150 keys shaped the same way: the default batch of 100 used to publish nothing.
+    for k in 0..150 {
+        let key = format!("m{k}");
+        enqueue_flags(d, &[], &key, 10 + 2 * k, None);
+        enqueue_flags(d, &[], &key, 11 + 2 * k, Some(&past));
+    }
+    let out = omnibox(
+        d,
+        &["publish", "--once", "--batch", "1", "--broker", "stdout"],
+        &[],
+    )
+    .output()
+    .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not a JSON line: {l:?}: {e}")))
+        .collect();
+    assert_eq!(lines.len(), 302, "every row published");
+    assert!(err.contains("published"), "the summary is on stderr: {err}");
+    let mut seen: std::collections::HashMap<String, Vec<i64>> = Default::default();
+    for l in &lines {
+        seen.entry(l["key"].as_str().unwrap().to_string())
+            .or_default()
+            .push(l["value"]["payload"]["n"].as_i64().unwrap());
+    }
+    assert_eq!(seen["k"], vec![1, 2], "the head first");
+    for (key, ns) in &seen {
+        assert!(ns.windows(2).all(|w| w[0] < w[1]), "{key}: {ns:?}");
+    }
+}
+
+/// `--once` relays started together drain everything: an empty claim under
+/// contention is not "nothing due", and rows held by another relay are
+/// that relay's to finish. One key (1,000 rows, batch 100) and 100 keys
+/// (20,000 rows, batch 200), four processes each, on PostgreSQL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn four_once_relays_together_drain_every_due_row() {
+    let Some(pg) = PgEnv::new().await else {
+        return;
+    };
+    for (rows, keys, batch) in [(1000, 1, "100"), (20_000, 100, "200")] {
+        pg.db
+            .store
+            .outbox()
+            .create_many(&events(rows, keys))
+            .await
+            .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let children: Vec<Child> = (0..4)
+            .map(|i| {
+                let worker = format!("relay-{i}");
+                let mut env = pg.env();
+                env.push(("OMNIBOX_LOG", "warn"));
+                omnibox(
+                    dir.path(),
+                    &[
+                        "publish",
+                        "--once",
+                        "--broker",
+                        "null",
+                        "--batch",
+                        batch,
+                        "--worker-id",
+                        &worker,
+                        "-q",
+                    ],
+                    &env,
+                )
+                .spawn()
+                .unwrap()
+            })
+            .collect();
+        for child in children {
+            let (code, err) = wait_exit(child, Duration::from_secs(120));
+            assert_eq!(code, 0, "{err}");
+        }
+        let c = pg.db.store.outbox().counts().await.unwrap();
+        assert_eq!(
+            (c.pending, c.locked),
+            (0, 0),
+            "{rows} rows in {keys} key(s): every --once relay exited with rows left: {c:?}"
+        );
+    }
+}
+
+/// A topic the broker does not know is named at once (not after the publish
+/// timeout), its events keep their attempts, and the other topics go on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unknown_topic_is_named_and_does_not_stop_other_topics() {
+    let cluster = MockCluster::new(1).unwrap();
+    cluster.create_topic("orders", 1, 1).unwrap();
+    cluster
+        .topic_error(
+            "gone",
+            rdkafka::types::RDKafkaRespErr::RD_KAFKA_RESP_ERR_UNKNOWN_TOPIC_OR_PART,
+        )
+        .unwrap();
+    let db = common::sqlite().await;
+    let mut all = Vec::new();
+    for i in 0..50 {
+        let mut n = NewOutboxEvent::new(
+            "order",
+            uuid::Uuid::now_v7(),
+            "order.updated",
+            "gone",
+            format!("g{i}"),
+            json!({"n": i}),
+        );
+        n.max_attempts = Some(1);
+        all.push(DomainService::default().create_outbox_event(n).unwrap());
+    }
+    all.extend(events(50, 5));
+    db.store.outbox().create_many(&all).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let brokers = format!("kafka://{}", cluster.bootstrap_servers());
+    let started = Instant::now();
+    let out = omnibox(
+        dir.path(),
+        &[
+            "publish",
+            "--once",
+            "--broker",
+            &brokers,
+            "--publish-timeout",
+            "30s",
+            "--format",
+            "json",
+        ],
+        &[("OMNIBOX_DATABASE_URL", db.url.as_str())],
+    )
+    .output()
+    .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "waited for the publish timeout: {err}"
+    );
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains(r#"topic "gone" does not exist on the broker"#),
+        "{err}"
+    );
+    assert!(
+        err.contains("create it, or enable automatic topic creation"),
+        "{err}"
+    );
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        report["completed"], 50,
+        "the other topic went out: {report}"
+    );
+    assert_eq!(report["unavailable_topics"][0]["topic"], "gone");
+    for e in &all[..50] {
+        let row = db.store.outbox().get(e.id()).await.unwrap().unwrap();
+        assert_eq!(row.attempts_made(), 0);
+        assert!(
+            row.last_error().unwrap().contains("does not exist"),
+            "{:?}",
+            row.last_error()
+        );
+    }
+    let orders = consume(
+        &cluster.bootstrap_servers(),
+        "orders",
+        50,
+        Duration::from_secs(20),
+    )
+    .await;
+    assert_eq!(orders.len(), 50);
+    // Past the limit, the topic's events spend attempts: they reach failed
+    // (and the dead-letter topic) instead of waiting forever.
+    let mut status = Vec::new();
+    for _ in 0..40 {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let out = omnibox(
+            dir.path(),
+            &[
+                "publish",
+                "--once",
+                "--broker",
+                &brokers,
+                "--topic-unavailable-limit",
+                "0s",
+                "--dlq-topic",
+                "orders",
+            ],
+            &[("OMNIBOX_DATABASE_URL", db.url.as_str())],
+        )
+        .output()
+        .unwrap();
+        assert_ne!(
+            out.status.code(),
+            Some(2),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        status = Vec::new();
+        for e in &all[..50] {
+            status.push(db.store.outbox().get(e.id()).await.unwrap().unwrap());
+        }
+        if status
+            .iter()
+            .all(|r| r.status() == omnibox::EventStatus::Failed)
+        {
+            break;
+        }
+    }
+    for r in &status {
+        assert_eq!(
+            r.status(),
+            omnibox::EventStatus::Failed,
+            "{:?}",
+            r.last_error()
+        );
+        assert!(
+            r.last_error().unwrap().contains("longer than the limit"),
+            "{:?}",
+            r.last_error()
+        );
+    }
+}

@@ -359,6 +359,111 @@ backend_tests!(
     broker_outage_spends_no_attempts,
 );
 
+/// The broker rejects a key's first message (a real broker-side rejection:
+/// the mock cluster answers the produce request with INVALID_RECORD) while
+/// the key's later messages are in flight. No later event of the key may
+/// reach the topic before an earlier one that is still retried: here the
+/// later ones were acknowledged, so the rejected one is failed at once
+/// (dead-lettered, with the reason) instead of being retried behind them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_asynchronous_rejection_never_reorders_a_key() {
+    let db = common::sqlite().await;
+    let cluster = MockCluster::new(1).unwrap();
+    cluster.create_topic("orders", 1, 1).unwrap();
+    cluster.create_topic("orders.dlq", 1, 1).unwrap();
+    // One message per produce request, so the rejection hits one message.
+    let props = vec![
+        ("linger.ms".to_string(), "0".to_string()),
+        ("batch.num.messages".to_string(), "1".to_string()),
+    ];
+    let sink = Arc::new(
+        AnySink::from_url(
+            &format!("kafka://{}", cluster.bootstrap_servers()),
+            &props,
+            Duration::from_secs(5),
+        )
+        .unwrap(),
+    );
+    // Warm the producer up (metadata, producer id), so the injected error
+    // meets the first message of the key.
+    let warm = event("orders", "warm-up", 0);
+    db.store.outbox().create_many(&[warm]).await.unwrap();
+    let r = drain(&db.store, sink.clone(), "relay-1", 10, Some("orders.dlq")).await;
+    assert_eq!(r.completed, 1);
+    let key: Vec<OutboxEvent> = (1..=6).map(|n| event("orders", "k", n)).collect();
+    db.store.outbox().create_many(&key).await.unwrap();
+    cluster.request_errors(
+        rdkafka::types::RDKafkaApiKey::Produce,
+        &[rdkafka::types::RDKafkaRespErr::RD_KAFKA_RESP_ERR_INVALID_RECORD],
+    );
+    let mut report = drain(&db.store, sink.clone(), "relay-1", 10, Some("orders.dlq")).await;
+    for _ in 0..30 {
+        let c = db.store.outbox().counts().await.unwrap();
+        if c.pending == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        report = drain(&db.store, sink.clone(), "relay-1", 10, Some("orders.dlq")).await;
+    }
+    let c = db.store.outbox().counts().await.unwrap();
+    assert_eq!(c.pending, 0, "{c:?} {report:?}");
+    let got = consume(
+        &cluster.bootstrap_servers(),
+        "orders",
+        c.completed as usize,
+        Duration::from_secs(20),
+    )
+    .await;
+    let order: Vec<i64> = got
+        .iter()
+        .filter(|m| m.key == "k")
+        .map(|m| m.value["payload"]["n"].as_i64().unwrap())
+        .collect();
+    // First deliveries follow the key's order.
+    let mut first = Vec::new();
+    for n in &order {
+        if !first.contains(n) {
+            first.push(*n);
+        }
+    }
+    assert!(
+        first.windows(2).all(|w| w[0] < w[1]),
+        "key k reached the topic out of order: {order:?}"
+    );
+    for e in &key {
+        let row = db.store.outbox().get(e.id()).await.unwrap().unwrap();
+        let n = e.payload()["n"].as_i64().unwrap();
+        match row.status() {
+            EventStatus::Completed => assert!(order.contains(&n)),
+            EventStatus::Failed => {
+                assert!(!order.contains(&n), "a failed event is not on the topic");
+                assert!(
+                    row.last_error()
+                        .unwrap()
+                        .contains("not retried: a later event of its key"),
+                    "{:?}",
+                    row.last_error()
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    // The rejected first event either went out first after all, or was
+    // dead-lettered: it never arrives after a later one.
+    let head = db.store.outbox().get(key[0].id()).await.unwrap().unwrap();
+    if head.status() == EventStatus::Failed {
+        let dlq = consume(
+            &cluster.bootstrap_servers(),
+            "orders.dlq",
+            1,
+            Duration::from_secs(20),
+        )
+        .await;
+        assert_eq!(dlq.len(), 1);
+        assert_eq!(dlq[0].headers["event_id"], key[0].id().to_string());
+    }
+}
+
 /// 4 relays over 20,000 rows in 100 keys: each key's events are on the topic
 /// in insertion order, every event once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -201,9 +201,9 @@ pub async fn run_publish(args: PublishArgs, ctx: &Context) -> Result<ExitStatus>
         ok = false;
     }
     if mode == RunMode::Once {
-        for (topic, reason, _) in &unavailable {
+        for (_, reason, _) in &unavailable {
             eprintln!(
-                "omnibox: error: {reason}; its events were rescheduled without spending an attempt (topic {topic:?})"
+                "omnibox: error: {reason}; its events were rescheduled without spending an attempt"
             );
             ok = false;
         }
