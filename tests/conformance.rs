@@ -35,6 +35,7 @@ backend_tests!(
     a_held_hot_key_does_not_starve_other_relays,
     a_replayed_head_is_claimed_with_its_run,
     a_row_with_attempts_used_up_fails_cleanly,
+    a_row_due_within_a_second_holds_its_key,
 );
 
 /// PostgreSQL only: when the caller sets no time, the database's clock sets

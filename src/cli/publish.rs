@@ -121,6 +121,7 @@ pub async fn run_publish(args: PublishArgs, ctx: &Context) -> Result<ExitStatus>
         timeout: args.publish_timeout,
         transient_delay: options.transient_delay,
         unavailable_limit: args.topic_unavailable_limit,
+        ..relay::PublishOptions::default()
     };
     let mut builder = relay::publisher_with(store.outbox(), sink.clone(), options, publish)
         .metrics(metrics.clone());

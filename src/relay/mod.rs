@@ -77,6 +77,11 @@ pub struct PublishOptions {
     /// How long a topic may stay unavailable before its events spend
     /// attempts (and so reach `failed` and the dead-letter topic).
     pub unavailable_limit: Duration,
+    /// First wait of an unavailable topic's events; it doubles with every
+    /// batch that finds the topic unavailable, up to `topic_retry_max`.
+    pub topic_retry_min: Duration,
+    /// Longest wait of an unavailable topic's events.
+    pub topic_retry_max: Duration,
 }
 
 impl Default for PublishOptions {
@@ -85,6 +90,8 @@ impl Default for PublishOptions {
             timeout: DEFAULT_PUBLISH_TIMEOUT,
             transient_delay: crate::model::limits::DEFAULT_TRANSIENT_RETRY_DELAY,
             unavailable_limit: DEFAULT_UNAVAILABLE_LIMIT,
+            topic_retry_min: Duration::from_secs(1),
+            topic_retry_max: Duration::from_secs(64),
         }
     }
 }
@@ -181,8 +188,13 @@ impl<K: Sink> PublishHandler<K> {
                     self.options.unavailable_limit.as_secs()
                 ))
             } else {
-                let exp = trouble.batches.saturating_sub(1).min(6);
-                TopicVerdict::Wait(Duration::from_secs(1 << exp))
+                let exp = trouble.batches.saturating_sub(1).min(16);
+                TopicVerdict::Wait(
+                    self.options
+                        .topic_retry_min
+                        .saturating_mul(1 << exp)
+                        .min(self.options.topic_retry_max),
+                )
             };
             verdicts.insert(topic.to_string(), verdict);
         }

@@ -23,8 +23,9 @@
 //!    ([`keep_locked_prefixes`]), so a key is never handed out with a hole.
 //!
 //! Terms, for the pending rows of one key `(topic, partition_key)`:
-//! * *active*: due, or tried (`last_error` set), or locked. A row scheduled
-//!   for later and never tried is not active: it does not hold its key up.
+//! * *active*: due (or due within [`KEY_ORDER_GRACE`]), or tried
+//!   (`last_error` set), or locked. A row scheduled for later and never
+//!   tried is not active: it does not hold its key up.
 //! * *ready*: due, and unlocked or its lease (`locked_until`) has passed.
 //! * the *head*: the key's first active row (by `seq`).
 //! * the *run*: the head and the ready rows right after it, up to the first
@@ -38,6 +39,12 @@ use uuid::Uuid;
 
 use crate::model::Timestamp;
 use crate::store::ClaimCursor;
+
+/// A row due within this long counts as due for its key's order (it holds
+/// its key up), though it is handed out only once due: a row written "now"
+/// by a transaction that committed while a claim ran must not be taken for
+/// one scheduled for later, which would let its successor go first.
+pub(crate) const KEY_ORDER_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Before every due time: the cursor of a claim that starts at the oldest
 /// due row (year 1, which every database here can store).

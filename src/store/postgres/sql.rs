@@ -40,14 +40,16 @@ macro_rules! ready {
     };
 }
 
-/// A row that takes part in its key's order: due, tried, or locked. A row
-/// scheduled for later and never tried does not hold its key up.
+/// A row that takes part in its key's order: due (or due within the next
+/// second: a row written "now" by a transaction that committed while the
+/// claim ran must not count as scheduled for later), tried, or locked. A
+/// row scheduled further ahead and never tried does not hold its key up.
 macro_rules! active {
     ($a:literal) => {
         concat!(
             "(",
             $a,
-            ".scheduled_at <= now() OR ",
+            ".scheduled_at <= now() + interval '1 second' OR ",
             $a,
             ".last_error IS NOT NULL OR ",
             $a,

@@ -43,14 +43,16 @@ macro_rules! ready {
     };
 }
 
-/// A row that takes part in its key's order (?1 is now): due, tried, or
-/// locked.
+/// A row that takes part in its key's order (`$soon` is now plus a
+/// second, see the PostgreSQL twin): due soon, tried, or locked.
 macro_rules! active {
-    ($a:literal) => {
+    ($a:literal, $soon:literal) => {
         concat!(
             "(",
             $a,
-            ".scheduled_at <= ?1 OR ",
+            ".scheduled_at <= ",
+            $soon,
+            " OR ",
             $a,
             ".last_error IS NOT NULL OR ",
             $a,
@@ -220,7 +222,7 @@ macro_rules! key_open {
                 SELECT NOT ", ready!("e"), "
                   FROM outbox_events e
                  WHERE e.status = 'pending' AND e.topic = r.topic AND e.partition_key = r.partition_key
-                   AND e.seq < r.seq AND ", active!("e"), "
+                   AND e.seq < r.seq AND ", active!("e", "?2"), "
                  ORDER BY e.seq LIMIT 1), 0)"
         )
     };
@@ -246,7 +248,7 @@ pub const OUTBOX_SCAN: &str = "SELECT * FROM (
          LIMIT ?5)";
 
 /// Step 2, ?1 now, ?2 the keys as a JSON array of `[topic, partition_key]`
-/// in the claim's order, ?3 the limit: one result row per key (read lazily:
+/// in the claim's order, ?3 the limit, ?4 now plus a second: one result row per key (read lazily:
 /// the caller stops reading once it has enough), its active rows from its
 /// head as a JSON array of `[id, seq, ready, tried]` when the head can be
 /// handed out (only the head when it was tried: a tried head goes alone),
@@ -265,7 +267,7 @@ pub const OUTBOX_WALK: &str = concat!(
           JOIN outbox_events h ON h.seq = (
                SELECT e.seq FROM outbox_events e
                 WHERE e.status = 'pending' AND e.topic = k.topic AND e.partition_key = k.partition_key
-                  AND ", active!("e"), "
+                  AND ", active!("e", "?4"), "
                 ORDER BY e.seq LIMIT 1)
     )
     SELECT k.ord, (SELECT json_group_array(json_array(w.id, w.seq, ", ready!("w"), ", w.last_error IS NOT NULL))
@@ -273,7 +275,7 @@ pub const OUTBOX_WALK: &str = concat!(
                       FROM outbox_events e
                      WHERE e.status = 'pending' AND e.topic = k.topic AND e.partition_key = k.partition_key
                        AND e.seq >= k.head_seq AND e.seq <= k.last_seq
-                       AND ", active!("e"), "
+                       AND ", active!("e", "?4"), "
                      ORDER BY e.seq
                      LIMIT ?3) w) AS walk
       FROM heads k"
@@ -286,7 +288,8 @@ pub const OUTBOX_MARK: &str = "UPDATE outbox_events
     WHERE id IN (SELECT value FROM json_each(?4))
     RETURNING *";
 
-/// Is anything claimable now (for `publish --once`), ?1 now.
+/// Is anything claimable now (for `publish --once`), ?1 now, ?2 now plus a
+/// second.
 pub const OUTBOX_CLAIMABLE_EXISTS: &str = concat!(
     "SELECT EXISTS (
         SELECT 1 FROM outbox_events r

@@ -122,11 +122,12 @@ impl<R: SqliteRoute> EventStore<R> for SqliteTable<R> {
     }
 
     async fn claimable_exists(&self) -> Result<bool> {
-        sqlx::query_scalar(R::sql().claimable_exists)
-            .bind(ts(&time::now()))
-            .fetch_one(&self.pool)
-            .await
-            .map_err(storage)
+        let now = time::now();
+        let mut q = sqlx::query_scalar(R::sql().claimable_exists).bind(ts(&now));
+        if R::KEY_ORDER {
+            q = q.bind(ts(&(now + chrono_dur(claim::KEY_ORDER_GRACE))));
+        }
+        q.fetch_one(&self.pool).await.map_err(storage)
     }
 
     async fn extend_lease(
@@ -340,7 +341,6 @@ impl<R: SqliteRoute> SqliteTable<R> {
     /// rows are in hand), plan the runs, mark them claimed.
     async fn claim_in_key_order(&self, opts: &ClaimOptions) -> Result<Claim<R>> {
         use futures_util::TryStreamExt;
-        let now = time::now();
         let limit = opts.limit as usize;
         let examine = opts.examine_limit();
         let start = opts.after.unwrap_or(ClaimCursor {
@@ -352,6 +352,9 @@ impl<R: SqliteRoute> SqliteTable<R> {
             .begin_with("BEGIN IMMEDIATE")
             .await
             .map_err(storage)?;
+        // The clock is read once the write lock is held: every row committed
+        // before is then due by it if it was due when written.
+        let now = time::now();
         let scanned = sqlx::query(sql::OUTBOX_SCAN)
             .bind(ts(&now))
             .bind(ts(&start.scheduled_at))
@@ -387,6 +390,7 @@ impl<R: SqliteRoute> SqliteTable<R> {
                 .bind(ts(&now))
                 .bind(keys)
                 .bind(i64::from(opts.limit))
+                .bind(ts(&(now + chrono_dur(claim::KEY_ORDER_GRACE))))
                 .fetch(&mut *tx);
             while walked.len() < limit {
                 let Some(row) = rows.try_next().await.map_err(storage)? else {
