@@ -13,11 +13,15 @@
 //!   produce  the broker's own rate for the relay's producer settings: N
 //!            messages of the same shape through the Kafka sink, B in flight
 //!            at a time, no database (OMNIBOX_BENCH_BROKERS).
-//!   publish  the relay (library, in this process) draining N pending rows
-//!            (seeded and VACUUM ANALYZEd outside the timed region) with R
-//!            relays, batch B, K keys, to the null sink or Kafka
-//!            (OMNIBOX_BENCH_BROKERS); `--backlog M` seeds M rows and times
-//!            the first N.
+//!   publish  R `omnibox publish --once` processes (the release binary: what
+//!            users run) draining N pending rows, batch B, K keys, to the
+//!            null sink or Kafka (OMNIBOX_BENCH_BROKERS), timed from spawn
+//!            to exit. Rows are seeded outside the timed region and the
+//!            table is NOT analyzed (as right after a user's bulk enqueue).
+//!            `--backlog M` seeds M rows and times the first N (`--limit`);
+//!            `--hot H` adds one key with H rows before the others.
+//!            Labelled variants: `--analyze` runs VACUUM ANALYZE before the
+//!            timed part; `--mode library` runs the relays in this process.
 //!
 //! Needs OMNIBOX_BENCH_DATABASE_URL (bench/run.sh starts a server when unset).
 
@@ -60,6 +64,16 @@ struct Args {
     /// publish: rows pending before the timed run (default: --events)
     #[arg(long)]
     backlog: Option<usize>,
+    /// publish: one more key with this many rows, seeded before the others
+    #[arg(long, default_value_t = 0)]
+    hot: usize,
+    /// publish: `process` (omnibox publish processes) or `library` (relays in this process)
+    #[arg(long, default_value = "process", value_parser = ["process", "library"])]
+    mode: String,
+    /// publish: VACUUM ANALYZE the table before timing (a labelled variant; users' relays
+    /// meet tables their bulk enqueue just filled)
+    #[arg(long)]
+    analyze: bool,
     /// Accepted for `cargo bench` compatibility
     #[arg(long, hide = true)]
     bench: bool,
@@ -254,6 +268,7 @@ fn publish(args: &Args, url: &str) {
         .build()
         .unwrap();
     let backlog = args.backlog.unwrap_or(args.events).max(args.events);
+    let limited = backlog > args.events;
     let keys = if args.keys == 0 {
         "unique".to_string()
     } else {
@@ -265,8 +280,29 @@ fn publish(args: &Args, url: &str) {
         std::process::exit(2);
     }
     let command = format!(
-        "bench/run.sh publish --events {} --backlog {backlog} --relays {} --batch {} --keys {} --sink {}",
-        args.events, args.relays, args.batch, args.keys, args.sink
+        "bench/run.sh publish --events {} --backlog {backlog} --hot {} --relays {} --batch {} --keys {} --sink {} --mode {}{}",
+        args.events,
+        args.hot,
+        args.relays,
+        args.batch,
+        args.keys,
+        args.sink,
+        args.mode,
+        if args.analyze { " --analyze" } else { "" }
+    );
+    let label = format!(
+        "{} relays, {}{}",
+        args.mode,
+        if args.analyze {
+            "VACUUM ANALYZE before timing"
+        } else {
+            "no ANALYZE"
+        },
+        if args.hot > 0 {
+            format!(", hot key {} rows", args.hot)
+        } else {
+            String::new()
+        }
     );
     let mut rates = Vec::new();
     let mut results = std::fs::OpenOptions::new()
@@ -277,7 +313,7 @@ fn publish(args: &Args, url: &str) {
     for round in 1..=args.rounds {
         let schema = format!("bench_{}", uuid::Uuid::new_v4().simple());
         let topic = format!("bench-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
-        let (secs, published, latencies) = rt.block_on(async {
+        let store = rt.block_on(async {
             let opts = PgOptions {
                 schema: Some(schema.clone()),
                 max_connections: (args.relays as u32 + 2).max(4),
@@ -285,15 +321,23 @@ fn publish(args: &Args, url: &str) {
             };
             let store = PgStore::connect(url, &opts).await.expect("connect");
             store.migrate().await.expect("migrate");
-            // Seed outside the timed region, in the peer's row shape.
+            // Seed outside the timed region, in the peer's row shape: the
+            // hot key first, then the others.
             let domain = DomainService::default();
             let mut conn = store.pool().acquire().await.unwrap();
+            let total = args.hot + backlog;
             let mut i = 0;
-            while i < backlog {
-                let chunk: Vec<_> = (i..(i + 10_000).min(backlog))
+            while i < total {
+                let chunk: Vec<_> = (i..(i + 10_000).min(total))
                     .map(|n| {
-                        let key_no = if args.keys == 0 { n } else { n % args.keys };
-                        let aggregate = uuid::Uuid::from_u128(key_no as u128 + 1);
+                        let key_no = if n < args.hot {
+                            u128::MAX
+                        } else if args.keys == 0 {
+                            (n - args.hot) as u128
+                        } else {
+                            ((n - args.hot) % args.keys) as u128
+                        };
+                        let aggregate = uuid::Uuid::from_u128(key_no.wrapping_add(1));
                         let mut e = NewOutboxEvent::new(
                             "order",
                             aggregate,
@@ -312,94 +356,189 @@ fn publish(args: &Args, url: &str) {
                 i += chunk.len();
             }
             drop(conn);
-            sqlx::query("VACUUM ANALYZE outbox_events").execute(store.pool()).await.unwrap();
+            if args.analyze {
+                sqlx::query("VACUUM ANALYZE outbox_events")
+                    .execute(store.pool())
+                    .await
+                    .unwrap();
+            }
             if let (Some(b), "kafka") = (&brokers, args.sink.as_str()) {
                 create_topic(b, &topic).await;
             }
-            let sink = Arc::new(match &brokers {
-                Some(b) if args.sink == "kafka" => {
-                    AnySink::from_url(&format!("kafka://{b}"), &[], std::time::Duration::from_secs(30)).unwrap()
-                }
-                _ => AnySink::from_url("null", &[], std::time::Duration::from_secs(30)).unwrap(),
-            });
-            let done = Arc::new(AtomicU64::new(0));
-            let (tx, rx) = tokio::sync::watch::channel(false);
-            let tx = Arc::new(tx);
-            let target = args.events as u64;
-            let start = Instant::now();
-            let mut tasks = Vec::new();
-            for r in 0..args.relays {
-                let mut o = ProcessorOptions::new(WorkerId::new(format!("bench-{r}")).unwrap());
-                o.batch = args.batch;
-                let p = relay::publisher(store.outbox(), sink.clone(), o, std::time::Duration::from_secs(30)).build();
-                let rx = rx.clone();
-                let tx = tx.clone();
-                let done = done.clone();
-                tasks.push(tokio::spawn(async move {
-                    let mut lat = Vec::new();
-                    // The relay's production defaults (10 ms doubling to 1 s when a
-                    // claim comes back empty).
-                    let opts = RunOptions {
-                        mode: RunMode::Watch,
-                        ..RunOptions::default()
-                    };
-                    run(&p, &opts, rx, &mut Sleep, |b| {
-                        lat.push(b.handle_time);
-                        if done.fetch_add(b.completed as u64, Ordering::SeqCst) + b.completed as u64 >= target {
-                            let _ = tx.send(true);
-                        }
-                    })
-                    .await
-                    .unwrap();
-                    lat
-                }));
-            }
-            let mut latencies = Vec::new();
-            for t in tasks {
-                latencies.extend(t.await.unwrap());
-            }
-            let secs = start.elapsed().as_secs_f64();
-            let published = done.load(Ordering::SeqCst);
-            store.pool().close().await;
-            (secs, published, latencies)
+            store
         });
+        let t0: chrono::DateTime<chrono::Utc> = rt
+            .block_on(sqlx::query_scalar("SELECT clock_timestamp()").fetch_one(store.pool()))
+            .unwrap();
+        let start = Instant::now();
+        let timed = (args.hot + args.events) as u64;
+        if args.mode == "process" {
+            let broker = match (&brokers, args.sink.as_str()) {
+                (Some(b), "kafka") => format!("kafka://{b}"),
+                _ => "null".to_string(),
+            };
+            let limit = timed.div_ceil(args.relays as u64).to_string();
+            let batch = args.batch.to_string();
+            let children: Vec<_> = (0..args.relays)
+                .map(|r| {
+                    let worker = format!("bench-{r}");
+                    let mut a = vec![
+                        "publish",
+                        "--once",
+                        "--broker",
+                        &broker,
+                        "--batch",
+                        &batch,
+                        "--worker-id",
+                        &worker,
+                        "-q",
+                    ];
+                    if limited {
+                        a.extend(["--limit", &limit]);
+                    }
+                    Command::new(bin())
+                        .args(&a)
+                        .env("OMNIBOX_DATABASE_URL", url)
+                        .env("OMNIBOX_DATABASE_SCHEMA", &schema)
+                        .stdout(Stdio::null())
+                        .stderr(Stdio::piped())
+                        .spawn()
+                        .expect("run omnibox publish")
+                })
+                .collect();
+            for c in children {
+                let out = c.wait_with_output().unwrap();
+                assert!(
+                    out.status.success(),
+                    "omnibox publish failed: {}\n{}",
+                    out.status,
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            }
+        } else {
+            rt.block_on(async {
+                let sink = Arc::new(match &brokers {
+                    Some(b) if args.sink == "kafka" => AnySink::from_url(
+                        &format!("kafka://{b}"),
+                        &[],
+                        std::time::Duration::from_secs(30),
+                    )
+                    .unwrap(),
+                    _ => {
+                        AnySink::from_url("null", &[], std::time::Duration::from_secs(30)).unwrap()
+                    }
+                });
+                let done = Arc::new(AtomicU64::new(0));
+                let (tx, rx) = tokio::sync::watch::channel(false);
+                let tx = Arc::new(tx);
+                let mut tasks = Vec::new();
+                for r in 0..args.relays {
+                    let mut o = ProcessorOptions::new(WorkerId::new(format!("bench-{r}")).unwrap());
+                    o.batch = args.batch;
+                    let p = relay::publisher(
+                        store.outbox(),
+                        sink.clone(),
+                        o,
+                        std::time::Duration::from_secs(30),
+                    )
+                    .build();
+                    let rx = rx.clone();
+                    let tx = tx.clone();
+                    let done = done.clone();
+                    tasks.push(tokio::spawn(async move {
+                        let opts = RunOptions {
+                            mode: if limited {
+                                RunMode::Watch
+                            } else {
+                                RunMode::Once
+                            },
+                            ..RunOptions::default()
+                        };
+                        run(&p, &opts, rx, &mut Sleep, |b| {
+                            if done.fetch_add(b.completed as u64, Ordering::SeqCst)
+                                + b.completed as u64
+                                >= timed
+                            {
+                                let _ = tx.send(true);
+                            }
+                        })
+                        .await
+                        .unwrap();
+                    }));
+                }
+                for t in tasks {
+                    t.await.unwrap();
+                }
+            });
+        }
+        let secs = start.elapsed().as_secs_f64();
+        let stats = rt.block_on(async {
+            let q = |sql: &str| {
+                let sql = sql.to_string();
+                let pool = store.pool().clone();
+                async move {
+                    sqlx::query_scalar::<_, Option<f64>>(sqlx::AssertSqlSafe(sql))
+                        .bind(t0)
+                        .fetch_one(&pool)
+                        .await
+                        .unwrap()
+                        .unwrap_or(0.0)
+                }
+            };
+            let completed = q("SELECT count(*)::float8 FROM outbox_events WHERE status = 'completed' AND $1 IS NOT NULL").await;
+            let pending = q("SELECT count(*)::float8 FROM outbox_events WHERE status <> 'completed' AND $1 IS NOT NULL").await;
+            let p50 = q("SELECT 1000 * extract(epoch FROM percentile_cont(0.5) WITHIN GROUP (ORDER BY completed_at - $1))::float8 FROM outbox_events WHERE status = 'completed'").await;
+            let p99 = q("SELECT 1000 * extract(epoch FROM percentile_cont(0.99) WITHIN GROUP (ORDER BY completed_at - $1))::float8 FROM outbox_events WHERE status = 'completed'").await;
+            let small_done = q(&format!(
+                "SELECT extract(epoch FROM max(completed_at) - $1)::float8 FROM outbox_events WHERE partition_key <> '{}'",
+                uuid::Uuid::from_u128(u128::MAX.wrapping_add(1))
+            ))
+            .await;
+            let hot_done = q(&format!(
+                "SELECT extract(epoch FROM max(completed_at) - $1)::float8 FROM outbox_events WHERE partition_key = '{}'",
+                uuid::Uuid::from_u128(u128::MAX.wrapping_add(1))
+            ))
+            .await;
+            // Per-key order: completion order follows seq within every key.
+            let disorder = q("SELECT count(*)::float8 FROM (SELECT seq, completed_at, lag(completed_at) OVER (PARTITION BY partition_key ORDER BY seq) AS prev FROM outbox_events WHERE status = 'completed') x WHERE prev > completed_at AND $1 IS NOT NULL").await;
+            store.pool().close().await;
+            (completed as u64, pending as u64, p50, p99, small_done, hot_done, disorder as u64)
+        });
+        let (completed, pending, p50, p99, small_done, hot_done, disorder) = stats;
         let db = Db::new(url);
-        let completed: String = db.scalar(format!(
-            "SELECT count(*)::text FROM {schema}.outbox_events WHERE status = 'completed'"
-        ));
         db.exec(format!("DROP SCHEMA {schema} CASCADE"));
-        let verified = published >= args.events as u64 && completed == published.to_string();
-        let rate = published as f64 / secs;
+        let verified = disorder == 0
+            && if limited {
+                completed >= timed
+            } else {
+                completed == timed && pending == 0
+            };
+        let rate = completed as f64 / secs;
         rates.push(rate);
-        let mut lat: Vec<f64> = latencies.iter().map(|d| d.as_secs_f64() * 1000.0).collect();
-        lat.sort_by(|a, b| a.partial_cmp(b).unwrap());
-        let pct = |p: f64| {
-            lat.get(((lat.len() as f64 - 1.0) * p) as usize)
-                .copied()
-                .unwrap_or(0.0)
+        let hot_note = if args.hot > 0 {
+            format!("; small keys drained at {small_done:.2} s, hot key at {hot_done:.2} s")
+        } else {
+            String::new()
         };
         println!(
-            "publish round {round}: {published} events in {secs:.3} s = {rate:.0} events/s; batch publish latency p50 {:.1} ms, p99 {:.1} ms ({} batches; keys {keys}, relays {}, batch {}, sink {}, backlog {backlog}, verified {verified})",
-            pct(0.5),
-            pct(0.99),
-            lat.len(),
-            args.relays,
-            args.batch,
-            args.sink
+            "publish round {round}: {completed} events in {secs:.3} s = {rate:.0} events/s; drain latency p50 {p50:.0} ms, p99 {p99:.0} ms{hot_note} (keys {keys}, relays {}, batch {}, sink {}, backlog {backlog}, {label}, verified {verified})",
+            args.relays, args.batch, args.sink
         );
         let line = json!({
             "scenario": "omnibox_publish",
-            "events": published,
+            "events": completed,
             "seconds": secs,
             "events_per_s": rate,
             "params": {"batch_size": args.batch, "workers": args.relays, "keys": keys, "sink": args.sink,
-                       "backlog": backlog, "round": round, "latency_p50_ms": pct(0.5), "latency_p99_ms": pct(0.99)},
+                       "backlog": backlog, "hot": args.hot, "mode": args.mode, "analyze": args.analyze,
+                       "round": round, "drain_latency_p50_ms": p50, "drain_latency_p99_ms": p99,
+                       "small_keys_done_s": small_done, "hot_key_done_s": hot_done},
             "verified": verified,
         });
         writeln!(results, "{line}").unwrap();
         assert!(
             verified,
-            "published {published}, completed in table {completed}"
+            "completed {completed} of {timed}, {pending} not completed, {disorder} rows completed before an earlier row of their key"
         );
     }
     report("publish", &rates, &command);

@@ -113,6 +113,7 @@ Register-ArgumentCompleter -Native -CommandName 'omnibox' -ScriptBlock {
             [CompletionResult]::new('--lease', '--lease', [CompletionResultType]::ParameterName, 'Lease of a claim: a relay that dies leaves its rows to others after this long (extended while a batch is in flight)')
             [CompletionResult]::new('--publish-timeout', '--publish-timeout', [CompletionResultType]::ParameterName, 'Longest wait for one message''s acknowledgement')
             [CompletionResult]::new('--dlq-topic', '--dlq-topic', [CompletionResultType]::ParameterName, 'Also write events that end up failed to this topic (best effort)')
+            [CompletionResult]::new('--limit', '--limit', [CompletionResultType]::ParameterName, 'Stop after claiming this many events (whole batches), e.g. to drain a backlog in chunks')
             [CompletionResult]::new('--topic-unavailable-limit', '--topic-unavailable-limit', [CompletionResultType]::ParameterName, 'How long a topic may stay unavailable (unknown, no leader) before its events spend attempts')
             [CompletionResult]::new('--poll-interval', '--poll-interval', [CompletionResultType]::ParameterName, 'Longest idle wait between polls when nothing is due')
             [CompletionResult]::new('--metrics-addr', '--metrics-addr', [CompletionResultType]::ParameterName, 'Serve Prometheus metrics on this address, e.g. 127.0.0.1:9898')

@@ -1235,7 +1235,7 @@ _omnibox() {
             return 0
             ;;
         omnibox__subcmd__publish)
-            opts="-X -v -q -h -V --broker --batch --once --worker-id --lease --publish-timeout --dlq-topic --topic-unavailable-limit --poll-interval --metrics-addr --database-url --schema --config --format --color --log-format --verbose --quiet --help --version"
+            opts="-X -v -q -h -V --broker --batch --once --worker-id --lease --publish-timeout --dlq-topic --limit --topic-unavailable-limit --poll-interval --metrics-addr --database-url --schema --config --format --color --log-format --verbose --quiet --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -1266,6 +1266,10 @@ _omnibox() {
                     return 0
                     ;;
                 --dlq-topic)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --limit)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;

@@ -107,6 +107,7 @@ set edit:completion:arg-completer[omnibox] = {|@words|
             cand --lease 'Lease of a claim: a relay that dies leaves its rows to others after this long (extended while a batch is in flight)'
             cand --publish-timeout 'Longest wait for one message''s acknowledgement'
             cand --dlq-topic 'Also write events that end up failed to this topic (best effort)'
+            cand --limit 'Stop after claiming this many events (whole batches), e.g. to drain a backlog in chunks'
             cand --topic-unavailable-limit 'How long a topic may stay unavailable (unknown, no leader) before its events spend attempts'
             cand --poll-interval 'Longest idle wait between polls when nothing is due'
             cand --metrics-addr 'Serve Prometheus metrics on this address, e.g. 127.0.0.1:9898'

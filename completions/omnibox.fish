@@ -107,6 +107,7 @@ complete -c omnibox -n "__fish_omnibox_using_subcommand publish" -l worker-id -d
 complete -c omnibox -n "__fish_omnibox_using_subcommand publish" -l lease -d 'Lease of a claim: a relay that dies leaves its rows to others after this long (extended while a batch is in flight)' -r
 complete -c omnibox -n "__fish_omnibox_using_subcommand publish" -l publish-timeout -d 'Longest wait for one message\'s acknowledgement' -r
 complete -c omnibox -n "__fish_omnibox_using_subcommand publish" -l dlq-topic -d 'Also write events that end up failed to this topic (best effort)' -r
+complete -c omnibox -n "__fish_omnibox_using_subcommand publish" -l limit -d 'Stop after claiming this many events (whole batches), e.g. to drain a backlog in chunks' -r
 complete -c omnibox -n "__fish_omnibox_using_subcommand publish" -l topic-unavailable-limit -d 'How long a topic may stay unavailable (unknown, no leader) before its events spend attempts' -r
 complete -c omnibox -n "__fish_omnibox_using_subcommand publish" -l poll-interval -d 'Longest idle wait between polls when nothing is due' -r
 complete -c omnibox -n "__fish_omnibox_using_subcommand publish" -l metrics-addr -d 'Serve Prometheus metrics on this address, e.g. 127.0.0.1:9898' -r

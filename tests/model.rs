@@ -107,6 +107,8 @@ struct Scripted {
     tries: Mutex<HashMap<Uuid, u64>>,
     log: Mutex<HashMap<Uuid, RowLog>>,
     clock: AtomicU64,
+    /// Every answer, in order, for the failure report.
+    sends: Mutex<Vec<(u64, Uuid, String)>>,
 }
 
 impl Scripted {
@@ -182,6 +184,11 @@ impl Sink for Scripted {
                 failed_keys.insert(key);
             }
             self.record(m.event_id, &d);
+            self.sends.lock().unwrap().push((
+                self.clock.load(Ordering::SeqCst),
+                m.event_id,
+                format!("{d:?}"),
+            ));
             out.push(d);
         }
         out
@@ -267,6 +274,7 @@ fn spawn_relay(
             idle_min: Duration::from_millis(1),
             idle_max: Duration::from_millis(20),
             contention_limit: Duration::from_secs(20),
+            max_rows: None,
         };
         run(&p, &opts, shutdown, &mut Sleep, |_| {})
             .await
@@ -333,6 +341,7 @@ async fn schedule(store: &AnyStore, seed: u64) -> Result<Plan, String> {
         tries: Mutex::new(HashMap::new()),
         log: Mutex::new(HashMap::new()),
         clock: AtomicU64::new(0),
+        sends: Mutex::new(Vec::new()),
     });
     let mut n = 0;
     let mut seeded = Vec::new();
@@ -606,13 +615,25 @@ async fn check(
                             )
                         })
                         .collect();
+                    let ids: HashSet<Uuid> = rows.iter().map(|e| e.id()).collect();
+                    let seq_of: HashMap<Uuid, Option<i64>> =
+                        rows.iter().map(|e| (e.id(), e.seq())).collect();
+                    let sends: Vec<String> = sink
+                        .sends
+                        .lock()
+                        .unwrap()
+                        .iter()
+                        .filter(|(_, id, _)| ids.contains(id))
+                        .map(|(clock, id, d)| format!("@{clock} seq {:?}: {d}", seq_of[id]))
+                        .collect();
                     return Err(format!(
-                        "key {topic}/{key}: row {} (seq {:?}) was first delivered after row {} (seq {:?})\n  {}",
+                        "key {topic}/{key}: row {} (seq {:?}) was first delivered after row {} (seq {:?})\n  {}\n  sends:\n    {}",
                         earlier.id(),
                         earlier.seq(),
                         later.id(),
                         later.seq(),
-                        history.join("\n  ")
+                        history.join("\n  "),
+                        sends.join("\n    ")
                     ));
                 }
             }

@@ -72,6 +72,9 @@ pub struct PublishArgs {
     /// Also write events that end up failed to this topic (best effort)
     #[arg(long, value_name = "TOPIC")]
     dlq_topic: Option<String>,
+    /// Stop after claiming this many events (whole batches), e.g. to drain a backlog in chunks
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    limit: Option<u64>,
     /// How long a topic may stay unavailable (unknown, no leader) before its events spend attempts
     #[arg(long, default_value = "5m", value_parser = args::duration, value_name = "DURATION")]
     topic_unavailable_limit: Duration,
@@ -141,6 +144,7 @@ pub async fn run_publish(args: PublishArgs, ctx: &Context) -> Result<ExitStatus>
     let run_options = RunOptions {
         mode,
         idle_max: args.poll_interval,
+        max_rows: args.limit,
         ..RunOptions::default()
     };
     if !ctx.quiet && mode == RunMode::Watch {

@@ -601,16 +601,9 @@ where
             }
         }
         let token = &claim.token;
-        if let Written::Lost(lost) = self
-            .write(&mut report, "complete", || {
-                self.store.complete(token, &done)
-            })
-            .await
-        {
-            let lost_skipped = lost.iter().filter(|id| skipped.contains(id)).count();
-            report.skipped -= lost_skipped;
-            report.completed -= lost.len() - lost_skipped;
-        }
+        // Failures first: a row that is failed now because a later row of
+        // its key was acknowledged must be failed before that later row is
+        // completed (and its key freed), or another relay could take it.
         let mut dead = Vec::new();
         if !failures.is_empty() {
             let counted = failures.iter().filter(|f| f.counted).count();
@@ -644,6 +637,16 @@ where
             }
             report.dead = dead.len();
             report.failed = counted.saturating_sub(report.dead);
+        }
+        if let Written::Lost(lost) = self
+            .write(&mut report, "complete", || {
+                self.store.complete(token, &done)
+            })
+            .await
+        {
+            let lost_skipped = lost.iter().filter(|id| skipped.contains(id)).count();
+            report.skipped -= lost_skipped;
+            report.completed -= lost.len() - lost_skipped;
         }
         self.write(&mut report, "release", || {
             self.store.release(token, &released)

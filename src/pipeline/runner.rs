@@ -43,6 +43,9 @@ pub struct RunOptions {
     /// could be claimed are there (other workers taking them first) before
     /// the run gives up and says so.
     pub contention_limit: Duration,
+    /// Stop claiming once this many rows were claimed (whole batches; the
+    /// batch in hand is finished). `None`: no limit.
+    pub max_rows: Option<u64>,
 }
 
 impl Default for RunOptions {
@@ -52,6 +55,7 @@ impl Default for RunOptions {
             idle_min: Duration::from_millis(10),
             idle_max: Duration::from_secs(1),
             contention_limit: Duration::from_secs(60),
+            max_rows: None,
         }
     }
 }
@@ -150,6 +154,7 @@ where
     let mut idle = options.idle_min;
     let mut claim_errors = 0u32;
     let mut contended_since: Option<Instant> = None;
+    let mut busy_streak = 0u32;
     // Two batches in flight: while the results of one are written, the next
     // is claimed and handled (on another connection). Per-key order holds:
     // the rows of the batch being written are still locked, so the next
@@ -163,6 +168,13 @@ where
         if *shutdown.borrow() {
             report.stopped_because = Some("shutdown requested".into());
             break;
+        }
+        if let Some(max) = options.max_rows {
+            let claimed = report.claimed + in_flight.as_ref().map_or(0, |h| h.len() as u64);
+            if claimed >= max {
+                report.stopped_because = Some(format!("--limit {max} reached"));
+                break;
+            }
         }
         if let Some(pause) = processor.pause() {
             if let Some(h) = in_flight.take() {
@@ -197,6 +209,7 @@ where
                 claim_errors = 0;
                 idle = options.idle_min;
                 contended_since = None;
+                busy_streak = 0;
                 in_flight = Some(h);
             }
             // The claim ran while the previous batch's rows were still
@@ -221,7 +234,13 @@ where
                         report.error = true;
                         break;
                     }
-                    let pause = Duration::from_millis(5 + fastrand::u64(0..20));
+                    // Back off while other workers keep taking the rows
+                    // first (one key worked by another relay, say): the
+                    // pause doubles, so a worker with nothing of its own to
+                    // do costs little, and it ends on progress.
+                    let ceiling = 2u64.saturating_mul(1 << busy_streak.min(8)).min(500);
+                    busy_streak += 1;
+                    let pause = Duration::from_millis(ceiling / 2 + fastrand::u64(0..=ceiling / 2));
                     wait_or_shutdown(&mut shutdown, pause).await;
                     continue;
                 }

@@ -31,7 +31,9 @@
 //! * the *run*: the head and the ready rows right after it, up to the first
 //!   active row that is not ready. A tried head is handed out alone (its
 //!   successors wait for its outcome), and a tried row after the head ends
-//!   the run.
+//!   the run. A key whose head is free while the row after it is locked by
+//!   a live lease (an operator unlocked the head of a run in flight) hands
+//!   out nothing until that claim is done.
 
 use std::collections::HashSet;
 
@@ -111,6 +113,8 @@ pub(crate) struct WalkRow {
     pub ready: bool,
     /// Tried before (`last_error` set).
     pub tried: bool,
+    /// Locked by a live lease (another claim's, in flight).
+    pub locked: bool,
 }
 
 /// The rows a key hands out, in `seq` order.
@@ -144,6 +148,13 @@ pub(crate) fn plan(rows: &[WalkRow], limit: usize) -> Vec<Run> {
         i = end;
         let head = key_rows[0];
         if !head.ready {
+            continue;
+        }
+        // The head is free but the row after it is in flight: an operator
+        // unlocked the head of a run a live claim is still publishing. The
+        // key waits for that claim to finish (it may already have delivered
+        // rows after the head).
+        if key_rows.get(1).is_some_and(|r| r.locked) {
             continue;
         }
         let mut ids = vec![head.id];
@@ -190,7 +201,16 @@ mod tests {
             seq,
             ready,
             tried,
+            locked: false,
         }
+    }
+
+    #[test]
+    fn a_free_head_before_a_row_in_flight_waits() {
+        let mut in_flight = row(1, 2, false, false);
+        in_flight.locked = true;
+        let rows = vec![row(1, 1, true, true), in_flight, row(2, 3, true, false)];
+        assert_eq!(seqs(&plan(&rows, 100)), vec![vec![3]]);
     }
 
     fn seqs(runs: &[Run]) -> Vec<Vec<u128>> {

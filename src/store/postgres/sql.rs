@@ -139,7 +139,12 @@ macro_rules! table_sql {
                     locked_at = NULL, locked_by = NULL, locked_until = NULL, updated_at = now()
                 FROM UNNEST($1::uuid[], $2::text[], $3::bool[], $4::timestamptz[], $5::float8[], $8::bool[])
                     AS u(id, error, counted, retry_at, delay, dead)
-                WHERE t.id = u.id AND t.locked_by = $6 AND t.locked_at = $7
+                WHERE t.id = u.id
+                  AND ((t.locked_by = $6 AND t.locked_at = $7)
+                       -- A dead failure (a retry would reorder its key) is
+                       -- written even if an operator unlocked the row in
+                       -- flight, as long as nobody holds it now.
+                       OR (u.dead AND t.status = 'pending' AND t.locked_at IS NULL))
                 RETURNING t.id, t.status"
             ),
             release: concat!(
@@ -233,26 +238,6 @@ macro_rules! table_sql {
     };
 }
 
-/// The filter that keeps a candidate row `r` of the outbox claim: its key's
-/// first active row before it, if any, is ready (not held by a live lease,
-/// not waiting for a retry). One probe of the key-order index per row, in
-/// the scan itself, so rows behind a held head never fill the window.
-/// `NOT COALESCE(scalar subquery)`, not `NOT EXISTS`: the planner turns
-/// `NOT EXISTS` into an anti-join whose plan depends on the statistics; this
-/// form stays an index scan with one probe per row whatever they say.
-macro_rules! key_open {
-    () => {
-        concat!(
-            "NOT COALESCE((
-                SELECT NOT ", ready!("e"), "
-                  FROM outbox_events e
-                 WHERE e.status = 'pending' AND e.topic = r.topic AND e.partition_key = r.partition_key
-                   AND e.seq < r.seq AND ", active!("e"), "
-                 ORDER BY e.seq LIMIT 1), false)"
-        )
-    };
-}
-
 /// Step 1 of the outbox claim (see `store/claim.rs`): the due, unlocked
 /// rows after the cursor `($1, $2)` in `(scheduled_at, seq)` order (claim
 /// index), at most $3 of them, and at most $4 rows whose lease passed (lock
@@ -278,12 +263,15 @@ pub const OUTBOX_SCAN: &str = "SELECT * FROM (
 /// Step 2: for each key ($1 topics, $2 partition keys, in the claim's
 /// order), its head (first active row: one probe of the key-order index),
 /// and, when the head can be handed out, its active rows from the head
-/// (only the head when it was tried: a tried head goes alone), at most $3
-/// per key and $3 in all. A held key costs its probe and yields nothing.
+/// (the head and the row after it when the head was tried: a tried head
+/// goes alone, and the next row shows whether the key is still in flight),
+/// at most $3 per key and $3 in all (plus one row a key, for those looks at
+/// the row after a head). A held key costs its probe and yields nothing.
 /// The nested loop is evaluated lazily: keys after the first $3 rows are
 /// never probed.
 pub const OUTBOX_WALK: &str = concat!(
-    "SELECT k.ord, w.id, w.seq, ", ready!("w"), " AS ready, w.last_error IS NOT NULL AS tried
+    "SELECT k.ord, w.id, w.seq, ", ready!("w"), " AS ready, w.last_error IS NOT NULL AS tried,
+            (w.locked_at IS NOT NULL AND w.locked_until > now()) AS locked
       FROM unnest($1::text[], $2::text[]) WITH ORDINALITY AS k(topic, partition_key, ord)
      CROSS JOIN LATERAL (
         SELECT e.seq, e.last_error IS NOT NULL AS tried, ", ready!("e"), " AS ready
@@ -296,20 +284,25 @@ pub const OUTBOX_WALK: &str = concat!(
           FROM outbox_events e
          WHERE h.ready AND e.status = 'pending' AND e.topic = k.topic AND e.partition_key = k.partition_key
            AND e.seq >= h.seq
-           AND e.seq <= CASE WHEN h.tried THEN h.seq ELSE 9223372036854775807 END
            AND ", active!("e"), "
          ORDER BY e.seq
-         LIMIT $3) w
-     LIMIT $3"
+         LIMIT CASE WHEN h.tried THEN 2 ELSE $3 END) w
+     LIMIT $3 + cardinality($1)"
 );
 
-/// Step 3a: lock the planned rows. A row another claimer holds is skipped
-/// (its key's run is cut there); the values read are the rows' latest.
+/// Step 3a: lock planned rows (first the heads of the runs, then the rest
+/// of the runs whose head this claim got, so that two claimers racing for
+/// one key do not each take a part of it). A row another claimer holds is
+/// skipped (its key's run is cut there). Only the primary key is in the condition
+/// (so no statistics can steer the planner to another index); the rows'
+/// latest values come back for the caller to check that they are still
+/// pending and ready.
 pub const OUTBOX_LOCK: &str = concat!(
-    "SELECT t.id FROM outbox_events t
-      WHERE t.id = ANY($1) AND t.status = 'pending' AND ",
+    "SELECT t.id, t.status = 'pending' AND ",
     ready!("t"),
-    "
+    " AS ready
+       FROM outbox_events t
+      WHERE t.id = ANY($1)
         FOR UPDATE SKIP LOCKED"
 );
 
@@ -320,21 +313,24 @@ pub const OUTBOX_MARK: &str = "UPDATE outbox_events
     WHERE id = ANY($1)
     RETURNING *";
 
-/// Is anything claimable now (for `publish --once`): a due, unlocked or
-/// expired row whose key is open. No row locks are taken.
+/// Is anything claimable now (for `publish --once`): a key with a due,
+/// unlocked (or expired) row whose head can be handed out. The keys are
+/// gathered first, then each head is probed once (a probe per row would
+/// walk a busy key's dead index entries once per row). No row locks are
+/// taken.
 pub const OUTBOX_CLAIMABLE_EXISTS: &str = concat!(
     "SELECT EXISTS (
-        SELECT 1 FROM outbox_events r
-         WHERE r.status = 'pending' AND r.locked_at IS NULL AND r.scheduled_at <= now()
-           AND ",
-    key_open!(),
-    ")
-     OR EXISTS (
-        SELECT 1 FROM outbox_events r
-         WHERE r.locked_until <= now() AND r.scheduled_at <= now()
-           AND ",
-    key_open!(),
-    ")"
+        SELECT 1
+          FROM (SELECT DISTINCT topic, partition_key FROM outbox_events r
+                 WHERE r.status = 'pending' AND r.locked_at IS NULL AND r.scheduled_at <= now()
+                UNION
+                SELECT topic, partition_key FROM outbox_events r
+                 WHERE r.locked_until <= now() AND r.scheduled_at <= now()) k
+         WHERE (SELECT ", ready!("e"), "
+                  FROM outbox_events e
+                 WHERE e.status = 'pending' AND e.topic = k.topic AND e.partition_key = k.partition_key
+                   AND ", active!("e"), "
+                 ORDER BY e.seq LIMIT 1))"
 );
 
 pub static OUTBOX: TableSql = table_sql!("outbox_events", "", OUTBOX_CLAIMABLE_EXISTS);

@@ -286,6 +286,23 @@ fn claimed<R: PgRoute>(
     }
 }
 
+/// Locks the rows of `ids` that no other transaction holds, and returns
+/// those still pending and ready.
+async fn lock_ready(
+    tx: &mut sqlx::PgConnection,
+    ids: &[Uuid],
+) -> Result<std::collections::HashSet<Uuid>> {
+    Ok(sqlx::query_as::<_, (Uuid, bool)>(super::sql::OUTBOX_LOCK)
+        .bind(ids)
+        .persistent(false)
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(storage)?
+        .into_iter()
+        .filter_map(|(id, ready)| ready.then_some(id))
+        .collect())
+}
+
 impl<R: PgRoute> PgTable<R> {
     /// The outbox claim (see `store/claim.rs`): discover open keys and walk
     /// them, plan the runs, lock what can be locked, mark it claimed; one
@@ -343,6 +360,7 @@ impl<R: PgRoute> PgTable<R> {
                     seq: r.try_get("seq")?,
                     ready: r.try_get("ready")?,
                     tried: r.try_get("tried")?,
+                    locked: r.try_get("locked")?,
                 })
             })
             .collect::<std::result::Result<Vec<_>, sqlx::Error>>()
@@ -352,15 +370,18 @@ impl<R: PgRoute> PgTable<R> {
             tx.commit().await.map_err(storage)?;
             return Ok(claimed(opts, Vec::new(), false, next));
         }
-        let planned: Vec<Uuid> = runs.iter().flat_map(|r| r.ids.iter().copied()).collect();
-        let locked: std::collections::HashSet<Uuid> = sqlx::query_scalar(super::sql::OUTBOX_LOCK)
-            .bind(&planned)
-            .persistent(false)
-            .fetch_all(&mut *tx)
-            .await
-            .map_err(storage)?
-            .into_iter()
+        // Heads first: a key belongs to the claimer that locks its head;
+        // the rest of a run is locked only by the head's holder.
+        let heads: Vec<Uuid> = runs.iter().map(|r| r.ids[0]).collect();
+        let mut locked = lock_ready(&mut tx, &heads).await?;
+        let rest: Vec<Uuid> = runs
+            .iter()
+            .filter(|r| locked.contains(&r.ids[0]))
+            .flat_map(|r| r.ids[1..].iter().copied())
             .collect();
+        if !rest.is_empty() {
+            locked.extend(lock_ready(&mut tx, &rest).await?);
+        }
         let (ids, contended) = claim::keep_locked_prefixes(&runs, &locked);
         let rows = sqlx::query(super::sql::OUTBOX_MARK)
             .bind(&ids)

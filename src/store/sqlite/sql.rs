@@ -134,7 +134,9 @@ macro_rules! table_sql {
                              json_extract(value, '$.retry_at') AS retry_at,
                              json_extract(value, '$.dead') AS dead
                       FROM json_each(?1)) AS u
-                WHERE ", $t, ".id = u.id AND ", $t, ".locked_by = ?3 AND ", $t, ".locked_at = ?4
+                WHERE ", $t, ".id = u.id
+                  AND ((", $t, ".locked_by = ?3 AND ", $t, ".locked_at = ?4)
+                       OR (u.dead = 1 AND ", $t, ".status = 'pending' AND ", $t, ".locked_at IS NULL))
                 RETURNING ", $t, ".id, ", $t, ".status"
             ),
             release: concat!(
@@ -213,21 +215,6 @@ macro_rules! table_sql {
     };
 }
 
-/// The filter that keeps a candidate row `r` of the outbox claim: its key's
-/// first active row before it, if any, is ready (see the PostgreSQL twin).
-macro_rules! key_open {
-    () => {
-        concat!(
-            "NOT COALESCE((
-                SELECT NOT ", ready!("e"), "
-                  FROM outbox_events e
-                 WHERE e.status = 'pending' AND e.topic = r.topic AND e.partition_key = r.partition_key
-                   AND e.seq < r.seq AND ", active!("e", "?2"), "
-                 ORDER BY e.seq LIMIT 1), 0)"
-        )
-    };
-}
-
 /// Step 1 of the outbox claim (see `store/claim.rs`), ?1 now: the due,
 /// unlocked rows after the cursor `(?2, ?3)` in `(scheduled_at, seq)` order
 /// (claim index), at most ?4 of them, and at most ?5 rows whose lease passed
@@ -250,9 +237,9 @@ pub const OUTBOX_SCAN: &str = "SELECT * FROM (
 /// Step 2, ?1 now, ?2 the keys as a JSON array of `[topic, partition_key]`
 /// in the claim's order, ?3 the limit, ?4 now plus a second: one result row per key (read lazily:
 /// the caller stops reading once it has enough), its active rows from its
-/// head as a JSON array of `[id, seq, ready, tried]` when the head can be
-/// handed out (only the head when it was tried: a tried head goes alone),
-/// an empty array when the key is held.
+/// head as a JSON array of `[id, seq, ready, tried, locked]` when the head
+/// can be handed out (the head and the next row when it was tried), an
+/// empty array when the key is held.
 pub const OUTBOX_WALK: &str = concat!(
     "WITH keys AS (
         SELECT k.key AS ord, json_extract(k.value, '$[0]') AS topic, json_extract(k.value, '$[1]') AS partition_key
@@ -262,7 +249,11 @@ pub const OUTBOX_WALK: &str = concat!(
         SELECT k.ord, k.topic, k.partition_key, h.seq AS head_seq,
                CASE WHEN NOT ", ready!("h"), " THEN -1
                     WHEN h.last_error IS NULL THEN 9223372036854775807
-                    ELSE h.seq END AS last_seq
+                    ELSE coalesce((SELECT n.seq FROM outbox_events n
+                                    WHERE n.status = 'pending' AND n.topic = k.topic
+                                      AND n.partition_key = k.partition_key AND n.seq > h.seq
+                                      AND ", active!("n", "?4"), "
+                                    ORDER BY n.seq LIMIT 1), h.seq) END AS last_seq
           FROM keys k
           JOIN outbox_events h ON h.seq = (
                SELECT e.seq FROM outbox_events e
@@ -270,7 +261,8 @@ pub const OUTBOX_WALK: &str = concat!(
                   AND ", active!("e", "?4"), "
                 ORDER BY e.seq LIMIT 1)
     )
-    SELECT k.ord, (SELECT json_group_array(json_array(w.id, w.seq, ", ready!("w"), ", w.last_error IS NOT NULL))
+    SELECT k.ord, (SELECT json_group_array(json_array(w.id, w.seq, ", ready!("w"), ", w.last_error IS NOT NULL,
+                                                      w.locked_at IS NOT NULL AND w.locked_until > ?1))
               FROM (SELECT e.id, e.seq, e.locked_at, e.locked_until, e.scheduled_at, e.last_error
                       FROM outbox_events e
                      WHERE e.status = 'pending' AND e.topic = k.topic AND e.partition_key = k.partition_key
@@ -292,17 +284,17 @@ pub const OUTBOX_MARK: &str = "UPDATE outbox_events
 /// second.
 pub const OUTBOX_CLAIMABLE_EXISTS: &str = concat!(
     "SELECT EXISTS (
-        SELECT 1 FROM outbox_events r
-         WHERE r.status = 'pending' AND r.locked_at IS NULL AND r.scheduled_at <= ?1
-           AND ",
-    key_open!(),
-    ")
-     OR EXISTS (
-        SELECT 1 FROM outbox_events r
-         WHERE r.locked_until <= ?1 AND r.scheduled_at <= ?1
-           AND ",
-    key_open!(),
-    ")"
+        SELECT 1
+          FROM (SELECT DISTINCT topic, partition_key FROM outbox_events r
+                 WHERE r.status = 'pending' AND r.locked_at IS NULL AND r.scheduled_at <= ?1
+                UNION
+                SELECT topic, partition_key FROM outbox_events r
+                 WHERE r.locked_until <= ?1 AND r.scheduled_at <= ?1) k
+         WHERE (SELECT ", ready!("e"), "
+                  FROM outbox_events e
+                 WHERE e.status = 'pending' AND e.topic = k.topic AND e.partition_key = k.partition_key
+                   AND ", active!("e", "?2"), "
+                 ORDER BY e.seq LIMIT 1))"
 );
 
 const INSERT_OUTBOX: &str = "INSERT INTO outbox_events (

@@ -314,15 +314,15 @@ fn claimed<R: SqliteRoute>(
     }
 }
 
-/// Reads one key's walk, a JSON array of `[id, seq, ready, tried]`.
+/// Reads one key's walk, a JSON array of `[id, seq, ready, tried, locked]`.
 fn walk_rows(key: i64, json: &str, out: &mut Vec<WalkRow>) -> Result<()> {
     let corrupt = |message: String| Error::CorruptRow {
         id: "?".into(),
         message,
     };
-    let rows: Vec<(String, i64, i64, i64)> =
+    let rows: Vec<(String, i64, i64, i64, i64)> =
         serde_json::from_str(json).map_err(|e| corrupt(format!("claim walk: {e}")))?;
-    for (id, seq, ready, tried) in rows {
+    for (id, seq, ready, tried, locked) in rows {
         out.push(WalkRow {
             key,
             id: Uuid::parse_str(&id)
@@ -330,6 +330,7 @@ fn walk_rows(key: i64, json: &str, out: &mut Vec<WalkRow>) -> Result<()> {
             seq,
             ready: ready != 0,
             tried: tried != 0,
+            locked: locked != 0,
         });
     }
     Ok(())
@@ -392,10 +393,14 @@ impl<R: SqliteRoute> SqliteTable<R> {
                 .bind(i64::from(opts.limit))
                 .bind(ts(&(now + chrono_dur(claim::KEY_ORDER_GRACE))))
                 .fetch(&mut *tx);
-            while walked.len() < limit {
+            // A key may return one row past its run (the look at the row
+            // after its head), so read a row more per key.
+            let mut keys_read = 0;
+            while walked.len() < limit + keys_read {
                 let Some(row) = rows.try_next().await.map_err(storage)? else {
                     break;
                 };
+                keys_read += 1;
                 let key: i64 = row.try_get("ord").map_err(storage)?;
                 let json: String = row.try_get("walk").map_err(storage)?;
                 walk_rows(key, &json, &mut walked)?;
