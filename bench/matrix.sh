@@ -1,32 +1,58 @@
 #!/usr/bin/env bash
-# The relay benchmark matrix of the relay issue: 20,000 pending rows on
-# PostgreSQL; null sink at batch 100 and 1000, 1 and 4 relays, keys 1, 10,
-# 100, 1000 and unique; the Kafka sink (tansu) at batch 1000; and the drain
-# rate with a 1,000,000-row backlog. Prints one line per configuration with
-# the median of ROUNDS rounds; raw rounds go to bench/results/matrix-*.jsonl.
+# The relay benchmark matrix: 20,000 pending rows on PostgreSQL, drained by
+# `omnibox publish --once` processes (the release binary) from a table that
+# was never analyzed, as right after a bulk enqueue. Null sink at batch 1000
+# and 100, 1 and 4 relays, keys 1, 10, 100, 1000 and unique; labelled
+# variants (VACUUM ANALYZE before timing; relays in the harness's process);
+# a hot key (20,000 rows) beside 99 keys of 100 rows; the first 20,000 of a
+# 1,000,000-row backlog; the Kafka sink (tansu) and the broker's own rate.
+# Prints one line per configuration with the median of ROUNDS rounds; raw
+# rounds go to bench/results/matrix-*.jsonl.
 #
-#   bench/matrix.sh [ROUNDS]      (OMNIBOX_BENCH_DATABASE_URL as for bench/run.sh)
+#   bench/matrix.sh [ROUNDS] [PART...]   PART: null variants hot backlog kafka (default: all)
+#
+# OMNIBOX_BENCH_DATABASE_URL as for bench/run.sh.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 rounds=${1:-3}
+shift || true
+parts=${*:-null variants hot backlog kafka}
 mkdir -p bench/results
 export OMNIBOX_BENCH_RESULTS=$PWD/bench/results/matrix-$(date -u +%Y%m%dT%H%M%SZ).jsonl
 run() {
   local out
-  out=$(bench/run.sh publish --rounds "$rounds" "$@" 2>&1 | grep -E "^publish: median|panicked|error" || true)
-  printf '%-55s %s\n' "$*" "$out"
+  out=$(bench/run.sh publish --rounds "$rounds" "$@" 2>&1 | grep -E "^publish: median|small keys|panicked|error" | tail -2 | tr '\n' ' ' || true)
+  printf '%-70s %s\n' "$*" "$out"
 }
-for batch in 1000 100; do
-  for keys in 0 1000 100 10 1; do
-    for relays in 1 4; do
-      run --events 20000 --batch "$batch" --relays "$relays" --keys "$keys" --sink null
+has() { [[ " $parts " == *" $1 "* ]]; }
+if has null; then
+  for batch in 1000 100; do
+    for keys in 0 1000 100 10 1; do
+      for relays in 1 4; do
+        run --events 20000 --batch "$batch" --relays "$relays" --keys "$keys" --sink null
+      done
     done
   done
-done
-for keys in 0 100; do
+fi
+if has variants; then
+  run --events 20000 --batch 1000 --relays 1 --keys 0 --sink null --analyze
+  run --events 20000 --batch 1000 --relays 1 --keys 0 --sink null --mode library
+  run --events 20000 --batch 1000 --relays 1 --keys 0 --sink null --mode library --analyze
+fi
+if has hot; then
   for relays in 1 4; do
-    run --events 20000 --batch 1000 --relays "$relays" --keys "$keys" --sink kafka
+    run --hot 20000 --events 9900 --keys 99 --batch 1000 --relays "$relays" --sink null
   done
-done
-rounds=1 run --events 20000 --backlog 1000000 --batch 1000 --relays 1 --keys 0 --sink null
+fi
+if has backlog; then
+  rounds=1 run --events 20000 --backlog 1000000 --batch 1000 --relays 1 --keys 0 --sink null
+fi
+if has kafka; then
+  for keys in 0 100; do
+    for relays in 1 4; do
+      run --events 20000 --batch 1000 --relays "$relays" --keys "$keys" --sink kafka
+    done
+  done
+  bench/run.sh produce --sink kafka --events 20000 --batch 1000 --rounds "$rounds" 2>&1 | grep -E "^produce: median"
+fi
 echo "raw rounds: $OMNIBOX_BENCH_RESULTS"

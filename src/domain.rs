@@ -1,5 +1,5 @@
 //! The domain service: creates validated events and applies the pure state
-//! transitions of SPEC §2 (the reference's `OmniBoxDomainService`).
+//! transitions of docs/design.md, "Event lifecycle and rules" (the reference's `OmniBoxDomainService`).
 //!
 //! Nothing here touches a database: stores perform the same transitions in
 //! SQL, guarded so that they hold under concurrency; this module is the
@@ -78,8 +78,8 @@ impl Retry {
     }
 }
 
-/// Creates events with the limits of SPEC §2 and applies the lifecycle's pure
-/// transitions. `DomainService::default()` uses the SPEC's limits.
+/// Creates events with the limits of the design's rules (docs/design.md) and applies the
+/// lifecycle's pure transitions. `DomainService::default()` uses the default limits.
 #[derive(Debug, Clone, Default)]
 pub struct DomainService {
     limits: Limits,

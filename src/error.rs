@@ -15,7 +15,7 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
-    /// Input that breaks a validation rule (SPEC §2). Nothing was written.
+    /// Input that breaks a validation rule (docs/design.md, "Event lifecycle and rules"). Nothing was written.
     #[error("{field}: {message}")]
     Validation {
         /// The field (or input element) that is wrong, e.g. `payload`, `headers.x-id`.

@@ -13,7 +13,7 @@
 //! ```
 //!
 //! * [`model`]: the entities ([`OutboxEvent`], [`InboxEvent`], [`EventStatus`]),
-//!   the limits and validation rules of SPEC §2, and UTC timestamps.
+//!   the limits and validation rules of docs/design.md, "Event lifecycle and rules", and UTC timestamps.
 //! * [`domain`]: the [`DomainService`], which creates validated events and
 //!   applies the pure state transitions (lock, refresh, unlock, force unlock,
 //!   complete, fail counted or not, backoff with equal jitter, requeue).

@@ -1,4 +1,4 @@
-//! Prometheus metrics (SPEC §6) and a minimal `/metrics` endpoint for
+//! Prometheus metrics (docs/design.md) and a minimal `/metrics` endpoint for
 //! long-running commands (`--metrics-addr`).
 
 use std::net::SocketAddr;

@@ -588,3 +588,145 @@ async fn a_database_hiccup_while_writing_results_is_retried() {
         .await
         .unwrap();
 }
+
+/// A handler that waits, for tests of what happens while a batch is slow.
+struct Slow(Duration);
+
+impl omnibox::pipeline::BatchHandler<omnibox::OutboxRoute> for Slow {
+    async fn handle(
+        &self,
+        events: &[omnibox::Event<omnibox::OutboxRoute>],
+    ) -> Vec<omnibox::pipeline::Outcome> {
+        tokio::time::sleep(self.0).await;
+        vec![omnibox::pipeline::Outcome::Completed; events.len()]
+    }
+}
+
+/// A batch slower than its lease keeps its rows: the lease is extended while
+/// it is in flight, so another relay cannot take (and publish again) a live
+/// batch. Before, a lease shorter than the batch let the rows go.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_batch_keeps_its_lease() {
+    use omnibox::pipeline::ProcessorBuilder;
+    let db = common::sqlite().await;
+    let events: Vec<OutboxEvent> = (0..20)
+        .map(|n| event("orders", &format!("k{n}"), n))
+        .collect();
+    db.store.outbox().create_many(&events).await.unwrap();
+    let mut o = options("slow", 100);
+    o.lease = Duration::from_millis(600);
+    let slow =
+        ProcessorBuilder::new(db.store.outbox(), Slow(Duration::from_millis(2000)), o).build();
+    let store = db.store.clone();
+    let other = tokio::spawn(async move {
+        let mut taken = 0;
+        for _ in 0..15 {
+            tokio::time::sleep(Duration::from_millis(120)).await;
+            let c = store
+                .outbox()
+                .claim(&omnibox::ClaimOptions::new(
+                    WorkerId::new("other").unwrap(),
+                    100,
+                ))
+                .await
+                .unwrap();
+            taken += c.len();
+        }
+        taken
+    });
+    let report = slow.process_batch().await.unwrap();
+    assert_eq!(
+        other.await.unwrap(),
+        0,
+        "another relay took rows of a live batch"
+    );
+    assert_eq!(
+        (report.claimed, report.completed, report.lease_lost),
+        (20, 20, 0)
+    );
+}
+
+/// A row whose attempts were used up outside omnibox is not published: it
+/// becomes failed at once (and dead-lettered); its key goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_row_with_attempts_used_up_is_dead_lettered_unpublished() {
+    let db = common::sqlite().await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("out.jsonl");
+    let sink = Arc::new(
+        AnySink::from_url(
+            &format!("file:{}", file.display()),
+            &[],
+            Duration::from_secs(5),
+        )
+        .unwrap(),
+    );
+    let events: Vec<OutboxEvent> = (0..3).map(|n| event("orders", "k", n)).collect();
+    db.store.outbox().create_many(&events).await.unwrap();
+    let AnyStore::Sqlite(s) = &db.store else {
+        unreachable!()
+    };
+    sqlx::query("UPDATE outbox_events SET attempts_made = max_attempts, last_error = 'edited' WHERE id = ?1")
+        .bind(events[0].id().to_string())
+        .execute(s.pool())
+        .await
+        .unwrap();
+    let report = drain(&db.store, sink, "relay-1", 10, None).await;
+    assert_eq!((report.completed, report.dead), (2, 1), "{report:?}");
+    let head = db
+        .store
+        .outbox()
+        .get(events[0].id())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(head.status(), EventStatus::Failed);
+    assert!(
+        head.last_error().unwrap().contains("attempts were used up"),
+        "{:?}",
+        head.last_error()
+    );
+    let published = std::fs::read_to_string(&file).unwrap();
+    assert_eq!(published.lines().count(), 2);
+    assert!(!published.contains(&events[0].id().to_string()));
+}
+
+/// The database going away after some batches ends a --once run with the
+/// work done reported and an error (exit 1 for `publish`), not as "nothing
+/// changed" (exit 2).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_failure_mid_run_is_reported_with_the_work_done() {
+    use omnibox::pipeline::{BatchHandler, Outcome, ProcessorBuilder};
+    struct DropTable(AnyStore);
+    impl BatchHandler<omnibox::OutboxRoute> for DropTable {
+        async fn handle(&self, events: &[omnibox::Event<omnibox::OutboxRoute>]) -> Vec<Outcome> {
+            let AnyStore::Sqlite(s) = &self.0 else {
+                unreachable!()
+            };
+            sqlx::query("ALTER TABLE outbox_events RENAME TO outbox_events_gone")
+                .execute(s.pool())
+                .await
+                .ok();
+            vec![Outcome::Completed; events.len()]
+        }
+    }
+    let db = common::sqlite().await;
+    let events: Vec<OutboxEvent> = (0..30)
+        .map(|n| event("orders", &format!("k{n}"), n))
+        .collect();
+    db.store.outbox().create_many(&events).await.unwrap();
+    let mut o = options("relay-1", 10);
+    o.commit_retry_for = Duration::from_millis(300);
+    let p = ProcessorBuilder::new(db.store.outbox(), DropTable(db.store.clone()), o).build();
+    let (_tx, rx) = watch::channel(false);
+    let opts = RunOptions {
+        mode: RunMode::Once,
+        ..RunOptions::default()
+    };
+    let report = run(&p, &opts, rx, &mut Sleep, |_| {})
+        .await
+        .expect("a report, not an error");
+    assert!(report.error, "{report:?}");
+    assert!(report.batches >= 1);
+    assert!(report.stopped_because.unwrap().contains("no such table"));
+}

@@ -1,4 +1,4 @@
--- omnibox schema, version 1: the outbox and inbox tables (SPEC §1).
+-- omnibox schema, version 1: the outbox and inbox tables (docs/design.md).
 --
 -- Both tables carry `seq`, an identity column giving insertion order (rows of
 -- one transaction share created_at, so it cannot give the order), and

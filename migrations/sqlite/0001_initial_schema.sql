@@ -1,4 +1,4 @@
--- omnibox schema, version 1: the outbox and inbox tables (SPEC §1), SQLite.
+-- omnibox schema, version 1: the outbox and inbox tables (docs/design.md), SQLite.
 --
 -- Readable with the sqlite3 shell: UUIDs are lowercase hyphenated TEXT, JSON
 -- is TEXT, timestamps are RFC 3339 UTC TEXT in one fixed-width form

@@ -1,6 +1,6 @@
 //! The inbox consumer (the reference's `InboxConsumerRunner`): messages from
 //! a source into the inbox table, a batch per database transaction, with the
-//! ack strategies of SPEC §4.
+//! ack strategies of docs/design.md, "The inbox".
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -21,7 +21,7 @@ use crate::pipeline::{DeadLetter, Verdict};
 use crate::relay::{AnySink, Sink};
 use crate::store::{AnyTable, ClaimToken, EventStore, Failure, RetryAt};
 
-/// When the broker offset is committed (SPEC §4).
+/// When the broker offset is committed (docs/design.md, "The inbox").
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum AckStrategy {

@@ -1,4 +1,4 @@
-//! The inbox (SPEC §4): consume broker messages into `inbox_events`
+//! The inbox (docs/design.md, "The inbox"): consume broker messages into `inbox_events`
 //! exactly once per `(message_id, consumer_group)`, and handle them.
 //!
 //! * [`normalize`] turns a broker message into an inbox event (or a poison row);

@@ -1,4 +1,4 @@
-//! From a broker message to an inbox event (SPEC §4): message id, event
+//! From a broker message to an inbox event (docs/design.md, "The inbox"): message id, event
 //! type, source, the envelope unwrapped, metadata from headers first and the
 //! envelope second. A message that cannot be parsed becomes a *poison* row:
 //! stored as `failed`, with the raw bytes base64-encoded, never dropped.

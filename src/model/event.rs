@@ -17,7 +17,7 @@ pub type Payload = Map<String, Value>;
 /// String headers of an event.
 pub type Headers = BTreeMap<String, String>;
 
-/// Lifecycle status of an event (SPEC §2).
+/// Lifecycle status of an event (docs/design.md, "Event lifecycle and rules").
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum EventStatus {
@@ -156,7 +156,7 @@ impl Route for InboxRoute {
 /// Values are created by the [`DomainService`](crate::DomainService) (which
 /// validates them) or read from a store; the state transitions of the domain
 /// service return new values. Fields are read through accessors so that a
-/// value always satisfies the invariants of SPEC §2.
+/// value always satisfies the invariants of docs/design.md, "Event lifecycle and rules".
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Event<R> {
     pub(crate) id: Uuid,
@@ -342,7 +342,7 @@ impl<R: Route> Event<R> {
         }
     }
 
-    /// Checks the cross-field invariants of SPEC §2 (status and completion time,
+    /// Checks the cross-field invariants of docs/design.md, "Event lifecycle and rules" (status and completion time,
     /// attempts, lock consistency). Events built by this crate always pass.
     pub fn validate_invariants(&self) -> Result<()> {
         let invalid = |message: String| Err(Error::validation("event", message));
@@ -438,7 +438,7 @@ impl Event<InboxRoute> {
 
 /// Input for a new outbox event; turned into an [`OutboxEvent`] by
 /// [`DomainService::create_outbox_event`](crate::DomainService::create_outbox_event),
-/// which applies every rule of SPEC §2.
+/// which applies every rule of docs/design.md, "Event lifecycle and rules".
 #[derive(Debug, Clone, PartialEq)]
 pub struct NewOutboxEvent {
     /// Required: kind of aggregate (1..50 characters).

@@ -1,5 +1,5 @@
 //! The JSON form of a new outbox event (one line of `omnibox enqueue --jsonl`,
-//! SPEC §5): an object with the outbox fields.
+//! docs/design.md): an object with the outbox fields.
 
 use serde::Deserialize;
 use serde_json::Value;

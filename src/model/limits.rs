@@ -1,4 +1,4 @@
-//! Limits and defaults of SPEC §2, with the reference's names.
+//! Limits and defaults of docs/design.md, "Event lifecycle and rules", with the reference's names.
 
 use std::time::Duration;
 
@@ -59,7 +59,7 @@ pub const DEFAULT_BACKOFF_CAP: Duration = Duration::from_secs(3600);
 pub const DEFAULT_TRANSIENT_RETRY_DELAY: Duration = Duration::from_secs(1);
 
 /// The validation limits a [`DomainService`](crate::DomainService) applies;
-/// `Limits::default()` is SPEC §2.
+/// `Limits::default()` is docs/design.md, "Event lifecycle and rules".
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Limits {
     /// Default `max_attempts` of new events.

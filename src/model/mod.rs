@@ -1,5 +1,5 @@
 //! The domain model: events, their status, the limits and validation rules of
-//! SPEC §2, and timestamps.
+//! docs/design.md, "Event lifecycle and rules", and timestamps.
 
 mod event;
 pub(crate) use event::ClockDefault;

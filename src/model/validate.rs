@@ -1,4 +1,4 @@
-//! The validation rules of SPEC §2, one function per rule, each returning an
+//! The validation rules of docs/design.md, "Event lifecycle and rules", one function per rule, each returning an
 //! [`Error::Validation`] that names the field and says what to do.
 
 use std::fmt;

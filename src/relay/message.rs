@@ -1,4 +1,4 @@
-//! What goes on the broker for an outbox event (SPEC §3): key, headers and the
+//! What goes on the broker for an outbox event (docs/design.md, "The relay"): key, headers and the
 //! JSON envelope (the reference's `EnvelopeEventConverter`).
 
 use std::collections::BTreeMap;

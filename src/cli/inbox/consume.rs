@@ -92,7 +92,7 @@ pub struct ConsumeArgs {
     metrics_addr: Option<SocketAddr>,
 }
 
-// The CLI's names are the SPEC's: at-most-once, at-least-once, exactly-once.
+// The CLI's names: at-most-once, at-least-once, exactly-once.
 #[allow(clippy::enum_variant_names)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 enum Ack {

@@ -129,7 +129,13 @@ impl PgStore {
     fn migrator() -> sqlx::migrate::Migrator {
         let mut m = sqlx::migrate!("./migrations/postgres");
         m.dangerous_set_table_name(MIGRATIONS_TABLE);
+        migrate::pin_comment_edits(&mut m, COMMENT_EDITS);
         m
+    }
+
+    #[cfg(test)]
+    pub(crate) fn migrator_for_tests() -> sqlx::migrate::Migrator {
+        Self::migrator()
     }
 
     /// The embedded migrations, for `migrate --print-sql`.
@@ -195,6 +201,14 @@ impl PgStore {
         CAPABILITIES
     }
 }
+
+/// Migrations whose comments were edited after their release (the first
+/// line of migration 1), with their released checksums (see
+/// `migrate::pin_comment_edits`).
+pub(crate) const COMMENT_EDITS: &[migrate::CommentEdit] = &[migrate::CommentEdit {
+    version: 1,
+    released_sha384: "431a0723b9d556721d08330f4f0332d9e032c22bd078c86c1edbb71b8e2cc138a7f5f91f6516d58792d2da8050c947a2",
+}];
 
 const CAPABILITIES: super::Capabilities = super::Capabilities {
     bulk: true,
