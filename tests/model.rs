@@ -406,7 +406,9 @@ async fn schedule(store: &AnyStore, seed: u64) -> Result<Plan, String> {
                 }
             }
             3 => {
-                // An operator replays every failed row.
+                // An operator replays every failed row. The sink's count of
+                // counted failures starts over for them (before the replay:
+                // once replayed, a relay may take them at once).
                 let failed: Vec<Uuid> = all_rows(&table)
                     .await
                     .iter()
@@ -414,6 +416,12 @@ async fn schedule(store: &AnyStore, seed: u64) -> Result<Plan, String> {
                     .map(|e| e.id())
                     .collect();
                 ever_failed.extend(failed.iter().copied());
+                {
+                    let mut log = sink.log.lock().unwrap();
+                    for id in &failed {
+                        log.entry(*id).or_default().countable = 0;
+                    }
+                }
                 let ids = table
                     .requeue_failed(&RequeueFilter {
                         all: true,
@@ -421,10 +429,6 @@ async fn schedule(store: &AnyStore, seed: u64) -> Result<Plan, String> {
                     })
                     .await
                     .unwrap();
-                let mut log = sink.log.lock().unwrap();
-                for id in &ids {
-                    log.entry(*id).or_default().countable = 0;
-                }
                 bump(&EXERCISED.replays, ids.len() as u64);
                 replayed.extend(ids);
             }

@@ -223,7 +223,9 @@ where
                 // Empty because another worker was claiming the same rows at
                 // that moment, or because nothing is there? Only the latter
                 // is idle (and ends a Once run).
-                let busy = contended || processor.store().claimable_exists().await.unwrap_or(false);
+                // A failing check counts as "busy": the next claim retries
+                // and reports the database's error if it persists.
+                let busy = contended || processor.store().claimable_exists().await.unwrap_or(true);
                 if busy {
                     let since = *contended_since.get_or_insert_with(Instant::now);
                     if options.mode == RunMode::Once && since.elapsed() > options.contention_limit {

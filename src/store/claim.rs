@@ -146,6 +146,7 @@ pub(crate) fn plan(rows: &[WalkRow], limit: usize) -> Vec<Run> {
             .map_or(rows.len(), |n| i + n);
         let key_rows = &rows[i..end];
         i = end;
+        // Not empty: `end` is past `i` (the row at `i` has this key).
         let head = key_rows[0];
         if !head.ready {
             continue;

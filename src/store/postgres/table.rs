@@ -371,7 +371,8 @@ impl<R: PgRoute> PgTable<R> {
             return Ok(claimed(opts, Vec::new(), false, next));
         }
         // Heads first: a key belongs to the claimer that locks its head;
-        // the rest of a run is locked only by the head's holder.
+        // the rest of a run is locked only by the head's holder. (A run
+        // always holds its head: `claim::plan` never makes an empty one.)
         let heads: Vec<Uuid> = runs.iter().map(|r| r.ids[0]).collect();
         let mut locked = lock_ready(&mut tx, &heads).await?;
         let rest: Vec<Uuid> = runs
