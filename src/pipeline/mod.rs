@@ -18,6 +18,7 @@ pub mod runner;
 
 pub(crate) use processor::Verdict;
 pub use processor::{
-    BatchHandler, BatchReport, DeadLetter, Outcome, Processor, ProcessorBuilder, ProcessorOptions,
+    BatchHandler, BatchReport, DeadLetter, Fetch, Fetched, Outcome, Processor, ProcessorBuilder,
+    ProcessorOptions,
 };
 pub use runner::{RunMode, RunOptions, RunReport, Sleep, Wakeup, run};

@@ -116,6 +116,41 @@ pub struct Handled<R> {
     heartbeat: Heartbeat,
 }
 
+/// A claimed batch not handled yet (see [`Processor::fetch`]). Its lease is
+/// kept alive from the claim on.
+#[derive(Debug)]
+pub struct Fetched<R> {
+    claim: Claim<R>,
+    lag: Duration,
+    heartbeat: Heartbeat,
+}
+
+impl<R> Fetched<R> {
+    /// Rows in the batch.
+    pub fn len(&self) -> usize {
+        self.claim.events.len()
+    }
+
+    /// True when the batch is empty (never, in practice).
+    pub fn is_empty(&self) -> bool {
+        self.claim.events.is_empty()
+    }
+}
+
+/// What [`Processor::fetch`] got.
+#[derive(Debug)]
+pub enum Fetch<R> {
+    /// A batch, to be handled with [`Processor::handle`].
+    Batch(Fetched<R>),
+    /// Nothing was handed out (see [`Claimed::Empty`]).
+    Empty {
+        /// Rows were lost to a concurrent claim.
+        contended: bool,
+        /// The scan stopped at its bound; claim again to go on.
+        more: bool,
+    },
+}
+
 /// What [`Processor::claim_and_handle`] got.
 #[derive(Debug)]
 pub enum Claimed<R> {
@@ -296,6 +331,9 @@ pub struct Processor<R: Route, S: EventStore<R>, H: BatchHandler<R>> {
 struct ScanState {
     after: Option<crate::store::ClaimCursor>,
     widen: u32,
+    /// The next claim spreads out (see `ClaimOptions::spread`): the last
+    /// one collided with another worker's.
+    spread: u32,
 }
 
 /// Builds a [`Processor`] (the reference's `EventProcessorBuilder`).
@@ -405,18 +443,26 @@ where
         }
     }
 
-    /// First half of a batch: claim and run the handler step. The rows stay
-    /// locked (their lease kept alive) until [`finish`](Self::finish).
-    ///
-    /// A row whose attempts are already used up (`attempts_made >=
-    /// max_attempts`: edited outside omnibox) is not handed to the handler:
-    /// it becomes `failed` and is dead-lettered.
+    /// First half of a batch: [`fetch`](Self::fetch) and
+    /// [`handle`](Self::handle). The rows stay locked (their lease kept
+    /// alive) until [`finish`](Self::finish).
     pub async fn claim_and_handle(&self) -> Result<Claimed<R>> {
-        let span = tracing::info_span!("batch", job = self.job, table = %R::TABLE, worker = %self.options.worker);
+        Ok(match self.fetch().await? {
+            Fetch::Batch(f) => Claimed::Batch(self.handle(f).await),
+            Fetch::Empty { contended, more } => Claimed::Empty { contended, more },
+        })
+    }
+
+    /// The claim (fetch strategy) alone: the worker's next batch, its lease
+    /// kept alive until [`finish`](Self::finish). The runner claims the
+    /// next batch while the previous one is handled and the one before is
+    /// written.
+    pub async fn fetch(&self) -> Result<Fetch<R>> {
+        let span = tracing::info_span!("claim", job = self.job, table = %R::TABLE, worker = %self.options.worker);
         async {
-            let (after, widen) = {
+            let (after, widen, spread) = {
                 let s = self.scan.lock().unwrap_or_else(|p| p.into_inner());
-                (s.after, s.widen)
+                (s.after, s.widen, s.spread > 0)
             };
             let examine = self
                 .options
@@ -431,12 +477,16 @@ where
                     limit: self.options.batch,
                     after,
                     examine,
+                    spread,
                     lease: self.options.lease,
                 })
                 .await?;
             {
                 let mut s = self.scan.lock().unwrap_or_else(|p| p.into_inner());
                 s.after = claim.next;
+                // After a collision with another worker's claim, the next
+                // claim jumps ahead by a random stretch of the backlog.
+                s.spread = u32::from(claim.contended);
                 s.widen = if claim.is_empty() && claim.next.is_some() {
                     widen + 1
                 } else {
@@ -444,7 +494,7 @@ where
                 };
             }
             if claim.is_empty() {
-                return Ok(Claimed::Empty {
+                return Ok(Fetch::Empty {
                     contended: claim.contended,
                     more: claim.next.is_some(),
                 });
@@ -458,6 +508,28 @@ where
                 .min()
                 .and_then(|t| (now - t).to_std().ok())
                 .unwrap_or_default();
+            Ok(Fetch::Batch(Fetched {
+                claim,
+                lag,
+                heartbeat,
+            }))
+        }
+        .instrument(span)
+        .await
+    }
+
+    /// The handler step on a fetched batch. A row whose attempts are
+    /// already used up (`attempts_made >= max_attempts`: edited outside
+    /// omnibox) is not handed to the handler: it becomes `failed` and is
+    /// dead-lettered.
+    pub async fn handle(&self, fetched: Fetched<R>) -> Handled<R> {
+        let span = tracing::info_span!("batch", job = self.job, table = %R::TABLE, worker = %self.options.worker, rows = fetched.claim.events.len());
+        async {
+            let Fetched {
+                claim,
+                lag,
+                heartbeat,
+            } = fetched;
             let started = Instant::now();
             let exhausted = |e: &Event<R>| e.attempts_made() >= e.max_attempts();
             let outcomes = if claim.events.iter().any(exhausted) {
@@ -491,13 +563,13 @@ where
                 o.resize(claim.events.len(), Outcome::Released);
                 o
             };
-            Ok(Claimed::Batch(Handled {
+            Handled {
                 claim,
                 outcomes,
                 handle_time: started.elapsed(),
                 lag,
                 heartbeat,
-            }))
+            }
         }
         .instrument(span)
         .await

@@ -48,6 +48,15 @@ use crate::store::ClaimCursor;
 /// one scheduled for later, which would let its successor go first.
 pub(crate) const KEY_ORDER_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
 
+/// How many due rows a spreading claim skips: at random, up to four batches.
+pub(crate) fn spread_skip(limit: u32, spread: bool) -> i64 {
+    if spread {
+        fastrand::i64(0..=i64::from(limit.saturating_mul(4)))
+    } else {
+        0
+    }
+}
+
 /// Before every due time: the cursor of a claim that starts at the oldest
 /// due row (year 1, which every database here can store).
 pub(crate) const BEGINNING: Timestamp = match chrono::DateTime::from_timestamp(-62_135_596_800, 0) {

@@ -89,6 +89,11 @@ pub struct ClaimOptions {
     /// Most due rows one claim examines (outbox); 0 means the default,
     /// the larger of `limit` and 500.
     pub examine: u32,
+    /// Skip a random number of due rows (up to four batches) before the
+    /// scan (outbox): a worker whose claim collided with another's moves to
+    /// another part of the backlog instead of colliding again. The rows
+    /// skipped are left to the others, or to this worker's next pass.
+    pub spread: bool,
     /// How long the claimed rows stay locked (written to `locked_until`);
     /// after that any worker may claim them again.
     pub lease: Duration,
@@ -102,6 +107,7 @@ impl ClaimOptions {
             limit,
             after: None,
             examine: 0,
+            spread: false,
             lease: crate::model::limits::DEFAULT_LEASE_TIMEOUT,
         }
     }

@@ -1091,6 +1091,7 @@ pub async fn claim_is_served_by_the_index(db: &TestDb) {
                     .bind(0_i64)
                     .bind(1000_i64)
                     .bind(1000_i64)
+                    .bind(0_i64)
                     .persistent(false)
                     .fetch_all(&mut *tx)
                     .await
@@ -1154,6 +1155,7 @@ pub async fn claim_is_served_by_the_index(db: &TestDb) {
                 .bind(0_i64)
                 .bind(1000_i64)
                 .bind(1000_i64)
+                .bind(0_i64)
                 .fetch_all(s.pool())
                 .await
                 .unwrap();

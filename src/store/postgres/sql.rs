@@ -240,7 +240,7 @@ macro_rules! table_sql {
 
 /// Step 1 of the outbox claim (see `store/claim.rs`): the due, unlocked
 /// rows after the cursor `($1, $2)` in `(scheduled_at, seq)` order (claim
-/// index), at most $3 of them, and at most $4 rows whose lease passed (lock
+/// index), skipping $5 of them (a claimer spreading out), at most $3 of them, and at most $4 rows whose lease passed (lock
 /// index). Nothing is probed per row: whether a key can be handed out is
 /// found once per key by step 2. (A locked row is always pending, a check
 /// says so; leaving `status` out of the second scan keeps the planner from
@@ -251,6 +251,7 @@ pub const OUTBOX_SCAN: &str = "SELECT * FROM (
          WHERE r.status = 'pending' AND r.locked_at IS NULL AND r.scheduled_at <= now()
            AND (r.scheduled_at, r.seq) > ($1, $2)
          ORDER BY r.scheduled_at, r.seq
+         OFFSET $5
          LIMIT $3) a
     UNION ALL
     SELECT * FROM (

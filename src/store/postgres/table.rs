@@ -317,11 +317,19 @@ impl<R: PgRoute> PgTable<R> {
             seq: 0,
         });
         let mut tx = self.pool.begin().await.map_err(storage)?;
+        // A claim is a lease, not a result: if the database crashes before
+        // it is flushed, its rows are simply claimed (and published) again.
+        // Its commit need not wait for the disk.
+        sqlx::query("SET LOCAL synchronous_commit = off")
+            .execute(&mut *tx)
+            .await
+            .map_err(storage)?;
         let scanned = sqlx::query(super::sql::OUTBOX_SCAN)
             .bind(start.scheduled_at)
             .bind(start.seq)
             .bind(i64::from(examine))
             .bind(i64::from(opts.limit))
+            .bind(claim::spread_skip(opts.limit, opts.spread))
             .persistent(false)
             .fetch_all(&mut *tx)
             .await
@@ -384,6 +392,10 @@ impl<R: PgRoute> PgTable<R> {
             locked.extend(lock_ready(&mut tx, &rest).await?);
         }
         let (ids, contended) = claim::keep_locked_prefixes(&runs, &locked);
+        if ids.is_empty() {
+            tx.commit().await.map_err(storage)?;
+            return Ok(claimed(opts, Vec::new(), contended, next));
+        }
         let rows = sqlx::query(super::sql::OUTBOX_MARK)
             .bind(&ids)
             .bind(opts.worker.as_str())

@@ -217,15 +217,15 @@ macro_rules! table_sql {
 
 /// Step 1 of the outbox claim (see `store/claim.rs`), ?1 now: the due,
 /// unlocked rows after the cursor `(?2, ?3)` in `(scheduled_at, seq)` order
-/// (claim index), at most ?4 of them, and at most ?5 rows whose lease passed
-/// (lock index).
+/// (claim index), skipping ?6 of them (a claimer spreading out), at most ?4
+/// of them, and at most ?5 rows whose lease passed (lock index).
 pub const OUTBOX_SCAN: &str = "SELECT * FROM (
         SELECT r.topic, r.partition_key, r.scheduled_at, r.seq, 0 AS expired
           FROM outbox_events r
          WHERE r.status = 'pending' AND r.locked_at IS NULL AND r.scheduled_at <= ?1
            AND (r.scheduled_at, r.seq) > (?2, ?3)
          ORDER BY r.scheduled_at, r.seq
-         LIMIT ?4)
+         LIMIT ?4 OFFSET ?6)
     UNION ALL
     SELECT * FROM (
         SELECT r.topic, r.partition_key, r.scheduled_at, r.seq, 1 AS expired

@@ -362,6 +362,7 @@ impl<R: SqliteRoute> SqliteTable<R> {
             .bind(start.seq)
             .bind(i64::from(examine))
             .bind(i64::from(opts.limit))
+            .bind(claim::spread_skip(opts.limit, opts.spread))
             .fetch_all(&mut *tx)
             .await
             .map_err(storage)?
