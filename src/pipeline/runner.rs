@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 use tokio::sync::watch;
 
-use super::processor::{BatchHandler, BatchReport, Claimed, DeadLetter, Handled, Processor};
+use super::processor::{BatchHandler, BatchReport, DeadLetter, Fetch, Fetched, Handled, Processor};
 use crate::error::Result;
 use crate::model::{Event, Route};
 use crate::store::EventStore;
@@ -155,11 +155,12 @@ where
     let mut claim_errors = 0u32;
     let mut contended_since: Option<Instant> = None;
     let mut busy_streak = 0u32;
-    // Two batches in flight: while the results of one are written, the next
-    // is claimed and handled (on another connection). Per-key order holds:
-    // the rows of the batch being written are still locked, so the next
-    // claim does not take anything behind them.
-    let mut in_flight: Option<Handled<R>> = None;
+    // Up to three batches in flight (see the loop): claimed, handled, written.
+    let mut fetched: Option<Fetched<R>> = None;
+    let mut handled: Option<Handled<R>> = None;
+    // The last claim came back empty while batches of this worker were in
+    // flight (its keys may be held by them): claim again once they are done.
+    let mut wait_for_flight = false;
     let mut finish = |report: &mut RunReport, batch: BatchReport| {
         report.add(&batch);
         on_batch(&batch);
@@ -170,16 +171,25 @@ where
             break;
         }
         if let Some(max) = options.max_rows {
-            let claimed = report.claimed + in_flight.as_ref().map_or(0, |h| h.len() as u64);
+            let claimed = report.claimed
+                + fetched.as_ref().map_or(0, |f| f.len() as u64)
+                + handled.as_ref().map_or(0, |h| h.len() as u64);
             if claimed >= max {
                 report.stopped_because = Some(format!("--limit {max} reached"));
                 break;
             }
         }
         if let Some(pause) = processor.pause() {
-            if let Some(h) = in_flight.take() {
-                let b = processor.finish(h).await;
-                finish(&mut report, b);
+            // Downstream is out: write what is in hand, claim nothing new.
+            if fetched.is_some() || handled.is_some() {
+                drain(
+                    processor,
+                    &mut fetched,
+                    &mut handled,
+                    &mut report,
+                    &mut finish,
+                )
+                .await;
                 continue;
             }
             if options.mode == RunMode::Once {
@@ -193,38 +203,82 @@ where
             wait_or_shutdown(&mut shutdown, pause).await;
             continue;
         }
-        let previous = in_flight.take();
-        let had_previous = previous.is_some();
-        let (next, written) = tokio::join!(processor.claim_and_handle(), async {
-            match previous {
-                Some(h) => Some(processor.finish(h).await),
-                None => None,
+        let in_flight = fetched.is_some() || handled.is_some();
+        if wait_for_flight && in_flight {
+            // Move the batches in flight on without claiming.
+            let to_handle = fetched.take();
+            let to_write = handled.take();
+            let (newly_handled, written) = tokio::join!(
+                async {
+                    match to_handle {
+                        Some(f) => Some(processor.handle(f).await),
+                        None => None,
+                    }
+                },
+                async {
+                    match to_write {
+                        Some(h) => Some(processor.finish(h).await),
+                        None => None,
+                    }
+                }
+            );
+            if let Some(b) = written {
+                finish(&mut report, b);
             }
-        });
+            handled = newly_handled;
+            continue;
+        }
+        wait_for_flight = false;
+        // Up to three batches in flight: claim the next, handle the one
+        // claimed before, write the one before that (each stage on its own
+        // connection), so a slow broker and the claim overlap. Per-key order
+        // holds: the rows of the batches in flight stay locked until
+        // written, so a claim never takes anything behind them.
+        let to_handle = fetched.take();
+        let to_write = handled.take();
+        let (next, newly_handled, written) = tokio::join!(
+            processor.fetch(),
+            async {
+                match to_handle {
+                    Some(f) => Some(processor.handle(f).await),
+                    None => None,
+                }
+            },
+            async {
+                match to_write {
+                    Some(h) => Some(processor.finish(h).await),
+                    None => None,
+                }
+            }
+        );
         if let Some(b) = written {
             finish(&mut report, b);
         }
+        handled = newly_handled;
         match next {
-            Ok(Claimed::Batch(h)) => {
+            Ok(Fetch::Batch(f)) => {
                 claim_errors = 0;
                 idle = options.idle_min;
                 contended_since = None;
                 busy_streak = 0;
-                in_flight = Some(h);
+                fetched = Some(f);
             }
-            // The claim ran while the previous batch's rows were still
-            // locked, so it may have found their keys held: claim again now
-            // that they are written before calling it idle.
-            Ok(Claimed::Empty { .. }) if had_previous => claim_errors = 0,
+            // The claim ran while batches of this worker were in flight, so
+            // it may have found their keys held: claim again once they are
+            // written, before calling it idle.
+            Ok(Fetch::Empty { .. }) if in_flight || handled.is_some() => {
+                claim_errors = 0;
+                wait_for_flight = true;
+            }
             // Every row the claim examined was held: go on scanning at once.
-            Ok(Claimed::Empty { more: true, .. }) => claim_errors = 0,
-            Ok(Claimed::Empty { contended, .. }) => {
+            Ok(Fetch::Empty { more: true, .. }) => claim_errors = 0,
+            Ok(Fetch::Empty { contended, .. }) => {
                 claim_errors = 0;
                 // Empty because another worker was claiming the same rows at
                 // that moment, or because nothing is there? Only the latter
-                // is idle (and ends a Once run).
-                // A failing check counts as "busy": the next claim retries
-                // and reports the database's error if it persists.
+                // is idle (and ends a Once run). A failing check counts as
+                // "busy": the next claim retries and reports the database's
+                // error if it persists.
                 let busy = contended || processor.store().claimable_exists().await.unwrap_or(true);
                 if busy {
                     let since = *contended_since.get_or_insert_with(Instant::now);
@@ -264,10 +318,14 @@ where
                 wait_or_shutdown(&mut shutdown, wait).await;
             }
             Err(e) => {
-                if let Some(h) = in_flight.take() {
-                    let b = processor.finish(h).await;
-                    finish(&mut report, b);
-                }
+                drain(
+                    processor,
+                    &mut fetched,
+                    &mut handled,
+                    &mut report,
+                    &mut finish,
+                )
+                .await;
                 if report.batches == 0 {
                     return Err(e);
                 }
@@ -278,11 +336,15 @@ where
             }
         }
     }
-    // Never leave a handled batch unwritten.
-    if let Some(h) = in_flight.take() {
-        let b = processor.finish(h).await;
-        finish(&mut report, b);
-    }
+    // Never leave a claimed or handled batch unwritten.
+    drain(
+        processor,
+        &mut fetched,
+        &mut handled,
+        &mut report,
+        &mut finish,
+    )
+    .await;
     let elapsed = started.elapsed().as_secs_f64();
     report.elapsed_seconds = elapsed;
     report.events_per_second = if elapsed > 0.0 {
@@ -291,6 +353,30 @@ where
         0.0
     };
     Ok(report)
+}
+
+/// Handles and writes whatever is in flight.
+async fn drain<R, S, H>(
+    processor: &Processor<R, S, H>,
+    fetched: &mut Option<Fetched<R>>,
+    handled: &mut Option<Handled<R>>,
+    report: &mut RunReport,
+    finish: &mut impl FnMut(&mut RunReport, BatchReport),
+) where
+    R: Route,
+    S: EventStore<R>,
+    H: BatchHandler<R>,
+    Event<R>: DeadLetter,
+{
+    if let Some(h) = handled.take() {
+        let b = processor.finish(h).await;
+        finish(report, b);
+    }
+    if let Some(f) = fetched.take() {
+        let h = processor.handle(f).await;
+        let b = processor.finish(h).await;
+        finish(report, b);
+    }
 }
 
 async fn wait_or_shutdown(shutdown: &mut watch::Receiver<bool>, d: Duration) {
