@@ -270,8 +270,17 @@ where
                 claim_errors = 0;
                 wait_for_flight = true;
             }
-            // Every row the claim examined was held: go on scanning at once.
-            Ok(Fetch::Empty { more: true, .. }) => claim_errors = 0,
+            // Every row the claim examined was held: go on scanning at once,
+            // unless (Once) nothing claimable is left anywhere, which is
+            // cheaper to ask than to scan the rest of a held backlog.
+            Ok(Fetch::Empty { more: true, .. }) => {
+                claim_errors = 0;
+                if options.mode == RunMode::Once
+                    && !processor.store().claimable_exists().await.unwrap_or(true)
+                {
+                    break;
+                }
+            }
             Ok(Fetch::Empty { contended, .. }) => {
                 claim_errors = 0;
                 // Empty because another worker was claiming the same rows at
