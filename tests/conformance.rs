@@ -36,6 +36,7 @@ backend_tests!(
     a_replayed_head_is_claimed_with_its_run,
     a_row_with_attempts_used_up_fails_cleanly,
     a_row_due_within_a_second_holds_its_key,
+    a_worker_claims_behind_its_own_rows_in_flight,
 );
 
 /// PostgreSQL only: when the caller sets no time, the database's clock sets

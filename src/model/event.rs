@@ -141,10 +141,20 @@ pub struct InboxRoute {
 pub trait Route: Clone + fmt::Debug + Send + Sync + 'static {
     /// The table events with this route live in.
     const TABLE: Table;
+
+    /// The key whose events keep their order (the outbox's topic and
+    /// partition key); `None` for tables without one.
+    fn order_key(&self) -> Option<(&str, &str)> {
+        None
+    }
 }
 
 impl Route for OutboxRoute {
     const TABLE: Table = Table::Outbox;
+
+    fn order_key(&self) -> Option<(&str, &str)> {
+        Some((&self.topic, &self.partition_key))
+    }
 }
 
 impl Route for InboxRoute {
@@ -228,6 +238,10 @@ impl<R: Route> Event<R> {
     /// Insertion order in its table; `None` before the event is stored.
     pub fn seq(&self) -> Option<i64> {
         self.seq
+    }
+    /// The key whose events keep their order (see [`Route::order_key`]).
+    pub fn order_key(&self) -> Option<(&str, &str)> {
+        self.route.order_key()
     }
     /// Event type, e.g. `order.created`.
     pub fn event_type(&self) -> &str {

@@ -13,6 +13,7 @@
 //! and graceful shutdown.
 
 pub mod circuit;
+mod flight;
 mod processor;
 pub mod runner;
 

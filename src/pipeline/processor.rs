@@ -4,7 +4,7 @@
 //! short statements: no database transaction is open while the handler or
 //! the broker works.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -13,6 +13,7 @@ use tracing::Instrument;
 use uuid::Uuid;
 
 use super::circuit::{CircuitBreaker, CircuitConfig};
+use super::flight::{Flight, Key};
 use crate::domain::{Backoff, Retry};
 use crate::error::{Error, Result};
 use crate::metrics::{EventLabels, FailureLabels, Metrics, TableLabels};
@@ -114,6 +115,7 @@ pub struct Handled<R> {
     handle_time: Duration,
     lag: Duration,
     heartbeat: Heartbeat,
+    ticket: Ticket,
 }
 
 /// A claimed batch not handled yet (see [`Processor::fetch`]). Its lease is
@@ -123,6 +125,27 @@ pub struct Fetched<R> {
     claim: Claim<R>,
     lag: Duration,
     heartbeat: Heartbeat,
+    ticket: Ticket,
+}
+
+/// A batch's place in the worker's [`Flight`]: dropped once its results
+/// are written (or the batch is given up), which tells the flight.
+#[derive(Debug)]
+struct Ticket {
+    flight: Arc<Mutex<Flight>>,
+    no: u64,
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        lock(&self.flight).written(self.no);
+    }
+}
+
+/// Locks a mutex, going on past a panic in another holder (the data is
+/// bookkeeping that stays consistent between statements).
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl<R> Fetched<R> {
@@ -320,6 +343,7 @@ pub struct Processor<R: Route, S: EventStore<R>, H: BatchHandler<R>> {
     metrics: Option<Arc<Metrics>>,
     breaker: Mutex<CircuitBreaker>,
     scan: Mutex<ScanState>,
+    flight: Arc<Mutex<Flight>>,
     job: &'static str,
     _route: std::marker::PhantomData<fn() -> R>,
 }
@@ -397,6 +421,7 @@ impl<R: Route, S: EventStore<R>, H: BatchHandler<R>> ProcessorBuilder<R, S, H> {
             metrics: self.metrics,
             breaker: Mutex::new(CircuitBreaker::new(self.circuit)),
             scan: Mutex::new(ScanState::default()),
+            flight: Arc::new(Mutex::new(Flight::default())),
             job: self.job,
             _route: std::marker::PhantomData,
         }
@@ -470,6 +495,11 @@ where
                 .max(500)
                 .saturating_mul(1 << widen.min(6))
                 .min(100_000);
+            let (no, own) = lock(&self.flight).begin_claim();
+            let ticket = Ticket {
+                flight: Arc::clone(&self.flight),
+                no,
+            };
             let claim = self
                 .store
                 .claim(&ClaimOptions {
@@ -479,8 +509,18 @@ where
                     examine,
                     spread,
                     lease: self.options.lease,
+                    own,
                 })
                 .await?;
+            let mut held: HashMap<Key, (i64, i64)> = HashMap::new();
+            for e in &claim.events {
+                if let (Some((topic, key)), Some(seq)) = (e.order_key(), e.seq()) {
+                    held.entry((topic.to_string(), key.to_string()))
+                        .and_modify(|r| *r = (r.0.min(seq), r.1.max(seq)))
+                        .or_insert((seq, seq));
+                }
+            }
+            lock(&self.flight).claimed(no, held);
             {
                 let mut s = self.scan.lock().unwrap_or_else(|p| p.into_inner());
                 s.after = claim.next;
@@ -512,6 +552,7 @@ where
                 claim,
                 lag,
                 heartbeat,
+                ticket,
             }))
         }
         .instrument(span)
@@ -521,7 +562,10 @@ where
     /// The handler step on a fetched batch. A row whose attempts are
     /// already used up (`attempts_made >= max_attempts`: edited outside
     /// omnibox) is not handed to the handler: it becomes `failed` and is
-    /// dead-lettered.
+    /// dead-lettered. Rows of a key that an earlier batch of this worker did
+    /// not settle (a row failed or was not sent) are released unsent: this
+    /// batch was claimed behind that batch's rows, before its results were
+    /// written (see `pipeline/flight.rs`).
     pub async fn handle(&self, fetched: Fetched<R>) -> Handled<R> {
         let span = tracing::info_span!("batch", job = self.job, table = %R::TABLE, worker = %self.options.worker, rows = fetched.claim.events.len());
         async {
@@ -529,46 +573,70 @@ where
                 claim,
                 lag,
                 heartbeat,
+                ticket,
             } = fetched;
             let started = Instant::now();
-            let exhausted = |e: &Event<R>| e.attempts_made() >= e.max_attempts();
-            let outcomes = if claim.events.iter().any(exhausted) {
-                let live: Vec<Event<R>> = claim
-                    .events
-                    .iter()
-                    .filter(|e| !exhausted(e))
-                    .cloned()
-                    .collect();
-                let mut handled = self.handler.handle(&live).await.into_iter();
-                claim
-                    .events
-                    .iter()
-                    .map(|e| {
-                        if exhausted(e) {
-                            Outcome::Dead {
-                                error: format!(
-                                    "not tried: its attempts were used up before this try \
-                                     (attempts_made {} >= max_attempts {}, set outside omnibox)",
-                                    e.attempts_made(),
-                                    e.max_attempts()
-                                ),
-                            }
-                        } else {
-                            handled.next().unwrap_or(Outcome::Released)
-                        }
-                    })
-                    .collect()
-            } else {
-                let mut o = self.handler.handle(&claim.events).await;
-                o.resize(claim.events.len(), Outcome::Released);
-                o
+            let held = lock(&self.flight).held_back(ticket.no);
+            let held_back = |e: &Event<R>| {
+                !held.is_empty()
+                    && e.order_key()
+                        .is_some_and(|(t, k)| held.contains(&(t.to_string(), k.to_string())))
             };
+            let exhausted = |e: &Event<R>| e.attempts_made() >= e.max_attempts();
+            let outcomes: Vec<Outcome> =
+                if claim.events.iter().any(|e| held_back(e) || exhausted(e)) {
+                    let live: Vec<Event<R>> = claim
+                        .events
+                        .iter()
+                        .filter(|e| !held_back(e) && !exhausted(e))
+                        .cloned()
+                        .collect();
+                    let mut handled = if live.is_empty() {
+                        Vec::new().into_iter()
+                    } else {
+                        self.handler.handle(&live).await.into_iter()
+                    };
+                    claim
+                        .events
+                        .iter()
+                        .map(|e| {
+                            if held_back(e) {
+                                Outcome::Released
+                            } else if exhausted(e) {
+                                Outcome::Dead {
+                                    error: format!(
+                                        "not tried: its attempts were used up before this try \
+                                         (attempts_made {} >= max_attempts {}, set outside omnibox)",
+                                        e.attempts_made(),
+                                        e.max_attempts()
+                                    ),
+                                }
+                            } else {
+                                handled.next().unwrap_or(Outcome::Released)
+                            }
+                        })
+                        .collect()
+                } else {
+                    let mut o = self.handler.handle(&claim.events).await;
+                    o.resize(claim.events.len(), Outcome::Released);
+                    o
+                };
+            let unsettled: HashSet<Key> = claim
+                .events
+                .iter()
+                .zip(&outcomes)
+                .filter(|(_, o)| !matches!(o, Outcome::Completed | Outcome::Skipped))
+                .filter_map(|(e, _)| e.order_key())
+                .map(|(t, k)| (t.to_string(), k.to_string()))
+                .collect();
+            lock(&self.flight).handled(ticket.no, unsettled);
             Handled {
                 claim,
                 outcomes,
                 handle_time: started.elapsed(),
                 lag,
                 heartbeat,
+                ticket,
             }
         }
         .instrument(span)
@@ -584,9 +652,12 @@ where
             handle_time,
             lag,
             mut heartbeat,
+            ticket,
         } = handled;
         let mut report = self.commit(&claim, &outcomes).await;
         heartbeat.stop();
+        // Written: claims that start from now on see the results.
+        drop(ticket);
         report.handle_time = handle_time;
         report.lag = lag;
         {

@@ -22,6 +22,7 @@
 //! writes its own expiry (`locked_until`), and any claimer may take a row
 //! once it has passed.
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::time::Duration;
 
@@ -97,6 +98,15 @@ pub struct ClaimOptions {
     /// How long the claimed rows stay locked (written to `locked_until`);
     /// after that any worker may claim them again.
     pub lease: Duration,
+    /// The keys this worker has batches in flight for (outbox), with the
+    /// first and last `seq` it holds of each. When a key's first active rows
+    /// are exactly those rows, still locked by this worker, the claim goes
+    /// on after them, so one worker keeps a key's batches in a pipeline
+    /// (the caller must hand them to the broker in claim order and hold a
+    /// later batch's rows back when an earlier one's did not go through:
+    /// [`Processor`](crate::Processor) does). Empty: rows in flight hold
+    /// their key, as another worker's do.
+    pub own: HashMap<(String, String), (i64, i64)>,
 }
 
 impl ClaimOptions {
@@ -109,6 +119,7 @@ impl ClaimOptions {
             examine: 0,
             spread: false,
             lease: crate::model::limits::DEFAULT_LEASE_TIMEOUT,
+            own: HashMap::new(),
         }
     }
 

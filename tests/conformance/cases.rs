@@ -1104,6 +1104,9 @@ pub async fn claim_is_served_by_the_index(db: &TestDb) {
                     .bind(vec!["orders".to_string(); 3])
                     .bind(vec!["k1".to_string(), "k2".to_string(), "k3".to_string()])
                     .bind(1000_i64)
+                    .bind(vec![None, Some(1_i64), None])
+                    .bind(vec![None, Some(900_i64), None])
+                    .bind("relay-1")
                     .persistent(false)
                     .fetch_all(&mut *tx)
                     .await
@@ -1492,4 +1495,107 @@ pub async fn a_row_due_within_a_second_holds_its_key(db: &TestDb) {
     seed(db, &rows).await;
     let c = outbox.claim(&ClaimOptions::new(w("w1"), 10)).await.unwrap();
     assert_eq!(ids(&c.events), vec![rows[1].id()]);
+}
+
+/// A worker with a key's rows in flight claims the rows after them (its
+/// pipeline stays full on one busy key), but only while every row before
+/// them is still its own and locked: not for another worker, not when an
+/// operator unlocked one of its rows, not past a row that failed meanwhile.
+pub async fn a_worker_claims_behind_its_own_rows_in_flight(db: &TestDb) {
+    let outbox = db.store.outbox();
+    let events: Vec<OutboxEvent> = (0..30).map(|i| ev("k", i)).collect();
+    seed(db, &events).await;
+    let first = outbox.claim(&ClaimOptions::new(w("a"), 10)).await.unwrap();
+    assert_eq!(ids(&first.events), ids(&events[..10]));
+    let seq = |e: &OutboxEvent| e.seq().unwrap();
+    let own = |from: &OutboxEvent, to: &OutboxEvent| {
+        let mut o = ClaimOptions::new(w("a"), 10);
+        o.own = HashMap::from([(
+            ("orders".to_string(), "k".to_string()),
+            (seq(from), seq(to)),
+        )]);
+        o
+    };
+    // Without saying what it holds, the key is held, as for anyone.
+    assert!(
+        outbox
+            .claim(&ClaimOptions::new(w("a"), 10))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    // Another worker naming the same rows gets nothing: they are not its own.
+    let mut other = own(&first.events[0], &first.events[9]);
+    other.worker = w("b");
+    assert!(outbox.claim(&other).await.unwrap().is_empty());
+    // Its own rows: the run goes on after them.
+    let second = outbox
+        .claim(&own(&first.events[0], &first.events[9]))
+        .await
+        .unwrap();
+    assert_eq!(ids(&second.events), ids(&events[10..20]));
+    // The first batch is written: one completed, the rest failed/released.
+    outbox
+        .complete(&first.token, &[events[0].id()])
+        .await
+        .unwrap();
+    outbox
+        .fail(
+            &first.token,
+            &[Failure::counted(
+                events[1].id(),
+                "rejected",
+                time::now() + chrono::Duration::hours(1),
+            )],
+        )
+        .await
+        .unwrap();
+    let rest: Vec<Uuid> = events[2..10].iter().map(|e| e.id()).collect();
+    outbox.release(&first.token, &rest).await.unwrap();
+    // A row before its own ones failed: the key is held, own rows or not.
+    let held = outbox
+        .claim(&own(&second.events[0], &second.events[9]))
+        .await
+        .unwrap();
+    assert!(
+        held.is_empty(),
+        "claimed past a failed row: {:?}",
+        ids(&held.events)
+    );
+    // The first batch's rows are gone (cleaned up): only its own rows are
+    // ahead again. Then an operator unlocks one of them: held as well.
+    let reason = UnlockReason::new("test").unwrap();
+    raw(
+        db,
+        "DELETE FROM outbox_events WHERE seq < (SELECT min(seq) + 10 FROM outbox_events)",
+        "DELETE FROM outbox_events WHERE seq < (SELECT min(seq) + 10 FROM outbox_events)",
+    )
+    .await
+    .unwrap();
+    let third = outbox
+        .claim(&own(&second.events[0], &second.events[9]))
+        .await
+        .unwrap();
+    assert_eq!(
+        ids(&third.events),
+        ids(&events[20..30]),
+        "only its own rows are ahead again"
+    );
+    outbox
+        .release(&third.token, &ids(&third.events))
+        .await
+        .unwrap();
+    outbox
+        .force_unlock(second.events[4].id(), &reason)
+        .await
+        .unwrap();
+    let held = outbox
+        .claim(&own(&second.events[0], &second.events[9]))
+        .await
+        .unwrap();
+    assert!(
+        held.is_empty(),
+        "claimed past an unlocked row: {:?}",
+        ids(&held.events)
+    );
 }

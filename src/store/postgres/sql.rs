@@ -270,15 +270,35 @@ pub const OUTBOX_SCAN: &str = "SELECT * FROM (
 /// the row after a head). A held key costs its probe and yields nothing.
 /// The nested loop is evaluated lazily: keys after the first $3 rows are
 /// never probed.
+///
+/// $4/$5: for keys this claimer ($6) has batches in flight for, the first
+/// and last `seq` it holds (NULL otherwise). When the key's first active
+/// row is at or after the first it holds, and every active row from there
+/// to the last it holds is still locked by it, the head is the first
+/// active row after those: the claimer's own batches do not hold it up.
 pub const OUTBOX_WALK: &str = concat!(
     "SELECT k.ord, w.id, w.seq, ", ready!("w"), " AS ready, w.last_error IS NOT NULL AS tried,
             (w.locked_at IS NOT NULL AND w.locked_until > now()) AS locked
-      FROM unnest($1::text[], $2::text[]) WITH ORDINALITY AS k(topic, partition_key, ord)
+      FROM unnest($1::text[], $2::text[], $4::int8[], $5::int8[])
+           WITH ORDINALITY AS k(topic, partition_key, own_first, own_last, ord)
+     CROSS JOIN LATERAL (
+        SELECT e.seq FROM outbox_events e
+         WHERE e.status = 'pending' AND e.topic = k.topic AND e.partition_key = k.partition_key
+           AND ", active!("e"), "
+         ORDER BY e.seq LIMIT 1) f
+     CROSS JOIN LATERAL (
+        SELECT CASE WHEN k.own_first IS NOT NULL AND f.seq >= k.own_first AND NOT EXISTS (
+                        SELECT 1 FROM outbox_events g
+                         WHERE g.status = 'pending' AND g.topic = k.topic AND g.partition_key = k.partition_key
+                           AND g.seq >= f.seq AND g.seq <= k.own_last AND ", active!("g"), "
+                           AND NOT coalesce(g.locked_by = $6 AND g.locked_until > now(), false))
+                    THEN k.own_last + 1
+                    ELSE f.seq END AS seq) s
      CROSS JOIN LATERAL (
         SELECT e.seq, e.last_error IS NOT NULL AS tried, ", ready!("e"), " AS ready
           FROM outbox_events e
          WHERE e.status = 'pending' AND e.topic = k.topic AND e.partition_key = k.partition_key
-           AND ", active!("e"), "
+           AND e.seq >= s.seq AND ", active!("e"), "
          ORDER BY e.seq LIMIT 1) h
      CROSS JOIN LATERAL (
         SELECT e.id, e.seq, e.locked_at, e.locked_until, e.scheduled_at, e.last_error

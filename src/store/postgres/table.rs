@@ -351,11 +351,22 @@ impl<R: PgRoute> PgTable<R> {
             tx.commit().await.map_err(storage)?;
             return Ok(claimed(opts, Vec::new(), false, next));
         }
+        let (own_first, own_last): (Vec<Option<i64>>, Vec<Option<i64>>) = keys
+            .iter()
+            .map(|k| {
+                opts.own
+                    .get(k)
+                    .map_or((None, None), |&(a, b)| (Some(a), Some(b)))
+            })
+            .unzip();
         let (topics, partition_keys): (Vec<String>, Vec<String>) = keys.into_iter().unzip();
         let walked = sqlx::query(super::sql::OUTBOX_WALK)
             .bind(topics)
             .bind(partition_keys)
             .bind(i64::from(opts.limit))
+            .bind(own_first)
+            .bind(own_last)
+            .bind(opts.worker.as_str())
             .persistent(false)
             .fetch_all(&mut *tx)
             .await

@@ -239,11 +239,38 @@ pub const OUTBOX_SCAN: &str = "SELECT * FROM (
 /// the caller stops reading once it has enough), its active rows from its
 /// head as a JSON array of `[id, seq, ready, tried, locked]` when the head
 /// can be handed out (the head and the next row when it was tried), an
-/// empty array when the key is held.
+/// empty array when the key is held. The keys' optional third and fourth
+/// elements, with ?5 the claimer, are the first and last `seq` it holds of
+/// the key in batches in flight: when the key's first active row is at or
+/// after the first, and every active row up to the last is still locked by
+/// the claimer, the head is the first active row after them.
 pub const OUTBOX_WALK: &str = concat!(
     "WITH keys AS (
-        SELECT k.key AS ord, json_extract(k.value, '$[0]') AS topic, json_extract(k.value, '$[1]') AS partition_key
+        SELECT k.key AS ord, json_extract(k.value, '$[0]') AS topic, json_extract(k.value, '$[1]') AS partition_key,
+               json_extract(k.value, '$[2]') AS own_first, json_extract(k.value, '$[3]') AS own_last
           FROM json_each(?2) k
+    ),
+    firsts AS (
+        SELECT k.*, (SELECT e.seq FROM outbox_events e
+                      WHERE e.status = 'pending' AND e.topic = k.topic AND e.partition_key = k.partition_key
+                        AND ", active!("e", "?4"), "
+                      ORDER BY e.seq LIMIT 1) AS first_seq
+          FROM keys k
+    ),
+    starts AS (
+        SELECT f.ord, f.topic, f.partition_key,
+               CASE WHEN f.own_first IS NOT NULL AND f.first_seq >= f.own_first AND NOT EXISTS (
+                        SELECT 1 FROM outbox_events g
+                         WHERE g.status = 'pending' AND g.topic = f.topic AND g.partition_key = f.partition_key
+                           AND g.seq >= f.first_seq AND g.seq <= f.own_last AND ", active!("g", "?4"), "
+                           AND NOT coalesce(g.locked_by = ?5 AND g.locked_until > ?1, 0))
+                    THEN (SELECT e.seq FROM outbox_events e
+                           WHERE e.status = 'pending' AND e.topic = f.topic AND e.partition_key = f.partition_key
+                             AND e.seq > f.own_last AND ", active!("e", "?4"), "
+                           ORDER BY e.seq LIMIT 1)
+                    ELSE f.first_seq END AS start_seq
+          FROM firsts f
+         WHERE f.first_seq IS NOT NULL
     ),
     heads AS (
         SELECT k.ord, k.topic, k.partition_key, h.seq AS head_seq,
@@ -254,12 +281,8 @@ pub const OUTBOX_WALK: &str = concat!(
                                       AND n.partition_key = k.partition_key AND n.seq > h.seq
                                       AND ", active!("n", "?4"), "
                                     ORDER BY n.seq LIMIT 1), h.seq) END AS last_seq
-          FROM keys k
-          JOIN outbox_events h ON h.seq = (
-               SELECT e.seq FROM outbox_events e
-                WHERE e.status = 'pending' AND e.topic = k.topic AND e.partition_key = k.partition_key
-                  AND ", active!("e", "?4"), "
-                ORDER BY e.seq LIMIT 1)
+          FROM starts k
+          JOIN outbox_events h ON h.seq = k.start_seq
     )
     SELECT k.ord, (SELECT json_group_array(json_array(w.id, w.seq, ", ready!("w"), ", w.last_error IS NOT NULL,
                                                       w.locked_at IS NOT NULL AND w.locked_until > ?1))

@@ -384,6 +384,13 @@ impl<R: SqliteRoute> SqliteTable<R> {
         let (keys, next) = claim::candidates(&scanned, examine as usize);
         let mut walked = Vec::new();
         if !keys.is_empty() {
+            let keys: Vec<(String, String, Option<i64>, Option<i64>)> = keys
+                .into_iter()
+                .map(|k| {
+                    let own = opts.own.get(&k).copied();
+                    (k.0, k.1, own.map(|o| o.0), own.map(|o| o.1))
+                })
+                .collect();
             let keys = serde_json::to_string(&keys).map_err(|e| Error::CorruptRow {
                 id: "?".into(),
                 message: e.to_string(),
@@ -393,6 +400,7 @@ impl<R: SqliteRoute> SqliteTable<R> {
                 .bind(keys)
                 .bind(i64::from(opts.limit))
                 .bind(ts(&(now + chrono_dur(claim::KEY_ORDER_GRACE))))
+                .bind(opts.worker.as_str())
                 .fetch(&mut *tx);
             // A key may return one row past its run (the look at the row
             // after its head), so read a row more per key.
