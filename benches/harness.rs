@@ -1,7 +1,7 @@
 //! omnibox's benchmark harness: `bench/run.sh` (or `cargo bench --bench
 //! harness -- SCENARIO ...`). Prints events/s with the exact command behind
 //! each figure, and appends one JSON line per round to bench/results/ in the
-//! shape of the Python peer's benchmark (shared/peer), for side-by-side tables.
+//! shape of the Python reference's own benchmark script, for side-by-side tables.
 //!
 //! Scenarios:
 //!   enqueue  `omnibox enqueue --jsonl` of N events into PostgreSQL (the
