@@ -720,3 +720,31 @@ fn completions_and_man_pages_are_current() {
         &r.stdout[..200.min(r.stdout.len())]
     );
 }
+
+/// A consumer group that is empty, blank, padded, too long or holds a
+/// control character is refused at start-up (exit 2, one message, nothing
+/// read or stored); it used to pass start-up and panic at the first message.
+#[test]
+fn inbox_consume_refuses_a_bad_group_at_start_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let long = "g".repeat(300);
+    for group in ["", " ", " billing", long.as_str(), "a\u{1}b"] {
+        let r = omnibox(
+            dir.path(),
+            &[
+                "inbox", "consume", "--from", "-", "--once", "--group", group,
+            ],
+            // No input: the process exits before it would read any.
+            None,
+            &[],
+        );
+        assert_eq!(r.code, 2, "{group:?}: {}", r.render());
+        assert!(r.stderr.contains("--group"), "{group:?}: {}", r.stderr);
+        assert!(!r.stderr.contains("panicked"), "{group:?}: {}", r.stderr);
+        assert!(r.stdout.is_empty(), "{group:?}: {}", r.stdout);
+    }
+    assert!(
+        std::fs::read_dir(dir.path()).unwrap().next().is_none(),
+        "nothing was created"
+    );
+}

@@ -90,6 +90,16 @@ pub fn worker(s: &str) -> Result<omnibox::WorkerId, String> {
     })
 }
 
+/// A consumer group, exactly as given.
+pub fn consumer_group(s: &str) -> Result<String, String> {
+    omnibox::model::validate::consumer_group(s)
+        .map(|()| s.to_string())
+        .map_err(|e| match e {
+            omnibox::Error::Validation { message, .. } => message,
+            other => other.to_string(),
+        })
+}
+
 /// A UUID.
 pub fn uuid(text: &str) -> Result<uuid::Uuid, String> {
     uuid::Uuid::parse_str(text.trim()).map_err(|e| format!("{text:?} is not a UUID ({e})"))

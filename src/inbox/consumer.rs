@@ -171,6 +171,9 @@ impl<S: Source, H: Handler> InboxConsumer<S, H> {
         once: bool,
         mut shutdown: watch::Receiver<bool>,
     ) -> Result<ConsumeReport> {
+        // A bad group would make every message's row invalid: refuse it
+        // before anything is read.
+        crate::model::validate::consumer_group(&self.options.group)?;
         let started = Instant::now();
         let mut report = ConsumeReport::default();
         let mut errors = 0u32;

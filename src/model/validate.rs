@@ -22,6 +22,24 @@ pub fn required(field: &str, value: &str, max: usize) -> Result<String> {
     Ok(v.to_string())
 }
 
+/// A consumer group name, taken exactly as given (it is half of the inbox's
+/// deduplication key, so it is never trimmed or altered): not empty, no
+/// leading or trailing whitespace, no control characters, at most
+/// [`limits::CONSUMER_GROUP_MAX_LENGTH`] characters.
+pub fn consumer_group(group: &str) -> Result<()> {
+    const FIELD: &str = "consumer_group";
+    if group.trim().is_empty() {
+        return Err(Error::validation(FIELD, "must not be empty or blank"));
+    }
+    if group.trim() != group {
+        return Err(Error::validation(
+            FIELD,
+            format!("{group:?} has leading or trailing whitespace; give the name exactly"),
+        ));
+    }
+    check_text(FIELD, group, limits::CONSUMER_GROUP_MAX_LENGTH)
+}
+
 /// An optional string field: trimmed; if given it must follow the rules of
 /// [`required`]. An all-whitespace value is rejected rather than dropped.
 pub fn optional(field: &str, value: Option<&str>, max: usize) -> Result<Option<String>> {
@@ -385,6 +403,24 @@ mod tests {
     use serde_json::json;
 
     use super::*;
+
+    #[test]
+    fn consumer_groups_are_taken_exactly_or_refused() {
+        assert!(consumer_group("billing").is_ok());
+        assert!(consumer_group("a b").is_ok());
+        assert!(consumer_group(&"g".repeat(255)).is_ok());
+        for bad in [
+            "",
+            " ",
+            "\t",
+            " billing",
+            "billing\n",
+            "a\u{1}b",
+            &"g".repeat(256),
+        ] {
+            assert!(consumer_group(bad).is_err(), "{bad:?}");
+        }
+    }
 
     fn lim() -> Limits {
         Limits::default()

@@ -56,7 +56,7 @@ pub struct ConsumeArgs {
     #[arg(long = "topic", value_name = "TOPIC")]
     topics: Vec<String>,
     /// Consumer group: the inbox deduplicates per group
-    #[arg(long, default_value = "omnibox", value_name = "GROUP")]
+    #[arg(long, default_value = "omnibox", value_name = "GROUP", value_parser = args::consumer_group)]
     group: String,
     /// A librdkafka property for the consumer (repeatable)
     #[arg(short = 'X', value_name = "KEY=VALUE", value_parser = args::property)]
