@@ -24,6 +24,11 @@ pub struct FileSource {
     line: i64,
     eof: bool,
     redeliver: VecDeque<RawMessage>,
+    /// The bytes of a line whose newline has not arrived yet (a writer
+    /// appending a line in pieces): kept until it does.
+    pending: Vec<u8>,
+    /// Skipping the rest of an over-long line already handed out.
+    discard: bool,
 }
 
 impl std::fmt::Debug for FileSource {
@@ -55,40 +60,63 @@ impl FileSource {
             line: 0,
             eof: false,
             redeliver: VecDeque::new(),
+            pending: Vec::new(),
+            discard: false,
         })
     }
 
+    /// The next whole line, without its line ending. A line whose newline
+    /// has not arrived is kept (with `follow`: until it arrives; without:
+    /// the end of the input ends it). A line over [`MAX_LINE`] bytes is cut
+    /// there (it becomes a poison message) and the rest of it is skipped.
     async fn next_line(&mut self) -> Result<Option<String>> {
-        let mut buf = Vec::new();
         loop {
+            let limit = if self.discard {
+                1 << 16
+            } else {
+                // Not negative: `pending` never stays over MAX_LINE.
+                (MAX_LINE + 1).saturating_sub(self.pending.len()) as u64
+            };
             let n = (&mut self.reader)
-                .take((MAX_LINE + 1) as u64)
-                .read_until(b'\n', &mut buf)
+                .take(limit)
+                .read_until(b'\n', &mut self.pending)
                 .await
                 .map_err(|e| Error::Config(format!("cannot read {}: {e}", self.name)))?;
-            if n == 0 {
-                return Ok(None);
+            if self.discard {
+                if self.pending.ends_with(b"\n") {
+                    self.discard = false;
+                }
+                self.pending.clear();
+                if n == 0 {
+                    return Ok(None);
+                }
+                continue;
             }
-            if buf.ends_with(b"\n") || buf.len() > MAX_LINE {
-                break;
-            }
-            // A partial last line (possible while following a file being written).
-            if !self.follow {
-                break;
-            }
+            let line = if self.pending.ends_with(b"\n") {
+                std::mem::take(&mut self.pending)
+            } else if self.pending.len() > MAX_LINE {
+                self.discard = true;
+                let mut line = std::mem::take(&mut self.pending);
+                line.truncate(MAX_LINE);
+                line
+            } else if n == 0 {
+                // The end of the input, for now.
+                if self.pending.is_empty() || self.follow {
+                    return Ok(None);
+                }
+                std::mem::take(&mut self.pending)
+            } else {
+                // Read up to the end of the input without a newline: the
+                // next read tells whether more is coming.
+                continue;
+            };
+            self.line += 1;
+            return Ok(Some(
+                String::from_utf8_lossy(&line)
+                    .trim_end_matches(['\n', '\r'])
+                    .to_string(),
+            ));
         }
-        self.line += 1;
-        if buf.len() > MAX_LINE {
-            // Skip the rest of an over-long line; it becomes a poison message.
-            let mut rest = Vec::new();
-            let _ = self.reader.read_until(b'\n', &mut rest).await;
-            buf.truncate(MAX_LINE);
-        }
-        Ok(Some(
-            String::from_utf8_lossy(&buf)
-                .trim_end_matches(['\n', '\r'])
-                .to_string(),
-        ))
     }
 }
 
@@ -136,5 +164,88 @@ impl Source for FileSource {
             self.redeliver.push_front(m.clone());
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+
+    use super::*;
+
+    async fn poll_all(src: &mut FileSource) -> Vec<String> {
+        let p = src.poll(100, Duration::from_millis(50)).await.unwrap();
+        p.messages
+            .iter()
+            .map(|m| String::from_utf8_lossy(m.payload.as_deref().unwrap_or_default()).into_owned())
+            .collect()
+    }
+
+    /// A line appended in pieces is read whole once its newline arrives;
+    /// it used to become a poison row holding its second half (two pieces)
+    /// or vanish (three).
+    #[tokio::test]
+    async fn follow_keeps_a_line_written_in_pieces() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("in.jsonl");
+        let mut f = std::fs::File::create(&path).unwrap();
+        let mut src = FileSource::open(path.to_str().unwrap(), true)
+            .await
+            .unwrap();
+        for piece in [r#"{"topic":"t","#, r#""value":{"a""#, r#":1}}"#] {
+            f.write_all(piece.as_bytes()).unwrap();
+            f.flush().unwrap();
+            assert!(
+                poll_all(&mut src).await.is_empty(),
+                "nothing before the newline"
+            );
+        }
+        f.write_all(b"\n{\"topic\":\"t\",\"value\":{\"b\":2}}\n")
+            .unwrap();
+        f.flush().unwrap();
+        let got = poll_all(&mut src).await;
+        assert_eq!(
+            got,
+            vec![r#"{"a":1}"#.to_string(), r#"{"b":2}"#.to_string()]
+        );
+    }
+
+    /// Without --follow, a last line without a newline is a line.
+    #[tokio::test]
+    async fn a_last_line_without_newline_is_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("in.jsonl");
+        std::fs::write(
+            &path,
+            "{\"topic\":\"t\",\"value\":{\"a\":1}}\n{\"topic\":\"t\",\"value\":{\"b\":2}}",
+        )
+        .unwrap();
+        let mut src = FileSource::open(path.to_str().unwrap(), false)
+            .await
+            .unwrap();
+        let p = src.poll(100, Duration::from_millis(50)).await.unwrap();
+        assert_eq!(p.messages.len(), 2);
+        assert_eq!(p.messages[1].offset, 2);
+        assert!(p.end);
+    }
+
+    /// An over-long line is cut and the rest of it skipped, also when the
+    /// rest arrives later; the next line is read whole.
+    #[tokio::test]
+    async fn an_over_long_line_is_cut_and_its_rest_skipped() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("in.jsonl");
+        let mut f = std::fs::File::create(&path).unwrap();
+        let mut src = FileSource::open(path.to_str().unwrap(), true)
+            .await
+            .unwrap();
+        f.write_all(&vec![b'x'; MAX_LINE + 10]).unwrap();
+        f.flush().unwrap();
+        let p = src.poll(100, Duration::from_millis(50)).await.unwrap();
+        assert_eq!(p.messages.len(), 1, "the cut line");
+        f.write_all(b"yyy\n{\"topic\":\"t\",\"value\":{\"b\":2}}\n")
+            .unwrap();
+        f.flush().unwrap();
+        assert_eq!(poll_all(&mut src).await, vec![r#"{"b":2}"#.to_string()]);
     }
 }
