@@ -698,6 +698,7 @@ fn inbox(args: &Args, url: &str) {
                 .to_string()
                 .into_bytes(),
             ),
+            position_is_identity: true,
         })
         .collect();
     let mut rng = fastrand::Rng::with_seed(7);

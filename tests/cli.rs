@@ -748,3 +748,43 @@ fn inbox_consume_refuses_a_bad_group_at_start_up() {
         "nothing was created"
     );
 }
+
+/// Each stdin run numbers its lines from 1; ids derived from line numbers
+/// made line 1 of a new input "a duplicate" of line 1 of the last one. A
+/// `message_id` header of control characters used to panic (exit 101) and
+/// store nothing, on every restart.
+#[test]
+fn inbox_consume_from_stdin_keeps_distinct_messages_and_survives_bad_ids() {
+    let dir = tempfile::tempdir().unwrap();
+    let consume = |line: &str| {
+        let r = omnibox(
+            dir.path(),
+            &["inbox", "consume", "--from", "-", "--format", "json"],
+            Some(&format!("{line}\n")),
+            &[],
+        );
+        assert_eq!(r.code, 0, "{}", r.render());
+        serde_json::from_str::<serde_json::Value>(&r.stdout).unwrap()
+    };
+    let a = consume(r#"{"topic":"t","value":{"a":1}}"#);
+    assert_eq!(
+        (a["stored"].as_u64(), a["duplicates"].as_u64()),
+        (Some(1), Some(0))
+    );
+    let b = consume(r#"{"topic":"t","value":{"b":2}}"#);
+    assert_eq!(
+        (b["stored"].as_u64(), b["duplicates"].as_u64()),
+        (Some(1), Some(0))
+    );
+    let again = consume(r#"{"topic":"t","value":{"a":1}}"#);
+    assert_eq!(
+        again["duplicates"].as_u64(),
+        Some(1),
+        "the same message again"
+    );
+    let bad = consume(r#"{"topic":"t","headers":{"message_id":"\u0001\u0002"},"value":{"c":3}}"#);
+    assert_eq!(
+        (bad["stored"].as_u64(), bad["poison"].as_u64()),
+        (Some(1), Some(1))
+    );
+}

@@ -28,6 +28,7 @@ fn msg(id: &str, offset: i64, value: &str) -> RawMessage {
             ("event_type".into(), b"order.created".to_vec()),
         ],
         payload: Some(value.as_bytes().to_vec()),
+        position_is_identity: true,
     }
 }
 

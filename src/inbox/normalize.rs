@@ -26,12 +26,69 @@ pub struct RawMessage {
     pub headers: Vec<(String, Vec<u8>)>,
     /// The value.
     pub payload: Option<Vec<u8>>,
+    /// The position identifies the message across runs (Kafka). False for
+    /// files and stdin, whose line numbers start over with every input: a
+    /// message of theirs without a `message_id` header is identified by its
+    /// content instead (see [`content_id`](Self::content_id)).
+    pub position_is_identity: bool,
 }
 
 impl RawMessage {
-    /// `topic:partition:offset`, the message id of last resort.
+    /// `topic:partition:offset`, where the message was read.
     pub fn coordinates(&self) -> String {
         format!("{}:{}:{}", self.topic, self.partition, self.offset)
+    }
+
+    /// `sha256:` and the hex SHA-256 of the message's topic, key, id header
+    /// and value (each length-prefixed): the id of a message that has no
+    /// usable id of its own. Equal content, equal id; one changed byte, a
+    /// different id.
+    pub fn content_id(&self) -> String {
+        use sha2::Digest;
+        let mut h = sha2::Sha256::new();
+        let mut part = |bytes: Option<&[u8]>| match bytes {
+            Some(b) => {
+                h.update([1u8]);
+                h.update((b.len() as u64).to_be_bytes());
+                h.update(b);
+            }
+            None => h.update([0u8]),
+        };
+        part(Some(self.topic.as_bytes()));
+        part(self.key.as_deref());
+        part(
+            self.header_bytes("message_id")
+                .or_else(|| self.header_bytes("event_id")),
+        );
+        part(self.payload.as_deref());
+        let digest = h.finalize();
+        let mut id = String::with_capacity(71);
+        id.push_str("sha256:");
+        for b in digest {
+            id.push_str(&format!("{b:02x}"));
+        }
+        id
+    }
+
+    /// The id when the position identifies the message and fits the id's
+    /// rules, else the content id.
+    fn fallback_id(&self) -> String {
+        let c = self.coordinates();
+        if self.position_is_identity
+            && validate::exact("message_id", &c, limits::MESSAGE_ID_MAX_LENGTH).is_ok()
+        {
+            c
+        } else {
+            self.content_id()
+        }
+    }
+
+    fn header_bytes(&self, name: &str) -> Option<&[u8]> {
+        self.headers
+            .iter()
+            .rev()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_slice())
     }
 
     fn header(&self, name: &str) -> Option<String> {
@@ -69,22 +126,43 @@ impl Normalized {
 }
 
 /// Normalises one message for `consumer_group`.
+///
+/// The message id is the `message_id` header (else `event_id`) exactly as
+/// sent; a message without one is identified by its position for Kafka
+/// (`topic:partition:offset`) and by its content for files and stdin
+/// ([`RawMessage::content_id`]). An id header that breaks the id's rules
+/// (not UTF-8, empty, padded, control characters, over 255 characters) is
+/// never altered: the message is poison, with the reason, under its content
+/// id. `consumer_group` must be valid ([`validate::consumer_group`]); the
+/// consumer checks it before it starts.
 pub fn normalize(domain: &DomainService, raw: &RawMessage, consumer_group: &str) -> Normalized {
-    let message_id = raw
-        .header("message_id")
-        .or_else(|| raw.header("event_id"))
-        .map(|m| m.chars().take(limits::MESSAGE_ID_MAX_LENGTH).collect())
-        .unwrap_or_else(|| raw.coordinates());
+    let header = raw
+        .header_bytes("message_id")
+        .map(|b| ("message_id", b))
+        .or_else(|| raw.header_bytes("event_id").map(|b| ("event_id", b)));
+    let id: std::result::Result<String, String> = match header {
+        None => Ok(raw.fallback_id()),
+        Some((name, bytes)) => match std::str::from_utf8(bytes) {
+            Err(_) => Err(format!("its {name} header is not UTF-8")),
+            Ok(id) => validate::exact(name, id, limits::MESSAGE_ID_MAX_LENGTH)
+                .map(|()| id.to_string())
+                .map_err(|e| format!("its {name} header cannot be an id: {e}")),
+        },
+    };
     let source = raw
         .header("source")
         .or_else(|| raw.header("source_service"))
         .unwrap_or_else(|| raw.topic.clone());
-    match parse(domain, raw, &message_id, &source, consumer_group) {
+    let outcome = match id {
+        Ok(id) => parse(domain, raw, &id, &source, consumer_group).map_err(|why| (why, id)),
+        Err(why) => Err((why, raw.content_id())),
+    };
+    match outcome {
         Ok(e) => Normalized::Event(Box::new(e)),
-        Err(why) => Normalized::Poison(Box::new(poison(
+        Err((why, id)) => Normalized::Poison(Box::new(poison(
             domain,
             raw,
-            &message_id,
+            &id,
             &source,
             consumer_group,
             &why,
@@ -182,22 +260,36 @@ fn poison(
 ) -> InboxEvent {
     let b64 = base64::engine::general_purpose::STANDARD
         .encode(raw.payload.as_deref().unwrap_or_default());
-    let payload = json!({
+    // A NUL cannot be stored in a JSON text column: such a topic is kept
+    // exactly in `topic_base64` beside a readable form.
+    let topic = raw.topic.replace('\0', "\u{FFFD}");
+    let mut payload = json!({
         "raw_base64": b64,
-        "topic": raw.topic,
+        "topic": topic,
         "partition": raw.partition,
         "offset": raw.offset,
     });
+    if topic != raw.topic {
+        payload["topic_base64"] =
+            json!(base64::engine::general_purpose::STANDARD.encode(raw.topic.as_bytes()));
+    }
     let clip = |s: &str, n: usize| {
         s.chars()
             .filter(|c| !c.is_control())
             .take(n)
             .collect::<String>()
     };
+    // The source is only a label: a blank or unusable one falls back to the
+    // topic, then to "unknown", so the poison row itself is always valid.
+    let source = [source, raw.topic.as_str()]
+        .into_iter()
+        .map(|s| clip(s, limits::SOURCE_MAX_LENGTH).trim().to_string())
+        .find(|s| !s.is_empty())
+        .unwrap_or_else(|| "unknown".to_string());
     let mut new = NewInboxEvent::new(
-        clip(message_id, limits::MESSAGE_ID_MAX_LENGTH),
+        message_id,
         consumer_group,
-        clip(source, limits::SOURCE_MAX_LENGTH),
+        source,
         "omnibox.poison",
         payload,
     );
@@ -208,8 +300,12 @@ fn poison(
             // Even the raw bytes break a rule (over the payload limit once
             // encoded): keep the coordinates, drop the bytes.
             new.payload = json!({"raw_base64": null, "raw_bytes": raw.payload.as_ref().map_or(0, Vec::len),
-                                 "topic": raw.topic, "partition": raw.partition, "offset": raw.offset});
+                                 "topic": topic, "partition": raw.partition, "offset": raw.offset});
             new.headers = None;
+            // Cannot fail for a valid consumer group (a precondition of
+            // `normalize`, checked by the consumer before it starts): the id
+            // is a checked header id or a 71-character hash, the source is
+            // non-blank and clipped, the type and this payload are fixed.
             domain
                 .create_inbox_event(new)
                 .expect("a minimal poison row is valid")
@@ -273,6 +369,7 @@ pub fn from_json_line(line: &str, number: i64, default_topic: &str) -> RawMessag
             payload: m
                 .get("value")
                 .map(|v| serde_json::to_vec(v).expect("a JSON value serialises")),
+            position_is_identity: false,
         },
         None => RawMessage {
             topic: default_topic.to_string(),
@@ -281,6 +378,7 @@ pub fn from_json_line(line: &str, number: i64, default_topic: &str) -> RawMessag
             key: None,
             headers: Vec::new(),
             payload: Some(line.as_bytes().to_vec()),
+            position_is_identity: false,
         },
     }
 }
@@ -300,6 +398,7 @@ mod tests {
                 .map(|(k, v)| (k.to_string(), v.as_bytes().to_vec()))
                 .collect(),
             payload: Some(value.as_bytes().to_vec()),
+            position_is_identity: true,
         }
     }
 
@@ -450,5 +549,192 @@ mod tests {
         let r = from_json_line("garbage", 3, "file");
         assert_eq!(r.topic, "file");
         assert!(normalize(&DomainService::default(), &r, "g").is_poison());
+    }
+
+    fn poison_row(n: Normalized) -> InboxEvent {
+        match n {
+            Normalized::Poison(e) => *e,
+            Normalized::Event(e) => panic!("not poison: {}", e.message_id()),
+        }
+    }
+
+    /// A file or stdin line without an id is identified by its content:
+    /// line 1 of one input no longer collides with line 1 of another.
+    #[test]
+    fn lines_without_ids_are_identified_by_content() {
+        let d = DomainService::default();
+        let a = from_json_line(r#"{"topic":"t","value":{"a":1}}"#, 1, "file");
+        let b = from_json_line(r#"{"topic":"t","value":{"b":2}}"#, 1, "file");
+        let a_again = from_json_line(r#"{"topic":"t","value":{"a":1}}"#, 7, "file");
+        let (ia, ib, ia2) = (
+            event(normalize(&d, &a, "g")).message_id().to_string(),
+            event(normalize(&d, &b, "g")).message_id().to_string(),
+            event(normalize(&d, &a_again, "g")).message_id().to_string(),
+        );
+        assert!(ia.starts_with("sha256:") && ia.len() == 71, "{ia}");
+        assert_ne!(ia, ib);
+        assert_eq!(ia, ia2, "the same content is the same message");
+        // Garbage lines too: two different poison lines are two rows.
+        let g1 = poison_row(normalize(&d, &from_json_line("garbage", 1, "file"), "g"));
+        let g2 = poison_row(normalize(&d, &from_json_line("rubbish", 1, "file"), "g"));
+        assert_ne!(g1.message_id(), g2.message_id());
+        // Kafka keeps its position as the id.
+        let k = event(normalize(&d, &raw(&[], r#"{"a":1}"#), "g"));
+        assert_eq!(k.message_id(), "orders:2:41");
+    }
+
+    /// An id header is never altered: one that breaks a rule makes the
+    /// message poison (with the reason) under its content id, so distinct
+    /// messages never collide; a header of control characters used to panic.
+    #[test]
+    fn a_bad_id_header_makes_poison_and_never_collides() {
+        let d = DomainService::default();
+        let ok = event(normalize(
+            &d,
+            &raw(&[("message_id", "abcd")], r#"{"a":1}"#),
+            "g",
+        ));
+        assert_eq!(ok.message_id(), "abcd");
+        let ctl = poison_row(normalize(
+            &d,
+            &raw(&[("message_id", "ab\u{1}cd")], r#"{"a":1}"#),
+            "g",
+        ));
+        assert_ne!(ctl.message_id(), "abcd");
+        assert!(
+            ctl.last_error().unwrap().contains("message_id"),
+            "{:?}",
+            ctl.last_error()
+        );
+        let only_ctl = poison_row(normalize(
+            &d,
+            &raw(&[("message_id", "\u{1}\u{2}")], r#"{"a":1}"#),
+            "g",
+        ));
+        assert!(only_ctl.message_id().starts_with("sha256:"));
+        let long_a = format!("{}a", "x".repeat(300));
+        let long_b = format!("{}b", "x".repeat(300));
+        let pa = poison_row(normalize(
+            &d,
+            &raw(&[("message_id", &long_a)], r#"{"a":1}"#),
+            "g",
+        ));
+        let pb = poison_row(normalize(
+            &d,
+            &raw(&[("message_id", &long_b)], r#"{"a":1}"#),
+            "g",
+        ));
+        assert_ne!(pa.message_id(), pb.message_id());
+        let padded = poison_row(normalize(
+            &d,
+            &raw(&[("event_id", " id-1")], r#"{"a":1}"#),
+            "g",
+        ));
+        assert!(padded.last_error().unwrap().contains("event_id"));
+        let source = poison_row(normalize(
+            &d,
+            &raw(&[("source", "\u{1}")], r#"{"a":1}"#),
+            "g",
+        ));
+        assert_eq!(source.source(), "orders");
+    }
+
+    /// Randomized: arbitrary topics, keys, headers (ids, sources, types)
+    /// and values, valid or not, never panic, and every message ends as a
+    /// valid row or a poison row. OMNIBOX_FUZZ_CASES (default 20,000) and
+    /// OMNIBOX_FUZZ_SEED replay or extend it.
+    #[test]
+    fn any_message_ends_as_a_row_or_poison() {
+        let cases: usize = std::env::var("OMNIBOX_FUZZ_CASES")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(20_000);
+        let seed: u64 = std::env::var("OMNIBOX_FUZZ_SEED")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| fastrand::u64(..));
+        eprintln!("normalisation fuzz: seed {seed} (OMNIBOX_FUZZ_SEED), {cases} cases");
+        let mut rng = fastrand::Rng::with_seed(seed);
+        let d = DomainService::default();
+        let pieces: [&[u8]; 12] = [
+            b"",
+            b" ",
+            b"\x01",
+            b"\xff\xfe",
+            b"id",
+            b"{",
+            b"}",
+            b"\"",
+            b"{\"a\":1}",
+            b"[1]",
+            b"null",
+            "\u{e9}\u{1F600}".as_bytes(),
+        ];
+        let bytes = |rng: &mut fastrand::Rng| -> Vec<u8> {
+            let mut v = Vec::new();
+            match rng.u8(0..10) {
+                0 => v.extend(std::iter::repeat_n(b'x', rng.usize(200..400))),
+                1 => (0..rng.usize(0..40)).for_each(|_| v.push(rng.u8(..))),
+                _ => (0..rng.usize(0..6))
+                    .for_each(|_| v.extend_from_slice(pieces[rng.usize(..pieces.len())])),
+            }
+            v
+        };
+        let names = [
+            "message_id",
+            "event_id",
+            "source",
+            "source_service",
+            "event_type",
+            "trace_id",
+            "x",
+        ];
+        for case in 0..cases {
+            let headers = (0..rng.usize(0..5))
+                .map(|_| (names[rng.usize(..names.len())].to_string(), bytes(&mut rng)))
+                .collect();
+            let payload = match rng.u8(0..4) {
+                0 => None,
+                1 => Some(br#"{"order":1}"#.to_vec()),
+                _ => Some(bytes(&mut rng)),
+            };
+            let m = RawMessage {
+                topic: String::from_utf8_lossy(&bytes(&mut rng)).into_owned(),
+                partition: rng.i32(..),
+                offset: rng.i64(..),
+                key: rng.bool().then(|| bytes(&mut rng)),
+                headers,
+                payload,
+                position_is_identity: rng.bool(),
+            };
+            let n = std::panic::catch_unwind(|| normalize(&d, &m, "g"))
+                .unwrap_or_else(|_| panic!("case {case} (seed {seed}) panicked: {m:?}"));
+            let row = n.event();
+            assert!(
+                validate::exact(
+                    "message_id",
+                    row.message_id(),
+                    limits::MESSAGE_ID_MAX_LENGTH
+                )
+                .is_ok(),
+                "case {case} (seed {seed}): id {:?}",
+                row.message_id()
+            );
+            if let Some(id) = m
+                .header_bytes("message_id")
+                .or_else(|| m.header_bytes("event_id"))
+                && !n.is_poison()
+            {
+                assert_eq!(
+                    row.message_id().as_bytes(),
+                    id,
+                    "case {case} (seed {seed}): id altered"
+                );
+            }
+            if n.is_poison() {
+                assert_eq!(row.status(), EventStatus::Failed);
+                assert!(row.last_error().is_some());
+            }
+        }
     }
 }

@@ -27,17 +27,23 @@ pub fn required(field: &str, value: &str, max: usize) -> Result<String> {
 /// leading or trailing whitespace, no control characters, at most
 /// [`limits::CONSUMER_GROUP_MAX_LENGTH`] characters.
 pub fn consumer_group(group: &str) -> Result<()> {
-    const FIELD: &str = "consumer_group";
-    if group.trim().is_empty() {
-        return Err(Error::validation(FIELD, "must not be empty or blank"));
+    exact("consumer_group", group, limits::CONSUMER_GROUP_MAX_LENGTH)
+}
+
+/// A name or id taken exactly as given (never trimmed or cut): not empty,
+/// no leading or trailing whitespace, no control characters, at most `max`
+/// characters.
+pub fn exact(field: &str, value: &str, max: usize) -> Result<()> {
+    if value.trim().is_empty() {
+        return Err(Error::validation(field, "must not be empty or blank"));
     }
-    if group.trim() != group {
+    if value.trim() != value {
         return Err(Error::validation(
-            FIELD,
-            format!("{group:?} has leading or trailing whitespace; give the name exactly"),
+            field,
+            format!("{value:?} has leading or trailing whitespace; give it exactly"),
         ));
     }
-    check_text(FIELD, group, limits::CONSUMER_GROUP_MAX_LENGTH)
+    check_text(field, value, max)
 }
 
 /// An optional string field: trimmed; if given it must follow the rules of

@@ -93,6 +93,7 @@ impl KafkaSource {
             key: m.key().map(<[u8]>::to_vec),
             headers,
             payload: m.payload().map(<[u8]>::to_vec),
+            position_is_identity: true,
         }
     }
 
