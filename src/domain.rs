@@ -136,7 +136,10 @@ impl DomainService {
         self.build(common, route)
     }
 
-    /// Validates a new inbox event and fills its defaults.
+    /// Validates a new inbox event and fills its defaults. Its id, unless
+    /// given, is [`inbox_event_id`] of its consumer group and message id, so
+    /// every delivery of one message has the same event id (what a handler
+    /// uses to make its external effects idempotent).
     pub fn create_inbox_event(&self, new: NewInboxEvent) -> Result<InboxEvent> {
         let route = InboxRoute {
             message_id: validate::required(
@@ -152,7 +155,9 @@ impl DomainService {
             source: validate::required("source", &new.source, limits::SOURCE_MAX_LENGTH)?,
         };
         let common = Common {
-            id: new.id,
+            id: new
+                .id
+                .or_else(|| Some(inbox_event_id(&route.consumer_group, &route.message_id))),
             event_type: new.event_type,
             payload: new.payload,
             headers: new.headers,
@@ -494,6 +499,20 @@ fn require_pending<R: Route>(event: &Event<R>, detail: &str) -> Result<()> {
 /// Converts a std duration to chrono's, saturating.
 pub(crate) fn chrono_dur(d: Duration) -> chrono::Duration {
     chrono::Duration::from_std(d).unwrap_or(chrono::Duration::MAX)
+}
+
+/// The namespace of inbox event ids (a fixed, random UUID).
+const INBOX_ID_NAMESPACE: Uuid = Uuid::from_u128(0x6a76ad4f_e272_430f_8e4c_7a7ab8f8f7cc);
+
+/// The id of the inbox event for `message_id` in `consumer_group`: a UUIDv5
+/// of both (separated by a NUL, which neither may contain), the same for
+/// every delivery of the message, across restarts and rebalances.
+pub fn inbox_event_id(consumer_group: &str, message_id: &str) -> Uuid {
+    let mut name = Vec::with_capacity(consumer_group.len() + message_id.len() + 1);
+    name.extend_from_slice(consumer_group.as_bytes());
+    name.push(0);
+    name.extend_from_slice(message_id.as_bytes());
+    Uuid::new_v5(&INBOX_ID_NAMESPACE, &name)
 }
 
 #[cfg(test)]

@@ -583,6 +583,28 @@ mod tests {
         assert_eq!(k.message_id(), "orders:2:41");
     }
 
+    /// Every delivery of one message has the same event id (the handler's
+    /// idempotency key), a function of the consumer group and message id;
+    /// it used to be a fresh UUID on every delivery.
+    #[test]
+    fn the_event_id_is_the_same_for_every_delivery() {
+        let d = DomainService::default();
+        let m = raw(&[("message_id", "m-1")], r#"{"a":1}"#);
+        let first = event(normalize(&d, &m, "billing"));
+        let again = event(normalize(&d, &m, "billing"));
+        assert_eq!(first.id(), again.id());
+        assert_eq!(first.id(), crate::domain::inbox_event_id("billing", "m-1"));
+        assert_eq!(first.id().get_version_num(), 5);
+        let other_group = event(normalize(&d, &m, "audit"));
+        assert_ne!(first.id(), other_group.id());
+        let other_id = event(normalize(
+            &d,
+            &raw(&[("message_id", "m-2")], r#"{"a":1}"#),
+            "billing",
+        ));
+        assert_ne!(first.id(), other_id.id());
+    }
+
     /// An id header is never altered: one that breaks a rule makes the
     /// message poison (with the reason) under its content id, so distinct
     /// messages never collide; a header of control characters used to panic.

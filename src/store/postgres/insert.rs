@@ -390,9 +390,19 @@ pub async fn insert_inbox(
             .map_err(storage)?;
         inserted.extend(ids);
     }
+    // One message twice in a batch has one id (it is derived from the
+    // message id and group): only its first occurrence was inserted; the
+    // later ones are duplicates of it.
+    let mut taken = HashSet::with_capacity(inserted.len());
+    let first: Vec<bool> = events
+        .iter()
+        .map(|e| inserted.contains(&e.id) && taken.insert(e.id))
+        .collect();
     let skipped: Vec<&InboxEvent> = events
         .iter()
-        .filter(|e| !inserted.contains(&e.id))
+        .zip(&first)
+        .filter(|(_, first)| !**first)
+        .map(|(e, _)| e)
         .collect();
     let existing: HashMap<(String, String), Uuid> = if skipped.is_empty() {
         HashMap::new()
@@ -418,8 +428,9 @@ pub async fn insert_inbox(
     };
     events
         .iter()
-        .map(|e| {
-            if inserted.contains(&e.id) {
+        .zip(first)
+        .map(|(e, first)| {
+            if first {
                 return Ok(BulkOutcome {
                     id: e.id,
                     existing: false,
