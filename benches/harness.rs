@@ -699,6 +699,7 @@ fn inbox(args: &Args, url: &str) {
                 .into_bytes(),
             ),
             position_is_identity: true,
+            cut: None,
         })
         .collect();
     let mut rng = fastrand::Rng::with_seed(7);

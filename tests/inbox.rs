@@ -29,6 +29,7 @@ fn msg(id: &str, offset: i64, value: &str) -> RawMessage {
         ],
         payload: Some(value.as_bytes().to_vec()),
         position_is_identity: true,
+        cut: None,
     }
 }
 

@@ -18,5 +18,5 @@ pub mod source;
 
 pub use consumer::{AckStrategy, CommitOn, ConsumeOptions, ConsumeReport, InboxConsumer};
 pub use handler::{AnyHandler, ExecHandler, Handler, HandlerStep, WebhookHandler};
-pub use normalize::{Normalized, RawMessage, normalize};
+pub use normalize::{Cut, Normalized, RawMessage, normalize};
 pub use source::{AnySource, FileSource, KafkaSource, Polled, Source};

@@ -31,6 +31,32 @@ pub struct RawMessage {
     /// message of theirs without a `message_id` header is identified by its
     /// content instead (see [`content_id`](Self::content_id)).
     pub position_is_identity: bool,
+    /// Set when the source could not keep the whole value (a file line
+    /// over its length limit): `payload` holds its start only.
+    pub cut: Option<Cut>,
+}
+
+/// What is known of a value the source cut short.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Cut {
+    /// The whole value's length in bytes.
+    pub len: u64,
+    /// Hex SHA-256 of the whole value.
+    pub sha256: String,
+}
+
+/// Hex SHA-256 of `bytes`.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    hex(&sha2::Sha256::digest(bytes))
+}
+
+fn hex(bytes: &[u8]) -> String {
+    let mut s = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        s.push_str(&format!("{b:02x}"));
+    }
+    s
 }
 
 impl RawMessage {
@@ -61,13 +87,7 @@ impl RawMessage {
                 .or_else(|| self.header_bytes("event_id")),
         );
         part(self.payload.as_deref());
-        let digest = h.finalize();
-        let mut id = String::with_capacity(71);
-        id.push_str("sha256:");
-        for b in digest {
-            id.push_str(&format!("{b:02x}"));
-        }
-        id
+        format!("sha256:{}", hex(&h.finalize()))
     }
 
     /// The id when the position identifies the message and fits the id's
@@ -258,20 +278,24 @@ fn poison(
     consumer_group: &str,
     why: &str,
 ) -> InboxEvent {
-    let b64 = base64::engine::general_purpose::STANDARD
-        .encode(raw.payload.as_deref().unwrap_or_default());
+    let bytes = raw.payload.as_deref().unwrap_or_default();
+    let (len, sha256) = match &raw.cut {
+        Some(cut) => (cut.len, cut.sha256.clone()),
+        None => (bytes.len() as u64, sha256_hex(bytes)),
+    };
+    let b64 = |b: &[u8]| base64::engine::general_purpose::STANDARD.encode(b);
     // A NUL cannot be stored in a JSON text column: such a topic is kept
     // exactly in `topic_base64` beside a readable form.
     let topic = raw.topic.replace('\0', "\u{FFFD}");
     let mut payload = json!({
-        "raw_base64": b64,
+        "raw_bytes": len,
+        "raw_sha256": sha256,
         "topic": topic,
         "partition": raw.partition,
         "offset": raw.offset,
     });
     if topic != raw.topic {
-        payload["topic_base64"] =
-            json!(base64::engine::general_purpose::STANDARD.encode(raw.topic.as_bytes()));
+        payload["topic_base64"] = json!(b64(raw.topic.as_bytes()));
     }
     let clip = |s: &str, n: usize| {
         s.chars()
@@ -291,26 +315,40 @@ fn poison(
         consumer_group,
         source,
         "omnibox.poison",
-        payload,
+        json!({}),
     );
     new.headers = usable_headers(raw, domain);
-    let mut event = match domain.create_inbox_event(new.clone()) {
-        Ok(e) => e,
-        Err(_) => {
-            // Even the raw bytes break a rule (over the payload limit once
-            // encoded): keep the coordinates, drop the bytes.
-            new.payload = json!({"raw_base64": null, "raw_bytes": raw.payload.as_ref().map_or(0, Vec::len),
-                                 "topic": topic, "partition": raw.partition, "offset": raw.offset});
-            new.headers = None;
-            // Cannot fail for a valid consumer group (a precondition of
-            // `normalize`, checked by the consumer before it starts): the id
-            // is a checked header id or a 71-character hash, the source is
-            // non-blank and clipped, the type and this payload are fixed.
-            domain
-                .create_inbox_event(new)
-                .expect("a minimal poison row is valid")
-        }
+    // The exact bytes when the row can hold them; else as long a start as
+    // it can (`raw_prefix_base64`), with the whole length and digest.
+    let limit = domain.limits().payload_max_bytes;
+    let with = |key: &str, b: &[u8]| {
+        let mut p = payload.clone();
+        p[key] = json!(b64(b));
+        p
     };
+    let prefix_len = (limit / 4 * 3).saturating_sub(4096).min(bytes.len());
+    let mut candidates = Vec::new();
+    if raw.cut.is_none() {
+        candidates.push(with("raw_base64", bytes));
+    }
+    candidates.push(with("raw_prefix_base64", &bytes[..prefix_len]));
+    candidates.push(payload.clone());
+    let mut event = None;
+    for (n, p) in candidates.into_iter().enumerate() {
+        new.payload = p;
+        if n > 0 {
+            new.headers = None;
+        }
+        if let Ok(e) = domain.create_inbox_event(new.clone()) {
+            event = Some(e);
+            break;
+        }
+    }
+    // Cannot be None for a valid consumer group (a precondition of
+    // `normalize`, checked by the consumer before it starts): the last
+    // candidate has a checked header id or a 71-character hash, a
+    // non-blank clipped source, a fixed type and a small payload.
+    let mut event = event.expect("a minimal poison row is valid");
     event.status = EventStatus::Failed;
     event.attempts_made = event.max_attempts;
     event.last_error = Some(
@@ -334,6 +372,24 @@ pub fn normalize_all(
     raws.iter()
         .map(|r| normalize(domain, r, consumer_group))
         .collect()
+}
+
+/// [`from_json_line`] for a line as read: a line that is not UTF-8 becomes
+/// a message whose value is the line's exact bytes (poison, bytes kept).
+pub fn from_json_bytes(line: &[u8], number: i64, default_topic: &str) -> RawMessage {
+    match std::str::from_utf8(line) {
+        Ok(text) => from_json_line(text, number, default_topic),
+        Err(_) => RawMessage {
+            topic: default_topic.to_string(),
+            partition: 0,
+            offset: number,
+            key: None,
+            headers: Vec::new(),
+            payload: Some(line.to_vec()),
+            position_is_identity: false,
+            cut: None,
+        },
+    }
 }
 
 /// Parses a line of the file sink's format (`{"topic", "key", "headers",
@@ -370,6 +426,7 @@ pub fn from_json_line(line: &str, number: i64, default_topic: &str) -> RawMessag
                 .get("value")
                 .map(|v| serde_json::to_vec(v).expect("a JSON value serialises")),
             position_is_identity: false,
+            cut: None,
         },
         None => RawMessage {
             topic: default_topic.to_string(),
@@ -379,6 +436,7 @@ pub fn from_json_line(line: &str, number: i64, default_topic: &str) -> RawMessag
             headers: Vec::new(),
             payload: Some(line.as_bytes().to_vec()),
             position_is_identity: false,
+            cut: None,
         },
     }
 }
@@ -399,6 +457,7 @@ mod tests {
                 .collect(),
             payload: Some(value.as_bytes().to_vec()),
             position_is_identity: true,
+            cut: None,
         }
     }
 
@@ -583,6 +642,37 @@ mod tests {
         assert_eq!(k.message_id(), "orders:2:41");
     }
 
+    /// Poison keeps its exact bytes when the row can hold them, else a
+    /// prefix, the whole length and its SHA-256; bytes that are not UTF-8
+    /// are poison, never "repaired".
+    #[test]
+    fn poison_keeps_its_bytes_or_their_length_and_digest() {
+        use base64::Engine as _;
+        let d = DomainService::default();
+        let bad = b"{\"a\":\"\xff\"}".to_vec();
+        let mut m = raw(&[], "");
+        m.payload = Some(bad.clone());
+        let p = poison_row(normalize(&d, &m, "g"));
+        let b64 = p.payload()["raw_base64"].as_str().unwrap();
+        assert_eq!(
+            base64::engine::general_purpose::STANDARD
+                .decode(b64)
+                .unwrap(),
+            bad
+        );
+        assert_eq!(p.payload()["raw_sha256"], json!(sha256_hex(&bad)));
+        let big = vec![b'x'; 3_000_000];
+        m.payload = Some(big.clone());
+        let p = poison_row(normalize(&d, &m, "g"));
+        assert!(p.payload().get("raw_base64").is_none());
+        assert_eq!(p.payload()["raw_bytes"], json!(3_000_000));
+        assert_eq!(p.payload()["raw_sha256"], json!(sha256_hex(&big)));
+        let prefix = base64::engine::general_purpose::STANDARD
+            .decode(p.payload()["raw_prefix_base64"].as_str().unwrap())
+            .unwrap();
+        assert!(prefix.len() > 500_000 && big.starts_with(&prefix));
+    }
+
     /// Every delivery of one message has the same event id (the handler's
     /// idempotency key), a function of the consumer group and message id;
     /// it used to be a fresh UUID on every delivery.
@@ -728,6 +818,7 @@ mod tests {
                 headers,
                 payload,
                 position_is_identity: rng.bool(),
+                cut: None,
             };
             let n = std::panic::catch_unwind(|| normalize(&d, &m, "g"))
                 .unwrap_or_else(|_| panic!("case {case} (seed {seed}) panicked: {m:?}"));

@@ -10,8 +10,9 @@ use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
 
 use super::{Polled, Source};
 use crate::error::{Error, Result};
+use crate::inbox::Cut;
 use crate::inbox::RawMessage;
-use crate::inbox::normalize::from_json_line;
+use crate::inbox::normalize::from_json_bytes;
 
 /// Longest line read (a payload is at most 1,000,000 bytes).
 const MAX_LINE: usize = 4 * 1024 * 1024;
@@ -27,8 +28,15 @@ pub struct FileSource {
     /// The bytes of a line whose newline has not arrived yet (a writer
     /// appending a line in pieces): kept until it does.
     pending: Vec<u8>,
-    /// Skipping the rest of an over-long line already handed out.
-    discard: bool,
+    /// Reading through an over-long line: its first MAX_LINE bytes, and
+    /// the length and digest of all of it so far.
+    long: Option<Box<LongLine>>,
+}
+
+struct LongLine {
+    head: Vec<u8>,
+    len: u64,
+    digest: sha2::Sha256,
 }
 
 impl std::fmt::Debug for FileSource {
@@ -61,20 +69,22 @@ impl FileSource {
             eof: false,
             redeliver: VecDeque::new(),
             pending: Vec::new(),
-            discard: false,
+            long: None,
         })
     }
 
     /// The next whole line, without its line ending. A line whose newline
     /// has not arrived is kept (with `follow`: until it arrives; without:
-    /// the end of the input ends it). A line over [`MAX_LINE`] bytes is cut
-    /// there (it becomes a poison message) and the rest of it is skipped.
-    async fn next_line(&mut self) -> Result<Option<String>> {
+    /// the end of the input ends it). A line over [`MAX_LINE`] bytes keeps
+    /// its first MAX_LINE bytes, with the whole line's length and SHA-256
+    /// (it becomes a poison message).
+    async fn next_line(&mut self) -> Result<Option<(Vec<u8>, Option<Cut>)>> {
+        use sha2::Digest;
         loop {
-            let limit = if self.discard {
+            let limit = if self.long.is_some() {
                 1 << 16
             } else {
-                // Not negative: `pending` never stays over MAX_LINE.
+                // `pending` never stays over MAX_LINE.
                 (MAX_LINE + 1).saturating_sub(self.pending.len()) as u64
             };
             let n = (&mut self.reader)
@@ -82,23 +92,41 @@ impl FileSource {
                 .read_until(b'\n', &mut self.pending)
                 .await
                 .map_err(|e| Error::Config(format!("cannot read {}: {e}", self.name)))?;
-            if self.discard {
-                if self.pending.ends_with(b"\n") {
-                    self.discard = false;
-                }
-                self.pending.clear();
-                if n == 0 {
-                    return Ok(None);
-                }
-                continue;
+            let ended = self.pending.ends_with(b"\n");
+            if self.long.is_none() && !ended && self.pending.len() > MAX_LINE {
+                let head = self.pending[..MAX_LINE].to_vec();
+                self.long = Some(Box::new(LongLine {
+                    head,
+                    len: 0,
+                    digest: sha2::Sha256::new(),
+                }));
             }
-            let line = if self.pending.ends_with(b"\n") {
+            if let Some(long) = &mut self.long {
+                let body = self.pending.strip_suffix(b"\n").unwrap_or(&self.pending);
+                let body = body.strip_suffix(b"\r").filter(|_| ended).unwrap_or(body);
+                long.len += body.len() as u64;
+                long.digest.update(body);
+                self.pending.clear();
+                let at_end = n == 0 && !self.follow;
+                if !ended && !at_end {
+                    if n == 0 {
+                        return Ok(None);
+                    }
+                    continue;
+                }
+                // Checked just above: `long` is set.
+                let Some(long) = self.long.take() else {
+                    continue;
+                };
+                self.line += 1;
+                let cut = Cut {
+                    len: long.len,
+                    sha256: format!("{:x}", long.digest.finalize()),
+                };
+                return Ok(Some((long.head, Some(cut))));
+            }
+            let mut line = if ended {
                 std::mem::take(&mut self.pending)
-            } else if self.pending.len() > MAX_LINE {
-                self.discard = true;
-                let mut line = std::mem::take(&mut self.pending);
-                line.truncate(MAX_LINE);
-                line
             } else if n == 0 {
                 // The end of the input, for now.
                 if self.pending.is_empty() || self.follow {
@@ -110,12 +138,14 @@ impl FileSource {
                 // next read tells whether more is coming.
                 continue;
             };
+            if line.ends_with(b"\n") {
+                line.pop();
+                if line.ends_with(b"\r") {
+                    line.pop();
+                }
+            }
             self.line += 1;
-            return Ok(Some(
-                String::from_utf8_lossy(&line)
-                    .trim_end_matches(['\n', '\r'])
-                    .to_string(),
-            ));
+            return Ok(Some((line, None)));
         }
     }
 }
@@ -138,8 +168,17 @@ impl Source for FileSource {
         let deadline = Instant::now() + wait;
         while out.len() < max && !self.eof {
             match self.next_line().await? {
-                Some(line) if line.trim().is_empty() => continue,
-                Some(line) => out.push(from_json_line(&line, self.line, "file")),
+                Some((line, None)) if line.iter().all(u8::is_ascii_whitespace) => continue,
+                Some((line, cut)) => {
+                    let mut m = from_json_bytes(&line, self.line, "file");
+                    if cut.is_some() {
+                        // Not parsed: the line is incomplete.
+                        m.payload = Some(line);
+                        m.headers.clear();
+                        m.cut = cut;
+                    }
+                    out.push(m)
+                }
                 None if self.follow => {
                     if !out.is_empty() || Instant::now() >= deadline {
                         break;
@@ -241,11 +280,37 @@ mod tests {
             .unwrap();
         f.write_all(&vec![b'x'; MAX_LINE + 10]).unwrap();
         f.flush().unwrap();
-        let p = src.poll(100, Duration::from_millis(50)).await.unwrap();
-        assert_eq!(p.messages.len(), 1, "the cut line");
+        assert!(
+            poll_all(&mut src).await.is_empty(),
+            "held until the line ends"
+        );
         f.write_all(b"yyy\n{\"topic\":\"t\",\"value\":{\"b\":2}}\n")
             .unwrap();
         f.flush().unwrap();
-        assert_eq!(poll_all(&mut src).await, vec![r#"{"b":2}"#.to_string()]);
+        let p = src.poll(100, Duration::from_millis(50)).await.unwrap();
+        assert_eq!(p.messages.len(), 2);
+        let cut = p.messages[0].cut.clone().expect("the long line is cut");
+        let mut whole = vec![b'x'; MAX_LINE + 10];
+        whole.extend_from_slice(b"yyy");
+        assert_eq!(cut.len, whole.len() as u64);
+        assert_eq!(cut.sha256, crate::inbox::normalize::sha256_hex(&whole));
+        assert_eq!(p.messages[0].payload.as_ref().map(Vec::len), Some(MAX_LINE));
+        assert_eq!(p.messages[1].payload.as_deref(), Some(&br#"{"b":2}"#[..]));
+        assert_eq!(p.messages[1].offset, 2);
+    }
+
+    /// A line that is not UTF-8 keeps its exact bytes (it used to be
+    /// "repaired" with U+FFFD and stored as a normal row).
+    #[tokio::test]
+    async fn a_line_that_is_not_utf8_keeps_its_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("in.jsonl");
+        let line: &[u8] = b"{\"topic\":\"t\",\"value\":{\"a\":\"\xff\xfe\"}}";
+        std::fs::write(&path, [line, b"\n"].concat()).unwrap();
+        let mut src = FileSource::open(path.to_str().unwrap(), false)
+            .await
+            .unwrap();
+        let p = src.poll(100, Duration::from_millis(50)).await.unwrap();
+        assert_eq!(p.messages[0].payload.as_deref(), Some(line));
     }
 }

@@ -94,6 +94,7 @@ impl KafkaSource {
             headers,
             payload: m.payload().map(<[u8]>::to_vec),
             position_is_identity: true,
+            cut: None,
         }
     }
 
