@@ -112,11 +112,8 @@ impl RawMessage {
     }
 
     fn header(&self, name: &str) -> Option<String> {
-        self.headers
-            .iter()
-            .rev()
-            .find(|(k, _)| k == name)
-            .and_then(|(_, v)| std::str::from_utf8(v).ok())
+        self.header_bytes(name)
+            .and_then(|v| std::str::from_utf8(v).ok())
             .map(|s| s.trim().to_string())
             .filter(|s| !s.is_empty())
     }

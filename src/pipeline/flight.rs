@@ -51,6 +51,16 @@ enum State {
     },
 }
 
+/// Widens `key`'s `(first, last)` range in `ranges` to cover `range`.
+pub(crate) fn widen(ranges: &mut HashMap<Key, (i64, i64)>, key: &Key, range: (i64, i64)) {
+    match ranges.get_mut(key) {
+        Some(r) => *r = (r.0.min(range.0), r.1.max(range.1)),
+        None => {
+            ranges.insert(key.clone(), range);
+        }
+    }
+}
+
 impl Flight {
     /// A claim starts: its number, and the keys of the batches still in
     /// flight (claimed or handled, not written), first and last `seq` each.
@@ -62,10 +72,8 @@ impl Flight {
             if matches!(b.state, State::Written { .. }) {
                 continue;
             }
-            for (k, &(first, last)) in &b.keys {
-                own.entry(k.clone())
-                    .and_modify(|r| *r = (r.0.min(first), r.1.max(last)))
-                    .or_insert((first, last));
+            for (k, &range) in &b.keys {
+                widen(&mut own, k, range);
             }
         }
         self.batches.insert(

@@ -13,7 +13,7 @@ use tracing::Instrument;
 use uuid::Uuid;
 
 use super::circuit::{CircuitBreaker, CircuitConfig};
-use super::flight::{Flight, Key};
+use super::flight::{self, Flight, Key};
 use crate::domain::{Backoff, Retry};
 use crate::error::{Error, Result};
 use crate::metrics::{EventLabels, FailureLabels, Metrics, TableLabels};
@@ -486,7 +486,7 @@ where
         let span = tracing::info_span!("claim", job = self.job, table = %R::TABLE, worker = %self.options.worker);
         async {
             let (after, widen, spread) = {
-                let s = self.scan.lock().unwrap_or_else(|p| p.into_inner());
+                let s = lock(&self.scan);
                 (s.after, s.widen, s.spread > 0)
             };
             let examine = self
@@ -515,14 +515,12 @@ where
             let mut held: HashMap<Key, (i64, i64)> = HashMap::new();
             for e in &claim.events {
                 if let (Some((topic, key)), Some(seq)) = (e.order_key(), e.seq()) {
-                    held.entry((topic.to_string(), key.to_string()))
-                        .and_modify(|r| *r = (r.0.min(seq), r.1.max(seq)))
-                        .or_insert((seq, seq));
+                    flight::widen(&mut held, &(topic.to_string(), key.to_string()), (seq, seq));
                 }
             }
             lock(&self.flight).claimed(no, held);
             {
-                let mut s = self.scan.lock().unwrap_or_else(|p| p.into_inner());
+                let mut s = lock(&self.scan);
                 s.after = claim.next;
                 // After a collision with another worker's claim, the next
                 // claim jumps ahead by a random stretch of the backlog.
@@ -661,7 +659,7 @@ where
         report.handle_time = handle_time;
         report.lag = lag;
         {
-            let mut breaker = self.breaker.lock().unwrap_or_else(|p| p.into_inner());
+            let mut breaker = lock(&self.breaker);
             if report.all_transient() {
                 breaker.record_failure();
             } else if report.completed + report.skipped > 0 {

@@ -276,6 +276,9 @@ pub const OUTBOX_SCAN: &str = "SELECT * FROM (
 /// row is at or after the first it holds, and every active row from there
 /// to the last it holds is still locked by it, the head is the first
 /// active row after those: the claimer's own batches do not hold it up.
+/// (`h` probes the head again for keys without such rows; folding that into
+/// `f` with a `UNION ALL` of the two cases was measured slower: 27k against
+/// 31k events/s, unique keys, batch 1000.)
 pub const OUTBOX_WALK: &str = concat!(
     "SELECT k.ord, w.id, w.seq, ", ready!("w"), " AS ready, w.last_error IS NOT NULL AS tried,
             (w.locked_at IS NOT NULL AND w.locked_until > now()) AS locked
