@@ -895,7 +895,7 @@ _omnibox() {
             return 0
             ;;
         omnibox__subcmd__inbox__subcmd__consume)
-            opts="-X -v -q -h -V --from --topic --group --once --follow --ack --commit-on --exec --webhook --timeout --batch --dlq-topic --dlq-broker --worker-id --metrics-addr --database-url --schema --config --format --color --log-format --verbose --quiet --help --version"
+            opts="-X -v -q -h -V --from --topic --group --once --follow --ack --commit-on --exec --webhook --timeout --batch --max-attempts --transient-limit --lease --dlq-topic --dlq-broker --worker-id --metrics-addr --database-url --schema --config --format --color --log-format --verbose --quiet --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -938,6 +938,18 @@ _omnibox() {
                     return 0
                     ;;
                 --batch)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --max-attempts)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --transient-limit)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --lease)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;

@@ -110,6 +110,11 @@ pub enum Error {
     #[error("{0}")]
     Config(String),
 
+    /// The message broker failed at run time (reading, committing offsets,
+    /// seeking): what was committed stays, the rest is delivered again.
+    #[error("{0}")]
+    Broker(String),
+
     /// The database cannot be reached (refused, DNS, TLS, authentication, pool exhausted).
     #[error("cannot connect to the database {url}: {source}")]
     StorageConnection {

@@ -148,6 +148,106 @@ fn stop() -> watch::Receiver<bool> {
     watch::channel(false).1
 }
 
+/// What a handler saw of one call.
+#[derive(Debug, Clone)]
+struct Call {
+    message_id: String,
+    event_id: uuid::Uuid,
+    attempts_made: i32,
+    /// The row, read through another connection while the handler ran.
+    row: Option<InboxEvent>,
+}
+
+type Log = Arc<Mutex<Vec<Call>>>;
+
+/// A handler with external effects (no transaction is held while it runs).
+struct Outside<F>(F);
+
+impl<F, Fut> omnibox::inbox::Handler for Outside<F>
+where
+    F: Fn(InboxEvent) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = Outcome> + Send,
+{
+    fn handle(&self, event: &InboxEvent) -> impl std::future::Future<Output = Outcome> + Send {
+        (self.0)(event.clone())
+    }
+
+    fn in_transaction(&self) -> bool {
+        false
+    }
+}
+
+/// A handler that logs each call and answers `answer(message id, call number)`.
+fn logging<A>(
+    table: AnyTable<InboxRoute>,
+    answer: A,
+) -> (
+    impl Fn(InboxEvent) -> std::pin::Pin<Box<dyn std::future::Future<Output = Outcome> + Send>>
+    + Send
+    + Sync
+    + 'static,
+    Log,
+)
+where
+    A: Fn(&str, usize) -> Option<Outcome> + Send + Sync + 'static,
+{
+    let log: Log = Arc::new(Mutex::new(Vec::new()));
+    let l = log.clone();
+    let answer = Arc::new(answer);
+    let f = move |e: InboxEvent| {
+        let log = l.clone();
+        let table = table.clone();
+        let answer = answer.clone();
+        Box::pin(async move {
+            let row = table
+                .get_by_message_id(e.message_id(), e.consumer_group())
+                .await
+                .unwrap();
+            let n = {
+                let mut log = log.lock().unwrap();
+                log.push(Call {
+                    message_id: e.message_id().to_string(),
+                    event_id: e.id(),
+                    attempts_made: e.attempts_made(),
+                    row,
+                });
+                log.iter()
+                    .filter(|c| c.message_id == e.message_id())
+                    .count()
+            };
+            match answer(e.message_id(), n) {
+                Some(o) => o,
+                // Never ends: a process killed while this handler runs.
+                None => std::future::pending().await,
+            }
+        }) as std::pin::Pin<Box<dyn std::future::Future<Output = Outcome> + Send>>
+    };
+    (f, log)
+}
+
+fn calls_of(log: &Log, id: &str) -> Vec<Call> {
+    log.lock()
+        .unwrap()
+        .iter()
+        .filter(|c| c.message_id == id)
+        .cloned()
+        .collect()
+}
+
+fn fast_backoff(o: &mut ConsumeOptions) {
+    o.backoff = omnibox::domain::Backoff {
+        base: Duration::from_millis(100),
+        cap: Duration::from_millis(400),
+    };
+}
+
+fn counted_failure(n: usize) -> Outcome {
+    Outcome::Failed {
+        error: format!("failure {n}"),
+        retry: Retry::Counted(None),
+    }
+}
+
 mod cases {
     use super::*;
     use crate::common::TestDb;
@@ -234,13 +334,18 @@ mod cases {
     pub async fn handler_failure_is_redelivered_until_it_succeeds(db: &TestDb) {
         let (handler, calls) = counting(HashMap::from([("m-3".to_string(), 2)]));
         let (source, commits) = VecSource::new(messages(10), db.store.inbox());
-        let mut consumer = InboxConsumer::new(
-            source,
-            db.store.inbox(),
-            Some(handler),
-            options(AckStrategy::ExactlyOnce, 10),
-        );
+        let mut o = options(AckStrategy::ExactlyOnce, 10);
+        fast_backoff(&mut o);
+        let mut consumer = InboxConsumer::new(source, db.store.inbox(), Some(handler), o);
+        let started = std::time::Instant::now();
         let r = consumer.run(true, stop()).await.unwrap();
+        // Redelivery waits for the backoff (at least half of 100 ms, then
+        // of 200 ms): it does not hammer.
+        assert!(
+            started.elapsed() >= Duration::from_millis(150),
+            "{:?}",
+            started.elapsed()
+        );
         assert_eq!(r.failed, 2);
         assert!(
             r.redelivered >= 2 * 7,
@@ -260,12 +365,196 @@ mod cases {
         }
         let c = db.store.inbox().counts().await.unwrap();
         assert_eq!((c.completed, c.pending, c.failed), (10, 0, 0));
-        let seen = commits.lock().unwrap();
+        let seen = commits.lock().unwrap().clone();
         assert_eq!(
             seen[0].through, 2,
             "committed only up to the message before the failure"
         );
-        assert!(seen.iter().all(|s| s.completed == s.rows));
+        // The failures were written to the row (pending, attempts counted)
+        // before anything was committed past it.
+        assert!(seen.iter().all(|s| s.rows >= s.completed));
+        let row = db
+            .store
+            .inbox()
+            .get_by_message_id("m-3", "billing")
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            (row.status(), row.attempts_made()),
+            (EventStatus::Completed, 2)
+        );
+    }
+
+    /// The attempt count and the event id of a message belong to its row:
+    /// a consumer that restarts (a new process, a rebalance) goes on
+    /// counting, and the redelivery limit holds across restarts.
+    pub async fn attempts_survive_a_restart(db: &TestDb) {
+        let (f, log) = logging(db.store.inbox(), |id, n| {
+            Some(if id == "m-1" {
+                counted_failure(n)
+            } else {
+                Outcome::Completed
+            })
+        });
+        let handler = Arc::new(f);
+        for run in 0..3 {
+            // A new consumer each time, reading the same messages again.
+            let (source, _) = VecSource::new(messages(3), db.store.inbox());
+            let mut o = options(AckStrategy::ExactlyOnce, 10);
+            o.max_redeliveries = 3;
+            fast_backoff(&mut o);
+            let mut consumer =
+                InboxConsumer::new(source, db.store.inbox(), Some(handler.clone()), o);
+            let mut report = omnibox::inbox::ConsumeReport::default();
+            // Past the failure's retry time.
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            consumer
+                .consume_batch(&messages(3), &mut report)
+                .await
+                .unwrap();
+            let row = db
+                .store
+                .inbox()
+                .get_by_message_id("m-1", "billing")
+                .await
+                .unwrap()
+                .unwrap();
+            assert_eq!(row.attempts_made(), run + 1, "run {run}");
+        }
+        let calls = calls_of(&log, "m-1");
+        assert_eq!(
+            calls.iter().map(|c| c.attempts_made).collect::<Vec<_>>(),
+            vec![0, 1, 2],
+            "OMNIBOX_ATTEMPT counts deliveries across restarts"
+        );
+        assert!(
+            calls.iter().all(|c| c.event_id == calls[0].event_id),
+            "one event id for every delivery"
+        );
+        let row = db
+            .store
+            .inbox()
+            .get_by_message_id("m-1", "billing")
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(row.status(), EventStatus::Failed);
+        assert_eq!(row.last_error(), Some("failure 3"));
+        assert_eq!(calls_of(&log, "m-0").len(), 1);
+        assert_eq!(
+            calls_of(&log, "m-2").len(),
+            1,
+            "handled once m-1 failed for good"
+        );
+    }
+
+    /// A transient failure (no attempt spent) waits for the time it asked
+    /// for, and ends: past the transient limit the message is parked as
+    /// failed and the partition goes on.
+    pub async fn transient_failures_are_paced_and_end(db: &TestDb) {
+        let (f, log) = logging(db.store.inbox(), |id, n| {
+            Some(if id == "m-1" {
+                Outcome::Failed {
+                    error: format!("downstream busy ({n})"),
+                    retry: Retry::NotCountedAfter(Duration::from_millis(200)),
+                }
+            } else {
+                Outcome::Completed
+            })
+        });
+        let (source, _) = VecSource::new(messages(3), db.store.inbox());
+        let mut o = options(AckStrategy::ExactlyOnce, 10);
+        o.transient_limit = Duration::from_secs(1);
+        let mut consumer = InboxConsumer::new(source, db.store.inbox(), Some(Arc::new(f)), o);
+        let r = tokio::time::timeout(Duration::from_secs(30), consumer.run(true, stop()))
+            .await
+            .expect("a --once run ends")
+            .unwrap();
+        let calls = calls_of(&log, "m-1").len();
+        assert!(
+            (4..=12).contains(&calls),
+            "about one delivery per 200 ms for 1 s, not hundreds: {calls} ({r:?})"
+        );
+        let row = db
+            .store
+            .inbox()
+            .get_by_message_id("m-1", "billing")
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(row.status(), EventStatus::Failed);
+        assert!(
+            row.last_error()
+                .unwrap()
+                .contains("gave up after failing transiently"),
+            "{:?}",
+            row.last_error()
+        );
+        assert_eq!(calls_of(&log, "m-2").len(), 1);
+        assert_eq!(db.store.inbox().counts().await.unwrap().completed, 2);
+    }
+
+    /// An external handler runs with no transaction open: its row is
+    /// already stored (pending, locked by this consumer) and visible to
+    /// every other connection, so other writers are not blocked by it.
+    pub async fn external_handlers_run_outside_any_transaction(db: &TestDb) {
+        let (f, log) = logging(db.store.inbox(), |_, _| Some(Outcome::Completed));
+        let (source, _) = VecSource::new(messages(3), db.store.inbox());
+        let mut consumer = InboxConsumer::new(
+            source,
+            db.store.inbox(),
+            Some(Arc::new(Outside(f))),
+            options(AckStrategy::ExactlyOnce, 10),
+        );
+        consumer.run(true, stop()).await.unwrap();
+        for call in log.lock().unwrap().iter() {
+            let row = call
+                .row
+                .as_ref()
+                .unwrap_or_else(|| panic!("{} not visible while its handler ran", call.message_id));
+            assert_eq!(row.status(), EventStatus::Pending);
+            assert_eq!(row.locked_by(), Some("consumer-1"));
+            assert_eq!(row.id(), call.event_id);
+        }
+        assert_eq!(db.store.inbox().counts().await.unwrap().completed, 3);
+    }
+
+    /// A consumer killed while an external handler runs: on restart only
+    /// the handler in flight runs again (once its lease has run out); the
+    /// ones already done are duplicates.
+    pub async fn a_kill_reruns_only_the_handler_in_flight(db: &TestDb) {
+        let (f, log) = logging(db.store.inbox(), |id, n| {
+            (id != "m-2" || n > 1).then_some(Outcome::Completed)
+        });
+        let handler = Arc::new(Outside(f));
+        let (source, _) = VecSource::new(Vec::new(), db.store.inbox());
+        let mut o = options(AckStrategy::ExactlyOnce, 10);
+        o.lease = Duration::from_secs(1);
+        let mut first =
+            InboxConsumer::new(source, db.store.inbox(), Some(handler.clone()), o.clone());
+        let task = tokio::spawn(async move {
+            let mut report = omnibox::inbox::ConsumeReport::default();
+            first.consume_batch(&messages(5), &mut report).await
+        });
+        while calls_of(&log, "m-2").is_empty() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        task.abort(); // kill -9: nothing more is written, nothing committed
+        let _ = task.await;
+        let (source, commits) = VecSource::new(messages(5), db.store.inbox());
+        let mut o2 = options(AckStrategy::ExactlyOnce, 10);
+        o2.worker = WorkerId::new("consumer-2").unwrap();
+        let mut second = InboxConsumer::new(source, db.store.inbox(), Some(handler), o2);
+        tokio::time::timeout(Duration::from_secs(30), second.run(true, stop()))
+            .await
+            .unwrap()
+            .unwrap();
+        for (id, n) in [("m-0", 1), ("m-1", 1), ("m-2", 2), ("m-3", 1), ("m-4", 1)] {
+            assert_eq!(calls_of(&log, id).len(), n, "{id}");
+        }
+        assert_eq!(db.store.inbox().counts().await.unwrap().completed, 5);
+        assert_eq!(commits.lock().unwrap().last().unwrap().through, 4);
     }
 
     /// A handler that never succeeds does not block the partition forever:
@@ -275,6 +564,7 @@ mod cases {
         let (source, _) = VecSource::new(messages(3), db.store.inbox());
         let mut o = options(AckStrategy::ExactlyOnce, 10);
         o.max_redeliveries = 3;
+        fast_backoff(&mut o);
         let mut consumer = InboxConsumer::new(source, db.store.inbox(), Some(handler), o);
         consumer.run(true, stop()).await.unwrap();
         let row = db
@@ -485,6 +775,10 @@ backend_tests!(
     exactly_once_under_redelivery,
     crash_between_store_and_commit,
     handler_failure_is_redelivered_until_it_succeeds,
+    attempts_survive_a_restart,
+    transient_failures_are_paced_and_end,
+    external_handlers_run_outside_any_transaction,
+    a_kill_reruns_only_the_handler_in_flight,
     a_hopeless_message_is_stored_failed,
     ack_strategies_commit_where_they_say,
     poison_messages_are_stored_and_committed,
@@ -529,8 +823,9 @@ async fn webhook_status_mapping() {
                     }
                 }
                 let text = String::from_utf8_lossy(&got).to_string();
+                let request_line = text.lines().next().unwrap_or("").to_string();
                 let body = text.split("\r\n\r\n").nth(1).unwrap_or("").to_string();
-                seen.lock().unwrap().push(body.clone());
+                seen.lock().unwrap().push(format!("{request_line}\n{body}"));
                 let id = serde_json::from_str::<serde_json::Value>(&body)
                     .map(|v| v["message_id"].as_str().unwrap_or("").to_string())
                     .unwrap_or_default();
@@ -538,6 +833,10 @@ async fn webhook_status_mapping() {
                     "ok" => ("200 OK", ""),
                     "dup" => ("409 Conflict", ""),
                     "busy" => ("503 Service Unavailable", "retry-after: 120\r\n"),
+                    "moved" => (
+                        "302 Found",
+                        "location: /elsewhere?token=hidden-location-token\r\n",
+                    ),
                     _ => ("500 Internal Server Error", ""),
                 };
                 let resp = format!(
@@ -548,7 +847,7 @@ async fn webhook_status_mapping() {
         }
     });
     let db = common::sqlite().await;
-    let rows: Vec<RawMessage> = ["ok", "dup", "busy", "err"]
+    let rows: Vec<RawMessage> = ["ok", "dup", "busy", "err", "moved"]
         .iter()
         .enumerate()
         .map(|(i, id)| msg(id, i as i64, r#"{"a":1}"#))
@@ -564,7 +863,11 @@ async fn webhook_status_mapping() {
     .await
     .unwrap();
     let handler = Arc::new(AnyHandler::Webhook(
-        WebhookHandler::new(format!("http://{addr}/events"), Duration::from_secs(5)).unwrap(),
+        WebhookHandler::new(
+            format!("http://hook-user:hook-secret@{addr}/events?token=query-secret&x=1"),
+            Duration::from_secs(5),
+        )
+        .unwrap(),
     ));
     let p = ProcessorBuilder::new(
         db.store.inbox(),
@@ -612,6 +915,52 @@ async fn webhook_status_mapping() {
             .iter()
             .any(|b| b.contains("\"payload\":{\"a\":1}"))
     );
+    // A redirect is not followed (the POST would become a GET elsewhere and
+    // its 200 would complete the event unhandled): a counted failure that
+    // names where it pointed, its query values masked.
+    let moved = get("moved").await;
+    assert_eq!(
+        (moved.status(), moved.attempts_made()),
+        (EventStatus::Pending, 1)
+    );
+    let error = moved.last_error().unwrap();
+    assert!(
+        error.contains("302") && error.contains("/elsewhere?token=***"),
+        "{error}"
+    );
+    assert!(
+        !bodies
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|b| b.contains("/elsewhere")),
+        "the redirect was not followed"
+    );
+    // The webhook's credentials and query values appear in no row.
+    for row in db
+        .store
+        .inbox()
+        .list(&omnibox::store::ListFilter::default())
+        .await
+        .unwrap()
+    {
+        let text = serde_json::to_string(&row).unwrap();
+        for secret in ["hook-secret", "query-secret", "hidden-location-token"] {
+            assert!(!text.contains(secret), "{secret} in {text}");
+        }
+    }
+    assert_eq!(
+        omnibox::inbox::redact_http_url("https://u:p@w/d@h:1/x?token=t&flag#frag"),
+        "https://u:***@h:1/x?token=***&flag"
+    );
+    let unreachable = WebhookHandler::new(
+        "http://someone:hunter2@127.0.0.1:1/x?api_key=k3y",
+        Duration::from_secs(2),
+    )
+    .unwrap();
+    let out = omnibox::inbox::Handler::handle(&unreachable, &get("ok").await).await;
+    let text = format!("{out:?} {unreachable:?}");
+    assert!(!text.contains("hunter2") && !text.contains("k3y"), "{text}");
     // Nobody listening: transient, no attempt spent.
     let refused = WebhookHandler::new("http://127.0.0.1:1/x", Duration::from_secs(2)).unwrap();
     let row = get("ok").await;
@@ -626,4 +975,84 @@ async fn webhook_status_mapping() {
         ),
         "{out:?}"
     );
+}
+
+/// An event stored through the consumer, to call handlers with.
+async fn stored_event(payload: &str) -> (common::TestDb, InboxEvent) {
+    let db = common::sqlite().await;
+    let (source, _) = VecSource::new(vec![msg("big", 0, payload)], db.store.inbox());
+    InboxConsumer::<_, AnyHandler>::new(
+        source,
+        db.store.inbox(),
+        None,
+        options(AckStrategy::ExactlyOnce, 10),
+    )
+    .run(true, stop())
+    .await
+    .unwrap();
+    let e = db
+        .store
+        .inbox()
+        .get_by_message_id("big", "billing")
+        .await
+        .unwrap()
+        .unwrap();
+    (db, e)
+}
+
+/// --exec: a timeout kills the handler's whole process group, so what it
+/// started cannot finish the effect after the event was given up on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exec_timeout_kills_everything_the_handler_started() {
+    let (_db, event) = stored_event(r#"{"a":1}"#).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mark = dir.path().join("effect");
+    let handler = ExecHandler::new(
+        format!("(sleep 2; touch '{}') & wait", mark.display()),
+        Duration::from_millis(300),
+    );
+    let out = omnibox::inbox::Handler::handle(&handler, &event).await;
+    assert!(
+        matches!(&out, Outcome::Failed { error, retry: Retry::Counted(None) } if error.contains("timed out")),
+        "{out:?}"
+    );
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(
+        !mark.exists(),
+        "the handler's child ran on after the timeout"
+    );
+}
+
+/// --exec: stdin is written while stdout and stderr are read, so a handler
+/// that writes more than a pipe holds before reading its input (or reads
+/// a large input while writing) does not deadlock.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exec_large_input_and_output_do_not_deadlock() {
+    let big = "x".repeat(300_000);
+    let (_db, event) = stored_event(&format!(r#"{{"blob":"{big}"}}"#)).await;
+    let handler = ExecHandler::new(
+        "head -c 200000 /dev/zero | tr '\\0' e >&2; head -c 200000 /dev/zero; \
+         test \"$(wc -c)\" -gt 300000 || exit 9",
+        Duration::from_secs(20),
+    );
+    let started = std::time::Instant::now();
+    let out = omnibox::inbox::Handler::handle(&handler, &event).await;
+    assert!(matches!(out, Outcome::Completed), "{out:?}");
+    assert!(started.elapsed() < Duration::from_secs(10));
+    // A failure reports the end of stderr, not all of it.
+    let failing = ExecHandler::new(
+        "head -c 500000 /dev/zero | tr '\\0' e >&2; echo ' the end' >&2; exit 4",
+        Duration::from_secs(20),
+    );
+    match omnibox::inbox::Handler::handle(&failing, &event).await {
+        Outcome::Failed { error, .. } => {
+            assert!(
+                error.contains("exited with 4") && error.ends_with("the end"),
+                "{}",
+                &error[..80]
+            );
+            assert!(error.len() < 2000);
+        }
+        other => panic!("{other:?}"),
+    }
 }

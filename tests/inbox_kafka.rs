@@ -219,6 +219,10 @@ async fn kafka_handler_failure_seeks_back_and_redelivers() {
     let mut o = ConsumeOptions::new("ledger", WorkerId::new("c1").unwrap());
     o.batch = 8;
     o.poll_wait = Duration::from_secs(2);
+    o.backoff = omnibox::Backoff {
+        base: Duration::from_millis(200),
+        cap: Duration::from_secs(1),
+    };
     let mut consumer = InboxConsumer::new(source, db.store.inbox(), Some(handler), o);
     let (_tx, rx) = watch::channel(false);
     let r = tokio::time::timeout(Duration::from_secs(60), consumer.run(true, rx))
@@ -239,4 +243,61 @@ async fn kafka_handler_failure_seeks_back_and_redelivers() {
         );
     }
     assert_eq!(db.store.inbox().counts().await.unwrap().completed, 20);
+}
+
+/// A handler that runs longer than the group's max.poll.interval.ms: the
+/// consumer keeps polling (partitions paused) while it runs, so it stays in
+/// the group and its commit lands; a new consumer of the group reads nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kafka_slow_handler_keeps_the_group_membership() {
+    let db = common::sqlite().await;
+    let cluster = MockCluster::new(1).unwrap();
+    cluster.create_topic("slow", 1, 1).unwrap();
+    let brokers = cluster.bootstrap_servers();
+    let sent = produce(&brokers, "slow", 4).await;
+    let calls: Arc<Mutex<HashMap<String, u32>>> = Arc::new(Mutex::new(HashMap::new()));
+    let c = calls.clone();
+    let handler = Arc::new(move |e: InboxEvent| {
+        let c = c.clone();
+        async move {
+            *c.lock()
+                .unwrap()
+                .entry(e.message_id().to_string())
+                .or_insert(0) += 1;
+            if e.message_id() == "evt-2" {
+                tokio::time::sleep(Duration::from_secs(14)).await;
+            }
+            Outcome::Completed
+        }
+    });
+    let props = vec![
+        ("session.timeout.ms".to_string(), "6000".to_string()),
+        ("heartbeat.interval.ms".to_string(), "1000".to_string()),
+        ("max.poll.interval.ms".to_string(), "6000".to_string()),
+    ];
+    let mut o = ConsumeOptions::new("slowpokes", WorkerId::new("c1").unwrap());
+    o.poll_wait = Duration::from_secs(2);
+    o.handler_timeout = Duration::from_secs(30);
+    let source = KafkaSource::new(&brokers, "slowpokes", &["slow".to_string()], &props).unwrap();
+    let mut consumer =
+        InboxConsumer::new(source, db.store.inbox(), Some(handler.clone()), o.clone());
+    let (_tx, rx) = watch::channel(false);
+    let r = tokio::time::timeout(Duration::from_secs(90), consumer.run(true, rx.clone()))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(r.consumed as usize, sent, "{r:?}");
+    drop(consumer);
+    assert!(calls.lock().unwrap().values().all(|&n| n == 1));
+    assert_eq!(db.store.inbox().counts().await.unwrap().completed, 4);
+    let source = KafkaSource::new(&brokers, "slowpokes", &["slow".to_string()], &props).unwrap();
+    let mut again = InboxConsumer::new(source, db.store.inbox(), Some(handler), o);
+    let r = tokio::time::timeout(Duration::from_secs(60), again.run(true, rx))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        r.consumed, 0,
+        "the slow batch's offsets were committed: {r:?}"
+    );
 }

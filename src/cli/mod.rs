@@ -263,6 +263,7 @@ fn exit_code(err: &anyhow::Error) -> u8 {
         Some(e) if e.is_input_error() || e.is_connection_error() => 2,
         Some(omnibox::Error::Migration(_)) => 2,
         Some(omnibox::Error::ConcurrentUpdate { .. }) => 3,
+        Some(omnibox::Error::Broker(_)) => 4,
         _ => 1,
     }
 }
@@ -275,6 +276,9 @@ fn hint(err: &anyhow::Error) -> Option<&'static str> {
         omnibox::Error::ConcurrentUpdate { .. } => {
             Some("another worker or an operator changed these rows meanwhile; nothing was lost")
         }
+        omnibox::Error::Broker(_) => Some(
+            "offsets committed so far stay; uncommitted messages are delivered again and deduplicated",
+        ),
         _ => None,
     }
 }

@@ -2,7 +2,7 @@
 //! a source into the inbox table, a batch per database transaction, with the
 //! ack strategies of docs/design.md, "The inbox".
 
-use std::collections::HashMap;
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -18,8 +18,9 @@ use crate::error::{Error, Result};
 use crate::metrics::Metrics;
 use crate::model::{InboxEvent, InboxRoute, WorkerId, time};
 use crate::pipeline::{DeadLetter, Verdict};
+use crate::pipeline::{Heartbeat, Outcome};
 use crate::relay::{AnySink, Sink};
-use crate::store::{AnyTable, ClaimToken, EventStore, Failure, RetryAt};
+use crate::store::{AnyTable, ClaimToken, EventStore, Existing, Failure, RetryAt};
 
 /// When the broker offset is committed (docs/design.md, "The inbox").
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -30,9 +31,14 @@ pub enum AckStrategy {
     /// After the row is stored ([`CommitOn::Persist`], also after a handler
     /// error), or after it is stored and handled ([`CommitOn::Success`]).
     AtLeastOnce(CommitOn),
-    /// After the transaction that stores the row (and runs the handler and
-    /// marks it completed) commits; a duplicate is committed at once; a
-    /// handler failure rolls the row back and the message is delivered again.
+    /// After the row is stored and handled: a handler that works in the
+    /// database ([`Handler::in_transaction`]) runs inside the transaction
+    /// that stores the row and marks it completed; an external one runs
+    /// after the row is stored (locked by this consumer) and before it is
+    /// marked completed. A duplicate is committed at once. A handler failure
+    /// is written to the row (attempts, error, retry time) and the message
+    /// is delivered again once its retry time comes, so the attempt count
+    /// and the backoff survive restarts and rebalances.
     ExactlyOnce,
 }
 
@@ -45,6 +51,14 @@ pub enum CommitOn {
     /// Once stored and handled (completed or skipped).
     Success,
 }
+
+/// Default of [`ConsumeOptions::transient_limit`].
+pub const DEFAULT_TRANSIENT_LIMIT: Duration = Duration::from_secs(3600);
+/// Default of [`ConsumeOptions::lease`].
+pub const DEFAULT_CONSUMER_LEASE: Duration = Duration::from_secs(30);
+/// A handler still running after this long makes the source idle (Kafka:
+/// partitions paused, polls go on) until it ends.
+const IDLE_AFTER: Duration = Duration::from_secs(1);
 
 /// Settings of an [`InboxConsumer`].
 #[derive(Debug, Clone)]
@@ -61,9 +75,21 @@ pub struct ConsumeOptions {
     pub poll_wait: Duration,
     /// Bound on one handler run.
     pub handler_timeout: Duration,
-    /// Exactly-once: deliveries of a message whose handler keeps failing
-    /// before it is stored as `failed` (so it cannot block its partition).
+    /// Counted failures of a message's handler before its row is `failed`
+    /// (so it cannot block its partition): the `max_attempts` of new rows.
     pub max_redeliveries: u32,
+    /// Exactly-once: the wait before a message whose handler failed (a
+    /// counted failure) is delivered again, by its attempts so far.
+    pub backoff: Backoff,
+    /// Exactly-once: a message whose handler keeps failing transiently (no
+    /// attempt spent: exit 75, HTTP 429/502/503/504, no connection) is
+    /// parked as `failed` once this long has passed since its row was stored.
+    pub transient_limit: Duration,
+    /// Exactly-once with an external handler: how long the rows of a batch
+    /// stay locked by this consumer; the lease is extended every third of it
+    /// while the batch is handled, so it bounds only how long a consumer
+    /// that died holds its rows.
+    pub lease: Duration,
 }
 
 impl ConsumeOptions {
@@ -78,6 +104,9 @@ impl ConsumeOptions {
             poll_wait: Duration::from_secs(1),
             handler_timeout: Duration::from_secs(30),
             max_redeliveries: crate::model::limits::DEFAULT_MAX_ATTEMPTS as u32,
+            backoff: Backoff::default(),
+            transient_limit: DEFAULT_TRANSIENT_LIMIT,
+            lease: DEFAULT_CONSUMER_LEASE,
         }
     }
 }
@@ -99,8 +128,15 @@ pub struct ConsumeReport {
     pub skipped: u64,
     /// Handler failures (rows left for retry, or rolled back and redelivered).
     pub failed: u64,
-    /// Messages rolled back and delivered again (exactly-once handler failures).
+    /// Messages rewound to be delivered again (a handler failure waiting for
+    /// its retry time, a row held by another consumer).
     pub redelivered: u64,
+    /// Deliveries of a message whose row an earlier delivery stored and that
+    /// was handled again (its retry time had come).
+    pub retried: u64,
+    /// Messages of partitions revoked by a rebalance while they were in
+    /// hand: neither handled nor committed here.
+    pub revoked: u64,
     /// Offset commits done.
     pub commits: u64,
     /// Seconds the run took.
@@ -119,8 +155,36 @@ pub struct InboxConsumer<S: Source, H: Handler> {
     backoff: Backoff,
     metrics: Option<Arc<Metrics>>,
     dlq: Option<(Arc<AnySink>, String)>,
-    /// Exactly-once: how often each message's handler failed in a row.
-    failures: HashMap<(String, i32, i64), u32>,
+    /// Exactly-once: the source is paused until then (a retry's time).
+    resume_at: Option<Instant>,
+    /// Repeated handler-failure warnings are logged at most every few
+    /// seconds; the others are counted here and reported with the next.
+    warnings: Throttle,
+}
+
+/// Rate limit of a repeated warning.
+#[derive(Debug, Default)]
+struct Throttle {
+    last: Option<Instant>,
+    suppressed: u64,
+}
+
+impl Throttle {
+    const EVERY: Duration = Duration::from_secs(10);
+
+    /// Some(number suppressed since the last one) when this one may be logged.
+    fn allow(&mut self) -> Option<u64> {
+        let now = Instant::now();
+        if self
+            .last
+            .is_some_and(|l| now.duration_since(l) < Self::EVERY)
+        {
+            self.suppressed += 1;
+            return None;
+        }
+        self.last = Some(now);
+        Some(std::mem::take(&mut self.suppressed))
+    }
 }
 
 impl<S: Source, H: Handler> InboxConsumer<S, H> {
@@ -140,7 +204,8 @@ impl<S: Source, H: Handler> InboxConsumer<S, H> {
             backoff: Backoff::default(),
             metrics: None,
             dlq: None,
-            failures: HashMap::new(),
+            resume_at: None,
+            warnings: Throttle::default(),
         }
     }
 
@@ -180,6 +245,22 @@ impl<S: Source, H: Handler> InboxConsumer<S, H> {
         loop {
             if *shutdown.borrow() {
                 break;
+            }
+            if let Some(at) = self.resume_at {
+                let now = Instant::now();
+                if now < at {
+                    let step = (at - now).min(Duration::from_secs(1));
+                    let idled = tokio::select! {
+                        r = self.source.idle(step) => r,
+                        _ = shutdown.changed() => Ok(()),
+                    };
+                    if let Err(e) = idled {
+                        tracing::warn!(error = %e, "the source failed while paused");
+                        tokio::time::sleep(step).await;
+                    }
+                    continue;
+                }
+                self.resume_at = None;
             }
             let polled = tokio::select! {
                 p = self.source.poll(self.options.batch, self.options.poll_wait) => p,
@@ -305,112 +386,458 @@ impl<S: Source, H: Handler> InboxConsumer<S, H> {
         }
     }
 
-    /// Exactly-once: one transaction stores the batch, runs the handler on
-    /// each new row and marks it completed; offsets are committed after it.
-    /// A handler failure ends the batch there: that message and the ones
-    /// after it are rolled back and delivered again.
+    /// The token of this consumer's locks for one batch.
+    fn token(&self) -> ClaimToken {
+        ClaimToken {
+            worker: self.options.worker.clone(),
+            locked_at: time::now(),
+            lease: self.options.lease,
+        }
+    }
+
+    /// The row a message becomes: new rows get the consumer's attempt limit.
+    fn new_rows(&self, normalized: &[Normalized]) -> Vec<InboxEvent> {
+        let max = i32::try_from(self.options.max_redeliveries.max(1)).unwrap_or(i32::MAX);
+        normalized
+            .iter()
+            .map(|n| {
+                let mut e = n.event().clone();
+                if !n.is_poison() {
+                    e.max_attempts = max;
+                }
+                e
+            })
+            .collect()
+    }
+
+    /// The failure to write for a handler's failed result: a transient one
+    /// past the transient limit parks the row as failed.
+    fn failure(&self, event: &InboxEvent, error: String, retry: Retry) -> Failure {
+        if !retry.is_counted() {
+            let age = (time::now() - event.created_at())
+                .to_std()
+                .unwrap_or_default();
+            if age > self.options.transient_limit {
+                return Failure::dead(
+                    event.id(),
+                    format!(
+                        "gave up after failing transiently for {}s (limit {}s): {error}",
+                        age.as_secs(),
+                        self.options.transient_limit.as_secs()
+                    ),
+                );
+            }
+        }
+        Failure::from_retry(event, error, retry, &self.options.backoff)
+    }
+
+    /// True when writing `failure` leaves the row `failed`.
+    fn is_final(event: &InboxEvent, failure: &Failure) -> bool {
+        failure.dead || (failure.counted && event.attempts_made() + 1 >= event.max_attempts())
+    }
+
+    fn warn_failure(&mut self, event: &InboxEvent, error: &str, wait: Duration) {
+        match self.warnings.allow() {
+            Some(suppressed) => tracing::warn!(
+                message_id = event.message_id(),
+                attempt = event.attempts_made() + 1,
+                retry_in_ms = wait.as_millis() as u64,
+                suppressed,
+                error = %error,
+                "handler failed; the message will be delivered again"
+            ),
+            None => {
+                tracing::debug!(message_id = event.message_id(), error = %error, "handler failed again")
+            }
+        }
+    }
+
+    /// Pauses the source until `wait` has passed.
+    fn pause_for(&mut self, wait: Duration) {
+        let at = Instant::now() + wait;
+        self.resume_at = Some(self.resume_at.map_or(at, |r| r.max(at)));
+    }
+
+    /// Exactly-once: see [`AckStrategy::ExactlyOnce`]. A message whose row
+    /// exists and is pending is handled again when its retry time has come
+    /// and no live lease holds it; otherwise the batch ends before it and
+    /// the source pauses until then. A handler failure that leaves the row
+    /// pending ends the batch there too (the messages after it are
+    /// delivered again, after the retry time), so a partition's messages
+    /// are handled in order.
     async fn exactly_once(
         &mut self,
         messages: &[RawMessage],
         normalized: &[Normalized],
         report: &mut ConsumeReport,
     ) -> Result<()> {
-        let events: Vec<InboxEvent> = normalized.iter().map(|n| n.event().clone()).collect();
+        let events = self.new_rows(normalized);
+        let token = self.token();
         let mut tx = self.store.begin().await?;
         let outcomes = tx
             .insert(&events)
             .await
             .map_err(|e| persist_error(&events, e))?;
-        let mut completed = Vec::new();
-        let mut stop_at = None;
-        let mut dead: Vec<InboxEvent> = Vec::new();
-        if let Some(handler) = self.handler.clone() {
-            for (i, (n, o)) in normalized.iter().zip(&outcomes).enumerate() {
-                if o.existing || n.is_poison() {
-                    continue;
+        let Some(handler) = self.handler.clone() else {
+            tx.commit().await?;
+            self.tally(normalized, &outcomes, report);
+            self.forward_dead_poison(normalized, &outcomes).await;
+            return self.commit(messages, report).await;
+        };
+        let existing: Vec<Uuid> = outcomes
+            .iter()
+            .filter(|o| o.existing)
+            .map(|o| o.id)
+            .collect();
+        let mut met = tx.take(&existing, &token).await?;
+
+        // What to handle, in message order, up to the first message whose
+        // row must wait.
+        let mut work: Vec<Work> = Vec::new();
+        let mut seen = HashSet::with_capacity(outcomes.len());
+        let mut end = messages.len();
+        let mut wait_until = None;
+        for (i, (n, o)) in normalized.iter().zip(&outcomes).enumerate() {
+            if !seen.insert(o.id) {
+                continue; // the same message twice in the batch
+            }
+            if !o.existing {
+                if !n.is_poison() {
+                    work.push(Work {
+                        index: i,
+                        event: events[i].clone(),
+                        new: true,
+                    });
                 }
-                match run_handler(handler.as_ref(), n.event(), self.options.handler_timeout)
-                    .await
-                    .verdict()
-                {
-                    Verdict::Processed => {
-                        report.processed += 1;
-                        completed.push(o.id);
+                continue;
+            }
+            match met.remove(&o.id) {
+                None => {} // completed or failed: a duplicate
+                Some(Existing::Taken(e)) => work.push(Work {
+                    index: i,
+                    event: *e,
+                    new: false,
+                }),
+                Some(Existing::Wait(until)) => {
+                    end = i;
+                    wait_until = Some(until);
+                    break;
+                }
+            }
+        }
+        // Rows taken beyond the end go back as they were.
+        let untouched: Vec<Uuid> = met
+            .into_iter()
+            .filter_map(|(id, m)| matches!(m, Existing::Taken(_)).then_some(id))
+            .collect();
+        tx.unlock(&untouched).await?;
+        // New rows beyond the end are not kept: they come again.
+        let beyond: Vec<Uuid> = (end..messages.len())
+            .filter(|&i| !outcomes[i].existing && !normalized[i].is_poison())
+            .map(|i| outcomes[i].id)
+            .collect();
+        tx.delete(&beyond).await?;
+
+        let settled = if handler.in_transaction() {
+            self.handle_in_transaction(tx, &token, handler.as_ref(), messages, &work, report)
+                .await?
+        } else {
+            let fresh: Vec<Uuid> = work
+                .iter()
+                .filter(|w| w.new)
+                .map(|w| w.event.id())
+                .collect();
+            tx.lock(&fresh, &token).await?;
+            tx.commit().await?;
+            self.handle_outside(&token, handler.as_ref(), messages, &work, report)
+                .await?
+        };
+        let (end, retry_in) = match settled {
+            Some((i, wait)) if i < end => (i, Some(wait)),
+            _ => (
+                end,
+                wait_until.map(|t| (t - time::now()).to_std().unwrap_or_default()),
+            ),
+        };
+
+        // Count what happened to the messages before the end.
+        let taken: HashSet<Uuid> = work
+            .iter()
+            .filter(|w| !w.new)
+            .map(|w| w.event.id())
+            .collect();
+        let mut counted = HashSet::new();
+        for (i, (n, o)) in normalized.iter().zip(&outcomes).enumerate() {
+            if i >= end && (o.existing || !n.is_poison()) {
+                continue; // comes again (a new poison row is kept)
+            }
+            if !o.existing {
+                if counted.insert(o.id) {
+                    report.stored += 1;
+                    self.count("stored", 1);
+                }
+            } else if taken.contains(&o.id) && counted.insert(o.id) {
+                report.retried += 1;
+            } else {
+                report.duplicates += 1;
+                self.count("duplicate", 1);
+            }
+        }
+        report.poison += self.forward_new_poison(normalized, &outcomes).await;
+        let (done, rest) = messages.split_at(end);
+        let kept: Vec<RawMessage> = done
+            .iter()
+            .filter(|m| self.source.owns(m))
+            .cloned()
+            .collect();
+        self.commit(&kept, report).await?;
+        if !rest.is_empty() {
+            report.redelivered += rest.len() as u64;
+            self.source.rewind(rest).await?;
+            let wait = retry_in.unwrap_or_default();
+            self.pause_for(wait);
+        }
+        Ok(())
+    }
+
+    /// Sends new poison rows to the DLQ and counts them (metrics and the
+    /// returned number).
+    async fn forward_new_poison(
+        &mut self,
+        normalized: &[Normalized],
+        outcomes: &[crate::store::BulkOutcome],
+    ) -> u64 {
+        let n = self.forward_dead_poison(normalized, outcomes).await;
+        self.count("poison", n);
+        n
+    }
+
+    /// Sends new poison rows to the DLQ; returns how many.
+    async fn forward_dead_poison(
+        &self,
+        normalized: &[Normalized],
+        outcomes: &[crate::store::BulkOutcome],
+    ) -> u64 {
+        let mut ids = HashSet::new();
+        let poison: Vec<&InboxEvent> = normalized
+            .iter()
+            .zip(outcomes)
+            .filter(|(n, o)| n.is_poison() && !o.existing && ids.insert(o.id))
+            .map(|(n, _)| n.event())
+            .collect();
+        self.forward_dead(&poison).await;
+        poison.len() as u64
+    }
+
+    /// Runs a database handler inside `tx` on each row of `work`; completes
+    /// the rows it handled and commits. Returns the index of the message
+    /// whose failure ends the batch, with the wait before its retry.
+    async fn handle_in_transaction(
+        &mut self,
+        mut tx: crate::store::InboxTx,
+        token: &ClaimToken,
+        handler: &H,
+        messages: &[RawMessage],
+        work: &[Work],
+        report: &mut ConsumeReport,
+    ) -> Result<Option<(usize, Duration)>> {
+        let mut completed = Vec::new();
+        let mut failures: Vec<(Failure, &InboxEvent)> = Vec::new();
+        let mut stop: Option<(usize, usize, Duration)> = None;
+        let mut gone_new = Vec::new();
+        let mut gone_taken = Vec::new();
+        for (k, w) in work.iter().enumerate() {
+            if !self.source.owns(&messages[w.index]) {
+                report.revoked += 1;
+                if w.new {
+                    gone_new.push(w.event.id());
+                } else {
+                    gone_taken.push(w.event.id());
+                }
+                continue;
+            }
+            let outcome = handle_alive(
+                &mut self.source,
+                handler,
+                &w.event,
+                self.options.handler_timeout,
+            )
+            .await;
+            match outcome.verdict() {
+                Verdict::Processed => {
+                    report.processed += 1;
+                    completed.push(w.event.id());
+                }
+                Verdict::Skipped => {
+                    report.skipped += 1;
+                    completed.push(w.event.id());
+                }
+                Verdict::Failed { error, retry } => {
+                    report.failed += 1;
+                    let failure = self.failure(&w.event, error, retry);
+                    let last = Self::is_final(&w.event, &failure);
+                    let wait = retry_wait(&failure);
+                    if !last {
+                        self.warn_failure(&w.event, &failure.error, wait);
                     }
-                    Verdict::Skipped => {
-                        report.skipped += 1;
-                        completed.push(o.id);
-                    }
-                    Verdict::Failed { error, retry } => {
-                        report.failed += 1;
-                        let key = (
-                            messages[i].topic.clone(),
-                            messages[i].partition,
-                            messages[i].offset,
-                        );
-                        let n_failed = {
-                            let c = self.failures.entry(key.clone()).or_insert(0);
-                            if matches!(retry, Retry::Counted(_)) {
-                                *c += 1;
-                            }
-                            *c
-                        };
-                        if n_failed >= self.options.max_redeliveries {
-                            // Give up on redelivery: store it failed, move on.
-                            self.failures.remove(&key);
-                            let mut e = n.event().clone();
-                            e.status = crate::EventStatus::Failed;
-                            e.attempts_made = e.max_attempts;
-                            e.locked_at = None;
-                            e.locked_by = None;
-                            e.last_error = Some(crate::store::stored_error(&error));
-                            tx.delete(&[o.id]).await?;
-                            tx.insert(std::slice::from_ref(&e)).await?;
-                            tracing::error!(
-                                message_id = e.message_id(),
-                                "handler failed {n_failed} times; stored as failed"
-                            );
-                            dead.push(e);
-                            continue;
-                        }
-                        tracing::warn!(message_id = n.event().message_id(), error = %error, "handler failed; the message will be delivered again");
-                        stop_at = Some(i);
+                    failures.push((failure, &w.event));
+                    if !last {
+                        stop = Some((k, w.index, wait));
                         break;
                     }
                 }
             }
         }
-        if let Some(i) = stop_at {
-            let rolled_back: Vec<Uuid> = outcomes[i..]
-                .iter()
-                .filter(|o| !o.existing)
-                .map(|o| o.id)
-                .collect();
-            tx.delete(&rolled_back).await?;
+        if let Some((k, _, _)) = stop {
+            for w in &work[k + 1..] {
+                if w.new {
+                    gone_new.push(w.event.id());
+                } else {
+                    gone_taken.push(w.event.id());
+                }
+            }
         }
+        tx.delete(&gone_new).await?;
+        tx.unlock(&gone_taken).await?;
+        // Failed rows are written through the lease, after the commit:
+        // lock the new ones now.
+        let failed_new: Vec<Uuid> = failures
+            .iter()
+            .filter(|(_, e)| work.iter().any(|w| w.new && w.event.id() == e.id()))
+            .map(|(f, _)| f.id)
+            .collect();
+        tx.lock(&failed_new, token).await?;
         tx.complete(&completed).await?;
         tx.commit().await?;
-        let done = stop_at.unwrap_or(messages.len());
-        self.tally(&normalized[..done], &outcomes[..done], report);
         self.count("processed", completed.len() as u64);
-        for m in &messages[..done] {
-            self.failures
-                .remove(&(m.topic.clone(), m.partition, m.offset));
+        if !failures.is_empty() {
+            let list: Vec<Failure> = failures.iter().map(|(f, _)| f.clone()).collect();
+            let written = self.store.fail(token, &list).await?;
+            self.forward_failed(&failures, &written.failed).await;
         }
-        let poison: Vec<&InboxEvent> = normalized[..done]
+        Ok(stop.map(|(_, i, wait)| (i, wait)))
+    }
+
+    /// Runs an external handler on each row of `work` (stored and locked by
+    /// `token`) with no transaction open, writing each result before the
+    /// next handler starts. Returns the index of the message whose failure
+    /// ends the batch, with the wait before its retry.
+    async fn handle_outside(
+        &mut self,
+        token: &ClaimToken,
+        handler: &H,
+        messages: &[RawMessage],
+        work: &[Work],
+        report: &mut ConsumeReport,
+    ) -> Result<Option<(usize, Duration)>> {
+        let held = Arc::new(std::sync::Mutex::new(
+            work.iter().map(|w| w.event.id()).collect::<Vec<Uuid>>(),
+        ));
+        let mut heartbeat =
+            Heartbeat::for_shared(&self.store, token.clone(), held.clone(), self.options.lease);
+        let mut stop = None;
+        let mut k = 0;
+        while k < work.len() {
+            let w = &work[k];
+            k += 1;
+            if let Ok(mut h) = held.lock()
+                && k > 1
+            {
+                // The rows before this one are settled.
+                h.retain(|id| *id != work[k - 2].event.id());
+            }
+            if !self.source.owns(&messages[w.index]) {
+                report.revoked += 1;
+                self.release(token, &[w.event.id()]).await?;
+                continue;
+            }
+            let outcome = handle_alive(
+                &mut self.source,
+                handler,
+                &w.event,
+                self.options.handler_timeout,
+            )
+            .await;
+            match outcome.verdict() {
+                verdict @ (Verdict::Processed | Verdict::Skipped) => {
+                    match self.store.complete(token, &[w.event.id()]).await {
+                        Ok(_) if matches!(verdict, Verdict::Skipped) => report.skipped += 1,
+                        Ok(_) => {
+                            report.processed += 1;
+                            self.count("processed", 1);
+                        }
+                        Err(Error::ConcurrentUpdate { .. }) => tracing::warn!(
+                            message_id = w.event.message_id(),
+                            "the handler finished after this consumer lost the row's lease \
+                             (an operator unlocked it, or it ran past the lease); it is not \
+                             marked completed here and may run again"
+                        ),
+                        Err(e) => return Err(e),
+                    }
+                }
+                Verdict::Failed { error, retry } => {
+                    report.failed += 1;
+                    let failure = self.failure(&w.event, error, retry);
+                    let wait = retry_wait(&failure);
+                    let written = match self.store.fail(token, std::slice::from_ref(&failure)).await
+                    {
+                        Ok(w) => w,
+                        Err(Error::ConcurrentUpdate { .. }) => {
+                            tracing::warn!(
+                                message_id = w.event.message_id(),
+                                "the handler failed after this consumer lost the row's lease"
+                            );
+                            crate::store::FailReport::default()
+                        }
+                        Err(e) => return Err(e),
+                    };
+                    if !written.failed.is_empty() {
+                        self.forward_failed(&[(failure, &w.event)], &written.failed)
+                            .await;
+                        continue;
+                    }
+                    self.warn_failure(&w.event, &failure.error, wait);
+                    stop = Some((w.index, wait));
+                    break;
+                }
+            }
+        }
+        heartbeat.stop();
+        let rest: Vec<Uuid> = work[k..].iter().map(|w| w.event.id()).collect();
+        self.release(token, &rest).await?;
+        Ok(stop)
+    }
+
+    async fn release(&self, token: &ClaimToken, ids: &[Uuid]) -> Result<()> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        match self.store.release(token, ids).await {
+            Ok(_) | Err(Error::ConcurrentUpdate { .. }) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Rows that ended `failed`: logged and sent to the DLQ.
+    async fn forward_failed(&self, failures: &[(Failure, &InboxEvent)], failed: &[Uuid]) {
+        let rows: Vec<InboxEvent> = failures
             .iter()
-            .zip(&outcomes[..done])
-            .filter(|(n, o)| n.is_poison() && !o.existing)
-            .map(|(n, _)| n.event())
-            .chain(dead.iter())
+            .filter(|(f, _)| failed.contains(&f.id))
+            .map(|(f, e)| {
+                let mut e = (*e).clone();
+                e.status = crate::EventStatus::Failed;
+                e.attempts_made = (e.attempts_made + 1).min(e.max_attempts);
+                e.last_error = Some(crate::store::stored_error(&f.error));
+                tracing::error!(
+                    message_id = e.message_id(),
+                    attempts = e.attempts_made,
+                    error = %f.error,
+                    "handler failed for good; the row is failed (omnibox replay retries it)"
+                );
+                e
+            })
             .collect();
-        self.forward_dead(&poison).await;
-        self.commit(&messages[..done], report).await?;
-        if done < messages.len() {
-            report.redelivered += (messages.len() - done) as u64;
-            self.source.rewind(&messages[done..]).await?;
-        }
-        Ok(())
+        self.forward_dead(&rows.iter().collect::<Vec<_>>()).await;
     }
 
     /// At-most-once and at-least-once: the batch is stored (new rows locked
@@ -532,5 +959,52 @@ fn persist_error(events: &[InboxEvent], e: Error) -> Error {
             .map(|e| e.message_id().to_string())
             .unwrap_or_default(),
         source: Box::new(e),
+    }
+}
+
+/// A row to handle in an exactly-once batch.
+struct Work {
+    /// Its message's index in the batch.
+    index: usize,
+    event: InboxEvent,
+    /// Stored by this batch (else taken: stored by an earlier delivery).
+    new: bool,
+}
+
+/// How long until a written failure's retry.
+fn retry_wait(failure: &Failure) -> Duration {
+    match failure.retry {
+        RetryAt::After(d) => d,
+        RetryAt::At(t) => (t - time::now()).to_std().unwrap_or_default(),
+    }
+}
+
+/// Runs `handler` on `event`; when it runs longer than a moment, the source
+/// idles meanwhile (Kafka: paused partitions, polls go on), so a slow handler
+/// does not outlive the group's poll interval.
+async fn handle_alive<S: Source, H: Handler>(
+    source: &mut S,
+    handler: &H,
+    event: &InboxEvent,
+    timeout: Duration,
+) -> Outcome {
+    let run = run_handler(handler, event, timeout);
+    tokio::pin!(run);
+    tokio::select! {
+        biased;
+        o = &mut run => return o,
+        _ = tokio::time::sleep(IDLE_AFTER) => {}
+    }
+    loop {
+        tokio::select! {
+            biased;
+            o = &mut run => return o,
+            r = source.idle(Duration::from_millis(500)) => {
+                if let Err(e) = r {
+                    tracing::warn!(error = %e, "the source failed while a handler ran");
+                    return run.await;
+                }
+            }
+        }
     }
 }

@@ -23,6 +23,16 @@ pub const EXIT_TEMPFAIL: i32 = 75;
 pub trait Handler: Send + Sync + 'static {
     /// What happened: completed, skipped, or failed (counted or not).
     fn handle(&self, event: &InboxEvent) -> impl Future<Output = Outcome> + Send;
+
+    /// True (the default) for a handler whose effects go through the
+    /// inbox's own database: under exactly-once the consumer runs it inside
+    /// the transaction that stores the row and marks it completed. False for
+    /// an external effect (a command, an HTTP call): the consumer stores the
+    /// row first, runs the handler with no transaction open, then marks the
+    /// row completed; the receiver deduplicates by the stable event id.
+    fn in_transaction(&self) -> bool {
+        true
+    }
 }
 
 impl<F, Fut> Handler for F
@@ -74,6 +84,41 @@ impl ExecHandler {
     }
 }
 
+/// Most bytes of a handler's output kept (its end).
+const OUTPUT_TAIL: usize = 64 * 1024;
+
+/// Reads a pipe to its end, keeping the last [`OUTPUT_TAIL`] bytes.
+async fn read_tail<R: tokio::io::AsyncRead + Unpin>(mut pipe: R) -> Vec<u8> {
+    let mut kept = Vec::new();
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        match pipe.read(&mut buf).await {
+            Ok(0) | Err(_) => return kept,
+            Ok(n) => {
+                kept.extend_from_slice(&buf[..n]);
+                if kept.len() > 2 * OUTPUT_TAIL {
+                    kept.drain(..kept.len() - OUTPUT_TAIL);
+                }
+            }
+        }
+    }
+}
+
+/// Kills the process group a handler runs in (its id is the handler's pid).
+fn kill_group(group: Option<u32>) {
+    let Some(pid) = group.and_then(|p| i32::try_from(p).ok()) else {
+        return;
+    };
+    if pid <= 1 {
+        return;
+    }
+    // SAFETY: kill(2) with a negative pid signals that process group; it
+    // touches no memory of this process.
+    unsafe {
+        libc::kill(-pid, libc::SIGKILL);
+    }
+}
+
 fn tail(bytes: &[u8], max: usize) -> String {
     let text = String::from_utf8_lossy(bytes);
     let text = text.trim();
@@ -86,12 +131,16 @@ fn tail(bytes: &[u8], max: usize) -> String {
 }
 
 impl Handler for ExecHandler {
+    fn in_transaction(&self) -> bool {
+        false
+    }
+
     async fn handle(&self, event: &InboxEvent) -> Outcome {
         let mut cmd = tokio::process::Command::new("sh");
         cmd.arg("-c")
             .arg(&self.command)
             .stdin(Stdio::piped())
-            .stdout(Stdio::null())
+            .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .kill_on_drop(true)
             .env("OMNIBOX_EVENT_ID", event.id().to_string())
@@ -110,6 +159,9 @@ impl Handler for ExecHandler {
                 cmd.env(name, v);
             }
         }
+        // Its own process group: a timeout kills everything it started,
+        // not only `sh`.
+        cmd.process_group(0);
         let mut child = match cmd.spawn() {
             Ok(c) => c,
             Err(e) => {
@@ -119,22 +171,57 @@ impl Handler for ExecHandler {
                 );
             }
         };
+        let group = child.id();
         let input = event_json(event);
-        let mut stdin = child.stdin.take().expect("piped");
-        let mut stderr = child.stderr.take().expect("piped");
+        // All three pipes were set to `piped` above, so `take` finds them.
+        let (Some(mut stdin), Some(stdout), Some(stderr)) =
+            (child.stdin.take(), child.stdout.take(), child.stderr.take())
+        else {
+            kill_group(group);
+            return counted("handler's pipes could not be opened");
+        };
+        // Write stdin while reading stdout and stderr: a handler may write
+        // more than a pipe holds before it reads its input.
+        let io = async move {
+            let write = async move {
+                // A handler that does not read its stdin is fine.
+                let _ = stdin.write_all(input.as_bytes()).await;
+                drop(stdin);
+            };
+            let ((), err, _) = tokio::join!(write, read_tail(stderr), read_tail(stdout));
+            err
+        };
         let run = async {
-            // A handler that does not read its stdin is fine.
-            let _ = stdin.write_all(input.as_bytes()).await;
-            drop(stdin);
-            let mut err = Vec::new();
-            let _ = stderr.read_to_end(&mut err).await;
-            (child.wait().await, err)
+            tokio::pin!(io);
+            let mut err = None;
+            let status = loop {
+                tokio::select! {
+                    e = &mut io, if err.is_none() => err = Some(e),
+                    s = child.wait() => break s,
+                }
+            };
+            let err = match err {
+                Some(e) => e,
+                // Exited, but something it started holds its output open:
+                // that is part of the handler; give it a moment, then end it.
+                None => match tokio::time::timeout(Duration::from_secs(1), &mut io).await {
+                    Ok(e) => e,
+                    Err(_) => {
+                        kill_group(group);
+                        io.await
+                    }
+                },
+            };
+            (status, err)
         };
         match tokio::time::timeout(self.timeout, run).await {
-            Err(_) => counted(format!(
-                "handler timed out after {:?} and was killed",
-                self.timeout
-            )),
+            Err(_) => {
+                kill_group(group);
+                counted(format!(
+                    "handler timed out after {:?} and was killed with every process it started",
+                    self.timeout
+                ))
+            }
             Ok((Err(e), _)) => counted(format!("handler failed to run: {e}")),
             Ok((Ok(status), err)) => match status.code() {
                 Some(0) => Outcome::Completed,
@@ -160,27 +247,86 @@ impl Handler for ExecHandler {
 /// 429/502/503/504 or no connection → transient (honouring `Retry-After`);
 /// any other status → counted failure with the status and the body's tail;
 /// no answer within the timeout → counted failure.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct WebhookHandler {
     url: String,
+    /// `url` with its credentials and query values masked: the only form
+    /// that goes into errors, rows and logs.
+    shown: String,
     client: reqwest::Client,
+}
+
+impl std::fmt::Debug for WebhookHandler {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WebhookHandler")
+            .field("url", &self.shown)
+            .finish()
+    }
+}
+
+/// A URL for messages: the password of its user info and the values of its
+/// query string are masked (`https://u:***@h/p?token=***`), and a fragment
+/// is dropped. Works on any text (no parsing that could fail and leave the
+/// secret in place).
+pub fn redact_http_url(url: &str) -> String {
+    let (url, _) = url.split_once('#').unwrap_or((url, ""));
+    let (base, query) = match url.split_once('?') {
+        Some((b, q)) => (b, Some(q)),
+        None => (url, None),
+    };
+    let mut out = match base.find("://") {
+        // Everything between `://` and the last `@` is user info: a
+        // password may hold `/`, so the authority's end cannot be trusted.
+        Some(i) => {
+            let rest = &base[i + 3..];
+            match rest.rfind('@') {
+                Some(at) => {
+                    let user = rest[..at].split([':', '/']).next().unwrap_or("");
+                    format!("{}://{user}:***{}", &base[..i], &rest[at..])
+                }
+                None => base.to_string(),
+            }
+        }
+        None => base.to_string(),
+    };
+    if let Some(q) = query {
+        out.push('?');
+        let masked: Vec<String> = q
+            .split('&')
+            .map(|kv| match kv.split_once('=') {
+                Some((k, _)) => format!("{k}=***"),
+                None => kv.to_string(),
+            })
+            .collect();
+        out.push_str(&masked.join("&"));
+    }
+    out
 }
 
 impl WebhookHandler {
     /// A handler posting to `url`, each request bounded by `timeout`.
     pub fn new(url: impl Into<String>, timeout: Duration) -> crate::Result<Self> {
         let url = url.into();
+        let shown = redact_http_url(&url);
         if !(url.starts_with("http://") || url.starts_with("https://")) {
             return Err(crate::Error::Config(format!(
-                "webhook URL {url:?} must start with http:// or https://"
+                "webhook URL {shown:?} must start with http:// or https://"
+            )));
+        }
+        if reqwest::Url::parse(&url).is_err() {
+            return Err(crate::Error::Config(format!(
+                "webhook URL {shown:?} is not a valid URL"
             )));
         }
         let client = reqwest::Client::builder()
             .timeout(timeout)
+            // A redirect would turn the POST into a GET elsewhere, and a 200
+            // there would mark the event completed unhandled: never follow.
+            .redirect(reqwest::redirect::Policy::none())
             .user_agent(concat!("omnibox/", env!("CARGO_PKG_VERSION")))
             .build()
             .map_err(|e| crate::Error::Config(format!("cannot create the HTTP client: {e}")))?;
-        Ok(WebhookHandler { url, client })
+        Ok(WebhookHandler { url, shown, client })
     }
 }
 
@@ -208,6 +354,10 @@ fn retry_after(resp: &reqwest::Response) -> Duration {
 }
 
 impl Handler for WebhookHandler {
+    fn in_transaction(&self) -> bool {
+        false
+    }
+
     async fn handle(&self, event: &InboxEvent) -> Outcome {
         let sent = self
             .client
@@ -223,11 +373,15 @@ impl Handler for WebhookHandler {
         let resp = match sent {
             Ok(r) => r,
             Err(e) if e.is_timeout() => {
-                return counted(format!("webhook {} did not answer in time: {e}", self.url));
+                return counted(format!(
+                    "webhook {} did not answer in time: {}",
+                    self.shown,
+                    error_chain(e)
+                ));
             }
             Err(e) => {
                 return transient(
-                    format!("webhook {} unreachable: {e}", self.url),
+                    format!("webhook {} unreachable: {}", self.shown, error_chain(e)),
                     crate::model::limits::DEFAULT_TRANSIENT_RETRY_DELAY,
                 );
             }
@@ -235,6 +389,19 @@ impl Handler for WebhookHandler {
         let status = resp.status().as_u16();
         match status {
             200..=299 => Outcome::Completed,
+            300..=399 => {
+                let location = resp
+                    .headers()
+                    .get(reqwest::header::LOCATION)
+                    .and_then(|v| v.to_str().ok())
+                    .map(redact_http_url)
+                    .unwrap_or_else(|| "(no Location header)".into());
+                counted(format!(
+                    "webhook {} answered {status} redirecting to {location}; redirects are not \
+                     followed (the POST would not reach a handler): configure the final URL",
+                    self.shown
+                ))
+            }
             409 => Outcome::Skipped,
             429 | 502 | 503 | 504 => {
                 let after = retry_after(&resp);
@@ -255,6 +422,20 @@ impl Handler for WebhookHandler {
     }
 }
 
+/// A request error's text without the URL (which may hold credentials),
+/// with its causes.
+fn error_chain(e: reqwest::Error) -> String {
+    let e = e.without_url();
+    let mut text = e.to_string();
+    let mut source = std::error::Error::source(&e);
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}
+
 /// Any of the CLI's handlers.
 #[derive(Debug, Clone)]
 pub enum AnyHandler {
@@ -273,6 +454,10 @@ impl Handler for AnyHandler {
             AnyHandler::Webhook(h) => h.handle(event).await,
             AnyHandler::Accept => Outcome::Completed,
         }
+    }
+
+    fn in_transaction(&self) -> bool {
+        matches!(self, AnyHandler::Accept)
     }
 }
 

@@ -16,7 +16,10 @@ pub mod normalize;
 pub mod router;
 pub mod source;
 
-pub use consumer::{AckStrategy, CommitOn, ConsumeOptions, ConsumeReport, InboxConsumer};
-pub use handler::{AnyHandler, ExecHandler, Handler, HandlerStep, WebhookHandler};
+pub use consumer::{
+    AckStrategy, CommitOn, ConsumeOptions, ConsumeReport, DEFAULT_CONSUMER_LEASE,
+    DEFAULT_TRANSIENT_LIMIT, InboxConsumer,
+};
+pub use handler::{AnyHandler, ExecHandler, Handler, HandlerStep, WebhookHandler, redact_http_url};
 pub use normalize::{Cut, Normalized, RawMessage, normalize};
 pub use source::{AnySource, FileSource, KafkaSource, Polled, Source};

@@ -17,9 +17,9 @@ mod flight;
 mod processor;
 pub mod runner;
 
-pub(crate) use processor::Verdict;
 pub use processor::{
     BatchHandler, BatchReport, DeadLetter, Fetch, Fetched, Outcome, Processor, ProcessorBuilder,
     ProcessorOptions,
 };
+pub(crate) use processor::{Heartbeat, Verdict};
 pub use runner::{RunMode, RunOptions, RunReport, Sleep, Wakeup, run};

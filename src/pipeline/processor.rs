@@ -21,7 +21,7 @@ use crate::model::limits::DEFAULT_LEASE_TIMEOUT;
 use crate::model::{Event, Route, WorkerId, time};
 use crate::relay::Message;
 use crate::relay::sink::{AnySink, Sink};
-use crate::store::{Claim, ClaimOptions, EventStore, Failure, RetryAt};
+use crate::store::{Claim, ClaimOptions, ClaimToken, EventStore, Failure, RetryAt};
 
 /// What the handler step decided for one event.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -195,20 +195,48 @@ pub enum Claimed<R> {
 /// lease, the rows' `locked_until` is pushed a lease ahead. A process that
 /// dies stops extending, and its rows come free when the lease runs out.
 #[derive(Debug)]
-struct Heartbeat(Option<tokio::task::JoinHandle<()>>);
+pub(crate) struct Heartbeat(Option<tokio::task::JoinHandle<()>>);
 
 impl Heartbeat {
     fn start<R: Route, S: EventStore<R>>(store: &S, claim: &Claim<R>, lease: Duration) -> Self {
+        let ids: Vec<Uuid> = claim.events.iter().map(|e| e.id()).collect();
+        Self::for_rows(store, claim.token.clone(), ids, lease)
+    }
+
+    /// Extends the lease of `ids`, held by `token`, every third of `lease`
+    /// until stopped or dropped.
+    pub(crate) fn for_rows<R: Route, S: EventStore<R>>(
+        store: &S,
+        token: ClaimToken,
+        ids: Vec<Uuid>,
+        lease: Duration,
+    ) -> Self {
+        Self::for_shared(store, token, Arc::new(Mutex::new(ids)), lease)
+    }
+
+    /// Like [`for_rows`](Heartbeat::for_rows), for the rows in `ids` at each
+    /// beat: the caller removes the rows it has settled.
+    pub(crate) fn for_shared<R: Route, S: EventStore<R>>(
+        store: &S,
+        token: ClaimToken,
+        ids: Arc<Mutex<Vec<Uuid>>>,
+        lease: Duration,
+    ) -> Self {
         let period = lease / 3;
-        if period.is_zero() || claim.events.is_empty() {
+        if period.is_zero() || ids.lock().map(|i| i.is_empty()).unwrap_or(true) {
             return Heartbeat(None);
         }
         let store = store.clone();
-        let token = claim.token.clone();
-        let ids: Vec<Uuid> = claim.events.iter().map(|e| e.id()).collect();
         Heartbeat(Some(tokio::spawn(async move {
             loop {
                 tokio::time::sleep(period).await;
+                let ids: Vec<Uuid> = match ids.lock() {
+                    Ok(i) => i.clone(),
+                    Err(_) => return,
+                };
+                if ids.is_empty() {
+                    continue;
+                }
                 match store.extend_lease(&token, &ids, lease).await {
                     Ok(held) if held < ids.len() => tracing::warn!(
                         held,
@@ -225,7 +253,7 @@ impl Heartbeat {
         })))
     }
 
-    fn stop(&mut self) {
+    pub(crate) fn stop(&mut self) {
         if let Some(h) = self.0.take() {
             h.abort();
         }

@@ -8,9 +8,9 @@ use super::migrate::{MigrationReport, MigrationScript};
 use super::postgres::{PgOptions, PgRoute, PgTable};
 use super::sqlite::{SqliteRoute, SqliteTable};
 use super::{
-    BulkOutcome, Capabilities, Claim, ClaimOptions, ClaimToken, Created, EventStore, FailReport,
-    Failure, InboxStore, ListFilter, OutboxStore, PgStore, RequeueFilter, SqliteStore, TableCounts,
-    redact_url,
+    BulkOutcome, Capabilities, Claim, ClaimOptions, ClaimToken, Created, EventStore, Existing,
+    FailReport, Failure, InboxStore, ListFilter, OutboxStore, PgStore, RequeueFilter, SqliteStore,
+    TableCounts, redact_url,
 };
 use crate::error::{Error, Result};
 use crate::model::{Event, InboxEvent, InboxRoute, OutboxEvent, OutboxRoute, UnlockReason};
@@ -407,6 +407,35 @@ impl InboxTx {
         match &mut self.tx {
             BulkTx::Postgres(tx) => super::postgres::lock_inbox(tx, ids, token).await,
             BulkTx::Sqlite(tx) => super::sqlite::lock_inbox(tx, ids, token).await,
+        }
+    }
+
+    /// Existing pending rows met again (a message delivered again): each
+    /// one that is due and not held by a live lease is locked for `token` and
+    /// returned as [`Existing::Taken`]; the others say how long to wait.
+    /// Rows that are completed or failed are not in the map (duplicates).
+    pub async fn take(
+        &mut self,
+        ids: &[Uuid],
+        token: &ClaimToken,
+    ) -> Result<std::collections::HashMap<Uuid, Existing>> {
+        if ids.is_empty() {
+            return Ok(Default::default());
+        }
+        match &mut self.tx {
+            BulkTx::Postgres(tx) => super::postgres::take_inbox(tx, ids, token).await,
+            BulkTx::Sqlite(tx) => super::sqlite::take_inbox(tx, ids, token).await,
+        }
+    }
+
+    /// Unlocks rows (taken, then not handled in this batch).
+    pub async fn unlock(&mut self, ids: &[Uuid]) -> Result<()> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        match &mut self.tx {
+            BulkTx::Postgres(tx) => super::postgres::unlock_inbox(tx, ids).await,
+            BulkTx::Sqlite(tx) => super::sqlite::unlock_inbox(tx, ids).await,
         }
     }
 

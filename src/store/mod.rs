@@ -416,6 +416,18 @@ impl<E> Created<E> {
     }
 }
 
+/// An existing pending inbox row that the consumer met again
+/// ([`InboxTx::take`](crate::store::InboxTx::take)).
+#[derive(Debug, Clone)]
+pub enum Existing {
+    /// Due and free: now locked by the consumer's token; run its handler
+    /// (its `attempts_made` counts the deliveries that failed before).
+    Taken(Box<crate::model::InboxEvent>),
+    /// Not due yet (a failure's retry time) or held by another worker's live
+    /// lease: wait until this time, then deliver the message again.
+    Wait(crate::model::Timestamp),
+}
+
 /// The result of one element of a bulk create.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 pub struct BulkOutcome {

@@ -31,10 +31,13 @@ use crate::cli::{Context, ExitStatus, UsageError, args, signals};
 /// rows stay pending for `omnibox inbox process`.
 ///
 /// Ack strategies (--ack):
-///   exactly-once (default)  offsets are committed after the transaction that stores
-///                           the rows (and runs the handler and marks them completed)
-///                           commits; a handler failure rolls the row back and the
-///                           message is delivered again
+///   exactly-once (default)  offsets are committed once a message's row is stored and
+///                           handled; --exec and --webhook run after the row is stored
+///                           (locked by this consumer) with no transaction open, and it
+///                           is marked completed right after; a failure is written to the
+///                           row (attempt, error, retry time) and the message is
+///                           delivered again at its retry time, with the same
+///                           OMNIBOX_EVENT_ID / Idempotency-Key and the next attempt
 ///   at-least-once           offsets are committed once stored (--commit-on persist,
 ///                           also after a handler error) or once handled
 ///                           (--commit-on success); handler failures stay in the
@@ -78,6 +81,17 @@ pub struct ConsumeArgs {
     /// Messages per database transaction
     #[arg(long, default_value_t = 500, value_parser = clap::value_parser!(u32).range(1..=100_000))]
     batch: u32,
+    /// Counted handler failures of a message before its row is failed (exactly-once)
+    #[arg(long, default_value_t = 6, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=1000))]
+    max_attempts: u32,
+    /// A message still failing transiently (exit 75, HTTP 429/502/503/504, no
+    /// connection) this long after it was first stored is parked as failed
+    #[arg(long, default_value = "1h", value_parser = args::duration, value_name = "DURATION")]
+    transient_limit: Duration,
+    /// How long this consumer's locks on rows in hand last if it dies
+    /// (extended every third of it while it lives; external handlers)
+    #[arg(long, default_value = "30s", value_parser = args::duration, value_name = "DURATION")]
+    lease: Duration,
     /// Also write poison messages and rows that end up failed to this topic
     #[arg(long, value_name = "TOPIC")]
     dlq_topic: Option<String>,
@@ -162,6 +176,15 @@ pub async fn run(args: ConsumeArgs, ctx: &Context) -> Result<ExitStatus> {
     let mut options = ConsumeOptions::new(args.group.clone(), worker.clone());
     options.batch = args.batch as usize;
     options.handler_timeout = args.handler.timeout;
+    options.max_redeliveries = args.max_attempts;
+    options.transient_limit = args.transient_limit;
+    if args.lease < Duration::from_secs(1) {
+        return Err(UsageError(
+            "--lease must be at least 1s: a shorter lease expires between its extensions".into(),
+        )
+        .into());
+    }
+    options.lease = args.lease;
     options.ack = match args.ack {
         Ack::AtMostOnce => AckStrategy::AtMostOnce,
         Ack::AtLeastOnce => AckStrategy::AtLeastOnce(match args.commit_on {

@@ -1,10 +1,18 @@
 //! Kafka: a consumer group (rdkafka), manual offset commits after the inbox
-//! transaction commits, seek back to redeliver.
+//! transaction commits, seek back to redeliver, pause while the consumer
+//! waits (a slow handler, a retry's backoff) so the group keeps the member,
+//! and rebalances tracked so a revoked partition is neither handled nor
+//! committed here.
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
+use rdkafka::client::ClientContext;
+use rdkafka::consumer::{
+    BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
+};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Headers, Message};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 
@@ -12,14 +20,61 @@ use super::{Polled, Source};
 use crate::error::{Error, Result};
 use crate::inbox::RawMessage;
 
+/// Partitions revoked by rebalances, for the source to forget its read
+/// positions there (the next owner, perhaps this consumer again, starts
+/// from the committed offset).
+#[derive(Default)]
+struct Rebalances {
+    revoked: Mutex<Vec<(String, i32)>>,
+}
+
+/// The consumer's context: records revocations.
+struct InboxContext(Arc<Rebalances>);
+
+impl ClientContext for InboxContext {}
+
+impl ConsumerContext for InboxContext {
+    fn pre_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Revoke(tpl) = rebalance {
+            let parts: Vec<(String, i32)> = tpl
+                .elements()
+                .iter()
+                .map(|e| (e.topic().to_string(), e.partition()))
+                .collect();
+            tracing::info!(partitions = ?parts, "partitions revoked by a rebalance");
+            if let Ok(mut r) = self.0.revoked.lock() {
+                r.extend(parts);
+            }
+        }
+    }
+
+    fn post_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        match rebalance {
+            Rebalance::Assign(tpl) => {
+                let parts: Vec<(String, i32)> = tpl
+                    .elements()
+                    .iter()
+                    .map(|e| (e.topic().to_string(), e.partition()))
+                    .collect();
+                tracing::info!(partitions = ?parts, "partitions assigned");
+            }
+            Rebalance::Error(e) => tracing::warn!(error = %e, "rebalance error"),
+            Rebalance::Revoke(_) => {}
+        }
+    }
+}
+
 /// Reads from Kafka topics in a consumer group.
 pub struct KafkaSource {
-    consumer: StreamConsumer,
+    consumer: StreamConsumer<InboxContext>,
+    rebalances: Arc<Rebalances>,
     brokers: String,
     group: String,
     topics: Vec<String>,
     /// Next offset to read per partition, as far as this consumer has read.
     seen: HashMap<(String, i32), i64>,
+    /// The assigned partitions are paused ([`Source::idle`]).
+    paused: bool,
 }
 
 impl std::fmt::Debug for KafkaSource {
@@ -32,8 +87,28 @@ impl std::fmt::Debug for KafkaSource {
     }
 }
 
-fn kafka_err(what: &str, e: rdkafka::error::KafkaError) -> Error {
+fn kafka_err(what: &str, e: KafkaError) -> Error {
     Error::Config(format!("{what}: {e}"))
+}
+
+fn broker_err(what: &str, e: KafkaError) -> Error {
+    Error::Broker(format!("{what}: {e}"))
+}
+
+/// A commit refused because the group is rebalancing or this member was
+/// evicted: the partitions' new owners read the messages again (and find
+/// their rows), so it is not fatal.
+fn lost_membership(e: &KafkaError) -> bool {
+    matches!(
+        e.rdkafka_error_code(),
+        Some(
+            RDKafkaErrorCode::RebalanceInProgress
+                | RDKafkaErrorCode::IllegalGeneration
+                | RDKafkaErrorCode::UnknownMemberId
+                | RDKafkaErrorCode::AssignmentLost
+                | RDKafkaErrorCode::StaleMemberEpoch
+        )
+    )
 }
 
 impl KafkaSource {
@@ -61,8 +136,9 @@ impl KafkaSource {
         for (k, v) in properties {
             config.set(k, v);
         }
-        let consumer: StreamConsumer = config
-            .create()
+        let rebalances = Arc::new(Rebalances::default());
+        let consumer: StreamConsumer<InboxContext> = config
+            .create_with_context(InboxContext(rebalances.clone()))
             .map_err(|e| kafka_err("cannot create the Kafka consumer", e))?;
         let names: Vec<&str> = topics.iter().map(String::as_str).collect();
         consumer
@@ -70,6 +146,8 @@ impl KafkaSource {
             .map_err(|e| kafka_err("cannot subscribe", e))?;
         Ok(KafkaSource {
             consumer,
+            rebalances,
+            paused: false,
             brokers: brokers.to_string(),
             group: group.to_string(),
             topics: topics.to_vec(),
@@ -96,6 +174,23 @@ impl KafkaSource {
             position_is_identity: true,
             cut: None,
         }
+    }
+
+    /// Forgets the read positions of partitions revoked since the last call.
+    fn forget_revoked(&mut self) {
+        let revoked: Vec<(String, i32)> = match self.rebalances.revoked.lock() {
+            Ok(mut r) => std::mem::take(&mut *r),
+            Err(_) => return,
+        };
+        for key in revoked {
+            self.seen.remove(&key);
+        }
+    }
+
+    fn assigned(&self) -> Result<TopicPartitionList> {
+        self.consumer
+            .assignment()
+            .map_err(|e| broker_err("cannot read the partition assignment", e))
     }
 
     /// True when every assigned partition has been read to its end.
@@ -158,6 +253,8 @@ impl Source for KafkaSource {
     }
 
     async fn poll(&mut self, max: usize, wait: Duration) -> Result<Polled> {
+        self.resume().await?;
+        self.forget_revoked();
         let mut out = Vec::new();
         let first = tokio::time::timeout(wait, self.consumer.recv()).await;
         match first {
@@ -165,16 +262,19 @@ impl Source for KafkaSource {
                 let end = tokio::task::block_in_place(|| self.caught_up());
                 return Ok(Polled { messages: out, end });
             }
-            Ok(Err(e)) => return Err(kafka_err("cannot read from Kafka", e)),
+            Ok(Err(e)) => return Err(broker_err("cannot read from Kafka", e)),
             Ok(Ok(m)) => out.push(Self::to_raw(&m)),
         }
         while out.len() < max {
             match tokio::time::timeout(Duration::from_millis(2), self.consumer.recv()).await {
                 Ok(Ok(m)) => out.push(Self::to_raw(&m)),
-                Ok(Err(e)) => return Err(kafka_err("cannot read from Kafka", e)),
+                Ok(Err(e)) => return Err(broker_err("cannot read from Kafka", e)),
                 Err(_) => break,
             }
         }
+        // A rebalance served during this poll may have revoked partitions
+        // some of these messages came from: `owns` tells.
+        self.forget_revoked();
         for m in &out {
             self.seen
                 .insert((m.topic.clone(), m.partition), m.offset + 1);
@@ -186,12 +286,25 @@ impl Source for KafkaSource {
     }
 
     async fn commit(&mut self, through: &[RawMessage]) -> Result<()> {
+        let assigned = self.assigned()?;
         let mut next: BTreeMap<(&str, i32), i64> = BTreeMap::new();
+        let mut revoked = 0usize;
         for m in through {
+            if assigned.find_partition(&m.topic, m.partition).is_none() {
+                revoked += 1;
+                continue;
+            }
             let e = next
                 .entry((m.topic.as_str(), m.partition))
                 .or_insert(m.offset + 1);
             *e = (*e).max(m.offset + 1);
+        }
+        drop(assigned);
+        if revoked > 0 {
+            tracing::info!(
+                messages = revoked,
+                "not committing messages of partitions revoked meanwhile (their new owner reads them again)"
+            );
         }
         if next.is_empty() {
             return Ok(());
@@ -199,11 +312,22 @@ impl Source for KafkaSource {
         let mut tpl = TopicPartitionList::new();
         for ((t, p), o) in &next {
             tpl.add_partition_offset(t, *p, Offset::Offset(*o))
-                .map_err(|e| kafka_err("bad offset", e))?;
+                .map_err(|e| broker_err("bad offset", e))?;
         }
         let result = tokio::task::block_in_place(|| self.consumer.commit(&tpl, CommitMode::Sync));
         drop(tpl);
-        result.map_err(|e| kafka_err("cannot commit offsets", e))
+        match result {
+            Ok(()) => Ok(()),
+            Err(e) if lost_membership(&e) => {
+                tracing::warn!(
+                    error = %e,
+                    "offsets not committed: the group is rebalancing or this member was evicted; \
+                     the messages are read again by their partition's owner and deduplicated"
+                );
+                Ok(())
+            }
+            Err(e) => Err(broker_err("cannot commit offsets", e)),
+        }
     }
 
     async fn rewind(&mut self, from: &[RawMessage]) -> Result<()> {
@@ -219,9 +343,78 @@ impl Source for KafkaSource {
                 self.consumer
                     .seek(&t, p, Offset::Offset(o), Duration::from_secs(10))
             })
-            .map_err(|e| kafka_err("cannot seek back to redeliver", e))?;
+            .map_err(|e| broker_err("cannot seek back to redeliver", e))?;
             self.seen.insert((t, p), o);
         }
         Ok(())
+    }
+
+    async fn idle(&mut self, wait: Duration) -> Result<()> {
+        if !self.paused {
+            let assigned = self.assigned()?;
+            self.consumer
+                .pause(&assigned)
+                .map_err(|e| broker_err("cannot pause the partitions", e))?;
+            drop(assigned);
+            self.paused = true;
+        }
+        // Polling serves the group's heartbeats and rebalances. A message
+        // already fetched (or from a partition assigned meanwhile, which is
+        // not paused) is put back: it is read again after `resume`.
+        match tokio::time::timeout(wait, self.consumer.recv()).await {
+            Ok(Ok(m)) => {
+                let (key, offset) = ((m.topic().to_string(), m.partition()), m.offset());
+                drop(m);
+                self.forget_revoked();
+                self.seen.entry(key).or_insert(offset);
+            }
+            Ok(Err(e)) => return Err(broker_err("cannot read from Kafka", e)),
+            Err(_) => {}
+        }
+        Ok(())
+    }
+
+    async fn resume(&mut self) -> Result<()> {
+        if !self.paused {
+            return Ok(());
+        }
+        self.forget_revoked();
+        let assigned = self.assigned()?;
+        self.consumer
+            .resume(&assigned)
+            .map_err(|e| broker_err("cannot resume the partitions", e))?;
+        let parts: Vec<(String, i32)> = assigned
+            .elements()
+            .iter()
+            .map(|e| (e.topic().to_string(), e.partition()))
+            .collect();
+        drop(assigned);
+        self.paused = false;
+        for (t, p) in parts {
+            let Some(&o) = self.seen.get(&(t.clone(), p)) else {
+                continue;
+            };
+            tokio::task::block_in_place(|| {
+                self.consumer
+                    .seek(&t, p, Offset::Offset(o), Duration::from_secs(10))
+            })
+            .map_err(|e| broker_err("cannot seek back after a pause", e))?;
+        }
+        Ok(())
+    }
+
+    fn owns(&self, message: &RawMessage) -> bool {
+        if let Ok(r) = self.rebalances.revoked.lock()
+            && r.contains(&(message.topic.clone(), message.partition))
+        {
+            return false;
+        }
+        self.consumer
+            .assignment()
+            .map(|a| {
+                a.find_partition(&message.topic, message.partition)
+                    .is_some()
+            })
+            .unwrap_or(false)
     }
 }

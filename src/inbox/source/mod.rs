@@ -37,6 +37,32 @@ pub trait Source: Send {
 
     /// Delivers these messages again (in order) on the next polls.
     fn rewind(&mut self, from: &[RawMessage]) -> impl Future<Output = Result<()>> + Send;
+
+    /// Waits up to `wait` without taking new messages, keeping the source
+    /// alive meanwhile (Kafka: the partitions are paused and the consumer
+    /// keeps polling, so a slow handler or a retry's backoff does not cost
+    /// it its group membership). The next [`poll`](Source::poll) or
+    /// [`resume`](Source::resume) goes on where the consumer was.
+    fn idle(&mut self, wait: Duration) -> impl Future<Output = Result<()>> + Send {
+        async move {
+            tokio::time::sleep(wait).await;
+            Ok(())
+        }
+    }
+
+    /// Ends an [`idle`](Source::idle) stretch: reading goes on from where
+    /// it was.
+    fn resume(&mut self) -> impl Future<Output = Result<()>> + Send {
+        async { Ok(()) }
+    }
+
+    /// False when the message's partition was taken from this consumer
+    /// (a Kafka rebalance) since it was read: its handler must not run and
+    /// its offset must not be committed here; its new owner reads it again.
+    fn owns(&self, message: &RawMessage) -> bool {
+        let _ = message;
+        true
+    }
 }
 
 /// A source chosen by URL (`--from`).
@@ -75,6 +101,27 @@ impl Source for AnySource {
         match self {
             AnySource::Kafka(s) => s.rewind(from).await,
             AnySource::File(s) => s.rewind(from).await,
+        }
+    }
+
+    async fn idle(&mut self, wait: Duration) -> Result<()> {
+        match self {
+            AnySource::Kafka(s) => s.idle(wait).await,
+            AnySource::File(s) => s.idle(wait).await,
+        }
+    }
+
+    async fn resume(&mut self) -> Result<()> {
+        match self {
+            AnySource::Kafka(s) => s.resume().await,
+            AnySource::File(s) => s.resume().await,
+        }
+    }
+
+    fn owns(&self, message: &RawMessage) -> bool {
+        match self {
+            AnySource::Kafka(s) => s.owns(message),
+            AnySource::File(s) => s.owns(message),
         }
     }
 }

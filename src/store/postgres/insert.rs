@@ -544,6 +544,64 @@ pub async fn lock_inbox(
     Ok(())
 }
 
+/// Existing pending inbox rows met again by the consumer (inside its
+/// transaction): each is locked for `token` when it is due and not held by a
+/// live lease; see [`crate::store::Existing`].
+pub async fn take_inbox(
+    conn: &mut PgConnection,
+    ids: &[Uuid],
+    token: &crate::store::ClaimToken,
+) -> Result<HashMap<Uuid, crate::store::Existing>> {
+    use crate::store::Existing;
+    let rows = sqlx::query(
+        "SELECT *, now() AS db_now FROM inbox_events WHERE id = ANY($1) AND status = 'pending' FOR UPDATE",
+    )
+    .bind(ids)
+    .fetch_all(&mut *conn)
+    .await
+    .map_err(storage)?;
+    let mut out = HashMap::with_capacity(rows.len());
+    let mut takeable = Vec::new();
+    for r in &rows {
+        let event: InboxEvent = decode(r)?;
+        let now: Timestamp = r.try_get("db_now").map_err(storage)?;
+        let free_at = event
+            .locked_until
+            .unwrap_or(event.scheduled_at)
+            .max(event.scheduled_at);
+        if free_at <= now {
+            takeable.push(event.id);
+            out.insert(event.id, Existing::Taken(Box::new(event)));
+        } else {
+            out.insert(event.id, Existing::Wait(free_at));
+        }
+    }
+    if !takeable.is_empty() {
+        lock_inbox(conn, &takeable, token).await?;
+        for id in &takeable {
+            if let Some(Existing::Taken(e)) = out.get_mut(id) {
+                e.locked_at = Some(token.locked_at);
+                e.locked_by = Some(token.worker.as_str().to_string());
+                e.locked_until = Some(token.locked_at + crate::domain::chrono_dur(token.lease));
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Unlocks inbox rows (inside the consumer's transaction).
+pub async fn unlock_inbox(conn: &mut PgConnection, ids: &[Uuid]) -> Result<()> {
+    sqlx::query(
+        "UPDATE inbox_events SET locked_at = NULL, locked_by = NULL, locked_until = NULL, updated_at = now() \
+         WHERE id = ANY($1) AND status = 'pending'",
+    )
+    .bind(ids)
+    .execute(&mut *conn)
+    .await
+    .map_err(storage)?;
+    Ok(())
+}
+
 /// Marks inbox rows completed (inside the consumer's transaction).
 pub async fn complete_inbox(conn: &mut PgConnection, ids: &[Uuid]) -> Result<()> {
     sqlx::query(

@@ -34,6 +34,7 @@ mod table;
 
 pub use insert::{
     complete_inbox, delete_inbox, insert_inbox, insert_outbox, insert_outbox_stream, lock_inbox,
+    take_inbox, unlock_inbox,
 };
 pub use sql::{OUTBOX_SCAN, OUTBOX_WALK};
 

@@ -22,7 +22,9 @@ mod sql;
 mod table;
 
 pub use sql::{OUTBOX_SCAN, OUTBOX_WALK};
-pub use table::{complete_inbox, delete_inbox, insert_inbox, insert_outbox, lock_inbox};
+pub use table::{
+    complete_inbox, delete_inbox, insert_inbox, insert_outbox, lock_inbox, take_inbox, unlock_inbox,
+};
 
 /// How long a writer waits for the database lock before failing.
 pub const BUSY_TIMEOUT: Duration = Duration::from_secs(30);

@@ -760,6 +760,65 @@ pub async fn lock_inbox(
     Ok(())
 }
 
+/// Existing pending inbox rows met again by the consumer (inside its
+/// transaction, which holds SQLite's write lock): each is locked for `token`
+/// when it is due and not held by a live lease; see [`crate::store::Existing`].
+pub async fn take_inbox(
+    conn: &mut SqliteConnection,
+    ids: &[Uuid],
+    token: &ClaimToken,
+) -> Result<std::collections::HashMap<Uuid, crate::store::Existing>> {
+    use crate::store::Existing;
+    let rows = sqlx::query(
+        "SELECT * FROM inbox_events WHERE id IN (SELECT value FROM json_each(?1)) AND status = 'pending'",
+    )
+    .bind(id_array(ids))
+    .fetch_all(&mut *conn)
+    .await
+    .map_err(storage)?;
+    let now = time::now();
+    let mut out = std::collections::HashMap::with_capacity(rows.len());
+    let mut takeable = Vec::new();
+    for r in &rows {
+        let event: InboxEvent = decode(r)?;
+        let free_at = event
+            .locked_until
+            .unwrap_or(event.scheduled_at)
+            .max(event.scheduled_at);
+        if free_at <= now {
+            takeable.push(event.id);
+            out.insert(event.id, Existing::Taken(Box::new(event)));
+        } else {
+            out.insert(event.id, Existing::Wait(free_at));
+        }
+    }
+    if !takeable.is_empty() {
+        lock_inbox(conn, &takeable, token).await?;
+        for id in &takeable {
+            if let Some(Existing::Taken(e)) = out.get_mut(id) {
+                e.locked_at = Some(token.locked_at);
+                e.locked_by = Some(token.worker.as_str().to_string());
+                e.locked_until = Some(token.locked_at + chrono_dur(token.lease));
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Unlocks inbox rows (inside the consumer's transaction).
+pub async fn unlock_inbox(conn: &mut SqliteConnection, ids: &[Uuid]) -> Result<()> {
+    sqlx::query(
+        "UPDATE inbox_events SET locked_at = NULL, locked_by = NULL, locked_until = NULL, updated_at = ?2 \
+         WHERE id IN (SELECT value FROM json_each(?1)) AND status = 'pending'",
+    )
+    .bind(id_array(ids))
+    .bind(ts(&time::now()))
+    .execute(&mut *conn)
+    .await
+    .map_err(storage)?;
+    Ok(())
+}
+
 /// Marks inbox rows completed (inside the consumer's transaction).
 pub async fn complete_inbox(conn: &mut SqliteConnection, ids: &[Uuid]) -> Result<()> {
     sqlx::query(
