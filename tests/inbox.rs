@@ -771,6 +771,63 @@ mod cases {
     }
 }
 
+mod process_lease {
+    use super::*;
+
+    /// `inbox process`: handlers that run longer than the claim's lease keep
+    /// their rows (the lease is extended while they run), so a second
+    /// worker claiming meanwhile gets nothing and no handler runs twice.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn slow_handlers_keep_their_lease() {
+        let db = common::sqlite().await;
+        let (source, _) = VecSource::new(messages(4), db.store.inbox());
+        InboxConsumer::<_, AnyHandler>::new(
+            source,
+            db.store.inbox(),
+            None,
+            options(AckStrategy::ExactlyOnce, 10),
+        )
+        .run(true, stop())
+        .await
+        .unwrap();
+        let (f, log) = logging(db.store.inbox(), |_, _| Some(Outcome::Completed));
+        let slow = Arc::new(move |e: InboxEvent| {
+            let f = f(e);
+            async move {
+                tokio::time::sleep(Duration::from_millis(1500)).await;
+                f.await
+            }
+        });
+        let mut o = ProcessorOptions::new(WorkerId::new("p1").unwrap());
+        o.lease = Duration::from_millis(900);
+        // One handler at a time: four of them outlast the lease four times.
+        let p1 = ProcessorBuilder::new(
+            db.store.inbox(),
+            HandlerStep::new(slow.clone(), 1, Duration::from_secs(10)),
+            o.clone(),
+        )
+        .build();
+        let first = tokio::spawn(async move { p1.process_batch().await.unwrap() });
+        let mut o2 = o;
+        o2.worker = WorkerId::new("p2").unwrap();
+        let p2 = ProcessorBuilder::new(
+            db.store.inbox(),
+            HandlerStep::new(slow, 1, Duration::from_secs(10)),
+            o2,
+        )
+        .build();
+        let mut stolen = 0;
+        for _ in 0..10 {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            stolen += p2.process_batch().await.unwrap().claimed;
+        }
+        let report = first.await.unwrap();
+        assert_eq!((report.claimed, report.completed), (4, 4), "{report:?}");
+        assert_eq!(stolen, 0, "another worker took rows of a batch in flight");
+        assert_eq!(log.lock().unwrap().len(), 4, "each handler ran once");
+    }
+}
+
 backend_tests!(
     exactly_once_under_redelivery,
     crash_between_store_and_commit,
