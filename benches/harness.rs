@@ -10,6 +10,9 @@
 //!   inbox    exactly-once ingest of N distinct messages plus N/10
 //!            redeliveries into PostgreSQL from an in-memory source (as the
 //!            peer's inbox_consume), without a handler and with a trivial one.
+//!            `--source file`: the same messages as a JSON lines file through
+//!            `omnibox inbox consume --from file:... --once` (the release
+//!            binary, whole process); `--exec CMD` adds a run with that handler.
 //!   produce  the broker's own rate for the relay's producer settings: N
 //!            messages of the same shape through the Kafka sink, B in flight
 //!            at a time, no database (OMNIBOX_BENCH_BROKERS).
@@ -74,6 +77,14 @@ struct Args {
     /// meet tables their bulk enqueue just filled)
     #[arg(long)]
     analyze: bool,
+    /// inbox: `memory` (the library, an in-memory source, without and with a
+    /// trivial in-process handler) or `file` (`omnibox inbox consume --from
+    /// file:... --once`, the release binary, timed from spawn to exit)
+    #[arg(long, default_value = "memory", value_parser = ["memory", "file"])]
+    source: String,
+    /// inbox --source file: also run with this `--exec` handler
+    #[arg(long, value_name = "CMD")]
+    exec: Option<String>,
     /// Accepted for `cargo bench` compatibility
     #[arg(long, hide = true)]
     bench: bool,
@@ -709,6 +720,9 @@ fn inbox(args: &Args, url: &str) {
         messages.push(m);
     }
     let total = messages.len();
+    if args.source == "file" {
+        return inbox_file(args, url, &messages);
+    }
     for handler in [false, true] {
         let mut rates = Vec::new();
         let command = format!(
@@ -778,6 +792,104 @@ fn inbox(args: &Args, url: &str) {
                 "inbox (trivial handler)"
             } else {
                 "inbox (no handler)"
+            },
+            &rates,
+            &command,
+        );
+    }
+}
+
+/// `omnibox inbox consume --from file:... --once`: the messages as the file
+/// sink writes them, the whole process timed.
+fn inbox_file(args: &Args, url: &str, messages: &[omnibox::inbox::RawMessage]) {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("events.jsonl");
+    {
+        let mut out = std::io::BufWriter::new(std::fs::File::create(&input).unwrap());
+        for m in messages {
+            let headers: serde_json::Map<String, serde_json::Value> = m
+                .headers
+                .iter()
+                .map(|(k, v)| (k.clone(), json!(String::from_utf8_lossy(v))))
+                .collect();
+            let value: serde_json::Value =
+                serde_json::from_slice(m.payload.as_deref().unwrap_or(b"{}")).unwrap();
+            writeln!(
+                out,
+                "{}",
+                json!({"topic": m.topic, "key": null, "headers": headers, "value": value})
+            )
+            .unwrap();
+        }
+    }
+    let total = messages.len();
+    let db = Db::new(url);
+    let mut runs: Vec<Option<&str>> = vec![None];
+    if let Some(cmd) = &args.exec {
+        runs.push(Some(cmd.as_str()));
+    }
+    for exec in runs {
+        let mut rates = Vec::new();
+        let command = format!(
+            "omnibox inbox consume --from file:events.jsonl --once --group bench --batch {}{}  # {total} lines, {} distinct",
+            args.batch,
+            exec.map(|c| format!(" --exec '{c}'")).unwrap_or_default(),
+            args.events
+        );
+        for round in 1..=args.rounds {
+            let schema = format!("bench_{}", uuid::Uuid::new_v4().simple());
+            omnibox(url, &schema, &["migrate", "-q"], None);
+            let from = format!("file:{}", input.display());
+            let batch = args.batch.to_string();
+            let mut argv = vec![
+                "inbox", "consume", "--from", &from, "--once", "--group", "bench", "--batch",
+                &batch, "-q",
+            ];
+            if let Some(cmd) = exec {
+                argv.extend(["--exec", cmd]);
+            }
+            let start = Instant::now();
+            omnibox(url, &schema, &argv, None);
+            let secs = start.elapsed().as_secs_f64();
+            let rows = db.scalar(format!("SELECT count(*)::text FROM {schema}.inbox_events"));
+            let completed = db.scalar(format!(
+                "SELECT count(*)::text FROM {schema}.inbox_events WHERE status = 'completed'"
+            ));
+            db.exec(format!("DROP SCHEMA {schema} CASCADE"));
+            let distinct: usize = {
+                let mut ids: Vec<&[u8]> =
+                    messages.iter().map(|m| m.headers[0].1.as_slice()).collect();
+                ids.sort();
+                ids.dedup();
+                ids.len()
+            };
+            let verified = rows == distinct.to_string() && (exec.is_none() || completed == rows);
+            let rate = total as f64 / secs;
+            rates.push(rate);
+            println!(
+                "inbox file round {round}: {total} lines ({distinct} distinct) in {secs:.3} s = {rate:.0} messages/s; exec: {}; rows {rows}, completed {completed}, verified {verified}",
+                exec.unwrap_or("none")
+            );
+            let line = json!({
+                "scenario": "omnibox_inbox_consume_file",
+                "events": total,
+                "seconds": secs,
+                "events_per_s": rate,
+                "params": {"batch_size": args.batch, "exec": exec, "distinct": distinct, "round": round},
+                "verified": verified,
+            });
+            let mut results = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(results_file())
+                .unwrap();
+            writeln!(results, "{line}").unwrap();
+            assert!(verified);
+        }
+        report(
+            &match exec {
+                Some(c) => format!("inbox file (--exec '{c}')"),
+                None => "inbox file (no handler)".to_string(),
             },
             &rates,
             &command,

@@ -584,13 +584,9 @@ impl<S: Source, H: Handler> InboxConsumer<S, H> {
             }
         }
         report.poison += self.forward_new_poison(normalized, &outcomes).await;
+        // (A source leaves out of its commit the partitions it lost.)
         let (done, rest) = messages.split_at(end);
-        let kept: Vec<RawMessage> = done
-            .iter()
-            .filter(|m| self.source.owns(m))
-            .cloned()
-            .collect();
-        self.commit(&kept, report).await?;
+        self.commit(done, report).await?;
         if !rest.is_empty() {
             report.redelivered += rest.len() as u64;
             self.source.rewind(rest).await?;
@@ -851,12 +847,8 @@ impl<S: Source, H: Handler> InboxConsumer<S, H> {
         commit_on: Option<CommitOn>,
         report: &mut ConsumeReport,
     ) -> Result<()> {
-        let events: Vec<InboxEvent> = normalized.iter().map(|n| n.event().clone()).collect();
-        let token = ClaimToken {
-            worker: self.options.worker.clone(),
-            locked_at: time::now(),
-            lease: crate::model::limits::DEFAULT_LEASE_TIMEOUT,
-        };
+        let events = self.new_rows(normalized);
+        let token = self.token();
         let mut tx = self.store.begin().await?;
         let outcomes = tx
             .insert(&events)
@@ -889,12 +881,19 @@ impl<S: Source, H: Handler> InboxConsumer<S, H> {
         };
         let mut done = Vec::new();
         let mut failures = Vec::new();
+        let ids: Vec<Uuid> = fresh.iter().map(|&i| outcomes[i].id).collect();
+        let mut heartbeat =
+            Heartbeat::for_rows(&self.store, token.clone(), ids, self.options.lease);
         for &i in &fresh {
-            let event = normalized[i].event();
-            match run_handler(handler.as_ref(), event, self.options.handler_timeout)
-                .await
-                .verdict()
-            {
+            let event = &events[i];
+            let outcome = handle_alive(
+                &mut self.source,
+                handler.as_ref(),
+                event,
+                self.options.handler_timeout,
+            )
+            .await;
+            match outcome.verdict() {
                 Verdict::Processed => {
                     report.processed += 1;
                     done.push(outcomes[i].id);
@@ -920,6 +919,7 @@ impl<S: Source, H: Handler> InboxConsumer<S, H> {
                 }
             }
         }
+        heartbeat.stop();
         self.count("processed", done.len() as u64);
         self.store.complete(&token, &done).await?;
         let failed_ids: Vec<Uuid> = failures.iter().map(|f| f.id).collect();
@@ -1006,5 +1006,24 @@ async fn handle_alive<S: Source, H: Handler>(
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A warning repeated on every redelivery is logged once per period,
+    /// the next one saying how many were left out.
+    #[test]
+    fn repeated_warnings_are_throttled() {
+        let mut t = Throttle::default();
+        assert_eq!(t.allow(), Some(0));
+        for _ in 0..1000 {
+            assert_eq!(t.allow(), None);
+        }
+        t.last = Some(Instant::now() - Throttle::EVERY);
+        assert_eq!(t.allow(), Some(1000));
+        assert_eq!(t.allow(), None);
     }
 }

@@ -26,6 +26,15 @@ use crate::inbox::RawMessage;
 #[derive(Default)]
 struct Rebalances {
     revoked: Mutex<Vec<(String, i32)>>,
+    /// The partitions this member holds, as the rebalances said.
+    assigned: Mutex<std::collections::HashSet<(String, i32)>>,
+}
+
+fn partitions(tpl: &TopicPartitionList) -> Vec<(String, i32)> {
+    tpl.elements()
+        .iter()
+        .map(|e| (e.topic().to_string(), e.partition()))
+        .collect()
 }
 
 /// The consumer's context: records revocations.
@@ -36,12 +45,13 @@ impl ClientContext for InboxContext {}
 impl ConsumerContext for InboxContext {
     fn pre_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         if let Rebalance::Revoke(tpl) = rebalance {
-            let parts: Vec<(String, i32)> = tpl
-                .elements()
-                .iter()
-                .map(|e| (e.topic().to_string(), e.partition()))
-                .collect();
+            let parts = partitions(tpl);
             tracing::info!(partitions = ?parts, "partitions revoked by a rebalance");
+            if let Ok(mut a) = self.0.assigned.lock() {
+                for p in &parts {
+                    a.remove(p);
+                }
+            }
             if let Ok(mut r) = self.0.revoked.lock() {
                 r.extend(parts);
             }
@@ -51,12 +61,11 @@ impl ConsumerContext for InboxContext {
     fn post_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         match rebalance {
             Rebalance::Assign(tpl) => {
-                let parts: Vec<(String, i32)> = tpl
-                    .elements()
-                    .iter()
-                    .map(|e| (e.topic().to_string(), e.partition()))
-                    .collect();
+                let parts = partitions(tpl);
                 tracing::info!(partitions = ?parts, "partitions assigned");
+                if let Ok(mut a) = self.0.assigned.lock() {
+                    a.extend(parts);
+                }
             }
             Rebalance::Error(e) => tracing::warn!(error = %e, "rebalance error"),
             Rebalance::Revoke(_) => {}
@@ -366,7 +375,13 @@ impl Source for KafkaSource {
                 let (key, offset) = ((m.topic().to_string(), m.partition()), m.offset());
                 drop(m);
                 self.forget_revoked();
-                self.seen.entry(key).or_insert(offset);
+                self.seen.entry(key.clone()).or_insert(offset);
+                // A partition assigned during the pause is not paused yet.
+                let mut tpl = TopicPartitionList::new();
+                tpl.add_partition(&key.0, key.1);
+                self.consumer
+                    .pause(&tpl)
+                    .map_err(|e| broker_err("cannot pause a partition", e))?;
             }
             Ok(Err(e)) => return Err(broker_err("cannot read from Kafka", e)),
             Err(_) => {}
@@ -404,17 +419,10 @@ impl Source for KafkaSource {
     }
 
     fn owns(&self, message: &RawMessage) -> bool {
-        if let Ok(r) = self.rebalances.revoked.lock()
-            && r.contains(&(message.topic.clone(), message.partition))
-        {
-            return false;
-        }
-        self.consumer
-            .assignment()
-            .map(|a| {
-                a.find_partition(&message.topic, message.partition)
-                    .is_some()
-            })
+        self.rebalances
+            .assigned
+            .lock()
+            .map(|a| a.contains(&(message.topic.clone(), message.partition)))
             .unwrap_or(false)
     }
 }
