@@ -149,7 +149,7 @@ _omnibox() {
 
     case "${cmd}" in
         omnibox)
-            opts="-v -q -h -V --database-url --schema --config --format --color --log-format --verbose --quiet --help --version migrate enqueue publish inbox demo status list show replay failures unlock release-stale-locks cleanup audit completions generate help"
+            opts="-v -q -h -V --database-url --schema --config --format --color --log-format --verbose --quiet --dedup-window --help --version migrate enqueue publish inbox demo status list show replay failures unlock release-stale-locks cleanup audit completions generate help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 1 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -179,6 +179,10 @@ _omnibox() {
                     COMPREPLY=($(compgen -W "text json" -- "${cur}"))
                     return 0
                     ;;
+                --dedup-window)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
                 *)
                     COMPREPLY=()
                     ;;
@@ -187,7 +191,7 @@ _omnibox() {
             return 0
             ;;
         omnibox__subcmd__audit)
-            opts="-v -q -h -V --action --since --id --limit --database-url --schema --config --format --color --log-format --verbose --quiet --help --version"
+            opts="-v -q -h -V --action --since --id --limit --database-url --schema --config --format --color --log-format --verbose --quiet --dedup-window --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -233,6 +237,10 @@ _omnibox() {
                     COMPREPLY=($(compgen -W "text json" -- "${cur}"))
                     return 0
                     ;;
+                --dedup-window)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
                 *)
                     COMPREPLY=()
                     ;;
@@ -241,7 +249,7 @@ _omnibox() {
             return 0
             ;;
         omnibox__subcmd__cleanup)
-            opts="-y -v -q -h -V --older-than --include-failed --failed-older-than --table --batch-size --max-iterations --dedup-window --dry-run --yes --actor --database-url --schema --config --format --color --log-format --verbose --quiet --help --version"
+            opts="-y -v -q -h -V --older-than --include-failed --failed-older-than --table --batch-size --max-iterations --force --dry-run --yes --actor --database-url --schema --config --format --color --log-format --verbose --quiet --dedup-window --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -264,10 +272,6 @@ _omnibox() {
                     return 0
                     ;;
                 --max-iterations)
-                    COMPREPLY=($(compgen -f "${cur}"))
-                    return 0
-                    ;;
-                --dedup-window)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
@@ -299,6 +303,10 @@ _omnibox() {
                     COMPREPLY=($(compgen -W "text json" -- "${cur}"))
                     return 0
                     ;;
+                --dedup-window)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
                 *)
                     COMPREPLY=()
                     ;;
@@ -307,7 +315,7 @@ _omnibox() {
             return 0
             ;;
         omnibox__subcmd__completions)
-            opts="-v -q -h -V --database-url --schema --config --format --color --log-format --verbose --quiet --help --version bash elvish fish powershell zsh"
+            opts="-v -q -h -V --database-url --schema --config --format --color --log-format --verbose --quiet --dedup-window --help --version bash elvish fish powershell zsh"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -337,6 +345,10 @@ _omnibox() {
                     COMPREPLY=($(compgen -W "text json" -- "${cur}"))
                     return 0
                     ;;
+                --dedup-window)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
                 *)
                     COMPREPLY=()
                     ;;
@@ -345,7 +357,7 @@ _omnibox() {
             return 0
             ;;
         omnibox__subcmd__demo)
-            opts="-v -q -h -V --dir --events --database-url --schema --config --format --color --log-format --verbose --quiet --help --version"
+            opts="-v -q -h -V --dir --events --database-url --schema --config --format --color --log-format --verbose --quiet --dedup-window --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -383,6 +395,10 @@ _omnibox() {
                     COMPREPLY=($(compgen -W "text json" -- "${cur}"))
                     return 0
                     ;;
+                --dedup-window)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
                 *)
                     COMPREPLY=()
                     ;;
@@ -391,7 +407,7 @@ _omnibox() {
             return 0
             ;;
         omnibox__subcmd__enqueue)
-            opts="-v -q -h -V --jsonl --aggregate-type --aggregate-id --event-type --topic --partition-key --payload --header --id --idempotency-key --trace-id --correlation-id --causation-id --schema-version --max-attempts --scheduled-at --database-url --schema --config --format --color --log-format --verbose --quiet --help --version"
+            opts="-v -q -h -V --jsonl --aggregate-type --aggregate-id --event-type --topic --partition-key --payload --header --id --idempotency-key --trace-id --correlation-id --causation-id --schema-version --max-attempts --scheduled-at --database-url --schema --config --format --color --log-format --verbose --quiet --dedup-window --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -485,6 +501,10 @@ _omnibox() {
                     COMPREPLY=($(compgen -W "text json" -- "${cur}"))
                     return 0
                     ;;
+                --dedup-window)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
                 *)
                     COMPREPLY=()
                     ;;
@@ -493,7 +513,7 @@ _omnibox() {
             return 0
             ;;
         omnibox__subcmd__failures)
-            opts="-v -q -h -V --table --database-url --schema --config --format --color --log-format --verbose --quiet --help --version"
+            opts="-v -q -h -V --table --database-url --schema --config --format --color --log-format --verbose --quiet --dedup-window --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -527,6 +547,10 @@ _omnibox() {
                     COMPREPLY=($(compgen -W "text json" -- "${cur}"))
                     return 0
                     ;;
+                --dedup-window)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
                 *)
                     COMPREPLY=()
                     ;;
@@ -535,7 +559,7 @@ _omnibox() {
             return 0
             ;;
         omnibox__subcmd__generate)
-            opts="-v -q -h -V --out --database-url --schema --config --format --color --log-format --verbose --quiet --help --version"
+            opts="-v -q -h -V --out --database-url --schema --config --format --color --log-format --verbose --quiet --dedup-window --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -567,6 +591,10 @@ _omnibox() {
                     ;;
                 --log-format)
                     COMPREPLY=($(compgen -W "text json" -- "${cur}"))
+                    return 0
+                    ;;
+                --dedup-window)
+                    COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
                 *)
@@ -857,7 +885,7 @@ _omnibox() {
             return 0
             ;;
         omnibox__subcmd__inbox)
-            opts="-v -q -h -V --database-url --schema --config --format --color --log-format --verbose --quiet --help --version consume process help"
+            opts="-v -q -h -V --database-url --schema --config --format --color --log-format --verbose --quiet --dedup-window --help --version consume process help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -887,6 +915,10 @@ _omnibox() {
                     COMPREPLY=($(compgen -W "text json" -- "${cur}"))
                     return 0
                     ;;
+                --dedup-window)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
                 *)
                     COMPREPLY=()
                     ;;
@@ -895,7 +927,7 @@ _omnibox() {
             return 0
             ;;
         omnibox__subcmd__inbox__subcmd__consume)
-            opts="-X -v -q -h -V --from --topic --group --once --follow --ack --commit-on --exec --webhook --timeout --batch --max-attempts --transient-limit --lease --dlq-topic --dlq-broker --worker-id --metrics-addr --database-url --schema --config --format --color --log-format --verbose --quiet --help --version"
+            opts="-X -v -q -h -V --from --topic --group --once --follow --ack --commit-on --exec --webhook --timeout --batch --max-attempts --transient-limit --lease --dlq-topic --dlq-broker --worker-id --metrics-addr --database-url --schema --config --format --color --log-format --verbose --quiet --dedup-window --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -993,6 +1025,10 @@ _omnibox() {
                     COMPREPLY=($(compgen -W "text json" -- "${cur}"))
                     return 0
                     ;;
+                --dedup-window)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
                 *)
                     COMPREPLY=()
                     ;;
@@ -1057,7 +1093,7 @@ _omnibox() {
             return 0
             ;;
         omnibox__subcmd__inbox__subcmd__process)
-            opts="-v -q -h -V --exec --webhook --timeout --batch --concurrency --once --worker-id --lease --dlq-topic --dlq-broker --poll-interval --metrics-addr --database-url --schema --config --format --color --log-format --verbose --quiet --help --version"
+            opts="-v -q -h -V --exec --webhook --timeout --batch --concurrency --once --worker-id --lease --dlq-topic --dlq-broker --poll-interval --metrics-addr --database-url --schema --config --format --color --log-format --verbose --quiet --dedup-window --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -1131,6 +1167,10 @@ _omnibox() {
                     COMPREPLY=($(compgen -W "text json" -- "${cur}"))
                     return 0
                     ;;
+                --dedup-window)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
                 *)
                     COMPREPLY=()
                     ;;
@@ -1139,7 +1179,7 @@ _omnibox() {
             return 0
             ;;
         omnibox__subcmd__list)
-            opts="-v -q -h -V --table --status --event-type --topic --since --limit --after --locked-by --database-url --schema --config --format --color --log-format --verbose --quiet --help --version"
+            opts="-v -q -h -V --table --status --event-type --topic --since --limit --after --locked-by --database-url --schema --config --format --color --log-format --verbose --quiet --dedup-window --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -1201,6 +1241,10 @@ _omnibox() {
                     COMPREPLY=($(compgen -W "text json" -- "${cur}"))
                     return 0
                     ;;
+                --dedup-window)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
                 *)
                     COMPREPLY=()
                     ;;
@@ -1209,7 +1253,7 @@ _omnibox() {
             return 0
             ;;
         omnibox__subcmd__migrate)
-            opts="-v -q -h -V --print-sql --database-url --schema --config --format --color --log-format --verbose --quiet --help --version"
+            opts="-v -q -h -V --print-sql --database-url --schema --config --format --color --log-format --verbose --quiet --dedup-window --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -1239,6 +1283,10 @@ _omnibox() {
                     COMPREPLY=($(compgen -W "text json" -- "${cur}"))
                     return 0
                     ;;
+                --dedup-window)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
                 *)
                     COMPREPLY=()
                     ;;
@@ -1247,7 +1295,7 @@ _omnibox() {
             return 0
             ;;
         omnibox__subcmd__publish)
-            opts="-X -v -q -h -V --broker --batch --once --worker-id --lease --publish-timeout --dlq-topic --limit --topic-unavailable-limit --poll-interval --metrics-addr --database-url --schema --config --format --color --log-format --verbose --quiet --help --version"
+            opts="-X -v -q -h -V --broker --batch --once --worker-id --lease --publish-timeout --dlq-topic --limit --topic-unavailable-limit --poll-interval --metrics-addr --database-url --schema --config --format --color --log-format --verbose --quiet --dedup-window --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -1321,6 +1369,10 @@ _omnibox() {
                     COMPREPLY=($(compgen -W "text json" -- "${cur}"))
                     return 0
                     ;;
+                --dedup-window)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
                 *)
                     COMPREPLY=()
                     ;;
@@ -1329,7 +1381,7 @@ _omnibox() {
             return 0
             ;;
         omnibox__subcmd__release__subcmd__stale__subcmd__locks)
-            opts="-y -v -q -h -V --older-than --table --batch-size --dry-run --yes --actor --database-url --schema --config --format --color --log-format --verbose --quiet --help --version"
+            opts="-y -v -q -h -V --older-than --table --batch-size --force --dry-run --yes --actor --database-url --schema --config --format --color --log-format --verbose --quiet --dedup-window --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -1375,6 +1427,10 @@ _omnibox() {
                     COMPREPLY=($(compgen -W "text json" -- "${cur}"))
                     return 0
                     ;;
+                --dedup-window)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
                 *)
                     COMPREPLY=()
                     ;;
@@ -1383,7 +1439,7 @@ _omnibox() {
             return 0
             ;;
         omnibox__subcmd__replay)
-            opts="-y -v -q -h -V --table --id --event-type --topic --error-contains --group --since --until --all --limit --rate --reason --dry-run --yes --actor --database-url --schema --config --format --color --log-format --verbose --quiet --help --version"
+            opts="-y -v -q -h -V --table --id --event-type --topic --error-contains --group --since --until --all --limit --rate --reason --dry-run --yes --actor --database-url --schema --config --format --color --log-format --verbose --quiet --dedup-window --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -1461,6 +1517,10 @@ _omnibox() {
                     COMPREPLY=($(compgen -W "text json" -- "${cur}"))
                     return 0
                     ;;
+                --dedup-window)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
                 *)
                     COMPREPLY=()
                     ;;
@@ -1469,7 +1529,7 @@ _omnibox() {
             return 0
             ;;
         omnibox__subcmd__show)
-            opts="-v -q -h -V --table --database-url --schema --config --format --color --log-format --verbose --quiet --help --version"
+            opts="-v -q -h -V --table --database-url --schema --config --format --color --log-format --verbose --quiet --dedup-window --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -1503,6 +1563,10 @@ _omnibox() {
                     COMPREPLY=($(compgen -W "text json" -- "${cur}"))
                     return 0
                     ;;
+                --dedup-window)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
                 *)
                     COMPREPLY=()
                     ;;
@@ -1511,7 +1575,7 @@ _omnibox() {
             return 0
             ;;
         omnibox__subcmd__status)
-            opts="-v -q -h -V --check --max-pending-age --max-failed --max-stale-locks --stale-after --database-url --schema --config --format --color --log-format --verbose --quiet --help --version"
+            opts="-v -q -h -V --check --max-pending-age --max-failed --max-stale-locks --stale-after --database-url --schema --config --format --color --log-format --verbose --quiet --dedup-window --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -1557,6 +1621,10 @@ _omnibox() {
                     COMPREPLY=($(compgen -W "text json" -- "${cur}"))
                     return 0
                     ;;
+                --dedup-window)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
                 *)
                     COMPREPLY=()
                     ;;
@@ -1565,7 +1633,7 @@ _omnibox() {
             return 0
             ;;
         omnibox__subcmd__unlock)
-            opts="-y -v -q -h -V --worker --reason --table --dry-run --yes --actor --database-url --schema --config --format --color --log-format --verbose --quiet --help --version"
+            opts="-y -v -q -h -V --worker --reason --table --dry-run --yes --actor --database-url --schema --config --format --color --log-format --verbose --quiet --dedup-window --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -1609,6 +1677,10 @@ _omnibox() {
                     ;;
                 --log-format)
                     COMPREPLY=($(compgen -W "text json" -- "${cur}"))
+                    return 0
+                    ;;
+                --dedup-window)
+                    COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
                 *)

@@ -1,6 +1,6 @@
 # Print an optspec for argparse to handle cmd's options that are independent of any subcommand.
 function __fish_omnibox_global_optspecs
-    string join \n database-url= schema= config= format= color= log-format= v/verbose q/quiet h/help V/version
+    string join \n database-url= schema= config= format= color= log-format= v/verbose q/quiet dedup-window= h/help V/version
 end
 
 function __fish_omnibox_needs_command
@@ -34,6 +34,7 @@ always\t''
 never\t''"
 complete -c omnibox -n "__fish_omnibox_needs_command" -l log-format -d 'Log format on stderr' -r -f -a "text\t''
 json\t''"
+complete -c omnibox -n "__fish_omnibox_needs_command" -l dedup-window -d 'The inbox\'s deduplication window: inbox rows are kept at least this long (cleanup refuses less), so a message redelivered within it is a duplicate [default: 7d]' -r
 complete -c omnibox -n "__fish_omnibox_needs_command" -s v -l verbose -d 'More logging (-v info, -vv debug, -vvv trace)'
 complete -c omnibox -n "__fish_omnibox_needs_command" -s q -l quiet -d 'Only errors on stderr'
 complete -c omnibox -n "__fish_omnibox_needs_command" -s h -l help -d 'Print help (see more with \'--help\')'
@@ -49,7 +50,7 @@ complete -c omnibox -n "__fish_omnibox_needs_command" -f -a "show" -d 'Show one 
 complete -c omnibox -n "__fish_omnibox_needs_command" -f -a "replay" -d 'Put failed events back to pending (attempts reset, error cleared, due now)'
 complete -c omnibox -n "__fish_omnibox_needs_command" -f -a "failures" -d 'Group failed events by event type and error cause'
 complete -c omnibox -n "__fish_omnibox_needs_command" -f -a "unlock" -d 'Force-unlock one event, or every event a dead worker holds'
-complete -c omnibox -n "__fish_omnibox_needs_command" -f -a "release-stale-locks" -d 'Unlock rows whose lock is older than a threshold (their worker is gone)'
+complete -c omnibox -n "__fish_omnibox_needs_command" -f -a "release-stale-locks" -d 'Unlock rows whose lock is older than a threshold and whose lease ran out'
 complete -c omnibox -n "__fish_omnibox_needs_command" -f -a "cleanup" -d 'Delete completed rows past their retention, in bounded batches'
 complete -c omnibox -n "__fish_omnibox_needs_command" -f -a "audit" -d 'Show recorded replays, unlocks, stale-lock releases and cleanups'
 complete -c omnibox -n "__fish_omnibox_needs_command" -f -a "completions" -d 'Print shell completions'
@@ -65,6 +66,7 @@ always\t''
 never\t''"
 complete -c omnibox -n "__fish_omnibox_using_subcommand migrate" -l log-format -d 'Log format on stderr' -r -f -a "text\t''
 json\t''"
+complete -c omnibox -n "__fish_omnibox_using_subcommand migrate" -l dedup-window -d 'The inbox\'s deduplication window: inbox rows are kept at least this long (cleanup refuses less), so a message redelivered within it is a duplicate [default: 7d]' -r
 complete -c omnibox -n "__fish_omnibox_using_subcommand migrate" -l print-sql -d 'Print the DDL for the database URL\'s backend instead of applying it (no connection is made)'
 complete -c omnibox -n "__fish_omnibox_using_subcommand migrate" -s v -l verbose -d 'More logging (-v info, -vv debug, -vvv trace)'
 complete -c omnibox -n "__fish_omnibox_using_subcommand migrate" -s q -l quiet -d 'Only errors on stderr'
@@ -96,6 +98,7 @@ always\t''
 never\t''"
 complete -c omnibox -n "__fish_omnibox_using_subcommand enqueue" -l log-format -d 'Log format on stderr' -r -f -a "text\t''
 json\t''"
+complete -c omnibox -n "__fish_omnibox_using_subcommand enqueue" -l dedup-window -d 'The inbox\'s deduplication window: inbox rows are kept at least this long (cleanup refuses less), so a message redelivered within it is a duplicate [default: 7d]' -r
 complete -c omnibox -n "__fish_omnibox_using_subcommand enqueue" -s v -l verbose -d 'More logging (-v info, -vv debug, -vvv trace)'
 complete -c omnibox -n "__fish_omnibox_using_subcommand enqueue" -s q -l quiet -d 'Only errors on stderr'
 complete -c omnibox -n "__fish_omnibox_using_subcommand enqueue" -s h -l help -d 'Print help (see more with \'--help\')'
@@ -104,7 +107,7 @@ complete -c omnibox -n "__fish_omnibox_using_subcommand publish" -l broker -d 'W
 complete -c omnibox -n "__fish_omnibox_using_subcommand publish" -s X -d 'A librdkafka property for the producer (repeatable), e.g. -X linger.ms=20' -r
 complete -c omnibox -n "__fish_omnibox_using_subcommand publish" -l batch -d 'Events per claim' -r
 complete -c omnibox -n "__fish_omnibox_using_subcommand publish" -l worker-id -d 'This relay\'s id in locked_by [default: HOST:PID]' -r
-complete -c omnibox -n "__fish_omnibox_using_subcommand publish" -l lease -d 'Lease of a claim: a relay that dies leaves its rows to others after this long (extended while a batch is in flight)' -r
+complete -c omnibox -n "__fish_omnibox_using_subcommand publish" -l lease -d 'Lease of a claim: a relay that dies leaves its rows to others after this long (extended while a batch is in flight) [default: OMNIBOX_LEASE, lease in omnibox.toml, or 5m]' -r
 complete -c omnibox -n "__fish_omnibox_using_subcommand publish" -l publish-timeout -d 'Longest wait for one message\'s acknowledgement' -r
 complete -c omnibox -n "__fish_omnibox_using_subcommand publish" -l dlq-topic -d 'Also write events that end up failed to this topic (best effort)' -r
 complete -c omnibox -n "__fish_omnibox_using_subcommand publish" -l limit -d 'Stop after claiming this many events (whole batches), e.g. to drain a backlog in chunks' -r
@@ -121,6 +124,7 @@ always\t''
 never\t''"
 complete -c omnibox -n "__fish_omnibox_using_subcommand publish" -l log-format -d 'Log format on stderr' -r -f -a "text\t''
 json\t''"
+complete -c omnibox -n "__fish_omnibox_using_subcommand publish" -l dedup-window -d 'The inbox\'s deduplication window: inbox rows are kept at least this long (cleanup refuses less), so a message redelivered within it is a duplicate [default: 7d]' -r
 complete -c omnibox -n "__fish_omnibox_using_subcommand publish" -l once -d 'Publish what is due, then exit (for jobs and cron)'
 complete -c omnibox -n "__fish_omnibox_using_subcommand publish" -s v -l verbose -d 'More logging (-v info, -vv debug, -vvv trace)'
 complete -c omnibox -n "__fish_omnibox_using_subcommand publish" -s q -l quiet -d 'Only errors on stderr'
@@ -136,6 +140,7 @@ always\t''
 never\t''"
 complete -c omnibox -n "__fish_omnibox_using_subcommand inbox; and not __fish_seen_subcommand_from consume process help" -l log-format -d 'Log format on stderr' -r -f -a "text\t''
 json\t''"
+complete -c omnibox -n "__fish_omnibox_using_subcommand inbox; and not __fish_seen_subcommand_from consume process help" -l dedup-window -d 'The inbox\'s deduplication window: inbox rows are kept at least this long (cleanup refuses less), so a message redelivered within it is a duplicate [default: 7d]' -r
 complete -c omnibox -n "__fish_omnibox_using_subcommand inbox; and not __fish_seen_subcommand_from consume process help" -s v -l verbose -d 'More logging (-v info, -vv debug, -vvv trace)'
 complete -c omnibox -n "__fish_omnibox_using_subcommand inbox; and not __fish_seen_subcommand_from consume process help" -s q -l quiet -d 'Only errors on stderr'
 complete -c omnibox -n "__fish_omnibox_using_subcommand inbox; and not __fish_seen_subcommand_from consume process help" -s h -l help -d 'Print help (see more with \'--help\')'
@@ -173,6 +178,7 @@ always\t''
 never\t''"
 complete -c omnibox -n "__fish_omnibox_using_subcommand inbox; and __fish_seen_subcommand_from consume" -l log-format -d 'Log format on stderr' -r -f -a "text\t''
 json\t''"
+complete -c omnibox -n "__fish_omnibox_using_subcommand inbox; and __fish_seen_subcommand_from consume" -l dedup-window -d 'The inbox\'s deduplication window: inbox rows are kept at least this long (cleanup refuses less), so a message redelivered within it is a duplicate [default: 7d]' -r
 complete -c omnibox -n "__fish_omnibox_using_subcommand inbox; and __fish_seen_subcommand_from consume" -l once -d 'Stop at the end of the input (file) or once caught up with the end of every partition (Kafka)'
 complete -c omnibox -n "__fish_omnibox_using_subcommand inbox; and __fish_seen_subcommand_from consume" -l follow -d 'File source: keep reading as the file grows'
 complete -c omnibox -n "__fish_omnibox_using_subcommand inbox; and __fish_seen_subcommand_from consume" -s v -l verbose -d 'More logging (-v info, -vv debug, -vvv trace)'
@@ -185,7 +191,7 @@ complete -c omnibox -n "__fish_omnibox_using_subcommand inbox; and __fish_seen_s
 complete -c omnibox -n "__fish_omnibox_using_subcommand inbox; and __fish_seen_subcommand_from process" -l batch -d 'Rows per claim' -r
 complete -c omnibox -n "__fish_omnibox_using_subcommand inbox; and __fish_seen_subcommand_from process" -l concurrency -d 'Handler calls running at once' -r
 complete -c omnibox -n "__fish_omnibox_using_subcommand inbox; and __fish_seen_subcommand_from process" -l worker-id -d 'This worker\'s id [default: HOST:PID]' -r
-complete -c omnibox -n "__fish_omnibox_using_subcommand inbox; and __fish_seen_subcommand_from process" -l lease -d 'Lease of a claim' -r
+complete -c omnibox -n "__fish_omnibox_using_subcommand inbox; and __fish_seen_subcommand_from process" -l lease -d 'Lease of a claim (extended while handlers run) [default: OMNIBOX_LEASE, lease in omnibox.toml, or 5m]' -r
 complete -c omnibox -n "__fish_omnibox_using_subcommand inbox; and __fish_seen_subcommand_from process" -l dlq-topic -d 'Also write rows that end up failed to this topic' -r
 complete -c omnibox -n "__fish_omnibox_using_subcommand inbox; and __fish_seen_subcommand_from process" -l dlq-broker -d 'Where the DLQ topic lives [default: file:omnibox-dlq.jsonl]' -r
 complete -c omnibox -n "__fish_omnibox_using_subcommand inbox; and __fish_seen_subcommand_from process" -l poll-interval -d 'Longest idle wait between polls when nothing is due' -r
@@ -200,6 +206,7 @@ always\t''
 never\t''"
 complete -c omnibox -n "__fish_omnibox_using_subcommand inbox; and __fish_seen_subcommand_from process" -l log-format -d 'Log format on stderr' -r -f -a "text\t''
 json\t''"
+complete -c omnibox -n "__fish_omnibox_using_subcommand inbox; and __fish_seen_subcommand_from process" -l dedup-window -d 'The inbox\'s deduplication window: inbox rows are kept at least this long (cleanup refuses less), so a message redelivered within it is a duplicate [default: 7d]' -r
 complete -c omnibox -n "__fish_omnibox_using_subcommand inbox; and __fish_seen_subcommand_from process" -l once -d 'Process what is due, then exit'
 complete -c omnibox -n "__fish_omnibox_using_subcommand inbox; and __fish_seen_subcommand_from process" -s v -l verbose -d 'More logging (-v info, -vv debug, -vvv trace)'
 complete -c omnibox -n "__fish_omnibox_using_subcommand inbox; and __fish_seen_subcommand_from process" -s q -l quiet -d 'Only errors on stderr'
@@ -220,6 +227,7 @@ always\t''
 never\t''"
 complete -c omnibox -n "__fish_omnibox_using_subcommand demo" -l log-format -d 'Log format on stderr' -r -f -a "text\t''
 json\t''"
+complete -c omnibox -n "__fish_omnibox_using_subcommand demo" -l dedup-window -d 'The inbox\'s deduplication window: inbox rows are kept at least this long (cleanup refuses less), so a message redelivered within it is a duplicate [default: 7d]' -r
 complete -c omnibox -n "__fish_omnibox_using_subcommand demo" -s v -l verbose -d 'More logging (-v info, -vv debug, -vvv trace)'
 complete -c omnibox -n "__fish_omnibox_using_subcommand demo" -s q -l quiet -d 'Only errors on stderr'
 complete -c omnibox -n "__fish_omnibox_using_subcommand demo" -s h -l help -d 'Print help (see more with \'--help\')'
@@ -238,6 +246,7 @@ always\t''
 never\t''"
 complete -c omnibox -n "__fish_omnibox_using_subcommand status" -l log-format -d 'Log format on stderr' -r -f -a "text\t''
 json\t''"
+complete -c omnibox -n "__fish_omnibox_using_subcommand status" -l dedup-window -d 'The inbox\'s deduplication window: inbox rows are kept at least this long (cleanup refuses less), so a message redelivered within it is a duplicate [default: 7d]' -r
 complete -c omnibox -n "__fish_omnibox_using_subcommand status" -l check -d 'Exit 1 when a threshold below is crossed'
 complete -c omnibox -n "__fish_omnibox_using_subcommand status" -s v -l verbose -d 'More logging (-v info, -vv debug, -vvv trace)'
 complete -c omnibox -n "__fish_omnibox_using_subcommand status" -s q -l quiet -d 'Only errors on stderr'
@@ -262,6 +271,7 @@ always\t''
 never\t''"
 complete -c omnibox -n "__fish_omnibox_using_subcommand list" -l log-format -d 'Log format on stderr' -r -f -a "text\t''
 json\t''"
+complete -c omnibox -n "__fish_omnibox_using_subcommand list" -l dedup-window -d 'The inbox\'s deduplication window: inbox rows are kept at least this long (cleanup refuses less), so a message redelivered within it is a duplicate [default: 7d]' -r
 complete -c omnibox -n "__fish_omnibox_using_subcommand list" -s v -l verbose -d 'More logging (-v info, -vv debug, -vvv trace)'
 complete -c omnibox -n "__fish_omnibox_using_subcommand list" -s q -l quiet -d 'Only errors on stderr'
 complete -c omnibox -n "__fish_omnibox_using_subcommand list" -s h -l help -d 'Print help (see more with \'--help\')'
@@ -278,6 +288,7 @@ always\t''
 never\t''"
 complete -c omnibox -n "__fish_omnibox_using_subcommand show" -l log-format -d 'Log format on stderr' -r -f -a "text\t''
 json\t''"
+complete -c omnibox -n "__fish_omnibox_using_subcommand show" -l dedup-window -d 'The inbox\'s deduplication window: inbox rows are kept at least this long (cleanup refuses less), so a message redelivered within it is a duplicate [default: 7d]' -r
 complete -c omnibox -n "__fish_omnibox_using_subcommand show" -s v -l verbose -d 'More logging (-v info, -vv debug, -vvv trace)'
 complete -c omnibox -n "__fish_omnibox_using_subcommand show" -s q -l quiet -d 'Only errors on stderr'
 complete -c omnibox -n "__fish_omnibox_using_subcommand show" -s h -l help -d 'Print help (see more with \'--help\')'
@@ -305,6 +316,7 @@ always\t''
 never\t''"
 complete -c omnibox -n "__fish_omnibox_using_subcommand replay" -l log-format -d 'Log format on stderr' -r -f -a "text\t''
 json\t''"
+complete -c omnibox -n "__fish_omnibox_using_subcommand replay" -l dedup-window -d 'The inbox\'s deduplication window: inbox rows are kept at least this long (cleanup refuses less), so a message redelivered within it is a duplicate [default: 7d]' -r
 complete -c omnibox -n "__fish_omnibox_using_subcommand replay" -l all -d 'Every failed row (explicitly)'
 complete -c omnibox -n "__fish_omnibox_using_subcommand replay" -l dry-run -d 'Show what would change, change nothing'
 complete -c omnibox -n "__fish_omnibox_using_subcommand replay" -s y -l yes -d 'Do not ask for confirmation (needed without a terminal, e.g. in cron)'
@@ -324,6 +336,7 @@ always\t''
 never\t''"
 complete -c omnibox -n "__fish_omnibox_using_subcommand failures" -l log-format -d 'Log format on stderr' -r -f -a "text\t''
 json\t''"
+complete -c omnibox -n "__fish_omnibox_using_subcommand failures" -l dedup-window -d 'The inbox\'s deduplication window: inbox rows are kept at least this long (cleanup refuses less), so a message redelivered within it is a duplicate [default: 7d]' -r
 complete -c omnibox -n "__fish_omnibox_using_subcommand failures" -s v -l verbose -d 'More logging (-v info, -vv debug, -vvv trace)'
 complete -c omnibox -n "__fish_omnibox_using_subcommand failures" -s q -l quiet -d 'Only errors on stderr'
 complete -c omnibox -n "__fish_omnibox_using_subcommand failures" -s h -l help -d 'Print help (see more with \'--help\')'
@@ -343,6 +356,7 @@ always\t''
 never\t''"
 complete -c omnibox -n "__fish_omnibox_using_subcommand unlock" -l log-format -d 'Log format on stderr' -r -f -a "text\t''
 json\t''"
+complete -c omnibox -n "__fish_omnibox_using_subcommand unlock" -l dedup-window -d 'The inbox\'s deduplication window: inbox rows are kept at least this long (cleanup refuses less), so a message redelivered within it is a duplicate [default: 7d]' -r
 complete -c omnibox -n "__fish_omnibox_using_subcommand unlock" -l dry-run -d 'Show what would change, change nothing'
 complete -c omnibox -n "__fish_omnibox_using_subcommand unlock" -s y -l yes -d 'Do not ask for confirmation (needed without a terminal, e.g. in cron)'
 complete -c omnibox -n "__fish_omnibox_using_subcommand unlock" -s v -l verbose -d 'More logging (-v info, -vv debug, -vvv trace)'
@@ -364,6 +378,8 @@ always\t''
 never\t''"
 complete -c omnibox -n "__fish_omnibox_using_subcommand release-stale-locks" -l log-format -d 'Log format on stderr' -r -f -a "text\t''
 json\t''"
+complete -c omnibox -n "__fish_omnibox_using_subcommand release-stale-locks" -l dedup-window -d 'The inbox\'s deduplication window: inbox rows are kept at least this long (cleanup refuses less), so a message redelivered within it is a duplicate [default: 7d]' -r
+complete -c omnibox -n "__fish_omnibox_using_subcommand release-stale-locks" -l force -d 'Accept a threshold shorter than the lease relays take'
 complete -c omnibox -n "__fish_omnibox_using_subcommand release-stale-locks" -l dry-run -d 'Show what would change, change nothing'
 complete -c omnibox -n "__fish_omnibox_using_subcommand release-stale-locks" -s y -l yes -d 'Do not ask for confirmation (needed without a terminal, e.g. in cron)'
 complete -c omnibox -n "__fish_omnibox_using_subcommand release-stale-locks" -s v -l verbose -d 'More logging (-v info, -vv debug, -vvv trace)'
@@ -376,7 +392,6 @@ complete -c omnibox -n "__fish_omnibox_using_subcommand cleanup" -l table -d 'On
 inbox\t''"
 complete -c omnibox -n "__fish_omnibox_using_subcommand cleanup" -l batch-size -d 'Rows per DELETE statement' -r
 complete -c omnibox -n "__fish_omnibox_using_subcommand cleanup" -l max-iterations -d 'Statements per table and kind, at most' -r
-complete -c omnibox -n "__fish_omnibox_using_subcommand cleanup" -l dedup-window -d 'The inbox\'s deduplication window: its rows are kept at least this long' -r
 complete -c omnibox -n "__fish_omnibox_using_subcommand cleanup" -l actor -d 'Who is acting, for the audit trail [default: the OS user]' -r
 complete -c omnibox -n "__fish_omnibox_using_subcommand cleanup" -l database-url -d 'Database URL: sqlite://PATH or postgres://USER:PASS@HOST/DB [default: sqlite://omnibox.db]' -r
 complete -c omnibox -n "__fish_omnibox_using_subcommand cleanup" -l schema -d 'PostgreSQL schema that holds the tables (created by `migrate`)' -r
@@ -388,7 +403,9 @@ always\t''
 never\t''"
 complete -c omnibox -n "__fish_omnibox_using_subcommand cleanup" -l log-format -d 'Log format on stderr' -r -f -a "text\t''
 json\t''"
+complete -c omnibox -n "__fish_omnibox_using_subcommand cleanup" -l dedup-window -d 'The inbox\'s deduplication window: inbox rows are kept at least this long (cleanup refuses less), so a message redelivered within it is a duplicate [default: 7d]' -r
 complete -c omnibox -n "__fish_omnibox_using_subcommand cleanup" -l include-failed -d 'Also delete failed rows'
+complete -c omnibox -n "__fish_omnibox_using_subcommand cleanup" -l force -d 'Allow a retention shorter than an hour (completed rows also hold idempotency keys: deleting them at once lets a retried enqueue in again)'
 complete -c omnibox -n "__fish_omnibox_using_subcommand cleanup" -l dry-run -d 'Show what would change, change nothing'
 complete -c omnibox -n "__fish_omnibox_using_subcommand cleanup" -s y -l yes -d 'Do not ask for confirmation (needed without a terminal, e.g. in cron)'
 complete -c omnibox -n "__fish_omnibox_using_subcommand cleanup" -s v -l verbose -d 'More logging (-v info, -vv debug, -vvv trace)'
@@ -409,6 +426,7 @@ always\t''
 never\t''"
 complete -c omnibox -n "__fish_omnibox_using_subcommand audit" -l log-format -d 'Log format on stderr' -r -f -a "text\t''
 json\t''"
+complete -c omnibox -n "__fish_omnibox_using_subcommand audit" -l dedup-window -d 'The inbox\'s deduplication window: inbox rows are kept at least this long (cleanup refuses less), so a message redelivered within it is a duplicate [default: 7d]' -r
 complete -c omnibox -n "__fish_omnibox_using_subcommand audit" -s v -l verbose -d 'More logging (-v info, -vv debug, -vvv trace)'
 complete -c omnibox -n "__fish_omnibox_using_subcommand audit" -s q -l quiet -d 'Only errors on stderr'
 complete -c omnibox -n "__fish_omnibox_using_subcommand audit" -s h -l help -d 'Print help (see more with \'--help\')'
@@ -423,6 +441,7 @@ always\t''
 never\t''"
 complete -c omnibox -n "__fish_omnibox_using_subcommand completions" -l log-format -d 'Log format on stderr' -r -f -a "text\t''
 json\t''"
+complete -c omnibox -n "__fish_omnibox_using_subcommand completions" -l dedup-window -d 'The inbox\'s deduplication window: inbox rows are kept at least this long (cleanup refuses less), so a message redelivered within it is a duplicate [default: 7d]' -r
 complete -c omnibox -n "__fish_omnibox_using_subcommand completions" -s v -l verbose -d 'More logging (-v info, -vv debug, -vvv trace)'
 complete -c omnibox -n "__fish_omnibox_using_subcommand completions" -s q -l quiet -d 'Only errors on stderr'
 complete -c omnibox -n "__fish_omnibox_using_subcommand completions" -s h -l help -d 'Print help (see more with \'--help\')'
@@ -438,6 +457,7 @@ always\t''
 never\t''"
 complete -c omnibox -n "__fish_omnibox_using_subcommand generate" -l log-format -d 'Log format on stderr' -r -f -a "text\t''
 json\t''"
+complete -c omnibox -n "__fish_omnibox_using_subcommand generate" -l dedup-window -d 'The inbox\'s deduplication window: inbox rows are kept at least this long (cleanup refuses less), so a message redelivered within it is a duplicate [default: 7d]' -r
 complete -c omnibox -n "__fish_omnibox_using_subcommand generate" -s v -l verbose -d 'More logging (-v info, -vv debug, -vvv trace)'
 complete -c omnibox -n "__fish_omnibox_using_subcommand generate" -s q -l quiet -d 'Only errors on stderr'
 complete -c omnibox -n "__fish_omnibox_using_subcommand generate" -s h -l help -d 'Print help (see more with \'--help\')'
@@ -453,7 +473,7 @@ complete -c omnibox -n "__fish_omnibox_using_subcommand help; and not __fish_see
 complete -c omnibox -n "__fish_omnibox_using_subcommand help; and not __fish_seen_subcommand_from migrate enqueue publish inbox demo status list show replay failures unlock release-stale-locks cleanup audit completions generate help" -f -a "replay" -d 'Put failed events back to pending (attempts reset, error cleared, due now)'
 complete -c omnibox -n "__fish_omnibox_using_subcommand help; and not __fish_seen_subcommand_from migrate enqueue publish inbox demo status list show replay failures unlock release-stale-locks cleanup audit completions generate help" -f -a "failures" -d 'Group failed events by event type and error cause'
 complete -c omnibox -n "__fish_omnibox_using_subcommand help; and not __fish_seen_subcommand_from migrate enqueue publish inbox demo status list show replay failures unlock release-stale-locks cleanup audit completions generate help" -f -a "unlock" -d 'Force-unlock one event, or every event a dead worker holds'
-complete -c omnibox -n "__fish_omnibox_using_subcommand help; and not __fish_seen_subcommand_from migrate enqueue publish inbox demo status list show replay failures unlock release-stale-locks cleanup audit completions generate help" -f -a "release-stale-locks" -d 'Unlock rows whose lock is older than a threshold (their worker is gone)'
+complete -c omnibox -n "__fish_omnibox_using_subcommand help; and not __fish_seen_subcommand_from migrate enqueue publish inbox demo status list show replay failures unlock release-stale-locks cleanup audit completions generate help" -f -a "release-stale-locks" -d 'Unlock rows whose lock is older than a threshold and whose lease ran out'
 complete -c omnibox -n "__fish_omnibox_using_subcommand help; and not __fish_seen_subcommand_from migrate enqueue publish inbox demo status list show replay failures unlock release-stale-locks cleanup audit completions generate help" -f -a "cleanup" -d 'Delete completed rows past their retention, in bounded batches'
 complete -c omnibox -n "__fish_omnibox_using_subcommand help; and not __fish_seen_subcommand_from migrate enqueue publish inbox demo status list show replay failures unlock release-stale-locks cleanup audit completions generate help" -f -a "audit" -d 'Show recorded replays, unlocks, stale-lock releases and cleanups'
 complete -c omnibox -n "__fish_omnibox_using_subcommand help; and not __fish_seen_subcommand_from migrate enqueue publish inbox demo status list show replay failures unlock release-stale-locks cleanup audit completions generate help" -f -a "completions" -d 'Print shell completions'

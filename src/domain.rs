@@ -498,7 +498,8 @@ fn require_pending<R: Route>(event: &Event<R>, detail: &str) -> Result<()> {
 
 /// Converts a std duration to chrono's, saturating.
 pub(crate) fn chrono_dur(d: Duration) -> chrono::Duration {
-    chrono::Duration::from_std(d).unwrap_or(chrono::Duration::MAX)
+    // Clamped, so adding it to or taking it from a time cannot overflow.
+    chrono::Duration::from_std(d.min(limits::MAX_DURATION)).unwrap_or(chrono::Duration::MAX)
 }
 
 /// The namespace of inbox event ids (a fixed, random UUID).

@@ -39,6 +39,20 @@ fn omnibox(db: &TestDb, args: &[&str]) -> Out {
     }
 }
 
+fn omnibox_env(db: &TestDb, args: &[&str], env: &[(&str, &str)]) -> Out {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cmd = command(db, dir.path(), args);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().unwrap();
+    Out {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
 fn command(db: &TestDb, dir: &std::path::Path, args: &[&str]) -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_omnibox"));
     cmd.args(args)
@@ -240,6 +254,7 @@ mod cases {
             db,
             &[
                 "cleanup",
+                "--force",
                 "--older-than",
                 "1ms",
                 "--include-failed",
@@ -405,13 +420,21 @@ mod cases {
             .create_inbox_event(NewInboxEvent::new("m1", "g", "s", "t", json!({"a": 1})))
             .unwrap();
         db.store.inbox().insert(&inbox_event).await.unwrap();
+        // A live relay's batch: its lease is current.
+        let live = new_event("t", "t1", "live");
+        outbox.create(&live).await.unwrap();
+        let short = Duration::from_millis(5);
         outbox
-            .claim(&ClaimOptions::new(WorkerId::new("old").unwrap(), 10))
+            .claim(&ClaimOptions::new(WorkerId::new("alive").unwrap(), 1))
+            .await
+            .unwrap();
+        outbox
+            .claim(&ClaimOptions::new(WorkerId::new("old").unwrap(), 10).lease(short))
             .await
             .unwrap();
         db.store
             .inbox()
-            .claim(&ClaimOptions::new(WorkerId::new("old").unwrap(), 10))
+            .claim(&ClaimOptions::new(WorkerId::new("old").unwrap(), 10).lease(short))
             .await
             .unwrap();
         let r = omnibox(
@@ -427,12 +450,22 @@ mod cases {
         );
         assert_eq!(r.json()["tables"][0]["released"], 0, "not stale yet");
         tokio::time::sleep(Duration::from_millis(30)).await;
+        // A threshold shorter than the relays' lease is refused, nothing changes.
+        let r = omnibox(db, &["release-stale-locks", "--older-than", "0s", "--yes"]);
+        assert_eq!(r.code, 2, "{}", r.stderr);
+        assert!(
+            r.stderr.contains("lease") && r.stderr.contains("--force"),
+            "{}",
+            r.stderr
+        );
+        assert_eq!(outbox.counts().await.unwrap().locked, 5);
         let r = omnibox(
             db,
             &[
                 "release-stale-locks",
                 "--older-than",
                 "10ms",
+                "--force",
                 "--dry-run",
                 "--format",
                 "json",
@@ -445,13 +478,14 @@ mod cases {
             ),
             (Some(4), Some(1))
         );
-        assert_eq!(outbox.counts().await.unwrap().locked, 4);
+        assert_eq!(outbox.counts().await.unwrap().locked, 5);
         let r = omnibox(
             db,
             &[
                 "release-stale-locks",
                 "--older-than",
                 "10ms",
+                "--force",
                 "--batch-size",
                 "3",
                 "--yes",
@@ -467,7 +501,11 @@ mod cases {
             ),
             (Some(4), Some(1))
         );
-        assert_eq!(outbox.counts().await.unwrap().locked, 0);
+        assert_eq!(
+            outbox.counts().await.unwrap().locked,
+            1,
+            "the live relay keeps its row"
+        );
         assert_eq!(db.store.inbox().counts().await.unwrap().locked, 0);
     }
 
@@ -489,10 +527,29 @@ mod cases {
             .await
             .unwrap();
         tokio::time::sleep(Duration::from_millis(20)).await;
+        // A retention under an hour is refused without --force: nothing goes.
+        let r = omnibox(
+            db,
+            &[
+                "cleanup",
+                "--older-than",
+                "0s",
+                "--table",
+                "outbox",
+                "--yes",
+            ],
+        );
+        assert_eq!(r.code, 2, "{}", r.stderr);
+        assert!(r.stderr.contains("--force"), "{}", r.stderr);
+        assert_eq!(outbox.counts().await.unwrap().completed, 25);
+        let r = omnibox(db, &["cleanup", "--older-than", "-5d", "--yes"]);
+        assert_eq!(r.code, 2);
+        assert!(r.stderr.contains("not negative"), "{}", r.stderr);
         let args = [
             "cleanup",
             "--older-than",
             "5ms",
+            "--force",
             "--table",
             "outbox",
             "--batch-size",
@@ -536,6 +593,38 @@ mod cases {
             ],
         );
         assert_eq!(r.code, 0, "{}", r.stderr);
+        // The window is one setting: the environment and the file set it too.
+        let r = omnibox_env(
+            db,
+            &[
+                "cleanup",
+                "--older-than",
+                "2d",
+                "--table",
+                "inbox",
+                "--dry-run",
+            ],
+            &[("OMNIBOX_DEDUP_WINDOW", "1d")],
+        );
+        assert_eq!(r.code, 0, "{}", r.stderr);
+        let dir = tempfile::tempdir().unwrap();
+        let config = dir.path().join("omnibox.toml");
+        std::fs::write(&config, "dedup_window = \"3d\"\n").unwrap();
+        let r = omnibox(
+            db,
+            &[
+                "cleanup",
+                "--older-than",
+                "2d",
+                "--table",
+                "inbox",
+                "--dry-run",
+                "--config",
+                config.to_str().unwrap(),
+            ],
+        );
+        assert_eq!(r.code, 2, "{}", r.stderr);
+        assert!(r.stderr.contains("3d"), "{}", r.stderr);
         let a = omnibox(db, &["audit", "--action", "cleanup", "--format", "json"]).json();
         assert_eq!(a["entries"].as_array().unwrap().len(), 2);
         assert_eq!(
@@ -570,6 +659,7 @@ mod cases {
         let dir = tempfile::tempdir().unwrap();
         let args = [
             "cleanup",
+            "--force",
             "--older-than",
             "5ms",
             "--table",

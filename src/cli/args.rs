@@ -10,6 +10,17 @@ pub fn duration(text: &str) -> Result<Duration, String> {
     if t.is_empty() {
         return Err("empty duration; write e.g. 30s, 5m, 2h or 7d".into());
     }
+    if let Some(positive) = t.strip_prefix('-') {
+        return Err(format!(
+            "{text:?}: a duration is not negative; an age such as --older-than {positive} already means \"{positive} ago\""
+        ));
+    }
+    let too_long = || {
+        format!(
+            "{text:?} is too long: the longest duration is 100 years ({}d)",
+            omnibox::model::limits::MAX_DURATION.as_secs() / 86_400
+        )
+    };
     let mut total = Duration::ZERO;
     let mut rest = t;
     while !rest.is_empty() {
@@ -21,9 +32,7 @@ pub fn duration(text: &str) -> Result<Duration, String> {
                 "{text:?} is not a duration; write e.g. 30s, 5m, 2h or 7d"
             ));
         }
-        let n: u64 = rest[..digits]
-            .parse()
-            .map_err(|_| format!("{text:?}: number too large"))?;
+        let n: u64 = rest[..digits].parse().map_err(|_| too_long())?;
         rest = &rest[digits..];
         let unit_len = rest
             .find(|c: char| c.is_ascii_digit())
@@ -32,7 +41,10 @@ pub fn duration(text: &str) -> Result<Duration, String> {
         rest = &rest[unit_len..];
         let secs = match unit {
             "ms" => {
-                total += Duration::from_millis(n);
+                total = total
+                    .checked_add(Duration::from_millis(n))
+                    .filter(|t| *t <= omnibox::model::limits::MAX_DURATION)
+                    .ok_or_else(too_long)?;
                 continue;
             }
             "s" | "sec" | "secs" => 1,
@@ -51,13 +63,23 @@ pub fn duration(text: &str) -> Result<Duration, String> {
                 ));
             }
         };
-        total += Duration::from_secs(n.saturating_mul(secs));
+        total = n
+            .checked_mul(secs)
+            .and_then(|s| total.checked_add(Duration::from_secs(s)))
+            .filter(|t| *t <= omnibox::model::limits::MAX_DURATION)
+            .ok_or_else(too_long)?;
     }
     Ok(total)
 }
 
 /// A point in time: RFC 3339 with an offset, or a duration meaning "that long ago".
 pub fn since(text: &str) -> Result<Timestamp, String> {
+    if text.trim().starts_with('-') {
+        return Err(format!(
+            "{text:?}: give a time (RFC 3339 with an offset) or an age such as {} (meaning that long ago)",
+            text.trim().trim_start_matches('-')
+        ));
+    }
     if text.trim().starts_with(|c: char| c.is_ascii_digit()) && !text.contains('-') {
         let d = duration(text)?;
         let d = chrono::Duration::from_std(d).map_err(|_| format!("{text:?} is too long ago"))?;
@@ -120,6 +142,24 @@ mod tests {
         assert!(duration("5y").unwrap_err().contains("unknown unit"));
         assert!(duration("abc").is_err());
         assert!(duration("").is_err());
+        // Overflow is an error, never a panic or a time out of range.
+        for huge in [
+            "99999999w",
+            "18446744073709551615s",
+            "18446744073709551616s",
+            "36501d",
+            "18446744073709551615ms18446744073709551615ms",
+            "9999999999999999999999d",
+        ] {
+            assert!(duration(huge).unwrap_err().contains("too long"), "{huge}");
+            assert!(since(huge).is_err(), "{huge}");
+        }
+        assert_eq!(
+            duration("36500d").unwrap(),
+            omnibox::model::limits::MAX_DURATION
+        );
+        assert!(duration("-5d").unwrap_err().contains("not negative"));
+        assert!(since("-5d").unwrap_err().contains("5d"));
     }
 
     #[test]

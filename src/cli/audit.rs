@@ -22,7 +22,7 @@ pub struct AuditArgs {
     #[arg(long)]
     action: Option<String>,
     /// Only entries since: RFC 3339 or a duration ago (24h)
-    #[arg(long, value_parser = args::since, value_name = "TIME")]
+    #[arg(long, allow_hyphen_values = true, value_parser = args::since, value_name = "TIME")]
     since: Option<Timestamp>,
     /// Only entries that touched this event
     #[arg(long, value_parser = args::uuid, value_name = "UUID")]

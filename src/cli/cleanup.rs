@@ -21,8 +21,10 @@ use super::{Context, ExitStatus, UsageError, args};
 /// cron run is bounded); on PostgreSQL rows in use are skipped, so two crons
 /// at once are safe. With --include-failed, failed rows that failed more than
 /// --failed-older-than ago go too. On the inbox, a retention shorter than
-/// --dedup-window is refused: deleting inbox rows early lets a redelivered
-/// message through as new.
+/// the deduplication window (--dedup-window, OMNIBOX_DEDUP_WINDOW or
+/// dedup_window in omnibox.toml; 7d) is refused: deleting inbox rows early
+/// lets a redelivered message through as new. A retention under an hour
+/// needs --force.
 ///
 /// Examples:
 ///   omnibox cleanup --older-than 7d --dry-run
@@ -32,13 +34,13 @@ use super::{Context, ExitStatus, UsageError, args};
 #[command(verbatim_doc_comment)]
 pub struct CleanupArgs {
     /// Keep completed rows for this long
-    #[arg(long, value_parser = args::duration, value_name = "DURATION")]
+    #[arg(long, allow_hyphen_values = true, value_parser = args::duration, value_name = "DURATION")]
     older_than: Duration,
     /// Also delete failed rows
     #[arg(long)]
     include_failed: bool,
     /// With --include-failed: keep failed rows for this long
-    #[arg(long, default_value = "30d", value_parser = args::duration, value_name = "DURATION")]
+    #[arg(long, allow_hyphen_values = true, default_value = "30d", value_parser = args::duration, value_name = "DURATION")]
     failed_older_than: Duration,
     /// Only this table [default: both]
     #[arg(long, value_enum)]
@@ -49,12 +51,16 @@ pub struct CleanupArgs {
     /// Statements per table and kind, at most
     #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..))]
     max_iterations: u32,
-    /// The inbox's deduplication window: its rows are kept at least this long
-    #[arg(long, default_value = "7d", value_parser = args::duration, value_name = "DURATION")]
-    dedup_window: Duration,
+    /// Allow a retention shorter than an hour (completed rows also hold
+    /// idempotency keys: deleting them at once lets a retried enqueue in again)
+    #[arg(long)]
+    force: bool,
     #[command(flatten)]
     safety: SafetyArgs,
 }
+
+/// The shortest retention `cleanup` takes without --force.
+const MIN_RETENTION: Duration = Duration::from_secs(3600);
 
 #[derive(Debug, Default, serde::Serialize)]
 struct Counts {
@@ -69,20 +75,27 @@ pub async fn run(args: CleanupArgs, ctx: &Context) -> Result<ExitStatus> {
         Some(t) => vec![Table::from(t)],
         None => vec![Table::Outbox, Table::Inbox],
     };
-    if tables.contains(&Table::Inbox) {
-        let shortest = if args.include_failed {
-            args.older_than.min(args.failed_older_than)
-        } else {
-            args.older_than
-        };
-        if shortest < args.dedup_window {
-            return Err(UsageError(format!(
-                "refusing to delete inbox rows younger than the deduplication window ({}): a redelivered message would be stored again as new; use a retention of at least {} (or --table outbox)",
-                human_duration(args.dedup_window),
-                human_duration(args.dedup_window)
-            ))
-            .into());
-        }
+    let shortest = if args.include_failed {
+        args.older_than.min(args.failed_older_than)
+    } else {
+        args.older_than
+    };
+    if shortest < MIN_RETENTION && !args.force {
+        return Err(UsageError(format!(
+            "refusing a retention of {}: rows just completed would go at once (an outbox row's idempotency key with it, so a retried enqueue gets in again); use at least {}, or add --force",
+            human_duration(shortest),
+            human_duration(MIN_RETENTION)
+        ))
+        .into());
+    }
+    let dedup_window = ctx.settings.dedup_window;
+    if tables.contains(&Table::Inbox) && shortest < dedup_window {
+        return Err(UsageError(format!(
+            "refusing to delete inbox rows younger than the deduplication window ({}): a redelivered message would be stored again as new; use a retention of at least {} (or --table outbox, or a shorter --dedup-window / OMNIBOX_DEDUP_WINDOW / dedup_window in omnibox.toml)",
+            human_duration(dedup_window),
+            human_duration(dedup_window)
+        ))
+        .into());
     }
     let store = ctx.store().await?;
     let mut plan = Vec::new();

@@ -3,6 +3,7 @@
 //! the file and the defaults.
 
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use anyhow::{Context as _, Result};
 use serde::Deserialize;
@@ -26,7 +27,14 @@ pub struct FileConfig {
     /// librdkafka properties (`[kafka]` table), overridden by `-X`.
     #[serde(default)]
     pub kafka: std::collections::BTreeMap<String, String>,
+    /// The inbox's deduplication window (e.g. "7d").
+    pub dedup_window: Option<String>,
+    /// The lease of `publish` and `inbox process` (e.g. "5m").
+    pub lease: Option<String>,
 }
+
+/// Default of the deduplication window.
+pub const DEFAULT_DEDUP_WINDOW: Duration = Duration::from_secs(7 * 86_400);
 
 /// The resolved settings every command sees.
 #[derive(Debug, Clone)]
@@ -36,6 +44,12 @@ pub struct Settings {
     pub format: Format,
     pub broker: Option<String>,
     pub kafka_properties: Vec<(String, String)>,
+    /// How long the inbox keeps rows so a redelivered message is still a
+    /// duplicate: `cleanup` never deletes inbox rows younger than this.
+    pub dedup_window: Duration,
+    /// The lease relays and `inbox process` take (their `--lease` default),
+    /// and the shortest threshold `release-stale-locks` accepts.
+    pub lease: Duration,
     /// Where the file settings came from, if any.
     pub config_file: Option<PathBuf>,
 }
@@ -51,7 +65,38 @@ pub fn load(global: &GlobalArgs) -> Result<Settings> {
         ),
         None => (FileConfig::default(), None),
     };
+    let file_duration = |key: &str, value: &Option<String>| -> Result<Option<Duration>> {
+        value
+            .as_deref()
+            .map(|v| {
+                super::args::duration(v).map_err(|e| {
+                    super::UsageError(format!(
+                        "config file {}: {key}: {e}",
+                        path.as_deref().unwrap_or(Path::new(DEFAULT_FILE)).display()
+                    ))
+                    .into()
+                })
+            })
+            .transpose()
+    };
+    let env_duration = |name: &str| -> Result<Option<Duration>> {
+        match std::env::var(name) {
+            Ok(v) if !v.trim().is_empty() => super::args::duration(&v)
+                .map(Some)
+                .map_err(|e| super::UsageError(format!("{name}: {e}")).into()),
+            _ => Ok(None),
+        }
+    };
+    let dedup_window = global
+        .dedup_window
+        .or(file_duration("dedup_window", &file.dedup_window)?)
+        .unwrap_or(DEFAULT_DEDUP_WINDOW);
+    let lease = env_duration(super::env::LEASE)?
+        .or(file_duration("lease", &file.lease)?)
+        .unwrap_or(omnibox::model::limits::DEFAULT_LEASE_TIMEOUT);
     Ok(Settings {
+        dedup_window,
+        lease,
         database_url: global
             .database_url
             .clone()

@@ -18,3 +18,7 @@ pub const LOG_FORMAT: &str = "OMNIBOX_LOG_FORMAT";
 pub const NO_COLOR: &str = "NO_COLOR";
 /// Broker URL of `publish` (`--broker`); default `file:omnibox-events.jsonl`.
 pub const BROKER: &str = "OMNIBOX_BROKER";
+/// The inbox's deduplication window (`--dedup-window`, file `dedup_window`); default 7d.
+pub const DEDUP_WINDOW: &str = "OMNIBOX_DEDUP_WINDOW";
+/// The lease relays and `inbox process` take (`--lease`, file `lease`); default 5m.
+pub const LEASE: &str = "OMNIBOX_LEASE";

@@ -31,7 +31,7 @@ pub struct ListArgs {
     #[arg(long, alias = "source")]
     topic: Option<String>,
     /// Only rows created since: RFC 3339 (2026-01-31T12:00:00Z) or a duration ago (2h)
-    #[arg(long, value_parser = args::since, value_name = "TIME")]
+    #[arg(long, allow_hyphen_values = true, value_parser = args::since, value_name = "TIME")]
     since: Option<Timestamp>,
     /// Most rows to show
     #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u32).range(1..=100_000))]

@@ -87,6 +87,12 @@ pub struct GlobalArgs {
     /// Only errors on stderr
     #[arg(short, long, global = true)]
     quiet: bool,
+
+    /// The inbox's deduplication window: inbox rows are kept at least this
+    /// long (cleanup refuses less), so a message redelivered within it is a
+    /// duplicate [default: 7d]
+    #[arg(long, global = true, env = env::DEDUP_WINDOW, value_name = "DURATION", allow_hyphen_values = true, value_parser = args::duration, hide_env_values = true)]
+    dedup_window: Option<std::time::Duration>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]

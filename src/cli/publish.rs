@@ -63,11 +63,11 @@ pub struct PublishArgs {
     /// This relay's id in locked_by [default: HOST:PID]
     #[arg(long, value_name = "ID", value_parser = args::worker)]
     worker_id: Option<WorkerId>,
-    /// Lease of a claim: a relay that dies leaves its rows to others after this long (extended while a batch is in flight)
-    #[arg(long, default_value = "5m", value_parser = args::duration, value_name = "DURATION")]
-    lease: Duration,
+    /// Lease of a claim: a relay that dies leaves its rows to others after this long (extended while a batch is in flight) [default: OMNIBOX_LEASE, lease in omnibox.toml, or 5m]
+    #[arg(long, allow_hyphen_values = true, value_parser = args::duration, value_name = "DURATION")]
+    lease: Option<Duration>,
     /// Longest wait for one message's acknowledgement
-    #[arg(long, default_value = "30s", value_parser = args::duration, value_name = "DURATION")]
+    #[arg(long, allow_hyphen_values = true, default_value = "30s", value_parser = args::duration, value_name = "DURATION")]
     publish_timeout: Duration,
     /// Also write events that end up failed to this topic (best effort)
     #[arg(long, value_name = "TOPIC")]
@@ -76,10 +76,10 @@ pub struct PublishArgs {
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
     limit: Option<u64>,
     /// How long a topic may stay unavailable (unknown, no leader) before its events spend attempts
-    #[arg(long, default_value = "5m", value_parser = args::duration, value_name = "DURATION")]
+    #[arg(long, allow_hyphen_values = true, default_value = "5m", value_parser = args::duration, value_name = "DURATION")]
     topic_unavailable_limit: Duration,
     /// Longest idle wait between polls when nothing is due
-    #[arg(long, default_value = "1s", value_parser = args::duration, value_name = "DURATION")]
+    #[arg(long, allow_hyphen_values = true, default_value = "1s", value_parser = args::duration, value_name = "DURATION")]
     poll_interval: Duration,
     /// Serve Prometheus metrics on this address, e.g. 127.0.0.1:9898
     #[arg(long, value_name = "ADDR")]
@@ -102,11 +102,12 @@ pub async fn run_publish(args: PublishArgs, ctx: &Context) -> Result<ExitStatus>
     // The lease of a batch in flight is extended every third of it, so it
     // may be shorter than the publish timeout; below a second it would be
     // extended all the time.
-    if args.lease < Duration::from_secs(1) {
+    let lease = args.lease.unwrap_or(ctx.settings.lease);
+    if lease < Duration::from_secs(1) {
         return Err(super::UsageError(format!(
             "--lease ({}) must be at least 1s: a relay that dies leaves its rows to others after this long, \
              and the lease of a batch in flight is extended every third of it",
-            human_duration(args.lease)
+            human_duration(lease)
         ))
         .into());
     }
@@ -117,8 +118,8 @@ pub async fn run_publish(args: PublishArgs, ctx: &Context) -> Result<ExitStatus>
         .unwrap_or_else(WorkerId::default_for_process);
     let mut options = ProcessorOptions::new(worker.clone());
     options.batch = args.batch;
-    options.lease = args.lease;
-    options.commit_retry_for = args.lease / 2;
+    options.lease = lease;
+    options.commit_retry_for = lease / 2;
     let metrics = Arc::new(Metrics::new());
     let publish = relay::PublishOptions {
         timeout: args.publish_timeout,

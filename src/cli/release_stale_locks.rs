@@ -11,10 +11,14 @@ use serde_json::json;
 use super::list::TableArg;
 use super::output::{self, Format, human_duration};
 use super::safety::SafetyArgs;
-use super::{Context, ExitStatus, args};
+use super::{Context, ExitStatus, UsageError, args};
 
-/// Unlock rows whose lock is older than a threshold (their worker is gone)
+/// Unlock rows whose lock is older than a threshold and whose lease ran out
 ///
+/// A row counts as stale when it was locked more than --older-than ago and
+/// its lease (`locked_until`, extended while its worker lives) has expired:
+/// a live worker's rows are never released. A threshold shorter than the
+/// lease (OMNIBOX_LEASE / lease in omnibox.toml, default 5m) needs --force.
 /// Batched; on PostgreSQL rows being changed by others are skipped (SKIP
 /// LOCKED), so it is safe to run beside live relays. The rows become
 /// claimable again; nothing else changes. Recorded in the audit trail.
@@ -26,7 +30,7 @@ use super::{Context, ExitStatus, args};
 #[command(verbatim_doc_comment)]
 pub struct ReleaseArgs {
     /// Locks older than this are stale
-    #[arg(long, default_value = "5m", value_parser = args::duration, value_name = "DURATION")]
+    #[arg(long, allow_hyphen_values = true, default_value = "5m", value_parser = args::duration, value_name = "DURATION")]
     older_than: Duration,
     /// Only this table [default: both]
     #[arg(long, value_enum)]
@@ -34,11 +38,24 @@ pub struct ReleaseArgs {
     /// Rows per statement
     #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..=100_000))]
     batch_size: u32,
+    /// Accept a threshold shorter than the lease relays take
+    #[arg(long)]
+    force: bool,
     #[command(flatten)]
     safety: SafetyArgs,
 }
 
 pub async fn run(args: ReleaseArgs, ctx: &Context) -> Result<ExitStatus> {
+    let lease = ctx.settings.lease;
+    if args.older_than < lease && !args.force {
+        return Err(UsageError(format!(
+            "refusing --older-than {}: relays and `inbox process` hold their rows for a lease of {} (extended while they work), so a lock younger than that may belong to a live worker; use at least {} (set the lease with OMNIBOX_LEASE or lease in omnibox.toml), or add --force",
+            human_duration(args.older_than),
+            human_duration(lease),
+            human_duration(lease)
+        ))
+        .into());
+    }
     let store = ctx.store().await?;
     let tables: Vec<Table> = match args.table {
         Some(t) => vec![Table::from(t)],

@@ -48,10 +48,10 @@ pub struct ReplayArgs {
     #[arg(long, value_name = "FINGERPRINT")]
     group: Option<String>,
     /// Rows that failed at or after this time (RFC 3339, or a duration ago such as 2h)
-    #[arg(long, value_parser = args::since, value_name = "TIME")]
+    #[arg(long, allow_hyphen_values = true, value_parser = args::since, value_name = "TIME")]
     since: Option<Timestamp>,
     /// Rows that failed before this time
-    #[arg(long, value_parser = args::since, value_name = "TIME")]
+    #[arg(long, allow_hyphen_values = true, value_parser = args::since, value_name = "TIME")]
     until: Option<Timestamp>,
     /// Every failed row (explicitly)
     #[arg(long)]

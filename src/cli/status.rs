@@ -27,7 +27,7 @@ pub struct StatusArgs {
     #[arg(long)]
     check: bool,
     /// Threshold: age of the oldest pending event
-    #[arg(long, value_parser = args::duration, value_name = "DURATION")]
+    #[arg(long, allow_hyphen_values = true, value_parser = args::duration, value_name = "DURATION")]
     max_pending_age: Option<Duration>,
     /// Threshold: failed events (per table)
     #[arg(long, value_name = "N")]
@@ -36,7 +36,7 @@ pub struct StatusArgs {
     #[arg(long, value_name = "N")]
     max_stale_locks: Option<u64>,
     /// A lock older than this counts as stale
-    #[arg(long, default_value = "5m", value_parser = args::duration, value_name = "DURATION")]
+    #[arg(long, allow_hyphen_values = true, default_value = "5m", value_parser = args::duration, value_name = "DURATION")]
     stale_after: Duration,
 }
 

@@ -97,3 +97,8 @@ impl Default for Limits {
         }
     }
 }
+
+/// The longest duration any setting or filter may have (100 years): every
+/// time computed from one (`now()` minus an age, plus a lease) stays within
+/// what both databases and the clock types hold.
+pub const MAX_DURATION: Duration = Duration::from_secs(100 * 365 * 86_400);

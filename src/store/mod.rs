@@ -505,8 +505,10 @@ pub trait EventStore<R: Route>: Clone + Send + Sync + 'static {
         reason: &UnlockReason,
     ) -> impl Future<Output = Result<Event<R>>> + Send;
 
-    /// Unlocks every row locked longer than `older_than` (by `locked_at`),
-    /// `batch_size` rows per statement; returns how many.
+    /// Unlocks every row locked longer than `older_than` (by `locked_at`)
+    /// whose lease has run out (`locked_until` passed: a live worker extends
+    /// it, so its rows are never taken), `batch_size` rows per statement;
+    /// returns how many.
     fn release_stale_locks(
         &self,
         older_than: Duration,
@@ -547,7 +549,7 @@ pub trait MaintenanceStore<R: Route>: EventStore<R> {
         reason: &UnlockReason,
     ) -> impl Future<Output = Result<Vec<Uuid>>> + Send;
 
-    /// Rows locked for longer than `older_than`.
+    /// Rows locked for longer than `older_than` whose lease has run out.
     fn count_stale_locks(&self, older_than: Duration) -> impl Future<Output = Result<u64>> + Send;
 
     /// Completed rows completed more than `older_than` ago, or failed rows
@@ -682,6 +684,13 @@ pub fn redact_url(url: &str) -> String {
     })
     .collect::<Vec<_>>()
     .join("&")
+}
+
+/// A duration as seconds for SQL, clamped to
+/// [`MAX_DURATION`](crate::model::limits::MAX_DURATION) so `now()` plus or
+/// minus it stays a valid timestamp.
+pub(crate) fn secs(d: Duration) -> f64 {
+    d.min(crate::model::limits::MAX_DURATION).as_secs_f64()
 }
 
 /// Error truncation used by every store before writing `last_error`

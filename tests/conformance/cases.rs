@@ -808,9 +808,20 @@ pub async fn force_unlock_records_the_reason(db: &TestDb) {
 
 pub async fn release_stale_locks_in_batches(db: &TestDb) {
     let outbox = db.store.outbox();
-    let events: Vec<OutboxEvent> = (0..25).map(|i| ev(&format!("k{i}"), i)).collect();
+    let events: Vec<OutboxEvent> = (0..30).map(|i| ev(&format!("k{i}"), i)).collect();
     seed(db, &events).await;
-    outbox.claim(&ClaimOptions::new(w("w1"), 25)).await.unwrap();
+    // 25 rows of a worker whose lease runs out at once, 5 of a live one.
+    let live = outbox
+        .claim(&ClaimOptions::new(w("w2"), 5))
+        .await
+        .unwrap()
+        .len() as u64;
+    let old = outbox
+        .claim(&ClaimOptions::new(w("w1"), 25).lease(Duration::from_millis(5)))
+        .await
+        .unwrap()
+        .len() as u64;
+    assert!(old > 0 && live > 0);
     assert_eq!(
         outbox
             .release_stale_locks(Duration::from_secs(3600), 10)
@@ -821,13 +832,20 @@ pub async fn release_stale_locks_in_batches(db: &TestDb) {
     );
     tokio::time::sleep(Duration::from_millis(20)).await;
     assert_eq!(
-        outbox
-            .release_stale_locks(Duration::from_millis(10), 10)
+        omnibox::MaintenanceStore::count_stale_locks(&outbox, Duration::ZERO)
             .await
             .unwrap(),
         25
     );
-    assert_eq!(outbox.counts().await.unwrap().locked, 0);
+    assert_eq!(
+        outbox
+            .release_stale_locks(Duration::ZERO, 10)
+            .await
+            .unwrap(),
+        old,
+        "a live lease is never released, whatever the threshold"
+    );
+    assert_eq!(outbox.counts().await.unwrap().locked, live);
     assert_eq!(
         db.store
             .inbox()

@@ -86,11 +86,11 @@ pub struct ConsumeArgs {
     max_attempts: u32,
     /// A message still failing transiently (exit 75, HTTP 429/502/503/504, no
     /// connection) this long after it was first stored is parked as failed
-    #[arg(long, default_value = "1h", value_parser = args::duration, value_name = "DURATION")]
+    #[arg(long, allow_hyphen_values = true, default_value = "1h", value_parser = args::duration, value_name = "DURATION")]
     transient_limit: Duration,
     /// How long this consumer's locks on rows in hand last if it dies
     /// (extended every third of it while it lives; external handlers)
-    #[arg(long, default_value = "30s", value_parser = args::duration, value_name = "DURATION")]
+    #[arg(long, allow_hyphen_values = true, default_value = "30s", value_parser = args::duration, value_name = "DURATION")]
     lease: Duration,
     /// Also write poison messages and rows that end up failed to this topic
     #[arg(long, value_name = "TOPIC")]

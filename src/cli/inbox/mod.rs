@@ -44,7 +44,7 @@ pub struct HandlerArgs {
     #[arg(long, value_name = "URL")]
     pub webhook: Option<String>,
     /// Longest run of one handler call (a timeout is a failed attempt)
-    #[arg(long, default_value = "30s", value_parser = super::args::duration, value_name = "DURATION")]
+    #[arg(long, allow_hyphen_values = true, default_value = "30s", value_parser = super::args::duration, value_name = "DURATION")]
     pub timeout: Duration,
 }
 

@@ -46,9 +46,9 @@ pub struct ProcessArgs {
     /// This worker's id [default: HOST:PID]
     #[arg(long, value_name = "ID", value_parser = args::worker)]
     worker_id: Option<WorkerId>,
-    /// Lease of a claim
-    #[arg(long, default_value = "5m", value_parser = args::duration, value_name = "DURATION")]
-    lease: Duration,
+    /// Lease of a claim (extended while handlers run) [default: OMNIBOX_LEASE, lease in omnibox.toml, or 5m]
+    #[arg(long, allow_hyphen_values = true, value_parser = args::duration, value_name = "DURATION")]
+    lease: Option<Duration>,
     /// Also write rows that end up failed to this topic
     #[arg(long, value_name = "TOPIC")]
     dlq_topic: Option<String>,
@@ -56,7 +56,7 @@ pub struct ProcessArgs {
     #[arg(long, value_name = "URL", requires = "dlq_topic")]
     dlq_broker: Option<String>,
     /// Longest idle wait between polls when nothing is due
-    #[arg(long, default_value = "1s", value_parser = args::duration, value_name = "DURATION")]
+    #[arg(long, allow_hyphen_values = true, default_value = "1s", value_parser = args::duration, value_name = "DURATION")]
     poll_interval: Duration,
     /// Serve Prometheus metrics on this address
     #[arg(long, value_name = "ADDR")]
@@ -70,7 +70,11 @@ pub async fn run(args: ProcessArgs, ctx: &Context) -> Result<ExitStatus> {
         )
         .into());
     };
-    if args.lease <= args.handler.timeout {
+    let lease = args.lease.unwrap_or(ctx.settings.lease);
+    if lease < Duration::from_secs(1) {
+        return Err(UsageError("--lease must be at least 1s".into()).into());
+    }
+    if lease <= args.handler.timeout {
         return Err(UsageError(
             "--lease must be longer than --timeout, or a slow handler loses its rows".into(),
         )
@@ -83,8 +87,8 @@ pub async fn run(args: ProcessArgs, ctx: &Context) -> Result<ExitStatus> {
         .unwrap_or_else(WorkerId::default_for_process);
     let mut options = ProcessorOptions::new(worker.clone());
     options.batch = args.batch;
-    options.lease = args.lease;
-    options.commit_retry_for = args.lease / 2;
+    options.lease = lease;
+    options.commit_retry_for = lease / 2;
     let metrics = Arc::new(Metrics::new());
     let step = HandlerStep::new(handler, args.concurrency as usize, args.handler.timeout);
     let mut builder = ProcessorBuilder::new(store.inbox(), step, options)

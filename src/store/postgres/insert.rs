@@ -537,7 +537,7 @@ pub async fn lock_inbox(
     .bind(ids)
     .bind(token.locked_at)
     .bind(token.worker.as_str())
-    .bind(token.lease.as_secs_f64())
+    .bind(crate::store::secs(token.lease))
         .execute(&mut *conn)
         .await
         .map_err(storage)?;

@@ -168,7 +168,7 @@ macro_rules! table_sql {
             release_stale: concat!(
                 "WITH stale AS (
                     SELECT id FROM ", $t, "
-                    WHERE locked_until IS NOT NULL AND locked_at < now() - make_interval(secs => $1)
+                    WHERE locked_until <= now() AND locked_at < now() - make_interval(secs => $1)
                     ORDER BY locked_until
                     LIMIT $2
                     FOR UPDATE SKIP LOCKED
@@ -211,7 +211,7 @@ macro_rules! table_sql {
             ),
             count_stale: concat!(
                 "SELECT count(*) FROM ", $t,
-                " WHERE locked_until IS NOT NULL AND locked_at < now() - make_interval(secs => $1)"
+                " WHERE locked_until <= now() AND locked_at < now() - make_interval(secs => $1)"
             ),
             count_completed_older: concat!(
                 "SELECT count(*) FROM ", $t,

@@ -86,7 +86,7 @@ impl<R: PgRoute> EventStore<R> for PgTable<R> {
             return self.claim_in_key_order(opts).await;
         }
         let rows = sqlx::query(R::sql().claim)
-            .bind(opts.lease.as_secs_f64())
+            .bind(crate::store::secs(opts.lease))
             .bind(i64::from(opts.limit))
             .bind(opts.worker.as_str())
             .persistent(false)
@@ -118,7 +118,7 @@ impl<R: PgRoute> EventStore<R> for PgTable<R> {
             .bind(ids)
             .bind(token.worker.as_str())
             .bind(token.locked_at)
-            .bind(lease.as_secs_f64())
+            .bind(crate::store::secs(lease))
             .fetch_all(&self.pool)
             .await
             .map_err(storage)?;
@@ -157,7 +157,7 @@ impl<R: PgRoute> EventStore<R> for PgTable<R> {
         let delay: Vec<Option<f64>> = failures
             .iter()
             .map(|f| match f.retry {
-                RetryAt::After(d) => Some(d.as_secs_f64()),
+                RetryAt::After(d) => Some(crate::store::secs(d)),
                 RetryAt::At(_) => None,
             })
             .collect();
@@ -225,7 +225,7 @@ impl<R: PgRoute> EventStore<R> for PgTable<R> {
         let mut total = 0;
         loop {
             let n = sqlx::query(R::sql().release_stale)
-                .bind(older_than.as_secs_f64())
+                .bind(crate::store::secs(older_than))
                 .bind(batch)
                 .execute(&self.pool)
                 .await
@@ -240,7 +240,7 @@ impl<R: PgRoute> EventStore<R> for PgTable<R> {
 
     async fn delete_completed(&self, older_than: Duration, batch_size: u32) -> Result<u64> {
         let n = sqlx::query(R::sql().delete_completed)
-            .bind(older_than.as_secs_f64())
+            .bind(crate::store::secs(older_than))
             .bind(i64::from(batch_size.max(1)))
             .execute(&self.pool)
             .await
@@ -410,7 +410,7 @@ impl<R: PgRoute> PgTable<R> {
         let rows = sqlx::query(super::sql::OUTBOX_MARK)
             .bind(&ids)
             .bind(opts.worker.as_str())
-            .bind(opts.lease.as_secs_f64())
+            .bind(crate::store::secs(opts.lease))
             .persistent(false)
             .fetch_all(&mut *tx)
             .await
@@ -476,7 +476,7 @@ impl<R: PgRoute> MaintenanceStore<R> for PgTable<R> {
 
     async fn count_stale_locks(&self, older_than: Duration) -> Result<u64> {
         let n: i64 = sqlx::query_scalar(R::sql().count_stale)
-            .bind(older_than.as_secs_f64())
+            .bind(crate::store::secs(older_than))
             .fetch_one(&self.pool)
             .await
             .map_err(storage)?;
@@ -495,7 +495,7 @@ impl<R: PgRoute> MaintenanceStore<R> for PgTable<R> {
             }
         };
         let n: i64 = sqlx::query_scalar(sql)
-            .bind(older_than.as_secs_f64())
+            .bind(crate::store::secs(older_than))
             .fetch_one(&self.pool)
             .await
             .map_err(storage)?;
@@ -504,7 +504,7 @@ impl<R: PgRoute> MaintenanceStore<R> for PgTable<R> {
 
     async fn delete_failed(&self, older_than: Duration, batch_size: u32) -> Result<u64> {
         Ok(sqlx::query(R::sql().delete_failed)
-            .bind(older_than.as_secs_f64())
+            .bind(crate::store::secs(older_than))
             .bind(i64::from(batch_size.max(1)))
             .execute(&self.pool)
             .await

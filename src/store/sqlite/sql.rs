@@ -160,7 +160,7 @@ macro_rules! table_sql {
             release_stale: concat!(
                 "UPDATE ", $t, " SET locked_at = NULL, locked_by = NULL, locked_until = NULL, updated_at = ?1
                 WHERE seq IN (SELECT seq FROM ", $t, "
-                              WHERE locked_until IS NOT NULL AND locked_at < ?2 ORDER BY locked_until LIMIT ?3)"
+                              WHERE locked_until <= ?1 AND locked_at < ?2 ORDER BY locked_until LIMIT ?3)"
             ),
             delete_completed: concat!(
                 "DELETE FROM ", $t, " WHERE seq IN (
@@ -192,7 +192,7 @@ macro_rules! table_sql {
                 RETURNING id"
             ),
             count_stale: concat!(
-                "SELECT count(*) FROM ", $t, " WHERE locked_until IS NOT NULL AND locked_at < ?1"
+                "SELECT count(*) FROM ", $t, " WHERE locked_until <= ?2 AND locked_at < ?1"
             ),
             count_completed_older: concat!(
                 "SELECT count(*) FROM ", $t, " WHERE status = 'completed' AND completed_at < ?1"

@@ -491,9 +491,11 @@ impl<R: SqliteRoute> MaintenanceStore<R> for SqliteTable<R> {
     }
 
     async fn count_stale_locks(&self, older_than: Duration) -> Result<u64> {
-        let cutoff = time::now() - chrono_dur(older_than);
+        let now = time::now();
+        let cutoff = now - chrono_dur(older_than);
         let n: i64 = sqlx::query_scalar(R::sql().count_stale)
             .bind(ts(&cutoff))
+            .bind(ts(&now))
             .fetch_one(&self.pool)
             .await
             .map_err(storage)?;
