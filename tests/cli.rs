@@ -788,3 +788,58 @@ fn inbox_consume_from_stdin_keeps_distinct_messages_and_survives_bad_ids() {
         (Some(1), Some(1))
     );
 }
+
+/// A duration or time that would overflow is exit 2 with one clear line on
+/// every command that takes one (it panicked, or failed at run time with
+/// `timestamp out of range`); a negative one is explained; nothing changes.
+#[test]
+fn overflowing_and_negative_durations_are_input_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let cases: &[&[&str]] = &[
+        &["list", "--since"],
+        &["replay", "--all", "--dry-run", "--since"],
+        &["replay", "--all", "--dry-run", "--until"],
+        &["audit", "--since"],
+        &["cleanup", "--dry-run", "--older-than"],
+        &[
+            "cleanup",
+            "--dry-run",
+            "--older-than",
+            "8d",
+            "--include-failed",
+            "--failed-older-than",
+        ],
+        &["release-stale-locks", "--dry-run", "--older-than"],
+        &["status", "--stale-after"],
+        &["status", "--check", "--max-pending-age"],
+        &["publish", "--once", "--lease"],
+        &["inbox", "process", "--once", "--lease"],
+        &["inbox", "consume", "--once", "--lease"],
+        &["inbox", "consume", "--once", "--transient-limit"],
+        &["inbox", "process", "--once", "--timeout"],
+        &["status", "--dedup-window"],
+    ];
+    for case in cases {
+        for value in ["99999999w", "18446744073709551616s", "-5d"] {
+            let mut args = case.to_vec();
+            args.push(value);
+            let r = run(dir.path(), &args);
+            assert_eq!(r.code, 2, "{args:?}: {}", r.stderr);
+            assert!(!r.stderr.contains("panicked"), "{args:?}: {}", r.stderr);
+            let expected = if value.starts_with('-') {
+                if case.contains(&"--since") || case.contains(&"--until") {
+                    "5d"
+                } else {
+                    "not negative"
+                }
+            } else {
+                "too long"
+            };
+            assert!(r.stderr.contains(expected), "{args:?}: {}", r.stderr);
+        }
+    }
+    assert!(
+        !dir.path().join("omnibox.db").exists(),
+        "nothing was opened or created"
+    );
+}
