@@ -62,6 +62,7 @@ pub mod inbox;
 pub mod metrics;
 pub mod model;
 pub mod pipeline;
+pub mod redact;
 pub mod relay;
 pub mod store;
 

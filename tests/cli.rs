@@ -843,3 +843,89 @@ fn overflowing_and_negative_durations_are_input_errors() {
         "nothing was opened or created"
     );
 }
+
+/// Hostile database URLs (passwords holding `/`, `?`, `#`, `@`, password
+/// parameters) never reach stdout or stderr, whichever way they come in:
+/// the flag, the environment, the config file; in the error line, the JSON
+/// error object and the debug log's `connecting` line.
+#[test]
+fn hostile_database_urls_are_never_printed() {
+    let dir = tempfile::tempdir().unwrap();
+    let urls: &[(&str, &str)] = &[
+        ("postgres://u:se/cret1@127.0.0.1:1/db", "cret1"),
+        ("postgres://u:se?cret2@127.0.0.1:1/db", "cret2"),
+        ("postgres://u:se#cret3@127.0.0.1:1/db", "cret3"),
+        ("postgres://u:p@ss@cret4@127.0.0.1:1/db", "cret4"),
+        ("postgres://u:a:b:cret5@127.0.0.1:1/db", "cret5"),
+        (
+            "postgres://u@127.0.0.1:1/db?password=cret6&sslmode=disable",
+            "cret6",
+        ),
+        ("postgres://u:x@127.0.0.1:1/db?sslpassword=cret7", "cret7"),
+        ("postgres://u:cret8@", "cret8"),
+        ("mysql://u:cret9@h/db", "cret9"),
+    ];
+    for (url, secret) in urls {
+        let config = dir.path().join("omnibox.toml");
+        std::fs::write(&config, format!("database_url = {url:?}\n")).unwrap();
+        let runs = [
+            omnibox(dir.path(), &["--database-url", url, "status"], None, &[]),
+            omnibox(
+                dir.path(),
+                &["status", "-vv", "--log-format", "json", "--format", "json"],
+                None,
+                &[("OMNIBOX_DATABASE_URL", url)],
+            ),
+            omnibox(
+                dir.path(),
+                &["status", "-vv", "--config", config.to_str().unwrap()],
+                None,
+                &[],
+            ),
+            omnibox(dir.path(), &["list", "-vv", "--format", "json"], None, &[]),
+        ];
+        for r in runs {
+            assert_ne!(r.code, 0, "{url}");
+            for out in [&r.stdout, &r.stderr] {
+                assert!(!out.contains(secret), "{url} printed: {out}");
+            }
+        }
+        std::fs::remove_file(&config).unwrap();
+    }
+}
+
+/// `omnibox enqueue < file` reads JSON lines; empty input is the answer
+/// "no" (exit 1); a bad line is exit 2 with a JSON error object under
+/// --format json, and nothing is written.
+#[test]
+fn enqueue_from_a_pipe_and_empty_input() {
+    let dir = tempfile::tempdir().unwrap();
+    let line = |k: &str| {
+        format!(
+            r#"{{"aggregate_type":"order","aggregate_id":"0190f1d2-7a3b-7cde-8f00-123456789abc","event_type":"order.created","topic":"orders","partition_key":"{k}","payload":{{"n":1}}}}"#
+        )
+    };
+    let input = format!("{}\n{}\n", line("a"), line("b"));
+    let r = omnibox(dir.path(), &["enqueue"], Some(&input), &[]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(r.stdout.contains("Enqueued 2 events"), "{}", r.stdout);
+    let r = omnibox(dir.path(), &["enqueue"], Some(""), &[]);
+    assert_eq!(r.code, 1, "{}", r.stderr);
+    assert!(r.stderr.contains("held no events"), "{}", r.stderr);
+    let r = omnibox(
+        dir.path(),
+        &["enqueue", "--format", "json"],
+        Some(&format!("{}\nnot json\n", line("c"))),
+        &[],
+    );
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    let e: serde_json::Value = serde_json::from_str(r.stdout.trim()).unwrap();
+    assert_eq!(e["error"]["exit_code"], 2);
+    assert!(e["error"]["message"].as_str().unwrap().contains("line 2"));
+    let r = omnibox(dir.path(), &["status", "--format", "json"], None, &[]);
+    assert!(
+        r.stdout.contains("\"pending\": 2") || r.stdout.contains("\"pending\":2"),
+        "{}",
+        r.stdout
+    );
+}

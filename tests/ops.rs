@@ -208,8 +208,9 @@ mod cases {
         assert_eq!(r.json()["replayed"], 1);
         assert_eq!(status_of(db, &ev[5]).await, EventStatus::Pending);
         // --all on nothing
+        // --all on nothing: the answer is "no", exit 1.
         let r = omnibox(db, &["replay", "--all", "--yes"]);
-        assert_eq!((r.code, r.stdout.trim()), (0, "No failed events match."));
+        assert_eq!((r.code, r.stdout.trim()), (1, "No failed events match."));
         // The audit trail has each replay, with who and why.
         let a = omnibox(db, &["audit", "--action", "replay", "--format", "json"]).json();
         let entries = a["entries"].as_array().unwrap();
@@ -779,9 +780,111 @@ mod cases {
         );
         assert_eq!(b["head_id"], head.id().to_string());
     }
+
+    /// The audit row is part of the change: everything is validated before
+    /// anything changes, and the row and its audit entry commit together.
+    pub async fn audit_is_validated_first_and_atomic(db: &TestDb) {
+        let outbox = db.store.outbox();
+        let events: Vec<OutboxEvent> = (0..2)
+            .map(|i| new_event("t", "t1", &format!("a{i}")))
+            .collect();
+        outbox.create_many(&events).await.unwrap();
+        let claim = outbox
+            .claim(&ClaimOptions::new(WorkerId::new("relay-1").unwrap(), 2))
+            .await
+            .unwrap();
+        let id = claim.events[0].id().to_string();
+        let audit_rows = || async {
+            db.store
+                .audit(&omnibox::store::audit::AuditFilter::default())
+                .await
+                .unwrap()
+                .len()
+        };
+        // An actor that cannot be recorded: exit 2 and the row stays locked.
+        for actor in [
+            "x".repeat(300),
+            "evil\u{1b}[2Jactor".to_string(),
+            "two\nlines".to_string(),
+        ] {
+            let r = omnibox(
+                db,
+                &["unlock", &id, "--reason", "x", "--actor", &actor, "--yes"],
+            );
+            assert_eq!(r.code, 2, "{actor:?}: {}", r.stderr);
+            assert!(r.stderr.contains("actor"), "{}", r.stderr);
+            assert!(
+                outbox
+                    .get(claim.events[0].id())
+                    .await
+                    .unwrap()
+                    .unwrap()
+                    .is_locked()
+            );
+            for cmd in [
+                vec!["replay", "--all", "--yes", "--actor", &actor],
+                vec!["cleanup", "--older-than", "30d", "--yes", "--actor", &actor],
+                vec!["release-stale-locks", "--yes", "--actor", &actor],
+            ] {
+                assert_eq!(omnibox(db, &cmd).code, 2, "{cmd:?}");
+            }
+        }
+        assert_eq!(audit_rows().await, 0, "nothing recorded, nothing changed");
+        // Under sudo, the person behind it; a single unlock records the holder.
+        let r = omnibox_env(
+            db,
+            &["unlock", &id, "--reason", "relay-1 hung", "--yes"],
+            &[("SUDO_USER", "alice"), ("USER", "root")],
+        );
+        assert_eq!(r.code, 0, "{}", r.stderr);
+        let a = omnibox(db, &["audit", "--format", "json"]).json();
+        assert_eq!(a["entries"][0]["actor"], "alice via sudo");
+        assert_eq!(a["entries"][0]["details"]["previous_holder"], "relay-1");
+        assert_eq!(a["entries"][0]["ids"][0], id.as_str());
+        // The change applies only while the confirmed holder holds the row.
+        let other = claim.events[1].id();
+        let reason = omnibox::UnlockReason::new("stale").unwrap();
+        let changed = db
+            .store
+            .change_audited(
+                omnibox::Table::Outbox,
+                omnibox::store::audit::AuditedChange::UnlockOne {
+                    id: other,
+                    holder: "relay-2",
+                    reason: &reason,
+                },
+                omnibox::store::audit::AuditEntry::new("oncall", "unlock"),
+            )
+            .await
+            .unwrap();
+        assert!(changed.is_empty());
+        assert!(outbox.get(other).await.unwrap().unwrap().is_locked());
+        assert_eq!(audit_rows().await, 1, "no audit row for no change");
+        // Answers that are "no" exit 1.
+        let r = omnibox(
+            db,
+            &["unlock", "--worker", "nobody", "--reason", "x", "--yes"],
+        );
+        assert_eq!(r.code, 1, "{}", r.stderr);
+        let r = omnibox(
+            db,
+            &["replay", "--id", &uuid::Uuid::now_v7().to_string(), "--yes"],
+        );
+        assert_eq!(r.code, 1, "{}", r.stderr);
+        assert!(r.stderr.contains("no failed outbox event"), "{}", r.stderr);
+        let r = omnibox(db, &["replay", "--id", &other.to_string(), "--yes"]);
+        assert_eq!(r.code, 1, "a pending row is not replayed: {}", r.stderr);
+        // With --format json an error is also a JSON object on stdout.
+        let r = omnibox(db, &["unlock", &id, "--yes", "--format", "json"]);
+        assert_eq!(r.code, 2);
+        let e = r.json();
+        assert_eq!(e["error"]["exit_code"], 2);
+        assert!(e["error"]["message"].as_str().unwrap().contains("--reason"));
+    }
 }
 
 backend_tests!(
+    audit_is_validated_first_and_atomic,
     replay_by_each_selector,
     dry_runs_change_nothing,
     refusals_exit_2_and_change_nothing,

@@ -97,6 +97,8 @@ pub async fn run(args: CleanupArgs, ctx: &Context) -> Result<ExitStatus> {
         ))
         .into());
     }
+    // The audit row is checked before anything changes.
+    omnibox::store::audit::check(&AuditEntry::new(args.safety.actor(), "cleanup"))?;
     let store = ctx.store().await?;
     let mut plan = Vec::new();
     for t in &tables {

@@ -1,6 +1,6 @@
 //! `omnibox enqueue`: insert outbox events from flags or JSON lines.
 
-use std::io::{BufRead, BufReader, Read};
+use std::io::{BufRead, BufReader, IsTerminal, Read};
 use std::path::PathBuf;
 
 use anyhow::{Context as _, Result};
@@ -34,6 +34,7 @@ const MAX_LINE: u64 = 4 * 1024 * 1024;
 ///       --event-type order.created --topic orders --partition-key order-42 --payload '{"total": 12.5}'
 ///   omnibox enqueue --jsonl events.jsonl
 ///   generate-events | omnibox enqueue --jsonl
+///   omnibox enqueue < events.jsonl          # no event flags, stdin piped: JSON lines
 #[derive(Debug, Args)]
 #[command(verbatim_doc_comment)]
 pub struct EnqueueArgs {
@@ -42,42 +43,22 @@ pub struct EnqueueArgs {
     jsonl: Option<PathBuf>,
 
     /// Kind of aggregate, e.g. order
-    #[arg(
-        long,
-        value_name = "TYPE",
-        required_unless_present = "jsonl",
-        conflicts_with = "jsonl"
-    )]
+    #[arg(long, value_name = "TYPE", conflicts_with = "jsonl")]
     aggregate_type: Option<String>,
     /// The aggregate's id (UUID)
-    #[arg(long, value_name = "UUID", value_parser = args::uuid, required_unless_present = "jsonl", conflicts_with = "jsonl")]
+    #[arg(long, value_name = "UUID", value_parser = args::uuid, conflicts_with = "jsonl")]
     aggregate_id: Option<Uuid>,
     /// Event type, e.g. order.created
-    #[arg(
-        long,
-        value_name = "TYPE",
-        required_unless_present = "jsonl",
-        conflicts_with = "jsonl"
-    )]
+    #[arg(long, value_name = "TYPE", conflicts_with = "jsonl")]
     event_type: Option<String>,
     /// Broker topic
-    #[arg(long, required_unless_present = "jsonl", conflicts_with = "jsonl")]
+    #[arg(long, conflicts_with = "jsonl")]
     topic: Option<String>,
     /// Broker key; events of one key are published in order
-    #[arg(
-        long,
-        value_name = "KEY",
-        required_unless_present = "jsonl",
-        conflicts_with = "jsonl"
-    )]
+    #[arg(long, value_name = "KEY", conflicts_with = "jsonl")]
     partition_key: Option<String>,
     /// The payload: a JSON object, or @PATH to read it from a file
-    #[arg(
-        long,
-        value_name = "JSON",
-        required_unless_present = "jsonl",
-        conflicts_with = "jsonl"
-    )]
+    #[arg(long, value_name = "JSON", conflicts_with = "jsonl")]
     payload: Option<String>,
     /// A header KEY=VALUE (repeatable)
     #[arg(long = "header", value_name = "KEY=VALUE", value_parser = parse_header, conflicts_with = "jsonl")]
@@ -146,11 +127,60 @@ impl Report {
     }
 }
 
+/// The flags one event needs, by name, with whether each was given.
+fn event_flags(args: &EnqueueArgs) -> [(&'static str, bool); 6] {
+    [
+        ("--aggregate-type", args.aggregate_type.is_some()),
+        ("--aggregate-id", args.aggregate_id.is_some()),
+        ("--event-type", args.event_type.is_some()),
+        ("--topic", args.topic.is_some()),
+        ("--partition-key", args.partition_key.is_some()),
+        ("--payload", args.payload.is_some()),
+    ]
+}
+
 pub async fn run(args: EnqueueArgs, ctx: &Context) -> Result<ExitStatus> {
-    let report = match args.jsonl.clone() {
+    let flags = event_flags(&args);
+    let jsonl = match args.jsonl.clone() {
+        Some(path) => Some(path),
+        // `omnibox enqueue < events.jsonl`: no event flags and a piped stdin
+        // mean JSON lines.
+        None if flags.iter().all(|(_, given)| !given) => {
+            if std::io::stdin().is_terminal() {
+                return Err(UsageError(
+                    "enqueue needs an event: --aggregate-type, --aggregate-id, --event-type, --topic, --partition-key and --payload, or --jsonl PATH (JSON lines; stdin when piped)".into(),
+                )
+                .into());
+            }
+            Some(PathBuf::from("-"))
+        }
+        None => {
+            let missing: Vec<&str> = flags
+                .iter()
+                .filter(|(_, given)| !given)
+                .map(|(name, _)| *name)
+                .collect();
+            if !missing.is_empty() {
+                return Err(UsageError(format!(
+                    "an event from flags also needs {} (or give --jsonl for JSON lines)",
+                    missing.join(", ")
+                ))
+                .into());
+            }
+            None
+        }
+    };
+    let report = match jsonl {
         Some(path) => from_lines(path, ctx).await?,
         None => from_flags(args, ctx).await?,
     };
+    if report.ids.is_empty() {
+        if ctx.format() == Format::Json {
+            output::json(&report)?;
+        }
+        eprintln!("omnibox: the input held no events; nothing was enqueued");
+        return Ok(ExitStatus::No);
+    }
     match ctx.format() {
         Format::Json => output::json(&report)?,
         Format::Table => {
@@ -176,7 +206,10 @@ pub async fn run(args: EnqueueArgs, ctx: &Context) -> Result<ExitStatus> {
 }
 
 async fn from_flags(args: EnqueueArgs, ctx: &Context) -> Result<Report> {
-    let payload_text = args.payload.expect("required by clap");
+    // `run` checked that every event flag is given.
+    let Some(payload_text) = args.payload else {
+        return Err(UsageError("--payload is required".into()).into());
+    };
     let payload_text = match payload_text.strip_prefix('@') {
         Some(path) => std::fs::read_to_string(path)
             .with_context(|| format!("cannot read the payload file {path}"))?,
@@ -191,12 +224,28 @@ async fn from_flags(args: EnqueueArgs, ctx: &Context) -> Result<Report> {
     } else {
         Some(args.headers.into_iter().collect())
     };
+    let (
+        Some(aggregate_type),
+        Some(aggregate_id),
+        Some(event_type),
+        Some(topic),
+        Some(partition_key),
+    ) = (
+        args.aggregate_type,
+        args.aggregate_id,
+        args.event_type,
+        args.topic,
+        args.partition_key,
+    )
+    else {
+        return Err(UsageError("an event from flags needs every event flag".into()).into());
+    };
     let new = NewOutboxEvent {
-        aggregate_type: args.aggregate_type.expect("required by clap"),
-        aggregate_id: args.aggregate_id.expect("required by clap"),
-        event_type: args.event_type.expect("required by clap"),
-        topic: args.topic.expect("required by clap"),
-        partition_key: args.partition_key.expect("required by clap"),
+        aggregate_type,
+        aggregate_id,
+        event_type,
+        topic,
+        partition_key,
         payload,
         headers,
         id: args.id,
@@ -250,9 +299,6 @@ async fn from_lines(path: PathBuf, ctx: &Context) -> Result<Report> {
     tracing::debug!(elapsed = ?started.elapsed(), events = outcomes.len(), "enqueued");
     let mut report = Report::default();
     report.add(&outcomes);
-    if report.ids.is_empty() && !ctx.quiet {
-        eprintln!("omnibox: warning: the input held no events");
-    }
     Ok(report)
 }
 

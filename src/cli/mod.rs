@@ -198,10 +198,12 @@ pub fn main() -> ExitCode {
     };
     let color = use_color(cli.global.color);
     init_logging(&cli.global);
+    let mut json_errors = cli.global.format == Some(Format::Json);
     let settings = match config::load(&cli.global) {
         Ok(s) => s,
-        Err(e) => return report(&e, color),
+        Err(e) => return report(&e, color, json_errors),
     };
+    json_errors = settings.format == Format::Json;
     if let Some(path) = &settings.config_file {
         tracing::debug!(path = %path.display(), "read the config file");
     }
@@ -214,7 +216,7 @@ pub fn main() -> ExitCode {
         .build()
     {
         Ok(rt) => rt,
-        Err(e) => return report(&e.into(), color),
+        Err(e) => return report(&e.into(), color, json_errors),
     };
     let result = runtime.block_on(async {
         match cli.command {
@@ -240,12 +242,15 @@ pub fn main() -> ExitCode {
         Ok(ExitStatus::Success) => ExitCode::SUCCESS,
         Ok(ExitStatus::No) => ExitCode::from(1),
         Ok(ExitStatus::Partial) => ExitCode::from(3),
-        Err(e) => report(&e, color),
+        Err(e) => report(&e, color, json_errors),
     }
 }
 
-/// Prints `omnibox: error: ...` (and a hint where there is one) and picks the exit code.
-fn report(err: &anyhow::Error, color: bool) -> ExitCode {
+/// Prints `omnibox: error: ...` (and a hint where there is one) and picks
+/// the exit code; with `--format json`, also a JSON error object on stdout
+/// (`{"error": {"message", "hint", "exit_code"}}`), so a script reading
+/// stdout sees the failure.
+fn report(err: &anyhow::Error, color: bool, json: bool) -> ExitCode {
     if is_broken_pipe(err) {
         return ExitCode::SUCCESS;
     }
@@ -254,11 +259,19 @@ fn report(err: &anyhow::Error, color: bool) -> ExitCode {
     } else {
         "error:"
     };
-    eprintln!("omnibox: {prefix} {err:#}");
+    let message = omnibox::redact::text(&format!("{err:#}"));
+    let code = exit_code(err);
+    eprintln!("omnibox: {prefix} {message}");
     if let Some(hint) = hint(err) {
         eprintln!("omnibox: hint: {hint}");
     }
-    ExitCode::from(exit_code(err))
+    if json {
+        let object = serde_json::json!({
+            "error": {"message": message, "hint": hint(err), "exit_code": code}
+        });
+        println!("{object}");
+    }
+    ExitCode::from(code)
 }
 
 fn exit_code(err: &anyhow::Error) -> u8 {
@@ -307,6 +320,22 @@ fn use_color(choice: ColorChoice) -> bool {
     }
 }
 
+/// stderr for log lines, with URLs' credentials and secret parameters
+/// masked (omnibox::redact::text), whatever a log line carries.
+struct RedactingStderr;
+
+impl std::io::Write for RedactingStderr {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let text = String::from_utf8_lossy(buf);
+        std::io::stderr().write_all(omnibox::redact::text(&text).as_bytes())?;
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        std::io::stderr().flush()
+    }
+}
+
 fn init_logging(global: &GlobalArgs) {
     use tracing_subscriber::EnvFilter;
     let level = if global.quiet {
@@ -333,7 +362,7 @@ fn init_logging(global: &GlobalArgs) {
         });
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+        .with_writer(|| RedactingStderr)
         .with_target(false);
     let _ = match global.log_format {
         LogFormat::Json => builder.json().try_init(),

@@ -56,6 +56,8 @@ pub async fn run(args: ReleaseArgs, ctx: &Context) -> Result<ExitStatus> {
         ))
         .into());
     }
+    // The audit row is checked before anything changes.
+    omnibox::store::audit::check(&AuditEntry::new(args.safety.actor(), "release-stale-locks"))?;
     let store = ctx.store().await?;
     let tables: Vec<Table> = match args.table {
         Some(t) => vec![Table::from(t)],

@@ -1,10 +1,11 @@
 //! `omnibox replay`: failed rows back to pending.
 
+use std::collections::HashSet;
 use std::time::Duration;
 
 use anyhow::Result;
 use clap::Args;
-use omnibox::store::audit::AuditEntry;
+use omnibox::store::audit::{AuditEntry, AuditedChange};
 use omnibox::store::{AnyStore, fingerprint};
 use omnibox::{Event, MaintenanceStore, RequeueFilter, Route, Table, Timestamp, time};
 use serde_json::json;
@@ -87,6 +88,10 @@ pub async fn run(args: ReplayArgs, ctx: &Context) -> Result<ExitStatus> {
         )
         .into());
     }
+    // The audit row is checked before anything changes.
+    let mut probe = AuditEntry::new(args.safety.actor(), "replay");
+    probe.reason = args.reason.clone();
+    omnibox::store::audit::check(&probe)?;
     let store = ctx.store().await?;
     match Table::from(args.table) {
         Table::Outbox => replay(&store.outbox(), &store, &args, filter, ctx).await,
@@ -98,7 +103,7 @@ async fn replay<R, S>(
     table: &S,
     store: &AnyStore,
     args: &ReplayArgs,
-    mut filter: RequeueFilter,
+    filter: RequeueFilter,
     ctx: &Context,
 ) -> Result<ExitStatus>
 where
@@ -119,8 +124,22 @@ where
     }
     let ids: Vec<Uuid> = rows.iter().map(|e| e.id()).collect();
     let table_name = R::TABLE.to_string();
-    if args.safety.dry_run || ids.is_empty() {
+    if ids.is_empty() {
         print(ctx, &table_name, &rows, args.safety.dry_run, 0)?;
+        if !args.ids.is_empty() {
+            eprintln!(
+                "omnibox: no failed {table_name} event with {} (replay requeues failed rows only; `omnibox show ID` tells where a row stands)",
+                if args.ids.len() == 1 {
+                    "that id"
+                } else {
+                    "those ids"
+                }
+            );
+        }
+        return Ok(ExitStatus::No);
+    }
+    if args.safety.dry_run {
+        print(ctx, &table_name, &rows, true, 0)?;
         return Ok(ExitStatus::Success);
     }
     if !args.safety.confirm(&format!(
@@ -130,30 +149,31 @@ where
         eprintln!("omnibox: nothing changed");
         return Ok(ExitStatus::No);
     }
-    // Requeue by id, in chunks paced by --rate.
+    // Requeue by id, in chunks paced by --rate; each chunk and its audit
+    // row commit together.
     let chunk = args.rate.map_or(ids.len(), |r| r as usize).max(1);
-    let mut done: Vec<Uuid> = Vec::with_capacity(ids.len());
-    for (n, part) in ids.chunks(chunk).enumerate() {
-        if n > 0 {
-            tokio::time::sleep(Duration::from_secs(1)).await;
-        }
-        filter = RequeueFilter {
-            ids: part.to_vec(),
-            ..RequeueFilter::default()
-        };
-        done.extend(table.requeue_failed(&filter).await?);
-    }
+    let mut done: HashSet<Uuid> = HashSet::with_capacity(ids.len());
     let mut entry = AuditEntry::new(args.safety.actor(), "replay");
-    entry.table = Some(table_name.clone());
-    entry.count = done.len() as u64;
-    entry.ids = done.clone();
     entry.reason = args.reason.clone();
     entry.details = json!({
         "event_type": args.event_type, "topic": args.topic, "error_contains": args.error_contains,
         "group": args.group, "since": args.since.map(|t| time::format(&t)), "until": args.until.map(|t| time::format(&t)),
         "all": args.all, "limit": args.limit, "rate": args.rate, "selected": ids.len(),
     });
-    store.record_audit(&entry).await?;
+    for (n, part) in ids.chunks(chunk).enumerate() {
+        if n > 0 {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+        done.extend(
+            store
+                .change_audited(
+                    R::TABLE,
+                    AuditedChange::Requeue { ids: part },
+                    entry.clone(),
+                )
+                .await?,
+        );
+    }
     let replayed: Vec<Event<R>> = rows
         .into_iter()
         .filter(|e| done.contains(&e.id()))

@@ -23,10 +23,16 @@ pub struct SafetyArgs {
 }
 
 impl SafetyArgs {
+    /// Who acts: `--actor`, else the user behind `sudo` (`alice via sudo`),
+    /// else the OS user.
     pub fn actor(&self) -> String {
+        let sudo = std::env::var("SUDO_USER")
+            .ok()
+            .filter(|u| !u.is_empty() && u != "root")
+            .map(|u| format!("{u} via sudo"));
         self.actor
             .clone()
-            .filter(|a| !a.trim().is_empty())
+            .or(sudo)
             .or_else(|| std::env::var("USER").ok().filter(|u| !u.is_empty()))
             .or_else(|| std::env::var("LOGNAME").ok().filter(|u| !u.is_empty()))
             .or_else(os_user)

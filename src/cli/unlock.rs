@@ -2,8 +2,8 @@
 
 use anyhow::Result;
 use clap::Args;
-use omnibox::store::audit::AuditEntry;
-use omnibox::{EventStore, MaintenanceStore, Route, Table, UnlockReason, WorkerId};
+use omnibox::store::audit::{AuditEntry, AuditedChange};
+use omnibox::{EventStore, Route, Table, UnlockReason, WorkerId};
 use serde_json::json;
 use uuid::Uuid;
 
@@ -48,6 +48,15 @@ pub async fn run(args: UnlockArgs, ctx: &Context) -> Result<ExitStatus> {
         .into());
     };
     let reason = UnlockReason::new(reason)?;
+    let action = if args.worker.is_some() {
+        "unlock-worker"
+    } else {
+        "unlock"
+    };
+    // Everything the audit row needs is checked before anything changes.
+    let mut entry = AuditEntry::new(args.safety.actor(), action);
+    entry.reason = Some(reason.as_str().to_string());
+    omnibox::store::audit::check(&entry)?;
     let store = ctx.store().await?;
     let tables: Vec<Table> = match args.table {
         Some(t) => vec![Table::from(t)],
@@ -101,18 +110,27 @@ pub async fn run(args: UnlockArgs, ctx: &Context) -> Result<ExitStatus> {
             eprintln!("omnibox: nothing changed");
             return Ok(ExitStatus::No);
         }
-        let result = match table {
-            Table::Outbox => store.outbox().force_unlock(id, &reason).await.map(|_| ()),
-            Table::Inbox => store.inbox().force_unlock(id, &reason).await.map(|_| ()),
-        };
-        match result {
-            Ok(()) => changed.push((table, vec![id])),
-            Err(omnibox::Error::NotLocked { .. }) => {
-                eprintln!("omnibox: event {id} was unlocked meanwhile; nothing changed");
-                return Ok(ExitStatus::Partial);
-            }
-            Err(e) => return Err(e.into()),
+        // Only if the holder the operator confirmed still holds it, with the
+        // audit row in the same transaction.
+        entry.details = json!({"previous_holder": holder});
+        let ids = store
+            .change_audited(
+                table,
+                AuditedChange::UnlockOne {
+                    id,
+                    holder: &holder,
+                    reason: &reason,
+                },
+                entry,
+            )
+            .await?;
+        if ids.is_empty() {
+            eprintln!(
+                "omnibox: event {id} is no longer held by {holder} (it finished, or another worker or operator changed it meanwhile); nothing changed"
+            );
+            return Ok(ExitStatus::Partial);
         }
+        changed.push((table, ids));
     } else if let Some(worker) = &args.worker {
         if args.safety.dry_run {
             let mut would = Vec::new();
@@ -124,7 +142,11 @@ pub async fn run(args: UnlockArgs, ctx: &Context) -> Result<ExitStatus> {
                 would.push((*t, rows));
             }
             report(ctx, &would, true)?;
-            return Ok(ExitStatus::Success);
+            return Ok(if would.iter().all(|(_, ids)| ids.is_empty()) {
+                ExitStatus::No
+            } else {
+                ExitStatus::Success
+            });
         }
         if !args
             .safety
@@ -133,44 +155,25 @@ pub async fn run(args: UnlockArgs, ctx: &Context) -> Result<ExitStatus> {
             eprintln!("omnibox: nothing changed");
             return Ok(ExitStatus::No);
         }
+        entry.details = json!({"worker": worker.as_str()});
         for t in &tables {
-            let ids = match t {
-                Table::Outbox => {
-                    store
-                        .outbox()
-                        .force_unlock_worker(worker.as_str(), &reason)
-                        .await?
-                }
-                Table::Inbox => {
-                    store
-                        .inbox()
-                        .force_unlock_worker(worker.as_str(), &reason)
-                        .await?
-                }
-            };
+            let ids = store
+                .change_audited(
+                    *t,
+                    AuditedChange::UnlockWorker {
+                        worker: worker.as_str(),
+                        reason: &reason,
+                    },
+                    entry.clone(),
+                )
+                .await?;
             changed.push((*t, ids));
         }
     }
-    for (table, ids) in &changed {
-        if ids.is_empty() {
-            continue;
-        }
-        let mut entry = AuditEntry::new(
-            args.safety.actor(),
-            if args.worker.is_some() {
-                "unlock-worker"
-            } else {
-                "unlock"
-            },
-        );
-        entry.table = Some(table.to_string());
-        entry.count = ids.len() as u64;
-        entry.ids = ids.clone();
-        entry.reason = Some(reason.as_str().to_string());
-        entry.details = json!({"worker": args.worker.as_ref().map(|w| w.as_str())});
-        store.record_audit(&entry).await?;
-    }
     report(ctx, &changed, false)?;
+    if changed.iter().all(|(_, ids)| ids.is_empty()) {
+        return Ok(ExitStatus::No);
+    }
     Ok(ExitStatus::Success)
 }
 

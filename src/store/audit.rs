@@ -8,7 +8,7 @@ use uuid::Uuid;
 
 use super::AnyStore;
 use crate::error::{Error, Result, storage};
-use crate::model::{Timestamp, time};
+use crate::model::{Table, Timestamp, UnlockReason, time};
 
 /// One operator action.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -64,9 +64,17 @@ pub struct AuditFilter {
     pub limit: Option<u32>,
 }
 
-fn check(entry: &AuditEntry) -> Result<()> {
+/// Checks an entry before anything is changed ([`AnyStore::change_audited`]
+/// does; commands call it before they ask for confirmation).
+pub fn check(entry: &AuditEntry) -> Result<()> {
     if entry.actor.trim().is_empty() || entry.actor.chars().count() > 255 {
         return Err(Error::validation("actor", "must be 1..255 characters"));
+    }
+    if entry.actor.chars().any(char::is_control) {
+        return Err(Error::validation(
+            "actor",
+            "must not contain control characters (newlines, escapes)",
+        ));
     }
     if entry
         .reason
@@ -85,39 +93,141 @@ impl AnyStore {
     /// Records an operator action.
     pub async fn record_audit(&self, entry: &AuditEntry) -> Result<i64> {
         check(entry)?;
-        let ids = serde_json::to_string(&entry.ids).expect("ids serialise");
-        let details = serde_json::to_string(&entry.details).expect("details serialise");
         match self {
-            AnyStore::Postgres(s) => sqlx::query_scalar(
-                "INSERT INTO omnibox_audit (at, actor, action, table_name, row_count, ids, reason, details)
-                 VALUES ($1, $2, $3, $4, $5, $6::jsonb, $7, $8::jsonb) RETURNING id",
-            )
-            .bind(entry.at)
-            .bind(&entry.actor)
-            .bind(&entry.action)
-            .bind(&entry.table)
-            .bind(entry.count as i64)
-            .bind(ids)
-            .bind(&entry.reason)
-            .bind(details)
-            .fetch_one(s.pool())
-            .await
-            .map_err(storage),
-            AnyStore::Sqlite(s) => sqlx::query_scalar(
-                "INSERT INTO omnibox_audit (at, actor, action, table_name, row_count, ids, reason, details)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8) RETURNING id",
-            )
-            .bind(time::format(&entry.at))
-            .bind(&entry.actor)
-            .bind(&entry.action)
-            .bind(&entry.table)
-            .bind(entry.count as i64)
-            .bind(ids)
-            .bind(&entry.reason)
-            .bind(details)
-            .fetch_one(s.pool())
-            .await
-            .map_err(storage),
+            AnyStore::Postgres(s) => {
+                let mut conn = s.pool().acquire().await.map_err(storage)?;
+                insert_pg(&mut conn, entry).await
+            }
+            AnyStore::Sqlite(s) => {
+                let mut conn = s.pool().acquire().await.map_err(storage)?;
+                insert_sqlite(&mut conn, entry).await
+            }
+        }
+    }
+
+    /// Makes `change` on `table` and records `entry` (its `table`, `count`
+    /// and `ids` filled in from what changed) in the **same transaction**:
+    /// both happen or neither. The entry is checked before anything is
+    /// written. Returns the ids changed; when nothing changed, nothing is
+    /// written (no audit row either).
+    pub async fn change_audited(
+        &self,
+        table: Table,
+        change: AuditedChange<'_>,
+        mut entry: AuditEntry,
+    ) -> Result<Vec<Uuid>> {
+        check(&entry)?;
+        let t = match table {
+            Table::Outbox => "outbox_events",
+            Table::Inbox => "inbox_events",
+        };
+        entry.table = Some(table.to_string());
+        match self {
+            AnyStore::Postgres(s) => {
+                let mut tx = s.pool().begin().await.map_err(storage)?;
+                let ids: Vec<Uuid> = match change {
+                    AuditedChange::UnlockOne { id, holder, reason } => sqlx::query_scalar(
+                        sqlx::AssertSqlSafe(format!(
+                            "UPDATE {t} SET locked_at = NULL, locked_by = NULL, locked_until = NULL, \
+                             last_error = $2, updated_at = now() WHERE id = $1 AND locked_by = $3 RETURNING id"
+                        )),
+                    )
+                    .bind(id)
+                    .bind(reason.last_error())
+                    .bind(holder)
+                    .fetch_all(&mut *tx)
+                    .await,
+                    AuditedChange::UnlockWorker { worker, reason } => sqlx::query_scalar(
+                        sqlx::AssertSqlSafe(format!(
+                            "UPDATE {t} SET locked_at = NULL, locked_by = NULL, locked_until = NULL, \
+                             last_error = $2, updated_at = now() WHERE locked_by = $1 RETURNING id"
+                        )),
+                    )
+                    .bind(worker)
+                    .bind(reason.last_error())
+                    .fetch_all(&mut *tx)
+                    .await,
+                    AuditedChange::Requeue { ids } => sqlx::query_scalar(
+                        sqlx::AssertSqlSafe(format!(
+                            "UPDATE {t} SET status = 'pending', attempts_made = 0, last_error = NULL, \
+                             scheduled_at = now(), updated_at = now() \
+                             WHERE id = ANY($1) AND status = 'failed' RETURNING id"
+                        )),
+                    )
+                    .bind(ids)
+                    .fetch_all(&mut *tx)
+                    .await,
+                }
+                .map_err(storage)?;
+                if ids.is_empty() {
+                    tx.rollback().await.map_err(storage)?;
+                    return Ok(ids);
+                }
+                entry.count = ids.len() as u64;
+                entry.ids = ids.clone();
+                insert_pg(&mut tx, &entry).await?;
+                tx.commit().await.map_err(storage)?;
+                Ok(ids)
+            }
+            AnyStore::Sqlite(s) => {
+                let mut tx = s.pool().begin().await.map_err(storage)?;
+                let now = time::format(&time::now());
+                let rows: Vec<String> = match change {
+                    AuditedChange::UnlockOne { id, holder, reason } => sqlx::query_scalar(
+                        sqlx::AssertSqlSafe(format!(
+                            "UPDATE {t} SET locked_at = NULL, locked_by = NULL, locked_until = NULL, \
+                             last_error = ?2, updated_at = ?4 WHERE id = ?1 AND locked_by = ?3 RETURNING id"
+                        )),
+                    )
+                    .bind(id.to_string())
+                    .bind(reason.last_error())
+                    .bind(holder)
+                    .bind(&now)
+                    .fetch_all(&mut *tx)
+                    .await,
+                    AuditedChange::UnlockWorker { worker, reason } => sqlx::query_scalar(
+                        sqlx::AssertSqlSafe(format!(
+                            "UPDATE {t} SET locked_at = NULL, locked_by = NULL, locked_until = NULL, \
+                             last_error = ?2, updated_at = ?3 WHERE locked_by = ?1 RETURNING id"
+                        )),
+                    )
+                    .bind(worker)
+                    .bind(reason.last_error())
+                    .bind(&now)
+                    .fetch_all(&mut *tx)
+                    .await,
+                    AuditedChange::Requeue { ids } => sqlx::query_scalar(
+                        sqlx::AssertSqlSafe(format!(
+                            "UPDATE {t} SET status = 'pending', attempts_made = 0, last_error = NULL, \
+                             scheduled_at = ?2, updated_at = ?2 \
+                             WHERE id IN (SELECT value FROM json_each(?1)) AND status = 'failed' RETURNING id"
+                        )),
+                    )
+                    .bind(serde_json::to_string(ids).unwrap_or_else(|_| "[]".into()))
+                    .bind(&now)
+                    .fetch_all(&mut *tx)
+                    .await,
+                }
+                .map_err(storage)?;
+                let ids: Vec<Uuid> = rows
+                    .iter()
+                    .map(|r| {
+                        Uuid::parse_str(r).map_err(|e| Error::CorruptRow {
+                            id: r.clone(),
+                            message: e.to_string(),
+                        })
+                    })
+                    .collect::<Result<_>>()?;
+                if ids.is_empty() {
+                    tx.rollback().await.map_err(storage)?;
+                    return Ok(ids);
+                }
+                entry.count = ids.len() as u64;
+                entry.ids = ids.clone();
+                insert_sqlite(&mut tx, &entry).await?;
+                tx.commit().await.map_err(storage)?;
+                Ok(ids)
+            }
         }
     }
 
@@ -176,6 +286,74 @@ impl AnyStore {
             }
         }
     }
+}
+
+/// A change [`AnyStore::change_audited`] makes with its audit row.
+#[derive(Debug, Clone, Copy)]
+pub enum AuditedChange<'a> {
+    /// Unlock one row, only if `holder` still holds it (the holder the
+    /// operator saw and confirmed).
+    UnlockOne {
+        /// The row.
+        id: Uuid,
+        /// Its holder as shown to the operator.
+        holder: &'a str,
+        /// Why; recorded in `last_error` as `Force unlock: <reason>`.
+        reason: &'a UnlockReason,
+    },
+    /// Unlock every row `worker` holds.
+    UnlockWorker {
+        /// The worker.
+        worker: &'a str,
+        /// Why.
+        reason: &'a UnlockReason,
+    },
+    /// Put these rows back to pending (attempts 0, error cleared, due
+    /// now) if they are still failed.
+    Requeue {
+        /// The rows.
+        ids: &'a [Uuid],
+    },
+}
+
+async fn insert_pg(conn: &mut sqlx::PgConnection, entry: &AuditEntry) -> Result<i64> {
+    let ids = serde_json::to_string(&entry.ids).unwrap_or_else(|_| "[]".into());
+    let details = serde_json::to_string(&entry.details).unwrap_or_else(|_| "{}".into());
+    sqlx::query_scalar(
+        "INSERT INTO omnibox_audit (at, actor, action, table_name, row_count, ids, reason, details)
+         VALUES ($1, $2, $3, $4, $5, $6::jsonb, $7, $8::jsonb) RETURNING id",
+    )
+    .bind(entry.at)
+    .bind(&entry.actor)
+    .bind(&entry.action)
+    .bind(&entry.table)
+    .bind(entry.count as i64)
+    .bind(ids)
+    .bind(&entry.reason)
+    .bind(details)
+    .fetch_one(&mut *conn)
+    .await
+    .map_err(storage)
+}
+
+async fn insert_sqlite(conn: &mut sqlx::SqliteConnection, entry: &AuditEntry) -> Result<i64> {
+    let ids = serde_json::to_string(&entry.ids).unwrap_or_else(|_| "[]".into());
+    let details = serde_json::to_string(&entry.details).unwrap_or_else(|_| "{}".into());
+    sqlx::query_scalar(
+        "INSERT INTO omnibox_audit (at, actor, action, table_name, row_count, ids, reason, details)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8) RETURNING id",
+    )
+    .bind(time::format(&entry.at))
+    .bind(&entry.actor)
+    .bind(&entry.action)
+    .bind(&entry.table)
+    .bind(entry.count as i64)
+    .bind(ids)
+    .bind(&entry.reason)
+    .bind(details)
+    .fetch_one(&mut *conn)
+    .await
+    .map_err(storage)
 }
 
 fn decode<R: Row>(r: &R, at: Timestamp) -> Result<AuditEntry>

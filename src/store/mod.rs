@@ -654,36 +654,10 @@ pub(crate) fn guard_result(expected: &[Uuid], changed: &[Uuid]) -> Result<()> {
     })
 }
 
-/// Redacts the password of a database URL for messages and logs.
+/// Redacts the password of a database URL for messages and logs (see
+/// [`crate::redact::url`]).
 pub fn redact_url(url: &str) -> String {
-    let Some(scheme_end) = url.find("://") else {
-        return url.to_string();
-    };
-    let rest = &url[scheme_end + 3..];
-    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
-    let authority = &rest[..authority_end];
-    match authority.rfind('@') {
-        Some(at) => {
-            let userinfo = &authority[..at];
-            let user = userinfo.split(':').next().unwrap_or("");
-            let redacted = if userinfo.contains(':') {
-                format!("{user}:***")
-            } else {
-                user.to_string()
-            };
-            format!("{}://{}{}", &url[..scheme_end], redacted, &rest[at..])
-        }
-        None => url.to_string(),
-    }
-    .split('&')
-    .map(|part| match part.split_once("password=") {
-        Some((before, _)) if before.is_empty() || before.ends_with('?') => {
-            format!("{before}password=***")
-        }
-        _ => part.to_string(),
-    })
-    .collect::<Vec<_>>()
-    .join("&")
+    crate::redact::url(url)
 }
 
 /// A duration as seconds for SQL, clamped to

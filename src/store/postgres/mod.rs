@@ -74,7 +74,12 @@ impl PgStore {
     pub async fn connect(url: &str, opts: &PgOptions) -> Result<Self> {
         let redacted = redact_url(url);
         let mut connect = PgConnectOptions::from_str(url)
-            .map_err(|e| Error::Config(format!("invalid PostgreSQL URL {redacted}: {e}")))?
+            .map_err(|e| {
+                Error::Config(format!(
+                    "invalid PostgreSQL URL {redacted}: {}",
+                    crate::redact::text(&e.to_string())
+                ))
+            })?
             .application_name(opts.application_name.as_deref().unwrap_or("omnibox"));
         if let Some(schema) = &opts.schema {
             check_schema_name(schema)?;

@@ -40,7 +40,13 @@ impl SqliteStore {
     /// (`sqlite://PATH`, `sqlite:PATH`).
     pub async fn connect(url: &str) -> Result<Self> {
         let opts = SqliteConnectOptions::from_str(url)
-            .map_err(|e| Error::Config(format!("invalid SQLite URL {url}: {e}")))?
+            .map_err(|e| {
+                Error::Config(format!(
+                    "invalid SQLite URL {}: {}",
+                    super::redact_url(url),
+                    crate::redact::text(&e.to_string())
+                ))
+            })?
             .create_if_missing(true)
             .journal_mode(SqliteJournalMode::Wal)
             .synchronous(SqliteSynchronous::Full)
@@ -51,7 +57,7 @@ impl SqliteStore {
             .connect_with(opts)
             .await
             .map_err(|source| Error::StorageConnection {
-                url: url.to_string(),
+                url: super::redact_url(url),
                 source,
             })?;
         Ok(SqliteStore { pool })
