@@ -5,6 +5,7 @@
 #
 #   bench/run.sh enqueue [--events N] [--rounds R] [--keys K] [--idempotency-keys]
 #   bench/run.sh inbox [--events N] [--batch B] [--source memory|file] [--exec CMD]
+#   bench/run.sh ops [--events 10000000]
 #   bench/run.sh publish [--events N] [--backlog M] [--relays R] [--batch B] [--keys K] [--sink null|kafka]
 #
 # OMNIBOX_BENCH_DATABASE_URL selects the server (e.g. the peer's

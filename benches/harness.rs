@@ -26,6 +26,11 @@
 //!            Labelled variants: `--analyze` runs VACUUM ANALYZE before the
 //!            timed part; `--mode library` runs the relays in this process.
 //!
+//!   ops      the operations commands (status, list and its paging,
+//!            failures, replay of 50,000 rows, unlock --dry-run, cleanup) on an
+//!            outbox of N rows (`--events 10000000`): 99% completed, 50,000
+//!            failed in 200 causes, 50,000 pending; each timed as a process.
+//!
 //! Needs OMNIBOX_BENCH_DATABASE_URL (bench/run.sh starts a server when unset).
 
 use std::io::Write;
@@ -40,7 +45,7 @@ use serde_json::json;
 #[command(about = "omnibox benchmark harness")]
 struct Args {
     /// Scenario to run
-    #[arg(value_parser = ["enqueue", "publish", "produce", "inbox"])]
+    #[arg(value_parser = ["enqueue", "publish", "produce", "inbox", "ops"])]
     scenario: String,
     /// Events per round
     #[arg(long, default_value_t = 20_000)]
@@ -103,6 +108,7 @@ fn main() {
         "publish" => publish(&args, &url),
         "produce" => produce(&args),
         "inbox" => inbox(&args, &url),
+        "ops" => ops(&args, &url),
         _ => unreachable!(),
     }
 }
@@ -895,4 +901,188 @@ fn inbox_file(args: &Args, url: &str, messages: &[omnibox::inbox::RawMessage]) {
             &command,
         );
     }
+}
+
+/// The operations commands on a 10-million-row outbox (PostgreSQL): 9.9 M
+/// completed, 50,000 failed with 200 distinct causes (one event type),
+/// 50,000 pending. Seeded with SQL outside the timed part, then analyzed
+/// (a table that grew to this size has been analyzed by autovacuum; the
+/// seeding is one statement, which autovacuum would not see in time).
+/// Each command is the release binary, timed from spawn to exit.
+fn ops(args: &Args, url: &str) {
+    let total = args.events.max(100_000);
+    let failed = 50_000usize.min(total / 20);
+    let pending = 50_000usize.min(total / 20);
+    let completed = total - failed - pending;
+    let old = completed / 10;
+    let schema = format!("bench_{}", uuid::Uuid::new_v4().simple());
+    omnibox(url, &schema, &["migrate", "-q"], None);
+    let db = Db::new(url);
+    let started = Instant::now();
+    let t = format!("{schema}.outbox_events");
+    // Completed rows, the oldest tenth completed 40 days ago (for cleanup);
+    // failed rows spread through the table; pending rows last.
+    db.exec(format!(
+        "INSERT INTO {t} (id, event_type, payload, status, attempts_made, max_attempts, last_error,
+                          scheduled_at, completed_at, created_at, updated_at,
+                          aggregate_type, aggregate_id, topic, partition_key)
+         SELECT gen_random_uuid(),
+                CASE WHEN g % {step} = 0 THEN 'payment.failed' ELSE 'order.created' END,
+                jsonb_build_object('order_id', g, 'customer_id', 'customer-' || (g % 1000),
+                                   'amount_cents', 1000 + g % 5000, 'currency', 'EUR'),
+                CASE WHEN g % {step} = 0 THEN 'failed' ELSE 'completed' END,
+                CASE WHEN g % {step} = 0 THEN 6 ELSE 1 END, 6,
+                CASE WHEN g % {step} = 0
+                     THEN 'broker rejected the record: cause ' || chr(97 + (g / {step}) % 200 / 26) || chr(97 + (g / {step}) % 200 % 26)
+                END,
+                now() - interval '50 days', 
+                CASE WHEN g % {step} = 0 THEN NULL
+                     WHEN g <= {old} THEN now() - interval '40 days' ELSE now() - interval '1 day' END,
+                now() - interval '50 days', now() - interval '1 day',
+                'order', gen_random_uuid(), 'orders.events', 'key-' || g
+         FROM generate_series(1, {n}) g",
+        step = (completed + failed) / failed,
+        n = completed + failed,
+    ));
+    db.exec(format!(
+        "INSERT INTO {t} (id, event_type, payload, aggregate_type, aggregate_id, topic, partition_key)
+         SELECT gen_random_uuid(), 'order.created', jsonb_build_object('order_id', g), 'order',
+                gen_random_uuid(), 'orders.events', 'pending-' || g
+         FROM generate_series(1, {pending}) g"
+    ));
+    db.exec(format!("ANALYZE {t}"));
+    let counts = db.scalar(format!(
+        "SELECT count(*) FILTER (WHERE status = 'completed') || ' completed, ' ||
+                count(*) FILTER (WHERE status = 'failed') || ' failed, ' ||
+                count(*) FILTER (WHERE status = 'pending') || ' pending' FROM {t}"
+    ));
+    println!(
+        "ops: seeded {counts} in {:.1} s (schema {schema})",
+        started.elapsed().as_secs_f64()
+    );
+    let time = |label: &str, argv: &[&str]| -> (f64, std::process::Output) {
+        let start = Instant::now();
+        let mut cmd = Command::new(bin());
+        cmd.args(argv)
+            .env("OMNIBOX_DATABASE_URL", url)
+            .env("OMNIBOX_DATABASE_SCHEMA", &schema)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let out = cmd.output().expect("run omnibox");
+        let secs = start.elapsed().as_secs_f64();
+        println!(
+            "ops: {label}: {:.0} ms (exit {})\n  command: omnibox {}",
+            secs * 1000.0,
+            out.status.code().unwrap_or(-1),
+            argv.join(" ")
+        );
+        let line = json!({
+            "scenario": "omnibox_ops", "command": argv.join(" "), "seconds": secs,
+            "rows": total, "exit": out.status.code(),
+        });
+        let mut results = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(results_file())
+            .unwrap();
+        writeln!(results, "{line}").unwrap();
+        (secs, out)
+    };
+    time("status", &["status"]);
+    time(
+        "status --check",
+        &[
+            "status",
+            "--check",
+            "--max-failed",
+            "1000000",
+            "--max-pending-age",
+            "100d",
+        ],
+    );
+    let (_, out) = time(
+        "list failed, first page",
+        &[
+            "list", "--status", "failed", "--limit", "50", "--format", "json",
+        ],
+    );
+    let page: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    let last = page["events"]
+        .as_array()
+        .and_then(|a| a.last())
+        .and_then(|e| e["seq"].as_i64())
+        .unwrap_or(0);
+    let after = last.to_string();
+    time(
+        "list failed, next page (--after)",
+        &[
+            "list", "--status", "failed", "--limit", "50", "--after", &after, "--format", "json",
+        ],
+    );
+    time(
+        "list, first page",
+        &["list", "--limit", "50", "--format", "json"],
+    );
+    let mid = (total / 2).to_string();
+    time(
+        "list, a page in the middle (--after)",
+        &["list", "--limit", "50", "--after", &mid, "--format", "json"],
+    );
+    time(
+        "unlock --worker --dry-run",
+        &[
+            "unlock",
+            "--worker",
+            "gone:1",
+            "--reason",
+            "bench",
+            "--dry-run",
+        ],
+    );
+    let (_, out) = time("failures", &["failures", "--format", "json"]);
+    let groups: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    let n_groups = groups["groups"].as_array().map_or(0, Vec::len);
+    let grouped: u64 = groups["groups"]
+        .as_array()
+        .map(|a| a.iter().filter_map(|g| g["count"].as_u64()).sum())
+        .unwrap_or(0);
+    println!("ops: failures: {n_groups} groups holding {grouped} rows (expected 200 and {failed})");
+    let (secs, _) = time(
+        "replay --event-type payment.failed --yes",
+        &[
+            "replay",
+            "--event-type",
+            "payment.failed",
+            "--yes",
+            "--reason",
+            "bench",
+            "-q",
+        ],
+    );
+    let replayed = db.scalar(format!(
+        "SELECT count(*)::text FROM {t} WHERE event_type = 'payment.failed' AND status = 'pending'"
+    ));
+    println!(
+        "ops: replay: {replayed} rows requeued, {:.0} rows/s",
+        replayed.parse::<f64>().unwrap_or(0.0) / secs
+    );
+    let (secs, _) = time(
+        "cleanup --older-than 30d",
+        &[
+            "cleanup",
+            "--older-than",
+            "30d",
+            "--table",
+            "outbox",
+            "--yes",
+            "--max-iterations",
+            "100000",
+            "-q",
+        ],
+    );
+    println!(
+        "ops: cleanup: {old} rows deleted, {:.0} rows/s",
+        old as f64 / secs
+    );
+    db.exec(format!("DROP SCHEMA {schema} CASCADE"));
 }

@@ -249,7 +249,7 @@ _omnibox() {
             return 0
             ;;
         omnibox__subcmd__cleanup)
-            opts="-y -v -q -h -V --older-than --include-failed --failed-older-than --table --batch-size --max-iterations --force --dry-run --yes --actor --database-url --schema --config --format --color --log-format --verbose --quiet --dedup-window --help --version"
+            opts="-y -v -q -h -V --older-than --include-failed --failed-older-than --table --batch-size --max-iterations --audit-older-than --force --dry-run --yes --actor --database-url --schema --config --format --color --log-format --verbose --quiet --dedup-window --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -272,6 +272,10 @@ _omnibox() {
                     return 0
                     ;;
                 --max-iterations)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --audit-older-than)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;

@@ -417,6 +417,7 @@ set edit:completion:arg-completer[omnibox] = {|@words|
             cand --table 'Only this table [default: both]'
             cand --batch-size 'Rows per DELETE statement'
             cand --max-iterations 'Statements per table and kind, at most'
+            cand --audit-older-than 'Keep audit rows (omnibox audit) for this long; older ones are deleted'
             cand --actor 'Who is acting, for the audit trail [default: the OS user]'
             cand --database-url 'Database URL: sqlite://PATH or postgres://USER:PASS@HOST/DB [default: sqlite://omnibox.db]'
             cand --schema 'PostgreSQL schema that holds the tables (created by `migrate`)'

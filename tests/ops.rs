@@ -881,10 +881,72 @@ mod cases {
         assert_eq!(e["error"]["exit_code"], 2);
         assert!(e["error"]["message"].as_str().unwrap().contains("--reason"));
     }
+
+    /// `failures` groups every failed row (in the database, by exact error,
+    /// then by fingerprint): errors that differ only in an id are one group.
+    /// `cleanup` also trims the audit trail by its own retention.
+    pub async fn failures_count_every_row_and_cleanup_trims_the_audit(db: &TestDb) {
+        let outbox = db.store.outbox();
+        let events: Vec<OutboxEvent> = (0..5)
+            .map(|i| new_event("pay", "t1", &format!("f{i}")))
+            .collect();
+        outbox.create_many(&events).await.unwrap();
+        let claim = outbox
+            .claim(&ClaimOptions::new(WorkerId::new("w").unwrap(), 10))
+            .await
+            .unwrap();
+        let failures: Vec<Failure> = claim
+            .events
+            .iter()
+            .enumerate()
+            .map(|(i, e)| {
+                let error = if i < 4 {
+                    format!("record {} rejected", uuid::Uuid::now_v7())
+                } else {
+                    "timeout".to_string()
+                };
+                Failure::dead(e.id(), error)
+            })
+            .collect();
+        outbox.fail(&claim.token, &failures).await.unwrap();
+        let r = omnibox(db, &["failures", "--format", "json"]).json();
+        let groups = r["groups"].as_array().unwrap();
+        let counts: Vec<u64> = groups
+            .iter()
+            .map(|g| g["count"].as_u64().unwrap())
+            .collect();
+        assert_eq!(counts, vec![4, 1], "{r}");
+        assert_eq!(groups[0]["error"], "record <id> rejected");
+        // An audit row past the trail's retention goes with the next cleanup.
+        let mut old = omnibox::store::audit::AuditEntry::new("oncall", "replay");
+        old.at = time::now() - chrono::Duration::days(400);
+        db.store.record_audit(&old).await.unwrap();
+        let recent = omnibox::store::audit::AuditEntry::new("oncall", "replay");
+        db.store.record_audit(&recent).await.unwrap();
+        let r = omnibox(
+            db,
+            &[
+                "cleanup",
+                "--older-than",
+                "30d",
+                "--table",
+                "outbox",
+                "--yes",
+            ],
+        );
+        assert_eq!(r.code, 0, "{}", r.stderr);
+        let left = db
+            .store
+            .audit(&omnibox::store::audit::AuditFilter::default())
+            .await
+            .unwrap();
+        assert_eq!(left.len(), 1, "{left:?}");
+    }
 }
 
 backend_tests!(
     audit_is_validated_first_and_atomic,
+    failures_count_every_row_and_cleanup_trims_the_audit,
     replay_by_each_selector,
     dry_runs_change_nothing,
     refusals_exit_2_and_change_nothing,

@@ -51,6 +51,9 @@ pub struct CleanupArgs {
     /// Statements per table and kind, at most
     #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..))]
     max_iterations: u32,
+    /// Keep audit rows (omnibox audit) for this long; older ones are deleted
+    #[arg(long, allow_hyphen_values = true, default_value = "365d", value_parser = args::duration, value_name = "DURATION")]
+    audit_older_than: Duration,
     /// Allow a retention shorter than an hour (completed rows also hold
     /// idempotency keys: deleting them at once lets a retried enqueue in again)
     #[arg(long)]
@@ -115,6 +118,11 @@ pub async fn run(args: CleanupArgs, ctx: &Context) -> Result<ExitStatus> {
     }
     let total: u64 = plan.iter().map(|c| c.completed + c.failed).sum();
     if args.safety.dry_run || total == 0 {
+        if total == 0 && args.safety.yes && !args.safety.dry_run {
+            store
+                .delete_audit_older(args.audit_older_than, args.batch_size)
+                .await?;
+        }
         return report(ctx, &plan, args.safety.dry_run);
     }
     if !args.safety.confirm(&format!("delete {total} row(s)"))? {
@@ -146,6 +154,16 @@ pub async fn run(args: CleanupArgs, ctx: &Context) -> Result<ExitStatus> {
     }
     if let Some(b) = bar {
         b.finish_and_clear();
+    }
+    // The audit trail has its own retention (after this run's rows went in).
+    let audit_deleted = store
+        .delete_audit_older(args.audit_older_than, args.batch_size)
+        .await?;
+    if audit_deleted > 0 {
+        tracing::info!(
+            rows = audit_deleted,
+            "deleted audit rows past their retention"
+        );
     }
     report(ctx, &done, false)?;
     if done.iter().any(|c| c.bounded) {

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use anyhow::Result;
 use clap::Args;
 use omnibox::store::fingerprint;
-use omnibox::{Event, MaintenanceStore, RequeueFilter, Route, Table, Timestamp, time};
+use omnibox::{MaintenanceStore, Route, Table, Timestamp, time};
 use serde::Serialize;
 use uuid::Uuid;
 
@@ -93,29 +93,24 @@ pub async fn run(args: FailuresArgs, ctx: &Context) -> Result<ExitStatus> {
 }
 
 async fn groups<R: Route, S: MaintenanceStore<R>>(table: &S) -> Result<Vec<Group>> {
-    let rows: Vec<Event<R>> = table
-        .list_failed(&RequeueFilter {
-            all: true,
-            limit: Some(1_000_000),
-            ..Default::default()
-        })
-        .await?;
+    // Grouped by exact error in the database: every failed row counted,
+    // no row read; the groups are then folded by fingerprint.
     let mut map: BTreeMap<String, Group> = BTreeMap::new();
-    for e in rows {
-        let error = e.last_error().unwrap_or("");
-        let fp = fingerprint::fingerprint(e.event_type(), error);
+    for e in table.failed_errors().await? {
+        let error = e.error.as_deref().unwrap_or("");
+        let fp = fingerprint::fingerprint(&e.event_type, error);
         let g = map.entry(fp.clone()).or_insert_with(|| Group {
             fingerprint: fp,
-            event_type: e.event_type().to_string(),
+            event_type: e.event_type.clone(),
             error: fingerprint::normalize_error(error),
             count: 0,
-            first_seen: e.updated_at(),
-            last_seen: e.updated_at(),
-            sample_id: e.id(),
+            first_seen: e.first_seen,
+            last_seen: e.last_seen,
+            sample_id: e.sample_id,
         });
-        g.count += 1;
-        g.first_seen = g.first_seen.min(e.updated_at());
-        g.last_seen = g.last_seen.max(e.updated_at());
+        g.count += e.count;
+        g.first_seen = g.first_seen.min(e.first_seen);
+        g.last_seen = g.last_seen.max(e.last_seen);
     }
     let mut out: Vec<Group> = map.into_values().collect();
     out.sort_by(|a, b| {

@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use anyhow::Result;
 use clap::Args;
-use omnibox::{EventStore, MaintenanceStore, OutboxStore};
+use omnibox::{MaintenanceStore, OutboxStore};
 use serde_json::json;
 
 use super::output::{self, Format, ellipsize, human_duration};
@@ -43,8 +43,8 @@ pub struct StatusArgs {
 pub async fn run(args: StatusArgs, ctx: &Context) -> Result<ExitStatus> {
     let store = ctx.store().await?;
     let tables = [
-        store.outbox().counts().await?,
-        store.inbox().counts().await?,
+        store.outbox().status_counts().await?,
+        store.inbox().status_counts().await?,
     ];
     let stale = [
         store.outbox().count_stale_locks(args.stale_after).await?,
@@ -131,7 +131,11 @@ pub async fn run(args: StatusArgs, ctx: &Context) -> Result<ExitStatus> {
                     c.oldest_pending_age()
                         .map(human_duration)
                         .unwrap_or_else(|| "-".into()),
-                    c.completed.to_string(),
+                    if c.completed_is_estimate {
+                        format!("~{}", c.completed)
+                    } else {
+                        c.completed.to_string()
+                    },
                     c.failed.to_string(),
                     stale[i].to_string(),
                 ]);

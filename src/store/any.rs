@@ -256,6 +256,10 @@ impl<R: PgRoute + SqliteRoute> super::MaintenanceStore<R> for AnyTable<R> {
     async fn failed_by_event_type(&self) -> Result<Vec<(String, u64)>> {
         delegate!(self, t => t.failed_by_event_type())
     }
+
+    async fn failed_errors(&self) -> Result<Vec<super::FailedErrors>> {
+        delegate!(self, t => t.failed_errors())
+    }
 }
 
 impl OutboxStore for AnyTable<OutboxRoute> {
@@ -372,6 +376,19 @@ impl OutboxBulkWriter {
             BulkTx::Sqlite(tx) => tx.rollback().await,
         }
         .map_err(crate::error::storage)
+    }
+}
+
+impl<R: PgRoute + SqliteRoute> AnyTable<R> {
+    /// Counts for a status report, fast on tables of many millions of rows:
+    /// on a large PostgreSQL table `completed` is an estimate (flagged in
+    /// [`TableCounts::completed_is_estimate`]) and the rest exact; otherwise
+    /// the same as [`EventStore::counts`].
+    pub async fn status_counts(&self) -> Result<TableCounts> {
+        match self {
+            AnyTable::Postgres(t) => super::postgres::table::status_counts(t).await,
+            AnyTable::Sqlite(t) => t.counts().await,
+        }
     }
 }
 

@@ -231,6 +231,49 @@ impl AnyStore {
         }
     }
 
+    /// Deletes audit rows older than `older_than`, `batch_size` per
+    /// statement; returns how many (the trail's own retention, run by
+    /// `cleanup`).
+    pub async fn delete_audit_older(
+        &self,
+        older_than: std::time::Duration,
+        batch_size: u32,
+    ) -> Result<u64> {
+        let batch = i64::from(batch_size.max(1));
+        let mut total = 0;
+        loop {
+            let n = match self {
+                AnyStore::Postgres(s) => sqlx::query(
+                    "DELETE FROM omnibox_audit WHERE id IN (
+                         SELECT id FROM omnibox_audit WHERE at < now() - make_interval(secs => $1)
+                         ORDER BY at LIMIT $2)",
+                )
+                .bind(super::secs(older_than))
+                .bind(batch)
+                .execute(s.pool())
+                .await
+                .map_err(storage)?
+                .rows_affected(),
+                AnyStore::Sqlite(s) => sqlx::query(
+                    "DELETE FROM omnibox_audit WHERE id IN (
+                         SELECT id FROM omnibox_audit WHERE at < ?1 ORDER BY at LIMIT ?2)",
+                )
+                .bind(time::format(
+                    &(time::now() - crate::domain::chrono_dur(older_than)),
+                ))
+                .bind(batch)
+                .execute(s.pool())
+                .await
+                .map_err(storage)?
+                .rows_affected(),
+            };
+            total += n;
+            if n < batch as u64 {
+                return Ok(total);
+            }
+        }
+    }
+
     /// Recorded actions, newest first.
     pub async fn audit(&self, filter: &AuditFilter) -> Result<Vec<AuditEntry>> {
         let limit = i64::from(filter.limit.unwrap_or(50));

@@ -383,6 +383,11 @@ pub struct TableCounts {
     /// The database's clock when counted.
     #[serde(with = "crate::model::time::serde_ts")]
     pub now: Timestamp,
+    /// True when `completed` is the planner's estimate of the table's size
+    /// less the exact pending and failed counts
+    /// ([`AnyTable::status_counts`](crate::store::AnyTable::status_counts)
+    /// on a large PostgreSQL table); the other counts are exact.
+    pub completed_is_estimate: bool,
 }
 
 impl TableCounts {
@@ -570,6 +575,29 @@ pub trait MaintenanceStore<R: Route>: EventStore<R> {
 
     /// Failed rows per event type, most first.
     fn failed_by_event_type(&self) -> impl Future<Output = Result<Vec<(String, u64)>>> + Send;
+
+    /// Failed rows grouped in the database by event type and exact error,
+    /// with their count, first and last failure and one row's id: every
+    /// failed row counted, none of them read (`omnibox failures` folds the
+    /// groups by fingerprint).
+    fn failed_errors(&self) -> impl Future<Output = Result<Vec<FailedErrors>>> + Send;
+}
+
+/// One group of [`MaintenanceStore::failed_errors`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FailedErrors {
+    /// The rows' event type.
+    pub event_type: String,
+    /// Their exact `last_error`.
+    pub error: Option<String>,
+    /// How many.
+    pub count: u64,
+    /// The earliest `updated_at` (when the first of them failed).
+    pub first_seen: Timestamp,
+    /// The latest.
+    pub last_seen: Timestamp,
+    /// One of them.
+    pub sample_id: Uuid,
 }
 
 /// A key held up behind a failed or retrying head (`status`).

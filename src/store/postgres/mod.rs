@@ -30,7 +30,7 @@ use crate::model::{Event, EventStatus, Headers, InboxRoute, OutboxRoute, Payload
 
 mod insert;
 mod sql;
-mod table;
+pub(crate) mod table;
 
 pub use insert::{
     complete_inbox, delete_inbox, insert_inbox, insert_outbox, insert_outbox_stream, lock_inbox,

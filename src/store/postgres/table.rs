@@ -52,7 +52,10 @@ impl<R: PgRoute> EventStore<R> for PgTable<R> {
             qb.push(" AND seq > ").push_bind(after);
         }
         if let Some(worker) = &filter.locked_by {
-            qb.push(" AND locked_by = ").push_bind(worker.clone());
+            // `locked_until IS NOT NULL` holds for every locked row; it lets
+            // the small index of locked rows serve the filter.
+            qb.push(" AND locked_until IS NOT NULL AND locked_by = ")
+                .push_bind(worker.clone());
         }
         qb.push(" ORDER BY seq LIMIT ")
             .push_bind(i64::from(filter.limit.unwrap_or(DEFAULT_LIST_LIMIT)));
@@ -77,6 +80,7 @@ impl<R: PgRoute> EventStore<R> for PgTable<R> {
             due_now: count("due_now")?,
             oldest_pending_created_at: row.try_get("oldest_pending").map_err(storage)?,
             now: time::truncate(row.try_get("now").map_err(storage)?),
+            completed_is_estimate: false,
         })
     }
 
@@ -519,4 +523,92 @@ impl<R: PgRoute> MaintenanceStore<R> for PgTable<R> {
             .map_err(storage)?;
         Ok(rows.into_iter().map(|(t, n)| (t, n as u64)).collect())
     }
+
+    async fn failed_errors(&self) -> Result<Vec<crate::store::FailedErrors>> {
+        let t = match R::TABLE {
+            crate::model::Table::Outbox => "outbox_events",
+            crate::model::Table::Inbox => "inbox_events",
+        };
+        let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT event_type, last_error, count(*) AS n, min(updated_at) AS first_seen,
+                    max(updated_at) AS last_seen, min(id::text)::uuid AS sample_id
+             FROM {t} WHERE status = 'failed' GROUP BY event_type, last_error"
+        )))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(storage)?;
+        rows.iter()
+            .map(|r| {
+                Ok(crate::store::FailedErrors {
+                    event_type: r.try_get("event_type")?,
+                    error: r.try_get("last_error")?,
+                    count: r.try_get::<i64, _>("n")?.max(0) as u64,
+                    first_seen: r.try_get("first_seen")?,
+                    last_seen: r.try_get("last_seen")?,
+                    sample_id: r.try_get("sample_id")?,
+                })
+            })
+            .collect::<std::result::Result<_, sqlx::Error>>()
+            .map_err(storage)
+    }
+}
+
+/// Tables estimated at fewer rows than this are counted exactly by
+/// [`status_counts`].
+const EXACT_COUNT_BELOW: f64 = 1_000_000.0;
+
+/// Counts for `status` that stay fast on a table of many millions of rows:
+/// pending, locked, due, failed and the oldest pending row come from the
+/// small partial indexes (exact); `completed` is the planner's row estimate
+/// less those, flagged as an estimate. A table estimated under a million
+/// rows (or never analyzed) is counted exactly.
+pub(crate) async fn status_counts<R: PgRoute>(table: &PgTable<R>) -> Result<TableCounts> {
+    let t = match R::TABLE {
+        crate::model::Table::Outbox => "outbox_events",
+        crate::model::Table::Inbox => "inbox_events",
+    };
+    let estimate: Option<f32> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+        "SELECT reltuples FROM pg_class WHERE oid = to_regclass('{t}')"
+    )))
+    .fetch_optional(&table.pool)
+    .await
+    .map_err(storage)?;
+    let estimate = f64::from(estimate.unwrap_or(-1.0));
+    if estimate < EXACT_COUNT_BELOW {
+        return table.counts().await;
+    }
+    // Every locked row is pending (a constraint), and `locked_until` is set
+    // exactly on locked rows: the unlocked pending rows (the claim index)
+    // plus the locked ones (the lock index) are all the pending rows.
+    let row = sqlx::query(sqlx::AssertSqlSafe(format!(
+        "SELECT p.n + l.n AS pending, l.n AS locked, d.n + l.due AS due_now, f.n AS failed,
+                least(p.oldest, l.oldest) AS oldest_pending, now() AS now
+         FROM (SELECT count(*) AS n, min(created_at) AS oldest FROM {t}
+               WHERE status = 'pending' AND locked_at IS NULL) p,
+              (SELECT count(*) AS n, min(created_at) AS oldest,
+                      count(*) FILTER (WHERE locked_until <= now() AND scheduled_at <= now()) AS due
+               FROM {t} WHERE locked_until IS NOT NULL) l,
+              (SELECT count(*) AS n FROM {t}
+               WHERE status = 'pending' AND locked_at IS NULL AND scheduled_at <= now()) d,
+              (SELECT count(*) AS n FROM {t} WHERE status = 'failed') f"
+    )))
+    .fetch_one(&table.pool)
+    .await
+    .map_err(storage)?;
+    let count = |name: &str| -> Result<u64> {
+        Ok(row.try_get::<i64, _>(name).map_err(storage)?.max(0) as u64)
+    };
+    let pending = count("pending")?;
+    let failed = count("failed")?;
+    Ok(TableCounts {
+        table: R::TABLE,
+        pending,
+        completed: (estimate as u64).saturating_sub(pending + failed),
+        failed,
+        locked: count("locked")?,
+        due_now: count("due_now")?,
+        oldest_pending_created_at: row.try_get("oldest_pending").map_err(storage)?,
+        now: time::truncate(row.try_get("now").map_err(storage)?),
+        completed_is_estimate: true,
+    })
 }

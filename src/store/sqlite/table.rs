@@ -71,7 +71,10 @@ impl<R: SqliteRoute> EventStore<R> for SqliteTable<R> {
             qb.push(" AND seq > ").push_bind(after);
         }
         if let Some(worker) = &filter.locked_by {
-            qb.push(" AND locked_by = ").push_bind(worker.clone());
+            // `locked_until IS NOT NULL` holds for every locked row; it lets
+            // the small index of locked rows serve the filter.
+            qb.push(" AND locked_until IS NOT NULL AND locked_by = ")
+                .push_bind(worker.clone());
         }
         qb.push(" ORDER BY seq LIMIT ")
             .push_bind(i64::from(filter.limit.unwrap_or(DEFAULT_LIST_LIMIT)));
@@ -99,6 +102,7 @@ impl<R: SqliteRoute> EventStore<R> for SqliteTable<R> {
             due_now: count("due_now")?,
             oldest_pending_created_at: oldest.as_deref().and_then(|s| time::parse_stored(s).ok()),
             now,
+            completed_is_estimate: false,
         })
     }
 
@@ -539,6 +543,44 @@ impl<R: SqliteRoute> MaintenanceStore<R> for SqliteTable<R> {
             .await
             .map_err(storage)?;
         Ok(rows.into_iter().map(|(t, n)| (t, n as u64)).collect())
+    }
+
+    async fn failed_errors(&self) -> Result<Vec<crate::store::FailedErrors>> {
+        let t = match R::TABLE {
+            crate::model::Table::Outbox => "outbox_events",
+            crate::model::Table::Inbox => "inbox_events",
+        };
+        let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT event_type, last_error, count(*) AS n, min(updated_at) AS first_seen,
+                    max(updated_at) AS last_seen, min(id) AS sample_id
+             FROM {t} WHERE status = 'failed' GROUP BY event_type, last_error"
+        )))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(storage)?;
+        let stamp = |r: &sqlx::sqlite::SqliteRow, name: &str| -> Result<time::Timestamp> {
+            let text: String = r.try_get(name).map_err(storage)?;
+            time::parse_stored(&text).map_err(|m| Error::CorruptRow {
+                id: "failed_errors".into(),
+                message: m,
+            })
+        };
+        rows.iter()
+            .map(|r| {
+                let id: String = r.try_get("sample_id").map_err(storage)?;
+                Ok(crate::store::FailedErrors {
+                    event_type: r.try_get("event_type").map_err(storage)?,
+                    error: r.try_get("last_error").map_err(storage)?,
+                    count: r.try_get::<i64, _>("n").map_err(storage)?.max(0) as u64,
+                    first_seen: stamp(r, "first_seen")?,
+                    last_seen: stamp(r, "last_seen")?,
+                    sample_id: Uuid::parse_str(&id).map_err(|e| Error::CorruptRow {
+                        id,
+                        message: e.to_string(),
+                    })?,
+                })
+            })
+            .collect()
     }
 }
 
