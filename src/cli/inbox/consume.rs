@@ -26,6 +26,9 @@ use crate::cli::{Context, ExitStatus, UsageError, args, signals};
 /// Each message becomes one inbox row per consumer group: a message id seen
 /// before is a duplicate and is not stored again. A message that cannot be
 /// parsed is stored as a failed row (raw bytes base64-encoded) and committed.
+/// A message is recognised as a duplicate as long as its row is kept: at
+/// least the deduplication window (--dedup-window, OMNIBOX_DEDUP_WINDOW or
+/// dedup_window in omnibox.toml; 7d), which `cleanup` enforces.
 ///
 /// With --exec or --webhook the handler runs on each new row; without one,
 /// rows stay pending for `omnibox inbox process`.

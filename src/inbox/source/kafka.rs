@@ -89,7 +89,7 @@ pub struct KafkaSource {
 impl std::fmt::Debug for KafkaSource {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("KafkaSource")
-            .field("brokers", &self.brokers)
+            .field("brokers", &crate::redact::url(&self.brokers))
             .field("group", &self.group)
             .field("topics", &self.topics)
             .finish()
@@ -254,8 +254,8 @@ impl KafkaSource {
 impl Source for KafkaSource {
     fn describe(&self) -> String {
         format!(
-            "kafka://{} (group {}, topics {})",
-            self.brokers,
+            "{} (group {}, topics {})",
+            crate::redact::url(&format!("kafka://{}", self.brokers)),
             self.group,
             self.topics.join(",")
         )

@@ -39,7 +39,7 @@ pub struct KafkaSink {
 impl std::fmt::Debug for KafkaSink {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("KafkaSink")
-            .field("brokers", &self.brokers)
+            .field("brokers", &crate::redact::url(&self.brokers))
             .finish()
     }
 }
@@ -255,7 +255,7 @@ pub fn classify(topic: &str, e: &KafkaError) -> Delivery {
 
 impl Sink for KafkaSink {
     fn describe(&self) -> String {
-        format!("kafka://{}", self.brokers)
+        crate::redact::url(&format!("kafka://{}", self.brokers))
     }
 
     async fn send(&self, messages: &[Message], timeout: Duration) -> Vec<Delivery> {
