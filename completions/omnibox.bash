@@ -28,6 +28,9 @@ _omnibox() {
             omnibox,demo)
                 cmd="omnibox__subcmd__demo"
                 ;;
+            omnibox,doctor)
+                cmd="omnibox__subcmd__doctor"
+                ;;
             omnibox,enqueue)
                 cmd="omnibox__subcmd__enqueue"
                 ;;
@@ -78,6 +81,9 @@ _omnibox() {
                 ;;
             omnibox__subcmd__help,demo)
                 cmd="omnibox__subcmd__help__subcmd__demo"
+                ;;
+            omnibox__subcmd__help,doctor)
+                cmd="omnibox__subcmd__help__subcmd__doctor"
                 ;;
             omnibox__subcmd__help,enqueue)
                 cmd="omnibox__subcmd__help__subcmd__enqueue"
@@ -149,7 +155,7 @@ _omnibox() {
 
     case "${cmd}" in
         omnibox)
-            opts="-v -q -h -V --database-url --schema --config --format --color --log-format --verbose --quiet --dedup-window --help --version migrate enqueue publish inbox demo status list show replay failures unlock release-stale-locks cleanup audit completions generate help"
+            opts="-v -q -h -V --database-url --schema --config --format --color --log-format --verbose --quiet --dedup-window --help --version migrate enqueue publish inbox demo status doctor list show replay failures unlock release-stale-locks cleanup audit completions generate help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 1 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -410,6 +416,60 @@ _omnibox() {
             COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
             return 0
             ;;
+        omnibox__subcmd__doctor)
+            opts="-X -v -q -h -V --broker --max-pending-age --database-url --schema --config --format --color --log-format --verbose --quiet --dedup-window --help --version"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                --broker)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --max-pending-age)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                -X)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --database-url)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --schema)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --config)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --format)
+                    COMPREPLY=($(compgen -W "table json" -- "${cur}"))
+                    return 0
+                    ;;
+                --color)
+                    COMPREPLY=($(compgen -W "auto always never" -- "${cur}"))
+                    return 0
+                    ;;
+                --log-format)
+                    COMPREPLY=($(compgen -W "text json" -- "${cur}"))
+                    return 0
+                    ;;
+                --dedup-window)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
         omnibox__subcmd__enqueue)
             opts="-v -q -h -V --jsonl --aggregate-type --aggregate-id --event-type --topic --partition-key --payload --header --id --idempotency-key --trace-id --correlation-id --causation-id --schema-version --max-attempts --scheduled-at --database-url --schema --config --format --color --log-format --verbose --quiet --dedup-window --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
@@ -609,7 +669,7 @@ _omnibox() {
             return 0
             ;;
         omnibox__subcmd__help)
-            opts="migrate enqueue publish inbox demo status list show replay failures unlock release-stale-locks cleanup audit completions generate help"
+            opts="migrate enqueue publish inbox demo status doctor list show replay failures unlock release-stale-locks cleanup audit completions generate help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -665,6 +725,20 @@ _omnibox() {
             return 0
             ;;
         omnibox__subcmd__help__subcmd__demo)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        omnibox__subcmd__help__subcmd__doctor)
             opts=""
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )

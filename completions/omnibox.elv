@@ -39,6 +39,7 @@ set edit:completion:arg-completer[omnibox] = {|@words|
             cand inbox 'Consume messages into the inbox, and process inbox rows with a handler'
             cand demo 'Run the whole engine once, in seconds, with no servers'
             cand status 'Show counts per table and status, locks, the oldest pending event, what is due, failures by event type, stale locks and keys held up by a failure'
+            cand doctor 'Check the database, the claim''s indexes and plan, statistics, the broker, leases, blocked keys, the backlog, retention and table health'
             cand list 'List events with filters, oldest first'
             cand show 'Show one event in full, with its payload as pretty JSON'
             cand replay 'Put failed events back to pending (attempts reset, error cleared, due now)'
@@ -259,6 +260,26 @@ set edit:completion:arg-completer[omnibox] = {|@words|
             cand --log-format 'Log format on stderr'
             cand --dedup-window 'The inbox''s deduplication window: inbox rows are kept at least this long (cleanup refuses less), so a message redelivered within it is a duplicate [default: 7d]'
             cand --check 'Exit 1 when a threshold below is crossed'
+            cand -v 'More logging (-v info, -vv debug, -vvv trace)'
+            cand --verbose 'More logging (-v info, -vv debug, -vvv trace)'
+            cand -q 'Only errors on stderr'
+            cand --quiet 'Only errors on stderr'
+            cand -h 'Print help (see more with ''--help'')'
+            cand --help 'Print help (see more with ''--help'')'
+            cand -V 'Print version'
+            cand --version 'Print version'
+        }
+        &'omnibox;doctor'= {
+            cand --broker 'Check this broker [default: the configured broker (OMNIBOX_BROKER, broker in omnibox.toml)]'
+            cand --max-pending-age 'Warn when the oldest due pending event is older than this'
+            cand -X 'A librdkafka property for the broker check (repeatable)'
+            cand --database-url 'Database URL: sqlite://PATH or postgres://USER:PASS@HOST/DB [default: sqlite://omnibox.db]'
+            cand --schema 'PostgreSQL schema that holds the tables (created by `migrate`)'
+            cand --config 'Configuration file [default: ./omnibox.toml when present]'
+            cand --format 'Output format: table for people, json for scripts [default: table]'
+            cand --color 'When to use colour'
+            cand --log-format 'Log format on stderr'
+            cand --dedup-window 'The inbox''s deduplication window: inbox rows are kept at least this long (cleanup refuses less), so a message redelivered within it is a duplicate [default: 7d]'
             cand -v 'More logging (-v info, -vv debug, -vvv trace)'
             cand --verbose 'More logging (-v info, -vv debug, -vvv trace)'
             cand -q 'Only errors on stderr'
@@ -503,6 +524,7 @@ set edit:completion:arg-completer[omnibox] = {|@words|
             cand inbox 'Consume messages into the inbox, and process inbox rows with a handler'
             cand demo 'Run the whole engine once, in seconds, with no servers'
             cand status 'Show counts per table and status, locks, the oldest pending event, what is due, failures by event type, stale locks and keys held up by a failure'
+            cand doctor 'Check the database, the claim''s indexes and plan, statistics, the broker, leases, blocked keys, the backlog, retention and table health'
             cand list 'List events with filters, oldest first'
             cand show 'Show one event in full, with its payload as pretty JSON'
             cand replay 'Put failed events back to pending (attempts reset, error cleared, due now)'
@@ -532,6 +554,8 @@ set edit:completion:arg-completer[omnibox] = {|@words|
         &'omnibox;help;demo'= {
         }
         &'omnibox;help;status'= {
+        }
+        &'omnibox;help;doctor'= {
         }
         &'omnibox;help;list'= {
         }

@@ -929,3 +929,32 @@ fn enqueue_from_a_pipe_and_empty_input() {
         r.stdout
     );
 }
+
+/// `omnibox doctor` on the embedded default: each outcome as people see it.
+#[test]
+fn doctor_outcomes() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    // No tables yet: the schema check fails, the rest is not run; exit 1.
+    snap!("doctor_no_schema", run(d, &["doctor"]));
+    assert_eq!(run(d, &["migrate", "-q"]).code, 0);
+    let r = run(d, &["doctor"]);
+    assert_eq!(r.code, 0, "{}", r.render());
+    snap!("doctor_ok", r);
+    // A due event older than the limit, and a broker that does not answer.
+    let r = omnibox(d, &["enqueue", "--jsonl"], Some(LINE), &[]);
+    assert_eq!(r.code, 0, "{}", r.render());
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    let r = run(
+        d,
+        &[
+            "doctor",
+            "--max-pending-age",
+            "1ms",
+            "--broker",
+            "kafka://127.0.0.1:1",
+        ],
+    );
+    assert_eq!(r.code, 1, "{}", r.render());
+    snap!("doctor_backlog_and_broker", r);
+}

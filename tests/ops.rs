@@ -942,9 +942,134 @@ mod cases {
             .unwrap();
         assert_eq!(left.len(), 1, "{left:?}");
     }
+
+    /// `omnibox doctor` on both stores: the retention check against the
+    /// deduplication window, stale leases, blocked keys, a dropped index
+    /// (the claim plan fails with it), the broker's topics; exit 1 on a fail.
+    pub async fn doctor_finds_what_is_wrong(db: &TestDb) {
+        let statuses = |r: &Out| -> Vec<(String, String)> {
+            r.json()["checks"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|c| {
+                    (
+                        c["check"].as_str().unwrap().to_string(),
+                        c["status"].as_str().unwrap().to_string(),
+                    )
+                })
+                .collect()
+        };
+        let status_of = |r: &Out, check: &str| -> String {
+            statuses(r)
+                .into_iter()
+                .find(|(c, _)| c == check)
+                .map(|(_, s)| s)
+                .unwrap_or_else(|| panic!("no {check} in {}", r.stdout))
+        };
+        let r = omnibox(db, &["doctor", "--format", "json"]);
+        assert_eq!(r.code, 0, "{}\n{}", r.stdout, r.stderr);
+        assert!(statuses(&r).iter().all(|(_, s)| s == "ok"), "{}", r.stdout);
+        // A cleanup that kept inbox rows for less than the window.
+        let mut cleanup = omnibox::store::audit::AuditEntry::new("cron", "cleanup");
+        cleanup.table = Some("inbox".into());
+        cleanup.count = 3;
+        cleanup.details = json!({"older_than_seconds": 86_400.0});
+        db.store.record_audit(&cleanup).await.unwrap();
+        let r = omnibox(db, &["doctor", "--format", "json"]);
+        assert_eq!((r.code, status_of(&r, "retention").as_str()), (1, "fail"));
+        let r = omnibox(db, &["doctor", "--format", "json", "--dedup-window", "1d"]);
+        assert_eq!((r.code, status_of(&r, "retention").as_str()), (0, "ok"));
+        // A worker that died holding rows; a key behind a failing head.
+        let outbox = db.store.outbox();
+        outbox
+            .create(&new_event("t", "orders", "stuck"))
+            .await
+            .unwrap();
+        outbox
+            .create(&new_event("t", "orders", "stuck"))
+            .await
+            .unwrap();
+        let head = outbox
+            .claim(&ClaimOptions::new(WorkerId::new("w").unwrap(), 1))
+            .await
+            .unwrap();
+        outbox
+            .fail(
+                &head.token,
+                &[Failure::transient(
+                    head.events[0].id(),
+                    "boom",
+                    time::now() + chrono::Duration::hours(1),
+                )],
+            )
+            .await
+            .unwrap();
+        assert_eq!(outbox.blocked_keys(5).await.unwrap().len(), 1);
+        outbox
+            .create(&new_event("t", "orders", "other"))
+            .await
+            .unwrap();
+        outbox
+            .claim(
+                &ClaimOptions::new(WorkerId::new("dead").unwrap(), 5)
+                    .lease(Duration::from_millis(1)),
+            )
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let r = omnibox(db, &["doctor", "--format", "json", "--dedup-window", "1d"]);
+        assert_eq!(status_of(&r, "leases"), "warn", "{}", r.stdout);
+        assert_eq!(status_of(&r, "blocked"), "warn", "{}", r.stdout);
+        assert_eq!(r.code, 0, "warnings do not fail: {}", r.stdout);
+        // The broker: topics of pending rows must exist.
+        let cluster = rdkafka::mocking::MockCluster::new(1).unwrap();
+        let broker = format!("kafka://{}", cluster.bootstrap_servers());
+        let doctor_broker = || {
+            omnibox(
+                db,
+                &[
+                    "doctor",
+                    "--format",
+                    "json",
+                    "--dedup-window",
+                    "1d",
+                    "--broker",
+                    &broker,
+                ],
+            )
+        };
+        let r = doctor_broker();
+        assert_eq!(status_of(&r, "broker"), "fail", "{}", r.stdout);
+        assert!(r.stdout.contains("orders"), "{}", r.stdout);
+        cluster.create_topic("orders", 1, 1).unwrap();
+        let r = doctor_broker();
+        assert_eq!(status_of(&r, "broker"), "ok", "{}", r.stdout);
+        // A dropped claim index.
+        match &db.store {
+            omnibox::store::AnyStore::Postgres(s) => {
+                sqlx::query("DROP INDEX outbox_events_claim")
+                    .execute(s.pool())
+                    .await
+                    .unwrap();
+            }
+            omnibox::store::AnyStore::Sqlite(s) => {
+                sqlx::query("DROP INDEX outbox_events_claim")
+                    .execute(s.pool())
+                    .await
+                    .unwrap();
+            }
+            _ => unreachable!(),
+        }
+        let r = omnibox(db, &["doctor", "--format", "json", "--dedup-window", "1d"]);
+        assert_eq!(r.code, 1);
+        assert_eq!(status_of(&r, "indexes"), "fail", "{}", r.stdout);
+        assert_eq!(status_of(&r, "claim plan"), "fail", "{}", r.stdout);
+    }
 }
 
 backend_tests!(
+    doctor_finds_what_is_wrong,
     audit_is_validated_first_and_atomic,
     failures_count_every_row_and_cleanup_trims_the_audit,
     replay_by_each_selector,

@@ -15,6 +15,7 @@ mod cleanup;
 mod completions;
 mod config;
 mod demo;
+mod doctor;
 mod enqueue;
 mod env;
 mod failures;
@@ -116,6 +117,7 @@ enum Command {
     Inbox(inbox::InboxArgs),
     Demo(demo::DemoArgs),
     Status(status::StatusArgs),
+    Doctor(doctor::DoctorArgs),
     List(list::ListArgs),
     Show(show::ShowArgs),
     Replay(Box<replay::ReplayArgs>),
@@ -223,6 +225,7 @@ pub fn main() -> ExitCode {
             Command::Migrate(args) => migrate::run(args, &ctx).await,
             Command::Enqueue(args) => enqueue::run(*args, &ctx).await,
             Command::Status(args) => status::run(args, &ctx).await,
+            Command::Doctor(args) => doctor::run(args, &ctx).await,
             Command::List(args) => list::run(args, &ctx).await,
             Command::Show(args) => show::run(args, &ctx).await,
             Command::Replay(args) => replay::run(*args, &ctx).await,

@@ -1,0 +1,684 @@
+//! `omnibox doctor`: checks what an on-call engineer would check, one line
+//! each, with what to do.
+
+use std::time::Duration;
+
+use anyhow::Result;
+use clap::Args;
+use omnibox::store::AnyStore;
+use omnibox::{OutboxStore, Table};
+use serde::Serialize;
+use serde_json::json;
+use sqlx::Row;
+
+use super::output::{self, Format, human_duration};
+use super::{Context, ExitStatus, args};
+
+/// Check the database, the claim's indexes and plan, statistics, the broker,
+/// leases, blocked keys, the backlog, retention and table health
+///
+/// One line per check: ok, warn or fail, with what to do. Exit 1 when a
+/// check fails (warnings do not change the exit code). Read-only: it
+/// changes nothing (a missing SQLite file is created, as by every command).
+///
+/// Examples:
+///   omnibox doctor
+///   omnibox doctor --format json
+///   omnibox doctor --broker kafka://127.0.0.1:9092 --max-pending-age 2m
+#[derive(Debug, Args)]
+#[command(verbatim_doc_comment)]
+pub struct DoctorArgs {
+    /// Check this broker [default: the configured broker (OMNIBOX_BROKER, broker in omnibox.toml)]
+    #[arg(long, value_name = "URL", env = super::env::BROKER, hide_env_values = true)]
+    broker: Option<String>,
+    /// Warn when the oldest due pending event is older than this
+    #[arg(long, allow_hyphen_values = true, default_value = "5m", value_parser = args::duration, value_name = "DURATION")]
+    max_pending_age: Duration,
+    /// A librdkafka property for the broker check (repeatable)
+    #[arg(short = 'X', value_name = "KEY=VALUE", value_parser = args::property)]
+    properties: Vec<(String, String)>,
+}
+
+/// The outcome of one check.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Level {
+    Ok,
+    Warn,
+    Fail,
+}
+
+#[derive(Debug, Clone, Serialize)]
+struct Check {
+    check: &'static str,
+    status: Level,
+    message: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    hint: Option<String>,
+}
+
+fn ok(check: &'static str, message: impl Into<String>) -> Check {
+    Check {
+        check,
+        status: Level::Ok,
+        message: message.into(),
+        hint: None,
+    }
+}
+
+fn warn(check: &'static str, message: impl Into<String>, hint: impl Into<String>) -> Check {
+    Check {
+        check,
+        status: Level::Warn,
+        message: message.into(),
+        hint: Some(hint.into()),
+    }
+}
+
+fn fail(check: &'static str, message: impl Into<String>, hint: impl Into<String>) -> Check {
+    Check {
+        check,
+        status: Level::Fail,
+        message: message.into(),
+        hint: Some(hint.into()),
+    }
+}
+
+/// The backend behind a store, for the checks' own queries.
+#[derive(Clone, Copy)]
+enum Db<'a> {
+    Pg(&'a omnibox::store::PgStore),
+    Lite(&'a omnibox::store::SqliteStore),
+}
+
+impl<'a> Db<'a> {
+    fn of(store: &'a AnyStore) -> Self {
+        match store {
+            AnyStore::Postgres(s) => Db::Pg(s),
+            AnyStore::Sqlite(s) => Db::Lite(s),
+            // `AnyStore` is non-exhaustive; this binary knows both backends.
+            _ => unreachable!("omnibox supports PostgreSQL and SQLite"),
+        }
+    }
+}
+
+/// Indexes the claim and the operations commands rely on.
+const INDEXES: &[&str] = &[
+    "outbox_events_claim",
+    "outbox_events_key_order",
+    "outbox_events_key_held",
+    "outbox_events_locked",
+    "outbox_events_cleanup",
+    "outbox_events_failed",
+    "outbox_events_failed_seq",
+    "inbox_events_claim",
+    "inbox_events_locked",
+    "inbox_events_cleanup",
+    "inbox_events_failed",
+    "inbox_events_failed_seq",
+];
+
+pub async fn run(args: DoctorArgs, ctx: &Context) -> Result<ExitStatus> {
+    let mut checks = Vec::new();
+    let store = match ctx.connect().await {
+        Ok(s) => {
+            checks.push(ok(
+                "database",
+                format!(
+                    "reachable ({})",
+                    omnibox::redact::url(&ctx.settings.database_url)
+                ),
+            ));
+            Some(s)
+        }
+        Err(e) => {
+            checks.push(fail(
+                "database",
+                format!(
+                    "cannot connect: {}",
+                    omnibox::redact::text(&format!("{e:#}"))
+                ),
+                "check --database-url / OMNIBOX_DATABASE_URL and that the server is up",
+            ));
+            None
+        }
+    };
+    if let Some(store) = &store {
+        let schema = schema_check(store).await;
+        let migrated = schema.status == Level::Ok;
+        checks.push(schema);
+        if migrated {
+            checks.push(indexes_check(store).await);
+            checks.push(plan_check(store).await);
+            checks.push(statistics_check(store).await);
+            checks.push(leases_check(store).await);
+            checks.push(blocked_check(store).await);
+            checks.push(backlog_check(store, args.max_pending_age).await);
+            checks.push(retention_check(store, ctx).await);
+            if let Db::Pg(_) = Db::of(store) {
+                checks.extend(health_checks(store).await);
+            }
+            checks.push(broker_check(store, &args, ctx).await);
+        }
+    }
+    let failed = checks.iter().any(|c| c.status == Level::Fail);
+    match ctx.format() {
+        Format::Json => output::json(&json!({ "ok": !failed, "checks": checks }))?,
+        Format::Table => {
+            for c in &checks {
+                let level = match c.status {
+                    Level::Ok => "ok  ",
+                    Level::Warn => "warn",
+                    Level::Fail => "FAIL",
+                };
+                output::line(format!("{level} {:<11} {}", c.check, c.message))?;
+                if let Some(h) = &c.hint {
+                    output::line(format!("     {:<11} -> {h}", ""))?;
+                }
+            }
+        }
+    }
+    Ok(if failed {
+        ExitStatus::No
+    } else {
+        ExitStatus::Success
+    })
+}
+
+fn err_check(check: &'static str, e: impl std::fmt::Display) -> Check {
+    fail(
+        check,
+        format!("could not check: {}", omnibox::redact::text(&e.to_string())),
+        "see the error; the database user may lack a privilege",
+    )
+}
+
+async fn schema_check(store: &AnyStore) -> Check {
+    let applied = match Db::of(store) {
+        Db::Pg(s) => s.applied_versions().await,
+        Db::Lite(s) => s.applied_versions().await,
+    };
+    let latest = store
+        .backend()
+        .migrations()
+        .iter()
+        .map(|m| m.version)
+        .max()
+        .unwrap_or(0);
+    match applied {
+        Err(e) => err_check("schema", e),
+        Ok(v) => {
+            let current = v.into_iter().max().unwrap_or(0);
+            if current == 0 {
+                fail(
+                    "schema",
+                    "no omnibox tables here",
+                    "run `omnibox migrate` (and check --schema / OMNIBOX_DATABASE_SCHEMA)",
+                )
+            } else if current < latest {
+                fail(
+                    "schema",
+                    format!("at version {current}, this omnibox needs {latest}"),
+                    "run `omnibox migrate` before starting relays of this version",
+                )
+            } else if current > latest {
+                warn(
+                    "schema",
+                    format!("at version {current}, newer than this omnibox ({latest})"),
+                    "upgrade this binary to the version that migrated the database",
+                )
+            } else {
+                ok(
+                    "schema",
+                    format!("at version {current}, as this omnibox expects"),
+                )
+            }
+        }
+    }
+}
+
+async fn indexes_check(store: &AnyStore) -> Check {
+    let names: std::result::Result<Vec<String>, sqlx::Error> = match Db::of(store) {
+        Db::Pg(s) => {
+            sqlx::query_scalar(
+                "SELECT indexname::text FROM pg_indexes
+                 WHERE schemaname = current_schema() AND tablename IN ('outbox_events', 'inbox_events')",
+            )
+            .fetch_all(s.pool())
+            .await
+        }
+        Db::Lite(s) => {
+            sqlx::query_scalar("SELECT name FROM sqlite_master WHERE type = 'index'")
+                .fetch_all(s.pool())
+                .await
+        }
+    };
+    match names {
+        Err(e) => err_check("indexes", e),
+        Ok(names) => {
+            let missing: Vec<&str> = INDEXES
+                .iter()
+                .copied()
+                .filter(|i| !names.iter().any(|n| n == i))
+                .collect();
+            if missing.is_empty() {
+                ok("indexes", format!("all {} present", INDEXES.len()))
+            } else {
+                fail(
+                    "indexes",
+                    format!("missing: {}", missing.join(", ")),
+                    "run `omnibox migrate`; if it says up to date, someone dropped them: `omnibox migrate --print-sql` has their definitions",
+                )
+            }
+        }
+    }
+}
+
+/// The claim's scan plan: an index scan of the claim index, never a
+/// sequential scan of the table.
+async fn plan_check(store: &AnyStore) -> Check {
+    let plan: std::result::Result<String, sqlx::Error> = match Db::of(store) {
+        Db::Pg(s) => {
+            async {
+                let beginning =
+                    chrono::DateTime::from_timestamp(-62_135_596_800, 0).unwrap_or_default();
+                let mut tx = s.pool().begin().await?;
+                let sql = format!(
+                    "EXPLAIN (FORMAT TEXT) {}",
+                    omnibox::store::postgres::OUTBOX_SCAN
+                );
+                let rows: Vec<String> = sqlx::query_scalar(sqlx::AssertSqlSafe(sql))
+                    .bind(beginning)
+                    .bind(0_i64)
+                    .bind(1000_i64)
+                    .bind(1000_i64)
+                    .bind(0_i64)
+                    .persistent(false)
+                    .fetch_all(&mut *tx)
+                    .await?;
+                tx.rollback().await?;
+                Ok(rows.join("\n"))
+            }
+            .await
+        }
+        Db::Lite(s) => {
+            async {
+                let sql = format!("EXPLAIN QUERY PLAN {}", omnibox::store::sqlite::OUTBOX_SCAN);
+                let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
+                    .bind(omnibox::time::format(&omnibox::time::now()))
+                    .bind("0001-01-01T00:00:00.000000Z")
+                    .bind(0_i64)
+                    .bind(1000_i64)
+                    .bind(1000_i64)
+                    .bind(0_i64)
+                    .fetch_all(s.pool())
+                    .await?;
+                Ok(rows
+                    .iter()
+                    .map(|r| r.try_get::<String, _>("detail").unwrap_or_default())
+                    .collect::<Vec<_>>()
+                    .join("\n"))
+            }
+            .await
+        }
+    };
+    match plan {
+        Err(e) => err_check("claim plan", e),
+        Ok(plan) => {
+            tracing::debug!(%plan, "the claim's scan plan");
+            // The main scan (alias `r`) must read the claim index in order;
+            // the expired-lease branch (`r_1`) reads the few locked rows and
+            // may scan a tiny table.
+            let indexed = plan.contains("Index Scan using outbox_events_claim on outbox_events r ")
+                || plan.contains("USING INDEX outbox_events_claim");
+            let seq_scan = plan.contains("Seq Scan on outbox_events r ")
+                || plan.contains("Sort Key: r.scheduled_at")
+                || plan.lines().any(|l| l.trim() == "SCAN r");
+            if indexed && !seq_scan {
+                ok("claim plan", "the claim reads the claim index in order")
+            } else {
+                fail(
+                    "claim plan",
+                    "the claim's scan does not use outbox_events_claim (it would read the table)",
+                    "check the indexes above; on PostgreSQL run ANALYZE outbox_events and look for settings such as enable_indexscan = off",
+                )
+            }
+        }
+    }
+}
+
+async fn statistics_check(store: &AnyStore) -> Check {
+    let Db::Pg(s) = Db::of(store) else {
+        return ok(
+            "statistics",
+            "SQLite: the claim's plan does not use statistics",
+        );
+    };
+    let row = sqlx::query(
+        "SELECT n_live_tup, n_mod_since_analyze,
+                greatest(last_analyze, last_autoanalyze) IS NULL AS never
+         FROM pg_stat_user_tables WHERE relid = to_regclass('outbox_events')",
+    )
+    .fetch_optional(s.pool())
+    .await;
+    match row {
+        Err(e) => err_check("statistics", e),
+        Ok(None) => ok("statistics", "no statistics collected yet"),
+        Ok(Some(r)) => {
+            let live: i64 = r.try_get("n_live_tup").unwrap_or(0);
+            let changed: i64 = r.try_get("n_mod_since_analyze").unwrap_or(0);
+            let never: bool = r.try_get("never").unwrap_or(false);
+            if live > 100_000 && (never || changed > live) {
+                warn(
+                    "statistics",
+                    format!(
+                        "outbox_events has about {live} rows and {} since its last ANALYZE",
+                        if never {
+                            "was never analyzed".to_string()
+                        } else {
+                            format!("{changed} changed rows")
+                        }
+                    ),
+                    "the claim does not need them, but `status` estimates and other plans do: ANALYZE outbox_events, and check that autovacuum runs",
+                )
+            } else {
+                ok(
+                    "statistics",
+                    format!("fresh enough ({changed} rows changed since the last ANALYZE)"),
+                )
+            }
+        }
+    }
+}
+
+async fn leases_check(store: &AnyStore) -> Check {
+    let mut expired = 0i64;
+    for t in ["outbox_events", "inbox_events"] {
+        let n: std::result::Result<i64, sqlx::Error> = match Db::of(store) {
+            Db::Pg(s) => sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+                "SELECT count(*) FROM {t} WHERE locked_until IS NOT NULL AND locked_until < now()"
+            )))
+            .fetch_one(s.pool())
+            .await,
+            Db::Lite(s) => {
+                sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+                    "SELECT count(*) FROM {t} WHERE locked_until IS NOT NULL AND locked_until < ?1"
+                )))
+                .bind(omnibox::time::format(&omnibox::time::now()))
+                .fetch_one(s.pool())
+                .await
+            }
+        };
+        match n {
+            Ok(n) => expired += n,
+            Err(e) => return err_check("leases", e),
+        }
+    }
+    if expired == 0 {
+        ok("leases", "no lease has run out on a locked row")
+    } else {
+        warn(
+            "leases",
+            format!("{expired} locked row(s) whose lease ran out (their worker stopped)"),
+            "a running relay or `inbox process` takes them again by itself; `omnibox release-stale-locks` shows them unlocked now",
+        )
+    }
+}
+
+async fn blocked_check(store: &AnyStore) -> Check {
+    match store.outbox().blocked_keys(5).await {
+        Err(e) => err_check("blocked", e),
+        Ok(keys) if keys.is_empty() => ok("blocked", "no key waits behind a failing head"),
+        Ok(keys) => {
+            let waiting: u64 = keys.iter().map(|k| k.waiting).sum();
+            let first = &keys[0];
+            warn(
+                "blocked",
+                format!(
+                    "{} key(s) wait behind a failing head ({waiting} rows), e.g. {}/{} after {} attempt(s)",
+                    keys.len(),
+                    first.topic,
+                    first.partition_key,
+                    first.head_attempts
+                ),
+                "`omnibox status` lists them, `omnibox show ID` shows the head's error; fix the cause, or let it fail and `omnibox replay`",
+            )
+        }
+    }
+}
+
+async fn backlog_check(store: &AnyStore, max: Duration) -> Check {
+    match store.outbox().status_counts().await {
+        Err(e) => err_check("backlog", e),
+        Ok(c) => match c.oldest_pending_age() {
+            Some(age) if age > max && c.due_now > 0 => warn(
+                "backlog",
+                format!(
+                    "{} pending, {} due now; the oldest is {} old (more than {})",
+                    c.pending,
+                    c.due_now,
+                    human_duration(age),
+                    human_duration(max)
+                ),
+                "is a relay running (`omnibox publish`)? are events failing (`omnibox failures`)?",
+            ),
+            _ => ok(
+                "backlog",
+                format!("{} pending, {} due now", c.pending, c.due_now),
+            ),
+        },
+    }
+}
+
+/// The last inbox cleanup's retention against the deduplication window.
+async fn retention_check(store: &AnyStore, ctx: &Context) -> Check {
+    let window = ctx.settings.dedup_window;
+    let filter = omnibox::store::audit::AuditFilter {
+        action: Some("cleanup".into()),
+        limit: Some(50),
+        ..Default::default()
+    };
+    match store.audit(&filter).await {
+        Err(e) => err_check("retention", e),
+        Ok(entries) => {
+            let last_inbox = entries
+                .iter()
+                .find(|e| e.table.as_deref() == Some(Table::Inbox.as_str()));
+            let kept = last_inbox.and_then(|e| {
+                let c = e.details["older_than_seconds"].as_f64()?;
+                let f = e.details["failed_older_than_seconds"].as_f64();
+                Some(f.map_or(c, |f| c.min(f)))
+            });
+            match kept {
+                Some(secs) if Duration::from_secs_f64(secs) < window => fail(
+                    "retention",
+                    format!(
+                        "the last inbox cleanup kept rows {} but the deduplication window is {}",
+                        human_duration(Duration::from_secs_f64(secs)),
+                        human_duration(window)
+                    ),
+                    "a redelivered message older than the retention is stored again as new: raise the cleanup's --older-than, or set the window (--dedup-window / OMNIBOX_DEDUP_WINDOW / dedup_window) to what you keep",
+                ),
+                Some(secs) => ok(
+                    "retention",
+                    format!(
+                        "the last inbox cleanup kept rows {} (window {})",
+                        human_duration(Duration::from_secs_f64(secs)),
+                        human_duration(window)
+                    ),
+                ),
+                None => ok(
+                    "retention",
+                    format!(
+                        "no inbox cleanup recorded yet (window {})",
+                        human_duration(window)
+                    ),
+                ),
+            }
+        }
+    }
+}
+
+/// Sizes, dead tuples and autovacuum settings of the two tables.
+async fn health_checks(store: &AnyStore) -> Vec<Check> {
+    let Db::Pg(s) = Db::of(store) else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for t in ["outbox_events", "inbox_events"] {
+        let row = sqlx::query(
+            "SELECT pg_table_size(c.oid) AS table_bytes, pg_indexes_size(c.oid) AS index_bytes,
+                    coalesce(st.n_live_tup, 0) AS live, coalesce(st.n_dead_tup, 0) AS dead,
+                    coalesce(array_to_string(c.reloptions, ','), '') AS options
+             FROM pg_class c LEFT JOIN pg_stat_user_tables st ON st.relid = c.oid
+             WHERE c.oid = to_regclass($1)",
+        )
+        .bind(t)
+        .fetch_optional(s.pool())
+        .await;
+        let check = if t == "outbox_events" {
+            "outbox table"
+        } else {
+            "inbox table"
+        };
+        let r = match row {
+            Err(e) => {
+                out.push(err_check(check, e));
+                continue;
+            }
+            Ok(None) => continue,
+            Ok(Some(r)) => r,
+        };
+        let bytes = |n: &str| r.try_get::<i64, _>(n).unwrap_or(0);
+        let live = bytes("live");
+        let dead = bytes("dead");
+        let options: String = r.try_get("options").unwrap_or_default();
+        let ratio = if live + dead > 0 {
+            dead as f64 / (live + dead) as f64
+        } else {
+            0.0
+        };
+        let message = format!(
+            "{} data, {} indexes, {live} live rows, {:.0}% dead",
+            megabytes(bytes("table_bytes")),
+            megabytes(bytes("index_bytes")),
+            ratio * 100.0
+        );
+        let tuned = options.contains("autovacuum_vacuum_scale_factor");
+        let suggestion = format!(
+            "every row is updated two or three times (claim, completion): ALTER TABLE {t} SET (autovacuum_vacuum_scale_factor = 0.02, autovacuum_analyze_scale_factor = 0.05, autovacuum_vacuum_cost_delay = 1)"
+        );
+        out.push(if ratio > 0.2 && live + dead > 10_000 {
+            warn(
+                check,
+                format!("{message}: autovacuum is behind"),
+                if tuned {
+                    format!("autovacuum settings: {options}; check that autovacuum runs (pg_stat_user_tables.last_autovacuum) and that no long transaction holds it back")
+                } else {
+                    suggestion
+                },
+            )
+        } else if !tuned && live > 1_000_000 {
+            warn(check, format!("{message}; autovacuum has the server's defaults"), suggestion)
+        } else {
+            ok(
+                check,
+                if tuned {
+                    format!("{message}; autovacuum: {options}")
+                } else {
+                    message
+                },
+            )
+        });
+    }
+    out
+}
+
+fn megabytes(bytes: i64) -> String {
+    format!("{:.1} MB", bytes as f64 / 1_048_576.0)
+}
+
+/// The broker answers and holds the topics of pending rows.
+async fn broker_check(store: &AnyStore, args: &DoctorArgs, ctx: &Context) -> Check {
+    let Some(url) = args.broker.clone().or_else(|| ctx.settings.broker.clone()) else {
+        return ok(
+            "broker",
+            "none configured (publish's default is the local file sink)",
+        );
+    };
+    let Some(brokers) = url.strip_prefix("kafka://").map(str::to_string) else {
+        return ok(
+            "broker",
+            format!("{} (no server to reach)", omnibox::redact::url(&url)),
+        );
+    };
+    let topics: std::result::Result<Vec<String>, sqlx::Error> = match Db::of(store) {
+        Db::Pg(s) => sqlx::query_scalar(
+            "SELECT DISTINCT topic::text FROM outbox_events WHERE status = 'pending' LIMIT 1000",
+        )
+        .fetch_all(s.pool())
+        .await,
+        Db::Lite(s) => {
+            sqlx::query_scalar(
+                "SELECT DISTINCT topic FROM outbox_events WHERE status = 'pending' LIMIT 1000",
+            )
+            .fetch_all(s.pool())
+            .await
+        }
+    };
+    let topics = match topics {
+        Ok(t) => t,
+        Err(e) => return err_check("broker", e),
+    };
+    let mut properties = ctx.settings.kafka_properties.clone();
+    properties.extend(args.properties.iter().cloned());
+    let shown = omnibox::redact::url(&url);
+    let metadata =
+        tokio::task::spawn_blocking(move || -> std::result::Result<Vec<String>, String> {
+            use rdkafka::consumer::{BaseConsumer, Consumer};
+            let mut config = rdkafka::ClientConfig::new();
+            config.set("bootstrap.servers", &brokers);
+            for (k, v) in &properties {
+                config.set(k, v);
+            }
+            let consumer: BaseConsumer = config.create().map_err(|e| e.to_string())?;
+            let md = consumer
+                .fetch_metadata(None, Duration::from_secs(5))
+                .map_err(|e| e.to_string())?;
+            Ok(md.topics().iter().map(|t| t.name().to_string()).collect())
+        })
+        .await;
+    match metadata {
+        Ok(Ok(present)) => {
+            let missing: Vec<&String> = topics.iter().filter(|t| !present.contains(t)).collect();
+            if missing.is_empty() {
+                ok(
+                    "broker",
+                    format!(
+                        "{shown} answers; the {} topic(s) of pending rows exist",
+                        topics.len()
+                    ),
+                )
+            } else {
+                fail(
+                    "broker",
+                    format!(
+                        "{shown} answers, but topic(s) of pending rows are missing: {}",
+                        missing
+                            .iter()
+                            .map(|s| s.as_str())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ),
+                    "create the topics (the relay backs off on them, then fails their rows after --topic-unavailable-limit)",
+                )
+            }
+        }
+        Ok(Err(e)) => fail(
+            "broker",
+            format!("{shown} does not answer: {}", omnibox::redact::text(&e)),
+            "check the address, the network and -X security settings",
+        ),
+        Err(e) => err_check("broker", e),
+    }
+}
