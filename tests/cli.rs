@@ -945,16 +945,32 @@ fn doctor_outcomes() {
     let r = omnibox(d, &["enqueue", "--jsonl"], Some(LINE), &[]);
     assert_eq!(r.code, 0, "{}", r.render());
     std::thread::sleep(std::time::Duration::from_millis(20));
+    let r = run(d, &["doctor", "--max-pending-age", "1ms"]);
+    assert_eq!(r.code, 0, "a warning leaves exit 0: {}", r.render());
+    snap!("doctor_backlog", r);
     let r = run(
         d,
         &[
             "doctor",
-            "--max-pending-age",
-            "1ms",
+            "--format",
+            "json",
             "--broker",
             "kafka://127.0.0.1:1",
         ],
     );
     assert_eq!(r.code, 1, "{}", r.render());
-    snap!("doctor_backlog_and_broker", r);
+    let v: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+    let broker = v["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["check"] == "broker")
+        .unwrap();
+    assert_eq!(broker["status"], "fail", "{broker}");
+    assert!(
+        broker["message"]
+            .as_str()
+            .unwrap()
+            .contains("does not answer")
+    );
 }
