@@ -1653,7 +1653,7 @@ _omnibox() {
             return 0
             ;;
         omnibox__subcmd__status)
-            opts="-v -q -h -V --check --max-pending-age --max-failed --max-stale-locks --stale-after --database-url --schema --config --format --color --log-format --verbose --quiet --dedup-window --help --version"
+            opts="-v -q -h -V --check --max-pending-age --max-failed --max-stale-locks --stale-after --watch --interval --database-url --schema --config --format --color --log-format --verbose --quiet --dedup-window --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -1672,6 +1672,10 @@ _omnibox() {
                     return 0
                     ;;
                 --stale-after)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --interval)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;

@@ -237,6 +237,7 @@ complete -c omnibox -n "__fish_omnibox_using_subcommand status" -l max-pending-a
 complete -c omnibox -n "__fish_omnibox_using_subcommand status" -l max-failed -d 'Threshold: failed events (per table)' -r
 complete -c omnibox -n "__fish_omnibox_using_subcommand status" -l max-stale-locks -d 'Threshold: stale locks (per table)' -r
 complete -c omnibox -n "__fish_omnibox_using_subcommand status" -l stale-after -d 'A lock older than this counts as stale' -r
+complete -c omnibox -n "__fish_omnibox_using_subcommand status" -l interval -d 'With --watch: the time between reports' -r
 complete -c omnibox -n "__fish_omnibox_using_subcommand status" -l database-url -d 'Database URL: sqlite://PATH or postgres://USER:PASS@HOST/DB [default: sqlite://omnibox.db]' -r
 complete -c omnibox -n "__fish_omnibox_using_subcommand status" -l schema -d 'PostgreSQL schema that holds the tables (created by `migrate`)' -r
 complete -c omnibox -n "__fish_omnibox_using_subcommand status" -l config -d 'Configuration file [default: ./omnibox.toml when present]' -r -F
@@ -249,6 +250,7 @@ complete -c omnibox -n "__fish_omnibox_using_subcommand status" -l log-format -d
 json\t''"
 complete -c omnibox -n "__fish_omnibox_using_subcommand status" -l dedup-window -d 'The inbox\'s deduplication window: inbox rows are kept at least this long (cleanup refuses less), so a message redelivered within it is a duplicate [default: 7d]' -r
 complete -c omnibox -n "__fish_omnibox_using_subcommand status" -l check -d 'Exit 1 when a threshold below is crossed'
+complete -c omnibox -n "__fish_omnibox_using_subcommand status" -l watch -d 'Refresh every --interval until interrupted, with rates (like top); on a terminal the screen is redrawn, otherwise each report is printed in turn (one JSON object per line with --format json)'
 complete -c omnibox -n "__fish_omnibox_using_subcommand status" -s v -l verbose -d 'More logging (-v info, -vv debug, -vvv trace)'
 complete -c omnibox -n "__fish_omnibox_using_subcommand status" -s q -l quiet -d 'Only errors on stderr'
 complete -c omnibox -n "__fish_omnibox_using_subcommand status" -s h -l help -d 'Print help (see more with \'--help\')'

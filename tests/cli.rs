@@ -974,3 +974,54 @@ fn doctor_outcomes() {
             .contains("does not answer")
     );
 }
+
+/// `status --watch` reports again and again with rates; piped, each report
+/// is printed in turn (one JSON object per line with --format json); a
+/// signal ends it with exit 0.
+#[test]
+fn status_watch_reports_rates_until_stopped() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    assert_eq!(run(d, &["migrate", "-q"]).code, 0);
+    let mut child = Command::new(env!("CARGO_BIN_EXE_omnibox"))
+        .args([
+            "status",
+            "--watch",
+            "--interval",
+            "300ms",
+            "--format",
+            "json",
+        ])
+        .current_dir(d)
+        .env_clear()
+        .env("NO_COLOR", "1")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let lines: String = (0..20)
+        .map(|i| format!("{}\n", LINE.replace("order-1", &format!("k{i}"))))
+        .collect();
+    let r = omnibox(d, &["enqueue", "--jsonl"], Some(&lines), &[]);
+    assert_eq!(r.code, 0, "{}", r.render());
+    std::thread::sleep(std::time::Duration::from_millis(900));
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(0));
+    let reports: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert!(reports.len() >= 3, "{reports:?}");
+    assert!(reports[0]["rates"].is_null(), "no rate in the first report");
+    let inserted: f64 = reports
+        .iter()
+        .filter_map(|r| r["rates"]["outbox"]["inserted_per_second"].as_f64())
+        .sum();
+    assert!(inserted > 0.0, "{reports:?}");
+    assert_eq!(reports.last().unwrap()["tables"][0]["pending"], 20);
+}

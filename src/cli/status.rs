@@ -1,5 +1,6 @@
 //! `omnibox status`: counts per table and status, and health checks.
 
+use std::io::IsTerminal;
 use std::time::Duration;
 
 use anyhow::Result;
@@ -20,6 +21,7 @@ use super::{Context, ExitStatus, args};
 ///   omnibox status
 ///   omnibox status --format json | jq '.tables[] | select(.table == "outbox") | .pending'
 ///   omnibox status --check --max-pending-age 5m --max-failed 0 --max-stale-locks 0
+///   omnibox status --watch --interval 5s                 # like top: rates and lag
 #[derive(Debug, Args)]
 #[command(verbatim_doc_comment)]
 pub struct StatusArgs {
@@ -38,10 +40,66 @@ pub struct StatusArgs {
     /// A lock older than this counts as stale
     #[arg(long, allow_hyphen_values = true, default_value = "5m", value_parser = args::duration, value_name = "DURATION")]
     stale_after: Duration,
+    /// Refresh every --interval until interrupted, with rates (like top); on
+    /// a terminal the screen is redrawn, otherwise each report is printed in
+    /// turn (one JSON object per line with --format json)
+    #[arg(long, conflicts_with = "check")]
+    watch: bool,
+    /// With --watch: the time between reports
+    #[arg(long, allow_hyphen_values = true, default_value = "2s", value_parser = args::duration, value_name = "DURATION", requires = "watch")]
+    interval: Duration,
+}
+
+/// Where the last report stood, for rates.
+struct Tick {
+    at: std::time::Instant,
+    /// The database's clock at the last report.
+    db_now: omnibox::Timestamp,
+    /// Highest seq per table.
+    seq: [i64; 2],
+}
+
+/// Rows per second since the last report, per table.
+#[derive(Debug, Clone, Copy, Default, serde::Serialize)]
+struct Rates {
+    /// New rows (enqueued into the outbox, stored by the inbox).
+    inserted_per_second: f64,
+    /// Rows completed (published by relays, handled by the inbox).
+    completed_per_second: f64,
 }
 
 pub async fn run(args: StatusArgs, ctx: &Context) -> Result<ExitStatus> {
     let store = ctx.store().await?;
+    if !args.watch {
+        return report(&args, ctx, &store, None).await.map(|(s, _)| s);
+    }
+    if args.interval < Duration::from_millis(100) {
+        return Err(super::UsageError("--interval must be at least 100ms".into()).into());
+    }
+    let mut shutdown = super::signals::shutdown_channel();
+    let mut last: Option<Tick> = None;
+    loop {
+        let (_, tick) = report(&args, ctx, &store, last.as_ref()).await?;
+        last = Some(tick);
+        tokio::select! {
+            _ = tokio::time::sleep(args.interval) => {}
+            _ = shutdown.changed() => return Ok(ExitStatus::Success),
+        }
+    }
+}
+
+/// One report; with `last`, rates since then (watch mode).
+async fn report(
+    args: &StatusArgs,
+    ctx: &Context,
+    store: &omnibox::store::AnyStore,
+    last: Option<&Tick>,
+) -> Result<(ExitStatus, Tick)> {
+    let since = last.map_or_else(omnibox::time::now, |l| l.db_now);
+    let progress = [
+        store.outbox().progress(since).await?,
+        store.inbox().progress(since).await?,
+    ];
     let tables = [
         store.outbox().status_counts().await?,
         store.inbox().status_counts().await?,
@@ -55,6 +113,19 @@ pub async fn run(args: StatusArgs, ctx: &Context) -> Result<ExitStatus> {
         store.inbox().failed_by_event_type().await?,
     ];
     let blocked = store.outbox().blocked_keys(10).await?;
+    let tick = Tick {
+        at: std::time::Instant::now(),
+        db_now: tables[0].now,
+        seq: [progress[0].0, progress[1].0],
+    };
+    let rates: Option<[Rates; 2]> = last.map(|l| {
+        let secs = tick.at.duration_since(l.at).as_secs_f64().max(0.001);
+        let rate = |i: usize| Rates {
+            inserted_per_second: (tick.seq[i] - l.seq[i]).max(0) as f64 / secs,
+            completed_per_second: progress[i].1 as f64 / secs,
+        };
+        [rate(0), rate(1)]
+    });
     let mut violations = Vec::new();
     for (i, c) in tables.iter().enumerate() {
         if let (Some(max), Some(age)) = (args.max_pending_age, c.oldest_pending_age())
@@ -109,9 +180,27 @@ pub async fn run(args: StatusArgs, ctx: &Context) -> Result<ExitStatus> {
             if args.check {
                 out["check"] = json!({"ok": violations.is_empty(), "violations": violations});
             }
-            output::json(&out)?;
+            if args.watch {
+                out["at"] = json!(omnibox::time::format(&tick.db_now));
+                out["rates"] = json!(rates.map(|r| json!({"outbox": r[0], "inbox": r[1]})));
+                // One object per line: a stream a script can read.
+                output::line(out.to_string())?;
+            } else {
+                output::json(&out)?;
+            }
         }
         Format::Table => {
+            if args.watch {
+                if std::io::stdout().is_terminal() {
+                    // Redraw in place, like top.
+                    output::line("\x1b[2J\x1b[H")?;
+                }
+                output::line(format!(
+                    "omnibox status at {}, every {} (Ctrl-C stops)",
+                    omnibox::time::format(&tick.db_now),
+                    human_duration(args.interval)
+                ))?;
+            }
             let mut t = output::table([
                 "table",
                 "pending",
@@ -141,6 +230,27 @@ pub async fn run(args: StatusArgs, ctx: &Context) -> Result<ExitStatus> {
                 ]);
             }
             output::line(t)?;
+            if args.watch {
+                let mut t = output::table(["table", "new rows/s", "completed/s", "lag"]);
+                for (i, c) in tables.iter().enumerate() {
+                    let (new, done) = match &rates {
+                        Some(r) => (
+                            format!("{:.1}", r[i].inserted_per_second),
+                            format!("{:.1}", r[i].completed_per_second),
+                        ),
+                        None => ("-".into(), "-".into()),
+                    };
+                    t.add_row(vec![
+                        c.table.to_string(),
+                        new,
+                        done,
+                        c.oldest_pending_age()
+                            .map(human_duration)
+                            .unwrap_or_else(|| "-".into()),
+                    ]);
+                }
+                output::line(t)?;
+            }
             if failed_by_type.iter().any(|v| !v.is_empty()) {
                 let mut t = output::table(["table", "failed event type", "count"]);
                 for (i, rows) in failed_by_type.iter().enumerate() {
@@ -182,8 +292,8 @@ pub async fn run(args: StatusArgs, ctx: &Context) -> Result<ExitStatus> {
             eprintln!("omnibox: check failed: {v}");
         }
         if !violations.is_empty() {
-            return Ok(ExitStatus::No);
+            return Ok((ExitStatus::No, tick));
         }
     }
-    Ok(ExitStatus::Success)
+    Ok((ExitStatus::Success, tick))
 }

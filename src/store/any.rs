@@ -390,6 +390,38 @@ impl<R: PgRoute + SqliteRoute> AnyTable<R> {
             AnyTable::Sqlite(t) => t.counts().await,
         }
     }
+
+    /// For rates (`status --watch`): the highest `seq` (rows ever inserted,
+    /// gaps aside) and the rows completed after `since` (by the completion
+    /// index, so cheap on any table size).
+    pub async fn progress(&self, since: crate::model::Timestamp) -> Result<(i64, u64)> {
+        let t = match R::TABLE {
+            crate::model::Table::Outbox => "outbox_events",
+            crate::model::Table::Inbox => "inbox_events",
+        };
+        let row: (Option<i64>, i64) = match self {
+            AnyTable::Postgres(p) => {
+                sqlx::query_as(sqlx::AssertSqlSafe(format!(
+                "SELECT (SELECT max(seq) FROM {t}),
+                        (SELECT count(*) FROM {t} WHERE status = 'completed' AND completed_at > $1)"
+            )))
+                .bind(since)
+                .fetch_one(p.pool())
+                .await
+            }
+            AnyTable::Sqlite(s) => {
+                sqlx::query_as(sqlx::AssertSqlSafe(format!(
+                "SELECT (SELECT max(seq) FROM {t}),
+                        (SELECT count(*) FROM {t} WHERE status = 'completed' AND completed_at > ?1)"
+            )))
+                .bind(crate::model::time::format(&since))
+                .fetch_one(s.pool())
+                .await
+            }
+        }
+        .map_err(crate::error::storage)?;
+        Ok((row.0.unwrap_or(0), row.1.max(0) as u64))
+    }
 }
 
 /// A transaction on the inbox table for the consumer: insert a batch (with
