@@ -983,7 +983,7 @@ fn status_watch_reports_rates_until_stopped() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     assert_eq!(run(d, &["migrate", "-q"]).code, 0);
-    let mut child = Command::new(env!("CARGO_BIN_EXE_omnibox"))
+    let child = Command::new(env!("CARGO_BIN_EXE_omnibox"))
         .args([
             "status",
             "--watch",
