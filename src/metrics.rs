@@ -64,6 +64,9 @@ pub struct Metrics {
     pub lag_seconds: Family<TableLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
     /// Free-form counters of other components (inbox consumer and the like).
     pub counters: Family<CounterLabels, Counter>,
+    /// Locked rows whose lease ran out (their worker stopped), per table;
+    /// set every 30 s by the long-running commands.
+    pub stale_locks: Family<TableLabels, Gauge>,
 }
 
 /// Labels of [`Metrics::counters`].
@@ -98,6 +101,12 @@ impl Metrics {
         let lag_seconds =
             Family::<TableLabels, Gauge<f64, std::sync::atomic::AtomicU64>>::default();
         let counters = Family::<CounterLabels, Counter>::default();
+        let stale_locks = Family::<TableLabels, Gauge>::default();
+        registry.register(
+            "stale_locks",
+            "Locked rows whose lease ran out (their worker stopped)",
+            stale_locks.clone(),
+        );
         registry.register(
             "events_completed",
             "Events published or processed",
@@ -156,7 +165,84 @@ impl Metrics {
             batch_latency,
             lag_seconds,
             counters,
+            stale_locks,
         }
+    }
+
+    /// Creates every series of `table` at zero, so a scrape shows every
+    /// family from the start and `rate()` / `increase()` have a baseline
+    /// (series of an event type appear with its first event; these carry
+    /// an empty `event_type`).
+    pub fn prime(&self, table: &str) {
+        let t = TableLabels {
+            table: table.to_string(),
+        };
+        let e = EventLabels {
+            table: table.to_string(),
+            event_type: String::new(),
+        };
+        let _ = self.completed.get_or_create(&e);
+        let _ = self.skipped.get_or_create(&e);
+        for kind in ["counted", "transient", "dead"] {
+            let _ = self.failed.get_or_create(&FailureLabels {
+                table: table.to_string(),
+                event_type: String::new(),
+                kind: kind.to_string(),
+            });
+        }
+        let _ = self.released.get_or_create(&t);
+        let _ = self.lease_lost.get_or_create(&t);
+        let _ = self.commit_failed.get_or_create(&t);
+        let _ = self.batch_size.get_or_create(&t);
+        let _ = self.batch_latency.get_or_create(&t);
+        let _ = self.lag_seconds.get_or_create(&t);
+        let _ = self.stale_locks.get_or_create(&t);
+        for name in ["consumed", "stored", "duplicate", "poison", "processed", "committed"] {
+            self.count(name, 0);
+        }
+    }
+
+    /// Every 30 s until the task is dropped, counts the rows whose lease ran
+    /// out in each table into [`stale_locks`](Self::stale_locks).
+    pub fn watch_stale_locks(
+        self: &Arc<Self>,
+        store: crate::store::AnyStore,
+    ) -> tokio::task::JoinHandle<()> {
+        use crate::store::MaintenanceStore;
+        let metrics = self.clone();
+        tokio::spawn(async move {
+            loop {
+                for (table, n) in [
+                    (
+                        "outbox",
+                        store
+                            .outbox()
+                            .count_stale_locks(std::time::Duration::ZERO)
+                            .await,
+                    ),
+                    (
+                        "inbox",
+                        store
+                            .inbox()
+                            .count_stale_locks(std::time::Duration::ZERO)
+                            .await,
+                    ),
+                ] {
+                    match n {
+                        Ok(n) => {
+                            metrics
+                                .stale_locks
+                                .get_or_create(&TableLabels {
+                                    table: table.to_string(),
+                                })
+                                .set(i64::try_from(n).unwrap_or(i64::MAX));
+                        }
+                        Err(e) => tracing::debug!(error = %e, "could not count stale locks"),
+                    }
+                }
+                tokio::time::sleep(std::time::Duration::from_secs(30)).await;
+            }
+        })
     }
 
     /// Increments a [`counters`](Self::counters) entry.

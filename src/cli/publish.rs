@@ -121,6 +121,7 @@ pub async fn run_publish(args: PublishArgs, ctx: &Context) -> Result<ExitStatus>
     options.lease = lease;
     options.commit_retry_for = lease / 2;
     let metrics = Arc::new(Metrics::new());
+    metrics.prime("outbox");
     let publish = relay::PublishOptions {
         timeout: args.publish_timeout,
         transient_delay: options.transient_delay,
@@ -134,7 +135,10 @@ pub async fn run_publish(args: PublishArgs, ctx: &Context) -> Result<ExitStatus>
     }
     let processor = builder.build();
     let _metrics_server = match args.metrics_addr {
-        Some(addr) => Some(omnibox::metrics::serve(addr, metrics.clone()).await?),
+        Some(addr) => Some((
+            omnibox::metrics::serve(addr, metrics.clone()).await?,
+            metrics.watch_stale_locks(store.clone()),
+        )),
         None => None,
     };
     let mode = if args.once {

@@ -197,6 +197,7 @@ pub async fn run(args: ConsumeArgs, ctx: &Context) -> Result<ExitStatus> {
         Ack::ExactlyOnce => AckStrategy::ExactlyOnce,
     };
     let metrics = Arc::new(Metrics::new());
+    metrics.prime("inbox");
     let describe = omnibox::inbox::Source::describe(&source);
     let mut consumer =
         InboxConsumer::new(source, store.inbox(), handler, options).metrics(metrics.clone());
@@ -216,7 +217,10 @@ pub async fn run(args: ConsumeArgs, ctx: &Context) -> Result<ExitStatus> {
         consumer = consumer.dead_letter(Arc::new(sink), topic.clone());
     }
     let _server = match args.metrics_addr {
-        Some(addr) => Some(omnibox::metrics::serve(addr, metrics).await?),
+        Some(addr) => Some((
+            omnibox::metrics::serve(addr, metrics.clone()).await?,
+            metrics.watch_stale_locks(store.clone()),
+        )),
         None => None,
     };
     if !ctx.quiet && !args.once {

@@ -90,6 +90,7 @@ pub async fn run(args: ProcessArgs, ctx: &Context) -> Result<ExitStatus> {
     options.lease = lease;
     options.commit_retry_for = lease / 2;
     let metrics = Arc::new(Metrics::new());
+    metrics.prime("inbox");
     let step = HandlerStep::new(handler, args.concurrency as usize, args.handler.timeout);
     let mut builder = ProcessorBuilder::new(store.inbox(), step, options)
         .job("inbox_processor")
@@ -111,7 +112,10 @@ pub async fn run(args: ProcessArgs, ctx: &Context) -> Result<ExitStatus> {
     }
     let processor = builder.build();
     let _server = match args.metrics_addr {
-        Some(addr) => Some(omnibox::metrics::serve(addr, metrics).await?),
+        Some(addr) => Some((
+            omnibox::metrics::serve(addr, metrics.clone()).await?,
+            metrics.watch_stale_locks(store.clone()),
+        )),
         None => None,
     };
     let mode = if args.once {
