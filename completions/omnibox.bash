@@ -1005,7 +1005,7 @@ _omnibox() {
             return 0
             ;;
         omnibox__subcmd__inbox__subcmd__consume)
-            opts="-X -v -q -h -V --from --topic --group --once --follow --ack --commit-on --exec --webhook --timeout --batch --max-attempts --transient-limit --lease --dlq-topic --dlq-broker --worker-id --metrics-addr --database-url --schema --config --format --color --log-format --verbose --quiet --dedup-window --help --version"
+            opts="-X -v -q -h -V --from --topic --group --once --follow --ack --commit-on --exec --webhook --timeout --batch --max-attempts --transient-limit --lease --dlq-topic --dlq-broker --worker-id --outage-limit --metrics-addr --database-url --schema --config --format --color --log-format --verbose --quiet --dedup-window --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -1072,6 +1072,10 @@ _omnibox() {
                     return 0
                     ;;
                 --worker-id)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --outage-limit)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
@@ -1171,7 +1175,7 @@ _omnibox() {
             return 0
             ;;
         omnibox__subcmd__inbox__subcmd__process)
-            opts="-v -q -h -V --exec --webhook --timeout --batch --concurrency --once --worker-id --lease --dlq-topic --dlq-broker --poll-interval --metrics-addr --database-url --schema --config --format --color --log-format --verbose --quiet --dedup-window --help --version"
+            opts="-v -q -h -V --exec --webhook --timeout --batch --concurrency --once --worker-id --lease --dlq-topic --dlq-broker --poll-interval --outage-limit --metrics-addr --database-url --schema --config --format --color --log-format --verbose --quiet --dedup-window --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -1214,6 +1218,10 @@ _omnibox() {
                     return 0
                     ;;
                 --poll-interval)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --outage-limit)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
@@ -1373,7 +1381,7 @@ _omnibox() {
             return 0
             ;;
         omnibox__subcmd__publish)
-            opts="-X -v -q -h -V --broker --batch --once --worker-id --lease --publish-timeout --dlq-topic --limit --topic-unavailable-limit --poll-interval --metrics-addr --database-url --schema --config --format --color --log-format --verbose --quiet --dedup-window --help --version"
+            opts="-X -v -q -h -V --broker --batch --once --worker-id --lease --publish-timeout --dlq-topic --limit --topic-unavailable-limit --poll-interval --outage-limit --metrics-addr --database-url --schema --config --format --color --log-format --verbose --quiet --dedup-window --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -1416,6 +1424,10 @@ _omnibox() {
                     return 0
                     ;;
                 --poll-interval)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --outage-limit)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;

@@ -114,6 +114,7 @@ complete -c omnibox -n "__fish_omnibox_using_subcommand publish" -l dlq-topic -d
 complete -c omnibox -n "__fish_omnibox_using_subcommand publish" -l limit -d 'Stop after claiming this many events (whole batches), e.g. to drain a backlog in chunks' -r
 complete -c omnibox -n "__fish_omnibox_using_subcommand publish" -l topic-unavailable-limit -d 'How long a topic may stay unavailable (unknown, no leader) before its events spend attempts' -r
 complete -c omnibox -n "__fish_omnibox_using_subcommand publish" -l poll-interval -d 'Longest idle wait between polls when nothing is due' -r
+complete -c omnibox -n "__fish_omnibox_using_subcommand publish" -l outage-limit -d 'With --once: give up (exit 1) when the database stays unreachable this long; a running one waits however long' -r
 complete -c omnibox -n "__fish_omnibox_using_subcommand publish" -l metrics-addr -d 'Serve Prometheus metrics on this address, e.g. 127.0.0.1:9898' -r
 complete -c omnibox -n "__fish_omnibox_using_subcommand publish" -l database-url -d 'Database URL: sqlite://PATH or postgres://USER:PASS@HOST/DB [default: sqlite://omnibox.db]' -r
 complete -c omnibox -n "__fish_omnibox_using_subcommand publish" -l schema -d 'PostgreSQL schema that holds the tables (created by `migrate`)' -r
@@ -168,6 +169,7 @@ complete -c omnibox -n "__fish_omnibox_using_subcommand inbox; and __fish_seen_s
 complete -c omnibox -n "__fish_omnibox_using_subcommand inbox; and __fish_seen_subcommand_from consume" -l dlq-topic -d 'Also write poison messages and rows that end up failed to this topic' -r
 complete -c omnibox -n "__fish_omnibox_using_subcommand inbox; and __fish_seen_subcommand_from consume" -l dlq-broker -d 'Where the DLQ topic lives [default: the Kafka source\'s brokers, else file:omnibox-dlq.jsonl]' -r
 complete -c omnibox -n "__fish_omnibox_using_subcommand inbox; and __fish_seen_subcommand_from consume" -l worker-id -d 'This consumer\'s id [default: HOST:PID]' -r
+complete -c omnibox -n "__fish_omnibox_using_subcommand inbox; and __fish_seen_subcommand_from consume" -l outage-limit -d 'With --once: give up (exit 1) when the database stays unreachable this long; a running one waits however long' -r
 complete -c omnibox -n "__fish_omnibox_using_subcommand inbox; and __fish_seen_subcommand_from consume" -l metrics-addr -d 'Serve Prometheus metrics on this address' -r
 complete -c omnibox -n "__fish_omnibox_using_subcommand inbox; and __fish_seen_subcommand_from consume" -l database-url -d 'Database URL: sqlite://PATH or postgres://USER:PASS@HOST/DB [default: sqlite://omnibox.db]' -r
 complete -c omnibox -n "__fish_omnibox_using_subcommand inbox; and __fish_seen_subcommand_from consume" -l schema -d 'PostgreSQL schema that holds the tables (created by `migrate`)' -r
@@ -196,6 +198,7 @@ complete -c omnibox -n "__fish_omnibox_using_subcommand inbox; and __fish_seen_s
 complete -c omnibox -n "__fish_omnibox_using_subcommand inbox; and __fish_seen_subcommand_from process" -l dlq-topic -d 'Also write rows that end up failed to this topic' -r
 complete -c omnibox -n "__fish_omnibox_using_subcommand inbox; and __fish_seen_subcommand_from process" -l dlq-broker -d 'Where the DLQ topic lives [default: file:omnibox-dlq.jsonl]' -r
 complete -c omnibox -n "__fish_omnibox_using_subcommand inbox; and __fish_seen_subcommand_from process" -l poll-interval -d 'Longest idle wait between polls when nothing is due' -r
+complete -c omnibox -n "__fish_omnibox_using_subcommand inbox; and __fish_seen_subcommand_from process" -l outage-limit -d 'With --once: give up (exit 1) when the database stays unreachable this long; a running one waits however long' -r
 complete -c omnibox -n "__fish_omnibox_using_subcommand inbox; and __fish_seen_subcommand_from process" -l metrics-addr -d 'Serve Prometheus metrics on this address' -r
 complete -c omnibox -n "__fish_omnibox_using_subcommand inbox; and __fish_seen_subcommand_from process" -l database-url -d 'Database URL: sqlite://PATH or postgres://USER:PASS@HOST/DB [default: sqlite://omnibox.db]' -r
 complete -c omnibox -n "__fish_omnibox_using_subcommand inbox; and __fish_seen_subcommand_from process" -l schema -d 'PostgreSQL schema that holds the tables (created by `migrate`)' -r

@@ -11,6 +11,12 @@
 #       the data is thrown away); --durable keeps PostgreSQL's defaults (benchmarks).
 #   scripts/postgres.sh stop [--dir DIR]
 #       stops the server started by `start` (by the PID in DIR) and removes DIR.
+#   scripts/postgres.sh halt [--port P] [--mode fast|immediate|smart]
+#       stops the server, keeping its data (an outage, for the restart tests)
+#   scripts/postgres.sh resume [--port P]
+#       starts a halted server again with its options; prints its new PID
+#   scripts/postgres.sh restart [--port P] [--mode fast|immediate]
+#       halt, then resume
 #
 # Progress goes to stderr; only the export lines go to stdout.
 set -euo pipefail
@@ -20,9 +26,11 @@ shift || true
 PORT=54329
 DIR=""
 DURABLE=0
+MODE=fast
 while [ $# -gt 0 ]; do
   case "$1" in
     --port) PORT=$2; shift 2 ;;
+    --mode) MODE=$2; shift 2 ;;
     --dir) DIR=$2; shift 2 ;;
     --durable) DURABLE=1; shift ;;
     *) echo "postgres.sh: unknown option $1" >&2; exit 2 ;;
@@ -83,6 +91,7 @@ start() {
   if [ "$DURABLE" = 0 ]; then
     opts="$opts -c fsync=off -c synchronous_commit=off -c full_page_writes=off"
   fi
+  echo "$opts" > "$DIR/opts"
   as_postgres "$bin/pg_ctl" -D "$DIR/data" -l "$DIR/server.log" -o "$opts" -w -t 60 start >&2 \
     || { cat "$DIR/server.log" >&2; exit 1; }
   local pid
@@ -109,8 +118,29 @@ stop() {
   rm -rf "$DIR"
 }
 
+halt() {
+  local bin
+  bin=$(pg_bin)
+  case "$MODE" in fast|immediate|smart) ;; *) log "--mode is fast, immediate or smart"; exit 2 ;; esac
+  as_postgres "$bin/pg_ctl" -D "$DIR/data" -m "$MODE" -w -t 60 stop >&2
+  log "halted PostgreSQL on port $PORT ($MODE); data kept in $DIR"
+}
+
+resume() {
+  local bin pid
+  bin=$(pg_bin)
+  as_postgres "$bin/pg_ctl" -D "$DIR/data" -l "$DIR/server.log" -o "$(cat "$DIR/opts")" -w -t 60 start >&2 \
+    || { tail -20 "$DIR/server.log" >&2; exit 1; }
+  pid=$(head -1 "$DIR/data/postmaster.pid")
+  log "resumed PostgreSQL on port $PORT (pid $pid)"
+  echo "export OMNIBOX_TEST_PG_PID=$pid"
+}
+
 case "$cmd" in
   start) start ;;
   stop) stop ;;
-  *) echo "usage: scripts/postgres.sh start|stop [--port P] [--dir D] [--durable]" >&2; exit 2 ;;
+  halt) halt ;;
+  resume) resume ;;
+  restart) halt; resume ;;
+  *) echo "usage: scripts/postgres.sh start|stop|halt|resume|restart [--port P] [--dir D] [--durable] [--mode M]" >&2; exit 2 ;;
 esac

@@ -110,6 +110,10 @@ pub enum Error {
     #[error("{0}")]
     Config(String),
 
+    /// The database stayed unreachable past a run's bound (`--outage-limit`).
+    #[error("{0}")]
+    Outage(String),
+
     /// The message broker failed at run time (reading, committing offsets,
     /// seeking): what was committed stays, the rest is delivered again.
     #[error("{0}")]
@@ -179,6 +183,33 @@ impl Error {
             self,
             Error::StorageConnection { .. } | Error::StorageTimeout(_)
         )
+    }
+
+    /// True when the database went away (restart, network, pool exhausted
+    /// by an outage) rather than refused the statement: the work is retried
+    /// once it is back, and nothing of the failed transaction was applied.
+    pub fn is_outage(&self) -> bool {
+        match self {
+            Error::StorageConnection { .. }
+            | Error::StorageTimeout(_)
+            | Error::StorageTransaction(_)
+            | Error::Outage(_) => true,
+            Error::Storage(e) => is_shutdown_error(e),
+            Error::InboxPersist { source, .. } => source.is_outage(),
+            _ => false,
+        }
+    }
+}
+
+/// A server error sent while PostgreSQL shuts down or restarts
+/// (admin_shutdown, crash_shutdown, cannot_connect_now, ...).
+fn is_shutdown_error(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::Database(db) => db
+            .code()
+            .is_some_and(|c| c.starts_with("57P") || c.starts_with("08")),
+        sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed => true,
+        _ => false,
     }
 }
 

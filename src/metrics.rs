@@ -197,7 +197,14 @@ impl Metrics {
         let _ = self.batch_latency.get_or_create(&t);
         let _ = self.lag_seconds.get_or_create(&t);
         let _ = self.stale_locks.get_or_create(&t);
-        for name in ["consumed", "stored", "duplicate", "poison", "processed", "committed"] {
+        for name in [
+            "consumed",
+            "stored",
+            "duplicate",
+            "poison",
+            "processed",
+            "committed",
+        ] {
             self.count(name, 0);
         }
     }

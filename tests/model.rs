@@ -275,6 +275,7 @@ fn spawn_relay(
             idle_max: Duration::from_millis(20),
             contention_limit: Duration::from_secs(20),
             max_rows: None,
+            outage_limit: Duration::from_secs(20),
         };
         run(&p, &opts, shutdown, &mut Sleep, |_| {})
             .await

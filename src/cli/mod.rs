@@ -183,6 +183,9 @@ impl Context {
         let opts = StoreOptions {
             schema: self.settings.schema.clone(),
             max_connections: None,
+            // Every statement of every command is bounded: a maintenance
+            // query stuck behind a lock fails instead of hanging a cron job.
+            statement_timeout: Some(STATEMENT_TIMEOUT),
         };
         tracing::debug!(url = %redact_url(&self.settings.database_url), "connecting");
         Ok(AnyStore::connect(&self.settings.database_url, &opts).await?)
@@ -323,6 +326,9 @@ fn use_color(choice: ColorChoice) -> bool {
     }
 }
 
+/// The longest any statement of the CLI may run (PostgreSQL).
+const STATEMENT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(300);
+
 /// stderr for log lines, with URLs' credentials and secret parameters
 /// masked (omnibox::redact::text), whatever a log line carries.
 struct RedactingStderr;
@@ -357,10 +363,12 @@ fn init_logging(global: &GlobalArgs) {
         .filter(|s| !s.trim().is_empty())
         .and_then(|s| EnvFilter::try_new(s).ok())
         .unwrap_or_else(|| {
-            // librdkafka reports every failed connection attempt; the relay says what matters itself.
+            // librdkafka reports every failed connection attempt, and sqlx
+            // every notice of a server going down and every slow pool wait:
+            // omnibox says what matters itself (once per outage).
             let kafka = if global.verbose >= 2 { level } else { "off" };
             EnvFilter::new(format!(
-                "{level},sqlx=warn,librdkafka={kafka},rdkafka={kafka}"
+                "{level},sqlx=error,librdkafka={kafka},rdkafka={kafka}"
             ))
         });
     let builder = tracing_subscriber::fmt()

@@ -81,6 +81,9 @@ pub struct PublishArgs {
     /// Longest idle wait between polls when nothing is due
     #[arg(long, allow_hyphen_values = true, default_value = "1s", value_parser = args::duration, value_name = "DURATION")]
     poll_interval: Duration,
+    /// With --once: give up (exit 1) when the database stays unreachable this long; a running one waits however long
+    #[arg(long, allow_hyphen_values = true, default_value = "60s", value_parser = args::duration, value_name = "DURATION")]
+    outage_limit: Duration,
     /// Serve Prometheus metrics on this address, e.g. 127.0.0.1:9898
     #[arg(long, value_name = "ADDR")]
     metrics_addr: Option<SocketAddr>,
@@ -150,6 +153,7 @@ pub async fn run_publish(args: PublishArgs, ctx: &Context) -> Result<ExitStatus>
         mode,
         idle_max: args.poll_interval,
         max_rows: args.limit,
+        outage_limit: args.outage_limit,
         ..RunOptions::default()
     };
     if !ctx.quiet && mode == RunMode::Watch {

@@ -90,6 +90,9 @@ pub struct ConsumeOptions {
     /// while the batch is handled, so it bounds only how long a consumer
     /// that died holds its rows.
     pub lease: Duration,
+    /// A `once` run gives up (with an error) when the database has been
+    /// unreachable this long; a running consumer waits for it however long.
+    pub outage_limit: Duration,
 }
 
 impl ConsumeOptions {
@@ -107,6 +110,7 @@ impl ConsumeOptions {
             backoff: Backoff::default(),
             transient_limit: DEFAULT_TRANSIENT_LIMIT,
             lease: DEFAULT_CONSUMER_LEASE,
+            outage_limit: Duration::from_secs(60),
         }
     }
 }
@@ -281,7 +285,8 @@ impl<S: Source, H: Handler> InboxConsumer<S, H> {
                 Err(e) => return Err(e),
             };
             if !polled.messages.is_empty() {
-                self.consume_batch(&polled.messages, &mut report).await?;
+                self.consume_through_outages(&polled.messages, &mut report, once, &mut shutdown)
+                    .await?;
             }
             if polled.end && once && polled.messages.is_empty() {
                 break;
@@ -294,6 +299,62 @@ impl<S: Source, H: Handler> InboxConsumer<S, H> {
             0.0
         };
         Ok(report)
+    }
+
+    /// [`consume_batch`](Self::consume_batch), again and again while the
+    /// database is unreachable (a restart, a network cut): the batch's
+    /// transaction rolled back, nothing was committed to the source, so the
+    /// same messages are stored once it is back. One warning per outage, not
+    /// one per retry. A `once` run gives up after `outage_limit`; a shutdown
+    /// during an outage ends the run with the error (the messages are
+    /// delivered again to the next run).
+    async fn consume_through_outages(
+        &mut self,
+        messages: &[RawMessage],
+        report: &mut ConsumeReport,
+        once: bool,
+        shutdown: &mut watch::Receiver<bool>,
+    ) -> Result<()> {
+        let mut outage: Option<Instant> = None;
+        let mut attempt = 0u32;
+        loop {
+            let before = report.clone();
+            match self.consume_batch(messages, report).await {
+                Ok(()) => {
+                    if let Some(since) = outage {
+                        tracing::warn!(
+                            down_for_ms = since.elapsed().as_millis() as u64,
+                            "the database is back; consuming again"
+                        );
+                    }
+                    return Ok(());
+                }
+                Err(e) if e.is_outage() => {
+                    *report = before;
+                    let since = *outage.get_or_insert_with(|| {
+                        tracing::warn!(
+                            error = %e,
+                            "the database cannot be reached; the batch in hand is stored once it is back (retrying; logged once per outage)"
+                        );
+                        Instant::now()
+                    });
+                    if once && since.elapsed() >= self.options.outage_limit {
+                        return Err(Error::Outage(format!(
+                            "the database was unreachable for {}s (--outage-limit); nothing of the batch in hand was stored or committed: {e}",
+                            since.elapsed().as_secs()
+                        )));
+                    }
+                    attempt += 1;
+                    let wait = Duration::from_millis(100 * 2u64.pow(attempt.min(6)))
+                        .min(Duration::from_secs(5));
+                    tokio::select! {
+                        _ = tokio::time::sleep(wait) => {}
+                        _ = shutdown.changed() => return Err(e),
+                    }
+                }
+                Err(e) => return Err(e),
+            }
+        }
     }
 
     /// Stores one batch under the ack strategy.

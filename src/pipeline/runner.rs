@@ -46,6 +46,10 @@ pub struct RunOptions {
     /// Stop claiming once this many rows were claimed (whole batches; the
     /// batch in hand is finished). `None`: no limit.
     pub max_rows: Option<u64>,
+    /// `Once`: how long the database may stay unreachable (claims failing
+    /// for want of a connection) before the run gives up with an error. A
+    /// `Watch` run waits for it however long, with one warning per outage.
+    pub outage_limit: Duration,
 }
 
 impl Default for RunOptions {
@@ -56,6 +60,7 @@ impl Default for RunOptions {
             idle_max: Duration::from_secs(1),
             contention_limit: Duration::from_secs(60),
             max_rows: None,
+            outage_limit: Duration::from_secs(60),
         }
     }
 }
@@ -153,6 +158,7 @@ where
     let mut report = RunReport::default();
     let mut idle = options.idle_min;
     let mut claim_errors = 0u32;
+    let mut outage_since: Option<Instant> = None;
     let mut contended_since: Option<Instant> = None;
     let mut busy_streak = 0u32;
     // Up to three batches in flight (see the loop): claimed, handled, written.
@@ -255,7 +261,42 @@ where
             finish(&mut report, b);
         }
         handled = newly_handled;
+        if next.is_ok()
+            && let Some(since) = outage_since.take()
+        {
+            tracing::warn!(
+                down_for_ms = since.elapsed().as_millis() as u64,
+                "the database is back; claiming again"
+            );
+        }
         match next {
+            Err(e) if e.is_outage() => {
+                let since = *outage_since.get_or_insert_with(|| {
+                    tracing::warn!(
+                        error = %e,
+                        "the database cannot be reached; retrying until it is back (logged once per outage; rows in flight are written when it is, or retaken after their lease)"
+                    );
+                    Instant::now()
+                });
+                if options.mode == RunMode::Once && since.elapsed() >= options.outage_limit {
+                    drain(
+                        processor,
+                        &mut fetched,
+                        &mut handled,
+                        &mut report,
+                        &mut finish,
+                    )
+                    .await;
+                    return Err(crate::Error::Outage(format!(
+                        "the database was unreachable for {}s (--outage-limit): {e}",
+                        since.elapsed().as_secs()
+                    )));
+                }
+                claim_errors += 1;
+                let wait = Duration::from_millis(100 * 2u64.pow(claim_errors.min(6)))
+                    .min(Duration::from_secs(5));
+                wait_or_shutdown(&mut shutdown, wait).await;
+            }
             Ok(Fetch::Batch(f)) => {
                 claim_errors = 0;
                 idle = options.idle_min;

@@ -66,6 +66,9 @@ pub struct StoreOptions {
     pub schema: Option<String>,
     /// Pool size (PostgreSQL).
     pub max_connections: Option<u32>,
+    /// Longest a statement may run (PostgreSQL `statement_timeout`);
+    /// `None` keeps the server's setting.
+    pub statement_timeout: Option<Duration>,
 }
 
 /// Either backend.
@@ -90,6 +93,7 @@ impl AnyStore {
                 if let Some(n) = opts.max_connections {
                     pg.max_connections = n;
                 }
+                pg.statement_timeout = opts.statement_timeout;
                 Ok(AnyStore::Postgres(PgStore::connect(url, &pg).await?))
             }
             Backend::Sqlite => {

@@ -104,6 +104,9 @@ pub struct ConsumeArgs {
     /// This consumer's id [default: HOST:PID]
     #[arg(long, value_name = "ID", value_parser = args::worker)]
     worker_id: Option<WorkerId>,
+    /// With --once: give up (exit 1) when the database stays unreachable this long; a running one waits however long
+    #[arg(long, allow_hyphen_values = true, default_value = "60s", value_parser = args::duration, value_name = "DURATION")]
+    outage_limit: Duration,
     /// Serve Prometheus metrics on this address
     #[arg(long, value_name = "ADDR")]
     metrics_addr: Option<SocketAddr>,
@@ -188,6 +191,7 @@ pub async fn run(args: ConsumeArgs, ctx: &Context) -> Result<ExitStatus> {
         .into());
     }
     options.lease = args.lease;
+    options.outage_limit = args.outage_limit;
     options.ack = match args.ack {
         Ack::AtMostOnce => AckStrategy::AtMostOnce,
         Ack::AtLeastOnce => AckStrategy::AtLeastOnce(match args.commit_on {

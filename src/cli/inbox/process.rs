@@ -58,6 +58,9 @@ pub struct ProcessArgs {
     /// Longest idle wait between polls when nothing is due
     #[arg(long, allow_hyphen_values = true, default_value = "1s", value_parser = args::duration, value_name = "DURATION")]
     poll_interval: Duration,
+    /// With --once: give up (exit 1) when the database stays unreachable this long; a running one waits however long
+    #[arg(long, allow_hyphen_values = true, default_value = "60s", value_parser = args::duration, value_name = "DURATION")]
+    outage_limit: Duration,
     /// Serve Prometheus metrics on this address
     #[arg(long, value_name = "ADDR")]
     metrics_addr: Option<SocketAddr>,
@@ -132,6 +135,7 @@ pub async fn run(args: ProcessArgs, ctx: &Context) -> Result<ExitStatus> {
     let run_options = RunOptions {
         mode,
         idle_max: args.poll_interval,
+        outage_limit: args.outage_limit,
         ..RunOptions::default()
     };
     let progress = if mode == RunMode::Once && !ctx.quiet && std::io::stderr().is_terminal() {

@@ -569,7 +569,12 @@ pub async fn take_inbox(
             .locked_until
             .unwrap_or(event.scheduled_at)
             .max(event.scheduled_at);
-        if free_at <= now {
+        // A row this worker holds is left from an attempt of this same
+        // consumer that failed midway (the database went away): it is free
+        // to take again (nothing of this consumer is in flight at a batch's
+        // start).
+        let own = event.locked_by.as_deref() == Some(token.worker.as_str());
+        if free_at <= now || (own && event.scheduled_at <= now) {
             takeable.push(event.id);
             out.insert(event.id, Existing::Taken(Box::new(event)));
         } else {

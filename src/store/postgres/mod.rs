@@ -49,6 +49,8 @@ pub struct PgOptions {
     pub acquire_timeout: Duration,
     /// `application_name` of the connections (default `omnibox`).
     pub application_name: Option<String>,
+    /// `statement_timeout` of the connections; `None` keeps the server's.
+    pub statement_timeout: Option<Duration>,
 }
 
 impl Default for PgOptions {
@@ -58,6 +60,7 @@ impl Default for PgOptions {
             max_connections: 10,
             acquire_timeout: Duration::from_secs(30),
             application_name: None,
+            statement_timeout: None,
         }
     }
 }
@@ -84,6 +87,10 @@ impl PgStore {
         if let Some(schema) = &opts.schema {
             check_schema_name(schema)?;
             connect = connect.options([("search_path", schema.as_str())]);
+        }
+        if let Some(t) = opts.statement_timeout {
+            let ms = t.as_millis().clamp(1, i32::MAX as u128).to_string();
+            connect = connect.options([("statement_timeout", ms.as_str())]);
         }
         connect = connect.log_statements(tracing::log::LevelFilter::Trace);
         // One direct connection first: the pool would retry a refused
