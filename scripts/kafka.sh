@@ -11,6 +11,10 @@
 #         export OMNIBOX_TEST_KAFKA_DIR=DIR OMNIBOX_TEST_TANSU=<path of the binary>
 #   scripts/kafka.sh stop [--dir DIR]
 #       stops the broker started by `start` (by its PID: TERM, then KILL) and removes DIR.
+#   scripts/kafka.sh halt [--port P]
+#       stops the broker, keeping its data (an outage, for the restart tests)
+#   scripts/kafka.sh resume [--port P]
+#       starts a halted broker again on its data; prints its new PID
 #   scripts/kafka.sh install
 #       only installs tansu.
 set -euo pipefail
@@ -70,6 +74,19 @@ start() {
     stop
   fi
   rm -rf "$DIR" && mkdir -p "$DIR"
+  launch
+  index_headers
+  log "tansu $VERSION on 127.0.0.1:$PORT (pid $(cat "$DIR/tansu.pid"), data in $DIR)"
+  echo "export OMNIBOX_TEST_BROKERS=127.0.0.1:$PORT"
+  echo "export OMNIBOX_TEST_KAFKA_PID=$(cat "$DIR/tansu.pid")"
+  echo "export OMNIBOX_TEST_KAFKA_DIR=$DIR"
+  echo "export OMNIBOX_TEST_TANSU=$bin"
+}
+
+# Starts tansu on the data in $DIR and waits until it listens.
+launch() {
+  local bin
+  bin=$(tansu_bin)
   ( cd "$DIR" && exec env -u OTEL_EXPORTER_OTLP_ENDPOINT -u SCHEMA_REGISTRY \
       "$bin" broker --listener-url "tcp://127.0.0.1:$PORT" \
                     --advertised-listener-url "tcp://127.0.0.1:$PORT" \
@@ -84,12 +101,24 @@ start() {
   if ! (exec 3<>"/dev/tcp/127.0.0.1/$PORT") 2>/dev/null; then
     cat "$DIR/tansu.log" >&2; log "the broker did not start"; exit 1
   fi
-  index_headers
-  log "tansu $VERSION on 127.0.0.1:$PORT (pid $pid, data in $DIR)"
-  echo "export OMNIBOX_TEST_BROKERS=127.0.0.1:$PORT"
-  echo "export OMNIBOX_TEST_KAFKA_PID=$pid"
-  echo "export OMNIBOX_TEST_KAFKA_DIR=$DIR"
-  echo "export OMNIBOX_TEST_TANSU=$bin"
+}
+
+halt() {
+  local pid=""
+  [ -f "$DIR/tansu.pid" ] && pid=$(cat "$DIR/tansu.pid")
+  if [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null; then
+    kill -TERM "$pid" 2>/dev/null || true
+    for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+    kill -0 "$pid" 2>/dev/null && kill -KILL "$pid" 2>/dev/null || true
+  fi
+  log "halted tansu on port $PORT; data kept in $DIR"
+}
+
+resume() {
+  mv "$DIR/tansu.log" "$DIR/tansu.log.1" 2>/dev/null || true
+  launch
+  log "resumed tansu on 127.0.0.1:$PORT (pid $(cat "$DIR/tansu.pid"))"
+  echo "export OMNIBOX_TEST_KAFKA_PID=$(cat "$DIR/tansu.pid")"
 }
 
 stop() {
@@ -107,6 +136,8 @@ stop() {
 case "$cmd" in
   start) start ;;
   stop) stop ;;
+  halt) halt ;;
+  resume) resume ;;
   install) install ;;
-  *) echo "usage: scripts/kafka.sh start|stop|install [--port P] [--dir D]" >&2; exit 2 ;;
+  *) echo "usage: scripts/kafka.sh start|stop|halt|resume|install [--port P] [--dir D]" >&2; exit 2 ;;
 esac
