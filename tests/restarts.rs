@@ -56,17 +56,37 @@ fn omnibox(dir: &Path, url: &str, args: &[&str], stdin: Option<&Path>) -> std::p
     cmd.output().unwrap()
 }
 
-fn spawn(dir: &Path, url: &str, args: &[&str], log: &str) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_omnibox"))
-        .args(args)
-        .current_dir(dir)
-        .env_clear()
-        .env("OMNIBOX_DATABASE_URL", url)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(dir.join(log)).unwrap())
-        .spawn()
-        .unwrap()
+/// A running command, killed if the test ends before stopping it.
+struct Running(Option<Child>);
+
+impl Running {
+    fn take(mut self) -> Child {
+        self.0.take().expect("taken once")
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Some(c) = &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn spawn(dir: &Path, url: &str, args: &[&str], log: &str) -> Running {
+    Running(Some(
+        Command::new(env!("CARGO_BIN_EXE_omnibox"))
+            .args(args)
+            .current_dir(dir)
+            .env_clear()
+            .env("OMNIBOX_DATABASE_URL", url)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(dir.join(log)).unwrap())
+            .spawn()
+            .unwrap(),
+    ))
 }
 
 fn lines(path: &Path) -> Vec<String> {
@@ -236,7 +256,7 @@ fn long_running_commands_survive_database_restarts() {
         ("consume", consumer),
         ("process", processor),
     ] {
-        let code = stop(child);
+        let code = stop(child.take());
         let log = std::fs::read_to_string(d.join(format!("{name}.log"))).unwrap();
         assert_eq!(code, 0, "{name} kept running and stopped cleanly:\n{log}");
         let warnings = log.matches("cannot be reached").count();
