@@ -9,6 +9,10 @@
 #         export OMNIBOX_TEST_PG_PID=<postmaster pid>  OMNIBOX_TEST_PG_DIR=DIR
 #       Without --durable the cluster runs with fsync=off (tests: fast, and
 #       the data is thrown away); --durable keeps PostgreSQL's defaults (benchmarks).
+#       --tls CERTS (a directory with ca.crt, server.crt, server.key) turns
+#       TLS on and requires it for every TCP connection; the role
+#       omnibox_cert (database omnibox) logs in with a client certificate
+#       (CN=omnibox_cert) signed by that CA.
 #   scripts/postgres.sh stop [--dir DIR]
 #       stops the server started by `start` (by the PID in DIR) and removes DIR.
 #   scripts/postgres.sh halt [--port P] [--mode fast|immediate|smart]
@@ -27,10 +31,12 @@ PORT=54329
 DIR=""
 DURABLE=0
 MODE=fast
+TLS=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --port) PORT=$2; shift 2 ;;
     --mode) MODE=$2; shift 2 ;;
+    --tls) TLS=$2; shift 2 ;;
     --dir) DIR=$2; shift 2 ;;
     --durable) DURABLE=1; shift ;;
     *) echo "postgres.sh: unknown option $1" >&2; exit 2 ;;
@@ -91,14 +97,29 @@ start() {
   if [ "$DURABLE" = 0 ]; then
     opts="$opts -c fsync=off -c synchronous_commit=off -c full_page_writes=off"
   fi
+  if [ -n "$TLS" ]; then
+    mkdir -p "$DIR/tls"
+    cp "$TLS/ca.crt" "$TLS/server.crt" "$TLS/server.key" "$DIR/tls/"
+    chmod 600 "$DIR/tls/server.key"
+    [ "$(id -u)" = 0 ] && chown -R postgres:postgres "$DIR/tls"
+    opts="$opts -c ssl=on -c ssl_cert_file=$DIR/tls/server.crt -c ssl_key_file=$DIR/tls/server.key -c ssl_ca_file=$DIR/tls/ca.crt"
+    # TLS for every TCP connection; certificate login for omnibox_cert.
+    local hba="$DIR/data/pg_hba.conf"
+    { echo "hostnossl all all 127.0.0.1/32 reject"
+      echo "hostssl omnibox omnibox_cert 127.0.0.1/32 cert"
+      cat "$hba"; } > "$hba.new"
+    mv "$hba.new" "$hba"
+    [ "$(id -u)" = 0 ] && chown postgres:postgres "$hba"
+  fi
   echo "$opts" > "$DIR/opts"
   as_postgres "$bin/pg_ctl" -D "$DIR/data" -l "$DIR/server.log" -o "$opts" -w -t 60 start >&2 \
     || { cat "$DIR/server.log" >&2; exit 1; }
   local pid
   pid=$(head -1 "$DIR/data/postmaster.pid")
-  "$bin/psql" -h 127.0.0.1 -p "$PORT" -U postgres -d postgres -v ON_ERROR_STOP=1 -q >&2 <<SQL
+  "$bin/psql" -h "$DIR" -p "$PORT" -U postgres -d postgres -v ON_ERROR_STOP=1 -q >&2 <<SQL
 CREATE ROLE omnibox LOGIN PASSWORD 'omnibox';
 CREATE DATABASE omnibox OWNER omnibox;
+CREATE ROLE omnibox_cert LOGIN IN ROLE omnibox;
 SQL
   log "PostgreSQL on 127.0.0.1:$PORT (pid $pid, data in $DIR)"
   echo "export OMNIBOX_TEST_DATABASE_URL=postgres://omnibox:omnibox@127.0.0.1:$PORT/omnibox"
