@@ -106,6 +106,14 @@ complete -c omnibox -n "__fish_omnibox_using_subcommand enqueue" -s h -l help -d
 complete -c omnibox -n "__fish_omnibox_using_subcommand enqueue" -s V -l version -d 'Print version'
 complete -c omnibox -n "__fish_omnibox_using_subcommand publish" -l broker -d 'Where to publish: kafka://HOST:PORT[,HOST:PORT], file:PATH, stdout or null [default: file:omnibox-events.jsonl]' -r
 complete -c omnibox -n "__fish_omnibox_using_subcommand publish" -s X -d 'A librdkafka property for the producer (repeatable), e.g. -X linger.ms=20' -r
+complete -c omnibox -n "__fish_omnibox_using_subcommand publish" -l kafka-tls-ca -d 'Kafka over TLS, verifying the brokers with this CA certificate (PEM)' -r -F
+complete -c omnibox -n "__fish_omnibox_using_subcommand publish" -l kafka-tls-cert -d 'A client certificate for Kafka (PEM; with --kafka-tls-key)' -r -F
+complete -c omnibox -n "__fish_omnibox_using_subcommand publish" -l kafka-tls-key -d 'The client certificate\'s key (PEM)' -r -F
+complete -c omnibox -n "__fish_omnibox_using_subcommand publish" -l kafka-sasl-mechanism -d 'SASL authentication with Kafka (password from --kafka-sasl-password-file or OMNIBOX_KAFKA_SASL_PASSWORD)' -r -f -a "PLAIN\t''
+SCRAM-SHA-256\t''
+SCRAM-SHA-512\t''"
+complete -c omnibox -n "__fish_omnibox_using_subcommand publish" -l kafka-sasl-username -d 'The SASL user name' -r
+complete -c omnibox -n "__fish_omnibox_using_subcommand publish" -l kafka-sasl-password-file -d 'A file holding the SASL password (its first line)' -r -F
 complete -c omnibox -n "__fish_omnibox_using_subcommand publish" -l batch -d 'Events per claim' -r
 complete -c omnibox -n "__fish_omnibox_using_subcommand publish" -l worker-id -d 'This relay\'s id in locked_by [default: HOST:PID]' -r
 complete -c omnibox -n "__fish_omnibox_using_subcommand publish" -l lease -d 'Lease of a claim: a relay that dies leaves its rows to others after this long (extended while a batch is in flight) [default: OMNIBOX_LEASE, lease in omnibox.toml, or 5m]' -r
@@ -154,6 +162,14 @@ complete -c omnibox -n "__fish_omnibox_using_subcommand inbox; and __fish_seen_s
 complete -c omnibox -n "__fish_omnibox_using_subcommand inbox; and __fish_seen_subcommand_from consume" -l topic -d 'Kafka topic to consume (repeatable)' -r
 complete -c omnibox -n "__fish_omnibox_using_subcommand inbox; and __fish_seen_subcommand_from consume" -l group -d 'Consumer group: the inbox deduplicates per group' -r
 complete -c omnibox -n "__fish_omnibox_using_subcommand inbox; and __fish_seen_subcommand_from consume" -s X -d 'A librdkafka property for the consumer (repeatable)' -r
+complete -c omnibox -n "__fish_omnibox_using_subcommand inbox; and __fish_seen_subcommand_from consume" -l kafka-tls-ca -d 'Kafka over TLS, verifying the brokers with this CA certificate (PEM)' -r -F
+complete -c omnibox -n "__fish_omnibox_using_subcommand inbox; and __fish_seen_subcommand_from consume" -l kafka-tls-cert -d 'A client certificate for Kafka (PEM; with --kafka-tls-key)' -r -F
+complete -c omnibox -n "__fish_omnibox_using_subcommand inbox; and __fish_seen_subcommand_from consume" -l kafka-tls-key -d 'The client certificate\'s key (PEM)' -r -F
+complete -c omnibox -n "__fish_omnibox_using_subcommand inbox; and __fish_seen_subcommand_from consume" -l kafka-sasl-mechanism -d 'SASL authentication with Kafka (password from --kafka-sasl-password-file or OMNIBOX_KAFKA_SASL_PASSWORD)' -r -f -a "PLAIN\t''
+SCRAM-SHA-256\t''
+SCRAM-SHA-512\t''"
+complete -c omnibox -n "__fish_omnibox_using_subcommand inbox; and __fish_seen_subcommand_from consume" -l kafka-sasl-username -d 'The SASL user name' -r
+complete -c omnibox -n "__fish_omnibox_using_subcommand inbox; and __fish_seen_subcommand_from consume" -l kafka-sasl-password-file -d 'A file holding the SASL password (its first line)' -r -F
 complete -c omnibox -n "__fish_omnibox_using_subcommand inbox; and __fish_seen_subcommand_from consume" -l ack -d 'When offsets are committed' -r -f -a "at-most-once\t''
 at-least-once\t''
 exactly-once\t''"
@@ -261,6 +277,14 @@ complete -c omnibox -n "__fish_omnibox_using_subcommand status" -s V -l version 
 complete -c omnibox -n "__fish_omnibox_using_subcommand doctor" -l broker -d 'Check this broker [default: the configured broker (OMNIBOX_BROKER, broker in omnibox.toml)]' -r
 complete -c omnibox -n "__fish_omnibox_using_subcommand doctor" -l max-pending-age -d 'Warn when the oldest due pending event is older than this' -r
 complete -c omnibox -n "__fish_omnibox_using_subcommand doctor" -s X -d 'A librdkafka property for the broker check (repeatable)' -r
+complete -c omnibox -n "__fish_omnibox_using_subcommand doctor" -l kafka-tls-ca -d 'Kafka over TLS, verifying the brokers with this CA certificate (PEM)' -r -F
+complete -c omnibox -n "__fish_omnibox_using_subcommand doctor" -l kafka-tls-cert -d 'A client certificate for Kafka (PEM; with --kafka-tls-key)' -r -F
+complete -c omnibox -n "__fish_omnibox_using_subcommand doctor" -l kafka-tls-key -d 'The client certificate\'s key (PEM)' -r -F
+complete -c omnibox -n "__fish_omnibox_using_subcommand doctor" -l kafka-sasl-mechanism -d 'SASL authentication with Kafka (password from --kafka-sasl-password-file or OMNIBOX_KAFKA_SASL_PASSWORD)' -r -f -a "PLAIN\t''
+SCRAM-SHA-256\t''
+SCRAM-SHA-512\t''"
+complete -c omnibox -n "__fish_omnibox_using_subcommand doctor" -l kafka-sasl-username -d 'The SASL user name' -r
+complete -c omnibox -n "__fish_omnibox_using_subcommand doctor" -l kafka-sasl-password-file -d 'A file holding the SASL password (its first line)' -r -F
 complete -c omnibox -n "__fish_omnibox_using_subcommand doctor" -l database-url -d 'Database URL: sqlite://PATH or postgres://USER:PASS@HOST/DB [default: sqlite://omnibox.db]' -r
 complete -c omnibox -n "__fish_omnibox_using_subcommand doctor" -l schema -d 'PostgreSQL schema that holds the tables (created by `migrate`)' -r
 complete -c omnibox -n "__fish_omnibox_using_subcommand doctor" -l config -d 'Configuration file [default: ./omnibox.toml when present]' -r -F

@@ -1025,3 +1025,63 @@ fn status_watch_reports_rates_until_stopped() {
     assert!(inserted > 0.0, "{reports:?}");
     assert_eq!(reports.last().unwrap()["tables"][0]["pending"], 20);
 }
+
+/// Kafka TLS/SASL shortcuts: a missing file or password is exit 2 before
+/// anything runs, and the password is never printed.
+#[test]
+fn kafka_security_flags_are_checked_and_the_password_stays_hidden() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let r = run(
+        d,
+        &[
+            "publish",
+            "--once",
+            "--broker",
+            "kafka://127.0.0.1:1",
+            "--kafka-tls-ca",
+            "nope.pem",
+        ],
+    );
+    assert_eq!(r.code, 2, "{}", r.render());
+    assert!(r.stderr.contains("--kafka-tls-ca nope.pem"), "{}", r.stderr);
+    let r = run(
+        d,
+        &[
+            "publish",
+            "--once",
+            "--broker",
+            "kafka://127.0.0.1:1",
+            "--kafka-sasl-mechanism",
+            "SCRAM-SHA-512",
+            "--kafka-sasl-username",
+            "relay",
+        ],
+    );
+    assert_eq!(r.code, 2, "{}", r.render());
+    assert!(
+        r.stderr.contains("OMNIBOX_KAFKA_SASL_PASSWORD"),
+        "{}",
+        r.stderr
+    );
+    assert_eq!(run(d, &["migrate", "-q"]).code, 0);
+    let r = omnibox(
+        d,
+        &[
+            "doctor",
+            "-vv",
+            "--format",
+            "json",
+            "--broker",
+            "kafka://127.0.0.1:1",
+            "--kafka-sasl-mechanism",
+            "PLAIN",
+            "--kafka-sasl-username",
+            "relay",
+        ],
+        None,
+        &[("OMNIBOX_KAFKA_SASL_PASSWORD", "hunter2-sasl")],
+    );
+    assert!(!r.stdout.contains("hunter2-sasl") && !r.stderr.contains("hunter2-sasl"));
+    assert!(r.stdout.contains("\"broker\""), "{}", r.render());
+}

@@ -37,6 +37,8 @@ pub struct DoctorArgs {
     /// A librdkafka property for the broker check (repeatable)
     #[arg(short = 'X', value_name = "KEY=VALUE", value_parser = args::property)]
     properties: Vec<(String, String)>,
+    #[command(flatten)]
+    kafka_security: super::kafka_security::KafkaSecurityArgs,
 }
 
 /// The outcome of one check.
@@ -631,6 +633,16 @@ async fn broker_check(store: &AnyStore, args: &DoctorArgs, ctx: &Context) -> Che
         Err(e) => return err_check("broker", e),
     };
     let mut properties = ctx.settings.kafka_properties.clone();
+    match args.kafka_security.properties() {
+        Ok(p) => properties.extend(p),
+        Err(e) => {
+            return fail(
+                "broker",
+                e.0,
+                "fix the --kafka-tls-* / --kafka-sasl-* flags",
+            );
+        }
+    }
     properties.extend(args.properties.iter().cloned());
     let shown = omnibox::redact::url(&url);
     let metadata =

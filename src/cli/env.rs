@@ -22,3 +22,6 @@ pub const BROKER: &str = "OMNIBOX_BROKER";
 pub const DEDUP_WINDOW: &str = "OMNIBOX_DEDUP_WINDOW";
 /// The lease relays and `inbox process` take (`--lease`, file `lease`); default 5m.
 pub const LEASE: &str = "OMNIBOX_LEASE";
+/// The Kafka SASL password (`--kafka-sasl-mechanism`), when no
+/// `--kafka-sasl-password-file` is given.
+pub const KAFKA_SASL_PASSWORD: &str = "OMNIBOX_KAFKA_SASL_PASSWORD";

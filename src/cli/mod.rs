@@ -20,6 +20,7 @@ mod enqueue;
 mod env;
 mod failures;
 mod inbox;
+mod kafka_security;
 mod list;
 mod migrate;
 mod output;

@@ -54,6 +54,8 @@ pub struct PublishArgs {
     /// A librdkafka property for the producer (repeatable), e.g. -X linger.ms=20
     #[arg(short = 'X', value_name = "KEY=VALUE", value_parser = args::property)]
     properties: Vec<(String, String)>,
+    #[command(flatten)]
+    kafka_security: crate::cli::kafka_security::KafkaSecurityArgs,
     /// Events per claim
     #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..=100_000))]
     batch: u32,
@@ -96,6 +98,7 @@ pub async fn run_publish(args: PublishArgs, ctx: &Context) -> Result<ExitStatus>
         .or_else(|| ctx.settings.broker.clone())
         .unwrap_or_else(|| relay::sink::DEFAULT_BROKER_URL.to_string());
     let mut properties = ctx.settings.kafka_properties.clone();
+    properties.extend(args.kafka_security.properties()?);
     properties.extend(args.properties.iter().cloned());
     let sink = Arc::new(AnySink::from_url(
         &broker,

@@ -67,6 +67,8 @@ pub struct ConsumeArgs {
     /// A librdkafka property for the consumer (repeatable)
     #[arg(short = 'X', value_name = "KEY=VALUE", value_parser = args::property)]
     properties: Vec<(String, String)>,
+    #[command(flatten)]
+    kafka_security: crate::cli::kafka_security::KafkaSecurityArgs,
     /// Stop at the end of the input (file) or once caught up with the end of every partition (Kafka)
     #[arg(long)]
     once: bool,
@@ -136,6 +138,7 @@ pub async fn run(args: ConsumeArgs, ctx: &Context) -> Result<ExitStatus> {
             .unwrap_or_else(|| omnibox::relay::sink::DEFAULT_BROKER_URL.to_string())
     });
     let mut properties = ctx.settings.kafka_properties.clone();
+    properties.extend(args.kafka_security.properties()?);
     properties.extend(args.properties.iter().cloned());
     let source = if let Some(brokers) = from.strip_prefix("kafka://") {
         if args.topics.is_empty() {
