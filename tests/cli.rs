@@ -1085,3 +1085,62 @@ fn kafka_security_flags_are_checked_and_the_password_stays_hidden() {
     assert!(!r.stdout.contains("hunter2-sasl") && !r.stderr.contains("hunter2-sasl"));
     assert!(r.stdout.contains("\"broker\""), "{}", r.render());
 }
+
+/// `inbox consume --follow` of a file its writer has not created yet waits
+/// for it (as `tail -F`) instead of failing; without --follow a missing
+/// file is exit 2.
+#[test]
+fn follow_waits_for_the_file_to_appear() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    assert_eq!(run(d, &["migrate", "-q"]).code, 0);
+    let r = run(d, &["inbox", "consume", "--from", "file:later.jsonl"]);
+    assert_eq!(r.code, 2, "{}", r.render());
+    let child = Command::new(env!("CARGO_BIN_EXE_omnibox"))
+        .args([
+            "inbox",
+            "consume",
+            "--from",
+            "file:later.jsonl",
+            "--follow",
+            "--group",
+            "g",
+        ])
+        .current_dir(d)
+        .env_clear()
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(600));
+    std::fs::write(
+        d.join("later.jsonl"),
+        "{\"topic\":\"orders\",\"key\":\"k\",\"headers\":{\"event_id\":\"m-1\"},\"value\":{\"n\":1}}\n",
+    )
+    .unwrap();
+    let started = std::time::Instant::now();
+    loop {
+        let r = run(d, &["status", "--format", "json"]);
+        let v: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+        if v["tables"][1]["pending"] == 1 {
+            break;
+        }
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(20),
+            "{}",
+            r.stdout
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

@@ -56,9 +56,25 @@ impl FileSource {
             ("stdin".into(), Box::new(tokio::io::stdin()))
         } else {
             let p = PathBuf::from(path);
-            let f = tokio::fs::File::open(&p)
-                .await
-                .map_err(|e| Error::Config(format!("cannot open {}: {e}", p.display())))?;
+            let mut waited = false;
+            let f = loop {
+                match tokio::fs::File::open(&p).await {
+                    Ok(f) => break f,
+                    // Following a file its writer has not created yet (a
+                    // consumer started before the relay): wait for it, as
+                    // `tail -F` does.
+                    Err(e) if follow && e.kind() == std::io::ErrorKind::NotFound => {
+                        if !waited {
+                            tracing::warn!(path = %p.display(), "the file does not exist yet; waiting for it to appear");
+                            waited = true;
+                        }
+                        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+                    }
+                    Err(e) => {
+                        return Err(Error::Config(format!("cannot open {}: {e}", p.display())));
+                    }
+                }
+            };
             (format!("file:{}", p.display()), Box::new(f))
         };
         Ok(FileSource {
