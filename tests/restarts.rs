@@ -142,6 +142,10 @@ fn distinct_ids(path: &Path) -> HashSet<String> {
 }
 
 fn stop(mut child: Child) -> i32 {
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "the command stopped by itself before the end of the test"
+    );
     let _ = Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
         .status();
@@ -250,6 +254,21 @@ fn long_running_commands_survive_database_restarts() {
     wait_for(d, "300 handled", Duration::from_secs(90), || {
         lines(&handled).iter().collect::<HashSet<_>>().len() >= 300
     });
+    // Rows whose results could not be written during the outage are
+    // handled again once their lease (10 s) runs out: wait for the table.
+    wait_for(
+        d,
+        "every row completed and unlocked",
+        Duration::from_secs(90),
+        || {
+            let status = omnibox(d, &url, &["status", "--format", "json"], None);
+            let v: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap_or_default();
+            v["tables"][0]["completed"] == 300
+                && v["tables"][1]["completed"] == 300
+                && v["tables"][0]["locked"] == 0
+                && v["tables"][1]["locked"] == 0
+        },
+    );
 
     for (name, child) in [
         ("publish", relay),
@@ -258,7 +277,14 @@ fn long_running_commands_survive_database_restarts() {
     ] {
         let code = stop(child.take());
         let log = std::fs::read_to_string(d.join(format!("{name}.log"))).unwrap();
-        assert_eq!(code, 0, "{name} kept running and stopped cleanly:\n{log}");
+        // It kept running to the end; exit 1 is the documented answer when
+        // a batch's results could not be written during the outage (its
+        // rows were handled again after their lease: checked below).
+        let abandoned_write = log.contains("cannot write the results after retrying");
+        assert!(
+            code == 0 || (code == 1 && abandoned_write),
+            "{name} stopped with {code}:\n{log}"
+        );
         let warnings = log.matches("cannot be reached").count();
         assert!(
             !log.contains("terminating connection"),
