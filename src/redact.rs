@@ -27,6 +27,30 @@ pub fn url(url: &str) -> String {
     params(&masked)
 }
 
+/// [`url`], with every query value masked too (a webhook's token may travel
+/// in any parameter) and the fragment dropped:
+/// `https://u:***@h/p?token=***&flag`.
+pub fn url_and_query(u: &str) -> String {
+    let (u, _) = u.split_once('#').unwrap_or((u, ""));
+    let (base, query) = match u.split_once('?') {
+        Some((b, q)) => (b, Some(q)),
+        None => (u, None),
+    };
+    let mut out = url(base);
+    if let Some(q) = query {
+        out.push('?');
+        let masked: Vec<String> = q
+            .split('&')
+            .map(|kv| match kv.split_once('=') {
+                Some((k, _)) => format!("{k}=***"),
+                None => kv.to_string(),
+            })
+            .collect();
+        out.push_str(&masked.join("&"));
+    }
+    out
+}
+
 /// Keys whose values are masked wherever `key=value` appears.
 fn secret_key(key: &str) -> bool {
     let k = key.to_ascii_lowercase();

@@ -264,43 +264,11 @@ impl std::fmt::Debug for WebhookHandler {
     }
 }
 
-/// A URL for messages: the password of its user info and the values of its
-/// query string are masked (`https://u:***@h/p?token=***`), and a fragment
-/// is dropped. Works on any text (no parsing that could fail and leave the
-/// secret in place).
+/// A webhook URL for messages: the password of its user info and the
+/// values of its query string are masked (`https://u:***@h/p?token=***`),
+/// and a fragment is dropped ([`crate::redact::url_and_query`]).
 pub fn redact_http_url(url: &str) -> String {
-    let (url, _) = url.split_once('#').unwrap_or((url, ""));
-    let (base, query) = match url.split_once('?') {
-        Some((b, q)) => (b, Some(q)),
-        None => (url, None),
-    };
-    let mut out = match base.find("://") {
-        // Everything between `://` and the last `@` is user info: a
-        // password may hold `/`, so the authority's end cannot be trusted.
-        Some(i) => {
-            let rest = &base[i + 3..];
-            match rest.rfind('@') {
-                Some(at) => {
-                    let user = rest[..at].split([':', '/']).next().unwrap_or("");
-                    format!("{}://{user}:***{}", &base[..i], &rest[at..])
-                }
-                None => base.to_string(),
-            }
-        }
-        None => base.to_string(),
-    };
-    if let Some(q) = query {
-        out.push('?');
-        let masked: Vec<String> = q
-            .split('&')
-            .map(|kv| match kv.split_once('=') {
-                Some((k, _)) => format!("{k}=***"),
-                None => kv.to_string(),
-            })
-            .collect();
-        out.push_str(&masked.join("&"));
-    }
-    out
+    crate::redact::url_and_query(url)
 }
 
 impl WebhookHandler {

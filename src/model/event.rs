@@ -90,6 +90,14 @@ impl Table {
             Table::Inbox => "inbox",
         }
     }
+
+    /// The SQL table: `outbox_events` or `inbox_events`.
+    pub fn sql_name(self) -> &'static str {
+        match self {
+            Table::Outbox => "outbox_events",
+            Table::Inbox => "inbox_events",
+        }
+    }
 }
 
 impl fmt::Display for Table {

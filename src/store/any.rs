@@ -399,10 +399,7 @@ impl<R: PgRoute + SqliteRoute> AnyTable<R> {
     /// gaps aside) and the rows completed after `since` (by the completion
     /// index, so cheap on any table size).
     pub async fn progress(&self, since: crate::model::Timestamp) -> Result<(i64, u64)> {
-        let t = match R::TABLE {
-            crate::model::Table::Outbox => "outbox_events",
-            crate::model::Table::Inbox => "inbox_events",
-        };
+        let t = R::TABLE.sql_name();
         let row: (Option<i64>, i64) = match self {
             AnyTable::Postgres(p) => {
                 sqlx::query_as(sqlx::AssertSqlSafe(format!(

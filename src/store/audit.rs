@@ -117,10 +117,7 @@ impl AnyStore {
         mut entry: AuditEntry,
     ) -> Result<Vec<Uuid>> {
         check(&entry)?;
-        let t = match table {
-            Table::Outbox => "outbox_events",
-            Table::Inbox => "inbox_events",
-        };
+        let t = table.sql_name();
         entry.table = Some(table.to_string());
         match self {
             AnyStore::Postgres(s) => {

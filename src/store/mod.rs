@@ -433,6 +433,39 @@ pub enum Existing {
     Wait(crate::model::Timestamp),
 }
 
+/// Sorts existing pending inbox rows met again into those to take now and
+/// those to wait for (see [`Existing`]); returns the ids to lock for
+/// `token` with the map. `now` is the database's clock.
+pub(crate) fn sort_existing(
+    rows: Vec<crate::model::InboxEvent>,
+    token: &ClaimToken,
+    now: Timestamp,
+) -> (Vec<Uuid>, HashMap<Uuid, Existing>) {
+    let mut out = HashMap::with_capacity(rows.len());
+    let mut takeable = Vec::new();
+    for mut event in rows {
+        let free_at = event
+            .locked_until
+            .unwrap_or(event.scheduled_at)
+            .max(event.scheduled_at);
+        // A row this worker holds is left from an attempt of this same
+        // consumer that failed midway (the database went away): it is free
+        // to take again (nothing of this consumer is in flight at a batch's
+        // start).
+        let own = event.locked_by.as_deref() == Some(token.worker.as_str());
+        if free_at <= now || (own && event.scheduled_at <= now) {
+            event.locked_at = Some(token.locked_at);
+            event.locked_by = Some(token.worker.as_str().to_string());
+            event.locked_until = Some(token.locked_at + crate::domain::chrono_dur(token.lease));
+            takeable.push(event.id);
+            out.insert(event.id, Existing::Taken(Box::new(event)));
+        } else {
+            out.insert(event.id, Existing::Wait(free_at));
+        }
+    }
+    (takeable, out)
+}
+
 /// The result of one element of a bulk create.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 pub struct BulkOutcome {

@@ -552,7 +552,6 @@ pub async fn take_inbox(
     ids: &[Uuid],
     token: &crate::store::ClaimToken,
 ) -> Result<HashMap<Uuid, crate::store::Existing>> {
-    use crate::store::Existing;
     let rows = sqlx::query(
         "SELECT *, now() AS db_now FROM inbox_events WHERE id = ANY($1) AND status = 'pending' FOR UPDATE",
     )
@@ -560,36 +559,17 @@ pub async fn take_inbox(
     .fetch_all(&mut *conn)
     .await
     .map_err(storage)?;
-    let mut out = HashMap::with_capacity(rows.len());
-    let mut takeable = Vec::new();
-    for r in &rows {
-        let event: InboxEvent = decode(r)?;
-        let now: Timestamp = r.try_get("db_now").map_err(storage)?;
-        let free_at = event
-            .locked_until
-            .unwrap_or(event.scheduled_at)
-            .max(event.scheduled_at);
-        // A row this worker holds is left from an attempt of this same
-        // consumer that failed midway (the database went away): it is free
-        // to take again (nothing of this consumer is in flight at a batch's
-        // start).
-        let own = event.locked_by.as_deref() == Some(token.worker.as_str());
-        if free_at <= now || (own && event.scheduled_at <= now) {
-            takeable.push(event.id);
-            out.insert(event.id, Existing::Taken(Box::new(event)));
-        } else {
-            out.insert(event.id, Existing::Wait(free_at));
-        }
-    }
+    let now: Timestamp = match rows.first() {
+        Some(r) => r.try_get("db_now").map_err(storage)?,
+        None => return Ok(HashMap::new()),
+    };
+    let events = rows
+        .iter()
+        .map(decode)
+        .collect::<Result<Vec<InboxEvent>>>()?;
+    let (takeable, out) = crate::store::sort_existing(events, token, now);
     if !takeable.is_empty() {
         lock_inbox(conn, &takeable, token).await?;
-        for id in &takeable {
-            if let Some(Existing::Taken(e)) = out.get_mut(id) {
-                e.locked_at = Some(token.locked_at);
-                e.locked_by = Some(token.worker.as_str().to_string());
-                e.locked_until = Some(token.locked_at + crate::domain::chrono_dur(token.lease));
-            }
-        }
     }
     Ok(out)
 }

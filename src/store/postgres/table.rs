@@ -525,10 +525,7 @@ impl<R: PgRoute> MaintenanceStore<R> for PgTable<R> {
     }
 
     async fn failed_errors(&self) -> Result<Vec<crate::store::FailedErrors>> {
-        let t = match R::TABLE {
-            crate::model::Table::Outbox => "outbox_events",
-            crate::model::Table::Inbox => "inbox_events",
-        };
+        let t = R::TABLE.sql_name();
         let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
             "SELECT event_type, last_error, count(*) AS n, min(updated_at) AS first_seen,
                     max(updated_at) AS last_seen, min(id::text)::uuid AS sample_id
@@ -563,10 +560,7 @@ const EXACT_COUNT_BELOW: f64 = 1_000_000.0;
 /// less those, flagged as an estimate. A table estimated under a million
 /// rows (or never analyzed) is counted exactly.
 pub(crate) async fn status_counts<R: PgRoute>(table: &PgTable<R>) -> Result<TableCounts> {
-    let t = match R::TABLE {
-        crate::model::Table::Outbox => "outbox_events",
-        crate::model::Table::Inbox => "inbox_events",
-    };
+    let t = R::TABLE.sql_name();
     let estimate: Option<f32> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
         "SELECT reltuples FROM pg_class WHERE oid = to_regclass('{t}')"
     )))

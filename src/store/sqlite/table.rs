@@ -546,10 +546,7 @@ impl<R: SqliteRoute> MaintenanceStore<R> for SqliteTable<R> {
     }
 
     async fn failed_errors(&self) -> Result<Vec<crate::store::FailedErrors>> {
-        let t = match R::TABLE {
-            crate::model::Table::Outbox => "outbox_events",
-            crate::model::Table::Inbox => "inbox_events",
-        };
+        let t = R::TABLE.sql_name();
         let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
             "SELECT event_type, last_error, count(*) AS n, min(updated_at) AS first_seen,
                     max(updated_at) AS last_seen, min(id) AS sample_id
@@ -812,7 +809,6 @@ pub async fn take_inbox(
     ids: &[Uuid],
     token: &ClaimToken,
 ) -> Result<std::collections::HashMap<Uuid, crate::store::Existing>> {
-    use crate::store::Existing;
     let rows = sqlx::query(
         "SELECT * FROM inbox_events WHERE id IN (SELECT value FROM json_each(?1)) AND status = 'pending'",
     )
@@ -820,36 +816,13 @@ pub async fn take_inbox(
     .fetch_all(&mut *conn)
     .await
     .map_err(storage)?;
-    let now = time::now();
-    let mut out = std::collections::HashMap::with_capacity(rows.len());
-    let mut takeable = Vec::new();
-    for r in &rows {
-        let event: InboxEvent = decode(r)?;
-        let free_at = event
-            .locked_until
-            .unwrap_or(event.scheduled_at)
-            .max(event.scheduled_at);
-        // A row this worker holds is left from an attempt of this same
-        // consumer that failed midway (the database went away): it is free
-        // to take again (nothing of this consumer is in flight at a batch's
-        // start).
-        let own = event.locked_by.as_deref() == Some(token.worker.as_str());
-        if free_at <= now || (own && event.scheduled_at <= now) {
-            takeable.push(event.id);
-            out.insert(event.id, Existing::Taken(Box::new(event)));
-        } else {
-            out.insert(event.id, Existing::Wait(free_at));
-        }
-    }
+    let events = rows
+        .iter()
+        .map(decode)
+        .collect::<Result<Vec<InboxEvent>>>()?;
+    let (takeable, out) = crate::store::sort_existing(events, token, time::now());
     if !takeable.is_empty() {
         lock_inbox(conn, &takeable, token).await?;
-        for id in &takeable {
-            if let Some(Existing::Taken(e)) = out.get_mut(id) {
-                e.locked_at = Some(token.locked_at);
-                e.locked_by = Some(token.worker.as_str().to_string());
-                e.locked_until = Some(token.locked_at + chrono_dur(token.lease));
-            }
-        }
     }
     Ok(out)
 }
