@@ -297,3 +297,110 @@ async fn broker_down_for_30_seconds_spends_no_attempts() {
         assert!(ids.contains(&e.id().to_string()), "lost {}", e.id());
     }
 }
+
+/// A relay whose producer was connected before the broker restarted keeps
+/// publishing after it: the producer state the broker lost is not taken for
+/// silence, no attempt is spent, nothing is lost, one warning per outage.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connected_relay_continues_after_a_broker_restart() {
+    let Some(mut tansu) = Tansu::start().await else {
+        return;
+    };
+    let Some((db, schema)) = pg().await else {
+        return;
+    };
+    let brokers = tansu.brokers();
+    let topic = topic_name("restart");
+    create_topic(&brokers, &topic, 2).await;
+    let before = events(&topic, 500, 10);
+    let outbox = db.store.outbox();
+    outbox.create_many(&before).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let broker = format!("kafka://{brokers}");
+    let relay = publish(
+        dir.path(),
+        &db,
+        &schema,
+        &[
+            "--broker",
+            &broker,
+            "--batch",
+            "200",
+            "--publish-timeout",
+            "5s",
+            "--poll-interval",
+            "200ms",
+            "-v",
+        ],
+    )
+    .stderr(std::fs::File::create(dir.path().join("relay.log")).unwrap())
+    .spawn()
+    .unwrap();
+    let log = dir.path().join("relay.log");
+    let wait_completed = |n: u64, limit: Duration| {
+        let outbox = outbox.clone();
+        let log = log.clone();
+        async move {
+            let deadline = Instant::now() + limit;
+            loop {
+                let c = outbox.counts().await.unwrap();
+                if c.completed >= n {
+                    return;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "{n} not completed in {limit:?}: {c:?}\n{}",
+                    std::fs::read_to_string(&log).unwrap_or_default()
+                );
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    };
+    // The producer is connected and has its producer id.
+    wait_completed(500, Duration::from_secs(60)).await;
+    tansu.stop();
+    let during = events(&topic, 300, 10);
+    outbox.create_many(&during).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    tansu.start_again().await;
+    let after = events(&topic, 2000, 10);
+    outbox.create_many(&after).await.unwrap();
+    let restarted = Instant::now();
+    wait_completed(2800, Duration::from_secs(90)).await;
+    eprintln!("delivered after the restart in {:?}", restarted.elapsed());
+    let status = Command::new("kill")
+        .arg("-TERM")
+        .arg(relay.id().to_string())
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let out = relay.wait_with_output().unwrap();
+    let stderr = std::fs::read_to_string(&log).unwrap();
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    let rows = outbox
+        .list(&omnibox::ListFilter {
+            limit: Some(5000),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert!(
+        rows.iter().all(|e| e.attempts_made() == 0),
+        "the restart spent attempts"
+    );
+    assert_eq!(outbox.counts().await.unwrap().locked, 0);
+    eprintln!("{stderr}");
+    let warnings: Vec<&str> = stderr.lines().filter(|l| l.contains("WARN")).collect();
+    assert_eq!(warnings.len(), 1, "one warning per outage:\n{stderr}");
+    assert!(
+        warnings[0].contains("downstream not answering")
+            && warnings[0].contains("no Kafka broker reachable"),
+        "the warning says why:\n{stderr}"
+    );
+    assert!(stderr.contains("downstream answering again"), "{stderr}");
+    let got = consume(&brokers, &topic, 2800, Duration::from_secs(90)).await;
+    let ids: HashSet<String> = got.iter().map(|m| m.headers["event_id"].clone()).collect();
+    for e in before.iter().chain(&during).chain(&after) {
+        assert!(ids.contains(&e.id().to_string()), "lost {}", e.id());
+    }
+}

@@ -19,13 +19,18 @@ use tokio::sync::watch;
 
 /// Produces `n` distinct messages plus a repeat of every other one.
 async fn produce(brokers: &str, topic: &str, n: usize) -> usize {
+    produce_from(brokers, topic, 0, n).await
+}
+
+/// As [`produce`], ids from `evt-{from}`.
+async fn produce_from(brokers: &str, topic: &str, from: usize, n: usize) -> usize {
     let producer: FutureProducer = ClientConfig::new()
         .set("bootstrap.servers", brokers)
         .set("acks", "all")
         .create()
         .unwrap();
     let mut sent = 0;
-    for i in (0..n).chain((0..n).step_by(2)) {
+    for i in (from..from + n).chain((from..from + n).step_by(2)) {
         let id = format!("evt-{i}");
         let headers = OwnedHeaders::new()
             .insert(Header {
@@ -299,5 +304,110 @@ async fn kafka_slow_handler_keeps_the_group_membership() {
     assert_eq!(
         r.consumed, 0,
         "the slow batch's offsets were committed: {r:?}"
+    );
+}
+
+/// A long-running `omnibox inbox consume` from Kafka keeps going through a
+/// broker restart: every message handled once, one warning for the outage,
+/// a clean exit on SIGTERM.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_consume_survives_a_broker_restart() {
+    let Some(mut tansu) = common::tansu::Tansu::start().await else {
+        return;
+    };
+    let Some(db) = common::postgres().await else {
+        return;
+    };
+    let brokers = tansu.brokers();
+    let topic = format!(
+        "restart-{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..10]
+    );
+    common::tansu::create_topic(&brokers, &topic, 2).await;
+    assert_eq!(produce_from(&brokers, &topic, 0, 100).await, 150);
+    let dir = tempfile::tempdir().unwrap();
+    let effects = dir.path().join("effects.log");
+    let log = dir.path().join("consume.log");
+    let mut consumer = Command::new(env!("CARGO_BIN_EXE_omnibox"))
+        .args([
+            "inbox",
+            "consume",
+            "--from",
+            &format!("kafka://{brokers}"),
+            "--topic",
+            &topic,
+            "--group",
+            "audit",
+            "-v",
+        ])
+        .args([
+            "--exec",
+            &format!("echo $OMNIBOX_MESSAGE_ID >> {}", effects.display()),
+        ])
+        .current_dir(dir.path())
+        .env_clear()
+        .env("OMNIBOX_DATABASE_URL", &db.url)
+        .env("OMNIBOX_DATABASE_SCHEMA", db.schema())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let handled = || {
+        std::fs::read_to_string(&effects)
+            .unwrap_or_default()
+            .lines()
+            .map(str::to_string)
+            .collect::<Vec<_>>()
+    };
+    let wait = |n: usize, what: &str| {
+        let deadline = std::time::Instant::now() + Duration::from_secs(90);
+        while handled().len() < n {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{what}: {} of {n} handled\n{}",
+                handled().len(),
+                std::fs::read_to_string(&log).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    };
+    wait(100, "before the restart");
+    tansu.stop();
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    tansu.start_again().await;
+    assert_eq!(produce_from(&brokers, &topic, 100, 100).await, 150);
+    wait(200, "after the restart");
+    // Nothing more arrives (the repeats are duplicates).
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let ids = handled();
+    let distinct: std::collections::HashSet<&String> = ids.iter().collect();
+    assert_eq!(
+        (ids.len(), distinct.len()),
+        (200, 200),
+        "each message handled once"
+    );
+    let status = Command::new("kill")
+        .arg("-TERM")
+        .arg(consumer.id().to_string())
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let code = consumer.wait().unwrap().code();
+    let stderr = std::fs::read_to_string(&log).unwrap();
+    assert_eq!(code, Some(0), "{stderr}");
+    eprintln!("{stderr}");
+    let warnings = stderr
+        .lines()
+        .filter(|l| l.contains("WARN") || l.contains("ERROR"))
+        .count();
+    assert!(
+        warnings <= 1,
+        "at most one warning for the outage:\n{stderr}"
+    );
+    let counts = db.store.inbox().counts().await.unwrap();
+    assert_eq!(
+        (counts.completed, counts.pending, counts.locked),
+        (200, 0, 0)
     );
 }

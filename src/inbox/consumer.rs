@@ -246,6 +246,10 @@ impl<S: Source, H: Handler> InboxConsumer<S, H> {
         let started = Instant::now();
         let mut report = ConsumeReport::default();
         let mut errors = 0u32;
+        // A source outage (a broker restart, say) is warned about once (at
+        // most once a minute), and its end logged.
+        let mut outage_since: Option<Instant> = None;
+        let mut warned_at: Option<Instant> = None;
         loop {
             if *shutdown.borrow() {
                 break;
@@ -273,12 +277,27 @@ impl<S: Source, H: Handler> InboxConsumer<S, H> {
             let polled = match polled {
                 Ok(p) => {
                     errors = 0;
+                    // Messages, or an answer about the end: it answers again.
+                    if (!p.messages.is_empty() || p.end)
+                        && let Some(since) = outage_since.take()
+                    {
+                        tracing::info!(
+                            after_s = since.elapsed().as_secs(),
+                            "the source answers again"
+                        );
+                    }
                     p
                 }
                 Err(e) if !once => {
                     errors += 1;
-                    let wait = Duration::from_millis(100 * 2u64.pow(errors.min(6)));
-                    tracing::error!(error = %e, retry_in_ms = wait.as_millis() as u64, "reading the source failed");
+                    let wait = Duration::from_millis(100 * 2u64.pow(errors.min(5)));
+                    outage_since.get_or_insert_with(Instant::now);
+                    if warned_at.is_none_or(|w| w.elapsed() >= Duration::from_secs(60)) {
+                        warned_at = Some(Instant::now());
+                        tracing::warn!(error = %e, "reading the source failed; retrying with backoff until it answers (nothing is lost: offsets are committed only after messages are stored)");
+                    } else {
+                        tracing::debug!(error = %e, retry_in_ms = wait.as_millis() as u64, "reading the source failed again");
+                    }
                     tokio::time::sleep(wait).await;
                     continue;
                 }

@@ -32,6 +32,10 @@ pub struct CircuitBreaker {
     config: CircuitConfig,
     failures: u32,
     open_until: Option<Instant>,
+    /// When the first of the consecutive failures happened, and the last
+    /// error seen.
+    since: Option<Instant>,
+    last_error: Option<String>,
 }
 
 impl CircuitBreaker {
@@ -41,12 +45,18 @@ impl CircuitBreaker {
             config,
             failures: 0,
             open_until: None,
+            since: None,
+            last_error: None,
         }
     }
 
-    /// Records a batch whose downstream did not answer.
-    pub fn record_failure(&mut self) {
+    /// Records a batch whose downstream did not answer, with why.
+    pub fn record_failure(&mut self, error: Option<&str>) {
         self.failures = self.failures.saturating_add(1);
+        self.since.get_or_insert_with(Instant::now);
+        if let Some(e) = error {
+            self.last_error = Some(e.to_string());
+        }
         if self.failures >= self.config.threshold.max(1) {
             let doublings = (self.failures - self.config.threshold.max(1)).min(16);
             let pause = self
@@ -62,6 +72,14 @@ impl CircuitBreaker {
     pub fn record_success(&mut self) {
         self.failures = 0;
         self.open_until = None;
+        self.since = None;
+        self.last_error = None;
+    }
+
+    /// The outage in progress (consecutive failures), if any: when it began
+    /// and the last error seen.
+    pub fn outage(&self) -> Option<(Instant, Option<String>)> {
+        Some((self.since?, self.last_error.clone()))
     }
 
     /// How long to wait before the next claim, if the circuit is open.
@@ -89,17 +107,19 @@ mod tests {
             max: Duration::from_secs(3),
         });
         assert!(b.pause().is_none());
-        b.record_failure();
+        b.record_failure(Some("down"));
         assert!(b.pause().is_none(), "below the threshold");
-        b.record_failure();
+        b.record_failure(Some("down"));
         let p = b.pause().unwrap();
         assert!(p > Duration::from_millis(900) && p <= Duration::from_secs(1));
-        b.record_failure();
+        b.record_failure(Some("down"));
         assert!(b.pause().unwrap() > Duration::from_millis(1900));
-        b.record_failure();
+        b.record_failure(Some("down"));
         assert!(b.pause().unwrap() <= Duration::from_secs(3), "capped");
+        assert_eq!(b.outage().unwrap().1.as_deref(), Some("down"));
         b.record_success();
         assert!(b.pause().is_none());
+        assert!(b.outage().is_none());
         assert_eq!(b.failures(), 0);
     }
 }

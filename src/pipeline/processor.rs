@@ -352,6 +352,9 @@ pub struct BatchReport {
     pub handle_time: Duration,
     /// Age of the oldest claimed event's due time.
     pub lag: Duration,
+    /// The first transient failure's error (why downstream did not take the
+    /// batch), for the outage warning.
+    pub transient_error: Option<String>,
 }
 
 impl BatchReport {
@@ -479,6 +482,15 @@ where
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .pause()
+    }
+
+    /// The downstream outage in progress (the circuit has failures), if any:
+    /// when it began and the last error seen.
+    pub fn outage(&self) -> Option<(Instant, Option<String>)> {
+        self.breaker
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .outage()
     }
 
     /// The handler step.
@@ -688,9 +700,23 @@ where
         report.lag = lag;
         {
             let mut breaker = lock(&self.breaker);
+            // One warning per downstream outage (not one per batch or
+            // pause), and one line when it ends.
             if report.all_transient() {
-                breaker.record_failure();
+                if breaker.outage().is_none() {
+                    tracing::warn!(
+                        error = report.transient_error.as_deref().unwrap_or("no answer"),
+                        "downstream not answering; pausing claims and retrying with backoff until it answers (no attempt is spent)"
+                    );
+                }
+                breaker.record_failure(report.transient_error.as_deref());
             } else if report.completed + report.skipped > 0 {
+                if let Some((since, _)) = breaker.outage() {
+                    tracing::info!(
+                        after_s = since.elapsed().as_secs(),
+                        "downstream answering again"
+                    );
+                }
                 breaker.record_success();
             }
         }
@@ -757,6 +783,9 @@ where
                     let counted = retry.is_counted();
                     if !counted {
                         report.transient += 1;
+                        if report.transient_error.is_none() {
+                            report.transient_error = Some(error.clone());
+                        }
                     }
                     errors.insert(event.id(), error.clone());
                     failures.push(Failure {

@@ -202,9 +202,10 @@ where
                 report.stopped_because = Some("the broker or handler did not answer".into());
                 break;
             }
-            tracing::warn!(
+            // The processor warned once when the outage began.
+            tracing::debug!(
                 pause_ms = pause.as_millis() as u64,
-                "downstream not answering; pausing before the next claim"
+                "downstream still not answering; pausing before the next claim"
             );
             wait_or_shutdown(&mut shutdown, pause).await;
             continue;

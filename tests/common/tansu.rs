@@ -132,6 +132,31 @@ impl Tansu {
         }
     }
 
+    /// Stops the broker as an operator would (SIGTERM, then waits).
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = Command::new("kill")
+                .arg("-TERM")
+                .arg(c.id().to_string())
+                .status();
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = c.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts a stopped broker again on the same port, with the same data.
+    pub async fn start_again(&mut self) {
+        assert!(self.child.is_none(), "the broker is running");
+        self.spawn().await;
+    }
+
     /// Starts it again on the same port, with the same data.
     pub async fn restart(&mut self) {
         self.kill();

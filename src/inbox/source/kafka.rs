@@ -277,7 +277,13 @@ impl Source for KafkaSource {
         while out.len() < max {
             match tokio::time::timeout(Duration::from_millis(2), self.consumer.recv()).await {
                 Ok(Ok(m)) => out.push(Self::to_raw(&m)),
-                Ok(Err(e)) => return Err(broker_err("cannot read from Kafka", e)),
+                // The messages read already are the consumer's now: hand
+                // them over (dropping them would let a later commit skip
+                // them); the error comes back with the next poll if lasting.
+                Ok(Err(e)) => {
+                    tracing::debug!(error = %e, "Kafka error after {} message(s) of a poll", out.len());
+                    break;
+                }
                 Err(_) => break,
             }
         }

@@ -12,13 +12,25 @@
 //! Topics: a topic not seen before is looked up in the broker's metadata
 //! before its messages are sent, so a missing topic is reported at once
 //! (and by name) instead of after the publish timeout.
+//!
+//! Outages and restarts: once librdkafka reports every broker connection
+//! down, no message is queued until a metadata request is answered again:
+//! messages queued into an outage would only time out there, and a timed-out
+//! idempotent batch makes librdkafka bump the producer epoch, which a broker
+//! that lost its producer state (a restarted one) may refuse. A batch whose
+//! messages time out while the broker is connected means the broker answers
+//! but does not take this producer's records (for example `UnknownProducerId`
+//! after a restart): the producer is built anew, with a new producer id, and
+//! the failure says so instead of reporting silence.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures_util::future::join_all;
 use rdkafka::ClientConfig;
+use rdkafka::client::ClientContext;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
@@ -27,10 +39,49 @@ use super::{Delivery, Sink};
 use crate::error::{Error, Result};
 use crate::relay::Message;
 
+/// A producer and what its context saw.
+struct Kafka {
+    producer: FutureProducer<Watch>,
+    watch: Arc<WatchState>,
+}
+
+/// The producer's context: keeps what it sees in a [`WatchState`].
+struct Watch(Arc<WatchState>);
+
+/// The producer's global errors: whether every broker connection is down,
+/// and the last error, for the outage's report.
+#[derive(Default)]
+struct WatchState {
+    down: AtomicBool,
+    last_error: Mutex<Option<String>>,
+}
+
+impl WatchState {
+    fn last_error(&self) -> Option<String> {
+        self.last_error
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+}
+
+impl ClientContext for Watch {
+    fn error(&self, error: KafkaError, reason: &str) {
+        if error.rdkafka_error_code() == Some(RDKafkaErrorCode::AllBrokersDown) {
+            self.0.down.store(true, Ordering::SeqCst);
+        }
+        // librdkafka repeats these for every reconnection attempt; the relay
+        // reports an outage once, with the last of them.
+        tracing::debug!(target: "librdkafka", error = %error, reason, "Kafka producer error");
+        *self.0.last_error.lock().unwrap_or_else(|p| p.into_inner()) =
+            Some(format!("{error}: {reason}"));
+    }
+}
+
 /// Publishes to Kafka.
 pub struct KafkaSink {
     config: ClientConfig,
-    producer: Mutex<Arc<FutureProducer>>,
+    producer: Mutex<Arc<Kafka>>,
     /// Topics the broker's metadata (or a delivery) showed to exist.
     known_topics: Mutex<HashSet<String>>,
     brokers: String,
@@ -80,34 +131,53 @@ impl KafkaSink {
 
     /// Waits for every queued message (used at shutdown).
     pub fn flush(&self, timeout: Duration) {
-        let _ = self.producer().flush(timeout);
+        let _ = self.producer().producer.flush(timeout);
     }
 
-    fn producer(&self) -> Arc<FutureProducer> {
+    fn producer(&self) -> Arc<Kafka> {
         self.producer
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone()
     }
 
-    /// After a fatal error (the gap-less guarantee, or a producer fenced by
-    /// the broker) the producer is unusable: build a new one.
-    fn renew_if_fatal(&self, used: &Arc<FutureProducer>) {
-        let Some((code, reason)) = used.client().fatal_error() else {
-            return;
-        };
+    /// Replaces `used` by a new producer (a new producer id), unless another
+    /// batch did already. Returns whether this call replaced it.
+    fn renew(&self, used: &Arc<Kafka>, why: &str) -> bool {
         let mut slot = self.producer.lock().unwrap_or_else(|p| p.into_inner());
         if !Arc::ptr_eq(&slot, used) {
-            return; // another batch renewed it already
+            return false; // another batch renewed it already
         }
         match create(&self.config) {
             Ok(fresh) => {
-                tracing::warn!(error = ?code, reason = %reason, "the Kafka producer hit a fatal error; using a new producer");
+                tracing::warn!(reason = %why, "using a new Kafka producer");
                 *slot = Arc::new(fresh);
+                true
             }
             Err(e) => {
-                tracing::error!(error = %e, "the Kafka producer hit a fatal error and a new one cannot be created")
+                tracing::error!(error = %e, reason = %why, "a new Kafka producer cannot be created; keeping the old one");
+                false
             }
+        }
+    }
+
+    /// Asks the broker for its metadata: whether any broker answers. The
+    /// error says why not.
+    async fn probe(
+        &self,
+        producer: &Arc<Kafka>,
+        timeout: Duration,
+    ) -> std::result::Result<(), String> {
+        let p = producer.clone();
+        let wait = timeout.min(Duration::from_secs(5));
+        let answer = tokio::task::spawn_blocking(move || {
+            p.producer.client().fetch_metadata(None, wait).map(|_| ())
+        })
+        .await;
+        match answer {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(producer.watch.last_error().unwrap_or_else(|| e.to_string())),
+            Err(e) => Err(e.to_string()),
         }
     }
 
@@ -116,7 +186,7 @@ impl KafkaSink {
     /// that does not answer says nothing here: the sends will tell.
     async fn check_topics(
         &self,
-        producer: &Arc<FutureProducer>,
+        producer: &Arc<Kafka>,
         messages: &[Message],
         timeout: Duration,
     ) -> HashMap<String, String> {
@@ -135,12 +205,15 @@ impl KafkaSink {
             let t = topic.clone();
             let wait = timeout.min(Duration::from_secs(5));
             let md = tokio::task::spawn_blocking(move || {
-                p.client().fetch_metadata(Some(&t), wait).map(|md| {
-                    md.topics()
-                        .iter()
-                        .find(|mt| mt.name() == t)
-                        .map(|mt| (mt.error(), mt.partitions().len()))
-                })
+                p.producer
+                    .client()
+                    .fetch_metadata(Some(&t), wait)
+                    .map(|md| {
+                        md.topics()
+                            .iter()
+                            .find(|mt| mt.name() == t)
+                            .map(|mt| (mt.error(), mt.partitions().len()))
+                    })
             })
             .await;
             match md {
@@ -173,9 +246,11 @@ impl KafkaSink {
     }
 }
 
-fn create(config: &ClientConfig) -> Result<FutureProducer> {
+fn create(config: &ClientConfig) -> Result<Kafka> {
+    let watch = Arc::new(WatchState::default());
     config
-        .create()
+        .create_with_context(Watch(watch.clone()))
+        .map(|producer| Kafka { producer, watch })
         .map_err(|e| Error::Config(format!("cannot create the Kafka producer: {e}")))
 }
 
@@ -260,6 +335,19 @@ impl Sink for KafkaSink {
 
     async fn send(&self, messages: &[Message], timeout: Duration) -> Vec<Delivery> {
         let producer = self.producer();
+        let watch = &producer.watch;
+        if watch.down.load(Ordering::SeqCst) {
+            // Queue nothing into an outage: the broker must answer first.
+            match self.probe(&producer, timeout).await {
+                Ok(()) => watch.down.store(false, Ordering::SeqCst),
+                Err(why) => {
+                    return vec![
+                        Delivery::Transient(format!("no Kafka broker reachable: {why}"));
+                        messages.len()
+                    ];
+                }
+            }
+        }
         let troubled = self.check_topics(&producer, messages, timeout).await;
         let mut out = vec![Delivery::NotSent; messages.len()];
         let mut pending = Vec::with_capacity(messages.len());
@@ -284,7 +372,7 @@ impl Sink for KafkaSink {
                 .key(m.key.as_bytes())
                 .payload(m.value.get().as_bytes())
                 .headers(headers);
-            match producer.send_result(record) {
+            match producer.producer.send_result(record) {
                 Ok(future) => pending.push((i, future)),
                 Err((e, _)) => {
                     out[i] = classify(&m.topic, &e);
@@ -296,12 +384,18 @@ impl Sink for KafkaSink {
         // guards against a report that never comes.
         let grace = timeout + Duration::from_secs(10);
         let (indexes, futures): (Vec<usize>, Vec<_>) = pending.into_iter().unzip();
+        let mut timed_out = Vec::new();
         match tokio::time::timeout(grace, join_all(futures)).await {
             Ok(reports) => {
                 for (i, report) in indexes.into_iter().zip(reports) {
                     out[i] = match report {
                         Ok(Ok(_)) => Delivery::Delivered,
-                        Ok(Err((e, _))) => classify(&messages[i].topic, &e),
+                        Ok(Err((e, _))) => {
+                            if e.rdkafka_error_code() == Some(RDKafkaErrorCode::MessageTimedOut) {
+                                timed_out.push(i);
+                            }
+                            classify(&messages[i].topic, &e)
+                        }
                         Err(_) => {
                             Delivery::Transient("the producer dropped the delivery report".into())
                         }
@@ -329,7 +423,39 @@ impl Sink for KafkaSink {
                 }
             }
         }
-        self.renew_if_fatal(&producer);
+        // A producer that stopped (the gap-less guarantee, or fenced by the
+        // broker) is unusable; one whose records time out while the broker
+        // is connected is refused by it (its producer state lost, say): use a
+        // new producer for the next batch and say what happened.
+        let renewed = if let Some((code, reason)) = producer.producer.client().fatal_error() {
+            let why = format!("the Kafka producer stopped on a fatal error ({code:?}: {reason})");
+            for d in &mut out {
+                if let Delivery::Transient(t) = d {
+                    *t = format!("{why}; a new producer takes the next batch");
+                }
+            }
+            self.renew(&producer, &why)
+        } else if !timed_out.is_empty() && !watch.down.load(Ordering::SeqCst) {
+            let why = format!(
+                "the broker is connected but acknowledged none of {} record(s) within {timeout:?}{}",
+                timed_out.len(),
+                watch
+                    .last_error()
+                    .map(|e| format!(" (last producer error: {e})"))
+                    .unwrap_or_default()
+            );
+            for &i in &timed_out {
+                out[i] = Delivery::Transient(format!("{why}; a new producer takes the next batch"));
+            }
+            self.renew(&producer, &why)
+        } else {
+            false
+        };
+        if renewed {
+            // The last handle of the old producer: dropping it flushes
+            // (purges, then waits up to 500 ms), so not on this thread.
+            tokio::task::spawn_blocking(move || drop(producer));
+        }
         out
     }
 }
