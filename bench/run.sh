@@ -6,7 +6,7 @@
 #   bench/run.sh enqueue [--events N] [--rounds R] [--keys K] [--idempotency-keys]
 #   bench/run.sh inbox [--events N] [--batch B] [--source memory|file] [--exec CMD]
 #   bench/run.sh ops [--events 10000000]
-#   bench/run.sh publish [--events N] [--backlog M] [--relays R] [--batch B] [--keys K] [--sink null|kafka]
+#   bench/run.sh publish [--events N] [--backlog M] [--relays R] [--batch B] [--keys K] [--sink null|kafka] [--otlp]
 #
 # OMNIBOX_BENCH_DATABASE_URL selects the server (e.g. the peer's
 # postgres://omnibox:omnibox@127.0.0.1:5432/omnibox?sslmode=disable, to compare

@@ -90,6 +90,10 @@ struct Args {
     /// inbox --source file: also run with this `--exec` handler
     #[arg(long, value_name = "CMD")]
     exec: Option<String>,
+    /// publish --mode process: export OpenTelemetry spans (`--otlp-endpoint`)
+    /// to an OTLP/HTTP receiver in this harness (a labelled variant)
+    #[arg(long)]
+    otlp: bool,
     /// Accepted for `cargo bench` compatibility
     #[arg(long, hide = true)]
     bench: bool,
@@ -271,6 +275,48 @@ fn report(name: &str, rates: &[f64], command: &str) {
     );
 }
 
+/// An OTLP/HTTP receiver that accepts every export (and reads it whole);
+/// returns its base URL.
+fn otlp_receiver() -> String {
+    use std::io::{BufRead, BufReader, Read};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    std::thread::spawn(move || {
+        for conn in listener.incoming().flatten() {
+            std::thread::spawn(move || {
+                let mut reader = BufReader::new(conn.try_clone().unwrap());
+                let mut conn = conn;
+                loop {
+                    let mut length = 0usize;
+                    let mut line = String::new();
+                    if reader.read_line(&mut line).unwrap_or(0) == 0 {
+                        return;
+                    }
+                    loop {
+                        let mut h = String::new();
+                        if reader.read_line(&mut h).unwrap_or(0) == 0 {
+                            return;
+                        }
+                        let h = h.trim_end().to_ascii_lowercase();
+                        if h.is_empty() {
+                            break;
+                        }
+                        if let Some(v) = h.strip_prefix("content-length:") {
+                            length = v.trim().parse().unwrap_or(0);
+                        }
+                    }
+                    let mut body = vec![0; length];
+                    if reader.read_exact(&mut body).is_err() {
+                        return;
+                    }
+                    let _ = conn.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n");
+                }
+            });
+        }
+    });
+    url
+}
+
 fn publish(args: &Args, url: &str) {
     use std::sync::Arc;
     use std::sync::atomic::{AtomicU64, Ordering};
@@ -296,8 +342,9 @@ fn publish(args: &Args, url: &str) {
         eprintln!("--sink kafka needs OMNIBOX_BENCH_BROKERS (bench/run.sh starts tansu for it)");
         std::process::exit(2);
     }
+    let otlp = args.otlp.then(otlp_receiver);
     let command = format!(
-        "bench/run.sh publish --events {} --backlog {backlog} --hot {} --relays {} --batch {} --keys {} --sink {} --mode {}{}",
+        "bench/run.sh publish --events {} --backlog {backlog} --hot {} --relays {} --batch {} --keys {} --sink {} --mode {}{}{}",
         args.events,
         args.hot,
         args.relays,
@@ -305,10 +352,11 @@ fn publish(args: &Args, url: &str) {
         args.keys,
         args.sink,
         args.mode,
-        if args.analyze { " --analyze" } else { "" }
+        if args.analyze { " --analyze" } else { "" },
+        if args.otlp { " --otlp" } else { "" }
     );
     let label = format!(
-        "{} relays, {}{}",
+        "{} relays, {}{}{}",
         args.mode,
         if args.analyze {
             "VACUUM ANALYZE before timing"
@@ -319,6 +367,11 @@ fn publish(args: &Args, url: &str) {
             format!(", hot key {} rows", args.hot)
         } else {
             String::new()
+        },
+        if args.otlp {
+            ", spans exported with OTLP/HTTP to an in-harness receiver"
+        } else {
+            ""
         }
     );
     let mut rates = Vec::new();
@@ -412,6 +465,9 @@ fn publish(args: &Args, url: &str) {
                     ];
                     if limited {
                         a.extend(["--limit", &limit]);
+                    }
+                    if let Some(endpoint) = &otlp {
+                        a.extend(["--otlp-endpoint", endpoint]);
                     }
                     Command::new(bin())
                         .args(&a)

@@ -155,7 +155,7 @@ _omnibox() {
 
     case "${cmd}" in
         omnibox)
-            opts="-v -q -h -V --database-url --schema --config --format --color --log-format --verbose --quiet --dedup-window --help --version migrate enqueue publish inbox demo status doctor list show replay failures unlock release-stale-locks cleanup audit completions generate help"
+            opts="-v -q -h -V --database-url --schema --config --format --color --log-format --verbose --quiet --dedup-window --otlp-endpoint --help --version migrate enqueue publish inbox demo status doctor list show replay failures unlock release-stale-locks cleanup audit completions generate help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 1 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -189,6 +189,10 @@ _omnibox() {
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
+                --otlp-endpoint)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
                 *)
                     COMPREPLY=()
                     ;;
@@ -197,7 +201,7 @@ _omnibox() {
             return 0
             ;;
         omnibox__subcmd__audit)
-            opts="-v -q -h -V --action --since --id --limit --database-url --schema --config --format --color --log-format --verbose --quiet --dedup-window --help --version"
+            opts="-v -q -h -V --action --since --id --limit --database-url --schema --config --format --color --log-format --verbose --quiet --dedup-window --otlp-endpoint --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -247,6 +251,10 @@ _omnibox() {
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
+                --otlp-endpoint)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
                 *)
                     COMPREPLY=()
                     ;;
@@ -255,7 +263,7 @@ _omnibox() {
             return 0
             ;;
         omnibox__subcmd__cleanup)
-            opts="-y -v -q -h -V --older-than --include-failed --failed-older-than --table --batch-size --max-iterations --audit-older-than --force --dry-run --yes --actor --database-url --schema --config --format --color --log-format --verbose --quiet --dedup-window --help --version"
+            opts="-y -v -q -h -V --older-than --include-failed --failed-older-than --table --batch-size --max-iterations --audit-older-than --force --dry-run --yes --actor --database-url --schema --config --format --color --log-format --verbose --quiet --dedup-window --otlp-endpoint --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -317,6 +325,10 @@ _omnibox() {
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
+                --otlp-endpoint)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
                 *)
                     COMPREPLY=()
                     ;;
@@ -325,7 +337,7 @@ _omnibox() {
             return 0
             ;;
         omnibox__subcmd__completions)
-            opts="-v -q -h -V --database-url --schema --config --format --color --log-format --verbose --quiet --dedup-window --help --version bash elvish fish powershell zsh"
+            opts="-v -q -h -V --database-url --schema --config --format --color --log-format --verbose --quiet --dedup-window --otlp-endpoint --help --version bash elvish fish powershell zsh"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -359,6 +371,10 @@ _omnibox() {
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
+                --otlp-endpoint)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
                 *)
                     COMPREPLY=()
                     ;;
@@ -367,7 +383,7 @@ _omnibox() {
             return 0
             ;;
         omnibox__subcmd__demo)
-            opts="-v -q -h -V --dir --events --database-url --schema --config --format --color --log-format --verbose --quiet --dedup-window --help --version"
+            opts="-v -q -h -V --dir --events --database-url --schema --config --format --color --log-format --verbose --quiet --dedup-window --otlp-endpoint --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -409,6 +425,10 @@ _omnibox() {
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
+                --otlp-endpoint)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
                 *)
                     COMPREPLY=()
                     ;;
@@ -417,7 +437,7 @@ _omnibox() {
             return 0
             ;;
         omnibox__subcmd__doctor)
-            opts="-X -v -q -h -V --broker --max-pending-age --kafka-tls-ca --kafka-tls-cert --kafka-tls-key --kafka-sasl-mechanism --kafka-sasl-username --kafka-sasl-password-file --database-url --schema --config --format --color --log-format --verbose --quiet --dedup-window --help --version"
+            opts="-X -v -q -h -V --broker --max-pending-age --kafka-tls-ca --kafka-tls-cert --kafka-tls-key --kafka-sasl-mechanism --kafka-sasl-username --kafka-sasl-password-file --database-url --schema --config --format --color --log-format --verbose --quiet --dedup-window --otlp-endpoint --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -487,6 +507,10 @@ _omnibox() {
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
+                --otlp-endpoint)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
                 *)
                     COMPREPLY=()
                     ;;
@@ -495,7 +519,7 @@ _omnibox() {
             return 0
             ;;
         omnibox__subcmd__enqueue)
-            opts="-v -q -h -V --jsonl --aggregate-type --aggregate-id --event-type --topic --partition-key --payload --header --id --idempotency-key --trace-id --correlation-id --causation-id --schema-version --max-attempts --scheduled-at --database-url --schema --config --format --color --log-format --verbose --quiet --dedup-window --help --version"
+            opts="-v -q -h -V --jsonl --aggregate-type --aggregate-id --event-type --topic --partition-key --payload --header --id --idempotency-key --trace-id --correlation-id --causation-id --schema-version --max-attempts --scheduled-at --database-url --schema --config --format --color --log-format --verbose --quiet --dedup-window --otlp-endpoint --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -593,6 +617,10 @@ _omnibox() {
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
+                --otlp-endpoint)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
                 *)
                     COMPREPLY=()
                     ;;
@@ -601,7 +629,7 @@ _omnibox() {
             return 0
             ;;
         omnibox__subcmd__failures)
-            opts="-v -q -h -V --table --database-url --schema --config --format --color --log-format --verbose --quiet --dedup-window --help --version"
+            opts="-v -q -h -V --table --database-url --schema --config --format --color --log-format --verbose --quiet --dedup-window --otlp-endpoint --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -639,6 +667,10 @@ _omnibox() {
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
+                --otlp-endpoint)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
                 *)
                     COMPREPLY=()
                     ;;
@@ -647,7 +679,7 @@ _omnibox() {
             return 0
             ;;
         omnibox__subcmd__generate)
-            opts="-v -q -h -V --out --database-url --schema --config --format --color --log-format --verbose --quiet --dedup-window --help --version"
+            opts="-v -q -h -V --out --database-url --schema --config --format --color --log-format --verbose --quiet --dedup-window --otlp-endpoint --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -682,6 +714,10 @@ _omnibox() {
                     return 0
                     ;;
                 --dedup-window)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --otlp-endpoint)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
@@ -987,7 +1023,7 @@ _omnibox() {
             return 0
             ;;
         omnibox__subcmd__inbox)
-            opts="-v -q -h -V --database-url --schema --config --format --color --log-format --verbose --quiet --dedup-window --help --version consume process help"
+            opts="-v -q -h -V --database-url --schema --config --format --color --log-format --verbose --quiet --dedup-window --otlp-endpoint --help --version consume process help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -1021,6 +1057,10 @@ _omnibox() {
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
+                --otlp-endpoint)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
                 *)
                     COMPREPLY=()
                     ;;
@@ -1029,7 +1069,7 @@ _omnibox() {
             return 0
             ;;
         omnibox__subcmd__inbox__subcmd__consume)
-            opts="-X -v -q -h -V --from --topic --group --kafka-tls-ca --kafka-tls-cert --kafka-tls-key --kafka-sasl-mechanism --kafka-sasl-username --kafka-sasl-password-file --once --follow --ack --commit-on --exec --webhook --timeout --batch --max-attempts --transient-limit --lease --dlq-topic --dlq-broker --worker-id --outage-limit --metrics-addr --database-url --schema --config --format --color --log-format --verbose --quiet --dedup-window --help --version"
+            opts="-X -v -q -h -V --from --topic --group --kafka-tls-ca --kafka-tls-cert --kafka-tls-key --kafka-sasl-mechanism --kafka-sasl-username --kafka-sasl-password-file --once --follow --ack --commit-on --exec --webhook --timeout --batch --max-attempts --transient-limit --lease --dlq-topic --dlq-broker --worker-id --outage-limit --metrics-addr --database-url --schema --config --format --color --log-format --verbose --quiet --dedup-window --otlp-endpoint --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -1159,6 +1199,10 @@ _omnibox() {
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
+                --otlp-endpoint)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
                 *)
                     COMPREPLY=()
                     ;;
@@ -1223,7 +1267,7 @@ _omnibox() {
             return 0
             ;;
         omnibox__subcmd__inbox__subcmd__process)
-            opts="-v -q -h -V --exec --webhook --timeout --batch --concurrency --once --worker-id --lease --dlq-topic --dlq-broker --poll-interval --outage-limit --metrics-addr --database-url --schema --config --format --color --log-format --verbose --quiet --dedup-window --help --version"
+            opts="-v -q -h -V --exec --webhook --timeout --batch --concurrency --once --worker-id --lease --dlq-topic --dlq-broker --poll-interval --outage-limit --metrics-addr --database-url --schema --config --format --color --log-format --verbose --quiet --dedup-window --otlp-endpoint --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -1305,6 +1349,10 @@ _omnibox() {
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
+                --otlp-endpoint)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
                 *)
                     COMPREPLY=()
                     ;;
@@ -1313,7 +1361,7 @@ _omnibox() {
             return 0
             ;;
         omnibox__subcmd__list)
-            opts="-v -q -h -V --table --status --event-type --topic --since --limit --after --locked-by --database-url --schema --config --format --color --log-format --verbose --quiet --dedup-window --help --version"
+            opts="-v -q -h -V --table --status --event-type --topic --since --limit --after --locked-by --database-url --schema --config --format --color --log-format --verbose --quiet --dedup-window --otlp-endpoint --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -1379,6 +1427,10 @@ _omnibox() {
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
+                --otlp-endpoint)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
                 *)
                     COMPREPLY=()
                     ;;
@@ -1387,7 +1439,7 @@ _omnibox() {
             return 0
             ;;
         omnibox__subcmd__migrate)
-            opts="-v -q -h -V --print-sql --database-url --schema --config --format --color --log-format --verbose --quiet --dedup-window --help --version"
+            opts="-v -q -h -V --print-sql --database-url --schema --config --format --color --log-format --verbose --quiet --dedup-window --otlp-endpoint --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -1421,6 +1473,10 @@ _omnibox() {
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
+                --otlp-endpoint)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
                 *)
                     COMPREPLY=()
                     ;;
@@ -1429,7 +1485,7 @@ _omnibox() {
             return 0
             ;;
         omnibox__subcmd__publish)
-            opts="-X -v -q -h -V --broker --kafka-tls-ca --kafka-tls-cert --kafka-tls-key --kafka-sasl-mechanism --kafka-sasl-username --kafka-sasl-password-file --batch --once --worker-id --lease --publish-timeout --dlq-topic --limit --topic-unavailable-limit --poll-interval --outage-limit --metrics-addr --database-url --schema --config --format --color --log-format --verbose --quiet --dedup-window --help --version"
+            opts="-X -v -q -h -V --broker --kafka-tls-ca --kafka-tls-cert --kafka-tls-key --kafka-sasl-mechanism --kafka-sasl-username --kafka-sasl-password-file --batch --once --worker-id --lease --publish-timeout --dlq-topic --limit --topic-unavailable-limit --poll-interval --outage-limit --metrics-addr --database-url --schema --config --format --color --log-format --verbose --quiet --dedup-window --otlp-endpoint --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -1535,6 +1591,10 @@ _omnibox() {
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
+                --otlp-endpoint)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
                 *)
                     COMPREPLY=()
                     ;;
@@ -1543,7 +1603,7 @@ _omnibox() {
             return 0
             ;;
         omnibox__subcmd__release__subcmd__stale__subcmd__locks)
-            opts="-y -v -q -h -V --older-than --table --batch-size --force --dry-run --yes --actor --database-url --schema --config --format --color --log-format --verbose --quiet --dedup-window --help --version"
+            opts="-y -v -q -h -V --older-than --table --batch-size --force --dry-run --yes --actor --database-url --schema --config --format --color --log-format --verbose --quiet --dedup-window --otlp-endpoint --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -1593,6 +1653,10 @@ _omnibox() {
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
+                --otlp-endpoint)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
                 *)
                     COMPREPLY=()
                     ;;
@@ -1601,7 +1665,7 @@ _omnibox() {
             return 0
             ;;
         omnibox__subcmd__replay)
-            opts="-y -v -q -h -V --table --id --event-type --topic --error-contains --group --since --until --all --limit --rate --reason --dry-run --yes --actor --database-url --schema --config --format --color --log-format --verbose --quiet --dedup-window --help --version"
+            opts="-y -v -q -h -V --table --id --event-type --topic --error-contains --group --since --until --all --limit --rate --reason --dry-run --yes --actor --database-url --schema --config --format --color --log-format --verbose --quiet --dedup-window --otlp-endpoint --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -1683,6 +1747,10 @@ _omnibox() {
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
+                --otlp-endpoint)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
                 *)
                     COMPREPLY=()
                     ;;
@@ -1691,7 +1759,7 @@ _omnibox() {
             return 0
             ;;
         omnibox__subcmd__show)
-            opts="-v -q -h -V --table --database-url --schema --config --format --color --log-format --verbose --quiet --dedup-window --help --version"
+            opts="-v -q -h -V --table --database-url --schema --config --format --color --log-format --verbose --quiet --dedup-window --otlp-endpoint --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -1729,6 +1797,10 @@ _omnibox() {
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
+                --otlp-endpoint)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
                 *)
                     COMPREPLY=()
                     ;;
@@ -1737,7 +1809,7 @@ _omnibox() {
             return 0
             ;;
         omnibox__subcmd__status)
-            opts="-v -q -h -V --check --max-pending-age --max-failed --max-stale-locks --stale-after --watch --interval --database-url --schema --config --format --color --log-format --verbose --quiet --dedup-window --help --version"
+            opts="-v -q -h -V --check --max-pending-age --max-failed --max-stale-locks --stale-after --watch --interval --database-url --schema --config --format --color --log-format --verbose --quiet --dedup-window --otlp-endpoint --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -1791,6 +1863,10 @@ _omnibox() {
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
+                --otlp-endpoint)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
                 *)
                     COMPREPLY=()
                     ;;
@@ -1799,7 +1875,7 @@ _omnibox() {
             return 0
             ;;
         omnibox__subcmd__unlock)
-            opts="-y -v -q -h -V --worker --reason --table --dry-run --yes --actor --database-url --schema --config --format --color --log-format --verbose --quiet --dedup-window --help --version"
+            opts="-y -v -q -h -V --worker --reason --table --dry-run --yes --actor --database-url --schema --config --format --color --log-format --verbose --quiet --dedup-window --otlp-endpoint --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -1846,6 +1922,10 @@ _omnibox() {
                     return 0
                     ;;
                 --dedup-window)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --otlp-endpoint)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;

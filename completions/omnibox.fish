@@ -1,6 +1,6 @@
 # Print an optspec for argparse to handle cmd's options that are independent of any subcommand.
 function __fish_omnibox_global_optspecs
-    string join \n database-url= schema= config= format= color= log-format= v/verbose q/quiet dedup-window= h/help V/version
+    string join \n database-url= schema= config= format= color= log-format= v/verbose q/quiet dedup-window= otlp-endpoint= h/help V/version
 end
 
 function __fish_omnibox_needs_command
@@ -35,6 +35,7 @@ never\t''"
 complete -c omnibox -n "__fish_omnibox_needs_command" -l log-format -d 'Log format on stderr' -r -f -a "text\t''
 json\t''"
 complete -c omnibox -n "__fish_omnibox_needs_command" -l dedup-window -d 'The inbox\'s deduplication window: inbox rows are kept at least this long (cleanup refuses less), so a message redelivered within it is a duplicate [default: 7d]' -r
+complete -c omnibox -n "__fish_omnibox_needs_command" -l otlp-endpoint -d 'Export OpenTelemetry spans with OTLP over HTTP to this collector (base URL; /v1/traces is added) [default: OTEL_EXPORTER_OTLP_ENDPOINT; off when neither is set]' -r
 complete -c omnibox -n "__fish_omnibox_needs_command" -s v -l verbose -d 'More logging (-v info, -vv debug, -vvv trace)'
 complete -c omnibox -n "__fish_omnibox_needs_command" -s q -l quiet -d 'Only errors on stderr'
 complete -c omnibox -n "__fish_omnibox_needs_command" -s h -l help -d 'Print help (see more with \'--help\')'
@@ -68,6 +69,7 @@ never\t''"
 complete -c omnibox -n "__fish_omnibox_using_subcommand migrate" -l log-format -d 'Log format on stderr' -r -f -a "text\t''
 json\t''"
 complete -c omnibox -n "__fish_omnibox_using_subcommand migrate" -l dedup-window -d 'The inbox\'s deduplication window: inbox rows are kept at least this long (cleanup refuses less), so a message redelivered within it is a duplicate [default: 7d]' -r
+complete -c omnibox -n "__fish_omnibox_using_subcommand migrate" -l otlp-endpoint -d 'Export OpenTelemetry spans with OTLP over HTTP to this collector (base URL; /v1/traces is added) [default: OTEL_EXPORTER_OTLP_ENDPOINT; off when neither is set]' -r
 complete -c omnibox -n "__fish_omnibox_using_subcommand migrate" -l print-sql -d 'Print the DDL for the database URL\'s backend instead of applying it (no connection is made)'
 complete -c omnibox -n "__fish_omnibox_using_subcommand migrate" -s v -l verbose -d 'More logging (-v info, -vv debug, -vvv trace)'
 complete -c omnibox -n "__fish_omnibox_using_subcommand migrate" -s q -l quiet -d 'Only errors on stderr'
@@ -100,6 +102,7 @@ never\t''"
 complete -c omnibox -n "__fish_omnibox_using_subcommand enqueue" -l log-format -d 'Log format on stderr' -r -f -a "text\t''
 json\t''"
 complete -c omnibox -n "__fish_omnibox_using_subcommand enqueue" -l dedup-window -d 'The inbox\'s deduplication window: inbox rows are kept at least this long (cleanup refuses less), so a message redelivered within it is a duplicate [default: 7d]' -r
+complete -c omnibox -n "__fish_omnibox_using_subcommand enqueue" -l otlp-endpoint -d 'Export OpenTelemetry spans with OTLP over HTTP to this collector (base URL; /v1/traces is added) [default: OTEL_EXPORTER_OTLP_ENDPOINT; off when neither is set]' -r
 complete -c omnibox -n "__fish_omnibox_using_subcommand enqueue" -s v -l verbose -d 'More logging (-v info, -vv debug, -vvv trace)'
 complete -c omnibox -n "__fish_omnibox_using_subcommand enqueue" -s q -l quiet -d 'Only errors on stderr'
 complete -c omnibox -n "__fish_omnibox_using_subcommand enqueue" -s h -l help -d 'Print help (see more with \'--help\')'
@@ -135,6 +138,7 @@ never\t''"
 complete -c omnibox -n "__fish_omnibox_using_subcommand publish" -l log-format -d 'Log format on stderr' -r -f -a "text\t''
 json\t''"
 complete -c omnibox -n "__fish_omnibox_using_subcommand publish" -l dedup-window -d 'The inbox\'s deduplication window: inbox rows are kept at least this long (cleanup refuses less), so a message redelivered within it is a duplicate [default: 7d]' -r
+complete -c omnibox -n "__fish_omnibox_using_subcommand publish" -l otlp-endpoint -d 'Export OpenTelemetry spans with OTLP over HTTP to this collector (base URL; /v1/traces is added) [default: OTEL_EXPORTER_OTLP_ENDPOINT; off when neither is set]' -r
 complete -c omnibox -n "__fish_omnibox_using_subcommand publish" -l once -d 'Publish what is due, then exit (for jobs and cron)'
 complete -c omnibox -n "__fish_omnibox_using_subcommand publish" -s v -l verbose -d 'More logging (-v info, -vv debug, -vvv trace)'
 complete -c omnibox -n "__fish_omnibox_using_subcommand publish" -s q -l quiet -d 'Only errors on stderr'
@@ -151,6 +155,7 @@ never\t''"
 complete -c omnibox -n "__fish_omnibox_using_subcommand inbox; and not __fish_seen_subcommand_from consume process help" -l log-format -d 'Log format on stderr' -r -f -a "text\t''
 json\t''"
 complete -c omnibox -n "__fish_omnibox_using_subcommand inbox; and not __fish_seen_subcommand_from consume process help" -l dedup-window -d 'The inbox\'s deduplication window: inbox rows are kept at least this long (cleanup refuses less), so a message redelivered within it is a duplicate [default: 7d]' -r
+complete -c omnibox -n "__fish_omnibox_using_subcommand inbox; and not __fish_seen_subcommand_from consume process help" -l otlp-endpoint -d 'Export OpenTelemetry spans with OTLP over HTTP to this collector (base URL; /v1/traces is added) [default: OTEL_EXPORTER_OTLP_ENDPOINT; off when neither is set]' -r
 complete -c omnibox -n "__fish_omnibox_using_subcommand inbox; and not __fish_seen_subcommand_from consume process help" -s v -l verbose -d 'More logging (-v info, -vv debug, -vvv trace)'
 complete -c omnibox -n "__fish_omnibox_using_subcommand inbox; and not __fish_seen_subcommand_from consume process help" -s q -l quiet -d 'Only errors on stderr'
 complete -c omnibox -n "__fish_omnibox_using_subcommand inbox; and not __fish_seen_subcommand_from consume process help" -s h -l help -d 'Print help (see more with \'--help\')'
@@ -198,6 +203,7 @@ never\t''"
 complete -c omnibox -n "__fish_omnibox_using_subcommand inbox; and __fish_seen_subcommand_from consume" -l log-format -d 'Log format on stderr' -r -f -a "text\t''
 json\t''"
 complete -c omnibox -n "__fish_omnibox_using_subcommand inbox; and __fish_seen_subcommand_from consume" -l dedup-window -d 'The inbox\'s deduplication window: inbox rows are kept at least this long (cleanup refuses less), so a message redelivered within it is a duplicate [default: 7d]' -r
+complete -c omnibox -n "__fish_omnibox_using_subcommand inbox; and __fish_seen_subcommand_from consume" -l otlp-endpoint -d 'Export OpenTelemetry spans with OTLP over HTTP to this collector (base URL; /v1/traces is added) [default: OTEL_EXPORTER_OTLP_ENDPOINT; off when neither is set]' -r
 complete -c omnibox -n "__fish_omnibox_using_subcommand inbox; and __fish_seen_subcommand_from consume" -l once -d 'Stop at the end of the input (file) or once caught up with the end of every partition (Kafka)'
 complete -c omnibox -n "__fish_omnibox_using_subcommand inbox; and __fish_seen_subcommand_from consume" -l follow -d 'File source: keep reading as the file grows'
 complete -c omnibox -n "__fish_omnibox_using_subcommand inbox; and __fish_seen_subcommand_from consume" -s v -l verbose -d 'More logging (-v info, -vv debug, -vvv trace)'
@@ -227,6 +233,7 @@ never\t''"
 complete -c omnibox -n "__fish_omnibox_using_subcommand inbox; and __fish_seen_subcommand_from process" -l log-format -d 'Log format on stderr' -r -f -a "text\t''
 json\t''"
 complete -c omnibox -n "__fish_omnibox_using_subcommand inbox; and __fish_seen_subcommand_from process" -l dedup-window -d 'The inbox\'s deduplication window: inbox rows are kept at least this long (cleanup refuses less), so a message redelivered within it is a duplicate [default: 7d]' -r
+complete -c omnibox -n "__fish_omnibox_using_subcommand inbox; and __fish_seen_subcommand_from process" -l otlp-endpoint -d 'Export OpenTelemetry spans with OTLP over HTTP to this collector (base URL; /v1/traces is added) [default: OTEL_EXPORTER_OTLP_ENDPOINT; off when neither is set]' -r
 complete -c omnibox -n "__fish_omnibox_using_subcommand inbox; and __fish_seen_subcommand_from process" -l once -d 'Process what is due, then exit'
 complete -c omnibox -n "__fish_omnibox_using_subcommand inbox; and __fish_seen_subcommand_from process" -s v -l verbose -d 'More logging (-v info, -vv debug, -vvv trace)'
 complete -c omnibox -n "__fish_omnibox_using_subcommand inbox; and __fish_seen_subcommand_from process" -s q -l quiet -d 'Only errors on stderr'
@@ -248,6 +255,7 @@ never\t''"
 complete -c omnibox -n "__fish_omnibox_using_subcommand demo" -l log-format -d 'Log format on stderr' -r -f -a "text\t''
 json\t''"
 complete -c omnibox -n "__fish_omnibox_using_subcommand demo" -l dedup-window -d 'The inbox\'s deduplication window: inbox rows are kept at least this long (cleanup refuses less), so a message redelivered within it is a duplicate [default: 7d]' -r
+complete -c omnibox -n "__fish_omnibox_using_subcommand demo" -l otlp-endpoint -d 'Export OpenTelemetry spans with OTLP over HTTP to this collector (base URL; /v1/traces is added) [default: OTEL_EXPORTER_OTLP_ENDPOINT; off when neither is set]' -r
 complete -c omnibox -n "__fish_omnibox_using_subcommand demo" -s v -l verbose -d 'More logging (-v info, -vv debug, -vvv trace)'
 complete -c omnibox -n "__fish_omnibox_using_subcommand demo" -s q -l quiet -d 'Only errors on stderr'
 complete -c omnibox -n "__fish_omnibox_using_subcommand demo" -s h -l help -d 'Print help (see more with \'--help\')'
@@ -268,6 +276,7 @@ never\t''"
 complete -c omnibox -n "__fish_omnibox_using_subcommand status" -l log-format -d 'Log format on stderr' -r -f -a "text\t''
 json\t''"
 complete -c omnibox -n "__fish_omnibox_using_subcommand status" -l dedup-window -d 'The inbox\'s deduplication window: inbox rows are kept at least this long (cleanup refuses less), so a message redelivered within it is a duplicate [default: 7d]' -r
+complete -c omnibox -n "__fish_omnibox_using_subcommand status" -l otlp-endpoint -d 'Export OpenTelemetry spans with OTLP over HTTP to this collector (base URL; /v1/traces is added) [default: OTEL_EXPORTER_OTLP_ENDPOINT; off when neither is set]' -r
 complete -c omnibox -n "__fish_omnibox_using_subcommand status" -l check -d 'Exit 1 when a threshold below is crossed'
 complete -c omnibox -n "__fish_omnibox_using_subcommand status" -l watch -d 'Refresh every --interval until interrupted, with rates (like top); on a terminal the screen is redrawn, otherwise each report is printed in turn (one JSON object per line with --format json)'
 complete -c omnibox -n "__fish_omnibox_using_subcommand status" -s v -l verbose -d 'More logging (-v info, -vv debug, -vvv trace)'
@@ -296,6 +305,7 @@ never\t''"
 complete -c omnibox -n "__fish_omnibox_using_subcommand doctor" -l log-format -d 'Log format on stderr' -r -f -a "text\t''
 json\t''"
 complete -c omnibox -n "__fish_omnibox_using_subcommand doctor" -l dedup-window -d 'The inbox\'s deduplication window: inbox rows are kept at least this long (cleanup refuses less), so a message redelivered within it is a duplicate [default: 7d]' -r
+complete -c omnibox -n "__fish_omnibox_using_subcommand doctor" -l otlp-endpoint -d 'Export OpenTelemetry spans with OTLP over HTTP to this collector (base URL; /v1/traces is added) [default: OTEL_EXPORTER_OTLP_ENDPOINT; off when neither is set]' -r
 complete -c omnibox -n "__fish_omnibox_using_subcommand doctor" -s v -l verbose -d 'More logging (-v info, -vv debug, -vvv trace)'
 complete -c omnibox -n "__fish_omnibox_using_subcommand doctor" -s q -l quiet -d 'Only errors on stderr'
 complete -c omnibox -n "__fish_omnibox_using_subcommand doctor" -s h -l help -d 'Print help (see more with \'--help\')'
@@ -320,6 +330,7 @@ never\t''"
 complete -c omnibox -n "__fish_omnibox_using_subcommand list" -l log-format -d 'Log format on stderr' -r -f -a "text\t''
 json\t''"
 complete -c omnibox -n "__fish_omnibox_using_subcommand list" -l dedup-window -d 'The inbox\'s deduplication window: inbox rows are kept at least this long (cleanup refuses less), so a message redelivered within it is a duplicate [default: 7d]' -r
+complete -c omnibox -n "__fish_omnibox_using_subcommand list" -l otlp-endpoint -d 'Export OpenTelemetry spans with OTLP over HTTP to this collector (base URL; /v1/traces is added) [default: OTEL_EXPORTER_OTLP_ENDPOINT; off when neither is set]' -r
 complete -c omnibox -n "__fish_omnibox_using_subcommand list" -s v -l verbose -d 'More logging (-v info, -vv debug, -vvv trace)'
 complete -c omnibox -n "__fish_omnibox_using_subcommand list" -s q -l quiet -d 'Only errors on stderr'
 complete -c omnibox -n "__fish_omnibox_using_subcommand list" -s h -l help -d 'Print help (see more with \'--help\')'
@@ -337,6 +348,7 @@ never\t''"
 complete -c omnibox -n "__fish_omnibox_using_subcommand show" -l log-format -d 'Log format on stderr' -r -f -a "text\t''
 json\t''"
 complete -c omnibox -n "__fish_omnibox_using_subcommand show" -l dedup-window -d 'The inbox\'s deduplication window: inbox rows are kept at least this long (cleanup refuses less), so a message redelivered within it is a duplicate [default: 7d]' -r
+complete -c omnibox -n "__fish_omnibox_using_subcommand show" -l otlp-endpoint -d 'Export OpenTelemetry spans with OTLP over HTTP to this collector (base URL; /v1/traces is added) [default: OTEL_EXPORTER_OTLP_ENDPOINT; off when neither is set]' -r
 complete -c omnibox -n "__fish_omnibox_using_subcommand show" -s v -l verbose -d 'More logging (-v info, -vv debug, -vvv trace)'
 complete -c omnibox -n "__fish_omnibox_using_subcommand show" -s q -l quiet -d 'Only errors on stderr'
 complete -c omnibox -n "__fish_omnibox_using_subcommand show" -s h -l help -d 'Print help (see more with \'--help\')'
@@ -365,6 +377,7 @@ never\t''"
 complete -c omnibox -n "__fish_omnibox_using_subcommand replay" -l log-format -d 'Log format on stderr' -r -f -a "text\t''
 json\t''"
 complete -c omnibox -n "__fish_omnibox_using_subcommand replay" -l dedup-window -d 'The inbox\'s deduplication window: inbox rows are kept at least this long (cleanup refuses less), so a message redelivered within it is a duplicate [default: 7d]' -r
+complete -c omnibox -n "__fish_omnibox_using_subcommand replay" -l otlp-endpoint -d 'Export OpenTelemetry spans with OTLP over HTTP to this collector (base URL; /v1/traces is added) [default: OTEL_EXPORTER_OTLP_ENDPOINT; off when neither is set]' -r
 complete -c omnibox -n "__fish_omnibox_using_subcommand replay" -l all -d 'Every failed row (explicitly)'
 complete -c omnibox -n "__fish_omnibox_using_subcommand replay" -l dry-run -d 'Show what would change, change nothing'
 complete -c omnibox -n "__fish_omnibox_using_subcommand replay" -s y -l yes -d 'Do not ask for confirmation (needed without a terminal, e.g. in cron)'
@@ -385,6 +398,7 @@ never\t''"
 complete -c omnibox -n "__fish_omnibox_using_subcommand failures" -l log-format -d 'Log format on stderr' -r -f -a "text\t''
 json\t''"
 complete -c omnibox -n "__fish_omnibox_using_subcommand failures" -l dedup-window -d 'The inbox\'s deduplication window: inbox rows are kept at least this long (cleanup refuses less), so a message redelivered within it is a duplicate [default: 7d]' -r
+complete -c omnibox -n "__fish_omnibox_using_subcommand failures" -l otlp-endpoint -d 'Export OpenTelemetry spans with OTLP over HTTP to this collector (base URL; /v1/traces is added) [default: OTEL_EXPORTER_OTLP_ENDPOINT; off when neither is set]' -r
 complete -c omnibox -n "__fish_omnibox_using_subcommand failures" -s v -l verbose -d 'More logging (-v info, -vv debug, -vvv trace)'
 complete -c omnibox -n "__fish_omnibox_using_subcommand failures" -s q -l quiet -d 'Only errors on stderr'
 complete -c omnibox -n "__fish_omnibox_using_subcommand failures" -s h -l help -d 'Print help (see more with \'--help\')'
@@ -405,6 +419,7 @@ never\t''"
 complete -c omnibox -n "__fish_omnibox_using_subcommand unlock" -l log-format -d 'Log format on stderr' -r -f -a "text\t''
 json\t''"
 complete -c omnibox -n "__fish_omnibox_using_subcommand unlock" -l dedup-window -d 'The inbox\'s deduplication window: inbox rows are kept at least this long (cleanup refuses less), so a message redelivered within it is a duplicate [default: 7d]' -r
+complete -c omnibox -n "__fish_omnibox_using_subcommand unlock" -l otlp-endpoint -d 'Export OpenTelemetry spans with OTLP over HTTP to this collector (base URL; /v1/traces is added) [default: OTEL_EXPORTER_OTLP_ENDPOINT; off when neither is set]' -r
 complete -c omnibox -n "__fish_omnibox_using_subcommand unlock" -l dry-run -d 'Show what would change, change nothing'
 complete -c omnibox -n "__fish_omnibox_using_subcommand unlock" -s y -l yes -d 'Do not ask for confirmation (needed without a terminal, e.g. in cron)'
 complete -c omnibox -n "__fish_omnibox_using_subcommand unlock" -s v -l verbose -d 'More logging (-v info, -vv debug, -vvv trace)'
@@ -427,6 +442,7 @@ never\t''"
 complete -c omnibox -n "__fish_omnibox_using_subcommand release-stale-locks" -l log-format -d 'Log format on stderr' -r -f -a "text\t''
 json\t''"
 complete -c omnibox -n "__fish_omnibox_using_subcommand release-stale-locks" -l dedup-window -d 'The inbox\'s deduplication window: inbox rows are kept at least this long (cleanup refuses less), so a message redelivered within it is a duplicate [default: 7d]' -r
+complete -c omnibox -n "__fish_omnibox_using_subcommand release-stale-locks" -l otlp-endpoint -d 'Export OpenTelemetry spans with OTLP over HTTP to this collector (base URL; /v1/traces is added) [default: OTEL_EXPORTER_OTLP_ENDPOINT; off when neither is set]' -r
 complete -c omnibox -n "__fish_omnibox_using_subcommand release-stale-locks" -l force -d 'Accept a threshold shorter than the lease relays take'
 complete -c omnibox -n "__fish_omnibox_using_subcommand release-stale-locks" -l dry-run -d 'Show what would change, change nothing'
 complete -c omnibox -n "__fish_omnibox_using_subcommand release-stale-locks" -s y -l yes -d 'Do not ask for confirmation (needed without a terminal, e.g. in cron)'
@@ -453,6 +469,7 @@ never\t''"
 complete -c omnibox -n "__fish_omnibox_using_subcommand cleanup" -l log-format -d 'Log format on stderr' -r -f -a "text\t''
 json\t''"
 complete -c omnibox -n "__fish_omnibox_using_subcommand cleanup" -l dedup-window -d 'The inbox\'s deduplication window: inbox rows are kept at least this long (cleanup refuses less), so a message redelivered within it is a duplicate [default: 7d]' -r
+complete -c omnibox -n "__fish_omnibox_using_subcommand cleanup" -l otlp-endpoint -d 'Export OpenTelemetry spans with OTLP over HTTP to this collector (base URL; /v1/traces is added) [default: OTEL_EXPORTER_OTLP_ENDPOINT; off when neither is set]' -r
 complete -c omnibox -n "__fish_omnibox_using_subcommand cleanup" -l include-failed -d 'Also delete failed rows'
 complete -c omnibox -n "__fish_omnibox_using_subcommand cleanup" -l force -d 'Allow a retention shorter than an hour (completed rows also hold idempotency keys: deleting them at once lets a retried enqueue in again)'
 complete -c omnibox -n "__fish_omnibox_using_subcommand cleanup" -l dry-run -d 'Show what would change, change nothing'
@@ -476,6 +493,7 @@ never\t''"
 complete -c omnibox -n "__fish_omnibox_using_subcommand audit" -l log-format -d 'Log format on stderr' -r -f -a "text\t''
 json\t''"
 complete -c omnibox -n "__fish_omnibox_using_subcommand audit" -l dedup-window -d 'The inbox\'s deduplication window: inbox rows are kept at least this long (cleanup refuses less), so a message redelivered within it is a duplicate [default: 7d]' -r
+complete -c omnibox -n "__fish_omnibox_using_subcommand audit" -l otlp-endpoint -d 'Export OpenTelemetry spans with OTLP over HTTP to this collector (base URL; /v1/traces is added) [default: OTEL_EXPORTER_OTLP_ENDPOINT; off when neither is set]' -r
 complete -c omnibox -n "__fish_omnibox_using_subcommand audit" -s v -l verbose -d 'More logging (-v info, -vv debug, -vvv trace)'
 complete -c omnibox -n "__fish_omnibox_using_subcommand audit" -s q -l quiet -d 'Only errors on stderr'
 complete -c omnibox -n "__fish_omnibox_using_subcommand audit" -s h -l help -d 'Print help (see more with \'--help\')'
@@ -491,6 +509,7 @@ never\t''"
 complete -c omnibox -n "__fish_omnibox_using_subcommand completions" -l log-format -d 'Log format on stderr' -r -f -a "text\t''
 json\t''"
 complete -c omnibox -n "__fish_omnibox_using_subcommand completions" -l dedup-window -d 'The inbox\'s deduplication window: inbox rows are kept at least this long (cleanup refuses less), so a message redelivered within it is a duplicate [default: 7d]' -r
+complete -c omnibox -n "__fish_omnibox_using_subcommand completions" -l otlp-endpoint -d 'Export OpenTelemetry spans with OTLP over HTTP to this collector (base URL; /v1/traces is added) [default: OTEL_EXPORTER_OTLP_ENDPOINT; off when neither is set]' -r
 complete -c omnibox -n "__fish_omnibox_using_subcommand completions" -s v -l verbose -d 'More logging (-v info, -vv debug, -vvv trace)'
 complete -c omnibox -n "__fish_omnibox_using_subcommand completions" -s q -l quiet -d 'Only errors on stderr'
 complete -c omnibox -n "__fish_omnibox_using_subcommand completions" -s h -l help -d 'Print help (see more with \'--help\')'
@@ -507,6 +526,7 @@ never\t''"
 complete -c omnibox -n "__fish_omnibox_using_subcommand generate" -l log-format -d 'Log format on stderr' -r -f -a "text\t''
 json\t''"
 complete -c omnibox -n "__fish_omnibox_using_subcommand generate" -l dedup-window -d 'The inbox\'s deduplication window: inbox rows are kept at least this long (cleanup refuses less), so a message redelivered within it is a duplicate [default: 7d]' -r
+complete -c omnibox -n "__fish_omnibox_using_subcommand generate" -l otlp-endpoint -d 'Export OpenTelemetry spans with OTLP over HTTP to this collector (base URL; /v1/traces is added) [default: OTEL_EXPORTER_OTLP_ENDPOINT; off when neither is set]' -r
 complete -c omnibox -n "__fish_omnibox_using_subcommand generate" -s v -l verbose -d 'More logging (-v info, -vv debug, -vvv trace)'
 complete -c omnibox -n "__fish_omnibox_using_subcommand generate" -s q -l quiet -d 'Only errors on stderr'
 complete -c omnibox -n "__fish_omnibox_using_subcommand generate" -s h -l help -d 'Print help (see more with \'--help\')'

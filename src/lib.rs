@@ -65,6 +65,7 @@ pub mod pipeline;
 pub mod redact;
 pub mod relay;
 pub mod store;
+pub mod telemetry;
 
 pub use domain::{Backoff, DomainService, Retry};
 pub use error::{Error, Result};

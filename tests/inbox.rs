@@ -880,9 +880,9 @@ async fn webhook_status_mapping() {
                     }
                 }
                 let text = String::from_utf8_lossy(&got).to_string();
-                let request_line = text.lines().next().unwrap_or("").to_string();
+                let head = text.split("\r\n\r\n").next().unwrap_or("").to_string();
                 let body = text.split("\r\n\r\n").nth(1).unwrap_or("").to_string();
-                seen.lock().unwrap().push(format!("{request_line}\n{body}"));
+                seen.lock().unwrap().push(format!("{head}\n{body}"));
                 let id = serde_json::from_str::<serde_json::Value>(&body)
                     .map(|v| v["message_id"].as_str().unwrap_or("").to_string())
                     .unwrap_or_default();
@@ -904,11 +904,15 @@ async fn webhook_status_mapping() {
         }
     });
     let db = common::sqlite().await;
-    let rows: Vec<RawMessage> = ["ok", "dup", "busy", "err", "moved"]
+    let mut rows: Vec<RawMessage> = ["ok", "dup", "busy", "err", "moved"]
         .iter()
         .enumerate()
         .map(|(i, id)| msg(id, i as i64, r#"{"a":1}"#))
         .collect();
+    let traceparent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    rows[0]
+        .headers
+        .push(("traceparent".into(), traceparent.as_bytes().to_vec()));
     let (source, _) = VecSource::new(rows, db.store.inbox());
     InboxConsumer::<_, AnyHandler>::new(
         source,
@@ -972,6 +976,23 @@ async fn webhook_status_mapping() {
             .iter()
             .any(|b| b.contains("\"payload\":{\"a\":1}"))
     );
+    // The message's trace context goes on as the W3C header.
+    let sent = bodies.lock().unwrap().clone();
+    let ok_request = sent
+        .iter()
+        .find(|b| b.contains("\"message_id\":\"ok\""))
+        .unwrap();
+    assert!(
+        ok_request
+            .to_ascii_lowercase()
+            .contains(&format!("traceparent: {traceparent}")),
+        "{ok_request}"
+    );
+    let dup_request = sent
+        .iter()
+        .find(|b| b.contains("\"message_id\":\"dup\""))
+        .unwrap();
+    assert!(!dup_request.to_ascii_lowercase().contains("traceparent"));
     // A redirect is not followed (the POST would become a GET elsewhere and
     // its 200 would complete the event unhandled): a counted failure that
     // names where it pointed, its query values masked.

@@ -95,6 +95,12 @@ pub struct GlobalArgs {
     /// duplicate [default: 7d]
     #[arg(long, global = true, env = env::DEDUP_WINDOW, value_name = "DURATION", allow_hyphen_values = true, value_parser = args::duration, hide_env_values = true)]
     dedup_window: Option<std::time::Duration>,
+
+    /// Export OpenTelemetry spans with OTLP over HTTP to this collector
+    /// (base URL; /v1/traces is added) [default: OTEL_EXPORTER_OTLP_ENDPOINT;
+    /// off when neither is set]
+    #[arg(long, global = true, value_name = "URL")]
+    otlp_endpoint: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -217,6 +223,15 @@ pub fn main() -> ExitCode {
         settings,
         quiet: cli.global.quiet,
     };
+    // Before the runtime: the exporter's HTTP client is a blocking one.
+    let telemetry =
+        match omnibox::telemetry::Telemetry::install(cli.global.otlp_endpoint.as_deref()) {
+            Ok(t) => t,
+            Err(e) => return report(&e.into(), color, json_errors),
+        };
+    if let Some(t) = &telemetry {
+        tracing::info!(endpoint = %t.endpoint(), "exporting OpenTelemetry spans");
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -245,6 +260,9 @@ pub fn main() -> ExitCode {
             Command::Demo(args) => demo::run(args, &ctx).await,
         }
     });
+    if let Some(t) = telemetry {
+        t.shutdown(std::time::Duration::from_secs(5));
+    }
     match result {
         Ok(ExitStatus::Success) => ExitCode::SUCCESS,
         Ok(ExitStatus::No) => ExitCode::from(1),

@@ -304,8 +304,21 @@ impl<S: Source, H: Handler> InboxConsumer<S, H> {
                 Err(e) => return Err(e),
             };
             if !polled.messages.is_empty() {
-                self.consume_through_outages(&polled.messages, &mut report, once, &mut shutdown)
-                    .await?;
+                let span = crate::telemetry::enabled().then(|| {
+                    receive_span(
+                        &self.source.describe(),
+                        &self.options.group,
+                        &polled.messages,
+                    )
+                });
+                let stored = self
+                    .consume_through_outages(&polled.messages, &mut report, once, &mut shutdown)
+                    .await;
+                if let Some(cx) = span {
+                    let error = stored.as_ref().err().map(|e| e.to_string());
+                    crate::telemetry::end(&cx, error.as_deref());
+                }
+                stored?;
             }
             if polled.end && once && polled.messages.is_empty() {
                 break;
@@ -1059,6 +1072,30 @@ fn retry_wait(failure: &Failure) -> Duration {
     }
 }
 
+/// The `receive` span of a polled batch (its messages' own spans are the
+/// handlers', children of each message's trace context).
+fn receive_span(source: &str, group: &str, messages: &[RawMessage]) -> opentelemetry::Context {
+    use crate::telemetry::{self, attr};
+    let mut attrs = vec![
+        attr("messaging.system", telemetry::system_of(source)),
+        attr("messaging.operation.type", "receive"),
+        attr("messaging.operation.name", "receive"),
+        attr("messaging.consumer.group.name", group.to_string()),
+        attr("messaging.batch.message_count", messages.len() as i64),
+    ];
+    if let Some(first) = messages.first()
+        && messages.iter().all(|m| m.topic == first.topic)
+    {
+        attrs.push(attr("messaging.destination.name", first.topic.clone()));
+    }
+    telemetry::start(
+        "receive".into(),
+        opentelemetry::trace::SpanKind::Consumer,
+        &opentelemetry::Context::new(),
+        attrs,
+    )
+}
+
 /// Runs `handler` on `event`; when it runs longer than a moment, the source
 /// idles meanwhile (Kafka: paused partitions, polls go on), so a slow handler
 /// does not outlive the group's poll interval.
@@ -1068,7 +1105,9 @@ async fn handle_alive<S: Source, H: Handler>(
     event: &InboxEvent,
     timeout: Duration,
 ) -> Outcome {
-    let run = run_handler(handler, event, timeout);
+    let system =
+        crate::telemetry::enabled().then(|| crate::telemetry::system_of(&source.describe()));
+    let run = run_handler(handler, event, timeout, system);
     tokio::pin!(run);
     tokio::select! {
         biased;

@@ -159,6 +159,10 @@ impl Handler for ExecHandler {
                 cmd.env(name, v);
             }
         }
+        // The W3C trace context: the handler span's, or the event's own.
+        for (name, value) in crate::telemetry::outgoing(event.headers()) {
+            cmd.env(name.to_ascii_uppercase(), value);
+        }
         // Its own process group: a timeout kills everything it started,
         // not only `sh`.
         cmd.process_group(0);
@@ -327,17 +331,19 @@ impl Handler for WebhookHandler {
     }
 
     async fn handle(&self, event: &InboxEvent) -> Outcome {
-        let sent = self
+        let mut request = self
             .client
             .post(&self.url)
             .header(reqwest::header::CONTENT_TYPE, "application/json")
             .header("Idempotency-Key", event.id().to_string())
             .header("X-Omnibox-Event-Id", event.id().to_string())
             .header("X-Omnibox-Event-Type", event.event_type())
-            .header("X-Omnibox-Message-Id", event.message_id())
-            .body(event_json(event))
-            .send()
-            .await;
+            .header("X-Omnibox-Message-Id", event.message_id());
+        // The W3C trace context: the handler span's, or the event's own.
+        for (name, value) in crate::telemetry::outgoing(event.headers()) {
+            request = request.header(name, value);
+        }
+        let sent = request.body(event_json(event)).send().await;
         let resp = match sent {
             Ok(r) => r,
             Err(e) if e.is_timeout() => {
@@ -449,16 +455,58 @@ impl<H: Handler> HandlerStep<H> {
     }
 }
 
-/// Runs `handler` on one event with a timeout.
+/// Runs `handler` on one event with a timeout, in a `process SOURCE` span
+/// (when spans are made) whose parent is the event's trace context;
+/// `system` is the source's `messaging.system` when known.
 pub async fn run_handler<H: Handler>(
     handler: &H,
     event: &InboxEvent,
     timeout: Duration,
+    system: Option<&'static str>,
 ) -> Outcome {
-    match tokio::time::timeout(timeout, handler.handle(event)).await {
+    let run = tokio::time::timeout(timeout, handler.handle(event));
+    if !crate::telemetry::enabled() {
+        return match run.await {
+            Ok(o) => o,
+            Err(_) => counted(format!("handler timed out after {timeout:?}")),
+        };
+    }
+    use crate::telemetry::{self, attr};
+    use opentelemetry::context::FutureExt as _;
+    let mut attrs = vec![
+        attr("messaging.operation.type", "process"),
+        attr("messaging.operation.name", "process"),
+        attr("messaging.destination.name", event.source().to_string()),
+        attr("messaging.message.id", event.message_id().to_string()),
+        attr(
+            "messaging.consumer.group.name",
+            event.consumer_group().to_string(),
+        ),
+        attr("omnibox.event_id", event.id().to_string()),
+        attr("omnibox.event_type", event.event_type().to_string()),
+        attr("omnibox.attempt", i64::from(event.attempts_made()) + 1),
+    ];
+    if let Some(system) = system {
+        attrs.push(attr("messaging.system", system));
+    }
+    let cx = telemetry::start(
+        format!("process {}", event.source()),
+        opentelemetry::trace::SpanKind::Consumer,
+        &telemetry::extract(event.headers()),
+        attrs,
+    );
+    let outcome = match run.with_context(cx.clone()).await {
         Ok(o) => o,
         Err(_) => counted(format!("handler timed out after {timeout:?}")),
-    }
+    };
+    let error = match &outcome {
+        Outcome::Failed { error, .. }
+        | Outcome::Dead { error }
+        | Outcome::Unavailable { error, .. } => Some(error.as_str()),
+        Outcome::Completed | Outcome::Skipped | Outcome::Released => None,
+    };
+    telemetry::end(&cx, error);
+    outcome
 }
 
 impl<H: Handler> BatchHandler<InboxRoute> for HandlerStep<H> {
@@ -467,7 +515,12 @@ impl<H: Handler> BatchHandler<InboxRoute> for HandlerStep<H> {
         for chunk in events.chunks(self.concurrency) {
             let mut running = Vec::with_capacity(chunk.len());
             for event in chunk {
-                running.push(run_handler(self.handler.as_ref(), event, self.timeout));
+                running.push(run_handler(
+                    self.handler.as_ref(),
+                    event,
+                    self.timeout,
+                    None,
+                ));
             }
             out.extend(futures_util::future::join_all(running).await);
         }

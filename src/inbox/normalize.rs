@@ -222,7 +222,14 @@ fn parse(
     );
     new.headers = usable_headers(raw, domain);
     new.schema_version = pick("schema_version");
-    new.trace_id = pick("trace_id");
+    // Without a trace_id of its own, the W3C trace context's trace id.
+    new.trace_id = pick("trace_id").or_else(|| {
+        use opentelemetry::trace::TraceContextExt;
+        let cx = crate::telemetry::extract(new.headers.as_ref());
+        let span = cx.span();
+        let sc = span.span_context();
+        sc.is_valid().then(|| sc.trace_id().to_string())
+    });
     new.correlation_id = pick("correlation_id");
     new.causation_id = pick("causation_id");
     domain

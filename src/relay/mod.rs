@@ -202,6 +202,95 @@ impl<K: Sink> PublishHandler<K> {
     }
 }
 
+/// The spans of one published batch: `publish` for the batch and
+/// `publish TOPIC` per event, the event's own trace context (its
+/// `traceparent` header) as parent when it has one; each message carries its
+/// span's context on to the broker.
+struct PublishSpans {
+    batch: opentelemetry::Context,
+    each: Vec<opentelemetry::Context>,
+}
+
+impl PublishSpans {
+    fn start(sink: &str, events: &[OutboxEvent], messages: &mut [Message]) -> Self {
+        use crate::telemetry::{self, attr};
+        use opentelemetry::trace::{SpanKind, TraceContextExt};
+        let system = telemetry::system_of(sink);
+        let mut batch_attrs = vec![
+            attr("messaging.system", system),
+            attr("messaging.operation.type", "send"),
+            attr("messaging.operation.name", "publish"),
+            attr("messaging.batch.message_count", events.len() as i64),
+        ];
+        if let Some(first) = events.first()
+            && events.iter().all(|e| e.topic() == first.topic())
+        {
+            batch_attrs.push(attr(
+                "messaging.destination.name",
+                first.topic().to_string(),
+            ));
+        }
+        let batch = telemetry::start(
+            "publish".into(),
+            SpanKind::Producer,
+            &opentelemetry::Context::new(),
+            batch_attrs,
+        );
+        let each = events
+            .iter()
+            .zip(messages.iter_mut())
+            .map(|(event, message)| {
+                let own = telemetry::extract(event.headers());
+                let parent = if own.span().span_context().is_valid() {
+                    &own
+                } else {
+                    &batch
+                };
+                let mut attrs = vec![
+                    attr("messaging.system", system),
+                    attr("messaging.destination.name", event.topic().to_string()),
+                    attr("messaging.message.id", event.id().to_string()),
+                    attr("messaging.operation.type", "send"),
+                    attr("messaging.operation.name", "publish"),
+                    attr("omnibox.event_type", event.event_type().to_string()),
+                    attr("omnibox.attempt", i64::from(event.attempts_made()) + 1),
+                ];
+                if system == "kafka" {
+                    attrs.push(attr(
+                        "messaging.kafka.message.key",
+                        event.partition_key().to_string(),
+                    ));
+                }
+                let cx = telemetry::start(
+                    format!("publish {}", event.topic()),
+                    SpanKind::Producer,
+                    parent,
+                    attrs,
+                );
+                telemetry::inject(&cx, &mut message.headers);
+                cx
+            })
+            .collect();
+        PublishSpans { batch, each }
+    }
+
+    fn end(self, deliveries: &[Delivery]) {
+        let mut failed = 0usize;
+        for (cx, d) in self.each.iter().zip(deliveries) {
+            let error = match d {
+                Delivery::Delivered => None,
+                Delivery::Transient(e) | Delivery::Unavailable(e) => Some(e.clone()),
+                Delivery::Rejected(e) => Some(format!("broker rejected the record: {e}")),
+                Delivery::NotSent => Some("not sent: an earlier event of its key failed".into()),
+            };
+            failed += usize::from(error.is_some());
+            crate::telemetry::end(cx, error.as_deref());
+        }
+        let error = (failed > 0).then(|| format!("{failed} of {} not delivered", deliveries.len()));
+        crate::telemetry::end(&self.batch, error.as_deref());
+    }
+}
+
 /// What to do with the events of an unavailable topic.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum TopicVerdict {
@@ -213,8 +302,13 @@ pub enum TopicVerdict {
 
 impl<K: Sink> BatchHandler<OutboxRoute> for PublishHandler<K> {
     async fn handle(&self, events: &[OutboxEvent]) -> Vec<Outcome> {
-        let messages: Vec<Message> = events.iter().map(Message::from_event).collect();
+        let mut messages: Vec<Message> = events.iter().map(Message::from_event).collect();
+        let spans = crate::telemetry::enabled()
+            .then(|| PublishSpans::start(&self.sink.describe(), events, &mut messages));
         let deliveries = self.sink.send(&messages, self.options.timeout).await;
+        if let Some(spans) = spans {
+            spans.end(&deliveries);
+        }
         let topics = self.track_topics(&messages, &deliveries);
         outcomes(events, &deliveries, self.options.transient_delay, &topics)
     }
