@@ -8,6 +8,7 @@
 #   scripts/demo.sh            # works in target/demo (recreated each run)
 set -euo pipefail
 cd "$(dirname "$0")/.."
+scripts/build-deps.sh
 cargo build --quiet --bin omnibox
 rm -rf target/demo
 exec target/debug/omnibox demo --dir target/demo "$@"

@@ -25,6 +25,7 @@ cleanup() {
   if [ "$started_pg" = 1 ]; then scripts/postgres.sh stop --port "$PG_PORT" || true; fi
 }
 trap cleanup EXIT INT TERM
+scripts/build-deps.sh
 
 if [ -z "${OMNIBOX_TEST_DATABASE_URL:-}" ]; then
   eval "$(scripts/postgres.sh start --port "$PG_PORT")"

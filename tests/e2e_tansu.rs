@@ -404,3 +404,155 @@ async fn a_connected_relay_continues_after_a_broker_restart() {
         assert!(ids.contains(&e.id().to_string()), "lost {}", e.id());
     }
 }
+
+fn hmac_sha256(key: &[u8], message: &[u8]) -> [u8; 32] {
+    use sha2::{Digest, Sha256};
+    let mut block = [0u8; 64];
+    if key.len() > 64 {
+        block[..32].copy_from_slice(&Sha256::digest(key));
+    } else {
+        block[..key.len()].copy_from_slice(key);
+    }
+    let mut inner = Sha256::new();
+    inner.update(block.map(|b| b ^ 0x36));
+    inner.update(message);
+    let mut outer = Sha256::new();
+    outer.update(block.map(|b| b ^ 0x5c));
+    outer.update(inner.finalize());
+    outer.finalize().into()
+}
+
+/// A SCRAM-SHA-256 credential as a broker stores it (RFC 5802, RFC 7677):
+/// (stored key, server key).
+fn scram_sha256(password: &str, salt: &[u8], iterations: u32) -> ([u8; 32], [u8; 32]) {
+    use sha2::{Digest, Sha256};
+    let mut u = hmac_sha256(password.as_bytes(), &[salt, &1u32.to_be_bytes()].concat());
+    let mut salted = u;
+    for _ in 1..iterations {
+        u = hmac_sha256(password.as_bytes(), &u);
+        for (s, b) in salted.iter_mut().zip(u) {
+            *s ^= b;
+        }
+    }
+    let client_key = hmac_sha256(&salted, b"Client Key");
+    let stored_key: [u8; 32] = Sha256::digest(client_key).into();
+    (stored_key, hmac_sha256(&salted, b"Server Key"))
+}
+
+/// SASL/SCRAM-SHA-256 through the shortcut flags against a broker that
+/// requires authentication: a wrong password publishes nothing, spends no
+/// attempt and says why (without the password); the right one publishes,
+/// and `inbox consume` reads the topic back with the same flags.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sasl_scram_against_a_broker_that_requires_it() {
+    let Some(tansu) = Tansu::start_with(&["--authentication"]).await else {
+        return;
+    };
+    let Some((db, schema)) = pg().await else {
+        return;
+    };
+    let (user, password) = ("relay", "correct horse battery staple");
+    let salt = b"omnibox-test-salt";
+    let (stored, server) = scram_sha256(password, salt, 4096);
+    let broker_db = sqlx::SqlitePool::connect(&format!("sqlite://{}", tansu.database().display()))
+        .await
+        .unwrap();
+    let mut inserted = 0;
+    for _ in 0..100 {
+        // The broker writes its cluster row at start.
+        inserted = sqlx::query(
+            "INSERT INTO scram_credential (cluster, username, mechanism, salt, iterations, stored_key, server_key) \
+             SELECT c.id, ?, 1, ?, 4096, ?, ? FROM cluster c",
+        )
+        .bind(user)
+        .bind(&salt[..])
+        .bind(&stored[..])
+        .bind(&server[..])
+        .execute(&broker_db)
+        .await
+        .map(|r| r.rows_affected())
+        .unwrap_or(0);
+        if inserted > 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(inserted, 1, "the SCRAM credential was stored");
+    let brokers = tansu.brokers();
+    let topic = topic_name("sasl");
+    common::tansu::create_topic_with(
+        &brokers,
+        &topic,
+        1,
+        &[
+            ("security.protocol", "SASL_PLAINTEXT"),
+            ("sasl.mechanism", "SCRAM-SHA-256"),
+            ("sasl.username", user),
+            ("sasl.password", password),
+        ],
+    )
+    .await;
+    let all = events(&topic, 20, 5);
+    let outbox = db.store.outbox();
+    outbox.create_many(&all).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let broker = format!("kafka://{brokers}");
+    let sasl = [
+        "--kafka-sasl-mechanism",
+        "SCRAM-SHA-256",
+        "--kafka-sasl-username",
+        user,
+    ];
+    let mut args = vec!["--once", "--broker", &broker, "--publish-timeout", "5s"];
+    args.extend(sasl);
+    let out = publish(dir.path(), &db, &schema, &args)
+        .env("OMNIBOX_KAFKA_SASL_PASSWORD", "wrong password")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_ne!(out.status.code(), Some(0), "{stderr}");
+    eprintln!("{stderr}");
+    assert!(stderr.contains("uthentication"), "says why: {stderr}");
+    assert!(!stderr.contains("wrong password"), "{stderr}");
+    assert_eq!(outbox.counts().await.unwrap().completed, 0);
+    let rows = outbox.list(&omnibox::ListFilter::default()).await.unwrap();
+    assert!(
+        rows.iter().all(|e| e.attempts_made() == 0),
+        "no attempt spent"
+    );
+
+    // The rows are due again a second after the transient failure.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let out = publish(dir.path(), &db, &schema, &args)
+        .env("OMNIBOX_KAFKA_SASL_PASSWORD", password)
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(outbox.counts().await.unwrap().completed, 20);
+
+    let mut consume = Command::new(env!("CARGO_BIN_EXE_omnibox"));
+    consume
+        .args(["inbox", "consume", "--from", &broker, "--topic", &topic])
+        .args(["--group", "audit", "--once", "--format", "json"])
+        .args(sasl)
+        .current_dir(dir.path())
+        .env_clear()
+        .env("OMNIBOX_DATABASE_URL", &db.url)
+        .env("OMNIBOX_DATABASE_SCHEMA", &schema)
+        .env("OMNIBOX_KAFKA_SASL_PASSWORD", password)
+        .stdin(Stdio::null());
+    let out = consume.output().unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["stored"], 20, "{report}");
+}

@@ -226,8 +226,13 @@ pub async fn run_publish(args: PublishArgs, ctx: &Context) -> Result<ExitStatus>
         }
         let broker_down = report.transient.saturating_sub(report.unavailable);
         if broker_down > 0 && report.completed == 0 {
+            let why = report
+                .transient_error
+                .as_deref()
+                .map(|e| format!(" ({e})"))
+                .unwrap_or_default();
             eprintln!(
-                "omnibox: error: the broker did not answer; {broker_down} event(s) rescheduled without spending an attempt"
+                "omnibox: error: the broker did not answer{why}; {broker_down} event(s) rescheduled without spending an attempt"
             );
             ok = false;
         }

@@ -102,6 +102,10 @@ pub struct RunReport {
     /// database failed mid-way): `stopped_because` says which.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub error: bool,
+    /// The last transient failure's error (why downstream did not take a
+    /// batch), when there was one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub transient_error: Option<String>,
 }
 
 impl RunReport {
@@ -118,6 +122,9 @@ impl RunReport {
         self.released += b.released as u64;
         self.lease_lost += b.lease_lost as u64;
         self.commit_errors += u64::from(b.commit_error.is_some());
+        if let Some(e) = &b.transient_error {
+            self.transient_error = Some(e.clone());
+        }
     }
 }
 

@@ -58,10 +58,16 @@ pub struct Tansu {
     bin: PathBuf,
     dir: tempfile::TempDir,
     child: Option<Child>,
+    extra: Vec<String>,
 }
 
 impl Tansu {
     pub async fn start() -> Option<Tansu> {
+        Self::start_with(&[]).await
+    }
+
+    /// A private broker started with extra arguments (e.g. `--authentication`).
+    pub async fn start_with(extra: &[&str]) -> Option<Tansu> {
         let bin = tansu_binary()?;
         let port = {
             let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -72,9 +78,15 @@ impl Tansu {
             bin,
             dir: tempfile::tempdir().unwrap(),
             child: None,
+            extra: extra.iter().map(|s| s.to_string()).collect(),
         };
         t.spawn().await;
         Some(t)
+    }
+
+    /// The broker's SQLite storage.
+    pub fn database(&self) -> PathBuf {
+        self.dir.path().join("tansu.db")
     }
 
     pub fn brokers(&self) -> String {
@@ -92,6 +104,7 @@ impl Tansu {
                 &url,
             ])
             .args(["--storage-engine", "sqlite://tansu.db"])
+            .args(&self.extra)
             .current_dir(self.dir.path())
             .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
             .env_remove("SCHEMA_REGISTRY")
@@ -172,10 +185,22 @@ impl Drop for Tansu {
 
 /// Creates a topic (tansu implements CreateTopics).
 pub async fn create_topic(brokers: &str, topic: &str, partitions: i32) {
-    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .create()
-        .expect("admin client");
+    create_topic_with(brokers, topic, partitions, &[]).await
+}
+
+/// Creates a topic with extra client properties (SASL, say).
+pub async fn create_topic_with(
+    brokers: &str,
+    topic: &str,
+    partitions: i32,
+    properties: &[(&str, &str)],
+) {
+    let mut config = ClientConfig::new();
+    config.set("bootstrap.servers", brokers);
+    for (k, v) in properties {
+        config.set(*k, *v);
+    }
+    let admin: AdminClient<DefaultClientContext> = config.create().expect("admin client");
     let new = NewTopic::new(topic, partitions, TopicReplication::Fixed(1));
     let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(20)));
     let results = admin

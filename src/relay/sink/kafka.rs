@@ -68,7 +68,10 @@ impl WatchState {
 impl ClientContext for Watch {
     fn error(&self, error: KafkaError, reason: &str) {
         if error.rdkafka_error_code() == Some(RDKafkaErrorCode::AllBrokersDown) {
+            // Says nothing of why: keep the error that does (a refused
+            // connection, a failed authentication).
             self.0.down.store(true, Ordering::SeqCst);
+            return;
         }
         // librdkafka repeats these for every reconnection attempt; the relay
         // reports an outage once, with the last of them.
