@@ -218,21 +218,23 @@ async fn broker_down_for_30_seconds_spends_no_attempts() {
     tansu.kill();
     let dir = tempfile::tempdir().unwrap();
     let broker = format!("kafka://{brokers}");
-    let relay = publish(
-        dir.path(),
-        &db,
-        &schema,
-        &[
-            "--broker",
-            &broker,
-            "--batch",
-            "200",
-            "--publish-timeout",
-            "5s",
-        ],
-    )
-    .spawn()
-    .unwrap();
+    let relay = common::KillOnDrop::new(
+        publish(
+            dir.path(),
+            &db,
+            &schema,
+            &[
+                "--broker",
+                &broker,
+                "--batch",
+                "200",
+                "--publish-timeout",
+                "5s",
+            ],
+        )
+        .spawn()
+        .unwrap(),
+    );
     tokio::time::sleep(Duration::from_secs(30)).await;
     let outbox = db.store.outbox();
     let rows = outbox
@@ -272,7 +274,7 @@ async fn broker_down_for_30_seconds_spends_no_attempts() {
         .status()
         .unwrap();
     assert!(status.success());
-    let out = relay.wait_with_output().unwrap();
+    let out = relay.take().wait_with_output().unwrap();
     assert_eq!(
         out.status.code(),
         Some(0),
@@ -317,25 +319,27 @@ async fn a_connected_relay_continues_after_a_broker_restart() {
     outbox.create_many(&before).await.unwrap();
     let dir = tempfile::tempdir().unwrap();
     let broker = format!("kafka://{brokers}");
-    let relay = publish(
-        dir.path(),
-        &db,
-        &schema,
-        &[
-            "--broker",
-            &broker,
-            "--batch",
-            "200",
-            "--publish-timeout",
-            "5s",
-            "--poll-interval",
-            "200ms",
-            "-v",
-        ],
-    )
-    .stderr(std::fs::File::create(dir.path().join("relay.log")).unwrap())
-    .spawn()
-    .unwrap();
+    let relay = common::KillOnDrop::new(
+        publish(
+            dir.path(),
+            &db,
+            &schema,
+            &[
+                "--broker",
+                &broker,
+                "--batch",
+                "200",
+                "--publish-timeout",
+                "5s",
+                "--poll-interval",
+                "200ms",
+                "-v",
+            ],
+        )
+        .stderr(std::fs::File::create(dir.path().join("relay.log")).unwrap())
+        .spawn()
+        .unwrap(),
+    );
     let log = dir.path().join("relay.log");
     let wait_completed = |n: u64, limit: Duration| {
         let outbox = outbox.clone();
@@ -374,7 +378,7 @@ async fn a_connected_relay_continues_after_a_broker_restart() {
         .status()
         .unwrap();
     assert!(status.success());
-    let out = relay.wait_with_output().unwrap();
+    let out = relay.take().wait_with_output().unwrap();
     let stderr = std::fs::read_to_string(&log).unwrap();
     assert_eq!(out.status.code(), Some(0), "{stderr}");
     let rows = outbox

@@ -328,31 +328,33 @@ async fn cli_consume_survives_a_broker_restart() {
     let dir = tempfile::tempdir().unwrap();
     let effects = dir.path().join("effects.log");
     let log = dir.path().join("consume.log");
-    let mut consumer = Command::new(env!("CARGO_BIN_EXE_omnibox"))
-        .args([
-            "inbox",
-            "consume",
-            "--from",
-            &format!("kafka://{brokers}"),
-            "--topic",
-            &topic,
-            "--group",
-            "audit",
-            "-v",
-        ])
-        .args([
-            "--exec",
-            &format!("echo $OMNIBOX_MESSAGE_ID >> {}", effects.display()),
-        ])
-        .current_dir(dir.path())
-        .env_clear()
-        .env("OMNIBOX_DATABASE_URL", &db.url)
-        .env("OMNIBOX_DATABASE_SCHEMA", db.schema())
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
+    let consumer = common::KillOnDrop::new(
+        Command::new(env!("CARGO_BIN_EXE_omnibox"))
+            .args([
+                "inbox",
+                "consume",
+                "--from",
+                &format!("kafka://{brokers}"),
+                "--topic",
+                &topic,
+                "--group",
+                "audit",
+                "-v",
+            ])
+            .args([
+                "--exec",
+                &format!("echo $OMNIBOX_MESSAGE_ID >> {}", effects.display()),
+            ])
+            .current_dir(dir.path())
+            .env_clear()
+            .env("OMNIBOX_DATABASE_URL", &db.url)
+            .env("OMNIBOX_DATABASE_SCHEMA", db.schema())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap(),
+    );
     let handled = || {
         std::fs::read_to_string(&effects)
             .unwrap_or_default()
@@ -393,7 +395,7 @@ async fn cli_consume_survives_a_broker_restart() {
         .status()
         .unwrap();
     assert!(status.success());
-    let code = consumer.wait().unwrap().code();
+    let code = consumer.take().wait().unwrap().code();
     let stderr = std::fs::read_to_string(&log).unwrap();
     assert_eq!(code, Some(0), "{stderr}");
     eprintln!("{stderr}");
