@@ -110,6 +110,18 @@ pub enum Error {
     #[error("{0}")]
     Config(String),
 
+    /// A router already has a handler for this source, event type and
+    /// schema version (the reference's `HandlerAlreadyRegisteredError`).
+    #[error("a handler for source {topic:?}, event type {event_type:?}, schema version {} is registered already", version.as_deref().map_or("(any)".to_string(), |v| format!("{v:?}")))]
+    HandlerAlreadyRegistered {
+        /// The (normalized) source or topic.
+        topic: String,
+        /// The event type.
+        event_type: String,
+        /// The schema version prefix, `None` for any version.
+        version: Option<String>,
+    },
+
     /// The database stayed unreachable past a run's bound (`--outage-limit`).
     #[error("{0}")]
     Outage(String),
@@ -173,7 +185,10 @@ impl Error {
     pub fn is_input_error(&self) -> bool {
         matches!(
             self,
-            Error::Validation { .. } | Error::Config(_) | Error::NotFound { .. }
+            Error::Validation { .. }
+                | Error::Config(_)
+                | Error::NotFound { .. }
+                | Error::HandlerAlreadyRegistered { .. }
         )
     }
 

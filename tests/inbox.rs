@@ -17,6 +17,33 @@ use omnibox::store::AnyTable;
 use omnibox::{EventStatus, EventStore, InboxEvent, InboxRoute, InboxStore, Retry, WorkerId};
 use tokio::sync::watch;
 
+/// Runs a statement on the test database outside the inbox (a business table).
+async fn business(db: &common::TestDb, sql: &'static str) {
+    match &db.store {
+        omnibox::AnyStore::Postgres(s) => {
+            sqlx::query(sql).execute(s.pool()).await.unwrap();
+        }
+        omnibox::AnyStore::Sqlite(s) => {
+            sqlx::query(sql).execute(s.pool()).await.unwrap();
+        }
+        _ => panic!("a new backend"),
+    }
+}
+
+/// The invoices table, sorted.
+async fn business_rows(db: &common::TestDb) -> Vec<(String, String)> {
+    let sql = "SELECT message_id, note FROM invoices ORDER BY message_id";
+    match &db.store {
+        omnibox::AnyStore::Postgres(s) => sqlx::query_as(sql).fetch_all(s.pool()).await.unwrap(),
+        omnibox::AnyStore::Sqlite(s) => sqlx::query_as(sql).fetch_all(s.pool()).await.unwrap(),
+        _ => panic!("a new backend"),
+    }
+}
+
+fn detached() -> omnibox::inbox::HandlerContext<'static> {
+    omnibox::inbox::HandlerContext::detached(omnibox::inbox::Dependencies::new())
+}
+
 fn msg(id: &str, offset: i64, value: &str) -> RawMessage {
     RawMessage {
         topic: "orders".into(),
@@ -168,7 +195,11 @@ where
     F: Fn(InboxEvent) -> Fut + Send + Sync + 'static,
     Fut: std::future::Future<Output = Outcome> + Send,
 {
-    fn handle(&self, event: &InboxEvent) -> impl std::future::Future<Output = Outcome> + Send {
+    fn handle(
+        &self,
+        event: &InboxEvent,
+        _cx: &mut omnibox::inbox::HandlerContext<'_>,
+    ) -> impl std::future::Future<Output = Outcome> + Send {
         (self.0)(event.clone())
     }
 
@@ -384,6 +415,79 @@ mod cases {
             (row.status(), row.attempts_made()),
             (EventStatus::Completed, 2)
         );
+    }
+
+    /// A handler that writes business rows through the inbox's transaction:
+    /// its writes commit with the row's completion, and a failing run's
+    /// writes are rolled back (the retry writes again, once); dependencies
+    /// reach the handler.
+    pub async fn handler_writes_commit_or_roll_back_with_the_row(db: &TestDb) {
+        use omnibox::inbox::{Dependencies, Tx, tx_handler};
+        business(
+            db,
+            "CREATE TABLE invoices (message_id TEXT PRIMARY KEY, note TEXT NOT NULL)",
+        )
+        .await;
+        #[derive(Debug)]
+        struct Note(&'static str);
+        let runs: Arc<Mutex<HashMap<String, u32>>> = Arc::default();
+        let seen = runs.clone();
+        let handler = Arc::new(tx_handler(move |event, cx| {
+            let runs = seen.clone();
+            Box::pin(async move {
+                let run = {
+                    let mut r = runs.lock().unwrap();
+                    let n = r.entry(event.message_id().to_string()).or_default();
+                    *n += 1;
+                    *n
+                };
+                let note = cx.dep::<Note>().map_or("none", |n| n.0).to_string();
+                let id = event.message_id().to_string();
+                let written = match cx.tx().await {
+                    Ok(Tx::Postgres(c)) => sqlx::query("INSERT INTO invoices VALUES ($1, $2)")
+                        .bind(&id)
+                        .bind(&note)
+                        .execute(c)
+                        .await
+                        .map(|_| ()),
+                    Ok(Tx::Sqlite(c)) => sqlx::query("INSERT INTO invoices VALUES (?, ?)")
+                        .bind(&id)
+                        .bind(&note)
+                        .execute(c)
+                        .await
+                        .map(|_| ()),
+                    Ok(_) => panic!("a new backend"),
+                    Err(e) => panic!("no transaction: {e}"),
+                };
+                if let Err(e) = written {
+                    return Outcome::Failed {
+                        error: e.to_string(),
+                        retry: omnibox::Retry::Counted(None),
+                    };
+                }
+                // m-3 fails after writing, twice: its writes must not stay.
+                if id == "m-3" && run <= 2 {
+                    return Outcome::Failed {
+                        error: format!("run {run} fails"),
+                        retry: omnibox::Retry::Counted(None),
+                    };
+                }
+                Outcome::Completed
+            })
+        }));
+        let (source, _) = VecSource::new(messages(10), db.store.inbox());
+        let mut o = options(AckStrategy::ExactlyOnce, 10);
+        fast_backoff(&mut o);
+        let mut consumer = InboxConsumer::new(source, db.store.inbox(), Some(handler), o)
+            .with_dependencies(Dependencies::new().with(Note("via deps")));
+        let r = consumer.run(true, stop()).await.unwrap();
+        assert_eq!((r.processed, r.failed), (10, 2), "{r:?}");
+        assert_eq!(runs.lock().unwrap()["m-3"], 3);
+        let rows = business_rows(db).await;
+        assert_eq!(rows.len(), 10, "one invoice per message: {rows:?}");
+        assert!(rows.iter().all(|(_, note)| note == "via deps"), "{rows:?}");
+        let c = db.store.inbox().counts().await.unwrap();
+        assert_eq!((c.completed, c.pending, c.failed), (10, 0, 0));
     }
 
     /// The attempt count and the event id of a message belong to its row:
@@ -830,6 +934,7 @@ mod process_lease {
 
 backend_tests!(
     exactly_once_under_redelivery,
+    handler_writes_commit_or_roll_back_with_the_row,
     crash_between_store_and_commit,
     handler_failure_is_redelivered_until_it_succeeds,
     attempts_survive_a_restart,
@@ -1036,13 +1141,14 @@ async fn webhook_status_mapping() {
         Duration::from_secs(2),
     )
     .unwrap();
-    let out = omnibox::inbox::Handler::handle(&unreachable, &get("ok").await).await;
+    let out =
+        omnibox::inbox::Handler::handle(&unreachable, &get("ok").await, &mut detached()).await;
     let text = format!("{out:?} {unreachable:?}");
     assert!(!text.contains("hunter2") && !text.contains("k3y"), "{text}");
     // Nobody listening: transient, no attempt spent.
     let refused = WebhookHandler::new("http://127.0.0.1:1/x", Duration::from_secs(2)).unwrap();
     let row = get("ok").await;
-    let out = omnibox::inbox::Handler::handle(&refused, &row).await;
+    let out = omnibox::inbox::Handler::handle(&refused, &row, &mut detached()).await;
     assert!(
         matches!(
             out,
@@ -1089,7 +1195,7 @@ async fn exec_timeout_kills_everything_the_handler_started() {
         format!("(sleep 2; touch '{}') & wait", mark.display()),
         Duration::from_millis(300),
     );
-    let out = omnibox::inbox::Handler::handle(&handler, &event).await;
+    let out = omnibox::inbox::Handler::handle(&handler, &event, &mut detached()).await;
     assert!(
         matches!(&out, Outcome::Failed { error, retry: Retry::Counted(None) } if error.contains("timed out")),
         "{out:?}"
@@ -1114,7 +1220,7 @@ async fn exec_large_input_and_output_do_not_deadlock() {
         Duration::from_secs(20),
     );
     let started = std::time::Instant::now();
-    let out = omnibox::inbox::Handler::handle(&handler, &event).await;
+    let out = omnibox::inbox::Handler::handle(&handler, &event, &mut detached()).await;
     assert!(matches!(out, Outcome::Completed), "{out:?}");
     assert!(started.elapsed() < Duration::from_secs(10));
     // A failure reports the end of stderr, not all of it.
@@ -1122,7 +1228,7 @@ async fn exec_large_input_and_output_do_not_deadlock() {
         "head -c 500000 /dev/zero | tr '\\0' e >&2; echo ' the end' >&2; exit 4",
         Duration::from_secs(20),
     );
-    match omnibox::inbox::Handler::handle(&failing, &event).await {
+    match omnibox::inbox::Handler::handle(&failing, &event, &mut detached()).await {
         Outcome::Failed { error, .. } => {
             assert!(
                 error.contains("exited with 4") && error.ends_with("the end"),

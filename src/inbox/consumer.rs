@@ -10,6 +10,7 @@ use serde::Serialize;
 use tokio::sync::watch;
 use uuid::Uuid;
 
+use super::context::{Dependencies, HandlerContext};
 use super::handler::{Handler, run_handler};
 use super::normalize::{Normalized, RawMessage, normalize_all};
 use super::source::Source;
@@ -164,6 +165,8 @@ pub struct InboxConsumer<S: Source, H: Handler> {
     /// Repeated handler-failure warnings are logged at most every few
     /// seconds; the others are counted here and reported with the next.
     warnings: Throttle,
+    /// Handed to every handler run.
+    deps: Dependencies,
 }
 
 /// Rate limit of a repeated warning.
@@ -210,7 +213,14 @@ impl<S: Source, H: Handler> InboxConsumer<S, H> {
             dlq: None,
             resume_at: None,
             warnings: Throttle::default(),
+            deps: Dependencies::default(),
         }
+    }
+
+    /// Hands `deps` to every handler run ([`HandlerContext::dep`]).
+    pub fn with_dependencies(mut self, deps: Dependencies) -> Self {
+        self.deps = deps;
+        self
     }
 
     /// Records metrics.
@@ -745,13 +755,17 @@ impl<S: Source, H: Handler> InboxConsumer<S, H> {
                 }
                 continue;
             }
-            let outcome = handle_alive(
-                &mut self.source,
-                handler,
-                &w.event,
-                self.options.handler_timeout,
-            )
-            .await;
+            let outcome = {
+                let mut cx = HandlerContext::in_transaction(tx.bulk(), self.deps.clone());
+                handle_alive(
+                    &mut self.source,
+                    handler,
+                    &w.event,
+                    self.options.handler_timeout,
+                    &mut cx,
+                )
+                .await
+            };
             match outcome.verdict() {
                 Verdict::Processed => {
                     report.processed += 1;
@@ -845,6 +859,7 @@ impl<S: Source, H: Handler> InboxConsumer<S, H> {
                 handler,
                 &w.event,
                 self.options.handler_timeout,
+                &mut HandlerContext::detached(self.deps.clone()),
             )
             .await;
             match outcome.verdict() {
@@ -984,6 +999,7 @@ impl<S: Source, H: Handler> InboxConsumer<S, H> {
                 handler.as_ref(),
                 event,
                 self.options.handler_timeout,
+                &mut HandlerContext::detached(self.deps.clone()),
             )
             .await;
             match outcome.verdict() {
@@ -1104,10 +1120,11 @@ async fn handle_alive<S: Source, H: Handler>(
     handler: &H,
     event: &InboxEvent,
     timeout: Duration,
+    cx: &mut HandlerContext<'_>,
 ) -> Outcome {
     let system =
         crate::telemetry::enabled().then(|| crate::telemetry::system_of(&source.describe()));
-    let run = run_handler(handler, event, timeout, system);
+    let run = run_handler(handler, event, timeout, system, cx);
     tokio::pin!(run);
     tokio::select! {
         biased;

@@ -13,16 +13,27 @@ use crate::model::{InboxEvent, InboxRoute, time};
 use crate::pipeline::{BatchHandler, DeadLetter, Outcome};
 use crate::relay::Message;
 
+use super::context::{Dependencies, HandlerContext};
+
 /// Exit code of an `--exec` handler meaning "skipped" (completed, not processed).
 pub const EXIT_SKIPPED: i32 = 3;
 /// Exit code meaning "try again later, not my fault" (EX_TEMPFAIL): no attempt spent.
 pub const EXIT_TEMPFAIL: i32 = 75;
 
-/// Handles one inbox event. Implemented for closures returning a future of
-/// [`Outcome`], and by [`ExecHandler`] and [`WebhookHandler`].
+/// Handles one inbox event. Implemented for closures of an [`InboxEvent`]
+/// returning a future of [`Outcome`], for [`tx_handler`] closures that
+/// also take the [`HandlerContext`], by structs, and by [`ExecHandler`],
+/// [`WebhookHandler`] and the [`EventRouter`](super::router::EventRouter).
 pub trait Handler: Send + Sync + 'static {
-    /// What happened: completed, skipped, or failed (counted or not).
-    fn handle(&self, event: &InboxEvent) -> impl Future<Output = Outcome> + Send;
+    /// What happened: completed, skipped, or failed (counted or not). `cx`
+    /// holds the inbox's transaction when the handler runs in it (writes
+    /// through [`HandlerContext::tx`] commit or roll back with the row) and
+    /// the [`Dependencies`](super::Dependencies).
+    fn handle(
+        &self,
+        event: &InboxEvent,
+        cx: &mut HandlerContext<'_>,
+    ) -> impl Future<Output = Outcome> + Send;
 
     /// True (the default) for a handler whose effects go through the
     /// inbox's own database: under exactly-once the consumer runs it inside
@@ -40,8 +51,61 @@ where
     F: Fn(InboxEvent) -> Fut + Send + Sync + 'static,
     Fut: Future<Output = Outcome> + Send,
 {
-    fn handle(&self, event: &InboxEvent) -> impl Future<Output = Outcome> + Send {
+    fn handle(
+        &self,
+        event: &InboxEvent,
+        _cx: &mut HandlerContext<'_>,
+    ) -> impl Future<Output = Outcome> + Send {
         self(event.clone())
+    }
+}
+
+/// A boxed handler future borrowing the event and the context.
+pub type HandlerFuture<'a> = futures_util::future::BoxFuture<'a, Outcome>;
+
+/// A [`Handler`] made of a closure that takes the event and the
+/// [`HandlerContext`] (for writes in the inbox's transaction), returning a
+/// boxed future. See [`tx_handler`].
+pub struct TxFn<F>(F);
+
+/// Makes a [`Handler`] of a closure that writes in the inbox's transaction:
+///
+/// ```no_run
+/// use omnibox::inbox::tx_handler;
+/// use omnibox::pipeline::Outcome;
+///
+/// let handler = tx_handler(|event, cx| {
+///     Box::pin(async move {
+///         let Ok(conn) = cx.sqlite().await else {
+///             return Outcome::Completed;
+///         };
+///         let _ = sqlx::query("INSERT INTO seen (id) VALUES (?)")
+///             .bind(event.id().to_string())
+///             .execute(conn)
+///             .await;
+///         Outcome::Completed
+///     })
+/// });
+/// ```
+pub fn tx_handler<F>(f: F) -> TxFn<F>
+where
+    F: for<'a, 'c> Fn(&'a InboxEvent, &'a mut HandlerContext<'c>) -> HandlerFuture<'a>
+        + Send
+        + Sync
+        + 'static,
+{
+    TxFn(f)
+}
+
+impl<F> Handler for TxFn<F>
+where
+    F: for<'a, 'c> Fn(&'a InboxEvent, &'a mut HandlerContext<'c>) -> HandlerFuture<'a>
+        + Send
+        + Sync
+        + 'static,
+{
+    async fn handle(&self, event: &InboxEvent, cx: &mut HandlerContext<'_>) -> Outcome {
+        (self.0)(event, cx).await
     }
 }
 
@@ -135,7 +199,7 @@ impl Handler for ExecHandler {
         false
     }
 
-    async fn handle(&self, event: &InboxEvent) -> Outcome {
+    async fn handle(&self, event: &InboxEvent, _cx: &mut HandlerContext<'_>) -> Outcome {
         let mut cmd = tokio::process::Command::new("sh");
         cmd.arg("-c")
             .arg(&self.command)
@@ -330,7 +394,7 @@ impl Handler for WebhookHandler {
         false
     }
 
-    async fn handle(&self, event: &InboxEvent) -> Outcome {
+    async fn handle(&self, event: &InboxEvent, _cx: &mut HandlerContext<'_>) -> Outcome {
         let mut request = self
             .client
             .post(&self.url)
@@ -422,10 +486,10 @@ pub enum AnyHandler {
 }
 
 impl Handler for AnyHandler {
-    async fn handle(&self, event: &InboxEvent) -> Outcome {
+    async fn handle(&self, event: &InboxEvent, cx: &mut HandlerContext<'_>) -> Outcome {
         match self {
-            AnyHandler::Exec(h) => h.handle(event).await,
-            AnyHandler::Webhook(h) => h.handle(event).await,
+            AnyHandler::Exec(h) => h.handle(event, cx).await,
+            AnyHandler::Webhook(h) => h.handle(event, cx).await,
             AnyHandler::Accept => Outcome::Completed,
         }
     }
@@ -442,6 +506,7 @@ pub struct HandlerStep<H: Handler> {
     handler: Arc<H>,
     concurrency: usize,
     timeout: Duration,
+    deps: Dependencies,
 }
 
 impl<H: Handler> HandlerStep<H> {
@@ -451,20 +516,48 @@ impl<H: Handler> HandlerStep<H> {
             handler,
             concurrency: concurrency.max(1),
             timeout,
+            deps: Dependencies::default(),
         }
+    }
+
+    /// Hands `deps` to every handler run ([`HandlerContext::dep`]).
+    pub fn with_dependencies(mut self, deps: Dependencies) -> Self {
+        self.deps = deps;
+        self
     }
 }
 
 /// Runs `handler` on one event with a timeout, in a `process SOURCE` span
 /// (when spans are made) whose parent is the event's trace context;
-/// `system` is the source's `messaging.system` when known.
+/// `system` is the source's `messaging.system` when known. Ends the
+/// handler's savepoint in `cx` (kept on success, rolled back otherwise).
 pub async fn run_handler<H: Handler>(
     handler: &H,
     event: &InboxEvent,
     timeout: Duration,
     system: Option<&'static str>,
+    cx: &mut HandlerContext<'_>,
 ) -> Outcome {
-    let run = tokio::time::timeout(timeout, handler.handle(event));
+    let outcome = traced(handler, event, timeout, system, cx).await;
+    let keep = matches!(outcome, Outcome::Completed | Outcome::Skipped);
+    match cx.settle(keep).await {
+        Ok(None) => outcome,
+        Ok(Some(why)) => counted(why),
+        Err(e) => transient(
+            format!("the handler's writes could not be settled: {e}"),
+            crate::model::limits::DEFAULT_TRANSIENT_RETRY_DELAY,
+        ),
+    }
+}
+
+async fn traced<H: Handler>(
+    handler: &H,
+    event: &InboxEvent,
+    timeout: Duration,
+    system: Option<&'static str>,
+    cx: &mut HandlerContext<'_>,
+) -> Outcome {
+    let run = tokio::time::timeout(timeout, handler.handle(event, cx));
     if !crate::telemetry::enabled() {
         return match run.await {
             Ok(o) => o,
@@ -515,12 +608,11 @@ impl<H: Handler> BatchHandler<InboxRoute> for HandlerStep<H> {
         for chunk in events.chunks(self.concurrency) {
             let mut running = Vec::with_capacity(chunk.len());
             for event in chunk {
-                running.push(run_handler(
-                    self.handler.as_ref(),
-                    event,
-                    self.timeout,
-                    None,
-                ));
+                let deps = self.deps.clone();
+                running.push(async move {
+                    let mut cx = HandlerContext::detached(deps);
+                    run_handler(self.handler.as_ref(), event, self.timeout, None, &mut cx).await
+                });
             }
             out.extend(futures_util::future::join_all(running).await);
         }

@@ -11,6 +11,7 @@
 //!   event type and schema version, with payload migrations.
 
 mod consumer;
+pub mod context;
 pub mod handler;
 pub mod normalize;
 pub mod router;
@@ -20,6 +21,10 @@ pub use consumer::{
     AckStrategy, CommitOn, ConsumeOptions, ConsumeReport, DEFAULT_CONSUMER_LEASE,
     DEFAULT_TRANSIENT_LIMIT, InboxConsumer,
 };
-pub use handler::{AnyHandler, ExecHandler, Handler, HandlerStep, WebhookHandler, redact_http_url};
+pub use context::{Dependencies, HandlerContext, Tx};
+pub use handler::{
+    AnyHandler, ExecHandler, Handler, HandlerFuture, HandlerStep, TxFn, WebhookHandler,
+    redact_http_url, tx_handler,
+};
 pub use normalize::{Cut, Normalized, RawMessage, normalize};
 pub use source::{AnySource, FileSource, KafkaSource, Polled, Source};

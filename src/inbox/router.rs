@@ -14,19 +14,24 @@
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::future::Future;
-use std::pin::Pin;
 use std::sync::Arc;
 
 use serde_json::Value;
 
 use crate::domain::Retry;
-use crate::inbox::Handler;
+use crate::error::Error;
+use crate::inbox::handler::HandlerFuture;
+use crate::inbox::{Handler, HandlerContext};
 use crate::model::{InboxEvent, Payload};
 use crate::pipeline::Outcome;
 
-type BoxHandler =
-    Arc<dyn Fn(InboxEvent) -> Pin<Box<dyn Future<Output = Outcome> + Send>> + Send + Sync>;
+type BoxHandler = Arc<
+    dyn for<'a, 'c> Fn(&'a InboxEvent, &'a mut HandlerContext<'c>) -> HandlerFuture<'a>
+        + Send
+        + Sync,
+>;
 type Migration = Arc<dyn Fn(Payload) -> Result<Payload, String> + Send + Sync>;
+type Normalizer = Arc<dyn Fn(&str) -> String + Send + Sync>;
 
 /// True when `prefix` is a component-wise prefix of `version` (`1.2` of `1.2.3`).
 pub fn version_covers(prefix: &str, version: &str) -> bool {
@@ -134,6 +139,7 @@ struct RouteEntry {
 pub struct EventRouter {
     routes: HashMap<(String, String), Vec<RouteEntry>>,
     registry: SchemaRegistry,
+    normalize: Option<Normalizer>,
 }
 
 impl EventRouter {
@@ -142,33 +148,141 @@ impl EventRouter {
         EventRouter::default()
     }
 
+    /// A router that maps every source (topic) through `normalize` before
+    /// registering or dispatching (the reference's `normalize_topic`), e.g.
+    /// to strip an environment prefix: `|t| t.trim_start_matches("prod.").into()`.
+    /// `*` is never normalized.
+    pub fn with_topic_normalizer(
+        normalize: impl Fn(&str) -> String + Send + Sync + 'static,
+    ) -> Self {
+        EventRouter {
+            normalize: Some(Arc::new(normalize)),
+            ..EventRouter::default()
+        }
+    }
+
+    /// `topic` as routes compare it.
+    pub fn normalize_topic(&self, topic: &str) -> String {
+        match &self.normalize {
+            Some(f) if topic != "*" => f(topic),
+            _ => topic.to_string(),
+        }
+    }
+
     /// The schema registry (for migrations).
     pub fn registry_mut(&mut self) -> &mut SchemaRegistry {
         &mut self.registry
     }
 
     /// Routes events of `source` (`*` for any) and `event_type`, of
-    /// `version` (a version prefix, or `None` for any version), to `handler`.
+    /// `version` (a version prefix, or `None` for any version), to a
+    /// closure of the event. A second handler for the same `(source,
+    /// event_type, version)` is an error
+    /// ([`Error::HandlerAlreadyRegistered`]), not a silent override.
     pub fn on<F, Fut>(
         &mut self,
         source: &str,
         event_type: &str,
         version: Option<&str>,
         handler: F,
-    ) -> &mut Self
+    ) -> Result<&mut Self, Error>
     where
         F: Fn(InboxEvent) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = Outcome> + Send + 'static,
     {
-        let handler: BoxHandler = Arc::new(move |e| Box::pin(handler(e)));
-        self.routes
-            .entry((source.to_string(), event_type.to_string()))
-            .or_default()
-            .push(RouteEntry {
+        let handler: BoxHandler = Arc::new(
+            move |e: &InboxEvent, _cx: &mut HandlerContext<'_>| -> HandlerFuture<'_> {
+                Box::pin(handler(e.clone()))
+            },
+        );
+        self.add(source, event_type, version, handler)
+    }
+
+    /// As [`on`](Self::on), for a closure that also takes the
+    /// [`HandlerContext`] (writes in the inbox's transaction, dependencies);
+    /// see [`tx_handler`](crate::inbox::tx_handler) for its shape.
+    pub fn on_tx<F>(
+        &mut self,
+        source: &str,
+        event_type: &str,
+        version: Option<&str>,
+        handler: F,
+    ) -> Result<&mut Self, Error>
+    where
+        F: for<'a, 'c> Fn(&'a InboxEvent, &'a mut HandlerContext<'c>) -> HandlerFuture<'a>
+            + Send
+            + Sync
+            + 'static,
+    {
+        self.add(source, event_type, version, Arc::new(handler))
+    }
+
+    /// As [`on`](Self::on), for any [`Handler`] (a struct implementing the
+    /// trait: the reference's `register_class` / `register_instance`).
+    pub fn on_handler<H: Handler>(
+        &mut self,
+        source: &str,
+        event_type: &str,
+        version: Option<&str>,
+        handler: H,
+    ) -> Result<&mut Self, Error> {
+        let handler = Arc::new(handler);
+        let boxed: BoxHandler = Arc::new(
+            move |e: &InboxEvent, cx: &mut HandlerContext<'_>| -> HandlerFuture<'_> {
+                let h = handler.clone();
+                Box::pin(async move { h.handle(e, cx).await })
+            },
+        );
+        self.add(source, event_type, version, boxed)
+    }
+
+    fn add(
+        &mut self,
+        source: &str,
+        event_type: &str,
+        version: Option<&str>,
+        handler: BoxHandler,
+    ) -> Result<&mut Self, Error> {
+        let source = self.normalize_topic(source);
+        let entries = self
+            .routes
+            .entry((source.clone(), event_type.to_string()))
+            .or_default();
+        if entries.iter().any(|e| e.version.as_deref() == version) {
+            return Err(Error::HandlerAlreadyRegistered {
+                topic: source,
+                event_type: event_type.to_string(),
                 version: version.map(str::to_string),
-                handler,
             });
-        self
+        }
+        entries.push(RouteEntry {
+            version: version.map(str::to_string),
+            handler,
+        });
+        Ok(self)
+    }
+
+    /// The sources (topics) handlers are registered for, sorted (`*` among
+    /// them when a handler takes any source).
+    pub fn topics(&self) -> Vec<String> {
+        let mut t: Vec<String> = self.routes.keys().map(|(s, _)| s.clone()).collect();
+        t.sort();
+        t.dedup();
+        t
+    }
+
+    /// The event types handled for `topic` (its own and those of `*`), sorted.
+    pub fn event_types_for_topic(&self, topic: &str) -> Vec<String> {
+        let topic = self.normalize_topic(topic);
+        let mut t: Vec<String> = self
+            .routes
+            .keys()
+            .filter(|(s, _)| *s == topic || s == "*")
+            .map(|(_, e)| e.clone())
+            .collect();
+        t.sort();
+        t.dedup();
+        t
     }
 
     fn entries(&self, source: &str, event_type: &str) -> Vec<&RouteEntry> {
@@ -182,8 +296,9 @@ impl EventRouter {
     }
 
     /// Dispatches one event (see the module documentation for the order).
-    pub async fn dispatch(&self, event: &InboxEvent) -> Outcome {
-        let entries = self.entries(event.source(), event.event_type());
+    pub async fn dispatch(&self, event: &InboxEvent, cx: &mut HandlerContext<'_>) -> Outcome {
+        let source = self.normalize_topic(event.source());
+        let entries = self.entries(&source, event.event_type());
         let version = event.schema_version();
         if let Some(v) = version {
             let exact = entries
@@ -191,7 +306,7 @@ impl EventRouter {
                 .filter(|e| e.version.as_deref().is_some_and(|p| version_covers(p, v)))
                 .max_by_key(|e| e.version.as_deref().map_or(0, |p| p.split('.').count()));
             if let Some(e) = exact {
-                return (e.handler)(event.clone()).await;
+                return (e.handler)(event, cx).await;
             }
             let targets: Vec<&str> = entries
                 .iter()
@@ -211,7 +326,7 @@ impl EventRouter {
                             .iter()
                             .find(|x| x.version.as_deref() == Some(target.as_str()))
                             .expect("the target has a handler");
-                        (entry.handler)(e).await
+                        (entry.handler)(&e, cx).await
                     }
                     Err(why) => Outcome::Failed {
                         error: format!(
@@ -224,7 +339,7 @@ impl EventRouter {
             }
         }
         if let Some(e) = entries.iter().find(|e| e.version.is_none()) {
-            return (e.handler)(event.clone()).await;
+            return (e.handler)(event, cx).await;
         }
         let known: Vec<String> = entries.iter().filter_map(|e| e.version.clone()).collect();
         Outcome::Failed {
@@ -247,8 +362,8 @@ impl EventRouter {
 }
 
 impl Handler for EventRouter {
-    async fn handle(&self, event: &InboxEvent) -> Outcome {
-        self.dispatch(event).await
+    async fn handle(&self, event: &InboxEvent, cx: &mut HandlerContext<'_>) -> Outcome {
+        self.dispatch(event, cx).await
     }
 }
 
@@ -268,6 +383,10 @@ mod tests {
     use serde_json::json;
 
     use super::*;
+
+    fn cx() -> HandlerContext<'static> {
+        HandlerContext::detached(crate::inbox::Dependencies::new())
+    }
     use crate::{DomainService, NewInboxEvent};
 
     fn event(source: &str, t: &str, v: Option<&str>, payload: Value) -> InboxEvent {
@@ -306,17 +425,110 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn registration_rules_and_lookups() {
+        let mut router =
+            EventRouter::with_topic_normalizer(|t| t.trim_start_matches("prod.").into());
+        router
+            .on("prod.shop", "order.created", Some("1"), |_| async {
+                Outcome::Completed
+            })
+            .unwrap();
+        // The same (normalized) source, type and version: an error.
+        let e = router
+            .on("shop", "order.created", Some("1"), |_| async {
+                Outcome::Completed
+            })
+            .err()
+            .expect("a second handler for the same key is refused");
+        assert!(matches!(e, Error::HandlerAlreadyRegistered { .. }), "{e}");
+        assert!(e.to_string().contains("\"order.created\""), "{e}");
+        assert!(e.is_input_error());
+        // Another version, or any version, is a different key.
+        router
+            .on("shop", "order.created", Some("2"), |_| async {
+                Outcome::Skipped
+            })
+            .unwrap()
+            .on("shop", "order.created", None, |_| async {
+                Outcome::Completed
+            })
+            .unwrap();
+        assert!(
+            router
+                .on("shop", "order.created", None, |_| async {
+                    Outcome::Completed
+                })
+                .is_err()
+        );
+        // A struct handler and a closure with the context.
+        struct Refunds;
+        impl Handler for Refunds {
+            async fn handle(&self, _: &InboxEvent, cx: &mut HandlerContext<'_>) -> Outcome {
+                assert!(!cx.has_transaction());
+                Outcome::Skipped
+            }
+        }
+        router
+            .on_handler("billing", "refund.issued", None, Refunds)
+            .unwrap();
+        router
+            .on_tx("*", "ping", None, |_, cx| {
+                Box::pin(async move {
+                    assert!(cx.tx().await.is_err(), "no transaction here");
+                    Outcome::Completed
+                })
+            })
+            .unwrap();
+        assert_eq!(router.topics(), vec!["*", "billing", "shop"]);
+        assert_eq!(
+            router.event_types_for_topic("prod.shop"),
+            vec!["order.created", "ping"]
+        );
+        assert_eq!(
+            router
+                .dispatch(
+                    &event("prod.shop", "order.created", Some("2.1"), json!({"a": 1})),
+                    &mut cx()
+                )
+                .await,
+            Outcome::Skipped,
+            "dispatch normalizes the event's source too"
+        );
+        assert_eq!(
+            router
+                .dispatch(
+                    &event("billing", "refund.issued", None, json!({"a": 1})),
+                    &mut cx()
+                )
+                .await,
+            Outcome::Skipped
+        );
+        assert_eq!(
+            router
+                .dispatch(&event("anything", "ping", None, json!({"a": 1})), &mut cx())
+                .await,
+            Outcome::Completed
+        );
+    }
+
+    #[tokio::test]
     async fn exact_then_longest_prefix_then_versionless() {
         let log = Arc::new(Mutex::new(Vec::new()));
         let mut router = EventRouter::new();
         router
             .on("shop", "order.created", Some("1"), recorder(&log, "v1"))
+            .unwrap()
             .on("shop", "order.created", Some("1.2"), recorder(&log, "v1.2"))
-            .on("*", "order.created", None, recorder(&log, "any"));
+            .unwrap()
+            .on("*", "order.created", None, recorder(&log, "any"))
+            .unwrap();
         for v in [Some("1.2.5"), Some("1.0.0"), Some("9.0.0"), None] {
             assert_eq!(
                 router
-                    .dispatch(&event("shop", "order.created", v, json!({"a": 1})))
+                    .dispatch(
+                        &event("shop", "order.created", v, json!({"a": 1})),
+                        &mut cx()
+                    )
                     .await,
                 Outcome::Completed
             );
@@ -337,7 +549,9 @@ mod tests {
     async fn migrations_chain_breadth_first() {
         let log = Arc::new(Mutex::new(Vec::new()));
         let mut router = EventRouter::new();
-        router.on("shop", "order.created", Some("3.0.0"), recorder(&log, "v3"));
+        router
+            .on("shop", "order.created", Some("3.0.0"), recorder(&log, "v3"))
+            .unwrap();
         router
             .registry_mut()
             .migration("order.created", "1.0.0", "2.0.0", |mut p| {
@@ -353,12 +567,10 @@ mod tests {
             .migration("order.created", "1.0.0", "1.5.0", Ok)
             .migration("order.created", "1.5.0", "2.0.0", Ok);
         let out = router
-            .dispatch(&event(
-                "shop",
-                "order.created",
-                Some("1.0.0"),
-                json!({"total": 5}),
-            ))
+            .dispatch(
+                &event("shop", "order.created", Some("1.0.0"), json!({"total": 5})),
+                &mut cx(),
+            )
             .await;
         assert_eq!(out, Outcome::Completed);
         assert_eq!(
@@ -366,12 +578,10 @@ mod tests {
             r#"v3:3.0.0:{"amount":5,"currency":"EUR"}"#
         );
         let failed = router
-            .dispatch(&event(
-                "shop",
-                "order.created",
-                Some("1.0.0"),
-                json!({"x": 1}),
-            ))
+            .dispatch(
+                &event("shop", "order.created", Some("1.0.0"), json!({"x": 1})),
+                &mut cx(),
+            )
             .await;
         assert!(
             matches!(failed, Outcome::Failed { ref error, .. } if error.contains("no total")),
@@ -397,16 +607,16 @@ mod tests {
     #[tokio::test]
     async fn missing_handlers_are_a_counted_failure_that_says_what_is_missing() {
         let mut router = EventRouter::new();
-        router.on("shop", "order.created", Some("2"), |_| async {
-            Outcome::Completed
-        });
+        router
+            .on("shop", "order.created", Some("2"), |_| async {
+                Outcome::Completed
+            })
+            .unwrap();
         let out = router
-            .dispatch(&event(
-                "shop",
-                "order.created",
-                Some("1.0.0"),
-                json!({"a": 1}),
-            ))
+            .dispatch(
+                &event("shop", "order.created", Some("1.0.0"), json!({"a": 1})),
+                &mut cx(),
+            )
             .await;
         match out {
             Outcome::Failed {
@@ -419,7 +629,10 @@ mod tests {
             other => panic!("{other:?}"),
         }
         let out = router
-            .dispatch(&event("billing", "refund", None, json!({"a": 1})))
+            .dispatch(
+                &event("billing", "refund", None, json!({"a": 1})),
+                &mut cx(),
+            )
             .await;
         assert!(matches!(out, Outcome::Failed { ref error, .. } if error.contains("\"refund\"")));
     }

@@ -302,8 +302,9 @@ pub struct OutboxBulkWriter {
     tx: BulkTx,
 }
 
+/// An open write transaction of either backend.
 #[derive(Debug)]
-enum BulkTx {
+pub(crate) enum BulkTx {
     Postgres(sqlx::Transaction<'static, sqlx::Postgres>),
     Sqlite(sqlx::Transaction<'static, sqlx::Sqlite>),
 }
@@ -443,6 +444,11 @@ impl AnyTable<InboxRoute> {
 }
 
 impl InboxTx {
+    /// The transaction itself (handlers write in it).
+    pub(crate) fn bulk(&mut self) -> &mut BulkTx {
+        &mut self.tx
+    }
+
     /// Inserts events in order; an existing `(message_id, consumer_group)` is
     /// reported as existing and not written.
     pub async fn insert(&mut self, events: &[InboxEvent]) -> Result<Vec<BulkOutcome>> {

@@ -45,6 +45,7 @@ pub mod postgres;
 pub mod sqlite;
 mod wakeup;
 
+pub(crate) use any::BulkTx;
 pub use any::{AnyStore, AnyTable, Backend, InboxTx, OutboxBulkWriter, StoreOptions};
 pub use migrate::{AppliedMigration, MIGRATIONS_TABLE, MigrationReport, MigrationScript};
 pub use postgres::PgStore;
