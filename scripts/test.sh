@@ -47,3 +47,11 @@ else
 fi
 # nextest does not run doctests.
 cargo test --doc --quiet
+# The runnable examples (each asserts what it shows).
+for example in examples/*.rs; do
+  name=$(basename "$example" .rs)
+  echo "[test.sh] example $name" >&2
+  cargo run --quiet --example "$name" >/dev/null
+done
+echo "[test.sh] example outbox_service on PostgreSQL" >&2
+OMNIBOX_EXAMPLE_DATABASE_URL="$OMNIBOX_TEST_DATABASE_URL" cargo run --quiet --example outbox_service >/dev/null

@@ -23,6 +23,15 @@
 //!   hands out due rows from an index in `(scheduled_at, seq)` order, keeps
 //!   per-key order for the outbox (taking whole runs of one key), and returns
 //!   a [`ClaimToken`] that fences later writes.
+//! * [`inbox`]: the consumer ([`inbox::InboxConsumer`]), its sources, and
+//!   handlers: a [`inbox::Handler`] gets the event and a
+//!   [`inbox::HandlerContext`] holding the inbox's open transaction (writes
+//!   that commit or roll back with the inbox row) and typed
+//!   [`inbox::Dependencies`]; the [`inbox::router::EventRouter`] dispatches by
+//!   source, event type and schema version. Runnable:
+//!   `examples/inbox_transactional.rs` (`cargo run --example inbox_transactional`).
+//! * [`telemetry`]: W3C trace context through the relay and the inbox, and
+//!   OpenTelemetry spans exported with OTLP.
 //! * [`Error`]: one error enum whose variants mirror the reference's exceptions.
 //!
 //! The library emits `tracing` events only; installing a subscriber is up to
@@ -54,7 +63,7 @@
 //! # Ok(()) }
 //! ```
 
-#![warn(missing_docs)]
+#![deny(missing_docs)]
 
 pub mod domain;
 pub mod error;
