@@ -417,22 +417,15 @@ mod cases {
         );
     }
 
-    /// A handler that writes business rows through the inbox's transaction:
-    /// its writes commit with the row's completion, and a failing run's
-    /// writes are rolled back (the retry writes again, once); dependencies
-    /// reach the handler.
-    pub async fn handler_writes_commit_or_roll_back_with_the_row(db: &TestDb) {
-        use omnibox::inbox::{Dependencies, Tx, tx_handler};
-        business(
-            db,
-            "CREATE TABLE invoices (message_id TEXT PRIMARY KEY, note TEXT NOT NULL)",
-        )
-        .await;
-        #[derive(Debug)]
-        struct Note(&'static str);
-        let runs: Arc<Mutex<HashMap<String, u32>>> = Arc::default();
-        let seen = runs.clone();
-        let handler = Arc::new(tx_handler(move |event, cx| {
+    #[derive(Debug)]
+    pub struct Note(pub &'static str);
+
+    /// A handler writing one invoice per message through the inbox's
+    /// transaction; m-3 fails twice after writing.
+    fn invoice_writer(runs: Arc<Mutex<HashMap<String, u32>>>) -> Arc<impl omnibox::inbox::Handler> {
+        use omnibox::inbox::{Tx, tx_handler};
+        let seen = runs;
+        Arc::new(tx_handler(move |event, cx| {
             let runs = seen.clone();
             Box::pin(async move {
                 let run = {
@@ -474,7 +467,22 @@ mod cases {
                 }
                 Outcome::Completed
             })
-        }));
+        }))
+    }
+
+    /// A handler that writes business rows through the inbox's transaction:
+    /// its writes commit with the row's completion, and a failing run's
+    /// writes are rolled back (the retry writes again, once); dependencies
+    /// reach the handler.
+    pub async fn handler_writes_commit_or_roll_back_with_the_row(db: &TestDb) {
+        use omnibox::inbox::Dependencies;
+        business(
+            db,
+            "CREATE TABLE invoices (message_id TEXT PRIMARY KEY, note TEXT NOT NULL)",
+        )
+        .await;
+        let runs: Arc<Mutex<HashMap<String, u32>>> = Arc::default();
+        let handler = invoice_writer(runs.clone());
         let (source, _) = VecSource::new(messages(10), db.store.inbox());
         let mut o = options(AckStrategy::ExactlyOnce, 10);
         fast_backoff(&mut o);
@@ -488,6 +496,63 @@ mod cases {
         assert!(rows.iter().all(|(_, note)| note == "via deps"), "{rows:?}");
         let c = db.store.inbox().counts().await.unwrap();
         assert_eq!((c.completed, c.pending, c.failed), (10, 0, 0));
+    }
+
+    /// `inbox process` in the library: with `HandlerStep::in_transactions`
+    /// each handler writes in a transaction of its own that also marks the
+    /// row completed; a failing run's writes are rolled back; the processor
+    /// writes nothing more for those rows and reports no lease lost.
+    pub async fn process_handlers_write_with_the_row(db: &TestDb) {
+        use omnibox::inbox::Dependencies;
+        business(
+            db,
+            "CREATE TABLE invoices (message_id TEXT PRIMARY KEY, note TEXT NOT NULL)",
+        )
+        .await;
+        let (source, _) = VecSource::new(messages(10), db.store.inbox());
+        InboxConsumer::<_, AnyHandler>::new(
+            source,
+            db.store.inbox(),
+            None,
+            options(AckStrategy::ExactlyOnce, 10),
+        )
+        .run(true, stop())
+        .await
+        .unwrap();
+        let runs: Arc<Mutex<HashMap<String, u32>>> = Arc::default();
+        let step = HandlerStep::new(invoice_writer(runs.clone()), 4, Duration::from_secs(10))
+            .with_dependencies(Dependencies::new().with(Note("in process")))
+            .in_transactions(db.store.inbox());
+        let mut o = ProcessorOptions::new(WorkerId::new("p1").unwrap());
+        o.backoff = omnibox::domain::Backoff {
+            base: Duration::from_millis(20),
+            cap: Duration::from_millis(40),
+        };
+        let p = ProcessorBuilder::new(db.store.inbox(), step, o).build();
+        let (mut completed, mut failed, mut lost) = (0, 0, 0);
+        for _ in 0..100 {
+            let r = p.process_batch().await.unwrap();
+            completed += r.completed;
+            failed += r.failed;
+            lost += r.lease_lost;
+            if db.store.inbox().counts().await.unwrap().completed == 10 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!((completed, failed, lost), (10, 2, 0));
+        assert_eq!(runs.lock().unwrap()["m-3"], 3);
+        let rows = business_rows(db).await;
+        assert_eq!(rows.len(), 10, "one invoice per message: {rows:?}");
+        assert!(
+            rows.iter().all(|(_, note)| note == "in process"),
+            "{rows:?}"
+        );
+        let c = db.store.inbox().counts().await.unwrap();
+        assert_eq!((c.completed, c.pending, c.failed, c.locked), (10, 0, 0, 0));
+        // Without the table, the same handler gets no transaction.
+        let mut cx = omnibox::inbox::HandlerContext::detached(Dependencies::new());
+        assert!(cx.tx().await.is_err());
     }
 
     /// The attempt count and the event id of a message belong to its row:
@@ -935,6 +1000,7 @@ mod process_lease {
 backend_tests!(
     exactly_once_under_redelivery,
     handler_writes_commit_or_roll_back_with_the_row,
+    process_handlers_write_with_the_row,
     crash_between_store_and_commit,
     handler_failure_is_redelivered_until_it_succeeds,
     attempts_survive_a_restart,

@@ -96,9 +96,11 @@ const SAVEPOINT: &str = "omnibox_handler";
 ///
 /// [`tx`](Self::tx) is the inbox's transaction when the handler runs in it:
 /// under exactly-once in [`InboxConsumer`](super::InboxConsumer) (the row is
-/// stored and marked completed in that transaction) and in
-/// [`HandlerStep`](super::HandlerStep) (`omnibox inbox process`: the row is
-/// marked completed in it). The first call opens a savepoint: when the
+/// stored and marked completed in that transaction) and in a
+/// [`HandlerStep`](super::HandlerStep) built with
+/// [`in_transactions`](super::HandlerStep::in_transactions) (the processor
+/// of claimed rows: each event gets a transaction of its own, in which the
+/// row is marked completed). The first call opens a savepoint: when the
 /// handler fails (or its SQL failed), its writes are rolled back and the
 /// failure is recorded; when it succeeds they commit with the row's
 /// completion. Handlers that never call it cost nothing. External handlers

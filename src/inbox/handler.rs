@@ -507,6 +507,8 @@ pub struct HandlerStep<H: Handler> {
     concurrency: usize,
     timeout: Duration,
     deps: Dependencies,
+    /// Set by [`in_transactions`](Self::in_transactions).
+    table: Option<crate::store::AnyTable<InboxRoute>>,
 }
 
 impl<H: Handler> HandlerStep<H> {
@@ -517,6 +519,80 @@ impl<H: Handler> HandlerStep<H> {
             concurrency: concurrency.max(1),
             timeout,
             deps: Dependencies::default(),
+            table: None,
+        }
+    }
+
+    /// Runs each event's handler (one whose
+    /// [`in_transaction`](Handler::in_transaction) is true) in a transaction
+    /// of its own on `table`, the handler's writes ([`HandlerContext::tx`])
+    /// and the row's completion committed together; a failing run's writes
+    /// are rolled back. The completion is guarded by the claim: a row whose
+    /// lease was lost meanwhile is not completed and the writes are rolled
+    /// back. On SQLite each such transaction holds the database's write lock
+    /// while its handler runs.
+    pub fn in_transactions(mut self, table: crate::store::AnyTable<InboxRoute>) -> Self {
+        self.table = Some(table);
+        self
+    }
+
+    /// One event in a transaction of its own (see `in_transactions`).
+    async fn handle_in_transaction(
+        &self,
+        table: &crate::store::AnyTable<InboxRoute>,
+        event: &InboxEvent,
+        held: &crate::pipeline::HeldRows,
+    ) -> Outcome {
+        let mut tx = match table.begin().await {
+            Ok(tx) => tx,
+            Err(e) => {
+                return transient(
+                    format!("cannot open the handler's transaction: {e}"),
+                    crate::model::limits::DEFAULT_TRANSIENT_RETRY_DELAY,
+                );
+            }
+        };
+        let outcome = {
+            let mut cx = HandlerContext::in_transaction(tx.bulk(), self.deps.clone());
+            run_handler(self.handler.as_ref(), event, self.timeout, None, &mut cx).await
+        };
+        if !matches!(outcome, Outcome::Completed | Outcome::Skipped) {
+            // Nothing of the failed run stays (its savepoint is rolled back
+            // already); the processor writes the failure.
+            let _ = tx.rollback().await;
+            return outcome;
+        }
+        match tx.complete_claimed(event).await {
+            Ok(true) => match tx.commit().await {
+                Ok(()) => {
+                    held.settled(event.id());
+                    Outcome::Committed
+                }
+                Err(e) => transient(
+                    format!(
+                        "the handler's transaction could not commit (nothing of it was kept): {e}"
+                    ),
+                    crate::model::limits::DEFAULT_TRANSIENT_RETRY_DELAY,
+                ),
+            },
+            Ok(false) => {
+                let _ = tx.rollback().await;
+                tracing::warn!(
+                    message_id = event.message_id(),
+                    "the handler finished after this worker lost the row's lease; its writes \
+                     were rolled back and the row is left to its new holder"
+                );
+                Outcome::Released
+            }
+            Err(e) => {
+                let _ = tx.rollback().await;
+                transient(
+                    format!(
+                        "cannot mark the row completed (the handler's writes were rolled back): {e}"
+                    ),
+                    crate::model::limits::DEFAULT_TRANSIENT_RETRY_DELAY,
+                )
+            }
         }
     }
 
@@ -596,7 +672,7 @@ async fn traced<H: Handler>(
         Outcome::Failed { error, .. }
         | Outcome::Dead { error }
         | Outcome::Unavailable { error, .. } => Some(error.as_str()),
-        Outcome::Completed | Outcome::Skipped | Outcome::Released => None,
+        Outcome::Completed | Outcome::Skipped | Outcome::Released | Outcome::Committed => None,
     };
     telemetry::end(&cx, error);
     outcome
@@ -604,12 +680,28 @@ async fn traced<H: Handler>(
 
 impl<H: Handler> BatchHandler<InboxRoute> for HandlerStep<H> {
     async fn handle(&self, events: &[InboxEvent]) -> Vec<Outcome> {
+        self.handle_held(events, &crate::pipeline::HeldRows::default())
+            .await
+    }
+
+    async fn handle_held(
+        &self,
+        events: &[InboxEvent],
+        held: &crate::pipeline::HeldRows,
+    ) -> Vec<Outcome> {
+        let table = self
+            .table
+            .as_ref()
+            .filter(|_| self.handler.in_transaction());
         let mut out = Vec::with_capacity(events.len());
         for chunk in events.chunks(self.concurrency) {
             let mut running = Vec::with_capacity(chunk.len());
             for event in chunk {
                 let deps = self.deps.clone();
                 running.push(async move {
+                    if let Some(table) = table {
+                        return self.handle_in_transaction(table, event, held).await;
+                    }
                     let mut cx = HandlerContext::detached(deps);
                     run_handler(self.handler.as_ref(), event, self.timeout, None, &mut cx).await
                 });

@@ -18,8 +18,8 @@ mod processor;
 pub mod runner;
 
 pub use processor::{
-    BatchHandler, BatchReport, DeadLetter, Fetch, Fetched, Outcome, Processor, ProcessorBuilder,
-    ProcessorOptions,
+    BatchHandler, BatchReport, DeadLetter, Fetch, Fetched, HeldRows, Outcome, Processor,
+    ProcessorBuilder, ProcessorOptions,
 };
 pub(crate) use processor::{Heartbeat, Verdict};
 pub use runner::{RunMode, RunOptions, RunReport, Sleep, Wakeup, run};

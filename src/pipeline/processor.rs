@@ -58,6 +58,10 @@ pub enum Outcome {
         /// Why.
         error: String,
     },
+    /// Completed, and the row already marked completed by the handler step
+    /// in its own transaction, together with the handler's writes: nothing
+    /// is left to write (see [`HandlerStep::in_transactions`](crate::inbox::HandlerStep::in_transactions)).
+    Committed,
 }
 
 /// An [`Outcome`] reduced to what the inbox consumer distinguishes.
@@ -76,7 +80,7 @@ impl Outcome {
     /// [`Outcome::Dead`] one that spends an attempt.
     pub(crate) fn verdict(self) -> Verdict {
         match self {
-            Outcome::Completed => Verdict::Processed,
+            Outcome::Completed | Outcome::Committed => Verdict::Processed,
             Outcome::Skipped | Outcome::Released => Verdict::Skipped,
             Outcome::Failed { error, retry } => Verdict::Failed { error, retry },
             Outcome::Unavailable { error, retry_after } => Verdict::Failed {
@@ -98,6 +102,31 @@ pub trait BatchHandler<R: Route>: Send + Sync + 'static {
     /// insertion order; a handler that keeps per-key order stops a key at its
     /// first failure and returns [`Outcome::Released`] for the rest.
     fn handle(&self, events: &[Event<R>]) -> impl Future<Output = Vec<Outcome>> + Send;
+
+    /// As [`handle`](Self::handle), with the rows whose lease the processor
+    /// keeps extending: a step that settles a row itself (and answers
+    /// [`Outcome::Committed`]) takes it out with [`HeldRows::settled`]. The
+    /// default ignores `held`.
+    fn handle_held(
+        &self,
+        events: &[Event<R>],
+        held: &HeldRows,
+    ) -> impl Future<Output = Vec<Outcome>> + Send {
+        let _ = held;
+        self.handle(events)
+    }
+}
+
+/// The rows of a batch in flight whose lease the processor keeps extending.
+#[derive(Debug, Clone, Default)]
+pub struct HeldRows(Arc<Mutex<Vec<Uuid>>>);
+
+impl HeldRows {
+    /// `id` is settled (written by the step itself): its lease is no longer
+    /// extended.
+    pub fn settled(&self, id: Uuid) {
+        lock(&self.0).retain(|held| *held != id);
+    }
 }
 
 /// How a failed event is written to a dead-letter topic.
@@ -125,6 +154,7 @@ pub struct Fetched<R> {
     claim: Claim<R>,
     lag: Duration,
     heartbeat: Heartbeat,
+    held: HeldRows,
     ticket: Ticket,
 }
 
@@ -198,11 +228,6 @@ pub enum Claimed<R> {
 pub(crate) struct Heartbeat(Option<tokio::task::JoinHandle<()>>);
 
 impl Heartbeat {
-    fn start<R: Route, S: EventStore<R>>(store: &S, claim: &Claim<R>, lease: Duration) -> Self {
-        let ids: Vec<Uuid> = claim.events.iter().map(|e| e.id()).collect();
-        Self::for_rows(store, claim.token.clone(), ids, lease)
-    }
-
     /// Extends the lease of `ids`, held by `token`, every third of `lease`
     /// until stopped or dropped.
     pub(crate) fn for_rows<R: Route, S: EventStore<R>>(
@@ -577,7 +602,15 @@ where
                     more: claim.next.is_some(),
                 });
             }
-            let heartbeat = Heartbeat::start(&self.store, &claim, self.options.lease);
+            let held = HeldRows(Arc::new(Mutex::new(
+                claim.events.iter().map(|e| e.id()).collect(),
+            )));
+            let heartbeat = Heartbeat::for_shared(
+                &self.store,
+                claim.token.clone(),
+                held.0.clone(),
+                self.options.lease,
+            );
             let now = time::now();
             let lag = claim
                 .events
@@ -590,6 +623,7 @@ where
                 claim,
                 lag,
                 heartbeat,
+                held,
                 ticket,
             }))
         }
@@ -611,6 +645,7 @@ where
                 claim,
                 lag,
                 heartbeat,
+                held: held_rows,
                 ticket,
             } = fetched;
             let started = Instant::now();
@@ -632,7 +667,7 @@ where
                     let mut handled = if live.is_empty() {
                         Vec::new().into_iter()
                     } else {
-                        self.handler.handle(&live).await.into_iter()
+                        self.handler.handle_held(&live, &held_rows).await.into_iter()
                     };
                     claim
                         .events
@@ -655,7 +690,7 @@ where
                         })
                         .collect()
                 } else {
-                    let mut o = self.handler.handle(&claim.events).await;
+                    let mut o = self.handler.handle_held(&claim.events, &held_rows).await;
                     o.resize(claim.events.len(), Outcome::Released);
                     o
                 };
@@ -663,7 +698,12 @@ where
                 .events
                 .iter()
                 .zip(&outcomes)
-                .filter(|(_, o)| !matches!(o, Outcome::Completed | Outcome::Skipped))
+                .filter(|(_, o)| {
+                    !matches!(
+                        o,
+                        Outcome::Completed | Outcome::Skipped | Outcome::Committed
+                    )
+                })
                 .filter_map(|(e, _)| e.order_key())
                 .map(|(t, k)| (t.to_string(), k.to_string()))
                 .collect();
@@ -753,6 +793,7 @@ where
                     report.completed += 1;
                     done.push(event.id());
                 }
+                Outcome::Committed => report.completed += 1,
                 Outcome::Skipped => {
                     report.skipped += 1;
                     done.push(event.id());
@@ -968,7 +1009,7 @@ where
                 event_type: event.event_type().to_string(),
             };
             match outcome {
-                Outcome::Completed => {
+                Outcome::Completed | Outcome::Committed => {
                     m.completed.get_or_create(&labels).inc();
                 }
                 Outcome::Skipped => {

@@ -503,6 +503,23 @@ impl InboxTx {
         }
     }
 
+    /// Marks the claimed row of `event` completed, if its claim (the
+    /// worker and lock time it was claimed with) still holds it. Returns
+    /// whether it did.
+    pub async fn complete_claimed(&mut self, event: &crate::model::InboxEvent) -> Result<bool> {
+        let (Some(worker), Some(locked_at)) = (event.locked_by(), event.locked_at()) else {
+            return Ok(false);
+        };
+        match &mut self.tx {
+            BulkTx::Postgres(tx) => {
+                super::postgres::complete_claimed_inbox(tx, event.id(), worker, &locked_at).await
+            }
+            BulkTx::Sqlite(tx) => {
+                super::sqlite::complete_claimed_inbox(tx, event.id(), worker, &locked_at).await
+            }
+        }
+    }
+
     /// Deletes rows written in this transaction (a handler failed: as if never stored).
     pub async fn delete(&mut self, ids: &[Uuid]) -> Result<()> {
         match &mut self.tx {

@@ -600,6 +600,28 @@ pub async fn complete_inbox(conn: &mut PgConnection, ids: &[Uuid]) -> Result<()>
     Ok(())
 }
 
+/// Marks one claimed inbox row completed inside `conn`'s transaction, if
+/// `worker` still holds it under the claim that locked it at `locked_at`.
+/// Returns whether it did.
+pub async fn complete_claimed_inbox(
+    conn: &mut PgConnection,
+    id: Uuid,
+    worker: &str,
+    locked_at: &crate::model::Timestamp,
+) -> Result<bool> {
+    let done = sqlx::query(
+        "UPDATE inbox_events SET status = 'completed', completed_at = now(), locked_at = NULL, locked_by = NULL, \
+         locked_until = NULL, updated_at = now() WHERE id = $1 AND status = 'pending' AND locked_by = $2 AND locked_at = $3",
+    )
+    .bind(id)
+    .bind(worker)
+    .bind(locked_at)
+    .execute(&mut *conn)
+    .await
+    .map_err(storage)?;
+    Ok(done.rows_affected() == 1)
+}
+
 /// Deletes inbox rows (inside the consumer's transaction).
 pub async fn delete_inbox(conn: &mut PgConnection, ids: &[Uuid]) -> Result<()> {
     sqlx::query("DELETE FROM inbox_events WHERE id = ANY($1)")

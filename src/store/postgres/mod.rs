@@ -33,8 +33,8 @@ mod sql;
 pub(crate) mod table;
 
 pub use insert::{
-    complete_inbox, delete_inbox, insert_inbox, insert_outbox, insert_outbox_stream, lock_inbox,
-    take_inbox, unlock_inbox,
+    complete_claimed_inbox, complete_inbox, delete_inbox, insert_inbox, insert_outbox,
+    insert_outbox_stream, lock_inbox, take_inbox, unlock_inbox,
 };
 pub use sql::{OUTBOX_SCAN, OUTBOX_WALK};
 

@@ -23,7 +23,8 @@ mod table;
 
 pub use sql::{OUTBOX_SCAN, OUTBOX_WALK};
 pub use table::{
-    complete_inbox, delete_inbox, insert_inbox, insert_outbox, lock_inbox, take_inbox, unlock_inbox,
+    complete_claimed_inbox, complete_inbox, delete_inbox, insert_inbox, insert_outbox, lock_inbox,
+    take_inbox, unlock_inbox,
 };
 
 /// How long a writer waits for the database lock before failing.

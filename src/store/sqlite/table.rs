@@ -855,6 +855,30 @@ pub async fn complete_inbox(conn: &mut SqliteConnection, ids: &[Uuid]) -> Result
     Ok(())
 }
 
+/// Marks one claimed inbox row completed inside `conn`'s transaction, if
+/// `worker` still holds it under the claim that locked it at `locked_at`.
+/// Returns whether it did.
+pub async fn complete_claimed_inbox(
+    conn: &mut SqliteConnection,
+    id: Uuid,
+    worker: &str,
+    locked_at: &time::Timestamp,
+) -> Result<bool> {
+    let done = sqlx::query(
+        "UPDATE inbox_events SET status = 'completed', completed_at = ?2, locked_at = NULL, locked_by = NULL, \
+         locked_until = NULL, updated_at = ?2 WHERE id IN (SELECT value FROM json_each(?1)) AND status = 'pending' \
+         AND locked_by = ?3 AND locked_at = ?4",
+    )
+    .bind(id_array(&[id]))
+    .bind(ts(&time::now()))
+    .bind(worker)
+    .bind(ts(locked_at))
+    .execute(&mut *conn)
+    .await
+    .map_err(storage)?;
+    Ok(done.rows_affected() == 1)
+}
+
 /// Deletes inbox rows (inside the consumer's transaction).
 pub async fn delete_inbox(conn: &mut SqliteConnection, ids: &[Uuid]) -> Result<()> {
     sqlx::query("DELETE FROM inbox_events WHERE id IN (SELECT value FROM json_each(?1))")
