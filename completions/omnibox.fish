@@ -118,6 +118,7 @@ SCRAM-SHA-512\t''"
 complete -c omnibox -n "__fish_omnibox_using_subcommand publish" -l kafka-sasl-username -d 'The SASL user name' -r
 complete -c omnibox -n "__fish_omnibox_using_subcommand publish" -l kafka-sasl-password-file -d 'A file holding the SASL password (its first line)' -r -F
 complete -c omnibox -n "__fish_omnibox_using_subcommand publish" -l batch -d 'Events per claim' -r
+complete -c omnibox -n "__fish_omnibox_using_subcommand publish" -l topic -d 'Publish only events of this topic (repeatable): a relay dedicated to some topics, e.g. a slow one, while others take the rest. Per-key order holds (a key belongs to one topic); --once exits when nothing of these topics is due' -r
 complete -c omnibox -n "__fish_omnibox_using_subcommand publish" -l worker-id -d 'This relay\'s id in locked_by [default: HOST:PID]' -r
 complete -c omnibox -n "__fish_omnibox_using_subcommand publish" -l lease -d 'Lease of a claim: a relay that dies leaves its rows to others after this long (extended while a batch is in flight) [default: OMNIBOX_LEASE, lease in omnibox.toml, or 5m]' -r
 complete -c omnibox -n "__fish_omnibox_using_subcommand publish" -l publish-timeout -d 'Longest wait for one message\'s acknowledgement' -r
@@ -214,6 +215,8 @@ complete -c omnibox -n "__fish_omnibox_using_subcommand inbox; and __fish_seen_s
 complete -c omnibox -n "__fish_omnibox_using_subcommand inbox; and __fish_seen_subcommand_from process" -l webhook -d 'POST each event as JSON to this URL: 2xx completed, 409 skipped, 429/502/503/504 retry later (Retry-After honoured), other failed' -r
 complete -c omnibox -n "__fish_omnibox_using_subcommand inbox; and __fish_seen_subcommand_from process" -l timeout -d 'Longest run of one handler call (a timeout is a failed attempt)' -r
 complete -c omnibox -n "__fish_omnibox_using_subcommand inbox; and __fish_seen_subcommand_from process" -l batch -d 'Rows per claim' -r
+complete -c omnibox -n "__fish_omnibox_using_subcommand inbox; and __fish_seen_subcommand_from process" -l source -d 'Handle only rows from this source (the producing service, or the topic; repeatable)' -r
+complete -c omnibox -n "__fish_omnibox_using_subcommand inbox; and __fish_seen_subcommand_from process" -l event-type -d 'Handle only rows of this event type (repeatable)' -r
 complete -c omnibox -n "__fish_omnibox_using_subcommand inbox; and __fish_seen_subcommand_from process" -l concurrency -d 'Handler calls running at once' -r
 complete -c omnibox -n "__fish_omnibox_using_subcommand inbox; and __fish_seen_subcommand_from process" -l worker-id -d 'This worker\'s id [default: HOST:PID]' -r
 complete -c omnibox -n "__fish_omnibox_using_subcommand inbox; and __fish_seen_subcommand_from process" -l lease -d 'Lease of a claim (extended while handlers run) [default: OMNIBOX_LEASE, lease in omnibox.toml, or 5m]' -r

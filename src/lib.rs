@@ -84,6 +84,6 @@ pub use model::{
 };
 pub use store::{
     AnyStore, BulkOutcome, Capabilities, Claim, ClaimOptions, ClaimToken, Created, EventStore,
-    FailReport, Failure, InboxStore, ListFilter, MaintenanceStore, OutboxStore, RequeueFilter,
-    TableCounts,
+    FailReport, Failure, FetchFilters, InboxStore, ListFilter, MaintenanceStore, OutboxStore,
+    RequeueFilter, TableCounts,
 };

@@ -1144,3 +1144,98 @@ fn follow_waits_for_the_file_to_appear() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// `publish --topic` publishes only its topics and `--once` exits when
+/// nothing of them is due (other topics left pending); `inbox process
+/// --source/--event-type` handles only matching rows; a blank filter value
+/// is an input error.
+#[test]
+fn filtered_relays_and_processors_take_only_their_rows() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let mut input = String::new();
+    for (topic, n) in [("orders", 3), ("reports", 2)] {
+        for i in 0..n {
+            input.push_str(
+                &LINE
+                    .replace("\"orders\"", &format!("\"{topic}\""))
+                    .replace("order-1", &format!("{topic}-{i}")),
+            );
+            input.push('\n');
+        }
+    }
+    let r = omnibox(d, &["enqueue", "--jsonl"], Some(&input), &[]);
+    assert_eq!(r.code, 0, "{}", r.render());
+    let r = run(
+        d,
+        &[
+            "publish",
+            "--once",
+            "--broker",
+            "file:out.jsonl",
+            "--topic",
+            "reports",
+        ],
+    );
+    assert_eq!(r.code, 0, "{}", r.render());
+    let out = std::fs::read_to_string(d.join("out.jsonl")).unwrap();
+    let topics: Vec<String> = out
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["topic"].to_string())
+        .collect();
+    assert_eq!(topics, vec!["\"reports\"", "\"reports\""], "{out}");
+    assert_eq!(pending(d), 3, "the orders wait for another relay");
+
+    // The inbox: consume the published file, then process one source's
+    // event type only.
+    let mut lines = String::new();
+    for (i, (source, kind)) in [
+        ("billing", "refund"),
+        ("billing", "charge"),
+        ("shop", "refund"),
+    ]
+    .iter()
+    .enumerate()
+    {
+        lines.push_str(&format!(
+            "{{\"topic\":\"t\",\"headers\":{{\"event_id\":\"m{i}\",\"source\":\"{source}\",\"event_type\":\"{kind}\"}},\"value\":{{\"n\":{i}}}}}\n"
+        ));
+    }
+    let r = omnibox(
+        d,
+        &["inbox", "consume", "--from", "-", "--group", "g"],
+        Some(&lines),
+        &[],
+    );
+    assert_eq!(r.code, 0, "{}", r.render());
+    let r = run(
+        d,
+        &[
+            "inbox",
+            "process",
+            "--once",
+            "--exec",
+            "echo \"$OMNIBOX_MESSAGE_ID\" >> handled.txt",
+            "--source",
+            "billing",
+            "--event-type",
+            "refund",
+        ],
+    );
+    assert_eq!(r.code, 0, "{}", r.render());
+    assert_eq!(
+        std::fs::read_to_string(d.join("handled.txt")).unwrap(),
+        "m0\n",
+        "only billing's refunds"
+    );
+    for bad in [
+        vec!["publish", "--once", "--topic", " orders"],
+        vec![
+            "inbox", "process", "--once", "--exec", "true", "--source", "",
+        ],
+    ] {
+        let r = run(d, &bad);
+        assert_eq!(r.code, 2, "{bad:?}: {}", r.render());
+        assert!(r.stderr.contains("error"), "{}", r.render());
+    }
+}

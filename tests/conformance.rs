@@ -29,6 +29,7 @@ backend_tests!(
     requeue_failed_by_filter,
     database_enforces_invariants,
     claim_is_served_by_the_index,
+    filtered_claims_take_only_their_rows_from_an_index,
     concurrent_claimers_share_the_work_in_key_order,
     rows_behind_failed_heads_do_not_starve_them,
     successors_scheduled_before_their_head_do_not_stall_the_claim,

@@ -112,6 +112,18 @@ pub fn worker(s: &str) -> Result<omnibox::WorkerId, String> {
     })
 }
 
+/// A filter value (`--topic`, `--source`, `--event-type`), exactly as given:
+/// not blank, no surrounding whitespace or control characters, at most 255
+/// characters.
+pub fn filter_value(s: &str) -> Result<String, String> {
+    omnibox::model::validate::exact("filter", s, 255)
+        .map(|()| s.to_string())
+        .map_err(|e| match e {
+            omnibox::Error::Validation { message, .. } => message,
+            other => other.to_string(),
+        })
+}
+
 /// A consumer group, exactly as given.
 pub fn consumer_group(s: &str) -> Result<String, String> {
     omnibox::model::validate::consumer_group(s)

@@ -113,11 +113,13 @@ const INDEXES: &[&str] = &[
     "outbox_events_cleanup",
     "outbox_events_failed",
     "outbox_events_failed_seq",
+    "outbox_events_topic_due",
     "inbox_events_claim",
     "inbox_events_locked",
     "inbox_events_cleanup",
     "inbox_events_failed",
     "inbox_events_failed_seq",
+    "inbox_events_source_due",
 ];
 
 pub async fn run(args: DoctorArgs, ctx: &Context) -> Result<ExitStatus> {
@@ -295,6 +297,8 @@ async fn plan_check(store: &AnyStore) -> Check {
                     .bind(1000_i64)
                     .bind(1000_i64)
                     .bind(0_i64)
+                    .bind(None::<String>)
+                    .bind(None::<Vec<String>>)
                     .persistent(false)
                     .fetch_all(&mut *tx)
                     .await?;
@@ -313,6 +317,7 @@ async fn plan_check(store: &AnyStore) -> Check {
                     .bind(1000_i64)
                     .bind(1000_i64)
                     .bind(0_i64)
+                    .bind(None::<String>)
                     .fetch_all(s.pool())
                     .await?;
                 Ok(rows

@@ -45,6 +45,7 @@ use super::{Context, ExitStatus, args, env};
 ///   omnibox publish --broker kafka://127.0.0.1:9092 --batch 1000 --dlq-topic outbox.dlq
 ///   omnibox publish --broker kafka://k1:9092,k2:9092 -X compression.type=lz4 --once
 ///   omnibox publish --broker stdout --once | jq .value.payload
+///   omnibox publish --broker kafka://127.0.0.1:9092 --topic reports   # a relay for one slow topic
 #[derive(Debug, Args)]
 #[command(verbatim_doc_comment)]
 pub struct PublishArgs {
@@ -62,6 +63,12 @@ pub struct PublishArgs {
     /// Publish what is due, then exit (for jobs and cron)
     #[arg(long)]
     once: bool,
+    /// Publish only events of this topic (repeatable): a relay dedicated to
+    /// some topics, e.g. a slow one, while others take the rest. Per-key
+    /// order holds (a key belongs to one topic); --once exits when nothing
+    /// of these topics is due
+    #[arg(long = "topic", value_name = "TOPIC", value_parser = args::filter_value)]
+    topics: Vec<String>,
     /// This relay's id in locked_by [default: HOST:PID]
     #[arg(long, value_name = "ID", value_parser = args::worker)]
     worker_id: Option<WorkerId>,
@@ -126,6 +133,7 @@ pub async fn run_publish(args: PublishArgs, ctx: &Context) -> Result<ExitStatus>
     options.batch = args.batch;
     options.lease = lease;
     options.commit_retry_for = lease / 2;
+    options.filters.topics = args.topics.clone();
     let metrics = Arc::new(Metrics::new());
     metrics.prime("outbox");
     let publish = relay::PublishOptions {

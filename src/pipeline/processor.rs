@@ -21,7 +21,7 @@ use crate::model::limits::DEFAULT_LEASE_TIMEOUT;
 use crate::model::{Event, Route, WorkerId, time};
 use crate::relay::Message;
 use crate::relay::sink::{AnySink, Sink};
-use crate::store::{Claim, ClaimOptions, ClaimToken, EventStore, Failure, RetryAt};
+use crate::store::{Claim, ClaimOptions, ClaimToken, EventStore, Failure, FetchFilters, RetryAt};
 
 /// What the handler step decided for one event.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -330,6 +330,8 @@ pub struct ProcessorOptions {
     pub transient_delay: Duration,
     /// How long result writes are retried when the database fails.
     pub commit_retry_for: Duration,
+    /// Which rows the claims take (empty: any; see [`FetchFilters`]).
+    pub filters: FetchFilters,
 }
 
 impl ProcessorOptions {
@@ -342,6 +344,7 @@ impl ProcessorOptions {
             backoff: Backoff::default(),
             transient_delay: crate::model::limits::DEFAULT_TRANSIENT_RETRY_DELAY,
             commit_retry_for: DEFAULT_LEASE_TIMEOUT / 2,
+            filters: FetchFilters::default(),
         }
     }
 }
@@ -575,6 +578,7 @@ where
                     spread,
                     lease: self.options.lease,
                     own,
+                    filters: self.options.filters.clone(),
                 })
                 .await?;
             let mut held: HashMap<Key, (i64, i64)> = HashMap::new();

@@ -325,7 +325,11 @@ where
             Ok(Fetch::Empty { more: true, .. }) => {
                 claim_errors = 0;
                 if options.mode == RunMode::Once
-                    && !processor.store().claimable_exists().await.unwrap_or(true)
+                    && !processor
+                        .store()
+                        .claimable_exists_for(&processor.options().filters)
+                        .await
+                        .unwrap_or(true)
                 {
                     break;
                 }
@@ -337,7 +341,12 @@ where
                 // is idle (and ends a Once run). A failing check counts as
                 // "busy": the next claim retries and reports the database's
                 // error if it persists.
-                let busy = contended || processor.store().claimable_exists().await.unwrap_or(true);
+                let busy = contended
+                    || processor
+                        .store()
+                        .claimable_exists_for(&processor.options().filters)
+                        .await
+                        .unwrap_or(true);
                 if busy {
                     let since = *contended_since.get_or_insert_with(Instant::now);
                     if options.mode == RunMode::Once && since.elapsed() > options.contention_limit {

@@ -1,5 +1,6 @@
 //! A store chosen by URL at run time: what the CLI uses.
 
+use crate::store::FetchFilters;
 use std::time::Duration;
 
 use uuid::Uuid;
@@ -203,8 +204,8 @@ impl<R: PgRoute + SqliteRoute> EventStore<R> for AnyTable<R> {
     async fn claim(&self, opts: &ClaimOptions) -> Result<Claim<R>> {
         delegate!(self, t => t.claim(opts))
     }
-    async fn claimable_exists(&self) -> Result<bool> {
-        delegate!(self, t => t.claimable_exists())
+    async fn claimable_exists_for(&self, filters: &FetchFilters) -> Result<bool> {
+        delegate!(self, t => t.claimable_exists_for(filters))
     }
     async fn extend_lease(
         &self,

@@ -108,6 +108,84 @@ pub struct ClaimOptions {
     /// [`Processor`](crate::Processor) does). Empty: rows in flight hold
     /// their key, as another worker's do.
     pub own: HashMap<(String, String), (i64, i64)>,
+    /// Which rows the claim may take (empty: any).
+    pub filters: FetchFilters,
+}
+
+/// Which rows a claim may take (the reference's `FetchFilters`): every
+/// non-empty list narrows the claim to rows whose column is one of its
+/// values. The outbox takes `topics` (a key belongs to one topic, so per-key
+/// order holds; a dedicated relay for a slow topic); the inbox takes
+/// `sources` and `event_types`. A filter a table does not take is an input
+/// error, not ignored.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct FetchFilters {
+    /// Outbox topics.
+    pub topics: Vec<String>,
+    /// Inbox sources (the producing service, or the topic).
+    pub sources: Vec<String>,
+    /// Inbox event types.
+    pub event_types: Vec<String>,
+}
+
+static NO_FILTERS: FetchFilters = FetchFilters::NONE;
+
+impl FetchFilters {
+    /// No filter: every row.
+    pub const NONE: FetchFilters = FetchFilters {
+        topics: Vec::new(),
+        sources: Vec::new(),
+        event_types: Vec::new(),
+    };
+
+    /// True when nothing is filtered.
+    pub fn is_empty(&self) -> bool {
+        self.topics.is_empty() && self.sources.is_empty() && self.event_types.is_empty()
+    }
+
+    /// Refuses a filter `table` does not take.
+    pub fn check_for(&self, table: Table) -> Result<()> {
+        let (allowed, refused): (&str, Vec<&str>) = match table {
+            Table::Outbox => (
+                "topics",
+                [
+                    (!self.sources.is_empty()).then_some("sources"),
+                    (!self.event_types.is_empty()).then_some("event types"),
+                ]
+                .into_iter()
+                .flatten()
+                .collect(),
+            ),
+            Table::Inbox => (
+                "sources and event types",
+                [(!self.topics.is_empty()).then_some("topics")]
+                    .into_iter()
+                    .flatten()
+                    .collect(),
+            ),
+        };
+        if refused.is_empty() {
+            return Ok(());
+        }
+        Err(Error::validation(
+            "filter",
+            format!(
+                "the {} claim cannot filter by {}: it filters by {allowed} only",
+                table.as_str(),
+                refused.join(" or ")
+            ),
+        ))
+    }
+
+    /// A list as a PostgreSQL array parameter (`NULL`: no filter).
+    pub(crate) fn pg(list: &[String]) -> Option<Vec<String>> {
+        (!list.is_empty()).then(|| list.to_vec())
+    }
+
+    /// A list as an SQLite JSON array parameter (`NULL`: no filter).
+    pub(crate) fn sqlite(list: &[String]) -> Option<String> {
+        (!list.is_empty()).then(|| serde_json::Value::from(list.to_vec()).to_string())
+    }
 }
 
 impl ClaimOptions {
@@ -121,6 +199,7 @@ impl ClaimOptions {
             spread: false,
             lease: crate::model::limits::DEFAULT_LEASE_TIMEOUT,
             own: HashMap::new(),
+            filters: FetchFilters::default(),
         }
     }
 
@@ -502,7 +581,16 @@ pub trait EventStore<R: Route>: Clone + Send + Sync + 'static {
     /// live lease do not count. Row locks of claims in progress are not
     /// seen, so a `true` may be taken by another worker first; a `false`
     /// means nothing is there for anyone until time passes or rows change.
-    fn claimable_exists(&self) -> impl Future<Output = Result<bool>> + Send;
+    fn claimable_exists(&self) -> impl Future<Output = Result<bool>> + Send {
+        self.claimable_exists_for(&NO_FILTERS)
+    }
+
+    /// As [`claimable_exists`](EventStore::claimable_exists), for a claim
+    /// with `filters`.
+    fn claimable_exists_for(
+        &self,
+        filters: &FetchFilters,
+    ) -> impl Future<Output = Result<bool>> + Send;
 
     /// Pushes the lease of claimed rows forward: they stay locked until
     /// `lease` from now (by the database's clock). Returns how many rows are

@@ -29,6 +29,7 @@ use crate::cli::{Context, ExitStatus, UsageError, args, signals};
 /// Examples:
 ///   omnibox inbox process --exec './apply-event.sh' --once
 ///   omnibox inbox process --webhook http://127.0.0.1:8080/events --concurrency 8
+///   omnibox inbox process --exec ./refunds.sh --source billing --event-type refund.issued
 #[derive(Debug, Args)]
 #[command(verbatim_doc_comment)]
 pub struct ProcessArgs {
@@ -37,6 +38,13 @@ pub struct ProcessArgs {
     /// Rows per claim
     #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..=100_000))]
     batch: u32,
+    /// Handle only rows from this source (the producing service, or the
+    /// topic; repeatable)
+    #[arg(long = "source", value_name = "SOURCE", value_parser = args::filter_value)]
+    sources: Vec<String>,
+    /// Handle only rows of this event type (repeatable)
+    #[arg(long = "event-type", value_name = "TYPE", value_parser = args::filter_value)]
+    event_types: Vec<String>,
     /// Handler calls running at once
     #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=1000))]
     concurrency: u32,
@@ -92,6 +100,8 @@ pub async fn run(args: ProcessArgs, ctx: &Context) -> Result<ExitStatus> {
     options.batch = args.batch;
     options.lease = lease;
     options.commit_retry_for = lease / 2;
+    options.filters.sources = args.sources.clone();
+    options.filters.event_types = args.event_types.clone();
     let metrics = Arc::new(Metrics::new());
     metrics.prime("inbox");
     let step = HandlerStep::new(handler, args.concurrency as usize, args.handler.timeout);

@@ -36,7 +36,7 @@ pub use insert::{
     complete_claimed_inbox, complete_inbox, delete_inbox, insert_inbox, insert_outbox,
     insert_outbox_stream, lock_inbox, take_inbox, unlock_inbox,
 };
-pub use sql::{OUTBOX_SCAN, OUTBOX_WALK};
+pub use sql::{INBOX_CLAIM, OUTBOX_SCAN, OUTBOX_WALK};
 
 /// Connection settings beyond the URL.
 #[derive(Debug, Clone)]

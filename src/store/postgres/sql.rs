@@ -68,6 +68,8 @@ macro_rules! plain_claim {
             $t,
             "
                 WHERE status = 'pending' AND locked_at IS NULL AND scheduled_at <= now()
+                  AND ($4::text[] IS NULL OR source = ANY($4))
+                  AND ($5::text[] IS NULL OR event_type = ANY($5))
                 ORDER BY scheduled_at, seq
                 LIMIT $2
                 FOR UPDATE SKIP LOCKED
@@ -77,6 +79,8 @@ macro_rules! plain_claim {
             $t,
             "
                 WHERE locked_until <= now() AND scheduled_at <= now()
+                  AND ($4::text[] IS NULL OR source = ANY($4))
+                  AND ($5::text[] IS NULL OR event_type = ANY($5))
                 ORDER BY locked_until
                 LIMIT $2
                 FOR UPDATE SKIP LOCKED
@@ -103,10 +107,12 @@ macro_rules! plain_claimable_exists {
         concat!(
             "SELECT EXISTS (SELECT 1 FROM ",
             $t,
-            " WHERE status = 'pending' AND locked_at IS NULL AND scheduled_at <= now())
+            " WHERE status = 'pending' AND locked_at IS NULL AND scheduled_at <= now()
+                 AND ($1::text[] IS NULL OR source = ANY($1)) AND ($2::text[] IS NULL OR event_type = ANY($2)))
              OR EXISTS (SELECT 1 FROM ",
             $t,
-            " WHERE locked_until <= now() AND scheduled_at <= now())"
+            " WHERE locked_until <= now() AND scheduled_at <= now()
+                 AND ($1::text[] IS NULL OR source = ANY($1)) AND ($2::text[] IS NULL OR event_type = ANY($2)))"
         )
     };
 }
@@ -250,6 +256,8 @@ pub const OUTBOX_SCAN: &str = "SELECT * FROM (
           FROM outbox_events r
          WHERE r.status = 'pending' AND r.locked_at IS NULL AND r.scheduled_at <= now()
            AND (r.scheduled_at, r.seq) > ($1, $2)
+           AND ($6::text IS NULL OR r.topic = $6)
+           AND ($7::text[] IS NULL OR r.topic = ANY($7))
          ORDER BY r.scheduled_at, r.seq
          OFFSET $5
          LIMIT $3) a
@@ -258,6 +266,8 @@ pub const OUTBOX_SCAN: &str = "SELECT * FROM (
         SELECT r.topic, r.partition_key, r.scheduled_at, r.seq, true AS expired
           FROM outbox_events r
          WHERE r.locked_until <= now() AND r.scheduled_at <= now()
+           AND ($6::text IS NULL OR r.topic = $6)
+           AND ($7::text[] IS NULL OR r.topic = ANY($7))
          ORDER BY r.locked_until
          LIMIT $4) b";
 
@@ -347,9 +357,11 @@ pub const OUTBOX_CLAIMABLE_EXISTS: &str = concat!(
         SELECT 1
           FROM (SELECT DISTINCT topic, partition_key FROM outbox_events r
                  WHERE r.status = 'pending' AND r.locked_at IS NULL AND r.scheduled_at <= now()
+                   AND ($1::text[] IS NULL OR r.topic = ANY($1))
                 UNION
                 SELECT topic, partition_key FROM outbox_events r
-                 WHERE r.locked_until <= now() AND r.scheduled_at <= now()) k
+                 WHERE r.locked_until <= now() AND r.scheduled_at <= now()
+                   AND ($1::text[] IS NULL OR r.topic = ANY($1))) k
          WHERE (SELECT ", ready!("e"), "
                   FROM outbox_events e
                  WHERE e.status = 'pending' AND e.topic = k.topic AND e.partition_key = k.partition_key
@@ -358,9 +370,13 @@ pub const OUTBOX_CLAIMABLE_EXISTS: &str = concat!(
 );
 
 pub static OUTBOX: TableSql = table_sql!("outbox_events", "", OUTBOX_CLAIMABLE_EXISTS);
+/// The inbox claim: $1 lease seconds, $2 limit, $3 worker, $4 sources and
+/// $5 event types (`NULL`: any).
+pub const INBOX_CLAIM: &str = plain_claim!("inbox_events");
+
 pub static INBOX: TableSql = table_sql!(
     "inbox_events",
-    plain_claim!("inbox_events"),
+    INBOX_CLAIM,
     plain_claimable_exists!("inbox_events")
 );
 

@@ -1,5 +1,6 @@
 //! [`EventStore`] for PostgreSQL tables.
 
+use crate::store::FetchFilters;
 use std::time::Duration;
 
 use sqlx::{Postgres, QueryBuilder, Row};
@@ -86,6 +87,7 @@ impl<R: PgRoute> EventStore<R> for PgTable<R> {
 
     async fn claim(&self, opts: &ClaimOptions) -> Result<Claim<R>> {
         opts.check()?;
+        opts.filters.check_for(R::TABLE)?;
         if R::KEY_ORDER {
             return self.claim_in_key_order(opts).await;
         }
@@ -93,6 +95,8 @@ impl<R: PgRoute> EventStore<R> for PgTable<R> {
             .bind(crate::store::secs(opts.lease))
             .bind(i64::from(opts.limit))
             .bind(opts.worker.as_str())
+            .bind(FetchFilters::pg(&opts.filters.sources))
+            .bind(FetchFilters::pg(&opts.filters.event_types))
             .persistent(false)
             .fetch_all(&self.pool)
             .await
@@ -101,9 +105,16 @@ impl<R: PgRoute> EventStore<R> for PgTable<R> {
         Ok(claimed(opts, events, false, None))
     }
 
-    async fn claimable_exists(&self) -> Result<bool> {
-        sqlx::query_scalar(R::sql().claimable_exists)
-            .persistent(false)
+    async fn claimable_exists_for(&self, filters: &FetchFilters) -> Result<bool> {
+        filters.check_for(R::TABLE)?;
+        let q = sqlx::query_scalar(R::sql().claimable_exists);
+        let q = if R::KEY_ORDER {
+            q.bind(FetchFilters::pg(&filters.topics))
+        } else {
+            q.bind(FetchFilters::pg(&filters.sources))
+                .bind(FetchFilters::pg(&filters.event_types))
+        };
+        q.persistent(false)
             .fetch_one(&self.pool)
             .await
             .map_err(storage)
@@ -334,6 +345,13 @@ impl<R: PgRoute> PgTable<R> {
             .bind(i64::from(examine))
             .bind(i64::from(opts.limit))
             .bind(claim::spread_skip(opts.limit, opts.spread))
+            // One topic as a plain equality, so the topic index is read in
+            // (scheduled_at, seq) order; several as an array.
+            .bind(match opts.filters.topics.as_slice() {
+                [one] => Some(one.clone()),
+                _ => None,
+            })
+            .bind(FetchFilters::pg(&opts.filters.topics).filter(|t| t.len() > 1))
             .persistent(false)
             .fetch_all(&mut *tx)
             .await

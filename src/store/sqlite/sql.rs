@@ -75,6 +75,8 @@ macro_rules! plain_claim {
             $t,
             "
                         WHERE status = 'pending' AND locked_at IS NULL AND scheduled_at <= ?1
+                          AND (?5 IS NULL OR source IN (SELECT value FROM json_each(?5)))
+                          AND (?6 IS NULL OR event_type IN (SELECT value FROM json_each(?6)))
                         ORDER BY scheduled_at, seq LIMIT ?3)
                     UNION ALL
                     SELECT seq, scheduled_at FROM (
@@ -82,6 +84,8 @@ macro_rules! plain_claim {
             $t,
             "
                         WHERE locked_until <= ?1 AND scheduled_at <= ?1
+                          AND (?5 IS NULL OR source IN (SELECT value FROM json_each(?5)))
+                          AND (?6 IS NULL OR event_type IN (SELECT value FROM json_each(?6)))
                         ORDER BY locked_until LIMIT ?3)
                 )
                 ORDER BY scheduled_at, seq LIMIT ?3)
@@ -95,10 +99,14 @@ macro_rules! plain_claimable_exists {
         concat!(
             "SELECT EXISTS (SELECT 1 FROM ",
             $t,
-            " WHERE status = 'pending' AND locked_at IS NULL AND scheduled_at <= ?1)
+            " WHERE status = 'pending' AND locked_at IS NULL AND scheduled_at <= ?1
+                 AND (?2 IS NULL OR source IN (SELECT value FROM json_each(?2)))
+                 AND (?3 IS NULL OR event_type IN (SELECT value FROM json_each(?3))))
              OR EXISTS (SELECT 1 FROM ",
             $t,
-            " WHERE locked_until <= ?1 AND scheduled_at <= ?1)"
+            " WHERE locked_until <= ?1 AND scheduled_at <= ?1
+                 AND (?2 IS NULL OR source IN (SELECT value FROM json_each(?2)))
+                 AND (?3 IS NULL OR event_type IN (SELECT value FROM json_each(?3))))"
         )
     };
 }
@@ -224,6 +232,7 @@ pub const OUTBOX_SCAN: &str = "SELECT * FROM (
           FROM outbox_events r
          WHERE r.status = 'pending' AND r.locked_at IS NULL AND r.scheduled_at <= ?1
            AND (r.scheduled_at, r.seq) > (?2, ?3)
+           AND (?7 IS NULL OR r.topic IN (SELECT value FROM json_each(?7)))
          ORDER BY r.scheduled_at, r.seq
          LIMIT ?4 OFFSET ?6)
     UNION ALL
@@ -231,6 +240,7 @@ pub const OUTBOX_SCAN: &str = "SELECT * FROM (
         SELECT r.topic, r.partition_key, r.scheduled_at, r.seq, 1 AS expired
           FROM outbox_events r
          WHERE r.locked_until <= ?1 AND r.scheduled_at <= ?1
+           AND (?7 IS NULL OR r.topic IN (SELECT value FROM json_each(?7)))
          ORDER BY r.locked_until
          LIMIT ?5)";
 
@@ -310,9 +320,11 @@ pub const OUTBOX_CLAIMABLE_EXISTS: &str = concat!(
         SELECT 1
           FROM (SELECT DISTINCT topic, partition_key FROM outbox_events r
                  WHERE r.status = 'pending' AND r.locked_at IS NULL AND r.scheduled_at <= ?1
+                   AND (?3 IS NULL OR r.topic IN (SELECT value FROM json_each(?3)))
                 UNION
                 SELECT topic, partition_key FROM outbox_events r
-                 WHERE r.locked_until <= ?1 AND r.scheduled_at <= ?1) k
+                 WHERE r.locked_until <= ?1 AND r.scheduled_at <= ?1
+                   AND (?3 IS NULL OR r.topic IN (SELECT value FROM json_each(?3)))) k
          WHERE (SELECT ", ready!("e"), "
                   FROM outbox_events e
                  WHERE e.status = 'pending' AND e.topic = k.topic AND e.partition_key = k.partition_key

@@ -1,5 +1,6 @@
 //! [`EventStore`], [`OutboxStore`] and [`InboxStore`] for SQLite tables.
 
+use crate::store::FetchFilters;
 use std::time::Duration;
 
 use serde_json::json;
@@ -108,6 +109,7 @@ impl<R: SqliteRoute> EventStore<R> for SqliteTable<R> {
 
     async fn claim(&self, opts: &ClaimOptions) -> Result<Claim<R>> {
         opts.check()?;
+        opts.filters.check_for(R::TABLE)?;
         if R::KEY_ORDER {
             return self.claim_in_key_order(opts).await;
         }
@@ -118,6 +120,8 @@ impl<R: SqliteRoute> EventStore<R> for SqliteTable<R> {
             .bind(ts(&until))
             .bind(i64::from(opts.limit))
             .bind(opts.worker.as_str())
+            .bind(FetchFilters::sqlite(&opts.filters.sources))
+            .bind(FetchFilters::sqlite(&opts.filters.event_types))
             .fetch_all(&self.pool)
             .await
             .map_err(storage)?;
@@ -125,11 +129,18 @@ impl<R: SqliteRoute> EventStore<R> for SqliteTable<R> {
         Ok(claimed(opts, now, events, None))
     }
 
-    async fn claimable_exists(&self) -> Result<bool> {
+    async fn claimable_exists_for(&self, filters: &FetchFilters) -> Result<bool> {
+        filters.check_for(R::TABLE)?;
         let now = time::now();
         let mut q = sqlx::query_scalar(R::sql().claimable_exists).bind(ts(&now));
         if R::KEY_ORDER {
-            q = q.bind(ts(&(now + chrono_dur(claim::KEY_ORDER_GRACE))));
+            q = q
+                .bind(ts(&(now + chrono_dur(claim::KEY_ORDER_GRACE))))
+                .bind(FetchFilters::sqlite(&filters.topics));
+        } else {
+            q = q
+                .bind(FetchFilters::sqlite(&filters.sources))
+                .bind(FetchFilters::sqlite(&filters.event_types));
         }
         q.fetch_one(&self.pool).await.map_err(storage)
     }
@@ -367,6 +378,7 @@ impl<R: SqliteRoute> SqliteTable<R> {
             .bind(i64::from(examine))
             .bind(i64::from(opts.limit))
             .bind(claim::spread_skip(opts.limit, opts.spread))
+            .bind(FetchFilters::sqlite(&opts.filters.topics))
             .fetch_all(&mut *tx)
             .await
             .map_err(storage)?
