@@ -123,6 +123,7 @@ Register-ArgumentCompleter -Native -CommandName 'omnibox' -ScriptBlock {
             [CompletionResult]::new('--kafka-sasl-password-file', '--kafka-sasl-password-file', [CompletionResultType]::ParameterName, 'A file holding the SASL password (its first line)')
             [CompletionResult]::new('--batch', '--batch', [CompletionResultType]::ParameterName, 'Events per claim')
             [CompletionResult]::new('--topic', '--topic', [CompletionResultType]::ParameterName, 'Publish only events of this topic (repeatable): a relay dedicated to some topics, e.g. a slow one, while others take the rest. Per-key order holds (a key belongs to one topic); --once exits when nothing of these topics is due')
+            [CompletionResult]::new('--default-schema-version', '--default-schema-version', [CompletionResultType]::ParameterName, 'The envelope''s schema_version for events that have none of their own')
             [CompletionResult]::new('--worker-id', '--worker-id', [CompletionResultType]::ParameterName, 'This relay''s id in locked_by [default: HOST:PID]')
             [CompletionResult]::new('--lease', '--lease', [CompletionResultType]::ParameterName, 'Lease of a claim: a relay that dies leaves its rows to others after this long (extended while a batch is in flight) [default: OMNIBOX_LEASE, lease in omnibox.toml, or 5m]')
             [CompletionResult]::new('--publish-timeout', '--publish-timeout', [CompletionResultType]::ParameterName, 'Longest wait for one message''s acknowledgement')

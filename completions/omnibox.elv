@@ -117,6 +117,7 @@ set edit:completion:arg-completer[omnibox] = {|@words|
             cand --kafka-sasl-password-file 'A file holding the SASL password (its first line)'
             cand --batch 'Events per claim'
             cand --topic 'Publish only events of this topic (repeatable): a relay dedicated to some topics, e.g. a slow one, while others take the rest. Per-key order holds (a key belongs to one topic); --once exits when nothing of these topics is due'
+            cand --default-schema-version 'The envelope''s schema_version for events that have none of their own'
             cand --worker-id 'This relay''s id in locked_by [default: HOST:PID]'
             cand --lease 'Lease of a claim: a relay that dies leaves its rows to others after this long (extended while a batch is in flight) [default: OMNIBOX_LEASE, lease in omnibox.toml, or 5m]'
             cand --publish-timeout 'Longest wait for one message''s acknowledgement'

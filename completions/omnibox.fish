@@ -119,6 +119,7 @@ complete -c omnibox -n "__fish_omnibox_using_subcommand publish" -l kafka-sasl-u
 complete -c omnibox -n "__fish_omnibox_using_subcommand publish" -l kafka-sasl-password-file -d 'A file holding the SASL password (its first line)' -r -F
 complete -c omnibox -n "__fish_omnibox_using_subcommand publish" -l batch -d 'Events per claim' -r
 complete -c omnibox -n "__fish_omnibox_using_subcommand publish" -l topic -d 'Publish only events of this topic (repeatable): a relay dedicated to some topics, e.g. a slow one, while others take the rest. Per-key order holds (a key belongs to one topic); --once exits when nothing of these topics is due' -r
+complete -c omnibox -n "__fish_omnibox_using_subcommand publish" -l default-schema-version -d 'The envelope\'s schema_version for events that have none of their own' -r
 complete -c omnibox -n "__fish_omnibox_using_subcommand publish" -l worker-id -d 'This relay\'s id in locked_by [default: HOST:PID]' -r
 complete -c omnibox -n "__fish_omnibox_using_subcommand publish" -l lease -d 'Lease of a claim: a relay that dies leaves its rows to others after this long (extended while a batch is in flight) [default: OMNIBOX_LEASE, lease in omnibox.toml, or 5m]' -r
 complete -c omnibox -n "__fish_omnibox_using_subcommand publish" -l publish-timeout -d 'Longest wait for one message\'s acknowledgement' -r

@@ -1185,6 +1185,32 @@ fn filtered_relays_and_processors_take_only_their_rows() {
         .collect();
     assert_eq!(topics, vec!["\"reports\"", "\"reports\""], "{out}");
     assert_eq!(pending(d), 3, "the orders wait for another relay");
+    // The envelope's default schema version (the events have none).
+    let r = run(
+        d,
+        &[
+            "publish",
+            "--once",
+            "--broker",
+            "file:orders.jsonl",
+            "--topic",
+            "orders",
+            "--default-schema-version",
+            "2.1",
+        ],
+    );
+    assert_eq!(r.code, 0, "{}", r.render());
+    let orders = std::fs::read_to_string(d.join("orders.jsonl")).unwrap();
+    assert_eq!(orders.lines().count(), 3);
+    for l in orders.lines() {
+        let m: serde_json::Value = serde_json::from_str(l).unwrap();
+        assert_eq!(m["value"]["schema_version"], "2.1", "{l}");
+    }
+    let reports = out.clone();
+    assert!(
+        reports.contains("\"schema_version\":\"1.0.0\""),
+        "the default: {reports}"
+    );
 
     // The inbox: consume the published file, then process one source's
     // event type only.

@@ -555,6 +555,91 @@ mod cases {
         assert!(cx.tx().await.is_err());
     }
 
+    /// A service's own message format through a custom `EnvelopeParser`
+    /// (id, type and payload from its own fields; unreadable messages still
+    /// stored, as poison), and a custom `DomainService` (its default
+    /// `max_attempts` and payload limit apply to the rows).
+    pub async fn custom_parser_and_domain(db: &TestDb) {
+        use omnibox::inbox::{EnvelopeParser, Normalized};
+        use omnibox::{DomainService, Limits, NewInboxEvent};
+        struct Invoices;
+        impl EnvelopeParser for Invoices {
+            fn parse(&self, domain: &DomainService, raw: &RawMessage, group: &str) -> Normalized {
+                let value: serde_json::Value =
+                    serde_json::from_slice(raw.payload.as_deref().unwrap_or_default())
+                        .unwrap_or_default();
+                let (Some(kind), Some(id)) = (value["kind"].as_str(), value["id"].as_str()) else {
+                    return Normalized::poison(domain, raw, group, "no kind or id");
+                };
+                let body = value["body"].clone();
+                match domain
+                    .create_inbox_event(NewInboxEvent::new(id, group, "invoices", kind, body))
+                {
+                    Ok(e) => Normalized::Event(Box::new(e)),
+                    Err(e) => Normalized::poison(domain, raw, group, &e.to_string()),
+                }
+            }
+        }
+        let msg = |i: i64, value: &str| RawMessage {
+            topic: "invoices-v2".into(),
+            partition: 0,
+            offset: i,
+            key: None,
+            headers: Vec::new(),
+            payload: Some(value.as_bytes().to_vec()),
+            position_is_identity: true,
+            cut: None,
+        };
+        let big = format!(
+            r#"{{"kind":"invoice.paid","id":"inv-3","body":{{"pad":"{}"}}}}"#,
+            "x".repeat(300)
+        );
+        let rows = vec![
+            msg(
+                0,
+                r#"{"kind":"invoice.paid","id":"inv-1","body":{"cents":100}}"#,
+            ),
+            msg(1, r#"{"id":"inv-2"}"#),
+            msg(2, &big),
+        ];
+        let (source, _) = VecSource::new(rows, db.store.inbox());
+        let limits = Limits {
+            max_attempts: 2,
+            payload_max_bytes: 200,
+            ..Limits::default()
+        };
+        let mut consumer = InboxConsumer::<_, AnyHandler>::new(
+            source,
+            db.store.inbox(),
+            None,
+            options(AckStrategy::ExactlyOnce, 10),
+        )
+        .with_parser(Invoices)
+        .with_domain(DomainService::new(
+            limits,
+            omnibox::domain::Backoff::default(),
+        ));
+        let r = consumer.run(true, stop()).await.unwrap();
+        assert_eq!((r.stored, r.poison), (3, 2), "{r:?}");
+        let inbox = db.store.inbox();
+        let ok = inbox
+            .get_by_message_id("inv-1", "billing")
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            (ok.event_type(), ok.source(), ok.max_attempts()),
+            ("invoice.paid", "invoices", 2)
+        );
+        assert_eq!(ok.payload()["cents"], 100);
+        let c = inbox.counts().await.unwrap();
+        assert_eq!(
+            (c.pending, c.failed),
+            (1, 2),
+            "the unreadable and the oversized one"
+        );
+    }
+
     /// The attempt count and the event id of a message belong to its row:
     /// a consumer that restarts (a new process, a rebalance) goes on
     /// counting, and the redelivery limit holds across restarts.
@@ -1001,6 +1086,7 @@ backend_tests!(
     exactly_once_under_redelivery,
     handler_writes_commit_or_roll_back_with_the_row,
     process_handlers_write_with_the_row,
+    custom_parser_and_domain,
     crash_between_store_and_commit,
     handler_failure_is_redelivered_until_it_succeeds,
     attempts_survive_a_restart,

@@ -267,6 +267,7 @@ fn spawn_relay(
             unavailable_limit,
             topic_retry_min: Duration::from_millis(5),
             topic_retry_max: Duration::from_millis(40),
+            ..PublishOptions::default()
         };
         let p = relay::publisher_with(table, sink, options, publish).build();
         let opts = RunOptions {

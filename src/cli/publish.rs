@@ -69,6 +69,9 @@ pub struct PublishArgs {
     /// of these topics is due
     #[arg(long = "topic", value_name = "TOPIC", value_parser = args::filter_value)]
     topics: Vec<String>,
+    /// The envelope's schema_version for events that have none of their own
+    #[arg(long, value_name = "VERSION", default_value = omnibox::relay::DEFAULT_SCHEMA_VERSION, value_parser = args::filter_value)]
+    default_schema_version: String,
     /// This relay's id in locked_by [default: HOST:PID]
     #[arg(long, value_name = "ID", value_parser = args::worker)]
     worker_id: Option<WorkerId>,
@@ -140,6 +143,7 @@ pub async fn run_publish(args: PublishArgs, ctx: &Context) -> Result<ExitStatus>
         timeout: args.publish_timeout,
         transient_delay: options.transient_delay,
         unavailable_limit: args.topic_unavailable_limit,
+        default_schema_version: args.default_schema_version.clone(),
         ..relay::PublishOptions::default()
     };
     let mut builder = relay::publisher_with(store.outbox(), sink.clone(), options, publish)

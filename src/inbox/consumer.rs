@@ -12,7 +12,7 @@ use uuid::Uuid;
 
 use super::context::{Dependencies, HandlerContext};
 use super::handler::{Handler, run_handler};
-use super::normalize::{Normalized, RawMessage, normalize_all};
+use super::normalize::{DefaultEnvelopeParser, EnvelopeParser, Normalized, RawMessage};
 use super::source::Source;
 use crate::domain::{Backoff, DomainService, Retry};
 use crate::error::{Error, Result};
@@ -167,6 +167,8 @@ pub struct InboxConsumer<S: Source, H: Handler> {
     warnings: Throttle,
     /// Handed to every handler run.
     deps: Dependencies,
+    /// Turns messages into events.
+    parser: Arc<dyn EnvelopeParser>,
 }
 
 /// Rate limit of a repeated warning.
@@ -214,7 +216,25 @@ impl<S: Source, H: Handler> InboxConsumer<S, H> {
             resume_at: None,
             warnings: Throttle::default(),
             deps: Dependencies::default(),
+            parser: Arc::new(DefaultEnvelopeParser),
         }
+    }
+
+    /// Creates events through `domain` instead of the default one: its
+    /// limits apply to every message, and its `max_attempts` becomes the
+    /// consumer's redelivery limit ([`ConsumeOptions::max_redeliveries`]).
+    pub fn with_domain(mut self, domain: DomainService) -> Self {
+        self.options.max_redeliveries =
+            u32::try_from(domain.limits().max_attempts.max(1)).unwrap_or(1);
+        self.domain = domain;
+        self
+    }
+
+    /// Reads messages with `parser` instead of the default rule
+    /// ([`DefaultEnvelopeParser`]).
+    pub fn with_parser(mut self, parser: impl EnvelopeParser) -> Self {
+        self.parser = Arc::new(parser);
+        self
     }
 
     /// Hands `deps` to every handler run ([`HandlerContext::dep`]).
@@ -410,7 +430,10 @@ impl<S: Source, H: Handler> InboxConsumer<S, H> {
         if self.options.ack == AckStrategy::AtMostOnce {
             self.commit(messages, report).await?;
         }
-        let normalized = normalize_all(&self.domain, messages, &self.options.group);
+        let normalized: Vec<Normalized> = messages
+            .iter()
+            .map(|m| self.parser.parse(&self.domain, m, &self.options.group))
+            .collect();
         match self.options.ack {
             AckStrategy::ExactlyOnce => self.exactly_once(messages, &normalized, report).await,
             AckStrategy::AtMostOnce => {

@@ -26,5 +26,7 @@ pub use handler::{
     AnyHandler, ExecHandler, Handler, HandlerFuture, HandlerStep, TxFn, WebhookHandler,
     redact_http_url, tx_handler,
 };
-pub use normalize::{Cut, Normalized, RawMessage, normalize};
+pub use normalize::{
+    Cut, DefaultEnvelopeParser, EnvelopeParser, Normalized, RawMessage, normalize,
+};
 pub use source::{AnySource, FileSource, KafkaSource, Polled, Source};

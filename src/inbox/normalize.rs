@@ -187,6 +187,54 @@ pub fn normalize(domain: &DomainService, raw: &RawMessage, consumer_group: &str)
     }
 }
 
+/// Turns a broker message into an inbox event (the reference's
+/// `EnvelopeParser`). [`DefaultEnvelopeParser`] applies the rules of this
+/// module; a service with its own message format implements this and hands
+/// it to [`InboxConsumer::with_parser`](super::InboxConsumer::with_parser).
+/// A message that cannot be an event must still come back, as
+/// [`Normalized::poison`] (stored `failed` with its bytes, never dropped).
+pub trait EnvelopeParser: Send + Sync + 'static {
+    /// The event of `raw` for `consumer_group`, created through `domain`
+    /// (its limits and default `max_attempts`).
+    fn parse(&self, domain: &DomainService, raw: &RawMessage, consumer_group: &str) -> Normalized;
+}
+
+/// The default rule: [`normalize`].
+#[derive(Debug, Clone, Copy, Default)]
+pub struct DefaultEnvelopeParser;
+
+impl EnvelopeParser for DefaultEnvelopeParser {
+    fn parse(&self, domain: &DomainService, raw: &RawMessage, consumer_group: &str) -> Normalized {
+        normalize(domain, raw, consumer_group)
+    }
+}
+
+impl Normalized {
+    /// A poison row for `raw` that a parser could not read, with `why`: its
+    /// message id is the content id (`sha256:...`; a Kafka message keeps
+    /// `topic:partition:offset`), its source the `source` header or the
+    /// topic, its bytes kept as [`normalize`] keeps them.
+    pub fn poison(
+        domain: &DomainService,
+        raw: &RawMessage,
+        consumer_group: &str,
+        why: &str,
+    ) -> Self {
+        let source = raw
+            .header("source")
+            .or_else(|| raw.header("source_service"))
+            .unwrap_or_else(|| raw.topic.clone());
+        Normalized::Poison(Box::new(poison(
+            domain,
+            raw,
+            &raw.fallback_id(),
+            &source,
+            consumer_group,
+            why,
+        )))
+    }
+}
+
 fn parse(
     domain: &DomainService,
     raw: &RawMessage,

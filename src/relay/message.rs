@@ -47,8 +47,14 @@ struct Envelope<'a> {
 /// The envelope of an event: `{schema_version, event_type, aggregate_type,
 /// aggregate_id, payload, timestamp, trace_id?, correlation_id?, causation_id?}`.
 pub fn envelope(event: &OutboxEvent) -> Box<RawValue> {
+    envelope_with(event, DEFAULT_SCHEMA_VERSION)
+}
+
+/// [`envelope`], with `default_version` for an event without a schema
+/// version of its own.
+pub fn envelope_with(event: &OutboxEvent, default_version: &str) -> Box<RawValue> {
     let env = Envelope {
-        schema_version: event.schema_version().unwrap_or(DEFAULT_SCHEMA_VERSION),
+        schema_version: event.schema_version().unwrap_or(default_version),
         event_type: event.event_type(),
         aggregate_type: event.aggregate_type(),
         aggregate_id: event.aggregate_id(),
@@ -86,11 +92,17 @@ pub fn headers(event: &OutboxEvent) -> BTreeMap<String, String> {
 impl Message {
     /// The message of an outbox event, to its own topic.
     pub fn from_event(event: &OutboxEvent) -> Self {
+        Self::from_event_with(event, DEFAULT_SCHEMA_VERSION)
+    }
+
+    /// [`from_event`](Self::from_event), with `default_version` in the
+    /// envelope of an event without a schema version of its own.
+    pub fn from_event_with(event: &OutboxEvent, default_version: &str) -> Self {
         Message {
             topic: event.topic().to_string(),
             key: event.partition_key().to_string(),
             headers: headers(event),
-            value: envelope(event),
+            value: envelope_with(event, default_version),
             event_id: event.id(),
         }
     }

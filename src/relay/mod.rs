@@ -37,7 +37,7 @@ use crate::store::OutboxStore;
 mod message;
 pub mod sink;
 
-pub use message::{DEFAULT_SCHEMA_VERSION, Message, envelope, headers};
+pub use message::{DEFAULT_SCHEMA_VERSION, Message, envelope, envelope_with, headers};
 pub use sink::{AnySink, Delivery, Sink};
 
 /// Default bound on one message's delivery.
@@ -82,6 +82,8 @@ pub struct PublishOptions {
     pub topic_retry_min: Duration,
     /// Longest wait of an unavailable topic's events.
     pub topic_retry_max: Duration,
+    /// The envelope's `schema_version` for events without one of their own.
+    pub default_schema_version: String,
 }
 
 impl Default for PublishOptions {
@@ -92,6 +94,7 @@ impl Default for PublishOptions {
             unavailable_limit: DEFAULT_UNAVAILABLE_LIMIT,
             topic_retry_min: Duration::from_secs(1),
             topic_retry_max: Duration::from_secs(64),
+            default_schema_version: DEFAULT_SCHEMA_VERSION.to_string(),
         }
     }
 }
@@ -302,7 +305,10 @@ pub enum TopicVerdict {
 
 impl<K: Sink> BatchHandler<OutboxRoute> for PublishHandler<K> {
     async fn handle(&self, events: &[OutboxEvent]) -> Vec<Outcome> {
-        let mut messages: Vec<Message> = events.iter().map(Message::from_event).collect();
+        let mut messages: Vec<Message> = events
+            .iter()
+            .map(|e| Message::from_event_with(e, &self.options.default_schema_version))
+            .collect();
         let spans = crate::telemetry::enabled()
             .then(|| PublishSpans::start(&self.sink.describe(), events, &mut messages));
         let deliveries = self.sink.send(&messages, self.options.timeout).await;
