@@ -1267,7 +1267,7 @@ _omnibox() {
             return 0
             ;;
         omnibox__subcmd__inbox__subcmd__process)
-            opts="-v -q -h -V --exec --webhook --timeout --batch --source --event-type --concurrency --once --worker-id --lease --dlq-topic --dlq-broker --poll-interval --outage-limit --metrics-addr --database-url --schema --config --format --color --log-format --verbose --quiet --dedup-window --otlp-endpoint --help --version"
+            opts="-v -q -h -V --exec --webhook --timeout --circuit-breaker --circuit-threshold --circuit-recovery --batch --source --event-type --concurrency --once --worker-id --lease --dlq-topic --dlq-broker --poll-interval --outage-limit --metrics-addr --database-url --schema --config --format --color --log-format --verbose --quiet --dedup-window --otlp-endpoint --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -1282,6 +1282,18 @@ _omnibox() {
                     return 0
                     ;;
                 --timeout)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --circuit-breaker)
+                    COMPREPLY=($(compgen -W "on off" -- "${cur}"))
+                    return 0
+                    ;;
+                --circuit-threshold)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --circuit-recovery)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
@@ -1493,7 +1505,7 @@ _omnibox() {
             return 0
             ;;
         omnibox__subcmd__publish)
-            opts="-X -v -q -h -V --broker --kafka-tls-ca --kafka-tls-cert --kafka-tls-key --kafka-sasl-mechanism --kafka-sasl-username --kafka-sasl-password-file --batch --once --topic --default-schema-version --worker-id --lease --publish-timeout --dlq-topic --limit --topic-unavailable-limit --poll-interval --outage-limit --metrics-addr --database-url --schema --config --format --color --log-format --verbose --quiet --dedup-window --otlp-endpoint --help --version"
+            opts="-X -v -q -h -V --broker --kafka-tls-ca --kafka-tls-cert --kafka-tls-key --kafka-sasl-mechanism --kafka-sasl-username --kafka-sasl-password-file --circuit-breaker --circuit-threshold --circuit-recovery --batch --once --topic --default-schema-version --worker-id --lease --publish-timeout --dlq-topic --limit --topic-unavailable-limit --poll-interval --outage-limit --metrics-addr --database-url --schema --config --format --color --log-format --verbose --quiet --dedup-window --otlp-endpoint --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -1528,6 +1540,18 @@ _omnibox() {
                     return 0
                     ;;
                 --kafka-sasl-password-file)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --circuit-breaker)
+                    COMPREPLY=($(compgen -W "on off" -- "${cur}"))
+                    return 0
+                    ;;
+                --circuit-threshold)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --circuit-recovery)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;

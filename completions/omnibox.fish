@@ -117,6 +117,10 @@ SCRAM-SHA-256\t''
 SCRAM-SHA-512\t''"
 complete -c omnibox -n "__fish_omnibox_using_subcommand publish" -l kafka-sasl-username -d 'The SASL user name' -r
 complete -c omnibox -n "__fish_omnibox_using_subcommand publish" -l kafka-sasl-password-file -d 'A file holding the SASL password (its first line)' -r -F
+complete -c omnibox -n "__fish_omnibox_using_subcommand publish" -l circuit-breaker -d 'Pause claiming while downstream (the broker, the handler) does not answer; off keeps claiming at the transient retry\'s pace (no attempt is spent either way)' -r -f -a "on\t'On'
+off\t'Off'"
+complete -c omnibox -n "__fish_omnibox_using_subcommand publish" -l circuit-threshold -d 'Consecutive batches downstream did not take before the pause starts' -r
+complete -c omnibox -n "__fish_omnibox_using_subcommand publish" -l circuit-recovery -d 'Longest pause: it starts at 1s and doubles while downstream stays out, up to this (at least 1s)' -r
 complete -c omnibox -n "__fish_omnibox_using_subcommand publish" -l batch -d 'Events per claim' -r
 complete -c omnibox -n "__fish_omnibox_using_subcommand publish" -l topic -d 'Publish only events of this topic (repeatable): a relay dedicated to some topics, e.g. a slow one, while others take the rest. Per-key order holds (a key belongs to one topic); --once exits when nothing of these topics is due' -r
 complete -c omnibox -n "__fish_omnibox_using_subcommand publish" -l default-schema-version -d 'The envelope\'s schema_version for events that have none of their own' -r
@@ -215,6 +219,10 @@ complete -c omnibox -n "__fish_omnibox_using_subcommand inbox; and __fish_seen_s
 complete -c omnibox -n "__fish_omnibox_using_subcommand inbox; and __fish_seen_subcommand_from process" -l exec -d 'Run this command per event (via sh -c): the event as JSON on stdin, OMNIBOX_* variables; exit 0 completed, 3 skipped, 75 retry later, other failed' -r
 complete -c omnibox -n "__fish_omnibox_using_subcommand inbox; and __fish_seen_subcommand_from process" -l webhook -d 'POST each event as JSON to this URL: 2xx completed, 409 skipped, 429/502/503/504 retry later (Retry-After honoured), other failed' -r
 complete -c omnibox -n "__fish_omnibox_using_subcommand inbox; and __fish_seen_subcommand_from process" -l timeout -d 'Longest run of one handler call (a timeout is a failed attempt)' -r
+complete -c omnibox -n "__fish_omnibox_using_subcommand inbox; and __fish_seen_subcommand_from process" -l circuit-breaker -d 'Pause claiming while downstream (the broker, the handler) does not answer; off keeps claiming at the transient retry\'s pace (no attempt is spent either way)' -r -f -a "on\t'On'
+off\t'Off'"
+complete -c omnibox -n "__fish_omnibox_using_subcommand inbox; and __fish_seen_subcommand_from process" -l circuit-threshold -d 'Consecutive batches downstream did not take before the pause starts' -r
+complete -c omnibox -n "__fish_omnibox_using_subcommand inbox; and __fish_seen_subcommand_from process" -l circuit-recovery -d 'Longest pause: it starts at 1s and doubles while downstream stays out, up to this (at least 1s)' -r
 complete -c omnibox -n "__fish_omnibox_using_subcommand inbox; and __fish_seen_subcommand_from process" -l batch -d 'Rows per claim' -r
 complete -c omnibox -n "__fish_omnibox_using_subcommand inbox; and __fish_seen_subcommand_from process" -l source -d 'Handle only rows from this source (the producing service, or the topic; repeatable)' -r
 complete -c omnibox -n "__fish_omnibox_using_subcommand inbox; and __fish_seen_subcommand_from process" -l event-type -d 'Handle only rows of this event type (repeatable)' -r

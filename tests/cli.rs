@@ -1185,6 +1185,24 @@ fn filtered_relays_and_processors_take_only_their_rows() {
         .collect();
     assert_eq!(topics, vec!["\"reports\"", "\"reports\""], "{out}");
     assert_eq!(pending(d), 3, "the orders wait for another relay");
+    let r = run(
+        d,
+        &[
+            "publish",
+            "--once",
+            "--broker",
+            "file:none.jsonl",
+            "--topic",
+            "nothing",
+            "--circuit-breaker",
+            "off",
+            "--circuit-threshold",
+            "3",
+            "--circuit-recovery",
+            "2m",
+        ],
+    );
+    assert_eq!(r.code, 0, "{}", r.render());
     // The envelope's default schema version (the events have none).
     let r = run(
         d,
@@ -1255,6 +1273,17 @@ fn filtered_relays_and_processors_take_only_their_rows() {
         "only billing's refunds"
     );
     for bad in [
+        vec!["publish", "--once", "--circuit-recovery", "500ms"],
+        vec!["publish", "--once", "--circuit-threshold", "0"],
+        vec![
+            "inbox",
+            "process",
+            "--once",
+            "--exec",
+            "true",
+            "--circuit-breaker",
+            "maybe",
+        ],
         vec!["publish", "--once", "--topic", " orders"],
         vec![
             "inbox", "process", "--once", "--exec", "true", "--source", "",

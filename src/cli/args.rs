@@ -188,3 +188,49 @@ mod tests {
         );
     }
 }
+
+/// On or off.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum OnOff {
+    /// On.
+    On,
+    /// Off.
+    Off,
+}
+
+/// The circuit breaker of `publish` and `inbox process`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct CircuitArgs {
+    /// Pause claiming while downstream (the broker, the handler) does not
+    /// answer; off keeps claiming at the transient retry's pace (no attempt
+    /// is spent either way)
+    #[arg(long, value_enum, default_value_t = OnOff::On, value_name = "on|off")]
+    pub circuit_breaker: OnOff,
+    /// Consecutive batches downstream did not take before the pause starts
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=1000), value_name = "N")]
+    pub circuit_threshold: u32,
+    /// Longest pause: it starts at 1s and doubles while downstream stays
+    /// out, up to this (at least 1s)
+    #[arg(long, default_value = "30s", value_parser = duration, allow_hyphen_values = true, value_name = "DURATION")]
+    pub circuit_recovery: Duration,
+}
+
+impl CircuitArgs {
+    /// The breaker's settings; a recovery under a second is a usage error.
+    pub fn config(
+        &self,
+    ) -> Result<omnibox::pipeline::circuit::CircuitConfig, crate::cli::UsageError> {
+        if self.circuit_recovery < Duration::from_secs(1) {
+            return Err(crate::cli::UsageError(
+                "--circuit-recovery must be at least 1s".into(),
+            ));
+        }
+        let base = Duration::from_secs(1);
+        Ok(omnibox::pipeline::circuit::CircuitConfig {
+            enabled: self.circuit_breaker == OnOff::On,
+            threshold: self.circuit_threshold,
+            base,
+            max: self.circuit_recovery,
+        })
+    }
+}

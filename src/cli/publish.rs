@@ -57,6 +57,8 @@ pub struct PublishArgs {
     properties: Vec<(String, String)>,
     #[command(flatten)]
     kafka_security: crate::cli::kafka_security::KafkaSecurityArgs,
+    #[command(flatten)]
+    circuit: args::CircuitArgs,
     /// Events per claim
     #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..=100_000))]
     batch: u32,
@@ -102,6 +104,7 @@ pub struct PublishArgs {
 }
 
 pub async fn run_publish(args: PublishArgs, ctx: &Context) -> Result<ExitStatus> {
+    let circuit = args.circuit.config()?;
     let broker = args
         .broker
         .clone()
@@ -147,7 +150,8 @@ pub async fn run_publish(args: PublishArgs, ctx: &Context) -> Result<ExitStatus>
         ..relay::PublishOptions::default()
     };
     let mut builder = relay::publisher_with(store.outbox(), sink.clone(), options, publish)
-        .metrics(metrics.clone());
+        .metrics(metrics.clone())
+        .circuit(circuit);
     if let Some(topic) = &args.dlq_topic {
         builder = builder.dead_letter(sink.clone(), topic.clone());
     }

@@ -8,17 +8,25 @@ use std::time::{Duration, Instant};
 /// Settings of a [`CircuitBreaker`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct CircuitConfig {
-    /// Consecutive failing batches before the circuit opens.
+    /// Whether the circuit opens at all (the reference's
+    /// `enable_circuit_breaker`). Off, a downstream outage still spends no
+    /// attempt and is still reported once, but claims go on at the
+    /// transient retry's pace.
+    pub enabled: bool,
+    /// Consecutive failing batches before the circuit opens (the
+    /// reference's `failure_threshold`).
     pub threshold: u32,
     /// First pause once open.
     pub base: Duration,
-    /// Longest pause.
+    /// Longest pause: the pause doubles while failures go on, up to this
+    /// (the reference's `recovery_timeout`).
     pub max: Duration,
 }
 
 impl Default for CircuitConfig {
     fn default() -> Self {
         CircuitConfig {
+            enabled: true,
             threshold: 1,
             base: Duration::from_secs(1),
             max: Duration::from_secs(30),
@@ -57,7 +65,7 @@ impl CircuitBreaker {
         if let Some(e) = error {
             self.last_error = Some(e.to_string());
         }
-        if self.failures >= self.config.threshold.max(1) {
+        if self.config.enabled && self.failures >= self.config.threshold.max(1) {
             let doublings = (self.failures - self.config.threshold.max(1)).min(16);
             let pause = self
                 .config
@@ -102,6 +110,7 @@ mod tests {
     #[test]
     fn opens_doubles_caps_and_closes() {
         let mut b = CircuitBreaker::new(CircuitConfig {
+            enabled: true,
             threshold: 2,
             base: Duration::from_secs(1),
             max: Duration::from_secs(3),
@@ -121,5 +130,19 @@ mod tests {
         assert!(b.pause().is_none());
         assert!(b.outage().is_none());
         assert_eq!(b.failures(), 0);
+    }
+
+    #[test]
+    fn disabled_never_pauses_but_still_tracks_the_outage() {
+        let mut b = CircuitBreaker::new(CircuitConfig {
+            enabled: false,
+            ..CircuitConfig::default()
+        });
+        for _ in 0..5 {
+            b.record_failure(Some("down"));
+        }
+        assert!(b.pause().is_none());
+        assert_eq!(b.failures(), 5);
+        assert!(b.outage().is_some());
     }
 }

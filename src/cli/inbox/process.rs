@@ -35,6 +35,8 @@ use crate::cli::{Context, ExitStatus, UsageError, args, signals};
 pub struct ProcessArgs {
     #[command(flatten)]
     handler: HandlerArgs,
+    #[command(flatten)]
+    circuit: args::CircuitArgs,
     /// Rows per claim
     #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..=100_000))]
     batch: u32,
@@ -75,6 +77,7 @@ pub struct ProcessArgs {
 }
 
 pub async fn run(args: ProcessArgs, ctx: &Context) -> Result<ExitStatus> {
+    let circuit = args.circuit.config()?;
     let Some(handler) = args.handler.handler()? else {
         return Err(UsageError(
             "inbox process needs a handler: --exec CMD or --webhook URL".into(),
@@ -107,7 +110,8 @@ pub async fn run(args: ProcessArgs, ctx: &Context) -> Result<ExitStatus> {
     let step = HandlerStep::new(handler, args.concurrency as usize, args.handler.timeout);
     let mut builder = ProcessorBuilder::new(store.inbox(), step, options)
         .job("inbox_processor")
-        .metrics(metrics.clone());
+        .metrics(metrics.clone())
+        .circuit(circuit);
     if let Some(topic) = &args.dlq_topic {
         let url = args
             .dlq_broker
