@@ -640,6 +640,70 @@ mod cases {
         );
     }
 
+    /// A custom `Step` around the processor's handler sees the batch first
+    /// and may change outcomes: here failures of one event type become
+    /// skips, and a second, outer step sees the changed outcome.
+    pub async fn steps_see_and_change_outcomes(db: &TestDb) {
+        use omnibox::pipeline::{Step, StepExt};
+        #[derive(Default)]
+        struct Forgive(Mutex<Vec<String>>);
+        impl Step<InboxRoute> for Forgive {
+            async fn before_batch(&self, events: &[InboxEvent]) {
+                self.0
+                    .lock()
+                    .unwrap()
+                    .push(format!("before {}", events.len()));
+            }
+            async fn after_event(&self, event: &InboxEvent, outcome: &mut Outcome) {
+                if event.message_id() == "m-1" && matches!(outcome, Outcome::Failed { .. }) {
+                    *outcome = Outcome::Skipped;
+                }
+            }
+        }
+        #[derive(Default)]
+        struct Tally(Mutex<Vec<String>>);
+        impl Step<InboxRoute> for Tally {
+            async fn after_batch(&self, _: &[InboxEvent], outcomes: &[Outcome]) {
+                let skipped = outcomes.iter().filter(|o| **o == Outcome::Skipped).count();
+                self.0.lock().unwrap().push(format!("skipped {skipped}"));
+            }
+        }
+        let (source, _) = VecSource::new(messages(3), db.store.inbox());
+        InboxConsumer::<_, AnyHandler>::new(
+            source,
+            db.store.inbox(),
+            None,
+            options(AckStrategy::ExactlyOnce, 10),
+        )
+        .run(true, stop())
+        .await
+        .unwrap();
+        let handler = Arc::new(|e: InboxEvent| async move {
+            if e.message_id() == "m-1" {
+                counted_failure(1)
+            } else {
+                Outcome::Completed
+            }
+        });
+        let forgive = Arc::new(Forgive::default());
+        let tally = Arc::new(Tally::default());
+        let step = HandlerStep::new(handler, 2, Duration::from_secs(5))
+            .with_step(forgive.clone())
+            .with_step(tally.clone());
+        let p = ProcessorBuilder::new(
+            db.store.inbox(),
+            step,
+            ProcessorOptions::new(WorkerId::new("p1").unwrap()),
+        )
+        .build();
+        let r = p.process_batch().await.unwrap();
+        assert_eq!((r.completed, r.skipped, r.failed), (2, 1, 0), "{r:?}");
+        assert_eq!(*forgive.0.lock().unwrap(), vec!["before 3"]);
+        assert_eq!(*tally.0.lock().unwrap(), vec!["skipped 1"]);
+        let c = db.store.inbox().counts().await.unwrap();
+        assert_eq!((c.completed, c.pending), (3, 0));
+    }
+
     /// The attempt count and the event id of a message belong to its row:
     /// a consumer that restarts (a new process, a rebalance) goes on
     /// counting, and the redelivery limit holds across restarts.
@@ -1087,6 +1151,7 @@ backend_tests!(
     handler_writes_commit_or_roll_back_with_the_row,
     process_handlers_write_with_the_row,
     custom_parser_and_domain,
+    steps_see_and_change_outcomes,
     crash_between_store_and_commit,
     handler_failure_is_redelivered_until_it_succeeds,
     attempts_survive_a_restart,

@@ -19,7 +19,7 @@ pub mod runner;
 
 pub use processor::{
     BatchHandler, BatchReport, DeadLetter, Fetch, Fetched, HeldRows, Outcome, Processor,
-    ProcessorBuilder, ProcessorOptions,
+    ProcessorBuilder, ProcessorOptions, Step, StepExt, WithStep,
 };
 pub(crate) use processor::{Heartbeat, Verdict};
 pub use runner::{RunMode, RunOptions, RunReport, Sleep, Wakeup, run};
