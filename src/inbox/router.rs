@@ -40,11 +40,22 @@ pub fn version_covers(prefix: &str, version: &str) -> bool {
     p.len() <= v.len() && p.iter().zip(&v).all(|(a, b)| a == b)
 }
 
-/// Versions and migrations of event payloads.
+type Decoder = Arc<dyn Fn(&Payload) -> Result<Box<dyn std::any::Any + Send>, String> + Send + Sync>;
+
+/// A Rust type registered for a version of an event type.
+#[derive(Clone)]
+struct Registered {
+    type_id: std::any::TypeId,
+    type_name: &'static str,
+    decode: Decoder,
+}
+
+/// Versions, migrations and payload types of event payloads.
 #[derive(Default, Clone)]
 pub struct SchemaRegistry {
     versions: HashMap<String, Vec<String>>,
     migrations: HashMap<String, HashMap<String, Vec<(String, Migration)>>>,
+    types: HashMap<(String, String), Registered>,
 }
 
 impl SchemaRegistry {
@@ -55,6 +66,92 @@ impl SchemaRegistry {
             .or_default()
             .push(version.to_string());
         self
+    }
+
+    /// Registers `version` (a version or prefix) of `event_type` with the
+    /// Rust type its payload deserializes to (the reference's schema
+    /// classes); see [`payload_of`](Self::payload_of).
+    pub fn register_type<T>(&mut self, event_type: &str, version: &str) -> &mut Self
+    where
+        T: serde::de::DeserializeOwned + Send + 'static,
+    {
+        self.register(event_type, version);
+        let decode: Decoder = Arc::new(|payload: &Payload| {
+            serde_json::from_value::<T>(Value::Object(payload.clone()))
+                .map(|t| Box::new(t) as Box<dyn std::any::Any + Send>)
+                .map_err(|e| e.to_string())
+        });
+        self.types.insert(
+            (event_type.to_string(), version.to_string()),
+            Registered {
+                type_id: std::any::TypeId::of::<T>(),
+                type_name: std::any::type_name::<T>(),
+                decode,
+            },
+        );
+        self
+    }
+
+    fn registered(&self, event: &InboxEvent) -> crate::Result<(&str, &Registered)> {
+        let version = event.schema_version().ok_or_else(|| {
+            crate::Error::validation("schema_version", "the event has no schema version")
+        })?;
+        self.versions
+            .get(event.event_type())
+            .into_iter()
+            .flatten()
+            .filter(|p| version_covers(p, version))
+            .filter_map(|p| {
+                self.types
+                    .get(&(event.event_type().to_string(), p.clone()))
+                    .map(|r| (p.as_str(), r))
+            })
+            .max_by_key(|(p, _)| p.split('.').count())
+            .ok_or_else(|| {
+                crate::Error::validation(
+                    "schema_version",
+                    format!(
+                        "no payload type is registered for {} version {version}",
+                        event.event_type()
+                    ),
+                )
+            })
+    }
+
+    /// The payload of `event` as the type registered for its schema
+    /// version (the longest registered prefix that covers it), boxed: the
+    /// reference's `get_payload_as(schema_cls=None)`. Downcast it, or use
+    /// [`payload_as_registered`](Self::payload_as_registered).
+    pub fn payload_of(&self, event: &InboxEvent) -> crate::Result<Box<dyn std::any::Any + Send>> {
+        let (prefix, r) = self.registered(event)?;
+        (r.decode)(event.payload()).map_err(|e| {
+            crate::Error::validation(
+                "payload",
+                format!("does not match {} (version {prefix}): {e}", r.type_name),
+            )
+        })
+    }
+
+    /// The payload of `event` as `T`, which must be the type registered for
+    /// the event's version: a mismatch is an error naming the registered
+    /// type, not a best-effort parse.
+    pub fn payload_as_registered<T: 'static>(&self, event: &InboxEvent) -> crate::Result<T> {
+        let (prefix, r) = self.registered(event)?;
+        if r.type_id != std::any::TypeId::of::<T>() {
+            return Err(crate::Error::validation(
+                "payload",
+                format!(
+                    "{} version {prefix} is registered as {}, not {}",
+                    event.event_type(),
+                    r.type_name,
+                    std::any::type_name::<T>()
+                ),
+            ));
+        }
+        let boxed = self.payload_of(event)?;
+        boxed.downcast::<T>().map(|b| *b).map_err(|_| {
+            crate::Error::validation("payload", "the registered decoder made another type")
+        })
     }
 
     /// The registered version that covers `version` best (longest prefix).
@@ -169,7 +266,12 @@ impl EventRouter {
         }
     }
 
-    /// The schema registry (for migrations).
+    /// The schema registry (versions, payload types).
+    pub fn registry(&self) -> &SchemaRegistry {
+        &self.registry
+    }
+
+    /// The schema registry (for migrations and payload types).
     pub fn registry_mut(&mut self) -> &mut SchemaRegistry {
         &mut self.registry
     }
@@ -422,6 +524,58 @@ mod tests {
         assert_eq!(r.resolve("t", "1.2.9"), Some("1.2"));
         assert_eq!(r.resolve("t", "1.3.0"), Some("1"));
         assert_eq!(r.resolve("t", "3.0.0"), None);
+    }
+
+    #[test]
+    fn payload_types_by_version() {
+        #[derive(Debug, PartialEq, serde::Deserialize)]
+        struct V1 {
+            total: f64,
+        }
+        #[derive(Debug, PartialEq, serde::Deserialize)]
+        struct V2 {
+            amount_cents: i64,
+        }
+        let mut r = SchemaRegistry::default();
+        r.register_type::<V1>("order.created", "1")
+            .register_type::<V2>("order.created", "2");
+        let v1 = event(
+            "shop",
+            "order.created",
+            Some("1.4.0"),
+            json!({"total": 2.5}),
+        );
+        let v2 = event(
+            "shop",
+            "order.created",
+            Some("2.0"),
+            json!({"amount_cents": 250}),
+        );
+        assert_eq!(
+            r.payload_as_registered::<V1>(&v1).unwrap(),
+            V1 { total: 2.5 }
+        );
+        assert_eq!(
+            *r.payload_of(&v2).unwrap().downcast::<V2>().unwrap(),
+            V2 { amount_cents: 250 }
+        );
+        let e = r.payload_as_registered::<V1>(&v2).unwrap_err().to_string();
+        assert!(e.contains("registered as") && e.contains("V2"), "{e}");
+        let bad = event("shop", "order.created", Some("2.1"), json!({"amount": 1}));
+        let e = r.payload_of(&bad).unwrap_err().to_string();
+        assert!(
+            e.contains("does not match") && e.contains("amount_cents"),
+            "{e}"
+        );
+        let none = event("shop", "order.created", Some("3.0"), json!({"a": 1}));
+        assert!(
+            r.payload_of(&none)
+                .unwrap_err()
+                .to_string()
+                .contains("no payload type")
+        );
+        let unversioned = event("shop", "order.created", None, json!({"a": 1}));
+        assert!(r.payload_of(&unversioned).is_err());
     }
 
     #[tokio::test]
