@@ -5,6 +5,10 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use prometheus_client::encoding::EncodeLabelSet;
+
+use crate::domain::Retry;
+use crate::model::Table;
+use crate::pipeline::{BatchReport, Outcome};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
@@ -333,5 +337,95 @@ mod tests {
         s.read_to_string(&mut resp).await.unwrap();
         assert!(resp.starts_with("HTTP/1.1 200 OK"));
         assert!(resp.contains("omnibox_events_completed_total"));
+    }
+}
+
+/// One claimed event of a written batch, for a [`MetricsRecorder`].
+#[derive(Debug, Clone, Copy)]
+pub struct EventOutcome<'a> {
+    /// Its event type.
+    pub event_type: &'a str,
+    /// Attempts made before this one.
+    pub attempts_made: i32,
+    /// Its attempt limit.
+    pub max_attempts: i32,
+    /// What happened to it.
+    pub outcome: &'a Outcome,
+}
+
+/// What processors and the inbox consumer report, for the metrics back end
+/// a service chooses. [`Metrics`] (Prometheus, served by `--metrics-addr`)
+/// is the default.
+pub trait MetricsRecorder: Send + Sync + 'static {
+    /// A batch's results were written: its report, and each claimed event
+    /// with its outcome.
+    fn batch(&self, table: Table, report: &BatchReport, events: &[EventOutcome<'_>]);
+
+    /// A counter of the inbox consumer went up by `n` (`consumed`,
+    /// `stored`, `duplicates`, `poison`, `processed`, ...).
+    fn count(&self, name: &str, n: u64);
+}
+
+impl MetricsRecorder for Metrics {
+    fn batch(&self, table: Table, report: &BatchReport, events: &[EventOutcome<'_>]) {
+        let m = self;
+        let table = table.to_string();
+        let t = TableLabels {
+            table: table.clone(),
+        };
+        m.batch_size
+            .get_or_create(&t)
+            .observe(report.claimed as f64);
+        m.batch_latency
+            .get_or_create(&t)
+            .observe(report.handle_time.as_secs_f64());
+        m.lag_seconds
+            .get_or_create(&t)
+            .set(report.lag.as_secs_f64());
+        m.released.get_or_create(&t).inc_by(report.released as u64);
+        m.lease_lost
+            .get_or_create(&t)
+            .inc_by(report.lease_lost as u64);
+        if report.commit_error.is_some() {
+            m.commit_failed.get_or_create(&t).inc();
+        }
+        for e in events {
+            let labels = EventLabels {
+                table: table.clone(),
+                event_type: e.event_type.to_string(),
+            };
+            match e.outcome {
+                Outcome::Completed | Outcome::Committed => {
+                    m.completed.get_or_create(&labels).inc();
+                }
+                Outcome::Skipped => {
+                    m.skipped.get_or_create(&labels).inc();
+                }
+                Outcome::Failed { .. } | Outcome::Unavailable { .. } | Outcome::Dead { .. } => {
+                    let kind = match e.outcome {
+                        Outcome::Unavailable { .. } => "unavailable",
+                        Outcome::Dead { .. } => "dead",
+                        Outcome::Failed {
+                            retry: Retry::NotCounted(_) | Retry::NotCountedAfter(_),
+                            ..
+                        } => "transient",
+                        _ if e.attempts_made + 1 >= e.max_attempts => "dead",
+                        _ => "counted",
+                    };
+                    m.failed
+                        .get_or_create(&FailureLabels {
+                            table: table.clone(),
+                            event_type: labels.event_type,
+                            kind: kind.into(),
+                        })
+                        .inc();
+                }
+                Outcome::Released => {}
+            }
+        }
+    }
+
+    fn count(&self, name: &str, n: u64) {
+        Metrics::count(self, name, n);
     }
 }

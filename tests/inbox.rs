@@ -704,6 +704,62 @@ mod cases {
         assert_eq!((c.completed, c.pending), (3, 0));
     }
 
+    /// A service's own metrics back end (`MetricsRecorder`) gets the
+    /// consumer's counters and each written batch with every outcome.
+    pub async fn a_custom_metrics_backend_is_fed(db: &TestDb) {
+        use omnibox::metrics::{EventOutcome, MetricsRecorder};
+        use omnibox::pipeline::BatchReport;
+        #[derive(Default)]
+        struct Seen(Mutex<Vec<String>>);
+        impl MetricsRecorder for Seen {
+            fn batch(
+                &self,
+                table: omnibox::Table,
+                report: &BatchReport,
+                events: &[EventOutcome<'_>],
+            ) {
+                let done = events
+                    .iter()
+                    .filter(|e| matches!(e.outcome, Outcome::Completed))
+                    .count();
+                self.0
+                    .lock()
+                    .unwrap()
+                    .push(format!("{table} batch {} done {done}", report.claimed));
+            }
+            fn count(&self, name: &str, n: u64) {
+                self.0.lock().unwrap().push(format!("{name} {n}"));
+            }
+        }
+        let seen = Arc::new(Seen::default());
+        let (source, _) = VecSource::new(messages(4), db.store.inbox());
+        InboxConsumer::<_, AnyHandler>::new(
+            source,
+            db.store.inbox(),
+            None,
+            options(AckStrategy::ExactlyOnce, 10),
+        )
+        .metrics(seen.clone())
+        .run(true, stop())
+        .await
+        .unwrap();
+        let handler = Arc::new(|_: InboxEvent| async { Outcome::Completed });
+        let p = ProcessorBuilder::new(
+            db.store.inbox(),
+            HandlerStep::new(handler, 2, Duration::from_secs(5)),
+            ProcessorOptions::new(WorkerId::new("p1").unwrap()),
+        )
+        .metrics(seen.clone())
+        .build();
+        p.process_batch().await.unwrap();
+        let seen = seen.0.lock().unwrap().clone();
+        assert!(seen.contains(&"stored 4".to_string()), "{seen:?}");
+        assert!(
+            seen.contains(&"inbox batch 4 done 4".to_string()),
+            "{seen:?}"
+        );
+    }
+
     /// The attempt count and the event id of a message belong to its row:
     /// a consumer that restarts (a new process, a rebalance) goes on
     /// counting, and the redelivery limit holds across restarts.
@@ -1152,6 +1208,7 @@ backend_tests!(
     process_handlers_write_with_the_row,
     custom_parser_and_domain,
     steps_see_and_change_outcomes,
+    a_custom_metrics_backend_is_fed,
     crash_between_store_and_commit,
     handler_failure_is_redelivered_until_it_succeeds,
     attempts_survive_a_restart,

@@ -16,7 +16,7 @@ use super::normalize::{DefaultEnvelopeParser, EnvelopeParser, Normalized, RawMes
 use super::source::Source;
 use crate::domain::{Backoff, DomainService, Retry};
 use crate::error::{Error, Result};
-use crate::metrics::Metrics;
+use crate::metrics::MetricsRecorder;
 use crate::model::{InboxEvent, InboxRoute, WorkerId, time};
 use crate::pipeline::{DeadLetter, Verdict};
 use crate::pipeline::{Heartbeat, Outcome};
@@ -158,7 +158,7 @@ pub struct InboxConsumer<S: Source, H: Handler> {
     options: ConsumeOptions,
     domain: DomainService,
     backoff: Backoff,
-    metrics: Option<Arc<Metrics>>,
+    metrics: Option<Arc<dyn MetricsRecorder>>,
     dlq: Option<(Arc<AnySink>, String)>,
     /// Exactly-once: the source is paused until then (a retry's time).
     resume_at: Option<Instant>,
@@ -244,7 +244,7 @@ impl<S: Source, H: Handler> InboxConsumer<S, H> {
     }
 
     /// Records metrics.
-    pub fn metrics(mut self, metrics: Arc<Metrics>) -> Self {
+    pub fn metrics<M: MetricsRecorder>(mut self, metrics: Arc<M>) -> Self {
         self.metrics = Some(metrics);
         self
     }

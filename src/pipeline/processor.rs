@@ -16,7 +16,7 @@ use super::circuit::{CircuitBreaker, CircuitConfig};
 use super::flight::{self, Flight, Key};
 use crate::domain::{Backoff, Retry};
 use crate::error::{Error, Result};
-use crate::metrics::{EventLabels, FailureLabels, Metrics, TableLabels};
+use crate::metrics::{EventOutcome, MetricsRecorder};
 use crate::model::limits::DEFAULT_LEASE_TIMEOUT;
 use crate::model::{Event, Route, WorkerId, time};
 use crate::relay::Message;
@@ -399,7 +399,7 @@ pub struct Processor<R: Route, S: EventStore<R>, H: BatchHandler<R>> {
     handler: H,
     options: ProcessorOptions,
     dlq: Option<(Arc<AnySink>, String)>,
-    metrics: Option<Arc<Metrics>>,
+    metrics: Option<Arc<dyn MetricsRecorder>>,
     breaker: Mutex<CircuitBreaker>,
     scan: Mutex<ScanState>,
     flight: Arc<Mutex<Flight>>,
@@ -425,7 +425,7 @@ pub struct ProcessorBuilder<R: Route, S: EventStore<R>, H: BatchHandler<R>> {
     handler: H,
     options: ProcessorOptions,
     dlq: Option<(Arc<AnySink>, String)>,
-    metrics: Option<Arc<Metrics>>,
+    metrics: Option<Arc<dyn MetricsRecorder>>,
     circuit: CircuitConfig,
     job: &'static str,
     _route: std::marker::PhantomData<fn() -> R>,
@@ -453,7 +453,7 @@ impl<R: Route, S: EventStore<R>, H: BatchHandler<R>> ProcessorBuilder<R, S, H> {
     }
 
     /// Records metrics.
-    pub fn metrics(mut self, metrics: Arc<Metrics>) -> Self {
+    pub fn metrics<M: MetricsRecorder>(mut self, metrics: Arc<M>) -> Self {
         self.metrics = Some(metrics);
         self
     }
@@ -987,60 +987,18 @@ where
 
     fn record_metrics(&self, claim: &Claim<R>, outcomes: &[Outcome], report: &BatchReport) {
         let Some(m) = &self.metrics else { return };
-        let table = R::TABLE.to_string();
-        let t = TableLabels {
-            table: table.clone(),
-        };
-        m.batch_size
-            .get_or_create(&t)
-            .observe(report.claimed as f64);
-        m.batch_latency
-            .get_or_create(&t)
-            .observe(report.handle_time.as_secs_f64());
-        m.lag_seconds
-            .get_or_create(&t)
-            .set(report.lag.as_secs_f64());
-        m.released.get_or_create(&t).inc_by(report.released as u64);
-        m.lease_lost
-            .get_or_create(&t)
-            .inc_by(report.lease_lost as u64);
-        if report.commit_error.is_some() {
-            m.commit_failed.get_or_create(&t).inc();
-        }
-        for (event, outcome) in claim.events.iter().zip(outcomes) {
-            let labels = EventLabels {
-                table: table.clone(),
-                event_type: event.event_type().to_string(),
-            };
-            match outcome {
-                Outcome::Completed | Outcome::Committed => {
-                    m.completed.get_or_create(&labels).inc();
-                }
-                Outcome::Skipped => {
-                    m.skipped.get_or_create(&labels).inc();
-                }
-                Outcome::Failed { .. } | Outcome::Unavailable { .. } | Outcome::Dead { .. } => {
-                    let kind = match outcome {
-                        Outcome::Unavailable { .. } => "unavailable",
-                        Outcome::Dead { .. } => "dead",
-                        Outcome::Failed {
-                            retry: Retry::NotCounted(_) | Retry::NotCountedAfter(_),
-                            ..
-                        } => "transient",
-                        _ if event.attempts_made() + 1 >= event.max_attempts() => "dead",
-                        _ => "counted",
-                    };
-                    m.failed
-                        .get_or_create(&FailureLabels {
-                            table: table.clone(),
-                            event_type: labels.event_type,
-                            kind: kind.into(),
-                        })
-                        .inc();
-                }
-                Outcome::Released => {}
-            }
-        }
+        let events: Vec<EventOutcome<'_>> = claim
+            .events
+            .iter()
+            .zip(outcomes)
+            .map(|(e, outcome)| EventOutcome {
+                event_type: e.event_type(),
+                attempts_made: e.attempts_made(),
+                max_attempts: e.max_attempts(),
+                outcome,
+            })
+            .collect();
+        m.batch(R::TABLE, report, &events);
     }
 }
 
