@@ -760,6 +760,46 @@ mod cases {
         );
     }
 
+    /// Consumers sharing a concurrency limit run at most that many handlers
+    /// at once between them.
+    pub async fn consumers_share_a_concurrency_limit(db: &TestDb) {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let running = Arc::new(AtomicUsize::new(0));
+        let peak = Arc::new(AtomicUsize::new(0));
+        let handler = {
+            let (running, peak) = (running.clone(), peak.clone());
+            Arc::new(Outside(move |_: InboxEvent| {
+                let (running, peak) = (running.clone(), peak.clone());
+                async move {
+                    let now = running.fetch_add(1, Ordering::SeqCst) + 1;
+                    peak.fetch_max(now, Ordering::SeqCst);
+                    tokio::time::sleep(Duration::from_millis(40)).await;
+                    running.fetch_sub(1, Ordering::SeqCst);
+                    Outcome::Completed
+                }
+            }))
+        };
+        let limit = Arc::new(tokio::sync::Semaphore::new(1));
+        let consumer = |prefix: &str, group: &str| {
+            let rows: Vec<RawMessage> = (0..4)
+                .map(|i| msg(&format!("{prefix}-{i}"), i, r#"{"a":1}"#))
+                .collect();
+            let (source, _) = VecSource::new(rows, db.store.inbox());
+            let mut o = options(AckStrategy::ExactlyOnce, 4);
+            o.group = group.to_string();
+            InboxConsumer::new(source, db.store.inbox(), Some(handler.clone()), o)
+                .with_concurrency_limit(limit.clone())
+        };
+        let (mut a, mut b) = (consumer("a", "billing"), consumer("b", "shipping"));
+        let (ra, rb) = tokio::join!(a.run(true, stop()), b.run(true, stop()));
+        assert_eq!((ra.unwrap().processed, rb.unwrap().processed), (4, 4));
+        assert_eq!(
+            peak.load(Ordering::SeqCst),
+            1,
+            "one handler at a time between them"
+        );
+    }
+
     /// The attempt count and the event id of a message belong to its row:
     /// a consumer that restarts (a new process, a rebalance) goes on
     /// counting, and the redelivery limit holds across restarts.
@@ -1209,6 +1249,7 @@ backend_tests!(
     custom_parser_and_domain,
     steps_see_and_change_outcomes,
     a_custom_metrics_backend_is_fed,
+    consumers_share_a_concurrency_limit,
     crash_between_store_and_commit,
     handler_failure_is_redelivered_until_it_succeeds,
     attempts_survive_a_restart,

@@ -169,6 +169,8 @@ pub struct InboxConsumer<S: Source, H: Handler> {
     deps: Dependencies,
     /// Turns messages into events.
     parser: Arc<dyn EnvelopeParser>,
+    /// Shared bound on handler runs at once (`with_concurrency_limit`).
+    limit: Option<Arc<tokio::sync::Semaphore>>,
 }
 
 /// Rate limit of a repeated warning.
@@ -217,7 +219,17 @@ impl<S: Source, H: Handler> InboxConsumer<S, H> {
             warnings: Throttle::default(),
             deps: Dependencies::default(),
             parser: Arc::new(DefaultEnvelopeParser),
+            limit: None,
         }
+    }
+
+    /// Bounds the handler runs of every consumer sharing `limit` to its
+    /// permits at once (the reference's `concurrency_limit`): e.g. several
+    /// consumers of one service, one per topic, sharing one database pool.
+    /// A run waiting for a permit keeps its source alive like a slow one.
+    pub fn with_concurrency_limit(mut self, limit: Arc<tokio::sync::Semaphore>) -> Self {
+        self.limit = Some(limit);
+        self
     }
 
     /// Creates events through `domain` instead of the default one: its
@@ -786,6 +798,7 @@ impl<S: Source, H: Handler> InboxConsumer<S, H> {
                     &w.event,
                     self.options.handler_timeout,
                     &mut cx,
+                    self.limit.as_deref(),
                 )
                 .await
             };
@@ -883,6 +896,7 @@ impl<S: Source, H: Handler> InboxConsumer<S, H> {
                 &w.event,
                 self.options.handler_timeout,
                 &mut HandlerContext::detached(self.deps.clone()),
+                self.limit.as_deref(),
             )
             .await;
             match outcome.verdict() {
@@ -1023,6 +1037,7 @@ impl<S: Source, H: Handler> InboxConsumer<S, H> {
                 event,
                 self.options.handler_timeout,
                 &mut HandlerContext::detached(self.deps.clone()),
+                self.limit.as_deref(),
             )
             .await;
             match outcome.verdict() {
@@ -1144,10 +1159,18 @@ async fn handle_alive<S: Source, H: Handler>(
     event: &InboxEvent,
     timeout: Duration,
     cx: &mut HandlerContext<'_>,
+    limit: Option<&tokio::sync::Semaphore>,
 ) -> Outcome {
     let system =
         crate::telemetry::enabled().then(|| crate::telemetry::system_of(&source.describe()));
-    let run = run_handler(handler, event, timeout, system, cx);
+    let run = async {
+        // A closed semaphore (never closed here) would mean no limit.
+        let _permit = match limit {
+            Some(l) => l.acquire().await.ok(),
+            None => None,
+        };
+        run_handler(handler, event, timeout, system, cx).await
+    };
     tokio::pin!(run);
     tokio::select! {
         biased;
