@@ -89,8 +89,10 @@ impl Dependencies {
     }
 }
 
-/// Savepoint around one handler's writes in a batch's transaction.
-const SAVEPOINT: &str = "omnibox_handler";
+/// The savepoint around one handler's writes in a batch's transaction.
+const OPEN: &str = "SAVEPOINT omnibox_handler";
+const RELEASE: &str = "RELEASE SAVEPOINT omnibox_handler";
+const ROLLBACK: &str = "ROLLBACK TO SAVEPOINT omnibox_handler";
 
 /// What a [`Handler`](super::Handler) gets with each event.
 ///
@@ -164,7 +166,7 @@ impl<'a> HandlerContext<'a> {
             ));
         };
         if !self.savepoint {
-            savepoint(tx, &format!("SAVEPOINT {SAVEPOINT}")).await?;
+            savepoint(tx, OPEN).await?;
             self.savepoint = true;
         }
         Ok(match tx {
@@ -208,27 +210,23 @@ impl<'a> HandlerContext<'a> {
         let Some(tx) = self.tx.as_deref_mut() else {
             return Ok(None);
         };
-        if keep {
-            match savepoint(tx, &format!("RELEASE SAVEPOINT {SAVEPOINT}")).await {
+        let why = if keep {
+            match savepoint(tx, RELEASE).await {
                 Ok(()) => return Ok(None),
-                Err(e) => {
-                    savepoint(tx, &format!("ROLLBACK TO SAVEPOINT {SAVEPOINT}")).await?;
-                    savepoint(tx, &format!("RELEASE SAVEPOINT {SAVEPOINT}")).await?;
-                    return Ok(Some(format!(
-                        "the handler succeeded but its writes could not be kept (rolled back): {e}"
-                    )));
-                }
+                Err(e) => Some(format!(
+                    "the handler succeeded but its writes could not be kept (rolled back): {e}"
+                )),
             }
-        }
-        savepoint(tx, &format!("ROLLBACK TO SAVEPOINT {SAVEPOINT}")).await?;
-        savepoint(tx, &format!("RELEASE SAVEPOINT {SAVEPOINT}")).await?;
-        Ok(None)
+        } else {
+            None
+        };
+        savepoint(tx, ROLLBACK).await?;
+        savepoint(tx, RELEASE).await?;
+        Ok(why)
     }
 }
 
-async fn savepoint(tx: &mut BulkTx, sql: &str) -> Result<()> {
-    // The statement is one of three constants above, never user input.
-    let sql = sqlx::AssertSqlSafe(sql.to_string());
+async fn savepoint(tx: &mut BulkTx, sql: &'static str) -> Result<()> {
     match tx {
         BulkTx::Postgres(t) => sqlx::query(sql).execute(&mut **t).await.map(|_| ()),
         BulkTx::Sqlite(t) => sqlx::query(sql).execute(&mut **t).await.map(|_| ()),

@@ -90,6 +90,14 @@ impl RawMessage {
         format!("sha256:{}", hex(&h.finalize()))
     }
 
+    /// The producing service (`source` or `source_service` header), else
+    /// the topic.
+    fn source(&self) -> String {
+        self.header("source")
+            .or_else(|| self.header("source_service"))
+            .unwrap_or_else(|| self.topic.clone())
+    }
+
     /// The id when the position identifies the message and fits the id's
     /// rules, else the content id.
     fn fallback_id(&self) -> String {
@@ -166,10 +174,7 @@ pub fn normalize(domain: &DomainService, raw: &RawMessage, consumer_group: &str)
                 .map_err(|e| format!("its {name} header cannot be an id: {e}")),
         },
     };
-    let source = raw
-        .header("source")
-        .or_else(|| raw.header("source_service"))
-        .unwrap_or_else(|| raw.topic.clone());
+    let source = raw.source();
     let outcome = match id {
         Ok(id) => parse(domain, raw, &id, &source, consumer_group).map_err(|why| (why, id)),
         Err(why) => Err((why, raw.content_id())),
@@ -220,10 +225,7 @@ impl Normalized {
         consumer_group: &str,
         why: &str,
     ) -> Self {
-        let source = raw
-            .header("source")
-            .or_else(|| raw.header("source_service"))
-            .unwrap_or_else(|| raw.topic.clone());
+        let source = raw.source();
         Normalized::Poison(Box::new(poison(
             domain,
             raw,

@@ -512,15 +512,6 @@ where
             .pause()
     }
 
-    /// The downstream outage in progress (the circuit has failures), if any:
-    /// when it began and the last error seen.
-    pub fn outage(&self) -> Option<(Instant, Option<String>)> {
-        self.breaker
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .outage()
-    }
-
     /// The handler step.
     pub fn handler(&self) -> &H {
         &self.handler
