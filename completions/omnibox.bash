@@ -1069,7 +1069,7 @@ _omnibox() {
             return 0
             ;;
         omnibox__subcmd__inbox__subcmd__consume)
-            opts="-X -v -q -h -V --from --topic --group --kafka-tls-ca --kafka-tls-cert --kafka-tls-key --kafka-sasl-mechanism --kafka-sasl-username --kafka-sasl-password-file --once --follow --ack --commit-on --exec --webhook --timeout --batch --max-attempts --transient-limit --lease --dlq-topic --dlq-broker --worker-id --outage-limit --metrics-addr --database-url --schema --config --format --color --log-format --verbose --quiet --dedup-window --otlp-endpoint --help --version"
+            opts="-X -v -q -h -V --from --topic --group --kafka-tls-ca --kafka-tls-cert --kafka-tls-key --kafka-sasl-mechanism --kafka-sasl-username --kafka-sasl-password-file --once --follow --ack --commit-on --exec --webhook --timeout --batch --max-attempts --transient-limit --lease --dlq-topic --dlq --dlq-broker --worker-id --outage-limit --metrics-addr --database-url --schema --config --format --color --log-format --verbose --quiet --dedup-window --otlp-endpoint --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -1153,6 +1153,10 @@ _omnibox() {
                     ;;
                 --dlq-topic)
                     COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --dlq)
+                    COMPREPLY=($(compgen -W "table" -- "${cur}"))
                     return 0
                     ;;
                 --dlq-broker)
@@ -1267,7 +1271,7 @@ _omnibox() {
             return 0
             ;;
         omnibox__subcmd__inbox__subcmd__process)
-            opts="-v -q -h -V --exec --webhook --timeout --circuit-breaker --circuit-threshold --circuit-recovery --batch --source --event-type --concurrency --once --worker-id --lease --dlq-topic --dlq-broker --poll-interval --outage-limit --metrics-addr --database-url --schema --config --format --color --log-format --verbose --quiet --dedup-window --otlp-endpoint --help --version"
+            opts="-v -q -h -V --exec --webhook --timeout --circuit-breaker --circuit-threshold --circuit-recovery --batch --source --event-type --concurrency --once --worker-id --lease --dlq-topic --dlq --dlq-broker --poll-interval --outage-limit --metrics-addr --database-url --schema --config --format --color --log-format --verbose --quiet --dedup-window --otlp-endpoint --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -1323,6 +1327,10 @@ _omnibox() {
                     ;;
                 --dlq-topic)
                     COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --dlq)
+                    COMPREPLY=($(compgen -W "table" -- "${cur}"))
                     return 0
                     ;;
                 --dlq-broker)
@@ -1388,7 +1396,7 @@ _omnibox() {
             fi
             case "${prev}" in
                 --table)
-                    COMPREPLY=($(compgen -W "outbox inbox" -- "${cur}"))
+                    COMPREPLY=($(compgen -W "outbox inbox dead-letters" -- "${cur}"))
                     return 0
                     ;;
                 --status)
@@ -1505,7 +1513,7 @@ _omnibox() {
             return 0
             ;;
         omnibox__subcmd__publish)
-            opts="-X -v -q -h -V --broker --kafka-tls-ca --kafka-tls-cert --kafka-tls-key --kafka-sasl-mechanism --kafka-sasl-username --kafka-sasl-password-file --circuit-breaker --circuit-threshold --circuit-recovery --batch --once --topic --default-schema-version --worker-id --lease --publish-timeout --dlq-topic --limit --topic-unavailable-limit --poll-interval --outage-limit --metrics-addr --database-url --schema --config --format --color --log-format --verbose --quiet --dedup-window --otlp-endpoint --help --version"
+            opts="-X -v -q -h -V --broker --kafka-tls-ca --kafka-tls-cert --kafka-tls-key --kafka-sasl-mechanism --kafka-sasl-username --kafka-sasl-password-file --circuit-breaker --circuit-threshold --circuit-recovery --batch --once --topic --default-schema-version --worker-id --lease --publish-timeout --dlq-topic --dlq --limit --topic-unavailable-limit --poll-interval --outage-limit --metrics-addr --database-url --schema --config --format --color --log-format --verbose --quiet --dedup-window --otlp-endpoint --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -1581,6 +1589,10 @@ _omnibox() {
                     ;;
                 --dlq-topic)
                     COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --dlq)
+                    COMPREPLY=($(compgen -W "table" -- "${cur}"))
                     return 0
                     ;;
                 --limit)
@@ -1712,7 +1724,7 @@ _omnibox() {
             fi
             case "${prev}" in
                 --table)
-                    COMPREPLY=($(compgen -W "outbox inbox" -- "${cur}"))
+                    COMPREPLY=($(compgen -W "outbox inbox dead-letters" -- "${cur}"))
                     return 0
                     ;;
                 --id)

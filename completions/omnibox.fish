@@ -128,6 +128,7 @@ complete -c omnibox -n "__fish_omnibox_using_subcommand publish" -l worker-id -d
 complete -c omnibox -n "__fish_omnibox_using_subcommand publish" -l lease -d 'Lease of a claim: a relay that dies leaves its rows to others after this long (extended while a batch is in flight) [default: OMNIBOX_LEASE, lease in omnibox.toml, or 5m]' -r
 complete -c omnibox -n "__fish_omnibox_using_subcommand publish" -l publish-timeout -d 'Longest wait for one message\'s acknowledgement' -r
 complete -c omnibox -n "__fish_omnibox_using_subcommand publish" -l dlq-topic -d 'Also write events that end up failed to this topic (best effort)' -r
+complete -c omnibox -n "__fish_omnibox_using_subcommand publish" -l dlq -d 'Also keep events that end up failed as dead letters here (replay them with `omnibox replay --table dead-letters`)' -r -f -a "table\t'The omnibox_dead_letters table (see `omnibox list --table dead-letters`)'"
 complete -c omnibox -n "__fish_omnibox_using_subcommand publish" -l limit -d 'Stop after claiming this many events (whole batches), e.g. to drain a backlog in chunks' -r
 complete -c omnibox -n "__fish_omnibox_using_subcommand publish" -l topic-unavailable-limit -d 'How long a topic may stay unavailable (unknown, no leader) before its events spend attempts' -r
 complete -c omnibox -n "__fish_omnibox_using_subcommand publish" -l poll-interval -d 'Longest idle wait between polls when nothing is due' -r
@@ -194,6 +195,7 @@ complete -c omnibox -n "__fish_omnibox_using_subcommand inbox; and __fish_seen_s
 complete -c omnibox -n "__fish_omnibox_using_subcommand inbox; and __fish_seen_subcommand_from consume" -l transient-limit -d 'A message still failing transiently (exit 75, HTTP 429/502/503/504, no connection) this long after it was first stored is parked as failed' -r
 complete -c omnibox -n "__fish_omnibox_using_subcommand inbox; and __fish_seen_subcommand_from consume" -l lease -d 'How long this consumer\'s locks on rows in hand last if it dies (extended every third of it while it lives; external handlers)' -r
 complete -c omnibox -n "__fish_omnibox_using_subcommand inbox; and __fish_seen_subcommand_from consume" -l dlq-topic -d 'Also write poison messages and rows that end up failed to this topic' -r
+complete -c omnibox -n "__fish_omnibox_using_subcommand inbox; and __fish_seen_subcommand_from consume" -l dlq -d 'Also keep poison messages and rows that end up failed as dead letters here' -r -f -a "table\t'The omnibox_dead_letters table (see `omnibox list --table dead-letters`)'"
 complete -c omnibox -n "__fish_omnibox_using_subcommand inbox; and __fish_seen_subcommand_from consume" -l dlq-broker -d 'Where the DLQ topic lives [default: the Kafka source\'s brokers, else file:omnibox-dlq.jsonl]' -r
 complete -c omnibox -n "__fish_omnibox_using_subcommand inbox; and __fish_seen_subcommand_from consume" -l worker-id -d 'This consumer\'s id [default: HOST:PID]' -r
 complete -c omnibox -n "__fish_omnibox_using_subcommand inbox; and __fish_seen_subcommand_from consume" -l outage-limit -d 'With --once: give up (exit 1) when the database stays unreachable this long; a running one waits however long' -r
@@ -230,6 +232,7 @@ complete -c omnibox -n "__fish_omnibox_using_subcommand inbox; and __fish_seen_s
 complete -c omnibox -n "__fish_omnibox_using_subcommand inbox; and __fish_seen_subcommand_from process" -l worker-id -d 'This worker\'s id [default: HOST:PID]' -r
 complete -c omnibox -n "__fish_omnibox_using_subcommand inbox; and __fish_seen_subcommand_from process" -l lease -d 'Lease of a claim (extended while handlers run) [default: OMNIBOX_LEASE, lease in omnibox.toml, or 5m]' -r
 complete -c omnibox -n "__fish_omnibox_using_subcommand inbox; and __fish_seen_subcommand_from process" -l dlq-topic -d 'Also write rows that end up failed to this topic' -r
+complete -c omnibox -n "__fish_omnibox_using_subcommand inbox; and __fish_seen_subcommand_from process" -l dlq -d 'Also keep rows that end up failed as dead letters here (replay them with `omnibox replay --table dead-letters`)' -r -f -a "table\t'The omnibox_dead_letters table (see `omnibox list --table dead-letters`)'"
 complete -c omnibox -n "__fish_omnibox_using_subcommand inbox; and __fish_seen_subcommand_from process" -l dlq-broker -d 'Where the DLQ topic lives [default: file:omnibox-dlq.jsonl]' -r
 complete -c omnibox -n "__fish_omnibox_using_subcommand inbox; and __fish_seen_subcommand_from process" -l poll-interval -d 'Longest idle wait between polls when nothing is due' -r
 complete -c omnibox -n "__fish_omnibox_using_subcommand inbox; and __fish_seen_subcommand_from process" -l outage-limit -d 'With --once: give up (exit 1) when the database stays unreachable this long; a running one waits however long' -r
@@ -323,11 +326,12 @@ complete -c omnibox -n "__fish_omnibox_using_subcommand doctor" -s q -l quiet -d
 complete -c omnibox -n "__fish_omnibox_using_subcommand doctor" -s h -l help -d 'Print help (see more with \'--help\')'
 complete -c omnibox -n "__fish_omnibox_using_subcommand doctor" -s V -l version -d 'Print version'
 complete -c omnibox -n "__fish_omnibox_using_subcommand list" -l table -d 'Which table' -r -f -a "outbox\t''
-inbox\t''"
+inbox\t''
+dead-letters\t'omnibox_dead_letters (copies of events that failed, kept by --dlq table)'"
 complete -c omnibox -n "__fish_omnibox_using_subcommand list" -l status -d 'Only this status: pending, completed or failed' -r
 complete -c omnibox -n "__fish_omnibox_using_subcommand list" -l event-type -d 'Only this event type' -r
 complete -c omnibox -n "__fish_omnibox_using_subcommand list" -l topic -d 'Only this topic (outbox) or source (inbox)' -r
-complete -c omnibox -n "__fish_omnibox_using_subcommand list" -l since -d 'Only rows created since: RFC 3339 (2026-01-31T12:00:00Z) or a duration ago (2h)' -r
+complete -c omnibox -n "__fish_omnibox_using_subcommand list" -l since -d 'Only rows created (dead letters: written) since: RFC 3339 (2026-01-31T12:00:00Z) or a duration ago (2h)' -r
 complete -c omnibox -n "__fish_omnibox_using_subcommand list" -l limit -d 'Most rows to show' -r
 complete -c omnibox -n "__fish_omnibox_using_subcommand list" -l after -d 'Start after this sequence number (paging: pass the last seq shown)' -r
 complete -c omnibox -n "__fish_omnibox_using_subcommand list" -l locked-by -d 'Only rows locked by this worker (see `omnibox unlock --worker`)' -r
@@ -366,7 +370,8 @@ complete -c omnibox -n "__fish_omnibox_using_subcommand show" -s q -l quiet -d '
 complete -c omnibox -n "__fish_omnibox_using_subcommand show" -s h -l help -d 'Print help (see more with \'--help\')'
 complete -c omnibox -n "__fish_omnibox_using_subcommand show" -s V -l version -d 'Print version'
 complete -c omnibox -n "__fish_omnibox_using_subcommand replay" -l table -d 'Which table' -r -f -a "outbox\t''
-inbox\t''"
+inbox\t''
+dead-letters\t'omnibox_dead_letters (copies of events that failed, kept by --dlq table)'"
 complete -c omnibox -n "__fish_omnibox_using_subcommand replay" -l id -d 'This row (repeatable)' -r
 complete -c omnibox -n "__fish_omnibox_using_subcommand replay" -l event-type -d 'Rows of this event type' -r
 complete -c omnibox -n "__fish_omnibox_using_subcommand replay" -l topic -d 'Rows of this topic (outbox) or source (inbox)' -r

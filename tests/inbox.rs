@@ -1072,9 +1072,25 @@ mod cases {
             db.store.inbox(),
             None,
             options(AckStrategy::ExactlyOnce, 10),
-        );
+        )
+        .dead_letter_store(Arc::new(db.store.dead_letters()));
         let r = consumer.run(true, stop()).await.unwrap();
         assert_eq!((r.stored, r.poison), (4, 2));
+        // Poison is kept as dead letters too, with the reason.
+        let letters = db
+            .store
+            .dead_letters()
+            .list(&Default::default())
+            .await
+            .unwrap();
+        assert_eq!(letters.len(), 2, "{letters:?}");
+        assert!(
+            letters[0].error.contains("not JSON"),
+            "{}",
+            letters[0].error
+        );
+        assert_eq!(letters[0].event["message_id"], "bad-1");
+        assert_eq!(letters[1].event["message_id"], "bad-2");
         let bad = db
             .store
             .inbox()

@@ -1066,10 +1066,274 @@ mod cases {
         assert_eq!(status_of(&r, "indexes"), "fail", "{}", r.stdout);
         assert_eq!(status_of(&r, "claim plan"), "fail", "{}", r.stdout);
     }
+    async fn delete_inbox_row(db: &TestDb, id: uuid::Uuid) {
+        match &db.store {
+            omnibox::store::AnyStore::Postgres(s) => {
+                sqlx::query("DELETE FROM inbox_events WHERE id = $1")
+                    .bind(id)
+                    .execute(s.pool())
+                    .await
+                    .unwrap();
+            }
+            omnibox::store::AnyStore::Sqlite(s) => {
+                sqlx::query("DELETE FROM inbox_events WHERE id = ?1")
+                    .bind(id.to_string())
+                    .execute(s.pool())
+                    .await
+                    .unwrap();
+            }
+            _ => unreachable!(),
+        }
+    }
+
+    /// A dead letter put twice is kept once (the processor retries a put
+    /// whose answer was lost); a letter whose copy cannot be read makes its
+    /// replay fail whole: nothing changes, the letter stays open.
+    pub async fn dead_letter_puts_are_idempotent_and_bad_copies_change_nothing(db: &TestDb) {
+        use omnibox::pipeline::{DeadLetterStore, Letter};
+        let outbox = db.store.outbox();
+        let e = new_event("order.created", "orders", "k1");
+        outbox.create(&e).await.unwrap();
+        let claim = outbox
+            .claim(&ClaimOptions::new(WorkerId::new("w").unwrap(), 1))
+            .await
+            .unwrap();
+        outbox
+            .fail(&claim.token, &[Failure::dead(e.id(), "schema rejected")])
+            .await
+            .unwrap();
+        let table = db.store.dead_letters();
+        let letter = [Letter {
+            event: &claim.events[0],
+            error: "schema rejected",
+        }];
+        assert_eq!(DeadLetterStore::put(&table, &letter).await.unwrap(), 1);
+        assert_eq!(DeadLetterStore::put(&table, &letter).await.unwrap(), 1);
+        let letters = table.list(&Default::default()).await.unwrap();
+        assert_eq!(letters.len(), 1, "{letters:?}");
+        assert_eq!(letters[0].error, "schema rejected");
+        match &db.store {
+            omnibox::store::AnyStore::Postgres(s) => {
+                sqlx::query("UPDATE omnibox_dead_letters SET event = '{\"x\": 1}'")
+                    .execute(s.pool())
+                    .await
+                    .unwrap();
+            }
+            omnibox::store::AnyStore::Sqlite(s) => {
+                sqlx::query("UPDATE omnibox_dead_letters SET event = '{\"x\": 1}'")
+                    .execute(s.pool())
+                    .await
+                    .unwrap();
+            }
+            _ => unreachable!(),
+        }
+        // Its row gone, the replay would need the copy: it fails, whole.
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        use omnibox::MaintenanceStore;
+        assert_eq!(outbox.delete_failed(Duration::ZERO, 10).await.unwrap(), 1);
+        let err = table
+            .replay(
+                &[letters[0].id],
+                omnibox::store::audit::AuditEntry::new("t", "replay"),
+            )
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("cannot be read"), "{err}");
+        let open = table
+            .list(&omnibox::store::dead_letters::DeadLetterFilter {
+                open_only: true,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        assert_eq!(open.len(), 1);
+        assert!(outbox.get(e.id()).await.unwrap().is_none());
+        let r = omnibox(db, &["replay", "--table", "dead-letters", "--all", "--yes"]);
+        assert_ne!(r.code, 0);
+        assert!(r.stderr.contains("cannot be read"), "{}", r.stderr);
+        assert_eq!(r.stderr.lines().count(), 1, "{}", r.stderr);
+        let audit = omnibox(db, &["audit", "--format", "json"]);
+        assert!(
+            audit.json()["entries"].as_array().unwrap().is_empty(),
+            "{}",
+            audit.stdout
+        );
+    }
+
+    /// `inbox process --dlq table` keeps the rows that fail as dead
+    /// letters; `list --table dead-letters` shows them; `replay --table
+    /// dead-letters` requeues a row still failed, re-inserts one that was
+    /// deleted, marks the letters replayed, audits it, and does not replay
+    /// a letter twice; a requeue of the row itself closes its letter.
+    pub async fn dead_letters_are_kept_listed_and_replayed(db: &TestDb) {
+        let domain = DomainService::default();
+        let mut events = Vec::new();
+        for m in ["m1", "m2", "m3"] {
+            let mut e = NewInboxEvent::new(m, "g", "billing", "refund.issued", json!({"m": m}));
+            e.max_attempts = Some(1);
+            let e = domain.create_inbox_event(e).unwrap();
+            db.store.inbox().insert(&e).await.unwrap();
+            events.push(e);
+        }
+        let r = omnibox(
+            db,
+            &[
+                "inbox",
+                "process",
+                "--once",
+                "--dlq",
+                "table",
+                "--exec",
+                "echo \"no refund for $OMNIBOX_MESSAGE_ID\" >&2; exit 1",
+            ],
+        );
+        assert_eq!(r.code, 0, "{}", r.stderr);
+        for e in &events {
+            let row = db.store.inbox().get(e.id()).await.unwrap().unwrap();
+            assert_eq!(row.status(), EventStatus::Failed);
+        }
+        let list = omnibox(db, &["list", "--table", "dead-letters", "--format", "json"]);
+        assert_eq!(list.code, 0, "{}", list.stderr);
+        let letters = list.json()["dead_letters"].as_array().unwrap().clone();
+        assert_eq!(letters.len(), 3, "{}", list.stdout);
+        for (l, e) in letters.iter().zip(&events) {
+            assert_eq!(l["origin"], "inbox");
+            assert_eq!(l["event_id"], e.id().to_string());
+            assert_eq!(l["topic"], "billing");
+            assert_eq!(l["attempts_made"], 1);
+            assert!(
+                l["error"]
+                    .as_str()
+                    .unwrap()
+                    .contains(&format!("no refund for {}", e.message_id())),
+                "{l}"
+            );
+            assert_eq!(l["event"]["status"], "failed");
+            assert_eq!(l["event"]["payload"], json!({"m": e.message_id()}));
+            assert!(l["replayed_at"].is_null());
+        }
+        let table = omnibox(db, &["list", "--table", "dead-letters"]);
+        assert!(table.stdout.contains("refund.issued"), "{}", table.stdout);
+        // Event-table filters that mean nothing here are refused.
+        let r = omnibox(
+            db,
+            &["list", "--table", "dead-letters", "--status", "failed"],
+        );
+        assert_eq!(r.code, 2, "{}", r.stderr);
+        assert!(r.stderr.contains("--status"), "{}", r.stderr);
+        // A replay of the inbox row itself closes its letter.
+        let id1 = events[0].id().to_string();
+        let r = omnibox(db, &["replay", "--table", "inbox", "--id", &id1, "--yes"]);
+        assert_eq!(r.code, 0, "{}", r.stderr);
+        let open = db
+            .store
+            .dead_letters()
+            .list(&omnibox::store::dead_letters::DeadLetterFilter {
+                open_only: true,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        assert_eq!(
+            open.iter().map(|l| l.event_id).collect::<Vec<_>>(),
+            vec![events[1].id(), events[2].id()]
+        );
+        // m3's row is deleted (as cleanup --include-failed would).
+        let m3_stored = db.store.inbox().get(events[2].id()).await.unwrap().unwrap();
+        delete_inbox_row(db, events[2].id()).await;
+        let dry = omnibox(
+            db,
+            &[
+                "replay",
+                "--table",
+                "dead-letters",
+                "--all",
+                "--dry-run",
+                "--format",
+                "json",
+            ],
+        );
+        assert_eq!(dry.code, 0, "{}", dry.stderr);
+        assert_eq!(dry.json()["selected"], 2, "{}", dry.stdout);
+        assert_eq!(dry.json()["replayed"], 0);
+        let r = omnibox(
+            db,
+            &[
+                "replay",
+                "--table",
+                "dead-letters",
+                "--all",
+                "--reason",
+                "refunds fixed",
+                "--yes",
+                "--format",
+                "json",
+            ],
+        );
+        assert_eq!(r.code, 0, "{}", r.stderr);
+        assert_eq!(r.json()["replayed"], 2, "{}", r.stdout);
+        let m2 = db.store.inbox().get(events[1].id()).await.unwrap().unwrap();
+        assert_eq!(
+            (m2.status(), m2.attempts_made(), m2.last_error()),
+            (EventStatus::Pending, 0, None)
+        );
+        let m3 = db.store.inbox().get(events[2].id()).await.unwrap().unwrap();
+        assert_eq!((m3.status(), m3.attempts_made()), (EventStatus::Pending, 0));
+        assert_eq!(m3.message_id(), "m3");
+        assert_eq!(m3.payload().get("m"), Some(&json!("m3")));
+        assert_eq!(m3.created_at(), m3_stored.created_at());
+        let all = db
+            .store
+            .dead_letters()
+            .list(&Default::default())
+            .await
+            .unwrap();
+        assert!(all.iter().all(|l| l.replayed_at.is_some()), "{all:?}");
+        let audit = omnibox(db, &["audit", "--format", "json"]);
+        let entries = audit.json()["entries"].as_array().unwrap().clone();
+        let entry = entries
+            .iter()
+            .find(|e| e["table"] == "dead-letters")
+            .unwrap_or_else(|| panic!("{}", audit.stdout));
+        assert_eq!(entry["count"], 2);
+        assert_eq!(entry["reason"], "refunds fixed");
+        // Nothing open is left: a second replay changes nothing.
+        let again = omnibox(db, &["replay", "--table", "dead-letters", "--all", "--yes"]);
+        assert_eq!(again.code, 1, "{}", again.stderr);
+        // The events run again; failing again, they get new letters.
+        let r = omnibox(
+            db,
+            &[
+                "inbox", "process", "--once", "--dlq", "table", "--exec", "exit 1",
+            ],
+        );
+        assert_eq!(r.code, 0, "{}", r.stderr);
+        let open = db
+            .store
+            .dead_letters()
+            .list(&omnibox::store::dead_letters::DeadLetterFilter {
+                open_only: true,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        assert_eq!(open.len(), 3, "{open:?}");
+        assert_eq!(
+            db.store
+                .dead_letters()
+                .list(&Default::default())
+                .await
+                .unwrap()
+                .len(),
+            6
+        );
+    }
 }
 
 backend_tests!(
     doctor_finds_what_is_wrong,
+    dead_letters_are_kept_listed_and_replayed,
+    dead_letter_puts_are_idempotent_and_bad_copies_change_nothing,
     audit_is_validated_first_and_atomic,
     failures_count_every_row_and_cleanup_trims_the_audit,
     replay_by_each_selector,

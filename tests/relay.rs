@@ -81,7 +81,10 @@ async fn drain(
         Duration::from_secs(10),
     );
     if let Some(t) = dlq {
-        b = b.dead_letter(sink, t);
+        // Dead letters to the topic and to the table: both get each one.
+        b = b
+            .dead_letter(sink, t)
+            .dead_letter_store(Arc::new(store.dead_letters()));
     }
     let p = b.build();
     let (_tx, rx) = watch::channel(false);
@@ -246,6 +249,73 @@ mod cases {
             orders.len(),
             1,
             "the good event went out; the failing head of another topic did not hold it up"
+        );
+
+        // The table kept the same letter: the event as it failed.
+        let letters = db
+            .store
+            .dead_letters()
+            .list(&Default::default())
+            .await
+            .unwrap();
+        assert_eq!(letters.len(), 1, "{letters:?}");
+        let l = &letters[0];
+        assert_eq!(
+            (l.origin, l.event_id, l.topic.as_str()),
+            (omnibox::Table::Outbox, bad.id(), "forbidden")
+        );
+        assert_eq!(l.attempts_made, 2);
+        assert!(l.error.contains("rejected"), "{}", l.error);
+        assert_eq!(l.event["status"], "failed");
+        assert_eq!(l.event["partition_key"], "k");
+        // Its row deleted (cleanup --include-failed), the letter brings the
+        // event back as a new pending row with its id, key and payload.
+        use omnibox::MaintenanceStore;
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        assert_eq!(
+            db.store
+                .outbox()
+                .delete_failed(Duration::ZERO, 10)
+                .await
+                .unwrap(),
+            1
+        );
+        assert!(db.store.outbox().get(bad.id()).await.unwrap().is_none());
+        let r = db
+            .store
+            .dead_letters()
+            .replay(
+                &[l.id],
+                omnibox::store::audit::AuditEntry::new("test", "replay"),
+            )
+            .await
+            .unwrap();
+        assert_eq!((r.replayed.len(), r.left.len()), (1, 0), "{r:?}");
+        let back = db.store.outbox().get(bad.id()).await.unwrap().unwrap();
+        assert_eq!(
+            (back.status(), back.attempts_made(), back.last_error()),
+            (EventStatus::Pending, 0, None)
+        );
+        assert_eq!((back.topic(), back.partition_key()), ("forbidden", "k"));
+        assert_eq!(back.payload(), bad.payload());
+        assert_eq!(back.max_attempts(), 2);
+        assert!(
+            back.seq() > row.seq(),
+            "a re-inserted row queues after the rows of its key"
+        );
+        // Replayed once: a second replay of the letter does nothing.
+        let again = db
+            .store
+            .dead_letters()
+            .replay(
+                &[l.id],
+                omnibox::store::audit::AuditEntry::new("test", "replay"),
+            )
+            .await
+            .unwrap();
+        assert!(
+            again.replayed.is_empty() && again.left.is_empty(),
+            "{again:?}"
         );
     }
 

@@ -198,6 +198,13 @@ pub enum OnOff {
     Off,
 }
 
+/// Where `--dlq` keeps dead letters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum DlqArg {
+    /// The omnibox_dead_letters table (see `omnibox list --table dead-letters`)
+    Table,
+}
+
 /// The circuit breaker of `publish` and `inbox process`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct CircuitArgs {

@@ -120,6 +120,7 @@ const INDEXES: &[&str] = &[
     "inbox_events_failed",
     "inbox_events_failed_seq",
     "inbox_events_source_due",
+    "omnibox_dead_letters_open",
 ];
 
 pub async fn run(args: DoctorArgs, ctx: &Context) -> Result<ExitStatus> {
@@ -246,7 +247,7 @@ async fn indexes_check(store: &AnyStore) -> Check {
         Db::Pg(s) => {
             sqlx::query_scalar(
                 "SELECT indexname::text FROM pg_indexes
-                 WHERE schemaname = current_schema() AND tablename IN ('outbox_events', 'inbox_events')",
+                 WHERE schemaname = current_schema() AND tablename IN ('outbox_events', 'inbox_events', 'omnibox_dead_letters')",
             )
             .fetch_all(s.pool())
             .await

@@ -2,12 +2,13 @@
 
 use anyhow::Result;
 use clap::Args;
+use omnibox::store::dead_letters::{DEAD_LETTERS, DeadLetterFilter, DeadLetterRecord};
 use omnibox::store::{AnyStore, ListFilter};
 use omnibox::{Event, EventStatus, EventStore, Route, Table, Timestamp, time};
 use serde_json::json;
 
 use super::output::{self, Format, ellipsize};
-use super::{Context, ExitStatus, args};
+use super::{Context, ExitStatus, UsageError, args};
 
 /// List events with filters, oldest first
 ///
@@ -15,12 +16,13 @@ use super::{Context, ExitStatus, args};
 ///   omnibox list --status failed
 ///   omnibox list --table inbox --since 2h --limit 20
 ///   omnibox list --topic orders --event-type order.created --format json
+///   omnibox list --table dead-letters --since 1d     # kept by --dlq table
 #[derive(Debug, Args)]
 #[command(verbatim_doc_comment)]
 pub struct ListArgs {
     /// Which table
-    #[arg(long, value_enum, default_value_t = TableArg::Outbox)]
-    table: TableArg,
+    #[arg(long, value_enum, default_value_t = RowsArg::Outbox)]
+    table: RowsArg,
     /// Only this status: pending, completed or failed
     #[arg(long, value_parser = parse_status)]
     status: Option<EventStatus>,
@@ -30,7 +32,7 @@ pub struct ListArgs {
     /// Only this topic (outbox) or source (inbox)
     #[arg(long, alias = "source")]
     topic: Option<String>,
-    /// Only rows created since: RFC 3339 (2026-01-31T12:00:00Z) or a duration ago (2h)
+    /// Only rows created (dead letters: written) since: RFC 3339 (2026-01-31T12:00:00Z) or a duration ago (2h)
     #[arg(long, allow_hyphen_values = true, value_parser = args::since, value_name = "TIME")]
     since: Option<Timestamp>,
     /// Most rows to show
@@ -50,6 +52,16 @@ pub enum TableArg {
     Inbox,
 }
 
+/// The tables `list` and `replay` read: the event tables, or the dead
+/// letters kept by `--dlq table`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum RowsArg {
+    Outbox,
+    Inbox,
+    /// omnibox_dead_letters (copies of events that failed, kept by --dlq table)
+    DeadLetters,
+}
+
 impl From<TableArg> for Table {
     fn from(t: TableArg) -> Table {
         match t {
@@ -67,6 +79,11 @@ fn parse_status(s: &str) -> Result<EventStatus, String> {
 }
 
 pub async fn run(args: ListArgs, ctx: &Context) -> Result<ExitStatus> {
+    let table = match args.table {
+        RowsArg::Outbox => Table::Outbox,
+        RowsArg::Inbox => Table::Inbox,
+        RowsArg::DeadLetters => return dead_letters(args, ctx).await,
+    };
     let store: AnyStore = ctx.store().await?;
     let filter = ListFilter {
         status: args.status,
@@ -77,7 +94,6 @@ pub async fn run(args: ListArgs, ctx: &Context) -> Result<ExitStatus> {
         locked_by: args.locked_by.clone(),
         limit: Some(args.limit),
     };
-    let table = Table::from(args.table);
     match table {
         Table::Outbox => {
             let rows = store.outbox().list(&filter).await?;
@@ -144,4 +160,68 @@ fn print<R: Route + serde::Serialize>(
         }
     }
     Ok(ExitStatus::Success)
+}
+
+async fn dead_letters(args: ListArgs, ctx: &Context) -> Result<ExitStatus> {
+    if args.status.is_some() || args.locked_by.is_some() {
+        return Err(UsageError(
+            "--status and --locked-by apply to the outbox and inbox tables; dead letters are failed events (replayed ones show a replayed time)".into(),
+        )
+        .into());
+    }
+    let store: AnyStore = ctx.store().await?;
+    let letters = store
+        .dead_letters()
+        .list(&DeadLetterFilter {
+            event_type: args.event_type.clone(),
+            topic: args.topic.clone(),
+            since: args.since,
+            after_seq: args.after,
+            limit: Some(args.limit),
+            ..DeadLetterFilter::default()
+        })
+        .await?;
+    match ctx.format() {
+        Format::Json => output::json(&json!({ "table": DEAD_LETTERS, "dead_letters": letters }))?,
+        Format::Table => {
+            if letters.is_empty() {
+                output::line("No dead letters match.")?;
+            } else {
+                output::line(letter_table(&letters))?;
+            }
+        }
+    }
+    Ok(ExitStatus::Success)
+}
+
+/// Dead letters as a table (shared with `replay`).
+pub fn letter_table(letters: &[DeadLetterRecord]) -> comfy_table::Table {
+    let mut t = output::table([
+        "seq",
+        "id",
+        "table",
+        "event id",
+        "event type",
+        "topic/source",
+        "attempts",
+        "dead at",
+        "replayed at",
+        "error",
+    ]);
+    for l in letters {
+        t.add_row(vec![
+            l.seq.to_string(),
+            l.id.to_string(),
+            l.origin.to_string(),
+            l.event_id.to_string(),
+            l.event_type.clone(),
+            ellipsize(&l.topic, 40),
+            l.attempts_made.to_string(),
+            time::format(&l.dead_at),
+            l.replayed_at
+                .map_or_else(|| "-".into(), |t| time::format(&t)),
+            ellipsize(&l.error, 50),
+        ]);
+    }
+    t
 }

@@ -26,8 +26,8 @@ use super::{Context, ExitStatus, args, env};
 /// (or without a leader) backs off alone, also without spending attempts,
 /// while other topics go on; after --topic-unavailable-limit its events
 /// spend attempts. A broker that rejects a record counts a failed attempt
-/// (retried with backoff; failed at max_attempts, and then also written to
-/// --dlq-topic).
+/// (retried with backoff; failed at max_attempts, and then also kept as a
+/// dead letter: --dlq table and/or --dlq-topic).
 ///
 /// With --once the relay exits when nothing due is left that it could
 /// publish (rows other relays hold are theirs to finish); it exits 1 when
@@ -43,6 +43,7 @@ use super::{Context, ExitStatus, args, env};
 /// Examples:
 ///   omnibox publish --batch 100                       # to ./omnibox-events.jsonl
 ///   omnibox publish --broker kafka://127.0.0.1:9092 --batch 1000 --dlq-topic outbox.dlq
+///   omnibox publish --broker kafka://127.0.0.1:9092 --dlq table   # see: omnibox list --table dead-letters
 ///   omnibox publish --broker kafka://k1:9092,k2:9092 -X compression.type=lz4 --once
 ///   omnibox publish --broker stdout --once | jq .value.payload
 ///   omnibox publish --broker kafka://127.0.0.1:9092 --topic reports   # a relay for one slow topic
@@ -86,6 +87,9 @@ pub struct PublishArgs {
     /// Also write events that end up failed to this topic (best effort)
     #[arg(long, value_name = "TOPIC")]
     dlq_topic: Option<String>,
+    /// Also keep events that end up failed as dead letters here (replay them with `omnibox replay --table dead-letters`)
+    #[arg(long, value_enum, value_name = "WHERE")]
+    dlq: Option<args::DlqArg>,
     /// Stop after claiming this many events (whole batches), e.g. to drain a backlog in chunks
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
     limit: Option<u64>,
@@ -154,6 +158,9 @@ pub async fn run_publish(args: PublishArgs, ctx: &Context) -> Result<ExitStatus>
         .circuit(circuit);
     if let Some(topic) = &args.dlq_topic {
         builder = builder.dead_letter(sink.clone(), topic.clone());
+    }
+    if let Some(args::DlqArg::Table) = args.dlq {
+        builder = builder.dead_letter_store(Arc::new(store.dead_letters()));
     }
     let processor = builder.build();
     let _metrics_server = match args.metrics_addr {

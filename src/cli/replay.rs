@@ -1,4 +1,4 @@
-//! `omnibox replay`: failed rows back to pending.
+//! `omnibox replay`: failed rows (or dead letters) back to pending.
 
 use std::collections::HashSet;
 use std::time::Duration;
@@ -7,14 +7,15 @@ use anyhow::Result;
 use clap::Args;
 use omnibox::store::audit::{AuditEntry, AuditedChange};
 use omnibox::store::{AnyStore, fingerprint};
-use omnibox::{Event, MaintenanceStore, RequeueFilter, Route, Table, Timestamp, time};
+use omnibox::{Event, MaintenanceStore, RequeueFilter, Route, Timestamp, time};
 use serde_json::json;
 use uuid::Uuid;
 
-use super::list::TableArg;
+use super::list::{RowsArg, letter_table};
 use super::output::{self, Format, ellipsize};
 use super::safety::SafetyArgs;
 use super::{Context, ExitStatus, UsageError, args};
+use omnibox::store::dead_letters::{DEAD_LETTERS, DeadLetterFilter, DeadLetterRecord};
 
 /// Put failed events back to pending (attempts reset, error cleared, due now)
 ///
@@ -22,17 +23,24 @@ use super::{Context, ExitStatus, UsageError, args};
 /// would change. --rate spreads a large replay over time so that it does not
 /// flood the broker. Every replay is recorded in the audit trail (omnibox audit).
 ///
+/// --table dead-letters replays the open dead letters kept by --dlq table
+/// (selectors apply to the letters; --id takes a letter's or its event's
+/// id): an event whose row is still failed is requeued, one whose row was
+/// deleted (cleanup --include-failed) is inserted again from the letter's
+/// copy; the letters are then marked replayed.
+///
 /// Examples:
 ///   omnibox replay --event-type order.created --since 2h --dry-run
 ///   omnibox replay --group 3fa2b91c0d4e --reason "schema fixed in v2.3" --yes
 ///   omnibox replay --table inbox --source billing --error-contains timeout --rate 100
 ///   omnibox replay --id 0190f1d2-7a3b-7cde-8f00-123456789abc --reason "retry by hand"
+///   omnibox replay --table dead-letters --since 1d --reason "broker ACL fixed" --yes
 #[derive(Debug, Args)]
 #[command(verbatim_doc_comment)]
 pub struct ReplayArgs {
     /// Which table
-    #[arg(long, value_enum, default_value_t = TableArg::Outbox)]
-    table: TableArg,
+    #[arg(long, value_enum, default_value_t = RowsArg::Outbox)]
+    table: RowsArg,
     /// This row (repeatable)
     #[arg(long = "id", value_name = "UUID", value_parser = args::uuid)]
     ids: Vec<Uuid>,
@@ -70,6 +78,29 @@ pub struct ReplayArgs {
     safety: SafetyArgs,
 }
 
+impl ReplayArgs {
+    /// The audit entry of this replay: the selectors and how many rows
+    /// they picked.
+    fn audit_entry(&self, selected: usize) -> AuditEntry {
+        let mut entry = AuditEntry::new(self.safety.actor(), "replay");
+        entry.reason = self.reason.clone();
+        entry.details = json!({
+            "event_type": self.event_type, "topic": self.topic, "error_contains": self.error_contains,
+            "group": self.group, "since": self.since.map(|t| time::format(&t)), "until": self.until.map(|t| time::format(&t)),
+            "all": self.all, "limit": self.limit, "rate": self.rate, "selected": selected,
+        });
+        entry
+    }
+
+    fn that_id(&self) -> &'static str {
+        if self.ids.len() == 1 {
+            "that id"
+        } else {
+            "those ids"
+        }
+    }
+}
+
 pub async fn run(args: ReplayArgs, ctx: &Context) -> Result<ExitStatus> {
     let filter = RequeueFilter {
         ids: args.ids.clone(),
@@ -93,9 +124,122 @@ pub async fn run(args: ReplayArgs, ctx: &Context) -> Result<ExitStatus> {
     probe.reason = args.reason.clone();
     omnibox::store::audit::check(&probe)?;
     let store = ctx.store().await?;
-    match Table::from(args.table) {
-        Table::Outbox => replay(&store.outbox(), &store, &args, filter, ctx).await,
-        Table::Inbox => replay(&store.inbox(), &store, &args, filter, ctx).await,
+    match args.table {
+        RowsArg::Outbox => replay(&store.outbox(), &store, &args, filter, ctx).await,
+        RowsArg::Inbox => replay(&store.inbox(), &store, &args, filter, ctx).await,
+        RowsArg::DeadLetters => replay_letters(&store, &args, ctx).await,
+    }
+}
+
+async fn replay_letters(store: &AnyStore, args: &ReplayArgs, ctx: &Context) -> Result<ExitStatus> {
+    let table = store.dead_letters();
+    let mut letters = table
+        .list(&DeadLetterFilter {
+            ids: args.ids.clone(),
+            event_type: args.event_type.clone(),
+            topic: args.topic.clone(),
+            error_contains: args.error_contains.clone(),
+            since: args.since,
+            until: args.until,
+            open_only: true,
+            ..DeadLetterFilter::default()
+        })
+        .await?;
+    if let Some(group) = &args.group {
+        letters.retain(|l| fingerprint::fingerprint(&l.event_type, &l.error) == *group);
+    }
+    if let Some(limit) = args.limit {
+        letters.truncate(limit as usize);
+    }
+    if letters.is_empty() {
+        print_letters(ctx, &[], &[], args.safety.dry_run, 0)?;
+        if !args.ids.is_empty() {
+            eprintln!(
+                "omnibox: no open dead letter with {} (`omnibox list --table dead-letters` shows them; replayed ones are not replayed twice)",
+                args.that_id()
+            );
+        }
+        return Ok(ExitStatus::No);
+    }
+    if args.safety.dry_run {
+        print_letters(ctx, &letters, &[], true, letters.len())?;
+        return Ok(ExitStatus::Success);
+    }
+    if !args
+        .safety
+        .confirm(&format!("replay {} dead letter(s)", letters.len()))?
+    {
+        eprintln!("omnibox: nothing changed");
+        return Ok(ExitStatus::No);
+    }
+    let ids: Vec<Uuid> = letters.iter().map(|l| l.id).collect();
+    let chunk = args.rate.map_or(ids.len(), |r| r as usize).max(1);
+    let entry = args.audit_entry(ids.len());
+    let mut replayed = Vec::new();
+    let mut left = Vec::new();
+    for (n, part) in ids.chunks(chunk).enumerate() {
+        if n > 0 {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+        let r = table.replay(part, entry.clone()).await?;
+        replayed.extend(r.replayed);
+        left.extend(r.left);
+    }
+    print_letters(ctx, &replayed, &left, false, ids.len())?;
+    if replayed.len() < ids.len() {
+        for (l, why) in &left {
+            eprintln!(
+                "omnibox: dead letter {} (event {}) left open: {why}",
+                l.id, l.event_id
+            );
+        }
+        let gone = ids.len() - replayed.len() - left.len();
+        if gone > 0 {
+            eprintln!(
+                "omnibox: {gone} selected dead letter(s) were replayed meanwhile and were left alone"
+            );
+        }
+        return Ok(ExitStatus::Partial);
+    }
+    Ok(ExitStatus::Success)
+}
+
+fn print_letters(
+    ctx: &Context,
+    letters: &[DeadLetterRecord],
+    left: &[(DeadLetterRecord, String)],
+    dry_run: bool,
+    selected: usize,
+) -> Result<()> {
+    match ctx.format() {
+        Format::Json => output::json(&json!({
+            "table": DEAD_LETTERS,
+            "dry_run": dry_run,
+            "replayed": if dry_run { 0 } else { letters.len() },
+            "selected": selected,
+            "ids": letters.iter().map(|l| l.id).collect::<Vec<_>>(),
+            "event_ids": letters.iter().map(|l| l.event_id).collect::<Vec<_>>(),
+            "left": left.iter().map(|(l, why)| json!({"id": l.id, "event_id": l.event_id, "why": why})).collect::<Vec<_>>(),
+        })),
+        Format::Table => {
+            if letters.is_empty() && left.is_empty() {
+                return output::line("No open dead letters match.");
+            }
+            if !letters.is_empty() {
+                output::line(letter_table(letters))?;
+            }
+            if dry_run {
+                output::line(format!(
+                    "Dry run: {} dead letter(s) would be replayed; nothing changed.",
+                    letters.len()
+                ))
+            } else {
+                output::line(format!(
+                    "Replayed {} dead letter(s): their events are pending again.",
+                    letters.len()
+                ))
+            }
+        }
     }
 }
 
@@ -129,11 +273,7 @@ where
         if !args.ids.is_empty() {
             eprintln!(
                 "omnibox: no failed {table_name} event with {} (replay requeues failed rows only; `omnibox show ID` tells where a row stands)",
-                if args.ids.len() == 1 {
-                    "that id"
-                } else {
-                    "those ids"
-                }
+                args.that_id()
             );
         }
         return Ok(ExitStatus::No);
@@ -153,13 +293,7 @@ where
     // row commit together.
     let chunk = args.rate.map_or(ids.len(), |r| r as usize).max(1);
     let mut done: HashSet<Uuid> = HashSet::with_capacity(ids.len());
-    let mut entry = AuditEntry::new(args.safety.actor(), "replay");
-    entry.reason = args.reason.clone();
-    entry.details = json!({
-        "event_type": args.event_type, "topic": args.topic, "error_contains": args.error_contains,
-        "group": args.group, "since": args.since.map(|t| time::format(&t)), "until": args.until.map(|t| time::format(&t)),
-        "all": args.all, "limit": args.limit, "rate": args.rate, "selected": ids.len(),
-    });
+    let entry = args.audit_entry(ids.len());
     for (n, part) in ids.chunks(chunk).enumerate() {
         if n > 0 {
             tokio::time::sleep(Duration::from_secs(1)).await;

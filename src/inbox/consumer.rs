@@ -18,9 +18,9 @@ use crate::domain::{Backoff, DomainService, Retry};
 use crate::error::{Error, Result};
 use crate::metrics::MetricsRecorder;
 use crate::model::{InboxEvent, InboxRoute, WorkerId, time};
-use crate::pipeline::{DeadLetter, Verdict};
+use crate::pipeline::{DeadLetterStore, DeadLetterTopic, Letter, Verdict, put_dead_letters};
 use crate::pipeline::{Heartbeat, Outcome};
-use crate::relay::{AnySink, Sink};
+use crate::relay::AnySink;
 use crate::store::{AnyTable, ClaimToken, EventStore, Existing, Failure, RetryAt};
 
 /// When the broker offset is committed (docs/design.md, "The inbox").
@@ -159,7 +159,7 @@ pub struct InboxConsumer<S: Source, H: Handler> {
     domain: DomainService,
     backoff: Backoff,
     metrics: Option<Arc<dyn MetricsRecorder>>,
-    dlq: Option<(Arc<AnySink>, String)>,
+    dlq: Vec<Arc<dyn DeadLetterStore<InboxRoute>>>,
     /// Exactly-once: the source is paused until then (a retry's time).
     resume_at: Option<Instant>,
     /// Repeated handler-failure warnings are logged at most every few
@@ -214,7 +214,7 @@ impl<S: Source, H: Handler> InboxConsumer<S, H> {
             domain: DomainService::default(),
             backoff: Backoff::default(),
             metrics: None,
-            dlq: None,
+            dlq: Vec::new(),
             resume_at: None,
             warnings: Throttle::default(),
             deps: Dependencies::default(),
@@ -262,8 +262,14 @@ impl<S: Source, H: Handler> InboxConsumer<S, H> {
     }
 
     /// Also sends poison messages and rows that become `failed` to `topic`.
-    pub fn dead_letter(mut self, sink: Arc<AnySink>, topic: impl Into<String>) -> Self {
-        self.dlq = Some((sink, topic.into()));
+    pub fn dead_letter(self, sink: Arc<AnySink>, topic: impl Into<String>) -> Self {
+        self.dead_letter_store(Arc::new(DeadLetterTopic::new(sink, topic)))
+    }
+
+    /// Also keeps poison messages and rows that become `failed` in `store`
+    /// (e.g. a [`DeadLetterTable`](crate::store::dead_letters::DeadLetterTable)).
+    pub fn dead_letter_store<D: DeadLetterStore<InboxRoute>>(mut self, store: Arc<D>) -> Self {
+        self.dlq.push(store);
         self
     }
 
@@ -504,24 +510,17 @@ impl<S: Source, H: Handler> InboxConsumer<S, H> {
     }
 
     async fn forward_dead(&self, events: &[&InboxEvent]) {
-        let Some((sink, topic)) = &self.dlq else {
-            return;
-        };
-        if events.is_empty() {
+        if self.dlq.is_empty() || events.is_empty() {
             return;
         }
-        let messages: Vec<_> = events
+        let letters: Vec<Letter<'_, InboxRoute>> = events
             .iter()
-            .map(|e| e.dead_letter(topic, e.last_error().unwrap_or("failed")))
+            .map(|e| Letter {
+                event: e,
+                error: e.last_error().unwrap_or("failed"),
+            })
             .collect();
-        for (m, d) in messages
-            .iter()
-            .zip(sink.send(&messages, Duration::from_secs(30)).await)
-        {
-            if d != crate::relay::Delivery::Delivered {
-                tracing::error!(event_id = %m.event_id, ?d, "could not write a dead letter (the row is failed in the inbox)");
-            }
-        }
+        put_dead_letters(&self.dlq, &letters, Duration::from_secs(30)).await;
     }
 
     /// The token of this consumer's locks for one batch.

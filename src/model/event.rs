@@ -5,7 +5,8 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::str::FromStr;
 
-use serde::Serialize;
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use uuid::Uuid;
 
@@ -122,7 +123,7 @@ impl FromStr for Table {
 }
 
 /// Routing part of an outbox event: where it goes on the broker.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct OutboxRoute {
     /// Kind of aggregate the event belongs to, e.g. `order`.
     pub aggregate_type: String,
@@ -135,7 +136,7 @@ pub struct OutboxRoute {
 }
 
 /// Routing part of an inbox event: where it came from.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct InboxRoute {
     /// The broker message id (deduplication key together with the consumer group).
     pub message_id: String,
@@ -215,6 +216,81 @@ pub struct Event<R> {
     /// never decide the order in which rows become due.
     #[serde(skip)]
     pub(crate) clock_default: ClockDefault,
+}
+
+/// What a dead letter's copy of an event must hold to bring the event back
+/// (the rest of the copy describes its failure and is not restored).
+#[derive(Deserialize)]
+#[serde(bound = "R: DeserializeOwned")]
+struct EventCopy<R> {
+    id: Uuid,
+    event_type: String,
+    payload: Payload,
+    #[serde(default)]
+    headers: Option<Headers>,
+    #[serde(default)]
+    trace_id: Option<String>,
+    #[serde(default)]
+    idempotency_key: Option<String>,
+    #[serde(default)]
+    correlation_id: Option<String>,
+    #[serde(default)]
+    causation_id: Option<String>,
+    #[serde(default)]
+    schema_version: Option<String>,
+    max_attempts: i32,
+    created_at: String,
+    #[serde(flatten)]
+    route: R,
+}
+
+impl<R: Route + DeserializeOwned> Event<R> {
+    /// The event a dead letter's copy (the event serialised when it failed)
+    /// describes, as a fresh pending row: no attempts, no error, due now
+    /// (the store's clock where it has one), created when it was first.
+    pub(crate) fn revived(copy: &Value) -> Result<Self> {
+        let c: EventCopy<R> = serde_json::from_value(copy.clone()).map_err(|e| {
+            Error::validation(
+                "event",
+                format!("the dead letter's copy of the event cannot be read: {e}"),
+            )
+        })?;
+        if c.event_type.is_empty() || c.max_attempts < 1 {
+            return Err(Error::validation(
+                "event",
+                "the dead letter's copy of the event has no event type or no attempts",
+            ));
+        }
+        let now = super::time::now();
+        Ok(Event {
+            id: c.id,
+            seq: None,
+            event_type: c.event_type,
+            payload: c.payload,
+            headers: c.headers,
+            trace_id: c.trace_id,
+            idempotency_key: c.idempotency_key,
+            correlation_id: c.correlation_id,
+            causation_id: c.causation_id,
+            schema_version: c.schema_version,
+            status: EventStatus::Pending,
+            attempts_made: 0,
+            max_attempts: c.max_attempts,
+            last_error: None,
+            scheduled_at: now,
+            completed_at: None,
+            locked_at: None,
+            locked_by: None,
+            locked_until: None,
+            created_at: super::time::parse("created_at", &c.created_at)?,
+            updated_at: now,
+            route: c.route,
+            clock_default: ClockDefault {
+                created_at: false,
+                scheduled_at: true,
+            },
+        })
+    }
 }
 
 /// Which of an event's times its creator left to the clock.

@@ -13,10 +13,13 @@
 //! and graceful shutdown.
 
 pub mod circuit;
+mod dead_letter;
 mod flight;
 mod processor;
 pub mod runner;
 
+pub(crate) use dead_letter::put_dead_letters;
+pub use dead_letter::{DeadLetterStore, DeadLetterTopic, Letter};
 pub use processor::{
     BatchHandler, BatchReport, DeadLetter, Fetch, Fetched, HeldRows, Outcome, Processor,
     ProcessorBuilder, ProcessorOptions, Step, StepExt, WithStep,

@@ -13,6 +13,7 @@ use tracing::Instrument;
 use uuid::Uuid;
 
 use super::circuit::{CircuitBreaker, CircuitConfig};
+use super::dead_letter::{DeadLetterStore, DeadLetterTopic, Letter, put_dead_letters};
 use super::flight::{self, Flight, Key};
 use crate::domain::{Backoff, Retry};
 use crate::error::{Error, Result};
@@ -20,7 +21,7 @@ use crate::metrics::{EventOutcome, MetricsRecorder};
 use crate::model::limits::DEFAULT_LEASE_TIMEOUT;
 use crate::model::{Event, Route, WorkerId, time};
 use crate::relay::Message;
-use crate::relay::sink::{AnySink, Sink};
+use crate::relay::sink::AnySink;
 use crate::store::{Claim, ClaimOptions, ClaimToken, EventStore, Failure, FetchFilters, RetryAt};
 
 /// What the handler step decided for one event.
@@ -398,7 +399,7 @@ pub struct Processor<R: Route, S: EventStore<R>, H: BatchHandler<R>> {
     store: S,
     handler: H,
     options: ProcessorOptions,
-    dlq: Option<(Arc<AnySink>, String)>,
+    dlq: Vec<Arc<dyn DeadLetterStore<R>>>,
     metrics: Option<Arc<dyn MetricsRecorder>>,
     breaker: Mutex<CircuitBreaker>,
     scan: Mutex<ScanState>,
@@ -424,7 +425,7 @@ pub struct ProcessorBuilder<R: Route, S: EventStore<R>, H: BatchHandler<R>> {
     store: S,
     handler: H,
     options: ProcessorOptions,
-    dlq: Option<(Arc<AnySink>, String)>,
+    dlq: Vec<Arc<dyn DeadLetterStore<R>>>,
     metrics: Option<Arc<dyn MetricsRecorder>>,
     circuit: CircuitConfig,
     job: &'static str,
@@ -438,7 +439,7 @@ impl<R: Route, S: EventStore<R>, H: BatchHandler<R>> ProcessorBuilder<R, S, H> {
             store,
             handler,
             options,
-            dlq: None,
+            dlq: Vec::new(),
             metrics: None,
             circuit: CircuitConfig::default(),
             job: "processor",
@@ -446,9 +447,21 @@ impl<R: Route, S: EventStore<R>, H: BatchHandler<R>> ProcessorBuilder<R, S, H> {
         }
     }
 
-    /// Writes events that become `failed` to `topic` through `sink` (best effort).
-    pub fn dead_letter(mut self, sink: Arc<AnySink>, topic: impl Into<String>) -> Self {
-        self.dlq = Some((sink, topic.into()));
+    /// Writes events that become `failed` to `topic` through `sink` (best
+    /// effort): a [`DeadLetterTopic`].
+    pub fn dead_letter(self, sink: Arc<AnySink>, topic: impl Into<String>) -> Self
+    where
+        Event<R>: DeadLetter,
+    {
+        self.dead_letter_store(Arc::new(DeadLetterTopic::new(sink, topic)))
+    }
+
+    /// Keeps events that become `failed` in `store` as well (the
+    /// reference's `dlq_storage`), e.g. a
+    /// [`DeadLetterTable`](crate::store::dead_letters::DeadLetterTable).
+    /// Stores add up: each gets every dead letter.
+    pub fn dead_letter_store<D: DeadLetterStore<R>>(mut self, store: Arc<D>) -> Self {
+        self.dlq.push(store);
         self
     }
 
@@ -957,23 +970,20 @@ where
         errors: &HashMap<Uuid, String>,
         report: &mut BatchReport,
     ) {
-        let Some((sink, topic)) = &self.dlq else {
+        if self.dlq.is_empty() {
             return;
-        };
-        let messages: Vec<Message> = claim
+        }
+        let letters: Vec<Letter<'_, R>> = claim
             .events
             .iter()
             .filter(|e| dead.contains(&e.id()))
-            .map(|e| e.dead_letter(topic, errors.get(&e.id()).map(String::as_str).unwrap_or("")))
+            .map(|e| Letter {
+                event: e,
+                error: errors.get(&e.id()).map(String::as_str).unwrap_or(""),
+            })
             .collect();
-        let deliveries = sink.send(&messages, Duration::from_secs(30)).await;
-        for (m, d) in messages.iter().zip(deliveries) {
-            if d == crate::relay::sink::Delivery::Delivered {
-                report.dead_lettered += 1;
-            } else {
-                tracing::error!(event_id = %m.event_id, topic = %topic, delivery = ?d, "could not write a dead letter (the row is failed in the table)");
-            }
-        }
+        report.dead_lettered +=
+            put_dead_letters(&self.dlq, &letters, self.options.commit_retry_for).await;
     }
 
     fn record_metrics(&self, claim: &Claim<R>, outcomes: &[Outcome], report: &BatchReport) {

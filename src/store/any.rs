@@ -82,6 +82,18 @@ pub enum AnyStore {
     Sqlite(SqliteStore),
 }
 
+impl From<PgStore> for AnyStore {
+    fn from(s: PgStore) -> Self {
+        AnyStore::Postgres(s)
+    }
+}
+
+impl From<SqliteStore> for AnyStore {
+    fn from(s: SqliteStore) -> Self {
+        AnyStore::Sqlite(s)
+    }
+}
+
 impl AnyStore {
     /// Connects to the database named by `url`.
     pub async fn connect(url: &str, opts: &StoreOptions) -> Result<Self> {

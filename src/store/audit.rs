@@ -119,6 +119,7 @@ impl AnyStore {
         check(&entry)?;
         let t = table.sql_name();
         entry.table = Some(table.to_string());
+        let requeue = matches!(change, AuditedChange::Requeue { .. });
         match self {
             AnyStore::Postgres(s) => {
                 let mut tx = s.pool().begin().await.map_err(storage)?;
@@ -159,6 +160,9 @@ impl AnyStore {
                 if ids.is_empty() {
                     tx.rollback().await.map_err(storage)?;
                     return Ok(ids);
+                }
+                if requeue {
+                    super::dead_letters::mark_replayed_pg(&mut tx, table, &ids).await?;
                 }
                 entry.count = ids.len() as u64;
                 entry.ids = ids.clone();
@@ -218,6 +222,9 @@ impl AnyStore {
                 if ids.is_empty() {
                     tx.rollback().await.map_err(storage)?;
                     return Ok(ids);
+                }
+                if requeue {
+                    super::dead_letters::mark_replayed_sqlite(&mut tx, table, &ids, &now).await?;
                 }
                 entry.count = ids.len() as u64;
                 entry.ids = ids.clone();
@@ -356,7 +363,7 @@ pub enum AuditedChange<'a> {
     },
 }
 
-async fn insert_pg(conn: &mut sqlx::PgConnection, entry: &AuditEntry) -> Result<i64> {
+pub(super) async fn insert_pg(conn: &mut sqlx::PgConnection, entry: &AuditEntry) -> Result<i64> {
     let ids = serde_json::to_string(&entry.ids).unwrap_or_else(|_| "[]".into());
     let details = serde_json::to_string(&entry.details).unwrap_or_else(|_| "{}".into());
     sqlx::query_scalar(
@@ -376,7 +383,10 @@ async fn insert_pg(conn: &mut sqlx::PgConnection, entry: &AuditEntry) -> Result<
     .map_err(storage)
 }
 
-async fn insert_sqlite(conn: &mut sqlx::SqliteConnection, entry: &AuditEntry) -> Result<i64> {
+pub(super) async fn insert_sqlite(
+    conn: &mut sqlx::SqliteConnection,
+    entry: &AuditEntry,
+) -> Result<i64> {
     let ids = serde_json::to_string(&entry.ids).unwrap_or_else(|_| "[]".into());
     let details = serde_json::to_string(&entry.details).unwrap_or_else(|_| "{}".into());
     sqlx::query_scalar(

@@ -39,6 +39,7 @@ use crate::model::{
 mod any;
 pub mod audit;
 pub(crate) mod claim;
+pub mod dead_letters;
 pub mod fingerprint;
 mod migrate;
 pub mod postgres;

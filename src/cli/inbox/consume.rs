@@ -100,6 +100,9 @@ pub struct ConsumeArgs {
     /// Also write poison messages and rows that end up failed to this topic
     #[arg(long, value_name = "TOPIC")]
     dlq_topic: Option<String>,
+    /// Also keep poison messages and rows that end up failed as dead letters here
+    #[arg(long, value_enum, value_name = "WHERE")]
+    dlq: Option<args::DlqArg>,
     /// Where the DLQ topic lives [default: the Kafka source's brokers, else file:omnibox-dlq.jsonl]
     #[arg(long, value_name = "URL", requires = "dlq_topic")]
     dlq_broker: Option<String>,
@@ -222,6 +225,9 @@ pub async fn run(args: ConsumeArgs, ctx: &Context) -> Result<ExitStatus> {
             Duration::from_secs(30),
         )?;
         consumer = consumer.dead_letter(Arc::new(sink), topic.clone());
+    }
+    if let Some(args::DlqArg::Table) = args.dlq {
+        consumer = consumer.dead_letter_store(Arc::new(store.dead_letters()));
     }
     let _server = match args.metrics_addr {
         Some(addr) => Some((

@@ -22,14 +22,15 @@ use crate::cli::{Context, ExitStatus, UsageError, args, signals};
 ///
 /// Claims due inbox rows in batches and runs the handler on each: completed,
 /// skipped, or failed (counted, with backoff; `failed` at max_attempts and
-/// then written to --dlq-topic; exit 75 or HTTP 429/502/503/504 retry without
-/// spending an attempt). Without --once it runs until SIGINT/SIGTERM, and on
+/// then kept as a dead letter: --dlq table and/or --dlq-topic; exit 75 or
+/// HTTP 429/502/503/504 retry without spending an attempt). Without --once it runs until SIGINT/SIGTERM, and on
 /// PostgreSQL wakes as soon as rows are inserted.
 ///
 /// Examples:
 ///   omnibox inbox process --exec './apply-event.sh' --once
 ///   omnibox inbox process --webhook http://127.0.0.1:8080/events --concurrency 8
 ///   omnibox inbox process --exec ./refunds.sh --source billing --event-type refund.issued
+///   omnibox inbox process --exec ./apply-event.sh --dlq table   # see: omnibox list --table dead-letters
 #[derive(Debug, Args)]
 #[command(verbatim_doc_comment)]
 pub struct ProcessArgs {
@@ -62,6 +63,9 @@ pub struct ProcessArgs {
     /// Also write rows that end up failed to this topic
     #[arg(long, value_name = "TOPIC")]
     dlq_topic: Option<String>,
+    /// Also keep rows that end up failed as dead letters here (replay them with `omnibox replay --table dead-letters`)
+    #[arg(long, value_enum, value_name = "WHERE")]
+    dlq: Option<args::DlqArg>,
     /// Where the DLQ topic lives [default: file:omnibox-dlq.jsonl]
     #[arg(long, value_name = "URL", requires = "dlq_topic")]
     dlq_broker: Option<String>,
@@ -126,6 +130,9 @@ pub async fn run(args: ProcessArgs, ctx: &Context) -> Result<ExitStatus> {
             Arc::new(AnySink::from_url(&url, &props, Duration::from_secs(30))?),
             topic.clone(),
         );
+    }
+    if let Some(args::DlqArg::Table) = args.dlq {
+        builder = builder.dead_letter_store(Arc::new(store.dead_letters()));
     }
     let processor = builder.build();
     let _server = match args.metrics_addr {

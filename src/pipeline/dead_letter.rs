@@ -1,0 +1,158 @@
+//! Where events that became `failed` are kept besides their table (the
+//! reference's `DLQStorage` and `DLQStep`): a [`DeadLetterStore`], written by
+//! the processor after the failure is committed.
+//!
+//! Two come with omnibox: [`DeadLetterTopic`] (a message on a dead-letter
+//! topic, best effort) and
+//! [`DeadLetterTable`](crate::store::dead_letters::DeadLetterTable) (a row of
+//! `omnibox_dead_letters`, listable and replayable with the CLI). A service
+//! may add its own (an object store, a ticketing system).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::future::BoxFuture;
+
+use super::processor::DeadLetter;
+use crate::error::Result;
+use crate::model::{Event, Route};
+use crate::relay::sink::{AnySink, Delivery, Sink};
+
+/// One event that has just become `failed`, as its processor claimed it,
+/// with the error that made it so.
+#[derive(Debug)]
+pub struct Letter<'a, R> {
+    /// The event as claimed (before this failure was written).
+    pub event: &'a Event<R>,
+    /// The error of its last attempt.
+    pub error: &'a str,
+}
+
+/// Keeps the events that became `failed` (the reference's `DLQStorage`).
+///
+/// The processor calls [`put`](DeadLetterStore::put) after the rows are
+/// `failed` in their table, so a dead letter is a copy: the row stays the
+/// record of the failure whatever happens here. An `Err` is retried (with
+/// the same letters) while the processor's commit retry lasts, so `put`
+/// must be idempotent: putting a letter twice keeps it once.
+pub trait DeadLetterStore<R: Route>: Send + Sync + 'static {
+    /// Where the letters go, for logs (`table omnibox_dead_letters`).
+    fn describe(&self) -> String;
+
+    /// Keeps `letters`; returns how many are kept. An `Err` means none was
+    /// and the call may be retried.
+    fn put<'a>(&'a self, letters: &'a [Letter<'a, R>]) -> BoxFuture<'a, Result<usize>>;
+}
+
+/// A shared store.
+impl<R: Route, D: DeadLetterStore<R>> DeadLetterStore<R> for Arc<D> {
+    fn describe(&self) -> String {
+        D::describe(self)
+    }
+
+    fn put<'a>(&'a self, letters: &'a [Letter<'a, R>]) -> BoxFuture<'a, Result<usize>> {
+        D::put(self, letters)
+    }
+}
+
+/// Dead letters as messages on a topic, with the original topic (or
+/// source), the error and the attempts in headers. Best effort: a message
+/// the sink does not deliver is logged and not retried (the row is
+/// `failed` in its table either way).
+pub struct DeadLetterTopic {
+    sink: Arc<AnySink>,
+    topic: String,
+    timeout: Duration,
+}
+
+impl DeadLetterTopic {
+    /// Letters to `topic` through `sink`.
+    pub fn new(sink: Arc<AnySink>, topic: impl Into<String>) -> Self {
+        DeadLetterTopic {
+            sink,
+            topic: topic.into(),
+            timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+impl std::fmt::Debug for DeadLetterTopic {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DeadLetterTopic")
+            .field("topic", &self.topic)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<R: Route> DeadLetterStore<R> for DeadLetterTopic
+where
+    Event<R>: DeadLetter,
+{
+    fn describe(&self) -> String {
+        format!("topic {}", self.topic)
+    }
+
+    fn put<'a>(&'a self, letters: &'a [Letter<'a, R>]) -> BoxFuture<'a, Result<usize>> {
+        Box::pin(async move {
+            let messages: Vec<_> = letters
+                .iter()
+                .map(|l| l.event.dead_letter(&self.topic, l.error))
+                .collect();
+            let mut kept = 0;
+            for (m, d) in messages
+                .iter()
+                .zip(self.sink.send(&messages, self.timeout).await)
+            {
+                if d == Delivery::Delivered {
+                    kept += 1;
+                } else {
+                    tracing::error!(event_id = %m.event_id, topic = %self.topic, delivery = ?d, "could not write a dead letter (the row is failed in its table)");
+                }
+            }
+            Ok(kept)
+        })
+    }
+}
+
+/// Puts `letters` into every store, retrying a store's errors for up to
+/// `retry_for`; returns how many letters every store kept. A store that
+/// still fails is logged: the rows are `failed` in their table either way.
+pub(crate) async fn put_dead_letters<R: Route>(
+    stores: &[Arc<dyn DeadLetterStore<R>>],
+    letters: &[Letter<'_, R>],
+    retry_for: Duration,
+) -> usize {
+    if letters.is_empty() {
+        return 0;
+    }
+    let mut kept = letters.len();
+    for store in stores {
+        let deadline = tokio::time::Instant::now() + retry_for;
+        let mut wait = Duration::from_millis(100);
+        loop {
+            match store.put(letters).await {
+                Ok(n) => {
+                    kept = kept.min(n);
+                    break;
+                }
+                Err(e) if tokio::time::Instant::now() + wait < deadline => {
+                    tracing::warn!(error = %e, store = %store.describe(), retry_in_ms = wait.as_millis() as u64, "cannot keep dead letters; retrying");
+                    tokio::time::sleep(wait).await;
+                    wait = (wait * 2).min(Duration::from_secs(5));
+                }
+                Err(e) => {
+                    tracing::error!(
+                        error = %e,
+                        store = %store.describe(),
+                        letters = letters.len(),
+                        ids = ?letters.iter().take(10).map(|l| l.event.id()).collect::<Vec<_>>(),
+                        "could not keep dead letters (the rows are failed in their table; `omnibox list --status failed` shows them)"
+                    );
+                    kept = 0;
+                    break;
+                }
+            }
+        }
+    }
+    kept
+}
