@@ -514,6 +514,7 @@ Register-ArgumentCompleter -Native -CommandName 'omnibox' -ScriptBlock {
             [CompletionResult]::new('--batch-size', '--batch-size', [CompletionResultType]::ParameterName, 'Rows per DELETE statement')
             [CompletionResult]::new('--max-iterations', '--max-iterations', [CompletionResultType]::ParameterName, 'Statements per table and kind, at most')
             [CompletionResult]::new('--audit-older-than', '--audit-older-than', [CompletionResultType]::ParameterName, 'Keep audit rows (omnibox audit) for this long; older ones are deleted')
+            [CompletionResult]::new('--dead-letters-older-than', '--dead-letters-older-than', [CompletionResultType]::ParameterName, 'Keep replayed dead letters (omnibox list --table dead-letters) for this long; open ones are always kept')
             [CompletionResult]::new('--actor', '--actor', [CompletionResultType]::ParameterName, 'Who is acting, for the audit trail [default: the OS user]')
             [CompletionResult]::new('--database-url', '--database-url', [CompletionResultType]::ParameterName, 'Database URL: sqlite://PATH or postgres://USER:PASS@HOST/DB [default: sqlite://omnibox.db]')
             [CompletionResult]::new('--schema', '--schema', [CompletionResultType]::ParameterName, 'PostgreSQL schema that holds the tables (created by `migrate`)')

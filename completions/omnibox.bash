@@ -263,7 +263,7 @@ _omnibox() {
             return 0
             ;;
         omnibox__subcmd__cleanup)
-            opts="-y -v -q -h -V --older-than --include-failed --failed-older-than --table --batch-size --max-iterations --audit-older-than --force --dry-run --yes --actor --database-url --schema --config --format --color --log-format --verbose --quiet --dedup-window --otlp-endpoint --help --version"
+            opts="-y -v -q -h -V --older-than --include-failed --failed-older-than --table --batch-size --max-iterations --audit-older-than --dead-letters-older-than --force --dry-run --yes --actor --database-url --schema --config --format --color --log-format --verbose --quiet --dedup-window --otlp-endpoint --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -290,6 +290,10 @@ _omnibox() {
                     return 0
                     ;;
                 --audit-older-than)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --dead-letters-older-than)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;

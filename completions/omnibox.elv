@@ -491,6 +491,7 @@ set edit:completion:arg-completer[omnibox] = {|@words|
             cand --batch-size 'Rows per DELETE statement'
             cand --max-iterations 'Statements per table and kind, at most'
             cand --audit-older-than 'Keep audit rows (omnibox audit) for this long; older ones are deleted'
+            cand --dead-letters-older-than 'Keep replayed dead letters (omnibox list --table dead-letters) for this long; open ones are always kept'
             cand --actor 'Who is acting, for the audit trail [default: the OS user]'
             cand --database-url 'Database URL: sqlite://PATH or postgres://USER:PASS@HOST/DB [default: sqlite://omnibox.db]'
             cand --schema 'PostgreSQL schema that holds the tables (created by `migrate`)'

@@ -474,6 +474,7 @@ inbox\t''"
 complete -c omnibox -n "__fish_omnibox_using_subcommand cleanup" -l batch-size -d 'Rows per DELETE statement' -r
 complete -c omnibox -n "__fish_omnibox_using_subcommand cleanup" -l max-iterations -d 'Statements per table and kind, at most' -r
 complete -c omnibox -n "__fish_omnibox_using_subcommand cleanup" -l audit-older-than -d 'Keep audit rows (omnibox audit) for this long; older ones are deleted' -r
+complete -c omnibox -n "__fish_omnibox_using_subcommand cleanup" -l dead-letters-older-than -d 'Keep replayed dead letters (omnibox list --table dead-letters) for this long; open ones are always kept' -r
 complete -c omnibox -n "__fish_omnibox_using_subcommand cleanup" -l actor -d 'Who is acting, for the audit trail [default: the OS user]' -r
 complete -c omnibox -n "__fish_omnibox_using_subcommand cleanup" -l database-url -d 'Database URL: sqlite://PATH or postgres://USER:PASS@HOST/DB [default: sqlite://omnibox.db]' -r
 complete -c omnibox -n "__fish_omnibox_using_subcommand cleanup" -l schema -d 'PostgreSQL schema that holds the tables (created by `migrate`)' -r

@@ -1327,6 +1327,28 @@ mod cases {
                 .len(),
             6
         );
+        // cleanup trims replayed letters past their retention, never open ones.
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        let r = omnibox(
+            db,
+            &[
+                "cleanup",
+                "--older-than",
+                "7d",
+                "--dead-letters-older-than",
+                "1ms",
+                "--yes",
+            ],
+        );
+        assert_eq!(r.code, 0, "{}", r.stderr);
+        let left = db
+            .store
+            .dead_letters()
+            .list(&Default::default())
+            .await
+            .unwrap();
+        assert_eq!(left.len(), 3, "{left:?}");
+        assert!(left.iter().all(|l| l.replayed_at.is_none()));
     }
 }
 

@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use anyhow::Result;
 use clap::Args;
+use omnibox::store::AnyStore;
 use omnibox::store::audit::AuditEntry;
 use omnibox::{EventStatus, MaintenanceStore, Route, Table};
 use serde_json::json;
@@ -24,7 +25,8 @@ use super::{Context, ExitStatus, UsageError, args};
 /// the deduplication window (--dedup-window, OMNIBOX_DEDUP_WINDOW or
 /// dedup_window in omnibox.toml; 7d) is refused: deleting inbox rows early
 /// lets a redelivered message through as new. A retention under an hour
-/// needs --force.
+/// needs --force. Dead letters (--dlq table) replayed more than
+/// --dead-letters-older-than ago are deleted too; open ones are kept.
 ///
 /// Examples:
 ///   omnibox cleanup --older-than 7d --dry-run
@@ -54,6 +56,9 @@ pub struct CleanupArgs {
     /// Keep audit rows (omnibox audit) for this long; older ones are deleted
     #[arg(long, allow_hyphen_values = true, default_value = "365d", value_parser = args::duration, value_name = "DURATION")]
     audit_older_than: Duration,
+    /// Keep replayed dead letters (omnibox list --table dead-letters) for this long; open ones are always kept
+    #[arg(long, allow_hyphen_values = true, default_value = "90d", value_parser = args::duration, value_name = "DURATION")]
+    dead_letters_older_than: Duration,
     /// Allow a retention shorter than an hour (completed rows also hold
     /// idempotency keys: deleting them at once lets a retried enqueue in again)
     #[arg(long)]
@@ -119,9 +124,7 @@ pub async fn run(args: CleanupArgs, ctx: &Context) -> Result<ExitStatus> {
     let total: u64 = plan.iter().map(|c| c.completed + c.failed).sum();
     if args.safety.dry_run || total == 0 {
         if total == 0 && args.safety.yes && !args.safety.dry_run {
-            store
-                .delete_audit_older(args.audit_older_than, args.batch_size)
-                .await?;
+            trim_trails(&store, &args).await?;
         }
         return report(ctx, &plan, args.safety.dry_run);
     }
@@ -155,21 +158,34 @@ pub async fn run(args: CleanupArgs, ctx: &Context) -> Result<ExitStatus> {
     if let Some(b) = bar {
         b.finish_and_clear();
     }
-    // The audit trail has its own retention (after this run's rows went in).
-    let audit_deleted = store
-        .delete_audit_older(args.audit_older_than, args.batch_size)
-        .await?;
-    if audit_deleted > 0 {
-        tracing::info!(
-            rows = audit_deleted,
-            "deleted audit rows past their retention"
-        );
-    }
+    trim_trails(&store, &args).await?;
     report(ctx, &done, false)?;
     if done.iter().any(|c| c.bounded) {
         eprintln!("omnibox: stopped at --max-iterations; rows past retention remain (run again)");
     }
     Ok(ExitStatus::Success)
+}
+
+/// The audit trail and the replayed dead letters have retentions of their
+/// own (trimmed after this run's audit rows went in).
+async fn trim_trails(store: &AnyStore, args: &CleanupArgs) -> Result<()> {
+    let audit = store
+        .delete_audit_older(args.audit_older_than, args.batch_size)
+        .await?;
+    if audit > 0 {
+        tracing::info!(rows = audit, "deleted audit rows past their retention");
+    }
+    let letters = store
+        .dead_letters()
+        .delete_replayed_older(args.dead_letters_older_than, args.batch_size)
+        .await?;
+    if letters > 0 {
+        tracing::info!(
+            rows = letters,
+            "deleted replayed dead letters past their retention"
+        );
+    }
+    Ok(())
 }
 
 /// One table's rows past retention: (completed, failed).
