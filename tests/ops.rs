@@ -1160,6 +1160,97 @@ mod cases {
         );
     }
 
+    /// Two operators replaying the same letters at once: each letter is
+    /// replayed by one of them, each event comes back once (one row, no
+    /// duplicate insert), and the audit counts add up to the letters.
+    pub async fn concurrent_replays_take_each_letter_once(db: &TestDb) {
+        use omnibox::pipeline::{DeadLetterStore, Letter};
+        let outbox = db.store.outbox();
+        let events: Vec<OutboxEvent> = (0..20)
+            .map(|i| new_event("order.created", "orders", &format!("k{i}")))
+            .collect();
+        outbox.create_many(&events).await.unwrap();
+        let claim = outbox
+            .claim(&ClaimOptions::new(WorkerId::new("w").unwrap(), 20))
+            .await
+            .unwrap();
+        let failures: Vec<Failure> = claim
+            .events
+            .iter()
+            .map(|e| Failure::dead(e.id(), "rejected"))
+            .collect();
+        outbox.fail(&claim.token, &failures).await.unwrap();
+        let table = db.store.dead_letters();
+        let letters: Vec<Letter<'_, _>> = claim
+            .events
+            .iter()
+            .map(|e| Letter {
+                event: e,
+                error: "rejected",
+            })
+            .collect();
+        assert_eq!(DeadLetterStore::put(&table, &letters).await.unwrap(), 20);
+        // Half the rows are gone (re-inserted on replay), half still failed.
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        use omnibox::MaintenanceStore;
+        assert_eq!(outbox.delete_failed(Duration::ZERO, 10).await.unwrap(), 10);
+        let ids: Vec<uuid::Uuid> = table
+            .list(&Default::default())
+            .await
+            .unwrap()
+            .iter()
+            .map(|l| l.id)
+            .collect();
+        let run = |ids: Vec<uuid::Uuid>| {
+            let table = table.clone();
+            tokio::spawn(async move {
+                table
+                    .replay(&ids, omnibox::store::audit::AuditEntry::new("op", "replay"))
+                    .await
+            })
+        };
+        let mut reversed = ids.clone();
+        reversed.reverse();
+        let (a, b) = (run(ids.clone()), run(reversed));
+        let (a, b) = (a.await.unwrap(), b.await.unwrap());
+        // SQLite may refuse the second writer outright (busy): that replay
+        // changed nothing and can be run again.
+        let mut replayed: Vec<uuid::Uuid> = Vec::new();
+        for r in [a, b] {
+            match r {
+                Ok(r) => {
+                    assert!(r.left.is_empty(), "{:?}", r.left);
+                    replayed.extend(r.replayed.iter().map(|l| l.id));
+                }
+                Err(e) => assert!(
+                    e.to_string().contains("locked") || e.to_string().contains("busy"),
+                    "{e}"
+                ),
+            }
+        }
+        replayed.sort();
+        let mut expected = ids.clone();
+        expected.sort();
+        assert_eq!(replayed, expected, "each letter replayed exactly once");
+        let c = outbox.counts().await.unwrap();
+        assert_eq!((c.pending, c.failed), (20, 0), "{c:?}");
+        for e in &events {
+            let row = outbox.get(e.id()).await.unwrap().unwrap();
+            assert_eq!(
+                (row.status(), row.attempts_made()),
+                (EventStatus::Pending, 0)
+            );
+        }
+        let audit = omnibox(db, &["audit", "--format", "json"]);
+        let total: u64 = audit.json()["entries"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["count"].as_u64().unwrap())
+            .sum();
+        assert_eq!(total, 20, "{}", audit.stdout);
+    }
+
     /// `inbox process --dlq table` keeps the rows that fail as dead
     /// letters; `list --table dead-letters` shows them; `replay --table
     /// dead-letters` requeues a row still failed, re-inserts one that was
@@ -1355,6 +1446,7 @@ mod cases {
 backend_tests!(
     doctor_finds_what_is_wrong,
     dead_letters_are_kept_listed_and_replayed,
+    concurrent_replays_take_each_letter_once,
     dead_letter_puts_are_idempotent_and_bad_copies_change_nothing,
     audit_is_validated_first_and_atomic,
     failures_count_every_row_and_cleanup_trims_the_audit,

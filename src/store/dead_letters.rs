@@ -268,7 +268,13 @@ impl DeadLetterTable {
                 Ok(report)
             }
             AnyStore::Sqlite(s) => {
-                let mut tx = s.pool().begin().await.map_err(storage)?;
+                // The write lock first: the letters read are then the ones
+                // this transaction changes (no other replay in between).
+                let mut tx = s
+                    .pool()
+                    .begin_with("BEGIN IMMEDIATE")
+                    .await
+                    .map_err(storage)?;
                 let now = time::format(&time::now());
                 let letters: Vec<DeadLetterRecord> = sqlx::query(
                     "SELECT id, seq, origin, event_id, event_type, topic, attempts_made, error, event, dead_at, replayed_at
@@ -428,8 +434,12 @@ impl DeadLetterTable {
                 .map_err(storage)?;
             }
             AnyStore::Sqlite(s) => {
+                let mut tx = s
+                    .pool()
+                    .begin_with("BEGIN IMMEDIATE")
+                    .await
+                    .map_err(storage)?;
                 let now = time::format(&time::now());
-                let mut tx = s.pool().begin().await.map_err(storage)?;
                 for r in rows {
                     sqlx::query(
                         "INSERT INTO omnibox_dead_letters (id, origin, event_id, event_type, topic, attempts_made, error, event, dead_at)
