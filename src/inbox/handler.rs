@@ -28,7 +28,7 @@ pub trait Handler: Send + Sync + 'static {
     /// What happened: completed, skipped, or failed (counted or not). `cx`
     /// holds the inbox's transaction when the handler runs in it (writes
     /// through [`HandlerContext::tx`] commit or roll back with the row) and
-    /// the [`Dependencies`](super::Dependencies).
+    /// the [`Dependencies`].
     fn handle(
         &self,
         event: &InboxEvent,

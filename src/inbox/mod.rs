@@ -1,7 +1,7 @@
 //! The inbox (docs/design.md, "The inbox"): consume broker messages into `inbox_events`
 //! exactly once per `(message_id, consumer_group)`, and handle them.
 //!
-//! * [`normalize`] turns a broker message into an inbox event (or a poison row);
+//! * [`normalize`](mod@normalize) turns a broker message into an inbox event (or a poison row);
 //! * [`source`]: Kafka, a JSON lines file, stdin;
 //! * [`InboxConsumer`]: a batch of messages per database transaction, with
 //!   the ack strategies of [`AckStrategy`];

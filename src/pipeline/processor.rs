@@ -196,7 +196,7 @@ impl<R> Fetched<R> {
 pub enum Fetch<R> {
     /// A batch, to be handled with [`Processor::handle`].
     Batch(Fetched<R>),
-    /// Nothing was handed out (see [`Claimed::Empty`]).
+    /// Nothing was handed out (see `Claimed::Empty`).
     Empty {
         /// Rows were lost to a concurrent claim.
         contended: bool,

@@ -106,7 +106,7 @@ pub struct ClaimOptions {
     /// on after them, so one worker keeps a key's batches in a pipeline
     /// (the caller must hand them to the broker in claim order and hold a
     /// later batch's rows back when an earlier one's did not go through:
-    /// [`Processor`](crate::Processor) does). Empty: rows in flight hold
+    /// [`Processor`](crate::pipeline::Processor) does). Empty: rows in flight hold
     /// their key, as another worker's do.
     pub own: HashMap<(String, String), (i64, i64)>,
     /// Which rows the claim may take (empty: any).
