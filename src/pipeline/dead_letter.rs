@@ -114,6 +114,12 @@ where
     }
 }
 
+/// True when the store refused the letters themselves (a constraint, bad
+/// input): trying again cannot help.
+fn refused(e: &crate::Error) -> bool {
+    e.is_input_error() || matches!(e, crate::Error::StorageIntegrity(_))
+}
+
 /// Puts `letters` into every store, retrying a store's errors for up to
 /// `retry_for`; returns how many letters every store kept. A store that
 /// still fails is logged: the rows are `failed` in their table either way.
@@ -135,7 +141,9 @@ pub(crate) async fn put_dead_letters<R: Route>(
                     kept = kept.min(n);
                     break;
                 }
-                Err(e) if tokio::time::Instant::now() + wait < deadline => {
+                // A refusal (the data, not the database) is not retried:
+                // it would only hold the processor up.
+                Err(e) if !refused(&e) && tokio::time::Instant::now() + wait < deadline => {
                     tracing::warn!(error = %e, store = %store.describe(), retry_in_ms = wait.as_millis() as u64, "cannot keep dead letters; retrying");
                     tokio::time::sleep(wait).await;
                     wait = (wait * 2).min(Duration::from_secs(5));
@@ -155,4 +163,94 @@ pub(crate) async fn put_dead_letters<R: Route>(
         }
     }
     kept
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use super::*;
+    use crate::model::{NewOutboxEvent, OutboxEvent, OutboxRoute};
+    use crate::{DomainService, Error};
+
+    /// Answers with the errors given, then keeps everything; counts calls.
+    struct Scripted {
+        errors: Mutex<Vec<Error>>,
+        calls: Mutex<u32>,
+    }
+
+    impl DeadLetterStore<OutboxRoute> for Scripted {
+        fn describe(&self) -> String {
+            "scripted".into()
+        }
+
+        fn put<'a>(
+            &'a self,
+            letters: &'a [Letter<'a, OutboxRoute>],
+        ) -> BoxFuture<'a, Result<usize>> {
+            *self.calls.lock().unwrap() += 1;
+            let next = self.errors.lock().unwrap().pop();
+            Box::pin(async move {
+                match next {
+                    Some(e) => Err(e),
+                    None => Ok(letters.len()),
+                }
+            })
+        }
+    }
+
+    fn event() -> OutboxEvent {
+        DomainService::default()
+            .create_outbox_event(NewOutboxEvent::new(
+                "order",
+                uuid::Uuid::now_v7(),
+                "order.created",
+                "orders",
+                "k",
+                serde_json::json!({"a": 1}),
+            ))
+            .unwrap()
+    }
+
+    async fn put(errors: Vec<Error>) -> (usize, u32) {
+        let store = Arc::new(Scripted {
+            errors: Mutex::new(errors),
+            calls: Mutex::new(0),
+        });
+        let stores: Vec<Arc<dyn DeadLetterStore<OutboxRoute>>> = vec![store.clone()];
+        let e = event();
+        let letters = [Letter {
+            event: &e,
+            error: "rejected",
+        }];
+        let kept = put_dead_letters(&stores, &letters, Duration::from_millis(800)).await;
+        let calls = *store.calls.lock().unwrap();
+        (kept, calls)
+    }
+
+    #[tokio::test]
+    async fn an_outage_is_retried_a_refusal_is_not() {
+        assert_eq!(put(vec![]).await, (1, 1));
+        assert_eq!(
+            put(vec![
+                Error::Outage("down".into()),
+                Error::Outage("down".into())
+            ])
+            .await,
+            (1, 3),
+            "retried until the store answers"
+        );
+        assert_eq!(
+            put(vec![Error::validation("event", "too long")]).await,
+            (0, 1),
+            "a refusal is logged, not retried"
+        );
+        let many = (0..1000).map(|_| Error::Outage("down".into())).collect();
+        let (kept, calls) = put(many).await;
+        assert_eq!(kept, 0, "gives up when the retry time is spent");
+        assert_eq!(
+            calls, 4,
+            "100, 200 and 400 ms apart, then 800 ms would pass the limit"
+        );
+    }
 }
