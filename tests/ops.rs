@@ -1332,6 +1332,17 @@ mod cases {
         // m3's row is deleted (as cleanup --include-failed would).
         let m3_stored = db.store.inbox().get(events[2].id()).await.unwrap().unwrap();
         delete_inbox_row(db, events[2].id()).await;
+        // `show` finds the event through its letter.
+        let m3_id = events[2].id().to_string();
+        let shown = omnibox(db, &["show", &m3_id, "--format", "json"]);
+        assert_eq!(shown.code, 0, "{}", shown.stderr);
+        assert_eq!(shown.json()["table"], "dead-letters");
+        assert_eq!(shown.json()["dead_letters"][0]["event"]["message_id"], "m3");
+        assert!(
+            shown.stderr.contains("replay --table dead-letters"),
+            "{}",
+            shown.stderr
+        );
         let dry = omnibox(
             db,
             &[

@@ -6,14 +6,16 @@ use omnibox::{Event, EventStore, Route, Table, time};
 use serde_json::json;
 use uuid::Uuid;
 
-use super::list::TableArg;
+use super::list::{TableArg, letter_table};
 use super::output::{self, Format};
 use super::{Context, ExitStatus, args};
+use omnibox::store::dead_letters::{DEAD_LETTERS, DeadLetterFilter};
 
 /// Show one event in full, with its payload as pretty JSON
 ///
-/// Looks in the outbox, then the inbox, unless --table is given. Exits 1 when
-/// no event has this id.
+/// Looks in the outbox, then the inbox, unless --table is given. An event
+/// whose row is gone (cleanup) but which was kept as a dead letter (--dlq
+/// table) shows its letters. Exits 1 when no event has this id.
 ///
 /// Examples:
 ///   omnibox show 0190f1d2-7a3b-7cde-8f00-123456789abc
@@ -53,9 +55,42 @@ pub async fn run(args: ShowArgs, ctx: &Context) -> Result<ExitStatus> {
         ];
         return print(ctx, &e, route);
     }
+    if args.table.is_none() {
+        let letters = store
+            .dead_letters()
+            .list(&DeadLetterFilter {
+                ids: vec![args.id],
+                ..DeadLetterFilter::default()
+            })
+            .await?;
+        if !letters.is_empty() {
+            match ctx.format() {
+                Format::Json => {
+                    output::json(&json!({ "table": DEAD_LETTERS, "dead_letters": letters }))?
+                }
+                Format::Table => {
+                    output::line(letter_table(&letters))?;
+                    for l in &letters {
+                        output::line(format!(
+                            "event {} as it failed:\n{}",
+                            l.event_id,
+                            serde_json::to_string_pretty(&l.event)?
+                        ))?;
+                    }
+                }
+            }
+            if letters.iter().any(|l| l.replayed_at.is_none()) {
+                eprintln!(
+                    "omnibox: no row has this id any more; `omnibox replay --table dead-letters --id {}` brings the event back",
+                    args.id
+                );
+            }
+            return Ok(ExitStatus::Success);
+        }
+    }
     let place = match args.table {
         Some(t) => Table::from(t).to_string(),
-        None => "the outbox or the inbox".to_string(),
+        None => "the outbox, the inbox or the dead letters".to_string(),
     };
     eprintln!("omnibox: no event {} in {place}", args.id);
     Ok(ExitStatus::No)
