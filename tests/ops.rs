@@ -1303,6 +1303,14 @@ mod cases {
             assert_eq!(l["event"]["payload"], json!({"m": e.message_id()}));
             assert!(l["replayed_at"].is_null());
         }
+        let status = omnibox(db, &["status", "--format", "json"]);
+        assert_eq!(status.json()["dead_letters_open"], 3, "{}", status.stdout);
+        let status = omnibox(db, &["status"]);
+        assert!(
+            status.stdout.contains("Open dead letters: 3"),
+            "{}",
+            status.stdout
+        );
         let table = omnibox(db, &["list", "--table", "dead-letters"]);
         assert!(table.stdout.contains("refund.issued"), "{}", table.stdout);
         // Event-table filters that mean nothing here are refused.

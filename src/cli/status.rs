@@ -113,6 +113,7 @@ async fn report(
         store.inbox().failed_by_event_type().await?,
     ];
     let blocked = store.outbox().blocked_keys(10).await?;
+    let dead_letters_open = store.dead_letters().count_open().await?;
     let tick = Tick {
         at: std::time::Instant::now(),
         db_now: tables[0].now,
@@ -176,7 +177,7 @@ async fn report(
                     v
                 })
                 .collect();
-            let mut out = json!({ "tables": tables, "blocked_keys": blocked });
+            let mut out = json!({ "tables": tables, "blocked_keys": blocked, "dead_letters_open": dead_letters_open });
             if args.check {
                 out["check"] = json!({"ok": violations.is_empty(), "violations": violations});
             }
@@ -230,6 +231,11 @@ async fn report(
                 ]);
             }
             output::line(t)?;
+            if dead_letters_open > 0 {
+                output::line(format!(
+                    "Open dead letters: {dead_letters_open} (omnibox list --table dead-letters; omnibox replay --table dead-letters)"
+                ))?;
+            }
             if args.watch {
                 let mut t = output::table(["table", "new rows/s", "completed/s", "lag"]);
                 for (i, c) in tables.iter().enumerate() {

@@ -358,6 +358,18 @@ impl DeadLetterTable {
         }
     }
 
+    /// How many letters are open (not replayed): failures nobody has dealt
+    /// with yet (read from the open-letter index).
+    pub async fn count_open(&self) -> Result<u64> {
+        let sql = "SELECT count(*) FROM omnibox_dead_letters WHERE replayed_at IS NULL";
+        let n: i64 = match &self.store {
+            AnyStore::Postgres(s) => sqlx::query_scalar(sql).fetch_one(s.pool()).await,
+            AnyStore::Sqlite(s) => sqlx::query_scalar(sql).fetch_one(s.pool()).await,
+        }
+        .map_err(storage)?;
+        Ok(u64::try_from(n).unwrap_or(0))
+    }
+
     /// Deletes letters replayed more than `older_than` ago, `batch_size`
     /// per statement; returns how many (run by `cleanup`). Open letters are
     /// never deleted here: they are failures nobody has dealt with yet.
