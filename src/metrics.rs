@@ -71,6 +71,9 @@ pub struct Metrics {
     /// Locked rows whose lease ran out (their worker stopped), per table;
     /// set every 30 s by the long-running commands.
     pub stale_locks: Family<TableLabels, Gauge>,
+    /// Dead letters not replayed yet (`--dlq table`), per table of their
+    /// events; set every 30 s by the long-running commands.
+    pub dead_letters_open: Family<TableLabels, Gauge>,
 }
 
 /// Labels of [`Metrics::counters`].
@@ -106,6 +109,12 @@ impl Metrics {
             Family::<TableLabels, Gauge<f64, std::sync::atomic::AtomicU64>>::default();
         let counters = Family::<CounterLabels, Counter>::default();
         let stale_locks = Family::<TableLabels, Gauge>::default();
+        let dead_letters_open = Family::<TableLabels, Gauge>::default();
+        registry.register(
+            "dead_letters_open",
+            "Dead letters kept in the database and not replayed yet",
+            dead_letters_open.clone(),
+        );
         registry.register(
             "stale_locks",
             "Locked rows whose lease ran out (their worker stopped)",
@@ -170,6 +179,7 @@ impl Metrics {
             lag_seconds,
             counters,
             stale_locks,
+            dead_letters_open,
         }
     }
 
@@ -201,6 +211,7 @@ impl Metrics {
         let _ = self.batch_latency.get_or_create(&t);
         let _ = self.lag_seconds.get_or_create(&t);
         let _ = self.stale_locks.get_or_create(&t);
+        let _ = self.dead_letters_open.get_or_create(&t);
         for name in [
             "consumed",
             "stored",
@@ -249,6 +260,19 @@ impl Metrics {
                                 .set(i64::try_from(n).unwrap_or(i64::MAX));
                         }
                         Err(e) => tracing::debug!(error = %e, "could not count stale locks"),
+                    }
+                }
+                for table in [crate::Table::Outbox, crate::Table::Inbox] {
+                    match store.dead_letters().count_open(Some(table)).await {
+                        Ok(n) => {
+                            metrics
+                                .dead_letters_open
+                                .get_or_create(&TableLabels {
+                                    table: table.to_string(),
+                                })
+                                .set(i64::try_from(n).unwrap_or(i64::MAX));
+                        }
+                        Err(e) => tracing::debug!(error = %e, "could not count dead letters"),
                     }
                 }
                 tokio::time::sleep(std::time::Duration::from_secs(30)).await;

@@ -395,6 +395,17 @@ async fn kill_9_mid_batch_loses_nothing() {
 async fn metrics_are_served_while_publishing() {
     let db = common::sqlite().await;
     db.store.outbox().create_many(&events(30, 3)).await.unwrap();
+    // One dead letter kept from an earlier failure: the gauge shows it.
+    let gone = events(1, 1).remove(0);
+    omnibox::pipeline::DeadLetterStore::put(
+        &db.store.dead_letters(),
+        &[omnibox::pipeline::Letter {
+            event: &gone,
+            error: "rejected",
+        }],
+    )
+    .await
+    .unwrap();
     let port = {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         l.local_addr().unwrap().port()
@@ -419,13 +430,14 @@ async fn metrics_are_served_while_publishing() {
             s.read_to_string(&mut resp).await.unwrap();
             if resp.contains(
                 r#"omnibox_events_completed_total{table="outbox",event_type="order.updated"} 30"#,
-            ) {
+            ) && resp.contains(r#"omnibox_dead_letters_open{table="outbox"} 1"#)
+            {
                 break resp;
             }
         }
         assert!(
             Instant::now() < deadline,
-            "metrics never showed the 30 published events"
+            "metrics never showed the 30 published events and the open dead letter"
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     };

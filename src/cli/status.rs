@@ -113,7 +113,7 @@ async fn report(
         store.inbox().failed_by_event_type().await?,
     ];
     let blocked = store.outbox().blocked_keys(10).await?;
-    let dead_letters_open = store.dead_letters().count_open().await?;
+    let dead_letters_open = store.dead_letters().count_open(None).await?;
     let tick = Tick {
         at: std::time::Instant::now(),
         db_now: tables[0].now,

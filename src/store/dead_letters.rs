@@ -358,13 +358,30 @@ impl DeadLetterTable {
         }
     }
 
-    /// How many letters are open (not replayed): failures nobody has dealt
-    /// with yet (read from the open-letter index).
-    pub async fn count_open(&self) -> Result<u64> {
-        let sql = "SELECT count(*) FROM omnibox_dead_letters WHERE replayed_at IS NULL";
+    /// How many letters are open (not replayed), of `origin`'s events or
+    /// of all: failures nobody has dealt with yet (read from the
+    /// open-letter index).
+    pub async fn count_open(&self, origin: Option<Table>) -> Result<u64> {
+        let origin = origin.map(|t| t.to_string());
         let n: i64 = match &self.store {
-            AnyStore::Postgres(s) => sqlx::query_scalar(sql).fetch_one(s.pool()).await,
-            AnyStore::Sqlite(s) => sqlx::query_scalar(sql).fetch_one(s.pool()).await,
+            AnyStore::Postgres(s) => {
+                sqlx::query_scalar(
+                    "SELECT count(*) FROM omnibox_dead_letters
+                     WHERE replayed_at IS NULL AND ($1::text IS NULL OR origin = $1)",
+                )
+                .bind(origin)
+                .fetch_one(s.pool())
+                .await
+            }
+            AnyStore::Sqlite(s) => {
+                sqlx::query_scalar(
+                    "SELECT count(*) FROM omnibox_dead_letters
+                     WHERE replayed_at IS NULL AND (?1 IS NULL OR origin = ?1)",
+                )
+                .bind(origin)
+                .fetch_one(s.pool())
+                .await
+            }
         }
         .map_err(storage)?;
         Ok(u64::try_from(n).unwrap_or(0))
