@@ -157,11 +157,12 @@ async fn schedule(store: &AnyStore, seed: u64) -> Result<String, String> {
                     .replay(&ids, AuditEntry::new("model", "replay"))
                     .await
                     .map_err(|e| e.to_string())?;
-                if !r.left.is_empty() || r.replayed.len() != ids.len() {
+                if !r.left.is_empty() || !r.closed.is_empty() || r.replayed.len() != ids.len() {
                     return Err(format!(
-                        "step {step}: replay of {} letters: {} replayed, left {:?}",
+                        "step {step}: replay of {} letters: {} replayed, closed {:?}, left {:?}",
                         ids.len(),
                         r.replayed.len(),
+                        r.closed,
                         r.left
                     ));
                 }

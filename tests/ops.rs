@@ -1251,6 +1251,115 @@ mod cases {
         assert_eq!(total, 20, "{}", audit.stdout);
     }
 
+    /// A letter is kept only while its event is failed: one put after the
+    /// row was requeued (the window between the failure and the letter) is
+    /// not written, the library's requeue closes open letters like the
+    /// CLI's, and a letter whose event is back by a way omnibox did not see
+    /// is closed by its replay, not left open for ever.
+    pub async fn letters_follow_their_rows(db: &TestDb) {
+        use omnibox::pipeline::{DeadLetterStore, Letter};
+        use omnibox::store::dead_letters::DeadLetterFilter;
+        let outbox = db.store.outbox();
+        let table = db.store.dead_letters();
+        let e = new_event("order.created", "orders", "k1");
+        outbox.create(&e).await.unwrap();
+        let fail = || async {
+            let claim = outbox
+                .claim(&ClaimOptions::new(WorkerId::new("w").unwrap(), 1))
+                .await
+                .unwrap();
+            assert_eq!(claim.events.len(), 1);
+            outbox
+                .fail(&claim.token, &[Failure::dead(e.id(), "rejected")])
+                .await
+                .unwrap();
+            claim.events[0].clone()
+        };
+        let requeue = || async {
+            outbox
+                .requeue_failed(&omnibox::RequeueFilter {
+                    ids: vec![e.id()],
+                    ..Default::default()
+                })
+                .await
+                .unwrap()
+        };
+        let open = || async {
+            table
+                .list(&DeadLetterFilter {
+                    open_only: true,
+                    ..Default::default()
+                })
+                .await
+                .unwrap()
+        };
+        // Failed, requeued by hand, and only then the letter: none is kept.
+        let claimed = fail().await;
+        assert_eq!(requeue().await, vec![e.id()]);
+        let letter = [Letter {
+            event: &claimed,
+            error: "rejected",
+        }];
+        assert_eq!(DeadLetterStore::put(&table, &letter).await.unwrap(), 1);
+        assert!(open().await.is_empty(), "a letter for a pending row");
+        // Failed again, the letter kept; the library's requeue closes it.
+        let claimed = fail().await;
+        let letter = [Letter {
+            event: &claimed,
+            error: "rejected",
+        }];
+        DeadLetterStore::put(&table, &letter).await.unwrap();
+        assert_eq!(open().await.len(), 1);
+        assert_eq!(requeue().await, vec![e.id()]);
+        assert!(open().await.is_empty(), "the requeue left its letter open");
+        // Failed once more; then the row comes back behind omnibox's back.
+        let claimed = fail().await;
+        let letter = [Letter {
+            event: &claimed,
+            error: "rejected",
+        }];
+        DeadLetterStore::put(&table, &letter).await.unwrap();
+        let l = open().await.remove(0);
+        match &db.store {
+            omnibox::store::AnyStore::Postgres(s) => {
+                sqlx::query("UPDATE outbox_events SET status = 'pending', attempts_made = 0")
+                    .execute(s.pool())
+                    .await
+                    .unwrap();
+            }
+            omnibox::store::AnyStore::Sqlite(s) => {
+                sqlx::query("UPDATE outbox_events SET status = 'pending', attempts_made = 0")
+                    .execute(s.pool())
+                    .await
+                    .unwrap();
+            }
+            _ => unreachable!(),
+        }
+        let r = omnibox(
+            db,
+            &[
+                "replay",
+                "--table",
+                "dead-letters",
+                "--all",
+                "--yes",
+                "--format",
+                "json",
+            ],
+        );
+        assert_eq!(r.code, 0, "{}", r.stderr);
+        assert_eq!(r.json()["replayed"], 0, "{}", r.stdout);
+        assert_eq!(
+            r.json()["closed"][0]["id"],
+            l.id.to_string(),
+            "{}",
+            r.stdout
+        );
+        assert!(r.stderr.contains("back already"), "{}", r.stderr);
+        assert!(open().await.is_empty(), "a letter nothing can close");
+        assert_eq!(table.list(&Default::default()).await.unwrap().len(), 2);
+    }
+
     /// `inbox process --dlq table` keeps the rows that fail as dead
     /// letters; `list --table dead-letters` shows them; `replay --table
     /// dead-letters` requeues a row still failed, re-inserts one that was
@@ -1465,6 +1574,7 @@ mod cases {
 backend_tests!(
     doctor_finds_what_is_wrong,
     dead_letters_are_kept_listed_and_replayed,
+    letters_follow_their_rows,
     concurrent_replays_take_each_letter_once,
     dead_letter_puts_are_idempotent_and_bad_copies_change_nothing,
     audit_is_validated_first_and_atomic,

@@ -394,18 +394,34 @@ async fn kill_9_mid_batch_loses_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_are_served_while_publishing() {
     let db = common::sqlite().await;
-    db.store.outbox().create_many(&events(30, 3)).await.unwrap();
-    // One dead letter kept from an earlier failure: the gauge shows it.
-    let gone = events(1, 1).remove(0);
+    // One event failed earlier and kept as a dead letter: the gauge shows it.
+    let outbox = db.store.outbox();
+    outbox.create(&events(1, 1).remove(0)).await.unwrap();
+    let claim = outbox
+        .claim(&omnibox::ClaimOptions::new(
+            omnibox::WorkerId::new("earlier").unwrap(),
+            1,
+        ))
+        .await
+        .unwrap();
+    let dead = &claim.events[0];
+    outbox
+        .fail(
+            &claim.token,
+            &[omnibox::Failure::dead(dead.id(), "rejected")],
+        )
+        .await
+        .unwrap();
     omnibox::pipeline::DeadLetterStore::put(
         &db.store.dead_letters(),
         &[omnibox::pipeline::Letter {
-            event: &gone,
+            event: dead,
             error: "rejected",
         }],
     )
     .await
     .unwrap();
+    db.store.outbox().create_many(&events(30, 3)).await.unwrap();
     let port = {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         l.local_addr().unwrap().port()

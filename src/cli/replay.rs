@@ -176,6 +176,7 @@ async fn replay_letters(store: &AnyStore, args: &ReplayArgs, ctx: &Context) -> R
     let chunk = args.rate.map_or(ids.len(), |r| r as usize).max(1);
     let entry = args.audit_entry(ids.len());
     let mut replayed = Vec::new();
+    let mut closed = Vec::new();
     let mut left = Vec::new();
     for (n, part) in ids.chunks(chunk).enumerate() {
         if n > 0 {
@@ -183,17 +184,24 @@ async fn replay_letters(store: &AnyStore, args: &ReplayArgs, ctx: &Context) -> R
         }
         let r = table.replay(part, entry.clone()).await?;
         replayed.extend(r.replayed);
+        closed.extend(r.closed);
         left.extend(r.left);
     }
-    print_letters(ctx, &replayed, &left, false, ids.len())?;
-    if replayed.len() < ids.len() {
+    print_letters(ctx, &replayed, &closed, false, ids.len())?;
+    for (l, why) in &closed {
+        eprintln!(
+            "omnibox: dead letter {} (event {}) closed without a replay: {why}",
+            l.id, l.event_id
+        );
+    }
+    if replayed.len() + closed.len() < ids.len() {
         for (l, why) in &left {
             eprintln!(
                 "omnibox: dead letter {} (event {}) left open: {why}",
                 l.id, l.event_id
             );
         }
-        let gone = ids.len() - replayed.len() - left.len();
+        let gone = ids.len() - replayed.len() - closed.len() - left.len();
         if gone > 0 {
             eprintln!(
                 "omnibox: {gone} selected dead letter(s) were replayed meanwhile and were left alone"
@@ -207,7 +215,7 @@ async fn replay_letters(store: &AnyStore, args: &ReplayArgs, ctx: &Context) -> R
 fn print_letters(
     ctx: &Context,
     letters: &[DeadLetterRecord],
-    left: &[(DeadLetterRecord, String)],
+    closed: &[(DeadLetterRecord, String)],
     dry_run: bool,
     selected: usize,
 ) -> Result<()> {
@@ -219,10 +227,10 @@ fn print_letters(
             "selected": selected,
             "ids": letters.iter().map(|l| l.id).collect::<Vec<_>>(),
             "event_ids": letters.iter().map(|l| l.event_id).collect::<Vec<_>>(),
-            "left": left.iter().map(|(l, why)| json!({"id": l.id, "event_id": l.event_id, "why": why})).collect::<Vec<_>>(),
+            "closed": closed.iter().map(|(l, why)| json!({"id": l.id, "event_id": l.event_id, "why": why})).collect::<Vec<_>>(),
         })),
         Format::Table => {
-            if letters.is_empty() && left.is_empty() {
+            if letters.is_empty() && closed.is_empty() {
                 return output::line("No open dead letters match.");
             }
             if !letters.is_empty() {

@@ -93,7 +93,13 @@ pub struct DeadLetterFilter {
 pub struct DeadLetterReplay {
     /// Letters whose event is pending again (and which are now replayed).
     pub replayed: Vec<DeadLetterRecord>,
-    /// Letters left open, with why.
+    /// Letters closed without bringing their event back, because it is
+    /// back already (its row is pending or completed, or a newer row holds
+    /// its idempotency key or message id), with why. They are marked
+    /// replayed too: nothing is left to do for them.
+    pub closed: Vec<(DeadLetterRecord, String)>,
+    /// Letters left open, with why (none in practice: every selected
+    /// letter is replayed or closed).
     pub left: Vec<(DeadLetterRecord, String)>,
 }
 
@@ -190,7 +196,7 @@ impl DeadLetterTable {
     /// row that is gone is re-inserted from the letter's copy as a new
     /// pending row. The letters done are marked replayed, and `entry`
     /// recorded (with the events' ids), in the same transaction; letters
-    /// whose event cannot come back are left open, with why. Ids of
+    /// whose event is back already are closed, with why. Ids of
     /// replayed or unknown letters are ignored.
     pub async fn replay(&self, ids: &[Uuid], mut entry: AuditEntry) -> Result<DeadLetterReplay> {
         check(&entry)?;
@@ -250,11 +256,11 @@ impl DeadLetterTable {
                     settle(table, &requeued, &present, &missing, &inserted, &mut back);
                 }
                 let report = split(letters, back);
-                if report.replayed.is_empty() {
+                if report.replayed.is_empty() && report.closed.is_empty() {
                     tx.rollback().await.map_err(storage)?;
                     return Ok(report);
                 }
-                let done: Vec<Uuid> = report.replayed.iter().map(|l| l.id).collect();
+                let done = report.done();
                 sqlx::query(
                     "UPDATE omnibox_dead_letters SET replayed_at = now() WHERE id = ANY($1)",
                 )
@@ -337,11 +343,11 @@ impl DeadLetterTable {
                     settle(table, &requeued, &present, &missing, &inserted, &mut back);
                 }
                 let report = split(letters, back);
-                if report.replayed.is_empty() {
+                if report.replayed.is_empty() && report.closed.is_empty() {
                     tx.rollback().await.map_err(storage)?;
                     return Ok(report);
                 }
-                let done: Vec<Uuid> = report.replayed.iter().map(|l| l.id).collect();
+                let done = report.done();
                 sqlx::query(
                     "UPDATE omnibox_dead_letters SET replayed_at = ?2 WHERE id IN (SELECT value FROM json_each(?1))",
                 )
@@ -432,24 +438,56 @@ impl DeadLetterTable {
         }
     }
 
-    async fn put_rows(&self, rows: Vec<NewLetter>) -> Result<usize> {
+    /// Writes the letters of `table`'s events whose rows are `failed` now
+    /// (a row requeued meanwhile needs no letter: its event is back); the
+    /// rows are share-locked (PostgreSQL) or the database write-locked
+    /// (SQLite) until the letters are in, so a requeue cannot slip between
+    /// the check and the insert. Returns how many letters are settled. A
+    /// batch the database refuses is written one letter at a time, so one
+    /// bad letter does not cost the others.
+    async fn put_rows(&self, table: Table, rows: Vec<NewLetter>) -> Result<usize> {
         if rows.is_empty() {
             return Ok(0);
         }
         let n = rows.len();
+        match self.insert_rows(table, &rows).await {
+            Ok(()) => Ok(n),
+            Err(e) if n > 1 && matches!(e, Error::StorageIntegrity(_)) => {
+                let mut kept = 0;
+                for r in rows {
+                    let id = r.event_id;
+                    match self.insert_rows(table, std::slice::from_ref(&r)).await {
+                        Ok(()) => kept += 1,
+                        Err(e) => {
+                            tracing::error!(event_id = %id, error = %e, "the database refused this dead letter (the row is failed in its table)")
+                        }
+                    }
+                }
+                Ok(kept)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn insert_rows(&self, table: Table, rows: &[NewLetter]) -> Result<()> {
+        let t = table.sql_name();
         match &self.store {
             AnyStore::Postgres(s) => {
                 let mut cols = PgColumns::default();
                 for r in rows {
                     cols.push(r);
                 }
-                sqlx::query(
-                    "INSERT INTO omnibox_dead_letters (id, origin, event_id, event_type, topic, attempts_made, error, event)
-                     SELECT id, origin, event_id, event_type, topic, attempts_made, error, event::jsonb
+                sqlx::query(sqlx::AssertSqlSafe(format!(
+                    "WITH held AS (
+                         SELECT id FROM {t} WHERE id = ANY($3) AND status = 'failed' FOR SHARE
+                     )
+                     INSERT INTO omnibox_dead_letters (id, origin, event_id, event_type, topic, attempts_made, error, event)
+                     SELECT l.id, l.origin, l.event_id, l.event_type, l.topic, l.attempts_made, l.error, l.event::jsonb
                      FROM UNNEST($1::uuid[], $2::text[], $3::uuid[], $4::text[], $5::text[], $6::int4[], $7::text[], $8::text[])
                           AS l(id, origin, event_id, event_type, topic, attempts_made, error, event)
-                     ON CONFLICT DO NOTHING",
-                )
+                     WHERE l.event_id IN (SELECT id FROM held)
+                     ON CONFLICT DO NOTHING"
+                )))
                 .bind(cols.id)
                 .bind(cols.origin)
                 .bind(cols.event_id)
@@ -470,18 +508,20 @@ impl DeadLetterTable {
                     .map_err(storage)?;
                 let now = time::format(&time::now());
                 for r in rows {
-                    sqlx::query(
+                    sqlx::query(sqlx::AssertSqlSafe(format!(
                         "INSERT INTO omnibox_dead_letters (id, origin, event_id, event_type, topic, attempts_made, error, event, dead_at)
-                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9) ON CONFLICT DO NOTHING",
-                    )
+                         SELECT ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9
+                         WHERE EXISTS (SELECT 1 FROM {t} WHERE id = ?3 AND status = 'failed')
+                         ON CONFLICT DO NOTHING"
+                    )))
                     .bind(r.id.to_string())
                     .bind(r.origin.to_string())
                     .bind(r.event_id.to_string())
-                    .bind(r.event_type)
-                    .bind(r.topic)
+                    .bind(&r.event_type)
+                    .bind(&r.topic)
                     .bind(r.attempts_made)
-                    .bind(r.error)
-                    .bind(r.event)
+                    .bind(&r.error)
+                    .bind(&r.event)
                     .bind(&now)
                     .execute(&mut *tx)
                     .await
@@ -490,7 +530,7 @@ impl DeadLetterTable {
                 tx.commit().await.map_err(storage)?;
             }
         }
-        Ok(n)
+        Ok(())
     }
 }
 
@@ -507,7 +547,7 @@ impl DeadLetterStore<OutboxRoute> for DeadLetterTable {
     }
 
     fn put<'a>(&'a self, letters: &'a [Letter<'a, OutboxRoute>]) -> BoxFuture<'a, Result<usize>> {
-        Box::pin(async move { self.put_rows(new_letters(letters)?).await })
+        Box::pin(async move { self.put_rows(Table::Outbox, new_letters(letters)?).await })
     }
 }
 
@@ -517,7 +557,7 @@ impl DeadLetterStore<InboxRoute> for DeadLetterTable {
     }
 
     fn put<'a>(&'a self, letters: &'a [Letter<'a, InboxRoute>]) -> BoxFuture<'a, Result<usize>> {
-        Box::pin(async move { self.put_rows(new_letters(letters)?).await })
+        Box::pin(async move { self.put_rows(Table::Inbox, new_letters(letters)?).await })
     }
 }
 
@@ -546,15 +586,15 @@ struct PgColumns {
 }
 
 impl PgColumns {
-    fn push(&mut self, r: NewLetter) {
+    fn push(&mut self, r: &NewLetter) {
         self.id.push(r.id);
         self.origin.push(r.origin.to_string());
         self.event_id.push(r.event_id);
-        self.event_type.push(r.event_type);
-        self.topic.push(r.topic);
+        self.event_type.push(r.event_type.clone());
+        self.topic.push(r.topic.clone());
         self.attempts_made.push(r.attempts_made);
-        self.error.push(r.error);
-        self.event.push(r.event);
+        self.error.push(r.error.clone());
+        self.event.push(r.event.clone());
     }
 }
 
@@ -621,12 +661,24 @@ fn revive<R: Route + DeserializeOwned>(letters: &[&DeadLetterRecord]) -> Result<
     letters
         .iter()
         .map(|l| {
-            Event::<R>::revived(&l.event).map_err(|e| {
+            let e = Event::<R>::revived(&l.event).map_err(|e| {
                 Error::validation(
                     "event",
                     format!("dead letter {}: {e}; nothing was replayed", l.id),
                 )
-            })
+            })?;
+            if e.id() != l.event_id {
+                return Err(Error::validation(
+                    "event",
+                    format!(
+                        "dead letter {}: its copy is of event {}, not {}; nothing was replayed",
+                        l.id,
+                        e.id(),
+                        l.event_id
+                    ),
+                ));
+            }
+            Ok(e)
         })
         .collect()
 }
@@ -647,14 +699,14 @@ fn settle(
     for (id, status) in present {
         back.entry((table, *id)).or_insert_with(|| {
             Err(format!(
-                "its {table} row is {status}, not failed (it was requeued another way); nothing to replay"
+                "its {table} row is {status}, not failed: the event is back already"
             ))
         });
     }
     for (letter, outcome) in missing.iter().zip(inserted) {
         let result = if outcome.existing {
             Err(format!(
-                "its {table} row is gone and row {} now holds its {}; nothing to replay",
+                "its {table} row is gone and row {} now holds its {}: the event is back already",
                 outcome.id,
                 match table {
                     Table::Outbox => "idempotency key",
@@ -676,13 +728,24 @@ fn split(
     for l in letters {
         match back.remove(&(l.origin, l.event_id)) {
             Some(Ok(())) => report.replayed.push(l),
-            Some(Err(why)) => report.left.push((l, why)),
+            Some(Err(why)) => report.closed.push((l, why)),
             None => report
                 .left
                 .push((l, "its event could not be found or inserted".into())),
         }
     }
     report
+}
+
+impl DeadLetterReplay {
+    /// The letters now marked replayed: replayed and closed.
+    fn done(&self) -> Vec<Uuid> {
+        self.replayed
+            .iter()
+            .chain(self.closed.iter().map(|(l, _)| l))
+            .map(|l| l.id)
+            .collect()
+    }
 }
 
 fn fill_entry(entry: &mut AuditEntry, report: &DeadLetterReplay) {
@@ -693,6 +756,18 @@ fn fill_entry(entry: &mut AuditEntry, report: &DeadLetterReplay) {
             "dead_letters".into(),
             json!(report.replayed.iter().map(|l| l.id).collect::<Vec<_>>()),
         );
+        if !report.closed.is_empty() {
+            d.insert(
+                "closed".into(),
+                json!(
+                    report
+                        .closed
+                        .iter()
+                        .map(|(l, why)| json!({"id": l.id, "event_id": l.event_id, "why": why}))
+                        .collect::<Vec<_>>()
+                ),
+            );
+        }
     }
 }
 
@@ -772,15 +847,20 @@ fn decode_sqlite(r: &sqlx::sqlite::SqliteRow) -> Result<DeadLetterRecord> {
 }
 
 /// Marks the open letters of `events` (rows of `table` just requeued)
-/// replayed, on the requeue's transaction (PostgreSQL).
-pub(super) async fn mark_replayed_pg(
+/// replayed, on the requeue's transaction (PostgreSQL). A letter locked by
+/// a letter replay running now is skipped: that replay finds its event
+/// back and closes it, and waiting for it here could deadlock (it holds
+/// its letters and waits for these rows).
+pub(crate) async fn mark_replayed_pg(
     conn: &mut sqlx::PgConnection,
     table: Table,
     events: &[Uuid],
 ) -> Result<()> {
     sqlx::query(
-        "UPDATE omnibox_dead_letters SET replayed_at = now()
-         WHERE origin = $1 AND event_id = ANY($2) AND replayed_at IS NULL",
+        "UPDATE omnibox_dead_letters SET replayed_at = now() WHERE id IN (
+             SELECT id FROM omnibox_dead_letters
+             WHERE origin = $1 AND event_id = ANY($2) AND replayed_at IS NULL
+             FOR UPDATE SKIP LOCKED)",
     )
     .bind(table.to_string())
     .bind(events)
@@ -791,7 +871,7 @@ pub(super) async fn mark_replayed_pg(
 }
 
 /// [`mark_replayed_pg`] on SQLite.
-pub(super) async fn mark_replayed_sqlite(
+pub(crate) async fn mark_replayed_sqlite(
     conn: &mut sqlx::SqliteConnection,
     table: Table,
     events: &[Uuid],

@@ -269,10 +269,16 @@ impl<R: PgRoute> EventStore<R> for PgTable<R> {
         let mut qb: QueryBuilder<Postgres> = QueryBuilder::new(R::sql().requeue_head);
         push_failed_filters::<R>(&mut qb, filter);
         qb.push(" FOR UPDATE SKIP LOCKED) RETURNING id");
-        qb.build_query_scalar()
-            .fetch_all(&self.pool)
+        let mut tx = self.pool.begin().await.map_err(storage)?;
+        let ids: Vec<Uuid> = qb
+            .build_query_scalar()
+            .fetch_all(&mut *tx)
             .await
-            .map_err(storage)
+            .map_err(storage)?;
+        // The requeued events are back: their open dead letters are done.
+        crate::store::dead_letters::mark_replayed_pg(&mut tx, R::TABLE, &ids).await?;
+        tx.commit().await.map_err(storage)?;
+        Ok(ids)
     }
 }
 

@@ -297,6 +297,7 @@ impl<R: SqliteRoute> EventStore<R> for SqliteTable<R> {
     async fn requeue_failed(&self, filter: &RequeueFilter) -> Result<Vec<Uuid>> {
         filter.check()?;
         let now = ts(&time::now());
+        let now_text = now.clone();
         let mut qb: QueryBuilder<Sqlite> = QueryBuilder::new(R::sql().requeue_head);
         qb.push_bind(now.clone())
             .push(", updated_at = ")
@@ -304,8 +305,18 @@ impl<R: SqliteRoute> EventStore<R> for SqliteTable<R> {
         qb.push(R::sql().requeue_where);
         push_failed_filters::<R>(&mut qb, filter);
         qb.push(") RETURNING id");
-        let rows = qb.build().fetch_all(&self.pool).await.map_err(storage)?;
-        changed_ids(&rows)
+        let mut tx = self
+            .pool
+            .begin_with("BEGIN IMMEDIATE")
+            .await
+            .map_err(storage)?;
+        let rows = qb.build().fetch_all(&mut *tx).await.map_err(storage)?;
+        let ids = changed_ids(&rows)?;
+        // The requeued events are back: their open dead letters are done.
+        crate::store::dead_letters::mark_replayed_sqlite(&mut tx, R::TABLE, &ids, &now_text)
+            .await?;
+        tx.commit().await.map_err(storage)?;
+        Ok(ids)
     }
 }
 
