@@ -1360,6 +1360,122 @@ mod cases {
         assert_eq!(table.list(&Default::default()).await.unwrap().len(), 2);
     }
 
+    /// A letter replay and a requeue of the same rows at once: both finish
+    /// (no deadlock: the replay locks letters then rows, the requeue rows
+    /// then the letters it can take), every event is pending once, no
+    /// letter is left open.
+    pub async fn a_letter_replay_and_a_requeue_at_once(db: &TestDb) {
+        use omnibox::pipeline::{DeadLetterStore, Letter};
+        use omnibox::store::audit::{AuditEntry, AuditedChange};
+        let outbox = db.store.outbox();
+        let table = db.store.dead_letters();
+        for round in 0..5 {
+            let events: Vec<OutboxEvent> = (0..30)
+                .map(|i| new_event("order.created", "orders", &format!("r{round}k{i}")))
+                .collect();
+            outbox.create_many(&events).await.unwrap();
+            let claim = outbox
+                .claim(&ClaimOptions::new(WorkerId::new("w").unwrap(), 30))
+                .await
+                .unwrap();
+            let failures: Vec<Failure> = claim
+                .events
+                .iter()
+                .map(|e| Failure::dead(e.id(), "rejected"))
+                .collect();
+            outbox.fail(&claim.token, &failures).await.unwrap();
+            let letters: Vec<Letter<'_, _>> = claim
+                .events
+                .iter()
+                .map(|e| Letter {
+                    event: e,
+                    error: "rejected",
+                })
+                .collect();
+            DeadLetterStore::put(&table, &letters).await.unwrap();
+            let letter_ids: Vec<uuid::Uuid> = table
+                .list(&omnibox::store::dead_letters::DeadLetterFilter {
+                    open_only: true,
+                    ..Default::default()
+                })
+                .await
+                .unwrap()
+                .iter()
+                .map(|l| l.id)
+                .collect();
+            let mut event_ids: Vec<uuid::Uuid> = events.iter().map(|e| e.id()).collect();
+            event_ids.reverse();
+            let replay = {
+                let table = table.clone();
+                tokio::spawn(async move {
+                    table
+                        .replay(&letter_ids, AuditEntry::new("a", "replay"))
+                        .await
+                })
+            };
+            let requeue = {
+                let store = db.store.clone();
+                tokio::spawn(async move {
+                    store
+                        .change_audited(
+                            omnibox::Table::Outbox,
+                            AuditedChange::Requeue { ids: &event_ids },
+                            AuditEntry::new("b", "replay"),
+                        )
+                        .await
+                })
+            };
+            let (a, b) = (replay.await.unwrap(), requeue.await.unwrap());
+            let busy = |e: &omnibox::Error| {
+                let m = e.to_string();
+                m.contains("locked") || m.contains("busy")
+            };
+            match (&a, &b) {
+                (Ok(r), _) => assert!(r.left.is_empty(), "{r:?}"),
+                (Err(e), _) => assert!(busy(e), "round {round}: the letter replay failed: {e}"),
+            }
+            if let Err(e) = &b {
+                assert!(busy(e), "round {round}: the requeue failed: {e}");
+            }
+            // Whatever lost a race on SQLite (busy) is run again.
+            if a.is_err() || b.is_err() {
+                let open: Vec<uuid::Uuid> = table
+                    .list(&omnibox::store::dead_letters::DeadLetterFilter {
+                        open_only: true,
+                        ..Default::default()
+                    })
+                    .await
+                    .unwrap()
+                    .iter()
+                    .map(|l| l.id)
+                    .collect();
+                table
+                    .replay(&open, AuditEntry::new("a", "replay"))
+                    .await
+                    .unwrap();
+            }
+            for e in &events {
+                let row = outbox.get(e.id()).await.unwrap().unwrap();
+                assert_eq!(row.status(), EventStatus::Pending, "round {round}");
+            }
+            let open = table
+                .list(&omnibox::store::dead_letters::DeadLetterFilter {
+                    open_only: true,
+                    ..Default::default()
+                })
+                .await
+                .unwrap();
+            assert!(open.is_empty(), "round {round}: {open:?}");
+            // Out of the way for the next round.
+            let claim = outbox
+                .claim(&ClaimOptions::new(WorkerId::new("w").unwrap(), 30))
+                .await
+                .unwrap();
+            let ids: Vec<uuid::Uuid> = claim.events.iter().map(|e| e.id()).collect();
+            outbox.complete(&claim.token, &ids).await.unwrap();
+        }
+    }
+
     /// `inbox process --dlq table` keeps the rows that fail as dead
     /// letters; `list --table dead-letters` shows them; `replay --table
     /// dead-letters` requeues a row still failed, re-inserts one that was
@@ -1575,6 +1691,7 @@ backend_tests!(
     doctor_finds_what_is_wrong,
     dead_letters_are_kept_listed_and_replayed,
     letters_follow_their_rows,
+    a_letter_replay_and_a_requeue_at_once,
     concurrent_replays_take_each_letter_once,
     dead_letter_puts_are_idempotent_and_bad_copies_change_nothing,
     audit_is_validated_first_and_atomic,
