@@ -22,7 +22,11 @@
 //!   implementations, each with embedded versioned migrations. The claim
 //!   hands out due rows from an index in `(scheduled_at, seq)` order, keeps
 //!   per-key order for the outbox (taking whole runs of one key), and returns
-//!   a [`ClaimToken`] that fences later writes.
+//!   a [`ClaimToken`] that fences later writes. Events that fail for good
+//!   can be kept in the database as dead letters
+//!   ([`store::dead_letters::DeadLetterTable`], a
+//!   [`pipeline::DeadLetterStore`]), listed and replayed. Runnable:
+//!   `examples/dead_letters.rs` (`cargo run --example dead_letters`).
 //! * [`inbox`]: the consumer ([`inbox::InboxConsumer`]), its sources, and
 //!   handlers: a [`inbox::Handler`] gets the event and a
 //!   [`inbox::HandlerContext`] holding the inbox's open transaction (writes
