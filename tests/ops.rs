@@ -68,6 +68,20 @@ fn command(db: &TestDb, dir: &std::path::Path, args: &[&str]) -> Command {
     cmd
 }
 
+/// Runs a statement on the test database directly (what omnibox must
+/// cope with: a dropped index, a damaged row, a change behind its back).
+async fn raw_sql(db: &TestDb, sql: &'static str) {
+    match &db.store {
+        omnibox::store::AnyStore::Postgres(s) => {
+            sqlx::query(sql).execute(s.pool()).await.unwrap();
+        }
+        omnibox::store::AnyStore::Sqlite(s) => {
+            sqlx::query(sql).execute(s.pool()).await.unwrap();
+        }
+        _ => unreachable!(),
+    }
+}
+
 fn new_event(event_type: &str, topic: &str, key: &str) -> OutboxEvent {
     let mut n = NewOutboxEvent::new(
         "order",
@@ -1046,21 +1060,7 @@ mod cases {
         let r = doctor_broker();
         assert_eq!(status_of(&r, "broker"), "ok", "{}", r.stdout);
         // A dropped claim index.
-        match &db.store {
-            omnibox::store::AnyStore::Postgres(s) => {
-                sqlx::query("DROP INDEX outbox_events_claim")
-                    .execute(s.pool())
-                    .await
-                    .unwrap();
-            }
-            omnibox::store::AnyStore::Sqlite(s) => {
-                sqlx::query("DROP INDEX outbox_events_claim")
-                    .execute(s.pool())
-                    .await
-                    .unwrap();
-            }
-            _ => unreachable!(),
-        }
+        raw_sql(db, "DROP INDEX outbox_events_claim").await;
         let r = omnibox(db, &["doctor", "--format", "json", "--dedup-window", "1d"]);
         assert_eq!(r.code, 1);
         assert_eq!(status_of(&r, "indexes"), "fail", "{}", r.stdout);
@@ -1112,21 +1112,7 @@ mod cases {
         let letters = table.list(&Default::default()).await.unwrap();
         assert_eq!(letters.len(), 1, "{letters:?}");
         assert_eq!(letters[0].error, "schema rejected");
-        match &db.store {
-            omnibox::store::AnyStore::Postgres(s) => {
-                sqlx::query("UPDATE omnibox_dead_letters SET event = '{\"x\": 1}'")
-                    .execute(s.pool())
-                    .await
-                    .unwrap();
-            }
-            omnibox::store::AnyStore::Sqlite(s) => {
-                sqlx::query("UPDATE omnibox_dead_letters SET event = '{\"x\": 1}'")
-                    .execute(s.pool())
-                    .await
-                    .unwrap();
-            }
-            _ => unreachable!(),
-        }
+        raw_sql(db, "UPDATE omnibox_dead_letters SET event = '{\"x\": 1}'").await;
         // Its row gone, the replay would need the copy: it fails, whole.
         tokio::time::sleep(Duration::from_millis(5)).await;
         use omnibox::MaintenanceStore;
@@ -1320,21 +1306,11 @@ mod cases {
         }];
         DeadLetterStore::put(&table, &letter).await.unwrap();
         let l = open().await.remove(0);
-        match &db.store {
-            omnibox::store::AnyStore::Postgres(s) => {
-                sqlx::query("UPDATE outbox_events SET status = 'pending', attempts_made = 0")
-                    .execute(s.pool())
-                    .await
-                    .unwrap();
-            }
-            omnibox::store::AnyStore::Sqlite(s) => {
-                sqlx::query("UPDATE outbox_events SET status = 'pending', attempts_made = 0")
-                    .execute(s.pool())
-                    .await
-                    .unwrap();
-            }
-            _ => unreachable!(),
-        }
+        raw_sql(
+            db,
+            "UPDATE outbox_events SET status = 'pending', attempts_made = 0",
+        )
+        .await;
         let r = omnibox(
             db,
             &[

@@ -243,33 +243,49 @@ impl AnyStore {
         older_than: std::time::Duration,
         batch_size: u32,
     ) -> Result<u64> {
+        self.delete_older_in_batches(
+            "DELETE FROM omnibox_audit WHERE id IN (
+                 SELECT id FROM omnibox_audit WHERE at < now() - make_interval(secs => $1)
+                 ORDER BY at LIMIT $2)",
+            "DELETE FROM omnibox_audit WHERE id IN (
+                 SELECT id FROM omnibox_audit WHERE at < ?1 ORDER BY at LIMIT ?2)",
+            older_than,
+            batch_size,
+        )
+        .await
+    }
+
+    /// Runs a retention DELETE until it deletes fewer rows than a batch;
+    /// returns how many. The PostgreSQL statement takes the age in seconds
+    /// (`$1`) and the batch (`$2`); the SQLite one the cut-off time (`?1`)
+    /// and the batch (`?2`).
+    pub(super) async fn delete_older_in_batches(
+        &self,
+        pg: &'static str,
+        sqlite: &'static str,
+        older_than: std::time::Duration,
+        batch_size: u32,
+    ) -> Result<u64> {
         let batch = i64::from(batch_size.max(1));
         let mut total = 0;
         loop {
             let n = match self {
-                AnyStore::Postgres(s) => sqlx::query(
-                    "DELETE FROM omnibox_audit WHERE id IN (
-                         SELECT id FROM omnibox_audit WHERE at < now() - make_interval(secs => $1)
-                         ORDER BY at LIMIT $2)",
-                )
-                .bind(super::secs(older_than))
-                .bind(batch)
-                .execute(s.pool())
-                .await
-                .map_err(storage)?
-                .rows_affected(),
-                AnyStore::Sqlite(s) => sqlx::query(
-                    "DELETE FROM omnibox_audit WHERE id IN (
-                         SELECT id FROM omnibox_audit WHERE at < ?1 ORDER BY at LIMIT ?2)",
-                )
-                .bind(time::format(
-                    &(time::now() - crate::domain::chrono_dur(older_than)),
-                ))
-                .bind(batch)
-                .execute(s.pool())
-                .await
-                .map_err(storage)?
-                .rows_affected(),
+                AnyStore::Postgres(s) => sqlx::query(pg)
+                    .bind(super::secs(older_than))
+                    .bind(batch)
+                    .execute(s.pool())
+                    .await
+                    .map_err(storage)?
+                    .rows_affected(),
+                AnyStore::Sqlite(s) => sqlx::query(sqlite)
+                    .bind(time::format(
+                        &(time::now() - crate::domain::chrono_dur(older_than)),
+                    ))
+                    .bind(batch)
+                    .execute(s.pool())
+                    .await
+                    .map_err(storage)?
+                    .rows_affected(),
             };
             total += n;
             if n < batch as u64 {

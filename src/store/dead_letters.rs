@@ -401,41 +401,19 @@ impl DeadLetterTable {
         older_than: std::time::Duration,
         batch_size: u32,
     ) -> Result<u64> {
-        let batch = i64::from(batch_size.max(1));
-        let mut total = 0;
-        loop {
-            let n = match &self.store {
-                AnyStore::Postgres(s) => sqlx::query(
-                    "DELETE FROM omnibox_dead_letters WHERE id IN (
-                         SELECT id FROM omnibox_dead_letters
-                         WHERE replayed_at < now() - make_interval(secs => $1)
-                         ORDER BY replayed_at LIMIT $2)",
-                )
-                .bind(super::secs(older_than))
-                .bind(batch)
-                .execute(s.pool())
-                .await
-                .map_err(storage)?
-                .rows_affected(),
-                AnyStore::Sqlite(s) => sqlx::query(
-                    "DELETE FROM omnibox_dead_letters WHERE seq IN (
-                         SELECT seq FROM omnibox_dead_letters
-                         WHERE replayed_at < ?1 ORDER BY replayed_at LIMIT ?2)",
-                )
-                .bind(time::format(
-                    &(time::now() - crate::domain::chrono_dur(older_than)),
-                ))
-                .bind(batch)
-                .execute(s.pool())
-                .await
-                .map_err(storage)?
-                .rows_affected(),
-            };
-            total += n;
-            if n < batch as u64 {
-                return Ok(total);
-            }
-        }
+        self.store
+            .delete_older_in_batches(
+                "DELETE FROM omnibox_dead_letters WHERE id IN (
+                     SELECT id FROM omnibox_dead_letters
+                     WHERE replayed_at < now() - make_interval(secs => $1)
+                     ORDER BY replayed_at LIMIT $2)",
+                "DELETE FROM omnibox_dead_letters WHERE seq IN (
+                     SELECT seq FROM omnibox_dead_letters
+                     WHERE replayed_at < ?1 ORDER BY replayed_at LIMIT ?2)",
+                older_than,
+                batch_size,
+            )
+            .await
     }
 
     /// Writes the letters of `table`'s events whose rows are `failed` now
