@@ -1,29 +1,48 @@
-//! PostgreSQL over TLS: a private server (scripts/postgres.sh --tls) with a
+//! PostgreSQL over TLS: private servers (scripts/postgres.sh --tls) with a
 //! certificate authority made here, requiring TLS on every TCP connection.
 //! `sslmode=verify-full` with the CA works, a wrong CA and a plain
 //! connection are refused with exit 2, and a client certificate logs in.
+//! Statements over TLS never wait for a delayed ACK (TCP_NODELAY), and no
+//! command leaves a `Connection reset by peer` in the server's log.
 
 mod common;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
-/// The private server's port: below Linux's ephemeral range (32768 and
-/// up), where a concurrent test's client socket once held 54342.
+/// The private servers' ports (one per test: nextest runs them at once):
+/// below Linux's ephemeral range (32768 and up), where a concurrent test's
+/// client socket once held 54342.
 const PORT: &str = "29342";
+const RTT_PORT: &str = "29343";
+const LOG_PORT: &str = "29344";
 
 fn script() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/postgres.sh")
 }
 
-struct Server;
+struct Server(&'static str);
 
 impl Drop for Server {
     fn drop(&mut self) {
         let _ = Command::new(script())
-            .args(["stop", "--port", PORT])
+            .args(["stop", "--port", self.0])
             .status();
     }
+}
+
+/// Starts a private server on `port` that requires TLS, with a CA and a
+/// server certificate for 127.0.0.1 made in `certs`.
+fn tls_server(certs: &Path, port: &'static str) -> Server {
+    ca(certs, "ca");
+    signed(certs, "ca", "server", "127.0.0.1", Some("IP:127.0.0.1"));
+    let out = Command::new(script())
+        .args(["start", "--port", port, "--tls", certs.to_str().unwrap()])
+        .stderr(Stdio::inherit())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "postgres.sh start --tls");
+    Server(port)
 }
 
 fn openssl(dir: &Path, args: &[&str]) {
@@ -141,7 +160,7 @@ fn postgres_over_tls_verify_full_and_client_certificates() {
         .output()
         .unwrap();
     assert!(out.status.success(), "postgres.sh start --tls");
-    let _server = Server;
+    let _server = Server(PORT);
     let base = format!("postgres://omnibox:omnibox@127.0.0.1:{PORT}/omnibox");
     let ca_file = c.join("ca.crt");
     let dir = tempfile::tempdir().unwrap();
@@ -185,4 +204,134 @@ fn postgres_over_tls_verify_full_and_client_certificates() {
     let (code, out, err) = omnibox(d, &cert, &["status", "--format", "json"]);
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("\"tables\""), "{out}");
+}
+
+/// sqlx 0.9.0 stopped setting TCP_NODELAY: over TLS a statement's records
+/// then waited for the server's delayed ACK (about 40 ms) and the relay ran
+/// at a fifth of its speed. Hundreds of statements on one connection of
+/// the store omnibox opens, the default URL (TLS negotiated): the mean
+/// round trip stays far below that stall (a coarse bound, so a loaded CI
+/// machine does not fail it, while an update that brings the stall back
+/// does).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn statements_over_tls_do_not_wait_for_delayed_acks() {
+    if common::pg_url().is_none() {
+        return; // not under CI and no PostgreSQL wanted (said by pg_url)
+    }
+    let certs = tempfile::tempdir().unwrap();
+    let _server = tls_server(certs.path(), RTT_PORT);
+    // The URL as users write it: no sslmode, so TLS is negotiated (prefer).
+    let url = format!("postgres://omnibox:omnibox@127.0.0.1:{RTT_PORT}/omnibox");
+    let store = omnibox::store::PgStore::connect(&url, &Default::default())
+        .await
+        .expect("connect over TLS");
+    let pool = store.pool();
+    let mut conn = pool.acquire().await.unwrap();
+    let tls: bool = sqlx::query_scalar("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()")
+        .fetch_one(&mut *conn)
+        .await
+        .unwrap();
+    assert!(tls, "the default URL negotiates TLS");
+    // Statements like the relay's: a small one, and one binding 1,000 ids
+    // (about 17 KB: more than one TLS record), inside transactions.
+    let ids: Vec<uuid::Uuid> = (0..1000u128).map(uuid::Uuid::from_u128).collect();
+    const ROUNDS: u32 = 100;
+    let started = std::time::Instant::now();
+    let mut statements = 0u32;
+    for i in 0..ROUNDS {
+        let mut tx = sqlx::Connection::begin(&mut *conn).await.unwrap();
+        let n: i64 = sqlx::query_scalar("SELECT $1::int8 + 1")
+            .bind(i64::from(i))
+            .fetch_one(&mut *tx)
+            .await
+            .unwrap();
+        assert_eq!(n, i64::from(i) + 1);
+        let n: i64 = sqlx::query_scalar("SELECT cardinality($1::uuid[])::int8")
+            .bind(&ids)
+            .fetch_one(&mut *tx)
+            .await
+            .unwrap();
+        assert_eq!(n, 1000);
+        tx.commit().await.unwrap();
+        statements += 4; // BEGIN, two statements, COMMIT
+    }
+    let mean = started.elapsed() / statements;
+    drop(conn);
+    store.close().await;
+    assert!(
+        mean < std::time::Duration::from_millis(5),
+        "mean round trip over TLS {mean:?} for {statements} statements: \
+         sockets without TCP_NODELAY wait ~40 ms for the server's delayed ACK"
+    );
+}
+
+/// Lines a server logs when a client goes away without closing its
+/// connection (no Terminate, a reset instead of a clean shutdown).
+const ABRUPT: [&str; 3] = [
+    "could not receive data from client",
+    "unexpected EOF on client connection",
+    "Connection reset by peer",
+];
+
+/// Every command closes its connections before it exits: after each one,
+/// the server's log has no line of a client that vanished (operators alert
+/// on them). The default URL, TLS negotiated, as a managed server has it.
+#[test]
+fn commands_leave_no_reset_connections_in_the_server_log() {
+    if common::pg_url().is_none() {
+        return; // not under CI and no PostgreSQL wanted (said by pg_url)
+    }
+    let certs = tempfile::tempdir().unwrap();
+    let _server = tls_server(certs.path(), LOG_PORT);
+    let log = PathBuf::from(format!("/tmp/omnibox-pg-{LOG_PORT}/server.log"));
+    let url = format!("postgres://omnibox:omnibox@127.0.0.1:{LOG_PORT}/omnibox");
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let events = d.join("events.jsonl");
+    let mut lines = String::new();
+    for i in 0..50 {
+        lines.push_str(&format!(
+            "{{\"aggregate_type\":\"order\",\"aggregate_id\":\"{}\",\"event_type\":\"order.created\",\"topic\":\"orders\",\"partition_key\":\"k{}\",\"payload\":{{\"n\":{i}}}}}\n",
+            uuid::Uuid::from_u128(i + 1),
+            i % 7
+        ));
+    }
+    std::fs::write(&events, lines).unwrap();
+    let published = d.join("published.jsonl");
+    let published_arg = format!("file:{}", published.display());
+    let from_arg = format!("file:{}", published.display());
+    let commands: Vec<Vec<&str>> = vec![
+        vec!["migrate", "-q"],
+        vec!["status"],
+        vec!["enqueue", "--jsonl", events.to_str().unwrap()],
+        vec!["list", "--limit", "5"],
+        vec!["publish", "--once", "--broker", &published_arg],
+        vec!["inbox", "consume", "--from", &from_arg, "--once"],
+        vec!["inbox", "process", "--exec", "true", "--once"],
+        vec!["failures"],
+        vec!["release-stale-locks"],
+        vec!["cleanup", "--older-than", "7d"],
+        vec!["doctor"],
+        vec!["status", "--format", "json"],
+    ];
+    let mut seen = std::fs::read_to_string(&log).unwrap_or_default().len();
+    for args in &commands {
+        let (code, out, err) = omnibox(d, &url, args);
+        assert!(
+            code == 0 || (args[0] == "doctor" && code == 1),
+            "omnibox {args:?} exited {code}: {out}{err}"
+        );
+        // The server logs a vanished client when its backend notices.
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        let new = &text[seen.min(text.len())..];
+        assert!(
+            !new.lines()
+                .any(|line| ABRUPT.iter().any(|a| line.contains(a))),
+            "after omnibox {args:?} the server logged:\n{new}"
+        );
+        seen = text.len();
+    }
+    let published = std::fs::read_to_string(&published).unwrap();
+    assert_eq!(published.lines().count(), 50, "every event was published");
 }

@@ -57,6 +57,7 @@ pub async fn run(args: DemoArgs, ctx: &Context) -> Result<ExitStatus> {
     let db = format!("sqlite://{}", dir.join("omnibox.db").display());
     let file = dir.join("omnibox-events.jsonl");
     let store = AnyStore::connect(&db, &StoreOptions::default()).await?;
+    ctx.track(&store);
     store.migrate().await?;
     say(format!("1. created {db}"))?;
 

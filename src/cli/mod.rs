@@ -165,6 +165,9 @@ impl std::error::Error for UsageError {}
 pub struct Context {
     pub settings: config::Settings,
     pub quiet: bool,
+    /// Every store this invocation connected, closed by [`main`] before the
+    /// process exits whatever the command returned.
+    opened: std::sync::Mutex<Vec<AnyStore>>,
 }
 
 impl Context {
@@ -195,9 +198,38 @@ impl Context {
             statement_timeout: Some(STATEMENT_TIMEOUT),
         };
         tracing::debug!(url = %redact_url(&self.settings.database_url), "connecting");
-        Ok(AnyStore::connect(&self.settings.database_url, &opts).await?)
+        let store = AnyStore::connect(&self.settings.database_url, &opts).await?;
+        self.track(&store);
+        Ok(store)
+    }
+
+    /// Remembers a store connected outside [`Context::connect`], so it is
+    /// closed with the others.
+    pub fn track(&self, store: &AnyStore) {
+        if let Ok(mut opened) = self.opened.lock() {
+            opened.push(store.clone());
+        }
+    }
+
+    /// Closes every store the command connected: each PostgreSQL connection
+    /// ends with a Terminate message and a clean TLS and TCP shutdown, so
+    /// the server's log gets no `Connection reset by peer` per CLI run.
+    /// Bounded: a connection some task still holds is given
+    /// [`CLOSE_TIMEOUT`], then the process exits anyway.
+    async fn close(&self) {
+        let stores = match self.opened.lock() {
+            Ok(mut opened) => std::mem::take(&mut *opened),
+            Err(_) => return,
+        };
+        let all = futures_util::future::join_all(stores.iter().map(AnyStore::close));
+        if tokio::time::timeout(CLOSE_TIMEOUT, all).await.is_err() {
+            tracing::debug!("connections still in use at exit; closing them abruptly");
+        }
     }
 }
+
+/// How long the exit waits for connections still checked out to come back.
+const CLOSE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
 pub fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
@@ -222,6 +254,7 @@ pub fn main() -> ExitCode {
     let ctx = Context {
         settings,
         quiet: cli.global.quiet,
+        opened: std::sync::Mutex::new(Vec::new()),
     };
     // Before the runtime: the exporter's HTTP client is a blocking one.
     let telemetry =
@@ -260,6 +293,7 @@ pub fn main() -> ExitCode {
             Command::Demo(args) => demo::run(args, &ctx).await,
         }
     });
+    runtime.block_on(ctx.close());
     if let Some(t) = telemetry {
         t.shutdown(std::time::Duration::from_secs(5));
     }

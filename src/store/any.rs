@@ -121,6 +121,15 @@ impl AnyStore {
         }
     }
 
+    /// Closes the store's connections cleanly (see [`PgStore::close`]).
+    /// Every clone shares the pool, so this closes them all.
+    pub async fn close(&self) {
+        match self {
+            AnyStore::Postgres(s) => s.close().await,
+            AnyStore::Sqlite(s) => s.close().await,
+        }
+    }
+
     /// Which backend.
     pub fn backend(&self) -> Backend {
         match self {

@@ -115,6 +115,10 @@ impl KafkaSink {
             .set("enable.gapless.guarantee", "true")
             .set("acks", "all")
             .set("linger.ms", "5")
+            // librdkafka leaves Nagle's algorithm on by default: a small
+            // request written while an earlier one is unacknowledged waits
+            // for the broker's delayed ACK (up to 40 ms) across a network.
+            .set("socket.nagle.disable", "true")
             .set("message.timeout.ms", timeout.as_millis().max(1).to_string())
             // A topic the broker does not know fails its messages after this
             // long rather than after the message timeout.

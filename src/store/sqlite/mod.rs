@@ -74,6 +74,12 @@ impl SqliteStore {
         &self.pool
     }
 
+    /// Closes the pool: waits for checked-out connections to come back and
+    /// closes each connection (the last one checkpoints the WAL).
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+
     /// The outbox table.
     pub fn outbox(&self) -> SqliteTable<OutboxRoute> {
         SqliteTable {
