@@ -244,6 +244,16 @@ macro_rules! table_sql {
     };
 }
 
+/// Opens the claim's transaction in one round trip (a simple query):
+/// - a claim is a lease, not a result: if the database crashes before it
+///   is flushed, its rows are simply claimed (and published) again, so its
+///   commit need not wait for the disk;
+/// - its statements are prepared once per connection, and each execution
+///   is still planned for its own parameters (a generic plan cached after
+///   five runs must not decide how the claim reads the table).
+pub const CLAIM_BEGIN: &str = "BEGIN; SET LOCAL synchronous_commit = off; \
+     SET LOCAL plan_cache_mode = force_custom_plan";
+
 /// Step 1 of the outbox claim (see `store/claim.rs`): the due, unlocked
 /// rows after the cursor `($1, $2)` in `(scheduled_at, seq)` order (claim
 /// index), skipping $5 of them (a claimer spreading out), at most $3 of them, and at most $4 rows whose lease passed (lock

@@ -315,7 +315,6 @@ async fn lock_ready(
 ) -> Result<std::collections::HashSet<Uuid>> {
     Ok(sqlx::query_as::<_, (Uuid, bool)>(super::sql::OUTBOX_LOCK)
         .bind(ids)
-        .persistent(false)
         .fetch_all(&mut *tx)
         .await
         .map_err(storage)?
@@ -328,8 +327,11 @@ impl<R: PgRoute> PgTable<R> {
     /// The outbox claim (see `store/claim.rs`): discover open keys and walk
     /// them, plan the runs, lock what can be locked, mark it claimed; one
     /// transaction. Every statement is planned for its own parameters
-    /// (unnamed statements): a cached generic plan must not decide how the
-    /// claim reads the table.
+    /// (`plan_cache_mode = force_custom_plan` for the transaction): a cached
+    /// generic plan must not decide how the claim reads the table. The
+    /// statements themselves are prepared once per connection and reused,
+    /// so each costs one round trip (an unnamed statement costs two: parse
+    /// and describe, then bind and execute).
     async fn claim_in_key_order(&self, opts: &ClaimOptions) -> Result<Claim<R>> {
         let limit = opts.limit as usize;
         let examine = opts.examine_limit();
@@ -337,12 +339,11 @@ impl<R: PgRoute> PgTable<R> {
             scheduled_at: claim::BEGINNING,
             seq: 0,
         });
-        let mut tx = self.pool.begin().await.map_err(storage)?;
-        // A claim is a lease, not a result: if the database crashes before
-        // it is flushed, its rows are simply claimed (and published) again.
-        // Its commit need not wait for the disk.
-        sqlx::query("SET LOCAL synchronous_commit = off")
-            .execute(&mut *tx)
+        // One round trip opens the transaction and sets it up (see
+        // `CLAIM_BEGIN`).
+        let mut tx = self
+            .pool
+            .begin_with(super::sql::CLAIM_BEGIN)
             .await
             .map_err(storage)?;
         let scanned = sqlx::query(super::sql::OUTBOX_SCAN)
@@ -358,7 +359,6 @@ impl<R: PgRoute> PgTable<R> {
                 _ => None,
             })
             .bind(FetchFilters::pg(&opts.filters.topics).filter(|t| t.len() > 1))
-            .persistent(false)
             .fetch_all(&mut *tx)
             .await
             .map_err(storage)?
@@ -395,7 +395,6 @@ impl<R: PgRoute> PgTable<R> {
             .bind(own_first)
             .bind(own_last)
             .bind(opts.worker.as_str())
-            .persistent(false)
             .fetch_all(&mut *tx)
             .await
             .map_err(storage)?
@@ -439,7 +438,6 @@ impl<R: PgRoute> PgTable<R> {
             .bind(&ids)
             .bind(opts.worker.as_str())
             .bind(crate::store::secs(opts.lease))
-            .persistent(false)
             .fetch_all(&mut *tx)
             .await
             .map_err(storage)?;
