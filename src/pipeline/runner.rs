@@ -147,6 +147,16 @@ impl Wakeup for Sleep {
 /// Runs `processor` until done (see [`RunMode`]) or until `shutdown` turns
 /// true. `on_batch` sees every batch (progress bars). Errors of the claim
 /// end a `Once` run; a `Watch` run logs them and retries with backoff.
+///
+/// Up to three batches are in flight, each stage working on its own
+/// connection: one being claimed, one being handled (handed to the broker),
+/// one being written. The stages run independently: a batch is handled as
+/// soon as its claim returns and the handler is free, and written as soon
+/// as it is handled and the writer is free, so at a low rate an event waits
+/// for one claim, not for three rounds of the slowest stage. Batches are
+/// handled and written in claim order (`pipeline/flight.rs` relies on it),
+/// and per-key order holds: the rows of the batches in flight stay locked
+/// until written, so a claim never takes anything behind them.
 pub async fn run<R, S, H, W>(
     processor: &Processor<R, S, H>,
     options: &RunOptions,
@@ -161,6 +171,9 @@ where
     Event<R>: DeadLetter,
     W: Wakeup,
 {
+    use futures_util::StreamExt;
+    use futures_util::stream::FuturesUnordered;
+
     let started = Instant::now();
     let mut report = RunReport::default();
     let mut idle = options.idle_min;
@@ -168,250 +181,253 @@ where
     let mut outage_since: Option<Instant> = None;
     let mut contended_since: Option<Instant> = None;
     let mut busy_streak = 0u32;
-    // Up to three batches in flight (see the loop): claimed, handled, written.
+    // Each stage holds at most one future.
+    let mut claims = FuturesUnordered::new();
+    let mut handles = FuturesUnordered::new();
+    let mut writes = FuturesUnordered::new();
+    // Claimed, waiting for the handler; handled, waiting for the writer.
     let mut fetched: Option<Fetched<R>> = None;
     let mut handled: Option<Handled<R>> = None;
+    // Rows of batches claimed but not yet written.
+    let mut rows_in_flight = 0u64;
+    // Whether batches of this worker were in flight while the claim in
+    // progress ran (its keys may have been held by them).
+    let mut claim_saw_flight = false;
     // The last claim came back empty while batches of this worker were in
-    // flight (its keys may be held by them): claim again once they are done.
+    // flight: claim again once they are all written.
     let mut wait_for_flight = false;
+    // No claim before this instant (backoff, a pause, contention).
+    let mut claim_at: Option<tokio::time::Instant> = None;
+    // Nothing to do: wait for a notification (or `idle`) before claiming.
+    let mut idling = false;
+    // No more claims: write what is in flight, then stop.
+    let mut stopping = false;
+    let mut shutdown_gone = false;
+    // The error the run ends with once what is in flight is written.
+    let mut failure: Option<crate::Error> = None;
     let mut finish = |report: &mut RunReport, batch: BatchReport| {
         report.add(&batch);
         on_batch(&batch);
     };
     loop {
-        if *shutdown.borrow() {
+        // Move batches on, in claim order: a stage takes the next batch
+        // when it is free and the slot after it is empty.
+        if writes.is_empty()
+            && let Some(h) = handled.take()
+        {
+            writes.push(processor.finish(h));
+        }
+        if handles.is_empty()
+            && handled.is_none()
+            && let Some(f) = fetched.take()
+        {
+            handles.push(processor.handle(f));
+        }
+        let batches = claims.len()
+            + usize::from(fetched.is_some())
+            + handles.len()
+            + usize::from(handled.is_some())
+            + writes.len();
+        if !stopping && *shutdown.borrow() {
             report.stopped_because = Some("shutdown requested".into());
+            stopping = true;
+        }
+        if !stopping
+            && let Some(max) = options.max_rows
+            && report.claimed + rows_in_flight >= max
+        {
+            report.stopped_because = Some(format!("--limit {max} reached"));
+            stopping = true;
+        }
+        if wait_for_flight && batches == 0 {
+            wait_for_flight = false;
+        }
+        let may_claim = !stopping
+            && claims.is_empty()
+            && fetched.is_none()
+            && batches < 3
+            && !wait_for_flight
+            && !idling
+            && claim_at.is_none_or(|t| t <= tokio::time::Instant::now());
+        if may_claim {
+            if let Some(pause) = processor.pause() {
+                // Downstream is out: write what is in hand, claim nothing new.
+                if batches == 0 {
+                    if options.mode == RunMode::Once {
+                        report.stopped_because =
+                            Some("the broker or handler did not answer".into());
+                        stopping = true;
+                    } else {
+                        // The processor warned once when the outage began.
+                        tracing::debug!(
+                            pause_ms = pause.as_millis() as u64,
+                            "downstream still not answering; pausing before the next claim"
+                        );
+                        claim_at = Some(tokio::time::Instant::now() + pause);
+                    }
+                }
+            } else {
+                claim_saw_flight = batches > 0;
+                claim_at = None;
+                claims.push(processor.fetch());
+            }
+        }
+        if stopping && batches == 0 {
             break;
         }
-        if let Some(max) = options.max_rows {
-            let claimed = report.claimed
-                + fetched.as_ref().map_or(0, |f| f.len() as u64)
-                + handled.as_ref().map_or(0, |h| h.len() as u64);
-            if claimed >= max {
-                report.stopped_because = Some(format!("--limit {max} reached"));
-                break;
-            }
-        }
-        if let Some(pause) = processor.pause() {
-            // Downstream is out: write what is in hand, claim nothing new.
-            if fetched.is_some() || handled.is_some() {
-                drain(
-                    processor,
-                    &mut fetched,
-                    &mut handled,
-                    &mut report,
-                    &mut finish,
-                )
-                .await;
-                continue;
-            }
-            if options.mode == RunMode::Once {
-                report.stopped_because = Some("the broker or handler did not answer".into());
-                break;
-            }
-            // The processor warned once when the outage began.
-            tracing::debug!(
-                pause_ms = pause.as_millis() as u64,
-                "downstream still not answering; pausing before the next claim"
-            );
-            wait_or_shutdown(&mut shutdown, pause).await;
-            continue;
-        }
-        let in_flight = fetched.is_some() || handled.is_some();
-        if wait_for_flight && in_flight {
-            // Move the batches in flight on without claiming.
-            let to_handle = fetched.take();
-            let to_write = handled.take();
-            let (newly_handled, written) = tokio::join!(
-                async {
-                    match to_handle {
-                        Some(f) => Some(processor.handle(f).await),
-                        None => None,
+        let idle_wait = idle;
+        let claim_timer = claim_at;
+        tokio::select! {
+            Some(next) = claims.next(), if !claims.is_empty() => {
+                if next.is_ok()
+                    && let Some(since) = outage_since.take()
+                {
+                    tracing::warn!(
+                        down_for_ms = since.elapsed().as_millis() as u64,
+                        "the database is back; claiming again"
+                    );
+                }
+                let in_flight = claim_saw_flight
+                    || handles.len() + writes.len() > 0
+                    || fetched.is_some()
+                    || handled.is_some();
+                match next {
+                    Err(e) if e.is_outage() => {
+                        let since = *outage_since.get_or_insert_with(|| {
+                            tracing::warn!(
+                                error = %e,
+                                "the database cannot be reached; retrying until it is back (logged once per outage; rows in flight are written when it is, or retaken after their lease)"
+                            );
+                            Instant::now()
+                        });
+                        if options.mode == RunMode::Once && since.elapsed() >= options.outage_limit {
+                            failure = Some(crate::Error::Outage(format!(
+                                "the database was unreachable for {}s (--outage-limit): {e}",
+                                since.elapsed().as_secs()
+                            )));
+                            stopping = true;
+                        } else {
+                            claim_errors += 1;
+                            let wait = Duration::from_millis(100 * 2u64.pow(claim_errors.min(6)))
+                                .min(Duration::from_secs(5));
+                            claim_at = Some(tokio::time::Instant::now() + wait);
+                        }
                     }
-                },
-                async {
-                    match to_write {
-                        Some(h) => Some(processor.finish(h).await),
-                        None => None,
+                    Ok(Fetch::Batch(f)) => {
+                        claim_errors = 0;
+                        idle = options.idle_min;
+                        contended_since = None;
+                        busy_streak = 0;
+                        rows_in_flight += f.len() as u64;
+                        fetched = Some(f);
+                    }
+                    // The claim ran while batches of this worker were in
+                    // flight, so it may have found their keys held: claim
+                    // again once they are written, before calling it idle.
+                    Ok(Fetch::Empty { .. }) if in_flight => {
+                        claim_errors = 0;
+                        wait_for_flight = true;
+                    }
+                    // Every row the claim examined was held: go on scanning
+                    // at once, unless (Once) nothing claimable is left
+                    // anywhere, which is cheaper to ask than to scan the
+                    // rest of a held backlog.
+                    Ok(Fetch::Empty { more: true, .. }) => {
+                        claim_errors = 0;
+                        if options.mode == RunMode::Once
+                            && !processor
+                                .store()
+                                .claimable_exists_for(&processor.options().filters)
+                                .await
+                                .unwrap_or(true)
+                        {
+                            stopping = true;
+                        }
+                    }
+                    Ok(Fetch::Empty { contended, .. }) => {
+                        claim_errors = 0;
+                        // Empty because another worker was claiming the same
+                        // rows at that moment, or because nothing is there?
+                        // Only the latter is idle (and ends a Once run). A
+                        // failing check counts as "busy": the next claim
+                        // retries and reports the database's error if it
+                        // persists.
+                        let busy = contended
+                            || processor
+                                .store()
+                                .claimable_exists_for(&processor.options().filters)
+                                .await
+                                .unwrap_or(true);
+                        if busy {
+                            let since = *contended_since.get_or_insert_with(Instant::now);
+                            if options.mode == RunMode::Once
+                                && since.elapsed() > options.contention_limit
+                            {
+                                report.stopped_because = Some(format!(
+                                    "rows were due but every claim for {:?} came back empty (other workers kept taking them first)",
+                                    options.contention_limit
+                                ));
+                                report.error = true;
+                                stopping = true;
+                            } else {
+                                // Back off while other workers keep taking
+                                // the rows first (one key worked by another
+                                // relay, say): the pause doubles, so a worker
+                                // with nothing of its own to do costs little,
+                                // and it ends on progress.
+                                let ceiling = 2u64.saturating_mul(1 << busy_streak.min(8)).min(500);
+                                busy_streak += 1;
+                                let pause = Duration::from_millis(
+                                    ceiling / 2 + fastrand::u64(0..=ceiling / 2),
+                                );
+                                claim_at = Some(tokio::time::Instant::now() + pause);
+                            }
+                        } else {
+                            contended_since = None;
+                            if options.mode == RunMode::Once {
+                                stopping = true;
+                            } else {
+                                idling = true;
+                            }
+                        }
+                    }
+                    Err(e) if options.mode == RunMode::Watch && !e.is_input_error() => {
+                        claim_errors += 1;
+                        let wait = Duration::from_millis(200 * 2u64.pow(claim_errors.min(6)))
+                            .min(Duration::from_secs(10));
+                        tracing::error!(error = %e, retry_in_ms = wait.as_millis() as u64, "claim failed");
+                        claim_at = Some(tokio::time::Instant::now() + wait);
+                    }
+                    Err(e) => {
+                        failure = Some(e);
+                        stopping = true;
                     }
                 }
-            );
-            if let Some(b) = written {
+            }
+            Some(h) = handles.next(), if !handles.is_empty() => {
+                handled = Some(h);
+            }
+            Some(b) = writes.next(), if !writes.is_empty() => {
+                rows_in_flight = rows_in_flight.saturating_sub(b.claimed as u64);
                 finish(&mut report, b);
             }
-            handled = newly_handled;
-            continue;
-        }
-        wait_for_flight = false;
-        // Up to three batches in flight: claim the next, handle the one
-        // claimed before, write the one before that (each stage on its own
-        // connection), so a slow broker and the claim overlap. Per-key order
-        // holds: the rows of the batches in flight stay locked until
-        // written, so a claim never takes anything behind them.
-        let to_handle = fetched.take();
-        let to_write = handled.take();
-        let (next, newly_handled, written) = tokio::join!(
-            processor.fetch(),
-            async {
-                match to_handle {
-                    Some(f) => Some(processor.handle(f).await),
-                    None => None,
-                }
-            },
-            async {
-                match to_write {
-                    Some(h) => Some(processor.finish(h).await),
-                    None => None,
-                }
-            }
-        );
-        if let Some(b) = written {
-            finish(&mut report, b);
-        }
-        handled = newly_handled;
-        if next.is_ok()
-            && let Some(since) = outage_since.take()
-        {
-            tracing::warn!(
-                down_for_ms = since.elapsed().as_millis() as u64,
-                "the database is back; claiming again"
-            );
-        }
-        match next {
-            Err(e) if e.is_outage() => {
-                let since = *outage_since.get_or_insert_with(|| {
-                    tracing::warn!(
-                        error = %e,
-                        "the database cannot be reached; retrying until it is back (logged once per outage; rows in flight are written when it is, or retaken after their lease)"
-                    );
-                    Instant::now()
-                });
-                if options.mode == RunMode::Once && since.elapsed() >= options.outage_limit {
-                    drain(
-                        processor,
-                        &mut fetched,
-                        &mut handled,
-                        &mut report,
-                        &mut finish,
-                    )
-                    .await;
-                    return Err(crate::Error::Outage(format!(
-                        "the database was unreachable for {}s (--outage-limit): {e}",
-                        since.elapsed().as_secs()
-                    )));
-                }
-                claim_errors += 1;
-                let wait = Duration::from_millis(100 * 2u64.pow(claim_errors.min(6)))
-                    .min(Duration::from_secs(5));
-                wait_or_shutdown(&mut shutdown, wait).await;
-            }
-            Ok(Fetch::Batch(f)) => {
-                claim_errors = 0;
-                idle = options.idle_min;
-                contended_since = None;
-                busy_streak = 0;
-                fetched = Some(f);
-            }
-            // The claim ran while batches of this worker were in flight, so
-            // it may have found their keys held: claim again once they are
-            // written, before calling it idle.
-            Ok(Fetch::Empty { .. }) if in_flight || handled.is_some() => {
-                claim_errors = 0;
-                wait_for_flight = true;
-            }
-            // Every row the claim examined was held: go on scanning at once,
-            // unless (Once) nothing claimable is left anywhere, which is
-            // cheaper to ask than to scan the rest of a held backlog.
-            Ok(Fetch::Empty { more: true, .. }) => {
-                claim_errors = 0;
-                if options.mode == RunMode::Once
-                    && !processor
-                        .store()
-                        .claimable_exists_for(&processor.options().filters)
-                        .await
-                        .unwrap_or(true)
-                {
-                    break;
-                }
-            }
-            Ok(Fetch::Empty { contended, .. }) => {
-                claim_errors = 0;
-                // Empty because another worker was claiming the same rows at
-                // that moment, or because nothing is there? Only the latter
-                // is idle (and ends a Once run). A failing check counts as
-                // "busy": the next claim retries and reports the database's
-                // error if it persists.
-                let busy = contended
-                    || processor
-                        .store()
-                        .claimable_exists_for(&processor.options().filters)
-                        .await
-                        .unwrap_or(true);
-                if busy {
-                    let since = *contended_since.get_or_insert_with(Instant::now);
-                    if options.mode == RunMode::Once && since.elapsed() > options.contention_limit {
-                        report.stopped_because = Some(format!(
-                            "rows were due but every claim for {:?} came back empty (other workers kept taking them first)",
-                            options.contention_limit
-                        ));
-                        report.error = true;
-                        break;
-                    }
-                    // Back off while other workers keep taking the rows
-                    // first (one key worked by another relay, say): the
-                    // pause doubles, so a worker with nothing of its own to
-                    // do costs little, and it ends on progress.
-                    let ceiling = 2u64.saturating_mul(1 << busy_streak.min(8)).min(500);
-                    busy_streak += 1;
-                    let pause = Duration::from_millis(ceiling / 2 + fastrand::u64(0..=ceiling / 2));
-                    wait_or_shutdown(&mut shutdown, pause).await;
-                    continue;
-                }
-                contended_since = None;
-                if options.mode == RunMode::Once {
-                    break;
-                }
-                tokio::select! {
-                    _ = wakeup.wait(idle) => {}
-                    _ = shutdown.changed() => {}
-                }
+            () = wakeup.wait(idle_wait), if idling && !stopping => {
+                idling = false;
                 idle = (idle * 2).min(options.idle_max);
             }
-            Err(e) if options.mode == RunMode::Watch && !e.is_input_error() => {
-                claim_errors += 1;
-                let wait = Duration::from_millis(200 * 2u64.pow(claim_errors.min(6)))
-                    .min(Duration::from_secs(10));
-                tracing::error!(error = %e, retry_in_ms = wait.as_millis() as u64, "claim failed");
-                wait_or_shutdown(&mut shutdown, wait).await;
+            () = tokio::time::sleep_until(claim_timer.unwrap_or_else(tokio::time::Instant::now)),
+                if claim_timer.is_some() && claims.is_empty() && !stopping => {
+                claim_at = None;
             }
-            Err(e) => {
-                drain(
-                    processor,
-                    &mut fetched,
-                    &mut handled,
-                    &mut report,
-                    &mut finish,
-                )
-                .await;
-                if report.batches == 0 {
-                    return Err(e);
-                }
-                // Work was done before the failure: report it, and the error.
-                report.stopped_because = Some(format!("the claim failed: {e}"));
-                report.error = true;
-                break;
+            changed = shutdown.changed(), if !stopping && !shutdown_gone => {
+                // The sender is gone: no shutdown will come (do not spin on it).
+                shutdown_gone = changed.is_err();
             }
+            // Unreachable: when nothing is in flight a claim, a timer or the
+            // idle wait is always armed.
+            else => break,
         }
     }
-    // Never leave a claimed or handled batch unwritten.
-    drain(
-        processor,
-        &mut fetched,
-        &mut handled,
-        &mut report,
-        &mut finish,
-    )
-    .await;
     let elapsed = started.elapsed().as_secs_f64();
     report.elapsed_seconds = elapsed;
     report.events_per_second = if elapsed > 0.0 {
@@ -419,36 +435,16 @@ where
     } else {
         0.0
     };
-    Ok(report)
-}
-
-/// Handles and writes whatever is in flight.
-async fn drain<R, S, H>(
-    processor: &Processor<R, S, H>,
-    fetched: &mut Option<Fetched<R>>,
-    handled: &mut Option<Handled<R>>,
-    report: &mut RunReport,
-    finish: &mut impl FnMut(&mut RunReport, BatchReport),
-) where
-    R: Route,
-    S: EventStore<R>,
-    H: BatchHandler<R>,
-    Event<R>: DeadLetter,
-{
-    if let Some(h) = handled.take() {
-        let b = processor.finish(h).await;
-        finish(report, b);
-    }
-    if let Some(f) = fetched.take() {
-        let h = processor.handle(f).await;
-        let b = processor.finish(h).await;
-        finish(report, b);
-    }
-}
-
-async fn wait_or_shutdown(shutdown: &mut watch::Receiver<bool>, d: Duration) {
-    tokio::select! {
-        _ = tokio::time::sleep(d) => {}
-        _ = shutdown.changed() => {}
+    match failure {
+        Some(e @ crate::Error::Outage(_)) => Err(e),
+        // The claim failed before anything was done: the error is the result.
+        Some(e) if report.batches == 0 => Err(e),
+        // Work was done before the failure: report it, and the error.
+        Some(e) => {
+            report.stopped_because = Some(format!("the claim failed: {e}"));
+            report.error = true;
+            Ok(report)
+        }
+        None => Ok(report),
     }
 }
