@@ -503,6 +503,13 @@ impl InboxStore for PgTable<InboxRoute> {
     }
 
     async fn insert_many(&self, events: &[InboxEvent]) -> Result<Vec<BulkOutcome>> {
+        if events.len() <= CHUNK {
+            // One INSERT statement is atomic on its own: no BEGIN and
+            // COMMIT (two round trips) around it. (The look-up of rows that
+            // existed already only reads.)
+            let mut conn = self.pool.acquire().await.map_err(storage)?;
+            return insert_inbox(&mut conn, events).await;
+        }
         let mut tx = self.pool.begin().await.map_err(storage)?;
         let outcomes = insert_inbox(&mut tx, events).await?;
         tx.commit().await.map_err(storage)?;
