@@ -26,12 +26,27 @@
 //!            Labelled variants: `--analyze` runs VACUUM ANALYZE before the
 //!            timed part; `--mode library` runs the relays in this process.
 //!
+//!   latency  rows inserted by SQL at a steady `--rate` for `--seconds`
+//!            while `omnibox publish --broker null` runs (watch mode,
+//!            LISTEN/NOTIFY): insert→completed p50/p90/p99/max and where
+//!            the time goes (see benches/latency.rs).
+//!
+//!   soak     sustained load: `--rate` inserted for `--seconds` with a
+//!            relay to a file, `inbox consume --follow` of that file and
+//!            `cleanup` every minute; a report line every `--every` seconds
+//!            and the drift between the first and the last (benches/harness/soak.rs).
+//!
 //!   ops      the operations commands (status, list and its paging,
 //!            failures, replay of 50,000 rows, unlock --dry-run, cleanup) on an
 //!            outbox of N rows (`--events 10000000`): 99% completed, 50,000
 //!            failed in 200 causes, 50,000 pending; each timed as a process.
 //!
 //! Needs OMNIBOX_BENCH_DATABASE_URL (bench/run.sh starts a server when unset).
+
+#[path = "harness/latency.rs"]
+mod latency;
+#[path = "harness/soak.rs"]
+mod soak;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -45,7 +60,7 @@ use serde_json::json;
 #[command(about = "omnibox benchmark harness")]
 struct Args {
     /// Scenario to run
-    #[arg(value_parser = ["enqueue", "publish", "produce", "inbox", "ops"])]
+    #[arg(value_parser = ["enqueue", "publish", "produce", "inbox", "ops", "latency", "soak"])]
     scenario: String,
     /// Events per round
     #[arg(long, default_value_t = 20_000)]
@@ -94,6 +109,15 @@ struct Args {
     /// to an OTLP/HTTP receiver in this harness (a labelled variant)
     #[arg(long)]
     otlp: bool,
+    /// latency, soak: events inserted per second
+    #[arg(long, default_value_t = 1000)]
+    rate: u64,
+    /// latency, soak: how long rows are inserted
+    #[arg(long, default_value_t = 20)]
+    seconds: u64,
+    /// soak: seconds between two report lines
+    #[arg(long, default_value_t = 300)]
+    every: u64,
     /// Accepted for `cargo bench` compatibility
     #[arg(long, hide = true)]
     bench: bool,
@@ -113,6 +137,8 @@ fn main() {
         "produce" => produce(&args),
         "inbox" => inbox(&args, &url),
         "ops" => ops(&args, &url),
+        "latency" => latency::latency(&args, &url),
+        "soak" => soak::soak(&args, &url),
         _ => unreachable!(),
     }
 }
