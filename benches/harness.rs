@@ -49,6 +49,8 @@
 //! JSON line names the kind.
 //!
 //! Needs OMNIBOX_BENCH_DATABASE_URL (bench/run.sh starts a server when unset).
+//! OMNIBOX_BENCH_BIN replaces the omnibox binary cargo built (bench/conditions.sh
+//! runs copies of both, so that a build during a long run changes nothing).
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -382,8 +384,12 @@ impl Conn {
     }
 }
 
+/// The omnibox binary measured: cargo's, or OMNIBOX_BENCH_BIN (a copy that
+/// a long run keeps from being rebuilt under it).
 fn bin() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_omnibox"))
+    std::env::var_os("OMNIBOX_BENCH_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_omnibox")))
 }
 
 fn results_file() -> PathBuf {
