@@ -14,15 +14,16 @@
 # as in bench/run.sh; no VACUUM ANALYZE and no warm-up before timing):
 #   enqueue 20,000; publish, null sink, batch 1000, 1 relay, unique keys and
 #   keys 1000, 100, 10, 1; 4 relays, unique keys; inbox exactly-once from a
-#   file (20,000 distinct + 2,000 redelivered lines).
+#   file (20,000 distinct + 2,000 redelivered lines, 500 per transaction as
+#   in bench/RESULTS.md's inbox figures).
 # The Python reference (omni-box 0.3.1), when OMNIBOX_REFERENCE_DIR is set
 # (as for bench/compare.sh): outbox_insert, outbox_publish (batch 1000, 1
 # worker, unique keys; its script runs VACUUM ANALYZE before timing, its own
 # design) and inbox_consume (20,000 + 2,000), over the same kind: asyncpg
 # with ssl=disable, ssl=require (TLS or an error: never a silent fallback),
 # and ssl=require through a delay proxy of its own (the harness's `proxy`
-# scenario on port OMNIBOX_BENCH_PROXY_PORT, default 54331, started and
-# stopped here).
+# scenario on port OMNIBOX_BENCH_PROXY_PORT, default an ephemeral one,
+# started and stopped here).
 #
 # OMNIBOX_BENCH_DATABASE_URL: a server that offers TLS, as postgres://...
 # without parameters; when unset, a private durable server offering TLS
@@ -43,7 +44,7 @@ done
 latency=${OMNIBOX_BENCH_LATENCY_MS:-0.5}
 events=${OMNIBOX_BENCH_EVENTS:-20000}
 ref=${OMNIBOX_REFERENCE_DIR:-}
-proxy_port=${OMNIBOX_BENCH_PROXY_PORT:-54331}
+proxy_port=${OMNIBOX_BENCH_PROXY_PORT:-0}
 stamp=$(date -u +%Y%m%dT%H%M%SZ)
 mkdir -p bench/results
 out=$PWD/bench/results/conditions-$stamp.jsonl
@@ -108,6 +109,7 @@ if [ -n "$ref" ]; then
     proxy_pid=$!
     for _ in $(seq 50); do grep -q listening "$log.proxy" 2>/dev/null && break; sleep 0.1; done
     grep -q listening "$log.proxy" || { cat "$log.proxy" >&2; echo "the reference's proxy did not start" >&2; exit 1; }
+    proxy_port=$(sed -nE 's/.*listening on [0-9.]+:([0-9]+),.*/\1/p' "$log.proxy")
     cat "$log.proxy" | tee -a "$log"
   fi
   # What the reference's connection is, checked with its own asyncpg.
@@ -144,7 +146,7 @@ configs=(
   "publish --events $events --batch 1000 --relays 1 --keys 10 --sink null"
   "publish --events $events --batch 1000 --relays 1 --keys 1 --sink null"
   "publish --events $events --batch 1000 --relays 4 --keys 0 --sink null"
-  "inbox --source file --events $events"
+  "inbox --source file --events $events --batch 500"
 )
 failed=0
 for r in $(seq 1 "$rounds"); do
