@@ -17,8 +17,8 @@
 # stopped afterwards. --conn picks how the timed part connects (default
 # plain: sslmode=disable; tls: the URL without sslmode, as users write it;
 # tls-latency: tls through the harness's delay proxy, see benches/harness.rs).
-# With --conn tls-latency and Kafka, the broker started here advertises port
-# 19094, where the harness's Kafka delay proxy listens.
+# With --conn tls-latency and Kafka, the broker started here advertises a
+# free port, where the harness's Kafka delay proxy listens.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scenario=${1:-enqueue}
@@ -39,8 +39,9 @@ fi
 export OMNIBOX_BENCH_DATABASE_URL
 if [[ " $* " == *" --sink kafka "* ]] && [ -z "${OMNIBOX_BENCH_BROKERS:-}" ]; then
   if [[ " $* " == *" --conn tls-latency "* ]]; then
-    eval "$(scripts/kafka.sh start --port 19093 --advertise-port 19094)"
-    export OMNIBOX_BENCH_BROKERS_PROXY_PORT=19094
+    OMNIBOX_BENCH_BROKERS_PROXY_PORT=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+    export OMNIBOX_BENCH_BROKERS_PROXY_PORT
+    eval "$(scripts/kafka.sh start --port 19093 --advertise-port "$OMNIBOX_BENCH_BROKERS_PROXY_PORT")"
   else
     eval "$(scripts/kafka.sh start --port 19093)"
   fi
