@@ -19,16 +19,17 @@ started=0
 cleanup() { if [ "$started" = 1 ]; then scripts/postgres.sh stop --port 54330 || true; fi; }
 trap cleanup EXIT INT TERM
 if [ -z "${OMNIBOX_BENCH_DATABASE_URL:-}" ]; then
-  eval "$(scripts/postgres.sh start --port 54330 --durable)"
+  eval "$(scripts/postgres.sh start --port 54330 --durable --tls-optional)"
   started=1
-  OMNIBOX_BENCH_DATABASE_URL="$OMNIBOX_TEST_DATABASE_URL?sslmode=disable"
+  OMNIBOX_BENCH_DATABASE_URL=$OMNIBOX_TEST_DATABASE_URL
 fi
 export OMNIBOX_BENCH_DATABASE_URL
 echo "== omnibox ($(date -u +%FT%TZ))"
 bench/matrix.sh "$rounds" null variants hot backlog
 if [ -n "${OMNIBOX_REFERENCE_DIR:-}" ]; then
   ref=$OMNIBOX_REFERENCE_DIR
-  dsn=$(printf '%s' "$OMNIBOX_BENCH_DATABASE_URL" | sed -e 's|^postgres://|postgresql+asyncpg://|' -e 's|sslmode=disable|ssl=disable|')
+  # Plain, as omnibox's figures here (bench/conditions.sh compares over TLS).
+  dsn="postgresql+asyncpg://$(printf '%s' "${OMNIBOX_BENCH_DATABASE_URL%%\?*}" | sed -e 's|^[a-z]*://||')?ssl=disable"
   echo "== reference: omni-box 0.3.1 ($(date -u +%FT%TZ))"
   for r in $(seq 1 "$rounds"); do
     PEER_DSN=$dsn "$ref/py" "$ref/bench_python_peer.py" --scenario outbox_publish --events 20000 \

@@ -11,7 +11,10 @@
 #
 #   bench/matrix.sh [ROUNDS] [PART...]   PART: null variants hot backlog kafka (default: all)
 #
-# OMNIBOX_BENCH_DATABASE_URL as for bench/run.sh.
+# OMNIBOX_BENCH_DATABASE_URL as for bench/run.sh. OMNIBOX_BENCH_CONN (plain,
+# tls or tls-latency; default plain) and OMNIBOX_BENCH_LATENCY_MS (default
+# 0.5) pick the connection kind of every figure (see bench/run.sh);
+# bench/conditions.sh runs the main figures under all three side by side.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 rounds=${1:-3}
@@ -19,9 +22,10 @@ shift || true
 parts=${*:-null variants hot backlog kafka}
 mkdir -p bench/results
 export OMNIBOX_BENCH_RESULTS=$PWD/bench/results/matrix-$(date -u +%Y%m%dT%H%M%SZ).jsonl
+conn=(--conn "${OMNIBOX_BENCH_CONN:-plain}" --latency-ms "${OMNIBOX_BENCH_LATENCY_MS:-0.5}")
 run() {
   local out
-  out=$(bench/run.sh publish --rounds "$rounds" "$@" 2>&1 | grep -E "^publish: median|small keys|panicked|error" | tail -2 | tr '\n' ' ' || true)
+  out=$(bench/run.sh publish --rounds "$rounds" "$@" "${conn[@]}" 2>&1 | grep -E "^publish: median|small keys|panicked|error" | tail -2 | tr '\n' ' ' || true)
   printf '%-70s %s\n' "$*" "$out"
 }
 has() { [[ " $parts " == *" $1 "* ]]; }
@@ -53,6 +57,6 @@ if has kafka; then
       run --events 20000 --batch 1000 --relays "$relays" --keys "$keys" --sink kafka
     done
   done
-  bench/run.sh produce --sink kafka --events 20000 --batch 1000 --rounds "$rounds" 2>&1 | grep -E "^produce: median"
+  bench/run.sh produce --sink kafka --events 20000 --batch 1000 --rounds "$rounds" "${conn[@]}" 2>&1 | grep -E "^produce: median"
 fi
 echo "raw rounds: $OMNIBOX_BENCH_RESULTS"

@@ -7,12 +7,18 @@
 #   bench/run.sh inbox [--events N] [--batch B] [--source memory|file] [--exec CMD]
 #   bench/run.sh ops [--events 10000000]
 #   bench/run.sh publish [--events N] [--backlog M] [--relays R] [--batch B] [--keys K] [--sink null|kafka] [--otlp]
+#   any of them ... [--conn plain|tls|tls-latency] [--latency-ms 0.5]
 #
 # OMNIBOX_BENCH_DATABASE_URL selects the server (e.g. the peer's
-# postgres://omnibox:omnibox@127.0.0.1:5432/omnibox?sslmode=disable, to compare
-# with the Python reference on the same server); when unset, a private server
-# with PostgreSQL's default durability (fsync on) is started on port 54330 and
-# stopped afterwards.
+# postgres://omnibox:omnibox@127.0.0.1:5432/omnibox, to compare with the
+# Python reference on the same server); when unset, a private server with
+# PostgreSQL's default durability (fsync on) that offers TLS without
+# requiring it (a throwaway certificate) is started on port 54330 and
+# stopped afterwards. --conn picks how the timed part connects (default
+# plain: sslmode=disable; tls: the URL without sslmode, as users write it;
+# tls-latency: tls through the harness's delay proxy, see benches/harness.rs).
+# With --conn tls-latency and Kafka, the broker started here advertises a
+# free port, where the harness's Kafka delay proxy listens.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scenario=${1:-enqueue}
@@ -26,13 +32,19 @@ cleanup() {
 }
 trap cleanup EXIT INT TERM
 if [ -z "${OMNIBOX_BENCH_DATABASE_URL:-}" ]; then
-  eval "$(scripts/postgres.sh start --port 54330 --durable)"
+  eval "$(scripts/postgres.sh start --port 54330 --durable --tls-optional)"
   started=1
-  OMNIBOX_BENCH_DATABASE_URL="$OMNIBOX_TEST_DATABASE_URL?sslmode=disable"
+  OMNIBOX_BENCH_DATABASE_URL=$OMNIBOX_TEST_DATABASE_URL
 fi
 export OMNIBOX_BENCH_DATABASE_URL
 if [[ " $* " == *" --sink kafka "* ]] && [ -z "${OMNIBOX_BENCH_BROKERS:-}" ]; then
-  eval "$(scripts/kafka.sh start --port 19093)"
+  if [[ " $* " == *" --conn tls-latency "* ]]; then
+    OMNIBOX_BENCH_BROKERS_PROXY_PORT=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+    export OMNIBOX_BENCH_BROKERS_PROXY_PORT
+    eval "$(scripts/kafka.sh start --port 19093 --advertise-port "$OMNIBOX_BENCH_BROKERS_PROXY_PORT")"
+  else
+    eval "$(scripts/kafka.sh start --port 19093)"
+  fi
   started_kafka=1
   OMNIBOX_BENCH_BROKERS=$OMNIBOX_TEST_BROKERS
 fi

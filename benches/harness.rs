@@ -29,19 +29,38 @@
 //!   latency  rows inserted by SQL at a steady `--rate` for `--seconds`
 //!            while `omnibox publish --broker null` runs (watch mode,
 //!            LISTEN/NOTIFY): insert→completed p50/p90/p99/max and where
-//!            the time goes (see benches/latency.rs).
+//!            the time goes (see benches/harness/latency.rs).
 //!
 //!   soak     sustained load: `--rate` inserted for `--seconds` with a
 //!            relay to a file, `inbox consume --follow` of that file and
 //!            `cleanup` every minute; a report line every `--every` seconds
 //!            and the drift between the first and the last (benches/harness/soak.rs).
 //!
+//!   proxy    only the delay proxy: `proxy --target HOST:PORT [--listen-port P]
+//!            [--latency-ms 0.5]` forwards 127.0.0.1:P to the target with the
+//!            delay each way until killed (or until the process that started
+//!            it ends), for the Python reference's runs under latency.
+//!
 //!   ops      the operations commands (status, list and its paging,
 //!            failures, replay of 50,000 rows, unlock --dry-run, cleanup) on an
 //!            outbox of N rows (`--events 10000000`): 99% completed, 50,000
 //!            failed in 200 causes, 50,000 pending; each timed as a process.
 //!
+//! Connection kinds (`--conn`, every scenario but proxy): `plain` is the
+//! URL with sslmode=disable; `tls` is the URL without an sslmode parameter
+//! (sqlx's default, prefer: TLS when the server offers it, as a user's URL
+//! does) and the harness checks that the server did negotiate TLS;
+//! `tls-latency` is `tls` through a TCP delay proxy in this process
+//! (`--latency-ms`, default 0.5 each way; see proxy.rs), and the Kafka
+//! broker through a second one (the broker must advertise
+//! 127.0.0.1:$OMNIBOX_BENCH_BROKERS_PROXY_PORT, where that proxy listens;
+//! bench/run.sh starts tansu so). Only the timed parts use the kind's
+//! connection: seeding and checks connect directly. Each result line and
+//! JSON line names the kind.
+//!
 //! Needs OMNIBOX_BENCH_DATABASE_URL (bench/run.sh starts a server when unset).
+//! OMNIBOX_BENCH_BIN replaces the omnibox binary cargo built (bench/conditions.sh
+//! runs copies of both, so that a build during a long run changes nothing).
 
 #[path = "harness/latency.rs"]
 mod latency;
@@ -56,11 +75,14 @@ use std::time::Instant;
 use clap::Parser;
 use serde_json::json;
 
+#[path = "harness/proxy.rs"]
+mod proxy;
+
 #[derive(Debug, Parser)]
 #[command(about = "omnibox benchmark harness")]
 struct Args {
     /// Scenario to run
-    #[arg(value_parser = ["enqueue", "publish", "produce", "inbox", "ops", "latency", "soak"])]
+    #[arg(value_parser = ["enqueue", "publish", "produce", "inbox", "ops", "proxy", "latency", "soak"])]
     scenario: String,
     /// Events per round
     #[arg(long, default_value_t = 20_000)]
@@ -118,6 +140,20 @@ struct Args {
     /// soak: seconds between two report lines
     #[arg(long, default_value_t = 300)]
     every: u64,
+    /// Connection kind of the timed part: `plain` (sslmode=disable), `tls`
+    /// (no sslmode: sqlx's prefer, against a server offering TLS) or
+    /// `tls-latency` (tls through the delay proxy, and Kafka through one too)
+    #[arg(long, default_value = "plain", value_parser = ["plain", "tls", "tls-latency"])]
+    conn: String,
+    /// tls-latency and proxy: delay of each direction, in milliseconds (0: no proxy)
+    #[arg(long, default_value_t = 0.5)]
+    latency_ms: f64,
+    /// proxy: port to listen on (127.0.0.1; 0 = an ephemeral port)
+    #[arg(long, default_value_t = 0)]
+    listen_port: u16,
+    /// proxy: HOST:PORT to forward to
+    #[arg(long)]
+    target: Option<String>,
     /// Accepted for `cargo bench` compatibility
     #[arg(long, hide = true)]
     bench: bool,
@@ -125,26 +161,261 @@ struct Args {
 
 fn main() {
     let args = Args::parse();
+    if args.scenario == "proxy" {
+        return proxy_only(&args);
+    }
     let url = std::env::var("OMNIBOX_BENCH_DATABASE_URL").unwrap_or_else(|_| {
         eprintln!(
             "OMNIBOX_BENCH_DATABASE_URL is not set; run bench/run.sh, which starts PostgreSQL"
         );
         std::process::exit(2);
     });
+    let conn = Conn::new(&args, &url);
     match args.scenario.as_str() {
-        "enqueue" => enqueue(&args, &url),
-        "publish" => publish(&args, &url),
-        "produce" => produce(&args),
-        "inbox" => inbox(&args, &url),
-        "ops" => ops(&args, &url),
-        "latency" => latency::latency(&args, &url),
-        "soak" => soak::soak(&args, &url),
+        "enqueue" => enqueue(&args, &conn),
+        "publish" => publish(&args, &conn),
+        "produce" => produce(&args, &conn),
+        "inbox" => inbox(&args, &conn),
+        "ops" => ops(&args, &conn),
+        "latency" => latency::latency(&args, &conn),
+        "soak" => soak::soak(&args, &conn),
         _ => unreachable!(),
     }
 }
 
+fn latency(args: &Args) -> std::time::Duration {
+    if !(args.latency_ms >= 0.0 && args.latency_ms < 10_000.0) {
+        eprintln!("--latency-ms must be between 0 and 10000");
+        std::process::exit(2);
+    }
+    std::time::Duration::from_secs_f64(args.latency_ms / 1000.0)
+}
+
+/// The `proxy` scenario: the delay proxy alone, until killed or until the
+/// process that started it is gone (checked every 200 ms; start it as a
+/// child of a process that waits, as bench/conditions.sh does, not through
+/// a subshell that exits at once).
+fn proxy_only(args: &Args) {
+    let Some(target) = &args.target else {
+        eprintln!("proxy needs --target HOST:PORT");
+        std::process::exit(2);
+    };
+    let p = proxy::start(args.listen_port, target, latency(args)).unwrap_or_else(|e| {
+        eprintln!(
+            "proxy: cannot listen on 127.0.0.1:{}: {e}",
+            args.listen_port
+        );
+        std::process::exit(1);
+    });
+    println!(
+        "proxy: listening on {}, forwarding to {target}, {} ms each way",
+        p.addr, args.latency_ms
+    );
+    std::io::stdout().flush().unwrap();
+    // SAFETY: getppid has no preconditions.
+    let parent = unsafe { libc::getppid() };
+    while unsafe { libc::getppid() } == parent {
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+}
+
+/// `url` without its sslmode parameter, with `sslmode=MODE` when given.
+fn with_sslmode(url: &str, mode: Option<&str>) -> String {
+    let (base, query) = url.split_once('?').unwrap_or((url, ""));
+    let mut params: Vec<String> = query
+        .split('&')
+        .filter(|p| !p.is_empty() && !p.starts_with("sslmode="))
+        .map(str::to_string)
+        .collect();
+    if let Some(mode) = mode {
+        params.push(format!("sslmode={mode}"));
+    }
+    if params.is_empty() {
+        base.to_string()
+    } else {
+        format!("{base}?{}", params.join("&"))
+    }
+}
+
+/// The byte range of HOST:PORT in a postgres://user:password@HOST:PORT/db URL.
+fn host_range(url: &str) -> std::ops::Range<usize> {
+    let start = url.find("://").map_or(0, |i| i + 3);
+    let end = url[start..]
+        .find(['/', '?'])
+        .map_or(url.len(), |i| start + i);
+    let host = url[start..end].rfind('@').map_or(start, |i| start + i + 1);
+    host..end
+}
+
+/// How the timed part of a scenario connects (`--conn`).
+struct Conn {
+    kind: String,
+    /// The URL of the timed part
+    url: String,
+    /// A direct URL of the same kind (no proxy), for seeding and checks
+    setup: String,
+    /// The Kafka bootstrap servers of the timed part
+    brokers: Option<String>,
+    /// For the JSON lines: TLS version and cipher, delay, measured round trip
+    detail: serde_json::Value,
+    /// For the result lines
+    label: String,
+    _proxies: Vec<proxy::Proxy>,
+}
+
+impl Conn {
+    fn new(args: &Args, url: &str) -> Conn {
+        let delay = latency(args);
+        let tls = args.conn != "plain";
+        let setup = with_sslmode(url, (!tls).then_some("disable"));
+        let mut proxies = Vec::new();
+        let mut url = setup.clone();
+        let proxied = args.conn == "tls-latency" && !delay.is_zero();
+        if proxied {
+            let hosts = host_range(&setup);
+            let mut target = setup[hosts.clone()].to_string();
+            if target.is_empty() || target.contains(',') {
+                eprintln!("--conn tls-latency needs one HOST[:PORT] in the URL");
+                std::process::exit(2);
+            }
+            if !target.contains(':') || target.ends_with(']') {
+                target.push_str(":5432");
+            }
+            let p = proxy::start(0, &target, delay).expect("start the PostgreSQL delay proxy");
+            url.replace_range(hosts, &p.addr.to_string());
+            proxies.push(p);
+        }
+        let mut brokers = std::env::var("OMNIBOX_BENCH_BROKERS")
+            .ok()
+            .filter(|b| !b.is_empty());
+        let kafka_used = args.scenario == "produce" || args.sink == "kafka";
+        let advertised: Option<u16> = std::env::var("OMNIBOX_BENCH_BROKERS_PROXY_PORT")
+            .ok()
+            .and_then(|p| p.parse().ok());
+        if let (true, true, Some(b)) = (args.conn == "tls-latency", kafka_used, &brokers) {
+            // Kafka clients follow the addresses the broker advertises, so the
+            // broker must advertise the proxy's port (with --latency-ms 0 too).
+            let Some(port) = advertised else {
+                eprintln!(
+                    "--conn tls-latency with Kafka needs a broker advertising 127.0.0.1:$OMNIBOX_BENCH_BROKERS_PROXY_PORT (bench/run.sh starts tansu so)"
+                );
+                std::process::exit(2);
+            };
+            let p = proxy::start(port, b, delay).expect("start the Kafka delay proxy");
+            brokers = Some(p.addr.to_string());
+            proxies.push(p);
+        }
+        // What the timed part's connection is: checked, not assumed.
+        let db = Db::new(&url);
+        let (ssl, version, cipher) = db.rt.block_on(async {
+            sqlx::query_as::<_, (bool, Option<String>, Option<String>)>(
+                "SELECT ssl, version, cipher FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
+            )
+            .fetch_one(&db.pool)
+            .await
+            .expect("read pg_stat_ssl")
+        });
+        if ssl != tls {
+            eprintln!(
+                "--conn {}: the connection {} TLS{}",
+                args.conn,
+                if ssl { "uses" } else { "does not use" },
+                if tls {
+                    " (does the server offer it? bench/run.sh starts one that does)"
+                } else {
+                    ""
+                }
+            );
+            std::process::exit(2);
+        }
+        // On one connection: a pool's acquire pings the connection first.
+        let mut trips: Vec<f64> = db.rt.block_on(async {
+            let mut c = db.pool.acquire().await.expect("connect");
+            let mut trips = Vec::new();
+            for _ in 0..50 {
+                let start = Instant::now();
+                sqlx::query("SELECT 1")
+                    .execute(&mut *c)
+                    .await
+                    .expect("SELECT 1");
+                trips.push(start.elapsed().as_secs_f64() * 1000.0);
+            }
+            trips
+        });
+        trips.sort_by(|a, b| a.partial_cmp(b).unwrap());
+        let round_trip = trips[trips.len() / 2];
+        drop(db);
+        let latency_ms = if proxied { args.latency_ms } else { 0.0 };
+        let tls_text = if ssl {
+            format!(
+                "{} {}",
+                version.clone().unwrap_or_default(),
+                cipher.clone().unwrap_or_default()
+            )
+        } else {
+            "no TLS".to_string()
+        };
+        let label = format!(
+            "{}: {tls_text}{}, SELECT 1 round trip {round_trip:.2} ms",
+            args.conn,
+            if proxied {
+                format!(
+                    ", {latency_ms} ms each way through a delay proxy{}",
+                    if brokers.is_some() && proxies.len() > 1 {
+                        " (the Kafka broker through one too)"
+                    } else {
+                        ""
+                    }
+                )
+            } else {
+                String::new()
+            }
+        );
+        println!("conn {label}");
+        let detail = json!({
+            "tls": ssl.then(|| json!({"version": version, "cipher": cipher})),
+            "latency_ms_each_way": latency_ms,
+            "kafka_proxied": proxies.len() > 1,
+            "select1_round_trip_ms": round_trip,
+        });
+        Conn {
+            kind: args.conn.clone(),
+            url,
+            setup,
+            brokers,
+            detail,
+            label,
+            _proxies: proxies,
+        }
+    }
+
+    /// The fields every JSON line gets.
+    fn tag(&self, line: &mut serde_json::Value) {
+        line["conn"] = json!(self.kind);
+        line["conn_detail"] = self.detail.clone();
+    }
+
+    /// `--conn KIND` for the commands printed, empty for plain.
+    fn flag(&self) -> String {
+        if self.kind == "plain" {
+            String::new()
+        } else if self.kind == "tls-latency" {
+            format!(
+                " --conn {} --latency-ms {}",
+                self.kind, self.detail["latency_ms_each_way"]
+            )
+        } else {
+            format!(" --conn {}", self.kind)
+        }
+    }
+}
+
+/// The omnibox binary measured: cargo's, or OMNIBOX_BENCH_BIN (a copy that
+/// a long run keeps from being rebuilt under it).
 fn bin() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_omnibox"))
+    std::env::var_os("OMNIBOX_BENCH_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_omnibox")))
 }
 
 fn results_file() -> PathBuf {
@@ -235,11 +506,11 @@ impl Db {
     }
 }
 
-fn enqueue(args: &Args, url: &str) {
+fn enqueue(args: &Args, conn: &Conn) {
     let dir = tempfile::tempdir().unwrap();
     let input = dir.path().join("events.jsonl");
     write_events(&input, args.events, args.keys, args.idempotency_keys);
-    let db = Db::new(url);
+    let db = Db::new(&conn.setup);
     let mut rates = Vec::new();
     let mut results = std::fs::OpenOptions::new()
         .create(true)
@@ -247,19 +518,25 @@ fn enqueue(args: &Args, url: &str) {
         .open(results_file())
         .unwrap();
     let command = format!(
-        "OMNIBOX_DATABASE_URL=<url> OMNIBOX_DATABASE_SCHEMA=<fresh> omnibox enqueue --jsonl < events.jsonl  # {} events{}",
+        "OMNIBOX_DATABASE_URL=<url> OMNIBOX_DATABASE_SCHEMA=<fresh> omnibox enqueue --jsonl < events.jsonl  # {} events{}, bench/run.sh enqueue{}",
         args.events,
         if args.idempotency_keys {
             ", each with an idempotency key"
         } else {
             ""
-        }
+        },
+        conn.flag()
     );
     for round in 1..=args.rounds {
         let schema = format!("bench_{}", uuid::Uuid::new_v4().simple());
-        omnibox(url, &schema, &["migrate", "-q"], None);
+        omnibox(&conn.setup, &schema, &["migrate", "-q"], None);
         let start = Instant::now();
-        omnibox(url, &schema, &["enqueue", "--jsonl", "-q"], Some(&input));
+        omnibox(
+            &conn.url,
+            &schema,
+            &["enqueue", "--jsonl", "-q"],
+            Some(&input),
+        );
         let secs = start.elapsed().as_secs_f64();
         let count = db.scalar(format!("SELECT count(*)::text FROM {schema}.outbox_events"));
         let verified = count == args.events.to_string();
@@ -267,10 +544,10 @@ fn enqueue(args: &Args, url: &str) {
         let rate = args.events as f64 / secs;
         rates.push(rate);
         println!(
-            "enqueue round {round}: {} events in {secs:.3} s = {rate:.0} events/s (rows in table: {count}, verified: {verified})",
-            args.events
+            "enqueue round {round}: {} events in {secs:.3} s = {rate:.0} events/s (rows in table: {count}, conn {}, verified: {verified})",
+            args.events, conn.kind
         );
-        let line = json!({
+        let mut line = json!({
             "scenario": "omnibox_enqueue",
             "events": args.events,
             "seconds": secs,
@@ -283,21 +560,23 @@ fn enqueue(args: &Args, url: &str) {
             },
             "verified": verified,
         });
+        conn.tag(&mut line);
         writeln!(results, "{line}").unwrap();
         assert!(verified, "expected {} rows, found {count}", args.events);
     }
-    report("enqueue", &rates, &command);
+    report("enqueue", &rates, &command, conn);
 }
 
-fn report(name: &str, rates: &[f64], command: &str) {
+fn report(name: &str, rates: &[f64], command: &str, conn: &Conn) {
     let mut sorted = rates.to_vec();
     sorted.sort_by(|a, b| a.partial_cmp(b).unwrap());
     let median = sorted[sorted.len() / 2];
     println!(
-        "{name}: median {median:.0} events/s (min {:.0}, max {:.0}, {} rounds)\n  command: {command}",
+        "{name}: median {median:.0} events/s (min {:.0}, max {:.0}, {} rounds; conn {})\n  command: {command}",
         sorted[0],
         sorted[sorted.len() - 1],
-        sorted.len()
+        sorted.len(),
+        conn.label
     );
 }
 
@@ -343,7 +622,7 @@ fn otlp_receiver() -> String {
     url
 }
 
-fn publish(args: &Args, url: &str) {
+fn publish(args: &Args, conn: &Conn) {
     use std::sync::Arc;
     use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -363,14 +642,14 @@ fn publish(args: &Args, url: &str) {
     } else {
         args.keys.to_string()
     };
-    let brokers = std::env::var("OMNIBOX_BENCH_BROKERS").ok();
+    let brokers = conn.brokers.clone();
     if args.sink == "kafka" && brokers.is_none() {
         eprintln!("--sink kafka needs OMNIBOX_BENCH_BROKERS (bench/run.sh starts tansu for it)");
         std::process::exit(2);
     }
     let otlp = args.otlp.then(otlp_receiver);
     let command = format!(
-        "bench/run.sh publish --events {} --backlog {backlog} --hot {} --relays {} --batch {} --keys {} --sink {} --mode {}{}{}",
+        "bench/run.sh publish --events {} --backlog {backlog} --hot {} --relays {} --batch {} --keys {} --sink {} --mode {}{}{}{}",
         args.events,
         args.hot,
         args.relays,
@@ -379,7 +658,8 @@ fn publish(args: &Args, url: &str) {
         args.sink,
         args.mode,
         if args.analyze { " --analyze" } else { "" },
-        if args.otlp { " --otlp" } else { "" }
+        if args.otlp { " --otlp" } else { "" },
+        conn.flag()
     );
     let label = format!(
         "{} relays, {}{}{}",
@@ -415,7 +695,7 @@ fn publish(args: &Args, url: &str) {
                 max_connections: (args.relays as u32 + 2).max(4),
                 ..PgOptions::default()
             };
-            let store = PgStore::connect(url, &opts).await.expect("connect");
+            let store = PgStore::connect(&conn.setup, &opts).await.expect("connect");
             store.migrate().await.expect("migrate");
             // Seed outside the timed region, in the peer's row shape: the
             // hot key first, then the others.
@@ -463,6 +743,18 @@ fn publish(args: &Args, url: &str) {
             }
             store
         });
+        // Library relays connect with the kind's URL (before timing, as a
+        // long-running process's pool would be).
+        let relay_store = (args.mode == "library" && conn.url != conn.setup).then(|| {
+            rt.block_on(async {
+                let opts = PgOptions {
+                    schema: Some(schema.clone()),
+                    max_connections: (args.relays as u32 + 2).max(4),
+                    ..PgOptions::default()
+                };
+                PgStore::connect(&conn.url, &opts).await.expect("connect")
+            })
+        });
         let t0: chrono::DateTime<chrono::Utc> = rt
             .block_on(sqlx::query_scalar("SELECT clock_timestamp()").fetch_one(store.pool()))
             .unwrap();
@@ -497,7 +789,7 @@ fn publish(args: &Args, url: &str) {
                     }
                     Command::new(bin())
                         .args(&a)
-                        .env("OMNIBOX_DATABASE_URL", url)
+                        .env("OMNIBOX_DATABASE_URL", &conn.url)
                         .env("OMNIBOX_DATABASE_SCHEMA", &schema)
                         .stdout(Stdio::null())
                         .stderr(Stdio::piped())
@@ -535,7 +827,7 @@ fn publish(args: &Args, url: &str) {
                     let mut o = ProcessorOptions::new(WorkerId::new(format!("bench-{r}")).unwrap());
                     o.batch = args.batch;
                     let p = relay::publisher(
-                        store.outbox(),
+                        relay_store.as_ref().unwrap_or(&store).outbox(),
                         sink.clone(),
                         o,
                         std::time::Duration::from_secs(30),
@@ -604,7 +896,10 @@ fn publish(args: &Args, url: &str) {
             (completed as u64, pending as u64, p50, p99, small_done, hot_done, disorder as u64)
         });
         let (completed, pending, p50, p99, small_done, hot_done, disorder) = stats;
-        let db = Db::new(url);
+        if let Some(s) = relay_store {
+            rt.block_on(s.pool().close());
+        }
+        let db = Db::new(&conn.setup);
         db.exec(format!("DROP SCHEMA {schema} CASCADE"));
         let verified = disorder == 0
             && if limited {
@@ -620,10 +915,10 @@ fn publish(args: &Args, url: &str) {
             String::new()
         };
         println!(
-            "publish round {round}: {completed} events in {secs:.3} s = {rate:.0} events/s; drain latency p50 {p50:.0} ms, p99 {p99:.0} ms{hot_note} (keys {keys}, relays {}, batch {}, sink {}, backlog {backlog}, {label}, verified {verified})",
-            args.relays, args.batch, args.sink
+            "publish round {round}: {completed} events in {secs:.3} s = {rate:.0} events/s; drain latency p50 {p50:.0} ms, p99 {p99:.0} ms{hot_note} (keys {keys}, relays {}, batch {}, sink {}, backlog {backlog}, {label}, conn {}, verified {verified})",
+            args.relays, args.batch, args.sink, conn.kind
         );
-        let line = json!({
+        let mut line = json!({
             "scenario": "omnibox_publish",
             "events": completed,
             "seconds": secs,
@@ -634,22 +929,23 @@ fn publish(args: &Args, url: &str) {
                        "small_keys_done_s": small_done, "hot_key_done_s": hot_done},
             "verified": verified,
         });
+        conn.tag(&mut line);
         writeln!(results, "{line}").unwrap();
         assert!(
             verified,
             "completed {completed} of {timed}, {pending} not completed, {disorder} rows completed before an earlier row of their key"
         );
     }
-    report("publish", &rates, &command);
+    report("publish", &rates, &command, conn);
 }
 
-fn produce(args: &Args) {
+fn produce(args: &Args, conn: &Conn) {
     use std::sync::Arc;
 
     use omnibox::relay::{AnySink, Message, Sink};
     use omnibox::{DomainService, NewOutboxEvent};
 
-    let brokers = std::env::var("OMNIBOX_BENCH_BROKERS").unwrap_or_else(|_| {
+    let brokers = conn.brokers.clone().unwrap_or_else(|| {
         eprintln!(
             "produce needs OMNIBOX_BENCH_BROKERS (bench/run.sh produce --sink kafka starts tansu)"
         );
@@ -706,17 +1002,20 @@ fn produce(args: &Args) {
         let rate = args.events as f64 / secs;
         rates.push(rate);
         println!(
-            "produce round {round}: {} messages in {secs:.3} s = {rate:.0} messages/s ({} in flight at a time)",
-            args.events, args.batch
+            "produce round {round}: {} messages in {secs:.3} s = {rate:.0} messages/s ({} in flight at a time, conn {})",
+            args.events, args.batch, conn.kind
         );
     }
     report(
         "produce",
         &rates,
         &format!(
-            "bench/run.sh produce --sink kafka --events {} --batch {}",
-            args.events, args.batch
+            "bench/run.sh produce --sink kafka --events {} --batch {}{}",
+            args.events,
+            args.batch,
+            conn.flag()
         ),
+        conn,
     );
 }
 
@@ -767,7 +1066,7 @@ impl omnibox::inbox::Source for MemorySource {
     }
 }
 
-fn inbox(args: &Args, url: &str) {
+fn inbox(args: &Args, conn: &Conn) {
     use std::sync::Arc;
 
     use omnibox::inbox::{AckStrategy, ConsumeOptions, InboxConsumer, RawMessage};
@@ -809,13 +1108,14 @@ fn inbox(args: &Args, url: &str) {
     }
     let total = messages.len();
     if args.source == "file" {
-        return inbox_file(args, url, &messages);
+        return inbox_file(args, conn, &messages);
     }
     for handler in [false, true] {
         let mut rates = Vec::new();
         let command = format!(
-            "bench/run.sh inbox --events {n} --batch {}{}",
+            "bench/run.sh inbox --events {n} --batch {}{}{}",
             args.batch,
+            conn.flag(),
             if handler {
                 "  # with a trivial handler"
             } else {
@@ -829,7 +1129,7 @@ fn inbox(args: &Args, url: &str) {
                     schema: Some(schema.clone()),
                     ..PgOptions::default()
                 };
-                let pg = PgStore::connect(url, &opts).await.expect("connect");
+                let pg = PgStore::connect(&conn.url, &opts).await.expect("connect");
                 pg.migrate().await.expect("migrate");
                 let store = AnyStore::Postgres(pg);
                 let mut o = ConsumeOptions::new("bench", WorkerId::new("bench").unwrap());
@@ -843,7 +1143,7 @@ fn inbox(args: &Args, url: &str) {
                 let report = consumer.run(true, rx).await.expect("consume");
                 (start.elapsed().as_secs_f64(), report)
             });
-            let db = Db::new(url);
+            let db = Db::new(&conn.setup);
             let rows = db.scalar(format!("SELECT count(*)::text FROM {schema}.inbox_events"));
             let completed = db.scalar(format!(
                 "SELECT count(*)::text FROM {schema}.inbox_events WHERE status = 'completed'"
@@ -856,10 +1156,10 @@ fn inbox(args: &Args, url: &str) {
             let rate = total as f64 / secs;
             rates.push(rate);
             println!(
-                "inbox round {round}: {total} messages ({distinct} distinct, {} duplicates) in {secs:.3} s = {rate:.0} messages/s; handler: {handler}; rows {rows}, completed {completed}, verified {verified}",
-                report.duplicates
+                "inbox round {round}: {total} messages ({distinct} distinct, {} duplicates) in {secs:.3} s = {rate:.0} messages/s; handler: {handler}; rows {rows}, completed {completed}, conn {}, verified {verified}",
+                report.duplicates, conn.kind
             );
-            let line = json!({
+            let mut line = json!({
                 "scenario": "omnibox_inbox_consume",
                 "events": total,
                 "seconds": secs,
@@ -867,6 +1167,7 @@ fn inbox(args: &Args, url: &str) {
                 "params": {"batch_size": args.batch, "handler": handler, "distinct": distinct, "duplicates": report.duplicates, "round": round},
                 "verified": verified,
             });
+            conn.tag(&mut line);
             let mut results = std::fs::OpenOptions::new()
                 .create(true)
                 .append(true)
@@ -883,13 +1184,14 @@ fn inbox(args: &Args, url: &str) {
             },
             &rates,
             &command,
+            conn,
         );
     }
 }
 
 /// `omnibox inbox consume --from file:... --once`: the messages as the file
 /// sink writes them, the whole process timed.
-fn inbox_file(args: &Args, url: &str, messages: &[omnibox::inbox::RawMessage]) {
+fn inbox_file(args: &Args, conn: &Conn, messages: &[omnibox::inbox::RawMessage]) {
     let dir = tempfile::tempdir().unwrap();
     let input = dir.path().join("events.jsonl");
     {
@@ -911,7 +1213,7 @@ fn inbox_file(args: &Args, url: &str, messages: &[omnibox::inbox::RawMessage]) {
         }
     }
     let total = messages.len();
-    let db = Db::new(url);
+    let db = Db::new(&conn.setup);
     let mut runs: Vec<Option<&str>> = vec![None];
     if let Some(cmd) = &args.exec {
         runs.push(Some(cmd.as_str()));
@@ -919,14 +1221,15 @@ fn inbox_file(args: &Args, url: &str, messages: &[omnibox::inbox::RawMessage]) {
     for exec in runs {
         let mut rates = Vec::new();
         let command = format!(
-            "omnibox inbox consume --from file:events.jsonl --once --group bench --batch {}{}  # {total} lines, {} distinct",
+            "omnibox inbox consume --from file:events.jsonl --once --group bench --batch {}{}  # {total} lines, {} distinct; bench/run.sh inbox --source file{}",
             args.batch,
             exec.map(|c| format!(" --exec '{c}'")).unwrap_or_default(),
-            args.events
+            args.events,
+            conn.flag()
         );
         for round in 1..=args.rounds {
             let schema = format!("bench_{}", uuid::Uuid::new_v4().simple());
-            omnibox(url, &schema, &["migrate", "-q"], None);
+            omnibox(&conn.setup, &schema, &["migrate", "-q"], None);
             let from = format!("file:{}", input.display());
             let batch = args.batch.to_string();
             let mut argv = vec![
@@ -937,7 +1240,7 @@ fn inbox_file(args: &Args, url: &str, messages: &[omnibox::inbox::RawMessage]) {
                 argv.extend(["--exec", cmd]);
             }
             let start = Instant::now();
-            omnibox(url, &schema, &argv, None);
+            omnibox(&conn.url, &schema, &argv, None);
             let secs = start.elapsed().as_secs_f64();
             let rows = db.scalar(format!("SELECT count(*)::text FROM {schema}.inbox_events"));
             let completed = db.scalar(format!(
@@ -955,10 +1258,11 @@ fn inbox_file(args: &Args, url: &str, messages: &[omnibox::inbox::RawMessage]) {
             let rate = total as f64 / secs;
             rates.push(rate);
             println!(
-                "inbox file round {round}: {total} lines ({distinct} distinct) in {secs:.3} s = {rate:.0} messages/s; exec: {}; rows {rows}, completed {completed}, verified {verified}",
-                exec.unwrap_or("none")
+                "inbox file round {round}: {total} lines ({distinct} distinct) in {secs:.3} s = {rate:.0} messages/s; exec: {}; rows {rows}, completed {completed}, conn {}, verified {verified}",
+                exec.unwrap_or("none"),
+                conn.kind
             );
-            let line = json!({
+            let mut line = json!({
                 "scenario": "omnibox_inbox_consume_file",
                 "events": total,
                 "seconds": secs,
@@ -966,6 +1270,7 @@ fn inbox_file(args: &Args, url: &str, messages: &[omnibox::inbox::RawMessage]) {
                 "params": {"batch_size": args.batch, "exec": exec, "distinct": distinct, "round": round},
                 "verified": verified,
             });
+            conn.tag(&mut line);
             let mut results = std::fs::OpenOptions::new()
                 .create(true)
                 .append(true)
@@ -981,6 +1286,7 @@ fn inbox_file(args: &Args, url: &str, messages: &[omnibox::inbox::RawMessage]) {
             },
             &rates,
             &command,
+            conn,
         );
     }
 }
@@ -991,15 +1297,15 @@ fn inbox_file(args: &Args, url: &str, messages: &[omnibox::inbox::RawMessage]) {
 /// (a table that grew to this size has been analyzed by autovacuum; the
 /// seeding is one statement, which autovacuum would not see in time).
 /// Each command is the release binary, timed from spawn to exit.
-fn ops(args: &Args, url: &str) {
+fn ops(args: &Args, conn: &Conn) {
     let total = args.events.max(100_000);
     let failed = 50_000usize.min(total / 20);
     let pending = 50_000usize.min(total / 20);
     let completed = total - failed - pending;
     let old = completed / 10;
     let schema = format!("bench_{}", uuid::Uuid::new_v4().simple());
-    omnibox(url, &schema, &["migrate", "-q"], None);
-    let db = Db::new(url);
+    omnibox(&conn.setup, &schema, &["migrate", "-q"], None);
+    let db = Db::new(&conn.setup);
     let started = Instant::now();
     let t = format!("{schema}.outbox_events");
     // Completed rows, the oldest tenth completed 40 days ago (for cleanup);
@@ -1046,22 +1352,24 @@ fn ops(args: &Args, url: &str) {
         let start = Instant::now();
         let mut cmd = Command::new(bin());
         cmd.args(argv)
-            .env("OMNIBOX_DATABASE_URL", url)
+            .env("OMNIBOX_DATABASE_URL", &conn.url)
             .env("OMNIBOX_DATABASE_SCHEMA", &schema)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
         let out = cmd.output().expect("run omnibox");
         let secs = start.elapsed().as_secs_f64();
         println!(
-            "ops: {label}: {:.0} ms (exit {})\n  command: omnibox {}",
+            "ops: {label}: {:.0} ms (exit {}, conn {})\n  command: omnibox {}",
             secs * 1000.0,
             out.status.code().unwrap_or(-1),
+            conn.kind,
             argv.join(" ")
         );
-        let line = json!({
+        let mut line = json!({
             "scenario": "omnibox_ops", "command": argv.join(" "), "seconds": secs,
             "rows": total, "exit": out.status.code(),
         });
+        conn.tag(&mut line);
         let mut results = std::fs::OpenOptions::new()
             .create(true)
             .append(true)

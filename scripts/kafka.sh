@@ -9,6 +9,9 @@
 #       fetching messages with headers slows down quadratically), and prints
 #         export OMNIBOX_TEST_BROKERS=127.0.0.1:PORT OMNIBOX_TEST_KAFKA_PID=<pid>
 #         export OMNIBOX_TEST_KAFKA_DIR=DIR OMNIBOX_TEST_TANSU=<path of the binary>
+#       --advertise-port P: the broker advertises 127.0.0.1:P instead of its
+#       own port, so clients follow a proxy listening there (the benchmarks'
+#       delay proxy); resume keeps it.
 #   scripts/kafka.sh stop [--dir DIR]
 #       stops the broker started by `start` (by its PID: TERM, then KILL) and removes DIR.
 #   scripts/kafka.sh halt [--port P]
@@ -23,10 +26,12 @@ cmd=${1:-}
 shift || true
 PORT=19092
 DIR=""
+ADVERTISE=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --port) PORT=$2; shift 2 ;;
     --dir) DIR=$2; shift 2 ;;
+    --advertise-port) ADVERTISE=$2; shift 2 ;;
     *) echo "kafka.sh: unknown option $1" >&2; exit 2 ;;
   esac
 done
@@ -74,9 +79,10 @@ start() {
     stop
   fi
   rm -rf "$DIR" && mkdir -p "$DIR"
+  echo "${ADVERTISE:-$PORT}" > "$DIR/advertised-port"
   launch
   index_headers
-  log "tansu $VERSION on 127.0.0.1:$PORT (pid $(cat "$DIR/tansu.pid"), data in $DIR)"
+  log "tansu $VERSION on 127.0.0.1:$PORT, advertising port $(cat "$DIR/advertised-port") (pid $(cat "$DIR/tansu.pid"), data in $DIR)"
   echo "export OMNIBOX_TEST_BROKERS=127.0.0.1:$PORT"
   echo "export OMNIBOX_TEST_KAFKA_PID=$(cat "$DIR/tansu.pid")"
   echo "export OMNIBOX_TEST_KAFKA_DIR=$DIR"
@@ -85,11 +91,12 @@ start() {
 
 # Starts tansu on the data in $DIR and waits until it listens.
 launch() {
-  local bin
+  local bin advertised
   bin=$(tansu_bin)
+  advertised=$(cat "$DIR/advertised-port" 2>/dev/null || echo "$PORT")
   ( cd "$DIR" && exec env -u OTEL_EXPORTER_OTLP_ENDPOINT -u SCHEMA_REGISTRY \
       "$bin" broker --listener-url "tcp://127.0.0.1:$PORT" \
-                    --advertised-listener-url "tcp://127.0.0.1:$PORT" \
+                    --advertised-listener-url "tcp://127.0.0.1:$advertised" \
                     --storage-engine sqlite://tansu.db ) >"$DIR/tansu.log" 2>&1 &
   local pid=$!
   echo "$pid" > "$DIR/tansu.pid"
@@ -139,5 +146,5 @@ case "$cmd" in
   halt) halt ;;
   resume) resume ;;
   install) install ;;
-  *) echo "usage: scripts/kafka.sh start|stop|halt|resume|install [--port P] [--dir D]" >&2; exit 2 ;;
+  *) echo "usage: scripts/kafka.sh start|stop|halt|resume|install [--port P] [--dir D] [--advertise-port P]" >&2; exit 2 ;;
 esac

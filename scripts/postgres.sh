@@ -13,6 +13,10 @@
 #       TLS on and requires it for every TCP connection; the role
 #       omnibox_cert (database omnibox) logs in with a client certificate
 #       (CN=omnibox_cert) signed by that CA.
+#       --tls-optional offers TLS without requiring it (benchmarks: the same
+#       server takes sslmode=disable and TLS connections): a throwaway CA and
+#       server certificate (RSA 2048, for 127.0.0.1 and localhost) are made
+#       with openssl in DIR/tls, unless --tls CERTS gives them.
 #   scripts/postgres.sh stop [--dir DIR]
 #       stops the server started by `start` (by the PID in DIR) and removes DIR.
 #   scripts/postgres.sh halt [--port P] [--mode fast|immediate|smart]
@@ -32,11 +36,13 @@ DIR=""
 DURABLE=0
 MODE=fast
 TLS=""
+TLS_OPTIONAL=0
 while [ $# -gt 0 ]; do
   case "$1" in
     --port) PORT=$2; shift 2 ;;
     --mode) MODE=$2; shift 2 ;;
     --tls) TLS=$2; shift 2 ;;
+    --tls-optional) TLS_OPTIONAL=1; shift ;;
     --dir) DIR=$2; shift 2 ;;
     --durable) DURABLE=1; shift ;;
     *) echo "postgres.sh: unknown option $1" >&2; exit 2 ;;
@@ -73,6 +79,21 @@ as_postgres() {
   fi
 }
 
+# A throwaway CA and a server certificate it signs, in $1.
+make_certs() {
+  local d=$1
+  command -v openssl >/dev/null || { log "openssl is missing (apt-get install openssl)"; exit 1; }
+  ( cd "$d"
+    openssl req -x509 -newkey rsa:2048 -nodes -days 7 -subj /CN=omnibox-bench-ca \
+      -keyout ca.key -out ca.crt
+    openssl req -newkey rsa:2048 -nodes -subj /CN=127.0.0.1 -keyout server.key -out server.csr
+    printf 'subjectAltName=IP:127.0.0.1,DNS:localhost\n' > server.ext
+    openssl x509 -req -in server.csr -CA ca.crt -CAkey ca.key -CAcreateserial -days 7 \
+      -extfile server.ext -out server.crt
+    rm -f ca.key server.csr server.ext ca.srl ) >"$d/openssl.log" 2>&1 \
+    || { cat "$d/openssl.log" >&2; exit 1; }
+}
+
 start() {
   local bin
   bin=$(pg_bin || true)
@@ -97,15 +118,20 @@ start() {
   if [ "$DURABLE" = 0 ]; then
     opts="$opts -c fsync=off -c synchronous_commit=off -c full_page_writes=off"
   fi
-  if [ -n "$TLS" ]; then
+  if [ -n "$TLS" ] || [ "$TLS_OPTIONAL" = 1 ]; then
     mkdir -p "$DIR/tls"
-    cp "$TLS/ca.crt" "$TLS/server.crt" "$TLS/server.key" "$DIR/tls/"
+    if [ -n "$TLS" ]; then
+      cp "$TLS/ca.crt" "$TLS/server.crt" "$TLS/server.key" "$DIR/tls/"
+    else
+      make_certs "$DIR/tls"
+    fi
     chmod 600 "$DIR/tls/server.key"
     [ "$(id -u)" = 0 ] && chown -R postgres:postgres "$DIR/tls"
     opts="$opts -c ssl=on -c ssl_cert_file=$DIR/tls/server.crt -c ssl_key_file=$DIR/tls/server.key -c ssl_ca_file=$DIR/tls/ca.crt"
-    # TLS for every TCP connection; certificate login for omnibox_cert.
+    # Certificate login for omnibox_cert; with --tls, TLS for every TCP
+    # connection.
     local hba="$DIR/data/pg_hba.conf"
-    { echo "hostnossl all all 127.0.0.1/32 reject"
+    { [ "$TLS_OPTIONAL" = 1 ] || echo "hostnossl all all 127.0.0.1/32 reject"
       echo "hostssl omnibox omnibox_cert 127.0.0.1/32 cert"
       cat "$hba"; } > "$hba.new"
     mv "$hba.new" "$hba"
@@ -163,5 +189,5 @@ case "$cmd" in
   halt) halt ;;
   resume) resume ;;
   restart) halt; resume ;;
-  *) echo "usage: scripts/postgres.sh start|stop|halt|resume|restart [--port P] [--dir D] [--durable] [--mode M]" >&2; exit 2 ;;
+  *) echo "usage: scripts/postgres.sh start|stop|halt|resume|restart [--port P] [--dir D] [--durable] [--tls CERTS] [--tls-optional] [--mode M]" >&2; exit 2 ;;
 esac

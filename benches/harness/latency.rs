@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 
-use super::{Args, bin, results_file};
+use super::{Args, Conn, bin, results_file};
 
 /// The trigger that keeps each row's claim time (bench schema only).
 const CLAIM_TIME_TRIGGER: &[&str] = &[
@@ -41,7 +41,10 @@ const CLAIM_TIME_TRIGGER: &[&str] = &[
         FOR EACH ROW EXECUTE FUNCTION bench_claimed_at()",
 ];
 
-pub fn latency(args: &Args, url: &str) {
+pub fn latency(args: &Args, conn: &Conn) {
+    // The relay connects as the connection kind says; the inserts (the
+    // application) and the checks connect directly.
+    let (url, relay_url) = (conn.setup.as_str(), conn.url.as_str());
     use omnibox::store::postgres::{PgOptions, PgStore};
 
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -51,8 +54,8 @@ pub fn latency(args: &Args, url: &str) {
     let rate = args.rate.max(1);
     let seconds = args.seconds.max(1);
     let command = format!(
-        "bench/run.sh latency --rate {rate} --seconds {seconds} --batch {}",
-        args.batch
+        "bench/run.sh latency --rate {rate} --seconds {seconds} --batch {} --conn {}",
+        args.batch, args.conn
     );
     let mut results = std::fs::OpenOptions::new()
         .create(true)
@@ -87,7 +90,7 @@ pub fn latency(args: &Args, url: &str) {
                 "--batch",
                 &args.batch.to_string(),
             ])
-            .env("OMNIBOX_DATABASE_URL", url)
+            .env("OMNIBOX_DATABASE_URL", relay_url)
             .env("OMNIBOX_DATABASE_SCHEMA", &schema)
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -229,7 +232,7 @@ pub fn latency(args: &Args, url: &str) {
                 "after_claim_p50_ms": stats[8], "after_claim_p99_ms": stats[10],
                 "after_claim_max_ms": stats[11],
                 "insert_p50_ms": pct(0.5), "insert_p99_ms": pct(0.99),
-                "command": command,
+                "command": command, "conn": conn.kind, "conn_detail": conn.detail,
             })
         )
         .unwrap();

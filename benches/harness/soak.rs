@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 
-use super::{Args, bin, results_file};
+use super::{Args, Conn, bin, results_file};
 
 struct Killed(Vec<Child>);
 
@@ -57,7 +57,10 @@ struct Window {
     autovacuums: i64,
 }
 
-pub fn soak(args: &Args, url: &str) {
+pub fn soak(args: &Args, conn: &Conn) {
+    // omnibox connects as the connection kind says; the inserts (the
+    // application) and the checks connect directly.
+    let (url, omnibox_url) = (conn.setup.as_str(), conn.url.as_str());
     use omnibox::store::postgres::{PgOptions, PgStore};
 
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -67,7 +70,10 @@ pub fn soak(args: &Args, url: &str) {
     let rate = args.rate.max(1);
     let seconds = args.seconds.max(1);
     let every = args.every.clamp(1, seconds);
-    let command = format!("bench/run.sh soak --rate {rate} --seconds {seconds} --every {every}");
+    let command = format!(
+        "bench/run.sh soak --rate {rate} --seconds {seconds} --every {every} --conn {}",
+        args.conn
+    );
     let schema = format!("bench_{}", uuid::Uuid::new_v4().simple());
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("events.jsonl");
@@ -85,7 +91,7 @@ pub fn soak(args: &Args, url: &str) {
     let spawn = |args: &[&str]| {
         Command::new(bin())
             .args(args)
-            .env("OMNIBOX_DATABASE_URL", url)
+            .env("OMNIBOX_DATABASE_URL", omnibox_url)
             .env("OMNIBOX_DATABASE_SCHEMA", &schema)
             .env("OMNIBOX_DEDUP_WINDOW", "1m")
             .current_dir(dir.path())
@@ -171,7 +177,7 @@ pub fn soak(args: &Args, url: &str) {
                     "--yes",
                     "--quiet",
                 ])
-                .env("OMNIBOX_DATABASE_URL", url)
+                .env("OMNIBOX_DATABASE_URL", omnibox_url)
                 .env("OMNIBOX_DATABASE_SCHEMA", &schema)
                 .env("OMNIBOX_DEDUP_WINDOW", "1m")
                 .output()
@@ -280,7 +286,7 @@ pub fn soak(args: &Args, url: &str) {
                 "outbox_heap_mb": window.outbox_heap_mb, "outbox_index_mb": window.outbox_index_mb,
                 "outbox_dead": window.outbox_dead, "inbox_heap_mb": window.inbox_heap_mb,
                 "inbox_index_mb": window.inbox_index_mb, "inbox_dead": window.inbox_dead,
-                "vacuums": window.autovacuums, "command": command,
+                "vacuums": window.autovacuums, "command": command, "conn": conn.kind, "conn_detail": conn.detail,
             })
         )
         .unwrap();
