@@ -29,7 +29,9 @@
 # without parameters; when unset, a private durable server offering TLS
 # (scripts/postgres.sh --tls-optional) is started on port 54330 and stopped
 # afterwards. OMNIBOX_BENCH_EVENTS (default 20000) scales every figure,
-# for quick checks only.
+# for quick checks only. OMNIBOX_REFERENCE_ROUNDS=N runs the reference in
+# the first N rounds only; OMNIBOX_REFERENCE_INBOX_EVENTS sets its
+# inbox_consume's message count (its rate does not depend on it).
 # Output: the table on stdout and in bench/results/conditions-*.md; the
 # harness's output in conditions-*.log; raw rounds (omnibox's and the
 # reference's, each with its "conn") in conditions-*.jsonl.
@@ -45,6 +47,11 @@ latency=${OMNIBOX_BENCH_LATENCY_MS:-0.5}
 events=${OMNIBOX_BENCH_EVENTS:-20000}
 ref=${OMNIBOX_REFERENCE_DIR:-}
 proxy_port=${OMNIBOX_BENCH_PROXY_PORT:-0}
+# The reference in the first N rounds only, and its inbox_consume (one
+# transaction per message, about 100 msg/s here) with fewer messages: for a
+# run that fits in a session. Both are printed with the table.
+ref_rounds=${OMNIBOX_REFERENCE_ROUNDS:-$rounds}
+ref_inbox_events=${OMNIBOX_REFERENCE_INBOX_EVENTS:-$events}
 stamp=$(date -u +%Y%m%dT%H%M%SZ)
 mkdir -p bench/results
 out=$PWD/bench/results/conditions-$stamp.jsonl
@@ -102,6 +109,7 @@ ref_dsn() { # KIND -> the reference's SQLAlchemy DSN
 
 echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), $(date -u +%FT%TZ)" | tee "$log"
 echo "kinds: $kinds; latency $latency ms each way for tls-latency; $rounds rounds; $events events" | tee -a "$log"
+[ -n "$ref" ] && echo "reference: rounds 1..$ref_rounds; inbox_consume of $ref_inbox_events messages" | tee -a "$log"
 
 if [ -n "$ref" ]; then
   if [[ " $kinds " == *" tls-latency "* ]]; then
@@ -163,14 +171,14 @@ for r in $(seq 1 "$rounds"); do
       fi
     done
   done
-  if [ -n "$ref" ]; then
+  if [ -n "$ref" ] && [ "$r" -le "$ref_rounds" ]; then
     for kind in $kinds; do
       dsn=$(ref_dsn "$kind")
-      for args in "--scenario outbox_insert" \
-                  "--scenario outbox_publish --batch-sizes 1000 --workers 1" \
-                  "--scenario inbox_consume"; do
+      for args in "--scenario outbox_insert --events $events" \
+                  "--scenario outbox_publish --batch-sizes 1000 --workers 1 --events $events" \
+                  "--scenario inbox_consume --events $ref_inbox_events"; do
         # shellcheck disable=SC2086
-        if lines=$(PEER_DSN=$dsn "$ref/py" "$ref/bench_python_peer.py" $args --events "$events" 2>>"$log"); then
+        if lines=$(PEER_DSN=$dsn "$ref/py" "$ref/bench_python_peer.py" $args 2>>"$log"); then
           printf '%s\n' "$lines" | sed "s/^{/{\"system\": \"omni-box 0.3.1\", \"conn\": \"$kind\", \"latency_ms_each_way\": $( [ "$kind" = tls-latency ] && echo "$latency" || echo 0 ), /" >>"$out"
           printf '%-12s %-75s %s\n' "$kind" "reference $args" \
             "$(printf '%s' "$lines" | python3 -c 'import json,sys; print(" ".join("= %.0f events/s" % json.loads(l)["events_per_s"] for l in sys.stdin if l.strip()))')"
