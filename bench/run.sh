@@ -4,7 +4,7 @@
 # behind each figure. Raw rounds are appended to bench/results/results.jsonl.
 #
 #   bench/run.sh enqueue [--events N] [--rounds R] [--keys K] [--idempotency-keys]
-#   bench/run.sh inbox [--events N] [--batch B] [--source memory|file] [--exec CMD]
+#   bench/run.sh inbox [--events N] [--batch B] [--source memory|file|kafka] [--exec CMD]
 #   bench/run.sh ops [--events 10000000]
 #   bench/run.sh publish [--events N] [--backlog M] [--relays R] [--batch B] [--keys K] [--sink null|kafka] [--otlp]
 #
@@ -31,7 +31,7 @@ if [ -z "${OMNIBOX_BENCH_DATABASE_URL:-}" ]; then
   OMNIBOX_BENCH_DATABASE_URL="$OMNIBOX_TEST_DATABASE_URL?sslmode=disable"
 fi
 export OMNIBOX_BENCH_DATABASE_URL
-if [[ " $* " == *" --sink kafka "* ]] && [ -z "${OMNIBOX_BENCH_BROKERS:-}" ]; then
+if [[ " $* " == *" --sink kafka "* || " $* " == *" --source kafka "* ]] && [ -z "${OMNIBOX_BENCH_BROKERS:-}" ]; then
   eval "$(scripts/kafka.sh start --port 19093)"
   started_kafka=1
   OMNIBOX_BENCH_BROKERS=$OMNIBOX_TEST_BROKERS
