@@ -12,7 +12,7 @@ use rdkafka::client::ClientContext;
 use rdkafka::consumer::{
     BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
 };
-use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::error::{KafkaError, KafkaResult, RDKafkaErrorCode};
 use rdkafka::message::{Headers, Message};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 
@@ -84,6 +84,28 @@ impl ConsumerContext for InboxContext {
             Rebalance::Revoke(_) => {}
         }
     }
+
+    /// The outcome of an asynchronous commit ([`KafkaSource::commit`]).
+    /// A failed one is made again, synchronously, at the next end of the
+    /// partitions (or the consumer's close waits for it); meanwhile the
+    /// messages would be read again, and found stored, by a new member.
+    fn commit_callback(&self, result: KafkaResult<()>, offsets: &TopicPartitionList) {
+        match result {
+            Ok(()) => {}
+            Err(e) if lost_membership(&e) => tracing::info!(
+                error = %e,
+                partitions = offsets.count(),
+                "offsets not committed: the group is rebalancing or this member was evicted; \
+                 the messages are read again by their partition's owner and deduplicated"
+            ),
+            Err(e) => tracing::warn!(
+                error = %e,
+                partitions = offsets.count(),
+                "an offset commit failed; the offsets are committed again (the messages are \
+                 stored: read again, they are duplicates)"
+            ),
+        }
+    }
 }
 
 /// Reads from Kafka topics in a consumer group.
@@ -103,6 +125,9 @@ pub struct KafkaSource {
     /// (librdkafka's event names the topic, rust-rdkafka passes on only the
     /// number). The broker is asked about them.
     unsure: HashSet<(String, i32)>,
+    /// Offsets committed asynchronously since the last synchronous commit,
+    /// by partition: committed synchronously before a poll tells the end.
+    unconfirmed: BTreeMap<(String, i32), i64>,
     /// The last poll answered that every partition was at its end, and no
     /// message came since: the next one waits for messages before it says
     /// so again (a consumer that keeps running does not spin).
@@ -194,6 +219,7 @@ impl KafkaSource {
             seen: HashMap::new(),
             ended: HashSet::new(),
             unsure: HashSet::new(),
+            unconfirmed: BTreeMap::new(),
             end_told: false,
         })
     }
@@ -229,6 +255,7 @@ impl KafkaSource {
             self.seen.remove(&key);
             self.ended.remove(&key);
             self.unsure.remove(&key);
+            self.unconfirmed.remove(&key);
         }
     }
 
@@ -339,6 +366,45 @@ impl KafkaSource {
             .map_err(|e| broker_err("cannot read the partition assignment", e))
     }
 
+    /// Commits synchronously the offsets committed asynchronously since
+    /// the last time, of the partitions still assigned.
+    fn confirm_commits(&mut self) -> Result<()> {
+        if self.unconfirmed.is_empty() {
+            return Ok(());
+        }
+        let assigned = self.assigned()?;
+        let mut tpl = TopicPartitionList::new();
+        for ((t, p), o) in &self.unconfirmed {
+            if assigned.find_partition(t, *p).is_some() {
+                tpl.add_partition_offset(t, *p, Offset::Offset(*o))
+                    .map_err(|e| broker_err("bad offset", e))?;
+            }
+        }
+        drop(assigned);
+        let result = if tpl.count() == 0 {
+            Ok(())
+        } else {
+            tokio::task::block_in_place(|| self.consumer.commit(&tpl, CommitMode::Sync))
+        };
+        drop(tpl);
+        match result {
+            Ok(()) => {
+                self.unconfirmed.clear();
+                Ok(())
+            }
+            Err(e) if lost_membership(&e) => {
+                tracing::warn!(
+                    error = %e,
+                    "offsets not committed: the group is rebalancing or this member was evicted; \
+                     the messages are read again by their partition's owner and deduplicated"
+                );
+                self.unconfirmed.clear();
+                Ok(())
+            }
+            Err(e) => Err(broker_err("cannot commit offsets", e)),
+        }
+    }
+
     /// True when each of `parts` has been read to its end, asking the
     /// broker (its committed offsets and high watermarks).
     fn caught_up(&self, parts: &[(String, i32)]) -> bool {
@@ -399,6 +465,7 @@ impl Source for KafkaSource {
                 // Nothing in hand: at the end of every partition, say so at
                 // once (once per stretch at the end; the next poll waits).
                 if !self.end_told && self.at_end() {
+                    self.confirm_commits()?;
                     self.end_told = true;
                     end = true;
                     break;
@@ -428,6 +495,9 @@ impl Source for KafkaSource {
                 }
                 Err(_) => {
                     end = out.is_empty() && self.at_end();
+                    if end {
+                        self.confirm_commits()?;
+                    }
                     break;
                 }
             }
@@ -438,6 +508,14 @@ impl Source for KafkaSource {
         Ok(Polled { messages: out, end })
     }
 
+    /// Commits asynchronously: the consumer goes on with the next batch
+    /// while the broker writes the offsets (a synchronous commit waits a
+    /// round trip, which on a busy broker is long: tansu answered commits
+    /// made while it served a fetch in 150-230 ms). The rows are stored
+    /// already, so a lost
+    /// commit costs duplicates, never a message; the offsets are committed
+    /// again synchronously before a poll tells that every partition is at
+    /// its end, and a closing consumer waits for the commits in flight.
     async fn commit(&mut self, through: &[RawMessage]) -> Result<()> {
         let assigned = self.assigned()?;
         let mut next: BTreeMap<(&str, i32), i64> = BTreeMap::new();
@@ -467,10 +545,15 @@ impl Source for KafkaSource {
             tpl.add_partition_offset(t, *p, Offset::Offset(*o))
                 .map_err(|e| broker_err("bad offset", e))?;
         }
-        let result = tokio::task::block_in_place(|| self.consumer.commit(&tpl, CommitMode::Sync));
+        let result = self.consumer.commit(&tpl, CommitMode::Async);
         drop(tpl);
         match result {
-            Ok(()) => Ok(()),
+            Ok(()) => {
+                for ((t, p), o) in next {
+                    self.unconfirmed.insert((t.to_string(), p), o);
+                }
+                Ok(())
+            }
             Err(e) if lost_membership(&e) => {
                 tracing::warn!(
                     error = %e,
