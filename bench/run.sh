@@ -4,7 +4,7 @@
 # behind each figure. Raw rounds are appended to bench/results/results.jsonl.
 #
 #   bench/run.sh enqueue [--events N] [--rounds R] [--keys K] [--idempotency-keys]
-#   bench/run.sh inbox [--events N] [--batch B] [--source memory|file] [--exec CMD]
+#   bench/run.sh inbox [--events N] [--batch B] [--source memory|file|kafka] [--exec CMD]
 #   bench/run.sh ops [--events 10000000]
 #   bench/run.sh publish [--events N] [--backlog M] [--relays R] [--batch B] [--keys K] [--sink null|kafka] [--otlp]
 #   any of them ... [--conn plain|tls|tls-latency] [--latency-ms 0.5]
@@ -37,7 +37,7 @@ if [ -z "${OMNIBOX_BENCH_DATABASE_URL:-}" ]; then
   OMNIBOX_BENCH_DATABASE_URL=$OMNIBOX_TEST_DATABASE_URL
 fi
 export OMNIBOX_BENCH_DATABASE_URL
-if [[ " $* " == *" --sink kafka "* ]] && [ -z "${OMNIBOX_BENCH_BROKERS:-}" ]; then
+if [[ " $* " == *" --sink kafka "* || " $* " == *" --source kafka "* ]] && [ -z "${OMNIBOX_BENCH_BROKERS:-}" ]; then
   if [[ " $* " == *" --conn tls-latency "* ]]; then
     OMNIBOX_BENCH_BROKERS_PROXY_PORT=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
     export OMNIBOX_BENCH_BROKERS_PROXY_PORT

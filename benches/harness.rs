@@ -13,6 +13,10 @@
 //!            `--source file`: the same messages as a JSON lines file through
 //!            `omnibox inbox consume --from file:... --once` (the release
 //!            binary, whole process); `--exec CMD` adds a run with that handler.
+//!            `--source kafka`: the same messages produced to a 4-partition
+//!            topic (OMNIBOX_BENCH_BROKERS) and read by `omnibox inbox consume
+//!            --from kafka://... --once` (whole process), beside a plain
+//!            rdkafka consumer of the same topic with default settings.
 //!   produce  the broker's own rate for the relay's producer settings: N
 //!            messages of the same shape through the Kafka sink, B in flight
 //!            at a time, no database (OMNIBOX_BENCH_BROKERS).
@@ -120,9 +124,10 @@ struct Args {
     #[arg(long)]
     analyze: bool,
     /// inbox: `memory` (the library, an in-memory source, without and with a
-    /// trivial in-process handler) or `file` (`omnibox inbox consume --from
-    /// file:... --once`, the release binary, timed from spawn to exit)
-    #[arg(long, default_value = "memory", value_parser = ["memory", "file"])]
+    /// trivial in-process handler), `file` (`omnibox inbox consume --from
+    /// file:... --once`, the release binary, timed from spawn to exit) or
+    /// `kafka` (the same from a topic, beside a plain consumer)
+    #[arg(long, default_value = "memory", value_parser = ["memory", "file", "kafka"])]
     source: String,
     /// inbox --source file: also run with this `--exec` handler
     #[arg(long, value_name = "CMD")]
@@ -1110,6 +1115,9 @@ fn inbox(args: &Args, conn: &Conn) {
     if args.source == "file" {
         return inbox_file(args, conn, &messages);
     }
+    if args.source == "kafka" {
+        return inbox_kafka(args, url, &messages);
+    }
     for handler in [false, true] {
         let mut rates = Vec::new();
         let command = format!(
@@ -1289,6 +1297,229 @@ fn inbox_file(args: &Args, conn: &Conn, messages: &[omnibox::inbox::RawMessage])
             conn,
         );
     }
+}
+
+/// `omnibox inbox consume --from kafka://... --once` (the release binary,
+/// timed from spawn to exit) of the messages produced to a fresh 4-partition
+/// topic (outside the timed part), and a plain rdkafka consumer of the same
+/// topic on the same broker: a `BaseConsumer` with librdkafka's default
+/// settings (only `auto.offset.reset=earliest`, to read what is there),
+/// timed from its creation (group join included) to the last message, and
+/// from its first message. The order of the two alternates by round.
+/// OMNIBOX_BENCH_BIN runs another build of omnibox for the timed part.
+fn inbox_kafka(args: &Args, url: &str, messages: &[omnibox::inbox::RawMessage]) {
+    use rdkafka::ClientConfig;
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    use rdkafka::message::{Header, OwnedHeaders};
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+
+    const PARTITIONS: i32 = 4;
+    let brokers = std::env::var("OMNIBOX_BENCH_BROKERS")
+        .ok()
+        .filter(|b| !b.is_empty())
+        .unwrap_or_else(|| {
+            eprintln!("inbox --source kafka needs OMNIBOX_BENCH_BROKERS (bench/run.sh inbox --source kafka starts tansu)");
+            std::process::exit(2);
+        });
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let total = messages.len();
+    let distinct = {
+        let mut ids: Vec<&[u8]> = messages.iter().map(|m| m.headers[0].1.as_slice()).collect();
+        ids.sort();
+        ids.dedup();
+        ids.len()
+    };
+    let db = Db::new(url);
+    let from = format!("kafka://{brokers}");
+    let batch = args.batch.to_string();
+    let command = format!(
+        "omnibox inbox consume --from kafka://{brokers} --topic T --once --group bench --batch {}  # {total} messages ({} distinct) on {PARTITIONS} partitions",
+        args.batch, args.events
+    );
+    let (mut rates, mut plain_rates, mut plain_after_first) = (Vec::new(), Vec::new(), Vec::new());
+    for round in 1..=args.rounds {
+        let topic = format!("inbox-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
+        rt.block_on(async {
+            create_topic(&brokers, &topic).await;
+            let producer: FutureProducer = ClientConfig::new()
+                .set("bootstrap.servers", &brokers)
+                .set("linger.ms", "5")
+                .create()
+                .expect("producer");
+            let sends: Vec<_> = messages
+                .iter()
+                .enumerate()
+                .map(|(i, m)| {
+                    let mut headers = OwnedHeaders::new();
+                    for (k, v) in &m.headers {
+                        headers = headers.insert(Header {
+                            key: k,
+                            value: Some(v),
+                        });
+                    }
+                    let record = FutureRecord::<(), _>::to(&topic)
+                        .partition(i as i32 % PARTITIONS)
+                        .payload(m.payload.as_deref().unwrap_or_default())
+                        .headers(headers);
+                    producer
+                        .send_result(record)
+                        .map_err(|(e, _)| e)
+                        .expect("enqueue")
+                })
+                .collect();
+            for s in sends {
+                s.await
+                    .expect("delivery")
+                    .map_err(|(e, _)| e)
+                    .expect("produce");
+            }
+        });
+        // The plain consumer: counts the messages, nothing else.
+        let plain = || {
+            let start = Instant::now();
+            let consumer: BaseConsumer = ClientConfig::new()
+                .set("bootstrap.servers", &brokers)
+                .set(
+                    "group.id",
+                    format!("plain-{}", uuid::Uuid::new_v4().simple()),
+                )
+                .set("auto.offset.reset", "earliest")
+                .create()
+                .expect("plain consumer");
+            consumer.subscribe(&[&topic]).expect("subscribe");
+            let (mut n, mut first) = (0usize, None);
+            while n < total {
+                assert!(
+                    start.elapsed().as_secs() < 120,
+                    "the plain consumer read {n} of {total}"
+                );
+                match consumer.poll(std::time::Duration::from_millis(100)) {
+                    Some(Ok(_)) => {
+                        first.get_or_insert_with(Instant::now);
+                        n += 1;
+                    }
+                    Some(Err(e)) => eprintln!("plain consumer: {e}"),
+                    None => {}
+                }
+            }
+            let secs = start.elapsed().as_secs_f64();
+            let after_first = first.map_or(secs, |f| f.elapsed().as_secs_f64());
+            (secs, after_first)
+        };
+        let schema = format!("bench_{}", uuid::Uuid::new_v4().simple());
+        omnibox(url, &schema, &["migrate", "-q"], None);
+        let argv = [
+            "inbox", "consume", "--from", &from, "--topic", &topic, "--once", "--group", "bench",
+            "--batch", &batch, "-q",
+        ];
+        // OMNIBOX_BENCH_BIN: another build's binary (a before/after comparison).
+        let binary = std::env::var_os("OMNIBOX_BENCH_BIN").map_or_else(bin, PathBuf::from);
+        let run = || {
+            let start = Instant::now();
+            let out = Command::new(&binary)
+                .args(argv)
+                .env("OMNIBOX_DATABASE_URL", url)
+                .env("OMNIBOX_DATABASE_SCHEMA", &schema)
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .output()
+                .expect("run omnibox");
+            let secs = start.elapsed().as_secs_f64();
+            assert!(
+                out.status.success(),
+                "omnibox {argv:?} failed: {}\n{}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr)
+            );
+            secs
+        };
+        let (secs, (plain_secs, plain_first)) = if round % 2 == 1 {
+            let s = run();
+            (s, plain())
+        } else {
+            let p = plain();
+            (run(), p)
+        };
+        let rows = db.scalar(format!("SELECT count(*)::text FROM {schema}.inbox_events"));
+        db.exec(format!("DROP SCHEMA {schema} CASCADE"));
+        // Every partition's committed offset is its end.
+        let committed_at_end = {
+            let check: BaseConsumer = ClientConfig::new()
+                .set("bootstrap.servers", &brokers)
+                .set("group.id", "bench")
+                .create()
+                .expect("check consumer");
+            let mut tpl = rdkafka::TopicPartitionList::new();
+            for p in 0..PARTITIONS {
+                tpl.add_partition(&topic, p);
+            }
+            let timeout = std::time::Duration::from_secs(10);
+            let committed = check
+                .committed_offsets(tpl, timeout)
+                .expect("committed offsets");
+            (0..PARTITIONS).all(|p| {
+                let (_, high) = check
+                    .fetch_watermarks(&topic, p, timeout)
+                    .expect("watermarks");
+                committed
+                    .find_partition(&topic, p)
+                    .is_some_and(|e| e.offset() == rdkafka::Offset::Offset(high))
+            })
+        };
+        let verified = rows == distinct.to_string() && committed_at_end;
+        let rate = total as f64 / secs;
+        let plain_rate = total as f64 / plain_secs;
+        rates.push(rate);
+        plain_rates.push(plain_rate);
+        plain_after_first.push(total as f64 / plain_first);
+        println!(
+            "inbox kafka round {round}: {total} messages ({distinct} distinct) in {secs:.3} s = {rate:.0} messages/s; plain consumer {plain_secs:.3} s = {plain_rate:.0} messages/s ({:.0} after its first message); rows {rows}, offsets committed at the end {committed_at_end}, verified {verified}",
+            total as f64 / plain_first
+        );
+        let line = json!({
+            "scenario": "omnibox_inbox_consume_kafka",
+            "events": total,
+            "seconds": secs,
+            "events_per_s": rate,
+            "params": {"batch_size": args.batch, "distinct": distinct, "partitions": PARTITIONS, "round": round,
+                       "plain_consumer_seconds": plain_secs, "plain_consumer_events_per_s": plain_rate,
+                       "plain_consumer_after_first_events_per_s": total as f64 / plain_first},
+            "verified": verified,
+        });
+        let mut results = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(results_file())
+            .unwrap();
+        writeln!(results, "{line}").unwrap();
+        assert!(
+            verified,
+            "rows {rows} of {distinct}, offsets committed at the end: {committed_at_end}"
+        );
+    }
+    report("inbox kafka (no handler)", &rates, &command);
+    report(
+        "plain rdkafka consumer, from its creation",
+        &plain_rates,
+        "BaseConsumer, default settings, auto.offset.reset=earliest, same topic and broker",
+    );
+    report(
+        "plain rdkafka consumer, after its first message",
+        &plain_after_first,
+        "the same runs",
+    );
+    let median = |v: &[f64]| {
+        let mut s = v.to_vec();
+        s.sort_by(|a, b| a.partial_cmp(b).unwrap());
+        s[s.len() / 2]
+    };
+    println!(
+        "inbox kafka / plain consumer (medians): {:.0} %",
+        100.0 * median(&rates) / median(&plain_rates)
+    );
 }
 
 /// The operations commands on a 10-million-row outbox (PostgreSQL): 9.9 M

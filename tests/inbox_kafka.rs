@@ -413,3 +413,192 @@ async fn cli_consume_survives_a_broker_restart() {
         (200, 0, 0)
     );
 }
+
+/// Produces `n` distinct messages (ids from `evt-{from}`) to one partition.
+async fn produce_to(brokers: &str, topic: &str, partition: i32, from: usize, n: usize) {
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("linger.ms", "5")
+        .create()
+        .unwrap();
+    let sends: Vec<_> = (from..from + n)
+        .map(|i| {
+            let id = format!("evt-{i}");
+            let headers = OwnedHeaders::new()
+                .insert(Header {
+                    key: "event_id",
+                    value: Some(id.as_str()),
+                })
+                .insert(Header {
+                    key: "event_type",
+                    value: Some("order.created"),
+                });
+            let value = format!(
+                r#"{{"schema_version":"1.0.0","event_type":"order.created","payload":{{"n":{i}}}}}"#
+            );
+            producer
+                .send_result(
+                    FutureRecord::to(topic)
+                        .partition(partition)
+                        .key(&id)
+                        .payload(&value)
+                        .headers(headers),
+                )
+                .map_err(|(e, _)| e)
+                .unwrap()
+        })
+        .collect();
+    for s in sends {
+        s.await.unwrap().map_err(|(e, _)| e).unwrap();
+    }
+}
+
+/// Each partition of `topic`: the offset `group` committed (None: none)
+/// and the partition's high watermark.
+fn committed_and_ends(
+    brokers: &str,
+    group: &str,
+    topic: &str,
+    partitions: i32,
+) -> Vec<(Option<i64>, i64)> {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    let c: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", group)
+        .create()
+        .unwrap();
+    let mut tpl = rdkafka::TopicPartitionList::new();
+    for p in 0..partitions {
+        tpl.add_partition(topic, p);
+    }
+    let committed = c.committed_offsets(tpl, Duration::from_secs(10)).unwrap();
+    (0..partitions)
+        .map(|p| {
+            let (_, high) = c
+                .fetch_watermarks(topic, p, Duration::from_secs(10))
+                .unwrap();
+            let offset = match committed.find_partition(topic, p).map(|e| e.offset()) {
+                Some(rdkafka::Offset::Offset(o)) => Some(o),
+                _ => None,
+            };
+            (offset, high)
+        })
+        .collect()
+}
+
+/// `omnibox inbox consume --once` from 4 partitions of tansu, one of them
+/// empty and one far longer than the others: it stores every message,
+/// commits each partition's end (nothing for the empty one), and stops; a
+/// second run finds every partition at its end at once and reads nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_consume_once_stops_at_the_end_of_every_partition() {
+    let Some(brokers) = common::tansu::shared_brokers() else {
+        return;
+    };
+    let Some(db) = common::postgres().await else {
+        return;
+    };
+    let topic = format!("ends-{}", &uuid::Uuid::new_v4().simple().to_string()[..10]);
+    common::tansu::create_topic(&brokers, &topic, 4).await;
+    produce_to(&brokers, &topic, 0, 0, 1500).await;
+    produce_to(&brokers, &topic, 1, 1500, 200).await;
+    produce_to(&brokers, &topic, 2, 1700, 300).await;
+    // Repeats of messages of partition 0, in partition 2: duplicates.
+    produce_to(&brokers, &topic, 2, 0, 100).await;
+    let dir = tempfile::tempdir().unwrap();
+    let run = || {
+        let start = std::time::Instant::now();
+        let out = Command::new(env!("CARGO_BIN_EXE_omnibox"))
+            .args([
+                "inbox",
+                "consume",
+                "--from",
+                &format!("kafka://{brokers}"),
+                "--topic",
+                &topic,
+            ])
+            .args(["--group", "ends", "--once", "--batch", "128"])
+            .args(["--format", "json"])
+            .current_dir(dir.path())
+            .env_clear()
+            .env("OMNIBOX_DATABASE_URL", &db.url)
+            .env("OMNIBOX_DATABASE_SCHEMA", db.schema())
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        eprintln!("inbox consume --once took {:?}", start.elapsed());
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()
+    };
+    let r = run();
+    assert_eq!(
+        (
+            r["consumed"].as_u64(),
+            r["stored"].as_u64(),
+            r["duplicates"].as_u64()
+        ),
+        (Some(2100), Some(2000), Some(100)),
+        "{r}"
+    );
+    let c = db.store.inbox().counts().await.unwrap();
+    assert_eq!(c.pending, 2000, "{c:?}");
+    let ends = committed_and_ends(&brokers, "ends", &topic, 4);
+    assert_eq!(
+        ends,
+        vec![
+            (Some(1500), 1500),
+            (Some(200), 200),
+            (Some(400), 400),
+            (None, 0)
+        ]
+    );
+    let r = run();
+    assert_eq!(r["consumed"], 0, "{r}");
+    // New messages after the end: the next run reads just those.
+    produce_to(&brokers, &topic, 3, 5000, 10).await;
+    let r = run();
+    assert_eq!(
+        (r["consumed"].as_u64(), r["stored"].as_u64()),
+        (Some(10), Some(10)),
+        "{r}"
+    );
+    assert_eq!(
+        committed_and_ends(&brokers, "ends", &topic, 4)[3],
+        (Some(10), 10)
+    );
+}
+
+/// `once` over two topics that both have partitions 0 and 1 (an end event
+/// names only its partition number, so the source asks the broker about
+/// those), one of them empty: the run stores every message and ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn once_ends_with_topics_sharing_partition_numbers() {
+    let db = common::sqlite().await;
+    let cluster = MockCluster::new(1).unwrap();
+    cluster.create_topic("full", 2, 1).unwrap();
+    cluster.create_topic("empty", 2, 1).unwrap();
+    let brokers = cluster.bootstrap_servers();
+    produce_to(&brokers, "full", 0, 0, 40).await;
+    produce_to(&brokers, "full", 1, 40, 30).await;
+    let topics = ["full".to_string(), "empty".to_string()];
+    let source = KafkaSource::new(&brokers, "both", &topics, &[]).unwrap();
+    let o = ConsumeOptions::new("both", WorkerId::new("c1").unwrap());
+    let mut consumer =
+        InboxConsumer::<_, omnibox::inbox::AnyHandler>::new(source, db.store.inbox(), None, o);
+    let (_tx, rx) = watch::channel(false);
+    let r = tokio::time::timeout(Duration::from_secs(60), consumer.run(true, rx))
+        .await
+        .expect("the run ends")
+        .unwrap();
+    assert_eq!((r.consumed, r.stored), (70, 70), "{r:?}");
+    drop(consumer);
+    assert_eq!(
+        committed_and_ends(&brokers, "both", "full", 2),
+        vec![(Some(40), 40), (Some(30), 30)]
+    );
+}

@@ -4,7 +4,7 @@
 //! and rebalances tracked so a revoked partition is neither handled nor
 //! committed here.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -12,7 +12,7 @@ use rdkafka::client::ClientContext;
 use rdkafka::consumer::{
     BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
 };
-use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::error::{KafkaError, KafkaResult, RDKafkaErrorCode};
 use rdkafka::message::{Headers, Message};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 
@@ -27,7 +27,7 @@ use crate::inbox::RawMessage;
 struct Rebalances {
     revoked: Mutex<Vec<(String, i32)>>,
     /// The partitions this member holds, as the rebalances said.
-    assigned: Mutex<std::collections::HashSet<(String, i32)>>,
+    assigned: Mutex<HashSet<(String, i32)>>,
 }
 
 fn partitions(tpl: &TopicPartitionList) -> Vec<(String, i32)> {
@@ -40,7 +40,20 @@ fn partitions(tpl: &TopicPartitionList) -> Vec<(String, i32)> {
 /// The consumer's context: records revocations.
 struct InboxContext(Arc<Rebalances>);
 
-impl ClientContext for InboxContext {}
+impl ClientContext for InboxContext {
+    /// As the default (an error of the librdkafka log target, which the
+    /// CLI shows from -vv on), except the end of a partition: with
+    /// `enable.partition.eof` librdkafka reports it as an error event too,
+    /// and it is no error here.
+    fn error(&self, error: KafkaError, reason: &str) {
+        match error.rdkafka_error_code() {
+            Some(RDKafkaErrorCode::PartitionEOF) => {
+                tracing::debug!(target: "librdkafka", "librdkafka: {error}: {reason}")
+            }
+            _ => tracing::error!(target: "librdkafka", "librdkafka: {error}: {reason}"),
+        }
+    }
+}
 
 impl ConsumerContext for InboxContext {
     fn pre_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
@@ -71,6 +84,28 @@ impl ConsumerContext for InboxContext {
             Rebalance::Revoke(_) => {}
         }
     }
+
+    /// The outcome of an asynchronous commit ([`KafkaSource::commit`]).
+    /// A failed one is made again, synchronously, at the next end of the
+    /// partitions (or the consumer's close waits for it); meanwhile the
+    /// messages would be read again, and found stored, by a new member.
+    fn commit_callback(&self, result: KafkaResult<()>, offsets: &TopicPartitionList) {
+        match result {
+            Ok(()) => {}
+            Err(e) if lost_membership(&e) => tracing::info!(
+                error = %e,
+                partitions = offsets.count(),
+                "offsets not committed: the group is rebalancing or this member was evicted; \
+                 the messages are read again by their partition's owner and deduplicated"
+            ),
+            Err(e) => tracing::warn!(
+                error = %e,
+                partitions = offsets.count(),
+                "an offset commit failed; the offsets are committed again (the messages are \
+                 stored: read again, they are duplicates)"
+            ),
+        }
+    }
 }
 
 /// Reads from Kafka topics in a consumer group.
@@ -82,6 +117,21 @@ pub struct KafkaSource {
     topics: Vec<String>,
     /// Next offset to read per partition, as far as this consumer has read.
     seen: HashMap<(String, i32), i64>,
+    /// Partitions librdkafka said were read to their end (a partition EOF
+    /// event), with no message taken from them since.
+    ended: HashSet<(String, i32)>,
+    /// Partitions that may have been read to their end: an EOF event named
+    /// their partition number, which more than one assigned topic has
+    /// (librdkafka's event names the topic, rust-rdkafka passes on only the
+    /// number). The broker is asked about them.
+    unsure: HashSet<(String, i32)>,
+    /// Offsets committed asynchronously since the last synchronous commit,
+    /// by partition: committed synchronously before a poll tells the end.
+    unconfirmed: BTreeMap<(String, i32), i64>,
+    /// The last poll answered that every partition was at its end, and no
+    /// message came since: the next one waits for messages before it says
+    /// so again (a consumer that keeps running does not spin).
+    end_told: bool,
     /// The assigned partitions are paused ([`Source::idle`]).
     paused: bool,
 }
@@ -141,10 +191,16 @@ impl KafkaSource {
             .set("enable.auto.commit", "false")
             .set("enable.auto.offset.store", "false")
             .set("auto.offset.reset", "earliest")
-            .set("client.id", "omnibox-inbox");
+            .set("client.id", "omnibox-inbox")
+            // Commits, heartbeats and small fetches go out at once instead of
+            // waiting for the acknowledgement of the previous segment.
+            .set("socket.nagle.disable", "true");
         for (k, v) in properties {
             config.set(k, v);
         }
+        // How the source knows a partition without new messages is at its
+        // end (`--once`) without asking the broker: not to be turned off.
+        config.set("enable.partition.eof", "true");
         let rebalances = Arc::new(Rebalances::default());
         let consumer: StreamConsumer<InboxContext> = config
             .create_with_context(InboxContext(rebalances.clone()))
@@ -161,6 +217,10 @@ impl KafkaSource {
             group: group.to_string(),
             topics: topics.to_vec(),
             seen: HashMap::new(),
+            ended: HashSet::new(),
+            unsure: HashSet::new(),
+            unconfirmed: BTreeMap::new(),
+            end_told: false,
         })
     }
 
@@ -193,7 +253,111 @@ impl KafkaSource {
         };
         for key in revoked {
             self.seen.remove(&key);
+            self.ended.remove(&key);
+            self.unsure.remove(&key);
+            self.unconfirmed.remove(&key);
         }
+    }
+
+    /// Records a message taken from a partition: it is read up to there,
+    /// and perhaps not to its end any more.
+    fn took(&mut self, m: &RawMessage) {
+        let key = (m.topic.clone(), m.partition);
+        self.ended.remove(&key);
+        self.unsure.remove(&key);
+        self.seen.insert(key, m.offset + 1);
+        self.end_told = false;
+    }
+
+    /// A partition EOF event: librdkafka fetched the partition up to its
+    /// end and handed over every message before it.
+    fn reached_end(&mut self, partition: i32) {
+        let candidates: Vec<(String, i32)> = match self.rebalances.assigned.lock() {
+            Ok(a) => a.iter().filter(|(_, p)| *p == partition).cloned().collect(),
+            Err(_) => return,
+        };
+        if let [only] = candidates.as_slice() {
+            self.ended.insert(only.clone());
+        } else {
+            self.unsure.extend(candidates);
+        }
+    }
+
+    /// The high watermark of the partition's last fetch response, as
+    /// librdkafka keeps it: no request to the broker.
+    fn cached_high(&self, topic: &str, partition: i32) -> Option<i64> {
+        let topic = std::ffi::CString::new(topic).ok()?;
+        let (mut low, mut high) = (-1i64, -1i64);
+        // SAFETY: the client handle lives as long as `self.consumer`; the
+        // call reads two numbers under librdkafka's partition lock into the
+        // two locals; `topic` is a NUL-terminated string that outlives it.
+        let err = unsafe {
+            rdkafka::bindings::rd_kafka_get_watermark_offsets(
+                self.consumer.client().native_ptr(),
+                topic.as_ptr(),
+                partition,
+                &mut low,
+                &mut high,
+            )
+        };
+        (err == rdkafka::bindings::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR && high >= 0)
+            .then_some(high)
+    }
+
+    /// True when every assigned partition has been read to its end, from
+    /// what the consumer knows already: an EOF event, or a position at the
+    /// high watermark of the partition's last fetch response. No request
+    /// goes to the broker then (a ListOffsets request waits behind the
+    /// fetch the broker holds open for new messages, up to
+    /// fetch.wait.max.ms per partition). Only partitions left unsure by an
+    /// EOF event shared by several topics are checked with the broker.
+    fn at_end(&self) -> bool {
+        let parts: Vec<(String, i32)> = match self.rebalances.assigned.lock() {
+            Ok(a) => a.iter().cloned().collect(),
+            Err(_) => return false,
+        };
+        if parts.is_empty() {
+            return false;
+        }
+        // librdkafka's positions move past transaction markers too; read
+        // once, when the offsets taken do not settle it.
+        let mut positions: Option<HashMap<(String, i32), i64>> = None;
+        let mut unsure = Vec::new();
+        for key in parts {
+            if self.ended.contains(&key) {
+                continue;
+            }
+            let high = self.cached_high(&key.0, key.1);
+            let at = |o: Option<i64>| matches!((o, high), (Some(o), Some(h)) if o >= h);
+            if at(self.seen.get(&key).copied()) {
+                continue;
+            }
+            let positions = positions.get_or_insert_with(|| self.positions());
+            if at(positions.get(&key).copied()) {
+                continue;
+            }
+            if self.unsure.contains(&key) {
+                unsure.push(key);
+                continue;
+            }
+            return false;
+        }
+        unsure.is_empty() || tokio::task::block_in_place(|| self.caught_up(&unsure))
+    }
+
+    /// librdkafka's position (the offset after the last message handed
+    /// over) of each assigned partition that has one.
+    fn positions(&self) -> HashMap<(String, i32), i64> {
+        let Ok(tpl) = self.consumer.position() else {
+            return HashMap::new();
+        };
+        tpl.elements()
+            .iter()
+            .filter_map(|e| match e.offset() {
+                Offset::Offset(o) => Some(((e.topic().to_string(), e.partition()), o)),
+                _ => None,
+            })
+            .collect()
     }
 
     fn assigned(&self) -> Result<TopicPartitionList> {
@@ -202,49 +366,78 @@ impl KafkaSource {
             .map_err(|e| broker_err("cannot read the partition assignment", e))
     }
 
-    /// True when every assigned partition has been read to its end.
-    fn caught_up(&self) -> bool {
-        let assignment = match self.consumer.assignment() {
-            Ok(a) => a,
-            Err(_) => return false,
+    /// Commits synchronously the offsets committed asynchronously since
+    /// the last time, of the partitions still assigned.
+    fn confirm_commits(&mut self) -> Result<()> {
+        if self.unconfirmed.is_empty() {
+            return Ok(());
+        }
+        let assigned = self.assigned()?;
+        let mut tpl = TopicPartitionList::new();
+        for ((t, p), o) in &self.unconfirmed {
+            if assigned.find_partition(t, *p).is_some() {
+                tpl.add_partition_offset(t, *p, Offset::Offset(*o))
+                    .map_err(|e| broker_err("bad offset", e))?;
+            }
+        }
+        drop(assigned);
+        let result = if tpl.count() == 0 {
+            Ok(())
+        } else {
+            tokio::task::block_in_place(|| self.consumer.commit(&tpl, CommitMode::Sync))
         };
-        let parts: Vec<(String, i32)> = assignment
-            .elements()
-            .iter()
-            .map(|e| (e.topic().to_string(), e.partition()))
-            .collect();
-        drop(assignment);
-        if parts.is_empty() {
-            return false;
+        drop(tpl);
+        match result {
+            Ok(()) => {
+                self.unconfirmed.clear();
+                Ok(())
+            }
+            Err(e) if lost_membership(&e) => {
+                tracing::warn!(
+                    error = %e,
+                    "offsets not committed: the group is rebalancing or this member was evicted; \
+                     the messages are read again by their partition's owner and deduplicated"
+                );
+                self.unconfirmed.clear();
+                Ok(())
+            }
+            Err(e) => Err(broker_err("cannot commit offsets", e)),
+        }
+    }
+
+    /// True when each of `parts` has been read to its end, asking the
+    /// broker (its committed offsets and high watermarks).
+    fn caught_up(&self, parts: &[(String, i32)]) -> bool {
+        let mut tpl = TopicPartitionList::new();
+        for (t, p) in parts {
+            tpl.add_partition(t, *p);
         }
         let committed: BTreeMap<(String, i32), i64> =
-            match self.consumer.committed(Duration::from_secs(5)) {
-                Ok(tpl) => {
-                    let map = tpl
-                        .elements()
-                        .iter()
-                        .filter_map(|e| match e.offset() {
-                            Offset::Offset(o) => Some(((e.topic().to_string(), e.partition()), o)),
-                            _ => None,
-                        })
-                        .collect();
-                    drop(tpl);
-                    map
-                }
+            match self.consumer.committed_offsets(tpl, Duration::from_secs(5)) {
+                Ok(tpl) => tpl
+                    .elements()
+                    .iter()
+                    .filter_map(|e| match e.offset() {
+                        Offset::Offset(o) => Some(((e.topic().to_string(), e.partition()), o)),
+                        _ => None,
+                    })
+                    .collect(),
                 Err(_) => return false,
             };
-        parts.iter().all(|(t, p)| {
-            let Ok((low, high)) = self
-                .consumer
-                .fetch_watermarks(t, *p, Duration::from_secs(5))
+        let positions = self.positions();
+        parts.iter().all(|key| {
+            let Ok((low, high)) =
+                self.consumer
+                    .fetch_watermarks(&key.0, key.1, Duration::from_secs(5))
             else {
                 return false;
             };
             let position = self
                 .seen
-                .get(&(t.clone(), *p))
+                .get(key)
                 .copied()
-                .or_else(|| committed.get(&(t.clone(), *p)).copied())
+                .max(positions.get(key).copied())
+                .or_else(|| committed.get(key).copied())
                 .unwrap_or(low);
             position >= high
         })
@@ -264,19 +457,35 @@ impl Source for KafkaSource {
     async fn poll(&mut self, max: usize, wait: Duration) -> Result<Polled> {
         self.resume().await?;
         self.forget_revoked();
+        let deadline = tokio::time::Instant::now() + wait;
         let mut out = Vec::new();
-        let first = tokio::time::timeout(wait, self.consumer.recv()).await;
-        match first {
-            Err(_) => {
-                let end = tokio::task::block_in_place(|| self.caught_up());
-                return Ok(Polled { messages: out, end });
-            }
-            Ok(Err(e)) => return Err(broker_err("cannot read from Kafka", e)),
-            Ok(Ok(m)) => out.push(Self::to_raw(&m)),
-        }
+        let mut end = false;
         while out.len() < max {
-            match tokio::time::timeout(Duration::from_millis(2), self.consumer.recv()).await {
-                Ok(Ok(m)) => out.push(Self::to_raw(&m)),
+            let step = if out.is_empty() {
+                // Nothing in hand: at the end of every partition, say so at
+                // once (once per stretch at the end; the next poll waits).
+                if !self.end_told && self.at_end() {
+                    self.confirm_commits()?;
+                    self.end_told = true;
+                    end = true;
+                    break;
+                }
+                deadline.saturating_duration_since(tokio::time::Instant::now())
+            } else {
+                // librdkafka fetches ahead: what it has is here at once.
+                Duration::from_millis(2)
+            };
+            match tokio::time::timeout(step, self.consumer.recv()).await {
+                Ok(Ok(m)) => {
+                    let raw = Self::to_raw(&m);
+                    drop(m);
+                    self.took(&raw);
+                    out.push(raw);
+                }
+                Ok(Err(KafkaError::PartitionEOF(partition))) => self.reached_end(partition),
+                Ok(Err(e)) if out.is_empty() => {
+                    return Err(broker_err("cannot read from Kafka", e));
+                }
                 // The messages read already are the consumer's now: hand
                 // them over (dropping them would let a later commit skip
                 // them); the error comes back with the next poll if lasting.
@@ -284,22 +493,29 @@ impl Source for KafkaSource {
                     tracing::debug!(error = %e, "Kafka error after {} message(s) of a poll", out.len());
                     break;
                 }
-                Err(_) => break,
+                Err(_) => {
+                    end = out.is_empty() && self.at_end();
+                    if end {
+                        self.confirm_commits()?;
+                    }
+                    break;
+                }
             }
         }
         // A rebalance served during this poll may have revoked partitions
         // some of these messages came from: `owns` tells.
         self.forget_revoked();
-        for m in &out {
-            self.seen
-                .insert((m.topic.clone(), m.partition), m.offset + 1);
-        }
-        Ok(Polled {
-            messages: out,
-            end: false,
-        })
+        Ok(Polled { messages: out, end })
     }
 
+    /// Commits asynchronously: the consumer goes on with the next batch
+    /// while the broker writes the offsets (a synchronous commit waits a
+    /// round trip, which on a busy broker is long: tansu answered commits
+    /// made while it served a fetch in 150-230 ms). The rows are stored
+    /// already, so a lost
+    /// commit costs duplicates, never a message; the offsets are committed
+    /// again synchronously before a poll tells that every partition is at
+    /// its end, and a closing consumer waits for the commits in flight.
     async fn commit(&mut self, through: &[RawMessage]) -> Result<()> {
         let assigned = self.assigned()?;
         let mut next: BTreeMap<(&str, i32), i64> = BTreeMap::new();
@@ -329,10 +545,15 @@ impl Source for KafkaSource {
             tpl.add_partition_offset(t, *p, Offset::Offset(*o))
                 .map_err(|e| broker_err("bad offset", e))?;
         }
-        let result = tokio::task::block_in_place(|| self.consumer.commit(&tpl, CommitMode::Sync));
+        let result = self.consumer.commit(&tpl, CommitMode::Async);
         drop(tpl);
         match result {
-            Ok(()) => Ok(()),
+            Ok(()) => {
+                for ((t, p), o) in next {
+                    self.unconfirmed.insert((t.to_string(), p), o);
+                }
+                Ok(())
+            }
             Err(e) if lost_membership(&e) => {
                 tracing::warn!(
                     error = %e,
@@ -359,6 +580,8 @@ impl Source for KafkaSource {
                     .seek(&t, p, Offset::Offset(o), Duration::from_secs(10))
             })
             .map_err(|e| broker_err("cannot seek back to redeliver", e))?;
+            self.ended.remove(&(t.clone(), p));
+            self.unsure.remove(&(t.clone(), p));
             self.seen.insert((t, p), o);
         }
         Ok(())
@@ -382,6 +605,8 @@ impl Source for KafkaSource {
                 drop(m);
                 self.forget_revoked();
                 self.seen.entry(key.clone()).or_insert(offset);
+                self.ended.remove(&key);
+                self.unsure.remove(&key);
                 // A partition assigned during the pause is not paused yet.
                 let mut tpl = TopicPartitionList::new();
                 tpl.add_partition(&key.0, key.1);
@@ -389,6 +614,9 @@ impl Source for KafkaSource {
                     .pause(&tpl)
                     .map_err(|e| broker_err("cannot pause a partition", e))?;
             }
+            // (Every message before it was put back, and `resume` seeks
+            // there: the partition's end is told again after that.)
+            Ok(Err(KafkaError::PartitionEOF(_))) => {}
             Ok(Err(e)) => return Err(broker_err("cannot read from Kafka", e)),
             Err(_) => {}
         }
@@ -411,13 +639,17 @@ impl Source for KafkaSource {
             .collect();
         drop(assigned);
         self.paused = false;
-        for (t, p) in parts {
-            let Some(&o) = self.seen.get(&(t.clone(), p)) else {
+        for key in parts {
+            // The seek restarts the partition's fetching: its end (if it is
+            // there) is told again.
+            self.ended.remove(&key);
+            self.unsure.remove(&key);
+            let Some(&o) = self.seen.get(&key) else {
                 continue;
             };
             tokio::task::block_in_place(|| {
                 self.consumer
-                    .seek(&t, p, Offset::Offset(o), Duration::from_secs(10))
+                    .seek(&key.0, key.1, Offset::Offset(o), Duration::from_secs(10))
             })
             .map_err(|e| broker_err("cannot seek back after a pause", e))?;
         }
