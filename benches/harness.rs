@@ -1116,7 +1116,7 @@ fn inbox(args: &Args, conn: &Conn) {
         return inbox_file(args, conn, &messages);
     }
     if args.source == "kafka" {
-        return inbox_kafka(args, url, &messages);
+        return inbox_kafka(args, conn, &messages);
     }
     for handler in [false, true] {
         let mut rates = Vec::new();
@@ -1307,7 +1307,9 @@ fn inbox_file(args: &Args, conn: &Conn, messages: &[omnibox::inbox::RawMessage])
 /// timed from its creation (group join included) to the last message, and
 /// from its first message. The order of the two alternates by round.
 /// OMNIBOX_BENCH_BIN runs another build of omnibox for the timed part.
-fn inbox_kafka(args: &Args, url: &str, messages: &[omnibox::inbox::RawMessage]) {
+fn inbox_kafka(args: &Args, conn: &Conn, messages: &[omnibox::inbox::RawMessage]) {
+    // Seeding and checks connect directly; the timed consumer as the kind says.
+    let url = conn.setup.as_str();
     use rdkafka::ClientConfig;
     use rdkafka::consumer::{BaseConsumer, Consumer};
     use rdkafka::message::{Header, OwnedHeaders};
@@ -1421,7 +1423,7 @@ fn inbox_kafka(args: &Args, url: &str, messages: &[omnibox::inbox::RawMessage]) 
             let start = Instant::now();
             let out = Command::new(&binary)
                 .args(argv)
-                .env("OMNIBOX_DATABASE_URL", url)
+                .env("OMNIBOX_DATABASE_URL", &conn.url)
                 .env("OMNIBOX_DATABASE_SCHEMA", &schema)
                 .stdout(Stdio::piped())
                 .stderr(Stdio::piped())
@@ -1500,16 +1502,18 @@ fn inbox_kafka(args: &Args, url: &str, messages: &[omnibox::inbox::RawMessage]) 
             "rows {rows} of {distinct}, offsets committed at the end: {committed_at_end}"
         );
     }
-    report("inbox kafka (no handler)", &rates, &command);
+    report("inbox kafka (no handler)", &rates, &command, conn);
     report(
         "plain rdkafka consumer, from its creation",
         &plain_rates,
         "BaseConsumer, default settings, auto.offset.reset=earliest, same topic and broker",
+        conn,
     );
     report(
         "plain rdkafka consumer, after its first message",
         &plain_after_first,
         "the same runs",
+        conn,
     );
     let median = |v: &[f64]| {
         let mut s = v.to_vec();
