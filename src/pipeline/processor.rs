@@ -323,6 +323,12 @@ pub struct ProcessorOptions {
     pub worker: WorkerId,
     /// Rows per claim.
     pub batch: u32,
+    /// Payload bytes per claim (see [`ClaimOptions::max_bytes`]): a claim
+    /// stops before the row that would pass it, and holds at least one row.
+    /// With up to three batches in flight (see
+    /// [`run`](crate::pipeline::runner::run)), a worker holds about three
+    /// times this much. `None`: rows alone bound a claim.
+    pub batch_bytes: Option<u64>,
     /// Lease of a claim.
     pub lease: Duration,
     /// Backoff of counted failures.
@@ -336,11 +342,14 @@ pub struct ProcessorOptions {
 }
 
 impl ProcessorOptions {
-    /// Defaults: batch 100, lease 5 min, backoff 10 s..1 h, transient retry in 1 s.
+    /// Defaults: batch 100 rows and 16 MiB
+    /// ([`DEFAULT_BATCH_BYTES`](crate::model::limits::DEFAULT_BATCH_BYTES)),
+    /// lease 5 min, backoff 10 s..1 h, transient retry in 1 s.
     pub fn new(worker: WorkerId) -> Self {
         ProcessorOptions {
             worker,
             batch: 100,
+            batch_bytes: Some(crate::model::limits::DEFAULT_BATCH_BYTES),
             lease: DEFAULT_LEASE_TIMEOUT,
             backoff: Backoff::default(),
             transient_delay: crate::model::limits::DEFAULT_TRANSIENT_RETRY_DELAY,
@@ -577,6 +586,7 @@ where
                 .claim(&ClaimOptions {
                     worker: self.options.worker.clone(),
                     limit: self.options.batch,
+                    max_bytes: self.options.batch_bytes,
                     after,
                     examine,
                     spread,
