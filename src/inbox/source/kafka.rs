@@ -84,6 +84,11 @@ pub struct KafkaSource {
     seen: HashMap<(String, i32), i64>,
     /// The assigned partitions are paused ([`Source::idle`]).
     paused: bool,
+    /// A message read but not handed over: it would have passed a poll's
+    /// byte budget. The next poll starts with it; its partition's read
+    /// position (`seen`) is its offset, so a seek (resume, rewind) that
+    /// reads it again drops it here.
+    held: Option<RawMessage>,
 }
 
 impl std::fmt::Debug for KafkaSource {
@@ -161,6 +166,7 @@ impl KafkaSource {
             group: group.to_string(),
             topics: topics.to_vec(),
             seen: HashMap::new(),
+            held: None,
         })
     }
 
@@ -192,6 +198,14 @@ impl KafkaSource {
             Err(_) => return,
         };
         for key in revoked {
+            if self
+                .held
+                .as_ref()
+                .is_some_and(|h| (&h.topic, h.partition) == (&key.0, key.1))
+            {
+                // Its new owner reads it.
+                self.held = None;
+            }
             self.seen.remove(&key);
         }
     }
@@ -262,21 +276,53 @@ impl Source for KafkaSource {
     }
 
     async fn poll(&mut self, max: usize, wait: Duration) -> Result<Polled> {
+        self.poll_within(max, usize::MAX, wait).await
+    }
+
+    async fn poll_within(
+        &mut self,
+        max: usize,
+        max_bytes: usize,
+        wait: Duration,
+    ) -> Result<Polled> {
         self.resume().await?;
         self.forget_revoked();
         let mut out = Vec::new();
-        let first = tokio::time::timeout(wait, self.consumer.recv()).await;
-        match first {
-            Err(_) => {
-                let end = tokio::task::block_in_place(|| self.caught_up());
-                return Ok(Polled { messages: out, end });
+        let mut bytes = match self.held.take() {
+            Some(m) => {
+                let size = m.size();
+                out.push(m);
+                size
             }
-            Ok(Err(e)) => return Err(broker_err("cannot read from Kafka", e)),
-            Ok(Ok(m)) => out.push(Self::to_raw(&m)),
-        }
+            None => {
+                let first = tokio::time::timeout(wait, self.consumer.recv()).await;
+                match first {
+                    Err(_) => {
+                        let end = tokio::task::block_in_place(|| self.caught_up());
+                        return Ok(Polled { messages: out, end });
+                    }
+                    Ok(Err(e)) => return Err(broker_err("cannot read from Kafka", e)),
+                    Ok(Ok(m)) => {
+                        let m = Self::to_raw(&m);
+                        let size = m.size();
+                        out.push(m);
+                        size
+                    }
+                }
+            }
+        };
         while out.len() < max {
             match tokio::time::timeout(Duration::from_millis(2), self.consumer.recv()).await {
-                Ok(Ok(m)) => out.push(Self::to_raw(&m)),
+                Ok(Ok(m)) => {
+                    let m = Self::to_raw(&m);
+                    let size = m.size();
+                    if bytes.saturating_add(size) > max_bytes {
+                        self.held = Some(m);
+                        break;
+                    }
+                    bytes += size;
+                    out.push(m);
+                }
                 // The messages read already are the consumer's now: hand
                 // them over (dropping them would let a later commit skip
                 // them); the error comes back with the next poll if lasting.
@@ -293,6 +339,10 @@ impl Source for KafkaSource {
         for m in &out {
             self.seen
                 .insert((m.topic.clone(), m.partition), m.offset + 1);
+        }
+        if let Some(h) = &self.held {
+            // Not handed over: its partition is read from it on.
+            self.seen.insert((h.topic.clone(), h.partition), h.offset);
         }
         Ok(Polled {
             messages: out,
@@ -359,6 +409,14 @@ impl Source for KafkaSource {
                     .seek(&t, p, Offset::Offset(o), Duration::from_secs(10))
             })
             .map_err(|e| broker_err("cannot seek back to redeliver", e))?;
+            if self
+                .held
+                .as_ref()
+                .is_some_and(|h| (&h.topic, h.partition) == (&t, p))
+            {
+                // Read again from the new position.
+                self.held = None;
+            }
             self.seen.insert((t, p), o);
         }
         Ok(())
@@ -411,6 +469,9 @@ impl Source for KafkaSource {
             .collect();
         drop(assigned);
         self.paused = false;
+        // Every partition goes back to its read position, the held
+        // message's to its offset: it is read again.
+        self.held = None;
         for (t, p) in parts {
             let Some(&o) = self.seen.get(&(t.clone(), p)) else {
                 continue;
