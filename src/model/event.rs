@@ -336,6 +336,13 @@ pub type OutboxEvent = Event<OutboxRoute>;
 pub type InboxEvent = Event<InboxRoute>;
 
 impl<R: Route> Event<R> {
+    /// Drops the payload and headers (a processor's batch whose events are
+    /// settled keeps only what it writes: ids, types, attempts).
+    pub(crate) fn shed_body(&mut self) {
+        self.payload = Payload::new();
+        self.headers = None;
+    }
+
     /// Primary key (UUIDv7 by default, so ids sort by creation time).
     pub fn id(&self) -> Uuid {
         self.id
