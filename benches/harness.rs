@@ -26,12 +26,19 @@
 //!            Labelled variants: `--analyze` runs VACUUM ANALYZE before the
 //!            timed part; `--mode library` runs the relays in this process.
 //!
+//!   memory   peak RSS of enqueue, publish (default batch, --batch 1000,
+//!            the file sink) and inbox consume on 1,000 events of 500 KB,
+//!            on PostgreSQL and SQLite (see benches/harness/memory.rs).
+//!
 //!   ops      the operations commands (status, list and its paging,
 //!            failures, replay of 50,000 rows, unlock --dry-run, cleanup) on an
 //!            outbox of N rows (`--events 10000000`): 99% completed, 50,000
 //!            failed in 200 causes, 50,000 pending; each timed as a process.
 //!
 //! Needs OMNIBOX_BENCH_DATABASE_URL (bench/run.sh starts a server when unset).
+
+#[path = "harness/memory.rs"]
+mod memory;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -45,7 +52,7 @@ use serde_json::json;
 #[command(about = "omnibox benchmark harness")]
 struct Args {
     /// Scenario to run
-    #[arg(value_parser = ["enqueue", "publish", "produce", "inbox", "ops"])]
+    #[arg(value_parser = ["enqueue", "publish", "produce", "inbox", "ops", "memory"])]
     scenario: String,
     /// Events per round
     #[arg(long, default_value_t = 20_000)]
@@ -113,6 +120,7 @@ fn main() {
         "produce" => produce(&args),
         "inbox" => inbox(&args, &url),
         "ops" => ops(&args, &url),
+        "memory" => memory::memory(&args, &url),
         _ => unreachable!(),
     }
 }
