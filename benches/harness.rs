@@ -45,6 +45,10 @@
 //!            delay each way until killed (or until the process that started
 //!            it ends), for the Python reference's runs under latency.
 //!
+//!   memory   peak RSS of enqueue, publish (default batch, --batch 1000,
+//!            the file sink) and inbox consume on 1,000 events of 500 KB,
+//!            on PostgreSQL and SQLite (see benches/harness/memory.rs).
+//!
 //!   ops      the operations commands (status, list and its paging,
 //!            failures, replay of 50,000 rows, unlock --dry-run, cleanup) on an
 //!            outbox of N rows (`--events 10000000`): 99% completed, 50,000
@@ -71,6 +75,9 @@ mod latency;
 #[path = "harness/soak.rs"]
 mod soak;
 
+#[path = "harness/memory.rs"]
+mod memory;
+
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -86,7 +93,7 @@ mod proxy;
 #[command(about = "omnibox benchmark harness")]
 struct Args {
     /// Scenario to run
-    #[arg(value_parser = ["enqueue", "publish", "produce", "inbox", "ops", "proxy", "latency", "soak"])]
+    #[arg(value_parser = ["enqueue", "publish", "produce", "inbox", "ops", "proxy", "latency", "soak", "memory"])]
     scenario: String,
     /// Events per round
     #[arg(long, default_value_t = 20_000)]
@@ -184,6 +191,7 @@ fn main() {
         "ops" => ops(&args, &conn),
         "latency" => latency::latency(&args, &conn),
         "soak" => soak::soak(&args, &conn),
+        "memory" => memory::memory(&args, &conn.url),
         _ => unreachable!(),
     }
 }

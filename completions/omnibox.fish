@@ -122,6 +122,7 @@ off\t'Off'"
 complete -c omnibox -n "__fish_omnibox_using_subcommand publish" -l circuit-threshold -d 'Consecutive batches downstream did not take before the pause starts' -r
 complete -c omnibox -n "__fish_omnibox_using_subcommand publish" -l circuit-recovery -d 'Longest pause: it starts at 1s and doubles while downstream stays out, up to this (at least 1s)' -r
 complete -c omnibox -n "__fish_omnibox_using_subcommand publish" -l batch -d 'Events per claim' -r
+complete -c omnibox -n "__fish_omnibox_using_subcommand publish" -l batch-bytes -d 'Payload bytes per claim, e.g. 64MiB: a claim stops before the event that would pass it (one event at least, however large); up to three batches are in flight [default: OMNIBOX_BATCH_BYTES, batch_bytes in omnibox.toml, or 16MiB]' -r
 complete -c omnibox -n "__fish_omnibox_using_subcommand publish" -l topic -d 'Publish only events of this topic (repeatable): a relay dedicated to some topics, e.g. a slow one, while others take the rest. Per-key order holds (a key belongs to one topic); --once exits when nothing of these topics is due' -r
 complete -c omnibox -n "__fish_omnibox_using_subcommand publish" -l default-schema-version -d 'The envelope\'s schema_version for events that have none of their own' -r
 complete -c omnibox -n "__fish_omnibox_using_subcommand publish" -l worker-id -d 'This relay\'s id in locked_by [default: HOST:PID]' -r
@@ -191,6 +192,7 @@ complete -c omnibox -n "__fish_omnibox_using_subcommand inbox; and __fish_seen_s
 complete -c omnibox -n "__fish_omnibox_using_subcommand inbox; and __fish_seen_subcommand_from consume" -l webhook -d 'POST each event as JSON to this URL: 2xx completed, 409 skipped, 429/502/503/504 retry later (Retry-After honoured), other failed' -r
 complete -c omnibox -n "__fish_omnibox_using_subcommand inbox; and __fish_seen_subcommand_from consume" -l timeout -d 'Longest run of one handler call (a timeout is a failed attempt)' -r
 complete -c omnibox -n "__fish_omnibox_using_subcommand inbox; and __fish_seen_subcommand_from consume" -l batch -d 'Messages per database transaction' -r
+complete -c omnibox -n "__fish_omnibox_using_subcommand inbox; and __fish_seen_subcommand_from consume" -l batch-bytes -d 'Bytes per database transaction (values, keys and headers), e.g. 64MiB: a batch ends before the message that would pass it (one message at least, however large); a Kafka source also prefetches at most this much (queued.max.messages.kbytes, unless -X sets it) [default: OMNIBOX_BATCH_BYTES, batch_bytes in omnibox.toml, or 16MiB]' -r
 complete -c omnibox -n "__fish_omnibox_using_subcommand inbox; and __fish_seen_subcommand_from consume" -l max-attempts -d 'Counted handler failures of a message before its row is failed (exactly-once)' -r
 complete -c omnibox -n "__fish_omnibox_using_subcommand inbox; and __fish_seen_subcommand_from consume" -l transient-limit -d 'A message still failing transiently (exit 75, HTTP 429/502/503/504, no connection) this long after it was first stored is parked as failed' -r
 complete -c omnibox -n "__fish_omnibox_using_subcommand inbox; and __fish_seen_subcommand_from consume" -l lease -d 'How long this consumer\'s locks on rows in hand last if it dies (extended every third of it while it lives; external handlers)' -r
@@ -226,6 +228,7 @@ off\t'Off'"
 complete -c omnibox -n "__fish_omnibox_using_subcommand inbox; and __fish_seen_subcommand_from process" -l circuit-threshold -d 'Consecutive batches downstream did not take before the pause starts' -r
 complete -c omnibox -n "__fish_omnibox_using_subcommand inbox; and __fish_seen_subcommand_from process" -l circuit-recovery -d 'Longest pause: it starts at 1s and doubles while downstream stays out, up to this (at least 1s)' -r
 complete -c omnibox -n "__fish_omnibox_using_subcommand inbox; and __fish_seen_subcommand_from process" -l batch -d 'Rows per claim' -r
+complete -c omnibox -n "__fish_omnibox_using_subcommand inbox; and __fish_seen_subcommand_from process" -l batch-bytes -d 'Payload bytes per claim, e.g. 64MiB: a claim stops before the row that would pass it (one row at least, however large) [default: OMNIBOX_BATCH_BYTES, batch_bytes in omnibox.toml, or 16MiB]' -r
 complete -c omnibox -n "__fish_omnibox_using_subcommand inbox; and __fish_seen_subcommand_from process" -l source -d 'Handle only rows from this source (the producing service, or the topic; repeatable)' -r
 complete -c omnibox -n "__fish_omnibox_using_subcommand inbox; and __fish_seen_subcommand_from process" -l event-type -d 'Handle only rows of this event type (repeatable)' -r
 complete -c omnibox -n "__fish_omnibox_using_subcommand inbox; and __fish_seen_subcommand_from process" -l concurrency -d 'Handler calls running at once' -r

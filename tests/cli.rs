@@ -1294,3 +1294,242 @@ fn filtered_relays_and_processors_take_only_their_rows() {
         assert!(r.stderr.contains("error"), "{}", r.render());
     }
 }
+
+/// One JSON line of a large event (`pad` bytes of payload), with its id.
+fn large_line(i: usize, pad: usize, idempotency_key: bool) -> (uuid::Uuid, String) {
+    let id = uuid::Uuid::now_v7();
+    let mut line = serde_json::json!({
+        "id": id,
+        "aggregate_type": "order",
+        "aggregate_id": "0190f1d2-7a3b-7cde-8f00-123456789abc",
+        "event_type": "order.archived",
+        "topic": "orders",
+        "partition_key": format!("order-{}", i % 3),
+        "payload": {"n": i, "items": [{"note": "y".repeat(100)}], "blob": "x".repeat(pad)},
+    });
+    if idempotency_key {
+        line["idempotency_key"] = serde_json::json!(format!("large-{i}"));
+    }
+    (id, line.to_string())
+}
+
+/// Large events through the CLI on `env`'s database: an input several
+/// times enqueue's chunk (4 MiB) whose last line is bad writes nothing;
+/// the same input without it goes in whole, ids reported in input order
+/// (chunks with idempotency keys between plain ones); a relay with a small
+/// byte budget publishes every event, in many claims, each key in order;
+/// and the consumer stores every message.
+fn large_events_flow(d: &Path, env: &[(&str, &str)]) {
+    let r = omnibox(d, &["migrate"], None, env);
+    assert_eq!(r.code, 0, "{}", r.render());
+    // 45 events of ~300 KB: about 13 MiB, over three of enqueue's chunks;
+    // events 15..20 carry idempotency keys (the INSERT path between COPYs).
+    let events: Vec<(uuid::Uuid, String)> = (0..45)
+        .map(|i| large_line(i, 300_000, (15..20).contains(&i)))
+        .collect();
+    let mut input: String = events.iter().map(|(_, l)| format!("{l}\n")).collect();
+    let bad = format!("{input}{{\"aggregate_type\":\"order\"}}\n");
+    let r = omnibox(d, &["enqueue", "--jsonl"], Some(&bad), env);
+    assert_eq!(r.code, 2, "{}", r.render());
+    assert!(r.stderr.contains("line 46"), "{}", r.render());
+    assert_eq!(r.stderr.lines().count(), 1, "{}", r.render());
+    let status = |env: &[(&str, &str)]| -> serde_json::Value {
+        let r = omnibox(d, &["status", "--format", "json"], None, env);
+        assert_eq!(r.code, 0, "{}", r.render());
+        serde_json::from_str(&r.stdout).unwrap()
+    };
+    assert_eq!(
+        status(env)["tables"][0]["pending"],
+        0,
+        "a bad last line writes nothing of the input"
+    );
+    // The same without the bad line.
+    input.push('\n');
+    let r = omnibox(
+        d,
+        &["enqueue", "--jsonl", "--format", "json"],
+        Some(&input),
+        env,
+    );
+    assert_eq!(r.code, 0, "{}", r.render());
+    let v: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+    assert_eq!(v["inserted"], 45);
+    let ids: Vec<String> = events.iter().map(|(id, _)| id.to_string()).collect();
+    assert_eq!(v["ids"], serde_json::json!(ids), "ids in input order");
+    // The relay: claims of at most 1 MiB (three events), however many rows
+    // --batch allows.
+    let out = d.join("published.jsonl");
+    let sink = format!("file:{}", out.display());
+    let r = omnibox(
+        d,
+        &[
+            "publish",
+            "--once",
+            "--broker",
+            &sink,
+            "--batch",
+            "1000",
+            "--batch-bytes",
+            "1MiB",
+            "--format",
+            "json",
+        ],
+        None,
+        env,
+    );
+    assert_eq!(r.code, 0, "{}", r.render());
+    let v: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+    assert_eq!(v["completed"], 45, "{v}");
+    assert!(
+        v["batches"].as_u64().unwrap() >= 15,
+        "claims of three events at most: {v}"
+    );
+    assert_eq!(status(env)["tables"][0]["completed"], 45);
+    // Every event on the file once, each key in input order.
+    let published: Vec<serde_json::Value> = std::fs::read_to_string(&out)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(published.len(), 45);
+    for key in ["order-0", "order-1", "order-2"] {
+        let of_key: Vec<&str> = published
+            .iter()
+            .filter(|m| m["key"] == key)
+            .map(|m| m["headers"]["event_id"].as_str().unwrap())
+            .collect();
+        let expected: Vec<&str> = ids
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| format!("order-{}", i % 3) == key)
+            .map(|(_, id)| id.as_str())
+            .collect();
+        assert_eq!(of_key, expected, "{key} in order");
+    }
+    // The consumer, 1 MiB a transaction.
+    let r = omnibox(
+        d,
+        &[
+            "inbox",
+            "consume",
+            "--from",
+            &sink,
+            "--once",
+            "--batch-bytes",
+            "1MiB",
+            "--format",
+            "json",
+        ],
+        None,
+        env,
+    );
+    assert_eq!(r.code, 0, "{}", r.render());
+    let v: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+    assert_eq!(
+        (v["consumed"].clone(), v["stored"].clone()),
+        (45.into(), 45.into()),
+        "{v}"
+    );
+    for bad in [
+        vec!["publish", "--once", "--batch-bytes", "0"],
+        vec!["publish", "--once", "--batch-bytes", "16M"],
+        vec![
+            "inbox",
+            "process",
+            "--once",
+            "--exec",
+            "true",
+            "--batch-bytes",
+            "lots",
+        ],
+        vec!["inbox", "consume", "--once", "--batch-bytes", "65GiB"],
+    ] {
+        let r = omnibox(d, &bad, None, env);
+        assert_eq!(r.code, 2, "{bad:?}: {}", r.render());
+        assert!(
+            r.stderr.starts_with("error: invalid value"),
+            "{}",
+            r.render()
+        );
+    }
+    let r = omnibox(
+        d,
+        &["publish", "--once"],
+        None,
+        &[env, &[("OMNIBOX_BATCH_BYTES", "-1")]].concat(),
+    );
+    assert_eq!(r.code, 2, "{}", r.render());
+    assert_eq!(
+        r.stderr.trim(),
+        "omnibox: error: OMNIBOX_BATCH_BYTES: \"-1\" is not a size; write e.g. 16MiB, 64MB, 512KiB or 1048576 (bytes)"
+    );
+}
+
+#[test]
+fn large_events_on_sqlite() {
+    let dir = tempfile::tempdir().unwrap();
+    large_events_flow(dir.path(), &[]);
+}
+
+#[test]
+fn large_events_on_postgres() {
+    let Some(url) = common::pg_url() else { return };
+    let schema = format!("cli_{}", uuid::Uuid::new_v4().simple());
+    let dir = tempfile::tempdir().unwrap();
+    large_events_flow(
+        dir.path(),
+        &[
+            ("OMNIBOX_DATABASE_URL", url.as_str()),
+            ("OMNIBOX_DATABASE_SCHEMA", schema.as_str()),
+        ],
+    );
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let pool = sqlx::PgPool::connect(&url).await.unwrap();
+        let ddl = format!("DROP SCHEMA {schema} CASCADE");
+        sqlx::query(sqlx::AssertSqlSafe(ddl))
+            .execute(&pool)
+            .await
+            .unwrap();
+    });
+}
+
+/// `enqueue --format json` reports every id in input order also past the
+/// ids it keeps in memory (65,536; the rest go to a temporary file).
+#[test]
+fn enqueue_reports_many_ids_in_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let n = 70_000;
+    let ids: Vec<uuid::Uuid> = (0..n).map(|_| uuid::Uuid::now_v7()).collect();
+    let input: String = ids
+        .iter()
+        .map(|id| LINE.replacen('{', &format!("{{\"id\":\"{id}\","), 1) + "\n")
+        .collect();
+    let r = omnibox(
+        dir.path(),
+        &["enqueue", "--jsonl", "--format", "json"],
+        Some(&input),
+        &[("TMPDIR", dir.path().to_str().unwrap())],
+    );
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let v: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+    assert_eq!(v["inserted"], n);
+    let got: Vec<uuid::Uuid> = v["ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|id| id.as_str().unwrap().parse().unwrap())
+        .collect();
+    assert_eq!(got, ids);
+    // The temporary file is gone.
+    let left: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .starts_with("omnibox-enqueue")
+        })
+        .collect();
+    assert!(left.is_empty());
+}

@@ -38,6 +38,7 @@ backend_tests!(
     a_row_with_attempts_used_up_fails_cleanly,
     a_row_due_within_a_second_holds_its_key,
     a_worker_claims_behind_its_own_rows_in_flight,
+    a_byte_budget_cuts_claims_in_key_order,
 );
 
 /// PostgreSQL only: when the caller sets no time, the database's clock sets

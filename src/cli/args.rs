@@ -72,6 +72,47 @@ pub fn duration(text: &str) -> Result<Duration, String> {
     Ok(total)
 }
 
+/// Largest byte budget accepted (`--batch-bytes`): 64 GiB.
+pub const MAX_BYTES: u64 = 64 << 30;
+
+/// A size in bytes such as `16MiB`, `64MB`, `512KiB` or `1048576` (bytes):
+/// `KiB`, `MiB`, `GiB` are powers of 1024, `KB`, `MB`, `GB` of 1000, `B` or
+/// no unit bytes (the unit's case does not matter). At least 1 byte, at
+/// most 64 GiB.
+pub fn bytes(text: &str) -> Result<u64, String> {
+    let t = text.trim();
+    let hint = "write e.g. 16MiB, 64MB, 512KiB or 1048576 (bytes)";
+    let digits = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    if digits == 0 {
+        return Err(format!("{text:?} is not a size; {hint}"));
+    }
+    let too_large = || format!("{text:?} is too large: at most 64GiB");
+    let n: u64 = t[..digits].parse().map_err(|_| too_large())?;
+    let unit = t[digits..].trim();
+    let scale: u64 = match unit.to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "kib" => 1 << 10,
+        "mib" => 1 << 20,
+        "gib" => 1 << 30,
+        "kb" => 1_000,
+        "mb" => 1_000_000,
+        "gb" => 1_000_000_000,
+        _ => {
+            return Err(format!(
+                "{text:?}: unknown unit {unit:?}; use B, KiB, MiB, GiB, KB, MB or GB"
+            ));
+        }
+    };
+    let total = n
+        .checked_mul(scale)
+        .filter(|b| *b <= MAX_BYTES)
+        .ok_or_else(too_large)?;
+    if total == 0 {
+        return Err(format!("{text:?}: a byte budget must be at least 1 byte"));
+    }
+    Ok(total)
+}
+
 /// A point in time: RFC 3339 with an offset, or a duration meaning "that long ago".
 pub fn since(text: &str) -> Result<Timestamp, String> {
     if text.trim().starts_with('-') {
@@ -172,6 +213,35 @@ mod tests {
         );
         assert!(duration("-5d").unwrap_err().contains("not negative"));
         assert!(since("-5d").unwrap_err().contains("5d"));
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(bytes("16MiB").unwrap(), 16 << 20);
+        assert_eq!(bytes("16mib").unwrap(), 16 << 20);
+        assert_eq!(bytes("64MB").unwrap(), 64_000_000);
+        assert_eq!(bytes("512KiB").unwrap(), 512 << 10);
+        assert_eq!(bytes("2 GiB").unwrap(), 2 << 30);
+        assert_eq!(bytes("1048576").unwrap(), 1 << 20);
+        assert_eq!(bytes("100B").unwrap(), 100);
+        assert_eq!(bytes("64GiB").unwrap(), MAX_BYTES);
+        assert!(bytes("0").unwrap_err().contains("at least 1 byte"));
+        assert!(bytes("65GiB").unwrap_err().contains("too large"));
+        assert!(
+            bytes("99999999999999999999999")
+                .unwrap_err()
+                .contains("too large")
+        );
+        assert!(
+            bytes("18446744073709551615GiB")
+                .unwrap_err()
+                .contains("too large")
+        );
+        assert!(bytes("16M").unwrap_err().contains("unknown unit"));
+        assert!(bytes("-5MiB").unwrap_err().contains("not a size"));
+        assert!(bytes("MiB").unwrap_err().contains("not a size"));
+        assert!(bytes("").unwrap_err().contains("not a size"));
+        assert!(bytes("1.5MiB").unwrap_err().contains("unknown unit"));
     }
 
     #[test]

@@ -31,6 +31,9 @@ pub struct FileConfig {
     pub dedup_window: Option<String>,
     /// The lease of `publish` and `inbox process` (e.g. "5m").
     pub lease: Option<String>,
+    /// The byte budget of a batch of `publish`, `inbox process` and `inbox
+    /// consume` (e.g. "16MiB").
+    pub batch_bytes: Option<String>,
 }
 
 /// Default of the deduplication window.
@@ -50,6 +53,9 @@ pub struct Settings {
     /// The lease relays and `inbox process` take (their `--lease` default),
     /// and the shortest threshold `release-stale-locks` accepts.
     pub lease: Duration,
+    /// The byte budget of a batch (the `--batch-bytes` default of `publish`,
+    /// `inbox process` and `inbox consume`).
+    pub batch_bytes: u64,
     /// Where the file settings came from, if any.
     pub config_file: Option<PathBuf>,
 }
@@ -94,9 +100,33 @@ pub fn load(global: &GlobalArgs) -> Result<Settings> {
     let lease = env_duration(super::env::LEASE)?
         .or(file_duration("lease", &file.lease)?)
         .unwrap_or(omnibox::model::limits::DEFAULT_LEASE_TIMEOUT);
+    let batch_bytes = match std::env::var(super::env::BATCH_BYTES) {
+        Ok(v) if !v.trim().is_empty() => Some(
+            super::args::bytes(&v)
+                .map_err(|e| super::UsageError(format!("{}: {e}", super::env::BATCH_BYTES)))?,
+        ),
+        _ => None,
+    };
+    let batch_bytes = match batch_bytes {
+        Some(b) => b,
+        None => file
+            .batch_bytes
+            .as_deref()
+            .map(|v| {
+                super::args::bytes(v).map_err(|e| {
+                    super::UsageError(format!(
+                        "config file {}: batch_bytes: {e}",
+                        path.as_deref().unwrap_or(Path::new(DEFAULT_FILE)).display()
+                    ))
+                })
+            })
+            .transpose()?
+            .unwrap_or(omnibox::model::limits::DEFAULT_BATCH_BYTES),
+    };
     Ok(Settings {
         dedup_window,
         lease,
+        batch_bytes,
         database_url: global
             .database_url
             .clone()

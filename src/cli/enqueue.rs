@@ -7,7 +7,6 @@ use anyhow::{Context as _, Result};
 use clap::Args;
 use omnibox::store::BulkOutcome;
 use omnibox::{DomainService, Headers, NewOutboxEvent, OutboxEvent, OutboxStore, Timestamp, time};
-use serde::Serialize;
 use uuid::Uuid;
 
 use super::output::{self, Format};
@@ -15,8 +14,16 @@ use super::{Context, ExitStatus, UsageError, args};
 
 /// Rows per insert statement and per hand-over from the parser.
 const CHUNK: usize = 1000;
+/// Input bytes per hand-over from the parser: a chunk of large events ends
+/// once its lines hold this much, so the parser's chunk, the one waiting in
+/// the channel and the one being inserted stay a few MiB, whatever the size
+/// of the input (the transaction stays one).
+const CHUNK_BYTES: usize = 4 * 1024 * 1024;
 /// Longest accepted input line (a payload is at most 1,000,000 bytes).
 const MAX_LINE: u64 = 4 * 1024 * 1024;
+/// Ids kept in memory for `--format json`; past this they go to a
+/// temporary file, so the report of any input fits in bounded memory.
+const IDS_IN_MEMORY: usize = 65_536;
 
 /// Insert outbox events: one from flags, or many as JSON lines
 ///
@@ -103,27 +110,156 @@ fn parse_time(s: &str) -> Result<Timestamp, String> {
     })
 }
 
-/// `--format json` shape of enqueue.
-#[derive(Debug, Default, Serialize)]
+/// What enqueue reports: `{"inserted", "existing", "ids"}` with
+/// `--format json`.
+#[derive(Debug, Default)]
 struct Report {
     /// Rows written.
     inserted: u64,
     /// Inputs whose idempotency key existed (nothing written).
     existing: u64,
-    /// Id of each input's row, in input order (the existing row's id for an existing key).
-    ids: Vec<Uuid>,
+    /// The first input's row id (the table report names it when there is
+    /// one input).
+    first: Option<Uuid>,
+    /// Id of each input's row, in input order (the existing row's id for
+    /// an existing key), kept for `--format json` only.
+    ids: Option<Ids>,
+}
+
+/// Ids in input order: the first [`IDS_IN_MEMORY`] in memory, the rest in
+/// an unnamed temporary file (16 bytes each).
+#[derive(Debug, Default)]
+struct Ids {
+    memory: Vec<Uuid>,
+    spill: Option<std::io::BufWriter<std::fs::File>>,
+    spilled: u64,
+    /// The temporary file could not be made: everything stays in memory.
+    no_spill: bool,
+}
+
+impl Ids {
+    fn push(&mut self, id: Uuid) -> std::io::Result<()> {
+        use std::io::Write as _;
+        if self.spill.is_none() && !self.no_spill && self.memory.len() >= IDS_IN_MEMORY {
+            match unnamed_temp_file() {
+                Ok(f) => self.spill = Some(std::io::BufWriter::with_capacity(1 << 16, f)),
+                Err(e) => {
+                    tracing::debug!(error = %e, "no temporary file for the ids; keeping them in memory");
+                    self.no_spill = true;
+                }
+            }
+        }
+        match &mut self.spill {
+            Some(w) => {
+                w.write_all(id.as_bytes())?;
+                self.spilled += 1;
+            }
+            None => self.memory.push(id),
+        }
+        Ok(())
+    }
+
+    /// Calls `each` with every id in order.
+    fn for_each(mut self, mut each: impl FnMut(Uuid) -> Result<()>) -> Result<()> {
+        use std::io::{Read as _, Seek as _};
+        for id in self.memory.drain(..) {
+            each(id)?;
+        }
+        let Some(w) = self.spill.take() else {
+            return Ok(());
+        };
+        let mut f = w.into_inner().map_err(|e| e.into_error())?;
+        f.seek(std::io::SeekFrom::Start(0))?;
+        let mut r = std::io::BufReader::with_capacity(1 << 16, f);
+        let mut buf = [0u8; 16];
+        for _ in 0..self.spilled {
+            r.read_exact(&mut buf)?;
+            each(Uuid::from_bytes(buf))?;
+        }
+        Ok(())
+    }
+}
+
+/// A temporary file that is gone once closed (removed from its directory
+/// at once).
+fn unnamed_temp_file() -> std::io::Result<std::fs::File> {
+    let dir = std::env::temp_dir();
+    for attempt in 0..16u32 {
+        let path = dir.join(format!(
+            "omnibox-enqueue-{}-{}-{attempt}",
+            std::process::id(),
+            fastrand::u64(..)
+        ));
+        match std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&path)
+        {
+            Ok(f) => {
+                let _ = std::fs::remove_file(&path);
+                return Ok(f);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    Err(std::io::Error::other("no free temporary file name"))
 }
 
 impl Report {
-    fn add(&mut self, outcomes: &[BulkOutcome]) {
+    /// A report; `ids`: keep every id (for `--format json`).
+    fn new(ids: bool) -> Self {
+        Report {
+            ids: ids.then(Ids::default),
+            ..Report::default()
+        }
+    }
+
+    fn count(&self) -> u64 {
+        self.inserted + self.existing
+    }
+
+    fn add(&mut self, outcomes: &[BulkOutcome]) -> std::io::Result<()> {
         for o in outcomes {
             if o.existing {
                 self.existing += 1;
             } else {
                 self.inserted += 1;
             }
-            self.ids.push(o.id);
+            self.first.get_or_insert(o.id);
+            if let Some(ids) = &mut self.ids {
+                ids.push(o.id)?;
+            }
         }
+        Ok(())
+    }
+
+    /// The JSON report, as `output::json` prints a value (pretty), written
+    /// as the ids are read back.
+    fn print_json(self) -> Result<()> {
+        use std::io::Write as _;
+        let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+        write!(
+            out,
+            "{{\n  \"inserted\": {},\n  \"existing\": {},\n  \"ids\": [",
+            self.inserted, self.existing
+        )?;
+        let mut first = true;
+        if let Some(ids) = self.ids {
+            ids.for_each(|id| {
+                write!(out, "{}\n    \"{id}\"", if first { "" } else { "," })?;
+                first = false;
+                Ok(())
+            })?;
+        }
+        if first {
+            writeln!(out, "]\n}}")?;
+        } else {
+            writeln!(out, "\n  ]\n}}")?;
+        }
+        out.flush()?;
+        Ok(())
     }
 }
 
@@ -170,19 +306,20 @@ pub async fn run(args: EnqueueArgs, ctx: &Context) -> Result<ExitStatus> {
             None
         }
     };
+    let json = ctx.format() == Format::Json;
     let report = match jsonl {
-        Some(path) => from_lines(path, ctx).await?,
-        None => from_flags(args, ctx).await?,
+        Some(path) => from_lines(path, ctx, json).await?,
+        None => from_flags(args, ctx, json).await?,
     };
-    if report.ids.is_empty() {
-        if ctx.format() == Format::Json {
-            output::json(&report)?;
+    if report.count() == 0 {
+        if json {
+            report.print_json()?;
         }
         eprintln!("omnibox: the input held no events; nothing was enqueued");
         return Ok(ExitStatus::No);
     }
     match ctx.format() {
-        Format::Json => output::json(&report)?,
+        Format::Json => report.print_json()?,
         Format::Table => {
             let noun = if report.inserted == 1 {
                 "event"
@@ -196,8 +333,8 @@ pub async fn run(args: EnqueueArgs, ctx: &Context) -> Result<ExitStatus> {
                     report.existing
                 ));
             }
-            if report.ids.len() == 1 {
-                msg.push_str(&format!(": {}", report.ids[0]));
+            if let (1, Some(id)) = (report.count(), report.first) {
+                msg.push_str(&format!(": {id}"));
             }
             output::line(format!("{msg}."))?;
         }
@@ -205,7 +342,7 @@ pub async fn run(args: EnqueueArgs, ctx: &Context) -> Result<ExitStatus> {
     Ok(ExitStatus::Success)
 }
 
-async fn from_flags(args: EnqueueArgs, ctx: &Context) -> Result<Report> {
+async fn from_flags(args: EnqueueArgs, ctx: &Context, json: bool) -> Result<Report> {
     // `run` checked that every event flag is given.
     let Some(payload_text) = args.payload else {
         return Err(UsageError("--payload is required".into()).into());
@@ -261,17 +398,21 @@ async fn from_flags(args: EnqueueArgs, ctx: &Context) -> Result<Report> {
     let event = DomainService::default().create_outbox_event(new)?;
     let store = ctx.store().await?;
     let created = store.outbox().create(&event).await?;
-    let mut report = Report::default();
+    let mut report = Report::new(json);
     report.add(&[BulkOutcome {
         existing: !created.is_inserted(),
         id: created.into_inner().id(),
-    }]);
+    }])?;
     Ok(report)
 }
 
 /// Parses and validates on a blocking thread while the previous chunk is
-/// inserted; everything goes into one transaction.
-async fn from_lines(path: PathBuf, ctx: &Context) -> Result<Report> {
+/// inserted; everything goes into one transaction. Memory stays bounded
+/// whatever the input's size: chunks of at most [`CHUNK`] rows and about
+/// [`CHUNK_BYTES`] of input, one of them parsed while one waits and one is
+/// inserted, and the report keeps counts (and, for JSON, ids spilled to a
+/// temporary file past [`IDS_IN_MEMORY`]).
+async fn from_lines(path: PathBuf, ctx: &Context, json: bool) -> Result<Report> {
     let input: Box<dyn Read + Send> = if path.as_os_str() == "-" {
         Box::new(std::io::stdin())
     } else {
@@ -281,24 +422,37 @@ async fn from_lines(path: PathBuf, ctx: &Context) -> Result<Report> {
         )
     };
     let store = ctx.store().await?;
-    let (tx, rx) = tokio::sync::mpsc::channel::<omnibox::Result<Vec<OutboxEvent>>>(4);
+    let (tx, rx) = tokio::sync::mpsc::channel::<omnibox::Result<Vec<OutboxEvent>>>(1);
     let parser = tokio::task::spawn_blocking(move || parse_lines(input, tx));
     let outbox = store.outbox();
     let mut writer = outbox.begin_bulk().await?;
     let started = std::time::Instant::now();
     let chunks = tokio_stream_from(rx);
-    let outcomes = match writer.insert_stream(chunks).await {
-        Ok(o) => o,
-        Err(e) => {
-            writer.rollback().await?;
-            return Err(e.into());
+    let mut report = Report::new(json);
+    let mut spill_error: Option<std::io::Error> = None;
+    let inserted = writer
+        .insert_stream_with(chunks, |outcomes| {
+            if spill_error.is_none()
+                && let Err(e) = report.add(outcomes)
+            {
+                spill_error = Some(e);
+            }
+        })
+        .await;
+    let inserted = match (inserted, spill_error) {
+        (Ok(()), None) => Ok(()),
+        (Err(e), _) => Err(anyhow::Error::from(e)),
+        (Ok(()), Some(e)) => {
+            Err(anyhow::Error::from(e).context("cannot keep the ids to report (temporary file)"))
         }
     };
+    if let Err(e) = inserted {
+        writer.rollback().await?;
+        return Err(e);
+    }
     parser.await?;
     writer.commit().await?;
-    tracing::debug!(elapsed = ?started.elapsed(), events = outcomes.len(), "enqueued");
-    let mut report = Report::default();
-    report.add(&outcomes);
+    tracing::debug!(elapsed = ?started.elapsed(), events = report.count(), "enqueued");
     Ok(report)
 }
 
@@ -321,6 +475,7 @@ fn parse_lines(
     let mut reader = BufReader::with_capacity(1 << 16, input);
     let mut buf = Vec::new();
     let mut chunk = Vec::with_capacity(CHUNK);
+    let mut chunk_bytes = 0usize;
     let mut number = 0u64;
     loop {
         number += 1;
@@ -362,8 +517,13 @@ fn parse_lines(
                 return;
             }
         }
-        if chunk.len() == CHUNK && tx.blocking_send(Ok(std::mem::take(&mut chunk))).is_err() {
-            return;
+        chunk_bytes += line.len();
+        if chunk.len() == CHUNK || chunk_bytes >= CHUNK_BYTES {
+            chunk_bytes = 0;
+            let full = std::mem::replace(&mut chunk, Vec::with_capacity(CHUNK));
+            if tx.blocking_send(Ok(full)).is_err() {
+                return;
+            }
         }
     }
     if !chunk.is_empty() {

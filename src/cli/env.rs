@@ -22,6 +22,9 @@ pub const BROKER: &str = "OMNIBOX_BROKER";
 pub const DEDUP_WINDOW: &str = "OMNIBOX_DEDUP_WINDOW";
 /// The lease relays and `inbox process` take (`--lease`, file `lease`); default 5m.
 pub const LEASE: &str = "OMNIBOX_LEASE";
+/// The byte budget of a batch of `publish`, `inbox process` and `inbox
+/// consume` (`--batch-bytes`, file `batch_bytes`); default 16MiB.
+pub const BATCH_BYTES: &str = "OMNIBOX_BATCH_BYTES";
 /// The Kafka SASL password (`--kafka-sasl-mechanism`), when no
 /// `--kafka-sasl-password-file` is given.
 pub const KAFKA_SASL_PASSWORD: &str = "OMNIBOX_KAFKA_SASL_PASSWORD";

@@ -47,6 +47,7 @@ use super::{Context, ExitStatus, args, env};
 ///   omnibox publish --broker kafka://k1:9092,k2:9092 -X compression.type=lz4 --once
 ///   omnibox publish --broker stdout --once | jq .value.payload
 ///   omnibox publish --broker kafka://127.0.0.1:9092 --topic reports   # a relay for one slow topic
+///   omnibox publish --batch 1000 --batch-bytes 8MiB   # large events: claims stop at 8 MiB
 #[derive(Debug, Args)]
 #[command(verbatim_doc_comment)]
 pub struct PublishArgs {
@@ -63,6 +64,9 @@ pub struct PublishArgs {
     /// Events per claim
     #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..=100_000))]
     batch: u32,
+    /// Payload bytes per claim, e.g. 64MiB: a claim stops before the event that would pass it (one event at least, however large); up to three batches are in flight [default: OMNIBOX_BATCH_BYTES, batch_bytes in omnibox.toml, or 16MiB]
+    #[arg(long, value_name = "SIZE", value_parser = args::bytes)]
+    batch_bytes: Option<u64>,
     /// Publish what is due, then exit (for jobs and cron)
     #[arg(long)]
     once: bool,
@@ -141,6 +145,7 @@ pub async fn run_publish(args: PublishArgs, ctx: &Context) -> Result<ExitStatus>
         .unwrap_or_else(WorkerId::default_for_process);
     let mut options = ProcessorOptions::new(worker.clone());
     options.batch = args.batch;
+    options.batch_bytes = Some(args.batch_bytes.unwrap_or(ctx.settings.batch_bytes));
     options.lease = lease;
     options.commit_retry_for = lease / 2;
     options.filters.topics = args.topics.clone();

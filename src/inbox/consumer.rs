@@ -72,6 +72,11 @@ pub struct ConsumeOptions {
     pub ack: AckStrategy,
     /// Messages per database transaction.
     pub batch: usize,
+    /// Bytes per database transaction ([`RawMessage::size`]: value, key and
+    /// headers): a batch ends before the message that would pass it, and
+    /// holds at least one message ([`Source::poll_within`]). `None`:
+    /// messages alone bound a batch.
+    pub batch_bytes: Option<u64>,
     /// How long a poll waits for the first message.
     pub poll_wait: Duration,
     /// Bound on one handler run.
@@ -97,14 +102,16 @@ pub struct ConsumeOptions {
 }
 
 impl ConsumeOptions {
-    /// Defaults: exactly-once, batches of 500, 1 s polls, 30 s handler timeout,
-    /// 6 deliveries.
+    /// Defaults: exactly-once, batches of 500 messages and 16 MiB
+    /// ([`DEFAULT_BATCH_BYTES`](crate::model::limits::DEFAULT_BATCH_BYTES)),
+    /// 1 s polls, 30 s handler timeout, 6 deliveries.
     pub fn new(group: impl Into<String>, worker: WorkerId) -> Self {
         ConsumeOptions {
             group: group.into(),
             worker,
             ack: AckStrategy::ExactlyOnce,
             batch: 500,
+            batch_bytes: Some(crate::model::limits::DEFAULT_BATCH_BYTES),
             poll_wait: Duration::from_secs(1),
             handler_timeout: Duration::from_secs(30),
             max_redeliveries: crate::model::limits::DEFAULT_MAX_ATTEMPTS as u32,
@@ -319,7 +326,13 @@ impl<S: Source, H: Handler> InboxConsumer<S, H> {
                 self.resume_at = None;
             }
             let polled = tokio::select! {
-                p = self.source.poll(self.options.batch, self.options.poll_wait) => p,
+                p = self.source.poll_within(
+                    self.options.batch,
+                    self.options
+                        .batch_bytes
+                        .map_or(usize::MAX, |b| usize::try_from(b).unwrap_or(usize::MAX)),
+                    self.options.poll_wait,
+                ) => p,
                 _ = shutdown.changed() => continue,
             };
             let polled = match polled {
@@ -448,18 +461,18 @@ impl<S: Source, H: Handler> InboxConsumer<S, H> {
         if self.options.ack == AckStrategy::AtMostOnce {
             self.commit(messages, report).await?;
         }
-        let normalized: Vec<Normalized> = messages
+        let mut normalized: Vec<Normalized> = messages
             .iter()
             .map(|m| self.parser.parse(&self.domain, m, &self.options.group))
             .collect();
         match self.options.ack {
-            AckStrategy::ExactlyOnce => self.exactly_once(messages, &normalized, report).await,
+            AckStrategy::ExactlyOnce => self.exactly_once(messages, &mut normalized, report).await,
             AckStrategy::AtMostOnce => {
-                self.store_then_handle(messages, &normalized, None, report)
+                self.store_then_handle(messages, &mut normalized, None, report)
                     .await
             }
             AckStrategy::AtLeastOnce(on) => {
-                self.store_then_handle(messages, &normalized, Some(on), report)
+                self.store_then_handle(messages, &mut normalized, Some(on), report)
                     .await
             }
         }
@@ -533,16 +546,24 @@ impl<S: Source, H: Handler> InboxConsumer<S, H> {
     }
 
     /// The row a message becomes: new rows get the consumer's attempt limit.
-    fn new_rows(&self, normalized: &[Normalized]) -> Vec<InboxEvent> {
+    /// A valid event's payload and headers move to its row (a batch of
+    /// large messages is not held twice): `normalized` keeps the rest. A
+    /// poison row is copied whole (it is dead-lettered from `normalized`).
+    fn new_rows(&self, normalized: &mut [Normalized]) -> Vec<InboxEvent> {
         let max = i32::try_from(self.options.max_redeliveries.max(1)).unwrap_or(i32::MAX);
         normalized
-            .iter()
-            .map(|n| {
-                let mut e = n.event().clone();
-                if !n.is_poison() {
-                    e.max_attempts = max;
+            .iter_mut()
+            .map(|n| match n {
+                Normalized::Poison(e) => (**e).clone(),
+                Normalized::Event(e) => {
+                    let payload = std::mem::take(&mut e.payload);
+                    let headers = e.headers.take();
+                    let mut row = (**e).clone();
+                    row.payload = payload;
+                    row.headers = headers;
+                    row.max_attempts = max;
+                    row
                 }
-                e
             })
             .collect()
     }
@@ -605,10 +626,11 @@ impl<S: Source, H: Handler> InboxConsumer<S, H> {
     async fn exactly_once(
         &mut self,
         messages: &[RawMessage],
-        normalized: &[Normalized],
+        normalized: &mut [Normalized],
         report: &mut ConsumeReport,
     ) -> Result<()> {
         let events = self.new_rows(normalized);
+        let normalized: &[Normalized] = normalized;
         let token = self.token();
         let Some(handler) = self.handler.clone() else {
             // Nothing else to write with the rows: the store inserts them
@@ -634,6 +656,8 @@ impl<S: Source, H: Handler> InboxConsumer<S, H> {
             .map(|o| o.id)
             .collect();
         let mut met = tx.take(&existing, &token).await?;
+        // Each new row goes to the handler's work list (moved, not copied).
+        let mut events: Vec<Option<InboxEvent>> = events.into_iter().map(Some).collect();
 
         // What to handle, in message order, up to the first message whose
         // row must wait.
@@ -646,10 +670,12 @@ impl<S: Source, H: Handler> InboxConsumer<S, H> {
                 continue; // the same message twice in the batch
             }
             if !o.existing {
-                if !n.is_poison() {
+                if !n.is_poison()
+                    && let Some(event) = events[i].take()
+                {
                     work.push(Work {
                         index: i,
-                        event: events[i].clone(),
+                        event,
                         new: true,
                     });
                 }
@@ -994,11 +1020,12 @@ impl<S: Source, H: Handler> InboxConsumer<S, H> {
     async fn store_then_handle(
         &mut self,
         messages: &[RawMessage],
-        normalized: &[Normalized],
+        normalized: &mut [Normalized],
         commit_on: Option<CommitOn>,
         report: &mut ConsumeReport,
     ) -> Result<()> {
         let events = self.new_rows(normalized);
+        let normalized: &[Normalized] = normalized;
         let token = self.token();
         let mut tx = self.store.begin().await?;
         let outcomes = tx
@@ -1078,12 +1105,11 @@ impl<S: Source, H: Handler> InboxConsumer<S, H> {
         let failed_ids: Vec<Uuid> = failures.iter().map(|f| f.id).collect();
         let fail_report = self.store.fail(&token, &failures).await?;
         if !fail_report.failed.is_empty() {
-            let rows: Vec<InboxEvent> = normalized
+            let rows: Vec<&InboxEvent> = events
                 .iter()
-                .map(|n| n.event().clone())
                 .filter(|e| fail_report.failed.contains(&e.id()))
                 .collect();
-            self.forward_dead(&rows.iter().collect::<Vec<_>>()).await;
+            self.forward_dead(&rows).await;
         }
         if commit_on == Some(CommitOn::Success) {
             // Commit through the last message before the first failure; the

@@ -60,6 +60,18 @@ fn hex(bytes: &[u8]) -> String {
 }
 
 impl RawMessage {
+    /// The bytes it holds: value, key and headers (what a batch's byte
+    /// budget counts).
+    pub fn size(&self) -> usize {
+        self.payload.as_ref().map_or(0, Vec::len)
+            + self.key.as_ref().map_or(0, Vec::len)
+            + self
+                .headers
+                .iter()
+                .map(|(k, v)| k.len() + v.len())
+                .sum::<usize>()
+    }
+
     /// `topic:partition:offset`, where the message was read.
     pub fn coordinates(&self) -> String {
         format!("{}:{}:{}", self.topic, self.partition, self.offset)

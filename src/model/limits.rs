@@ -57,6 +57,11 @@ pub const DEFAULT_BACKOFF_BASE: Duration = Duration::from_secs(10);
 pub const DEFAULT_BACKOFF_CAP: Duration = Duration::from_secs(3600);
 /// Delay before a transient failure (broker not answering) is retried.
 pub const DEFAULT_TRANSIENT_RETRY_DELAY: Duration = Duration::from_secs(1);
+/// Default byte budget of one batch (a claim of the relay or of `inbox
+/// process`, a batch of the inbox consumer): its events' payloads, as
+/// compact JSON, add up to at most this many bytes (a batch holds at least
+/// one event, however large).
+pub const DEFAULT_BATCH_BYTES: u64 = 16 * 1024 * 1024;
 
 /// The validation limits a [`DomainService`](crate::DomainService) applies;
 /// `Limits::default()` is docs/design.md, "Event lifecycle and rules".

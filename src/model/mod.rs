@@ -8,6 +8,7 @@ pub mod limits;
 pub mod time;
 pub mod validate;
 
+pub(crate) use event::approx_json_len;
 pub use event::{
     Event, EventStatus, Headers, InboxEvent, InboxRoute, NewInboxEvent, NewOutboxEvent,
     OutboxEvent, OutboxRoute, Payload, Route, Table,

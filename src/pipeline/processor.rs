@@ -323,6 +323,12 @@ pub struct ProcessorOptions {
     pub worker: WorkerId,
     /// Rows per claim.
     pub batch: u32,
+    /// Payload bytes per claim (see [`ClaimOptions::max_bytes`]): a claim
+    /// stops before the row that would pass it, and holds at least one row.
+    /// With up to three batches in flight (see
+    /// [`run`](crate::pipeline::runner::run)), a worker holds about three
+    /// times this much. `None`: rows alone bound a claim.
+    pub batch_bytes: Option<u64>,
     /// Lease of a claim.
     pub lease: Duration,
     /// Backoff of counted failures.
@@ -336,11 +342,14 @@ pub struct ProcessorOptions {
 }
 
 impl ProcessorOptions {
-    /// Defaults: batch 100, lease 5 min, backoff 10 s..1 h, transient retry in 1 s.
+    /// Defaults: batch 100 rows and 16 MiB
+    /// ([`DEFAULT_BATCH_BYTES`](crate::model::limits::DEFAULT_BATCH_BYTES)),
+    /// lease 5 min, backoff 10 s..1 h, transient retry in 1 s.
     pub fn new(worker: WorkerId) -> Self {
         ProcessorOptions {
             worker,
             batch: 100,
+            batch_bytes: Some(crate::model::limits::DEFAULT_BATCH_BYTES),
             lease: DEFAULT_LEASE_TIMEOUT,
             backoff: Backoff::default(),
             transient_delay: crate::model::limits::DEFAULT_TRANSIENT_RETRY_DELAY,
@@ -577,6 +586,7 @@ where
                 .claim(&ClaimOptions {
                     worker: self.options.worker.clone(),
                     limit: self.options.batch,
+                    max_bytes: self.options.batch_bytes,
                     after,
                     examine,
                     spread,
@@ -650,7 +660,7 @@ where
         let span = tracing::info_span!("batch", job = self.job, table = %R::TABLE, worker = %self.options.worker, rows = fetched.claim.events.len());
         async {
             let Fetched {
-                claim,
+                mut claim,
                 lag,
                 heartbeat,
                 held: held_rows,
@@ -666,24 +676,34 @@ where
             let exhausted = |e: &Event<R>| e.attempts_made() >= e.max_attempts();
             let outcomes: Vec<Outcome> =
                 if claim.events.iter().any(|e| held_back(e) || exhausted(e)) {
-                    let live: Vec<Event<R>> = claim
-                        .events
-                        .iter()
-                        .filter(|e| !held_back(e) && !exhausted(e))
-                        .cloned()
-                        .collect();
-                    let mut handled = if live.is_empty() {
-                        Vec::new().into_iter()
+                    // The handler gets the live events: moved out of the
+                    // batch and back (not copied: a batch of large events
+                    // is not held twice).
+                    let mut live = Vec::new();
+                    let mut others = Vec::new();
+                    for (i, e) in std::mem::take(&mut claim.events).into_iter().enumerate() {
+                        if held_back(&e) || exhausted(&e) {
+                            others.push((i, e));
+                        } else {
+                            live.push(e);
+                        }
+                    }
+                    let handled = if live.is_empty() {
+                        Vec::new()
                     } else {
-                        self.handler.handle_held(&live, &held_rows).await.into_iter()
+                        self.handler.handle_held(&live, &held_rows).await
                     };
-                    claim
-                        .events
-                        .iter()
-                        .map(|e| {
-                            if held_back(e) {
+                    let total = live.len() + others.len();
+                    let mut handled = handled.into_iter();
+                    let mut live = live.into_iter();
+                    let mut others = others.into_iter().peekable();
+                    // Both kept the batch's order: merge them back.
+                    let mut outcomes = Vec::with_capacity(total);
+                    for position in 0..total {
+                        if let Some((_, e)) = others.next_if(|(i, _)| *i == position) {
+                            outcomes.push(if held_back(&e) {
                                 Outcome::Released
-                            } else if exhausted(e) {
+                            } else {
                                 Outcome::Dead {
                                     error: format!(
                                         "not tried: its attempts were used up before this try \
@@ -692,11 +712,14 @@ where
                                         e.max_attempts()
                                     ),
                                 }
-                            } else {
-                                handled.next().unwrap_or(Outcome::Released)
-                            }
-                        })
-                        .collect()
+                            });
+                            claim.events.push(e);
+                        } else if let Some(e) = live.next() {
+                            outcomes.push(handled.next().unwrap_or(Outcome::Released));
+                            claim.events.push(e);
+                        }
+                    }
+                    outcomes
                 } else {
                     let mut o = self.handler.handle_held(&claim.events, &held_rows).await;
                     o.resize(claim.events.len(), Outcome::Released);
@@ -716,6 +739,18 @@ where
                 .map(|(t, k)| (t.to_string(), k.to_string()))
                 .collect();
             lock(&self.flight).handled(ticket.no, unsettled);
+            // What the write stage needs of a settled event is its id, type
+            // and attempts: its payload and headers (all of a batch's
+            // bytes) go now. Only an event that may become failed keeps
+            // them, for its dead letter.
+            for (e, o) in claim.events.iter_mut().zip(&outcomes) {
+                if matches!(
+                    o,
+                    Outcome::Completed | Outcome::Skipped | Outcome::Committed | Outcome::Released
+                ) {
+                    e.shed_body();
+                }
+            }
             Handled {
                 claim,
                 outcomes,

@@ -373,16 +373,31 @@ impl OutboxBulkWriter {
     where
         S: futures_util::Stream<Item = Result<Vec<OutboxEvent>>> + Send,
     {
+        let mut out = Vec::new();
+        self.insert_stream_with(chunks, |o| out.extend_from_slice(o))
+            .await?;
+        Ok(out)
+    }
+
+    /// [`insert_stream`](Self::insert_stream), handing each chunk's
+    /// outcomes to `outcomes` as it is written instead of collecting them:
+    /// a writer of any number of events holds one chunk at a time.
+    pub async fn insert_stream_with<S, F>(&mut self, chunks: S, mut outcomes: F) -> Result<()>
+    where
+        S: futures_util::Stream<Item = Result<Vec<OutboxEvent>>> + Send,
+        F: FnMut(&[BulkOutcome]) + Send,
+    {
         match &mut self.tx {
-            BulkTx::Postgres(tx) => super::postgres::insert_outbox_stream(tx, chunks).await,
+            BulkTx::Postgres(tx) => {
+                super::postgres::insert_outbox_stream(tx, chunks, outcomes).await
+            }
             BulkTx::Sqlite(tx) => {
                 use futures_util::StreamExt;
                 let mut chunks = std::pin::pin!(chunks);
-                let mut out = Vec::new();
                 while let Some(chunk) = chunks.next().await {
-                    out.extend(super::sqlite::insert_outbox(tx, &chunk?).await?);
+                    outcomes(&super::sqlite::insert_outbox(tx, &chunk?).await?);
                 }
-                Ok(out)
+                Ok(())
             }
         }
     }

@@ -124,6 +124,8 @@ pub(crate) struct WalkRow {
     pub tried: bool,
     /// Locked by a live lease (another claim's, in flight).
     pub locked: bool,
+    /// The payload's size (what a byte budget counts).
+    pub bytes: u64,
 }
 
 /// The rows a key hands out, in `seq` order.
@@ -139,15 +141,35 @@ pub(crate) struct Run {
 /// most `limit` rows in all. `rows` hold each key's active rows in `seq`
 /// order (rows of one key together); a key whose first row is not ready is
 /// held and hands out nothing.
-pub(crate) fn plan(rows: &[WalkRow], limit: usize) -> Vec<Run> {
+///
+/// With a byte budget (`max_bytes`, the rows' payload sizes), the claim
+/// stops at the first row that would take it past the budget: that row's
+/// run ends before it and no later key is taken (a run is cut short, never
+/// given a hole: the rows after the cut wait for the next claim, behind the
+/// ones handed out). The first row of a claim is always taken, however
+/// large, so a single event over the budget still goes out alone.
+pub(crate) fn plan(rows: &[WalkRow], limit: usize, max_bytes: Option<u64>) -> Vec<Run> {
     let mut rows: Vec<&WalkRow> = rows.iter().collect();
     // Backends return the rows grouped and ordered already; sorting is cheap
     // insurance, and the order of keys is their discovery order.
     rows.sort_by_key(|r| (r.key, r.seq));
     let mut runs: Vec<Run> = Vec::new();
     let mut budget = limit;
+    // Bytes left; `None`: no byte budget.
+    let mut bytes_left = max_bytes;
+    // Whether the row may be taken by the byte budget (the claim's first
+    // row always is); takes its bytes when it may.
+    let mut fits = |r: &WalkRow, first: bool| match &mut bytes_left {
+        None => true,
+        Some(left) if first || r.bytes <= *left => {
+            *left = left.saturating_sub(r.bytes);
+            true
+        }
+        Some(_) => false,
+    };
     let mut i = 0;
-    while i < rows.len() && budget > 0 {
+    let mut full = false;
+    while i < rows.len() && budget > 0 && !full {
         let key = rows[i].key;
         let end = rows[i..]
             .iter()
@@ -167,10 +189,17 @@ pub(crate) fn plan(rows: &[WalkRow], limit: usize) -> Vec<Run> {
         if key_rows.get(1).is_some_and(|r| r.locked) {
             continue;
         }
+        if !fits(head, runs.is_empty()) {
+            break;
+        }
         let mut ids = vec![head.id];
         if !head.tried {
             for r in &key_rows[1..] {
                 if ids.len() >= budget || !r.ready || r.tried {
+                    break;
+                }
+                if !fits(r, false) {
+                    full = true;
                     break;
                 }
                 ids.push(r.id);
@@ -212,6 +241,7 @@ mod tests {
             ready,
             tried,
             locked: false,
+            bytes: 1,
         }
     }
 
@@ -220,7 +250,7 @@ mod tests {
         let mut in_flight = row(1, 2, false, false);
         in_flight.locked = true;
         let rows = vec![row(1, 1, true, true), in_flight, row(2, 3, true, false)];
-        assert_eq!(seqs(&plan(&rows, 100)), vec![vec![3]]);
+        assert_eq!(seqs(&plan(&rows, 100, None)), vec![vec![3]]);
     }
 
     fn seqs(runs: &[Run]) -> Vec<Vec<u128>> {
@@ -238,7 +268,7 @@ mod tests {
             row(1, 4, true, false),
             row(2, 5, true, false),
         ];
-        assert_eq!(seqs(&plan(&rows, 100)), vec![vec![1, 2], vec![5]]);
+        assert_eq!(seqs(&plan(&rows, 100, None)), vec![vec![1, 2], vec![5]]);
     }
 
     #[test]
@@ -248,7 +278,7 @@ mod tests {
             row(1, 2, true, false),
             row(2, 3, true, false),
         ];
-        assert_eq!(seqs(&plan(&rows, 100)), vec![vec![3]]);
+        assert_eq!(seqs(&plan(&rows, 100, None)), vec![vec![3]]);
     }
 
     #[test]
@@ -260,7 +290,7 @@ mod tests {
             row(2, 4, true, true),
             row(2, 5, true, false),
         ];
-        assert_eq!(seqs(&plan(&rows, 100)), vec![vec![1], vec![3]]);
+        assert_eq!(seqs(&plan(&rows, 100, None)), vec![vec![1], vec![3]]);
     }
 
     #[test]
@@ -273,10 +303,50 @@ mod tests {
         }
         rows.reverse(); // backends may hand rows over in any order
         assert_eq!(
-            seqs(&plan(&rows, 7)),
+            seqs(&plan(&rows, 7, None)),
             vec![vec![0, 1, 2, 3, 4], vec![10, 11]]
         );
-        assert!(plan(&rows, 0).is_empty());
+        assert!(plan(&rows, 0, None).is_empty());
+    }
+
+    #[test]
+    fn a_byte_budget_cuts_a_run_and_ends_the_claim() {
+        let sized = |key, seq, bytes| WalkRow {
+            bytes,
+            ..row(key, seq, true, false)
+        };
+        let rows = vec![
+            sized(1, 1, 40),
+            sized(1, 2, 40),
+            sized(1, 3, 40), // past 100: the run ends before it
+            sized(1, 4, 1),  // fits, but taking it would leave a hole
+            sized(2, 5, 1),  // a later key: the claim has stopped
+        ];
+        assert_eq!(seqs(&plan(&rows, 100, Some(100))), vec![vec![1, 2]]);
+        // A key's head that does not fit ends the claim before it.
+        let rows = vec![sized(1, 1, 60), sized(2, 2, 60), sized(3, 3, 1)];
+        assert_eq!(seqs(&plan(&rows, 100, Some(100))), vec![vec![1]]);
+        // The first row goes out whatever its size, alone when it fills
+        // the budget.
+        let rows = vec![sized(1, 1, 500), sized(1, 2, 1), sized(2, 3, 1)];
+        assert_eq!(seqs(&plan(&rows, 100, Some(100))), vec![vec![1]]);
+        assert_eq!(seqs(&plan(&rows, 100, Some(0))), vec![vec![1]]);
+        // Rows that fit exactly are taken; the row count still applies.
+        let rows = vec![sized(1, 1, 50), sized(1, 2, 50), sized(2, 3, 0)];
+        assert_eq!(
+            seqs(&plan(&rows, 100, Some(100))),
+            vec![vec![1, 2], vec![3]]
+        );
+        assert_eq!(seqs(&plan(&rows, 1, Some(100))), vec![vec![1]]);
+        // A held key's rows cost nothing.
+        let rows = vec![
+            WalkRow {
+                bytes: 1000,
+                ..row(1, 1, false, true)
+            },
+            sized(2, 2, 100),
+        ];
+        assert_eq!(seqs(&plan(&rows, 100, Some(100))), vec![vec![2]]);
     }
 
     fn scanned(key: &str, seq: i64, expired: bool) -> Scanned {

@@ -86,6 +86,11 @@ pub struct ClaimOptions {
     pub worker: WorkerId,
     /// Most rows to hand out.
     pub limit: u32,
+    /// Most payload bytes to hand out (the payloads' size as compact JSON):
+    /// the claim stops before the row that would pass it, but always hands
+    /// out at least one row, however large. On the outbox a key's run may
+    /// be cut short by it, never given a hole. `None`: rows alone bound it.
+    pub max_bytes: Option<u64>,
     /// Scan due rows after this position (from a previous claim's
     /// [`Claim::next`]); `None` starts at the oldest due row.
     pub after: Option<ClaimCursor>,
@@ -195,6 +200,7 @@ impl ClaimOptions {
         ClaimOptions {
             worker,
             limit,
+            max_bytes: None,
             after: None,
             examine: 0,
             spread: false,
@@ -217,6 +223,18 @@ impl ClaimOptions {
     pub fn lease(mut self, lease: Duration) -> Self {
         self.lease = lease;
         self
+    }
+
+    /// Sets the byte budget (the `max_bytes` field).
+    pub fn max_bytes(mut self, bytes: u64) -> Self {
+        self.max_bytes = Some(bytes);
+        self
+    }
+
+    /// The byte budget as a bind parameter (`i64::MAX`: none).
+    pub(crate) fn byte_budget(&self) -> i64 {
+        self.max_bytes
+            .map_or(i64::MAX, |b| i64::try_from(b).unwrap_or(i64::MAX))
     }
 
     pub(crate) fn check(&self) -> Result<()> {

@@ -1257,6 +1257,7 @@ pub async fn filtered_claims_take_only_their_rows_from_an_index(db: &TestDb) {
                         .bind("p2")
                         .bind(Some(vec![source.to_string()]))
                         .bind(Some(vec!["a".to_string()]))
+                        .bind(16_i64 << 20)
                         .persistent(false)
                         .fetch_all(&pool)
                         .await
@@ -1843,5 +1844,218 @@ pub async fn a_worker_claims_behind_its_own_rows_in_flight(db: &TestDb) {
         held.is_empty(),
         "claimed past an unlocked row: {:?}",
         ids(&held.events)
+    );
+}
+
+/// A claim with a byte budget (`ClaimOptions::max_bytes`, the payloads'
+/// compact JSON size): rows of mixed sizes in three keys. Each claim is the
+/// prefix of what an unbounded claim would hand out (keys first, each key's
+/// run in `seq` order) that fits the budget, at least one row even when
+/// that row alone is over it; a run cut short leaves no hole (the rest of
+/// the key waits behind the rows handed out, also for another worker); and
+/// claim after claim every row goes out once, each key in order. The same
+/// for the inbox's plain claim. On PostgreSQL, rows whose `payload_bytes`
+/// was not written (inserted by other means) are measured from the payload.
+pub async fn a_byte_budget_cuts_claims_in_key_order(db: &TestDb) {
+    const BUDGET: u64 = 4000;
+    let payload = |n: usize, size: usize| json!({ "n": n, "pad": "x".repeat(size) });
+    let compact = |p: &serde_json::Value| serde_json::to_string(p).unwrap().len() as u64;
+    // (key, pad): a1 and c1 are each over the budget on their own.
+    let rows = [
+        ("a", 900),
+        ("b", 80),
+        ("a", 5000),
+        ("a", 80),
+        ("b", 2900),
+        ("c", 180),
+        ("b", 80),
+        ("c", 6000),
+        ("a", 80),
+        ("c", 1500),
+        ("b", 1800),
+        ("c", 1800),
+        ("a", 3900),
+    ];
+    let events: Vec<OutboxEvent> = rows
+        .iter()
+        .enumerate()
+        .map(|(i, (key, pad))| {
+            let mut n = new_event(key, i);
+            n.payload = payload(i, *pad);
+            svc().create_outbox_event(n).unwrap()
+        })
+        .collect();
+    seed(db, &events).await;
+    let mut size: HashMap<Uuid, u64> = events
+        .iter()
+        .map(|e| {
+            (
+                e.id(),
+                compact(&serde_json::Value::Object(e.payload().clone())),
+            )
+        })
+        .collect();
+    if let AnyStore::Postgres(s) = &db.store {
+        // Rows 0, 2, 4, ... as another writer leaves them: no size. Their
+        // payload is measured as jsonb's text, which writes `"pad": "..."`
+        // (one space more than the compact form per key: two keys).
+        let unsized_ids: Vec<Uuid> = events.iter().step_by(2).map(|e| e.id()).collect();
+        sqlx::query("UPDATE outbox_events SET payload_bytes = NULL WHERE id = ANY($1)")
+            .bind(&unsized_ids)
+            .execute(s.pool())
+            .await
+            .unwrap();
+        for id in unsized_ids {
+            *size.get_mut(&id).unwrap() += 3;
+        }
+    }
+    let outbox = db.store.outbox();
+    let key_of: HashMap<Uuid, String> = events
+        .iter()
+        .map(|e| (e.id(), e.partition_key().to_string()))
+        .collect();
+    let claim = |worker: &'static str| {
+        let outbox = outbox.clone();
+        async move {
+            outbox
+                .claim(&ClaimOptions::new(w(worker), 100).max_bytes(BUDGET))
+                .await
+                .unwrap()
+        }
+    };
+    // What an unbounded claim hands out: keys in the order their first
+    // pending rows came, each key's pending rows in seq order, minus the
+    // keys `held`.
+    let unbounded = |done: &HashSet<Uuid>, held: &HashSet<String>| -> Vec<Uuid> {
+        let mut keys: Vec<&str> = Vec::new();
+        for e in events.iter().filter(|e| !done.contains(&e.id())) {
+            if !keys.contains(&e.partition_key()) {
+                keys.push(e.partition_key());
+            }
+        }
+        let mut out = Vec::new();
+        for key in keys {
+            if held.contains(key) {
+                continue;
+            }
+            out.extend(
+                events
+                    .iter()
+                    .filter(|e| e.partition_key() == key && !done.contains(&e.id()))
+                    .map(|e| e.id()),
+            );
+        }
+        out
+    };
+    let prefix = |order: Vec<Uuid>| -> Vec<Uuid> {
+        let mut used = 0;
+        let mut out = Vec::new();
+        for id in order {
+            if !out.is_empty() && used + size[&id] > BUDGET {
+                break;
+            }
+            used += size[&id];
+            out.push(id);
+        }
+        out
+    };
+    let mut done: HashSet<Uuid> = HashSet::new();
+    // The first claim: a0 fits, a1 (over the budget) would pass it: a's
+    // run is cut after a0 and the claim stops there.
+    let first = claim("w1").await;
+    assert_eq!(ids(&first.events), vec![events[0].id()]);
+    // Another worker: key a waits behind w1's a0 (a1 and later are not
+    // handed out past it); b's run and then c's, up to the budget.
+    let second = claim("w2").await;
+    let expected = prefix(unbounded(&done, &HashSet::from(["a".to_string()])));
+    assert_eq!(ids(&second.events), expected);
+    assert!(
+        second.events.iter().all(|e| e.partition_key() != "a"),
+        "nothing of a while w1 holds its head"
+    );
+    assert!(second.events.iter().map(|e| size[&e.id()]).sum::<u64>() <= BUDGET);
+    for (c, token) in [(&first, &first.token), (&second, &second.token)] {
+        outbox.complete(token, &ids(&c.events)).await.unwrap();
+        done.extend(ids(&c.events));
+    }
+    // Claim after claim, completing each: always the budgeted prefix, one
+    // row at least (a1 and c1 go out alone), each key in order, every row
+    // once.
+    let mut claims = 0;
+    let mut alone_over_budget = 0;
+    let mut last_seq: HashMap<String, i64> = HashMap::new();
+    while done.len() < events.len() {
+        claims += 1;
+        assert!(claims <= events.len(), "the claims made no progress");
+        let expected = prefix(unbounded(&done, &HashSet::new()));
+        let c = claim("w3").await;
+        assert_eq!(ids(&c.events), expected, "claim {claims}");
+        assert!(!c.is_empty());
+        let bytes: u64 = c.events.iter().map(|e| size[&e.id()]).sum();
+        if bytes > BUDGET {
+            assert_eq!(c.len(), 1, "only a single row may pass the budget");
+            alone_over_budget += 1;
+        }
+        for e in &c.events {
+            let key = &key_of[&e.id()];
+            let seq = e.seq().unwrap();
+            if let Some(prev) = last_seq.insert(key.clone(), seq) {
+                assert!(seq > prev, "key {key} out of order");
+            }
+            assert!(done.insert(e.id()), "{} claimed twice", e.id());
+        }
+        outbox.complete(&c.token, &ids(&c.events)).await.unwrap();
+    }
+    assert_eq!(alone_over_budget, 2, "a1 and c1 each went out alone");
+    assert!(
+        claim("w3").await.is_empty(),
+        "every row was claimed exactly once"
+    );
+
+    // The inbox: rows in (scheduled_at, seq) order, the running sum of
+    // their sizes up to the budget, the first row whatever its size.
+    let inbox = db.store.inbox();
+    let pads = [3000, 900, 200, 4500, 100, 3800, 300, 50];
+    let mut rows = Vec::new();
+    for (i, pad) in pads.iter().enumerate() {
+        let e = svc()
+            .create_inbox_event(NewInboxEvent::new(
+                format!("m-{i}"),
+                "g",
+                "orders",
+                "order.created",
+                payload(i, *pad),
+            ))
+            .unwrap();
+        inbox.insert(&e).await.unwrap();
+        rows.push((e.id(), compact(&payload(i, *pad))));
+    }
+    let mut left: &[(Uuid, u64)] = &rows;
+    while !left.is_empty() {
+        let c = inbox
+            .claim(&ClaimOptions::new(w("p1"), 100).max_bytes(BUDGET))
+            .await
+            .unwrap();
+        let mut used = 0;
+        let take = left
+            .iter()
+            .enumerate()
+            .take_while(|(i, (_, bytes))| {
+                used += bytes;
+                *i == 0 || used <= BUDGET
+            })
+            .count();
+        let expected: Vec<Uuid> = left[..take].iter().map(|(id, _)| *id).collect();
+        let got: Vec<Uuid> = c.events.iter().map(|e| e.id()).collect();
+        assert_eq!(got, expected);
+        inbox.complete(&c.token, &got).await.unwrap();
+        left = &left[take..];
+    }
+    assert!(
+        inbox
+            .claim(&ClaimOptions::new(w("p1"), 100).max_bytes(BUDGET))
+            .await
+            .unwrap()
+            .is_empty()
     );
 }

@@ -52,6 +52,7 @@ use crate::cli::{Context, ExitStatus, UsageError, args, signals};
 ///   omnibox inbox consume --from kafka://127.0.0.1:9092 --topic orders --group billing
 ///   omnibox inbox consume --from kafka://k:9092 --topic orders --group billing --exec './apply.sh'
 ///   tail -f events.jsonl | omnibox inbox consume --from - --group audit
+///   omnibox inbox consume --from file:big.jsonl --once --batch-bytes 8MiB   # large messages: 8 MiB a transaction
 #[derive(Debug, Args)]
 #[command(verbatim_doc_comment)]
 pub struct ConsumeArgs {
@@ -86,6 +87,9 @@ pub struct ConsumeArgs {
     /// Messages per database transaction
     #[arg(long, default_value_t = 500, value_parser = clap::value_parser!(u32).range(1..=100_000))]
     batch: u32,
+    /// Bytes per database transaction (values, keys and headers), e.g. 64MiB: a batch ends before the message that would pass it (one message at least, however large); a Kafka source also prefetches at most this much (queued.max.messages.kbytes, unless -X sets it) [default: OMNIBOX_BATCH_BYTES, batch_bytes in omnibox.toml, or 16MiB]
+    #[arg(long, value_name = "SIZE", value_parser = args::bytes)]
+    batch_bytes: Option<u64>,
     /// Counted handler failures of a message before its row is failed (exactly-once)
     #[arg(long, default_value_t = 6, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=1000))]
     max_attempts: u32,
@@ -140,6 +144,7 @@ pub async fn run(args: ConsumeArgs, ctx: &Context) -> Result<ExitStatus> {
             .filter(|b| b.starts_with("file:"))
             .unwrap_or_else(|| omnibox::relay::sink::DEFAULT_BROKER_URL.to_string())
     });
+    let batch_bytes = args.batch_bytes.unwrap_or(ctx.settings.batch_bytes);
     let mut properties = ctx.settings.kafka_properties.clone();
     properties.extend(args.kafka_security.properties()?);
     properties.extend(args.properties.iter().cloned());
@@ -153,11 +158,19 @@ pub async fn run(args: ConsumeArgs, ctx: &Context) -> Result<ExitStatus> {
             )
             .into());
         }
+        // librdkafka prefetches up to 64 MiB by default: no more than a
+        // batch's budget (at least 1 MiB), unless the configuration says
+        // otherwise (later properties win).
+        let mut consumer_properties = vec![(
+            "queued.max.messages.kbytes".to_string(),
+            (batch_bytes / 1024).clamp(1024, 2_097_151).to_string(),
+        )];
+        consumer_properties.extend(properties.iter().cloned());
         AnySource::Kafka(Box::new(KafkaSource::new(
             brokers,
             &args.group,
             &args.topics,
-            &properties,
+            &consumer_properties,
         )?))
     } else {
         if !args.topics.is_empty() {
@@ -187,6 +200,7 @@ pub async fn run(args: ConsumeArgs, ctx: &Context) -> Result<ExitStatus> {
         .unwrap_or_else(WorkerId::default_for_process);
     let mut options = ConsumeOptions::new(args.group.clone(), worker.clone());
     options.batch = args.batch as usize;
+    options.batch_bytes = Some(batch_bytes);
     options.handler_timeout = args.handler.timeout;
     options.max_redeliveries = args.max_attempts;
     options.transient_limit = args.transient_limit;

@@ -31,6 +31,7 @@ use crate::cli::{Context, ExitStatus, UsageError, args, signals};
 ///   omnibox inbox process --webhook http://127.0.0.1:8080/events --concurrency 8
 ///   omnibox inbox process --exec ./refunds.sh --source billing --event-type refund.issued
 ///   omnibox inbox process --exec ./apply-event.sh --dlq table   # see: omnibox list --table dead-letters
+///   omnibox inbox process --exec ./apply-event.sh --batch-bytes 8MiB   # large events: claims stop at 8 MiB
 #[derive(Debug, Args)]
 #[command(verbatim_doc_comment)]
 pub struct ProcessArgs {
@@ -41,6 +42,9 @@ pub struct ProcessArgs {
     /// Rows per claim
     #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..=100_000))]
     batch: u32,
+    /// Payload bytes per claim, e.g. 64MiB: a claim stops before the row that would pass it (one row at least, however large) [default: OMNIBOX_BATCH_BYTES, batch_bytes in omnibox.toml, or 16MiB]
+    #[arg(long, value_name = "SIZE", value_parser = args::bytes)]
+    batch_bytes: Option<u64>,
     /// Handle only rows from this source (the producing service, or the
     /// topic; repeatable)
     #[arg(long = "source", value_name = "SOURCE", value_parser = args::filter_value)]
@@ -105,6 +109,7 @@ pub async fn run(args: ProcessArgs, ctx: &Context) -> Result<ExitStatus> {
         .unwrap_or_else(WorkerId::default_for_process);
     let mut options = ProcessorOptions::new(worker.clone());
     options.batch = args.batch;
+    options.batch_bytes = Some(args.batch_bytes.unwrap_or(ctx.settings.batch_bytes));
     options.lease = lease;
     options.commit_retry_for = lease / 2;
     options.filters.sources = args.sources.clone();

@@ -174,10 +174,40 @@ impl Source for FileSource {
     }
 
     async fn poll(&mut self, max: usize, wait: Duration) -> Result<Polled> {
+        self.poll_within(max, usize::MAX, wait).await
+    }
+
+    async fn poll_within(
+        &mut self,
+        max: usize,
+        max_bytes: usize,
+        wait: Duration,
+    ) -> Result<Polled> {
         let mut out = Vec::new();
+        let mut bytes = 0usize;
+        // Takes `m` if it fits the byte budget (the first always does);
+        // otherwise it waits at the front of the queue for the next poll.
+        let mut take =
+            |m: RawMessage, out: &mut Vec<RawMessage>, queue: &mut VecDeque<RawMessage>| {
+                let size = m.size();
+                if !out.is_empty() && bytes.saturating_add(size) > max_bytes {
+                    queue.push_front(m);
+                    return false;
+                }
+                bytes = bytes.saturating_add(size);
+                out.push(m);
+                true
+            };
         while out.len() < max {
             match self.redeliver.pop_front() {
-                Some(m) => out.push(m),
+                Some(m) => {
+                    if !take(m, &mut out, &mut self.redeliver) {
+                        return Ok(Polled {
+                            end: false,
+                            messages: out,
+                        });
+                    }
+                }
                 None => break,
             }
         }
@@ -193,7 +223,9 @@ impl Source for FileSource {
                         m.headers.clear();
                         m.cut = cut;
                     }
-                    out.push(m)
+                    if !take(m, &mut out, &mut self.redeliver) {
+                        break;
+                    }
                 }
                 None if self.follow => {
                     if !out.is_empty() || Instant::now() >= deadline {
@@ -263,6 +295,43 @@ mod tests {
             got,
             vec![r#"{"a":1}"#.to_string(), r#"{"b":2}"#.to_string()]
         );
+    }
+
+    /// A poll ends before the line that would pass its byte budget (that
+    /// line comes first in the next poll), holds one line at least, and a
+    /// rewind puts messages back before the held one.
+    #[tokio::test]
+    async fn polls_keep_to_a_byte_budget() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("in.jsonl");
+        let line = |n: usize, size: usize| {
+            format!(
+                "{{\"topic\":\"t\",\"value\":{{\"n\":{n},\"pad\":\"{}\"}}}}\n",
+                "x".repeat(size)
+            )
+        };
+        let sizes = [300, 300, 900, 100, 100, 100, 2000, 50];
+        let text: String = sizes.iter().enumerate().map(|(n, s)| line(n, *s)).collect();
+        std::fs::write(&path, text).unwrap();
+        let mut src = FileSource::open(path.to_str().unwrap(), false)
+            .await
+            .unwrap();
+        let offsets = |p: &Polled| p.messages.iter().map(|m| m.offset).collect::<Vec<_>>();
+        let wait = Duration::from_millis(50);
+        let p = src.poll_within(100, 1000, wait).await.unwrap();
+        assert_eq!(offsets(&p), vec![1, 2], "the third would pass 1000 bytes");
+        assert!(!p.end);
+        let p = src.poll_within(100, 1000, wait).await.unwrap();
+        assert_eq!(offsets(&p), vec![3]);
+        // Given back: it comes again, before what was read after it.
+        src.rewind(&p.messages).await.unwrap();
+        let p = src.poll_within(100, 1400, wait).await.unwrap();
+        assert_eq!(offsets(&p), vec![3, 4, 5, 6]);
+        let p = src.poll_within(100, 1000, wait).await.unwrap();
+        assert_eq!(offsets(&p), vec![7], "alone over the budget");
+        let p = src.poll_within(100, 1000, wait).await.unwrap();
+        assert_eq!(offsets(&p), vec![8]);
+        assert!(p.end);
     }
 
     /// Without --follow, a last line without a newline is a line.

@@ -134,6 +134,11 @@ pub struct KafkaSource {
     end_told: bool,
     /// The assigned partitions are paused ([`Source::idle`]).
     paused: bool,
+    /// A message read but not handed over: it would have passed a poll's
+    /// byte budget. The next poll starts with it; its partition's read
+    /// position (`seen`) is its offset, so a seek (resume, rewind) that
+    /// reads it again drops it here.
+    held: Option<RawMessage>,
 }
 
 impl std::fmt::Debug for KafkaSource {
@@ -221,6 +226,7 @@ impl KafkaSource {
             unsure: HashSet::new(),
             unconfirmed: BTreeMap::new(),
             end_told: false,
+            held: None,
         })
     }
 
@@ -252,6 +258,14 @@ impl KafkaSource {
             Err(_) => return,
         };
         for key in revoked {
+            if self
+                .held
+                .as_ref()
+                .is_some_and(|h| (&h.topic, h.partition) == (&key.0, key.1))
+            {
+                // Its new owner reads it.
+                self.held = None;
+            }
             self.seen.remove(&key);
             self.ended.remove(&key);
             self.unsure.remove(&key);
@@ -455,11 +469,26 @@ impl Source for KafkaSource {
     }
 
     async fn poll(&mut self, max: usize, wait: Duration) -> Result<Polled> {
+        self.poll_within(max, usize::MAX, wait).await
+    }
+
+    async fn poll_within(
+        &mut self,
+        max: usize,
+        max_bytes: usize,
+        wait: Duration,
+    ) -> Result<Polled> {
         self.resume().await?;
         self.forget_revoked();
         let deadline = tokio::time::Instant::now() + wait;
         let mut out = Vec::new();
         let mut end = false;
+        let mut bytes = 0usize;
+        if let Some(m) = self.held.take() {
+            bytes = m.size();
+            self.took(&m);
+            out.push(m);
+        }
         while out.len() < max {
             let step = if out.is_empty() {
                 // Nothing in hand: at the end of every partition, say so at
@@ -479,6 +508,19 @@ impl Source for KafkaSource {
                 Ok(Ok(m)) => {
                     let raw = Self::to_raw(&m);
                     drop(m);
+                    let size = raw.size();
+                    if !out.is_empty() && bytes.saturating_add(size) > max_bytes {
+                        // Not handed over: its partition is read up to it,
+                        // and not at its end.
+                        let key = (raw.topic.clone(), raw.partition);
+                        self.ended.remove(&key);
+                        self.unsure.remove(&key);
+                        self.seen.insert(key, raw.offset);
+                        self.end_told = false;
+                        self.held = Some(raw);
+                        break;
+                    }
+                    bytes = bytes.saturating_add(size);
                     self.took(&raw);
                     out.push(raw);
                 }
@@ -582,6 +624,14 @@ impl Source for KafkaSource {
             .map_err(|e| broker_err("cannot seek back to redeliver", e))?;
             self.ended.remove(&(t.clone(), p));
             self.unsure.remove(&(t.clone(), p));
+            if self
+                .held
+                .as_ref()
+                .is_some_and(|h| (&h.topic, h.partition) == (&t, p))
+            {
+                // Read again from the new position.
+                self.held = None;
+            }
             self.seen.insert((t, p), o);
         }
         Ok(())
@@ -639,6 +689,9 @@ impl Source for KafkaSource {
             .collect();
         drop(assigned);
         self.paused = false;
+        // Every partition goes back to its read position, the held
+        // message's to its offset: it is read again.
+        self.held = None;
         for key in parts {
             // The seek restarts the partition's fetching: its end (if it is
             // there) is told again.

@@ -32,6 +32,22 @@ pub trait Source: Send {
     /// Up to `max` messages, waiting at most `wait` for the first.
     fn poll(&mut self, max: usize, wait: Duration) -> impl Future<Output = Result<Polled>> + Send;
 
+    /// Up to `max` messages holding at most `max_bytes` bytes
+    /// ([`RawMessage::size`]): the poll ends before a message that would
+    /// pass the budget (kept for the next poll), and returns at least one
+    /// message, however large. The inbox consumer polls with this. The
+    /// default ignores `max_bytes` (a source that cannot tell); omnibox's
+    /// file and Kafka sources keep to it.
+    fn poll_within(
+        &mut self,
+        max: usize,
+        max_bytes: usize,
+        wait: Duration,
+    ) -> impl Future<Output = Result<Polled>> + Send {
+        let _ = max_bytes;
+        self.poll(max, wait)
+    }
+
     /// Commits (acknowledges) everything up to and including these messages.
     fn commit(&mut self, through: &[RawMessage]) -> impl Future<Output = Result<()>> + Send;
 
@@ -87,6 +103,18 @@ impl Source for AnySource {
         match self {
             AnySource::Kafka(s) => s.poll(max, wait).await,
             AnySource::File(s) => s.poll(max, wait).await,
+        }
+    }
+
+    async fn poll_within(
+        &mut self,
+        max: usize,
+        max_bytes: usize,
+        wait: Duration,
+    ) -> Result<Polled> {
+        match self {
+            AnySource::Kafka(s) => s.poll_within(max, max_bytes, wait).await,
+            AnySource::File(s) => s.poll_within(max, max_bytes, wait).await,
         }
     }
 

@@ -12,13 +12,14 @@ use super::{Delivery, Sink};
 use crate::error::{Error, Result};
 use crate::relay::Message;
 
-fn lines(messages: &[Message]) -> Vec<u8> {
-    let mut buf = Vec::with_capacity(messages.len() * 512);
-    for m in messages {
-        buf.extend_from_slice(m.to_json_line().as_bytes());
-        buf.push(b'\n');
-    }
-    buf
+/// Lines are written in pieces of about this size, so a batch of large
+/// messages is not copied whole into one buffer beside the messages.
+const WRITE_CHUNK: usize = 1 << 20;
+
+/// Appends `m`'s line ([`Message::to_json_line`]) to `buf`.
+fn push_line(buf: &mut Vec<u8>, m: &Message) {
+    serde_json::to_writer(&mut *buf, m).expect("a message serialises");
+    buf.push(b'\n');
 }
 
 /// Appends messages to a file, synced to disk before they count as delivered.
@@ -55,22 +56,31 @@ impl Sink for FileSink {
         if messages.is_empty() {
             return Vec::new();
         }
-        let buf = lines(messages);
-        let file = self.file.clone();
-        let written = tokio::task::spawn_blocking(move || -> std::io::Result<()> {
-            let mut f = file.lock().unwrap_or_else(|p| p.into_inner());
-            f.write_all(&buf)?;
-            f.sync_data()
-        })
-        .await;
-        match written {
-            Ok(Ok(())) => vec![Delivery::Delivered; messages.len()],
-            Ok(Err(e)) => {
-                let why = format!("cannot write {}: {e}", self.path.display());
-                vec![Delivery::Transient(why); messages.len()]
+        let mut buf = Vec::new();
+        for (i, m) in messages.iter().enumerate() {
+            push_line(&mut buf, m);
+            let last = i + 1 == messages.len();
+            if buf.len() < WRITE_CHUNK && !last {
+                continue;
             }
-            Err(e) => vec![Delivery::Transient(format!("writer task failed: {e}")); messages.len()],
+            let chunk = std::mem::take(&mut buf);
+            let file = self.file.clone();
+            let written = tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+                let mut f = file.lock().unwrap_or_else(|p| p.into_inner());
+                f.write_all(&chunk)?;
+                if last { f.sync_data() } else { Ok(()) }
+            })
+            .await;
+            let why = match written {
+                Ok(Ok(())) => continue,
+                Ok(Err(e)) => format!("cannot write {}: {e}", self.path.display()),
+                Err(e) => format!("writer task failed: {e}"),
+            };
+            // Lines written before are sent again with the rest (at least
+            // once: the consumer deduplicates them).
+            return vec![Delivery::Transient(why); messages.len()];
         }
+        vec![Delivery::Delivered; messages.len()]
     }
 }
 
@@ -84,9 +94,17 @@ impl Sink for StdoutSink {
     }
 
     async fn send(&self, messages: &[Message], _timeout: Duration) -> Vec<Delivery> {
-        let buf = lines(messages);
-        let mut out = std::io::stdout().lock();
-        match out.write_all(&buf).and_then(|()| out.flush()) {
+        let mut out = std::io::BufWriter::with_capacity(1 << 16, std::io::stdout().lock());
+        let mut line = Vec::new();
+        let written = messages
+            .iter()
+            .try_for_each(|m| {
+                line.clear();
+                push_line(&mut line, m);
+                out.write_all(&line)
+            })
+            .and_then(|()| out.flush());
+        match written {
             Ok(()) => vec![Delivery::Delivered; messages.len()],
             Err(e) => {
                 vec![Delivery::Transient(format!("cannot write to stdout: {e}")); messages.len()]

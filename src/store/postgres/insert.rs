@@ -12,7 +12,32 @@ use crate::error::{Error, Result, storage};
 use crate::model::{Event, InboxEvent, InboxRoute, OutboxEvent, OutboxRoute, Route, Timestamp};
 use crate::store::{BulkOutcome, Created, EventStore, InboxStore, OutboxStore};
 
+/// Rows per statement.
 const CHUNK: usize = 1000;
+/// Payload bytes per statement (about): a chunk of large events ends at
+/// this size, so the statement's arrays and its encoding stay a few MiB
+/// whatever the events (the transaction is the same).
+const CHUNK_BYTES: usize = 4 << 20;
+
+/// `events` in chunks of at most [`CHUNK`] rows and about [`CHUNK_BYTES`]
+/// of payload (at least one row each).
+fn chunks<R>(events: &[Event<R>]) -> impl Iterator<Item = &[Event<R>]> {
+    let mut rest = events;
+    std::iter::from_fn(move || {
+        if rest.is_empty() {
+            return None;
+        }
+        let mut bytes = 0;
+        let mut n = 0;
+        while n < rest.len() && n < CHUNK && (n == 0 || bytes < CHUNK_BYTES) {
+            bytes += crate::model::approx_json_len(&rest[n].payload);
+            n += 1;
+        }
+        let (chunk, tail) = rest.split_at(n);
+        rest = tail;
+        Some(chunk)
+    })
+}
 
 /// Appends one CSV field: quoted (quotes doubled) or, for `None`, empty
 /// (COPY's CSV NULL).
@@ -107,8 +132,14 @@ fn copy_outbox_row(buf: &mut String, e: &OutboxEvent, now: Option<&str>) -> Resu
     csv_field(buf, Some(&e.route.topic));
     buf.push(',');
     csv_field(buf, Some(&e.route.partition_key));
+    let _ = write!(buf, ",{}", payload_bytes(&payload));
     buf.push('\n');
     Ok(())
+}
+
+/// The `payload_bytes` column of a payload serialised as `payload`.
+fn payload_bytes(payload: &str) -> i32 {
+    i32::try_from(payload.len()).unwrap_or(i32::MAX)
 }
 
 /// Inserts a chunk without idempotency keys with COPY.
@@ -134,26 +165,33 @@ fn has_keys(chunk: &[OutboxEvent]) -> bool {
 /// Inserts a stream of chunks on `conn`, in order: runs of chunks without
 /// idempotency keys go through one streaming COPY (the server inserts while
 /// the next chunk is parsed), chunks with keys through the idempotent
-/// INSERT. Stops at the first error (of the stream or of the database);
-/// nothing is committed here.
-pub async fn insert_outbox_stream<S>(conn: &mut PgConnection, chunks: S) -> Result<Vec<BulkOutcome>>
+/// INSERT. Each chunk's outcomes go to `outcomes` once it is sent (and
+/// the chunk is dropped then: only the chunk in hand is held). Stops at
+/// the first error (of the stream or of the database); nothing is
+/// committed here.
+pub async fn insert_outbox_stream<S, F>(
+    conn: &mut PgConnection,
+    chunks: S,
+    mut outcomes: F,
+) -> Result<()>
 where
     S: futures_util::Stream<Item = Result<Vec<OutboxEvent>>> + Send,
+    F: FnMut(&[BulkOutcome]) + Send,
 {
     use futures_util::StreamExt;
     let mut chunks = std::pin::pin!(chunks);
-    let mut outcomes = Vec::new();
     let mut pending: Option<Vec<OutboxEvent>> = None;
+    let mut ids: Vec<BulkOutcome> = Vec::new();
     loop {
         let chunk = match pending.take() {
             Some(c) => c,
             None => match chunks.next().await {
                 Some(c) => c?,
-                None => return Ok(outcomes),
+                None => return Ok(()),
             },
         };
         if has_keys(&chunk) {
-            outcomes.extend(insert_outbox(conn, &chunk).await?);
+            outcomes(&insert_outbox(conn, &chunk).await?);
             continue;
         }
         // A COPY that stays open for every following chunk without keys.
@@ -169,10 +207,13 @@ where
                     copy_outbox_row(&mut buf, e, Some(&now))?;
                 }
                 copy.send(buf.as_bytes()).await.map_err(storage)?;
-                outcomes.extend(chunk.iter().map(|e| BulkOutcome {
+                ids.clear();
+                ids.extend(chunk.iter().map(|e| BulkOutcome {
                     id: e.id,
                     existing: false,
                 }));
+                outcomes(&ids);
+                drop(chunk);
                 match chunks.next().await {
                     Some(Ok(c)) if !has_keys(&c) => next = Some(c),
                     Some(Ok(c)) => pending = Some(c),
@@ -194,7 +235,7 @@ where
         }
         if pending.is_none() {
             // The stream ended inside the COPY.
-            return Ok(outcomes);
+            return Ok(());
         }
     }
 }
@@ -219,6 +260,8 @@ struct Common {
     scheduled_at: Vec<Option<Timestamp>>,
     completed_at: Vec<Option<Timestamp>>,
     created_at: Vec<Option<Timestamp>>,
+    /// The payload's size (bound after the route's columns).
+    payload_bytes: Vec<i32>,
 }
 
 impl Common {
@@ -232,8 +275,9 @@ impl Common {
         }
         self.id.push(e.id);
         self.event_type.push(e.event_type.clone());
-        self.payload
-            .push(serde_json::to_string(&e.payload).expect("a JSON map serialises"));
+        let payload = serde_json::to_string(&e.payload).expect("a JSON map serialises");
+        self.payload_bytes.push(payload_bytes(&payload));
+        self.payload.push(payload);
         self.headers.push(
             e.headers
                 .as_ref()
@@ -257,11 +301,17 @@ impl Common {
         Ok(())
     }
 
+    /// Binds the common columns ($1..$16); the caller binds the route's,
+    /// then the returned `payload_bytes` last.
     fn bind<'q>(
         self,
         q: sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>,
-    ) -> sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments> {
-        q.bind(self.id)
+    ) -> (
+        sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>,
+        Vec<i32>,
+    ) {
+        let q = q
+            .bind(self.id)
             .bind(self.event_type)
             .bind(self.payload)
             .bind(self.headers)
@@ -276,7 +326,8 @@ impl Common {
             .bind(self.last_error)
             .bind(self.scheduled_at)
             .bind(self.completed_at)
-            .bind(self.created_at)
+            .bind(self.created_at);
+        (q, self.payload_bytes)
     }
 }
 
@@ -288,7 +339,7 @@ pub async fn insert_outbox(
     events: &[OutboxEvent],
 ) -> Result<Vec<BulkOutcome>> {
     let mut inserted = HashSet::with_capacity(events.len());
-    for chunk in events.chunks(CHUNK) {
+    for chunk in chunks(events) {
         if chunk.iter().all(|e| e.idempotency_key.is_none()) {
             copy_outbox(conn, chunk).await?;
             inserted.extend(chunk.iter().map(|e| e.id));
@@ -306,12 +357,13 @@ pub async fn insert_outbox(
             topic.push(e.route.topic.as_str());
             partition_key.push(e.route.partition_key.as_str());
         }
-        let ids: Vec<Uuid> = common
-            .bind(sqlx::query(sql::INSERT_OUTBOX))
+        let (q, payload_bytes) = common.bind(sqlx::query(sql::INSERT_OUTBOX));
+        let ids: Vec<Uuid> = q
             .bind(aggregate_type)
             .bind(aggregate_id)
             .bind(topic)
             .bind(partition_key)
+            .bind(payload_bytes)
             .fetch_all(&mut *conn)
             .await
             .map_err(storage)?
@@ -365,7 +417,7 @@ pub async fn insert_inbox(
     events: &[InboxEvent],
 ) -> Result<Vec<BulkOutcome>> {
     let mut inserted = HashSet::with_capacity(events.len());
-    for chunk in events.chunks(CHUNK) {
+    for chunk in chunks(events) {
         let mut common = Common::default();
         let mut message_id = Vec::with_capacity(chunk.len());
         let mut consumer_group = Vec::with_capacity(chunk.len());
@@ -376,11 +428,12 @@ pub async fn insert_inbox(
             consumer_group.push(e.route.consumer_group.as_str());
             source.push(e.route.source.as_str());
         }
-        let ids: Vec<Uuid> = common
-            .bind(sqlx::query(sql::INSERT_INBOX))
+        let (q, payload_bytes) = common.bind(sqlx::query(sql::INSERT_INBOX));
+        let ids: Vec<Uuid> = q
             .bind(message_id)
             .bind(consumer_group)
             .bind(source)
+            .bind(payload_bytes)
             .fetch_all(&mut *conn)
             .await
             .map_err(storage)?

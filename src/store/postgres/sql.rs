@@ -58,15 +58,31 @@ macro_rules! active {
     };
 }
 
+/// A row's payload size for a byte budget: the size omnibox wrote with it,
+/// or (a row written by other means) the payload's JSON text measured now.
+macro_rules! payload_bytes {
+    ($a:literal) => {
+        concat!(
+            "coalesce(",
+            $a,
+            ".payload_bytes, octet_length(",
+            $a,
+            ".payload::text))::int8"
+        )
+    };
+}
+
 /// The claim of a table without per-key order (the inbox): unlocked due rows
-/// from the claim index, plus rows whose lease expired from the lock index.
+/// from the claim index, plus rows whose lease expired from the lock index,
+/// in `(scheduled_at, seq)` order up to $2 rows and, by the running sum of
+/// their payload sizes, $6 bytes (the first row whatever its size).
 macro_rules! plain_claim {
     ($t:literal) => {
         concat!(
             "WITH free AS (
-                SELECT id, seq, scheduled_at FROM ",
+                SELECT id, seq, scheduled_at, ", payload_bytes!("f"), " AS bytes FROM ",
             $t,
-            "
+            " f
                 WHERE status = 'pending' AND locked_at IS NULL AND scheduled_at <= now()
                   AND ($4::text[] IS NULL OR source = ANY($4))
                   AND ($5::text[] IS NULL OR event_type = ANY($5))
@@ -75,9 +91,9 @@ macro_rules! plain_claim {
                 FOR UPDATE SKIP LOCKED
             ),
             expired AS (
-                SELECT id, seq, scheduled_at FROM ",
+                SELECT id, seq, scheduled_at, ", payload_bytes!("x"), " AS bytes FROM ",
             $t,
-            "
+            " x
                 WHERE locked_until <= now() AND scheduled_at <= now()
                   AND ($4::text[] IS NULL OR source = ANY($4))
                   AND ($5::text[] IS NULL OR event_type = ANY($5))
@@ -86,9 +102,14 @@ macro_rules! plain_claim {
                 FOR UPDATE SKIP LOCKED
             ),
             picked AS (
-                SELECT id FROM (SELECT * FROM free UNION ALL SELECT * FROM expired) c
-                ORDER BY scheduled_at, seq
-                LIMIT $2
+                SELECT id FROM (
+                    SELECT id, bytes, sum(bytes) OVER (ORDER BY scheduled_at, seq
+                                                       ROWS UNBOUNDED PRECEDING) AS upto,
+                           row_number() OVER (ORDER BY scheduled_at, seq) AS n
+                    FROM (SELECT * FROM free UNION ALL SELECT * FROM expired) c
+                    ORDER BY scheduled_at, seq
+                    LIMIT $2) r
+                WHERE r.n = 1 OR r.upto <= $6
             )
             UPDATE ",
             $t,
@@ -301,7 +322,7 @@ pub const OUTBOX_SCAN: &str = "SELECT * FROM (
 /// 31k events/s, unique keys, batch 1000.)
 pub const OUTBOX_WALK: &str = concat!(
     "SELECT k.ord, w.id, w.seq, ", ready!("w"), " AS ready, w.last_error IS NOT NULL AS tried,
-            (w.locked_at IS NOT NULL AND w.locked_until > now()) AS locked
+            (w.locked_at IS NOT NULL AND w.locked_until > now()) AS locked, w.bytes
       FROM unnest($1::text[], $2::text[], $4::int8[], $5::int8[])
            WITH ORDINALITY AS k(topic, partition_key, own_first, own_last, ord)
      CROSS JOIN LATERAL (
@@ -324,7 +345,8 @@ pub const OUTBOX_WALK: &str = concat!(
            AND e.seq >= s.seq AND ", active!("e"), "
          ORDER BY e.seq LIMIT 1) h
      CROSS JOIN LATERAL (
-        SELECT e.id, e.seq, e.locked_at, e.locked_until, e.scheduled_at, e.last_error
+        SELECT e.id, e.seq, e.locked_at, e.locked_until, e.scheduled_at, e.last_error,
+               ", payload_bytes!("e"), " AS bytes
           FROM outbox_events e
          WHERE h.ready AND e.status = 'pending' AND e.topic = k.topic AND e.partition_key = k.partition_key
            AND e.seq >= h.seq
@@ -381,7 +403,7 @@ pub const OUTBOX_CLAIMABLE_EXISTS: &str = concat!(
 
 pub static OUTBOX: TableSql = table_sql!("outbox_events", "", OUTBOX_CLAIMABLE_EXISTS);
 /// The inbox claim: $1 lease seconds, $2 limit, $3 worker, $4 sources and
-/// $5 event types (`NULL`: any).
+/// $5 event types (`NULL`: any), $6 the byte budget.
 pub const INBOX_CLAIM: &str = plain_claim!("inbox_events");
 
 pub static INBOX: TableSql = table_sql!(
@@ -393,17 +415,19 @@ pub static INBOX: TableSql = table_sql!(
 pub(super) const INSERT_OUTBOX: &str = "INSERT INTO outbox_events (
         id, event_type, payload, headers, trace_id, idempotency_key, correlation_id, causation_id,
         schema_version, status, attempts_made, max_attempts, last_error, scheduled_at, completed_at,
-        created_at, updated_at, aggregate_type, aggregate_id, topic, partition_key)
+        created_at, updated_at, aggregate_type, aggregate_id, topic, partition_key, payload_bytes)
     SELECT u.id, u.event_type, u.payload::jsonb, u.headers::jsonb, u.trace_id, u.idempotency_key,
         u.correlation_id, u.causation_id, u.schema_version, u.status, u.attempts_made, u.max_attempts,
         u.last_error, COALESCE(u.scheduled_at, now()), u.completed_at, COALESCE(u.created_at, now()),
-        COALESCE(u.created_at, now()), u.aggregate_type, u.aggregate_id, u.topic, u.partition_key
+        COALESCE(u.created_at, now()), u.aggregate_type, u.aggregate_id, u.topic, u.partition_key,
+        u.payload_bytes
     FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[],
         $8::text[], $9::text[], $10::text[], $11::int4[], $12::int4[], $13::text[], $14::timestamptz[],
-        $15::timestamptz[], $16::timestamptz[], $17::text[], $18::uuid[], $19::text[], $20::text[])
+        $15::timestamptz[], $16::timestamptz[], $17::text[], $18::uuid[], $19::text[], $20::text[],
+        $21::int4[])
         WITH ORDINALITY AS u(id, event_type, payload, headers, trace_id, idempotency_key, correlation_id,
             causation_id, schema_version, status, attempts_made, max_attempts, last_error, scheduled_at,
-            completed_at, created_at, aggregate_type, aggregate_id, topic, partition_key, ord)
+            completed_at, created_at, aggregate_type, aggregate_id, topic, partition_key, payload_bytes, ord)
     ORDER BY u.ord
     ON CONFLICT (idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
     RETURNING id";
@@ -411,17 +435,17 @@ pub(super) const INSERT_OUTBOX: &str = "INSERT INTO outbox_events (
 pub(super) const INSERT_INBOX: &str = "INSERT INTO inbox_events (
         id, event_type, payload, headers, trace_id, idempotency_key, correlation_id, causation_id,
         schema_version, status, attempts_made, max_attempts, last_error, scheduled_at, completed_at,
-        created_at, updated_at, message_id, consumer_group, source)
+        created_at, updated_at, message_id, consumer_group, source, payload_bytes)
     SELECT u.id, u.event_type, u.payload::jsonb, u.headers::jsonb, u.trace_id, u.idempotency_key,
         u.correlation_id, u.causation_id, u.schema_version, u.status, u.attempts_made, u.max_attempts,
         u.last_error, COALESCE(u.scheduled_at, now()), u.completed_at, COALESCE(u.created_at, now()),
-        COALESCE(u.created_at, now()), u.message_id, u.consumer_group, u.source
+        COALESCE(u.created_at, now()), u.message_id, u.consumer_group, u.source, u.payload_bytes
     FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[],
         $8::text[], $9::text[], $10::text[], $11::int4[], $12::int4[], $13::text[], $14::timestamptz[],
-        $15::timestamptz[], $16::timestamptz[], $17::text[], $18::text[], $19::text[])
+        $15::timestamptz[], $16::timestamptz[], $17::text[], $18::text[], $19::text[], $20::int4[])
         WITH ORDINALITY AS u(id, event_type, payload, headers, trace_id, idempotency_key, correlation_id,
             causation_id, schema_version, status, attempts_made, max_attempts, last_error, scheduled_at,
-            completed_at, created_at, message_id, consumer_group, source, ord)
+            completed_at, created_at, message_id, consumer_group, source, payload_bytes, ord)
     ORDER BY u.ord
     ON CONFLICT (message_id, consumer_group) DO NOTHING
     RETURNING id";
@@ -442,7 +466,7 @@ pub(super) const INBOX_BY_MESSAGE: &str =
 pub(super) const COPY_OUTBOX: &str = "COPY outbox_events (
         id, event_type, payload, headers, trace_id, idempotency_key, correlation_id, causation_id,
         schema_version, status, attempts_made, max_attempts, last_error, scheduled_at, completed_at,
-        created_at, updated_at, aggregate_type, aggregate_id, topic, partition_key)
+        created_at, updated_at, aggregate_type, aggregate_id, topic, partition_key, payload_bytes)
     FROM STDIN (FORMAT csv)";
 
 pub(super) const BLOCKED_KEYS: &str = "SELECT h.topic, h.partition_key, h.id, h.attempts_made, h.last_error, h.scheduled_at,

@@ -97,11 +97,10 @@ impl<R: PgRoute> EventStore<R> for PgTable<R> {
             .bind(opts.worker.as_str())
             .bind(FetchFilters::pg(&opts.filters.sources))
             .bind(FetchFilters::pg(&opts.filters.event_types))
+            .bind(opts.byte_budget())
             .persistent(false)
-            .fetch_all(&self.pool)
-            .await
-            .map_err(storage)?;
-        let events = rows.iter().map(decode).collect::<Result<Vec<Event<R>>>>()?;
+            .fetch(&self.pool);
+        let events = decode_all(rows).await?;
         Ok(claimed(opts, events, false, None))
     }
 
@@ -307,6 +306,21 @@ fn claimed<R: PgRoute>(
     }
 }
 
+/// Decodes rows as they arrive: a claim of large events holds each row's
+/// wire bytes only until it is decoded, not the whole batch's beside the
+/// events.
+async fn decode_all<R: PgRoute>(
+    rows: impl futures_util::Stream<Item = std::result::Result<sqlx::postgres::PgRow, sqlx::Error>>,
+) -> Result<Vec<Event<R>>> {
+    use futures_util::TryStreamExt;
+    let mut rows = std::pin::pin!(rows);
+    let mut events = Vec::new();
+    while let Some(row) = rows.try_next().await.map_err(storage)? {
+        events.push(decode(&row)?);
+    }
+    Ok(events)
+}
+
 /// Locks the rows of `ids` that no other transaction holds, and returns
 /// those still pending and ready.
 async fn lock_ready(
@@ -407,11 +421,12 @@ impl<R: PgRoute> PgTable<R> {
                     ready: r.try_get("ready")?,
                     tried: r.try_get("tried")?,
                     locked: r.try_get("locked")?,
+                    bytes: r.try_get::<i64, _>("bytes")?.max(0) as u64,
                 })
             })
             .collect::<std::result::Result<Vec<_>, sqlx::Error>>()
             .map_err(storage)?;
-        let runs = claim::plan(&walked, limit);
+        let runs = claim::plan(&walked, limit, opts.max_bytes);
         if runs.is_empty() {
             tx.commit().await.map_err(storage)?;
             return Ok(claimed(opts, Vec::new(), false, next));
@@ -438,11 +453,9 @@ impl<R: PgRoute> PgTable<R> {
             .bind(&ids)
             .bind(opts.worker.as_str())
             .bind(crate::store::secs(opts.lease))
-            .fetch_all(&mut *tx)
-            .await
-            .map_err(storage)?;
+            .fetch(&mut *tx);
+        let events = decode_all(rows).await?;
         tx.commit().await.map_err(storage)?;
-        let events = rows.iter().map(decode).collect::<Result<Vec<Event<R>>>>()?;
         Ok(claimed(opts, events, contended, next))
     }
 }

@@ -25,6 +25,7 @@ pub struct TableSql {
     pub delete_failed: &'static str,
     pub failed_by_type: &'static str,
     pub insert: &'static str,
+    pub claimed_by_seq: &'static str,
 }
 
 /// A row that can be handed out now (?1 is now): due, and unlocked or its
@@ -61,7 +62,12 @@ macro_rules! active {
     };
 }
 
-/// ?1 now, ?2 the new locked_until, ?3 limit, ?4 worker.
+/// ?1 now, ?2 the new locked_until, ?3 limit, ?4 worker, ?5 sources and
+/// ?6 event types (`NULL`: any), ?7 the byte budget: rows in `(scheduled_at,
+/// seq)` order up to ?3 rows and, by the running sum of their payload
+/// sizes (`octet_length` reads a text's size without its content), ?7
+/// bytes, the first row whatever its size. Returns the rows' `seq`; the
+/// rows are read by `claimed_by_seq` (see [`OUTBOX_MARK`] for why).
 macro_rules! plain_claim {
     ($t:literal) => {
         concat!(
@@ -70,8 +76,9 @@ macro_rules! plain_claim {
             " SET locked_at = ?1, locked_by = ?4, locked_until = ?2, updated_at = ?1
             WHERE seq IN (
                 SELECT seq FROM (
-                    SELECT seq, scheduled_at FROM (
-                        SELECT seq, scheduled_at FROM ",
+                SELECT seq, row_number() OVER w AS n, sum(bytes) OVER w AS upto FROM (
+                    SELECT seq, scheduled_at, bytes FROM (
+                        SELECT seq, scheduled_at, octet_length(payload) AS bytes FROM ",
             $t,
             "
                         WHERE status = 'pending' AND locked_at IS NULL AND scheduled_at <= ?1
@@ -79,8 +86,8 @@ macro_rules! plain_claim {
                           AND (?6 IS NULL OR event_type IN (SELECT value FROM json_each(?6)))
                         ORDER BY scheduled_at, seq LIMIT ?3)
                     UNION ALL
-                    SELECT seq, scheduled_at FROM (
-                        SELECT seq, scheduled_at FROM ",
+                    SELECT seq, scheduled_at, bytes FROM (
+                        SELECT seq, scheduled_at, octet_length(payload) AS bytes FROM ",
             $t,
             "
                         WHERE locked_until <= ?1 AND scheduled_at <= ?1
@@ -88,8 +95,10 @@ macro_rules! plain_claim {
                           AND (?6 IS NULL OR event_type IN (SELECT value FROM json_each(?6)))
                         ORDER BY locked_until LIMIT ?3)
                 )
+                WINDOW w AS (ORDER BY scheduled_at, seq ROWS UNBOUNDED PRECEDING)
                 ORDER BY scheduled_at, seq LIMIT ?3)
-            RETURNING *"
+                WHERE n = 1 OR upto <= ?7)
+            RETURNING seq"
         )
     };
 }
@@ -219,6 +228,9 @@ macro_rules! table_sql {
                 " WHERE status = 'failed' GROUP BY event_type ORDER BY count(*) DESC, event_type"
             ),
             insert: $insert,
+            claimed_by_seq: concat!(
+                "SELECT * FROM ", $t, " WHERE seq IN (SELECT value FROM json_each(?1)) ORDER BY seq"
+            ),
         }
     };
 }
@@ -247,7 +259,7 @@ pub const OUTBOX_SCAN: &str = "SELECT * FROM (
 /// Step 2, ?1 now, ?2 the keys as a JSON array of `[topic, partition_key]`
 /// in the claim's order, ?3 the limit, ?4 now plus a second: one result row per key (read lazily:
 /// the caller stops reading once it has enough), its active rows from its
-/// head as a JSON array of `[id, seq, ready, tried, locked]` when the head
+/// head as a JSON array of `[id, seq, ready, tried, locked, bytes]` when the head
 /// can be handed out (the head and the next row when it was tried), an
 /// empty array when the key is held. The keys' optional third and fourth
 /// elements, with ?5 the claimer, are the first and last `seq` it holds of
@@ -295,8 +307,9 @@ pub const OUTBOX_WALK: &str = concat!(
           JOIN outbox_events h ON h.seq = k.start_seq
     )
     SELECT k.ord, (SELECT json_group_array(json_array(w.id, w.seq, ", ready!("w"), ", w.last_error IS NOT NULL,
-                                                      w.locked_at IS NOT NULL AND w.locked_until > ?1))
-              FROM (SELECT e.id, e.seq, e.locked_at, e.locked_until, e.scheduled_at, e.last_error
+                                                      w.locked_at IS NOT NULL AND w.locked_until > ?1, w.bytes))
+              FROM (SELECT e.id, e.seq, e.locked_at, e.locked_until, e.scheduled_at, e.last_error,
+                           octet_length(e.payload) AS bytes
                       FROM outbox_events e
                      WHERE e.status = 'pending' AND e.topic = k.topic AND e.partition_key = k.partition_key
                        AND e.seq >= k.head_seq AND e.seq <= k.last_seq
@@ -307,11 +320,17 @@ pub const OUTBOX_WALK: &str = concat!(
 );
 
 /// Step 3 (no locks to take: SQLite has one writer, and the claim is one
-/// write transaction): ?1 now, ?2 worker, ?3 locked_until, ?4 the ids.
+/// write transaction): ?1 now, ?2 worker, ?3 locked_until, ?4 the ids. The
+/// rows are read afterwards by [`OUTBOX_CLAIMED`], one at a time: SQLite
+/// computes every row of a `RETURNING` before handing out the first, so a
+/// claim of large events would be held twice.
 pub const OUTBOX_MARK: &str = "UPDATE outbox_events
     SET locked_at = ?1, locked_by = ?2, locked_until = ?3, updated_at = ?1
-    WHERE id IN (SELECT value FROM json_each(?4))
-    RETURNING *";
+    WHERE id IN (SELECT value FROM json_each(?4))";
+
+/// The rows a claim marked (?1 the ids), in `seq` order.
+pub const OUTBOX_CLAIMED: &str =
+    "SELECT * FROM outbox_events WHERE id IN (SELECT value FROM json_each(?1)) ORDER BY seq";
 
 /// Is anything claimable now (for `publish --once`), ?1 now, ?2 now plus a
 /// second.

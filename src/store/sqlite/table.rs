@@ -115,17 +115,34 @@ impl<R: SqliteRoute> EventStore<R> for SqliteTable<R> {
         }
         let now = time::now();
         let until = now + chrono_dur(opts.lease);
-        let rows = sqlx::query(R::sql().claim)
+        let mut tx = self
+            .pool
+            .begin_with("BEGIN IMMEDIATE")
+            .await
+            .map_err(storage)?;
+        let seqs: Vec<i64> = sqlx::query_scalar(R::sql().claim)
             .bind(ts(&now))
             .bind(ts(&until))
             .bind(i64::from(opts.limit))
             .bind(opts.worker.as_str())
             .bind(FetchFilters::sqlite(&opts.filters.sources))
             .bind(FetchFilters::sqlite(&opts.filters.event_types))
-            .fetch_all(&self.pool)
+            .bind(opts.byte_budget())
+            .fetch_all(&mut *tx)
             .await
             .map_err(storage)?;
-        let events = rows.iter().map(decode).collect::<Result<Vec<Event<R>>>>()?;
+        let events = if seqs.is_empty() {
+            Vec::new()
+        } else {
+            let seqs = serde_json::Value::from(seqs).to_string();
+            decode_all(
+                sqlx::query(R::sql().claimed_by_seq)
+                    .bind(seqs)
+                    .fetch(&mut *tx),
+            )
+            .await?
+        };
+        tx.commit().await.map_err(storage)?;
         Ok(claimed(opts, now, events, None))
     }
 
@@ -340,15 +357,29 @@ fn claimed<R: SqliteRoute>(
     }
 }
 
-/// Reads one key's walk, a JSON array of `[id, seq, ready, tried, locked]`.
+/// Decodes rows as they arrive (see the PostgreSQL twin).
+async fn decode_all<R: SqliteRoute>(
+    rows: impl futures_util::Stream<Item = std::result::Result<sqlx::sqlite::SqliteRow, sqlx::Error>>,
+) -> Result<Vec<Event<R>>> {
+    use futures_util::TryStreamExt;
+    let mut rows = std::pin::pin!(rows);
+    let mut events = Vec::new();
+    while let Some(row) = rows.try_next().await.map_err(storage)? {
+        events.push(decode(&row)?);
+    }
+    Ok(events)
+}
+
+/// Reads one key's walk, a JSON array of `[id, seq, ready, tried, locked,
+/// bytes]`.
 fn walk_rows(key: i64, json: &str, out: &mut Vec<WalkRow>) -> Result<()> {
     let corrupt = |message: String| Error::CorruptRow {
         id: "?".into(),
         message,
     };
-    let rows: Vec<(String, i64, i64, i64, i64)> =
+    let rows: Vec<(String, i64, i64, i64, i64, Option<i64>)> =
         serde_json::from_str(json).map_err(|e| corrupt(format!("claim walk: {e}")))?;
-    for (id, seq, ready, tried, locked) in rows {
+    for (id, seq, ready, tried, locked, bytes) in rows {
         out.push(WalkRow {
             key,
             id: Uuid::parse_str(&id)
@@ -357,6 +388,7 @@ fn walk_rows(key: i64, json: &str, out: &mut Vec<WalkRow>) -> Result<()> {
             ready: ready != 0,
             tried: tried != 0,
             locked: locked != 0,
+            bytes: bytes.unwrap_or(0).max(0) as u64,
         });
     }
     Ok(())
@@ -442,22 +474,24 @@ impl<R: SqliteRoute> SqliteTable<R> {
                 walk_rows(key, &json, &mut walked)?;
             }
         }
-        let runs = claim::plan(&walked, limit);
+        let runs = claim::plan(&walked, limit, opts.max_bytes);
         if runs.is_empty() {
             tx.commit().await.map_err(storage)?;
             return Ok(claimed(opts, now, Vec::new(), next));
         }
         let ids: Vec<Uuid> = runs.iter().flat_map(|r| r.ids.iter().copied()).collect();
-        let rows = sqlx::query(sql::OUTBOX_MARK)
+        let ids = id_array(&ids);
+        sqlx::query(sql::OUTBOX_MARK)
             .bind(ts(&now))
             .bind(opts.worker.as_str())
             .bind(ts(&(now + chrono_dur(opts.lease))))
-            .bind(id_array(&ids))
-            .fetch_all(&mut *tx)
+            .bind(&ids)
+            .execute(&mut *tx)
             .await
             .map_err(storage)?;
+        let events =
+            decode_all(sqlx::query(sql::OUTBOX_CLAIMED).bind(&ids).fetch(&mut *tx)).await?;
         tx.commit().await.map_err(storage)?;
-        let events = rows.iter().map(decode).collect::<Result<Vec<Event<R>>>>()?;
         Ok(claimed(opts, now, events, next))
     }
 }
