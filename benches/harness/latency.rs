@@ -16,7 +16,11 @@
 //! insert → claimed (the insert's commit, the notification, the relay's
 //! wake-up and its claim) and claimed → completed (the sink and the
 //! pipeline up to the completion). The inserting client also times each
-//! INSERT's statement (its commit included).
+//! INSERT's statement (its commit included), and notes when the INSERT's
+//! commit was acknowledged: committed → completed, from that moment to
+//! `completed_at`, is the relay's share of the wait (`created_at` is the
+//! transaction's start, so insert → completed also holds the INSERT's own
+//! commit, which on a busy disk stalls for tens of milliseconds).
 
 use std::process::{Command, Stdio};
 use std::sync::Arc;
@@ -130,9 +134,13 @@ pub fn latency(args: &Args, conn: &Conn) {
                         .execute(&pool)
                         .await
                         .expect("insert");
+                        // The commit as the application saw it: its
+                        // acknowledgement (the database clock is this
+                        // machine's clock).
+                        let acked = std::time::SystemTime::now();
                         inserted.fetch_add(1, Ordering::Relaxed);
                         drop(permit);
-                        t.elapsed()
+                        (id, t.elapsed(), acked)
                     }));
                     issued += 1;
                 }
@@ -141,7 +149,8 @@ pub fn latency(args: &Args, conn: &Conn) {
             for h in handles {
                 times.push(h.await.unwrap());
             }
-            (times, started.elapsed())
+            let elapsed = started.elapsed();
+            (times, elapsed)
         });
         let inserted = inserted.load(Ordering::Relaxed);
         // Wait for the relay to complete every row.
@@ -191,18 +200,57 @@ pub fn latency(args: &Args, conn: &Conn) {
             all.extend(q("completed_at - bench_claimed_at").await);
             all
         });
+        // Committed → completed: from the INSERT's acknowledgement to the
+        // relay's completion, the relay's share (the INSERT's own commit,
+        // which the relay cannot shorten, left out). Negative when the
+        // relay completed the row before the acknowledgement reached the
+        // inserting client; counted as 0.
+        let completed: std::collections::HashMap<uuid::Uuid, f64> = rt.block_on(async {
+            sqlx::query_as::<_, (uuid::Uuid, f64)>(
+                "SELECT id, extract(epoch FROM completed_at)::float8 FROM outbox_events
+                  WHERE status = 'completed'",
+            )
+            .fetch_all(store.pool())
+            .await
+            .unwrap()
+            .into_iter()
+            .collect()
+        });
+        let mut after_commit: Vec<f64> = insert_times
+            .iter()
+            .filter_map(|(id, _, acked)| {
+                let acked = acked
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .ok()?
+                    .as_secs_f64();
+                completed
+                    .get(id)
+                    .map(|done| ((done - acked) * 1000.0).max(0.0))
+            })
+            .collect();
+        after_commit.sort_by(|a, b| a.total_cmp(b));
         let mut times: Vec<f64> = insert_times
             .iter()
-            .map(|d| d.as_secs_f64() * 1000.0)
+            .map(|(_, d, _)| d.as_secs_f64() * 1000.0)
             .collect();
         times.sort_by(|a, b| a.total_cmp(b));
         let pct = |p: f64| times[((times.len() as f64 * p) as usize).min(times.len() - 1)];
+        let pct_after = |p: f64| {
+            after_commit
+                .get(
+                    ((after_commit.len() as f64 * p) as usize)
+                        .min(after_commit.len().saturating_sub(1)),
+                )
+                .copied()
+                .unwrap_or(f64::NAN)
+        };
         let achieved = inserted as f64 / elapsed.as_secs_f64();
         println!(
             "latency round {round}: {inserted} rows at {achieved:.0}/s (asked {rate}/s) for {seconds} s; \
              insert→completed p50 {:.1} ms, p90 {:.1} ms, p99 {:.1} ms, max {:.1} ms; \
              insert→claimed p50 {:.1} / p99 {:.1} / max {:.1} ms; claimed→completed p50 {:.1} / p99 {:.1} / max {:.1} ms; \
-             INSERT statement (commit included) p50 {:.1} / p99 {:.1} ms{}",
+             INSERT statement (commit included) p50 {:.1} / p99 {:.1} ms; \
+             committed→completed (from the INSERT's acknowledgement) p50 {:.1} / p99 {:.1} / max {:.1} ms{}",
             stats[0],
             stats[1],
             stats[2],
@@ -215,6 +263,9 @@ pub fn latency(args: &Args, conn: &Conn) {
             stats[11],
             pct(0.5),
             pct(0.99),
+            pct_after(0.5),
+            pct_after(0.99),
+            pct_after(1.0),
             if drained {
                 ""
             } else {
@@ -232,6 +283,8 @@ pub fn latency(args: &Args, conn: &Conn) {
                 "after_claim_p50_ms": stats[8], "after_claim_p99_ms": stats[10],
                 "after_claim_max_ms": stats[11],
                 "insert_p50_ms": pct(0.5), "insert_p99_ms": pct(0.99),
+                "committed_p50_ms": pct_after(0.5), "committed_p99_ms": pct_after(0.99),
+                "committed_max_ms": pct_after(1.0),
                 "command": command, "conn": conn.kind, "conn_detail": conn.detail,
             })
         )
