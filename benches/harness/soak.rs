@@ -4,7 +4,9 @@
 //!
 //! * `omnibox publish --broker file:PATH` relays them (watch mode),
 //! * `omnibox inbox consume --from file:PATH --follow` reads that file into
-//!   the inbox (exactly-once, no handler), and
+//!   the inbox (exactly-once, no handler) and `omnibox inbox process
+//!   --webhook URL` hands the rows to a local endpoint answering 200, so
+//!   they complete as a service's would, and
 //! * `omnibox cleanup --older-than 2m` runs every minute as cron would
 //!   (the inbox's deduplication window set to 1m for it, so it deletes).
 //!
@@ -24,6 +26,56 @@ use std::time::{Duration, Instant};
 use serde_json::json;
 
 use super::{Args, Conn, bin, results_file};
+
+/// A webhook endpoint on 127.0.0.1 that answers every request with 200
+/// (HTTP/1.1, keep-alive), for the consumer's handler.
+fn ok_endpoint() -> std::net::SocketAddr {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind the webhook endpoint");
+    let addr = listener.local_addr().expect("its address");
+    std::thread::spawn(move || {
+        for stream in listener.incoming().flatten() {
+            std::thread::spawn(move || answer_ok(stream));
+        }
+    });
+    addr
+}
+
+fn answer_ok(mut s: std::net::TcpStream) {
+    use std::io::{Read, Write};
+    let _ = s.set_nodelay(true);
+    let mut buf: Vec<u8> = Vec::new();
+    let mut chunk = vec![0u8; 1 << 16];
+    loop {
+        let head_end = loop {
+            if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                break i;
+            }
+            match s.read(&mut chunk) {
+                Ok(0) | Err(_) => return,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+        };
+        let head = String::from_utf8_lossy(&buf[..head_end]).to_ascii_lowercase();
+        let len = head
+            .lines()
+            .find_map(|l| l.strip_prefix("content-length:"))
+            .and_then(|v| v.trim().parse::<usize>().ok())
+            .unwrap_or(0);
+        let total = head_end + 4 + len;
+        while buf.len() < total {
+            match s.read(&mut chunk) {
+                Ok(0) | Err(_) => return,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+        }
+        buf.drain(..total);
+        if s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n")
+            .is_err()
+        {
+            return;
+        }
+    }
+}
 
 struct Killed(Vec<Child>);
 
@@ -101,9 +153,24 @@ pub fn soak(args: &Args, conn: &Conn) {
             .expect("start omnibox")
     };
     let broker = format!("file:{}", file.display());
+    // The consumer stores the messages (exactly-once, no handler) and
+    // `inbox process` hands them to a webhook endpoint answering 200, so
+    // the rows complete (and cleanup deletes them) as a service's would;
+    // without it they would stay pending and the inbox would only grow.
+    let webhook = format!("http://{}/handled", ok_endpoint());
     let children = Killed(vec![
         spawn(&["publish", "--broker", &broker]),
         spawn(&["inbox", "consume", "--from", &broker, "--follow"]),
+        spawn(&[
+            "inbox",
+            "process",
+            "--webhook",
+            &webhook,
+            "--batch",
+            "500",
+            "--concurrency",
+            "16",
+        ]),
     ]);
     std::thread::sleep(Duration::from_secs(1));
     let stop = Arc::new(AtomicBool::new(false));
