@@ -9,13 +9,16 @@
 /// A URL for messages: `postgres://app:***@db/app?sslpassword=***`.
 pub fn url(url: &str) -> String {
     let Some(scheme_end) = url.find("://") else {
-        return params(url);
+        return params(&malformed_url(url));
     };
     let (head, rest) = url.split_at(scheme_end + 3);
     let masked = match rest.rfind('@') {
         Some(at) => {
             let userinfo = &rest[..at];
-            if userinfo.contains(':') {
+            if userinfo.ends_with(":PASSWORD") {
+                // The placeholder of a hint (`postgres://USER:PASSWORD@HOST/DB`).
+                url.to_string()
+            } else if userinfo.contains(':') {
                 let user = userinfo.split([':', '/', '?', '#']).next().unwrap_or("");
                 format!("{head}{user}:***{}", &rest[at..])
             } else {
@@ -25,6 +28,37 @@ pub fn url(url: &str) -> String {
         None => url.to_string(),
     };
     params(&masked)
+}
+
+/// A URL without `://` (`postgres:/u:pw@h/db`, `postgres:u:pw@h`,
+/// `u:pw@h/db`): whatever stands between the user's name and the last `@`
+/// is masked. A known scheme and the slashes after it are not the user.
+fn malformed_url(url: &str) -> String {
+    let Some(at) = url.rfind('@') else {
+        return url.to_string();
+    };
+    let lower = url.to_ascii_lowercase();
+    let mut start = [
+        "postgresql:",
+        "postgres:",
+        "sqlite:",
+        "kafka:",
+        "https:",
+        "http:",
+    ]
+    .iter()
+    .find(|s| lower.starts_with(*s))
+    .map_or(0, |s| s.len());
+    while url[start..].starts_with('/') {
+        start += 1;
+    }
+    if start >= at {
+        return url.to_string();
+    }
+    match url[start..at].find(':') {
+        Some(colon) => format!("{}:***{}", &url[..start + colon], &url[at..]),
+        None => url.to_string(),
+    }
 }
 
 /// [`url`], with every query value masked too (a webhook's token may travel
@@ -180,6 +214,31 @@ mod tests {
         ),
     ];
 
+    /// URLs without `://`: the part after the user's name goes.
+    #[test]
+    fn malformed_urls_lose_their_secrets() {
+        for (u, secret, shown) in [
+            (
+                "postgres:/weird:S3cr@127.0.0.1:5432/db",
+                "S3cr",
+                "postgres:/weird:***@127.0.0.1:5432/db",
+            ),
+            (
+                "postgres:weird:pw12@host/db",
+                "pw12",
+                "postgres:weird:***@host/db",
+            ),
+            ("weird:S3cr%2Fx@host/db", "S3cr", "weird:***@host/db"),
+            ("POSTGRESQL:u:a:b:c@h/db", "a:b:c", "POSTGRESQL:u:***@h/db"),
+        ] {
+            let r = url(u);
+            assert!(!r.contains(secret), "{u} -> {r}");
+            assert_eq!(r, shown);
+        }
+        assert_eq!(url("sqlite:omnibox.db"), "sqlite:omnibox.db");
+        assert_eq!(url("user@host"), "user@host");
+    }
+
     #[test]
     fn urls_lose_their_secrets() {
         for (u, secret) in HOSTILE {
@@ -201,6 +260,11 @@ mod tests {
         );
         assert_eq!(url("sqlite://omnibox.db"), "sqlite://omnibox.db");
         assert_eq!(url("postgres://u:se/cret@h/db"), "postgres://u:***@h/db");
+        // A hint's placeholder is not a secret.
+        assert_eq!(
+            text("use postgres://USER:PASSWORD@HOST/DB"),
+            "use postgres://USER:PASSWORD@HOST/DB"
+        );
         assert_eq!(
             text("host=h user=u password=s3 dbname=d"),
             "host=h user=u password=*** dbname=d"

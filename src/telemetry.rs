@@ -16,7 +16,8 @@
 //! (one handler run, child of the message's context).
 
 use std::collections::BTreeMap;
-use std::sync::OnceLock;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use opentelemetry::propagation::{Extractor, Injector, TextMapPropagator};
@@ -47,6 +48,8 @@ pub fn enabled() -> bool {
 pub struct Telemetry {
     provider: SdkTracerProvider,
     endpoint: String,
+    /// The last export failed: the endpoint is down.
+    down: Arc<AtomicBool>,
 }
 
 impl Telemetry {
@@ -121,6 +124,12 @@ impl Telemetry {
         if var("OTEL_SERVICE_NAME").is_none() {
             resource = resource.with_service_name("omnibox");
         }
+        let down = Arc::new(AtomicBool::new(false));
+        let exporter = QuietExporter {
+            inner: exporter,
+            down: down.clone(),
+            endpoint: crate::redact::url(&url),
+        };
         let provider = SdkTracerProvider::builder()
             .with_batch_exporter(exporter)
             .with_resource(resource.build())
@@ -134,6 +143,7 @@ impl Telemetry {
         Ok(Some(Telemetry {
             provider,
             endpoint: url,
+            down,
         }))
     }
 
@@ -144,10 +154,71 @@ impl Telemetry {
 
     /// Sends the spans still buffered (waiting at most `timeout`) and stops
     /// the exporter.
+    /// An endpoint known to be down (the last export failed) gets a short
+    /// last try, so the exit does not wait for it.
     pub fn shutdown(self, timeout: Duration) {
+        let timeout = if self.down.load(Ordering::SeqCst) {
+            timeout.min(Duration::from_millis(200))
+        } else {
+            timeout
+        };
         if let Err(e) = self.provider.shutdown_with_timeout(timeout) {
-            tracing::warn!(error = %e, "could not send every span to the OTLP endpoint");
+            if !self.down.load(Ordering::SeqCst) {
+                tracing::warn!(error = %e, "could not send every span to the OTLP endpoint");
+            }
         }
+    }
+}
+
+/// The OTLP exporter, with its failures told once per outage (and once when
+/// it answers again) instead of the SDK's lines for every batch, and the
+/// outage known to [`Telemetry::shutdown`].
+#[derive(Debug)]
+struct QuietExporter<E> {
+    inner: E,
+    down: Arc<AtomicBool>,
+    endpoint: String,
+}
+
+impl<E: opentelemetry_sdk::trace::SpanExporter> opentelemetry_sdk::trace::SpanExporter
+    for QuietExporter<E>
+{
+    async fn export(
+        &self,
+        batch: Vec<opentelemetry_sdk::trace::SpanData>,
+    ) -> opentelemetry_sdk::error::OTelSdkResult {
+        let spans = batch.len();
+        match self.inner.export(batch).await {
+            Ok(()) => {
+                if self.down.swap(false, Ordering::SeqCst) {
+                    tracing::warn!(endpoint = %self.endpoint, "the OTLP endpoint answers again; spans are exported");
+                }
+            }
+            Err(e) => {
+                if !self.down.swap(true, Ordering::SeqCst) {
+                    tracing::warn!(
+                        endpoint = %self.endpoint,
+                        error = %crate::redact::text(&e.to_string()),
+                        spans,
+                        "cannot export spans to the OTLP endpoint; dropping them until it answers (told once per outage)"
+                    );
+                }
+            }
+        }
+        // Told here: the SDK would log the failure again for every batch.
+        Ok(())
+    }
+
+    fn shutdown_with_timeout(&self, timeout: Duration) -> opentelemetry_sdk::error::OTelSdkResult {
+        self.inner.shutdown_with_timeout(timeout)
+    }
+
+    fn force_flush(&self) -> opentelemetry_sdk::error::OTelSdkResult {
+        self.inner.force_flush()
+    }
+
+    fn set_resource(&mut self, resource: &opentelemetry_sdk::Resource) {
+        self.inner.set_resource(resource);
     }
 }
 

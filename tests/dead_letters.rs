@@ -303,3 +303,60 @@ async fn sqlite() {
 async fn postgres() {
     run("postgres", common::postgres).await;
 }
+
+/// A failure's text may quote a remote's reply (a webhook's body echoing
+/// the request, a broker's or a database's message): credentials and
+/// secret-looking parameters are masked before it reaches the row's
+/// `last_error` and the dead letter.
+async fn remote_secrets_are_masked(db: common::TestDb) {
+    let inbox = db.store.inbox();
+    let letters = db.store.dead_letters();
+    let mut e = NewInboxEvent::new("m1", "g", "billing", "refund.issued", json!({"n": 1}));
+    e.max_attempts = Some(1);
+    let e = DomainService::default().create_inbox_event(e).unwrap();
+    inbox.insert_many(std::slice::from_ref(&e)).await.unwrap();
+    let handler = Arc::new(|_e: InboxEvent| async {
+        Outcome::Failed {
+            error: "webhook answered 400: bad request to http://user:S3cretUser@hooks.example/x?token=T0kenValue, password=Pa55word".into(),
+            retry: Retry::Counted(None),
+        }
+    });
+    let p = ProcessorBuilder::new(
+        inbox.clone(),
+        HandlerStep::new(handler, 1, Duration::from_secs(5)),
+        ProcessorOptions::new(WorkerId::new("p").unwrap()),
+    )
+    .dead_letter_store(Arc::new(letters.clone()))
+    .build();
+    let r = p.process_batch().await.unwrap();
+    assert_eq!((r.dead, r.dead_lettered), (1, 1), "{r:?}");
+    let row = inbox.get(e.id()).await.unwrap().unwrap();
+    assert_eq!(row.status(), EventStatus::Failed);
+    let stored = row.last_error().unwrap().to_string();
+    let letter = letters
+        .list(&DeadLetterFilter::default())
+        .await
+        .unwrap()
+        .pop()
+        .unwrap();
+    for text in [&stored, &letter.error] {
+        for secret in ["S3cretUser", "T0kenValue", "Pa55word"] {
+            assert!(!text.contains(secret), "{secret} kept: {text}");
+        }
+        assert!(text.contains("webhook answered 400"), "{text}");
+        assert!(text.contains("user:***@hooks.example"), "{text}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn remote_secrets_are_masked_sqlite() {
+    remote_secrets_are_masked(common::sqlite().await).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn remote_secrets_are_masked_postgres() {
+    let Some(db) = common::postgres().await else {
+        return;
+    };
+    remote_secrets_are_masked(db).await;
+}

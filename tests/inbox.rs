@@ -1538,6 +1538,32 @@ async fn exec_timeout_kills_everything_the_handler_started() {
     );
 }
 
+/// --exec under a caller's timeout (`inbox process --timeout`, a shutdown):
+/// a handler future dropped before it finished kills the handler's whole
+/// process group, not only `sh`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exec_dropped_by_its_caller_kills_everything_the_handler_started() {
+    let (_db, event) = stored_event(r#"{"a":1}"#).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mark = dir.path().join("effect");
+    let handler = ExecHandler::new(
+        format!("(sleep 2; touch '{}') & wait", mark.display()),
+        Duration::from_secs(60),
+    );
+    let mut cx = detached();
+    let out = tokio::time::timeout(
+        Duration::from_millis(300),
+        omnibox::inbox::Handler::handle(&handler, &event, &mut cx),
+    )
+    .await;
+    assert!(out.is_err(), "the caller's timeout ends it: {out:?}");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(
+        !mark.exists(),
+        "the handler's child ran on after its caller gave up"
+    );
+}
+
 /// --exec: stdin is written while stdout and stderr are read, so a handler
 /// that writes more than a pipe holds before reading its input (or reads
 /// a large input while writing) does not deadlock.
@@ -1570,4 +1596,84 @@ async fn exec_large_input_and_output_do_not_deadlock() {
         }
         other => panic!("{other:?}"),
     }
+}
+
+/// A worker paused past its lease between its claim and the send (SIGSTOP,
+/// a VM pause: here the whole runtime blocked, heartbeat included) drops
+/// the batch unsent: another worker took the rows meanwhile and handled
+/// them, and the paused one must not send them again after it.
+async fn a_batch_whose_lease_ran_out_is_not_sent(db: common::TestDb) {
+    use omnibox::pipeline::Fetch;
+    let inbox = db.store.inbox();
+    let domain = omnibox::DomainService::default();
+    let events: Vec<_> = (0..5)
+        .map(|i| {
+            domain
+                .create_inbox_event(omnibox::NewInboxEvent::new(
+                    format!("paused-{i}"),
+                    "g",
+                    "billing",
+                    "refund.issued",
+                    serde_json::json!({"n": i}),
+                ))
+                .unwrap()
+        })
+        .collect();
+    inbox.insert_many(&events).await.unwrap();
+    let sent: Arc<Mutex<Vec<(String, String)>>> = Arc::default();
+    let recorder = |who: &'static str| {
+        let sent = sent.clone();
+        Arc::new(move |e: InboxEvent| {
+            sent.lock()
+                .unwrap()
+                .push((who.to_string(), e.message_id().to_string()));
+            async { Outcome::Completed }
+        })
+    };
+    let mut o = ProcessorOptions::new(WorkerId::new("paused").unwrap());
+    o.lease = Duration::from_millis(600);
+    let paused = ProcessorBuilder::new(
+        inbox.clone(),
+        HandlerStep::new(recorder("paused"), 1, Duration::from_secs(5)),
+        o.clone(),
+    )
+    .build();
+    let Fetch::Batch(fetched) = paused.fetch().await.unwrap() else {
+        panic!("a batch");
+    };
+    // The whole runtime stops, as a stopped process does.
+    std::thread::sleep(Duration::from_millis(1500));
+    o.worker = WorkerId::new("other").unwrap();
+    let other = ProcessorBuilder::new(
+        inbox.clone(),
+        HandlerStep::new(recorder("other"), 1, Duration::from_secs(5)),
+        o,
+    )
+    .build();
+    let r = other.process_batch().await.unwrap();
+    assert_eq!(r.completed, 5, "{r:?}");
+    // The paused worker resumes.
+    let handled = paused.handle(fetched).await;
+    let r = paused.finish(handled).await;
+    assert_eq!((r.completed, r.lease_lost), (0, 5), "{r:?}");
+    let sent = sent.lock().unwrap().clone();
+    assert!(
+        sent.iter().all(|(who, _)| who == "other"),
+        "the paused worker sent its batch: {sent:?}"
+    );
+    assert_eq!(sent.len(), 5);
+    assert_eq!(inbox.counts().await.unwrap().completed, 5);
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_batch_whose_lease_ran_out_is_not_sent_sqlite() {
+    a_batch_whose_lease_ran_out_is_not_sent(common::sqlite().await).await;
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_batch_whose_lease_ran_out_is_not_sent_postgres() {
+    let Some(db) = common::postgres().await else {
+        return;
+    };
+    a_batch_whose_lease_ran_out_is_not_sent(db).await;
 }

@@ -465,3 +465,58 @@ fn bad_exporter_settings_are_input_errors() {
         assert_eq!(stderr.lines().count(), 1, "{stderr}");
     }
 }
+
+/// An unreachable collector is one warning for the run, not a pair of SDK
+/// lines per batch, and the spans are dropped without failing the command.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_collector_is_told_once() {
+    let db = common::sqlite().await;
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let mut input = String::new();
+    for n in 0..50 {
+        input.push_str(
+            &serde_json::json!({
+                "aggregate_type": "order",
+                "aggregate_id": uuid::Uuid::new_v4(),
+                "event_type": "order.created",
+                "topic": "orders",
+                "partition_key": format!("order-{n}"),
+                "payload": {"n": n},
+            })
+            .to_string(),
+        );
+        input.push('\n');
+    }
+    omnibox(d, &db.url, &["enqueue", "--jsonl", "-"], &[], &input);
+    // A port nothing listens on.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", closed.local_addr().unwrap());
+    drop(closed);
+    let out = omnibox(
+        d,
+        &db.url,
+        &[
+            "publish",
+            "--once",
+            "--batch",
+            "5",
+            "--broker",
+            "null",
+            "--otlp-endpoint",
+            &url,
+        ],
+        &[],
+        "",
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert!(
+        lines.len() <= 1,
+        "one warning at most for the whole run: {stderr}"
+    );
+    assert!(
+        !stderr.contains("BatchSpanProcessor") && !stderr.contains("Export"),
+        "{stderr}"
+    );
+}

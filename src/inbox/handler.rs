@@ -168,6 +168,24 @@ async fn read_tail<R: tokio::io::AsyncRead + Unpin>(mut pipe: R) -> Vec<u8> {
     }
 }
 
+/// Kills a handler's process group when the handler's future is dropped
+/// before it finished (an outer timeout, a shutdown): `kill_on_drop` alone
+/// would end only `sh`, leaving what it started running, orphaned.
+struct GroupGuard(Option<u32>);
+
+impl GroupGuard {
+    /// The handler finished: its group is left as the run left it.
+    fn disarm(mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for GroupGuard {
+    fn drop(&mut self) {
+        kill_group(self.0.take());
+    }
+}
+
 /// Kills the process group a handler runs in (its id is the handler's pid).
 fn kill_group(group: Option<u32>) {
     let Some(pid) = group.and_then(|p| i32::try_from(p).ok()) else {
@@ -240,6 +258,7 @@ impl Handler for ExecHandler {
             }
         };
         let group = child.id();
+        let guard = GroupGuard(group);
         let input = event_json(event);
         // All three pipes were set to `piped` above, so `take` finds them.
         let (Some(mut stdin), Some(stdout), Some(stderr)) =
@@ -282,7 +301,9 @@ impl Handler for ExecHandler {
             };
             (status, err)
         };
-        match tokio::time::timeout(self.timeout, run).await {
+        let finished = tokio::time::timeout(self.timeout, run).await;
+        guard.disarm();
+        match finished {
             Err(_) => {
                 kill_group(group);
                 counted(format!(

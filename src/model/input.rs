@@ -20,7 +20,7 @@ struct Line {
     payload: Value,
     #[serde(default)]
     id: Option<String>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "unique_headers")]
     headers: Option<Headers>,
     #[serde(default)]
     idempotency_key: Option<String>,
@@ -36,6 +36,49 @@ struct Line {
     max_attempts: Option<i64>,
     #[serde(default)]
     scheduled_at: Option<String>,
+}
+
+/// `headers` as an object of strings in which no key is given twice (a map
+/// would keep the last silently; keys equal ignoring case are refused by
+/// the domain service).
+fn unique_headers<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> std::result::Result<Option<Headers>, D::Error> {
+    struct Unique;
+    impl<'de> serde::de::Visitor<'de> for Unique {
+        type Value = Option<Headers>;
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("an object of string values")
+        }
+        fn visit_unit<E: serde::de::Error>(self) -> std::result::Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_none<E: serde::de::Error>(self) -> std::result::Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_some<D2: serde::Deserializer<'de>>(
+            self,
+            d: D2,
+        ) -> std::result::Result<Self::Value, D2::Error> {
+            d.deserialize_map(self)
+        }
+        fn visit_map<A: serde::de::MapAccess<'de>>(
+            self,
+            mut map: A,
+        ) -> std::result::Result<Self::Value, A::Error> {
+            let mut headers = Headers::new();
+            while let Some((k, v)) = map.next_entry::<String, String>()? {
+                if headers.contains_key(&k) {
+                    return Err(serde::de::Error::custom(format!(
+                        "the header {k:?} is given twice"
+                    )));
+                }
+                headers.insert(k, v);
+            }
+            Ok(Some(headers))
+        }
+    }
+    d.deserialize_option(Unique)
 }
 
 /// Parses a UUID field with a message that names the field.

@@ -146,6 +146,9 @@ pub struct Handled<R> {
     lag: Duration,
     heartbeat: Heartbeat,
     ticket: Ticket,
+    /// The lease ran out before the batch was sent: it was not sent, and
+    /// its rows may be another worker's now.
+    forfeited: bool,
 }
 
 /// A claimed batch not handled yet (see [`Processor::fetch`]). Its lease is
@@ -225,8 +228,14 @@ pub enum Claimed<R> {
 /// Keeps a batch's lease alive while it is in flight: every third of the
 /// lease, the rows' `locked_until` is pushed a lease ahead. A process that
 /// dies stops extending, and its rows come free when the lease runs out.
+/// It also knows, by this process's clock, until when the lease is surely
+/// held: a process paused (SIGSTOP, a VM pause) past it must not send the
+/// batch, which may be another worker's by then.
 #[derive(Debug)]
-pub(crate) struct Heartbeat(Option<tokio::task::JoinHandle<()>>);
+pub(crate) struct Heartbeat {
+    task: Option<tokio::task::JoinHandle<()>>,
+    valid_until: Arc<Mutex<Instant>>,
+}
 
 impl Heartbeat {
     /// Extends the lease of `ids`, held by `token`, every third of `lease`
@@ -248,12 +257,22 @@ impl Heartbeat {
         ids: Arc<Mutex<Vec<Uuid>>>,
         lease: Duration,
     ) -> Self {
+        // The claim was taken just before: its lease runs from about now.
+        let valid_until = Arc::new(Mutex::new(
+            Instant::now()
+                .checked_add(lease)
+                .unwrap_or_else(|| Instant::now() + Duration::from_secs(86_400 * 365)),
+        ));
         let period = lease / 3;
         if period.is_zero() || ids.lock().map(|i| i.is_empty()).unwrap_or(true) {
-            return Heartbeat(None);
+            return Heartbeat {
+                task: None,
+                valid_until,
+            };
         }
         let store = store.clone();
-        Heartbeat(Some(tokio::spawn(async move {
+        let until = valid_until.clone();
+        let task = tokio::spawn(async move {
             loop {
                 tokio::time::sleep(period).await;
                 let ids: Vec<Uuid> = match ids.lock() {
@@ -263,6 +282,7 @@ impl Heartbeat {
                 if ids.is_empty() {
                     continue;
                 }
+                let beat = Instant::now();
                 match store.extend_lease(&token, &ids, lease).await {
                     Ok(held) if held < ids.len() => tracing::warn!(
                         held,
@@ -270,17 +290,34 @@ impl Heartbeat {
                         "some rows of the batch in flight are no longer held by this worker \
                          (an operator unlocked them, or the lease ran out)"
                     ),
-                    Ok(_) => tracing::debug!(rows = ids.len(), "lease extended"),
+                    Ok(_) => {
+                        if let (Ok(mut u), Some(t)) = (until.lock(), beat.checked_add(lease)) {
+                            *u = t;
+                        }
+                        tracing::debug!(rows = ids.len(), "lease extended")
+                    }
                     Err(e) => {
                         tracing::warn!(error = %e, "could not extend the lease of the batch in flight")
                     }
                 }
             }
-        })))
+        });
+        Heartbeat {
+            task: Some(task),
+            valid_until,
+        }
+    }
+
+    /// True once the lease may have run out, by this process's clock.
+    pub(crate) fn expired(&self) -> bool {
+        self.valid_until
+            .lock()
+            .map(|u| Instant::now() >= *u)
+            .unwrap_or(false)
     }
 
     pub(crate) fn stop(&mut self) {
-        if let Some(h) = self.0.take() {
+        if let Some(h) = self.task.take() {
             h.abort();
         }
     }
@@ -674,8 +711,22 @@ where
                         .is_some_and(|(t, k)| held.contains(&(t.to_string(), k.to_string())))
             };
             let exhausted = |e: &Event<R>| e.attempts_made() >= e.max_attempts();
-            let outcomes: Vec<Outcome> =
-                if claim.events.iter().any(|e| held_back(e) || exhausted(e)) {
+            // Paused (SIGSTOP, a VM pause) past the lease between the claim
+            // and now: another worker may have taken these rows and sent
+            // later events of their keys. Sending them now would put old
+            // events after newer ones: drop the batch unsent.
+            let forfeited = heartbeat.expired();
+            if forfeited {
+                tracing::warn!(
+                    rows = claim.events.len(),
+                    lease_ms = self.options.lease.as_millis() as u64,
+                    "the lease of a claimed batch ran out before it was sent (was this process paused?); \
+                     it is dropped unsent and its rows are handled again, by whichever worker holds them now"
+                );
+            }
+            let outcomes: Vec<Outcome> = if forfeited {
+                vec![Outcome::Released; claim.events.len()]
+            } else if claim.events.iter().any(|e| held_back(e) || exhausted(e)) {
                     // The handler gets the live events: moved out of the
                     // batch and back (not copied: a batch of large events
                     // is not held twice).
@@ -758,6 +809,7 @@ where
                 lag,
                 heartbeat,
                 ticket,
+                forfeited,
             }
         }
         .instrument(span)
@@ -774,8 +826,13 @@ where
             lag,
             mut heartbeat,
             ticket,
+            forfeited,
         } = handled;
-        let mut report = self.commit(&claim, &outcomes).await;
+        let mut report = if forfeited {
+            self.give_back(&claim).await
+        } else {
+            self.commit(&claim, &outcomes).await
+        };
         heartbeat.stop();
         // Written: claims that start from now on see the results.
         drop(ticket);
@@ -795,8 +852,9 @@ where
                 breaker.record_failure(report.transient_error.as_deref());
             } else if report.completed + report.skipped > 0 {
                 if let Some((since, _)) = breaker.outage() {
-                    tracing::info!(
-                        after_s = since.elapsed().as_secs(),
+                    // At the level of the warning that began it.
+                    tracing::warn!(
+                        down_for_ms = since.elapsed().as_millis() as u64,
                         "downstream answering again"
                     );
                 }
@@ -849,11 +907,11 @@ where
                 Outcome::Unavailable { error, retry_after } => {
                     report.transient += 1;
                     report.unavailable += 1;
-                    errors.insert(event.id(), error.clone());
+                    errors.insert(event.id(), crate::redact::text(error));
                     failures.push(Failure::transient(event.id(), error.clone(), *retry_after));
                 }
                 Outcome::Dead { error } => {
-                    errors.insert(event.id(), error.clone());
+                    errors.insert(event.id(), crate::redact::text(error));
                     failures.push(Failure::dead(event.id(), error.clone()));
                 }
                 Outcome::Failed { error, retry } => {
@@ -868,10 +926,10 @@ where
                     if !counted {
                         report.transient += 1;
                         if report.transient_error.is_none() {
-                            report.transient_error = Some(error.clone());
+                            report.transient_error = Some(crate::redact::text(error));
                         }
                     }
-                    errors.insert(event.id(), error.clone());
+                    errors.insert(event.id(), crate::redact::text(error));
                     failures.push(Failure {
                         id: event.id(),
                         error: error.clone(),
@@ -919,6 +977,23 @@ where
             }
             report.dead = dead.len();
             report.failed = counted.saturating_sub(report.dead);
+            for id in &dead {
+                let Some(e) = claim.events.iter().find(|e| e.id() == *id) else {
+                    continue;
+                };
+                let (topic, key) = e.order_key().unwrap_or(("", ""));
+                tracing::error!(
+                    table = %R::TABLE,
+                    id = %id,
+                    event_type = e.event_type(),
+                    topic,
+                    key,
+                    attempts = e.attempts_made() + 1,
+                    error = %crate::redact::text(errors.get(id).map(String::as_str).unwrap_or("")),
+                    "event failed for good: it is now `failed`{}; fix the cause, then `omnibox replay --id {id}`",
+                    if self.dlq.is_empty() { "" } else { " and dead-lettered" }
+                );
+            }
         }
         if let Written::Lost(lost) = self
             .write(&mut report, "complete", || {
@@ -936,6 +1011,35 @@ where
         .await;
         if !dead.is_empty() {
             self.dead_letter(claim, &dead, &errors, &mut report).await;
+        }
+        report
+    }
+
+    /// A batch whose lease ran out before it was sent: its rows go back to
+    /// pending where this claim still holds them; rows another worker took
+    /// meanwhile (and perhaps completed) are its business, not a lost lease
+    /// to warn about.
+    async fn give_back(&self, claim: &Claim<R>) -> BatchReport {
+        let ids: Vec<Uuid> = claim.events.iter().map(|e| e.id()).collect();
+        let mut report = BatchReport {
+            claimed: ids.len(),
+            released: ids.len(),
+            ..BatchReport::default()
+        };
+        match self.store.release(&claim.token, &ids).await {
+            Ok(_) => {}
+            Err(Error::ConcurrentUpdate { missing, .. }) => {
+                tracing::debug!(
+                    rows = missing.len(),
+                    "rows of the dropped batch were taken by another worker meanwhile"
+                );
+                report.released -= missing.len().min(report.released);
+                report.lease_lost += missing.len();
+            }
+            Err(e) => tracing::warn!(
+                error = %e,
+                "could not give back the rows of the dropped batch; their lease has run out, so other workers take them anyway"
+            ),
         }
         report
     }

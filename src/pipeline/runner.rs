@@ -179,6 +179,8 @@ where
     let mut idle = options.idle_min;
     let mut claim_errors = 0u32;
     let mut outage_since: Option<Instant> = None;
+    // When the claim in progress began.
+    let mut claim_started = Instant::now();
     let mut contended_since: Option<Instant> = None;
     let mut busy_streak = 0u32;
     // Each stage holds at most one future.
@@ -269,6 +271,7 @@ where
             } else {
                 claim_saw_flight = batches > 0;
                 claim_at = None;
+                claim_started = Instant::now();
                 claims.push(processor.fetch());
             }
         }
@@ -293,12 +296,14 @@ where
                     || handled.is_some();
                 match next {
                     Err(e) if e.is_outage() => {
+                        // Measured from the first failed claim's start: the
+                        // pool waits for a connection before it gives up.
                         let since = *outage_since.get_or_insert_with(|| {
                             tracing::warn!(
                                 error = %e,
                                 "the database cannot be reached; retrying until it is back (logged once per outage; rows in flight are written when it is, or retaken after their lease)"
                             );
-                            Instant::now()
+                            claim_started
                         });
                         if options.mode == RunMode::Once && since.elapsed() >= options.outage_limit {
                             failure = Some(crate::Error::Outage(format!(

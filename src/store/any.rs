@@ -34,6 +34,14 @@ impl Backend {
             .unwrap_or_default()
             .to_ascii_lowercase();
         match scheme.as_str() {
+            "postgres" | "postgresql" if !url[scheme.len() + 1..].starts_with("//") => {
+                // `postgres:/u:pw@h/db` would be read as a Unix socket path
+                // and a user named "anonymous".
+                Err(Error::Config(format!(
+                    "invalid database URL {}: a PostgreSQL URL starts with {scheme}:// (two slashes), as in postgres://USER:PASSWORD@HOST:5432/DB",
+                    redact_url(url)
+                )))
+            }
             "postgres" | "postgresql" => Ok(Backend::Postgres),
             "sqlite" => Ok(Backend::Sqlite),
             _ => Err(Error::Config(format!(
@@ -70,6 +78,10 @@ pub struct StoreOptions {
     /// Longest a statement may run (PostgreSQL `statement_timeout`);
     /// `None` keeps the server's setting.
     pub statement_timeout: Option<Duration>,
+    /// Longest wait for a connection from the pool, a new one included
+    /// (PostgreSQL); `None` keeps the pool's default (30 s). A database
+    /// that is down fails a statement after this long.
+    pub acquire_timeout: Option<Duration>,
 }
 
 /// Either backend.
@@ -107,6 +119,9 @@ impl AnyStore {
                     pg.max_connections = n;
                 }
                 pg.statement_timeout = opts.statement_timeout;
+                if let Some(t) = opts.acquire_timeout {
+                    pg.acquire_timeout = t;
+                }
                 Ok(AnyStore::Postgres(PgStore::connect(url, &pg).await?))
             }
             Backend::Sqlite => {

@@ -836,11 +836,15 @@ pub(crate) fn secs(d: Duration) -> f64 {
     d.min(crate::model::limits::MAX_DURATION).as_secs_f64()
 }
 
-/// Error truncation used by every store before writing `last_error`
-/// (2000 bytes on a character boundary).
+/// What every store writes as `last_error` (and a dead letter's error):
+/// the error with credentials and secret-looking parameters masked (it may
+/// quote a remote's reply: a webhook's body echoing the request, a broker's
+/// or a database's message), truncated to 2000 bytes on a character
+/// boundary.
 pub fn stored_error(error: &str) -> String {
     use crate::model::limits::{DEFAULT_TRUNCATION_SUFFIX, LAST_ERROR_MAX_LENGTH};
-    crate::model::validate::truncate_error(error, LAST_ERROR_MAX_LENGTH, DEFAULT_TRUNCATION_SUFFIX)
+    let error = crate::redact::text(error);
+    crate::model::validate::truncate_error(&error, LAST_ERROR_MAX_LENGTH, DEFAULT_TRUNCATION_SUFFIX)
         .unwrap_or_else(|_| "(no error message)".to_string())
 }
 

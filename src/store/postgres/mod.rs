@@ -75,12 +75,51 @@ pub struct PgStore {
     schema: Option<String>,
 }
 
+/// The advisory lock `migrate` holds for its whole run ("omnibox" in
+/// ASCII; sqlx's migrator takes a lock of its own inside it).
+const MIGRATE_LOCK: i64 = 0x6f6d_6e69_626f_78;
+
+/// Versions applied so far on this connection's schema (empty on a fresh
+/// database).
+async fn applied_versions(conn: &mut sqlx::PgConnection) -> Result<Vec<i64>> {
+    let exists: Option<String> =
+        sqlx::query_scalar("SELECT to_regclass('omnibox_migrations')::text")
+            .fetch_one(&mut *conn)
+            .await
+            .map_err(storage)?;
+    if exists.is_none() {
+        return Ok(Vec::new());
+    }
+    sqlx::query_scalar("SELECT version FROM omnibox_migrations WHERE success ORDER BY version")
+        .fetch_all(&mut *conn)
+        .await
+        .map_err(storage)
+}
+
+/// A URL whose user info holds `/`, `?` or `#` unencoded: an `@` comes
+/// after the first of them, so the parser took the password for a host,
+/// port or path (and said "invalid port number").
+fn unencoded_userinfo(url: &str) -> bool {
+    let Some((_, rest)) = url.split_once("://") else {
+        return false;
+    };
+    match rest.find(['/', '?', '#']) {
+        Some(i) => rest[i..].contains('@'),
+        None => false,
+    }
+}
+
 impl PgStore {
     /// Connects (failing fast when the server cannot be reached) and opens a pool.
     pub async fn connect(url: &str, opts: &PgOptions) -> Result<Self> {
         let redacted = redact_url(url);
         let mut connect = PgConnectOptions::from_str(url)
             .map_err(|e| {
+                if unencoded_userinfo(url) {
+                    return Error::Config(format!(
+                        "invalid PostgreSQL URL {redacted}: the user name or password holds a character that must be percent-encoded (/ is %2F, ? is %3F, # is %23, @ is %40, : in a user name is %3A)"
+                    ));
+                }
                 Error::Config(format!(
                     "invalid PostgreSQL URL {redacted}: {}",
                     crate::redact::text(&e.to_string())
@@ -195,27 +234,37 @@ impl PgStore {
                 .await
                 .map_err(storage)?;
         }
-        let before = self.applied_versions().await?;
-        let m = Self::migrator();
-        m.run(&self.pool).await.map_err(Error::Migration)?;
-        let after = self.applied_versions().await?;
-        Ok(migrate::report(&m, &before, &after))
+        // One connection, under a lock of its own, from the versions read
+        // before to those read after: concurrent `migrate` runs each report
+        // what they applied, not what the first one did.
+        let mut conn = self.pool.acquire().await.map_err(storage)?;
+        sqlx::query("SELECT pg_advisory_lock($1)")
+            .bind(MIGRATE_LOCK)
+            .execute(&mut *conn)
+            .await
+            .map_err(storage)?;
+        let result = async {
+            let before = applied_versions(&mut conn).await?;
+            let m = Self::migrator();
+            m.run_direct(None, &mut *conn, false)
+                .await
+                .map_err(Error::Migration)?;
+            let after = applied_versions(&mut conn).await?;
+            Ok(migrate::report(&m, &before, &after))
+        }
+        .await;
+        // The lock ends with the session anyway if this fails.
+        let _ = sqlx::query("SELECT pg_advisory_unlock($1)")
+            .bind(MIGRATE_LOCK)
+            .execute(&mut *conn)
+            .await;
+        result
     }
 
     /// Versions applied so far (empty on a fresh database).
     pub async fn applied_versions(&self) -> Result<Vec<i64>> {
-        let exists: Option<String> =
-            sqlx::query_scalar("SELECT to_regclass('omnibox_migrations')::text")
-                .fetch_one(&self.pool)
-                .await
-                .map_err(storage)?;
-        if exists.is_none() {
-            return Ok(Vec::new());
-        }
-        sqlx::query_scalar("SELECT version FROM omnibox_migrations WHERE success ORDER BY version")
-            .fetch_all(&self.pool)
-            .await
-            .map_err(storage)
+        let mut conn = self.pool.acquire().await.map_err(storage)?;
+        applied_versions(&mut conn).await
     }
 
     /// Fails with a hint when the schema is missing or older than this binary.
@@ -264,13 +313,18 @@ fn check_schema_name(schema: &str) -> Result<()> {
         && schema
             .chars()
             .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
-    if ok {
-        Ok(())
-    } else {
-        Err(Error::Config(format!(
+    if !ok {
+        return Err(Error::Config(format!(
             "invalid schema name {schema:?}: use lowercase letters, digits and _ (at most 63, not starting with a digit)"
-        )))
+        )));
     }
+    // PostgreSQL's own: pg_* are reserved for system schemas.
+    if schema.starts_with("pg_") || schema == "information_schema" {
+        return Err(Error::Config(format!(
+            "schema name {schema:?} is reserved by PostgreSQL (pg_* and information_schema); choose another, e.g. omnibox"
+        )));
+    }
+    Ok(())
 }
 
 /// One table of a [`PgStore`]; implements the store traits.
@@ -396,6 +450,7 @@ mod tests {
         assert!(check_schema_name("omnibox").is_ok());
         assert!(check_schema_name("t_0123abc").is_ok());
         assert!(check_schema_name("_x").is_ok());
+        assert!(check_schema_name("pgx").is_ok());
         for bad in [
             "",
             "1abc",
@@ -404,6 +459,10 @@ mod tests {
             "a;drop table x",
             "a\"b",
             &"a".repeat(64),
+            "pg_catalog",
+            "pg_toast",
+            "pg_mine",
+            "information_schema",
         ] {
             assert!(check_schema_name(bad).is_err(), "{bad}");
         }
