@@ -37,7 +37,7 @@ json\t''"
 complete -c omnibox -n "__fish_omnibox_needs_command" -l dedup-window -d 'The inbox\'s deduplication window: inbox rows are kept at least this long (cleanup refuses less), so a message redelivered within it is a duplicate [default: 7d]' -r
 complete -c omnibox -n "__fish_omnibox_needs_command" -l otlp-endpoint -d 'Export OpenTelemetry spans with OTLP over HTTP to this collector (base URL; /v1/traces is added) [default: OTEL_EXPORTER_OTLP_ENDPOINT; off when neither is set]' -r
 complete -c omnibox -n "__fish_omnibox_needs_command" -s v -l verbose -d 'More logging (-v info, -vv debug, -vvv trace)'
-complete -c omnibox -n "__fish_omnibox_needs_command" -s q -l quiet -d 'Only errors on stderr'
+complete -c omnibox -n "__fish_omnibox_needs_command" -s q -l quiet -d 'Nothing on stdout or stderr unless the command fails (then its report and the error); for cron'
 complete -c omnibox -n "__fish_omnibox_needs_command" -s h -l help -d 'Print help (see more with \'--help\')'
 complete -c omnibox -n "__fish_omnibox_needs_command" -s V -l version -d 'Print version'
 complete -c omnibox -n "__fish_omnibox_needs_command" -f -a "migrate" -d 'Create or upgrade the outbox and inbox tables (idempotent)'
@@ -72,7 +72,7 @@ complete -c omnibox -n "__fish_omnibox_using_subcommand migrate" -l dedup-window
 complete -c omnibox -n "__fish_omnibox_using_subcommand migrate" -l otlp-endpoint -d 'Export OpenTelemetry spans with OTLP over HTTP to this collector (base URL; /v1/traces is added) [default: OTEL_EXPORTER_OTLP_ENDPOINT; off when neither is set]' -r
 complete -c omnibox -n "__fish_omnibox_using_subcommand migrate" -l print-sql -d 'Print the DDL for the database URL\'s backend instead of applying it (no connection is made)'
 complete -c omnibox -n "__fish_omnibox_using_subcommand migrate" -s v -l verbose -d 'More logging (-v info, -vv debug, -vvv trace)'
-complete -c omnibox -n "__fish_omnibox_using_subcommand migrate" -s q -l quiet -d 'Only errors on stderr'
+complete -c omnibox -n "__fish_omnibox_using_subcommand migrate" -s q -l quiet -d 'Nothing on stdout or stderr unless the command fails (then its report and the error); for cron'
 complete -c omnibox -n "__fish_omnibox_using_subcommand migrate" -s h -l help -d 'Print help (see more with \'--help\')'
 complete -c omnibox -n "__fish_omnibox_using_subcommand migrate" -s V -l version -d 'Print version'
 complete -c omnibox -n "__fish_omnibox_using_subcommand enqueue" -l jsonl -d 'Read events as JSON lines from PATH, or from stdin when PATH is - or omitted' -r -F
@@ -104,7 +104,7 @@ json\t''"
 complete -c omnibox -n "__fish_omnibox_using_subcommand enqueue" -l dedup-window -d 'The inbox\'s deduplication window: inbox rows are kept at least this long (cleanup refuses less), so a message redelivered within it is a duplicate [default: 7d]' -r
 complete -c omnibox -n "__fish_omnibox_using_subcommand enqueue" -l otlp-endpoint -d 'Export OpenTelemetry spans with OTLP over HTTP to this collector (base URL; /v1/traces is added) [default: OTEL_EXPORTER_OTLP_ENDPOINT; off when neither is set]' -r
 complete -c omnibox -n "__fish_omnibox_using_subcommand enqueue" -s v -l verbose -d 'More logging (-v info, -vv debug, -vvv trace)'
-complete -c omnibox -n "__fish_omnibox_using_subcommand enqueue" -s q -l quiet -d 'Only errors on stderr'
+complete -c omnibox -n "__fish_omnibox_using_subcommand enqueue" -s q -l quiet -d 'Nothing on stdout or stderr unless the command fails (then its report and the error); for cron'
 complete -c omnibox -n "__fish_omnibox_using_subcommand enqueue" -s h -l help -d 'Print help (see more with \'--help\')'
 complete -c omnibox -n "__fish_omnibox_using_subcommand enqueue" -s V -l version -d 'Print version'
 complete -c omnibox -n "__fish_omnibox_using_subcommand publish" -l broker -d 'Where to publish: kafka://HOST:PORT[,HOST:PORT], file:PATH, stdout or null [default: file:omnibox-events.jsonl]' -r
@@ -149,7 +149,7 @@ complete -c omnibox -n "__fish_omnibox_using_subcommand publish" -l dedup-window
 complete -c omnibox -n "__fish_omnibox_using_subcommand publish" -l otlp-endpoint -d 'Export OpenTelemetry spans with OTLP over HTTP to this collector (base URL; /v1/traces is added) [default: OTEL_EXPORTER_OTLP_ENDPOINT; off when neither is set]' -r
 complete -c omnibox -n "__fish_omnibox_using_subcommand publish" -l once -d 'Publish what is due, then exit (for jobs and cron)'
 complete -c omnibox -n "__fish_omnibox_using_subcommand publish" -s v -l verbose -d 'More logging (-v info, -vv debug, -vvv trace)'
-complete -c omnibox -n "__fish_omnibox_using_subcommand publish" -s q -l quiet -d 'Only errors on stderr'
+complete -c omnibox -n "__fish_omnibox_using_subcommand publish" -s q -l quiet -d 'Nothing on stdout or stderr unless the command fails (then its report and the error); for cron'
 complete -c omnibox -n "__fish_omnibox_using_subcommand publish" -s h -l help -d 'Print help (see more with \'--help\')'
 complete -c omnibox -n "__fish_omnibox_using_subcommand publish" -s V -l version -d 'Print version'
 complete -c omnibox -n "__fish_omnibox_using_subcommand inbox; and not __fish_seen_subcommand_from consume process help" -l database-url -d 'Database URL: sqlite://PATH or postgres://USER:PASS@HOST/DB [default: sqlite://omnibox.db]' -r
@@ -165,7 +165,7 @@ json\t''"
 complete -c omnibox -n "__fish_omnibox_using_subcommand inbox; and not __fish_seen_subcommand_from consume process help" -l dedup-window -d 'The inbox\'s deduplication window: inbox rows are kept at least this long (cleanup refuses less), so a message redelivered within it is a duplicate [default: 7d]' -r
 complete -c omnibox -n "__fish_omnibox_using_subcommand inbox; and not __fish_seen_subcommand_from consume process help" -l otlp-endpoint -d 'Export OpenTelemetry spans with OTLP over HTTP to this collector (base URL; /v1/traces is added) [default: OTEL_EXPORTER_OTLP_ENDPOINT; off when neither is set]' -r
 complete -c omnibox -n "__fish_omnibox_using_subcommand inbox; and not __fish_seen_subcommand_from consume process help" -s v -l verbose -d 'More logging (-v info, -vv debug, -vvv trace)'
-complete -c omnibox -n "__fish_omnibox_using_subcommand inbox; and not __fish_seen_subcommand_from consume process help" -s q -l quiet -d 'Only errors on stderr'
+complete -c omnibox -n "__fish_omnibox_using_subcommand inbox; and not __fish_seen_subcommand_from consume process help" -s q -l quiet -d 'Nothing on stdout or stderr unless the command fails (then its report and the error); for cron'
 complete -c omnibox -n "__fish_omnibox_using_subcommand inbox; and not __fish_seen_subcommand_from consume process help" -s h -l help -d 'Print help (see more with \'--help\')'
 complete -c omnibox -n "__fish_omnibox_using_subcommand inbox; and not __fish_seen_subcommand_from consume process help" -s V -l version -d 'Print version'
 complete -c omnibox -n "__fish_omnibox_using_subcommand inbox; and not __fish_seen_subcommand_from consume process help" -f -a "consume" -d 'Consume broker messages into the inbox, once per message id and group'
@@ -217,7 +217,7 @@ complete -c omnibox -n "__fish_omnibox_using_subcommand inbox; and __fish_seen_s
 complete -c omnibox -n "__fish_omnibox_using_subcommand inbox; and __fish_seen_subcommand_from consume" -l once -d 'Stop at the end of the input (file) or once caught up with the end of every partition (Kafka)'
 complete -c omnibox -n "__fish_omnibox_using_subcommand inbox; and __fish_seen_subcommand_from consume" -l follow -d 'File source: keep reading as the file grows'
 complete -c omnibox -n "__fish_omnibox_using_subcommand inbox; and __fish_seen_subcommand_from consume" -s v -l verbose -d 'More logging (-v info, -vv debug, -vvv trace)'
-complete -c omnibox -n "__fish_omnibox_using_subcommand inbox; and __fish_seen_subcommand_from consume" -s q -l quiet -d 'Only errors on stderr'
+complete -c omnibox -n "__fish_omnibox_using_subcommand inbox; and __fish_seen_subcommand_from consume" -s q -l quiet -d 'Nothing on stdout or stderr unless the command fails (then its report and the error); for cron'
 complete -c omnibox -n "__fish_omnibox_using_subcommand inbox; and __fish_seen_subcommand_from consume" -s h -l help -d 'Print help (see more with \'--help\')'
 complete -c omnibox -n "__fish_omnibox_using_subcommand inbox; and __fish_seen_subcommand_from consume" -s V -l version -d 'Print version'
 complete -c omnibox -n "__fish_omnibox_using_subcommand inbox; and __fish_seen_subcommand_from process" -l exec -d 'Run this command per event (via sh -c): the event as JSON on stdin, OMNIBOX_* variables; exit 0 completed, 3 skipped, 75 retry later, other failed' -r
@@ -254,7 +254,7 @@ complete -c omnibox -n "__fish_omnibox_using_subcommand inbox; and __fish_seen_s
 complete -c omnibox -n "__fish_omnibox_using_subcommand inbox; and __fish_seen_subcommand_from process" -l otlp-endpoint -d 'Export OpenTelemetry spans with OTLP over HTTP to this collector (base URL; /v1/traces is added) [default: OTEL_EXPORTER_OTLP_ENDPOINT; off when neither is set]' -r
 complete -c omnibox -n "__fish_omnibox_using_subcommand inbox; and __fish_seen_subcommand_from process" -l once -d 'Process what is due, then exit'
 complete -c omnibox -n "__fish_omnibox_using_subcommand inbox; and __fish_seen_subcommand_from process" -s v -l verbose -d 'More logging (-v info, -vv debug, -vvv trace)'
-complete -c omnibox -n "__fish_omnibox_using_subcommand inbox; and __fish_seen_subcommand_from process" -s q -l quiet -d 'Only errors on stderr'
+complete -c omnibox -n "__fish_omnibox_using_subcommand inbox; and __fish_seen_subcommand_from process" -s q -l quiet -d 'Nothing on stdout or stderr unless the command fails (then its report and the error); for cron'
 complete -c omnibox -n "__fish_omnibox_using_subcommand inbox; and __fish_seen_subcommand_from process" -s h -l help -d 'Print help (see more with \'--help\')'
 complete -c omnibox -n "__fish_omnibox_using_subcommand inbox; and __fish_seen_subcommand_from process" -s V -l version -d 'Print version'
 complete -c omnibox -n "__fish_omnibox_using_subcommand inbox; and __fish_seen_subcommand_from help" -f -a "consume" -d 'Consume broker messages into the inbox, once per message id and group'
@@ -275,7 +275,7 @@ json\t''"
 complete -c omnibox -n "__fish_omnibox_using_subcommand demo" -l dedup-window -d 'The inbox\'s deduplication window: inbox rows are kept at least this long (cleanup refuses less), so a message redelivered within it is a duplicate [default: 7d]' -r
 complete -c omnibox -n "__fish_omnibox_using_subcommand demo" -l otlp-endpoint -d 'Export OpenTelemetry spans with OTLP over HTTP to this collector (base URL; /v1/traces is added) [default: OTEL_EXPORTER_OTLP_ENDPOINT; off when neither is set]' -r
 complete -c omnibox -n "__fish_omnibox_using_subcommand demo" -s v -l verbose -d 'More logging (-v info, -vv debug, -vvv trace)'
-complete -c omnibox -n "__fish_omnibox_using_subcommand demo" -s q -l quiet -d 'Only errors on stderr'
+complete -c omnibox -n "__fish_omnibox_using_subcommand demo" -s q -l quiet -d 'Nothing on stdout or stderr unless the command fails (then its report and the error); for cron'
 complete -c omnibox -n "__fish_omnibox_using_subcommand demo" -s h -l help -d 'Print help (see more with \'--help\')'
 complete -c omnibox -n "__fish_omnibox_using_subcommand demo" -s V -l version -d 'Print version'
 complete -c omnibox -n "__fish_omnibox_using_subcommand status" -l max-pending-age -d 'Threshold: age of the oldest pending event' -r
@@ -298,7 +298,7 @@ complete -c omnibox -n "__fish_omnibox_using_subcommand status" -l otlp-endpoint
 complete -c omnibox -n "__fish_omnibox_using_subcommand status" -l check -d 'Exit 1 when a threshold below is crossed'
 complete -c omnibox -n "__fish_omnibox_using_subcommand status" -l watch -d 'Refresh every --interval until interrupted, with rates (like top); on a terminal the screen is redrawn, otherwise each report is printed in turn (one JSON object per line with --format json)'
 complete -c omnibox -n "__fish_omnibox_using_subcommand status" -s v -l verbose -d 'More logging (-v info, -vv debug, -vvv trace)'
-complete -c omnibox -n "__fish_omnibox_using_subcommand status" -s q -l quiet -d 'Only errors on stderr'
+complete -c omnibox -n "__fish_omnibox_using_subcommand status" -s q -l quiet -d 'Nothing on stdout or stderr unless the command fails (then its report and the error); for cron'
 complete -c omnibox -n "__fish_omnibox_using_subcommand status" -s h -l help -d 'Print help (see more with \'--help\')'
 complete -c omnibox -n "__fish_omnibox_using_subcommand status" -s V -l version -d 'Print version'
 complete -c omnibox -n "__fish_omnibox_using_subcommand doctor" -l broker -d 'Check this broker [default: the configured broker (OMNIBOX_BROKER, broker in omnibox.toml)]' -r
@@ -325,7 +325,7 @@ json\t''"
 complete -c omnibox -n "__fish_omnibox_using_subcommand doctor" -l dedup-window -d 'The inbox\'s deduplication window: inbox rows are kept at least this long (cleanup refuses less), so a message redelivered within it is a duplicate [default: 7d]' -r
 complete -c omnibox -n "__fish_omnibox_using_subcommand doctor" -l otlp-endpoint -d 'Export OpenTelemetry spans with OTLP over HTTP to this collector (base URL; /v1/traces is added) [default: OTEL_EXPORTER_OTLP_ENDPOINT; off when neither is set]' -r
 complete -c omnibox -n "__fish_omnibox_using_subcommand doctor" -s v -l verbose -d 'More logging (-v info, -vv debug, -vvv trace)'
-complete -c omnibox -n "__fish_omnibox_using_subcommand doctor" -s q -l quiet -d 'Only errors on stderr'
+complete -c omnibox -n "__fish_omnibox_using_subcommand doctor" -s q -l quiet -d 'Nothing on stdout or stderr unless the command fails (then its report and the error); for cron'
 complete -c omnibox -n "__fish_omnibox_using_subcommand doctor" -s h -l help -d 'Print help (see more with \'--help\')'
 complete -c omnibox -n "__fish_omnibox_using_subcommand doctor" -s V -l version -d 'Print version'
 complete -c omnibox -n "__fish_omnibox_using_subcommand list" -l table -d 'Which table' -r -f -a "outbox\t''
@@ -351,7 +351,7 @@ json\t''"
 complete -c omnibox -n "__fish_omnibox_using_subcommand list" -l dedup-window -d 'The inbox\'s deduplication window: inbox rows are kept at least this long (cleanup refuses less), so a message redelivered within it is a duplicate [default: 7d]' -r
 complete -c omnibox -n "__fish_omnibox_using_subcommand list" -l otlp-endpoint -d 'Export OpenTelemetry spans with OTLP over HTTP to this collector (base URL; /v1/traces is added) [default: OTEL_EXPORTER_OTLP_ENDPOINT; off when neither is set]' -r
 complete -c omnibox -n "__fish_omnibox_using_subcommand list" -s v -l verbose -d 'More logging (-v info, -vv debug, -vvv trace)'
-complete -c omnibox -n "__fish_omnibox_using_subcommand list" -s q -l quiet -d 'Only errors on stderr'
+complete -c omnibox -n "__fish_omnibox_using_subcommand list" -s q -l quiet -d 'Nothing on stdout or stderr unless the command fails (then its report and the error); for cron'
 complete -c omnibox -n "__fish_omnibox_using_subcommand list" -s h -l help -d 'Print help (see more with \'--help\')'
 complete -c omnibox -n "__fish_omnibox_using_subcommand list" -s V -l version -d 'Print version'
 complete -c omnibox -n "__fish_omnibox_using_subcommand show" -l table -d 'Look only in this table' -r -f -a "outbox\t''
@@ -369,7 +369,7 @@ json\t''"
 complete -c omnibox -n "__fish_omnibox_using_subcommand show" -l dedup-window -d 'The inbox\'s deduplication window: inbox rows are kept at least this long (cleanup refuses less), so a message redelivered within it is a duplicate [default: 7d]' -r
 complete -c omnibox -n "__fish_omnibox_using_subcommand show" -l otlp-endpoint -d 'Export OpenTelemetry spans with OTLP over HTTP to this collector (base URL; /v1/traces is added) [default: OTEL_EXPORTER_OTLP_ENDPOINT; off when neither is set]' -r
 complete -c omnibox -n "__fish_omnibox_using_subcommand show" -s v -l verbose -d 'More logging (-v info, -vv debug, -vvv trace)'
-complete -c omnibox -n "__fish_omnibox_using_subcommand show" -s q -l quiet -d 'Only errors on stderr'
+complete -c omnibox -n "__fish_omnibox_using_subcommand show" -s q -l quiet -d 'Nothing on stdout or stderr unless the command fails (then its report and the error); for cron'
 complete -c omnibox -n "__fish_omnibox_using_subcommand show" -s h -l help -d 'Print help (see more with \'--help\')'
 complete -c omnibox -n "__fish_omnibox_using_subcommand show" -s V -l version -d 'Print version'
 complete -c omnibox -n "__fish_omnibox_using_subcommand replay" -l table -d 'Which table' -r -f -a "outbox\t''
@@ -402,7 +402,7 @@ complete -c omnibox -n "__fish_omnibox_using_subcommand replay" -l all -d 'Every
 complete -c omnibox -n "__fish_omnibox_using_subcommand replay" -l dry-run -d 'Show what would change, change nothing'
 complete -c omnibox -n "__fish_omnibox_using_subcommand replay" -s y -l yes -d 'Do not ask for confirmation (needed without a terminal, e.g. in cron)'
 complete -c omnibox -n "__fish_omnibox_using_subcommand replay" -s v -l verbose -d 'More logging (-v info, -vv debug, -vvv trace)'
-complete -c omnibox -n "__fish_omnibox_using_subcommand replay" -s q -l quiet -d 'Only errors on stderr'
+complete -c omnibox -n "__fish_omnibox_using_subcommand replay" -s q -l quiet -d 'Nothing on stdout or stderr unless the command fails (then its report and the error); for cron'
 complete -c omnibox -n "__fish_omnibox_using_subcommand replay" -s h -l help -d 'Print help (see more with \'--help\')'
 complete -c omnibox -n "__fish_omnibox_using_subcommand replay" -s V -l version -d 'Print version'
 complete -c omnibox -n "__fish_omnibox_using_subcommand failures" -l table -d 'Which table' -r -f -a "outbox\t''
@@ -420,7 +420,7 @@ json\t''"
 complete -c omnibox -n "__fish_omnibox_using_subcommand failures" -l dedup-window -d 'The inbox\'s deduplication window: inbox rows are kept at least this long (cleanup refuses less), so a message redelivered within it is a duplicate [default: 7d]' -r
 complete -c omnibox -n "__fish_omnibox_using_subcommand failures" -l otlp-endpoint -d 'Export OpenTelemetry spans with OTLP over HTTP to this collector (base URL; /v1/traces is added) [default: OTEL_EXPORTER_OTLP_ENDPOINT; off when neither is set]' -r
 complete -c omnibox -n "__fish_omnibox_using_subcommand failures" -s v -l verbose -d 'More logging (-v info, -vv debug, -vvv trace)'
-complete -c omnibox -n "__fish_omnibox_using_subcommand failures" -s q -l quiet -d 'Only errors on stderr'
+complete -c omnibox -n "__fish_omnibox_using_subcommand failures" -s q -l quiet -d 'Nothing on stdout or stderr unless the command fails (then its report and the error); for cron'
 complete -c omnibox -n "__fish_omnibox_using_subcommand failures" -s h -l help -d 'Print help (see more with \'--help\')'
 complete -c omnibox -n "__fish_omnibox_using_subcommand failures" -s V -l version -d 'Print version'
 complete -c omnibox -n "__fish_omnibox_using_subcommand unlock" -l worker -d 'Unlock every event locked by this worker instead' -r
@@ -443,7 +443,7 @@ complete -c omnibox -n "__fish_omnibox_using_subcommand unlock" -l otlp-endpoint
 complete -c omnibox -n "__fish_omnibox_using_subcommand unlock" -l dry-run -d 'Show what would change, change nothing'
 complete -c omnibox -n "__fish_omnibox_using_subcommand unlock" -s y -l yes -d 'Do not ask for confirmation (needed without a terminal, e.g. in cron)'
 complete -c omnibox -n "__fish_omnibox_using_subcommand unlock" -s v -l verbose -d 'More logging (-v info, -vv debug, -vvv trace)'
-complete -c omnibox -n "__fish_omnibox_using_subcommand unlock" -s q -l quiet -d 'Only errors on stderr'
+complete -c omnibox -n "__fish_omnibox_using_subcommand unlock" -s q -l quiet -d 'Nothing on stdout or stderr unless the command fails (then its report and the error); for cron'
 complete -c omnibox -n "__fish_omnibox_using_subcommand unlock" -s h -l help -d 'Print help (see more with \'--help\')'
 complete -c omnibox -n "__fish_omnibox_using_subcommand unlock" -s V -l version -d 'Print version'
 complete -c omnibox -n "__fish_omnibox_using_subcommand release-stale-locks" -l older-than -d 'Locks older than this are stale' -r
@@ -467,7 +467,7 @@ complete -c omnibox -n "__fish_omnibox_using_subcommand release-stale-locks" -l 
 complete -c omnibox -n "__fish_omnibox_using_subcommand release-stale-locks" -l dry-run -d 'Show what would change, change nothing'
 complete -c omnibox -n "__fish_omnibox_using_subcommand release-stale-locks" -s y -l yes -d 'Do not ask for confirmation (needed without a terminal, e.g. in cron)'
 complete -c omnibox -n "__fish_omnibox_using_subcommand release-stale-locks" -s v -l verbose -d 'More logging (-v info, -vv debug, -vvv trace)'
-complete -c omnibox -n "__fish_omnibox_using_subcommand release-stale-locks" -s q -l quiet -d 'Only errors on stderr'
+complete -c omnibox -n "__fish_omnibox_using_subcommand release-stale-locks" -s q -l quiet -d 'Nothing on stdout or stderr unless the command fails (then its report and the error); for cron'
 complete -c omnibox -n "__fish_omnibox_using_subcommand release-stale-locks" -s h -l help -d 'Print help (see more with \'--help\')'
 complete -c omnibox -n "__fish_omnibox_using_subcommand release-stale-locks" -s V -l version -d 'Print version'
 complete -c omnibox -n "__fish_omnibox_using_subcommand cleanup" -l older-than -d 'Keep completed rows for this long' -r
@@ -492,11 +492,11 @@ json\t''"
 complete -c omnibox -n "__fish_omnibox_using_subcommand cleanup" -l dedup-window -d 'The inbox\'s deduplication window: inbox rows are kept at least this long (cleanup refuses less), so a message redelivered within it is a duplicate [default: 7d]' -r
 complete -c omnibox -n "__fish_omnibox_using_subcommand cleanup" -l otlp-endpoint -d 'Export OpenTelemetry spans with OTLP over HTTP to this collector (base URL; /v1/traces is added) [default: OTEL_EXPORTER_OTLP_ENDPOINT; off when neither is set]' -r
 complete -c omnibox -n "__fish_omnibox_using_subcommand cleanup" -l include-failed -d 'Also delete failed rows'
-complete -c omnibox -n "__fish_omnibox_using_subcommand cleanup" -l force -d 'Allow a retention shorter than an hour (completed rows also hold idempotency keys: deleting them at once lets a retried enqueue in again)'
+complete -c omnibox -n "__fish_omnibox_using_subcommand cleanup" -l force -d 'Allow a retention shorter than an hour (completed rows also hold idempotency keys: deleting them at once lets a retried enqueue in again), and an --audit-older-than shorter than 30 days'
 complete -c omnibox -n "__fish_omnibox_using_subcommand cleanup" -l dry-run -d 'Show what would change, change nothing'
 complete -c omnibox -n "__fish_omnibox_using_subcommand cleanup" -s y -l yes -d 'Do not ask for confirmation (needed without a terminal, e.g. in cron)'
 complete -c omnibox -n "__fish_omnibox_using_subcommand cleanup" -s v -l verbose -d 'More logging (-v info, -vv debug, -vvv trace)'
-complete -c omnibox -n "__fish_omnibox_using_subcommand cleanup" -s q -l quiet -d 'Only errors on stderr'
+complete -c omnibox -n "__fish_omnibox_using_subcommand cleanup" -s q -l quiet -d 'Nothing on stdout or stderr unless the command fails (then its report and the error); for cron'
 complete -c omnibox -n "__fish_omnibox_using_subcommand cleanup" -s h -l help -d 'Print help (see more with \'--help\')'
 complete -c omnibox -n "__fish_omnibox_using_subcommand cleanup" -s V -l version -d 'Print version'
 complete -c omnibox -n "__fish_omnibox_using_subcommand audit" -l action -d 'Only this action: replay, unlock, unlock-worker, release-stale-locks, cleanup' -r
@@ -516,7 +516,7 @@ json\t''"
 complete -c omnibox -n "__fish_omnibox_using_subcommand audit" -l dedup-window -d 'The inbox\'s deduplication window: inbox rows are kept at least this long (cleanup refuses less), so a message redelivered within it is a duplicate [default: 7d]' -r
 complete -c omnibox -n "__fish_omnibox_using_subcommand audit" -l otlp-endpoint -d 'Export OpenTelemetry spans with OTLP over HTTP to this collector (base URL; /v1/traces is added) [default: OTEL_EXPORTER_OTLP_ENDPOINT; off when neither is set]' -r
 complete -c omnibox -n "__fish_omnibox_using_subcommand audit" -s v -l verbose -d 'More logging (-v info, -vv debug, -vvv trace)'
-complete -c omnibox -n "__fish_omnibox_using_subcommand audit" -s q -l quiet -d 'Only errors on stderr'
+complete -c omnibox -n "__fish_omnibox_using_subcommand audit" -s q -l quiet -d 'Nothing on stdout or stderr unless the command fails (then its report and the error); for cron'
 complete -c omnibox -n "__fish_omnibox_using_subcommand audit" -s h -l help -d 'Print help (see more with \'--help\')'
 complete -c omnibox -n "__fish_omnibox_using_subcommand audit" -s V -l version -d 'Print version'
 complete -c omnibox -n "__fish_omnibox_using_subcommand completions" -l database-url -d 'Database URL: sqlite://PATH or postgres://USER:PASS@HOST/DB [default: sqlite://omnibox.db]' -r
@@ -532,7 +532,7 @@ json\t''"
 complete -c omnibox -n "__fish_omnibox_using_subcommand completions" -l dedup-window -d 'The inbox\'s deduplication window: inbox rows are kept at least this long (cleanup refuses less), so a message redelivered within it is a duplicate [default: 7d]' -r
 complete -c omnibox -n "__fish_omnibox_using_subcommand completions" -l otlp-endpoint -d 'Export OpenTelemetry spans with OTLP over HTTP to this collector (base URL; /v1/traces is added) [default: OTEL_EXPORTER_OTLP_ENDPOINT; off when neither is set]' -r
 complete -c omnibox -n "__fish_omnibox_using_subcommand completions" -s v -l verbose -d 'More logging (-v info, -vv debug, -vvv trace)'
-complete -c omnibox -n "__fish_omnibox_using_subcommand completions" -s q -l quiet -d 'Only errors on stderr'
+complete -c omnibox -n "__fish_omnibox_using_subcommand completions" -s q -l quiet -d 'Nothing on stdout or stderr unless the command fails (then its report and the error); for cron'
 complete -c omnibox -n "__fish_omnibox_using_subcommand completions" -s h -l help -d 'Print help (see more with \'--help\')'
 complete -c omnibox -n "__fish_omnibox_using_subcommand completions" -s V -l version -d 'Print version'
 complete -c omnibox -n "__fish_omnibox_using_subcommand generate" -l out -d 'Where to write completions/ and man/' -r -F
@@ -549,7 +549,7 @@ json\t''"
 complete -c omnibox -n "__fish_omnibox_using_subcommand generate" -l dedup-window -d 'The inbox\'s deduplication window: inbox rows are kept at least this long (cleanup refuses less), so a message redelivered within it is a duplicate [default: 7d]' -r
 complete -c omnibox -n "__fish_omnibox_using_subcommand generate" -l otlp-endpoint -d 'Export OpenTelemetry spans with OTLP over HTTP to this collector (base URL; /v1/traces is added) [default: OTEL_EXPORTER_OTLP_ENDPOINT; off when neither is set]' -r
 complete -c omnibox -n "__fish_omnibox_using_subcommand generate" -s v -l verbose -d 'More logging (-v info, -vv debug, -vvv trace)'
-complete -c omnibox -n "__fish_omnibox_using_subcommand generate" -s q -l quiet -d 'Only errors on stderr'
+complete -c omnibox -n "__fish_omnibox_using_subcommand generate" -s q -l quiet -d 'Nothing on stdout or stderr unless the command fails (then its report and the error); for cron'
 complete -c omnibox -n "__fish_omnibox_using_subcommand generate" -s h -l help -d 'Print help (see more with \'--help\')'
 complete -c omnibox -n "__fish_omnibox_using_subcommand generate" -s V -l version -d 'Print version'
 complete -c omnibox -n "__fish_omnibox_using_subcommand help; and not __fish_seen_subcommand_from migrate enqueue publish inbox demo status doctor list show replay failures unlock release-stale-locks cleanup audit completions generate help" -f -a "migrate" -d 'Create or upgrade the outbox and inbox tables (idempotent)'

@@ -278,6 +278,10 @@ fn enqueue_rejects_bad_input_and_writes_nothing() {
             "bad_header",
             LINE.replace("}}", r#"},"headers":{"a":"x","A":"y"}}"#),
         ),
+        (
+            "repeated_header",
+            LINE.replace("}}", r#"},"headers":{"a":"1","a":"2"}}"#),
+        ),
     ];
     for (name, bad) in cases {
         // Good lines before and after: all-or-nothing.
@@ -317,6 +321,10 @@ fn enqueue_rejects_bad_input_and_writes_nothing() {
         ("flag_payload_array", vec!["--payload", "[1]"]),
         ("flag_payload_invalid", vec!["--payload", "{oops"]),
         ("flag_empty_topic", vec!["--topic", "  "]),
+        (
+            "flag_repeated_header",
+            vec!["--header", "a=1", "--header", "a=2"],
+        ),
     ];
     for (name, overrides) in flag_cases {
         let mut args: Vec<&str> = vec!["enqueue"];
@@ -864,6 +872,9 @@ fn hostile_database_urls_are_never_printed() {
         ("postgres://u:x@127.0.0.1:1/db?sslpassword=cret7", "cret7"),
         ("postgres://u:cret8@", "cret8"),
         ("mysql://u:cret9@h/db", "cret9"),
+        ("postgres:/weird:cret10@127.0.0.1:1/db", "cret10"),
+        ("postgres:weird:cret11@127.0.0.1/db", "cret11"),
+        ("weird:cret12%2Fx@h/db", "cret12"),
     ];
     for (url, secret) in urls {
         let config = dir.path().join("omnibox.toml");
@@ -883,6 +894,12 @@ fn hostile_database_urls_are_never_printed() {
                 &[],
             ),
             omnibox(dir.path(), &["list", "-vv", "--format", "json"], None, &[]),
+            omnibox(
+                dir.path(),
+                &["doctor", "--format", "json"],
+                None,
+                &[("OMNIBOX_DATABASE_URL", url)],
+            ),
         ];
         for r in runs {
             assert_ne!(r.code, 0, "{url}");
@@ -891,6 +908,18 @@ fn hostile_database_urls_are_never_printed() {
             }
         }
         std::fs::remove_file(&config).unwrap();
+    }
+    // Malformed URLs are refused before any connection, saying what to fix.
+    for (url, says) in [
+        ("postgres:/weird:cret10@127.0.0.1:1/db", "two slashes"),
+        ("postgresql:weird:cret11@127.0.0.1/db", "two slashes"),
+        ("postgres://u:se/cret1@127.0.0.1:1/db", "percent-encoded"),
+        ("postgres://u:se?cret2@127.0.0.1:1/db", "percent-encoded"),
+    ] {
+        let r = omnibox(dir.path(), &["--database-url", url, "status"], None, &[]);
+        assert_eq!(r.code, 2, "{url}: {}", r.render());
+        assert!(r.stderr.contains(says), "{url}: {}", r.render());
+        assert_eq!(r.stderr.lines().count(), 1, "{url}: {}", r.render());
     }
 }
 
@@ -935,7 +964,17 @@ fn enqueue_from_a_pipe_and_empty_input() {
 fn doctor_outcomes() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    // No tables yet: the schema check fails, the rest is not run; exit 1.
+    // No database file: doctor says so and creates nothing.
+    let r = run(d, &["doctor"]);
+    assert_eq!(r.code, 1, "{}", r.render());
+    snap!("doctor_no_database", r);
+    assert!(
+        !d.join("omnibox.db").exists(),
+        "doctor created the database"
+    );
+    // An empty database: the schema check fails, the checks that need the
+    // tables say why they did not run; exit 1.
+    std::fs::write(d.join("omnibox.db"), b"").unwrap();
     snap!("doctor_no_schema", run(d, &["doctor"]));
     assert_eq!(run(d, &["migrate", "-q"]).code, 0);
     let r = run(d, &["doctor"]);
@@ -973,6 +1012,66 @@ fn doctor_outcomes() {
             .unwrap()
             .contains("does not answer")
     );
+}
+
+/// One doctor run lists every problem: a dropped claim index, a deleted
+/// migration row and an old backlog all show, and every check runs.
+#[test]
+fn doctor_lists_every_problem_in_one_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    assert_eq!(run(d, &["migrate", "-q"]).code, 0);
+    let r = omnibox(d, &["enqueue", "--jsonl"], Some(LINE), &[]);
+    assert_eq!(r.code, 0, "{}", r.render());
+    let url = format!("sqlite://{}", d.join("omnibox.db").display());
+    tokio::runtime::Runtime::new().unwrap().block_on(async {
+        let pool = sqlx::SqlitePool::connect(&url).await.unwrap();
+        for sql in [
+            "DROP INDEX outbox_events_claim",
+            "DELETE FROM omnibox_migrations WHERE version = (SELECT max(version) FROM omnibox_migrations)",
+        ] {
+            sqlx::query(sql).execute(&pool).await.unwrap();
+        }
+        pool.close().await;
+    });
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    let r = run(
+        d,
+        &["doctor", "--format", "json", "--max-pending-age", "1ms"],
+    );
+    assert_eq!(r.code, 1, "{}", r.render());
+    let v: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+    let status = |name: &str| {
+        v["checks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["check"] == name)
+            .unwrap_or_else(|| panic!("no {name} check: {v}"))
+            .clone()
+    };
+    assert_eq!(status("schema")["status"], "fail", "{v}");
+    let indexes = status("indexes");
+    assert_eq!(indexes["status"], "fail", "{v}");
+    assert!(
+        indexes["message"]
+            .as_str()
+            .unwrap()
+            .contains("outbox_events_claim"),
+        "{indexes}"
+    );
+    assert_eq!(status("backlog")["status"], "warn", "{v}");
+    for name in [
+        "database",
+        "claim plan",
+        "statistics",
+        "leases",
+        "blocked",
+        "retention",
+        "broker",
+    ] {
+        assert_ne!(status(name)["status"], "skip", "{name}: {v}");
+    }
 }
 
 /// `status --watch` reports again and again with rates; piped, each report
@@ -1532,4 +1631,167 @@ fn enqueue_reports_many_ids_in_order() {
         })
         .collect();
     assert!(left.is_empty());
+}
+
+/// `--quiet` is quiet unless something fails (the crontab line in the
+/// README): a successful run of each command prints nothing on stdout or
+/// stderr; a failing one prints its report and its error.
+#[test]
+fn quiet_prints_nothing_unless_something_fails() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let silent = |args: &[&str], stdin: Option<&str>| {
+        let r = omnibox(d, args, stdin, &[]);
+        assert_eq!(
+            (r.code, r.stdout.as_str(), r.stderr.as_str()),
+            (0, "", ""),
+            "{args:?}"
+        );
+    };
+    silent(&["migrate", "-q"], None);
+    silent(&["migrate", "--quiet"], None);
+    silent(
+        &["enqueue", "--jsonl", "-q"],
+        Some(&format!("{LINE}\n{LINE}\n")),
+    );
+    silent(
+        &["enqueue", "--jsonl", "-q", "--format", "json"],
+        Some(&format!("{LINE}\n")),
+    );
+    // A check that fails: its report and the failure, exit 1.
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    let r = run(d, &["status", "--check", "--max-pending-age", "1ms", "-q"]);
+    assert_eq!(r.code, 1, "{}", r.render());
+    assert!(r.stdout.contains("pending"), "{}", r.render());
+    assert!(r.stderr.contains("check failed"), "{}", r.render());
+    silent(&["publish", "--once", "-q"], None);
+    silent(
+        &["status", "--check", "--max-pending-age", "5m", "-q"],
+        None,
+    );
+    silent(&["inbox", "consume", "--once", "-q"], None);
+    silent(
+        &["inbox", "process", "--once", "--exec", "true", "-q"],
+        None,
+    );
+    silent(&["release-stale-locks", "--yes", "-q"], None);
+    silent(&["cleanup", "--older-than", "7d", "--yes", "-q"], None);
+    silent(&["cleanup", "--older-than", "7d", "--yes", "--quiet"], None);
+    // Nothing to do, said without --quiet.
+    let r = run(d, &["release-stale-locks", "--yes"]);
+    assert_eq!(r.code, 0, "{}", r.render());
+    assert!(
+        !r.stderr.is_empty() || !r.stdout.is_empty(),
+        "{}",
+        r.render()
+    );
+    // An error is always printed.
+    let r = run(d, &["show", "0190f1d2-7a3b-7cde-8f00-000000000000", "-q"]);
+    assert_eq!(r.code, 1, "{}", r.render());
+    assert!(r.stderr.contains("no event"), "{}", r.render());
+    let r = run(d, &["status", "--database-url", "bogus://x", "-q"]);
+    assert_eq!(r.code, 2, "{}", r.render());
+    assert!(r.stderr.contains("error"), "{}", r.render());
+    // The events went through all the same.
+    let r = run(d, &["status", "--format", "json"]);
+    let v: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+    assert_eq!(v["tables"][0]["completed"], 3, "{v}");
+}
+
+/// `cleanup --audit-older-than` under 30 days needs --force, and even then
+/// the cleanup's own audit row stays (it used to erase the whole trail,
+/// its own record included, without a word).
+#[test]
+fn cleanup_keeps_the_audit_trail() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    assert_eq!(run(d, &["migrate", "-q"]).code, 0);
+    let r = omnibox(d, &["enqueue", "--jsonl"], Some(LINE), &[]);
+    assert_eq!(r.code, 0, "{}", r.render());
+    assert_eq!(run(d, &["publish", "--once", "-q"]).code, 0);
+    let r = run(
+        d,
+        &[
+            "cleanup",
+            "--older-than",
+            "7d",
+            "--audit-older-than",
+            "0s",
+            "--yes",
+        ],
+    );
+    assert_eq!(r.code, 2, "{}", r.render());
+    assert!(r.stderr.contains("audit retention"), "{}", r.render());
+    let r = run(
+        d,
+        &[
+            "cleanup",
+            "--table",
+            "outbox",
+            "--older-than",
+            "0s",
+            "--audit-older-than",
+            "0s",
+            "--force",
+            "--yes",
+        ],
+    );
+    assert_eq!(r.code, 0, "{}", r.render());
+    let r = run(d, &["audit", "--format", "json"]);
+    assert_eq!(r.code, 0, "{}", r.render());
+    assert!(r.stdout.contains("\"cleanup\""), "{}", r.render());
+}
+
+/// PostgreSQL's reserved schema names are a usage error (exit 2), found
+/// before connecting.
+#[test]
+fn reserved_schema_names_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    for schema in ["pg_catalog", "pg_temp_1", "information_schema"] {
+        let r = run(
+            dir.path(),
+            &[
+                "--database-url",
+                "postgres://u:p@127.0.0.1:1/db",
+                "--schema",
+                schema,
+                "status",
+            ],
+        );
+        assert_eq!(r.code, 2, "{schema}: {}", r.render());
+        assert!(r.stderr.contains("reserved"), "{schema}: {}", r.render());
+    }
+}
+
+/// `inbox consume` without --from, with no relay file here: the error names
+/// --from (exit 2, one line).
+#[test]
+fn consume_without_a_source_names_from() {
+    let dir = tempfile::tempdir().unwrap();
+    assert_eq!(run(dir.path(), &["migrate", "-q"]).code, 0);
+    let r = run(dir.path(), &["inbox", "consume", "--once"]);
+    assert_eq!(r.code, 2, "{}", r.render());
+    assert!(r.stderr.contains("--from"), "{}", r.render());
+}
+
+/// The README's `doctor` sample is what `doctor` prints on a fresh
+/// database (the README cannot drift from the binary).
+#[test]
+fn readme_doctor_sample_is_current() {
+    let readme = include_str!("../README.md");
+    let start = readme
+        .find("$ omnibox doctor\n")
+        .expect("the README has a doctor sample")
+        + "$ omnibox doctor\n".len();
+    let end = readme[start..].find("\n\n").expect("the sample ends") + start;
+    let sample = &readme[start..end];
+    let dir = tempfile::tempdir().unwrap();
+    assert_eq!(run(dir.path(), &["migrate", "-q"]).code, 0);
+    let r = run(dir.path(), &["doctor"]);
+    assert_eq!(r.code, 0, "{}", r.render());
+    assert_eq!(
+        r.stdout.trim_end(),
+        sample,
+        "update the README's doctor sample"
+    );
 }

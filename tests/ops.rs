@@ -1064,7 +1064,15 @@ mod cases {
         let r = omnibox(db, &["doctor", "--format", "json", "--dedup-window", "1d"]);
         assert_eq!(r.code, 1);
         assert_eq!(status_of(&r, "indexes"), "fail", "{}", r.stdout);
-        assert_eq!(status_of(&r, "claim plan"), "fail", "{}", r.stdout);
+        // On PostgreSQL a table of a few pages may be read whole: the plan
+        // is judged from 1 MiB on (the missing index is the indexes check's).
+        let small_pg = matches!(db.store, omnibox::store::AnyStore::Postgres(_));
+        assert_eq!(
+            status_of(&r, "claim plan"),
+            if small_pg { "ok" } else { "fail" },
+            "{}",
+            r.stdout
+        );
     }
     async fn delete_inbox_row(db: &TestDb, id: uuid::Uuid) {
         match &db.store {
@@ -1479,7 +1487,14 @@ mod cases {
                 "echo \"no refund for $OMNIBOX_MESSAGE_ID\" >&2; exit 1",
             ],
         );
-        assert_eq!(r.code, 0, "{}", r.stderr);
+        // Events that failed for good in a --once run: exit 3, each logged.
+        assert_eq!(r.code, 3, "{}", r.stderr);
+        assert_eq!(
+            r.stderr.matches("ERROR event failed for good").count(),
+            events.len(),
+            "{}",
+            r.stderr
+        );
         for e in &events {
             let row = db.store.inbox().get(e.id()).await.unwrap().unwrap();
             assert_eq!(row.status(), EventStatus::Failed);
@@ -1618,7 +1633,7 @@ mod cases {
                 "inbox", "process", "--once", "--dlq", "table", "--exec", "exit 1",
             ],
         );
-        assert_eq!(r.code, 0, "{}", r.stderr);
+        assert_eq!(r.code, 3, "events died: {}", r.stderr);
         let open = db
             .store
             .dead_letters()
@@ -1681,3 +1696,177 @@ backend_tests!(
     two_cleanups_at_once_delete_each_row_once,
     status_checks_exit_1_over_a_threshold,
 );
+
+/// Three `migrate` runs at once on a fresh schema: between them every
+/// migration is applied once, and each reports only what it applied (they
+/// used to read the versions before the lock, and each reported all).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_migrations_report_what_each_applied() {
+    use omnibox::store::{PgStore, postgres::PgOptions};
+    let Some(db) = common::postgres().await else {
+        return;
+    };
+    let schema = format!("m_{}", uuid::Uuid::new_v4().simple());
+    let opts = PgOptions {
+        schema: Some(schema.clone()),
+        max_connections: 1,
+        ..PgOptions::default()
+    };
+    let mut runs = Vec::new();
+    for _ in 0..3 {
+        let store = PgStore::connect(&db.url, &opts).await.unwrap();
+        runs.push(tokio::spawn(async move { store.migrate().await.unwrap() }));
+    }
+    let mut applied = Vec::new();
+    for r in runs {
+        applied.extend(r.await.unwrap().applied.into_iter().map(|m| m.version));
+    }
+    applied.sort();
+    let all: Vec<i64> = PgStore::migrations().iter().map(|m| m.version).collect();
+    assert_eq!(applied, all, "each migration reported once in all");
+    let pool = sqlx::PgPool::connect(&db.url).await.unwrap();
+    sqlx::query(sqlx::AssertSqlSafe(format!("DROP SCHEMA {schema} CASCADE")))
+        .execute(&pool)
+        .await
+        .unwrap();
+}
+
+/// `doctor`'s table health on PostgreSQL: a table with autovacuum disabled
+/// says so and gives the RESET that fixes it (not scale factors, which
+/// would not help), and a small table far past autovacuum's trigger point
+/// is not `ok`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn doctor_sees_dead_rows_and_disabled_autovacuum() {
+    let Some(db) = common::postgres().await else {
+        return;
+    };
+    let omnibox::AnyStore::Postgres(pg) = &db.store else {
+        panic!("a PostgreSQL store");
+    };
+    let domain = DomainService::default();
+    let events: Vec<_> = (0..3000)
+        .map(|i| {
+            domain
+                .create_outbox_event(NewOutboxEvent::new(
+                    "order",
+                    uuid::Uuid::now_v7(),
+                    "order.created",
+                    "orders",
+                    format!("k{i}"),
+                    json!({"n": i}),
+                ))
+                .unwrap()
+        })
+        .collect();
+    db.store.outbox().create_many(&events).await.unwrap();
+    let mut conn = pg.pool().acquire().await.unwrap();
+    for sql in [
+        "ALTER TABLE outbox_events SET (autovacuum_enabled = false)",
+        "ALTER TABLE inbox_events SET (autovacuum_enabled = false)",
+        "DELETE FROM outbox_events WHERE partition_key <> 'k1'",
+        "SELECT pg_stat_force_next_flush()",
+    ] {
+        sqlx::query(sqlx::AssertSqlSafe(sql))
+            .execute(&mut *conn)
+            .await
+            .unwrap();
+    }
+    drop(conn);
+    let r = omnibox(&db, &["doctor", "--format", "json"]);
+    let v: Value = serde_json::from_str(&r.stdout).unwrap_or_else(|_| panic!("{}", r.stderr));
+    let check = |name: &str| {
+        v["checks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["check"] == name)
+            .unwrap_or_else(|| panic!("no {name}: {v}"))
+            .clone()
+    };
+    let outbox = check("outbox table");
+    assert_eq!(outbox["status"], "warn", "{outbox}");
+    assert!(
+        outbox["message"]
+            .as_str()
+            .unwrap()
+            .contains("autovacuum is disabled"),
+        "{outbox}"
+    );
+    assert!(
+        outbox["hint"]
+            .as_str()
+            .unwrap()
+            .contains("RESET (autovacuum_enabled)"),
+        "{outbox}"
+    );
+    // Re-enabled, the same dead rows: autovacuum is behind.
+    sqlx::query("ALTER TABLE outbox_events RESET (autovacuum_enabled)")
+        .execute(pg.pool())
+        .await
+        .unwrap();
+    let r = omnibox(&db, &["doctor", "--format", "json"]);
+    let v: Value = serde_json::from_str(&r.stdout).unwrap();
+    let outbox = v["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["check"] == "outbox table")
+        .unwrap()
+        .clone();
+    assert_eq!(outbox["status"], "warn", "{outbox}");
+    assert!(
+        outbox["message"].as_str().unwrap().contains("behind"),
+        "{outbox}"
+    );
+    let stats = check("statistics");
+    assert!(
+        !stats["message"]
+            .as_str()
+            .unwrap()
+            .contains("since its last ANALYZE")
+            || !stats["message"].as_str().unwrap().contains("never"),
+        "{stats}"
+    );
+}
+
+/// A small, healthy, analyzed outbox is read whole by the planner, rightly:
+/// `doctor` does not cry wolf about the claim's plan there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn doctor_accepts_a_small_outbox_read_whole() {
+    let Some(db) = common::postgres().await else {
+        return;
+    };
+    let omnibox::AnyStore::Postgres(pg) = &db.store else {
+        panic!("a PostgreSQL store");
+    };
+    let domain = DomainService::default();
+    let events: Vec<_> = (0..22)
+        .map(|i| {
+            domain
+                .create_outbox_event(NewOutboxEvent::new(
+                    "order",
+                    uuid::Uuid::now_v7(),
+                    "order.created",
+                    "orders",
+                    format!("k{i}"),
+                    json!({"n": i}),
+                ))
+                .unwrap()
+        })
+        .collect();
+    db.store.outbox().create_many(&events).await.unwrap();
+    sqlx::query("VACUUM ANALYZE outbox_events")
+        .execute(pg.pool())
+        .await
+        .unwrap();
+    let r = omnibox(&db, &["doctor", "--format", "json"]);
+    let v: Value = serde_json::from_str(&r.stdout).unwrap_or_else(|_| panic!("{}", r.stderr));
+    let plan = v["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["check"] == "claim plan")
+        .unwrap()
+        .clone();
+    assert_eq!(plan["status"], "ok", "{plan}");
+}

@@ -225,6 +225,27 @@ fn long_running_commands_survive_database_restarts() {
         ],
         "process.log",
     );
+    // `status --watch` outlives the outages too, and says so in its stream.
+    let watch_out = d.join("watch.jsonl");
+    let watch = Running(Some(
+        Command::new(env!("CARGO_BIN_EXE_omnibox"))
+            .args([
+                "status",
+                "--watch",
+                "--interval",
+                "500ms",
+                "--format",
+                "json",
+            ])
+            .current_dir(d)
+            .env_clear()
+            .env("OMNIBOX_DATABASE_URL", &url)
+            .stdin(Stdio::null())
+            .stdout(std::fs::File::create(&watch_out).unwrap())
+            .stderr(std::fs::File::create(d.join("watch.log")).unwrap())
+            .spawn()
+            .unwrap(),
+    ));
     enqueue(d, &url, 0, 100);
     wait_for(
         d,
@@ -299,6 +320,55 @@ fn long_running_commands_survive_database_restarts() {
             "{name}: one warning per outage, not one per retry ({warnings}):\n{log}"
         );
     }
+    // The watch ran through both outages: each told when it began and
+    // when it ended, reports in between, and a signal ends it with 0.
+    let code = stop(watch.take());
+    let log = std::fs::read_to_string(d.join("watch.log")).unwrap();
+    assert_eq!(code, 0, "status --watch: {log}");
+    assert!(
+        !log.contains("stopping after the current batch"),
+        "status has no batch: {log}"
+    );
+    let stream = lines(&watch_out);
+    let unreachable = stream
+        .iter()
+        .filter(|l| l.contains("\"database\":\"unreachable\""))
+        .count();
+    let back = stream
+        .iter()
+        .filter(|l| l.contains("\"database\":\"back\""))
+        .count();
+    assert!(
+        unreachable >= 1 && back == unreachable,
+        "{unreachable} outage(s) told, {back} end(s):\n{}",
+        stream.join("\n")
+    );
+    let after = stream
+        .iter()
+        .rposition(|l| l.contains("\"database\":\"unreachable\""))
+        .unwrap_or(0);
+    assert!(
+        stream[after..].iter().any(|l| l.contains("\"tables\"")),
+        "reports resumed after the outage:\n{}",
+        stream.join("\n")
+    );
+    // The relay measured the 35 s outage from its first failed claim, not
+    // from when the pool gave up, and said when it ended at WARN.
+    let log = std::fs::read_to_string(d.join("publish.log")).unwrap();
+    let longest = log
+        .lines()
+        .filter(|l| l.contains("the database is back"))
+        .filter_map(|l| l.split("down_for_ms=").nth(1))
+        .filter_map(|v| {
+            v.split(|c: char| !c.is_ascii_digit())
+                .next()?
+                .parse::<u64>()
+                .ok()
+        })
+        .max()
+        .unwrap_or(0);
+    assert!(longest >= 25_000, "down_for_ms {longest}:\n{log}");
+
     // Every row: published, stored once in the inbox, handled, none locked.
     let status = omnibox(d, &url, &["status", "--format", "json"], None);
     let v: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();

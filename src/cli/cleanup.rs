@@ -60,7 +60,8 @@ pub struct CleanupArgs {
     #[arg(long, allow_hyphen_values = true, default_value = "90d", value_parser = args::duration, value_name = "DURATION")]
     dead_letters_older_than: Duration,
     /// Allow a retention shorter than an hour (completed rows also hold
-    /// idempotency keys: deleting them at once lets a retried enqueue in again)
+    /// idempotency keys: deleting them at once lets a retried enqueue in
+    /// again), and an --audit-older-than shorter than 30 days
     #[arg(long)]
     force: bool,
     #[command(flatten)]
@@ -69,6 +70,11 @@ pub struct CleanupArgs {
 
 /// The shortest retention `cleanup` takes without --force.
 const MIN_RETENTION: Duration = Duration::from_secs(3600);
+
+/// The shortest audit retention `cleanup` takes without --force: the trail
+/// is the record of what operators changed, the first thing read after an
+/// incident.
+const MIN_AUDIT_RETENTION: Duration = Duration::from_secs(30 * 86_400);
 
 #[derive(Debug, Default, serde::Serialize)]
 struct Counts {
@@ -96,6 +102,15 @@ pub async fn run(args: CleanupArgs, ctx: &Context) -> Result<ExitStatus> {
         ))
         .into());
     }
+    if args.audit_older_than < MIN_AUDIT_RETENTION && !args.force {
+        return Err(UsageError(format!(
+            "refusing an audit retention of {}: the audit trail records what operators changed; keep it at least {}, or add --force",
+            human_duration(args.audit_older_than),
+            human_duration(MIN_AUDIT_RETENTION)
+        ))
+        .into());
+    }
+    let started = std::time::Instant::now();
     let dedup_window = ctx.settings.dedup_window;
     if tables.contains(&Table::Inbox) && shortest < dedup_window {
         return Err(UsageError(format!(
@@ -124,12 +139,12 @@ pub async fn run(args: CleanupArgs, ctx: &Context) -> Result<ExitStatus> {
     let total: u64 = plan.iter().map(|c| c.completed + c.failed).sum();
     if args.safety.dry_run || total == 0 {
         if total == 0 && args.safety.yes && !args.safety.dry_run {
-            trim_trails(&store, &args).await?;
+            trim_trails(&store, &args, started).await?;
         }
         return report(ctx, &plan, args.safety.dry_run);
     }
     if !args.safety.confirm(&format!("delete {total} row(s)"))? {
-        eprintln!("omnibox: nothing changed");
+        crate::cli::output::notice!("omnibox: nothing changed");
         return Ok(ExitStatus::No);
     }
     let bar =
@@ -158,22 +173,34 @@ pub async fn run(args: CleanupArgs, ctx: &Context) -> Result<ExitStatus> {
     if let Some(b) = bar {
         b.finish_and_clear();
     }
-    trim_trails(&store, &args).await?;
+    trim_trails(&store, &args, started).await?;
     report(ctx, &done, false)?;
     if done.iter().any(|c| c.bounded) {
-        eprintln!("omnibox: stopped at --max-iterations; rows past retention remain (run again)");
+        crate::cli::output::notice!(
+            "omnibox: stopped at --max-iterations; rows past retention remain (run again)"
+        );
     }
     Ok(ExitStatus::Success)
 }
 
 /// The audit trail and the replayed dead letters have retentions of their
 /// own (trimmed after this run's audit rows went in).
-async fn trim_trails(store: &AnyStore, args: &CleanupArgs) -> Result<()> {
-    let audit = store
-        .delete_audit_older(args.audit_older_than, args.batch_size)
-        .await?;
+/// The audit rows this run wrote are never among them, whatever the
+/// retention (`started`: when the run began).
+async fn trim_trails(
+    store: &AnyStore,
+    args: &CleanupArgs,
+    started: std::time::Instant,
+) -> Result<()> {
+    let keep = args
+        .audit_older_than
+        .max(started.elapsed() + Duration::from_secs(1));
+    let audit = store.delete_audit_older(keep, args.batch_size).await?;
     if audit > 0 {
-        tracing::info!(rows = audit, "deleted audit rows past their retention");
+        crate::cli::output::notice!(
+            "omnibox: deleted {audit} audit row(s) older than {} (--audit-older-than)",
+            human_duration(keep)
+        );
     }
     let letters = store
         .dead_letters()

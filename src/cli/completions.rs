@@ -55,7 +55,10 @@ The command ran and the answer is no: \fBstatus \-\-check\fR crossed a threshold
 Usage or input error, bad configuration, or the database cannot be reached; nothing was changed.
 .TP
 \fB3\fR
-Partially done: some rows were changed concurrently by another worker or operator and were left alone.
+Partially done: some rows were changed concurrently by another worker or operator and were left alone; or events failed for good in a \fB\-\-once\fR run of \fBpublish\fR or \fBinbox process\fR (each logged at ERROR).
+.TP
+\fB4\fR
+The message broker failed at run time (\fBinbox consume\fR from Kafka: reading, committing offsets, seeking); committed offsets stay, the rest is delivered again.
 "#;
 
 const ENVIRONMENT: &str = r#".SH ENVIRONMENT

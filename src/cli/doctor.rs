@@ -17,9 +17,11 @@ use super::{Context, ExitStatus, args};
 /// Check the database, the claim's indexes and plan, statistics, the broker,
 /// leases, blocked keys, the backlog, retention and table health
 ///
-/// One line per check: ok, warn or fail, with what to do. Exit 1 when a
-/// check fails (warnings do not change the exit code). Read-only: it
-/// changes nothing (a missing SQLite file is created, as by every command).
+/// One line per check: ok, warn, FAIL or skip, with what to do. Every check
+/// runs whatever failed before it (one that cannot run says why), so one
+/// run lists every problem. Exit 1 when a check fails (warnings do not
+/// change the exit code). Read-only: it changes nothing, and never creates
+/// a database (a missing SQLite file is a failed check).
 ///
 /// Examples:
 ///   omnibox doctor
@@ -48,6 +50,8 @@ pub enum Level {
     Ok,
     Warn,
     Fail,
+    /// Not run: something it needs failed (said in its message).
+    Skip,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -63,6 +67,15 @@ fn ok(check: &'static str, message: impl Into<String>) -> Check {
     Check {
         check,
         status: Level::Ok,
+        message: message.into(),
+        hint: None,
+    }
+}
+
+fn skip(check: &'static str, message: impl Into<String>) -> Check {
+    Check {
+        check,
+        status: Level::Skip,
         message: message.into(),
         hint: None,
     }
@@ -125,7 +138,16 @@ const INDEXES: &[&str] = &[
 
 pub async fn run(args: DoctorArgs, ctx: &Context) -> Result<ExitStatus> {
     let mut checks = Vec::new();
-    let store = match ctx.connect().await {
+    let missing = missing_sqlite_file(&ctx.settings.database_url);
+    let connected = match &missing {
+        // Never create a database: a missing SQLite file is a finding.
+        Some(path) => Err(anyhow::anyhow!(
+            "no SQLite database at {} (doctor creates nothing)",
+            path.display()
+        )),
+        None => ctx.connect().await,
+    };
+    let store = match connected {
         Ok(s) => {
             checks.push(ok(
                 "database",
@@ -143,29 +165,61 @@ pub async fn run(args: DoctorArgs, ctx: &Context) -> Result<ExitStatus> {
                     "cannot connect: {}",
                     omnibox::redact::text(&format!("{e:#}"))
                 ),
-                "check --database-url / OMNIBOX_DATABASE_URL and that the server is up",
+                if missing.is_some() {
+                    "check --database-url / OMNIBOX_DATABASE_URL and the working directory; `omnibox migrate` creates it"
+                } else {
+                    "check --database-url / OMNIBOX_DATABASE_URL and that the server is up"
+                },
             ));
             None
         }
     };
-    if let Some(store) = &store {
-        let schema = schema_check(store).await;
-        let migrated = schema.status == Level::Ok;
-        checks.push(schema);
-        if migrated {
-            checks.push(indexes_check(store).await);
-            checks.push(plan_check(store).await);
-            checks.push(statistics_check(store).await);
-            checks.push(leases_check(store).await);
-            checks.push(blocked_check(store).await);
-            checks.push(backlog_check(store, args.max_pending_age).await);
-            checks.push(retention_check(store, ctx).await);
-            if let Db::Pg(_) = Db::of(store) {
-                checks.extend(health_checks(store).await);
+    // Every check runs, whatever failed before it, so that one run lists
+    // every problem; a check that cannot run says why.
+    let skipped = |why: &str, checks: &mut Vec<Check>, pg: bool| {
+        let mut names = vec![
+            "indexes",
+            "claim plan",
+            "statistics",
+            "leases",
+            "blocked",
+            "backlog",
+            "retention",
+        ];
+        if pg {
+            names.extend(["outbox table", "inbox table"]);
+        }
+        for name in names {
+            checks.push(skip(name, format!("not checked: {why}")));
+        }
+    };
+    match &store {
+        Some(store) => {
+            let (schema, tables) = schema_check(store).await;
+            let pg = matches!(Db::of(store), Db::Pg(_));
+            checks.push(schema);
+            if !tables {
+                skipped("no omnibox tables (see schema)", &mut checks, pg);
+            } else {
+                checks.push(indexes_check(store).await);
+                checks.push(plan_check(store).await);
+                checks.push(statistics_check(store).await);
+                checks.push(leases_check(store).await);
+                checks.push(blocked_check(store).await);
+                checks.push(backlog_check(store, args.max_pending_age).await);
+                checks.push(retention_check(store, ctx).await);
+                if pg {
+                    checks.extend(health_checks(store).await);
+                }
             }
-            checks.push(broker_check(store, &args, ctx).await);
+        }
+        None => {
+            checks.push(skip("schema", "not checked: no database connection"));
+            let pg = ctx.settings.database_url.starts_with("postgres");
+            skipped("no database connection", &mut checks, pg);
         }
     }
+    checks.push(broker_check(store.as_ref(), &args, ctx).await);
     let failed = checks.iter().any(|c| c.status == Level::Fail);
     match ctx.format() {
         Format::Json => output::json(&json!({ "ok": !failed, "checks": checks }))?,
@@ -175,6 +229,7 @@ pub async fn run(args: DoctorArgs, ctx: &Context) -> Result<ExitStatus> {
                     Level::Ok => "ok  ",
                     Level::Warn => "warn",
                     Level::Fail => "FAIL",
+                    Level::Skip => "skip",
                 };
                 output::line(format!("{level} {:<11} {}", c.check, c.message))?;
                 if let Some(h) = &c.hint {
@@ -190,6 +245,22 @@ pub async fn run(args: DoctorArgs, ctx: &Context) -> Result<ExitStatus> {
     })
 }
 
+/// The file of an SQLite URL that names a file not there (None for
+/// PostgreSQL, an in-memory database, or a URL the connection will judge).
+fn missing_sqlite_file(url: &str) -> Option<std::path::PathBuf> {
+    use std::str::FromStr;
+    if !url.starts_with("sqlite:") {
+        return None;
+    }
+    let opts = sqlx::sqlite::SqliteConnectOptions::from_str(url).ok()?;
+    let path = opts.get_filename();
+    let name = path.to_string_lossy();
+    if name.is_empty() || name == ":memory:" || url.contains("mode=memory") {
+        return None;
+    }
+    (!path.exists()).then(|| path.to_path_buf())
+}
+
 fn err_check(check: &'static str, e: impl std::fmt::Display) -> Check {
     fail(
         check,
@@ -198,11 +269,29 @@ fn err_check(check: &'static str, e: impl std::fmt::Display) -> Check {
     )
 }
 
-async fn schema_check(store: &AnyStore) -> Check {
+/// The schema's check, and whether the outbox table is there to check
+/// further.
+async fn schema_check(store: &AnyStore) -> (Check, bool) {
     let applied = match Db::of(store) {
         Db::Pg(s) => s.applied_versions().await,
         Db::Lite(s) => s.applied_versions().await,
     };
+    let exists: std::result::Result<bool, sqlx::Error> = match Db::of(store) {
+        Db::Pg(s) => {
+            sqlx::query_scalar("SELECT to_regclass('outbox_events') IS NOT NULL")
+                .fetch_one(s.pool())
+                .await
+        }
+        Db::Lite(s) => {
+            sqlx::query_scalar(
+                "SELECT count(*) > 0 FROM sqlite_master WHERE type = 'table' AND name = 'outbox_events'",
+            )
+            .fetch_one(s.pool())
+            .await
+        }
+    };
+    // When it cannot be told, the other checks run and say what they meet.
+    let exists = exists.unwrap_or(true);
     let latest = store
         .backend()
         .migrations()
@@ -210,15 +299,21 @@ async fn schema_check(store: &AnyStore) -> Check {
         .map(|m| m.version)
         .max()
         .unwrap_or(0);
-    match applied {
+    let check = match applied {
         Err(e) => err_check("schema", e),
         Ok(v) => {
             let current = v.into_iter().max().unwrap_or(0);
-            if current == 0 {
+            if current == 0 && !exists {
                 fail(
                     "schema",
                     "no omnibox tables here",
                     "run `omnibox migrate` (and check --schema / OMNIBOX_DATABASE_SCHEMA)",
+                )
+            } else if current == 0 {
+                fail(
+                    "schema",
+                    "the omnibox tables exist, but no migration is recorded in omnibox_migrations",
+                    "if they were created from `omnibox migrate --print-sql` of an older omnibox, record the versions it printed; otherwise compare the tables with `omnibox migrate --print-sql`",
                 )
             } else if current < latest {
                 fail(
@@ -239,7 +334,8 @@ async fn schema_check(store: &AnyStore) -> Check {
                 )
             }
         }
-    }
+    };
+    (check, exists)
 }
 
 async fn indexes_check(store: &AnyStore) -> Check {
@@ -279,8 +375,27 @@ async fn indexes_check(store: &AnyStore) -> Check {
     }
 }
 
+/// Below this many pages (1 MiB), a sequential scan of the outbox is no
+/// problem.
+const SMALL_TABLE_PAGES: i64 = 128;
+
+/// The outbox's size in pages when it is below [`SMALL_TABLE_PAGES`]
+/// (PostgreSQL only: SQLite's plan does not depend on the table's size).
+async fn small_table(store: &AnyStore) -> Option<i64> {
+    let Db::Pg(s) = Db::of(store) else {
+        return None;
+    };
+    let pages: i64 = sqlx::query_scalar(
+        "SELECT pg_relation_size(to_regclass('outbox_events')) / current_setting('block_size')::int8",
+    )
+    .fetch_one(s.pool())
+    .await
+    .ok()?;
+    (pages < SMALL_TABLE_PAGES).then_some(pages)
+}
+
 /// The claim's scan plan: an index scan of the claim index, never a
-/// sequential scan of the table.
+/// sequential scan of the table (one of a few pages may be read whole).
 async fn plan_check(store: &AnyStore) -> Check {
     let plan: std::result::Result<String, sqlx::Error> = match Db::of(store) {
         Db::Pg(s) => {
@@ -344,6 +459,15 @@ async fn plan_check(store: &AnyStore) -> Check {
                 || plan.lines().any(|l| l.trim() == "SCAN r");
             if indexed && !seq_scan {
                 ok("claim plan", "the claim reads the claim index in order")
+            } else if let Some(pages) = small_table(store).await {
+                // A table of a few pages is read whole as fast as through
+                // the index, and the planner rightly says so.
+                ok(
+                    "claim plan",
+                    format!(
+                        "outbox_events is small ({pages} page(s)): the claim may read it whole; the plan is judged from {SMALL_TABLE_PAGES} pages on"
+                    ),
+                )
             } else {
                 fail(
                     "claim plan",
@@ -376,23 +500,34 @@ async fn statistics_check(store: &AnyStore) -> Check {
             let live: i64 = r.try_get("n_live_tup").unwrap_or(0);
             let changed: i64 = r.try_get("n_mod_since_analyze").unwrap_or(0);
             let never: bool = r.try_get("never").unwrap_or(false);
-            if live > 100_000 && (never || changed > live) {
+            let hint = "the claim does not need them, but `status` estimates and other plans do: ANALYZE outbox_events, and check that autovacuum runs";
+            if never && live > 100_000 {
+                warn(
+                    "statistics",
+                    format!("outbox_events has about {live} rows and was never analyzed"),
+                    hint,
+                )
+            } else if never {
+                ok(
+                    "statistics",
+                    format!(
+                        "not analyzed yet (about {live} rows; the claim's plan does not need statistics)"
+                    ),
+                )
+            } else if changed > live && live > 10_000 {
                 warn(
                     "statistics",
                     format!(
-                        "outbox_events has about {live} rows and {} since its last ANALYZE",
-                        if never {
-                            "was never analyzed".to_string()
-                        } else {
-                            format!("{changed} changed rows")
-                        }
+                        "{changed} rows changed since the last ANALYZE of outbox_events, which holds about {live}"
                     ),
-                    "the claim does not need them, but `status` estimates and other plans do: ANALYZE outbox_events, and check that autovacuum runs",
+                    hint,
                 )
             } else {
                 ok(
                     "statistics",
-                    format!("fresh enough ({changed} rows changed since the last ANALYZE)"),
+                    format!(
+                        "fresh enough ({changed} rows changed since the last ANALYZE, of about {live})"
+                    ),
                 )
             }
         }
@@ -573,10 +708,22 @@ async fn health_checks(store: &AnyStore) -> Vec<Check> {
             ratio * 100.0
         );
         let tuned = options.contains("autovacuum_vacuum_scale_factor");
+        let disabled = options.contains("autovacuum_enabled=false")
+            || options.contains("autovacuum_enabled=off")
+            || options.contains("autovacuum_enabled=0");
         let suggestion = format!(
             "every row is updated two or three times (claim, completion): ALTER TABLE {t} SET (autovacuum_vacuum_scale_factor = 0.02, autovacuum_analyze_scale_factor = 0.05, autovacuum_vacuum_cost_delay = 1)"
         );
-        out.push(if ratio > 0.2 && live + dead > 10_000 {
+        // Twice the point at which autovacuum (server defaults: 50 rows +
+        // 20 %) would have started: it is behind, whatever the table's size.
+        let behind = ratio > 0.2 && dead as f64 > 2.0 * (50.0 + 0.2 * live as f64);
+        out.push(if disabled {
+            warn(
+                check,
+                format!("{message}; autovacuum is disabled on this table (autovacuum_enabled = false)"),
+                format!("dead rows pile up until someone runs VACUUM: ALTER TABLE {t} RESET (autovacuum_enabled)"),
+            )
+        } else if behind {
             warn(
                 check,
                 format!("{message}: autovacuum is behind"),
@@ -607,7 +754,7 @@ fn megabytes(bytes: i64) -> String {
 }
 
 /// The broker answers and holds the topics of pending rows.
-async fn broker_check(store: &AnyStore, args: &DoctorArgs, ctx: &Context) -> Check {
+async fn broker_check(store: Option<&AnyStore>, args: &DoctorArgs, ctx: &Context) -> Check {
     let Some(url) = args.broker.clone().or_else(|| ctx.settings.broker.clone()) else {
         return ok(
             "broker",
@@ -620,23 +767,28 @@ async fn broker_check(store: &AnyStore, args: &DoctorArgs, ctx: &Context) -> Che
             format!("{} (no server to reach)", omnibox::redact::url(&url)),
         );
     };
-    let topics: std::result::Result<Vec<String>, sqlx::Error> = match Db::of(store) {
-        Db::Pg(s) => sqlx::query_scalar(
-            "SELECT DISTINCT topic::text FROM outbox_events WHERE status = 'pending' LIMIT 1000",
-        )
-        .fetch_all(s.pool())
-        .await,
-        Db::Lite(s) => {
+    // The topics of pending rows, when the database can tell them: the
+    // broker is checked either way.
+    let topics: Option<std::result::Result<Vec<String>, sqlx::Error>> = match store.map(Db::of) {
+        Some(Db::Pg(s)) => Some(
+            sqlx::query_scalar(
+                "SELECT DISTINCT topic::text FROM outbox_events WHERE status = 'pending' LIMIT 1000",
+            )
+            .fetch_all(s.pool())
+            .await,
+        ),
+        Some(Db::Lite(s)) => Some(
             sqlx::query_scalar(
                 "SELECT DISTINCT topic FROM outbox_events WHERE status = 'pending' LIMIT 1000",
             )
             .fetch_all(s.pool())
-            .await
-        }
+            .await,
+        ),
+        None => None,
     };
-    let topics = match topics {
-        Ok(t) => t,
-        Err(e) => return err_check("broker", e),
+    let (topics, topics_known) = match topics {
+        Some(Ok(t)) => (t, true),
+        _ => (Vec::new(), false),
     };
     let mut properties = ctx.settings.kafka_properties.clone();
     match args.kafka_security.properties() {
@@ -669,7 +821,14 @@ async fn broker_check(store: &AnyStore, args: &DoctorArgs, ctx: &Context) -> Che
     match metadata {
         Ok(Ok(present)) => {
             let missing: Vec<&String> = topics.iter().filter(|t| !present.contains(t)).collect();
-            if missing.is_empty() {
+            if !topics_known {
+                ok(
+                    "broker",
+                    format!(
+                        "{shown} answers (the topics of pending rows were not checked: the outbox could not be read)"
+                    ),
+                )
+            } else if missing.is_empty() {
                 ok(
                     "broker",
                     format!(

@@ -239,6 +239,10 @@ impl Report {
     /// as the ids are read back.
     fn print_json(self) -> Result<()> {
         use std::io::Write as _;
+        if output::quiet() {
+            // Written only after the commit: nothing to release on failure.
+            return Ok(());
+        }
         let mut out = std::io::BufWriter::new(std::io::stdout().lock());
         write!(
             out,
@@ -315,7 +319,7 @@ pub async fn run(args: EnqueueArgs, ctx: &Context) -> Result<ExitStatus> {
         if json {
             report.print_json()?;
         }
-        eprintln!("omnibox: the input held no events; nothing was enqueued");
+        crate::cli::output::notice!("omnibox: the input held no events; nothing was enqueued");
         return Ok(ExitStatus::No);
     }
     match ctx.format() {
@@ -359,7 +363,17 @@ async fn from_flags(args: EnqueueArgs, ctx: &Context, json: bool) -> Result<Repo
     let headers: Option<Headers> = if args.headers.is_empty() {
         None
     } else {
-        Some(args.headers.into_iter().collect())
+        let mut headers = Headers::new();
+        for (k, v) in args.headers {
+            if headers.contains_key(&k) {
+                return Err(UsageError(format!(
+                    "--header {k} is given twice; give each header once"
+                ))
+                .into());
+            }
+            headers.insert(k, v);
+        }
+        Some(headers)
     };
     let (
         Some(aggregate_type),

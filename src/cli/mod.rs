@@ -45,7 +45,8 @@ use output::Format;
     propagate_version = true,
     max_term_width = 100,
     after_help = "Exit status: 0 success; 1 the command ran and the answer is no (or a runtime failure); \
-                  2 usage, input or connection error (nothing changed); 3 partially done."
+                  2 usage, input or connection error (nothing changed); 3 partially done (or events \
+                  failed for good in a --once run); 4 the message broker failed at run time."
 )]
 pub struct Cli {
     #[command(flatten)]
@@ -86,7 +87,8 @@ pub struct GlobalArgs {
     #[arg(short, long, global = true, action = clap::ArgAction::Count, conflicts_with = "quiet")]
     verbose: u8,
 
-    /// Only errors on stderr
+    /// Nothing on stdout or stderr unless the command fails (then its
+    /// report and the error); for cron
     #[arg(short, long, global = true)]
     quiet: bool,
 
@@ -196,6 +198,9 @@ impl Context {
             // Every statement of every command is bounded: a maintenance
             // query stuck behind a lock fails instead of hanging a cron job.
             statement_timeout: Some(STATEMENT_TIMEOUT),
+            // An outage is noticed (and warned about) within this, not
+            // after the pool's 30 s.
+            acquire_timeout: Some(ACQUIRE_TIMEOUT),
         };
         tracing::debug!(url = %redact_url(&self.settings.database_url), "connecting");
         let store = AnyStore::connect(&self.settings.database_url, &opts).await?;
@@ -228,6 +233,10 @@ impl Context {
     }
 }
 
+/// How long a statement waits for a connection before the database counts
+/// as unreachable.
+const ACQUIRE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// How long the exit waits for connections still checked out to come back.
 const CLOSE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
@@ -250,6 +259,9 @@ pub fn main() -> ExitCode {
     json_errors = settings.format == Format::Json;
     if let Some(path) = &settings.config_file {
         tracing::debug!(path = %path.display(), "read the config file");
+    }
+    if cli.global.quiet {
+        output::hold();
     }
     let ctx = Context {
         settings,
@@ -297,6 +309,10 @@ pub fn main() -> ExitCode {
     if let Some(t) = telemetry {
         t.shutdown(std::time::Duration::from_secs(5));
     }
+    if !matches!(result, Ok(ExitStatus::Success)) {
+        // Quiet unless something fails: then the report comes with it.
+        output::release();
+    }
     match result {
         Ok(ExitStatus::Success) => ExitCode::SUCCESS,
         Ok(ExitStatus::No) => ExitCode::from(1),
@@ -310,6 +326,7 @@ pub fn main() -> ExitCode {
 /// (`{"error": {"message", "hint", "exit_code"}}`), so a script reading
 /// stdout sees the failure.
 fn report(err: &anyhow::Error, color: bool, json: bool) -> ExitCode {
+    output::release();
     if is_broken_pipe(err) {
         return ExitCode::SUCCESS;
     }

@@ -1,6 +1,8 @@
 //! Output helpers: table or JSON on stdout, durations for humans.
 
 use std::io::Write;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use anyhow::Result;
@@ -30,10 +32,74 @@ where
     t
 }
 
+/// `--quiet`: what a command reports is held back, and dropped when it
+/// succeeds (nothing on stdout or stderr, as cron wants it); a command that
+/// fails releases it before its error, so the failure comes with its report.
+static QUIET: AtomicBool = AtomicBool::new(false);
+/// What `--quiet` held back: (stderr?, bytes).
+static HELD: Mutex<Vec<(bool, Vec<u8>)>> = Mutex::new(Vec::new());
+
+/// The most `--quiet` holds back.
+const HELD_MAX: usize = 1 << 20;
+
+/// Holds back every report and notice from now on (`--quiet`).
+pub fn hold() {
+    QUIET.store(true, Ordering::SeqCst);
+}
+
+/// True under `--quiet`.
+pub fn quiet() -> bool {
+    QUIET.load(Ordering::SeqCst)
+}
+
+/// The command failed: writes what `--quiet` held back, in order.
+pub fn release() {
+    QUIET.store(false, Ordering::SeqCst);
+    let held = match HELD.lock() {
+        Ok(mut h) => std::mem::take(&mut *h),
+        Err(_) => return,
+    };
+    for (stderr, bytes) in held {
+        let _ = write(stderr, &bytes);
+    }
+    let _ = std::io::stdout().flush();
+}
+
+fn write(stderr: bool, bytes: &[u8]) -> std::io::Result<()> {
+    if quiet() {
+        if let Ok(mut h) = HELD.lock() {
+            // Bounded (a watch under --quiet): the first MiB is kept.
+            let held: usize = h.iter().map(|(_, b)| b.len()).sum();
+            if held + bytes.len() <= HELD_MAX {
+                h.push((stderr, bytes.to_vec()));
+            }
+        }
+        return Ok(());
+    }
+    if stderr {
+        std::io::stderr().lock().write_all(bytes)
+    } else {
+        std::io::stdout().lock().write_all(bytes)
+    }
+}
+
+/// A notice for the operator on stderr (`omnibox: nothing changed`), held
+/// back by `--quiet`. Errors do not go here: they are always printed.
+pub fn note(text: std::fmt::Arguments<'_>) {
+    let _ = write(true, format!("{text}\n").as_bytes());
+}
+
+/// `eprintln!` for notices: see [`note`].
+macro_rules! notice {
+    ($($arg:tt)*) => {
+        $crate::cli::output::note(format_args!($($arg)*))
+    };
+}
+pub(crate) use notice;
+
 /// Writes a line to stdout.
 pub fn line(text: impl std::fmt::Display) -> Result<()> {
-    let mut out = std::io::stdout().lock();
-    writeln!(out, "{text}")?;
+    write(false, format!("{text}\n").as_bytes())?;
     Ok(())
 }
 
@@ -43,7 +109,7 @@ pub fn json<T: Serialize>(value: &T) -> Result<()> {
     // broken pipe exits 0), not wrapped in serde_json's error.
     let mut text = serde_json::to_string_pretty(value)?;
     text.push('\n');
-    std::io::stdout().lock().write_all(text.as_bytes())?;
+    write(false, text.as_bytes())?;
     Ok(())
 }
 
@@ -63,7 +129,7 @@ impl Report {
         match self {
             Report::Stdout => line(text),
             Report::Stderr => {
-                writeln!(std::io::stderr().lock(), "{text}")?;
+                write(true, format!("{text}\n").as_bytes())?;
                 Ok(())
             }
         }
@@ -76,7 +142,7 @@ impl Report {
             Report::Stderr => {
                 let mut text = serde_json::to_string_pretty(value)?;
                 text.push('\n');
-                std::io::stderr().lock().write_all(text.as_bytes())?;
+                write(true, text.as_bytes())?;
                 Ok(())
             }
         }

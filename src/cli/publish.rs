@@ -188,7 +188,7 @@ pub async fn run_publish(args: PublishArgs, ctx: &Context) -> Result<ExitStatus>
         ..RunOptions::default()
     };
     if !ctx.quiet && mode == RunMode::Watch {
-        eprintln!(
+        crate::cli::output::notice!(
             "omnibox: publishing to {} as {worker} (batch {}); SIGINT or SIGTERM stops after the current batch",
             sink.describe(),
             args.batch
@@ -231,14 +231,14 @@ pub async fn run_publish(args: PublishArgs, ctx: &Context) -> Result<ExitStatus>
     print_summary(ctx, to, &report, &sink.describe(), &worker, &unavailable)?;
     let mut ok = true;
     if report.commit_errors > 0 {
-        eprintln!(
+        crate::cli::output::notice!(
             "omnibox: error: {} batch(es) could not be marked; their rows are published again after the lease expires",
             report.commit_errors
         );
         ok = false;
     }
     if report.error {
-        eprintln!(
+        crate::cli::output::notice!(
             "omnibox: error: stopped after {} batch(es): {}",
             report.batches,
             report.stopped_because.as_deref().unwrap_or("unknown error")
@@ -247,7 +247,7 @@ pub async fn run_publish(args: PublishArgs, ctx: &Context) -> Result<ExitStatus>
     }
     if mode == RunMode::Once {
         for (_, reason, _) in &unavailable {
-            eprintln!(
+            crate::cli::output::notice!(
                 "omnibox: error: {reason}; its events were rescheduled without spending an attempt"
             );
             ok = false;
@@ -259,17 +259,23 @@ pub async fn run_publish(args: PublishArgs, ctx: &Context) -> Result<ExitStatus>
                 .as_deref()
                 .map(|e| format!(" ({e})"))
                 .unwrap_or_default();
-            eprintln!(
+            crate::cli::output::notice!(
                 "omnibox: error: the broker did not answer{why}; {broker_down} event(s) rescheduled without spending an attempt"
             );
             ok = false;
         }
     }
-    Ok(if ok {
-        ExitStatus::Success
-    } else {
-        ExitStatus::No
-    })
+    if !ok {
+        return Ok(ExitStatus::No);
+    }
+    if mode == RunMode::Once && report.dead > 0 {
+        crate::cli::output::notice!(
+            "omnibox: error: {} event(s) failed for good in this run (each logged above); see `omnibox failures`",
+            report.dead
+        );
+        return Ok(ExitStatus::Partial);
+    }
+    Ok(ExitStatus::Success)
 }
 
 fn print_summary(

@@ -79,7 +79,7 @@ pub async fn run(args: ReleaseArgs, ctx: &Context) -> Result<ExitStatus> {
         "release {total} lock(s) older than {}",
         human_duration(args.older_than)
     ))? {
-        eprintln!("omnibox: nothing changed");
+        crate::cli::output::notice!("omnibox: nothing changed");
         return Ok(ExitStatus::No);
     }
     let mut released = Vec::new();

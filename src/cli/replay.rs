@@ -154,7 +154,7 @@ async fn replay_letters(store: &AnyStore, args: &ReplayArgs, ctx: &Context) -> R
     if letters.is_empty() {
         print_letters(ctx, &[], &[], args.safety.dry_run, 0)?;
         if !args.ids.is_empty() {
-            eprintln!(
+            crate::cli::output::notice!(
                 "omnibox: no open dead letter with {} (`omnibox list --table dead-letters` shows them; replayed ones are not replayed twice)",
                 args.that_id()
             );
@@ -169,7 +169,7 @@ async fn replay_letters(store: &AnyStore, args: &ReplayArgs, ctx: &Context) -> R
         .safety
         .confirm(&format!("replay {} dead letter(s)", letters.len()))?
     {
-        eprintln!("omnibox: nothing changed");
+        crate::cli::output::notice!("omnibox: nothing changed");
         return Ok(ExitStatus::No);
     }
     let ids: Vec<Uuid> = letters.iter().map(|l| l.id).collect();
@@ -189,21 +189,23 @@ async fn replay_letters(store: &AnyStore, args: &ReplayArgs, ctx: &Context) -> R
     }
     print_letters(ctx, &replayed, &closed, false, ids.len())?;
     for (l, why) in &closed {
-        eprintln!(
+        crate::cli::output::notice!(
             "omnibox: dead letter {} (event {}) closed without a replay: {why}",
-            l.id, l.event_id
+            l.id,
+            l.event_id
         );
     }
     if replayed.len() + closed.len() < ids.len() {
         for (l, why) in &left {
-            eprintln!(
+            crate::cli::output::notice!(
                 "omnibox: dead letter {} (event {}) left open: {why}",
-                l.id, l.event_id
+                l.id,
+                l.event_id
             );
         }
         let gone = ids.len() - replayed.len() - closed.len() - left.len();
         if gone > 0 {
-            eprintln!(
+            crate::cli::output::notice!(
                 "omnibox: {gone} selected dead letter(s) were replayed meanwhile and were left alone"
             );
         }
@@ -279,7 +281,7 @@ where
     if ids.is_empty() {
         print(ctx, &table_name, &rows, args.safety.dry_run, 0)?;
         if !args.ids.is_empty() {
-            eprintln!(
+            crate::cli::output::notice!(
                 "omnibox: no failed {table_name} event with {} (replay requeues failed rows only; `omnibox show ID` tells where a row stands)",
                 args.that_id()
             );
@@ -294,7 +296,7 @@ where
         "replay {} failed {table_name} event(s)",
         ids.len()
     ))? {
-        eprintln!("omnibox: nothing changed");
+        crate::cli::output::notice!("omnibox: nothing changed");
         return Ok(ExitStatus::No);
     }
     // Requeue by id, in chunks paced by --rate; each chunk and its audit
@@ -322,7 +324,7 @@ where
         .collect();
     print(ctx, &table_name, &replayed, false, ids.len())?;
     if done.len() < ids.len() {
-        eprintln!(
+        crate::cli::output::notice!(
             "omnibox: {} of {} selected rows changed meanwhile (no longer failed) and were left alone",
             ids.len() - done.len(),
             ids.len()

@@ -80,7 +80,7 @@ pub async fn run(args: ShowArgs, ctx: &Context) -> Result<ExitStatus> {
                 }
             }
             if letters.iter().any(|l| l.replayed_at.is_none()) {
-                eprintln!(
+                crate::cli::output::notice!(
                     "omnibox: no row has this id any more; `omnibox replay --table dead-letters --id {}` brings the event back",
                     args.id
                 );
@@ -92,7 +92,7 @@ pub async fn run(args: ShowArgs, ctx: &Context) -> Result<ExitStatus> {
         Some(t) => Table::from(t).to_string(),
         None => "the outbox, the inbox or the dead letters".to_string(),
     };
-    eprintln!("omnibox: no event {} in {place}", args.id);
+    crate::cli::output::notice!("omnibox: no event {} in {place}", args.id);
     Ok(ExitStatus::No)
 }
 

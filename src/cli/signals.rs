@@ -6,6 +6,18 @@ use tokio::sync::watch;
 
 /// A channel that turns true on the first SIGINT or SIGTERM.
 pub fn shutdown_channel() -> watch::Receiver<bool> {
+    channel(Some(
+        "omnibox: stopping after the current batch (signal again to exit now)",
+    ))
+}
+
+/// Like [`shutdown_channel`], for a command with no batch to finish
+/// (`status --watch`): the first signal ends it without a word.
+pub fn stop_channel() -> watch::Receiver<bool> {
+    channel(None)
+}
+
+fn channel(first: Option<&'static str>) -> watch::Receiver<bool> {
     let (tx, rx) = watch::channel(false);
     tokio::spawn(async move {
         let mut term =
@@ -24,10 +36,12 @@ pub fn shutdown_channel() -> watch::Receiver<bool> {
             }
             count += 1;
             if count == 1 {
-                eprintln!("omnibox: stopping after the current batch (signal again to exit now)");
+                if let Some(text) = first {
+                    crate::cli::output::notice!("{text}");
+                }
                 let _ = tx.send(true);
             } else {
-                eprintln!(
+                crate::cli::output::notice!(
                     "omnibox: exiting now; rows of the batch in hand are released when their lease expires"
                 );
                 std::process::exit(130);

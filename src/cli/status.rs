@@ -76,15 +76,65 @@ pub async fn run(args: StatusArgs, ctx: &Context) -> Result<ExitStatus> {
     if args.interval < Duration::from_millis(100) {
         return Err(super::UsageError("--interval must be at least 100ms".into()).into());
     }
-    let mut shutdown = super::signals::shutdown_channel();
+    let mut shutdown = super::signals::stop_channel();
     let mut last: Option<Tick> = None;
+    // When the database stopped answering (a watch outlives outages).
+    let mut down_since: Option<std::time::Instant> = None;
+    let mut reported = false;
     loop {
-        let (_, tick) = report(&args, ctx, &store, last.as_ref()).await?;
-        last = Some(tick);
+        match report(&args, ctx, &store, last.as_ref()).await {
+            Ok((_, tick)) => {
+                if let Some(since) = down_since.take() {
+                    outage_line(ctx, true, since, None)?;
+                }
+                last = Some(tick);
+                reported = true;
+            }
+            // The first report failing is the command failing.
+            Err(e) if !reported => return Err(e),
+            Err(e) => {
+                if down_since.is_none() {
+                    let since = std::time::Instant::now();
+                    down_since = Some(since);
+                    outage_line(ctx, false, since, Some(&e))?;
+                }
+                // Rates start over once it is back.
+                last = None;
+            }
+        }
         tokio::select! {
             _ = tokio::time::sleep(args.interval) => {}
             _ = shutdown.changed() => return Ok(ExitStatus::Success),
         }
+    }
+}
+
+/// A watch's line about an outage: when it begins (with the error) and
+/// when it ends; with --format json, an NDJSON object in the stream.
+fn outage_line(
+    ctx: &Context,
+    back: bool,
+    since: std::time::Instant,
+    error: Option<&anyhow::Error>,
+) -> Result<()> {
+    let error = error.map(|e| omnibox::redact::text(&format!("{e:#}")));
+    match ctx.format() {
+        Format::Json => output::line(
+            serde_json::json!({
+                "database": if back { "back" } else { "unreachable" },
+                "error": error,
+                "down_for_seconds": back.then(|| since.elapsed().as_secs_f64()),
+            })
+            .to_string(),
+        ),
+        Format::Table if back => output::line(format!(
+            "database back after {}",
+            human_duration(since.elapsed())
+        )),
+        Format::Table => output::line(format!(
+            "database unreachable: {}; still watching (reports resume when it answers)",
+            error.unwrap_or_default()
+        )),
     }
 }
 
@@ -295,7 +345,7 @@ async fn report(
     }
     if args.check {
         for v in &violations {
-            eprintln!("omnibox: check failed: {v}");
+            crate::cli::output::notice!("omnibox: check failed: {v}");
         }
         if !violations.is_empty() {
             return Ok((ExitStatus::No, tick));

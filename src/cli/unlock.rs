@@ -84,7 +84,7 @@ pub async fn run(args: UnlockArgs, ctx: &Context) -> Result<ExitStatus> {
             }
         }
         let Some((table, locked_by)) = found else {
-            eprintln!(
+            crate::cli::output::notice!(
                 "omnibox: no event {id} in {}",
                 tables
                     .iter()
@@ -95,19 +95,21 @@ pub async fn run(args: UnlockArgs, ctx: &Context) -> Result<ExitStatus> {
             return Ok(ExitStatus::No);
         };
         let Some(holder) = locked_by else {
-            eprintln!("omnibox: event {id} is not locked; nothing to do");
+            crate::cli::output::notice!("omnibox: event {id} is not locked; nothing to do");
             return Ok(ExitStatus::No);
         };
         if args.safety.dry_run {
             report(ctx, &[(table, vec![id])], true)?;
-            eprintln!("omnibox: dry run: would unlock {id} (held by {holder}); nothing changed");
+            crate::cli::output::notice!(
+                "omnibox: dry run: would unlock {id} (held by {holder}); nothing changed"
+            );
             return Ok(ExitStatus::Success);
         }
         if !args
             .safety
             .confirm(&format!("unlock {table} event {id} held by {holder}"))?
         {
-            eprintln!("omnibox: nothing changed");
+            crate::cli::output::notice!("omnibox: nothing changed");
             return Ok(ExitStatus::No);
         }
         // Only if the holder the operator confirmed still holds it, with the
@@ -125,7 +127,7 @@ pub async fn run(args: UnlockArgs, ctx: &Context) -> Result<ExitStatus> {
             )
             .await?;
         if ids.is_empty() {
-            eprintln!(
+            crate::cli::output::notice!(
                 "omnibox: event {id} is no longer held by {holder} (it finished, or another worker or operator changed it meanwhile); nothing changed"
             );
             return Ok(ExitStatus::Partial);
@@ -152,7 +154,7 @@ pub async fn run(args: UnlockArgs, ctx: &Context) -> Result<ExitStatus> {
             .safety
             .confirm(&format!("unlock every event held by {worker}"))?
         {
-            eprintln!("omnibox: nothing changed");
+            crate::cli::output::notice!("omnibox: nothing changed");
             return Ok(ExitStatus::No);
         }
         entry.details = json!({"worker": worker.as_str()});

@@ -190,7 +190,18 @@ pub async fn run(args: ConsumeArgs, ctx: &Context) -> Result<ExitStatus> {
                     ))
                 })?,
         };
-        AnySource::File(FileSource::open(path, args.follow).await?)
+        let opened = FileSource::open(path, args.follow).await;
+        match opened {
+            Ok(s) => AnySource::File(s),
+            // Without --from, say where the default came from.
+            Err(e) if args.from.is_none() => {
+                return Err(UsageError(format!(
+                    "{e}; without --from, inbox consume reads the relay's file ({from}): pass --from kafka://HOST:PORT --topic T, --from file:PATH or --from - for stdin"
+                ))
+                .into());
+            }
+            Err(e) => return Err(e.into()),
+        }
     };
     let handler = args.handler.handler()?;
     let store = ctx.store().await?;
@@ -251,7 +262,7 @@ pub async fn run(args: ConsumeArgs, ctx: &Context) -> Result<ExitStatus> {
         None => None,
     };
     if !ctx.quiet && !args.once {
-        eprintln!(
+        crate::cli::output::notice!(
             "omnibox: consuming {describe} as {worker}; SIGINT or SIGTERM stops after the current batch"
         );
     }

@@ -153,7 +153,7 @@ pub async fn run(args: ProcessArgs, ctx: &Context) -> Result<ExitStatus> {
         RunMode::Watch
     };
     if !ctx.quiet && mode == RunMode::Watch {
-        eprintln!(
+        crate::cli::output::notice!(
             "omnibox: processing inbox rows as {worker}; SIGINT or SIGTERM stops after the current batch"
         );
     }
@@ -193,8 +193,37 @@ pub async fn run(args: ProcessArgs, ctx: &Context) -> Result<ExitStatus> {
         bar.finish_and_clear();
     }
     print_summary(ctx, &report, &worker)?;
-    if report.commit_errors > 0 {
+    let mut ok = report.commit_errors == 0;
+    if report.error {
+        crate::cli::output::notice!(
+            "omnibox: error: stopped after {} batch(es): {}",
+            report.batches,
+            report.stopped_because.as_deref().unwrap_or("unknown error")
+        );
+        ok = false;
+    }
+    if mode == RunMode::Once && report.transient > 0 && report.completed + report.skipped == 0 {
+        // As `publish --once` when the broker does not answer.
+        let why = report
+            .transient_error
+            .as_deref()
+            .map(|e| format!(" ({e})"))
+            .unwrap_or_default();
+        crate::cli::output::notice!(
+            "omnibox: error: the handler did not answer{why}; {} event(s) rescheduled without spending an attempt",
+            report.transient
+        );
+        ok = false;
+    }
+    if !ok {
         return Ok(ExitStatus::No);
+    }
+    if mode == RunMode::Once && report.dead > 0 {
+        crate::cli::output::notice!(
+            "omnibox: error: {} event(s) failed for good in this run (each logged above); see `omnibox failures`",
+            report.dead
+        );
+        return Ok(ExitStatus::Partial);
     }
     Ok(ExitStatus::Success)
 }
