@@ -231,7 +231,9 @@ pub fn soak(args: &Args, conn: &Conn) {
     let (mut backlog_before, mut consumed_total, mut inserted_total) = (0i64, 0i64, 0u64);
     let mut window_start = Instant::now();
     let mut cleanups = 0u32;
-    while started.elapsed() < Duration::from_secs(seconds) {
+    // Every window is reported, the last included.
+    let wanted = (seconds / every).max(1) as usize;
+    while windows.len() < wanted {
         std::thread::sleep(Duration::from_millis(500));
         if last_cleanup.elapsed() >= Duration::from_secs(60) {
             last_cleanup = Instant::now();
