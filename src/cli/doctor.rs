@@ -163,7 +163,7 @@ pub async fn run(args: DoctorArgs, ctx: &Context) -> Result<ExitStatus> {
                 "database",
                 format!(
                     "cannot connect: {}",
-                    omnibox::redact::text(&format!("{e:#}"))
+                    omnibox::redact::text(&super::chain_text(&e))
                 ),
                 if missing.is_some() {
                     "check --database-url / OMNIBOX_DATABASE_URL and the working directory; `omnibox migrate` creates it"

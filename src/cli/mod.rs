@@ -321,6 +321,25 @@ pub fn main() -> ExitCode {
     }
 }
 
+/// An error and its causes, joined by `: `, each said once: a cause whose
+/// text the line holds already is left out (a driver's error repeats its
+/// source's message, which `{:#}` then printed three or four times).
+pub fn chain_text(err: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in err.chain() {
+        let text = cause.to_string();
+        let text = text.trim();
+        if text.is_empty() || out.contains(text) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(text);
+    }
+    out
+}
+
 /// Prints `omnibox: error: ...` (and a hint where there is one) and picks
 /// the exit code; with `--format json`, also a JSON error object on stdout
 /// (`{"error": {"message", "hint", "exit_code"}}`), so a script reading
@@ -335,7 +354,7 @@ fn report(err: &anyhow::Error, color: bool, json: bool) -> ExitCode {
     } else {
         "error:"
     };
-    let message = omnibox::redact::text(&format!("{err:#}"));
+    let message = omnibox::redact::text(&chain_text(err));
     let code = exit_code(err);
     eprintln!("omnibox: {prefix} {message}");
     if let Some(hint) = hint(err) {
@@ -461,5 +480,49 @@ mod tests {
         assert_eq!(code(omnibox::Error::Broker("commit failed".into())), 4);
         assert_eq!(code(omnibox::Error::Config("bad".into())), 2);
         assert_eq!(exit_code(&anyhow::Error::from(UsageError("x".into()))), 2);
+    }
+}
+
+#[cfg(test)]
+mod chain_tests {
+    use super::chain_text;
+
+    #[derive(Debug)]
+    struct Leaf;
+    impl std::fmt::Display for Leaf {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("expected to read 5 bytes, got 0 bytes at EOF")
+        }
+    }
+    impl std::error::Error for Leaf {}
+
+    #[derive(Debug)]
+    struct Io(Leaf);
+    impl std::fmt::Display for Io {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            write!(f, "error communicating with database: {}", self.0)
+        }
+    }
+    impl std::error::Error for Io {
+        fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+            Some(&self.0)
+        }
+    }
+
+    /// Each cause once; distinct causes are all kept, in order.
+    #[test]
+    fn causes_are_said_once() {
+        let e = anyhow::Error::new(Io(Leaf)).context("database transaction failed");
+        assert_eq!(
+            chain_text(&e),
+            "database transaction failed: error communicating with database: expected to read 5 bytes, got 0 bytes at EOF"
+        );
+        assert_eq!(
+            format!("{e:#}").matches("expected to read").count(),
+            2,
+            "the repetition this removes"
+        );
+        let e = anyhow::anyhow!("inner").context("middle").context("outer");
+        assert_eq!(chain_text(&e), "outer: middle: inner");
     }
 }

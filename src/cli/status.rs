@@ -117,7 +117,7 @@ fn outage_line(
     since: std::time::Instant,
     error: Option<&anyhow::Error>,
 ) -> Result<()> {
-    let error = error.map(|e| omnibox::redact::text(&format!("{e:#}")));
+    let error = error.map(|e| omnibox::redact::text(&super::chain_text(e)));
     match ctx.format() {
         Format::Json => output::line(
             serde_json::json!({
