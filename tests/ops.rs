@@ -1743,22 +1743,11 @@ async fn doctor_sees_dead_rows_and_disabled_autovacuum() {
     let omnibox::AnyStore::Postgres(pg) = &db.store else {
         panic!("a PostgreSQL store");
     };
-    let domain = DomainService::default();
-    let events: Vec<_> = (0..3000)
-        .map(|i| {
-            domain
-                .create_outbox_event(NewOutboxEvent::new(
-                    "order",
-                    uuid::Uuid::now_v7(),
-                    "order.created",
-                    "orders",
-                    format!("k{i}"),
-                    json!({"n": i}),
-                ))
-                .unwrap()
-        })
-        .collect();
-    db.store.outbox().create_many(&events).await.unwrap();
+    db.store
+        .outbox()
+        .create_many(&keyed_events(3000))
+        .await
+        .unwrap();
     let mut conn = pg.pool().acquire().await.unwrap();
     for sql in [
         "ALTER TABLE outbox_events SET (autovacuum_enabled = false)",
@@ -1839,22 +1828,11 @@ async fn doctor_accepts_a_small_outbox_read_whole() {
     let omnibox::AnyStore::Postgres(pg) = &db.store else {
         panic!("a PostgreSQL store");
     };
-    let domain = DomainService::default();
-    let events: Vec<_> = (0..22)
-        .map(|i| {
-            domain
-                .create_outbox_event(NewOutboxEvent::new(
-                    "order",
-                    uuid::Uuid::now_v7(),
-                    "order.created",
-                    "orders",
-                    format!("k{i}"),
-                    json!({"n": i}),
-                ))
-                .unwrap()
-        })
-        .collect();
-    db.store.outbox().create_many(&events).await.unwrap();
+    db.store
+        .outbox()
+        .create_many(&keyed_events(22))
+        .await
+        .unwrap();
     sqlx::query("VACUUM ANALYZE outbox_events")
         .execute(pg.pool())
         .await
@@ -1869,4 +1847,23 @@ async fn doctor_accepts_a_small_outbox_read_whole() {
         .unwrap()
         .clone();
     assert_eq!(plan["status"], "ok", "{plan}");
+}
+
+/// `n` outbox events, each of its own key.
+fn keyed_events(n: usize) -> Vec<OutboxEvent> {
+    let domain = DomainService::default();
+    (0..n)
+        .map(|i| {
+            domain
+                .create_outbox_event(NewOutboxEvent::new(
+                    "order",
+                    uuid::Uuid::now_v7(),
+                    "order.created",
+                    "orders",
+                    format!("k{i}"),
+                    json!({"n": i}),
+                ))
+                .unwrap()
+        })
+        .collect()
 }

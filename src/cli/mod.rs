@@ -151,6 +151,27 @@ pub enum ExitStatus {
     Partial,
 }
 
+/// The exit of a `publish` or `inbox process` run: 1 when it did not go
+/// well (`ok` false), 3 when events failed for good in a `--once` run
+/// (said in a line; each was logged at ERROR), else 0.
+pub fn run_exit(
+    ok: bool,
+    mode: omnibox::pipeline::RunMode,
+    report: &omnibox::pipeline::RunReport,
+) -> ExitStatus {
+    if !ok {
+        return ExitStatus::No;
+    }
+    if mode == omnibox::pipeline::RunMode::Once && report.dead > 0 {
+        output::notice!(
+            "omnibox: error: {} event(s) failed for good in this run (each logged above); see `omnibox failures`",
+            report.dead
+        );
+        return ExitStatus::Partial;
+    }
+    ExitStatus::Success
+}
+
 /// An error in what the user asked for: exit 2, nothing changed.
 #[derive(Debug)]
 pub struct UsageError(pub String);

@@ -265,17 +265,7 @@ pub async fn run_publish(args: PublishArgs, ctx: &Context) -> Result<ExitStatus>
             ok = false;
         }
     }
-    if !ok {
-        return Ok(ExitStatus::No);
-    }
-    if mode == RunMode::Once && report.dead > 0 {
-        crate::cli::output::notice!(
-            "omnibox: error: {} event(s) failed for good in this run (each logged above); see `omnibox failures`",
-            report.dead
-        );
-        return Ok(ExitStatus::Partial);
-    }
-    Ok(ExitStatus::Success)
+    Ok(crate::cli::run_exit(ok, mode, &report))
 }
 
 fn print_summary(
