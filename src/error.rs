@@ -161,6 +161,12 @@ pub enum Error {
     #[error("migration failed: {0}")]
     Migration(#[source] sqlx::migrate::MigrateError),
 
+    /// The schema's objects and its recorded migrations disagree in a way
+    /// `migrate` cannot resolve safely (a migration partly applied without a
+    /// record); the message says what is inconsistent and how to fix it.
+    #[error("{0}")]
+    Schema(String),
+
     /// A row read from the database does not decode into an event (corrupt or
     /// hand-edited row).
     #[error("row {id} cannot be read: {message}")]

@@ -123,7 +123,17 @@ fn migrate_prints_sql_without_connecting() {
     assert_eq!(r.code, 0, "{}", r.render());
     assert!(
         r.stdout
-            .starts_with("-- omnibox migration 1: initial schema\n")
+            .starts_with("-- omnibox schema for postgres (version "),
+        "{}",
+        r.stdout
+    );
+    assert!(
+        r.stdout
+            .contains("\n-- omnibox migration 1: initial schema\n")
+    );
+    assert!(
+        r.stdout
+            .contains("CREATE TABLE IF NOT EXISTS omnibox_migrations")
     );
     assert!(r.stdout.contains("CREATE TABLE outbox_events"));
     assert!(r.stdout.contains("FOR UPDATE") || r.stdout.contains("outbox_events_claim"));

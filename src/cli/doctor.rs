@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use anyhow::Result;
 use clap::Args;
-use omnibox::store::AnyStore;
+use omnibox::store::{AnyStore, SchemaState};
 use omnibox::{OutboxStore, Table};
 use serde::Serialize;
 use serde_json::json;
@@ -117,25 +117,6 @@ impl<'a> Db<'a> {
     }
 }
 
-/// Indexes the claim and the operations commands rely on.
-const INDEXES: &[&str] = &[
-    "outbox_events_claim",
-    "outbox_events_key_order",
-    "outbox_events_key_held",
-    "outbox_events_locked",
-    "outbox_events_cleanup",
-    "outbox_events_failed",
-    "outbox_events_failed_seq",
-    "outbox_events_topic_due",
-    "inbox_events_claim",
-    "inbox_events_locked",
-    "inbox_events_cleanup",
-    "inbox_events_failed",
-    "inbox_events_failed_seq",
-    "inbox_events_source_due",
-    "omnibox_dead_letters_open",
-];
-
 pub async fn run(args: DoctorArgs, ctx: &Context) -> Result<ExitStatus> {
     let mut checks = Vec::new();
     let missing = missing_sqlite_file(&ctx.settings.database_url);
@@ -195,13 +176,14 @@ pub async fn run(args: DoctorArgs, ctx: &Context) -> Result<ExitStatus> {
     };
     match &store {
         Some(store) => {
-            let (schema, tables) = schema_check(store).await;
+            let state = store.schema_state().await;
+            let (schema, tables) = schema_check(&state);
             let pg = matches!(Db::of(store), Db::Pg(_));
             checks.push(schema);
             if !tables {
                 skipped("no omnibox tables (see schema)", &mut checks, pg);
             } else {
-                checks.push(indexes_check(store).await);
+                checks.push(indexes_check(&state));
                 checks.push(plan_check(store).await);
                 checks.push(statistics_check(store).await);
                 checks.push(leases_check(store).await);
@@ -270,100 +252,80 @@ fn err_check(check: &'static str, e: impl std::fmt::Display) -> Check {
 }
 
 /// The schema's check, and whether the outbox table is there to check
-/// further.
-async fn schema_check(store: &AnyStore) -> (Check, bool) {
-    let applied = match Db::of(store) {
-        Db::Pg(s) => s.applied_versions().await,
-        Db::Lite(s) => s.applied_versions().await,
+/// further. The recorded versions are compared with the objects each
+/// migration creates, so a deleted record or a half-applied migration shows
+/// here, not as `migrate` failing on "already exists".
+fn schema_check(state: &std::result::Result<SchemaState, omnibox::Error>) -> (Check, bool) {
+    let state = match state {
+        // When it cannot be told, the other checks run and say what they meet.
+        Err(e) => return (err_check("schema", e), true),
+        Ok(s) => s,
     };
-    let exists: std::result::Result<bool, sqlx::Error> = match Db::of(store) {
-        Db::Pg(s) => {
-            sqlx::query_scalar("SELECT to_regclass('outbox_events') IS NOT NULL")
-                .fetch_one(s.pool())
-                .await
-        }
-        Db::Lite(s) => {
-            sqlx::query_scalar(
-                "SELECT count(*) > 0 FROM sqlite_master WHERE type = 'table' AND name = 'outbox_events'",
-            )
-            .fetch_one(s.pool())
-            .await
-        }
-    };
-    // When it cannot be told, the other checks run and say what they meet.
-    let exists = exists.unwrap_or(true);
-    let latest = store
-        .backend()
-        .migrations()
+    let exists = state.has_tables();
+    let (current, latest) = (state.version(), state.latest);
+    let problems = state.problems();
+    let pending: Vec<String> = state
+        .migrations
         .iter()
-        .map(|m| m.version)
-        .max()
-        .unwrap_or(0);
-    let check = match applied {
-        Err(e) => err_check("schema", e),
-        Ok(v) => {
-            let current = v.into_iter().max().unwrap_or(0);
-            if current == 0 && !exists {
-                fail(
-                    "schema",
-                    "no omnibox tables here",
-                    "run `omnibox migrate` (and check --schema / OMNIBOX_DATABASE_SCHEMA)",
-                )
-            } else if current == 0 {
-                fail(
-                    "schema",
-                    "the omnibox tables exist, but no migration is recorded in omnibox_migrations",
-                    "if they were created from `omnibox migrate --print-sql` of an older omnibox, record the versions it printed; otherwise compare the tables with `omnibox migrate --print-sql`",
-                )
-            } else if current < latest {
-                fail(
-                    "schema",
-                    format!("at version {current}, this omnibox needs {latest}"),
-                    "run `omnibox migrate` before starting relays of this version",
-                )
-            } else if current > latest {
-                warn(
-                    "schema",
-                    format!("at version {current}, newer than this omnibox ({latest})"),
-                    "upgrade this binary to the version that migrated the database",
-                )
-            } else {
-                ok(
-                    "schema",
-                    format!("at version {current}, as this omnibox expects"),
-                )
+        .filter(|m| !m.recorded && m.present.is_empty())
+        .map(|m| m.version.to_string())
+        .collect();
+    let check = if !exists && state.recorded.is_empty() {
+        fail(
+            "schema",
+            "no omnibox tables here",
+            "run `omnibox migrate` (and check --schema / OMNIBOX_DATABASE_SCHEMA)",
+        )
+    } else if !problems.is_empty() {
+        let mut hints: Vec<&str> = Vec::new();
+        for p in &problems {
+            if !hints.contains(&p.hint.as_str()) {
+                hints.push(&p.hint);
             }
         }
+        let mut message: Vec<String> = problems.iter().map(|p| p.message.clone()).collect();
+        if !pending.is_empty() {
+            message.push(format!("not applied: {}", pending.join(", ")));
+        }
+        fail("schema", message.join("; "), hints.join("; "))
+    } else if !pending.is_empty() {
+        let what = if current == 0 {
+            format!("no migration applied, this omnibox needs {latest}")
+        } else if pending.len() == 1 && current < latest {
+            format!("at version {current}, this omnibox needs {latest}")
+        } else {
+            format!(
+                "at version {current}; not applied: {} (this omnibox needs {latest})",
+                pending.join(", ")
+            )
+        };
+        fail(
+            "schema",
+            what,
+            "run `omnibox migrate` before starting relays of this version",
+        )
+    } else if current > latest {
+        warn(
+            "schema",
+            format!("at version {current}, newer than this omnibox ({latest})"),
+            "upgrade this binary to the version that migrated the database",
+        )
+    } else {
+        ok(
+            "schema",
+            format!("at version {current}, as this omnibox expects"),
+        )
     };
     (check, exists)
 }
 
-async fn indexes_check(store: &AnyStore) -> Check {
-    let names: std::result::Result<Vec<String>, sqlx::Error> = match Db::of(store) {
-        Db::Pg(s) => {
-            sqlx::query_scalar(
-                "SELECT indexname::text FROM pg_indexes
-                 WHERE schemaname = current_schema() AND tablename IN ('outbox_events', 'inbox_events', 'omnibox_dead_letters')",
-            )
-            .fetch_all(s.pool())
-            .await
-        }
-        Db::Lite(s) => {
-            sqlx::query_scalar("SELECT name FROM sqlite_master WHERE type = 'index'")
-                .fetch_all(s.pool())
-                .await
-        }
-    };
-    match names {
+fn indexes_check(state: &std::result::Result<SchemaState, omnibox::Error>) -> Check {
+    match state {
         Err(e) => err_check("indexes", e),
-        Ok(names) => {
-            let missing: Vec<&str> = INDEXES
-                .iter()
-                .copied()
-                .filter(|i| !names.iter().any(|n| n == i))
-                .collect();
+        Ok(state) => {
+            let missing = state.missing_indexes();
             if missing.is_empty() {
-                ok("indexes", format!("all {} present", INDEXES.len()))
+                ok("indexes", format!("all {} present", state.indexes.len()))
             } else {
                 fail(
                     "indexes",

@@ -396,7 +396,7 @@ fn exit_code(err: &anyhow::Error) -> u8 {
     }
     match err.downcast_ref::<omnibox::Error>() {
         Some(e) if e.is_input_error() || e.is_connection_error() => 2,
-        Some(omnibox::Error::Migration(_)) => 2,
+        Some(omnibox::Error::Migration(_) | omnibox::Error::Schema(_)) => 2,
         Some(omnibox::Error::ConcurrentUpdate { .. }) => 3,
         Some(omnibox::Error::Broker(_)) => 4,
         _ => 1,

@@ -59,6 +59,11 @@ impl Backend {
         }
     }
 
+    /// The DDL of the table that records migrations (`omnibox_migrations`).
+    pub fn migrations_table_sql(self) -> String {
+        super::migrate::migrations_table_sql(matches!(self, Backend::Postgres))
+    }
+
     /// The embedded migrations of this backend.
     pub fn migrations(self) -> Vec<MigrationScript> {
         match self {
@@ -158,6 +163,14 @@ impl AnyStore {
         match self {
             AnyStore::Postgres(s) => s.migrate().await,
             AnyStore::Sqlite(s) => s.migrate().await,
+        }
+    }
+
+    /// The recorded migrations against the objects that exist.
+    pub async fn schema_state(&self) -> Result<super::SchemaState> {
+        match self {
+            AnyStore::Postgres(s) => s.schema_state().await,
+            AnyStore::Sqlite(s) => s.schema_state().await,
         }
     }
 

@@ -15,6 +15,9 @@ pub struct MigrationScript {
     pub description: String,
     /// The DDL.
     pub sql: String,
+    /// The statement that records it in `omnibox_migrations` as `migrate`
+    /// does, so that a later `omnibox migrate` sees it applied.
+    pub record_sql: String,
 }
 
 /// What `migrate` did.
@@ -22,6 +25,10 @@ pub struct MigrationScript {
 pub struct MigrationReport {
     /// Migrations applied by this call (empty when the schema was up to date).
     pub applied: Vec<AppliedMigration>,
+    /// Migrations this call recorded without running them: their objects
+    /// were all there already (applied from `migrate --print-sql` of an older
+    /// omnibox, or their row was deleted).
+    pub recorded: Vec<AppliedMigration>,
     /// Schema version after the call.
     pub version: i64,
 }
@@ -35,12 +42,13 @@ pub struct AppliedMigration {
     pub description: String,
 }
 
-pub(crate) fn scripts(m: &sqlx::migrate::Migrator) -> Vec<MigrationScript> {
+pub(crate) fn scripts(m: &sqlx::migrate::Migrator, pg: bool) -> Vec<MigrationScript> {
     m.iter()
         .map(|m| MigrationScript {
             version: m.version,
             description: m.description.to_string(),
             sql: m.sql.as_str().to_string(),
+            record_sql: record_sql(pg, m),
         })
         .collect()
 }
@@ -48,20 +56,50 @@ pub(crate) fn scripts(m: &sqlx::migrate::Migrator) -> Vec<MigrationScript> {
 pub(crate) fn report(
     m: &sqlx::migrate::Migrator,
     before: &[i64],
+    recorded: &[i64],
     after: &[i64],
 ) -> MigrationReport {
-    let applied = m
-        .iter()
-        .filter(|m| after.contains(&m.version) && !before.contains(&m.version))
-        .map(|m| AppliedMigration {
-            version: m.version,
-            description: m.description.to_string(),
-        })
-        .collect();
+    let pick = |keep: &dyn Fn(i64) -> bool| {
+        m.iter()
+            .filter(|m| keep(m.version))
+            .map(|m| AppliedMigration {
+                version: m.version,
+                description: m.description.to_string(),
+            })
+            .collect()
+    };
     MigrationReport {
-        applied,
+        applied: pick(&|v| after.contains(&v) && !before.contains(&v) && !recorded.contains(&v)),
+        recorded: pick(&|v| recorded.contains(&v)),
         version: after.iter().copied().max().unwrap_or(0),
     }
+}
+
+/// Before applying: refuses a schema `migrate` cannot finish safely (a
+/// migration partly applied without a record), warns of objects of recorded
+/// migrations that are gone, and returns the migrations to record without
+/// running them (their objects all exist: running them would fail on
+/// "already exists").
+pub(crate) fn plan<'m>(
+    m: &'m sqlx::migrate::Migrator,
+    state: &SchemaState,
+) -> crate::Result<Vec<&'m sqlx::migrate::Migration>> {
+    let problems = state.problems();
+    if let Some(p) = problems.iter().find(|p| p.kind == ProblemKind::Partial) {
+        return Err(crate::Error::Schema(format!(
+            "{}; nothing was changed; to fix it, {}",
+            p.message, p.hint
+        )));
+    }
+    for p in problems.iter().filter(|p| p.kind == ProblemKind::Gone) {
+        tracing::warn!("{}; {}", p.message, p.hint);
+    }
+    Ok(state
+        .migrations
+        .iter()
+        .filter(|s| s.unrecorded())
+        .filter_map(|s| m.iter().find(|x| x.version == s.version))
+        .collect())
 }
 
 /// A released migration whose comments were edited later: the SHA-384 of
@@ -99,6 +137,302 @@ pub(crate) fn pin_comment_edits(m: &mut sqlx::migrate::Migrator, edits: &[Commen
 
 pub(crate) fn latest(m: &sqlx::migrate::Migrator) -> i64 {
     m.iter().map(|m| m.version).max().unwrap_or(0)
+}
+
+/// An object a migration creates: how `doctor` and `migrate` tell whether
+/// a migration's work is in the database, whatever `omnibox_migrations`
+/// records.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Object {
+    Table(&'static str),
+    Index(&'static str),
+    /// Table, column.
+    Column(&'static str, &'static str),
+    /// Table, trigger.
+    Trigger(&'static str, &'static str),
+    Function(&'static str),
+    Constraint(&'static str),
+}
+
+impl Object {
+    /// The key the backends' catalog queries return for an existing object
+    /// (`PgStore::existing_objects`, `SqliteStore::existing_objects`).
+    pub(crate) fn key(&self) -> String {
+        match self {
+            Object::Table(t) => format!("table:{t}"),
+            Object::Index(i) => format!("index:{i}"),
+            Object::Column(t, c) => format!("column:{t}.{c}"),
+            Object::Trigger(t, n) => format!("trigger:{t}.{n}"),
+            Object::Function(f) => format!("function:{f}"),
+            Object::Constraint(c) => format!("constraint:{c}"),
+        }
+    }
+
+    fn describe(&self) -> String {
+        match self {
+            Object::Table(t) => format!("table {t}"),
+            Object::Index(i) => format!("index {i}"),
+            Object::Column(t, c) => format!("column {t}.{c}"),
+            Object::Trigger(t, n) => format!("trigger {n} on {t}"),
+            Object::Function(f) => format!("function {f}()"),
+            Object::Constraint(c) => format!("constraint {c}"),
+        }
+    }
+}
+
+/// What one migration creates. `rerunnable`: every statement of it is
+/// `... IF NOT EXISTS`, so running it again over a part of its objects is
+/// safe.
+pub(crate) struct Creates {
+    pub version: i64,
+    pub rerunnable: bool,
+    pub objects: &'static [Object],
+}
+
+/// How one migration's record compares with the objects it creates.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct MigrationState {
+    /// Version number.
+    pub version: i64,
+    /// Short description.
+    pub description: String,
+    /// Recorded (successfully) in `omnibox_migrations`.
+    pub recorded: bool,
+    /// Its objects that exist ("table omnibox_audit", "index ...").
+    pub present: Vec<String>,
+    /// Its objects that do not.
+    pub missing: Vec<String>,
+    /// Running it again over some of its objects is safe.
+    pub rerunnable: bool,
+    /// Its missing objects that are indexes (names only).
+    #[serde(skip)]
+    pub missing_indexes: Vec<String>,
+}
+
+/// The recorded versions against the objects in the database.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct SchemaState {
+    /// Versions recorded in `omnibox_migrations`.
+    pub recorded: Vec<i64>,
+    /// The newest version this binary carries.
+    pub latest: i64,
+    /// One entry per migration this binary carries, in order.
+    pub migrations: Vec<MigrationState>,
+    /// The indexes the migrations create.
+    #[serde(skip)]
+    pub indexes: Vec<String>,
+}
+
+/// One inconsistency between the records and the objects, with its fix.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SchemaProblem {
+    /// What is wrong.
+    pub message: String,
+    /// What fixes it.
+    pub hint: String,
+    /// Which kind.
+    pub kind: ProblemKind,
+}
+
+/// The kinds of [`SchemaProblem`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ProblemKind {
+    /// A migration's objects all exist but it is not recorded: `migrate`
+    /// records it.
+    Unrecorded,
+    /// A migration's objects partly exist and it is not recorded: `migrate`
+    /// refuses until someone finishes or undoes it.
+    Partial,
+    /// A recorded migration's table, column, trigger, function or
+    /// constraint is gone.
+    Gone,
+}
+
+impl MigrationState {
+    /// Not recorded, and every object there: applied without a record
+    /// (DDL printed by `migrate --print-sql` of an older omnibox, a deleted
+    /// row). `migrate` records it.
+    pub fn unrecorded(&self) -> bool {
+        !self.recorded && self.missing.is_empty() && !self.present.is_empty()
+    }
+
+    /// Not recorded, some of its objects there and some not, and not safe
+    /// to run again.
+    pub fn partial(&self) -> bool {
+        !self.recorded && !self.present.is_empty() && !self.missing.is_empty() && !self.rerunnable
+    }
+
+    fn label(&self) -> String {
+        format!("migration {} ({})", self.version, self.description)
+    }
+}
+
+impl SchemaState {
+    /// The highest recorded version (0 when none).
+    pub fn version(&self) -> i64 {
+        self.recorded.iter().copied().max().unwrap_or(0)
+    }
+
+    /// Whether the outbox table exists.
+    pub fn has_tables(&self) -> bool {
+        self.migrations
+            .first()
+            .is_some_and(|m| m.present.iter().any(|o| o == "table outbox_events"))
+    }
+
+    /// The migrations' indexes that are missing.
+    pub fn missing_indexes(&self) -> Vec<String> {
+        self.migrations
+            .iter()
+            .flat_map(|m| m.missing_indexes.iter().cloned())
+            .collect()
+    }
+
+    /// Every inconsistency between the records and the objects, in the
+    /// migrations' order. Missing indexes of recorded migrations are left to
+    /// the caller (doctor's index check): they block nothing.
+    pub fn problems(&self) -> Vec<SchemaProblem> {
+        let mut out = Vec::new();
+        let unrecorded: Vec<&MigrationState> =
+            self.migrations.iter().filter(|m| m.unrecorded()).collect();
+        if !unrecorded.is_empty() {
+            let versions: Vec<String> = unrecorded.iter().map(|m| m.version.to_string()).collect();
+            let (noun, verb) = if unrecorded.len() == 1 {
+                ("migration", "is")
+            } else {
+                ("migrations", "are")
+            };
+            out.push(SchemaProblem {
+                message: format!(
+                    "{noun} {} {verb} not recorded in {MIGRATIONS_TABLE}, but {} objects exist",
+                    versions.join(", "),
+                    if unrecorded.len() == 1 { "its" } else { "their" }
+                ),
+                hint: "run `omnibox migrate`: it records a migration whose objects all exist and applies the rest".into(),
+                kind: ProblemKind::Unrecorded,
+            });
+        }
+        for m in self.migrations.iter().filter(|m| m.partial()) {
+            out.push(SchemaProblem {
+                message: format!(
+                    "{} is partly applied and not recorded: {} exist, {} missing",
+                    m.label(),
+                    m.present.join(", "),
+                    m.missing.join(", ")
+                ),
+                hint: format!(
+                    "create the missing objects with migration {v}'s DDL (`omnibox migrate --print-sql`), or drop the ones it created; then run `omnibox migrate`",
+                    v = m.version
+                ),
+                kind: ProblemKind::Partial,
+            });
+        }
+        for m in self.migrations.iter().filter(|m| m.recorded) {
+            let gone: Vec<&String> = m
+                .missing
+                .iter()
+                .filter(|o| !o.starts_with("index "))
+                .collect();
+            if gone.is_empty() {
+                continue;
+            }
+            let gone: Vec<&str> = gone.iter().map(|s| s.as_str()).collect();
+            out.push(SchemaProblem {
+                message: format!(
+                    "{} is recorded, but {} missing",
+                    m.label(),
+                    if gone.len() == 1 {
+                        format!("{} is", gone[0])
+                    } else {
+                        format!("{} are", gone.join(", "))
+                    }
+                ),
+                hint: format!(
+                    "someone dropped it: recreate it from migration {}'s DDL (`omnibox migrate --print-sql`)",
+                    m.version
+                ),
+                kind: ProblemKind::Gone,
+            });
+        }
+        out
+    }
+}
+
+/// Compares the records with the objects. `existing` holds the keys
+/// ([`Object::key`]) of the objects in the database.
+pub(crate) fn state(
+    m: &sqlx::migrate::Migrator,
+    creates: &[Creates],
+    recorded: &[i64],
+    existing: &std::collections::HashSet<String>,
+) -> SchemaState {
+    let mut indexes = Vec::new();
+    let migrations = m
+        .iter()
+        .map(|mig| {
+            let c = creates.iter().find(|c| c.version == mig.version);
+            let objects = c.map_or(&[][..], |c| c.objects);
+            let (mut present, mut missing, mut missing_indexes) = (vec![], vec![], vec![]);
+            for o in objects {
+                if let Object::Index(name) = o {
+                    indexes.push(name.to_string());
+                }
+                if existing.contains(&o.key()) {
+                    present.push(o.describe());
+                } else {
+                    missing.push(o.describe());
+                    if let Object::Index(name) = o {
+                        missing_indexes.push(name.to_string());
+                    }
+                }
+            }
+            MigrationState {
+                version: mig.version,
+                description: mig.description.to_string(),
+                recorded: recorded.contains(&mig.version),
+                present,
+                missing,
+                rerunnable: c.is_some_and(|c| c.rerunnable),
+                missing_indexes,
+            }
+        })
+        .collect();
+    SchemaState {
+        recorded: recorded.to_vec(),
+        latest: latest(m),
+        migrations,
+        indexes,
+    }
+}
+
+/// The statement that records a migration as applied, for
+/// `migrate --print-sql` (`checksum` as sqlx computes it, so that a later
+/// `omnibox migrate` validates the record).
+pub(crate) fn record_sql(backend_pg: bool, m: &sqlx::migrate::Migration) -> String {
+    let hex: String = m.checksum.iter().map(|b| format!("{b:02x}")).collect();
+    let checksum = if backend_pg {
+        format!("decode('{hex}', 'hex')")
+    } else {
+        format!("X'{hex}'")
+    };
+    format!(
+        "INSERT INTO {MIGRATIONS_TABLE} (version, description, success, checksum, execution_time) VALUES ({}, '{}', TRUE, {checksum}, 0) ON CONFLICT (version) DO NOTHING;",
+        m.version,
+        m.description.replace('\'', "''")
+    )
+}
+
+/// The table that records migrations, as sqlx creates it.
+pub(crate) fn migrations_table_sql(backend_pg: bool) -> String {
+    let (at, bytes) = if backend_pg {
+        ("TIMESTAMPTZ NOT NULL DEFAULT now()", "BYTEA")
+    } else {
+        ("TIMESTAMP NOT NULL DEFAULT CURRENT_TIMESTAMP", "BLOB")
+    };
+    format!(
+        "CREATE TABLE IF NOT EXISTS {MIGRATIONS_TABLE} (\n    version BIGINT PRIMARY KEY,\n    description TEXT NOT NULL,\n    installed_on {at},\n    success BOOLEAN NOT NULL,\n    checksum {bytes} NOT NULL,\n    execution_time BIGINT NOT NULL\n);"
+    )
 }
 
 #[cfg(test)]

@@ -48,7 +48,10 @@ mod wakeup;
 
 pub(crate) use any::BulkTx;
 pub use any::{AnyStore, AnyTable, Backend, InboxTx, OutboxBulkWriter, StoreOptions};
-pub use migrate::{AppliedMigration, MIGRATIONS_TABLE, MigrationReport, MigrationScript};
+pub use migrate::{
+    AppliedMigration, MIGRATIONS_TABLE, MigrationReport, MigrationScript, MigrationState,
+    ProblemKind, SchemaProblem, SchemaState,
+};
 pub use postgres::PgStore;
 pub use sqlite::SqliteStore;
 pub use wakeup::AnyWakeup;

@@ -96,6 +96,128 @@ async fn applied_versions(conn: &mut sqlx::PgConnection) -> Result<Vec<i64>> {
         .map_err(storage)
 }
 
+/// What each migration creates (see `migrate::Object`); a test checks it
+/// against a migrated database.
+const CREATES: &[migrate::Creates] = {
+    use migrate::Object::*;
+    &[
+        migrate::Creates {
+            version: 1,
+            rerunnable: false,
+            objects: &[
+                Table("outbox_events"),
+                Table("inbox_events"),
+                Index("outbox_events_claim"),
+                Index("outbox_events_key_order"),
+                Index("outbox_events_key_held"),
+                Index("outbox_events_locked"),
+                Index("outbox_events_cleanup"),
+                Index("outbox_events_failed"),
+                Index("outbox_events_idempotency_key"),
+                Index("inbox_events_claim"),
+                Index("inbox_events_locked"),
+                Index("inbox_events_cleanup"),
+                Index("inbox_events_failed"),
+                Index("inbox_events_idempotency_key"),
+            ],
+        },
+        migrate::Creates {
+            version: 2,
+            rerunnable: false,
+            objects: &[
+                Function("omnibox_notify"),
+                Trigger("outbox_events", "outbox_events_notify"),
+                Trigger("inbox_events", "inbox_events_notify"),
+            ],
+        },
+        migrate::Creates {
+            version: 3,
+            rerunnable: false,
+            objects: &[Table("omnibox_audit"), Index("omnibox_audit_at")],
+        },
+        migrate::Creates {
+            version: 4,
+            rerunnable: false,
+            objects: &[
+                Column("outbox_events", "locked_until"),
+                Column("inbox_events", "locked_until"),
+                Constraint("outbox_events_lease_consistency"),
+                Constraint("inbox_events_lease_consistency"),
+            ],
+        },
+        migrate::Creates {
+            version: 5,
+            rerunnable: true,
+            objects: &[
+                Index("outbox_events_seq"),
+                Index("outbox_events_failed_seq"),
+                Index("inbox_events_seq"),
+                Index("inbox_events_failed_seq"),
+            ],
+        },
+        migrate::Creates {
+            version: 6,
+            rerunnable: true,
+            objects: &[
+                Index("outbox_events_topic_due"),
+                Index("inbox_events_source_due"),
+            ],
+        },
+        migrate::Creates {
+            version: 7,
+            rerunnable: false,
+            objects: &[
+                Table("omnibox_dead_letters"),
+                Index("omnibox_dead_letters_open"),
+                Index("omnibox_dead_letters_seq"),
+            ],
+        },
+        migrate::Creates {
+            version: 8,
+            rerunnable: false,
+            objects: &[
+                Column("outbox_events", "payload_bytes"),
+                Column("inbox_events", "payload_bytes"),
+            ],
+        },
+    ]
+};
+
+/// The keys (`migrate::Object::key`) of the objects in the connection's
+/// current schema.
+async fn existing_objects(
+    conn: &mut sqlx::PgConnection,
+) -> Result<std::collections::HashSet<String>> {
+    let keys: Vec<String> = sqlx::query_scalar(
+        "SELECT CASE WHEN c.relkind IN ('i', 'I') THEN 'index:' ELSE 'table:' END || c.relname
+           FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+          WHERE n.nspname = current_schema() AND c.relkind IN ('r', 'p', 'i', 'I')
+         UNION ALL
+         SELECT 'column:' || c.relname || '.' || a.attname
+           FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid
+           JOIN pg_namespace n ON n.oid = c.relnamespace
+          WHERE n.nspname = current_schema() AND c.relname IN ('outbox_events', 'inbox_events')
+            AND a.attnum > 0 AND NOT a.attisdropped
+         UNION ALL
+         SELECT 'trigger:' || c.relname || '.' || t.tgname
+           FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid
+           JOIN pg_namespace n ON n.oid = c.relnamespace
+          WHERE n.nspname = current_schema() AND NOT t.tgisinternal
+         UNION ALL
+         SELECT 'function:' || p.proname
+           FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
+          WHERE n.nspname = current_schema()
+         UNION ALL
+         SELECT 'constraint:' || co.conname
+           FROM pg_constraint co JOIN pg_namespace n ON n.oid = co.connamespace
+          WHERE n.nspname = current_schema()",
+    )
+    .fetch_all(&mut *conn)
+    .await
+    .map_err(storage)?;
+    Ok(keys.into_iter().collect())
+}
+
 /// A URL whose user info holds `/`, `?` or `#` unencoded: an `@` comes
 /// after the first of them, so the parser took the password for a host,
 /// port or path (and said "invalid port number").
@@ -218,7 +340,7 @@ impl PgStore {
 
     /// The embedded migrations, for `migrate --print-sql`.
     pub fn migrations() -> Vec<MigrationScript> {
-        migrate::scripts(&Self::migrator())
+        migrate::scripts(&Self::migrator(), true)
     }
 
     /// Creates the schema (if one was configured) and applies pending
@@ -246,11 +368,32 @@ impl PgStore {
         let result = async {
             let before = applied_versions(&mut conn).await?;
             let m = Self::migrator();
+            let existing = existing_objects(&mut conn).await?;
+            let state = migrate::state(&m, CREATES, &before, &existing);
+            let mut recorded = Vec::new();
+            for mig in migrate::plan(&m, &state)? {
+                if recorded.is_empty() {
+                    sqlx::migrate::Migrate::ensure_migrations_table(&mut *conn, MIGRATIONS_TABLE)
+                        .await
+                        .map_err(Error::Migration)?;
+                }
+                sqlx::query(
+                    "INSERT INTO omnibox_migrations (version, description, success, checksum, execution_time)
+                     VALUES ($1, $2, TRUE, $3, 0) ON CONFLICT (version) DO NOTHING",
+                )
+                .bind(mig.version)
+                .bind(mig.description.as_ref())
+                .bind(mig.checksum.as_ref())
+                .execute(&mut *conn)
+                .await
+                .map_err(storage)?;
+                recorded.push(mig.version);
+            }
             m.run_direct(None, &mut *conn, false)
                 .await
                 .map_err(Error::Migration)?;
             let after = applied_versions(&mut conn).await?;
-            Ok(migrate::report(&m, &before, &after))
+            Ok(migrate::report(&m, &before, &recorded, &after))
         }
         .await;
         // The lock ends with the session anyway if this fails.
@@ -259,6 +402,19 @@ impl PgStore {
             .execute(&mut *conn)
             .await;
         result
+    }
+
+    /// The recorded migrations against the objects that exist (`doctor`).
+    pub async fn schema_state(&self) -> Result<migrate::SchemaState> {
+        let mut conn = self.pool.acquire().await.map_err(storage)?;
+        let recorded = applied_versions(&mut conn).await?;
+        let existing = existing_objects(&mut conn).await?;
+        Ok(migrate::state(
+            &Self::migrator(),
+            CREATES,
+            &recorded,
+            &existing,
+        ))
     }
 
     /// Versions applied so far (empty on a fresh database).

@@ -110,7 +110,7 @@ impl SqliteStore {
 
     /// The embedded migrations, for `migrate --print-sql`.
     pub fn migrations() -> Vec<MigrationScript> {
-        migrate::scripts(&Self::migrator())
+        migrate::scripts(&Self::migrator(), false)
     }
 
     /// Applies pending migrations. Two processes opening a fresh file at
@@ -118,6 +118,26 @@ impl SqliteStore {
     pub async fn migrate(&self) -> Result<MigrationReport> {
         let before = self.applied_versions().await?;
         let m = Self::migrator();
+        let existing = self.existing_objects().await?;
+        let state = migrate::state(&m, CREATES, &before, &existing);
+        let mut recorded = Vec::new();
+        for mig in migrate::plan(&m, &state)? {
+            let mut conn = self.pool.acquire().await.map_err(storage)?;
+            sqlx::migrate::Migrate::ensure_migrations_table(&mut *conn, MIGRATIONS_TABLE)
+                .await
+                .map_err(Error::Migration)?;
+            sqlx::query(
+                "INSERT INTO omnibox_migrations (version, description, success, checksum, execution_time)
+                 VALUES (?, ?, TRUE, ?, 0) ON CONFLICT (version) DO NOTHING",
+            )
+            .bind(mig.version)
+            .bind(mig.description.as_ref())
+            .bind(mig.checksum.as_ref())
+            .execute(&mut *conn)
+            .await
+            .map_err(storage)?;
+            recorded.push(mig.version);
+        }
         if let Err(e) = m.run(&self.pool).await {
             if self.ensure_migrated().await.is_err() {
                 return Err(Error::Migration(e));
@@ -125,7 +145,36 @@ impl SqliteStore {
             tracing::debug!(error = %e, "another process applied the migrations first");
         }
         let after = self.applied_versions().await?;
-        Ok(migrate::report(&m, &before, &after))
+        Ok(migrate::report(&m, &before, &recorded, &after))
+    }
+
+    /// The keys (`migrate::Object::key`) of the objects in the database.
+    async fn existing_objects(&self) -> Result<std::collections::HashSet<String>> {
+        let keys: Vec<String> = sqlx::query_scalar(
+            "SELECT CASE type WHEN 'trigger' THEN 'trigger:' || tbl_name || '.' || name
+                              ELSE type || ':' || name END
+               FROM sqlite_master WHERE type IN ('table', 'index', 'trigger')
+             UNION ALL
+             SELECT 'column:outbox_events.' || name FROM pragma_table_info('outbox_events')
+             UNION ALL
+             SELECT 'column:inbox_events.' || name FROM pragma_table_info('inbox_events')",
+        )
+        .fetch_all(&self.pool)
+        .await
+        .map_err(storage)?;
+        Ok(keys.into_iter().collect())
+    }
+
+    /// The recorded migrations against the objects that exist (`doctor`).
+    pub async fn schema_state(&self) -> Result<migrate::SchemaState> {
+        let recorded = self.applied_versions().await?;
+        let existing = self.existing_objects().await?;
+        Ok(migrate::state(
+            &Self::migrator(),
+            CREATES,
+            &recorded,
+            &existing,
+        ))
     }
 
     /// Versions applied so far.
@@ -167,6 +216,75 @@ impl SqliteStore {
         CAPABILITIES
     }
 }
+
+/// What each migration creates (see `migrate::Object`); a test checks it
+/// against a migrated database.
+const CREATES: &[migrate::Creates] = {
+    use migrate::Object::*;
+    &[
+        migrate::Creates {
+            version: 1,
+            rerunnable: false,
+            objects: &[
+                Table("outbox_events"),
+                Table("inbox_events"),
+                Index("outbox_events_claim"),
+                Index("outbox_events_key_order"),
+                Index("outbox_events_key_held"),
+                Index("outbox_events_locked"),
+                Index("outbox_events_cleanup"),
+                Index("outbox_events_failed"),
+                Index("outbox_events_idempotency_key"),
+                Index("inbox_events_claim"),
+                Index("inbox_events_locked"),
+                Index("inbox_events_cleanup"),
+                Index("inbox_events_failed"),
+                Index("inbox_events_idempotency_key"),
+            ],
+        },
+        migrate::Creates {
+            version: 2,
+            rerunnable: false,
+            objects: &[Table("omnibox_audit"), Index("omnibox_audit_at")],
+        },
+        migrate::Creates {
+            version: 3,
+            rerunnable: false,
+            objects: &[
+                Column("outbox_events", "locked_until"),
+                Column("inbox_events", "locked_until"),
+                Trigger("outbox_events", "outbox_events_lease_insert"),
+                Trigger("outbox_events", "outbox_events_lease_update"),
+                Trigger("inbox_events", "inbox_events_lease_insert"),
+                Trigger("inbox_events", "inbox_events_lease_update"),
+            ],
+        },
+        migrate::Creates {
+            version: 4,
+            rerunnable: true,
+            objects: &[
+                Index("outbox_events_failed_seq"),
+                Index("inbox_events_failed_seq"),
+            ],
+        },
+        migrate::Creates {
+            version: 5,
+            rerunnable: true,
+            objects: &[
+                Index("outbox_events_topic_due"),
+                Index("inbox_events_source_due"),
+            ],
+        },
+        migrate::Creates {
+            version: 6,
+            rerunnable: false,
+            objects: &[
+                Table("omnibox_dead_letters"),
+                Index("omnibox_dead_letters_open"),
+            ],
+        },
+    ]
+};
 
 /// Migrations whose comments were edited after their release (the first
 /// line of migration 1), with their released checksums (see
