@@ -1111,6 +1111,8 @@ fn inbox(args: &Args, conn: &Conn) {
             ),
             position_is_identity: true,
             cut: None,
+            origin: None,
+            defect: None,
         })
         .collect();
     let mut rng = fastrand::Rng::with_seed(7);

@@ -807,6 +807,67 @@ fn inbox_consume_from_stdin_keeps_distinct_messages_and_survives_bad_ids() {
     );
 }
 
+/// Poison read from stdin or a file says where it was read (`stdin line
+/// 1`, not `file:0:1`); a line over the line limit says so (it used to be
+/// "the value is not JSON: EOF while parsing") and keeps as long a start as
+/// a row holds, with the whole line's length.
+#[test]
+fn inbox_poison_from_stdin_and_files_says_where_and_why() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let r = omnibox(
+        d,
+        &["inbox", "consume", "--from", "-", "--format", "json"],
+        Some("not json\n"),
+        &[],
+    );
+    assert_eq!(r.code, 0, "{}", r.render());
+    let long = format!(
+        "{{\"topic\":\"t\",\"value\":{{\"x\":\"{}\"}}}}\n",
+        "a".repeat(5_000_000)
+    );
+    std::fs::write(d.join("long.jsonl"), &long).unwrap();
+    let r = run(d, &["inbox", "consume", "--from", "file:long.jsonl"]);
+    assert_eq!(r.code, 0, "{}", r.render());
+    let r = run(d, &["list", "--table", "inbox", "--format", "json"]);
+    let v: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+    let events = v["events"].as_array().unwrap();
+    assert_eq!(events.len(), 2, "{}", r.stdout.len());
+    let error = |i: usize| events[i]["last_error"].as_str().unwrap().to_string();
+    let (stdin, file) = if error(0).contains("stdin") {
+        (0, 1)
+    } else {
+        (1, 0)
+    };
+    assert!(
+        error(stdin).starts_with("cannot parse message stdin line 1: the value is not JSON"),
+        "{}",
+        error(stdin)
+    );
+    assert_eq!(events[stdin]["payload"]["origin"], "stdin");
+    assert_eq!(
+        error(file),
+        format!(
+            "cannot parse message file:long.jsonl line 1: the line is {} bytes, longer than a line may be (4194304 bytes), so it was not parsed",
+            long.len() - 1
+        )
+    );
+    let p = &events[file]["payload"];
+    assert_eq!(p["raw_bytes"], (long.len() - 1) as u64);
+    use base64::Engine as _;
+    let prefix = base64::engine::general_purpose::STANDARD
+        .decode(p["raw_prefix_base64"].as_str().unwrap())
+        .unwrap();
+    // As long a start as a row holds (the README says so): about 745 KB
+    // with the default payload limit of 1,000,000 bytes.
+    assert!(
+        (740_000..750_000).contains(&prefix.len()),
+        "{}",
+        prefix.len()
+    );
+    assert_eq!(&prefix[..], &long.as_bytes()[..prefix.len()]);
+}
+
 /// A duration or time that would overflow is exit 2 with one clear line on
 /// every command that takes one (it panicked, or failed at run time with
 /// `timestamp out of range`); a negative one is explained; nothing changes.

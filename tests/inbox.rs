@@ -57,6 +57,8 @@ fn msg(id: &str, offset: i64, value: &str) -> RawMessage {
         payload: Some(value.as_bytes().to_vec()),
         position_is_identity: true,
         cut: None,
+        origin: None,
+        defect: None,
     }
 }
 
@@ -589,6 +591,8 @@ mod cases {
             payload: Some(value.as_bytes().to_vec()),
             position_is_identity: true,
             cut: None,
+            origin: None,
+            defect: None,
         };
         let big = format!(
             r#"{{"kind":"invoice.paid","id":"inv-3","body":{{"pad":"{}"}}}}"#,

@@ -34,6 +34,15 @@ pub struct RawMessage {
     /// Set when the source could not keep the whole value (a file line
     /// over its length limit): `payload` holds its start only.
     pub cut: Option<Cut>,
+    /// Where a file source read it (`stdin`, `file:PATH`), for messages
+    /// (`stdin line 3`); `None` for a broker, whose `topic:partition:offset`
+    /// says where.
+    pub origin: Option<String>,
+    /// Set when the source could read the bytes but not a message from them
+    /// (a file line in the sink's format whose key or headers are not
+    /// strings): the message is poison with this reason, `payload` holding
+    /// the bytes as read.
+    pub defect: Option<String>,
 }
 
 /// What is known of a value the source cut short.
@@ -41,6 +50,8 @@ pub struct RawMessage {
 pub struct Cut {
     /// The whole value's length in bytes.
     pub len: u64,
+    /// The longest value the source keeps, in bytes.
+    pub limit: u64,
     /// Hex SHA-256 of the whole value.
     pub sha256: String,
 }
@@ -72,8 +83,17 @@ impl RawMessage {
                 .sum::<usize>()
     }
 
-    /// `topic:partition:offset`, where the message was read.
+    /// Where the message was read: `topic:partition:offset`, or for a file
+    /// source `stdin line N` / `file:PATH line N`.
     pub fn coordinates(&self) -> String {
+        match &self.origin {
+            Some(origin) => format!("{origin} line {}", self.offset),
+            None => self.position(),
+        }
+    }
+
+    /// `topic:partition:offset`.
+    fn position(&self) -> String {
         format!("{}:{}:{}", self.topic, self.partition, self.offset)
     }
 
@@ -113,7 +133,7 @@ impl RawMessage {
     /// The id when the position identifies the message and fits the id's
     /// rules, else the content id.
     fn fallback_id(&self) -> String {
-        let c = self.coordinates();
+        let c = self.position();
         if self.position_is_identity
             && validate::exact("message_id", &c, limits::MESSAGE_ID_MAX_LENGTH).is_ok()
         {
@@ -256,6 +276,15 @@ fn parse(
     source: &str,
     consumer_group: &str,
 ) -> std::result::Result<InboxEvent, String> {
+    if let Some(why) = &raw.defect {
+        return Err(why.clone());
+    }
+    if let Some(cut) = &raw.cut {
+        return Err(format!(
+            "the line is {} bytes, longer than a line may be ({} bytes), so it was not parsed",
+            cut.len, cut.limit
+        ));
+    }
     let bytes = raw.payload.as_deref().ok_or("the message has no value")?;
     let value: Value =
         serde_json::from_slice(bytes).map_err(|e| format!("the value is not JSON: {e}"))?;
@@ -265,7 +294,7 @@ fn parse(
             validate::json_kind(&value)
         ));
     };
-    let (payload, envelope) = unwrap(object);
+    let (payload, envelope) = unwrap(object)?;
     let from_envelope = |name: &str| {
         envelope
             .as_ref()
@@ -299,19 +328,43 @@ fn parse(
         .map_err(|e| format!("the message breaks a rule: {e}"))
 }
 
-/// An envelope is an object with a `payload` object and an `event_type` or
-/// `schema_version` beside it; its payload is the event's payload.
-fn unwrap(object: Map<String, Value>) -> (Map<String, Value>, Option<Map<String, Value>>) {
-    let is_envelope = matches!(object.get("payload"), Some(Value::Object(_)))
-        && (object.contains_key("event_type") || object.contains_key("schema_version"));
-    if !is_envelope {
-        return (object, None);
+/// An envelope is an object with a `payload` and an `event_type` or
+/// `schema_version` beside it; its payload is the event's payload. Such an
+/// object whose `payload` is not an object, and an object carrying both
+/// `event_type` and `schema_version` (as every omnibox envelope does) but
+/// no `payload`, is an envelope that lost its payload: poison, not taken as
+/// a bare payload. Any other object is a bare payload (a foreign message).
+fn unwrap(
+    object: Map<String, Value>,
+) -> std::result::Result<(Map<String, Value>, Option<Map<String, Value>>), String> {
+    let has_type = object.contains_key("event_type");
+    let has_version = object.contains_key("schema_version");
+    match object.get("payload") {
+        Some(Value::Object(_)) if has_type || has_version => {}
+        Some(other) if has_type || has_version => {
+            return Err(format!(
+                "the envelope's payload is {}, not a JSON object",
+                validate::json_kind(other)
+            ));
+        }
+        None if has_type && has_version => {
+            return Err(
+                "it has an envelope's event_type and schema_version but no payload".to_string(),
+            );
+        }
+        _ => return Ok((object, None)),
     }
     let mut envelope = object;
-    let Some(Value::Object(payload)) = envelope.remove("payload") else {
-        unreachable!("checked above")
-    };
-    (payload, Some(envelope))
+    match envelope.remove("payload") {
+        Some(Value::Object(payload)) => Ok((payload, Some(envelope))),
+        // Not reached (checked above); kept whole if it were.
+        other => {
+            if let Some(v) = other {
+                envelope.insert("payload".into(), v);
+            }
+            Ok((envelope, None))
+        }
+    }
 }
 
 /// Headers that fit the inbox's rules (valid UTF-8, lengths, no control
@@ -363,6 +416,43 @@ fn poison(
     if topic != raw.topic {
         payload["topic_base64"] = json!(b64(raw.topic.as_bytes()));
     }
+    if let Some(origin) = &raw.origin {
+        payload["origin"] = json!(origin.replace('\0', "\u{FFFD}"));
+    }
+    // The key and every header as received, so the message can be rebuilt
+    // from the row (or its dead letter): text where it is text a JSON
+    // column can hold, base64 otherwise.
+    let text = |b: &[u8]| {
+        std::str::from_utf8(b)
+            .ok()
+            .filter(|t| !t.contains('\0'))
+            .map(str::to_string)
+    };
+    if let Some(key) = &raw.key {
+        match text(key) {
+            Some(t) => payload["key"] = json!(t),
+            None => payload["key_base64"] = json!(b64(key)),
+        }
+    }
+    if !raw.headers.is_empty() {
+        let headers: Vec<Value> = raw
+            .headers
+            .iter()
+            .map(|(k, v)| {
+                let mut h = Map::new();
+                match text(k.as_bytes()) {
+                    Some(t) => h.insert("name".into(), json!(t)),
+                    None => h.insert("name_base64".into(), json!(b64(k.as_bytes()))),
+                };
+                match text(v) {
+                    Some(t) => h.insert("value".into(), json!(t)),
+                    None => h.insert("value_base64".into(), json!(b64(v))),
+                };
+                Value::Object(h)
+            })
+            .collect();
+        payload["headers"] = Value::Array(headers);
+    }
     let clip = |s: &str, n: usize| {
         s.chars()
             .filter(|c| !c.is_control())
@@ -399,6 +489,14 @@ fn poison(
     }
     candidates.push(with("raw_prefix_base64", &bytes[..prefix_len]));
     candidates.push(payload.clone());
+    // Headers beyond what a row holds: the position, length and digest.
+    let mut bare = payload.clone();
+    if let Some(p) = bare.as_object_mut() {
+        p.remove("headers");
+        p.remove("key");
+        p.remove("key_base64");
+    }
+    candidates.push(bare);
     let mut event = None;
     for (n, p) in candidates.into_iter().enumerate() {
         new.payload = p;
@@ -454,56 +552,102 @@ pub fn from_json_bytes(line: &[u8], number: i64, default_topic: &str) -> RawMess
             payload: Some(line.to_vec()),
             position_is_identity: false,
             cut: None,
+            origin: None,
+            defect: None,
         },
     }
 }
 
+/// The keys of a line in the file sink's format.
+const SINK_KEYS: [&str; 4] = ["topic", "key", "headers", "value"];
+
 /// Parses a line of the file sink's format (`{"topic", "key", "headers",
-/// "value"}`) into a raw message; a line that is not in that format becomes a
-/// message whose value is the line itself (so it is stored as poison).
+/// "value"}`) into a raw message. A JSON object whose keys are all of these
+/// and that has a `value` or a `topic` is in that format (a missing `topic`
+/// is `default_topic`): its key must be a string (or null), its headers an
+/// object of strings, and it must have a value, or the message is poison
+/// with the reason. Any other line is a message whose value is the line
+/// itself (a foreign message, stored as its payload; poison if it is not a
+/// JSON object).
 pub fn from_json_line(line: &str, number: i64, default_topic: &str) -> RawMessage {
+    let whole = |defect: Option<String>| RawMessage {
+        topic: default_topic.to_string(),
+        partition: 0,
+        offset: number,
+        key: None,
+        headers: Vec::new(),
+        payload: Some(line.as_bytes().to_vec()),
+        position_is_identity: false,
+        cut: None,
+        origin: None,
+        defect,
+    };
     let parsed: Option<Map<String, Value>> = serde_json::from_str(line).ok();
-    let wrapped = parsed
-        .as_ref()
-        .filter(|m| m.contains_key("value") && m.contains_key("topic"));
-    match wrapped {
-        Some(m) => RawMessage {
-            topic: m
-                .get("topic")
-                .and_then(Value::as_str)
-                .unwrap_or(default_topic)
-                .to_string(),
-            partition: 0,
-            offset: number,
-            key: m
-                .get("key")
-                .and_then(Value::as_str)
-                .map(|k| k.as_bytes().to_vec()),
-            headers: m
-                .get("headers")
-                .and_then(Value::as_object)
-                .map(|h| {
-                    h.iter()
-                        .filter_map(|(k, v)| v.as_str().map(|v| (k.clone(), v.as_bytes().to_vec())))
-                        .collect()
-                })
-                .unwrap_or_default(),
-            payload: m
-                .get("value")
-                .map(|v| serde_json::to_vec(v).expect("a JSON value serialises")),
-            position_is_identity: false,
-            cut: None,
-        },
-        None => RawMessage {
-            topic: default_topic.to_string(),
-            partition: 0,
-            offset: number,
-            key: None,
-            headers: Vec::new(),
-            payload: Some(line.as_bytes().to_vec()),
-            position_is_identity: false,
-            cut: None,
-        },
+    let Some(m) = parsed.filter(|m| {
+        (m.contains_key("value") || m.contains_key("topic"))
+            && m.keys().all(|k| SINK_KEYS.contains(&k.as_str()))
+    }) else {
+        return whole(None);
+    };
+    let topic = match m.get("topic") {
+        None | Some(Value::Null) => default_topic.to_string(),
+        Some(Value::String(t)) => t.clone(),
+        Some(other) => {
+            return whole(Some(format!(
+                "the line's topic is {}, not a string",
+                validate::json_kind(other)
+            )));
+        }
+    };
+    let key = match m.get("key") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(k)) => Some(k.as_bytes().to_vec()),
+        Some(other) => {
+            return whole(Some(format!(
+                "the line's key is {}, not a string",
+                validate::json_kind(other)
+            )));
+        }
+    };
+    let mut headers = Vec::new();
+    match m.get("headers") {
+        None | Some(Value::Null) => {}
+        Some(Value::Object(h)) => {
+            for (k, v) in h {
+                let Some(v) = v.as_str() else {
+                    return whole(Some(format!(
+                        "the line's header {k:?} is {}, not a string",
+                        validate::json_kind(v)
+                    )));
+                };
+                headers.push((k.clone(), v.as_bytes().to_vec()));
+            }
+        }
+        Some(other) => {
+            return whole(Some(format!(
+                "the line's headers are {}, not an object",
+                validate::json_kind(other)
+            )));
+        }
+    }
+    let Some(value) = m.get("value") else {
+        return whole(Some(
+            "a line in the file sink's format (topic, key, headers) without a value".into(),
+        ));
+    };
+    RawMessage {
+        topic,
+        partition: 0,
+        offset: number,
+        key,
+        headers,
+        // Serialising a parsed value cannot fail; were it to, the line is
+        // kept as it is.
+        payload: Some(serde_json::to_vec(value).unwrap_or_else(|_| line.as_bytes().to_vec())),
+        position_is_identity: false,
+        cut: None,
+        origin: None,
+        defect: None,
     }
 }
 
@@ -524,6 +668,8 @@ mod tests {
             payload: Some(value.as_bytes().to_vec()),
             position_is_identity: true,
             cut: None,
+            origin: None,
+            defect: None,
         }
     }
 
@@ -674,6 +820,165 @@ mod tests {
         let r = from_json_line("garbage", 3, "file");
         assert_eq!(r.topic, "file");
         assert!(normalize(&DomainService::default(), &r, "g").is_poison());
+    }
+
+    /// An envelope that lost its payload is poison with the reason, not a
+    /// bare payload whose metadata becomes the payload (and whose type
+    /// comes from the topic); an object with only one envelope field and
+    /// no payload is a bare payload (the documented rule).
+    #[test]
+    fn an_envelope_without_its_payload_is_poison() {
+        let d = DomainService::default();
+        for (value, why) in [
+            (
+                r#"{"schema_version":"1.0.0","event_type":"order.created","aggregate_id":"a-1"}"#,
+                "event_type and schema_version but no payload",
+            ),
+            (
+                r#"{"event_type":"order.created","payload":[1,2]}"#,
+                "the envelope's payload is an array, not a JSON object",
+            ),
+            (
+                r#"{"schema_version":"1.0.0","payload":null}"#,
+                "the envelope's payload is null",
+            ),
+        ] {
+            let e = poison_row(normalize(&d, &raw(&[("event_id", "x")], value), "g"));
+            assert!(
+                e.last_error().unwrap().contains(why),
+                "{value}: {:?}",
+                e.last_error()
+            );
+        }
+        let e = event(normalize(
+            &d,
+            &raw(&[], r#"{"event_type":"signup","user":"u-1"}"#),
+            "g",
+        ));
+        assert_eq!(e.payload()["user"], "u-1");
+        assert_eq!(
+            e.event_type(),
+            "orders",
+            "the topic: no header says otherwise"
+        );
+    }
+
+    /// A line in the sink's format without a topic is still that format
+    /// (its event_id header is the id); one whose key or headers are not
+    /// strings, or that has no value, is poison with the reason; a line
+    /// with other keys is a foreign message whose value is the line.
+    #[test]
+    fn sink_lines_are_read_or_refused_never_misread() {
+        let d = DomainService::default();
+        let r = from_json_line(
+            r#"{"key":"k1","headers":{"event_id":"e-7"},"value":{"n":1}}"#,
+            4,
+            "file",
+        );
+        assert_eq!(
+            (r.topic.as_str(), r.key.as_deref()),
+            ("file", Some(&b"k1"[..]))
+        );
+        let e = event(normalize(&d, &r, "g"));
+        assert_eq!(e.message_id(), "e-7");
+        assert_eq!(e.payload(), json!({"n": 1}).as_object().unwrap());
+        for (line, why) in [
+            (
+                r#"{"topic":"t","headers":{"event_id":5},"value":{"n":1}}"#,
+                r#"the line's header "event_id" is a number, not a string"#,
+            ),
+            (
+                r#"{"topic":"t","key":7,"value":{"n":1}}"#,
+                "the line's key is a number, not a string",
+            ),
+            (
+                r#"{"topic":"t","headers":["a"],"value":{"n":1}}"#,
+                "the line's headers are an array, not an object",
+            ),
+            (r#"{"topic":"t","key":"k"}"#, "without a value"),
+            (r#"{"topic":9,"value":{}}"#, "the line's topic is a number"),
+        ] {
+            let e = poison_row(normalize(&d, &from_json_line(line, 2, "file"), "g"));
+            assert!(
+                e.last_error().unwrap().contains(why),
+                "{line}: {:?}",
+                e.last_error()
+            );
+            let b64 = e.payload()["raw_base64"].as_str().unwrap();
+            assert_eq!(
+                base64::engine::general_purpose::STANDARD
+                    .decode(b64)
+                    .unwrap(),
+                line.as_bytes(),
+                "the line is kept as read"
+            );
+        }
+        let r = from_json_line(r#"{"value":{"n":1},"amount":5}"#, 1, "file");
+        let e = event(normalize(&d, &r, "g"));
+        assert_eq!(
+            e.payload()["amount"],
+            5,
+            "a foreign message: the line is the payload"
+        );
+    }
+
+    /// A poison row keeps the message's key and every header (base64 where
+    /// they are not text), so the message can be rebuilt from the row.
+    #[test]
+    fn poison_keeps_the_key_and_every_header() {
+        let d = DomainService::default();
+        let mut r = raw(&[("event_id", "p-9"), ("trace", "t-1")], "not json");
+        r.key = Some(vec![0xff, 0x00, 0x01]);
+        r.headers.push(("bin".into(), vec![0xc3, 0x28]));
+        r.headers.push(("trace".into(), b"t-2".to_vec()));
+        let e = poison_row(normalize(&d, &r, "g"));
+        let p = e.payload();
+        assert_eq!(p["key_base64"], "/wAB");
+        assert!(p.get("key").is_none());
+        assert_eq!(
+            p["headers"],
+            json!([
+                {"name": "event_id", "value": "p-9"},
+                {"name": "trace", "value": "t-1"},
+                {"name": "bin", "value_base64": "wyg="},
+                {"name": "trace", "value": "t-2"},
+            ])
+        );
+        let r = raw(&[], "not json");
+        let p = poison_row(normalize(&d, &r, "g")).payload().clone();
+        assert_eq!(p["key"], "k");
+        assert!(p.get("headers").is_none());
+    }
+
+    /// Where a file source's poison came from: `stdin line N` or
+    /// `file:PATH line N`; a line over the limit says so, not "not JSON".
+    #[test]
+    fn file_poison_says_where_and_why() {
+        let d = DomainService::default();
+        let mut r = from_json_line("garbage", 3, "file");
+        r.origin = Some("stdin".into());
+        let e = poison_row(normalize(&d, &r, "g"));
+        assert!(
+            e.last_error()
+                .unwrap()
+                .starts_with("cannot parse message stdin line 3: "),
+            "{:?}",
+            e.last_error()
+        );
+        let mut r = from_json_line(r#"{"topic":"t","value":{"n":"#, 5, "file");
+        r.origin = Some("file:in.jsonl".into());
+        r.cut = Some(Cut {
+            len: 5_000_000,
+            limit: 4_194_304,
+            sha256: "00".into(),
+        });
+        let e = poison_row(normalize(&d, &r, "g"));
+        assert_eq!(
+            e.last_error(),
+            Some(
+                "cannot parse message file:in.jsonl line 5: the line is 5000000 bytes, longer than a line may be (4194304 bytes), so it was not parsed"
+            )
+        );
     }
 
     fn poison_row(n: Normalized) -> InboxEvent {
@@ -885,6 +1190,8 @@ mod tests {
                 payload,
                 position_is_identity: rng.bool(),
                 cut: None,
+                origin: None,
+                defect: None,
             };
             let n = std::panic::catch_unwind(|| normalize(&d, &m, "g"))
                 .unwrap_or_else(|_| panic!("case {case} (seed {seed}) panicked: {m:?}"));

@@ -137,6 +137,7 @@ impl FileSource {
                 self.line += 1;
                 let cut = Cut {
                     len: long.len,
+                    limit: MAX_LINE as u64,
                     sha256: format!("{:x}", long.digest.finalize()),
                 };
                 return Ok(Some((long.head, Some(cut))));
@@ -221,8 +222,11 @@ impl Source for FileSource {
                         // Not parsed: the line is incomplete.
                         m.payload = Some(line);
                         m.headers.clear();
+                        m.key = None;
+                        m.defect = None;
                         m.cut = cut;
                     }
+                    m.origin = Some(self.name.clone());
                     if !take(m, &mut out, &mut self.redeliver) {
                         break;
                     }

@@ -248,6 +248,8 @@ impl KafkaSource {
             payload: m.payload().map(<[u8]>::to_vec),
             position_is_identity: true,
             cut: None,
+            origin: None,
+            defect: None,
         }
     }
 
