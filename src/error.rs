@@ -132,7 +132,7 @@ pub enum Error {
     Broker(String),
 
     /// The database cannot be reached (refused, DNS, TLS, authentication, pool exhausted).
-    #[error("cannot connect to the database {url}: {source}")]
+    #[error("cannot connect to the database {url}: {}", db_text(source))]
     StorageConnection {
         /// The database URL with its password redacted.
         url: String,
@@ -142,23 +142,23 @@ pub enum Error {
     },
 
     /// A constraint of the database rejected the write (unique, check, not null).
-    #[error("the database rejected the write: {0}")]
+    #[error("the database rejected the write: {}", db_text(.0))]
     StorageIntegrity(#[source] sqlx::Error),
 
     /// A statement or the pool timed out.
-    #[error("database operation timed out: {0}")]
+    #[error("database operation timed out: {}", db_text(.0))]
     StorageTimeout(#[source] sqlx::Error),
 
     /// A transaction failed to commit (serialization failure, deadlock, lost connection).
-    #[error("database transaction failed: {0}")]
+    #[error("database transaction failed: {}", db_text(.0))]
     StorageTransaction(#[source] sqlx::Error),
 
     /// Any other database error.
-    #[error("database error: {0}")]
+    #[error("database error: {}", db_text(.0))]
     Storage(#[source] sqlx::Error),
 
     /// Applying the schema migrations failed.
-    #[error("migration failed: {0}")]
+    #[error("migration failed: {}", migrate_text(.0))]
     Migration(#[source] sqlx::migrate::MigrateError),
 
     /// The schema's objects and its recorded migrations disagree in a way
@@ -219,6 +219,30 @@ impl Error {
             Error::InboxPersist { source, .. } => source.is_outage(),
             _ => false,
         }
+    }
+}
+
+/// A driver error as an operator reads it: a server error by its message
+/// alone (sqlx's text adds "error returned from database: " and, for
+/// PostgreSQL, " at line N", the line of the server's own C source that
+/// raised it, which means nothing to a reader), anything else as the driver
+/// says it.
+pub fn db_text(e: &sqlx::Error) -> String {
+    match e {
+        sqlx::Error::Database(db) => db.message().to_string(),
+        other => other.to_string(),
+    }
+}
+
+/// [`db_text`] for a migration's error.
+pub fn migrate_text(e: &sqlx::migrate::MigrateError) -> String {
+    use sqlx::migrate::MigrateError as M;
+    match e {
+        M::Execute(e) => db_text(e),
+        M::ExecuteMigration(e, version) => {
+            format!("while executing migration {version}: {}", db_text(e))
+        }
+        other => other.to_string(),
     }
 }
 

@@ -1121,6 +1121,30 @@ mod cases {
         );
     }
 
+    /// A server error reads as the server's message, once: no "error
+    /// returned from database", no " at line N" (the line of PostgreSQL's
+    /// own C source that raised it), no cause repeated.
+    pub async fn server_errors_read_as_their_message_once(db: &TestDb) {
+        raw_script(db, "DROP TABLE omnibox_audit".into()).await;
+        for format in ["table", "json"] {
+            let r = omnibox(db, &["audit", "--format", format]);
+            assert_eq!(r.code, 1, "{}\n{}", r.stdout, r.stderr);
+            let line = r
+                .stderr
+                .lines()
+                .find(|l| l.starts_with("omnibox: error:"))
+                .unwrap_or_default();
+            assert!(
+                line.starts_with("omnibox: error: database error: "),
+                "{line}"
+            );
+            assert!(line.contains("omnibox_audit"), "{line}");
+            assert_eq!(line.matches("omnibox_audit").count(), 1, "{line}");
+            assert!(!line.contains(" at line "), "{line}");
+            assert!(!line.contains("error returned from database"), "{line}");
+        }
+    }
+
     /// `migrate --print-sql` applied by hand (as a migration tool would)
     /// records its versions: every command then sees the schema current,
     /// and `migrate` says it is up to date (it used to find version 0 and
@@ -1924,6 +1948,7 @@ backend_tests!(
     doctor_finds_what_is_wrong,
     migrate_and_doctor_compare_records_with_objects,
     print_sql_records_its_versions,
+    server_errors_read_as_their_message_once,
     dead_letters_are_kept_listed_and_replayed,
     letters_follow_their_rows,
     a_letter_replay_and_a_requeue_at_once,

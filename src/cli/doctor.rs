@@ -243,10 +243,13 @@ fn missing_sqlite_file(url: &str) -> Option<std::path::PathBuf> {
     (!path.exists()).then(|| path.to_path_buf())
 }
 
-fn err_check(check: &'static str, e: impl std::fmt::Display) -> Check {
+fn err_check<E: std::error::Error + 'static>(check: &'static str, e: &E) -> Check {
     fail(
         check,
-        format!("could not check: {}", omnibox::redact::text(&e.to_string())),
+        format!(
+            "could not check: {}",
+            omnibox::redact::text(&super::cause_text(e))
+        ),
         "see the error; the database user may lack a privilege",
     )
 }
@@ -408,7 +411,7 @@ async fn plan_check(store: &AnyStore) -> Check {
         }
     };
     match plan {
-        Err(e) => err_check("claim plan", e),
+        Err(e) => err_check("claim plan", &e),
         Ok(plan) => {
             tracing::debug!(%plan, "the claim's scan plan");
             // The main scan (alias `r`) must read the claim index in order;
@@ -456,7 +459,7 @@ async fn statistics_check(store: &AnyStore) -> Check {
     .fetch_optional(s.pool())
     .await;
     match row {
-        Err(e) => err_check("statistics", e),
+        Err(e) => err_check("statistics", &e),
         Ok(None) => ok("statistics", "no statistics collected yet"),
         Ok(Some(r)) => {
             let live: i64 = r.try_get("n_live_tup").unwrap_or(0);
@@ -516,7 +519,7 @@ async fn leases_check(store: &AnyStore) -> Check {
         };
         match n {
             Ok(n) => expired += n,
-            Err(e) => return err_check("leases", e),
+            Err(e) => return err_check("leases", &e),
         }
     }
     if expired == 0 {
@@ -532,7 +535,7 @@ async fn leases_check(store: &AnyStore) -> Check {
 
 async fn blocked_check(store: &AnyStore) -> Check {
     match store.outbox().blocked_keys(5).await {
-        Err(e) => err_check("blocked", e),
+        Err(e) => err_check("blocked", &e),
         Ok(keys) if keys.is_empty() => ok("blocked", "no key waits behind a failing head"),
         Ok(keys) => {
             let waiting: u64 = keys.iter().map(|k| k.waiting).sum();
@@ -554,7 +557,7 @@ async fn blocked_check(store: &AnyStore) -> Check {
 
 async fn backlog_check(store: &AnyStore, max: Duration) -> Check {
     match store.outbox().status_counts().await {
-        Err(e) => err_check("backlog", e),
+        Err(e) => err_check("backlog", &e),
         Ok(c) => match c.oldest_pending_age() {
             Some(age) if age > max && c.due_now > 0 => warn(
                 "backlog",
@@ -584,7 +587,7 @@ async fn retention_check(store: &AnyStore, ctx: &Context) -> Check {
         ..Default::default()
     };
     match store.audit(&filter).await {
-        Err(e) => err_check("retention", e),
+        Err(e) => err_check("retention", &e),
         Ok(entries) => {
             let last_inbox = entries
                 .iter()
@@ -648,7 +651,7 @@ async fn health_checks(store: &AnyStore) -> Vec<Check> {
         };
         let r = match row {
             Err(e) => {
-                out.push(err_check(check, e));
+                out.push(err_check(check, &e));
                 continue;
             }
             Ok(None) => continue,
@@ -818,6 +821,6 @@ async fn broker_check(store: Option<&AnyStore>, args: &DoctorArgs, ctx: &Context
             format!("{shown} does not answer: {}", omnibox::redact::text(&e)),
             "check the address, the network and -X security settings",
         ),
-        Err(e) => err_check("broker", e),
+        Err(e) => err_check("broker", &e),
     }
 }

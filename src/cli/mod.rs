@@ -348,7 +348,7 @@ pub fn main() -> ExitCode {
 pub fn chain_text(err: &anyhow::Error) -> String {
     let mut out = String::new();
     for cause in err.chain() {
-        let text = cause.to_string();
+        let text = cause_text(cause);
         let text = text.trim();
         if text.is_empty() || out.contains(text) {
             continue;
@@ -359,6 +359,24 @@ pub fn chain_text(err: &anyhow::Error) -> String {
         out.push_str(text);
     }
     out
+}
+
+/// One error's own text; a driver error's is its server message alone
+/// (see `omnibox::error::db_text`: no "at line N" of the server's source).
+pub fn cause_text(cause: &(dyn std::error::Error + 'static)) -> String {
+    if let Some(e) = cause.downcast_ref::<sqlx::Error>() {
+        omnibox::error::db_text(e)
+    } else if let Some(e) = cause.downcast_ref::<sqlx::migrate::MigrateError>() {
+        omnibox::error::migrate_text(e)
+    } else if let Some(db) = cause.downcast_ref::<Box<dyn sqlx::error::DatabaseError>>() {
+        db.message().to_string()
+    } else if let Some(db) = cause.downcast_ref::<sqlx::postgres::PgDatabaseError>() {
+        db.message().to_string()
+    } else if let Some(db) = cause.downcast_ref::<sqlx::sqlite::SqliteError>() {
+        sqlx::error::DatabaseError::message(db).to_string()
+    } else {
+        cause.to_string()
+    }
 }
 
 /// Prints `omnibox: error: ...` (and a hint where there is one) and picks
