@@ -868,6 +868,94 @@ fn inbox_poison_from_stdin_and_files_says_where_and_why() {
     assert_eq!(&prefix[..], &long.as_bytes()[..prefix.len()]);
 }
 
+/// `publish --broker stdout | head`: when stdout's reader goes away the
+/// relay stops, as other Unix tools do (it retried "downstream not
+/// answering" forever), in watch mode and with --once; what it could not
+/// write stays pending with no attempt spent.
+#[test]
+fn publish_to_stdout_stops_when_the_reader_goes() {
+    use std::io::{BufRead, BufReader};
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let lines: String = (0..3000)
+        .map(|i| {
+            format!(
+                "{{\"aggregate_type\":\"o\",\"aggregate_id\":\"{}\",\"event_type\":\"t\",\"topic\":\"t\",\"partition_key\":\"k{i}\",\"payload\":{{\"i\":{i}}}}}\n",
+                uuid::Uuid::now_v7()
+            )
+        })
+        .collect();
+    let r = omnibox(d, &["enqueue", "--jsonl", "-q"], Some(&lines), &[]);
+    assert_eq!(r.code, 0, "{}", r.render());
+    for args in [
+        &["publish", "--broker", "stdout", "--batch", "100"][..],
+        &["publish", "--once", "--broker", "stdout", "--batch", "100"][..],
+    ] {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_omnibox"))
+            .args(args)
+            .current_dir(d)
+            .env_clear()
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut out = BufReader::new(child.stdout.take().unwrap());
+        let mut first = String::new();
+        out.read_line(&mut first).unwrap();
+        assert!(first.starts_with("{\"topic\":\"t\""), "{first}");
+        drop(out);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        let status = loop {
+            if let Some(s) = child.try_wait().unwrap() {
+                break s;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{args:?} still running a minute after its reader went"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        };
+        let mut stderr = String::new();
+        std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
+        assert_eq!(status.code(), Some(0), "{args:?}: {stderr}");
+        assert!(
+            stderr.contains("stdout's reader has gone; stopped"),
+            "{stderr}"
+        );
+    }
+    let r = run(d, &["status", "--format", "json"]);
+    let v: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+    let outbox = &v["tables"][0];
+    assert_eq!(outbox["table"], "outbox");
+    assert_eq!(outbox["failed"], 0, "{v}");
+    assert_eq!(outbox["locked"], 0, "nothing left locked: {v}");
+    let (pending, completed) = (
+        outbox["pending"].as_u64().unwrap(),
+        outbox["completed"].as_u64().unwrap(),
+    );
+    assert_eq!(pending + completed, 3000, "{v}");
+    assert!(pending > 0, "{v}");
+    // No attempt was spent on what could not be written.
+    let r = run(
+        d,
+        &[
+            "list", "--status", "pending", "--limit", "3000", "--format", "json",
+        ],
+    );
+    let v: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+    assert!(
+        v["events"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|e| e["attempts_made"] == 0),
+        "{}",
+        r.stdout.len()
+    );
+}
+
 /// A duration or time that would overflow is exit 2 with one clear line on
 /// every command that takes one (it panicked, or failed at run time with
 /// `timestamp out of range`); a negative one is explained; nothing changes.

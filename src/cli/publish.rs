@@ -194,7 +194,12 @@ pub async fn run_publish(args: PublishArgs, ctx: &Context) -> Result<ExitStatus>
             args.batch
         );
     }
-    let shutdown = super::signals::shutdown_channel();
+    let mut shutdown = super::signals::shutdown_channel();
+    // Stdout's reader gone (`| head`): stop as a signal would, as other
+    // Unix tools do, instead of retrying a pipe no one reads.
+    if let AnySink::Stdout(out) = &*sink {
+        shutdown = super::signals::either(shutdown, out.closed());
+    }
     let mut wakeup = store.wakeup(Table::Outbox).await?;
     let progress = if mode == RunMode::Once && !ctx.quiet && std::io::stderr().is_terminal() {
         let due = store.outbox().counts().await?.due_now;
@@ -244,6 +249,17 @@ pub async fn run_publish(args: PublishArgs, ctx: &Context) -> Result<ExitStatus>
             report.stopped_because.as_deref().unwrap_or("unknown error")
         );
         ok = false;
+    }
+    if let AnySink::Stdout(out) = &*sink
+        && out.is_closed()
+    {
+        // The reader ended the pipeline: not an error of ours. What was not
+        // written stays pending, no attempt spent.
+        crate::cli::output::notice!(
+            "omnibox: stdout's reader has gone; stopped ({} event(s) published; the batch in hand stays pending)",
+            report.completed
+        );
+        return Ok(ExitStatus::Success);
     }
     if mode == RunMode::Once {
         for (_, reason, _) in &unavailable {

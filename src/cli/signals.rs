@@ -17,6 +17,29 @@ pub fn stop_channel() -> watch::Receiver<bool> {
     channel(None)
 }
 
+/// A channel that turns true when either `a` or `b` does.
+pub fn either(mut a: watch::Receiver<bool>, mut b: watch::Receiver<bool>) -> watch::Receiver<bool> {
+    let (tx, rx) = watch::channel(*a.borrow() || *b.borrow());
+    tokio::spawn(async move {
+        let (mut a_open, mut b_open) = (true, true);
+        loop {
+            if *a.borrow_and_update() || *b.borrow_and_update() {
+                let _ = tx.send(true);
+                return;
+            }
+            if !a_open && !b_open {
+                return;
+            }
+            tokio::select! {
+                r = a.changed(), if a_open => a_open = r.is_ok(),
+                r = b.changed(), if b_open => b_open = r.is_ok(),
+                _ = tx.closed() => return,
+            }
+        }
+    });
+    rx
+}
+
 fn channel(first: Option<&'static str>) -> watch::Receiver<bool> {
     let (tx, rx) = watch::channel(false);
     tokio::spawn(async move {

@@ -84,9 +84,35 @@ impl Sink for FileSink {
     }
 }
 
-/// Writes messages to stdout as JSON lines.
-#[derive(Debug, Clone, Default)]
-pub struct StdoutSink;
+/// Writes messages to stdout as JSON lines. When stdout's reader goes away
+/// (`omnibox publish --broker stdout | head`), the batch is not delivered
+/// (its rows stay pending, no attempt spent) and [`closed`](Self::closed)
+/// turns true, so the run can end as other Unix tools do instead of
+/// retrying a pipe no one reads.
+#[derive(Debug, Clone)]
+pub struct StdoutSink {
+    closed: Arc<tokio::sync::watch::Sender<bool>>,
+}
+
+impl Default for StdoutSink {
+    fn default() -> Self {
+        StdoutSink {
+            closed: Arc::new(tokio::sync::watch::Sender::new(false)),
+        }
+    }
+}
+
+impl StdoutSink {
+    /// Turns true once a write found stdout's reader gone (a broken pipe).
+    pub fn closed(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.closed.subscribe()
+    }
+
+    /// Whether stdout's reader has gone.
+    pub fn is_closed(&self) -> bool {
+        *self.closed.borrow()
+    }
+}
 
 impl Sink for StdoutSink {
     fn describe(&self) -> String {
@@ -94,6 +120,9 @@ impl Sink for StdoutSink {
     }
 
     async fn send(&self, messages: &[Message], _timeout: Duration) -> Vec<Delivery> {
+        if self.is_closed() {
+            return vec![Delivery::Transient("stdout's reader has gone".into()); messages.len()];
+        }
         let mut out = std::io::BufWriter::with_capacity(1 << 16, std::io::stdout().lock());
         let mut line = Vec::new();
         let written = messages
@@ -107,6 +136,11 @@ impl Sink for StdoutSink {
         match written {
             Ok(()) => vec![Delivery::Delivered; messages.len()],
             Err(e) => {
+                if e.kind() == std::io::ErrorKind::BrokenPipe {
+                    self.closed.send_replace(true);
+                }
+                // Lines of the batch may have reached the reader before the
+                // error: they come again (at least once).
                 vec![Delivery::Transient(format!("cannot write to stdout: {e}")); messages.len()]
             }
         }

@@ -114,7 +114,7 @@ impl AnySink {
         match url {
             "stdout" | "-" => {
                 no_properties("stdout")?;
-                Ok(AnySink::Stdout(StdoutSink))
+                Ok(AnySink::Stdout(StdoutSink::default()))
             }
             "null" => {
                 no_properties("null")?;
