@@ -182,7 +182,8 @@ Register-ArgumentCompleter -Native -CommandName 'omnibox' -ScriptBlock {
         'omnibox;inbox;consume' {
             [CompletionResult]::new('--from', '--from', [CompletionResultType]::ParameterName, 'kafka://HOST:PORT[,HOST:PORT], file:PATH, or - for stdin [default: the broker''s file, file:omnibox-events.jsonl]')
             [CompletionResult]::new('--topic', '--topic', [CompletionResultType]::ParameterName, 'Kafka topic to consume (repeatable)')
-            [CompletionResult]::new('--group', '--group', [CompletionResultType]::ParameterName, 'Consumer group: the inbox deduplicates per group')
+            [CompletionResult]::new('--group', '--group', [CompletionResultType]::ParameterName, 'Consumer group: the inbox deduplicates per group (--consumer-group in the commands that select inbox rows by it)')
+            [CompletionResult]::new('--consumer-group', '--consumer-group', [CompletionResultType]::ParameterName, 'Consumer group: the inbox deduplicates per group (--consumer-group in the commands that select inbox rows by it)')
             [CompletionResult]::new('-X', '-X ', [CompletionResultType]::ParameterName, 'A librdkafka property for the consumer (repeatable)')
             [CompletionResult]::new('--kafka-tls-ca', '--kafka-tls-ca', [CompletionResultType]::ParameterName, 'Kafka over TLS, verifying the brokers with this CA certificate (PEM)')
             [CompletionResult]::new('--kafka-tls-cert', '--kafka-tls-cert', [CompletionResultType]::ParameterName, 'A client certificate for Kafka (PEM; with --kafka-tls-key)')
@@ -237,6 +238,7 @@ Register-ArgumentCompleter -Native -CommandName 'omnibox' -ScriptBlock {
             [CompletionResult]::new('--batch-bytes', '--batch-bytes', [CompletionResultType]::ParameterName, 'Payload bytes per claim, e.g. 64MiB: a claim stops before the row that would pass it (one row at least, however large) [default: OMNIBOX_BATCH_BYTES, batch_bytes in omnibox.toml, or 16MiB]')
             [CompletionResult]::new('--source', '--source', [CompletionResultType]::ParameterName, 'Handle only rows from this source (the producing service, or the topic; repeatable)')
             [CompletionResult]::new('--event-type', '--event-type', [CompletionResultType]::ParameterName, 'Handle only rows of this event type (repeatable)')
+            [CompletionResult]::new('--consumer-group', '--consumer-group', [CompletionResultType]::ParameterName, 'Handle only rows of this consumer group (what `inbox consume --group` stored them under; repeatable)')
             [CompletionResult]::new('--concurrency', '--concurrency', [CompletionResultType]::ParameterName, 'Handler calls running at once')
             [CompletionResult]::new('--worker-id', '--worker-id', [CompletionResultType]::ParameterName, 'This worker''s id [default: HOST:PID]')
             [CompletionResult]::new('--lease', '--lease', [CompletionResultType]::ParameterName, 'Lease of a claim (extended while handlers run) [default: OMNIBOX_LEASE, lease in omnibox.toml, or 5m]')
@@ -356,10 +358,11 @@ Register-ArgumentCompleter -Native -CommandName 'omnibox' -ScriptBlock {
             break
         }
         'omnibox;list' {
-            [CompletionResult]::new('--table', '--table', [CompletionResultType]::ParameterName, 'Which table')
+            [CompletionResult]::new('--table', '--table', [CompletionResultType]::ParameterName, 'Which table [default: outbox; inbox with --consumer-group]')
             [CompletionResult]::new('--status', '--status', [CompletionResultType]::ParameterName, 'Only this status: pending, completed or failed')
             [CompletionResult]::new('--event-type', '--event-type', [CompletionResultType]::ParameterName, 'Only this event type')
             [CompletionResult]::new('--topic', '--topic', [CompletionResultType]::ParameterName, 'Only this topic (outbox) or source (inbox)')
+            [CompletionResult]::new('--consumer-group', '--consumer-group', [CompletionResultType]::ParameterName, 'Only inbox rows of this consumer group (the outbox has none)')
             [CompletionResult]::new('--since', '--since', [CompletionResultType]::ParameterName, 'Only rows created (dead letters: written) since: RFC 3339 (2026-01-31T12:00:00Z) or a duration ago (2h)')
             [CompletionResult]::new('--limit', '--limit', [CompletionResultType]::ParameterName, 'Most rows to show')
             [CompletionResult]::new('--after', '--after', [CompletionResultType]::ParameterName, 'Start after this sequence number (paging: pass the last seq shown)')
@@ -403,12 +406,14 @@ Register-ArgumentCompleter -Native -CommandName 'omnibox' -ScriptBlock {
             break
         }
         'omnibox;replay' {
-            [CompletionResult]::new('--table', '--table', [CompletionResultType]::ParameterName, 'Which table')
+            [CompletionResult]::new('--table', '--table', [CompletionResultType]::ParameterName, 'Which table [default: outbox; inbox with --consumer-group]')
             [CompletionResult]::new('--id', '--id', [CompletionResultType]::ParameterName, 'This row (repeatable)')
             [CompletionResult]::new('--event-type', '--event-type', [CompletionResultType]::ParameterName, 'Rows of this event type')
             [CompletionResult]::new('--topic', '--topic', [CompletionResultType]::ParameterName, 'Rows of this topic (outbox) or source (inbox)')
             [CompletionResult]::new('--error-contains', '--error-contains', [CompletionResultType]::ParameterName, 'Rows whose last error contains this text')
-            [CompletionResult]::new('--group', '--group', [CompletionResultType]::ParameterName, 'Rows of this failure group (see omnibox failures)')
+            [CompletionResult]::new('--consumer-group', '--consumer-group', [CompletionResultType]::ParameterName, 'Inbox rows of this consumer group (the outbox has none)')
+            [CompletionResult]::new('--fingerprint', '--fingerprint', [CompletionResultType]::ParameterName, 'Rows of this failure group: its fingerprint (see omnibox failures)')
+            [CompletionResult]::new('--group', '--group', [CompletionResultType]::ParameterName, 'Not a selector here: --fingerprint or --consumer-group says which')
             [CompletionResult]::new('--since', '--since', [CompletionResultType]::ParameterName, 'Rows that failed at or after this time (RFC 3339, or a duration ago such as 2h)')
             [CompletionResult]::new('--until', '--until', [CompletionResultType]::ParameterName, 'Rows that failed before this time')
             [CompletionResult]::new('--limit', '--limit', [CompletionResultType]::ParameterName, 'At most this many rows')

@@ -190,12 +190,19 @@ mod cases {
         );
         assert_eq!(r.json()["replayed"], 1);
         assert_eq!(status_of(db, &ev[4]).await, EventStatus::Pending);
-        // --group (the remaining "schema mismatch" rows of order.a: 1 and 5)
+        // --fingerprint (the remaining "schema mismatch" rows of order.a: 1 and 5)
         let fp = fingerprint::fingerprint("order.a", "schema mismatch");
         let r = omnibox(
             db,
             &[
-                "replay", "--group", &fp, "--limit", "1", "--yes", "--format", "json",
+                "replay",
+                "--fingerprint",
+                &fp,
+                "--limit",
+                "1",
+                "--yes",
+                "--format",
+                "json",
             ],
         );
         assert_eq!(r.json()["replayed"], 1, "--limit 1");
@@ -1676,9 +1683,178 @@ mod cases {
         assert_eq!(left.len(), 3, "{left:?}");
         assert!(left.iter().all(|l| l.replayed_at.is_none()));
     }
+
+    /// Consumer groups select inbox rows in `list`, `replay` (also of dead
+    /// letters) and `inbox process`; the outbox refuses them; `replay
+    /// --group` (a consumer group in `inbox consume`, a fingerprint once
+    /// here) is refused with what to write instead, and changes nothing.
+    pub async fn consumer_groups_select_inbox_rows(db: &TestDb) {
+        let domain = DomainService::default();
+        let mut fast = Vec::new();
+        let mut slow = Vec::new();
+        for i in 0..4 {
+            let group = if i % 2 == 0 { "fast" } else { "slow" };
+            let mut e = NewInboxEvent::new(format!("m{i}"), group, "billing", "t", json!({"i": i}));
+            e.max_attempts = Some(1);
+            let e = domain.create_inbox_event(e).unwrap();
+            db.store.inbox().insert(&e).await.unwrap();
+            if i % 2 == 0 {
+                fast.push(e)
+            } else {
+                slow.push(e)
+            }
+        }
+        let r = omnibox(
+            db,
+            &[
+                "inbox", "process", "--once", "--dlq", "table", "--exec", "exit 1",
+            ],
+        );
+        assert_eq!(r.code, 3, "{}", r.stderr);
+        let inbox_status =
+            |id| async move { db.store.inbox().get(id).await.unwrap().unwrap().status() };
+        for e in fast.iter().chain(&slow) {
+            assert_eq!(inbox_status(e.id()).await, EventStatus::Failed);
+        }
+        // Refused, exit 2, nothing changed.
+        let r = omnibox(db, &["replay", "--group", "fast", "--yes"]);
+        assert_eq!(r.code, 2, "{}", r.stderr);
+        assert!(r.stderr.contains("--fingerprint fast"), "{}", r.stderr);
+        assert!(r.stderr.contains("--consumer-group fast"), "{}", r.stderr);
+        assert_eq!(r.stderr.lines().count(), 1, "{}", r.stderr);
+        for args in [
+            &[
+                "replay",
+                "--table",
+                "outbox",
+                "--consumer-group",
+                "fast",
+                "--yes",
+            ][..],
+            &["list", "--table", "outbox", "--consumer-group", "fast"][..],
+        ] {
+            let r = omnibox(db, args);
+            assert_eq!(r.code, 2, "{args:?}: {}", r.stderr);
+            assert!(r.stderr.contains("no consumer group"), "{}", r.stderr);
+            assert_eq!(r.stdout, "", "{args:?}");
+        }
+        let r = omnibox(
+            db,
+            &[
+                "inbox",
+                "process",
+                "--once",
+                "--consumer-group",
+                " ",
+                "--exec",
+                "true",
+            ],
+        );
+        assert_eq!(r.code, 2, "{}", r.stderr);
+        for e in fast.iter().chain(&slow) {
+            assert_eq!(inbox_status(e.id()).await, EventStatus::Failed);
+        }
+        // list: the group's rows only, from the inbox.
+        let r = omnibox(
+            db,
+            &["list", "--consumer-group", "slow", "--format", "json"],
+        );
+        assert_eq!(r.code, 0, "{}", r.stderr);
+        let ids: Vec<String> = r.json()["events"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["id"].as_str().unwrap().to_string())
+            .collect();
+        assert_eq!(
+            ids,
+            slow.iter().map(|e| e.id().to_string()).collect::<Vec<_>>()
+        );
+        // Dead letters of a group.
+        let r = omnibox(
+            db,
+            &[
+                "list",
+                "--table",
+                "dead-letters",
+                "--consumer-group",
+                "fast",
+                "--format",
+                "json",
+            ],
+        );
+        assert_eq!(r.code, 0, "{}", r.stderr);
+        let letters: Vec<String> = r.json()["dead_letters"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|l| l["event_id"].as_str().unwrap().to_string())
+            .collect();
+        assert_eq!(
+            letters,
+            fast.iter().map(|e| e.id().to_string()).collect::<Vec<_>>()
+        );
+        // replay: the group's failed rows only.
+        let r = omnibox(
+            db,
+            &[
+                "replay",
+                "--consumer-group",
+                "fast",
+                "--yes",
+                "--format",
+                "json",
+            ],
+        );
+        assert_eq!(r.code, 0, "{}", r.stderr);
+        assert_eq!(r.json()["replayed"], 2, "{}", r.stdout);
+        for e in &fast {
+            assert_eq!(inbox_status(e.id()).await, EventStatus::Pending);
+        }
+        for e in &slow {
+            assert_eq!(inbox_status(e.id()).await, EventStatus::Failed);
+        }
+        // Dead letters of the other group, by replay.
+        let r = omnibox(
+            db,
+            &[
+                "replay",
+                "--table",
+                "dead-letters",
+                "--consumer-group",
+                "slow",
+                "--yes",
+                "--format",
+                "json",
+            ],
+        );
+        assert_eq!(r.code, 0, "{}", r.stderr);
+        assert_eq!(r.json()["replayed"], 2, "{}", r.stdout);
+        // Now all four are pending: inbox process takes one group's rows.
+        let r = omnibox(
+            db,
+            &[
+                "inbox",
+                "process",
+                "--once",
+                "--consumer-group",
+                "slow",
+                "--exec",
+                "cat >/dev/null",
+            ],
+        );
+        assert_eq!(r.code, 0, "{}", r.stderr);
+        for e in &slow {
+            assert_eq!(inbox_status(e.id()).await, EventStatus::Completed);
+        }
+        for e in &fast {
+            assert_eq!(inbox_status(e.id()).await, EventStatus::Pending);
+        }
+    }
 }
 
 backend_tests!(
+    consumer_groups_select_inbox_rows,
     doctor_finds_what_is_wrong,
     dead_letters_are_kept_listed_and_replayed,
     letters_follow_their_rows,

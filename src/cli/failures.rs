@@ -16,7 +16,7 @@ use super::{Context, ExitStatus};
 /// Group failed events by event type and error cause
 ///
 /// The cause is the last error with ids, numbers and quoted values masked;
-/// its fingerprint selects the group for `omnibox replay --group`.
+/// its fingerprint selects the group for `omnibox replay --fingerprint`.
 ///
 /// Examples:
 ///   omnibox failures

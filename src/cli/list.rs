@@ -16,13 +16,14 @@ use super::{Context, ExitStatus, UsageError, args};
 ///   omnibox list --status failed
 ///   omnibox list --table inbox --since 2h --limit 20
 ///   omnibox list --topic orders --event-type order.created --format json
+///   omnibox list --consumer-group billing --status pending   # inbox rows of a group
 ///   omnibox list --table dead-letters --since 1d     # kept by --dlq table
 #[derive(Debug, Args)]
 #[command(verbatim_doc_comment)]
 pub struct ListArgs {
-    /// Which table
-    #[arg(long, value_enum, default_value_t = RowsArg::Outbox)]
-    table: RowsArg,
+    /// Which table [default: outbox; inbox with --consumer-group]
+    #[arg(long, value_enum)]
+    table: Option<RowsArg>,
     /// Only this status: pending, completed or failed
     #[arg(long, value_parser = parse_status)]
     status: Option<EventStatus>,
@@ -32,6 +33,9 @@ pub struct ListArgs {
     /// Only this topic (outbox) or source (inbox)
     #[arg(long, alias = "source")]
     topic: Option<String>,
+    /// Only inbox rows of this consumer group (the outbox has none)
+    #[arg(long, value_name = "GROUP", value_parser = args::consumer_group)]
+    consumer_group: Option<String>,
     /// Only rows created (dead letters: written) since: RFC 3339 (2026-01-31T12:00:00Z) or a duration ago (2h)
     #[arg(long, allow_hyphen_values = true, value_parser = args::since, value_name = "TIME")]
     since: Option<Timestamp>,
@@ -79,16 +83,23 @@ fn parse_status(s: &str) -> Result<EventStatus, String> {
 }
 
 pub async fn run(args: ListArgs, ctx: &Context) -> Result<ExitStatus> {
-    let table = match args.table {
-        RowsArg::Outbox => Table::Outbox,
-        RowsArg::Inbox => Table::Inbox,
-        RowsArg::DeadLetters => return dead_letters(args, ctx).await,
+    let table = match (args.table, &args.consumer_group) {
+        (Some(RowsArg::Outbox), Some(_)) => {
+            return Err(UsageError(
+                "--consumer-group selects inbox rows, and outbox rows have no consumer group: use --table inbox (or leave --table out)".into(),
+            )
+            .into());
+        }
+        (Some(RowsArg::DeadLetters), _) => return dead_letters(args, ctx).await,
+        (Some(RowsArg::Outbox), None) | (None, None) => Table::Outbox,
+        (Some(RowsArg::Inbox), _) | (None, Some(_)) => Table::Inbox,
     };
     let store: AnyStore = ctx.store().await?;
     let filter = ListFilter {
         status: args.status,
         event_type: args.event_type.clone(),
         topic: args.topic.clone(),
+        consumer_group: args.consumer_group.clone(),
         since: args.since,
         after_seq: args.after,
         locked_by: args.locked_by.clone(),
@@ -175,6 +186,7 @@ async fn dead_letters(args: ListArgs, ctx: &Context) -> Result<ExitStatus> {
         .list(&DeadLetterFilter {
             event_type: args.event_type.clone(),
             topic: args.topic.clone(),
+            consumer_group: args.consumer_group.clone(),
             since: args.since,
             after_seq: args.after,
             limit: Some(args.limit),

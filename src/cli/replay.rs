@@ -31,16 +31,17 @@ use omnibox::store::dead_letters::{DEAD_LETTERS, DeadLetterFilter, DeadLetterRec
 ///
 /// Examples:
 ///   omnibox replay --event-type order.created --since 2h --dry-run
-///   omnibox replay --group 3fa2b91c0d4e --reason "schema fixed in v2.3" --yes
+///   omnibox replay --fingerprint 3fa2b91c0d4e --reason "schema fixed in v2.3" --yes
 ///   omnibox replay --table inbox --source billing --error-contains timeout --rate 100
+///   omnibox replay --consumer-group billing --event-type refund.issued --dry-run
 ///   omnibox replay --id 0190f1d2-7a3b-7cde-8f00-123456789abc --reason "retry by hand"
 ///   omnibox replay --table dead-letters --since 1d --reason "broker ACL fixed" --yes
 #[derive(Debug, Args)]
 #[command(verbatim_doc_comment)]
 pub struct ReplayArgs {
-    /// Which table
-    #[arg(long, value_enum, default_value_t = RowsArg::Outbox)]
-    table: RowsArg,
+    /// Which table [default: outbox; inbox with --consumer-group]
+    #[arg(long, value_enum)]
+    table: Option<RowsArg>,
     /// This row (repeatable)
     #[arg(long = "id", value_name = "UUID", value_parser = args::uuid)]
     ids: Vec<Uuid>,
@@ -53,8 +54,14 @@ pub struct ReplayArgs {
     /// Rows whose last error contains this text
     #[arg(long, value_name = "TEXT")]
     error_contains: Option<String>,
-    /// Rows of this failure group (see omnibox failures)
+    /// Inbox rows of this consumer group (the outbox has none)
+    #[arg(long, value_name = "GROUP", value_parser = args::consumer_group)]
+    consumer_group: Option<String>,
+    /// Rows of this failure group: its fingerprint (see omnibox failures)
     #[arg(long, value_name = "FINGERPRINT")]
+    fingerprint: Option<String>,
+    /// Not a selector here: --fingerprint or --consumer-group says which
+    #[arg(long, hide = true, value_name = "VALUE")]
     group: Option<String>,
     /// Rows that failed at or after this time (RFC 3339, or a duration ago such as 2h)
     #[arg(long, allow_hyphen_values = true, value_parser = args::since, value_name = "TIME")]
@@ -86,7 +93,7 @@ impl ReplayArgs {
         entry.reason = self.reason.clone();
         entry.details = json!({
             "event_type": self.event_type, "topic": self.topic, "error_contains": self.error_contains,
-            "group": self.group, "since": self.since.map(|t| time::format(&t)), "until": self.until.map(|t| time::format(&t)),
+            "consumer_group": self.consumer_group, "fingerprint": self.fingerprint, "since": self.since.map(|t| time::format(&t)), "until": self.until.map(|t| time::format(&t)),
             "all": self.all, "limit": self.limit, "rate": self.rate, "selected": selected,
         });
         entry
@@ -102,19 +109,39 @@ impl ReplayArgs {
 }
 
 pub async fn run(args: ReplayArgs, ctx: &Context) -> Result<ExitStatus> {
+    if let Some(value) = &args.group {
+        // `--group` is a consumer group in `inbox consume`: here it would
+        // silently match nothing for the one or the other meaning.
+        return Err(UsageError(format!(
+            "replay has no --group: write --fingerprint {value} for a failure group (see `omnibox failures`), or --consumer-group {value} for the inbox rows of a consumer group"
+        ))
+        .into());
+    }
+    let table = match (args.table, &args.consumer_group) {
+        (Some(RowsArg::Outbox), Some(_)) => {
+            return Err(UsageError(
+                "--consumer-group selects inbox rows, and outbox rows have no consumer group: use --table inbox (or leave --table out)".into(),
+            )
+            .into());
+        }
+        (Some(t), _) => t,
+        (None, Some(_)) => RowsArg::Inbox,
+        (None, None) => RowsArg::Outbox,
+    };
     let filter = RequeueFilter {
         ids: args.ids.clone(),
         event_type: args.event_type.clone(),
         topic: args.topic.clone(),
+        consumer_group: args.consumer_group.clone(),
         error_contains: args.error_contains.clone(),
         since: args.since,
         until: args.until,
         all: args.all,
         limit: None,
     };
-    if filter.selects_nothing() && args.group.is_none() && !args.all {
+    if filter.selects_nothing() && args.fingerprint.is_none() && !args.all {
         return Err(UsageError(
-            "replay needs a selector: --id, --event-type, --topic/--source, --error-contains, --group, --since/--until, or --all"
+            "replay needs a selector: --id, --event-type, --topic/--source, --consumer-group, --error-contains, --fingerprint, --since/--until, or --all"
                 .into(),
         )
         .into());
@@ -124,7 +151,7 @@ pub async fn run(args: ReplayArgs, ctx: &Context) -> Result<ExitStatus> {
     probe.reason = args.reason.clone();
     omnibox::store::audit::check(&probe)?;
     let store = ctx.store().await?;
-    match args.table {
+    match table {
         RowsArg::Outbox => replay(&store.outbox(), &store, &args, filter, ctx).await,
         RowsArg::Inbox => replay(&store.inbox(), &store, &args, filter, ctx).await,
         RowsArg::DeadLetters => replay_letters(&store, &args, ctx).await,
@@ -138,6 +165,7 @@ async fn replay_letters(store: &AnyStore, args: &ReplayArgs, ctx: &Context) -> R
             ids: args.ids.clone(),
             event_type: args.event_type.clone(),
             topic: args.topic.clone(),
+            consumer_group: args.consumer_group.clone(),
             error_contains: args.error_contains.clone(),
             since: args.since,
             until: args.until,
@@ -145,8 +173,8 @@ async fn replay_letters(store: &AnyStore, args: &ReplayArgs, ctx: &Context) -> R
             ..DeadLetterFilter::default()
         })
         .await?;
-    if let Some(group) = &args.group {
-        letters.retain(|l| fingerprint::fingerprint(&l.event_type, &l.error) == *group);
+    if let Some(fp) = &args.fingerprint {
+        letters.retain(|l| fingerprint::fingerprint(&l.event_type, &l.error) == *fp);
     }
     if let Some(limit) = args.limit {
         letters.truncate(limit as usize);
@@ -268,9 +296,9 @@ where
     let mut list_filter = filter.clone();
     list_filter.all = true;
     let mut rows: Vec<Event<R>> = table.list_failed(&list_filter).await?;
-    if let Some(group) = &args.group {
+    if let Some(fp) = &args.fingerprint {
         rows.retain(|e| {
-            fingerprint::fingerprint(e.event_type(), e.last_error().unwrap_or("")) == *group
+            fingerprint::fingerprint(e.event_type(), e.last_error().unwrap_or("")) == *fp
         });
     }
     if let Some(limit) = args.limit {

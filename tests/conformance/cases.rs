@@ -1171,6 +1171,48 @@ pub async fn filtered_claims_take_only_their_rows_from_an_index(db: &TestDb) {
     );
     assert!(!inbox.claimable_exists_for(&filters).await.unwrap());
     assert!(inbox.claimable_exists().await.unwrap());
+    // By consumer group: rows of other groups are left.
+    for i in 0..10 {
+        let n = NewInboxEvent::new(
+            format!("m-{i}"),
+            if i % 2 == 0 { "g2" } else { "g3" },
+            "s1",
+            "b",
+            json!({"n": i}),
+        );
+        db.store
+            .inbox()
+            .insert(&svc().create_inbox_event(n).unwrap())
+            .await
+            .unwrap();
+    }
+    let groups = FetchFilters {
+        consumer_groups: vec!["g2".into()],
+        ..filters.clone()
+    };
+    assert!(inbox.claimable_exists_for(&groups).await.unwrap());
+    let mut opts = ClaimOptions::new(w("p3"), 1000);
+    opts.filters = groups.clone();
+    let c = inbox.claim(&opts).await.unwrap();
+    assert_eq!(c.events.len(), 5, "the g2 rows of s1 and b");
+    assert!(c.events.iter().all(|e| e.consumer_group() == "g2"));
+    assert!(!inbox.claimable_exists_for(&groups).await.unwrap());
+    assert!(
+        inbox.claimable_exists_for(&filters).await.unwrap(),
+        "g3's rows"
+    );
+    let e = outbox
+        .claim(&ClaimOptions {
+            filters: FetchFilters {
+                consumer_groups: vec!["g2".into()],
+                ..FetchFilters::default()
+            },
+            ..ClaimOptions::new(w("w3"), 10)
+        })
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("cannot filter by consumer groups"), "{e}");
     let e = inbox
         .claimable_exists_for(&only(&["t1"]))
         .await
@@ -1258,6 +1300,7 @@ pub async fn filtered_claims_take_only_their_rows_from_an_index(db: &TestDb) {
                         .bind(Some(vec![source.to_string()]))
                         .bind(Some(vec!["a".to_string()]))
                         .bind(16_i64 << 20)
+                        .bind(None::<Vec<String>>)
                         .persistent(false)
                         .fetch_all(&pool)
                         .await

@@ -62,8 +62,9 @@ pub struct ConsumeArgs {
     /// Kafka topic to consume (repeatable)
     #[arg(long = "topic", value_name = "TOPIC")]
     topics: Vec<String>,
-    /// Consumer group: the inbox deduplicates per group
-    #[arg(long, default_value = "omnibox", value_name = "GROUP", value_parser = args::consumer_group)]
+    /// Consumer group: the inbox deduplicates per group (--consumer-group
+    /// in the commands that select inbox rows by it)
+    #[arg(long, visible_alias = "consumer-group", default_value = "omnibox", value_name = "GROUP", value_parser = args::consumer_group)]
     group: String,
     /// A librdkafka property for the consumer (repeatable)
     #[arg(short = 'X', value_name = "KEY=VALUE", value_parser = args::property)]

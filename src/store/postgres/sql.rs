@@ -75,7 +75,8 @@ macro_rules! payload_bytes {
 /// The claim of a table without per-key order (the inbox): unlocked due rows
 /// from the claim index, plus rows whose lease expired from the lock index,
 /// in `(scheduled_at, seq)` order up to $2 rows and, by the running sum of
-/// their payload sizes, $6 bytes (the first row whatever its size).
+/// their payload sizes, $6 bytes (the first row whatever its size); $4
+/// sources, $5 event types and $7 consumer groups filter (`NULL`: any).
 macro_rules! plain_claim {
     ($t:literal) => {
         concat!(
@@ -86,6 +87,7 @@ macro_rules! plain_claim {
                 WHERE status = 'pending' AND locked_at IS NULL AND scheduled_at <= now()
                   AND ($4::text[] IS NULL OR source = ANY($4))
                   AND ($5::text[] IS NULL OR event_type = ANY($5))
+                  AND ($7::text[] IS NULL OR consumer_group = ANY($7))
                 ORDER BY scheduled_at, seq
                 LIMIT $2
                 FOR UPDATE SKIP LOCKED
@@ -97,6 +99,7 @@ macro_rules! plain_claim {
                 WHERE locked_until <= now() AND scheduled_at <= now()
                   AND ($4::text[] IS NULL OR source = ANY($4))
                   AND ($5::text[] IS NULL OR event_type = ANY($5))
+                  AND ($7::text[] IS NULL OR consumer_group = ANY($7))
                 ORDER BY locked_until
                 LIMIT $2
                 FOR UPDATE SKIP LOCKED
@@ -129,11 +132,13 @@ macro_rules! plain_claimable_exists {
             "SELECT EXISTS (SELECT 1 FROM ",
             $t,
             " WHERE status = 'pending' AND locked_at IS NULL AND scheduled_at <= now()
-                 AND ($1::text[] IS NULL OR source = ANY($1)) AND ($2::text[] IS NULL OR event_type = ANY($2)))
+                 AND ($1::text[] IS NULL OR source = ANY($1)) AND ($2::text[] IS NULL OR event_type = ANY($2))
+                 AND ($3::text[] IS NULL OR consumer_group = ANY($3)))
              OR EXISTS (SELECT 1 FROM ",
             $t,
             " WHERE locked_until <= now() AND scheduled_at <= now()
-                 AND ($1::text[] IS NULL OR source = ANY($1)) AND ($2::text[] IS NULL OR event_type = ANY($2)))"
+                 AND ($1::text[] IS NULL OR source = ANY($1)) AND ($2::text[] IS NULL OR event_type = ANY($2))
+                 AND ($3::text[] IS NULL OR consumer_group = ANY($3)))"
         )
     };
 }
@@ -403,7 +408,8 @@ pub const OUTBOX_CLAIMABLE_EXISTS: &str = concat!(
 
 pub static OUTBOX: TableSql = table_sql!("outbox_events", "", OUTBOX_CLAIMABLE_EXISTS);
 /// The inbox claim: $1 lease seconds, $2 limit, $3 worker, $4 sources and
-/// $5 event types (`NULL`: any), $6 the byte budget.
+/// $5 event types (`NULL`: any), $6 the byte budget, $7 consumer groups
+/// (`NULL`: any).
 pub const INBOX_CLAIM: &str = plain_claim!("inbox_events");
 
 pub static INBOX: TableSql = table_sql!(
