@@ -358,14 +358,15 @@ Register-ArgumentCompleter -Native -CommandName 'omnibox' -ScriptBlock {
             break
         }
         'omnibox;list' {
-            [CompletionResult]::new('--table', '--table', [CompletionResultType]::ParameterName, 'Which table [default: outbox; inbox with --consumer-group]')
+            [CompletionResult]::new('--table', '--table', [CompletionResultType]::ParameterName, 'Which table [default: both event tables, or the one a filter belongs to]')
             [CompletionResult]::new('--status', '--status', [CompletionResultType]::ParameterName, 'Only this status: pending, completed or failed')
             [CompletionResult]::new('--event-type', '--event-type', [CompletionResultType]::ParameterName, 'Only this event type')
-            [CompletionResult]::new('--topic', '--topic', [CompletionResultType]::ParameterName, 'Only this topic (outbox) or source (inbox)')
+            [CompletionResult]::new('--topic', '--topic', [CompletionResultType]::ParameterName, 'Only this topic (the outbox; with --table inbox, the source)')
+            [CompletionResult]::new('--source', '--source', [CompletionResultType]::ParameterName, 'Only this source (the inbox; with --table outbox, the topic)')
             [CompletionResult]::new('--consumer-group', '--consumer-group', [CompletionResultType]::ParameterName, 'Only inbox rows of this consumer group (the outbox has none)')
             [CompletionResult]::new('--since', '--since', [CompletionResultType]::ParameterName, 'Only rows created (dead letters: written) since: RFC 3339 (2026-01-31T12:00:00Z) or a duration ago (2h)')
             [CompletionResult]::new('--limit', '--limit', [CompletionResultType]::ParameterName, 'Most rows to show')
-            [CompletionResult]::new('--after', '--after', [CompletionResultType]::ParameterName, 'Start after this sequence number (paging: pass the last seq shown)')
+            [CompletionResult]::new('--after', '--after', [CompletionResultType]::ParameterName, 'Start after this sequence number of one table (paging: pass the last seq shown)')
             [CompletionResult]::new('--locked-by', '--locked-by', [CompletionResultType]::ParameterName, 'Only rows locked by this worker (see `omnibox unlock --worker`)')
             [CompletionResult]::new('--database-url', '--database-url', [CompletionResultType]::ParameterName, 'Database URL: sqlite://PATH or postgres://USER:PASS@HOST/DB [default: sqlite://omnibox.db]')
             [CompletionResult]::new('--schema', '--schema', [CompletionResultType]::ParameterName, 'PostgreSQL schema that holds the tables (created by `migrate`)')
@@ -406,10 +407,11 @@ Register-ArgumentCompleter -Native -CommandName 'omnibox' -ScriptBlock {
             break
         }
         'omnibox;replay' {
-            [CompletionResult]::new('--table', '--table', [CompletionResultType]::ParameterName, 'Which table [default: outbox; inbox with --consumer-group]')
+            [CompletionResult]::new('--table', '--table', [CompletionResultType]::ParameterName, 'Which table [default: both event tables, or the one a selector belongs to]')
             [CompletionResult]::new('--id', '--id', [CompletionResultType]::ParameterName, 'This row (repeatable)')
             [CompletionResult]::new('--event-type', '--event-type', [CompletionResultType]::ParameterName, 'Rows of this event type')
-            [CompletionResult]::new('--topic', '--topic', [CompletionResultType]::ParameterName, 'Rows of this topic (outbox) or source (inbox)')
+            [CompletionResult]::new('--topic', '--topic', [CompletionResultType]::ParameterName, 'Rows of this topic (the outbox; with --table inbox, the source)')
+            [CompletionResult]::new('--source', '--source', [CompletionResultType]::ParameterName, 'Rows of this source (the inbox; with --table outbox, the topic)')
             [CompletionResult]::new('--error-contains', '--error-contains', [CompletionResultType]::ParameterName, 'Rows whose last error contains this text')
             [CompletionResult]::new('--consumer-group', '--consumer-group', [CompletionResultType]::ParameterName, 'Inbox rows of this consumer group (the outbox has none)')
             [CompletionResult]::new('--fingerprint', '--fingerprint', [CompletionResultType]::ParameterName, 'Rows of this failure group: its fingerprint (see omnibox failures)')
@@ -443,7 +445,7 @@ Register-ArgumentCompleter -Native -CommandName 'omnibox' -ScriptBlock {
             break
         }
         'omnibox;failures' {
-            [CompletionResult]::new('--table', '--table', [CompletionResultType]::ParameterName, 'Which table')
+            [CompletionResult]::new('--table', '--table', [CompletionResultType]::ParameterName, 'Which table [default: both]')
             [CompletionResult]::new('--database-url', '--database-url', [CompletionResultType]::ParameterName, 'Database URL: sqlite://PATH or postgres://USER:PASS@HOST/DB [default: sqlite://omnibox.db]')
             [CompletionResult]::new('--schema', '--schema', [CompletionResultType]::ParameterName, 'PostgreSQL schema that holds the tables (created by `migrate`)')
             [CompletionResult]::new('--config', '--config', [CompletionResultType]::ParameterName, 'Configuration file [default: ./omnibox.toml when present]')

@@ -1409,7 +1409,7 @@ _omnibox() {
             return 0
             ;;
         omnibox__subcmd__list)
-            opts="-v -q -h -V --table --status --event-type --topic --consumer-group --since --limit --after --locked-by --database-url --schema --config --format --color --log-format --verbose --quiet --dedup-window --otlp-endpoint --help --version"
+            opts="-v -q -h -V --table --status --event-type --topic --source --consumer-group --since --limit --after --locked-by --database-url --schema --config --format --color --log-format --verbose --quiet --dedup-window --otlp-endpoint --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -1428,6 +1428,10 @@ _omnibox() {
                     return 0
                     ;;
                 --topic)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --source)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
@@ -1745,7 +1749,7 @@ _omnibox() {
             return 0
             ;;
         omnibox__subcmd__replay)
-            opts="-y -v -q -h -V --table --id --event-type --topic --error-contains --consumer-group --fingerprint --group --since --until --all --limit --rate --reason --dry-run --yes --actor --database-url --schema --config --format --color --log-format --verbose --quiet --dedup-window --otlp-endpoint --help --version"
+            opts="-y -v -q -h -V --table --id --event-type --topic --source --error-contains --consumer-group --fingerprint --group --since --until --all --limit --rate --reason --dry-run --yes --actor --database-url --schema --config --format --color --log-format --verbose --quiet --dedup-window --otlp-endpoint --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -1764,6 +1768,10 @@ _omnibox() {
                     return 0
                     ;;
                 --topic)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --source)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;

@@ -341,14 +341,15 @@ set edit:completion:arg-completer[omnibox] = {|@words|
             cand --version 'Print version'
         }
         &'omnibox;list'= {
-            cand --table 'Which table [default: outbox; inbox with --consumer-group]'
+            cand --table 'Which table [default: both event tables, or the one a filter belongs to]'
             cand --status 'Only this status: pending, completed or failed'
             cand --event-type 'Only this event type'
-            cand --topic 'Only this topic (outbox) or source (inbox)'
+            cand --topic 'Only this topic (the outbox; with --table inbox, the source)'
+            cand --source 'Only this source (the inbox; with --table outbox, the topic)'
             cand --consumer-group 'Only inbox rows of this consumer group (the outbox has none)'
             cand --since 'Only rows created (dead letters: written) since: RFC 3339 (2026-01-31T12:00:00Z) or a duration ago (2h)'
             cand --limit 'Most rows to show'
-            cand --after 'Start after this sequence number (paging: pass the last seq shown)'
+            cand --after 'Start after this sequence number of one table (paging: pass the last seq shown)'
             cand --locked-by 'Only rows locked by this worker (see `omnibox unlock --worker`)'
             cand --database-url 'Database URL: sqlite://PATH or postgres://USER:PASS@HOST/DB [default: sqlite://omnibox.db]'
             cand --schema 'PostgreSQL schema that holds the tables (created by `migrate`)'
@@ -387,10 +388,11 @@ set edit:completion:arg-completer[omnibox] = {|@words|
             cand --version 'Print version'
         }
         &'omnibox;replay'= {
-            cand --table 'Which table [default: outbox; inbox with --consumer-group]'
+            cand --table 'Which table [default: both event tables, or the one a selector belongs to]'
             cand --id 'This row (repeatable)'
             cand --event-type 'Rows of this event type'
-            cand --topic 'Rows of this topic (outbox) or source (inbox)'
+            cand --topic 'Rows of this topic (the outbox; with --table inbox, the source)'
+            cand --source 'Rows of this source (the inbox; with --table outbox, the topic)'
             cand --error-contains 'Rows whose last error contains this text'
             cand --consumer-group 'Inbox rows of this consumer group (the outbox has none)'
             cand --fingerprint 'Rows of this failure group: its fingerprint (see omnibox failures)'
@@ -423,7 +425,7 @@ set edit:completion:arg-completer[omnibox] = {|@words|
             cand --version 'Print version'
         }
         &'omnibox;failures'= {
-            cand --table 'Which table'
+            cand --table 'Which table [default: both]'
             cand --database-url 'Database URL: sqlite://PATH or postgres://USER:PASS@HOST/DB [default: sqlite://omnibox.db]'
             cand --schema 'PostgreSQL schema that holds the tables (created by `migrate`)'
             cand --config 'Configuration file [default: ./omnibox.toml when present]'

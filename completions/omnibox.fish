@@ -329,16 +329,17 @@ complete -c omnibox -n "__fish_omnibox_using_subcommand doctor" -s v -l verbose 
 complete -c omnibox -n "__fish_omnibox_using_subcommand doctor" -s q -l quiet -d 'Nothing on stdout or stderr unless the command fails (then its report and the error); for cron'
 complete -c omnibox -n "__fish_omnibox_using_subcommand doctor" -s h -l help -d 'Print help (see more with \'--help\')'
 complete -c omnibox -n "__fish_omnibox_using_subcommand doctor" -s V -l version -d 'Print version'
-complete -c omnibox -n "__fish_omnibox_using_subcommand list" -l table -d 'Which table [default: outbox; inbox with --consumer-group]' -r -f -a "outbox\t''
+complete -c omnibox -n "__fish_omnibox_using_subcommand list" -l table -d 'Which table [default: both event tables, or the one a filter belongs to]' -r -f -a "outbox\t''
 inbox\t''
 dead-letters\t'omnibox_dead_letters (copies of events that failed, kept by --dlq table)'"
 complete -c omnibox -n "__fish_omnibox_using_subcommand list" -l status -d 'Only this status: pending, completed or failed' -r
 complete -c omnibox -n "__fish_omnibox_using_subcommand list" -l event-type -d 'Only this event type' -r
-complete -c omnibox -n "__fish_omnibox_using_subcommand list" -l topic -d 'Only this topic (outbox) or source (inbox)' -r
+complete -c omnibox -n "__fish_omnibox_using_subcommand list" -l topic -d 'Only this topic (the outbox; with --table inbox, the source)' -r
+complete -c omnibox -n "__fish_omnibox_using_subcommand list" -l source -d 'Only this source (the inbox; with --table outbox, the topic)' -r
 complete -c omnibox -n "__fish_omnibox_using_subcommand list" -l consumer-group -d 'Only inbox rows of this consumer group (the outbox has none)' -r
 complete -c omnibox -n "__fish_omnibox_using_subcommand list" -l since -d 'Only rows created (dead letters: written) since: RFC 3339 (2026-01-31T12:00:00Z) or a duration ago (2h)' -r
 complete -c omnibox -n "__fish_omnibox_using_subcommand list" -l limit -d 'Most rows to show' -r
-complete -c omnibox -n "__fish_omnibox_using_subcommand list" -l after -d 'Start after this sequence number (paging: pass the last seq shown)' -r
+complete -c omnibox -n "__fish_omnibox_using_subcommand list" -l after -d 'Start after this sequence number of one table (paging: pass the last seq shown)' -r
 complete -c omnibox -n "__fish_omnibox_using_subcommand list" -l locked-by -d 'Only rows locked by this worker (see `omnibox unlock --worker`)' -r
 complete -c omnibox -n "__fish_omnibox_using_subcommand list" -l database-url -d 'Database URL: sqlite://PATH or postgres://USER:PASS@HOST/DB [default: sqlite://omnibox.db]' -r
 complete -c omnibox -n "__fish_omnibox_using_subcommand list" -l schema -d 'PostgreSQL schema that holds the tables (created by `migrate`)' -r
@@ -374,12 +375,13 @@ complete -c omnibox -n "__fish_omnibox_using_subcommand show" -s v -l verbose -d
 complete -c omnibox -n "__fish_omnibox_using_subcommand show" -s q -l quiet -d 'Nothing on stdout or stderr unless the command fails (then its report and the error); for cron'
 complete -c omnibox -n "__fish_omnibox_using_subcommand show" -s h -l help -d 'Print help (see more with \'--help\')'
 complete -c omnibox -n "__fish_omnibox_using_subcommand show" -s V -l version -d 'Print version'
-complete -c omnibox -n "__fish_omnibox_using_subcommand replay" -l table -d 'Which table [default: outbox; inbox with --consumer-group]' -r -f -a "outbox\t''
+complete -c omnibox -n "__fish_omnibox_using_subcommand replay" -l table -d 'Which table [default: both event tables, or the one a selector belongs to]' -r -f -a "outbox\t''
 inbox\t''
 dead-letters\t'omnibox_dead_letters (copies of events that failed, kept by --dlq table)'"
 complete -c omnibox -n "__fish_omnibox_using_subcommand replay" -l id -d 'This row (repeatable)' -r
 complete -c omnibox -n "__fish_omnibox_using_subcommand replay" -l event-type -d 'Rows of this event type' -r
-complete -c omnibox -n "__fish_omnibox_using_subcommand replay" -l topic -d 'Rows of this topic (outbox) or source (inbox)' -r
+complete -c omnibox -n "__fish_omnibox_using_subcommand replay" -l topic -d 'Rows of this topic (the outbox; with --table inbox, the source)' -r
+complete -c omnibox -n "__fish_omnibox_using_subcommand replay" -l source -d 'Rows of this source (the inbox; with --table outbox, the topic)' -r
 complete -c omnibox -n "__fish_omnibox_using_subcommand replay" -l error-contains -d 'Rows whose last error contains this text' -r
 complete -c omnibox -n "__fish_omnibox_using_subcommand replay" -l consumer-group -d 'Inbox rows of this consumer group (the outbox has none)' -r
 complete -c omnibox -n "__fish_omnibox_using_subcommand replay" -l fingerprint -d 'Rows of this failure group: its fingerprint (see omnibox failures)' -r
@@ -409,7 +411,7 @@ complete -c omnibox -n "__fish_omnibox_using_subcommand replay" -s v -l verbose 
 complete -c omnibox -n "__fish_omnibox_using_subcommand replay" -s q -l quiet -d 'Nothing on stdout or stderr unless the command fails (then its report and the error); for cron'
 complete -c omnibox -n "__fish_omnibox_using_subcommand replay" -s h -l help -d 'Print help (see more with \'--help\')'
 complete -c omnibox -n "__fish_omnibox_using_subcommand replay" -s V -l version -d 'Print version'
-complete -c omnibox -n "__fish_omnibox_using_subcommand failures" -l table -d 'Which table' -r -f -a "outbox\t''
+complete -c omnibox -n "__fish_omnibox_using_subcommand failures" -l table -d 'Which table [default: both]' -r -f -a "outbox\t''
 inbox\t''"
 complete -c omnibox -n "__fish_omnibox_using_subcommand failures" -l database-url -d 'Database URL: sqlite://PATH or postgres://USER:PASS@HOST/DB [default: sqlite://omnibox.db]' -r
 complete -c omnibox -n "__fish_omnibox_using_subcommand failures" -l schema -d 'PostgreSQL schema that holds the tables (created by `migrate`)' -r

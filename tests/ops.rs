@@ -892,7 +892,11 @@ mod cases {
             &["replay", "--id", &uuid::Uuid::now_v7().to_string(), "--yes"],
         );
         assert_eq!(r.code, 1, "{}", r.stderr);
-        assert!(r.stderr.contains("no failed outbox event"), "{}", r.stderr);
+        assert!(
+            r.stderr.contains("no failed outbox or inbox event"),
+            "{}",
+            r.stderr
+        );
         let r = omnibox(db, &["replay", "--id", &other.to_string(), "--yes"]);
         assert_eq!(r.code, 1, "a pending row is not replayed: {}", r.stderr);
         // With --format json an error is also a JSON object on stdout.
@@ -1851,9 +1855,167 @@ mod cases {
             assert_eq!(inbox_status(e.id()).await, EventStatus::Pending);
         }
     }
+
+    /// One table rule: without --table, `failures`, `list` (also
+    /// `--locked-by`) and `replay` cover both tables, as `unlock --worker`
+    /// does, and say each row's table; a filter of one table picks it;
+    /// `--after` pages one table.
+    pub async fn commands_cover_both_tables_by_default(db: &TestDb) {
+        let domain = DomainService::default();
+        let o = new_event("order.a", "t1", "k1");
+        db.store.outbox().create(&o).await.unwrap();
+        let mut n = NewInboxEvent::new("m1", "g", "billing", "order.a", json!({"m": 1}));
+        n.max_attempts = Some(1);
+        let i = domain.create_inbox_event(n).unwrap();
+        db.store.inbox().insert(&i).await.unwrap();
+        let worker = WorkerId::new("w-9").unwrap();
+        let oc = db
+            .store
+            .outbox()
+            .claim(&ClaimOptions::new(worker.clone(), 10))
+            .await
+            .unwrap();
+        let ic = db
+            .store
+            .inbox()
+            .claim(&ClaimOptions::new(worker.clone(), 10))
+            .await
+            .unwrap();
+        assert_eq!((oc.events.len(), ic.events.len()), (1, 1));
+        // What w-9 holds: both rows, each with its table.
+        let r = omnibox(db, &["list", "--locked-by", "w-9", "--format", "json"]);
+        assert_eq!(r.code, 0, "{}", r.stderr);
+        let v = r.json();
+        assert_eq!(v["table"], "both");
+        let held: Vec<(String, String)> = v["events"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| {
+                (
+                    e["table"].as_str().unwrap().into(),
+                    e["id"].as_str().unwrap().into(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            held,
+            vec![
+                ("outbox".to_string(), o.id().to_string()),
+                ("inbox".to_string(), i.id().to_string())
+            ]
+        );
+        let r = omnibox(db, &["list", "--locked-by", "w-9"]);
+        assert!(r.stdout.contains("│ table"), "{}", r.stdout);
+        assert!(r.stdout.contains("│ inbox"), "{}", r.stdout);
+        // Both fail for good with the same error.
+        db.store
+            .outbox()
+            .fail(
+                &oc.token,
+                &[Failure::counted(o.id(), "no route to host", time::now())],
+            )
+            .await
+            .unwrap();
+        db.store
+            .inbox()
+            .fail(
+                &ic.token,
+                &[Failure::counted(i.id(), "no route to host", time::now())],
+            )
+            .await
+            .unwrap();
+        let r = omnibox(db, &["failures", "--format", "json"]);
+        assert_eq!(r.code, 0, "{}", r.stderr);
+        let v = r.json();
+        assert_eq!(v["table"], "both");
+        let groups = v["groups"].as_array().unwrap();
+        let tables: Vec<&str> = groups
+            .iter()
+            .map(|g| g["table"].as_str().unwrap())
+            .collect();
+        assert_eq!(tables, vec!["outbox", "inbox"], "{v}");
+        let fp = groups[0]["fingerprint"].as_str().unwrap().to_string();
+        assert_eq!(groups[1]["fingerprint"], fp.as_str());
+        let r = omnibox(db, &["failures", "--table", "inbox", "--format", "json"]);
+        assert_eq!(r.json()["table"], "inbox");
+        assert_eq!(r.json()["groups"].as_array().unwrap().len(), 1);
+        // list --status failed: both; a filter of one table picks it.
+        let r = omnibox(db, &["list", "--status", "failed", "--format", "json"]);
+        assert_eq!(
+            r.json()["events"].as_array().unwrap().len(),
+            2,
+            "{}",
+            r.stdout
+        );
+        for (args, table) in [
+            (
+                &[
+                    "list", "--status", "failed", "--topic", "t1", "--format", "json",
+                ][..],
+                "outbox",
+            ),
+            (
+                &[
+                    "list", "--status", "failed", "--source", "billing", "--format", "json",
+                ][..],
+                "inbox",
+            ),
+            (
+                &["list", "--topic", "t1", "--after", "0", "--format", "json"][..],
+                "outbox",
+            ),
+        ] {
+            let r = omnibox(db, args);
+            assert_eq!(r.code, 0, "{args:?}: {}", r.stderr);
+            let v = r.json();
+            assert_eq!(v["table"], table, "{args:?}");
+            assert_eq!(v["events"].as_array().unwrap().len(), 1, "{args:?}: {v}");
+            assert_eq!(v["events"][0]["table"], table, "{args:?}");
+        }
+        // Paging needs one table's seq.
+        let r = omnibox(db, &["list", "--after", "0"]);
+        assert_eq!(r.code, 2, "{}", r.stderr);
+        assert!(r.stderr.contains("--table"), "{}", r.stderr);
+        assert_eq!(r.stdout, "");
+        // replay --fingerprint: the group in both tables, one audit row each.
+        let r = omnibox(
+            db,
+            &[
+                "replay",
+                "--fingerprint",
+                &fp,
+                "--dry-run",
+                "--format",
+                "json",
+            ],
+        );
+        assert_eq!(r.code, 0, "{}", r.stderr);
+        assert_eq!(r.json()["selected"], 2, "{}", r.stdout);
+        let r = omnibox(db, &["replay", "--fingerprint", &fp, "--yes"]);
+        assert_eq!(r.code, 0, "{}", r.stderr);
+        assert!(
+            r.stdout
+                .contains("Replayed 2 event(s) (1 outbox, 1 inbox)."),
+            "{}",
+            r.stdout
+        );
+        assert_eq!(status_of(db, &o).await, EventStatus::Pending);
+        let row = db.store.inbox().get(i.id()).await.unwrap().unwrap();
+        assert_eq!(row.status(), EventStatus::Pending);
+        let audit = omnibox(db, &["audit", "--action", "replay", "--format", "json"]);
+        let entries = audit.json()["entries"].as_array().unwrap().clone();
+        let mut tables: Vec<&str> = entries
+            .iter()
+            .map(|e| e["table"].as_str().unwrap())
+            .collect();
+        tables.sort();
+        assert_eq!(tables, vec!["inbox", "outbox"], "{}", audit.stdout);
+    }
 }
 
 backend_tests!(
+    commands_cover_both_tables_by_default,
     consumer_groups_select_inbox_rows,
     doctor_finds_what_is_wrong,
     dead_letters_are_kept_listed_and_replayed,

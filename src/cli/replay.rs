@@ -7,11 +7,11 @@ use anyhow::Result;
 use clap::Args;
 use omnibox::store::audit::{AuditEntry, AuditedChange};
 use omnibox::store::{AnyStore, fingerprint};
-use omnibox::{Event, MaintenanceStore, RequeueFilter, Route, Timestamp, time};
+use omnibox::{Event, MaintenanceStore, RequeueFilter, Route, Table, Timestamp, time};
 use serde_json::json;
 use uuid::Uuid;
 
-use super::list::{RowsArg, letter_table};
+use super::list::{RowsArg, TableFilters, covered, letter_table, merge_by, tables_name};
 use super::output::{self, Format, ellipsize};
 use super::safety::SafetyArgs;
 use super::{Context, ExitStatus, UsageError, args};
@@ -19,8 +19,10 @@ use omnibox::store::dead_letters::{DEAD_LETTERS, DeadLetterFilter, DeadLetterRec
 
 /// Put failed events back to pending (attempts reset, error cleared, due now)
 ///
-/// Select rows with at least one selector, or --all. --dry-run lists what
-/// would change. --rate spreads a large replay over time so that it does not
+/// Select rows with at least one selector, or --all. Without --table both
+/// event tables are searched, unless a selector belongs to one: --topic to
+/// the outbox, --source and --consumer-group to the inbox. --dry-run lists
+/// what would change. --rate spreads a large replay over time so that it does not
 /// flood the broker. Every replay is recorded in the audit trail (omnibox audit).
 ///
 /// --table dead-letters replays the open dead letters kept by --dlq table
@@ -39,7 +41,7 @@ use omnibox::store::dead_letters::{DEAD_LETTERS, DeadLetterFilter, DeadLetterRec
 #[derive(Debug, Args)]
 #[command(verbatim_doc_comment)]
 pub struct ReplayArgs {
-    /// Which table [default: outbox; inbox with --consumer-group]
+    /// Which table [default: both event tables, or the one a selector belongs to]
     #[arg(long, value_enum)]
     table: Option<RowsArg>,
     /// This row (repeatable)
@@ -48,9 +50,12 @@ pub struct ReplayArgs {
     /// Rows of this event type
     #[arg(long, value_name = "TYPE")]
     event_type: Option<String>,
-    /// Rows of this topic (outbox) or source (inbox)
-    #[arg(long, alias = "source", value_name = "NAME")]
+    /// Rows of this topic (the outbox; with --table inbox, the source)
+    #[arg(long, value_name = "TOPIC", conflicts_with = "source")]
     topic: Option<String>,
+    /// Rows of this source (the inbox; with --table outbox, the topic)
+    #[arg(long, value_name = "SOURCE")]
+    source: Option<String>,
     /// Rows whose last error contains this text
     #[arg(long, value_name = "TEXT")]
     error_contains: Option<String>,
@@ -92,7 +97,7 @@ impl ReplayArgs {
         let mut entry = AuditEntry::new(self.safety.actor(), "replay");
         entry.reason = self.reason.clone();
         entry.details = json!({
-            "event_type": self.event_type, "topic": self.topic, "error_contains": self.error_contains,
+            "event_type": self.event_type, "topic": self.topic, "source": self.source, "error_contains": self.error_contains,
             "consumer_group": self.consumer_group, "fingerprint": self.fingerprint, "since": self.since.map(|t| time::format(&t)), "until": self.until.map(|t| time::format(&t)),
             "all": self.all, "limit": self.limit, "rate": self.rate, "selected": selected,
         });
@@ -117,21 +122,23 @@ pub async fn run(args: ReplayArgs, ctx: &Context) -> Result<ExitStatus> {
         ))
         .into());
     }
-    let table = match (args.table, &args.consumer_group) {
-        (Some(RowsArg::Outbox), Some(_)) => {
-            return Err(UsageError(
-                "--consumer-group selects inbox rows, and outbox rows have no consumer group: use --table inbox (or leave --table out)".into(),
-            )
-            .into());
-        }
-        (Some(t), _) => t,
-        (None, Some(_)) => RowsArg::Inbox,
-        (None, None) => RowsArg::Outbox,
+    let table = match args.table {
+        Some(RowsArg::Outbox) => Some(Table::Outbox),
+        Some(RowsArg::Inbox) => Some(Table::Inbox),
+        Some(RowsArg::DeadLetters) | None => None,
     };
+    let tables = covered(
+        table,
+        TableFilters {
+            topic: args.topic.is_some(),
+            source: args.source.is_some(),
+            consumer_group: args.consumer_group.is_some(),
+        },
+    )?;
     let filter = RequeueFilter {
         ids: args.ids.clone(),
         event_type: args.event_type.clone(),
-        topic: args.topic.clone(),
+        topic: args.topic.clone().or_else(|| args.source.clone()),
         consumer_group: args.consumer_group.clone(),
         error_contains: args.error_contains.clone(),
         since: args.since,
@@ -151,11 +158,10 @@ pub async fn run(args: ReplayArgs, ctx: &Context) -> Result<ExitStatus> {
     probe.reason = args.reason.clone();
     omnibox::store::audit::check(&probe)?;
     let store = ctx.store().await?;
-    match table {
-        RowsArg::Outbox => replay(&store.outbox(), &store, &args, filter, ctx).await,
-        RowsArg::Inbox => replay(&store.inbox(), &store, &args, filter, ctx).await,
-        RowsArg::DeadLetters => replay_letters(&store, &args, ctx).await,
+    if args.table == Some(RowsArg::DeadLetters) {
+        return replay_letters(&store, &args, ctx).await;
     }
+    replay(&store, &tables, &args, filter, ctx).await
 }
 
 async fn replay_letters(store: &AnyStore, args: &ReplayArgs, ctx: &Context) -> Result<ExitStatus> {
@@ -164,7 +170,7 @@ async fn replay_letters(store: &AnyStore, args: &ReplayArgs, ctx: &Context) -> R
         .list(&DeadLetterFilter {
             ids: args.ids.clone(),
             event_type: args.event_type.clone(),
-            topic: args.topic.clone(),
+            topic: args.topic.clone().or_else(|| args.source.clone()),
             consumer_group: args.consumer_group.clone(),
             error_contains: args.error_contains.clone(),
             since: args.since,
@@ -281,124 +287,187 @@ fn print_letters(
     }
 }
 
-async fn replay<R, S>(
-    table: &S,
+/// One selected row, of either table.
+struct Picked {
+    table: Table,
+    id: Uuid,
+    event_type: String,
+    attempts: String,
+    updated_at: Timestamp,
+    created_at: Timestamp,
+    last_error: Option<String>,
+}
+
+/// The failed rows of `table` the selectors pick, in insertion order.
+async fn pick<R, S>(table: &S, args: &ReplayArgs, filter: &RequeueFilter) -> Result<Vec<Picked>>
+where
+    R: Route,
+    S: MaintenanceStore<R>,
+{
+    let mut list_filter = filter.clone();
+    list_filter.all = true;
+    let rows: Vec<Event<R>> = table.list_failed(&list_filter).await?;
+    Ok(rows
+        .into_iter()
+        .filter(|e| {
+            args.fingerprint.as_ref().is_none_or(|fp| {
+                fingerprint::fingerprint(e.event_type(), e.last_error().unwrap_or("")) == *fp
+            })
+        })
+        .map(|e| Picked {
+            table: R::TABLE,
+            id: e.id(),
+            event_type: e.event_type().to_string(),
+            attempts: format!("{}/{}", e.attempts_made(), e.max_attempts()),
+            updated_at: e.updated_at(),
+            created_at: e.created_at(),
+            last_error: e.last_error().map(str::to_string),
+        })
+        .collect())
+}
+
+/// "2 failed outbox event(s)", or "3 failed event(s) (2 outbox, 1 inbox)"
+/// when rows of both tables are among `rows`.
+fn count_text(rows: &[Picked], adjective: &str) -> String {
+    let outbox = rows.iter().filter(|r| r.table == Table::Outbox).count();
+    let inbox = rows.len() - outbox;
+    match (outbox, inbox) {
+        (n, 0) if n > 0 => format!("{n} {adjective}outbox event(s)"),
+        (0, n) if n > 0 => format!("{n} {adjective}inbox event(s)"),
+        (o, i) => format!("{} {adjective}event(s) ({o} outbox, {i} inbox)", o + i),
+    }
+}
+
+async fn replay(
     store: &AnyStore,
+    tables: &[Table],
     args: &ReplayArgs,
     filter: RequeueFilter,
     ctx: &Context,
-) -> Result<ExitStatus>
-where
-    R: Route + serde::Serialize,
-    S: MaintenanceStore<R>,
-{
-    // What the selectors pick, in insertion order.
-    let mut list_filter = filter.clone();
-    list_filter.all = true;
-    let mut rows: Vec<Event<R>> = table.list_failed(&list_filter).await?;
-    if let Some(fp) = &args.fingerprint {
-        rows.retain(|e| {
-            fingerprint::fingerprint(e.event_type(), e.last_error().unwrap_or("")) == *fp
-        });
+) -> Result<ExitStatus> {
+    // What the selectors pick: each table in insertion order, both oldest
+    // first.
+    let mut outbox = Vec::new();
+    let mut inbox = Vec::new();
+    for t in tables {
+        match t {
+            Table::Outbox => outbox = pick(&store.outbox(), args, &filter).await?,
+            Table::Inbox => inbox = pick(&store.inbox(), args, &filter).await?,
+        }
     }
+    let mut rows = merge_by(outbox, inbox, |r| r.created_at);
     if let Some(limit) = args.limit {
         rows.truncate(limit as usize);
     }
-    let ids: Vec<Uuid> = rows.iter().map(|e| e.id()).collect();
-    let table_name = R::TABLE.to_string();
-    if ids.is_empty() {
-        print(ctx, &table_name, &rows, args.safety.dry_run, 0)?;
+    let names = tables
+        .iter()
+        .map(|t| t.as_str())
+        .collect::<Vec<_>>()
+        .join(" or ");
+    if rows.is_empty() {
+        print(ctx, tables, &rows, args.safety.dry_run, 0)?;
         if !args.ids.is_empty() {
             crate::cli::output::notice!(
-                "omnibox: no failed {table_name} event with {} (replay requeues failed rows only; `omnibox show ID` tells where a row stands)",
+                "omnibox: no failed {names} event with {} (replay requeues failed rows only; `omnibox show ID` tells where a row stands)",
                 args.that_id()
             );
         }
         return Ok(ExitStatus::No);
     }
     if args.safety.dry_run {
-        print(ctx, &table_name, &rows, true, 0)?;
+        print(ctx, tables, &rows, true, 0)?;
         return Ok(ExitStatus::Success);
     }
-    if !args.safety.confirm(&format!(
-        "replay {} failed {table_name} event(s)",
-        ids.len()
-    ))? {
+    if !args
+        .safety
+        .confirm(&format!("replay {}", count_text(&rows, "failed ")))?
+    {
         crate::cli::output::notice!("omnibox: nothing changed");
         return Ok(ExitStatus::No);
     }
-    // Requeue by id, in chunks paced by --rate; each chunk and its audit
-    // row commit together.
-    let chunk = args.rate.map_or(ids.len(), |r| r as usize).max(1);
-    let mut done: HashSet<Uuid> = HashSet::with_capacity(ids.len());
-    let entry = args.audit_entry(ids.len());
-    for (n, part) in ids.chunks(chunk).enumerate() {
+    // Requeue by id, in chunks paced by --rate; each chunk of a table and
+    // its audit row commit together.
+    let selected = rows.len();
+    let chunk = args.rate.map_or(selected, |r| r as usize).max(1);
+    let mut done: HashSet<Uuid> = HashSet::with_capacity(selected);
+    let entry = args.audit_entry(selected);
+    for (n, part) in rows.chunks(chunk).enumerate() {
         if n > 0 {
             tokio::time::sleep(Duration::from_secs(1)).await;
         }
-        done.extend(
-            store
-                .change_audited(
-                    R::TABLE,
-                    AuditedChange::Requeue { ids: part },
-                    entry.clone(),
-                )
-                .await?,
-        );
+        for t in Table::ALL {
+            let ids: Vec<Uuid> = part.iter().filter(|r| r.table == t).map(|r| r.id).collect();
+            if ids.is_empty() {
+                continue;
+            }
+            done.extend(
+                store
+                    .change_audited(t, AuditedChange::Requeue { ids: &ids }, entry.clone())
+                    .await?,
+            );
+        }
     }
-    let replayed: Vec<Event<R>> = rows
-        .into_iter()
-        .filter(|e| done.contains(&e.id()))
-        .collect();
-    print(ctx, &table_name, &replayed, false, ids.len())?;
-    if done.len() < ids.len() {
+    let replayed: Vec<Picked> = rows.into_iter().filter(|r| done.contains(&r.id)).collect();
+    print(ctx, tables, &replayed, false, selected)?;
+    if done.len() < selected {
         crate::cli::output::notice!(
-            "omnibox: {} of {} selected rows changed meanwhile (no longer failed) and were left alone",
-            ids.len() - done.len(),
-            ids.len()
+            "omnibox: {} of {selected} selected rows changed meanwhile (no longer failed) and were left alone",
+            selected - done.len(),
         );
         return Ok(ExitStatus::Partial);
     }
     Ok(ExitStatus::Success)
 }
 
-fn print<R: Route + serde::Serialize>(
+fn print(
     ctx: &Context,
-    table: &str,
-    rows: &[Event<R>],
+    tables: &[Table],
+    rows: &[Picked],
     dry_run: bool,
     selected: usize,
 ) -> Result<()> {
     match ctx.format() {
         Format::Json => output::json(&json!({
-            "table": table,
+            "table": tables_name(tables),
             "dry_run": dry_run,
             "replayed": if dry_run { 0 } else { rows.len() },
             "selected": if dry_run { rows.len() } else { selected },
-            "ids": rows.iter().map(|e| e.id()).collect::<Vec<_>>(),
+            "ids": rows.iter().map(|r| r.id).collect::<Vec<_>>(),
+            "tables": tables.iter().map(|t| json!({
+                "table": t,
+                "ids": rows.iter().filter(|r| r.table == *t).map(|r| r.id).collect::<Vec<_>>(),
+            })).collect::<Vec<_>>(),
         })),
         Format::Table => {
             if rows.is_empty() {
                 return output::line("No failed events match.");
             }
-            let mut t = output::table(["id", "event type", "attempts", "failed at", "last error"]);
-            for e in rows {
+            let mut t = output::table([
+                "table",
+                "id",
+                "event type",
+                "attempts",
+                "failed at",
+                "last error",
+            ]);
+            for r in rows {
                 t.add_row(vec![
-                    e.id().to_string(),
-                    e.event_type().to_string(),
-                    format!("{}/{}", e.attempts_made(), e.max_attempts()),
-                    time::format(&e.updated_at()),
-                    ellipsize(e.last_error().unwrap_or("-"), 60),
+                    r.table.to_string(),
+                    r.id.to_string(),
+                    r.event_type.clone(),
+                    r.attempts.clone(),
+                    time::format(&r.updated_at),
+                    ellipsize(r.last_error.as_deref().unwrap_or("-"), 60),
                 ]);
             }
             output::line(t)?;
             if dry_run {
                 output::line(format!(
-                    "Dry run: {} {table} event(s) would be replayed; nothing changed.",
-                    rows.len()
+                    "Dry run: {} would be replayed; nothing changed.",
+                    count_text(rows, "")
                 ))
             } else {
-                output::line(format!("Replayed {} {table} event(s).", rows.len()))
+                output::line(format!("Replayed {}.", count_text(rows, "")))
             }
         }
     }
