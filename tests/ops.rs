@@ -2012,10 +2012,59 @@ mod cases {
         tables.sort();
         assert_eq!(tables, vec!["inbox", "outbox"], "{}", audit.stdout);
     }
+
+    /// `inbox process` warns when a handler fails and the row stays
+    /// pending (it logged nothing, even at -vv, while `inbox consume
+    /// --exec` warned), throttled: one warning for a batch of failures.
+    pub async fn inbox_process_warns_of_handler_failures(db: &TestDb) {
+        let domain = DomainService::default();
+        let mut ids = Vec::new();
+        for i in 0..5 {
+            let e = domain
+                .create_inbox_event(NewInboxEvent::new(
+                    format!("m{i}"),
+                    "g",
+                    "s",
+                    "t",
+                    json!({"i": i}),
+                ))
+                .unwrap();
+            db.store.inbox().insert(&e).await.unwrap();
+            ids.push(e.id());
+        }
+        let r = omnibox(
+            db,
+            &[
+                "inbox",
+                "process",
+                "--once",
+                "--exec",
+                "echo 'ledger is read-only' >&2; exit 1",
+            ],
+        );
+        assert_eq!(r.code, 0, "{}", r.stderr);
+        let warnings: Vec<&str> = r
+            .stderr
+            .lines()
+            .filter(|l| l.contains("WARN") && l.contains("event failed"))
+            .collect();
+        assert_eq!(warnings.len(), 1, "{}", r.stderr);
+        assert!(warnings[0].contains("ledger is read-only"), "{}", r.stderr);
+        assert!(warnings[0].contains("table=inbox"), "{}", r.stderr);
+        assert!(warnings[0].contains("attempt=1"), "{}", r.stderr);
+        for id in ids {
+            let row = db.store.inbox().get(id).await.unwrap().unwrap();
+            assert_eq!(
+                (row.status(), row.attempts_made()),
+                (EventStatus::Pending, 1)
+            );
+        }
+    }
 }
 
 backend_tests!(
     commands_cover_both_tables_by_default,
+    inbox_process_warns_of_handler_failures,
     consumer_groups_select_inbox_rows,
     doctor_finds_what_is_wrong,
     dead_letters_are_kept_listed_and_replayed,

@@ -18,6 +18,7 @@ use crate::domain::{Backoff, DomainService, Retry};
 use crate::error::{Error, Result};
 use crate::metrics::MetricsRecorder;
 use crate::model::{InboxEvent, InboxRoute, WorkerId, time};
+use crate::pipeline::throttle::Throttle;
 use crate::pipeline::{DeadLetterStore, DeadLetterTopic, Letter, Verdict, put_dead_letters};
 use crate::pipeline::{Heartbeat, Outcome};
 use crate::relay::AnySink;
@@ -178,31 +179,6 @@ pub struct InboxConsumer<S: Source, H: Handler> {
     parser: Arc<dyn EnvelopeParser>,
     /// Shared bound on handler runs at once (`with_concurrency_limit`).
     limit: Option<Arc<tokio::sync::Semaphore>>,
-}
-
-/// Rate limit of a repeated warning.
-#[derive(Debug, Default)]
-struct Throttle {
-    last: Option<Instant>,
-    suppressed: u64,
-}
-
-impl Throttle {
-    const EVERY: Duration = Duration::from_secs(10);
-
-    /// Some(number suppressed since the last one) when this one may be logged.
-    fn allow(&mut self) -> Option<u64> {
-        let now = Instant::now();
-        if self
-            .last
-            .is_some_and(|l| now.duration_since(l) < Self::EVERY)
-        {
-            self.suppressed += 1;
-            return None;
-        }
-        self.last = Some(now);
-        Some(std::mem::take(&mut self.suppressed))
-    }
 }
 
 impl<S: Source, H: Handler> InboxConsumer<S, H> {
@@ -1220,24 +1196,5 @@ async fn handle_alive<S: Source, H: Handler>(
                 }
             }
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// A warning repeated on every redelivery is logged once per period,
-    /// the next one saying how many were left out.
-    #[test]
-    fn repeated_warnings_are_throttled() {
-        let mut t = Throttle::default();
-        assert_eq!(t.allow(), Some(0));
-        for _ in 0..1000 {
-            assert_eq!(t.allow(), None);
-        }
-        t.last = Some(Instant::now() - Throttle::EVERY);
-        assert_eq!(t.allow(), Some(1000));
-        assert_eq!(t.allow(), None);
     }
 }
