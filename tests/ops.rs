@@ -128,6 +128,26 @@ async fn failed_rows(db: &TestDb) -> Vec<OutboxEvent> {
     events
 }
 
+/// The cells of a one-row summary table, by column name.
+fn summary_cells(table: &str) -> std::collections::HashMap<String, String> {
+    let rows: Vec<Vec<String>> = table
+        .lines()
+        .filter(|l| l.starts_with('│'))
+        .map(|l| {
+            l.trim_matches('│')
+                .split('┆')
+                .map(|c| c.trim().to_string())
+                .collect()
+        })
+        .collect();
+    assert_eq!(rows.len(), 2, "a header and one row: {table}");
+    rows[0]
+        .iter()
+        .cloned()
+        .zip(rows[1].iter().cloned())
+        .collect()
+}
+
 async fn status_of(db: &TestDb, e: &OutboxEvent) -> EventStatus {
     db.store
         .outbox()
@@ -2060,10 +2080,115 @@ mod cases {
             );
         }
     }
+
+    /// Run summaries name failed attempts (the event stays pending:
+    /// `retrying`) apart from events now `failed` (what `status` counts):
+    /// `failed` in a summary's table is the latter; the JSON adds
+    /// `retrying` and keeps `failed` as it was.
+    pub async fn run_summaries_name_retrying_apart_from_failed(db: &TestDb) {
+        let domain = DomainService::default();
+        let add = |id: String, max: i32| {
+            let mut n = NewInboxEvent::new(id, "g", "s", "t", json!({"a": 1}));
+            n.max_attempts = Some(max);
+            domain.create_inbox_event(n).unwrap()
+        };
+        for (i, max) in [1, 1, 6, 6, 6].into_iter().enumerate() {
+            db.store
+                .inbox()
+                .insert(&add(format!("m{i}"), max))
+                .await
+                .unwrap();
+        }
+        let r = omnibox(
+            db,
+            &[
+                "inbox", "process", "--once", "--exec", "exit 1", "--format", "json",
+            ],
+        );
+        assert_eq!(r.code, 3, "{}", r.stderr);
+        let v = r.json();
+        assert_eq!(
+            (v["retrying"].as_u64(), v["dead"].as_u64()),
+            (Some(3), Some(2)),
+            "{v}"
+        );
+        assert_eq!(v["failed"], 3, "the JSON's first name of retrying: {v}");
+        assert_eq!(db.store.inbox().counts().await.unwrap().failed, 2);
+        db.store.inbox().insert(&add("m5".into(), 1)).await.unwrap();
+        let r = omnibox(db, &["inbox", "process", "--once", "--exec", "exit 1"]);
+        let cells = summary_cells(&r.stdout);
+        assert_eq!(cells["retrying"], "0", "{}", r.stdout);
+        assert_eq!(cells["failed"], "1", "{}", r.stdout);
+        assert!(!cells.contains_key("dead"), "{}", r.stdout);
+        // publish, then consume what it wrote.
+        let dir = tempfile::tempdir().unwrap();
+        let file = format!("file:{}", dir.path().join("events.jsonl").display());
+        for k in ["k1", "k2"] {
+            db.store
+                .outbox()
+                .create(&new_event("t", "orders", k))
+                .await
+                .unwrap();
+        }
+        let r = omnibox(db, &["publish", "--once", "--broker", &file]);
+        assert_eq!(r.code, 0, "{}", r.stderr);
+        let cells = summary_cells(&r.stdout);
+        assert_eq!(
+            (
+                cells["published"].as_str(),
+                cells["retrying"].as_str(),
+                cells["failed"].as_str()
+            ),
+            ("2", "0", "0"),
+            "{}",
+            r.stdout
+        );
+        let consume = |group: &str, json: bool| {
+            let mut args = vec![
+                "inbox",
+                "consume",
+                "--from",
+                &file,
+                "--once",
+                "--group",
+                group,
+                "--max-attempts",
+                "1",
+                "--exec",
+                "exit 1",
+            ];
+            if json {
+                args.extend(["--format", "json"]);
+            }
+            omnibox(db, &args)
+        };
+        let r = consume("c1", true);
+        assert_eq!(r.code, 0, "{}", r.stderr);
+        let v = r.json();
+        assert_eq!(
+            (v["retrying"].as_u64(), v["dead"].as_u64()),
+            (Some(0), Some(2)),
+            "{v}"
+        );
+        assert_eq!(v["failed"], 2, "every handler failure, as before: {v}");
+        let r = consume("c2", false);
+        let cells = summary_cells(&r.stdout);
+        assert_eq!(
+            (
+                cells["processed"].as_str(),
+                cells["retrying"].as_str(),
+                cells["failed"].as_str()
+            ),
+            ("0", "0", "2"),
+            "{}",
+            r.stdout
+        );
+    }
 }
 
 backend_tests!(
     commands_cover_both_tables_by_default,
+    run_summaries_name_retrying_apart_from_failed,
     inbox_process_warns_of_handler_failures,
     consumer_groups_select_inbox_rows,
     doctor_finds_what_is_wrong,

@@ -139,8 +139,17 @@ pub struct ConsumeReport {
     pub processed: u64,
     /// Handled and skipped by the handler's choice.
     pub skipped: u64,
-    /// Handler failures (rows left for retry, or rolled back and redelivered).
+    /// Handler failures, whatever followed: `retrying` plus `dead`. Kept
+    /// because the JSON summary's fields are never renamed; the summary's
+    /// table shows the two apart.
     pub failed: u64,
+    /// Handler failures that left their row pending, to be tried again
+    /// (rows left for retry, or rolled back and redelivered).
+    pub retrying: u64,
+    /// Handler failures that made their row `failed` (its attempts spent,
+    /// or failing transiently past `transient_limit`): what `status`
+    /// counts as failed.
+    pub dead: u64,
     /// Messages rewound to be delivered again (a handler failure waiting for
     /// its retry time, a row held by another consumer).
     pub redelivered: u64,
@@ -823,6 +832,11 @@ impl<S: Source, H: Handler> InboxConsumer<S, H> {
                     report.failed += 1;
                     let failure = self.failure(&w.event, error, retry);
                     let last = Self::is_final(&w.event, &failure);
+                    if last {
+                        report.dead += 1;
+                    } else {
+                        report.retrying += 1;
+                    }
                     let wait = retry_wait(&failure);
                     if !last {
                         self.warn_failure(&w.event, &failure.error, wait);
@@ -941,10 +955,12 @@ impl<S: Source, H: Handler> InboxConsumer<S, H> {
                         Err(e) => return Err(e),
                     };
                     if !written.failed.is_empty() {
+                        report.dead += 1;
                         self.forward_failed(&[(failure, &w.event)], &written.failed)
                             .await;
                         continue;
                     }
+                    report.retrying += 1;
                     self.warn_failure(&w.event, &failure.error, wait);
                     stop = Some((w.index, wait));
                     break;
@@ -1080,6 +1096,8 @@ impl<S: Source, H: Handler> InboxConsumer<S, H> {
         self.store.complete(&token, &done).await?;
         let failed_ids: Vec<Uuid> = failures.iter().map(|f| f.id).collect();
         let fail_report = self.store.fail(&token, &failures).await?;
+        report.dead += fail_report.failed.len() as u64;
+        report.retrying += (failures.len() - fail_report.failed.len()) as u64;
         if !fail_report.failed.is_empty() {
             let rows: Vec<&InboxEvent> = events
                 .iter()

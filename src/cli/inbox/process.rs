@@ -235,8 +235,8 @@ fn print_summary(ctx: &Context, r: &RunReport, worker: &WorkerId) -> Result<()> 
             let mut t = output::table([
                 "processed",
                 "skipped",
+                "retrying",
                 "failed",
-                "dead",
                 "transient",
                 "batches",
                 "elapsed",
@@ -245,7 +245,7 @@ fn print_summary(ctx: &Context, r: &RunReport, worker: &WorkerId) -> Result<()> 
             t.add_row(vec![
                 r.completed.to_string(),
                 r.skipped.to_string(),
-                r.failed.to_string(),
+                r.retrying.to_string(),
                 r.dead.to_string(),
                 r.transient.to_string(),
                 r.batches.to_string(),
