@@ -1749,7 +1749,7 @@ _omnibox() {
             return 0
             ;;
         omnibox__subcmd__replay)
-            opts="-y -v -q -h -V --table --id --event-type --topic --source --error-contains --consumer-group --fingerprint --group --since --until --all --limit --rate --reason --dry-run --yes --actor --database-url --schema --config --format --color --log-format --verbose --quiet --dedup-window --otlp-endpoint --help --version"
+            opts="-y -v -q -h -V --table --id --event-type --topic --source --error-contains --consumer-group --fingerprint --group --since --until --all --pending --limit --rate --reason --dry-run --yes --actor --database-url --schema --config --format --color --log-format --verbose --quiet --dedup-window --otlp-endpoint --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0

@@ -412,6 +412,7 @@ set edit:completion:arg-completer[omnibox] = {|@words|
             cand --dedup-window 'The inbox''s deduplication window: inbox rows are kept at least this long (cleanup refuses less), so a message redelivered within it is a duplicate [default: 7d]'
             cand --otlp-endpoint 'Export OpenTelemetry spans with OTLP over HTTP to this collector (base URL; /v1/traces is added) [default: OTEL_EXPORTER_OTLP_ENDPOINT; off when neither is set]'
             cand --all 'Every failed row (explicitly)'
+            cand --pending 'Select pending rows waiting for a retry instead of failed ones, and make them due now (attempts and last error stay)'
             cand --dry-run 'Show what would change, change nothing'
             cand -y 'Do not ask for confirmation (needed without a terminal, e.g. in cron)'
             cand --yes 'Do not ask for confirmation (needed without a terminal, e.g. in cron)'

@@ -405,6 +405,7 @@ json\t''"
 complete -c omnibox -n "__fish_omnibox_using_subcommand replay" -l dedup-window -d 'The inbox\'s deduplication window: inbox rows are kept at least this long (cleanup refuses less), so a message redelivered within it is a duplicate [default: 7d]' -r
 complete -c omnibox -n "__fish_omnibox_using_subcommand replay" -l otlp-endpoint -d 'Export OpenTelemetry spans with OTLP over HTTP to this collector (base URL; /v1/traces is added) [default: OTEL_EXPORTER_OTLP_ENDPOINT; off when neither is set]' -r
 complete -c omnibox -n "__fish_omnibox_using_subcommand replay" -l all -d 'Every failed row (explicitly)'
+complete -c omnibox -n "__fish_omnibox_using_subcommand replay" -l pending -d 'Select pending rows waiting for a retry instead of failed ones, and make them due now (attempts and last error stay)'
 complete -c omnibox -n "__fish_omnibox_using_subcommand replay" -l dry-run -d 'Show what would change, change nothing'
 complete -c omnibox -n "__fish_omnibox_using_subcommand replay" -s y -l yes -d 'Do not ask for confirmation (needed without a terminal, e.g. in cron)'
 complete -c omnibox -n "__fish_omnibox_using_subcommand replay" -s v -l verbose -d 'More logging (-v info, -vv debug, -vvv trace)'

@@ -2184,10 +2184,203 @@ mod cases {
             r.stdout
         );
     }
+
+    /// `replay --pending`: a pending row waiting for its backoff (the
+    /// handler or broker since fixed) is made due now, in both tables,
+    /// keeping its attempts and error, with an audit row; rows never tried,
+    /// rows in flight and failed rows are left alone.
+    pub async fn replay_pending_makes_waiting_rows_due_now(db: &TestDb) {
+        let domain = DomainService::default();
+        let later = time::now() + chrono::Duration::hours(1);
+        let outbox_event = |key: &str| {
+            let n = NewOutboxEvent::new(
+                "order",
+                uuid::Uuid::now_v7(),
+                "order.a",
+                "t1",
+                key,
+                json!({"k": key}),
+            );
+            domain.create_outbox_event(n).unwrap()
+        };
+        let waiting = outbox_event("k1");
+        let in_flight = outbox_event("k2");
+        let mut n = NewOutboxEvent::new(
+            "order",
+            uuid::Uuid::now_v7(),
+            "order.a",
+            "t1",
+            "k3",
+            json!({"k": 3}),
+        );
+        n.scheduled_at = Some(later);
+        let untried = domain.create_outbox_event(n).unwrap();
+        let outbox = db.store.outbox();
+        outbox
+            .create_many(&[waiting.clone(), in_flight.clone(), untried.clone()])
+            .await
+            .unwrap();
+        let c = outbox
+            .claim(&ClaimOptions::new(WorkerId::new("w1").unwrap(), 10))
+            .await
+            .unwrap();
+        assert_eq!(c.events.len(), 2);
+        outbox
+            .fail(
+                &c.token,
+                &[Failure::counted(waiting.id(), "broker said no", later)],
+            )
+            .await
+            .unwrap();
+        let inbox_row = domain
+            .create_inbox_event(NewInboxEvent::new(
+                "m1",
+                "g",
+                "billing",
+                "refund.issued",
+                json!({"m": 1}),
+            ))
+            .unwrap();
+        db.store.inbox().insert(&inbox_row).await.unwrap();
+        let ic = db
+            .store
+            .inbox()
+            .claim(&ClaimOptions::new(WorkerId::new("p1").unwrap(), 10))
+            .await
+            .unwrap();
+        db.store
+            .inbox()
+            .fail(
+                &ic.token,
+                &[Failure::counted(
+                    inbox_row.id(),
+                    "ledger is read-only",
+                    later,
+                )],
+            )
+            .await
+            .unwrap();
+        // Not failed: plain replay refuses it and says what to use.
+        let wid = waiting.id().to_string();
+        let r = omnibox(db, &["replay", "--id", &wid, "--yes"]);
+        assert_eq!(r.code, 1, "{}", r.stderr);
+        assert!(r.stderr.contains("--pending"), "{}", r.stderr);
+        let r = omnibox(
+            db,
+            &[
+                "replay",
+                "--pending",
+                "--table",
+                "dead-letters",
+                "--all",
+                "--yes",
+            ],
+        );
+        assert_eq!(r.code, 2, "{}", r.stderr);
+        let r = omnibox(
+            db,
+            &[
+                "replay",
+                "--pending",
+                "--all",
+                "--dry-run",
+                "--format",
+                "json",
+            ],
+        );
+        assert_eq!(r.code, 0, "{}", r.stderr);
+        let mut picked: Vec<String> = r.json()["ids"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_str().unwrap().to_string())
+            .collect();
+        picked.sort();
+        let mut expected = vec![wid.clone(), inbox_row.id().to_string()];
+        expected.sort();
+        assert_eq!(picked, expected, "{}", r.stdout);
+        assert!(
+            outbox
+                .get(waiting.id())
+                .await
+                .unwrap()
+                .unwrap()
+                .scheduled_at()
+                > time::now()
+        );
+        let r = omnibox(
+            db,
+            &[
+                "replay",
+                "--pending",
+                "--all",
+                "--reason",
+                "broker fixed",
+                "--yes",
+                "--format",
+                "json",
+            ],
+        );
+        assert_eq!(r.code, 0, "{}", r.stderr);
+        let v = r.json();
+        assert_eq!(
+            (v["replayed"].as_u64(), v["pending"].as_bool()),
+            (Some(2), Some(true)),
+            "{v}"
+        );
+        let now = time::now();
+        let row = outbox.get(waiting.id()).await.unwrap().unwrap();
+        assert_eq!(row.status(), EventStatus::Pending);
+        assert!(row.scheduled_at() <= now, "due now");
+        assert_eq!(
+            (row.attempts_made(), row.last_error()),
+            (1, Some("broker said no"))
+        );
+        let row = db.store.inbox().get(inbox_row.id()).await.unwrap().unwrap();
+        assert!(row.scheduled_at() <= now, "due now");
+        assert_eq!(
+            (row.attempts_made(), row.last_error()),
+            (1, Some("ledger is read-only"))
+        );
+        let row = outbox.get(untried.id()).await.unwrap().unwrap();
+        assert_eq!(
+            row.scheduled_at(),
+            untried.scheduled_at(),
+            "a row never tried keeps its time"
+        );
+        assert!(
+            outbox
+                .get(in_flight.id())
+                .await
+                .unwrap()
+                .unwrap()
+                .is_locked()
+        );
+        // A relay takes it now.
+        let c = outbox
+            .claim(&ClaimOptions::new(WorkerId::new("w2").unwrap(), 10))
+            .await
+            .unwrap();
+        assert_eq!(
+            c.events.iter().map(|e| e.id()).collect::<Vec<_>>(),
+            vec![waiting.id()]
+        );
+        let audit = omnibox(
+            db,
+            &["audit", "--action", "replay-pending", "--format", "json"],
+        );
+        let entries = audit.json()["entries"].as_array().unwrap().clone();
+        assert_eq!(entries.len(), 2, "one per table: {}", audit.stdout);
+        assert!(entries.iter().all(|e| e["reason"] == "broker fixed"));
+        // Nothing waits any more.
+        let r = omnibox(db, &["replay", "--pending", "--all", "--yes"]);
+        assert_eq!(r.code, 1, "{}", r.stderr);
+    }
 }
 
 backend_tests!(
     commands_cover_both_tables_by_default,
+    replay_pending_makes_waiting_rows_due_now,
     run_summaries_name_retrying_apart_from_failed,
     inbox_process_warns_of_handler_failures,
     consumer_groups_select_inbox_rows,

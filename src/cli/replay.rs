@@ -19,6 +19,11 @@ use omnibox::store::dead_letters::{DEAD_LETTERS, DeadLetterFilter, DeadLetterRec
 
 /// Put failed events back to pending (attempts reset, error cleared, due now)
 ///
+/// With --pending, pending events waiting for a retry (a handler or the
+/// broker failed, and the backoff has not run out) are made due now
+/// instead, keeping their attempts and last error: what to run once the
+/// cause is fixed, rather than wait for the backoff.
+///
 /// Select rows with at least one selector, or --all. Without --table both
 /// event tables are searched, unless a selector belongs to one: --topic to
 /// the outbox, --source and --consumer-group to the inbox. --dry-run lists
@@ -36,6 +41,7 @@ use omnibox::store::dead_letters::{DEAD_LETTERS, DeadLetterFilter, DeadLetterRec
 ///   omnibox replay --fingerprint 3fa2b91c0d4e --reason "schema fixed in v2.3" --yes
 ///   omnibox replay --table inbox --source billing --error-contains timeout --rate 100
 ///   omnibox replay --consumer-group billing --event-type refund.issued --dry-run
+///   omnibox replay --pending --event-type refund.issued --reason "ledger back" --yes
 ///   omnibox replay --id 0190f1d2-7a3b-7cde-8f00-123456789abc --reason "retry by hand"
 ///   omnibox replay --table dead-letters --since 1d --reason "broker ACL fixed" --yes
 #[derive(Debug, Args)]
@@ -77,6 +83,10 @@ pub struct ReplayArgs {
     /// Every failed row (explicitly)
     #[arg(long)]
     all: bool,
+    /// Select pending rows waiting for a retry instead of failed ones, and
+    /// make them due now (attempts and last error stay)
+    #[arg(long)]
+    pending: bool,
     /// At most this many rows
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
     limit: Option<u32>,
@@ -94,7 +104,7 @@ impl ReplayArgs {
     /// The audit entry of this replay: the selectors and how many rows
     /// they picked.
     fn audit_entry(&self, selected: usize) -> AuditEntry {
-        let mut entry = AuditEntry::new(self.safety.actor(), "replay");
+        let mut entry = AuditEntry::new(self.safety.actor(), self.action());
         entry.reason = self.reason.clone();
         entry.details = json!({
             "event_type": self.event_type, "topic": self.topic, "source": self.source, "error_contains": self.error_contains,
@@ -102,6 +112,15 @@ impl ReplayArgs {
             "all": self.all, "limit": self.limit, "rate": self.rate, "selected": selected,
         });
         entry
+    }
+
+    /// The audit trail's action: `replay`, or `replay-pending`.
+    fn action(&self) -> &'static str {
+        if self.pending {
+            "replay-pending"
+        } else {
+            "replay"
+        }
     }
 
     fn that_id(&self) -> &'static str {
@@ -153,8 +172,14 @@ pub async fn run(args: ReplayArgs, ctx: &Context) -> Result<ExitStatus> {
         )
         .into());
     }
+    if args.pending && args.table == Some(RowsArg::DeadLetters) {
+        return Err(UsageError(
+            "--pending selects pending event rows waiting for a retry; dead letters are failed events (replay them without --pending)".into(),
+        )
+        .into());
+    }
     // The audit row is checked before anything changes.
-    let mut probe = AuditEntry::new(args.safety.actor(), "replay");
+    let mut probe = AuditEntry::new(args.safety.actor(), args.action());
     probe.reason = args.reason.clone();
     omnibox::store::audit::check(&probe)?;
     let store = ctx.store().await?;
@@ -295,10 +320,12 @@ struct Picked {
     attempts: String,
     updated_at: Timestamp,
     created_at: Timestamp,
+    scheduled_at: Timestamp,
     last_error: Option<String>,
 }
 
-/// The failed rows of `table` the selectors pick, in insertion order.
+/// The rows of `table` the selectors pick (failed ones, or with
+/// `--pending` pending ones waiting for a retry), in insertion order.
 async fn pick<R, S>(table: &S, args: &ReplayArgs, filter: &RequeueFilter) -> Result<Vec<Picked>>
 where
     R: Route,
@@ -306,7 +333,11 @@ where
 {
     let mut list_filter = filter.clone();
     list_filter.all = true;
-    let rows: Vec<Event<R>> = table.list_failed(&list_filter).await?;
+    let rows: Vec<Event<R>> = if args.pending {
+        table.list_waiting(&list_filter).await?
+    } else {
+        table.list_failed(&list_filter).await?
+    };
     Ok(rows
         .into_iter()
         .filter(|e| {
@@ -321,6 +352,7 @@ where
             attempts: format!("{}/{}", e.attempts_made(), e.max_attempts()),
             updated_at: e.updated_at(),
             created_at: e.created_at(),
+            scheduled_at: e.scheduled_at(),
             last_error: e.last_error().map(str::to_string),
         })
         .collect())
@@ -365,23 +397,32 @@ async fn replay(
         .collect::<Vec<_>>()
         .join(" or ");
     if rows.is_empty() {
-        print(ctx, tables, &rows, args.safety.dry_run, 0)?;
+        print(ctx, args, tables, &rows, args.safety.dry_run, 0)?;
         if !args.ids.is_empty() {
-            crate::cli::output::notice!(
-                "omnibox: no failed {names} event with {} (replay requeues failed rows only; `omnibox show ID` tells where a row stands)",
-                args.that_id()
-            );
+            if args.pending {
+                crate::cli::output::notice!(
+                    "omnibox: no pending {names} event waiting for a retry with {} (--pending takes unlocked pending rows that failed and wait for their backoff; `omnibox show ID` tells where a row stands)",
+                    args.that_id()
+                );
+            } else {
+                crate::cli::output::notice!(
+                    "omnibox: no failed {names} event with {} (replay requeues failed rows; --pending retries pending ones waiting for their backoff now; `omnibox show ID` tells where a row stands)",
+                    args.that_id()
+                );
+            }
         }
         return Ok(ExitStatus::No);
     }
     if args.safety.dry_run {
-        print(ctx, tables, &rows, true, 0)?;
+        print(ctx, args, tables, &rows, true, 0)?;
         return Ok(ExitStatus::Success);
     }
-    if !args
-        .safety
-        .confirm(&format!("replay {}", count_text(&rows, "failed ")))?
-    {
+    let question = if args.pending {
+        format!("make {} due now", count_text(&rows, "pending "))
+    } else {
+        format!("replay {}", count_text(&rows, "failed "))
+    };
+    if !args.safety.confirm(&question)? {
         crate::cli::output::notice!("omnibox: nothing changed");
         return Ok(ExitStatus::No);
     }
@@ -400,19 +441,25 @@ async fn replay(
             if ids.is_empty() {
                 continue;
             }
-            done.extend(
-                store
-                    .change_audited(t, AuditedChange::Requeue { ids: &ids }, entry.clone())
-                    .await?,
-            );
+            let change = if args.pending {
+                AuditedChange::RetryNow { ids: &ids }
+            } else {
+                AuditedChange::Requeue { ids: &ids }
+            };
+            done.extend(store.change_audited(t, change, entry.clone()).await?);
         }
     }
     let replayed: Vec<Picked> = rows.into_iter().filter(|r| done.contains(&r.id)).collect();
-    print(ctx, tables, &replayed, false, selected)?;
+    print(ctx, args, tables, &replayed, false, selected)?;
     if done.len() < selected {
         crate::cli::output::notice!(
-            "omnibox: {} of {selected} selected rows changed meanwhile (no longer failed) and were left alone",
+            "omnibox: {} of {selected} selected rows changed meanwhile (no longer {}) and were left alone",
             selected - done.len(),
+            if args.pending {
+                "pending, unlocked and due later"
+            } else {
+                "failed"
+            }
         );
         return Ok(ExitStatus::Partial);
     }
@@ -421,53 +468,73 @@ async fn replay(
 
 fn print(
     ctx: &Context,
+    args: &ReplayArgs,
     tables: &[Table],
     rows: &[Picked],
     dry_run: bool,
     selected: usize,
 ) -> Result<()> {
     match ctx.format() {
-        Format::Json => output::json(&json!({
-            "table": tables_name(tables),
-            "dry_run": dry_run,
-            "replayed": if dry_run { 0 } else { rows.len() },
-            "selected": if dry_run { rows.len() } else { selected },
-            "ids": rows.iter().map(|r| r.id).collect::<Vec<_>>(),
-            "tables": tables.iter().map(|t| json!({
-                "table": t,
-                "ids": rows.iter().filter(|r| r.table == *t).map(|r| r.id).collect::<Vec<_>>(),
-            })).collect::<Vec<_>>(),
-        })),
+        Format::Json => {
+            let mut v = json!({
+                "table": tables_name(tables),
+                "dry_run": dry_run,
+                "replayed": if dry_run { 0 } else { rows.len() },
+                "selected": if dry_run { rows.len() } else { selected },
+                "ids": rows.iter().map(|r| r.id).collect::<Vec<_>>(),
+                "tables": tables.iter().map(|t| json!({
+                    "table": t,
+                    "ids": rows.iter().filter(|r| r.table == *t).map(|r| r.id).collect::<Vec<_>>(),
+                })).collect::<Vec<_>>(),
+            });
+            if args.pending {
+                v["pending"] = json!(true);
+            }
+            output::json(&v)
+        }
         Format::Table => {
             if rows.is_empty() {
-                return output::line("No failed events match.");
+                return output::line(if args.pending {
+                    "No pending events waiting for a retry match."
+                } else {
+                    "No failed events match."
+                });
             }
-            let mut t = output::table([
-                "table",
-                "id",
-                "event type",
-                "attempts",
-                "failed at",
-                "last error",
-            ]);
+            let mut header = vec!["table", "id", "event type", "attempts", "failed at"];
+            if args.pending {
+                header.push("due at");
+            }
+            header.push("last error");
+            let mut t = output::table(header);
             for r in rows {
-                t.add_row(vec![
+                let mut cells = vec![
                     r.table.to_string(),
                     r.id.to_string(),
                     r.event_type.clone(),
                     r.attempts.clone(),
                     time::format(&r.updated_at),
-                    ellipsize(r.last_error.as_deref().unwrap_or("-"), 60),
-                ]);
+                ];
+                if args.pending {
+                    cells.push(time::format(&r.scheduled_at));
+                }
+                cells.push(ellipsize(r.last_error.as_deref().unwrap_or("-"), 60));
+                t.add_row(cells);
             }
             output::line(t)?;
-            if dry_run {
-                output::line(format!(
+            match (dry_run, args.pending) {
+                (true, false) => output::line(format!(
                     "Dry run: {} would be replayed; nothing changed.",
                     count_text(rows, "")
-                ))
-            } else {
-                output::line(format!("Replayed {}.", count_text(rows, "")))
+                )),
+                (false, false) => output::line(format!("Replayed {}.", count_text(rows, ""))),
+                (true, true) => output::line(format!(
+                    "Dry run: {} would be due now; nothing changed.",
+                    count_text(rows, "pending ")
+                )),
+                (false, true) => output::line(format!(
+                    "Made {} due now (attempts and last error kept).",
+                    count_text(rows, "pending ")
+                )),
             }
         }
     }

@@ -1064,7 +1064,9 @@ where
                 retry_in_ms,
                 suppressed,
                 error = %error,
-                "event failed; it stays pending and is tried again after its backoff"
+                "event failed; it stays pending and is tried again after its backoff \
+                 (once the cause is fixed, `omnibox replay --pending --id {}` tries it now)",
+                e.id()
             );
         } else {
             tracing::warn!(

@@ -20,7 +20,8 @@ pub struct AuditEntry {
     pub at: Timestamp,
     /// Who: `--actor`, else the OS user.
     pub actor: String,
-    /// What: `replay`, `unlock`, `unlock-worker`, `release-stale-locks`, `cleanup`.
+    /// What: `replay`, `replay-pending`, `unlock`, `unlock-worker`,
+    /// `release-stale-locks`, `cleanup`.
     pub action: String,
     /// Which table (`outbox`, `inbox`), if one.
     pub table: Option<String>,
@@ -155,6 +156,16 @@ impl AnyStore {
                     .bind(ids)
                     .fetch_all(&mut *tx)
                     .await,
+                    AuditedChange::RetryNow { ids } => sqlx::query_scalar(
+                        sqlx::AssertSqlSafe(format!(
+                            "UPDATE {t} SET scheduled_at = now(), updated_at = now() \
+                             WHERE id = ANY($1) AND status = 'pending' AND locked_at IS NULL \
+                             AND scheduled_at > now() RETURNING id"
+                        )),
+                    )
+                    .bind(ids)
+                    .fetch_all(&mut *tx)
+                    .await,
                 }
                 .map_err(storage)?;
                 if ids.is_empty() {
@@ -202,6 +213,17 @@ impl AnyStore {
                             "UPDATE {t} SET status = 'pending', attempts_made = 0, last_error = NULL, \
                              scheduled_at = ?2, updated_at = ?2 \
                              WHERE id IN (SELECT value FROM json_each(?1)) AND status = 'failed' RETURNING id"
+                        )),
+                    )
+                    .bind(serde_json::to_string(ids).unwrap_or_else(|_| "[]".into()))
+                    .bind(&now)
+                    .fetch_all(&mut *tx)
+                    .await,
+                    AuditedChange::RetryNow { ids } => sqlx::query_scalar(
+                        sqlx::AssertSqlSafe(format!(
+                            "UPDATE {t} SET scheduled_at = ?2, updated_at = ?2 \
+                             WHERE id IN (SELECT value FROM json_each(?1)) AND status = 'pending' \
+                             AND locked_at IS NULL AND scheduled_at > ?2 RETURNING id"
                         )),
                     )
                     .bind(serde_json::to_string(ids).unwrap_or_else(|_| "[]".into()))
@@ -374,6 +396,12 @@ pub enum AuditedChange<'a> {
     /// Put these rows back to pending (attempts 0, error cleared, due
     /// now) if they are still failed.
     Requeue {
+        /// The rows.
+        ids: &'a [Uuid],
+    },
+    /// Make these pending rows due now if they still wait for a retry
+    /// (unlocked and due later); their attempts and last error stay.
+    RetryNow {
         /// The rows.
         ids: &'a [Uuid],
     },

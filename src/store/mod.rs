@@ -717,6 +717,16 @@ pub trait MaintenanceStore<R: Route>: EventStore<R> {
         filter: &RequeueFilter,
     ) -> impl Future<Output = Result<Vec<Event<R>>>> + Send;
 
+    /// Pending rows waiting for a retry that match `filter`: tried
+    /// (`last_error` set), unlocked and due later (`replay --pending` makes
+    /// them due now with [`AuditedChange::RetryNow`](audit::AuditedChange::RetryNow)),
+    /// in insertion order. `since` and `until` select by when their last
+    /// failure was written.
+    fn list_waiting(
+        &self,
+        filter: &RequeueFilter,
+    ) -> impl Future<Output = Result<Vec<Event<R>>>> + Send;
+
     /// Unlocks every row locked by `worker`, recording `Force unlock: <reason>`;
     /// returns the ids.
     fn force_unlock_worker(

@@ -16,6 +16,7 @@ pub struct TableSql {
     pub select_all: &'static str,
     pub requeue_head: &'static str,
     pub failed_head: &'static str,
+    pub waiting_head: &'static str,
     pub unlock_worker: &'static str,
     pub count_stale: &'static str,
     pub count_completed_older: &'static str,
@@ -235,6 +236,10 @@ macro_rules! table_sql {
                 WHERE id IN (SELECT id FROM ", $t, " WHERE status = 'failed'"
             ),
             failed_head: concat!("SELECT * FROM ", $t, " WHERE status = 'failed'"),
+            waiting_head: concat!(
+                "SELECT * FROM ", $t,
+                " WHERE status = 'pending' AND locked_at IS NULL AND last_error IS NOT NULL AND scheduled_at > now()"
+            ),
             unlock_worker: concat!(
                 "UPDATE ", $t, "
                 SET locked_at = NULL, locked_by = NULL, locked_until = NULL, last_error = $2, updated_at = now()

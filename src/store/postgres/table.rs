@@ -515,6 +515,14 @@ impl<R: PgRoute> MaintenanceStore<R> for PgTable<R> {
         rows.iter().map(decode).collect()
     }
 
+    async fn list_waiting(&self, filter: &RequeueFilter) -> Result<Vec<Event<R>>> {
+        filter.check(R::TABLE)?;
+        let mut qb: QueryBuilder<Postgres> = QueryBuilder::new(R::sql().waiting_head);
+        push_failed_filters::<R>(&mut qb, filter);
+        let rows = qb.build().fetch_all(&self.pool).await.map_err(storage)?;
+        rows.iter().map(decode).collect()
+    }
+
     async fn force_unlock_worker(&self, worker: &str, reason: &UnlockReason) -> Result<Vec<Uuid>> {
         sqlx::query_scalar(R::sql().unlock_worker)
             .bind(worker)

@@ -18,6 +18,8 @@ pub struct TableSql {
     pub requeue_head: &'static str,
     pub requeue_where: &'static str,
     pub failed_head: &'static str,
+    /// Followed by the current time as a bind parameter.
+    pub waiting_head: &'static str,
     pub unlock_worker: &'static str,
     pub count_stale: &'static str,
     pub count_completed_older: &'static str,
@@ -206,6 +208,10 @@ macro_rules! table_sql {
                 " WHERE seq IN (SELECT seq FROM ", $t, " WHERE status = 'failed'"
             ),
             failed_head: concat!("SELECT * FROM ", $t, " WHERE status = 'failed'"),
+            waiting_head: concat!(
+                "SELECT * FROM ", $t,
+                " WHERE status = 'pending' AND locked_at IS NULL AND last_error IS NOT NULL AND scheduled_at > "
+            ),
             unlock_worker: concat!(
                 "UPDATE ", $t, "
                 SET locked_at = NULL, locked_by = NULL, locked_until = NULL, last_error = ?2, updated_at = ?3

@@ -551,6 +551,15 @@ impl<R: SqliteRoute> MaintenanceStore<R> for SqliteTable<R> {
         rows.iter().map(decode).collect()
     }
 
+    async fn list_waiting(&self, filter: &RequeueFilter) -> Result<Vec<Event<R>>> {
+        filter.check(R::TABLE)?;
+        let mut qb: QueryBuilder<Sqlite> = QueryBuilder::new(R::sql().waiting_head);
+        qb.push_bind(ts(&time::now()));
+        push_failed_filters::<R>(&mut qb, filter);
+        let rows = qb.build().fetch_all(&self.pool).await.map_err(storage)?;
+        rows.iter().map(decode).collect()
+    }
+
     async fn force_unlock_worker(&self, worker: &str, reason: &UnlockReason) -> Result<Vec<Uuid>> {
         let rows = sqlx::query(R::sql().unlock_worker)
             .bind(worker.to_string())
