@@ -467,7 +467,7 @@ Register-ArgumentCompleter -Native -CommandName 'omnibox' -ScriptBlock {
         }
         'omnibox;unlock' {
             [CompletionResult]::new('--worker', '--worker', [CompletionResultType]::ParameterName, 'Unlock every event locked by this worker instead')
-            [CompletionResult]::new('--reason', '--reason', [CompletionResultType]::ParameterName, 'Why (1..255 characters; recorded in last_error and the audit trail)')
+            [CompletionResult]::new('--reason', '--reason', [CompletionResultType]::ParameterName, 'Why (1..255 characters; recorded in the audit trail, and in last_error when the row has none)')
             [CompletionResult]::new('--table', '--table', [CompletionResultType]::ParameterName, 'Which table [default: the one holding the id; both for --worker]')
             [CompletionResult]::new('--actor', '--actor', [CompletionResultType]::ParameterName, 'Who is acting, for the audit trail [default: the OS user]')
             [CompletionResult]::new('--database-url', '--database-url', [CompletionResultType]::ParameterName, 'Database URL: sqlite://PATH or postgres://USER:PASS@HOST/DB [default: sqlite://omnibox.db]')

@@ -446,7 +446,7 @@ set edit:completion:arg-completer[omnibox] = {|@words|
         }
         &'omnibox;unlock'= {
             cand --worker 'Unlock every event locked by this worker instead'
-            cand --reason 'Why (1..255 characters; recorded in last_error and the audit trail)'
+            cand --reason 'Why (1..255 characters; recorded in the audit trail, and in last_error when the row has none)'
             cand --table 'Which table [default: the one holding the id; both for --worker]'
             cand --actor 'Who is acting, for the audit trail [default: the OS user]'
             cand --database-url 'Database URL: sqlite://PATH or postgres://USER:PASS@HOST/DB [default: sqlite://omnibox.db]'

@@ -431,7 +431,7 @@ complete -c omnibox -n "__fish_omnibox_using_subcommand failures" -s q -l quiet 
 complete -c omnibox -n "__fish_omnibox_using_subcommand failures" -s h -l help -d 'Print help (see more with \'--help\')'
 complete -c omnibox -n "__fish_omnibox_using_subcommand failures" -s V -l version -d 'Print version'
 complete -c omnibox -n "__fish_omnibox_using_subcommand unlock" -l worker -d 'Unlock every event locked by this worker instead' -r
-complete -c omnibox -n "__fish_omnibox_using_subcommand unlock" -l reason -d 'Why (1..255 characters; recorded in last_error and the audit trail)' -r
+complete -c omnibox -n "__fish_omnibox_using_subcommand unlock" -l reason -d 'Why (1..255 characters; recorded in the audit trail, and in last_error when the row has none)' -r
 complete -c omnibox -n "__fish_omnibox_using_subcommand unlock" -l table -d 'Which table [default: the one holding the id; both for --worker]' -r -f -a "outbox\t''
 inbox\t''"
 complete -c omnibox -n "__fish_omnibox_using_subcommand unlock" -l actor -d 'Who is acting, for the audit trail [default: the OS user]' -r

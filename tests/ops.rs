@@ -2376,10 +2376,115 @@ mod cases {
         let r = omnibox(db, &["replay", "--pending", "--all", "--yes"]);
         assert_eq!(r.code, 1, "{}", r.stderr);
     }
+
+    /// `unlock` keeps the row's real `last_error` (it used to overwrite it
+    /// with "Force unlock: ..."); the reason is in the audit row. A row
+    /// without an error still gets the reason, as before.
+    pub async fn unlock_keeps_the_rows_error(db: &TestDb) {
+        let domain = DomainService::default();
+        let outbox = db.store.outbox();
+        let n = NewOutboxEvent::new(
+            "order",
+            uuid::Uuid::now_v7(),
+            "order.a",
+            "t1",
+            "k1",
+            json!({"k": 1}),
+        );
+        let e = domain.create_outbox_event(n).unwrap();
+        outbox.create(&e).await.unwrap();
+        let c = outbox
+            .claim(&ClaimOptions::new(WorkerId::new("relay-1").unwrap(), 1))
+            .await
+            .unwrap();
+        outbox
+            .fail(
+                &c.token,
+                &[Failure::counted(
+                    e.id(),
+                    "broker rejected the record: too large",
+                    time::now(),
+                )],
+            )
+            .await
+            .unwrap();
+        outbox
+            .claim(&ClaimOptions::new(WorkerId::new("relay-2").unwrap(), 1))
+            .await
+            .unwrap();
+        let id = e.id().to_string();
+        let r = omnibox(
+            db,
+            &["unlock", &id, "--reason", "relay-2 was OOM-killed", "--yes"],
+        );
+        assert_eq!(r.code, 0, "{}", r.stderr);
+        let row = outbox.get(e.id()).await.unwrap().unwrap();
+        assert!(!row.is_locked());
+        assert_eq!(
+            row.last_error(),
+            Some("broker rejected the record: too large")
+        );
+        let audit = omnibox(db, &["audit", "--id", &id, "--format", "json"]).json();
+        assert_eq!(audit["entries"][0]["action"], "unlock");
+        assert_eq!(audit["entries"][0]["reason"], "relay-2 was OOM-killed");
+        // By worker, an inbox row with an error and an outbox row without.
+        let i = domain
+            .create_inbox_event(NewInboxEvent::new("m1", "g", "s", "t", json!({"m": 1})))
+            .unwrap();
+        db.store.inbox().insert(&i).await.unwrap();
+        let ic = db
+            .store
+            .inbox()
+            .claim(&ClaimOptions::new(WorkerId::new("p-1").unwrap(), 1))
+            .await
+            .unwrap();
+        db.store
+            .inbox()
+            .fail(
+                &ic.token,
+                &[Failure::counted(i.id(), "ledger is read-only", time::now())],
+            )
+            .await
+            .unwrap();
+        db.store
+            .inbox()
+            .claim(&ClaimOptions::new(WorkerId::new("host-9:1").unwrap(), 1))
+            .await
+            .unwrap();
+        let fresh = new_event("t", "t2", "k2");
+        outbox.create(&fresh).await.unwrap();
+        outbox
+            .claim(&ClaimOptions::new(WorkerId::new("host-9:1").unwrap(), 10))
+            .await
+            .unwrap();
+        let r = omnibox(
+            db,
+            &[
+                "unlock",
+                "--worker",
+                "host-9:1",
+                "--reason",
+                "host-9 gone",
+                "--yes",
+            ],
+        );
+        assert_eq!(r.code, 0, "{}", r.stderr);
+        let row = db.store.inbox().get(i.id()).await.unwrap().unwrap();
+        assert_eq!(
+            (row.is_locked(), row.last_error()),
+            (false, Some("ledger is read-only"))
+        );
+        let row = outbox.get(fresh.id()).await.unwrap().unwrap();
+        assert_eq!(
+            (row.is_locked(), row.last_error()),
+            (false, Some("Force unlock: host-9 gone"))
+        );
+    }
 }
 
 backend_tests!(
     commands_cover_both_tables_by_default,
+    unlock_keeps_the_rows_error,
     replay_pending_makes_waiting_rows_due_now,
     run_summaries_name_retrying_apart_from_failed,
     inbox_process_warns_of_handler_failures,

@@ -128,7 +128,7 @@ impl AnyStore {
                     AuditedChange::UnlockOne { id, holder, reason } => sqlx::query_scalar(
                         sqlx::AssertSqlSafe(format!(
                             "UPDATE {t} SET locked_at = NULL, locked_by = NULL, locked_until = NULL, \
-                             last_error = $2, updated_at = now() WHERE id = $1 AND locked_by = $3 RETURNING id"
+                             last_error = COALESCE(last_error, $2), updated_at = now() WHERE id = $1 AND locked_by = $3 RETURNING id"
                         )),
                     )
                     .bind(id)
@@ -139,7 +139,7 @@ impl AnyStore {
                     AuditedChange::UnlockWorker { worker, reason } => sqlx::query_scalar(
                         sqlx::AssertSqlSafe(format!(
                             "UPDATE {t} SET locked_at = NULL, locked_by = NULL, locked_until = NULL, \
-                             last_error = $2, updated_at = now() WHERE locked_by = $1 RETURNING id"
+                             last_error = COALESCE(last_error, $2), updated_at = now() WHERE locked_by = $1 RETURNING id"
                         )),
                     )
                     .bind(worker)
@@ -188,7 +188,7 @@ impl AnyStore {
                     AuditedChange::UnlockOne { id, holder, reason } => sqlx::query_scalar(
                         sqlx::AssertSqlSafe(format!(
                             "UPDATE {t} SET locked_at = NULL, locked_by = NULL, locked_until = NULL, \
-                             last_error = ?2, updated_at = ?4 WHERE id = ?1 AND locked_by = ?3 RETURNING id"
+                             last_error = COALESCE(last_error, ?2), updated_at = ?4 WHERE id = ?1 AND locked_by = ?3 RETURNING id"
                         )),
                     )
                     .bind(id.to_string())
@@ -200,7 +200,7 @@ impl AnyStore {
                     AuditedChange::UnlockWorker { worker, reason } => sqlx::query_scalar(
                         sqlx::AssertSqlSafe(format!(
                             "UPDATE {t} SET locked_at = NULL, locked_by = NULL, locked_until = NULL, \
-                             last_error = ?2, updated_at = ?3 WHERE locked_by = ?1 RETURNING id"
+                             last_error = COALESCE(last_error, ?2), updated_at = ?3 WHERE locked_by = ?1 RETURNING id"
                         )),
                     )
                     .bind(worker)
@@ -383,7 +383,8 @@ pub enum AuditedChange<'a> {
         id: Uuid,
         /// Its holder as shown to the operator.
         holder: &'a str,
-        /// Why; recorded in `last_error` as `Force unlock: <reason>`.
+        /// Why; recorded in the audit row, and in `last_error` as `Force
+        /// unlock: <reason>` only when the row has no error of its own.
         reason: &'a UnlockReason,
     },
     /// Unlock every row `worker` holds.

@@ -674,7 +674,8 @@ pub trait EventStore<R: Route>: Clone + Send + Sync + 'static {
         ids: &[Uuid],
     ) -> impl Future<Output = Result<usize>> + Send;
 
-    /// Unlocks one row whoever holds it, recording `Force unlock: <reason>`.
+    /// Unlocks one row whoever holds it. Its `last_error` is kept; a row
+    /// without one gets `Force unlock: <reason>`.
     fn force_unlock(
         &self,
         id: Uuid,
@@ -727,8 +728,9 @@ pub trait MaintenanceStore<R: Route>: EventStore<R> {
         filter: &RequeueFilter,
     ) -> impl Future<Output = Result<Vec<Event<R>>>> + Send;
 
-    /// Unlocks every row locked by `worker`, recording `Force unlock: <reason>`;
-    /// returns the ids.
+    /// Unlocks every row locked by `worker` (keeping each row's
+    /// `last_error`; `Force unlock: <reason>` where there is none); returns
+    /// the ids.
     fn force_unlock_worker(
         &self,
         worker: &str,

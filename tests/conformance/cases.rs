@@ -804,6 +804,34 @@ pub async fn force_unlock_records_the_reason(db: &TestDb) {
             .len(),
         1
     );
+    // A row's own error is kept (the reason is the audit row's business).
+    let e2 = ev("k2", 1);
+    seed(db, std::slice::from_ref(&e2)).await;
+    let c = outbox.claim(&ClaimOptions::new(w("w3"), 1)).await.unwrap();
+    assert_eq!(ids(&c.events), vec![e2.id()]);
+    outbox
+        .fail(
+            &c.token,
+            &[Failure::counted(
+                e2.id(),
+                "broker rejected the record",
+                time::now(),
+            )],
+        )
+        .await
+        .unwrap();
+    let c = outbox.claim(&ClaimOptions::new(w("w4"), 1)).await.unwrap();
+    assert_eq!(ids(&c.events), vec![e2.id()]);
+    let row = outbox.force_unlock(e2.id(), &reason).await.unwrap();
+    assert_eq!(row.last_error(), Some("broker rejected the record"));
+    let c = outbox.claim(&ClaimOptions::new(w("w5"), 1)).await.unwrap();
+    assert_eq!(ids(&c.events), vec![e2.id()]);
+    let gone = omnibox::MaintenanceStore::force_unlock_worker(&outbox, "w5", &reason)
+        .await
+        .unwrap();
+    assert_eq!(gone, vec![e2.id()]);
+    let row = outbox.get(e2.id()).await.unwrap().unwrap();
+    assert_eq!(row.last_error(), Some("broker rejected the record"));
 }
 
 pub async fn release_stale_locks_in_batches(db: &TestDb) {

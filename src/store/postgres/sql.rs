@@ -194,7 +194,8 @@ macro_rules! table_sql {
             ),
             force_unlock: concat!(
                 "UPDATE ", $t, "
-                SET locked_at = NULL, locked_by = NULL, locked_until = NULL, last_error = $2, updated_at = now()
+                SET locked_at = NULL, locked_by = NULL, locked_until = NULL, last_error = COALESCE(last_error, $2),
+                    updated_at = now()
                 WHERE id = $1 AND locked_at IS NOT NULL
                 RETURNING *"
             ),
@@ -242,7 +243,8 @@ macro_rules! table_sql {
             ),
             unlock_worker: concat!(
                 "UPDATE ", $t, "
-                SET locked_at = NULL, locked_by = NULL, locked_until = NULL, last_error = $2, updated_at = now()
+                SET locked_at = NULL, locked_by = NULL, locked_until = NULL, last_error = COALESCE(last_error, $2),
+                    updated_at = now()
                 WHERE locked_by = $1
                 RETURNING id"
             ),

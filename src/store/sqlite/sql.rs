@@ -176,7 +176,8 @@ macro_rules! table_sql {
             ),
             force_unlock: concat!(
                 "UPDATE ", $t, "
-                SET locked_at = NULL, locked_by = NULL, locked_until = NULL, last_error = ?2, updated_at = ?3
+                SET locked_at = NULL, locked_by = NULL, locked_until = NULL, last_error = COALESCE(last_error, ?2),
+                    updated_at = ?3
                 WHERE id = ?1 AND locked_at IS NOT NULL
                 RETURNING *"
             ),
@@ -214,7 +215,8 @@ macro_rules! table_sql {
             ),
             unlock_worker: concat!(
                 "UPDATE ", $t, "
-                SET locked_at = NULL, locked_by = NULL, locked_until = NULL, last_error = ?2, updated_at = ?3
+                SET locked_at = NULL, locked_by = NULL, locked_until = NULL, last_error = COALESCE(last_error, ?2),
+                    updated_at = ?3
                 WHERE locked_by = ?1
                 RETURNING id"
             ),
