@@ -1638,7 +1638,7 @@ fn ops(args: &Args, conn: &Conn) {
     let (_, out) = time(
         "list failed, first page",
         &[
-            "list", "--status", "failed", "--limit", "50", "--format", "json",
+            "list", "--table", "outbox", "--status", "failed", "--limit", "50", "--format", "json",
         ],
     );
     let page: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
@@ -1651,17 +1651,22 @@ fn ops(args: &Args, conn: &Conn) {
     time(
         "list failed, next page (--after)",
         &[
-            "list", "--status", "failed", "--limit", "50", "--after", &after, "--format", "json",
+            "list", "--table", "outbox", "--status", "failed", "--limit", "50", "--after", &after,
+            "--format", "json",
         ],
     );
     time(
         "list, first page",
-        &["list", "--limit", "50", "--format", "json"],
+        &[
+            "list", "--table", "outbox", "--limit", "50", "--format", "json",
+        ],
     );
     let mid = (total / 2).to_string();
     time(
         "list, a page in the middle (--after)",
-        &["list", "--limit", "50", "--after", &mid, "--format", "json"],
+        &[
+            "list", "--table", "outbox", "--limit", "50", "--after", &mid, "--format", "json",
+        ],
     );
     time(
         "unlock --worker --dry-run",

@@ -182,7 +182,8 @@ Register-ArgumentCompleter -Native -CommandName 'omnibox' -ScriptBlock {
         'omnibox;inbox;consume' {
             [CompletionResult]::new('--from', '--from', [CompletionResultType]::ParameterName, 'kafka://HOST:PORT[,HOST:PORT], file:PATH, or - for stdin [default: the broker''s file, file:omnibox-events.jsonl]')
             [CompletionResult]::new('--topic', '--topic', [CompletionResultType]::ParameterName, 'Kafka topic to consume (repeatable)')
-            [CompletionResult]::new('--group', '--group', [CompletionResultType]::ParameterName, 'Consumer group: the inbox deduplicates per group')
+            [CompletionResult]::new('--group', '--group', [CompletionResultType]::ParameterName, 'Consumer group: the inbox deduplicates per group (--consumer-group in the commands that select inbox rows by it)')
+            [CompletionResult]::new('--consumer-group', '--consumer-group', [CompletionResultType]::ParameterName, 'Consumer group: the inbox deduplicates per group (--consumer-group in the commands that select inbox rows by it)')
             [CompletionResult]::new('-X', '-X ', [CompletionResultType]::ParameterName, 'A librdkafka property for the consumer (repeatable)')
             [CompletionResult]::new('--kafka-tls-ca', '--kafka-tls-ca', [CompletionResultType]::ParameterName, 'Kafka over TLS, verifying the brokers with this CA certificate (PEM)')
             [CompletionResult]::new('--kafka-tls-cert', '--kafka-tls-cert', [CompletionResultType]::ParameterName, 'A client certificate for Kafka (PEM; with --kafka-tls-key)')
@@ -237,6 +238,7 @@ Register-ArgumentCompleter -Native -CommandName 'omnibox' -ScriptBlock {
             [CompletionResult]::new('--batch-bytes', '--batch-bytes', [CompletionResultType]::ParameterName, 'Payload bytes per claim, e.g. 64MiB: a claim stops before the row that would pass it (one row at least, however large) [default: OMNIBOX_BATCH_BYTES, batch_bytes in omnibox.toml, or 16MiB]')
             [CompletionResult]::new('--source', '--source', [CompletionResultType]::ParameterName, 'Handle only rows from this source (the producing service, or the topic; repeatable)')
             [CompletionResult]::new('--event-type', '--event-type', [CompletionResultType]::ParameterName, 'Handle only rows of this event type (repeatable)')
+            [CompletionResult]::new('--consumer-group', '--consumer-group', [CompletionResultType]::ParameterName, 'Handle only rows of this consumer group (what `inbox consume --group` stored them under; repeatable)')
             [CompletionResult]::new('--concurrency', '--concurrency', [CompletionResultType]::ParameterName, 'Handler calls running at once')
             [CompletionResult]::new('--worker-id', '--worker-id', [CompletionResultType]::ParameterName, 'This worker''s id [default: HOST:PID]')
             [CompletionResult]::new('--lease', '--lease', [CompletionResultType]::ParameterName, 'Lease of a claim (extended while handlers run) [default: OMNIBOX_LEASE, lease in omnibox.toml, or 5m]')
@@ -356,13 +358,15 @@ Register-ArgumentCompleter -Native -CommandName 'omnibox' -ScriptBlock {
             break
         }
         'omnibox;list' {
-            [CompletionResult]::new('--table', '--table', [CompletionResultType]::ParameterName, 'Which table')
+            [CompletionResult]::new('--table', '--table', [CompletionResultType]::ParameterName, 'Which table [default: both event tables, or the one a filter belongs to]')
             [CompletionResult]::new('--status', '--status', [CompletionResultType]::ParameterName, 'Only this status: pending, completed or failed')
             [CompletionResult]::new('--event-type', '--event-type', [CompletionResultType]::ParameterName, 'Only this event type')
-            [CompletionResult]::new('--topic', '--topic', [CompletionResultType]::ParameterName, 'Only this topic (outbox) or source (inbox)')
+            [CompletionResult]::new('--topic', '--topic', [CompletionResultType]::ParameterName, 'Only this topic (the outbox; with --table inbox, the source)')
+            [CompletionResult]::new('--source', '--source', [CompletionResultType]::ParameterName, 'Only this source (the inbox; with --table outbox, the topic)')
+            [CompletionResult]::new('--consumer-group', '--consumer-group', [CompletionResultType]::ParameterName, 'Only inbox rows of this consumer group (the outbox has none)')
             [CompletionResult]::new('--since', '--since', [CompletionResultType]::ParameterName, 'Only rows created (dead letters: written) since: RFC 3339 (2026-01-31T12:00:00Z) or a duration ago (2h)')
             [CompletionResult]::new('--limit', '--limit', [CompletionResultType]::ParameterName, 'Most rows to show')
-            [CompletionResult]::new('--after', '--after', [CompletionResultType]::ParameterName, 'Start after this sequence number (paging: pass the last seq shown)')
+            [CompletionResult]::new('--after', '--after', [CompletionResultType]::ParameterName, 'Start after this sequence number of one table (paging: pass the last seq shown)')
             [CompletionResult]::new('--locked-by', '--locked-by', [CompletionResultType]::ParameterName, 'Only rows locked by this worker (see `omnibox unlock --worker`)')
             [CompletionResult]::new('--database-url', '--database-url', [CompletionResultType]::ParameterName, 'Database URL: sqlite://PATH or postgres://USER:PASS@HOST/DB [default: sqlite://omnibox.db]')
             [CompletionResult]::new('--schema', '--schema', [CompletionResultType]::ParameterName, 'PostgreSQL schema that holds the tables (created by `migrate`)')
@@ -403,12 +407,15 @@ Register-ArgumentCompleter -Native -CommandName 'omnibox' -ScriptBlock {
             break
         }
         'omnibox;replay' {
-            [CompletionResult]::new('--table', '--table', [CompletionResultType]::ParameterName, 'Which table')
+            [CompletionResult]::new('--table', '--table', [CompletionResultType]::ParameterName, 'Which table [default: both event tables, or the one a selector belongs to]')
             [CompletionResult]::new('--id', '--id', [CompletionResultType]::ParameterName, 'This row (repeatable)')
             [CompletionResult]::new('--event-type', '--event-type', [CompletionResultType]::ParameterName, 'Rows of this event type')
-            [CompletionResult]::new('--topic', '--topic', [CompletionResultType]::ParameterName, 'Rows of this topic (outbox) or source (inbox)')
+            [CompletionResult]::new('--topic', '--topic', [CompletionResultType]::ParameterName, 'Rows of this topic (the outbox; with --table inbox, the source)')
+            [CompletionResult]::new('--source', '--source', [CompletionResultType]::ParameterName, 'Rows of this source (the inbox; with --table outbox, the topic)')
             [CompletionResult]::new('--error-contains', '--error-contains', [CompletionResultType]::ParameterName, 'Rows whose last error contains this text')
-            [CompletionResult]::new('--group', '--group', [CompletionResultType]::ParameterName, 'Rows of this failure group (see omnibox failures)')
+            [CompletionResult]::new('--consumer-group', '--consumer-group', [CompletionResultType]::ParameterName, 'Inbox rows of this consumer group (the outbox has none)')
+            [CompletionResult]::new('--fingerprint', '--fingerprint', [CompletionResultType]::ParameterName, 'Rows of this failure group: its fingerprint (see omnibox failures)')
+            [CompletionResult]::new('--group', '--group', [CompletionResultType]::ParameterName, 'Not a selector here: --fingerprint or --consumer-group says which')
             [CompletionResult]::new('--since', '--since', [CompletionResultType]::ParameterName, 'Rows that failed at or after this time (RFC 3339, or a duration ago such as 2h)')
             [CompletionResult]::new('--until', '--until', [CompletionResultType]::ParameterName, 'Rows that failed before this time')
             [CompletionResult]::new('--limit', '--limit', [CompletionResultType]::ParameterName, 'At most this many rows')
@@ -424,6 +431,7 @@ Register-ArgumentCompleter -Native -CommandName 'omnibox' -ScriptBlock {
             [CompletionResult]::new('--dedup-window', '--dedup-window', [CompletionResultType]::ParameterName, 'The inbox''s deduplication window: inbox rows are kept at least this long (cleanup refuses less), so a message redelivered within it is a duplicate [default: 7d]')
             [CompletionResult]::new('--otlp-endpoint', '--otlp-endpoint', [CompletionResultType]::ParameterName, 'Export OpenTelemetry spans with OTLP over HTTP to this collector (base URL; /v1/traces is added) [default: OTEL_EXPORTER_OTLP_ENDPOINT; off when neither is set]')
             [CompletionResult]::new('--all', '--all', [CompletionResultType]::ParameterName, 'Every failed row (explicitly)')
+            [CompletionResult]::new('--pending', '--pending', [CompletionResultType]::ParameterName, 'Select pending rows waiting for a retry instead of failed ones, and make them due now (attempts and last error stay)')
             [CompletionResult]::new('--dry-run', '--dry-run', [CompletionResultType]::ParameterName, 'Show what would change, change nothing')
             [CompletionResult]::new('-y', '-y', [CompletionResultType]::ParameterName, 'Do not ask for confirmation (needed without a terminal, e.g. in cron)')
             [CompletionResult]::new('--yes', '--yes', [CompletionResultType]::ParameterName, 'Do not ask for confirmation (needed without a terminal, e.g. in cron)')
@@ -438,7 +446,7 @@ Register-ArgumentCompleter -Native -CommandName 'omnibox' -ScriptBlock {
             break
         }
         'omnibox;failures' {
-            [CompletionResult]::new('--table', '--table', [CompletionResultType]::ParameterName, 'Which table')
+            [CompletionResult]::new('--table', '--table', [CompletionResultType]::ParameterName, 'Which table [default: both]')
             [CompletionResult]::new('--database-url', '--database-url', [CompletionResultType]::ParameterName, 'Database URL: sqlite://PATH or postgres://USER:PASS@HOST/DB [default: sqlite://omnibox.db]')
             [CompletionResult]::new('--schema', '--schema', [CompletionResultType]::ParameterName, 'PostgreSQL schema that holds the tables (created by `migrate`)')
             [CompletionResult]::new('--config', '--config', [CompletionResultType]::ParameterName, 'Configuration file [default: ./omnibox.toml when present]')
@@ -459,7 +467,7 @@ Register-ArgumentCompleter -Native -CommandName 'omnibox' -ScriptBlock {
         }
         'omnibox;unlock' {
             [CompletionResult]::new('--worker', '--worker', [CompletionResultType]::ParameterName, 'Unlock every event locked by this worker instead')
-            [CompletionResult]::new('--reason', '--reason', [CompletionResultType]::ParameterName, 'Why (1..255 characters; recorded in last_error and the audit trail)')
+            [CompletionResult]::new('--reason', '--reason', [CompletionResultType]::ParameterName, 'Why (1..255 characters; recorded in the audit trail, and in last_error when the row has none)')
             [CompletionResult]::new('--table', '--table', [CompletionResultType]::ParameterName, 'Which table [default: the one holding the id; both for --worker]')
             [CompletionResult]::new('--actor', '--actor', [CompletionResultType]::ParameterName, 'Who is acting, for the audit trail [default: the OS user]')
             [CompletionResult]::new('--database-url', '--database-url', [CompletionResultType]::ParameterName, 'Database URL: sqlite://PATH or postgres://USER:PASS@HOST/DB [default: sqlite://omnibox.db]')

@@ -1073,7 +1073,7 @@ _omnibox() {
             return 0
             ;;
         omnibox__subcmd__inbox__subcmd__consume)
-            opts="-X -v -q -h -V --from --topic --group --kafka-tls-ca --kafka-tls-cert --kafka-tls-key --kafka-sasl-mechanism --kafka-sasl-username --kafka-sasl-password-file --once --follow --ack --commit-on --exec --webhook --timeout --batch --batch-bytes --max-attempts --transient-limit --lease --dlq-topic --dlq --dlq-broker --worker-id --outage-limit --metrics-addr --database-url --schema --config --format --color --log-format --verbose --quiet --dedup-window --otlp-endpoint --help --version"
+            opts="-X -v -q -h -V --from --topic --consumer-group --group --kafka-tls-ca --kafka-tls-cert --kafka-tls-key --kafka-sasl-mechanism --kafka-sasl-username --kafka-sasl-password-file --once --follow --ack --commit-on --exec --webhook --timeout --batch --batch-bytes --max-attempts --transient-limit --lease --dlq-topic --dlq --dlq-broker --worker-id --outage-limit --metrics-addr --database-url --schema --config --format --color --log-format --verbose --quiet --dedup-window --otlp-endpoint --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -1088,6 +1088,10 @@ _omnibox() {
                     return 0
                     ;;
                 --group)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --consumer-group)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
@@ -1279,7 +1283,7 @@ _omnibox() {
             return 0
             ;;
         omnibox__subcmd__inbox__subcmd__process)
-            opts="-v -q -h -V --exec --webhook --timeout --circuit-breaker --circuit-threshold --circuit-recovery --batch --batch-bytes --source --event-type --concurrency --once --worker-id --lease --dlq-topic --dlq --dlq-broker --poll-interval --outage-limit --metrics-addr --database-url --schema --config --format --color --log-format --verbose --quiet --dedup-window --otlp-endpoint --help --version"
+            opts="-v -q -h -V --exec --webhook --timeout --circuit-breaker --circuit-threshold --circuit-recovery --batch --batch-bytes --source --event-type --consumer-group --concurrency --once --worker-id --lease --dlq-topic --dlq --dlq-broker --poll-interval --outage-limit --metrics-addr --database-url --schema --config --format --color --log-format --verbose --quiet --dedup-window --otlp-endpoint --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -1322,6 +1326,10 @@ _omnibox() {
                     return 0
                     ;;
                 --event-type)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --consumer-group)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
@@ -1401,7 +1409,7 @@ _omnibox() {
             return 0
             ;;
         omnibox__subcmd__list)
-            opts="-v -q -h -V --table --status --event-type --topic --since --limit --after --locked-by --database-url --schema --config --format --color --log-format --verbose --quiet --dedup-window --otlp-endpoint --help --version"
+            opts="-v -q -h -V --table --status --event-type --topic --source --consumer-group --since --limit --after --locked-by --database-url --schema --config --format --color --log-format --verbose --quiet --dedup-window --otlp-endpoint --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -1420,6 +1428,14 @@ _omnibox() {
                     return 0
                     ;;
                 --topic)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --source)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --consumer-group)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
@@ -1733,7 +1749,7 @@ _omnibox() {
             return 0
             ;;
         omnibox__subcmd__replay)
-            opts="-y -v -q -h -V --table --id --event-type --topic --error-contains --group --since --until --all --limit --rate --reason --dry-run --yes --actor --database-url --schema --config --format --color --log-format --verbose --quiet --dedup-window --otlp-endpoint --help --version"
+            opts="-y -v -q -h -V --table --id --event-type --topic --source --error-contains --consumer-group --fingerprint --group --since --until --all --pending --limit --rate --reason --dry-run --yes --actor --database-url --schema --config --format --color --log-format --verbose --quiet --dedup-window --otlp-endpoint --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -1755,7 +1771,19 @@ _omnibox() {
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
+                --source)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
                 --error-contains)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --consumer-group)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --fingerprint)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;

@@ -174,7 +174,8 @@ set edit:completion:arg-completer[omnibox] = {|@words|
         &'omnibox;inbox;consume'= {
             cand --from 'kafka://HOST:PORT[,HOST:PORT], file:PATH, or - for stdin [default: the broker''s file, file:omnibox-events.jsonl]'
             cand --topic 'Kafka topic to consume (repeatable)'
-            cand --group 'Consumer group: the inbox deduplicates per group'
+            cand --group 'Consumer group: the inbox deduplicates per group (--consumer-group in the commands that select inbox rows by it)'
+            cand --consumer-group 'Consumer group: the inbox deduplicates per group (--consumer-group in the commands that select inbox rows by it)'
             cand -X 'A librdkafka property for the consumer (repeatable)'
             cand --kafka-tls-ca 'Kafka over TLS, verifying the brokers with this CA certificate (PEM)'
             cand --kafka-tls-cert 'A client certificate for Kafka (PEM; with --kafka-tls-key)'
@@ -228,6 +229,7 @@ set edit:completion:arg-completer[omnibox] = {|@words|
             cand --batch-bytes 'Payload bytes per claim, e.g. 64MiB: a claim stops before the row that would pass it (one row at least, however large) [default: OMNIBOX_BATCH_BYTES, batch_bytes in omnibox.toml, or 16MiB]'
             cand --source 'Handle only rows from this source (the producing service, or the topic; repeatable)'
             cand --event-type 'Handle only rows of this event type (repeatable)'
+            cand --consumer-group 'Handle only rows of this consumer group (what `inbox consume --group` stored them under; repeatable)'
             cand --concurrency 'Handler calls running at once'
             cand --worker-id 'This worker''s id [default: HOST:PID]'
             cand --lease 'Lease of a claim (extended while handlers run) [default: OMNIBOX_LEASE, lease in omnibox.toml, or 5m]'
@@ -339,13 +341,15 @@ set edit:completion:arg-completer[omnibox] = {|@words|
             cand --version 'Print version'
         }
         &'omnibox;list'= {
-            cand --table 'Which table'
+            cand --table 'Which table [default: both event tables, or the one a filter belongs to]'
             cand --status 'Only this status: pending, completed or failed'
             cand --event-type 'Only this event type'
-            cand --topic 'Only this topic (outbox) or source (inbox)'
+            cand --topic 'Only this topic (the outbox; with --table inbox, the source)'
+            cand --source 'Only this source (the inbox; with --table outbox, the topic)'
+            cand --consumer-group 'Only inbox rows of this consumer group (the outbox has none)'
             cand --since 'Only rows created (dead letters: written) since: RFC 3339 (2026-01-31T12:00:00Z) or a duration ago (2h)'
             cand --limit 'Most rows to show'
-            cand --after 'Start after this sequence number (paging: pass the last seq shown)'
+            cand --after 'Start after this sequence number of one table (paging: pass the last seq shown)'
             cand --locked-by 'Only rows locked by this worker (see `omnibox unlock --worker`)'
             cand --database-url 'Database URL: sqlite://PATH or postgres://USER:PASS@HOST/DB [default: sqlite://omnibox.db]'
             cand --schema 'PostgreSQL schema that holds the tables (created by `migrate`)'
@@ -384,12 +388,15 @@ set edit:completion:arg-completer[omnibox] = {|@words|
             cand --version 'Print version'
         }
         &'omnibox;replay'= {
-            cand --table 'Which table'
+            cand --table 'Which table [default: both event tables, or the one a selector belongs to]'
             cand --id 'This row (repeatable)'
             cand --event-type 'Rows of this event type'
-            cand --topic 'Rows of this topic (outbox) or source (inbox)'
+            cand --topic 'Rows of this topic (the outbox; with --table inbox, the source)'
+            cand --source 'Rows of this source (the inbox; with --table outbox, the topic)'
             cand --error-contains 'Rows whose last error contains this text'
-            cand --group 'Rows of this failure group (see omnibox failures)'
+            cand --consumer-group 'Inbox rows of this consumer group (the outbox has none)'
+            cand --fingerprint 'Rows of this failure group: its fingerprint (see omnibox failures)'
+            cand --group 'Not a selector here: --fingerprint or --consumer-group says which'
             cand --since 'Rows that failed at or after this time (RFC 3339, or a duration ago such as 2h)'
             cand --until 'Rows that failed before this time'
             cand --limit 'At most this many rows'
@@ -405,6 +412,7 @@ set edit:completion:arg-completer[omnibox] = {|@words|
             cand --dedup-window 'The inbox''s deduplication window: inbox rows are kept at least this long (cleanup refuses less), so a message redelivered within it is a duplicate [default: 7d]'
             cand --otlp-endpoint 'Export OpenTelemetry spans with OTLP over HTTP to this collector (base URL; /v1/traces is added) [default: OTEL_EXPORTER_OTLP_ENDPOINT; off when neither is set]'
             cand --all 'Every failed row (explicitly)'
+            cand --pending 'Select pending rows waiting for a retry instead of failed ones, and make them due now (attempts and last error stay)'
             cand --dry-run 'Show what would change, change nothing'
             cand -y 'Do not ask for confirmation (needed without a terminal, e.g. in cron)'
             cand --yes 'Do not ask for confirmation (needed without a terminal, e.g. in cron)'
@@ -418,7 +426,7 @@ set edit:completion:arg-completer[omnibox] = {|@words|
             cand --version 'Print version'
         }
         &'omnibox;failures'= {
-            cand --table 'Which table'
+            cand --table 'Which table [default: both]'
             cand --database-url 'Database URL: sqlite://PATH or postgres://USER:PASS@HOST/DB [default: sqlite://omnibox.db]'
             cand --schema 'PostgreSQL schema that holds the tables (created by `migrate`)'
             cand --config 'Configuration file [default: ./omnibox.toml when present]'
@@ -438,7 +446,7 @@ set edit:completion:arg-completer[omnibox] = {|@words|
         }
         &'omnibox;unlock'= {
             cand --worker 'Unlock every event locked by this worker instead'
-            cand --reason 'Why (1..255 characters; recorded in last_error and the audit trail)'
+            cand --reason 'Why (1..255 characters; recorded in the audit trail, and in last_error when the row has none)'
             cand --table 'Which table [default: the one holding the id; both for --worker]'
             cand --actor 'Who is acting, for the audit trail [default: the OS user]'
             cand --database-url 'Database URL: sqlite://PATH or postgres://USER:PASS@HOST/DB [default: sqlite://omnibox.db]'

@@ -173,7 +173,7 @@ complete -c omnibox -n "__fish_omnibox_using_subcommand inbox; and not __fish_se
 complete -c omnibox -n "__fish_omnibox_using_subcommand inbox; and not __fish_seen_subcommand_from consume process help" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
 complete -c omnibox -n "__fish_omnibox_using_subcommand inbox; and __fish_seen_subcommand_from consume" -l from -d 'kafka://HOST:PORT[,HOST:PORT], file:PATH, or - for stdin [default: the broker\'s file, file:omnibox-events.jsonl]' -r
 complete -c omnibox -n "__fish_omnibox_using_subcommand inbox; and __fish_seen_subcommand_from consume" -l topic -d 'Kafka topic to consume (repeatable)' -r
-complete -c omnibox -n "__fish_omnibox_using_subcommand inbox; and __fish_seen_subcommand_from consume" -l group -d 'Consumer group: the inbox deduplicates per group' -r
+complete -c omnibox -n "__fish_omnibox_using_subcommand inbox; and __fish_seen_subcommand_from consume" -l group -l consumer-group -d 'Consumer group: the inbox deduplicates per group (--consumer-group in the commands that select inbox rows by it)' -r
 complete -c omnibox -n "__fish_omnibox_using_subcommand inbox; and __fish_seen_subcommand_from consume" -s X -d 'A librdkafka property for the consumer (repeatable)' -r
 complete -c omnibox -n "__fish_omnibox_using_subcommand inbox; and __fish_seen_subcommand_from consume" -l kafka-tls-ca -d 'Kafka over TLS, verifying the brokers with this CA certificate (PEM)' -r -F
 complete -c omnibox -n "__fish_omnibox_using_subcommand inbox; and __fish_seen_subcommand_from consume" -l kafka-tls-cert -d 'A client certificate for Kafka (PEM; with --kafka-tls-key)' -r -F
@@ -231,6 +231,7 @@ complete -c omnibox -n "__fish_omnibox_using_subcommand inbox; and __fish_seen_s
 complete -c omnibox -n "__fish_omnibox_using_subcommand inbox; and __fish_seen_subcommand_from process" -l batch-bytes -d 'Payload bytes per claim, e.g. 64MiB: a claim stops before the row that would pass it (one row at least, however large) [default: OMNIBOX_BATCH_BYTES, batch_bytes in omnibox.toml, or 16MiB]' -r
 complete -c omnibox -n "__fish_omnibox_using_subcommand inbox; and __fish_seen_subcommand_from process" -l source -d 'Handle only rows from this source (the producing service, or the topic; repeatable)' -r
 complete -c omnibox -n "__fish_omnibox_using_subcommand inbox; and __fish_seen_subcommand_from process" -l event-type -d 'Handle only rows of this event type (repeatable)' -r
+complete -c omnibox -n "__fish_omnibox_using_subcommand inbox; and __fish_seen_subcommand_from process" -l consumer-group -d 'Handle only rows of this consumer group (what `inbox consume --group` stored them under; repeatable)' -r
 complete -c omnibox -n "__fish_omnibox_using_subcommand inbox; and __fish_seen_subcommand_from process" -l concurrency -d 'Handler calls running at once' -r
 complete -c omnibox -n "__fish_omnibox_using_subcommand inbox; and __fish_seen_subcommand_from process" -l worker-id -d 'This worker\'s id [default: HOST:PID]' -r
 complete -c omnibox -n "__fish_omnibox_using_subcommand inbox; and __fish_seen_subcommand_from process" -l lease -d 'Lease of a claim (extended while handlers run) [default: OMNIBOX_LEASE, lease in omnibox.toml, or 5m]' -r
@@ -328,15 +329,17 @@ complete -c omnibox -n "__fish_omnibox_using_subcommand doctor" -s v -l verbose 
 complete -c omnibox -n "__fish_omnibox_using_subcommand doctor" -s q -l quiet -d 'Nothing on stdout or stderr unless the command fails (then its report and the error); for cron'
 complete -c omnibox -n "__fish_omnibox_using_subcommand doctor" -s h -l help -d 'Print help (see more with \'--help\')'
 complete -c omnibox -n "__fish_omnibox_using_subcommand doctor" -s V -l version -d 'Print version'
-complete -c omnibox -n "__fish_omnibox_using_subcommand list" -l table -d 'Which table' -r -f -a "outbox\t''
+complete -c omnibox -n "__fish_omnibox_using_subcommand list" -l table -d 'Which table [default: both event tables, or the one a filter belongs to]' -r -f -a "outbox\t''
 inbox\t''
 dead-letters\t'omnibox_dead_letters (copies of events that failed, kept by --dlq table)'"
 complete -c omnibox -n "__fish_omnibox_using_subcommand list" -l status -d 'Only this status: pending, completed or failed' -r
 complete -c omnibox -n "__fish_omnibox_using_subcommand list" -l event-type -d 'Only this event type' -r
-complete -c omnibox -n "__fish_omnibox_using_subcommand list" -l topic -d 'Only this topic (outbox) or source (inbox)' -r
+complete -c omnibox -n "__fish_omnibox_using_subcommand list" -l topic -d 'Only this topic (the outbox; with --table inbox, the source)' -r
+complete -c omnibox -n "__fish_omnibox_using_subcommand list" -l source -d 'Only this source (the inbox; with --table outbox, the topic)' -r
+complete -c omnibox -n "__fish_omnibox_using_subcommand list" -l consumer-group -d 'Only inbox rows of this consumer group (the outbox has none)' -r
 complete -c omnibox -n "__fish_omnibox_using_subcommand list" -l since -d 'Only rows created (dead letters: written) since: RFC 3339 (2026-01-31T12:00:00Z) or a duration ago (2h)' -r
 complete -c omnibox -n "__fish_omnibox_using_subcommand list" -l limit -d 'Most rows to show' -r
-complete -c omnibox -n "__fish_omnibox_using_subcommand list" -l after -d 'Start after this sequence number (paging: pass the last seq shown)' -r
+complete -c omnibox -n "__fish_omnibox_using_subcommand list" -l after -d 'Start after this sequence number of one table (paging: pass the last seq shown)' -r
 complete -c omnibox -n "__fish_omnibox_using_subcommand list" -l locked-by -d 'Only rows locked by this worker (see `omnibox unlock --worker`)' -r
 complete -c omnibox -n "__fish_omnibox_using_subcommand list" -l database-url -d 'Database URL: sqlite://PATH or postgres://USER:PASS@HOST/DB [default: sqlite://omnibox.db]' -r
 complete -c omnibox -n "__fish_omnibox_using_subcommand list" -l schema -d 'PostgreSQL schema that holds the tables (created by `migrate`)' -r
@@ -372,14 +375,17 @@ complete -c omnibox -n "__fish_omnibox_using_subcommand show" -s v -l verbose -d
 complete -c omnibox -n "__fish_omnibox_using_subcommand show" -s q -l quiet -d 'Nothing on stdout or stderr unless the command fails (then its report and the error); for cron'
 complete -c omnibox -n "__fish_omnibox_using_subcommand show" -s h -l help -d 'Print help (see more with \'--help\')'
 complete -c omnibox -n "__fish_omnibox_using_subcommand show" -s V -l version -d 'Print version'
-complete -c omnibox -n "__fish_omnibox_using_subcommand replay" -l table -d 'Which table' -r -f -a "outbox\t''
+complete -c omnibox -n "__fish_omnibox_using_subcommand replay" -l table -d 'Which table [default: both event tables, or the one a selector belongs to]' -r -f -a "outbox\t''
 inbox\t''
 dead-letters\t'omnibox_dead_letters (copies of events that failed, kept by --dlq table)'"
 complete -c omnibox -n "__fish_omnibox_using_subcommand replay" -l id -d 'This row (repeatable)' -r
 complete -c omnibox -n "__fish_omnibox_using_subcommand replay" -l event-type -d 'Rows of this event type' -r
-complete -c omnibox -n "__fish_omnibox_using_subcommand replay" -l topic -d 'Rows of this topic (outbox) or source (inbox)' -r
+complete -c omnibox -n "__fish_omnibox_using_subcommand replay" -l topic -d 'Rows of this topic (the outbox; with --table inbox, the source)' -r
+complete -c omnibox -n "__fish_omnibox_using_subcommand replay" -l source -d 'Rows of this source (the inbox; with --table outbox, the topic)' -r
 complete -c omnibox -n "__fish_omnibox_using_subcommand replay" -l error-contains -d 'Rows whose last error contains this text' -r
-complete -c omnibox -n "__fish_omnibox_using_subcommand replay" -l group -d 'Rows of this failure group (see omnibox failures)' -r
+complete -c omnibox -n "__fish_omnibox_using_subcommand replay" -l consumer-group -d 'Inbox rows of this consumer group (the outbox has none)' -r
+complete -c omnibox -n "__fish_omnibox_using_subcommand replay" -l fingerprint -d 'Rows of this failure group: its fingerprint (see omnibox failures)' -r
+complete -c omnibox -n "__fish_omnibox_using_subcommand replay" -l group -d 'Not a selector here: --fingerprint or --consumer-group says which' -r
 complete -c omnibox -n "__fish_omnibox_using_subcommand replay" -l since -d 'Rows that failed at or after this time (RFC 3339, or a duration ago such as 2h)' -r
 complete -c omnibox -n "__fish_omnibox_using_subcommand replay" -l until -d 'Rows that failed before this time' -r
 complete -c omnibox -n "__fish_omnibox_using_subcommand replay" -l limit -d 'At most this many rows' -r
@@ -399,13 +405,14 @@ json\t''"
 complete -c omnibox -n "__fish_omnibox_using_subcommand replay" -l dedup-window -d 'The inbox\'s deduplication window: inbox rows are kept at least this long (cleanup refuses less), so a message redelivered within it is a duplicate [default: 7d]' -r
 complete -c omnibox -n "__fish_omnibox_using_subcommand replay" -l otlp-endpoint -d 'Export OpenTelemetry spans with OTLP over HTTP to this collector (base URL; /v1/traces is added) [default: OTEL_EXPORTER_OTLP_ENDPOINT; off when neither is set]' -r
 complete -c omnibox -n "__fish_omnibox_using_subcommand replay" -l all -d 'Every failed row (explicitly)'
+complete -c omnibox -n "__fish_omnibox_using_subcommand replay" -l pending -d 'Select pending rows waiting for a retry instead of failed ones, and make them due now (attempts and last error stay)'
 complete -c omnibox -n "__fish_omnibox_using_subcommand replay" -l dry-run -d 'Show what would change, change nothing'
 complete -c omnibox -n "__fish_omnibox_using_subcommand replay" -s y -l yes -d 'Do not ask for confirmation (needed without a terminal, e.g. in cron)'
 complete -c omnibox -n "__fish_omnibox_using_subcommand replay" -s v -l verbose -d 'More logging (-v info, -vv debug, -vvv trace)'
 complete -c omnibox -n "__fish_omnibox_using_subcommand replay" -s q -l quiet -d 'Nothing on stdout or stderr unless the command fails (then its report and the error); for cron'
 complete -c omnibox -n "__fish_omnibox_using_subcommand replay" -s h -l help -d 'Print help (see more with \'--help\')'
 complete -c omnibox -n "__fish_omnibox_using_subcommand replay" -s V -l version -d 'Print version'
-complete -c omnibox -n "__fish_omnibox_using_subcommand failures" -l table -d 'Which table' -r -f -a "outbox\t''
+complete -c omnibox -n "__fish_omnibox_using_subcommand failures" -l table -d 'Which table [default: both]' -r -f -a "outbox\t''
 inbox\t''"
 complete -c omnibox -n "__fish_omnibox_using_subcommand failures" -l database-url -d 'Database URL: sqlite://PATH or postgres://USER:PASS@HOST/DB [default: sqlite://omnibox.db]' -r
 complete -c omnibox -n "__fish_omnibox_using_subcommand failures" -l schema -d 'PostgreSQL schema that holds the tables (created by `migrate`)' -r
@@ -424,7 +431,7 @@ complete -c omnibox -n "__fish_omnibox_using_subcommand failures" -s q -l quiet 
 complete -c omnibox -n "__fish_omnibox_using_subcommand failures" -s h -l help -d 'Print help (see more with \'--help\')'
 complete -c omnibox -n "__fish_omnibox_using_subcommand failures" -s V -l version -d 'Print version'
 complete -c omnibox -n "__fish_omnibox_using_subcommand unlock" -l worker -d 'Unlock every event locked by this worker instead' -r
-complete -c omnibox -n "__fish_omnibox_using_subcommand unlock" -l reason -d 'Why (1..255 characters; recorded in last_error and the audit trail)' -r
+complete -c omnibox -n "__fish_omnibox_using_subcommand unlock" -l reason -d 'Why (1..255 characters; recorded in the audit trail, and in last_error when the row has none)' -r
 complete -c omnibox -n "__fish_omnibox_using_subcommand unlock" -l table -d 'Which table [default: the one holding the id; both for --worker]' -r -f -a "outbox\t''
 inbox\t''"
 complete -c omnibox -n "__fish_omnibox_using_subcommand unlock" -l actor -d 'Who is acting, for the audit trail [default: the OS user]' -r

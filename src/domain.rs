@@ -319,7 +319,10 @@ impl DomainService {
         Ok(next)
     }
 
-    /// Releases the lock whoever holds it, recording `Force unlock: <reason>`.
+    /// Releases the lock whoever holds it. The row's `last_error` is kept
+    /// (the operator must still see why it failed before); a row without
+    /// one gets `Force unlock: <reason>`, so it counts as tried (it goes out
+    /// alone, see "the claim" in the design).
     pub fn force_unlock<R: Route>(
         &self,
         event: &Event<R>,
@@ -332,7 +335,12 @@ impl DomainService {
         next.locked_at = None;
         next.locked_by = None;
         next.locked_until = None;
-        next.last_error = Some(reason.last_error());
+        next.last_error = Some(
+            event
+                .last_error
+                .clone()
+                .unwrap_or_else(|| reason.last_error()),
+        );
         Ok(next)
     }
 

@@ -1954,3 +1954,32 @@ fn readme_doctor_sample_is_current() {
         "update the README's doctor sample"
     );
 }
+
+/// Every trace context the README shows (`traceparent=...`) is a valid W3C
+/// one, as omnibox's own parser judges it: the relay and the handlers drop
+/// an invalid `traceparent`, so a reader copying the example would lose the
+/// trace (the enqueue example once read `00-4bf9-00f0-01`).
+#[test]
+fn readme_traceparents_are_valid_w3c() {
+    use opentelemetry::trace::TraceContextExt;
+    let readme = include_str!("../README.md");
+    let values: Vec<&str> = readme
+        .match_indices("traceparent=")
+        .map(|(i, m)| {
+            readme[i + m.len()..]
+                .split(|c: char| c.is_whitespace() || matches!(c, '`' | '\'' | '"'))
+                .next()
+                .unwrap_or_default()
+        })
+        .collect();
+    assert!(!values.is_empty(), "the README shows a traceparent header");
+    for v in values {
+        let headers =
+            std::collections::BTreeMap::from([("traceparent".to_string(), v.to_string())]);
+        let cx = omnibox::telemetry::extract(Some(&headers));
+        assert!(
+            cx.span().span_context().is_valid(),
+            "README: traceparent={v} is not a valid W3C trace context: write 00-<32 hex>-<16 hex>-01"
+        );
+    }
+}

@@ -173,6 +173,26 @@ async fn failed_rows(db: &TestDb) -> Vec<OutboxEvent> {
     events
 }
 
+/// The cells of a one-row summary table, by column name.
+fn summary_cells(table: &str) -> std::collections::HashMap<String, String> {
+    let rows: Vec<Vec<String>> = table
+        .lines()
+        .filter(|l| l.starts_with('│'))
+        .map(|l| {
+            l.trim_matches('│')
+                .split('┆')
+                .map(|c| c.trim().to_string())
+                .collect()
+        })
+        .collect();
+    assert_eq!(rows.len(), 2, "a header and one row: {table}");
+    rows[0]
+        .iter()
+        .cloned()
+        .zip(rows[1].iter().cloned())
+        .collect()
+}
+
 async fn status_of(db: &TestDb, e: &OutboxEvent) -> EventStatus {
     db.store
         .outbox()
@@ -235,12 +255,19 @@ mod cases {
         );
         assert_eq!(r.json()["replayed"], 1);
         assert_eq!(status_of(db, &ev[4]).await, EventStatus::Pending);
-        // --group (the remaining "schema mismatch" rows of order.a: 1 and 5)
+        // --fingerprint (the remaining "schema mismatch" rows of order.a: 1 and 5)
         let fp = fingerprint::fingerprint("order.a", "schema mismatch");
         let r = omnibox(
             db,
             &[
-                "replay", "--group", &fp, "--limit", "1", "--yes", "--format", "json",
+                "replay",
+                "--fingerprint",
+                &fp,
+                "--limit",
+                "1",
+                "--yes",
+                "--format",
+                "json",
             ],
         );
         assert_eq!(r.json()["replayed"], 1, "--limit 1");
@@ -930,7 +957,11 @@ mod cases {
             &["replay", "--id", &uuid::Uuid::now_v7().to_string(), "--yes"],
         );
         assert_eq!(r.code, 1, "{}", r.stderr);
-        assert!(r.stderr.contains("no failed outbox event"), "{}", r.stderr);
+        assert!(
+            r.stderr.contains("no failed outbox or inbox event"),
+            "{}",
+            r.stderr
+        );
         let r = omnibox(db, &["replay", "--id", &other.to_string(), "--yes"]);
         assert_eq!(r.code, 1, "a pending row is not replayed: {}", r.stderr);
         // With --format json an error is also a JSON object on stdout.
@@ -1942,9 +1973,788 @@ mod cases {
         assert_eq!(left.len(), 3, "{left:?}");
         assert!(left.iter().all(|l| l.replayed_at.is_none()));
     }
+
+    /// Consumer groups select inbox rows in `list`, `replay` (also of dead
+    /// letters) and `inbox process`; the outbox refuses them; `replay
+    /// --group` (a consumer group in `inbox consume`, a fingerprint once
+    /// here) is refused with what to write instead, and changes nothing.
+    pub async fn consumer_groups_select_inbox_rows(db: &TestDb) {
+        let domain = DomainService::default();
+        let mut fast = Vec::new();
+        let mut slow = Vec::new();
+        for i in 0..4 {
+            let group = if i % 2 == 0 { "fast" } else { "slow" };
+            let mut e = NewInboxEvent::new(format!("m{i}"), group, "billing", "t", json!({"i": i}));
+            e.max_attempts = Some(1);
+            let e = domain.create_inbox_event(e).unwrap();
+            db.store.inbox().insert(&e).await.unwrap();
+            if i % 2 == 0 {
+                fast.push(e)
+            } else {
+                slow.push(e)
+            }
+        }
+        let r = omnibox(
+            db,
+            &[
+                "inbox", "process", "--once", "--dlq", "table", "--exec", "exit 1",
+            ],
+        );
+        assert_eq!(r.code, 3, "{}", r.stderr);
+        let inbox_status =
+            |id| async move { db.store.inbox().get(id).await.unwrap().unwrap().status() };
+        for e in fast.iter().chain(&slow) {
+            assert_eq!(inbox_status(e.id()).await, EventStatus::Failed);
+        }
+        // Refused, exit 2, nothing changed.
+        let r = omnibox(db, &["replay", "--group", "fast", "--yes"]);
+        assert_eq!(r.code, 2, "{}", r.stderr);
+        assert!(r.stderr.contains("--fingerprint fast"), "{}", r.stderr);
+        assert!(r.stderr.contains("--consumer-group fast"), "{}", r.stderr);
+        assert_eq!(r.stderr.lines().count(), 1, "{}", r.stderr);
+        for args in [
+            &[
+                "replay",
+                "--table",
+                "outbox",
+                "--consumer-group",
+                "fast",
+                "--yes",
+            ][..],
+            &["list", "--table", "outbox", "--consumer-group", "fast"][..],
+        ] {
+            let r = omnibox(db, args);
+            assert_eq!(r.code, 2, "{args:?}: {}", r.stderr);
+            assert!(r.stderr.contains("no consumer group"), "{}", r.stderr);
+            assert_eq!(r.stdout, "", "{args:?}");
+        }
+        let r = omnibox(
+            db,
+            &[
+                "inbox",
+                "process",
+                "--once",
+                "--consumer-group",
+                " ",
+                "--exec",
+                "true",
+            ],
+        );
+        assert_eq!(r.code, 2, "{}", r.stderr);
+        for e in fast.iter().chain(&slow) {
+            assert_eq!(inbox_status(e.id()).await, EventStatus::Failed);
+        }
+        // list: the group's rows only, from the inbox.
+        let r = omnibox(
+            db,
+            &["list", "--consumer-group", "slow", "--format", "json"],
+        );
+        assert_eq!(r.code, 0, "{}", r.stderr);
+        let ids: Vec<String> = r.json()["events"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["id"].as_str().unwrap().to_string())
+            .collect();
+        assert_eq!(
+            ids,
+            slow.iter().map(|e| e.id().to_string()).collect::<Vec<_>>()
+        );
+        // Dead letters of a group.
+        let r = omnibox(
+            db,
+            &[
+                "list",
+                "--table",
+                "dead-letters",
+                "--consumer-group",
+                "fast",
+                "--format",
+                "json",
+            ],
+        );
+        assert_eq!(r.code, 0, "{}", r.stderr);
+        let letters: Vec<String> = r.json()["dead_letters"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|l| l["event_id"].as_str().unwrap().to_string())
+            .collect();
+        assert_eq!(
+            letters,
+            fast.iter().map(|e| e.id().to_string()).collect::<Vec<_>>()
+        );
+        // replay: the group's failed rows only.
+        let r = omnibox(
+            db,
+            &[
+                "replay",
+                "--consumer-group",
+                "fast",
+                "--yes",
+                "--format",
+                "json",
+            ],
+        );
+        assert_eq!(r.code, 0, "{}", r.stderr);
+        assert_eq!(r.json()["replayed"], 2, "{}", r.stdout);
+        for e in &fast {
+            assert_eq!(inbox_status(e.id()).await, EventStatus::Pending);
+        }
+        for e in &slow {
+            assert_eq!(inbox_status(e.id()).await, EventStatus::Failed);
+        }
+        // Dead letters of the other group, by replay.
+        let r = omnibox(
+            db,
+            &[
+                "replay",
+                "--table",
+                "dead-letters",
+                "--consumer-group",
+                "slow",
+                "--yes",
+                "--format",
+                "json",
+            ],
+        );
+        assert_eq!(r.code, 0, "{}", r.stderr);
+        assert_eq!(r.json()["replayed"], 2, "{}", r.stdout);
+        // Now all four are pending: inbox process takes one group's rows.
+        let r = omnibox(
+            db,
+            &[
+                "inbox",
+                "process",
+                "--once",
+                "--consumer-group",
+                "slow",
+                "--exec",
+                "cat >/dev/null",
+            ],
+        );
+        assert_eq!(r.code, 0, "{}", r.stderr);
+        for e in &slow {
+            assert_eq!(inbox_status(e.id()).await, EventStatus::Completed);
+        }
+        for e in &fast {
+            assert_eq!(inbox_status(e.id()).await, EventStatus::Pending);
+        }
+    }
+
+    /// One table rule: without --table, `failures`, `list` (also
+    /// `--locked-by`) and `replay` cover both tables, as `unlock --worker`
+    /// does, and say each row's table; a filter of one table picks it;
+    /// `--after` pages one table.
+    pub async fn commands_cover_both_tables_by_default(db: &TestDb) {
+        let domain = DomainService::default();
+        let o = new_event("order.a", "t1", "k1");
+        db.store.outbox().create(&o).await.unwrap();
+        let mut n = NewInboxEvent::new("m1", "g", "billing", "order.a", json!({"m": 1}));
+        n.max_attempts = Some(1);
+        let i = domain.create_inbox_event(n).unwrap();
+        db.store.inbox().insert(&i).await.unwrap();
+        let worker = WorkerId::new("w-9").unwrap();
+        let oc = db
+            .store
+            .outbox()
+            .claim(&ClaimOptions::new(worker.clone(), 10))
+            .await
+            .unwrap();
+        let ic = db
+            .store
+            .inbox()
+            .claim(&ClaimOptions::new(worker.clone(), 10))
+            .await
+            .unwrap();
+        assert_eq!((oc.events.len(), ic.events.len()), (1, 1));
+        // What w-9 holds: both rows, each with its table.
+        let r = omnibox(db, &["list", "--locked-by", "w-9", "--format", "json"]);
+        assert_eq!(r.code, 0, "{}", r.stderr);
+        let v = r.json();
+        assert_eq!(v["table"], "both");
+        let held: Vec<(String, String)> = v["events"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| {
+                (
+                    e["table"].as_str().unwrap().into(),
+                    e["id"].as_str().unwrap().into(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            held,
+            vec![
+                ("outbox".to_string(), o.id().to_string()),
+                ("inbox".to_string(), i.id().to_string())
+            ]
+        );
+        let r = omnibox(db, &["list", "--locked-by", "w-9"]);
+        assert!(r.stdout.contains("│ table"), "{}", r.stdout);
+        assert!(r.stdout.contains("│ inbox"), "{}", r.stdout);
+        // Both fail for good with the same error.
+        db.store
+            .outbox()
+            .fail(
+                &oc.token,
+                &[Failure::counted(o.id(), "no route to host", time::now())],
+            )
+            .await
+            .unwrap();
+        db.store
+            .inbox()
+            .fail(
+                &ic.token,
+                &[Failure::counted(i.id(), "no route to host", time::now())],
+            )
+            .await
+            .unwrap();
+        let r = omnibox(db, &["failures", "--format", "json"]);
+        assert_eq!(r.code, 0, "{}", r.stderr);
+        let v = r.json();
+        assert_eq!(v["table"], "both");
+        let groups = v["groups"].as_array().unwrap();
+        let tables: Vec<&str> = groups
+            .iter()
+            .map(|g| g["table"].as_str().unwrap())
+            .collect();
+        assert_eq!(tables, vec!["outbox", "inbox"], "{v}");
+        let fp = groups[0]["fingerprint"].as_str().unwrap().to_string();
+        assert_eq!(groups[1]["fingerprint"], fp.as_str());
+        let r = omnibox(db, &["failures", "--table", "inbox", "--format", "json"]);
+        assert_eq!(r.json()["table"], "inbox");
+        assert_eq!(r.json()["groups"].as_array().unwrap().len(), 1);
+        // list --status failed: both; a filter of one table picks it.
+        let r = omnibox(db, &["list", "--status", "failed", "--format", "json"]);
+        assert_eq!(
+            r.json()["events"].as_array().unwrap().len(),
+            2,
+            "{}",
+            r.stdout
+        );
+        for (args, table) in [
+            (
+                &[
+                    "list", "--status", "failed", "--topic", "t1", "--format", "json",
+                ][..],
+                "outbox",
+            ),
+            (
+                &[
+                    "list", "--status", "failed", "--source", "billing", "--format", "json",
+                ][..],
+                "inbox",
+            ),
+            (
+                &["list", "--topic", "t1", "--after", "0", "--format", "json"][..],
+                "outbox",
+            ),
+        ] {
+            let r = omnibox(db, args);
+            assert_eq!(r.code, 0, "{args:?}: {}", r.stderr);
+            let v = r.json();
+            assert_eq!(v["table"], table, "{args:?}");
+            assert_eq!(v["events"].as_array().unwrap().len(), 1, "{args:?}: {v}");
+            assert_eq!(v["events"][0]["table"], table, "{args:?}");
+        }
+        // Paging needs one table's seq.
+        let r = omnibox(db, &["list", "--after", "0"]);
+        assert_eq!(r.code, 2, "{}", r.stderr);
+        assert!(r.stderr.contains("--table"), "{}", r.stderr);
+        assert_eq!(r.stdout, "");
+        // replay --fingerprint: the group in both tables, one audit row each.
+        let r = omnibox(
+            db,
+            &[
+                "replay",
+                "--fingerprint",
+                &fp,
+                "--dry-run",
+                "--format",
+                "json",
+            ],
+        );
+        assert_eq!(r.code, 0, "{}", r.stderr);
+        assert_eq!(r.json()["selected"], 2, "{}", r.stdout);
+        let r = omnibox(db, &["replay", "--fingerprint", &fp, "--yes"]);
+        assert_eq!(r.code, 0, "{}", r.stderr);
+        assert!(
+            r.stdout
+                .contains("Replayed 2 event(s) (1 outbox, 1 inbox)."),
+            "{}",
+            r.stdout
+        );
+        assert_eq!(status_of(db, &o).await, EventStatus::Pending);
+        let row = db.store.inbox().get(i.id()).await.unwrap().unwrap();
+        assert_eq!(row.status(), EventStatus::Pending);
+        let audit = omnibox(db, &["audit", "--action", "replay", "--format", "json"]);
+        let entries = audit.json()["entries"].as_array().unwrap().clone();
+        let mut tables: Vec<&str> = entries
+            .iter()
+            .map(|e| e["table"].as_str().unwrap())
+            .collect();
+        tables.sort();
+        assert_eq!(tables, vec!["inbox", "outbox"], "{}", audit.stdout);
+    }
+
+    /// `inbox process` warns when a handler fails and the row stays
+    /// pending (it logged nothing, even at -vv, while `inbox consume
+    /// --exec` warned), throttled: one warning for a batch of failures.
+    pub async fn inbox_process_warns_of_handler_failures(db: &TestDb) {
+        let domain = DomainService::default();
+        let mut ids = Vec::new();
+        for i in 0..5 {
+            let e = domain
+                .create_inbox_event(NewInboxEvent::new(
+                    format!("m{i}"),
+                    "g",
+                    "s",
+                    "t",
+                    json!({"i": i}),
+                ))
+                .unwrap();
+            db.store.inbox().insert(&e).await.unwrap();
+            ids.push(e.id());
+        }
+        let r = omnibox(
+            db,
+            &[
+                "inbox",
+                "process",
+                "--once",
+                "--exec",
+                "echo 'ledger is read-only' >&2; exit 1",
+            ],
+        );
+        assert_eq!(r.code, 0, "{}", r.stderr);
+        let warnings: Vec<&str> = r
+            .stderr
+            .lines()
+            .filter(|l| l.contains("WARN") && l.contains("event failed"))
+            .collect();
+        assert_eq!(warnings.len(), 1, "{}", r.stderr);
+        assert!(warnings[0].contains("ledger is read-only"), "{}", r.stderr);
+        assert!(warnings[0].contains("table=inbox"), "{}", r.stderr);
+        assert!(warnings[0].contains("attempt=1"), "{}", r.stderr);
+        for id in ids {
+            let row = db.store.inbox().get(id).await.unwrap().unwrap();
+            assert_eq!(
+                (row.status(), row.attempts_made()),
+                (EventStatus::Pending, 1)
+            );
+        }
+    }
+
+    /// Run summaries name failed attempts (the event stays pending:
+    /// `retrying`) apart from events now `failed` (what `status` counts):
+    /// `failed` in a summary's table is the latter; the JSON adds
+    /// `retrying` and keeps `failed` as it was.
+    pub async fn run_summaries_name_retrying_apart_from_failed(db: &TestDb) {
+        let domain = DomainService::default();
+        let add = |id: String, max: i32| {
+            let mut n = NewInboxEvent::new(id, "g", "s", "t", json!({"a": 1}));
+            n.max_attempts = Some(max);
+            domain.create_inbox_event(n).unwrap()
+        };
+        for (i, max) in [1, 1, 6, 6, 6].into_iter().enumerate() {
+            db.store
+                .inbox()
+                .insert(&add(format!("m{i}"), max))
+                .await
+                .unwrap();
+        }
+        let r = omnibox(
+            db,
+            &[
+                "inbox", "process", "--once", "--exec", "exit 1", "--format", "json",
+            ],
+        );
+        assert_eq!(r.code, 3, "{}", r.stderr);
+        let v = r.json();
+        assert_eq!(
+            (v["retrying"].as_u64(), v["dead"].as_u64()),
+            (Some(3), Some(2)),
+            "{v}"
+        );
+        assert_eq!(v["failed"], 3, "the JSON's first name of retrying: {v}");
+        assert_eq!(db.store.inbox().counts().await.unwrap().failed, 2);
+        db.store.inbox().insert(&add("m5".into(), 1)).await.unwrap();
+        let r = omnibox(db, &["inbox", "process", "--once", "--exec", "exit 1"]);
+        let cells = summary_cells(&r.stdout);
+        assert_eq!(cells["retrying"], "0", "{}", r.stdout);
+        assert_eq!(cells["failed"], "1", "{}", r.stdout);
+        assert!(!cells.contains_key("dead"), "{}", r.stdout);
+        // publish, then consume what it wrote.
+        let dir = tempfile::tempdir().unwrap();
+        let file = format!("file:{}", dir.path().join("events.jsonl").display());
+        for k in ["k1", "k2"] {
+            db.store
+                .outbox()
+                .create(&new_event("t", "orders", k))
+                .await
+                .unwrap();
+        }
+        let r = omnibox(db, &["publish", "--once", "--broker", &file]);
+        assert_eq!(r.code, 0, "{}", r.stderr);
+        let cells = summary_cells(&r.stdout);
+        assert_eq!(
+            (
+                cells["published"].as_str(),
+                cells["retrying"].as_str(),
+                cells["failed"].as_str()
+            ),
+            ("2", "0", "0"),
+            "{}",
+            r.stdout
+        );
+        let consume = |group: &str, json: bool| {
+            let mut args = vec![
+                "inbox",
+                "consume",
+                "--from",
+                &file,
+                "--once",
+                "--group",
+                group,
+                "--max-attempts",
+                "1",
+                "--exec",
+                "exit 1",
+            ];
+            if json {
+                args.extend(["--format", "json"]);
+            }
+            omnibox(db, &args)
+        };
+        let r = consume("c1", true);
+        assert_eq!(r.code, 0, "{}", r.stderr);
+        let v = r.json();
+        assert_eq!(
+            (v["retrying"].as_u64(), v["dead"].as_u64()),
+            (Some(0), Some(2)),
+            "{v}"
+        );
+        assert_eq!(v["failed"], 2, "every handler failure, as before: {v}");
+        let r = consume("c2", false);
+        let cells = summary_cells(&r.stdout);
+        assert_eq!(
+            (
+                cells["processed"].as_str(),
+                cells["retrying"].as_str(),
+                cells["failed"].as_str()
+            ),
+            ("0", "0", "2"),
+            "{}",
+            r.stdout
+        );
+    }
+
+    /// `replay --pending`: a pending row waiting for its backoff (the
+    /// handler or broker since fixed) is made due now, in both tables,
+    /// keeping its attempts and error, with an audit row; rows never tried,
+    /// rows in flight and failed rows are left alone.
+    pub async fn replay_pending_makes_waiting_rows_due_now(db: &TestDb) {
+        let domain = DomainService::default();
+        let later = time::now() + chrono::Duration::hours(1);
+        let outbox_event = |key: &str| {
+            let n = NewOutboxEvent::new(
+                "order",
+                uuid::Uuid::now_v7(),
+                "order.a",
+                "t1",
+                key,
+                json!({"k": key}),
+            );
+            domain.create_outbox_event(n).unwrap()
+        };
+        let waiting = outbox_event("k1");
+        let in_flight = outbox_event("k2");
+        let mut n = NewOutboxEvent::new(
+            "order",
+            uuid::Uuid::now_v7(),
+            "order.a",
+            "t1",
+            "k3",
+            json!({"k": 3}),
+        );
+        n.scheduled_at = Some(later);
+        let untried = domain.create_outbox_event(n).unwrap();
+        let outbox = db.store.outbox();
+        outbox
+            .create_many(&[waiting.clone(), in_flight.clone(), untried.clone()])
+            .await
+            .unwrap();
+        let c = outbox
+            .claim(&ClaimOptions::new(WorkerId::new("w1").unwrap(), 10))
+            .await
+            .unwrap();
+        assert_eq!(c.events.len(), 2);
+        outbox
+            .fail(
+                &c.token,
+                &[Failure::counted(waiting.id(), "broker said no", later)],
+            )
+            .await
+            .unwrap();
+        let inbox_row = domain
+            .create_inbox_event(NewInboxEvent::new(
+                "m1",
+                "g",
+                "billing",
+                "refund.issued",
+                json!({"m": 1}),
+            ))
+            .unwrap();
+        db.store.inbox().insert(&inbox_row).await.unwrap();
+        let ic = db
+            .store
+            .inbox()
+            .claim(&ClaimOptions::new(WorkerId::new("p1").unwrap(), 10))
+            .await
+            .unwrap();
+        db.store
+            .inbox()
+            .fail(
+                &ic.token,
+                &[Failure::counted(
+                    inbox_row.id(),
+                    "ledger is read-only",
+                    later,
+                )],
+            )
+            .await
+            .unwrap();
+        // Not failed: plain replay refuses it and says what to use.
+        let wid = waiting.id().to_string();
+        let r = omnibox(db, &["replay", "--id", &wid, "--yes"]);
+        assert_eq!(r.code, 1, "{}", r.stderr);
+        assert!(r.stderr.contains("--pending"), "{}", r.stderr);
+        let r = omnibox(
+            db,
+            &[
+                "replay",
+                "--pending",
+                "--table",
+                "dead-letters",
+                "--all",
+                "--yes",
+            ],
+        );
+        assert_eq!(r.code, 2, "{}", r.stderr);
+        let r = omnibox(
+            db,
+            &[
+                "replay",
+                "--pending",
+                "--all",
+                "--dry-run",
+                "--format",
+                "json",
+            ],
+        );
+        assert_eq!(r.code, 0, "{}", r.stderr);
+        let mut picked: Vec<String> = r.json()["ids"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_str().unwrap().to_string())
+            .collect();
+        picked.sort();
+        let mut expected = vec![wid.clone(), inbox_row.id().to_string()];
+        expected.sort();
+        assert_eq!(picked, expected, "{}", r.stdout);
+        assert!(
+            outbox
+                .get(waiting.id())
+                .await
+                .unwrap()
+                .unwrap()
+                .scheduled_at()
+                > time::now()
+        );
+        let r = omnibox(
+            db,
+            &[
+                "replay",
+                "--pending",
+                "--all",
+                "--reason",
+                "broker fixed",
+                "--yes",
+                "--format",
+                "json",
+            ],
+        );
+        assert_eq!(r.code, 0, "{}", r.stderr);
+        let v = r.json();
+        assert_eq!(
+            (v["replayed"].as_u64(), v["pending"].as_bool()),
+            (Some(2), Some(true)),
+            "{v}"
+        );
+        let now = time::now();
+        let row = outbox.get(waiting.id()).await.unwrap().unwrap();
+        assert_eq!(row.status(), EventStatus::Pending);
+        assert!(row.scheduled_at() <= now, "due now");
+        assert_eq!(
+            (row.attempts_made(), row.last_error()),
+            (1, Some("broker said no"))
+        );
+        let row = db.store.inbox().get(inbox_row.id()).await.unwrap().unwrap();
+        assert!(row.scheduled_at() <= now, "due now");
+        assert_eq!(
+            (row.attempts_made(), row.last_error()),
+            (1, Some("ledger is read-only"))
+        );
+        let row = outbox.get(untried.id()).await.unwrap().unwrap();
+        assert_eq!(
+            row.scheduled_at(),
+            untried.scheduled_at(),
+            "a row never tried keeps its time"
+        );
+        assert!(
+            outbox
+                .get(in_flight.id())
+                .await
+                .unwrap()
+                .unwrap()
+                .is_locked()
+        );
+        // A relay takes it now.
+        let c = outbox
+            .claim(&ClaimOptions::new(WorkerId::new("w2").unwrap(), 10))
+            .await
+            .unwrap();
+        assert_eq!(
+            c.events.iter().map(|e| e.id()).collect::<Vec<_>>(),
+            vec![waiting.id()]
+        );
+        let audit = omnibox(
+            db,
+            &["audit", "--action", "replay-pending", "--format", "json"],
+        );
+        let entries = audit.json()["entries"].as_array().unwrap().clone();
+        assert_eq!(entries.len(), 2, "one per table: {}", audit.stdout);
+        assert!(entries.iter().all(|e| e["reason"] == "broker fixed"));
+        // Nothing waits any more.
+        let r = omnibox(db, &["replay", "--pending", "--all", "--yes"]);
+        assert_eq!(r.code, 1, "{}", r.stderr);
+    }
+
+    /// `unlock` keeps the row's real `last_error` (it used to overwrite it
+    /// with "Force unlock: ..."); the reason is in the audit row. A row
+    /// without an error still gets the reason, as before.
+    pub async fn unlock_keeps_the_rows_error(db: &TestDb) {
+        let domain = DomainService::default();
+        let outbox = db.store.outbox();
+        let n = NewOutboxEvent::new(
+            "order",
+            uuid::Uuid::now_v7(),
+            "order.a",
+            "t1",
+            "k1",
+            json!({"k": 1}),
+        );
+        let e = domain.create_outbox_event(n).unwrap();
+        outbox.create(&e).await.unwrap();
+        let c = outbox
+            .claim(&ClaimOptions::new(WorkerId::new("relay-1").unwrap(), 1))
+            .await
+            .unwrap();
+        outbox
+            .fail(
+                &c.token,
+                &[Failure::counted(
+                    e.id(),
+                    "broker rejected the record: too large",
+                    time::now(),
+                )],
+            )
+            .await
+            .unwrap();
+        outbox
+            .claim(&ClaimOptions::new(WorkerId::new("relay-2").unwrap(), 1))
+            .await
+            .unwrap();
+        let id = e.id().to_string();
+        let r = omnibox(
+            db,
+            &["unlock", &id, "--reason", "relay-2 was OOM-killed", "--yes"],
+        );
+        assert_eq!(r.code, 0, "{}", r.stderr);
+        let row = outbox.get(e.id()).await.unwrap().unwrap();
+        assert!(!row.is_locked());
+        assert_eq!(
+            row.last_error(),
+            Some("broker rejected the record: too large")
+        );
+        let audit = omnibox(db, &["audit", "--id", &id, "--format", "json"]).json();
+        assert_eq!(audit["entries"][0]["action"], "unlock");
+        assert_eq!(audit["entries"][0]["reason"], "relay-2 was OOM-killed");
+        // By worker, an inbox row with an error and an outbox row without.
+        let i = domain
+            .create_inbox_event(NewInboxEvent::new("m1", "g", "s", "t", json!({"m": 1})))
+            .unwrap();
+        db.store.inbox().insert(&i).await.unwrap();
+        let ic = db
+            .store
+            .inbox()
+            .claim(&ClaimOptions::new(WorkerId::new("p-1").unwrap(), 1))
+            .await
+            .unwrap();
+        db.store
+            .inbox()
+            .fail(
+                &ic.token,
+                &[Failure::counted(i.id(), "ledger is read-only", time::now())],
+            )
+            .await
+            .unwrap();
+        db.store
+            .inbox()
+            .claim(&ClaimOptions::new(WorkerId::new("host-9:1").unwrap(), 1))
+            .await
+            .unwrap();
+        let fresh = new_event("t", "t2", "k2");
+        outbox.create(&fresh).await.unwrap();
+        outbox
+            .claim(&ClaimOptions::new(WorkerId::new("host-9:1").unwrap(), 10))
+            .await
+            .unwrap();
+        let r = omnibox(
+            db,
+            &[
+                "unlock",
+                "--worker",
+                "host-9:1",
+                "--reason",
+                "host-9 gone",
+                "--yes",
+            ],
+        );
+        assert_eq!(r.code, 0, "{}", r.stderr);
+        let row = db.store.inbox().get(i.id()).await.unwrap().unwrap();
+        assert_eq!(
+            (row.is_locked(), row.last_error()),
+            (false, Some("ledger is read-only"))
+        );
+        let row = outbox.get(fresh.id()).await.unwrap().unwrap();
+        assert_eq!(
+            (row.is_locked(), row.last_error()),
+            (false, Some("Force unlock: host-9 gone"))
+        );
+    }
 }
 
 backend_tests!(
+    commands_cover_both_tables_by_default,
+    unlock_keeps_the_rows_error,
+    replay_pending_makes_waiting_rows_due_now,
+    run_summaries_name_retrying_apart_from_failed,
+    inbox_process_warns_of_handler_failures,
+    consumer_groups_select_inbox_rows,
     doctor_finds_what_is_wrong,
     migrate_and_doctor_compare_records_with_objects,
     print_sql_records_its_versions,

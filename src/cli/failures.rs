@@ -9,14 +9,15 @@ use omnibox::{MaintenanceStore, Route, Table, Timestamp, time};
 use serde::Serialize;
 use uuid::Uuid;
 
-use super::list::TableArg;
+use super::list::{TableArg, TableFilters, covered, tables_name};
 use super::output::{self, Format, ellipsize};
 use super::{Context, ExitStatus};
 
 /// Group failed events by event type and error cause
 ///
 /// The cause is the last error with ids, numbers and quoted values masked;
-/// its fingerprint selects the group for `omnibox replay --group`.
+/// its fingerprint selects the group for `omnibox replay --fingerprint`.
+/// Without --table both event tables are grouped, each group with its table.
 ///
 /// Examples:
 ///   omnibox failures
@@ -24,14 +25,15 @@ use super::{Context, ExitStatus};
 #[derive(Debug, Args)]
 #[command(verbatim_doc_comment)]
 pub struct FailuresArgs {
-    /// Which table
-    #[arg(long, value_enum, default_value_t = TableArg::Outbox)]
-    table: TableArg,
+    /// Which table [default: both]
+    #[arg(long, value_enum)]
+    table: Option<TableArg>,
 }
 
 /// One group; `--format json` prints `{"table", "groups": [...]}`.
 #[derive(Debug, Serialize)]
 struct Group {
+    table: Table,
     fingerprint: String,
     event_type: String,
     error: String,
@@ -53,19 +55,37 @@ mod ts {
 }
 
 pub async fn run(args: FailuresArgs, ctx: &Context) -> Result<ExitStatus> {
+    let tables = covered(args.table.map(Table::from), TableFilters::default())?;
     let store = ctx.store().await?;
-    let groups = match Table::from(args.table) {
-        Table::Outbox => groups(&store.outbox()).await?,
-        Table::Inbox => groups(&store.inbox()).await?,
-    };
-    let table = Table::from(args.table).to_string();
+    let mut groups = Vec::new();
+    for t in &tables {
+        groups.extend(match t {
+            Table::Outbox => groups_of(&store.outbox()).await?,
+            Table::Inbox => groups_of(&store.inbox()).await?,
+        });
+    }
+    // Most rows first, whatever their table.
+    groups.sort_by(|a, b| {
+        b.count
+            .cmp(&a.count)
+            .then(a.table.as_str().cmp(b.table.as_str()).reverse())
+            .then(a.fingerprint.cmp(&b.fingerprint))
+    });
     match ctx.format() {
-        Format::Json => output::json(&serde_json::json!({"table": table, "groups": groups}))?,
+        Format::Json => {
+            output::json(&serde_json::json!({"table": tables_name(&tables), "groups": groups}))?
+        }
         Format::Table => {
             if groups.is_empty() {
-                output::line(format!("No failed {table} events."))?;
+                let names = tables
+                    .iter()
+                    .map(|t| t.as_str())
+                    .collect::<Vec<_>>()
+                    .join(" or ");
+                output::line(format!("No failed {names} events."))?;
             } else {
                 let mut t = output::table([
+                    "table",
                     "fingerprint",
                     "event type",
                     "count",
@@ -76,6 +96,7 @@ pub async fn run(args: FailuresArgs, ctx: &Context) -> Result<ExitStatus> {
                 ]);
                 for g in &groups {
                     t.add_row(vec![
+                        g.table.to_string(),
                         g.fingerprint.clone(),
                         g.event_type.clone(),
                         g.count.to_string(),
@@ -92,7 +113,7 @@ pub async fn run(args: FailuresArgs, ctx: &Context) -> Result<ExitStatus> {
     Ok(ExitStatus::Success)
 }
 
-async fn groups<R: Route, S: MaintenanceStore<R>>(table: &S) -> Result<Vec<Group>> {
+async fn groups_of<R: Route, S: MaintenanceStore<R>>(table: &S) -> Result<Vec<Group>> {
     // Grouped by exact error in the database: every failed row counted,
     // no row read; the groups are then folded by fingerprint.
     let mut map: BTreeMap<String, Group> = BTreeMap::new();
@@ -100,6 +121,7 @@ async fn groups<R: Route, S: MaintenanceStore<R>>(table: &S) -> Result<Vec<Group
         let error = e.error.as_deref().unwrap_or("");
         let fp = fingerprint::fingerprint(&e.event_type, error);
         let g = map.entry(fp.clone()).or_insert_with(|| Group {
+            table: R::TABLE,
             fingerprint: fp,
             event_type: e.event_type.clone(),
             error: fingerprint::normalize_error(error),
@@ -112,11 +134,5 @@ async fn groups<R: Route, S: MaintenanceStore<R>>(table: &S) -> Result<Vec<Group
         g.first_seen = g.first_seen.min(e.first_seen);
         g.last_seen = g.last_seen.max(e.last_seen);
     }
-    let mut out: Vec<Group> = map.into_values().collect();
-    out.sort_by(|a, b| {
-        b.count
-            .cmp(&a.count)
-            .then(a.fingerprint.cmp(&b.fingerprint))
-    });
-    Ok(out)
+    Ok(map.into_values().collect())
 }

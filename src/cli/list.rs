@@ -12,33 +12,47 @@ use super::{Context, ExitStatus, UsageError, args};
 
 /// List events with filters, oldest first
 ///
+/// Without --table both event tables are listed (oldest first by creation
+/// time, each row with its table), unless a filter belongs to one of them:
+/// --topic to the outbox, --source and --consumer-group to the inbox.
+/// Paging with --after follows one table's seq: it needs that one table.
+///
 /// Examples:
 ///   omnibox list --status failed
 ///   omnibox list --table inbox --since 2h --limit 20
 ///   omnibox list --topic orders --event-type order.created --format json
+///   omnibox list --topic orders --after 1200          # paging: the outbox's seq
+///   omnibox list --locked-by host-3:4121              # what a worker holds, in both tables
+///   omnibox list --consumer-group billing --status pending   # inbox rows of a group
 ///   omnibox list --table dead-letters --since 1d     # kept by --dlq table
 #[derive(Debug, Args)]
 #[command(verbatim_doc_comment)]
 pub struct ListArgs {
-    /// Which table
-    #[arg(long, value_enum, default_value_t = RowsArg::Outbox)]
-    table: RowsArg,
+    /// Which table [default: both event tables, or the one a filter belongs to]
+    #[arg(long, value_enum)]
+    table: Option<RowsArg>,
     /// Only this status: pending, completed or failed
     #[arg(long, value_parser = parse_status)]
     status: Option<EventStatus>,
     /// Only this event type
     #[arg(long, value_name = "TYPE")]
     event_type: Option<String>,
-    /// Only this topic (outbox) or source (inbox)
-    #[arg(long, alias = "source")]
+    /// Only this topic (the outbox; with --table inbox, the source)
+    #[arg(long, value_name = "TOPIC", conflicts_with = "source")]
     topic: Option<String>,
+    /// Only this source (the inbox; with --table outbox, the topic)
+    #[arg(long, value_name = "SOURCE")]
+    source: Option<String>,
+    /// Only inbox rows of this consumer group (the outbox has none)
+    #[arg(long, value_name = "GROUP", value_parser = args::consumer_group)]
+    consumer_group: Option<String>,
     /// Only rows created (dead letters: written) since: RFC 3339 (2026-01-31T12:00:00Z) or a duration ago (2h)
     #[arg(long, allow_hyphen_values = true, value_parser = args::since, value_name = "TIME")]
     since: Option<Timestamp>,
     /// Most rows to show
     #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u32).range(1..=100_000))]
     limit: u32,
-    /// Start after this sequence number (paging: pass the last seq shown)
+    /// Start after this sequence number of one table (paging: pass the last seq shown)
     #[arg(long, value_name = "SEQ")]
     after: Option<i64>,
     /// Only rows locked by this worker (see `omnibox unlock --worker`)
@@ -71,6 +85,63 @@ impl From<TableArg> for Table {
     }
 }
 
+/// The filters that decide which event tables a command covers.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct TableFilters {
+    /// `--topic` was given (an outbox column).
+    pub topic: bool,
+    /// `--source` was given (an inbox column).
+    pub source: bool,
+    /// `--consumer-group` was given (an inbox column).
+    pub consumer_group: bool,
+}
+
+/// The event tables a command covers, one rule for every command: the one
+/// `--table` names; else the one a filter belongs to (`--topic`: the
+/// outbox; `--source`, `--consumer-group`: the inbox); else both. A
+/// consumer group on the outbox, or filters of both tables without
+/// `--table`, are refused rather than matching nothing.
+pub fn covered(table: Option<Table>, f: TableFilters) -> Result<Vec<Table>, UsageError> {
+    let inbox_only = f.source || f.consumer_group;
+    match table {
+        Some(Table::Outbox) if f.consumer_group => Err(UsageError(
+            "--consumer-group selects inbox rows, and outbox rows have no consumer group: use --table inbox (or leave --table out)".into(),
+        )),
+        Some(t) => Ok(vec![t]),
+        None if f.topic && inbox_only => Err(UsageError(
+            "--topic is an outbox column and --consumer-group an inbox one: give --table inbox to select the inbox rows of a source (--source) and a consumer group".into(),
+        )),
+        None if f.topic => Ok(vec![Table::Outbox]),
+        None if inbox_only => Ok(vec![Table::Inbox]),
+        None => Ok(Table::ALL.to_vec()),
+    }
+}
+
+/// The `"table"` of a JSON report: the one table, or `"both"`.
+pub fn tables_name(tables: &[Table]) -> &'static str {
+    match tables {
+        [one] => one.as_str(),
+        _ => "both",
+    }
+}
+
+/// Merges two lists each in its own order into one, by `key` (stable: on
+/// a tie the first list's row comes first).
+pub fn merge_by<T, K: Ord>(a: Vec<T>, b: Vec<T>, key: impl Fn(&T) -> K) -> Vec<T> {
+    let mut out = Vec::with_capacity(a.len() + b.len());
+    let mut a = a.into_iter().peekable();
+    let mut b = b.into_iter().peekable();
+    loop {
+        let take_a = match (a.peek(), b.peek()) {
+            (Some(x), Some(y)) => key(x) <= key(y),
+            (Some(_), None) => true,
+            (None, Some(_)) => false,
+            (None, None) => return out,
+        };
+        out.extend(if take_a { a.next() } else { b.next() });
+    }
+}
+
 fn parse_status(s: &str) -> Result<EventStatus, String> {
     s.parse::<EventStatus>().map_err(|e| match e {
         omnibox::Error::Validation { message, .. } => message,
@@ -80,50 +151,121 @@ fn parse_status(s: &str) -> Result<EventStatus, String> {
 
 pub async fn run(args: ListArgs, ctx: &Context) -> Result<ExitStatus> {
     let table = match args.table {
-        RowsArg::Outbox => Table::Outbox,
-        RowsArg::Inbox => Table::Inbox,
-        RowsArg::DeadLetters => return dead_letters(args, ctx).await,
+        Some(RowsArg::DeadLetters) => return dead_letters(args, ctx).await,
+        Some(RowsArg::Outbox) => Some(Table::Outbox),
+        Some(RowsArg::Inbox) => Some(Table::Inbox),
+        None => None,
     };
+    let tables = covered(
+        table,
+        TableFilters {
+            topic: args.topic.is_some(),
+            source: args.source.is_some(),
+            consumer_group: args.consumer_group.is_some(),
+        },
+    )?;
+    if args.after.is_some() && tables.len() > 1 {
+        return Err(UsageError(
+            "--after pages one table by its seq: add --table outbox or --table inbox".into(),
+        )
+        .into());
+    }
     let store: AnyStore = ctx.store().await?;
     let filter = ListFilter {
         status: args.status,
         event_type: args.event_type.clone(),
-        topic: args.topic.clone(),
+        topic: args.topic.clone().or_else(|| args.source.clone()),
+        consumer_group: args.consumer_group.clone(),
         since: args.since,
         after_seq: args.after,
         locked_by: args.locked_by.clone(),
         limit: Some(args.limit),
     };
-    match table {
-        Table::Outbox => {
-            let rows = store.outbox().list(&filter).await?;
-            print(ctx, table, &rows, |e| {
-                (e.topic().to_string(), e.partition_key().to_string())
-            })
+    let mut outbox = Vec::new();
+    let mut inbox = Vec::new();
+    for t in &tables {
+        match t {
+            Table::Outbox => {
+                outbox = store
+                    .outbox()
+                    .list(&filter)
+                    .await?
+                    .iter()
+                    .map(|e| Listed::of(Table::Outbox, e, e.topic(), e.partition_key()))
+                    .collect::<Result<_>>()?;
+            }
+            Table::Inbox => {
+                inbox = store
+                    .inbox()
+                    .list(&filter)
+                    .await?
+                    .iter()
+                    .map(|e| Listed::of(Table::Inbox, e, e.source(), e.message_id()))
+                    .collect::<Result<_>>()?;
+            }
         }
-        Table::Inbox => {
-            let rows = store.inbox().list(&filter).await?;
-            print(ctx, table, &rows, |e| {
-                (e.source().to_string(), e.message_id().to_string())
-            })
-        }
+    }
+    // Each table's rows are in insertion order; both: oldest first.
+    let mut rows = merge_by(outbox, inbox, |r| r.created_at);
+    rows.truncate(args.limit as usize);
+    print(ctx, &tables, &rows)
+}
+
+/// One listed row, of either table.
+struct Listed {
+    table: Table,
+    created_at: Timestamp,
+    /// The event as JSON, with its `"table"`.
+    json: serde_json::Value,
+    cells: Vec<String>,
+}
+
+impl Listed {
+    fn of<R: Route + serde::Serialize>(
+        table: Table,
+        e: &Event<R>,
+        topic: &str,
+        key: &str,
+    ) -> Result<Listed> {
+        let mut json = serde_json::to_value(e)?;
+        json["table"] = json!(table);
+        Ok(Listed {
+            table,
+            created_at: e.created_at(),
+            json,
+            cells: vec![
+                table.to_string(),
+                e.seq().map(|s| s.to_string()).unwrap_or_default(),
+                e.id().to_string(),
+                e.status().to_string(),
+                e.event_type().to_string(),
+                topic.to_string(),
+                ellipsize(key, 40),
+                format!("{}/{}", e.attempts_made(), e.max_attempts()),
+                time::format(&e.scheduled_at()),
+                e.locked_by().unwrap_or("-").to_string(),
+                e.last_error()
+                    .map(|m| ellipsize(m, 50))
+                    .unwrap_or_else(|| "-".into()),
+            ],
+        })
     }
 }
 
-fn print<R: Route + serde::Serialize>(
-    ctx: &Context,
-    table: Table,
-    rows: &[Event<R>],
-    route: impl Fn(&Event<R>) -> (String, String),
-) -> Result<ExitStatus> {
+fn print(ctx: &Context, tables: &[Table], rows: &[Listed]) -> Result<ExitStatus> {
     match ctx.format() {
-        Format::Json => output::json(&json!({ "table": table, "events": rows }))?,
+        Format::Json => output::json(&json!({
+            "table": tables_name(tables),
+            "events": rows.iter().map(|r| &r.json).collect::<Vec<_>>(),
+        }))?,
         Format::Table => {
-            let (topic, key) = match table {
-                Table::Outbox => ("topic", "key"),
-                Table::Inbox => ("source", "message id"),
+            let (topic, key) = match tables {
+                [Table::Outbox] => ("topic", "key"),
+                [Table::Inbox] => ("source", "message id"),
+                _ => ("topic/source", "key/message id"),
             };
             let mut t = output::table([
+                "table",
                 "seq",
                 "id",
                 "status",
@@ -135,22 +277,9 @@ fn print<R: Route + serde::Serialize>(
                 "locked by",
                 "last error",
             ]);
-            for e in rows {
-                let (topic, key) = route(e);
-                t.add_row(vec![
-                    e.seq().map(|s| s.to_string()).unwrap_or_default(),
-                    e.id().to_string(),
-                    e.status().to_string(),
-                    e.event_type().to_string(),
-                    topic,
-                    ellipsize(&key, 40),
-                    format!("{}/{}", e.attempts_made(), e.max_attempts()),
-                    time::format(&e.scheduled_at()),
-                    e.locked_by().unwrap_or("-").to_string(),
-                    e.last_error()
-                        .map(|m| ellipsize(m, 50))
-                        .unwrap_or_else(|| "-".into()),
-                ]);
+            for r in rows {
+                debug_assert!(tables.contains(&r.table));
+                t.add_row(r.cells.clone());
             }
             if rows.is_empty() {
                 output::line("No events match.")?;
@@ -174,7 +303,8 @@ async fn dead_letters(args: ListArgs, ctx: &Context) -> Result<ExitStatus> {
         .dead_letters()
         .list(&DeadLetterFilter {
             event_type: args.event_type.clone(),
-            topic: args.topic.clone(),
+            topic: args.topic.clone().or_else(|| args.source.clone()),
+            consumer_group: args.consumer_group.clone(),
             since: args.since,
             after_seq: args.after,
             limit: Some(args.limit),

@@ -308,8 +308,8 @@ fn print_summary(
         Format::Table => {
             let mut t = output::table([
                 "published",
+                "retrying",
                 "failed",
-                "dead",
                 "transient",
                 "released",
                 "lease lost",
@@ -319,7 +319,7 @@ fn print_summary(
             ]);
             t.add_row(vec![
                 r.completed.to_string(),
-                r.failed.to_string(),
+                r.retrying.to_string(),
                 r.dead.to_string(),
                 r.transient.to_string(),
                 r.released.to_string(),

@@ -7,11 +7,11 @@ use anyhow::Result;
 use clap::Args;
 use omnibox::store::audit::{AuditEntry, AuditedChange};
 use omnibox::store::{AnyStore, fingerprint};
-use omnibox::{Event, MaintenanceStore, RequeueFilter, Route, Timestamp, time};
+use omnibox::{Event, MaintenanceStore, RequeueFilter, Route, Table, Timestamp, time};
 use serde_json::json;
 use uuid::Uuid;
 
-use super::list::{RowsArg, letter_table};
+use super::list::{RowsArg, TableFilters, covered, letter_table, merge_by, tables_name};
 use super::output::{self, Format, ellipsize};
 use super::safety::SafetyArgs;
 use super::{Context, ExitStatus, UsageError, args};
@@ -19,8 +19,15 @@ use omnibox::store::dead_letters::{DEAD_LETTERS, DeadLetterFilter, DeadLetterRec
 
 /// Put failed events back to pending (attempts reset, error cleared, due now)
 ///
-/// Select rows with at least one selector, or --all. --dry-run lists what
-/// would change. --rate spreads a large replay over time so that it does not
+/// With --pending, pending events waiting for a retry (a handler or the
+/// broker failed, and the backoff has not run out) are made due now
+/// instead, keeping their attempts and last error: what to run once the
+/// cause is fixed, rather than wait for the backoff.
+///
+/// Select rows with at least one selector, or --all. Without --table both
+/// event tables are searched, unless a selector belongs to one: --topic to
+/// the outbox, --source and --consumer-group to the inbox. --dry-run lists
+/// what would change. --rate spreads a large replay over time so that it does not
 /// flood the broker. Every replay is recorded in the audit trail (omnibox audit).
 ///
 /// --table dead-letters replays the open dead letters kept by --dlq table
@@ -31,30 +38,41 @@ use omnibox::store::dead_letters::{DEAD_LETTERS, DeadLetterFilter, DeadLetterRec
 ///
 /// Examples:
 ///   omnibox replay --event-type order.created --since 2h --dry-run
-///   omnibox replay --group 3fa2b91c0d4e --reason "schema fixed in v2.3" --yes
+///   omnibox replay --fingerprint 3fa2b91c0d4e --reason "schema fixed in v2.3" --yes
 ///   omnibox replay --table inbox --source billing --error-contains timeout --rate 100
+///   omnibox replay --consumer-group billing --event-type refund.issued --dry-run
+///   omnibox replay --pending --event-type refund.issued --reason "ledger back" --yes
 ///   omnibox replay --id 0190f1d2-7a3b-7cde-8f00-123456789abc --reason "retry by hand"
 ///   omnibox replay --table dead-letters --since 1d --reason "broker ACL fixed" --yes
 #[derive(Debug, Args)]
 #[command(verbatim_doc_comment)]
 pub struct ReplayArgs {
-    /// Which table
-    #[arg(long, value_enum, default_value_t = RowsArg::Outbox)]
-    table: RowsArg,
+    /// Which table [default: both event tables, or the one a selector belongs to]
+    #[arg(long, value_enum)]
+    table: Option<RowsArg>,
     /// This row (repeatable)
     #[arg(long = "id", value_name = "UUID", value_parser = args::uuid)]
     ids: Vec<Uuid>,
     /// Rows of this event type
     #[arg(long, value_name = "TYPE")]
     event_type: Option<String>,
-    /// Rows of this topic (outbox) or source (inbox)
-    #[arg(long, alias = "source", value_name = "NAME")]
+    /// Rows of this topic (the outbox; with --table inbox, the source)
+    #[arg(long, value_name = "TOPIC", conflicts_with = "source")]
     topic: Option<String>,
+    /// Rows of this source (the inbox; with --table outbox, the topic)
+    #[arg(long, value_name = "SOURCE")]
+    source: Option<String>,
     /// Rows whose last error contains this text
     #[arg(long, value_name = "TEXT")]
     error_contains: Option<String>,
-    /// Rows of this failure group (see omnibox failures)
+    /// Inbox rows of this consumer group (the outbox has none)
+    #[arg(long, value_name = "GROUP", value_parser = args::consumer_group)]
+    consumer_group: Option<String>,
+    /// Rows of this failure group: its fingerprint (see omnibox failures)
     #[arg(long, value_name = "FINGERPRINT")]
+    fingerprint: Option<String>,
+    /// Not a selector here: --fingerprint or --consumer-group says which
+    #[arg(long, hide = true, value_name = "VALUE")]
     group: Option<String>,
     /// Rows that failed at or after this time (RFC 3339, or a duration ago such as 2h)
     #[arg(long, allow_hyphen_values = true, value_parser = args::since, value_name = "TIME")]
@@ -65,6 +83,10 @@ pub struct ReplayArgs {
     /// Every failed row (explicitly)
     #[arg(long)]
     all: bool,
+    /// Select pending rows waiting for a retry instead of failed ones, and
+    /// make them due now (attempts and last error stay)
+    #[arg(long)]
+    pending: bool,
     /// At most this many rows
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
     limit: Option<u32>,
@@ -82,14 +104,23 @@ impl ReplayArgs {
     /// The audit entry of this replay: the selectors and how many rows
     /// they picked.
     fn audit_entry(&self, selected: usize) -> AuditEntry {
-        let mut entry = AuditEntry::new(self.safety.actor(), "replay");
+        let mut entry = AuditEntry::new(self.safety.actor(), self.action());
         entry.reason = self.reason.clone();
         entry.details = json!({
-            "event_type": self.event_type, "topic": self.topic, "error_contains": self.error_contains,
-            "group": self.group, "since": self.since.map(|t| time::format(&t)), "until": self.until.map(|t| time::format(&t)),
+            "event_type": self.event_type, "topic": self.topic, "source": self.source, "error_contains": self.error_contains,
+            "consumer_group": self.consumer_group, "fingerprint": self.fingerprint, "since": self.since.map(|t| time::format(&t)), "until": self.until.map(|t| time::format(&t)),
             "all": self.all, "limit": self.limit, "rate": self.rate, "selected": selected,
         });
         entry
+    }
+
+    /// The audit trail's action: `replay`, or `replay-pending`.
+    fn action(&self) -> &'static str {
+        if self.pending {
+            "replay-pending"
+        } else {
+            "replay"
+        }
     }
 
     fn that_id(&self) -> &'static str {
@@ -102,33 +133,60 @@ impl ReplayArgs {
 }
 
 pub async fn run(args: ReplayArgs, ctx: &Context) -> Result<ExitStatus> {
+    if let Some(value) = &args.group {
+        // `--group` is a consumer group in `inbox consume`: here it would
+        // silently match nothing for the one or the other meaning.
+        return Err(UsageError(format!(
+            "replay has no --group: write --fingerprint {value} for a failure group (see `omnibox failures`), or --consumer-group {value} for the inbox rows of a consumer group"
+        ))
+        .into());
+    }
+    let table = match args.table {
+        Some(RowsArg::Outbox) => Some(Table::Outbox),
+        Some(RowsArg::Inbox) => Some(Table::Inbox),
+        Some(RowsArg::DeadLetters) | None => None,
+    };
+    let tables = covered(
+        table,
+        TableFilters {
+            topic: args.topic.is_some(),
+            source: args.source.is_some(),
+            consumer_group: args.consumer_group.is_some(),
+        },
+    )?;
     let filter = RequeueFilter {
         ids: args.ids.clone(),
         event_type: args.event_type.clone(),
-        topic: args.topic.clone(),
+        topic: args.topic.clone().or_else(|| args.source.clone()),
+        consumer_group: args.consumer_group.clone(),
         error_contains: args.error_contains.clone(),
         since: args.since,
         until: args.until,
         all: args.all,
         limit: None,
     };
-    if filter.selects_nothing() && args.group.is_none() && !args.all {
+    if filter.selects_nothing() && args.fingerprint.is_none() && !args.all {
         return Err(UsageError(
-            "replay needs a selector: --id, --event-type, --topic/--source, --error-contains, --group, --since/--until, or --all"
+            "replay needs a selector: --id, --event-type, --topic/--source, --consumer-group, --error-contains, --fingerprint, --since/--until, or --all"
                 .into(),
         )
         .into());
     }
+    if args.pending && args.table == Some(RowsArg::DeadLetters) {
+        return Err(UsageError(
+            "--pending selects pending event rows waiting for a retry; dead letters are failed events (replay them without --pending)".into(),
+        )
+        .into());
+    }
     // The audit row is checked before anything changes.
-    let mut probe = AuditEntry::new(args.safety.actor(), "replay");
+    let mut probe = AuditEntry::new(args.safety.actor(), args.action());
     probe.reason = args.reason.clone();
     omnibox::store::audit::check(&probe)?;
     let store = ctx.store().await?;
-    match args.table {
-        RowsArg::Outbox => replay(&store.outbox(), &store, &args, filter, ctx).await,
-        RowsArg::Inbox => replay(&store.inbox(), &store, &args, filter, ctx).await,
-        RowsArg::DeadLetters => replay_letters(&store, &args, ctx).await,
+    if args.table == Some(RowsArg::DeadLetters) {
+        return replay_letters(&store, &args, ctx).await;
     }
+    replay(&store, &tables, &args, filter, ctx).await
 }
 
 async fn replay_letters(store: &AnyStore, args: &ReplayArgs, ctx: &Context) -> Result<ExitStatus> {
@@ -137,7 +195,8 @@ async fn replay_letters(store: &AnyStore, args: &ReplayArgs, ctx: &Context) -> R
         .list(&DeadLetterFilter {
             ids: args.ids.clone(),
             event_type: args.event_type.clone(),
-            topic: args.topic.clone(),
+            topic: args.topic.clone().or_else(|| args.source.clone()),
+            consumer_group: args.consumer_group.clone(),
             error_contains: args.error_contains.clone(),
             since: args.since,
             until: args.until,
@@ -145,8 +204,8 @@ async fn replay_letters(store: &AnyStore, args: &ReplayArgs, ctx: &Context) -> R
             ..DeadLetterFilter::default()
         })
         .await?;
-    if let Some(group) = &args.group {
-        letters.retain(|l| fingerprint::fingerprint(&l.event_type, &l.error) == *group);
+    if let Some(fp) = &args.fingerprint {
+        letters.retain(|l| fingerprint::fingerprint(&l.event_type, &l.error) == *fp);
     }
     if let Some(limit) = args.limit {
         letters.truncate(limit as usize);
@@ -253,124 +312,229 @@ fn print_letters(
     }
 }
 
-async fn replay<R, S>(
-    table: &S,
+/// One selected row, of either table.
+struct Picked {
+    table: Table,
+    id: Uuid,
+    event_type: String,
+    attempts: String,
+    updated_at: Timestamp,
+    created_at: Timestamp,
+    scheduled_at: Timestamp,
+    last_error: Option<String>,
+}
+
+/// The rows of `table` the selectors pick (failed ones, or with
+/// `--pending` pending ones waiting for a retry), in insertion order.
+async fn pick<R, S>(table: &S, args: &ReplayArgs, filter: &RequeueFilter) -> Result<Vec<Picked>>
+where
+    R: Route,
+    S: MaintenanceStore<R>,
+{
+    let mut list_filter = filter.clone();
+    list_filter.all = true;
+    let rows: Vec<Event<R>> = if args.pending {
+        table.list_waiting(&list_filter).await?
+    } else {
+        table.list_failed(&list_filter).await?
+    };
+    Ok(rows
+        .into_iter()
+        .filter(|e| {
+            args.fingerprint.as_ref().is_none_or(|fp| {
+                fingerprint::fingerprint(e.event_type(), e.last_error().unwrap_or("")) == *fp
+            })
+        })
+        .map(|e| Picked {
+            table: R::TABLE,
+            id: e.id(),
+            event_type: e.event_type().to_string(),
+            attempts: format!("{}/{}", e.attempts_made(), e.max_attempts()),
+            updated_at: e.updated_at(),
+            created_at: e.created_at(),
+            scheduled_at: e.scheduled_at(),
+            last_error: e.last_error().map(str::to_string),
+        })
+        .collect())
+}
+
+/// "2 failed outbox event(s)", or "3 failed event(s) (2 outbox, 1 inbox)"
+/// when rows of both tables are among `rows`.
+fn count_text(rows: &[Picked], adjective: &str) -> String {
+    let outbox = rows.iter().filter(|r| r.table == Table::Outbox).count();
+    let inbox = rows.len() - outbox;
+    match (outbox, inbox) {
+        (n, 0) if n > 0 => format!("{n} {adjective}outbox event(s)"),
+        (0, n) if n > 0 => format!("{n} {adjective}inbox event(s)"),
+        (o, i) => format!("{} {adjective}event(s) ({o} outbox, {i} inbox)", o + i),
+    }
+}
+
+async fn replay(
     store: &AnyStore,
+    tables: &[Table],
     args: &ReplayArgs,
     filter: RequeueFilter,
     ctx: &Context,
-) -> Result<ExitStatus>
-where
-    R: Route + serde::Serialize,
-    S: MaintenanceStore<R>,
-{
-    // What the selectors pick, in insertion order.
-    let mut list_filter = filter.clone();
-    list_filter.all = true;
-    let mut rows: Vec<Event<R>> = table.list_failed(&list_filter).await?;
-    if let Some(group) = &args.group {
-        rows.retain(|e| {
-            fingerprint::fingerprint(e.event_type(), e.last_error().unwrap_or("")) == *group
-        });
+) -> Result<ExitStatus> {
+    // What the selectors pick: each table in insertion order, both oldest
+    // first.
+    let mut outbox = Vec::new();
+    let mut inbox = Vec::new();
+    for t in tables {
+        match t {
+            Table::Outbox => outbox = pick(&store.outbox(), args, &filter).await?,
+            Table::Inbox => inbox = pick(&store.inbox(), args, &filter).await?,
+        }
     }
+    let mut rows = merge_by(outbox, inbox, |r| r.created_at);
     if let Some(limit) = args.limit {
         rows.truncate(limit as usize);
     }
-    let ids: Vec<Uuid> = rows.iter().map(|e| e.id()).collect();
-    let table_name = R::TABLE.to_string();
-    if ids.is_empty() {
-        print(ctx, &table_name, &rows, args.safety.dry_run, 0)?;
+    let names = tables
+        .iter()
+        .map(|t| t.as_str())
+        .collect::<Vec<_>>()
+        .join(" or ");
+    if rows.is_empty() {
+        print(ctx, args, tables, &rows, args.safety.dry_run, 0)?;
         if !args.ids.is_empty() {
-            crate::cli::output::notice!(
-                "omnibox: no failed {table_name} event with {} (replay requeues failed rows only; `omnibox show ID` tells where a row stands)",
-                args.that_id()
-            );
+            if args.pending {
+                crate::cli::output::notice!(
+                    "omnibox: no pending {names} event waiting for a retry with {} (--pending takes unlocked pending rows that failed and wait for their backoff; `omnibox show ID` tells where a row stands)",
+                    args.that_id()
+                );
+            } else {
+                crate::cli::output::notice!(
+                    "omnibox: no failed {names} event with {} (replay requeues failed rows; --pending retries pending ones waiting for their backoff now; `omnibox show ID` tells where a row stands)",
+                    args.that_id()
+                );
+            }
         }
         return Ok(ExitStatus::No);
     }
     if args.safety.dry_run {
-        print(ctx, &table_name, &rows, true, 0)?;
+        print(ctx, args, tables, &rows, true, 0)?;
         return Ok(ExitStatus::Success);
     }
-    if !args.safety.confirm(&format!(
-        "replay {} failed {table_name} event(s)",
-        ids.len()
-    ))? {
+    let question = if args.pending {
+        format!("make {} due now", count_text(&rows, "pending "))
+    } else {
+        format!("replay {}", count_text(&rows, "failed "))
+    };
+    if !args.safety.confirm(&question)? {
         crate::cli::output::notice!("omnibox: nothing changed");
         return Ok(ExitStatus::No);
     }
-    // Requeue by id, in chunks paced by --rate; each chunk and its audit
-    // row commit together.
-    let chunk = args.rate.map_or(ids.len(), |r| r as usize).max(1);
-    let mut done: HashSet<Uuid> = HashSet::with_capacity(ids.len());
-    let entry = args.audit_entry(ids.len());
-    for (n, part) in ids.chunks(chunk).enumerate() {
+    // Requeue by id, in chunks paced by --rate; each chunk of a table and
+    // its audit row commit together.
+    let selected = rows.len();
+    let chunk = args.rate.map_or(selected, |r| r as usize).max(1);
+    let mut done: HashSet<Uuid> = HashSet::with_capacity(selected);
+    let entry = args.audit_entry(selected);
+    for (n, part) in rows.chunks(chunk).enumerate() {
         if n > 0 {
             tokio::time::sleep(Duration::from_secs(1)).await;
         }
-        done.extend(
-            store
-                .change_audited(
-                    R::TABLE,
-                    AuditedChange::Requeue { ids: part },
-                    entry.clone(),
-                )
-                .await?,
-        );
+        for t in Table::ALL {
+            let ids: Vec<Uuid> = part.iter().filter(|r| r.table == t).map(|r| r.id).collect();
+            if ids.is_empty() {
+                continue;
+            }
+            let change = if args.pending {
+                AuditedChange::RetryNow { ids: &ids }
+            } else {
+                AuditedChange::Requeue { ids: &ids }
+            };
+            done.extend(store.change_audited(t, change, entry.clone()).await?);
+        }
     }
-    let replayed: Vec<Event<R>> = rows
-        .into_iter()
-        .filter(|e| done.contains(&e.id()))
-        .collect();
-    print(ctx, &table_name, &replayed, false, ids.len())?;
-    if done.len() < ids.len() {
+    let replayed: Vec<Picked> = rows.into_iter().filter(|r| done.contains(&r.id)).collect();
+    print(ctx, args, tables, &replayed, false, selected)?;
+    if done.len() < selected {
         crate::cli::output::notice!(
-            "omnibox: {} of {} selected rows changed meanwhile (no longer failed) and were left alone",
-            ids.len() - done.len(),
-            ids.len()
+            "omnibox: {} of {selected} selected rows changed meanwhile (no longer {}) and were left alone",
+            selected - done.len(),
+            if args.pending {
+                "pending, unlocked and due later"
+            } else {
+                "failed"
+            }
         );
         return Ok(ExitStatus::Partial);
     }
     Ok(ExitStatus::Success)
 }
 
-fn print<R: Route + serde::Serialize>(
+fn print(
     ctx: &Context,
-    table: &str,
-    rows: &[Event<R>],
+    args: &ReplayArgs,
+    tables: &[Table],
+    rows: &[Picked],
     dry_run: bool,
     selected: usize,
 ) -> Result<()> {
     match ctx.format() {
-        Format::Json => output::json(&json!({
-            "table": table,
-            "dry_run": dry_run,
-            "replayed": if dry_run { 0 } else { rows.len() },
-            "selected": if dry_run { rows.len() } else { selected },
-            "ids": rows.iter().map(|e| e.id()).collect::<Vec<_>>(),
-        })),
+        Format::Json => {
+            let mut v = json!({
+                "table": tables_name(tables),
+                "dry_run": dry_run,
+                "replayed": if dry_run { 0 } else { rows.len() },
+                "selected": if dry_run { rows.len() } else { selected },
+                "ids": rows.iter().map(|r| r.id).collect::<Vec<_>>(),
+                "tables": tables.iter().map(|t| json!({
+                    "table": t,
+                    "ids": rows.iter().filter(|r| r.table == *t).map(|r| r.id).collect::<Vec<_>>(),
+                })).collect::<Vec<_>>(),
+            });
+            if args.pending {
+                v["pending"] = json!(true);
+            }
+            output::json(&v)
+        }
         Format::Table => {
             if rows.is_empty() {
-                return output::line("No failed events match.");
+                return output::line(if args.pending {
+                    "No pending events waiting for a retry match."
+                } else {
+                    "No failed events match."
+                });
             }
-            let mut t = output::table(["id", "event type", "attempts", "failed at", "last error"]);
-            for e in rows {
-                t.add_row(vec![
-                    e.id().to_string(),
-                    e.event_type().to_string(),
-                    format!("{}/{}", e.attempts_made(), e.max_attempts()),
-                    time::format(&e.updated_at()),
-                    ellipsize(e.last_error().unwrap_or("-"), 60),
-                ]);
+            let mut header = vec!["table", "id", "event type", "attempts", "failed at"];
+            if args.pending {
+                header.push("due at");
+            }
+            header.push("last error");
+            let mut t = output::table(header);
+            for r in rows {
+                let mut cells = vec![
+                    r.table.to_string(),
+                    r.id.to_string(),
+                    r.event_type.clone(),
+                    r.attempts.clone(),
+                    time::format(&r.updated_at),
+                ];
+                if args.pending {
+                    cells.push(time::format(&r.scheduled_at));
+                }
+                cells.push(ellipsize(r.last_error.as_deref().unwrap_or("-"), 60));
+                t.add_row(cells);
             }
             output::line(t)?;
-            if dry_run {
-                output::line(format!(
-                    "Dry run: {} {table} event(s) would be replayed; nothing changed.",
-                    rows.len()
-                ))
-            } else {
-                output::line(format!("Replayed {} {table} event(s).", rows.len()))
+            match (dry_run, args.pending) {
+                (true, false) => output::line(format!(
+                    "Dry run: {} would be replayed; nothing changed.",
+                    count_text(rows, "")
+                )),
+                (false, false) => output::line(format!("Replayed {}.", count_text(rows, ""))),
+                (true, true) => output::line(format!(
+                    "Dry run: {} would be due now; nothing changed.",
+                    count_text(rows, "pending ")
+                )),
+                (false, true) => output::line(format!(
+                    "Made {} due now (attempts and last error kept).",
+                    count_text(rows, "pending ")
+                )),
             }
         }
     }

@@ -14,9 +14,11 @@ use super::{Context, ExitStatus, UsageError, args};
 
 /// Force-unlock one event, or every event a dead worker holds
 ///
-/// The lock is cleared whoever holds it and `Force unlock: <reason>` is
-/// recorded in last_error; the old holder can no longer write its result
-/// (its claim token no longer matches). Recorded in the audit trail.
+/// The lock is cleared whoever holds it; the old holder can no longer write
+/// its result (its claim token no longer matches). The reason is recorded
+/// in the audit trail (omnibox audit --id ID). The row's last_error is kept,
+/// so its real error stays visible; a row without one gets
+/// `Force unlock: <reason>`.
 ///
 /// Examples:
 ///   omnibox unlock 0190f1d2-7a3b-7cde-8f00-123456789abc --reason "relay on host-3 was OOM-killed"
@@ -30,7 +32,7 @@ pub struct UnlockArgs {
     /// Unlock every event locked by this worker instead
     #[arg(long, value_name = "WORKER", value_parser = args::worker)]
     worker: Option<WorkerId>,
-    /// Why (1..255 characters; recorded in last_error and the audit trail)
+    /// Why (1..255 characters; recorded in the audit trail, and in last_error when the row has none)
     #[arg(long, value_name = "TEXT")]
     reason: Option<String>,
     /// Which table [default: the one holding the id; both for --worker]

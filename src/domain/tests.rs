@@ -251,6 +251,12 @@ fn force_unlock_records_the_reason_and_needs_a_lock() {
         svc().force_unlock(&u, &reason).unwrap_err(),
         Error::NotLocked { .. }
     ));
+    // A row's own error is kept: the operator must still see it.
+    let mut e = locked();
+    e.last_error = Some("broker rejected the record".into());
+    let u = svc().force_unlock(&e, &reason).unwrap();
+    assert!(!u.is_locked());
+    assert_eq!(u.last_error(), Some("broker rejected the record"));
 }
 
 #[test]

@@ -18,6 +18,7 @@ use crate::domain::{Backoff, DomainService, Retry};
 use crate::error::{Error, Result};
 use crate::metrics::MetricsRecorder;
 use crate::model::{InboxEvent, InboxRoute, WorkerId, time};
+use crate::pipeline::throttle::Throttle;
 use crate::pipeline::{DeadLetterStore, DeadLetterTopic, Letter, Verdict, put_dead_letters};
 use crate::pipeline::{Heartbeat, Outcome};
 use crate::relay::AnySink;
@@ -138,8 +139,17 @@ pub struct ConsumeReport {
     pub processed: u64,
     /// Handled and skipped by the handler's choice.
     pub skipped: u64,
-    /// Handler failures (rows left for retry, or rolled back and redelivered).
+    /// Handler failures, whatever followed: `retrying` plus `dead`. Kept
+    /// because the JSON summary's fields are never renamed; the summary's
+    /// table shows the two apart.
     pub failed: u64,
+    /// Handler failures that left their row pending, to be tried again
+    /// (rows left for retry, or rolled back and redelivered).
+    pub retrying: u64,
+    /// Handler failures that made their row `failed` (its attempts spent,
+    /// or failing transiently past `transient_limit`): what `status`
+    /// counts as failed.
+    pub dead: u64,
     /// Messages rewound to be delivered again (a handler failure waiting for
     /// its retry time, a row held by another consumer).
     pub redelivered: u64,
@@ -178,31 +188,6 @@ pub struct InboxConsumer<S: Source, H: Handler> {
     parser: Arc<dyn EnvelopeParser>,
     /// Shared bound on handler runs at once (`with_concurrency_limit`).
     limit: Option<Arc<tokio::sync::Semaphore>>,
-}
-
-/// Rate limit of a repeated warning.
-#[derive(Debug, Default)]
-struct Throttle {
-    last: Option<Instant>,
-    suppressed: u64,
-}
-
-impl Throttle {
-    const EVERY: Duration = Duration::from_secs(10);
-
-    /// Some(number suppressed since the last one) when this one may be logged.
-    fn allow(&mut self) -> Option<u64> {
-        let now = Instant::now();
-        if self
-            .last
-            .is_some_and(|l| now.duration_since(l) < Self::EVERY)
-        {
-            self.suppressed += 1;
-            return None;
-        }
-        self.last = Some(now);
-        Some(std::mem::take(&mut self.suppressed))
-    }
 }
 
 impl<S: Source, H: Handler> InboxConsumer<S, H> {
@@ -847,6 +832,11 @@ impl<S: Source, H: Handler> InboxConsumer<S, H> {
                     report.failed += 1;
                     let failure = self.failure(&w.event, error, retry);
                     let last = Self::is_final(&w.event, &failure);
+                    if last {
+                        report.dead += 1;
+                    } else {
+                        report.retrying += 1;
+                    }
                     let wait = retry_wait(&failure);
                     if !last {
                         self.warn_failure(&w.event, &failure.error, wait);
@@ -965,10 +955,12 @@ impl<S: Source, H: Handler> InboxConsumer<S, H> {
                         Err(e) => return Err(e),
                     };
                     if !written.failed.is_empty() {
+                        report.dead += 1;
                         self.forward_failed(&[(failure, &w.event)], &written.failed)
                             .await;
                         continue;
                     }
+                    report.retrying += 1;
                     self.warn_failure(&w.event, &failure.error, wait);
                     stop = Some((w.index, wait));
                     break;
@@ -1104,6 +1096,8 @@ impl<S: Source, H: Handler> InboxConsumer<S, H> {
         self.store.complete(&token, &done).await?;
         let failed_ids: Vec<Uuid> = failures.iter().map(|f| f.id).collect();
         let fail_report = self.store.fail(&token, &failures).await?;
+        report.dead += fail_report.failed.len() as u64;
+        report.retrying += (failures.len() - fail_report.failed.len()) as u64;
         if !fail_report.failed.is_empty() {
             let rows: Vec<&InboxEvent> = events
                 .iter()
@@ -1220,24 +1214,5 @@ async fn handle_alive<S: Source, H: Handler>(
                 }
             }
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// A warning repeated on every redelivery is logged once per period,
-    /// the next one saying how many were left out.
-    #[test]
-    fn repeated_warnings_are_throttled() {
-        let mut t = Throttle::default();
-        assert_eq!(t.allow(), Some(0));
-        for _ in 0..1000 {
-            assert_eq!(t.allow(), None);
-        }
-        t.last = Some(Instant::now() - Throttle::EVERY);
-        assert_eq!(t.allow(), Some(1000));
-        assert_eq!(t.allow(), None);
     }
 }

@@ -363,7 +363,8 @@ impl std::str::FromStr for WorkerId {
 }
 
 /// The reason of a force unlock: trimmed, 1..255 characters. Recorded as
-/// `Force unlock: <reason>` in `last_error`.
+/// `Force unlock: <reason>` in `last_error` when the row has no error of
+/// its own (its error is kept), and in the audit row of `omnibox unlock`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UnlockReason(String);
 

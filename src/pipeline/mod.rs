@@ -17,6 +17,7 @@ mod dead_letter;
 mod flight;
 mod processor;
 pub mod runner;
+pub(crate) mod throttle;
 
 pub(crate) use dead_letter::put_dead_letters;
 pub use dead_letter::{DeadLetterStore, DeadLetterTopic, Letter};

@@ -449,6 +449,9 @@ pub struct Processor<R: Route, S: EventStore<R>, H: BatchHandler<R>> {
     metrics: Option<Arc<dyn MetricsRecorder>>,
     breaker: Mutex<CircuitBreaker>,
     scan: Mutex<ScanState>,
+    /// Failed events that stay pending are logged at most every few
+    /// seconds (a failing handler fails every event of every batch).
+    warnings: Mutex<super::throttle::Throttle>,
     flight: Arc<Mutex<Flight>>,
     job: &'static str,
     _route: std::marker::PhantomData<fn() -> R>,
@@ -539,6 +542,7 @@ impl<R: Route, S: EventStore<R>, H: BatchHandler<R>> ProcessorBuilder<R, S, H> {
             metrics: self.metrics,
             breaker: Mutex::new(CircuitBreaker::new(self.circuit)),
             scan: Mutex::new(ScanState::default()),
+            warnings: Mutex::default(),
             flight: Arc::new(Mutex::new(Flight::default())),
             job: self.job,
             _route: std::marker::PhantomData,
@@ -888,6 +892,9 @@ where
         let mut released = Vec::new();
         let mut failures = Vec::new();
         let mut errors: HashMap<Uuid, String> = HashMap::new();
+        // Events that failed (a handler or the broker said no, or asked for
+        // a retry) and may stay pending: warned about once written.
+        let mut retrying: HashSet<Uuid> = HashSet::new();
         for (event, outcome) in claim.events.iter().zip(outcomes) {
             match outcome {
                 Outcome::Completed => {
@@ -930,6 +937,7 @@ where
                         }
                     }
                     errors.insert(event.id(), crate::redact::text(error));
+                    retrying.insert(event.id());
                     failures.push(Failure {
                         id: event.id(),
                         error: error.clone(),
@@ -947,6 +955,7 @@ where
         let mut dead = Vec::new();
         if !failures.is_empty() {
             let counted = failures.iter().filter(|f| f.counted).count();
+            let mut unwritten: Option<Vec<Uuid>> = None;
             match self
                 .write(&mut report, "fail", || self.store.fail(token, &failures))
                 .await
@@ -972,11 +981,29 @@ where
                     tracing::warn!(
                         "some failures were written without a dead-letter report; check `omnibox list --status failed`"
                     );
+                    unwritten = Some(lost);
                 }
-                Written::Failed => {}
+                Written::Failed => unwritten = Some(failures.iter().map(|f| f.id).collect()),
             }
             report.dead = dead.len();
             report.failed = counted.saturating_sub(report.dead);
+            // A batch downstream did not take at all has its one warning
+            // per outage (see `finish`); other failures that leave their
+            // event pending are warned about here, throttled.
+            let outage = report.all_transient();
+            for f in &failures {
+                if !retrying.contains(&f.id)
+                    || dead.contains(&f.id)
+                    || unwritten.as_ref().is_some_and(|u| u.contains(&f.id))
+                    || (outage && !f.counted)
+                {
+                    continue;
+                }
+                if let Some(e) = claim.events.iter().find(|e| e.id() == f.id) {
+                    let error = errors.get(&f.id).map(String::as_str).unwrap_or("");
+                    self.warn_retrying(e, f, error);
+                }
+            }
             for id in &dead {
                 let Some(e) = claim.events.iter().find(|e| e.id() == *id) else {
                     continue;
@@ -1013,6 +1040,45 @@ where
             self.dead_letter(claim, &dead, &errors, &mut report).await;
         }
         report
+    }
+
+    /// Logs a failure that leaves its event pending, at most once per
+    /// [`Throttle::EVERY`](super::throttle::Throttle::EVERY), the next
+    /// warning saying how many were left out (the rest at debug level).
+    fn warn_retrying(&self, e: &Event<R>, f: &Failure, error: &str) {
+        let Some(suppressed) = lock(&self.warnings).allow() else {
+            tracing::debug!(table = %R::TABLE, id = %e.id(), error = %error, "event failed again");
+            return;
+        };
+        let retry_in_ms = match f.retry {
+            RetryAt::After(d) => d.as_millis() as u64,
+            RetryAt::At(t) => (t - time::now()).to_std().unwrap_or_default().as_millis() as u64,
+        };
+        if f.counted {
+            tracing::warn!(
+                table = %R::TABLE,
+                id = %e.id(),
+                event_type = e.event_type(),
+                attempt = e.attempts_made() + 1,
+                max_attempts = e.max_attempts(),
+                retry_in_ms,
+                suppressed,
+                error = %error,
+                "event failed; it stays pending and is tried again after its backoff \
+                 (once the cause is fixed, `omnibox replay --pending --id {}` tries it now)",
+                e.id()
+            );
+        } else {
+            tracing::warn!(
+                table = %R::TABLE,
+                id = %e.id(),
+                event_type = e.event_type(),
+                retry_in_ms,
+                suppressed,
+                error = %error,
+                "event not taken, no attempt spent; it stays pending and is tried again shortly"
+            );
+        }
     }
 
     /// A batch whose lease ran out before it was sent: its rows go back to

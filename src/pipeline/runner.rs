@@ -76,9 +76,16 @@ pub struct RunReport {
     pub completed: u64,
     /// Skipped by a handler (completed, not processed).
     pub skipped: u64,
-    /// Counted failures rescheduled by the backoff.
+    /// Counted failures rescheduled by the backoff: the events stay
+    /// pending and are tried again (what the summary calls `retrying`).
+    pub retrying: u64,
+    /// The same as `retrying`, under its first name: kept because the JSON
+    /// summary's fields are never renamed. It is not what `status` counts
+    /// as failed; that is `dead`.
     pub failed: u64,
-    /// Counted failures that reached max_attempts (now `failed`).
+    /// Counted failures that reached max_attempts, or were failed at once:
+    /// the events are now `failed` (what the summary's table calls
+    /// `failed`, as `status` does).
     pub dead: u64,
     /// Dead letters written to the DLQ topic.
     pub dead_lettered: u64,
@@ -114,6 +121,7 @@ impl RunReport {
         self.claimed += b.claimed as u64;
         self.completed += b.completed as u64;
         self.skipped += b.skipped as u64;
+        self.retrying += b.failed as u64;
         self.failed += b.failed as u64;
         self.dead += b.dead as u64;
         self.dead_lettered += b.dead_lettered as u64;

@@ -291,6 +291,10 @@ impl<R: PgRoute + SqliteRoute> super::MaintenanceStore<R> for AnyTable<R> {
     async fn list_failed(&self, filter: &RequeueFilter) -> Result<Vec<Event<R>>> {
         delegate!(self, t => t.list_failed(filter))
     }
+
+    async fn list_waiting(&self, filter: &RequeueFilter) -> Result<Vec<Event<R>>> {
+        delegate!(self, t => t.list_waiting(filter))
+    }
     async fn force_unlock_worker(&self, worker: &str, reason: &UnlockReason) -> Result<Vec<Uuid>> {
         delegate!(self, t => t.force_unlock_worker(worker, reason))
     }

@@ -20,7 +20,8 @@ pub struct AuditEntry {
     pub at: Timestamp,
     /// Who: `--actor`, else the OS user.
     pub actor: String,
-    /// What: `replay`, `unlock`, `unlock-worker`, `release-stale-locks`, `cleanup`.
+    /// What: `replay`, `replay-pending`, `unlock`, `unlock-worker`,
+    /// `release-stale-locks`, `cleanup`.
     pub action: String,
     /// Which table (`outbox`, `inbox`), if one.
     pub table: Option<String>,
@@ -127,7 +128,7 @@ impl AnyStore {
                     AuditedChange::UnlockOne { id, holder, reason } => sqlx::query_scalar(
                         sqlx::AssertSqlSafe(format!(
                             "UPDATE {t} SET locked_at = NULL, locked_by = NULL, locked_until = NULL, \
-                             last_error = $2, updated_at = now() WHERE id = $1 AND locked_by = $3 RETURNING id"
+                             last_error = COALESCE(last_error, $2), updated_at = now() WHERE id = $1 AND locked_by = $3 RETURNING id"
                         )),
                     )
                     .bind(id)
@@ -138,7 +139,7 @@ impl AnyStore {
                     AuditedChange::UnlockWorker { worker, reason } => sqlx::query_scalar(
                         sqlx::AssertSqlSafe(format!(
                             "UPDATE {t} SET locked_at = NULL, locked_by = NULL, locked_until = NULL, \
-                             last_error = $2, updated_at = now() WHERE locked_by = $1 RETURNING id"
+                             last_error = COALESCE(last_error, $2), updated_at = now() WHERE locked_by = $1 RETURNING id"
                         )),
                     )
                     .bind(worker)
@@ -150,6 +151,16 @@ impl AnyStore {
                             "UPDATE {t} SET status = 'pending', attempts_made = 0, last_error = NULL, \
                              scheduled_at = now(), updated_at = now() \
                              WHERE id = ANY($1) AND status = 'failed' RETURNING id"
+                        )),
+                    )
+                    .bind(ids)
+                    .fetch_all(&mut *tx)
+                    .await,
+                    AuditedChange::RetryNow { ids } => sqlx::query_scalar(
+                        sqlx::AssertSqlSafe(format!(
+                            "UPDATE {t} SET scheduled_at = now(), updated_at = now() \
+                             WHERE id = ANY($1) AND status = 'pending' AND locked_at IS NULL \
+                             AND scheduled_at > now() RETURNING id"
                         )),
                     )
                     .bind(ids)
@@ -177,7 +188,7 @@ impl AnyStore {
                     AuditedChange::UnlockOne { id, holder, reason } => sqlx::query_scalar(
                         sqlx::AssertSqlSafe(format!(
                             "UPDATE {t} SET locked_at = NULL, locked_by = NULL, locked_until = NULL, \
-                             last_error = ?2, updated_at = ?4 WHERE id = ?1 AND locked_by = ?3 RETURNING id"
+                             last_error = COALESCE(last_error, ?2), updated_at = ?4 WHERE id = ?1 AND locked_by = ?3 RETURNING id"
                         )),
                     )
                     .bind(id.to_string())
@@ -189,7 +200,7 @@ impl AnyStore {
                     AuditedChange::UnlockWorker { worker, reason } => sqlx::query_scalar(
                         sqlx::AssertSqlSafe(format!(
                             "UPDATE {t} SET locked_at = NULL, locked_by = NULL, locked_until = NULL, \
-                             last_error = ?2, updated_at = ?3 WHERE locked_by = ?1 RETURNING id"
+                             last_error = COALESCE(last_error, ?2), updated_at = ?3 WHERE locked_by = ?1 RETURNING id"
                         )),
                     )
                     .bind(worker)
@@ -202,6 +213,17 @@ impl AnyStore {
                             "UPDATE {t} SET status = 'pending', attempts_made = 0, last_error = NULL, \
                              scheduled_at = ?2, updated_at = ?2 \
                              WHERE id IN (SELECT value FROM json_each(?1)) AND status = 'failed' RETURNING id"
+                        )),
+                    )
+                    .bind(serde_json::to_string(ids).unwrap_or_else(|_| "[]".into()))
+                    .bind(&now)
+                    .fetch_all(&mut *tx)
+                    .await,
+                    AuditedChange::RetryNow { ids } => sqlx::query_scalar(
+                        sqlx::AssertSqlSafe(format!(
+                            "UPDATE {t} SET scheduled_at = ?2, updated_at = ?2 \
+                             WHERE id IN (SELECT value FROM json_each(?1)) AND status = 'pending' \
+                             AND locked_at IS NULL AND scheduled_at > ?2 RETURNING id"
                         )),
                     )
                     .bind(serde_json::to_string(ids).unwrap_or_else(|_| "[]".into()))
@@ -361,7 +383,8 @@ pub enum AuditedChange<'a> {
         id: Uuid,
         /// Its holder as shown to the operator.
         holder: &'a str,
-        /// Why; recorded in `last_error` as `Force unlock: <reason>`.
+        /// Why; recorded in the audit row, and in `last_error` as `Force
+        /// unlock: <reason>` only when the row has no error of its own.
         reason: &'a UnlockReason,
     },
     /// Unlock every row `worker` holds.
@@ -374,6 +397,12 @@ pub enum AuditedChange<'a> {
     /// Put these rows back to pending (attempts 0, error cleared, due
     /// now) if they are still failed.
     Requeue {
+        /// The rows.
+        ids: &'a [Uuid],
+    },
+    /// Make these pending rows due now if they still wait for a retry
+    /// (unlocked and due later); their attempts and last error stay.
+    RetryNow {
         /// The rows.
         ids: &'a [Uuid],
     },

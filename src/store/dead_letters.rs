@@ -74,6 +74,8 @@ pub struct DeadLetterFilter {
     pub event_type: Option<String>,
     /// Letters of this topic (outbox) or source (inbox).
     pub topic: Option<String>,
+    /// Letters of inbox events of this consumer group.
+    pub consumer_group: Option<String>,
     /// Letters whose error contains this text.
     pub error_contains: Option<String>,
     /// Letters written at or after this time.
@@ -136,6 +138,7 @@ impl DeadLetterTable {
                        AND ($7::timestamptz IS NULL OR dead_at < $7)
                        AND (NOT $8 OR replayed_at IS NULL)
                        AND ($9::bigint IS NULL OR seq > $9)
+                       AND ($11::text IS NULL OR (origin = 'inbox' AND event->>'consumer_group' = $11))
                      ORDER BY seq LIMIT $10",
                 )
                 .bind(ids)
@@ -148,6 +151,7 @@ impl DeadLetterTable {
                 .bind(filter.open_only)
                 .bind(filter.after_seq)
                 .bind(limit)
+                .bind(&filter.consumer_group)
                 .fetch_all(s.pool())
                 .await
                 .map_err(storage)?
@@ -169,6 +173,7 @@ impl DeadLetterTable {
                        AND (?7 IS NULL OR dead_at < ?7)
                        AND (NOT ?8 OR replayed_at IS NULL)
                        AND (?9 IS NULL OR seq > ?9)
+                       AND (?11 IS NULL OR (origin = 'inbox' AND json_extract(event, '$.consumer_group') = ?11))
                      ORDER BY seq LIMIT ?10",
                 )
                 .bind(ids)
@@ -181,6 +186,7 @@ impl DeadLetterTable {
                 .bind(filter.open_only)
                 .bind(filter.after_seq)
                 .bind(limit)
+                .bind(&filter.consumer_group)
                 .fetch_all(s.pool())
                 .await
                 .map_err(storage)?

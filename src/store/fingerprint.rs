@@ -1,5 +1,5 @@
 //! Error fingerprints: failed rows grouped by cause (`omnibox failures`,
-//! `omnibox replay --group`). The error text is normalised (ids, numbers,
+//! `omnibox replay --fingerprint`). The error text is normalised (ids, numbers,
 //! quoted values and hex masked, spaces collapsed) so that one cause gives
 //! one fingerprint whatever row it hit.
 

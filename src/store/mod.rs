@@ -125,8 +125,8 @@ pub struct ClaimOptions {
 /// non-empty list narrows the claim to rows whose column is one of its
 /// values. The outbox takes `topics` (a key belongs to one topic, so per-key
 /// order holds; a dedicated relay for a slow topic); the inbox takes
-/// `sources` and `event_types`. A filter a table does not take is an input
-/// error, not ignored.
+/// `sources`, `event_types` and `consumer_groups`. A filter a table does not
+/// take is an input error, not ignored.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct FetchFilters {
     /// Outbox topics.
@@ -135,6 +135,8 @@ pub struct FetchFilters {
     pub sources: Vec<String>,
     /// Inbox event types.
     pub event_types: Vec<String>,
+    /// Inbox consumer groups.
+    pub consumer_groups: Vec<String>,
 }
 
 static NO_FILTERS: FetchFilters = FetchFilters::NONE;
@@ -145,11 +147,15 @@ impl FetchFilters {
         topics: Vec::new(),
         sources: Vec::new(),
         event_types: Vec::new(),
+        consumer_groups: Vec::new(),
     };
 
     /// True when nothing is filtered.
     pub fn is_empty(&self) -> bool {
-        self.topics.is_empty() && self.sources.is_empty() && self.event_types.is_empty()
+        self.topics.is_empty()
+            && self.sources.is_empty()
+            && self.event_types.is_empty()
+            && self.consumer_groups.is_empty()
     }
 
     /// Refuses a filter `table` does not take.
@@ -160,13 +166,14 @@ impl FetchFilters {
                 [
                     (!self.sources.is_empty()).then_some("sources"),
                     (!self.event_types.is_empty()).then_some("event types"),
+                    (!self.consumer_groups.is_empty()).then_some("consumer groups"),
                 ]
                 .into_iter()
                 .flatten()
                 .collect(),
             ),
             Table::Inbox => (
-                "sources and event types",
+                "sources, event types and consumer groups",
                 [(!self.topics.is_empty()).then_some("topics")]
                     .into_iter()
                     .flatten()
@@ -407,6 +414,8 @@ pub struct ListFilter {
     pub event_type: Option<String>,
     /// Only this topic (outbox) or source (inbox).
     pub topic: Option<String>,
+    /// Only this consumer group (inbox; the outbox has none, and refuses it).
+    pub consumer_group: Option<String>,
     /// Only rows created at or after this time.
     pub since: Option<Timestamp>,
     /// Only rows after this `seq` (keyset paging).
@@ -427,6 +436,8 @@ pub struct RequeueFilter {
     pub event_type: Option<String>,
     /// This topic (outbox) or source (inbox).
     pub topic: Option<String>,
+    /// This consumer group (inbox; the outbox has none, and refuses it).
+    pub consumer_group: Option<String>,
     /// Rows whose `last_error` contains this text.
     pub error_contains: Option<String>,
     /// Rows that failed at or after this time.
@@ -445,22 +456,41 @@ impl RequeueFilter {
         self.ids.is_empty()
             && self.event_type.is_none()
             && self.topic.is_none()
+            && self.consumer_group.is_none()
             && self.error_contains.is_none()
             && self.since.is_none()
             && self.until.is_none()
     }
 
-    pub(crate) fn check(&self) -> Result<()> {
+    pub(crate) fn check(&self, table: Table) -> Result<()> {
         if self.selects_nothing() && !self.all {
             return Err(Error::validation(
                 "filter",
-                "no rows selected; give an id, event type, topic, error text or time range, or ask for all rows explicitly",
+                "no rows selected; give an id, event type, topic, consumer group, error text or time range, or ask for all rows explicitly",
             ));
         }
         if self.limit == Some(0) {
             return Err(Error::validation("limit", "must be at least 1"));
         }
-        Ok(())
+        check_consumer_group(table, self.consumer_group.as_deref())
+    }
+}
+
+impl ListFilter {
+    pub(crate) fn check(&self, table: Table) -> Result<()> {
+        check_consumer_group(table, self.consumer_group.as_deref())
+    }
+}
+
+/// A consumer group selects inbox rows only: the outbox refuses it rather
+/// than match nothing.
+fn check_consumer_group(table: Table, group: Option<&str>) -> Result<()> {
+    match (table, group) {
+        (Table::Outbox, Some(_)) => Err(Error::validation(
+            "consumer_group",
+            "outbox rows have no consumer group: a consumer group selects inbox rows",
+        )),
+        _ => Ok(()),
     }
 }
 
@@ -647,7 +677,8 @@ pub trait EventStore<R: Route>: Clone + Send + Sync + 'static {
         ids: &[Uuid],
     ) -> impl Future<Output = Result<usize>> + Send;
 
-    /// Unlocks one row whoever holds it, recording `Force unlock: <reason>`.
+    /// Unlocks one row whoever holds it. Its `last_error` is kept; a row
+    /// without one gets `Force unlock: <reason>`.
     fn force_unlock(
         &self,
         id: Uuid,
@@ -690,8 +721,19 @@ pub trait MaintenanceStore<R: Route>: EventStore<R> {
         filter: &RequeueFilter,
     ) -> impl Future<Output = Result<Vec<Event<R>>>> + Send;
 
-    /// Unlocks every row locked by `worker`, recording `Force unlock: <reason>`;
-    /// returns the ids.
+    /// Pending rows waiting for a retry that match `filter`: tried
+    /// (`last_error` set), unlocked and due later (`replay --pending` makes
+    /// them due now with [`AuditedChange::RetryNow`](audit::AuditedChange::RetryNow)),
+    /// in insertion order. `since` and `until` select by when their last
+    /// failure was written.
+    fn list_waiting(
+        &self,
+        filter: &RequeueFilter,
+    ) -> impl Future<Output = Result<Vec<Event<R>>>> + Send;
+
+    /// Unlocks every row locked by `worker` (keeping each row's
+    /// `last_error`; `Force unlock: <reason>` where there is none); returns
+    /// the ids.
     fn force_unlock_worker(
         &self,
         worker: &str,
@@ -903,13 +945,13 @@ mod tests {
 
     #[test]
     fn requeue_filter_needs_a_selector() {
-        assert!(RequeueFilter::default().check().is_err());
+        assert!(RequeueFilter::default().check(Table::Outbox).is_err());
         assert!(
             RequeueFilter {
                 all: true,
                 ..Default::default()
             }
-            .check()
+            .check(Table::Outbox)
             .is_ok()
         );
         assert!(
@@ -917,8 +959,15 @@ mod tests {
                 event_type: Some("x".into()),
                 ..Default::default()
             }
-            .check()
+            .check(Table::Outbox)
             .is_ok()
         );
+        let group = RequeueFilter {
+            consumer_group: Some("billing".into()),
+            ..Default::default()
+        };
+        assert!(group.check(Table::Inbox).is_ok());
+        let e = group.check(Table::Outbox).unwrap_err().to_string();
+        assert!(e.contains("no consumer group"), "{e}");
     }
 }

@@ -804,6 +804,34 @@ pub async fn force_unlock_records_the_reason(db: &TestDb) {
             .len(),
         1
     );
+    // A row's own error is kept (the reason is the audit row's business).
+    let e2 = ev("k2", 1);
+    seed(db, std::slice::from_ref(&e2)).await;
+    let c = outbox.claim(&ClaimOptions::new(w("w3"), 1)).await.unwrap();
+    assert_eq!(ids(&c.events), vec![e2.id()]);
+    outbox
+        .fail(
+            &c.token,
+            &[Failure::counted(
+                e2.id(),
+                "broker rejected the record",
+                time::now(),
+            )],
+        )
+        .await
+        .unwrap();
+    let c = outbox.claim(&ClaimOptions::new(w("w4"), 1)).await.unwrap();
+    assert_eq!(ids(&c.events), vec![e2.id()]);
+    let row = outbox.force_unlock(e2.id(), &reason).await.unwrap();
+    assert_eq!(row.last_error(), Some("broker rejected the record"));
+    let c = outbox.claim(&ClaimOptions::new(w("w5"), 1)).await.unwrap();
+    assert_eq!(ids(&c.events), vec![e2.id()]);
+    let gone = omnibox::MaintenanceStore::force_unlock_worker(&outbox, "w5", &reason)
+        .await
+        .unwrap();
+    assert_eq!(gone, vec![e2.id()]);
+    let row = outbox.get(e2.id()).await.unwrap().unwrap();
+    assert_eq!(row.last_error(), Some("broker rejected the record"));
 }
 
 pub async fn release_stale_locks_in_batches(db: &TestDb) {
@@ -1171,6 +1199,48 @@ pub async fn filtered_claims_take_only_their_rows_from_an_index(db: &TestDb) {
     );
     assert!(!inbox.claimable_exists_for(&filters).await.unwrap());
     assert!(inbox.claimable_exists().await.unwrap());
+    // By consumer group: rows of other groups are left.
+    for i in 0..10 {
+        let n = NewInboxEvent::new(
+            format!("m-{i}"),
+            if i % 2 == 0 { "g2" } else { "g3" },
+            "s1",
+            "b",
+            json!({"n": i}),
+        );
+        db.store
+            .inbox()
+            .insert(&svc().create_inbox_event(n).unwrap())
+            .await
+            .unwrap();
+    }
+    let groups = FetchFilters {
+        consumer_groups: vec!["g2".into()],
+        ..filters.clone()
+    };
+    assert!(inbox.claimable_exists_for(&groups).await.unwrap());
+    let mut opts = ClaimOptions::new(w("p3"), 1000);
+    opts.filters = groups.clone();
+    let c = inbox.claim(&opts).await.unwrap();
+    assert_eq!(c.events.len(), 5, "the g2 rows of s1 and b");
+    assert!(c.events.iter().all(|e| e.consumer_group() == "g2"));
+    assert!(!inbox.claimable_exists_for(&groups).await.unwrap());
+    assert!(
+        inbox.claimable_exists_for(&filters).await.unwrap(),
+        "g3's rows"
+    );
+    let e = outbox
+        .claim(&ClaimOptions {
+            filters: FetchFilters {
+                consumer_groups: vec!["g2".into()],
+                ..FetchFilters::default()
+            },
+            ..ClaimOptions::new(w("w3"), 10)
+        })
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("cannot filter by consumer groups"), "{e}");
     let e = inbox
         .claimable_exists_for(&only(&["t1"]))
         .await
@@ -1258,6 +1328,7 @@ pub async fn filtered_claims_take_only_their_rows_from_an_index(db: &TestDb) {
                         .bind(Some(vec![source.to_string()]))
                         .bind(Some(vec!["a".to_string()]))
                         .bind(16_i64 << 20)
+                        .bind(None::<Vec<String>>)
                         .persistent(false)
                         .fetch_all(&pool)
                         .await

@@ -62,8 +62,9 @@ pub struct ConsumeArgs {
     /// Kafka topic to consume (repeatable)
     #[arg(long = "topic", value_name = "TOPIC")]
     topics: Vec<String>,
-    /// Consumer group: the inbox deduplicates per group
-    #[arg(long, default_value = "omnibox", value_name = "GROUP", value_parser = args::consumer_group)]
+    /// Consumer group: the inbox deduplicates per group (--consumer-group
+    /// in the commands that select inbox rows by it)
+    #[arg(long, visible_alias = "consumer-group", default_value = "omnibox", value_name = "GROUP", value_parser = args::consumer_group)]
     group: String,
     /// A librdkafka property for the consumer (repeatable)
     #[arg(short = 'X', value_name = "KEY=VALUE", value_parser = args::property)]
@@ -296,6 +297,7 @@ fn print_summary(ctx: &Context, r: &ConsumeReport, source: &str, group: &str) ->
                 "poison",
                 "processed",
                 "skipped",
+                "retrying",
                 "failed",
                 "redelivered",
                 "elapsed",
@@ -308,7 +310,8 @@ fn print_summary(ctx: &Context, r: &ConsumeReport, source: &str, group: &str) ->
                 r.poison.to_string(),
                 r.processed.to_string(),
                 r.skipped.to_string(),
-                r.failed.to_string(),
+                r.retrying.to_string(),
+                r.dead.to_string(),
                 r.redelivered.to_string(),
                 human_duration(Duration::from_secs_f64(r.elapsed_seconds)),
                 format!("{:.0}", r.messages_per_second),

@@ -30,6 +30,7 @@ use crate::cli::{Context, ExitStatus, UsageError, args, signals};
 ///   omnibox inbox process --exec './apply-event.sh' --once
 ///   omnibox inbox process --webhook http://127.0.0.1:8080/events --concurrency 8
 ///   omnibox inbox process --exec ./refunds.sh --source billing --event-type refund.issued
+///   omnibox inbox process --exec ./audit.sh --consumer-group audit   # the rows of one consumer group
 ///   omnibox inbox process --exec ./apply-event.sh --dlq table   # see: omnibox list --table dead-letters
 ///   omnibox inbox process --exec ./apply-event.sh --batch-bytes 8MiB   # large events: claims stop at 8 MiB
 #[derive(Debug, Args)]
@@ -52,6 +53,10 @@ pub struct ProcessArgs {
     /// Handle only rows of this event type (repeatable)
     #[arg(long = "event-type", value_name = "TYPE", value_parser = args::filter_value)]
     event_types: Vec<String>,
+    /// Handle only rows of this consumer group (what `inbox consume --group`
+    /// stored them under; repeatable)
+    #[arg(long = "consumer-group", value_name = "GROUP", value_parser = args::consumer_group)]
+    consumer_groups: Vec<String>,
     /// Handler calls running at once
     #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=1000))]
     concurrency: u32,
@@ -114,6 +119,7 @@ pub async fn run(args: ProcessArgs, ctx: &Context) -> Result<ExitStatus> {
     options.commit_retry_for = lease / 2;
     options.filters.sources = args.sources.clone();
     options.filters.event_types = args.event_types.clone();
+    options.filters.consumer_groups = args.consumer_groups.clone();
     let metrics = Arc::new(Metrics::new());
     metrics.prime("inbox");
     let step = HandlerStep::new(handler, args.concurrency as usize, args.handler.timeout);
@@ -229,8 +235,8 @@ fn print_summary(ctx: &Context, r: &RunReport, worker: &WorkerId) -> Result<()> 
             let mut t = output::table([
                 "processed",
                 "skipped",
+                "retrying",
                 "failed",
-                "dead",
                 "transient",
                 "batches",
                 "elapsed",
@@ -239,7 +245,7 @@ fn print_summary(ctx: &Context, r: &RunReport, worker: &WorkerId) -> Result<()> 
             t.add_row(vec![
                 r.completed.to_string(),
                 r.skipped.to_string(),
-                r.failed.to_string(),
+                r.retrying.to_string(),
                 r.dead.to_string(),
                 r.transient.to_string(),
                 r.batches.to_string(),

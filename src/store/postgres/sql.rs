@@ -16,6 +16,7 @@ pub struct TableSql {
     pub select_all: &'static str,
     pub requeue_head: &'static str,
     pub failed_head: &'static str,
+    pub waiting_head: &'static str,
     pub unlock_worker: &'static str,
     pub count_stale: &'static str,
     pub count_completed_older: &'static str,
@@ -75,7 +76,8 @@ macro_rules! payload_bytes {
 /// The claim of a table without per-key order (the inbox): unlocked due rows
 /// from the claim index, plus rows whose lease expired from the lock index,
 /// in `(scheduled_at, seq)` order up to $2 rows and, by the running sum of
-/// their payload sizes, $6 bytes (the first row whatever its size).
+/// their payload sizes, $6 bytes (the first row whatever its size); $4
+/// sources, $5 event types and $7 consumer groups filter (`NULL`: any).
 macro_rules! plain_claim {
     ($t:literal) => {
         concat!(
@@ -86,6 +88,7 @@ macro_rules! plain_claim {
                 WHERE status = 'pending' AND locked_at IS NULL AND scheduled_at <= now()
                   AND ($4::text[] IS NULL OR source = ANY($4))
                   AND ($5::text[] IS NULL OR event_type = ANY($5))
+                  AND ($7::text[] IS NULL OR consumer_group = ANY($7))
                 ORDER BY scheduled_at, seq
                 LIMIT $2
                 FOR UPDATE SKIP LOCKED
@@ -97,6 +100,7 @@ macro_rules! plain_claim {
                 WHERE locked_until <= now() AND scheduled_at <= now()
                   AND ($4::text[] IS NULL OR source = ANY($4))
                   AND ($5::text[] IS NULL OR event_type = ANY($5))
+                  AND ($7::text[] IS NULL OR consumer_group = ANY($7))
                 ORDER BY locked_until
                 LIMIT $2
                 FOR UPDATE SKIP LOCKED
@@ -129,11 +133,13 @@ macro_rules! plain_claimable_exists {
             "SELECT EXISTS (SELECT 1 FROM ",
             $t,
             " WHERE status = 'pending' AND locked_at IS NULL AND scheduled_at <= now()
-                 AND ($1::text[] IS NULL OR source = ANY($1)) AND ($2::text[] IS NULL OR event_type = ANY($2)))
+                 AND ($1::text[] IS NULL OR source = ANY($1)) AND ($2::text[] IS NULL OR event_type = ANY($2))
+                 AND ($3::text[] IS NULL OR consumer_group = ANY($3)))
              OR EXISTS (SELECT 1 FROM ",
             $t,
             " WHERE locked_until <= now() AND scheduled_at <= now()
-                 AND ($1::text[] IS NULL OR source = ANY($1)) AND ($2::text[] IS NULL OR event_type = ANY($2)))"
+                 AND ($1::text[] IS NULL OR source = ANY($1)) AND ($2::text[] IS NULL OR event_type = ANY($2))
+                 AND ($3::text[] IS NULL OR consumer_group = ANY($3)))"
         )
     };
 }
@@ -188,7 +194,8 @@ macro_rules! table_sql {
             ),
             force_unlock: concat!(
                 "UPDATE ", $t, "
-                SET locked_at = NULL, locked_by = NULL, locked_until = NULL, last_error = $2, updated_at = now()
+                SET locked_at = NULL, locked_by = NULL, locked_until = NULL, last_error = COALESCE(last_error, $2),
+                    updated_at = now()
                 WHERE id = $1 AND locked_at IS NOT NULL
                 RETURNING *"
             ),
@@ -230,9 +237,14 @@ macro_rules! table_sql {
                 WHERE id IN (SELECT id FROM ", $t, " WHERE status = 'failed'"
             ),
             failed_head: concat!("SELECT * FROM ", $t, " WHERE status = 'failed'"),
+            waiting_head: concat!(
+                "SELECT * FROM ", $t,
+                " WHERE status = 'pending' AND locked_at IS NULL AND last_error IS NOT NULL AND scheduled_at > now()"
+            ),
             unlock_worker: concat!(
                 "UPDATE ", $t, "
-                SET locked_at = NULL, locked_by = NULL, locked_until = NULL, last_error = $2, updated_at = now()
+                SET locked_at = NULL, locked_by = NULL, locked_until = NULL, last_error = COALESCE(last_error, $2),
+                    updated_at = now()
                 WHERE locked_by = $1
                 RETURNING id"
             ),
@@ -403,7 +415,8 @@ pub const OUTBOX_CLAIMABLE_EXISTS: &str = concat!(
 
 pub static OUTBOX: TableSql = table_sql!("outbox_events", "", OUTBOX_CLAIMABLE_EXISTS);
 /// The inbox claim: $1 lease seconds, $2 limit, $3 worker, $4 sources and
-/// $5 event types (`NULL`: any), $6 the byte budget.
+/// $5 event types (`NULL`: any), $6 the byte budget, $7 consumer groups
+/// (`NULL`: any).
 pub const INBOX_CLAIM: &str = plain_claim!("inbox_events");
 
 pub static INBOX: TableSql = table_sql!(

@@ -33,6 +33,7 @@ impl<R: PgRoute> EventStore<R> for PgTable<R> {
     }
 
     async fn list(&self, filter: &ListFilter) -> Result<Vec<Event<R>>> {
+        filter.check(R::TABLE)?;
         let mut qb: QueryBuilder<Postgres> = QueryBuilder::new(R::sql().select_all);
         if let Some(status) = filter.status {
             qb.push(" AND status = ").push_bind(status.as_str());
@@ -45,6 +46,10 @@ impl<R: PgRoute> EventStore<R> for PgTable<R> {
                 .push(topic_column(R::TABLE))
                 .push(" = ")
                 .push_bind(t.clone());
+        }
+        if let Some(g) = &filter.consumer_group {
+            // Checked above: inbox only.
+            qb.push(" AND consumer_group = ").push_bind(g.clone());
         }
         if let Some(since) = filter.since {
             qb.push(" AND created_at >= ").push_bind(since);
@@ -98,6 +103,7 @@ impl<R: PgRoute> EventStore<R> for PgTable<R> {
             .bind(FetchFilters::pg(&opts.filters.sources))
             .bind(FetchFilters::pg(&opts.filters.event_types))
             .bind(opts.byte_budget())
+            .bind(FetchFilters::pg(&opts.filters.consumer_groups))
             .persistent(false)
             .fetch(&self.pool);
         let events = decode_all(rows).await?;
@@ -112,6 +118,7 @@ impl<R: PgRoute> EventStore<R> for PgTable<R> {
         } else {
             q.bind(FetchFilters::pg(&filters.sources))
                 .bind(FetchFilters::pg(&filters.event_types))
+                .bind(FetchFilters::pg(&filters.consumer_groups))
         };
         q.persistent(false)
             .fetch_one(&self.pool)
@@ -264,7 +271,7 @@ impl<R: PgRoute> EventStore<R> for PgTable<R> {
     }
 
     async fn requeue_failed(&self, filter: &RequeueFilter) -> Result<Vec<Uuid>> {
-        filter.check()?;
+        filter.check(R::TABLE)?;
         let mut qb: QueryBuilder<Postgres> = QueryBuilder::new(R::sql().requeue_head);
         push_failed_filters::<R>(&mut qb, filter);
         qb.push(" FOR UPDATE SKIP LOCKED) RETURNING id");
@@ -477,6 +484,10 @@ fn push_failed_filters<R: PgRoute>(qb: &mut QueryBuilder<Postgres>, filter: &Req
                 .push(" = ")
                 .push_bind(t.clone());
         }
+        if let Some(g) = &filter.consumer_group {
+            // Checked by the caller: inbox only.
+            qb.push(" AND consumer_group = ").push_bind(g.clone());
+        }
         if let Some(text) = &filter.error_contains {
             qb.push(" AND strpos(last_error, ")
                 .push_bind(text.clone())
@@ -497,8 +508,16 @@ fn push_failed_filters<R: PgRoute>(qb: &mut QueryBuilder<Postgres>, filter: &Req
 
 impl<R: PgRoute> MaintenanceStore<R> for PgTable<R> {
     async fn list_failed(&self, filter: &RequeueFilter) -> Result<Vec<Event<R>>> {
-        filter.check()?;
+        filter.check(R::TABLE)?;
         let mut qb: QueryBuilder<Postgres> = QueryBuilder::new(R::sql().failed_head);
+        push_failed_filters::<R>(&mut qb, filter);
+        let rows = qb.build().fetch_all(&self.pool).await.map_err(storage)?;
+        rows.iter().map(decode).collect()
+    }
+
+    async fn list_waiting(&self, filter: &RequeueFilter) -> Result<Vec<Event<R>>> {
+        filter.check(R::TABLE)?;
+        let mut qb: QueryBuilder<Postgres> = QueryBuilder::new(R::sql().waiting_head);
         push_failed_filters::<R>(&mut qb, filter);
         let rows = qb.build().fetch_all(&self.pool).await.map_err(storage)?;
         rows.iter().map(decode).collect()

@@ -18,6 +18,8 @@ pub struct TableSql {
     pub requeue_head: &'static str,
     pub requeue_where: &'static str,
     pub failed_head: &'static str,
+    /// Followed by the current time as a bind parameter.
+    pub waiting_head: &'static str,
     pub unlock_worker: &'static str,
     pub count_stale: &'static str,
     pub count_completed_older: &'static str,
@@ -63,7 +65,7 @@ macro_rules! active {
 }
 
 /// ?1 now, ?2 the new locked_until, ?3 limit, ?4 worker, ?5 sources and
-/// ?6 event types (`NULL`: any), ?7 the byte budget: rows in `(scheduled_at,
+/// ?6 event types and ?8 consumer groups (`NULL`: any), ?7 the byte budget: rows in `(scheduled_at,
 /// seq)` order up to ?3 rows and, by the running sum of their payload
 /// sizes (`octet_length` reads a text's size without its content), ?7
 /// bytes, the first row whatever its size. Returns the rows' `seq`; the
@@ -84,6 +86,7 @@ macro_rules! plain_claim {
                         WHERE status = 'pending' AND locked_at IS NULL AND scheduled_at <= ?1
                           AND (?5 IS NULL OR source IN (SELECT value FROM json_each(?5)))
                           AND (?6 IS NULL OR event_type IN (SELECT value FROM json_each(?6)))
+                          AND (?8 IS NULL OR consumer_group IN (SELECT value FROM json_each(?8)))
                         ORDER BY scheduled_at, seq LIMIT ?3)
                     UNION ALL
                     SELECT seq, scheduled_at, bytes FROM (
@@ -93,6 +96,7 @@ macro_rules! plain_claim {
                         WHERE locked_until <= ?1 AND scheduled_at <= ?1
                           AND (?5 IS NULL OR source IN (SELECT value FROM json_each(?5)))
                           AND (?6 IS NULL OR event_type IN (SELECT value FROM json_each(?6)))
+                          AND (?8 IS NULL OR consumer_group IN (SELECT value FROM json_each(?8)))
                         ORDER BY locked_until LIMIT ?3)
                 )
                 WINDOW w AS (ORDER BY scheduled_at, seq ROWS UNBOUNDED PRECEDING)
@@ -110,12 +114,14 @@ macro_rules! plain_claimable_exists {
             $t,
             " WHERE status = 'pending' AND locked_at IS NULL AND scheduled_at <= ?1
                  AND (?2 IS NULL OR source IN (SELECT value FROM json_each(?2)))
-                 AND (?3 IS NULL OR event_type IN (SELECT value FROM json_each(?3))))
+                 AND (?3 IS NULL OR event_type IN (SELECT value FROM json_each(?3)))
+                 AND (?4 IS NULL OR consumer_group IN (SELECT value FROM json_each(?4))))
              OR EXISTS (SELECT 1 FROM ",
             $t,
             " WHERE locked_until <= ?1 AND scheduled_at <= ?1
                  AND (?2 IS NULL OR source IN (SELECT value FROM json_each(?2)))
-                 AND (?3 IS NULL OR event_type IN (SELECT value FROM json_each(?3))))"
+                 AND (?3 IS NULL OR event_type IN (SELECT value FROM json_each(?3)))
+                 AND (?4 IS NULL OR consumer_group IN (SELECT value FROM json_each(?4))))"
         )
     };
 }
@@ -170,7 +176,8 @@ macro_rules! table_sql {
             ),
             force_unlock: concat!(
                 "UPDATE ", $t, "
-                SET locked_at = NULL, locked_by = NULL, locked_until = NULL, last_error = ?2, updated_at = ?3
+                SET locked_at = NULL, locked_by = NULL, locked_until = NULL, last_error = COALESCE(last_error, ?2),
+                    updated_at = ?3
                 WHERE id = ?1 AND locked_at IS NOT NULL
                 RETURNING *"
             ),
@@ -202,9 +209,14 @@ macro_rules! table_sql {
                 " WHERE seq IN (SELECT seq FROM ", $t, " WHERE status = 'failed'"
             ),
             failed_head: concat!("SELECT * FROM ", $t, " WHERE status = 'failed'"),
+            waiting_head: concat!(
+                "SELECT * FROM ", $t,
+                " WHERE status = 'pending' AND locked_at IS NULL AND last_error IS NOT NULL AND scheduled_at > "
+            ),
             unlock_worker: concat!(
                 "UPDATE ", $t, "
-                SET locked_at = NULL, locked_by = NULL, locked_until = NULL, last_error = ?2, updated_at = ?3
+                SET locked_at = NULL, locked_by = NULL, locked_until = NULL, last_error = COALESCE(last_error, ?2),
+                    updated_at = ?3
                 WHERE locked_by = ?1
                 RETURNING id"
             ),

@@ -52,6 +52,7 @@ impl<R: SqliteRoute> EventStore<R> for SqliteTable<R> {
     }
 
     async fn list(&self, filter: &ListFilter) -> Result<Vec<Event<R>>> {
+        filter.check(R::TABLE)?;
         let mut qb: QueryBuilder<Sqlite> = QueryBuilder::new(R::sql().select_all);
         if let Some(status) = filter.status {
             qb.push(" AND status = ").push_bind(status.as_str());
@@ -64,6 +65,10 @@ impl<R: SqliteRoute> EventStore<R> for SqliteTable<R> {
                 .push(topic_column(R::TABLE))
                 .push(" = ")
                 .push_bind(t.clone());
+        }
+        if let Some(g) = &filter.consumer_group {
+            // Checked above: inbox only.
+            qb.push(" AND consumer_group = ").push_bind(g.clone());
         }
         if let Some(since) = filter.since {
             qb.push(" AND created_at >= ").push_bind(ts(&since));
@@ -128,6 +133,7 @@ impl<R: SqliteRoute> EventStore<R> for SqliteTable<R> {
             .bind(FetchFilters::sqlite(&opts.filters.sources))
             .bind(FetchFilters::sqlite(&opts.filters.event_types))
             .bind(opts.byte_budget())
+            .bind(FetchFilters::sqlite(&opts.filters.consumer_groups))
             .fetch_all(&mut *tx)
             .await
             .map_err(storage)?;
@@ -157,7 +163,8 @@ impl<R: SqliteRoute> EventStore<R> for SqliteTable<R> {
         } else {
             q = q
                 .bind(FetchFilters::sqlite(&filters.sources))
-                .bind(FetchFilters::sqlite(&filters.event_types));
+                .bind(FetchFilters::sqlite(&filters.event_types))
+                .bind(FetchFilters::sqlite(&filters.consumer_groups));
         }
         q.fetch_one(&self.pool).await.map_err(storage)
     }
@@ -312,7 +319,7 @@ impl<R: SqliteRoute> EventStore<R> for SqliteTable<R> {
     }
 
     async fn requeue_failed(&self, filter: &RequeueFilter) -> Result<Vec<Uuid>> {
-        filter.check()?;
+        filter.check(R::TABLE)?;
         let now = ts(&time::now());
         let now_text = now.clone();
         let mut qb: QueryBuilder<Sqlite> = QueryBuilder::new(R::sql().requeue_head);
@@ -513,6 +520,10 @@ fn push_failed_filters<R: SqliteRoute>(qb: &mut QueryBuilder<Sqlite>, filter: &R
                 .push(" = ")
                 .push_bind(t.clone());
         }
+        if let Some(g) = &filter.consumer_group {
+            // Checked by the caller: inbox only.
+            qb.push(" AND consumer_group = ").push_bind(g.clone());
+        }
         if let Some(text) = &filter.error_contains {
             qb.push(" AND instr(last_error, ")
                 .push_bind(text.clone())
@@ -533,8 +544,17 @@ fn push_failed_filters<R: SqliteRoute>(qb: &mut QueryBuilder<Sqlite>, filter: &R
 
 impl<R: SqliteRoute> MaintenanceStore<R> for SqliteTable<R> {
     async fn list_failed(&self, filter: &RequeueFilter) -> Result<Vec<Event<R>>> {
-        filter.check()?;
+        filter.check(R::TABLE)?;
         let mut qb: QueryBuilder<Sqlite> = QueryBuilder::new(R::sql().failed_head);
+        push_failed_filters::<R>(&mut qb, filter);
+        let rows = qb.build().fetch_all(&self.pool).await.map_err(storage)?;
+        rows.iter().map(decode).collect()
+    }
+
+    async fn list_waiting(&self, filter: &RequeueFilter) -> Result<Vec<Event<R>>> {
+        filter.check(R::TABLE)?;
+        let mut qb: QueryBuilder<Sqlite> = QueryBuilder::new(R::sql().waiting_head);
+        qb.push_bind(ts(&time::now()));
         push_failed_filters::<R>(&mut qb, filter);
         let rows = qb.build().fetch_all(&self.pool).await.map_err(storage)?;
         rows.iter().map(decode).collect()
