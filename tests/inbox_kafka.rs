@@ -714,3 +714,96 @@ async fn kafka_polls_are_bounded_by_bytes() {
     assert_eq!((r.consumed, r.stored), (n as u64, n as u64), "{r:?}");
     assert!(r.commits >= 20, "many small transactions: {r:?}");
 }
+
+/// A partition the source paused (a slow handler, a retry's wait) and lost
+/// to a rebalance is read again once it comes back: librdkafka keeps an
+/// application's pause across a revocation, so with the source resumed
+/// while the group rebalanced (it held no partition then), the partition
+/// came back paused and was never read again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kafka_a_paused_partition_revoked_and_assigned_again_is_read() {
+    use omnibox::inbox::Source;
+    use std::collections::BTreeMap;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::time::Instant;
+    let cluster = MockCluster::new(1).unwrap();
+    cluster.create_topic("paused", 2, 1).unwrap();
+    let brokers = cluster.bootstrap_servers();
+    produce_to(&brokers, "paused", 0, 0, 10).await;
+    produce_to(&brokers, "paused", 1, 10, 10).await;
+    let timers = [
+        ("session.timeout.ms", "6000"),
+        ("heartbeat.interval.ms", "500"),
+    ];
+    // Another member of the group, polled on a thread of its own until it
+    // leaves (a rebalance).
+    let leave = Arc::new(AtomicBool::new(false));
+    let other = {
+        let leave = leave.clone();
+        let brokers = brokers.clone();
+        std::thread::spawn(move || {
+            use rdkafka::consumer::{BaseConsumer, Consumer};
+            let mut config = ClientConfig::new();
+            config
+                .set("bootstrap.servers", &brokers)
+                .set("group.id", "pausers")
+                .set("enable.auto.commit", "false");
+            for (k, v) in timers {
+                config.set(k, v);
+            }
+            let c: BaseConsumer = config.create().unwrap();
+            c.subscribe(&["paused"]).unwrap();
+            while !leave.load(Ordering::SeqCst) {
+                let _ = c.poll(Duration::from_millis(100));
+            }
+            // Dropped: it leaves the group.
+        })
+    };
+    let props: Vec<(String, String)> = timers
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    let mut source =
+        KafkaSource::new(&brokers, "pausers", &["paused".to_string()], &props).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let first = loop {
+        let p = source
+            .poll_within(100, usize::MAX, Duration::from_secs(1))
+            .await
+            .unwrap();
+        if !p.messages.is_empty() {
+            break p.messages;
+        }
+        assert!(Instant::now() < deadline, "nothing read");
+    };
+    // Given back and paused, as a consumer waiting for a retry's time.
+    source.rewind(&first).await.unwrap();
+    source.idle(Duration::from_millis(100)).await.unwrap();
+    leave.store(true, Ordering::SeqCst);
+    other.join().unwrap();
+    while source.owns(&first[0]) {
+        assert!(Instant::now() < deadline, "never revoked");
+        source.idle(Duration::from_millis(100)).await.unwrap();
+    }
+    // The wait is over while the group rebalances: the source resumes with
+    // no partition assigned, then gets both.
+    let mut next: BTreeMap<i32, i64> = BTreeMap::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while next.values().sum::<i64>() < 20 {
+        assert!(
+            Instant::now() < deadline,
+            "every partition read to its end: next offsets {next:?} (paused: partition {})",
+            first[0].partition
+        );
+        let p = source
+            .poll_within(100, usize::MAX, Duration::from_millis(200))
+            .await
+            .unwrap();
+        for m in &p.messages {
+            let n = next.entry(m.partition).or_insert(0);
+            assert_eq!(m.offset, *n, "partition {} in order", m.partition);
+            *n += 1;
+        }
+    }
+    assert_eq!(next, BTreeMap::from([(0, 10), (1, 10)]));
+}
