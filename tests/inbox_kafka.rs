@@ -714,3 +714,482 @@ async fn kafka_polls_are_bounded_by_bytes() {
     assert_eq!((r.consumed, r.stored), (n as u64, n as u64), "{r:?}");
     assert!(r.commits >= 20, "many small transactions: {r:?}");
 }
+
+/// A partition the source paused (a slow handler, a retry's wait) and lost
+/// to a rebalance is read again once it comes back: librdkafka keeps an
+/// application's pause across a revocation, so with the source resumed
+/// while the group rebalanced (it held no partition then), the partition
+/// came back paused and was never read again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kafka_a_paused_partition_revoked_and_assigned_again_is_read() {
+    use omnibox::inbox::Source;
+    use std::collections::BTreeMap;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::time::Instant;
+    let cluster = MockCluster::new(1).unwrap();
+    cluster.create_topic("paused", 2, 1).unwrap();
+    let brokers = cluster.bootstrap_servers();
+    produce_to(&brokers, "paused", 0, 0, 10).await;
+    produce_to(&brokers, "paused", 1, 10, 10).await;
+    let timers = [
+        ("session.timeout.ms", "6000"),
+        ("heartbeat.interval.ms", "500"),
+    ];
+    // Another member of the group, polled on a thread of its own until it
+    // leaves (a rebalance).
+    let leave = Arc::new(AtomicBool::new(false));
+    let other = {
+        let leave = leave.clone();
+        let brokers = brokers.clone();
+        std::thread::spawn(move || {
+            use rdkafka::consumer::{BaseConsumer, Consumer};
+            let mut config = ClientConfig::new();
+            config
+                .set("bootstrap.servers", &brokers)
+                .set("group.id", "pausers")
+                .set("enable.auto.commit", "false");
+            for (k, v) in timers {
+                config.set(k, v);
+            }
+            let c: BaseConsumer = config.create().unwrap();
+            c.subscribe(&["paused"]).unwrap();
+            while !leave.load(Ordering::SeqCst) {
+                let _ = c.poll(Duration::from_millis(100));
+            }
+            // Dropped: it leaves the group.
+        })
+    };
+    let props: Vec<(String, String)> = timers
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    let mut source =
+        KafkaSource::new(&brokers, "pausers", &["paused".to_string()], &props).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let first = loop {
+        let p = source
+            .poll_within(100, usize::MAX, Duration::from_secs(1))
+            .await
+            .unwrap();
+        if !p.messages.is_empty() {
+            break p.messages;
+        }
+        assert!(Instant::now() < deadline, "nothing read");
+    };
+    // Given back and paused, as a consumer waiting for a retry's time.
+    source.rewind(&first).await.unwrap();
+    source.idle(Duration::from_millis(100)).await.unwrap();
+    leave.store(true, Ordering::SeqCst);
+    other.join().unwrap();
+    while source.owns(&first[0]) {
+        assert!(Instant::now() < deadline, "never revoked");
+        source.idle(Duration::from_millis(100)).await.unwrap();
+    }
+    // The wait is over while the group rebalances: the source resumes with
+    // no partition assigned, then gets both.
+    let mut next: BTreeMap<i32, i64> = BTreeMap::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while next.values().sum::<i64>() < 20 {
+        assert!(
+            Instant::now() < deadline,
+            "every partition read to its end: next offsets {next:?} (paused: partition {})",
+            first[0].partition
+        );
+        let p = source
+            .poll_within(100, usize::MAX, Duration::from_millis(200))
+            .await
+            .unwrap();
+        for m in &p.messages {
+            let n = next.entry(m.partition).or_insert(0);
+            assert_eq!(m.offset, *n, "partition {} in order", m.partition);
+            *n += 1;
+        }
+    }
+    assert_eq!(next, BTreeMap::from([(0, 10), (1, 10)]));
+}
+
+/// The processes whose parent is `pid`, each with its process group.
+fn children_of(pid: u32) -> Vec<(i32, i32)> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(child) = entry.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{child}/stat")) else {
+            continue;
+        };
+        // "pid (comm) state ppid pgrp ...": comm may hold anything.
+        let Some((_, rest)) = stat.rsplit_once(')') else {
+            continue;
+        };
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        if fields.get(1).and_then(|f| f.parse::<u32>().ok()) == Some(pid) {
+            let group = fields.get(2).and_then(|f| f.parse().ok()).unwrap_or(child);
+            out.push((child, group));
+        }
+    }
+    out
+}
+
+/// True when every thread of `pid` is stopped (SIGSTOP took effect).
+fn all_stopped(pid: u32) -> bool {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return false;
+    };
+    tasks.flatten().all(|t| {
+        std::fs::read_to_string(t.path().join("stat"))
+            .ok()
+            .and_then(|s| {
+                s.rsplit_once(')')
+                    .and_then(|(_, rest)| rest.split_whitespace().next().map(str::to_string))
+            })
+            .is_some_and(|state| state == "T" || state == "t")
+    })
+}
+
+/// Kills `pid` and every handler it runs with SIGKILL, as Kubernetes kills
+/// a pod's processes, at a moment a handler is in flight: once a handler
+/// runs, the process is stopped (it starts nothing more), and if that
+/// handler ended meanwhile, let go again. A handler runs in a process group
+/// of its own, so each child's group is killed too. Returns how many
+/// children it had.
+fn kill_pod_mid_handler(pid: u32) -> usize {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no handler of {pid} in flight for 30 s"
+        );
+        if children_of(pid).is_empty() {
+            std::thread::sleep(Duration::from_millis(1));
+            continue;
+        }
+        // SAFETY: kill(2) on a child of this test; no memory is touched.
+        unsafe { libc::kill(pid as i32, libc::SIGSTOP) };
+        while !all_stopped(pid) {
+            assert!(std::time::Instant::now() < deadline, "{pid} never stopped");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let children = children_of(pid);
+        if children.is_empty() {
+            // SAFETY: as above.
+            unsafe { libc::kill(pid as i32, libc::SIGCONT) };
+            continue;
+        }
+        for &(child, group) in &children {
+            // SAFETY: as above; the groups are the handlers' own (never
+            // this test's: the member runs in a group of its own too).
+            unsafe {
+                libc::kill(-group, libc::SIGKILL);
+                libc::kill(child, libc::SIGKILL);
+            }
+        }
+        // SAFETY: as above.
+        unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+        return children.len();
+    }
+}
+
+/// A consumer group losing a member, as when Kubernetes kills a pod: two
+/// `omnibox inbox consume` processes of one group (exactly-once, an
+/// external handler) share a store and 4 partitions; one is killed -9 with
+/// its handler while the handler runs. After its session times out the
+/// survivor gets its partitions, waits for the dead member's leases, and
+/// reads every partition to its end: every message is stored once and
+/// completed, every handler ran once except, at most, the one the killed
+/// member had in flight (docs/design.md: "a crash repeats at most the
+/// handler in flight"), and the group's offsets are the partitions' ends.
+/// librdkafka's mock cluster runs the group's rebalances (tansu does not
+/// reassign a dead member's partitions).
+async fn group_loses_a_member_mid_batch(db: &common::TestDb) {
+    use omnibox::{EventStatus, ListFilter};
+    use std::collections::{BTreeMap, BTreeSet};
+    use std::os::unix::process::CommandExt;
+    use std::time::Instant;
+
+    let started = Instant::now();
+    let cluster = MockCluster::new(1).unwrap();
+    cluster.create_topic("orders", 4, 1).unwrap();
+    let brokers = cluster.bootstrap_servers();
+    // Enough that the member to be killed is still busy when it is killed,
+    // even when the group formed late.
+    let per_partition = 150;
+    for p in 0..4 {
+        produce_to(
+            &brokers,
+            "orders",
+            p,
+            p as usize * per_partition,
+            per_partition,
+        )
+        .await;
+    }
+    // Repeats, in other partitions, of messages of partitions 0 and 1:
+    // duplicates that the other member may meet while a row is in hand.
+    produce_to(&brokers, "orders", 3, 0, 50).await;
+    produce_to(&brokers, "orders", 2, per_partition, 50).await;
+    let distinct = 4 * per_partition;
+    let dir = tempfile::tempdir().unwrap();
+    let effects = dir.path().join("effects.log");
+    let member = |tag: &str| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_omnibox"));
+        cmd.args(["inbox", "consume", "--from", &format!("kafka://{brokers}")])
+            .args(["--topic", "orders", "--group", "billing", "--batch", "25"])
+            .args(["--lease", "10s", "--worker-id", tag, "-v"])
+            .args(["-X", "session.timeout.ms=6000"])
+            .args(["-X", "heartbeat.interval.ms=500"])
+            .args([
+                "--exec",
+                // The effect first, then a while in flight.
+                &format!(
+                    "echo \"{tag} $OMNIBOX_MESSAGE_ID\" >> '{}'; sleep 0.02",
+                    effects.display()
+                ),
+            ])
+            .current_dir(dir.path())
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("OMNIBOX_DATABASE_URL", &db.url)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(dir.path().join(format!("{tag}.log"))).unwrap())
+            // A pod of its own.
+            .process_group(0);
+        if db.is_postgres() {
+            cmd.env("OMNIBOX_DATABASE_SCHEMA", db.schema());
+        }
+        common::KillOnDrop::new(cmd.spawn().unwrap())
+    };
+    let log_of = |tag: &str| {
+        std::fs::read_to_string(dir.path().join(format!("{tag}.log"))).unwrap_or_default()
+    };
+    // (member, message id) per handler run, in the order they ran.
+    let handled = || -> Vec<(String, String)> {
+        std::fs::read_to_string(&effects)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| l.split_once(' '))
+            .map(|(m, id)| (m.to_string(), id.to_string()))
+            .collect()
+    };
+    let a = member("member-a");
+    let b = member("member-b");
+
+    // Both members work (the group split the partitions between them) and
+    // the one to be killed is some batches in.
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let runs = handled();
+        let of = |tag: &str| runs.iter().filter(|(m, _)| m == tag).count();
+        if of("member-a") >= 40 && of("member-b") >= 1 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "both members handling: a {} b {}\n--- a:\n{}\n--- b:\n{}",
+            of("member-a"),
+            of("member-b"),
+            log_of("member-a"),
+            log_of("member-b")
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let a_pid = a.id();
+    let killed = tokio::task::spawn_blocking(move || kill_pod_mid_handler(a_pid))
+        .await
+        .unwrap();
+    let status = a.take().wait().unwrap();
+    assert_eq!(
+        std::os::unix::process::ExitStatusExt::signal(&status),
+        Some(libc::SIGKILL),
+        "{status:?}"
+    );
+    let killed_at = Instant::now();
+    let at_kill = handled();
+    // The message the killed member had in flight: the last it started
+    // (its effect comes first; a handler killed before it has none).
+    let in_flight = at_kill
+        .iter()
+        .rev()
+        .find(|(m, _)| m == "member-a")
+        .map(|(_, id)| id.clone())
+        .unwrap();
+    // Mid-batch: rows of its batch stay locked by the dead member.
+    let held: BTreeSet<String> = db
+        .store
+        .inbox()
+        .list(&ListFilter {
+            locked_by: Some("member-a".into()),
+            limit: Some(1000),
+            ..ListFilter::default()
+        })
+        .await
+        .unwrap()
+        .iter()
+        .map(|e| e.message_id().to_string())
+        .collect();
+    assert!(
+        !held.is_empty(),
+        "the killed member held rows ({killed} handler process(es) killed)"
+    );
+    eprintln!(
+        "member-a killed after {:?} with {} handler run(s), {killed} handler process(es) and {} \
+         locked row(s); last started: {in_flight}",
+        started.elapsed(),
+        at_kill.iter().filter(|(m, _)| m == "member-a").count(),
+        held.len()
+    );
+
+    // The survivor takes over and reads every partition to its end.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let mut offsets = None;
+    let ends = loop {
+        let rows = db
+            .store
+            .inbox()
+            .list(&ListFilter {
+                limit: Some(10_000),
+                ..ListFilter::default()
+            })
+            .await
+            .unwrap();
+        let completed = rows
+            .iter()
+            .filter(|r| r.status() == EventStatus::Completed)
+            .count();
+        if completed == distinct {
+            let b = brokers.clone();
+            let ends =
+                tokio::task::spawn_blocking(move || committed_and_ends(&b, "billing", "orders", 4))
+                    .await
+                    .unwrap();
+            if ends.iter().all(|&(c, high)| c == Some(high)) {
+                break ends;
+            }
+            offsets = Some(ends);
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the survivor finishing: {completed} of {distinct} rows completed, {} rows, \
+             offsets {offsets:?}\n--- a:\n{}\n--- b:\n{}",
+            rows.len(),
+            log_of("member-a"),
+            log_of("member-b")
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    eprintln!(
+        "member-b done {:?} after the kill; offsets {ends:?}",
+        killed_at.elapsed()
+    );
+    // Nothing more runs: the repeats are duplicates.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    // The survivor stops cleanly.
+    // SAFETY: kill(2) on a child of this test.
+    unsafe { libc::kill(b.id() as i32, libc::SIGTERM) };
+    let mut b = b.take();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let code = loop {
+        if let Some(s) = b.try_wait().unwrap() {
+            break s.code();
+        }
+        if Instant::now() > deadline {
+            let _ = b.kill();
+            panic!("member-b did not stop on SIGTERM\n{}", log_of("member-b"));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(code, Some(0), "{}", log_of("member-b"));
+    let b_log = log_of("member-b");
+    eprintln!("--- member-b:\n{b_log}");
+    assert!(
+        b_log.lines().any(|l| l.contains("partitions assigned")
+            && (0..4).all(|p| l.contains(&format!("\"orders\", {p})")))),
+        "the survivor got every partition:\n{b_log}"
+    );
+
+    // Every message stored once, and completed.
+    let rows = db
+        .store
+        .inbox()
+        .list(&ListFilter {
+            limit: Some(10_000),
+            ..ListFilter::default()
+        })
+        .await
+        .unwrap();
+    let ids: BTreeSet<&str> = rows.iter().map(|r| r.message_id()).collect();
+    let expected: BTreeSet<String> = (0..distinct).map(|i| format!("evt-{i}")).collect();
+    assert_eq!(rows.len(), distinct);
+    assert_eq!(
+        ids,
+        expected.iter().map(String::as_str).collect::<BTreeSet<_>>()
+    );
+    for r in &rows {
+        assert_eq!(
+            (r.status(), r.locked_by(), r.attempts_made()),
+            (EventStatus::Completed, None, 0),
+            "{}",
+            r.message_id()
+        );
+    }
+
+    // Every message handled; twice only the one in flight at the kill.
+    let runs = handled();
+    let mut per_id: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
+    for (m, id) in &runs {
+        per_id.entry(id).or_default().push(m);
+    }
+    assert_eq!(
+        per_id.keys().copied().collect::<BTreeSet<_>>(),
+        expected.iter().map(String::as_str).collect::<BTreeSet<_>>(),
+        "every message handled"
+    );
+    let twice: BTreeMap<&str, &Vec<&str>> = per_id
+        .iter()
+        .filter(|(_, m)| m.len() > 1)
+        .map(|(id, m)| (*id, m))
+        .collect();
+    for (id, members) in &twice {
+        assert_eq!(
+            (*id, members.as_slice()),
+            (in_flight.as_str(), &["member-a", "member-b"][..]),
+            "only the killed member's message in flight runs again, once, on the survivor: \
+             {twice:?}"
+        );
+    }
+    // The rows the dead member held: the survivor handled each, once (the
+    // one in flight perhaps after the dead member's run).
+    for id in &held {
+        let members = &per_id[id.as_str()];
+        assert_eq!(members.last(), Some(&"member-b"), "{id}: {members:?}");
+        if *id != in_flight {
+            assert_eq!(members.len(), 1, "{id}: {members:?}");
+        }
+    }
+    // The killed member ran nothing after the kill.
+    assert_eq!(
+        runs.iter().filter(|(m, _)| m == "member-a").count(),
+        at_kill.iter().filter(|(m, _)| m == "member-a").count()
+    );
+    eprintln!(
+        "{} handler runs, {} message(s) twice ({twice:?}), in {:?}",
+        runs.len(),
+        twice.len(),
+        started.elapsed()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_group_loses_a_member_mid_batch_postgres() {
+    let Some(db) = common::postgres().await else {
+        return;
+    };
+    group_loses_a_member_mid_batch(&db).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_group_loses_a_member_mid_batch_sqlite() {
+    let db = common::sqlite().await;
+    group_loses_a_member_mid_batch(&db).await;
+}

@@ -56,10 +56,19 @@ impl ClientContext for InboxContext {
 }
 
 impl ConsumerContext for InboxContext {
-    fn pre_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+    fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         if let Rebalance::Revoke(tpl) = rebalance {
             let parts = partitions(tpl);
             tracing::info!(partitions = ?parts, "partitions revoked by a rebalance");
+            // librdkafka keeps the source's pause (`idle`) of a partition
+            // across its revocation: assigned here again after the source
+            // resumed (with no partition assigned, mid-rebalance), it would
+            // stay paused and never be read again. Resumed now, it comes
+            // back as any newly assigned partition does, unpaused (`idle`
+            // pauses those it meets).
+            if let Err(e) = consumer.resume(tpl) {
+                tracing::warn!(error = %e, "cannot resume the revoked partitions");
+            }
             if let Ok(mut a) = self.0.assigned.lock() {
                 for p in &parts {
                     a.remove(p);
