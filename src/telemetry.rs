@@ -162,10 +162,10 @@ impl Telemetry {
         } else {
             timeout
         };
-        if let Err(e) = self.provider.shutdown_with_timeout(timeout) {
-            if !self.down.load(Ordering::SeqCst) {
-                tracing::warn!(error = %e, "could not send every span to the OTLP endpoint");
-            }
+        if let Err(e) = self.provider.shutdown_with_timeout(timeout)
+            && !self.down.load(Ordering::SeqCst)
+        {
+            tracing::warn!(error = %e, "could not send every span to the OTLP endpoint");
         }
     }
 }

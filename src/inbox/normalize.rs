@@ -328,15 +328,16 @@ fn parse(
         .map_err(|e| format!("the message breaks a rule: {e}"))
 }
 
+/// A value's payload, and its envelope when it had one.
+type Unwrapped = (Map<String, Value>, Option<Map<String, Value>>);
+
 /// An envelope is an object with a `payload` and an `event_type` or
 /// `schema_version` beside it; its payload is the event's payload. Such an
 /// object whose `payload` is not an object, and an object carrying both
 /// `event_type` and `schema_version` (as every omnibox envelope does) but
 /// no `payload`, is an envelope that lost its payload: poison, not taken as
 /// a bare payload. Any other object is a bare payload (a foreign message).
-fn unwrap(
-    object: Map<String, Value>,
-) -> std::result::Result<(Map<String, Value>, Option<Map<String, Value>>), String> {
+fn unwrap(object: Map<String, Value>) -> std::result::Result<Unwrapped, String> {
     let has_type = object.contains_key("event_type");
     let has_version = object.contains_key("schema_version");
     match object.get("payload") {

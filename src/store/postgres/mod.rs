@@ -77,7 +77,7 @@ pub struct PgStore {
 
 /// The advisory lock `migrate` holds for its whole run ("omnibox" in
 /// ASCII; sqlx's migrator takes a lock of its own inside it).
-const MIGRATE_LOCK: i64 = 0x6f6d_6e69_626f_78;
+const MIGRATE_LOCK: i64 = 0x006f_6d6e_6962_6f78;
 
 /// Versions applied so far on this connection's schema (empty on a fresh
 /// database).
