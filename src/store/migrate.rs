@@ -180,6 +180,29 @@ impl Object {
     }
 }
 
+/// What migration 1 creates, the same on both backends: the two tables and
+/// their first indexes (`*_locked` is dropped and created again by the
+/// lease migration, under the same name).
+pub(crate) const INITIAL_OBJECTS: &[Object] = {
+    use Object::*;
+    &[
+        Table("outbox_events"),
+        Table("inbox_events"),
+        Index("outbox_events_claim"),
+        Index("outbox_events_key_order"),
+        Index("outbox_events_key_held"),
+        Index("outbox_events_locked"),
+        Index("outbox_events_cleanup"),
+        Index("outbox_events_failed"),
+        Index("outbox_events_idempotency_key"),
+        Index("inbox_events_claim"),
+        Index("inbox_events_locked"),
+        Index("inbox_events_cleanup"),
+        Index("inbox_events_failed"),
+        Index("inbox_events_idempotency_key"),
+    ]
+};
+
 /// What one migration creates. `rerunnable`: every statement of it is
 /// `... IF NOT EXISTS`, so running it again over a part of its objects is
 /// safe.

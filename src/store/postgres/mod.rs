@@ -104,22 +104,7 @@ const CREATES: &[migrate::Creates] = {
         migrate::Creates {
             version: 1,
             rerunnable: false,
-            objects: &[
-                Table("outbox_events"),
-                Table("inbox_events"),
-                Index("outbox_events_claim"),
-                Index("outbox_events_key_order"),
-                Index("outbox_events_key_held"),
-                Index("outbox_events_locked"),
-                Index("outbox_events_cleanup"),
-                Index("outbox_events_failed"),
-                Index("outbox_events_idempotency_key"),
-                Index("inbox_events_claim"),
-                Index("inbox_events_locked"),
-                Index("inbox_events_cleanup"),
-                Index("inbox_events_failed"),
-                Index("inbox_events_idempotency_key"),
-            ],
+            objects: migrate::INITIAL_OBJECTS,
         },
         migrate::Creates {
             version: 2,
