@@ -6,7 +6,7 @@
 #   bench/run.sh enqueue [--events N] [--rounds R] [--keys K] [--idempotency-keys]
 #   bench/run.sh inbox [--events N] [--batch B] [--source memory|file|kafka] [--exec CMD]
 #   bench/run.sh ops [--events 10000000]
-#   bench/run.sh publish [--events N] [--backlog M] [--relays R] [--batch B] [--keys K] [--sink null|kafka] [--otlp]
+#   bench/run.sh publish [--events N] [--backlog M] [--relays R] [--batch B] [--keys K] [--sink null|kafka] [--otlp] [--ceiling]
 #   any of them ... [--conn plain|tls|tls-latency] [--latency-ms 0.5]
 #
 # OMNIBOX_BENCH_DATABASE_URL selects the server (e.g. the peer's

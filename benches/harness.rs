@@ -130,6 +130,13 @@ struct Args {
     /// meet tables their bulk enqueue just filled)
     #[arg(long)]
     analyze: bool,
+    /// publish: after each round, time the server alone doing the same rows'
+    /// claim and completion (the relay's scan, mark and complete statements
+    /// in a PL/pgSQL loop, a commit per batch, no client round trips, no
+    /// per-key walk) on a fresh copy of the same rows; reports the relay's
+    /// rate as a share of it
+    #[arg(long)]
+    ceiling: bool,
     /// inbox: `memory` (the library, an in-memory source, without and with a
     /// trivial in-process handler), `file` (`omnibox inbox consume --from
     /// file:... --once`, the release binary, timed from spawn to exit) or
@@ -639,10 +646,10 @@ fn publish(args: &Args, conn: &Conn) {
     use std::sync::Arc;
     use std::sync::atomic::{AtomicU64, Ordering};
 
+    use omnibox::WorkerId;
     use omnibox::pipeline::{ProcessorOptions, RunMode, RunOptions, Sleep, run};
     use omnibox::relay::{self, AnySink};
-    use omnibox::store::postgres::{PgOptions, PgStore, insert_outbox};
-    use omnibox::{DomainService, NewOutboxEvent, WorkerId};
+    use omnibox::store::postgres::{PgOptions, PgStore};
 
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -694,6 +701,7 @@ fn publish(args: &Args, conn: &Conn) {
         }
     );
     let mut rates = Vec::new();
+    let mut ceilings = Vec::new();
     let mut results = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -702,60 +710,7 @@ fn publish(args: &Args, conn: &Conn) {
     for round in 1..=args.rounds {
         let schema = format!("bench_{}", uuid::Uuid::new_v4().simple());
         let topic = format!("bench-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
-        let store = rt.block_on(async {
-            let opts = PgOptions {
-                schema: Some(schema.clone()),
-                max_connections: (args.relays as u32 + 2).max(4),
-                ..PgOptions::default()
-            };
-            let store = PgStore::connect(&conn.setup, &opts).await.expect("connect");
-            store.migrate().await.expect("migrate");
-            // Seed outside the timed region, in the peer's row shape: the
-            // hot key first, then the others.
-            let domain = DomainService::default();
-            let mut conn = store.pool().acquire().await.unwrap();
-            let total = args.hot + backlog;
-            let mut i = 0;
-            while i < total {
-                let chunk: Vec<_> = (i..(i + 10_000).min(total))
-                    .map(|n| {
-                        let key_no = if n < args.hot {
-                            u128::MAX
-                        } else if args.keys == 0 {
-                            (n - args.hot) as u128
-                        } else {
-                            ((n - args.hot) % args.keys) as u128
-                        };
-                        let aggregate = uuid::Uuid::from_u128(key_no.wrapping_add(1));
-                        let mut e = NewOutboxEvent::new(
-                            "order",
-                            aggregate,
-                            "order.created",
-                            topic.clone(),
-                            aggregate.to_string(),
-                            json!({"order_id": aggregate, "customer_id": format!("customer-{:06}", n % 1000),
-                                   "amount_cents": 1000 + n % 5000, "currency": "EUR",
-                                   "items": [{"sku": "SKU-1", "qty": 1}], "seq": n}),
-                        );
-                        e.headers = Some([("source".to_string(), "bench".to_string())].into());
-                        domain.create_outbox_event(e).unwrap()
-                    })
-                    .collect();
-                insert_outbox(&mut conn, &chunk).await.expect("seed");
-                i += chunk.len();
-            }
-            drop(conn);
-            if args.analyze {
-                sqlx::query("VACUUM ANALYZE outbox_events")
-                    .execute(store.pool())
-                    .await
-                    .unwrap();
-            }
-            if let (Some(b), "kafka") = (&brokers, args.sink.as_str()) {
-                create_topic(b, &topic).await;
-            }
-            store
-        });
+        let store = seed_publish(&rt, args, conn, &schema, &topic, backlog);
         // Library relays connect with the kind's URL (before timing, as a
         // long-running process's pool would be).
         let relay_store = (args.mode == "library" && conn.url != conn.setup).then(|| {
@@ -948,8 +903,169 @@ fn publish(args: &Args, conn: &Conn) {
             verified,
             "completed {completed} of {timed}, {pending} not completed, {disorder} rows completed before an earlier row of their key"
         );
+        if args.ceiling {
+            let schema = format!("bench_{}", uuid::Uuid::new_v4().simple());
+            let store = seed_publish(&rt, args, conn, &schema, &topic, backlog);
+            let (done, secs) = ceiling_round(&rt, &store, args.batch as usize);
+            rt.block_on(store.pool().close());
+            Db::new(&conn.setup).exec(format!("DROP SCHEMA {schema} CASCADE"));
+            let total = (args.hot + backlog) as u64;
+            assert_eq!(
+                done, total,
+                "the ceiling loop completed {done} of {total} rows"
+            );
+            let ceiling = done as f64 / secs;
+            ceilings.push(ceiling);
+            println!(
+                "ceiling round {round}: {done} rows in {secs:.3} s = {ceiling:.0} rows/s (the server alone: scan, mark, commit, complete, commit per batch of {}; no walk, no client); the relay's round: {:.0} %",
+                args.batch,
+                100.0 * rate / ceiling
+            );
+            let mut line = json!({
+                "scenario": "server_ceiling",
+                "events": done,
+                "seconds": secs,
+                "events_per_s": ceiling,
+                "params": {"batch_size": args.batch, "keys": keys, "backlog": backlog, "hot": args.hot,
+                           "round": round, "relay_events_per_s": rate},
+                "verified": true,
+            });
+            conn.tag(&mut line);
+            writeln!(results, "{line}").unwrap();
+        }
     }
     report("publish", &rates, &command, conn);
+    if args.ceiling {
+        let median = |v: &[f64]| {
+            let mut v = v.to_vec();
+            v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+            v[v.len() / 2]
+        };
+        println!(
+            "server ceiling: median {:.0} rows/s ({} rounds, interleaved with the relay's); the relay's median is {:.0} % of it\n  command: {command} --ceiling",
+            median(&ceilings),
+            ceilings.len(),
+            100.0 * median(&rates) / median(&ceilings)
+        );
+    }
+}
+
+/// A fresh schema holding the publish scenario's rows (the hot key first,
+/// then the others, in the peer's row shape), migrated and seeded outside
+/// any timed region.
+fn seed_publish(
+    rt: &tokio::runtime::Runtime,
+    args: &Args,
+    conn: &Conn,
+    schema: &str,
+    topic: &str,
+    backlog: usize,
+) -> omnibox::store::postgres::PgStore {
+    use omnibox::store::postgres::{PgOptions, PgStore, insert_outbox};
+    use omnibox::{DomainService, NewOutboxEvent};
+    let brokers = conn.brokers.clone();
+    rt.block_on(async {
+        let opts = PgOptions {
+            schema: Some(schema.to_string()),
+            max_connections: (args.relays as u32 + 2).max(4),
+            ..PgOptions::default()
+        };
+        let store = PgStore::connect(&conn.setup, &opts).await.expect("connect");
+        store.migrate().await.expect("migrate");
+        // Seed outside the timed region, in the peer's row shape: the
+        // hot key first, then the others.
+        let domain = DomainService::default();
+        let mut conn = store.pool().acquire().await.unwrap();
+        let total = args.hot + backlog;
+        let mut i = 0;
+        while i < total {
+            let chunk: Vec<_> = (i..(i + 10_000).min(total))
+                .map(|n| {
+                    let key_no = if n < args.hot {
+                        u128::MAX
+                    } else if args.keys == 0 {
+                        (n - args.hot) as u128
+                    } else {
+                        ((n - args.hot) % args.keys) as u128
+                    };
+                    let aggregate = uuid::Uuid::from_u128(key_no.wrapping_add(1));
+                    let mut e = NewOutboxEvent::new(
+                        "order",
+                        aggregate,
+                        "order.created",
+                        topic.to_string(),
+                        aggregate.to_string(),
+                        json!({"order_id": aggregate, "customer_id": format!("customer-{:06}", n % 1000),
+                               "amount_cents": 1000 + n % 5000, "currency": "EUR",
+                               "items": [{"sku": "SKU-1", "qty": 1}], "seq": n}),
+                    );
+                    e.headers = Some([("source".to_string(), "bench".to_string())].into());
+                    domain.create_outbox_event(e).unwrap()
+                })
+                .collect();
+            insert_outbox(&mut conn, &chunk).await.expect("seed");
+            i += chunk.len();
+        }
+        drop(conn);
+        if args.analyze {
+            sqlx::query("VACUUM ANALYZE outbox_events")
+                .execute(store.pool())
+                .await
+                .unwrap();
+        }
+        if let (Some(b), "kafka") = (&brokers, args.sink.as_str()) {
+            create_topic(b, topic).await;
+        }
+        store
+    })
+}
+
+/// The server alone doing the relay's database work for the rows of
+/// `schema`: per batch the claim index's scan (`FOR UPDATE SKIP LOCKED`),
+/// the relay's mark `UPDATE` and a commit, its complete `UPDATE` and a commit,
+/// in one PL/pgSQL loop on one connection (no client round trips, no per-key
+/// walk, no lock step). Returns the rows completed and the seconds taken.
+fn ceiling_round(
+    rt: &tokio::runtime::Runtime,
+    store: &omnibox::store::postgres::PgStore,
+    batch: usize,
+) -> (u64, f64) {
+    let sql = format!(
+        "DO $$
+DECLARE ids uuid[];
+BEGIN
+  LOOP
+    SELECT array_agg(id) INTO ids FROM (
+      SELECT id FROM outbox_events
+       WHERE status = 'pending' AND locked_at IS NULL AND scheduled_at <= now()
+       ORDER BY scheduled_at, seq LIMIT {batch} FOR UPDATE SKIP LOCKED) s;
+    EXIT WHEN ids IS NULL;
+    UPDATE outbox_events SET locked_at = now(), locked_by = 'ceiling',
+           locked_until = now() + make_interval(secs => 300), updated_at = now()
+     WHERE id = ANY(ids);
+    COMMIT;
+    UPDATE outbox_events SET status = 'completed', completed_at = now(), locked_at = NULL,
+           locked_by = NULL, locked_until = NULL, updated_at = now()
+     WHERE id = ANY(ids) AND locked_by = 'ceiling';
+    COMMIT;
+  END LOOP;
+END $$"
+    );
+    rt.block_on(async {
+        let mut c = store.pool().acquire().await.unwrap();
+        let start = Instant::now();
+        sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
+            .execute(&mut *c)
+            .await
+            .expect("ceiling loop");
+        let secs = start.elapsed().as_secs_f64();
+        let done: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM outbox_events WHERE status = 'completed'")
+                .fetch_one(&mut *c)
+                .await
+                .unwrap();
+        (done as u64, secs)
+    })
 }
 
 fn produce(args: &Args, conn: &Conn) {
