@@ -9,6 +9,7 @@ use prometheus_client::encoding::EncodeLabelSet;
 use crate::domain::Retry;
 use crate::model::Table;
 use crate::pipeline::{BatchReport, Outcome};
+pub use crate::pipeline::{EventOutcome, MetricsRecorder};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
@@ -362,32 +363,6 @@ mod tests {
         assert!(resp.starts_with("HTTP/1.1 200 OK"));
         assert!(resp.contains("omnibox_events_completed_total"));
     }
-}
-
-/// One claimed event of a written batch, for a [`MetricsRecorder`].
-#[derive(Debug, Clone, Copy)]
-pub struct EventOutcome<'a> {
-    /// Its event type.
-    pub event_type: &'a str,
-    /// Attempts made before this one.
-    pub attempts_made: i32,
-    /// Its attempt limit.
-    pub max_attempts: i32,
-    /// What happened to it.
-    pub outcome: &'a Outcome,
-}
-
-/// What processors and the inbox consumer report, for the metrics back end
-/// a service chooses. [`Metrics`] (Prometheus, served by `--metrics-addr`)
-/// is the default.
-pub trait MetricsRecorder: Send + Sync + 'static {
-    /// A batch's results were written: its report, and each claimed event
-    /// with its outcome.
-    fn batch(&self, table: Table, report: &BatchReport, events: &[EventOutcome<'_>]);
-
-    /// A counter of the inbox consumer went up by `n` (`consumed`,
-    /// `stored`, `duplicates`, `poison`, `processed`, ...).
-    fn count(&self, name: &str, n: u64);
 }
 
 impl MetricsRecorder for Metrics {

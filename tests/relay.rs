@@ -83,7 +83,7 @@ async fn drain(
     if let Some(t) = dlq {
         // Dead letters to the topic and to the table: both get each one.
         b = b
-            .dead_letter(sink, t)
+            .dead_letter_store(Arc::new(relay::DeadLetterTopic::new(sink, t)))
             .dead_letter_store(Arc::new(store.dead_letters()));
     }
     let p = b.build();

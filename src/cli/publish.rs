@@ -162,7 +162,10 @@ pub async fn run_publish(args: PublishArgs, ctx: &Context) -> Result<ExitStatus>
         .metrics(metrics.clone())
         .circuit(circuit);
     if let Some(topic) = &args.dlq_topic {
-        builder = builder.dead_letter(sink.clone(), topic.clone());
+        builder = builder.dead_letter_store(Arc::new(relay::DeadLetterTopic::new(
+            sink.clone(),
+            topic.clone(),
+        )));
     }
     if let Some(args::DlqArg::Table) = args.dlq {
         builder = builder.dead_letter_store(Arc::new(store.dead_letters()));

@@ -16,12 +16,11 @@ use super::normalize::{DefaultEnvelopeParser, EnvelopeParser, Normalized, RawMes
 use super::source::Source;
 use crate::domain::{Backoff, DomainService, Retry};
 use crate::error::{Error, Result};
-use crate::metrics::MetricsRecorder;
 use crate::model::{InboxEvent, InboxRoute, WorkerId, time};
 use crate::pipeline::throttle::Throttle;
-use crate::pipeline::{DeadLetterStore, DeadLetterTopic, Letter, Verdict, put_dead_letters};
+use crate::pipeline::{DeadLetterStore, Letter, MetricsRecorder, Verdict, put_dead_letters};
 use crate::pipeline::{Heartbeat, Outcome};
-use crate::relay::AnySink;
+use crate::relay::{AnySink, DeadLetterTopic};
 use crate::store::{AnyTable, ClaimToken, EventStore, Existing, Failure, InboxStore, RetryAt};
 
 /// When the broker offset is committed (docs/design.md, "The inbox").

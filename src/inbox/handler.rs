@@ -10,8 +10,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::domain::{Retry, chrono_dur};
 use crate::model::{InboxEvent, InboxRoute, time};
-use crate::pipeline::{BatchHandler, DeadLetter, Outcome};
-use crate::relay::Message;
+use crate::pipeline::{BatchHandler, Outcome};
+use crate::relay::{DeadLetter, Message};
 
 use super::context::{Dependencies, HandlerContext};
 

@@ -2,8 +2,9 @@
 //! reference's `DLQStorage` and `DLQStep`): a [`DeadLetterStore`], written by
 //! the processor after the failure is committed.
 //!
-//! Two come with omnibox: [`DeadLetterTopic`] (a message on a dead-letter
-//! topic, best effort) and
+//! Two come with omnibox:
+//! [`DeadLetterTopic`](crate::relay::DeadLetterTopic) (a message on a
+//! dead-letter topic, best effort) and
 //! [`DeadLetterTable`](crate::store::dead_letters::DeadLetterTable) (a row of
 //! `omnibox_dead_letters`, listable and replayable with the CLI). A service
 //! may add its own (an object store, a ticketing system).
@@ -13,10 +14,9 @@ use std::time::Duration;
 
 use futures_util::future::BoxFuture;
 
-use super::processor::DeadLetter;
 use crate::error::Result;
 use crate::model::{Event, Route};
-use crate::relay::sink::{AnySink, Delivery, Sink};
+use crate::store::dead_letters::{DEAD_LETTERS_TABLE, DeadLetterTable};
 
 /// One event that has just become `failed`, as its processor claimed it,
 /// with the error that made it so.
@@ -55,61 +55,16 @@ impl<R: Route, D: DeadLetterStore<R>> DeadLetterStore<R> for Arc<D> {
     }
 }
 
-/// Dead letters as messages on a topic, with the original topic (or
-/// source), the error and the attempts in headers. Best effort: a message
-/// the sink does not deliver is logged and not retried (the row is
-/// `failed` in its table either way).
-pub struct DeadLetterTopic {
-    sink: Arc<AnySink>,
-    topic: String,
-    timeout: Duration,
-}
-
-impl DeadLetterTopic {
-    /// Letters to `topic` through `sink`.
-    pub fn new(sink: Arc<AnySink>, topic: impl Into<String>) -> Self {
-        DeadLetterTopic {
-            sink,
-            topic: topic.into(),
-            timeout: Duration::from_secs(30),
-        }
-    }
-}
-
-impl std::fmt::Debug for DeadLetterTopic {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("DeadLetterTopic")
-            .field("topic", &self.topic)
-            .finish_non_exhaustive()
-    }
-}
-
-impl<R: Route> DeadLetterStore<R> for DeadLetterTopic
-where
-    Event<R>: DeadLetter,
-{
+/// Rows of `omnibox_dead_letters`.
+impl<R: Route + serde::Serialize> DeadLetterStore<R> for DeadLetterTable {
     fn describe(&self) -> String {
-        format!("topic {}", self.topic)
+        format!("table {DEAD_LETTERS_TABLE}")
     }
 
     fn put<'a>(&'a self, letters: &'a [Letter<'a, R>]) -> BoxFuture<'a, Result<usize>> {
         Box::pin(async move {
-            let messages: Vec<_> = letters
-                .iter()
-                .map(|l| l.event.dead_letter(&self.topic, l.error))
-                .collect();
-            let mut kept = 0;
-            for (m, d) in messages
-                .iter()
-                .zip(self.sink.send(&messages, self.timeout).await)
-            {
-                if d == Delivery::Delivered {
-                    kept += 1;
-                } else {
-                    tracing::error!(event_id = %m.event_id, topic = %self.topic, delivery = ?d, "could not write a dead letter (the row is failed in its table)");
-                }
-            }
-            Ok(kept)
+            let pairs: Vec<_> = letters.iter().map(|l| (l.event, l.error)).collect();
+            self.put_failed(&pairs).await
         })
     }
 }

@@ -16,14 +16,16 @@ pub mod circuit;
 mod dead_letter;
 mod flight;
 mod processor;
+mod recorder;
 pub mod runner;
 pub(crate) mod throttle;
 
 pub(crate) use dead_letter::put_dead_letters;
-pub use dead_letter::{DeadLetterStore, DeadLetterTopic, Letter};
+pub use dead_letter::{DeadLetterStore, Letter};
 pub use processor::{
-    BatchHandler, BatchReport, DeadLetter, Fetch, Fetched, HeldRows, Outcome, Processor,
-    ProcessorBuilder, ProcessorOptions, Step, StepExt, WithStep,
+    BatchHandler, BatchReport, Fetch, Fetched, HeldRows, Outcome, Processor, ProcessorBuilder,
+    ProcessorOptions, Step, StepExt, WithStep,
 };
 pub(crate) use processor::{Heartbeat, Verdict};
+pub use recorder::{EventOutcome, MetricsRecorder};
 pub use runner::{RunMode, RunOptions, RunReport, Sleep, Wakeup, run};

@@ -13,15 +13,13 @@ use tracing::Instrument;
 use uuid::Uuid;
 
 use super::circuit::{CircuitBreaker, CircuitConfig};
-use super::dead_letter::{DeadLetterStore, DeadLetterTopic, Letter, put_dead_letters};
+use super::dead_letter::{DeadLetterStore, Letter, put_dead_letters};
 use super::flight::{self, Flight, Key};
+use super::recorder::{EventOutcome, MetricsRecorder};
 use crate::domain::{Backoff, Retry};
 use crate::error::{Error, Result};
-use crate::metrics::{EventOutcome, MetricsRecorder};
 use crate::model::limits::DEFAULT_LEASE_TIMEOUT;
 use crate::model::{Event, Route, WorkerId, time};
-use crate::relay::Message;
-use crate::relay::sink::AnySink;
 use crate::store::{Claim, ClaimOptions, ClaimToken, EventStore, Failure, FetchFilters, RetryAt};
 
 /// What the handler step decided for one event.
@@ -128,12 +126,6 @@ impl HeldRows {
     pub fn settled(&self, id: Uuid) {
         lock(&self.0).retain(|held| *held != id);
     }
-}
-
-/// How a failed event is written to a dead-letter topic.
-pub trait DeadLetter {
-    /// The message for `topic`, carrying `error`.
-    fn dead_letter(&self, topic: &str, error: &str) -> Message;
 }
 
 /// A claimed and handled batch whose results are not written yet. Its
@@ -496,15 +488,6 @@ impl<R: Route, S: EventStore<R>, H: BatchHandler<R>> ProcessorBuilder<R, S, H> {
         }
     }
 
-    /// Writes events that become `failed` to `topic` through `sink` (best
-    /// effort): a [`DeadLetterTopic`].
-    pub fn dead_letter(self, sink: Arc<AnySink>, topic: impl Into<String>) -> Self
-    where
-        Event<R>: DeadLetter,
-    {
-        self.dead_letter_store(Arc::new(DeadLetterTopic::new(sink, topic)))
-    }
-
     /// Keeps events that become `failed` in `store` as well (the
     /// reference's `dlq_storage`), e.g. a
     /// [`DeadLetterTable`](crate::store::dead_letters::DeadLetterTable).
@@ -555,7 +538,6 @@ where
     R: Route,
     S: EventStore<R>,
     H: BatchHandler<R>,
-    Event<R>: DeadLetter,
 {
     /// The settings in force.
     pub fn options(&self) -> &ProcessorOptions {

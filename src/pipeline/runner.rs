@@ -16,9 +16,9 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 use tokio::sync::watch;
 
-use super::processor::{BatchHandler, BatchReport, DeadLetter, Fetch, Fetched, Handled, Processor};
+use super::processor::{BatchHandler, BatchReport, Fetch, Fetched, Handled, Processor};
 use crate::error::Result;
-use crate::model::{Event, Route};
+use crate::model::Route;
 use crate::store::EventStore;
 
 /// When the loop ends.
@@ -146,6 +146,13 @@ pub trait Wakeup: Send {
 #[derive(Debug, Default)]
 pub struct Sleep;
 
+/// Notifications on PostgreSQL, plain sleeps on SQLite.
+impl Wakeup for crate::store::AnyWakeup {
+    async fn wait(&mut self, max: Duration) {
+        crate::store::AnyWakeup::wait(self, max).await
+    }
+}
+
 impl Wakeup for Sleep {
     async fn wait(&mut self, max: Duration) {
         tokio::time::sleep(max).await;
@@ -176,7 +183,6 @@ where
     R: Route,
     S: EventStore<R>,
     H: BatchHandler<R>,
-    Event<R>: DeadLetter,
     W: Wakeup,
 {
     use futures_util::StreamExt;

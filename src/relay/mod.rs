@@ -29,13 +29,14 @@ use std::time::{Duration, Instant};
 
 use crate::domain::Retry;
 use crate::model::{OutboxEvent, OutboxRoute};
-use crate::pipeline::{
-    BatchHandler, DeadLetter, Outcome, Processor, ProcessorBuilder, ProcessorOptions,
-};
+use crate::pipeline::{BatchHandler, Outcome, Processor, ProcessorBuilder, ProcessorOptions};
 use crate::store::OutboxStore;
 
+mod dead_letter;
 mod message;
 pub mod sink;
+
+pub use dead_letter::{DeadLetter, DeadLetterTopic};
 
 pub use message::{DEFAULT_SCHEMA_VERSION, Message, envelope, envelope_with, headers};
 pub use sink::{AnySink, Delivery, Sink};

@@ -173,7 +173,7 @@ impl AnyStore {
                     return Ok(ids);
                 }
                 if requeue {
-                    super::dead_letters::mark_replayed_pg(&mut tx, table, &ids).await?;
+                    super::postgres::dead_letters::mark_replayed(&mut tx, table, &ids).await?;
                 }
                 entry.count = ids.len() as u64;
                 entry.ids = ids.clone();
@@ -246,7 +246,7 @@ impl AnyStore {
                     return Ok(ids);
                 }
                 if requeue {
-                    super::dead_letters::mark_replayed_sqlite(&mut tx, table, &ids, &now).await?;
+                    super::sqlite::dead_letters::mark_replayed(&mut tx, table, &ids, &now).await?;
                 }
                 entry.count = ids.len() as u64;
                 entry.ids = ids.clone();

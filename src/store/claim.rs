@@ -353,7 +353,7 @@ mod tests {
         Scanned {
             topic: "t".into(),
             partition_key: key.into(),
-            scheduled_at: crate::time::now(),
+            scheduled_at: crate::model::time::now(),
             seq,
             expired,
         }
@@ -361,7 +361,7 @@ mod tests {
 
     #[test]
     fn candidates_are_keys_in_order_with_where_to_go_on() {
-        let t0 = crate::time::now();
+        let t0 = crate::model::time::now();
         let mut rows = vec![
             scanned("held", 1, false),
             scanned("b", 2, false),

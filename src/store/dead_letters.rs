@@ -15,7 +15,6 @@
 
 use std::collections::{HashMap, HashSet};
 
-use futures_util::future::BoxFuture;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
@@ -26,7 +25,6 @@ use super::audit::{AuditEntry, check, insert_pg, insert_sqlite};
 use super::{AnyStore, BulkOutcome, postgres, sqlite, stored_error, topic_column};
 use crate::error::{Error, Result, storage};
 use crate::model::{Event, EventStatus, InboxRoute, OutboxRoute, Route, Table, Timestamp, time};
-use crate::pipeline::{DeadLetterStore, Letter};
 
 /// The table's name.
 pub const DEAD_LETTERS_TABLE: &str = "omnibox_dead_letters";
@@ -518,30 +516,23 @@ impl DeadLetterTable {
     }
 }
 
+impl DeadLetterTable {
+    /// Keeps a copy of each event that has just become `failed` (as its
+    /// processor claimed it, with the error of its last attempt) in the
+    /// table; returns how many are kept. Putting a letter twice keeps it
+    /// once.
+    pub async fn put_failed<R: Route + Serialize>(
+        &self,
+        letters: &[(&Event<R>, &str)],
+    ) -> Result<usize> {
+        self.put_rows(R::TABLE, new_letters(letters)?).await
+    }
+}
+
 impl AnyStore {
     /// This store's dead-letter table.
     pub fn dead_letters(&self) -> DeadLetterTable {
         DeadLetterTable::new(self.clone())
-    }
-}
-
-impl DeadLetterStore<OutboxRoute> for DeadLetterTable {
-    fn describe(&self) -> String {
-        format!("table {DEAD_LETTERS_TABLE}")
-    }
-
-    fn put<'a>(&'a self, letters: &'a [Letter<'a, OutboxRoute>]) -> BoxFuture<'a, Result<usize>> {
-        Box::pin(async move { self.put_rows(Table::Outbox, new_letters(letters)?).await })
-    }
-}
-
-impl DeadLetterStore<InboxRoute> for DeadLetterTable {
-    fn describe(&self) -> String {
-        format!("table {DEAD_LETTERS_TABLE}")
-    }
-
-    fn put<'a>(&'a self, letters: &'a [Letter<'a, InboxRoute>]) -> BoxFuture<'a, Result<usize>> {
-        Box::pin(async move { self.put_rows(Table::Inbox, new_letters(letters)?).await })
     }
 }
 
@@ -584,15 +575,14 @@ impl PgColumns {
 
 /// The rows of `letters`: each event as it is once failed (a row the
 /// caller has already failed is taken as it is).
-fn new_letters<R: Route + Serialize>(letters: &[Letter<'_, R>]) -> Result<Vec<NewLetter>> {
+fn new_letters<R: Route + Serialize>(letters: &[(&Event<R>, &str)]) -> Result<Vec<NewLetter>> {
     letters
         .iter()
-        .map(|l| {
-            let e = l.event;
+        .map(|&(e, last)| {
             let (attempts, error) = if e.status() == EventStatus::Failed {
-                (e.attempts_made(), e.last_error().unwrap_or(l.error))
+                (e.attempts_made(), e.last_error().unwrap_or(last))
             } else {
-                ((e.attempts_made() + 1).min(e.max_attempts()), l.error)
+                ((e.attempts_made() + 1).min(e.max_attempts()), last)
             };
             let error = stored_error(if error.is_empty() {
                 "(no error message)"
@@ -828,48 +818,4 @@ fn decode_sqlite(r: &sqlx::sqlite::SqliteRow) -> Result<DeadLetterRecord> {
         id: r.try_get::<String, _>("id").unwrap_or_else(|_| "?".into()),
         message,
     })
-}
-
-/// Marks the open letters of `events` (rows of `table` just requeued)
-/// replayed, on the requeue's transaction (PostgreSQL). A letter locked by
-/// a letter replay running now is skipped: that replay finds its event
-/// back and closes it, and waiting for it here could deadlock (it holds
-/// its letters and waits for these rows).
-pub(crate) async fn mark_replayed_pg(
-    conn: &mut sqlx::PgConnection,
-    table: Table,
-    events: &[Uuid],
-) -> Result<()> {
-    sqlx::query(
-        "UPDATE omnibox_dead_letters SET replayed_at = now() WHERE id IN (
-             SELECT id FROM omnibox_dead_letters
-             WHERE origin = $1 AND event_id = ANY($2) AND replayed_at IS NULL
-             FOR UPDATE SKIP LOCKED)",
-    )
-    .bind(table.to_string())
-    .bind(events)
-    .execute(conn)
-    .await
-    .map_err(storage)?;
-    Ok(())
-}
-
-/// [`mark_replayed_pg`] on SQLite.
-pub(crate) async fn mark_replayed_sqlite(
-    conn: &mut sqlx::SqliteConnection,
-    table: Table,
-    events: &[Uuid],
-    now: &str,
-) -> Result<()> {
-    sqlx::query(
-        "UPDATE omnibox_dead_letters SET replayed_at = ?3
-         WHERE origin = ?1 AND event_id IN (SELECT value FROM json_each(?2)) AND replayed_at IS NULL",
-    )
-    .bind(table.to_string())
-    .bind(sqlite::id_array(events))
-    .bind(now)
-    .execute(conn)
-    .await
-    .map_err(storage)?;
-    Ok(())
 }

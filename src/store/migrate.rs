@@ -83,10 +83,10 @@ pub(crate) fn report(
 pub(crate) fn plan<'m>(
     m: &'m sqlx::migrate::Migrator,
     state: &SchemaState,
-) -> crate::Result<Vec<&'m sqlx::migrate::Migration>> {
+) -> crate::error::Result<Vec<&'m sqlx::migrate::Migration>> {
     let problems = state.problems();
     if let Some(p) = problems.iter().find(|p| p.kind == ProblemKind::Partial) {
-        return Err(crate::Error::Schema(format!(
+        return Err(crate::error::Error::Schema(format!(
             "{}; nothing was changed; to fix it, {}",
             p.message, p.hint
         )));

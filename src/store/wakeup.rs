@@ -8,7 +8,6 @@ use sqlx::postgres::PgListener;
 use super::AnyStore;
 use crate::error::{Result, storage};
 use crate::model::Table;
-use crate::pipeline::Wakeup;
 
 /// A wake-up source for one table.
 #[derive(Debug)]
@@ -38,8 +37,10 @@ impl AnyStore {
     }
 }
 
-impl Wakeup for AnyWakeup {
-    async fn wait(&mut self, max: Duration) {
+impl AnyWakeup {
+    /// Waits up to `max`, returning early on a notification (after taking
+    /// every notification already received).
+    pub async fn wait(&mut self, max: Duration) {
         match self {
             AnyWakeup::Sleep => tokio::time::sleep(max).await,
             AnyWakeup::Notify(listener) => match tokio::time::timeout(max, listener.recv()).await {
@@ -77,7 +78,6 @@ fn drain(listener: &mut PgListener) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::pipeline::Wakeup;
     use std::time::Instant;
 
     /// Notifications that piled up while a relay was busy wake it once, and

@@ -10,7 +10,7 @@ use clap::Args;
 use omnibox::inbox::HandlerStep;
 use omnibox::metrics::Metrics;
 use omnibox::pipeline::{self, ProcessorBuilder, ProcessorOptions, RunMode, RunOptions, RunReport};
-use omnibox::relay::AnySink;
+use omnibox::relay::{AnySink, DeadLetterTopic};
 use omnibox::{Table, WorkerId};
 use serde_json::json;
 
@@ -137,10 +137,10 @@ pub async fn run(args: ProcessArgs, ctx: &Context) -> Result<ExitStatus> {
         } else {
             Vec::new()
         };
-        builder = builder.dead_letter(
+        builder = builder.dead_letter_store(Arc::new(DeadLetterTopic::new(
             Arc::new(AnySink::from_url(&url, &props, Duration::from_secs(30))?),
             topic.clone(),
-        );
+        )));
     }
     if let Some(args::DlqArg::Table) = args.dlq {
         builder = builder.dead_letter_store(Arc::new(store.dead_letters()));

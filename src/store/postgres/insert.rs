@@ -61,7 +61,7 @@ async fn db_now(conn: &mut PgConnection) -> Result<String> {
         .fetch_one(&mut *conn)
         .await
         .map_err(storage)?;
-    Ok(crate::time::format(&now))
+    Ok(crate::model::time::format(&now))
 }
 
 /// `db_now` when some event of `events` takes its times from the database.
@@ -92,7 +92,7 @@ fn copy_outbox_row(buf: &mut String, e: &OutboxEvent, now: Option<&str>) -> Resu
         .headers
         .as_ref()
         .map(|h| serde_json::to_string(h).expect("a string map serialises"));
-    let ts = |t: &Timestamp| crate::time::format(t);
+    let ts = |t: &Timestamp| crate::model::time::format(t);
     let _ = write!(buf, "{},", e.id);
     csv_field(buf, Some(&e.event_type));
     buf.push(',');

@@ -28,6 +28,7 @@ use super::redact_url;
 use crate::error::{Error, Result, storage};
 use crate::model::{Event, EventStatus, Headers, InboxRoute, OutboxRoute, Payload};
 
+pub(crate) mod dead_letters;
 mod insert;
 mod sql;
 pub(crate) mod table;

@@ -1,7 +1,7 @@
 //! SQLite store: the embedded default. One file, WAL journal, a busy timeout
 //! so concurrent writers wait instead of failing, write transactions taken
 //! with `BEGIN IMMEDIATE`. Times are computed by this process (SQLite has no
-//! server clock) and stored in the fixed text form of [`crate::time`].
+//! server clock) and stored in the fixed text form of [`crate::model::time`].
 
 use std::marker::PhantomData;
 use std::str::FromStr;
@@ -18,6 +18,7 @@ use super::migrate::{self, MIGRATIONS_TABLE, MigrationReport, MigrationScript};
 use crate::error::{Error, Result, storage};
 use crate::model::{Event, EventStatus, InboxRoute, OutboxRoute, time};
 
+pub(crate) mod dead_letters;
 mod sql;
 mod table;
 
