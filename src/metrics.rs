@@ -330,41 +330,6 @@ pub async fn serve(addr: SocketAddr, metrics: Arc<Metrics>) -> Result<tokio::tas
     }))
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[tokio::test]
-    async fn renders_and_serves() {
-        let m = Arc::new(Metrics::new());
-        m.completed
-            .get_or_create(&EventLabels {
-                table: "outbox".into(),
-                event_type: "order.created".into(),
-            })
-            .inc_by(3);
-        let text = m.render();
-        assert!(
-            text.contains(
-                r#"omnibox_events_completed_total{table="outbox",event_type="order.created"} 3"#
-            ),
-            "{text}"
-        );
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let addr = listener.local_addr().unwrap();
-        drop(listener);
-        let _server = serve(addr, m).await.unwrap();
-        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-        s.write_all(b"GET /metrics HTTP/1.1\r\nhost: x\r\n\r\n")
-            .await
-            .unwrap();
-        let mut resp = String::new();
-        s.read_to_string(&mut resp).await.unwrap();
-        assert!(resp.starts_with("HTTP/1.1 200 OK"));
-        assert!(resp.contains("omnibox_events_completed_total"));
-    }
-}
-
 impl MetricsRecorder for Metrics {
     fn batch(&self, table: Table, report: &BatchReport, events: &[EventOutcome<'_>]) {
         let m = self;
@@ -426,5 +391,40 @@ impl MetricsRecorder for Metrics {
 
     fn count(&self, name: &str, n: u64) {
         Metrics::count(self, name, n);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn renders_and_serves() {
+        let m = Arc::new(Metrics::new());
+        m.completed
+            .get_or_create(&EventLabels {
+                table: "outbox".into(),
+                event_type: "order.created".into(),
+            })
+            .inc_by(3);
+        let text = m.render();
+        assert!(
+            text.contains(
+                r#"omnibox_events_completed_total{table="outbox",event_type="order.created"} 3"#
+            ),
+            "{text}"
+        );
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        drop(listener);
+        let _server = serve(addr, m).await.unwrap();
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        s.write_all(b"GET /metrics HTTP/1.1\r\nhost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let mut resp = String::new();
+        s.read_to_string(&mut resp).await.unwrap();
+        assert!(resp.starts_with("HTTP/1.1 200 OK"));
+        assert!(resp.contains("omnibox_events_completed_total"));
     }
 }

@@ -12,20 +12,27 @@
 //! [`runner::run`] loops over batches (once or watching) with idle backoff
 //! and graceful shutdown.
 
+mod batch;
 pub mod circuit;
+mod commit;
 mod dead_letter;
 mod flight;
+mod options;
+mod outcome;
 mod processor;
 mod recorder;
 pub mod runner;
+mod step;
 pub(crate) mod throttle;
 
+pub(crate) use batch::Heartbeat;
+pub use batch::{Claimed, Fetch, Fetched, Handled, HeldRows};
 pub(crate) use dead_letter::put_dead_letters;
 pub use dead_letter::{DeadLetterStore, Letter};
-pub use processor::{
-    BatchHandler, BatchReport, Fetch, Fetched, HeldRows, Outcome, Processor, ProcessorBuilder,
-    ProcessorOptions, Step, StepExt, WithStep,
-};
-pub(crate) use processor::{Heartbeat, Verdict};
+pub use options::{BatchReport, ProcessorOptions};
+pub(crate) use outcome::Verdict;
+pub use outcome::{BatchHandler, Outcome};
+pub use processor::{Processor, ProcessorBuilder};
 pub use recorder::{EventOutcome, MetricsRecorder};
 pub use runner::{RunMode, RunOptions, RunReport, Sleep, Wakeup, run};
+pub use step::{Step, StepExt, WithStep};

@@ -2,7 +2,8 @@
 //! caller's metrics back end implements (the Prometheus one is
 //! `omnibox::metrics::Metrics`).
 
-use super::processor::{BatchReport, Outcome};
+use super::options::BatchReport;
+use super::outcome::Outcome;
 use crate::model::Table;
 
 /// One claimed event of a written batch, for a [`MetricsRecorder`].

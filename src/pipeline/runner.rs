@@ -16,7 +16,10 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 use tokio::sync::watch;
 
-use super::processor::{BatchHandler, BatchReport, Fetch, Fetched, Handled, Processor};
+use super::batch::{Fetch, Fetched, Handled};
+use super::options::BatchReport;
+use super::outcome::BatchHandler;
+use super::processor::Processor;
 use crate::error::Result;
 use crate::model::Route;
 use crate::store::EventStore;

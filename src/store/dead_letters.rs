@@ -1,5 +1,5 @@
 //! Dead letters kept in the database: the `omnibox_dead_letters` table
-//! (created by `migrate`), a [`DeadLetterStore`] for the processors and the
+//! (created by `migrate`), a `DeadLetterStore` for the processors and the
 //! consumer (`--dlq table` on the CLI), listed by `omnibox list --table
 //! dead-letters` and brought back by `omnibox replay --table dead-letters`.
 //!

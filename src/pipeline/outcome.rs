@@ -1,0 +1,103 @@
+//! What a batch's handler step decides for each event ([`Outcome`]), and
+//! the handler step itself ([`BatchHandler`]).
+
+use std::future::Future;
+use std::time::Duration;
+
+use super::batch::HeldRows;
+use crate::domain::Retry;
+use crate::model::{Event, Route};
+
+/// What the handler step decided for one event.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// Published or processed.
+    Completed,
+    /// The handler chose not to process it; it is completed all the same.
+    Skipped,
+    /// It failed; [`Retry::Counted`] spends an attempt (`None`: retry by the
+    /// backoff), [`Retry::NotCounted`] does not.
+    Failed {
+        /// Why.
+        error: String,
+        /// How the failure counts.
+        retry: Retry,
+    },
+    /// Not tried (a key's run stopped at an earlier failure, or shutdown):
+    /// unlocked, nothing else changes.
+    Released,
+    /// The event's own destination is unavailable (for the relay: its topic
+    /// is unknown to the broker, or has no leader or too few replicas), not
+    /// the downstream as a whole: no attempt is spent, the event is retried
+    /// after `retry_after`, and the circuit breaker is not touched, so other
+    /// destinations keep flowing.
+    Unavailable {
+        /// Why.
+        error: String,
+        /// When to try again (by the database's clock).
+        retry_after: Duration,
+    },
+    /// It failed and must not be retried automatically: it becomes `failed`
+    /// now, whatever attempts are left (and is dead-lettered).
+    Dead {
+        /// Why.
+        error: String,
+    },
+    /// Completed, and the row already marked completed by the handler step
+    /// in its own transaction, together with the handler's writes: nothing
+    /// is left to write (see [`HandlerStep::in_transactions`](crate::inbox::HandlerStep::in_transactions)).
+    Committed,
+}
+
+/// An [`Outcome`] reduced to what the inbox consumer distinguishes.
+pub(crate) enum Verdict {
+    Processed,
+    /// Skipped by the handler, or released.
+    Skipped,
+    Failed {
+        error: String,
+        retry: Retry,
+    },
+}
+
+impl Outcome {
+    /// [`Outcome::Unavailable`] is a failure that spends no attempt,
+    /// [`Outcome::Dead`] one that spends an attempt.
+    pub(crate) fn verdict(self) -> Verdict {
+        match self {
+            Outcome::Completed | Outcome::Committed => Verdict::Processed,
+            Outcome::Skipped | Outcome::Released => Verdict::Skipped,
+            Outcome::Failed { error, retry } => Verdict::Failed { error, retry },
+            Outcome::Unavailable { error, retry_after } => Verdict::Failed {
+                error,
+                retry: Retry::NotCountedAfter(retry_after),
+            },
+            Outcome::Dead { error } => Verdict::Failed {
+                error,
+                retry: Retry::Counted(None),
+            },
+        }
+    }
+}
+
+/// The step that does the work for a claimed batch: publish it, or run the
+/// application's handler on each event.
+pub trait BatchHandler<R: Route>: Send + Sync + 'static {
+    /// One outcome per event, in the order given. Events of one key come in
+    /// insertion order; a handler that keeps per-key order stops a key at its
+    /// first failure and returns [`Outcome::Released`] for the rest.
+    fn handle(&self, events: &[Event<R>]) -> impl Future<Output = Vec<Outcome>> + Send;
+
+    /// As [`handle`](Self::handle), with the rows whose lease the processor
+    /// keeps extending: a step that settles a row itself (and answers
+    /// [`Outcome::Committed`]) takes it out with [`HeldRows::settled`]. The
+    /// default ignores `held`.
+    fn handle_held(
+        &self,
+        events: &[Event<R>],
+        held: &HeldRows,
+    ) -> impl Future<Output = Vec<Outcome>> + Send {
+        let _ = held;
+        self.handle(events)
+    }
+}
