@@ -460,7 +460,7 @@ impl<R: PgRoute + SqliteRoute> AnyTable<R> {
     /// the same as [`EventStore::counts`].
     pub async fn status_counts(&self) -> Result<TableCounts> {
         match self {
-            AnyTable::Postgres(t) => super::postgres::table::status_counts(t).await,
+            AnyTable::Postgres(t) => super::postgres::maintenance::status_counts(t).await,
             AnyTable::Sqlite(t) => t.counts().await,
         }
     }

@@ -29,14 +29,16 @@ use crate::error::{Error, Result, storage};
 use crate::model::{Event, EventStatus, Headers, InboxRoute, OutboxRoute, Payload};
 
 pub(crate) mod dead_letters;
+mod inbox_tx;
 mod insert;
+pub(crate) mod maintenance;
 mod sql;
-pub(crate) mod table;
+mod table;
 
-pub use insert::{
-    complete_claimed_inbox, complete_inbox, delete_inbox, insert_inbox, insert_outbox,
-    insert_outbox_stream, lock_inbox, take_inbox, unlock_inbox,
+pub use inbox_tx::{
+    complete_claimed_inbox, complete_inbox, delete_inbox, lock_inbox, take_inbox, unlock_inbox,
 };
+pub use insert::{insert_inbox, insert_outbox, insert_outbox_stream};
 pub use sql::{INBOX_CLAIM, OUTBOX_SCAN, OUTBOX_WALK};
 
 /// Connection settings beyond the URL.

@@ -19,14 +19,17 @@ use crate::error::{Error, Result, storage};
 use crate::model::{Event, EventStatus, InboxRoute, OutboxRoute, time};
 
 pub(crate) mod dead_letters;
+mod inbox_tx;
+mod insert;
+mod maintenance;
 mod sql;
 mod table;
 
-pub use sql::{OUTBOX_SCAN, OUTBOX_WALK};
-pub use table::{
-    complete_claimed_inbox, complete_inbox, delete_inbox, insert_inbox, insert_outbox, lock_inbox,
-    take_inbox, unlock_inbox,
+pub use inbox_tx::{
+    complete_claimed_inbox, complete_inbox, delete_inbox, lock_inbox, take_inbox, unlock_inbox,
 };
+pub use insert::{insert_inbox, insert_outbox};
+pub use sql::{OUTBOX_SCAN, OUTBOX_WALK};
 
 /// How long a writer waits for the database lock before failing.
 pub const BUSY_TIMEOUT: Duration = Duration::from_secs(30);

@@ -242,8 +242,7 @@ macro_rules! table_sql {
             insert: $insert,
             claimed_by_seq: concat!(
                 "SELECT * FROM ", $t, " WHERE seq IN (SELECT value FROM json_each(?1)) ORDER BY seq"
-            ),
-        }
+            )}
     };
 }
 

@@ -1,0 +1,211 @@
+//! Inserts, usable on the caller's own connection or transaction, and the
+//! [`OutboxStore`] and [`InboxStore`] writes built on them.
+
+use sqlx::{Row, Sqlite, SqliteConnection};
+use uuid::Uuid;
+
+use super::table::ts;
+use super::{SqliteTable, decode, sql};
+use crate::error::{Error, Result, storage};
+use crate::model::{Event, InboxEvent, InboxRoute, OutboxEvent, OutboxRoute, Route, time};
+use crate::store::{BulkOutcome, Created, EventStore, InboxStore, OutboxStore};
+
+/// Binds the common columns (?1..?16) of an insert.
+fn bind_common<'q, R: Route>(
+    q: sqlx::query::Query<'q, Sqlite, sqlx::sqlite::SqliteArguments>,
+    e: &Event<R>,
+) -> Result<sqlx::query::Query<'q, Sqlite, sqlx::sqlite::SqliteArguments>> {
+    e.validate_invariants()?;
+    if e.locked_at.is_some() {
+        return Err(Error::validation(
+            "locked_at",
+            "a new event cannot be inserted locked",
+        ));
+    }
+    Ok(q.bind(e.id.to_string())
+        .bind(e.event_type.clone())
+        .bind(serde_json::to_string(&e.payload).expect("a JSON map serialises"))
+        .bind(
+            e.headers
+                .as_ref()
+                .map(|h| serde_json::to_string(h).expect("a string map serialises")),
+        )
+        .bind(e.trace_id.clone())
+        .bind(e.idempotency_key.clone())
+        .bind(e.correlation_id.clone())
+        .bind(e.causation_id.clone())
+        .bind(e.schema_version.clone())
+        .bind(e.status.as_str())
+        .bind(e.attempts_made)
+        .bind(e.max_attempts)
+        .bind(e.last_error.clone())
+        .bind(ts(&e.scheduled_at))
+        .bind(e.completed_at.as_ref().map(ts))
+        .bind(ts(&e.created_at)))
+}
+
+/// Inserts outbox events on `conn` (a connection or an open transaction) in
+/// order, respecting idempotency keys. Nothing is committed here.
+pub async fn insert_outbox(
+    conn: &mut SqliteConnection,
+    events: &[OutboxEvent],
+) -> Result<Vec<BulkOutcome>> {
+    let mut out = Vec::with_capacity(events.len());
+    for e in events {
+        let q = bind_common(sqlx::query(sql::OUTBOX.insert), e)?
+            .bind(e.route.aggregate_type.clone())
+            .bind(e.route.aggregate_id.to_string())
+            .bind(e.route.topic.clone())
+            .bind(e.route.partition_key.clone());
+        let inserted = q.fetch_optional(&mut *conn).await.map_err(storage)?;
+        if inserted.is_some() {
+            out.push(BulkOutcome {
+                id: e.id,
+                existing: false,
+            });
+            continue;
+        }
+        let key = e.idempotency_key.clone().unwrap_or_default();
+        let existing: String = sqlx::query_scalar(sql::OUTBOX_BY_IDEMPOTENCY_KEY)
+            .bind(key)
+            .fetch_one(&mut *conn)
+            .await
+            .map_err(storage)?;
+        let id = Uuid::parse_str(&existing).map_err(|err| Error::CorruptRow {
+            id: existing.clone(),
+            message: err.to_string(),
+        })?;
+        out.push(BulkOutcome { id, existing: true });
+    }
+    Ok(out)
+}
+
+/// Inserts inbox events on `conn` in order; an existing
+/// `(message_id, consumer_group)` is reported as existing. Nothing is committed here.
+pub async fn insert_inbox(
+    conn: &mut SqliteConnection,
+    events: &[InboxEvent],
+) -> Result<Vec<BulkOutcome>> {
+    let mut out = Vec::with_capacity(events.len());
+    for e in events {
+        let q = bind_common(sqlx::query(sql::INBOX.insert), e)?
+            .bind(e.route.message_id.clone())
+            .bind(e.route.consumer_group.clone())
+            .bind(e.route.source.clone());
+        let inserted = q.fetch_optional(&mut *conn).await.map_err(storage)?;
+        if inserted.is_some() {
+            out.push(BulkOutcome {
+                id: e.id,
+                existing: false,
+            });
+            continue;
+        }
+        let row = sqlx::query(sql::INBOX_BY_MESSAGE)
+            .bind(e.route.message_id.clone())
+            .bind(e.route.consumer_group.clone())
+            .fetch_one(&mut *conn)
+            .await
+            .map_err(storage)?;
+        let existing: InboxEvent = decode(&row)?;
+        out.push(BulkOutcome {
+            id: existing.id,
+            existing: true,
+        });
+    }
+    Ok(out)
+}
+
+impl OutboxStore for SqliteTable<OutboxRoute> {
+    async fn blocked_keys(&self, limit: u32) -> Result<Vec<crate::store::BlockedKey>> {
+        let rows = sqlx::query(sql::BLOCKED_KEYS)
+            .bind(i64::from(limit))
+            .fetch_all(&self.pool)
+            .await
+            .map_err(storage)?;
+        rows.iter()
+            .map(|r| {
+                let id: String = r.try_get(2).map_err(storage)?;
+                let at: String = r.try_get(5).map_err(storage)?;
+                Ok(crate::store::BlockedKey {
+                    topic: r.try_get(0).map_err(storage)?,
+                    partition_key: r.try_get(1).map_err(storage)?,
+                    head_id: Uuid::parse_str(&id).map_err(|e| Error::CorruptRow {
+                        id: id.clone(),
+                        message: e.to_string(),
+                    })?,
+                    head_attempts: r.try_get(3).map_err(storage)?,
+                    head_error: r.try_get(4).map_err(storage)?,
+                    head_retry_at: time::parse_stored(&at).map_err(|m| Error::CorruptRow {
+                        id: id.clone(),
+                        message: m,
+                    })?,
+                    waiting: r.try_get::<i64, _>(6).map_err(storage)? as u64,
+                })
+            })
+            .collect()
+    }
+
+    async fn create(&self, event: &OutboxEvent) -> Result<Created<OutboxEvent>> {
+        let outcome = self.create_many(std::slice::from_ref(event)).await?[0];
+        let row = self
+            .get(outcome.id)
+            .await?
+            .ok_or(Error::NotFound { id: outcome.id })?;
+        Ok(if outcome.existing {
+            Created::Existing(row)
+        } else {
+            Created::Inserted(row)
+        })
+    }
+
+    async fn create_many(&self, events: &[OutboxEvent]) -> Result<Vec<BulkOutcome>> {
+        let mut tx = self
+            .pool
+            .begin_with("BEGIN IMMEDIATE")
+            .await
+            .map_err(storage)?;
+        let outcomes = insert_outbox(&mut tx, events).await?;
+        tx.commit().await.map_err(storage)?;
+        Ok(outcomes)
+    }
+}
+
+impl InboxStore for SqliteTable<InboxRoute> {
+    async fn insert(&self, event: &InboxEvent) -> Result<Created<InboxEvent>> {
+        let outcome = self.insert_many(std::slice::from_ref(event)).await?[0];
+        let row = self
+            .get(outcome.id)
+            .await?
+            .ok_or(Error::NotFound { id: outcome.id })?;
+        Ok(if outcome.existing {
+            Created::Existing(row)
+        } else {
+            Created::Inserted(row)
+        })
+    }
+
+    async fn insert_many(&self, events: &[InboxEvent]) -> Result<Vec<BulkOutcome>> {
+        let mut tx = self
+            .pool
+            .begin_with("BEGIN IMMEDIATE")
+            .await
+            .map_err(storage)?;
+        let outcomes = insert_inbox(&mut tx, events).await?;
+        tx.commit().await.map_err(storage)?;
+        Ok(outcomes)
+    }
+
+    async fn get_by_message_id(
+        &self,
+        message_id: &str,
+        consumer_group: &str,
+    ) -> Result<Option<InboxEvent>> {
+        let row = sqlx::query(sql::INBOX_BY_MESSAGE)
+            .bind(message_id.to_string())
+            .bind(consumer_group.to_string())
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(storage)?;
+        row.as_ref().map(decode).transpose()
+    }
+}
