@@ -16,6 +16,19 @@ use super::{
 use crate::error::{Error, Result};
 use crate::model::{Event, InboxEvent, InboxRoute, OutboxEvent, OutboxRoute, UnlockReason};
 
+/// Runs `$body` with `$d` bound to the backend of an [`AnyStore`] (a
+/// `&PgStore` or a `&SqliteStore`): the one place the features written
+/// once against [`Driver`](super::driver::Driver) switch on the backend.
+macro_rules! with_driver {
+    ($store:expr, $d:ident => $body:expr) => {
+        match $store {
+            $crate::store::AnyStore::Postgres($d) => $body,
+            $crate::store::AnyStore::Sqlite($d) => $body,
+        }
+    };
+}
+pub(crate) use with_driver;
+
 /// The backends a URL can name.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Backend {

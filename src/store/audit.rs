@@ -7,6 +7,8 @@ use sqlx::Row;
 use uuid::Uuid;
 
 use super::AnyStore;
+use super::any::with_driver;
+use super::driver::{Driver, FeatureTx, Retention, delete_older_in_batches};
 use crate::error::{Error, Result, storage};
 use crate::model::{Table, Timestamp, UnlockReason, time};
 
@@ -94,16 +96,7 @@ impl AnyStore {
     /// Records an operator action.
     pub async fn record_audit(&self, entry: &AuditEntry) -> Result<i64> {
         check(entry)?;
-        match self {
-            AnyStore::Postgres(s) => {
-                let mut conn = s.pool().acquire().await.map_err(storage)?;
-                insert_pg(&mut conn, entry).await
-            }
-            AnyStore::Sqlite(s) => {
-                let mut conn = s.pool().acquire().await.map_err(storage)?;
-                insert_sqlite(&mut conn, entry).await
-            }
-        }
+        with_driver!(self, d => record(d, entry).await)
     }
 
     /// Makes `change` on `table` and records `entry` (its `table`, `count`
@@ -115,146 +108,10 @@ impl AnyStore {
         &self,
         table: Table,
         change: AuditedChange<'_>,
-        mut entry: AuditEntry,
+        entry: AuditEntry,
     ) -> Result<Vec<Uuid>> {
         check(&entry)?;
-        let t = table.sql_name();
-        entry.table = Some(table.to_string());
-        let requeue = matches!(change, AuditedChange::Requeue { .. });
-        match self {
-            AnyStore::Postgres(s) => {
-                let mut tx = s.pool().begin().await.map_err(storage)?;
-                let ids: Vec<Uuid> = match change {
-                    AuditedChange::UnlockOne { id, holder, reason } => sqlx::query_scalar(
-                        sqlx::AssertSqlSafe(format!(
-                            "UPDATE {t} SET locked_at = NULL, locked_by = NULL, locked_until = NULL, \
-                             last_error = COALESCE(last_error, $2), updated_at = now() WHERE id = $1 AND locked_by = $3 RETURNING id"
-                        )),
-                    )
-                    .bind(id)
-                    .bind(reason.last_error())
-                    .bind(holder)
-                    .fetch_all(&mut *tx)
-                    .await,
-                    AuditedChange::UnlockWorker { worker, reason } => sqlx::query_scalar(
-                        sqlx::AssertSqlSafe(format!(
-                            "UPDATE {t} SET locked_at = NULL, locked_by = NULL, locked_until = NULL, \
-                             last_error = COALESCE(last_error, $2), updated_at = now() WHERE locked_by = $1 RETURNING id"
-                        )),
-                    )
-                    .bind(worker)
-                    .bind(reason.last_error())
-                    .fetch_all(&mut *tx)
-                    .await,
-                    AuditedChange::Requeue { ids } => sqlx::query_scalar(
-                        sqlx::AssertSqlSafe(format!(
-                            "UPDATE {t} SET status = 'pending', attempts_made = 0, last_error = NULL, \
-                             scheduled_at = now(), updated_at = now() \
-                             WHERE id = ANY($1) AND status = 'failed' RETURNING id"
-                        )),
-                    )
-                    .bind(ids)
-                    .fetch_all(&mut *tx)
-                    .await,
-                    AuditedChange::RetryNow { ids } => sqlx::query_scalar(
-                        sqlx::AssertSqlSafe(format!(
-                            "UPDATE {t} SET scheduled_at = now(), updated_at = now() \
-                             WHERE id = ANY($1) AND status = 'pending' AND locked_at IS NULL \
-                             AND scheduled_at > now() RETURNING id"
-                        )),
-                    )
-                    .bind(ids)
-                    .fetch_all(&mut *tx)
-                    .await,
-                }
-                .map_err(storage)?;
-                if ids.is_empty() {
-                    tx.rollback().await.map_err(storage)?;
-                    return Ok(ids);
-                }
-                if requeue {
-                    super::postgres::dead_letters::mark_replayed(&mut tx, table, &ids).await?;
-                }
-                entry.count = ids.len() as u64;
-                entry.ids = ids.clone();
-                insert_pg(&mut tx, &entry).await?;
-                tx.commit().await.map_err(storage)?;
-                Ok(ids)
-            }
-            AnyStore::Sqlite(s) => {
-                let mut tx = s.pool().begin().await.map_err(storage)?;
-                let now = time::format(&time::now());
-                let rows: Vec<String> = match change {
-                    AuditedChange::UnlockOne { id, holder, reason } => sqlx::query_scalar(
-                        sqlx::AssertSqlSafe(format!(
-                            "UPDATE {t} SET locked_at = NULL, locked_by = NULL, locked_until = NULL, \
-                             last_error = COALESCE(last_error, ?2), updated_at = ?4 WHERE id = ?1 AND locked_by = ?3 RETURNING id"
-                        )),
-                    )
-                    .bind(id.to_string())
-                    .bind(reason.last_error())
-                    .bind(holder)
-                    .bind(&now)
-                    .fetch_all(&mut *tx)
-                    .await,
-                    AuditedChange::UnlockWorker { worker, reason } => sqlx::query_scalar(
-                        sqlx::AssertSqlSafe(format!(
-                            "UPDATE {t} SET locked_at = NULL, locked_by = NULL, locked_until = NULL, \
-                             last_error = COALESCE(last_error, ?2), updated_at = ?3 WHERE locked_by = ?1 RETURNING id"
-                        )),
-                    )
-                    .bind(worker)
-                    .bind(reason.last_error())
-                    .bind(&now)
-                    .fetch_all(&mut *tx)
-                    .await,
-                    AuditedChange::Requeue { ids } => sqlx::query_scalar(
-                        sqlx::AssertSqlSafe(format!(
-                            "UPDATE {t} SET status = 'pending', attempts_made = 0, last_error = NULL, \
-                             scheduled_at = ?2, updated_at = ?2 \
-                             WHERE id IN (SELECT value FROM json_each(?1)) AND status = 'failed' RETURNING id"
-                        )),
-                    )
-                    .bind(serde_json::to_string(ids).unwrap_or_else(|_| "[]".into()))
-                    .bind(&now)
-                    .fetch_all(&mut *tx)
-                    .await,
-                    AuditedChange::RetryNow { ids } => sqlx::query_scalar(
-                        sqlx::AssertSqlSafe(format!(
-                            "UPDATE {t} SET scheduled_at = ?2, updated_at = ?2 \
-                             WHERE id IN (SELECT value FROM json_each(?1)) AND status = 'pending' \
-                             AND locked_at IS NULL AND scheduled_at > ?2 RETURNING id"
-                        )),
-                    )
-                    .bind(serde_json::to_string(ids).unwrap_or_else(|_| "[]".into()))
-                    .bind(&now)
-                    .fetch_all(&mut *tx)
-                    .await,
-                }
-                .map_err(storage)?;
-                let ids: Vec<Uuid> = rows
-                    .iter()
-                    .map(|r| {
-                        Uuid::parse_str(r).map_err(|e| Error::CorruptRow {
-                            id: r.clone(),
-                            message: e.to_string(),
-                        })
-                    })
-                    .collect::<Result<_>>()?;
-                if ids.is_empty() {
-                    tx.rollback().await.map_err(storage)?;
-                    return Ok(ids);
-                }
-                if requeue {
-                    super::sqlite::dead_letters::mark_replayed(&mut tx, table, &ids, &now).await?;
-                }
-                entry.count = ids.len() as u64;
-                entry.ids = ids.clone();
-                insert_sqlite(&mut tx, &entry).await?;
-                tx.commit().await.map_err(storage)?;
-                Ok(ids)
-            }
-        }
+        with_driver!(self, d => change_audited(d, table, change, entry).await)
     }
 
     /// Deletes audit rows older than `older_than`, `batch_size` per
@@ -265,112 +122,44 @@ impl AnyStore {
         older_than: std::time::Duration,
         batch_size: u32,
     ) -> Result<u64> {
-        self.delete_older_in_batches(
-            "DELETE FROM omnibox_audit WHERE id IN (
-                 SELECT id FROM omnibox_audit WHERE at < now() - make_interval(secs => $1)
-                 ORDER BY at LIMIT $2)",
-            "DELETE FROM omnibox_audit WHERE id IN (
-                 SELECT id FROM omnibox_audit WHERE at < ?1 ORDER BY at LIMIT ?2)",
-            older_than,
-            batch_size,
-        )
-        .await
-    }
-
-    /// Runs a retention DELETE until it deletes fewer rows than a batch;
-    /// returns how many. The PostgreSQL statement takes the age in seconds
-    /// (`$1`) and the batch (`$2`); the SQLite one the cut-off time (`?1`)
-    /// and the batch (`?2`).
-    pub(super) async fn delete_older_in_batches(
-        &self,
-        pg: &'static str,
-        sqlite: &'static str,
-        older_than: std::time::Duration,
-        batch_size: u32,
-    ) -> Result<u64> {
-        let batch = i64::from(batch_size.max(1));
-        let mut total = 0;
-        loop {
-            let n = match self {
-                AnyStore::Postgres(s) => sqlx::query(pg)
-                    .bind(super::secs(older_than))
-                    .bind(batch)
-                    .execute(s.pool())
-                    .await
-                    .map_err(storage)?
-                    .rows_affected(),
-                AnyStore::Sqlite(s) => sqlx::query(sqlite)
-                    .bind(time::format(
-                        &(time::now() - crate::domain::chrono_dur(older_than)),
-                    ))
-                    .bind(batch)
-                    .execute(s.pool())
-                    .await
-                    .map_err(storage)?
-                    .rows_affected(),
-            };
-            total += n;
-            if n < batch as u64 {
-                return Ok(total);
-            }
-        }
+        with_driver!(self, d => delete_older_in_batches(d, Retention::Audit, older_than, batch_size).await)
     }
 
     /// Recorded actions, newest first.
     pub async fn audit(&self, filter: &AuditFilter) -> Result<Vec<AuditEntry>> {
-        let limit = i64::from(filter.limit.unwrap_or(50));
-        let action = filter.action.clone();
-        let id = filter.id.map(|i| i.to_string());
-        match self {
-            AnyStore::Postgres(s) => {
-                let rows = sqlx::query(
-                    "SELECT id, at, actor, action, table_name, row_count, ids::text AS ids, reason, details::text AS details
-                     FROM omnibox_audit
-                     WHERE ($1::text IS NULL OR action = $1)
-                       AND ($2::timestamptz IS NULL OR at >= $2)
-                       AND ($3::text IS NULL OR ids @> jsonb_build_array($3::text))
-                     ORDER BY id DESC LIMIT $4",
-                )
-                .bind(action)
-                .bind(filter.since)
-                .bind(id)
-                .bind(limit)
-                .fetch_all(s.pool())
-                .await
-                .map_err(storage)?;
-                rows.iter()
-                    .map(|r| decode(r, r.try_get("at").map_err(storage)?))
-                    .collect()
-            }
-            AnyStore::Sqlite(s) => {
-                let rows = sqlx::query(
-                    "SELECT id, at, actor, action, table_name, row_count, ids, reason, details
-                     FROM omnibox_audit
-                     WHERE (?1 IS NULL OR action = ?1)
-                       AND (?2 IS NULL OR at >= ?2)
-                       AND (?3 IS NULL OR EXISTS (SELECT 1 FROM json_each(ids) WHERE value = ?3))
-                     ORDER BY id DESC LIMIT ?4",
-                )
-                .bind(action)
-                .bind(filter.since.map(|t| time::format(&t)))
-                .bind(id)
-                .bind(limit)
-                .fetch_all(s.pool())
-                .await
-                .map_err(storage)?;
-                rows.iter()
-                    .map(|r| {
-                        let at: String = r.try_get("at").map_err(storage)?;
-                        let at = time::parse_stored(&at).map_err(|m| Error::CorruptRow {
-                            id: "audit".into(),
-                            message: m,
-                        })?;
-                        decode(r, at)
-                    })
-                    .collect()
-            }
-        }
+        with_driver!(self, d => d.list_audit(filter).await)
     }
+}
+
+async fn record<D: Driver>(driver: &D, entry: &AuditEntry) -> Result<i64> {
+    let mut tx = driver.begin().await?;
+    let id = tx.insert_audit(entry).await?;
+    tx.commit().await?;
+    Ok(id)
+}
+
+async fn change_audited<D: Driver>(
+    driver: &D,
+    table: Table,
+    change: AuditedChange<'_>,
+    mut entry: AuditEntry,
+) -> Result<Vec<Uuid>> {
+    entry.table = Some(table.to_string());
+    let requeue = matches!(change, AuditedChange::Requeue { .. });
+    let mut tx = driver.begin().await?;
+    let ids = tx.audited_change(table, change).await?;
+    if ids.is_empty() {
+        tx.rollback().await?;
+        return Ok(ids);
+    }
+    if requeue {
+        tx.mark_replayed(table, &ids).await?;
+    }
+    entry.count = ids.len() as u64;
+    entry.ids = ids.clone();
+    tx.insert_audit(&entry).await?;
+    tx.commit().await?;
+    Ok(ids)
 }
 
 /// A change [`AnyStore::change_audited`] makes with its audit row.
@@ -408,50 +197,8 @@ pub enum AuditedChange<'a> {
     },
 }
 
-pub(super) async fn insert_pg(conn: &mut sqlx::PgConnection, entry: &AuditEntry) -> Result<i64> {
-    let ids = serde_json::to_string(&entry.ids).unwrap_or_else(|_| "[]".into());
-    let details = serde_json::to_string(&entry.details).unwrap_or_else(|_| "{}".into());
-    sqlx::query_scalar(
-        "INSERT INTO omnibox_audit (at, actor, action, table_name, row_count, ids, reason, details)
-         VALUES ($1, $2, $3, $4, $5, $6::jsonb, $7, $8::jsonb) RETURNING id",
-    )
-    .bind(entry.at)
-    .bind(&entry.actor)
-    .bind(&entry.action)
-    .bind(&entry.table)
-    .bind(entry.count as i64)
-    .bind(ids)
-    .bind(&entry.reason)
-    .bind(details)
-    .fetch_one(&mut *conn)
-    .await
-    .map_err(storage)
-}
-
-pub(super) async fn insert_sqlite(
-    conn: &mut sqlx::SqliteConnection,
-    entry: &AuditEntry,
-) -> Result<i64> {
-    let ids = serde_json::to_string(&entry.ids).unwrap_or_else(|_| "[]".into());
-    let details = serde_json::to_string(&entry.details).unwrap_or_else(|_| "{}".into());
-    sqlx::query_scalar(
-        "INSERT INTO omnibox_audit (at, actor, action, table_name, row_count, ids, reason, details)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8) RETURNING id",
-    )
-    .bind(time::format(&entry.at))
-    .bind(&entry.actor)
-    .bind(&entry.action)
-    .bind(&entry.table)
-    .bind(entry.count as i64)
-    .bind(ids)
-    .bind(&entry.reason)
-    .bind(details)
-    .fetch_one(&mut *conn)
-    .await
-    .map_err(storage)
-}
-
-fn decode<R: Row>(r: &R, at: Timestamp) -> Result<AuditEntry>
+/// An audit row read back (`at` decoded by the backend).
+pub(crate) fn decode<R: Row>(r: &R, at: Timestamp) -> Result<AuditEntry>
 where
     for<'a> &'a str: sqlx::ColumnIndex<R>,
     for<'a> i64: sqlx::Decode<'a, R::Database> + sqlx::Type<R::Database>,

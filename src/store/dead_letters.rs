@@ -18,13 +18,14 @@ use std::collections::{HashMap, HashSet};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
-use sqlx::Row;
 use uuid::Uuid;
 
-use super::audit::{AuditEntry, check, insert_pg, insert_sqlite};
-use super::{AnyStore, BulkOutcome, postgres, sqlite, stored_error, topic_column};
-use crate::error::{Error, Result, storage};
-use crate::model::{Event, EventStatus, InboxRoute, OutboxRoute, Route, Table, Timestamp, time};
+use super::any::with_driver;
+use super::audit::{AuditEntry, check};
+use super::driver::{Driver, FeatureTx, Retention, delete_older_in_batches};
+use super::{AnyStore, BulkOutcome, stored_error, topic_column};
+use crate::error::{Error, Result};
+use crate::model::{Event, EventStatus, InboxRoute, OutboxRoute, Route, Table, Timestamp};
 
 /// The table's name.
 pub const DEAD_LETTERS_TABLE: &str = "omnibox_dead_letters";
@@ -119,80 +120,7 @@ impl DeadLetterTable {
 
     /// Letters matching `filter`, oldest first.
     pub async fn list(&self, filter: &DeadLetterFilter) -> Result<Vec<DeadLetterRecord>> {
-        let limit = filter.limit.map_or(i64::MAX, i64::from);
-        let origin = filter.origin.map(|t| t.to_string());
-        match &self.store {
-            AnyStore::Postgres(s) => {
-                let ids = (!filter.ids.is_empty()).then_some(&filter.ids);
-                sqlx::query(
-                    "SELECT id, seq, origin, event_id, event_type, topic, attempts_made, error, event::text AS event, dead_at, replayed_at
-                     FROM omnibox_dead_letters
-                     WHERE ($1::uuid[] IS NULL OR id = ANY($1) OR event_id = ANY($1))
-                       AND ($2::text IS NULL OR origin = $2)
-                       AND ($3::text IS NULL OR event_type = $3)
-                       AND ($4::text IS NULL OR topic = $4)
-                       AND ($5::text IS NULL OR strpos(error, $5) > 0)
-                       AND ($6::timestamptz IS NULL OR dead_at >= $6)
-                       AND ($7::timestamptz IS NULL OR dead_at < $7)
-                       AND (NOT $8 OR replayed_at IS NULL)
-                       AND ($9::bigint IS NULL OR seq > $9)
-                       AND ($11::text IS NULL OR (origin = 'inbox' AND event->>'consumer_group' = $11))
-                     ORDER BY seq LIMIT $10",
-                )
-                .bind(ids)
-                .bind(origin)
-                .bind(&filter.event_type)
-                .bind(&filter.topic)
-                .bind(&filter.error_contains)
-                .bind(filter.since)
-                .bind(filter.until)
-                .bind(filter.open_only)
-                .bind(filter.after_seq)
-                .bind(limit)
-                .bind(&filter.consumer_group)
-                .fetch_all(s.pool())
-                .await
-                .map_err(storage)?
-                .iter()
-                .map(decode_pg)
-                .collect()
-            }
-            AnyStore::Sqlite(s) => {
-                let ids = (!filter.ids.is_empty()).then(|| sqlite::id_array(&filter.ids));
-                sqlx::query(
-                    "SELECT id, seq, origin, event_id, event_type, topic, attempts_made, error, event, dead_at, replayed_at
-                     FROM omnibox_dead_letters
-                     WHERE (?1 IS NULL OR id IN (SELECT value FROM json_each(?1)) OR event_id IN (SELECT value FROM json_each(?1)))
-                       AND (?2 IS NULL OR origin = ?2)
-                       AND (?3 IS NULL OR event_type = ?3)
-                       AND (?4 IS NULL OR topic = ?4)
-                       AND (?5 IS NULL OR instr(error, ?5) > 0)
-                       AND (?6 IS NULL OR dead_at >= ?6)
-                       AND (?7 IS NULL OR dead_at < ?7)
-                       AND (NOT ?8 OR replayed_at IS NULL)
-                       AND (?9 IS NULL OR seq > ?9)
-                       AND (?11 IS NULL OR (origin = 'inbox' AND json_extract(event, '$.consumer_group') = ?11))
-                     ORDER BY seq LIMIT ?10",
-                )
-                .bind(ids)
-                .bind(origin)
-                .bind(&filter.event_type)
-                .bind(&filter.topic)
-                .bind(&filter.error_contains)
-                .bind(filter.since.map(|t| time::format(&t)))
-                .bind(filter.until.map(|t| time::format(&t)))
-                .bind(filter.open_only)
-                .bind(filter.after_seq)
-                .bind(limit)
-                .bind(&filter.consumer_group)
-                .fetch_all(s.pool())
-                .await
-                .map_err(storage)?
-                .iter()
-                .map(decode_sqlite)
-                .collect()
-            }
-        }
+        with_driver!(&self.store, d => d.list_letters(filter).await)
     }
 
     /// Brings the events of the open letters `ids` back: a row still
@@ -205,196 +133,14 @@ impl DeadLetterTable {
     pub async fn replay(&self, ids: &[Uuid], mut entry: AuditEntry) -> Result<DeadLetterReplay> {
         check(&entry)?;
         entry.table = Some(DEAD_LETTERS.to_string());
-        match &self.store {
-            AnyStore::Postgres(s) => {
-                let mut tx = s.pool().begin().await.map_err(storage)?;
-                let letters: Vec<DeadLetterRecord> = sqlx::query(
-                    "SELECT id, seq, origin, event_id, event_type, topic, attempts_made, error, event::text AS event, dead_at, replayed_at
-                     FROM omnibox_dead_letters WHERE id = ANY($1) AND replayed_at IS NULL ORDER BY seq FOR UPDATE",
-                )
-                .bind(ids)
-                .fetch_all(&mut *tx)
-                .await
-                .map_err(storage)?
-                .iter()
-                .map(decode_pg)
-                .collect::<Result<_>>()?;
-                let mut back = HashMap::new();
-                for table in [Table::Outbox, Table::Inbox] {
-                    let events: Vec<Uuid> = letters
-                        .iter()
-                        .filter(|l| l.origin == table)
-                        .map(|l| l.event_id)
-                        .collect();
-                    if events.is_empty() {
-                        continue;
-                    }
-                    let t = table.sql_name();
-                    let requeued: Vec<Uuid> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
-                        "UPDATE {t} SET status = 'pending', attempts_made = 0, last_error = NULL, \
-                         scheduled_at = now(), updated_at = now() \
-                         WHERE id = ANY($1) AND status = 'failed' RETURNING id"
-                    )))
-                    .bind(&events)
-                    .fetch_all(&mut *tx)
-                    .await
-                    .map_err(storage)?;
-                    let present: Vec<(Uuid, String)> = sqlx::query_as(sqlx::AssertSqlSafe(
-                        format!("SELECT id, status FROM {t} WHERE id = ANY($1)"),
-                    ))
-                    .bind(&events)
-                    .fetch_all(&mut *tx)
-                    .await
-                    .map_err(storage)?;
-                    let missing = missing_events(&letters, table, &present);
-                    let inserted = match table {
-                        Table::Outbox => {
-                            let ev = revive::<OutboxRoute>(&missing)?;
-                            postgres::insert_outbox(&mut tx, &ev).await?
-                        }
-                        Table::Inbox => {
-                            let ev = revive::<InboxRoute>(&missing)?;
-                            postgres::insert_inbox(&mut tx, &ev).await?
-                        }
-                    };
-                    settle(table, &requeued, &present, &missing, &inserted, &mut back);
-                }
-                let report = split(letters, back);
-                if report.replayed.is_empty() && report.closed.is_empty() {
-                    tx.rollback().await.map_err(storage)?;
-                    return Ok(report);
-                }
-                let done = report.done();
-                sqlx::query(
-                    "UPDATE omnibox_dead_letters SET replayed_at = now() WHERE id = ANY($1)",
-                )
-                .bind(&done)
-                .execute(&mut *tx)
-                .await
-                .map_err(storage)?;
-                fill_entry(&mut entry, &report);
-                insert_pg(&mut tx, &entry).await?;
-                tx.commit().await.map_err(storage)?;
-                Ok(report)
-            }
-            AnyStore::Sqlite(s) => {
-                // The write lock first: the letters read are then the ones
-                // this transaction changes (no other replay in between).
-                let mut tx = s
-                    .pool()
-                    .begin_with("BEGIN IMMEDIATE")
-                    .await
-                    .map_err(storage)?;
-                let now = time::format(&time::now());
-                let letters: Vec<DeadLetterRecord> = sqlx::query(
-                    "SELECT id, seq, origin, event_id, event_type, topic, attempts_made, error, event, dead_at, replayed_at
-                     FROM omnibox_dead_letters
-                     WHERE id IN (SELECT value FROM json_each(?1)) AND replayed_at IS NULL ORDER BY seq",
-                )
-                .bind(sqlite::id_array(ids))
-                .fetch_all(&mut *tx)
-                .await
-                .map_err(storage)?
-                .iter()
-                .map(decode_sqlite)
-                .collect::<Result<_>>()?;
-                let mut back = HashMap::new();
-                for table in [Table::Outbox, Table::Inbox] {
-                    let events: Vec<Uuid> = letters
-                        .iter()
-                        .filter(|l| l.origin == table)
-                        .map(|l| l.event_id)
-                        .collect();
-                    if events.is_empty() {
-                        continue;
-                    }
-                    let t = table.sql_name();
-                    let requeued: Vec<String> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
-                        "UPDATE {t} SET status = 'pending', attempts_made = 0, last_error = NULL, \
-                         scheduled_at = ?2, updated_at = ?2 \
-                         WHERE id IN (SELECT value FROM json_each(?1)) AND status = 'failed' RETURNING id"
-                    )))
-                    .bind(sqlite::id_array(&events))
-                    .bind(&now)
-                    .fetch_all(&mut *tx)
-                    .await
-                    .map_err(storage)?;
-                    let present: Vec<(String, String)> = sqlx::query_as(sqlx::AssertSqlSafe(
-                        format!(
-                            "SELECT id, status FROM {t} WHERE id IN (SELECT value FROM json_each(?1))"
-                        ),
-                    ))
-                    .bind(sqlite::id_array(&events))
-                    .fetch_all(&mut *tx)
-                    .await
-                    .map_err(storage)?;
-                    let requeued = parse_ids(&requeued)?;
-                    let present = present
-                        .into_iter()
-                        .map(|(id, status)| Ok((parse_id(&id)?, status)))
-                        .collect::<Result<Vec<_>>>()?;
-                    let missing = missing_events(&letters, table, &present);
-                    let inserted = match table {
-                        Table::Outbox => {
-                            let ev = revive::<OutboxRoute>(&missing)?;
-                            sqlite::insert_outbox(&mut tx, &ev).await?
-                        }
-                        Table::Inbox => {
-                            let ev = revive::<InboxRoute>(&missing)?;
-                            sqlite::insert_inbox(&mut tx, &ev).await?
-                        }
-                    };
-                    settle(table, &requeued, &present, &missing, &inserted, &mut back);
-                }
-                let report = split(letters, back);
-                if report.replayed.is_empty() && report.closed.is_empty() {
-                    tx.rollback().await.map_err(storage)?;
-                    return Ok(report);
-                }
-                let done = report.done();
-                sqlx::query(
-                    "UPDATE omnibox_dead_letters SET replayed_at = ?2 WHERE id IN (SELECT value FROM json_each(?1))",
-                )
-                .bind(sqlite::id_array(&done))
-                .bind(&now)
-                .execute(&mut *tx)
-                .await
-                .map_err(storage)?;
-                fill_entry(&mut entry, &report);
-                insert_sqlite(&mut tx, &entry).await?;
-                tx.commit().await.map_err(storage)?;
-                Ok(report)
-            }
-        }
+        with_driver!(&self.store, d => replay(d, ids, entry).await)
     }
 
     /// How many letters are open (not replayed), of `origin`'s events or
     /// of all: failures nobody has dealt with yet (read from the
     /// open-letter index).
     pub async fn count_open(&self, origin: Option<Table>) -> Result<u64> {
-        let origin = origin.map(|t| t.to_string());
-        let n: i64 = match &self.store {
-            AnyStore::Postgres(s) => {
-                sqlx::query_scalar(
-                    "SELECT count(*) FROM omnibox_dead_letters
-                     WHERE replayed_at IS NULL AND ($1::text IS NULL OR origin = $1)",
-                )
-                .bind(origin)
-                .fetch_one(s.pool())
-                .await
-            }
-            AnyStore::Sqlite(s) => {
-                sqlx::query_scalar(
-                    "SELECT count(*) FROM omnibox_dead_letters
-                     WHERE replayed_at IS NULL AND (?1 IS NULL OR origin = ?1)",
-                )
-                .bind(origin)
-                .fetch_one(s.pool())
-                .await
-            }
-        }
-        .map_err(storage)?;
-        Ok(u64::try_from(n).unwrap_or(0))
+        with_driver!(&self.store, d => d.count_open_letters(origin).await)
     }
 
     /// Deletes letters replayed more than `older_than` ago, `batch_size`
@@ -405,19 +151,9 @@ impl DeadLetterTable {
         older_than: std::time::Duration,
         batch_size: u32,
     ) -> Result<u64> {
-        self.store
-            .delete_older_in_batches(
-                "DELETE FROM omnibox_dead_letters WHERE id IN (
-                     SELECT id FROM omnibox_dead_letters
-                     WHERE replayed_at < now() - make_interval(secs => $1)
-                     ORDER BY replayed_at LIMIT $2)",
-                "DELETE FROM omnibox_dead_letters WHERE seq IN (
-                     SELECT seq FROM omnibox_dead_letters
-                     WHERE replayed_at < ?1 ORDER BY replayed_at LIMIT ?2)",
-                older_than,
-                batch_size,
-            )
-            .await
+        with_driver!(&self.store, d => {
+            delete_older_in_batches(d, Retention::ReplayedLetters, older_than, batch_size).await
+        })
     }
 
     /// Writes the letters of `table`'s events whose rows are `failed` now
@@ -452,67 +188,7 @@ impl DeadLetterTable {
     }
 
     async fn insert_rows(&self, table: Table, rows: &[NewLetter]) -> Result<()> {
-        let t = table.sql_name();
-        match &self.store {
-            AnyStore::Postgres(s) => {
-                let mut cols = PgColumns::default();
-                for r in rows {
-                    cols.push(r);
-                }
-                sqlx::query(sqlx::AssertSqlSafe(format!(
-                    "WITH held AS (
-                         SELECT id FROM {t} WHERE id = ANY($3) AND status = 'failed' FOR SHARE
-                     )
-                     INSERT INTO omnibox_dead_letters (id, origin, event_id, event_type, topic, attempts_made, error, event)
-                     SELECT l.id, l.origin, l.event_id, l.event_type, l.topic, l.attempts_made, l.error, l.event::jsonb
-                     FROM UNNEST($1::uuid[], $2::text[], $3::uuid[], $4::text[], $5::text[], $6::int4[], $7::text[], $8::text[])
-                          AS l(id, origin, event_id, event_type, topic, attempts_made, error, event)
-                     WHERE l.event_id IN (SELECT id FROM held)
-                     ON CONFLICT DO NOTHING"
-                )))
-                .bind(cols.id)
-                .bind(cols.origin)
-                .bind(cols.event_id)
-                .bind(cols.event_type)
-                .bind(cols.topic)
-                .bind(cols.attempts_made)
-                .bind(cols.error)
-                .bind(cols.event)
-                .execute(s.pool())
-                .await
-                .map_err(storage)?;
-            }
-            AnyStore::Sqlite(s) => {
-                let mut tx = s
-                    .pool()
-                    .begin_with("BEGIN IMMEDIATE")
-                    .await
-                    .map_err(storage)?;
-                let now = time::format(&time::now());
-                for r in rows {
-                    sqlx::query(sqlx::AssertSqlSafe(format!(
-                        "INSERT INTO omnibox_dead_letters (id, origin, event_id, event_type, topic, attempts_made, error, event, dead_at)
-                         SELECT ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9
-                         WHERE EXISTS (SELECT 1 FROM {t} WHERE id = ?3 AND status = 'failed')
-                         ON CONFLICT DO NOTHING"
-                    )))
-                    .bind(r.id.to_string())
-                    .bind(r.origin.to_string())
-                    .bind(r.event_id.to_string())
-                    .bind(&r.event_type)
-                    .bind(&r.topic)
-                    .bind(r.attempts_made)
-                    .bind(&r.error)
-                    .bind(&r.event)
-                    .bind(&now)
-                    .execute(&mut *tx)
-                    .await
-                    .map_err(storage)?;
-                }
-                tx.commit().await.map_err(storage)?;
-            }
-        }
-        Ok(())
+        with_driver!(&self.store, d => d.insert_letters(table, rows).await)
     }
 }
 
@@ -537,40 +213,15 @@ impl AnyStore {
 }
 
 /// A letter to write.
-struct NewLetter {
-    id: Uuid,
-    origin: Table,
-    event_id: Uuid,
-    event_type: String,
-    topic: String,
-    attempts_made: i32,
-    error: String,
-    event: String,
-}
-
-#[derive(Default)]
-struct PgColumns {
-    id: Vec<Uuid>,
-    origin: Vec<String>,
-    event_id: Vec<Uuid>,
-    event_type: Vec<String>,
-    topic: Vec<String>,
-    attempts_made: Vec<i32>,
-    error: Vec<String>,
-    event: Vec<String>,
-}
-
-impl PgColumns {
-    fn push(&mut self, r: &NewLetter) {
-        self.id.push(r.id);
-        self.origin.push(r.origin.to_string());
-        self.event_id.push(r.event_id);
-        self.event_type.push(r.event_type.clone());
-        self.topic.push(r.topic.clone());
-        self.attempts_made.push(r.attempts_made);
-        self.error.push(r.error.clone());
-        self.event.push(r.event.clone());
-    }
+pub(crate) struct NewLetter {
+    pub(crate) id: Uuid,
+    pub(crate) origin: Table,
+    pub(crate) event_id: Uuid,
+    pub(crate) event_type: String,
+    pub(crate) topic: String,
+    pub(crate) attempts_made: i32,
+    pub(crate) error: String,
+    pub(crate) event: String,
 }
 
 /// The rows of `letters`: each event as it is once failed (a row the
@@ -711,6 +362,45 @@ fn split(
     report
 }
 
+/// [`DeadLetterTable::replay`] on one backend, in one write transaction.
+async fn replay<D: Driver>(
+    driver: &D,
+    ids: &[Uuid],
+    mut entry: AuditEntry,
+) -> Result<DeadLetterReplay> {
+    let mut tx = driver.begin().await?;
+    let letters = tx.lock_open_letters(ids).await?;
+    let mut back = HashMap::new();
+    for table in [Table::Outbox, Table::Inbox] {
+        let events: Vec<Uuid> = letters
+            .iter()
+            .filter(|l| l.origin == table)
+            .map(|l| l.event_id)
+            .collect();
+        if events.is_empty() {
+            continue;
+        }
+        let requeued = tx.requeue_failed(table, &events).await?;
+        let present = tx.statuses(table, &events).await?;
+        let missing = missing_events(&letters, table, &present);
+        let inserted = match table {
+            Table::Outbox => tx.insert_outbox(&revive::<OutboxRoute>(&missing)?).await?,
+            Table::Inbox => tx.insert_inbox(&revive::<InboxRoute>(&missing)?).await?,
+        };
+        settle(table, &requeued, &present, &missing, &inserted, &mut back);
+    }
+    let report = split(letters, back);
+    if report.replayed.is_empty() && report.closed.is_empty() {
+        tx.rollback().await?;
+        return Ok(report);
+    }
+    tx.close_letters(&report.done()).await?;
+    fill_entry(&mut entry, &report);
+    tx.insert_audit(&entry).await?;
+    tx.commit().await?;
+    Ok(report)
+}
+
 impl DeadLetterReplay {
     /// The letters now marked replayed: replayed and closed.
     fn done(&self) -> Vec<Uuid> {
@@ -745,77 +435,11 @@ fn fill_entry(entry: &mut AuditEntry, report: &DeadLetterReplay) {
     }
 }
 
-fn parse_id(s: &str) -> Result<Uuid> {
-    Uuid::parse_str(s).map_err(|e| Error::CorruptRow {
-        id: s.to_string(),
-        message: e.to_string(),
-    })
-}
-
-fn parse_ids(ids: &[String]) -> Result<Vec<Uuid>> {
-    ids.iter().map(|s| parse_id(s)).collect()
-}
-
-fn origin(s: &str) -> std::result::Result<Table, String> {
+/// The table a stored `origin` names.
+pub(crate) fn parse_origin(s: &str) -> std::result::Result<Table, String> {
     match s {
         "outbox" => Ok(Table::Outbox),
         "inbox" => Ok(Table::Inbox),
         other => Err(format!("column origin: unknown table {other:?}")),
     }
-}
-
-fn decode_pg(r: &sqlx::postgres::PgRow) -> Result<DeadLetterRecord> {
-    let inner = || -> std::result::Result<DeadLetterRecord, String> {
-        let s = |e: sqlx::Error| e.to_string();
-        let event: String = r.try_get("event").map_err(s)?;
-        Ok(DeadLetterRecord {
-            id: r.try_get("id").map_err(s)?,
-            seq: r.try_get("seq").map_err(s)?,
-            origin: origin(&r.try_get::<String, _>("origin").map_err(s)?)?,
-            event_id: r.try_get("event_id").map_err(s)?,
-            event_type: r.try_get("event_type").map_err(s)?,
-            topic: r.try_get("topic").map_err(s)?,
-            attempts_made: r.try_get("attempts_made").map_err(s)?,
-            error: r.try_get("error").map_err(s)?,
-            event: serde_json::from_str(&event).map_err(|e| e.to_string())?,
-            dead_at: r.try_get("dead_at").map_err(s)?,
-            replayed_at: r.try_get("replayed_at").map_err(s)?,
-        })
-    };
-    inner().map_err(|message| Error::CorruptRow {
-        id: r
-            .try_get::<Uuid, _>("id")
-            .map_or_else(|_| "?".into(), |id| id.to_string()),
-        message,
-    })
-}
-
-fn decode_sqlite(r: &sqlx::sqlite::SqliteRow) -> Result<DeadLetterRecord> {
-    let inner = || -> std::result::Result<DeadLetterRecord, String> {
-        let s = |e: sqlx::Error| e.to_string();
-        let uuid = |col: &str| -> std::result::Result<Uuid, String> {
-            let v: String = r.try_get(col).map_err(s)?;
-            Uuid::parse_str(&v).map_err(|e| format!("column {col}: {e}"))
-        };
-        let ts = |v: String| time::parse_stored(&v).map_err(|e| e.to_string());
-        let event: String = r.try_get("event").map_err(s)?;
-        let replayed_at: Option<String> = r.try_get("replayed_at").map_err(s)?;
-        Ok(DeadLetterRecord {
-            id: uuid("id")?,
-            seq: r.try_get("seq").map_err(s)?,
-            origin: origin(&r.try_get::<String, _>("origin").map_err(s)?)?,
-            event_id: uuid("event_id")?,
-            event_type: r.try_get("event_type").map_err(s)?,
-            topic: r.try_get("topic").map_err(s)?,
-            attempts_made: r.try_get("attempts_made").map_err(s)?,
-            error: r.try_get("error").map_err(s)?,
-            event: serde_json::from_str(&event).map_err(|e| e.to_string())?,
-            dead_at: ts(r.try_get("dead_at").map_err(s)?)?,
-            replayed_at: replayed_at.map(ts).transpose()?,
-        })
-    };
-    inner().map_err(|message| Error::CorruptRow {
-        id: r.try_get::<String, _>("id").unwrap_or_else(|_| "?".into()),
-        message,
-    })
 }

@@ -40,6 +40,7 @@ mod any;
 pub mod audit;
 pub(crate) mod claim;
 pub mod dead_letters;
+mod driver;
 pub mod fingerprint;
 mod migrate;
 pub mod postgres;

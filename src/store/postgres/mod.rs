@@ -28,7 +28,7 @@ use super::redact_url;
 use crate::error::{Error, Result, storage};
 use crate::model::{Event, EventStatus, Headers, InboxRoute, OutboxRoute, Payload};
 
-pub(crate) mod dead_letters;
+pub(crate) mod driver;
 mod inbox_tx;
 mod insert;
 pub(crate) mod maintenance;

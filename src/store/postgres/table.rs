@@ -282,7 +282,7 @@ impl<R: PgRoute> EventStore<R> for PgTable<R> {
             .await
             .map_err(storage)?;
         // The requeued events are back: their open dead letters are done.
-        super::dead_letters::mark_replayed(&mut tx, R::TABLE, &ids).await?;
+        super::driver::mark_replayed(&mut tx, R::TABLE, &ids).await?;
         tx.commit().await.map_err(storage)?;
         Ok(ids)
     }

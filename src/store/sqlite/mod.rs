@@ -18,7 +18,7 @@ use super::migrate::{self, MIGRATIONS_TABLE, MigrationReport, MigrationScript};
 use crate::error::{Error, Result, storage};
 use crate::model::{Event, EventStatus, InboxRoute, OutboxRoute, time};
 
-pub(crate) mod dead_letters;
+pub(crate) mod driver;
 mod inbox_tx;
 mod insert;
 mod maintenance;

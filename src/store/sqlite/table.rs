@@ -335,7 +335,7 @@ impl<R: SqliteRoute> EventStore<R> for SqliteTable<R> {
         let rows = qb.build().fetch_all(&mut *tx).await.map_err(storage)?;
         let ids = changed_ids(&rows)?;
         // The requeued events are back: their open dead letters are done.
-        super::dead_letters::mark_replayed(&mut tx, R::TABLE, &ids, &now_text).await?;
+        super::driver::mark_replayed(&mut tx, R::TABLE, &ids, &now_text).await?;
         tx.commit().await.map_err(storage)?;
         Ok(ids)
     }

@@ -1,0 +1,158 @@
+//! What each backend provides to the features written once above it (the
+//! audit trail and the dead-letter table): statements on its pool
+//! ([`Driver`]) and on one of its write transactions ([`FeatureTx`]). The
+//! SQL lives in the backends (`postgres/driver.rs`, `sqlite/driver.rs`); the
+//! logic (what runs in which transaction, what is checked and recorded)
+//! lives in the features (`audit.rs`, `dead_letters.rs`), once for both.
+//!
+//! A feature reaches the backend of an [`AnyStore`](super::AnyStore)
+//! through `with_driver!` (`any.rs`), the one place that switches on it.
+
+use std::future::Future;
+use std::time::Duration;
+
+use uuid::Uuid;
+
+use super::BulkOutcome;
+use super::audit::{AuditEntry, AuditFilter, AuditedChange};
+use super::dead_letters::{DeadLetterFilter, DeadLetterRecord, NewLetter};
+use crate::error::Result;
+use crate::model::{InboxEvent, OutboxEvent, Table};
+
+/// Rows a retention run deletes, oldest first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Retention {
+    /// Audit rows recorded before the cut-off.
+    Audit,
+    /// Dead letters replayed before the cut-off (open letters never).
+    ReplayedLetters,
+}
+
+/// A backend's statements for the features, on its pool.
+pub(crate) trait Driver: Sync {
+    /// A write transaction of this backend.
+    type Tx: FeatureTx;
+
+    /// Opens a write transaction (SQLite takes the write lock at once, so
+    /// what the transaction reads is what it changes).
+    fn begin(&self) -> impl Future<Output = Result<Self::Tx>> + Send;
+
+    /// Recorded actions matching `filter`, newest first.
+    fn list_audit(
+        &self,
+        filter: &AuditFilter,
+    ) -> impl Future<Output = Result<Vec<AuditEntry>>> + Send;
+
+    /// Deletes up to `batch` rows of `what` older than `older_than`;
+    /// returns how many.
+    fn delete_older(
+        &self,
+        what: Retention,
+        older_than: Duration,
+        batch: i64,
+    ) -> impl Future<Output = Result<u64>> + Send;
+
+    /// Letters matching `filter`, oldest first.
+    fn list_letters(
+        &self,
+        filter: &DeadLetterFilter,
+    ) -> impl Future<Output = Result<Vec<DeadLetterRecord>>> + Send;
+
+    /// How many letters are open, of `origin`'s events or of all.
+    fn count_open_letters(&self, origin: Option<Table>)
+    -> impl Future<Output = Result<u64>> + Send;
+
+    /// Writes the letters of `table`'s events whose rows are `failed` now,
+    /// holding those rows (PostgreSQL: share locks; SQLite: the write
+    /// lock) until the letters are in; a letter already there is kept once.
+    fn insert_letters(
+        &self,
+        table: Table,
+        rows: &[NewLetter],
+    ) -> impl Future<Output = Result<()>> + Send;
+}
+
+/// A backend's statements for the features, on one write transaction.
+/// Dropped without [`commit`](Self::commit), it rolls back.
+pub(crate) trait FeatureTx: Send {
+    /// Records `entry`; returns its id.
+    fn insert_audit(&mut self, entry: &AuditEntry) -> impl Future<Output = Result<i64>> + Send;
+
+    /// Makes `change` on `table`; returns the ids changed.
+    fn audited_change(
+        &mut self,
+        table: Table,
+        change: AuditedChange<'_>,
+    ) -> impl Future<Output = Result<Vec<Uuid>>> + Send;
+
+    /// Marks the open letters of `events` (rows of `table` just requeued)
+    /// replayed. A letter locked by a letter replay running now is skipped
+    /// (PostgreSQL): that replay finds its event back and closes it.
+    fn mark_replayed(
+        &mut self,
+        table: Table,
+        events: &[Uuid],
+    ) -> impl Future<Output = Result<()>> + Send;
+
+    /// The open letters among `ids`, oldest first, locked for this
+    /// transaction.
+    fn lock_open_letters(
+        &mut self,
+        ids: &[Uuid],
+    ) -> impl Future<Output = Result<Vec<DeadLetterRecord>>> + Send;
+
+    /// Puts the `failed` rows among `events` back to pending (attempts 0,
+    /// error cleared, due now); returns their ids.
+    fn requeue_failed(
+        &mut self,
+        table: Table,
+        events: &[Uuid],
+    ) -> impl Future<Output = Result<Vec<Uuid>>> + Send;
+
+    /// The rows among `events` that exist, with their status.
+    fn statuses(
+        &mut self,
+        table: Table,
+        events: &[Uuid],
+    ) -> impl Future<Output = Result<Vec<(Uuid, String)>>> + Send;
+
+    /// Inserts outbox events (idempotency keys respected).
+    fn insert_outbox(
+        &mut self,
+        events: &[OutboxEvent],
+    ) -> impl Future<Output = Result<Vec<BulkOutcome>>> + Send;
+
+    /// Inserts inbox events (message ids respected).
+    fn insert_inbox(
+        &mut self,
+        events: &[InboxEvent],
+    ) -> impl Future<Output = Result<Vec<BulkOutcome>>> + Send;
+
+    /// Marks the letters `ids` replayed.
+    fn close_letters(&mut self, ids: &[Uuid]) -> impl Future<Output = Result<()>> + Send;
+
+    /// Commits.
+    fn commit(self) -> impl Future<Output = Result<()>> + Send;
+
+    /// Rolls back.
+    fn rollback(self) -> impl Future<Output = Result<()>> + Send;
+}
+
+/// Runs a retention delete of `what` until it deletes fewer rows than a
+/// batch; returns how many.
+pub(crate) async fn delete_older_in_batches<D: Driver>(
+    driver: &D,
+    what: Retention,
+    older_than: Duration,
+    batch_size: u32,
+) -> Result<u64> {
+    let batch = i64::from(batch_size.max(1));
+    let mut total = 0;
+    loop {
+        let n = driver.delete_older(what, older_than, batch).await?;
+        total += n;
+        if n < batch as u64 {
+            return Ok(total);
+        }
+    }
+}

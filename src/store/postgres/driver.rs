@@ -1,0 +1,365 @@
+//! The audit trail's and the dead-letter table's statements on PostgreSQL
+//! (see `store/driver.rs`).
+
+use std::time::Duration;
+
+use sqlx::{PgConnection, Postgres, Row, Transaction};
+use uuid::Uuid;
+
+use super::PgStore;
+use crate::error::{Error, Result, storage};
+use crate::model::{InboxEvent, OutboxEvent, Table};
+use crate::store::BulkOutcome;
+use crate::store::audit::{self, AuditEntry, AuditFilter, AuditedChange};
+use crate::store::dead_letters::{self, DeadLetterFilter, DeadLetterRecord, NewLetter};
+use crate::store::driver::{Driver, FeatureTx, Retention};
+
+/// The columns every letter query reads (`event` as text).
+const LETTER_COLUMNS: &str = "id, seq, origin, event_id, event_type, topic, attempts_made, error, event::text AS event, dead_at, replayed_at";
+
+/// A write transaction for the features.
+pub(crate) struct PgFeatureTx(Transaction<'static, Postgres>);
+
+impl Driver for PgStore {
+    type Tx = PgFeatureTx;
+
+    async fn begin(&self) -> Result<PgFeatureTx> {
+        Ok(PgFeatureTx(self.pool().begin().await.map_err(storage)?))
+    }
+
+    async fn list_audit(&self, filter: &AuditFilter) -> Result<Vec<AuditEntry>> {
+        let rows = sqlx::query(
+            "SELECT id, at, actor, action, table_name, row_count, ids::text AS ids, reason, details::text AS details
+             FROM omnibox_audit
+             WHERE ($1::text IS NULL OR action = $1)
+               AND ($2::timestamptz IS NULL OR at >= $2)
+               AND ($3::text IS NULL OR ids @> jsonb_build_array($3::text))
+             ORDER BY id DESC LIMIT $4",
+        )
+        .bind(&filter.action)
+        .bind(filter.since)
+        .bind(filter.id.map(|i| i.to_string()))
+        .bind(i64::from(filter.limit.unwrap_or(50)))
+        .fetch_all(self.pool())
+        .await
+        .map_err(storage)?;
+        rows.iter()
+            .map(|r| audit::decode(r, r.try_get("at").map_err(storage)?))
+            .collect()
+    }
+
+    async fn delete_older(&self, what: Retention, older_than: Duration, batch: i64) -> Result<u64> {
+        let sql = match what {
+            Retention::Audit => {
+                "DELETE FROM omnibox_audit WHERE id IN (
+                     SELECT id FROM omnibox_audit WHERE at < now() - make_interval(secs => $1)
+                     ORDER BY at LIMIT $2)"
+            }
+            Retention::ReplayedLetters => {
+                "DELETE FROM omnibox_dead_letters WHERE id IN (
+                     SELECT id FROM omnibox_dead_letters
+                     WHERE replayed_at < now() - make_interval(secs => $1)
+                     ORDER BY replayed_at LIMIT $2)"
+            }
+        };
+        Ok(sqlx::query(sql)
+            .bind(crate::store::secs(older_than))
+            .bind(batch)
+            .execute(self.pool())
+            .await
+            .map_err(storage)?
+            .rows_affected())
+    }
+
+    async fn list_letters(&self, filter: &DeadLetterFilter) -> Result<Vec<DeadLetterRecord>> {
+        let ids = (!filter.ids.is_empty()).then_some(&filter.ids);
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT {LETTER_COLUMNS}
+             FROM omnibox_dead_letters
+             WHERE ($1::uuid[] IS NULL OR id = ANY($1) OR event_id = ANY($1))
+               AND ($2::text IS NULL OR origin = $2)
+               AND ($3::text IS NULL OR event_type = $3)
+               AND ($4::text IS NULL OR topic = $4)
+               AND ($5::text IS NULL OR strpos(error, $5) > 0)
+               AND ($6::timestamptz IS NULL OR dead_at >= $6)
+               AND ($7::timestamptz IS NULL OR dead_at < $7)
+               AND (NOT $8 OR replayed_at IS NULL)
+               AND ($9::bigint IS NULL OR seq > $9)
+               AND ($11::text IS NULL OR (origin = 'inbox' AND event->>'consumer_group' = $11))
+             ORDER BY seq LIMIT $10"
+        )))
+        .bind(ids)
+        .bind(filter.origin.map(|t| t.to_string()))
+        .bind(&filter.event_type)
+        .bind(&filter.topic)
+        .bind(&filter.error_contains)
+        .bind(filter.since)
+        .bind(filter.until)
+        .bind(filter.open_only)
+        .bind(filter.after_seq)
+        .bind(filter.limit.map_or(i64::MAX, i64::from))
+        .bind(&filter.consumer_group)
+        .fetch_all(self.pool())
+        .await
+        .map_err(storage)?
+        .iter()
+        .map(decode_letter)
+        .collect()
+    }
+
+    async fn count_open_letters(&self, origin: Option<Table>) -> Result<u64> {
+        let n: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM omnibox_dead_letters
+             WHERE replayed_at IS NULL AND ($1::text IS NULL OR origin = $1)",
+        )
+        .bind(origin.map(|t| t.to_string()))
+        .fetch_one(self.pool())
+        .await
+        .map_err(storage)?;
+        Ok(u64::try_from(n).unwrap_or(0))
+    }
+
+    async fn insert_letters(&self, table: Table, rows: &[NewLetter]) -> Result<()> {
+        let t = table.sql_name();
+        let mut cols = LetterColumns::default();
+        for r in rows {
+            cols.push(r);
+        }
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "WITH held AS (
+                 SELECT id FROM {t} WHERE id = ANY($3) AND status = 'failed' FOR SHARE
+             )
+             INSERT INTO omnibox_dead_letters (id, origin, event_id, event_type, topic, attempts_made, error, event)
+             SELECT l.id, l.origin, l.event_id, l.event_type, l.topic, l.attempts_made, l.error, l.event::jsonb
+             FROM UNNEST($1::uuid[], $2::text[], $3::uuid[], $4::text[], $5::text[], $6::int4[], $7::text[], $8::text[])
+                  AS l(id, origin, event_id, event_type, topic, attempts_made, error, event)
+             WHERE l.event_id IN (SELECT id FROM held)
+             ON CONFLICT DO NOTHING"
+        )))
+        .bind(cols.id)
+        .bind(cols.origin)
+        .bind(cols.event_id)
+        .bind(cols.event_type)
+        .bind(cols.topic)
+        .bind(cols.attempts_made)
+        .bind(cols.error)
+        .bind(cols.event)
+        .execute(self.pool())
+        .await
+        .map_err(storage)?;
+        Ok(())
+    }
+}
+
+impl FeatureTx for PgFeatureTx {
+    async fn insert_audit(&mut self, entry: &AuditEntry) -> Result<i64> {
+        insert_audit(&mut self.0, entry).await
+    }
+
+    async fn audited_change(
+        &mut self,
+        table: Table,
+        change: AuditedChange<'_>,
+    ) -> Result<Vec<Uuid>> {
+        let t = table.sql_name();
+        let conn: &mut PgConnection = &mut self.0;
+        match change {
+            AuditedChange::UnlockOne { id, holder, reason } => sqlx::query_scalar(
+                sqlx::AssertSqlSafe(format!(
+                    "UPDATE {t} SET locked_at = NULL, locked_by = NULL, locked_until = NULL, \
+                     last_error = COALESCE(last_error, $2), updated_at = now() WHERE id = $1 AND locked_by = $3 RETURNING id"
+                )),
+            )
+            .bind(id)
+            .bind(reason.last_error())
+            .bind(holder)
+            .fetch_all(conn)
+            .await,
+            AuditedChange::UnlockWorker { worker, reason } => sqlx::query_scalar(
+                sqlx::AssertSqlSafe(format!(
+                    "UPDATE {t} SET locked_at = NULL, locked_by = NULL, locked_until = NULL, \
+                     last_error = COALESCE(last_error, $2), updated_at = now() WHERE locked_by = $1 RETURNING id"
+                )),
+            )
+            .bind(worker)
+            .bind(reason.last_error())
+            .fetch_all(conn)
+            .await,
+            AuditedChange::Requeue { ids } => return self.requeue_failed(table, ids).await,
+            AuditedChange::RetryNow { ids } => sqlx::query_scalar(
+                sqlx::AssertSqlSafe(format!(
+                    "UPDATE {t} SET scheduled_at = now(), updated_at = now() \
+                     WHERE id = ANY($1) AND status = 'pending' AND locked_at IS NULL \
+                     AND scheduled_at > now() RETURNING id"
+                )),
+            )
+            .bind(ids)
+            .fetch_all(conn)
+            .await,
+        }
+        .map_err(storage)
+    }
+
+    async fn mark_replayed(&mut self, table: Table, events: &[Uuid]) -> Result<()> {
+        mark_replayed(&mut self.0, table, events).await
+    }
+
+    async fn lock_open_letters(&mut self, ids: &[Uuid]) -> Result<Vec<DeadLetterRecord>> {
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT {LETTER_COLUMNS}
+             FROM omnibox_dead_letters WHERE id = ANY($1) AND replayed_at IS NULL ORDER BY seq FOR UPDATE"
+        )))
+        .bind(ids)
+        .fetch_all(&mut *self.0)
+        .await
+        .map_err(storage)?
+        .iter()
+        .map(decode_letter)
+        .collect()
+    }
+
+    async fn requeue_failed(&mut self, table: Table, events: &[Uuid]) -> Result<Vec<Uuid>> {
+        let t = table.sql_name();
+        sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+            "UPDATE {t} SET status = 'pending', attempts_made = 0, last_error = NULL, \
+             scheduled_at = now(), updated_at = now() \
+             WHERE id = ANY($1) AND status = 'failed' RETURNING id"
+        )))
+        .bind(events)
+        .fetch_all(&mut *self.0)
+        .await
+        .map_err(storage)
+    }
+
+    async fn statuses(&mut self, table: Table, events: &[Uuid]) -> Result<Vec<(Uuid, String)>> {
+        let t = table.sql_name();
+        sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "SELECT id, status FROM {t} WHERE id = ANY($1)"
+        )))
+        .bind(events)
+        .fetch_all(&mut *self.0)
+        .await
+        .map_err(storage)
+    }
+
+    async fn insert_outbox(&mut self, events: &[OutboxEvent]) -> Result<Vec<BulkOutcome>> {
+        super::insert_outbox(&mut self.0, events).await
+    }
+
+    async fn insert_inbox(&mut self, events: &[InboxEvent]) -> Result<Vec<BulkOutcome>> {
+        super::insert_inbox(&mut self.0, events).await
+    }
+
+    async fn close_letters(&mut self, ids: &[Uuid]) -> Result<()> {
+        sqlx::query("UPDATE omnibox_dead_letters SET replayed_at = now() WHERE id = ANY($1)")
+            .bind(ids)
+            .execute(&mut *self.0)
+            .await
+            .map_err(storage)?;
+        Ok(())
+    }
+
+    async fn commit(self) -> Result<()> {
+        self.0.commit().await.map_err(storage)
+    }
+
+    async fn rollback(self) -> Result<()> {
+        self.0.rollback().await.map_err(storage)
+    }
+}
+
+/// Marks the open letters of `events` (rows of `table` just requeued)
+/// replayed, on the requeue's transaction. A letter locked by a letter
+/// replay running now is skipped: that replay finds its event back and
+/// closes it, and waiting for it here could deadlock (it holds its letters
+/// and waits for these rows).
+pub(crate) async fn mark_replayed(
+    conn: &mut PgConnection,
+    table: Table,
+    events: &[Uuid],
+) -> Result<()> {
+    sqlx::query(
+        "UPDATE omnibox_dead_letters SET replayed_at = now() WHERE id IN (
+             SELECT id FROM omnibox_dead_letters
+             WHERE origin = $1 AND event_id = ANY($2) AND replayed_at IS NULL
+             FOR UPDATE SKIP LOCKED)",
+    )
+    .bind(table.to_string())
+    .bind(events)
+    .execute(conn)
+    .await
+    .map_err(storage)?;
+    Ok(())
+}
+
+async fn insert_audit(conn: &mut PgConnection, entry: &AuditEntry) -> Result<i64> {
+    let ids = serde_json::to_string(&entry.ids).unwrap_or_else(|_| "[]".into());
+    let details = serde_json::to_string(&entry.details).unwrap_or_else(|_| "{}".into());
+    sqlx::query_scalar(
+        "INSERT INTO omnibox_audit (at, actor, action, table_name, row_count, ids, reason, details)
+         VALUES ($1, $2, $3, $4, $5, $6::jsonb, $7, $8::jsonb) RETURNING id",
+    )
+    .bind(entry.at)
+    .bind(&entry.actor)
+    .bind(&entry.action)
+    .bind(&entry.table)
+    .bind(entry.count as i64)
+    .bind(ids)
+    .bind(&entry.reason)
+    .bind(details)
+    .fetch_one(conn)
+    .await
+    .map_err(storage)
+}
+
+/// Letters as column arrays, for one `UNNEST` insert.
+#[derive(Default)]
+struct LetterColumns {
+    id: Vec<Uuid>,
+    origin: Vec<String>,
+    event_id: Vec<Uuid>,
+    event_type: Vec<String>,
+    topic: Vec<String>,
+    attempts_made: Vec<i32>,
+    error: Vec<String>,
+    event: Vec<String>,
+}
+
+impl LetterColumns {
+    fn push(&mut self, r: &NewLetter) {
+        self.id.push(r.id);
+        self.origin.push(r.origin.to_string());
+        self.event_id.push(r.event_id);
+        self.event_type.push(r.event_type.clone());
+        self.topic.push(r.topic.clone());
+        self.attempts_made.push(r.attempts_made);
+        self.error.push(r.error.clone());
+        self.event.push(r.event.clone());
+    }
+}
+
+fn decode_letter(r: &sqlx::postgres::PgRow) -> Result<DeadLetterRecord> {
+    let inner = || -> std::result::Result<DeadLetterRecord, String> {
+        let s = |e: sqlx::Error| e.to_string();
+        let event: String = r.try_get("event").map_err(s)?;
+        Ok(DeadLetterRecord {
+            id: r.try_get("id").map_err(s)?,
+            seq: r.try_get("seq").map_err(s)?,
+            origin: dead_letters::parse_origin(&r.try_get::<String, _>("origin").map_err(s)?)?,
+            event_id: r.try_get("event_id").map_err(s)?,
+            event_type: r.try_get("event_type").map_err(s)?,
+            topic: r.try_get("topic").map_err(s)?,
+            attempts_made: r.try_get("attempts_made").map_err(s)?,
+            error: r.try_get("error").map_err(s)?,
+            event: serde_json::from_str(&event).map_err(|e| e.to_string())?,
+            dead_at: r.try_get("dead_at").map_err(s)?,
+            replayed_at: r.try_get("replayed_at").map_err(s)?,
+        })
+    };
+    inner().map_err(|message| Error::CorruptRow {
+        id: r
+            .try_get::<Uuid, _>("id")
+            .map_or_else(|_| "?".into(), |id| id.to_string()),
+        message,
+    })
+}

@@ -1,0 +1,378 @@
+//! The audit trail's and the dead-letter table's statements on SQLite (see
+//! `store/driver.rs`). Times are this process's clock in the stored text
+//! form; a write transaction takes the write lock at once
+//! (`BEGIN IMMEDIATE`), and its statements share one `now`.
+
+use std::time::Duration;
+
+use sqlx::{Row, Sqlite, SqliteConnection, Transaction};
+use uuid::Uuid;
+
+use super::{SqliteStore, id_array};
+use crate::error::{Error, Result, storage};
+use crate::model::{InboxEvent, OutboxEvent, Table, time};
+use crate::store::BulkOutcome;
+use crate::store::audit::{self, AuditEntry, AuditFilter, AuditedChange};
+use crate::store::dead_letters::{self, DeadLetterFilter, DeadLetterRecord, NewLetter};
+use crate::store::driver::{Driver, FeatureTx, Retention};
+
+/// The columns every letter query reads.
+const LETTER_COLUMNS: &str = "id, seq, origin, event_id, event_type, topic, attempts_made, error, event, dead_at, replayed_at";
+
+/// A write transaction for the features, with its time.
+pub(crate) struct SqliteFeatureTx {
+    tx: Transaction<'static, Sqlite>,
+    now: String,
+}
+
+impl Driver for SqliteStore {
+    type Tx = SqliteFeatureTx;
+
+    async fn begin(&self) -> Result<SqliteFeatureTx> {
+        let tx = self
+            .pool()
+            .begin_with("BEGIN IMMEDIATE")
+            .await
+            .map_err(storage)?;
+        Ok(SqliteFeatureTx {
+            tx,
+            now: time::format(&time::now()),
+        })
+    }
+
+    async fn list_audit(&self, filter: &AuditFilter) -> Result<Vec<AuditEntry>> {
+        let rows = sqlx::query(
+            "SELECT id, at, actor, action, table_name, row_count, ids, reason, details
+             FROM omnibox_audit
+             WHERE (?1 IS NULL OR action = ?1)
+               AND (?2 IS NULL OR at >= ?2)
+               AND (?3 IS NULL OR EXISTS (SELECT 1 FROM json_each(ids) WHERE value = ?3))
+             ORDER BY id DESC LIMIT ?4",
+        )
+        .bind(&filter.action)
+        .bind(filter.since.map(|t| time::format(&t)))
+        .bind(filter.id.map(|i| i.to_string()))
+        .bind(i64::from(filter.limit.unwrap_or(50)))
+        .fetch_all(self.pool())
+        .await
+        .map_err(storage)?;
+        rows.iter()
+            .map(|r| {
+                let at: String = r.try_get("at").map_err(storage)?;
+                let at = time::parse_stored(&at).map_err(|m| Error::CorruptRow {
+                    id: "audit".into(),
+                    message: m,
+                })?;
+                audit::decode(r, at)
+            })
+            .collect()
+    }
+
+    async fn delete_older(&self, what: Retention, older_than: Duration, batch: i64) -> Result<u64> {
+        let sql = match what {
+            Retention::Audit => {
+                "DELETE FROM omnibox_audit WHERE id IN (
+                     SELECT id FROM omnibox_audit WHERE at < ?1 ORDER BY at LIMIT ?2)"
+            }
+            Retention::ReplayedLetters => {
+                "DELETE FROM omnibox_dead_letters WHERE seq IN (
+                     SELECT seq FROM omnibox_dead_letters
+                     WHERE replayed_at < ?1 ORDER BY replayed_at LIMIT ?2)"
+            }
+        };
+        Ok(sqlx::query(sql)
+            .bind(time::format(
+                &(time::now() - crate::domain::chrono_dur(older_than)),
+            ))
+            .bind(batch)
+            .execute(self.pool())
+            .await
+            .map_err(storage)?
+            .rows_affected())
+    }
+
+    async fn list_letters(&self, filter: &DeadLetterFilter) -> Result<Vec<DeadLetterRecord>> {
+        let ids = (!filter.ids.is_empty()).then(|| id_array(&filter.ids));
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT {LETTER_COLUMNS}
+             FROM omnibox_dead_letters
+             WHERE (?1 IS NULL OR id IN (SELECT value FROM json_each(?1)) OR event_id IN (SELECT value FROM json_each(?1)))
+               AND (?2 IS NULL OR origin = ?2)
+               AND (?3 IS NULL OR event_type = ?3)
+               AND (?4 IS NULL OR topic = ?4)
+               AND (?5 IS NULL OR instr(error, ?5) > 0)
+               AND (?6 IS NULL OR dead_at >= ?6)
+               AND (?7 IS NULL OR dead_at < ?7)
+               AND (NOT ?8 OR replayed_at IS NULL)
+               AND (?9 IS NULL OR seq > ?9)
+               AND (?11 IS NULL OR (origin = 'inbox' AND json_extract(event, '$.consumer_group') = ?11))
+             ORDER BY seq LIMIT ?10"
+        )))
+        .bind(ids)
+        .bind(filter.origin.map(|t| t.to_string()))
+        .bind(&filter.event_type)
+        .bind(&filter.topic)
+        .bind(&filter.error_contains)
+        .bind(filter.since.map(|t| time::format(&t)))
+        .bind(filter.until.map(|t| time::format(&t)))
+        .bind(filter.open_only)
+        .bind(filter.after_seq)
+        .bind(filter.limit.map_or(i64::MAX, i64::from))
+        .bind(&filter.consumer_group)
+        .fetch_all(self.pool())
+        .await
+        .map_err(storage)?
+        .iter()
+        .map(decode_letter)
+        .collect()
+    }
+
+    async fn count_open_letters(&self, origin: Option<Table>) -> Result<u64> {
+        let n: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM omnibox_dead_letters
+             WHERE replayed_at IS NULL AND (?1 IS NULL OR origin = ?1)",
+        )
+        .bind(origin.map(|t| t.to_string()))
+        .fetch_one(self.pool())
+        .await
+        .map_err(storage)?;
+        Ok(u64::try_from(n).unwrap_or(0))
+    }
+
+    async fn insert_letters(&self, table: Table, rows: &[NewLetter]) -> Result<()> {
+        let t = table.sql_name();
+        let mut tx = self.begin().await?;
+        for r in rows {
+            sqlx::query(sqlx::AssertSqlSafe(format!(
+                "INSERT INTO omnibox_dead_letters (id, origin, event_id, event_type, topic, attempts_made, error, event, dead_at)
+                 SELECT ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9
+                 WHERE EXISTS (SELECT 1 FROM {t} WHERE id = ?3 AND status = 'failed')
+                 ON CONFLICT DO NOTHING"
+            )))
+            .bind(r.id.to_string())
+            .bind(r.origin.to_string())
+            .bind(r.event_id.to_string())
+            .bind(&r.event_type)
+            .bind(&r.topic)
+            .bind(r.attempts_made)
+            .bind(&r.error)
+            .bind(&r.event)
+            .bind(&tx.now)
+            .execute(&mut *tx.tx)
+            .await
+            .map_err(storage)?;
+        }
+        tx.commit().await
+    }
+}
+
+impl FeatureTx for SqliteFeatureTx {
+    async fn insert_audit(&mut self, entry: &AuditEntry) -> Result<i64> {
+        let ids = serde_json::to_string(&entry.ids).unwrap_or_else(|_| "[]".into());
+        let details = serde_json::to_string(&entry.details).unwrap_or_else(|_| "{}".into());
+        sqlx::query_scalar(
+            "INSERT INTO omnibox_audit (at, actor, action, table_name, row_count, ids, reason, details)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8) RETURNING id",
+        )
+        .bind(time::format(&entry.at))
+        .bind(&entry.actor)
+        .bind(&entry.action)
+        .bind(&entry.table)
+        .bind(entry.count as i64)
+        .bind(ids)
+        .bind(&entry.reason)
+        .bind(details)
+        .fetch_one(&mut *self.tx)
+        .await
+        .map_err(storage)
+    }
+
+    async fn audited_change(
+        &mut self,
+        table: Table,
+        change: AuditedChange<'_>,
+    ) -> Result<Vec<Uuid>> {
+        let t = table.sql_name();
+        let now = &self.now;
+        let conn: &mut SqliteConnection = &mut self.tx;
+        let rows: Vec<String> = match change {
+            AuditedChange::UnlockOne { id, holder, reason } => sqlx::query_scalar(
+                sqlx::AssertSqlSafe(format!(
+                    "UPDATE {t} SET locked_at = NULL, locked_by = NULL, locked_until = NULL, \
+                     last_error = COALESCE(last_error, ?2), updated_at = ?4 WHERE id = ?1 AND locked_by = ?3 RETURNING id"
+                )),
+            )
+            .bind(id.to_string())
+            .bind(reason.last_error())
+            .bind(holder)
+            .bind(now)
+            .fetch_all(conn)
+            .await,
+            AuditedChange::UnlockWorker { worker, reason } => sqlx::query_scalar(
+                sqlx::AssertSqlSafe(format!(
+                    "UPDATE {t} SET locked_at = NULL, locked_by = NULL, locked_until = NULL, \
+                     last_error = COALESCE(last_error, ?2), updated_at = ?3 WHERE locked_by = ?1 RETURNING id"
+                )),
+            )
+            .bind(worker)
+            .bind(reason.last_error())
+            .bind(now)
+            .fetch_all(conn)
+            .await,
+            AuditedChange::Requeue { ids } => return self.requeue_failed(table, ids).await,
+            AuditedChange::RetryNow { ids } => sqlx::query_scalar(
+                sqlx::AssertSqlSafe(format!(
+                    "UPDATE {t} SET scheduled_at = ?2, updated_at = ?2 \
+                     WHERE id IN (SELECT value FROM json_each(?1)) AND status = 'pending' \
+                     AND locked_at IS NULL AND scheduled_at > ?2 RETURNING id"
+                )),
+            )
+            .bind(id_array(ids))
+            .bind(now)
+            .fetch_all(conn)
+            .await,
+        }
+        .map_err(storage)?;
+        parse_ids(&rows)
+    }
+
+    async fn mark_replayed(&mut self, table: Table, events: &[Uuid]) -> Result<()> {
+        mark_replayed(&mut self.tx, table, events, &self.now).await
+    }
+
+    async fn lock_open_letters(&mut self, ids: &[Uuid]) -> Result<Vec<DeadLetterRecord>> {
+        // The transaction holds the write lock: no other replay reads these
+        // letters before it ends.
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT {LETTER_COLUMNS}
+             FROM omnibox_dead_letters
+             WHERE id IN (SELECT value FROM json_each(?1)) AND replayed_at IS NULL ORDER BY seq"
+        )))
+        .bind(id_array(ids))
+        .fetch_all(&mut *self.tx)
+        .await
+        .map_err(storage)?
+        .iter()
+        .map(decode_letter)
+        .collect()
+    }
+
+    async fn requeue_failed(&mut self, table: Table, events: &[Uuid]) -> Result<Vec<Uuid>> {
+        let t = table.sql_name();
+        let rows: Vec<String> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+            "UPDATE {t} SET status = 'pending', attempts_made = 0, last_error = NULL, \
+             scheduled_at = ?2, updated_at = ?2 \
+             WHERE id IN (SELECT value FROM json_each(?1)) AND status = 'failed' RETURNING id"
+        )))
+        .bind(id_array(events))
+        .bind(&self.now)
+        .fetch_all(&mut *self.tx)
+        .await
+        .map_err(storage)?;
+        parse_ids(&rows)
+    }
+
+    async fn statuses(&mut self, table: Table, events: &[Uuid]) -> Result<Vec<(Uuid, String)>> {
+        let t = table.sql_name();
+        let rows: Vec<(String, String)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "SELECT id, status FROM {t} WHERE id IN (SELECT value FROM json_each(?1))"
+        )))
+        .bind(id_array(events))
+        .fetch_all(&mut *self.tx)
+        .await
+        .map_err(storage)?;
+        rows.into_iter()
+            .map(|(id, status)| Ok((parse_id(&id)?, status)))
+            .collect()
+    }
+
+    async fn insert_outbox(&mut self, events: &[OutboxEvent]) -> Result<Vec<BulkOutcome>> {
+        super::insert_outbox(&mut self.tx, events).await
+    }
+
+    async fn insert_inbox(&mut self, events: &[InboxEvent]) -> Result<Vec<BulkOutcome>> {
+        super::insert_inbox(&mut self.tx, events).await
+    }
+
+    async fn close_letters(&mut self, ids: &[Uuid]) -> Result<()> {
+        sqlx::query(
+            "UPDATE omnibox_dead_letters SET replayed_at = ?2 WHERE id IN (SELECT value FROM json_each(?1))",
+        )
+        .bind(id_array(ids))
+        .bind(&self.now)
+        .execute(&mut *self.tx)
+        .await
+        .map_err(storage)?;
+        Ok(())
+    }
+
+    async fn commit(self) -> Result<()> {
+        self.tx.commit().await.map_err(storage)
+    }
+
+    async fn rollback(self) -> Result<()> {
+        self.tx.rollback().await.map_err(storage)
+    }
+}
+
+/// Marks the open letters of `events` (rows of `table` just requeued)
+/// replayed, on the requeue's transaction, at `now`.
+pub(crate) async fn mark_replayed(
+    conn: &mut SqliteConnection,
+    table: Table,
+    events: &[Uuid],
+    now: &str,
+) -> Result<()> {
+    sqlx::query(
+        "UPDATE omnibox_dead_letters SET replayed_at = ?3
+         WHERE origin = ?1 AND event_id IN (SELECT value FROM json_each(?2)) AND replayed_at IS NULL",
+    )
+    .bind(table.to_string())
+    .bind(id_array(events))
+    .bind(now)
+    .execute(conn)
+    .await
+    .map_err(storage)?;
+    Ok(())
+}
+
+fn parse_id(s: &str) -> Result<Uuid> {
+    Uuid::parse_str(s).map_err(|e| Error::CorruptRow {
+        id: s.to_string(),
+        message: e.to_string(),
+    })
+}
+
+fn parse_ids(ids: &[String]) -> Result<Vec<Uuid>> {
+    ids.iter().map(|s| parse_id(s)).collect()
+}
+
+fn decode_letter(r: &sqlx::sqlite::SqliteRow) -> Result<DeadLetterRecord> {
+    let inner = || -> std::result::Result<DeadLetterRecord, String> {
+        let s = |e: sqlx::Error| e.to_string();
+        let uuid = |col: &str| -> std::result::Result<Uuid, String> {
+            let v: String = r.try_get(col).map_err(s)?;
+            Uuid::parse_str(&v).map_err(|e| format!("column {col}: {e}"))
+        };
+        let ts = |v: String| time::parse_stored(&v).map_err(|e| e.to_string());
+        let event: String = r.try_get("event").map_err(s)?;
+        let replayed_at: Option<String> = r.try_get("replayed_at").map_err(s)?;
+        Ok(DeadLetterRecord {
+            id: uuid("id")?,
+            seq: r.try_get("seq").map_err(s)?,
+            origin: dead_letters::parse_origin(&r.try_get::<String, _>("origin").map_err(s)?)?,
+            event_id: uuid("event_id")?,
+            event_type: r.try_get("event_type").map_err(s)?,
+            topic: r.try_get("topic").map_err(s)?,
+            attempts_made: r.try_get("attempts_made").map_err(s)?,
+            error: r.try_get("error").map_err(s)?,
+            event: serde_json::from_str(&event).map_err(|e| e.to_string())?,
+            dead_at: ts(r.try_get("dead_at").map_err(s)?)?,
+            replayed_at: replayed_at.map(ts).transpose()?,
+        })
+    };
+    inner().map_err(|message| Error::CorruptRow {
+        id: r.try_get::<String, _>("id").unwrap_or_else(|_| "?".into()),
+        message,
+    })
+}
