@@ -8,21 +8,9 @@ use std::time::{Duration, Instant};
 use uuid::Uuid;
 
 use super::flight::Flight;
-use super::outcome::Outcome;
+use super::outcome::{HeldRows, Outcome, lock};
 use crate::model::Route;
 use crate::store::{Claim, ClaimToken, EventStore};
-
-/// The rows of a batch in flight whose lease the processor keeps extending.
-#[derive(Debug, Clone, Default)]
-pub struct HeldRows(pub(super) Arc<Mutex<Vec<Uuid>>>);
-
-impl HeldRows {
-    /// `id` is settled (written by the step itself): its lease is no longer
-    /// extended.
-    pub fn settled(&self, id: Uuid) {
-        lock(&self.0).retain(|held| *held != id);
-    }
-}
 
 /// A claimed and handled batch whose results are not written yet. Its
 /// lease is kept alive until the results are written.
@@ -62,12 +50,6 @@ impl Drop for Ticket {
     fn drop(&mut self) {
         lock(&self.flight).written(self.no);
     }
-}
-
-/// Locks a mutex, going on past a panic in another holder (the data is
-/// bookkeeping that stays consistent between statements).
-pub(super) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl<R> Fetched<R> {

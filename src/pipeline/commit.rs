@@ -8,9 +8,9 @@ use std::time::{Duration, Instant};
 
 use uuid::Uuid;
 
-use super::batch::lock;
 use super::dead_letter::{Letter, put_dead_letters};
 use super::options::BatchReport;
+use super::outcome::lock;
 use super::outcome::{BatchHandler, Outcome};
 use super::processor::Processor;
 use super::recorder::EventOutcome;

@@ -26,12 +26,12 @@ mod step;
 pub(crate) mod throttle;
 
 pub(crate) use batch::Heartbeat;
-pub use batch::{Claimed, Fetch, Fetched, Handled, HeldRows};
+pub use batch::{Claimed, Fetch, Fetched, Handled};
 pub(crate) use dead_letter::put_dead_letters;
 pub use dead_letter::{DeadLetterStore, Letter};
 pub use options::{BatchReport, ProcessorOptions};
 pub(crate) use outcome::Verdict;
-pub use outcome::{BatchHandler, Outcome};
+pub use outcome::{BatchHandler, HeldRows, Outcome};
 pub use processor::{Processor, ProcessorBuilder};
 pub use recorder::{EventOutcome, MetricsRecorder};
 pub use runner::{RunMode, RunOptions, RunReport, Sleep, Wakeup, run};

@@ -4,7 +4,10 @@
 use std::future::Future;
 use std::time::Duration;
 
-use super::batch::HeldRows;
+use std::sync::{Arc, Mutex};
+
+use uuid::Uuid;
+
 use crate::domain::Retry;
 use crate::model::{Event, Route};
 
@@ -100,4 +103,22 @@ pub trait BatchHandler<R: Route>: Send + Sync + 'static {
         let _ = held;
         self.handle(events)
     }
+}
+
+/// The rows of a batch in flight whose lease the processor keeps extending.
+#[derive(Debug, Clone, Default)]
+pub struct HeldRows(pub(super) Arc<Mutex<Vec<Uuid>>>);
+
+impl HeldRows {
+    /// `id` is settled (written by the step itself): its lease is no longer
+    /// extended.
+    pub fn settled(&self, id: Uuid) {
+        lock(&self.0).retain(|held| *held != id);
+    }
+}
+
+/// Locks a mutex, going on past a panic in another holder (the data is
+/// bookkeeping that stays consistent between statements).
+pub(super) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }

@@ -10,12 +10,13 @@ use std::time::{Duration, Instant};
 
 use tracing::Instrument;
 
-use super::batch::{Claimed, Fetch, Fetched, Handled, Heartbeat, HeldRows, Ticket, lock};
+use super::batch::{Claimed, Fetch, Fetched, Handled, Heartbeat, Ticket};
 use super::circuit::{CircuitBreaker, CircuitConfig};
 use super::dead_letter::DeadLetterStore;
 use super::flight::{self, Flight, Key};
 use super::options::{BatchReport, ProcessorOptions};
 use super::outcome::{BatchHandler, Outcome};
+use super::outcome::{HeldRows, lock};
 use super::recorder::MetricsRecorder;
 use crate::error::Result;
 use crate::model::{Event, Route, time};

@@ -3,7 +3,7 @@
 use std::future::Future;
 use std::sync::Arc;
 
-use super::batch::HeldRows;
+use super::outcome::HeldRows;
 use super::outcome::{BatchHandler, Outcome};
 use crate::model::{Event, Route};
 

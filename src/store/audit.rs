@@ -6,11 +6,8 @@ use serde_json::Value;
 use sqlx::Row;
 use uuid::Uuid;
 
-use super::AnyStore;
-use super::any::with_driver;
-use super::driver::{Driver, FeatureTx, Retention, delete_older_in_batches};
 use crate::error::{Error, Result, storage};
-use crate::model::{Table, Timestamp, UnlockReason, time};
+use crate::model::{Timestamp, UnlockReason, time};
 
 /// One operator action.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -90,76 +87,6 @@ pub fn check(entry: &AuditEntry) -> Result<()> {
         ));
     }
     Ok(())
-}
-
-impl AnyStore {
-    /// Records an operator action.
-    pub async fn record_audit(&self, entry: &AuditEntry) -> Result<i64> {
-        check(entry)?;
-        with_driver!(self, d => record(d, entry).await)
-    }
-
-    /// Makes `change` on `table` and records `entry` (its `table`, `count`
-    /// and `ids` filled in from what changed) in the **same transaction**:
-    /// both happen or neither. The entry is checked before anything is
-    /// written. Returns the ids changed; when nothing changed, nothing is
-    /// written (no audit row either).
-    pub async fn change_audited(
-        &self,
-        table: Table,
-        change: AuditedChange<'_>,
-        entry: AuditEntry,
-    ) -> Result<Vec<Uuid>> {
-        check(&entry)?;
-        with_driver!(self, d => change_audited(d, table, change, entry).await)
-    }
-
-    /// Deletes audit rows older than `older_than`, `batch_size` per
-    /// statement; returns how many (the trail's own retention, run by
-    /// `cleanup`).
-    pub async fn delete_audit_older(
-        &self,
-        older_than: std::time::Duration,
-        batch_size: u32,
-    ) -> Result<u64> {
-        with_driver!(self, d => delete_older_in_batches(d, Retention::Audit, older_than, batch_size).await)
-    }
-
-    /// Recorded actions, newest first.
-    pub async fn audit(&self, filter: &AuditFilter) -> Result<Vec<AuditEntry>> {
-        with_driver!(self, d => d.list_audit(filter).await)
-    }
-}
-
-async fn record<D: Driver>(driver: &D, entry: &AuditEntry) -> Result<i64> {
-    let mut tx = driver.begin().await?;
-    let id = tx.insert_audit(entry).await?;
-    tx.commit().await?;
-    Ok(id)
-}
-
-async fn change_audited<D: Driver>(
-    driver: &D,
-    table: Table,
-    change: AuditedChange<'_>,
-    mut entry: AuditEntry,
-) -> Result<Vec<Uuid>> {
-    entry.table = Some(table.to_string());
-    let requeue = matches!(change, AuditedChange::Requeue { .. });
-    let mut tx = driver.begin().await?;
-    let ids = tx.audited_change(table, change).await?;
-    if ids.is_empty() {
-        tx.rollback().await?;
-        return Ok(ids);
-    }
-    if requeue {
-        tx.mark_replayed(table, &ids).await?;
-    }
-    entry.count = ids.len() as u64;
-    entry.ids = ids.clone();
-    tx.insert_audit(&entry).await?;
-    tx.commit().await?;
-    Ok(ids)
 }
 
 /// A change [`AnyStore::change_audited`] makes with its audit row.

@@ -20,12 +20,10 @@ use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
 use uuid::Uuid;
 
-use super::any::with_driver;
-use super::audit::{AuditEntry, check};
-use super::driver::{Driver, FeatureTx, Retention, delete_older_in_batches};
+use super::audit::AuditEntry;
 use super::{AnyStore, BulkOutcome, stored_error, topic_column};
 use crate::error::{Error, Result};
-use crate::model::{Event, EventStatus, InboxRoute, OutboxRoute, Route, Table, Timestamp};
+use crate::model::{Event, EventStatus, Route, Table, Timestamp};
 
 /// The table's name.
 pub const DEAD_LETTERS_TABLE: &str = "omnibox_dead_letters";
@@ -107,109 +105,7 @@ pub struct DeadLetterReplay {
 /// The `omnibox_dead_letters` table of a store.
 #[derive(Debug, Clone)]
 pub struct DeadLetterTable {
-    store: AnyStore,
-}
-
-impl DeadLetterTable {
-    /// The dead letters of `store` (its schema must be migrated).
-    pub fn new(store: impl Into<AnyStore>) -> Self {
-        DeadLetterTable {
-            store: store.into(),
-        }
-    }
-
-    /// Letters matching `filter`, oldest first.
-    pub async fn list(&self, filter: &DeadLetterFilter) -> Result<Vec<DeadLetterRecord>> {
-        with_driver!(&self.store, d => d.list_letters(filter).await)
-    }
-
-    /// Brings the events of the open letters `ids` back: a row still
-    /// `failed` is requeued (attempts reset, error cleared, due now), a
-    /// row that is gone is re-inserted from the letter's copy as a new
-    /// pending row. The letters done are marked replayed, and `entry`
-    /// recorded (with the events' ids), in the same transaction; letters
-    /// whose event is back already are closed, with why. Ids of
-    /// replayed or unknown letters are ignored.
-    pub async fn replay(&self, ids: &[Uuid], mut entry: AuditEntry) -> Result<DeadLetterReplay> {
-        check(&entry)?;
-        entry.table = Some(DEAD_LETTERS.to_string());
-        with_driver!(&self.store, d => replay(d, ids, entry).await)
-    }
-
-    /// How many letters are open (not replayed), of `origin`'s events or
-    /// of all: failures nobody has dealt with yet (read from the
-    /// open-letter index).
-    pub async fn count_open(&self, origin: Option<Table>) -> Result<u64> {
-        with_driver!(&self.store, d => d.count_open_letters(origin).await)
-    }
-
-    /// Deletes letters replayed more than `older_than` ago, `batch_size`
-    /// per statement; returns how many (run by `cleanup`). Open letters are
-    /// never deleted here: they are failures nobody has dealt with yet.
-    pub async fn delete_replayed_older(
-        &self,
-        older_than: std::time::Duration,
-        batch_size: u32,
-    ) -> Result<u64> {
-        with_driver!(&self.store, d => {
-            delete_older_in_batches(d, Retention::ReplayedLetters, older_than, batch_size).await
-        })
-    }
-
-    /// Writes the letters of `table`'s events whose rows are `failed` now
-    /// (a row requeued meanwhile needs no letter: its event is back); the
-    /// rows are share-locked (PostgreSQL) or the database write-locked
-    /// (SQLite) until the letters are in, so a requeue cannot slip between
-    /// the check and the insert. Returns how many letters are settled. A
-    /// batch the database refuses is written one letter at a time, so one
-    /// bad letter does not cost the others.
-    async fn put_rows(&self, table: Table, rows: Vec<NewLetter>) -> Result<usize> {
-        if rows.is_empty() {
-            return Ok(0);
-        }
-        let n = rows.len();
-        match self.insert_rows(table, &rows).await {
-            Ok(()) => Ok(n),
-            Err(e) if n > 1 && matches!(e, Error::StorageIntegrity(_)) => {
-                let mut kept = 0;
-                for r in rows {
-                    let id = r.event_id;
-                    match self.insert_rows(table, std::slice::from_ref(&r)).await {
-                        Ok(()) => kept += 1,
-                        Err(e) => {
-                            tracing::error!(event_id = %id, error = %e, "the database refused this dead letter (the row is failed in its table)")
-                        }
-                    }
-                }
-                Ok(kept)
-            }
-            Err(e) => Err(e),
-        }
-    }
-
-    async fn insert_rows(&self, table: Table, rows: &[NewLetter]) -> Result<()> {
-        with_driver!(&self.store, d => d.insert_letters(table, rows).await)
-    }
-}
-
-impl DeadLetterTable {
-    /// Keeps a copy of each event that has just become `failed` (as its
-    /// processor claimed it, with the error of its last attempt) in the
-    /// table; returns how many are kept. Putting a letter twice keeps it
-    /// once.
-    pub async fn put_failed<R: Route + Serialize>(
-        &self,
-        letters: &[(&Event<R>, &str)],
-    ) -> Result<usize> {
-        self.put_rows(R::TABLE, new_letters(letters)?).await
-    }
-}
-
-impl AnyStore {
-    /// This store's dead-letter table.
-    pub fn dead_letters(&self) -> DeadLetterTable {
-        DeadLetterTable::new(self.clone())
-    }
+    pub(super) store: AnyStore,
 }
 
 /// A letter to write.
@@ -226,7 +122,9 @@ pub(crate) struct NewLetter {
 
 /// The rows of `letters`: each event as it is once failed (a row the
 /// caller has already failed is taken as it is).
-fn new_letters<R: Route + Serialize>(letters: &[(&Event<R>, &str)]) -> Result<Vec<NewLetter>> {
+pub(super) fn new_letters<R: Route + Serialize>(
+    letters: &[(&Event<R>, &str)],
+) -> Result<Vec<NewLetter>> {
     letters
         .iter()
         .map(|&(e, last)| {
@@ -270,7 +168,7 @@ fn new_letters<R: Route + Serialize>(letters: &[(&Event<R>, &str)]) -> Result<Ve
 }
 
 /// The letters of `table` whose event has no row.
-fn missing_events<'a>(
+pub(super) fn missing_events<'a>(
     letters: &'a [DeadLetterRecord],
     table: Table,
     present: &[(Uuid, String)],
@@ -282,7 +180,9 @@ fn missing_events<'a>(
         .collect()
 }
 
-fn revive<R: Route + DeserializeOwned>(letters: &[&DeadLetterRecord]) -> Result<Vec<Event<R>>> {
+pub(super) fn revive<R: Route + DeserializeOwned>(
+    letters: &[&DeadLetterRecord],
+) -> Result<Vec<Event<R>>> {
     letters
         .iter()
         .map(|l| {
@@ -310,7 +210,7 @@ fn revive<R: Route + DeserializeOwned>(letters: &[&DeadLetterRecord]) -> Result<
 
 /// Which letters of `table` came back (`Ok`) or not (`Err(why)`), by
 /// event id.
-fn settle(
+pub(super) fn settle(
     table: Table,
     requeued: &[Uuid],
     present: &[(Uuid, String)],
@@ -345,7 +245,7 @@ fn settle(
     }
 }
 
-fn split(
+pub(super) fn split(
     letters: Vec<DeadLetterRecord>,
     mut back: HashMap<(Table, Uuid), std::result::Result<(), String>>,
 ) -> DeadLetterReplay {
@@ -362,48 +262,9 @@ fn split(
     report
 }
 
-/// [`DeadLetterTable::replay`] on one backend, in one write transaction.
-async fn replay<D: Driver>(
-    driver: &D,
-    ids: &[Uuid],
-    mut entry: AuditEntry,
-) -> Result<DeadLetterReplay> {
-    let mut tx = driver.begin().await?;
-    let letters = tx.lock_open_letters(ids).await?;
-    let mut back = HashMap::new();
-    for table in [Table::Outbox, Table::Inbox] {
-        let events: Vec<Uuid> = letters
-            .iter()
-            .filter(|l| l.origin == table)
-            .map(|l| l.event_id)
-            .collect();
-        if events.is_empty() {
-            continue;
-        }
-        let requeued = tx.requeue_failed(table, &events).await?;
-        let present = tx.statuses(table, &events).await?;
-        let missing = missing_events(&letters, table, &present);
-        let inserted = match table {
-            Table::Outbox => tx.insert_outbox(&revive::<OutboxRoute>(&missing)?).await?,
-            Table::Inbox => tx.insert_inbox(&revive::<InboxRoute>(&missing)?).await?,
-        };
-        settle(table, &requeued, &present, &missing, &inserted, &mut back);
-    }
-    let report = split(letters, back);
-    if report.replayed.is_empty() && report.closed.is_empty() {
-        tx.rollback().await?;
-        return Ok(report);
-    }
-    tx.close_letters(&report.done()).await?;
-    fill_entry(&mut entry, &report);
-    tx.insert_audit(&entry).await?;
-    tx.commit().await?;
-    Ok(report)
-}
-
 impl DeadLetterReplay {
     /// The letters now marked replayed: replayed and closed.
-    fn done(&self) -> Vec<Uuid> {
+    pub(super) fn done(&self) -> Vec<Uuid> {
         self.replayed
             .iter()
             .chain(self.closed.iter().map(|(l, _)| l))
@@ -412,7 +273,7 @@ impl DeadLetterReplay {
     }
 }
 
-fn fill_entry(entry: &mut AuditEntry, report: &DeadLetterReplay) {
+pub(super) fn fill_entry(entry: &mut AuditEntry, report: &DeadLetterReplay) {
     entry.count = report.replayed.len() as u64;
     entry.ids = report.replayed.iter().map(|l| l.event_id).collect();
     if let Value::Object(d) = &mut entry.details {

@@ -43,6 +43,7 @@ pub mod dead_letters;
 mod driver;
 pub mod fingerprint;
 mod migrate;
+mod operations;
 pub mod postgres;
 pub mod sqlite;
 mod wakeup;

@@ -4,7 +4,7 @@
 use sqlx::SqliteConnection;
 use uuid::Uuid;
 
-use super::table::ts;
+use super::ts;
 use super::{decode, id_array};
 use crate::domain::chrono_dur;
 use crate::error::{Result, storage};

@@ -4,7 +4,7 @@
 use sqlx::{Row, Sqlite, SqliteConnection};
 use uuid::Uuid;
 
-use super::table::ts;
+use super::ts;
 use super::{SqliteTable, decode, sql};
 use crate::error::{Error, Result, storage};
 use crate::model::{Event, InboxEvent, InboxRoute, OutboxEvent, OutboxRoute, Route, time};

@@ -6,8 +6,7 @@ use std::time::Duration;
 use sqlx::{QueryBuilder, Row, Sqlite};
 use uuid::Uuid;
 
-use super::table::{changed_ids, ts};
-use super::{SqliteRoute, SqliteTable, decode, id_array};
+use super::{SqliteRoute, SqliteTable, changed_ids, decode, id_array, ts};
 use crate::domain::chrono_dur;
 use crate::error::{Error, Result, storage};
 use crate::model::{Event, EventStatus, UnlockReason, time};

@@ -433,3 +433,21 @@ pub(crate) fn id_array(ids: &[Uuid]) -> String {
     serde_json::to_string(&ids.iter().map(|id| id.to_string()).collect::<Vec<_>>())
         .expect("strings serialise")
 }
+
+/// A time in the stored text form.
+pub(crate) fn ts(t: &time::Timestamp) -> String {
+    time::format(t)
+}
+
+/// The ids in the first column of `rows`.
+pub(crate) fn changed_ids(rows: &[sqlx::sqlite::SqliteRow]) -> Result<Vec<Uuid>> {
+    rows.iter()
+        .map(|r| {
+            let s: String = r.try_get(0).map_err(storage)?;
+            Uuid::parse_str(&s).map_err(|e| Error::CorruptRow {
+                id: s.clone(),
+                message: e.to_string(),
+            })
+        })
+        .collect()
+}

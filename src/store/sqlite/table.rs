@@ -8,7 +8,7 @@ use sqlx::{QueryBuilder, Row, Sqlite};
 use uuid::Uuid;
 
 use super::maintenance::push_failed_filters;
-use super::{SqliteRoute, SqliteTable, decode, id_array, sql};
+use super::{SqliteRoute, SqliteTable, changed_ids, decode, id_array, sql, ts};
 use crate::domain::chrono_dur;
 use crate::error::{Error, Result, storage};
 use crate::model::{Event, EventStatus, UnlockReason, time};
@@ -19,22 +19,6 @@ use crate::store::{
     Failure, ListFilter, RequeueFilter, RetryAt, TableCounts, guard_result, stored_error,
     topic_column,
 };
-
-pub(super) fn ts(t: &time::Timestamp) -> String {
-    time::format(t)
-}
-
-pub(super) fn changed_ids(rows: &[sqlx::sqlite::SqliteRow]) -> Result<Vec<Uuid>> {
-    rows.iter()
-        .map(|r| {
-            let s: String = r.try_get(0).map_err(storage)?;
-            Uuid::parse_str(&s).map_err(|e| Error::CorruptRow {
-                id: s.clone(),
-                message: e.to_string(),
-            })
-        })
-        .collect()
-}
 
 impl<R: SqliteRoute> EventStore<R> for SqliteTable<R> {
     fn capabilities(&self) -> Capabilities {
