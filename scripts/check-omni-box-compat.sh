@@ -86,7 +86,8 @@ log "migrated schema $SCHEMA with $("$OMNIBOX" --version)"
 #      JSONB(none_as_null=True), which writes SQL NULL;
 #    - with that model, events without headers, some with an idempotency key:
 #      bulk_create inserts the events with a key first, and omnibox publishes
-#      a key's events in insertion order;
+#      a key's events in insertion order; create() and a repeated
+#      idempotency key (the existing row comes back, nothing is inserted);
 #    - a transaction rolled back: neither the order nor its event.
 cat > "$WORK/produce.py" <<'PY'
 import asyncio, json, os, sys, uuid
@@ -174,6 +175,14 @@ async def main() -> None:
         assert len(await repo.bulk_create(events)) == 4
         # Insertion order: the events with an idempotency key first.
         expected += [e for e in events if e.idempotency_key] + [e for e in events if not e.idempotency_key]
+        # create(), and a repeated idempotency key: the existing row, nothing inserted.
+        order_id = uuid.uuid4()
+        await add_order(session, order_id, 104)
+        single = order_event(order_id, "customer-9", 104, idempotency_key="order-104")
+        assert (await repo.create(single)).id == single.id
+        again = order_event(order_id, "customer-9", 104, idempotency_key="order-104")
+        assert (await repo.create(again)).id == single.id, "a repeated idempotency key was inserted again"
+        expected.append(single)
 
     # Rolled back: neither the order nor its event.
     async with sessions() as session:
@@ -188,13 +197,13 @@ async def main() -> None:
         {"id": str(e.id), "key": e.partition_key, "n": e.payload["n"], "aggregate_id": str(e.aggregate_id),
          "headers": e.headers, "correlation_id": e.correlation_id}
         for e in expected
-    ], sys.stdout)
+    ], open(sys.argv[1], "w"))  # stdout carries omni-box's logs
 
 
 asyncio.run(main())
 PY
-"$PY" "$WORK/produce.py" > "$WORK/expected.json"
-log "omni-box wrote 34 events (4 keys) with their orders; an event without headers was refused with the stock model; one transaction rolled back"
+"$PY" "$WORK/produce.py" "$WORK/expected.json" >&2
+log "omni-box wrote 35 events (4 keys) with their orders (bulk_create and create; a repeated idempotency key was not inserted again); an event without headers was refused with the stock model; one transaction rolled back"
 
 # 4. omnibox relays them.
 "$OMNIBOX" publish --once --broker "file:$WORK/published.jsonl" --format json > "$WORK/summary.json"
@@ -229,5 +238,5 @@ for key in {e["key"] for e in expected}:
 assert not any(m["value"]["payload"]["n"] in (98, 99) for m in published), "a refused or rolled-back event was published"
 PY
 counts=$("$OMNIBOX" status --format json | "$PY" -c 'import json,sys; t=[t for t in json.load(sys.stdin)["tables"] if t["table"]=="outbox"][0]; print(t["completed"], t["pending"], t["failed"])')
-[ "$counts" = "34 0 0" ] || { log "outbox counts (completed pending failed): $counts, expected 34 0 0"; exit 1; }
-echo "ok: 34 events written by omni-box 0.3.1's PostgresOutboxRepository.bulk_create were published once each by omnibox publish, in insertion order per key, with their topic, key, payload and headers; headers=None needs JSONB(none_as_null=True); the rolled-back event was not published"
+[ "$counts" = "35 0 0" ] || { log "outbox counts (completed pending failed): $counts, expected 35 0 0"; exit 1; }
+echo "ok: 35 events written by omni-box 0.3.1's PostgresOutboxRepository.bulk_create and create were published once each by omnibox publish, in insertion order per key, with their topic, key, payload and headers; headers=None needs JSONB(none_as_null=True); the rolled-back event was not published"
