@@ -737,3 +737,106 @@ async fn an_unknown_topic_is_named_and_does_not_stop_other_topics() {
         );
     }
 }
+
+/// The README's SQL contract for services in other languages: the
+/// `INSERT INTO outbox_events` its tutorial shows, run exactly as written
+/// (only the columns it names; id from `gen_random_uuid()`, the rest left to
+/// the table's defaults), in one transaction with a business row, is a
+/// pending row with the documented defaults, and `omnibox publish` relays
+/// it with its topic, key and payload. (The README shows SQL for PostgreSQL
+/// only: SQLite's tables have no defaults for the id and the timestamps.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readme_sql_insert_is_published() {
+    let Some(pg) = PgEnv::new().await else { return };
+    let readme: &'static str = include_str!("../README.md");
+    let snippet = readme
+        .split("```sql\n")
+        .skip(1)
+        .filter_map(|block| block.split("```").next())
+        .find(|block| block.contains("INSERT INTO outbox_events"))
+        .expect("the README shows an INSERT INTO outbox_events in a sql block");
+    let omnibox::AnyStore::Postgres(store) = &pg.db.store else {
+        unreachable!("a PostgreSQL test database")
+    };
+    // The business table the snippet writes to is the service's own.
+    sqlx::query("CREATE TABLE orders (id uuid PRIMARY KEY, total numeric NOT NULL)")
+        .execute(store.pool())
+        .await
+        .unwrap();
+    sqlx::raw_sql(snippet)
+        .execute(store.pool())
+        .await
+        .unwrap_or_else(|e| panic!("the README's SQL fails: {e}\n{snippet}"));
+
+    use sqlx::Row;
+    let row = sqlx::query(
+        "SELECT id, status, attempts_made, max_attempts, scheduled_at <= now() AS due, \
+         headers IS NULL AS no_headers, payload_bytes IS NULL AS unsized, \
+         (SELECT count(*) FROM orders) AS orders FROM outbox_events",
+    )
+    .fetch_one(store.pool())
+    .await
+    .unwrap();
+    let id: uuid::Uuid = row.get("id");
+    assert_eq!(row.get::<String, _>("status"), "pending");
+    assert_eq!(row.get::<i32, _>("attempts_made"), 0);
+    assert_eq!(row.get::<i32, _>("max_attempts"), 6);
+    assert!(row.get::<bool, _>("due"), "scheduled_at defaults to now()");
+    assert!(row.get::<bool, _>("no_headers"));
+    assert!(row.get::<bool, _>("unsized"), "payload_bytes is left NULL");
+    assert_eq!(
+        row.get::<i64, _>("orders"),
+        1,
+        "the business row commits with it"
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    let out = omnibox(
+        dir.path(),
+        &[
+            "publish",
+            "--once",
+            "--broker",
+            "file:published.jsonl",
+            "--format",
+            "json",
+        ],
+        &pg.env(),
+    )
+    .output()
+    .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["completed"], 1, "{report}");
+    let published = std::fs::read_to_string(dir.path().join("published.jsonl")).unwrap();
+    let messages: Vec<serde_json::Value> = published
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(messages.len(), 1, "{published}");
+    let m = &messages[0];
+    let order_id = "0190f1d2-7a3b-7cde-8f00-123456789abc";
+    assert_eq!(m["topic"], "orders", "{m}");
+    assert_eq!(m["key"], order_id, "{m}");
+    assert_eq!(
+        m["value"]["payload"],
+        json!({"order_id": order_id, "total": 12.5}),
+        "{m}"
+    );
+    assert_eq!(m["value"]["event_type"], "order.created");
+    assert_eq!(m["value"]["aggregate_type"], "order");
+    assert_eq!(m["value"]["aggregate_id"], order_id);
+    assert_eq!(
+        m["value"]["schema_version"], "1.0.0",
+        "the documented default"
+    );
+    assert_eq!(m["headers"]["event_id"], id.to_string());
+    assert_eq!(m["headers"]["event_type"], "order.created");
+    let row = pg.db.store.outbox().get(id).await.unwrap().unwrap();
+    assert_eq!(row.status(), omnibox::EventStatus::Completed);
+}
