@@ -700,7 +700,20 @@ mod doc_examples {
     fn every_documented_command_parses() {
         let docs = [
             ("README.md", include_str!("../../README.md")),
+            ("docs/cli.md", include_str!("../../docs/cli.md")),
+            ("docs/semantics.md", include_str!("../../docs/semantics.md")),
+            (
+                "docs/operations.md",
+                include_str!("../../docs/operations.md"),
+            ),
+            (
+                "docs/production.md",
+                include_str!("../../docs/production.md"),
+            ),
+            ("docs/library.md", include_str!("../../docs/library.md")),
             ("docs/design.md", include_str!("../../docs/design.md")),
+            ("CONTRIBUTING.md", include_str!("../../CONTRIBUTING.md")),
+            ("CHANGELOG.md", include_str!("../../CHANGELOG.md")),
             ("bench/RESULTS.md", include_str!("../../bench/RESULTS.md")),
         ];
         let mut failures = Vec::new();
