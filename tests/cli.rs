@@ -858,7 +858,7 @@ fn inbox_poison_from_stdin_and_files_says_where_and_why() {
     let prefix = base64::engine::general_purpose::STANDARD
         .decode(p["raw_prefix_base64"].as_str().unwrap())
         .unwrap();
-    // As long a start as a row holds (the README says so): about 745 KB
+    // As long a start as a row holds (docs/cli.md says so): about 745 KB
     // with the default payload limit of 1,000,000 bytes.
     assert!(
         (740_000..750_000).contains(&prefix.len()),
