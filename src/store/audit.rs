@@ -64,7 +64,7 @@ pub struct AuditFilter {
     pub limit: Option<u32>,
 }
 
-/// Checks an entry before anything is changed ([`AnyStore::change_audited`]
+/// Checks an entry before anything is changed ([`AnyStore::change_audited`](super::AnyStore::change_audited)
 /// does; commands call it before they ask for confirmation).
 pub fn check(entry: &AuditEntry) -> Result<()> {
     if entry.actor.trim().is_empty() || entry.actor.chars().count() > 255 {
@@ -89,7 +89,7 @@ pub fn check(entry: &AuditEntry) -> Result<()> {
     Ok(())
 }
 
-/// A change [`AnyStore::change_audited`] makes with its audit row.
+/// A change [`AnyStore::change_audited`](super::AnyStore::change_audited) makes with its audit row.
 #[derive(Debug, Clone, Copy)]
 pub enum AuditedChange<'a> {
     /// Unlock one row, only if `holder` still holds it (the holder the

@@ -1,0 +1,557 @@
+//! The inbox consumer (the reference's `InboxConsumerRunner`): messages from
+//! a source into the inbox table, a batch per database transaction, with the
+//! ack strategies of docs/design.md, "The inbox".
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::watch;
+
+use super::context::{Dependencies, HandlerContext};
+use super::handler::{Handler, run_handler};
+use super::normalize::{DefaultEnvelopeParser, EnvelopeParser, Normalized, RawMessage};
+use super::source::Source;
+use crate::domain::{Backoff, DomainService, Retry};
+use crate::error::{Error, Result};
+use crate::model::{InboxEvent, InboxRoute, time};
+use crate::pipeline::Outcome;
+use crate::pipeline::throttle::Throttle;
+use crate::pipeline::{DeadLetterStore, Letter, MetricsRecorder, put_dead_letters};
+use crate::relay::{AnySink, DeadLetterTopic};
+use crate::store::{AnyTable, ClaimToken, Failure, RetryAt};
+
+mod exactly_once;
+mod in_transaction;
+mod options;
+mod outside;
+mod store_then_handle;
+
+use options::IDLE_AFTER;
+pub use options::{
+    AckStrategy, CommitOn, ConsumeOptions, ConsumeReport, DEFAULT_CONSUMER_LEASE,
+    DEFAULT_TRANSIENT_LIMIT,
+};
+
+/// Consumes from a source into the inbox.
+pub struct InboxConsumer<S: Source, H: Handler> {
+    source: S,
+    store: AnyTable<InboxRoute>,
+    handler: Option<Arc<H>>,
+    options: ConsumeOptions,
+    domain: DomainService,
+    backoff: Backoff,
+    metrics: Option<Arc<dyn MetricsRecorder>>,
+    dlq: Vec<Arc<dyn DeadLetterStore<InboxRoute>>>,
+    /// Exactly-once: the source is paused until then (a retry's time).
+    resume_at: Option<Instant>,
+    /// Repeated handler-failure warnings are logged at most every few
+    /// seconds; the others are counted here and reported with the next.
+    warnings: Throttle,
+    /// Handed to every handler run.
+    deps: Dependencies,
+    /// Turns messages into events.
+    parser: Arc<dyn EnvelopeParser>,
+    /// Shared bound on handler runs at once (`with_concurrency_limit`).
+    limit: Option<Arc<tokio::sync::Semaphore>>,
+}
+
+impl<S: Source, H: Handler> InboxConsumer<S, H> {
+    /// A consumer of `source` into `store`, running `handler` (if any) on new rows.
+    pub fn new(
+        source: S,
+        store: AnyTable<InboxRoute>,
+        handler: Option<Arc<H>>,
+        options: ConsumeOptions,
+    ) -> Self {
+        InboxConsumer {
+            source,
+            store,
+            handler,
+            options,
+            domain: DomainService::default(),
+            backoff: Backoff::default(),
+            metrics: None,
+            dlq: Vec::new(),
+            resume_at: None,
+            warnings: Throttle::default(),
+            deps: Dependencies::default(),
+            parser: Arc::new(DefaultEnvelopeParser),
+            limit: None,
+        }
+    }
+
+    /// Bounds the handler runs of every consumer sharing `limit` to its
+    /// permits at once (the reference's `concurrency_limit`): e.g. several
+    /// consumers of one service, one per topic, sharing one database pool.
+    /// A run waiting for a permit keeps its source alive like a slow one.
+    pub fn with_concurrency_limit(mut self, limit: Arc<tokio::sync::Semaphore>) -> Self {
+        self.limit = Some(limit);
+        self
+    }
+
+    /// Creates events through `domain` instead of the default one: its
+    /// limits apply to every message, and its `max_attempts` becomes the
+    /// consumer's redelivery limit ([`ConsumeOptions::max_redeliveries`]).
+    pub fn with_domain(mut self, domain: DomainService) -> Self {
+        self.options.max_redeliveries =
+            u32::try_from(domain.limits().max_attempts.max(1)).unwrap_or(1);
+        self.domain = domain;
+        self
+    }
+
+    /// Reads messages with `parser` instead of the default rule
+    /// ([`DefaultEnvelopeParser`]).
+    pub fn with_parser(mut self, parser: impl EnvelopeParser) -> Self {
+        self.parser = Arc::new(parser);
+        self
+    }
+
+    /// Hands `deps` to every handler run ([`HandlerContext::dep`]).
+    pub fn with_dependencies(mut self, deps: Dependencies) -> Self {
+        self.deps = deps;
+        self
+    }
+
+    /// Records metrics.
+    pub fn metrics<M: MetricsRecorder>(mut self, metrics: Arc<M>) -> Self {
+        self.metrics = Some(metrics);
+        self
+    }
+
+    /// Also sends poison messages and rows that become `failed` to `topic`.
+    pub fn dead_letter(self, sink: Arc<AnySink>, topic: impl Into<String>) -> Self {
+        self.dead_letter_store(Arc::new(DeadLetterTopic::new(sink, topic)))
+    }
+
+    /// Also keeps poison messages and rows that become `failed` in `store`
+    /// (e.g. a [`DeadLetterTable`](crate::store::dead_letters::DeadLetterTable)).
+    pub fn dead_letter_store<D: DeadLetterStore<InboxRoute>>(mut self, store: Arc<D>) -> Self {
+        self.dlq.push(store);
+        self
+    }
+
+    fn count(&self, name: &str, n: u64) {
+        if let Some(m) = &self.metrics
+            && n > 0
+        {
+            m.count(name, n);
+        }
+    }
+
+    /// Consumes until the source ends (`once`) or `shutdown` turns true. The
+    /// batch in hand is always finished.
+    pub async fn run(
+        &mut self,
+        once: bool,
+        mut shutdown: watch::Receiver<bool>,
+    ) -> Result<ConsumeReport> {
+        // A bad group would make every message's row invalid: refuse it
+        // before anything is read.
+        crate::model::validate::consumer_group(&self.options.group)?;
+        let started = Instant::now();
+        let mut report = ConsumeReport::default();
+        let mut errors = 0u32;
+        // A source outage (a broker restart, say) is warned about once (at
+        // most once a minute), and its end logged.
+        let mut outage_since: Option<Instant> = None;
+        let mut warned_at: Option<Instant> = None;
+        loop {
+            if *shutdown.borrow() {
+                break;
+            }
+            if let Some(at) = self.resume_at {
+                let now = Instant::now();
+                if now < at {
+                    let step = (at - now).min(Duration::from_secs(1));
+                    let idled = tokio::select! {
+                    r = self.source.idle(step) => r,
+                    _ = shutdown.changed() => Ok(())};
+                    if let Err(e) = idled {
+                        tracing::warn!(error = %e, "the source failed while paused");
+                        tokio::time::sleep(step).await;
+                    }
+                    continue;
+                }
+                self.resume_at = None;
+            }
+            let polled = tokio::select! {
+            p = self.source.poll_within(
+                self.options.batch,
+                self.options
+                    .batch_bytes
+                    .map_or(usize::MAX, |b| usize::try_from(b).unwrap_or(usize::MAX)),
+                self.options.poll_wait,
+            ) => p,
+            _ = shutdown.changed() => continue};
+            let polled = match polled {
+                Ok(p) => {
+                    errors = 0;
+                    // Messages, or an answer about the end: it answers again.
+                    if (!p.messages.is_empty() || p.end)
+                        && let Some(since) = outage_since.take()
+                    {
+                        tracing::info!(
+                            after_s = since.elapsed().as_secs(),
+                            "the source answers again"
+                        );
+                    }
+                    p
+                }
+                Err(e) if !once => {
+                    errors += 1;
+                    let wait = Duration::from_millis(100 * 2u64.pow(errors.min(5)));
+                    outage_since.get_or_insert_with(Instant::now);
+                    if warned_at.is_none_or(|w| w.elapsed() >= Duration::from_secs(60)) {
+                        warned_at = Some(Instant::now());
+                        tracing::warn!(error = %e, "reading the source failed; retrying with backoff until it answers (nothing is lost: offsets are committed only after messages are stored)");
+                    } else {
+                        tracing::debug!(error = %e, retry_in_ms = wait.as_millis() as u64, "reading the source failed again");
+                    }
+                    tokio::time::sleep(wait).await;
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
+            if !polled.messages.is_empty() {
+                let span = crate::telemetry::enabled().then(|| {
+                    receive_span(
+                        &self.source.describe(),
+                        &self.options.group,
+                        &polled.messages,
+                    )
+                });
+                let stored = self
+                    .consume_through_outages(&polled.messages, &mut report, once, &mut shutdown)
+                    .await;
+                if let Some(cx) = span {
+                    let error = stored.as_ref().err().map(|e| e.to_string());
+                    crate::telemetry::end(&cx, error.as_deref());
+                }
+                stored?;
+            }
+            if polled.end && once && polled.messages.is_empty() {
+                break;
+            }
+        }
+        report.elapsed_seconds = started.elapsed().as_secs_f64();
+        report.messages_per_second = if report.elapsed_seconds > 0.0 {
+            report.consumed as f64 / report.elapsed_seconds
+        } else {
+            0.0
+        };
+        Ok(report)
+    }
+
+    /// [`consume_batch`](Self::consume_batch), again and again while the
+    /// database is unreachable (a restart, a network cut): the batch's
+    /// transaction rolled back, nothing was committed to the source, so the
+    /// same messages are stored once it is back. One warning per outage, not
+    /// one per retry. A `once` run gives up after `outage_limit`; a shutdown
+    /// during an outage ends the run with the error (the messages are
+    /// delivered again to the next run).
+    async fn consume_through_outages(
+        &mut self,
+        messages: &[RawMessage],
+        report: &mut ConsumeReport,
+        once: bool,
+        shutdown: &mut watch::Receiver<bool>,
+    ) -> Result<()> {
+        let mut outage: Option<Instant> = None;
+        let mut attempt = 0u32;
+        loop {
+            let before = report.clone();
+            match self.consume_batch(messages, report).await {
+                Ok(()) => {
+                    if let Some(since) = outage {
+                        tracing::warn!(
+                            down_for_ms = since.elapsed().as_millis() as u64,
+                            "the database is back; consuming again"
+                        );
+                    }
+                    return Ok(());
+                }
+                Err(e) if e.is_outage() => {
+                    *report = before;
+                    let since = *outage.get_or_insert_with(|| {
+                        tracing::warn!(
+                            error = %e,
+                            "the database cannot be reached; the batch in hand is stored once it is back (retrying; logged once per outage)"
+                        );
+                        Instant::now()
+                    });
+                    if once && since.elapsed() >= self.options.outage_limit {
+                        return Err(Error::Outage(format!(
+                            "the database was unreachable for {}s (--outage-limit); nothing of the batch in hand was stored or committed: {e}",
+                            since.elapsed().as_secs()
+                        )));
+                    }
+                    attempt += 1;
+                    let wait = Duration::from_millis(100 * 2u64.pow(attempt.min(6)))
+                        .min(Duration::from_secs(5));
+                    tokio::select! {
+                    _ = tokio::time::sleep(wait) => {}
+                    _ = shutdown.changed() => return Err(e)}
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Stores one batch under the ack strategy.
+    pub async fn consume_batch(
+        &mut self,
+        messages: &[RawMessage],
+        report: &mut ConsumeReport,
+    ) -> Result<()> {
+        report.consumed += messages.len() as u64;
+        self.count("consumed", messages.len() as u64);
+        if self.options.ack == AckStrategy::AtMostOnce {
+            self.commit(messages, report).await?;
+        }
+        let mut normalized: Vec<Normalized> = messages
+            .iter()
+            .map(|m| self.parser.parse(&self.domain, m, &self.options.group))
+            .collect();
+        match self.options.ack {
+            AckStrategy::ExactlyOnce => self.exactly_once(messages, &mut normalized, report).await,
+            AckStrategy::AtMostOnce => {
+                self.store_then_handle(messages, &mut normalized, None, report)
+                    .await
+            }
+            AckStrategy::AtLeastOnce(on) => {
+                self.store_then_handle(messages, &mut normalized, Some(on), report)
+                    .await
+            }
+        }
+    }
+
+    async fn commit(&mut self, messages: &[RawMessage], report: &mut ConsumeReport) -> Result<()> {
+        if messages.is_empty() {
+            return Ok(());
+        }
+        match self.source.commit(messages).await {
+            Ok(()) => {
+                report.commits += 1;
+                self.count("committed", 1);
+                Ok(())
+            }
+            Err(e) => {
+                self.count("commit_failed", 1);
+                Err(e)
+            }
+        }
+    }
+
+    fn tally(
+        &self,
+        normalized: &[Normalized],
+        outcomes: &[crate::store::BulkOutcome],
+        report: &mut ConsumeReport,
+    ) {
+        let mut poison = 0;
+        let mut stored = 0;
+        let mut dups = 0;
+        for (n, o) in normalized.iter().zip(outcomes) {
+            if o.existing {
+                dups += 1;
+            } else {
+                stored += 1;
+                if n.is_poison() {
+                    poison += 1;
+                }
+            }
+        }
+        report.stored += stored;
+        report.duplicates += dups;
+        report.poison += poison;
+        self.count("stored", stored);
+        self.count("duplicate", dups);
+        self.count("poison", poison);
+    }
+
+    async fn forward_dead(&self, events: &[&InboxEvent]) {
+        if self.dlq.is_empty() || events.is_empty() {
+            return;
+        }
+        let letters: Vec<Letter<'_, InboxRoute>> = events
+            .iter()
+            .map(|e| Letter {
+                event: e,
+                error: e.last_error().unwrap_or("failed"),
+            })
+            .collect();
+        put_dead_letters(&self.dlq, &letters, Duration::from_secs(30)).await;
+    }
+
+    /// The token of this consumer's locks for one batch.
+    fn token(&self) -> ClaimToken {
+        ClaimToken {
+            worker: self.options.worker.clone(),
+            locked_at: time::now(),
+            lease: self.options.lease,
+        }
+    }
+
+    /// The row a message becomes: new rows get the consumer's attempt limit.
+    /// A valid event's payload and headers move to its row (a batch of
+    /// large messages is not held twice): `normalized` keeps the rest. A
+    /// poison row is copied whole (it is dead-lettered from `normalized`).
+    fn new_rows(&self, normalized: &mut [Normalized]) -> Vec<InboxEvent> {
+        let max = i32::try_from(self.options.max_redeliveries.max(1)).unwrap_or(i32::MAX);
+        normalized
+            .iter_mut()
+            .map(|n| match n {
+                Normalized::Poison(e) => (**e).clone(),
+                Normalized::Event(e) => {
+                    let payload = std::mem::take(&mut e.payload);
+                    let headers = e.headers.take();
+                    let mut row = (**e).clone();
+                    row.payload = payload;
+                    row.headers = headers;
+                    row.max_attempts = max;
+                    row
+                }
+            })
+            .collect()
+    }
+
+    /// The failure to write for a handler's failed result: a transient one
+    /// past the transient limit parks the row as failed.
+    fn failure(&self, event: &InboxEvent, error: String, retry: Retry) -> Failure {
+        if !retry.is_counted() {
+            let age = (time::now() - event.created_at())
+                .to_std()
+                .unwrap_or_default();
+            if age > self.options.transient_limit {
+                return Failure::dead(
+                    event.id(),
+                    format!(
+                        "gave up after failing transiently for {}s (limit {}s): {error}",
+                        age.as_secs(),
+                        self.options.transient_limit.as_secs()
+                    ),
+                );
+            }
+        }
+        Failure::from_retry(event, error, retry, &self.options.backoff)
+    }
+
+    /// True when writing `failure` leaves the row `failed`.
+    fn is_final(event: &InboxEvent, failure: &Failure) -> bool {
+        failure.dead || (failure.counted && event.attempts_made() + 1 >= event.max_attempts())
+    }
+
+    fn warn_failure(&mut self, event: &InboxEvent, error: &str, wait: Duration) {
+        match self.warnings.allow() {
+            Some(suppressed) => tracing::warn!(
+                message_id = event.message_id(),
+                attempt = event.attempts_made() + 1,
+                retry_in_ms = wait.as_millis() as u64,
+                suppressed,
+                error = %error,
+                "handler failed; the message will be delivered again"
+            ),
+            None => {
+                tracing::debug!(message_id = event.message_id(), error = %error, "handler failed again")
+            }
+        }
+    }
+
+    /// Pauses the source until `wait` has passed.
+    fn pause_for(&mut self, wait: Duration) {
+        let at = Instant::now() + wait;
+        self.resume_at = Some(self.resume_at.map_or(at, |r| r.max(at)));
+    }
+}
+
+fn persist_error(events: &[InboxEvent], e: Error) -> Error {
+    Error::InboxPersist {
+        message_id: events
+            .first()
+            .map(|e| e.message_id().to_string())
+            .unwrap_or_default(),
+        source: Box::new(e),
+    }
+}
+
+/// A row to handle in an exactly-once batch.
+struct Work {
+    /// Its message's index in the batch.
+    index: usize,
+    event: InboxEvent,
+    /// Stored by this batch (else taken: stored by an earlier delivery).
+    new: bool,
+}
+
+/// How long until a written failure's retry.
+fn retry_wait(failure: &Failure) -> Duration {
+    match failure.retry {
+        RetryAt::After(d) => d,
+        RetryAt::At(t) => (t - time::now()).to_std().unwrap_or_default(),
+    }
+}
+
+/// The `receive` span of a polled batch (its messages' own spans are the
+/// handlers', children of each message's trace context).
+fn receive_span(source: &str, group: &str, messages: &[RawMessage]) -> opentelemetry::Context {
+    use crate::telemetry::{self, attr};
+    let mut attrs = vec![
+        attr("messaging.system", telemetry::system_of(source)),
+        attr("messaging.operation.type", "receive"),
+        attr("messaging.operation.name", "receive"),
+        attr("messaging.consumer.group.name", group.to_string()),
+        attr("messaging.batch.message_count", messages.len() as i64),
+    ];
+    if let Some(first) = messages.first()
+        && messages.iter().all(|m| m.topic == first.topic)
+    {
+        attrs.push(attr("messaging.destination.name", first.topic.clone()));
+    }
+    telemetry::start(
+        "receive".into(),
+        opentelemetry::trace::SpanKind::Consumer,
+        &opentelemetry::Context::new(),
+        attrs,
+    )
+}
+
+/// Runs `handler` on `event`; when it runs longer than a moment, the source
+/// idles meanwhile (Kafka: paused partitions, polls go on), so a slow handler
+/// does not outlive the group's poll interval.
+async fn handle_alive<S: Source, H: Handler>(
+    source: &mut S,
+    handler: &H,
+    event: &InboxEvent,
+    timeout: Duration,
+    cx: &mut HandlerContext<'_>,
+    limit: Option<&tokio::sync::Semaphore>,
+) -> Outcome {
+    let system =
+        crate::telemetry::enabled().then(|| crate::telemetry::system_of(&source.describe()));
+    let run = async {
+        // A closed semaphore (never closed here) would mean no limit.
+        let _permit = match limit {
+            Some(l) => l.acquire().await.ok(),
+            None => None,
+        };
+        run_handler(handler, event, timeout, system, cx).await
+    };
+    tokio::pin!(run);
+    tokio::select! {
+        biased;
+        o = &mut run => return o,
+        _ = tokio::time::sleep(IDLE_AFTER) => {}
+    }
+    loop {
+        tokio::select! {
+            biased;
+            o = &mut run => return o,
+            r = source.idle(Duration::from_millis(500)) => {
+                if let Err(e) = r {
+                    tracing::warn!(error = %e, "the source failed while a handler ran");
+                    return run.await;
+                }
+            }
+        }
+    }
+}

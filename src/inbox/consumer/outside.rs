@@ -1,0 +1,151 @@
+//! Handlers that run outside the database transaction: the rows are
+//! claimed, handled, then completed or failed.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use uuid::Uuid;
+
+use super::options::ConsumeReport;
+use super::{InboxConsumer, Work, handle_alive, retry_wait};
+use crate::error::{Error, Result};
+use crate::inbox::context::HandlerContext;
+use crate::inbox::handler::Handler;
+use crate::inbox::normalize::RawMessage;
+use crate::inbox::source::Source;
+use crate::model::InboxEvent;
+use crate::pipeline::Heartbeat;
+use crate::pipeline::Verdict;
+use crate::store::{ClaimToken, EventStore, Failure};
+
+impl<S: Source, H: Handler> InboxConsumer<S, H> {
+    /// Runs an external handler on each row of `work` (stored and locked by
+    /// `token`) with no transaction open, writing each result before the
+    /// next handler starts. Returns the index of the message whose failure
+    /// ends the batch, with the wait before its retry.
+    pub(super) async fn handle_outside(
+        &mut self,
+        token: &ClaimToken,
+        handler: &H,
+        messages: &[RawMessage],
+        work: &[Work],
+        report: &mut ConsumeReport,
+    ) -> Result<Option<(usize, Duration)>> {
+        let held = Arc::new(std::sync::Mutex::new(
+            work.iter().map(|w| w.event.id()).collect::<Vec<Uuid>>(),
+        ));
+        let mut heartbeat =
+            Heartbeat::for_shared(&self.store, token.clone(), held.clone(), self.options.lease);
+        let mut stop = None;
+        let mut k = 0;
+        while k < work.len() {
+            let w = &work[k];
+            k += 1;
+            if let Ok(mut h) = held.lock()
+                && k > 1
+            {
+                // The rows before this one are settled.
+                h.retain(|id| *id != work[k - 2].event.id());
+            }
+            if !self.source.owns(&messages[w.index]) {
+                report.revoked += 1;
+                self.release(token, &[w.event.id()]).await?;
+                continue;
+            }
+            let outcome = handle_alive(
+                &mut self.source,
+                handler,
+                &w.event,
+                self.options.handler_timeout,
+                &mut HandlerContext::detached(self.deps.clone()),
+                self.limit.as_deref(),
+            )
+            .await;
+            match outcome.verdict() {
+                verdict @ (Verdict::Processed | Verdict::Skipped) => {
+                    match self.store.complete(token, &[w.event.id()]).await {
+                        Ok(_) if matches!(verdict, Verdict::Skipped) => report.skipped += 1,
+                        Ok(_) => {
+                            report.processed += 1;
+                            self.count("processed", 1);
+                        }
+                        Err(Error::ConcurrentUpdate { .. }) => tracing::warn!(
+                            message_id = w.event.message_id(),
+                            "the handler finished after this consumer lost the row's lease \
+                             (an operator unlocked it, or it ran past the lease); it is not \
+                             marked completed here and may run again"
+                        ),
+                        Err(e) => return Err(e),
+                    }
+                }
+                Verdict::Failed { error, retry } => {
+                    report.failed += 1;
+                    let failure = self.failure(&w.event, error, retry);
+                    let wait = retry_wait(&failure);
+                    let written = match self.store.fail(token, std::slice::from_ref(&failure)).await
+                    {
+                        Ok(w) => w,
+                        Err(Error::ConcurrentUpdate { .. }) => {
+                            tracing::warn!(
+                                message_id = w.event.message_id(),
+                                "the handler failed after this consumer lost the row's lease"
+                            );
+                            crate::store::FailReport::default()
+                        }
+                        Err(e) => return Err(e),
+                    };
+                    if !written.failed.is_empty() {
+                        report.dead += 1;
+                        self.forward_failed(&[(failure, &w.event)], &written.failed)
+                            .await;
+                        continue;
+                    }
+                    report.retrying += 1;
+                    self.warn_failure(&w.event, &failure.error, wait);
+                    stop = Some((w.index, wait));
+                    break;
+                }
+            }
+        }
+        heartbeat.stop();
+        let rest: Vec<Uuid> = work[k..].iter().map(|w| w.event.id()).collect();
+        self.release(token, &rest).await?;
+        Ok(stop)
+    }
+
+    pub(super) async fn release(&self, token: &ClaimToken, ids: &[Uuid]) -> Result<()> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        match self.store.release(token, ids).await {
+            Ok(_) | Err(Error::ConcurrentUpdate { .. }) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Rows that ended `failed`: logged and sent to the DLQ.
+    pub(super) async fn forward_failed(
+        &self,
+        failures: &[(Failure, &InboxEvent)],
+        failed: &[Uuid],
+    ) {
+        let rows: Vec<InboxEvent> = failures
+            .iter()
+            .filter(|(f, _)| failed.contains(&f.id))
+            .map(|(f, e)| {
+                let mut e = (*e).clone();
+                e.status = crate::EventStatus::Failed;
+                e.attempts_made = (e.attempts_made + 1).min(e.max_attempts);
+                e.last_error = Some(crate::store::stored_error(&f.error));
+                tracing::error!(
+                    message_id = e.message_id(),
+                    attempts = e.attempts_made,
+                    error = %f.error,
+                    "handler failed for good; the row is failed (omnibox replay retries it)"
+                );
+                e
+            })
+            .collect();
+        self.forward_dead(&rows.iter().collect::<Vec<_>>()).await;
+    }
+}
