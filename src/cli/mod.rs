@@ -27,6 +27,7 @@ mod output;
 mod publish;
 mod release_stale_locks;
 mod replay;
+mod running;
 mod safety;
 mod show;
 mod signals;

@@ -1,21 +1,18 @@
 //! `omnibox publish`: the outbox relay.
 
-use std::io::IsTerminal;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Result;
 use clap::Args;
-use indicatif::{ProgressBar, ProgressStyle};
-use omnibox::metrics::Metrics;
-use omnibox::pipeline::{ProcessorOptions, RunMode, RunOptions, RunReport, run};
+use omnibox::pipeline::{RunMode, RunOptions, RunReport, run};
 use omnibox::relay::{self, AnySink, Sink};
 use omnibox::{EventStore, Table, WorkerId};
 use serde_json::json;
 
 use super::output::{self, Format, human_duration};
-use super::{Context, ExitStatus, args, env};
+use super::{Context, ExitStatus, args, env, running};
 
 /// Publish due outbox events to the broker (the relay)
 ///
@@ -143,14 +140,10 @@ pub async fn run_publish(args: PublishArgs, ctx: &Context) -> Result<ExitStatus>
         .worker_id
         .clone()
         .unwrap_or_else(WorkerId::default_for_process);
-    let mut options = ProcessorOptions::new(worker.clone());
-    options.batch = args.batch;
-    options.batch_bytes = Some(args.batch_bytes.unwrap_or(ctx.settings.batch_bytes));
-    options.lease = lease;
-    options.commit_retry_for = lease / 2;
+    let mut options =
+        running::processor_options(ctx, worker.clone(), args.batch, args.batch_bytes, lease);
     options.filters.topics = args.topics.clone();
-    let metrics = Arc::new(Metrics::new());
-    metrics.prime("outbox");
+    let metrics = running::metrics("outbox");
     let publish = relay::PublishOptions {
         timeout: args.publish_timeout,
         transient_delay: options.transient_delay,
@@ -167,22 +160,12 @@ pub async fn run_publish(args: PublishArgs, ctx: &Context) -> Result<ExitStatus>
             topic.clone(),
         )));
     }
-    if let Some(args::DlqArg::Table) = args.dlq {
-        builder = builder.dead_letter_store(Arc::new(store.dead_letters()));
+    if let Some(table) = running::dead_letter_table(&args.dlq, &store) {
+        builder = builder.dead_letter_store(table);
     }
     let processor = builder.build();
-    let _metrics_server = match args.metrics_addr {
-        Some(addr) => Some((
-            omnibox::metrics::serve(addr, metrics.clone()).await?,
-            metrics.watch_stale_locks(store.clone()),
-        )),
-        None => None,
-    };
-    let mode = if args.once {
-        RunMode::Once
-    } else {
-        RunMode::Watch
-    };
+    let _metrics_server = running::serve_metrics(args.metrics_addr, &metrics, &store).await?;
+    let mode = running::run_mode(args.once);
     let run_options = RunOptions {
         mode,
         idle_max: args.poll_interval,
@@ -204,19 +187,12 @@ pub async fn run_publish(args: PublishArgs, ctx: &Context) -> Result<ExitStatus>
         shutdown = super::signals::either(shutdown, out.closed());
     }
     let mut wakeup = store.wakeup(Table::Outbox).await?;
-    let progress = if mode == RunMode::Once && !ctx.quiet && std::io::stderr().is_terminal() {
-        let due = store.outbox().counts().await?.due_now;
-        let bar = ProgressBar::new(due);
-        bar.set_style(
-            ProgressStyle::with_template(
-                "{spinner} {pos}/{len} events [{elapsed_precise}] {per_sec} {msg}",
-            )
-            .expect("valid template"),
-        );
-        Some(bar)
+    let due = if mode == RunMode::Once {
+        store.outbox().counts().await?.due_now
     } else {
-        None
+        0
     };
+    let progress = running::progress(ctx, mode, || due);
     let report = run(&processor, &run_options, shutdown, &mut wakeup, |batch| {
         if let Some(bar) = &progress {
             bar.inc((batch.completed + batch.failed + batch.dead + batch.transient) as u64);
@@ -245,14 +221,7 @@ pub async fn run_publish(args: PublishArgs, ctx: &Context) -> Result<ExitStatus>
         );
         ok = false;
     }
-    if report.error {
-        crate::cli::output::notice!(
-            "omnibox: error: stopped after {} batch(es): {}",
-            report.batches,
-            report.stopped_because.as_deref().unwrap_or("unknown error")
-        );
-        ok = false;
-    }
+    ok &= running::stopped_notice(&report);
     if let AnySink::Stdout(out) = &*sink
         && out.is_closed()
     {
@@ -273,14 +242,7 @@ pub async fn run_publish(args: PublishArgs, ctx: &Context) -> Result<ExitStatus>
         }
         let broker_down = report.transient.saturating_sub(report.unavailable);
         if broker_down > 0 && report.completed == 0 {
-            let why = report
-                .transient_error
-                .as_deref()
-                .map(|e| format!(" ({e})"))
-                .unwrap_or_default();
-            crate::cli::output::notice!(
-                "omnibox: error: the broker did not answer{why}; {broker_down} event(s) rescheduled without spending an attempt"
-            );
+            running::unanswered_notice("the broker", broker_down, &report);
             ok = false;
         }
     }

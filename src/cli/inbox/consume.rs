@@ -11,13 +11,12 @@ use omnibox::inbox::{
     AckStrategy, AnySource, CommitOn, ConsumeOptions, ConsumeReport, FileSource, InboxConsumer,
     KafkaSource,
 };
-use omnibox::metrics::Metrics;
 use omnibox::relay::AnySink;
 use serde_json::json;
 
 use super::HandlerArgs;
 use crate::cli::output::{self, Format, human_duration};
-use crate::cli::{Context, ExitStatus, UsageError, args, signals};
+use crate::cli::{Context, ExitStatus, UsageError, args, running, signals};
 
 /// Consume broker messages into the inbox, once per message id and group
 ///
@@ -232,8 +231,7 @@ pub async fn run(args: ConsumeArgs, ctx: &Context) -> Result<ExitStatus> {
         }),
         Ack::ExactlyOnce => AckStrategy::ExactlyOnce,
     };
-    let metrics = Arc::new(Metrics::new());
-    metrics.prime("inbox");
+    let metrics = running::metrics("inbox");
     let describe = omnibox::inbox::Source::describe(&source);
     let mut consumer =
         InboxConsumer::new(source, store.inbox(), handler, options).metrics(metrics.clone());
@@ -252,16 +250,10 @@ pub async fn run(args: ConsumeArgs, ctx: &Context) -> Result<ExitStatus> {
         )?;
         consumer = consumer.dead_letter(Arc::new(sink), topic.clone());
     }
-    if let Some(args::DlqArg::Table) = args.dlq {
-        consumer = consumer.dead_letter_store(Arc::new(store.dead_letters()));
+    if let Some(table) = running::dead_letter_table(&args.dlq, &store) {
+        consumer = consumer.dead_letter_store(table);
     }
-    let _server = match args.metrics_addr {
-        Some(addr) => Some((
-            omnibox::metrics::serve(addr, metrics.clone()).await?,
-            metrics.watch_stale_locks(store.clone()),
-        )),
-        None => None,
-    };
+    let _server = running::serve_metrics(args.metrics_addr, &metrics, &store).await?;
     if !ctx.quiet && !args.once {
         crate::cli::output::notice!(
             "omnibox: consuming {describe} as {worker}; SIGINT or SIGTERM stops after the current batch"

@@ -1,6 +1,5 @@
 //! `omnibox inbox process`.
 
-use std::io::IsTerminal;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -8,15 +7,14 @@ use std::time::Duration;
 use anyhow::Result;
 use clap::Args;
 use omnibox::inbox::HandlerStep;
-use omnibox::metrics::Metrics;
-use omnibox::pipeline::{self, ProcessorBuilder, ProcessorOptions, RunMode, RunOptions, RunReport};
+use omnibox::pipeline::{self, ProcessorBuilder, RunMode, RunOptions, RunReport};
 use omnibox::relay::{AnySink, DeadLetterTopic};
 use omnibox::{Table, WorkerId};
 use serde_json::json;
 
 use super::HandlerArgs;
 use crate::cli::output::{self, Format, human_duration};
-use crate::cli::{Context, ExitStatus, UsageError, args, signals};
+use crate::cli::{Context, ExitStatus, UsageError, args, running, signals};
 
 /// Run a handler on pending inbox rows (the batch pipeline, like publish)
 ///
@@ -112,16 +110,12 @@ pub async fn run(args: ProcessArgs, ctx: &Context) -> Result<ExitStatus> {
         .worker_id
         .clone()
         .unwrap_or_else(WorkerId::default_for_process);
-    let mut options = ProcessorOptions::new(worker.clone());
-    options.batch = args.batch;
-    options.batch_bytes = Some(args.batch_bytes.unwrap_or(ctx.settings.batch_bytes));
-    options.lease = lease;
-    options.commit_retry_for = lease / 2;
+    let mut options =
+        running::processor_options(ctx, worker.clone(), args.batch, args.batch_bytes, lease);
     options.filters.sources = args.sources.clone();
     options.filters.event_types = args.event_types.clone();
     options.filters.consumer_groups = args.consumer_groups.clone();
-    let metrics = Arc::new(Metrics::new());
-    metrics.prime("inbox");
+    let metrics = running::metrics("inbox");
     let step = HandlerStep::new(handler, args.concurrency as usize, args.handler.timeout);
     let mut builder = ProcessorBuilder::new(store.inbox(), step, options)
         .job("inbox_processor")
@@ -142,22 +136,12 @@ pub async fn run(args: ProcessArgs, ctx: &Context) -> Result<ExitStatus> {
             topic.clone(),
         )));
     }
-    if let Some(args::DlqArg::Table) = args.dlq {
-        builder = builder.dead_letter_store(Arc::new(store.dead_letters()));
+    if let Some(table) = running::dead_letter_table(&args.dlq, &store) {
+        builder = builder.dead_letter_store(table);
     }
     let processor = builder.build();
-    let _server = match args.metrics_addr {
-        Some(addr) => Some((
-            omnibox::metrics::serve(addr, metrics.clone()).await?,
-            metrics.watch_stale_locks(store.clone()),
-        )),
-        None => None,
-    };
-    let mode = if args.once {
-        RunMode::Once
-    } else {
-        RunMode::Watch
-    };
+    let _server = running::serve_metrics(args.metrics_addr, &metrics, &store).await?;
+    let mode = running::run_mode(args.once);
     if !ctx.quiet && mode == RunMode::Watch {
         crate::cli::output::notice!(
             "omnibox: processing inbox rows as {worker}; SIGINT or SIGTERM stops after the current batch"
@@ -170,19 +154,12 @@ pub async fn run(args: ProcessArgs, ctx: &Context) -> Result<ExitStatus> {
         outage_limit: args.outage_limit,
         ..RunOptions::default()
     };
-    let progress = if mode == RunMode::Once && !ctx.quiet && std::io::stderr().is_terminal() {
-        let due = omnibox::EventStore::counts(&store.inbox()).await?.due_now;
-        let bar = indicatif::ProgressBar::new(due);
-        bar.set_style(
-            indicatif::ProgressStyle::with_template(
-                "{spinner} {pos}/{len} events [{elapsed_precise}] {per_sec} {msg}",
-            )
-            .expect("valid template"),
-        );
-        Some(bar)
+    let due = if mode == RunMode::Once {
+        omnibox::EventStore::counts(&store.inbox()).await?.due_now
     } else {
-        None
+        0
     };
+    let progress = running::progress(ctx, mode, || due);
     let report = pipeline::run(
         &processor,
         &run_options,
@@ -200,25 +177,10 @@ pub async fn run(args: ProcessArgs, ctx: &Context) -> Result<ExitStatus> {
     }
     print_summary(ctx, &report, &worker)?;
     let mut ok = report.commit_errors == 0;
-    if report.error {
-        crate::cli::output::notice!(
-            "omnibox: error: stopped after {} batch(es): {}",
-            report.batches,
-            report.stopped_because.as_deref().unwrap_or("unknown error")
-        );
-        ok = false;
-    }
+    ok &= running::stopped_notice(&report);
     if mode == RunMode::Once && report.transient > 0 && report.completed + report.skipped == 0 {
         // As `publish --once` when the broker does not answer.
-        let why = report
-            .transient_error
-            .as_deref()
-            .map(|e| format!(" ({e})"))
-            .unwrap_or_default();
-        crate::cli::output::notice!(
-            "omnibox: error: the handler did not answer{why}; {} event(s) rescheduled without spending an attempt",
-            report.transient
-        );
+        running::unanswered_notice("the handler", report.transient, &report);
         ok = false;
     }
     Ok(crate::cli::run_exit(ok, mode, &report))

@@ -1,0 +1,129 @@
+//! The wiring `publish`, `inbox process` and `inbox consume` share: the
+//! processor's settings, the dead-letter table, the metrics endpoint, the
+//! run mode, the progress bar and the notices after a run.
+
+use std::io::IsTerminal;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Result;
+use indicatif::{ProgressBar, ProgressStyle};
+use omnibox::WorkerId;
+use omnibox::metrics::Metrics;
+use omnibox::pipeline::{ProcessorOptions, RunMode, RunReport};
+use omnibox::store::AnyStore;
+use omnibox::store::dead_letters::DeadLetterTable;
+
+use super::{Context, args};
+
+/// `--once` runs until nothing is due; otherwise the command watches.
+pub fn run_mode(once: bool) -> RunMode {
+    if once { RunMode::Once } else { RunMode::Watch }
+}
+
+/// A processor's settings from the common flags: the batch, its byte
+/// budget (the settings' default), the lease, and a commit retried for
+/// half the lease.
+pub fn processor_options(
+    ctx: &Context,
+    worker: WorkerId,
+    batch: u32,
+    batch_bytes: Option<u64>,
+    lease: Duration,
+) -> ProcessorOptions {
+    let mut options = ProcessorOptions::new(worker);
+    options.batch = batch;
+    options.batch_bytes = Some(batch_bytes.unwrap_or(ctx.settings.batch_bytes));
+    options.lease = lease;
+    options.commit_retry_for = lease / 2;
+    options
+}
+
+/// Prometheus metrics for `table` (`outbox` or `inbox`), its series
+/// present from the start.
+pub fn metrics(table: &str) -> Arc<Metrics> {
+    let metrics = Arc::new(Metrics::new());
+    metrics.prime(table);
+    metrics
+}
+
+/// `--dlq table`: the store's dead-letter table.
+pub fn dead_letter_table(
+    dlq: &Option<args::DlqArg>,
+    store: &AnyStore,
+) -> Option<Arc<DeadLetterTable>> {
+    matches!(dlq, Some(args::DlqArg::Table)).then(|| Arc::new(store.dead_letters()))
+}
+
+/// The metrics endpoint while the command runs (`--metrics-addr`), with the
+/// stale-lock gauge's watcher; both stop when this is dropped.
+pub struct MetricsServer {
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Drop for MetricsServer {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+/// Serves `metrics` on `addr`, if given.
+pub async fn serve_metrics(
+    addr: Option<SocketAddr>,
+    metrics: &Arc<Metrics>,
+    store: &AnyStore,
+) -> Result<Option<MetricsServer>> {
+    let Some(addr) = addr else {
+        return Ok(None);
+    };
+    Ok(Some(MetricsServer {
+        tasks: vec![
+            omnibox::metrics::serve(addr, metrics.clone()).await?,
+            metrics.watch_stale_locks(store.clone()),
+        ],
+    }))
+}
+
+/// A progress bar of `due` events for a `--once` run on a terminal.
+pub fn progress(ctx: &Context, mode: RunMode, due: impl FnOnce() -> u64) -> Option<ProgressBar> {
+    if mode != RunMode::Once || ctx.quiet || !std::io::stderr().is_terminal() {
+        return None;
+    }
+    let bar = ProgressBar::new(due());
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{spinner} {pos}/{len} events [{elapsed_precise}] {per_sec} {msg}",
+        )
+        .expect("valid template"),
+    );
+    Some(bar)
+}
+
+/// Says why a run stopped early, if it did; false when it did.
+pub fn stopped_notice(report: &RunReport) -> bool {
+    if !report.error {
+        return true;
+    }
+    super::output::notice!(
+        "omnibox: error: stopped after {} batch(es): {}",
+        report.batches,
+        report.stopped_because.as_deref().unwrap_or("unknown error")
+    );
+    false
+}
+
+/// Says that `what` (the broker, the handler) did not answer and `events`
+/// were rescheduled without spending an attempt.
+pub fn unanswered_notice(what: &str, events: u64, report: &RunReport) {
+    let why = report
+        .transient_error
+        .as_deref()
+        .map(|e| format!(" ({e})"))
+        .unwrap_or_default();
+    super::output::notice!(
+        "omnibox: error: {what} did not answer{why}; {events} event(s) rescheduled without spending an attempt"
+    );
+}
