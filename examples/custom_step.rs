@@ -10,10 +10,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use omnibox::inbox::{AnyHandler, ConsumeOptions, FileSource, HandlerStep, InboxConsumer};
-use omnibox::pipeline::{Outcome, ProcessorBuilder, ProcessorOptions, Step, StepExt};
-use omnibox::store::SqliteStore;
-use omnibox::{AnyStore, EventStore, InboxEvent, InboxRoute, Retry, WorkerId};
+use omnibox::prelude::*;
 
 /// Retired event types fail in the handler; this step skips them instead.
 #[derive(Default)]

@@ -12,15 +12,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use omnibox::inbox::HandlerStep;
-use omnibox::pipeline::{Outcome, ProcessorBuilder, ProcessorOptions};
-use omnibox::store::SqliteStore;
-use omnibox::store::audit::AuditEntry;
-use omnibox::store::dead_letters::DeadLetterFilter;
-use omnibox::{
-    AnyStore, DomainService, EventStatus, EventStore, InboxEvent, InboxStore, MaintenanceStore,
-    NewInboxEvent, Retry, WorkerId,
-};
+use omnibox::prelude::*;
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {

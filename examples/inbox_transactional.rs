@@ -12,12 +12,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
-use omnibox::inbox::{
-    AckStrategy, ConsumeOptions, Dependencies, FileSource, InboxConsumer, Tx, tx_handler,
-};
-use omnibox::pipeline::Outcome;
-use omnibox::store::SqliteStore;
-use omnibox::{AnyStore, EventStore, Retry, WorkerId};
+use omnibox::prelude::*;
 
 /// A dependency the handler reads (the reference's `**deps`).
 struct Currency(&'static str);
@@ -97,7 +92,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     let mut options = ConsumeOptions::new("billing", WorkerId::new("example")?);
     options.ack = AckStrategy::ExactlyOnce;
-    options.backoff = omnibox::domain::Backoff {
+    options.backoff = Backoff {
         base: Duration::from_millis(50),
         cap: Duration::from_millis(100),
     };

@@ -18,12 +18,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use omnibox::pipeline::{ProcessorOptions, RunMode, RunOptions, Sleep, run};
-use omnibox::relay::{self, AnySink};
-use omnibox::store::postgres::{PgOptions, insert_outbox as pg_insert_outbox};
-use omnibox::store::sqlite::insert_outbox as sqlite_insert_outbox;
-use omnibox::store::{PgStore, SqliteStore};
-use omnibox::{AnyStore, DomainService, EventStore, NewOutboxEvent, OutboxEvent, WorkerId};
+use omnibox::prelude::*;
 use uuid::Uuid;
 
 fn order_created(order_id: Uuid, total: f64) -> omnibox::Result<OutboxEvent> {
@@ -80,7 +75,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                     .bind(total)
                     .execute(&mut *tx)
                     .await?;
-                pg_insert_outbox(&mut tx, &[event]).await?;
+                insert_outbox(&mut tx, &[event]).await?;
                 if commit {
                     tx.commit().await?
                 } else {
@@ -94,7 +89,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                     .bind(total)
                     .execute(&mut *tx)
                     .await?;
-                sqlite_insert_outbox(&mut tx, &[event]).await?;
+                insert_outbox(&mut tx, &[event]).await?;
                 if commit {
                     tx.commit().await?
                 } else {
@@ -116,7 +111,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         &[],
         Duration::from_secs(10),
     )?);
-    let publisher = relay::publisher(
+    let publisher = publisher(
         store.outbox(),
         sink,
         ProcessorOptions::new(WorkerId::new("example-relay")?),

@@ -9,10 +9,7 @@
 
 use std::sync::{Arc, Mutex};
 
-use omnibox::inbox::router::EventRouter;
-use omnibox::inbox::{Dependencies, Handler, HandlerContext};
-use omnibox::pipeline::Outcome;
-use omnibox::{DomainService, Error, InboxEvent, NewInboxEvent, Retry};
+use omnibox::prelude::*;
 
 /// Version 2 of `order.created`.
 #[derive(Debug, serde::Deserialize)]

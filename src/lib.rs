@@ -1,71 +1,112 @@
 //! # omnibox
 //!
 //! The Transactional Outbox and Inbox patterns for services on PostgreSQL or
-//! SQLite, re-implementing the Python library omni-box in Rust.
-//!
-//! ## Architecture
+//! SQLite: a service writes its business rows and an outbox row in one
+//! database transaction; a relay publishes the outbox rows to a broker in
+//! per-key order; an inbox turns the broker's at-least-once delivery into
+//! exactly-once handling. The `omnibox` binary wraps all of it; this crate
+//! is the engine, for Rust services. Everything a service needs is at the
+//! crate root and in [`prelude`].
 //!
 //! ```text
-//!            service transaction                     relay (omnibox publish)
-//!  business rows + OutboxEvent ──► outbox_events ──claim──► broker ──► complete / fail
+//!  service transaction                              relay (publish)
+//!  business rows + outbox row ──► outbox_events ──claim──► broker ──► complete / fail
 //!
-//!            broker ──► inbox consumer ──insert (dedup)──► inbox_events ──claim──► handler
+//!  broker ──► inbox consumer ──insert (dedup)──► inbox_events ──claim──► handler
 //! ```
 //!
-//! * [`model`]: the entities ([`OutboxEvent`], [`InboxEvent`], [`EventStatus`]),
-//!   the limits and validation rules of docs/design.md, "Event lifecycle and rules", and UTC timestamps.
-//! * [`domain`]: the [`DomainService`], which creates validated events and
-//!   applies the pure state transitions (lock, refresh, unlock, force unlock,
-//!   complete, fail counted or not, backoff with equal jitter, requeue).
+//! ## 1. Write an event in your transaction
+//!
+//! Create the event with the [`DomainService`] (it validates it), then write
+//! it with [`insert_outbox`] on the same transaction as your own rows: both
+//! commit or neither does.
+//!
+//! ```no_run
+//! use omnibox::prelude::*;
+//!
+//! # async fn place_order(store: &PgStore) -> Result<(), Box<dyn std::error::Error>> {
+//! let order_id = uuid::Uuid::now_v7();
+//! let event = DomainService::default().create_outbox_event(NewOutboxEvent::new(
+//!     "order",                                  // aggregate type
+//!     order_id,                                 // aggregate id
+//!     "order.created",                          // event type
+//!     "orders",                                 // topic
+//!     order_id.to_string(),                     // partition key: per-key order
+//!     serde_json::json!({"total": 12.5}),
+//! ))?;
+//! let mut tx = store.pool().begin().await?;
+//! sqlx::query("INSERT INTO orders (id, total) VALUES ($1, $2)")
+//!     .bind(order_id)
+//!     .bind(12.5)
+//!     .execute(&mut *tx)
+//!     .await?;
+//! insert_outbox(&mut tx, &[event]).await?;
+//! tx.commit().await?;
+//! # Ok(()) }
+//! ```
+//!
+//! The stores: [`PgStore`], [`SqliteStore`], or [`AnyStore`] chosen by URL;
+//! `migrate()` creates the tables. Services in other languages write the
+//! same row with plain SQL (the README's SQL contract).
+//!
+//! ## 2. Relay the outbox
+//!
+//! [`relay::publisher`] builds a [`Processor`](pipeline::Processor) that
+//! claims due rows (per-key order kept across relays, leases fenced by a
+//! token), publishes them through a [`Sink`](relay::Sink) (Kafka, a file,
+//! stdout) and writes the results; [`pipeline::run`] loops over batches
+//! until nothing is due or until shutdown.
+//!
+//! ```no_run
+//! use std::{sync::Arc, time::Duration};
+//! use omnibox::prelude::*;
+//!
+//! # async fn relay(store: AnyStore) -> Result<(), Box<dyn std::error::Error>> {
+//! let sink = Arc::new(AnySink::from_url("kafka://127.0.0.1:9092", &[], Duration::from_secs(30))?);
+//! let options = ProcessorOptions::new(WorkerId::new("relay-1")?);
+//! let relay = publisher(store.outbox(), sink, options, Duration::from_secs(30)).build();
+//! let (_stop, shutdown) = tokio::sync::watch::channel(false);
+//! let run_options = RunOptions { mode: RunMode::Once, ..RunOptions::default() };
+//! let report = run(&relay, &run_options, shutdown, &mut Sleep, |_batch| {}).await?;
+//! println!("published {}", report.completed);
+//! # Ok(()) }
+//! ```
+//!
+//! ## 3. Consume exactly once
+//!
+//! An [`InboxConsumer`] reads a [`Source`](inbox::Source) (Kafka, a file),
+//! stores each message once per `(message_id, consumer_group)`, and runs a
+//! [`Handler`] on it; with a transactional handler ([`inbox::tx_handler`])
+//! the handler's writes commit with the inbox row, so a redelivered message
+//! never runs twice. Handlers answer with an [`Outcome`]; the
+//! [`EventRouter`](inbox::router::EventRouter) dispatches by event type and
+//! schema version. Runnable: `examples/inbox_transactional.rs`,
+//! `examples/outbox_service.rs`, `examples/dead_letters.rs`,
+//! `examples/router_versions.rs`, `examples/custom_step.rs`
+//! (`cargo run --example NAME`).
+//!
+//! ## The modules
+//!
+//! * [`model`]: the entities ([`OutboxEvent`], [`InboxEvent`],
+//!   [`EventStatus`]), their limits and validation rules, UTC timestamps.
+//! * [`domain`]: the [`DomainService`]: validated events and the pure state
+//!   transitions (lock, complete, fail counted or not, backoff, requeue).
 //! * [`store`]: the store traits ([`EventStore`], [`OutboxStore`],
-//!   [`InboxStore`]) with capability flags, and their PostgreSQL and SQLite
-//!   implementations, each with embedded versioned migrations. The claim
-//!   hands out due rows from an index in `(scheduled_at, seq)` order, keeps
-//!   per-key order for the outbox (taking whole runs of one key), and returns
-//!   a [`ClaimToken`] that fences later writes. Events that fail for good
-//!   can be kept in the database as dead letters
-//!   ([`store::dead_letters::DeadLetterTable`], a
-//!   [`pipeline::DeadLetterStore`]), listed and replayed. Runnable:
-//!   `examples/dead_letters.rs` (`cargo run --example dead_letters`).
-//! * [`inbox`]: the consumer ([`inbox::InboxConsumer`]), its sources, and
-//!   handlers: a [`inbox::Handler`] gets the event and a
-//!   [`inbox::HandlerContext`] holding the inbox's open transaction (writes
-//!   that commit or roll back with the inbox row) and typed
-//!   [`inbox::Dependencies`]; the [`inbox::router::EventRouter`] dispatches by
-//!   source, event type and schema version. Runnable:
-//!   `examples/inbox_transactional.rs` (`cargo run --example inbox_transactional`).
-//! * [`telemetry`]: W3C trace context through the relay and the inbox, and
-//!   OpenTelemetry spans exported with OTLP.
-//! * [`Error`]: one error enum whose variants mirror the reference's exceptions.
+//!   [`InboxStore`]), one driver per backend (`store::postgres`,
+//!   `store::sqlite`) with its migrations, the audit trail and the
+//!   dead-letter table.
+//! * [`pipeline`]: the batch processor both the relay and the inbox
+//!   processor run on: claim, handle, write the results; steps, dead
+//!   letters, metrics, the run loop.
+//! * [`relay`]: the outbox publisher, its messages and sinks.
+//! * [`inbox`]: the consumer, its sources, handlers and the router.
+//! * [`metrics`] (Prometheus) and [`telemetry`] (W3C trace context,
+//!   OpenTelemetry spans).
+//! * [`Error`]: one error enum whose variants mirror the reference's
+//!   exceptions.
 //!
 //! The library emits `tracing` events only; installing a subscriber is up to
 //! the application (the `omnibox` binary does it on stderr).
-//!
-//! ## Example
-//!
-//! ```no_run
-//! use omnibox::{ClaimOptions, DomainService, EventStore, NewOutboxEvent, OutboxStore, WorkerId};
-//! use omnibox::store::SqliteStore;
-//!
-//! # async fn run() -> omnibox::Result<()> {
-//! let store = SqliteStore::connect("sqlite://omnibox.db").await?;
-//! store.migrate().await?;
-//! let event = DomainService::default().create_outbox_event(NewOutboxEvent::new(
-//!     "order",
-//!     uuid::Uuid::now_v7(),
-//!     "order.created",
-//!     "orders",
-//!     "order-42",
-//!     serde_json::json!({"total": 12.5}),
-//! ))?;
-//! store.outbox().create(&event).await?;
-//!
-//! let claim = store.outbox().claim(&ClaimOptions::new(WorkerId::new("relay-1")?, 100)).await?;
-//! let ids: Vec<_> = claim.events.iter().map(|e| e.id()).collect();
-//! // ... publish them ...
-//! store.outbox().complete(&claim.token, &ids).await?;
-//! # Ok(()) }
-//! ```
 
 #![deny(missing_docs)]
 
@@ -82,12 +123,40 @@ pub mod telemetry;
 
 pub use domain::{Backoff, DomainService, Retry};
 pub use error::{Error, Result};
+pub use inbox::{Handler, InboxConsumer};
 pub use model::{
     Event, EventStatus, Headers, InboxEvent, InboxRoute, Limits, NewInboxEvent, NewOutboxEvent,
     OutboxEvent, OutboxRoute, Payload, Route, Table, Timestamp, UnlockReason, WorkerId, time,
 };
+pub use pipeline::{Outcome, ProcessorBuilder};
 pub use store::{
-    AnyStore, BulkOutcome, Capabilities, Claim, ClaimOptions, ClaimToken, Created, EventStore,
-    FailReport, Failure, FetchFilters, InboxStore, ListFilter, MaintenanceStore, OutboxStore,
-    RequeueFilter, TableCounts,
+    AnyStore, BulkOutcome, Capabilities, Claim, ClaimOptions, ClaimToken, Created, EventConnection,
+    EventStore, FailReport, Failure, FetchFilters, InboxStore, ListFilter, MaintenanceStore,
+    OutboxStore, PgStore, RequeueFilter, SqliteStore, TableCounts, insert_inbox, insert_outbox,
 };
+
+/// What a service needs, in one import: `use omnibox::prelude::*;`.
+pub mod prelude {
+    pub use crate::domain::{Backoff, DomainService, Retry};
+    pub use crate::error::{Error, Result};
+    pub use crate::inbox::router::EventRouter;
+    pub use crate::inbox::{
+        AckStrategy, AnyHandler, ConsumeOptions, Dependencies, FileSource, Handler, HandlerContext,
+        HandlerStep, InboxConsumer, KafkaSource, Tx, tx_handler,
+    };
+    pub use crate::model::{
+        EventStatus, InboxEvent, InboxRoute, NewInboxEvent, NewOutboxEvent, OutboxEvent,
+        OutboxRoute, Table, WorkerId,
+    };
+    pub use crate::pipeline::{
+        Outcome, ProcessorBuilder, ProcessorOptions, RunMode, RunOptions, Sleep, Step, StepExt, run,
+    };
+    pub use crate::relay::{AnySink, publisher};
+    pub use crate::store::audit::AuditEntry;
+    pub use crate::store::dead_letters::{DeadLetterFilter, DeadLetterTable};
+    pub use crate::store::postgres::PgOptions;
+    pub use crate::store::{
+        AnyStore, EventConnection, EventStore, InboxStore, MaintenanceStore, OutboxStore, PgStore,
+        SqliteStore, insert_inbox, insert_outbox,
+    };
+}

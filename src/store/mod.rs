@@ -47,6 +47,7 @@ mod operations;
 pub mod postgres;
 pub mod sqlite;
 mod wakeup;
+mod write;
 
 pub(crate) use any::BulkTx;
 pub use any::{AnyStore, AnyTable, Backend, InboxTx, OutboxBulkWriter, StoreOptions};
@@ -57,6 +58,7 @@ pub use migrate::{
 pub use postgres::PgStore;
 pub use sqlite::SqliteStore;
 pub use wakeup::AnyWakeup;
+pub use write::{EventConnection, insert_inbox, insert_outbox};
 
 /// The default database: an SQLite file in the working directory.
 pub const DEFAULT_DATABASE_URL: &str = "sqlite://omnibox.db";
