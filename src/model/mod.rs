@@ -3,6 +3,7 @@
 
 mod event;
 pub(crate) use event::ClockDefault;
+#[doc(hidden)]
 pub mod input;
 pub mod limits;
 pub mod time;

@@ -39,6 +39,7 @@ pub use inbox_tx::{
     complete_claimed_inbox, complete_inbox, delete_inbox, lock_inbox, take_inbox, unlock_inbox,
 };
 pub use insert::{insert_inbox, insert_outbox, insert_outbox_stream};
+#[doc(hidden)]
 pub use sql::{INBOX_CLAIM, OUTBOX_SCAN, OUTBOX_WALK};
 
 /// Connection settings beyond the URL.

@@ -29,6 +29,7 @@ pub use inbox_tx::{
     complete_claimed_inbox, complete_inbox, delete_inbox, lock_inbox, take_inbox, unlock_inbox,
 };
 pub use insert::{insert_inbox, insert_outbox};
+#[doc(hidden)]
 pub use sql::{OUTBOX_SCAN, OUTBOX_WALK};
 
 /// How long a writer waits for the database lock before failing.
