@@ -263,7 +263,7 @@ impl Metrics {
                         Err(e) => tracing::debug!(error = %e, "could not count stale locks"),
                     }
                 }
-                for table in [crate::Table::Outbox, crate::Table::Inbox] {
+                for table in [crate::model::Table::Outbox, crate::model::Table::Inbox] {
                     match store.dead_letters().count_open(Some(table)).await {
                         Ok(n) => {
                             metrics

@@ -5,11 +5,11 @@ use std::time::Duration;
 
 use anyhow::Result;
 use clap::Args;
+use omnibox::store::diagnostics::{SMALL_TABLE_PAGES, Statistics};
 use omnibox::store::{AnyStore, SchemaState};
 use omnibox::{OutboxStore, Table};
 use serde::Serialize;
 use serde_json::json;
-use sqlx::Row;
 
 use super::output::{self, Format, human_duration};
 use super::{Context, ExitStatus, args};
@@ -99,24 +99,6 @@ fn fail(check: &'static str, message: impl Into<String>, hint: impl Into<String>
     }
 }
 
-/// The backend behind a store, for the checks' own queries.
-#[derive(Clone, Copy)]
-enum Db<'a> {
-    Pg(&'a omnibox::store::PgStore),
-    Lite(&'a omnibox::store::SqliteStore),
-}
-
-impl<'a> Db<'a> {
-    fn of(store: &'a AnyStore) -> Self {
-        match store {
-            AnyStore::Postgres(s) => Db::Pg(s),
-            AnyStore::Sqlite(s) => Db::Lite(s),
-            // `AnyStore` is non-exhaustive; this binary knows both backends.
-            _ => unreachable!("omnibox supports PostgreSQL and SQLite"),
-        }
-    }
-}
-
 pub async fn run(args: DoctorArgs, ctx: &Context) -> Result<ExitStatus> {
     let mut checks = Vec::new();
     let missing = missing_sqlite_file(&ctx.settings.database_url);
@@ -178,7 +160,7 @@ pub async fn run(args: DoctorArgs, ctx: &Context) -> Result<ExitStatus> {
         Some(store) => {
             let state = store.schema_state().await;
             let (schema, tables) = schema_check(&state);
-            let pg = matches!(Db::of(store), Db::Pg(_));
+            let pg = matches!(store, AnyStore::Postgres(_));
             checks.push(schema);
             if !tables {
                 skipped("no omnibox tables (see schema)", &mut checks, pg);
@@ -340,91 +322,16 @@ fn indexes_check(state: &std::result::Result<SchemaState, omnibox::Error>) -> Ch
     }
 }
 
-/// Below this many pages (1 MiB), a sequential scan of the outbox is no
-/// problem.
-const SMALL_TABLE_PAGES: i64 = 128;
-
-/// The outbox's size in pages when it is below [`SMALL_TABLE_PAGES`]
-/// (PostgreSQL only: SQLite's plan does not depend on the table's size).
-async fn small_table(store: &AnyStore) -> Option<i64> {
-    let Db::Pg(s) = Db::of(store) else {
-        return None;
-    };
-    let pages: i64 = sqlx::query_scalar(
-        "SELECT pg_relation_size(to_regclass('outbox_events')) / current_setting('block_size')::int8",
-    )
-    .fetch_one(s.pool())
-    .await
-    .ok()?;
-    (pages < SMALL_TABLE_PAGES).then_some(pages)
-}
-
 /// The claim's scan plan: an index scan of the claim index, never a
 /// sequential scan of the table (one of a few pages may be read whole).
 async fn plan_check(store: &AnyStore) -> Check {
-    let plan: std::result::Result<String, sqlx::Error> = match Db::of(store) {
-        Db::Pg(s) => {
-            async {
-                let beginning =
-                    chrono::DateTime::from_timestamp(-62_135_596_800, 0).unwrap_or_default();
-                let mut tx = s.pool().begin().await?;
-                let sql = format!(
-                    "EXPLAIN (FORMAT TEXT) {}",
-                    omnibox::store::postgres::OUTBOX_SCAN
-                );
-                let rows: Vec<String> = sqlx::query_scalar(sqlx::AssertSqlSafe(sql))
-                    .bind(beginning)
-                    .bind(0_i64)
-                    .bind(1000_i64)
-                    .bind(1000_i64)
-                    .bind(0_i64)
-                    .bind(None::<String>)
-                    .bind(None::<Vec<String>>)
-                    .persistent(false)
-                    .fetch_all(&mut *tx)
-                    .await?;
-                tx.rollback().await?;
-                Ok(rows.join("\n"))
-            }
-            .await
-        }
-        Db::Lite(s) => {
-            async {
-                let sql = format!("EXPLAIN QUERY PLAN {}", omnibox::store::sqlite::OUTBOX_SCAN);
-                let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
-                    .bind(omnibox::time::format(&omnibox::time::now()))
-                    .bind("0001-01-01T00:00:00.000000Z")
-                    .bind(0_i64)
-                    .bind(1000_i64)
-                    .bind(1000_i64)
-                    .bind(0_i64)
-                    .bind(None::<String>)
-                    .fetch_all(s.pool())
-                    .await?;
-                Ok(rows
-                    .iter()
-                    .map(|r| r.try_get::<String, _>("detail").unwrap_or_default())
-                    .collect::<Vec<_>>()
-                    .join("\n"))
-            }
-            .await
-        }
-    };
-    match plan {
+    match store.claim_plan().await {
         Err(e) => err_check("claim plan", &e),
         Ok(plan) => {
-            tracing::debug!(%plan, "the claim's scan plan");
-            // The main scan (alias `r`) must read the claim index in order;
-            // the expired-lease branch (`r_1`) reads the few locked rows and
-            // may scan a tiny table.
-            let indexed = plan.contains("Index Scan using outbox_events_claim on outbox_events r ")
-                || plan.contains("USING INDEX outbox_events_claim");
-            let seq_scan = plan.contains("Seq Scan on outbox_events r ")
-                || plan.contains("Sort Key: r.scheduled_at")
-                || plan.lines().any(|l| l.trim() == "SCAN r");
-            if indexed && !seq_scan {
+            tracing::debug!(plan = %plan.text, "the claim's scan plan");
+            if plan.uses_claim_index {
                 ok("claim plan", "the claim reads the claim index in order")
-            } else if let Some(pages) = small_table(store).await {
+            } else if let Some(pages) = plan.small_table_pages {
                 // A table of a few pages is read whole as fast as through
                 // the index, and the planner rightly says so.
                 ok(
@@ -445,26 +352,18 @@ async fn plan_check(store: &AnyStore) -> Check {
 }
 
 async fn statistics_check(store: &AnyStore) -> Check {
-    let Db::Pg(s) = Db::of(store) else {
-        return ok(
+    match store.outbox_statistics().await {
+        Err(e) => err_check("statistics", &e),
+        Ok(Statistics::NotUsed) => ok(
             "statistics",
             "SQLite: the claim's plan does not use statistics",
-        );
-    };
-    let row = sqlx::query(
-        "SELECT n_live_tup, n_mod_since_analyze,
-                greatest(last_analyze, last_autoanalyze) IS NULL AS never
-         FROM pg_stat_user_tables WHERE relid = to_regclass('outbox_events')",
-    )
-    .fetch_optional(s.pool())
-    .await;
-    match row {
-        Err(e) => err_check("statistics", &e),
-        Ok(None) => ok("statistics", "no statistics collected yet"),
-        Ok(Some(r)) => {
-            let live: i64 = r.try_get("n_live_tup").unwrap_or(0);
-            let changed: i64 = r.try_get("n_mod_since_analyze").unwrap_or(0);
-            let never: bool = r.try_get("never").unwrap_or(false);
+        ),
+        Ok(Statistics::NotCollected) => ok("statistics", "no statistics collected yet"),
+        Ok(Statistics::Collected {
+            live,
+            changed,
+            never,
+        }) => {
             let hint = "the claim does not need them, but `status` estimates and other plans do: ANALYZE outbox_events, and check that autovacuum runs";
             if never && live > 100_000 {
                 warn(
@@ -501,23 +400,8 @@ async fn statistics_check(store: &AnyStore) -> Check {
 
 async fn leases_check(store: &AnyStore) -> Check {
     let mut expired = 0i64;
-    for t in ["outbox_events", "inbox_events"] {
-        let n: std::result::Result<i64, sqlx::Error> = match Db::of(store) {
-            Db::Pg(s) => sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
-                "SELECT count(*) FROM {t} WHERE locked_until IS NOT NULL AND locked_until < now()"
-            )))
-            .fetch_one(s.pool())
-            .await,
-            Db::Lite(s) => {
-                sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
-                    "SELECT count(*) FROM {t} WHERE locked_until IS NOT NULL AND locked_until < ?1"
-                )))
-                .bind(omnibox::time::format(&omnibox::time::now()))
-                .fetch_one(s.pool())
-                .await
-            }
-        };
-        match n {
+    for t in [Table::Outbox, Table::Inbox] {
+        match store.expired_leases(t).await {
             Ok(n) => expired += n,
             Err(e) => return err_check("leases", &e),
         }
@@ -629,38 +513,24 @@ async fn retention_check(store: &AnyStore, ctx: &Context) -> Check {
 
 /// Sizes, dead tuples and autovacuum settings of the two tables.
 async fn health_checks(store: &AnyStore) -> Vec<Check> {
-    let Db::Pg(s) = Db::of(store) else {
-        return Vec::new();
-    };
     let mut out = Vec::new();
-    for t in ["outbox_events", "inbox_events"] {
-        let row = sqlx::query(
-            "SELECT pg_table_size(c.oid) AS table_bytes, pg_indexes_size(c.oid) AS index_bytes,
-                    coalesce(st.n_live_tup, 0) AS live, coalesce(st.n_dead_tup, 0) AS dead,
-                    coalesce(array_to_string(c.reloptions, ','), '') AS options
-             FROM pg_class c LEFT JOIN pg_stat_user_tables st ON st.relid = c.oid
-             WHERE c.oid = to_regclass($1)",
-        )
-        .bind(t)
-        .fetch_optional(s.pool())
-        .await;
-        let check = if t == "outbox_events" {
-            "outbox table"
-        } else {
-            "inbox table"
+    for table in [Table::Outbox, Table::Inbox] {
+        let t = table.sql_name();
+        let check = match table {
+            Table::Outbox => "outbox table",
+            Table::Inbox => "inbox table",
         };
-        let r = match row {
+        let h = match store.table_health(table).await {
             Err(e) => {
                 out.push(err_check(check, &e));
                 continue;
             }
             Ok(None) => continue,
-            Ok(Some(r)) => r,
+            Ok(Some(h)) => h,
         };
-        let bytes = |n: &str| r.try_get::<i64, _>(n).unwrap_or(0);
-        let live = bytes("live");
-        let dead = bytes("dead");
-        let options: String = r.try_get("options").unwrap_or_default();
+        let live = h.live;
+        let dead = h.dead;
+        let options = h.options;
         let ratio = if live + dead > 0 {
             dead as f64 / (live + dead) as f64
         } else {
@@ -668,8 +538,8 @@ async fn health_checks(store: &AnyStore) -> Vec<Check> {
         };
         let message = format!(
             "{} data, {} indexes, {live} live rows, {:.0}% dead",
-            megabytes(bytes("table_bytes")),
-            megabytes(bytes("index_bytes")),
+            megabytes(h.table_bytes),
+            megabytes(h.index_bytes),
             ratio * 100.0
         );
         let tuned = options.contains("autovacuum_vacuum_scale_factor");
@@ -734,21 +604,8 @@ async fn broker_check(store: Option<&AnyStore>, args: &DoctorArgs, ctx: &Context
     };
     // The topics of pending rows, when the database can tell them: the
     // broker is checked either way.
-    let topics: Option<std::result::Result<Vec<String>, sqlx::Error>> = match store.map(Db::of) {
-        Some(Db::Pg(s)) => Some(
-            sqlx::query_scalar(
-                "SELECT DISTINCT topic::text FROM outbox_events WHERE status = 'pending' LIMIT 1000",
-            )
-            .fetch_all(s.pool())
-            .await,
-        ),
-        Some(Db::Lite(s)) => Some(
-            sqlx::query_scalar(
-                "SELECT DISTINCT topic FROM outbox_events WHERE status = 'pending' LIMIT 1000",
-            )
-            .fetch_all(s.pool())
-            .await,
-        ),
+    let topics = match store {
+        Some(s) => Some(s.pending_topics(1000).await),
         None => None,
     };
     let (topics, topics_known) = match topics {

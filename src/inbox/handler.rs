@@ -362,16 +362,16 @@ pub fn redact_http_url(url: &str) -> String {
 
 impl WebhookHandler {
     /// A handler posting to `url`, each request bounded by `timeout`.
-    pub fn new(url: impl Into<String>, timeout: Duration) -> crate::Result<Self> {
+    pub fn new(url: impl Into<String>, timeout: Duration) -> crate::error::Result<Self> {
         let url = url.into();
         let shown = redact_http_url(&url);
         if !(url.starts_with("http://") || url.starts_with("https://")) {
-            return Err(crate::Error::Config(format!(
+            return Err(crate::error::Error::Config(format!(
                 "webhook URL {shown:?} must start with http:// or https://"
             )));
         }
         if reqwest::Url::parse(&url).is_err() {
-            return Err(crate::Error::Config(format!(
+            return Err(crate::error::Error::Config(format!(
                 "webhook URL {shown:?} is not a valid URL"
             )));
         }
@@ -382,7 +382,9 @@ impl WebhookHandler {
             .redirect(reqwest::redirect::Policy::none())
             .user_agent(concat!("omnibox/", env!("CARGO_PKG_VERSION")))
             .build()
-            .map_err(|e| crate::Error::Config(format!("cannot create the HTTP client: {e}")))?;
+            .map_err(|e| {
+                crate::error::Error::Config(format!("cannot create the HTTP client: {e}"))
+            })?;
         Ok(WebhookHandler { url, shown, client })
     }
 }

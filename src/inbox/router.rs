@@ -92,9 +92,9 @@ impl SchemaRegistry {
         self
     }
 
-    fn registered(&self, event: &InboxEvent) -> crate::Result<(&str, &Registered)> {
+    fn registered(&self, event: &InboxEvent) -> crate::error::Result<(&str, &Registered)> {
         let version = event.schema_version().ok_or_else(|| {
-            crate::Error::validation("schema_version", "the event has no schema version")
+            crate::error::Error::validation("schema_version", "the event has no schema version")
         })?;
         self.versions
             .get(event.event_type())
@@ -108,7 +108,7 @@ impl SchemaRegistry {
             })
             .max_by_key(|(p, _)| p.split('.').count())
             .ok_or_else(|| {
-                crate::Error::validation(
+                crate::error::Error::validation(
                     "schema_version",
                     format!(
                         "no payload type is registered for {} version {version}",
@@ -122,10 +122,13 @@ impl SchemaRegistry {
     /// version (the longest registered prefix that covers it), boxed: the
     /// reference's `get_payload_as(schema_cls=None)`. Downcast it, or use
     /// [`payload_as_registered`](Self::payload_as_registered).
-    pub fn payload_of(&self, event: &InboxEvent) -> crate::Result<Box<dyn std::any::Any + Send>> {
+    pub fn payload_of(
+        &self,
+        event: &InboxEvent,
+    ) -> crate::error::Result<Box<dyn std::any::Any + Send>> {
         let (prefix, r) = self.registered(event)?;
         (r.decode)(event.payload()).map_err(|e| {
-            crate::Error::validation(
+            crate::error::Error::validation(
                 "payload",
                 format!("does not match {} (version {prefix}): {e}", r.type_name),
             )
@@ -135,10 +138,10 @@ impl SchemaRegistry {
     /// The payload of `event` as `T`, which must be the type registered for
     /// the event's version: a mismatch is an error naming the registered
     /// type, not a best-effort parse.
-    pub fn payload_as_registered<T: 'static>(&self, event: &InboxEvent) -> crate::Result<T> {
+    pub fn payload_as_registered<T: 'static>(&self, event: &InboxEvent) -> crate::error::Result<T> {
         let (prefix, r) = self.registered(event)?;
         if r.type_id != std::any::TypeId::of::<T>() {
-            return Err(crate::Error::validation(
+            return Err(crate::error::Error::validation(
                 "payload",
                 format!(
                     "{} version {prefix} is registered as {}, not {}",
@@ -150,7 +153,7 @@ impl SchemaRegistry {
         }
         let boxed = self.payload_of(event)?;
         boxed.downcast::<T>().map(|b| *b).map_err(|_| {
-            crate::Error::validation("payload", "the registered decoder made another type")
+            crate::error::Error::validation("payload", "the registered decoder made another type")
         })
     }
 
@@ -471,9 +474,12 @@ impl Handler for EventRouter {
 
 impl InboxEvent {
     /// The payload as a typed value.
-    pub fn payload_as<T: serde::de::DeserializeOwned>(&self) -> crate::Result<T> {
+    pub fn payload_as<T: serde::de::DeserializeOwned>(&self) -> crate::error::Result<T> {
         serde_json::from_value(Value::Object(self.payload.clone())).map_err(|e| {
-            crate::Error::validation("payload", format!("does not match the expected type: {e}"))
+            crate::error::Error::validation(
+                "payload",
+                format!("does not match the expected type: {e}"),
+            )
         })
     }
 }
@@ -489,7 +495,8 @@ mod tests {
     fn cx() -> HandlerContext<'static> {
         HandlerContext::detached(crate::inbox::Dependencies::new())
     }
-    use crate::{DomainService, NewInboxEvent};
+    use crate::domain::DomainService;
+    use crate::model::NewInboxEvent;
 
     fn event(source: &str, t: &str, v: Option<&str>, payload: Value) -> InboxEvent {
         let mut n = NewInboxEvent::new("m", "g", source, t, payload);

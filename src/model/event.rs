@@ -193,7 +193,7 @@ impl Route for InboxRoute {
 
 /// One row of `outbox_events` or `inbox_events`.
 ///
-/// Values are created by the [`DomainService`](crate::DomainService) (which
+/// Values are created by the [`DomainService`](crate::domain::DomainService) (which
 /// validates them) or read from a store; the state transitions of the domain
 /// service return new values. Fields are read through accessors so that a
 /// value always satisfies the invariants of docs/design.md, "Event lifecycle and rules".
@@ -563,7 +563,7 @@ impl Event<InboxRoute> {
 }
 
 /// Input for a new outbox event; turned into an [`OutboxEvent`] by
-/// [`DomainService::create_outbox_event`](crate::DomainService::create_outbox_event),
+/// [`DomainService::create_outbox_event`](crate::domain::DomainService::create_outbox_event),
 /// which applies every rule of docs/design.md, "Event lifecycle and rules".
 #[derive(Debug, Clone, PartialEq)]
 pub struct NewOutboxEvent {
@@ -633,7 +633,7 @@ impl NewOutboxEvent {
 }
 
 /// Input for a new inbox event; see
-/// [`DomainService::create_inbox_event`](crate::DomainService::create_inbox_event).
+/// [`DomainService::create_inbox_event`](crate::domain::DomainService::create_inbox_event).
 #[derive(Debug, Clone, PartialEq)]
 pub struct NewInboxEvent {
     /// Required: broker message id (1..255 characters).
@@ -699,7 +699,7 @@ mod revive_tests {
     use serde_json::{Value, json};
 
     use super::*;
-    use crate::DomainService;
+    use crate::domain::DomainService;
 
     fn copy() -> Value {
         let e = DomainService::default()

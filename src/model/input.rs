@@ -100,7 +100,7 @@ impl NewOutboxEvent {
     /// `idempotency_key`, `trace_id`, `correlation_id`, `causation_id`,
     /// `schema_version`, `max_attempts`, `scheduled_at` (RFC 3339 with offset).
     /// Unknown fields are rejected. The result still goes through
-    /// [`DomainService::create_outbox_event`](crate::DomainService::create_outbox_event).
+    /// [`DomainService::create_outbox_event`](crate::domain::DomainService::create_outbox_event).
     pub fn from_json(text: &str) -> Result<Self> {
         let line: Line = serde_json::from_str(text).map_err(json_error)?;
         let max_attempts = line

@@ -63,7 +63,7 @@ pub const DEFAULT_TRANSIENT_RETRY_DELAY: Duration = Duration::from_secs(1);
 /// one event, however large).
 pub const DEFAULT_BATCH_BYTES: u64 = 16 * 1024 * 1024;
 
-/// The validation limits a [`DomainService`](crate::DomainService) applies;
+/// The validation limits a [`DomainService`](crate::domain::DomainService) applies;
 /// `Limits::default()` is docs/design.md, "Event lifecycle and rules".
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Limits {

@@ -591,8 +591,8 @@ mod tests {
 
     #[test]
     fn scheduled_at_window() {
-        let created = crate::time::parse("t", "2026-01-01T00:00:00Z").unwrap();
-        let at = |s: &str| crate::time::parse("t", s).unwrap();
+        let created = crate::model::time::parse("t", "2026-01-01T00:00:00Z").unwrap();
+        let at = |s: &str| crate::model::time::parse("t", s).unwrap();
         assert!(scheduled_at(at("2025-12-31T23:59:00Z"), created, &lim()).is_ok());
         assert!(
             scheduled_at(at("2025-12-31T23:58:59Z"), created, &lim())

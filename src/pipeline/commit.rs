@@ -124,7 +124,7 @@ where
                     // read back which rows are failed now.
                     for f in failures.iter().filter(|f| f.counted) {
                         if let Ok(Some(row)) = self.store.get(f.id).await
-                            && row.status() == crate::EventStatus::Failed
+                            && row.status() == crate::model::EventStatus::Failed
                         {
                             dead.push(f.id);
                         }

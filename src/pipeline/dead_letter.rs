@@ -71,8 +71,8 @@ impl<R: Route + serde::Serialize> DeadLetterStore<R> for DeadLetterTable {
 
 /// True when the store refused the letters themselves (a constraint, bad
 /// input): trying again cannot help.
-fn refused(e: &crate::Error) -> bool {
-    e.is_input_error() || matches!(e, crate::Error::StorageIntegrity(_))
+fn refused(e: &crate::error::Error) -> bool {
+    e.is_input_error() || matches!(e, crate::error::Error::StorageIntegrity(_))
 }
 
 /// Puts `letters` into every store, retrying a store's errors for up to
@@ -125,8 +125,9 @@ mod tests {
     use std::sync::Mutex;
 
     use super::*;
+    use crate::domain::DomainService;
+    use crate::error::Error;
     use crate::model::{NewOutboxEvent, OutboxEvent, OutboxRoute};
-    use crate::{DomainService, Error};
 
     /// Answers with the errors given, then keeps everything; counts calls.
     struct Scripted {

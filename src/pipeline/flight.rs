@@ -2,7 +2,7 @@
 //! pipeline").
 //!
 //! A worker may claim the rows of a key that come after rows it still has
-//! in flight (see [`ClaimOptions::own`](crate::ClaimOptions::own)), so that
+//! in flight (see [`ClaimOptions::own`](crate::store::ClaimOptions::own)), so that
 //! one busy key keeps the relay's pipeline full. That is safe only if
 //!
 //! 1. batches are handed to the broker in claim order (the runner's handle

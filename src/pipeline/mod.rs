@@ -2,7 +2,7 @@
 //! (the reference's `EventBatchProcessor`, `EventProcessorBuilder`, fetch and
 //! commit strategies and steps):
 //!
-//! * fetch: [`EventStore::claim`](crate::EventStore::claim), one short statement;
+//! * fetch: [`EventStore::claim`](crate::store::EventStore::claim), one short statement;
 //! * steps: the [`BatchHandler`] (publish, or run handlers) between a
 //!   [`circuit::CircuitBreaker`], the dead-letter step and the metrics step,
 //!   all inside one `tracing` span per batch;

@@ -223,7 +223,7 @@ where
     let mut stopping = false;
     let mut shutdown_gone = false;
     // The error the run ends with once what is in flight is written.
-    let mut failure: Option<crate::Error> = None;
+    let mut failure: Option<crate::error::Error> = None;
     let mut finish = |report: &mut RunReport, batch: BatchReport| {
         report.add(&batch);
         on_batch(&batch);
@@ -323,7 +323,7 @@ where
                             claim_started
                         });
                         if options.mode == RunMode::Once && since.elapsed() >= options.outage_limit {
-                            failure = Some(crate::Error::Outage(format!(
+                            failure = Some(crate::error::Error::Outage(format!(
                                 "the database was unreachable for {}s (--outage-limit): {e}",
                                 since.elapsed().as_secs()
                             )));
@@ -458,7 +458,7 @@ where
         0.0
     };
     match failure {
-        Some(e @ crate::Error::Outage(_)) => Err(e),
+        Some(e @ crate::error::Error::Outage(_)) => Err(e),
         // The claim failed before anything was done: the error is the result.
         Some(e) if report.batches == 0 => Err(e),
         // Work was done before the failure: report it, and the error.

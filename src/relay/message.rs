@@ -129,7 +129,8 @@ mod tests {
     use serde_json::json;
 
     use super::*;
-    use crate::{DomainService, NewOutboxEvent};
+    use crate::domain::DomainService;
+    use crate::model::NewOutboxEvent;
 
     fn event() -> OutboxEvent {
         let mut n = NewOutboxEvent::new(

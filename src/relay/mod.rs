@@ -444,7 +444,8 @@ mod tests {
     use uuid::Uuid;
 
     use super::*;
-    use crate::{DomainService, NewOutboxEvent};
+    use crate::domain::DomainService;
+    use crate::model::NewOutboxEvent;
 
     fn ev(key: &str) -> OutboxEvent {
         DomainService::default()

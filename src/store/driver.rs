@@ -16,6 +16,7 @@ use uuid::Uuid;
 use super::BulkOutcome;
 use super::audit::{AuditEntry, AuditFilter, AuditedChange};
 use super::dead_letters::{DeadLetterFilter, DeadLetterRecord, NewLetter};
+use super::diagnostics::{ClaimPlan, Statistics, TableHealth};
 use crate::error::Result;
 use crate::model::{InboxEvent, OutboxEvent, Table};
 
@@ -70,6 +71,25 @@ pub(crate) trait Driver: Sync {
         table: Table,
         rows: &[NewLetter],
     ) -> impl Future<Output = Result<()>> + Send;
+
+    /// The outbox claim's scan plan (`doctor`).
+    fn claim_plan(&self) -> impl Future<Output = Result<ClaimPlan>> + Send;
+
+    /// The planner's statistics of the outbox (`doctor`).
+    fn outbox_statistics(&self) -> impl Future<Output = Result<Statistics>> + Send;
+
+    /// Locked rows of `table` whose lease has run out.
+    fn expired_leases(&self, table: Table) -> impl Future<Output = Result<i64>> + Send;
+
+    /// `table`'s size, rows and autovacuum settings; `None` where the
+    /// backend has none to tell (SQLite) or the table is missing.
+    fn table_health(
+        &self,
+        table: Table,
+    ) -> impl Future<Output = Result<Option<TableHealth>>> + Send;
+
+    /// Up to `limit` distinct topics of pending outbox rows.
+    fn pending_topics(&self, limit: i64) -> impl Future<Output = Result<Vec<String>>> + Send;
 }
 
 /// A backend's statements for the features, on one write transaction.

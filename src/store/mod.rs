@@ -40,6 +40,7 @@ mod any;
 pub mod audit;
 pub(crate) mod claim;
 pub mod dead_letters;
+pub mod diagnostics;
 mod driver;
 pub mod fingerprint;
 mod migrate;

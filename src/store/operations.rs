@@ -15,6 +15,7 @@ use super::dead_letters::{
     DEAD_LETTERS, DeadLetterFilter, DeadLetterRecord, DeadLetterReplay, DeadLetterTable, NewLetter,
     fill_entry, missing_events, new_letters, revive, settle, split,
 };
+use super::diagnostics::{ClaimPlan, Statistics, TableHealth};
 use super::driver::{Driver, FeatureTx, Retention, delete_older_in_batches};
 use crate::error::{Error, Result};
 use crate::model::{Event, InboxRoute, OutboxRoute, Route, Table};
@@ -228,4 +229,33 @@ async fn replay<D: Driver>(
     tx.insert_audit(&entry).await?;
     tx.commit().await?;
     Ok(report)
+}
+
+/// What `omnibox doctor` reads (see `store/diagnostics.rs`).
+impl AnyStore {
+    /// The outbox claim's scan plan, as the backend explains it.
+    pub async fn claim_plan(&self) -> Result<ClaimPlan> {
+        with_driver!(self, d => d.claim_plan().await)
+    }
+
+    /// The planner's statistics of the outbox.
+    pub async fn outbox_statistics(&self) -> Result<Statistics> {
+        with_driver!(self, d => d.outbox_statistics().await)
+    }
+
+    /// Locked rows of `table` whose lease has run out (their worker stopped).
+    pub async fn expired_leases(&self, table: Table) -> Result<i64> {
+        with_driver!(self, d => d.expired_leases(table).await)
+    }
+
+    /// `table`'s size, rows and autovacuum settings (PostgreSQL; `None` on
+    /// SQLite).
+    pub async fn table_health(&self, table: Table) -> Result<Option<TableHealth>> {
+        with_driver!(self, d => d.table_health(table).await)
+    }
+
+    /// Up to `limit` distinct topics of pending outbox rows.
+    pub async fn pending_topics(&self, limit: i64) -> Result<Vec<String>> {
+        with_driver!(self, d => d.pending_topics(limit).await)
+    }
 }

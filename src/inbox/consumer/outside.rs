@@ -134,7 +134,7 @@ impl<S: Source, H: Handler> InboxConsumer<S, H> {
             .filter(|(f, _)| failed.contains(&f.id))
             .map(|(f, e)| {
                 let mut e = (*e).clone();
-                e.status = crate::EventStatus::Failed;
+                e.status = crate::model::EventStatus::Failed;
                 e.attempts_made = (e.attempts_made + 1).min(e.max_attempts);
                 e.last_error = Some(crate::store::stored_error(&f.error));
                 tracing::error!(

@@ -12,6 +12,7 @@ use crate::model::{InboxEvent, OutboxEvent, Table};
 use crate::store::BulkOutcome;
 use crate::store::audit::{self, AuditEntry, AuditFilter, AuditedChange};
 use crate::store::dead_letters::{self, DeadLetterFilter, DeadLetterRecord, NewLetter};
+use crate::store::diagnostics::{ClaimPlan, SMALL_TABLE_PAGES, Statistics, TableHealth};
 use crate::store::driver::{Driver, FeatureTx, Retention};
 
 /// The columns every letter query reads (`event` as text).
@@ -148,6 +149,109 @@ impl Driver for PgStore {
         .await
         .map_err(storage)?;
         Ok(())
+    }
+
+    async fn claim_plan(&self) -> Result<ClaimPlan> {
+        let beginning = chrono::DateTime::from_timestamp(-62_135_596_800, 0).unwrap_or_default();
+        let mut tx = self.pool().begin().await.map_err(storage)?;
+        let rows: Vec<String> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+            "EXPLAIN (FORMAT TEXT) {}",
+            super::sql::OUTBOX_SCAN
+        )))
+        .bind(beginning)
+        .bind(0_i64)
+        .bind(1000_i64)
+        .bind(1000_i64)
+        .bind(0_i64)
+        .bind(None::<String>)
+        .bind(None::<Vec<String>>)
+        .persistent(false)
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(storage)?;
+        tx.rollback().await.map_err(storage)?;
+        let text = rows.join("\n");
+        // The main scan (alias `r`) must read the claim index in order; the
+        // expired-lease branch (`r_1`) reads the few locked rows and may
+        // scan a tiny table.
+        let uses_claim_index = text
+            .contains("Index Scan using outbox_events_claim on outbox_events r ")
+            && !text.contains("Seq Scan on outbox_events r ")
+            && !text.contains("Sort Key: r.scheduled_at");
+        let pages: Option<i64> = sqlx::query_scalar(
+            "SELECT pg_relation_size(to_regclass('outbox_events')) / current_setting('block_size')::int8",
+        )
+        .fetch_one(self.pool())
+        .await
+        .ok();
+        Ok(ClaimPlan {
+            text,
+            uses_claim_index,
+            small_table_pages: pages.filter(|p| *p < SMALL_TABLE_PAGES),
+        })
+    }
+
+    async fn outbox_statistics(&self) -> Result<Statistics> {
+        let row = sqlx::query(
+            "SELECT n_live_tup, n_mod_since_analyze,
+                    greatest(last_analyze, last_autoanalyze) IS NULL AS never
+             FROM pg_stat_user_tables WHERE relid = to_regclass('outbox_events')",
+        )
+        .fetch_optional(self.pool())
+        .await
+        .map_err(storage)?;
+        Ok(match row {
+            None => Statistics::NotCollected,
+            Some(r) => Statistics::Collected {
+                live: r.try_get("n_live_tup").unwrap_or(0),
+                changed: r.try_get("n_mod_since_analyze").unwrap_or(0),
+                never: r.try_get("never").unwrap_or(false),
+            },
+        })
+    }
+
+    async fn expired_leases(&self, table: Table) -> Result<i64> {
+        let t = table.sql_name();
+        sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+            "SELECT count(*) FROM {t} WHERE locked_until IS NOT NULL AND locked_until < now()"
+        )))
+        .fetch_one(self.pool())
+        .await
+        .map_err(storage)
+    }
+
+    async fn table_health(&self, table: Table) -> Result<Option<TableHealth>> {
+        let row = sqlx::query(
+            "SELECT pg_table_size(c.oid) AS table_bytes, pg_indexes_size(c.oid) AS index_bytes,
+                    coalesce(st.n_live_tup, 0) AS live, coalesce(st.n_dead_tup, 0) AS dead,
+                    coalesce(array_to_string(c.reloptions, ','), '') AS options
+             FROM pg_class c LEFT JOIN pg_stat_user_tables st ON st.relid = c.oid
+             WHERE c.oid = to_regclass($1)",
+        )
+        .bind(table.sql_name())
+        .fetch_optional(self.pool())
+        .await
+        .map_err(storage)?;
+        Ok(row.map(|r| {
+            let n = |c: &str| r.try_get::<i64, _>(c).unwrap_or(0);
+            TableHealth {
+                table_bytes: n("table_bytes"),
+                index_bytes: n("index_bytes"),
+                live: n("live"),
+                dead: n("dead"),
+                options: r.try_get("options").unwrap_or_default(),
+            }
+        }))
+    }
+
+    async fn pending_topics(&self, limit: i64) -> Result<Vec<String>> {
+        sqlx::query_scalar(
+            "SELECT DISTINCT topic::text FROM outbox_events WHERE status = 'pending' LIMIT $1",
+        )
+        .bind(limit)
+        .fetch_all(self.pool())
+        .await
+        .map_err(storage)
     }
 }
 

@@ -14,6 +14,7 @@ use crate::model::{InboxEvent, OutboxEvent, Table, time};
 use crate::store::BulkOutcome;
 use crate::store::audit::{self, AuditEntry, AuditFilter, AuditedChange};
 use crate::store::dead_letters::{self, DeadLetterFilter, DeadLetterRecord, NewLetter};
+use crate::store::diagnostics::{ClaimPlan, Statistics, TableHealth};
 use crate::store::driver::{Driver, FeatureTx, Retention};
 
 /// The columns every letter query reads.
@@ -163,6 +164,64 @@ impl Driver for SqliteStore {
             .map_err(storage)?;
         }
         tx.commit().await
+    }
+
+    async fn claim_plan(&self) -> Result<ClaimPlan> {
+        let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "EXPLAIN QUERY PLAN {}",
+            super::sql::OUTBOX_SCAN
+        )))
+        .bind(time::format(&time::now()))
+        .bind("0001-01-01T00:00:00.000000Z")
+        .bind(0_i64)
+        .bind(1000_i64)
+        .bind(1000_i64)
+        .bind(0_i64)
+        .bind(None::<String>)
+        .fetch_all(self.pool())
+        .await
+        .map_err(storage)?;
+        let text = rows
+            .iter()
+            .map(|r| r.try_get::<String, _>("detail").unwrap_or_default())
+            .collect::<Vec<_>>()
+            .join("\n");
+        let uses_claim_index = text.contains("USING INDEX outbox_events_claim")
+            && !text.lines().any(|l| l.trim() == "SCAN r");
+        Ok(ClaimPlan {
+            text,
+            uses_claim_index,
+            small_table_pages: None,
+        })
+    }
+
+    async fn outbox_statistics(&self) -> Result<Statistics> {
+        Ok(Statistics::NotUsed)
+    }
+
+    async fn expired_leases(&self, table: Table) -> Result<i64> {
+        let t = table.sql_name();
+        sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+            "SELECT count(*) FROM {t} WHERE locked_until IS NOT NULL AND locked_until < ?1"
+        )))
+        .bind(time::format(&time::now()))
+        .fetch_one(self.pool())
+        .await
+        .map_err(storage)
+    }
+
+    async fn table_health(&self, _table: Table) -> Result<Option<TableHealth>> {
+        Ok(None)
+    }
+
+    async fn pending_topics(&self, limit: i64) -> Result<Vec<String>> {
+        sqlx::query_scalar(
+            "SELECT DISTINCT topic FROM outbox_events WHERE status = 'pending' LIMIT ?1",
+        )
+        .bind(limit)
+        .fetch_all(self.pool())
+        .await
+        .map_err(storage)
     }
 }
 
