@@ -52,6 +52,7 @@ Register-ArgumentCompleter -Native -CommandName 'omnibox' -ScriptBlock {
             [CompletionResult]::new('release-stale-locks', 'release-stale-locks', [CompletionResultType]::ParameterValue, 'Unlock rows whose lock is older than a threshold and whose lease ran out')
             [CompletionResult]::new('cleanup', 'cleanup', [CompletionResultType]::ParameterValue, 'Delete completed rows past their retention, in bounded batches')
             [CompletionResult]::new('audit', 'audit', [CompletionResultType]::ParameterValue, 'Show recorded replays, unlocks, stale-lock releases and cleanups')
+            [CompletionResult]::new('config', 'config', [CompletionResultType]::ParameterValue, 'Show the effective settings')
             [CompletionResult]::new('completions', 'completions', [CompletionResultType]::ParameterValue, 'Print shell completions')
             [CompletionResult]::new('generate', 'generate', [CompletionResultType]::ParameterValue, 'Writes completions/ and man/ under a directory')
             [CompletionResult]::new('help', 'help', [CompletionResultType]::ParameterValue, 'Print this message or the help of the given subcommand(s)')
@@ -573,6 +574,57 @@ Register-ArgumentCompleter -Native -CommandName 'omnibox' -ScriptBlock {
             [CompletionResult]::new('--version', '--version', [CompletionResultType]::ParameterName, 'Print version')
             break
         }
+        'omnibox;config' {
+            [CompletionResult]::new('--database-url', '--database-url', [CompletionResultType]::ParameterName, 'Database URL: sqlite://PATH or postgres://USER:PASS@HOST/DB [default: sqlite://omnibox.db]')
+            [CompletionResult]::new('--schema', '--schema', [CompletionResultType]::ParameterName, 'PostgreSQL schema that holds the tables (created by `migrate`)')
+            [CompletionResult]::new('--config', '--config', [CompletionResultType]::ParameterName, 'Configuration file [default: ./omnibox.toml when present]')
+            [CompletionResult]::new('--format', '--format', [CompletionResultType]::ParameterName, 'Output format: table for people, json for scripts [default: table]')
+            [CompletionResult]::new('--color', '--color', [CompletionResultType]::ParameterName, 'When to use colour')
+            [CompletionResult]::new('--log-format', '--log-format', [CompletionResultType]::ParameterName, 'Log format on stderr')
+            [CompletionResult]::new('--dedup-window', '--dedup-window', [CompletionResultType]::ParameterName, 'The inbox''s deduplication window: inbox rows are kept at least this long (cleanup refuses less), so a message redelivered within it is a duplicate [default: 7d]')
+            [CompletionResult]::new('--otlp-endpoint', '--otlp-endpoint', [CompletionResultType]::ParameterName, 'Export OpenTelemetry spans with OTLP over HTTP to this collector (base URL; /v1/traces is added) [default: OTEL_EXPORTER_OTLP_ENDPOINT; off when neither is set]')
+            [CompletionResult]::new('-v', '-v', [CompletionResultType]::ParameterName, 'More logging (-v info, -vv debug, -vvv trace)')
+            [CompletionResult]::new('--verbose', '--verbose', [CompletionResultType]::ParameterName, 'More logging (-v info, -vv debug, -vvv trace)')
+            [CompletionResult]::new('-q', '-q', [CompletionResultType]::ParameterName, 'Nothing on stdout or stderr unless the command fails (then its report and the error); for cron')
+            [CompletionResult]::new('--quiet', '--quiet', [CompletionResultType]::ParameterName, 'Nothing on stdout or stderr unless the command fails (then its report and the error); for cron')
+            [CompletionResult]::new('-h', '-h', [CompletionResultType]::ParameterName, 'Print help (see more with ''--help'')')
+            [CompletionResult]::new('--help', '--help', [CompletionResultType]::ParameterName, 'Print help (see more with ''--help'')')
+            [CompletionResult]::new('-V', '-V ', [CompletionResultType]::ParameterName, 'Print version')
+            [CompletionResult]::new('--version', '--version', [CompletionResultType]::ParameterName, 'Print version')
+            [CompletionResult]::new('show', 'show', [CompletionResultType]::ParameterValue, 'Each setting''s value and where it came from (flag, environment, file, default); secrets masked')
+            [CompletionResult]::new('help', 'help', [CompletionResultType]::ParameterValue, 'Print this message or the help of the given subcommand(s)')
+            break
+        }
+        'omnibox;config;show' {
+            [CompletionResult]::new('--database-url', '--database-url', [CompletionResultType]::ParameterName, 'Database URL: sqlite://PATH or postgres://USER:PASS@HOST/DB [default: sqlite://omnibox.db]')
+            [CompletionResult]::new('--schema', '--schema', [CompletionResultType]::ParameterName, 'PostgreSQL schema that holds the tables (created by `migrate`)')
+            [CompletionResult]::new('--config', '--config', [CompletionResultType]::ParameterName, 'Configuration file [default: ./omnibox.toml when present]')
+            [CompletionResult]::new('--format', '--format', [CompletionResultType]::ParameterName, 'Output format: table for people, json for scripts [default: table]')
+            [CompletionResult]::new('--color', '--color', [CompletionResultType]::ParameterName, 'When to use colour')
+            [CompletionResult]::new('--log-format', '--log-format', [CompletionResultType]::ParameterName, 'Log format on stderr')
+            [CompletionResult]::new('--dedup-window', '--dedup-window', [CompletionResultType]::ParameterName, 'The inbox''s deduplication window: inbox rows are kept at least this long (cleanup refuses less), so a message redelivered within it is a duplicate [default: 7d]')
+            [CompletionResult]::new('--otlp-endpoint', '--otlp-endpoint', [CompletionResultType]::ParameterName, 'Export OpenTelemetry spans with OTLP over HTTP to this collector (base URL; /v1/traces is added) [default: OTEL_EXPORTER_OTLP_ENDPOINT; off when neither is set]')
+            [CompletionResult]::new('-v', '-v', [CompletionResultType]::ParameterName, 'More logging (-v info, -vv debug, -vvv trace)')
+            [CompletionResult]::new('--verbose', '--verbose', [CompletionResultType]::ParameterName, 'More logging (-v info, -vv debug, -vvv trace)')
+            [CompletionResult]::new('-q', '-q', [CompletionResultType]::ParameterName, 'Nothing on stdout or stderr unless the command fails (then its report and the error); for cron')
+            [CompletionResult]::new('--quiet', '--quiet', [CompletionResultType]::ParameterName, 'Nothing on stdout or stderr unless the command fails (then its report and the error); for cron')
+            [CompletionResult]::new('-h', '-h', [CompletionResultType]::ParameterName, 'Print help (see more with ''--help'')')
+            [CompletionResult]::new('--help', '--help', [CompletionResultType]::ParameterName, 'Print help (see more with ''--help'')')
+            [CompletionResult]::new('-V', '-V ', [CompletionResultType]::ParameterName, 'Print version')
+            [CompletionResult]::new('--version', '--version', [CompletionResultType]::ParameterName, 'Print version')
+            break
+        }
+        'omnibox;config;help' {
+            [CompletionResult]::new('show', 'show', [CompletionResultType]::ParameterValue, 'Each setting''s value and where it came from (flag, environment, file, default); secrets masked')
+            [CompletionResult]::new('help', 'help', [CompletionResultType]::ParameterValue, 'Print this message or the help of the given subcommand(s)')
+            break
+        }
+        'omnibox;config;help;show' {
+            break
+        }
+        'omnibox;config;help;help' {
+            break
+        }
         'omnibox;completions' {
             [CompletionResult]::new('--database-url', '--database-url', [CompletionResultType]::ParameterName, 'Database URL: sqlite://PATH or postgres://USER:PASS@HOST/DB [default: sqlite://omnibox.db]')
             [CompletionResult]::new('--schema', '--schema', [CompletionResultType]::ParameterName, 'PostgreSQL schema that holds the tables (created by `migrate`)')
@@ -628,6 +680,7 @@ Register-ArgumentCompleter -Native -CommandName 'omnibox' -ScriptBlock {
             [CompletionResult]::new('release-stale-locks', 'release-stale-locks', [CompletionResultType]::ParameterValue, 'Unlock rows whose lock is older than a threshold and whose lease ran out')
             [CompletionResult]::new('cleanup', 'cleanup', [CompletionResultType]::ParameterValue, 'Delete completed rows past their retention, in bounded batches')
             [CompletionResult]::new('audit', 'audit', [CompletionResultType]::ParameterValue, 'Show recorded replays, unlocks, stale-lock releases and cleanups')
+            [CompletionResult]::new('config', 'config', [CompletionResultType]::ParameterValue, 'Show the effective settings')
             [CompletionResult]::new('completions', 'completions', [CompletionResultType]::ParameterValue, 'Print shell completions')
             [CompletionResult]::new('generate', 'generate', [CompletionResultType]::ParameterValue, 'Writes completions/ and man/ under a directory')
             [CompletionResult]::new('help', 'help', [CompletionResultType]::ParameterValue, 'Print this message or the help of the given subcommand(s)')
@@ -684,6 +737,13 @@ Register-ArgumentCompleter -Native -CommandName 'omnibox' -ScriptBlock {
             break
         }
         'omnibox;help;audit' {
+            break
+        }
+        'omnibox;help;config' {
+            [CompletionResult]::new('show', 'show', [CompletionResultType]::ParameterValue, 'Each setting''s value and where it came from (flag, environment, file, default); secrets masked')
+            break
+        }
+        'omnibox;help;config;show' {
             break
         }
         'omnibox;help;completions' {

@@ -25,6 +25,9 @@ _omnibox() {
             omnibox,completions)
                 cmd="omnibox__subcmd__completions"
                 ;;
+            omnibox,config)
+                cmd="omnibox__subcmd__config"
+                ;;
             omnibox,demo)
                 cmd="omnibox__subcmd__demo"
                 ;;
@@ -70,6 +73,18 @@ _omnibox() {
             omnibox,unlock)
                 cmd="omnibox__subcmd__unlock"
                 ;;
+            omnibox__subcmd__config,help)
+                cmd="omnibox__subcmd__config__subcmd__help"
+                ;;
+            omnibox__subcmd__config,show)
+                cmd="omnibox__subcmd__config__subcmd__show"
+                ;;
+            omnibox__subcmd__config__subcmd__help,help)
+                cmd="omnibox__subcmd__config__subcmd__help__subcmd__help"
+                ;;
+            omnibox__subcmd__config__subcmd__help,show)
+                cmd="omnibox__subcmd__config__subcmd__help__subcmd__show"
+                ;;
             omnibox__subcmd__help,audit)
                 cmd="omnibox__subcmd__help__subcmd__audit"
                 ;;
@@ -78,6 +93,9 @@ _omnibox() {
                 ;;
             omnibox__subcmd__help,completions)
                 cmd="omnibox__subcmd__help__subcmd__completions"
+                ;;
+            omnibox__subcmd__help,config)
+                cmd="omnibox__subcmd__help__subcmd__config"
                 ;;
             omnibox__subcmd__help,demo)
                 cmd="omnibox__subcmd__help__subcmd__demo"
@@ -124,6 +142,9 @@ _omnibox() {
             omnibox__subcmd__help,unlock)
                 cmd="omnibox__subcmd__help__subcmd__unlock"
                 ;;
+            omnibox__subcmd__help__subcmd__config,show)
+                cmd="omnibox__subcmd__help__subcmd__config__subcmd__show"
+                ;;
             omnibox__subcmd__help__subcmd__inbox,consume)
                 cmd="omnibox__subcmd__help__subcmd__inbox__subcmd__consume"
                 ;;
@@ -155,7 +176,7 @@ _omnibox() {
 
     case "${cmd}" in
         omnibox)
-            opts="-v -q -h -V --database-url --schema --config --format --color --log-format --verbose --quiet --dedup-window --otlp-endpoint --help --version migrate enqueue publish inbox demo status doctor list show replay failures unlock release-stale-locks cleanup audit completions generate help"
+            opts="-v -q -h -V --database-url --schema --config --format --color --log-format --verbose --quiet --dedup-window --otlp-endpoint --help --version migrate enqueue publish inbox demo status doctor list show replay failures unlock release-stale-locks cleanup audit config completions generate help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 1 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -343,6 +364,140 @@ _omnibox() {
         omnibox__subcmd__completions)
             opts="-v -q -h -V --database-url --schema --config --format --color --log-format --verbose --quiet --dedup-window --otlp-endpoint --help --version bash elvish fish powershell zsh"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                --database-url)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --schema)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --config)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --format)
+                    COMPREPLY=($(compgen -W "table json" -- "${cur}"))
+                    return 0
+                    ;;
+                --color)
+                    COMPREPLY=($(compgen -W "auto always never" -- "${cur}"))
+                    return 0
+                    ;;
+                --log-format)
+                    COMPREPLY=($(compgen -W "text json" -- "${cur}"))
+                    return 0
+                    ;;
+                --dedup-window)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --otlp-endpoint)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        omnibox__subcmd__config)
+            opts="-v -q -h -V --database-url --schema --config --format --color --log-format --verbose --quiet --dedup-window --otlp-endpoint --help --version show help"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                --database-url)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --schema)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --config)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --format)
+                    COMPREPLY=($(compgen -W "table json" -- "${cur}"))
+                    return 0
+                    ;;
+                --color)
+                    COMPREPLY=($(compgen -W "auto always never" -- "${cur}"))
+                    return 0
+                    ;;
+                --log-format)
+                    COMPREPLY=($(compgen -W "text json" -- "${cur}"))
+                    return 0
+                    ;;
+                --dedup-window)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --otlp-endpoint)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        omnibox__subcmd__config__subcmd__help)
+            opts="show help"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        omnibox__subcmd__config__subcmd__help__subcmd__help)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        omnibox__subcmd__config__subcmd__help__subcmd__show)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        omnibox__subcmd__config__subcmd__show)
+            opts="-v -q -h -V --database-url --schema --config --format --color --log-format --verbose --quiet --dedup-window --otlp-endpoint --help --version"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
             fi
@@ -733,7 +888,7 @@ _omnibox() {
             return 0
             ;;
         omnibox__subcmd__help)
-            opts="migrate enqueue publish inbox demo status doctor list show replay failures unlock release-stale-locks cleanup audit completions generate help"
+            opts="migrate enqueue publish inbox demo status doctor list show replay failures unlock release-stale-locks cleanup audit config completions generate help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -777,6 +932,34 @@ _omnibox() {
         omnibox__subcmd__help__subcmd__completions)
             opts=""
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        omnibox__subcmd__help__subcmd__config)
+            opts="show"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        omnibox__subcmd__help__subcmd__config__subcmd__show)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
             fi

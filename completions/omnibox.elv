@@ -49,6 +49,7 @@ set edit:completion:arg-completer[omnibox] = {|@words|
             cand release-stale-locks 'Unlock rows whose lock is older than a threshold and whose lease ran out'
             cand cleanup 'Delete completed rows past their retention, in bounded batches'
             cand audit 'Show recorded replays, unlocks, stale-lock releases and cleanups'
+            cand config 'Show the effective settings'
             cand completions 'Print shell completions'
             cand generate 'Writes completions/ and man/ under a directory'
             cand help 'Print this message or the help of the given subcommand(s)'
@@ -548,6 +549,52 @@ set edit:completion:arg-completer[omnibox] = {|@words|
             cand -V 'Print version'
             cand --version 'Print version'
         }
+        &'omnibox;config'= {
+            cand --database-url 'Database URL: sqlite://PATH or postgres://USER:PASS@HOST/DB [default: sqlite://omnibox.db]'
+            cand --schema 'PostgreSQL schema that holds the tables (created by `migrate`)'
+            cand --config 'Configuration file [default: ./omnibox.toml when present]'
+            cand --format 'Output format: table for people, json for scripts [default: table]'
+            cand --color 'When to use colour'
+            cand --log-format 'Log format on stderr'
+            cand --dedup-window 'The inbox''s deduplication window: inbox rows are kept at least this long (cleanup refuses less), so a message redelivered within it is a duplicate [default: 7d]'
+            cand --otlp-endpoint 'Export OpenTelemetry spans with OTLP over HTTP to this collector (base URL; /v1/traces is added) [default: OTEL_EXPORTER_OTLP_ENDPOINT; off when neither is set]'
+            cand -v 'More logging (-v info, -vv debug, -vvv trace)'
+            cand --verbose 'More logging (-v info, -vv debug, -vvv trace)'
+            cand -q 'Nothing on stdout or stderr unless the command fails (then its report and the error); for cron'
+            cand --quiet 'Nothing on stdout or stderr unless the command fails (then its report and the error); for cron'
+            cand -h 'Print help (see more with ''--help'')'
+            cand --help 'Print help (see more with ''--help'')'
+            cand -V 'Print version'
+            cand --version 'Print version'
+            cand show 'Each setting''s value and where it came from (flag, environment, file, default); secrets masked'
+            cand help 'Print this message or the help of the given subcommand(s)'
+        }
+        &'omnibox;config;show'= {
+            cand --database-url 'Database URL: sqlite://PATH or postgres://USER:PASS@HOST/DB [default: sqlite://omnibox.db]'
+            cand --schema 'PostgreSQL schema that holds the tables (created by `migrate`)'
+            cand --config 'Configuration file [default: ./omnibox.toml when present]'
+            cand --format 'Output format: table for people, json for scripts [default: table]'
+            cand --color 'When to use colour'
+            cand --log-format 'Log format on stderr'
+            cand --dedup-window 'The inbox''s deduplication window: inbox rows are kept at least this long (cleanup refuses less), so a message redelivered within it is a duplicate [default: 7d]'
+            cand --otlp-endpoint 'Export OpenTelemetry spans with OTLP over HTTP to this collector (base URL; /v1/traces is added) [default: OTEL_EXPORTER_OTLP_ENDPOINT; off when neither is set]'
+            cand -v 'More logging (-v info, -vv debug, -vvv trace)'
+            cand --verbose 'More logging (-v info, -vv debug, -vvv trace)'
+            cand -q 'Nothing on stdout or stderr unless the command fails (then its report and the error); for cron'
+            cand --quiet 'Nothing on stdout or stderr unless the command fails (then its report and the error); for cron'
+            cand -h 'Print help (see more with ''--help'')'
+            cand --help 'Print help (see more with ''--help'')'
+            cand -V 'Print version'
+            cand --version 'Print version'
+        }
+        &'omnibox;config;help'= {
+            cand show 'Each setting''s value and where it came from (flag, environment, file, default); secrets masked'
+            cand help 'Print this message or the help of the given subcommand(s)'
+        }
+        &'omnibox;config;help;show'= {
+        }
+        &'omnibox;config;help;help'= {
+        }
         &'omnibox;completions'= {
             cand --database-url 'Database URL: sqlite://PATH or postgres://USER:PASS@HOST/DB [default: sqlite://omnibox.db]'
             cand --schema 'PostgreSQL schema that holds the tables (created by `migrate`)'
@@ -601,6 +648,7 @@ set edit:completion:arg-completer[omnibox] = {|@words|
             cand release-stale-locks 'Unlock rows whose lock is older than a threshold and whose lease ran out'
             cand cleanup 'Delete completed rows past their retention, in bounded batches'
             cand audit 'Show recorded replays, unlocks, stale-lock releases and cleanups'
+            cand config 'Show the effective settings'
             cand completions 'Print shell completions'
             cand generate 'Writes completions/ and man/ under a directory'
             cand help 'Print this message or the help of the given subcommand(s)'
@@ -640,6 +688,11 @@ set edit:completion:arg-completer[omnibox] = {|@words|
         &'omnibox;help;cleanup'= {
         }
         &'omnibox;help;audit'= {
+        }
+        &'omnibox;help;config'= {
+            cand show 'Each setting''s value and where it came from (flag, environment, file, default); secrets masked'
+        }
+        &'omnibox;help;config;show'= {
         }
         &'omnibox;help;completions'= {
         }

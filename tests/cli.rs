@@ -385,6 +385,83 @@ fn inspection_errors() {
     snap!("list_empty", run(dir.path(), &["list", "--table", "inbox"]));
 }
 
+/// `config show` names each setting's value and where it came from (flag
+/// > environment > file > default), masks secrets, and opens no database.
+#[test]
+fn config_show_names_each_source_and_masks_secrets() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let r = run(d, &["--format", "json", "config", "show"]);
+    assert_eq!(r.code, 0, "{}", r.render());
+    let v: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+    assert_eq!(v["config_file"], serde_json::Value::Null);
+    assert_eq!(v["settings"]["format"]["source"], "flag");
+    for key in [
+        "database_url",
+        "lease",
+        "batch_bytes",
+        "dedup_window",
+        "broker",
+        "kafka",
+    ] {
+        assert_eq!(
+            v["settings"][key]["source"], "default",
+            "{key}: {}",
+            r.stdout
+        );
+    }
+    assert_eq!(
+        v["settings"]["database_url"]["value"],
+        "sqlite://omnibox.db"
+    );
+    assert_eq!(v["settings"]["batch_bytes"]["value"], "16MiB");
+    assert!(
+        !d.join("omnibox.db").exists(),
+        "config show opens no database"
+    );
+
+    std::fs::write(
+        d.join("omnibox.toml"),
+        "lease = \"2m\"\nbroker = \"kafka://user:brokerpw@h:9092\"\ndedup_window = \"3d\"\n\
+         [kafka]\n\"sasl.password\" = \"hunter2\"\n\"client.id\" = \"svc\"\n",
+    )
+    .unwrap();
+    let r = omnibox(
+        d,
+        &["--format", "json", "--dedup-window", "8d", "config", "show"],
+        None,
+        &[
+            ("OMNIBOX_DATABASE_URL", "postgres://app:dbsecret@db/app"),
+            ("OMNIBOX_BATCH_BYTES", "4MiB"),
+        ],
+    );
+    assert_eq!(r.code, 0, "{}", r.render());
+    let v: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+    let s = &v["settings"];
+    assert_eq!(v["config_file"], "omnibox.toml");
+    assert_eq!(s["database_url"]["source"], "environment");
+    assert_eq!(s["batch_bytes"]["source"], "environment");
+    assert_eq!(s["batch_bytes"]["value"], "4MiB");
+    assert_eq!(s["lease"]["source"], "file");
+    assert_eq!(s["lease"]["value"], "2m 0s");
+    assert_eq!(
+        s["dedup_window"]["source"], "flag",
+        "the flag beats the file"
+    );
+    assert_eq!(s["broker"]["source"], "file");
+    assert_eq!(s["kafka"]["source"], "file");
+    assert_eq!(s["kafka"]["value"], "client.id=svc, sasl.password=****");
+    for secret in ["dbsecret", "brokerpw", "hunter2"] {
+        assert!(!r.stdout.contains(secret), "{secret} shown: {}", r.stdout);
+    }
+
+    // A bad value in the file is a usage error, as for every command.
+    std::fs::write(d.join("omnibox.toml"), "lease = \"soon\"\n").unwrap();
+    let r = run(d, &["config", "show"]);
+    assert_eq!(r.code, 2, "{}", r.render());
+    assert!(r.stderr.contains("lease"), "{}", r.render());
+}
+
 #[test]
 fn configuration_precedence_flag_env_file_default() {
     let dir = tempfile::tempdir().unwrap();

@@ -58,11 +58,56 @@ pub struct Settings {
     pub batch_bytes: u64,
     /// Where the file settings came from, if any.
     pub config_file: Option<PathBuf>,
+    /// Where each setting came from, by its file key (`omnibox config show`).
+    pub sources: std::collections::BTreeMap<&'static str, Source>,
+}
+
+/// Where a setting's value came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Source {
+    /// A command-line flag.
+    Flag,
+    /// An environment variable.
+    Environment,
+    /// The configuration file.
+    File,
+    /// omnibox's default.
+    Default,
+}
+
+impl std::fmt::Display for Source {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Source::Flag => "flag",
+            Source::Environment => "environment",
+            Source::File => "file",
+            Source::Default => "default",
+        })
+    }
+}
+
+/// Where clap took a global argument from: a flag, its environment
+/// variable, or neither.
+pub type ArgSources = std::collections::BTreeMap<&'static str, Source>;
+
+/// The sources of the global arguments clap resolved, by argument id.
+pub fn arg_sources(matches: &clap::ArgMatches) -> ArgSources {
+    let mut out = ArgSources::new();
+    for id in ["database_url", "schema", "config", "format", "dedup_window"] {
+        let source = match matches.value_source(id) {
+            Some(clap::parser::ValueSource::CommandLine) => Source::Flag,
+            Some(clap::parser::ValueSource::EnvVariable) => Source::Environment,
+            _ => continue,
+        };
+        out.insert(id, source);
+    }
+    out
 }
 
 pub const DEFAULT_FILE: &str = "omnibox.toml";
 
-pub fn load(global: &GlobalArgs) -> Result<Settings> {
+pub fn load(global: &GlobalArgs, args: &ArgSources) -> Result<Settings> {
     let (file, path) = match &global.config {
         Some(path) => (read(path)?, Some(path.clone())),
         None if Path::new(DEFAULT_FILE).exists() => (
@@ -123,7 +168,51 @@ pub fn load(global: &GlobalArgs) -> Result<Settings> {
             .transpose()?
             .unwrap_or(omnibox::model::limits::DEFAULT_BATCH_BYTES),
     };
+    let set = |v: bool| v.then_some(Source::Environment);
+    let env_set = |name: &str| set(std::env::var(name).is_ok_and(|v| !v.trim().is_empty()));
+    let file_set = |v: bool| v.then_some(Source::File);
+    let mut sources = std::collections::BTreeMap::new();
+    let mut source = |key: &'static str, arg: Option<Source>, file: Option<Source>| {
+        sources.insert(key, arg.or(file).unwrap_or(Source::Default));
+    };
+    source(
+        "database_url",
+        args.get("database_url").copied(),
+        file_set(file.database_url.is_some()),
+    );
+    source(
+        "schema",
+        args.get("schema").copied(),
+        file_set(file.schema.is_some()),
+    );
+    source(
+        "format",
+        args.get("format").copied(),
+        file_set(file.format.is_some()),
+    );
+    source(
+        "dedup_window",
+        args.get("dedup_window").copied(),
+        file_set(file.dedup_window.is_some()),
+    );
+    source(
+        "lease",
+        env_set(super::env::LEASE),
+        file_set(file.lease.is_some()),
+    );
+    source(
+        "batch_bytes",
+        env_set(super::env::BATCH_BYTES),
+        file_set(file.batch_bytes.is_some()),
+    );
+    source(
+        "broker",
+        env_set(super::env::BROKER),
+        file_set(file.broker.is_some()),
+    );
+    source("kafka", None, file_set(!file.kafka.is_empty()));
     Ok(Settings {
+        sources,
         dedup_window,
         lease,
         batch_bytes,

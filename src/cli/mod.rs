@@ -14,6 +14,7 @@ mod audit;
 mod cleanup;
 mod completions;
 mod config;
+mod config_show;
 mod demo;
 mod doctor;
 mod enqueue;
@@ -136,6 +137,7 @@ enum Command {
     ReleaseStaleLocks(release_stale_locks::ReleaseArgs),
     Cleanup(cleanup::CleanupArgs),
     Audit(audit::AuditArgs),
+    Config(config_show::ConfigArgs),
     Completions(completions::CompletionsArgs),
     #[command(hide = true)]
     Generate(completions::GenerateArgs),
@@ -263,8 +265,12 @@ const ACQUIRE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 const CLOSE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
 pub fn main() -> ExitCode {
-    let cli = match Cli::try_parse() {
-        Ok(cli) => cli,
+    use clap::{CommandFactory, FromArgMatches};
+    let parsed = Cli::command()
+        .try_get_matches()
+        .and_then(|m| Ok((Cli::from_arg_matches(&m)?, config::arg_sources(&m))));
+    let (cli, sources) = match parsed {
+        Ok(parsed) => parsed,
         Err(e) => {
             // clap prints usage errors on stderr (exit 2) and --help/--version on stdout (exit 0).
             let _ = e.print();
@@ -274,7 +280,7 @@ pub fn main() -> ExitCode {
     let color = use_color(cli.global.color);
     init_logging(&cli.global);
     let mut json_errors = cli.global.format == Some(Format::Json);
-    let settings = match config::load(&cli.global) {
+    let settings = match config::load(&cli.global, &sources) {
         Ok(s) => s,
         Err(e) => return report(&e, color, json_errors),
     };
@@ -320,6 +326,7 @@ pub fn main() -> ExitCode {
             Command::ReleaseStaleLocks(args) => release_stale_locks::run(args, &ctx).await,
             Command::Cleanup(args) => cleanup::run(args, &ctx).await,
             Command::Audit(args) => audit::run(args, &ctx).await,
+            Command::Config(args) => config_show::run(args, &ctx),
             Command::Completions(args) => completions::run(args, &ctx).await,
             Command::Generate(args) => completions::run_generate(args, &ctx).await,
             Command::Publish(args) => publish::run_publish(*args, &ctx).await,
