@@ -82,7 +82,7 @@ pub enum Fetch<R> {
 #[derive(Debug)]
 pub enum Claimed<R> {
     /// A batch, handled, to be written with [`Processor::finish`](super::Processor::finish).
-    Batch(Handled<R>),
+    Batch(Box<Handled<R>>),
     /// Nothing was handed out. `contended`: rows were wanted that another
     /// worker was claiming at the same moment (so it is worth trying again).
     /// `more`: the claim examined as many due rows as it may and all were

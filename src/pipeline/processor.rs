@@ -157,7 +157,7 @@ where
     /// are in the report.
     pub async fn process_batch(&self) -> Result<BatchReport> {
         match self.claim_and_handle().await? {
-            Claimed::Batch(handled) => Ok(self.finish(handled).await),
+            Claimed::Batch(handled) => Ok(self.finish(*handled).await),
             Claimed::Empty { .. } => Ok(BatchReport::default()),
         }
     }
@@ -167,7 +167,7 @@ where
     /// alive) until [`finish`](Self::finish).
     pub async fn claim_and_handle(&self) -> Result<Claimed<R>> {
         Ok(match self.fetch().await? {
-            Fetch::Batch(f) => Claimed::Batch(self.handle(f).await),
+            Fetch::Batch(f) => Claimed::Batch(Box::new(self.handle(f).await)),
             Fetch::Empty { contended, more } => Claimed::Empty { contended, more },
         })
     }
