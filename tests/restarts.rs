@@ -264,14 +264,16 @@ fn long_running_commands_survive_database_restarts() {
         || distinct_ids(&published).len() >= 200,
     );
 
-    // Down for longer than the pool's 30 s wait for a connection.
+    // Down for longer than the CLI's 10 s wait for a connection (its
+    // ACQUIRE_TIMEOUT): the outage itself is the scenario, so it is a
+    // fixed time, not a condition to poll for.
     pg(&["halt", "--mode", "fast"]);
-    std::thread::sleep(Duration::from_secs(35));
+    std::thread::sleep(Duration::from_secs(15));
     pg(&["resume"]);
     enqueue(d, &url, 200, 100);
     wait_for(
         d,
-        "300 published after a 35 s outage",
+        "300 published after a 15 s outage",
         Duration::from_secs(90),
         || distinct_ids(&published).len() >= 300,
     );
@@ -352,8 +354,9 @@ fn long_running_commands_survive_database_restarts() {
         "reports resumed after the outage:\n{}",
         stream.join("\n")
     );
-    // The relay measured the 35 s outage from its first failed claim, not
-    // from when the pool gave up, and said when it ended at WARN.
+    // The relay measured the 15 s outage from its first failed claim (about
+    // 15 s), not from when the pool gave up (about 5 s), and said when it
+    // ended at WARN.
     let log = std::fs::read_to_string(d.join("publish.log")).unwrap();
     let longest = log
         .lines()
@@ -367,7 +370,7 @@ fn long_running_commands_survive_database_restarts() {
         })
         .max()
         .unwrap_or(0);
-    assert!(longest >= 25_000, "down_for_ms {longest}:\n{log}");
+    assert!(longest >= 12_000, "down_for_ms {longest}:\n{log}");
 
     // Every row: published, stored once in the inbox, handled, none locked.
     let status = omnibox(d, &url, &["status", "--format", "json"], None);

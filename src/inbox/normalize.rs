@@ -1046,8 +1046,8 @@ mod tests {
     }
 
     /// Every delivery of one message has the same event id (the handler's
-    /// idempotency key), a function of the consumer group and message id;
-    /// it used to be a fresh UUID on every delivery.
+    /// idempotency key), a function of the consumer group and message id,
+    /// not a fresh UUID per delivery.
     #[test]
     fn the_event_id_is_the_same_for_every_delivery() {
         let d = DomainService::default();
@@ -1069,7 +1069,8 @@ mod tests {
 
     /// An id header is never altered: one that breaks a rule makes the
     /// message poison (with the reason) under its content id, so distinct
-    /// messages never collide; a header of control characters used to panic.
+    /// messages never collide; a header of control characters does not
+    /// panic.
     #[test]
     fn a_bad_id_header_makes_poison_and_never_collides() {
         let d = DomainService::default();

@@ -272,9 +272,9 @@ mod tests {
             .collect()
     }
 
-    /// A line appended in pieces is read whole once its newline arrives;
-    /// it used to become a poison row holding its second half (two pieces)
-    /// or vanish (three).
+    /// A line appended in pieces is read whole once its newline arrives:
+    /// never a poison row holding its second half (two pieces), never lost
+    /// (three).
     #[tokio::test]
     async fn follow_keeps_a_line_written_in_pieces() {
         let dir = tempfile::tempdir().unwrap();
@@ -388,7 +388,7 @@ mod tests {
         assert_eq!(p.messages[1].offset, 2);
     }
 
-    /// A line that is not UTF-8 keeps its exact bytes (it used to be
+    /// A line that is not UTF-8 keeps its exact bytes (it is not
     /// "repaired" with U+FFFD and stored as a normal row).
     #[tokio::test]
     async fn a_line_that_is_not_utf8_keeps_its_bytes() {
