@@ -30,6 +30,7 @@ use crate::error::{Error, Result};
 use crate::model::Table;
 
 mod any;
+mod any_tx;
 pub mod audit;
 pub(crate) mod claim;
 pub mod dead_letters;
@@ -46,8 +47,9 @@ mod traits;
 mod wakeup;
 mod write;
 
-pub(crate) use any::BulkTx;
-pub use any::{AnyStore, AnyTable, Backend, InboxTx, OutboxBulkWriter, StoreOptions};
+pub use any::{AnyStore, AnyTable, Backend, StoreOptions};
+pub(crate) use any_tx::BulkTx;
+pub use any_tx::{InboxTx, OutboxBulkWriter};
 pub use migrate::{
     AppliedMigration, MIGRATIONS_TABLE, MigrationReport, MigrationScript, MigrationState,
     ProblemKind, SchemaProblem, SchemaState,
