@@ -3,7 +3,6 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
-use std::str::FromStr;
 
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -12,6 +11,8 @@ use uuid::Uuid;
 
 use super::time::{Timestamp, serde_ts};
 use crate::error::{Error, Result};
+
+use super::status::{EventStatus, Table};
 
 /// JSON object payload of an event.
 pub type Payload = Map<String, Value>;
@@ -38,110 +39,6 @@ pub(crate) fn approx_json_len(payload: &Payload) -> usize {
 
 /// String headers of an event.
 pub type Headers = BTreeMap<String, String>;
-
-/// Lifecycle status of an event (docs/design.md, "Event lifecycle and rules").
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum EventStatus {
-    /// Waiting to be processed (possibly locked by a worker, possibly scheduled later).
-    Pending,
-    /// Processed or published.
-    Completed,
-    /// Gave up after `max_attempts` counted failures (dead letter).
-    Failed,
-}
-
-impl EventStatus {
-    /// All statuses, in lifecycle order.
-    pub const ALL: [EventStatus; 3] = [
-        EventStatus::Pending,
-        EventStatus::Completed,
-        EventStatus::Failed,
-    ];
-
-    /// The stored name: `pending`, `completed` or `failed`.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            EventStatus::Pending => "pending",
-            EventStatus::Completed => "completed",
-            EventStatus::Failed => "failed",
-        }
-    }
-}
-
-impl fmt::Display for EventStatus {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-impl FromStr for EventStatus {
-    type Err = Error;
-
-    fn from_str(s: &str) -> Result<Self> {
-        match s.trim().to_ascii_lowercase().as_str() {
-            "pending" => Ok(EventStatus::Pending),
-            "completed" => Ok(EventStatus::Completed),
-            "failed" => Ok(EventStatus::Failed),
-            _ => Err(Error::validation(
-                "status",
-                format!("unknown status {s:?}; expected pending, completed or failed"),
-            )),
-        }
-    }
-}
-
-/// Which of the two tables an event lives in.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Table {
-    /// `outbox_events`: events this service publishes.
-    Outbox,
-    /// `inbox_events`: events this service consumed.
-    Inbox,
-}
-
-impl Table {
-    /// Both tables.
-    pub const ALL: [Table; 2] = [Table::Outbox, Table::Inbox];
-
-    /// `outbox` or `inbox`.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Table::Outbox => "outbox",
-            Table::Inbox => "inbox",
-        }
-    }
-
-    /// The SQL table: `outbox_events` or `inbox_events`.
-    pub fn sql_name(self) -> &'static str {
-        match self {
-            Table::Outbox => "outbox_events",
-            Table::Inbox => "inbox_events",
-        }
-    }
-}
-
-impl fmt::Display for Table {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-impl FromStr for Table {
-    type Err = Error;
-
-    fn from_str(s: &str) -> Result<Self> {
-        match s.trim().to_ascii_lowercase().as_str() {
-            "outbox" | "outbox_events" => Ok(Table::Outbox),
-            "inbox" | "inbox_events" => Ok(Table::Inbox),
-            _ => Err(Error::validation(
-                "table",
-                format!("unknown table {s:?}; expected outbox or inbox"),
-            )),
-        }
-    }
-}
 
 /// Routing part of an outbox event: where it goes on the broker.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -562,144 +459,13 @@ impl Event<InboxRoute> {
     }
 }
 
-/// Input for a new outbox event; turned into an [`OutboxEvent`] by
-/// [`DomainService::create_outbox_event`](crate::domain::DomainService::create_outbox_event),
-/// which applies every rule of docs/design.md, "Event lifecycle and rules".
-#[derive(Debug, Clone, PartialEq)]
-pub struct NewOutboxEvent {
-    /// Required: kind of aggregate (1..50 characters).
-    pub aggregate_type: String,
-    /// Required: the aggregate's id.
-    pub aggregate_id: Uuid,
-    /// Required: event type (1..100 characters).
-    pub event_type: String,
-    /// Required: broker topic (1..255 characters).
-    pub topic: String,
-    /// Required: broker key (1..255 characters).
-    pub partition_key: String,
-    /// Required: a non-empty JSON object.
-    pub payload: Value,
-    /// Optional headers.
-    pub headers: Option<Headers>,
-    /// Explicit id; a UUIDv7 by default.
-    pub id: Option<Uuid>,
-    /// Idempotency key: a second event with the same key is not inserted.
-    pub idempotency_key: Option<String>,
-    /// Trace id.
-    pub trace_id: Option<String>,
-    /// Correlation id.
-    pub correlation_id: Option<String>,
-    /// Causation id.
-    pub causation_id: Option<String>,
-    /// Payload schema version.
-    pub schema_version: Option<String>,
-    /// Counted failures allowed (default 6).
-    pub max_attempts: Option<i32>,
-    /// Not published before this time (default: now).
-    pub scheduled_at: Option<Timestamp>,
-    /// Creation time (default: now).
-    pub created_at: Option<Timestamp>,
-}
-
-impl NewOutboxEvent {
-    /// An event with the required fields; the rest default.
-    pub fn new(
-        aggregate_type: impl Into<String>,
-        aggregate_id: Uuid,
-        event_type: impl Into<String>,
-        topic: impl Into<String>,
-        partition_key: impl Into<String>,
-        payload: Value,
-    ) -> Self {
-        NewOutboxEvent {
-            aggregate_type: aggregate_type.into(),
-            aggregate_id,
-            event_type: event_type.into(),
-            topic: topic.into(),
-            partition_key: partition_key.into(),
-            payload,
-            headers: None,
-            id: None,
-            idempotency_key: None,
-            trace_id: None,
-            correlation_id: None,
-            causation_id: None,
-            schema_version: None,
-            max_attempts: None,
-            scheduled_at: None,
-            created_at: None,
-        }
-    }
-}
-
-/// Input for a new inbox event; see
-/// [`DomainService::create_inbox_event`](crate::domain::DomainService::create_inbox_event).
-#[derive(Debug, Clone, PartialEq)]
-pub struct NewInboxEvent {
-    /// Required: broker message id (1..255 characters).
-    pub message_id: String,
-    /// Required: consumer group (1..255 characters).
-    pub consumer_group: String,
-    /// Required: producing service or topic (1..255 characters).
-    pub source: String,
-    /// Required: event type (1..100 characters).
-    pub event_type: String,
-    /// Required: a non-empty JSON object.
-    pub payload: Value,
-    /// Optional headers.
-    pub headers: Option<Headers>,
-    /// Explicit id; a UUIDv7 by default.
-    pub id: Option<Uuid>,
-    /// Trace id.
-    pub trace_id: Option<String>,
-    /// Correlation id.
-    pub correlation_id: Option<String>,
-    /// Causation id.
-    pub causation_id: Option<String>,
-    /// Payload schema version.
-    pub schema_version: Option<String>,
-    /// Counted failures allowed (default 6).
-    pub max_attempts: Option<i32>,
-    /// Not processed before this time (default: now).
-    pub scheduled_at: Option<Timestamp>,
-    /// Creation time (default: now).
-    pub created_at: Option<Timestamp>,
-}
-
-impl NewInboxEvent {
-    /// An event with the required fields; the rest default.
-    pub fn new(
-        message_id: impl Into<String>,
-        consumer_group: impl Into<String>,
-        source: impl Into<String>,
-        event_type: impl Into<String>,
-        payload: Value,
-    ) -> Self {
-        NewInboxEvent {
-            message_id: message_id.into(),
-            consumer_group: consumer_group.into(),
-            source: source.into(),
-            event_type: event_type.into(),
-            payload,
-            headers: None,
-            id: None,
-            trace_id: None,
-            correlation_id: None,
-            causation_id: None,
-            schema_version: None,
-            max_attempts: None,
-            scheduled_at: None,
-            created_at: None,
-        }
-    }
-}
-
 #[cfg(test)]
 mod revive_tests {
     use serde_json::{Value, json};
 
     use super::*;
     use crate::domain::DomainService;
+    use crate::model::NewOutboxEvent;
 
     fn copy() -> Value {
         let e = DomainService::default()
@@ -798,8 +564,7 @@ mod revive_tests {
             "order": 17,
             "items": [{"sku": "SKU-000123", "qty": 3, "price": 12.5, "note": "fragile"}, {"sku": "x", "qty": 1}],
             "flags": [true, false, null],
-            "attachment": "x".repeat(10_000),
-        });
+            "attachment": "x".repeat(10_000)});
         let Value::Object(map) = payload else {
             unreachable!()
         };

@@ -5,7 +5,8 @@ use serde::Deserialize;
 use serde_json::Value;
 use uuid::Uuid;
 
-use super::event::{Headers, NewOutboxEvent};
+use super::event::Headers;
+use super::new_event::NewOutboxEvent;
 use super::time;
 use crate::error::{Error, Result};
 

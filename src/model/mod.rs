@@ -2,6 +2,8 @@
 //! docs/design.md, "Event lifecycle and rules", and timestamps.
 
 mod event;
+mod new_event;
+mod status;
 pub(crate) use event::ClockDefault;
 #[doc(hidden)]
 pub mod input;
@@ -10,10 +12,9 @@ pub mod time;
 pub mod validate;
 
 pub(crate) use event::approx_json_len;
-pub use event::{
-    Event, EventStatus, Headers, InboxEvent, InboxRoute, NewInboxEvent, NewOutboxEvent,
-    OutboxEvent, OutboxRoute, Payload, Route, Table,
-};
+pub use event::{Event, Headers, InboxEvent, InboxRoute, OutboxEvent, OutboxRoute, Payload, Route};
 pub use limits::Limits;
+pub use new_event::{NewInboxEvent, NewOutboxEvent};
+pub use status::{EventStatus, Table};
 pub use time::Timestamp;
 pub use validate::{UnlockReason, WorkerId};
