@@ -13,6 +13,8 @@
 mod consumer;
 pub mod context;
 pub mod handler;
+mod lines;
+mod message;
 pub mod normalize;
 pub mod router;
 pub mod source;
