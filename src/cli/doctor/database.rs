@@ -1,0 +1,278 @@
+//! The checks of a database whose schema is current: the claim's plan,
+//! statistics, leases, blocked keys, backlog, retention, tables' health.
+
+use std::time::Duration;
+
+use omnibox::store::AnyStore;
+use omnibox::store::diagnostics::{SMALL_TABLE_PAGES, Statistics};
+use omnibox::{OutboxStore, Table};
+
+use super::{Check, err_check, fail, ok, warn};
+use crate::cli::Context;
+use crate::cli::output::human_duration;
+
+/// The claim's scan plan: an index scan of the claim index, never a
+/// sequential scan of the table (one of a few pages may be read whole).
+pub(super) async fn plan_check(store: &AnyStore) -> Check {
+    match store.claim_plan().await {
+        Err(e) => err_check("claim plan", &e),
+        Ok(plan) => {
+            tracing::debug!(plan = %plan.text, "the claim's scan plan");
+            if plan.uses_claim_index {
+                ok("claim plan", "the claim reads the claim index in order")
+            } else if let Some(pages) = plan.small_table_pages {
+                // A table of a few pages is read whole as fast as through
+                // the index, and the planner rightly says so.
+                ok(
+                    "claim plan",
+                    format!(
+                        "outbox_events is small ({pages} page(s)): the claim may read it whole; the plan is judged from {SMALL_TABLE_PAGES} pages on"
+                    ),
+                )
+            } else {
+                fail(
+                    "claim plan",
+                    "the claim's scan does not use outbox_events_claim (it would read the table)",
+                    "check the indexes above; on PostgreSQL run ANALYZE outbox_events and look for settings such as enable_indexscan = off",
+                )
+            }
+        }
+    }
+}
+
+pub(super) async fn statistics_check(store: &AnyStore) -> Check {
+    match store.outbox_statistics().await {
+        Err(e) => err_check("statistics", &e),
+        Ok(Statistics::NotUsed) => ok(
+            "statistics",
+            "SQLite: the claim's plan does not use statistics",
+        ),
+        Ok(Statistics::NotCollected) => ok("statistics", "no statistics collected yet"),
+        Ok(Statistics::Collected {
+            live,
+            changed,
+            never,
+        }) => {
+            let hint = "the claim does not need them, but `status` estimates and other plans do: ANALYZE outbox_events, and check that autovacuum runs";
+            if never && live > 100_000 {
+                warn(
+                    "statistics",
+                    format!("outbox_events has about {live} rows and was never analyzed"),
+                    hint,
+                )
+            } else if never {
+                ok(
+                    "statistics",
+                    format!(
+                        "not analyzed yet (about {live} rows; the claim's plan does not need statistics)"
+                    ),
+                )
+            } else if changed > live && live > 10_000 {
+                warn(
+                    "statistics",
+                    format!(
+                        "{changed} rows changed since the last ANALYZE of outbox_events, which holds about {live}"
+                    ),
+                    hint,
+                )
+            } else {
+                ok(
+                    "statistics",
+                    format!(
+                        "fresh enough ({changed} rows changed since the last ANALYZE, of about {live})"
+                    ),
+                )
+            }
+        }
+    }
+}
+
+pub(super) async fn leases_check(store: &AnyStore) -> Check {
+    let mut expired = 0i64;
+    for t in [Table::Outbox, Table::Inbox] {
+        match store.expired_leases(t).await {
+            Ok(n) => expired += n,
+            Err(e) => return err_check("leases", &e),
+        }
+    }
+    if expired == 0 {
+        ok("leases", "no lease has run out on a locked row")
+    } else {
+        warn(
+            "leases",
+            format!("{expired} locked row(s) whose lease ran out (their worker stopped)"),
+            "a running relay or `inbox process` takes them again by itself; `omnibox release-stale-locks` shows them unlocked now",
+        )
+    }
+}
+
+pub(super) async fn blocked_check(store: &AnyStore) -> Check {
+    match store.outbox().blocked_keys(5).await {
+        Err(e) => err_check("blocked", &e),
+        Ok(keys) if keys.is_empty() => ok("blocked", "no key waits behind a failing head"),
+        Ok(keys) => {
+            let waiting: u64 = keys.iter().map(|k| k.waiting).sum();
+            let first = &keys[0];
+            warn(
+                "blocked",
+                format!(
+                    "{} key(s) wait behind a failing head ({waiting} rows), e.g. {}/{} after {} attempt(s)",
+                    keys.len(),
+                    first.topic,
+                    first.partition_key,
+                    first.head_attempts
+                ),
+                "`omnibox status` lists them, `omnibox show ID` shows the head's error; fix the cause, or let it fail and `omnibox replay`",
+            )
+        }
+    }
+}
+
+pub(super) async fn backlog_check(store: &AnyStore, max: Duration) -> Check {
+    match store.outbox().status_counts().await {
+        Err(e) => err_check("backlog", &e),
+        Ok(c) => match c.oldest_pending_age() {
+            Some(age) if age > max && c.due_now > 0 => warn(
+                "backlog",
+                format!(
+                    "{} pending, {} due now; the oldest is {} old (more than {})",
+                    c.pending,
+                    c.due_now,
+                    human_duration(age),
+                    human_duration(max)
+                ),
+                "is a relay running (`omnibox publish`)? are events failing (`omnibox failures`)?",
+            ),
+            _ => ok(
+                "backlog",
+                format!("{} pending, {} due now", c.pending, c.due_now),
+            ),
+        },
+    }
+}
+
+/// The last inbox cleanup's retention against the deduplication window.
+pub(super) async fn retention_check(store: &AnyStore, ctx: &Context) -> Check {
+    let window = ctx.settings.dedup_window;
+    let filter = omnibox::store::audit::AuditFilter {
+        action: Some("cleanup".into()),
+        limit: Some(50),
+        ..Default::default()
+    };
+    match store.audit(&filter).await {
+        Err(e) => err_check("retention", &e),
+        Ok(entries) => {
+            let last_inbox = entries
+                .iter()
+                .find(|e| e.table.as_deref() == Some(Table::Inbox.as_str()));
+            let kept = last_inbox.and_then(|e| {
+                let c = e.details["older_than_seconds"].as_f64()?;
+                let f = e.details["failed_older_than_seconds"].as_f64();
+                Some(f.map_or(c, |f| c.min(f)))
+            });
+            match kept {
+                Some(secs) if Duration::from_secs_f64(secs) < window => fail(
+                    "retention",
+                    format!(
+                        "the last inbox cleanup kept rows {} but the deduplication window is {}",
+                        human_duration(Duration::from_secs_f64(secs)),
+                        human_duration(window)
+                    ),
+                    "a redelivered message older than the retention is stored again as new: raise the cleanup's --older-than, or set the window (--dedup-window / OMNIBOX_DEDUP_WINDOW / dedup_window) to what you keep",
+                ),
+                Some(secs) => ok(
+                    "retention",
+                    format!(
+                        "the last inbox cleanup kept rows {} (window {})",
+                        human_duration(Duration::from_secs_f64(secs)),
+                        human_duration(window)
+                    ),
+                ),
+                None => ok(
+                    "retention",
+                    format!(
+                        "no inbox cleanup recorded yet (window {})",
+                        human_duration(window)
+                    ),
+                ),
+            }
+        }
+    }
+}
+
+/// Sizes, dead tuples and autovacuum settings of the two tables.
+pub(super) async fn health_checks(store: &AnyStore) -> Vec<Check> {
+    let mut out = Vec::new();
+    for table in [Table::Outbox, Table::Inbox] {
+        let t = table.sql_name();
+        let check = match table {
+            Table::Outbox => "outbox table",
+            Table::Inbox => "inbox table",
+        };
+        let h = match store.table_health(table).await {
+            Err(e) => {
+                out.push(err_check(check, &e));
+                continue;
+            }
+            Ok(None) => continue,
+            Ok(Some(h)) => h,
+        };
+        let live = h.live;
+        let dead = h.dead;
+        let options = h.options;
+        let ratio = if live + dead > 0 {
+            dead as f64 / (live + dead) as f64
+        } else {
+            0.0
+        };
+        let message = format!(
+            "{} data, {} indexes, {live} live rows, {:.0}% dead",
+            megabytes(h.table_bytes),
+            megabytes(h.index_bytes),
+            ratio * 100.0
+        );
+        let tuned = options.contains("autovacuum_vacuum_scale_factor");
+        let disabled = options.contains("autovacuum_enabled=false")
+            || options.contains("autovacuum_enabled=off")
+            || options.contains("autovacuum_enabled=0");
+        let suggestion = format!(
+            "every row is updated two or three times (claim, completion): ALTER TABLE {t} SET (autovacuum_vacuum_scale_factor = 0.02, autovacuum_analyze_scale_factor = 0.05, autovacuum_vacuum_cost_delay = 1)"
+        );
+        // Twice the point at which autovacuum (server defaults: 50 rows +
+        // 20 %) would have started: it is behind, whatever the table's size.
+        let behind = ratio > 0.2 && dead as f64 > 2.0 * (50.0 + 0.2 * live as f64);
+        out.push(if disabled {
+            warn(
+                check,
+                format!("{message}; autovacuum is disabled on this table (autovacuum_enabled = false)"),
+                format!("dead rows pile up until someone runs VACUUM: ALTER TABLE {t} RESET (autovacuum_enabled)"),
+            )
+        } else if behind {
+            warn(
+                check,
+                format!("{message}: autovacuum is behind"),
+                if tuned {
+                    format!("autovacuum settings: {options}; check that autovacuum runs (pg_stat_user_tables.last_autovacuum) and that no long transaction holds it back")
+                } else {
+                    suggestion
+                },
+            )
+        } else if !tuned && live > 1_000_000 {
+            warn(check, format!("{message}; autovacuum has the server's defaults"), suggestion)
+        } else {
+            ok(
+                check,
+                if tuned {
+                    format!("{message}; autovacuum: {options}")
+                } else {
+                    message
+                },
+            )
+        });
+    }
+    out
+}
+
+fn megabytes(bytes: i64) -> String {
+    format!("{:.1} MB", bytes as f64 / 1_048_576.0)
+}
