@@ -35,6 +35,7 @@ pub mod audit;
 pub(crate) mod claim;
 pub mod dead_letters;
 pub mod diagnostics;
+mod dialect;
 mod driver;
 pub mod fingerprint;
 mod migrate;

@@ -10,55 +10,14 @@ use super::{PgRoute, PgTable, decode};
 use crate::error::{Error, Result, storage};
 use crate::model::{Event, EventStatus, UnlockReason, time};
 use crate::store::MaintenanceStore;
-use crate::store::{EventStore, RequeueFilter, TableCounts, topic_column};
-
-/// The `AND ...` filters of a failed-row selection, then `ORDER BY seq [LIMIT]`.
-pub(super) fn push_failed_filters<R: PgRoute>(
-    qb: &mut QueryBuilder<Postgres>,
-    filter: &RequeueFilter,
-) {
-    {
-        if !filter.ids.is_empty() {
-            qb.push(" AND id = ANY(")
-                .push_bind(filter.ids.clone())
-                .push(")");
-        }
-        if let Some(t) = &filter.event_type {
-            qb.push(" AND event_type = ").push_bind(t.clone());
-        }
-        if let Some(t) = &filter.topic {
-            qb.push(" AND ")
-                .push(topic_column(R::TABLE))
-                .push(" = ")
-                .push_bind(t.clone());
-        }
-        if let Some(g) = &filter.consumer_group {
-            // Checked by the caller: inbox only.
-            qb.push(" AND consumer_group = ").push_bind(g.clone());
-        }
-        if let Some(text) = &filter.error_contains {
-            qb.push(" AND strpos(last_error, ")
-                .push_bind(text.clone())
-                .push(") > 0");
-        }
-        if let Some(since) = filter.since {
-            qb.push(" AND updated_at >= ").push_bind(since);
-        }
-        if let Some(until) = filter.until {
-            qb.push(" AND updated_at < ").push_bind(until);
-        }
-        qb.push(" ORDER BY seq");
-        if let Some(limit) = filter.limit {
-            qb.push(" LIMIT ").push_bind(i64::from(limit));
-        }
-    }
-}
+use crate::store::dialect::{self, Pg};
+use crate::store::{EventStore, RequeueFilter, TableCounts};
 
 impl<R: PgRoute> MaintenanceStore<R> for PgTable<R> {
     async fn list_failed(&self, filter: &RequeueFilter) -> Result<Vec<Event<R>>> {
         filter.check(R::TABLE)?;
         let mut qb: QueryBuilder<Postgres> = QueryBuilder::new(R::sql().failed_head);
-        push_failed_filters::<R>(&mut qb, filter);
+        dialect::push_failed::<Pg>(&mut qb, R::TABLE, filter);
         let rows = qb.build().fetch_all(&self.pool).await.map_err(storage)?;
         rows.iter().map(decode).collect()
     }
@@ -66,7 +25,7 @@ impl<R: PgRoute> MaintenanceStore<R> for PgTable<R> {
     async fn list_waiting(&self, filter: &RequeueFilter) -> Result<Vec<Event<R>>> {
         filter.check(R::TABLE)?;
         let mut qb: QueryBuilder<Postgres> = QueryBuilder::new(R::sql().waiting_head);
-        push_failed_filters::<R>(&mut qb, filter);
+        dialect::push_failed::<Pg>(&mut qb, R::TABLE, filter);
         let rows = qb.build().fetch_all(&self.pool).await.map_err(storage)?;
         rows.iter().map(decode).collect()
     }

@@ -6,16 +6,15 @@ use std::time::Duration;
 use sqlx::{Postgres, QueryBuilder, Row};
 use uuid::Uuid;
 
-use super::maintenance::push_failed_filters;
 use super::{PgRoute, PgTable, decode};
 use crate::error::{Error, Result, storage};
 use crate::model::{Event, EventStatus, Timestamp, UnlockReason, time};
 use crate::store::ClaimCursor;
 use crate::store::claim::{self, Scanned, WalkRow};
+use crate::store::dialect::{self, Pg};
 use crate::store::{
-    Capabilities, Claim, ClaimOptions, ClaimToken, DEFAULT_LIST_LIMIT, EventStore, FailReport,
-    Failure, ListFilter, RequeueFilter, RetryAt, TableCounts, guard_result, stored_error,
-    topic_column,
+    Capabilities, Claim, ClaimOptions, ClaimToken, EventStore, FailReport, Failure, ListFilter,
+    RequeueFilter, RetryAt, TableCounts, guard_result, stored_error,
 };
 
 impl<R: PgRoute> EventStore<R> for PgTable<R> {
@@ -35,36 +34,7 @@ impl<R: PgRoute> EventStore<R> for PgTable<R> {
     async fn list(&self, filter: &ListFilter) -> Result<Vec<Event<R>>> {
         filter.check(R::TABLE)?;
         let mut qb: QueryBuilder<Postgres> = QueryBuilder::new(R::sql().select_all);
-        if let Some(status) = filter.status {
-            qb.push(" AND status = ").push_bind(status.as_str());
-        }
-        if let Some(t) = &filter.event_type {
-            qb.push(" AND event_type = ").push_bind(t.clone());
-        }
-        if let Some(t) = &filter.topic {
-            qb.push(" AND ")
-                .push(topic_column(R::TABLE))
-                .push(" = ")
-                .push_bind(t.clone());
-        }
-        if let Some(g) = &filter.consumer_group {
-            // Checked above: inbox only.
-            qb.push(" AND consumer_group = ").push_bind(g.clone());
-        }
-        if let Some(since) = filter.since {
-            qb.push(" AND created_at >= ").push_bind(since);
-        }
-        if let Some(after) = filter.after_seq {
-            qb.push(" AND seq > ").push_bind(after);
-        }
-        if let Some(worker) = &filter.locked_by {
-            // `locked_until IS NOT NULL` holds for every locked row; it lets
-            // the small index of locked rows serve the filter.
-            qb.push(" AND locked_until IS NOT NULL AND locked_by = ")
-                .push_bind(worker.clone());
-        }
-        qb.push(" ORDER BY seq LIMIT ")
-            .push_bind(i64::from(filter.limit.unwrap_or(DEFAULT_LIST_LIMIT)));
+        dialect::push_list::<Pg>(&mut qb, R::TABLE, filter);
         let rows = qb.build().fetch_all(&self.pool).await.map_err(storage)?;
         rows.iter().map(decode).collect()
     }
@@ -273,7 +243,7 @@ impl<R: PgRoute> EventStore<R> for PgTable<R> {
     async fn requeue_failed(&self, filter: &RequeueFilter) -> Result<Vec<Uuid>> {
         filter.check(R::TABLE)?;
         let mut qb: QueryBuilder<Postgres> = QueryBuilder::new(R::sql().requeue_head);
-        push_failed_filters::<R>(&mut qb, filter);
+        dialect::push_failed::<Pg>(&mut qb, R::TABLE, filter);
         qb.push(" FOR UPDATE SKIP LOCKED) RETURNING id");
         let mut tx = self.pool.begin().await.map_err(storage)?;
         let ids: Vec<Uuid> = qb

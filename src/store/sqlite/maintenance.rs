@@ -6,59 +6,18 @@ use std::time::Duration;
 use sqlx::{QueryBuilder, Row, Sqlite};
 use uuid::Uuid;
 
-use super::{SqliteRoute, SqliteTable, changed_ids, decode, id_array, ts};
+use super::{SqliteRoute, SqliteTable, changed_ids, decode, ts};
 use crate::domain::chrono_dur;
 use crate::error::{Error, Result, storage};
 use crate::model::{Event, EventStatus, UnlockReason, time};
-use crate::store::{MaintenanceStore, RequeueFilter, topic_column};
-
-/// The `AND ...` filters of a failed-row selection, then `ORDER BY seq [LIMIT]`.
-pub(super) fn push_failed_filters<R: SqliteRoute>(
-    qb: &mut QueryBuilder<Sqlite>,
-    filter: &RequeueFilter,
-) {
-    {
-        if !filter.ids.is_empty() {
-            qb.push(" AND id IN (SELECT value FROM json_each(")
-                .push_bind(id_array(&filter.ids))
-                .push("))");
-        }
-        if let Some(t) = &filter.event_type {
-            qb.push(" AND event_type = ").push_bind(t.clone());
-        }
-        if let Some(t) = &filter.topic {
-            qb.push(" AND ")
-                .push(topic_column(R::TABLE))
-                .push(" = ")
-                .push_bind(t.clone());
-        }
-        if let Some(g) = &filter.consumer_group {
-            // Checked by the caller: inbox only.
-            qb.push(" AND consumer_group = ").push_bind(g.clone());
-        }
-        if let Some(text) = &filter.error_contains {
-            qb.push(" AND instr(last_error, ")
-                .push_bind(text.clone())
-                .push(") > 0");
-        }
-        if let Some(since) = filter.since {
-            qb.push(" AND updated_at >= ").push_bind(ts(&since));
-        }
-        if let Some(until) = filter.until {
-            qb.push(" AND updated_at < ").push_bind(ts(&until));
-        }
-        qb.push(" ORDER BY seq");
-        if let Some(limit) = filter.limit {
-            qb.push(" LIMIT ").push_bind(i64::from(limit));
-        }
-    }
-}
+use crate::store::dialect::{self, Lite};
+use crate::store::{MaintenanceStore, RequeueFilter};
 
 impl<R: SqliteRoute> MaintenanceStore<R> for SqliteTable<R> {
     async fn list_failed(&self, filter: &RequeueFilter) -> Result<Vec<Event<R>>> {
         filter.check(R::TABLE)?;
         let mut qb: QueryBuilder<Sqlite> = QueryBuilder::new(R::sql().failed_head);
-        push_failed_filters::<R>(&mut qb, filter);
+        dialect::push_failed::<Lite>(&mut qb, R::TABLE, filter);
         let rows = qb.build().fetch_all(&self.pool).await.map_err(storage)?;
         rows.iter().map(decode).collect()
     }
@@ -67,7 +26,7 @@ impl<R: SqliteRoute> MaintenanceStore<R> for SqliteTable<R> {
         filter.check(R::TABLE)?;
         let mut qb: QueryBuilder<Sqlite> = QueryBuilder::new(R::sql().waiting_head);
         qb.push_bind(ts(&time::now()));
-        push_failed_filters::<R>(&mut qb, filter);
+        dialect::push_failed::<Lite>(&mut qb, R::TABLE, filter);
         let rows = qb.build().fetch_all(&self.pool).await.map_err(storage)?;
         rows.iter().map(decode).collect()
     }

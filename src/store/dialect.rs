@@ -1,0 +1,167 @@
+//! What the backends' SQL differs in, for the statements written once for
+//! both: how a text, a number, a time and a set of ids are bound, and the
+//! name of the substring-position function. Placeholders come from
+//! `QueryBuilder` (`$n` or `?`).
+
+use sqlx::{Postgres, QueryBuilder, Sqlite};
+use uuid::Uuid;
+
+use super::request::{ListFilter, RequeueFilter};
+use super::{DEFAULT_LIST_LIMIT, topic_column};
+use crate::model::{Table, Timestamp, time};
+
+/// A backend's dialect.
+pub(crate) trait Dialect {
+    /// Its sqlx database.
+    type Db: sqlx::Database;
+    /// `strpos` or `instr`: the 1-based position of a substring, 0 if absent.
+    const POSITION: &'static str;
+    /// Binds a text.
+    fn text(qb: &mut QueryBuilder<Self::Db>, v: String);
+    /// Binds a number.
+    fn int(qb: &mut QueryBuilder<Self::Db>, v: i64);
+    /// Binds a time.
+    fn time(qb: &mut QueryBuilder<Self::Db>, t: &Timestamp);
+    /// Appends `column` is one of `ids`.
+    fn id_in(qb: &mut QueryBuilder<Self::Db>, column: &str, ids: &[Uuid]);
+}
+
+/// PostgreSQL: native times and uuid arrays.
+pub(crate) struct Pg;
+
+impl Dialect for Pg {
+    type Db = Postgres;
+    const POSITION: &'static str = "strpos";
+
+    fn text(qb: &mut QueryBuilder<Postgres>, v: String) {
+        qb.push_bind(v);
+    }
+
+    fn int(qb: &mut QueryBuilder<Postgres>, v: i64) {
+        qb.push_bind(v);
+    }
+
+    fn time(qb: &mut QueryBuilder<Postgres>, t: &Timestamp) {
+        qb.push_bind(*t);
+    }
+
+    fn id_in(qb: &mut QueryBuilder<Postgres>, column: &str, ids: &[Uuid]) {
+        qb.push(column)
+            .push(" = ANY(")
+            .push_bind(ids.to_vec())
+            .push(")");
+    }
+}
+
+/// SQLite: times in the stored text form, ids as a JSON array.
+pub(crate) struct Lite;
+
+impl Dialect for Lite {
+    type Db = Sqlite;
+    const POSITION: &'static str = "instr";
+
+    fn text(qb: &mut QueryBuilder<Sqlite>, v: String) {
+        qb.push_bind(v);
+    }
+
+    fn int(qb: &mut QueryBuilder<Sqlite>, v: i64) {
+        qb.push_bind(v);
+    }
+
+    fn time(qb: &mut QueryBuilder<Sqlite>, t: &Timestamp) {
+        qb.push_bind(time::format(t));
+    }
+
+    fn id_in(qb: &mut QueryBuilder<Sqlite>, column: &str, ids: &[Uuid]) {
+        qb.push(column)
+            .push(" IN (SELECT value FROM json_each(")
+            .push_bind(super::sqlite::id_array(ids))
+            .push("))");
+    }
+}
+
+/// `list`'s filters, order and limit, after the table's
+/// `SELECT ... WHERE true`. The filter is checked by the caller.
+pub(crate) fn push_list<D: Dialect>(
+    qb: &mut QueryBuilder<D::Db>,
+    table: Table,
+    filter: &ListFilter,
+) {
+    if let Some(status) = filter.status {
+        qb.push(" AND status = ");
+        D::text(qb, status.as_str().to_string());
+    }
+    if let Some(t) = &filter.event_type {
+        qb.push(" AND event_type = ");
+        D::text(qb, t.clone());
+    }
+    if let Some(t) = &filter.topic {
+        qb.push(" AND ").push(topic_column(table)).push(" = ");
+        D::text(qb, t.clone());
+    }
+    if let Some(g) = &filter.consumer_group {
+        // Checked by the caller: inbox only.
+        qb.push(" AND consumer_group = ");
+        D::text(qb, g.clone());
+    }
+    if let Some(since) = filter.since {
+        qb.push(" AND created_at >= ");
+        D::time(qb, &since);
+    }
+    if let Some(after) = filter.after_seq {
+        qb.push(" AND seq > ");
+        D::int(qb, after);
+    }
+    if let Some(worker) = &filter.locked_by {
+        // `locked_until IS NOT NULL` holds for every locked row; it lets
+        // the small index of locked rows serve the filter.
+        qb.push(" AND locked_until IS NOT NULL AND locked_by = ");
+        D::text(qb, worker.clone());
+    }
+    qb.push(" ORDER BY seq LIMIT ");
+    D::int(qb, i64::from(filter.limit.unwrap_or(DEFAULT_LIST_LIMIT)));
+}
+
+/// The `AND ...` filters of a failed-row selection, then `ORDER BY seq
+/// [LIMIT]`. The filter is checked by the caller.
+pub(crate) fn push_failed<D: Dialect>(
+    qb: &mut QueryBuilder<D::Db>,
+    table: Table,
+    filter: &RequeueFilter,
+) {
+    if !filter.ids.is_empty() {
+        qb.push(" AND ");
+        D::id_in(qb, "id", &filter.ids);
+    }
+    if let Some(t) = &filter.event_type {
+        qb.push(" AND event_type = ");
+        D::text(qb, t.clone());
+    }
+    if let Some(t) = &filter.topic {
+        qb.push(" AND ").push(topic_column(table)).push(" = ");
+        D::text(qb, t.clone());
+    }
+    if let Some(g) = &filter.consumer_group {
+        // Checked by the caller: inbox only.
+        qb.push(" AND consumer_group = ");
+        D::text(qb, g.clone());
+    }
+    if let Some(text) = &filter.error_contains {
+        qb.push(" AND ").push(D::POSITION).push("(last_error, ");
+        D::text(qb, text.clone());
+        qb.push(") > 0");
+    }
+    if let Some(since) = filter.since {
+        qb.push(" AND updated_at >= ");
+        D::time(qb, &since);
+    }
+    if let Some(until) = filter.until {
+        qb.push(" AND updated_at < ");
+        D::time(qb, &until);
+    }
+    qb.push(" ORDER BY seq");
+    if let Some(limit) = filter.limit {
+        qb.push(" LIMIT ");
+        D::int(qb, i64::from(limit));
+    }
+}
