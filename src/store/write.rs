@@ -45,69 +45,31 @@ pub trait EventConnection: sealed::Sealed + Send {
     ) -> BoxFuture<'a, Result<Vec<BulkOutcome>>>;
 }
 
-impl EventConnection for PgConnection {
-    fn write_outbox<'a>(
-        &'a mut self,
-        events: &'a [OutboxEvent],
-    ) -> BoxFuture<'a, Result<Vec<BulkOutcome>>> {
-        Box::pin(postgres::insert_outbox(self, events))
-    }
+/// `EventConnection` for a connection type, through its backend's inserts.
+macro_rules! event_connection {
+    ($conn:ty, $backend:ident) => {
+        impl EventConnection for $conn {
+            fn write_outbox<'a>(
+                &'a mut self,
+                events: &'a [OutboxEvent],
+            ) -> BoxFuture<'a, Result<Vec<BulkOutcome>>> {
+                Box::pin($backend::insert_outbox(self, events))
+            }
 
-    fn write_inbox<'a>(
-        &'a mut self,
-        events: &'a [InboxEvent],
-    ) -> BoxFuture<'a, Result<Vec<BulkOutcome>>> {
-        Box::pin(postgres::insert_inbox(self, events))
-    }
+            fn write_inbox<'a>(
+                &'a mut self,
+                events: &'a [InboxEvent],
+            ) -> BoxFuture<'a, Result<Vec<BulkOutcome>>> {
+                Box::pin($backend::insert_inbox(self, events))
+            }
+        }
+    };
 }
 
-impl EventConnection for SqliteConnection {
-    fn write_outbox<'a>(
-        &'a mut self,
-        events: &'a [OutboxEvent],
-    ) -> BoxFuture<'a, Result<Vec<BulkOutcome>>> {
-        Box::pin(sqlite::insert_outbox(self, events))
-    }
-
-    fn write_inbox<'a>(
-        &'a mut self,
-        events: &'a [InboxEvent],
-    ) -> BoxFuture<'a, Result<Vec<BulkOutcome>>> {
-        Box::pin(sqlite::insert_inbox(self, events))
-    }
-}
-
-impl EventConnection for Transaction<'_, Postgres> {
-    fn write_outbox<'a>(
-        &'a mut self,
-        events: &'a [OutboxEvent],
-    ) -> BoxFuture<'a, Result<Vec<BulkOutcome>>> {
-        Box::pin(postgres::insert_outbox(self, events))
-    }
-
-    fn write_inbox<'a>(
-        &'a mut self,
-        events: &'a [InboxEvent],
-    ) -> BoxFuture<'a, Result<Vec<BulkOutcome>>> {
-        Box::pin(postgres::insert_inbox(self, events))
-    }
-}
-
-impl EventConnection for Transaction<'_, Sqlite> {
-    fn write_outbox<'a>(
-        &'a mut self,
-        events: &'a [OutboxEvent],
-    ) -> BoxFuture<'a, Result<Vec<BulkOutcome>>> {
-        Box::pin(sqlite::insert_outbox(self, events))
-    }
-
-    fn write_inbox<'a>(
-        &'a mut self,
-        events: &'a [InboxEvent],
-    ) -> BoxFuture<'a, Result<Vec<BulkOutcome>>> {
-        Box::pin(sqlite::insert_inbox(self, events))
-    }
-}
+event_connection!(PgConnection, postgres);
+event_connection!(SqliteConnection, sqlite);
+event_connection!(Transaction<'_, Postgres>, postgres);
+event_connection!(Transaction<'_, Sqlite>, sqlite);
 
 /// Writes outbox events on `conn` (a connection, or the caller's open
 /// transaction: `&mut tx`), in order, so that they commit or roll back with
