@@ -119,7 +119,7 @@ impl DomainService {
                 limits::PARTITION_KEY_MAX_LENGTH,
             )?,
         };
-        let common = Common {
+        let common = EventFields {
             id: new.id,
             event_type: new.event_type,
             payload: new.payload,
@@ -154,7 +154,7 @@ impl DomainService {
             )?,
             source: validate::required("source", &new.source, limits::SOURCE_MAX_LENGTH)?,
         };
-        let common = Common {
+        let common = EventFields {
             id: new
                 .id
                 .or_else(|| Some(inbox_event_id(&route.consumer_group, &route.message_id))),
@@ -173,7 +173,7 @@ impl DomainService {
         self.build(common, route)
     }
 
-    fn build<R: Route>(&self, c: Common, route: R) -> Result<Event<R>> {
+    fn build<R: Route>(&self, c: EventFields, route: R) -> Result<Event<R>> {
         let event_type =
             validate::required("event_type", &c.event_type, limits::EVENT_TYPE_MAX_LENGTH)?;
         let payload = validate::payload(c.payload, &self.limits)?;
@@ -476,7 +476,7 @@ impl DomainService {
     }
 }
 
-struct Common {
+struct EventFields {
     id: Option<Uuid>,
     event_type: String,
     payload: serde_json::Value,

@@ -1607,7 +1607,7 @@ async fn exec_large_input_and_output_do_not_deadlock() {
 /// the batch unsent: another worker took the rows meanwhile and handled
 /// them, and the paused one must not send them again after it.
 async fn a_batch_whose_lease_ran_out_is_not_sent(db: common::TestDb) {
-    use omnibox::pipeline::Fetch;
+    use omnibox::pipeline::NextBatch;
     let inbox = db.store.inbox();
     let domain = omnibox::DomainService::default();
     let events: Vec<_> = (0..5)
@@ -1642,7 +1642,7 @@ async fn a_batch_whose_lease_ran_out_is_not_sent(db: common::TestDb) {
         o.clone(),
     )
     .build();
-    let Fetch::Batch(fetched) = paused.fetch().await.unwrap() else {
+    let NextBatch::Batch(fetched) = paused.fetch().await.unwrap() else {
         panic!("a batch");
     };
     // The whole runtime stops, as a stopped process does.

@@ -25,7 +25,7 @@ pub struct RawMessage {
     pub position_is_identity: bool,
     /// Set when the source could not keep the whole value (a file line
     /// over its length limit): `payload` holds its start only.
-    pub cut: Option<Cut>,
+    pub cut: Option<Truncated>,
     /// Where a file source read it (`stdin`, `file:PATH`), for messages
     /// (`stdin line 3`); `None` for a broker, whose `topic:partition:offset`
     /// says where.
@@ -39,7 +39,7 @@ pub struct RawMessage {
 
 /// What is known of a value the source cut short.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Cut {
+pub struct Truncated {
     /// The whole value's length in bytes.
     pub len: u64,
     /// The longest value the source keeps, in bytes.

@@ -29,6 +29,6 @@ pub use handler::{
     redact_http_url, tx_handler,
 };
 pub use normalize::{
-    Cut, DefaultEnvelopeParser, EnvelopeParser, Normalized, RawMessage, normalize,
+    DefaultEnvelopeParser, EnvelopeParser, Normalized, RawMessage, Truncated, normalize,
 };
 pub use source::{AnySource, FileSource, KafkaSource, Polled, Source};

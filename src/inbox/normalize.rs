@@ -11,7 +11,7 @@ use serde_json::{Map, Value, json};
 use crate::domain::DomainService;
 
 pub use super::lines::{from_json_bytes, from_json_line};
-pub use super::message::{Cut, RawMessage, sha256_hex};
+pub use super::message::{RawMessage, Truncated, sha256_hex};
 use crate::model::{EventStatus, Headers, InboxEvent, NewInboxEvent, limits, time, validate};
 
 /// What a message becomes.
@@ -710,7 +710,7 @@ mod tests {
         );
         let mut r = from_json_line(r#"{"topic":"t","value":{"n":"#, 5, "file");
         r.origin = Some("file:in.jsonl".into());
-        r.cut = Some(Cut {
+        r.cut = Some(Truncated {
             len: 5_000_000,
             limit: 4_194_304,
             sha256: "00".into(),

@@ -1,5 +1,5 @@
 //! A batch between its claim and its written results: its stages
-//! ([`Fetched`], [`Handled`]) and the lease heartbeat that keeps its rows
+//! ([`ClaimedBatch`], [`HandledBatch`]) and the lease heartbeat that keeps its rows
 //! while it is in flight.
 
 use std::sync::{Arc, Mutex};
@@ -15,7 +15,7 @@ use crate::store::{Claim, ClaimToken, EventStore};
 /// A claimed and handled batch whose results are not written yet. Its
 /// lease is kept alive until the results are written.
 #[derive(Debug)]
-pub struct Handled<R> {
+pub struct HandledBatch<R> {
     pub(super) claim: Claim<R>,
     pub(super) outcomes: Vec<Outcome>,
     pub(super) handle_time: Duration,
@@ -30,7 +30,7 @@ pub struct Handled<R> {
 /// A claimed batch not handled yet (see [`Processor::fetch`](super::Processor::fetch)). Its lease is
 /// kept alive from the claim on.
 #[derive(Debug)]
-pub struct Fetched<R> {
+pub struct ClaimedBatch<R> {
     pub(super) claim: Claim<R>,
     pub(super) lag: Duration,
     pub(super) heartbeat: Heartbeat,
@@ -52,7 +52,7 @@ impl Drop for Ticket {
     }
 }
 
-impl<R> Fetched<R> {
+impl<R> ClaimedBatch<R> {
     /// Rows in the batch.
     pub fn len(&self) -> usize {
         self.claim.events.len()
@@ -66,10 +66,10 @@ impl<R> Fetched<R> {
 
 /// What [`Processor::fetch`](super::Processor::fetch) got.
 #[derive(Debug)]
-pub enum Fetch<R> {
+pub enum NextBatch<R> {
     /// A batch, to be handled with [`Processor::handle`](super::Processor::handle).
-    Batch(Fetched<R>),
-    /// Nothing was handed out (see `Claimed::Empty`).
+    Batch(ClaimedBatch<R>),
+    /// Nothing was handed out (see `NextHandled::Empty`).
     Empty {
         /// Rows were lost to a concurrent claim.
         contended: bool,
@@ -80,9 +80,9 @@ pub enum Fetch<R> {
 
 /// What [`Processor::claim_and_handle`](super::Processor::claim_and_handle) got.
 #[derive(Debug)]
-pub enum Claimed<R> {
+pub enum NextHandled<R> {
     /// A batch, handled, to be written with [`Processor::finish`](super::Processor::finish).
-    Batch(Box<Handled<R>>),
+    Batch(Box<HandledBatch<R>>),
     /// Nothing was handed out. `contended`: rows were wanted that another
     /// worker was claiming at the same moment (so it is worth trying again).
     /// `more`: the claim examined as many due rows as it may and all were
@@ -199,7 +199,7 @@ impl Drop for Heartbeat {
     }
 }
 
-impl<R> Handled<R> {
+impl<R> HandledBatch<R> {
     /// Rows in the batch.
     pub fn len(&self) -> usize {
         self.claim.events.len()

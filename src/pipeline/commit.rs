@@ -26,7 +26,7 @@ pub(super) enum Written<T> {
     Lost(Vec<Uuid>),
     /// An attempt whose answer was lost had already written every row (the
     /// retry found none of them held any more): done, nothing to report.
-    DoneEarlier,
+    ByALostAttempt,
     /// The database kept failing.
     Failed,
 }
@@ -119,7 +119,7 @@ where
                 .await
             {
                 Written::Done(r) => dead = r.failed,
-                Written::DoneEarlier => {
+                Written::ByALostAttempt => {
                     // The report of the attempt that wrote them was lost:
                     // read back which rows are failed now.
                     for f in failures.iter().filter(|f| f.counted) {
@@ -294,7 +294,7 @@ where
                     tracing::debug!(
                         "{what}: an earlier attempt whose answer was lost had written the rows"
                     );
-                    return Written::DoneEarlier;
+                    return Written::ByALostAttempt;
                 }
                 Err(Error::ConcurrentUpdate { missing, .. }) => {
                     tracing::warn!(

@@ -26,7 +26,7 @@ mod step;
 pub(crate) mod throttle;
 
 pub(crate) use batch::Heartbeat;
-pub use batch::{Claimed, Fetch, Fetched, Handled};
+pub use batch::{ClaimedBatch, HandledBatch, NextBatch, NextHandled};
 pub(crate) use dead_letter::put_dead_letters;
 pub use dead_letter::{DeadLetterStore, Letter};
 pub use options::{BatchReport, ProcessorOptions};

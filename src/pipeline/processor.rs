@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use tracing::Instrument;
 
-use super::batch::{Claimed, Fetch, Fetched, Handled, Heartbeat, Ticket};
+use super::batch::{ClaimedBatch, HandledBatch, Heartbeat, NextBatch, NextHandled, Ticket};
 use super::circuit::{CircuitBreaker, CircuitConfig};
 use super::dead_letter::DeadLetterStore;
 use super::flight::{self, Flight, Key};
@@ -157,18 +157,18 @@ where
     /// are in the report.
     pub async fn process_batch(&self) -> Result<BatchReport> {
         match self.claim_and_handle().await? {
-            Claimed::Batch(handled) => Ok(self.finish(*handled).await),
-            Claimed::Empty { .. } => Ok(BatchReport::default()),
+            NextHandled::Batch(handled) => Ok(self.finish(*handled).await),
+            NextHandled::Empty { .. } => Ok(BatchReport::default()),
         }
     }
 
     /// First half of a batch: [`fetch`](Self::fetch) and
     /// [`handle`](Self::handle). The rows stay locked (their lease kept
     /// alive) until [`finish`](Self::finish).
-    pub async fn claim_and_handle(&self) -> Result<Claimed<R>> {
+    pub async fn claim_and_handle(&self) -> Result<NextHandled<R>> {
         Ok(match self.fetch().await? {
-            Fetch::Batch(f) => Claimed::Batch(Box::new(self.handle(f).await)),
-            Fetch::Empty { contended, more } => Claimed::Empty { contended, more },
+            NextBatch::Batch(f) => NextHandled::Batch(Box::new(self.handle(f).await)),
+            NextBatch::Empty { contended, more } => NextHandled::Empty { contended, more },
         })
     }
 
@@ -176,7 +176,7 @@ where
     /// kept alive until [`finish`](Self::finish). The runner claims the
     /// next batch while the previous one is handled and the one before is
     /// written.
-    pub async fn fetch(&self) -> Result<Fetch<R>> {
+    pub async fn fetch(&self) -> Result<NextBatch<R>> {
         let span = tracing::info_span!("claim", job = self.job, table = %R::TABLE, worker = %self.options.worker);
         async {
             let (after, widen, spread) = {
@@ -228,7 +228,7 @@ where
                 };
             }
             if claim.is_empty() {
-                return Ok(Fetch::Empty {
+                return Ok(NextBatch::Empty {
                     contended: claim.contended,
                     more: claim.next.is_some(),
                 });
@@ -250,7 +250,7 @@ where
                 .min()
                 .and_then(|t| (now - t).to_std().ok())
                 .unwrap_or_default();
-            Ok(Fetch::Batch(Fetched {
+            Ok(NextBatch::Batch(ClaimedBatch {
                 claim,
                 lag,
                 heartbeat,
@@ -269,10 +269,10 @@ where
     /// not settle (a row failed or was not sent) are released unsent: this
     /// batch was claimed behind that batch's rows, before its results were
     /// written (see `pipeline/flight.rs`).
-    pub async fn handle(&self, fetched: Fetched<R>) -> Handled<R> {
+    pub async fn handle(&self, fetched: ClaimedBatch<R>) -> HandledBatch<R> {
         let span = tracing::info_span!("batch", job = self.job, table = %R::TABLE, worker = %self.options.worker, rows = fetched.claim.events.len());
         async {
-            let Fetched {
+            let ClaimedBatch {
                 mut claim,
                 lag,
                 heartbeat,
@@ -376,7 +376,7 @@ where
                     e.shed_body();
                 }
             }
-            Handled {
+            HandledBatch {
                 claim,
                 outcomes,
                 handle_time: started.elapsed(),
@@ -391,8 +391,8 @@ where
 
     /// Second half of a batch: write the results (with the dead-letter,
     /// circuit breaker and metrics steps).
-    pub async fn finish(&self, handled: Handled<R>) -> BatchReport {
-        let Handled {
+    pub async fn finish(&self, handled: HandledBatch<R>) -> BatchReport {
+        let HandledBatch {
             claim,
             outcomes,
             handle_time,

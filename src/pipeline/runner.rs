@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 use tokio::sync::watch;
 
-use super::batch::{Fetch, Fetched, Handled};
+use super::batch::{ClaimedBatch, HandledBatch, NextBatch};
 use super::options::BatchReport;
 use super::outcome::BatchHandler;
 use super::processor::Processor;
@@ -205,8 +205,8 @@ where
     let mut handles = FuturesUnordered::new();
     let mut writes = FuturesUnordered::new();
     // Claimed, waiting for the handler; handled, waiting for the writer.
-    let mut fetched: Option<Fetched<R>> = None;
-    let mut handled: Option<Handled<R>> = None;
+    let mut fetched: Option<ClaimedBatch<R>> = None;
+    let mut handled: Option<HandledBatch<R>> = None;
     // Rows of batches claimed but not yet written.
     let mut rows_in_flight = 0u64;
     // Whether batches of this worker were in flight while the claim in
@@ -335,7 +335,7 @@ where
                             claim_at = Some(tokio::time::Instant::now() + wait);
                         }
                     }
-                    Ok(Fetch::Batch(f)) => {
+                    Ok(NextBatch::Batch(f)) => {
                         claim_errors = 0;
                         idle = options.idle_min;
                         contended_since = None;
@@ -346,7 +346,7 @@ where
                     // The claim ran while batches of this worker were in
                     // flight, so it may have found their keys held: claim
                     // again once they are written, before calling it idle.
-                    Ok(Fetch::Empty { .. }) if in_flight => {
+                    Ok(NextBatch::Empty { .. }) if in_flight => {
                         claim_errors = 0;
                         wait_for_flight = true;
                     }
@@ -354,7 +354,7 @@ where
                     // at once, unless (Once) nothing claimable is left
                     // anywhere, which is cheaper to ask than to scan the
                     // rest of a held backlog.
-                    Ok(Fetch::Empty { more: true, .. }) => {
+                    Ok(NextBatch::Empty { more: true, .. }) => {
                         claim_errors = 0;
                         if options.mode == RunMode::Once
                             && !processor
@@ -366,7 +366,7 @@ where
                             stopping = true;
                         }
                     }
-                    Ok(Fetch::Empty { contended, .. }) => {
+                    Ok(NextBatch::Empty { contended, .. }) => {
                         claim_errors = 0;
                         // Empty because another worker was claiming the same
                         // rows at that moment, or because nothing is there?

@@ -6,7 +6,7 @@ use uuid::Uuid;
 
 use super::postgres::PgRoute;
 use super::sqlite::SqliteRoute;
-use super::{BulkOutcome, ClaimToken, EventStore, Existing, TableCounts};
+use super::{BulkOutcome, ClaimToken, EventStore, Redelivered, TableCounts};
 use crate::error::Result;
 use crate::model::{InboxEvent, InboxRoute, OutboxEvent, OutboxRoute};
 
@@ -201,15 +201,15 @@ impl InboxTx {
         }
     }
 
-    /// Existing pending rows met again (a message delivered again): each
+    /// Pending rows met again (a message delivered again): each
     /// one that is due and not held by a live lease is locked for `token` and
-    /// returned as [`Existing::Taken`]; the others say how long to wait.
+    /// returned as [`Redelivered::Taken`]; the others say how long to wait.
     /// Rows that are completed or failed are not in the map (duplicates).
     pub async fn take(
         &mut self,
         ids: &[Uuid],
         token: &ClaimToken,
-    ) -> Result<std::collections::HashMap<Uuid, Existing>> {
+    ) -> Result<std::collections::HashMap<Uuid, Redelivered>> {
         if ids.is_empty() {
             return Ok(Default::default());
         }

@@ -69,10 +69,10 @@ impl<E> Created<E> {
     }
 }
 
-/// An existing pending inbox row that the consumer met again
+/// A pending inbox row whose message was delivered again
 /// ([`InboxTx::take`](crate::store::InboxTx::take)).
 #[derive(Debug, Clone)]
-pub enum Existing {
+pub enum Redelivered {
     /// Due and free: now locked by the consumer's token; run its handler
     /// (its `attempts_made` counts the deliveries that failed before).
     Taken(Box<crate::model::InboxEvent>),
@@ -82,13 +82,13 @@ pub enum Existing {
 }
 
 /// Sorts existing pending inbox rows met again into those to take now and
-/// those to wait for (see [`Existing`]); returns the ids to lock for
+/// those to wait for (see [`Redelivered`]); returns the ids to lock for
 /// `token` with the map. `now` is the database's clock.
 pub(crate) fn sort_existing(
     rows: Vec<crate::model::InboxEvent>,
     token: &ClaimToken,
     now: Timestamp,
-) -> (Vec<Uuid>, HashMap<Uuid, Existing>) {
+) -> (Vec<Uuid>, HashMap<Uuid, Redelivered>) {
     let mut out = HashMap::with_capacity(rows.len());
     let mut takeable = Vec::new();
     for mut event in rows {
@@ -106,9 +106,9 @@ pub(crate) fn sort_existing(
             event.locked_by = Some(token.worker.as_str().to_string());
             event.locked_until = Some(token.locked_at + crate::domain::chrono_dur(token.lease));
             takeable.push(event.id);
-            out.insert(event.id, Existing::Taken(Box::new(event)));
+            out.insert(event.id, Redelivered::Taken(Box::new(event)));
         } else {
-            out.insert(event.id, Existing::Wait(free_at));
+            out.insert(event.id, Redelivered::Wait(free_at));
         }
     }
     (takeable, out)

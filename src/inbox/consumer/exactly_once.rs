@@ -6,13 +6,13 @@ use std::collections::HashSet;
 use uuid::Uuid;
 
 use super::options::ConsumeReport;
-use super::{InboxConsumer, Work, persist_error};
+use super::{InboxConsumer, ToHandle, persist_error};
 use crate::error::Result;
 use crate::inbox::handler::Handler;
 use crate::inbox::normalize::{Normalized, RawMessage};
 use crate::inbox::source::Source;
 use crate::model::{InboxEvent, time};
-use crate::store::{Existing, InboxStore};
+use crate::store::{InboxStore, Redelivered};
 
 impl<S: Source, H: Handler> InboxConsumer<S, H> {
     /// Exactly-once: see [`AckStrategy::ExactlyOnce`]. A message whose row
@@ -60,7 +60,7 @@ impl<S: Source, H: Handler> InboxConsumer<S, H> {
 
         // What to handle, in message order, up to the first message whose
         // row must wait.
-        let mut work: Vec<Work> = Vec::new();
+        let mut work: Vec<ToHandle> = Vec::new();
         let mut seen = HashSet::with_capacity(outcomes.len());
         let mut end = messages.len();
         let mut wait_until = None;
@@ -72,7 +72,7 @@ impl<S: Source, H: Handler> InboxConsumer<S, H> {
                 if !n.is_poison()
                     && let Some(event) = events[i].take()
                 {
-                    work.push(Work {
+                    work.push(ToHandle {
                         index: i,
                         event,
                         new: true,
@@ -82,12 +82,12 @@ impl<S: Source, H: Handler> InboxConsumer<S, H> {
             }
             match met.remove(&o.id) {
                 None => {} // completed or failed: a duplicate
-                Some(Existing::Taken(e)) => work.push(Work {
+                Some(Redelivered::Taken(e)) => work.push(ToHandle {
                     index: i,
                     event: *e,
                     new: false,
                 }),
-                Some(Existing::Wait(until)) => {
+                Some(Redelivered::Wait(until)) => {
                     end = i;
                     wait_until = Some(until);
                     break;
@@ -97,7 +97,7 @@ impl<S: Source, H: Handler> InboxConsumer<S, H> {
         // Rows taken beyond the end go back as they were.
         let untouched: Vec<Uuid> = met
             .into_iter()
-            .filter_map(|(id, m)| matches!(m, Existing::Taken(_)).then_some(id))
+            .filter_map(|(id, m)| matches!(m, Redelivered::Taken(_)).then_some(id))
             .collect();
         tx.unlock(&untouched).await?;
         // New rows beyond the end are not kept: they come again.

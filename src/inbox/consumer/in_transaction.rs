@@ -6,7 +6,7 @@ use std::time::Duration;
 use uuid::Uuid;
 
 use super::options::ConsumeReport;
-use super::{InboxConsumer, Work, handle_alive, retry_wait};
+use super::{InboxConsumer, ToHandle, handle_alive, retry_wait};
 use crate::error::Result;
 use crate::inbox::context::HandlerContext;
 use crate::inbox::handler::Handler;
@@ -26,7 +26,7 @@ impl<S: Source, H: Handler> InboxConsumer<S, H> {
         token: &ClaimToken,
         handler: &H,
         messages: &[RawMessage],
-        work: &[Work],
+        work: &[ToHandle],
         report: &mut ConsumeReport,
     ) -> Result<Option<(usize, Duration)>> {
         let mut completed = Vec::new();

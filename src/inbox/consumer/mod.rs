@@ -475,7 +475,7 @@ fn persist_error(events: &[InboxEvent], e: Error) -> Error {
 }
 
 /// A row to handle in an exactly-once batch.
-struct Work {
+struct ToHandle {
     /// Its message's index in the batch.
     index: usize,
     event: InboxEvent,

@@ -10,8 +10,8 @@ use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
 
 use super::{Polled, Source};
 use crate::error::{Error, Result};
-use crate::inbox::Cut;
 use crate::inbox::RawMessage;
+use crate::inbox::Truncated;
 use crate::inbox::normalize::from_json_bytes;
 
 /// Longest line read (a payload is at most 1,000,000 bytes).
@@ -94,7 +94,7 @@ impl FileSource {
     /// the end of the input ends it). A line over [`MAX_LINE`] bytes keeps
     /// its first MAX_LINE bytes, with the whole line's length and SHA-256
     /// (it becomes a poison message).
-    async fn next_line(&mut self) -> Result<Option<(Vec<u8>, Option<Cut>)>> {
+    async fn next_line(&mut self) -> Result<Option<(Vec<u8>, Option<Truncated>)>> {
         use sha2::Digest;
         loop {
             let limit = if self.long.is_some() {
@@ -135,7 +135,7 @@ impl FileSource {
                     continue;
                 };
                 self.line += 1;
-                let cut = Cut {
+                let cut = Truncated {
                     len: long.len,
                     limit: MAX_LINE as u64,
                     sha256: format!("{:x}", long.digest.finalize()),

@@ -30,14 +30,14 @@ pub async fn lock_inbox(
     Ok(())
 }
 
-/// Existing pending inbox rows met again by the consumer (inside its
+/// Pending inbox rows met again by the consumer (inside its
 /// transaction): each is locked for `token` when it is due and not held by a
-/// live lease; see [`crate::store::Existing`].
+/// live lease; see [`crate::store::Redelivered`].
 pub async fn take_inbox(
     conn: &mut PgConnection,
     ids: &[Uuid],
     token: &crate::store::ClaimToken,
-) -> Result<HashMap<Uuid, crate::store::Existing>> {
+) -> Result<HashMap<Uuid, crate::store::Redelivered>> {
     let rows = sqlx::query(
         "SELECT *, now() AS db_now FROM inbox_events WHERE id = ANY($1) AND status = 'pending' FOR UPDATE",
     )

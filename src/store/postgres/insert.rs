@@ -242,7 +242,7 @@ where
 
 /// The columns every table has, as arrays.
 #[derive(Default)]
-struct Common {
+struct ColumnArrays {
     id: Vec<Uuid>,
     event_type: Vec<String>,
     payload: Vec<String>,
@@ -264,7 +264,7 @@ struct Common {
     payload_bytes: Vec<i32>,
 }
 
-impl Common {
+impl ColumnArrays {
     fn push<R: Route>(&mut self, e: &Event<R>) -> Result<()> {
         e.validate_invariants()?;
         if e.locked_at.is_some() {
@@ -345,7 +345,7 @@ pub async fn insert_outbox(
             inserted.extend(chunk.iter().map(|e| e.id));
             continue;
         }
-        let mut common = Common::default();
+        let mut common = ColumnArrays::default();
         let mut aggregate_type = Vec::with_capacity(chunk.len());
         let mut aggregate_id = Vec::with_capacity(chunk.len());
         let mut topic = Vec::with_capacity(chunk.len());
@@ -418,7 +418,7 @@ pub async fn insert_inbox(
 ) -> Result<Vec<BulkOutcome>> {
     let mut inserted = HashSet::with_capacity(events.len());
     for chunk in chunks(events) {
-        let mut common = Common::default();
+        let mut common = ColumnArrays::default();
         let mut message_id = Vec::with_capacity(chunk.len());
         let mut consumer_group = Vec::with_capacity(chunk.len());
         let mut source = Vec::with_capacity(chunk.len());

@@ -31,14 +31,14 @@ pub async fn lock_inbox(
     Ok(())
 }
 
-/// Existing pending inbox rows met again by the consumer (inside its
+/// Pending inbox rows met again by the consumer (inside its
 /// transaction, which holds SQLite's write lock): each is locked for `token`
-/// when it is due and not held by a live lease; see [`crate::store::Existing`].
+/// when it is due and not held by a live lease; see [`crate::store::Redelivered`].
 pub async fn take_inbox(
     conn: &mut SqliteConnection,
     ids: &[Uuid],
     token: &ClaimToken,
-) -> Result<std::collections::HashMap<Uuid, crate::store::Existing>> {
+) -> Result<std::collections::HashMap<Uuid, crate::store::Redelivered>> {
     let rows = sqlx::query(
         "SELECT * FROM inbox_events WHERE id IN (SELECT value FROM json_each(?1)) AND status = 'pending'",
     )
