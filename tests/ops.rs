@@ -16,27 +16,10 @@ use serde_json::{Value, json};
 
 use common::TestDb;
 
-struct Out {
-    code: i32,
-    stdout: String,
-    stderr: String,
-}
-
-impl Out {
-    fn json(&self) -> Value {
-        serde_json::from_str(&self.stdout)
-            .unwrap_or_else(|e| panic!("not JSON ({e}): {}\n{}", self.stdout, self.stderr))
-    }
-}
+use common::run::Run as Out;
 
 fn omnibox(db: &TestDb, args: &[&str]) -> Out {
-    let dir = tempfile::tempdir().unwrap();
-    let out = command(db, dir.path(), args).output().unwrap();
-    Out {
-        code: out.status.code().unwrap_or(-1),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    }
+    omnibox_env(db, args, &[])
 }
 
 fn omnibox_env(db: &TestDb, args: &[&str], env: &[(&str, &str)]) -> Out {
@@ -45,23 +28,14 @@ fn omnibox_env(db: &TestDb, args: &[&str], env: &[(&str, &str)]) -> Out {
     for (k, v) in env {
         cmd.env(k, v);
     }
-    let out = cmd.output().unwrap();
-    Out {
-        code: out.status.code().unwrap_or(-1),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    }
+    common::run::run(cmd, None)
 }
 
 fn command(db: &TestDb, dir: &std::path::Path, args: &[&str]) -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_omnibox"));
+    let mut cmd = common::run::command(dir);
     cmd.args(args)
-        .current_dir(dir)
-        .env_clear()
-        .env("NO_COLOR", "1")
         .env("USER", "oncall")
-        .env("OMNIBOX_DATABASE_URL", &db.url)
-        .stdin(Stdio::null());
+        .env("OMNIBOX_DATABASE_URL", &db.url);
     if db.is_postgres() {
         cmd.env("OMNIBOX_DATABASE_SCHEMA", db.schema());
     }
@@ -2776,9 +2750,11 @@ backend_tests!(
     status_checks_exit_1_over_a_threshold,
 );
 
-/// Three `migrate` runs at once on a fresh schema: between them every
-/// migration is applied once, and each reports only what it applied (they
-/// used to read the versions before the lock, and each reported all).
+/// Eight `migrate` runs at once on a fresh schema: none fails (the schema
+/// is created under the migration lock: two sessions running `CREATE SCHEMA
+/// IF NOT EXISTS` at once make one fail on pg_namespace's unique index),
+/// between them every migration is applied once, and each reports only what
+/// it applied (the versions are read under the lock).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_migrations_report_what_each_applied() {
     use omnibox::store::{PgStore, postgres::PgOptions};
@@ -2792,7 +2768,7 @@ async fn concurrent_migrations_report_what_each_applied() {
         ..PgOptions::default()
     };
     let mut runs = Vec::new();
-    for _ in 0..3 {
+    for _ in 0..8 {
         let store = PgStore::connect(&db.url, &opts).await.unwrap();
         runs.push(tokio::spawn(async move { store.migrate().await.unwrap() }));
     }

@@ -6,6 +6,7 @@
 #![allow(dead_code)]
 
 pub mod kafka;
+pub mod run;
 pub mod tansu;
 
 use omnibox::store::postgres::PgOptions;

@@ -337,17 +337,13 @@ impl PgStore {
     pub async fn migrate(&self) -> Result<MigrationReport> {
         if let Some(schema) = &self.schema {
             check_schema_name(schema)?;
-            // An identifier cannot be a bind parameter; the name was checked
-            // against ^[a-z_][a-z0-9_]*$ above, so it needs no quoting.
-            let ddl = format!("CREATE SCHEMA IF NOT EXISTS {schema}");
-            sqlx::query(sqlx::AssertSqlSafe(ddl))
-                .execute(&self.pool)
-                .await
-                .map_err(storage)?;
         }
-        // One connection, under a lock of its own, from the versions read
-        // before to those read after: concurrent `migrate` runs each report
-        // what they applied, not what the first one did.
+        // One connection, under a lock of its own, from the schema's
+        // creation and the versions read before to those read after:
+        // concurrent `migrate` runs each report what they applied, not what
+        // the first one did, and do not race to create the schema (`CREATE
+        // SCHEMA IF NOT EXISTS` run by two sessions at once fails in one of
+        // them on pg_namespace's unique index).
         let mut conn = self.pool.acquire().await.map_err(storage)?;
         sqlx::query("SELECT pg_advisory_lock($1)")
             .bind(MIGRATE_LOCK)
@@ -355,6 +351,16 @@ impl PgStore {
             .await
             .map_err(storage)?;
         let result = async {
+            if let Some(schema) = &self.schema {
+                // An identifier cannot be a bind parameter; the name was
+                // checked against ^[a-z_][a-z0-9_]*$ above, so it needs no
+                // quoting.
+                let ddl = format!("CREATE SCHEMA IF NOT EXISTS {schema}");
+                sqlx::query(sqlx::AssertSqlSafe(ddl))
+                    .execute(&mut *conn)
+                    .await
+                    .map_err(storage)?;
+            }
             let before = applied_versions(&mut conn).await?;
             let m = Self::migrator();
             let existing = existing_objects(&mut conn).await?;
