@@ -491,6 +491,8 @@ struct EventFields {
     created_at: Option<Timestamp>,
 }
 
+/// Refuses a transition of an event that is not pending, naming what was
+/// attempted (`detail`).
 fn require_pending<R: Route>(event: &Event<R>, detail: &str) -> Result<()> {
     if event.status == EventStatus::Pending {
         Ok(())

@@ -222,6 +222,8 @@ impl<E: opentelemetry_sdk::trace::SpanExporter> opentelemetry_sdk::trace::SpanEx
     }
 }
 
+/// The collector's traces endpoint: `base` with `/v1/traces` added unless
+/// it ends with it already.
 fn traces_url(base: &str) -> String {
     let base = base.trim_end_matches('/');
     if base.ends_with("/v1/traces") {

@@ -226,6 +226,8 @@ impl<'a> HandlerContext<'a> {
     }
 }
 
+/// Runs a savepoint statement (`SAVEPOINT`, `RELEASE`, `ROLLBACK TO`) on the
+/// consumer's transaction.
 async fn savepoint(tx: &mut BulkTx, sql: &'static str) -> Result<()> {
     match tx {
         BulkTx::Postgres(t) => sqlx::query(sql).execute(&mut **t).await.map(|_| ()),

@@ -124,6 +124,7 @@ impl Normalized {
     }
 }
 
+/// The inbox event of a well-formed message, or why it is poison.
 fn parse(
     domain: &DomainService,
     raw: &RawMessage,
@@ -245,6 +246,8 @@ fn usable_headers(raw: &RawMessage, domain: &DomainService) -> Option<Headers> {
     (!out.is_empty()).then_some(out)
 }
 
+/// The `failed` inbox row kept for a message that cannot be parsed: its
+/// raw bytes (base64 where they are not text), key and headers, and `why`.
 fn poison(
     domain: &DomainService,
     raw: &RawMessage,

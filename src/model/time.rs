@@ -42,6 +42,8 @@ pub fn parse(field: &str, text: &str) -> Result<Timestamp> {
     }
 }
 
+/// Whether `text` is a date and time without a UTC offset (refused with a
+/// hint, since its time zone would be a guess).
 fn is_naive(text: &str) -> bool {
     ["%Y-%m-%dT%H:%M:%S%.f", "%Y-%m-%d %H:%M:%S%.f"]
         .iter()

@@ -52,6 +52,8 @@ pub fn optional(field: &str, value: Option<&str>, max: usize) -> Result<Option<S
     value.map(|v| required(field, v, max)).transpose()
 }
 
+/// A text field no longer than `max` characters (not bytes), as the
+/// reference counts them.
 fn check_text(field: &str, v: &str, max: usize) -> Result<()> {
     let chars = v.chars().count();
     if chars > max {
@@ -116,6 +118,8 @@ pub fn json_kind(v: &Value) -> &'static str {
     }
 }
 
+/// Whether any string or key of `v`, at any depth, holds a NUL character
+/// (PostgreSQL's `jsonb` cannot store one).
 fn contains_nul(v: &Value) -> bool {
     match v {
         Value::String(s) => s.contains('\0'),
@@ -271,6 +275,8 @@ pub fn truncate_error(error: &str, max_bytes: usize, suffix: &str) -> Result<Str
     Ok(format!("{keep}{suffix}"))
 }
 
+/// The longest prefix of `s` of at most `max` bytes that ends on a
+/// character boundary.
 fn floor_char_boundary(s: &str, max: usize) -> &str {
     let mut end = max.min(s.len());
     while !s.is_char_boundary(end) {
@@ -336,6 +342,8 @@ impl WorkerId {
     }
 }
 
+/// This machine's host name, for default worker ids: `HOSTNAME`, else the
+/// kernel's, else `/etc/hostname`.
 fn hostname() -> Option<String> {
     if let Ok(h) = std::env::var("HOSTNAME")
         && !h.trim().is_empty()

@@ -180,6 +180,9 @@ pub(super) fn missing_events<'a>(
         .collect()
 }
 
+/// The events kept in `letters`, to insert again; a copy that cannot be
+/// read, or is of another event than its letter's, refuses the whole
+/// replay.
 pub(super) fn revive<R: Route + DeserializeOwned>(
     letters: &[&DeadLetterRecord],
 ) -> Result<Vec<Event<R>>> {
@@ -245,6 +248,8 @@ pub(super) fn settle(
     }
 }
 
+/// The letters replayed, closed (their event is back already, with why)
+/// and left, from what came back of each event.
 pub(super) fn split(
     letters: Vec<DeadLetterRecord>,
     mut back: HashMap<(Table, Uuid), std::result::Result<(), String>>,
@@ -273,6 +278,8 @@ impl DeadLetterReplay {
     }
 }
 
+/// The replay's audit entry: the events brought back, and the letters
+/// replayed and closed in its details.
 pub(super) fn fill_entry(entry: &mut AuditEntry, report: &DeadLetterReplay) {
     entry.count = report.replayed.len() as u64;
     entry.ids = report.replayed.iter().map(|l| l.event_id).collect();

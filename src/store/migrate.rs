@@ -42,6 +42,8 @@ pub struct AppliedMigration {
     pub description: String,
 }
 
+/// Each migration's SQL and the statement recording it, for `migrate
+/// --print-sql` (`pg`: PostgreSQL's record syntax, else SQLite's).
 pub(crate) fn scripts(m: &sqlx::migrate::Migrator, pg: bool) -> Vec<MigrationScript> {
     m.iter()
         .map(|m| MigrationScript {
@@ -53,6 +55,9 @@ pub(crate) fn scripts(m: &sqlx::migrate::Migrator, pg: bool) -> Vec<MigrationScr
         .collect()
 }
 
+/// What a `migrate` run did: the migrations it applied and those it
+/// recorded without running (their objects were there), and the version
+/// after it.
 pub(crate) fn report(
     m: &sqlx::migrate::Migrator,
     before: &[i64],
@@ -135,6 +140,7 @@ pub(crate) fn pin_comment_edits(m: &mut sqlx::migrate::Migrator, edits: &[Commen
     m.migrations = std::borrow::Cow::Owned(migrations);
 }
 
+/// The highest version `m` carries: the schema version this binary expects.
 pub(crate) fn latest(m: &sqlx::migrate::Migrator) -> i64 {
     m.iter().map(|m| m.version).max().unwrap_or(0)
 }

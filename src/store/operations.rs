@@ -59,6 +59,7 @@ impl AnyStore {
     }
 }
 
+/// Records `entry` in its own transaction; returns its id.
 async fn record<D: Driver>(driver: &D, entry: &AuditEntry) -> Result<i64> {
     let mut tx = driver.begin().await?;
     let id = tx.insert_audit(entry).await?;
@@ -66,6 +67,8 @@ async fn record<D: Driver>(driver: &D, entry: &AuditEntry) -> Result<i64> {
     Ok(id)
 }
 
+/// [`AnyStore::change_audited`] on one backend: the change, the open
+/// letters of requeued rows, and the audit row, in one transaction.
 async fn change_audited<D: Driver>(
     driver: &D,
     table: Table,

@@ -464,6 +464,8 @@ impl<S: Source, H: Handler> InboxConsumer<S, H> {
     }
 }
 
+/// A storage error while persisting `events`, naming the batch's first
+/// message.
 fn persist_error(events: &[InboxEvent], e: Error) -> Error {
     Error::InboxPersist {
         message_id: events

@@ -90,6 +90,8 @@ fn kill_group(group: Option<u32>) {
     }
 }
 
+/// The last `max` bytes of a command's output as text (trimmed, cut on a
+/// character boundary), for the error a failure records.
 pub(super) fn tail(bytes: &[u8], max: usize) -> String {
     let text = String::from_utf8_lossy(bytes);
     let text = text.trim();

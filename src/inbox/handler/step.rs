@@ -137,6 +137,8 @@ pub async fn run_handler<H: Handler>(
     }
 }
 
+/// Runs `handler` on `event` within `timeout`, in a span carrying the
+/// event's trace context; a timeout is a counted failure.
 async fn traced<H: Handler>(
     handler: &H,
     event: &InboxEvent,

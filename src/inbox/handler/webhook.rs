@@ -67,6 +67,8 @@ impl WebhookHandler {
     }
 }
 
+/// The wait a response's `Retry-After` asks for (seconds or an HTTP date),
+/// at most an hour; the default transient delay without a readable one.
 fn retry_after(resp: &reqwest::Response) -> Duration {
     let value = resp
         .headers()

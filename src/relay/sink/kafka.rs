@@ -253,6 +253,8 @@ impl KafkaSink {
     }
 }
 
+/// The producer for `config`, with the context that records the broker's
+/// connection state; a bad property is a configuration error.
 fn create(config: &ClientConfig) -> Result<Kafka> {
     let watch = Arc::new(WatchState::default());
     config

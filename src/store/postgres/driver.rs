@@ -396,6 +396,7 @@ pub(crate) async fn mark_replayed(
     Ok(())
 }
 
+/// Records `entry` on `conn`; returns its id.
 async fn insert_audit(conn: &mut PgConnection, entry: &AuditEntry) -> Result<i64> {
     let ids = serde_json::to_string(&entry.ids).unwrap_or_else(|_| "[]".into());
     let details = serde_json::to_string(&entry.details).unwrap_or_else(|_| "{}".into());
@@ -442,6 +443,7 @@ impl LetterColumns {
     }
 }
 
+/// A letter row; a row that cannot be read is a corrupt-row error naming it.
 fn decode_letter(r: &sqlx::postgres::PgRow) -> Result<DeadLetterRecord> {
     let inner = || -> std::result::Result<DeadLetterRecord, String> {
         let s = |e: sqlx::Error| e.to_string();

@@ -158,6 +158,8 @@ async fn copy_outbox(conn: &mut PgConnection, chunk: &[OutboxEvent]) -> Result<(
     Ok(())
 }
 
+/// Whether any event of `chunk` has an idempotency key (then the chunk goes
+/// through the idempotent INSERT, not COPY).
 fn has_keys(chunk: &[OutboxEvent]) -> bool {
     chunk.iter().any(|e| e.idempotency_key.is_some())
 }

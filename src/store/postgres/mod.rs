@@ -546,6 +546,8 @@ impl PgRoute for InboxRoute {
     }
 }
 
+/// An event row of `R`'s table; a row that cannot be read is a corrupt-row
+/// error naming its id.
 pub(crate) fn decode<R: PgRoute>(row: &PgRow) -> Result<Event<R>> {
     decode_inner(row).map_err(|e| {
         let id = row
@@ -559,6 +561,7 @@ pub(crate) fn decode<R: PgRoute>(row: &PgRow) -> Result<Event<R>> {
     })
 }
 
+/// [`decode`]'s columns, the first error as sqlx reports it.
 fn decode_inner<R: PgRoute>(row: &PgRow) -> Result<Event<R>, sqlx::Error> {
     let status: String = row.try_get("status")?;
     let status =

@@ -395,6 +395,7 @@ pub(crate) async fn mark_replayed(
     Ok(())
 }
 
+/// An id stored as text; anything else is a corrupt row.
 fn parse_id(s: &str) -> Result<Uuid> {
     Uuid::parse_str(s).map_err(|e| Error::CorruptRow {
         id: s.to_string(),
@@ -402,10 +403,13 @@ fn parse_id(s: &str) -> Result<Uuid> {
     })
 }
 
+/// Ids stored as text.
 fn parse_ids(ids: &[String]) -> Result<Vec<Uuid>> {
     ids.iter().map(|s| parse_id(s)).collect()
 }
 
+/// A letter row (ids and times stored as text); a row that cannot be read
+/// is a corrupt-row error naming it.
 fn decode_letter(r: &sqlx::sqlite::SqliteRow) -> Result<DeadLetterRecord> {
     let inner = || -> std::result::Result<DeadLetterRecord, String> {
         let s = |e: sqlx::Error| e.to_string();

@@ -359,6 +359,7 @@ impl SqliteRoute for InboxRoute {
     }
 }
 
+/// A column's value, the error as text.
 fn get<'r, T: sqlx::Decode<'r, sqlx::Sqlite> + sqlx::Type<sqlx::Sqlite>>(
     row: &'r SqliteRow,
     col: &str,
@@ -366,22 +367,26 @@ fn get<'r, T: sqlx::Decode<'r, sqlx::Sqlite> + sqlx::Type<sqlx::Sqlite>>(
     row.try_get(col).map_err(|e| format!("column {col}: {e}"))
 }
 
+/// A uuid column stored as text.
 fn uuid_col(row: &SqliteRow, col: &str) -> Result<Uuid, String> {
     let s: String = get(row, col)?;
     Uuid::parse_str(&s).map_err(|e| format!("column {col}: bad UUID {s:?}: {e}"))
 }
 
+/// A time column in the stored text form.
 fn ts_col(row: &SqliteRow, col: &str) -> Result<time::Timestamp, String> {
     let s: String = get(row, col)?;
     time::parse_stored(&s).map_err(|e| format!("column {col}: {e}"))
 }
 
+/// A nullable time column in the stored text form.
 fn opt_ts_col(row: &SqliteRow, col: &str) -> Result<Option<time::Timestamp>, String> {
     let s: Option<String> = get(row, col)?;
     s.map(|s| time::parse_stored(&s).map_err(|e| format!("column {col}: {e}")))
         .transpose()
 }
 
+/// A JSON column stored as text, parsed into `T`.
 fn json_col<T: serde::de::DeserializeOwned>(
     row: &SqliteRow,
     col: &str,
@@ -391,6 +396,8 @@ fn json_col<T: serde::de::DeserializeOwned>(
         .transpose()
 }
 
+/// An event row of `R`'s table; a row that cannot be read is a corrupt-row
+/// error naming its id.
 pub(crate) fn decode<R: SqliteRoute>(row: &SqliteRow) -> Result<Event<R>> {
     decode_inner(row).map_err(|message| Error::CorruptRow {
         id: row
@@ -400,6 +407,7 @@ pub(crate) fn decode<R: SqliteRoute>(row: &SqliteRow) -> Result<Event<R>> {
     })
 }
 
+/// [`decode`]'s columns, the first error as text.
 fn decode_inner<R: SqliteRoute>(row: &SqliteRow) -> Result<Event<R>, String> {
     let status: String = get(row, "status")?;
     Ok(Event {

@@ -64,10 +64,13 @@ impl std::fmt::Debug for KafkaSource {
     }
 }
 
+/// A client that cannot be set up (a bad property, a bad topic): a
+/// configuration error.
 fn kafka_err(what: &str, e: KafkaError) -> Error {
     Error::Config(format!("{what}: {e}"))
 }
 
+/// A broker that does not answer or refuses: an outage, retried.
 pub(super) fn broker_err(what: &str, e: KafkaError) -> Error {
     Error::Broker(format!("{what}: {e}"))
 }

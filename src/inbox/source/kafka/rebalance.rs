@@ -21,6 +21,7 @@ pub(super) struct Rebalances {
     pub(super) assigned: Mutex<HashSet<(String, i32)>>,
 }
 
+/// The topic and partition of each element of `tpl`.
 fn partitions(tpl: &TopicPartitionList) -> Vec<(String, i32)> {
     tpl.elements()
         .iter()
