@@ -840,3 +840,70 @@ async fn readme_sql_insert_is_published() {
     let row = pg.db.store.outbox().get(id).await.unwrap().unwrap();
     assert_eq!(row.status(), omnibox::EventStatus::Completed);
 }
+
+/// A row written by SQL whose headers hold non-string values is published
+/// with each such value as its JSON text, beside the rows after it: one
+/// such row does not stop the relay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rows_with_non_string_header_values_are_published() {
+    let Some(pg) = PgEnv::new().await else { return };
+    let omnibox::AnyStore::Postgres(store) = &pg.db.store else {
+        unreachable!("a PostgreSQL test database")
+    };
+    for (key, headers) in [
+        (
+            "k1",
+            r#"{"retries": 3, "urgent": true, "note": null, "tags": ["a"], "source": "sql"}"#,
+        ),
+        ("k2", r#"{"source": "sql"}"#),
+    ] {
+        sqlx::query(
+            "INSERT INTO outbox_events (id, aggregate_type, aggregate_id, event_type, topic, \
+             partition_key, payload, headers) \
+             VALUES (gen_random_uuid(), 'order', gen_random_uuid(), 'order.created', 'orders', $1, \
+             '{\"n\": 1}', $2::jsonb)",
+        )
+        .bind(key)
+        .bind(headers)
+        .execute(store.pool())
+        .await
+        .unwrap();
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let out = omnibox(
+        dir.path(),
+        &[
+            "publish",
+            "--once",
+            "--broker",
+            "file:published.jsonl",
+            "--format",
+            "json",
+        ],
+        &pg.env(),
+    )
+    .output()
+    .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let published = std::fs::read_to_string(dir.path().join("published.jsonl")).unwrap();
+    let messages: Vec<serde_json::Value> = published
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(messages.len(), 2, "{published}");
+    let m = messages
+        .iter()
+        .find(|m| m["key"] == "k1")
+        .expect("k1 published");
+    assert_eq!(m["headers"]["retries"], "3", "{m}");
+    assert_eq!(m["headers"]["urgent"], "true", "{m}");
+    assert_eq!(m["headers"]["note"], "null", "{m}");
+    assert_eq!(m["headers"]["tags"], r#"["a"]"#, "{m}");
+    assert_eq!(m["headers"]["source"], "sql", "{m}");
+    assert!(messages.iter().any(|m| m["key"] == "k2"), "{published}");
+}

@@ -40,6 +40,34 @@ pub(crate) fn approx_json_len(payload: &Payload) -> usize {
 /// String headers of an event.
 pub type Headers = BTreeMap<String, String>;
 
+/// Headers as a row stores them: a JSON object whose values should be
+/// strings. A row written by SQL may hold other values (`{"retries": 3}`);
+/// each is kept as its JSON text (`3`, `true`, `null`, `{"a":1}`) so the row
+/// is published like any other instead of stopping the relay. Anything but
+/// an object (or NULL) is refused.
+pub(crate) fn headers_from_json(value: Value) -> std::result::Result<Option<Headers>, String> {
+    match value {
+        Value::Null => Ok(None),
+        Value::Object(map) => Ok(Some(
+            map.into_iter()
+                .map(|(k, v)| match v {
+                    Value::String(s) => (k, s),
+                    other => (k, other.to_string()),
+                })
+                .collect(),
+        )),
+        other => Err(format!(
+            "column headers: a JSON object was expected, not {}",
+            match other {
+                Value::Array(_) => "an array",
+                Value::String(_) => "a string",
+                Value::Number(_) => "a number",
+                _ => "a boolean",
+            }
+        )),
+    }
+}
+
 /// Routing part of an outbox event: where it goes on the broker.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct OutboxRoute {
@@ -464,6 +492,23 @@ mod revive_tests {
     use serde_json::{Value, json};
 
     use super::*;
+
+    #[test]
+    fn header_values_that_are_not_strings_keep_their_json_text() {
+        let h =
+            headers_from_json(json!({"s": "x", "n": 3, "b": false, "z": null, "o": {"a": [1]}}))
+                .unwrap()
+                .unwrap();
+        assert_eq!(h["s"], "x");
+        assert_eq!(h["n"], "3");
+        assert_eq!(h["b"], "false");
+        assert_eq!(h["z"], "null");
+        assert_eq!(h["o"], r#"{"a":[1]}"#);
+        assert_eq!(headers_from_json(Value::Null).unwrap(), None);
+        for bad in [json!([1]), json!("x"), json!(1), json!(true)] {
+            assert!(headers_from_json(bad).unwrap_err().contains("JSON object"));
+        }
+    }
     use crate::domain::DomainService;
     use crate::model::NewOutboxEvent;
 

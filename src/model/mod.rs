@@ -11,8 +11,8 @@ pub mod limits;
 pub mod time;
 pub mod validate;
 
-pub(crate) use event::approx_json_len;
 pub use event::{Event, Headers, InboxEvent, InboxRoute, OutboxEvent, OutboxRoute, Payload, Route};
+pub(crate) use event::{approx_json_len, headers_from_json};
 pub use limits::Limits;
 pub use new_event::{NewInboxEvent, NewOutboxEvent};
 pub use status::{EventStatus, Table};

@@ -26,7 +26,7 @@ use sqlx::{ConnectOptions, Connection, Row};
 use super::migrate::{self, MIGRATIONS_TABLE, MigrationReport, MigrationScript};
 use super::redact_url;
 use crate::error::{Error, Result, storage};
-use crate::model::{Event, EventStatus, Headers, InboxRoute, OutboxRoute, Payload};
+use crate::model::{Event, EventStatus, InboxRoute, OutboxRoute, Payload};
 
 pub(crate) mod driver;
 mod inbox_tx;
@@ -571,9 +571,12 @@ fn decode_inner<R: PgRoute>(row: &PgRow) -> Result<Event<R>, sqlx::Error> {
         seq: Some(row.try_get("seq")?),
         event_type: row.try_get("event_type")?,
         payload: row.try_get::<Json<Payload>, _>("payload")?.0,
-        headers: row
-            .try_get::<Option<Json<Headers>>, _>("headers")?
-            .map(|j| j.0),
+        headers: match row.try_get::<Option<Json<serde_json::Value>>, _>("headers")? {
+            None => None,
+            Some(j) => {
+                crate::model::headers_from_json(j.0).map_err(|e| sqlx::Error::Decode(e.into()))?
+            }
+        },
         trace_id: row.try_get("trace_id")?,
         idempotency_key: row.try_get("idempotency_key")?,
         correlation_id: row.try_get("correlation_id")?,

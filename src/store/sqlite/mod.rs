@@ -415,7 +415,10 @@ fn decode_inner<R: SqliteRoute>(row: &SqliteRow) -> Result<Event<R>, String> {
         seq: Some(get(row, "seq")?),
         event_type: get(row, "event_type")?,
         payload: json_col(row, "payload")?.ok_or("column payload: null")?,
-        headers: json_col(row, "headers")?,
+        headers: match json_col::<serde_json::Value>(row, "headers")? {
+            None => None,
+            Some(v) => crate::model::headers_from_json(v)?,
+        },
         trace_id: get(row, "trace_id")?,
         idempotency_key: get(row, "idempotency_key")?,
         correlation_id: get(row, "correlation_id")?,
