@@ -287,7 +287,7 @@ async fn run(backend: &str, fresh: impl AsyncFn() -> Option<common::TestDb>) {
         let Some(db) = fresh().await else { return };
         if let Err(e) = schedule(&db.store, seed).await {
             panic!(
-                "{backend}: schedule {i} failed: {e}\n  replay: OMNIBOX_DLQ_SEED={seed} cargo nextest run --test dead_letters {backend}"
+                "{backend}: schedule {i} failed: {e}\n  replay: OMNIBOX_DLQ_SEED={seed} cargo nextest run --test dead_letters random_schedules_{backend}"
             );
         }
     }
@@ -295,12 +295,12 @@ async fn run(backend: &str, fresh: impl AsyncFn() -> Option<common::TestDb>) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sqlite() {
+async fn random_schedules_sqlite() {
     run("sqlite", async || Some(common::sqlite().await)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn postgres() {
+async fn random_schedules_postgres() {
     run("postgres", common::postgres).await;
 }
 

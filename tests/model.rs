@@ -694,7 +694,7 @@ async fn run_schedules(backend: &str, stores: Vec<AnyStore>) {
                 let seed = base.wrapping_add(i.wrapping_mul(0x9E37_79B9_7F4A_7C15));
                 if let Err(e) = schedule(&store, seed).await {
                     panic!(
-                        "{backend}: schedule {i} failed: {e}\n  replay: OMNIBOX_MODEL_SEED={seed} cargo nextest run --test model {backend}"
+                        "{backend}: schedule {i} failed: {e}\n  replay: OMNIBOX_MODEL_SEED={seed} cargo nextest run --test model model_schedules_{backend}"
                     );
                 }
                 done += 1;
@@ -714,7 +714,7 @@ async fn run_schedules(backend: &str, stores: Vec<AnyStore>) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sqlite() {
+async fn model_schedules_sqlite() {
     let mut dbs = Vec::new();
     for _ in 0..3 {
         dbs.push(common::sqlite().await);
@@ -724,7 +724,7 @@ async fn sqlite() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn postgres() {
+async fn model_schedules_postgres() {
     let mut dbs = Vec::new();
     for _ in 0..4 {
         let Some(db) = common::postgres().await else {
