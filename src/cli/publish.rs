@@ -187,12 +187,13 @@ pub async fn run_publish(args: PublishArgs, ctx: &Context) -> Result<ExitStatus>
         shutdown = super::signals::either(shutdown, out.closed());
     }
     let mut wakeup = store.wakeup(Table::Outbox).await?;
-    let due = if mode == RunMode::Once {
-        store.outbox().counts().await?.due_now
+    let progress = if running::shows_progress(ctx, mode) {
+        Some(running::progress_bar(
+            store.outbox().counts().await?.due_now,
+        ))
     } else {
-        0
+        None
     };
-    let progress = running::progress(ctx, mode, || due);
     let report = run(&processor, &run_options, shutdown, &mut wakeup, |batch| {
         if let Some(bar) = &progress {
             bar.inc((batch.completed + batch.failed + batch.dead + batch.transient) as u64);

@@ -87,19 +87,21 @@ pub async fn serve_metrics(
     }))
 }
 
-/// A progress bar of `due` events for a `--once` run on a terminal.
-pub fn progress(ctx: &Context, mode: RunMode, due: impl FnOnce() -> u64) -> Option<ProgressBar> {
-    if mode != RunMode::Once || ctx.quiet || !std::io::stderr().is_terminal() {
-        return None;
-    }
-    let bar = ProgressBar::new(due());
+/// Whether a run shows a progress bar: `--once`, on a terminal, not quiet.
+pub fn shows_progress(ctx: &Context, mode: RunMode) -> bool {
+    mode == RunMode::Once && !ctx.quiet && std::io::stderr().is_terminal()
+}
+
+/// A progress bar of `due` events.
+pub fn progress_bar(due: u64) -> ProgressBar {
+    let bar = ProgressBar::new(due);
     bar.set_style(
         ProgressStyle::with_template(
             "{spinner} {pos}/{len} events [{elapsed_precise}] {per_sec} {msg}",
         )
         .expect("valid template"),
     );
-    Some(bar)
+    bar
 }
 
 /// Says why a run stopped early, if it did; false when it did.

@@ -9,8 +9,8 @@ use super::migrate::{MigrationReport, MigrationScript};
 use super::postgres::{PgOptions, PgRoute, PgTable};
 use super::sqlite::{SqliteRoute, SqliteTable};
 use super::{
-    BulkOutcome, Capabilities, Claim, ClaimOptions, ClaimToken, Created, EventStore, FailReport,
-    Failure, InboxStore, ListFilter, OutboxStore, PgStore, RequeueFilter, SqliteStore, TableCounts,
+    BulkOutcome, Capabilities, Claim, ClaimOptions, ClaimToken, EventStore, FailReport, Failure,
+    InboxStore, ListFilter, OutboxStore, PgStore, RequeueFilter, SqliteStore, TableCounts,
     redact_url,
 };
 use crate::error::{Error, Result};
@@ -337,21 +337,17 @@ impl OutboxStore for AnyTable<OutboxRoute> {
     async fn blocked_keys(&self, limit: u32) -> Result<Vec<super::BlockedKey>> {
         delegate!(self, t => t.blocked_keys(limit))
     }
-    async fn create(&self, event: &OutboxEvent) -> Result<Created<OutboxEvent>> {
-        delegate!(self, t => t.create(event))
-    }
+
     async fn create_many(&self, events: &[OutboxEvent]) -> Result<Vec<BulkOutcome>> {
         delegate!(self, t => t.create_many(events))
     }
 }
 
 impl InboxStore for AnyTable<InboxRoute> {
-    async fn insert(&self, event: &InboxEvent) -> Result<Created<InboxEvent>> {
-        delegate!(self, t => t.insert(event))
-    }
     async fn insert_many(&self, events: &[InboxEvent]) -> Result<Vec<BulkOutcome>> {
         delegate!(self, t => t.insert_many(events))
     }
+
     async fn get_by_message_id(
         &self,
         message_id: &str,

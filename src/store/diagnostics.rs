@@ -12,9 +12,9 @@ pub struct ClaimPlan {
     /// The main scan reads the claim index (`outbox_events_claim`) in
     /// order, without reading the table whole or sorting it.
     pub uses_claim_index: bool,
-    /// The outbox's size in pages when it is small enough to be read whole
-    /// as fast as through the index (PostgreSQL; SQLite's plan does not
-    /// depend on the table's size).
+    /// The outbox's size in pages when the plan does not use the index and
+    /// the table is small enough to be read whole as fast as through it
+    /// (PostgreSQL; SQLite's plan does not depend on the table's size).
     pub small_table_pages: Option<i64>,
 }
 

@@ -13,7 +13,7 @@ use std::time::Duration;
 use serde::Serialize;
 use uuid::Uuid;
 
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::model::{
     Event, EventStatus, InboxEvent, InboxRoute, OutboxEvent, OutboxRoute, Route, Timestamp,
     UnlockReason,
@@ -229,7 +229,12 @@ pub trait OutboxStore: EventStore<OutboxRoute> {
     fn create(
         &self,
         event: &OutboxEvent,
-    ) -> impl Future<Output = Result<Created<OutboxEvent>>> + Send;
+    ) -> impl Future<Output = Result<Created<OutboxEvent>>> + Send {
+        async move {
+            let outcomes = self.create_many(std::slice::from_ref(event)).await?;
+            inserted_row(self, event.id(), outcomes).await
+        }
+    }
 
     /// Inserts many events in one transaction (all or nothing), in order;
     /// idempotency keys are respected as in [`create`](OutboxStore::create).
@@ -246,7 +251,12 @@ pub trait InboxStore: EventStore<InboxRoute> {
     fn insert(
         &self,
         event: &InboxEvent,
-    ) -> impl Future<Output = Result<Created<InboxEvent>>> + Send;
+    ) -> impl Future<Output = Result<Created<InboxEvent>>> + Send {
+        async move {
+            let outcomes = self.insert_many(std::slice::from_ref(event)).await?;
+            inserted_row(self, event.id(), outcomes).await
+        }
+    }
 
     /// Inserts many events in one transaction; duplicates are reported as existing.
     fn insert_many(
@@ -260,4 +270,23 @@ pub trait InboxStore: EventStore<InboxRoute> {
         message_id: &str,
         consumer_group: &str,
     ) -> impl Future<Output = Result<Option<InboxEvent>>> + Send;
+}
+
+/// The row a one-event insert wrote or met (`outcomes` of the event `id`),
+/// read back, as [`Created`].
+async fn inserted_row<R: Route, S: EventStore<R>>(
+    store: &S,
+    id: Uuid,
+    outcomes: Vec<BulkOutcome>,
+) -> Result<Created<Event<R>>> {
+    let outcome = outcomes.first().copied().ok_or(Error::NotFound { id })?;
+    let row = store
+        .get(outcome.id)
+        .await?
+        .ok_or(Error::NotFound { id: outcome.id })?;
+    Ok(if outcome.existing {
+        Created::Existing(row)
+    } else {
+        Created::Inserted(row)
+    })
 }

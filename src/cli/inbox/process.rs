@@ -154,12 +154,13 @@ pub async fn run(args: ProcessArgs, ctx: &Context) -> Result<ExitStatus> {
         outage_limit: args.outage_limit,
         ..RunOptions::default()
     };
-    let due = if mode == RunMode::Once {
-        omnibox::EventStore::counts(&store.inbox()).await?.due_now
+    let progress = if running::shows_progress(ctx, mode) {
+        Some(running::progress_bar(
+            omnibox::EventStore::counts(&store.inbox()).await?.due_now,
+        ))
     } else {
-        0
+        None
     };
-    let progress = running::progress(ctx, mode, || due);
     let report = pipeline::run(
         &processor,
         &run_options,

@@ -178,12 +178,17 @@ impl Driver for PgStore {
             .contains("Index Scan using outbox_events_claim on outbox_events r ")
             && !text.contains("Seq Scan on outbox_events r ")
             && !text.contains("Sort Key: r.scheduled_at");
-        let pages: Option<i64> = sqlx::query_scalar(
-            "SELECT pg_relation_size(to_regclass('outbox_events')) / current_setting('block_size')::int8",
-        )
-        .fetch_one(self.pool())
-        .await
-        .ok();
+        // The table's size matters only when the plan reads it whole.
+        let pages: Option<i64> = if uses_claim_index {
+            None
+        } else {
+            sqlx::query_scalar(
+                "SELECT pg_relation_size(to_regclass('outbox_events')) / current_setting('block_size')::int8",
+            )
+            .fetch_one(self.pool())
+            .await
+            .ok()
+        };
         Ok(ClaimPlan {
             text,
             uses_claim_index,

@@ -10,7 +10,7 @@ use super::sql;
 use super::{PgTable, decode};
 use crate::error::{Error, Result, storage};
 use crate::model::{Event, InboxEvent, InboxRoute, OutboxEvent, OutboxRoute, Route, Timestamp};
-use crate::store::{BulkOutcome, Created, EventStore, InboxStore, OutboxStore};
+use crate::store::{BulkOutcome, InboxStore, OutboxStore};
 
 /// Rows per statement.
 const CHUNK: usize = 1000;
@@ -522,19 +522,6 @@ impl OutboxStore for PgTable<OutboxRoute> {
             .map_err(storage)
     }
 
-    async fn create(&self, event: &OutboxEvent) -> Result<Created<OutboxEvent>> {
-        let outcome = self.create_many(std::slice::from_ref(event)).await?[0];
-        let row = self
-            .get(outcome.id)
-            .await?
-            .ok_or(Error::NotFound { id: outcome.id })?;
-        Ok(if outcome.existing {
-            Created::Existing(row)
-        } else {
-            Created::Inserted(row)
-        })
-    }
-
     async fn create_many(&self, events: &[OutboxEvent]) -> Result<Vec<BulkOutcome>> {
         let mut tx = self.pool.begin().await.map_err(storage)?;
         let outcomes = insert_outbox(&mut tx, events).await?;
@@ -544,19 +531,6 @@ impl OutboxStore for PgTable<OutboxRoute> {
 }
 
 impl InboxStore for PgTable<InboxRoute> {
-    async fn insert(&self, event: &InboxEvent) -> Result<Created<InboxEvent>> {
-        let outcome = self.insert_many(std::slice::from_ref(event)).await?[0];
-        let row = self
-            .get(outcome.id)
-            .await?
-            .ok_or(Error::NotFound { id: outcome.id })?;
-        Ok(if outcome.existing {
-            Created::Existing(row)
-        } else {
-            Created::Inserted(row)
-        })
-    }
-
     async fn insert_many(&self, events: &[InboxEvent]) -> Result<Vec<BulkOutcome>> {
         if events.len() <= CHUNK {
             // One INSERT statement is atomic on its own: no BEGIN and

@@ -8,7 +8,7 @@ use super::ts;
 use super::{SqliteTable, decode, sql};
 use crate::error::{Error, Result, storage};
 use crate::model::{Event, InboxEvent, InboxRoute, OutboxEvent, OutboxRoute, Route, time};
-use crate::store::{BulkOutcome, Created, EventStore, InboxStore, OutboxStore};
+use crate::store::{BulkOutcome, InboxStore, OutboxStore};
 
 /// Binds the common columns (?1..?16) of an insert.
 fn bind_common<'q, R: Route>(
@@ -145,19 +145,6 @@ impl OutboxStore for SqliteTable<OutboxRoute> {
             .collect()
     }
 
-    async fn create(&self, event: &OutboxEvent) -> Result<Created<OutboxEvent>> {
-        let outcome = self.create_many(std::slice::from_ref(event)).await?[0];
-        let row = self
-            .get(outcome.id)
-            .await?
-            .ok_or(Error::NotFound { id: outcome.id })?;
-        Ok(if outcome.existing {
-            Created::Existing(row)
-        } else {
-            Created::Inserted(row)
-        })
-    }
-
     async fn create_many(&self, events: &[OutboxEvent]) -> Result<Vec<BulkOutcome>> {
         let mut tx = self
             .pool
@@ -171,19 +158,6 @@ impl OutboxStore for SqliteTable<OutboxRoute> {
 }
 
 impl InboxStore for SqliteTable<InboxRoute> {
-    async fn insert(&self, event: &InboxEvent) -> Result<Created<InboxEvent>> {
-        let outcome = self.insert_many(std::slice::from_ref(event)).await?[0];
-        let row = self
-            .get(outcome.id)
-            .await?
-            .ok_or(Error::NotFound { id: outcome.id })?;
-        Ok(if outcome.existing {
-            Created::Existing(row)
-        } else {
-            Created::Inserted(row)
-        })
-    }
-
     async fn insert_many(&self, events: &[InboxEvent]) -> Result<Vec<BulkOutcome>> {
         let mut tx = self
             .pool
