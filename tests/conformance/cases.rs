@@ -1595,9 +1595,11 @@ pub async fn rows_behind_failed_heads_do_not_starve_them(db: &TestDb) {
         .await
         .unwrap();
     assert_eq!(first.len(), 200);
-    // Each key's head fails transiently (retry in 50 ms); the rest of the runs are released.
+    // Each key's head fails transiently (retry in 500 ms: wide enough that the
+    // claims below run before it on a slow machine); the rest of the runs are
+    // released.
     let heads: Vec<Uuid> = (0..10).map(|i| events[i].id()).collect();
-    let retry = time::now() + chrono::Duration::milliseconds(50);
+    let retry = time::now() + chrono::Duration::milliseconds(500);
     let failures: Vec<Failure> = heads
         .iter()
         .map(|id| Failure::transient(*id, "broker down", retry))
@@ -1617,7 +1619,7 @@ pub async fn rows_behind_failed_heads_do_not_starve_them(db: &TestDb) {
         "heads not due yet"
     );
     assert!(!outbox.claimable_exists().await.unwrap());
-    tokio::time::sleep(Duration::from_millis(80)).await;
+    tokio::time::sleep(Duration::from_millis(530)).await;
     // 190 rows wait behind 10 heads; a claim of 10 must still reach the
     // heads, and a tried head goes alone.
     let again = outbox.claim(&ClaimOptions::new(w("w1"), 10)).await.unwrap();
