@@ -115,6 +115,7 @@ pub mod error;
 pub mod inbox;
 pub mod metrics;
 pub mod model;
+pub mod ops;
 pub mod pipeline;
 pub mod redact;
 pub mod relay;

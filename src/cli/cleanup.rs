@@ -5,9 +5,10 @@ use std::time::Duration;
 
 use anyhow::Result;
 use clap::Args;
+use omnibox::Table;
+use omnibox::ops::{self, cleanup, cleanup::Deleted, cleanup::Retention};
 use omnibox::store::AnyStore;
 use omnibox::store::audit::AuditEntry;
-use omnibox::{EventStatus, MaintenanceStore, Route, Table};
 use serde_json::json;
 
 use super::list::TableArg;
@@ -68,78 +69,30 @@ pub struct CleanupArgs {
     safety: SafetyArgs,
 }
 
-/// The shortest retention `cleanup` takes without --force.
-const MIN_RETENTION: Duration = Duration::from_secs(3600);
-
-/// The shortest audit retention `cleanup` takes without --force: the trail
-/// is the record of what operators changed, the first thing read after an
-/// incident.
-const MIN_AUDIT_RETENTION: Duration = Duration::from_secs(30 * 86_400);
-
-#[derive(Debug, Default, serde::Serialize)]
-struct Counts {
-    table: String,
-    completed: u64,
-    failed: u64,
-    bounded: bool,
-}
-
 pub async fn run(args: CleanupArgs, ctx: &Context) -> Result<ExitStatus> {
-    let tables: Vec<Table> = match args.table {
-        Some(t) => vec![Table::from(t)],
-        None => vec![Table::Outbox, Table::Inbox],
+    let tables = ops::tables(args.table.map(Table::from));
+    let retention = Retention {
+        older_than: args.older_than,
+        include_failed: args.include_failed,
+        failed_older_than: args.failed_older_than,
+        batch_size: args.batch_size,
+        max_iterations: args.max_iterations,
+        audit_older_than: args.audit_older_than,
+        dead_letters_older_than: args.dead_letters_older_than,
     };
-    let shortest = if args.include_failed {
-        args.older_than.min(args.failed_older_than)
-    } else {
-        args.older_than
-    };
-    if shortest < MIN_RETENTION && !args.force {
-        return Err(UsageError(format!(
-            "refusing a retention of {}: rows just completed would go at once (an outbox row's idempotency key with it, so a retried enqueue gets in again); use at least {}, or add --force",
-            human_duration(shortest),
-            human_duration(MIN_RETENTION)
-        ))
-        .into());
-    }
-    if args.audit_older_than < MIN_AUDIT_RETENTION && !args.force {
-        return Err(UsageError(format!(
-            "refusing an audit retention of {}: the audit trail records what operators changed; keep it at least {}, or add --force",
-            human_duration(args.audit_older_than),
-            human_duration(MIN_AUDIT_RETENTION)
-        ))
-        .into());
+    if let Some(why) = retention.refusal(&tables, ctx.settings.dedup_window, args.force) {
+        return Err(UsageError(why).into());
     }
     let started = std::time::Instant::now();
-    let dedup_window = ctx.settings.dedup_window;
-    if tables.contains(&Table::Inbox) && shortest < dedup_window {
-        return Err(UsageError(format!(
-            "refusing to delete inbox rows younger than the deduplication window ({}): a redelivered message would be stored again as new; use a retention of at least {} (or --table outbox, or a shorter --dedup-window / OMNIBOX_DEDUP_WINDOW / dedup_window in omnibox.toml)",
-            human_duration(dedup_window),
-            human_duration(dedup_window)
-        ))
-        .into());
-    }
     // The audit row is checked before anything changes.
-    omnibox::store::audit::check(&AuditEntry::new(args.safety.actor(), "cleanup"))?;
+    let entry = AuditEntry::new(args.safety.actor(), "cleanup");
+    omnibox::store::audit::check(&entry)?;
     let store = ctx.store().await?;
-    let mut plan = Vec::new();
-    for t in &tables {
-        let (c, f) = match t {
-            Table::Outbox => past_retention(&store.outbox(), &args).await?,
-            Table::Inbox => past_retention(&store.inbox(), &args).await?,
-        };
-        plan.push(Counts {
-            table: t.to_string(),
-            completed: c,
-            failed: f,
-            bounded: false,
-        });
-    }
-    let total: u64 = plan.iter().map(|c| c.completed + c.failed).sum();
+    let plan = cleanup::count(&store, &tables, &retention).await?;
+    let total: u64 = plan.iter().map(Deleted::total).sum();
     if args.safety.dry_run || total == 0 {
         if total == 0 && args.safety.yes && !args.safety.dry_run {
-            trim_trails(&store, &args, started).await?;
+            trim_trails(&store, &retention, started).await?;
         }
         return report(ctx, &plan, args.safety.dry_run);
     }
@@ -149,31 +102,16 @@ pub async fn run(args: CleanupArgs, ctx: &Context) -> Result<ExitStatus> {
     }
     let bar =
         (!ctx.quiet && std::io::stderr().is_terminal()).then(|| indicatif::ProgressBar::new(total));
-    let mut done = Vec::new();
-    for t in &tables {
-        let mut counts = match t {
-            Table::Outbox => delete_past_retention(&store.outbox(), &args, bar.as_ref()).await?,
-            Table::Inbox => delete_past_retention(&store.inbox(), &args, bar.as_ref()).await?,
-        };
-        counts.table = t.to_string();
-        if counts.completed + counts.failed > 0 {
-            let mut entry = AuditEntry::new(args.safety.actor(), "cleanup");
-            entry.table = Some(t.to_string());
-            entry.count = counts.completed + counts.failed;
-            entry.details = json!({
-                "completed": counts.completed, "failed": counts.failed,
-                "older_than_seconds": args.older_than.as_secs_f64(),
-                "failed_older_than_seconds": args.include_failed.then_some(args.failed_older_than.as_secs_f64()),
-                "stopped_at_max_iterations": counts.bounded,
-            });
-            store.record_audit(&entry).await?;
+    let done = cleanup::delete(&store, &tables, &retention, &entry, |n| {
+        if let Some(b) = &bar {
+            b.inc(n);
         }
-        done.push(counts);
-    }
+    })
+    .await?;
     if let Some(b) = bar {
         b.finish_and_clear();
     }
-    trim_trails(&store, &args, started).await?;
+    trim_trails(&store, &retention, started).await?;
     report(ctx, &done, false)?;
     if done.iter().any(|c| c.bounded) {
         crate::cli::output::notice!(
@@ -183,103 +121,30 @@ pub async fn run(args: CleanupArgs, ctx: &Context) -> Result<ExitStatus> {
     Ok(ExitStatus::Success)
 }
 
-/// The audit trail and the replayed dead letters have retentions of their
-/// own (trimmed after this run's audit rows went in).
-/// The audit rows this run wrote are never among them, whatever the
-/// retention (`started`: when the run began).
+/// Trims the audit trail and the replayed dead letters, and says so.
 async fn trim_trails(
     store: &AnyStore,
-    args: &CleanupArgs,
+    retention: &Retention,
     started: std::time::Instant,
 ) -> Result<()> {
-    let keep = args
-        .audit_older_than
-        .max(started.elapsed() + Duration::from_secs(1));
-    let audit = store.delete_audit_older(keep, args.batch_size).await?;
-    if audit > 0 {
+    let trimmed = cleanup::trim_trails(store, retention, started).await?;
+    if trimmed.audit > 0 {
         crate::cli::output::notice!(
-            "omnibox: deleted {audit} audit row(s) older than {} (--audit-older-than)",
-            human_duration(keep)
+            "omnibox: deleted {} audit row(s) older than {} (--audit-older-than)",
+            trimmed.audit,
+            human_duration(trimmed.audit_kept)
         );
     }
-    let letters = store
-        .dead_letters()
-        .delete_replayed_older(args.dead_letters_older_than, args.batch_size)
-        .await?;
-    if letters > 0 {
+    if trimmed.dead_letters > 0 {
         tracing::info!(
-            rows = letters,
+            rows = trimmed.dead_letters,
             "deleted replayed dead letters past their retention"
         );
     }
     Ok(())
 }
 
-/// One table's rows past retention: (completed, failed).
-async fn past_retention<R: Route, T: MaintenanceStore<R>>(
-    table: &T,
-    args: &CleanupArgs,
-) -> Result<(u64, u64)> {
-    let completed = table
-        .count_older(EventStatus::Completed, args.older_than)
-        .await?;
-    let failed = if args.include_failed {
-        table
-            .count_older(EventStatus::Failed, args.failed_older_than)
-            .await?
-    } else {
-        0
-    };
-    Ok((completed, failed))
-}
-
-/// Deletes one table's rows past retention, `--batch-size` rows per
-/// statement and at most `--max-iterations` statements per status.
-async fn delete_past_retention<R: Route, T: MaintenanceStore<R>>(
-    table: &T,
-    args: &CleanupArgs,
-    bar: Option<&indicatif::ProgressBar>,
-) -> Result<Counts> {
-    let mut counts = Counts::default();
-    for (status, older_than) in [
-        (EventStatus::Completed, args.older_than),
-        (EventStatus::Failed, args.failed_older_than),
-    ] {
-        if status == EventStatus::Failed && !args.include_failed {
-            continue;
-        }
-        let mut iterations = 0;
-        loop {
-            if iterations >= args.max_iterations {
-                // The last batch was full: are there more?
-                counts.bounded |= table.count_older(status, older_than).await? > 0;
-                break;
-            }
-            let n = match status {
-                EventStatus::Completed => {
-                    table.delete_completed(older_than, args.batch_size).await?
-                }
-                _ => table.delete_failed(older_than, args.batch_size).await?,
-            };
-            iterations += 1;
-            if let Some(b) = bar {
-                b.inc(n);
-            }
-            match status {
-                EventStatus::Completed => counts.completed += n,
-                _ => counts.failed += n,
-            }
-            // A short batch: nothing more past retention (or only rows
-            // another cleanup is deleting right now).
-            if n < u64::from(args.batch_size) {
-                break;
-            }
-        }
-    }
-    Ok(counts)
-}
-
-fn report(ctx: &Context, counts: &[Counts], dry_run: bool) -> Result<ExitStatus> {
+fn report(ctx: &Context, counts: &[Deleted], dry_run: bool) -> Result<ExitStatus> {
     match ctx.format() {
         Format::Json => output::json(&json!({"dry_run": dry_run, "tables": counts}))?,
         Format::Table => {

@@ -125,23 +125,6 @@ pub fn tables_name(tables: &[Table]) -> &'static str {
     }
 }
 
-/// Merges two lists each in its own order into one, by `key` (stable: on
-/// a tie the first list's row comes first).
-pub fn merge_by<T, K: Ord>(a: Vec<T>, b: Vec<T>, key: impl Fn(&T) -> K) -> Vec<T> {
-    let mut out = Vec::with_capacity(a.len() + b.len());
-    let mut a = a.into_iter().peekable();
-    let mut b = b.into_iter().peekable();
-    loop {
-        let take_a = match (a.peek(), b.peek()) {
-            (Some(x), Some(y)) => key(x) <= key(y),
-            (Some(_), None) => true,
-            (None, Some(_)) => false,
-            (None, None) => return out,
-        };
-        out.extend(if take_a { a.next() } else { b.next() });
-    }
-}
-
 fn parse_status(s: &str) -> Result<EventStatus, String> {
     s.parse::<EventStatus>().map_err(|e| match e {
         omnibox::Error::Validation { message, .. } => message,
@@ -206,7 +189,7 @@ pub async fn run(args: ListArgs, ctx: &Context) -> Result<ExitStatus> {
         }
     }
     // Each table's rows are in insertion order; both: oldest first.
-    let mut rows = merge_by(outbox, inbox, |r| r.created_at);
+    let mut rows = omnibox::ops::merge_by(outbox, inbox, |r| r.created_at);
     rows.truncate(args.limit as usize);
     print(ctx, &tables, &rows)
 }

@@ -3,11 +3,12 @@
 use std::io::Write;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
 
 use anyhow::Result;
 use comfy_table::{ContentArrangement, Table, presets};
 use serde::{Deserialize, Serialize};
+
+pub use omnibox::time::human_duration;
 
 /// `--format`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
@@ -149,21 +150,6 @@ impl Report {
     }
 }
 
-/// `3d 4h`, `5m 12s`, `800ms`: the two largest units.
-pub fn human_duration(d: Duration) -> String {
-    let secs = d.as_secs();
-    if secs == 0 {
-        return format!("{}ms", d.as_millis());
-    }
-    let (days, hours, mins, s) = (secs / 86_400, secs / 3600 % 24, secs / 60 % 60, secs % 60);
-    match (days, hours, mins) {
-        (0, 0, 0) => format!("{s}s"),
-        (0, 0, m) => format!("{m}m {s}s"),
-        (0, h, m) => format!("{h}h {m}m"),
-        (d, h, _) => format!("{d}d {h}h"),
-    }
-}
-
 /// Shortens text to `max` characters with an ellipsis.
 pub fn ellipsize(text: &str, max: usize) -> String {
     let one_line: String = text
@@ -181,18 +167,6 @@ pub fn ellipsize(text: &str, max: usize) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn durations() {
-        assert_eq!(human_duration(Duration::from_millis(800)), "800ms");
-        assert_eq!(human_duration(Duration::from_secs(42)), "42s");
-        assert_eq!(human_duration(Duration::from_secs(312)), "5m 12s");
-        assert_eq!(human_duration(Duration::from_secs(3 * 3600 + 60)), "3h 1m");
-        assert_eq!(
-            human_duration(Duration::from_secs(2 * 86_400 + 3600)),
-            "2d 1h"
-        );
-    }
 
     #[test]
     fn ellipsis() {

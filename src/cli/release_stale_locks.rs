@@ -4,8 +4,9 @@ use std::time::Duration;
 
 use anyhow::Result;
 use clap::Args;
+use omnibox::Table;
+use omnibox::ops::{self, release};
 use omnibox::store::audit::AuditEntry;
-use omnibox::{EventStore, MaintenanceStore, Table};
 use serde_json::json;
 
 use super::list::TableArg;
@@ -59,18 +60,8 @@ pub async fn run(args: ReleaseArgs, ctx: &Context) -> Result<ExitStatus> {
     // The audit row is checked before anything changes.
     omnibox::store::audit::check(&AuditEntry::new(args.safety.actor(), "release-stale-locks"))?;
     let store = ctx.store().await?;
-    let tables: Vec<Table> = match args.table {
-        Some(t) => vec![Table::from(t)],
-        None => vec![Table::Outbox, Table::Inbox],
-    };
-    let mut counts = Vec::new();
-    for t in &tables {
-        let n = match t {
-            Table::Outbox => store.outbox().count_stale_locks(args.older_than).await?,
-            Table::Inbox => store.inbox().count_stale_locks(args.older_than).await?,
-        };
-        counts.push((*t, n));
-    }
+    let tables = ops::tables(args.table.map(Table::from));
+    let counts = release::count(&store, &tables, args.older_than).await?;
     let total: u64 = counts.iter().map(|(_, n)| n).sum();
     if args.safety.dry_run || total == 0 {
         return report(ctx, &counts, args.safety.dry_run, args.older_than);
@@ -82,31 +73,9 @@ pub async fn run(args: ReleaseArgs, ctx: &Context) -> Result<ExitStatus> {
         crate::cli::output::notice!("omnibox: nothing changed");
         return Ok(ExitStatus::No);
     }
-    let mut released = Vec::new();
-    for t in &tables {
-        let n = match t {
-            Table::Outbox => {
-                store
-                    .outbox()
-                    .release_stale_locks(args.older_than, args.batch_size)
-                    .await?
-            }
-            Table::Inbox => {
-                store
-                    .inbox()
-                    .release_stale_locks(args.older_than, args.batch_size)
-                    .await?
-            }
-        };
-        if n > 0 {
-            let mut entry = AuditEntry::new(args.safety.actor(), "release-stale-locks");
-            entry.table = Some(t.to_string());
-            entry.count = n;
-            entry.details = json!({"older_than_seconds": args.older_than.as_secs_f64()});
-            store.record_audit(&entry).await?;
-        }
-        released.push((*t, n));
-    }
+    let entry = AuditEntry::new(args.safety.actor(), "release-stale-locks");
+    let released =
+        release::release(&store, &tables, args.older_than, args.batch_size, &entry).await?;
     report(ctx, &released, false, args.older_than)?;
     Ok(ExitStatus::Success)
 }

@@ -1,21 +1,21 @@
 //! `omnibox replay`: failed rows (or dead letters) back to pending.
 
-use std::collections::HashSet;
-use std::time::Duration;
-
 use anyhow::Result;
 use clap::Args;
-use omnibox::store::audit::{AuditEntry, AuditedChange};
-use omnibox::store::{AnyStore, fingerprint};
-use omnibox::{Event, MaintenanceStore, RequeueFilter, Route, Table, Timestamp, time};
+use omnibox::ops::replay::{self, Candidate, Selection};
+use omnibox::store::AnyStore;
+use omnibox::store::audit::AuditEntry;
+use omnibox::{RequeueFilter, Table, Timestamp, time};
 use serde_json::json;
 use uuid::Uuid;
 
-use super::list::{RowsArg, TableFilters, covered, letter_table, merge_by, tables_name};
+use super::list::{RowsArg, TableFilters, covered, letter_table, tables_name};
 use super::output::{self, Format, ellipsize};
 use super::safety::SafetyArgs;
 use super::{Context, ExitStatus, UsageError, args};
-use omnibox::store::dead_letters::{DEAD_LETTERS, DeadLetterFilter, DeadLetterRecord};
+use omnibox::store::dead_letters::{
+    DEAD_LETTERS, DeadLetterFilter, DeadLetterRecord, DeadLetterReplay,
+};
 
 /// Put failed events back to pending (attempts reset, error cleared, due now)
 ///
@@ -190,26 +190,18 @@ pub async fn run(args: ReplayArgs, ctx: &Context) -> Result<ExitStatus> {
 }
 
 async fn replay_letters(store: &AnyStore, args: &ReplayArgs, ctx: &Context) -> Result<ExitStatus> {
-    let table = store.dead_letters();
-    let mut letters = table
-        .list(&DeadLetterFilter {
-            ids: args.ids.clone(),
-            event_type: args.event_type.clone(),
-            topic: args.topic.clone().or_else(|| args.source.clone()),
-            consumer_group: args.consumer_group.clone(),
-            error_contains: args.error_contains.clone(),
-            since: args.since,
-            until: args.until,
-            open_only: true,
-            ..DeadLetterFilter::default()
-        })
-        .await?;
-    if let Some(fp) = &args.fingerprint {
-        letters.retain(|l| fingerprint::fingerprint(&l.event_type, &l.error) == *fp);
-    }
-    if let Some(limit) = args.limit {
-        letters.truncate(limit as usize);
-    }
+    let filter = DeadLetterFilter {
+        ids: args.ids.clone(),
+        event_type: args.event_type.clone(),
+        topic: args.topic.clone().or_else(|| args.source.clone()),
+        consumer_group: args.consumer_group.clone(),
+        error_contains: args.error_contains.clone(),
+        since: args.since,
+        until: args.until,
+        ..DeadLetterFilter::default()
+    };
+    let letters =
+        replay::select_letters(store, &filter, args.fingerprint.as_deref(), args.limit).await?;
     if letters.is_empty() {
         print_letters(ctx, &[], &[], args.safety.dry_run, 0)?;
         if !args.ids.is_empty() {
@@ -232,20 +224,11 @@ async fn replay_letters(store: &AnyStore, args: &ReplayArgs, ctx: &Context) -> R
         return Ok(ExitStatus::No);
     }
     let ids: Vec<Uuid> = letters.iter().map(|l| l.id).collect();
-    let chunk = args.rate.map_or(ids.len(), |r| r as usize).max(1);
-    let entry = args.audit_entry(ids.len());
-    let mut replayed = Vec::new();
-    let mut closed = Vec::new();
-    let mut left = Vec::new();
-    for (n, part) in ids.chunks(chunk).enumerate() {
-        if n > 0 {
-            tokio::time::sleep(Duration::from_secs(1)).await;
-        }
-        let r = table.replay(part, entry.clone()).await?;
-        replayed.extend(r.replayed);
-        closed.extend(r.closed);
-        left.extend(r.left);
-    }
+    let DeadLetterReplay {
+        replayed,
+        closed,
+        left,
+    } = replay::letters(store, &ids, args.rate, &args.audit_entry(ids.len())).await?;
     print_letters(ctx, &replayed, &closed, false, ids.len())?;
     for (l, why) in &closed {
         crate::cli::output::notice!(
@@ -312,55 +295,9 @@ fn print_letters(
     }
 }
 
-/// One selected row, of either table.
-struct Picked {
-    table: Table,
-    id: Uuid,
-    event_type: String,
-    attempts: String,
-    updated_at: Timestamp,
-    created_at: Timestamp,
-    scheduled_at: Timestamp,
-    last_error: Option<String>,
-}
-
-/// The rows of `table` the selectors pick (failed ones, or with
-/// `--pending` pending ones waiting for a retry), in insertion order.
-async fn pick<R, S>(table: &S, args: &ReplayArgs, filter: &RequeueFilter) -> Result<Vec<Picked>>
-where
-    R: Route,
-    S: MaintenanceStore<R>,
-{
-    let mut list_filter = filter.clone();
-    list_filter.all = true;
-    let rows: Vec<Event<R>> = if args.pending {
-        table.list_waiting(&list_filter).await?
-    } else {
-        table.list_failed(&list_filter).await?
-    };
-    Ok(rows
-        .into_iter()
-        .filter(|e| {
-            args.fingerprint.as_ref().is_none_or(|fp| {
-                fingerprint::fingerprint(e.event_type(), e.last_error().unwrap_or("")) == *fp
-            })
-        })
-        .map(|e| Picked {
-            table: R::TABLE,
-            id: e.id(),
-            event_type: e.event_type().to_string(),
-            attempts: format!("{}/{}", e.attempts_made(), e.max_attempts()),
-            updated_at: e.updated_at(),
-            created_at: e.created_at(),
-            scheduled_at: e.scheduled_at(),
-            last_error: e.last_error().map(str::to_string),
-        })
-        .collect())
-}
-
 /// "2 failed outbox event(s)", or "3 failed event(s) (2 outbox, 1 inbox)"
 /// when rows of both tables are among `rows`.
-fn count_text(rows: &[Picked], adjective: &str) -> String {
+fn count_text(rows: &[Candidate], adjective: &str) -> String {
     let outbox = rows.iter().filter(|r| r.table == Table::Outbox).count();
     let inbox = rows.len() - outbox;
     match (outbox, inbox) {
@@ -377,20 +314,14 @@ async fn replay(
     filter: RequeueFilter,
     ctx: &Context,
 ) -> Result<ExitStatus> {
-    // What the selectors pick: each table in insertion order, both oldest
-    // first.
-    let mut outbox = Vec::new();
-    let mut inbox = Vec::new();
-    for t in tables {
-        match t {
-            Table::Outbox => outbox = pick(&store.outbox(), args, &filter).await?,
-            Table::Inbox => inbox = pick(&store.inbox(), args, &filter).await?,
-        }
-    }
-    let mut rows = merge_by(outbox, inbox, |r| r.created_at);
-    if let Some(limit) = args.limit {
-        rows.truncate(limit as usize);
-    }
+    let selection = Selection {
+        tables: tables.to_vec(),
+        filter,
+        fingerprint: args.fingerprint.clone(),
+        pending: args.pending,
+        limit: args.limit,
+    };
+    let rows = replay::select(store, &selection).await?;
     let names = tables
         .iter()
         .map(|t| t.as_str())
@@ -429,27 +360,15 @@ async fn replay(
     // Requeue by id, in chunks paced by --rate; each chunk of a table and
     // its audit row commit together.
     let selected = rows.len();
-    let chunk = args.rate.map_or(selected, |r| r as usize).max(1);
-    let mut done: HashSet<Uuid> = HashSet::with_capacity(selected);
-    let entry = args.audit_entry(selected);
-    for (n, part) in rows.chunks(chunk).enumerate() {
-        if n > 0 {
-            tokio::time::sleep(Duration::from_secs(1)).await;
-        }
-        for t in Table::ALL {
-            let ids: Vec<Uuid> = part.iter().filter(|r| r.table == t).map(|r| r.id).collect();
-            if ids.is_empty() {
-                continue;
-            }
-            let change = if args.pending {
-                AuditedChange::RetryNow { ids: &ids }
-            } else {
-                AuditedChange::Requeue { ids: &ids }
-            };
-            done.extend(store.change_audited(t, change, entry.clone()).await?);
-        }
-    }
-    let replayed: Vec<Picked> = rows.into_iter().filter(|r| done.contains(&r.id)).collect();
+    let done = replay::requeue(
+        store,
+        &rows,
+        args.pending,
+        args.rate,
+        &args.audit_entry(selected),
+    )
+    .await?;
+    let replayed: Vec<Candidate> = rows.into_iter().filter(|r| done.contains(&r.id)).collect();
     print(ctx, args, tables, &replayed, false, selected)?;
     if done.len() < selected {
         crate::cli::output::notice!(
@@ -470,7 +389,7 @@ fn print(
     ctx: &Context,
     args: &ReplayArgs,
     tables: &[Table],
-    rows: &[Picked],
+    rows: &[Candidate],
     dry_run: bool,
     selected: usize,
 ) -> Result<()> {
@@ -511,7 +430,7 @@ fn print(
                     r.table.to_string(),
                     r.id.to_string(),
                     r.event_type.clone(),
-                    r.attempts.clone(),
+                    format!("{}/{}", r.attempts_made, r.max_attempts),
                     time::format(&r.updated_at),
                 ];
                 if args.pending {

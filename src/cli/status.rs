@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use anyhow::Result;
 use clap::Args;
-use omnibox::{MaintenanceStore, OutboxStore};
+use omnibox::ops::status::{self, Limits, Snapshot};
 use serde_json::json;
 
 use super::output::{self, Format, ellipsize, human_duration};
@@ -50,24 +50,6 @@ pub struct StatusArgs {
     interval: Duration,
 }
 
-/// Where the last report stood, for rates.
-struct Tick {
-    at: std::time::Instant,
-    /// The database's clock at the last report.
-    db_now: omnibox::Timestamp,
-    /// Highest seq per table.
-    seq: [i64; 2],
-}
-
-/// Rows per second since the last report, per table.
-#[derive(Debug, Clone, Copy, Default, serde::Serialize)]
-struct Rates {
-    /// New rows (enqueued into the outbox, stored by the inbox).
-    inserted_per_second: f64,
-    /// Rows completed (published by relays, handled by the inbox).
-    completed_per_second: f64,
-}
-
 pub async fn run(args: StatusArgs, ctx: &Context) -> Result<ExitStatus> {
     let store = ctx.store().await?;
     if !args.watch {
@@ -77,17 +59,17 @@ pub async fn run(args: StatusArgs, ctx: &Context) -> Result<ExitStatus> {
         return Err(super::UsageError("--interval must be at least 100ms".into()).into());
     }
     let mut shutdown = super::signals::stop_channel();
-    let mut last: Option<Tick> = None;
+    let mut last: Option<Snapshot> = None;
     // When the database stopped answering (a watch outlives outages).
     let mut down_since: Option<std::time::Instant> = None;
     let mut reported = false;
     loop {
         match report(&args, ctx, &store, last.as_ref()).await {
-            Ok((_, tick)) => {
+            Ok((_, snapshot)) => {
                 if let Some(since) = down_since.take() {
                     outage_line(ctx, true, since, None)?;
                 }
-                last = Some(tick);
+                last = Some(snapshot);
                 reported = true;
             }
             // The first report failing is the command failing.
@@ -143,71 +125,22 @@ async fn report(
     args: &StatusArgs,
     ctx: &Context,
     store: &omnibox::store::AnyStore,
-    last: Option<&Tick>,
-) -> Result<(ExitStatus, Tick)> {
-    let since = last.map_or_else(omnibox::time::now, |l| l.db_now);
-    let progress = [
-        store.outbox().progress(since).await?,
-        store.inbox().progress(since).await?,
-    ];
-    let tables = [
-        store.outbox().status_counts().await?,
-        store.inbox().status_counts().await?,
-    ];
-    let stale = [
-        store.outbox().count_stale_locks(args.stale_after).await?,
-        store.inbox().count_stale_locks(args.stale_after).await?,
-    ];
-    let failed_by_type = [
-        store.outbox().failed_by_event_type().await?,
-        store.inbox().failed_by_event_type().await?,
-    ];
-    let blocked = store.outbox().blocked_keys(10).await?;
-    let dead_letters_open = store.dead_letters().count_open(None).await?;
-    let tick = Tick {
-        at: std::time::Instant::now(),
-        db_now: tables[0].now,
-        seq: [progress[0].0, progress[1].0],
-    };
-    let rates: Option<[Rates; 2]> = last.map(|l| {
-        let secs = tick.at.duration_since(l.at).as_secs_f64().max(0.001);
-        let rate = |i: usize| Rates {
-            inserted_per_second: (tick.seq[i] - l.seq[i]).max(0) as f64 / secs,
-            completed_per_second: progress[i].1 as f64 / secs,
-        };
-        [rate(0), rate(1)]
+    last: Option<&Snapshot>,
+) -> Result<(ExitStatus, Snapshot)> {
+    let since = last.map_or_else(omnibox::time::now, Snapshot::now);
+    let snap = status::snapshot(store, args.stale_after, since).await?;
+    let rates = last.map(|l| snap.rates_since(l));
+    let violations = snap.violations(&Limits {
+        max_pending_age: args.max_pending_age,
+        max_failed: args.max_failed,
+        max_stale_locks: args.max_stale_locks,
+        stale_after: args.stale_after,
     });
-    let mut violations = Vec::new();
-    for (i, c) in tables.iter().enumerate() {
-        if let (Some(max), Some(age)) = (args.max_pending_age, c.oldest_pending_age())
-            && age > max
-        {
-            violations.push(format!(
-                "{}: the oldest pending event is {} old (limit {})",
-                c.table,
-                human_duration(age),
-                human_duration(max)
-            ));
-        }
-        if let Some(max) = args.max_failed
-            && c.failed > max
-        {
-            violations.push(format!(
-                "{}: {} failed events (limit {max})",
-                c.table, c.failed
-            ));
-        }
-        if let Some(max) = args.max_stale_locks
-            && stale[i] > max
-        {
-            violations.push(format!(
-                "{}: {} locks older than {} (limit {max})",
-                c.table,
-                stale[i],
-                human_duration(args.stale_after)
-            ));
-        }
-    }
+    let tables = snap.tables.clone().map(|t| t.counts);
+    let stale = snap.tables.each_ref().map(|t| t.stale_locks);
+    let failed_by_type = snap.tables.each_ref().map(|t| &t.failed_by_event_type);
+    let blocked = &snap.blocked_keys;
+    let dead_letters_open = snap.dead_letters_open;
     match ctx.format() {
         Format::Json => {
             let tables: Vec<_> = tables
@@ -232,7 +165,7 @@ async fn report(
                 out["check"] = json!({"ok": violations.is_empty(), "violations": violations});
             }
             if args.watch {
-                out["at"] = json!(omnibox::time::format(&tick.db_now));
+                out["at"] = json!(omnibox::time::format(&snap.now()));
                 out["rates"] = json!(rates.map(|r| json!({"outbox": r[0], "inbox": r[1]})));
                 // One object per line: a stream a script can read.
                 output::line(out.to_string())?;
@@ -248,7 +181,7 @@ async fn report(
                 }
                 output::line(format!(
                     "omnibox status at {}, every {} (Ctrl-C stops)",
-                    omnibox::time::format(&tick.db_now),
+                    omnibox::time::format(&snap.now()),
                     human_duration(args.interval)
                 ))?;
             }
@@ -310,7 +243,7 @@ async fn report(
             if failed_by_type.iter().any(|v| !v.is_empty()) {
                 let mut t = output::table(["table", "failed event type", "count"]);
                 for (i, rows) in failed_by_type.iter().enumerate() {
-                    for (event_type, n) in rows {
+                    for (event_type, n) in rows.iter() {
                         t.add_row(vec![
                             tables[i].table.to_string(),
                             event_type.clone(),
@@ -329,7 +262,7 @@ async fn report(
                     "retry at",
                     "head error",
                 ]);
-                for b in &blocked {
+                for b in blocked {
                     t.add_row(vec![
                         ellipsize(&b.partition_key, 40),
                         b.topic.clone(),
@@ -348,8 +281,8 @@ async fn report(
             crate::cli::output::notice!("omnibox: check failed: {v}");
         }
         if !violations.is_empty() {
-            return Ok((ExitStatus::No, tick));
+            return Ok((ExitStatus::No, snap));
         }
     }
-    Ok((ExitStatus::Success, tick))
+    Ok((ExitStatus::Success, snap))
 }

@@ -2,8 +2,9 @@
 
 use anyhow::Result;
 use clap::Args;
-use omnibox::store::audit::{AuditEntry, AuditedChange};
-use omnibox::{EventStore, Route, Table, UnlockReason, WorkerId};
+use omnibox::ops::{self, unlock, unlock::Lock};
+use omnibox::store::audit::AuditEntry;
+use omnibox::{Table, UnlockReason, WorkerId};
 use serde_json::json;
 use uuid::Uuid;
 
@@ -60,45 +61,26 @@ pub async fn run(args: UnlockArgs, ctx: &Context) -> Result<ExitStatus> {
     entry.reason = Some(reason.as_str().to_string());
     omnibox::store::audit::check(&entry)?;
     let store = ctx.store().await?;
-    let tables: Vec<Table> = match args.table {
-        Some(t) => vec![Table::from(t)],
-        None => vec![Table::Outbox, Table::Inbox],
-    };
+    let tables = ops::tables(args.table.map(Table::from));
     let mut changed: Vec<(Table, Vec<Uuid>)> = Vec::new();
     if let Some(id) = args.id {
-        let mut found = None;
-        for t in &tables {
-            let locked_by = match t {
-                Table::Outbox => store
-                    .outbox()
-                    .get(id)
-                    .await?
-                    .map(|e| e.locked_by().map(str::to_string)),
-                Table::Inbox => store
-                    .inbox()
-                    .get(id)
-                    .await?
-                    .map(|e| e.locked_by().map(str::to_string)),
-            };
-            if let Some(l) = locked_by {
-                found = Some((*t, l));
-                break;
+        let (table, holder) = match unlock::find(&store, id, &tables).await? {
+            Lock::Held { table, holder } => (table, holder),
+            Lock::Free(_) => {
+                crate::cli::output::notice!("omnibox: event {id} is not locked; nothing to do");
+                return Ok(ExitStatus::No);
             }
-        }
-        let Some((table, locked_by)) = found else {
-            crate::cli::output::notice!(
-                "omnibox: no event {id} in {}",
-                tables
-                    .iter()
-                    .map(|t| t.to_string())
-                    .collect::<Vec<_>>()
-                    .join(" or ")
-            );
-            return Ok(ExitStatus::No);
-        };
-        let Some(holder) = locked_by else {
-            crate::cli::output::notice!("omnibox: event {id} is not locked; nothing to do");
-            return Ok(ExitStatus::No);
+            Lock::Missing => {
+                crate::cli::output::notice!(
+                    "omnibox: no event {id} in {}",
+                    tables
+                        .iter()
+                        .map(|t| t.to_string())
+                        .collect::<Vec<_>>()
+                        .join(" or ")
+                );
+                return Ok(ExitStatus::No);
+            }
         };
         if args.safety.dry_run {
             report(ctx, &[(table, vec![id])], true)?;
@@ -114,36 +96,19 @@ pub async fn run(args: UnlockArgs, ctx: &Context) -> Result<ExitStatus> {
             crate::cli::output::notice!("omnibox: nothing changed");
             return Ok(ExitStatus::No);
         }
-        // Only if the holder the operator confirmed still holds it, with the
-        // audit row in the same transaction.
-        entry.details = json!({"previous_holder": holder});
-        let ids = store
-            .change_audited(
-                table,
-                AuditedChange::UnlockOne {
-                    id,
-                    holder: &holder,
-                    reason: &reason,
-                },
-                entry,
-            )
-            .await?;
-        if ids.is_empty() {
+        // Only if the holder the operator confirmed still holds it.
+        if !unlock::one(&store, table, id, &holder, &reason, entry).await? {
             crate::cli::output::notice!(
                 "omnibox: event {id} is no longer held by {holder} (it finished, or another worker or operator changed it meanwhile); nothing changed"
             );
             return Ok(ExitStatus::Partial);
         }
-        changed.push((table, ids));
+        changed.push((table, vec![id]));
     } else if let Some(worker) = &args.worker {
         if args.safety.dry_run {
             let mut would = Vec::new();
-            for t in &tables {
-                let rows = match t {
-                    Table::Outbox => held_by(&store.outbox(), worker.as_str()).await?,
-                    Table::Inbox => held_by(&store.inbox(), worker.as_str()).await?,
-                };
-                would.push((*t, rows));
+            for &t in &tables {
+                would.push((t, unlock::held_by(&store, t, worker).await?));
             }
             report(ctx, &would, true)?;
             return Ok(if would.iter().all(|(_, ids)| ids.is_empty()) {
@@ -159,45 +124,13 @@ pub async fn run(args: UnlockArgs, ctx: &Context) -> Result<ExitStatus> {
             crate::cli::output::notice!("omnibox: nothing changed");
             return Ok(ExitStatus::No);
         }
-        entry.details = json!({"worker": worker.as_str()});
-        for t in &tables {
-            let ids = store
-                .change_audited(
-                    *t,
-                    AuditedChange::UnlockWorker {
-                        worker: worker.as_str(),
-                        reason: &reason,
-                    },
-                    entry.clone(),
-                )
-                .await?;
-            changed.push((*t, ids));
-        }
+        changed = unlock::worker(&store, &tables, worker, &reason, entry).await?;
     }
     report(ctx, &changed, false)?;
     if changed.iter().all(|(_, ids)| ids.is_empty()) {
         return Ok(ExitStatus::No);
     }
     Ok(ExitStatus::Success)
-}
-
-/// The ids of every row `worker` holds, paged by seq.
-async fn held_by<R: Route, T: EventStore<R>>(table: &T, worker: &str) -> Result<Vec<Uuid>> {
-    let mut ids = Vec::new();
-    let mut filter = omnibox::ListFilter {
-        locked_by: Some(worker.to_string()),
-        limit: Some(10_000),
-        ..Default::default()
-    };
-    loop {
-        let page = table.list(&filter).await?;
-        ids.extend(page.iter().map(|e| e.id()));
-        match page.last().and_then(|e| e.seq()) {
-            Some(seq) if page.len() == 10_000 => filter.after_seq = Some(seq),
-            _ => break,
-        }
-    }
-    Ok(ids)
 }
 
 fn report(ctx: &Context, changed: &[(Table, Vec<Uuid>)], dry_run: bool) -> Result<()> {

@@ -24,6 +24,21 @@ pub fn format(t: &Timestamp) -> String {
     t.to_rfc3339_opts(SecondsFormat::Micros, true)
 }
 
+/// `3d 4h`, `5m 12s`, `800ms`: the two largest units.
+pub fn human_duration(d: std::time::Duration) -> String {
+    let secs = d.as_secs();
+    if secs == 0 {
+        return format!("{}ms", d.as_millis());
+    }
+    let (days, hours, mins, s) = (secs / 86_400, secs / 3600 % 24, secs / 60 % 60, secs % 60);
+    match (days, hours, mins) {
+        (0, 0, 0) => format!("{s}s"),
+        (0, 0, m) => format!("{m}m {s}s"),
+        (0, h, m) => format!("{h}h {m}m"),
+        (d, h, _) => format!("{d}d {h}h"),
+    }
+}
+
 /// Parses an RFC 3339 timestamp that carries a UTC offset (`Z` or `+02:00`)
 /// and converts it to UTC. A timestamp without an offset is rejected: its
 /// meaning would depend on the machine's time zone.
@@ -84,6 +99,19 @@ pub(crate) mod serde_ts {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn durations() {
+        assert_eq!(human_duration(Duration::from_millis(800)), "800ms");
+        assert_eq!(human_duration(Duration::from_secs(42)), "42s");
+        assert_eq!(human_duration(Duration::from_secs(312)), "5m 12s");
+        assert_eq!(human_duration(Duration::from_secs(3 * 3600 + 60)), "3h 1m");
+        assert_eq!(
+            human_duration(Duration::from_secs(2 * 86_400 + 3600)),
+            "2d 1h"
+        );
+    }
 
     #[test]
     fn format_is_fixed_width_and_sorts_as_time() {

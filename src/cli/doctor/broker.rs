@@ -4,8 +4,9 @@ use std::time::Duration;
 
 use omnibox::store::AnyStore;
 
-use super::{Check, DoctorArgs, err_check, fail, ok};
+use super::DoctorArgs;
 use crate::cli::Context;
+use omnibox::ops::diagnostics::Check;
 
 /// The broker answers and holds the topics of pending rows.
 pub(super) async fn broker_check(
@@ -14,13 +15,13 @@ pub(super) async fn broker_check(
     ctx: &Context,
 ) -> Check {
     let Some(url) = args.broker.clone().or_else(|| ctx.settings.broker.clone()) else {
-        return ok(
+        return Check::ok(
             "broker",
             "none configured (publish's default is the local file sink)",
         );
     };
     let Some(brokers) = url.strip_prefix("kafka://").map(str::to_string) else {
-        return ok(
+        return Check::ok(
             "broker",
             format!("{} (no server to reach)", omnibox::redact::url(&url)),
         );
@@ -39,7 +40,7 @@ pub(super) async fn broker_check(
     match args.kafka_security.properties() {
         Ok(p) => properties.extend(p),
         Err(e) => {
-            return fail(
+            return Check::fail(
                 "broker",
                 e.0,
                 "fix the --kafka-tls-* / --kafka-sasl-* flags",
@@ -67,14 +68,14 @@ pub(super) async fn broker_check(
         Ok(Ok(present)) => {
             let missing: Vec<&String> = topics.iter().filter(|t| !present.contains(t)).collect();
             if !topics_known {
-                ok(
+                Check::ok(
                     "broker",
                     format!(
                         "{shown} answers (the topics of pending rows were not checked: the outbox could not be read)"
                     ),
                 )
             } else if missing.is_empty() {
-                ok(
+                Check::ok(
                     "broker",
                     format!(
                         "{shown} answers; the {} topic(s) of pending rows exist",
@@ -82,7 +83,7 @@ pub(super) async fn broker_check(
                     ),
                 )
             } else {
-                fail(
+                Check::fail(
                     "broker",
                     format!(
                         "{shown} answers, but topic(s) of pending rows are missing: {}",
@@ -96,11 +97,11 @@ pub(super) async fn broker_check(
                 )
             }
         }
-        Ok(Err(e)) => fail(
+        Ok(Err(e)) => Check::fail(
             "broker",
             format!("{shown} does not answer: {}", omnibox::redact::text(&e)),
             "check the address, the network and -X security settings",
         ),
-        Err(e) => err_check("broker", &e),
+        Err(e) => Check::error("broker", &e),
     }
 }

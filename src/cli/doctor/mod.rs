@@ -5,21 +5,15 @@ use std::time::Duration;
 
 use anyhow::Result;
 use clap::Args;
-use omnibox::store::{AnyStore, SchemaState};
-use serde::Serialize;
 use serde_json::json;
 
 use super::output::{self, Format};
 use super::{Context, ExitStatus, args};
 
 mod broker;
-mod database;
 
 use broker::broker_check;
-use database::{
-    backlog_check, blocked_check, health_checks, leases_check, plan_check, retention_check,
-    statistics_check,
-};
+use omnibox::ops::diagnostics::{self, Check, Level, Thresholds};
 
 /// Check the database, the claim's indexes and plan, statistics, the broker,
 /// leases, blocked keys, the backlog, retention and table health
@@ -50,62 +44,6 @@ pub struct DoctorArgs {
     kafka_security: super::kafka_security::KafkaSecurityArgs,
 }
 
-/// The outcome of one check.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Level {
-    Ok,
-    Warn,
-    Fail,
-    /// Not run: something it needs failed (said in its message).
-    Skip,
-}
-
-#[derive(Debug, Clone, Serialize)]
-struct Check {
-    check: &'static str,
-    status: Level,
-    message: String,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    hint: Option<String>,
-}
-
-fn ok(check: &'static str, message: impl Into<String>) -> Check {
-    Check {
-        check,
-        status: Level::Ok,
-        message: message.into(),
-        hint: None,
-    }
-}
-
-fn skip(check: &'static str, message: impl Into<String>) -> Check {
-    Check {
-        check,
-        status: Level::Skip,
-        message: message.into(),
-        hint: None,
-    }
-}
-
-fn warn(check: &'static str, message: impl Into<String>, hint: impl Into<String>) -> Check {
-    Check {
-        check,
-        status: Level::Warn,
-        message: message.into(),
-        hint: Some(hint.into()),
-    }
-}
-
-fn fail(check: &'static str, message: impl Into<String>, hint: impl Into<String>) -> Check {
-    Check {
-        check,
-        status: Level::Fail,
-        message: message.into(),
-        hint: Some(hint.into()),
-    }
-}
-
 pub async fn run(args: DoctorArgs, ctx: &Context) -> Result<ExitStatus> {
     let mut checks = Vec::new();
     let missing = missing_sqlite_file(&ctx.settings.database_url);
@@ -119,7 +57,7 @@ pub async fn run(args: DoctorArgs, ctx: &Context) -> Result<ExitStatus> {
     };
     let store = match connected {
         Ok(s) => {
-            checks.push(ok(
+            checks.push(Check::ok(
                 "database",
                 format!(
                     "reachable ({})",
@@ -129,7 +67,7 @@ pub async fn run(args: DoctorArgs, ctx: &Context) -> Result<ExitStatus> {
             Some(s)
         }
         Err(e) => {
-            checks.push(fail(
+            checks.push(Check::fail(
                 "database",
                 format!(
                     "cannot connect: {}",
@@ -146,48 +84,17 @@ pub async fn run(args: DoctorArgs, ctx: &Context) -> Result<ExitStatus> {
     };
     // Every check runs, whatever failed before it, so that one run lists
     // every problem; a check that cannot run says why.
-    let skipped = |why: &str, checks: &mut Vec<Check>, pg: bool| {
-        let mut names = vec![
-            "indexes",
-            "claim plan",
-            "statistics",
-            "leases",
-            "blocked",
-            "backlog",
-            "retention",
-        ];
-        if pg {
-            names.extend(["outbox table", "inbox table"]);
-        }
-        for name in names {
-            checks.push(skip(name, format!("not checked: {why}")));
-        }
-    };
     match &store {
         Some(store) => {
-            let state = store.schema_state().await;
-            let (schema, tables) = schema_check(&state);
-            let pg = matches!(store, AnyStore::Postgres(_));
-            checks.push(schema);
-            if !tables {
-                skipped("no omnibox tables (see schema)", &mut checks, pg);
-            } else {
-                checks.push(indexes_check(&state));
-                checks.push(plan_check(store).await);
-                checks.push(statistics_check(store).await);
-                checks.push(leases_check(store).await);
-                checks.push(blocked_check(store).await);
-                checks.push(backlog_check(store, args.max_pending_age).await);
-                checks.push(retention_check(store, ctx).await);
-                if pg {
-                    checks.extend(health_checks(store).await);
-                }
-            }
+            let thresholds = Thresholds {
+                max_pending_age: args.max_pending_age,
+                dedup_window: ctx.settings.dedup_window,
+            };
+            checks.extend(diagnostics::database(store, &thresholds).await);
         }
         None => {
-            checks.push(skip("schema", "not checked: no database connection"));
             let pg = ctx.settings.database_url.starts_with("postgres");
-            skipped("no database connection", &mut checks, pg);
+            checks.extend(diagnostics::not_checked("no database connection", pg));
         }
     }
     checks.push(broker_check(store.as_ref(), &args, ctx).await);
@@ -230,101 +137,4 @@ fn missing_sqlite_file(url: &str) -> Option<std::path::PathBuf> {
         return None;
     }
     (!path.exists()).then(|| path.to_path_buf())
-}
-
-fn err_check<E: std::error::Error + 'static>(check: &'static str, e: &E) -> Check {
-    fail(
-        check,
-        format!(
-            "could not check: {}",
-            omnibox::redact::text(&super::cause_text(e))
-        ),
-        "see the error; the database user may lack a privilege",
-    )
-}
-
-/// The schema's check, and whether the outbox table is there to check
-/// further. The recorded versions are compared with the objects each
-/// migration creates, so a deleted record or a half-applied migration shows
-/// here, not as `migrate` failing on "already exists".
-fn schema_check(state: &std::result::Result<SchemaState, omnibox::Error>) -> (Check, bool) {
-    let state = match state {
-        // When it cannot be told, the other checks run and say what they meet.
-        Err(e) => return (err_check("schema", e), true),
-        Ok(s) => s,
-    };
-    let exists = state.has_tables();
-    let (current, latest) = (state.version(), state.latest);
-    let problems = state.problems();
-    let pending: Vec<String> = state
-        .migrations
-        .iter()
-        .filter(|m| !m.recorded && m.present.is_empty())
-        .map(|m| m.version.to_string())
-        .collect();
-    let check = if !exists && state.recorded.is_empty() {
-        fail(
-            "schema",
-            "no omnibox tables here",
-            "run `omnibox migrate` (and check --schema / OMNIBOX_DATABASE_SCHEMA)",
-        )
-    } else if !problems.is_empty() {
-        let mut hints: Vec<&str> = Vec::new();
-        for p in &problems {
-            if !hints.contains(&p.hint.as_str()) {
-                hints.push(&p.hint);
-            }
-        }
-        let mut message: Vec<String> = problems.iter().map(|p| p.message.clone()).collect();
-        if !pending.is_empty() {
-            message.push(format!("not applied: {}", pending.join(", ")));
-        }
-        fail("schema", message.join("; "), hints.join("; "))
-    } else if !pending.is_empty() {
-        let what = if current == 0 {
-            format!("no migration applied, this omnibox needs {latest}")
-        } else if pending.len() == 1 && current < latest {
-            format!("at version {current}, this omnibox needs {latest}")
-        } else {
-            format!(
-                "at version {current}; not applied: {} (this omnibox needs {latest})",
-                pending.join(", ")
-            )
-        };
-        fail(
-            "schema",
-            what,
-            "run `omnibox migrate` before starting relays of this version",
-        )
-    } else if current > latest {
-        warn(
-            "schema",
-            format!("at version {current}, newer than this omnibox ({latest})"),
-            "upgrade this binary to the version that migrated the database",
-        )
-    } else {
-        ok(
-            "schema",
-            format!("at version {current}, as this omnibox expects"),
-        )
-    };
-    (check, exists)
-}
-
-fn indexes_check(state: &std::result::Result<SchemaState, omnibox::Error>) -> Check {
-    match state {
-        Err(e) => err_check("indexes", e),
-        Ok(state) => {
-            let missing = state.missing_indexes();
-            if missing.is_empty() {
-                ok("indexes", format!("all {} present", state.indexes.len()))
-            } else {
-                fail(
-                    "indexes",
-                    format!("missing: {}", missing.join(", ")),
-                    "run `omnibox migrate`; if it says up to date, someone dropped them: `omnibox migrate --print-sql` has their definitions",
-                )
-            }
-        }
-    }
 }

@@ -3,34 +3,30 @@
 
 use std::time::Duration;
 
-use omnibox::store::AnyStore;
-use omnibox::store::diagnostics::{SMALL_TABLE_PAGES, Statistics};
-use omnibox::{OutboxStore, Table};
+use super::Check;
+use crate::model::Table;
+use crate::model::time::human_duration;
+use crate::store::diagnostics::{SMALL_TABLE_PAGES, Statistics};
+use crate::store::{AnyStore, OutboxStore};
 
-use super::{Check, err_check, fail, ok, warn};
-use crate::cli::Context;
-use crate::cli::output::human_duration;
-
-/// The claim's scan plan: an index scan of the claim index, never a
-/// sequential scan of the table (one of a few pages may be read whole).
 pub(super) async fn plan_check(store: &AnyStore) -> Check {
     match store.claim_plan().await {
-        Err(e) => err_check("claim plan", &e),
+        Err(e) => Check::error("claim plan", &e),
         Ok(plan) => {
             tracing::debug!(plan = %plan.text, "the claim's scan plan");
             if plan.uses_claim_index {
-                ok("claim plan", "the claim reads the claim index in order")
+                Check::ok("claim plan", "the claim reads the claim index in order")
             } else if let Some(pages) = plan.small_table_pages {
                 // A table of a few pages is read whole as fast as through
                 // the index, and the planner rightly says so.
-                ok(
+                Check::ok(
                     "claim plan",
                     format!(
                         "outbox_events is small ({pages} page(s)): the claim may read it whole; the plan is judged from {SMALL_TABLE_PAGES} pages on"
                     ),
                 )
             } else {
-                fail(
+                Check::fail(
                     "claim plan",
                     "the claim's scan does not use outbox_events_claim (it would read the table)",
                     "check the indexes above; on PostgreSQL run ANALYZE outbox_events and look for settings such as enable_indexscan = off",
@@ -42,12 +38,12 @@ pub(super) async fn plan_check(store: &AnyStore) -> Check {
 
 pub(super) async fn statistics_check(store: &AnyStore) -> Check {
     match store.outbox_statistics().await {
-        Err(e) => err_check("statistics", &e),
-        Ok(Statistics::NotUsed) => ok(
+        Err(e) => Check::error("statistics", &e),
+        Ok(Statistics::NotUsed) => Check::ok(
             "statistics",
             "SQLite: the claim's plan does not use statistics",
         ),
-        Ok(Statistics::NotCollected) => ok("statistics", "no statistics collected yet"),
+        Ok(Statistics::NotCollected) => Check::ok("statistics", "no statistics collected yet"),
         Ok(Statistics::Collected {
             live,
             changed,
@@ -55,20 +51,20 @@ pub(super) async fn statistics_check(store: &AnyStore) -> Check {
         }) => {
             let hint = "the claim does not need them, but `status` estimates and other plans do: ANALYZE outbox_events, and check that autovacuum runs";
             if never && live > 100_000 {
-                warn(
+                Check::warn(
                     "statistics",
                     format!("outbox_events has about {live} rows and was never analyzed"),
                     hint,
                 )
             } else if never {
-                ok(
+                Check::ok(
                     "statistics",
                     format!(
                         "not analyzed yet (about {live} rows; the claim's plan does not need statistics)"
                     ),
                 )
             } else if changed > live && live > 10_000 {
-                warn(
+                Check::warn(
                     "statistics",
                     format!(
                         "{changed} rows changed since the last ANALYZE of outbox_events, which holds about {live}"
@@ -76,7 +72,7 @@ pub(super) async fn statistics_check(store: &AnyStore) -> Check {
                     hint,
                 )
             } else {
-                ok(
+                Check::ok(
                     "statistics",
                     format!(
                         "fresh enough ({changed} rows changed since the last ANALYZE, of about {live})"
@@ -92,13 +88,13 @@ pub(super) async fn leases_check(store: &AnyStore) -> Check {
     for t in [Table::Outbox, Table::Inbox] {
         match store.expired_leases(t).await {
             Ok(n) => expired += n,
-            Err(e) => return err_check("leases", &e),
+            Err(e) => return Check::error("leases", &e),
         }
     }
     if expired == 0 {
-        ok("leases", "no lease has run out on a locked row")
+        Check::ok("leases", "no lease has run out on a locked row")
     } else {
-        warn(
+        Check::warn(
             "leases",
             format!("{expired} locked row(s) whose lease ran out (their worker stopped)"),
             "a running relay or `inbox process` takes them again by itself; `omnibox release-stale-locks` shows them unlocked now",
@@ -108,12 +104,12 @@ pub(super) async fn leases_check(store: &AnyStore) -> Check {
 
 pub(super) async fn blocked_check(store: &AnyStore) -> Check {
     match store.outbox().blocked_keys(5).await {
-        Err(e) => err_check("blocked", &e),
-        Ok(keys) if keys.is_empty() => ok("blocked", "no key waits behind a failing head"),
+        Err(e) => Check::error("blocked", &e),
+        Ok(keys) if keys.is_empty() => Check::ok("blocked", "no key waits behind a failing head"),
         Ok(keys) => {
             let waiting: u64 = keys.iter().map(|k| k.waiting).sum();
             let first = &keys[0];
-            warn(
+            Check::warn(
                 "blocked",
                 format!(
                     "{} key(s) wait behind a failing head ({waiting} rows), e.g. {}/{} after {} attempt(s)",
@@ -130,9 +126,9 @@ pub(super) async fn blocked_check(store: &AnyStore) -> Check {
 
 pub(super) async fn backlog_check(store: &AnyStore, max: Duration) -> Check {
     match store.outbox().status_counts().await {
-        Err(e) => err_check("backlog", &e),
+        Err(e) => Check::error("backlog", &e),
         Ok(c) => match c.oldest_pending_age() {
-            Some(age) if age > max && c.due_now > 0 => warn(
+            Some(age) if age > max && c.due_now > 0 => Check::warn(
                 "backlog",
                 format!(
                     "{} pending, {} due now; the oldest is {} old (more than {})",
@@ -143,7 +139,7 @@ pub(super) async fn backlog_check(store: &AnyStore, max: Duration) -> Check {
                 ),
                 "is a relay running (`omnibox publish`)? are events failing (`omnibox failures`)?",
             ),
-            _ => ok(
+            _ => Check::ok(
                 "backlog",
                 format!("{} pending, {} due now", c.pending, c.due_now),
             ),
@@ -152,15 +148,14 @@ pub(super) async fn backlog_check(store: &AnyStore, max: Duration) -> Check {
 }
 
 /// The last inbox cleanup's retention against the deduplication window.
-pub(super) async fn retention_check(store: &AnyStore, ctx: &Context) -> Check {
-    let window = ctx.settings.dedup_window;
-    let filter = omnibox::store::audit::AuditFilter {
+pub(super) async fn retention_check(store: &AnyStore, window: Duration) -> Check {
+    let filter = crate::store::audit::AuditFilter {
         action: Some("cleanup".into()),
         limit: Some(50),
         ..Default::default()
     };
     match store.audit(&filter).await {
-        Err(e) => err_check("retention", &e),
+        Err(e) => Check::error("retention", &e),
         Ok(entries) => {
             let last_inbox = entries
                 .iter()
@@ -171,7 +166,7 @@ pub(super) async fn retention_check(store: &AnyStore, ctx: &Context) -> Check {
                 Some(f.map_or(c, |f| c.min(f)))
             });
             match kept {
-                Some(secs) if Duration::from_secs_f64(secs) < window => fail(
+                Some(secs) if Duration::from_secs_f64(secs) < window => Check::fail(
                     "retention",
                     format!(
                         "the last inbox cleanup kept rows {} but the deduplication window is {}",
@@ -180,7 +175,7 @@ pub(super) async fn retention_check(store: &AnyStore, ctx: &Context) -> Check {
                     ),
                     "a redelivered message older than the retention is stored again as new: raise the cleanup's --older-than, or set the window (--dedup-window / OMNIBOX_DEDUP_WINDOW / dedup_window) to what you keep",
                 ),
-                Some(secs) => ok(
+                Some(secs) => Check::ok(
                     "retention",
                     format!(
                         "the last inbox cleanup kept rows {} (window {})",
@@ -188,7 +183,7 @@ pub(super) async fn retention_check(store: &AnyStore, ctx: &Context) -> Check {
                         human_duration(window)
                     ),
                 ),
-                None => ok(
+                None => Check::ok(
                     "retention",
                     format!(
                         "no inbox cleanup recorded yet (window {})",
@@ -211,7 +206,7 @@ pub(super) async fn health_checks(store: &AnyStore) -> Vec<Check> {
         };
         let h = match store.table_health(table).await {
             Err(e) => {
-                out.push(err_check(check, &e));
+                out.push(Check::error(check, &e));
                 continue;
             }
             Ok(None) => continue,
@@ -242,13 +237,13 @@ pub(super) async fn health_checks(store: &AnyStore) -> Vec<Check> {
         // 20 %) would have started: it is behind, whatever the table's size.
         let behind = ratio > 0.2 && dead as f64 > 2.0 * (50.0 + 0.2 * live as f64);
         out.push(if disabled {
-            warn(
+            Check::warn(
                 check,
                 format!("{message}; autovacuum is disabled on this table (autovacuum_enabled = false)"),
                 format!("dead rows pile up until someone runs VACUUM: ALTER TABLE {t} RESET (autovacuum_enabled)"),
             )
         } else if behind {
-            warn(
+            Check::warn(
                 check,
                 format!("{message}: autovacuum is behind"),
                 if tuned {
@@ -258,9 +253,9 @@ pub(super) async fn health_checks(store: &AnyStore) -> Vec<Check> {
                 },
             )
         } else if !tuned && live > 1_000_000 {
-            warn(check, format!("{message}; autovacuum has the server's defaults"), suggestion)
+            Check::warn(check, format!("{message}; autovacuum has the server's defaults"), suggestion)
         } else {
-            ok(
+            Check::ok(
                 check,
                 if tuned {
                     format!("{message}; autovacuum: {options}")
