@@ -410,7 +410,10 @@ async fn schedule(store: &AnyStore, seed: u64) -> Result<Plan, String> {
             3 => {
                 // An operator replays every failed row. The sink's count of
                 // counted failures starts over for them (before the replay:
-                // once replayed, a relay may take them at once).
+                // once replayed, a relay may take them at once). A failed
+                // row another transaction holds at that moment (its dead
+                // letter being written) is skipped by the replay and keeps
+                // its count.
                 let failed: Vec<Uuid> = all_rows(&table)
                     .await
                     .iter()
@@ -418,11 +421,19 @@ async fn schedule(store: &AnyStore, seed: u64) -> Result<Plan, String> {
                     .map(|e| e.id())
                     .collect();
                 ever_failed.extend(failed.iter().copied());
+                let mut before: HashMap<Uuid, u32> = HashMap::new();
                 {
                     let mut log = sink.log.lock().unwrap();
                     for id in &failed {
-                        log.entry(*id).or_default().countable = 0;
+                        let row = log.entry(*id).or_default();
+                        before.insert(*id, row.countable);
+                        row.countable = 0;
                     }
+                }
+                {
+                    let mut sends = sink.sends.lock().unwrap();
+                    let at = sink.clock.load(Ordering::SeqCst);
+                    sends.extend(failed.iter().map(|id| (at, *id, "replayed".to_string())));
                 }
                 let ids = table
                     .requeue_failed(&RequeueFilter {
@@ -432,6 +443,16 @@ async fn schedule(store: &AnyStore, seed: u64) -> Result<Plan, String> {
                     .await
                     .unwrap();
                 bump(&EXERCISED.replays, ids.len() as u64);
+                {
+                    let requeued: HashSet<&Uuid> = ids.iter().collect();
+                    let mut log = sink.log.lock().unwrap();
+                    let mut sends = sink.sends.lock().unwrap();
+                    let at = sink.clock.load(Ordering::SeqCst);
+                    for (id, n) in before.iter().filter(|(id, _)| !requeued.contains(id)) {
+                        log.entry(*id).or_default().countable += n;
+                        sends.push((at, *id, "skipped by the replay".to_string()));
+                    }
+                }
                 replayed.extend(ids);
             }
             4 => {
@@ -565,11 +586,24 @@ async fn check(
             .last_error()
             .is_some_and(|m| m.contains("not retried: a later event of its key"));
         if e.attempts_made() as u32 > l.countable + u32::from(reordered) {
+            let sends: Vec<String> = sink
+                .sends
+                .lock()
+                .unwrap()
+                .iter()
+                .filter(|(_, id, _)| *id == e.id())
+                .map(|(at, _, d)| format!("{at}: {d}"))
+                .collect();
             return Err(format!(
-                "row {} spent {} attempts, the sink gave {} counted failures",
+                "row {} spent {} attempts, the sink gave {} counted failures (status {:?}, last error {:?}, replayed {}, ever failed {})\n  sends:\n    {}",
                 e.id(),
                 e.attempts_made(),
-                l.countable
+                l.countable,
+                e.status(),
+                e.last_error(),
+                replayed.contains(&e.id()),
+                ever_failed.contains(&e.id()),
+                sends.join("\n    ")
             ));
         }
         if e.status() == EventStatus::Failed && e.attempts_made() < e.max_attempts() && !reordered {
