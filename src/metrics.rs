@@ -85,6 +85,7 @@ pub struct CounterLabels {
 }
 
 impl Default for Metrics {
+    /// A fresh registry, as `Metrics::new`.
     fn default() -> Self {
         Self::new()
     }
@@ -331,6 +332,10 @@ pub async fn serve(addr: SocketAddr, metrics: Arc<Metrics>) -> Result<tokio::tas
 }
 
 impl MetricsRecorder for Metrics {
+    /// Records the batch's size, latency, lag, released, lease-lost and commit-failure
+    /// counts, and one completed, skipped or failed count per event; a failure's `kind`
+    /// label is `transient`, `unavailable`, `dead` (including a last counted attempt)
+    /// or `counted`.
     fn batch(&self, table: Table, report: &BatchReport, events: &[EventOutcome<'_>]) {
         let m = self;
         let table = table.to_string();
@@ -389,6 +394,7 @@ impl MetricsRecorder for Metrics {
         }
     }
 
+    /// Adds `n` to the `counters` series labelled `name`, as `Metrics::count`.
     fn count(&self, name: &str, n: u64) {
         Metrics::count(self, name, n);
     }

@@ -183,6 +183,9 @@ struct QuietExporter<E> {
 impl<E: opentelemetry_sdk::trace::SpanExporter> opentelemetry_sdk::trace::SpanExporter
     for QuietExporter<E>
 {
+    /// Exports the batch through the inner exporter and always answers `Ok`: a failure
+    /// marks the endpoint down and is logged once per outage, so the SDK does not log it
+    /// again for every batch.
     async fn export(
         &self,
         batch: Vec<opentelemetry_sdk::trace::SpanData>,
@@ -209,14 +212,17 @@ impl<E: opentelemetry_sdk::trace::SpanExporter> opentelemetry_sdk::trace::SpanEx
         Ok(())
     }
 
+    /// Shuts the inner exporter down, waiting at most `timeout`.
     fn shutdown_with_timeout(&self, timeout: Duration) -> opentelemetry_sdk::error::OTelSdkResult {
         self.inner.shutdown_with_timeout(timeout)
     }
 
+    /// Flushes the inner exporter.
     fn force_flush(&self) -> opentelemetry_sdk::error::OTelSdkResult {
         self.inner.force_flush()
     }
 
+    /// Gives the resource (service name and attributes) to the inner exporter.
     fn set_resource(&mut self, resource: &opentelemetry_sdk::Resource) {
         self.inner.set_resource(resource);
     }
@@ -233,21 +239,26 @@ fn traces_url(base: &str) -> String {
     }
 }
 
+/// Read-only view of a header map for the propagator's extraction.
 struct Read<'a>(&'a BTreeMap<String, String>);
 
 impl Extractor for Read<'_> {
+    /// The header's value, looked up by its exact (case-sensitive) name.
     fn get(&self, key: &str) -> Option<&str> {
         self.0.get(key).map(String::as_str)
     }
 
+    /// Every header name, in sorted order.
     fn keys(&self) -> Vec<&str> {
         self.0.keys().map(String::as_str).collect()
     }
 }
 
+/// Writable view of a header map for the propagator's injection.
 struct Write<'a>(&'a mut BTreeMap<String, String>);
 
 impl Injector for Write<'_> {
+    /// Inserts the header, replacing any value it had.
     fn set(&mut self, key: &str, value: String) {
         self.0.insert(key.to_string(), value);
     }

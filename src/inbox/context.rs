@@ -57,6 +57,8 @@ pub struct Dependencies {
 }
 
 impl std::fmt::Debug for Dependencies {
+    /// Shows how many dependencies there are, not their values (which need not be
+    /// `Debug`).
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Dependencies")
             .field("values", &self.values.len())
@@ -91,7 +93,10 @@ impl Dependencies {
 
 /// The savepoint around one handler's writes in a batch's transaction.
 const OPEN: &str = "SAVEPOINT omnibox_handler";
+/// Keeps the handler's writes: ends the savepoint, its changes staying in the
+/// transaction.
 const RELEASE: &str = "RELEASE SAVEPOINT omnibox_handler";
+/// Undoes the handler's writes; the savepoint stays open until released.
 const ROLLBACK: &str = "ROLLBACK TO SAVEPOINT omnibox_handler";
 
 /// What a [`Handler`](super::Handler) gets with each event.
@@ -114,6 +119,8 @@ pub struct HandlerContext<'a> {
 }
 
 impl std::fmt::Debug for HandlerContext<'_> {
+    /// Shows whether there is a transaction (not the connection itself) and the
+    /// dependencies.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("HandlerContext")
             .field("transaction", &self.tx.is_some())
@@ -132,6 +139,8 @@ impl<'a> HandlerContext<'a> {
         }
     }
 
+    /// A context whose handler may write in `tx`, the inbox's open transaction; no
+    /// savepoint is opened until the handler first calls `tx`.
     pub(crate) fn in_transaction(tx: &'a mut BulkTx, deps: Dependencies) -> Self {
         HandlerContext {
             tx: Some(tx),

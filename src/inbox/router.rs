@@ -25,12 +25,16 @@ use crate::inbox::{Handler, HandlerContext};
 use crate::model::{InboxEvent, Payload};
 use crate::pipeline::Outcome;
 
+/// A registered handler, type-erased: any closure or `Handler` boxed to the one
+/// shape `dispatch` calls.
 type BoxHandler = Arc<
     dyn for<'a, 'c> Fn(&'a InboxEvent, &'a mut HandlerContext<'c>) -> HandlerFuture<'a>
         + Send
         + Sync,
 >;
+/// A payload migration from one version to the next; `Err` carries the reason.
 type Migration = Arc<dyn Fn(Payload) -> Result<Payload, String> + Send + Sync>;
+/// Maps a source (topic) to the form routes are registered and looked up under.
 type Normalizer = Arc<dyn Fn(&str) -> String + Send + Sync>;
 
 /// True when `prefix` is a component-wise prefix of `version` (`1.2` of `1.2.3`).
@@ -40,6 +44,8 @@ pub fn version_covers(prefix: &str, version: &str) -> bool {
     p.len() <= v.len() && p.iter().zip(&v).all(|(a, b)| a == b)
 }
 
+/// Deserializes a payload into the registered Rust type, boxed as `Any`; `Err`
+/// carries serde's message.
 type Decoder = Arc<dyn Fn(&Payload) -> Result<Box<dyn std::any::Any + Send>, String> + Send + Sync>;
 
 /// A Rust type registered for a version of an event type.
@@ -92,6 +98,9 @@ impl SchemaRegistry {
         self
     }
 
+    /// The payload type registered for `event`'s version (the longest registered prefix
+    /// that covers it) with that prefix; a validation error when the event has no
+    /// schema version or no registered type covers it.
     fn registered(&self, event: &InboxEvent) -> crate::error::Result<(&str, &Registered)> {
         let version = event.schema_version().ok_or_else(|| {
             crate::error::Error::validation("schema_version", "the event has no schema version")
@@ -228,6 +237,8 @@ impl SchemaRegistry {
     }
 }
 
+/// One handler under a `(source, event_type)` key, for one version prefix
+/// (`None`: any version).
 struct RouteEntry {
     version: Option<String>,
     handler: BoxHandler,
@@ -341,6 +352,8 @@ impl EventRouter {
         self.add(source, event_type, version, boxed)
     }
 
+    /// Registers `handler` under the normalized `source`; a second handler for the same
+    /// `(source, event_type, version)` is `Error::HandlerAlreadyRegistered`.
     fn add(
         &mut self,
         source: &str,
@@ -390,6 +403,8 @@ impl EventRouter {
         t
     }
 
+    /// The routes for `(source, event_type)` followed by those of `("*", event_type)`;
+    /// `source` must be normalized already.
     fn entries(&self, source: &str, event_type: &str) -> Vec<&RouteEntry> {
         let mut out: Vec<&RouteEntry> = Vec::new();
         for s in [source, "*"] {
@@ -467,6 +482,7 @@ impl EventRouter {
 }
 
 impl Handler for EventRouter {
+    /// Dispatches the event to its route, as `EventRouter::dispatch`.
     async fn handle(&self, event: &InboxEvent, cx: &mut HandlerContext<'_>) -> Outcome {
         self.dispatch(event, cx).await
     }

@@ -76,6 +76,9 @@ pub async fn select(store: &AnyStore, selection: &Selection) -> Result<Vec<Candi
     Ok(rows)
 }
 
+/// The rows of one table the selection picks: pending rows waiting for a retry
+/// (with `pending`) or failed ones, every match in insertion order (the limit
+/// applies after the merge), narrowed to the error fingerprint when one is given.
 async fn pick<R, S>(table: &S, selection: &Selection) -> Result<Vec<Candidate>>
 where
     R: Route,
@@ -118,6 +121,7 @@ struct Paced<'a, T> {
 }
 
 impl<'a, T> Paced<'a, T> {
+    /// Chunks of `rate` items (a rate of 0 counts as 1), or one chunk without a rate.
     fn new(items: &'a [T], rate: Option<u32>) -> Self {
         let size = rate.map_or(items.len(), |r| r as usize).max(1);
         Paced {
@@ -126,6 +130,7 @@ impl<'a, T> Paced<'a, T> {
         }
     }
 
+    /// The next chunk, after a one-second wait unless it is the first; `None` at the end.
     async fn next(&mut self) -> Option<&'a [T]> {
         let chunk = self.chunks.next()?;
         if !std::mem::take(&mut self.first) {

@@ -47,6 +47,8 @@ pub(super) struct Ticket {
 }
 
 impl Drop for Ticket {
+    /// Marks the batch written in the flight (every key unsettled if it never got
+    /// handled), whatever way the batch ends.
     fn drop(&mut self) {
         lock(&self.flight).written(self.no);
     }
@@ -186,6 +188,8 @@ impl Heartbeat {
             .unwrap_or(false)
     }
 
+    /// Stops extending the lease (aborts the task); the rows stay locked until their
+    /// lease runs out or their results are written. Calling it again does nothing.
     pub(crate) fn stop(&mut self) {
         if let Some(h) = self.task.take() {
             h.abort();
@@ -194,6 +198,7 @@ impl Heartbeat {
 }
 
 impl Drop for Heartbeat {
+    /// Stops the lease extension, so a dropped batch's rows come free with their lease.
     fn drop(&mut self) {
         self.stop();
     }

@@ -24,6 +24,7 @@ pub struct CircuitConfig {
 }
 
 impl Default for CircuitConfig {
+    /// Enabled: opens after one failing batch, pausing 1 s, doubling up to 30 s.
     fn default() -> Self {
         CircuitConfig {
             enabled: true,

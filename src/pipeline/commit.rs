@@ -326,6 +326,9 @@ where
         }
     }
 
+    /// Puts the claimed events listed in `dead` into every dead-letter store, each with
+    /// its error, retrying for up to `commit_retry_for`; adds the letters every store
+    /// kept to `report.dead_lettered`.
     async fn dead_letter(
         &self,
         claim: &Claim<R>,
@@ -349,6 +352,8 @@ where
             put_dead_letters(&self.dlq, &letters, self.options.commit_retry_for).await;
     }
 
+    /// Hands the batch's report and each event's outcome (with its attempts as claimed)
+    /// to the metrics recorder, if there is one.
     pub(super) fn record_metrics(
         &self,
         claim: &Claim<R>,

@@ -46,10 +46,12 @@ pub trait DeadLetterStore<R: Route>: Send + Sync + 'static {
 
 /// A shared store.
 impl<R: Route, D: DeadLetterStore<R>> DeadLetterStore<R> for Arc<D> {
+    /// The shared store's description.
     fn describe(&self) -> String {
         D::describe(self)
     }
 
+    /// Puts the letters into the shared store.
     fn put<'a>(&'a self, letters: &'a [Letter<'a, R>]) -> BoxFuture<'a, Result<usize>> {
         D::put(self, letters)
     }
@@ -57,10 +59,13 @@ impl<R: Route, D: DeadLetterStore<R>> DeadLetterStore<R> for Arc<D> {
 
 /// Rows of `omnibox_dead_letters`.
 impl<R: Route + serde::Serialize> DeadLetterStore<R> for DeadLetterTable {
+    /// `table omnibox_dead_letters`.
     fn describe(&self) -> String {
         format!("table {DEAD_LETTERS_TABLE}")
     }
 
+    /// Copies each letter's event and error into the table with
+    /// `DeadLetterTable::put_failed` (a letter put twice is kept once).
     fn put<'a>(&'a self, letters: &'a [Letter<'a, R>]) -> BoxFuture<'a, Result<usize>> {
         Box::pin(async move {
             let pairs: Vec<_> = letters.iter().map(|l| (l.event, l.error)).collect();

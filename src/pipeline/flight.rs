@@ -24,6 +24,8 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 /// `(topic, partition_key)`.
 pub(crate) type Key = (String, String);
 
+/// A worker's batches by claim number, from the claim's start until no batch still
+/// to be handled can need them (see the module documentation).
 #[derive(Debug, Default)]
 pub(crate) struct Flight {
     /// The number the next claim gets.
@@ -31,6 +33,7 @@ pub(crate) struct Flight {
     batches: BTreeMap<u64, Batch>,
 }
 
+/// One claimed batch: the keys it holds and how far it has got.
 #[derive(Debug)]
 struct Batch {
     /// Keys held, with the first and last `seq` of each.
@@ -38,6 +41,8 @@ struct Batch {
     state: State,
 }
 
+/// Where a batch is between its claim and the write of its results; a batch's
+/// unsettled keys hold back later batches' rows of those keys.
 #[derive(Debug)]
 enum State {
     /// Claiming, or claimed and not handled yet.

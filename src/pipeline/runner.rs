@@ -56,6 +56,8 @@ pub struct RunOptions {
 }
 
 impl Default for RunOptions {
+    /// A `Watch` run idling 10 ms to 1 s between empty claims, with no row limit and
+    /// 60 s limits on contention and outages.
     fn default() -> Self {
         RunOptions {
             mode: RunMode::Watch,
@@ -119,6 +121,8 @@ pub struct RunReport {
 }
 
 impl RunReport {
+    /// Adds one written batch's counts; `retrying` and `failed` both get its counted
+    /// failures, and the last transient error is kept.
     fn add(&mut self, b: &BatchReport) {
         self.batches += 1;
         self.claimed += b.claimed as u64;
@@ -151,12 +155,14 @@ pub struct Sleep;
 
 /// Notifications on PostgreSQL, plain sleeps on SQLite.
 impl Wakeup for crate::store::AnyWakeup {
+    /// Waits for a notification, or `max` at most.
     async fn wait(&mut self, max: Duration) {
         crate::store::AnyWakeup::wait(self, max).await
     }
 }
 
 impl Wakeup for Sleep {
+    /// Sleeps `max`.
     async fn wait(&mut self, max: Duration) {
         tokio::time::sleep(max).await;
     }

@@ -76,11 +76,13 @@ async fn after_step<R: Route, S: Step<R>>(
 }
 
 impl<R: Route, H: BatchHandler<R>, S: Step<R>> BatchHandler<R> for WithStep<H, S> {
+    /// Runs the step's before-hook, the handler, then the step's after-hooks.
     async fn handle(&self, events: &[Event<R>]) -> Vec<Outcome> {
         self.step.before_batch(events).await;
         after_step(&self.step, events, self.handler.handle(events)).await
     }
 
+    /// As `handle`, passing `held` through to the inner handler.
     async fn handle_held(&self, events: &[Event<R>], held: &HeldRows) -> Vec<Outcome> {
         self.step.before_batch(events).await;
         after_step(&self.step, events, self.handler.handle_held(events, held)).await
@@ -89,10 +91,12 @@ impl<R: Route, H: BatchHandler<R>, S: Step<R>> BatchHandler<R> for WithStep<H, S
 
 /// A shared step (the caller keeps a handle, e.g. to read its counters).
 impl<R: Route, S: Step<R>> Step<R> for Arc<S> {
+    /// Delegates to the shared step.
     fn before_batch(&self, events: &[Event<R>]) -> impl Future<Output = ()> + Send {
         S::before_batch(self, events)
     }
 
+    /// Delegates to the shared step.
     fn after_event(
         &self,
         event: &Event<R>,
@@ -101,6 +105,7 @@ impl<R: Route, S: Step<R>> Step<R> for Arc<S> {
         S::after_event(self, event, outcome)
     }
 
+    /// Delegates to the shared step.
     fn after_batch(
         &self,
         events: &[Event<R>],

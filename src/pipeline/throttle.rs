@@ -14,6 +14,7 @@ pub(crate) struct Throttle {
 }
 
 impl Throttle {
+    /// The shortest time between two logged warnings.
     pub(crate) const EVERY: Duration = Duration::from_secs(10);
 
     /// Some(number suppressed since the last one) when this one may be logged.

@@ -41,6 +41,7 @@ impl DeadLetterTopic {
 }
 
 impl std::fmt::Debug for DeadLetterTopic {
+    /// Shows the topic; the sink is left out.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("DeadLetterTopic")
             .field("topic", &self.topic)
@@ -52,10 +53,13 @@ impl<R: Route> DeadLetterStore<R> for DeadLetterTopic
 where
     Event<R>: DeadLetter,
 {
+    /// `topic NAME`, for logs.
     fn describe(&self) -> String {
         format!("topic {}", self.topic)
     }
 
+    /// Sends every letter through the sink at once, each bounded by 30 s; answers how
+    /// many were delivered, logging each one that was not. Never an error.
     fn put<'a>(&'a self, letters: &'a [Letter<'a, R>]) -> BoxFuture<'a, Result<usize>> {
         Box::pin(async move {
             let messages: Vec<_> = letters

@@ -28,6 +28,8 @@ pub struct Message {
     pub event_id: Uuid,
 }
 
+/// The JSON document a message's value holds (see `envelope`); the optional ids are
+/// left out when unset.
 #[derive(Serialize)]
 struct Envelope<'a> {
     schema_version: &'a str,

@@ -48,6 +48,9 @@ pub const DEFAULT_PUBLISH_TIMEOUT: Duration = Duration::from_secs(30);
 pub const DEFAULT_UNAVAILABLE_LIMIT: Duration = Duration::from_secs(300);
 
 impl DeadLetter for OutboxEvent {
+    /// The event's own message bound for `topic` (with `dlq_original_topic`), plus
+    /// `dlq_error` (control characters dropped, at most 512 characters; left out when
+    /// empty) and `dlq_attempts` (this attempt included, at most `max_attempts`).
     fn dead_letter(&self, topic: &str, error: &str) -> Message {
         let mut m = Message::dead_letter(self, topic);
         if !error.is_empty() {
@@ -88,6 +91,8 @@ pub struct PublishOptions {
 }
 
 impl Default for PublishOptions {
+    /// The default timeouts and limits; an unavailable topic waits 1 s, doubling up to
+    /// 64 s, and events without a schema version get `DEFAULT_SCHEMA_VERSION`.
     fn default() -> Self {
         PublishOptions {
             timeout: DEFAULT_PUBLISH_TIMEOUT,
@@ -216,6 +221,8 @@ struct PublishSpans {
 }
 
 impl PublishSpans {
+    /// Starts the batch's span and one span per event, and writes each event span's
+    /// context into its message's headers (`traceparent`, `tracestate`).
     fn start(sink: &str, events: &[OutboxEvent], messages: &mut [Message]) -> Self {
         use crate::telemetry::{self, attr};
         use opentelemetry::trace::{SpanKind, TraceContextExt};
@@ -278,6 +285,8 @@ impl PublishSpans {
         PublishSpans { batch, each }
     }
 
+    /// Ends each event's span with its delivery's error, if any, then the batch's span
+    /// with the count not delivered.
     fn end(self, deliveries: &[Delivery]) {
         let mut failed = 0usize;
         for (cx, d) in self.each.iter().zip(deliveries) {
@@ -305,6 +314,8 @@ pub enum TopicVerdict {
 }
 
 impl<K: Sink> BatchHandler<OutboxRoute> for PublishHandler<K> {
+    /// Sends the whole batch through the sink at once (in spans when telemetry is on),
+    /// updates the unavailable topics, and turns the deliveries into outcomes key by key.
     async fn handle(&self, events: &[OutboxEvent]) -> Vec<Outcome> {
         let mut messages: Vec<Message> = events
             .iter()

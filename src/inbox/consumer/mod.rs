@@ -130,6 +130,8 @@ impl<S: Source, H: Handler> InboxConsumer<S, H> {
         self
     }
 
+    /// Adds `n` to the metrics counter `name`, when metrics are recorded and `n` is not
+    /// zero.
     fn count(&self, name: &str, n: u64) {
         if let Some(m) = &self.metrics
             && n > 0
@@ -325,6 +327,8 @@ impl<S: Source, H: Handler> InboxConsumer<S, H> {
         }
     }
 
+    /// Commits the source through `messages` (nothing when there are none), counting
+    /// `committed` or `commit_failed`; the source's error is returned.
     async fn commit(&mut self, messages: &[RawMessage], report: &mut ConsumeReport) -> Result<()> {
         if messages.is_empty() {
             return Ok(());
@@ -342,6 +346,8 @@ impl<S: Source, H: Handler> InboxConsumer<S, H> {
         }
     }
 
+    /// Adds the bulk insert's results to `report` and the metrics: a row already present
+    /// is a duplicate, any other is stored, and a stored poison row counts as poison too.
     fn tally(
         &self,
         normalized: &[Normalized],
@@ -369,6 +375,8 @@ impl<S: Source, H: Handler> InboxConsumer<S, H> {
         self.count("poison", poison);
     }
 
+    /// Sends rows that became `failed` to every dead-letter store, each with its last
+    /// error, retrying a store for up to 30 s; a store that still fails is only logged.
     async fn forward_dead(&self, events: &[&InboxEvent]) {
         if self.dlq.is_empty() || events.is_empty() {
             return;
@@ -441,6 +449,8 @@ impl<S: Source, H: Handler> InboxConsumer<S, H> {
         failure.dead || (failure.counted && event.attempts_made() + 1 >= event.max_attempts())
     }
 
+    /// Logs a handler failure that gets the message delivered again, at most once per
+    /// `Throttle::EVERY` (the ones between are counted and go to debug).
     fn warn_failure(&mut self, event: &InboxEvent, error: &str, wait: Duration) {
         match self.warnings.allow() {
             Some(suppressed) => tracing::warn!(

@@ -113,6 +113,8 @@ impl<S: Source, H: Handler> InboxConsumer<S, H> {
         Ok(stop)
     }
 
+    /// Unlocks `ids` untried so they are claimed again; rows this token no longer holds
+    /// (`ConcurrentUpdate`) are not an error, they belong to another worker now.
     pub(super) async fn release(&self, token: &ClaimToken, ids: &[Uuid]) -> Result<()> {
         if ids.is_empty() {
             return Ok(());

@@ -70,6 +70,7 @@ impl GroupGuard {
 }
 
 impl Drop for GroupGuard {
+    /// Kills the group unless `disarm` ran first.
     fn drop(&mut self) {
         kill_group(self.0.take());
     }
@@ -104,10 +105,13 @@ pub(super) fn tail(bytes: &[u8], max: usize) -> String {
 }
 
 impl Handler for ExecHandler {
+    /// An external command: never run inside the inbox's transaction.
     fn in_transaction(&self) -> bool {
         false
     }
 
+    /// Runs the command in a process group of its own and maps its exit code, as the
+    /// type's documentation says; the context is unused.
     async fn handle(&self, event: &InboxEvent, _cx: &mut HandlerContext<'_>) -> Outcome {
         let mut cmd = tokio::process::Command::new("sh");
         cmd.arg("-c")

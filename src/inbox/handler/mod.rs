@@ -55,6 +55,7 @@ where
     F: Fn(InboxEvent) -> Fut + Send + Sync + 'static,
     Fut: Future<Output = Outcome> + Send,
 {
+    /// Calls the closure with a clone of the event; the context is not passed on.
     fn handle(
         &self,
         event: &InboxEvent,
@@ -108,11 +109,14 @@ where
         + Sync
         + 'static,
 {
+    /// Calls the closure with the event and the context.
     async fn handle(&self, event: &InboxEvent, cx: &mut HandlerContext<'_>) -> Outcome {
         (self.0)(event, cx).await
     }
 }
 
+/// A failure that spends an attempt, retried after the backoff's delay (`failed` at
+/// the last attempt).
 fn counted(error: impl Into<String>) -> Outcome {
     Outcome::Failed {
         error: error.into(),
@@ -120,6 +124,7 @@ fn counted(error: impl Into<String>) -> Outcome {
     }
 }
 
+/// A failure that spends no attempt, retried `after` from now.
 fn transient(error: impl Into<String>, after: Duration) -> Outcome {
     Outcome::Failed {
         error: error.into(),
@@ -139,6 +144,7 @@ pub enum AnyHandler {
 }
 
 impl Handler for AnyHandler {
+    /// Runs the command or posts to the URL; `Accept` completes every event.
     async fn handle(&self, event: &InboxEvent, cx: &mut HandlerContext<'_>) -> Outcome {
         match self {
             AnyHandler::Exec(h) => h.handle(event, cx).await,
@@ -147,12 +153,18 @@ impl Handler for AnyHandler {
         }
     }
 
+    /// Only `Accept` runs in the inbox's transaction: `--exec` and `--webhook` have
+    /// external effects.
     fn in_transaction(&self) -> bool {
         matches!(self, AnyHandler::Accept)
     }
 }
 
 impl DeadLetter for InboxEvent {
+    /// The event as a dead letter to `topic`: keyed by its message id, the payload as
+    /// value, its headers plus `event_id`, `message_id`, `event_type`, `source`,
+    /// `consumer_group`, `dlq_error` (control characters dropped, at most 512 characters) and
+    /// `dlq_attempts` (the attempts including this one).
     fn dead_letter(&self, topic: &str, error: &str) -> Message {
         let mut headers = self.headers().cloned().unwrap_or_default();
         headers.insert("event_id".into(), self.id().to_string());

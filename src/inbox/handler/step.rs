@@ -192,11 +192,15 @@ async fn traced<H: Handler>(
 }
 
 impl<H: Handler> BatchHandler<InboxRoute> for HandlerStep<H> {
+    /// As `handle_held`, with nothing held.
     async fn handle(&self, events: &[InboxEvent]) -> Vec<Outcome> {
         self.handle_held(events, &crate::pipeline::HeldRows::default())
             .await
     }
 
+    /// Runs the handler on the events in chunks of `concurrency`, each chunk finishing
+    /// before the next starts; with a table set and a handler that runs in
+    /// transactions, each event gets a transaction of its own.
     async fn handle_held(
         &self,
         events: &[InboxEvent],

@@ -24,6 +24,7 @@ pub struct WebhookHandler {
 }
 
 impl std::fmt::Debug for WebhookHandler {
+    /// Shows the masked URL only, so credentials never reach logs.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("WebhookHandler")
             .field("url", &self.shown)
@@ -93,10 +94,13 @@ fn retry_after(resp: &reqwest::Response) -> Duration {
 }
 
 impl Handler for WebhookHandler {
+    /// An HTTP call: never run inside the inbox's transaction.
     fn in_transaction(&self) -> bool {
         false
     }
 
+    /// POSTs the event with `Idempotency-Key` set to the event id (and the trace
+    /// context) and maps the response, as the type's documentation says.
     async fn handle(&self, event: &InboxEvent, _cx: &mut HandlerContext<'_>) -> Outcome {
         let mut request = self
             .client

@@ -33,6 +33,8 @@ pub struct FileSource {
     long: Option<Box<LongLine>>,
 }
 
+/// A line over `MAX_LINE` bytes read so far: its first `MAX_LINE` bytes (`head`),
+/// and the length and SHA-256 of the whole line, without its line ending.
 struct LongLine {
     head: Vec<u8>,
     len: u64,
@@ -40,6 +42,7 @@ struct LongLine {
 }
 
 impl std::fmt::Debug for FileSource {
+    /// Shows the source's name and the last line number read, not its buffers.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("FileSource")
             .field("name", &self.name)
@@ -170,14 +173,19 @@ impl FileSource {
 use tokio::io::AsyncReadExt as _;
 
 impl Source for FileSource {
+    /// `file:PATH`, or `stdin`.
     fn describe(&self) -> String {
         self.name.clone()
     }
 
+    /// As `poll_within` with no byte budget.
     async fn poll(&mut self, max: usize, wait: Duration) -> Result<Polled> {
         self.poll_within(max, usize::MAX, wait).await
     }
 
+    /// Rewound messages first, then new lines (blank ones skipped; an over-long one
+    /// becomes a cut poison message). With `follow`, waits up to `wait` for a first
+    /// line at the end of the file; without, reads to the end and reports it.
     async fn poll_within(
         &mut self,
         max: usize,
@@ -246,10 +254,12 @@ impl Source for FileSource {
         })
     }
 
+    /// Nothing to do: a file keeps no offsets (reading it again is safe).
     async fn commit(&mut self, _through: &[RawMessage]) -> Result<()> {
         Ok(())
     }
 
+    /// Queues `from` to be delivered again, in order, before any new line.
     async fn rewind(&mut self, from: &[RawMessage]) -> Result<()> {
         for m in from.iter().rev() {
             self.redeliver.push_front(m.clone());

@@ -92,6 +92,7 @@ pub enum AnySource {
 }
 
 impl Source for AnySource {
+    /// The chosen source's description.
     fn describe(&self) -> String {
         match self {
             AnySource::Kafka(s) => s.describe(),
@@ -99,6 +100,7 @@ impl Source for AnySource {
         }
     }
 
+    /// Polls the chosen source.
     async fn poll(&mut self, max: usize, wait: Duration) -> Result<Polled> {
         match self {
             AnySource::Kafka(s) => s.poll(max, wait).await,
@@ -106,6 +108,7 @@ impl Source for AnySource {
         }
     }
 
+    /// Polls the chosen source within its byte budget (both variants keep to it).
     async fn poll_within(
         &mut self,
         max: usize,
@@ -118,6 +121,7 @@ impl Source for AnySource {
         }
     }
 
+    /// Commits on the chosen source.
     async fn commit(&mut self, through: &[RawMessage]) -> Result<()> {
         match self {
             AnySource::Kafka(s) => s.commit(through).await,
@@ -125,6 +129,7 @@ impl Source for AnySource {
         }
     }
 
+    /// Rewinds the chosen source to `from`.
     async fn rewind(&mut self, from: &[RawMessage]) -> Result<()> {
         match self {
             AnySource::Kafka(s) => s.rewind(from).await,
@@ -132,6 +137,7 @@ impl Source for AnySource {
         }
     }
 
+    /// Idles the chosen source (Kafka pauses its partitions; a file only sleeps).
     async fn idle(&mut self, wait: Duration) -> Result<()> {
         match self {
             AnySource::Kafka(s) => s.idle(wait).await,
@@ -139,6 +145,7 @@ impl Source for AnySource {
         }
     }
 
+    /// Resumes the chosen source after `idle`.
     async fn resume(&mut self) -> Result<()> {
         match self {
             AnySource::Kafka(s) => s.resume().await,
@@ -146,6 +153,8 @@ impl Source for AnySource {
         }
     }
 
+    /// Whether the chosen source still owns the message's partition (a file always
+    /// does).
     fn owns(&self, message: &RawMessage) -> bool {
         match self {
             AnySource::Kafka(s) => s.owns(message),

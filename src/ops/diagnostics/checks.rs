@@ -9,6 +9,8 @@ use crate::model::time::human_duration;
 use crate::store::diagnostics::{SMALL_TABLE_PAGES, Statistics};
 use crate::store::{AnyStore, OutboxStore};
 
+/// Whether the outbox claim's plan reads the claim index in order; a small table
+/// read whole passes too. A plan that scans the table fails the check.
 pub(super) async fn plan_check(store: &AnyStore) -> Check {
     match store.claim_plan().await {
         Err(e) => Check::error("claim plan", &e),
@@ -36,6 +38,8 @@ pub(super) async fn plan_check(store: &AnyStore) -> Check {
     }
 }
 
+/// Whether the outbox's planner statistics are fresh: a warning for a large table
+/// never analyzed, or one with more rows changed than it holds (PostgreSQL only).
 pub(super) async fn statistics_check(store: &AnyStore) -> Check {
     match store.outbox_statistics().await {
         Err(e) => Check::error("statistics", &e),
@@ -83,6 +87,7 @@ pub(super) async fn statistics_check(store: &AnyStore) -> Check {
     }
 }
 
+/// Counts locked rows of both tables whose lease has run out; any is a warning.
 pub(super) async fn leases_check(store: &AnyStore) -> Check {
     let mut expired = 0i64;
     for t in [Table::Outbox, Table::Inbox] {
@@ -102,6 +107,8 @@ pub(super) async fn leases_check(store: &AnyStore) -> Check {
     }
 }
 
+/// Outbox keys waiting behind a failing head (looking at five at most); any is a
+/// warning naming the first.
 pub(super) async fn blocked_check(store: &AnyStore) -> Check {
     match store.outbox().blocked_keys(5).await {
         Err(e) => Check::error("blocked", &e),
@@ -124,6 +131,8 @@ pub(super) async fn blocked_check(store: &AnyStore) -> Check {
     }
 }
 
+/// A warning when rows are due now and the oldest pending outbox row is older
+/// than `max`.
 pub(super) async fn backlog_check(store: &AnyStore, max: Duration) -> Check {
     match store.outbox().status_counts().await {
         Err(e) => Check::error("backlog", &e),
@@ -268,6 +277,7 @@ pub(super) async fn health_checks(store: &AnyStore) -> Vec<Check> {
     out
 }
 
+/// `bytes` in mebibytes with one decimal, labelled `MB`.
 fn megabytes(bytes: i64) -> String {
     format!("{:.1} MB", bytes as f64 / 1_048_576.0)
 }

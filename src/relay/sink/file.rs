@@ -48,10 +48,14 @@ impl FileSink {
 }
 
 impl Sink for FileSink {
+    /// `file:PATH`.
     fn describe(&self) -> String {
         format!("file:{}", self.path.display())
     }
 
+    /// Appends the batch's lines in chunks of about `WRITE_CHUNK` bytes and syncs the
+    /// file after the last; any write error makes the whole batch `Transient` (lines
+    /// written already come again: at least once). `_timeout` is not used.
     async fn send(&self, messages: &[Message], _timeout: Duration) -> Vec<Delivery> {
         if messages.is_empty() {
             return Vec::new();
@@ -95,6 +99,7 @@ pub struct StdoutSink {
 }
 
 impl Default for StdoutSink {
+    /// Standard output, not closed yet.
     fn default() -> Self {
         StdoutSink {
             closed: Arc::new(tokio::sync::watch::Sender::new(false)),
@@ -115,10 +120,13 @@ impl StdoutSink {
 }
 
 impl Sink for StdoutSink {
+    /// `stdout`.
     fn describe(&self) -> String {
         "stdout".into()
     }
 
+    /// Writes the batch's lines to stdout and flushes; an error (a broken pipe also
+    /// marks the sink closed) makes the whole batch `Transient`, as does a closed sink.
     async fn send(&self, messages: &[Message], _timeout: Duration) -> Vec<Delivery> {
         if self.is_closed() {
             return vec![Delivery::Transient("stdout's reader has gone".into()); messages.len()];

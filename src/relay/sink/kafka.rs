@@ -57,6 +57,7 @@ struct WatchState {
 }
 
 impl WatchState {
+    /// The last producer error librdkafka reported (other than "all brokers down").
     fn last_error(&self) -> Option<String> {
         self.last_error
             .lock()
@@ -66,6 +67,8 @@ impl WatchState {
 }
 
 impl ClientContext for Watch {
+    /// Marks the brokers down on `AllBrokersDown`; keeps any other error as the last
+    /// one (logged at debug: librdkafka repeats it on every reconnection attempt).
     fn error(&self, error: KafkaError, reason: &str) {
         if error.rdkafka_error_code() == Some(RDKafkaErrorCode::AllBrokersDown) {
             // Says nothing of why: keep the error that does (a refused
@@ -91,6 +94,7 @@ pub struct KafkaSink {
 }
 
 impl std::fmt::Debug for KafkaSink {
+    /// Shows the brokers with their credentials masked.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("KafkaSink")
             .field("brokers", &crate::redact::url(&self.brokers))
@@ -141,6 +145,7 @@ impl KafkaSink {
         let _ = self.producer().producer.flush(timeout);
     }
 
+    /// The producer in use now (a later `renew` may replace it; this handle stays valid).
     fn producer(&self) -> Arc<Kafka> {
         self.producer
             .lock()
@@ -338,10 +343,15 @@ pub fn classify(topic: &str, e: &KafkaError) -> Delivery {
 }
 
 impl Sink for KafkaSink {
+    /// `kafka://BROKERS`, credentials masked.
     fn describe(&self) -> String {
         crate::redact::url(&format!("kafka://{}", self.brokers))
     }
 
+    /// Sends the batch with librdkafka, all in flight at once, after a probe when the
+    /// brokers were down and a metadata check of new topics. Messages of an unavailable
+    /// topic, and of a key after a failed hand-over, are not sent; a producer that
+    /// stopped or whose records time out while connected is replaced for the next batch.
     async fn send(&self, messages: &[Message], timeout: Duration) -> Vec<Delivery> {
         let producer = self.producer();
         let watch = &producer.watch;

@@ -59,10 +59,12 @@ pub trait Sink: Send + Sync + 'static {
 pub struct NullSink;
 
 impl Sink for NullSink {
+    /// `null`.
     fn describe(&self) -> String {
         "null".into()
     }
 
+    /// Answers `Delivered` for every message without sending anything.
     async fn send(&self, messages: &[Message], _timeout: Duration) -> Vec<Delivery> {
         vec![Delivery::Delivered; messages.len()]
     }
@@ -128,6 +130,7 @@ impl AnySink {
 }
 
 impl Sink for AnySink {
+    /// The chosen sink's description.
     fn describe(&self) -> String {
         match self {
             AnySink::Kafka(s) => s.describe(),
@@ -137,6 +140,7 @@ impl Sink for AnySink {
         }
     }
 
+    /// Sends through the chosen sink.
     async fn send(&self, messages: &[Message], timeout: Duration) -> Vec<Delivery> {
         match self {
             AnySink::Kafka(s) => s.send(messages, timeout).await,

@@ -55,6 +55,7 @@ pub struct KafkaSource {
 }
 
 impl std::fmt::Debug for KafkaSource {
+    /// Shows the brokers (credentials masked), the group and the topics.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("KafkaSource")
             .field("brokers", &crate::redact::url(&self.brokers))
@@ -146,6 +147,8 @@ impl KafkaSource {
         })
     }
 
+    /// Copies a fetched message out of librdkafka's buffer (a header without a value
+    /// becomes empty bytes); its topic, partition and offset identify it.
     fn to_raw(m: &rdkafka::message::BorrowedMessage<'_>) -> RawMessage {
         let headers = m
             .headers()
@@ -292,6 +295,8 @@ impl KafkaSource {
             .collect()
     }
 
+    /// The partitions librdkafka has assigned to this consumer; a broker error
+    /// (retried as an outage) when it cannot say.
     fn assigned(&self) -> Result<TopicPartitionList> {
         self.consumer
             .assignment()

@@ -15,6 +15,7 @@ use crate::inbox::RawMessage;
 use crate::inbox::source::{Polled, Source};
 
 impl Source for KafkaSource {
+    /// `kafka://BROKERS (group G, topics T1,T2)`, the brokers' credentials masked.
     fn describe(&self) -> String {
         format!(
             "{} (group {}, topics {})",
@@ -24,10 +25,15 @@ impl Source for KafkaSource {
         )
     }
 
+    /// As `poll_within` with no byte budget.
     async fn poll(&mut self, max: usize, wait: Duration) -> Result<Polled> {
         self.poll_within(max, usize::MAX, wait).await
     }
 
+    /// Resumes paused partitions, then takes the held message and waits up to `wait`
+    /// for a first one, taking what librdkafka has fetched after it within `max` and
+    /// `max_bytes`. `end` is set when nothing came and every partition is at its end
+    /// (once per stretch there), after the asynchronous commits are confirmed.
     async fn poll_within(
         &mut self,
         max: usize,
@@ -164,6 +170,8 @@ impl Source for KafkaSource {
         }
     }
 
+    /// Seeks each partition of `from` back to its first offset there, so those messages
+    /// (and any after them) are read again; a held message of such a partition is dropped.
     async fn rewind(&mut self, from: &[RawMessage]) -> Result<()> {
         let mut first: BTreeMap<(String, i32), i64> = BTreeMap::new();
         for m in from {
@@ -193,6 +201,8 @@ impl Source for KafkaSource {
         Ok(())
     }
 
+    /// Pauses the assigned partitions and polls for up to `wait` to serve heartbeats and
+    /// rebalances; a message that still arrives is put back (read again after `resume`).
     async fn idle(&mut self, wait: Duration) -> Result<()> {
         if !self.paused {
             let assigned = self.assigned()?;
@@ -229,6 +239,8 @@ impl Source for KafkaSource {
         Ok(())
     }
 
+    /// Resumes the partitions paused by `idle` and seeks each back to its read position,
+    /// so nothing fetched meanwhile is skipped; nothing to do when not paused.
     async fn resume(&mut self) -> Result<()> {
         if !self.paused {
             return Ok(());
@@ -265,6 +277,8 @@ impl Source for KafkaSource {
         Ok(())
     }
 
+    /// Whether the message's partition is still assigned to this member, as the
+    /// rebalance callbacks recorded (false if their lock is poisoned).
     fn owns(&self, message: &RawMessage) -> bool {
         self.rebalances
             .assigned

@@ -48,6 +48,8 @@ impl ClientContext for InboxContext {
 }
 
 impl ConsumerContext for InboxContext {
+    /// On a revocation: resumes the revoked partitions (a pause would outlive it),
+    /// drops them from the assigned set and queues them for the source to forget.
     fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         if let Rebalance::Revoke(tpl) = rebalance {
             let parts = partitions(tpl);
@@ -72,6 +74,8 @@ impl ConsumerContext for InboxContext {
         }
     }
 
+    /// On an assignment, adds the partitions to the assigned set; a rebalance error is
+    /// logged.
     fn post_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         match rebalance {
             Rebalance::Assign(tpl) => {
