@@ -235,8 +235,33 @@ async fn broker_down_for_30_seconds_spends_no_attempts() {
         .spawn()
         .unwrap(),
     );
-    tokio::time::sleep(Duration::from_secs(30)).await;
+    let down = Instant::now();
     let outbox = db.store.outbox();
+    // The relay meets the outage (its transient error is recorded) ...
+    let deadline = down + Duration::from_secs(30);
+    loop {
+        let rows = outbox
+            .list(&omnibox::ListFilter {
+                limit: Some(5000),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        if rows.iter().any(|e| {
+            e.last_error()
+                .is_some_and(|m| m.contains("broker not answering"))
+        }) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the relay recorded no transient failure in 30 s"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // ... and the broker stays down for the 30 s the scenario is about
+    // (many retries of the relay), a span of time rather than a condition.
+    tokio::time::sleep_until((down + Duration::from_secs(30)).into()).await;
     let rows = outbox
         .list(&omnibox::ListFilter {
             limit: Some(5000),
@@ -365,6 +390,9 @@ async fn a_connected_relay_continues_after_a_broker_restart() {
     tansu.stop();
     let during = events(&topic, 300, 10);
     outbox.create_many(&during).await.unwrap();
+    // The broker stays down 8 s with rows waiting: the outage is a span
+    // of time (the producer's reconnect backoff grows through it), not a
+    // condition to poll for.
     tokio::time::sleep(Duration::from_secs(8)).await;
     tansu.start_again().await;
     let after = events(&topic, 2000, 10);

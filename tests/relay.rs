@@ -357,7 +357,26 @@ mod cases {
             };
             run(&p, &opts, rx, &mut Sleep, |_| {}).await.unwrap()
         });
-        tokio::time::sleep(Duration::from_secs(8)).await;
+        // The relay meets the outage (its transient error is recorded),
+        // then the broker stays down for 8 s in all: several of the
+        // relay's retries, a span of time rather than a condition.
+        let down = std::time::Instant::now();
+        let mut met = false;
+        while !met && down.elapsed() < Duration::from_secs(8) {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            met = db
+                .store
+                .outbox()
+                .list(&omnibox::ListFilter::default())
+                .await
+                .unwrap()
+                .iter()
+                .any(|e| {
+                    e.last_error()
+                        .is_some_and(|m| m.contains("broker not answering"))
+                });
+        }
+        tokio::time::sleep_until((down + Duration::from_secs(8)).into()).await;
         let rows = db
             .store
             .outbox()
