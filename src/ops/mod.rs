@@ -1,6 +1,6 @@
 //! The operations an on-call engineer runs, as a library: what `omnibox
 //! replay`, `unlock`, `release-stale-locks`, `cleanup`, `status` and
-//! `doctor` call. Each function takes an [`AnyStore`], checks what it is
+//! `doctor` call. Each function takes an [`AnyStore`](crate::store::AnyStore), checks what it is
 //! given before it changes anything, writes its audit rows in the
 //! transaction of its change, and returns what it did; none prints, asks
 //! for confirmation or reads flags (the CLI does that around it).
