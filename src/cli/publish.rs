@@ -272,28 +272,12 @@ fn print_summary(
             to.json(&v)
         }
         Format::Table => {
-            let mut t = output::table([
+            let t = running::summary_table(
+                r,
                 "published",
-                "retrying",
-                "failed",
-                "transient",
-                "released",
-                "lease lost",
-                "batches",
-                "elapsed",
-                "events/s",
-            ]);
-            t.add_row(vec![
-                r.completed.to_string(),
-                r.retrying.to_string(),
-                r.dead.to_string(),
-                r.transient.to_string(),
-                r.released.to_string(),
-                r.lease_lost.to_string(),
-                r.batches.to_string(),
-                human_duration(Duration::from_secs_f64(r.elapsed_seconds)),
-                format!("{:.0}", r.events_per_second),
-            ]);
+                &[],
+                &[("released", r.released), ("lease lost", r.lease_lost)],
+            );
             to.line(t)
         }
     }

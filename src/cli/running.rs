@@ -129,3 +129,34 @@ pub fn unanswered_notice(what: &str, events: u64, report: &RunReport) {
         "omnibox: error: {what} did not answer{why}; {events} event(s) rescheduled without spending an attempt"
     );
 }
+
+/// The one-row table summing up a run of `publish` or `inbox process`:
+/// `done` names the completed column, `after_done` and `before_batches`
+/// add the command's own counts around the shared ones (retrying, failed,
+/// transient), then batches, elapsed time and rate.
+pub fn summary_table(
+    r: &RunReport,
+    done: &str,
+    after_done: &[(&str, u64)],
+    before_batches: &[(&str, u64)],
+) -> comfy_table::Table {
+    let mut columns: Vec<(&str, String)> = vec![(done, r.completed.to_string())];
+    columns.extend(after_done.iter().map(|(h, n)| (*h, n.to_string())));
+    columns.extend([
+        ("retrying", r.retrying.to_string()),
+        ("failed", r.dead.to_string()),
+        ("transient", r.transient.to_string()),
+    ]);
+    columns.extend(before_batches.iter().map(|(h, n)| (*h, n.to_string())));
+    columns.extend([
+        ("batches", r.batches.to_string()),
+        (
+            "elapsed",
+            super::output::human_duration(Duration::from_secs_f64(r.elapsed_seconds)),
+        ),
+        ("events/s", format!("{:.0}", r.events_per_second)),
+    ]);
+    let mut t = super::output::table(columns.iter().map(|(h, _)| *h));
+    t.add_row(columns.into_iter().map(|(_, v)| v));
+    t
+}

@@ -13,7 +13,7 @@ use omnibox::{Table, WorkerId};
 use serde_json::json;
 
 use super::HandlerArgs;
-use crate::cli::output::{self, Format, human_duration};
+use crate::cli::output::{self, Format};
 use crate::cli::{Context, ExitStatus, UsageError, args, running, signals};
 
 /// Run a handler on pending inbox rows (the batch pipeline, like publish)
@@ -195,26 +195,7 @@ fn print_summary(ctx: &Context, r: &RunReport, worker: &WorkerId) -> Result<()> 
             output::json(&v)
         }
         Format::Table => {
-            let mut t = output::table([
-                "processed",
-                "skipped",
-                "retrying",
-                "failed",
-                "transient",
-                "batches",
-                "elapsed",
-                "events/s",
-            ]);
-            t.add_row(vec![
-                r.completed.to_string(),
-                r.skipped.to_string(),
-                r.retrying.to_string(),
-                r.dead.to_string(),
-                r.transient.to_string(),
-                r.batches.to_string(),
-                human_duration(Duration::from_secs_f64(r.elapsed_seconds)),
-                format!("{:.0}", r.events_per_second),
-            ]);
+            let t = running::summary_table(r, "processed", &[("skipped", r.skipped)], &[]);
             output::line(t)
         }
     }
