@@ -178,29 +178,27 @@ impl DomainService {
             validate::required("event_type", &c.event_type, limits::EVENT_TYPE_MAX_LENGTH)?;
         let payload = validate::payload(c.payload, &self.limits)?;
         let headers = validate::headers(c.headers, &self.limits)?;
-        let trace_id = validate::optional(
-            "trace_id",
-            c.trace_id.as_deref(),
-            limits::TRACE_ID_MAX_LENGTH,
-        )?;
-        let idempotency_key = validate::optional(
+        let optional =
+            |field, value: &Option<String>, max| validate::optional(field, value.as_deref(), max);
+        let trace_id = optional("trace_id", &c.trace_id, limits::TRACE_ID_MAX_LENGTH)?;
+        let idempotency_key = optional(
             "idempotency_key",
-            c.idempotency_key.as_deref(),
+            &c.idempotency_key,
             limits::IDEMPOTENCY_KEY_MAX_LENGTH,
         )?;
-        let correlation_id = validate::optional(
+        let correlation_id = optional(
             "correlation_id",
-            c.correlation_id.as_deref(),
+            &c.correlation_id,
             limits::CORRELATION_ID_MAX_LENGTH,
         )?;
-        let causation_id = validate::optional(
+        let causation_id = optional(
             "causation_id",
-            c.causation_id.as_deref(),
+            &c.causation_id,
             limits::CAUSATION_ID_MAX_LENGTH,
         )?;
-        let schema_version = validate::optional(
+        let schema_version = optional(
             "schema_version",
-            c.schema_version.as_deref(),
+            &c.schema_version,
             limits::SCHEMA_VERSION_MAX_LENGTH,
         )?;
         let max_attempts =
@@ -312,11 +310,7 @@ impl DomainService {
     pub fn unlock<R: Route>(&self, event: &Event<R>, worker: &WorkerId) -> Result<Event<R>> {
         require_pending(event, "only pending events can be unlocked")?;
         self.assert_locked_by(event, worker)?;
-        let mut next = event.clone();
-        next.locked_at = None;
-        next.locked_by = None;
-        next.locked_until = None;
-        Ok(next)
+        Ok(unlocked(event))
     }
 
     /// Releases the lock whoever holds it. The row's `last_error` is kept
@@ -331,10 +325,7 @@ impl DomainService {
         if !event.is_locked() {
             return Err(Error::NotLocked { id: event.id });
         }
-        let mut next = event.clone();
-        next.locked_at = None;
-        next.locked_by = None;
-        next.locked_until = None;
+        let mut next = unlocked(event);
         next.last_error = Some(
             event
                 .last_error
@@ -374,12 +365,9 @@ impl DomainService {
                 ),
             ));
         }
-        let mut next = event.clone();
+        let mut next = unlocked(event);
         next.status = EventStatus::Completed;
         next.completed_at = Some(at);
-        next.locked_at = None;
-        next.locked_by = None;
-        next.locked_until = None;
         next.updated_at = at;
         Ok(next)
     }
@@ -436,7 +424,7 @@ impl DomainService {
                 format!("{} is too far in the future", time::format(&retry_at)),
             ));
         }
-        let mut next = event.clone();
+        let mut next = unlocked(event);
         next.attempts_made = attempts;
         next.status = if attempts == event.max_attempts {
             EventStatus::Failed
@@ -447,9 +435,6 @@ impl DomainService {
             next.scheduled_at = retry_at;
         }
         next.last_error = Some(message);
-        next.locked_at = None;
-        next.locked_by = None;
-        next.locked_until = None;
         next.updated_at = time::truncate(now);
         Ok(next)
     }
@@ -489,6 +474,15 @@ struct EventFields {
     max_attempts: Option<i32>,
     scheduled_at: Option<Timestamp>,
     created_at: Option<Timestamp>,
+}
+
+/// A copy of `event` with its lock cleared (holder, time and lease).
+fn unlocked<R: Route>(event: &Event<R>) -> Event<R> {
+    let mut next = event.clone();
+    next.locked_at = None;
+    next.locked_by = None;
+    next.locked_until = None;
+    next
 }
 
 /// Refuses a transition of an event that is not pending, naming what was
