@@ -39,8 +39,8 @@ use std::collections::HashSet;
 
 use uuid::Uuid;
 
-use crate::model::Timestamp;
-use crate::store::ClaimCursor;
+use crate::model::{Event, Timestamp};
+use crate::store::{Claim, ClaimCursor, ClaimOptions, ClaimToken};
 
 /// A row due within this long counts as due for its key's order (it holds
 /// its key up), though it is handed out only once due: a row written "now"
@@ -64,6 +64,45 @@ pub(crate) const BEGINNING: Timestamp = match chrono::DateTime::from_timestamp(-
     // Evaluated at compile time: 0001-01-01 is within chrono's range.
     None => panic!("0001-01-01 is a valid time"),
 };
+
+/// Where a claim's scan starts: after the cursor the claimer passed, or at
+/// the [`BEGINNING`].
+pub(crate) fn start(opts: &ClaimOptions) -> ClaimCursor {
+    opts.after.unwrap_or(ClaimCursor {
+        scheduled_at: BEGINNING,
+        seq: 0,
+    })
+}
+
+/// A claim's result: `events` in `seq` order and the claim's token, whose
+/// `locked_at` is `locked_at` or, when `None`, the value the events got
+/// (PostgreSQL: the claiming transaction's `now()`; this clock's time when
+/// there are none).
+pub(crate) fn claimed<R>(
+    opts: &ClaimOptions,
+    locked_at: Option<Timestamp>,
+    mut events: Vec<Event<R>>,
+    contended: bool,
+    next: Option<ClaimCursor>,
+) -> Claim<R> {
+    events.sort_by_key(|e| e.seq);
+    let locked_at = locked_at.unwrap_or_else(|| {
+        events
+            .first()
+            .and_then(|e| e.locked_at)
+            .unwrap_or_else(crate::model::time::now)
+    });
+    Claim {
+        token: ClaimToken {
+            worker: opts.worker.clone(),
+            locked_at,
+            lease: opts.lease,
+        },
+        events,
+        contended,
+        next,
+    }
+}
 
 /// One row of step 1.
 #[derive(Debug, Clone, PartialEq, Eq)]

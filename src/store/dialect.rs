@@ -24,6 +24,16 @@ pub(crate) trait Dialect {
     fn time(qb: &mut QueryBuilder<Self::Db>, t: &Timestamp);
     /// Appends `column` is one of `ids`.
     fn id_in(qb: &mut QueryBuilder<Self::Db>, column: &str, ids: &[Uuid]);
+    /// The current time of a statement, taken once for all its uses.
+    type Now: Send + Sync + 'static;
+    /// Takes the current time (PostgreSQL: the server's `now()`, nothing
+    /// to take here).
+    fn now() -> Self::Now;
+    /// Appends the time `now`.
+    fn push_now(qb: &mut QueryBuilder<Self::Db>, now: &Self::Now);
+    /// What ends a row selection that skips rows other transactions lock
+    /// (empty where one writer holds the whole database).
+    const SKIP_LOCKED: &'static str;
 }
 
 /// PostgreSQL: native times and uuid arrays.
@@ -51,6 +61,15 @@ impl Dialect for Pg {
             .push_bind(ids.to_vec())
             .push(")");
     }
+
+    type Now = ();
+    fn now() {}
+
+    fn push_now(qb: &mut QueryBuilder<Postgres>, _: &()) {
+        qb.push("now()");
+    }
+
+    const SKIP_LOCKED: &'static str = " FOR UPDATE SKIP LOCKED";
 }
 
 /// SQLite: times in the stored text form, ids as a JSON array.
@@ -78,6 +97,18 @@ impl Dialect for Lite {
             .push_bind(super::sqlite::id_array(ids))
             .push("))");
     }
+
+    /// This process's clock in the stored text form (SQLite has none).
+    type Now = String;
+    fn now() -> String {
+        time::format(&time::now())
+    }
+
+    fn push_now(qb: &mut QueryBuilder<Sqlite>, now: &String) {
+        qb.push_bind(now.clone());
+    }
+
+    const SKIP_LOCKED: &'static str = "";
 }
 
 /// `list`'s filters, order and limit, after the table's

@@ -44,6 +44,7 @@ pub mod postgres;
 mod report;
 mod request;
 pub mod sqlite;
+mod table;
 mod traits;
 mod wakeup;
 mod write;

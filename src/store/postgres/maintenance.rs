@@ -1,114 +1,37 @@
-//! [`MaintenanceStore`] for PostgreSQL tables: listing, requeueing,
-//! counting and deleting rows.
+//! What PostgreSQL's operators read beyond the table statements: failed
+//! rows grouped by error, and counts that stay fast on large tables.
 
-use std::time::Duration;
+use sqlx::Row;
 
-use sqlx::{Postgres, QueryBuilder, Row};
-use uuid::Uuid;
+use super::{PgRoute, PgTable};
+use crate::error::{Result, storage};
+use crate::model::time;
+use crate::store::{EventStore, FailedErrors, TableCounts};
 
-use super::{PgRoute, PgTable, decode};
-use crate::error::{Error, Result, storage};
-use crate::model::{Event, EventStatus, UnlockReason, time};
-use crate::store::MaintenanceStore;
-use crate::store::dialect::{self, Pg};
-use crate::store::{EventStore, RequeueFilter, TableCounts};
-
-impl<R: PgRoute> MaintenanceStore<R> for PgTable<R> {
-    async fn list_failed(&self, filter: &RequeueFilter) -> Result<Vec<Event<R>>> {
-        filter.check(R::TABLE)?;
-        let mut qb: QueryBuilder<Postgres> = QueryBuilder::new(R::sql().failed_head);
-        dialect::push_failed::<Pg>(&mut qb, R::TABLE, filter);
-        let rows = qb.build().fetch_all(&self.pool).await.map_err(storage)?;
-        rows.iter().map(decode).collect()
-    }
-
-    async fn list_waiting(&self, filter: &RequeueFilter) -> Result<Vec<Event<R>>> {
-        filter.check(R::TABLE)?;
-        let mut qb: QueryBuilder<Postgres> = QueryBuilder::new(R::sql().waiting_head);
-        dialect::push_failed::<Pg>(&mut qb, R::TABLE, filter);
-        let rows = qb.build().fetch_all(&self.pool).await.map_err(storage)?;
-        rows.iter().map(decode).collect()
-    }
-
-    async fn force_unlock_worker(&self, worker: &str, reason: &UnlockReason) -> Result<Vec<Uuid>> {
-        sqlx::query_scalar(R::sql().unlock_worker)
-            .bind(worker)
-            .bind(reason.last_error())
-            .fetch_all(&self.pool)
-            .await
-            .map_err(storage)
-    }
-
-    async fn count_stale_locks(&self, older_than: Duration) -> Result<u64> {
-        let n: i64 = sqlx::query_scalar(R::sql().count_stale)
-            .bind(crate::store::secs(older_than))
-            .fetch_one(&self.pool)
-            .await
-            .map_err(storage)?;
-        Ok(n as u64)
-    }
-
-    async fn count_older(&self, status: EventStatus, older_than: Duration) -> Result<u64> {
-        let sql = match status {
-            EventStatus::Completed => R::sql().count_completed_older,
-            EventStatus::Failed => R::sql().count_failed_older,
-            EventStatus::Pending => {
-                return Err(Error::validation(
-                    "status",
-                    "only completed or failed rows age out",
-                ));
-            }
-        };
-        let n: i64 = sqlx::query_scalar(sql)
-            .bind(crate::store::secs(older_than))
-            .fetch_one(&self.pool)
-            .await
-            .map_err(storage)?;
-        Ok(n as u64)
-    }
-
-    async fn delete_failed(&self, older_than: Duration, batch_size: u32) -> Result<u64> {
-        Ok(sqlx::query(R::sql().delete_failed)
-            .bind(crate::store::secs(older_than))
-            .bind(i64::from(batch_size.max(1)))
-            .execute(&self.pool)
-            .await
-            .map_err(storage)?
-            .rows_affected())
-    }
-
-    async fn failed_by_event_type(&self) -> Result<Vec<(String, u64)>> {
-        let rows: Vec<(String, i64)> = sqlx::query_as(R::sql().failed_by_type)
-            .fetch_all(&self.pool)
-            .await
-            .map_err(storage)?;
-        Ok(rows.into_iter().map(|(t, n)| (t, n as u64)).collect())
-    }
-
-    async fn failed_errors(&self) -> Result<Vec<crate::store::FailedErrors>> {
-        let t = R::TABLE.sql_name();
-        let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
-            "SELECT event_type, last_error, count(*) AS n, min(updated_at) AS first_seen,
-                    max(updated_at) AS last_seen, min(id::text)::uuid AS sample_id
-             FROM {t} WHERE status = 'failed' GROUP BY event_type, last_error"
-        )))
-        .fetch_all(&self.pool)
-        .await
-        .map_err(storage)?;
-        rows.iter()
-            .map(|r| {
-                Ok(crate::store::FailedErrors {
-                    event_type: r.try_get("event_type")?,
-                    error: r.try_get("last_error")?,
-                    count: r.try_get::<i64, _>("n")?.max(0) as u64,
-                    first_seen: r.try_get("first_seen")?,
-                    last_seen: r.try_get("last_seen")?,
-                    sample_id: r.try_get("sample_id")?,
-                })
+/// Failed rows grouped by event type and error, with a sample id.
+pub(super) async fn failed_errors<R: PgRoute>(table: &PgTable<R>) -> Result<Vec<FailedErrors>> {
+    let t = R::TABLE.sql_name();
+    let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+        "SELECT event_type, last_error, count(*) AS n, min(updated_at) AS first_seen,
+                max(updated_at) AS last_seen, min(id::text)::uuid AS sample_id
+         FROM {t} WHERE status = 'failed' GROUP BY event_type, last_error"
+    )))
+    .fetch_all(&table.pool)
+    .await
+    .map_err(storage)?;
+    rows.iter()
+        .map(|r| {
+            Ok(FailedErrors {
+                event_type: r.try_get("event_type")?,
+                error: r.try_get("last_error")?,
+                count: r.try_get::<i64, _>("n")?.max(0) as u64,
+                first_seen: r.try_get("first_seen")?,
+                last_seen: r.try_get("last_seen")?,
+                sample_id: r.try_get("sample_id")?,
             })
-            .collect::<std::result::Result<_, sqlx::Error>>()
-            .map_err(storage)
-    }
+        })
+        .collect::<std::result::Result<_, sqlx::Error>>()
+        .map_err(storage)
 }
 
 /// Tables estimated at fewer rows than this are counted exactly by

@@ -1,29 +1,7 @@
 //! The PostgreSQL statements, one set per table. Every statement is a
 //! `&'static str` built at compile time; values are always bind parameters.
 
-pub struct TableSql {
-    pub get: &'static str,
-    pub claim: &'static str,
-    pub claimable_exists: &'static str,
-    pub complete: &'static str,
-    pub fail: &'static str,
-    pub release: &'static str,
-    pub extend_lease: &'static str,
-    pub force_unlock: &'static str,
-    pub release_stale: &'static str,
-    pub delete_completed: &'static str,
-    pub counts: &'static str,
-    pub select_all: &'static str,
-    pub requeue_head: &'static str,
-    pub failed_head: &'static str,
-    pub waiting_head: &'static str,
-    pub unlock_worker: &'static str,
-    pub count_stale: &'static str,
-    pub count_completed_older: &'static str,
-    pub count_failed_older: &'static str,
-    pub delete_failed: &'static str,
-    pub failed_by_type: &'static str,
-}
+pub use crate::store::table::TableSql;
 
 /// A row that can be handed out now: due, and unlocked or its lease passed
 /// (`$alias` is the table alias). Used by every claim and walk.
@@ -233,13 +211,16 @@ macro_rules! table_sql {
             select_all: concat!("SELECT * FROM ", $t, " WHERE TRUE"),
             requeue_head: concat!(
                 "UPDATE ", $t, "
-                SET status = 'pending', attempts_made = 0, last_error = NULL, scheduled_at = now(), updated_at = now()
+                SET status = 'pending', attempts_made = 0, last_error = NULL, scheduled_at = "
+            ),
+            requeue_where: concat!(
+                "
                 WHERE id IN (SELECT id FROM ", $t, " WHERE status = 'failed'"
             ),
             failed_head: concat!("SELECT * FROM ", $t, " WHERE status = 'failed'"),
             waiting_head: concat!(
                 "SELECT * FROM ", $t,
-                " WHERE status = 'pending' AND locked_at IS NULL AND last_error IS NOT NULL AND scheduled_at > now()"
+                " WHERE status = 'pending' AND locked_at IS NULL AND last_error IS NOT NULL AND scheduled_at > "
             ),
             unlock_worker: concat!(
                 "UPDATE ", $t, "

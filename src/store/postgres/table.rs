@@ -1,28 +1,37 @@
-//! [`EventStore`] for PostgreSQL tables.
+//! The statements of a PostgreSQL table ([`TableBackend`], on which the
+//! store traits are written once) and the outbox's claim.
 
-use crate::store::FetchFilters;
 use std::time::Duration;
 
 use sqlx::{Postgres, QueryBuilder, Row};
 use uuid::Uuid;
 
 use super::{PgRoute, PgTable, decode};
-use crate::error::{Error, Result, storage};
-use crate::model::{Event, EventStatus, Timestamp, UnlockReason, time};
-use crate::store::ClaimCursor;
+use crate::error::{Result, storage};
+use crate::model::{Event, Timestamp, UnlockReason, time};
 use crate::store::claim::{self, Scanned, WalkRow};
-use crate::store::dialect::{self, Pg};
+use crate::store::dialect::Pg;
+use crate::store::table::{TableBackend, TableSql, decode_all, exact_counts};
 use crate::store::{
-    Capabilities, Claim, ClaimOptions, ClaimToken, EventStore, FailReport, Failure, ListFilter,
-    RequeueFilter, RetryAt, TableCounts, guard_result, stored_error,
+    Capabilities, Claim, ClaimOptions, ClaimToken, FailedErrors, Failure, FetchFilters, RetryAt,
+    TableCounts, stored_error,
 };
 
-impl<R: PgRoute> EventStore<R> for PgTable<R> {
-    fn capabilities(&self) -> Capabilities {
-        super::CAPABILITIES
+impl<R: PgRoute> TableBackend for PgTable<R> {
+    type R = R;
+    type D = Pg;
+    const CAPABILITIES: Capabilities = super::CAPABILITIES;
+
+    fn sql() -> &'static TableSql {
+        R::sql()
     }
 
-    async fn get(&self, id: Uuid) -> Result<Option<Event<R>>> {
+    async fn select(&self, mut qb: QueryBuilder<Postgres>) -> Result<Vec<Event<R>>> {
+        let rows = qb.build().fetch_all(&self.pool).await.map_err(storage)?;
+        rows.iter().map(decode).collect()
+    }
+
+    async fn get_row(&self, id: Uuid) -> Result<Option<Event<R>>> {
         let row = sqlx::query(R::sql().get)
             .bind(id)
             .fetch_optional(&self.pool)
@@ -31,15 +40,7 @@ impl<R: PgRoute> EventStore<R> for PgTable<R> {
         row.as_ref().map(decode).transpose()
     }
 
-    async fn list(&self, filter: &ListFilter) -> Result<Vec<Event<R>>> {
-        filter.check(R::TABLE)?;
-        let mut qb: QueryBuilder<Postgres> = QueryBuilder::new(R::sql().select_all);
-        dialect::push_list::<Pg>(&mut qb, R::TABLE, filter);
-        let rows = qb.build().fetch_all(&self.pool).await.map_err(storage)?;
-        rows.iter().map(decode).collect()
-    }
-
-    async fn counts(&self) -> Result<TableCounts> {
+    async fn count_rows(&self) -> Result<TableCounts> {
         let row = sqlx::query(R::sql().counts)
             .fetch_one(&self.pool)
             .await
@@ -47,22 +48,12 @@ impl<R: PgRoute> EventStore<R> for PgTable<R> {
         let count = |name: &str| -> Result<u64> {
             Ok(row.try_get::<i64, _>(name).map_err(storage)? as u64)
         };
-        Ok(TableCounts {
-            table: R::TABLE,
-            pending: count("pending")?,
-            completed: count("completed")?,
-            failed: count("failed")?,
-            locked: count("locked")?,
-            due_now: count("due_now")?,
-            oldest_pending_created_at: row.try_get("oldest_pending").map_err(storage)?,
-            now: time::truncate(row.try_get("now").map_err(storage)?),
-            completed_is_estimate: false,
-        })
+        let oldest = row.try_get("oldest_pending").map_err(storage)?;
+        let now = time::truncate(row.try_get("now").map_err(storage)?);
+        exact_counts(R::TABLE, count, oldest, now)
     }
 
-    async fn claim(&self, opts: &ClaimOptions) -> Result<Claim<R>> {
-        opts.check()?;
-        opts.filters.check_for(R::TABLE)?;
+    async fn claim_rows(&self, opts: &ClaimOptions) -> Result<Claim<R>> {
         if R::KEY_ORDER {
             return self.claim_in_key_order(opts).await;
         }
@@ -76,12 +67,11 @@ impl<R: PgRoute> EventStore<R> for PgTable<R> {
             .bind(FetchFilters::pg(&opts.filters.consumer_groups))
             .persistent(false)
             .fetch(&self.pool);
-        let events = decode_all(rows).await?;
-        Ok(claimed(opts, events, false, None))
+        let events = decode_all(rows, decode).await?;
+        Ok(claim::claimed(opts, None, events, false, None))
     }
 
-    async fn claimable_exists_for(&self, filters: &FetchFilters) -> Result<bool> {
-        filters.check_for(R::TABLE)?;
+    async fn claimable(&self, filters: &FetchFilters) -> Result<bool> {
         let q = sqlx::query_scalar(R::sql().claimable_exists);
         let q = if R::KEY_ORDER {
             q.bind(FetchFilters::pg(&filters.topics))
@@ -96,45 +86,29 @@ impl<R: PgRoute> EventStore<R> for PgTable<R> {
             .map_err(storage)
     }
 
-    async fn extend_lease(
+    async fn update_claimed(
         &self,
+        sql: &'static str,
         token: &ClaimToken,
         ids: &[Uuid],
-        lease: Duration,
-    ) -> Result<usize> {
-        if ids.is_empty() {
-            return Ok(0);
-        }
-        let changed: Vec<Uuid> = sqlx::query_scalar(R::sql().extend_lease)
+        lease: Option<Duration>,
+    ) -> Result<Vec<Uuid>> {
+        let q = sqlx::query_scalar(sql)
             .bind(ids)
             .bind(token.worker.as_str())
-            .bind(token.locked_at)
-            .bind(crate::store::secs(lease))
-            .fetch_all(&self.pool)
-            .await
-            .map_err(storage)?;
-        Ok(changed.len())
+            .bind(token.locked_at);
+        let q = match lease {
+            Some(lease) => q.bind(crate::store::secs(lease)),
+            None => q,
+        };
+        q.fetch_all(&self.pool).await.map_err(storage)
     }
 
-    async fn complete(&self, token: &ClaimToken, ids: &[Uuid]) -> Result<usize> {
-        if ids.is_empty() {
-            return Ok(0);
-        }
-        let changed: Vec<Uuid> = sqlx::query_scalar(R::sql().complete)
-            .bind(ids)
-            .bind(token.worker.as_str())
-            .bind(token.locked_at)
-            .fetch_all(&self.pool)
-            .await
-            .map_err(storage)?;
-        guard_result(ids, &changed)?;
-        Ok(changed.len())
-    }
-
-    async fn fail(&self, token: &ClaimToken, failures: &[Failure]) -> Result<FailReport> {
-        if failures.is_empty() {
-            return Ok(FailReport::default());
-        }
+    async fn fail_rows(
+        &self,
+        token: &ClaimToken,
+        failures: &[Failure],
+    ) -> Result<Vec<(Uuid, String)>> {
         let ids: Vec<Uuid> = failures.iter().map(|f| f.id).collect();
         let errors: Vec<String> = failures.iter().map(|f| stored_error(&f.error)).collect();
         let counted: Vec<bool> = failures.iter().map(|f| f.counted).collect();
@@ -152,7 +126,7 @@ impl<R: PgRoute> EventStore<R> for PgTable<R> {
                 RetryAt::At(_) => None,
             })
             .collect();
-        let rows = sqlx::query(R::sql().fail)
+        sqlx::query_as(R::sql().fail)
             .bind(&ids)
             .bind(errors)
             .bind(counted)
@@ -163,88 +137,61 @@ impl<R: PgRoute> EventStore<R> for PgTable<R> {
             .bind(failures.iter().map(|f| f.dead).collect::<Vec<bool>>())
             .fetch_all(&self.pool)
             .await
-            .map_err(storage)?;
-        let mut report = FailReport::default();
-        let mut changed = Vec::with_capacity(rows.len());
-        for row in rows {
-            let id: Uuid = row.try_get("id").map_err(storage)?;
-            let status: String = row.try_get("status").map_err(storage)?;
-            changed.push(id);
-            if status == EventStatus::Failed.as_str() {
-                report.failed.push(id);
-            } else {
-                report.rescheduled.push(id);
-            }
-        }
-        guard_result(&ids, &changed)?;
-        Ok(report)
+            .map_err(storage)
     }
 
-    async fn release(&self, token: &ClaimToken, ids: &[Uuid]) -> Result<usize> {
-        if ids.is_empty() {
-            return Ok(0);
-        }
-        let changed: Vec<Uuid> = sqlx::query_scalar(R::sql().release)
-            .bind(ids)
-            .bind(token.worker.as_str())
-            .bind(token.locked_at)
-            .fetch_all(&self.pool)
-            .await
-            .map_err(storage)?;
-        guard_result(ids, &changed)?;
-        Ok(changed.len())
-    }
-
-    async fn force_unlock(&self, id: Uuid, reason: &UnlockReason) -> Result<Event<R>> {
+    async fn unlock_row(&self, id: Uuid, reason: &UnlockReason) -> Result<Option<Event<R>>> {
         let row = sqlx::query(R::sql().force_unlock)
             .bind(id)
             .bind(reason.last_error())
             .fetch_optional(&self.pool)
             .await
             .map_err(storage)?;
-        match row {
-            Some(row) => decode(&row),
-            None => match self.get(id).await? {
-                None => Err(Error::NotFound { id }),
-                Some(_) => Err(Error::NotLocked { id }),
-            },
-        }
+        row.as_ref().map(decode).transpose()
     }
 
-    async fn release_stale_locks(&self, older_than: Duration, batch_size: u32) -> Result<u64> {
-        let batch = i64::from(batch_size.max(1));
-        let mut total = 0;
-        loop {
-            let n = sqlx::query(R::sql().release_stale)
-                .bind(crate::store::secs(older_than))
-                .bind(batch)
-                .execute(&self.pool)
-                .await
-                .map_err(storage)?
-                .rows_affected();
-            total += n;
-            if n < batch as u64 {
-                return Ok(total);
-            }
-        }
+    async fn unlock_worker(&self, worker: &str, reason: &UnlockReason) -> Result<Vec<Uuid>> {
+        sqlx::query_scalar(R::sql().unlock_worker)
+            .bind(worker)
+            .bind(reason.last_error())
+            .fetch_all(&self.pool)
+            .await
+            .map_err(storage)
     }
 
-    async fn delete_completed(&self, older_than: Duration, batch_size: u32) -> Result<u64> {
-        let n = sqlx::query(R::sql().delete_completed)
+    async fn release_stale_batch(&self, older_than: Duration, batch: i64) -> Result<u64> {
+        self.delete_aged(R::sql().release_stale, older_than, batch)
+            .await
+    }
+
+    async fn count_stale(&self, older_than: Duration) -> Result<i64> {
+        self.count_aged(R::sql().count_stale, older_than).await
+    }
+
+    async fn count_aged(&self, sql: &'static str, older_than: Duration) -> Result<i64> {
+        sqlx::query_scalar(sql)
             .bind(crate::store::secs(older_than))
-            .bind(i64::from(batch_size.max(1)))
+            .fetch_one(&self.pool)
+            .await
+            .map_err(storage)
+    }
+
+    async fn delete_aged(
+        &self,
+        sql: &'static str,
+        older_than: Duration,
+        batch: i64,
+    ) -> Result<u64> {
+        Ok(sqlx::query(sql)
+            .bind(crate::store::secs(older_than))
+            .bind(batch)
             .execute(&self.pool)
             .await
             .map_err(storage)?
-            .rows_affected();
-        Ok(n)
+            .rows_affected())
     }
 
-    async fn requeue_failed(&self, filter: &RequeueFilter) -> Result<Vec<Uuid>> {
-        filter.check(R::TABLE)?;
-        let mut qb: QueryBuilder<Postgres> = QueryBuilder::new(R::sql().requeue_head);
-        dialect::push_failed::<Pg>(&mut qb, R::TABLE, filter);
-        qb.push(" FOR UPDATE SKIP LOCKED) RETURNING id");
+    async fn requeue(&self, mut qb: QueryBuilder<Postgres>, _now: ()) -> Result<Vec<Uuid>> {
         let mut tx = self.pool.begin().await.map_err(storage)?;
         let ids: Vec<Uuid> = qb
             .build_query_scalar()
@@ -256,46 +203,17 @@ impl<R: PgRoute> EventStore<R> for PgTable<R> {
         tx.commit().await.map_err(storage)?;
         Ok(ids)
     }
-}
 
-/// A claim's result: events in `seq` order and the claim's token (the
-/// `locked_at` all of them got: the claiming transaction's `now()`).
-fn claimed<R: PgRoute>(
-    opts: &ClaimOptions,
-    mut events: Vec<Event<R>>,
-    contended: bool,
-    next: Option<ClaimCursor>,
-) -> Claim<R> {
-    events.sort_by_key(|e| e.seq);
-    let locked_at = events
-        .first()
-        .and_then(|e| e.locked_at)
-        .unwrap_or_else(time::now);
-    Claim {
-        token: ClaimToken {
-            worker: opts.worker.clone(),
-            locked_at,
-            lease: opts.lease,
-        },
-        events,
-        contended,
-        next,
+    async fn failed_by_type(&self) -> Result<Vec<(String, i64)>> {
+        sqlx::query_as(R::sql().failed_by_type)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(storage)
     }
-}
 
-/// Decodes rows as they arrive: a claim of large events holds each row's
-/// wire bytes only until it is decoded, not the whole batch's beside the
-/// events.
-async fn decode_all<R: PgRoute>(
-    rows: impl futures_util::Stream<Item = std::result::Result<sqlx::postgres::PgRow, sqlx::Error>>,
-) -> Result<Vec<Event<R>>> {
-    use futures_util::TryStreamExt;
-    let mut rows = std::pin::pin!(rows);
-    let mut events = Vec::new();
-    while let Some(row) = rows.try_next().await.map_err(storage)? {
-        events.push(decode(&row)?);
+    async fn failed_groups(&self) -> Result<Vec<FailedErrors>> {
+        super::maintenance::failed_errors(self).await
     }
-    Ok(events)
 }
 
 /// Locks the rows of `ids` that no other transaction holds, and returns
@@ -326,10 +244,7 @@ impl<R: PgRoute> PgTable<R> {
     async fn claim_in_key_order(&self, opts: &ClaimOptions) -> Result<Claim<R>> {
         let limit = opts.limit as usize;
         let examine = opts.examine_limit();
-        let start = opts.after.unwrap_or(ClaimCursor {
-            scheduled_at: claim::BEGINNING,
-            seq: 0,
-        });
+        let start = claim::start(opts);
         // One round trip opens the transaction and sets it up (see
         // `CLAIM_BEGIN`).
         let mut tx = self
@@ -368,7 +283,7 @@ impl<R: PgRoute> PgTable<R> {
         let (keys, next) = claim::candidates(&scanned, examine as usize);
         if keys.is_empty() {
             tx.commit().await.map_err(storage)?;
-            return Ok(claimed(opts, Vec::new(), false, next));
+            return Ok(claim::claimed(opts, None, Vec::new(), false, next));
         }
         let (own_first, own_last): (Vec<Option<i64>>, Vec<Option<i64>>) = keys
             .iter()
@@ -406,7 +321,7 @@ impl<R: PgRoute> PgTable<R> {
         let runs = claim::plan(&walked, limit, opts.max_bytes);
         if runs.is_empty() {
             tx.commit().await.map_err(storage)?;
-            return Ok(claimed(opts, Vec::new(), false, next));
+            return Ok(claim::claimed(opts, None, Vec::new(), false, next));
         }
         // Heads first: a key belongs to the claimer that locks its head;
         // the rest of a run is locked only by the head's holder. (A run
@@ -424,15 +339,15 @@ impl<R: PgRoute> PgTable<R> {
         let (ids, contended) = claim::keep_locked_prefixes(&runs, &locked);
         if ids.is_empty() {
             tx.commit().await.map_err(storage)?;
-            return Ok(claimed(opts, Vec::new(), contended, next));
+            return Ok(claim::claimed(opts, None, Vec::new(), contended, next));
         }
         let rows = sqlx::query(super::sql::OUTBOX_MARK)
             .bind(&ids)
             .bind(opts.worker.as_str())
             .bind(crate::store::secs(opts.lease))
             .fetch(&mut *tx);
-        let events = decode_all(rows).await?;
+        let events = decode_all(rows, decode).await?;
         tx.commit().await.map_err(storage)?;
-        Ok(claimed(opts, events, contended, next))
+        Ok(claim::claimed(opts, None, events, contended, next))
     }
 }

@@ -52,7 +52,7 @@ pub async fn insert_outbox(
 ) -> Result<Vec<BulkOutcome>> {
     let mut out = Vec::with_capacity(events.len());
     for e in events {
-        let q = bind_common(sqlx::query(sql::OUTBOX.insert), e)?
+        let q = bind_common(sqlx::query(sql::INSERT_OUTBOX), e)?
             .bind(e.route.aggregate_type.clone())
             .bind(e.route.aggregate_id.to_string())
             .bind(e.route.topic.clone())
@@ -88,7 +88,7 @@ pub async fn insert_inbox(
 ) -> Result<Vec<BulkOutcome>> {
     let mut out = Vec::with_capacity(events.len());
     for e in events {
-        let q = bind_common(sqlx::query(sql::INBOX.insert), e)?
+        let q = bind_common(sqlx::query(sql::INSERT_INBOX), e)?
             .bind(e.route.message_id.clone())
             .bind(e.route.consumer_group.clone())
             .bind(e.route.source.clone());

@@ -2,33 +2,7 @@
 //! bind parameters. Lists of ids travel as one JSON array bound to
 //! `json_each(?)`, so no statement text depends on the number of rows.
 
-pub struct TableSql {
-    pub get: &'static str,
-    pub claim: &'static str,
-    pub claimable_exists: &'static str,
-    pub complete: &'static str,
-    pub fail: &'static str,
-    pub release: &'static str,
-    pub extend_lease: &'static str,
-    pub force_unlock: &'static str,
-    pub release_stale: &'static str,
-    pub delete_completed: &'static str,
-    pub counts: &'static str,
-    pub select_all: &'static str,
-    pub requeue_head: &'static str,
-    pub requeue_where: &'static str,
-    pub failed_head: &'static str,
-    /// Followed by the current time as a bind parameter.
-    pub waiting_head: &'static str,
-    pub unlock_worker: &'static str,
-    pub count_stale: &'static str,
-    pub count_completed_older: &'static str,
-    pub count_failed_older: &'static str,
-    pub delete_failed: &'static str,
-    pub failed_by_type: &'static str,
-    pub insert: &'static str,
-    pub claimed_by_seq: &'static str,
-}
+pub use crate::store::table::TableSql;
 
 /// A row that can be handed out now (?1 is now): due, and unlocked or its
 /// lease passed.
@@ -69,7 +43,7 @@ macro_rules! active {
 /// seq)` order up to ?3 rows and, by the running sum of their payload
 /// sizes (`octet_length` reads a text's size without its content), ?7
 /// bytes, the first row whatever its size. Returns the rows' `seq`; the
-/// rows are read by `claimed_by_seq` (see [`OUTBOX_MARK`] for why).
+/// rows are read by [`INBOX_CLAIMED_BY_SEQ`] (see [`OUTBOX_MARK`] for why).
 macro_rules! plain_claim {
     ($t:literal) => {
         concat!(
@@ -127,7 +101,7 @@ macro_rules! plain_claimable_exists {
 }
 
 macro_rules! table_sql {
-    ($t:literal, $claim:expr, $exists:expr, $insert:expr) => {
+    ($t:literal, $claim:expr, $exists:expr) => {
         TableSql {
             get: concat!("SELECT * FROM ", $t, " WHERE id = ?1"),
             claim: $claim,
@@ -239,10 +213,7 @@ macro_rules! table_sql {
                 "SELECT event_type, count(*) FROM ", $t,
                 " WHERE status = 'failed' GROUP BY event_type ORDER BY count(*) DESC, event_type"
             ),
-            insert: $insert,
-            claimed_by_seq: concat!(
-                "SELECT * FROM ", $t, " WHERE seq IN (SELECT value FROM json_each(?1)) ORDER BY seq"
-            )}
+        }
     };
 }
 
@@ -362,7 +333,7 @@ pub const OUTBOX_CLAIMABLE_EXISTS: &str = concat!(
                  ORDER BY e.seq LIMIT 1))"
 );
 
-const INSERT_OUTBOX: &str = "INSERT INTO outbox_events (
+pub(super) const INSERT_OUTBOX: &str = "INSERT INTO outbox_events (
         id, event_type, payload, headers, trace_id, idempotency_key, correlation_id, causation_id,
         schema_version, status, attempts_made, max_attempts, last_error, scheduled_at, completed_at,
         created_at, updated_at, aggregate_type, aggregate_id, topic, partition_key)
@@ -370,7 +341,7 @@ const INSERT_OUTBOX: &str = "INSERT INTO outbox_events (
     ON CONFLICT (idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
     RETURNING id";
 
-const INSERT_INBOX: &str = "INSERT INTO inbox_events (
+pub(super) const INSERT_INBOX: &str = "INSERT INTO inbox_events (
         id, event_type, payload, headers, trace_id, idempotency_key, correlation_id, causation_id,
         schema_version, status, attempts_made, max_attempts, last_error, scheduled_at, completed_at,
         created_at, updated_at, message_id, consumer_group, source)
@@ -378,14 +349,17 @@ const INSERT_INBOX: &str = "INSERT INTO inbox_events (
     ON CONFLICT (message_id, consumer_group) DO NOTHING
     RETURNING id";
 
-pub static OUTBOX: TableSql =
-    table_sql!("outbox_events", "", OUTBOX_CLAIMABLE_EXISTS, INSERT_OUTBOX);
+pub static OUTBOX: TableSql = table_sql!("outbox_events", "", OUTBOX_CLAIMABLE_EXISTS);
 pub static INBOX: TableSql = table_sql!(
     "inbox_events",
     plain_claim!("inbox_events"),
-    plain_claimable_exists!("inbox_events"),
-    INSERT_INBOX
+    plain_claimable_exists!("inbox_events")
 );
+
+/// The rows a plain claim marked (?1 their `seq`s as a JSON array), in
+/// `seq` order.
+pub const INBOX_CLAIMED_BY_SEQ: &str =
+    "SELECT * FROM inbox_events WHERE seq IN (SELECT value FROM json_each(?1)) ORDER BY seq";
 
 pub const OUTBOX_BY_IDEMPOTENCY_KEY: &str =
     "SELECT id FROM outbox_events WHERE idempotency_key = ?1";

@@ -1,6 +1,6 @@
-//! [`EventStore`], [`OutboxStore`] and [`InboxStore`] for SQLite tables.
+//! The statements of an SQLite table ([`TableBackend`], on which the store
+//! traits are written once) and the outbox's claim.
 
-use crate::store::FetchFilters;
 use std::time::Duration;
 
 use serde_json::json;
@@ -10,21 +10,30 @@ use uuid::Uuid;
 use super::{SqliteRoute, SqliteTable, changed_ids, decode, id_array, sql, ts};
 use crate::domain::chrono_dur;
 use crate::error::{Error, Result, storage};
-use crate::model::{Event, EventStatus, UnlockReason, time};
-use crate::store::ClaimCursor;
+use crate::model::{Event, UnlockReason, time};
 use crate::store::claim::{self, Scanned, WalkRow};
-use crate::store::dialect::{self, Lite};
+use crate::store::dialect::Lite;
+use crate::store::table::{TableBackend, TableSql, decode_all, exact_counts};
 use crate::store::{
-    Capabilities, Claim, ClaimOptions, ClaimToken, EventStore, FailReport, Failure, ListFilter,
-    RequeueFilter, RetryAt, TableCounts, guard_result, stored_error,
+    Capabilities, Claim, ClaimOptions, ClaimToken, FailedErrors, Failure, FetchFilters, RetryAt,
+    TableCounts, stored_error,
 };
 
-impl<R: SqliteRoute> EventStore<R> for SqliteTable<R> {
-    fn capabilities(&self) -> Capabilities {
-        super::CAPABILITIES
+impl<R: SqliteRoute> TableBackend for SqliteTable<R> {
+    type R = R;
+    type D = Lite;
+    const CAPABILITIES: Capabilities = super::CAPABILITIES;
+
+    fn sql() -> &'static TableSql {
+        R::sql()
     }
 
-    async fn get(&self, id: Uuid) -> Result<Option<Event<R>>> {
+    async fn select(&self, mut qb: QueryBuilder<Sqlite>) -> Result<Vec<Event<R>>> {
+        let rows = qb.build().fetch_all(&self.pool).await.map_err(storage)?;
+        rows.iter().map(decode).collect()
+    }
+
+    async fn get_row(&self, id: Uuid) -> Result<Option<Event<R>>> {
         let row = sqlx::query(R::sql().get)
             .bind(id.to_string())
             .fetch_optional(&self.pool)
@@ -33,15 +42,7 @@ impl<R: SqliteRoute> EventStore<R> for SqliteTable<R> {
         row.as_ref().map(decode).transpose()
     }
 
-    async fn list(&self, filter: &ListFilter) -> Result<Vec<Event<R>>> {
-        filter.check(R::TABLE)?;
-        let mut qb: QueryBuilder<Sqlite> = QueryBuilder::new(R::sql().select_all);
-        dialect::push_list::<Lite>(&mut qb, R::TABLE, filter);
-        let rows = qb.build().fetch_all(&self.pool).await.map_err(storage)?;
-        rows.iter().map(decode).collect()
-    }
-
-    async fn counts(&self) -> Result<TableCounts> {
+    async fn count_rows(&self) -> Result<TableCounts> {
         let now = time::now();
         let row = sqlx::query(R::sql().counts)
             .bind(ts(&now))
@@ -52,22 +53,11 @@ impl<R: SqliteRoute> EventStore<R> for SqliteTable<R> {
             Ok(row.try_get::<i64, _>(name).map_err(storage)? as u64)
         };
         let oldest: Option<String> = row.try_get("oldest_pending").map_err(storage)?;
-        Ok(TableCounts {
-            table: R::TABLE,
-            pending: count("pending")?,
-            completed: count("completed")?,
-            failed: count("failed")?,
-            locked: count("locked")?,
-            due_now: count("due_now")?,
-            oldest_pending_created_at: oldest.as_deref().and_then(|s| time::parse_stored(s).ok()),
-            now,
-            completed_is_estimate: false,
-        })
+        let oldest = oldest.as_deref().and_then(|s| time::parse_stored(s).ok());
+        exact_counts(R::TABLE, count, oldest, now)
     }
 
-    async fn claim(&self, opts: &ClaimOptions) -> Result<Claim<R>> {
-        opts.check()?;
-        opts.filters.check_for(R::TABLE)?;
+    async fn claim_rows(&self, opts: &ClaimOptions) -> Result<Claim<R>> {
         if R::KEY_ORDER {
             return self.claim_in_key_order(opts).await;
         }
@@ -93,20 +83,18 @@ impl<R: SqliteRoute> EventStore<R> for SqliteTable<R> {
         let events = if seqs.is_empty() {
             Vec::new()
         } else {
+            // Only the inbox claims without per-key order.
             let seqs = serde_json::Value::from(seqs).to_string();
-            decode_all(
-                sqlx::query(R::sql().claimed_by_seq)
-                    .bind(seqs)
-                    .fetch(&mut *tx),
-            )
-            .await?
+            let rows = sqlx::query(sql::INBOX_CLAIMED_BY_SEQ)
+                .bind(seqs)
+                .fetch(&mut *tx);
+            decode_all(rows, decode).await?
         };
         tx.commit().await.map_err(storage)?;
-        Ok(claimed(opts, now, events, None))
+        Ok(claim::claimed(opts, Some(now), events, false, None))
     }
 
-    async fn claimable_exists_for(&self, filters: &FetchFilters) -> Result<bool> {
-        filters.check_for(R::TABLE)?;
+    async fn claimable(&self, filters: &FetchFilters) -> Result<bool> {
         let now = time::now();
         let mut q = sqlx::query_scalar(R::sql().claimable_exists).bind(ts(&now));
         if R::KEY_ORDER {
@@ -122,50 +110,30 @@ impl<R: SqliteRoute> EventStore<R> for SqliteTable<R> {
         q.fetch_one(&self.pool).await.map_err(storage)
     }
 
-    async fn extend_lease(
+    async fn update_claimed(
         &self,
+        sql: &'static str,
         token: &ClaimToken,
         ids: &[Uuid],
-        lease: Duration,
-    ) -> Result<usize> {
-        if ids.is_empty() {
-            return Ok(0);
-        }
+        lease: Option<Duration>,
+    ) -> Result<Vec<Uuid>> {
         let now = time::now();
-        let rows = sqlx::query(R::sql().extend_lease)
+        let mut q = sqlx::query(sql)
             .bind(id_array(ids))
             .bind(ts(&now))
             .bind(token.worker.as_str())
-            .bind(ts(&token.locked_at))
-            .bind(ts(&(now + chrono_dur(lease))))
-            .fetch_all(&self.pool)
-            .await
-            .map_err(storage)?;
-        Ok(rows.len())
+            .bind(ts(&token.locked_at));
+        if let Some(lease) = lease {
+            q = q.bind(ts(&(now + chrono_dur(lease))));
+        }
+        changed_ids(&q.fetch_all(&self.pool).await.map_err(storage)?)
     }
 
-    async fn complete(&self, token: &ClaimToken, ids: &[Uuid]) -> Result<usize> {
-        if ids.is_empty() {
-            return Ok(0);
-        }
-        let rows = sqlx::query(R::sql().complete)
-            .bind(id_array(ids))
-            .bind(ts(&time::now()))
-            .bind(token.worker.as_str())
-            .bind(ts(&token.locked_at))
-            .fetch_all(&self.pool)
-            .await
-            .map_err(storage)?;
-        let changed = changed_ids(&rows)?;
-        guard_result(ids, &changed)?;
-        Ok(changed.len())
-    }
-
-    async fn fail(&self, token: &ClaimToken, failures: &[Failure]) -> Result<FailReport> {
-        if failures.is_empty() {
-            return Ok(FailReport::default());
-        }
-        let ids: Vec<Uuid> = failures.iter().map(|f| f.id).collect();
+    async fn fail_rows(
+        &self,
+        token: &ClaimToken,
+        failures: &[Failure],
+    ) -> Result<Vec<(Uuid, String)>> {
         let list: Vec<serde_json::Value> = failures
             .iter()
             .map(|f| {
@@ -190,38 +158,14 @@ impl<R: SqliteRoute> EventStore<R> for SqliteTable<R> {
             .fetch_all(&self.pool)
             .await
             .map_err(storage)?;
-        let mut report = FailReport::default();
         let changed = changed_ids(&rows)?;
-        for (row, id) in rows.iter().zip(&changed) {
-            let status: String = row.try_get(1).map_err(storage)?;
-            if status == EventStatus::Failed.as_str() {
-                report.failed.push(*id);
-            } else {
-                report.rescheduled.push(*id);
-            }
-        }
-        guard_result(&ids, &changed)?;
-        Ok(report)
+        rows.iter()
+            .zip(changed)
+            .map(|(row, id)| Ok((id, row.try_get(1).map_err(storage)?)))
+            .collect()
     }
 
-    async fn release(&self, token: &ClaimToken, ids: &[Uuid]) -> Result<usize> {
-        if ids.is_empty() {
-            return Ok(0);
-        }
-        let rows = sqlx::query(R::sql().release)
-            .bind(id_array(ids))
-            .bind(ts(&time::now()))
-            .bind(token.worker.as_str())
-            .bind(ts(&token.locked_at))
-            .fetch_all(&self.pool)
-            .await
-            .map_err(storage)?;
-        let changed = changed_ids(&rows)?;
-        guard_result(ids, &changed)?;
-        Ok(changed.len())
-    }
-
-    async fn force_unlock(&self, id: Uuid, reason: &UnlockReason) -> Result<Event<R>> {
+    async fn unlock_row(&self, id: Uuid, reason: &UnlockReason) -> Result<Option<Event<R>>> {
         let row = sqlx::query(R::sql().force_unlock)
             .bind(id.to_string())
             .bind(reason.last_error())
@@ -229,58 +173,66 @@ impl<R: SqliteRoute> EventStore<R> for SqliteTable<R> {
             .fetch_optional(&self.pool)
             .await
             .map_err(storage)?;
-        match row {
-            Some(row) => decode(&row),
-            None => match self.get(id).await? {
-                None => Err(Error::NotFound { id }),
-                Some(_) => Err(Error::NotLocked { id }),
-            },
-        }
+        row.as_ref().map(decode).transpose()
     }
 
-    async fn release_stale_locks(&self, older_than: Duration, batch_size: u32) -> Result<u64> {
-        let batch = i64::from(batch_size.max(1));
-        let mut total = 0;
-        loop {
-            let now = time::now();
-            let n = sqlx::query(R::sql().release_stale)
-                .bind(ts(&now))
-                .bind(ts(&(now - chrono_dur(older_than))))
-                .bind(batch)
-                .execute(&self.pool)
-                .await
-                .map_err(storage)?
-                .rows_affected();
-            total += n;
-            if n < batch as u64 {
-                return Ok(total);
-            }
-        }
+    async fn unlock_worker(&self, worker: &str, reason: &UnlockReason) -> Result<Vec<Uuid>> {
+        let rows = sqlx::query(R::sql().unlock_worker)
+            .bind(worker.to_string())
+            .bind(reason.last_error())
+            .bind(ts(&time::now()))
+            .fetch_all(&self.pool)
+            .await
+            .map_err(storage)?;
+        changed_ids(&rows)
     }
 
-    async fn delete_completed(&self, older_than: Duration, batch_size: u32) -> Result<u64> {
-        let cutoff = time::now() - chrono_dur(older_than);
-        let n = sqlx::query(R::sql().delete_completed)
-            .bind(ts(&cutoff))
-            .bind(i64::from(batch_size.max(1)))
+    async fn release_stale_batch(&self, older_than: Duration, batch: i64) -> Result<u64> {
+        let now = time::now();
+        Ok(sqlx::query(R::sql().release_stale)
+            .bind(ts(&now))
+            .bind(ts(&(now - chrono_dur(older_than))))
+            .bind(batch)
             .execute(&self.pool)
             .await
             .map_err(storage)?
-            .rows_affected();
-        Ok(n)
+            .rows_affected())
     }
 
-    async fn requeue_failed(&self, filter: &RequeueFilter) -> Result<Vec<Uuid>> {
-        filter.check(R::TABLE)?;
-        let now = ts(&time::now());
-        let now_text = now.clone();
-        let mut qb: QueryBuilder<Sqlite> = QueryBuilder::new(R::sql().requeue_head);
-        qb.push_bind(now.clone())
-            .push(", updated_at = ")
-            .push_bind(now);
-        qb.push(R::sql().requeue_where);
-        dialect::push_failed::<Lite>(&mut qb, R::TABLE, filter);
-        qb.push(") RETURNING id");
+    async fn count_stale(&self, older_than: Duration) -> Result<i64> {
+        let now = time::now();
+        sqlx::query_scalar(R::sql().count_stale)
+            .bind(ts(&(now - chrono_dur(older_than))))
+            .bind(ts(&now))
+            .fetch_one(&self.pool)
+            .await
+            .map_err(storage)
+    }
+
+    async fn count_aged(&self, sql: &'static str, older_than: Duration) -> Result<i64> {
+        sqlx::query_scalar(sql)
+            .bind(cutoff(older_than))
+            .fetch_one(&self.pool)
+            .await
+            .map_err(storage)
+    }
+
+    async fn delete_aged(
+        &self,
+        sql: &'static str,
+        older_than: Duration,
+        batch: i64,
+    ) -> Result<u64> {
+        Ok(sqlx::query(sql)
+            .bind(cutoff(older_than))
+            .bind(batch)
+            .execute(&self.pool)
+            .await
+            .map_err(storage)?
+            .rows_affected())
+    }
+
+    async fn requeue(&self, mut qb: QueryBuilder<Sqlite>, now: String) -> Result<Vec<Uuid>> {
         let mut tx = self
             .pool
             .begin_with("BEGIN IMMEDIATE")
@@ -289,43 +241,26 @@ impl<R: SqliteRoute> EventStore<R> for SqliteTable<R> {
         let rows = qb.build().fetch_all(&mut *tx).await.map_err(storage)?;
         let ids = changed_ids(&rows)?;
         // The requeued events are back: their open dead letters are done.
-        super::driver::mark_replayed(&mut tx, R::TABLE, &ids, &now_text).await?;
+        super::driver::mark_replayed(&mut tx, R::TABLE, &ids, &now).await?;
         tx.commit().await.map_err(storage)?;
         Ok(ids)
     }
-}
 
-/// A claim's result: events in `seq` order and the claim's token.
-fn claimed<R: SqliteRoute>(
-    opts: &ClaimOptions,
-    locked_at: time::Timestamp,
-    mut events: Vec<Event<R>>,
-    next: Option<ClaimCursor>,
-) -> Claim<R> {
-    events.sort_by_key(|e| e.seq);
-    Claim {
-        token: ClaimToken {
-            worker: opts.worker.clone(),
-            locked_at,
-            lease: opts.lease,
-        },
-        events,
-        contended: false,
-        next,
+    async fn failed_by_type(&self) -> Result<Vec<(String, i64)>> {
+        sqlx::query_as(R::sql().failed_by_type)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(storage)
+    }
+
+    async fn failed_groups(&self) -> Result<Vec<FailedErrors>> {
+        super::maintenance::failed_errors(self).await
     }
 }
 
-/// Decodes rows as they arrive (see the PostgreSQL twin).
-async fn decode_all<R: SqliteRoute>(
-    rows: impl futures_util::Stream<Item = std::result::Result<sqlx::sqlite::SqliteRow, sqlx::Error>>,
-) -> Result<Vec<Event<R>>> {
-    use futures_util::TryStreamExt;
-    let mut rows = std::pin::pin!(rows);
-    let mut events = Vec::new();
-    while let Some(row) = rows.try_next().await.map_err(storage)? {
-        events.push(decode(&row)?);
-    }
-    Ok(events)
+/// The time `older_than` before now, in the stored text form.
+fn cutoff(older_than: Duration) -> String {
+    ts(&(time::now() - chrono_dur(older_than)))
 }
 
 /// Reads one key's walk, a JSON array of `[id, seq, ready, tried, locked,
@@ -360,10 +295,7 @@ impl<R: SqliteRoute> SqliteTable<R> {
         use futures_util::TryStreamExt;
         let limit = opts.limit as usize;
         let examine = opts.examine_limit();
-        let start = opts.after.unwrap_or(ClaimCursor {
-            scheduled_at: claim::BEGINNING,
-            seq: 0,
-        });
+        let start = claim::start(opts);
         let mut tx = self
             .pool
             .begin_with("BEGIN IMMEDIATE")
@@ -435,7 +367,7 @@ impl<R: SqliteRoute> SqliteTable<R> {
         let runs = claim::plan(&walked, limit, opts.max_bytes);
         if runs.is_empty() {
             tx.commit().await.map_err(storage)?;
-            return Ok(claimed(opts, now, Vec::new(), next));
+            return Ok(claim::claimed(opts, Some(now), Vec::new(), false, next));
         }
         let ids: Vec<Uuid> = runs.iter().flat_map(|r| r.ids.iter().copied()).collect();
         let ids = id_array(&ids);
@@ -447,9 +379,9 @@ impl<R: SqliteRoute> SqliteTable<R> {
             .execute(&mut *tx)
             .await
             .map_err(storage)?;
-        let events =
-            decode_all(sqlx::query(sql::OUTBOX_CLAIMED).bind(&ids).fetch(&mut *tx)).await?;
+        let rows = sqlx::query(sql::OUTBOX_CLAIMED).bind(&ids).fetch(&mut *tx);
+        let events = decode_all(rows, decode).await?;
         tx.commit().await.map_err(storage)?;
-        Ok(claimed(opts, now, events, next))
+        Ok(claim::claimed(opts, Some(now), events, false, next))
     }
 }

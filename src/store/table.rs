@@ -1,0 +1,410 @@
+//! [`EventStore`] and [`MaintenanceStore`] written once for both backends,
+//! over [`TableBackend`]: a backend's table handle runs each statement of
+//! its table, binding values in its own form (ids, times, leases), and the
+//! logic around the statements (checks, guards, batches, reports, the
+//! filters of `list` and `requeue`) lives here. The statements themselves
+//! live in the backends (`postgres/sql.rs`, `sqlite/sql.rs`), one
+//! [`TableSql`] per table.
+
+use std::future::Future;
+use std::time::Duration;
+
+use sqlx::QueryBuilder;
+use uuid::Uuid;
+
+use super::dialect::{self, Dialect};
+use super::{
+    Capabilities, Claim, ClaimOptions, ClaimToken, EventStore, FailReport, FailedErrors, Failure,
+    FetchFilters, ListFilter, MaintenanceStore, RequeueFilter, TableCounts, guard_result,
+};
+use crate::error::{Error, Result, storage};
+use crate::model::{Event, EventStatus, Route, Table, Timestamp, UnlockReason};
+
+/// One table's statements on one backend. Each is static text; values are
+/// bind parameters, in the order the backend's [`TableBackend`] binds them.
+/// A `*_head` is the start of a statement that [`push_list`] or
+/// [`push_failed`](dialect::push_failed) completes.
+///
+/// [`push_list`]: dialect::push_list
+pub struct TableSql {
+    /// One row by id.
+    pub get: &'static str,
+    /// The claim of a table without per-key order (the inbox).
+    pub claim: &'static str,
+    /// Whether anything is claimable now.
+    pub claimable_exists: &'static str,
+    /// Marks claimed rows completed, guarded by the claim's token.
+    pub complete: &'static str,
+    /// Records failures of claimed rows, guarded by the claim's token.
+    pub fail: &'static str,
+    /// Unlocks claimed rows, guarded by the claim's token.
+    pub release: &'static str,
+    /// Pushes the lease of claimed rows forward.
+    pub extend_lease: &'static str,
+    /// Unlocks one row whoever holds it.
+    pub force_unlock: &'static str,
+    /// Unlocks a batch of rows whose lease ran out long enough ago.
+    pub release_stale: &'static str,
+    /// Deletes a batch of rows completed long enough ago.
+    pub delete_completed: &'static str,
+    /// Counts for `status`.
+    pub counts: &'static str,
+    /// `SELECT` of every row, before `list`'s filters.
+    pub select_all: &'static str,
+    /// `UPDATE` of failed rows back to pending, up to `scheduled_at = `
+    /// (then the time, `, updated_at = `, the time, [`requeue_where`]).
+    ///
+    /// [`requeue_where`]: TableSql::requeue_where
+    pub requeue_head: &'static str,
+    /// The requeue's row selection, before its filters.
+    pub requeue_where: &'static str,
+    /// `SELECT` of the failed rows, before their filters.
+    pub failed_head: &'static str,
+    /// `SELECT` of the rows waiting for a retry, up to `scheduled_at > `
+    /// (then the time and the filters).
+    pub waiting_head: &'static str,
+    /// Unlocks the rows of one worker.
+    pub unlock_worker: &'static str,
+    /// Counts rows whose lease ran out long enough ago.
+    pub count_stale: &'static str,
+    /// Counts rows completed long enough ago.
+    pub count_completed_older: &'static str,
+    /// Counts rows failed long enough ago.
+    pub count_failed_older: &'static str,
+    /// Deletes a batch of rows failed long enough ago.
+    pub delete_failed: &'static str,
+    /// Failed rows per event type, most first.
+    pub failed_by_type: &'static str,
+}
+
+/// The sqlx database of `T`'s dialect.
+pub(crate) type Db<T> = <<T as TableBackend>::D as Dialect>::Db;
+
+/// A backend's table handle: each method runs one statement of the table
+/// (or, for the claim and the counts, the backend's whole procedure) and
+/// returns what it read, for the store traits written once below.
+pub(crate) trait TableBackend: Clone + Send + Sync + 'static {
+    /// The table's route (which table).
+    type R: Route;
+    /// The backend's dialect.
+    type D: Dialect;
+    /// What the backend supports.
+    const CAPABILITIES: Capabilities;
+    /// The table's statements.
+    fn sql() -> &'static TableSql;
+    /// Runs a `SELECT` of whole rows built on the table's statements.
+    fn select(
+        &self,
+        qb: QueryBuilder<Db<Self>>,
+    ) -> impl Future<Output = Result<Vec<Event<Self::R>>>> + Send;
+    /// One row by id.
+    fn get_row(&self, id: Uuid) -> impl Future<Output = Result<Option<Event<Self::R>>>> + Send;
+    /// Exact counts for `status`.
+    fn count_rows(&self) -> impl Future<Output = Result<TableCounts>> + Send;
+    /// Claims rows (the options are checked).
+    fn claim_rows(
+        &self,
+        opts: &ClaimOptions,
+    ) -> impl Future<Output = Result<Claim<Self::R>>> + Send;
+    /// Whether anything is claimable with `filters` (checked).
+    fn claimable(&self, filters: &FetchFilters) -> impl Future<Output = Result<bool>> + Send;
+    /// Runs `sql` (complete, release, or with a `lease`, extend) on the
+    /// rows of `ids` that `token` holds; returns the ids changed.
+    fn update_claimed(
+        &self,
+        sql: &'static str,
+        token: &ClaimToken,
+        ids: &[Uuid],
+        lease: Option<Duration>,
+    ) -> impl Future<Output = Result<Vec<Uuid>>> + Send;
+    /// Records `failures` (not empty) of rows `token` holds; returns the
+    /// ids changed with their new status.
+    fn fail_rows(
+        &self,
+        token: &ClaimToken,
+        failures: &[Failure],
+    ) -> impl Future<Output = Result<Vec<(Uuid, String)>>> + Send;
+    /// Unlocks row `id` if it is locked; returns it.
+    fn unlock_row(
+        &self,
+        id: Uuid,
+        reason: &UnlockReason,
+    ) -> impl Future<Output = Result<Option<Event<Self::R>>>> + Send;
+    /// Unlocks the rows `worker` holds; returns their ids.
+    fn unlock_worker(
+        &self,
+        worker: &str,
+        reason: &UnlockReason,
+    ) -> impl Future<Output = Result<Vec<Uuid>>> + Send;
+    /// Unlocks up to `batch` rows whose lease ran out, locked longer ago
+    /// than `older_than`; returns how many.
+    fn release_stale_batch(
+        &self,
+        older_than: Duration,
+        batch: i64,
+    ) -> impl Future<Output = Result<u64>> + Send;
+    /// Rows whose lease ran out, locked longer ago than `older_than`.
+    fn count_stale(&self, older_than: Duration) -> impl Future<Output = Result<i64>> + Send;
+    /// Runs the count `sql` of rows older than `older_than`.
+    fn count_aged(
+        &self,
+        sql: &'static str,
+        older_than: Duration,
+    ) -> impl Future<Output = Result<i64>> + Send;
+    /// Runs the delete `sql` of up to `batch` rows older than `older_than`;
+    /// returns how many.
+    fn delete_aged(
+        &self,
+        sql: &'static str,
+        older_than: Duration,
+        batch: i64,
+    ) -> impl Future<Output = Result<u64>> + Send;
+    /// Runs the requeue `qb` (written with the time `now`) in a
+    /// transaction that also marks the requeued events' open dead letters
+    /// replayed; returns the requeued ids.
+    fn requeue(
+        &self,
+        qb: QueryBuilder<Db<Self>>,
+        now: <Self::D as Dialect>::Now,
+    ) -> impl Future<Output = Result<Vec<Uuid>>> + Send;
+    /// Failed rows per event type, most first.
+    fn failed_by_type(&self) -> impl Future<Output = Result<Vec<(String, i64)>>> + Send;
+    /// Failed rows grouped by event type and error.
+    fn failed_groups(&self) -> impl Future<Output = Result<Vec<FailedErrors>>> + Send;
+}
+
+impl<R: Route, T: TableBackend<R = R>> EventStore<R> for T {
+    fn capabilities(&self) -> Capabilities {
+        T::CAPABILITIES
+    }
+
+    async fn get(&self, id: Uuid) -> Result<Option<Event<R>>> {
+        self.get_row(id).await
+    }
+
+    async fn list(&self, filter: &ListFilter) -> Result<Vec<Event<R>>> {
+        filter.check(R::TABLE)?;
+        let mut qb = QueryBuilder::new(T::sql().select_all);
+        dialect::push_list::<T::D>(&mut qb, R::TABLE, filter);
+        self.select(qb).await
+    }
+
+    async fn counts(&self) -> Result<TableCounts> {
+        self.count_rows().await
+    }
+
+    async fn claim(&self, opts: &ClaimOptions) -> Result<Claim<R>> {
+        opts.check()?;
+        opts.filters.check_for(R::TABLE)?;
+        self.claim_rows(opts).await
+    }
+
+    async fn claimable_exists_for(&self, filters: &FetchFilters) -> Result<bool> {
+        filters.check_for(R::TABLE)?;
+        self.claimable(filters).await
+    }
+
+    async fn extend_lease(
+        &self,
+        token: &ClaimToken,
+        ids: &[Uuid],
+        lease: Duration,
+    ) -> Result<usize> {
+        if ids.is_empty() {
+            return Ok(0);
+        }
+        let sql = T::sql().extend_lease;
+        Ok(self
+            .update_claimed(sql, token, ids, Some(lease))
+            .await?
+            .len())
+    }
+
+    async fn complete(&self, token: &ClaimToken, ids: &[Uuid]) -> Result<usize> {
+        guarded(
+            ids,
+            self.update_claimed(T::sql().complete, token, ids, None),
+        )
+        .await
+    }
+
+    async fn fail(&self, token: &ClaimToken, failures: &[Failure]) -> Result<FailReport> {
+        if failures.is_empty() {
+            return Ok(FailReport::default());
+        }
+        let ids: Vec<Uuid> = failures.iter().map(|f| f.id).collect();
+        let rows = self.fail_rows(token, failures).await?;
+        let mut report = FailReport::default();
+        let mut changed = Vec::with_capacity(rows.len());
+        for (id, status) in rows {
+            changed.push(id);
+            if status == EventStatus::Failed.as_str() {
+                report.failed.push(id);
+            } else {
+                report.rescheduled.push(id);
+            }
+        }
+        guard_result(&ids, &changed)?;
+        Ok(report)
+    }
+
+    async fn release(&self, token: &ClaimToken, ids: &[Uuid]) -> Result<usize> {
+        guarded(ids, self.update_claimed(T::sql().release, token, ids, None)).await
+    }
+
+    async fn force_unlock(&self, id: Uuid, reason: &UnlockReason) -> Result<Event<R>> {
+        match self.unlock_row(id, reason).await? {
+            Some(event) => Ok(event),
+            None => match self.get_row(id).await? {
+                None => Err(Error::NotFound { id }),
+                Some(_) => Err(Error::NotLocked { id }),
+            },
+        }
+    }
+
+    async fn release_stale_locks(&self, older_than: Duration, batch_size: u32) -> Result<u64> {
+        in_batches(batch_size, |batch| {
+            self.release_stale_batch(older_than, batch)
+        })
+        .await
+    }
+
+    async fn delete_completed(&self, older_than: Duration, batch_size: u32) -> Result<u64> {
+        let batch = i64::from(batch_size.max(1));
+        self.delete_aged(T::sql().delete_completed, older_than, batch)
+            .await
+    }
+
+    async fn requeue_failed(&self, filter: &RequeueFilter) -> Result<Vec<Uuid>> {
+        filter.check(R::TABLE)?;
+        let now = T::D::now();
+        let mut qb = QueryBuilder::new(T::sql().requeue_head);
+        T::D::push_now(&mut qb, &now);
+        qb.push(", updated_at = ");
+        T::D::push_now(&mut qb, &now);
+        qb.push(T::sql().requeue_where);
+        dialect::push_failed::<T::D>(&mut qb, R::TABLE, filter);
+        qb.push(T::D::SKIP_LOCKED).push(") RETURNING id");
+        self.requeue(qb, now).await
+    }
+}
+
+impl<R: Route, T: TableBackend<R = R>> MaintenanceStore<R> for T {
+    async fn list_failed(&self, filter: &RequeueFilter) -> Result<Vec<Event<R>>> {
+        filter.check(R::TABLE)?;
+        let mut qb = QueryBuilder::new(T::sql().failed_head);
+        dialect::push_failed::<T::D>(&mut qb, R::TABLE, filter);
+        self.select(qb).await
+    }
+
+    async fn list_waiting(&self, filter: &RequeueFilter) -> Result<Vec<Event<R>>> {
+        filter.check(R::TABLE)?;
+        let mut qb = QueryBuilder::new(T::sql().waiting_head);
+        T::D::push_now(&mut qb, &T::D::now());
+        dialect::push_failed::<T::D>(&mut qb, R::TABLE, filter);
+        self.select(qb).await
+    }
+
+    async fn force_unlock_worker(&self, worker: &str, reason: &UnlockReason) -> Result<Vec<Uuid>> {
+        self.unlock_worker(worker, reason).await
+    }
+
+    async fn count_stale_locks(&self, older_than: Duration) -> Result<u64> {
+        Ok(self.count_stale(older_than).await? as u64)
+    }
+
+    async fn count_older(&self, status: EventStatus, older_than: Duration) -> Result<u64> {
+        let sql = match status {
+            EventStatus::Completed => T::sql().count_completed_older,
+            EventStatus::Failed => T::sql().count_failed_older,
+            EventStatus::Pending => {
+                return Err(Error::validation(
+                    "status",
+                    "only completed or failed rows age out",
+                ));
+            }
+        };
+        Ok(self.count_aged(sql, older_than).await? as u64)
+    }
+
+    async fn delete_failed(&self, older_than: Duration, batch_size: u32) -> Result<u64> {
+        let batch = i64::from(batch_size.max(1));
+        self.delete_aged(T::sql().delete_failed, older_than, batch)
+            .await
+    }
+
+    async fn failed_by_event_type(&self) -> Result<Vec<(String, u64)>> {
+        let rows = self.failed_by_type().await?;
+        Ok(rows.into_iter().map(|(t, n)| (t, n as u64)).collect())
+    }
+
+    async fn failed_errors(&self) -> Result<Vec<FailedErrors>> {
+        self.failed_groups().await
+    }
+}
+
+/// Runs a guarded update of `ids` (nothing when there are none): every id
+/// must have changed, else [`Error::ConcurrentUpdate`]. Returns how many did.
+async fn guarded(ids: &[Uuid], update: impl Future<Output = Result<Vec<Uuid>>>) -> Result<usize> {
+    if ids.is_empty() {
+        return Ok(0);
+    }
+    let changed = update.await?;
+    guard_result(ids, &changed)?;
+    Ok(changed.len())
+}
+
+/// Runs `step` with a batch size (at least 1) until it affects fewer rows
+/// than a batch; returns how many it affected in all.
+pub(crate) async fn in_batches<F, Fut>(batch_size: u32, mut step: F) -> Result<u64>
+where
+    F: FnMut(i64) -> Fut,
+    Fut: Future<Output = Result<u64>>,
+{
+    let batch = i64::from(batch_size.max(1));
+    let mut total = 0;
+    loop {
+        let n = step(batch).await?;
+        total += n;
+        if n < batch as u64 {
+            return Ok(total);
+        }
+    }
+}
+
+/// Decodes rows as they arrive: a claim of large events holds each row's
+/// wire bytes only until it is decoded, not the whole batch's beside the
+/// events.
+pub(crate) async fn decode_all<Row, R>(
+    rows: impl futures_util::Stream<Item = std::result::Result<Row, sqlx::Error>>,
+    decode: impl Fn(&Row) -> Result<Event<R>>,
+) -> Result<Vec<Event<R>>> {
+    use futures_util::TryStreamExt;
+    let mut rows = std::pin::pin!(rows);
+    let mut events = Vec::new();
+    while let Some(row) = rows.try_next().await.map_err(storage)? {
+        events.push(decode(&row)?);
+    }
+    Ok(events)
+}
+
+/// Exact counts of `table` from a counting row (`count` reads one of its
+/// counts by name).
+pub(crate) fn exact_counts(
+    table: Table,
+    count: impl Fn(&str) -> Result<u64>,
+    oldest_pending_created_at: Option<Timestamp>,
+    now: Timestamp,
+) -> Result<TableCounts> {
+    Ok(TableCounts {
+        table,
+        pending: count("pending")?,
+        completed: count("completed")?,
+        failed: count("failed")?,
+        locked: count("locked")?,
+        due_now: count("due_now")?,
+        oldest_pending_created_at,
+        now,
+        completed_is_estimate: false,
+    })
+}
