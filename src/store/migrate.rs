@@ -140,6 +140,33 @@ pub(crate) fn pin_comment_edits(m: &mut sqlx::migrate::Migrator, edits: &[Commen
     m.migrations = std::borrow::Cow::Owned(migrations);
 }
 
+/// A backend's embedded migrations, recorded in [`MIGRATIONS_TABLE`], with
+/// the checksums of `edits` pinned (see [`pin_comment_edits`]).
+pub(crate) fn configured(
+    mut m: sqlx::migrate::Migrator,
+    edits: &[CommentEdit],
+) -> sqlx::migrate::Migrator {
+    m.dangerous_set_table_name(MIGRATIONS_TABLE);
+    pin_comment_edits(&mut m, edits);
+    m
+}
+
+/// Fails with a hint when the versions `applied` end before `m`'s latest
+/// (the schema is missing or older than this binary).
+pub(crate) fn ensure_current(
+    applied: &[i64],
+    m: &sqlx::migrate::Migrator,
+) -> crate::error::Result<()> {
+    let current = applied.iter().copied().max().unwrap_or(0);
+    let latest = latest(m);
+    if current < latest {
+        return Err(crate::error::Error::Config(format!(
+            "the database schema is at version {current}, this omnibox needs version {latest}; run `omnibox migrate` first"
+        )));
+    }
+    Ok(())
+}
+
 /// The highest version `m` carries: the schema version this binary expects.
 pub(crate) fn latest(m: &sqlx::migrate::Migrator) -> i64 {
     m.iter().map(|m| m.version).max().unwrap_or(0)

@@ -301,25 +301,16 @@ impl PgStore {
 
     /// The outbox table.
     pub fn outbox(&self) -> PgTable<OutboxRoute> {
-        PgTable {
-            pool: self.pool.clone(),
-            route: PhantomData,
-        }
+        PgTable::new(self.pool.clone())
     }
 
     /// The inbox table.
     pub fn inbox(&self) -> PgTable<InboxRoute> {
-        PgTable {
-            pool: self.pool.clone(),
-            route: PhantomData,
-        }
+        PgTable::new(self.pool.clone())
     }
 
     fn migrator() -> sqlx::migrate::Migrator {
-        let mut m = sqlx::migrate!("./migrations/postgres");
-        m.dangerous_set_table_name(MIGRATIONS_TABLE);
-        migrate::pin_comment_edits(&mut m, COMMENT_EDITS);
-        m
+        migrate::configured(sqlx::migrate!("./migrations/postgres"), COMMENT_EDITS)
     }
 
     #[cfg(test)]
@@ -420,19 +411,7 @@ impl PgStore {
 
     /// Fails with a hint when the schema is missing or older than this binary.
     pub async fn ensure_migrated(&self) -> Result<()> {
-        let current = self
-            .applied_versions()
-            .await?
-            .into_iter()
-            .max()
-            .unwrap_or(0);
-        let latest = migrate::latest(&Self::migrator());
-        if current < latest {
-            return Err(Error::Config(format!(
-                "the database schema is at version {current}, this omnibox needs version {latest}; run `omnibox migrate` first"
-            )));
-        }
-        Ok(())
+        migrate::ensure_current(&self.applied_versions().await?, &Self::migrator())
     }
 
     /// What this store supports.
@@ -487,14 +466,19 @@ pub struct PgTable<R> {
 
 impl<R> Clone for PgTable<R> {
     fn clone(&self) -> Self {
-        PgTable {
-            pool: self.pool.clone(),
-            route: PhantomData,
-        }
+        PgTable::new(self.pool.clone())
     }
 }
 
 impl<R> PgTable<R> {
+    /// The handle of `R`'s table on `pool`.
+    fn new(pool: PgPool) -> Self {
+        PgTable {
+            pool,
+            route: PhantomData,
+        }
+    }
+
     /// The pool.
     pub fn pool(&self) -> &PgPool {
         &self.pool

@@ -87,25 +87,16 @@ impl SqliteStore {
 
     /// The outbox table.
     pub fn outbox(&self) -> SqliteTable<OutboxRoute> {
-        SqliteTable {
-            pool: self.pool.clone(),
-            route: PhantomData,
-        }
+        SqliteTable::new(self.pool.clone())
     }
 
     /// The inbox table.
     pub fn inbox(&self) -> SqliteTable<InboxRoute> {
-        SqliteTable {
-            pool: self.pool.clone(),
-            route: PhantomData,
-        }
+        SqliteTable::new(self.pool.clone())
     }
 
     fn migrator() -> sqlx::migrate::Migrator {
-        let mut m = sqlx::migrate!("./migrations/sqlite");
-        m.dangerous_set_table_name(MIGRATIONS_TABLE);
-        migrate::pin_comment_edits(&mut m, COMMENT_EDITS);
-        m
+        migrate::configured(sqlx::migrate!("./migrations/sqlite"), COMMENT_EDITS)
     }
 
     #[cfg(test)]
@@ -201,19 +192,7 @@ impl SqliteStore {
 
     /// Fails with a hint when the schema is missing or older than this binary.
     pub async fn ensure_migrated(&self) -> Result<()> {
-        let current = self
-            .applied_versions()
-            .await?
-            .into_iter()
-            .max()
-            .unwrap_or(0);
-        let latest = migrate::latest(&Self::migrator());
-        if current < latest {
-            return Err(Error::Config(format!(
-                "the database schema is at version {current}, this omnibox needs version {latest}; run `omnibox migrate` first"
-            )));
-        }
-        Ok(())
+        migrate::ensure_current(&self.applied_versions().await?, &Self::migrator())
     }
 
     /// What this store supports.
@@ -300,14 +279,19 @@ pub struct SqliteTable<R> {
 
 impl<R> Clone for SqliteTable<R> {
     fn clone(&self) -> Self {
-        SqliteTable {
-            pool: self.pool.clone(),
-            route: PhantomData,
-        }
+        SqliteTable::new(self.pool.clone())
     }
 }
 
 impl<R> SqliteTable<R> {
+    /// The handle of `R`'s table on `pool`.
+    fn new(pool: SqlitePool) -> Self {
+        SqliteTable {
+            pool,
+            route: PhantomData,
+        }
+    }
+
     /// The pool.
     pub fn pool(&self) -> &SqlitePool {
         &self.pool
