@@ -10,8 +10,6 @@ use super::{BulkOutcome, ClaimToken, EventStore, Redelivered, TableCounts};
 use crate::error::Result;
 use crate::model::{InboxEvent, InboxRoute, OutboxEvent, OutboxRoute};
 
-/// Runs `$body` with `$d` bound to the backend of an [`AnyStore`] (a
-/// `&PgStore` or a `&SqliteStore`): the one place the features written
 use super::any::AnyTable;
 
 /// A transaction for inserting many outbox events in chunks (for inputs too
