@@ -116,7 +116,11 @@ pub trait EventStore<R: Route>: Clone + Send + Sync + 'static {
     ) -> impl Future<Output = Result<u64>> + Send;
 
     /// Puts failed rows matching `filter` back to pending (attempts 0, error
-    /// cleared, scheduled now); returns their ids.
+    /// cleared, scheduled now); returns their ids. On PostgreSQL a failed
+    /// row another transaction holds at that moment (its dead letter being
+    /// written, a concurrent replay) is skipped, not waited for: the ids
+    /// returned are the rows requeued (`ops::replay::requeue` waits
+    /// instead).
     fn requeue_failed(
         &self,
         filter: &RequeueFilter,
