@@ -500,6 +500,76 @@ mod cases {
         assert_eq!((c.completed, c.pending, c.failed), (10, 0, 0));
     }
 
+    /// A handler in the inbox's transaction that writes, then panics on
+    /// m-1 (an `unwrap` on unexpected input, say): each panic is a counted
+    /// failure with its message, its writes are rolled back with its
+    /// savepoint, the consumer goes on, and after the last attempt the
+    /// row is failed. Nothing unwinds out of `run`.
+    pub async fn a_panicking_handler_is_a_counted_failure(db: &TestDb) {
+        use omnibox::inbox::{Tx, tx_handler};
+        business(
+            db,
+            "CREATE TABLE invoices (message_id TEXT PRIMARY KEY, note TEXT NOT NULL)",
+        )
+        .await;
+        let calls: Arc<Mutex<HashMap<String, u32>>> = Arc::default();
+        let seen = calls.clone();
+        let handler = Arc::new(tx_handler(move |event, cx| {
+            let calls = seen.clone();
+            Box::pin(async move {
+                let id = event.message_id().to_string();
+                *calls.lock().unwrap().entry(id.clone()).or_default() += 1;
+                let sql_pg = "INSERT INTO invoices VALUES ($1, 'x')";
+                let sql_lite = "INSERT INTO invoices VALUES (?, 'x')";
+                match cx.tx().await {
+                    Ok(Tx::Postgres(c)) => {
+                        sqlx::query(sql_pg).bind(&id).execute(c).await.map(|_| ())
+                    }
+                    Ok(Tx::Sqlite(c)) => {
+                        sqlx::query(sql_lite).bind(&id).execute(c).await.map(|_| ())
+                    }
+                    _ => unreachable!("a transaction of a known backend"),
+                }
+                .unwrap();
+                let n: usize = id.trim_start_matches("m-").parse().unwrap();
+                assert!(n != 1, "index out of range for {id}");
+                Outcome::Completed
+            })
+        }));
+        let (source, _) = VecSource::new(messages(3), db.store.inbox());
+        let mut o = options(AckStrategy::ExactlyOnce, 10);
+        fast_backoff(&mut o);
+        let mut consumer = InboxConsumer::new(source, db.store.inbox(), Some(handler), o);
+        let r = consumer.run(true, stop()).await.unwrap();
+        let row = db
+            .store
+            .inbox()
+            .get_by_message_id("m-1", "billing")
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(row.status(), EventStatus::Failed, "{r:?}");
+        assert_eq!(row.attempts_made(), row.max_attempts());
+        assert_eq!(calls.lock().unwrap()["m-1"], row.max_attempts() as u32);
+        assert_eq!(calls.lock().unwrap()["m-2"], 1);
+        assert_eq!(
+            row.last_error(),
+            Some("handler panicked: index out of range for m-1")
+        );
+        let c = db.store.inbox().counts().await.unwrap();
+        assert_eq!((c.completed, c.failed, c.pending), (2, 1, 0));
+        let rows: Vec<String> = business_rows(db)
+            .await
+            .into_iter()
+            .map(|(id, _)| id)
+            .collect();
+        assert_eq!(
+            rows,
+            vec!["m-0", "m-2"],
+            "the panicking runs' writes were rolled back"
+        );
+    }
+
     /// `inbox process` in the library: with `HandlerStep::in_transactions`
     /// each handler writes in a transaction of its own that also marks the
     /// row completed; a failing run's writes are rolled back; the processor
@@ -1272,6 +1342,7 @@ backend_tests!(
     consumers_share_a_concurrency_limit,
     crash_between_store_and_commit,
     handler_failure_is_redelivered_until_it_succeeds,
+    a_panicking_handler_is_a_counted_failure,
     attempts_survive_a_restart,
     transient_failures_are_paced_and_end,
     external_handlers_run_outside_any_transaction,

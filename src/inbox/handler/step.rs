@@ -1,6 +1,7 @@
 //! [`HandlerStep`]: the processor's batch handler that runs a [`Handler`]
 //! on each event, with a timeout, a concurrency limit and a span.
 
+use futures_util::FutureExt as _;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -146,12 +147,12 @@ async fn traced<H: Handler>(
     system: Option<&'static str>,
     cx: &mut HandlerContext<'_>,
 ) -> Outcome {
-    let run = tokio::time::timeout(timeout, handler.handle(event, cx));
+    let run = tokio::time::timeout(
+        timeout,
+        std::panic::AssertUnwindSafe(handler.handle(event, cx)).catch_unwind(),
+    );
     if !crate::telemetry::enabled() {
-        return match run.await {
-            Ok(o) => o,
-            Err(_) => counted(format!("handler timed out after {timeout:?}")),
-        };
+        return settled(run.await, timeout);
     }
     use crate::telemetry::{self, attr};
     use opentelemetry::context::FutureExt as _;
@@ -177,10 +178,7 @@ async fn traced<H: Handler>(
         &telemetry::extract(event.headers()),
         attrs,
     );
-    let outcome = match run.with_context(cx.clone()).await {
-        Ok(o) => o,
-        Err(_) => counted(format!("handler timed out after {timeout:?}")),
-    };
+    let outcome = settled(run.with_context(cx.clone()).await, timeout);
     let error = match &outcome {
         Outcome::Failed { error, .. }
         | Outcome::Dead { error }
@@ -189,6 +187,33 @@ async fn traced<H: Handler>(
     };
     telemetry::end(&cx, error);
     outcome
+}
+
+/// A handler's run as an outcome: its own, or a counted failure when it
+/// timed out or panicked (a panic unwinds no further than here: the
+/// consumer goes on, and the message is retried, then failed and
+/// dead-lettered like any failure).
+fn settled(
+    run: Result<std::thread::Result<Outcome>, tokio::time::error::Elapsed>,
+    timeout: Duration,
+) -> Outcome {
+    match run {
+        Ok(Ok(o)) => o,
+        Ok(Err(panic)) => counted(format!("handler panicked: {}", panic_text(&*panic))),
+        Err(_) => counted(format!("handler timed out after {timeout:?}")),
+    }
+}
+
+/// The message a panic was raised with (`panic!("...")`, `unwrap` on an
+/// error), or a placeholder for a payload of another type.
+pub(crate) fn panic_text(payload: &(dyn std::any::Any + Send)) -> String {
+    if let Some(s) = payload.downcast_ref::<&str>() {
+        (*s).to_string()
+    } else if let Some(s) = payload.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "a panic without a message".to_string()
+    }
 }
 
 impl<H: Handler> BatchHandler<InboxRoute> for HandlerStep<H> {
