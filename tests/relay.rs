@@ -819,3 +819,42 @@ async fn a_database_failure_mid_run_is_reported_with_the_work_done() {
     assert!(report.batches >= 1);
     assert!(report.stopped_because.unwrap().contains("no such table"));
 }
+
+/// A batch handler (a service's own, or a step around it) that panics:
+/// each event of the batch gets a counted failure naming the panic, its
+/// lock is released, and the processor goes on to the next batch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panicking_batch_handler_is_a_counted_failure() {
+    use omnibox::pipeline::{BatchHandler, Outcome, ProcessorBuilder};
+    struct PanicsOnK1;
+    impl BatchHandler<omnibox::OutboxRoute> for PanicsOnK1 {
+        async fn handle(&self, events: &[omnibox::Event<omnibox::OutboxRoute>]) -> Vec<Outcome> {
+            let keys: Vec<&str> = events.iter().map(|e| e.partition_key()).collect();
+            assert!(!keys.contains(&"k1"), "no handler for {keys:?}");
+            vec![Outcome::Completed; events.len()]
+        }
+    }
+    let db = common::sqlite().await;
+    let events: Vec<OutboxEvent> = (0..4)
+        .map(|n| event("orders", &format!("k{n}"), n))
+        .collect();
+    db.store.outbox().create_many(&events).await.unwrap();
+    let p = ProcessorBuilder::new(db.store.outbox(), PanicsOnK1, options("relay-1", 2)).build();
+    let first = p.process_batch().await.unwrap();
+    let second = p.process_batch().await.unwrap();
+    assert_eq!((first.claimed, first.completed), (2, 0), "{first:?}");
+    assert_eq!((second.claimed, second.completed), (2, 2), "{second:?}");
+    for e in &events[..2] {
+        let row = db.store.outbox().get(e.id()).await.unwrap().unwrap();
+        assert_eq!(
+            (row.status(), row.attempts_made(), row.is_locked()),
+            (EventStatus::Pending, 1, false)
+        );
+        assert!(
+            row.last_error()
+                .is_some_and(|m| m.starts_with("handler panicked: no handler for [\"k0\", \"k1\"]")),
+            "{:?}",
+            row.last_error()
+        );
+    }
+}

@@ -152,6 +152,30 @@ where
         &self.handler
     }
 
+    /// The handler's outcomes for `events`. A panic in it (a service's
+    /// handler or step) unwinds no further: every event of the call gets a
+    /// counted failure naming the panic, and the processor goes on.
+    async fn handled(&self, events: &[Event<R>], held: &HeldRows) -> Vec<Outcome> {
+        use futures_util::FutureExt as _;
+        match std::panic::AssertUnwindSafe(self.handler.handle_held(events, held))
+            .catch_unwind()
+            .await
+        {
+            Ok(outcomes) => outcomes,
+            Err(panic) => {
+                let error = format!("handler panicked: {}", super::outcome::panic_text(&*panic));
+                tracing::error!(rows = events.len(), %error, "a batch handler panicked");
+                vec![
+                    Outcome::Failed {
+                        error,
+                        retry: crate::domain::Retry::Counted(None),
+                    };
+                    events.len()
+                ]
+            }
+        }
+    }
+
     /// Claims one batch, handles it, writes the results. An error means the
     /// claim itself failed (nothing was claimed); failures after the claim
     /// are in the report.
@@ -317,7 +341,7 @@ where
                     let handled = if live.is_empty() {
                         Vec::new()
                     } else {
-                        self.handler.handle_held(&live, &held_rows).await
+                        self.handled(&live, &held_rows).await
                     };
                     let total = live.len() + others.len();
                     let mut handled = handled.into_iter();
@@ -346,7 +370,7 @@ where
                     }
                     outcomes
                 } else {
-                    let mut o = self.handler.handle_held(&claim.events, &held_rows).await;
+                    let mut o = self.handled(&claim.events, &held_rows).await;
                     o.resize(claim.events.len(), Outcome::Released);
                     o
                 };

@@ -199,20 +199,11 @@ fn settled(
 ) -> Outcome {
     match run {
         Ok(Ok(o)) => o,
-        Ok(Err(panic)) => counted(format!("handler panicked: {}", panic_text(&*panic))),
+        Ok(Err(panic)) => counted(format!(
+            "handler panicked: {}",
+            crate::pipeline::panic_text(&*panic)
+        )),
         Err(_) => counted(format!("handler timed out after {timeout:?}")),
-    }
-}
-
-/// The message a panic was raised with (`panic!("...")`, `unwrap` on an
-/// error), or a placeholder for a payload of another type.
-pub(crate) fn panic_text(payload: &(dyn std::any::Any + Send)) -> String {
-    if let Some(s) = payload.downcast_ref::<&str>() {
-        (*s).to_string()
-    } else if let Some(s) = payload.downcast_ref::<String>() {
-        s.clone()
-    } else {
-        "a panic without a message".to_string()
     }
 }
 
