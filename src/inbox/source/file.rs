@@ -20,7 +20,7 @@ const MAX_LINE: usize = 4 * 1024 * 1024;
 /// Reads messages from a file or stdin.
 pub struct FileSource {
     name: String,
-    reader: BufReader<Box<dyn AsyncRead + Send + Unpin>>,
+    reader: BufReader<Box<dyn AsyncRead + Send + Sync + Unpin>>,
     follow: bool,
     line: i64,
     eof: bool,
@@ -55,7 +55,7 @@ impl FileSource {
     /// Opens `path` (`-` for stdin); with `follow`, waits for new lines at
     /// the end instead of ending.
     pub async fn open(path: &str, follow: bool) -> Result<Self> {
-        let (name, input): (String, Box<dyn AsyncRead + Send + Unpin>) = if path == "-" {
+        let (name, input): (String, Box<dyn AsyncRead + Send + Sync + Unpin>) = if path == "-" {
             ("stdin".into(), Box::new(tokio::io::stdin()))
         } else {
             let p = PathBuf::from(path);
