@@ -150,7 +150,8 @@ pub mod prelude {
         OutboxRoute, Table, WorkerId,
     };
     pub use crate::pipeline::{
-        Outcome, ProcessorBuilder, ProcessorOptions, RunMode, RunOptions, Sleep, Step, StepExt, run,
+        IntoOutcome, Outcome, ProcessorBuilder, ProcessorOptions, RunMode, RunOptions, Sleep, Step,
+        StepExt, run,
     };
     pub use crate::relay::{AnySink, publisher};
     pub use crate::store::audit::AuditEntry;

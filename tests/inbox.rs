@@ -500,6 +500,59 @@ mod cases {
         assert_eq!((c.completed, c.pending, c.failed), (10, 0, 0));
     }
 
+    /// Handlers may return `Result<(), E>` (`Err`: a counted failure with
+    /// the error's text) or nothing (completed), as well as an `Outcome`.
+    pub async fn handlers_may_return_a_result_or_nothing(db: &TestDb) {
+        let tries: Arc<Mutex<HashMap<String, u32>>> = Arc::default();
+        let seen = tries.clone();
+        let handler = Arc::new(move |e: InboxEvent| {
+            let tries = seen.clone();
+            async move {
+                let id = e.message_id().to_string();
+                let n = {
+                    let mut t = tries.lock().unwrap();
+                    let n = t.entry(id.clone()).or_default();
+                    *n += 1;
+                    *n
+                };
+                if id == "m-1" && n == 1 {
+                    return Err(format!("ledger said no to {id}"));
+                }
+                Ok(())
+            }
+        });
+        let (source, _) = VecSource::new(messages(3), db.store.inbox());
+        let mut o = options(AckStrategy::ExactlyOnce, 10);
+        fast_backoff(&mut o);
+        let mut consumer = InboxConsumer::new(source, db.store.inbox(), Some(handler), o);
+        let r = consumer.run(true, stop()).await.unwrap();
+        assert_eq!(r.failed, 1, "{r:?}");
+        let row = db
+            .store
+            .inbox()
+            .get_by_message_id("m-1", "billing")
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            (row.status(), row.attempts_made()),
+            (EventStatus::Completed, 1)
+        );
+        assert_eq!(tries.lock().unwrap()["m-1"], 2);
+        // Returning nothing: completed.
+        let (source, _) = VecSource::new(vec![msg("n-0", 10, r#"{"n":0}"#)], db.store.inbox());
+        let handler = Arc::new(|_e: InboxEvent| async {});
+        let mut consumer = InboxConsumer::new(
+            source,
+            db.store.inbox(),
+            Some(handler),
+            options(AckStrategy::ExactlyOnce, 10),
+        );
+        consumer.run(true, stop()).await.unwrap();
+        let c = db.store.inbox().counts().await.unwrap();
+        assert_eq!((c.completed, c.failed, c.pending), (4, 0, 0));
+    }
+
     /// A handler in the inbox's transaction that writes, then panics on
     /// m-1 (an `unwrap` on unexpected input, say): each panic is a counted
     /// failure with its message, its writes are rolled back with its
@@ -1343,6 +1396,7 @@ backend_tests!(
     crash_between_store_and_commit,
     handler_failure_is_redelivered_until_it_succeeds,
     a_panicking_handler_is_a_counted_failure,
+    handlers_may_return_a_result_or_nothing,
     attempts_survive_a_restart,
     transient_failures_are_paced_and_end,
     external_handlers_run_outside_any_transaction,

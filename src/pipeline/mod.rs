@@ -31,7 +31,7 @@ pub(crate) use dead_letter::put_dead_letters;
 pub use dead_letter::{DeadLetterStore, Letter};
 pub use options::{BatchReport, ProcessorOptions};
 pub(crate) use outcome::Verdict;
-pub use outcome::{BatchHandler, HeldRows, Outcome, panic_text};
+pub use outcome::{BatchHandler, HeldRows, IntoOutcome, Outcome, panic_text};
 pub use processor::{Processor, ProcessorBuilder};
 pub use recorder::{EventOutcome, MetricsRecorder};
 pub use runner::{RunMode, RunOptions, RunReport, Sleep, Wakeup, run};

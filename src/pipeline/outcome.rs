@@ -64,6 +64,34 @@ pub(crate) enum Verdict {
 }
 
 impl Outcome {
+    /// A failure to try again after the backoff's delay, spending an
+    /// attempt (`failed` at the last one): the reference's
+    /// `handler_retry(message)`.
+    pub fn retry(error: impl Into<String>) -> Outcome {
+        Outcome::Failed {
+            error: error.into(),
+            retry: Retry::Counted(None),
+        }
+    }
+
+    /// A failure to try again at `at`: the reference's
+    /// `handler_retry(message, next_retry_at=at, count_as_attempt=...)`.
+    /// Without `count_as_attempt` no attempt is spent.
+    pub fn retry_at(
+        error: impl Into<String>,
+        at: crate::model::Timestamp,
+        count_as_attempt: bool,
+    ) -> Outcome {
+        Outcome::Failed {
+            error: error.into(),
+            retry: if count_as_attempt {
+                Retry::Counted(Some(at))
+            } else {
+                Retry::NotCounted(at)
+            },
+        }
+    }
+
     /// [`Outcome::Unavailable`] is a failure that spends no attempt,
     /// [`Outcome::Dead`] one that spends an attempt.
     pub(crate) fn verdict(self) -> Verdict {
@@ -132,5 +160,37 @@ pub fn panic_text(payload: &(dyn std::any::Any + Send)) -> String {
         s.clone()
     } else {
         "a panic without a message".to_string()
+    }
+}
+
+/// What a handler may return: an [`Outcome`]; `()` (completed: returning
+/// nothing means it worked); or `Result<(), E>` (`Ok` completed, `Err` a
+/// counted failure with the error's text, retried after the backoff).
+pub trait IntoOutcome {
+    /// The outcome this value stands for.
+    fn into_outcome(self) -> Outcome;
+}
+
+impl IntoOutcome for Outcome {
+    /// The outcome itself.
+    fn into_outcome(self) -> Outcome {
+        self
+    }
+}
+
+impl IntoOutcome for () {
+    /// Completed.
+    fn into_outcome(self) -> Outcome {
+        Outcome::Completed
+    }
+}
+
+impl<E: std::fmt::Display> IntoOutcome for std::result::Result<(), E> {
+    /// `Ok`: completed; `Err`: a counted failure with the error's text.
+    fn into_outcome(self) -> Outcome {
+        match self {
+            Ok(()) => Outcome::Completed,
+            Err(e) => Outcome::retry(e.to_string()),
+        }
     }
 }

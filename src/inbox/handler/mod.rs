@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use crate::domain::{Retry, chrono_dur};
 use crate::model::{InboxEvent, time};
-use crate::pipeline::Outcome;
+use crate::pipeline::{IntoOutcome, Outcome};
 use crate::relay::{DeadLetter, Message};
 
 use super::context::HandlerContext;
@@ -53,15 +53,19 @@ pub trait Handler: Send + Sync + 'static {
 impl<F, Fut> Handler for F
 where
     F: Fn(InboxEvent) -> Fut + Send + Sync + 'static,
-    Fut: Future<Output = Outcome> + Send,
+    Fut: Future + Send,
+    Fut::Output: IntoOutcome,
 {
-    /// Calls the closure with a clone of the event; the context is not passed on.
+    /// Calls the closure with a clone of the event (the context is not
+    /// passed on); what it returns becomes an [`Outcome`] ([`IntoOutcome`]:
+    /// an `Outcome`, `()`, or `Result<(), E>`).
     fn handle(
         &self,
         event: &InboxEvent,
         _cx: &mut HandlerContext<'_>,
     ) -> impl Future<Output = Outcome> + Send {
-        self(event.clone())
+        let run = self(event.clone());
+        async move { run.await.into_outcome() }
     }
 }
 
