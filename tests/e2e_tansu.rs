@@ -237,16 +237,14 @@ async fn broker_down_for_30_seconds_spends_no_attempts() {
     );
     let down = Instant::now();
     let outbox = db.store.outbox();
+    let everything = omnibox::ListFilter {
+        limit: Some(5000),
+        ..Default::default()
+    };
     // The relay meets the outage (its transient error is recorded) ...
     let deadline = down + Duration::from_secs(30);
     loop {
-        let rows = outbox
-            .list(&omnibox::ListFilter {
-                limit: Some(5000),
-                ..Default::default()
-            })
-            .await
-            .unwrap();
+        let rows = outbox.list(&everything).await.unwrap();
         if rows.iter().any(|e| {
             e.last_error()
                 .is_some_and(|m| m.contains("broker not answering"))
@@ -262,13 +260,7 @@ async fn broker_down_for_30_seconds_spends_no_attempts() {
     // ... and the broker stays down for the 30 s the scenario is about
     // (many retries of the relay), a span of time rather than a condition.
     tokio::time::sleep_until((down + Duration::from_secs(30)).into()).await;
-    let rows = outbox
-        .list(&omnibox::ListFilter {
-            limit: Some(5000),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    let rows = outbox.list(&everything).await.unwrap();
     assert_eq!(
         rows.iter()
             .filter(|e| e.status() == EventStatus::Completed)
@@ -306,13 +298,7 @@ async fn broker_down_for_30_seconds_spends_no_attempts() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let rows = outbox
-        .list(&omnibox::ListFilter {
-            limit: Some(5000),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    let rows = outbox.list(&everything).await.unwrap();
     assert!(
         rows.iter().all(|e| e.attempts_made() == 0),
         "no attempt spent"

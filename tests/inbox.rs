@@ -40,6 +40,40 @@ async fn business_rows(db: &common::TestDb) -> Vec<(String, String)> {
     }
 }
 
+/// Creates the invoices table the transactional handlers write to.
+async fn invoices_table(db: &common::TestDb) {
+    business(
+        db,
+        "CREATE TABLE invoices (message_id TEXT PRIMARY KEY, note TEXT NOT NULL)",
+    )
+    .await;
+}
+
+/// Writes one invoice through the inbox's transaction in `cx`.
+async fn write_invoice(
+    cx: &mut omnibox::inbox::HandlerContext<'_>,
+    id: &str,
+    note: &str,
+) -> Result<(), sqlx::Error> {
+    use omnibox::inbox::Tx;
+    match cx.tx().await {
+        Ok(Tx::Postgres(c)) => sqlx::query("INSERT INTO invoices VALUES ($1, $2)")
+            .bind(id)
+            .bind(note)
+            .execute(c)
+            .await
+            .map(|_| ()),
+        Ok(Tx::Sqlite(c)) => sqlx::query("INSERT INTO invoices VALUES (?, ?)")
+            .bind(id)
+            .bind(note)
+            .execute(c)
+            .await
+            .map(|_| ()),
+        Ok(_) => panic!("a new backend"),
+        Err(e) => panic!("no transaction: {e}"),
+    }
+}
+
 fn detached() -> omnibox::inbox::HandlerContext<'static> {
     omnibox::inbox::HandlerContext::detached(omnibox::inbox::Dependencies::new())
 }
@@ -425,7 +459,7 @@ mod cases {
     /// A handler writing one invoice per message through the inbox's
     /// transaction; m-3 fails twice after writing.
     fn invoice_writer(runs: Arc<Mutex<HashMap<String, u32>>>) -> Arc<impl omnibox::inbox::Handler> {
-        use omnibox::inbox::{Tx, tx_handler};
+        use omnibox::inbox::tx_handler;
         let seen = runs;
         Arc::new(tx_handler(move |event, cx| {
             let runs = seen.clone();
@@ -438,22 +472,7 @@ mod cases {
                 };
                 let note = cx.dep::<Note>().map_or("none", |n| n.0).to_string();
                 let id = event.message_id().to_string();
-                let written = match cx.tx().await {
-                    Ok(Tx::Postgres(c)) => sqlx::query("INSERT INTO invoices VALUES ($1, $2)")
-                        .bind(&id)
-                        .bind(&note)
-                        .execute(c)
-                        .await
-                        .map(|_| ()),
-                    Ok(Tx::Sqlite(c)) => sqlx::query("INSERT INTO invoices VALUES (?, ?)")
-                        .bind(&id)
-                        .bind(&note)
-                        .execute(c)
-                        .await
-                        .map(|_| ()),
-                    Ok(_) => panic!("a new backend"),
-                    Err(e) => panic!("no transaction: {e}"),
-                };
+                let written = write_invoice(cx, &id, &note).await;
                 if let Err(e) = written {
                     return Outcome::Failed {
                         error: e.to_string(),
@@ -478,11 +497,7 @@ mod cases {
     /// reach the handler.
     pub async fn handler_writes_commit_or_roll_back_with_the_row(db: &TestDb) {
         use omnibox::inbox::Dependencies;
-        business(
-            db,
-            "CREATE TABLE invoices (message_id TEXT PRIMARY KEY, note TEXT NOT NULL)",
-        )
-        .await;
+        invoices_table(db).await;
         let runs: Arc<Mutex<HashMap<String, u32>>> = Arc::default();
         let handler = invoice_writer(runs.clone());
         let (source, _) = VecSource::new(messages(10), db.store.inbox());
@@ -559,12 +574,8 @@ mod cases {
     /// savepoint, the consumer goes on, and after the last attempt the
     /// row is failed. Nothing unwinds out of `run`.
     pub async fn a_panicking_handler_is_a_counted_failure(db: &TestDb) {
-        use omnibox::inbox::{Tx, tx_handler};
-        business(
-            db,
-            "CREATE TABLE invoices (message_id TEXT PRIMARY KEY, note TEXT NOT NULL)",
-        )
-        .await;
+        use omnibox::inbox::tx_handler;
+        invoices_table(db).await;
         let calls: Arc<Mutex<HashMap<String, u32>>> = Arc::default();
         let seen = calls.clone();
         let handler = Arc::new(tx_handler(move |event, cx| {
@@ -572,18 +583,7 @@ mod cases {
             Box::pin(async move {
                 let id = event.message_id().to_string();
                 *calls.lock().unwrap().entry(id.clone()).or_default() += 1;
-                let sql_pg = "INSERT INTO invoices VALUES ($1, 'x')";
-                let sql_lite = "INSERT INTO invoices VALUES (?, 'x')";
-                match cx.tx().await {
-                    Ok(Tx::Postgres(c)) => {
-                        sqlx::query(sql_pg).bind(&id).execute(c).await.map(|_| ())
-                    }
-                    Ok(Tx::Sqlite(c)) => {
-                        sqlx::query(sql_lite).bind(&id).execute(c).await.map(|_| ())
-                    }
-                    _ => unreachable!("a transaction of a known backend"),
-                }
-                .unwrap();
+                write_invoice(cx, &id, "x").await.unwrap();
                 let n: usize = id.trim_start_matches("m-").parse().unwrap();
                 assert!(n != 1, "index out of range for {id}");
                 Outcome::Completed
@@ -629,11 +629,7 @@ mod cases {
     /// writes nothing more for those rows and reports no lease lost.
     pub async fn process_handlers_write_with_the_row(db: &TestDb) {
         use omnibox::inbox::Dependencies;
-        business(
-            db,
-            "CREATE TABLE invoices (message_id TEXT PRIMARY KEY, note TEXT NOT NULL)",
-        )
-        .await;
+        invoices_table(db).await;
         let (source, _) = VecSource::new(messages(10), db.store.inbox());
         InboxConsumer::<_, AnyHandler>::new(
             source,
