@@ -33,7 +33,7 @@ use omnibox::store::audit::{AuditEntry, AuditedChange};
 use omnibox::store::dead_letters::DeadLetterFilter;
 use omnibox::{
     DomainService, EventStatus, EventStore, InboxEvent, InboxStore, ListFilter, MaintenanceStore,
-    NewInboxEvent, Retry, Table, WorkerId, time,
+    NewInboxEvent, OutboxStore, Retry, Table, WorkerId, time,
 };
 use serde_json::json;
 use uuid::Uuid;
@@ -359,4 +359,211 @@ async fn remote_secrets_are_masked_postgres() {
         return;
     };
     remote_secrets_are_masked(db).await;
+}
+
+/// Every filter of a dead-letter listing, alone and together, on letters of
+/// both tables: ids (of the letter or of its event), origin, type, topic,
+/// error text, consumer group, time, open only, paging and limit.
+async fn letter_filters(db: common::TestDb) {
+    use omnibox::pipeline::{DeadLetterStore, Letter};
+    let svc = DomainService::default();
+    let letters = db.store.dead_letters();
+    let order = svc
+        .create_outbox_event(omnibox::NewOutboxEvent::new(
+            "order",
+            Uuid::now_v7(),
+            "order.created",
+            "orders",
+            "order-1",
+            json!({"n": 1}),
+        ))
+        .unwrap();
+    let refund = |id: &str, group: &str| {
+        svc.create_inbox_event(NewInboxEvent::new(
+            id,
+            group,
+            "billing",
+            "refund.issued",
+            json!({"n": 2}),
+        ))
+        .unwrap()
+    };
+    let (r1, r2) = (refund("m-1", "g1"), refund("m-2", "g2"));
+    // A letter is kept only for a row that is failed in its table.
+    let outbox = db.store.outbox();
+    outbox
+        .create_many(std::slice::from_ref(&order))
+        .await
+        .unwrap();
+    let claim = outbox
+        .claim(&omnibox::ClaimOptions::new(WorkerId::new("t").unwrap(), 10))
+        .await
+        .unwrap();
+    let dead = [omnibox::Failure::dead(order.id(), "too large")];
+    outbox.fail(&claim.token, &dead).await.unwrap();
+    let inbox = db.store.inbox();
+    inbox.insert_many(&[r1.clone(), r2.clone()]).await.unwrap();
+    let claim = inbox
+        .claim(&omnibox::ClaimOptions::new(WorkerId::new("t").unwrap(), 10))
+        .await
+        .unwrap();
+    let dead = [
+        omnibox::Failure::dead(r1.id(), "timeout"),
+        omnibox::Failure::dead(r2.id(), "bad"),
+    ];
+    inbox.fail(&claim.token, &dead).await.unwrap();
+    let before = time::now() - chrono::Duration::seconds(1);
+    let put_out = [Letter {
+        event: &order,
+        error: "broker said: record too large",
+    }];
+    assert_eq!(DeadLetterStore::put(&letters, &put_out).await.unwrap(), 1);
+    let put_in = [
+        Letter {
+            event: &r1,
+            error: "handler: timeout after 5s",
+        },
+        Letter {
+            event: &r2,
+            error: "handler: 100% sure it's bad",
+        },
+    ];
+    assert_eq!(DeadLetterStore::put(&letters, &put_in).await.unwrap(), 2);
+    let list = |filter: DeadLetterFilter| {
+        let letters = letters.clone();
+        async move {
+            let mut got: Vec<Uuid> = letters
+                .list(&filter)
+                .await
+                .unwrap()
+                .iter()
+                .map(|l| l.event_id)
+                .collect();
+            got.sort();
+            got
+        }
+    };
+    let sorted = |mut v: Vec<Uuid>| {
+        v.sort();
+        v
+    };
+    let all = list(DeadLetterFilter::default()).await;
+    assert_eq!(all, sorted(vec![order.id(), r1.id(), r2.id()]));
+    let by_event = list(DeadLetterFilter {
+        ids: vec![r1.id()],
+        ..Default::default()
+    })
+    .await;
+    assert_eq!(by_event, vec![r1.id()]);
+    let letter_of_r2 = letters
+        .list(&DeadLetterFilter {
+            ids: vec![r2.id()],
+            ..Default::default()
+        })
+        .await
+        .unwrap()[0]
+        .clone();
+    let by_letter = list(DeadLetterFilter {
+        ids: vec![letter_of_r2.id, Uuid::now_v7()],
+        ..Default::default()
+    })
+    .await;
+    assert_eq!(by_letter, vec![r2.id()]);
+    let inbox_only = list(DeadLetterFilter {
+        origin: Some(Table::Inbox),
+        ..Default::default()
+    })
+    .await;
+    assert_eq!(inbox_only, sorted(vec![r1.id(), r2.id()]));
+    let typed = list(DeadLetterFilter {
+        event_type: Some("order.created".into()),
+        ..Default::default()
+    })
+    .await;
+    assert_eq!(typed, vec![order.id()]);
+    let topic = list(DeadLetterFilter {
+        topic: Some("billing".into()),
+        ..Default::default()
+    })
+    .await;
+    assert_eq!(topic, sorted(vec![r1.id(), r2.id()]));
+    // The text is matched literally: `%` and `_` are not patterns.
+    let text = list(DeadLetterFilter {
+        error_contains: Some("100%".into()),
+        ..Default::default()
+    })
+    .await;
+    assert_eq!(text, vec![r2.id()]);
+    let none = list(DeadLetterFilter {
+        error_contains: Some("_".into()),
+        ..Default::default()
+    })
+    .await;
+    assert!(none.is_empty(), "{none:?}");
+    let group = list(DeadLetterFilter {
+        consumer_group: Some("g1".into()),
+        ..Default::default()
+    })
+    .await;
+    assert_eq!(group, vec![r1.id()]);
+    let in_window = list(DeadLetterFilter {
+        since: Some(before),
+        until: Some(time::now() + chrono::Duration::seconds(1)),
+        ..Default::default()
+    })
+    .await;
+    assert_eq!(in_window.len(), 3);
+    let later = list(DeadLetterFilter {
+        since: Some(time::now() + chrono::Duration::seconds(1)),
+        ..Default::default()
+    })
+    .await;
+    assert!(later.is_empty());
+    let earlier = list(DeadLetterFilter {
+        until: Some(before),
+        ..Default::default()
+    })
+    .await;
+    assert!(earlier.is_empty());
+    let page = letters
+        .list(&DeadLetterFilter {
+            limit: Some(2),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(page.len(), 2);
+    assert!(page[0].seq < page[1].seq);
+    let rest = letters
+        .list(&DeadLetterFilter {
+            after_seq: Some(page[1].seq),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(rest.len(), 1);
+    assert!(rest[0].seq > page[1].seq);
+    let together = list(DeadLetterFilter {
+        origin: Some(Table::Inbox),
+        event_type: Some("refund.issued".into()),
+        error_contains: Some("timeout".into()),
+        consumer_group: Some("g1".into()),
+        open_only: true,
+        ..Default::default()
+    })
+    .await;
+    assert_eq!(together, vec![r1.id()]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn letter_filters_sqlite() {
+    letter_filters(common::sqlite().await).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn letter_filters_postgres() {
+    let Some(db) = common::postgres().await else {
+        return;
+    };
+    letter_filters(db).await;
 }

@@ -6,6 +6,7 @@
 use sqlx::{Postgres, QueryBuilder, Sqlite};
 use uuid::Uuid;
 
+use super::dead_letters::DeadLetterFilter;
 use super::request::{ListFilter, RequeueFilter};
 use super::{DEFAULT_LIST_LIMIT, topic_column};
 use crate::model::{Table, Timestamp, time};
@@ -34,6 +35,8 @@ pub(crate) trait Dialect {
     /// What ends a row selection that skips rows other transactions lock
     /// (empty where one writer holds the whole database).
     const SKIP_LOCKED: &'static str;
+    /// The `consumer_group` field of a dead letter's `event` column, as text.
+    const LETTER_GROUP: &'static str;
 }
 
 /// PostgreSQL: native times and uuid arrays.
@@ -70,6 +73,7 @@ impl Dialect for Pg {
     }
 
     const SKIP_LOCKED: &'static str = " FOR UPDATE SKIP LOCKED";
+    const LETTER_GROUP: &'static str = "event->>'consumer_group'";
 }
 
 /// SQLite: times in the stored text form, ids as a JSON array.
@@ -109,6 +113,59 @@ impl Dialect for Lite {
     }
 
     const SKIP_LOCKED: &'static str = "";
+    const LETTER_GROUP: &'static str = "json_extract(event, '$.consumer_group')";
+}
+
+/// A dead-letter listing's filters, order (oldest first) and limit, after
+/// the backend's `SELECT ... FROM omnibox_dead_letters WHERE true`.
+pub(crate) fn push_letters<D: Dialect>(qb: &mut QueryBuilder<D::Db>, filter: &DeadLetterFilter) {
+    if !filter.ids.is_empty() {
+        qb.push(" AND (");
+        D::id_in(qb, "id", &filter.ids);
+        qb.push(" OR ");
+        D::id_in(qb, "event_id", &filter.ids);
+        qb.push(")");
+    }
+    if let Some(origin) = filter.origin {
+        qb.push(" AND origin = ");
+        D::text(qb, origin.to_string());
+    }
+    if let Some(t) = &filter.event_type {
+        qb.push(" AND event_type = ");
+        D::text(qb, t.clone());
+    }
+    if let Some(t) = &filter.topic {
+        qb.push(" AND topic = ");
+        D::text(qb, t.clone());
+    }
+    if let Some(text) = &filter.error_contains {
+        qb.push(" AND ").push(D::POSITION).push("(error, ");
+        D::text(qb, text.clone());
+        qb.push(") > 0");
+    }
+    if let Some(since) = &filter.since {
+        qb.push(" AND dead_at >= ");
+        D::time(qb, since);
+    }
+    if let Some(until) = &filter.until {
+        qb.push(" AND dead_at < ");
+        D::time(qb, until);
+    }
+    if filter.open_only {
+        qb.push(" AND replayed_at IS NULL");
+    }
+    if let Some(seq) = filter.after_seq {
+        qb.push(" AND seq > ");
+        D::int(qb, seq);
+    }
+    if let Some(group) = &filter.consumer_group {
+        qb.push(" AND origin = 'inbox' AND ")
+            .push(D::LETTER_GROUP)
+            .push(" = ");
+        D::text(qb, group.clone());
+    }
+    qb.push(" ORDER BY seq LIMIT ");
+    D::int(qb, filter.limit.map_or(i64::MAX, i64::from));
 }
 
 /// `list`'s filters, order and limit, after the table's

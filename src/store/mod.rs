@@ -60,6 +60,7 @@ pub use postgres::PgStore;
 pub use report::*;
 pub use request::*;
 pub use sqlite::SqliteStore;
+pub use table::StoreTable;
 pub use traits::*;
 pub use wakeup::AnyWakeup;
 pub use write::{EventConnection, insert_inbox, insert_outbox};

@@ -7,6 +7,7 @@
 //! [`TableSql`] per table.
 
 use std::future::Future;
+use std::marker::PhantomData;
 use std::time::Duration;
 
 use sqlx::QueryBuilder;
@@ -18,7 +19,7 @@ use super::{
     FetchFilters, ListFilter, MaintenanceStore, RequeueFilter, TableCounts, guard_result,
 };
 use crate::error::{Error, Result, storage};
-use crate::model::{Event, EventStatus, Route, Table, Timestamp, UnlockReason};
+use crate::model::{Event, EventStatus, InboxRoute, Route, Table, Timestamp, UnlockReason};
 
 /// One table's statements on one backend. Each is static text; values are
 /// bind parameters, in the order the backend's [`TableBackend`] binds them.
@@ -75,6 +76,105 @@ pub struct TableSql {
     pub delete_failed: &'static str,
     /// Failed rows per event type, most first.
     pub failed_by_type: &'static str,
+}
+
+/// One table of a store on sqlx database `DB`, for route `R` (which
+/// table): the handle the store traits are implemented on. Each backend
+/// names it: [`PgTable`](super::postgres::PgTable),
+/// [`SqliteTable`](super::sqlite::SqliteTable).
+pub struct StoreTable<DB: sqlx::Database, R> {
+    pub(super) pool: sqlx::Pool<DB>,
+    route: PhantomData<fn() -> R>,
+}
+
+impl<DB: sqlx::Database, R> std::fmt::Debug for StoreTable<DB, R> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StoreTable")
+            .field("pool", &self.pool)
+            .finish()
+    }
+}
+
+impl<DB: sqlx::Database, R> Clone for StoreTable<DB, R> {
+    fn clone(&self) -> Self {
+        StoreTable::new(self.pool.clone())
+    }
+}
+
+impl<DB: sqlx::Database, R> StoreTable<DB, R> {
+    /// The handle of `R`'s table on `pool`.
+    pub(super) fn new(pool: sqlx::Pool<DB>) -> Self {
+        StoreTable {
+            pool,
+            route: PhantomData,
+        }
+    }
+
+    /// The pool.
+    pub fn pool(&self) -> &sqlx::Pool<DB> {
+        &self.pool
+    }
+}
+
+/// The accessors a backend's store shares with the other: its pool, closing
+/// it, its two tables and its embedded migrations (`$dir`, the migrations
+/// folder; `$postgres`, whether they run in one transaction each).
+macro_rules! store_handles {
+    ($pool:ty, $table:ident, $dir:literal, $postgres:expr) => {
+        /// The pool, for the application's own queries.
+        pub fn pool(&self) -> &$pool {
+            &self.pool
+        }
+
+        /// Closes the pool: waits for checked-out connections to come back
+        /// and says goodbye to the database on each connection (PostgreSQL
+        /// logs no `Connection reset by peer`; SQLite's last connection
+        /// checkpoints the WAL). Later uses of the store fail with a
+        /// closed-pool error.
+        pub async fn close(&self) {
+            self.pool.close().await;
+        }
+
+        /// The outbox table.
+        pub fn outbox(&self) -> $table<OutboxRoute> {
+            $table::new(self.pool.clone())
+        }
+
+        /// The inbox table.
+        pub fn inbox(&self) -> $table<InboxRoute> {
+            $table::new(self.pool.clone())
+        }
+
+        fn migrator() -> sqlx::migrate::Migrator {
+            migrate::configured(sqlx::migrate!($dir), COMMENT_EDITS)
+        }
+
+        #[cfg(test)]
+        pub(crate) fn migrator_for_tests() -> sqlx::migrate::Migrator {
+            Self::migrator()
+        }
+
+        /// The embedded migrations, for `migrate --print-sql`.
+        pub fn migrations() -> Vec<MigrationScript> {
+            migrate::scripts(&Self::migrator(), $postgres)
+        }
+    };
+}
+pub(crate) use store_handles;
+
+/// The inbox row of `message_id` in `consumer_group` (unique together), on
+/// either backend.
+pub(crate) async fn by_message_id<T: TableBackend<R = InboxRoute>>(
+    table: &T,
+    message_id: &str,
+    consumer_group: &str,
+) -> Result<Option<Event<InboxRoute>>> {
+    let mut qb = QueryBuilder::new(T::sql().select_all);
+    qb.push(" AND message_id = ");
+    T::D::text(&mut qb, message_id.to_string());
+    qb.push(" AND consumer_group = ");
+    T::D::text(&mut qb, consumer_group.to_string());
+    Ok(table.select(qb).await?.pop())
 }
 
 /// The sqlx database of `T`'s dialect.

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use sqlx::{PgConnection, Postgres, Row, Transaction};
+use sqlx::{PgConnection, Postgres, QueryBuilder, Row, Transaction};
 use uuid::Uuid;
 
 use super::PgStore;
@@ -13,6 +13,7 @@ use crate::store::BulkOutcome;
 use crate::store::audit::{self, AuditEntry, AuditFilter, AuditedChange};
 use crate::store::dead_letters::{self, DeadLetterFilter, DeadLetterRecord, NewLetter};
 use crate::store::diagnostics::{ClaimPlan, SMALL_TABLE_PAGES, Statistics, TableHealth};
+use crate::store::dialect::{self, Pg};
 use crate::store::driver::{Driver, FeatureTx, Retention};
 
 /// The columns every letter query reads (`event` as text).
@@ -73,39 +74,12 @@ impl Driver for PgStore {
     }
 
     async fn list_letters(&self, filter: &DeadLetterFilter) -> Result<Vec<DeadLetterRecord>> {
-        let ids = (!filter.ids.is_empty()).then_some(&filter.ids);
-        sqlx::query(sqlx::AssertSqlSafe(format!(
-            "SELECT {LETTER_COLUMNS}
-             FROM omnibox_dead_letters
-             WHERE ($1::uuid[] IS NULL OR id = ANY($1) OR event_id = ANY($1))
-               AND ($2::text IS NULL OR origin = $2)
-               AND ($3::text IS NULL OR event_type = $3)
-               AND ($4::text IS NULL OR topic = $4)
-               AND ($5::text IS NULL OR strpos(error, $5) > 0)
-               AND ($6::timestamptz IS NULL OR dead_at >= $6)
-               AND ($7::timestamptz IS NULL OR dead_at < $7)
-               AND (NOT $8 OR replayed_at IS NULL)
-               AND ($9::bigint IS NULL OR seq > $9)
-               AND ($11::text IS NULL OR (origin = 'inbox' AND event->>'consumer_group' = $11))
-             ORDER BY seq LIMIT $10"
-        )))
-        .bind(ids)
-        .bind(filter.origin.map(|t| t.to_string()))
-        .bind(&filter.event_type)
-        .bind(&filter.topic)
-        .bind(&filter.error_contains)
-        .bind(filter.since)
-        .bind(filter.until)
-        .bind(filter.open_only)
-        .bind(filter.after_seq)
-        .bind(filter.limit.map_or(i64::MAX, i64::from))
-        .bind(&filter.consumer_group)
-        .fetch_all(self.pool())
-        .await
-        .map_err(storage)?
-        .iter()
-        .map(decode_letter)
-        .collect()
+        let mut qb = QueryBuilder::new(format!(
+            "SELECT {LETTER_COLUMNS} FROM omnibox_dead_letters WHERE true"
+        ));
+        dialect::push_letters::<Pg>(&mut qb, filter);
+        let rows = qb.build().fetch_all(self.pool()).await.map_err(storage)?;
+        rows.iter().map(decode_letter).collect()
     }
 
     async fn count_open_letters(&self, origin: Option<Table>) -> Result<u64> {

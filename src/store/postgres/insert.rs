@@ -6,8 +6,8 @@ use std::collections::{HashMap, HashSet};
 use sqlx::{PgConnection, Row};
 use uuid::Uuid;
 
+use super::PgTable;
 use super::sql;
-use super::{PgTable, decode};
 use crate::error::{Error, Result, storage};
 use crate::model::{Event, InboxEvent, InboxRoute, OutboxEvent, OutboxRoute, Route, Timestamp};
 use crate::store::{BulkOutcome, InboxStore, OutboxStore};
@@ -550,12 +550,6 @@ impl InboxStore for PgTable<InboxRoute> {
         message_id: &str,
         consumer_group: &str,
     ) -> Result<Option<InboxEvent>> {
-        let row = sqlx::query(sql::INBOX_BY_MESSAGE)
-            .bind(message_id)
-            .bind(consumer_group)
-            .fetch_optional(&self.pool)
-            .await
-            .map_err(storage)?;
-        row.as_ref().map(decode).transpose()
+        crate::store::table::by_message_id(self, message_id, consumer_group).await
     }
 }

@@ -15,7 +15,6 @@
 //! # Ok(()) }
 //! ```
 
-use std::marker::PhantomData;
 use std::str::FromStr;
 use std::time::Duration;
 
@@ -286,42 +285,7 @@ impl PgStore {
         PgStore { pool, schema: None }
     }
 
-    /// The pool, for the application's own queries.
-    pub fn pool(&self) -> &PgPool {
-        &self.pool
-    }
-
-    /// Closes the pool: each connection says goodbye to the server
-    /// (Terminate) and is shut down cleanly, so the server logs no
-    /// `Connection reset by peer`. Waits for checked-out connections to come
-    /// back; later uses of the store fail with a closed-pool error.
-    pub async fn close(&self) {
-        self.pool.close().await;
-    }
-
-    /// The outbox table.
-    pub fn outbox(&self) -> PgTable<OutboxRoute> {
-        PgTable::new(self.pool.clone())
-    }
-
-    /// The inbox table.
-    pub fn inbox(&self) -> PgTable<InboxRoute> {
-        PgTable::new(self.pool.clone())
-    }
-
-    fn migrator() -> sqlx::migrate::Migrator {
-        migrate::configured(sqlx::migrate!("./migrations/postgres"), COMMENT_EDITS)
-    }
-
-    #[cfg(test)]
-    pub(crate) fn migrator_for_tests() -> sqlx::migrate::Migrator {
-        Self::migrator()
-    }
-
-    /// The embedded migrations, for `migrate --print-sql`.
-    pub fn migrations() -> Vec<MigrationScript> {
-        migrate::scripts(&Self::migrator(), true)
-    }
+    crate::store::table::store_handles!(PgPool, PgTable, "./migrations/postgres", true);
 
     /// Creates the schema (if one was configured) and applies pending
     /// migrations, under PostgreSQL's advisory lock, so concurrent callers are safe.
@@ -458,32 +422,7 @@ fn check_schema_name(schema: &str) -> Result<()> {
 }
 
 /// One table of a [`PgStore`]; implements the store traits.
-#[derive(Debug)]
-pub struct PgTable<R> {
-    pool: PgPool,
-    route: PhantomData<fn() -> R>,
-}
-
-impl<R> Clone for PgTable<R> {
-    fn clone(&self) -> Self {
-        PgTable::new(self.pool.clone())
-    }
-}
-
-impl<R> PgTable<R> {
-    /// The handle of `R`'s table on `pool`.
-    fn new(pool: PgPool) -> Self {
-        PgTable {
-            pool,
-            route: PhantomData,
-        }
-    }
-
-    /// The pool.
-    pub fn pool(&self) -> &PgPool {
-        &self.pool
-    }
-}
+pub type PgTable<R> = crate::store::table::StoreTable<sqlx::Postgres, R>;
 
 mod sealed {
     use sqlx::postgres::PgRow;

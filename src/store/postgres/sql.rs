@@ -452,9 +452,6 @@ pub(super) const EXISTING_BY_MESSAGE: &str = "SELECT i.message_id, i.consumer_gr
     JOIN UNNEST($1::text[], $2::text[]) AS k(message_id, consumer_group)
       ON i.message_id = k.message_id AND i.consumer_group = k.consumer_group";
 
-pub(super) const INBOX_BY_MESSAGE: &str =
-    "SELECT * FROM inbox_events WHERE message_id = $1 AND consumer_group = $2";
-
 /// COPY of outbox rows without idempotency keys (nothing can conflict, so
 /// the plain, faster path applies). Columns in the order of `copy_outbox_row`.
 pub(super) const COPY_OUTBOX: &str = "COPY outbox_events (

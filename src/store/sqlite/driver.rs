@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use sqlx::{Row, Sqlite, SqliteConnection, Transaction};
+use sqlx::{QueryBuilder, Row, Sqlite, SqliteConnection, Transaction};
 use uuid::Uuid;
 
 use super::{SqliteStore, id_array};
@@ -15,6 +15,7 @@ use crate::store::BulkOutcome;
 use crate::store::audit::{self, AuditEntry, AuditFilter, AuditedChange};
 use crate::store::dead_letters::{self, DeadLetterFilter, DeadLetterRecord, NewLetter};
 use crate::store::diagnostics::{ClaimPlan, Statistics, TableHealth};
+use crate::store::dialect::{self, Lite};
 use crate::store::driver::{Driver, FeatureTx, Retention};
 
 /// The columns every letter query reads.
@@ -93,39 +94,12 @@ impl Driver for SqliteStore {
     }
 
     async fn list_letters(&self, filter: &DeadLetterFilter) -> Result<Vec<DeadLetterRecord>> {
-        let ids = (!filter.ids.is_empty()).then(|| id_array(&filter.ids));
-        sqlx::query(sqlx::AssertSqlSafe(format!(
-            "SELECT {LETTER_COLUMNS}
-             FROM omnibox_dead_letters
-             WHERE (?1 IS NULL OR id IN (SELECT value FROM json_each(?1)) OR event_id IN (SELECT value FROM json_each(?1)))
-               AND (?2 IS NULL OR origin = ?2)
-               AND (?3 IS NULL OR event_type = ?3)
-               AND (?4 IS NULL OR topic = ?4)
-               AND (?5 IS NULL OR instr(error, ?5) > 0)
-               AND (?6 IS NULL OR dead_at >= ?6)
-               AND (?7 IS NULL OR dead_at < ?7)
-               AND (NOT ?8 OR replayed_at IS NULL)
-               AND (?9 IS NULL OR seq > ?9)
-               AND (?11 IS NULL OR (origin = 'inbox' AND json_extract(event, '$.consumer_group') = ?11))
-             ORDER BY seq LIMIT ?10"
-        )))
-        .bind(ids)
-        .bind(filter.origin.map(|t| t.to_string()))
-        .bind(&filter.event_type)
-        .bind(&filter.topic)
-        .bind(&filter.error_contains)
-        .bind(filter.since.map(|t| time::format(&t)))
-        .bind(filter.until.map(|t| time::format(&t)))
-        .bind(filter.open_only)
-        .bind(filter.after_seq)
-        .bind(filter.limit.map_or(i64::MAX, i64::from))
-        .bind(&filter.consumer_group)
-        .fetch_all(self.pool())
-        .await
-        .map_err(storage)?
-        .iter()
-        .map(decode_letter)
-        .collect()
+        let mut qb = QueryBuilder::new(format!(
+            "SELECT {LETTER_COLUMNS} FROM omnibox_dead_letters WHERE true"
+        ));
+        dialect::push_letters::<Lite>(&mut qb, filter);
+        let rows = qb.build().fetch_all(self.pool()).await.map_err(storage)?;
+        rows.iter().map(decode_letter).collect()
     }
 
     async fn count_open_letters(&self, origin: Option<Table>) -> Result<u64> {

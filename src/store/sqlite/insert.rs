@@ -174,12 +174,6 @@ impl InboxStore for SqliteTable<InboxRoute> {
         message_id: &str,
         consumer_group: &str,
     ) -> Result<Option<InboxEvent>> {
-        let row = sqlx::query(sql::INBOX_BY_MESSAGE)
-            .bind(message_id.to_string())
-            .bind(consumer_group.to_string())
-            .fetch_optional(&self.pool)
-            .await
-            .map_err(storage)?;
-        row.as_ref().map(decode).transpose()
+        crate::store::table::by_message_id(self, message_id, consumer_group).await
     }
 }

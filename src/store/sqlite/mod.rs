@@ -3,7 +3,6 @@
 //! with `BEGIN IMMEDIATE`. Times are computed by this process (SQLite has no
 //! server clock) and stored in the fixed text form of [`crate::model::time`].
 
-use std::marker::PhantomData;
 use std::str::FromStr;
 use std::time::Duration;
 
@@ -74,40 +73,7 @@ impl SqliteStore {
         SqliteStore { pool }
     }
 
-    /// The pool, for the application's own queries.
-    pub fn pool(&self) -> &SqlitePool {
-        &self.pool
-    }
-
-    /// Closes the pool: waits for checked-out connections to come back and
-    /// closes each connection (the last one checkpoints the WAL).
-    pub async fn close(&self) {
-        self.pool.close().await;
-    }
-
-    /// The outbox table.
-    pub fn outbox(&self) -> SqliteTable<OutboxRoute> {
-        SqliteTable::new(self.pool.clone())
-    }
-
-    /// The inbox table.
-    pub fn inbox(&self) -> SqliteTable<InboxRoute> {
-        SqliteTable::new(self.pool.clone())
-    }
-
-    fn migrator() -> sqlx::migrate::Migrator {
-        migrate::configured(sqlx::migrate!("./migrations/sqlite"), COMMENT_EDITS)
-    }
-
-    #[cfg(test)]
-    pub(crate) fn migrator_for_tests() -> sqlx::migrate::Migrator {
-        Self::migrator()
-    }
-
-    /// The embedded migrations, for `migrate --print-sql`.
-    pub fn migrations() -> Vec<MigrationScript> {
-        migrate::scripts(&Self::migrator(), false)
-    }
+    crate::store::table::store_handles!(SqlitePool, SqliteTable, "./migrations/sqlite", false);
 
     /// Applies pending migrations. Two processes opening a fresh file at
     /// once may both try; the loser finds the schema in place and succeeds.
@@ -271,32 +237,7 @@ const CAPABILITIES: super::Capabilities = super::Capabilities {
 };
 
 /// One table of an [`SqliteStore`]; implements the store traits.
-#[derive(Debug)]
-pub struct SqliteTable<R> {
-    pool: SqlitePool,
-    route: PhantomData<fn() -> R>,
-}
-
-impl<R> Clone for SqliteTable<R> {
-    fn clone(&self) -> Self {
-        SqliteTable::new(self.pool.clone())
-    }
-}
-
-impl<R> SqliteTable<R> {
-    /// The handle of `R`'s table on `pool`.
-    fn new(pool: SqlitePool) -> Self {
-        SqliteTable {
-            pool,
-            route: PhantomData,
-        }
-    }
-
-    /// The pool.
-    pub fn pool(&self) -> &SqlitePool {
-        &self.pool
-    }
-}
+pub type SqliteTable<R> = crate::store::table::StoreTable<sqlx::Sqlite, R>;
 
 mod sealed {
     use sqlx::sqlite::SqliteRow;
