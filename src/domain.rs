@@ -147,11 +147,12 @@ impl DomainService {
                 &new.message_id,
                 limits::MESSAGE_ID_MAX_LENGTH,
             )?,
-            consumer_group: validate::required(
-                "consumer_group",
-                &new.consumer_group,
-                limits::CONSUMER_GROUP_MAX_LENGTH,
-            )?,
+            // Half of the deduplication key: taken exactly, as the consumer
+            // takes it (a padded group is refused, never trimmed).
+            consumer_group: {
+                validate::consumer_group(&new.consumer_group)?;
+                new.consumer_group
+            },
             source: validate::required("source", &new.source, limits::SOURCE_MAX_LENGTH)?,
         };
         let common = EventFields {

@@ -156,17 +156,23 @@ fn create_outbox_event_rejects_each_bad_field() {
 
 #[test]
 fn create_inbox_event_validates_routing() {
-    let n = NewInboxEvent::new(" m-1 ", " g ", " svc ", "t", json!({"a": 1}));
+    let n = NewInboxEvent::new(" m-1 ", "g", " svc ", "t", json!({"a": 1}));
     let e = svc().create_inbox_event(n).unwrap();
     assert_eq!(
         (e.message_id(), e.consumer_group(), e.source()),
         ("m-1", "g", "svc")
     );
+    // The consumer group is half of the deduplication key: taken exactly,
+    // as the consumer takes it; a padded one is refused, not trimmed.
+    let padded = NewInboxEvent::new("m-1", " g ", "svc", "t", json!({"a": 1}));
+    let err = svc().create_inbox_event(padded).unwrap_err().to_string();
+    assert!(err.starts_with("consumer_group: "), "{err}");
+    assert!(err.contains("whitespace"), "{err}");
     assert_eq!(e.idempotency_key(), None);
     let bad = NewInboxEvent::new("m", "", "svc", "t", json!({"a": 1}));
     assert_eq!(
         svc().create_inbox_event(bad).unwrap_err().to_string(),
-        "consumer_group: must not be empty"
+        "consumer_group: must not be empty or blank"
     );
     let bad = NewInboxEvent::new("m".repeat(256), "g", "svc", "t", json!({"a": 1}));
     assert!(svc().create_inbox_event(bad).is_err());
