@@ -121,13 +121,15 @@ pub mod redact;
 pub mod relay;
 pub mod store;
 pub mod telemetry;
+pub mod testkit;
 
 pub use domain::{Backoff, DomainService, Retry};
 pub use error::{Error, Result};
-pub use inbox::{Handler, InboxConsumer};
+pub use inbox::{ConsumerStore, ConsumerTx, Handler, InboxConsumer};
 pub use model::{
-    Event, EventStatus, Headers, InboxEvent, InboxRoute, Limits, NewInboxEvent, NewOutboxEvent,
-    OutboxEvent, OutboxRoute, Payload, Route, Table, Timestamp, UnlockReason, WorkerId, time,
+    Event, EventLock, EventState, EventStatus, Headers, InboxEvent, InboxRoute, Limits,
+    NewInboxEvent, NewOutboxEvent, OutboxEvent, OutboxRoute, Payload, Route, Table, Timestamp,
+    UnlockReason, WorkerId, time,
 };
 pub use pipeline::{Outcome, ProcessorBuilder};
 pub use store::{

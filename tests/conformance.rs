@@ -217,3 +217,47 @@ async fn postgres_timestamps_ignore_the_session_time_zone() {
         .await
         .unwrap();
 }
+
+/// Runs `omnibox::testkit` (what it asks of a store of your own) on stores
+/// from `fresh`: the built-in stores must pass it.
+async fn testkit_passes(fresh: impl AsyncFn() -> common::TestDb) {
+    use omnibox::testkit;
+    let keep = std::sync::Mutex::new(Vec::new());
+    let table = async |inbox: bool| {
+        let db = fresh().await;
+        let t = (db.store.outbox(), db.store.inbox());
+        keep.lock().unwrap().push(db);
+        if inbox {
+            (None, Some(t.1))
+        } else {
+            (Some(t.0), None)
+        }
+    };
+    let outbox = async || table(false).await.0.unwrap();
+    let inbox = async || table(true).await.1.unwrap();
+    let passed = testkit::outbox_store(outbox)
+        .await
+        .unwrap_or_else(|v| panic!("{v}"));
+    assert_eq!(passed, testkit::OUTBOX_CASES.len());
+    let passed = testkit::inbox_store(inbox)
+        .await
+        .unwrap_or_else(|v| panic!("{v}"));
+    assert_eq!(passed, testkit::INBOX_CASES.len());
+    let passed = testkit::consumer_store(inbox)
+        .await
+        .unwrap_or_else(|v| panic!("{v}"));
+    assert_eq!(passed, testkit::CONSUMER_CASES.len());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn testkit_passes_on_sqlite() {
+    testkit_passes(common::sqlite).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn testkit_passes_on_postgres() {
+    if common::postgres().await.is_none() {
+        return;
+    }
+    testkit_passes(async || common::postgres().await.unwrap()).await;
+}

@@ -4,7 +4,7 @@
 //! * [`normalize`](mod@normalize) turns a broker message into an inbox event (or a poison row);
 //! * [`source`]: Kafka, a JSON lines file, stdin;
 //! * [`InboxConsumer`]: a batch of messages per database transaction, with
-//!   the ack strategies of [`AckStrategy`];
+//!   the ack strategies of [`AckStrategy`], on any [`ConsumerStore`];
 //! * [`handler`]: the [`Handler`] trait, `--exec` and `--webhook` handlers,
 //!   and the handler step `omnibox inbox process` runs on claimed rows;
 //! * [`router`]: [`EventRouter`](router::EventRouter) dispatch by source,
@@ -18,6 +18,7 @@ mod message;
 pub mod normalize;
 pub mod router;
 pub mod source;
+mod unit_of_work;
 
 pub use consumer::{
     AckStrategy, CommitOn, ConsumeOptions, ConsumeReport, DEFAULT_CONSUMER_LEASE,
@@ -32,3 +33,4 @@ pub use normalize::{
     DefaultEnvelopeParser, EnvelopeParser, Normalized, RawMessage, Truncated, normalize,
 };
 pub use source::{AnySource, FileSource, KafkaSource, Polled, Source};
+pub use unit_of_work::{ConsumerStore, ConsumerTx};

@@ -3,6 +3,7 @@
 
 mod event;
 mod new_event;
+mod state;
 mod status;
 pub(crate) use event::ClockDefault;
 #[doc(hidden)]
@@ -15,6 +16,7 @@ pub use event::{Event, Headers, InboxEvent, InboxRoute, OutboxEvent, OutboxRoute
 pub(crate) use event::{approx_json_len, headers_from_json};
 pub use limits::Limits;
 pub use new_event::{NewInboxEvent, NewOutboxEvent};
+pub use state::{EventLock, EventState};
 pub use status::{EventStatus, Table};
 pub use time::Timestamp;
 pub use validate::{UnlockReason, WorkerId};

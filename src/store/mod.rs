@@ -68,8 +68,11 @@ pub use write::{EventConnection, insert_inbox, insert_outbox};
 /// The default database: an SQLite file in the working directory.
 pub const DEFAULT_DATABASE_URL: &str = "sqlite://omnibox.db";
 
-/// Checks the ids of a guarded update against what it changed.
-pub(crate) fn guard_result(expected: &[Uuid], changed: &[Uuid]) -> Result<()> {
+/// Checks the ids of a guarded update (complete, fail, release of rows a
+/// claim holds) against the ids it changed: `Ok` when every one changed,
+/// else [`Error::ConcurrentUpdate`] naming the ids the claim no longer
+/// held. For stores of your own, which must answer so.
+pub fn guard_result(expected: &[Uuid], changed: &[Uuid]) -> Result<()> {
     if changed.len() == expected.len() {
         return Ok(());
     }

@@ -11,10 +11,11 @@ use crate::error::Result;
 use crate::inbox::handler::Handler;
 use crate::inbox::normalize::{Normalized, RawMessage};
 use crate::inbox::source::Source;
+use crate::inbox::unit_of_work::{ConsumerStore, ConsumerTx};
 use crate::model::{InboxEvent, time};
-use crate::store::{InboxStore, Redelivered};
+use crate::store::Redelivered;
 
-impl<S: Source, H: Handler> InboxConsumer<S, H> {
+impl<S: Source, H: Handler, T: ConsumerStore> InboxConsumer<S, H, T> {
     /// Exactly-once: see [`AckStrategy::ExactlyOnce`]. A message whose row
     /// exists and is pending is handled again when its retry time has come
     /// and no live lease holds it; otherwise the batch ends before it and

@@ -8,21 +8,21 @@ use uuid::Uuid;
 use super::options::ConsumeReport;
 use super::{InboxConsumer, ToHandle, handle_alive, retry_wait};
 use crate::error::Result;
-use crate::inbox::context::HandlerContext;
 use crate::inbox::handler::Handler;
 use crate::inbox::normalize::RawMessage;
 use crate::inbox::source::Source;
+use crate::inbox::unit_of_work::{ConsumerStore, ConsumerTx};
 use crate::model::InboxEvent;
 use crate::pipeline::Verdict;
-use crate::store::{ClaimToken, EventStore, Failure};
+use crate::store::{ClaimToken, Failure};
 
-impl<S: Source, H: Handler> InboxConsumer<S, H> {
+impl<S: Source, H: Handler, T: ConsumerStore> InboxConsumer<S, H, T> {
     /// Runs a database handler inside `tx` on each row of `work`; completes
     /// the rows it handled and commits. Returns the index of the message
     /// whose failure ends the batch, with the wait before its retry.
     pub(super) async fn handle_in_transaction(
         &mut self,
-        mut tx: crate::store::InboxTx,
+        mut tx: T::Tx,
         token: &ClaimToken,
         handler: &H,
         messages: &[RawMessage],
@@ -45,7 +45,7 @@ impl<S: Source, H: Handler> InboxConsumer<S, H> {
                 continue;
             }
             let outcome = {
-                let mut cx = HandlerContext::in_transaction(tx.bulk(), self.deps.clone());
+                let mut cx = tx.handler_context(self.deps.clone());
                 handle_alive(
                     &mut self.source,
                     handler,

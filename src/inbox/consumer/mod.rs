@@ -13,6 +13,7 @@ use super::normalize::{DefaultEnvelopeParser, EnvelopeParser, Normalized, RawMes
 use super::source::Source;
 use crate::domain::{Backoff, DomainService, Retry};
 use crate::error::{Error, Result};
+use crate::inbox::unit_of_work::ConsumerStore;
 use crate::model::{InboxEvent, InboxRoute, time};
 use crate::pipeline::Outcome;
 use crate::pipeline::throttle::Throttle;
@@ -33,9 +34,9 @@ pub use options::{
 };
 
 /// Consumes from a source into the inbox.
-pub struct InboxConsumer<S: Source, H: Handler> {
+pub struct InboxConsumer<S: Source, H: Handler, T: ConsumerStore = AnyTable<InboxRoute>> {
     source: S,
-    store: AnyTable<InboxRoute>,
+    store: T,
     handler: Option<Arc<H>>,
     options: ConsumeOptions,
     domain: DomainService,
@@ -55,14 +56,9 @@ pub struct InboxConsumer<S: Source, H: Handler> {
     limit: Option<Arc<tokio::sync::Semaphore>>,
 }
 
-impl<S: Source, H: Handler> InboxConsumer<S, H> {
+impl<S: Source, H: Handler, T: ConsumerStore> InboxConsumer<S, H, T> {
     /// A consumer of `source` into `store`, running `handler` (if any) on new rows.
-    pub fn new(
-        source: S,
-        store: AnyTable<InboxRoute>,
-        handler: Option<Arc<H>>,
-        options: ConsumeOptions,
-    ) -> Self {
+    pub fn new(source: S, store: T, handler: Option<Arc<H>>, options: ConsumeOptions) -> Self {
         InboxConsumer {
             source,
             store,

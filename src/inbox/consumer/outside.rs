@@ -13,12 +13,13 @@ use crate::inbox::context::HandlerContext;
 use crate::inbox::handler::Handler;
 use crate::inbox::normalize::RawMessage;
 use crate::inbox::source::Source;
+use crate::inbox::unit_of_work::ConsumerStore;
 use crate::model::InboxEvent;
 use crate::pipeline::Heartbeat;
 use crate::pipeline::Verdict;
-use crate::store::{ClaimToken, EventStore, Failure};
+use crate::store::{ClaimToken, Failure};
 
-impl<S: Source, H: Handler> InboxConsumer<S, H> {
+impl<S: Source, H: Handler, T: ConsumerStore> InboxConsumer<S, H, T> {
     /// Runs an external handler on each row of `work` (stored and locked by
     /// `token`) with no transaction open, writing each result before the
     /// next handler starts. Returns the index of the message whose failure

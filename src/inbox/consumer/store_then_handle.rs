@@ -12,12 +12,13 @@ use crate::inbox::context::HandlerContext;
 use crate::inbox::handler::Handler;
 use crate::inbox::normalize::{Normalized, RawMessage};
 use crate::inbox::source::Source;
+use crate::inbox::unit_of_work::{ConsumerStore, ConsumerTx};
 use crate::model::InboxEvent;
 use crate::pipeline::Heartbeat;
 use crate::pipeline::Verdict;
-use crate::store::{EventStore, Failure, RetryAt};
+use crate::store::{Failure, RetryAt};
 
-impl<S: Source, H: Handler> InboxConsumer<S, H> {
+impl<S: Source, H: Handler, T: ConsumerStore> InboxConsumer<S, H, T> {
     /// At-most-once and at-least-once: the batch is stored (new rows locked
     /// by this consumer) in one transaction; then the handler runs and the
     /// results are written with the lock's token. A failure is an attempt
