@@ -199,7 +199,10 @@ impl ClaimOptions {
             .map_or(i64::MAX, |b| i64::try_from(b).unwrap_or(i64::MAX))
     }
 
-    pub(crate) fn check(&self) -> Result<()> {
+    /// Refuses options no store can honour (a limit of 0 rows, a lease of
+    /// 0 s) with [`Error::Validation`]; every store's claim checks them
+    /// first.
+    pub fn check(&self) -> Result<()> {
         if self.limit == 0 {
             return Err(Error::validation(
                 "limit",
