@@ -1,6 +1,8 @@
 //! A custom pipeline step around an inbox processor's handler: it sees each
-//! batch before the handler runs and each outcome after, and turns the
-//! failures of retired event types into skips (completed, not retried).
+//! batch before the handler runs, filters out internal events before the
+//! handler sees them, and turns the failures of retired event types into
+//! skips (completed, not retried). The handler returns a `Result`: `Err` is
+//! a counted failure with the error's text.
 //!
 //! ```sh
 //! cargo run --example custom_step
@@ -17,12 +19,27 @@ use omnibox::prelude::*;
 struct SkipRetired {
     batches: AtomicUsize,
     skipped: AtomicUsize,
+    filtered: AtomicUsize,
 }
 
 impl Step<InboxRoute> for SkipRetired {
     async fn before_batch(&self, events: &[InboxEvent]) {
         self.batches.fetch_add(1, Ordering::SeqCst);
         println!("batch of {} event(s)", events.len());
+    }
+
+    /// Internal events never reach the handler.
+    async fn before_event(&self, event: &InboxEvent) -> Option<Outcome> {
+        if event.event_type().starts_with("internal.") {
+            println!(
+                "{}: {} filtered out",
+                event.message_id(),
+                event.event_type()
+            );
+            self.filtered.fetch_add(1, Ordering::SeqCst);
+            return Some(Outcome::Skipped);
+        }
+        None
     }
 
     async fn after_event(&self, event: &InboxEvent, outcome: &mut Outcome) {
@@ -49,7 +66,13 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     // Store four messages in the inbox (no handler yet).
     let input = dir.join("in.jsonl");
-    let lines: Vec<String> = ["order.created", "legacy.order.placed", "order.paid", "order.shipped"]
+    let lines: Vec<String> = [
+        "order.created",
+        "legacy.order.placed",
+        "order.paid",
+        "internal.ping",
+        "order.shipped",
+    ]
         .iter()
         .enumerate()
         .map(|(i, t)| {
@@ -69,14 +92,15 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     .await?;
 
     // The handler knows only current event types.
-    let handler = Arc::new(|event: InboxEvent| async move {
-        if event.event_type().starts_with("legacy.") {
-            Outcome::Failed {
-                error: "unknown event type".into(),
-                retry: Retry::Counted(None),
+    let calls = Arc::new(AtomicUsize::new(0));
+    let seen = calls.clone();
+    let handler = Arc::new(move |event: InboxEvent| {
+        seen.fetch_add(1, Ordering::SeqCst);
+        async move {
+            if event.event_type().starts_with("legacy.") {
+                return Err(format!("unknown event type {}", event.event_type()));
             }
-        } else {
-            Outcome::Completed
+            Ok(())
         }
     });
     let step = Arc::new(SkipRetired::default());
@@ -92,8 +116,14 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         report.completed, report.skipped, report.failed
     );
     let counts = store.inbox().counts().await?;
-    assert_eq!((counts.completed, counts.pending, counts.failed), (4, 0, 0));
+    assert_eq!((counts.completed, counts.pending, counts.failed), (5, 0, 0));
     assert_eq!(step.skipped.load(Ordering::SeqCst), 1);
+    assert_eq!(step.filtered.load(Ordering::SeqCst), 1);
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        4,
+        "the handler never saw internal.ping"
+    );
     assert_eq!(step.batches.load(Ordering::SeqCst), 1);
     std::fs::remove_dir_all(&dir)?;
     Ok(())

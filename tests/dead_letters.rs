@@ -330,6 +330,11 @@ async fn remote_secrets_are_masked(db: common::TestDb) {
     .build();
     let r = p.process_batch().await.unwrap();
     assert_eq!((r.dead, r.dead_lettered), (1, 1), "{r:?}");
+    assert_eq!(r.ids.dead, vec![e.id()], "{r:?}");
+    assert!(
+        r.ids.failed.is_empty() && r.ids.completed.is_empty(),
+        "{r:?}"
+    );
     let row = inbox.get(e.id()).await.unwrap().unwrap();
     assert_eq!(row.status(), EventStatus::Failed);
     let stored = row.last_error().unwrap().to_string();

@@ -827,6 +827,96 @@ mod cases {
         assert_eq!((c.completed, c.pending), (3, 0));
     }
 
+    /// A step before the handler decides some events itself: m-0 is
+    /// filtered out (skipped), m-1 routed elsewhere (completed), m-2 held
+    /// for later (a transient failure); the handler sees only m-3 and m-4.
+    pub async fn a_step_before_the_handler_filters_and_routes(db: &TestDb) {
+        use omnibox::pipeline::{Step, StepExt};
+        #[derive(Default)]
+        struct Gate(Mutex<Vec<String>>);
+        impl Step<InboxRoute> for Gate {
+            async fn before_event(&self, event: &InboxEvent) -> Option<Outcome> {
+                match event.message_id() {
+                    "m-0" => Some(Outcome::Skipped),
+                    "m-1" => {
+                        self.0.lock().unwrap().push(event.message_id().into());
+                        Some(Outcome::Completed)
+                    }
+                    "m-2" => Some(Outcome::Failed {
+                        error: "held for later".into(),
+                        retry: Retry::NotCounted(omnibox::time::now() + chrono::Duration::hours(1)),
+                    }),
+                    _ => None,
+                }
+            }
+        }
+        let (source, _) = VecSource::new(messages(5), db.store.inbox());
+        InboxConsumer::<_, AnyHandler>::new(
+            source,
+            db.store.inbox(),
+            None,
+            options(AckStrategy::ExactlyOnce, 10),
+        )
+        .run(true, stop())
+        .await
+        .unwrap();
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let log = seen.clone();
+        let handler = Arc::new(move |e: InboxEvent| {
+            log.lock().unwrap().push(e.message_id().to_string());
+            async { Outcome::Completed }
+        });
+        let gate = Arc::new(Gate::default());
+        let p = ProcessorBuilder::new(
+            db.store.inbox(),
+            HandlerStep::new(handler, 2, Duration::from_secs(5)).with_step(gate.clone()),
+            ProcessorOptions::new(WorkerId::new("p1").unwrap()),
+        )
+        .build();
+        let r = p.process_batch().await.unwrap();
+        assert_eq!(
+            (r.completed, r.skipped, r.failed, r.transient),
+            (3, 1, 0, 1),
+            "{r:?}"
+        );
+        let mut handled = seen.lock().unwrap().clone();
+        handled.sort();
+        assert_eq!(
+            handled,
+            vec!["m-3", "m-4"],
+            "the handler saw only what the step left it"
+        );
+        // The report names the events of each outcome.
+        let mut id = std::collections::HashMap::new();
+        for m in ["m-0", "m-1", "m-2", "m-3", "m-4"] {
+            let row = db
+                .store
+                .inbox()
+                .get_by_message_id(m, "billing")
+                .await
+                .unwrap();
+            id.insert(m, row.unwrap().id());
+        }
+        assert_eq!(r.ids.completed, vec![id["m-1"], id["m-3"], id["m-4"]]);
+        assert_eq!(r.ids.skipped, vec![id["m-0"]]);
+        assert_eq!(r.ids.transient, vec![id["m-2"]]);
+        assert!(r.ids.failed.is_empty() && r.ids.dead.is_empty() && r.ids.lease_lost.is_empty());
+        assert_eq!(*gate.0.lock().unwrap(), vec!["m-1"]);
+        let held = db
+            .store
+            .inbox()
+            .get_by_message_id("m-2", "billing")
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            (held.status(), held.attempts_made(), held.last_error()),
+            (EventStatus::Pending, 0, Some("held for later"))
+        );
+        let c = db.store.inbox().counts().await.unwrap();
+        assert_eq!((c.completed, c.pending), (4, 1));
+    }
+
     /// A service's own metrics back end (`MetricsRecorder`) gets the
     /// consumer's counters and each written batch with every outcome.
     pub async fn a_custom_metrics_backend_is_fed(db: &TestDb) {
@@ -1387,6 +1477,7 @@ backend_tests!(
     process_handlers_write_with_the_row,
     custom_parser_and_domain,
     steps_see_and_change_outcomes,
+    a_step_before_the_handler_filters_and_routes,
     a_custom_metrics_backend_is_fed,
     consumers_share_a_concurrency_limit,
     crash_between_store_and_commit,
@@ -1781,6 +1872,11 @@ async fn a_batch_whose_lease_ran_out_is_not_sent(db: common::TestDb) {
     let handled = paused.handle(fetched).await;
     let r = paused.finish(handled).await;
     assert_eq!((r.completed, r.lease_lost), (0, 5), "{r:?}");
+    assert_eq!(r.ids.lease_lost.len(), 5, "{r:?}");
+    assert!(
+        r.ids.completed.is_empty() && r.ids.released.is_empty(),
+        "{r:?}"
+    );
     let sent = sent.lock().unwrap().clone();
     assert!(
         sent.iter().all(|(who, _)| who == "other"),

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use uuid::Uuid;
 
 use super::dead_letter::{Letter, put_dead_letters};
-use super::options::BatchReport;
+use super::options::{BatchIds, BatchReport};
 use super::outcome::lock;
 use super::outcome::{BatchHandler, Outcome};
 use super::processor::Processor;
@@ -46,6 +46,7 @@ where
             ..BatchReport::default()
         };
         let mut done = Vec::new();
+        let mut committed = Vec::new();
         let mut skipped = Vec::new();
         let mut released = Vec::new();
         let mut failures = Vec::new();
@@ -59,7 +60,10 @@ where
                     report.completed += 1;
                     done.push(event.id());
                 }
-                Outcome::Committed => report.completed += 1,
+                Outcome::Committed => {
+                    report.completed += 1;
+                    committed.push(event.id());
+                }
                 Outcome::Skipped => {
                     report.skipped += 1;
                     done.push(event.id());
@@ -111,6 +115,7 @@ where
         // its key was acknowledged must be failed before that later row is
         // completed (and its key freed), or another relay could take it.
         let mut dead = Vec::new();
+        let mut lost: HashSet<Uuid> = HashSet::new();
         if !failures.is_empty() {
             let counted = failures.iter().filter(|f| f.counted).count();
             let mut unwritten: Option<Vec<Uuid>> = None;
@@ -145,6 +150,15 @@ where
             }
             report.dead = dead.len();
             report.failed = counted.saturating_sub(report.dead);
+            if let Some(u) = &unwritten
+                && report.commit_error.is_none()
+            {
+                lost.extend(u.iter().copied());
+                report.failed = failures
+                    .iter()
+                    .filter(|f| f.counted && !dead.contains(&f.id) && !lost.contains(&f.id))
+                    .count();
+            }
             // A batch downstream did not take at all has its one warning
             // per outage (see `finish`); other failures that leave their
             // event pending are warned about here, throttled.
@@ -180,23 +194,67 @@ where
                 );
             }
         }
-        if let Written::Lost(lost) = self
+        if let Written::Lost(gone) = self
             .write(&mut report, "complete", || {
                 self.store.complete(token, &done)
             })
             .await
         {
-            let lost_skipped = lost.iter().filter(|id| skipped.contains(id)).count();
+            let lost_skipped = gone.iter().filter(|id| skipped.contains(id)).count();
             report.skipped -= lost_skipped;
-            report.completed -= lost.len() - lost_skipped;
+            report.completed -= gone.len() - lost_skipped;
+            lost.extend(gone);
         }
-        self.write(&mut report, "release", || {
-            self.store.release(token, &released)
-        })
-        .await;
+        if let Written::Lost(gone) = self
+            .write(&mut report, "release", || {
+                self.store.release(token, &released)
+            })
+            .await
+        {
+            report.released -= gone.len().min(report.released);
+            lost.extend(gone);
+        }
         if !dead.is_empty() {
             self.dead_letter(claim, &dead, &errors, &mut report).await;
         }
+        let kept = |ids: Vec<Uuid>| -> Vec<Uuid> {
+            ids.into_iter().filter(|id| !lost.contains(id)).collect()
+        };
+        let (counted, transient): (Vec<&Failure>, Vec<&Failure>) =
+            failures.iter().partition(|f| f.counted);
+        let mut completed: Vec<Uuid> = done
+            .iter()
+            .chain(&committed)
+            .filter(|id| !skipped.contains(id))
+            .copied()
+            .collect();
+        completed.sort_by_key(|id| claim.events.iter().position(|e| e.id() == *id));
+        report.ids = BatchIds {
+            completed: kept(completed),
+            skipped: kept(skipped),
+            failed: kept(
+                counted
+                    .iter()
+                    .map(|f| f.id)
+                    .filter(|id| !dead.contains(id))
+                    .collect(),
+            ),
+            transient: kept(
+                transient
+                    .iter()
+                    .map(|f| f.id)
+                    .filter(|id| !dead.contains(id))
+                    .collect(),
+            ),
+            dead,
+            released: kept(released),
+            lease_lost: claim
+                .events
+                .iter()
+                .map(|e| e.id())
+                .filter(|id| lost.contains(id))
+                .collect(),
+        };
         report
     }
 
@@ -250,6 +308,7 @@ where
             released: ids.len(),
             ..BatchReport::default()
         };
+        report.ids.released = ids.clone();
         match self.store.release(&claim.token, &ids).await {
             Ok(_) => {}
             Err(Error::ConcurrentUpdate { missing, .. }) => {
@@ -259,6 +318,8 @@ where
                 );
                 report.released -= missing.len().min(report.released);
                 report.lease_lost += missing.len();
+                report.ids.released.retain(|id| !missing.contains(id));
+                report.ids.lease_lost = missing;
             }
             Err(e) => tracing::warn!(
                 error = %e,

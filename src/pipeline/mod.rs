@@ -29,7 +29,7 @@ pub(crate) use batch::Heartbeat;
 pub use batch::{ClaimedBatch, HandledBatch, NextBatch, NextHandled};
 pub(crate) use dead_letter::put_dead_letters;
 pub use dead_letter::{DeadLetterStore, Letter};
-pub use options::{BatchReport, ProcessorOptions};
+pub use options::{BatchIds, BatchReport, ProcessorOptions};
 pub(crate) use outcome::Verdict;
 pub use outcome::{BatchHandler, HeldRows, IntoOutcome, Outcome, panic_text};
 pub use processor::{Processor, ProcessorBuilder};

@@ -2,6 +2,8 @@
 
 use std::time::Duration;
 
+use uuid::Uuid;
+
 use crate::domain::Backoff;
 use crate::model::WorkerId;
 use crate::model::limits::DEFAULT_LEASE_TIMEOUT;
@@ -84,6 +86,29 @@ pub struct BatchReport {
     /// The first transient failure's error (why downstream did not take the
     /// batch), for the outage warning.
     pub transient_error: Option<String>,
+    /// The events of each outcome, by id (what the counts above count).
+    pub ids: BatchIds,
+}
+
+/// The ids of a batch's events by outcome, as written: a row whose lease
+/// was lost before its result was written is in `lease_lost` only.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct BatchIds {
+    /// Completed (published or processed), in claim order.
+    pub completed: Vec<Uuid>,
+    /// Completed by a handler's (or a step's) choice, not processed.
+    pub skipped: Vec<Uuid>,
+    /// Counted failures still pending.
+    pub failed: Vec<Uuid>,
+    /// Now `failed` (attempts used up, or dead at once).
+    pub dead: Vec<Uuid>,
+    /// Transient failures (no attempt spent), unavailable destinations
+    /// included.
+    pub transient: Vec<Uuid>,
+    /// Released untried.
+    pub released: Vec<Uuid>,
+    /// Rows whose lease was lost before their result was written.
+    pub lease_lost: Vec<Uuid>,
 }
 
 impl BatchReport {
