@@ -917,6 +917,66 @@ mod cases {
         assert_eq!((c.completed, c.pending), (4, 1));
     }
 
+    /// `process_one` consumes one message per call, for a service that
+    /// drives the loop itself: a new message is stored, handled and
+    /// committed; the same message again is a duplicate (not handled); a
+    /// message that cannot be parsed is poison; a failing handler's message
+    /// is not committed; an empty source gives nothing.
+    pub async fn process_one_consumes_one_message_at_a_time(db: &TestDb) {
+        let mut fail = HashMap::new();
+        fail.insert("m-2".to_string(), 1);
+        let (handler, calls) = counting(fail);
+        let input = vec![
+            msg("m-0", 0, r#"{"n":0}"#),
+            msg("m-0", 1, r#"{"n":0}"#),
+            msg("m-1", 2, "not json"),
+            msg("m-2", 3, r#"{"n":2}"#),
+        ];
+        let (source, commits) = VecSource::new(input, db.store.inbox());
+        let mut consumer = InboxConsumer::new(
+            source,
+            db.store.inbox(),
+            Some(handler),
+            options(AckStrategy::ExactlyOnce, 10),
+        );
+        let first = consumer.process_one().await.unwrap().expect("a message");
+        assert_eq!(first.message_id, "m-0");
+        assert!(
+            first.processed && first.committed && !first.duplicate && !first.poison,
+            "{first:?}"
+        );
+        let row = db.store.inbox().get(first.event_id).await.unwrap().unwrap();
+        assert_eq!(row.status(), EventStatus::Completed);
+        let again = consumer.process_one().await.unwrap().expect("a message");
+        assert_eq!(again.event_id, first.event_id);
+        assert!(
+            again.duplicate && again.committed && !again.processed,
+            "{again:?}"
+        );
+        let poison = consumer.process_one().await.unwrap().expect("a message");
+        assert!(
+            poison.poison && poison.committed && !poison.processed,
+            "{poison:?}"
+        );
+        let failing = consumer.process_one().await.unwrap().expect("a message");
+        assert_eq!(failing.message_id, "m-2");
+        assert!(!failing.processed && !failing.committed, "{failing:?}");
+        assert_eq!(failing.report.retrying, 1, "{failing:?}");
+        assert_eq!(
+            calls.lock().unwrap().get("m-0"),
+            Some(&1),
+            "m-0 was handled once"
+        );
+        let through: Vec<i64> = commits.lock().unwrap().iter().map(|c| c.through).collect();
+        assert_eq!(
+            through,
+            vec![0, 1, 2],
+            "the failed message was not committed"
+        );
+        // m-2 waits for its retry: the consumer is paused, nothing comes.
+        assert!(consumer.process_one().await.unwrap().is_none());
+    }
+
     /// A service's own metrics back end (`MetricsRecorder`) gets the
     /// consumer's counters and each written batch with every outcome.
     pub async fn a_custom_metrics_backend_is_fed(db: &TestDb) {
@@ -1478,6 +1538,7 @@ backend_tests!(
     custom_parser_and_domain,
     steps_see_and_change_outcomes,
     a_step_before_the_handler_filters_and_routes,
+    process_one_consumes_one_message_at_a_time,
     a_custom_metrics_backend_is_fed,
     consumers_share_a_concurrency_limit,
     crash_between_store_and_commit,

@@ -21,7 +21,7 @@ pub mod source;
 mod unit_of_work;
 
 pub use consumer::{
-    AckStrategy, CommitOn, ConsumeOptions, ConsumeReport, DEFAULT_CONSUMER_LEASE,
+    AckStrategy, CommitOn, ConsumeOne, ConsumeOptions, ConsumeReport, DEFAULT_CONSUMER_LEASE,
     DEFAULT_TRANSIENT_LIMIT, InboxConsumer,
 };
 pub use context::{Dependencies, HandlerContext, Tx};

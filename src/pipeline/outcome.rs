@@ -64,6 +64,24 @@ pub(crate) enum Verdict {
 }
 
 impl Outcome {
+    /// Processed: the reference's `handler_completed()`.
+    pub fn completed() -> Outcome {
+        Outcome::Completed
+    }
+
+    /// Not processed by the handler's choice, completed all the same: the
+    /// reference's `handler_skipped()`.
+    pub fn skipped() -> Outcome {
+        Outcome::Skipped
+    }
+
+    /// Outdated (a newer revision was applied already), so not processed:
+    /// the reference's `EventHandlerStatus.STALE`. The row is completed as
+    /// a skip is; it counts as skipped.
+    pub fn stale() -> Outcome {
+        Outcome::Skipped
+    }
+
     /// A failure to try again after the backoff's delay, spending an
     /// attempt (`failed` at the last one): the reference's
     /// `handler_retry(message)`.
@@ -192,5 +210,46 @@ impl<E: std::fmt::Display> IntoOutcome for std::result::Result<(), E> {
             Ok(()) => Outcome::Completed,
             Err(e) => Outcome::retry(e.to_string()),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The reference's handler results, as constructors.
+    #[test]
+    fn constructors_are_the_reference_results() {
+        assert_eq!(Outcome::completed(), Outcome::Completed);
+        assert_eq!(Outcome::skipped(), Outcome::Skipped);
+        assert_eq!(Outcome::stale(), Outcome::Skipped);
+        assert_eq!(
+            Outcome::retry("later"),
+            Outcome::Failed {
+                error: "later".into(),
+                retry: Retry::Counted(None)
+            }
+        );
+        let at = crate::model::time::now();
+        assert_eq!(
+            Outcome::retry_at("at", at, true),
+            Outcome::Failed {
+                error: "at".into(),
+                retry: Retry::Counted(Some(at))
+            }
+        );
+        assert_eq!(
+            Outcome::retry_at("at", at, false),
+            Outcome::Failed {
+                error: "at".into(),
+                retry: Retry::NotCounted(at)
+            }
+        );
+        assert_eq!(().into_outcome(), Outcome::Completed);
+        assert_eq!(Ok::<(), String>(()).into_outcome(), Outcome::Completed);
+        assert_eq!(
+            Err::<(), _>("no stock").into_outcome(),
+            Outcome::retry("no stock")
+        );
     }
 }

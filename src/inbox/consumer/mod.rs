@@ -23,10 +23,12 @@ use crate::store::{AnyTable, ClaimToken, Failure, RetryAt};
 
 mod exactly_once;
 mod in_transaction;
+mod one;
 mod options;
 mod outside;
 mod store_then_handle;
 
+pub use one::ConsumeOne;
 use options::IDLE_AFTER;
 pub use options::{
     AckStrategy, CommitOn, ConsumeOptions, ConsumeReport, DEFAULT_CONSUMER_LEASE,

@@ -1,0 +1,81 @@
+//! One message at a time: [`InboxConsumer::process_one`], for a service
+//! that drives the consumer's loop itself (the reference's `process_one`
+//! and `InboxConsumeResult`).
+
+use std::time::Instant;
+
+use uuid::Uuid;
+
+use super::InboxConsumer;
+use super::options::ConsumeReport;
+use crate::error::Result;
+use crate::inbox::handler::Handler;
+use crate::inbox::source::Source;
+use crate::inbox::unit_of_work::ConsumerStore;
+
+/// What [`InboxConsumer::process_one`] did with one message (the
+/// reference's `InboxConsumeResult`).
+#[derive(Debug, Clone)]
+pub struct ConsumeOne {
+    /// The message's id (a poison message's is derived from its position).
+    pub message_id: String,
+    /// The id of its inbox row.
+    pub event_id: Uuid,
+    /// True when the source's position was committed through it.
+    pub committed: bool,
+    /// True when the handler completed or skipped it in this call.
+    pub processed: bool,
+    /// True when its row was done already (a delivery handled before).
+    pub duplicate: bool,
+    /// True when it could not be parsed (stored as a `failed` row).
+    pub poison: bool,
+    /// Its counts, as [`InboxConsumer::run`] reports them (failures,
+    /// retries, redeliveries).
+    pub report: ConsumeReport,
+}
+
+impl<S: Source, H: Handler, T: ConsumerStore> InboxConsumer<S, H, T> {
+    /// Reads one message from the source and consumes it under the ack
+    /// strategy, as [`run`](Self::run) does with a batch; `None` when no
+    /// message came within the options' `poll_wait` (or the consumer is
+    /// paused until a failed message's retry time, or a file source ended).
+    /// For a service that drives the loop itself: call it again and again;
+    /// a database error is returned (nothing of the message was committed,
+    /// so the source delivers it again).
+    pub async fn process_one(&mut self) -> Result<Option<ConsumeOne>> {
+        crate::model::validate::consumer_group(&self.options.group)?;
+        if let Some(at) = self.resume_at {
+            let now = Instant::now();
+            if now < at {
+                self.source
+                    .idle((at - now).min(self.options.poll_wait))
+                    .await?;
+                return Ok(None);
+            }
+            self.resume_at = None;
+        }
+        let polled = self
+            .source
+            .poll_within(1, usize::MAX, self.options.poll_wait)
+            .await?;
+        let Some(message) = polled.messages.into_iter().next() else {
+            return Ok(None);
+        };
+        let parsed = self
+            .parser
+            .parse(&self.domain, &message, &self.options.group);
+        let mut report = ConsumeReport::default();
+        self.consume_batch(std::slice::from_ref(&message), &mut report)
+            .await?;
+        let event = parsed.event();
+        Ok(Some(ConsumeOne {
+            message_id: event.message_id().to_string(),
+            event_id: event.id(),
+            committed: report.commits > 0,
+            processed: report.processed + report.skipped > 0,
+            duplicate: report.duplicates > 0,
+            poison: parsed.is_poison(),
+            report,
+        }))
+    }
+}
