@@ -75,6 +75,11 @@ pub struct Metrics {
     /// Dead letters not replayed yet (`--dlq table`), per table of their
     /// events; set every 30 s by the long-running commands.
     pub dead_letters_open: Family<TableLabels, Gauge>,
+    /// Rows the last claim locked (the reference's `locked_batch_size`).
+    pub locked_batch_size: Family<TableLabels, Gauge>,
+    /// Time one handler took on one event, seconds (inbox consumer and
+    /// inbox processor).
+    pub handler_duration: Family<EventLabels, Histogram>,
 }
 
 /// Labels of [`Metrics::counters`].
@@ -112,6 +117,20 @@ impl Metrics {
         let counters = Family::<CounterLabels, Counter>::default();
         let stale_locks = Family::<TableLabels, Gauge>::default();
         let dead_letters_open = Family::<TableLabels, Gauge>::default();
+        let locked_batch_size = Family::<TableLabels, Gauge>::default();
+        let handler_duration = Family::<EventLabels, Histogram>::new_with_constructor(|| {
+            Histogram::new(exponential_buckets(0.0005, 2.0, 18))
+        });
+        registry.register(
+            "locked_batch_size",
+            "Rows the last claim locked",
+            locked_batch_size.clone(),
+        );
+        registry.register(
+            "handler_duration_seconds",
+            "Time one handler took on one event",
+            handler_duration.clone(),
+        );
         registry.register(
             "dead_letters_open",
             "Dead letters kept in the database and not replayed yet",
@@ -182,6 +201,8 @@ impl Metrics {
             counters,
             stale_locks,
             dead_letters_open,
+            locked_batch_size,
+            handler_duration,
         }
     }
 
@@ -282,6 +303,29 @@ impl Metrics {
         })
     }
 
+    /// Counts the failure of `e` in `events_failed`, by kind: `transient`,
+    /// `unavailable`, `dead` (including a last counted attempt) or
+    /// `counted`.
+    fn count_failure(&self, table: &str, e: &EventOutcome<'_>) {
+        let kind = match e.outcome {
+            Outcome::Unavailable { .. } => "unavailable",
+            Outcome::Dead { .. } => "dead",
+            Outcome::Failed {
+                retry: Retry::NotCounted(_) | Retry::NotCountedAfter(_),
+                ..
+            } => "transient",
+            _ if e.attempts_made + 1 >= e.max_attempts => "dead",
+            _ => "counted",
+        };
+        self.failed
+            .get_or_create(&FailureLabels {
+                table: table.to_string(),
+                event_type: e.event_type.to_string(),
+                kind: kind.into(),
+            })
+            .inc();
+    }
+
     /// Increments a [`counters`](Self::counters) entry.
     pub fn count(&self, name: &str, n: u64) {
         self.counters
@@ -345,6 +389,9 @@ impl MetricsRecorder for Metrics {
         m.batch_size
             .get_or_create(&t)
             .observe(report.claimed as f64);
+        m.locked_batch_size
+            .get_or_create(&t)
+            .set(i64::try_from(report.claimed).unwrap_or(i64::MAX));
         m.batch_latency
             .get_or_create(&t)
             .observe(report.handle_time.as_secs_f64());
@@ -371,26 +418,32 @@ impl MetricsRecorder for Metrics {
                     m.skipped.get_or_create(&labels).inc();
                 }
                 Outcome::Failed { .. } | Outcome::Unavailable { .. } | Outcome::Dead { .. } => {
-                    let kind = match e.outcome {
-                        Outcome::Unavailable { .. } => "unavailable",
-                        Outcome::Dead { .. } => "dead",
-                        Outcome::Failed {
-                            retry: Retry::NotCounted(_) | Retry::NotCountedAfter(_),
-                            ..
-                        } => "transient",
-                        _ if e.attempts_made + 1 >= e.max_attempts => "dead",
-                        _ => "counted",
-                    };
-                    m.failed
-                        .get_or_create(&FailureLabels {
-                            table: table.clone(),
-                            event_type: labels.event_type,
-                            kind: kind.into(),
-                        })
-                        .inc();
+                    m.count_failure(&table, e);
                 }
                 Outcome::Released => {}
             }
+        }
+    }
+
+    /// Observes `handler_duration_seconds`.
+    fn handler_time(&self, table: Table, event_type: &str, took: std::time::Duration) {
+        self.handler_duration
+            .get_or_create(&EventLabels {
+                table: table.to_string(),
+                event_type: event_type.to_string(),
+            })
+            .observe(took.as_secs_f64());
+    }
+
+    /// Observes the handler's time and counts a failure in `events_failed`
+    /// by kind (the consumer's completions are its `processed` counter).
+    fn handled(&self, table: Table, event: &EventOutcome<'_>, took: std::time::Duration) {
+        self.handler_time(table, event.event_type, took);
+        if matches!(
+            event.outcome,
+            Outcome::Failed { .. } | Outcome::Unavailable { .. } | Outcome::Dead { .. }
+        ) {
+            self.count_failure(&table.to_string(), event);
         }
     }
 

@@ -1033,6 +1033,92 @@ mod cases {
         );
     }
 
+    /// The Prometheus metrics see every handler: the consumer's failures by
+    /// kind and the time of each handler run (consumer and processor), and
+    /// the rows the last claim locked.
+    pub async fn prometheus_metrics_cover_handlers(db: &TestDb) {
+        let metrics = Arc::new(omnibox::metrics::Metrics::new());
+        let mut fail = HashMap::new();
+        fail.insert("m-1".to_string(), 1);
+        let (handler, _) = counting(fail);
+        let (source, _) = VecSource::new(messages(2), db.store.inbox());
+        let mut consumer = InboxConsumer::new(
+            source,
+            db.store.inbox(),
+            Some(handler),
+            options(AckStrategy::ExactlyOnce, 10),
+        )
+        .metrics(metrics.clone());
+        let done = consumer.process_one().await.unwrap().unwrap();
+        assert!(done.processed, "{done:?}");
+        let failed = consumer.process_one().await.unwrap().unwrap();
+        assert_eq!(failed.report.retrying, 1, "{failed:?}");
+        let text = metrics.render();
+        let line = |prefix: &str| -> Option<String> {
+            text.lines()
+                .find(|l| l.starts_with(prefix))
+                .map(str::to_string)
+        };
+        assert_eq!(
+            line("omnibox_events_failed_total{table=\"inbox\",event_type=\"order.created\",kind=\"counted\"}")
+                .as_deref()
+                .and_then(|l| l.rsplit(' ').next()),
+            Some("1"),
+            "{text}"
+        );
+        assert_eq!(
+            line("omnibox_handler_duration_seconds_count{table=\"inbox\",event_type=\"order.created\"}")
+                .as_deref()
+                .and_then(|l| l.rsplit(' ').next()),
+            Some("2"),
+            "{text}"
+        );
+
+        // The processor's handler step reports its handler's time too.
+        let (source, _) = VecSource::new(
+            (2..5)
+                .map(|i| msg(&format!("m-{i}"), i, r#"{"n":1}"#))
+                .collect(),
+            db.store.inbox(),
+        );
+        InboxConsumer::<_, AnyHandler>::new(
+            source,
+            db.store.inbox(),
+            None,
+            options(AckStrategy::ExactlyOnce, 10),
+        )
+        .run(true, stop())
+        .await
+        .unwrap();
+        let handler = Arc::new(|_: InboxEvent| async { Outcome::Completed });
+        let p = ProcessorBuilder::new(
+            db.store.inbox(),
+            HandlerStep::new(handler, 2, Duration::from_secs(5)).metrics(metrics.clone()),
+            ProcessorOptions::new(WorkerId::new("p1").unwrap()),
+        )
+        .metrics(metrics.clone())
+        .build();
+        let r = p.process_batch().await.unwrap();
+        assert_eq!(r.claimed, 3, "{r:?}");
+        let text = metrics.render();
+        let value = |prefix: &str| -> Option<String> {
+            text.lines()
+                .find(|l| l.starts_with(prefix))
+                .and_then(|l| l.rsplit(' ').next())
+                .map(str::to_string)
+        };
+        assert_eq!(
+            value("omnibox_handler_duration_seconds_count{table=\"inbox\",event_type=\"order.created\"}").as_deref(),
+            Some("5"),
+            "{text}"
+        );
+        assert_eq!(
+            value("omnibox_locked_batch_size{table=\"inbox\"}").as_deref(),
+            Some("3"),
+            "{text}"
+        );
+    }
+
     /// Consumers sharing a concurrency limit run at most that many handlers
     /// at once between them.
     pub async fn consumers_share_a_concurrency_limit(db: &TestDb) {
@@ -1540,6 +1626,7 @@ backend_tests!(
     a_step_before_the_handler_filters_and_routes,
     process_one_consumes_one_message_at_a_time,
     a_custom_metrics_backend_is_fed,
+    prometheus_metrics_cover_handlers,
     consumers_share_a_concurrency_limit,
     crash_between_store_and_commit,
     handler_failure_is_redelivered_until_it_succeeds,

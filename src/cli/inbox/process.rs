@@ -116,7 +116,8 @@ pub async fn run(args: ProcessArgs, ctx: &Context) -> Result<ExitStatus> {
     options.filters.event_types = args.event_types.clone();
     options.filters.consumer_groups = args.consumer_groups.clone();
     let metrics = running::metrics("inbox");
-    let step = HandlerStep::new(handler, args.concurrency as usize, args.handler.timeout);
+    let step = HandlerStep::new(handler, args.concurrency as usize, args.handler.timeout)
+        .metrics(metrics.clone());
     let mut builder = ProcessorBuilder::new(store.inbox(), step, options)
         .job("inbox_processor")
         .metrics(metrics.clone())

@@ -53,6 +53,7 @@ impl<S: Source, H: Handler, T: ConsumerStore> InboxConsumer<S, H, T> {
                     self.options.handler_timeout,
                     &mut cx,
                     self.limit.as_deref(),
+                    self.metrics.as_deref(),
                 )
                 .await
             };

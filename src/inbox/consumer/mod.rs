@@ -17,7 +17,7 @@ use crate::inbox::unit_of_work::ConsumerStore;
 use crate::model::{InboxEvent, InboxRoute, time};
 use crate::pipeline::Outcome;
 use crate::pipeline::throttle::Throttle;
-use crate::pipeline::{DeadLetterStore, Letter, MetricsRecorder, put_dead_letters};
+use crate::pipeline::{DeadLetterStore, EventOutcome, Letter, MetricsRecorder, put_dead_letters};
 use crate::relay::{AnySink, DeadLetterTopic};
 use crate::store::{AnyTable, ClaimToken, Failure, RetryAt};
 
@@ -528,6 +528,7 @@ fn receive_span(source: &str, group: &str, messages: &[RawMessage]) -> opentelem
 /// Runs `handler` on `event`; when it runs longer than a moment, the source
 /// idles meanwhile (Kafka: paused partitions, polls go on), so a slow handler
 /// does not outlive the group's poll interval.
+#[allow(clippy::too_many_arguments)]
 async fn handle_alive<S: Source, H: Handler>(
     source: &mut S,
     handler: &H,
@@ -535,6 +536,7 @@ async fn handle_alive<S: Source, H: Handler>(
     timeout: Duration,
     cx: &mut HandlerContext<'_>,
     limit: Option<&tokio::sync::Semaphore>,
+    metrics: Option<&dyn MetricsRecorder>,
 ) -> Outcome {
     let system =
         crate::telemetry::enabled().then(|| crate::telemetry::system_of(&source.describe()));
@@ -544,7 +546,21 @@ async fn handle_alive<S: Source, H: Handler>(
             Some(l) => l.acquire().await.ok(),
             None => None,
         };
-        run_handler(handler, event, timeout, system, cx).await
+        let started = Instant::now();
+        let outcome = run_handler(handler, event, timeout, system, cx).await;
+        if let Some(m) = metrics {
+            m.handled(
+                crate::model::Table::Inbox,
+                &EventOutcome {
+                    event_type: event.event_type(),
+                    attempts_made: event.attempts_made(),
+                    max_attempts: event.max_attempts(),
+                    outcome: &outcome,
+                },
+                started.elapsed(),
+            );
+        }
+        outcome
     };
     tokio::pin!(run);
     tokio::select! {

@@ -60,6 +60,7 @@ impl<S: Source, H: Handler, T: ConsumerStore> InboxConsumer<S, H, T> {
                 self.options.handler_timeout,
                 &mut HandlerContext::detached(self.deps.clone()),
                 self.limit.as_deref(),
+                self.metrics.as_deref(),
             )
             .await;
             match outcome.verdict() {

@@ -21,6 +21,8 @@ pub struct HandlerStep<H: Handler> {
     deps: Dependencies,
     /// Set by [`in_transactions`](Self::in_transactions).
     table: Option<crate::store::AnyTable<InboxRoute>>,
+    /// Set by [`metrics`](Self::metrics).
+    metrics: Option<Arc<dyn crate::pipeline::MetricsRecorder>>,
 }
 
 impl<H: Handler> HandlerStep<H> {
@@ -32,7 +34,30 @@ impl<H: Handler> HandlerStep<H> {
             timeout,
             deps: Dependencies::default(),
             table: None,
+            metrics: None,
         }
+    }
+
+    /// Reports each handler run's time to `metrics`
+    /// ([`MetricsRecorder::handler_time`](crate::pipeline::MetricsRecorder::handler_time);
+    /// `handler_duration_seconds` in Prometheus).
+    pub fn metrics<M: crate::pipeline::MetricsRecorder>(mut self, metrics: Arc<M>) -> Self {
+        self.metrics = Some(metrics);
+        self
+    }
+
+    /// Runs the handler on `event` in `cx`, timed.
+    async fn run(&self, event: &InboxEvent, cx: &mut HandlerContext<'_>) -> Outcome {
+        let started = std::time::Instant::now();
+        let outcome = run_handler(self.handler.as_ref(), event, self.timeout, None, cx).await;
+        if let Some(m) = &self.metrics {
+            m.handler_time(
+                crate::model::Table::Inbox,
+                event.event_type(),
+                started.elapsed(),
+            );
+        }
+        outcome
     }
 
     /// Runs each event's handler (one whose
@@ -66,7 +91,7 @@ impl<H: Handler> HandlerStep<H> {
         };
         let outcome = {
             let mut cx = HandlerContext::in_transaction(tx.bulk(), self.deps.clone());
-            run_handler(self.handler.as_ref(), event, self.timeout, None, &mut cx).await
+            self.run(event, &mut cx).await
         };
         if !matches!(outcome, Outcome::Completed | Outcome::Skipped) {
             // Nothing of the failed run stays (its savepoint is rolled back
@@ -236,7 +261,7 @@ impl<H: Handler> BatchHandler<InboxRoute> for HandlerStep<H> {
                         return self.handle_in_transaction(table, event, held).await;
                     }
                     let mut cx = HandlerContext::detached(deps);
-                    run_handler(self.handler.as_ref(), event, self.timeout, None, &mut cx).await
+                    self.run(event, &mut cx).await
                 });
             }
             out.extend(futures_util::future::join_all(running).await);
