@@ -623,6 +623,154 @@ mod cases {
         );
     }
 
+    /// A handler that panics on m-1, under every ack strategy and outside
+    /// the inbox's transaction: each panic is a counted failure with its
+    /// message on the row, the consumer goes on with m-2, and nothing
+    /// unwinds out of `run`.
+    pub async fn a_panicking_handler_is_a_failure_under_every_strategy(db: &TestDb) {
+        let strategies = [
+            ("at-most-once", AckStrategy::AtMostOnce),
+            ("on-persist", AckStrategy::AtLeastOnce(CommitOn::Persist)),
+            ("on-success", AckStrategy::AtLeastOnce(CommitOn::Success)),
+            ("exactly-once", AckStrategy::ExactlyOnce),
+        ];
+        for (group, ack) in strategies {
+            let handler = Arc::new(Outside(|e: InboxEvent| async move {
+                let parts: Vec<&str> = e.message_id().split('-').collect();
+                let n: usize = parts[1].parse().unwrap();
+                assert!(n != 1, "unexpected input in {}", e.message_id());
+                Outcome::Completed
+            }));
+            let (source, _) = VecSource::new(messages(3), db.store.inbox());
+            let mut o = options(ack, 1);
+            o.group = group.to_string();
+            fast_backoff(&mut o);
+            let r = InboxConsumer::new(source, db.store.inbox(), Some(handler), o)
+                .run(true, stop())
+                .await
+                .unwrap_or_else(|e| panic!("{group}: {e}"));
+            let row = |m: &'static str| async move {
+                db.store
+                    .inbox()
+                    .get_by_message_id(m, group)
+                    .await
+                    .unwrap()
+                    .unwrap()
+            };
+            let failed = row("m-1").await;
+            assert_eq!(
+                failed.last_error(),
+                Some("handler panicked: unexpected input in m-1"),
+                "{group}: {r:?}"
+            );
+            // Exactly-once redelivers it until its attempts are spent; the
+            // others leave it pending for `inbox process`.
+            if group == "exactly-once" {
+                assert_eq!(failed.status(), EventStatus::Failed, "{failed:?}");
+            } else {
+                assert_eq!(
+                    (failed.status(), failed.attempts_made()),
+                    (EventStatus::Pending, 1),
+                    "{group}: {failed:?}"
+                );
+            }
+            for m in ["m-0", "m-2"] {
+                assert_eq!(
+                    row(m).await.status(),
+                    EventStatus::Completed,
+                    "{group} {m}: {r:?}"
+                );
+            }
+        }
+    }
+
+    /// `inbox process` in the library: a handler that panics (in its own
+    /// transaction or without one) is a counted failure of its event with
+    /// the panic's message; a step that panics fails its batch the same
+    /// way; the processor goes on.
+    pub async fn a_panicking_handler_or_step_in_process_is_a_failure(db: &TestDb) {
+        use omnibox::pipeline::{Step, StepExt};
+        struct Explodes;
+        impl Step<InboxRoute> for Explodes {
+            async fn before_event(&self, event: &InboxEvent) -> Option<Outcome> {
+                assert!(event.message_id() != "m-0", "a step bug");
+                None
+            }
+        }
+        for group in ["in-tx", "detached", "step"] {
+            let (source, _) = VecSource::new(messages(3), db.store.inbox());
+            let mut o = options(AckStrategy::ExactlyOnce, 10);
+            o.group = group.to_string();
+            InboxConsumer::<_, AnyHandler>::new(source, db.store.inbox(), None, o)
+                .run(true, stop())
+                .await
+                .unwrap();
+            let handler = Arc::new(|e: InboxEvent| async move {
+                assert!(e.message_id() != "m-1", "bad input in {}", e.message_id());
+                Outcome::Completed
+            });
+            let mut o = ProcessorOptions::new(WorkerId::new("p1").unwrap());
+            o.filters.consumer_groups = vec![group.to_string()];
+            let step = HandlerStep::new(handler, 2, Duration::from_secs(5));
+            let r = match group {
+                "in-tx" => {
+                    let step = step.in_transactions(db.store.inbox());
+                    ProcessorBuilder::new(db.store.inbox(), step, o)
+                        .build()
+                        .process_batch()
+                        .await
+                }
+                "detached" => {
+                    ProcessorBuilder::new(db.store.inbox(), step, o)
+                        .build()
+                        .process_batch()
+                        .await
+                }
+                _ => {
+                    let step = step.with_step(Explodes);
+                    ProcessorBuilder::new(db.store.inbox(), step, o)
+                        .build()
+                        .process_batch()
+                        .await
+                }
+            }
+            .unwrap_or_else(|e| panic!("{group}: {e}"));
+            let row = |m: &'static str| async move {
+                db.store
+                    .inbox()
+                    .get_by_message_id(m, group)
+                    .await
+                    .unwrap()
+                    .unwrap()
+            };
+            if group == "step" {
+                assert_eq!((r.claimed, r.failed, r.completed), (3, 3, 0), "{r:?}");
+                let e = row("m-2").await;
+                assert!(
+                    e.last_error()
+                        .is_some_and(|m| m.starts_with("handler panicked: a step bug")),
+                    "{e:?}"
+                );
+                continue;
+            }
+            assert_eq!(
+                (r.claimed, r.failed, r.completed),
+                (3, 1, 2),
+                "{group}: {r:?}"
+            );
+            let e = row("m-1").await;
+            assert_eq!(
+                (e.status(), e.attempts_made(), e.last_error()),
+                (
+                    EventStatus::Pending,
+                    1,
+                    Some("handler panicked: bad input in m-1")
+                ),
+                "{group}"
+            );
+        }
+    }
+
     /// `inbox process` in the library: with `HandlerStep::in_transactions`
     /// each handler writes in a transaction of its own that also marks the
     /// row completed; a failing run's writes are rolled back; the processor
@@ -1631,6 +1779,8 @@ backend_tests!(
     crash_between_store_and_commit,
     handler_failure_is_redelivered_until_it_succeeds,
     a_panicking_handler_is_a_counted_failure,
+    a_panicking_handler_is_a_failure_under_every_strategy,
+    a_panicking_handler_or_step_in_process_is_a_failure,
     handlers_may_return_a_result_or_nothing,
     attempts_survive_a_restart,
     transient_failures_are_paced_and_end,
