@@ -82,8 +82,18 @@
 //! [`EventRouter`](inbox::router::EventRouter) dispatches by event type and
 //! schema version. Runnable: `examples/inbox_transactional.rs`,
 //! `examples/outbox_service.rs`, `examples/dead_letters.rs`,
-//! `examples/router_versions.rs`, `examples/custom_step.rs`
-//! (`cargo run --example NAME`).
+//! `examples/router_versions.rs`, `examples/custom_step.rs`,
+//! `examples/custom_store.rs` (`cargo run --example NAME`).
+//!
+//! ## A store of your own
+//!
+//! The relay, the processor and the consumer run on the store traits: a
+//! service on another driver implements [`EventStore`] and [`OutboxStore`]
+//! (the relay), [`InboxStore`] and [`ConsumerStore`] (the consumer), keeps
+//! each event's [`EventState`] beside its fields and reads rows back with
+//! [`Event::with_state`]; [`testkit`] checks it keeps the contract the
+//! engine relies on. `examples/custom_store.rs` is an in-memory outbox
+//! that passes the kit and runs the relay.
 //!
 //! ## The modules
 //!
@@ -102,6 +112,9 @@
 //! * [`inbox`]: the consumer, its sources, handlers and the router.
 //! * [`metrics`] (Prometheus) and [`telemetry`] (W3C trace context,
 //!   OpenTelemetry spans).
+//! * [`ops`]: the operations commands as a library (replay, unlock,
+//!   release, cleanup, status, doctor's diagnostics).
+//! * [`testkit`]: the store contract as checks for stores of your own.
 //! * [`Error`]: one error enum whose variants mirror the reference's
 //!   exceptions.
 //!
