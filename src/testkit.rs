@@ -109,63 +109,59 @@ pub const INBOX_CASES: &[&str] = &["deduplication"];
 /// The names of the cases [`consumer_store`] runs, in order.
 pub const CONSUMER_CASES: &[&str] = &["unit_of_work", "redelivered_rows"];
 
+/// Runs each of `cases` with `run` on a store from `fresh`; returns how
+/// many passed, or the first violation.
+async fn run_cases<S>(
+    cases: &'static [&'static str],
+    fresh: impl AsyncFn() -> S,
+    run: impl AsyncFn(&'static str, &S) -> Check,
+) -> std::result::Result<usize, Violation> {
+    for &case in cases {
+        let store = fresh().await;
+        run(case, &store)
+            .await
+            .map_err(|message| Violation { case, message })?;
+    }
+    Ok(cases.len())
+}
+
 /// Runs the outbox cases ([`OUTBOX_CASES`]), each on a store from `fresh`
 /// (an empty outbox); returns how many passed, or the first violation.
-pub async fn outbox_store<S, F>(fresh: F) -> std::result::Result<usize, Violation>
-where
-    S: OutboxStore,
-    F: AsyncFn() -> S,
-{
-    let mut passed = 0;
-    for &case in OUTBOX_CASES {
-        let store = fresh().await;
-        let result = match case {
-            "round_trip" => round_trip(&store).await,
-            "claim_takes_due_rows" => claim_takes_due_rows(&store).await,
-            "per_key_order" => per_key_order(&store).await,
-            "fencing" => fencing(&store).await,
-            "failures" => failures(&store).await,
-            _ => release_and_unlock(&store).await,
-        };
-        result.map_err(|message| Violation { case, message })?;
-        passed += 1;
-    }
-    Ok(passed)
+pub async fn outbox_store<S: OutboxStore>(
+    fresh: impl AsyncFn() -> S,
+) -> std::result::Result<usize, Violation> {
+    run_cases(OUTBOX_CASES, fresh, async |case, store: &S| match case {
+        "round_trip" => round_trip(store).await,
+        "claim_takes_due_rows" => claim_takes_due_rows(store).await,
+        "per_key_order" => per_key_order(store).await,
+        "fencing" => fencing(store).await,
+        "failures" => failures(store).await,
+        _ => release_and_unlock(store).await,
+    })
+    .await
 }
 
 /// Runs the inbox cases ([`INBOX_CASES`]), each on a store from `fresh`
 /// (an empty inbox).
-pub async fn inbox_store<S, F>(fresh: F) -> std::result::Result<usize, Violation>
-where
-    S: InboxStore,
-    F: AsyncFn() -> S,
-{
-    let store = fresh().await;
-    deduplication(&store).await.map_err(|message| Violation {
-        case: INBOX_CASES[0],
-        message,
-    })?;
-    Ok(INBOX_CASES.len())
+pub async fn inbox_store<S: InboxStore>(
+    fresh: impl AsyncFn() -> S,
+) -> std::result::Result<usize, Violation> {
+    run_cases(INBOX_CASES, fresh, async |_, store: &S| {
+        deduplication(store).await
+    })
+    .await
 }
 
 /// Runs the consumer's cases ([`CONSUMER_CASES`]), each on a store from
 /// `fresh` (an empty inbox).
-pub async fn consumer_store<S, F>(fresh: F) -> std::result::Result<usize, Violation>
-where
-    S: ConsumerStore,
-    F: AsyncFn() -> S,
-{
-    let mut passed = 0;
-    for &case in CONSUMER_CASES {
-        let store = fresh().await;
-        let result = match case {
-            "unit_of_work" => unit_of_work(&store).await,
-            _ => redelivered_rows(&store).await,
-        };
-        result.map_err(|message| Violation { case, message })?;
-        passed += 1;
-    }
-    Ok(passed)
+pub async fn consumer_store<S: ConsumerStore>(
+    fresh: impl AsyncFn() -> S,
+) -> std::result::Result<usize, Violation> {
+    run_cases(CONSUMER_CASES, fresh, async |case, store: &S| match case {
+        "unit_of_work" => unit_of_work(store).await,
+        _ => redelivered_rows(store).await,
+    })
+    .await
 }
 
 /// A worker id.

@@ -222,6 +222,12 @@ where
         };
         let (counted, transient): (Vec<&Failure>, Vec<&Failure>) =
             failures.iter().partition(|f| f.counted);
+        let alive = |list: &[&Failure]| -> Vec<Uuid> {
+            list.iter()
+                .map(|f| f.id)
+                .filter(|id| !dead.contains(id))
+                .collect()
+        };
         let mut completed: Vec<Uuid> = done
             .iter()
             .chain(&committed)
@@ -232,20 +238,8 @@ where
         report.ids = BatchIds {
             completed: kept(completed),
             skipped: kept(skipped),
-            failed: kept(
-                counted
-                    .iter()
-                    .map(|f| f.id)
-                    .filter(|id| !dead.contains(id))
-                    .collect(),
-            ),
-            transient: kept(
-                transient
-                    .iter()
-                    .map(|f| f.id)
-                    .filter(|id| !dead.contains(id))
-                    .collect(),
-            ),
+            failed: kept(alive(&counted)),
+            transient: kept(alive(&transient)),
             dead,
             released: kept(released),
             lease_lost: claim
