@@ -1,6 +1,9 @@
 //! An inbox handler that writes business rows in the inbox's own
 //! transaction: the payment row and "inbox row completed" commit together,
-//! and a failing run's writes are rolled back before the retry.
+//! and a failing run's writes are rolled back before the retry. A message
+//! the handler cannot read makes it panic (an `expect` on unexpected
+//! input): that is a counted failure like any other, the consumer goes on,
+//! and the message ends `failed` after its attempts.
 //!
 //! Runs on an SQLite file in a temporary directory, no servers:
 //!
@@ -31,7 +34,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     // Three messages, as a broker would deliver them (a JSON lines file here).
     let input = dir.join("messages.jsonl");
-    let lines: Vec<String> = (1..=3)
+    let mut lines: Vec<String> = (1..=3)
         .map(|n| {
             serde_json::json!({
                 "topic": "payments",
@@ -42,6 +45,16 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             .to_string()
         })
         .collect();
+    // A producer bug: the amount is text.
+    lines.push(
+        serde_json::json!({
+            "topic": "payments",
+            "key": "order-4",
+            "headers": {"event_id": "pay-4", "event_type": "payment.received"},
+            "value": {"order_id": "order-4", "amount": "four hundred"},
+        })
+        .to_string(),
+    );
     std::fs::write(&input, lines.join("\n") + "\n")?;
 
     // pay-2's first run fails after writing its payment: that write must
@@ -55,7 +68,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                 .as_str()
                 .unwrap_or_default()
                 .to_string();
-            let amount = event.payload()["amount"].as_i64().unwrap_or_default();
+            let amount = event.payload()["amount"]
+                .as_i64()
+                .expect("the amount is a number");
             let currency = cx.dep::<Currency>().map_or("EUR", |c| c.0);
             let Ok(Tx::Sqlite(conn)) = cx.tx().await else {
                 return Outcome::Failed {
@@ -119,6 +134,22 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     assert_eq!(runs.load(Ordering::SeqCst), 2, "pay-2 ran twice");
     let counts = store.inbox().counts().await?;
     assert_eq!(counts.completed, 3);
+    let bad = store
+        .inbox()
+        .get_by_message_id("pay-4", "billing")
+        .await?
+        .expect("stored");
+    println!(
+        "pay-4: {} after {} attempts: {}",
+        bad.status(),
+        bad.attempts_made(),
+        bad.last_error().unwrap_or_default()
+    );
+    assert_eq!(bad.status(), EventStatus::Failed);
+    assert_eq!(
+        bad.last_error(),
+        Some("handler panicked: the amount is a number")
+    );
     std::fs::remove_dir_all(&dir)?;
     Ok(())
 }

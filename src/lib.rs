@@ -157,12 +157,13 @@ pub mod prelude {
     pub use crate::error::{Error, Result};
     pub use crate::inbox::router::EventRouter;
     pub use crate::inbox::{
-        AckStrategy, AnyHandler, ConsumeOptions, Dependencies, FileSource, Handler, HandlerContext,
-        HandlerStep, InboxConsumer, KafkaSource, Tx, tx_handler,
+        AckStrategy, AnyHandler, ConsumeOne, ConsumeOptions, ConsumerStore, ConsumerTx,
+        Dependencies, FileSource, Handler, HandlerContext, HandlerStep, InboxConsumer, KafkaSource,
+        Tx, tx_handler,
     };
     pub use crate::model::{
-        EventStatus, InboxEvent, InboxRoute, NewInboxEvent, NewOutboxEvent, OutboxEvent,
-        OutboxRoute, Table, WorkerId,
+        EventLock, EventState, EventStatus, InboxEvent, InboxRoute, NewInboxEvent, NewOutboxEvent,
+        OutboxEvent, OutboxRoute, Table, WorkerId,
     };
     pub use crate::pipeline::{
         IntoOutcome, Outcome, ProcessorBuilder, ProcessorOptions, RunMode, RunOptions, Sleep, Step,

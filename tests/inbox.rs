@@ -1125,6 +1125,44 @@ mod cases {
         assert!(consumer.process_one().await.unwrap().is_none());
     }
 
+    /// A service spawns consumers as tasks: two over JSON lines files, in
+    /// two groups, with a handler, run to the end of their input on
+    /// `tokio::spawn` and joined.
+    pub async fn spawned_consumers_run_as_tasks(db: &TestDb) {
+        let dir = tempfile::tempdir().unwrap();
+        let mut tasks = Vec::new();
+        for group in ["spawned-a", "spawned-b"] {
+            let path = dir.path().join(format!("{group}.jsonl"));
+            let lines: Vec<String> = (0..3)
+                .map(|i| {
+                    serde_json::json!({
+                        "topic": "orders",
+                        "headers": {"event_id": format!("m-{i}"), "event_type": "order.created"},
+                        "value": {"n": i},
+                    })
+                    .to_string()
+                })
+                .collect();
+            std::fs::write(&path, lines.join("\n") + "\n").unwrap();
+            let source = omnibox::inbox::FileSource::open(&path.display().to_string(), false)
+                .await
+                .unwrap();
+            let handler = Arc::new(|_: InboxEvent| async {});
+            let mut o = options(AckStrategy::ExactlyOnce, 10);
+            o.group = group.to_string();
+            let mut consumer = InboxConsumer::new(source, db.store.inbox(), Some(handler), o);
+            tasks.push(tokio::spawn(
+                async move { consumer.run(true, stop()).await },
+            ));
+        }
+        for task in tasks {
+            let report = task.await.expect("the task ran").expect("the consumer ran");
+            assert_eq!((report.consumed, report.processed), (3, 3), "{report:?}");
+        }
+        let c = db.store.inbox().counts().await.unwrap();
+        assert_eq!((c.completed, c.pending, c.failed), (6, 0, 0));
+    }
+
     /// A service's own metrics back end (`MetricsRecorder`) gets the
     /// consumer's counters and each written batch with every outcome.
     pub async fn a_custom_metrics_backend_is_fed(db: &TestDb) {
@@ -1773,6 +1811,7 @@ backend_tests!(
     steps_see_and_change_outcomes,
     a_step_before_the_handler_filters_and_routes,
     process_one_consumes_one_message_at_a_time,
+    spawned_consumers_run_as_tasks,
     a_custom_metrics_backend_is_fed,
     prometheus_metrics_cover_handlers,
     consumers_share_a_concurrency_limit,

@@ -246,6 +246,7 @@ struct RouteEntry {
 
 /// Routes inbox events to handlers. It is itself a [`Handler`], so it can be
 /// used wherever one is expected (`inbox process`, the consumer).
+/// `examples/router_versions.rs` routes by schema version with a migration.
 #[derive(Default)]
 pub struct EventRouter {
     routes: HashMap<(String, String), Vec<RouteEntry>>,

@@ -51,7 +51,10 @@ pub(super) struct ScanState {
     pub(super) spread: u32,
 }
 
-/// Builds a [`Processor`] (the reference's `EventProcessorBuilder`).
+/// Builds a [`Processor`] (the reference's `EventProcessorBuilder`) on any
+/// [`EventStore`] with any [`BatchHandler`]. `examples/dead_letters.rs` and
+/// `examples/custom_step.rs` build inbox processors;
+/// [`relay::publisher`](crate::relay::publisher) builds the relay's.
 pub struct ProcessorBuilder<R: Route, S: EventStore<R>, H: BatchHandler<R>> {
     store: S,
     handler: H,

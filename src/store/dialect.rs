@@ -21,6 +21,8 @@ pub(crate) trait Dialect {
     fn text(qb: &mut QueryBuilder<Self::Db>, v: String);
     /// Binds a number.
     fn int(qb: &mut QueryBuilder<Self::Db>, v: i64);
+    /// Binds an id.
+    fn id(qb: &mut QueryBuilder<Self::Db>, id: Uuid);
     /// Binds a time.
     fn time(qb: &mut QueryBuilder<Self::Db>, t: &Timestamp);
     /// Appends `column` is one of `ids`.
@@ -52,6 +54,10 @@ impl Dialect for Pg {
 
     fn int(qb: &mut QueryBuilder<Postgres>, v: i64) {
         qb.push_bind(v);
+    }
+
+    fn id(qb: &mut QueryBuilder<Postgres>, id: Uuid) {
+        qb.push_bind(id);
     }
 
     fn time(qb: &mut QueryBuilder<Postgres>, t: &Timestamp) {
@@ -89,6 +95,10 @@ impl Dialect for Lite {
 
     fn int(qb: &mut QueryBuilder<Sqlite>, v: i64) {
         qb.push_bind(v);
+    }
+
+    fn id(qb: &mut QueryBuilder<Sqlite>, id: Uuid) {
+        qb.push_bind(id.to_string());
     }
 
     fn time(qb: &mut QueryBuilder<Sqlite>, t: &Timestamp) {

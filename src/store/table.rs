@@ -28,8 +28,6 @@ use crate::model::{Event, EventStatus, InboxRoute, Route, Table, Timestamp, Unlo
 ///
 /// [`push_list`]: dialect::push_list
 pub struct TableSql {
-    /// One row by id.
-    pub get: &'static str,
     /// The claim of a table without per-key order (the inbox).
     pub claim: &'static str,
     /// Whether anything is claimable now.
@@ -197,8 +195,6 @@ pub(crate) trait TableBackend: Clone + Send + Sync + 'static {
         &self,
         qb: QueryBuilder<Db<Self>>,
     ) -> impl Future<Output = Result<Vec<Event<Self::R>>>> + Send;
-    /// One row by id.
-    fn get_row(&self, id: Uuid) -> impl Future<Output = Result<Option<Event<Self::R>>>> + Send;
     /// Exact counts for `status`.
     fn count_rows(&self) -> impl Future<Output = Result<TableCounts>> + Send;
     /// Claims rows (the options are checked).
@@ -279,7 +275,10 @@ impl<R: Route, T: TableBackend<R = R>> EventStore<R> for T {
     }
 
     async fn get(&self, id: Uuid) -> Result<Option<Event<R>>> {
-        self.get_row(id).await
+        let mut qb = QueryBuilder::new(T::sql().select_all);
+        qb.push(" AND id = ");
+        T::D::id(&mut qb, id);
+        Ok(self.select(qb).await?.pop())
     }
 
     async fn list(&self, filter: &ListFilter) -> Result<Vec<Event<R>>> {
@@ -355,7 +354,7 @@ impl<R: Route, T: TableBackend<R = R>> EventStore<R> for T {
     async fn force_unlock(&self, id: Uuid, reason: &UnlockReason) -> Result<Event<R>> {
         match self.unlock_row(id, reason).await? {
             Some(event) => Ok(event),
-            None => match self.get_row(id).await? {
+            None => match self.get(id).await? {
                 None => Err(Error::NotFound { id }),
                 Some(_) => Err(Error::NotLocked { id }),
             },

@@ -22,7 +22,9 @@ use crate::model::{
 /// Operations common to both tables.
 ///
 /// Implemented by the table handles of every backend. Methods return futures
-/// that are `Send`, so the engine can run them on any tokio worker.
+/// that are `Send`, so the engine can run them on any tokio worker. A store
+/// of your own implements it too: `examples/custom_store.rs` is an in-memory
+/// one, and [`testkit`](crate::testkit) checks it.
 pub trait EventStore<R: Route>: Clone + Send + Sync + 'static {
     /// What this store supports.
     fn capabilities(&self) -> Capabilities;

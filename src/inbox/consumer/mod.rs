@@ -35,7 +35,11 @@ pub use options::{
     DEFAULT_TRANSIENT_LIMIT,
 };
 
-/// Consumes from a source into the inbox.
+/// Consumes from a source into the inbox: a batch of messages per unit of
+/// work of its store ([`ConsumerStore`]), under the ack strategy of its
+/// [`ConsumeOptions`]; [`run`](Self::run) loops, [`process_one`](Self::process_one)
+/// takes one message per call. `examples/inbox_transactional.rs` runs one
+/// with a handler writing in the inbox's transaction.
 pub struct InboxConsumer<S: Source, H: Handler, T: ConsumerStore = AnyTable<InboxRoute>> {
     source: S,
     store: T,
@@ -165,7 +169,7 @@ impl<S: Source, H: Handler, T: ConsumerStore> InboxConsumer<S, H, T> {
                     let step = (at - now).min(Duration::from_secs(1));
                     let idled = tokio::select! {
                     r = self.source.idle(step) => r,
-                    _ = shutdown.changed() => Ok(())};
+                    _ = stop_asked(&mut shutdown) => Ok(())};
                     if let Err(e) = idled {
                         tracing::warn!(error = %e, "the source failed while paused");
                         tokio::time::sleep(step).await;
@@ -182,7 +186,7 @@ impl<S: Source, H: Handler, T: ConsumerStore> InboxConsumer<S, H, T> {
                     .map_or(usize::MAX, |b| usize::try_from(b).unwrap_or(usize::MAX)),
                 self.options.poll_wait,
             ) => p,
-            _ = shutdown.changed() => continue};
+            _ = stop_asked(&mut shutdown) => continue};
             let polled = match polled {
                 Ok(p) => {
                     errors = 0;
@@ -290,7 +294,7 @@ impl<S: Source, H: Handler, T: ConsumerStore> InboxConsumer<S, H, T> {
                         .min(Duration::from_secs(5));
                     tokio::select! {
                     _ = tokio::time::sleep(wait) => {}
-                    _ = shutdown.changed() => return Err(e)}
+                    _ = stop_asked(shutdown) => return Err(e)}
                 }
                 Err(e) => return Err(e),
             }
@@ -523,6 +527,20 @@ fn receive_span(source: &str, group: &str, messages: &[RawMessage]) -> opentelem
         &opentelemetry::Context::new(),
         attrs,
     )
+}
+
+/// Resolves once `shutdown` is true. A receiver whose sender is gone (say
+/// `watch::channel(false).1`) can never be asked to stop: it never
+/// resolves, rather than resolving at once and cutting every poll short.
+async fn stop_asked(shutdown: &mut watch::Receiver<bool>) {
+    loop {
+        if *shutdown.borrow_and_update() {
+            return;
+        }
+        if shutdown.changed().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    }
 }
 
 /// Runs `handler` on `event`; when it runs longer than a moment, the source

@@ -28,6 +28,9 @@ pub const EXIT_TEMPFAIL: i32 = 75;
 /// returning a future of [`Outcome`], for [`tx_handler`] closures that
 /// also take the [`HandlerContext`], by structs, and by [`ExecHandler`],
 /// [`WebhookHandler`] and the [`EventRouter`](super::router::EventRouter).
+/// A panic in a handler is a counted failure (`handler panicked: ...`), not
+/// the end of the consumer. `examples/inbox_transactional.rs` shows one
+/// writing in the inbox's transaction.
 pub trait Handler: Send + Sync + 'static {
     /// What happened: completed, skipped, or failed (counted or not). `cx`
     /// holds the inbox's transaction when the handler runs in it (writes

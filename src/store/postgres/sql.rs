@@ -125,7 +125,6 @@ macro_rules! plain_claimable_exists {
 macro_rules! table_sql {
     ($t:literal, $claim:expr, $exists:expr) => {
         TableSql {
-            get: concat!("SELECT * FROM ", $t, " WHERE id = $1"),
             claim: $claim,
             claimable_exists: $exists,
             complete: concat!(

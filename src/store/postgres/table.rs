@@ -31,15 +31,6 @@ impl<R: PgRoute> TableBackend for PgTable<R> {
         rows.iter().map(decode).collect()
     }
 
-    async fn get_row(&self, id: Uuid) -> Result<Option<Event<R>>> {
-        let row = sqlx::query(R::sql().get)
-            .bind(id)
-            .fetch_optional(&self.pool)
-            .await
-            .map_err(storage)?;
-        row.as_ref().map(decode).transpose()
-    }
-
     async fn count_rows(&self) -> Result<TableCounts> {
         let row = sqlx::query(R::sql().counts)
             .fetch_one(&self.pool)

@@ -33,15 +33,6 @@ impl<R: SqliteRoute> TableBackend for SqliteTable<R> {
         rows.iter().map(decode).collect()
     }
 
-    async fn get_row(&self, id: Uuid) -> Result<Option<Event<R>>> {
-        let row = sqlx::query(R::sql().get)
-            .bind(id.to_string())
-            .fetch_optional(&self.pool)
-            .await
-            .map_err(storage)?;
-        row.as_ref().map(decode).transpose()
-    }
-
     async fn count_rows(&self) -> Result<TableCounts> {
         let now = time::now();
         let row = sqlx::query(R::sql().counts)
