@@ -465,8 +465,8 @@ async fn failures<S: OutboxStore>(store: &S) -> Check {
     );
     let row = call!(store.get(d.id()), "get").ok_or("row d is gone")?;
     ensure!(
-        row.status() == EventStatus::Failed && !row.is_locked(),
-        "a dead failure must fail the row at once: {row:?}"
+        row.status() == EventStatus::Failed && !row.is_locked() && row.attempts_made() == 1,
+        "a dead failure must fail the row at once, spending one attempt: {row:?}"
     );
     let c = claim(store, "w1", 10).await?;
     ensure!(

@@ -46,7 +46,8 @@ where
             ..BatchReport::default()
         };
         let mut done = Vec::new();
-        let mut committed = Vec::new();
+        // Completed by the handler or written by it, in claim order.
+        let mut completed = Vec::new();
         let mut skipped = Vec::new();
         let mut released = Vec::new();
         let mut failures = Vec::new();
@@ -59,10 +60,11 @@ where
                 Outcome::Completed => {
                     report.completed += 1;
                     done.push(event.id());
+                    completed.push(event.id());
                 }
                 Outcome::Committed => {
                     report.completed += 1;
-                    committed.push(event.id());
+                    completed.push(event.id());
                 }
                 Outcome::Skipped => {
                     report.skipped += 1;
@@ -222,19 +224,13 @@ where
         };
         let (counted, transient): (Vec<&Failure>, Vec<&Failure>) =
             failures.iter().partition(|f| f.counted);
+        let dead_set: HashSet<Uuid> = dead.iter().copied().collect();
         let alive = |list: &[&Failure]| -> Vec<Uuid> {
             list.iter()
                 .map(|f| f.id)
-                .filter(|id| !dead.contains(id))
+                .filter(|id| !dead_set.contains(id))
                 .collect()
         };
-        let mut completed: Vec<Uuid> = done
-            .iter()
-            .chain(&committed)
-            .filter(|id| !skipped.contains(id))
-            .copied()
-            .collect();
-        completed.sort_by_key(|id| claim.events.iter().position(|e| e.id() == *id));
         report.ids = BatchIds {
             completed: kept(completed),
             skipped: kept(skipped),
