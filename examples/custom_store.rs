@@ -322,6 +322,7 @@ impl EventStore<OutboxRoute> for MemoryOutbox {
     /// Failed rows back to pending, with their attempts reset (the ids
     /// filter only; the others are not kept by this store).
     async fn requeue_failed(&self, filter: &RequeueFilter) -> Result<Vec<Uuid>> {
+        filter.check(Table::Outbox)?;
         let now = time::now();
         let mut rows = self.rows.lock().expect("not poisoned");
         let mut ids = Vec::new();

@@ -34,6 +34,10 @@
 //!   failure fails the row at once.
 //! * **Releases and unlocks**: a release returns rows untried; a forced
 //!   unlock records its reason and fences the old claim off.
+//! * **Maintenance**: stale locks are released only when their lease ran
+//!   out; completed rows are deleted by age, in bounded batches; failed rows
+//!   are requeued by id (pending, no attempts, no error), and a requeue that
+//!   selects nothing is refused.
 //! * **The inbox** ([`inbox_store`]): deduplication by `(message_id,
 //!   consumer_group)`, look-up by message id.
 //! * **The consumer's unit of work** ([`consumer_store`]): writes take
@@ -101,6 +105,9 @@ pub const OUTBOX_CASES: &[&str] = &[
     "fencing",
     "failures",
     "release_and_unlock",
+    "stale_locks",
+    "retention",
+    "requeue",
 ];
 
 /// The names of the cases [`inbox_store`] runs, in order.
@@ -136,7 +143,10 @@ pub async fn outbox_store<S: OutboxStore>(
         "per_key_order" => per_key_order(store).await,
         "fencing" => fencing(store).await,
         "failures" => failures(store).await,
-        _ => release_and_unlock(store).await,
+        "release_and_unlock" => release_and_unlock(store).await,
+        "stale_locks" => stale_locks(store).await,
+        "retention" => retention(store).await,
+        _ => requeue(store).await,
     })
     .await
 }
@@ -537,6 +547,134 @@ async fn release_and_unlock<S: OutboxStore>(store: &S) -> Check {
     ensure!(
         matches!(unknown, Err(Error::NotFound { .. })),
         "unlocking an unknown row must be Error::NotFound, got {unknown:?}"
+    );
+    Ok(())
+}
+
+/// `release_stale_locks` unlocks rows whose lease ran out, never a live one.
+async fn stale_locks<S: OutboxStore>(store: &S) -> Check {
+    let live = outbox_event("a", 0, |_| {});
+    let dead = outbox_event("b", 0, |_| {});
+    seed(store, &[live.clone(), dead.clone()]).await?;
+    let first = claim(store, "alive", 1).await?;
+    ensure!(
+        ids(&first.events) == vec![live.id()],
+        "a claim of 1 takes the first row"
+    );
+    let second = call!(
+        store.claim(&ClaimOptions::new(worker("gone"), 1).lease(Duration::from_millis(5))),
+        "claim"
+    );
+    ensure!(
+        ids(&second.events) == vec![dead.id()],
+        "the second claim takes the other row"
+    );
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let kept = call!(
+        store.release_stale_locks(Duration::from_secs(3600), 10),
+        "release_stale_locks"
+    );
+    ensure!(kept == 0, "nothing was locked an hour ago, released {kept}");
+    let released = call!(
+        store.release_stale_locks(Duration::ZERO, 10),
+        "release_stale_locks"
+    );
+    ensure!(
+        released == 1,
+        "only the row whose lease ran out is released, released {released}"
+    );
+    let row = call!(store.get(dead.id()), "get").ok_or("a row is gone")?;
+    ensure!(!row.is_locked() && row.attempts_made() == 0, "{row:?}");
+    let row = call!(store.get(live.id()), "get").ok_or("a row is gone")?;
+    ensure!(
+        row.locked_by() == Some("alive"),
+        "a live lease is never released: {row:?}"
+    );
+    Ok(())
+}
+
+/// `delete_completed` deletes completed rows older than asked, at most a
+/// batch at a time, and nothing else.
+async fn retention<S: OutboxStore>(store: &S) -> Check {
+    let events: Vec<OutboxEvent> = (0..3)
+        .map(|n| outbox_event(&format!("k{n}"), n, |_| {}))
+        .collect();
+    let pending = outbox_event("p", 0, |e| {
+        e.scheduled_at = Some(time::now() + chrono::Duration::hours(1))
+    });
+    seed(store, &events).await?;
+    seed(store, std::slice::from_ref(&pending)).await?;
+    let c = claim(store, "w1", 10).await?;
+    call!(store.complete(&c.token, &ids(&events)), "complete");
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    let young = call!(
+        store.delete_completed(Duration::from_secs(3600), 10),
+        "delete_completed"
+    );
+    ensure!(
+        young == 0,
+        "rows completed just now are kept, deleted {young}"
+    );
+    let batch = call!(
+        store.delete_completed(Duration::ZERO, 2),
+        "delete_completed"
+    );
+    ensure!(batch == 2, "a batch of 2 deletes 2, deleted {batch}");
+    let rest = call!(
+        store.delete_completed(Duration::ZERO, 2),
+        "delete_completed"
+    );
+    ensure!(rest == 1, "the last completed row, deleted {rest}");
+    for e in &events {
+        ensure!(
+            call!(store.get(e.id()), "get").is_none(),
+            "completed row {} is still there",
+            e.id()
+        );
+    }
+    ensure!(
+        call!(store.get(pending.id()), "get").is_some(),
+        "a pending row is never deleted"
+    );
+    Ok(())
+}
+
+/// `requeue_failed` brings failed rows back: pending, no attempts, no error.
+async fn requeue<S: OutboxStore>(store: &S) -> Check {
+    let e = outbox_event("k", 0, |e| e.max_attempts = Some(1));
+    seed(store, std::slice::from_ref(&e)).await?;
+    let c = claim(store, "w1", 1).await?;
+    call!(
+        store.fail(&c.token, &[Failure::counted(e.id(), "boom", time::now())]),
+        "fail"
+    );
+    let nothing = store
+        .requeue_failed(&crate::store::RequeueFilter::default())
+        .await;
+    ensure!(
+        matches!(nothing, Err(Error::Validation { .. })),
+        "a requeue that selects nothing must be refused with Error::Validation, got {nothing:?}"
+    );
+    let back = call!(
+        store.requeue_failed(&crate::store::RequeueFilter {
+            ids: vec![e.id()],
+            ..Default::default()
+        }),
+        "requeue_failed"
+    );
+    ensure!(
+        back == vec![e.id()],
+        "requeue by id must return it: {back:?}"
+    );
+    let row = call!(store.get(e.id()), "get").ok_or("the row is gone")?;
+    ensure!(
+        (row.status(), row.attempts_made(), row.last_error()) == (EventStatus::Pending, 0, None),
+        "a requeued row is pending, with no attempts and no error: {row:?}"
+    );
+    let again = claim(store, "w2", 1).await?;
+    ensure!(
+        ids(&again.events) == vec![e.id()],
+        "a requeued row is claimed again"
     );
     Ok(())
 }

@@ -417,7 +417,10 @@ impl RequeueFilter {
             && self.until.is_none()
     }
 
-    pub(crate) fn check(&self, table: Table) -> Result<()> {
+    /// Refuses a filter that selects nothing without asking for all rows,
+    /// a limit of 0, and a consumer group on the outbox, with
+    /// [`Error::Validation`]; every store's requeue checks it first.
+    pub fn check(&self, table: Table) -> Result<()> {
         if self.selects_nothing() && !self.all {
             return Err(Error::validation(
                 "filter",
