@@ -6,7 +6,7 @@ use std::time::Duration;
 use uuid::Uuid;
 
 use super::options::ConsumeReport;
-use super::{InboxConsumer, ToHandle, handle_alive, retry_wait};
+use super::{InboxConsumer, ToHandle, retry_wait};
 use crate::error::Result;
 use crate::inbox::handler::Handler;
 use crate::inbox::normalize::RawMessage;
@@ -46,16 +46,7 @@ impl<S: Source, H: Handler, T: ConsumerStore> InboxConsumer<S, H, T> {
             }
             let outcome = {
                 let mut cx = tx.handler_context(self.deps.clone());
-                handle_alive(
-                    &mut self.source,
-                    handler,
-                    &w.event,
-                    self.options.handler_timeout,
-                    &mut cx,
-                    self.limit.as_deref(),
-                    self.metrics.as_deref(),
-                )
-                .await
+                self.handle(handler, &w.event, &mut cx).await
             };
             match outcome.verdict() {
                 Verdict::Processed => {

@@ -529,6 +529,33 @@ fn receive_span(source: &str, group: &str, messages: &[RawMessage]) -> opentelem
     )
 }
 
+impl<S: Source, H: Handler, T: ConsumerStore> InboxConsumer<S, H, T> {
+    /// Runs `handler` on `event` in `cx` (see [`handle_alive`]).
+    async fn handle(
+        &mut self,
+        handler: &H,
+        event: &InboxEvent,
+        cx: &mut HandlerContext<'_>,
+    ) -> Outcome {
+        handle_alive(
+            &mut self.source,
+            handler,
+            event,
+            self.options.handler_timeout,
+            cx,
+            self.limit.as_deref(),
+            self.metrics.as_deref(),
+        )
+        .await
+    }
+
+    /// Runs `handler` on `event` with no transaction open.
+    async fn handle_detached(&mut self, handler: &H, event: &InboxEvent) -> Outcome {
+        let mut cx = HandlerContext::detached(self.deps.clone());
+        self.handle(handler, event, &mut cx).await
+    }
+}
+
 /// Resolves once `shutdown` is true. A receiver whose sender is gone (say
 /// `watch::channel(false).1`) can never be asked to stop: it never
 /// resolves, rather than resolving at once and cutting every poll short.

@@ -7,9 +7,8 @@ use std::time::Duration;
 use uuid::Uuid;
 
 use super::options::ConsumeReport;
-use super::{InboxConsumer, ToHandle, handle_alive, retry_wait};
+use super::{InboxConsumer, ToHandle, retry_wait};
 use crate::error::{Error, Result};
-use crate::inbox::context::HandlerContext;
 use crate::inbox::handler::Handler;
 use crate::inbox::normalize::RawMessage;
 use crate::inbox::source::Source;
@@ -53,16 +52,7 @@ impl<S: Source, H: Handler, T: ConsumerStore> InboxConsumer<S, H, T> {
                 self.release(token, &[w.event.id()]).await?;
                 continue;
             }
-            let outcome = handle_alive(
-                &mut self.source,
-                handler,
-                &w.event,
-                self.options.handler_timeout,
-                &mut HandlerContext::detached(self.deps.clone()),
-                self.limit.as_deref(),
-                self.metrics.as_deref(),
-            )
-            .await;
+            let outcome = self.handle_detached(handler, &w.event).await;
             match outcome.verdict() {
                 verdict @ (Verdict::Processed | Verdict::Skipped) => {
                     match self.store.complete(token, &[w.event.id()]).await {

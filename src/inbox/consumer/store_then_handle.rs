@@ -5,10 +5,9 @@
 use uuid::Uuid;
 
 use super::options::{CommitOn, ConsumeReport};
-use super::{InboxConsumer, handle_alive, persist_error};
+use super::{InboxConsumer, persist_error};
 use crate::domain::Retry;
 use crate::error::Result;
-use crate::inbox::context::HandlerContext;
 use crate::inbox::handler::Handler;
 use crate::inbox::normalize::{Normalized, RawMessage};
 use crate::inbox::source::Source;
@@ -70,16 +69,7 @@ impl<S: Source, H: Handler, T: ConsumerStore> InboxConsumer<S, H, T> {
             Heartbeat::for_rows(&self.store, token.clone(), ids, self.options.lease);
         for &i in &fresh {
             let event = &events[i];
-            let outcome = handle_alive(
-                &mut self.source,
-                handler.as_ref(),
-                event,
-                self.options.handler_timeout,
-                &mut HandlerContext::detached(self.deps.clone()),
-                self.limit.as_deref(),
-                self.metrics.as_deref(),
-            )
-            .await;
+            let outcome = self.handle_detached(handler.as_ref(), event).await;
             match outcome.verdict() {
                 Verdict::Processed => {
                     report.processed += 1;
