@@ -108,7 +108,7 @@ impl Dialect for Lite {
     fn id_in(qb: &mut QueryBuilder<Sqlite>, column: &str, ids: &[Uuid]) {
         qb.push(column)
             .push(" IN (SELECT value FROM json_each(")
-            .push_bind(super::sqlite::id_array(ids))
+            .push_bind(id_array(ids))
             .push("))");
     }
 
@@ -262,4 +262,10 @@ pub(crate) fn push_failed<D: Dialect>(
         qb.push(" LIMIT ");
         D::int(qb, i64::from(limit));
     }
+}
+
+/// A JSON array of ids, for `json_each(?)`.
+pub(crate) fn id_array(ids: &[Uuid]) -> String {
+    serde_json::to_string(&ids.iter().map(|id| id.to_string()).collect::<Vec<_>>())
+        .expect("strings serialise")
 }

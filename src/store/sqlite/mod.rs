@@ -365,11 +365,7 @@ fn decode_inner<R: SqliteRoute>(row: &SqliteRow) -> Result<Event<R>, String> {
     })
 }
 
-/// A JSON array of ids, for `json_each(?)`.
-pub(crate) fn id_array(ids: &[Uuid]) -> String {
-    serde_json::to_string(&ids.iter().map(|id| id.to_string()).collect::<Vec<_>>())
-        .expect("strings serialise")
-}
+pub(crate) use crate::store::dialect::id_array;
 
 /// A time in the stored text form.
 pub(crate) fn ts(t: &time::Timestamp) -> String {
