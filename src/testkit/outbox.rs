@@ -1,240 +1,17 @@
-//! A test kit for stores of your own: the contract the relay, the inbox
-//! processor and the inbox consumer rely on, as checks your tests run
-//! against your store. The built-in stores pass it (the crate's own tests
-//! run it on SQLite and PostgreSQL).
-//!
-//! Each function runs its cases, each case on a fresh store from `fresh`,
-//! and returns how many passed, or the first [`Violation`]: which case,
-//! and what the store did that the engine does not allow.
-//!
-//! ```no_run
-//! # async fn f() {
-//! # let my_store = || async { omnibox::SqliteStore::connect("sqlite::memory:").await.unwrap().outbox() };
-//! let passed = omnibox::testkit::outbox_store(my_store).await.unwrap();
-//! assert_eq!(passed, omnibox::testkit::OUTBOX_CASES.len());
-//! # }
-//! ```
-//!
-//! `examples/custom_store.rs` is an in-memory store that passes
-//! [`outbox_store`] and runs a processor.
-//!
-//! What the cases check:
-//!
-//! * **Writing and reading** ([`OUTBOX_CASES`] `round_trip`): rows come
-//!   back as written, pending, with a `seq` in insertion order; an
-//!   idempotency key met again returns the existing row.
-//! * **Claiming**: only due rows, locked by the claim's token; a key's
-//!   rows go out in `seq` order and never while an earlier row of the key
-//!   is held.
-//! * **Fencing**: a write with a claim whose lease ran out and was taken
-//!   over is refused with [`Error::ConcurrentUpdate`], even from the same
-//!   worker id.
-//! * **Failures**: a counted failure spends an attempt and reschedules,
-//!   the last one fails the row; a transient failure spends none; a dead
-//!   failure fails the row at once.
-//! * **Releases and unlocks**: a release returns rows untried; a forced
-//!   unlock records its reason and fences the old claim off.
-//! * **Maintenance**: stale locks are released only when their lease ran
-//!   out; completed rows are deleted by age, in bounded batches; failed rows
-//!   are requeued by id (pending, no attempts, no error), and a requeue that
-//!   selects nothing is refused.
-//! * **The inbox** ([`inbox_store`]): deduplication by `(message_id,
-//!   consumer_group)`, look-up by message id.
-//! * **The consumer's unit of work** ([`consumer_store`]): writes take
-//!   effect at commit and not after a rollback; redelivered rows are taken
-//!   when due and free, waited for otherwise, left out when done.
+//! The outbox cases of the kit ([`OUTBOX_CASES`](super::OUTBOX_CASES)).
 
 use std::time::Duration;
 
-use serde_json::json;
 use uuid::Uuid;
 
-use crate::domain::DomainService;
+use super::{Check, claim, ids, outbox_event, seed, worker};
 use crate::error::Error;
-use crate::inbox::{ConsumerStore, ConsumerTx};
-use crate::model::{
-    EventStatus, InboxEvent, NewInboxEvent, NewOutboxEvent, OutboxEvent, UnlockReason, WorkerId,
-    time,
-};
-use crate::store::{
-    ClaimOptions, ClaimToken, Created, EventStore, Failure, InboxStore, OutboxStore, Redelivered,
-};
-
-/// A case a store failed: its name, and what went wrong.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Violation {
-    /// The case.
-    pub case: &'static str,
-    /// What the store did.
-    pub message: String,
-}
-
-impl std::fmt::Display for Violation {
-    /// `case: message`.
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}: {}", self.case, self.message)
-    }
-}
-
-impl std::error::Error for Violation {}
-
-/// The outcome of one case.
-type Check = std::result::Result<(), String>;
-
-/// Fails the case with the message unless `cond` holds.
-macro_rules! ensure {
-    ($cond:expr, $($msg:tt)+) => {
-        if !$cond {
-            return Err(format!($($msg)+));
-        }
-    };
-}
-
-/// Unwraps a store call, failing the case with its error.
-macro_rules! call {
-    ($e:expr, $what:literal) => {
-        $e.await.map_err(|e| format!("{} failed: {e}", $what))?
-    };
-}
-
-/// The names of the cases [`outbox_store`] runs, in order.
-pub const OUTBOX_CASES: &[&str] = &[
-    "round_trip",
-    "claim_takes_due_rows",
-    "per_key_order",
-    "fencing",
-    "failures",
-    "release_and_unlock",
-    "stale_locks",
-    "retention",
-    "requeue",
-];
-
-/// The names of the cases [`inbox_store`] runs, in order.
-pub const INBOX_CASES: &[&str] = &["deduplication"];
-
-/// The names of the cases [`consumer_store`] runs, in order.
-pub const CONSUMER_CASES: &[&str] = &["unit_of_work", "redelivered_rows"];
-
-/// Runs each of `cases` with `run` on a store from `fresh`; returns how
-/// many passed, or the first violation.
-async fn run_cases<S>(
-    cases: &'static [&'static str],
-    fresh: impl AsyncFn() -> S,
-    run: impl AsyncFn(&'static str, &S) -> Check,
-) -> std::result::Result<usize, Violation> {
-    for &case in cases {
-        let store = fresh().await;
-        run(case, &store)
-            .await
-            .map_err(|message| Violation { case, message })?;
-    }
-    Ok(cases.len())
-}
-
-/// Runs the outbox cases ([`OUTBOX_CASES`]), each on a store from `fresh`
-/// (an empty outbox); returns how many passed, or the first violation.
-pub async fn outbox_store<S: OutboxStore>(
-    fresh: impl AsyncFn() -> S,
-) -> std::result::Result<usize, Violation> {
-    run_cases(OUTBOX_CASES, fresh, async |case, store: &S| match case {
-        "round_trip" => round_trip(store).await,
-        "claim_takes_due_rows" => claim_takes_due_rows(store).await,
-        "per_key_order" => per_key_order(store).await,
-        "fencing" => fencing(store).await,
-        "failures" => failures(store).await,
-        "release_and_unlock" => release_and_unlock(store).await,
-        "stale_locks" => stale_locks(store).await,
-        "retention" => retention(store).await,
-        _ => requeue(store).await,
-    })
-    .await
-}
-
-/// Runs the inbox cases ([`INBOX_CASES`]), each on a store from `fresh`
-/// (an empty inbox).
-pub async fn inbox_store<S: InboxStore>(
-    fresh: impl AsyncFn() -> S,
-) -> std::result::Result<usize, Violation> {
-    run_cases(INBOX_CASES, fresh, async |_, store: &S| {
-        deduplication(store).await
-    })
-    .await
-}
-
-/// Runs the consumer's cases ([`CONSUMER_CASES`]), each on a store from
-/// `fresh` (an empty inbox).
-pub async fn consumer_store<S: ConsumerStore>(
-    fresh: impl AsyncFn() -> S,
-) -> std::result::Result<usize, Violation> {
-    run_cases(CONSUMER_CASES, fresh, async |case, store: &S| match case {
-        "unit_of_work" => unit_of_work(store).await,
-        _ => redelivered_rows(store).await,
-    })
-    .await
-}
-
-/// A worker id.
-fn worker(name: &str) -> WorkerId {
-    WorkerId::new(name).expect("a valid worker id")
-}
-
-/// A new outbox event of `key` (number `n`).
-fn outbox_event(key: &str, n: u32, edit: impl FnOnce(&mut NewOutboxEvent)) -> OutboxEvent {
-    let mut new = NewOutboxEvent::new(
-        "order",
-        Uuid::now_v7(),
-        "order.created",
-        "orders",
-        key,
-        json!({"key": key, "n": n}),
-    );
-    edit(&mut new);
-    DomainService::default()
-        .create_outbox_event(new)
-        .expect("a valid event")
-}
-
-/// A new inbox event of message `id` in `group`.
-fn inbox_event(id: &str, group: &str, edit: impl FnOnce(&mut NewInboxEvent)) -> InboxEvent {
-    let mut new = NewInboxEvent::new(id, group, "billing", "refund.issued", json!({"id": id}));
-    edit(&mut new);
-    DomainService::default()
-        .create_inbox_event(new)
-        .expect("a valid event")
-}
-
-/// The ids of `events`.
-fn ids<R: crate::model::Route>(events: &[crate::model::Event<R>]) -> Vec<Uuid> {
-    events.iter().map(|e| e.id()).collect()
-}
-
-/// Writes `events`, checking none existed.
-async fn seed<S: OutboxStore>(store: &S, events: &[OutboxEvent]) -> Check {
-    let outcomes = call!(store.create_many(events), "create_many");
-    ensure!(
-        outcomes.len() == events.len() && outcomes.iter().all(|o| !o.existing),
-        "create_many of {} new events reported {outcomes:?}",
-        events.len()
-    );
-    Ok(())
-}
-
-/// A claim of up to `limit` rows by `name`.
-async fn claim<S: EventStore<R>, R: crate::model::Route>(
-    store: &S,
-    name: &str,
-    limit: u32,
-) -> std::result::Result<crate::store::Claim<R>, String> {
-    Ok(call!(
-        store.claim(&ClaimOptions::new(worker(name), limit)),
-        "claim"
-    ))
-}
+use crate::model::{EventStatus, OutboxEvent, UnlockReason, time};
+use crate::store::{ClaimOptions, Created, Failure, OutboxStore};
 
 /// Rows come back as written; `seq` follows insertion; an idempotency key
 /// met again returns the existing row.
-async fn round_trip<S: OutboxStore>(store: &S) -> Check {
+pub(super) async fn round_trip<S: OutboxStore>(store: &S) -> Check {
     let events: Vec<OutboxEvent> = (0..3)
         .map(|n| outbox_event(&format!("k{n}"), n, |_| {}))
         .collect();
@@ -290,7 +67,7 @@ async fn round_trip<S: OutboxStore>(store: &S) -> Check {
 
 /// A claim takes due rows only, locks them with its token, and leaves
 /// nothing for the next claim; a claim of 0 rows is refused.
-async fn claim_takes_due_rows<S: OutboxStore>(store: &S) -> Check {
+pub(super) async fn claim_takes_due_rows<S: OutboxStore>(store: &S) -> Check {
     let later = time::now() + chrono::Duration::hours(1);
     let mut events: Vec<OutboxEvent> = (0..3)
         .map(|n| outbox_event(&format!("k{n}"), n, |_| {}))
@@ -341,7 +118,7 @@ async fn claim_takes_due_rows<S: OutboxStore>(store: &S) -> Check {
 
 /// A key's rows go out in `seq` order, never while an earlier row of the
 /// key is held.
-async fn per_key_order<S: OutboxStore>(store: &S) -> Check {
+pub(super) async fn per_key_order<S: OutboxStore>(store: &S) -> Check {
     let a0 = outbox_event("a", 0, |_| {});
     let b0 = outbox_event("b", 0, |_| {});
     let a1 = outbox_event("a", 1, |_| {});
@@ -372,7 +149,7 @@ async fn per_key_order<S: OutboxStore>(store: &S) -> Check {
 
 /// A claim whose lease ran out and was taken over writes nothing, even
 /// from the same worker id; the new claim's writes go through.
-async fn fencing<S: OutboxStore>(store: &S) -> Check {
+pub(super) async fn fencing<S: OutboxStore>(store: &S) -> Check {
     let e = outbox_event("k", 0, |_| {});
     seed(store, std::slice::from_ref(&e)).await?;
     let old = call!(
@@ -430,7 +207,7 @@ async fn fencing<S: OutboxStore>(store: &S) -> Check {
 
 /// Counted failures spend attempts and reschedule, the last one fails the
 /// row; transient failures spend none; a dead failure fails at once.
-async fn failures<S: OutboxStore>(store: &S) -> Check {
+pub(super) async fn failures<S: OutboxStore>(store: &S) -> Check {
     let e = outbox_event("k", 0, |e| e.max_attempts = Some(2));
     let t = outbox_event("t", 0, |_| {});
     let d = outbox_event("d", 0, |_| {});
@@ -508,7 +285,7 @@ async fn failures<S: OutboxStore>(store: &S) -> Check {
 
 /// A release returns rows untried; a forced unlock records its reason and
 /// fences the old claim off.
-async fn release_and_unlock<S: OutboxStore>(store: &S) -> Check {
+pub(super) async fn release_and_unlock<S: OutboxStore>(store: &S) -> Check {
     let events: Vec<OutboxEvent> = (0..2).map(|n| outbox_event("k", n, |_| {})).collect();
     seed(store, &events).await?;
     let c = claim(store, "w1", 10).await?;
@@ -552,7 +329,7 @@ async fn release_and_unlock<S: OutboxStore>(store: &S) -> Check {
 }
 
 /// `release_stale_locks` unlocks rows whose lease ran out, never a live one.
-async fn stale_locks<S: OutboxStore>(store: &S) -> Check {
+pub(super) async fn stale_locks<S: OutboxStore>(store: &S) -> Check {
     let live = outbox_event("a", 0, |_| {});
     let dead = outbox_event("b", 0, |_| {});
     seed(store, &[live.clone(), dead.clone()]).await?;
@@ -595,7 +372,7 @@ async fn stale_locks<S: OutboxStore>(store: &S) -> Check {
 
 /// `delete_completed` deletes completed rows older than asked, at most a
 /// batch at a time, and nothing else.
-async fn retention<S: OutboxStore>(store: &S) -> Check {
+pub(super) async fn retention<S: OutboxStore>(store: &S) -> Check {
     let events: Vec<OutboxEvent> = (0..3)
         .map(|n| outbox_event(&format!("k{n}"), n, |_| {}))
         .collect();
@@ -640,7 +417,7 @@ async fn retention<S: OutboxStore>(store: &S) -> Check {
 }
 
 /// `requeue_failed` brings failed rows back: pending, no attempts, no error.
-async fn requeue<S: OutboxStore>(store: &S) -> Check {
+pub(super) async fn requeue<S: OutboxStore>(store: &S) -> Check {
     let e = outbox_event("k", 0, |e| e.max_attempts = Some(1));
     seed(store, std::slice::from_ref(&e)).await?;
     let c = claim(store, "w1", 1).await?;
@@ -676,174 +453,5 @@ async fn requeue<S: OutboxStore>(store: &S) -> Check {
         ids(&again.events) == vec![e.id()],
         "a requeued row is claimed again"
     );
-    Ok(())
-}
-
-/// Inbox rows are unique by `(message_id, consumer_group)`; a message met
-/// again is reported existing with the first row's id.
-async fn deduplication<S: InboxStore>(store: &S) -> Check {
-    let m1 = inbox_event("m-1", "g1", |_| {});
-    let m2 = inbox_event("m-2", "g1", |_| {});
-    let out = call!(store.insert_many(&[m1.clone(), m2.clone()]), "insert_many");
-    ensure!(
-        out.iter().map(|o| (o.id, o.existing)).collect::<Vec<_>>()
-            == vec![(m1.id(), false), (m2.id(), false)],
-        "two new messages: {out:?}"
-    );
-    let m1_other_group = inbox_event("m-1", "g2", |_| {});
-    let m1_again = inbox_event("m-1", "g1", |_| {});
-    let out = call!(
-        store.insert_many(&[m1_again, m1_other_group.clone()]),
-        "insert_many"
-    );
-    ensure!(
-        out.len() == 2
-            && out[0].existing
-            && out[0].id == m1.id()
-            && !out[1].existing
-            && out[1].id == m1_other_group.id(),
-        "m-1 in g1 again is existing (with its first id); m-1 in g2 is new: {out:?}"
-    );
-    let row = call!(store.get_by_message_id("m-1", "g2"), "get_by_message_id");
-    ensure!(
-        row.map(|r| r.id()) == Some(m1_other_group.id()),
-        "get_by_message_id(m-1, g2) must find the g2 row"
-    );
-    let none = call!(store.get_by_message_id("m-3", "g1"), "get_by_message_id");
-    ensure!(
-        none.is_none(),
-        "get_by_message_id of an unknown message found {none:?}"
-    );
-    let c = claim(store, "p1", 10).await?;
-    ensure!(
-        c.events.len() == 3,
-        "3 inbox rows are due, claimed {}",
-        c.events.len()
-    );
-    call!(store.complete(&c.token, &ids(&c.events)), "complete");
-    let counts = call!(store.counts(), "counts");
-    ensure!(counts.completed == 3, "counts: {counts:?}");
-    Ok(())
-}
-
-/// A token of the consumer `name`, as a claim would make it.
-fn token(name: &str) -> ClaimToken {
-    ClaimToken {
-        worker: worker(name),
-        locked_at: time::now(),
-        lease: Duration::from_secs(60),
-    }
-}
-
-/// Writes in a unit take effect at commit, none after a rollback.
-async fn unit_of_work<S: ConsumerStore>(store: &S) -> Check {
-    let m1 = inbox_event("m-1", "g", |_| {});
-    let m2 = inbox_event("m-2", "g", |_| {});
-    let m3 = inbox_event("m-3", "g", |_| {});
-    let mut tx = call!(store.begin(), "begin");
-    call!(tx.insert(std::slice::from_ref(&m1)), "insert");
-    call!(tx.rollback(), "rollback");
-    ensure!(
-        call!(store.get(m1.id()), "get").is_none(),
-        "a rolled back insert must leave no row"
-    );
-    let consumer = token("consumer-1");
-    let mut tx = call!(store.begin(), "begin");
-    let out = call!(tx.insert(&[m1.clone(), m2.clone()]), "insert");
-    ensure!(out.iter().all(|o| !o.existing), "two new messages: {out:?}");
-    call!(tx.complete(&[m1.id()]), "complete");
-    call!(tx.lock(&[m2.id()], &consumer), "lock");
-    ensure!(
-        call!(store.get(m1.id()), "get").is_none(),
-        "a write must not show before commit"
-    );
-    call!(tx.commit(), "commit");
-    let row = call!(store.get(m1.id()), "get").ok_or("m-1 is gone after commit")?;
-    ensure!(
-        row.status() == EventStatus::Completed,
-        "m-1 completed in the unit: {row:?}"
-    );
-    let row = call!(store.get(m2.id()), "get").ok_or("m-2 is gone after commit")?;
-    ensure!(
-        row.locked_by() == Some("consumer-1") && row.status() == EventStatus::Pending,
-        "m-2 locked in the unit: {row:?}"
-    );
-    let mut tx = call!(store.begin(), "begin");
-    let out = call!(tx.insert(&[m1.clone(), m3.clone()]), "insert");
-    ensure!(
-        out.len() == 2 && out[0].existing && out[0].id == m1.id() && !out[1].existing,
-        "m-1 again is existing, m-3 is new: {out:?}"
-    );
-    let taken = call!(tx.take(&[m1.id()], &consumer), "take");
-    ensure!(
-        taken.is_empty(),
-        "a completed row is a duplicate, never taken: {taken:?}"
-    );
-    call!(tx.delete(&[m3.id()]), "delete");
-    call!(tx.commit(), "commit");
-    ensure!(
-        call!(store.get(m3.id()), "get").is_none(),
-        "a row deleted in its unit must be gone"
-    );
-    Ok(())
-}
-
-/// A pending row met again is taken when due and free, waited for
-/// otherwise; `complete_claimed` completes it only under the claim it was
-/// taken with.
-async fn redelivered_rows<S: ConsumerStore>(store: &S) -> Check {
-    let later = time::now() + chrono::Duration::hours(1);
-    let due = inbox_event("m-1", "g", |_| {});
-    let waiting = inbox_event("m-2", "g", |e| e.scheduled_at = Some(later));
-    call!(
-        store.insert_many(&[due.clone(), waiting.clone()]),
-        "insert_many"
-    );
-    let consumer = token("consumer-1");
-    let mut tx = call!(store.begin(), "begin");
-    let mut taken = call!(tx.take(&[due.id(), waiting.id()], &consumer), "take");
-    match taken.remove(&waiting.id()) {
-        Some(Redelivered::Wait(until)) if until == time::truncate(later) => {}
-        other => {
-            return Err(format!(
-                "a row due in an hour must say Wait(its scheduled time), got {other:?}"
-            ));
-        }
-    }
-    let Some(Redelivered::Taken(event)) = taken.remove(&due.id()) else {
-        return Err("a due, free row must be Taken".into());
-    };
-    ensure!(
-        event.locked_by() == Some("consumer-1"),
-        "a taken row is locked by the consumer's token: {event:?}"
-    );
-    let mut stale = (*event).clone();
-    let mut state = stale.state();
-    if let Some(lock) = &mut state.lock {
-        lock.at -= chrono::Duration::seconds(5);
-    }
-    stale = stale.with_state(state).map_err(|e| e.to_string())?;
-    ensure!(
-        !call!(tx.complete_claimed(&stale), "complete_claimed"),
-        "complete_claimed with another lock time must not complete the row"
-    );
-    ensure!(
-        call!(tx.complete_claimed(&event), "complete_claimed"),
-        "complete_claimed under the taking claim must complete the row"
-    );
-    call!(tx.commit(), "commit");
-    let row = call!(store.get(due.id()), "get").ok_or("m-1 is gone")?;
-    ensure!(
-        row.status() == EventStatus::Completed && !row.is_locked(),
-        "m-1 completed and unlocked: {row:?}"
-    );
-    let mut tx = call!(store.begin(), "begin");
-    let other = token("consumer-2");
-    let taken = call!(tx.take(&[waiting.id()], &other), "take");
-    ensure!(
-        matches!(taken.get(&waiting.id()), Some(Redelivered::Wait(_))),
-        "still waiting: {taken:?}"
-    );
-    call!(tx.rollback(), "rollback");
     Ok(())
 }
