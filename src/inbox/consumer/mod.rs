@@ -7,20 +7,20 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
 
-use super::context::{Dependencies, HandlerContext};
-use super::handler::{Handler, run_handler};
+use super::context::Dependencies;
+use super::handler::Handler;
 use super::normalize::{DefaultEnvelopeParser, EnvelopeParser, Normalized, RawMessage};
 use super::source::Source;
 use crate::domain::{Backoff, DomainService, Retry};
 use crate::error::{Error, Result};
 use crate::inbox::unit_of_work::ConsumerStore;
 use crate::model::{InboxEvent, InboxRoute, time};
-use crate::pipeline::Outcome;
 use crate::pipeline::throttle::Throttle;
-use crate::pipeline::{DeadLetterStore, EventOutcome, Letter, MetricsRecorder, put_dead_letters};
+use crate::pipeline::{DeadLetterStore, Letter, MetricsRecorder, put_dead_letters};
 use crate::relay::{AnySink, DeadLetterTopic};
 use crate::store::{AnyTable, ClaimToken, Failure, RetryAt};
 
+mod alive;
 mod exactly_once;
 mod in_transaction;
 mod one;
@@ -108,7 +108,7 @@ impl<S: Source, H: Handler, T: ConsumerStore> InboxConsumer<S, H, T> {
         self
     }
 
-    /// Hands `deps` to every handler run ([`HandlerContext::dep`]).
+    /// Hands `deps` to every handler run ([`HandlerContext::dep`](crate::inbox::HandlerContext::dep)).
     pub fn with_dependencies(mut self, deps: Dependencies) -> Self {
         self.deps = deps;
         self
@@ -529,33 +529,6 @@ fn receive_span(source: &str, group: &str, messages: &[RawMessage]) -> opentelem
     )
 }
 
-impl<S: Source, H: Handler, T: ConsumerStore> InboxConsumer<S, H, T> {
-    /// Runs `handler` on `event` in `cx` (see [`handle_alive`]).
-    async fn handle(
-        &mut self,
-        handler: &H,
-        event: &InboxEvent,
-        cx: &mut HandlerContext<'_>,
-    ) -> Outcome {
-        handle_alive(
-            &mut self.source,
-            handler,
-            event,
-            self.options.handler_timeout,
-            cx,
-            self.limit.as_deref(),
-            self.metrics.as_deref(),
-        )
-        .await
-    }
-
-    /// Runs `handler` on `event` with no transaction open.
-    async fn handle_detached(&mut self, handler: &H, event: &InboxEvent) -> Outcome {
-        let mut cx = HandlerContext::detached(self.deps.clone());
-        self.handle(handler, event, &mut cx).await
-    }
-}
-
 /// Resolves once `shutdown` is true. A receiver whose sender is gone (say
 /// `watch::channel(false).1`) can never be asked to stop: it never
 /// resolves, rather than resolving at once and cutting every poll short.
@@ -566,63 +539,6 @@ async fn stop_asked(shutdown: &mut watch::Receiver<bool>) {
         }
         if shutdown.changed().await.is_err() {
             std::future::pending::<()>().await;
-        }
-    }
-}
-
-/// Runs `handler` on `event`; when it runs longer than a moment, the source
-/// idles meanwhile (Kafka: paused partitions, polls go on), so a slow handler
-/// does not outlive the group's poll interval.
-#[allow(clippy::too_many_arguments)]
-async fn handle_alive<S: Source, H: Handler>(
-    source: &mut S,
-    handler: &H,
-    event: &InboxEvent,
-    timeout: Duration,
-    cx: &mut HandlerContext<'_>,
-    limit: Option<&tokio::sync::Semaphore>,
-    metrics: Option<&dyn MetricsRecorder>,
-) -> Outcome {
-    let system =
-        crate::telemetry::enabled().then(|| crate::telemetry::system_of(&source.describe()));
-    let run = async {
-        // A closed semaphore (never closed here) would mean no limit.
-        let _permit = match limit {
-            Some(l) => l.acquire().await.ok(),
-            None => None,
-        };
-        let started = Instant::now();
-        let outcome = run_handler(handler, event, timeout, system, cx).await;
-        if let Some(m) = metrics {
-            m.handled(
-                crate::model::Table::Inbox,
-                &EventOutcome {
-                    event_type: event.event_type(),
-                    attempts_made: event.attempts_made(),
-                    max_attempts: event.max_attempts(),
-                    outcome: &outcome,
-                },
-                started.elapsed(),
-            );
-        }
-        outcome
-    };
-    tokio::pin!(run);
-    tokio::select! {
-        biased;
-        o = &mut run => return o,
-        _ = tokio::time::sleep(IDLE_AFTER) => {}
-    }
-    loop {
-        tokio::select! {
-            biased;
-            o = &mut run => return o,
-            r = source.idle(Duration::from_millis(500)) => {
-                if let Err(e) = r {
-                    tracing::warn!(error = %e, "the source failed while a handler ran");
-                    return run.await;
-                }
-            }
         }
     }
 }
