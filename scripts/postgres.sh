@@ -17,6 +17,9 @@
 #       server takes sslmode=disable and TLS connections): a throwaway CA and
 #       server certificate (RSA 2048, for 127.0.0.1 and localhost) are made
 #       with openssl in DIR/tls, unless --tls CERTS gives them.
+#       --logical sets wal_level=logical (replication slots; the doctor's
+#       slot check and the tests of it) and gives the omnibox role the
+#       REPLICATION attribute.
 #   scripts/postgres.sh stop [--dir DIR]
 #       stops the server started by `start` (by the PID in DIR) and removes DIR.
 #   scripts/postgres.sh halt [--port P] [--mode fast|immediate|smart]
@@ -37,6 +40,7 @@ DURABLE=0
 MODE=fast
 TLS=""
 TLS_OPTIONAL=0
+LOGICAL=0
 while [ $# -gt 0 ]; do
   case "$1" in
     --port) PORT=$2; shift 2 ;;
@@ -45,6 +49,7 @@ while [ $# -gt 0 ]; do
     --tls-optional) TLS_OPTIONAL=1; shift ;;
     --dir) DIR=$2; shift 2 ;;
     --durable) DURABLE=1; shift ;;
+    --logical) LOGICAL=1; shift ;;
     *) echo "postgres.sh: unknown option $1" >&2; exit 2 ;;
   esac
 done
@@ -118,6 +123,9 @@ start() {
   if [ "$DURABLE" = 0 ]; then
     opts="$opts -c fsync=off -c synchronous_commit=off -c full_page_writes=off"
   fi
+  if [ "$LOGICAL" = 1 ]; then
+    opts="$opts -c wal_level=logical -c max_replication_slots=20 -c max_wal_senders=20"
+  fi
   if [ -n "$TLS" ] || [ "$TLS_OPTIONAL" = 1 ]; then
     mkdir -p "$DIR/tls"
     if [ -n "$TLS" ]; then
@@ -147,6 +155,10 @@ CREATE ROLE omnibox LOGIN PASSWORD 'omnibox';
 CREATE DATABASE omnibox OWNER omnibox;
 CREATE ROLE omnibox_cert LOGIN IN ROLE omnibox;
 SQL
+  if [ "$LOGICAL" = 1 ]; then
+    "$bin/psql" -h "$DIR" -p "$PORT" -U postgres -d postgres -v ON_ERROR_STOP=1 -q \
+      -c "ALTER ROLE omnibox REPLICATION" >&2
+  fi
   log "PostgreSQL on 127.0.0.1:$PORT (pid $pid, data in $DIR)"
   echo "export OMNIBOX_TEST_DATABASE_URL=postgres://omnibox:omnibox@127.0.0.1:$PORT/omnibox"
   echo "export OMNIBOX_TEST_PG_PID=$pid"
@@ -189,5 +201,5 @@ case "$cmd" in
   halt) halt ;;
   resume) resume ;;
   restart) halt; resume ;;
-  *) echo "usage: scripts/postgres.sh start|stop|halt|resume|restart [--port P] [--dir D] [--durable] [--tls CERTS] [--tls-optional] [--mode M]" >&2; exit 2 ;;
+  *) echo "usage: scripts/postgres.sh start|stop|halt|resume|restart [--port P] [--dir D] [--durable] [--tls CERTS] [--tls-optional] [--logical] [--mode M]" >&2; exit 2 ;;
 esac

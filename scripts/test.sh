@@ -28,7 +28,7 @@ trap cleanup EXIT INT TERM
 scripts/build-deps.sh
 
 if [ -z "${OMNIBOX_TEST_DATABASE_URL:-}" ]; then
-  eval "$(scripts/postgres.sh start --port "$PG_PORT")"
+  eval "$(scripts/postgres.sh start --port "$PG_PORT" --logical)"
   started_pg=1
 fi
 export OMNIBOX_TEST_DATABASE_URL

@@ -240,7 +240,7 @@ async fn operations(db: TestDb) {
     assert_eq!(checks[0].status, Level::Ok, "{checks:?}");
     assert!(checks.iter().all(|c| c.status != Level::Fail), "{checks:?}");
     let skipped = diagnostics::not_checked("no database connection", db.is_postgres());
-    assert_eq!(skipped.len(), if db.is_postgres() { 10 } else { 8 });
+    assert_eq!(skipped.len(), if db.is_postgres() { 11 } else { 8 });
     assert!(skipped.iter().all(|c| c.status == Level::Skip));
 }
 
@@ -254,4 +254,70 @@ async fn operations_postgres() {
     if let Some(db) = common::postgres().await {
         operations(db).await;
     }
+}
+
+/// Doctor's replication-slot check (PostgreSQL): an inactive logical slot
+/// (one nothing reads, which keeps WAL until the disk is full) is a warning
+/// that names it and the statement that drops it; once dropped it is gone
+/// from the check.
+#[tokio::test]
+async fn doctor_reports_an_unread_replication_slot() {
+    let Some(db) = common::postgres().await else {
+        return;
+    };
+    let omnibox::store::AnyStore::Postgres(pg) = &db.store else {
+        unreachable!()
+    };
+    let wal_level: String = sqlx::query_scalar("SHOW wal_level")
+        .fetch_one(pg.pool())
+        .await
+        .unwrap();
+    if wal_level != "logical" {
+        assert!(
+            !common::under_ci(),
+            "the test PostgreSQL needs wal_level=logical: scripts/postgres.sh start --logical"
+        );
+        eprintln!("skipped: wal_level is {wal_level}, not logical");
+        return;
+    }
+    let slot_check = || async {
+        diagnostics::database(
+            &db.store,
+            &Thresholds {
+                max_pending_age: Duration::from_secs(300),
+                dedup_window: Duration::from_secs(86_400),
+            },
+        )
+        .await
+        .into_iter()
+        .find(|c| c.check == "replication slots")
+        .expect("the check runs on PostgreSQL")
+    };
+    let name = format!("omnibox_test_{}", uuid::Uuid::new_v4().simple());
+    let before = slot_check().await;
+    assert!(!before.message.contains(&name), "{before:?}");
+    sqlx::query("SELECT pg_create_logical_replication_slot($1, 'pgoutput')")
+        .bind(&name)
+        .execute(pg.pool())
+        .await
+        .unwrap();
+    let with = slot_check().await;
+    let dropped = sqlx::query("SELECT pg_drop_replication_slot($1)")
+        .bind(&name)
+        .execute(pg.pool())
+        .await;
+    assert_eq!(with.status, Level::Warn, "{with:?}");
+    assert!(
+        with.message.contains(&format!("{name} (logical, database omnibox")),
+        "{with:?}"
+    );
+    let hint = with.hint.clone().unwrap_or_default();
+    assert!(
+        hint.contains(&format!("SELECT pg_drop_replication_slot('{name}');")),
+        "{hint}"
+    );
+    assert!(hint.contains("until the disk is full"), "{hint}");
+    dropped.unwrap();
+    let after = slot_check().await;
+    assert!(!after.message.contains(&name), "{after:?}");
 }

@@ -1,6 +1,7 @@
 //! What `omnibox doctor` reads from a database beyond the store traits:
 //! the claim's query plan, the planner's statistics, expired leases, the
-//! tables' sizes and dead rows, the topics of pending rows. Each backend
+//! tables' sizes and dead rows, the topics of pending rows, the server's
+//! replication slots. Each backend
 //! answers in its `driver.rs`; [`AnyStore`](super::AnyStore)'s methods
 //! (`store/operations.rs`) ask it.
 
@@ -52,4 +53,30 @@ pub struct TableHealth {
     pub dead: i64,
     /// Its storage options, comma-separated (`autovacuum_...=...`).
     pub options: String,
+}
+
+/// A replication slot of the server (PostgreSQL): anything that reads the
+/// write-ahead log through it (a logical decoding consumer such as a CDC
+/// tool, or a standby) keeps the WAL since the slot's position.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReplicationSlot {
+    /// The slot's name.
+    pub name: String,
+    /// `logical` or `physical`.
+    pub kind: String,
+    /// Its database (logical slots).
+    pub database: Option<String>,
+    /// A connection is reading it now.
+    pub active: bool,
+    /// Bytes of WAL between the server's current position and what the
+    /// slot's reader has confirmed (`restart_lsn` for physical slots):
+    /// what the slot keeps on disk.
+    pub behind_bytes: Option<i64>,
+    /// The server's judgement of the WAL it keeps: `reserved`,
+    /// `extended`, `unreserved` (about to be removed) or `lost` (removed: its
+    /// reader cannot go on).
+    pub wal_status: Option<String>,
+    /// How long ago the reader's last position was replayed (an active
+    /// slot's `replay_lag`), when the server tells.
+    pub lag: Option<std::time::Duration>,
 }

@@ -16,7 +16,7 @@ use uuid::Uuid;
 use super::BulkOutcome;
 use super::audit::{AuditEntry, AuditFilter, AuditedChange};
 use super::dead_letters::{DeadLetterFilter, DeadLetterRecord, NewLetter};
-use super::diagnostics::{ClaimPlan, Statistics, TableHealth};
+use super::diagnostics::{ClaimPlan, ReplicationSlot, Statistics, TableHealth};
 use crate::error::Result;
 use crate::model::{InboxEvent, OutboxEvent, Table};
 
@@ -90,6 +90,10 @@ pub(crate) trait Driver: Sync {
 
     /// Up to `limit` distinct topics of pending outbox rows.
     fn pending_topics(&self, limit: i64) -> impl Future<Output = Result<Vec<String>>> + Send;
+
+    /// The server's replication slots (none where the backend has no
+    /// write-ahead log to stream: SQLite).
+    fn replication_slots(&self) -> impl Future<Output = Result<Vec<ReplicationSlot>>> + Send;
 }
 
 /// A backend's statements for the features, on one write transaction.

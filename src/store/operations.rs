@@ -15,7 +15,7 @@ use super::dead_letters::{
     DEAD_LETTERS, DeadLetterFilter, DeadLetterRecord, DeadLetterReplay, DeadLetterTable, NewLetter,
     fill_entry, missing_events, new_letters, revive, settle, split,
 };
-use super::diagnostics::{ClaimPlan, Statistics, TableHealth};
+use super::diagnostics::{ClaimPlan, ReplicationSlot, Statistics, TableHealth};
 use super::driver::{Driver, FeatureTx, Retention, delete_older_in_batches};
 use crate::error::{Error, Result};
 use crate::model::{Event, InboxRoute, OutboxRoute, Route, Table};
@@ -255,6 +255,11 @@ impl AnyStore {
     /// SQLite).
     pub async fn table_health(&self, table: Table) -> Result<Option<TableHealth>> {
         with_driver!(self, d => d.table_health(table).await)
+    }
+
+    /// The server's replication slots (PostgreSQL; none on SQLite).
+    pub async fn replication_slots(&self) -> Result<Vec<ReplicationSlot>> {
+        with_driver!(self, d => d.replication_slots().await)
     }
 
     /// Up to `limit` distinct topics of pending outbox rows.

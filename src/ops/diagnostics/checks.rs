@@ -1,5 +1,6 @@
 //! The checks of a database whose schema is current: the claim's plan,
-//! statistics, leases, blocked keys, backlog, retention, tables' health.
+//! statistics, leases, blocked keys, backlog, retention, tables' health,
+//! replication slots.
 
 use std::time::Duration;
 
@@ -275,6 +276,100 @@ pub(super) async fn health_checks(store: &AnyStore) -> Vec<Check> {
         });
     }
     out
+}
+
+/// The server's replication slots (PostgreSQL): an inactive slot keeps
+/// every WAL segment since its position until the disk is full, and a slot
+/// that lost its WAL cannot be read on; each is named with the statement
+/// that drops it.
+pub(super) async fn slots_check(store: &AnyStore) -> Check {
+    const CHECK: &str = "replication slots";
+    let slots = match store.replication_slots().await {
+        Ok(s) => s,
+        Err(e) => return Check::error(CHECK, &e),
+    };
+    if slots.is_empty() {
+        return Check::ok(CHECK, "none (nothing keeps write-ahead log for a reader)");
+    }
+    let drop = |names: &[&str]| -> String {
+        names
+            .iter()
+            .map(|n| {
+                format!(
+                    "SELECT pg_drop_replication_slot('{}');",
+                    n.replace('\'', "''")
+                )
+            })
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    let describe = |s: &crate::store::diagnostics::ReplicationSlot| -> String {
+        let mut d = format!("{} ({}", s.name, s.kind);
+        if let Some(db) = &s.database {
+            d.push_str(&format!(", database {db}"));
+        }
+        if let Some(b) = s.behind_bytes {
+            d.push_str(&format!(", {} of WAL kept", megabytes(b.max(0))));
+        }
+        if let Some(lag) = s.lag {
+            d.push_str(&format!(", {:.1} s behind", lag.as_secs_f64()));
+        }
+        if let Some(w) = &s.wal_status {
+            d.push_str(&format!(", wal_status {w}"));
+        }
+        d.push(')');
+        d
+    };
+    let lost: Vec<_> = slots
+        .iter()
+        .filter(|s| s.wal_status.as_deref() == Some("lost"))
+        .collect();
+    if !lost.is_empty() {
+        let names: Vec<&str> = lost.iter().map(|s| s.name.as_str()).collect();
+        return Check::fail(
+            CHECK,
+            format!(
+                "lost the WAL it needed, its reader cannot go on: {}",
+                lost.iter()
+                    .map(|s| describe(s))
+                    .collect::<Vec<_>>()
+                    .join("; ")
+            ),
+            format!(
+                "drop it, and let its reader start again from a new slot: {}",
+                drop(&names)
+            ),
+        );
+    }
+    let idle: Vec<_> = slots
+        .iter()
+        .filter(|s| !s.active || s.wal_status.as_deref() == Some("unreserved"))
+        .collect();
+    if !idle.is_empty() {
+        let names: Vec<&str> = idle.iter().map(|s| s.name.as_str()).collect();
+        return Check::warn(
+            CHECK,
+            format!(
+                "not read: {}",
+                idle.iter()
+                    .map(|s| describe(s))
+                    .collect::<Vec<_>>()
+                    .join("; ")
+            ),
+            format!(
+                "a slot nobody reads keeps every WAL segment since its position until the disk is full (cap it with max_slot_wal_keep_size); if nothing will read it again, drop it: {}",
+                drop(&names)
+            ),
+        );
+    }
+    Check::ok(
+        CHECK,
+        format!(
+            "{} read: {}",
+            slots.len(),
+            slots.iter().map(describe).collect::<Vec<_>>().join("; ")
+        ),
+    )
 }
 
 /// `bytes` in mebibytes with one decimal, labelled `MB`.

@@ -17,7 +17,7 @@ mod checks;
 
 use checks::{
     backlog_check, blocked_check, health_checks, leases_check, plan_check, retention_check,
-    statistics_check,
+    slots_check, statistics_check,
 };
 
 /// The outcome of one check.
@@ -110,8 +110,8 @@ pub struct Thresholds {
 }
 
 /// The names of the checks [`database`] runs after the schema's (the last
-/// two on PostgreSQL only).
-const AFTER_SCHEMA: [&str; 9] = [
+/// three on PostgreSQL only).
+const AFTER_SCHEMA: [&str; 10] = [
     "indexes",
     "claim plan",
     "statistics",
@@ -121,6 +121,7 @@ const AFTER_SCHEMA: [&str; 9] = [
     "retention",
     "outbox table",
     "inbox table",
+    "replication slots",
 ];
 
 /// Every database check on `store`, in order. Each runs whatever failed
@@ -145,6 +146,7 @@ pub async fn database(store: &AnyStore, thresholds: &Thresholds) -> Vec<Check> {
     checks.push(retention_check(store, thresholds.dedup_window).await);
     if pg {
         checks.extend(health_checks(store).await);
+        checks.push(slots_check(store).await);
     }
     checks
 }
@@ -158,7 +160,7 @@ pub fn not_checked(why: &str, postgres: bool) -> Vec<Check> {
 }
 
 fn skipped_after_schema(why: &str, postgres: bool) -> Vec<Check> {
-    let n = if postgres { 9 } else { 7 };
+    let n = if postgres { 10 } else { 7 };
     AFTER_SCHEMA[..n]
         .iter()
         .map(|name| Check::skip(name, format!("not checked: {why}")))

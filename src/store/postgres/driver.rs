@@ -12,7 +12,9 @@ use crate::model::{InboxEvent, OutboxEvent, Table};
 use crate::store::BulkOutcome;
 use crate::store::audit::{self, AuditEntry, AuditFilter, AuditedChange};
 use crate::store::dead_letters::{self, DeadLetterFilter, DeadLetterRecord, NewLetter};
-use crate::store::diagnostics::{ClaimPlan, SMALL_TABLE_PAGES, Statistics, TableHealth};
+use crate::store::diagnostics::{
+    ClaimPlan, ReplicationSlot, SMALL_TABLE_PAGES, Statistics, TableHealth,
+};
 use crate::store::dialect::{self, Pg};
 use crate::store::driver::{Driver, FeatureTx, Retention};
 
@@ -231,6 +233,39 @@ impl Driver for PgStore {
         .fetch_all(self.pool())
         .await
         .map_err(storage)
+    }
+
+    async fn replication_slots(&self) -> Result<Vec<ReplicationSlot>> {
+        let rows = sqlx::query(
+            "SELECT s.slot_name::text AS name, s.slot_type AS kind, s.database::text AS database,
+                    s.active, s.wal_status,
+                    pg_wal_lsn_diff(
+                        CASE WHEN pg_is_in_recovery() THEN pg_last_wal_receive_lsn() ELSE pg_current_wal_lsn() END,
+                        coalesce(s.confirmed_flush_lsn, s.restart_lsn))::bigint AS behind,
+                    extract(epoch FROM r.replay_lag)::float8 AS lag
+             FROM pg_replication_slots s
+             LEFT JOIN pg_stat_replication r ON r.pid = s.active_pid
+             ORDER BY s.slot_name",
+        )
+        .fetch_all(self.pool())
+        .await
+        .map_err(storage)?;
+        rows.iter()
+            .map(|r| {
+                let lag: Option<f64> = r.try_get("lag").map_err(storage)?;
+                Ok(ReplicationSlot {
+                    name: r.try_get("name").map_err(storage)?,
+                    kind: r.try_get("kind").map_err(storage)?,
+                    database: r.try_get("database").map_err(storage)?,
+                    active: r.try_get("active").map_err(storage)?,
+                    behind_bytes: r.try_get("behind").map_err(storage)?,
+                    wal_status: r.try_get("wal_status").map_err(storage)?,
+                    lag: lag
+                        .filter(|s| s.is_finite() && *s >= 0.0)
+                        .map(std::time::Duration::from_secs_f64),
+                })
+            })
+            .collect()
     }
 }
 

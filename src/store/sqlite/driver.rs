@@ -14,7 +14,7 @@ use crate::model::{InboxEvent, OutboxEvent, Table, time};
 use crate::store::BulkOutcome;
 use crate::store::audit::{self, AuditEntry, AuditFilter, AuditedChange};
 use crate::store::dead_letters::{self, DeadLetterFilter, DeadLetterRecord, NewLetter};
-use crate::store::diagnostics::{ClaimPlan, Statistics, TableHealth};
+use crate::store::diagnostics::{ClaimPlan, ReplicationSlot, Statistics, TableHealth};
 use crate::store::dialect::{self, Lite};
 use crate::store::driver::{Driver, FeatureTx, Retention};
 
@@ -186,6 +186,10 @@ impl Driver for SqliteStore {
 
     async fn table_health(&self, _table: Table) -> Result<Option<TableHealth>> {
         Ok(None)
+    }
+
+    async fn replication_slots(&self) -> Result<Vec<ReplicationSlot>> {
+        Ok(Vec::new())
     }
 
     async fn pending_topics(&self, limit: i64) -> Result<Vec<String>> {
