@@ -324,42 +324,35 @@ pub(super) async fn slots_check(store: &AnyStore) -> Check {
         .iter()
         .filter(|s| s.wal_status.as_deref() == Some("lost"))
         .collect();
-    if !lost.is_empty() {
-        let names: Vec<&str> = lost.iter().map(|s| s.name.as_str()).collect();
-        return Check::fail(
-            CHECK,
-            format!(
-                "lost the WAL it needed, its reader cannot go on: {}",
-                lost.iter()
-                    .map(|s| describe(s))
-                    .collect::<Vec<_>>()
-                    .join("; ")
-            ),
-            format!(
-                "drop it, and let its reader start again from a new slot: {}",
-                drop(&names)
-            ),
-        );
-    }
     let idle: Vec<_> = slots
         .iter()
         .filter(|s| !s.active || s.wal_status.as_deref() == Some("unreserved"))
         .collect();
-    if !idle.is_empty() {
-        let names: Vec<&str> = idle.iter().map(|s| s.name.as_str()).collect();
-        return Check::warn(
+    // The worst finding, its slots, and what to do about them.
+    let finding = if !lost.is_empty() {
+        Some((
+            Check::fail as fn(&'static str, String, String) -> Check,
+            "lost the WAL it needed, its reader cannot go on",
+            lost,
+            "drop it, and let its reader start again from a new slot:",
+        ))
+    } else if !idle.is_empty() {
+        Some((
+            Check::warn as fn(&'static str, String, String) -> Check,
+            "not read",
+            idle,
+            "a slot nobody reads keeps every WAL segment since its position until the disk is full (cap it with max_slot_wal_keep_size); if nothing will read it again, drop it:",
+        ))
+    } else {
+        None
+    };
+    if let Some((judge, what, found, todo)) = finding {
+        let names: Vec<&str> = found.iter().map(|s| s.name.as_str()).collect();
+        let listed: Vec<String> = found.iter().map(|s| describe(s)).collect();
+        return judge(
             CHECK,
-            format!(
-                "not read: {}",
-                idle.iter()
-                    .map(|s| describe(s))
-                    .collect::<Vec<_>>()
-                    .join("; ")
-            ),
-            format!(
-                "a slot nobody reads keeps every WAL segment since its position until the disk is full (cap it with max_slot_wal_keep_size); if nothing will read it again, drop it: {}",
-                drop(&names)
-            ),
+            format!("{what}: {}", listed.join("; ")),
+            format!("{todo} {}", drop(&names)),
         );
     }
     Check::ok(
