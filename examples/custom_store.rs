@@ -6,7 +6,7 @@
 //! the same plan: keep each event's fields ([`DomainService`] validates
 //! them when they are created) and its state ([`Event::state`]); read a row
 //! back with [`Event::with_state`]; answer guarded writes with
-//! [`guard_result`].
+//! [`guard_result`]; write failures through [`stored_error`].
 //!
 //! ```sh
 //! cargo run --example custom_store
@@ -15,13 +15,12 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use omnibox::model::limits::{DEFAULT_TRUNCATION_SUFFIX, LAST_ERROR_MAX_LENGTH};
-use omnibox::model::validate::truncate_error;
+use omnibox::model::limits::MAX_DURATION;
 use omnibox::prelude::*;
 use omnibox::relay::{Delivery, Message, Sink};
 use omnibox::store::{
     BlockedKey, BulkOutcome, Capabilities, Claim, ClaimOptions, ClaimToken, FailReport, Failure,
-    FetchFilters, ListFilter, RequeueFilter, RetryAt, TableCounts, guard_result,
+    FetchFilters, ListFilter, RequeueFilter, RetryAt, TableCounts, guard_result, stored_error,
 };
 use omnibox::{Event, EventLock, EventState, OutboxRoute, Timestamp, UnlockReason, testkit, time};
 use uuid::Uuid;
@@ -50,13 +49,15 @@ fn held(event: &OutboxEvent, token: &ClaimToken) -> bool {
         && event.locked_at() == Some(token.locked_at)
 }
 
-/// A duration as a chrono one, for time arithmetic.
+/// A duration as a chrono one, for time arithmetic, clamped to the
+/// longest the engine uses (so that adding it to a time cannot overflow).
 fn span(d: Duration) -> chrono::Duration {
-    chrono::Duration::from_std(d).unwrap_or(chrono::Duration::MAX)
+    chrono::Duration::from_std(d.min(MAX_DURATION)).unwrap_or_default()
 }
 
 impl MemoryOutbox {
-    /// Runs `write` on each row of `ids` that `token` holds; returns the
+    /// Runs `write` on each row of `ids` that `token` holds, all or
+    /// nothing (every new row is made before any is stored); returns the
     /// ids changed, or the guard's error naming the others.
     fn guarded(
         &self,
@@ -65,12 +66,15 @@ impl MemoryOutbox {
         mut write: impl FnMut(&OutboxEvent) -> Result<OutboxEvent>,
     ) -> Result<Vec<Uuid>> {
         let mut rows = self.rows.lock().expect("not poisoned");
-        let mut done = Vec::new();
-        for row in rows.iter_mut() {
+        let mut new = Vec::new();
+        for (i, row) in rows.iter().enumerate() {
             if ids.contains(&row.id()) && held(row, token) {
-                *row = write(row)?;
-                done.push(row.id());
+                new.push((i, write(row)?));
             }
+        }
+        let done: Vec<Uuid> = new.iter().map(|(_, e)| e.id()).collect();
+        for (i, row) in new {
+            rows[i] = row;
         }
         guard_result(ids, &done).map(|()| done)
     }
@@ -244,7 +248,7 @@ impl EventStore<OutboxRoute> for MemoryOutbox {
                 .expect("one of the ids");
             let attempts = e.attempts_made() + i32::from(f.counted);
             let failed = f.dead || attempts >= e.max_attempts();
-            let error = truncate_error(&f.error, LAST_ERROR_MAX_LENGTH, DEFAULT_TRUNCATION_SUFFIX)?;
+            let error = stored_error(&f.error);
             let next = changed(e, |s| {
                 s.attempts_made = attempts;
                 s.last_error = Some(error);

@@ -75,7 +75,8 @@ pub struct Metrics {
     /// Dead letters not replayed yet (`--dlq table`), per table of their
     /// events; set every 30 s by the long-running commands.
     pub dead_letters_open: Family<TableLabels, Gauge>,
-    /// Rows the last claim locked (the reference's `locked_batch_size`).
+    /// Rows of the last batch written (the reference's
+    /// `locked_batch_size`); an idle worker keeps showing its last batch.
     pub locked_batch_size: Family<TableLabels, Gauge>,
     /// Time one handler took on one event, seconds (inbox consumer and
     /// inbox processor).
@@ -123,7 +124,7 @@ impl Metrics {
         });
         registry.register(
             "locked_batch_size",
-            "Rows the last claim locked",
+            "Rows of the last batch written (the rows its claim locked)",
             locked_batch_size.clone(),
         );
         registry.register(

@@ -396,6 +396,14 @@ impl<R: Route> Event<R> {
     /// Checks the cross-field invariants of docs/design.md, "Event lifecycle and rules" (status and completion time,
     /// attempts, lock consistency). Events built by this crate always pass.
     pub fn validate_invariants(&self) -> Result<()> {
+        self.invariants(false)
+    }
+
+    /// [`validate_invariants`](Self::validate_invariants); with
+    /// `spent_pending`, a pending row whose attempts are used up passes (a
+    /// stored row can be so, set outside omnibox: the processor fails it
+    /// cleanly when it meets it).
+    pub(crate) fn invariants(&self, spent_pending: bool) -> Result<()> {
         let invalid = |message: String| Err(Error::validation("event", message));
         match (self.status, self.completed_at) {
             (EventStatus::Completed, None) => {
@@ -426,7 +434,10 @@ impl<R: Route> Event<R> {
                 self.attempts_made, self.max_attempts
             ));
         }
-        if self.status == EventStatus::Pending && self.attempts_made >= self.max_attempts {
+        if !spent_pending
+            && self.status == EventStatus::Pending
+            && self.attempts_made >= self.max_attempts
+        {
             return invalid(format!(
                 "status is pending, but attempts_made ({}) has reached max_attempts ({})",
                 self.attempts_made, self.max_attempts

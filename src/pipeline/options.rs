@@ -90,8 +90,10 @@ pub struct BatchReport {
     pub ids: BatchIds,
 }
 
-/// The ids of a batch's events by outcome, as written: a row whose lease
-/// was lost before its result was written is in `lease_lost` only.
+/// The ids of a batch's events by outcome, as the counts of
+/// [`BatchReport`] count them: a row whose lease was lost before its result
+/// was written is in `lease_lost` only; after a `commit_error` they say
+/// what was to be written.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct BatchIds {
     /// Completed (published or processed), in claim order.

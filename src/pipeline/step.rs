@@ -30,7 +30,9 @@ pub trait Step<R: Route>: Send + Sync + 'static {
     /// handler. On a table with per-key order (the outbox), an event this
     /// leaves to be retried (a failure, a release, an unavailable
     /// destination) holds back the rest of its key in the batch: they are
-    /// released untried, so the key's order holds.
+    /// released untried; and once this hands an event of a key to the
+    /// handler, the rest of that key in the batch go to the handler too
+    /// without being asked here. Either way the key's order holds.
     fn before_event(&self, event: &Event<R>) -> impl Future<Output = Option<Outcome>> + Send {
         let _ = event;
         async { None }
@@ -101,22 +103,39 @@ fn retried(outcome: &Outcome) -> bool {
 }
 
 /// The outcomes the step decides before the handler, one per event
-/// (`None`: the handler's). The rest of a key whose event the step leaves
-/// to be retried is released.
+/// (`None`: the handler's). On a table with per-key order, the rest of a
+/// key whose event the step leaves to be retried is released, and once an
+/// event of a key goes to the handler the rest of that key go with it
+/// (the step is not asked): a step's decision never overtakes the
+/// handler's outcome for an earlier event of its key. `Committed` (which
+/// only a handler that wrote the row itself may answer) is taken as
+/// `Completed`.
 async fn decided<R: Route, S: Step<R>>(step: &S, events: &[Event<R>]) -> Vec<Option<Outcome>> {
     step.before_batch(events).await;
     let mut held_back: HashSet<(&str, &str)> = HashSet::new();
+    let mut handed: HashSet<(&str, &str)> = HashSet::new();
     let mut decided = Vec::with_capacity(events.len());
     for event in events {
         let key = event.order_key();
         let outcome = match key {
             Some(k) if held_back.contains(&k) => Some(Outcome::Released),
-            _ => step.before_event(event).await,
+            Some(k) if handed.contains(&k) => None,
+            _ => match step.before_event(event).await {
+                Some(Outcome::Committed) => {
+                    tracing::warn!(id = %event.id(), "a step answered Committed before the handler, where nothing has written the row; taken as Completed");
+                    Some(Outcome::Completed)
+                }
+                o => o,
+            },
         };
-        if let (Some(k), Some(o)) = (key, &outcome)
-            && retried(o)
-        {
-            held_back.insert(k);
+        match (key, &outcome) {
+            (Some(k), Some(o)) if retried(o) => {
+                held_back.insert(k);
+            }
+            (Some(k), None) => {
+                handed.insert(k);
+            }
+            _ => {}
         }
         decided.push(outcome);
     }
@@ -148,11 +167,12 @@ async fn handled<R: Route, F: Future<Output = Vec<Outcome>>>(
     decided
         .into_iter()
         .map(|d| {
-            d.or_else(|| theirs.next())
-                .unwrap_or_else(|| Outcome::Failed {
-                    error: "the handler returned fewer outcomes than events".into(),
-                    retry: crate::domain::Retry::NotCountedAfter(std::time::Duration::from_secs(1)),
-                })
+            d.or_else(|| theirs.next()).unwrap_or_else(|| {
+                tracing::error!(
+                    "the handler returned fewer outcomes than events; the rest are released untried"
+                );
+                Outcome::Released
+            })
         })
         .collect()
 }
@@ -241,6 +261,8 @@ mod tests {
                     retry: Retry::Counted(None),
                 }),
                 "b-1" => Some(Outcome::Skipped),
+                "d-2" => Some(Outcome::Completed),
+                "e-1" => Some(Outcome::Committed),
                 _ => None,
             }
         }
@@ -273,6 +295,7 @@ mod tests {
         ];
         let record = Arc::new(Record::default());
         let outcomes = record.clone().with_step(Gate).handle(&events).await;
+        assert_eq!(outcomes.len(), events.len());
         assert!(
             matches!(outcomes[0], Outcome::Failed { .. }),
             "{outcomes:?}"
@@ -290,5 +313,13 @@ mod tests {
         // Nothing decided: the handler gets the batch as it is.
         let all = record.clone().with_step(Gate).handle(&events[3..]).await;
         assert_eq!(all, vec![Outcome::Completed, Outcome::Completed]);
+        // Once d-1 went to the handler, d-2 goes too (the step would have
+        // completed it ahead of d-1's outcome); a step's Committed is
+        // taken as Completed.
+        record.0.lock().unwrap().clear();
+        let more = [event("d", "d-1"), event("d", "d-2"), event("e", "e-1")];
+        let outcomes = record.clone().with_step(Gate).handle(&more).await;
+        assert_eq!(outcomes, vec![Outcome::Completed; 3]);
+        assert_eq!(*record.0.lock().unwrap(), vec!["d-1", "d-2"]);
     }
 }

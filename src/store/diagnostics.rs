@@ -68,9 +68,8 @@ pub struct ReplicationSlot {
     pub database: Option<String>,
     /// A connection is reading it now.
     pub active: bool,
-    /// Bytes of WAL between the server's current position and what the
-    /// slot's reader has confirmed (`restart_lsn` for physical slots):
-    /// what the slot keeps on disk.
+    /// Bytes of WAL between the server's current position and the slot's
+    /// `restart_lsn`: what the slot keeps on disk.
     pub behind_bytes: Option<i64>,
     /// The server's judgement of the WAL it keeps: `reserved`,
     /// `extended`, `unreserved` (about to be removed) or `lost` (removed: its

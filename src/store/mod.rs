@@ -106,8 +106,9 @@ pub(crate) fn secs(d: Duration) -> f64 {
 /// the error with credentials and secret-looking parameters masked (it may
 /// quote a remote's reply: a webhook's body echoing the request, a broker's
 /// or a database's message), truncated to 2000 bytes on a character
-/// boundary.
-pub(crate) fn stored_error(error: &str) -> String {
+/// boundary; an empty one is `(no error message)`. A store of your own
+/// writes failures through it too.
+pub fn stored_error(error: &str) -> String {
     use crate::model::limits::{DEFAULT_TRUNCATION_SUFFIX, LAST_ERROR_MAX_LENGTH};
     let error = crate::redact::text(error);
     crate::model::validate::truncate_error(&error, LAST_ERROR_MAX_LENGTH, DEFAULT_TRUNCATION_SUFFIX)

@@ -82,10 +82,6 @@ pub(super) async fn unit_of_work<S: ConsumerStore>(store: &S) -> Check {
     ensure!(out.iter().all(|o| !o.existing), "two new messages: {out:?}");
     call!(tx.complete(&[m1.id()]), "complete");
     call!(tx.lock(&[m2.id()], &consumer), "lock");
-    ensure!(
-        call!(store.get(m1.id()), "get").is_none(),
-        "a write must not show before commit"
-    );
     call!(tx.commit(), "commit");
     let row = call!(store.get(m1.id()), "get").ok_or("m-1 is gone after commit")?;
     ensure!(
@@ -98,10 +94,14 @@ pub(super) async fn unit_of_work<S: ConsumerStore>(store: &S) -> Check {
         "m-2 locked in the unit: {row:?}"
     );
     let mut tx = call!(store.begin(), "begin");
-    let out = call!(tx.insert(&[m1.clone(), m3.clone()]), "insert");
+    let out = call!(tx.insert(&[m1.clone(), m3.clone(), m3.clone()]), "insert");
     ensure!(
-        out.len() == 2 && out[0].existing && out[0].id == m1.id() && !out[1].existing,
+        out.len() == 3 && out[0].existing && out[0].id == m1.id() && !out[1].existing,
         "m-1 again is existing, m-3 is new: {out:?}"
+    );
+    ensure!(
+        out[2].existing && out[2].id == m3.id(),
+        "a message twice in one insert: the second is existing, with the first's id: {out:?}"
     );
     let taken = call!(tx.take(&[m1.id()], &consumer), "take");
     ensure!(
@@ -118,8 +118,9 @@ pub(super) async fn unit_of_work<S: ConsumerStore>(store: &S) -> Check {
 }
 
 /// A pending row met again is taken when due and free, waited for
-/// otherwise; `complete_claimed` completes it only under the claim it was
-/// taken with.
+/// otherwise (not due, or held by another consumer's live lease), left out
+/// when done (completed or failed); `complete_claimed` completes it only
+/// under the claim it was taken with.
 pub(super) async fn redelivered_rows<S: ConsumerStore>(store: &S) -> Check {
     let later = time::now() + chrono::Duration::hours(1);
     let due = inbox_event("m-1", "g", |_| {});
@@ -166,12 +167,51 @@ pub(super) async fn redelivered_rows<S: ConsumerStore>(store: &S) -> Check {
         row.status() == EventStatus::Completed && !row.is_locked(),
         "m-1 completed and unlocked: {row:?}"
     );
+    // A row another consumer holds under a live lease is waited for, not
+    // taken; a failed row is done (left out).
+    let held = inbox_event("m-3", "g", |_| {});
+    let failed = inbox_event("m-4", "g", |_| {});
+    call!(
+        store.insert_many(&[held.clone(), failed.clone()]),
+        "insert_many"
+    );
+    let mut tx = call!(store.begin(), "begin");
+    let taken = call!(tx.take(&[held.id()], &consumer), "take");
+    ensure!(
+        matches!(taken.get(&held.id()), Some(Redelivered::Taken(_))),
+        "a due, free row must be Taken: {taken:?}"
+    );
+    call!(tx.commit(), "commit");
+    let c = claim(store, "processor", 10).await?;
+    ensure!(
+        ids(&c.events) == vec![failed.id()],
+        "only m-4 is free to claim (m-2 is not due, m-3 is held): {:?}",
+        ids(&c.events)
+    );
+    call!(
+        store.fail(
+            &c.token,
+            &[crate::store::Failure::dead(failed.id(), "poison")]
+        ),
+        "fail"
+    );
     let mut tx = call!(store.begin(), "begin");
     let other = token("consumer-2");
-    let taken = call!(tx.take(&[waiting.id()], &other), "take");
+    let taken = call!(
+        tx.take(&[waiting.id(), held.id(), failed.id()], &other),
+        "take"
+    );
     ensure!(
         matches!(taken.get(&waiting.id()), Some(Redelivered::Wait(_))),
         "still waiting: {taken:?}"
+    );
+    ensure!(
+        matches!(taken.get(&held.id()), Some(Redelivered::Wait(_))),
+        "a row held by another consumer's live lease must be waited for, not taken: {taken:?}"
+    );
+    ensure!(
+        !taken.contains_key(&failed.id()),
+        "a failed row is done, never taken: {taken:?}"
     );
     call!(tx.rollback(), "rollback");
     Ok(())

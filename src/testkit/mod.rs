@@ -175,6 +175,19 @@ pub async fn consumer_store<S: ConsumerStore>(
     .await
 }
 
+/// Waits until `until` (a lease's end, a completion time) has passed by
+/// this process's clock, for at most 10 s: the cases wait for what the
+/// store wrote, whatever precision its times have.
+async fn wait_past(until: Option<crate::model::Timestamp>) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while let Some(t) = until
+        && crate::model::time::now() <= t + chrono::Duration::milliseconds(1)
+        && std::time::Instant::now() < deadline
+    {
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+}
+
 /// A worker id.
 fn worker(name: &str) -> WorkerId {
     WorkerId::new(name).expect("a valid worker id")

@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use uuid::Uuid;
 
-use super::{Check, claim, ids, outbox_event, seed, worker};
+use super::{Check, claim, ids, outbox_event, seed, wait_past, worker};
 use crate::error::Error;
 use crate::model::{EventStatus, OutboxEvent, UnlockReason, time};
 use crate::store::{ClaimOptions, Created, Failure, OutboxStore};
@@ -157,7 +157,7 @@ pub(super) async fn fencing<S: OutboxStore>(store: &S) -> Check {
         "claim"
     );
     ensure!(old.events.len() == 1, "the row must be claimed");
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    wait_past(old.events[0].locked_until()).await;
     let new = claim(store, "relay", 1).await?;
     ensure!(
         ids(&new.events) == vec![e.id()] && new.token != old.token,
@@ -211,9 +211,10 @@ pub(super) async fn failures<S: OutboxStore>(store: &S) -> Check {
     let e = outbox_event("k", 0, |e| e.max_attempts = Some(2));
     let t = outbox_event("t", 0, |_| {});
     let d = outbox_event("d", 0, |_| {});
-    seed(store, &[e.clone(), t.clone(), d.clone()]).await?;
+    let q = outbox_event("q", 0, |_| {});
+    seed(store, &[e.clone(), t.clone(), d.clone(), q.clone()]).await?;
     let c = claim(store, "w1", 10).await?;
-    ensure!(c.events.len() == 3, "3 rows are due");
+    ensure!(c.events.len() == 4, "4 rows are due");
     let retry = time::now() - chrono::Duration::milliseconds(1);
     let later = time::now() + chrono::Duration::hours(1);
     let report = call!(
@@ -223,6 +224,7 @@ pub(super) async fn failures<S: OutboxStore>(store: &S) -> Check {
                 Failure::counted(e.id(), "boom", retry),
                 Failure::transient(t.id(), "broker unreachable", later),
                 Failure::dead(d.id(), "poison"),
+                Failure::transient(q.id(), "", later),
             ],
         ),
         "fail"
@@ -249,6 +251,11 @@ pub(super) async fn failures<S: OutboxStore>(store: &S) -> Check {
         (row.status(), row.attempts_made(), row.is_locked()) == (EventStatus::Pending, 0, false)
             && row.scheduled_at() == time::truncate(later),
         "a transient failure must spend no attempt and keep its retry time: {row:?}"
+    );
+    let row = call!(store.get(q.id()), "get").ok_or("row q is gone")?;
+    ensure!(
+        row.last_error().is_some_and(|e| !e.trim().is_empty()),
+        "a failure with an empty error is written all the same, with a text saying so: {row:?}"
     );
     let row = call!(store.get(d.id()), "get").ok_or("row d is gone")?;
     ensure!(
@@ -277,8 +284,8 @@ pub(super) async fn failures<S: OutboxStore>(store: &S) -> Check {
     );
     let counts = call!(store.counts(), "counts");
     ensure!(
-        (counts.pending, counts.failed) == (1, 2),
-        "1 pending and 2 failed: {counts:?}"
+        (counts.pending, counts.failed) == (2, 2),
+        "2 pending and 2 failed: {counts:?}"
     );
     Ok(())
 }
@@ -346,7 +353,7 @@ pub(super) async fn stale_locks<S: OutboxStore>(store: &S) -> Check {
         ids(&second.events) == vec![dead.id()],
         "the second claim takes the other row"
     );
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    wait_past(second.events[0].locked_until()).await;
     let kept = call!(
         store.release_stale_locks(Duration::from_secs(3600), 10),
         "release_stale_locks"
@@ -383,7 +390,10 @@ pub(super) async fn retention<S: OutboxStore>(store: &S) -> Check {
     seed(store, std::slice::from_ref(&pending)).await?;
     let c = claim(store, "w1", 10).await?;
     call!(store.complete(&c.token, &ids(&events)), "complete");
-    tokio::time::sleep(Duration::from_millis(10)).await;
+    for e in &events {
+        let row = call!(store.get(e.id()), "get").ok_or("a completed row is gone")?;
+        wait_past(row.completed_at()).await;
+    }
     let young = call!(
         store.delete_completed(Duration::from_secs(3600), 10),
         "delete_completed"

@@ -40,8 +40,9 @@ impl<S: Source, H: Handler, T: ConsumerStore> InboxConsumer<S, H, T> {
     /// message came within the options' `poll_wait` (or the consumer is
     /// paused until a failed message's retry time, or a file source ended).
     /// For a service that drives the loop itself: call it again and again;
-    /// a database error is returned (nothing of the message was committed,
-    /// so the source delivers it again).
+    /// a database error is returned, and the message is given back to the
+    /// source (nothing of it was committed), so the next call takes it
+    /// again. A file source that has ended also answers `None`.
     pub async fn process_one(&mut self) -> Result<Option<ConsumeOne>> {
         crate::model::validate::consumer_group(&self.options.group)?;
         if let Some(at) = self.resume_at {
@@ -65,8 +66,15 @@ impl<S: Source, H: Handler, T: ConsumerStore> InboxConsumer<S, H, T> {
             .parser
             .parse(&self.domain, &message, &self.options.group);
         let mut report = ConsumeReport::default();
-        self.consume_batch(std::slice::from_ref(&message), &mut report)
-            .await?;
+        if let Err(e) = self
+            .consume_batch(std::slice::from_ref(&message), &mut report)
+            .await
+        {
+            // Nothing of it was committed: the source gives it again on the
+            // next call, not the message after it.
+            self.source.rewind(std::slice::from_ref(&message)).await?;
+            return Err(e);
+        }
         let event = parsed.event();
         Ok(Some(ConsumeOne {
             message_id: event.message_id().to_string(),

@@ -324,9 +324,10 @@ pub(super) async fn slots_check(store: &AnyStore) -> Check {
         .iter()
         .filter(|s| s.wal_status.as_deref() == Some("lost"))
         .collect();
-    let idle: Vec<_> = slots
+    let idle: Vec<_> = slots.iter().filter(|s| !s.active).collect();
+    let at_risk: Vec<_> = slots
         .iter()
-        .filter(|s| !s.active || s.wal_status.as_deref() == Some("unreserved"))
+        .filter(|s| s.active && s.wal_status.as_deref() == Some("unreserved"))
         .collect();
     // The worst finding, its slots, and what to do about them.
     let finding = if !lost.is_empty() {
@@ -334,14 +335,21 @@ pub(super) async fn slots_check(store: &AnyStore) -> Check {
             Check::fail as fn(&'static str, String, String) -> Check,
             "lost the WAL it needed, its reader cannot go on",
             lost,
-            "drop it, and let its reader start again from a new slot:",
+            "drop it (as a superuser or a role with REPLICATION), and let its reader start again from a new slot:",
         ))
     } else if !idle.is_empty() {
         Some((
             Check::warn as fn(&'static str, String, String) -> Check,
             "not read",
             idle,
-            "a slot nobody reads keeps every WAL segment since its position until the disk is full (cap it with max_slot_wal_keep_size); if nothing will read it again, drop it:",
+            "a slot nobody reads keeps every WAL segment since its position until the disk is full (cap it with max_slot_wal_keep_size); if nothing will read it again, drop it (as a superuser or a role with REPLICATION):",
+        ))
+    } else if !at_risk.is_empty() {
+        Some((
+            Check::warn as fn(&'static str, String, String) -> Check,
+            "read, but about to lose WAL it needs",
+            at_risk,
+            "its reader is behind by more than max_slot_wal_keep_size allows; speed the reader up or raise the setting, or the slot will be lost. To give it up instead:",
         ))
     } else {
         None

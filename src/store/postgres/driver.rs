@@ -241,7 +241,7 @@ impl Driver for PgStore {
                     s.active, s.wal_status,
                     pg_wal_lsn_diff(
                         CASE WHEN pg_is_in_recovery() THEN pg_last_wal_receive_lsn() ELSE pg_current_wal_lsn() END,
-                        coalesce(s.confirmed_flush_lsn, s.restart_lsn))::bigint AS behind,
+                        s.restart_lsn)::bigint AS behind,
                     extract(epoch FROM r.replay_lag)::float8 AS lag
              FROM pg_replication_slots s
              LEFT JOIN pg_stat_replication r ON r.pid = s.active_pid
