@@ -1125,6 +1125,32 @@ mod cases {
         assert!(consumer.process_one().await.unwrap().is_none());
     }
 
+    /// `process_one` whose commit to the source fails gives the message
+    /// back: the next call takes the same message (now a duplicate: stored
+    /// and handled once), not the one after it, so nothing is committed
+    /// past a message that was not.
+    pub async fn process_one_gives_back_a_message_it_could_not_finish(db: &TestDb) {
+        let (handler, calls) = counting(HashMap::new());
+        let (mut source, commits) = VecSource::new(messages(2), db.store.inbox());
+        source.fail_commits = 1;
+        let mut consumer = InboxConsumer::new(
+            source,
+            db.store.inbox(),
+            Some(handler),
+            options(AckStrategy::ExactlyOnce, 10),
+        );
+        let err = consumer.process_one().await.unwrap_err();
+        assert!(err.to_string().contains("simulated crash"), "{err}");
+        let again = consumer.process_one().await.unwrap().expect("a message");
+        assert_eq!(again.message_id, "m-0", "the same message comes again");
+        assert!(again.duplicate && again.committed, "{again:?}");
+        let next = consumer.process_one().await.unwrap().expect("a message");
+        assert_eq!(next.message_id, "m-1");
+        assert_eq!(calls.lock().unwrap().get("m-0"), Some(&1), "handled once");
+        let through: Vec<i64> = commits.lock().unwrap().iter().map(|c| c.through).collect();
+        assert_eq!(through, vec![0, 1]);
+    }
+
     /// A service spawns consumers as tasks: two over JSON lines files, in
     /// two groups, with a handler, run to the end of their input on
     /// `tokio::spawn` and joined.
@@ -1811,6 +1837,7 @@ backend_tests!(
     steps_see_and_change_outcomes,
     a_step_before_the_handler_filters_and_routes,
     process_one_consumes_one_message_at_a_time,
+    process_one_gives_back_a_message_it_could_not_finish,
     spawned_consumers_run_as_tasks,
     a_custom_metrics_backend_is_fed,
     prometheus_metrics_cover_handlers,

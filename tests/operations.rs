@@ -308,7 +308,8 @@ async fn doctor_reports_an_unread_replication_slot() {
         .await;
     assert_eq!(with.status, Level::Warn, "{with:?}");
     assert!(
-        with.message.contains(&format!("{name} (logical, database omnibox")),
+        with.message
+            .contains(&format!("{name} (logical, database omnibox")),
         "{with:?}"
     );
     let hint = with.hint.clone().unwrap_or_default();
