@@ -1121,8 +1121,10 @@ mod cases {
             vec![0, 1, 2],
             "the failed message was not committed"
         );
-        // m-2 waits for its retry: the consumer is paused, nothing comes.
+        // m-2 waits for its retry: the consumer is paused, nothing comes,
+        // and the source has not ended (m-2 comes again).
         assert!(consumer.process_one().await.unwrap().is_none());
+        assert!(!consumer.source_ended());
     }
 
     /// `process_one` whose commit to the source fails gives the message
@@ -1146,6 +1148,9 @@ mod cases {
         assert!(again.duplicate && again.committed, "{again:?}");
         let next = consumer.process_one().await.unwrap().expect("a message");
         assert_eq!(next.message_id, "m-1");
+        assert!(!consumer.source_ended());
+        assert!(consumer.process_one().await.unwrap().is_none());
+        assert!(consumer.source_ended(), "nothing is left in the source");
         assert_eq!(calls.lock().unwrap().get("m-0"), Some(&1), "handled once");
         let through: Vec<i64> = commits.lock().unwrap().iter().map(|c| c.through).collect();
         assert_eq!(through, vec![0, 1]);

@@ -60,6 +60,9 @@ pub struct InboxConsumer<S: Source, H: Handler, T: ConsumerStore = AnyTable<Inbo
     parser: Arc<dyn EnvelopeParser>,
     /// Shared bound on handler runs at once (`with_concurrency_limit`).
     limit: Option<Arc<tokio::sync::Semaphore>>,
+    /// The last [`process_one`](Self::process_one) found the source at its
+    /// end with nothing left.
+    ended: bool,
 }
 
 impl<S: Source, H: Handler, T: ConsumerStore> InboxConsumer<S, H, T> {
@@ -78,6 +81,7 @@ impl<S: Source, H: Handler, T: ConsumerStore> InboxConsumer<S, H, T> {
             warnings: Throttle::default(),
             deps: Dependencies::default(),
             parser: Arc::new(DefaultEnvelopeParser),
+            ended: false,
             limit: None,
         }
     }

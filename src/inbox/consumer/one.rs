@@ -42,9 +42,11 @@ impl<S: Source, H: Handler, T: ConsumerStore> InboxConsumer<S, H, T> {
     /// For a service that drives the loop itself: call it again and again;
     /// a database error is returned, and the message is given back to the
     /// source (nothing of it was committed), so the next call takes it
-    /// again. A file source that has ended also answers `None`.
+    /// again. A source at its end answers `None` too:
+    /// [`source_ended`](Self::source_ended) tells it apart.
     pub async fn process_one(&mut self) -> Result<Option<ConsumeOne>> {
         crate::model::validate::consumer_group(&self.options.group)?;
+        self.ended = false;
         if let Some(at) = self.resume_at {
             let now = Instant::now();
             if now < at {
@@ -59,6 +61,7 @@ impl<S: Source, H: Handler, T: ConsumerStore> InboxConsumer<S, H, T> {
             .source
             .poll_within(1, usize::MAX, self.options.poll_wait)
             .await?;
+        self.ended = polled.end && polled.messages.is_empty();
         let Some(message) = polled.messages.into_iter().next() else {
             return Ok(None);
         };
@@ -85,5 +88,13 @@ impl<S: Source, H: Handler, T: ConsumerStore> InboxConsumer<S, H, T> {
             poison: parsed.is_poison(),
             report,
         }))
+    }
+
+    /// True when the last [`process_one`](Self::process_one) answered
+    /// `None` because the source is at its end ([`Polled::end`](crate::inbox::Polled::end):
+    /// a file read to its end, or Kafka caught up with the end of every
+    /// assigned partition), not because the consumer waits for a retry.
+    pub fn source_ended(&self) -> bool {
+        self.ended
     }
 }
