@@ -200,6 +200,18 @@ fn counting(fail: HashMap<String, u32>) -> (Arc<impl omnibox::inbox::Handler>, C
     (Arc::new(handler), calls)
 }
 
+/// Stores `messages` in `group`'s inbox with no handler (exactly-once), as
+/// `inbox consume` without a handler does: rows for a processor to claim.
+async fn store_only(db: &common::TestDb, messages: Vec<RawMessage>, group: &str) {
+    let (source, _) = VecSource::new(messages, db.store.inbox());
+    let mut o = options(AckStrategy::ExactlyOnce, 10);
+    o.group = group.to_string();
+    InboxConsumer::<_, AnyHandler>::new(source, db.store.inbox(), None, o)
+        .run(true, stop())
+        .await
+        .unwrap();
+}
+
 fn options(ack: AckStrategy, batch: usize) -> ConsumeOptions {
     let mut o = ConsumeOptions::new("billing", WorkerId::new("consumer-1").unwrap());
     o.ack = ack;
@@ -698,13 +710,7 @@ mod cases {
             }
         }
         for group in ["in-tx", "detached", "step"] {
-            let (source, _) = VecSource::new(messages(3), db.store.inbox());
-            let mut o = options(AckStrategy::ExactlyOnce, 10);
-            o.group = group.to_string();
-            InboxConsumer::<_, AnyHandler>::new(source, db.store.inbox(), None, o)
-                .run(true, stop())
-                .await
-                .unwrap();
+            store_only(db, messages(3), group).await;
             let handler = Arc::new(|e: InboxEvent| async move {
                 assert!(e.message_id() != "m-1", "bad input in {}", e.message_id());
                 Outcome::Completed
@@ -778,16 +784,7 @@ mod cases {
     pub async fn process_handlers_write_with_the_row(db: &TestDb) {
         use omnibox::inbox::Dependencies;
         invoices_table(db).await;
-        let (source, _) = VecSource::new(messages(10), db.store.inbox());
-        InboxConsumer::<_, AnyHandler>::new(
-            source,
-            db.store.inbox(),
-            None,
-            options(AckStrategy::ExactlyOnce, 10),
-        )
-        .run(true, stop())
-        .await
-        .unwrap();
+        store_only(db, messages(10), "billing").await;
         let runs: Arc<Mutex<HashMap<String, u32>>> = Arc::default();
         let step = HandlerStep::new(invoice_writer(runs.clone()), 4, Duration::from_secs(10))
             .with_dependencies(Dependencies::new().with(Note("in process")))
@@ -939,16 +936,7 @@ mod cases {
                 self.0.lock().unwrap().push(format!("skipped {skipped}"));
             }
         }
-        let (source, _) = VecSource::new(messages(3), db.store.inbox());
-        InboxConsumer::<_, AnyHandler>::new(
-            source,
-            db.store.inbox(),
-            None,
-            options(AckStrategy::ExactlyOnce, 10),
-        )
-        .run(true, stop())
-        .await
-        .unwrap();
+        store_only(db, messages(3), "billing").await;
         let handler = Arc::new(|e: InboxEvent| async move {
             if e.message_id() == "m-1" {
                 counted_failure(1)
@@ -998,16 +986,7 @@ mod cases {
                 }
             }
         }
-        let (source, _) = VecSource::new(messages(5), db.store.inbox());
-        InboxConsumer::<_, AnyHandler>::new(
-            source,
-            db.store.inbox(),
-            None,
-            options(AckStrategy::ExactlyOnce, 10),
-        )
-        .run(true, stop())
-        .await
-        .unwrap();
+        store_only(db, messages(5), "billing").await;
         let seen = Arc::new(Mutex::new(Vec::new()));
         let log = seen.clone();
         let handler = Arc::new(move |e: InboxEvent| {
@@ -1786,16 +1765,7 @@ mod process_lease {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn slow_handlers_keep_their_lease() {
         let db = common::sqlite().await;
-        let (source, _) = VecSource::new(messages(4), db.store.inbox());
-        InboxConsumer::<_, AnyHandler>::new(
-            source,
-            db.store.inbox(),
-            None,
-            options(AckStrategy::ExactlyOnce, 10),
-        )
-        .run(true, stop())
-        .await
-        .unwrap();
+        store_only(&db, messages(4), "billing").await;
         let (f, log) = logging(db.store.inbox(), |_, _| Some(Outcome::Completed));
         let slow = Arc::new(move |e: InboxEvent| {
             let f = f(e);
@@ -1934,16 +1904,7 @@ async fn webhook_status_mapping() {
     rows[0]
         .headers
         .push(("traceparent".into(), traceparent.as_bytes().to_vec()));
-    let (source, _) = VecSource::new(rows, db.store.inbox());
-    InboxConsumer::<_, AnyHandler>::new(
-        source,
-        db.store.inbox(),
-        None,
-        options(AckStrategy::ExactlyOnce, 10),
-    )
-    .run(true, stop())
-    .await
-    .unwrap();
+    store_only(&db, rows, "billing").await;
     let handler = Arc::new(AnyHandler::Webhook(
         WebhookHandler::new(
             format!("http://hook-user:hook-secret@{addr}/events?token=query-secret&x=1"),
@@ -2080,16 +2041,7 @@ async fn webhook_status_mapping() {
 /// An event stored through the consumer, to call handlers with.
 async fn stored_event(payload: &str) -> (common::TestDb, InboxEvent) {
     let db = common::sqlite().await;
-    let (source, _) = VecSource::new(vec![msg("big", 0, payload)], db.store.inbox());
-    InboxConsumer::<_, AnyHandler>::new(
-        source,
-        db.store.inbox(),
-        None,
-        options(AckStrategy::ExactlyOnce, 10),
-    )
-    .run(true, stop())
-    .await
-    .unwrap();
+    store_only(&db, vec![msg("big", 0, payload)], "billing").await;
     let e = db
         .store
         .inbox()
