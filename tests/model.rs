@@ -38,7 +38,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use omnibox::pipeline::{ProcessorOptions, RunMode, RunOptions, Sleep, run};
+use omnibox::pipeline::{FedRow, KeyFeed, ProcessorOptions, RunMode, RunOptions, Sleep, run};
 use omnibox::relay::{self, Delivery, Message, PublishOptions, Sink};
 use omnibox::store::{AnyStore, AnyTable, ListFilter, RequeueFilter};
 use omnibox::{
@@ -65,6 +65,7 @@ struct Exercised {
     replays: AtomicU64,
     unlocks: AtomicU64,
     dead_relays: AtomicU64,
+    fed_rows: AtomicU64,
 }
 
 static EXERCISED: Exercised = Exercised {
@@ -79,6 +80,7 @@ static EXERCISED: Exercised = Exercised {
     replays: AtomicU64::new(0),
     unlocks: AtomicU64::new(0),
     dead_relays: AtomicU64::new(0),
+    fed_rows: AtomicU64::new(0),
 };
 
 fn bump(c: &AtomicU64, n: u64) {
@@ -259,6 +261,7 @@ fn spawn_relay(
     mode: RunMode,
     unavailable_limit: Duration,
     shutdown: watch::Receiver<bool>,
+    feed: Option<Arc<KeyFeed>>,
 ) -> tokio::task::JoinHandle<Result<omnibox::pipeline::RunReport, String>> {
     tokio::spawn(async move {
         let publish = PublishOptions {
@@ -269,7 +272,11 @@ fn spawn_relay(
             topic_retry_max: Duration::from_millis(40),
             ..PublishOptions::default()
         };
-        let p = relay::publisher_with(table, sink, options, publish).build();
+        let mut b = relay::publisher_with(table, sink, options, publish);
+        if let Some(feed) = feed {
+            b = b.key_feed(feed);
+        }
+        let p = b.build();
         let opts = RunOptions {
             mode,
             idle_min: Duration::from_millis(1),
@@ -368,12 +375,19 @@ async fn schedule(store: &AnyStore, seed: u64) -> Result<Plan, String> {
         Duration::from_secs(3600)
     };
     let mut relays = Vec::new();
+    // Relays told of new rows as the WAL relay is (mixed mode): their
+    // claims walk the keys of the rows inserted, and scan now and then.
+    let mut feeds: Vec<Arc<KeyFeed>> = Vec::new();
+    let mut lsn = 0u64;
     for r in 0..plan.relays {
         let mode = if rng.bool() {
             RunMode::Once
         } else {
             RunMode::Watch
         };
+        let feed = (mode == RunMode::Watch && rng.bool())
+            .then(|| KeyFeed::new(Duration::from_millis(rng.u64(5..100)), 0));
+        feeds.extend(feed.clone());
         relays.push(spawn_relay(
             table.clone(),
             sink.clone(),
@@ -381,6 +395,7 @@ async fn schedule(store: &AnyStore, seed: u64) -> Result<Plan, String> {
             mode,
             unavailable_limit,
             shutdown.clone(),
+            feed,
         ));
     }
     let mut replayed: HashSet<Uuid> = HashSet::new();
@@ -399,6 +414,24 @@ async fn schedule(store: &AnyStore, seed: u64) -> Result<Plan, String> {
                     .collect();
                 note_later(&batch, &mut scheduled_later);
                 table.create_many(&batch).await.unwrap();
+                // The stream: each insert once, now and then twice (a
+                // stream resumed from an earlier position sends it again).
+                lsn += 1;
+                let fed: Vec<FedRow> = batch
+                    .iter()
+                    .map(|e| FedRow {
+                        id: e.id(),
+                        topic: e.topic().to_string(),
+                        partition_key: e.partition_key().to_string(),
+                    })
+                    .collect();
+                for f in &feeds {
+                    bump(&EXERCISED.fed_rows, fed.len() as u64);
+                    f.push(lsn, fed.clone());
+                    if rng.u8(0..5) == 0 {
+                        f.push(lsn, fed.clone());
+                    }
+                }
             }
             2 => {
                 let topic = format!("t{}", rng.usize(0..plan.topics));
@@ -529,6 +562,7 @@ async fn schedule(store: &AnyStore, seed: u64) -> Result<Plan, String> {
                 RunMode::Once,
                 unavailable_limit,
                 idle.clone(),
+                None,
             )
         })
         .collect();

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use anyhow::Result;
 use clap::Args;
-use omnibox::pipeline::{RunMode, RunOptions, RunReport, run};
+use omnibox::pipeline::{KeyFeed, RunMode, RunOptions, RunReport, Wakeup, run};
 use omnibox::relay::{self, AnySink, Sink};
 use omnibox::{EventStore, Table, WorkerId};
 use serde_json::json;
@@ -37,6 +37,15 @@ use super::{Context, ExitStatus, args, env, running};
 /// With --broker stdout the messages are the output: the summary goes to
 /// stderr.
 ///
+/// With --source wal (PostgreSQL with wal_level = logical) the relay learns
+/// of new rows from the write-ahead log, through a logical replication slot
+/// (--slot, created with its publication when missing), instead of scanning
+/// the table for them; it still scans every --poll-interval for retries,
+/// rows scheduled for later and rows written before the slot. Messages,
+/// per-key order and the table's statuses are the polling relay's, and
+/// polling relays may share the table. One relay reads a slot: a second is
+/// refused, or waits to take over with --standby. See docs/wal-relay.md.
+///
 /// Examples:
 ///   omnibox publish --batch 100                       # to ./omnibox-events.jsonl
 ///   omnibox publish --broker kafka://127.0.0.1:9092 --batch 1000 --dlq-topic outbox.dlq
@@ -45,6 +54,7 @@ use super::{Context, ExitStatus, args, env, running};
 ///   omnibox publish --broker stdout --once | jq .value.payload
 ///   omnibox publish --broker kafka://127.0.0.1:9092 --topic reports   # a relay for one slow topic
 ///   omnibox publish --batch 1000 --batch-bytes 8MiB   # large events: claims stop at 8 MiB
+///   omnibox publish --source wal --broker kafka://127.0.0.1:9092 --batch 1000
 #[derive(Debug, Args)]
 #[command(verbatim_doc_comment)]
 pub struct PublishArgs {
@@ -97,7 +107,19 @@ pub struct PublishArgs {
     /// How long a topic may stay unavailable (unknown, no leader) before its events spend attempts
     #[arg(long, allow_hyphen_values = true, default_value = "5m", value_parser = args::duration, value_name = "DURATION")]
     topic_unavailable_limit: Duration,
-    /// Longest idle wait between polls when nothing is due
+    /// How new rows are found: poll (claim them from the table) or wal (PostgreSQL's write-ahead log, through a replication slot)
+    #[arg(long, value_enum, default_value = "poll", value_name = "SOURCE")]
+    source: SourceArg,
+    /// --source wal: the logical replication slot to read (created when missing)
+    #[arg(long, default_value = omnibox::relay::wal::DEFAULT_SLOT, value_name = "NAME")]
+    slot: String,
+    /// --source wal: the publication of the outbox's inserts (created when missing)
+    #[arg(long, default_value = omnibox::relay::wal::DEFAULT_PUBLICATION, value_name = "NAME")]
+    publication: String,
+    /// --source wal: when another relay reads the slot, wait and take over when it stops (instead of refusing to start)
+    #[arg(long)]
+    standby: bool,
+    /// Longest idle wait between polls when nothing is due (with --source wal: between scans of the table)
     #[arg(long, allow_hyphen_values = true, default_value = "1s", value_parser = args::duration, value_name = "DURATION")]
     poll_interval: Duration,
     /// With --once: give up (exit 1) when the database stays unreachable this long; a running one waits however long
@@ -106,6 +128,29 @@ pub struct PublishArgs {
     /// Serve Prometheus metrics on this address, e.g. 127.0.0.1:9898
     #[arg(long, value_name = "ADDR")]
     metrics_addr: Option<SocketAddr>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum SourceArg {
+    /// Claim new rows from the table.
+    Poll,
+    /// Learn of new rows from PostgreSQL's write-ahead log.
+    Wal,
+}
+
+/// What wakes an idle relay: LISTEN/NOTIFY (or a sleep), or the WAL feed.
+enum RelayWakeup {
+    Store(omnibox::store::AnyWakeup),
+    Feed(Arc<KeyFeed>),
+}
+
+impl Wakeup for RelayWakeup {
+    async fn wait(&mut self, max: Duration) {
+        match self {
+            RelayWakeup::Store(w) => w.wait(max).await,
+            RelayWakeup::Feed(f) => f.wait(max).await,
+        }
+    }
 }
 
 pub async fn run_publish(args: PublishArgs, ctx: &Context) -> Result<ExitStatus> {
@@ -135,6 +180,19 @@ pub async fn run_publish(args: PublishArgs, ctx: &Context) -> Result<ExitStatus>
         ))
         .into());
     }
+    let wal = args.source == SourceArg::Wal;
+    if wal {
+        if args.once {
+            return Err(super::UsageError(
+                "--once is the polling relay's (it drains the table and exits); --source wal streams until stopped: drop --once, or run omnibox publish --once to drain with the polling relay".into(),
+            )
+            .into());
+        }
+        for (what, name) in [("slot", &args.slot), ("publication", &args.publication)] {
+            omnibox::relay::wal::check_name(what, name)
+                .map_err(|e| super::UsageError(format!("--{what}: {e}")))?;
+        }
+    }
     let store = ctx.store().await?;
     let worker = args
         .worker_id
@@ -163,6 +221,61 @@ pub async fn run_publish(args: PublishArgs, ctx: &Context) -> Result<ExitStatus>
     if let Some(table) = running::dead_letter_table(&args.dlq, &store) {
         builder = builder.dead_letter_store(table);
     }
+    let mut wal_stream = None;
+    let mut shutdown = super::signals::shutdown_channel();
+    let mut wakeup = if wal {
+        let omnibox::store::AnyStore::Postgres(pg) = &store else {
+            return Err(super::UsageError(
+                "--source wal reads PostgreSQL's write-ahead log; this database is SQLite: use the polling relay (omit --source)".into(),
+            )
+            .into());
+        };
+        let wal_options = omnibox::relay::wal::WalOptions {
+            slot: args.slot.clone(),
+            publication: args.publication.clone(),
+            standby: args.standby,
+            ..Default::default()
+        };
+        let start = omnibox::relay::wal::prepare(pg.pool(), &wal_options).await?;
+        if !ctx.quiet {
+            crate::cli::output::notice!(
+                "omnibox: reading the write-ahead log through slot {}{} at {}{}",
+                args.slot,
+                if start.created_slot { " (created)" } else { "" },
+                omnibox::relay::wal::format_lsn(start.confirmed),
+                if start.created_publication {
+                    format!("; created the publication {}", args.publication)
+                } else {
+                    String::new()
+                }
+            );
+        }
+        let config = omnibox::relay::wal::replication_config(
+            &ctx.settings.database_url,
+            &wal_options,
+            start.confirmed,
+        )?;
+        let feed = KeyFeed::new(args.poll_interval, start.confirmed);
+        builder = builder.key_feed(feed.clone());
+        // The stream ends the relay when it fails for good.
+        let (failed_tx, failed_rx) = tokio::sync::watch::channel(false);
+        let task = tokio::spawn(omnibox::relay::wal::stream(
+            config,
+            start.schema,
+            feed.clone(),
+            shutdown.clone(),
+        ));
+        let task = tokio::spawn(async move {
+            let r = task.await;
+            let _ = failed_tx.send(true);
+            r
+        });
+        shutdown = super::signals::either(shutdown, failed_rx);
+        wal_stream = Some(task);
+        RelayWakeup::Feed(feed)
+    } else {
+        RelayWakeup::Store(store.wakeup(Table::Outbox).await?)
+    };
     let processor = builder.build();
     let _metrics_server = running::serve_metrics(args.metrics_addr, &metrics, &store).await?;
     let mode = running::run_mode(args.once);
@@ -180,13 +293,11 @@ pub async fn run_publish(args: PublishArgs, ctx: &Context) -> Result<ExitStatus>
             args.batch
         );
     }
-    let mut shutdown = super::signals::shutdown_channel();
     // Stdout's reader gone (`| head`): stop as a signal would, as other
     // Unix tools do, instead of retrying a pipe no one reads.
     if let AnySink::Stdout(out) = &*sink {
         shutdown = super::signals::either(shutdown, out.closed());
     }
-    let mut wakeup = store.wakeup(Table::Outbox).await?;
     let progress = if running::shows_progress(ctx, mode) {
         Some(running::progress_bar(
             store.outbox().counts().await?.due_now,
@@ -205,6 +316,16 @@ pub async fn run_publish(args: PublishArgs, ctx: &Context) -> Result<ExitStatus>
     .await?;
     if let Some(bar) = progress {
         bar.finish_and_clear();
+    }
+    if let Some(task) = wal_stream {
+        // Ended by the same shutdown, or failed (and stopped the run).
+        match task.await {
+            Ok(Ok(Ok(()))) => {}
+            Ok(Ok(Err(e))) => return Err(e.into()),
+            Ok(Err(e)) | Err(e) => {
+                return Err(anyhow::anyhow!("the replication stream's task failed: {e}"));
+            }
+        }
     }
     // With the stdout sink, stdout carries the messages.
     let to = if matches!(*sink, AnySink::Stdout(_)) {

@@ -44,6 +44,9 @@ pub struct ClaimedBatch<R> {
 pub(super) struct Ticket {
     pub(super) flight: Arc<Mutex<Flight>>,
     pub(super) no: u64,
+    /// The keys of a fed claim, settled when the batch is written (after
+    /// the flight is: fields drop after `drop`).
+    pub(super) receipt: Option<super::feed::Receipt>,
 }
 
 impl Drop for Ticket {

@@ -13,6 +13,7 @@ use tracing::Instrument;
 use super::batch::{ClaimedBatch, HandledBatch, Heartbeat, NextBatch, NextHandled, Ticket};
 use super::circuit::{CircuitBreaker, CircuitConfig};
 use super::dead_letter::DeadLetterStore;
+use super::feed::{KeyFeed, Take};
 use super::flight::{self, Flight, Key};
 use super::options::{BatchReport, ProcessorOptions};
 use super::outcome::{BatchHandler, Outcome};
@@ -35,6 +36,8 @@ pub struct Processor<R: Route, S: EventStore<R>, H: BatchHandler<R>> {
     /// seconds (a failing handler fails every event of every batch).
     pub(super) warnings: Mutex<super::throttle::Throttle>,
     pub(super) flight: Arc<Mutex<Flight>>,
+    /// Keys to claim, pushed by a source that knows them (the WAL relay).
+    pub(super) feed: Option<Arc<KeyFeed>>,
     pub(super) job: &'static str,
     pub(super) _route: std::marker::PhantomData<fn() -> R>,
 }
@@ -62,6 +65,7 @@ pub struct ProcessorBuilder<R: Route, S: EventStore<R>, H: BatchHandler<R>> {
     dlq: Vec<Arc<dyn DeadLetterStore<R>>>,
     metrics: Option<Arc<dyn MetricsRecorder>>,
     circuit: CircuitConfig,
+    feed: Option<Arc<KeyFeed>>,
     job: &'static str,
     _route: std::marker::PhantomData<fn() -> R>,
 }
@@ -76,6 +80,7 @@ impl<R: Route, S: EventStore<R>, H: BatchHandler<R>> ProcessorBuilder<R, S, H> {
             dlq: Vec::new(),
             metrics: None,
             circuit: CircuitConfig::default(),
+            feed: None,
             job: "processor",
             _route: std::marker::PhantomData,
         }
@@ -102,6 +107,14 @@ impl<R: Route, S: EventStore<R>, H: BatchHandler<R>> ProcessorBuilder<R, S, H> {
         self
     }
 
+    /// Claims walk the keys `feed` is given instead of scanning the table,
+    /// and scan only now and then when it has none (see [`KeyFeed`]; the
+    /// WAL relay's claims). Outbox only: the inbox's claims have no keys.
+    pub fn key_feed(mut self, feed: Arc<KeyFeed>) -> Self {
+        self.feed = Some(feed);
+        self
+    }
+
     /// Name of the job in logs and spans.
     pub fn job(mut self, name: &'static str) -> Self {
         self.job = name;
@@ -120,6 +133,7 @@ impl<R: Route, S: EventStore<R>, H: BatchHandler<R>> ProcessorBuilder<R, S, H> {
             scan: Mutex::new(ScanState::default()),
             warnings: Mutex::default(),
             flight: Arc::new(Mutex::new(Flight::default())),
+            feed: self.feed,
             job: self.job,
             _route: std::marker::PhantomData,
         }
@@ -216,10 +230,25 @@ where
                 .max(500)
                 .saturating_mul(1 << widen.min(6))
                 .min(100_000);
+            let (keys, mut receipt) = match &self.feed {
+                None => (Vec::new(), None),
+                Some(feed) => match feed.take(self.options.batch) {
+                    Take::Keys(keys, receipt) => (keys, Some(receipt)),
+                    Take::Scan => (Vec::new(), None),
+                    Take::Nothing => {
+                        return Ok(NextBatch::Empty {
+                            contended: false,
+                            more: false,
+                        });
+                    }
+                },
+            };
+            let fed = receipt.is_some();
             let (no, own) = lock(&self.flight).begin_claim();
-            let ticket = Ticket {
+            let mut ticket = Ticket {
                 flight: Arc::clone(&self.flight),
                 no,
+                receipt: None,
             };
             let claim = self
                 .store
@@ -233,6 +262,7 @@ where
                     lease: self.options.lease,
                     own,
                     filters: self.options.filters.clone(),
+                    keys,
                 })
                 .await?;
             let mut held: HashMap<Key, (i64, i64)> = HashMap::new();
@@ -242,7 +272,14 @@ where
                 }
             }
             lock(&self.flight).claimed(no, held);
-            {
+            if let Some(r) = receipt.as_mut() {
+                let ids = claim.events.iter().map(|e| e.id()).collect();
+                r.claimed(&ids, claim.events.len() >= self.options.batch as usize);
+            } else if let Some(feed) = &self.feed {
+                feed.scanned(!claim.is_empty());
+            }
+            ticket.receipt = receipt;
+            if !fed {
                 let mut s = lock(&self.scan);
                 s.after = claim.next;
                 // After a collision with another worker's claim, the next

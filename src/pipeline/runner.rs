@@ -161,6 +161,14 @@ impl Wakeup for crate::store::AnyWakeup {
     }
 }
 
+/// Keys pushed to the feed, or a scan due.
+impl Wakeup for std::sync::Arc<super::KeyFeed> {
+    /// Waits for keys or the next scan, `max` at most.
+    async fn wait(&mut self, max: Duration) {
+        super::KeyFeed::wait(self, max).await
+    }
+}
+
 impl Wakeup for Sleep {
     /// Sleeps `max`.
     async fn wait(&mut self, max: Duration) {

@@ -35,6 +35,7 @@ use crate::store::OutboxStore;
 mod dead_letter;
 mod message;
 pub mod sink;
+pub mod wal;
 
 pub use dead_letter::{DeadLetter, DeadLetterTopic};
 

@@ -148,6 +148,22 @@ pub(crate) fn candidates(
     (keys, next)
 }
 
+/// The keys a claim given its keys (`ClaimOptions::keys`) walks: those of
+/// the filtered topics, each once, in the order given. No cursor: there
+/// was no scan.
+pub(crate) fn given(opts: &ClaimOptions) -> (Vec<(String, String)>, Option<ClaimCursor>) {
+    let topics = &opts.filters.topics;
+    let mut seen = HashSet::new();
+    let keys = opts
+        .keys
+        .iter()
+        .filter(|(t, _)| topics.is_empty() || topics.contains(t))
+        .filter(|k| seen.insert(*k))
+        .cloned()
+        .collect();
+    (keys, None)
+}
+
 /// One active row of a key, as step 2 reads it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct WalkRow {

@@ -71,6 +71,13 @@ pub struct ClaimOptions {
     pub own: HashMap<(String, String), (i64, i64)>,
     /// Which rows the claim may take (empty: any).
     pub filters: FetchFilters,
+    /// The keys `(topic, partition_key)` to walk, in this order (outbox):
+    /// when not empty the claim skips its scan (step 1) and walks these
+    /// keys instead, with the same rules (a relay told of new rows by the
+    /// write-ahead log knows their keys). `after`, `examine` and `spread`
+    /// are then unused, and a key of a topic the filters leave out is
+    /// skipped.
+    pub keys: Vec<(String, String)>,
 }
 
 /// Which rows a claim may take (the reference's `FetchFilters`): every
@@ -169,6 +176,7 @@ impl ClaimOptions {
             lease: crate::model::limits::DEFAULT_LEASE_TIMEOUT,
             own: HashMap::new(),
             filters: FetchFilters::default(),
+            keys: Vec::new(),
         }
     }
 

@@ -243,35 +243,39 @@ impl<R: PgRoute> PgTable<R> {
             .begin_with(super::sql::CLAIM_BEGIN)
             .await
             .map_err(storage)?;
-        let scanned = sqlx::query(super::sql::OUTBOX_SCAN)
-            .bind(start.scheduled_at)
-            .bind(start.seq)
-            .bind(i64::from(examine))
-            .bind(i64::from(opts.limit))
-            .bind(claim::spread_skip(opts.limit, opts.spread))
-            // One topic as a plain equality, so the topic index is read in
-            // (scheduled_at, seq) order; several as an array.
-            .bind(match opts.filters.topics.as_slice() {
-                [one] => Some(one.clone()),
-                _ => None,
-            })
-            .bind(FetchFilters::pg(&opts.filters.topics).filter(|t| t.len() > 1))
-            .fetch_all(&mut *tx)
-            .await
-            .map_err(storage)?
-            .iter()
-            .map(|r| {
-                Ok(Scanned {
-                    topic: r.try_get("topic")?,
-                    partition_key: r.try_get("partition_key")?,
-                    scheduled_at: r.try_get("scheduled_at")?,
-                    seq: r.try_get("seq")?,
-                    expired: r.try_get("expired")?,
+        let (keys, next) = if opts.keys.is_empty() {
+            let scanned = sqlx::query(super::sql::OUTBOX_SCAN)
+                .bind(start.scheduled_at)
+                .bind(start.seq)
+                .bind(i64::from(examine))
+                .bind(i64::from(opts.limit))
+                .bind(claim::spread_skip(opts.limit, opts.spread))
+                // One topic as a plain equality, so the topic index is read in
+                // (scheduled_at, seq) order; several as an array.
+                .bind(match opts.filters.topics.as_slice() {
+                    [one] => Some(one.clone()),
+                    _ => None,
                 })
-            })
-            .collect::<std::result::Result<Vec<_>, sqlx::Error>>()
-            .map_err(storage)?;
-        let (keys, next) = claim::candidates(&scanned, examine as usize);
+                .bind(FetchFilters::pg(&opts.filters.topics).filter(|t| t.len() > 1))
+                .fetch_all(&mut *tx)
+                .await
+                .map_err(storage)?
+                .iter()
+                .map(|r| {
+                    Ok(Scanned {
+                        topic: r.try_get("topic")?,
+                        partition_key: r.try_get("partition_key")?,
+                        scheduled_at: r.try_get("scheduled_at")?,
+                        seq: r.try_get("seq")?,
+                        expired: r.try_get("expired")?,
+                    })
+                })
+                .collect::<std::result::Result<Vec<_>, sqlx::Error>>()
+                .map_err(storage)?;
+            claim::candidates(&scanned, examine as usize)
+        } else {
+            claim::given(opts)
+        };
         if keys.is_empty() {
             tx.commit().await.map_err(storage)?;
             return Ok(claim::claimed(opts, None, Vec::new(), false, next));

@@ -295,33 +295,37 @@ impl<R: SqliteRoute> SqliteTable<R> {
         // The clock is read once the write lock is held: every row committed
         // before is then due by it if it was due when written.
         let now = time::now();
-        let scanned = sqlx::query(sql::OUTBOX_SCAN)
-            .bind(ts(&now))
-            .bind(ts(&start.scheduled_at))
-            .bind(start.seq)
-            .bind(i64::from(examine))
-            .bind(i64::from(opts.limit))
-            .bind(claim::spread_skip(opts.limit, opts.spread))
-            .bind(FetchFilters::sqlite(&opts.filters.topics))
-            .fetch_all(&mut *tx)
-            .await
-            .map_err(storage)?
-            .iter()
-            .map(|r| {
-                let at: String = r.try_get("scheduled_at").map_err(storage)?;
-                Ok(Scanned {
-                    topic: r.try_get("topic").map_err(storage)?,
-                    partition_key: r.try_get("partition_key").map_err(storage)?,
-                    scheduled_at: time::parse_stored(&at).map_err(|m| Error::CorruptRow {
-                        id: "?".into(),
-                        message: m,
-                    })?,
-                    seq: r.try_get("seq").map_err(storage)?,
-                    expired: r.try_get::<i64, _>("expired").map_err(storage)? != 0,
+        let (keys, next) = if opts.keys.is_empty() {
+            let scanned = sqlx::query(sql::OUTBOX_SCAN)
+                .bind(ts(&now))
+                .bind(ts(&start.scheduled_at))
+                .bind(start.seq)
+                .bind(i64::from(examine))
+                .bind(i64::from(opts.limit))
+                .bind(claim::spread_skip(opts.limit, opts.spread))
+                .bind(FetchFilters::sqlite(&opts.filters.topics))
+                .fetch_all(&mut *tx)
+                .await
+                .map_err(storage)?
+                .iter()
+                .map(|r| {
+                    let at: String = r.try_get("scheduled_at").map_err(storage)?;
+                    Ok(Scanned {
+                        topic: r.try_get("topic").map_err(storage)?,
+                        partition_key: r.try_get("partition_key").map_err(storage)?,
+                        scheduled_at: time::parse_stored(&at).map_err(|m| Error::CorruptRow {
+                            id: "?".into(),
+                            message: m,
+                        })?,
+                        seq: r.try_get("seq").map_err(storage)?,
+                        expired: r.try_get::<i64, _>("expired").map_err(storage)? != 0,
+                    })
                 })
-            })
-            .collect::<Result<Vec<_>>>()?;
-        let (keys, next) = claim::candidates(&scanned, examine as usize);
+                .collect::<Result<Vec<_>>>()?;
+            claim::candidates(&scanned, examine as usize)
+        } else {
+            claim::given(opts)
+        };
         let mut walked = Vec::new();
         if !keys.is_empty() {
             let keys: Vec<(String, String, Option<i64>, Option<i64>)> = keys

@@ -1,0 +1,388 @@
+//! A feed of keys for the claims (docs/design.md, "The WAL relay").
+//!
+//! A source that knows which rows were just committed (the WAL relay reads
+//! them from a logical replication slot) pushes each transaction's rows
+//! here. The processor's claims then walk those keys instead of scanning
+//! the table (`ClaimOptions::keys`): the same rules decide what is handed
+//! out, so per-key order, leases and every other relay sharing the table
+//! stay as they are. When no keys wait, a claim scans as usual every
+//! `scan_every` (retries, rows scheduled for later, rows from before the
+//! slot), and keeps scanning while the scans find work.
+//!
+//! A transaction is *settled* once every batch that took its keys has been
+//! written (published and marked, or written back for a retry), or its
+//! keys' claim handed out nothing (the rows are held, and stay in the table
+//! for a later claim). The feed's acknowledged position ([`KeyFeed::acked`])
+//! is the end of the last transaction such that it and every earlier one
+//! are settled: what a source may confirm upstream. The table, not the
+//! feed, holds what is still to do, so a position confirmed too early could
+//! only delay a row until a scan finds it, never lose it.
+
+use std::collections::{BTreeMap, HashSet, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::sync::{Notify, watch};
+use uuid::Uuid;
+
+use super::outcome::lock;
+
+/// One inserted row a source saw committed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FedRow {
+    /// The row's id.
+    pub id: Uuid,
+    /// Its key: topic.
+    pub topic: String,
+    /// Its key: partition key.
+    pub partition_key: String,
+}
+
+/// The rows of one key in one transaction, waiting for a claim.
+#[derive(Debug, Clone)]
+struct Entry {
+    key: (String, String),
+    ids: Vec<Uuid>,
+    /// The transaction's end position.
+    lsn: u64,
+}
+
+#[derive(Debug)]
+struct State {
+    queue: VecDeque<Entry>,
+    /// Per transaction end position, its entries not yet settled.
+    open: BTreeMap<u64, usize>,
+    /// The highest position pushed or reported idle.
+    seen: u64,
+    next_scan: Instant,
+    /// The last scan found rows: scan again at once.
+    scanning: bool,
+    /// Rows pushed (for reports).
+    pushed: u64,
+}
+
+/// Keys to claim, pushed by a source, with the position it may confirm.
+#[derive(Debug)]
+pub struct KeyFeed {
+    state: Mutex<State>,
+    notify: Notify,
+    acked: watch::Sender<u64>,
+    scan_every: Duration,
+}
+
+/// What the next claim does.
+pub(crate) enum Take {
+    /// Walk these keys; the receipt settles them once the batch is written.
+    Keys(Vec<(String, String)>, Receipt),
+    /// Scan the table as usual.
+    Scan,
+    /// Nothing to claim now.
+    Nothing,
+}
+
+impl KeyFeed {
+    /// A feed whose claims scan the table every `scan_every` when no keys
+    /// wait (and again at once while scans find rows). `start` is the
+    /// position already confirmed.
+    pub fn new(scan_every: Duration, start: u64) -> Arc<Self> {
+        Arc::new(KeyFeed {
+            state: Mutex::new(State {
+                queue: VecDeque::new(),
+                open: BTreeMap::new(),
+                seen: start,
+                // The first claim scans: rows written before the source
+                // started are the table's, not the stream's.
+                next_scan: Instant::now(),
+                scanning: true,
+                pushed: 0,
+            }),
+            notify: Notify::new(),
+            acked: watch::Sender::new(start),
+            scan_every,
+        })
+    }
+
+    /// One committed transaction ending at `lsn`, with the rows it inserted
+    /// (any order; kept in commit order per key). A transaction without rows
+    /// only moves the position.
+    pub fn push(&self, lsn: u64, rows: Vec<FedRow>) {
+        let mut s = lock(&self.state);
+        s.seen = s.seen.max(lsn);
+        if rows.is_empty() {
+            drop(s);
+            self.recompute();
+            return;
+        }
+        s.pushed += rows.len() as u64;
+        let mut entries: Vec<Entry> = Vec::new();
+        for r in rows {
+            let key = (r.topic, r.partition_key);
+            match entries.iter_mut().find(|e| e.key == key) {
+                Some(e) => e.ids.push(r.id),
+                None => entries.push(Entry {
+                    key,
+                    ids: vec![r.id],
+                    lsn,
+                }),
+            }
+        }
+        *s.open.entry(lsn).or_default() += entries.len();
+        s.queue.extend(entries);
+        drop(s);
+        self.notify.notify_one();
+    }
+
+    /// The source is at `lsn` with nothing more to push before it (an idle
+    /// stream's keep-alive): once everything pushed is settled, the
+    /// position may move there.
+    pub fn idle_at(&self, lsn: u64) {
+        {
+            let mut s = lock(&self.state);
+            s.seen = s.seen.max(lsn);
+        }
+        self.recompute();
+    }
+
+    /// The position a source may confirm: every transaction up to it is
+    /// settled.
+    pub fn acked(&self) -> watch::Receiver<u64> {
+        self.acked.subscribe()
+    }
+
+    /// Rows pushed so far.
+    pub fn pushed(&self) -> u64 {
+        lock(&self.state).pushed
+    }
+
+    /// Keys waiting for a claim.
+    pub fn waiting(&self) -> usize {
+        lock(&self.state).queue.len()
+    }
+
+    /// Resolves when keys are pushed or a scan is due, or after `max`.
+    pub async fn wait(&self, max: Duration) {
+        let due = {
+            let s = lock(&self.state);
+            if !s.queue.is_empty() {
+                return;
+            }
+            s.next_scan.saturating_duration_since(Instant::now())
+        };
+        let _ = tokio::time::timeout(max.min(due), self.notify.notified()).await;
+    }
+
+    /// The next claim's keys: whole entries in order while their rows fit
+    /// in `limit` (at least one entry).
+    pub(crate) fn take(self: &Arc<Self>, limit: u32) -> Take {
+        let mut s = lock(&self.state);
+        if s.queue.is_empty() {
+            let now = Instant::now();
+            if s.scanning || s.next_scan <= now {
+                s.next_scan = now + self.scan_every;
+                return Take::Scan;
+            }
+            return Take::Nothing;
+        }
+        let mut taken = Vec::new();
+        let mut rows = 0usize;
+        while let Some(e) = s.queue.front() {
+            if !taken.is_empty() && rows + e.ids.len() > limit as usize {
+                break;
+            }
+            rows += e.ids.len();
+            if let Some(e) = s.queue.pop_front() {
+                taken.push(e);
+            }
+        }
+        let mut seen = HashSet::new();
+        let keys = taken
+            .iter()
+            .filter(|e| seen.insert(&e.key))
+            .map(|e| e.key.clone())
+            .collect();
+        Take::Keys(
+            keys,
+            Receipt {
+                feed: Arc::clone(self),
+                entries: taken,
+            },
+        )
+    }
+
+    /// A scan's result: while scans find rows, the next claim scans too.
+    pub(crate) fn scanned(&self, found: bool) {
+        lock(&self.state).scanning = found;
+    }
+
+    fn settle(&self, entries: &[Entry]) {
+        {
+            let mut s = lock(&self.state);
+            for e in entries {
+                if let Some(n) = s.open.get_mut(&e.lsn) {
+                    *n = n.saturating_sub(1);
+                }
+            }
+        }
+        self.recompute();
+    }
+
+    /// Puts entries back at the front of the queue, in their order.
+    fn requeue(&self, entries: Vec<Entry>) {
+        {
+            let mut s = lock(&self.state);
+            for e in entries.into_iter().rev() {
+                s.queue.push_front(e);
+            }
+        }
+        self.notify.notify_one();
+    }
+
+    fn recompute(&self) {
+        let mut s = lock(&self.state);
+        let mut acked = *self.acked.borrow();
+        while let Some((&lsn, &n)) = s.open.first_key_value() {
+            if n > 0 {
+                break;
+            }
+            acked = acked.max(lsn);
+            s.open.pop_first();
+        }
+        if s.open.is_empty() {
+            acked = acked.max(s.seen);
+        }
+        drop(s);
+        self.acked.send_if_modified(|a| {
+            if acked > *a {
+                *a = acked;
+                true
+            } else {
+                false
+            }
+        });
+    }
+}
+
+/// The keys one claim took: settled when dropped (the batch written, or
+/// nothing handed out).
+pub(crate) struct Receipt {
+    feed: Arc<KeyFeed>,
+    entries: Vec<Entry>,
+}
+
+impl Receipt {
+    /// The claim handed out `ids`. When it was full (`full`: as many rows
+    /// as it could take), entries with rows it did not hand out go back to
+    /// the queue: their keys have more to give. (When it was not full,
+    /// rows not handed out are held, and a scan finds them once free.)
+    pub(crate) fn claimed(&mut self, ids: &HashSet<Uuid>, full: bool) {
+        if !full {
+            return;
+        }
+        let (back, keep): (Vec<Entry>, Vec<Entry>) = std::mem::take(&mut self.entries)
+            .into_iter()
+            .partition(|e| e.ids.iter().any(|id| !ids.contains(id)));
+        self.entries = keep;
+        if !back.is_empty() {
+            self.feed.requeue(back);
+        }
+    }
+}
+
+impl Drop for Receipt {
+    fn drop(&mut self) {
+        self.feed.settle(&self.entries);
+    }
+}
+
+impl std::fmt::Debug for Receipt {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Receipt")
+            .field("entries", &self.entries.len())
+            .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(topic: &str, key: &str) -> FedRow {
+        FedRow {
+            id: Uuid::now_v7(),
+            topic: topic.into(),
+            partition_key: key.into(),
+        }
+    }
+
+    fn keys(t: Take) -> (Vec<(String, String)>, Receipt) {
+        match t {
+            Take::Keys(k, r) => (k, r),
+            Take::Scan => panic!("a scan"),
+            Take::Nothing => panic!("nothing"),
+        }
+    }
+
+    #[test]
+    fn the_position_waits_for_every_earlier_transaction() {
+        let feed = KeyFeed::new(Duration::from_secs(3600), 10);
+        let acked = feed.acked();
+        assert!(matches!(feed.take(10), Take::Scan), "the first claim scans");
+        feed.scanned(false);
+        assert!(matches!(feed.take(10), Take::Nothing));
+        feed.push(20, vec![row("t", "a"), row("t", "a")]);
+        feed.push(30, vec![row("t", "b")]);
+        let (k1, r1) = keys(feed.take(2));
+        assert_eq!(k1, vec![("t".to_string(), "a".to_string())]);
+        let (k2, r2) = keys(feed.take(2));
+        assert_eq!(k2, vec![("t".to_string(), "b".to_string())]);
+        drop(r2);
+        assert_eq!(*acked.borrow(), 10, "30 waits for 20");
+        drop(r1);
+        assert_eq!(*acked.borrow(), 30);
+        feed.idle_at(40);
+        assert_eq!(
+            *acked.borrow(),
+            40,
+            "idle and settled: the keep-alive's position"
+        );
+    }
+
+    #[test]
+    fn an_idle_position_waits_for_open_transactions() {
+        let feed = KeyFeed::new(Duration::from_secs(3600), 0);
+        feed.push(5, vec![row("t", "a")]);
+        feed.idle_at(9);
+        assert_eq!(*feed.acked().borrow(), 0);
+        let (_, r) = keys(feed.take(1));
+        drop(r);
+        assert_eq!(*feed.acked().borrow(), 9);
+    }
+
+    #[test]
+    fn a_full_claim_gives_back_keys_with_rows_left() {
+        let feed = KeyFeed::new(Duration::from_secs(3600), 0);
+        let a = row("t", "a");
+        let b = row("t", "b");
+        feed.push(5, vec![a.clone(), b.clone()]);
+        let (k, mut r) = keys(feed.take(10));
+        assert_eq!(k.len(), 2);
+        r.claimed(&[a.id].into_iter().collect(), true);
+        drop(r);
+        assert_eq!(*feed.acked().borrow(), 0, "b's entry is open");
+        let (k, mut r) = keys(feed.take(10));
+        assert_eq!(k, vec![("t".to_string(), "b".to_string())]);
+        r.claimed(&HashSet::new(), false);
+        drop(r);
+        assert_eq!(*feed.acked().borrow(), 5);
+    }
+
+    #[test]
+    fn scans_go_on_while_they_find_rows() {
+        let feed = KeyFeed::new(Duration::from_secs(3600), 0);
+        assert!(matches!(feed.take(1), Take::Scan));
+        feed.scanned(true);
+        assert!(matches!(feed.take(1), Take::Scan));
+        feed.scanned(false);
+        assert!(matches!(feed.take(1), Take::Nothing));
+    }
+}

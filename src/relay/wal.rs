@@ -1,0 +1,606 @@
+//! The WAL relay's source (docs/design.md, "The WAL relay"): the outbox rows
+//! PostgreSQL's write-ahead log says were inserted, read from a logical
+//! replication slot (`pgoutput`, a publication of the outbox table's
+//! inserts), pushed to a [`KeyFeed`] transaction by transaction.
+//!
+//! The stream only says which keys have new rows. The relay's claims walk
+//! those keys with the claim's own rules, so what is published, and in
+//! which order, is decided by the table as for the polling relay: a
+//! message is the same message, per-key order the same order, and polling
+//! relays can share the table. The slot's confirmed position follows the
+//! feed's (a transaction is confirmed once its rows are published and
+//! marked, or written back for later).
+//!
+//! The protocol is pgwire-replication's (connection, TLS, feedback); pgoutput
+//! is decoded by pg_walstream's parser.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use pg_walstream::{EventType, PgOutputDecoder};
+use pgwire_replication::{
+    Lsn, ReplicationClient, ReplicationConfig, ReplicationEvent, SslMode, TlsConfig,
+};
+use sqlx::PgPool;
+use tokio::sync::watch;
+use uuid::Uuid;
+
+use crate::error::{Error, Result};
+use crate::pipeline::{FedRow, KeyFeed};
+
+/// The slot a WAL relay reads by default.
+pub const DEFAULT_SLOT: &str = "omnibox_outbox";
+/// The publication of the outbox's inserts, by default.
+pub const DEFAULT_PUBLICATION: &str = "omnibox_outbox";
+
+/// Settings of the WAL source.
+#[derive(Debug, Clone)]
+pub struct WalOptions {
+    /// The logical replication slot (created when missing).
+    pub slot: String,
+    /// The publication of the outbox table's inserts (created when
+    /// missing).
+    pub publication: String,
+    /// How often the confirmed position is reported to the server.
+    pub status_interval: Duration,
+    /// When another relay holds the slot: wait for it to be free (a
+    /// standby) instead of refusing to start.
+    pub standby: bool,
+}
+
+impl Default for WalOptions {
+    fn default() -> Self {
+        WalOptions {
+            slot: DEFAULT_SLOT.into(),
+            publication: DEFAULT_PUBLICATION.into(),
+            status_interval: Duration::from_secs(1),
+            standby: false,
+        }
+    }
+}
+
+/// Checks a slot or publication name: PostgreSQL's rule for slot names
+/// (lowercase letters, digits and `_`, at most 63), which also makes it a
+/// plain identifier.
+pub fn check_name(what: &str, name: &str) -> Result<()> {
+    let ok = !name.is_empty()
+        && name.len() <= 63
+        && name.starts_with(|c: char| c.is_ascii_lowercase() || c == '_')
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::Config(format!(
+            "invalid {what} name {name:?}: use lowercase letters, digits and _ (at most 63, not starting with a digit)"
+        )))
+    }
+}
+
+/// What [`prepare`] found or made.
+#[derive(Debug, Clone)]
+pub struct WalStart {
+    /// The slot's confirmed position (where the stream resumes).
+    pub confirmed: u64,
+    /// The slot was created now: rows committed before it are not in the
+    /// stream (the relay's first scans send them).
+    pub created_slot: bool,
+    /// The publication was created now.
+    pub created_publication: bool,
+    /// The schema of the outbox table.
+    pub schema: String,
+}
+
+/// Formats a position as PostgreSQL writes it (`16/B374D848`).
+pub fn format_lsn(lsn: u64) -> String {
+    format!("{:X}/{:X}", lsn >> 32, lsn & 0xFFFF_FFFF)
+}
+
+/// Parses a position as PostgreSQL writes it.
+pub fn parse_lsn(text: &str) -> Option<u64> {
+    let (hi, lo) = text.split_once('/')?;
+    let hi = u64::from_str_radix(hi, 16).ok()?;
+    let lo = u64::from_str_radix(lo, 16).ok()?;
+    (hi <= u64::from(u32::MAX) && lo <= u64::from(u32::MAX)).then_some((hi << 32) | lo)
+}
+
+/// A slot as `pg_replication_slots` shows it: plugin, database, active,
+/// active PID, confirmed position.
+type SlotRow = (String, Option<String>, bool, Option<i32>, Option<String>);
+
+fn storage(e: sqlx::Error) -> Error {
+    Error::Storage(e)
+}
+
+/// Checks the server and sets up what the WAL relay reads: `wal_level`
+/// must be `logical`; the publication is created when missing (it needs
+/// the table's owner), and so is the slot. A slot another relay is reading
+/// is refused with the holder's PID (or waited for, with `standby`).
+pub async fn prepare(pool: &PgPool, opts: &WalOptions) -> Result<WalStart> {
+    check_name("slot", &opts.slot)?;
+    check_name("publication", &opts.publication)?;
+    let level: String = sqlx::query_scalar("SELECT current_setting('wal_level')")
+        .fetch_one(pool)
+        .await
+        .map_err(storage)?;
+    if level != "logical" {
+        return Err(Error::Config(format!(
+            "the WAL relay needs wal_level = logical, and this server runs with {level}: run ALTER SYSTEM SET wal_level = logical; then restart PostgreSQL (or use the polling relay: omnibox publish without --source wal)"
+        )));
+    }
+    let schema: String = sqlx::query_scalar("SELECT current_schema()")
+        .fetch_one(pool)
+        .await
+        .map_err(storage)?;
+    let publication: Option<bool> =
+        sqlx::query_scalar("SELECT pubinsert FROM pg_publication WHERE pubname = $1")
+            .bind(&opts.publication)
+            .fetch_optional(pool)
+            .await
+            .map_err(storage)?;
+    let mut created_publication = false;
+    match publication {
+        None => {
+            // An identifier cannot be bound; the name passed `check_name`.
+            let ddl = format!(
+                "CREATE PUBLICATION {} FOR TABLE outbox_events WITH (publish = 'insert')",
+                opts.publication
+            );
+            sqlx::query(sqlx::AssertSqlSafe(ddl.clone())).execute(pool).await.map_err(|e| {
+                Error::Config(format!(
+                    "cannot create the publication {}: {}; run as the outbox table's owner: {ddl};",
+                    opts.publication,
+                    crate::redact::text(&e.to_string())
+                ))
+            })?;
+            created_publication = true;
+        }
+        Some(inserts) => {
+            let has_table: bool = sqlx::query_scalar(
+                "SELECT EXISTS (SELECT 1 FROM pg_publication_tables
+                  WHERE pubname = $1 AND schemaname = current_schema() AND tablename = 'outbox_events')",
+            )
+            .bind(&opts.publication)
+            .fetch_one(pool)
+            .await
+            .map_err(storage)?;
+            if !inserts || !has_table {
+                return Err(Error::Config(format!(
+                    "the publication {} does not publish the inserts of {schema}.outbox_events; drop it (DROP PUBLICATION {};) or name another with --publication",
+                    opts.publication, opts.publication
+                )));
+            }
+        }
+    }
+    let (slot, created_slot) = loop {
+        let slot: Option<SlotRow> = sqlx::query_as(
+            "SELECT plugin::text, database::text, active, active_pid, confirmed_flush_lsn::text
+                   FROM pg_replication_slots WHERE slot_name = $1",
+        )
+        .bind(&opts.slot)
+        .fetch_optional(pool)
+        .await
+        .map_err(storage)?;
+        match slot {
+            None => {
+                let lsn: String = sqlx::query_scalar(
+                    "SELECT lsn::text FROM pg_create_logical_replication_slot($1, 'pgoutput')",
+                )
+                .bind(&opts.slot)
+                .fetch_one(pool)
+                .await
+                .map_err(|e| match e.as_database_error().and_then(|d| d.code()) {
+                    Some(c) if c == "42710" => Error::Outage(format!(
+                        "the replication slot {} was created by another relay at the same moment; starting again",
+                        opts.slot
+                    )),
+                    _ => Error::Config(format!(
+                        "cannot create the replication slot {}: {} (the user needs the REPLICATION attribute: ALTER ROLE <user> REPLICATION;)",
+                        opts.slot,
+                        crate::redact::text(&e.to_string())
+                    )),
+                })?;
+                break (lsn, true);
+            }
+            Some((plugin, database, active, pid, confirmed)) => {
+                let db: String = sqlx::query_scalar("SELECT current_database()")
+                    .fetch_one(pool)
+                    .await
+                    .map_err(storage)?;
+                if plugin != "pgoutput" || database.as_deref() != Some(db.as_str()) {
+                    return Err(Error::Config(format!(
+                        "the replication slot {} exists for {} on database {}, not pgoutput on {db}: name another with --slot",
+                        opts.slot,
+                        plugin,
+                        database.as_deref().unwrap_or("(none)")
+                    )));
+                }
+                if active {
+                    let pid = pid.map_or("?".to_string(), |p| p.to_string());
+                    if opts.standby {
+                        tracing::info!(slot = %opts.slot, pid, "the slot is in use by another relay; waiting (standby)");
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                        continue;
+                    }
+                    return Err(Error::Config(format!(
+                        "the replication slot {} is in use by another WAL relay (server PID {pid}): one relay reads a slot; stop that one, start this one with --standby to take over when it stops, or give it its own --slot",
+                        opts.slot
+                    )));
+                }
+                break (confirmed.unwrap_or_else(|| "0/0".into()), false);
+            }
+        }
+    };
+    let confirmed = parse_lsn(&slot).ok_or_else(|| {
+        Error::Schema(format!(
+            "the replication slot {} reports the position {slot:?}",
+            opts.slot
+        ))
+    })?;
+    Ok(WalStart {
+        confirmed,
+        created_slot,
+        created_publication,
+        schema,
+    })
+}
+
+/// The replication connection's settings from a PostgreSQL URL (host,
+/// port, user, password, database; `sslmode`, `sslrootcert`, `sslcert`,
+/// `sslkey`, a `host` parameter naming a socket directory), the password
+/// from `PGPASSWORD` when the URL has none.
+pub fn replication_config(url: &str, opts: &WalOptions, start: u64) -> Result<ReplicationConfig> {
+    let bad = |why: &str| {
+        Error::Config(format!(
+            "invalid PostgreSQL URL {}: {why}",
+            crate::redact::url(url)
+        ))
+    };
+    let parsed = url::Url::parse(url).map_err(|e| bad(&e.to_string()))?;
+    if !matches!(parsed.scheme(), "postgres" | "postgresql") {
+        return Err(bad("the WAL relay needs a postgres:// URL"));
+    }
+    let decode =
+        |s: &str| percent_decode(s).ok_or_else(|| bad("a percent-encoded part is not UTF-8"));
+    let mut host = parsed.host_str().map(str::to_string).unwrap_or_default();
+    let mut sslmode = "prefer".to_string();
+    let (mut root, mut cert, mut key) = (None, None, None);
+    let mut user = decode(parsed.username())?;
+    let mut password = parsed.password().map(decode).transpose()?;
+    let mut database = decode(parsed.path().trim_start_matches('/'))?;
+    let mut port = parsed.port().unwrap_or(5432);
+    for (k, v) in parsed.query_pairs() {
+        match k.as_ref() {
+            "sslmode" => sslmode = v.into_owned(),
+            "sslrootcert" => root = Some(v.into_owned()),
+            "sslcert" => cert = Some(v.into_owned()),
+            "sslkey" => key = Some(v.into_owned()),
+            "host" => host = v.into_owned(),
+            "user" => user = v.into_owned(),
+            "password" => password = Some(v.into_owned()),
+            "dbname" => database = v.into_owned(),
+            "port" => port = v.parse().map_err(|_| bad("the port is not a number"))?,
+            _ => {}
+        }
+    }
+    if host.is_empty() {
+        host = "localhost".into();
+    }
+    if user.is_empty() {
+        user = std::env::var("PGUSER")
+            .or_else(|_| std::env::var("USER"))
+            .unwrap_or_else(|_| "postgres".into());
+    }
+    if database.is_empty() {
+        database = user.clone();
+    }
+    let password = password
+        .or_else(|| std::env::var("PGPASSWORD").ok())
+        .unwrap_or_default();
+    let mut tls = match sslmode.as_str() {
+        "disable" => TlsConfig::disabled(),
+        "allow" | "prefer" => TlsConfig {
+            mode: SslMode::Prefer,
+            ..TlsConfig::default()
+        },
+        "require" => TlsConfig::require(),
+        "verify-ca" => TlsConfig::verify_ca(root.clone().map(Into::into)),
+        "verify-full" => TlsConfig::verify_full(root.clone().map(Into::into)),
+        other => {
+            return Err(bad(&format!(
+                "sslmode {other:?} is not one of disable, allow, prefer, require, verify-ca, verify-full"
+            )));
+        }
+    };
+    if let (Some(c), Some(k)) = (cert, key) {
+        tls = tls.with_client_cert(c, k);
+    }
+    Ok(ReplicationConfig::new(
+        host,
+        user,
+        password,
+        database,
+        &opts.slot,
+        opts.publication.as_str(),
+    )
+    .with_port(port)
+    .with_tls(tls)
+    .with_start_lsn(Lsn::from_u64(start))
+    .with_ack_lsn(Lsn::from_u64(start))
+    .with_status_interval(opts.status_interval)
+    .with_options("-c TimeZone=UTC -c DateStyle=ISO")
+    .with_application_name(format!("omnibox-wal-{}", opts.slot)))
+}
+
+fn percent_decode(s: &str) -> Option<String> {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%'
+            && let Some(h) = bytes
+                .get(i + 1..i + 3)
+                .and_then(|h| std::str::from_utf8(h).ok())
+                .and_then(|h| u8::from_str_radix(h, 16).ok())
+        {
+            out.push(h);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
+/// A stream's failure: whether it may be retried.
+fn slot_busy(e: &pgwire_replication::PgWireError) -> bool {
+    e.to_string().contains("55006")
+}
+
+/// Reads the slot until `shutdown`, pushing each committed transaction's
+/// outbox inserts to `feed` and reporting the feed's position to the
+/// server. A broken stream (the server restarted, the network) is
+/// reconnected with backoff while the relay's scans go on; it resumes at
+/// the slot's confirmed position, so transactions not yet confirmed come
+/// again (their rows are already published and marked, or still pending:
+/// a claim hands out only pending rows).
+pub async fn stream(
+    config: ReplicationConfig,
+    schema: String,
+    feed: Arc<KeyFeed>,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<()> {
+    let mut backoff = Duration::from_millis(200);
+    let mut acked = feed.acked();
+    loop {
+        if *shutdown.borrow() {
+            return Ok(());
+        }
+        let start = *acked.borrow();
+        let cfg = config
+            .clone()
+            .with_start_lsn(Lsn::from_u64(start))
+            .with_ack_lsn(Lsn::from_u64(start));
+        match read(cfg, &schema, &feed, &mut acked, &mut shutdown).await {
+            Ok(()) => return Ok(()),
+            Err(Read::Fatal(e)) => return Err(e),
+            Err(Read::Broken(e, got_data)) => {
+                if got_data {
+                    backoff = Duration::from_millis(200);
+                }
+                tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "the replication stream broke; the relay goes on scanning the table and reconnects");
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff) => {}
+                    _ = shutdown.changed() => return Ok(()),
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(10));
+            }
+        }
+    }
+}
+
+enum Read {
+    /// Retry: the error, and whether the stream had delivered anything.
+    Broken(String, bool),
+    Fatal(Error),
+}
+
+async fn read(
+    cfg: ReplicationConfig,
+    schema: &str,
+    feed: &Arc<KeyFeed>,
+    acked: &mut watch::Receiver<u64>,
+    shutdown: &mut watch::Receiver<bool>,
+) -> std::result::Result<(), Read> {
+    let broken = |e: pgwire_replication::PgWireError, got: bool| {
+        let text = crate::redact::text(&e.to_string());
+        if slot_busy(&e) {
+            Read::Broken(
+                format!("the slot is still held by a previous session: {text}"),
+                got,
+            )
+        } else {
+            Read::Broken(text, got)
+        }
+    };
+    let mut client = ReplicationClient::connect(cfg)
+        .await
+        .map_err(|e| broken(e, false))?;
+    client.wait_started().await.map_err(|e| broken(e, false))?;
+    tracing::info!(start = %format_lsn(*acked.borrow()), "reading the replication stream");
+    let mut decoder = PgOutputDecoder::with_protocol_version(1);
+    let mut rows: Vec<FedRow> = Vec::new();
+    let mut in_tx = false;
+    let mut got = false;
+    loop {
+        tokio::select! {
+            biased;
+            _ = shutdown.changed() => {
+                if *shutdown.borrow() {
+                    let _ = client.shutdown().await;
+                    return Ok(());
+                }
+            }
+            changed = acked.changed() => {
+                if changed.is_ok() {
+                    client.update_applied_lsn(Lsn::from_u64(*acked.borrow()));
+                }
+            }
+            event = client.recv() => {
+                let event = match event {
+                    Ok(Some(e)) => e,
+                    Ok(None) => return Err(Read::Broken("the server ended the stream".into(), got)),
+                    Err(e) => return Err(broken(e, got)),
+                };
+                got = true;
+                match event {
+                    ReplicationEvent::Begin { .. } => {
+                        rows.clear();
+                        in_tx = true;
+                    }
+                    ReplicationEvent::XLogData { wal_start, data, .. } => {
+                        if let Some(row) = decode(&mut decoder, data, wal_start.as_u64(), schema)
+                            .map_err(Read::Fatal)?
+                        {
+                            rows.push(row);
+                        }
+                    }
+                    ReplicationEvent::Commit { end_lsn, .. } => {
+                        in_tx = false;
+                        feed.push(end_lsn.as_u64(), std::mem::take(&mut rows));
+                    }
+                    ReplicationEvent::KeepAlive { wal_end, .. } if !in_tx => {
+                        feed.idle_at(wal_end.as_u64());
+                    }
+                    _ => {}
+                }
+            }
+        }
+    }
+}
+
+/// One pgoutput message: an outbox row when it is an insert into the
+/// outbox table. A data message for a relation the stream never described
+/// is an error (the decoder would drop it).
+fn decode(
+    decoder: &mut PgOutputDecoder,
+    data: bytes::Bytes,
+    lsn: u64,
+    schema: &str,
+) -> Result<Option<FedRow>> {
+    let kind = data.first().copied();
+    let event = decoder
+        .decode_message(data, pg_walstream::Lsn(lsn))
+        .map_err(|e| {
+            Error::Schema(format!(
+                "cannot decode the replication stream at {}: {e}",
+                format_lsn(lsn)
+            ))
+        })?;
+    let Some(event) = event else {
+        if kind == Some(b'I') {
+            return Err(Error::Schema(format!(
+                "the replication stream sent an insert at {} for a table it had not described",
+                format_lsn(lsn)
+            )));
+        }
+        return Ok(None);
+    };
+    let EventType::Insert {
+        schema: s,
+        table,
+        data,
+        ..
+    } = event.event_type
+    else {
+        return Ok(None);
+    };
+    if &*s != schema || &*table != "outbox_events" {
+        return Ok(None);
+    }
+    let text = |name: &str| -> Result<String> {
+        data.get(name)
+            .and_then(|v| v.as_str())
+            .map(str::to_string)
+            .ok_or_else(|| {
+                Error::Schema(format!(
+                    "an outbox insert at {} has no text value for {name}",
+                    format_lsn(lsn)
+                ))
+            })
+    };
+    let id = text("id")?;
+    let id = Uuid::parse_str(&id).map_err(|e| {
+        Error::Schema(format!(
+            "an outbox insert at {} has the id {id:?}: {e}",
+            format_lsn(lsn)
+        ))
+    })?;
+    Ok(Some(FedRow {
+        id,
+        topic: text("topic")?,
+        partition_key: text("partition_key")?,
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn positions_round_trip() {
+        for (text, n) in [
+            ("0/0", 0u64),
+            ("16/B374D848", 0x16_B374_D848),
+            ("FFFFFFFF/FFFFFFFF", u64::MAX),
+        ] {
+            assert_eq!(parse_lsn(text), Some(n));
+            assert_eq!(format_lsn(n), text);
+        }
+        for bad in ["", "0", "/", "x/1", "1/", "100000000/0", "1/2/3"] {
+            assert_eq!(parse_lsn(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn names_are_checked() {
+        check_name("slot", "omnibox_outbox").unwrap();
+        check_name("slot", "_a1").unwrap();
+        for bad in ["", "A", "1a", "a-b", "a;drop", &"a".repeat(64)] {
+            assert!(check_name("slot", bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn urls_become_replication_settings() {
+        let o = WalOptions::default();
+        let c = replication_config(
+            "postgres://u%40x:p%2Fw@db.example:6543/app?sslmode=verify-full&sslrootcert=/ca.pem",
+            &o,
+            7,
+        )
+        .unwrap();
+        let shown = c.display_connection();
+        assert!(shown.contains("db.example"), "{shown}");
+        assert!(!shown.contains("p/w"), "no password shown: {shown}");
+        for bad in [
+            "mysql://h/db",
+            "postgres://h/db?sslmode=bogus",
+            "postgres://h:1/db?port=x",
+            "not a url",
+        ] {
+            let e = replication_config(bad, &o, 0).unwrap_err().to_string();
+            assert!(e.starts_with("invalid PostgreSQL URL"), "{e}");
+        }
+    }
+
+    #[test]
+    fn percent_decoding() {
+        assert_eq!(percent_decode("a%2Fb%40").as_deref(), Some("a/b@"));
+        assert_eq!(percent_decode("%").as_deref(), Some("%"));
+        assert_eq!(percent_decode("%zz").as_deref(), Some("%zz"));
+        assert_eq!(percent_decode("%ff"), None);
+    }
+}
