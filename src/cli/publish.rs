@@ -188,6 +188,13 @@ pub async fn run_publish(args: PublishArgs, ctx: &Context) -> Result<ExitStatus>
             )
             .into());
         }
+        let url = ctx.settings.database_url.as_str();
+        if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+            return Err(super::UsageError(
+                "--source wal reads PostgreSQL's write-ahead log; this database is SQLite: use the polling relay (omit --source)".into(),
+            )
+            .into());
+        }
         for (what, name) in [("slot", &args.slot), ("publication", &args.publication)] {
             omnibox::relay::wal::check_name(what, name)
                 .map_err(|e| super::UsageError(format!("--{what}: {e}")))?;

@@ -1,0 +1,731 @@
+//! The WAL relay (`omnibox publish --source wal`) as users run it: the
+//! binary, the shared PostgreSQL (started with `wal_level = logical` by
+//! scripts/test.sh) and a Kafka-protocol broker (tansu). Each test reads a
+//! slot and a publication of its own, named after its schema, and drops
+//! them at the end.
+
+mod common;
+
+use std::collections::{HashMap, HashSet};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::TestDb;
+use common::kafka::{Received, consume};
+use common::tansu::{Tansu, create_topic, shared_brokers};
+use omnibox::{DomainService, EventStore, NewOutboxEvent, OutboxEvent, OutboxStore};
+use serde_json::json;
+use sqlx::PgPool;
+
+/// The relay process, killed if the test ends first.
+struct Relay(Option<Child>);
+
+impl Relay {
+    /// SIGTERM, then the exit code.
+    fn stop(mut self) -> i32 {
+        let mut c = self.0.take().expect("running");
+        unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+        c.wait().unwrap().code().unwrap_or(-1)
+    }
+
+    /// SIGKILL, nothing finished.
+    fn kill9(mut self) {
+        let mut c = self.0.take().expect("running");
+        unsafe { libc::kill(c.id() as i32, libc::SIGKILL) };
+        let _ = c.wait();
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        if let Some(c) = &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// The slot and publication of one test, dropped at its end.
+struct Wal {
+    pool: PgPool,
+    name: String,
+}
+
+impl Wal {
+    async fn new(db: &TestDb) -> Wal {
+        let pool = PgPool::connect(&db.url).await.unwrap();
+        Wal {
+            pool,
+            name: db.schema().to_string(),
+        }
+    }
+
+    async fn slot_active(&self) -> bool {
+        sqlx::query_scalar("SELECT active FROM pg_replication_slots WHERE slot_name = $1")
+            .bind(&self.name)
+            .fetch_optional(&self.pool)
+            .await
+            .unwrap()
+            .unwrap_or(false)
+    }
+
+    /// Has the slot confirmed everything up to `lsn`?
+    async fn confirmed_past(&self, lsn: &str) -> bool {
+        sqlx::query_scalar(
+            "SELECT coalesce(confirmed_flush_lsn >= $2::pg_lsn, false) FROM pg_replication_slots WHERE slot_name = $1",
+        )
+        .bind(&self.name)
+        .bind(lsn)
+        .fetch_optional(&self.pool)
+        .await
+        .unwrap()
+        .unwrap_or(false)
+    }
+
+    async fn current_lsn(&self) -> String {
+        sqlx::query_scalar("SELECT pg_current_wal_lsn()::text")
+            .fetch_one(&self.pool)
+            .await
+            .unwrap()
+    }
+
+    async fn drop_all(&self) {
+        for _ in 0..50 {
+            if !self.slot_active().await {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let _ = sqlx::query(
+            "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = $1",
+        )
+        .bind(&self.name)
+        .execute(&self.pool)
+        .await;
+        let ddl = format!("DROP PUBLICATION IF EXISTS {}", self.name);
+        let _ = sqlx::query(sqlx::AssertSqlSafe(ddl))
+            .execute(&self.pool)
+            .await;
+    }
+}
+
+fn command(db: &TestDb, dir: &Path) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_omnibox"));
+    cmd.current_dir(dir)
+        .env_clear()
+        .env("OMNIBOX_DATABASE_URL", &db.url)
+        .env("OMNIBOX_DATABASE_SCHEMA", db.schema());
+    cmd
+}
+
+fn spawn_relay(db: &TestDb, dir: &Path, brokers: &str, extra: &[&str], log: &str) -> Relay {
+    let name = db.schema();
+    let mut args = vec![
+        "publish",
+        "--source",
+        "wal",
+        "--slot",
+        name,
+        "--publication",
+        name,
+        "--batch",
+        "50",
+        "--poll-interval",
+        "200ms",
+        "--lease",
+        "2s",
+    ];
+    args.extend_from_slice(extra);
+    let broker = format!("kafka://{brokers}");
+    let child = command(db, dir)
+        .args(&args)
+        .args(["--broker", &broker])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(dir.join(log)).unwrap())
+        .spawn()
+        .unwrap();
+    Relay(Some(child))
+}
+
+fn event(topic: &str, key: &str, n: usize) -> OutboxEvent {
+    DomainService::default()
+        .create_outbox_event(NewOutboxEvent::new(
+            "order",
+            uuid::Uuid::now_v7(),
+            "order.created",
+            topic,
+            key,
+            json!({"n": n}),
+        ))
+        .unwrap()
+}
+
+/// Inserts `txs` transactions of `per` rows over `keys` keys.
+async fn insert(db: &TestDb, topic: &str, txs: usize, per: usize, keys: usize) -> Vec<OutboxEvent> {
+    let mut all = Vec::new();
+    for t in 0..txs {
+        let batch: Vec<OutboxEvent> = (0..per)
+            .map(|i| event(topic, &format!("k{}", (t * per + i) % keys), t * per + i))
+            .collect();
+        db.store.outbox().create_many(&batch).await.unwrap();
+        all.extend(batch);
+    }
+    all
+}
+
+async fn wait_for<F: std::future::Future<Output = bool>>(
+    dir: &Path,
+    what: &str,
+    limit: Duration,
+    mut check: impl FnMut() -> F,
+) {
+    let started = Instant::now();
+    while !check().await {
+        if started.elapsed() > limit {
+            for entry in std::fs::read_dir(dir).unwrap().flatten() {
+                if entry.path().extension().is_some_and(|e| e == "log") {
+                    let text = std::fs::read_to_string(entry.path()).unwrap_or_default();
+                    eprintln!("--- {}\n{text}", entry.path().display());
+                }
+            }
+            panic!("timed out waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn completed(db: &TestDb) -> u64 {
+    db.store.outbox().counts().await.unwrap().completed
+}
+
+fn log(dir: &Path, name: &str) -> String {
+    std::fs::read_to_string(dir.join(name)).unwrap_or_default()
+}
+
+/// Every event published at least once, and per key the first time each
+/// was published follows insertion order.
+fn assert_published_in_key_order(got: &[Received], events: &[OutboxEvent]) {
+    let ids: HashSet<String> = got.iter().map(|m| m.headers["event_id"].clone()).collect();
+    for e in events {
+        assert!(
+            ids.contains(&e.id().to_string()),
+            "{} never published",
+            e.id()
+        );
+    }
+    let mut by_partition: Vec<&Received> = got.iter().collect();
+    by_partition.sort_by_key(|m| (m.partition, m.offset));
+    let order: HashMap<String, usize> = events
+        .iter()
+        .enumerate()
+        .map(|(i, e)| (e.id().to_string(), i))
+        .collect();
+    let mut seen: HashSet<&str> = HashSet::new();
+    let mut last: HashMap<&str, usize> = HashMap::new();
+    for m in by_partition {
+        let id = m.headers["event_id"].as_str();
+        if !seen.insert(id) {
+            continue;
+        }
+        let Some(&i) = order.get(id) else { continue };
+        if let Some(&before) = last.get(m.key.as_str()) {
+            assert!(
+                before < i,
+                "key {}: event {i} first published after {before}",
+                m.key
+            );
+        }
+        last.insert(m.key.as_str(), i);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_wal_relay_streams_resumes_and_refuses_a_second_reader() {
+    let Some(db) = common::postgres().await else {
+        return;
+    };
+    let Some(brokers) = shared_brokers() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let wal = Wal::new(&db).await;
+    let topic = format!("wal-{}", db.schema());
+    create_topic(&brokers, &topic, 2).await;
+
+    // Rows from before the slot: the relay's first scan sends them.
+    let mut events = insert(&db, &topic, 1, 20, 5).await;
+    let relay = spawn_relay(&db, d, &brokers, &[], "first.log");
+    wait_for(d, "the slot held", Duration::from_secs(30), || {
+        wal.slot_active()
+    })
+    .await;
+    assert!(
+        log(d, "first.log").contains("(created)"),
+        "{}",
+        log(d, "first.log")
+    );
+
+    // A second reader of the slot is refused, with what to do.
+    let second = command(&db, d)
+        .args([
+            "publish",
+            "--source",
+            "wal",
+            "--slot",
+            db.schema(),
+            "--publication",
+            db.schema(),
+        ])
+        .args(["--broker", &format!("kafka://{brokers}")])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&second.stderr);
+    assert_eq!(second.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("in use by another WAL relay") && err.contains("--standby"),
+        "{err}"
+    );
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+
+    events.extend(insert(&db, &topic, 10, 20, 5).await);
+    wait_for(d, "220 published", Duration::from_secs(60), || async {
+        completed(&db).await == 220
+    })
+    .await;
+    // The slot confirms past the inserts once their rows are published.
+    let lsn = wal.current_lsn().await;
+    wait_for(d, "the slot confirmed", Duration::from_secs(30), || {
+        wal.confirmed_past(&lsn)
+    })
+    .await;
+    assert_eq!(relay.stop(), 0, "{}", log(d, "first.log"));
+
+    // The same slot again: nothing re-sent, new rows streamed.
+    let relay = spawn_relay(&db, d, &brokers, &[], "again.log");
+    wait_for(d, "the slot held again", Duration::from_secs(30), || {
+        wal.slot_active()
+    })
+    .await;
+    assert!(
+        !log(d, "again.log").contains("(created)"),
+        "{}",
+        log(d, "again.log")
+    );
+    events.extend(insert(&db, &topic, 3, 10, 5).await);
+    wait_for(d, "250 published", Duration::from_secs(60), || async {
+        completed(&db).await == 250
+    })
+    .await;
+    assert_eq!(relay.stop(), 0, "{}", log(d, "again.log"));
+
+    let got = consume(&brokers, &topic, 250, Duration::from_secs(30)).await;
+    assert_eq!(
+        got.len(),
+        250,
+        "each event once: clean stops re-send nothing"
+    );
+    assert_published_in_key_order(&got, &events);
+    let c = db.store.outbox().counts().await.unwrap();
+    assert_eq!((c.pending, c.failed, c.locked), (0, 0, 0));
+    wal.drop_all().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_wal_relay_survives_kill_9_and_a_broker_outage() {
+    let Some(db) = common::postgres().await else {
+        return;
+    };
+    let Some(mut tansu) = Tansu::start().await else {
+        return;
+    };
+    let brokers = tansu.brokers();
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let wal = Wal::new(&db).await;
+    let topic = "orders";
+    create_topic(&brokers, topic, 2).await;
+
+    let relay = spawn_relay(&db, d, &brokers, &[], "first.log");
+    wait_for(d, "the slot held", Duration::from_secs(30), || {
+        wal.slot_active()
+    })
+    .await;
+    let mut events = Vec::new();
+    for _ in 0..6 {
+        events.extend(insert(&db, topic, 10, 10, 7).await);
+        if completed(&db).await > 0 {
+            break;
+        }
+    }
+    wait_for(d, "some published", Duration::from_secs(30), || async {
+        completed(&db).await >= 50
+    })
+    .await;
+    // Killed mid-stream: whatever it held is retaken after its lease, and
+    // the stream resumes at the last confirmed position.
+    relay.kill9();
+    events.extend(insert(&db, topic, 5, 10, 7).await);
+    let relay = spawn_relay(&db, d, &brokers, &[], "second.log");
+    let total = events.len() as u64;
+    wait_for(
+        d,
+        "all published after kill -9",
+        Duration::from_secs(60),
+        || async { completed(&db).await == total },
+    )
+    .await;
+
+    // The broker goes away: nothing is published, no attempt spent.
+    tansu.kill();
+    let during = insert(&db, topic, 4, 5, 7).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    for e in &during {
+        let row = db.store.outbox().get(e.id()).await.unwrap().unwrap();
+        assert_eq!(row.attempts_made(), 0, "an outage spends no attempt");
+        assert_eq!(row.status(), omnibox::EventStatus::Pending);
+    }
+    tansu.start_again().await;
+    events.extend(during);
+    let total = events.len() as u64;
+    wait_for(
+        d,
+        "all published after the outage",
+        Duration::from_secs(90),
+        || async { completed(&db).await == total },
+    )
+    .await;
+    assert_eq!(relay.stop(), 0, "{}", log(d, "second.log"));
+    let got = consume(&brokers, topic, events.len(), Duration::from_secs(30)).await;
+    assert_published_in_key_order(&got, &events);
+    let c = db.store.outbox().counts().await.unwrap();
+    assert_eq!((c.pending, c.failed, c.locked), (0, 0, 0));
+    wal.drop_all().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_wal_relay_fails_rejected_records_waits_for_scheduled_rows_and_sends_replays() {
+    let Some(db) = common::postgres().await else {
+        return;
+    };
+    let Some(brokers) = shared_brokers() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let wal = Wal::new(&db).await;
+    let topic = format!("wal-{}", db.schema());
+    create_topic(&brokers, &topic, 1).await;
+    let outbox = db.store.outbox();
+
+    // A producer limit the big event passes: the record is rejected.
+    let relay = spawn_relay(
+        &db,
+        d,
+        &brokers,
+        &["-X", "message.max.bytes=1000", "--dlq", "table"],
+        "limited.log",
+    );
+    wait_for(d, "the slot held", Duration::from_secs(30), || {
+        wal.slot_active()
+    })
+    .await;
+    let mut big = NewOutboxEvent::new(
+        "order",
+        uuid::Uuid::now_v7(),
+        "order.created",
+        &topic,
+        "k",
+        json!({"blob": "x".repeat(5000)}),
+    );
+    big.max_attempts = Some(1);
+    let big = DomainService::default().create_outbox_event(big).unwrap();
+    let after = event(&topic, "k", 1);
+    let mut later = NewOutboxEvent::new(
+        "order",
+        uuid::Uuid::now_v7(),
+        "order.created",
+        &topic,
+        "other",
+        json!({"n": 2}),
+    );
+    later.scheduled_at = Some(omnibox::time::now() + chrono::Duration::seconds(4));
+    let later = DomainService::default().create_outbox_event(later).unwrap();
+    outbox
+        .create_many(&[big.clone(), after.clone(), later.clone()])
+        .await
+        .unwrap();
+    wait_for(
+        d,
+        "the big event failed",
+        Duration::from_secs(30),
+        || async {
+            outbox.get(big.id()).await.unwrap().unwrap().status() == omnibox::EventStatus::Failed
+        },
+    )
+    .await;
+    let row = outbox.get(big.id()).await.unwrap().unwrap();
+    assert!(
+        row.last_error()
+            .unwrap_or_default()
+            .contains("broker rejected the record"),
+        "{row:?}"
+    );
+    wait_for(
+        d,
+        "the event after it sent",
+        Duration::from_secs(30),
+        || async {
+            outbox.get(after.id()).await.unwrap().unwrap().status()
+                == omnibox::EventStatus::Completed
+        },
+    )
+    .await;
+    let dead: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+        "SELECT count(*) FROM {}.omnibox_dead_letters WHERE event_id = $1",
+        db.schema()
+    )))
+    .bind(big.id())
+    .fetch_one(&wal.pool)
+    .await
+    .unwrap();
+    assert_eq!(dead, 1, "a dead letter in the table");
+    // The scheduled row waits for its time, then a scan sends it.
+    assert_eq!(
+        outbox.get(later.id()).await.unwrap().unwrap().status(),
+        omnibox::EventStatus::Pending
+    );
+    wait_for(
+        d,
+        "the scheduled row sent",
+        Duration::from_secs(30),
+        || async {
+            outbox.get(later.id()).await.unwrap().unwrap().status()
+                == omnibox::EventStatus::Completed
+        },
+    )
+    .await;
+    let row = outbox.get(later.id()).await.unwrap().unwrap();
+    assert!(row.completed_at().unwrap() >= later.scheduled_at());
+    assert_eq!(relay.stop(), 0, "{}", log(d, "limited.log"));
+
+    // The limit lifted and the event replayed: the WAL relay sends it.
+    let relay = spawn_relay(&db, d, &brokers, &[], "fixed.log");
+    wait_for(d, "the slot held again", Duration::from_secs(30), || {
+        wal.slot_active()
+    })
+    .await;
+    let out = command(&db, d)
+        .args([
+            "replay",
+            "--id",
+            &big.id().to_string(),
+            "--reason",
+            "limit lifted",
+            "--yes",
+        ])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    wait_for(
+        d,
+        "the replayed event sent",
+        Duration::from_secs(30),
+        || async {
+            outbox.get(big.id()).await.unwrap().unwrap().status() == omnibox::EventStatus::Completed
+        },
+    )
+    .await;
+    assert_eq!(relay.stop(), 0, "{}", log(d, "fixed.log"));
+    let got = consume(&brokers, &topic, 3, Duration::from_secs(20)).await;
+    let ids: Vec<String> = got.iter().map(|m| m.headers["event_id"].clone()).collect();
+    assert_eq!(ids.len(), 3, "{ids:?}");
+    for e in [&after, &later, &big] {
+        assert!(ids.contains(&e.id().to_string()));
+    }
+    wal.drop_all().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_wal_relay_refuses_what_it_cannot_do() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let run = |url: &str, args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_omnibox"))
+            .current_dir(d)
+            .env_clear()
+            .env("OMNIBOX_DATABASE_URL", url)
+            .args(["publish", "--source", "wal"])
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let sqlite = format!("sqlite://{}", d.join("db.sqlite").display());
+    let (code, err) = run(&sqlite, &["--broker", "null"]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("this database is SQLite"), "{err}");
+    let (code, err) = run(&sqlite, &["--once"]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("--once is the polling relay's"), "{err}");
+    let pg = "postgres://nobody@127.0.0.1:1/none";
+    let (code, err) = run(pg, &["--slot", "Bad-Name"]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("invalid slot name"), "{err}");
+    assert!(!d.join("db.sqlite").exists(), "nothing created");
+}
+
+/// The private server's port (below Linux's ephemeral range, as in
+/// tests/restarts.rs, whose port is 29341).
+const PRIVATE_PORT: &str = "29343";
+
+fn private_pg(cmd: &[&str]) -> String {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/postgres.sh");
+    let out = Command::new(script)
+        .args(cmd)
+        .args(["--port", PRIVATE_PORT])
+        .stderr(Stdio::inherit())
+        .output()
+        .expect("run scripts/postgres.sh");
+    assert!(out.status.success(), "postgres.sh {cmd:?} failed");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Stops the private server whatever happens to the test.
+struct PrivateServer;
+
+impl Drop for PrivateServer {
+    fn drop(&mut self) {
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/postgres.sh");
+        let _ = Command::new(script)
+            .args(["stop", "--port", PRIVATE_PORT])
+            .status();
+    }
+}
+
+/// PostgreSQL restarted in immediate mode (a crash: the slot's position
+/// is the one of the last checkpoint) while the relay runs: it goes on
+/// once the server is back, and every row is published; transactions the
+/// server sends again find their rows completed and publish nothing twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_wal_relay_goes_on_after_a_postgresql_restart() {
+    if common::pg_url().is_none() {
+        return;
+    }
+    let Some(brokers) = shared_brokers() else {
+        return;
+    };
+    let _server = PrivateServer;
+    let exports = private_pg(&["start", "--logical"]);
+    let url = exports
+        .lines()
+        .find_map(|l| l.strip_prefix("export OMNIBOX_TEST_DATABASE_URL="))
+        .expect("the server's URL")
+        .to_string();
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let store = omnibox::store::AnyStore::connect(&url, &Default::default())
+        .await
+        .unwrap();
+    store.migrate().await.unwrap();
+    let topic = format!("wal-restart-{}", uuid::Uuid::new_v4().simple());
+    create_topic(&brokers, &topic, 2).await;
+    let spawn = |log: &str| {
+        Relay(Some(
+            Command::new(env!("CARGO_BIN_EXE_omnibox"))
+                .current_dir(d)
+                .env_clear()
+                .env("OMNIBOX_DATABASE_URL", &url)
+                .args([
+                    "publish",
+                    "--source",
+                    "wal",
+                    "--batch",
+                    "50",
+                    "--poll-interval",
+                    "200ms",
+                ])
+                // A crash can lose the last results (the test server does
+                // not flush them): their rows come back after the lease.
+                .args(["--lease", "2s"])
+                .args(["--broker", &format!("kafka://{brokers}")])
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(std::fs::File::create(d.join(log)).unwrap())
+                .spawn()
+                .unwrap(),
+        ))
+    };
+    let relay = spawn("relay.log");
+    let outbox = store.outbox();
+    let insert = |n: usize, from: usize| {
+        let outbox = outbox.clone();
+        let topic = topic.clone();
+        async move {
+            let mut all = Vec::new();
+            for t in 0..n {
+                let batch: Vec<OutboxEvent> = (0..10)
+                    .map(|i| {
+                        event(
+                            &topic,
+                            &format!("k{}", (from + t * 10 + i) % 7),
+                            from + t * 10 + i,
+                        )
+                    })
+                    .collect();
+                // A producer retries while the server restarts.
+                let mut tries = 0;
+                while let Err(e) = outbox.create_many(&batch).await {
+                    tries += 1;
+                    assert!(tries < 100, "{e}");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                all.extend(batch);
+            }
+            all
+        }
+    };
+    let mut events = insert(10, 0).await;
+    wait_for(d, "100 published", Duration::from_secs(60), || async {
+        outbox.counts().await.map(|c| c.completed).unwrap_or(0) == 100
+    })
+    .await;
+    private_pg(&["restart", "--mode", "immediate"]);
+    events.extend(insert(10, 100).await);
+    wait_for(
+        d,
+        "200 published after the restart",
+        Duration::from_secs(90),
+        || async {
+            match outbox.counts().await {
+                Ok(c) => c.completed == 200,
+                Err(e) => {
+                    eprintln!("counts: {e}");
+                    false
+                }
+            }
+        },
+    )
+    .await;
+    assert_eq!(relay.stop(), 0, "{}", log(d, "relay.log"));
+    let text = log(d, "relay.log");
+    assert!(text.contains("the replication stream broke"), "{text}");
+    let got = consume(&brokers, &topic, 200, Duration::from_secs(30)).await;
+    assert_published_in_key_order(&got, &events);
+    let ids: HashSet<String> = got.iter().map(|m| m.headers["event_id"].clone()).collect();
+    assert_eq!(ids.len(), 200);
+    let c = outbox.counts().await.unwrap();
+    assert_eq!((c.pending, c.failed, c.locked), (0, 0, 0));
+}
