@@ -133,7 +133,11 @@ complete -c omnibox -n "__fish_omnibox_using_subcommand publish" -l dlq-topic -d
 complete -c omnibox -n "__fish_omnibox_using_subcommand publish" -l dlq -d 'Also keep events that end up failed as dead letters here (replay them with `omnibox replay --table dead-letters`)' -r -f -a "table\t'The omnibox_dead_letters table (see `omnibox list --table dead-letters`)'"
 complete -c omnibox -n "__fish_omnibox_using_subcommand publish" -l limit -d 'Stop after claiming this many events (whole batches), e.g. to drain a backlog in chunks' -r
 complete -c omnibox -n "__fish_omnibox_using_subcommand publish" -l topic-unavailable-limit -d 'How long a topic may stay unavailable (unknown, no leader) before its events spend attempts' -r
-complete -c omnibox -n "__fish_omnibox_using_subcommand publish" -l poll-interval -d 'Longest idle wait between polls when nothing is due' -r
+complete -c omnibox -n "__fish_omnibox_using_subcommand publish" -l source -d 'How new rows are found: poll (claim them from the table) or wal (PostgreSQL\'s write-ahead log, through a replication slot)' -r -f -a "poll\t'Claim new rows from the table'
+wal\t'Learn of new rows from PostgreSQL\'s write-ahead log'"
+complete -c omnibox -n "__fish_omnibox_using_subcommand publish" -l slot -d '--source wal: the logical replication slot to read (created when missing)' -r
+complete -c omnibox -n "__fish_omnibox_using_subcommand publish" -l publication -d '--source wal: the publication of the outbox\'s inserts (created when missing)' -r
+complete -c omnibox -n "__fish_omnibox_using_subcommand publish" -l poll-interval -d 'Longest idle wait between polls when nothing is due (with --source wal: between scans of the table)' -r
 complete -c omnibox -n "__fish_omnibox_using_subcommand publish" -l outage-limit -d 'With --once: give up (exit 1) when the database stays unreachable this long; a running one waits however long' -r
 complete -c omnibox -n "__fish_omnibox_using_subcommand publish" -l metrics-addr -d 'Serve Prometheus metrics on this address, e.g. 127.0.0.1:9898' -r
 complete -c omnibox -n "__fish_omnibox_using_subcommand publish" -l database-url -d 'Database URL: sqlite://PATH or postgres://USER:PASS@HOST/DB [default: sqlite://omnibox.db]' -r
@@ -149,6 +153,7 @@ json\t''"
 complete -c omnibox -n "__fish_omnibox_using_subcommand publish" -l dedup-window -d 'The inbox\'s deduplication window: inbox rows are kept at least this long (cleanup refuses less), so a message redelivered within it is a duplicate [default: 7d]' -r
 complete -c omnibox -n "__fish_omnibox_using_subcommand publish" -l otlp-endpoint -d 'Export OpenTelemetry spans with OTLP over HTTP to this collector (base URL; /v1/traces is added) [default: OTEL_EXPORTER_OTLP_ENDPOINT; off when neither is set]' -r
 complete -c omnibox -n "__fish_omnibox_using_subcommand publish" -l once -d 'Publish what is due, then exit (for jobs and cron)'
+complete -c omnibox -n "__fish_omnibox_using_subcommand publish" -l standby -d '--source wal: when another relay reads the slot, wait and take over when it stops (instead of refusing to start)'
 complete -c omnibox -n "__fish_omnibox_using_subcommand publish" -s v -l verbose -d 'More logging (-v info, -vv debug, -vvv trace)'
 complete -c omnibox -n "__fish_omnibox_using_subcommand publish" -s q -l quiet -d 'Nothing on stdout or stderr unless the command fails (then its report and the error); for cron'
 complete -c omnibox -n "__fish_omnibox_using_subcommand publish" -s h -l help -d 'Print help (see more with \'--help\')'

@@ -290,6 +290,11 @@ async fn the_wal_relay_streams_resumes_and_refuses_a_second_reader() {
         "{err}"
     );
     assert_eq!(err.trim().lines().count(), 1, "{err}");
+    // A standby waits for the slot, and a signal ends its wait.
+    let idle = spawn_relay(&db, d, &brokers, &["--standby"], "idle.log");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(idle.stop(), 0, "{}", log(d, "idle.log"));
+    let standby = spawn_relay(&db, d, &brokers, &["--standby"], "again.log");
 
     events.extend(insert(&db, &topic, 10, 20, 5).await);
     wait_for(d, "220 published", Duration::from_secs(60), || async {
@@ -304,11 +309,15 @@ async fn the_wal_relay_streams_resumes_and_refuses_a_second_reader() {
     .await;
     assert_eq!(relay.stop(), 0, "{}", log(d, "first.log"));
 
-    // The same slot again: nothing re-sent, new rows streamed.
-    let relay = spawn_relay(&db, d, &brokers, &[], "again.log");
-    wait_for(d, "the slot held again", Duration::from_secs(30), || {
-        wal.slot_active()
-    })
+    // The standby takes the same slot over: nothing re-sent, new rows
+    // streamed.
+    let relay = standby;
+    wait_for(
+        d,
+        "the standby reading",
+        Duration::from_secs(30),
+        || async { log(d, "again.log").contains("reading the write-ahead log") },
+    )
     .await;
     assert!(
         !log(d, "again.log").contains("(created)"),

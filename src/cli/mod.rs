@@ -719,6 +719,7 @@ mod doc_examples {
                 include_str!("../../docs/production.md"),
             ),
             ("docs/library.md", include_str!("../../docs/library.md")),
+            ("docs/wal-relay.md", include_str!("../../docs/wal-relay.md")),
             ("docs/design.md", include_str!("../../docs/design.md")),
             ("CONTRIBUTING.md", include_str!("../../CONTRIBUTING.md")),
             ("CHANGELOG.md", include_str!("../../CHANGELOG.md")),

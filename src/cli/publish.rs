@@ -243,7 +243,19 @@ pub async fn run_publish(args: PublishArgs, ctx: &Context) -> Result<ExitStatus>
             standby: args.standby,
             ..Default::default()
         };
-        let start = omnibox::relay::wal::prepare(pg.pool(), &wal_options).await?;
+        // A standby waits here for the slot: a signal ends the wait.
+        let mut stop = shutdown.clone();
+        let stopped = async move {
+            while !*stop.borrow_and_update() {
+                if stop.changed().await.is_err() {
+                    std::future::pending::<()>().await;
+                }
+            }
+        };
+        let start = tokio::select! {
+            start = omnibox::relay::wal::prepare(pg.pool(), &wal_options) => start?,
+            () = stopped => return Ok(ExitStatus::Success),
+        };
         if !ctx.quiet {
             crate::cli::output::notice!(
                 "omnibox: reading the write-ahead log through slot {}{} at {}{}",

@@ -1,0 +1,79 @@
+#!/usr/bin/env bash
+# The polling relay against the WAL relay, in one run, on one server:
+# a relay runs (null sink, batch 1000) while N rows are inserted with
+# `omnibox enqueue --jsonl` (unique keys, or K keys); the figure is N
+# divided by the time from the start of the insert to the last row
+# completed, whole process, polled with psql every 50 ms. Rounds
+# alternate poll, wal, poll, wal.
+#
+#   bench/wal.sh [--events N] [--rounds R] [--keys K] [--conn plain|tls]
+#
+# A private PostgreSQL 15 is started with PostgreSQL's default durability
+# (fsync on) and wal_level = logical, offering TLS without requiring it
+# (--conn tls: the URL as users write it, without sslmode), on port 54331;
+# it is stopped afterwards. OMNIBOX_BENCH_BIN picks the binary (default:
+# a release build of this tree). No ANALYZE, no warm-up: each round starts
+# from an emptied table, as a fresh deployment would.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+events=100000
+rounds=2
+keys=0
+conn=plain
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --events) events=$2; shift 2 ;;
+    --rounds) rounds=$2; shift 2 ;;
+    --keys) keys=$2; shift 2 ;;
+    --conn) conn=$2; shift 2 ;;
+    *) echo "unknown argument $1" >&2; exit 2 ;;
+  esac
+done
+port=54331
+cleanup() { scripts/postgres.sh stop --port $port >/dev/null 2>&1 || true; }
+trap cleanup EXIT INT TERM
+eval "$(scripts/postgres.sh start --port $port --durable --tls-optional --logical)"
+url=$OMNIBOX_TEST_DATABASE_URL
+if [ "$conn" = plain ]; then url="$url?sslmode=disable"; fi
+bin=${OMNIBOX_BENCH_BIN:-}
+if [ -z "$bin" ]; then
+  cargo build --release --quiet --bin omnibox
+  bin=${CARGO_TARGET_DIR:-target}/release/omnibox
+fi
+export OMNIBOX_DATABASE_URL=$url
+"$bin" migrate -q
+input=$(mktemp /tmp/omnibox-wal-bench.XXXX.jsonl)
+python3 - "$events" "$keys" > "$input" <<'PY'
+import json, sys
+n, keys = int(sys.argv[1]), int(sys.argv[2])
+for i in range(n):
+    key = f"k{i % keys}" if keys else f"k{i}"
+    print(json.dumps({"aggregate_type": "order", "aggregate_id": "0190f1d2-7a3b-7cde-8f00-123456789abc",
+                      "event_type": "order.created", "topic": "orders", "partition_key": key,
+                      "payload": {"n": i, "note": "x" * 100}}))
+PY
+psqlq() { psql "$url" -qAtX -c "$1"; }
+echo "machine: $(nproc) cores, $(date -u +%FT%TZ); $events rows, keys ${keys/#0/unique}, conn $conn, batch 1000, null sink"
+for round in $(seq "$rounds"); do
+  for source in poll wal; do
+    psqlq "TRUNCATE outbox_events" >/dev/null
+    psqlq "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots" >/dev/null
+    "$bin" publish --source "$source" --broker null --batch 1000 -q 2>/tmp/omnibox-wal-bench-relay.log &
+    relay=$!
+    # The relay is up (and the WAL relay's slot held) before the clock starts.
+    for _ in $(seq 100); do
+      if [ "$source" = poll ] || [ "$(psqlq "SELECT count(*) FROM pg_replication_slots WHERE active")" = 1 ]; then break; fi
+      sleep 0.1
+    done
+    sleep 0.5
+    start=$(date +%s.%N)
+    "$bin" enqueue -q --jsonl "$input"
+    while [ "$(psqlq "SELECT count(*) FROM outbox_events WHERE status = 'completed'")" != "$events" ]; do
+      sleep 0.05
+    done
+    end=$(date +%s.%N)
+    kill -TERM $relay; wait $relay || true
+    python3 -c "import sys; s,e,n=float(sys.argv[1]),float(sys.argv[2]),int(sys.argv[3]); print(f'round $round  $source: {n/(e-s):>8.0f} events/s ({e-s:.2f} s)')" "$start" "$end" "$events"
+  done
+done
+rm -f "$input"
