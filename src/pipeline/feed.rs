@@ -18,7 +18,7 @@
 //! feed, holds what is still to do, so a position confirmed too early could
 //! only delay a row until a scan finds it, never lose it.
 
-use std::collections::{BTreeMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -115,15 +115,23 @@ impl KeyFeed {
         }
         s.pushed += rows.len() as u64;
         let mut entries: Vec<Entry> = Vec::new();
+        let mut at: HashMap<(String, String), usize> = HashMap::with_capacity(rows.len());
         for r in rows {
             let key = (r.topic, r.partition_key);
-            match entries.iter_mut().find(|e| e.key == key) {
-                Some(e) => e.ids.push(r.id),
-                None => entries.push(Entry {
-                    key,
-                    ids: vec![r.id],
-                    lsn,
-                }),
+            match at.get(&key) {
+                Some(&i) => {
+                    if let Some(e) = entries.get_mut(i) {
+                        e.ids.push(r.id);
+                    }
+                }
+                None => {
+                    at.insert(key.clone(), entries.len());
+                    entries.push(Entry {
+                        key,
+                        ids: vec![r.id],
+                        lsn,
+                    });
+                }
             }
         }
         *s.open.entry(lsn).or_default() += entries.len();
@@ -171,16 +179,21 @@ impl KeyFeed {
         let _ = tokio::time::timeout(max.min(due), self.notify.notified()).await;
     }
 
-    /// The next claim's keys: whole entries in order while their rows fit
+    /// What the next claim does: a scan when one is due (every
+    /// `scan_every`, and at once while scans find rows and no keys wait),
+    /// else the waiting keys: whole entries in order while their rows fit
     /// in `limit` (at least one entry).
     pub(crate) fn take(self: &Arc<Self>, limit: u32) -> Take {
         let mut s = lock(&self.state);
+        let now = Instant::now();
+        // A scan when one is due, even while keys wait: retries and rows
+        // scheduled for later are found by scans only, so a busy stream
+        // must not starve them.
+        if s.next_scan <= now || (s.queue.is_empty() && s.scanning) {
+            s.next_scan = now + self.scan_every;
+            return Take::Scan;
+        }
         if s.queue.is_empty() {
-            let now = Instant::now();
-            if s.scanning || s.next_scan <= now {
-                s.next_scan = now + self.scan_every;
-                return Take::Scan;
-            }
             return Take::Nothing;
         }
         let mut taken = Vec::new();
@@ -350,6 +363,8 @@ mod tests {
     #[test]
     fn an_idle_position_waits_for_open_transactions() {
         let feed = KeyFeed::new(Duration::from_secs(3600), 0);
+        assert!(matches!(feed.take(1), Take::Scan), "the first claim scans");
+        feed.scanned(false);
         feed.push(5, vec![row("t", "a")]);
         feed.idle_at(9);
         assert_eq!(*feed.acked().borrow(), 0);
@@ -361,6 +376,8 @@ mod tests {
     #[test]
     fn a_full_claim_gives_back_keys_with_rows_left() {
         let feed = KeyFeed::new(Duration::from_secs(3600), 0);
+        assert!(matches!(feed.take(1), Take::Scan), "the first claim scans");
+        feed.scanned(false);
         let a = row("t", "a");
         let b = row("t", "b");
         feed.push(5, vec![a.clone(), b.clone()]);
@@ -374,6 +391,36 @@ mod tests {
         r.claimed(&HashSet::new(), false);
         drop(r);
         assert_eq!(*feed.acked().borrow(), 5);
+    }
+
+    #[test]
+    fn a_due_scan_goes_before_waiting_keys() {
+        let feed = KeyFeed::new(Duration::from_millis(30), 0);
+        assert!(matches!(feed.take(1), Take::Scan));
+        feed.scanned(false);
+        feed.push(5, vec![row("t", "a"), row("t", "b")]);
+        let (_, r) = keys(feed.take(1));
+        drop(r);
+        std::thread::sleep(Duration::from_millis(40));
+        assert!(matches!(feed.take(1), Take::Scan), "due: before the keys");
+        feed.scanned(true);
+        let (k, r) = keys(feed.take(1));
+        assert_eq!(k, vec![("t".to_string(), "b".to_string())], "then the keys");
+        drop(r);
+        assert!(
+            matches!(feed.take(1), Take::Scan),
+            "no keys, scans finding rows"
+        );
+    }
+
+    #[test]
+    fn a_large_transaction_is_pushed_at_once() {
+        let feed = KeyFeed::new(Duration::from_secs(3600), 0);
+        let rows: Vec<FedRow> = (0..200_000)
+            .map(|i| row("t", &format!("k{}", i % 100_000)))
+            .collect();
+        feed.push(1, rows);
+        assert_eq!(feed.waiting(), 100_000, "one entry per key");
     }
 
     #[test]
