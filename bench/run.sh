@@ -7,6 +7,7 @@
 #   bench/run.sh inbox [--events N] [--batch B] [--source memory|file|kafka] [--exec CMD]
 #   bench/run.sh ops [--events 10000000]
 #   bench/run.sh publish [--events N] [--backlog M] [--relays R] [--batch B] [--keys K] [--sink null|kafka] [--otlp] [--ceiling]
+#   bench/run.sh latency [--rate 1000] [--seconds 20] [--relay-source poll|wal]
 #   any of them ... [--conn plain|tls|tls-latency] [--latency-ms 0.5]
 #
 # OMNIBOX_BENCH_DATABASE_URL selects the server (e.g. the peer's
@@ -32,7 +33,9 @@ cleanup() {
 }
 trap cleanup EXIT INT TERM
 if [ -z "${OMNIBOX_BENCH_DATABASE_URL:-}" ]; then
-  eval "$(scripts/postgres.sh start --port 54330 --durable --tls-optional)"
+  logical=""
+  if [[ " $* " == *" --relay-source wal "* ]]; then logical=--logical; fi
+  eval "$(scripts/postgres.sh start --port 54330 --durable --tls-optional $logical)"
   started=1
   OMNIBOX_BENCH_DATABASE_URL=$OMNIBOX_TEST_DATABASE_URL
 fi

@@ -150,6 +150,11 @@ struct Args {
     /// to an OTLP/HTTP receiver in this harness (a labelled variant)
     #[arg(long)]
     otlp: bool,
+    /// latency: how the relay finds new rows, `poll` or `wal` (`publish
+    /// --source wal`; bench/run.sh then starts its server with wal_level =
+    /// logical)
+    #[arg(long, default_value = "poll", value_parser = ["poll", "wal"])]
+    relay_source: String,
     /// latency, soak: events inserted per second
     #[arg(long, default_value_t = 1000)]
     rate: u64,

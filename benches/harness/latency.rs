@@ -57,9 +57,12 @@ pub fn latency(args: &Args, conn: &Conn) {
         .unwrap();
     let rate = args.rate.max(1);
     let seconds = args.seconds.max(1);
+    let wal = args.relay_source == "wal";
     let command = format!(
-        "bench/run.sh latency --rate {rate} --seconds {seconds} --batch {} --conn {}",
-        args.batch, args.conn
+        "bench/run.sh latency --rate {rate} --seconds {seconds} --batch {} --conn {}{}",
+        args.batch,
+        args.conn,
+        if wal { " --relay-source wal" } else { "" }
     );
     let mut results = std::fs::OpenOptions::new()
         .create(true)
@@ -85,7 +88,8 @@ pub fn latency(args: &Args, conn: &Conn) {
             }
             store
         });
-        // The relay, as users run it: watch mode, notifications, null sink.
+        // The relay, as users run it: watch mode, notifications (or the
+        // write-ahead log, a slot of the round's own), null sink.
         let mut relay = Command::new(bin())
             .args([
                 "publish",
@@ -94,14 +98,45 @@ pub fn latency(args: &Args, conn: &Conn) {
                 "--batch",
                 &args.batch.to_string(),
             ])
+            .args(if wal {
+                vec![
+                    "--source",
+                    "wal",
+                    "--slot",
+                    &schema,
+                    "--publication",
+                    &schema,
+                ]
+            } else {
+                Vec::new()
+            })
             .env("OMNIBOX_DATABASE_URL", relay_url)
             .env("OMNIBOX_DATABASE_SCHEMA", &schema)
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
             .expect("start the relay");
-        // Let it connect and LISTEN before the first insert.
+        // Let it connect and LISTEN (or hold its slot) before the first
+        // insert.
         std::thread::sleep(Duration::from_secs(1));
+        if wal {
+            rt.block_on(async {
+                for _ in 0..100 {
+                    let active: Option<bool> = sqlx::query_scalar(
+                        "SELECT active FROM pg_replication_slots WHERE slot_name = $1",
+                    )
+                    .bind(&schema)
+                    .fetch_optional(store.pool())
+                    .await
+                    .unwrap();
+                    if active == Some(true) {
+                        return;
+                    }
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                panic!("the WAL relay did not hold its slot within 10 s");
+            });
+        }
 
         let inserted = Arc::new(AtomicU64::new(0));
         let (insert_times, elapsed) = rt.block_on(async {
@@ -176,6 +211,19 @@ pub fn latency(args: &Args, conn: &Conn) {
             .args(["-TERM", &relay.id().to_string()])
             .status();
         let _ = relay.wait();
+        if wal {
+            rt.block_on(async {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                let _ = sqlx::query("SELECT pg_drop_replication_slot($1)")
+                    .bind(&schema)
+                    .execute(store.pool())
+                    .await;
+                let ddl = format!("DROP PUBLICATION IF EXISTS {schema}");
+                let _ = sqlx::query(sqlx::AssertSqlSafe(ddl))
+                    .execute(store.pool())
+                    .await;
+            });
+        }
         let stats: Vec<f64> = rt.block_on(async {
             let q = |expr: &'static str| {
                 let pool = store.pool().clone();

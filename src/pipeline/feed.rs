@@ -45,11 +45,27 @@ struct Entry {
     ids: Vec<Uuid>,
     /// The transaction's end position.
     lsn: u64,
+    /// Claims that walked the key without handing out all of these rows.
+    tries: u8,
 }
+
+/// How long a claim that did not hand out a fed row waits before walking
+/// its key again, by try: the stream can deliver a commit a moment before
+/// the transaction is visible to other sessions (the walsender reads the
+/// flushed WAL; the committing backend then publishes its commit), and a
+/// key's earlier row may be about to be written. After the last, the row
+/// is left to the scans.
+const PARK: [Duration; 3] = [
+    Duration::from_millis(2),
+    Duration::from_millis(10),
+    Duration::from_millis(50),
+];
 
 #[derive(Debug)]
 struct State {
     queue: VecDeque<Entry>,
+    /// Entries a claim did not hand out all of, with when to walk them again.
+    parked: Vec<(Instant, Entry)>,
     /// Per transaction end position, its entries not yet settled.
     open: BTreeMap<u64, usize>,
     /// The highest position pushed or reported idle.
@@ -88,6 +104,7 @@ impl KeyFeed {
         Arc::new(KeyFeed {
             state: Mutex::new(State {
                 queue: VecDeque::new(),
+                parked: Vec::new(),
                 open: BTreeMap::new(),
                 seen: start,
                 // The first claim scans: rows written before the source
@@ -130,6 +147,7 @@ impl KeyFeed {
                         key,
                         ids: vec![r.id],
                         lsn,
+                        tries: 0,
                     });
                 }
             }
@@ -174,7 +192,14 @@ impl KeyFeed {
             if !s.queue.is_empty() {
                 return;
             }
-            s.next_scan.saturating_duration_since(Instant::now())
+            let now = Instant::now();
+            s.parked
+                .iter()
+                .map(|(at, _)| *at)
+                .chain([s.next_scan])
+                .min()
+                .unwrap_or(s.next_scan)
+                .saturating_duration_since(now)
         };
         let _ = tokio::time::timeout(max.min(due), self.notify.notified()).await;
     }
@@ -186,6 +211,15 @@ impl KeyFeed {
     pub(crate) fn take(self: &Arc<Self>, limit: u32) -> Take {
         let mut s = lock(&self.state);
         let now = Instant::now();
+        if s.parked.iter().any(|(at, _)| *at <= now) {
+            let (due, later): (Vec<_>, Vec<_>) = std::mem::take(&mut s.parked)
+                .into_iter()
+                .partition(|(at, _)| *at <= now);
+            s.parked = later;
+            for (_, e) in due.into_iter().rev() {
+                s.queue.push_front(e);
+            }
+        }
         // A scan when one is due, even while keys wait: retries and rows
         // scheduled for later are found by scans only, so a busy stream
         // must not starve them.
@@ -239,6 +273,27 @@ impl KeyFeed {
         self.recompute();
     }
 
+    /// Entries a claim that was not full did not hand out all of: walked
+    /// again after a short wait (`PARK`), then left to the scans.
+    fn park(&self, entries: Vec<Entry>) {
+        let mut given_up = Vec::new();
+        {
+            let mut s = lock(&self.state);
+            let now = Instant::now();
+            for mut e in entries {
+                match PARK.get(usize::from(e.tries)) {
+                    Some(wait) => {
+                        e.tries += 1;
+                        s.parked.push((now + *wait, e));
+                    }
+                    None => given_up.push(e),
+                }
+            }
+        }
+        self.settle(&given_up);
+        self.notify.notify_one();
+    }
+
     /// Puts entries back at the front of the queue, in their order.
     fn requeue(&self, entries: Vec<Entry>) {
         {
@@ -283,20 +338,21 @@ pub(crate) struct Receipt {
 }
 
 impl Receipt {
-    /// The claim handed out `ids`. When it was full (`full`: as many rows
-    /// as it could take), entries with rows it did not hand out go back to
-    /// the queue: their keys have more to give. (When it was not full,
-    /// rows not handed out are held, and a scan finds them once free.)
+    /// The claim handed out `ids`. Entries with rows it did not hand out go
+    /// back to the queue when it was full (`full`: as many rows as it could
+    /// take; their keys have more to give), or are parked when it was not
+    /// (the rows were not visible yet, or are held: walked again shortly,
+    /// then left to the scans).
     pub(crate) fn claimed(&mut self, ids: &HashSet<Uuid>, full: bool) {
-        if !full {
-            return;
-        }
         let (back, keep): (Vec<Entry>, Vec<Entry>) = std::mem::take(&mut self.entries)
             .into_iter()
             .partition(|e| e.ids.iter().any(|id| !ids.contains(id)));
         self.entries = keep;
-        if !back.is_empty() {
+        if back.is_empty() {
+        } else if full {
             self.feed.requeue(back);
+        } else {
+            self.feed.park(back);
         }
     }
 }
@@ -390,7 +446,16 @@ mod tests {
         assert_eq!(k, vec![("t".to_string(), "b".to_string())]);
         r.claimed(&HashSet::new(), false);
         drop(r);
-        assert_eq!(*feed.acked().borrow(), 5);
+        assert_eq!(*feed.acked().borrow(), 0, "parked: walked again shortly");
+        assert!(matches!(feed.take(10), Take::Nothing), "not at once");
+        for _ in 0..PARK.len() {
+            std::thread::sleep(Duration::from_millis(60));
+            let (k, mut r) = keys(feed.take(10));
+            assert_eq!(k, vec![("t".to_string(), "b".to_string())]);
+            r.claimed(&HashSet::new(), false);
+        }
+        assert_eq!(*feed.acked().borrow(), 5, "then left to the scans");
+        assert!(matches!(feed.take(10), Take::Nothing));
     }
 
     #[test]

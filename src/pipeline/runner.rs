@@ -364,6 +364,20 @@ where
                         claim_errors = 0;
                         wait_for_flight = true;
                     }
+                    // A fed processor (the WAL relay) with nothing to walk
+                    // and no scan due, or a scan that found nothing: idle
+                    // until keys are pushed or the next scan is due (the
+                    // feed's wake-up). Asking whether rows are claimable
+                    // would see rows the stream has not delivered yet, and
+                    // back off past their arrival.
+                    Ok(NextBatch::Empty {
+                        contended: false,
+                        more: false,
+                    }) if processor.feed.is_some() && options.mode == RunMode::Watch => {
+                        claim_errors = 0;
+                        contended_since = None;
+                        idling = true;
+                    }
                     // Every row the claim examined was held: go on scanning
                     // at once, unless (Once) nothing claimable is left
                     // anywhere, which is cheaper to ask than to scan the
