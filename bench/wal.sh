@@ -7,6 +7,14 @@
 # alternate poll, wal, poll, wal.
 #
 #   bench/wal.sh [--events N] [--rounds R] [--keys K] [--conn plain|tls]
+#   bench/wal.sh --writes [--events N]
+#
+# --writes times the server's share alone (psql, no relay): N rows inserted,
+# then half of them taken in batches of 1,000 the way a claim does today
+# (a lease written, then the completion: two updates per row), the other
+# half held by row locks and completed in the same transaction (one update
+# per row), which is what a relay holding its rows in an open transaction
+# would cost.
 #
 # A private PostgreSQL 15 is started with PostgreSQL's default durability
 # (fsync on) and wal_level = logical, offering TLS without requiring it
@@ -20,12 +28,14 @@ events=100000
 rounds=2
 keys=0
 conn=plain
+writes=0
 while [ $# -gt 0 ]; do
   case "$1" in
     --events) events=$2; shift 2 ;;
     --rounds) rounds=$2; shift 2 ;;
     --keys) keys=$2; shift 2 ;;
     --conn) conn=$2; shift 2 ;;
+    --writes) writes=1; shift ;;
     *) echo "unknown argument $1" >&2; exit 2 ;;
   esac
 done
@@ -53,6 +63,32 @@ for i in range(n):
                       "payload": {"n": i, "note": "x" * 100}}))
 PY
 psqlq() { psql "$url" -qAtX -c "$1"; }
+if [ "$writes" = 1 ]; then
+  "$bin" enqueue -q --jsonl "$input"
+  half=$((events / 2000))
+  echo "machine: $(nproc) cores, $(date -u +%FT%TZ); server only, $((half * 1000)) rows each, batches of 1000"
+  psql "$url" -qAtX <<SQL
+\\timing on
+\\echo lease then completion (two updates per row):
+DO \$\$ DECLARE ids uuid[]; BEGIN
+FOR i IN 1..$half LOOP
+  SELECT array_agg(id) INTO ids FROM (SELECT id FROM outbox_events WHERE status = 'pending' AND locked_at IS NULL ORDER BY seq LIMIT 1000) s;
+  UPDATE outbox_events SET locked_at = now(), locked_by = 'w', locked_until = now() + interval '5 min', updated_at = now() WHERE id = ANY(ids);
+  UPDATE outbox_events SET status = 'completed', completed_at = now(), locked_at = NULL, locked_by = NULL, locked_until = NULL,
+         attempts_made = attempts_made + 1, updated_at = now() WHERE id = ANY(ids);
+  COMMIT;
+END LOOP; END \$\$;
+\\echo row locks then completion (one update per row):
+DO \$\$ DECLARE ids uuid[]; BEGIN
+FOR i IN 1..$half LOOP
+  SELECT array_agg(id) INTO ids FROM (SELECT id FROM outbox_events WHERE status = 'pending' AND locked_at IS NULL ORDER BY seq LIMIT 1000 FOR UPDATE) s;
+  UPDATE outbox_events SET status = 'completed', completed_at = now(), attempts_made = attempts_made + 1, updated_at = now() WHERE id = ANY(ids);
+  COMMIT;
+END LOOP; END \$\$;
+SQL
+  rm -f "$input"
+  exit 0
+fi
 echo "machine: $(nproc) cores, $(date -u +%FT%TZ); $events rows, keys ${keys/#0/unique}, conn $conn, batch 1000, null sink"
 for round in $(seq "$rounds"); do
   for source in poll wal; do
