@@ -9,6 +9,11 @@
 #   bench/wal.sh [--events N] [--rounds R] [--keys K] [--conn plain|tls]
 #   bench/wal.sh --writes [--events N]
 #
+# With OMNIBOX_REFERENCE_DIR set (see bench/compare.sh), the Python
+# reference's own publish benchmark (omni-box 0.3.1: a backlog of N rows
+# drained by one worker, batch 1000; its procedure, which runs VACUUM
+# ANALYZE before timing) follows on the same server, plain connection.
+#
 # --writes times the server's share alone (psql, no relay): N rows inserted,
 # then half of them taken in batches of 1,000 the way a claim does today
 # (a lease written, then the completion: two updates per row), the other
@@ -113,3 +118,12 @@ for round in $(seq "$rounds"); do
   done
 done
 rm -f "$input"
+if [ -n "${OMNIBOX_REFERENCE_DIR:-}" ]; then
+  ref=$OMNIBOX_REFERENCE_DIR
+  dsn="postgresql+asyncpg://$(printf '%s' "${OMNIBOX_TEST_DATABASE_URL%%\?*}" | sed -e 's|^[a-z]*://||')?ssl=disable"
+  echo "reference: omni-box 0.3.1, its outbox_publish benchmark (backlog of $events rows, batch 1000, 1 worker)"
+  for round in $(seq "$rounds"); do
+    PEER_DSN=$dsn "$ref/py" "$ref/bench_python_peer.py" --scenario outbox_publish --events "$events" \
+      --batch-sizes 1000 --workers 1 2>&1 | grep -iE "events/s|throughput|publish" | sed "s/^/round $round  reference: /"
+  done
+fi
