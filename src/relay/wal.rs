@@ -63,13 +63,7 @@ impl Default for WalOptions {
 /// (lowercase letters, digits and `_`, at most 63), which also makes it a
 /// plain identifier.
 pub fn check_name(what: &str, name: &str) -> Result<()> {
-    let ok = !name.is_empty()
-        && name.len() <= 63
-        && name.starts_with(|c: char| c.is_ascii_lowercase() || c == '_')
-        && name
-            .chars()
-            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
-    if ok {
+    if crate::store::postgres::is_plain_identifier(name) {
         Ok(())
     } else {
         Err(Error::Config(format!(
@@ -596,6 +590,27 @@ mod tests {
         }
     }
 
+    /// A pgoutput Relation message for `schema.outbox_events` (OID 16384)
+    /// with the three columns the relay reads, as text.
+    fn outbox_relation(schema: &str) -> Vec<u8> {
+        let mut m = vec![b'R'];
+        m.extend(16384u32.to_be_bytes());
+        for name in [schema, "outbox_events"] {
+            m.extend(name.as_bytes());
+            m.push(0);
+        }
+        m.push(b'd');
+        m.extend(3u16.to_be_bytes());
+        for name in ["id", "topic", "partition_key"] {
+            m.push(0);
+            m.extend(name.as_bytes());
+            m.push(0);
+            m.extend(25u32.to_be_bytes());
+            m.extend((-1i32).to_be_bytes());
+        }
+        m
+    }
+
     /// The stream is outside input: whatever bytes arrive, decoding
     /// answers a row, nothing or an error, and never panics. Seeded
     /// (`OMNIBOX_WAL_FUZZ_SEED` replays one seed, `OMNIBOX_WAL_FUZZ_CASES`
@@ -613,18 +628,7 @@ mod tests {
         let mut rng = fastrand::Rng::with_seed(seed);
         // A valid Relation for the outbox first, so inserts reach the row
         // decoding, then messages of every type with random bodies.
-        let mut relation = vec![b'R'];
-        relation.extend(16384u32.to_be_bytes());
-        relation.extend(b"public\0outbox_events\0");
-        relation.push(b'd');
-        relation.extend(3u16.to_be_bytes());
-        for name in ["id", "topic", "partition_key"] {
-            relation.push(0);
-            relation.extend(name.as_bytes());
-            relation.push(0);
-            relation.extend(25u32.to_be_bytes());
-            relation.extend((-1i32).to_be_bytes());
-        }
+        let relation = outbox_relation("public");
         for case in 0..cases {
             let mut decoder = PgOutputDecoder::with_protocol_version(1);
             let _ = decode(
@@ -654,20 +658,14 @@ mod tests {
     #[test]
     fn a_well_formed_insert_is_read() {
         let mut decoder = PgOutputDecoder::with_protocol_version(1);
-        let mut relation = vec![b'R'];
-        relation.extend(16384u32.to_be_bytes());
-        relation.extend(b"s1\0outbox_events\0");
-        relation.push(b'd');
-        relation.extend(3u16.to_be_bytes());
-        for name in ["id", "topic", "partition_key"] {
-            relation.push(0);
-            relation.extend(name.as_bytes());
-            relation.push(0);
-            relation.extend(25u32.to_be_bytes());
-            relation.extend((-1i32).to_be_bytes());
-        }
         assert_eq!(
-            decode(&mut decoder, bytes::Bytes::from(relation), 1, "s1").unwrap(),
+            decode(
+                &mut decoder,
+                bytes::Bytes::from(outbox_relation("s1")),
+                1,
+                "s1"
+            )
+            .unwrap(),
             None
         );
         let id = Uuid::now_v7().to_string();

@@ -399,15 +399,21 @@ const CAPABILITIES: super::Capabilities = super::Capabilities {
     notify: true,
 };
 
+/// A plain PostgreSQL identifier: lowercase letters, digits and `_`, at
+/// most 63, not starting with a digit (safe to interpolate into DDL, and
+/// PostgreSQL's own rule for replication slot names).
+pub(crate) fn is_plain_identifier(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 63
+        && name.starts_with(|c: char| c.is_ascii_lowercase() || c == '_')
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+}
+
 /// Schema names are interpolated into DDL, so only plain identifiers pass.
 fn check_schema_name(schema: &str) -> Result<()> {
-    let ok = !schema.is_empty()
-        && schema.len() <= 63
-        && schema.starts_with(|c: char| c.is_ascii_lowercase() || c == '_')
-        && schema
-            .chars()
-            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
-    if !ok {
+    if !is_plain_identifier(schema) {
         return Err(Error::Config(format!(
             "invalid schema name {schema:?}: use lowercase letters, digits and _ (at most 63, not starting with a digit)"
         )));
