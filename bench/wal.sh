@@ -6,7 +6,7 @@
 # completed, whole process, polled with psql every 50 ms. Rounds
 # alternate poll, wal, poll, wal.
 #
-#   bench/wal.sh [--events N] [--rounds R] [--keys K] [--conn plain|tls]
+#   bench/wal.sh [--events N] [--rounds R] [--keys K] [--conn plain|tls] [--sink null|kafka]
 #   bench/wal.sh --writes [--events N]
 #
 # With OMNIBOX_REFERENCE_DIR set (see bench/compare.sh), the Python
@@ -21,6 +21,10 @@
 # per row), which is what a relay holding its rows in an open transaction
 # would cost.
 #
+# --sink kafka publishes to a 4-partition topic on a tansu started here
+# (scripts/kafka.sh, port 19096; the topic is created by the bench harness);
+# compare with the broker's own rate: bench/run.sh produce --sink kafka.
+#
 # A private PostgreSQL 15 is started with PostgreSQL's default durability
 # (fsync on) and wal_level = logical, offering TLS without requiring it
 # (--conn tls: the URL as users write it, without sslmode), on port 54331;
@@ -33,6 +37,7 @@ events=100000
 rounds=2
 keys=0
 conn=plain
+sink=null
 writes=0
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -41,11 +46,16 @@ while [ $# -gt 0 ]; do
     --keys) keys=$2; shift 2 ;;
     --conn) conn=$2; shift 2 ;;
     --writes) writes=1; shift ;;
+    --sink) sink=$2; shift 2 ;;
     *) echo "unknown argument $1" >&2; exit 2 ;;
   esac
 done
 port=54331
-cleanup() { scripts/postgres.sh stop --port $port >/dev/null 2>&1 || true; }
+kafka_started=0
+cleanup() {
+  scripts/postgres.sh stop --port $port >/dev/null 2>&1 || true
+  if [ "$kafka_started" = 1 ]; then scripts/kafka.sh stop --port 19096 >/dev/null 2>&1 || true; fi
+}
 trap cleanup EXIT INT TERM
 eval "$(scripts/postgres.sh start --port $port --durable --tls-optional --logical)"
 url=$OMNIBOX_TEST_DATABASE_URL
@@ -57,6 +67,14 @@ if [ -z "$bin" ]; then
 fi
 export OMNIBOX_DATABASE_URL=$url
 "$bin" migrate -q
+broker=null
+if [ "$sink" = kafka ]; then
+  eval "$(scripts/kafka.sh start --port 19096)"
+  kafka_started=1
+  OMNIBOX_BENCH_BROKERS=$OMNIBOX_TEST_BROKERS OMNIBOX_BENCH_TOPIC=orders OMNIBOX_BENCH_DATABASE_URL=$url \
+    cargo bench --quiet --bench harness -- topic
+  broker="kafka://$OMNIBOX_TEST_BROKERS"
+fi
 input=$(mktemp /tmp/omnibox-wal-bench.XXXX.jsonl)
 python3 - "$events" "$keys" > "$input" <<'PY'
 import json, sys
@@ -94,12 +112,12 @@ SQL
   rm -f "$input"
   exit 0
 fi
-echo "machine: $(nproc) cores, $(date -u +%FT%TZ); $events rows, keys ${keys/#0/unique}, conn $conn, batch 1000, null sink"
+echo "machine: $(nproc) cores, $(date -u +%FT%TZ); $events rows, keys ${keys/#0/unique}, conn $conn, batch 1000, $sink sink"
 for round in $(seq "$rounds"); do
   for source in poll wal; do
     psqlq "TRUNCATE outbox_events" >/dev/null
     psqlq "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots" >/dev/null
-    "$bin" publish --source "$source" --broker null --batch 1000 -q 2>/tmp/omnibox-wal-bench-relay.log &
+    "$bin" publish --source "$source" --broker "$broker" --batch 1000 -q 2>/tmp/omnibox-wal-bench-relay.log &
     relay=$!
     # The relay is up (and the WAL relay's slot held) before the clock starts.
     for _ in $(seq 100); do

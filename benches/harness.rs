@@ -93,7 +93,7 @@ mod proxy;
 #[command(about = "omnibox benchmark harness")]
 struct Args {
     /// Scenario to run
-    #[arg(value_parser = ["enqueue", "publish", "produce", "inbox", "ops", "proxy", "latency", "soak", "memory"])]
+    #[arg(value_parser = ["enqueue", "publish", "produce", "inbox", "ops", "proxy", "latency", "soak", "memory", "topic"])]
     scenario: String,
     /// Events per round
     #[arg(long, default_value_t = 20_000)]
@@ -199,6 +199,15 @@ fn main() {
         "enqueue" => enqueue(&args, &conn),
         "publish" => publish(&args, &conn),
         "produce" => produce(&args, &conn),
+        // A 4-partition topic named by OMNIBOX_BENCH_TOPIC on
+        // OMNIBOX_BENCH_BROKERS (bench/wal.sh --sink kafka).
+        "topic" => {
+            let brokers = std::env::var("OMNIBOX_BENCH_BROKERS").expect("OMNIBOX_BENCH_BROKERS");
+            let topic = std::env::var("OMNIBOX_BENCH_TOPIC").expect("OMNIBOX_BENCH_TOPIC");
+            tokio::runtime::Runtime::new()
+                .unwrap()
+                .block_on(create_topic(&brokers, &topic));
+        }
         "inbox" => inbox(&args, &conn),
         "ops" => ops(&args, &conn),
         "latency" => latency::latency(&args, &conn),
