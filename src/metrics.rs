@@ -81,6 +81,14 @@ pub struct Metrics {
     /// Time one handler took on one event, seconds (inbox consumer and
     /// inbox processor).
     pub handler_duration: Family<EventLabels, Histogram>,
+    /// WAL relay: outbox rows the replication stream reported inserted.
+    pub wal_rows: Counter,
+    /// WAL relay: keys reported and not yet walked by a claim.
+    pub wal_keys_waiting: Gauge,
+    /// WAL relay: the position confirmed to the slot, as a number (its
+    /// rate is the WAL confirmed per second; the server's
+    /// `pg_current_wal_lsn()` less it is the lag in bytes).
+    pub wal_confirmed_lsn: Gauge<f64, std::sync::atomic::AtomicU64>,
 }
 
 /// Labels of [`Metrics::counters`].
@@ -126,6 +134,24 @@ impl Metrics {
             "locked_batch_size",
             "Rows of the last batch written (the rows its claim locked)",
             locked_batch_size.clone(),
+        );
+        let wal_rows = Counter::default();
+        let wal_keys_waiting = Gauge::default();
+        let wal_confirmed_lsn = Gauge::<f64, std::sync::atomic::AtomicU64>::default();
+        registry.register(
+            "wal_rows",
+            "Outbox rows the replication stream reported inserted (publish --source wal)",
+            wal_rows.clone(),
+        );
+        registry.register(
+            "wal_keys_waiting",
+            "Keys the replication stream reported that no claim has walked yet (publish --source wal)",
+            wal_keys_waiting.clone(),
+        );
+        registry.register(
+            "wal_confirmed_lsn",
+            "The position confirmed to the replication slot, as a number (publish --source wal)",
+            wal_confirmed_lsn.clone(),
         );
         registry.register(
             "handler_duration_seconds",
@@ -204,6 +230,9 @@ impl Metrics {
             dead_letters_open,
             locked_batch_size,
             handler_duration,
+            wal_rows,
+            wal_keys_waiting,
+            wal_confirmed_lsn,
         }
     }
 

@@ -257,7 +257,13 @@ async fn the_wal_relay_streams_resumes_and_refuses_a_second_reader() {
 
     // Rows from before the slot: the relay's first scan sends them.
     let mut events = insert(&db, &topic, 1, 20, 5).await;
-    let relay = spawn_relay(&db, d, &brokers, &[], "first.log");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let addr = format!("127.0.0.1:{port}");
+    let relay = spawn_relay(&db, d, &brokers, &["--metrics-addr", &addr], "first.log");
     wait_for(d, "the slot held", Duration::from_secs(30), || {
         wal.slot_active()
     })
@@ -307,6 +313,28 @@ async fn the_wal_relay_streams_resumes_and_refuses_a_second_reader() {
         wal.confirmed_past(&lsn)
     })
     .await;
+    // The stream's metrics: the 200 rows inserted after the slot (the 20
+    // from before it went out through a scan), nothing left waiting.
+    let scrape = || async {
+        reqwest::get(format!("http://{addr}/metrics"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    };
+    wait_for(
+        d,
+        "the stream's metrics",
+        Duration::from_secs(10),
+        || async {
+            let text = scrape().await;
+            text.contains("omnibox_wal_rows_total 200")
+                && text.contains("omnibox_wal_keys_waiting 0")
+        },
+    )
+    .await;
+    assert!(scrape().await.contains("omnibox_wal_confirmed_lsn "));
     assert_eq!(relay.stop(), 0, "{}", log(d, "first.log"));
 
     // The standby takes the same slot over: nothing re-sent, new rows

@@ -291,6 +291,19 @@ pub async fn run_publish(args: PublishArgs, ctx: &Context) -> Result<ExitStatus>
         });
         shutdown = super::signals::either(shutdown, failed_rx);
         wal_stream = Some(task);
+        // The stream's metrics, sampled every second.
+        let (m, f) = (metrics.clone(), feed.clone());
+        tokio::spawn(async move {
+            let mut counted = 0;
+            loop {
+                let pushed = f.pushed();
+                m.wal_rows.inc_by(pushed.saturating_sub(counted));
+                counted = pushed;
+                m.wal_keys_waiting.set(f.waiting() as i64);
+                m.wal_confirmed_lsn.set(*f.acked().borrow() as f64);
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        });
         RelayWakeup::Feed(feed)
     } else {
         RelayWakeup::Store(store.wakeup(Table::Outbox).await?)
