@@ -766,3 +766,77 @@ async fn the_wal_relay_goes_on_after_a_postgresql_restart() {
     let c = outbox.counts().await.unwrap();
     assert_eq!((c.pending, c.failed, c.locked), (0, 0, 0));
 }
+
+/// A user without the REPLICATION attribute (`omnibox_cert`, which
+/// scripts/postgres.sh creates as a member of `omnibox`: it has the
+/// tables' privileges, but REPLICATION is not inherited), on a slot and
+/// publication that exist: the relay says at once that the server refused
+/// its replication connection and what to do (exit 2), instead of retrying
+/// for ever while it only scans.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_wal_relay_says_when_the_server_refuses_replication() {
+    let Some(db) = common::postgres().await else {
+        return;
+    };
+    let wal = Wal::new(&db).await;
+    let name = wal.name.clone();
+    let role = "omnibox_cert";
+    let exists: bool = sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = $1 AND NOT rolreplication)",
+    )
+    .bind(role)
+    .fetch_one(&wal.pool)
+    .await
+    .unwrap();
+    if !exists {
+        assert!(!common::under_ci(), "scripts/postgres.sh creates {role}");
+        eprintln!("SKIPPED: no role {role} (scripts/postgres.sh creates it)");
+        return;
+    }
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "CREATE PUBLICATION {name} FOR TABLE {name}.outbox_events WITH (publish = 'insert')"
+    )))
+    .execute(&wal.pool)
+    .await
+    .unwrap();
+    sqlx::query("SELECT pg_create_logical_replication_slot($1, 'pgoutput')")
+        .bind(&name)
+        .execute(&wal.pool)
+        .await
+        .unwrap();
+    let url = db.url.replacen("omnibox:omnibox@", &format!("{role}@"), 1);
+    assert_ne!(url, db.url, "the test URL names the omnibox user");
+    let dir = tempfile::tempdir().unwrap();
+    let started = Instant::now();
+    let out = Command::new(env!("CARGO_BIN_EXE_omnibox"))
+        .current_dir(dir.path())
+        .env_clear()
+        .env("OMNIBOX_DATABASE_URL", &url)
+        .env("OMNIBOX_DATABASE_SCHEMA", &name)
+        .args([
+            "publish",
+            "--source",
+            "wal",
+            "--slot",
+            &name,
+            "--publication",
+            &name,
+        ])
+        .args(["--broker", "null"])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("refused the replication connection"), "{err}");
+    assert!(err.contains("REPLICATION attribute"), "{err}");
+    assert_eq!(
+        err.lines()
+            .filter(|l| !l.starts_with("omnibox: ") || l.contains("error"))
+            .count(),
+        1,
+        "one line says it: {err}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(20));
+    wal.drop_all().await;
+}

@@ -499,12 +499,13 @@ fn init_logging(global: &GlobalArgs) {
         .filter(|s| !s.trim().is_empty())
         .and_then(|s| EnvFilter::try_new(s).ok())
         .unwrap_or_else(|| {
-            // librdkafka reports every failed connection attempt, and sqlx
-            // every notice of a server going down and every slow pool wait:
-            // omnibox says what matters itself (once per outage).
-            let kafka = if global.verbose >= 2 { level } else { "off" };
+            // librdkafka reports every failed connection attempt, sqlx
+            // every notice of a server going down and every slow pool wait,
+            // and the replication client every broken stream: omnibox says
+            // what matters itself (once per outage).
+            let quiet = if global.verbose >= 2 { level } else { "off" };
             EnvFilter::new(format!(
-                "{level},sqlx=error,librdkafka={kafka},rdkafka={kafka}"
+                "{level},sqlx=error,librdkafka={quiet},rdkafka={quiet},pgwire_replication={quiet}"
             ))
         });
     let builder = tracing_subscriber::fmt()

@@ -178,24 +178,27 @@ pub async fn prepare(pool: &PgPool, opts: &WalOptions) -> Result<WalStart> {
         .map_err(storage)?;
         match slot {
             None => {
-                let lsn: String = sqlx::query_scalar(
+                let created: std::result::Result<String, sqlx::Error> = sqlx::query_scalar(
                     "SELECT lsn::text FROM pg_create_logical_replication_slot($1, 'pgoutput')",
                 )
                 .bind(&opts.slot)
                 .fetch_one(pool)
-                .await
-                .map_err(|e| match e.as_database_error().and_then(|d| d.code()) {
-                    Some(c) if c == "42710" => Error::Outage(format!(
-                        "the replication slot {} was created by another relay at the same moment; starting again",
-                        opts.slot
-                    )),
-                    _ => Error::Config(format!(
-                        "cannot create the replication slot {}: {} (the user needs the REPLICATION attribute: ALTER ROLE <user> REPLICATION;)",
-                        opts.slot,
-                        crate::redact::text(&e.to_string())
-                    )),
-                })?;
-                break (lsn, true);
+                .await;
+                match created {
+                    Ok(lsn) => break (lsn, true),
+                    // Another relay created it a moment ago: look again
+                    // (it is in use: refused, or waited for).
+                    Err(e)
+                        if e.as_database_error().and_then(|d| d.code()).as_deref()
+                            == Some("42710") => {}
+                    Err(e) => {
+                        return Err(Error::Config(format!(
+                            "cannot create the replication slot {}: {} (the user needs the REPLICATION attribute: ALTER ROLE <user> REPLICATION;)",
+                            opts.slot,
+                            crate::redact::text(&e.to_string())
+                        )));
+                    }
+                }
             }
             Some((plugin, database, active, pid, confirmed)) => {
                 let db: String = sqlx::query_scalar("SELECT current_database()")
@@ -368,6 +371,7 @@ pub async fn stream(
 ) -> Result<()> {
     let mut backoff = Duration::from_millis(200);
     let mut acked = feed.acked();
+    let mut ever_read = false;
     loop {
         if *shutdown.borrow() {
             return Ok(());
@@ -380,7 +384,24 @@ pub async fn stream(
         match read(cfg, &schema, &feed, &mut acked, &mut shutdown).await {
             Ok(()) => return Ok(()),
             Err(Read::Fatal(e)) => return Err(e),
+            // The first session refused by the server (not a network
+            // error): a set-up mistake, said at once rather than retried
+            // for ever while the relay only scans.
+            Err(Read::Refused(e)) if !ever_read => {
+                return Err(Error::Config(format!(
+                    "the server refused the replication connection: {e} (the WAL relay's user needs the REPLICATION attribute, and pg_hba.conf a line for the replication pseudo-database: see docs/wal-relay.md)"
+                )));
+            }
+            Err(Read::Refused(e)) => {
+                tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "the server refused the replication connection; the relay goes on scanning the table and retries");
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff) => {}
+                    _ = shutdown.changed() => return Ok(()),
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(10));
+            }
             Err(Read::Broken(e, got_data)) => {
+                ever_read |= got_data;
                 if got_data {
                     backoff = Duration::from_millis(200);
                 }
@@ -398,6 +419,9 @@ pub async fn stream(
 enum Read {
     /// Retry: the error, and whether the stream had delivered anything.
     Broken(String, bool),
+    /// The server refused the session (authentication, TLS, permission,
+    /// no such slot): fatal for the first session, retried afterwards.
+    Refused(String),
     Fatal(Error),
 }
 
@@ -409,12 +433,21 @@ async fn read(
     shutdown: &mut watch::Receiver<bool>,
 ) -> std::result::Result<(), Read> {
     let broken = |e: pgwire_replication::PgWireError, got: bool| {
+        use pgwire_replication::PgWireError as E;
         let text = crate::redact::text(&e.to_string());
+        // Authentication, privilege and a missing slot: a refusal, not an
+        // outage (a server starting up says 57P03, and is retried).
+        let refused = matches!(e, E::Auth(_) | E::Tls(_))
+            || ["28000", "28P01", "42501", "42704"]
+                .iter()
+                .any(|code| text.contains(&format!("SQLSTATE {code}")));
         if slot_busy(&e) {
             Read::Broken(
                 format!("the slot is still held by a previous session: {text}"),
                 got,
             )
+        } else if refused && !got {
+            Read::Refused(text)
         } else {
             Read::Broken(text, got)
         }
