@@ -625,8 +625,8 @@ async fn the_wal_relay_refuses_what_it_cannot_do() {
 }
 
 /// The private server's port (below Linux's ephemeral range, as in
-/// tests/restarts.rs, whose port is 29341).
-const PRIVATE_PORT: &str = "29343";
+/// tests/restarts.rs; 29341 to 29344 are restarts.rs's and tls.rs's).
+const PRIVATE_PORT: &str = "29345";
 
 fn private_pg(cmd: &[&str]) -> String {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/postgres.sh");
