@@ -61,6 +61,12 @@ impl Wal {
         }
     }
 
+    /// The relay writing `log` reads the slot: it said so (after creating
+    /// the slot, which holds it for a moment too), and the slot is active.
+    async fn held(&self, dir: &Path, log_name: &str) -> bool {
+        log(dir, log_name).contains("reading the write-ahead log") && self.slot_active().await
+    }
+
     async fn slot_active(&self) -> bool {
         sqlx::query_scalar("SELECT active FROM pg_replication_slots WHERE slot_name = $1")
             .bind(&self.name)
@@ -265,7 +271,7 @@ async fn the_wal_relay_streams_resumes_and_refuses_a_second_reader() {
     let addr = format!("127.0.0.1:{port}");
     let relay = spawn_relay(&db, d, &brokers, &["--metrics-addr", &addr], "first.log");
     wait_for(d, "the slot held", Duration::from_secs(30), || {
-        wal.slot_active()
+        wal.held(d, "first.log")
     })
     .await;
     assert!(
@@ -388,7 +394,7 @@ async fn the_wal_relay_survives_kill_9_and_a_broker_outage() {
 
     let relay = spawn_relay(&db, d, &brokers, &[], "first.log");
     wait_for(d, "the slot held", Duration::from_secs(30), || {
-        wal.slot_active()
+        wal.held(d, "first.log")
     })
     .await;
     let mut events = Vec::new();
@@ -467,7 +473,7 @@ async fn the_wal_relay_fails_rejected_records_waits_for_scheduled_rows_and_sends
         "limited.log",
     );
     wait_for(d, "the slot held", Duration::from_secs(30), || {
-        wal.slot_active()
+        wal.held(d, "limited.log")
     })
     .await;
     let mut big = NewOutboxEvent::new(
@@ -552,7 +558,7 @@ async fn the_wal_relay_fails_rejected_records_waits_for_scheduled_rows_and_sends
     // The limit lifted and the event replayed: the WAL relay sends it.
     let relay = spawn_relay(&db, d, &brokers, &[], "fixed.log");
     wait_for(d, "the slot held again", Duration::from_secs(30), || {
-        wal.slot_active()
+        wal.held(d, "fixed.log")
     })
     .await;
     let out = command(&db, d)
@@ -838,5 +844,38 @@ async fn the_wal_relay_says_when_the_server_refuses_replication() {
         "one line says it: {err}"
     );
     assert!(started.elapsed() < Duration::from_secs(20));
+    wal.drop_all().await;
+}
+
+/// A run that ends for another reason than a signal (`--limit`) stops its
+/// stream too, and exits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_wal_relay_stops_at_its_limit() {
+    let Some(db) = common::postgres().await else {
+        return;
+    };
+    let wal = Wal::new(&db).await;
+    insert(&db, "t", 1, 10, 10).await;
+    let dir = tempfile::tempdir().unwrap();
+    let started = Instant::now();
+    let name = db.schema();
+    let out = command(&db, dir.path())
+        .args([
+            "publish",
+            "--source",
+            "wal",
+            "--slot",
+            name,
+            "--publication",
+            name,
+        ])
+        .args(["--broker", "null", "--batch", "5", "--limit", "5"])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    assert!(started.elapsed() < Duration::from_secs(30), "{err}");
+    assert_eq!(completed(&db).await, 5, "{err}");
     wal.drop_all().await;
 }

@@ -229,6 +229,7 @@ pub async fn run_publish(args: PublishArgs, ctx: &Context) -> Result<ExitStatus>
         builder = builder.dead_letter_store(table);
     }
     let mut wal_stream = None;
+    let mut stop_stream = None;
     let mut shutdown = super::signals::shutdown_channel();
     let mut wakeup = if wal {
         let omnibox::store::AnyStore::Postgres(pg) = &store else {
@@ -278,12 +279,16 @@ pub async fn run_publish(args: PublishArgs, ctx: &Context) -> Result<ExitStatus>
         builder = builder.key_feed(feed.clone());
         // The stream ends the relay when it fails for good.
         let (failed_tx, failed_rx) = tokio::sync::watch::channel(false);
+        // The stream stops on a signal, or when the run ends for another
+        // reason (--limit, stdout's reader gone).
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let task = tokio::spawn(omnibox::relay::wal::stream(
             config,
             start.schema,
             feed.clone(),
-            shutdown.clone(),
+            super::signals::either(shutdown.clone(), stop_rx),
         ));
+        stop_stream = Some(stop_tx);
         let task = tokio::spawn(async move {
             let r = task.await;
             let _ = failed_tx.send(true);
@@ -348,6 +353,9 @@ pub async fn run_publish(args: PublishArgs, ctx: &Context) -> Result<ExitStatus>
     .await?;
     if let Some(bar) = progress {
         bar.finish_and_clear();
+    }
+    if let Some(stop) = stop_stream {
+        let _ = stop.send(true);
     }
     if let Some(task) = wal_stream {
         // Ended by the same shutdown, or failed (and stopped the run).

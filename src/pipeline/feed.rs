@@ -73,6 +73,9 @@ struct State {
     next_scan: Instant,
     /// The last scan found rows: scan again at once.
     scanning: bool,
+    /// The last claim was a scan: the next one serves waiting keys first,
+    /// so scans cannot crowd the keys out.
+    last_was_scan: bool,
     /// Rows pushed (for reports).
     pushed: u64,
 }
@@ -111,20 +114,29 @@ impl KeyFeed {
                 // started are the table's, not the stream's.
                 next_scan: Instant::now(),
                 scanning: true,
+                last_was_scan: false,
                 pushed: 0,
             }),
             notify: Notify::new(),
             acked: watch::Sender::new(start),
-            scan_every,
+            // Never a busy loop of scans.
+            scan_every: scan_every.max(Duration::from_millis(10)),
         })
     }
 
     /// One committed transaction ending at `lsn`, with the rows it inserted
     /// (any order; kept in commit order per key). A transaction without rows
-    /// only moves the position.
+    /// only moves the position; one at or before a position pushed already
+    /// is ignored (a stream resumed from the confirmed position sends
+    /// transactions again).
     pub fn push(&self, lsn: u64, rows: Vec<FedRow>) {
         let mut s = lock(&self.state);
-        s.seen = s.seen.max(lsn);
+        // A transaction at or before a position already pushed or passed
+        // idle is queued or settled already: a resumed stream sends it again.
+        if lsn <= s.seen {
+            return;
+        }
+        s.seen = lsn;
         if rows.is_empty() {
             drop(s);
             self.recompute();
@@ -223,10 +235,13 @@ impl KeyFeed {
         // A scan when one is due, even while keys wait: retries and rows
         // scheduled for later are found by scans only, so a busy stream
         // must not starve them.
-        if s.next_scan <= now || (s.queue.is_empty() && s.scanning) {
+        let keys_first = s.last_was_scan && !s.queue.is_empty();
+        if !keys_first && (s.next_scan <= now || (s.queue.is_empty() && s.scanning)) {
             s.next_scan = now + self.scan_every;
+            s.last_was_scan = true;
             return Take::Scan;
         }
+        s.last_was_scan = false;
         if s.queue.is_empty() {
             return Take::Nothing;
         }
@@ -294,6 +309,11 @@ impl KeyFeed {
         self.notify.notify_one();
     }
 
+    /// One more open entry of the transaction at `lsn` (an entry split).
+    fn add_open(&self, lsn: u64) {
+        *lock(&self.state).open.entry(lsn).or_default() += 1;
+    }
+
     /// Puts entries back at the front of the queue, in their order.
     fn requeue(&self, entries: Vec<Entry>) {
         {
@@ -338,22 +358,68 @@ pub(crate) struct Receipt {
 }
 
 impl Receipt {
-    /// The claim handed out `ids`. Entries with rows it did not hand out go
-    /// back to the queue when it was full (`full`: as many rows as it could
-    /// take; their keys have more to give), or are parked when it was not
-    /// (the rows were not visible yet, or are held: walked again shortly,
-    /// then left to the scans).
-    pub(crate) fn claimed(&mut self, ids: &HashSet<Uuid>, full: bool) {
-        let (back, keep): (Vec<Entry>, Vec<Entry>) = std::mem::take(&mut self.entries)
-            .into_iter()
-            .partition(|e| e.ids.iter().any(|id| !ids.contains(id)));
-        self.entries = keep;
-        if back.is_empty() {
-        } else if full {
-            self.feed.requeue(back);
-        } else {
-            self.feed.park(back);
+    /// The claim handed out `ids`. The rows it handed out settle with this
+    /// receipt (an entry partly handed out is split). The others go back to
+    /// the queue when the claim was full (`full`: as many rows as it could
+    /// take) and their key gave rows or was not reached; otherwise they are
+    /// parked (not visible yet, or held: walked again shortly, then left to
+    /// the scans). Entries of topics outside `topics` (when not empty) are
+    /// never claimed here: they settle.
+    pub(crate) fn claimed(&mut self, ids: &HashSet<Uuid>, full: bool, topics: &[String]) {
+        // The last entry that got rows: when the claim was full, entries
+        // after it that got none were not reached (their keys come later).
+        let reached = self
+            .entries
+            .iter()
+            .rposition(|e| e.ids.iter().any(|id| ids.contains(id)));
+        let mut keep = Vec::new();
+        let (mut back, mut park) = (Vec::new(), Vec::new());
+        for (i, e) in std::mem::take(&mut self.entries).into_iter().enumerate() {
+            // A topic the claims do not take: nothing to wait for.
+            if !topics.is_empty() && !topics.contains(&e.key.0) {
+                keep.push(e);
+                continue;
+            }
+            let (given, left): (Vec<Uuid>, Vec<Uuid>) =
+                e.ids.iter().partition(|id| ids.contains(id));
+            if left.is_empty() {
+                keep.push(e);
+                continue;
+            }
+            let got_some = !given.is_empty();
+            let rest = Entry {
+                ids: left,
+                ..e.clone()
+            };
+            if got_some {
+                // Part went out with this batch: that part settles with
+                // it, the rest is an entry of its own.
+                self.feed.add_open(e.lsn);
+                keep.push(Entry { ids: given, ..e });
+            }
+            // A full claim: a key that gave rows has more to give, and one
+            // not reached is still to be walked. Otherwise the rows are held
+            // or not visible yet: parked, then left to the scans.
+            let not_reached = reached.is_none_or(|r| i > r);
+            if full && (got_some || not_reached) {
+                back.push(rest);
+            } else {
+                park.push(rest);
+            }
         }
+        self.entries = keep;
+        if !back.is_empty() {
+            self.feed.requeue(back);
+        }
+        if !park.is_empty() {
+            self.feed.park(park);
+        }
+    }
+
+    /// The claim failed: every entry goes back to the queue, unsettled.
+    pub(crate) fn give_back(mut self) {
+        let entries = std::mem::take(&mut self.entries);
+        self.feed.requeue(entries);
     }
 }
 
@@ -439,12 +505,12 @@ mod tests {
         feed.push(5, vec![a.clone(), b.clone()]);
         let (k, mut r) = keys(feed.take(10));
         assert_eq!(k.len(), 2);
-        r.claimed(&[a.id].into_iter().collect(), true);
+        r.claimed(&[a.id].into_iter().collect(), true, &[]);
         drop(r);
         assert_eq!(*feed.acked().borrow(), 0, "b's entry is open");
         let (k, mut r) = keys(feed.take(10));
         assert_eq!(k, vec![("t".to_string(), "b".to_string())]);
-        r.claimed(&HashSet::new(), false);
+        r.claimed(&HashSet::new(), false, &[]);
         drop(r);
         assert_eq!(*feed.acked().borrow(), 0, "parked: walked again shortly");
         assert!(matches!(feed.take(10), Take::Nothing), "not at once");
@@ -452,7 +518,7 @@ mod tests {
             std::thread::sleep(Duration::from_millis(60));
             let (k, mut r) = keys(feed.take(10));
             assert_eq!(k, vec![("t".to_string(), "b".to_string())]);
-            r.claimed(&HashSet::new(), false);
+            r.claimed(&HashSet::new(), false, &[]);
         }
         assert_eq!(*feed.acked().borrow(), 5, "then left to the scans");
         assert!(matches!(feed.take(10), Take::Nothing));
@@ -486,6 +552,89 @@ mod tests {
             .collect();
         feed.push(1, rows);
         assert_eq!(feed.waiting(), 100_000, "one entry per key");
+    }
+
+    #[test]
+    fn a_resent_transaction_is_ignored() {
+        let feed = KeyFeed::new(Duration::from_secs(3600), 10);
+        assert!(matches!(feed.take(10), Take::Scan));
+        feed.scanned(false);
+        feed.push(20, vec![row("t", "a")]);
+        feed.push(20, vec![row("t", "a")]);
+        feed.push(15, vec![row("t", "b")]);
+        assert_eq!(feed.waiting(), 1, "20 again and 15 were seen already");
+    }
+
+    #[test]
+    fn a_scan_never_goes_twice_before_waiting_keys() {
+        let feed = KeyFeed::new(Duration::from_millis(0), 0);
+        feed.push(5, vec![row("t", "a"), row("t", "b")]);
+        assert!(matches!(feed.take(1), Take::Scan), "due");
+        feed.scanned(true);
+        let (_, r) = keys(feed.take(1));
+        drop(r);
+        std::thread::sleep(Duration::from_millis(15));
+        assert!(matches!(feed.take(1), Take::Scan), "due again");
+        let (_, r) = keys(feed.take(1));
+        drop(r);
+    }
+
+    #[test]
+    fn a_partly_handed_out_entry_settles_in_two_parts() {
+        let feed = KeyFeed::new(Duration::from_secs(3600), 0);
+        assert!(matches!(feed.take(1), Take::Scan));
+        feed.scanned(false);
+        let (a1, a2) = (row("t", "a"), row("t", "a"));
+        feed.push(5, vec![a1.clone(), a2.clone()]);
+        let (_, mut first) = keys(feed.take(10));
+        first.claimed(&[a1.id].into_iter().collect(), true, &[]);
+        let (k, mut second) = keys(feed.take(10));
+        assert_eq!(k, vec![("t".to_string(), "a".to_string())], "the rest");
+        second.claimed(&[a2.id].into_iter().collect(), false, &[]);
+        drop(second);
+        assert_eq!(
+            *feed.acked().borrow(),
+            0,
+            "the first part's batch is not written"
+        );
+        drop(first);
+        assert_eq!(*feed.acked().borrow(), 5);
+    }
+
+    #[test]
+    fn a_failed_claim_gives_its_keys_back() {
+        let feed = KeyFeed::new(Duration::from_secs(3600), 0);
+        assert!(matches!(feed.take(1), Take::Scan));
+        feed.scanned(false);
+        feed.push(5, vec![row("t", "a")]);
+        let (_, r) = keys(feed.take(10));
+        r.give_back();
+        assert_eq!(*feed.acked().borrow(), 0);
+        assert_eq!(feed.waiting(), 1);
+    }
+
+    #[test]
+    fn other_topics_settle_and_held_keys_park_even_when_full() {
+        let feed = KeyFeed::new(Duration::from_secs(3600), 0);
+        assert!(matches!(feed.take(1), Take::Scan));
+        feed.scanned(false);
+        let (held, other, hot) = (row("t", "held"), row("x", "k"), row("t", "hot"));
+        feed.push(5, vec![held.clone(), other.clone(), hot.clone()]);
+        let (_, mut r) = keys(feed.take(10));
+        r.claimed(&[hot.id].into_iter().collect(), true, &["t".to_string()]);
+        drop(r);
+        assert_eq!(
+            feed.waiting(),
+            0,
+            "held: parked, not requeued; other topic: settled"
+        );
+        for _ in 0..PARK.len() {
+            std::thread::sleep(Duration::from_millis(60));
+            let (k, mut r) = keys(feed.take(10));
+            assert_eq!(k, vec![("t".to_string(), "held".to_string())]);
+            r.claimed(&HashSet::new(), false, &["t".to_string()]);
+        }
+        assert_eq!(*feed.acked().borrow(), 5);
     }
 
     #[test]

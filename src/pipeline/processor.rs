@@ -264,7 +264,18 @@ where
                     filters: self.options.filters.clone(),
                     keys,
                 })
-                .await?;
+                .await;
+            let claim = match claim {
+                Ok(claim) => claim,
+                Err(e) => {
+                    // Nothing was claimed: the keys wait for the next claim
+                    // (settling them would confirm rows no one claimed).
+                    if let Some(r) = receipt.take() {
+                        r.give_back();
+                    }
+                    return Err(e);
+                }
+            };
             let mut held: HashMap<Key, (i64, i64)> = HashMap::new();
             for e in &claim.events {
                 if let (Some((topic, key)), Some(seq)) = (e.order_key(), e.seq()) {
@@ -274,7 +285,11 @@ where
             lock(&self.flight).claimed(no, held);
             if let Some(r) = receipt.as_mut() {
                 let ids = claim.events.iter().map(|e| e.id()).collect();
-                r.claimed(&ids, claim.events.len() >= self.options.batch as usize);
+                r.claimed(
+                    &ids,
+                    claim.events.len() >= self.options.batch as usize,
+                    &self.options.filters.topics,
+                );
             } else if let Some(feed) = &self.feed {
                 feed.scanned(!claim.is_empty());
             }

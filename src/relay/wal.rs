@@ -351,6 +351,9 @@ fn percent_decode(s: &str) -> Option<String> {
     String::from_utf8(out).ok()
 }
 
+/// Keys waiting for a claim past which the stream is not read.
+const MAX_WAITING: usize = 200_000;
+
 /// A stream's failure: whether it may be retried.
 fn slot_busy(e: &pgwire_replication::PgWireError) -> bool {
     e.to_string().contains("55006")
@@ -452,30 +455,55 @@ async fn read(
             Read::Broken(text, got)
         }
     };
-    let mut client = ReplicationClient::connect(cfg)
-        .await
-        .map_err(|e| broken(e, false))?;
-    client.wait_started().await.map_err(|e| broken(e, false))?;
+    // Connecting may wait on an unreachable host: a stop ends the wait.
+    let connect = async {
+        let mut client = ReplicationClient::connect(cfg)
+            .await
+            .map_err(|e| broken(e, false))?;
+        client.wait_started().await.map_err(|e| broken(e, false))?;
+        Ok::<_, Read>(client)
+    };
+    let mut stop = shutdown.clone();
+    let stopped = async move {
+        while !*stop.borrow_and_update() {
+            if stop.changed().await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    let mut client = tokio::select! {
+        client = connect => client?,
+        () = stopped => return Ok(()),
+    };
     tracing::info!(start = %format_lsn(*acked.borrow()), "reading the replication stream");
     let mut decoder = PgOutputDecoder::with_protocol_version(1);
     let mut rows: Vec<FedRow> = Vec::new();
     let mut in_tx = false;
     let mut got = false;
+    // A closed channel answers at once for ever: stop watching it.
+    let (mut shutdown_open, mut acked_open) = (true, true);
     loop {
+        // Keys pile up while claims are paused (the broker down): past a
+        // bound the stream is not read (the server keeps the WAL, and the
+        // client keeps reporting the confirmed position).
+        let full = feed.waiting() >= MAX_WAITING;
         tokio::select! {
             biased;
-            _ = shutdown.changed() => {
+            changed = shutdown.changed(), if shutdown_open => {
+                shutdown_open = changed.is_ok();
                 if *shutdown.borrow() {
                     let _ = client.shutdown().await;
                     return Ok(());
                 }
             }
-            changed = acked.changed() => {
-                if changed.is_ok() {
+            changed = acked.changed(), if acked_open => {
+                acked_open = changed.is_ok();
+                if acked_open {
                     client.update_applied_lsn(Lsn::from_u64(*acked.borrow()));
                 }
             }
-            event = client.recv() => {
+            () = tokio::time::sleep(Duration::from_millis(20)), if full => {}
+            event = client.recv(), if !full => {
                 let event = match event {
                     Ok(Some(e)) => e,
                     Ok(None) => return Err(Read::Broken("the server ended the stream".into(), got)),
