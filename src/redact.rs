@@ -61,7 +61,7 @@ fn malformed_url(url: &str) -> String {
     }
 }
 
-/// [`url`], with every query value masked too (a webhook's token may travel
+/// [`url()`], with every query value masked too (a webhook's token may travel
 /// in any parameter) and the fragment dropped:
 /// `https://u:***@h/p?token=***&flag`.
 pub fn url_and_query(u: &str) -> String {
