@@ -263,12 +263,7 @@ async fn the_wal_relay_streams_resumes_and_refuses_a_second_reader() {
 
     // Rows from before the slot: the relay's first scan sends them.
     let mut events = insert(&db, &topic, 1, 20, 5).await;
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let addr = format!("127.0.0.1:{port}");
+    let addr = common::free_addr();
     let relay = spawn_relay(&db, d, &brokers, &["--metrics-addr", &addr], "first.log");
     wait_for(d, "the slot held", Duration::from_secs(30), || {
         wal.held(d, "first.log")

@@ -247,10 +247,9 @@ pub async fn run_publish(args: PublishArgs, ctx: &Context) -> Result<ExitStatus>
         // A standby waits here for the slot: a signal ends the wait.
         let mut stop = shutdown.clone();
         let stopped = async move {
-            while !*stop.borrow_and_update() {
-                if stop.changed().await.is_err() {
-                    std::future::pending::<()>().await;
-                }
+            // A sender gone never stops it.
+            if stop.wait_for(|s| *s).await.is_err() {
+                std::future::pending::<()>().await;
             }
         };
         let start = tokio::select! {

@@ -465,10 +465,9 @@ async fn read(
     };
     let mut stop = shutdown.clone();
     let stopped = async move {
-        while !*stop.borrow_and_update() {
-            if stop.changed().await.is_err() {
-                std::future::pending::<()>().await;
-            }
+        // A sender gone never stops it.
+        if stop.wait_for(|s| *s).await.is_err() {
+            std::future::pending::<()>().await;
         }
     };
     let mut client = tokio::select! {

@@ -164,3 +164,13 @@ impl Drop for KillOnDrop {
         }
     }
 }
+
+/// A local address no one listens on now (`127.0.0.1:PORT`), for a server a
+/// test starts (a relay's `--metrics-addr`).
+pub fn free_addr() -> String {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free local port")
+        .port();
+    format!("127.0.0.1:{port}")
+}
