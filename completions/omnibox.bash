@@ -55,6 +55,9 @@ _omnibox() {
             omnibox,migrate)
                 cmd="omnibox__subcmd__migrate"
                 ;;
+            omnibox,partitions)
+                cmd="omnibox__subcmd__partitions"
+                ;;
             omnibox,publish)
                 cmd="omnibox__subcmd__publish"
                 ;;
@@ -124,6 +127,9 @@ _omnibox() {
             omnibox__subcmd__help,migrate)
                 cmd="omnibox__subcmd__help__subcmd__migrate"
                 ;;
+            omnibox__subcmd__help,partitions)
+                cmd="omnibox__subcmd__help__subcmd__partitions"
+                ;;
             omnibox__subcmd__help,publish)
                 cmd="omnibox__subcmd__help__subcmd__publish"
                 ;;
@@ -151,6 +157,12 @@ _omnibox() {
             omnibox__subcmd__help__subcmd__inbox,process)
                 cmd="omnibox__subcmd__help__subcmd__inbox__subcmd__process"
                 ;;
+            omnibox__subcmd__help__subcmd__partitions,create)
+                cmd="omnibox__subcmd__help__subcmd__partitions__subcmd__create"
+                ;;
+            omnibox__subcmd__help__subcmd__partitions,list)
+                cmd="omnibox__subcmd__help__subcmd__partitions__subcmd__list"
+                ;;
             omnibox__subcmd__inbox,consume)
                 cmd="omnibox__subcmd__inbox__subcmd__consume"
                 ;;
@@ -169,6 +181,24 @@ _omnibox() {
             omnibox__subcmd__inbox__subcmd__help,process)
                 cmd="omnibox__subcmd__inbox__subcmd__help__subcmd__process"
                 ;;
+            omnibox__subcmd__partitions,create)
+                cmd="omnibox__subcmd__partitions__subcmd__create"
+                ;;
+            omnibox__subcmd__partitions,help)
+                cmd="omnibox__subcmd__partitions__subcmd__help"
+                ;;
+            omnibox__subcmd__partitions,list)
+                cmd="omnibox__subcmd__partitions__subcmd__list"
+                ;;
+            omnibox__subcmd__partitions__subcmd__help,create)
+                cmd="omnibox__subcmd__partitions__subcmd__help__subcmd__create"
+                ;;
+            omnibox__subcmd__partitions__subcmd__help,help)
+                cmd="omnibox__subcmd__partitions__subcmd__help__subcmd__help"
+                ;;
+            omnibox__subcmd__partitions__subcmd__help,list)
+                cmd="omnibox__subcmd__partitions__subcmd__help__subcmd__list"
+                ;;
             *)
                 ;;
         esac
@@ -176,7 +206,7 @@ _omnibox() {
 
     case "${cmd}" in
         omnibox)
-            opts="-v -q -h -V --database-url --schema --config --format --color --log-format --verbose --quiet --dedup-window --otlp-endpoint --help --version migrate enqueue publish inbox demo status doctor list show replay failures unlock release-stale-locks cleanup audit config completions generate help"
+            opts="-v -q -h -V --database-url --schema --config --format --color --log-format --verbose --quiet --dedup-window --otlp-endpoint --help --version migrate enqueue publish inbox demo status doctor list show replay failures unlock release-stale-locks cleanup partitions audit config completions generate help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 1 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -284,7 +314,7 @@ _omnibox() {
             return 0
             ;;
         omnibox__subcmd__cleanup)
-            opts="-y -v -q -h -V --older-than --include-failed --failed-older-than --table --batch-size --max-iterations --audit-older-than --dead-letters-older-than --force --dry-run --yes --actor --database-url --schema --config --format --color --log-format --verbose --quiet --dedup-window --otlp-endpoint --help --version"
+            opts="-y -v -q -h -V --older-than --include-failed --failed-older-than --table --batch-size --max-iterations --audit-older-than --dead-letters-older-than --force --lock-timeout --dry-run --yes --actor --database-url --schema --config --format --color --log-format --verbose --quiet --dedup-window --otlp-endpoint --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -315,6 +345,10 @@ _omnibox() {
                     return 0
                     ;;
                 --dead-letters-older-than)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --lock-timeout)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
@@ -888,7 +922,7 @@ _omnibox() {
             return 0
             ;;
         omnibox__subcmd__help)
-            opts="migrate enqueue publish inbox demo status doctor list show replay failures unlock release-stale-locks cleanup audit config completions generate help"
+            opts="migrate enqueue publish inbox demo status doctor list show replay failures unlock release-stale-locks cleanup partitions audit config completions generate help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -1114,6 +1148,48 @@ _omnibox() {
         omnibox__subcmd__help__subcmd__migrate)
             opts=""
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        omnibox__subcmd__help__subcmd__partitions)
+            opts="list create"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        omnibox__subcmd__help__subcmd__partitions__subcmd__create)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        omnibox__subcmd__help__subcmd__partitions__subcmd__list)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
             fi
@@ -1678,8 +1754,214 @@ _omnibox() {
             return 0
             ;;
         omnibox__subcmd__migrate)
-            opts="-v -q -h -V --print-sql --database-url --schema --config --format --color --log-format --verbose --quiet --dedup-window --otlp-endpoint --help --version"
+            opts="-v -q -h -V --print-sql --partitioned --partition-period --partitions-ahead --force --database-url --schema --config --format --color --log-format --verbose --quiet --dedup-window --otlp-endpoint --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                --partition-period)
+                    COMPREPLY=($(compgen -W "hour day week" -- "${cur}"))
+                    return 0
+                    ;;
+                --partitions-ahead)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --database-url)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --schema)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --config)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --format)
+                    COMPREPLY=($(compgen -W "table json" -- "${cur}"))
+                    return 0
+                    ;;
+                --color)
+                    COMPREPLY=($(compgen -W "auto always never" -- "${cur}"))
+                    return 0
+                    ;;
+                --log-format)
+                    COMPREPLY=($(compgen -W "text json" -- "${cur}"))
+                    return 0
+                    ;;
+                --dedup-window)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --otlp-endpoint)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        omnibox__subcmd__partitions)
+            opts="-v -q -h -V --database-url --schema --config --format --color --log-format --verbose --quiet --dedup-window --otlp-endpoint --help --version list create help"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                --database-url)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --schema)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --config)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --format)
+                    COMPREPLY=($(compgen -W "table json" -- "${cur}"))
+                    return 0
+                    ;;
+                --color)
+                    COMPREPLY=($(compgen -W "auto always never" -- "${cur}"))
+                    return 0
+                    ;;
+                --log-format)
+                    COMPREPLY=($(compgen -W "text json" -- "${cur}"))
+                    return 0
+                    ;;
+                --dedup-window)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --otlp-endpoint)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        omnibox__subcmd__partitions__subcmd__create)
+            opts="-v -q -h -V --lock-timeout --database-url --schema --config --format --color --log-format --verbose --quiet --dedup-window --otlp-endpoint --help --version"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                --lock-timeout)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --database-url)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --schema)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --config)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --format)
+                    COMPREPLY=($(compgen -W "table json" -- "${cur}"))
+                    return 0
+                    ;;
+                --color)
+                    COMPREPLY=($(compgen -W "auto always never" -- "${cur}"))
+                    return 0
+                    ;;
+                --log-format)
+                    COMPREPLY=($(compgen -W "text json" -- "${cur}"))
+                    return 0
+                    ;;
+                --dedup-window)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --otlp-endpoint)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        omnibox__subcmd__partitions__subcmd__help)
+            opts="list create help"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        omnibox__subcmd__partitions__subcmd__help__subcmd__create)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        omnibox__subcmd__partitions__subcmd__help__subcmd__help)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        omnibox__subcmd__partitions__subcmd__help__subcmd__list)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        omnibox__subcmd__partitions__subcmd__list)
+            opts="-v -q -h -V --database-url --schema --config --format --color --log-format --verbose --quiet --dedup-window --otlp-endpoint --help --version"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
             fi

@@ -48,6 +48,7 @@ set edit:completion:arg-completer[omnibox] = {|@words|
             cand unlock 'Force-unlock one event, or every event a dead worker holds'
             cand release-stale-locks 'Unlock rows whose lock is older than a threshold and whose lease ran out'
             cand cleanup 'Delete completed rows past their retention, in bounded batches'
+            cand partitions 'List the partitions of the outbox and inbox, or create those missing'
             cand audit 'Show recorded replays, unlocks, stale-lock releases and cleanups'
             cand config 'Show the effective settings'
             cand completions 'Print shell completions'
@@ -55,6 +56,8 @@ set edit:completion:arg-completer[omnibox] = {|@words|
             cand help 'Print this message or the help of the given subcommand(s)'
         }
         &'omnibox;migrate'= {
+            cand --partition-period 'With --partitioned: the range of one partition'
+            cand --partitions-ahead 'With --partitioned: partitions kept ready past the current one'
             cand --database-url 'Database URL: sqlite://PATH or postgres://USER:PASS@HOST/DB [default: sqlite://omnibox.db]'
             cand --schema 'PostgreSQL schema that holds the tables (created by `migrate`)'
             cand --config 'Configuration file [default: ./omnibox.toml when present]'
@@ -64,6 +67,8 @@ set edit:completion:arg-completer[omnibox] = {|@words|
             cand --dedup-window 'The inbox''s deduplication window: inbox rows are kept at least this long (cleanup refuses less), so a message redelivered within it is a duplicate [default: 7d]'
             cand --otlp-endpoint 'Export OpenTelemetry spans with OTLP over HTTP to this collector (base URL; /v1/traces is added) [default: OTEL_EXPORTER_OTLP_ENDPOINT; off when neither is set]'
             cand --print-sql 'Print the DDL for the database URL''s backend instead of applying it (no connection is made)'
+            cand --partitioned 'Partition the outbox and inbox by created_at (PostgreSQL)'
+            cand --force 'With --partitioned: convert tables of any size (their rows are copied under a write lock)'
             cand -v 'More logging (-v info, -vv debug, -vvv trace)'
             cand --verbose 'More logging (-v info, -vv debug, -vvv trace)'
             cand -q 'Nothing on stdout or stderr unless the command fails (then its report and the error); for cron'
@@ -508,6 +513,7 @@ set edit:completion:arg-completer[omnibox] = {|@words|
             cand --max-iterations 'Statements per table and kind, at most'
             cand --audit-older-than 'Keep audit rows (omnibox audit) for this long; older ones are deleted'
             cand --dead-letters-older-than 'Keep replayed dead letters (omnibox list --table dead-letters) for this long; open ones are always kept'
+            cand --lock-timeout 'Partitioned tables: wait this long at most for the table''s lock to drop a partition (past it the partition stays for the next run)'
             cand --actor 'Who is acting, for the audit trail [default: the OS user]'
             cand --database-url 'Database URL: sqlite://PATH or postgres://USER:PASS@HOST/DB [default: sqlite://omnibox.db]'
             cand --schema 'PostgreSQL schema that holds the tables (created by `migrate`)'
@@ -530,6 +536,75 @@ set edit:completion:arg-completer[omnibox] = {|@words|
             cand --help 'Print help (see more with ''--help'')'
             cand -V 'Print version'
             cand --version 'Print version'
+        }
+        &'omnibox;partitions'= {
+            cand --database-url 'Database URL: sqlite://PATH or postgres://USER:PASS@HOST/DB [default: sqlite://omnibox.db]'
+            cand --schema 'PostgreSQL schema that holds the tables (created by `migrate`)'
+            cand --config 'Configuration file [default: ./omnibox.toml when present]'
+            cand --format 'Output format: table for people, json for scripts [default: table]'
+            cand --color 'When to use colour'
+            cand --log-format 'Log format on stderr'
+            cand --dedup-window 'The inbox''s deduplication window: inbox rows are kept at least this long (cleanup refuses less), so a message redelivered within it is a duplicate [default: 7d]'
+            cand --otlp-endpoint 'Export OpenTelemetry spans with OTLP over HTTP to this collector (base URL; /v1/traces is added) [default: OTEL_EXPORTER_OTLP_ENDPOINT; off when neither is set]'
+            cand -v 'More logging (-v info, -vv debug, -vvv trace)'
+            cand --verbose 'More logging (-v info, -vv debug, -vvv trace)'
+            cand -q 'Nothing on stdout or stderr unless the command fails (then its report and the error); for cron'
+            cand --quiet 'Nothing on stdout or stderr unless the command fails (then its report and the error); for cron'
+            cand -h 'Print help (see more with ''--help'')'
+            cand --help 'Print help (see more with ''--help'')'
+            cand -V 'Print version'
+            cand --version 'Print version'
+            cand list 'List the partitions (the default)'
+            cand create 'Create the partitions missing from the current one to the partitions kept ahead'
+            cand help 'Print this message or the help of the given subcommand(s)'
+        }
+        &'omnibox;partitions;list'= {
+            cand --database-url 'Database URL: sqlite://PATH or postgres://USER:PASS@HOST/DB [default: sqlite://omnibox.db]'
+            cand --schema 'PostgreSQL schema that holds the tables (created by `migrate`)'
+            cand --config 'Configuration file [default: ./omnibox.toml when present]'
+            cand --format 'Output format: table for people, json for scripts [default: table]'
+            cand --color 'When to use colour'
+            cand --log-format 'Log format on stderr'
+            cand --dedup-window 'The inbox''s deduplication window: inbox rows are kept at least this long (cleanup refuses less), so a message redelivered within it is a duplicate [default: 7d]'
+            cand --otlp-endpoint 'Export OpenTelemetry spans with OTLP over HTTP to this collector (base URL; /v1/traces is added) [default: OTEL_EXPORTER_OTLP_ENDPOINT; off when neither is set]'
+            cand -v 'More logging (-v info, -vv debug, -vvv trace)'
+            cand --verbose 'More logging (-v info, -vv debug, -vvv trace)'
+            cand -q 'Nothing on stdout or stderr unless the command fails (then its report and the error); for cron'
+            cand --quiet 'Nothing on stdout or stderr unless the command fails (then its report and the error); for cron'
+            cand -h 'Print help (see more with ''--help'')'
+            cand --help 'Print help (see more with ''--help'')'
+            cand -V 'Print version'
+            cand --version 'Print version'
+        }
+        &'omnibox;partitions;create'= {
+            cand --lock-timeout 'Wait this long at most for the table''s lock (creating a partition locks the table for a moment)'
+            cand --database-url 'Database URL: sqlite://PATH or postgres://USER:PASS@HOST/DB [default: sqlite://omnibox.db]'
+            cand --schema 'PostgreSQL schema that holds the tables (created by `migrate`)'
+            cand --config 'Configuration file [default: ./omnibox.toml when present]'
+            cand --format 'Output format: table for people, json for scripts [default: table]'
+            cand --color 'When to use colour'
+            cand --log-format 'Log format on stderr'
+            cand --dedup-window 'The inbox''s deduplication window: inbox rows are kept at least this long (cleanup refuses less), so a message redelivered within it is a duplicate [default: 7d]'
+            cand --otlp-endpoint 'Export OpenTelemetry spans with OTLP over HTTP to this collector (base URL; /v1/traces is added) [default: OTEL_EXPORTER_OTLP_ENDPOINT; off when neither is set]'
+            cand -v 'More logging (-v info, -vv debug, -vvv trace)'
+            cand --verbose 'More logging (-v info, -vv debug, -vvv trace)'
+            cand -q 'Nothing on stdout or stderr unless the command fails (then its report and the error); for cron'
+            cand --quiet 'Nothing on stdout or stderr unless the command fails (then its report and the error); for cron'
+            cand -h 'Print help (see more with ''--help'')'
+            cand --help 'Print help (see more with ''--help'')'
+            cand -V 'Print version'
+            cand --version 'Print version'
+        }
+        &'omnibox;partitions;help'= {
+            cand list 'List the partitions (the default)'
+            cand create 'Create the partitions missing from the current one to the partitions kept ahead'
+            cand help 'Print this message or the help of the given subcommand(s)'
+        }
+        &'omnibox;partitions;help;list'= {
+        }
+        &'omnibox;partitions;help;create'= {
+        }
+        &'omnibox;partitions;help;help'= {
         }
         &'omnibox;audit'= {
             cand --action 'Only this action: replay, unlock, unlock-worker, release-stale-locks, cleanup'
@@ -651,6 +726,7 @@ set edit:completion:arg-completer[omnibox] = {|@words|
             cand unlock 'Force-unlock one event, or every event a dead worker holds'
             cand release-stale-locks 'Unlock rows whose lock is older than a threshold and whose lease ran out'
             cand cleanup 'Delete completed rows past their retention, in bounded batches'
+            cand partitions 'List the partitions of the outbox and inbox, or create those missing'
             cand audit 'Show recorded replays, unlocks, stale-lock releases and cleanups'
             cand config 'Show the effective settings'
             cand completions 'Print shell completions'
@@ -690,6 +766,14 @@ set edit:completion:arg-completer[omnibox] = {|@words|
         &'omnibox;help;release-stale-locks'= {
         }
         &'omnibox;help;cleanup'= {
+        }
+        &'omnibox;help;partitions'= {
+            cand list 'List the partitions (the default)'
+            cand create 'Create the partitions missing from the current one to the partitions kept ahead'
+        }
+        &'omnibox;help;partitions;list'= {
+        }
+        &'omnibox;help;partitions;create'= {
         }
         &'omnibox;help;audit'= {
         }

@@ -29,6 +29,12 @@ use super::{Context, ExitStatus, UsageError, args};
 /// needs --force. Dead letters (--dlq table) replayed more than
 /// --dead-letters-older-than ago are deleted too; open ones are kept.
 ///
+/// On tables partitioned by `omnibox migrate --partitioned`, a partition
+/// whose whole range is older than --older-than and whose every row is past
+/// retention is dropped whole (no row-by-row delete, no dead tuples); one
+/// holding a pending row, a failed row kept, or a row completed since stays,
+/// and its rows past retention are deleted one by one as on a plain table.
+///
 /// Examples:
 ///   omnibox cleanup --older-than 7d --dry-run
 ///   omnibox cleanup --older-than 7d --include-failed --failed-older-than 30d --yes
@@ -65,6 +71,10 @@ pub struct CleanupArgs {
     /// again), and an --audit-older-than shorter than 30 days
     #[arg(long)]
     force: bool,
+    /// Partitioned tables: wait this long at most for the table's lock to
+    /// drop a partition (past it the partition stays for the next run)
+    #[arg(long, default_value = "5s", value_parser = args::duration, value_name = "DURATION")]
+    lock_timeout: Duration,
     #[command(flatten)]
     safety: SafetyArgs,
 }
@@ -79,6 +89,7 @@ pub async fn run(args: CleanupArgs, ctx: &Context) -> Result<ExitStatus> {
         max_iterations: args.max_iterations,
         audit_older_than: args.audit_older_than,
         dead_letters_older_than: args.dead_letters_older_than,
+        lock_timeout: args.lock_timeout,
     };
     if let Some(why) = retention.refusal(&tables, ctx.settings.dedup_window, args.force) {
         return Err(UsageError(why).into());
@@ -90,13 +101,19 @@ pub async fn run(args: CleanupArgs, ctx: &Context) -> Result<ExitStatus> {
     let store = ctx.store().await?;
     let plan = cleanup::count(&store, &tables, &retention).await?;
     let total: u64 = plan.iter().map(Deleted::total).sum();
-    if args.safety.dry_run || total == 0 {
+    let partitions: usize = plan.iter().map(|d| d.partitions.len()).sum();
+    if args.safety.dry_run || (total == 0 && partitions == 0) {
         if total == 0 && args.safety.yes && !args.safety.dry_run {
             trim_trails(&store, &retention, started).await?;
         }
         return report(ctx, &plan, args.safety.dry_run);
     }
-    if !args.safety.confirm(&format!("delete {total} row(s)"))? {
+    let what = if partitions > 0 {
+        format!("delete {total} row(s), dropping {partitions} partition(s)")
+    } else {
+        format!("delete {total} row(s)")
+    };
+    if !args.safety.confirm(&what)? {
         crate::cli::output::notice!("omnibox: nothing changed");
         return Ok(ExitStatus::No);
     }
@@ -145,6 +162,14 @@ async fn trim_trails(
 }
 
 fn report(ctx: &Context, counts: &[Deleted], dry_run: bool) -> Result<ExitStatus> {
+    for x in counts {
+        for k in &x.kept_partitions {
+            crate::cli::output::notice!("omnibox: kept partition {}: {}", k.name, k.reason);
+        }
+    }
+    let partitioned = counts
+        .iter()
+        .any(|x| !x.partitions.is_empty() || !x.kept_partitions.is_empty());
     match ctx.format() {
         Format::Json => output::json(&json!({"dry_run": dry_run, "tables": counts}))?,
         Format::Table => {
@@ -153,13 +178,26 @@ fn report(ctx: &Context, counts: &[Deleted], dry_run: bool) -> Result<ExitStatus
             } else {
                 ("completed deleted", "failed deleted")
             };
-            let mut t = output::table(["table", c, f]);
+            let p = if dry_run {
+                "partitions to drop"
+            } else {
+                "partitions dropped"
+            };
+            let mut header = vec![c, f];
+            if partitioned {
+                header.push(p);
+            }
+            let mut t = output::table(std::iter::once("table").chain(header));
             for x in counts {
-                t.add_row(vec![
+                let mut row = vec![
                     x.table.clone(),
                     x.completed.to_string(),
                     x.failed.to_string(),
-                ]);
+                ];
+                if partitioned {
+                    row.push(x.partitions.len().to_string());
+                }
+                t.add_row(row);
             }
             output::line(t)?;
         }

@@ -2,11 +2,12 @@
 
 use anyhow::Result;
 use clap::Args;
-use omnibox::store::Backend;
+use omnibox::store::postgres::partition::{PartitionOptions, Period};
+use omnibox::store::{AnyStore, Backend};
 use serde_json::json;
 
 use super::output::{self, Format};
-use super::{Context, ExitStatus};
+use super::{Context, ExitStatus, UsageError};
 
 /// Create or upgrade the outbox and inbox tables (idempotent)
 ///
@@ -18,8 +19,17 @@ use super::{Context, ExitStatus};
 /// --print-sql prints the DDL with the rows that record it, for your own
 /// migration tool.
 ///
+/// --partitioned (PostgreSQL) then makes the outbox and inbox
+/// range-partitioned by created_at, one partition per --partition-period,
+/// --partitions-ahead of them ready; `omnibox cleanup` then drops whole
+/// partitions. A plain table's rows are copied in one transaction under a
+/// write lock (refused above a million rows without --force). Running it
+/// again creates missing partitions and updates --partitions-ahead. See
+/// docs/partitioning.md.
+///
 /// Examples:
 ///   omnibox migrate
+///   omnibox migrate --partitioned --partition-period day --partitions-ahead 7
 ///   omnibox migrate --database-url postgres://app:secret@db/app --schema omnibox
 ///   omnibox migrate --print-sql --database-url postgres://x > omnibox.sql
 #[derive(Debug, Args)]
@@ -27,8 +37,48 @@ use super::{Context, ExitStatus};
 pub struct MigrateArgs {
     /// Print the DDL for the database URL's backend instead of applying it
     /// (no connection is made)
-    #[arg(long)]
+    #[arg(long, conflicts_with = "partitioned")]
     print_sql: bool,
+    /// Partition the outbox and inbox by created_at (PostgreSQL)
+    #[arg(long)]
+    partitioned: bool,
+    /// With --partitioned: the range of one partition
+    #[arg(
+        long,
+        value_enum,
+        default_value = "day",
+        requires = "partitioned",
+        value_name = "PERIOD"
+    )]
+    partition_period: PeriodArg,
+    /// With --partitioned: partitions kept ready past the current one
+    #[arg(long, default_value_t = 7, requires = "partitioned", value_parser = clap::value_parser!(u32).range(1..=1000))]
+    partitions_ahead: u32,
+    /// With --partitioned: convert tables of any size (their rows are
+    /// copied under a write lock)
+    #[arg(long, requires = "partitioned")]
+    force: bool,
+}
+
+/// `--partition-period`.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum PeriodArg {
+    /// One partition per hour (UTC)
+    Hour,
+    /// One partition per day (UTC)
+    Day,
+    /// One partition per week, from Monday (UTC)
+    Week,
+}
+
+impl From<PeriodArg> for Period {
+    fn from(p: PeriodArg) -> Self {
+        match p {
+            PeriodArg::Hour => Period::Hour,
+            PeriodArg::Day => Period::Day,
+            PeriodArg::Week => Period::Week,
+        }
+    }
 }
 
 pub async fn run(args: MigrateArgs, ctx: &Context) -> Result<ExitStatus> {
@@ -63,10 +113,33 @@ pub async fn run(args: MigrateArgs, ctx: &Context) -> Result<ExitStatus> {
         }
         return Ok(ExitStatus::Success);
     }
+    if args.partitioned && Backend::from_url(&ctx.settings.database_url)? != Backend::Postgres {
+        return Err(UsageError(
+            "--partitioned needs PostgreSQL (SQLite has no partitioned tables)".into(),
+        )
+        .into());
+    }
     let store = ctx.connect().await?;
     let report = store.migrate().await?;
+    let partitioned = match (&store, args.partitioned) {
+        (AnyStore::Postgres(pg), true) => Some(
+            pg.partition_tables(&PartitionOptions {
+                period: args.partition_period.into(),
+                ahead: args.partitions_ahead,
+                copy_limit: (!args.force).then_some(1_000_000),
+            })
+            .await?,
+        ),
+        _ => None,
+    };
     match ctx.format() {
-        Format::Json => output::json(&report)?,
+        Format::Json => {
+            let mut value = serde_json::to_value(&report)?;
+            if let (Some(p), Some(obj)) = (&partitioned, value.as_object_mut()) {
+                obj.insert("partitioned".into(), serde_json::to_value(p)?);
+            }
+            output::json(&value)?
+        }
         Format::Table => {
             if report.applied.is_empty() && report.recorded.is_empty() {
                 output::line(format!(
@@ -84,6 +157,21 @@ pub async fn run(args: MigrateArgs, ctx: &Context) -> Result<ExitStatus> {
                 output::line(format!(
                     "Applied migration {} ({}).",
                     m.version, m.description
+                ))?;
+            }
+            for t in partitioned.iter().flatten() {
+                let what = if t.converted {
+                    format!(
+                        "Partitioned {} by {} ({} row(s) copied)",
+                        t.table, t.period, t.rows_copied
+                    )
+                } else {
+                    format!("{} is partitioned by {}", t.table, t.period)
+                };
+                output::line(format!(
+                    "{what}: {} partition(s) created, {} kept ahead.",
+                    t.created.len(),
+                    t.ahead
                 ))?;
             }
         }

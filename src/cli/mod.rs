@@ -25,6 +25,7 @@ mod kafka_security;
 mod list;
 mod migrate;
 mod output;
+mod partitions;
 mod publish;
 mod release_stale_locks;
 mod replay;
@@ -136,6 +137,7 @@ enum Command {
     Unlock(unlock::UnlockArgs),
     ReleaseStaleLocks(release_stale_locks::ReleaseArgs),
     Cleanup(cleanup::CleanupArgs),
+    Partitions(partitions::PartitionsArgs),
     Audit(audit::AuditArgs),
     Config(config_show::ConfigArgs),
     Completions(completions::CompletionsArgs),
@@ -325,6 +327,7 @@ pub fn main() -> ExitCode {
             Command::Unlock(args) => unlock::run(args, &ctx).await,
             Command::ReleaseStaleLocks(args) => release_stale_locks::run(args, &ctx).await,
             Command::Cleanup(args) => cleanup::run(args, &ctx).await,
+            Command::Partitions(args) => partitions::run(args, &ctx).await,
             Command::Audit(args) => audit::run(args, &ctx).await,
             Command::Config(args) => config_show::run(args, &ctx),
             Command::Completions(args) => completions::run(args, &ctx).await,

@@ -314,6 +314,7 @@ pub async fn run_publish(args: PublishArgs, ctx: &Context) -> Result<ExitStatus>
     };
     let processor = builder.build();
     let _metrics_server = running::serve_metrics(args.metrics_addr, &metrics, &store).await?;
+    let _partitions = running::keep_partitions(&store).await;
     let mode = running::run_mode(args.once);
     let run_options = RunOptions {
         mode,

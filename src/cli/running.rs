@@ -17,6 +17,50 @@ use omnibox::store::dead_letters::DeadLetterTable;
 
 use super::{Context, args};
 
+/// How often a running command creates the partitions missing ahead.
+const PARTITIONS_EVERY: Duration = Duration::from_secs(600);
+
+/// A task that stops when this is dropped.
+pub struct Background(tokio::task::JoinHandle<()>);
+
+impl Drop for Background {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// On PostgreSQL, creates the partitions missing ahead of partitioned
+/// tables now (before the command's work starts) and every 10 minutes
+/// while it runs; nothing when neither table is partitioned (one catalog
+/// lookup each time). A failure is a warning: the partitions ahead cover
+/// the time until the next try.
+pub async fn keep_partitions(store: &AnyStore) -> Option<Background> {
+    let AnyStore::Postgres(pg) = store else {
+        return None;
+    };
+    async fn ensure(pg: &omnibox::store::PgStore) {
+        match pg.ensure_partitions(Duration::from_secs(5)).await {
+            Ok(created) => {
+                for name in created {
+                    tracing::info!(partition = %name, "created a partition ahead");
+                }
+            }
+            Err(e) => tracing::warn!(
+                error = %e,
+                "could not create the partitions ahead (tried again in 10 minutes; `omnibox partitions create` does it by hand)"
+            ),
+        }
+    }
+    ensure(pg).await;
+    let pg = pg.clone();
+    Some(Background(tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(PARTITIONS_EVERY).await;
+            ensure(&pg).await;
+        }
+    })))
+}
+
 /// `--once` runs until nothing is due; otherwise the command watches.
 pub fn run_mode(once: bool) -> RunMode {
     if once { RunMode::Once } else { RunMode::Watch }

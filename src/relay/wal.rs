@@ -138,7 +138,7 @@ pub async fn prepare(pool: &PgPool, opts: &WalOptions) -> Result<WalStart> {
         None => {
             // An identifier cannot be bound; the name passed `check_name`.
             let ddl = format!(
-                "CREATE PUBLICATION {} FOR TABLE outbox_events WITH (publish = 'insert')",
+                "CREATE PUBLICATION {} FOR TABLE outbox_events WITH (publish = 'insert', publish_via_partition_root = true)",
                 opts.publication
             );
             sqlx::query(sqlx::AssertSqlSafe(ddl.clone())).execute(pool).await.map_err(|e| {

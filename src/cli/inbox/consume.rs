@@ -254,6 +254,7 @@ pub async fn run(args: ConsumeArgs, ctx: &Context) -> Result<ExitStatus> {
         consumer = consumer.dead_letter_store(table);
     }
     let _server = running::serve_metrics(args.metrics_addr, &metrics, &store).await?;
+    let _partitions = running::keep_partitions(&store).await;
     if !ctx.quiet && !args.once {
         crate::cli::output::notice!(
             "omnibox: consuming {describe} as {worker}; SIGINT or SIGTERM stops after the current batch"

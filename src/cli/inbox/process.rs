@@ -142,6 +142,7 @@ pub async fn run(args: ProcessArgs, ctx: &Context) -> Result<ExitStatus> {
     }
     let processor = builder.build();
     let _server = running::serve_metrics(args.metrics_addr, &metrics, &store).await?;
+    let _partitions = running::keep_partitions(&store).await;
     let mode = running::run_mode(args.once);
     if !ctx.quiet && mode == RunMode::Watch {
         crate::cli::output::notice!(

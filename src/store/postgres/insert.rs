@@ -406,7 +406,12 @@ pub async fn insert_outbox(
                 .as_ref()
                 .and_then(|k| existing.get(k))
                 .map(|&id| BulkOutcome { id, existing: true })
-                .ok_or_else(|| Error::validation("id", format!("event {} was not inserted", e.id)))
+                .ok_or_else(|| {
+                    Error::validation(
+                        "id",
+                        format!("event {} was not inserted: another event has this id", e.id),
+                    )
+                })
         })
         .collect()
 }
@@ -494,7 +499,15 @@ pub async fn insert_inbox(
             existing
                 .get(&(e.route.message_id.clone(), e.route.consumer_group.clone()))
                 .map(|&id| BulkOutcome { id, existing: true })
-                .ok_or_else(|| Error::validation("id", format!("event {} was not inserted", e.id)))
+                .ok_or_else(|| {
+                    Error::validation(
+                        "id",
+                        format!(
+                            "event {} was not inserted: another event has this id or idempotency key",
+                            e.id
+                        ),
+                    )
+                })
         })
         .collect()
 }

@@ -42,11 +42,16 @@ const EXACT_COUNT_BELOW: f64 = 1_000_000.0;
 /// pending, locked, due, failed and the oldest pending row come from the
 /// small partial indexes (exact); `completed` is the planner's row estimate
 /// less those, flagged as an estimate. A table estimated under a million
-/// rows (or never analyzed) is counted exactly.
+/// rows (or never analyzed) is counted exactly. A partitioned table's
+/// estimate is the sum of its partitions'.
 pub(crate) async fn status_counts<R: PgRoute>(table: &PgTable<R>) -> Result<TableCounts> {
     let t = R::TABLE.sql_name();
     let estimate: Option<f32> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
-        "SELECT reltuples FROM pg_class WHERE oid = to_regclass('{t}')"
+        "SELECT CASE WHEN c.relkind = 'p' THEN
+                    coalesce((SELECT sum(greatest(k.reltuples, 0))::real FROM pg_inherits i
+                       JOIN pg_class k ON k.oid = i.inhrelid WHERE i.inhparent = c.oid), -1)
+                ELSE c.reltuples END
+           FROM pg_class c WHERE c.oid = to_regclass('{t}')"
     )))
     .fetch_optional(&table.pool)
     .await

@@ -31,6 +31,7 @@ pub(crate) mod driver;
 mod inbox_tx;
 mod insert;
 pub(crate) mod maintenance;
+pub mod partition;
 mod sql;
 mod table;
 

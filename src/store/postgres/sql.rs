@@ -405,6 +405,12 @@ pub static INBOX: TableSql = table_sql!(
     plain_claimable_exists!("inbox_events")
 );
 
+// The inserts' `ON CONFLICT` names no target: on a plain table the unique
+// index of the idempotency key (outbox) or of `(message_id,
+// consumer_group)` (inbox) skips a duplicate; on a partitioned table, which
+// can hold no unique index without `created_at`, a row trigger skips it
+// (store/postgres/partition.rs). A row whose id is taken is skipped too,
+// and `insert_outbox`/`insert_inbox` report it as not inserted.
 pub(super) const INSERT_OUTBOX: &str = "INSERT INTO outbox_events (
         id, event_type, payload, headers, trace_id, idempotency_key, correlation_id, causation_id,
         schema_version, status, attempts_made, max_attempts, last_error, scheduled_at, completed_at,
@@ -422,7 +428,7 @@ pub(super) const INSERT_OUTBOX: &str = "INSERT INTO outbox_events (
             causation_id, schema_version, status, attempts_made, max_attempts, last_error, scheduled_at,
             completed_at, created_at, aggregate_type, aggregate_id, topic, partition_key, payload_bytes, ord)
     ORDER BY u.ord
-    ON CONFLICT (idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
+    ON CONFLICT DO NOTHING
     RETURNING id";
 
 pub(super) const INSERT_INBOX: &str = "INSERT INTO inbox_events (
@@ -440,7 +446,7 @@ pub(super) const INSERT_INBOX: &str = "INSERT INTO inbox_events (
             causation_id, schema_version, status, attempts_made, max_attempts, last_error, scheduled_at,
             completed_at, created_at, message_id, consumer_group, source, payload_bytes, ord)
     ORDER BY u.ord
-    ON CONFLICT (message_id, consumer_group) DO NOTHING
+    ON CONFLICT DO NOTHING
     RETURNING id";
 
 pub(super) const EXISTING_BY_IDEMPOTENCY_KEY: &str =

@@ -1,0 +1,992 @@
+//! Partitioned tables: the outbox and inbox range-partitioned by
+//! `created_at` (`omnibox migrate --partitioned`), partitions made ahead of
+//! time (`omnibox partitions create`, and every relay and inbox processor
+//! while it runs), and retention that drops a whole partition once every
+//! row in it is past retention (`omnibox cleanup`). docs/partitioning.md
+//! has the rules; docs/design.md the invariants.
+//!
+//! What uniqueness becomes. PostgreSQL enforces a unique index on a
+//! partitioned table only when it holds the partition key, so:
+//! - the primary key is `(id, created_at)`: an id is unique within its
+//!   partition (ids omnibox makes are UUIDv7; a caller that passes its own
+//!   id twice, on different days, gets two rows);
+//! - the outbox's idempotency key stays unique across partitions: a row
+//!   trigger records each key in `omnibox_outbox_keys` (one plain table)
+//!   and skips a row whose key is taken, as `ON CONFLICT DO NOTHING` did;
+//! - the inbox's `(message_id, consumer_group)` stays unique for as long as
+//!   the first row is kept (what the dedup window asks): a row trigger takes
+//!   an advisory transaction lock on the pair and skips the row when any
+//!   partition holds it;
+//! - the inbox's idempotency key is no longer unique (the inbox
+//!   deduplicates by message id).
+//!
+//! Every name pasted into DDL here is one omnibox makes (`outbox_events`,
+//! `inbox_events`, a partition name of digits) or one the catalog returns,
+//! quoted by PostgreSQL's own `quote_ident`/`format('%I')`.
+
+use std::time::Duration;
+
+use chrono::{DateTime, Datelike, NaiveTime, TimeZone, Utc};
+use serde::Serialize;
+use sqlx::{Connection, PgConnection, Row};
+
+use super::{MIGRATE_LOCK, PgStore};
+use crate::error::{Error, Result, storage};
+use crate::model::Table;
+
+/// The range each partition covers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Period {
+    /// One hour (UTC).
+    Hour,
+    /// One day (UTC midnight to midnight).
+    Day,
+    /// One week, Monday to Monday (UTC).
+    Week,
+}
+
+impl Period {
+    /// `hour`, `day` or `week`.
+    pub fn parse(text: &str) -> Option<Period> {
+        match text {
+            "hour" => Some(Period::Hour),
+            "day" => Some(Period::Day),
+            "week" => Some(Period::Week),
+            _ => None,
+        }
+    }
+
+    /// The name `parse` reads.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Period::Hour => "hour",
+            Period::Day => "day",
+            Period::Week => "week",
+        }
+    }
+
+    /// How long one partition's range is.
+    pub fn length(self) -> chrono::Duration {
+        match self {
+            Period::Hour => chrono::Duration::hours(1),
+            Period::Day => chrono::Duration::days(1),
+            Period::Week => chrono::Duration::days(7),
+        }
+    }
+
+    /// The start of the range holding `t`.
+    pub fn floor(self, t: DateTime<Utc>) -> DateTime<Utc> {
+        let day = t.date_naive();
+        let start = match self {
+            Period::Hour => {
+                day.and_time(NaiveTime::MIN)
+                    + chrono::Duration::hours(i64::from(chrono::Timelike::hour(&t)))
+            }
+            Period::Day => day.and_time(NaiveTime::MIN),
+            Period::Week => (day
+                - chrono::Duration::days(i64::from(day.weekday().num_days_from_monday())))
+            .and_time(NaiveTime::MIN),
+        };
+        Utc.from_utc_datetime(&start)
+    }
+
+    /// The suffix of the partition starting at `start`: `YYYYMMDDHH` for
+    /// hours, `YYYYMMDD` for days and weeks.
+    fn suffix(self, start: DateTime<Utc>) -> String {
+        match self {
+            Period::Hour => start.format("%Y%m%d%H").to_string(),
+            Period::Day | Period::Week => start.format("%Y%m%d").to_string(),
+        }
+    }
+
+    /// The start a suffix names, if it is one of this period's.
+    fn parse_suffix(self, suffix: &str) -> Option<DateTime<Utc>> {
+        if !suffix.bytes().all(|b| b.is_ascii_digit()) {
+            return None;
+        }
+        let (date, hour) = match (self, suffix.len()) {
+            (Period::Hour, 10) => (&suffix[..8], suffix[8..].parse::<u32>().ok()?),
+            (Period::Day | Period::Week, 8) => (suffix, 0),
+            _ => return None,
+        };
+        let day = chrono::NaiveDate::parse_from_str(date, "%Y%m%d").ok()?;
+        let start = Utc.from_utc_datetime(&day.and_hms_opt(hour, 0, 0)?);
+        (self.floor(start) == start).then_some(start)
+    }
+}
+
+impl std::fmt::Display for Period {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The name of `table`'s partition starting at `start`.
+fn partition_name(table: Table, period: Period, start: DateTime<Utc>) -> String {
+    format!("{}_p{}", table.sql_name(), period.suffix(start))
+}
+
+/// A bound as a `timestamptz` literal (made here, from a time).
+fn literal(t: DateTime<Utc>) -> String {
+    format!("'{}'", t.format("%Y-%m-%d %H:%M:%S+00"))
+}
+
+/// How `migrate --partitioned` lays the tables out.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PartitionOptions {
+    /// The range of one partition.
+    pub period: Period,
+    /// Partitions kept ready past the current one.
+    pub ahead: u32,
+    /// Rows a table may hold and still be converted (they are copied under
+    /// a write lock); `None` for any number.
+    pub copy_limit: Option<u64>,
+}
+
+impl Default for PartitionOptions {
+    /// Daily partitions, a week ahead, tables of up to a million rows.
+    fn default() -> Self {
+        PartitionOptions {
+            period: Period::Day,
+            ahead: 7,
+            copy_limit: Some(1_000_000),
+        }
+    }
+}
+
+/// The most partitions kept ahead.
+pub const MAX_AHEAD: u32 = 1000;
+
+/// What `partition_tables` did to one table.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct TablePartitioning {
+    /// `outbox` or `inbox`.
+    pub table: String,
+    /// Converted now (false: it was partitioned already).
+    pub converted: bool,
+    /// Rows copied into the partitioned table.
+    pub rows_copied: u64,
+    /// The period of its partitions.
+    pub period: Period,
+    /// Partitions kept ahead.
+    pub ahead: u32,
+    /// Partitions created.
+    pub created: Vec<String>,
+}
+
+/// One table's partitioning, as recorded in `omnibox_partitioning`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Partitioning {
+    /// The table.
+    pub table: Table,
+    /// The range of one partition.
+    pub period: Period,
+    /// Partitions kept ready past the current one.
+    pub ahead: u32,
+}
+
+/// One partition, as `omnibox partitions` lists it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct PartitionInfo {
+    /// `outbox` or `inbox`.
+    pub table: String,
+    /// The partition's table name.
+    pub name: String,
+    /// Its range's start, for partitions omnibox named.
+    pub from: Option<DateTime<Utc>>,
+    /// Its range's end (exclusive).
+    pub to: Option<DateTime<Utc>>,
+    /// The range as PostgreSQL states it.
+    pub bound: String,
+    /// The planner's estimate of its rows (0 before its first ANALYZE).
+    pub rows_estimate: u64,
+    /// Its size on disk, indexes included.
+    pub bytes: u64,
+}
+
+/// What a cleanup may retire.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RetireOptions {
+    /// Completed rows older than this go.
+    pub older_than: Duration,
+    /// Failed rows go too, older than `failed_older_than`.
+    pub include_failed: bool,
+    /// The age of failed rows that go.
+    pub failed_older_than: Duration,
+    /// Count, change nothing.
+    pub dry_run: bool,
+    /// How long to wait for the table's lock before leaving a partition
+    /// for the next run.
+    pub lock_timeout: Duration,
+}
+
+/// A partition a cleanup left, and why.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct KeptPartition {
+    /// The partition.
+    pub name: String,
+    /// Why it stays.
+    pub reason: String,
+}
+
+/// What a cleanup retired (or would, in a dry run) in one table.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct Retired {
+    /// The partitions dropped (or to drop).
+    pub partitions: Vec<String>,
+    /// Completed rows they held.
+    pub completed: u64,
+    /// Failed rows they held.
+    pub failed: u64,
+    /// Partitions past retention that stay.
+    pub kept: Vec<KeptPartition>,
+}
+
+async fn exec(conn: &mut PgConnection, sql: String) -> Result<()> {
+    sqlx::query(sqlx::AssertSqlSafe(sql))
+        .execute(&mut *conn)
+        .await
+        .map_err(storage)?;
+    Ok(())
+}
+
+async fn db_now(conn: &mut PgConnection) -> Result<DateTime<Utc>> {
+    sqlx::query_scalar("SELECT now()")
+        .fetch_one(&mut *conn)
+        .await
+        .map_err(storage)
+}
+
+/// The recorded partitioning of each partitioned table (empty when none is,
+/// or the bookkeeping table does not exist).
+async fn recorded(conn: &mut PgConnection) -> Result<Vec<Partitioning>> {
+    let exists: bool = sqlx::query_scalar("SELECT to_regclass('omnibox_partitioning') IS NOT NULL")
+        .fetch_one(&mut *conn)
+        .await
+        .map_err(storage)?;
+    if !exists {
+        return Ok(Vec::new());
+    }
+    let rows = sqlx::query(
+        "SELECT p.table_name, p.period, p.ahead FROM omnibox_partitioning p
+          JOIN pg_class c ON c.oid = to_regclass(p.table_name) AND c.relkind = 'p'
+          ORDER BY p.table_name DESC",
+    )
+    .fetch_all(&mut *conn)
+    .await
+    .map_err(storage)?;
+    let mut out = Vec::with_capacity(rows.len());
+    for r in rows {
+        let name: String = r.try_get(0).map_err(storage)?;
+        let period: String = r.try_get(1).map_err(storage)?;
+        let ahead: i32 = r.try_get(2).map_err(storage)?;
+        let table = match name.as_str() {
+            "outbox_events" => Table::Outbox,
+            "inbox_events" => Table::Inbox,
+            _ => continue,
+        };
+        let Some(period) = Period::parse(&period) else {
+            continue;
+        };
+        out.push(Partitioning {
+            table,
+            period,
+            ahead: u32::try_from(ahead).unwrap_or(0),
+        });
+    }
+    Ok(out)
+}
+
+/// Creates `table`'s partitions from the one holding `from` to `ahead`
+/// past the one holding `now`, skipping those that exist. Returns the
+/// names created.
+async fn create_range(
+    conn: &mut PgConnection,
+    table: Table,
+    period: Period,
+    from: DateTime<Utc>,
+    now: DateTime<Utc>,
+    ahead: u32,
+) -> Result<Vec<String>> {
+    let parent = table.sql_name();
+    let last = period.floor(now) + period.length() * i32::try_from(ahead).unwrap_or(0);
+    let mut start = period.floor(from.min(now));
+    let mut created = Vec::new();
+    while start <= last {
+        let end = start + period.length();
+        let name = partition_name(table, period, start);
+        let exists: bool = sqlx::query_scalar("SELECT to_regclass($1) IS NOT NULL")
+            .bind(&name)
+            .fetch_one(&mut *conn)
+            .await
+            .map_err(storage)?;
+        if !exists {
+            exec(
+                conn,
+                format!(
+                    "CREATE TABLE {name} PARTITION OF {parent} FOR VALUES FROM ({}) TO ({})",
+                    literal(start),
+                    literal(end)
+                ),
+            )
+            .await?;
+            created.push(name);
+        }
+        start = end;
+    }
+    Ok(created)
+}
+
+/// The DDL of the trigger functions a partitioned table needs, with the
+/// schema's name pinned (`search_path`) so that a session with another
+/// search path inserting into `schema.outbox_events` still finds
+/// `omnibox_outbox_keys`.
+fn trigger_functions(schema_ident: &str) -> [String; 3] {
+    [
+        format!(
+            "CREATE OR REPLACE FUNCTION omnibox_outbox_key() RETURNS trigger LANGUAGE plpgsql
+             SET search_path = {schema_ident} AS $$
+             BEGIN
+                 INSERT INTO omnibox_outbox_keys (idempotency_key, event_id, created_at)
+                     VALUES (NEW.idempotency_key, NEW.id, NEW.created_at)
+                     ON CONFLICT DO NOTHING;
+                 IF NOT FOUND THEN
+                     RETURN NULL;
+                 END IF;
+                 RETURN NEW;
+             END
+             $$"
+        ),
+        format!(
+            "CREATE OR REPLACE FUNCTION omnibox_outbox_key_gone() RETURNS trigger LANGUAGE plpgsql
+             SET search_path = {schema_ident} AS $$
+             BEGIN
+                 DELETE FROM omnibox_outbox_keys
+                  WHERE idempotency_key = OLD.idempotency_key AND event_id = OLD.id;
+                 RETURN NULL;
+             END
+             $$"
+        ),
+        format!(
+            "CREATE OR REPLACE FUNCTION omnibox_inbox_dedup() RETURNS trigger LANGUAGE plpgsql
+             SET search_path = {schema_ident} AS $$
+             BEGIN
+                 PERFORM pg_advisory_xact_lock(hashtextextended(
+                     'omnibox_inbox' || chr(1) || NEW.consumer_group || chr(1) || NEW.message_id, 0));
+                 IF EXISTS (SELECT 1 FROM inbox_events
+                             WHERE message_id = NEW.message_id AND consumer_group = NEW.consumer_group) THEN
+                     RETURN NULL;
+                 END IF;
+                 RETURN NEW;
+             END
+             $$"
+        ),
+    ]
+}
+
+/// Makes `table` range-partitioned by `created_at` on `conn` (inside a
+/// transaction, under the migration lock). Everything the plain table
+/// carried comes along: columns, defaults, checks, the identity, its
+/// indexes (unique ones become plain, see the module's text), triggers,
+/// grants and publications; its rows are copied.
+async fn convert(
+    conn: &mut PgConnection,
+    table: Table,
+    opts: &PartitionOptions,
+) -> Result<TablePartitioning> {
+    let t = table.sql_name();
+    let kind: Option<String> =
+        sqlx::query_scalar("SELECT relkind::text FROM pg_class WHERE oid = to_regclass($1)")
+            .bind(t)
+            .fetch_optional(&mut *conn)
+            .await
+            .map_err(storage)?;
+    let mut report = TablePartitioning {
+        table: table.to_string(),
+        converted: false,
+        rows_copied: 0,
+        period: opts.period,
+        ahead: opts.ahead,
+        created: Vec::new(),
+    };
+    match kind.as_deref() {
+        None => {
+            return Err(Error::Config(format!(
+                "there is no table {t}: run omnibox migrate first"
+            )));
+        }
+        Some("p") => {
+            let had: Option<String> =
+                sqlx::query_scalar("SELECT period FROM omnibox_partitioning WHERE table_name = $1")
+                    .bind(t)
+                    .fetch_optional(&mut *conn)
+                    .await
+                    .map_err(storage)?;
+            if let Some(had) = had
+                && had != opts.period.as_str()
+            {
+                return Err(Error::Config(format!(
+                    "{t} is partitioned by {had} already; its period cannot change (run with --partition-period {had})"
+                )));
+            }
+        }
+        Some(_) => {
+            convert_plain(conn, table, opts, &mut report).await?;
+        }
+    }
+    sqlx::query(
+        "INSERT INTO omnibox_partitioning (table_name, period, ahead) VALUES ($1, $2, $3)
+         ON CONFLICT (table_name) DO UPDATE SET ahead = EXCLUDED.ahead",
+    )
+    .bind(t)
+    .bind(opts.period.as_str())
+    .bind(i32::try_from(opts.ahead).unwrap_or(i32::MAX))
+    .execute(&mut *conn)
+    .await
+    .map_err(storage)?;
+    let now = db_now(conn).await?;
+    report
+        .created
+        .extend(create_range(conn, table, opts.period, now, now, opts.ahead).await?);
+    Ok(report)
+}
+
+async fn convert_plain(
+    conn: &mut PgConnection,
+    table: Table,
+    opts: &PartitionOptions,
+    report: &mut TablePartitioning,
+) -> Result<()> {
+    let t = table.sql_name();
+    let new = format!("omnibox_new_{t}");
+    exec(conn, format!("LOCK TABLE {t} IN ACCESS EXCLUSIVE MODE")).await?;
+    let (rows, oldest): (i64, Option<DateTime<Utc>>) = sqlx::query_as(sqlx::AssertSqlSafe(
+        format!("SELECT count(*), min(created_at) FROM {t}"),
+    ))
+    .fetch_one(&mut *conn)
+    .await
+    .map_err(storage)?;
+    let rows = u64::try_from(rows).unwrap_or(0);
+    if let Some(limit) = opts.copy_limit
+        && rows > limit
+    {
+        return Err(Error::Config(format!(
+            "{t} holds {rows} rows: converting copies them under a write lock that stops producers and relays meanwhile (about 10 s per million rows); run omnibox cleanup first, or add --force in a maintenance window"
+        )));
+    }
+    // What the plain table carries beside its columns, read before it goes.
+    let indexes: Vec<(String, bool)> = sqlx::query_as(
+        "SELECT pg_get_indexdef(indexrelid), indisprimary FROM pg_index
+          WHERE indrelid = to_regclass($1) ORDER BY indexrelid",
+    )
+    .bind(t)
+    .fetch_all(&mut *conn)
+    .await
+    .map_err(storage)?;
+    let triggers: Vec<String> = sqlx::query_scalar(
+        "SELECT pg_get_triggerdef(oid) FROM pg_trigger
+          WHERE tgrelid = to_regclass($1) AND NOT tgisinternal ORDER BY tgname",
+    )
+    .bind(t)
+    .fetch_all(&mut *conn)
+    .await
+    .map_err(storage)?;
+    let grants: Vec<String> = sqlx::query_scalar(
+        "SELECT format('GRANT %s ON %I TO %s', a.privilege_type, c.relname,
+                       CASE WHEN a.grantee = 0 THEN 'PUBLIC' ELSE quote_ident(pg_get_userbyid(a.grantee)) END)
+           FROM pg_class c, aclexplode(c.relacl) a
+          WHERE c.oid = to_regclass($1) AND a.grantee <> c.relowner",
+    )
+    .bind(t)
+    .fetch_all(&mut *conn)
+    .await
+    .map_err(storage)?;
+    let publications: Vec<String> = sqlx::query_scalar(
+        "SELECT quote_ident(pubname) FROM pg_publication_tables
+          WHERE schemaname = current_schema() AND tablename = $1",
+    )
+    .bind(t)
+    .fetch_all(&mut *conn)
+    .await
+    .map_err(storage)?;
+
+    exec(
+        conn,
+        format!(
+            "CREATE TABLE {new} (LIKE {t} INCLUDING DEFAULTS INCLUDING CONSTRAINTS INCLUDING IDENTITY
+                 INCLUDING STORAGE INCLUDING COMMENTS) PARTITION BY RANGE (created_at)"
+        ),
+    )
+    .await?;
+    // Partitions from the oldest row's on; created under the new parent's
+    // name-to-be, so they keep their names after the rename below.
+    let now = db_now(conn).await?;
+    let parent_start = opts.period.floor(oldest.unwrap_or(now).min(now));
+    let last =
+        opts.period.floor(now) + opts.period.length() * i32::try_from(opts.ahead).unwrap_or(0);
+    let mut start = parent_start;
+    while start <= last {
+        let end = start + opts.period.length();
+        let name = partition_name(table, opts.period, start);
+        exec(
+            conn,
+            format!(
+                "CREATE TABLE {name} PARTITION OF {new} FOR VALUES FROM ({}) TO ({})",
+                literal(start),
+                literal(end)
+            ),
+        )
+        .await?;
+        report.created.push(name);
+        start = end;
+    }
+    if rows > 0 {
+        exec(
+            conn,
+            format!("INSERT INTO {new} OVERRIDING SYSTEM VALUE SELECT * FROM {t}"),
+        )
+        .await?;
+        report.rows_copied = rows;
+    }
+    // The identity goes on from where the plain table's stopped.
+    exec(
+        conn,
+        format!(
+            "SELECT setval(pg_get_serial_sequence('{new}', 'seq'), v)
+               FROM (SELECT greatest(pg_sequence_last_value(pg_get_serial_sequence('{t}', 'seq')::regclass),
+                                     (SELECT max(seq) FROM {t})) AS v) s
+              WHERE v IS NOT NULL"
+        ),
+    )
+    .await?;
+    if table == Table::Outbox {
+        exec(
+            conn,
+            "INSERT INTO omnibox_outbox_keys (idempotency_key, event_id, created_at)
+             SELECT idempotency_key, id, created_at FROM outbox_events
+              WHERE idempotency_key IS NOT NULL"
+                .to_string(),
+        )
+        .await?;
+    }
+    exec(conn, format!("DROP TABLE {t}")).await?;
+    exec(conn, format!("ALTER TABLE {new} RENAME TO {t}")).await?;
+    let seq: Option<String> = sqlx::query_scalar("SELECT pg_get_serial_sequence($1, 'seq')")
+        .bind(t)
+        .fetch_one(&mut *conn)
+        .await
+        .map_err(storage)?;
+    if let Some(seq) = seq {
+        // A name the catalog returned, quoted by it.
+        exec(conn, format!("ALTER SEQUENCE {seq} RENAME TO {t}_seq_seq")).await?;
+    }
+    exec(
+        conn,
+        format!("ALTER TABLE {t} ADD CONSTRAINT {t}_pkey PRIMARY KEY (id, created_at)"),
+    )
+    .await?;
+    for (def, primary) in indexes {
+        if primary {
+            continue;
+        }
+        // Unique indexes cannot hold across partitions without the
+        // partition key: they become plain (the triggers below keep what
+        // they guaranteed).
+        let def = match def.strip_prefix("CREATE UNIQUE INDEX ") {
+            Some(rest) => format!("CREATE INDEX {rest}"),
+            None => def,
+        };
+        exec(conn, def).await?;
+    }
+    for def in triggers {
+        exec(conn, def).await?;
+    }
+    match table {
+        Table::Outbox => {
+            exec(
+                conn,
+                "CREATE TRIGGER outbox_events_key BEFORE INSERT ON outbox_events FOR EACH ROW
+                  WHEN (NEW.idempotency_key IS NOT NULL) EXECUTE FUNCTION omnibox_outbox_key()"
+                    .to_string(),
+            )
+            .await?;
+            exec(
+                conn,
+                "CREATE TRIGGER outbox_events_key_gone AFTER DELETE ON outbox_events FOR EACH ROW
+                  WHEN (OLD.idempotency_key IS NOT NULL) EXECUTE FUNCTION omnibox_outbox_key_gone()"
+                    .to_string(),
+            )
+            .await?;
+        }
+        Table::Inbox => {
+            exec(
+                conn,
+                "CREATE TRIGGER inbox_events_dedup BEFORE INSERT ON inbox_events FOR EACH ROW
+                  EXECUTE FUNCTION omnibox_inbox_dedup()"
+                    .to_string(),
+            )
+            .await?;
+        }
+    }
+    for grant in grants {
+        exec(conn, grant).await?;
+    }
+    for publication in publications {
+        exec(
+            conn,
+            format!("ALTER PUBLICATION {publication} ADD TABLE {t}"),
+        )
+        .await?;
+        exec(
+            conn,
+            format!("ALTER PUBLICATION {publication} SET (publish_via_partition_root = true)"),
+        )
+        .await?;
+    }
+    report.converted = true;
+    Ok(())
+}
+
+/// A `lock_timeout` setting from a duration (at least a millisecond).
+fn lock_timeout_ms(d: Duration) -> String {
+    d.as_millis().clamp(1, i32::MAX as u128).to_string()
+}
+
+impl PgStore {
+    /// Makes the outbox and inbox range-partitioned by `created_at`
+    /// (`omnibox migrate --partitioned`; the schema must be migrated).
+    /// Tables already partitioned keep their partitions (`ahead` is
+    /// updated; another period is refused). A plain table is rebuilt in
+    /// one transaction, its rows copied: it holds a write lock meanwhile,
+    /// and a table of more than `copy_limit` rows is refused. Partitions
+    /// from the current one to `ahead` past it are created.
+    pub async fn partition_tables(
+        &self,
+        opts: &PartitionOptions,
+    ) -> Result<Vec<TablePartitioning>> {
+        if opts.ahead == 0 || opts.ahead > MAX_AHEAD {
+            return Err(Error::Config(format!(
+                "partitions ahead must be 1 to {MAX_AHEAD}, not {}",
+                opts.ahead
+            )));
+        }
+        let mut conn = self.pool.acquire().await.map_err(storage)?;
+        sqlx::query("SELECT pg_advisory_lock($1)")
+            .bind(MIGRATE_LOCK)
+            .execute(&mut *conn)
+            .await
+            .map_err(storage)?;
+        let result = async {
+            let schema_ident: String = sqlx::query_scalar("SELECT quote_ident(current_schema())")
+                .fetch_one(&mut *conn)
+                .await
+                .map_err(storage)?;
+            let mut tx = conn.begin().await.map_err(storage)?;
+            for ddl in [
+                "CREATE TABLE IF NOT EXISTS omnibox_partitioning (
+                    table_name varchar(20) PRIMARY KEY
+                        CHECK (table_name IN ('outbox_events', 'inbox_events')),
+                    period     varchar(10) NOT NULL CHECK (period IN ('hour', 'day', 'week')),
+                    ahead      integer     NOT NULL CHECK (ahead BETWEEN 1 AND 1000)
+                )",
+                "CREATE TABLE IF NOT EXISTS omnibox_outbox_keys (
+                    idempotency_key varchar(128) PRIMARY KEY,
+                    event_id        uuid         NOT NULL,
+                    created_at      timestamptz  NOT NULL
+                )",
+                "CREATE INDEX IF NOT EXISTS omnibox_outbox_keys_created ON omnibox_outbox_keys (created_at)",
+            ] {
+                exec(&mut tx, ddl.to_string()).await?;
+            }
+            for ddl in trigger_functions(&schema_ident) {
+                exec(&mut tx, ddl).await?;
+            }
+            let mut out = Vec::with_capacity(2);
+            for table in Table::ALL {
+                out.push(convert(&mut tx, table, opts).await?);
+            }
+            tx.commit().await.map_err(storage)?;
+            Ok(out)
+        }
+        .await;
+        let _ = sqlx::query("SELECT pg_advisory_unlock($1)")
+            .bind(MIGRATE_LOCK)
+            .execute(&mut *conn)
+            .await;
+        result
+    }
+
+    /// The partitioned tables and their settings (empty when neither is).
+    pub async fn partitioning(&self) -> Result<Vec<Partitioning>> {
+        let mut conn = self.pool.acquire().await.map_err(storage)?;
+        recorded(&mut conn).await
+    }
+
+    /// Creates the partitions missing from the current one to `ahead` past
+    /// it, for each partitioned table; returns their names. Cheap when
+    /// nothing is missing (one catalog lookup per partition). Each
+    /// creation waits at most `lock_timeout` for the table's lock.
+    pub async fn ensure_partitions(&self, lock_timeout: Duration) -> Result<Vec<String>> {
+        let mut conn = self.pool.acquire().await.map_err(storage)?;
+        let mut created = Vec::new();
+        for p in recorded(&mut conn).await? {
+            let mut tx = conn.begin().await.map_err(storage)?;
+            exec(
+                &mut tx,
+                format!("SET LOCAL lock_timeout = {}", lock_timeout_ms(lock_timeout)),
+            )
+            .await?;
+            let now = db_now(&mut tx).await?;
+            let made = create_range(&mut tx, p.table, p.period, now, now, p.ahead).await?;
+            tx.commit().await.map_err(storage)?;
+            created.extend(made);
+        }
+        Ok(created)
+    }
+
+    /// Every partition of the outbox and inbox, oldest first per table.
+    pub async fn partitions(&self) -> Result<Vec<PartitionInfo>> {
+        let mut conn = self.pool.acquire().await.map_err(storage)?;
+        let periods = recorded(&mut conn).await?;
+        let rows = sqlx::query(
+            "SELECT p.relname AS parent, c.relname AS name, pg_get_expr(c.relpartbound, c.oid) AS bound,
+                    greatest(c.reltuples, 0)::int8 AS rows, pg_total_relation_size(c.oid) AS bytes
+               FROM pg_inherits i
+               JOIN pg_class c ON c.oid = i.inhrelid
+               JOIN pg_class p ON p.oid = i.inhparent
+              WHERE i.inhparent IN (to_regclass('outbox_events'), to_regclass('inbox_events'))
+              ORDER BY p.relname DESC, c.relname",
+        )
+        .fetch_all(&mut *conn)
+        .await
+        .map_err(storage)?;
+        let mut out = Vec::with_capacity(rows.len());
+        for r in rows {
+            let parent: String = r.try_get("parent").map_err(storage)?;
+            let name: String = r.try_get("name").map_err(storage)?;
+            let table = if parent == "outbox_events" {
+                Table::Outbox
+            } else {
+                Table::Inbox
+            };
+            let start = periods.iter().find(|p| p.table == table).and_then(|p| {
+                Some((
+                    p.period,
+                    p.period
+                        .parse_suffix(name.strip_prefix(&format!("{parent}_p"))?)?,
+                ))
+            });
+            out.push(PartitionInfo {
+                table: table.to_string(),
+                from: start.map(|(_, s)| s),
+                to: start.map(|(p, s)| s + p.length()),
+                bound: r.try_get("bound").map_err(storage)?,
+                rows_estimate: u64::try_from(r.try_get::<i64, _>("rows").map_err(storage)?)
+                    .unwrap_or(0),
+                bytes: u64::try_from(r.try_get::<i64, _>("bytes").map_err(storage)?).unwrap_or(0),
+                name,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Drops `table`'s partitions whose whole range is older than
+    /// `older_than` and whose every row is past retention: completed more
+    /// than `older_than` ago, or (with `include_failed`) failed more than
+    /// `failed_older_than` ago. A partition holding a pending row, a
+    /// failed row kept, or a row completed since is kept, with why (the
+    /// row-by-row cleanup then deletes what is past retention in it).
+    ///
+    /// Each drop is one transaction: the partition is detached (a lock on
+    /// the table, waited for at most `lock_timeout`), checked again under
+    /// that lock (a `replay` may have requeued a row meanwhile), and
+    /// dropped; a kill at any moment leaves it attached or gone, never
+    /// detached. The outbox's idempotency keys of its rows are released
+    /// first (as deleting the rows would).
+    pub async fn retire_partitions(&self, table: Table, opts: &RetireOptions) -> Result<Retired> {
+        let mut conn = self.pool.acquire().await.map_err(storage)?;
+        let mut retired = Retired::default();
+        let Some(p) = recorded(&mut conn)
+            .await?
+            .into_iter()
+            .find(|p| p.table == table)
+        else {
+            return Ok(retired);
+        };
+        let parent = table.sql_name();
+        let now = db_now(&mut conn).await?;
+        let cutoff =
+            now - chrono::Duration::from_std(opts.older_than).unwrap_or(chrono::Duration::MAX / 2);
+        let parts: Vec<String> = sqlx::query_scalar(
+            "SELECT c.relname::text FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
+              WHERE i.inhparent = to_regclass($1) ORDER BY c.relname",
+        )
+        .bind(parent)
+        .fetch_all(&mut *conn)
+        .await
+        .map_err(storage)?;
+        let prefix = format!("{parent}_p");
+        for name in parts {
+            let Some(start) = name
+                .strip_prefix(&prefix)
+                .and_then(|s| p.period.parse_suffix(s))
+            else {
+                continue;
+            };
+            let end = start + p.period.length();
+            if end > cutoff {
+                continue;
+            }
+            if let Some(reason) = blocker(&mut conn, &name, opts).await? {
+                retired.kept.push(KeptPartition { name, reason });
+                continue;
+            }
+            let (completed, failed): (i64, i64) = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+                "SELECT count(*) FILTER (WHERE status = 'completed'), count(*) FILTER (WHERE status = 'failed') FROM {name}"
+            )))
+            .fetch_one(&mut *conn)
+            .await
+            .map_err(storage)?;
+            if !opts.dry_run {
+                if table == Table::Outbox {
+                    exec(
+                        &mut conn,
+                        format!(
+                            "DELETE FROM omnibox_outbox_keys k USING {name} o
+                              WHERE k.idempotency_key = o.idempotency_key AND k.event_id = o.id"
+                        ),
+                    )
+                    .await?;
+                }
+                let mut tx = conn.begin().await.map_err(storage)?;
+                exec(
+                    &mut tx,
+                    format!(
+                        "SET LOCAL lock_timeout = {}",
+                        lock_timeout_ms(opts.lock_timeout)
+                    ),
+                )
+                .await?;
+                let detached = sqlx::query(sqlx::AssertSqlSafe(format!(
+                    "ALTER TABLE {parent} DETACH PARTITION {name}"
+                )))
+                .execute(&mut *tx)
+                .await;
+                if let Err(e) = detached {
+                    let busy = e
+                        .as_database_error()
+                        .and_then(|d| d.code())
+                        .is_some_and(|c| c == "55P03");
+                    if busy {
+                        retired.kept.push(KeptPartition {
+                            name,
+                            reason: format!(
+                                "the table stayed busy for {} ms (lock_timeout): the next cleanup tries again",
+                                opts.lock_timeout.as_millis()
+                            ),
+                        });
+                        continue;
+                    }
+                    return Err(storage(e));
+                }
+                if let Some(reason) = blocker(&mut tx, &name, opts).await? {
+                    tx.rollback().await.map_err(storage)?;
+                    retired.kept.push(KeptPartition { name, reason });
+                    continue;
+                }
+                exec(&mut tx, format!("DROP TABLE {name}")).await?;
+                tx.commit().await.map_err(storage)?;
+            }
+            retired.completed += u64::try_from(completed).unwrap_or(0);
+            retired.failed += u64::try_from(failed).unwrap_or(0);
+            retired.partitions.push(name);
+        }
+        Ok(retired)
+    }
+}
+
+/// Why partition `name` must stay, if it must: it holds a pending row, a
+/// failed row not past retention, or a row completed within it. Each test
+/// reads one of the table's small partial indexes.
+async fn blocker(
+    conn: &mut PgConnection,
+    name: &str,
+    opts: &RetireOptions,
+) -> Result<Option<String>> {
+    let row = sqlx::query(sqlx::AssertSqlSafe(format!(
+        "SELECT EXISTS (SELECT 1 FROM {name} WHERE status = 'pending') AS pending,
+                EXISTS (SELECT 1 FROM {name} WHERE status = 'failed'
+                         AND NOT ($1 AND updated_at < now() - make_interval(secs => $2))) AS failed,
+                EXISTS (SELECT 1 FROM {name} WHERE status = 'completed'
+                         AND completed_at >= now() - make_interval(secs => $3)) AS young"
+    )))
+    .bind(opts.include_failed)
+    .bind(opts.failed_older_than.as_secs_f64())
+    .bind(opts.older_than.as_secs_f64())
+    .fetch_one(&mut *conn)
+    .await
+    .map_err(storage)?;
+    let flag = |c: &str| row.try_get::<bool, _>(c).map_err(storage);
+    Ok(if flag("pending")? {
+        Some("it holds pending rows".to_string())
+    } else if flag("failed")? {
+        Some(if opts.include_failed {
+            "it holds failed rows younger than --failed-older-than".to_string()
+        } else {
+            "it holds failed rows (add --include-failed to retire them)".to_string()
+        })
+    } else if flag("young")? {
+        Some("it holds rows completed within the retention".to_string())
+    } else {
+        None
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(text: &str) -> DateTime<Utc> {
+        DateTime::parse_from_rfc3339(text)
+            .unwrap()
+            .with_timezone(&Utc)
+    }
+
+    #[test]
+    fn periods_floor_name_and_read_back() {
+        let t = at("2026-12-09T13:45:10Z"); // a Wednesday
+        assert_eq!(Period::Hour.floor(t), at("2026-12-09T13:00:00Z"));
+        assert_eq!(Period::Day.floor(t), at("2026-12-09T00:00:00Z"));
+        assert_eq!(Period::Week.floor(t), at("2026-12-07T00:00:00Z"));
+        for p in [Period::Hour, Period::Day, Period::Week] {
+            let start = p.floor(t);
+            let name = partition_name(Table::Outbox, p, start);
+            let suffix = name.strip_prefix("outbox_events_p").unwrap();
+            assert_eq!(p.parse_suffix(suffix), Some(start), "{name}");
+            assert_eq!(p.floor(start + p.length()), start + p.length());
+            assert_eq!(Period::parse(p.as_str()), Some(p));
+        }
+        assert_eq!(
+            partition_name(Table::Inbox, Period::Hour, at("2026-12-09T07:00:00Z")),
+            "inbox_events_p2026120907"
+        );
+        // Names that are not a period's own are not read as one.
+        for (p, s) in [
+            (Period::Day, "2026120"),
+            (Period::Day, "2026129a"),
+            (Period::Day, "20261399"),
+            (Period::Hour, "2026120925"),
+            (Period::Week, "20261209"), // a Wednesday: no week starts there
+            (Period::Day, "2026120907"),
+            (Period::Day, ""),
+            (Period::Day, "+2026120"),
+        ] {
+            assert_eq!(p.parse_suffix(s), None, "{p} {s}");
+        }
+        assert_eq!(
+            literal(at("2026-12-09T00:00:00Z")),
+            "'2026-12-09 00:00:00+00'"
+        );
+    }
+}
