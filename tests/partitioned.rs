@@ -47,7 +47,7 @@ async fn pool(db: &TestDb) -> PgPool {
         .unwrap()
 }
 
-/// `migrate --partitioned` (daily, 7 ahead), checked to succeed.
+/// `migrate --partitioned` (daily, 2 ahead), checked to succeed.
 fn partition(db: &TestDb, dir: &Path) -> serde_json::Value {
     let out = omnibox(db, dir, &["migrate", "--partitioned", "--format", "json"]);
     assert_eq!(out.code, 0, "{}", out.render());
@@ -178,7 +178,7 @@ async fn migrate_partitioned_converts_the_tables_and_keeps_their_rows() {
     for t in tables {
         assert_eq!(t["converted"], true, "{report}");
         assert_eq!(t["period"], "day", "{report}");
-        assert_eq!(t["created"].as_array().unwrap().len(), 8, "{report}");
+        assert_eq!(t["created"].as_array().unwrap().len(), 3, "{report}");
     }
     assert_eq!(tables[0]["table"], "outbox");
     assert_eq!(tables[0]["rows_copied"], 2);
@@ -198,12 +198,12 @@ async fn migrate_partitioned_converts_the_tables_and_keeps_their_rows() {
             .unwrap();
     assert_eq!(after, before);
 
-    // The partitions run from today's to a week ahead, back to back.
+    // The partitions run from today's to two days ahead, back to back.
     let listed = omnibox(&db, d, &["partitions", "--format", "json"]);
     assert_eq!(listed.code, 0, "{}", listed.render());
     let parts = listed.json()["partitions"].as_array().unwrap().clone();
     let outbox: Vec<&serde_json::Value> = parts.iter().filter(|p| p["table"] == "outbox").collect();
-    assert_eq!(outbox.len(), 8);
+    assert_eq!(outbox.len(), 3);
     assert_eq!(
         outbox[0]["name"],
         format!("outbox_events_p{}", today().format("%Y%m%d"))
@@ -569,16 +569,30 @@ async fn the_relay_publishes_a_partitioned_outbox_and_keeps_partitions_ahead() {
     let topic = format!("part-{}", db.schema());
     create_topic(&brokers, &topic, 3).await;
 
-    // The farthest partition ahead is missing (as if a week passed):
-    // the relay makes it when it starts.
+    // The partitions ahead are missing (as when nothing created them for
+    // two days): the relay makes them when it starts.
     let last = format!(
         "outbox_events_p{}",
-        (today() + chrono::Duration::days(7)).format("%Y%m%d")
+        (today() + chrono::Duration::days(2)).format("%Y%m%d")
     );
-    sqlx::query(sqlx::AssertSqlSafe(format!("DROP TABLE {last}")))
+    let next = format!(
+        "outbox_events_p{}",
+        (today() + chrono::Duration::days(1)).format("%Y%m%d")
+    );
+    sqlx::query(sqlx::AssertSqlSafe(format!("DROP TABLE {last}, {next}")))
         .execute(&pool)
         .await
         .unwrap();
+    // `doctor` says so before inserts start failing.
+    let doctor = omnibox(&db, d, &["doctor"]);
+    assert!(
+        doctor
+            .stdout
+            .lines()
+            .any(|l| l.starts_with("warn") && l.contains("no partition for the next period of outbox")),
+        "{}",
+        doctor.render()
+    );
 
     // Rows over three partitions (two days ago, yesterday, today), keys
     // interleaved, in insertion order.
@@ -613,7 +627,7 @@ async fn the_relay_publishes_a_partitioned_outbox_and_keeps_partitions_ahead() {
         ],
     );
     assert_eq!(out.code, 0, "{}", out.render());
-    assert!(exists(&pool, &last).await, "{}", out.render());
+    assert!(exists(&pool, &last).await && exists(&pool, &next).await, "{}", out.render());
     assert_eq!(
         count(
             &pool,

@@ -874,3 +874,103 @@ async fn the_wal_relay_stops_at_its_limit() {
     assert_eq!(completed(&db).await, 5, "{err}");
     wal.drop_all().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_wal_relay_reads_a_partitioned_outbox() {
+    let Some(db) = common::postgres().await else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let wal = Wal::new(&db).await;
+    let name = db.schema();
+    let migrated = command(&db, d)
+        .args(["migrate", "--partitioned"])
+        .output()
+        .unwrap();
+    assert!(
+        migrated.status.success(),
+        "{}",
+        String::from_utf8_lossy(&migrated.stderr)
+    );
+    let in_schema = |sql: &str| format!("SET search_path = {name}; {sql}");
+
+    // A publication that names the partitions, not the root, is refused
+    // before anything streams.
+    sqlx::raw_sql(sqlx::AssertSqlSafe(in_schema(&format!(
+        "CREATE PUBLICATION {name} FOR TABLE outbox_events WITH (publish = 'insert')"
+    ))))
+    .execute(&wal.pool)
+    .await
+    .unwrap();
+    let refused = command(&db, d)
+        .args([
+            "publish",
+            "--source",
+            "wal",
+            "--slot",
+            name,
+            "--publication",
+            name,
+        ])
+        .args(["--broker", "null"])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert_eq!(refused.status.code(), Some(2), "{err}");
+    assert!(err.contains("does not publish the inserts"), "{err}");
+    wal.drop_all().await;
+
+    // The relay's own publication publishes through the root: rows of
+    // every partition arrive as outbox rows.
+    let addr = common::free_addr();
+    let relay = Relay(Some(
+        command(&db, d)
+            .args([
+                "publish",
+                "--source",
+                "wal",
+                "--slot",
+                name,
+                "--publication",
+                name,
+            ])
+            .args(["--broker", "null", "--batch", "50", "--poll-interval", "5s"])
+            .args(["--metrics-addr", &addr])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(d.join("relay.log")).unwrap())
+            .spawn()
+            .unwrap(),
+    ));
+    wait_for(d, "the slot held", Duration::from_secs(30), || {
+        wal.held(d, "relay.log")
+    })
+    .await;
+    let via_root: bool =
+        sqlx::query_scalar("SELECT pubviaroot FROM pg_publication WHERE pubname = $1")
+            .bind(name)
+            .fetch_one(&wal.pool)
+            .await
+            .unwrap();
+    assert!(via_root);
+    insert(&db, "t", 3, 10, 4).await;
+    wait_for(
+        d,
+        "30 streamed and published",
+        Duration::from_secs(30),
+        || async {
+            let text = reqwest::get(format!("http://{addr}/metrics"))
+                .await
+                .unwrap()
+                .text()
+                .await
+                .unwrap();
+            text.contains("omnibox_wal_rows_total 30") && completed(&db).await == 30
+        },
+    )
+    .await;
+    assert_eq!(relay.stop(), 0, "{}", log(d, "relay.log"));
+    wal.drop_all().await;
+}

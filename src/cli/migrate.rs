@@ -52,7 +52,7 @@ pub struct MigrateArgs {
     )]
     partition_period: PeriodArg,
     /// With --partitioned: partitions kept ready past the current one
-    #[arg(long, default_value_t = 7, requires = "partitioned", value_parser = clap::value_parser!(u32).range(1..=1000))]
+    #[arg(long, default_value_t = 2, requires = "partitioned", value_parser = clap::value_parser!(u32).range(1..=1000))]
     partitions_ahead: u32,
     /// With --partitioned: convert tables of any size (their rows are
     /// copied under a write lock)

@@ -724,6 +724,10 @@ mod doc_examples {
             ),
             ("docs/library.md", include_str!("../../docs/library.md")),
             ("docs/wal-relay.md", include_str!("../../docs/wal-relay.md")),
+            (
+                "docs/partitioning.md",
+                include_str!("../../docs/partitioning.md"),
+            ),
             ("docs/design.md", include_str!("../../docs/design.md")),
             ("CONTRIBUTING.md", include_str!("../../CONTRIBUTING.md")),
             ("CHANGELOG.md", include_str!("../../CHANGELOG.md")),

@@ -53,6 +53,9 @@ pub struct TableHealth {
     pub dead: i64,
     /// Its storage options, comma-separated (`autovacuum_...=...`).
     pub options: String,
+    /// Its partitions, when it is partitioned (sizes and rows are their
+    /// sums; options are the parent's).
+    pub partitions: Option<i64>,
 }
 
 /// A replication slot of the server (PostgreSQL): anything that reads the

@@ -230,19 +230,31 @@ pub(super) async fn health_checks(store: &AnyStore) -> Vec<Check> {
         } else {
             0.0
         };
-        let message = format!(
+        let mut message = format!(
             "{} data, {} indexes, {live} live rows, {:.0}% dead",
             megabytes(h.table_bytes),
             megabytes(h.index_bytes),
             ratio * 100.0
         );
+        if let Some(n) = h.partitions {
+            message.push_str(&format!(" ({n} partitions)"));
+        }
         let tuned = options.contains("autovacuum_vacuum_scale_factor");
         let disabled = options.contains("autovacuum_enabled=false")
             || options.contains("autovacuum_enabled=off")
             || options.contains("autovacuum_enabled=0");
-        let suggestion = format!(
-            "every row is updated two or three times (claim, completion): ALTER TABLE {t} SET (autovacuum_vacuum_scale_factor = 0.02, autovacuum_analyze_scale_factor = 0.05, autovacuum_vacuum_cost_delay = 1)"
-        );
+        let settings = "autovacuum_vacuum_scale_factor = 0.02, autovacuum_analyze_scale_factor = 0.05, autovacuum_vacuum_cost_delay = 1";
+        let suggestion = if h.partitions.is_some() {
+            // A partitioned table takes no storage parameters: each
+            // partition does.
+            format!(
+                "every row is updated two or three times (claim, completion): set on each busy partition, e.g. ALTER TABLE {t}_p<DATE> SET ({settings})"
+            )
+        } else {
+            format!(
+                "every row is updated two or three times (claim, completion): ALTER TABLE {t} SET ({settings})"
+            )
+        };
         // Twice the point at which autovacuum (server defaults: 50 rows +
         // 20 %) would have started: it is behind, whatever the table's size.
         let behind = ratio > 0.2 && dead as f64 > 2.0 * (50.0 + 0.2 * live as f64);
@@ -376,4 +388,73 @@ pub(super) async fn slots_check(store: &AnyStore) -> Check {
 /// `bytes` in mebibytes with one decimal, labelled `MB`.
 fn megabytes(bytes: i64) -> String {
     format!("{:.1} MB", bytes as f64 / 1_048_576.0)
+}
+
+/// Partitioned tables (PostgreSQL): a partition must exist for the current
+/// time (or every insert fails) and should for the next period (so that a
+/// relay down over the period's end does not stop producers).
+pub(super) async fn partitions_check(store: &AnyStore) -> Check {
+    const CHECK: &str = "partitions";
+    let AnyStore::Postgres(pg) = store else {
+        return Check::skip(CHECK, "PostgreSQL only");
+    };
+    let settings = match pg.partitioning().await {
+        Ok(s) => s,
+        Err(e) => return Check::error(CHECK, &e),
+    };
+    if settings.is_empty() {
+        return Check::ok(CHECK, "neither table is partitioned");
+    }
+    let parts = match pg.partitions().await {
+        Ok(p) => p,
+        Err(e) => return Check::error(CHECK, &e),
+    };
+    let now = chrono::Utc::now();
+    let mut notes = Vec::new();
+    let mut missing_now = Vec::new();
+    let mut missing_next = Vec::new();
+    for s in &settings {
+        let table = s.table.to_string();
+        let mine: Vec<_> = parts.iter().filter(|p| p.table == table).collect();
+        let holds = |t: chrono::DateTime<chrono::Utc>| {
+            mine.iter()
+                .any(|p| matches!((p.from, p.to), (Some(f), Some(e)) if f <= t && t < e))
+        };
+        let ahead = mine
+            .iter()
+            .filter(|p| p.from.is_some_and(|f| f > now))
+            .count();
+        if !holds(now) {
+            missing_now.push(table.clone());
+        } else if !holds(now + s.period.length()) {
+            missing_next.push(table.clone());
+        }
+        notes.push(format!(
+            "{table}: {} partitions by {}, {ahead} ahead",
+            mine.len(),
+            s.period
+        ));
+    }
+    let message = notes.join("; ");
+    if !missing_now.is_empty() {
+        Check::fail(
+            CHECK,
+            format!(
+                "{message}: no partition holds the current time for {}, so inserts fail",
+                missing_now.join(", ")
+            ),
+            "run omnibox partitions create (and keep a relay, or a cron line running it, going)",
+        )
+    } else if !missing_next.is_empty() {
+        Check::warn(
+            CHECK,
+            format!(
+                "{message}: no partition for the next period of {}",
+                missing_next.join(", ")
+            ),
+            "run omnibox partitions create; relays and processors create them while they run, and a cron line can too: 7 * * * * omnibox partitions create --quiet",
+        )
+    } else {
+        Check::ok(CHECK, message)
+    }
 }

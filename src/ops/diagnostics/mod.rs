@@ -16,8 +16,8 @@ use crate::store::{AnyStore, SchemaState};
 mod checks;
 
 use checks::{
-    backlog_check, blocked_check, health_checks, leases_check, plan_check, retention_check,
-    slots_check, statistics_check,
+    backlog_check, blocked_check, health_checks, leases_check, partitions_check, plan_check,
+    retention_check, slots_check, statistics_check,
 };
 
 /// The outcome of one check.
@@ -110,8 +110,8 @@ pub struct Thresholds {
 }
 
 /// The names of the checks [`database`] runs after the schema's (the last
-/// three on PostgreSQL only).
-const AFTER_SCHEMA: [&str; 10] = [
+/// four on PostgreSQL only).
+const AFTER_SCHEMA: [&str; 11] = [
     "indexes",
     "claim plan",
     "statistics",
@@ -122,6 +122,7 @@ const AFTER_SCHEMA: [&str; 10] = [
     "outbox table",
     "inbox table",
     "replication slots",
+    "partitions",
 ];
 
 /// Every database check on `store`, in order. Each runs whatever failed
@@ -147,6 +148,7 @@ pub async fn database(store: &AnyStore, thresholds: &Thresholds) -> Vec<Check> {
     if pg {
         checks.extend(health_checks(store).await);
         checks.push(slots_check(store).await);
+        checks.push(partitions_check(store).await);
     }
     checks
 }
@@ -160,7 +162,7 @@ pub fn not_checked(why: &str, postgres: bool) -> Vec<Check> {
 }
 
 fn skipped_after_schema(why: &str, postgres: bool) -> Vec<Check> {
-    let n = if postgres { 10 } else { 7 };
+    let n = if postgres { 11 } else { 7 };
     AFTER_SCHEMA[..n]
         .iter()
         .map(|name| Check::skip(name, format!("not checked: {why}")))

@@ -202,12 +202,22 @@ impl Driver for PgStore {
     }
 
     async fn table_health(&self, table: Table) -> Result<Option<TableHealth>> {
+        // A partitioned table's figures are its partitions' sums.
         let row = sqlx::query(
-            "SELECT pg_table_size(c.oid) AS table_bytes, pg_indexes_size(c.oid) AS index_bytes,
-                    coalesce(st.n_live_tup, 0) AS live, coalesce(st.n_dead_tup, 0) AS dead,
-                    coalesce(array_to_string(c.reloptions, ','), '') AS options
-             FROM pg_class c LEFT JOIN pg_stat_user_tables st ON st.relid = c.oid
-             WHERE c.oid = to_regclass($1)",
+            "SELECT coalesce(sum(pg_table_size(p.oid)), 0)::int8 AS table_bytes,
+                    coalesce(sum(pg_indexes_size(p.oid)), 0)::int8 AS index_bytes,
+                    coalesce(sum(st.n_live_tup), 0)::int8 AS live,
+                    coalesce(sum(st.n_dead_tup), 0)::int8 AS dead,
+                    (SELECT coalesce(array_to_string(reloptions, ','), '') FROM pg_class
+                      WHERE oid = to_regclass($1)) AS options,
+                    (SELECT CASE WHEN relkind = 'p' THEN (SELECT count(*) FROM pg_inherits
+                                                          WHERE inhparent = c.oid) END
+                       FROM pg_class c WHERE c.oid = to_regclass($1)) AS partitions
+             FROM (SELECT c.oid FROM pg_class c WHERE c.oid = to_regclass($1) AND c.relkind <> 'p'
+                   UNION ALL
+                   SELECT inhrelid FROM pg_inherits WHERE inhparent = to_regclass($1)) p
+             LEFT JOIN pg_stat_user_tables st ON st.relid = p.oid
+             HAVING to_regclass($1) IS NOT NULL",
         )
         .bind(table.sql_name())
         .fetch_optional(self.pool())
@@ -221,6 +231,7 @@ impl Driver for PgStore {
                 live: n("live"),
                 dead: n("dead"),
                 options: r.try_get("options").unwrap_or_default(),
+                partitions: r.try_get("partitions").unwrap_or_default(),
             }
         }))
     }

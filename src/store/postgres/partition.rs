@@ -145,11 +145,11 @@ pub struct PartitionOptions {
 }
 
 impl Default for PartitionOptions {
-    /// Daily partitions, a week ahead, tables of up to a million rows.
+    /// Daily partitions, two ahead, tables of up to a million rows.
     fn default() -> Self {
         PartitionOptions {
             period: Period::Day,
-            ahead: 7,
+            ahead: 2,
             copy_limit: Some(1_000_000),
         }
     }
