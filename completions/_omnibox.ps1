@@ -603,6 +603,7 @@ Register-ArgumentCompleter -Native -CommandName 'omnibox' -ScriptBlock {
             break
         }
         'omnibox;partitions;create' {
+            [CompletionResult]::new('--from', '--from', [CompletionResultType]::ParameterName, 'Also create the partitions from the one holding this date (UTC: 2026-11-01 or 2026-11-01T13:00:00Z) on, for rows written with an older created_at (an event replayed from its dead letter keeps its own)')
             [CompletionResult]::new('--lock-timeout', '--lock-timeout', [CompletionResultType]::ParameterName, 'Wait this long at most for the table''s lock (creating a partition locks the table for a moment)')
             [CompletionResult]::new('--database-url', '--database-url', [CompletionResultType]::ParameterName, 'Database URL: sqlite://PATH or postgres://USER:PASS@HOST/DB [default: sqlite://omnibox.db]')
             [CompletionResult]::new('--schema', '--schema', [CompletionResultType]::ParameterName, 'PostgreSQL schema that holds the tables (created by `migrate`)')

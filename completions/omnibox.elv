@@ -577,6 +577,7 @@ set edit:completion:arg-completer[omnibox] = {|@words|
             cand --version 'Print version'
         }
         &'omnibox;partitions;create'= {
+            cand --from 'Also create the partitions from the one holding this date (UTC: 2026-11-01 or 2026-11-01T13:00:00Z) on, for rows written with an older created_at (an event replayed from its dead letter keeps its own)'
             cand --lock-timeout 'Wait this long at most for the table''s lock (creating a partition locks the table for a moment)'
             cand --database-url 'Database URL: sqlite://PATH or postgres://USER:PASS@HOST/DB [default: sqlite://omnibox.db]'
             cand --schema 'PostgreSQL schema that holds the tables (created by `migrate`)'

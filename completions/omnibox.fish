@@ -555,6 +555,7 @@ complete -c omnibox -n "__fish_omnibox_using_subcommand partitions; and __fish_s
 complete -c omnibox -n "__fish_omnibox_using_subcommand partitions; and __fish_seen_subcommand_from list" -s q -l quiet -d 'Nothing on stdout or stderr unless the command fails (then its report and the error); for cron'
 complete -c omnibox -n "__fish_omnibox_using_subcommand partitions; and __fish_seen_subcommand_from list" -s h -l help -d 'Print help (see more with \'--help\')'
 complete -c omnibox -n "__fish_omnibox_using_subcommand partitions; and __fish_seen_subcommand_from list" -s V -l version -d 'Print version'
+complete -c omnibox -n "__fish_omnibox_using_subcommand partitions; and __fish_seen_subcommand_from create" -l from -d 'Also create the partitions from the one holding this date (UTC: 2026-11-01 or 2026-11-01T13:00:00Z) on, for rows written with an older created_at (an event replayed from its dead letter keeps its own)' -r
 complete -c omnibox -n "__fish_omnibox_using_subcommand partitions; and __fish_seen_subcommand_from create" -l lock-timeout -d 'Wait this long at most for the table\'s lock (creating a partition locks the table for a moment)' -r
 complete -c omnibox -n "__fish_omnibox_using_subcommand partitions; and __fish_seen_subcommand_from create" -l database-url -d 'Database URL: sqlite://PATH or postgres://USER:PASS@HOST/DB [default: sqlite://omnibox.db]' -r
 complete -c omnibox -n "__fish_omnibox_using_subcommand partitions; and __fish_seen_subcommand_from create" -l schema -d 'PostgreSQL schema that holds the tables (created by `migrate`)' -r

@@ -59,8 +59,8 @@ fn today() -> DateTime<Utc> {
     now.date_naive().and_hms_opt(0, 0, 0).unwrap().and_utc()
 }
 
-/// The day partition of `table` starting `days` days before today, made
-/// as `partitions create` would have made it then.
+/// The day partition of `table` starting `days` days before today, with
+/// its key, as `partitions create` would have made it then.
 async fn day_partition(pool: &PgPool, table: &str, days: i64) -> (String, DateTime<Utc>) {
     let start = today() - chrono::Duration::days(days);
     let name = format!("{table}_p{}", start.format("%Y%m%d"));
@@ -70,6 +70,14 @@ async fn day_partition(pool: &PgPool, table: &str, days: i64) -> (String, DateTi
         (start + chrono::Duration::days(1)).format("%Y-%m-%d %H:%M:%S+00")
     );
     sqlx::query(sqlx::AssertSqlSafe(ddl))
+        .execute(pool)
+        .await
+        .unwrap();
+    let key = format!(
+        "DO $$ BEGIN IF NOT EXISTS (SELECT 1 FROM pg_index WHERE indrelid = '{name}'::regclass AND indisprimary) THEN
+             ALTER TABLE {name} ADD CONSTRAINT {name}_pkey PRIMARY KEY (id); END IF; END $$"
+    );
+    sqlx::raw_sql(sqlx::AssertSqlSafe(key))
         .execute(pool)
         .await
         .unwrap();
@@ -241,6 +249,26 @@ async fn migrate_partitioned_converts_the_tables_and_keeps_their_rows() {
         assert_eq!(t["converted"], false, "{report}");
         assert_eq!(t["created"].as_array().unwrap().len(), 0, "{report}");
     }
+    // A partition made by hand without its key on id: doctor says how to
+    // add it.
+    sqlx::query(
+        "CREATE TABLE outbox_events_p20200101 PARTITION OF outbox_events
+             FOR VALUES FROM ('2020-01-01 00:00:00+00') TO ('2020-01-02 00:00:00+00')",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    let doctor = omnibox(&db, d, &["doctor"]);
+    assert!(
+        doctor
+            .stdout
+            .contains("outbox_events_p20200101 without a unique key on id")
+            && doctor
+                .stdout
+                .contains("ALTER TABLE outbox_events_p20200101 ADD PRIMARY KEY (id);"),
+        "{}",
+        doctor.render()
+    );
     let out = omnibox(
         &db,
         d,
@@ -589,7 +617,8 @@ async fn the_relay_publishes_a_partitioned_outbox_and_keeps_partitions_ahead() {
         doctor
             .stdout
             .lines()
-            .any(|l| l.starts_with("warn") && l.contains("no partition for the next period of outbox")),
+            .any(|l| l.starts_with("warn")
+                && l.contains("no partition for the next period of outbox")),
         "{}",
         doctor.render()
     );
@@ -627,7 +656,11 @@ async fn the_relay_publishes_a_partitioned_outbox_and_keeps_partitions_ahead() {
         ],
     );
     assert_eq!(out.code, 0, "{}", out.render());
-    assert!(exists(&pool, &last).await && exists(&pool, &next).await, "{}", out.render());
+    assert!(
+        exists(&pool, &last).await && exists(&pool, &next).await,
+        "{}",
+        out.render()
+    );
     assert_eq!(
         count(
             &pool,
@@ -675,4 +708,43 @@ async fn the_relay_publishes_a_partitioned_outbox_and_keeps_partitions_ahead() {
         "{}",
         again.render()
     );
+
+    // --from makes the partitions back to a date (for rows with an older
+    // created_at), with their keys; too far back is refused, nothing made.
+    let from = today() - chrono::Duration::days(5);
+    let back = omnibox(
+        &db,
+        d,
+        &[
+            "partitions",
+            "create",
+            "--from",
+            &from.format("%Y-%m-%d").to_string(),
+        ],
+    );
+    assert_eq!(back.code, 0, "{}", back.render());
+    let made: Vec<&str> = back.stdout.lines().collect();
+    // The outbox's two days ago and yesterday exist already (the rows
+    // above): three outbox and five inbox partitions.
+    assert_eq!(made.len(), 3 + 5, "{}", back.render());
+    let oldest = format!("outbox_events_p{}", from.format("%Y%m%d"));
+    assert!(exists(&pool, &oldest).await);
+    let keyed: bool = sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM pg_index WHERE indrelid = to_regclass($1) AND indisprimary)",
+    )
+    .bind(&oldest)
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert!(keyed);
+    let mine = "SELECT count(*) FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
+                 WHERE c.relnamespace = current_schema()::regnamespace";
+    let before = count(&pool, mine).await;
+    let far = omnibox(&db, d, &["partitions", "create", "--from", "1990-01-01"]);
+    assert_eq!(far.code, 2, "{}", far.render());
+    assert!(far.stderr.contains("at most 1000"), "{}", far.render());
+    assert_eq!(count(&pool, mine).await, before);
+    let bad = omnibox(&db, d, &["partitions", "create", "--from", "yesterday"]);
+    assert_eq!(bad.code, 2, "{}", bad.render());
+    assert!(bad.stderr.contains("is not a date"), "{}", bad.render());
 }

@@ -23,6 +23,7 @@ use super::{Context, ExitStatus, UsageError, args};
 /// Examples:
 ///   omnibox partitions
 ///   omnibox partitions create
+///   omnibox partitions create --from 2026-11-01
 ///   # crontab: 7 * * * * omnibox partitions create --quiet
 #[derive(Debug, Args)]
 #[command(verbatim_doc_comment)]
@@ -42,6 +43,11 @@ enum PartitionsCommand {
 
 #[derive(Debug, Args)]
 struct CreateArgs {
+    /// Also create the partitions from the one holding this date (UTC:
+    /// 2026-11-01 or 2026-11-01T13:00:00Z) on, for rows written with an
+    /// older created_at (an event replayed from its dead letter keeps its own)
+    #[arg(long, value_parser = past_time, value_name = "DATE")]
+    from: Option<chrono::DateTime<chrono::Utc>>,
     /// Wait this long at most for the table's lock (creating a partition
     /// locks the table for a moment)
     #[arg(long, default_value = "5s", value_parser = args::duration, value_name = "DURATION")]
@@ -77,7 +83,7 @@ pub async fn run(args: PartitionsArgs, ctx: &Context) -> Result<ExitStatus> {
     match args.command.unwrap_or(PartitionsCommand::List) {
         PartitionsCommand::List => list(&pg, ctx).await,
         PartitionsCommand::Create(a) => {
-            let created = pg.ensure_partitions(a.lock_timeout).await?;
+            let created = pg.ensure_partitions_from(a.from, a.lock_timeout).await?;
             match ctx.format() {
                 Format::Json => output::json(&json!({"created": created}))?,
                 Format::Table if created.is_empty() => {
@@ -144,4 +150,14 @@ fn size(n: u64) -> String {
     } else {
         format!("{:.1} GiB", n / (KIB * KIB * KIB))
     }
+}
+
+/// `--from`: a date (midnight UTC) or an RFC 3339 time.
+fn past_time(text: &str) -> Result<chrono::DateTime<chrono::Utc>, String> {
+    if let Ok(day) = chrono::NaiveDate::parse_from_str(text, "%Y-%m-%d") {
+        return Ok(day.and_time(chrono::NaiveTime::MIN).and_utc());
+    }
+    chrono::DateTime::parse_from_rfc3339(text)
+        .map(|t| t.with_timezone(&chrono::Utc))
+        .map_err(|_| format!("{text:?} is not a date: write 2026-11-01 or 2026-11-01T13:00:00Z"))
 }

@@ -436,6 +436,11 @@ pub(super) async fn partitions_check(store: &AnyStore) -> Check {
         ));
     }
     let message = notes.join("; ");
+    let unkeyed: Vec<&str> = parts
+        .iter()
+        .filter(|p| !p.keyed)
+        .map(|p| p.name.as_str())
+        .collect();
     if !missing_now.is_empty() {
         Check::fail(
             CHECK,
@@ -444,6 +449,22 @@ pub(super) async fn partitions_check(store: &AnyStore) -> Check {
                 missing_now.join(", ")
             ),
             "run omnibox partitions create (and keep a relay, or a cron line running it, going)",
+        )
+    } else if !unkeyed.is_empty() {
+        Check::warn(
+            CHECK,
+            format!(
+                "{message}: {} without a unique key on id (made by hand?)",
+                unkeyed.join(", ")
+            ),
+            format!(
+                "without it, a new id may be stored twice and lookups by id read the partition whole: {}",
+                unkeyed
+                    .iter()
+                    .map(|n| format!("ALTER TABLE {n} ADD PRIMARY KEY (id);"))
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            ),
         )
     } else if !missing_next.is_empty() {
         Check::warn(

@@ -7,9 +7,10 @@
 //!
 //! What uniqueness becomes. PostgreSQL enforces a unique index on a
 //! partitioned table only when it holds the partition key, so:
-//! - the primary key is `(id, created_at)`: an id is unique within its
-//!   partition (ids omnibox makes are UUIDv7; a caller that passes its own
-//!   id twice, on different days, gets two rows);
+//! - each partition has its own primary key on `id` (the partitioned
+//!   table has none): an id is unique within its partition (ids omnibox
+//!   makes are UUIDv7; a caller that passes its own id twice, on different
+//!   days, gets two rows);
 //! - the outbox's idempotency key stays unique across partitions: a row
 //!   trigger records each key in `omnibox_outbox_keys` (one plain table)
 //!   and skips a row whose key is taken, as `ON CONFLICT DO NOTHING` did;
@@ -203,6 +204,9 @@ pub struct PartitionInfo {
     pub rows_estimate: u64,
     /// Its size on disk, indexes included.
     pub bytes: u64,
+    /// It has a unique index on `id` alone (omnibox's partitions have
+    /// their primary key there; one made by hand may lack it).
+    pub keyed: bool,
 }
 
 /// What a cleanup may retire.
@@ -298,6 +302,35 @@ async fn recorded(conn: &mut PgConnection) -> Result<Vec<Partitioning>> {
     Ok(out)
 }
 
+/// Creates the partition `name` of `parent` for `[start, end)`, with its
+/// primary key on `id`. The key is the partition's own: a partitioned
+/// table's key would have to hold `created_at`, and then the planner,
+/// without statistics (a new partition has none until autovacuum analyzes
+/// it), could not tell that an id matches one row, and read the partition
+/// whole to find a batch's ids.
+async fn create_partition(
+    conn: &mut PgConnection,
+    parent: &str,
+    name: &str,
+    start: DateTime<Utc>,
+    end: DateTime<Utc>,
+) -> Result<()> {
+    exec(
+        conn,
+        format!(
+            "CREATE TABLE {name} PARTITION OF {parent} FOR VALUES FROM ({}) TO ({})",
+            literal(start),
+            literal(end)
+        ),
+    )
+    .await?;
+    exec(
+        conn,
+        format!("ALTER TABLE {name} ADD CONSTRAINT {name}_pkey PRIMARY KEY (id)"),
+    )
+    .await
+}
+
 /// Creates `table`'s partitions from the one holding `from` to `ahead`
 /// past the one holding `now`, skipping those that exist. Returns the
 /// names created.
@@ -322,15 +355,7 @@ async fn create_range(
             .await
             .map_err(storage)?;
         if !exists {
-            exec(
-                conn,
-                format!(
-                    "CREATE TABLE {name} PARTITION OF {parent} FOR VALUES FROM ({}) TO ({})",
-                    literal(start),
-                    literal(end)
-                ),
-            )
-            .await?;
+            create_partition(conn, parent, &name, start, end).await?;
             created.push(name);
         }
         start = end;
@@ -529,15 +554,7 @@ async fn convert_plain(
     while start <= last {
         let end = start + opts.period.length();
         let name = partition_name(table, opts.period, start);
-        exec(
-            conn,
-            format!(
-                "CREATE TABLE {name} PARTITION OF {new} FOR VALUES FROM ({}) TO ({})",
-                literal(start),
-                literal(end)
-            ),
-        )
-        .await?;
+        create_partition(conn, &new, &name, start, end).await?;
         report.created.push(name);
         start = end;
     }
@@ -581,11 +598,6 @@ async fn convert_plain(
         // A name the catalog returned, quoted by it.
         exec(conn, format!("ALTER SEQUENCE {seq} RENAME TO {t}_seq_seq")).await?;
     }
-    exec(
-        conn,
-        format!("ALTER TABLE {t} ADD CONSTRAINT {t}_pkey PRIMARY KEY (id, created_at)"),
-    )
-    .await?;
     for (def, primary) in indexes {
         if primary {
             continue;
@@ -728,6 +740,18 @@ impl PgStore {
     /// nothing is missing (one catalog lookup per partition). Each
     /// creation waits at most `lock_timeout` for the table's lock.
     pub async fn ensure_partitions(&self, lock_timeout: Duration) -> Result<Vec<String>> {
+        self.ensure_partitions_from(None, lock_timeout).await
+    }
+
+    /// As [`PgStore::ensure_partitions`], from the partition holding `from`
+    /// (earlier than now: for rows written with an older `created_at`,
+    /// such as an event re-inserted from its dead letter). More than
+    /// [`MAX_AHEAD`] partitions to create is refused.
+    pub async fn ensure_partitions_from(
+        &self,
+        from: Option<DateTime<Utc>>,
+        lock_timeout: Duration,
+    ) -> Result<Vec<String>> {
         let mut conn = self.pool.acquire().await.map_err(storage)?;
         let mut created = Vec::new();
         for p in recorded(&mut conn).await? {
@@ -738,7 +762,18 @@ impl PgStore {
             )
             .await?;
             let now = db_now(&mut tx).await?;
-            let made = create_range(&mut tx, p.table, p.period, now, now, p.ahead).await?;
+            let from = from.unwrap_or(now).min(now);
+            let span = (p.period.floor(now) - p.period.floor(from)).num_seconds()
+                / p.period.length().num_seconds().max(1);
+            if span > i64::from(MAX_AHEAD) {
+                return Err(Error::Config(format!(
+                    "from {} to now is {span} partitions of {} by {}: at most {MAX_AHEAD} are created at once; give a later date",
+                    from.format("%Y-%m-%d %H:%M"),
+                    p.table,
+                    p.period
+                )));
+            }
+            let made = create_range(&mut tx, p.table, p.period, from, now, p.ahead).await?;
             tx.commit().await.map_err(storage)?;
             created.extend(made);
         }
@@ -751,7 +786,10 @@ impl PgStore {
         let periods = recorded(&mut conn).await?;
         let rows = sqlx::query(
             "SELECT p.relname AS parent, c.relname AS name, pg_get_expr(c.relpartbound, c.oid) AS bound,
-                    greatest(c.reltuples, 0)::int8 AS rows, pg_total_relation_size(c.oid) AS bytes
+                    greatest(c.reltuples, 0)::int8 AS rows, pg_total_relation_size(c.oid) AS bytes,
+                    EXISTS (SELECT 1 FROM pg_index x JOIN pg_attribute a
+                              ON a.attrelid = c.oid AND a.attnum = x.indkey[0] AND a.attname = 'id'
+                             WHERE x.indrelid = c.oid AND x.indisunique AND x.indnkeyatts = 1) AS keyed
                FROM pg_inherits i
                JOIN pg_class c ON c.oid = i.inhrelid
                JOIN pg_class p ON p.oid = i.inhparent
@@ -785,6 +823,7 @@ impl PgStore {
                 rows_estimate: u64::try_from(r.try_get::<i64, _>("rows").map_err(storage)?)
                     .unwrap_or(0),
                 bytes: u64::try_from(r.try_get::<i64, _>("bytes").map_err(storage)?).unwrap_or(0),
+                keyed: r.try_get("keyed").map_err(storage)?,
                 name,
             });
         }
