@@ -141,6 +141,7 @@ impl EventStore<OutboxRoute> for MemoryOutbox {
             worker: opts.worker.clone(),
             locked_at: now,
             lease: opts.lease,
+            created_between: None,
         };
         let mut rows = self.rows.lock().expect("not poisoned");
         let mut waiting = std::collections::HashSet::new();

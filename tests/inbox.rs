@@ -2190,7 +2190,7 @@ async fn a_batch_whose_lease_ran_out_is_not_sent(db: common::TestDb) {
     let r = other.process_batch().await.unwrap();
     assert_eq!(r.completed, 5, "{r:?}");
     // The paused worker resumes.
-    let handled = paused.handle(fetched).await;
+    let handled = paused.handle(*fetched).await;
     let r = paused.finish(handled).await;
     assert_eq!((r.completed, r.lease_lost), (0, 5), "{r:?}");
     assert_eq!(r.ids.lease_lost.len(), 5, "{r:?}");

@@ -240,7 +240,7 @@ async fn operations(db: TestDb) {
     assert_eq!(checks[0].status, Level::Ok, "{checks:?}");
     assert!(checks.iter().all(|c| c.status != Level::Fail), "{checks:?}");
     let skipped = diagnostics::not_checked("no database connection", db.is_postgres());
-    assert_eq!(skipped.len(), if db.is_postgres() { 11 } else { 8 });
+    assert_eq!(skipped.len(), if db.is_postgres() { 12 } else { 8 });
     assert!(skipped.iter().all(|c| c.status == Level::Skip));
 }
 

@@ -73,7 +73,7 @@ impl<R> ClaimedBatch<R> {
 #[derive(Debug)]
 pub enum NextBatch<R> {
     /// A batch, to be handled with [`Processor::handle`](super::Processor::handle).
-    Batch(ClaimedBatch<R>),
+    Batch(Box<ClaimedBatch<R>>),
     /// Nothing was handed out (see `NextHandled::Empty`).
     Empty {
         /// Rows were lost to a concurrent claim.

@@ -208,7 +208,7 @@ where
     /// alive) until [`finish`](Self::finish).
     pub async fn claim_and_handle(&self) -> Result<NextHandled<R>> {
         Ok(match self.fetch().await? {
-            NextBatch::Batch(f) => NextHandled::Batch(Box::new(self.handle(f).await)),
+            NextBatch::Batch(f) => NextHandled::Batch(Box::new(self.handle(*f).await)),
             NextBatch::Empty { contended, more } => NextHandled::Empty { contended, more },
         })
     }
@@ -329,13 +329,13 @@ where
                 .min()
                 .and_then(|t| (now - t).to_std().ok())
                 .unwrap_or_default();
-            Ok(NextBatch::Batch(ClaimedBatch {
+            Ok(NextBatch::Batch(Box::new(ClaimedBatch {
                 claim,
                 lag,
                 heartbeat,
                 held,
                 ticket,
-            }))
+            })))
         }
         .instrument(span)
         .await

@@ -355,7 +355,7 @@ where
                         contended_since = None;
                         busy_streak = 0;
                         rows_in_flight += f.len() as u64;
-                        fetched = Some(f);
+                        fetched = Some(*f);
                     }
                     // The claim ran while batches of this worker were in
                     // flight, so it may have found their keys held: claim

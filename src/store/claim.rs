@@ -97,11 +97,21 @@ pub(crate) fn claimed<R>(
             worker: opts.worker.clone(),
             locked_at,
             lease: opts.lease,
+            created_between: created_between(&events),
         },
         events,
         contended,
         next,
     }
+}
+
+/// The earliest and latest `created_at` of `events` (`None` for none).
+pub(crate) fn created_between<R>(
+    events: &[crate::model::Event<R>],
+) -> Option<(Timestamp, Timestamp)> {
+    let first = events.iter().map(|e| e.created_at).min()?;
+    let last = events.iter().map(|e| e.created_at).max()?;
+    Some((first, last))
 }
 
 /// One row of step 1.

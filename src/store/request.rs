@@ -235,6 +235,11 @@ pub struct ClaimToken {
     /// The lease the claim took (its rows' `locked_until` is `locked_at`
     /// plus this, until extended).
     pub lease: Duration,
+    /// The earliest and latest `created_at` of the claimed rows, when the
+    /// claim knows them (`None`: any). Writes that present the token then
+    /// read only the partitions of a partitioned table that can hold those
+    /// rows, instead of looking each id up in every partition.
+    pub created_between: Option<(Timestamp, Timestamp)>,
 }
 
 /// The rows a claim handed out, in insertion order, with the claim's token.

@@ -61,6 +61,7 @@ fn token(name: &str) -> ClaimToken {
         worker: worker(name),
         locked_at: time::now(),
         lease: Duration::from_secs(60),
+        created_between: None,
     }
 }
 

@@ -403,6 +403,7 @@ impl<S: Source, H: Handler, T: ConsumerStore> InboxConsumer<S, H, T> {
             worker: self.options.worker.clone(),
             locked_at: time::now(),
             lease: self.options.lease,
+            created_between: None,
         }
     }
 

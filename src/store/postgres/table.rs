@@ -92,7 +92,12 @@ impl<R: PgRoute> TableBackend for PgTable<R> {
             Some(lease) => q.bind(crate::store::secs(lease)),
             None => q,
         };
-        q.fetch_all(&self.pool).await.map_err(storage)
+        let (from, to) = created_bounds(token.created_between);
+        q.bind(from)
+            .bind(to)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(storage)
     }
 
     async fn fail_rows(
@@ -126,6 +131,8 @@ impl<R: PgRoute> TableBackend for PgTable<R> {
             .bind(token.worker.as_str())
             .bind(token.locked_at)
             .bind(failures.iter().map(|f| f.dead).collect::<Vec<bool>>())
+            .bind(created_bounds(token.created_between).0)
+            .bind(created_bounds(token.created_between).1)
             .fetch_all(&self.pool)
             .await
             .map_err(storage)
@@ -207,14 +214,42 @@ impl<R: PgRoute> TableBackend for PgTable<R> {
     }
 }
 
+/// The `created_at` bounds of a write by id (see `sql::OUTBOX_MARK`): the
+/// rows' own, a second wider each way; without them, every time.
+pub(super) fn created_bounds(between: Option<(Timestamp, Timestamp)>) -> (Timestamp, Timestamp) {
+    let second = chrono::Duration::seconds(1);
+    match between {
+        Some((first, last)) => (first - second, last + second),
+        None => (
+            chrono::DateTime::from_timestamp(-62_135_596_800, 0).unwrap_or_default(), // 0001-01-01
+            chrono::DateTime::from_timestamp(253_402_300_799, 0).unwrap_or_default(), // 9999-12-31
+        ),
+    }
+}
+
+/// The earliest and latest `created_at` of `ids` among the walked rows.
+fn created_of(
+    created: &std::collections::HashMap<Uuid, Timestamp>,
+    ids: &[Uuid],
+) -> Option<(Timestamp, Timestamp)> {
+    let times = ids.iter().filter_map(|id| created.get(id));
+    let first = times.clone().min()?;
+    let last = times.max()?;
+    Some((*first, *last))
+}
+
 /// Locks the rows of `ids` that no other transaction holds, and returns
 /// those still pending and ready.
 async fn lock_ready(
     tx: &mut sqlx::PgConnection,
     ids: &[Uuid],
+    created: &std::collections::HashMap<Uuid, Timestamp>,
 ) -> Result<std::collections::HashSet<Uuid>> {
+    let (from, to) = created_bounds(created_of(created, ids));
     Ok(sqlx::query_as::<_, (Uuid, bool)>(super::sql::OUTBOX_LOCK)
         .bind(ids)
+        .bind(from)
+        .bind(to)
         .fetch_all(&mut *tx)
         .await
         .map_err(storage)?
@@ -289,6 +324,7 @@ impl<R: PgRoute> PgTable<R> {
             })
             .unzip();
         let (topics, partition_keys): (Vec<String>, Vec<String>) = keys.into_iter().unzip();
+        let mut created = std::collections::HashMap::new();
         let walked = sqlx::query(super::sql::OUTBOX_WALK)
             .bind(topics)
             .bind(partition_keys)
@@ -301,6 +337,7 @@ impl<R: PgRoute> PgTable<R> {
             .map_err(storage)?
             .iter()
             .map(|r| {
+                created.insert(r.try_get("id")?, r.try_get("created_at")?);
                 Ok(WalkRow {
                     key: r.try_get("ord")?,
                     id: r.try_get("id")?,
@@ -322,24 +359,27 @@ impl<R: PgRoute> PgTable<R> {
         // the rest of a run is locked only by the head's holder. (A run
         // always holds its head: `claim::plan` never makes an empty one.)
         let heads: Vec<Uuid> = runs.iter().map(|r| r.ids[0]).collect();
-        let mut locked = lock_ready(&mut tx, &heads).await?;
+        let mut locked = lock_ready(&mut tx, &heads, &created).await?;
         let rest: Vec<Uuid> = runs
             .iter()
             .filter(|r| locked.contains(&r.ids[0]))
             .flat_map(|r| r.ids[1..].iter().copied())
             .collect();
         if !rest.is_empty() {
-            locked.extend(lock_ready(&mut tx, &rest).await?);
+            locked.extend(lock_ready(&mut tx, &rest, &created).await?);
         }
         let (ids, contended) = claim::keep_locked_prefixes(&runs, &locked);
         if ids.is_empty() {
             tx.commit().await.map_err(storage)?;
             return Ok(claim::claimed(opts, None, Vec::new(), contended, next));
         }
+        let (from, to) = created_bounds(created_of(&created, &ids));
         let rows = sqlx::query(super::sql::OUTBOX_MARK)
             .bind(&ids)
             .bind(opts.worker.as_str())
             .bind(crate::store::secs(opts.lease))
+            .bind(from)
+            .bind(to)
             .fetch(&mut *tx);
         let events = decode_all(rows, decode).await?;
         tx.commit().await.map_err(storage)?;
