@@ -99,13 +99,16 @@ pub async fn run(args: CleanupArgs, ctx: &Context) -> Result<ExitStatus> {
     let entry = AuditEntry::new(args.safety.actor(), "cleanup");
     omnibox::store::audit::check(&entry)?;
     let store = ctx.store().await?;
+    if args.safety.yes && !args.safety.dry_run {
+        // Nothing to ask: delete at once (counting first would read every
+        // row past retention twice: a cron run's cost).
+        let done = cleanup::delete(&store, &tables, &retention, &entry, |_| {}).await?;
+        return finish(ctx, &store, &retention, started, &done).await;
+    }
     let plan = cleanup::count(&store, &tables, &retention).await?;
     let total: u64 = plan.iter().map(Deleted::total).sum();
     let partitions: usize = plan.iter().map(|d| d.partitions.len()).sum();
     if args.safety.dry_run || (total == 0 && partitions == 0) {
-        if total == 0 && args.safety.yes && !args.safety.dry_run {
-            trim_trails(&store, &retention, started).await?;
-        }
         return report(ctx, &plan, args.safety.dry_run);
     }
     let what = if partitions > 0 {
@@ -128,8 +131,20 @@ pub async fn run(args: CleanupArgs, ctx: &Context) -> Result<ExitStatus> {
     if let Some(b) = bar {
         b.finish_and_clear();
     }
-    trim_trails(&store, &retention, started).await?;
-    report(ctx, &done, false)?;
+    finish(ctx, &store, &retention, started, &done).await
+}
+
+/// After the deletes: the trails trimmed, the report, and a notice when
+/// rows past retention remain.
+async fn finish(
+    ctx: &Context,
+    store: &AnyStore,
+    retention: &Retention,
+    started: std::time::Instant,
+    done: &[Deleted],
+) -> Result<ExitStatus> {
+    trim_trails(store, retention, started).await?;
+    report(ctx, done, false)?;
     if done.iter().any(|c| c.bounded) {
         crate::cli::output::notice!(
             "omnibox: stopped at --max-iterations; rows past retention remain (run again)"

@@ -889,14 +889,16 @@ impl PgStore {
             .map_err(storage)?;
             if !opts.dry_run {
                 if table == Table::Outbox {
-                    exec(
-                        &mut conn,
-                        format!(
-                            "DELETE FROM omnibox_outbox_keys k USING {name} o
-                              WHERE k.idempotency_key = o.idempotency_key AND k.event_id = o.id"
-                        ),
+                    // A key's row holds its event's created_at: the keys of
+                    // the partition's rows are those of its range.
+                    sqlx::query(
+                        "DELETE FROM omnibox_outbox_keys WHERE created_at >= $1 AND created_at < $2",
                     )
-                    .await?;
+                    .bind(start)
+                    .bind(end)
+                    .execute(&mut *conn)
+                    .await
+                    .map_err(storage)?;
                 }
                 let mut tx = conn.begin().await.map_err(storage)?;
                 exec(
