@@ -548,6 +548,44 @@ async fn cleanup_drops_partitions_past_retention_and_keeps_those_with_work() {
     .unwrap();
     assert_eq!(details["partitions_dropped"], json!([a, c]));
 
+    // One id in two partitions (a caller's own id, used again weeks
+    // later): the row-by-row cleanup of the old completed row in B (kept
+    // for its pending row) leaves the new pending one.
+    let twin = uuid::Uuid::now_v7();
+    sqlx::query(
+        "INSERT INTO outbox_events (id, event_type, payload, status, completed_at, created_at,
+                updated_at, scheduled_at, aggregate_type, aggregate_id, topic, partition_key)
+         VALUES ($1, 'e', '{}', 'completed', $2 + interval '1 hour', $2, $2, $2, 'o', $1, 't', 'k')",
+    )
+    .bind(twin)
+    .bind(b_at + hour)
+    .execute(&pool)
+    .await
+    .unwrap();
+    let mut again = outbox_event("t", "k", 1);
+    again.id = Some(twin);
+    db.store.outbox().create(&created(again)).await.unwrap();
+    let done = omnibox(
+        &db,
+        d,
+        &[
+            "cleanup",
+            "--older-than",
+            "7d",
+            "--table",
+            "outbox",
+            "--yes",
+        ],
+    );
+    assert_eq!(done.code, 0, "{}", done.render());
+    let rows: Vec<String> =
+        sqlx::query_scalar("SELECT status::text FROM outbox_events WHERE id = $1")
+            .bind(twin)
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+    assert_eq!(rows, ["pending"], "{}", done.render());
+
     // With failed rows past their own retention, D goes too; B stays
     // while its row is pending.
     let done = omnibox(
@@ -578,7 +616,8 @@ async fn cleanup_drops_partitions_past_retention_and_keeps_those_with_work() {
             "SELECT count(*) FROM outbox_events WHERE status = 'pending'"
         )
         .await,
-        1
+        2,
+        "B's pending row and the twin"
     );
 }
 
@@ -744,6 +783,13 @@ async fn the_relay_publishes_a_partitioned_outbox_and_keeps_partitions_ahead() {
     assert_eq!(far.code, 2, "{}", far.render());
     assert!(far.stderr.contains("at most 1000"), "{}", far.render());
     assert_eq!(count(&pool, mine).await, before);
+    let ancient = omnibox(&db, d, &["partitions", "create", "--from=-262143-01-01"]);
+    assert_eq!(ancient.code, 2, "{}", ancient.render());
+    assert!(
+        ancient.stderr.contains("from 1970 to 9999"),
+        "{}",
+        ancient.render()
+    );
     let bad = omnibox(&db, d, &["partitions", "create", "--from", "yesterday"]);
     assert_eq!(bad.code, 2, "{}", bad.render());
     assert!(bad.stderr.contains("is not a date"), "{}", bad.render());

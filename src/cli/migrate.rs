@@ -120,16 +120,18 @@ pub async fn run(args: MigrateArgs, ctx: &Context) -> Result<ExitStatus> {
         .into());
     }
     let store = ctx.connect().await?;
+    let options = PartitionOptions {
+        period: args.partition_period.into(),
+        ahead: args.partitions_ahead,
+        copy_limit: (!args.force).then_some(1_000_000),
+    };
+    if let (AnyStore::Postgres(pg), true) = (&store, args.partitioned) {
+        // Refused before anything changes.
+        pg.check_partitioning(&options).await?;
+    }
     let report = store.migrate().await?;
     let partitioned = match (&store, args.partitioned) {
-        (AnyStore::Postgres(pg), true) => Some(
-            pg.partition_tables(&PartitionOptions {
-                period: args.partition_period.into(),
-                ahead: args.partitions_ahead,
-                copy_limit: (!args.force).then_some(1_000_000),
-            })
-            .await?,
-        ),
+        (AnyStore::Postgres(pg), true) => Some(pg.partition_tables(&options).await?),
         _ => None,
     };
     match ctx.format() {

@@ -154,10 +154,17 @@ fn size(n: u64) -> String {
 
 /// `--from`: a date (midnight UTC) or an RFC 3339 time.
 fn past_time(text: &str) -> Result<chrono::DateTime<chrono::Utc>, String> {
-    if let Ok(day) = chrono::NaiveDate::parse_from_str(text, "%Y-%m-%d") {
-        return Ok(day.and_time(chrono::NaiveTime::MIN).and_utc());
+    use chrono::Datelike;
+    let time = match chrono::NaiveDate::parse_from_str(text, "%Y-%m-%d") {
+        Ok(day) => day.and_time(chrono::NaiveTime::MIN).and_utc(),
+        Err(_) => chrono::DateTime::parse_from_rfc3339(text)
+            .map(|t| t.with_timezone(&chrono::Utc))
+            .map_err(|_| {
+                format!("{text:?} is not a date: write 2026-11-01 or 2026-11-01T13:00:00Z")
+            })?,
+    };
+    if !(1970..=9999).contains(&time.year()) {
+        return Err(format!("{text:?}: give a date from 1970 to 9999"));
     }
-    chrono::DateTime::parse_from_rfc3339(text)
-        .map(|t| t.with_timezone(&chrono::Utc))
-        .map_err(|_| format!("{text:?} is not a date: write 2026-11-01 or 2026-11-01T13:00:00Z"))
+    Ok(time)
 }

@@ -156,6 +156,9 @@ impl Default for PartitionOptions {
     }
 }
 
+/// How long the conversion waits for a table's lock.
+const CONVERT_LOCK_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// The most partitions kept ahead.
 pub const MAX_AHEAD: u32 = 1000;
 
@@ -373,6 +376,11 @@ fn trigger_functions(schema_ident: &str) -> [String; 3] {
             "CREATE OR REPLACE FUNCTION omnibox_outbox_key() RETURNS trigger LANGUAGE plpgsql
              SET search_path = {schema_ident} AS $$
              BEGIN
+                 -- A row whose id is taken is not inserted: its key must not
+                 -- be recorded either (it would point at another event).
+                 IF EXISTS (SELECT 1 FROM outbox_events WHERE id = NEW.id) THEN
+                     RETURN NULL;
+                 END IF;
                  INSERT INTO omnibox_outbox_keys (idempotency_key, event_id, created_at)
                      VALUES (NEW.idempotency_key, NEW.id, NEW.created_at)
                      ON CONFLICT DO NOTHING;
@@ -493,6 +501,18 @@ async fn convert_plain(
     .await
     .map_err(storage)?;
     let rows = u64::try_from(rows).unwrap_or(0);
+    let now = db_now(conn).await?;
+    if let Some(oldest) = oldest {
+        let span = (opts.period.floor(now) - opts.period.floor(oldest.min(now))).num_seconds()
+            / opts.period.length().num_seconds().max(1);
+        if span > i64::from(MAX_AHEAD) {
+            return Err(Error::Config(format!(
+                "{t}'s oldest row was created {}: partitions by {} from then would be {span}, and at most {MAX_AHEAD} are made; clean up the old rows (omnibox cleanup), or choose a longer --partition-period",
+                oldest.format("%Y-%m-%d %H:%M"),
+                opts.period
+            )));
+        }
+    }
     if let Some(limit) = opts.copy_limit
         && rows > limit
     {
@@ -546,7 +566,6 @@ async fn convert_plain(
     .await?;
     // Partitions from the oldest row's on; created under the new parent's
     // name-to-be, so they keep their names after the rename below.
-    let now = db_now(conn).await?;
     let parent_start = opts.period.floor(oldest.unwrap_or(now).min(now));
     let last =
         opts.period.floor(now) + opts.period.length() * i32::try_from(opts.ahead).unwrap_or(0);
@@ -660,6 +679,21 @@ async fn convert_plain(
     Ok(())
 }
 
+/// The SQLSTATE of a database error.
+fn sqlstate(e: &Error) -> Option<String> {
+    let source = match e {
+        Error::Storage(s)
+        | Error::StorageIntegrity(s)
+        | Error::StorageTimeout(s)
+        | Error::StorageTransaction(s) => s,
+        _ => return None,
+    };
+    source
+        .as_database_error()
+        .and_then(|d| d.code())
+        .map(|c| c.into_owned())
+}
+
 /// A `lock_timeout` setting from a duration (at least a millisecond).
 fn lock_timeout_ms(d: Duration) -> String {
     d.as_millis().clamp(1, i32::MAX as u128).to_string()
@@ -695,6 +729,14 @@ impl PgStore {
                 .await
                 .map_err(storage)?;
             let mut tx = conn.begin().await.map_err(storage)?;
+            // Producers and relays wait behind the conversion's locks: a
+            // lock not granted soon ends it (nothing changed) rather than
+            // queueing them for the statement timeout.
+            exec(
+                &mut tx,
+                format!("SET LOCAL lock_timeout = {}", lock_timeout_ms(CONVERT_LOCK_TIMEOUT)),
+            )
+            .await?;
             for ddl in [
                 "CREATE TABLE IF NOT EXISTS omnibox_partitioning (
                     table_name varchar(20) PRIMARY KEY
@@ -726,7 +768,63 @@ impl PgStore {
             .bind(MIGRATE_LOCK)
             .execute(&mut *conn)
             .await;
-        result
+        result.map_err(|e| {
+            if sqlstate(&e).is_some_and(|c| c == "55P03") {
+                Error::Config(format!(
+                    "the outbox or inbox table stayed in use for {} s, so nothing changed: run migrate --partitioned when producers and relays are quiet (or stopped)",
+                    CONVERT_LOCK_TIMEOUT.as_secs()
+                ))
+            } else {
+                e
+            }
+        })
+    }
+
+    /// What `partition_tables` would refuse that can be told before the
+    /// migrations run (so that a refusal changes nothing): another period
+    /// than the recorded one, or a plain table over `copy_limit` rows.
+    pub async fn check_partitioning(&self, opts: &PartitionOptions) -> Result<()> {
+        let mut conn = self.pool.acquire().await.map_err(storage)?;
+        for p in recorded(&mut conn).await? {
+            if p.period != opts.period {
+                return Err(Error::Config(format!(
+                    "{} is partitioned by {} already; its period cannot change (run with --partition-period {})",
+                    p.table.sql_name(),
+                    p.period,
+                    p.period
+                )));
+            }
+        }
+        let Some(limit) = opts.copy_limit else {
+            return Ok(());
+        };
+        for table in Table::ALL {
+            let t = table.sql_name();
+            let plain: bool = sqlx::query_scalar(
+                "SELECT EXISTS (SELECT 1 FROM pg_class WHERE oid = to_regclass($1) AND relkind = 'r')",
+            )
+            .bind(t)
+            .fetch_one(&mut *conn)
+            .await
+            .map_err(storage)?;
+            if !plain {
+                continue;
+            }
+            // Counted up to the limit only: cheap on a table of any size.
+            let over: bool = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+                "SELECT count(*) > $1 FROM (SELECT 1 FROM {t} LIMIT $1 + 1) s"
+            )))
+            .bind(i64::try_from(limit).unwrap_or(i64::MAX - 1))
+            .fetch_one(&mut *conn)
+            .await
+            .map_err(storage)?;
+            if over {
+                return Err(Error::Config(format!(
+                    "{t} holds more than {limit} rows: converting copies them under a write lock that stops producers and relays meanwhile (about 10 s per million rows); run omnibox cleanup first, or add --force in a maintenance window"
+                )));
+            }
+        }
+        Ok(())
     }
 
     /// The partitioned tables and their settings (empty when neither is).
@@ -773,9 +871,55 @@ impl PgStore {
                     p.period
                 )));
             }
-            let made = create_range(&mut tx, p.table, p.period, from, now, p.ahead).await?;
             tx.commit().await.map_err(storage)?;
-            created.extend(made);
+            // One transaction per partition: a creation that meets another
+            // process's (a relay's, a cron's) leaves the rest to do.
+            let last =
+                p.period.floor(now) + p.period.length() * i32::try_from(p.ahead).unwrap_or(0);
+            let mut start = p.period.floor(from);
+            while start <= last {
+                let end = start + p.period.length();
+                let name = partition_name(p.table, p.period, start);
+                start = end;
+                let exists: bool = sqlx::query_scalar("SELECT to_regclass($1) IS NOT NULL")
+                    .bind(&name)
+                    .fetch_one(&mut *conn)
+                    .await
+                    .map_err(storage)?;
+                if exists {
+                    continue;
+                }
+                let mut tx = conn.begin().await.map_err(storage)?;
+                exec(
+                    &mut tx,
+                    format!("SET LOCAL lock_timeout = {}", lock_timeout_ms(lock_timeout)),
+                )
+                .await?;
+                match create_partition(
+                    &mut tx,
+                    p.table.sql_name(),
+                    &name,
+                    end - p.period.length(),
+                    end,
+                )
+                .await
+                {
+                    Ok(()) => {
+                        tx.commit().await.map_err(storage)?;
+                        created.push(name);
+                    }
+                    // Made by another process meanwhile (42P07, or 23505 on
+                    // the catalog when both created it at once), or the range
+                    // is covered by a partition made by hand (42P17).
+                    Err(e)
+                        if sqlstate(&e)
+                            .is_some_and(|c| c == "42P07" || c == "23505" || c == "42P17") =>
+                    {
+                        tx.rollback().await.map_err(storage)?;
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
         }
         Ok(created)
     }
@@ -855,8 +999,13 @@ impl PgStore {
         };
         let parent = table.sql_name();
         let now = db_now(&mut conn).await?;
-        let cutoff =
-            now - chrono::Duration::from_std(opts.older_than).unwrap_or(chrono::Duration::MAX / 2);
+        // A retention longer than time itself retires nothing.
+        let Some(cutoff) = chrono::Duration::from_std(opts.older_than)
+            .ok()
+            .and_then(|d| now.checked_sub_signed(d))
+        else {
+            return Ok(retired);
+        };
         let parts: Vec<String> = sqlx::query_scalar(
             "SELECT c.relname::text FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
               WHERE i.inhparent = to_regclass($1) ORDER BY c.relname",
@@ -877,29 +1026,29 @@ impl PgStore {
             if end > cutoff {
                 continue;
             }
-            if let Some(reason) = blocker(&mut conn, &name, opts).await? {
-                retired.kept.push(KeptPartition { name, reason });
-                continue;
+            // A partition another cleanup dropped meanwhile is skipped.
+            let gone = |e: &Error| sqlstate(e).is_some_and(|c| c == "42P01");
+            match blocker(&mut conn, &name, opts).await {
+                Ok(None) => {}
+                Ok(Some(reason)) => {
+                    retired.kept.push(KeptPartition { name, reason });
+                    continue;
+                }
+                Err(e) if gone(&e) => continue,
+                Err(e) => return Err(e),
             }
-            let (completed, failed): (i64, i64) = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            let counted: Result<(i64, i64)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
                 "SELECT count(*) FILTER (WHERE status = 'completed'), count(*) FILTER (WHERE status = 'failed') FROM {name}"
             )))
             .fetch_one(&mut *conn)
             .await
-            .map_err(storage)?;
+            .map_err(storage);
+            let (completed, failed) = match counted {
+                Ok(c) => c,
+                Err(e) if gone(&e) => continue,
+                Err(e) => return Err(e),
+            };
             if !opts.dry_run {
-                if table == Table::Outbox {
-                    // A key's row holds its event's created_at: the keys of
-                    // the partition's rows are those of its range.
-                    sqlx::query(
-                        "DELETE FROM omnibox_outbox_keys WHERE created_at >= $1 AND created_at < $2",
-                    )
-                    .bind(start)
-                    .bind(end)
-                    .execute(&mut *conn)
-                    .await
-                    .map_err(storage)?;
-                }
                 let mut tx = conn.begin().await.map_err(storage)?;
                 exec(
                     &mut tx,
@@ -920,21 +1069,42 @@ impl PgStore {
                         .and_then(|d| d.code())
                         .is_some_and(|c| c == "55P03");
                     if busy {
+                        // Each wait queues every producer and relay behind
+                        // it: one is enough for this run.
                         retired.kept.push(KeptPartition {
                             name,
                             reason: format!(
-                                "the table stayed busy for {} ms (lock_timeout): the next cleanup tries again",
+                                "the table stayed busy for {} ms (lock_timeout): this and older partitions wait for the next cleanup",
                                 opts.lock_timeout.as_millis()
                             ),
                         });
+                        break;
+                    }
+                    // Detached or dropped by another cleanup meanwhile.
+                    let e = storage(e);
+                    if gone(&e) {
                         continue;
                     }
-                    return Err(storage(e));
+                    return Err(e);
                 }
                 if let Some(reason) = blocker(&mut tx, &name, opts).await? {
                     tx.rollback().await.map_err(storage)?;
                     retired.kept.push(KeptPartition { name, reason });
                     continue;
+                }
+                if table == Table::Outbox {
+                    // The keys of its rows go with them, in the same
+                    // transaction (a drop rolled back keeps them). Read
+                    // from the partition's key index: cheap without keys.
+                    exec(
+                        &mut tx,
+                        format!(
+                            "DELETE FROM omnibox_outbox_keys k USING {name} o
+                              WHERE o.idempotency_key IS NOT NULL
+                                AND k.idempotency_key = o.idempotency_key AND k.event_id = o.id"
+                        ),
+                    )
+                    .await?;
                 }
                 exec(&mut tx, format!("DROP TABLE {name}")).await?;
                 tx.commit().await.map_err(storage)?;

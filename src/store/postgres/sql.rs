@@ -191,14 +191,21 @@ macro_rules! table_sql {
                 SET locked_at = NULL, locked_by = NULL, locked_until = NULL, updated_at = now()
                 FROM stale WHERE t.id = stale.id"
             ),
+            // The batch is picked once (a materialized CTE: a subquery with
+            // LIMIT and SKIP LOCKED under `IN` may be run again by the plan,
+            // and each run picks other rows), and the delete tests the
+            // status again: on a partitioned table an id is unique within
+            // its partition only, and a row of another partition with the
+            // same id must not go with it.
             delete_completed: concat!(
-                "DELETE FROM ", $t, " WHERE id IN (
+                "WITH batch AS MATERIALIZED (
                     SELECT id FROM ", $t, "
                     WHERE status = 'completed' AND completed_at < now() - make_interval(secs => $1)
                     ORDER BY completed_at
                     LIMIT $2
                     FOR UPDATE SKIP LOCKED
-                )"
+                )
+                DELETE FROM ", $t, " t USING batch WHERE t.id = batch.id AND t.status = 'completed'"
             ),
             counts: concat!(
                 "SELECT count(*) FILTER (WHERE status = 'pending') AS pending,
@@ -244,13 +251,14 @@ macro_rules! table_sql {
                 " WHERE status = 'failed' AND updated_at < now() - make_interval(secs => $1)"
             ),
             delete_failed: concat!(
-                "DELETE FROM ", $t, " WHERE id IN (
+                "WITH batch AS MATERIALIZED (
                     SELECT id FROM ", $t, "
                     WHERE status = 'failed' AND updated_at < now() - make_interval(secs => $1)
                     ORDER BY updated_at
                     LIMIT $2
                     FOR UPDATE SKIP LOCKED
-                )"
+                )
+                DELETE FROM ", $t, " t USING batch WHERE t.id = batch.id AND t.status = 'failed'"
             ),
             failed_by_type: concat!(
                 "SELECT event_type, count(*) FROM ", $t,
@@ -378,7 +386,7 @@ pub const OUTBOX_LOCK: &str = concat!(
 pub const OUTBOX_MARK: &str = "UPDATE outbox_events
     SET locked_at = now(), locked_by = $2, locked_until = now() + make_interval(secs => $3),
         updated_at = now()
-    WHERE id = ANY($1) AND created_at >= $4 AND created_at <= $5
+    WHERE id = ANY($1) AND status = 'pending' AND created_at >= $4 AND created_at <= $5
     RETURNING *";
 
 /// Is anything claimable now (for `publish --once`): a key with a due,
