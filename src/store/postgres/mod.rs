@@ -300,12 +300,7 @@ impl PgStore {
         // the first one did, and do not race to create the schema (`CREATE
         // SCHEMA IF NOT EXISTS` run by two sessions at once fails in one of
         // them on pg_namespace's unique index).
-        let mut conn = self.pool.acquire().await.map_err(storage)?;
-        sqlx::query("SELECT pg_advisory_lock($1)")
-            .bind(MIGRATE_LOCK)
-            .execute(&mut *conn)
-            .await
-            .map_err(storage)?;
+        let mut conn = lock_migrations(&self.pool).await?;
         let result = async {
             if let Some(schema) = &self.schema {
                 // An identifier cannot be a bind parameter; the name was
@@ -347,11 +342,7 @@ impl PgStore {
             Ok(migrate::report(&m, &before, &recorded, &after))
         }
         .await;
-        // The lock ends with the session anyway if this fails.
-        let _ = sqlx::query("SELECT pg_advisory_unlock($1)")
-            .bind(MIGRATE_LOCK)
-            .execute(&mut *conn)
-            .await;
+        unlock_migrations(&mut conn).await;
         result
     }
 
@@ -383,6 +374,30 @@ impl PgStore {
     pub fn capabilities(&self) -> super::Capabilities {
         CAPABILITIES
     }
+}
+
+/// A connection holding the migration lock (an advisory lock), for
+/// `migrate` and `migrate --partitioned`: concurrent runs wait for each
+/// other.
+pub(super) async fn lock_migrations(
+    pool: &PgPool,
+) -> Result<sqlx::pool::PoolConnection<sqlx::Postgres>> {
+    let mut conn = pool.acquire().await.map_err(storage)?;
+    sqlx::query("SELECT pg_advisory_lock($1)")
+        .bind(MIGRATE_LOCK)
+        .execute(&mut *conn)
+        .await
+        .map_err(storage)?;
+    Ok(conn)
+}
+
+/// Releases the migration lock (it ends with the session anyway, if this
+/// fails).
+pub(super) async fn unlock_migrations(conn: &mut sqlx::PgConnection) {
+    let _ = sqlx::query("SELECT pg_advisory_unlock($1)")
+        .bind(MIGRATE_LOCK)
+        .execute(&mut *conn)
+        .await;
 }
 
 /// Migrations whose comments were edited after their release (the first

@@ -31,7 +31,7 @@ use chrono::{DateTime, Datelike, NaiveTime, TimeZone, Utc};
 use serde::Serialize;
 use sqlx::{Connection, PgConnection, Row};
 
-use super::{MIGRATE_LOCK, PgStore};
+use super::PgStore;
 use crate::error::{Error, Result, storage};
 use crate::model::Table;
 
@@ -717,12 +717,7 @@ impl PgStore {
                 opts.ahead
             )));
         }
-        let mut conn = self.pool.acquire().await.map_err(storage)?;
-        sqlx::query("SELECT pg_advisory_lock($1)")
-            .bind(MIGRATE_LOCK)
-            .execute(&mut *conn)
-            .await
-            .map_err(storage)?;
+        let mut conn = super::lock_migrations(&self.pool).await?;
         let result = async {
             let schema_ident: String = sqlx::query_scalar("SELECT quote_ident(current_schema())")
                 .fetch_one(&mut *conn)
@@ -764,10 +759,7 @@ impl PgStore {
             Ok(out)
         }
         .await;
-        let _ = sqlx::query("SELECT pg_advisory_unlock($1)")
-            .bind(MIGRATE_LOCK)
-            .execute(&mut *conn)
-            .await;
+        super::unlock_migrations(&mut conn).await;
         result.map_err(|e| {
             if sqlstate(&e).is_some_and(|c| c == "55P03") {
                 Error::Config(format!(
