@@ -92,6 +92,21 @@ impl Period {
         Utc.from_utc_datetime(&start)
     }
 
+    /// The starts of the partitions from the one holding `from` (at most
+    /// `now`) to `ahead` past the one holding `now`, oldest first.
+    fn starts(
+        self,
+        from: DateTime<Utc>,
+        now: DateTime<Utc>,
+        ahead: u32,
+    ) -> impl Iterator<Item = DateTime<Utc>> {
+        let last = self.floor(now) + self.length() * i32::try_from(ahead).unwrap_or(0);
+        std::iter::successors(Some(self.floor(from.min(now))), move |s| {
+            Some(*s + self.length())
+        })
+        .take_while(move |s| *s <= last)
+    }
+
     /// The suffix of the partition starting at `start`: `YYYYMMDDHH` for
     /// hours, `YYYYMMDD` for days and weeks.
     fn suffix(self, start: DateTime<Utc>) -> String {
@@ -346,10 +361,8 @@ async fn create_range(
     ahead: u32,
 ) -> Result<Vec<String>> {
     let parent = table.sql_name();
-    let last = period.floor(now) + period.length() * i32::try_from(ahead).unwrap_or(0);
-    let mut start = period.floor(from.min(now));
     let mut created = Vec::new();
-    while start <= last {
+    for start in period.starts(from, now, ahead) {
         let end = start + period.length();
         let name = partition_name(table, period, start);
         let exists: bool = sqlx::query_scalar("SELECT to_regclass($1) IS NOT NULL")
@@ -361,7 +374,6 @@ async fn create_range(
             create_partition(conn, parent, &name, start, end).await?;
             created.push(name);
         }
-        start = end;
     }
     Ok(created)
 }
@@ -566,16 +578,11 @@ async fn convert_plain(
     .await?;
     // Partitions from the oldest row's on; created under the new parent's
     // name-to-be, so they keep their names after the rename below.
-    let parent_start = opts.period.floor(oldest.unwrap_or(now).min(now));
-    let last =
-        opts.period.floor(now) + opts.period.length() * i32::try_from(opts.ahead).unwrap_or(0);
-    let mut start = parent_start;
-    while start <= last {
+    for start in opts.period.starts(oldest.unwrap_or(now), now, opts.ahead) {
         let end = start + opts.period.length();
         let name = partition_name(table, opts.period, start);
         create_partition(conn, &new, &name, start, end).await?;
         report.created.push(name);
-        start = end;
     }
     if rows > 0 {
         exec(
@@ -866,13 +873,9 @@ impl PgStore {
             tx.commit().await.map_err(storage)?;
             // One transaction per partition: a creation that meets another
             // process's (a relay's, a cron's) leaves the rest to do.
-            let last =
-                p.period.floor(now) + p.period.length() * i32::try_from(p.ahead).unwrap_or(0);
-            let mut start = p.period.floor(from);
-            while start <= last {
+            for start in p.period.starts(from, now, p.ahead) {
                 let end = start + p.period.length();
                 let name = partition_name(p.table, p.period, start);
-                start = end;
                 let exists: bool = sqlx::query_scalar("SELECT to_regclass($1) IS NOT NULL")
                     .bind(&name)
                     .fetch_one(&mut *conn)

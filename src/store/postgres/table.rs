@@ -122,6 +122,7 @@ impl<R: PgRoute> TableBackend for PgTable<R> {
                 RetryAt::At(_) => None,
             })
             .collect();
+        let (from, to) = created_bounds(token.created_between);
         sqlx::query_as(R::sql().fail)
             .bind(&ids)
             .bind(errors)
@@ -131,8 +132,8 @@ impl<R: PgRoute> TableBackend for PgTable<R> {
             .bind(token.worker.as_str())
             .bind(token.locked_at)
             .bind(failures.iter().map(|f| f.dead).collect::<Vec<bool>>())
-            .bind(created_bounds(token.created_between).0)
-            .bind(created_bounds(token.created_between).1)
+            .bind(from)
+            .bind(to)
             .fetch_all(&self.pool)
             .await
             .map_err(storage)
