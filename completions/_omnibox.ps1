@@ -225,7 +225,7 @@ Register-ArgumentCompleter -Native -CommandName 'omnibox' -ScriptBlock {
             [CompletionResult]::new('--log-format', '--log-format', [CompletionResultType]::ParameterName, 'Log format on stderr')
             [CompletionResult]::new('--dedup-window', '--dedup-window', [CompletionResultType]::ParameterName, 'The inbox''s deduplication window: inbox rows are kept at least this long (cleanup refuses less), so a message redelivered within it is a duplicate [default: 7d]')
             [CompletionResult]::new('--otlp-endpoint', '--otlp-endpoint', [CompletionResultType]::ParameterName, 'Export OpenTelemetry spans with OTLP over HTTP to this collector (base URL; /v1/traces is added) [default: OTEL_EXPORTER_OTLP_ENDPOINT; off when neither is set]')
-            [CompletionResult]::new('--once', '--once', [CompletionResultType]::ParameterName, 'Stop at the end of the input (file) or once caught up with the end of every partition (Kafka)')
+            [CompletionResult]::new('--once', '--once', [CompletionResultType]::ParameterName, 'Stop at the end of the input (file) or once caught up with the end of every partition (Kafka; the broker''s long poll is then cut to 100 ms, fetch.wait.max.ms, unless -X sets it)')
             [CompletionResult]::new('--follow', '--follow', [CompletionResultType]::ParameterName, 'File source: keep reading as the file grows')
             [CompletionResult]::new('-v', '-v', [CompletionResultType]::ParameterName, 'More logging (-v info, -vv debug, -vvv trace)')
             [CompletionResult]::new('--verbose', '--verbose', [CompletionResultType]::ParameterName, 'More logging (-v info, -vv debug, -vvv trace)')

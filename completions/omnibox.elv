@@ -217,7 +217,7 @@ set edit:completion:arg-completer[omnibox] = {|@words|
             cand --log-format 'Log format on stderr'
             cand --dedup-window 'The inbox''s deduplication window: inbox rows are kept at least this long (cleanup refuses less), so a message redelivered within it is a duplicate [default: 7d]'
             cand --otlp-endpoint 'Export OpenTelemetry spans with OTLP over HTTP to this collector (base URL; /v1/traces is added) [default: OTEL_EXPORTER_OTLP_ENDPOINT; off when neither is set]'
-            cand --once 'Stop at the end of the input (file) or once caught up with the end of every partition (Kafka)'
+            cand --once 'Stop at the end of the input (file) or once caught up with the end of every partition (Kafka; the broker''s long poll is then cut to 100 ms, fetch.wait.max.ms, unless -X sets it)'
             cand --follow 'File source: keep reading as the file grows'
             cand -v 'More logging (-v info, -vv debug, -vvv trace)'
             cand --verbose 'More logging (-v info, -vv debug, -vvv trace)'
