@@ -845,6 +845,48 @@ fn inbox_consume_from_stdin_keeps_distinct_messages_and_survives_bad_ids() {
     );
 }
 
+/// SIGTERM while `inbox consume --from -` waits for more lines on stdin:
+/// the lines it had read are stored before it exits (stdin cannot give them
+/// again). They used to be dropped with the cancelled poll.
+#[test]
+fn inbox_consume_from_stdin_stores_what_it_read_before_a_sigterm() {
+    use std::io::Write as _;
+    let dir = tempfile::tempdir().unwrap();
+    let r = omnibox(dir.path(), &["migrate", "-q"], None, &[]);
+    assert_eq!(r.code, 0, "{}", r.render());
+    let mut cmd = common::run::command(dir.path());
+    cmd.args(["inbox", "consume", "--from", "-", "--format", "json"])
+        .stdin(Stdio::piped());
+    let mut child = cmd.spawn().unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    for n in 1..=3 {
+        writeln!(stdin, r#"{{"topic":"t","value":{{"n":{n}}}}}"#).unwrap();
+    }
+    stdin.flush().unwrap();
+    // The lines are read at once; the consumer then waits for the 500th
+    // line of its batch, or the end of stdin, which never comes: the
+    // signal must arrive during that wait, and a second is ample for three
+    // lines to be read.
+    std::thread::sleep(std::time::Duration::from_secs(1));
+    // SAFETY: kill(2) on the child's pid, which is ours and still running.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let out = child.wait_with_output().unwrap();
+    drop(stdin);
+    let run: Run = out.into();
+    assert_eq!(run.code, 0, "{}", run.render());
+    let report = run.json();
+    assert_eq!(report["stored"].as_u64(), Some(3), "{}", run.render());
+    let list = omnibox(
+        dir.path(),
+        &["list", "--table", "inbox", "--format", "json"],
+        None,
+        &[],
+    );
+    assert_eq!(list.code, 0, "{}", list.render());
+    let rows = list.json()["events"].as_array().map_or(0, Vec::len);
+    assert_eq!(rows, 3, "{}", list.render());
+}
+
 /// Poison read from stdin or a file says where it was read (`stdin line
 /// 1`, not `file:0:1`); a line over the line limit says so (it used to be
 /// "the value is not JSON: EOF while parsing") and keeps as long a start as

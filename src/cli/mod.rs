@@ -338,6 +338,11 @@ pub fn main() -> ExitCode {
         }
     });
     runtime.block_on(ctx.close());
+    // Every task the command awaited is done. A blocking read nobody waits
+    // for any more (stdin, after a SIGTERM stopped `inbox consume --from -`
+    // while the pipe stayed open) must not keep the process alive: the
+    // runtime's default drop waits for it, forever.
+    runtime.shutdown_background();
     if let Some(t) = telemetry {
         t.shutdown(std::time::Duration::from_secs(5));
     }

@@ -241,6 +241,18 @@ impl<S: Source, H: Handler, T: ConsumerStore> InboxConsumer<S, H, T> {
                 break;
             }
         }
+        // A shutdown that cancelled a poll waiting for more input: what it
+        // had read is stored before the consumer stops (stdin cannot give
+        // it again).
+        let held = self.source.held();
+        if !held.is_empty() {
+            tracing::info!(
+                messages = held.len(),
+                "storing the messages read before the shutdown"
+            );
+            self.consume_through_outages(&held, &mut report, once, &mut shutdown)
+                .await?;
+        }
         report.elapsed_seconds = started.elapsed().as_secs_f64();
         report.messages_per_second = if report.elapsed_seconds > 0.0 {
             report.consumed as f64 / report.elapsed_seconds

@@ -31,6 +31,10 @@ pub struct FileSource {
     /// Reading through an over-long line: its first MAX_LINE bytes, and
     /// the length and digest of all of it so far.
     long: Option<Box<LongLine>>,
+    /// Messages the poll in progress has read, kept here across each of its
+    /// waits: a poll cancelled there (a shutdown while stdin waits for more
+    /// lines) leaves them for the next poll, or for [`Source::held`].
+    taken: Vec<RawMessage>,
 }
 
 /// A line over `MAX_LINE` bytes read so far: its first `MAX_LINE` bytes (`head`),
@@ -89,6 +93,7 @@ impl FileSource {
             redeliver: VecDeque::new(),
             pending: Vec::new(),
             long: None,
+            taken: Vec::new(),
         })
     }
 
@@ -192,8 +197,9 @@ impl Source for FileSource {
         max_bytes: usize,
         wait: Duration,
     ) -> Result<Polled> {
-        let mut out = Vec::new();
-        let mut bytes = 0usize;
+        // What a cancelled poll had read comes first.
+        let mut out = std::mem::take(&mut self.taken);
+        let mut bytes = out.iter().map(RawMessage::size).sum::<usize>();
         // Takes `m` if it fits the byte budget (the first always does);
         // otherwise it waits at the front of the queue for the next poll.
         let mut take =
@@ -222,7 +228,12 @@ impl Source for FileSource {
         }
         let deadline = Instant::now() + wait;
         while out.len() < max && !self.eof {
-            match self.next_line().await? {
+            // Kept in the source while the read waits: a cancelled poll
+            // loses none of them (and neither does a failed read).
+            self.taken = std::mem::take(&mut out);
+            let next = self.next_line().await?;
+            out = std::mem::take(&mut self.taken);
+            match next {
                 Some((line, None)) if line.iter().all(u8::is_ascii_whitespace) => continue,
                 Some((line, cut)) => {
                     let mut m = from_json_bytes(&line, self.line, "file");
@@ -243,7 +254,9 @@ impl Source for FileSource {
                     if !out.is_empty() || Instant::now() >= deadline {
                         break;
                     }
+                    self.taken = std::mem::take(&mut out);
                     tokio::time::sleep(Duration::from_millis(100).min(wait)).await;
+                    out = std::mem::take(&mut self.taken);
                 }
                 None => self.eof = true,
             }
@@ -252,6 +265,11 @@ impl Source for FileSource {
             end: self.eof && self.redeliver.is_empty(),
             messages: out,
         })
+    }
+
+    /// The lines a cancelled poll had read.
+    fn held(&mut self) -> Vec<RawMessage> {
+        std::mem::take(&mut self.taken)
     }
 
     /// Nothing to do: a file keeps no offsets (reading it again is safe).

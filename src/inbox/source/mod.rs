@@ -79,6 +79,17 @@ pub trait Source: Send {
         let _ = message;
         true
     }
+
+    /// The messages a poll had read but not handed over when it was
+    /// cancelled (a shutdown arriving while the poll waited for more
+    /// input); they are the caller's now. A consumer that stops stores
+    /// them before it exits: a source that cannot read them again (stdin)
+    /// would lose them otherwise. The default has none (a source that
+    /// keeps nothing between polls, or whose broker delivers again what was
+    /// not committed).
+    fn held(&mut self) -> Vec<RawMessage> {
+        Vec::new()
+    }
 }
 
 /// A source chosen by URL (`--from`).
@@ -159,6 +170,14 @@ impl Source for AnySource {
         match self {
             AnySource::Kafka(s) => s.owns(message),
             AnySource::File(s) => s.owns(message),
+        }
+    }
+
+    /// What the chosen source read and a cancelled poll did not hand over.
+    fn held(&mut self) -> Vec<RawMessage> {
+        match self {
+            AnySource::Kafka(s) => s.held(),
+            AnySource::File(s) => s.held(),
         }
     }
 }
