@@ -39,6 +39,8 @@ pub(crate) trait Dialect {
     const SKIP_LOCKED: &'static str;
     /// The `consumer_group` field of a dead letter's `event` column, as text.
     const LETTER_GROUP: &'static str;
+    /// The columns of a dead letter, as the backend's decoder reads them.
+    const LETTER_COLUMNS: &'static str;
 }
 
 /// PostgreSQL: native times and uuid arrays.
@@ -80,6 +82,7 @@ impl Dialect for Pg {
 
     const SKIP_LOCKED: &'static str = " FOR UPDATE SKIP LOCKED";
     const LETTER_GROUP: &'static str = "event->>'consumer_group'";
+    const LETTER_COLUMNS: &'static str = "id, seq, origin, event_id, event_type, topic, attempts_made, error, event::text AS event, dead_at, replayed_at";
 }
 
 /// SQLite: times in the stored text form, ids as a JSON array.
@@ -124,11 +127,84 @@ impl Dialect for Lite {
 
     const SKIP_LOCKED: &'static str = "";
     const LETTER_GROUP: &'static str = "json_extract(event, '$.consumer_group')";
+    const LETTER_COLUMNS: &'static str = "id, seq, origin, event_id, event_type, topic, attempts_made, error, event, dead_at, replayed_at";
+}
+
+/// Runs `qb` on `pool`; returns its rows.
+pub(crate) async fn rows<DB: sqlx::Database>(
+    pool: &sqlx::Pool<DB>,
+    mut qb: QueryBuilder<DB>,
+) -> crate::error::Result<Vec<DB::Row>>
+where
+    for<'c> &'c mut DB::Connection: sqlx::Executor<'c, Database = DB>,
+    DB::Arguments: sqlx::IntoArguments<DB>,
+{
+    qb.build()
+        .fetch_all(pool)
+        .await
+        .map_err(crate::error::storage)
+}
+
+/// Runs `qb` on `pool`; returns the count in its one row and column.
+pub(crate) async fn count<DB: sqlx::Database>(
+    pool: &sqlx::Pool<DB>,
+    mut qb: QueryBuilder<DB>,
+) -> crate::error::Result<u64>
+where
+    for<'c> &'c mut DB::Connection: sqlx::Executor<'c, Database = DB>,
+    DB::Arguments: sqlx::IntoArguments<DB>,
+    i64: for<'r> sqlx::Decode<'r, DB> + sqlx::Type<DB>,
+    (i64,): for<'r> sqlx::FromRow<'r, DB::Row>,
+{
+    let q = qb.build_query_scalar::<i64>().fetch_one(pool);
+    Ok(u64::try_from(q.await.map_err(crate::error::storage)?).unwrap_or(0))
+}
+
+/// Runs `qb` on `conn`.
+pub(crate) async fn execute<DB: sqlx::Database>(
+    conn: &mut DB::Connection,
+    mut qb: QueryBuilder<DB>,
+) -> crate::error::Result<()>
+where
+    for<'c> &'c mut DB::Connection: sqlx::Executor<'c, Database = DB>,
+    DB::Arguments: sqlx::IntoArguments<DB>,
+{
+    let q = qb.build().execute(conn);
+    q.await.map_err(crate::error::storage).map(drop)
+}
+
+/// The letters matching `filter`, oldest first.
+pub(crate) fn letters<D: Dialect>(filter: &DeadLetterFilter) -> QueryBuilder<D::Db> {
+    let mut qb = QueryBuilder::new("SELECT ");
+    qb.push(D::LETTER_COLUMNS)
+        .push(" FROM omnibox_dead_letters WHERE true");
+    push_letters::<D>(&mut qb, filter);
+    qb
+}
+
+/// How many letters are open, of `origin`'s events or of all.
+pub(crate) fn count_open_letters<D: Dialect>(origin: Option<Table>) -> QueryBuilder<D::Db> {
+    let mut qb =
+        QueryBuilder::new("SELECT count(*) FROM omnibox_dead_letters WHERE replayed_at IS NULL");
+    if let Some(origin) = origin {
+        qb.push(" AND origin = ");
+        D::text(&mut qb, origin.to_string());
+    }
+    qb
+}
+
+/// Marks the letters `ids` replayed at `now`.
+pub(crate) fn close_letters<D: Dialect>(ids: &[Uuid], now: &D::Now) -> QueryBuilder<D::Db> {
+    let mut qb = QueryBuilder::new("UPDATE omnibox_dead_letters SET replayed_at = ");
+    D::push_now(&mut qb, now);
+    qb.push(" WHERE ");
+    D::id_in(&mut qb, "id", ids);
+    qb
 }
 
 /// A dead-letter listing's filters, order (oldest first) and limit, after
-/// the backend's `SELECT ... FROM omnibox_dead_letters WHERE true`.
-pub(crate) fn push_letters<D: Dialect>(qb: &mut QueryBuilder<D::Db>, filter: &DeadLetterFilter) {
+/// `SELECT ... FROM omnibox_dead_letters WHERE true`.
+fn push_letters<D: Dialect>(qb: &mut QueryBuilder<D::Db>, filter: &DeadLetterFilter) {
     if !filter.ids.is_empty() {
         qb.push(" AND (");
         D::id_in(qb, "id", &filter.ids);

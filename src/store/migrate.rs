@@ -114,6 +114,16 @@ pub(crate) struct CommentEdit {
     pub released_sha384: &'static str,
 }
 
+impl CommentEdit {
+    /// Migration `version`, released with the SHA-384 (hex) `released_sha384`.
+    pub(crate) const fn released(version: i64, released_sha384: &'static str) -> Self {
+        CommentEdit {
+            version,
+            released_sha384,
+        }
+    }
+}
+
 /// Keeps the checksums of released migrations whose comments were edited:
 /// each gets the checksum of its text as released, so databases migrated
 /// before the edit still match, and new ones record the same. An edit must
@@ -138,6 +148,44 @@ pub(crate) fn pin_comment_edits(m: &mut sqlx::migrate::Migrator, edits: &[Commen
         })
         .collect();
     m.migrations = std::borrow::Cow::Owned(migrations);
+}
+
+/// The versions recorded as applied, in order (both backends).
+pub(crate) const APPLIED_VERSIONS: &str =
+    "SELECT version FROM omnibox_migrations WHERE success ORDER BY version";
+
+/// Records `mig` as applied without running it (its objects exist),
+/// creating the migrations table first if need be.
+pub(crate) async fn record_applied<D: crate::store::dialect::Dialect>(
+    conn: &mut <D::Db as sqlx::Database>::Connection,
+    mig: &sqlx::migrate::Migration,
+) -> crate::error::Result<()>
+where
+    <D::Db as sqlx::Database>::Connection: sqlx::migrate::Migrate,
+    <D::Db as sqlx::Database>::Arguments: sqlx::IntoArguments<D::Db>,
+    for<'c> &'c mut <D::Db as sqlx::Database>::Connection: sqlx::Executor<'c, Database = D::Db>,
+    i64: sqlx::Encode<'static, D::Db> + sqlx::Type<D::Db>,
+    String: sqlx::Encode<'static, D::Db> + sqlx::Type<D::Db>,
+    Vec<u8>: sqlx::Encode<'static, D::Db> + sqlx::Type<D::Db>,
+{
+    use sqlx::migrate::Migrate;
+    conn.ensure_migrations_table(MIGRATIONS_TABLE)
+        .await
+        .map_err(crate::error::Error::Migration)?;
+    let mut qb = sqlx::QueryBuilder::<D::Db>::new(format!(
+        "INSERT INTO {MIGRATIONS_TABLE} (version, description, success, checksum, execution_time) VALUES ("
+    ));
+    qb.push_bind(mig.version)
+        .push(", ")
+        .push_bind(mig.description.to_string())
+        .push(", TRUE, ")
+        .push_bind(mig.checksum.to_vec())
+        .push(", 0) ON CONFLICT (version) DO NOTHING");
+    qb.build()
+        .execute(conn)
+        .await
+        .map_err(crate::error::storage)?;
+    Ok(())
 }
 
 /// A backend's embedded migrations, recorded in [`MIGRATIONS_TABLE`], with
@@ -236,6 +284,36 @@ pub(crate) const INITIAL_OBJECTS: &[Object] = {
     ]
 };
 
+/// The audit table, the same on both backends.
+pub(crate) const AUDIT_OBJECTS: &[Object] = &[
+    Object::Table("omnibox_audit"),
+    Object::Index("omnibox_audit_at"),
+];
+
+/// The lease columns, the same on both backends (each adds its own checks).
+pub(crate) const LEASE_COLUMNS: [Object; 2] = [
+    Object::Column("outbox_events", "locked_until"),
+    Object::Column("inbox_events", "locked_until"),
+];
+
+/// The partial indexes of failed rows in `seq` order, on both backends.
+pub(crate) const FAILED_SEQ_INDEXES: [Object; 2] = [
+    Object::Index("outbox_events_failed_seq"),
+    Object::Index("inbox_events_failed_seq"),
+];
+
+/// The claim filters' indexes, the same on both backends.
+pub(crate) const FILTER_INDEXES: &[Object] = &[
+    Object::Index("outbox_events_topic_due"),
+    Object::Index("inbox_events_source_due"),
+];
+
+/// The dead-letter table and its index of open letters, on both backends.
+pub(crate) const DEAD_LETTER_OBJECTS: [Object; 2] = [
+    Object::Table("omnibox_dead_letters"),
+    Object::Index("omnibox_dead_letters_open"),
+];
+
 /// What one migration creates. `rerunnable`: every statement of it is
 /// `... IF NOT EXISTS`, so running it again over a part of its objects is
 /// safe.
@@ -243,6 +321,26 @@ pub(crate) struct Creates {
     pub version: i64,
     pub rerunnable: bool,
     pub objects: &'static [Object],
+}
+
+impl Creates {
+    /// A migration that must not run twice.
+    pub(crate) const fn once(version: i64, objects: &'static [Object]) -> Self {
+        Creates {
+            version,
+            rerunnable: false,
+            objects,
+        }
+    }
+
+    /// A migration of `... IF NOT EXISTS` statements only.
+    pub(crate) const fn rerunnable(version: i64, objects: &'static [Object]) -> Self {
+        Creates {
+            version,
+            rerunnable: true,
+            objects,
+        }
+    }
 }
 
 /// How one migration's record compares with the objects it creates.

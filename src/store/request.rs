@@ -24,6 +24,22 @@ pub struct Capabilities {
     pub notify: bool,
 }
 
+impl Capabilities {
+    /// PostgreSQL's: all of them.
+    pub(crate) const POSTGRES: Capabilities = Capabilities {
+        bulk: true,
+        distributed_locking: true,
+        retention: true,
+        notify: true,
+    };
+    /// SQLite's: one machine's claimers, and no wake-ups.
+    pub(crate) const SQLITE: Capabilities = Capabilities {
+        distributed_locking: false,
+        notify: false,
+        ..Self::POSTGRES
+    };
+}
+
 /// Where a claim's scan of due rows stopped (the last row it examined), so
 /// the next claim can go on from there: see [`Claim::next`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -156,6 +156,16 @@ macro_rules! store_handles {
         pub fn migrations() -> Vec<MigrationScript> {
             migrate::scripts(&Self::migrator(), $postgres)
         }
+
+        /// Fails with a hint when the schema is missing or older than this binary.
+        pub async fn ensure_migrated(&self) -> Result<()> {
+            migrate::ensure_current(&self.applied_versions().await?, &Self::migrator())
+        }
+
+        /// What this store supports.
+        pub fn capabilities(&self) -> super::Capabilities {
+            CAPABILITIES
+        }
     };
 }
 pub(crate) use store_handles;

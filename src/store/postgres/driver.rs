@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use sqlx::{PgConnection, Postgres, QueryBuilder, Row, Transaction};
+use sqlx::{PgConnection, Postgres, Row, Transaction};
 use uuid::Uuid;
 
 use super::PgStore;
@@ -15,11 +15,8 @@ use crate::store::dead_letters::{self, DeadLetterFilter, DeadLetterRecord, NewLe
 use crate::store::diagnostics::{
     ClaimPlan, ReplicationSlot, SMALL_TABLE_PAGES, Statistics, TableHealth,
 };
-use crate::store::dialect::{self, Pg};
+use crate::store::dialect::{self, Dialect, Pg};
 use crate::store::driver::{Driver, FeatureTx, Retention};
-
-/// The columns every letter query reads (`event` as text).
-const LETTER_COLUMNS: &str = "id, seq, origin, event_id, event_type, topic, attempts_made, error, event::text AS event, dead_at, replayed_at";
 
 /// A write transaction for the features.
 pub(crate) struct PgFeatureTx(Transaction<'static, Postgres>);
@@ -76,24 +73,12 @@ impl Driver for PgStore {
     }
 
     async fn list_letters(&self, filter: &DeadLetterFilter) -> Result<Vec<DeadLetterRecord>> {
-        let mut qb = QueryBuilder::new(format!(
-            "SELECT {LETTER_COLUMNS} FROM omnibox_dead_letters WHERE true"
-        ));
-        dialect::push_letters::<Pg>(&mut qb, filter);
-        let rows = qb.build().fetch_all(self.pool()).await.map_err(storage)?;
+        let rows = dialect::rows(self.pool(), dialect::letters::<Pg>(filter)).await?;
         rows.iter().map(decode_letter).collect()
     }
 
     async fn count_open_letters(&self, origin: Option<Table>) -> Result<u64> {
-        let n: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM omnibox_dead_letters
-             WHERE replayed_at IS NULL AND ($1::text IS NULL OR origin = $1)",
-        )
-        .bind(origin.map(|t| t.to_string()))
-        .fetch_one(self.pool())
-        .await
-        .map_err(storage)?;
-        Ok(u64::try_from(n).unwrap_or(0))
+        dialect::count(self.pool(), dialect::count_open_letters::<Pg>(origin)).await
     }
 
     async fn insert_letters(&self, table: Table, rows: &[NewLetter]) -> Result<()> {
@@ -335,8 +320,9 @@ impl FeatureTx for PgFeatureTx {
 
     async fn lock_open_letters(&mut self, ids: &[Uuid]) -> Result<Vec<DeadLetterRecord>> {
         sqlx::query(sqlx::AssertSqlSafe(format!(
-            "SELECT {LETTER_COLUMNS}
-             FROM omnibox_dead_letters WHERE id = ANY($1) AND replayed_at IS NULL ORDER BY seq FOR UPDATE"
+            "SELECT {}
+             FROM omnibox_dead_letters WHERE id = ANY($1) AND replayed_at IS NULL ORDER BY seq FOR UPDATE",
+            Pg::LETTER_COLUMNS
         )))
         .bind(ids)
         .fetch_all(&mut *self.0)
@@ -380,12 +366,8 @@ impl FeatureTx for PgFeatureTx {
     }
 
     async fn close_letters(&mut self, ids: &[Uuid]) -> Result<()> {
-        sqlx::query("UPDATE omnibox_dead_letters SET replayed_at = now() WHERE id = ANY($1)")
-            .bind(ids)
-            .execute(&mut *self.0)
-            .await
-            .map_err(storage)?;
-        Ok(())
+        let qb = dialect::close_letters::<Pg>(ids, &());
+        dialect::execute(&mut *self.0, qb).await
     }
 
     async fn commit(self) -> Result<()> {

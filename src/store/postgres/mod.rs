@@ -22,7 +22,8 @@ use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgRow};
 use sqlx::types::Json;
 use sqlx::{ConnectOptions, Connection, Row};
 
-use super::migrate::{self, MIGRATIONS_TABLE, MigrationReport, MigrationScript};
+use super::dialect::Pg;
+use super::migrate::{self, MigrationReport, MigrationScript};
 use super::redact_url;
 use crate::error::{Error, Result, storage};
 use crate::model::{Event, EventStatus, InboxRoute, OutboxRoute, Payload};
@@ -94,7 +95,7 @@ async fn applied_versions(conn: &mut sqlx::PgConnection) -> Result<Vec<i64>> {
     if exists.is_none() {
         return Ok(Vec::new());
     }
-    sqlx::query_scalar("SELECT version FROM omnibox_migrations WHERE success ORDER BY version")
+    sqlx::query_scalar(migrate::APPLIED_VERSIONS)
         .fetch_all(&mut *conn)
         .await
         .map_err(storage)
@@ -103,72 +104,52 @@ async fn applied_versions(conn: &mut sqlx::PgConnection) -> Result<Vec<i64>> {
 /// What each migration creates (see `migrate::Object`); a test checks it
 /// against a migrated database.
 const CREATES: &[migrate::Creates] = {
-    use migrate::Object::*;
+    use migrate::{Creates, FAILED_SEQ_INDEXES as FAILED_SEQ, LEASE_COLUMNS as LEASE, Object::*};
     &[
-        migrate::Creates {
-            version: 1,
-            rerunnable: false,
-            objects: migrate::INITIAL_OBJECTS,
-        },
-        migrate::Creates {
-            version: 2,
-            rerunnable: false,
-            objects: &[
+        Creates::once(1, migrate::INITIAL_OBJECTS),
+        Creates::once(
+            2,
+            &[
                 Function("omnibox_notify"),
                 Trigger("outbox_events", "outbox_events_notify"),
                 Trigger("inbox_events", "inbox_events_notify"),
             ],
-        },
-        migrate::Creates {
-            version: 3,
-            rerunnable: false,
-            objects: &[Table("omnibox_audit"), Index("omnibox_audit_at")],
-        },
-        migrate::Creates {
-            version: 4,
-            rerunnable: false,
-            objects: &[
-                Column("outbox_events", "locked_until"),
-                Column("inbox_events", "locked_until"),
+        ),
+        Creates::once(3, migrate::AUDIT_OBJECTS),
+        Creates::once(
+            4,
+            &[
+                LEASE[0],
+                LEASE[1],
                 Constraint("outbox_events_lease_consistency"),
                 Constraint("inbox_events_lease_consistency"),
             ],
-        },
-        migrate::Creates {
-            version: 5,
-            rerunnable: true,
-            objects: &[
+        ),
+        Creates::rerunnable(
+            5,
+            &[
                 Index("outbox_events_seq"),
-                Index("outbox_events_failed_seq"),
                 Index("inbox_events_seq"),
-                Index("inbox_events_failed_seq"),
+                FAILED_SEQ[0],
+                FAILED_SEQ[1],
             ],
-        },
-        migrate::Creates {
-            version: 6,
-            rerunnable: true,
-            objects: &[
-                Index("outbox_events_topic_due"),
-                Index("inbox_events_source_due"),
-            ],
-        },
-        migrate::Creates {
-            version: 7,
-            rerunnable: false,
-            objects: &[
-                Table("omnibox_dead_letters"),
-                Index("omnibox_dead_letters_open"),
+        ),
+        Creates::rerunnable(6, migrate::FILTER_INDEXES),
+        Creates::once(
+            7,
+            &[
+                migrate::DEAD_LETTER_OBJECTS[0],
+                migrate::DEAD_LETTER_OBJECTS[1],
                 Index("omnibox_dead_letters_seq"),
             ],
-        },
-        migrate::Creates {
-            version: 8,
-            rerunnable: false,
-            objects: &[
+        ),
+        Creates::once(
+            8,
+            &[
                 Column("outbox_events", "payload_bytes"),
                 Column("inbox_events", "payload_bytes"),
             ],
-        },
+        ),
     ]
 };
 
@@ -318,21 +299,7 @@ impl PgStore {
             let state = migrate::state(&m, CREATES, &before, &existing);
             let mut recorded = Vec::new();
             for mig in migrate::plan(&m, &state)? {
-                if recorded.is_empty() {
-                    sqlx::migrate::Migrate::ensure_migrations_table(&mut *conn, MIGRATIONS_TABLE)
-                        .await
-                        .map_err(Error::Migration)?;
-                }
-                sqlx::query(
-                    "INSERT INTO omnibox_migrations (version, description, success, checksum, execution_time)
-                     VALUES ($1, $2, TRUE, $3, 0) ON CONFLICT (version) DO NOTHING",
-                )
-                .bind(mig.version)
-                .bind(mig.description.as_ref())
-                .bind(mig.checksum.as_ref())
-                .execute(&mut *conn)
-                .await
-                .map_err(storage)?;
+                migrate::record_applied::<Pg>(&mut conn, mig).await?;
                 recorded.push(mig.version);
             }
             m.run_direct(None, &mut *conn, false)
@@ -351,28 +318,14 @@ impl PgStore {
         let mut conn = self.pool.acquire().await.map_err(storage)?;
         let recorded = applied_versions(&mut conn).await?;
         let existing = existing_objects(&mut conn).await?;
-        Ok(migrate::state(
-            &Self::migrator(),
-            CREATES,
-            &recorded,
-            &existing,
-        ))
+        let m = Self::migrator();
+        Ok(migrate::state(&m, CREATES, &recorded, &existing))
     }
 
     /// Versions applied so far (empty on a fresh database).
     pub async fn applied_versions(&self) -> Result<Vec<i64>> {
         let mut conn = self.pool.acquire().await.map_err(storage)?;
         applied_versions(&mut conn).await
-    }
-
-    /// Fails with a hint when the schema is missing or older than this binary.
-    pub async fn ensure_migrated(&self) -> Result<()> {
-        migrate::ensure_current(&self.applied_versions().await?, &Self::migrator())
-    }
-
-    /// What this store supports.
-    pub fn capabilities(&self) -> super::Capabilities {
-        CAPABILITIES
     }
 }
 
@@ -400,20 +353,15 @@ pub(super) async fn unlock_migrations(conn: &mut sqlx::PgConnection) {
         .await;
 }
 
-/// Migrations whose comments were edited after their release (the first
-/// line of migration 1), with their released checksums (see
-/// `migrate::pin_comment_edits`).
-pub(crate) const COMMENT_EDITS: &[migrate::CommentEdit] = &[migrate::CommentEdit {
-    version: 1,
-    released_sha384: "431a0723b9d556721d08330f4f0332d9e032c22bd078c86c1edbb71b8e2cc138a7f5f91f6516d58792d2da8050c947a2",
-}];
+/// Migration 1 as released, before its first line was edited (SHA-384).
+const MIGRATION_1_RELEASED: &str = "431a0723b9d556721d08330f4f0332d9e032c22bd078c86c1edbb71b8e2cc138a7f5f91f6516d58792d2da8050c947a2";
 
-const CAPABILITIES: super::Capabilities = super::Capabilities {
-    bulk: true,
-    distributed_locking: true,
-    retention: true,
-    notify: true,
-};
+/// Migrations whose comments were edited after their release (see
+/// `migrate::pin_comment_edits`).
+pub(crate) const COMMENT_EDITS: &[migrate::CommentEdit] =
+    &[migrate::CommentEdit::released(1, MIGRATION_1_RELEASED)];
+
+const CAPABILITIES: super::Capabilities = super::Capabilities::POSTGRES;
 
 /// A plain PostgreSQL identifier: lowercase letters, digits and `_`, at
 /// most 63, not starting with a digit (safe to interpolate into DDL, and

@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use sqlx::{QueryBuilder, Row, Sqlite, SqliteConnection, Transaction};
+use sqlx::{Row, Sqlite, SqliteConnection, Transaction};
 use uuid::Uuid;
 
 use super::{SqliteStore, id_array};
@@ -15,11 +15,8 @@ use crate::store::BulkOutcome;
 use crate::store::audit::{self, AuditEntry, AuditFilter, AuditedChange};
 use crate::store::dead_letters::{self, DeadLetterFilter, DeadLetterRecord, NewLetter};
 use crate::store::diagnostics::{ClaimPlan, ReplicationSlot, Statistics, TableHealth};
-use crate::store::dialect::{self, Lite};
+use crate::store::dialect::{self, Dialect, Lite};
 use crate::store::driver::{Driver, FeatureTx, Retention};
-
-/// The columns every letter query reads.
-const LETTER_COLUMNS: &str = "id, seq, origin, event_id, event_type, topic, attempts_made, error, event, dead_at, replayed_at";
 
 /// A write transaction for the features, with its time.
 pub(crate) struct SqliteFeatureTx {
@@ -94,24 +91,12 @@ impl Driver for SqliteStore {
     }
 
     async fn list_letters(&self, filter: &DeadLetterFilter) -> Result<Vec<DeadLetterRecord>> {
-        let mut qb = QueryBuilder::new(format!(
-            "SELECT {LETTER_COLUMNS} FROM omnibox_dead_letters WHERE true"
-        ));
-        dialect::push_letters::<Lite>(&mut qb, filter);
-        let rows = qb.build().fetch_all(self.pool()).await.map_err(storage)?;
+        let rows = dialect::rows(self.pool(), dialect::letters::<Lite>(filter)).await?;
         rows.iter().map(decode_letter).collect()
     }
 
     async fn count_open_letters(&self, origin: Option<Table>) -> Result<u64> {
-        let n: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM omnibox_dead_letters
-             WHERE replayed_at IS NULL AND (?1 IS NULL OR origin = ?1)",
-        )
-        .bind(origin.map(|t| t.to_string()))
-        .fetch_one(self.pool())
-        .await
-        .map_err(storage)?;
-        Ok(u64::try_from(n).unwrap_or(0))
+        dialect::count(self.pool(), dialect::count_open_letters::<Lite>(origin)).await
     }
 
     async fn insert_letters(&self, table: Table, rows: &[NewLetter]) -> Result<()> {
@@ -281,9 +266,10 @@ impl FeatureTx for SqliteFeatureTx {
         // The transaction holds the write lock: no other replay reads these
         // letters before it ends.
         sqlx::query(sqlx::AssertSqlSafe(format!(
-            "SELECT {LETTER_COLUMNS}
+            "SELECT {}
              FROM omnibox_dead_letters
-             WHERE id IN (SELECT value FROM json_each(?1)) AND replayed_at IS NULL ORDER BY seq"
+             WHERE id IN (SELECT value FROM json_each(?1)) AND replayed_at IS NULL ORDER BY seq",
+            Lite::LETTER_COLUMNS
         )))
         .bind(id_array(ids))
         .fetch_all(&mut *self.tx)
@@ -332,15 +318,8 @@ impl FeatureTx for SqliteFeatureTx {
     }
 
     async fn close_letters(&mut self, ids: &[Uuid]) -> Result<()> {
-        sqlx::query(
-            "UPDATE omnibox_dead_letters SET replayed_at = ?2 WHERE id IN (SELECT value FROM json_each(?1))",
-        )
-        .bind(id_array(ids))
-        .bind(&self.now)
-        .execute(&mut *self.tx)
-        .await
-        .map_err(storage)?;
-        Ok(())
+        let qb = dialect::close_letters::<Lite>(ids, &self.now);
+        dialect::execute(&mut *self.tx, qb).await
     }
 
     async fn commit(self) -> Result<()> {

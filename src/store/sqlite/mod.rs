@@ -13,7 +13,8 @@ use sqlx::sqlite::{
 use sqlx::{ConnectOptions, Row};
 use uuid::Uuid;
 
-use super::migrate::{self, MIGRATIONS_TABLE, MigrationReport, MigrationScript};
+use super::dialect::Lite;
+use super::migrate::{self, MigrationReport, MigrationScript};
 use crate::error::{Error, Result, storage};
 use crate::model::{Event, EventStatus, InboxRoute, OutboxRoute, time};
 
@@ -85,19 +86,7 @@ impl SqliteStore {
         let mut recorded = Vec::new();
         for mig in migrate::plan(&m, &state)? {
             let mut conn = self.pool.acquire().await.map_err(storage)?;
-            sqlx::migrate::Migrate::ensure_migrations_table(&mut *conn, MIGRATIONS_TABLE)
-                .await
-                .map_err(Error::Migration)?;
-            sqlx::query(
-                "INSERT INTO omnibox_migrations (version, description, success, checksum, execution_time)
-                 VALUES (?, ?, TRUE, ?, 0) ON CONFLICT (version) DO NOTHING",
-            )
-            .bind(mig.version)
-            .bind(mig.description.as_ref())
-            .bind(mig.checksum.as_ref())
-            .execute(&mut *conn)
-            .await
-            .map_err(storage)?;
+            migrate::record_applied::<Lite>(&mut conn, mig).await?;
             recorded.push(mig.version);
         }
         if let Err(e) = m.run(&self.pool).await {
@@ -131,12 +120,8 @@ impl SqliteStore {
     pub async fn schema_state(&self) -> Result<migrate::SchemaState> {
         let recorded = self.applied_versions().await?;
         let existing = self.existing_objects().await?;
-        Ok(migrate::state(
-            &Self::migrator(),
-            CREATES,
-            &recorded,
-            &existing,
-        ))
+        let m = Self::migrator();
+        Ok(migrate::state(&m, CREATES, &recorded, &existing))
     }
 
     /// Versions applied so far.
@@ -150,91 +135,46 @@ impl SqliteStore {
         if exists.is_none() {
             return Ok(Vec::new());
         }
-        sqlx::query_scalar("SELECT version FROM omnibox_migrations WHERE success ORDER BY version")
+        sqlx::query_scalar(migrate::APPLIED_VERSIONS)
             .fetch_all(&self.pool)
             .await
             .map_err(storage)
-    }
-
-    /// Fails with a hint when the schema is missing or older than this binary.
-    pub async fn ensure_migrated(&self) -> Result<()> {
-        migrate::ensure_current(&self.applied_versions().await?, &Self::migrator())
-    }
-
-    /// What this store supports.
-    pub fn capabilities(&self) -> super::Capabilities {
-        CAPABILITIES
     }
 }
 
 /// What each migration creates (see `migrate::Object`); a test checks it
 /// against a migrated database.
 const CREATES: &[migrate::Creates] = {
-    use migrate::Object::*;
+    use migrate::{Creates, LEASE_COLUMNS as LEASE, Object::Trigger};
     &[
-        migrate::Creates {
-            version: 1,
-            rerunnable: false,
-            objects: migrate::INITIAL_OBJECTS,
-        },
-        migrate::Creates {
-            version: 2,
-            rerunnable: false,
-            objects: &[Table("omnibox_audit"), Index("omnibox_audit_at")],
-        },
-        migrate::Creates {
-            version: 3,
-            rerunnable: false,
-            objects: &[
-                Column("outbox_events", "locked_until"),
-                Column("inbox_events", "locked_until"),
+        Creates::once(1, migrate::INITIAL_OBJECTS),
+        Creates::once(2, migrate::AUDIT_OBJECTS),
+        Creates::once(
+            3,
+            &[
+                LEASE[0],
+                LEASE[1],
                 Trigger("outbox_events", "outbox_events_lease_insert"),
                 Trigger("outbox_events", "outbox_events_lease_update"),
                 Trigger("inbox_events", "inbox_events_lease_insert"),
                 Trigger("inbox_events", "inbox_events_lease_update"),
             ],
-        },
-        migrate::Creates {
-            version: 4,
-            rerunnable: true,
-            objects: &[
-                Index("outbox_events_failed_seq"),
-                Index("inbox_events_failed_seq"),
-            ],
-        },
-        migrate::Creates {
-            version: 5,
-            rerunnable: true,
-            objects: &[
-                Index("outbox_events_topic_due"),
-                Index("inbox_events_source_due"),
-            ],
-        },
-        migrate::Creates {
-            version: 6,
-            rerunnable: false,
-            objects: &[
-                Table("omnibox_dead_letters"),
-                Index("omnibox_dead_letters_open"),
-            ],
-        },
+        ),
+        Creates::rerunnable(4, &migrate::FAILED_SEQ_INDEXES),
+        Creates::rerunnable(5, migrate::FILTER_INDEXES),
+        Creates::once(6, &migrate::DEAD_LETTER_OBJECTS),
     ]
 };
 
-/// Migrations whose comments were edited after their release (the first
-/// line of migration 1), with their released checksums (see
-/// `migrate::pin_comment_edits`).
-pub(crate) const COMMENT_EDITS: &[migrate::CommentEdit] = &[migrate::CommentEdit {
-    version: 1,
-    released_sha384: "44f7c9fc639fb8d87547bca0d16898ade91b5725d8a7e5c7a55787e8b01df9ff9cae0ce224d949ed116b7649308484c9",
-}];
+/// Migration 1 as released, before its first line was edited (SHA-384).
+const MIGRATION_1_RELEASED: &str = "44f7c9fc639fb8d87547bca0d16898ade91b5725d8a7e5c7a55787e8b01df9ff9cae0ce224d949ed116b7649308484c9";
 
-const CAPABILITIES: super::Capabilities = super::Capabilities {
-    bulk: true,
-    distributed_locking: false,
-    retention: true,
-    notify: false,
-};
+/// Migrations whose comments were edited after their release (see
+/// `migrate::pin_comment_edits`).
+pub(crate) const COMMENT_EDITS: &[migrate::CommentEdit] =
+    &[migrate::CommentEdit::released(1, MIGRATION_1_RELEASED)];
+
+const CAPABILITIES: super::Capabilities = super::Capabilities::SQLITE;
 
 /// One table of an [`SqliteStore`]; implements the store traits.
 pub type SqliteTable<R> = crate::store::table::StoreTable<sqlx::Sqlite, R>;
