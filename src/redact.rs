@@ -260,6 +260,7 @@ mod tests {
         );
         assert_eq!(url("sqlite://omnibox.db"), "sqlite://omnibox.db");
         assert_eq!(url("postgres://u:se/cret@h/db"), "postgres://u:***@h/db");
+        assert_eq!(url("postgres://u:p@ss@h/db"), "postgres://u:***@h/db");
         // A hint's placeholder is not a secret.
         assert_eq!(
             text("use postgres://USER:PASSWORD@HOST/DB"),

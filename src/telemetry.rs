@@ -468,12 +468,9 @@ mod tests {
 
     #[test]
     fn endpoints() {
-        assert_eq!(traces_url("http://c:4318"), "http://c:4318/v1/traces");
-        assert_eq!(traces_url("http://c:4318/"), "http://c:4318/v1/traces");
-        assert_eq!(
-            traces_url("http://c:4318/v1/traces"),
-            "http://c:4318/v1/traces"
-        );
+        for given in ["http://c:4318", "http://c:4318/", "http://c:4318/v1/traces"] {
+            assert_eq!(traces_url(given), "http://c:4318/v1/traces", "{given}");
+        }
         assert_eq!(system_of("kafka://b:9092"), "kafka");
         assert_eq!(system_of("file:x.jsonl"), "omnibox.file");
     }

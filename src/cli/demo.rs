@@ -146,19 +146,11 @@ pub async fn run(args: DemoArgs, ctx: &Context) -> Result<ExitStatus> {
         total.load(Ordering::Relaxed)
     ))?;
 
-    let mut t = output::table(["table", "pending", "locked", "completed", "failed"]);
-    for c in [
+    let counts = [
         store.outbox().counts().await?,
         store.inbox().counts().await?,
-    ] {
-        t.add_row(vec![
-            c.table.to_string(),
-            c.pending.to_string(),
-            c.locked.to_string(),
-            c.completed.to_string(),
-            c.failed.to_string(),
-        ]);
-    }
+    ];
+    let t = crate::cli::status::counts_table(&counts, None);
     output::line(t)?;
     say(format!(
         "done in {}; look around with: omnibox --database-url {db} status",

@@ -169,22 +169,12 @@ pub async fn run(args: ListArgs, ctx: &Context) -> Result<ExitStatus> {
     for t in &tables {
         match t {
             Table::Outbox => {
-                outbox = store
-                    .outbox()
-                    .list(&filter)
-                    .await?
-                    .iter()
-                    .map(|e| Listed::of(Table::Outbox, e, e.topic(), e.partition_key()))
-                    .collect::<Result<_>>()?;
+                let rows = store.outbox().list(&filter).await?;
+                outbox = Listed::all(*t, &rows, |e| (e.topic(), e.partition_key()))?;
             }
             Table::Inbox => {
-                inbox = store
-                    .inbox()
-                    .list(&filter)
-                    .await?
-                    .iter()
-                    .map(|e| Listed::of(Table::Inbox, e, e.source(), e.message_id()))
-                    .collect::<Result<_>>()?;
+                let rows = store.inbox().list(&filter).await?;
+                inbox = Listed::all(*t, &rows, |e| (e.source(), e.message_id()))?;
             }
         }
     }
@@ -204,6 +194,21 @@ struct Listed {
 }
 
 impl Listed {
+    /// `rows` of `table`; `names` gives each one's topic (or source) and key
+    /// (or message id).
+    fn all<R: Route + serde::Serialize>(
+        table: Table,
+        rows: &[Event<R>],
+        names: impl Fn(&Event<R>) -> (&str, &str),
+    ) -> Result<Vec<Listed>> {
+        rows.iter()
+            .map(|e| {
+                let (topic, key) = names(e);
+                Listed::of(table, e, topic, key)
+            })
+            .collect()
+    }
+
     fn of<R: Route + serde::Serialize>(
         table: Table,
         e: &Event<R>,

@@ -184,22 +184,17 @@ pub async fn run(args: ReplayArgs, ctx: &Context) -> Result<ExitStatus> {
     omnibox::store::audit::check(&probe)?;
     let store = ctx.store().await?;
     if args.table == Some(RowsArg::DeadLetters) {
-        return replay_letters(&store, &args, ctx).await;
+        return replay_letters(&store, &args, DeadLetterFilter::of_events(&filter), ctx).await;
     }
     replay(&store, &tables, &args, filter, ctx).await
 }
 
-async fn replay_letters(store: &AnyStore, args: &ReplayArgs, ctx: &Context) -> Result<ExitStatus> {
-    let filter = DeadLetterFilter {
-        ids: args.ids.clone(),
-        event_type: args.event_type.clone(),
-        topic: args.topic.clone().or_else(|| args.source.clone()),
-        consumer_group: args.consumer_group.clone(),
-        error_contains: args.error_contains.clone(),
-        since: args.since,
-        until: args.until,
-        ..DeadLetterFilter::default()
-    };
+async fn replay_letters(
+    store: &AnyStore,
+    args: &ReplayArgs,
+    filter: DeadLetterFilter,
+    ctx: &Context,
+) -> Result<ExitStatus> {
     let letters =
         replay::select_letters(store, &filter, args.fingerprint.as_deref(), args.limit).await?;
     if letters.is_empty() {

@@ -92,6 +92,11 @@ pub fn metrics(table: &str) -> Arc<Metrics> {
     metrics
 }
 
+/// `--worker-id`, or this process's default id (`HOST:PID`).
+pub fn worker_id(given: &Option<WorkerId>) -> WorkerId {
+    given.clone().unwrap_or_else(WorkerId::default_for_process)
+}
+
 /// `--dlq table`: the store's dead-letter table.
 pub fn dead_letter_table(
     dlq: &Option<args::DlqArg>,

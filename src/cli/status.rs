@@ -6,6 +6,7 @@ use std::time::Duration;
 use anyhow::Result;
 use clap::Args;
 use omnibox::ops::status::{self, Limits, Snapshot};
+use omnibox::store::TableCounts;
 use serde_json::json;
 
 use super::output::{self, Format, ellipsize, human_duration};
@@ -185,34 +186,7 @@ async fn report(
                     human_duration(args.interval)
                 ))?;
             }
-            let mut t = output::table([
-                "table",
-                "pending",
-                "locked",
-                "due now",
-                "oldest pending",
-                "completed",
-                "failed",
-                "stale locks",
-            ]);
-            for (i, c) in tables.iter().enumerate() {
-                t.add_row(vec![
-                    c.table.to_string(),
-                    c.pending.to_string(),
-                    c.locked.to_string(),
-                    c.due_now.to_string(),
-                    c.oldest_pending_age()
-                        .map(human_duration)
-                        .unwrap_or_else(|| "-".into()),
-                    if c.completed_is_estimate {
-                        format!("~{}", c.completed)
-                    } else {
-                        c.completed.to_string()
-                    },
-                    c.failed.to_string(),
-                    stale[i].to_string(),
-                ]);
-            }
+            let t = counts_table(&tables, Some(&stale));
             output::line(t)?;
             if dead_letters_open > 0 {
                 output::line(format!(
@@ -285,4 +259,46 @@ async fn report(
         }
     }
     Ok((ExitStatus::Success, snap))
+}
+
+/// The counts of `tables` as `status` shows them; `stale`, each table's
+/// stale locks (a column of its own when given).
+pub(crate) fn counts_table(tables: &[TableCounts], stale: Option<&[u64]>) -> comfy_table::Table {
+    let mut header = vec![
+        "table",
+        "pending",
+        "locked",
+        "due now",
+        "oldest pending",
+        "completed",
+        "failed",
+    ];
+    if stale.is_some() {
+        header.push("stale locks");
+    }
+    let mut t = output::table(header);
+    for (i, c) in tables.iter().enumerate() {
+        let oldest = c
+            .oldest_pending_age()
+            .map_or_else(|| "-".into(), human_duration);
+        let completed = if c.completed_is_estimate {
+            format!("~{}", c.completed)
+        } else {
+            c.completed.to_string()
+        };
+        let mut row = vec![
+            c.table.to_string(),
+            c.pending.to_string(),
+            c.locked.to_string(),
+        ];
+        row.extend([
+            c.due_now.to_string(),
+            oldest,
+            completed,
+            c.failed.to_string(),
+        ]);
+        row.extend(stale.map(|s| s[i].to_string()));
+        t.add_row(row);
+    }
+    t
 }

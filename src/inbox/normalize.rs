@@ -419,6 +419,14 @@ mod tests {
         }
     }
 
+    /// The raw bytes a poison row keeps (`raw_base64`).
+    fn raw_of(e: &InboxEvent) -> Vec<u8> {
+        let b64 = e.payload()["raw_base64"].as_str().unwrap();
+        base64::engine::general_purpose::STANDARD
+            .decode(b64)
+            .unwrap()
+    }
+
     fn event(n: Normalized) -> InboxEvent {
         match n {
             Normalized::Event(e) => *e,
@@ -521,13 +529,7 @@ mod tests {
                 "{:?}",
                 e.last_error()
             );
-            let b64 = e.payload()["raw_base64"].as_str().unwrap();
-            assert_eq!(
-                base64::engine::general_purpose::STANDARD
-                    .decode(b64)
-                    .unwrap(),
-                value.as_bytes()
-            );
+            assert_eq!(raw_of(e), value.as_bytes());
             e.validate_invariants().unwrap();
         }
         let mut r = raw(&[], "x");
@@ -650,14 +652,7 @@ mod tests {
                 "{line}: {:?}",
                 e.last_error()
             );
-            let b64 = e.payload()["raw_base64"].as_str().unwrap();
-            assert_eq!(
-                base64::engine::general_purpose::STANDARD
-                    .decode(b64)
-                    .unwrap(),
-                line.as_bytes(),
-                "the line is kept as read"
-            );
+            assert_eq!(raw_of(&e), line.as_bytes(), "the line is kept as read");
         }
         let r = from_json_line(r#"{"value":{"n":1},"amount":5}"#, 1, "file");
         let e = event(normalize(&d, &r, "g"));
@@ -770,13 +765,7 @@ mod tests {
         let mut m = raw(&[], "");
         m.payload = Some(bad.clone());
         let p = poison_row(normalize(&d, &m, "g"));
-        let b64 = p.payload()["raw_base64"].as_str().unwrap();
-        assert_eq!(
-            base64::engine::general_purpose::STANDARD
-                .decode(b64)
-                .unwrap(),
-            bad
-        );
+        assert_eq!(raw_of(&p), bad);
         assert_eq!(p.payload()["raw_sha256"], json!(sha256_hex(&bad)));
         let big = vec![b'x'; 3_000_000];
         m.payload = Some(big.clone());

@@ -521,6 +521,19 @@ mod tests {
         DomainService::default().create_inbox_event(n).unwrap()
     }
 
+    /// Dispatches an event of `source`, type `t`, version `v` and `payload`.
+    async fn send(
+        router: &EventRouter,
+        source: &str,
+        t: &str,
+        v: Option<&str>,
+        payload: Value,
+    ) -> Outcome {
+        router
+            .dispatch(&event(source, t, v, payload), &mut cx())
+            .await
+    }
+
     fn recorder(
         log: &Arc<Mutex<Vec<String>>>,
         name: &'static str,
@@ -663,28 +676,23 @@ mod tests {
             vec!["order.created", "ping"]
         );
         assert_eq!(
-            router
-                .dispatch(
-                    &event("prod.shop", "order.created", Some("2.1"), json!({"a": 1})),
-                    &mut cx()
-                )
-                .await,
+            send(
+                &router,
+                "prod.shop",
+                "order.created",
+                Some("2.1"),
+                json!({"a": 1})
+            )
+            .await,
             Outcome::Skipped,
             "dispatch normalizes the event's source too"
         );
         assert_eq!(
-            router
-                .dispatch(
-                    &event("billing", "refund.issued", None, json!({"a": 1})),
-                    &mut cx()
-                )
-                .await,
+            send(&router, "billing", "refund.issued", None, json!({"a": 1})).await,
             Outcome::Skipped
         );
         assert_eq!(
-            router
-                .dispatch(&event("anything", "ping", None, json!({"a": 1})), &mut cx())
-                .await,
+            send(&router, "anything", "ping", None, json!({"a": 1})).await,
             Outcome::Completed
         );
     }
@@ -702,12 +710,7 @@ mod tests {
             .unwrap();
         for v in [Some("1.2.5"), Some("1.0.0"), Some("9.0.0"), None] {
             assert_eq!(
-                router
-                    .dispatch(
-                        &event("shop", "order.created", v, json!({"a": 1})),
-                        &mut cx()
-                    )
-                    .await,
+                send(&router, "shop", "order.created", v, json!({"a": 1})).await,
                 Outcome::Completed
             );
         }
@@ -744,23 +747,27 @@ mod tests {
             // A longer detour must not be taken.
             .migration("order.created", "1.0.0", "1.5.0", Ok)
             .migration("order.created", "1.5.0", "2.0.0", Ok);
-        let out = router
-            .dispatch(
-                &event("shop", "order.created", Some("1.0.0"), json!({"total": 5})),
-                &mut cx(),
-            )
-            .await;
+        let out = send(
+            &router,
+            "shop",
+            "order.created",
+            Some("1.0.0"),
+            json!({"total": 5}),
+        )
+        .await;
         assert_eq!(out, Outcome::Completed);
         assert_eq!(
             log.lock().unwrap()[0],
             r#"v3:3.0.0:{"amount":5,"currency":"EUR"}"#
         );
-        let failed = router
-            .dispatch(
-                &event("shop", "order.created", Some("1.0.0"), json!({"x": 1})),
-                &mut cx(),
-            )
-            .await;
+        let failed = send(
+            &router,
+            "shop",
+            "order.created",
+            Some("1.0.0"),
+            json!({"x": 1}),
+        )
+        .await;
         assert!(
             matches!(failed, Outcome::Failed { ref error, .. } if error.contains("no total")),
             "{failed:?}"
@@ -790,12 +797,14 @@ mod tests {
                 Outcome::Completed
             })
             .unwrap();
-        let out = router
-            .dispatch(
-                &event("shop", "order.created", Some("1.0.0"), json!({"a": 1})),
-                &mut cx(),
-            )
-            .await;
+        let out = send(
+            &router,
+            "shop",
+            "order.created",
+            Some("1.0.0"),
+            json!({"a": 1}),
+        )
+        .await;
         match out {
             Outcome::Failed {
                 error,
@@ -806,12 +815,7 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
-        let out = router
-            .dispatch(
-                &event("billing", "refund", None, json!({"a": 1})),
-                &mut cx(),
-            )
-            .await;
+        let out = send(&router, "billing", "refund", None, json!({"a": 1})).await;
         assert!(matches!(out, Outcome::Failed { ref error, .. } if error.contains("\"refund\"")));
     }
 

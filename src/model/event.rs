@@ -172,17 +172,11 @@ struct EventCopy<R> {
     id: Uuid,
     event_type: String,
     payload: Payload,
-    #[serde(default)]
     headers: Option<Headers>,
-    #[serde(default)]
     trace_id: Option<String>,
-    #[serde(default)]
     idempotency_key: Option<String>,
-    #[serde(default)]
     correlation_id: Option<String>,
-    #[serde(default)]
     causation_id: Option<String>,
-    #[serde(default)]
     schema_version: Option<String>,
     max_attempts: i32,
     created_at: String,

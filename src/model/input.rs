@@ -19,23 +19,15 @@ struct Line {
     topic: String,
     partition_key: String,
     payload: Value,
-    #[serde(default)]
     id: Option<String>,
     #[serde(default, deserialize_with = "unique_headers")]
     headers: Option<Headers>,
-    #[serde(default)]
     idempotency_key: Option<String>,
-    #[serde(default)]
     trace_id: Option<String>,
-    #[serde(default)]
     correlation_id: Option<String>,
-    #[serde(default)]
     causation_id: Option<String>,
-    #[serde(default)]
     schema_version: Option<String>,
-    #[serde(default)]
     max_attempts: Option<i64>,
-    #[serde(default)]
     scheduled_at: Option<String>,
 }
 

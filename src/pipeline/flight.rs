@@ -232,24 +232,27 @@ mod tests {
         assert_eq!(f.len(), 0);
     }
 
-    #[test]
-    fn a_batch_handled_out_of_order_holds_back_the_keys_of_earlier_ones() {
+    /// Two batches claimed one after the other: `a` of x's rows 1–10, `b`
+    /// of `second`.
+    fn two_claims(second: &[(&str, i64, i64)]) -> (Flight, u64, u64) {
         let mut f = Flight::default();
         let (a, _) = f.begin_claim();
         f.claimed(a, keys(&[("x", 1, 10)]));
         let (b, _) = f.begin_claim();
-        f.claimed(b, keys(&[("x", 11, 20), ("z", 1, 1)]));
+        f.claimed(b, keys(second));
+        (f, a, b)
+    }
+
+    #[test]
+    fn a_batch_handled_out_of_order_holds_back_the_keys_of_earlier_ones() {
+        let (f, a, b) = two_claims(&[("x", 11, 20), ("z", 1, 1)]);
         assert_eq!(f.held_back(b), [k("x")].into());
         assert!(f.held_back(a).is_empty());
     }
 
     #[test]
     fn a_dropped_batch_holds_every_key_it_had() {
-        let mut f = Flight::default();
-        let (a, _) = f.begin_claim();
-        f.claimed(a, keys(&[("x", 1, 10)]));
-        let (b, _) = f.begin_claim();
-        f.claimed(b, keys(&[("x", 11, 20)]));
+        let (mut f, a, b) = two_claims(&[("x", 11, 20)]);
         f.written(a);
         assert_eq!(f.held_back(b), [k("x")].into());
     }

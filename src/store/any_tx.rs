@@ -27,6 +27,19 @@ pub(crate) enum BulkTx {
     Sqlite(sqlx::Transaction<'static, sqlx::Sqlite>),
 }
 
+impl BulkTx {
+    /// Commits (`true`) or rolls back.
+    async fn finish(self, commit: bool) -> Result<()> {
+        let done = match (self, commit) {
+            (BulkTx::Postgres(tx), true) => tx.commit().await,
+            (BulkTx::Postgres(tx), false) => tx.rollback().await,
+            (BulkTx::Sqlite(tx), true) => tx.commit().await,
+            (BulkTx::Sqlite(tx), false) => tx.rollback().await,
+        };
+        done.map_err(crate::error::storage)
+    }
+}
+
 impl<R> AnyTable<R> {
     /// A write transaction (`BEGIN IMMEDIATE` on SQLite, so that the write
     /// lock is taken up front rather than on a later upgrade).
@@ -100,20 +113,12 @@ impl OutboxBulkWriter {
 
     /// Commits everything inserted.
     pub async fn commit(self) -> Result<()> {
-        match self.tx {
-            BulkTx::Postgres(tx) => tx.commit().await,
-            BulkTx::Sqlite(tx) => tx.commit().await,
-        }
-        .map_err(crate::error::storage)
+        self.tx.finish(true).await
     }
 
     /// Discards everything inserted.
     pub async fn rollback(self) -> Result<()> {
-        match self.tx {
-            BulkTx::Postgres(tx) => tx.rollback().await,
-            BulkTx::Sqlite(tx) => tx.rollback().await,
-        }
-        .map_err(crate::error::storage)
+        self.tx.finish(false).await
     }
 }
 
@@ -263,19 +268,11 @@ impl InboxTx {
 
     /// Commits.
     pub async fn commit(self) -> Result<()> {
-        match self.tx {
-            BulkTx::Postgres(tx) => tx.commit().await,
-            BulkTx::Sqlite(tx) => tx.commit().await,
-        }
-        .map_err(crate::error::storage)
+        self.tx.finish(true).await
     }
 
     /// Rolls back.
     pub async fn rollback(self) -> Result<()> {
-        match self.tx {
-            BulkTx::Postgres(tx) => tx.rollback().await,
-            BulkTx::Sqlite(tx) => tx.rollback().await,
-        }
-        .map_err(crate::error::storage)
+        self.tx.finish(false).await
     }
 }

@@ -87,6 +87,25 @@ pub struct DeadLetterFilter {
     pub limit: Option<u32>,
 }
 
+impl DeadLetterFilter {
+    /// The letters of the events `events` selects: by its ids, event type,
+    /// topic or source, consumer group, error text and time range (its
+    /// `all` and `limit` play no part).
+    pub fn of_events(events: &crate::store::RequeueFilter) -> Self {
+        let e = events.clone();
+        DeadLetterFilter {
+            ids: e.ids,
+            event_type: e.event_type,
+            topic: e.topic,
+            consumer_group: e.consumer_group,
+            error_contains: e.error_contains,
+            since: e.since,
+            until: e.until,
+            ..Self::default()
+        }
+    }
+}
+
 /// What [`DeadLetterTable::replay`] did.
 #[derive(Debug, Clone, Default)]
 pub struct DeadLetterReplay {

@@ -173,6 +173,41 @@ where
     q.await.map_err(crate::error::storage).map(drop)
 }
 
+/// Unlocks the pending inbox rows `ids` (the consumer's transaction).
+pub(crate) fn unlock_inbox<D: Dialect>(ids: &[Uuid], now: &D::Now) -> QueryBuilder<D::Db> {
+    let mut qb = QueryBuilder::new(
+        "UPDATE inbox_events SET locked_at = NULL, locked_by = NULL, locked_until = NULL, updated_at = ",
+    );
+    D::push_now(&mut qb, now);
+    qb.push(" WHERE ");
+    D::id_in(&mut qb, "id", ids);
+    qb.push(" AND status = 'pending'");
+    qb
+}
+
+/// Marks the pending inbox rows `ids` completed (the consumer's
+/// transaction).
+pub(crate) fn complete_inbox<D: Dialect>(ids: &[Uuid], now: &D::Now) -> QueryBuilder<D::Db> {
+    let mut qb = QueryBuilder::new(
+        "UPDATE inbox_events SET status = 'completed', locked_at = NULL, locked_by = NULL, \
+         locked_until = NULL, completed_at = ",
+    );
+    D::push_now(&mut qb, now);
+    qb.push(", updated_at = ");
+    D::push_now(&mut qb, now);
+    qb.push(" WHERE ");
+    D::id_in(&mut qb, "id", ids);
+    qb.push(" AND status = 'pending'");
+    qb
+}
+
+/// Deletes the inbox rows `ids` (the consumer's transaction).
+pub(crate) fn delete_inbox<D: Dialect>(ids: &[Uuid]) -> QueryBuilder<D::Db> {
+    let mut qb = QueryBuilder::new("DELETE FROM inbox_events WHERE ");
+    D::id_in(&mut qb, "id", ids);
+    qb
+}
+
 /// The letters matching `filter`, oldest first.
 pub(crate) fn letters<D: Dialect>(filter: &DeadLetterFilter) -> QueryBuilder<D::Db> {
     let mut qb = QueryBuilder::new("SELECT ");

@@ -336,9 +336,8 @@ impl Creates {
     /// A migration of `... IF NOT EXISTS` statements only.
     pub(crate) const fn rerunnable(version: i64, objects: &'static [Object]) -> Self {
         Creates {
-            version,
             rerunnable: true,
-            objects,
+            ..Self::once(version, objects)
         }
     }
 }

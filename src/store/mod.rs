@@ -131,16 +131,14 @@ mod tests {
 
     #[test]
     fn redacts_passwords_only() {
-        assert_eq!(
-            redact_url("postgres://u:secret@h:5432/db"),
-            "postgres://u:***@h:5432/db"
-        );
-        assert_eq!(redact_url("postgres://u@h/db"), "postgres://u@h/db");
-        assert_eq!(
-            redact_url("postgres://h/db?password=x&a=1"),
-            "postgres://h/db?password=***&a=1"
-        );
-        assert_eq!(redact_url("sqlite://omnibox.db"), "sqlite://omnibox.db");
+        // The rules are `redact::url`'s, tested there.
+        for u in [
+            "postgres://u:p@ss@h/db",
+            "postgres://u@h/db",
+            "sqlite://omnibox.db",
+        ] {
+            assert_eq!(redact_url(u), crate::redact::url(u));
+        }
         assert_eq!(
             redact_url("postgres://u:p@ss@h/db"),
             "postgres://u:***@h/db"

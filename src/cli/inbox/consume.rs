@@ -220,10 +220,7 @@ pub async fn run(args: ConsumeArgs, ctx: &Context) -> Result<ExitStatus> {
     };
     let handler = args.handler.handler()?;
     let store = ctx.store().await?;
-    let worker = args
-        .worker_id
-        .clone()
-        .unwrap_or_else(WorkerId::default_for_process);
+    let worker = running::worker_id(&args.worker_id);
     let mut options = ConsumeOptions::new(args.group.clone(), worker.clone());
     options.batch = args.batch as usize;
     options.batch_bytes = Some(batch_bytes);

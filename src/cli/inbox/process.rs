@@ -106,10 +106,7 @@ pub async fn run(args: ProcessArgs, ctx: &Context) -> Result<ExitStatus> {
         .into());
     }
     let store = ctx.store().await?;
-    let worker = args
-        .worker_id
-        .clone()
-        .unwrap_or_else(WorkerId::default_for_process);
+    let worker = running::worker_id(&args.worker_id);
     let mut options =
         running::processor_options(ctx, worker.clone(), args.batch, args.batch_bytes, lease);
     options.filters.sources = args.sources.clone();

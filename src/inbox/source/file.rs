@@ -191,12 +191,7 @@ impl Source for FileSource {
     /// Rewound messages first, then new lines (blank ones skipped; an over-long one
     /// becomes a cut poison message). With `follow`, waits up to `wait` for a first
     /// line at the end of the file; without, reads to the end and reports it.
-    async fn poll_within(
-        &mut self,
-        max: usize,
-        max_bytes: usize,
-        wait: Duration,
-    ) -> Result<Polled> {
+    async fn poll_within(&mut self, max: usize, budget: usize, wait: Duration) -> Result<Polled> {
         // What a cancelled poll had read comes first.
         let mut out = std::mem::take(&mut self.taken);
         let mut bytes = out.iter().map(RawMessage::size).sum::<usize>();
@@ -205,7 +200,7 @@ impl Source for FileSource {
         let mut take =
             |m: RawMessage, out: &mut Vec<RawMessage>, queue: &mut VecDeque<RawMessage>| {
                 let size = m.size();
-                if !out.is_empty() && bytes.saturating_add(size) > max_bytes {
+                if !out.is_empty() && bytes.saturating_add(size) > budget {
                     queue.push_front(m);
                     return false;
                 }
@@ -292,6 +287,23 @@ mod tests {
 
     use super::*;
 
+    /// A file being written, and a source following it.
+    async fn followed() -> (tempfile::TempDir, std::fs::File, FileSource) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("in.jsonl");
+        let f = std::fs::File::create(&path).unwrap();
+        let src = FileSource::open(path.to_str().unwrap(), true)
+            .await
+            .unwrap();
+        (dir, f, src)
+    }
+
+    /// Appends `bytes` to `f` and flushes.
+    fn append(f: &mut std::fs::File, bytes: &[u8]) {
+        f.write_all(bytes).unwrap();
+        f.flush().unwrap();
+    }
+
     async fn poll_all(src: &mut FileSource) -> Vec<String> {
         let p = src.poll(100, Duration::from_millis(50)).await.unwrap();
         p.messages
@@ -305,23 +317,15 @@ mod tests {
     /// (three).
     #[tokio::test]
     async fn follow_keeps_a_line_written_in_pieces() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("in.jsonl");
-        let mut f = std::fs::File::create(&path).unwrap();
-        let mut src = FileSource::open(path.to_str().unwrap(), true)
-            .await
-            .unwrap();
+        let (_dir, mut f, mut src) = followed().await;
         for piece in [r#"{"topic":"t","#, r#""value":{"a""#, r#":1}}"#] {
-            f.write_all(piece.as_bytes()).unwrap();
-            f.flush().unwrap();
+            append(&mut f, piece.as_bytes());
             assert!(
                 poll_all(&mut src).await.is_empty(),
                 "nothing before the newline"
             );
         }
-        f.write_all(b"\n{\"topic\":\"t\",\"value\":{\"b\":2}}\n")
-            .unwrap();
-        f.flush().unwrap();
+        append(&mut f, b"\n{\"topic\":\"t\",\"value\":{\"b\":2}}\n");
         let got = poll_all(&mut src).await;
         assert_eq!(
             got,
@@ -389,21 +393,13 @@ mod tests {
     /// rest arrives later; the next line is read whole.
     #[tokio::test]
     async fn an_over_long_line_is_cut_and_its_rest_skipped() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("in.jsonl");
-        let mut f = std::fs::File::create(&path).unwrap();
-        let mut src = FileSource::open(path.to_str().unwrap(), true)
-            .await
-            .unwrap();
-        f.write_all(&vec![b'x'; MAX_LINE + 10]).unwrap();
-        f.flush().unwrap();
+        let (_dir, mut f, mut src) = followed().await;
+        append(&mut f, &vec![b'x'; MAX_LINE + 10]);
         assert!(
             poll_all(&mut src).await.is_empty(),
             "held until the line ends"
         );
-        f.write_all(b"yyy\n{\"topic\":\"t\",\"value\":{\"b\":2}}\n")
-            .unwrap();
-        f.flush().unwrap();
+        append(&mut f, b"yyy\n{\"topic\":\"t\",\"value\":{\"b\":2}}\n");
         let p = src.poll(100, Duration::from_millis(50)).await.unwrap();
         assert_eq!(p.messages.len(), 2);
         let cut = p.messages[0].cut.clone().expect("the long line is cut");

@@ -32,19 +32,19 @@ pub trait Source: Send {
     /// Up to `max` messages, waiting at most `wait` for the first.
     fn poll(&mut self, max: usize, wait: Duration) -> impl Future<Output = Result<Polled>> + Send;
 
-    /// Up to `max` messages holding at most `max_bytes` bytes
+    /// Up to `max` messages holding at most `budget` bytes
     /// ([`RawMessage::size`]): the poll ends before a message that would
     /// pass the budget (kept for the next poll), and returns at least one
     /// message, however large. The inbox consumer polls with this. The
-    /// default ignores `max_bytes` (a source that cannot tell); omnibox's
+    /// default ignores `budget` (a source that cannot tell); omnibox's
     /// file and Kafka sources keep to it.
     fn poll_within(
         &mut self,
         max: usize,
-        max_bytes: usize,
+        budget: usize,
         wait: Duration,
     ) -> impl Future<Output = Result<Polled>> + Send {
-        let _ = max_bytes;
+        let _ = budget;
         self.poll(max, wait)
     }
 
@@ -120,15 +120,10 @@ impl Source for AnySource {
     }
 
     /// Polls the chosen source within its byte budget (both variants keep to it).
-    async fn poll_within(
-        &mut self,
-        max: usize,
-        max_bytes: usize,
-        wait: Duration,
-    ) -> Result<Polled> {
+    async fn poll_within(&mut self, max: usize, budget: usize, wait: Duration) -> Result<Polled> {
         match self {
-            AnySource::Kafka(s) => s.poll_within(max, max_bytes, wait).await,
-            AnySource::File(s) => s.poll_within(max, max_bytes, wait).await,
+            AnySource::Kafka(s) => s.poll_within(max, budget, wait).await,
+            AnySource::File(s) => s.poll_within(max, budget, wait).await,
         }
     }
 

@@ -9,6 +9,7 @@ use uuid::Uuid;
 use super::decode;
 use crate::error::{Result, storage};
 use crate::model::{InboxEvent, Timestamp};
+use crate::store::dialect::{self, Pg};
 
 /// Locks inbox rows for `token` (inside the consumer's transaction).
 pub async fn lock_inbox(
@@ -62,28 +63,12 @@ pub async fn take_inbox(
 
 /// Unlocks inbox rows (inside the consumer's transaction).
 pub async fn unlock_inbox(conn: &mut PgConnection, ids: &[Uuid]) -> Result<()> {
-    sqlx::query(
-        "UPDATE inbox_events SET locked_at = NULL, locked_by = NULL, locked_until = NULL, updated_at = now() \
-         WHERE id = ANY($1) AND status = 'pending'",
-    )
-    .bind(ids)
-    .execute(&mut *conn)
-    .await
-    .map_err(storage)?;
-    Ok(())
+    dialect::execute(conn, dialect::unlock_inbox::<Pg>(ids, &())).await
 }
 
 /// Marks inbox rows completed (inside the consumer's transaction).
 pub async fn complete_inbox(conn: &mut PgConnection, ids: &[Uuid]) -> Result<()> {
-    sqlx::query(
-        "UPDATE inbox_events SET status = 'completed', completed_at = now(), locked_at = NULL, locked_by = NULL, \
-         locked_until = NULL, updated_at = now() WHERE id = ANY($1) AND status = 'pending'",
-    )
-    .bind(ids)
-    .execute(&mut *conn)
-    .await
-    .map_err(storage)?;
-    Ok(())
+    dialect::execute(conn, dialect::complete_inbox::<Pg>(ids, &())).await
 }
 
 /// Marks one claimed inbox row completed inside `conn`'s transaction, if
@@ -110,10 +95,5 @@ pub async fn complete_claimed_inbox(
 
 /// Deletes inbox rows (inside the consumer's transaction).
 pub async fn delete_inbox(conn: &mut PgConnection, ids: &[Uuid]) -> Result<()> {
-    sqlx::query("DELETE FROM inbox_events WHERE id = ANY($1)")
-        .bind(ids)
-        .execute(&mut *conn)
-        .await
-        .map_err(storage)?;
-    Ok(())
+    dialect::execute(conn, dialect::delete_inbox::<Pg>(ids)).await
 }

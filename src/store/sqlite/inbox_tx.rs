@@ -10,6 +10,7 @@ use crate::domain::chrono_dur;
 use crate::error::{Result, storage};
 use crate::model::{InboxEvent, time};
 use crate::store::ClaimToken;
+use crate::store::dialect::{self, Dialect, Lite};
 
 /// Locks inbox rows for `token` (inside the consumer's transaction).
 pub async fn lock_inbox(
@@ -59,30 +60,12 @@ pub async fn take_inbox(
 
 /// Unlocks inbox rows (inside the consumer's transaction).
 pub async fn unlock_inbox(conn: &mut SqliteConnection, ids: &[Uuid]) -> Result<()> {
-    sqlx::query(
-        "UPDATE inbox_events SET locked_at = NULL, locked_by = NULL, locked_until = NULL, updated_at = ?2 \
-         WHERE id IN (SELECT value FROM json_each(?1)) AND status = 'pending'",
-    )
-    .bind(id_array(ids))
-    .bind(ts(&time::now()))
-    .execute(&mut *conn)
-    .await
-    .map_err(storage)?;
-    Ok(())
+    dialect::execute(conn, dialect::unlock_inbox::<Lite>(ids, &Lite::now())).await
 }
 
 /// Marks inbox rows completed (inside the consumer's transaction).
 pub async fn complete_inbox(conn: &mut SqliteConnection, ids: &[Uuid]) -> Result<()> {
-    sqlx::query(
-        "UPDATE inbox_events SET status = 'completed', completed_at = ?2, locked_at = NULL, locked_by = NULL, \
-         locked_until = NULL, updated_at = ?2 WHERE id IN (SELECT value FROM json_each(?1)) AND status = 'pending'",
-    )
-    .bind(id_array(ids))
-    .bind(ts(&time::now()))
-    .execute(&mut *conn)
-    .await
-    .map_err(storage)?;
-    Ok(())
+    dialect::execute(conn, dialect::complete_inbox::<Lite>(ids, &Lite::now())).await
 }
 
 /// Marks one claimed inbox row completed inside `conn`'s transaction, if
@@ -111,10 +94,5 @@ pub async fn complete_claimed_inbox(
 
 /// Deletes inbox rows (inside the consumer's transaction).
 pub async fn delete_inbox(conn: &mut SqliteConnection, ids: &[Uuid]) -> Result<()> {
-    sqlx::query("DELETE FROM inbox_events WHERE id IN (SELECT value FROM json_each(?1))")
-        .bind(id_array(ids))
-        .execute(&mut *conn)
-        .await
-        .map_err(storage)?;
-    Ok(())
+    dialect::execute(conn, dialect::delete_inbox::<Lite>(ids)).await
 }

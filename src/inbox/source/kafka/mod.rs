@@ -92,6 +92,23 @@ pub(super) fn lost_membership(e: &KafkaError) -> bool {
     )
 }
 
+/// A commit's result: `true` committed, `false` refused because this member
+/// lost its partitions ([`lost_membership`]: said in a warning, not fatal).
+pub(super) fn committed(result: rdkafka::error::KafkaResult<()>) -> Result<bool> {
+    match result {
+        Ok(()) => Ok(true),
+        Err(e) if lost_membership(&e) => {
+            tracing::warn!(
+                error = %e,
+                "offsets not committed: the group is rebalancing or this member was evicted; \
+                 the messages are read again by their partition's owner and deduplicated"
+            );
+            Ok(false)
+        }
+        Err(e) => Err(broker_err("cannot commit offsets", e)),
+    }
+}
+
 impl KafkaSource {
     /// Joins `group` on `brokers` and subscribes to `topics`; `properties`
     /// override any librdkafka consumer setting.
@@ -324,22 +341,9 @@ impl KafkaSource {
             tokio::task::block_in_place(|| self.consumer.commit(&tpl, CommitMode::Sync))
         };
         drop(tpl);
-        match result {
-            Ok(()) => {
-                self.unconfirmed.clear();
-                Ok(())
-            }
-            Err(e) if lost_membership(&e) => {
-                tracing::warn!(
-                    error = %e,
-                    "offsets not committed: the group is rebalancing or this member was evicted; \
-                     the messages are read again by their partition's owner and deduplicated"
-                );
-                self.unconfirmed.clear();
-                Ok(())
-            }
-            Err(e) => Err(broker_err("cannot commit offsets", e)),
-        }
+        committed(result)?;
+        self.unconfirmed.clear();
+        Ok(())
     }
 
     /// True when each of `parts` has been read to its end, asking the

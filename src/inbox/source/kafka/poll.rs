@@ -9,7 +9,7 @@ use rdkafka::error::KafkaError;
 use rdkafka::message::Message;
 use rdkafka::{Offset, TopicPartitionList};
 
-use super::{KafkaSource, broker_err, lost_membership};
+use super::{KafkaSource, broker_err, committed};
 use crate::error::Result;
 use crate::inbox::RawMessage;
 use crate::inbox::source::{Polled, Source};
@@ -32,14 +32,9 @@ impl Source for KafkaSource {
 
     /// Resumes paused partitions, then takes the held message and waits up to `wait`
     /// for a first one, taking what librdkafka has fetched after it within `max` and
-    /// `max_bytes`. `end` is set when nothing came and every partition is at its end
+    /// `budget`. `end` is set when nothing came and every partition is at its end
     /// (once per stretch there), after the asynchronous commits are confirmed.
-    async fn poll_within(
-        &mut self,
-        max: usize,
-        max_bytes: usize,
-        wait: Duration,
-    ) -> Result<Polled> {
+    async fn poll_within(&mut self, max: usize, budget: usize, wait: Duration) -> Result<Polled> {
         self.resume().await?;
         self.forget_revoked();
         let deadline = tokio::time::Instant::now() + wait;
@@ -71,7 +66,7 @@ impl Source for KafkaSource {
                     let raw = Self::to_raw(&m);
                     drop(m);
                     let size = raw.size();
-                    if !out.is_empty() && bytes.saturating_add(size) > max_bytes {
+                    if !out.is_empty() && bytes.saturating_add(size) > budget {
                         // Not handed over: its partition is read up to it,
                         // and not at its end.
                         let key = (raw.topic.clone(), raw.partition);
@@ -151,23 +146,12 @@ impl Source for KafkaSource {
         }
         let result = self.consumer.commit(&tpl, CommitMode::Async);
         drop(tpl);
-        match result {
-            Ok(()) => {
-                for ((t, p), o) in next {
-                    self.unconfirmed.insert((t.to_string(), p), o);
-                }
-                Ok(())
+        if committed(result)? {
+            for ((t, p), o) in next {
+                self.unconfirmed.insert((t.to_string(), p), o);
             }
-            Err(e) if lost_membership(&e) => {
-                tracing::warn!(
-                    error = %e,
-                    "offsets not committed: the group is rebalancing or this member was evicted; \
-                     the messages are read again by their partition's owner and deduplicated"
-                );
-                Ok(())
-            }
-            Err(e) => Err(broker_err("cannot commit offsets", e)),
         }
+        Ok(())
     }
 
     /// Seeks each partition of `from` back to its first offset there, so those messages
