@@ -521,17 +521,14 @@ mod tests {
         DomainService::default().create_inbox_event(n).unwrap()
     }
 
-    /// Dispatches an event of `source`, type `t`, version `v` and `payload`.
-    async fn send(
-        router: &EventRouter,
-        source: &str,
-        t: &str,
-        v: Option<&str>,
-        payload: Value,
-    ) -> Outcome {
-        router
-            .dispatch(&event(source, t, v, payload), &mut cx())
-            .await
+    /// Dispatches `e` detached from any transaction.
+    async fn send(router: &EventRouter, e: InboxEvent) -> Outcome {
+        router.dispatch(&e, &mut cx()).await
+    }
+
+    /// A shop `order.created` event of version `v`.
+    fn order(v: Option<&str>, payload: Value) -> InboxEvent {
+        event("shop", "order.created", v, payload)
     }
 
     fn recorder(
@@ -675,24 +672,17 @@ mod tests {
             router.event_types_for_topic("prod.shop"),
             vec!["order.created", "ping"]
         );
+        let prod = event("prod.shop", "order.created", Some("2.1"), json!({"a": 1}));
+        let out = send(&router, prod).await;
         assert_eq!(
-            send(
-                &router,
-                "prod.shop",
-                "order.created",
-                Some("2.1"),
-                json!({"a": 1})
-            )
-            .await,
+            out,
             Outcome::Skipped,
             "dispatch normalizes the event's source too"
         );
+        let refund = event("billing", "refund.issued", None, json!({"a": 1}));
+        assert_eq!(send(&router, refund).await, Outcome::Skipped);
         assert_eq!(
-            send(&router, "billing", "refund.issued", None, json!({"a": 1})).await,
-            Outcome::Skipped
-        );
-        assert_eq!(
-            send(&router, "anything", "ping", None, json!({"a": 1})).await,
+            send(&router, event("anything", "ping", None, json!({"a": 1}))).await,
             Outcome::Completed
         );
     }
@@ -710,7 +700,7 @@ mod tests {
             .unwrap();
         for v in [Some("1.2.5"), Some("1.0.0"), Some("9.0.0"), None] {
             assert_eq!(
-                send(&router, "shop", "order.created", v, json!({"a": 1})).await,
+                send(&router, order(v, json!({"a": 1}))).await,
                 Outcome::Completed
             );
         }
@@ -747,27 +737,13 @@ mod tests {
             // A longer detour must not be taken.
             .migration("order.created", "1.0.0", "1.5.0", Ok)
             .migration("order.created", "1.5.0", "2.0.0", Ok);
-        let out = send(
-            &router,
-            "shop",
-            "order.created",
-            Some("1.0.0"),
-            json!({"total": 5}),
-        )
-        .await;
+        let out = send(&router, order(Some("1.0.0"), json!({"total": 5}))).await;
         assert_eq!(out, Outcome::Completed);
         assert_eq!(
             log.lock().unwrap()[0],
             r#"v3:3.0.0:{"amount":5,"currency":"EUR"}"#
         );
-        let failed = send(
-            &router,
-            "shop",
-            "order.created",
-            Some("1.0.0"),
-            json!({"x": 1}),
-        )
-        .await;
+        let failed = send(&router, order(Some("1.0.0"), json!({"x": 1}))).await;
         assert!(
             matches!(failed, Outcome::Failed { ref error, .. } if error.contains("no total")),
             "{failed:?}"
@@ -797,14 +773,7 @@ mod tests {
                 Outcome::Completed
             })
             .unwrap();
-        let out = send(
-            &router,
-            "shop",
-            "order.created",
-            Some("1.0.0"),
-            json!({"a": 1}),
-        )
-        .await;
+        let out = send(&router, order(Some("1.0.0"), json!({"a": 1}))).await;
         match out {
             Outcome::Failed {
                 error,
@@ -815,7 +784,7 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
-        let out = send(&router, "billing", "refund", None, json!({"a": 1})).await;
+        let out = send(&router, event("billing", "refund", None, json!({"a": 1}))).await;
         assert!(matches!(out, Outcome::Failed { ref error, .. } if error.contains("\"refund\"")));
     }
 
