@@ -304,27 +304,13 @@ impl Metrics {
                     ),
                 ] {
                     match n {
-                        Ok(n) => {
-                            metrics
-                                .stale_locks
-                                .get_or_create(&TableLabels {
-                                    table: table.to_string(),
-                                })
-                                .set(i64::try_from(n).unwrap_or(i64::MAX));
-                        }
+                        Ok(n) => set_count(&metrics.stale_locks, table, n),
                         Err(e) => tracing::debug!(error = %e, "could not count stale locks"),
                     }
                 }
                 for table in [crate::model::Table::Outbox, crate::model::Table::Inbox] {
                     match store.dead_letters().count_open(Some(table)).await {
-                        Ok(n) => {
-                            metrics
-                                .dead_letters_open
-                                .get_or_create(&TableLabels {
-                                    table: table.to_string(),
-                                })
-                                .set(i64::try_from(n).unwrap_or(i64::MAX));
-                        }
+                        Ok(n) => set_count(&metrics.dead_letters_open, table.as_str(), n),
                         Err(e) => tracing::debug!(error = %e, "could not count dead letters"),
                     }
                 }
@@ -481,6 +467,16 @@ impl MetricsRecorder for Metrics {
     fn count(&self, name: &str, n: u64) {
         Metrics::count(self, name, n);
     }
+}
+
+/// Sets `table`'s gauge of `family` to `n`.
+fn set_count(family: &Family<TableLabels, Gauge>, table: &str, n: u64) {
+    let labels = TableLabels {
+        table: table.to_string(),
+    };
+    family
+        .get_or_create(&labels)
+        .set(i64::try_from(n).unwrap_or(i64::MAX));
 }
 
 #[cfg(test)]

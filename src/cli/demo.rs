@@ -102,23 +102,20 @@ pub async fn run(args: DemoArgs, ctx: &Context) -> Result<ExitStatus> {
         file.display()
     ))?;
 
-    let source = AnySource::File(FileSource::open(&file.to_string_lossy(), false).await?);
-    let mut consumer = InboxConsumer::<_, omnibox::inbox::AnyHandler>::new(
-        source,
-        store.inbox(),
-        None,
-        ConsumeOptions::new("demo", worker.clone()),
-    );
-    let consumed = consumer.run(true, rx.clone()).await?;
-    // A second pass over the same file: everything is a duplicate.
-    let source = AnySource::File(FileSource::open(&file.to_string_lossy(), false).await?);
-    let mut again = InboxConsumer::<_, omnibox::inbox::AnyHandler>::new(
-        source,
-        store.inbox(),
-        None,
-        ConsumeOptions::new("demo", worker.clone()),
-    );
-    let duplicates = again.run(true, rx.clone()).await?;
+    // The file into the inbox, twice: the second pass finds only duplicates.
+    let mut passes = Vec::new();
+    for _ in 0..2 {
+        let source = AnySource::File(FileSource::open(&file.to_string_lossy(), false).await?);
+        let options = ConsumeOptions::new("demo", worker.clone());
+        let mut consumer = InboxConsumer::<_, omnibox::inbox::AnyHandler>::new(
+            source,
+            store.inbox(),
+            None,
+            options,
+        );
+        passes.push(consumer.run(true, rx.clone()).await?);
+    }
+    let (consumed, duplicates) = (&passes[0], &passes[1]);
     say(format!(
         "4. consumed the file into the inbox: {} stored; read again: {} duplicates, nothing stored twice",
         consumed.stored, duplicates.duplicates

@@ -77,11 +77,7 @@ pub async fn run(args: FailuresArgs, ctx: &Context) -> Result<ExitStatus> {
         }
         Format::Table => {
             if groups.is_empty() {
-                let names = tables
-                    .iter()
-                    .map(|t| t.as_str())
-                    .collect::<Vec<_>>()
-                    .join(" or ");
+                let names = crate::cli::output::join(tables.iter(), " or ");
                 output::line(format!("No failed {names} events."))?;
             } else {
                 let mut t = output::table([

@@ -20,6 +20,12 @@ pub enum Format {
     Json,
 }
 
+/// `items` one after the other, `sep` between them.
+pub fn join<T: std::fmt::Display>(items: impl IntoIterator<Item = T>, sep: &str) -> String {
+    let items: Vec<String> = items.into_iter().map(|i| i.to_string()).collect();
+    items.join(sep)
+}
+
 /// A table in the house style.
 pub fn table<I, S>(header: I) -> Table
 where

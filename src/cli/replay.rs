@@ -317,11 +317,7 @@ async fn replay(
         limit: args.limit,
     };
     let rows = replay::select(store, &selection).await?;
-    let names = tables
-        .iter()
-        .map(|t| t.as_str())
-        .collect::<Vec<_>>()
-        .join(" or ");
+    let names = crate::cli::output::join(tables.iter(), " or ");
     if rows.is_empty() {
         print(ctx, args, tables, &rows, args.safety.dry_run, 0)?;
         if !args.ids.is_empty() {

@@ -73,11 +73,7 @@ pub async fn run(args: UnlockArgs, ctx: &Context) -> Result<ExitStatus> {
             Lock::Missing => {
                 crate::cli::output::notice!(
                     "omnibox: no event {id} in {}",
-                    tables
-                        .iter()
-                        .map(|t| t.to_string())
-                        .collect::<Vec<_>>()
-                        .join(" or ")
+                    crate::cli::output::join(&tables, " or ")
                 );
                 return Ok(ExitStatus::No);
             }

@@ -87,11 +87,7 @@ pub(super) async fn broker_check(
                     "broker",
                     format!(
                         "{shown} answers, but topic(s) of pending rows are missing: {}",
-                        missing
-                            .iter()
-                            .map(|s| s.as_str())
-                            .collect::<Vec<_>>()
-                            .join(", ")
+                        crate::cli::output::join(&missing, ", ")
                     ),
                     "create the topics (the relay backs off on them, then fails their rows after --topic-unavailable-limit)",
                 )
