@@ -117,6 +117,9 @@ struct Args {
     /// publish: null or kafka
     #[arg(long, default_value = "null", value_parser = ["null", "kafka"])]
     sink: String,
+    /// publish: how claims hold their rows (`omnibox publish --hold`)
+    #[arg(long, default_value = "lease", value_parser = ["lease", "transaction"])]
+    hold: String,
     /// publish: rows pending before the timed run (default: --events)
     #[arg(long)]
     backlog: Option<usize>,
@@ -683,7 +686,7 @@ fn publish(args: &Args, conn: &Conn) {
     }
     let otlp = args.otlp.then(otlp_receiver);
     let command = format!(
-        "bench/run.sh publish --events {} --backlog {backlog} --hot {} --relays {} --batch {} --keys {} --sink {} --mode {}{}{}{}",
+        "bench/run.sh publish --events {} --backlog {backlog} --hot {} --relays {} --batch {} --keys {} --sink {} --mode {}{}{}{}{}",
         args.events,
         args.hot,
         args.relays,
@@ -691,13 +694,23 @@ fn publish(args: &Args, conn: &Conn) {
         args.keys,
         args.sink,
         args.mode,
+        if args.hold == "lease" {
+            ""
+        } else {
+            " --hold transaction"
+        },
         if args.analyze { " --analyze" } else { "" },
         if args.otlp { " --otlp" } else { "" },
         conn.flag()
     );
     let label = format!(
-        "{} relays, {}{}{}",
+        "{} relays, {}{}{}{}",
         args.mode,
+        if args.hold == "lease" {
+            "leases, "
+        } else {
+            "held claims, "
+        },
         if args.analyze {
             "VACUUM ANALYZE before timing"
         } else {
@@ -761,6 +774,8 @@ fn publish(args: &Args, conn: &Conn) {
                         &batch,
                         "--worker-id",
                         &worker,
+                        "--hold",
+                        &args.hold,
                         "-q",
                     ];
                     if limited {

@@ -2010,7 +2010,7 @@ _omnibox() {
             return 0
             ;;
         omnibox__subcmd__publish)
-            opts="-X -v -q -h -V --broker --kafka-tls-ca --kafka-tls-cert --kafka-tls-key --kafka-sasl-mechanism --kafka-sasl-username --kafka-sasl-password-file --circuit-breaker --circuit-threshold --circuit-recovery --batch --batch-bytes --once --topic --default-schema-version --worker-id --lease --publish-timeout --dlq-topic --dlq --limit --topic-unavailable-limit --source --slot --publication --standby --poll-interval --outage-limit --metrics-addr --database-url --schema --config --format --color --log-format --verbose --quiet --dedup-window --otlp-endpoint --help --version"
+            opts="-X -v -q -h -V --broker --kafka-tls-ca --kafka-tls-cert --kafka-tls-key --kafka-sasl-mechanism --kafka-sasl-username --kafka-sasl-password-file --circuit-breaker --circuit-threshold --circuit-recovery --batch --batch-bytes --once --topic --default-schema-version --worker-id --lease --publish-timeout --dlq-topic --dlq --limit --topic-unavailable-limit --hold --source --slot --publication --standby --poll-interval --outage-limit --metrics-addr --database-url --schema --config --format --color --log-format --verbose --quiet --dedup-window --otlp-endpoint --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -2102,6 +2102,10 @@ _omnibox() {
                     ;;
                 --topic-unavailable-limit)
                     COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --hold)
+                    COMPREPLY=($(compgen -W "lease transaction" -- "${cur}"))
                     return 0
                     ;;
                 --source)

@@ -29,7 +29,11 @@
 //! passed, and `OMNIBOX_MODEL_SEED=N` replays one schedule. A failure
 //! prints the seed. Interleavings depend on timing, so a replay draws the
 //! same schedule and the same sink answers per event and try, not the same
-//! race.
+//! race. `OMNIBOX_TEST_LOG=omnibox=debug` prints the library's logs of the
+//! PostgreSQL schedules.
+//!
+//! Each relay holds its claims in their transaction (`hold_claims`) or
+//! writes leases, at random: the two kinds share the table.
 
 mod common;
 
@@ -251,6 +255,9 @@ fn relay_options(rng: &mut fastrand::Rng, name: &str) -> ProcessorOptions {
     };
     o.transient_delay = Duration::from_millis(5);
     o.commit_retry_for = Duration::from_secs(5);
+    // Held claims (PostgreSQL; SQLite writes the lease whatever this says)
+    // beside leased ones: the mixed mode keeps every invariant.
+    o.hold_claims = rng.bool();
     o
 }
 
@@ -794,6 +801,10 @@ async fn model_schedules_sqlite() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn model_schedules_postgres() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(std::env::var("OMNIBOX_TEST_LOG").unwrap_or_else(|_| "off".into()))
+        .with_writer(std::io::stderr)
+        .try_init();
     let mut dbs = Vec::new();
     for _ in 0..4 {
         let Some(db) = common::postgres().await else {

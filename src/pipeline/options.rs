@@ -32,6 +32,10 @@ pub struct ProcessorOptions {
     pub commit_retry_for: Duration,
     /// Which rows the claims take (empty: any; see [`FetchFilters`]).
     pub filters: FetchFilters,
+    /// Hold claimed rows with row locks in an open transaction instead of a
+    /// lease (PostgreSQL outbox; see
+    /// [`ClaimOptions::hold`](crate::store::ClaimOptions::hold)).
+    pub hold_claims: bool,
 }
 
 impl ProcessorOptions {
@@ -48,6 +52,7 @@ impl ProcessorOptions {
             transient_delay: crate::model::limits::DEFAULT_TRANSIENT_RETRY_DELAY,
             commit_retry_for: DEFAULT_LEASE_TIMEOUT / 2,
             filters: FetchFilters::default(),
+            hold_claims: false,
         }
     }
 }

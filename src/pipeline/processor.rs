@@ -263,6 +263,7 @@ where
                     own,
                     filters: self.options.filters.clone(),
                     keys,
+                    hold: self.options.hold_claims,
                 })
                 .await;
             let claim = match claim {

@@ -38,6 +38,7 @@ pub mod diagnostics;
 mod dialect;
 mod driver;
 pub mod fingerprint;
+mod held;
 mod migrate;
 mod operations;
 pub mod postgres;

@@ -94,6 +94,19 @@ pub struct ClaimOptions {
     /// are then unused, and a key of a topic the filters leave out is
     /// skipped.
     pub keys: Vec<(String, String)>,
+    /// PostgreSQL outbox: hold the claimed rows with row locks in the
+    /// claim's own transaction, left open until they are written, instead
+    /// of writing a lease on them. [`complete`](super::EventStore::complete)
+    /// then writes each row once and commits; any other write of the claim
+    /// (a failure, a release) first writes the lease, and goes on as for a
+    /// leased claim. Rows held this way show as pending, not locked; a
+    /// worker that dies releases them at once (its connection goes), and one
+    /// that stops answering releases them after `lease` of idleness (the
+    /// server's `idle_in_transaction_session_timeout`). Each held claim
+    /// keeps a connection: while half of the pool's connections hold claims,
+    /// a further claim writes its lease instead. Other tables and backends
+    /// write the lease. Default `false`.
+    pub hold: bool,
 }
 
 /// Which rows a claim may take (the reference's `FetchFilters`): every
@@ -193,7 +206,14 @@ impl ClaimOptions {
             own: HashMap::new(),
             filters: FetchFilters::default(),
             keys: Vec::new(),
+            hold: false,
         }
+    }
+
+    /// Sets [`hold`](Self::hold).
+    pub fn hold(mut self, hold: bool) -> Self {
+        self.hold = hold;
+        self
     }
 
     /// Most rows the scan examines.

@@ -8,6 +8,7 @@
 
 use std::future::Future;
 use std::marker::PhantomData;
+use std::sync::Arc;
 use std::time::Duration;
 
 use sqlx::QueryBuilder;
@@ -82,6 +83,7 @@ pub struct TableSql {
 /// [`SqliteTable`](super::sqlite::SqliteTable).
 pub struct StoreTable<DB: sqlx::Database, R> {
     pub(super) pool: sqlx::Pool<DB>,
+    pub(super) held: Arc<super::held::HeldClaims<DB>>,
     route: PhantomData<fn() -> R>,
 }
 
@@ -95,15 +97,16 @@ impl<DB: sqlx::Database, R> std::fmt::Debug for StoreTable<DB, R> {
 
 impl<DB: sqlx::Database, R> Clone for StoreTable<DB, R> {
     fn clone(&self) -> Self {
-        StoreTable::new(self.pool.clone())
+        StoreTable::new(self.pool.clone(), self.held.clone())
     }
 }
 
 impl<DB: sqlx::Database, R> StoreTable<DB, R> {
-    /// The handle of `R`'s table on `pool`.
-    pub(super) fn new(pool: sqlx::Pool<DB>) -> Self {
+    /// The handle of `R`'s table on `pool`, with its store's held claims.
+    pub(super) fn new(pool: sqlx::Pool<DB>, held: Arc<super::held::HeldClaims<DB>>) -> Self {
         StoreTable {
             pool,
+            held,
             route: PhantomData,
         }
     }
@@ -130,17 +133,20 @@ macro_rules! store_handles {
         /// checkpoints the WAL). Later uses of the store fail with a
         /// closed-pool error.
         pub async fn close(&self) {
+            // Held claims not written by now are rolled back (their rows are
+            // free again) rather than waited for.
+            self.held.clear();
             self.pool.close().await;
         }
 
         /// The outbox table.
         pub fn outbox(&self) -> $table<OutboxRoute> {
-            $table::new(self.pool.clone())
+            $table::new(self.pool.clone(), self.held.clone())
         }
 
         /// The inbox table.
         pub fn inbox(&self) -> $table<InboxRoute> {
-            $table::new(self.pool.clone())
+            $table::new(self.pool.clone(), self.held.clone())
         }
 
         fn migrator() -> sqlx::migrate::Migrator {

@@ -29,6 +29,7 @@ use crate::error::{Error, Result, storage};
 use crate::model::{Event, EventStatus, InboxRoute, OutboxRoute, Payload};
 
 pub(crate) mod driver;
+mod held;
 mod inbox_tx;
 mod insert;
 pub(crate) mod maintenance;
@@ -78,6 +79,7 @@ const IDLE_PING_AFTER: Duration = Duration::from_secs(1);
 pub struct PgStore {
     pool: PgPool,
     schema: Option<String>,
+    held: std::sync::Arc<crate::store::held::HeldClaims<sqlx::Postgres>>,
 }
 
 /// The advisory lock `migrate` holds for its whole run ("omnibox" in
@@ -259,12 +261,17 @@ impl PgStore {
         Ok(PgStore {
             pool,
             schema: opts.schema.clone(),
+            held: Default::default(),
         })
     }
 
     /// Wraps a pool the application already has.
     pub fn from_pool(pool: PgPool) -> Self {
-        PgStore { pool, schema: None }
+        PgStore {
+            pool,
+            schema: None,
+            held: Default::default(),
+        }
     }
 
     crate::store::table::store_handles!(PgPool, PgTable, "./migrations/postgres", true);

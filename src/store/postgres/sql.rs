@@ -154,8 +154,14 @@ macro_rules! table_sql {
                   AND ((t.locked_by = $6 AND t.locked_at = $7)
                        -- A dead failure (a retry would reorder its key) is
                        -- written even if an operator unlocked the row in
-                       -- flight, as long as nobody holds it now.
-                       OR (u.dead AND t.status = 'pending' AND t.locked_at IS NULL))
+                       -- flight, as long as nobody holds it now: no lease,
+                       -- and no row lock (a claim in progress, or a held
+                       -- claim, which would otherwise be waited for).
+                       OR (u.dead AND t.status = 'pending' AND t.locked_at IS NULL
+                           AND t.id IN (SELECT f.id FROM ", $t, " f
+                                         WHERE f.id = ANY($1) AND f.locked_at IS NULL
+                                           AND f.created_at >= $9 AND f.created_at <= $10
+                                         FOR UPDATE SKIP LOCKED)))
                 RETURNING t.id, t.status"
             ),
             release: concat!(
@@ -401,6 +407,36 @@ pub const OUTBOX_MARK: &str = "UPDATE outbox_events
         updated_at = now()
     WHERE id = ANY($1) AND status = 'pending' AND created_at >= $4 AND created_at <= $5
     RETURNING *";
+
+/// A held claim's rows ([`ClaimOptions::hold`](crate::store::ClaimOptions::hold)),
+/// read instead of `OUTBOX_MARK` writing a lease: as the mark would return
+/// them, with the lease the claim would have written ($1 ids, $2 worker,
+/// $3 lease seconds, $4..$5 the rows' `created_at` bounds). The claim's
+/// transaction stays open; the server ends it after $6 ms of idleness.
+/// `leased`: the row still carries a lease that ran out (another worker's,
+/// who may yet write it under that lease).
+pub const OUTBOX_HOLD: &str =
+    "WITH idle AS (SELECT set_config('idle_in_transaction_session_timeout', $6, true))
+    SELECT e.id, e.seq, e.event_type, e.payload, e.headers, e.trace_id, e.idempotency_key,
+           e.correlation_id, e.causation_id, e.schema_version, e.status, e.attempts_made,
+           e.max_attempts, e.last_error, e.scheduled_at, e.completed_at, now() AS locked_at,
+           $2::varchar AS locked_by, now() + make_interval(secs => $3) AS locked_until,
+           now() AS updated_at, e.created_at, e.aggregate_type, e.aggregate_id, e.topic,
+           e.partition_key, e.payload_bytes, e.locked_at IS NOT NULL AS leased
+      FROM outbox_events e, idle
+     WHERE e.id = ANY($1) AND e.status = 'pending' AND e.created_at >= $4 AND e.created_at <= $5";
+
+/// Completes rows of a held claim in its transaction, committed durably
+/// ($1 ids, $2..$3 `created_at` bounds): each row is written once. A row
+/// claimed after its earlier lease ran out still carries that lease, and
+/// loses it here.
+pub const OUTBOX_COMPLETE_HELD: &str =
+    "WITH durable AS (SELECT set_config('synchronous_commit', 'on', true))
+    UPDATE outbox_events SET status = 'completed', completed_at = now(), updated_at = now(),
+           locked_at = NULL, locked_by = NULL, locked_until = NULL
+      FROM durable
+     WHERE id = ANY($1) AND status = 'pending' AND created_at >= $2 AND created_at <= $3
+    RETURNING id";
 
 /// Is anything claimable now (for `publish --once`): a key with a due,
 /// unlocked (or expired) row whose head can be handed out. The keys are

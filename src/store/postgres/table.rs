@@ -84,6 +84,20 @@ impl<R: PgRoute> TableBackend for PgTable<R> {
         ids: &[Uuid],
         lease: Option<Duration>,
     ) -> Result<Vec<Uuid>> {
+        if R::KEY_ORDER && self.held.holds(token) {
+            let sqls = R::sql();
+            let held = if sql == sqls.complete {
+                self.complete_held(token, ids).await?
+            } else if sql == sqls.extend_lease {
+                self.touch_held(token, ids).await?
+            } else {
+                self.lease_held(token).await?;
+                None
+            };
+            if let Some(ids) = held {
+                return Ok(ids);
+            }
+        }
         let q = sqlx::query_scalar(sql)
             .bind(ids)
             .bind(token.worker.as_str())
@@ -105,6 +119,7 @@ impl<R: PgRoute> TableBackend for PgTable<R> {
         token: &ClaimToken,
         failures: &[Failure],
     ) -> Result<Vec<(Uuid, String)>> {
+        self.lease_held(token).await?;
         let ids: Vec<Uuid> = failures.iter().map(|f| f.id).collect();
         let errors: Vec<String> = failures.iter().map(|f| stored_error(&f.error)).collect();
         let counted: Vec<bool> = failures.iter().map(|f| f.counted).collect();
@@ -245,15 +260,19 @@ async fn lock_ready(
     tx: &mut sqlx::PgConnection,
     ids: &[Uuid],
     created: &std::collections::HashMap<Uuid, Timestamp>,
+    taken: &mut usize,
 ) -> Result<std::collections::HashSet<Uuid>> {
     let (from, to) = created_bounds(created_of(created, ids));
-    Ok(sqlx::query_as::<_, (Uuid, bool)>(super::sql::OUTBOX_LOCK)
+    let rows = sqlx::query_as::<_, (Uuid, bool)>(super::sql::OUTBOX_LOCK)
         .bind(ids)
         .bind(from)
         .bind(to)
         .fetch_all(&mut *tx)
         .await
-        .map_err(storage)?
+        .map_err(storage)?;
+    // Every row returned is locked, ready or not.
+    *taken += rows.len();
+    Ok(rows
         .into_iter()
         .filter_map(|(id, ready)| ready.then_some(id))
         .collect())
@@ -360,14 +379,15 @@ impl<R: PgRoute> PgTable<R> {
         // the rest of a run is locked only by the head's holder. (A run
         // always holds its head: `claim::plan` never makes an empty one.)
         let heads: Vec<Uuid> = runs.iter().map(|r| r.ids[0]).collect();
-        let mut locked = lock_ready(&mut tx, &heads, &created).await?;
+        let mut taken = 0;
+        let mut locked = lock_ready(&mut tx, &heads, &created, &mut taken).await?;
         let rest: Vec<Uuid> = runs
             .iter()
             .filter(|r| locked.contains(&r.ids[0]))
             .flat_map(|r| r.ids[1..].iter().copied())
             .collect();
         if !rest.is_empty() {
-            locked.extend(lock_ready(&mut tx, &rest, &created).await?);
+            locked.extend(lock_ready(&mut tx, &rest, &created, &mut taken).await?);
         }
         let (ids, contended) = claim::keep_locked_prefixes(&runs, &locked);
         if ids.is_empty() {
@@ -375,14 +395,21 @@ impl<R: PgRoute> PgTable<R> {
             return Ok(claim::claimed(opts, None, Vec::new(), contended, next));
         }
         let (from, to) = created_bounds(created_of(&created, &ids));
-        let rows = sqlx::query(super::sql::OUTBOX_MARK)
-            .bind(&ids)
-            .bind(opts.worker.as_str())
-            .bind(crate::store::secs(opts.lease))
-            .bind(from)
-            .bind(to)
-            .fetch(&mut *tx);
-        let events = decode_all(rows, decode).await?;
+        // A held claim keeps every row lock its transaction took, so only a
+        // claim that keeps every row it locked is held: rows locked and left
+        // (not ready, or past a gap in their run) could carry another
+        // worker's lease, whose writes would then wait for this claim.
+        let pool_room = self.held.len() < self.pool.options().get_max_connections() as usize / 2;
+        if opts.hold && taken == ids.len() && pool_room {
+            let (events, held) = self.hold(tx, opts, &ids, (from, to)).await?;
+            let claim = claim::claimed(opts, None, events, contended, next);
+            if let Some(held) = held {
+                self.held.put(&claim.token, held);
+            }
+            return Ok(claim);
+        }
+        let lease = (opts.worker.as_str(), opts.lease);
+        let events = super::held::leased(&mut tx, &ids, lease, (from, to)).await?;
         tx.commit().await.map_err(storage)?;
         Ok(claim::claimed(opts, None, events, contended, next))
     }

@@ -39,6 +39,7 @@ pub const BUSY_TIMEOUT: Duration = Duration::from_secs(30);
 #[derive(Debug, Clone)]
 pub struct SqliteStore {
     pool: SqlitePool,
+    held: std::sync::Arc<crate::store::held::HeldClaims<sqlx::Sqlite>>,
 }
 
 impl SqliteStore {
@@ -66,12 +67,15 @@ impl SqliteStore {
                 url: super::redact_url(url),
                 source,
             })?;
-        Ok(SqliteStore { pool })
+        Ok(SqliteStore::from_pool(pool))
     }
 
     /// Wraps a pool the application already has.
     pub fn from_pool(pool: SqlitePool) -> Self {
-        SqliteStore { pool }
+        SqliteStore {
+            pool,
+            held: Default::default(),
+        }
     }
 
     crate::store::table::store_handles!(SqlitePool, SqliteTable, "./migrations/sqlite", false);

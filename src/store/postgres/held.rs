@@ -1,0 +1,181 @@
+//! Held claims ([`ClaimOptions::hold`]): the outbox claim's transaction
+//! stays open with the rows locked, and nothing is written to them until
+//! they are done. A completion writes each row once, in that transaction;
+//! any other write of the claim first writes the lease the claim would have
+//! written (`OUTBOX_MARK`, with the same `locked_at`: `now()` is the
+//! transaction's start), commits, and goes on as for a leased claim.
+
+use std::collections::HashSet;
+use std::time::Instant;
+
+use sqlx::{Postgres, Row, Transaction};
+use uuid::Uuid;
+
+use super::table::created_bounds;
+use super::{PgRoute, PgTable, decode};
+use crate::error::{Result, storage};
+use crate::model::Event;
+use crate::store::held::Held;
+use crate::store::table::decode_all;
+use crate::store::{ClaimOptions, ClaimToken};
+
+impl<R: PgRoute> PgTable<R> {
+    /// Reads the claimed rows `ids` and keeps `tx` open for them; returns
+    /// the events, and the claim to keep (`None`: `tx` is committed).
+    ///
+    /// Only rows without a lease are held. When a row still carries a lease
+    /// that ran out, its former holder may yet write it under that lease,
+    /// and such a write would wait for this transaction's row lock while
+    /// this worker's own writes may wait for that holder's: the claim then
+    /// writes its lease on every row, as a leased claim does, and commits.
+    pub(super) async fn hold(
+        &self,
+        mut tx: Transaction<'static, Postgres>,
+        opts: &ClaimOptions,
+        ids: &[Uuid],
+        (from, to): (crate::model::Timestamp, crate::model::Timestamp),
+    ) -> Result<(Vec<Event<R>>, Option<Held<Postgres>>)> {
+        let idle_ms = opts.lease.as_millis().clamp(1_000, i32::MAX as u128);
+        let rows = sqlx::query(super::sql::OUTBOX_HOLD)
+            .bind(ids)
+            .bind(opts.worker.as_str())
+            .bind(crate::store::secs(opts.lease))
+            .bind(from)
+            .bind(to)
+            .bind(idle_ms.to_string())
+            .fetch(&mut *tx);
+        let leased = std::sync::atomic::AtomicBool::new(false);
+        let events: Vec<Event<R>> = decode_all(rows, |row| {
+            if row.try_get::<bool, _>("leased").unwrap_or(true) {
+                leased.store(true, std::sync::atomic::Ordering::Relaxed);
+            }
+            decode(row)
+        })
+        .await?;
+        if leased.into_inner() {
+            let lease = (opts.worker.as_str(), opts.lease);
+            let events = self::leased(&mut tx, ids, lease, (from, to)).await?;
+            tx.commit().await.map_err(storage)?;
+            return Ok((events, None));
+        }
+        if events.is_empty() {
+            tx.commit().await.map_err(storage)?;
+            return Ok((events, None));
+        }
+        let held = Held {
+            tx,
+            ids: events.iter().map(|e| e.id()).collect(),
+            touched: Instant::now(),
+            lease: opts.lease,
+        };
+        Ok((events, Some(held)))
+    }
+
+    /// Takes the held claim of `token` out for good (its last write);
+    /// `None`: not held (any more). The claim's lock is held meanwhile, so a
+    /// heartbeat running now finishes first.
+    async fn take_held(&self, token: &ClaimToken) -> Option<Held<Postgres>> {
+        let cell = self.held.cell(token)?;
+        let held = cell.lock().await.take();
+        self.held.remove(token);
+        held
+    }
+
+    /// Completes `ids` of the held claim of `token` in its transaction, and
+    /// commits; the claim's other rows get their lease first (their
+    /// failures or releases follow as for a leased claim). `None`: the
+    /// claim is not held.
+    pub(super) async fn complete_held(
+        &self,
+        token: &ClaimToken,
+        ids: &[Uuid],
+    ) -> Result<Option<Vec<Uuid>>> {
+        let Some(mut held) = self.take_held(token).await else {
+            return Ok(None);
+        };
+        let done: HashSet<Uuid> = ids.iter().copied().collect();
+        let rest: Vec<Uuid> = held
+            .ids
+            .iter()
+            .filter(|id| !done.contains(id))
+            .copied()
+            .collect();
+        let (from, to) = created_bounds(token.created_between);
+        if !rest.is_empty() {
+            mark(&mut held.tx, &rest, token).await?;
+        }
+        let completed: Vec<Uuid> = sqlx::query_scalar(super::sql::OUTBOX_COMPLETE_HELD)
+            .bind(ids)
+            .bind(from)
+            .bind(to)
+            .fetch_all(&mut *held.tx)
+            .await
+            .map_err(storage)?;
+        held.tx.commit().await.map_err(storage)?;
+        Ok(Some(completed))
+    }
+
+    /// The rows among `ids` the held claim of `token` holds, after a
+    /// statement on its transaction (which keeps the server's idle timer
+    /// from ending it: the lease's heartbeat). `None`: not held.
+    pub(super) async fn touch_held(
+        &self,
+        token: &ClaimToken,
+        ids: &[Uuid],
+    ) -> Result<Option<Vec<Uuid>>> {
+        let Some(cell) = self.held.cell(token) else {
+            return Ok(None);
+        };
+        let mut guard = cell.lock().await;
+        let Some(held) = guard.as_mut() else {
+            return Ok(None);
+        };
+        sqlx::query("SELECT 1")
+            .execute(&mut *held.tx)
+            .await
+            .map_err(storage)?;
+        held.touched = Instant::now();
+        let mine: HashSet<Uuid> = held.ids.iter().copied().collect();
+        Ok(Some(
+            ids.iter().copied().filter(|id| mine.contains(id)).collect(),
+        ))
+    }
+
+    /// Turns the held claim of `token`, if it is one, into a leased claim:
+    /// writes the lease on its rows and commits.
+    pub(super) async fn lease_held(&self, token: &ClaimToken) -> Result<()> {
+        if let Some(mut held) = self.take_held(token).await {
+            mark(&mut held.tx, &held.ids, token).await?;
+            held.tx.commit().await.map_err(storage)?;
+        }
+        Ok(())
+    }
+}
+
+/// Writes the lease of `token`'s claim on `ids` (in the claim's
+/// transaction: `locked_at` is the token's).
+async fn mark(tx: &mut sqlx::PgConnection, ids: &[Uuid], token: &ClaimToken) -> Result<()> {
+    let bounds = created_bounds(token.created_between);
+    let lease = (token.worker.as_str(), token.lease);
+    leased::<crate::model::OutboxRoute>(tx, ids, lease, bounds).await?;
+    Ok(())
+}
+
+/// Writes the lease `(worker, lease)` on the claimed rows `ids` whose
+/// `created_at` lies in `bounds` (`OUTBOX_MARK`: `locked_at` is the
+/// transaction's start); returns them.
+pub(super) async fn leased<R: PgRoute>(
+    tx: &mut sqlx::PgConnection,
+    ids: &[Uuid],
+    (worker, lease): (&str, std::time::Duration),
+    (from, to): (crate::model::Timestamp, crate::model::Timestamp),
+) -> Result<Vec<Event<R>>> {
+    let rows = sqlx::query(super::sql::OUTBOX_MARK)
+        .bind(ids)
+        .bind(worker)
+        .bind(crate::store::secs(lease))
+        .bind(from)
+        .bind(to)
+        .fetch(&mut *tx);
+    decode_all(rows, decode).await
+}
