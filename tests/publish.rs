@@ -96,6 +96,45 @@ impl PgEnv {
     }
 }
 
+/// A one-broker mock cluster whose broker answers in 300 ms, its topic
+/// `orders` (2 partitions), and 2,000 outbox rows of 20 keys written to it.
+async fn slow_broker_and_rows(
+    pg: &PgEnv,
+) -> (
+    MockCluster<'static, rdkafka::producer::DefaultProducerContext>,
+    Vec<OutboxEvent>,
+) {
+    let cluster = MockCluster::new(1).unwrap();
+    cluster.create_topic("orders", 2, 1).unwrap();
+    cluster
+        .broker_round_trip_time(1, Duration::from_millis(300))
+        .unwrap();
+    let all = events(2000, 20);
+    pg.db.store.outbox().create_many(&all).await.unwrap();
+    (cluster, all)
+}
+
+/// Reads `orders` and checks that every one of `all` is there; returns the
+/// messages.
+async fn every_row_on_the_topic(
+    cluster: &MockCluster<'static, rdkafka::producer::DefaultProducerContext>,
+    all: &[OutboxEvent],
+) -> Vec<common::kafka::Received> {
+    let got = consume(
+        &cluster.bootstrap_servers(),
+        "orders",
+        all.len(),
+        Duration::from_secs(30),
+    )
+    .await;
+    let on_topic: std::collections::HashSet<String> =
+        got.iter().map(|m| m.headers["event_id"].clone()).collect();
+    for e in all {
+        assert!(on_topic.contains(&e.id().to_string()), "lost: {}", e.id());
+    }
+    got
+}
+
 #[test]
 fn publish_once_to_the_default_file() {
     let dir = tempfile::tempdir().unwrap();
@@ -299,13 +338,7 @@ async fn sigterm_leaves_no_row_locked() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_mid_batch_loses_nothing() {
     let Some(pg) = PgEnv::new().await else { return };
-    let cluster = MockCluster::new(1).unwrap();
-    cluster.create_topic("orders", 2, 1).unwrap();
-    cluster
-        .broker_round_trip_time(1, Duration::from_millis(300))
-        .unwrap();
-    let all = events(2000, 20);
-    pg.db.store.outbox().create_many(&all).await.unwrap();
+    let (cluster, all) = slow_broker_and_rows(&pg).await;
     let broker = format!("kafka://{}", cluster.bootstrap_servers());
     let dir = tempfile::tempdir().unwrap();
     let args = [
@@ -376,18 +409,7 @@ async fn kill_9_mid_batch_loses_nothing() {
         );
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
-    let got = consume(
-        &cluster.bootstrap_servers(),
-        "orders",
-        2000,
-        Duration::from_secs(30),
-    )
-    .await;
-    let on_topic: std::collections::HashSet<String> =
-        got.iter().map(|m| m.headers["event_id"].clone()).collect();
-    for e in &all {
-        assert!(on_topic.contains(&e.id().to_string()), "lost: {}", e.id());
-    }
+    let got = every_row_on_the_topic(&cluster, &all).await;
     eprintln!(
         "{} rows were locked by the killed relay; {} messages on the topic for 2000 events",
         left_locked,
@@ -927,13 +949,7 @@ async fn rows_with_non_string_header_values_are_published() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn held_claims_survive_kill_9_and_drain_in_key_order() {
     let Some(pg) = PgEnv::new().await else { return };
-    let cluster = MockCluster::new(1).unwrap();
-    cluster.create_topic("orders", 2, 1).unwrap();
-    cluster
-        .broker_round_trip_time(1, Duration::from_millis(300))
-        .unwrap();
-    let all = events(2000, 20);
-    pg.db.store.outbox().create_many(&all).await.unwrap();
+    let (cluster, all) = slow_broker_and_rows(&pg).await;
     let broker = format!("kafka://{}", cluster.bootstrap_servers());
     let dir = tempfile::tempdir().unwrap();
     let held = [
@@ -1009,18 +1025,7 @@ async fn held_claims_survive_kill_9_and_drain_in_key_order() {
         }
         assert!(Instant::now() < deadline, "not everything published: {c:?}");
     }
-    let got = consume(
-        &cluster.bootstrap_servers(),
-        "orders",
-        2000,
-        Duration::from_secs(30),
-    )
-    .await;
-    let on_topic: std::collections::HashSet<String> =
-        got.iter().map(|m| m.headers["event_id"].clone()).collect();
-    for e in &all {
-        assert!(on_topic.contains(&e.id().to_string()), "lost: {}", e.id());
-    }
+    let got = every_row_on_the_topic(&cluster, &all).await;
     // Each key's events reach its partition in order (a redelivery after
     // the kill may repeat an earlier run, never jump ahead of it).
     let mut last: std::collections::HashMap<String, i64> = std::collections::HashMap::new();
