@@ -48,12 +48,7 @@ impl<R> AnyTable<R> {
             AnyTable::Postgres(t) => {
                 BulkTx::Postgres(t.pool().begin().await.map_err(crate::error::storage)?)
             }
-            AnyTable::Sqlite(t) => BulkTx::Sqlite(
-                t.pool()
-                    .begin_with("BEGIN IMMEDIATE")
-                    .await
-                    .map_err(crate::error::storage)?,
-            ),
+            AnyTable::Sqlite(t) => BulkTx::Sqlite(crate::store::sqlite::write_tx(t.pool()).await?),
         })
     }
 }

@@ -3,18 +3,31 @@
 //! name of the substring-position function. Placeholders come from
 //! `QueryBuilder` (`$n` or `?`).
 
+use std::time::Duration;
+
+use futures_util::future::BoxFuture;
 use sqlx::{Postgres, QueryBuilder, Sqlite};
 use uuid::Uuid;
 
-use super::dead_letters::DeadLetterFilter;
+use super::dead_letters::{DeadLetterFilter, DeadLetterRecord};
 use super::request::{ListFilter, RequeueFilter};
-use super::{DEFAULT_LIST_LIMIT, topic_column};
+use super::{Capabilities, DEFAULT_LIST_LIMIT, topic_column};
+use crate::error::{Result, storage};
 use crate::model::{Table, Timestamp, time};
+
+/// A statement run on a pool, boxed: what the features written once over a
+/// [`Dialect`] await without naming sqlx's bounds themselves.
+pub(crate) type Run<'a, T> = BoxFuture<'a, Result<T>>;
+
+/// The rows of a dialect's database.
+pub(crate) type RowOf<D> = <<D as Dialect>::Db as sqlx::Database>::Row;
 
 /// A backend's dialect.
 pub(crate) trait Dialect {
     /// Its sqlx database.
     type Db: sqlx::Database;
+    /// What the backend supports.
+    const CAPABILITIES: Capabilities;
     /// `strpos` or `instr`: the 1-based position of a substring, 0 if absent.
     const POSITION: &'static str;
     /// Binds a text.
@@ -39,8 +52,104 @@ pub(crate) trait Dialect {
     const SKIP_LOCKED: &'static str;
     /// The `consumer_group` field of a dead letter's `event` column, as text.
     const LETTER_GROUP: &'static str;
-    /// The columns of a dead letter, as the backend's decoder reads them.
+    /// The columns of a dead letter, as [`Dialect::decode_letter`] reads them.
     const LETTER_COLUMNS: &'static str;
+    /// Reads one dead letter of [`Dialect::LETTER_COLUMNS`].
+    fn decode_letter(row: &RowOf<Self>) -> Result<DeadLetterRecord>;
+
+    // Statements whose text comes from the caller, run on a pool (the
+    // bodies are the same for both: `runners!`).
+
+    /// Runs `qb`; returns its rows.
+    fn fetch_rows<'a>(
+        pool: &'a sqlx::Pool<Self::Db>,
+        qb: QueryBuilder<Self::Db>,
+    ) -> Run<'a, Vec<RowOf<Self>>>;
+    /// Runs `qb`; returns the count in its one row and column.
+    fn fetch_count<'a>(pool: &'a sqlx::Pool<Self::Db>, qb: QueryBuilder<Self::Db>) -> Run<'a, u64>;
+    /// Runs `sql`, whose rows are a text and a number.
+    fn fetch_pairs<'a>(
+        pool: &'a sqlx::Pool<Self::Db>,
+        sql: &'static str,
+    ) -> Run<'a, Vec<(String, i64)>>;
+    /// Runs the count `sql`, whose one parameter is the age `older_than`
+    /// (see [`Pg::age`], [`Lite::age`]).
+    fn count_older<'a>(
+        pool: &'a sqlx::Pool<Self::Db>,
+        sql: &'static str,
+        older_than: Duration,
+    ) -> Run<'a, i64>;
+    /// Runs the delete `sql`, whose parameters are the age `older_than`
+    /// and a batch size; returns how many rows it deleted.
+    fn delete_older<'a>(
+        pool: &'a sqlx::Pool<Self::Db>,
+        sql: &'static str,
+        older_than: Duration,
+        batch: i64,
+    ) -> Run<'a, u64>;
+}
+
+/// The [`Dialect`] functions whose bodies read the same for both
+/// backends, expanded in each impl (where the database is concrete).
+macro_rules! runners {
+    () => {
+        fn text(qb: &mut QueryBuilder<Self::Db>, v: String) {
+            qb.push_bind(v);
+        }
+
+        fn int(qb: &mut QueryBuilder<Self::Db>, v: i64) {
+            qb.push_bind(v);
+        }
+
+        fn fetch_rows<'a>(
+            pool: &'a sqlx::Pool<Self::Db>,
+            qb: QueryBuilder<Self::Db>,
+        ) -> Run<'a, Vec<RowOf<Self>>> {
+            Box::pin(rows(pool, qb))
+        }
+
+        fn fetch_count<'a>(
+            pool: &'a sqlx::Pool<Self::Db>,
+            qb: QueryBuilder<Self::Db>,
+        ) -> Run<'a, u64> {
+            Box::pin(count(pool, qb))
+        }
+
+        fn fetch_pairs<'a>(
+            pool: &'a sqlx::Pool<Self::Db>,
+            sql: &'static str,
+        ) -> Run<'a, Vec<(String, i64)>> {
+            Box::pin(async move { sqlx::query_as(sql).fetch_all(pool).await.map_err(storage) })
+        }
+
+        fn count_older<'a>(
+            pool: &'a sqlx::Pool<Self::Db>,
+            sql: &'static str,
+            older_than: Duration,
+        ) -> Run<'a, i64> {
+            let age = Self::age(older_than);
+            Box::pin(async move {
+                sqlx::query_scalar(sql)
+                    .bind(age)
+                    .fetch_one(pool)
+                    .await
+                    .map_err(storage)
+            })
+        }
+
+        fn delete_older<'a>(
+            pool: &'a sqlx::Pool<Self::Db>,
+            sql: &'static str,
+            older_than: Duration,
+            batch: i64,
+        ) -> Run<'a, u64> {
+            let age = Self::age(older_than);
+            Box::pin(async move {
+                let done = sqlx::query(sql).bind(age).bind(batch).execute(pool).await;
+                Ok(done.map_err(storage)?.rows_affected())
+            })
+        }
+    };
 }
 
 /// PostgreSQL: native times and uuid arrays.
@@ -48,15 +157,8 @@ pub(crate) struct Pg;
 
 impl Dialect for Pg {
     type Db = Postgres;
+    const CAPABILITIES: Capabilities = Capabilities::POSTGRES;
     const POSITION: &'static str = "strpos";
-
-    fn text(qb: &mut QueryBuilder<Postgres>, v: String) {
-        qb.push_bind(v);
-    }
-
-    fn int(qb: &mut QueryBuilder<Postgres>, v: i64) {
-        qb.push_bind(v);
-    }
 
     fn id(qb: &mut QueryBuilder<Postgres>, id: Uuid) {
         qb.push_bind(id);
@@ -83,6 +185,20 @@ impl Dialect for Pg {
     const SKIP_LOCKED: &'static str = " FOR UPDATE SKIP LOCKED";
     const LETTER_GROUP: &'static str = "event->>'consumer_group'";
     const LETTER_COLUMNS: &'static str = "id, seq, origin, event_id, event_type, topic, attempts_made, error, event::text AS event, dead_at, replayed_at";
+
+    fn decode_letter(row: &sqlx::postgres::PgRow) -> Result<DeadLetterRecord> {
+        super::postgres::driver::decode_letter(row)
+    }
+
+    runners!();
+}
+
+impl Pg {
+    /// An age parameter: seconds, which the statement subtracts from the
+    /// server's `now()` (`now() - make_interval(secs => $1)`).
+    pub(crate) fn age(older_than: Duration) -> f64 {
+        super::secs(older_than)
+    }
 }
 
 /// SQLite: times in the stored text form, ids as a JSON array.
@@ -90,15 +206,8 @@ pub(crate) struct Lite;
 
 impl Dialect for Lite {
     type Db = Sqlite;
+    const CAPABILITIES: Capabilities = Capabilities::SQLITE;
     const POSITION: &'static str = "instr";
-
-    fn text(qb: &mut QueryBuilder<Sqlite>, v: String) {
-        qb.push_bind(v);
-    }
-
-    fn int(qb: &mut QueryBuilder<Sqlite>, v: i64) {
-        qb.push_bind(v);
-    }
 
     fn id(qb: &mut QueryBuilder<Sqlite>, id: Uuid) {
         qb.push_bind(id.to_string());
@@ -128,28 +237,36 @@ impl Dialect for Lite {
     const SKIP_LOCKED: &'static str = "";
     const LETTER_GROUP: &'static str = "json_extract(event, '$.consumer_group')";
     const LETTER_COLUMNS: &'static str = "id, seq, origin, event_id, event_type, topic, attempts_made, error, event, dead_at, replayed_at";
+
+    fn decode_letter(row: &sqlx::sqlite::SqliteRow) -> Result<DeadLetterRecord> {
+        super::sqlite::driver::decode_letter(row)
+    }
+
+    runners!();
+}
+
+impl Lite {
+    /// An age parameter: the time `older_than` before this process's
+    /// clock, in the stored text form.
+    pub(crate) fn age(older_than: Duration) -> String {
+        time::format(&(time::now() - crate::domain::chrono_dur(older_than)))
+    }
 }
 
 /// Runs `qb` on `pool`; returns its rows.
-pub(crate) async fn rows<DB: sqlx::Database>(
+async fn rows<DB: sqlx::Database>(
     pool: &sqlx::Pool<DB>,
     mut qb: QueryBuilder<DB>,
-) -> crate::error::Result<Vec<DB::Row>>
+) -> Result<Vec<DB::Row>>
 where
     for<'c> &'c mut DB::Connection: sqlx::Executor<'c, Database = DB>,
     DB::Arguments: sqlx::IntoArguments<DB>,
 {
-    qb.build()
-        .fetch_all(pool)
-        .await
-        .map_err(crate::error::storage)
+    qb.build().fetch_all(pool).await.map_err(storage)
 }
 
 /// Runs `qb` on `pool`; returns the count in its one row and column.
-pub(crate) async fn count<DB: sqlx::Database>(
-    pool: &sqlx::Pool<DB>,
-    mut qb: QueryBuilder<DB>,
-) -> crate::error::Result<u64>
+async fn count<DB: sqlx::Database>(pool: &sqlx::Pool<DB>, mut qb: QueryBuilder<DB>) -> Result<u64>
 where
     for<'c> &'c mut DB::Connection: sqlx::Executor<'c, Database = DB>,
     DB::Arguments: sqlx::IntoArguments<DB>,
@@ -157,20 +274,20 @@ where
     (i64,): for<'r> sqlx::FromRow<'r, DB::Row>,
 {
     let q = qb.build_query_scalar::<i64>().fetch_one(pool);
-    Ok(u64::try_from(q.await.map_err(crate::error::storage)?).unwrap_or(0))
+    Ok(u64::try_from(q.await.map_err(storage)?).unwrap_or(0))
 }
 
 /// Runs `qb` on `conn`.
 pub(crate) async fn execute<DB: sqlx::Database>(
     conn: &mut DB::Connection,
     mut qb: QueryBuilder<DB>,
-) -> crate::error::Result<()>
+) -> Result<()>
 where
     for<'c> &'c mut DB::Connection: sqlx::Executor<'c, Database = DB>,
     DB::Arguments: sqlx::IntoArguments<DB>,
 {
     let q = qb.build().execute(conn);
-    q.await.map_err(crate::error::storage).map(drop)
+    q.await.map_err(storage).map(drop)
 }
 
 /// Unlocks the pending inbox rows `ids` (the consumer's transaction).

@@ -17,6 +17,7 @@ use super::BulkOutcome;
 use super::audit::{AuditEntry, AuditFilter, AuditedChange};
 use super::dead_letters::{DeadLetterFilter, DeadLetterRecord, NewLetter};
 use super::diagnostics::{ClaimPlan, ReplicationSlot, Statistics, TableHealth};
+use super::dialect::{self, Dialect};
 use crate::error::Result;
 use crate::model::{InboxEvent, OutboxEvent, Table};
 
@@ -33,6 +34,11 @@ pub(crate) enum Retention {
 pub(crate) trait Driver: Sync {
     /// A write transaction of this backend.
     type Tx: FeatureTx;
+    /// The backend's dialect.
+    type D: Dialect;
+
+    /// The pool.
+    fn pool(&self) -> &sqlx::Pool<<Self::D as Dialect>::Db>;
 
     /// Opens a write transaction (SQLite takes the write lock at once, so
     /// what the transaction reads is what it changes).
@@ -57,11 +63,21 @@ pub(crate) trait Driver: Sync {
     fn list_letters(
         &self,
         filter: &DeadLetterFilter,
-    ) -> impl Future<Output = Result<Vec<DeadLetterRecord>>> + Send;
+    ) -> impl Future<Output = Result<Vec<DeadLetterRecord>>> + Send {
+        async move {
+            let rows =
+                Self::D::fetch_rows(self.pool(), dialect::letters::<Self::D>(filter)).await?;
+            rows.iter().map(Self::D::decode_letter).collect()
+        }
+    }
 
     /// How many letters are open, of `origin`'s events or of all.
-    fn count_open_letters(&self, origin: Option<Table>)
-    -> impl Future<Output = Result<u64>> + Send;
+    fn count_open_letters(
+        &self,
+        origin: Option<Table>,
+    ) -> impl Future<Output = Result<u64>> + Send {
+        Self::D::fetch_count(self.pool(), dialect::count_open_letters::<Self::D>(origin))
+    }
 
     /// Writes the letters of `table`'s events whose rows are `failed` now,
     /// holding those rows (PostgreSQL: share locks; SQLite: the write

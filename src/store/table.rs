@@ -14,13 +14,16 @@ use std::time::Duration;
 use sqlx::QueryBuilder;
 use uuid::Uuid;
 
-use super::dialect::{self, Dialect};
+use super::dialect::{self, Dialect, RowOf};
 use super::{
-    Capabilities, Claim, ClaimOptions, ClaimToken, EventStore, FailReport, FailedErrors, Failure,
-    FetchFilters, ListFilter, MaintenanceStore, RequeueFilter, TableCounts, guard_result,
+    BulkOutcome, Capabilities, Claim, ClaimOptions, ClaimToken, EventStore, FailReport,
+    FailedErrors, Failure, FetchFilters, InboxStore, ListFilter, MaintenanceStore, RequeueFilter,
+    TableCounts, guard_result,
 };
 use crate::error::{Error, Result, storage};
-use crate::model::{Event, EventStatus, InboxRoute, Route, Table, Timestamp, UnlockReason};
+use crate::model::{
+    Event, EventStatus, InboxEvent, InboxRoute, Route, Table, Timestamp, UnlockReason,
+};
 
 /// One table's statements on one backend. Each is static text; values are
 /// bind parameters, in the order the backend's [`TableBackend`] binds them.
@@ -202,15 +205,22 @@ pub(crate) trait TableBackend: Clone + Send + Sync + 'static {
     type R: Route;
     /// The backend's dialect.
     type D: Dialect;
-    /// What the backend supports.
-    const CAPABILITIES: Capabilities;
     /// The table's statements.
     fn sql() -> &'static TableSql;
+    /// The pool.
+    fn pool(&self) -> &sqlx::Pool<Db<Self>>;
+    /// Reads one whole row.
+    fn decode(row: &RowOf<Self::D>) -> Result<Event<Self::R>>;
     /// Runs a `SELECT` of whole rows built on the table's statements.
     fn select(
         &self,
         qb: QueryBuilder<Db<Self>>,
-    ) -> impl Future<Output = Result<Vec<Event<Self::R>>>> + Send;
+    ) -> impl Future<Output = Result<Vec<Event<Self::R>>>> + Send {
+        async move {
+            let rows = Self::D::fetch_rows(self.pool(), qb).await?;
+            rows.iter().map(Self::decode).collect()
+        }
+    }
     /// Exact counts for `status`.
     fn count_rows(&self) -> impl Future<Output = Result<TableCounts>> + Send;
     /// Claims rows (the options are checked).
@@ -262,7 +272,9 @@ pub(crate) trait TableBackend: Clone + Send + Sync + 'static {
         &self,
         sql: &'static str,
         older_than: Duration,
-    ) -> impl Future<Output = Result<i64>> + Send;
+    ) -> impl Future<Output = Result<i64>> + Send {
+        Self::D::count_older(self.pool(), sql, older_than)
+    }
     /// Runs the delete `sql` of up to `batch` rows older than `older_than`;
     /// returns how many.
     fn delete_aged(
@@ -270,7 +282,9 @@ pub(crate) trait TableBackend: Clone + Send + Sync + 'static {
         sql: &'static str,
         older_than: Duration,
         batch: i64,
-    ) -> impl Future<Output = Result<u64>> + Send;
+    ) -> impl Future<Output = Result<u64>> + Send {
+        Self::D::delete_older(self.pool(), sql, older_than, batch)
+    }
     /// Runs the requeue `qb` (written with the time `now`) in a
     /// transaction that also marks the requeued events' open dead letters
     /// replayed; returns the requeued ids.
@@ -280,14 +294,44 @@ pub(crate) trait TableBackend: Clone + Send + Sync + 'static {
         now: <Self::D as Dialect>::Now,
     ) -> impl Future<Output = Result<Vec<Uuid>>> + Send;
     /// Failed rows per event type, most first.
-    fn failed_by_type(&self) -> impl Future<Output = Result<Vec<(String, i64)>>> + Send;
+    fn failed_by_type(&self) -> impl Future<Output = Result<Vec<(String, i64)>>> + Send {
+        Self::D::fetch_pairs(self.pool(), Self::sql().failed_by_type)
+    }
     /// Failed rows grouped by event type and error.
     fn failed_groups(&self) -> impl Future<Output = Result<Vec<FailedErrors>>> + Send;
 }
 
+/// A backend's inbox table: its insert, on which the rest of
+/// [`InboxStore`] is written once.
+pub(crate) trait InboxBackend: TableBackend<R = InboxRoute> {
+    /// Inserts `events`, each unless its `(message_id, consumer_group)`
+    /// exists (see [`InboxStore::insert_many`]).
+    fn insert_rows(
+        &self,
+        events: &[InboxEvent],
+    ) -> impl Future<Output = Result<Vec<BulkOutcome>>> + Send;
+}
+
+impl<T: InboxBackend> InboxStore for T {
+    fn insert_many(
+        &self,
+        events: &[InboxEvent],
+    ) -> impl Future<Output = Result<Vec<BulkOutcome>>> + Send {
+        self.insert_rows(events)
+    }
+
+    async fn get_by_message_id(
+        &self,
+        message_id: &str,
+        consumer_group: &str,
+    ) -> Result<Option<InboxEvent>> {
+        by_message_id(self, message_id, consumer_group).await
+    }
+}
+
 impl<R: Route, T: TableBackend<R = R>> EventStore<R> for T {
     fn capabilities(&self) -> Capabilities {
-        T::CAPABILITIES
+        T::D::CAPABILITIES
     }
 
     async fn get(&self, id: Uuid) -> Result<Option<Event<R>>> {

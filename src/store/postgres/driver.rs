@@ -11,7 +11,7 @@ use crate::error::{Error, Result, storage};
 use crate::model::{InboxEvent, OutboxEvent, Table};
 use crate::store::BulkOutcome;
 use crate::store::audit::{self, AuditEntry, AuditFilter, AuditedChange};
-use crate::store::dead_letters::{self, DeadLetterFilter, DeadLetterRecord, NewLetter};
+use crate::store::dead_letters::{self, DeadLetterRecord, NewLetter};
 use crate::store::diagnostics::{
     ClaimPlan, ReplicationSlot, SMALL_TABLE_PAGES, Statistics, TableHealth,
 };
@@ -23,6 +23,7 @@ pub(crate) struct PgFeatureTx(Transaction<'static, Postgres>);
 
 impl Driver for PgStore {
     type Tx = PgFeatureTx;
+    type D = Pg;
 
     async fn begin(&self) -> Result<PgFeatureTx> {
         Ok(PgFeatureTx(self.pool().begin().await.map_err(storage)?))
@@ -63,22 +64,7 @@ impl Driver for PgStore {
                      ORDER BY replayed_at LIMIT $2)"
             }
         };
-        Ok(sqlx::query(sql)
-            .bind(crate::store::secs(older_than))
-            .bind(batch)
-            .execute(self.pool())
-            .await
-            .map_err(storage)?
-            .rows_affected())
-    }
-
-    async fn list_letters(&self, filter: &DeadLetterFilter) -> Result<Vec<DeadLetterRecord>> {
-        let rows = dialect::rows(self.pool(), dialect::letters::<Pg>(filter)).await?;
-        rows.iter().map(decode_letter).collect()
-    }
-
-    async fn count_open_letters(&self, origin: Option<Table>) -> Result<u64> {
-        dialect::count(self.pool(), dialect::count_open_letters::<Pg>(origin)).await
+        Self::D::delete_older(self.pool(), sql, older_than, batch).await
     }
 
     async fn insert_letters(&self, table: Table, rows: &[NewLetter]) -> Result<()> {
@@ -262,6 +248,10 @@ impl Driver for PgStore {
                 })
             })
             .collect()
+    }
+
+    fn pool(&self) -> &sqlx::PgPool {
+        &self.pool
     }
 }
 
@@ -451,7 +441,7 @@ impl LetterColumns {
 }
 
 /// A letter row; a row that cannot be read is a corrupt-row error naming it.
-fn decode_letter(r: &sqlx::postgres::PgRow) -> Result<DeadLetterRecord> {
+pub(crate) fn decode_letter(r: &sqlx::postgres::PgRow) -> Result<DeadLetterRecord> {
     let inner = || -> std::result::Result<DeadLetterRecord, String> {
         let s = |e: sqlx::Error| e.to_string();
         let event: String = r.try_get("event").map_err(s)?;

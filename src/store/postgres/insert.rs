@@ -10,7 +10,8 @@ use super::PgTable;
 use super::sql;
 use crate::error::{Error, Result, storage};
 use crate::model::{Event, InboxEvent, InboxRoute, OutboxEvent, OutboxRoute, Route, Timestamp};
-use crate::store::{BulkOutcome, InboxStore, OutboxStore};
+use crate::store::table::InboxBackend;
+use crate::store::{BulkOutcome, OutboxStore};
 
 /// Rows per statement.
 const CHUNK: usize = 1000;
@@ -543,8 +544,8 @@ impl OutboxStore for PgTable<OutboxRoute> {
     }
 }
 
-impl InboxStore for PgTable<InboxRoute> {
-    async fn insert_many(&self, events: &[InboxEvent]) -> Result<Vec<BulkOutcome>> {
+impl InboxBackend for PgTable<InboxRoute> {
+    async fn insert_rows(&self, events: &[InboxEvent]) -> Result<Vec<BulkOutcome>> {
         if events.len() <= CHUNK {
             // One INSERT statement is atomic on its own: no BEGIN and
             // COMMIT (two round trips) around it. (The look-up of rows that
@@ -556,13 +557,5 @@ impl InboxStore for PgTable<InboxRoute> {
         let outcomes = insert_inbox(&mut tx, events).await?;
         tx.commit().await.map_err(storage)?;
         Ok(outcomes)
-    }
-
-    async fn get_by_message_id(
-        &self,
-        message_id: &str,
-        consumer_group: &str,
-    ) -> Result<Option<InboxEvent>> {
-        crate::store::table::by_message_id(self, message_id, consumer_group).await
     }
 }

@@ -368,7 +368,8 @@ const MIGRATION_1_RELEASED: &str = "431a0723b9d556721d08330f4f0332d9e032c22bd078
 pub(crate) const COMMENT_EDITS: &[migrate::CommentEdit] =
     &[migrate::CommentEdit::released(1, MIGRATION_1_RELEASED)];
 
-const CAPABILITIES: super::Capabilities = super::Capabilities::POSTGRES;
+const CAPABILITIES: super::Capabilities =
+    <super::dialect::Pg as super::dialect::Dialect>::CAPABILITIES;
 
 /// A plain PostgreSQL identifier: lowercase letters, digits and `_`, at
 /// most 63, not starting with a digit (safe to interpolate into DDL, and

@@ -13,23 +13,13 @@ use crate::store::claim::{self, Scanned, WalkRow};
 use crate::store::dialect::Pg;
 use crate::store::table::{TableBackend, TableSql, decode_all, exact_counts};
 use crate::store::{
-    Capabilities, Claim, ClaimOptions, ClaimToken, FailedErrors, Failure, FetchFilters, RetryAt,
-    TableCounts, stored_error,
+    Claim, ClaimOptions, ClaimToken, FailedErrors, Failure, FetchFilters, RetryAt, TableCounts,
+    stored_error,
 };
 
 impl<R: PgRoute> TableBackend for PgTable<R> {
     type R = R;
     type D = Pg;
-    const CAPABILITIES: Capabilities = super::CAPABILITIES;
-
-    fn sql() -> &'static TableSql {
-        R::sql()
-    }
-
-    async fn select(&self, mut qb: QueryBuilder<Postgres>) -> Result<Vec<Event<R>>> {
-        let rows = qb.build().fetch_all(&self.pool).await.map_err(storage)?;
-        rows.iter().map(decode).collect()
-    }
 
     async fn count_rows(&self) -> Result<TableCounts> {
         let row = sqlx::query(R::sql().counts)
@@ -182,29 +172,6 @@ impl<R: PgRoute> TableBackend for PgTable<R> {
         self.count_aged(R::sql().count_stale, older_than).await
     }
 
-    async fn count_aged(&self, sql: &'static str, older_than: Duration) -> Result<i64> {
-        sqlx::query_scalar(sql)
-            .bind(crate::store::secs(older_than))
-            .fetch_one(&self.pool)
-            .await
-            .map_err(storage)
-    }
-
-    async fn delete_aged(
-        &self,
-        sql: &'static str,
-        older_than: Duration,
-        batch: i64,
-    ) -> Result<u64> {
-        Ok(sqlx::query(sql)
-            .bind(crate::store::secs(older_than))
-            .bind(batch)
-            .execute(&self.pool)
-            .await
-            .map_err(storage)?
-            .rows_affected())
-    }
-
     async fn requeue(&self, mut qb: QueryBuilder<Postgres>, _now: ()) -> Result<Vec<Uuid>> {
         let mut tx = self.pool.begin().await.map_err(storage)?;
         let ids: Vec<Uuid> = qb
@@ -218,15 +185,20 @@ impl<R: PgRoute> TableBackend for PgTable<R> {
         Ok(ids)
     }
 
-    async fn failed_by_type(&self) -> Result<Vec<(String, i64)>> {
-        sqlx::query_as(R::sql().failed_by_type)
-            .fetch_all(&self.pool)
-            .await
-            .map_err(storage)
-    }
-
     async fn failed_groups(&self) -> Result<Vec<FailedErrors>> {
         super::maintenance::failed_errors(self).await
+    }
+
+    fn sql() -> &'static TableSql {
+        R::sql()
+    }
+
+    fn pool(&self) -> &sqlx::Pool<Postgres> {
+        &self.pool
+    }
+
+    fn decode(row: &sqlx::postgres::PgRow) -> Result<Event<R>> {
+        decode(row)
     }
 }
 

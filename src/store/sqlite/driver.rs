@@ -13,7 +13,7 @@ use crate::error::{Error, Result, storage};
 use crate::model::{InboxEvent, OutboxEvent, Table, time};
 use crate::store::BulkOutcome;
 use crate::store::audit::{self, AuditEntry, AuditFilter, AuditedChange};
-use crate::store::dead_letters::{self, DeadLetterFilter, DeadLetterRecord, NewLetter};
+use crate::store::dead_letters::{self, DeadLetterRecord, NewLetter};
 use crate::store::diagnostics::{ClaimPlan, ReplicationSlot, Statistics, TableHealth};
 use crate::store::dialect::{self, Dialect, Lite};
 use crate::store::driver::{Driver, FeatureTx, Retention};
@@ -26,13 +26,10 @@ pub(crate) struct SqliteFeatureTx {
 
 impl Driver for SqliteStore {
     type Tx = SqliteFeatureTx;
+    type D = Lite;
 
     async fn begin(&self) -> Result<SqliteFeatureTx> {
-        let tx = self
-            .pool()
-            .begin_with("BEGIN IMMEDIATE")
-            .await
-            .map_err(storage)?;
+        let tx = super::write_tx(self.pool()).await?;
         Ok(SqliteFeatureTx {
             tx,
             now: time::format(&time::now()),
@@ -79,24 +76,7 @@ impl Driver for SqliteStore {
                      WHERE replayed_at < ?1 ORDER BY replayed_at LIMIT ?2)"
             }
         };
-        Ok(sqlx::query(sql)
-            .bind(time::format(
-                &(time::now() - crate::domain::chrono_dur(older_than)),
-            ))
-            .bind(batch)
-            .execute(self.pool())
-            .await
-            .map_err(storage)?
-            .rows_affected())
-    }
-
-    async fn list_letters(&self, filter: &DeadLetterFilter) -> Result<Vec<DeadLetterRecord>> {
-        let rows = dialect::rows(self.pool(), dialect::letters::<Lite>(filter)).await?;
-        rows.iter().map(decode_letter).collect()
-    }
-
-    async fn count_open_letters(&self, origin: Option<Table>) -> Result<u64> {
-        dialect::count(self.pool(), dialect::count_open_letters::<Lite>(origin)).await
+        Self::D::delete_older(self.pool(), sql, older_than, batch).await
     }
 
     async fn insert_letters(&self, table: Table, rows: &[NewLetter]) -> Result<()> {
@@ -185,6 +165,10 @@ impl Driver for SqliteStore {
         .fetch_all(self.pool())
         .await
         .map_err(storage)
+    }
+
+    fn pool(&self) -> &sqlx::SqlitePool {
+        &self.pool
     }
 }
 
@@ -367,7 +351,7 @@ fn parse_ids(ids: &[String]) -> Result<Vec<Uuid>> {
 
 /// A letter row (ids and times stored as text); a row that cannot be read
 /// is a corrupt-row error naming it.
-fn decode_letter(r: &sqlx::sqlite::SqliteRow) -> Result<DeadLetterRecord> {
+pub(crate) fn decode_letter(r: &sqlx::sqlite::SqliteRow) -> Result<DeadLetterRecord> {
     let inner = || -> std::result::Result<DeadLetterRecord, String> {
         let s = |e: sqlx::Error| e.to_string();
         let uuid = |col: &str| -> std::result::Result<Uuid, String> {

@@ -8,7 +8,8 @@ use super::ts;
 use super::{SqliteTable, decode, sql};
 use crate::error::{Error, Result, storage};
 use crate::model::{Event, InboxEvent, InboxRoute, OutboxEvent, OutboxRoute, Route, time};
-use crate::store::{BulkOutcome, InboxStore, OutboxStore};
+use crate::store::table::InboxBackend;
+use crate::store::{BulkOutcome, OutboxStore};
 
 /// Binds the common columns (?1..?16) of an insert.
 fn bind_common<'q, R: Route>(
@@ -146,34 +147,18 @@ impl OutboxStore for SqliteTable<OutboxRoute> {
     }
 
     async fn create_many(&self, events: &[OutboxEvent]) -> Result<Vec<BulkOutcome>> {
-        let mut tx = self
-            .pool
-            .begin_with("BEGIN IMMEDIATE")
-            .await
-            .map_err(storage)?;
+        let mut tx = super::write_tx(&self.pool).await?;
         let outcomes = insert_outbox(&mut tx, events).await?;
         tx.commit().await.map_err(storage)?;
         Ok(outcomes)
     }
 }
 
-impl InboxStore for SqliteTable<InboxRoute> {
-    async fn insert_many(&self, events: &[InboxEvent]) -> Result<Vec<BulkOutcome>> {
-        let mut tx = self
-            .pool
-            .begin_with("BEGIN IMMEDIATE")
-            .await
-            .map_err(storage)?;
+impl InboxBackend for SqliteTable<InboxRoute> {
+    async fn insert_rows(&self, events: &[InboxEvent]) -> Result<Vec<BulkOutcome>> {
+        let mut tx = super::write_tx(&self.pool).await?;
         let outcomes = insert_inbox(&mut tx, events).await?;
         tx.commit().await.map_err(storage)?;
         Ok(outcomes)
-    }
-
-    async fn get_by_message_id(
-        &self,
-        message_id: &str,
-        consumer_group: &str,
-    ) -> Result<Option<InboxEvent>> {
-        crate::store::table::by_message_id(self, message_id, consumer_group).await
     }
 }

@@ -178,7 +178,8 @@ const MIGRATION_1_RELEASED: &str = "44f7c9fc639fb8d87547bca0d16898ade91b5725d8a7
 pub(crate) const COMMENT_EDITS: &[migrate::CommentEdit] =
     &[migrate::CommentEdit::released(1, MIGRATION_1_RELEASED)];
 
-const CAPABILITIES: super::Capabilities = super::Capabilities::SQLITE;
+const CAPABILITIES: super::Capabilities =
+    <super::dialect::Lite as super::dialect::Dialect>::CAPABILITIES;
 
 /// One table of an [`SqliteStore`]; implements the store traits.
 pub type SqliteTable<R> = crate::store::table::StoreTable<sqlx::Sqlite, R>;
@@ -310,6 +311,16 @@ fn decode_inner<R: SqliteRoute>(row: &SqliteRow) -> Result<Event<R>, String> {
 }
 
 pub(crate) use crate::store::dialect::id_array;
+
+/// Opens a write transaction that takes the write lock at once
+/// (`BEGIN IMMEDIATE`): what it reads is then what it changes.
+pub(crate) async fn write_tx(
+    pool: &sqlx::SqlitePool,
+) -> Result<sqlx::Transaction<'static, sqlx::Sqlite>> {
+    pool.begin_with("BEGIN IMMEDIATE")
+        .await
+        .map_err(crate::error::storage)
+}
 
 /// A time in the stored text form.
 pub(crate) fn ts(t: &time::Timestamp) -> String {

@@ -15,23 +15,13 @@ use crate::store::claim::{self, Scanned, WalkRow};
 use crate::store::dialect::Lite;
 use crate::store::table::{TableBackend, TableSql, decode_all, exact_counts};
 use crate::store::{
-    Capabilities, Claim, ClaimOptions, ClaimToken, FailedErrors, Failure, FetchFilters, RetryAt,
-    TableCounts, stored_error,
+    Claim, ClaimOptions, ClaimToken, FailedErrors, Failure, FetchFilters, RetryAt, TableCounts,
+    stored_error,
 };
 
 impl<R: SqliteRoute> TableBackend for SqliteTable<R> {
     type R = R;
     type D = Lite;
-    const CAPABILITIES: Capabilities = super::CAPABILITIES;
-
-    fn sql() -> &'static TableSql {
-        R::sql()
-    }
-
-    async fn select(&self, mut qb: QueryBuilder<Sqlite>) -> Result<Vec<Event<R>>> {
-        let rows = qb.build().fetch_all(&self.pool).await.map_err(storage)?;
-        rows.iter().map(decode).collect()
-    }
 
     async fn count_rows(&self) -> Result<TableCounts> {
         let now = time::now();
@@ -54,11 +44,7 @@ impl<R: SqliteRoute> TableBackend for SqliteTable<R> {
         }
         let now = time::now();
         let until = now + chrono_dur(opts.lease);
-        let mut tx = self
-            .pool
-            .begin_with("BEGIN IMMEDIATE")
-            .await
-            .map_err(storage)?;
+        let mut tx = super::write_tx(&self.pool).await?;
         let seqs: Vec<i64> = sqlx::query_scalar(R::sql().claim)
             .bind(ts(&now))
             .bind(ts(&until))
@@ -200,35 +186,8 @@ impl<R: SqliteRoute> TableBackend for SqliteTable<R> {
             .map_err(storage)
     }
 
-    async fn count_aged(&self, sql: &'static str, older_than: Duration) -> Result<i64> {
-        sqlx::query_scalar(sql)
-            .bind(cutoff(older_than))
-            .fetch_one(&self.pool)
-            .await
-            .map_err(storage)
-    }
-
-    async fn delete_aged(
-        &self,
-        sql: &'static str,
-        older_than: Duration,
-        batch: i64,
-    ) -> Result<u64> {
-        Ok(sqlx::query(sql)
-            .bind(cutoff(older_than))
-            .bind(batch)
-            .execute(&self.pool)
-            .await
-            .map_err(storage)?
-            .rows_affected())
-    }
-
     async fn requeue(&self, mut qb: QueryBuilder<Sqlite>, now: String) -> Result<Vec<Uuid>> {
-        let mut tx = self
-            .pool
-            .begin_with("BEGIN IMMEDIATE")
-            .await
-            .map_err(storage)?;
+        let mut tx = super::write_tx(&self.pool).await?;
         let rows = qb.build().fetch_all(&mut *tx).await.map_err(storage)?;
         let ids = changed_ids(&rows)?;
         // The requeued events are back: their open dead letters are done.
@@ -237,21 +196,21 @@ impl<R: SqliteRoute> TableBackend for SqliteTable<R> {
         Ok(ids)
     }
 
-    async fn failed_by_type(&self) -> Result<Vec<(String, i64)>> {
-        sqlx::query_as(R::sql().failed_by_type)
-            .fetch_all(&self.pool)
-            .await
-            .map_err(storage)
-    }
-
     async fn failed_groups(&self) -> Result<Vec<FailedErrors>> {
         super::maintenance::failed_errors(self).await
     }
-}
 
-/// The time `older_than` before now, in the stored text form.
-fn cutoff(older_than: Duration) -> String {
-    ts(&(time::now() - chrono_dur(older_than)))
+    fn sql() -> &'static TableSql {
+        R::sql()
+    }
+
+    fn pool(&self) -> &sqlx::Pool<Sqlite> {
+        &self.pool
+    }
+
+    fn decode(row: &sqlx::sqlite::SqliteRow) -> Result<Event<R>> {
+        decode(row)
+    }
 }
 
 /// Reads one key's walk, a JSON array of `[id, seq, ready, tried, locked,
@@ -287,11 +246,7 @@ impl<R: SqliteRoute> SqliteTable<R> {
         let limit = opts.limit as usize;
         let examine = opts.examine_limit();
         let start = claim::start(opts);
-        let mut tx = self
-            .pool
-            .begin_with("BEGIN IMMEDIATE")
-            .await
-            .map_err(storage)?;
+        let mut tx = super::write_tx(&self.pool).await?;
         // The clock is read once the write lock is held: every row committed
         // before is then due by it if it was due when written.
         let now = time::now();
