@@ -128,6 +128,100 @@ async fn postgres_times_come_from_the_database_clock() {
     );
 }
 
+/// PostgreSQL only: the two insert paths write the same row. Rows without
+/// idempotency keys go through COPY in binary, rows with them through an
+/// INSERT of arrays; every column of both must read back alike, for values
+/// that text formats quote or escape and times before PostgreSQL's epoch.
+#[tokio::test]
+async fn postgres_copy_and_insert_write_the_same_columns() {
+    use omnibox::{DomainService, EventStore, NewOutboxEvent};
+    let Some(db) = common::postgres().await else {
+        return;
+    };
+    let omnibox::store::AnyStore::Postgres(pg) = &db.store else {
+        unreachable!()
+    };
+    let svc = DomainService::default();
+    // Fields refuse control characters; the payload takes them.
+    let awkward = "quote \" comma , backslash \\ é ☃ 😀 \\N";
+    let controls = "tab \t newline \n carriage return \r \\. end";
+    let at = |s: &str| {
+        chrono::DateTime::parse_from_rfc3339(s)
+            .unwrap()
+            .with_timezone(&chrono::Utc)
+    };
+    let mk = |idempotency: Option<&str>, full: bool| {
+        let mut n = NewOutboxEvent::new(
+            "order",
+            uuid::Uuid::now_v7(),
+            awkward,
+            "orders,\"x\"",
+            awkward,
+            serde_json::json!({"text": awkward, "controls": controls, "n": 1.5, "nested": {"a": [1, null, true]}}),
+        );
+        n.idempotency_key = idempotency.map(str::to_string);
+        if full {
+            n.headers = Some(
+                [("h,1".to_string(), awkward.to_string())]
+                    .into_iter()
+                    .collect(),
+            );
+            n.trace_id = Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".into());
+            n.correlation_id = Some(awkward.chars().take(60).collect());
+            n.causation_id = Some("cause".into());
+            n.schema_version = Some("v2".into());
+            n.max_attempts = Some(9);
+            n.scheduled_at = Some(at("1999-12-31T23:59:59.999999Z"));
+            n.created_at = Some(at("1999-12-31T23:59:30.000007Z"));
+        }
+        svc.create_outbox_event(n).unwrap()
+    };
+    let pairs = [
+        (mk(None, true), mk(Some("ik-full"), true)),
+        (mk(None, false), mk(Some("ik-bare"), false)),
+    ];
+    let mut tx = pg.pool().begin().await.unwrap();
+    for (copied, inserted) in &pairs {
+        omnibox::store::postgres::insert_outbox(&mut tx, std::slice::from_ref(copied))
+            .await
+            .unwrap();
+        omnibox::store::postgres::insert_outbox(&mut tx, std::slice::from_ref(inserted))
+            .await
+            .unwrap();
+    }
+    tx.commit().await.unwrap();
+    for (copied, inserted) in &pairs {
+        // Every column as JSON, but for those that differ by design.
+        let row = |id: uuid::Uuid| {
+            let pool = pg.pool().clone();
+            async move {
+                let v: serde_json::Value = sqlx::query_scalar(
+                    "SELECT to_jsonb(o) - 'id' - 'seq' - 'idempotency_key' - 'aggregate_id'
+                     FROM outbox_events o WHERE id = $1",
+                )
+                .bind(id)
+                .fetch_one(&pool)
+                .await
+                .unwrap();
+                v
+            }
+        };
+        let (a, b) = (row(copied.id()).await, row(inserted.id()).await);
+        assert_eq!(a, b, "COPY wrote {a:#}\nINSERT wrote {b:#}");
+        assert_eq!(a["event_type"], serde_json::json!(awkward));
+        assert_eq!(a["payload"]["text"], serde_json::json!(awkward));
+        assert_eq!(a["payload"]["controls"], serde_json::json!(controls));
+        assert_eq!(a["status"], serde_json::json!("pending"));
+        assert!(a["payload_bytes"].as_i64().unwrap() > 0, "{a:#}");
+    }
+    let full = &pairs[0].0;
+    let read = db.store.outbox().get(full.id()).await.unwrap().unwrap();
+    assert_eq!(read.scheduled_at(), at("1999-12-31T23:59:59.999999Z"));
+    assert_eq!(read.created_at(), at("1999-12-31T23:59:30.000007Z"));
+    assert_eq!(read.max_attempts(), 9);
+    assert_eq!(read.headers(), full.headers());
+}
+
 /// PostgreSQL only: timestamps are absolute instants whatever the session's
 /// TimeZone (the reference's `timezone('UTC', now())` defaults shift by the
 /// session's offset).

@@ -530,7 +530,7 @@ pub(super) const COPY_OUTBOX: &str = "COPY outbox_events (
         id, event_type, payload, headers, trace_id, idempotency_key, correlation_id, causation_id,
         schema_version, status, attempts_made, max_attempts, last_error, scheduled_at, completed_at,
         created_at, updated_at, aggregate_type, aggregate_id, topic, partition_key, payload_bytes)
-    FROM STDIN (FORMAT csv)";
+    FROM STDIN (FORMAT binary)";
 
 pub(super) const BLOCKED_KEYS: &str = "SELECT h.topic, h.partition_key, h.id, h.attempts_made, h.last_error, h.scheduled_at,
         (SELECT count(*) FROM outbox_events w
