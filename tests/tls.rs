@@ -2,8 +2,9 @@
 //! certificate authority made here, requiring TLS on every TCP connection.
 //! `sslmode=verify-full` with the CA works, a wrong CA and a plain
 //! connection are refused with exit 2, and a client certificate logs in.
-//! Statements over TLS never wait for a delayed ACK (TCP_NODELAY), and no
-//! command leaves a `Connection reset by peer` in the server's log.
+//! Statements over TLS never wait for a delayed ACK (TCP_NODELAY), no
+//! command leaves a `Connection reset by peer` in the server's log, and the
+//! binary's TLS library does not gather CPU jitter entropy at start.
 
 mod common;
 
@@ -352,4 +353,29 @@ fn commands_leave_no_reset_connections_in_the_server_log() {
     }
     let published = std::fs::read_to_string(&published).unwrap();
     assert_eq!(published.lines().count(), 50, "every event was published");
+}
+
+/// aws-lc (rustls' cryptography) gathers CPU jitter entropy the first time
+/// a process needs randomness unless it is built without it
+/// (`.cargo/config.toml`): 20-30 ms of CPU at the start of every command
+/// that opens a TLS connection. Its collector's code must not be in the
+/// binary, so that a dependency update or a lost setting cannot bring the
+/// cost back unnoticed.
+#[test]
+fn the_binary_carries_no_cpu_jitter_entropy_collector() {
+    let binary = std::fs::read(env!("CARGO_BIN_EXE_omnibox")).unwrap();
+    assert!(
+        binary.len() > 1_000_000,
+        "the binary is {} bytes: not the omnibox binary",
+        binary.len()
+    );
+    // A symbol of aws-lc's CPU jitter entropy source (present in a build
+    // without AWS_LC_SYS_NO_JITTER_ENTROPY=1, symbol table and all).
+    let needle = b"jent_entropy_collector_alloc";
+    let found = binary.windows(needle.len()).any(|w| w == needle);
+    assert!(
+        !found,
+        "the omnibox binary links aws-lc's CPU jitter entropy source: build it with \
+         AWS_LC_SYS_NO_JITTER_ENTROPY=1 (.cargo/config.toml)"
+    );
 }
