@@ -184,3 +184,61 @@ async fn a_held_claim_that_goes_idle_past_its_lease_is_ended_by_the_server() {
     let ids: Vec<Uuid> = claim.events.iter().map(|e| e.id()).collect();
     assert!(outbox.complete(&claim.token, &ids).await.is_err());
 }
+
+/// A dead failure written outside its fence (an operator unlocked the row
+/// in flight) skips rows another transaction locks, so as never to wait on
+/// a held claim. When the lock is the unlock's own statement, still
+/// running as the failure is written, the failure must not be lost: else
+/// the row would be sent again after the later rows of its key that the
+/// broker acknowledged (the randomized model test found this).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_failure_meeting_an_unlock_in_progress_is_still_written() {
+    let Some(db) = common::postgres().await else {
+        return;
+    };
+    let outbox = db.store.outbox();
+    let (head, next) = (event("k", 0), event("k", 1));
+    outbox
+        .create_many(&[head.clone(), next.clone()])
+        .await
+        .unwrap();
+    let claim = outbox
+        .claim(&ClaimOptions::new(worker("relay"), 10))
+        .await
+        .unwrap();
+    assert_eq!(claim.events.len(), 2);
+    // The operator's unlock of `head`, its transaction still open.
+    let pool = pg(&db.store).pool().clone();
+    let mut unlock = pool.begin().await.unwrap();
+    sqlx::query(
+        "UPDATE outbox_events SET locked_at = NULL, locked_by = NULL, locked_until = NULL,
+                last_error = 'unlocked by hand' WHERE id = $1",
+    )
+    .bind(head.id())
+    .execute(&mut *unlock)
+    .await
+    .unwrap();
+    let writer = {
+        let outbox = outbox.clone();
+        let token = claim.token.clone();
+        let id = head.id();
+        tokio::spawn(async move {
+            outbox
+                .fail(&token, &[Failure::dead(id, "rejected, and a later row acknowledged")])
+                .await
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    unlock.commit().await.unwrap();
+    let report = writer.await.unwrap().unwrap();
+    let row = outbox.get(head.id()).await.unwrap().unwrap();
+    assert_eq!(
+        row.status().as_str(),
+        "failed",
+        "the dead failure was lost ({report:?}): {row:?}"
+    );
+    assert_eq!(
+        row.last_error(),
+        Some("rejected, and a later row acknowledged")
+    );
+}

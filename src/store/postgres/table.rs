@@ -110,38 +110,27 @@ impl<R: PgRoute> TableBackend for PgTable<R> {
         failures: &[Failure],
     ) -> Result<Vec<(Uuid, String)>> {
         self.lease_held(token).await?;
-        let ids: Vec<Uuid> = failures.iter().map(|f| f.id).collect();
-        let errors: Vec<String> = failures.iter().map(|f| stored_error(&f.error)).collect();
-        let counted: Vec<bool> = failures.iter().map(|f| f.counted).collect();
-        let retry_at: Vec<Option<Timestamp>> = failures
-            .iter()
-            .map(|f| match f.retry {
-                RetryAt::At(t) => Some(time::truncate(t)),
-                RetryAt::After(_) => None,
-            })
-            .collect();
-        let delay: Vec<Option<f64>> = failures
-            .iter()
-            .map(|f| match f.retry {
-                RetryAt::After(d) => Some(crate::store::secs(d)),
-                RetryAt::At(_) => None,
-            })
-            .collect();
-        let (from, to) = created_bounds(token.created_between);
-        sqlx::query_as(R::sql().fail)
-            .bind(&ids)
-            .bind(errors)
-            .bind(counted)
-            .bind(retry_at)
-            .bind(delay)
-            .bind(token.worker.as_str())
-            .bind(token.locked_at)
-            .bind(failures.iter().map(|f| f.dead).collect::<Vec<bool>>())
-            .bind(from)
-            .bind(to)
-            .fetch_all(&self.pool)
-            .await
-            .map_err(storage)
+        let mut written = self.write_failures(token, failures).await?;
+        // A dead failure outside its fence (an operator unlocked the row in
+        // flight) skips a row another transaction locks, so as never to wait
+        // on a held claim. A lock held for a moment (the unlock's own
+        // statement still running, a claim's lock step) would then lose the
+        // failure, and the row would be sent again after the later rows of
+        // its key that were acknowledged: try those again, briefly. The
+        // batch's other rows stay leased meanwhile, so nobody claims the key.
+        for wait_ms in [5, 20, 80] {
+            let missing: Vec<Failure> = failures
+                .iter()
+                .filter(|f| f.dead && !written.iter().any(|(id, _)| *id == f.id))
+                .cloned()
+                .collect();
+            if missing.is_empty() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(wait_ms)).await;
+            written.extend(self.write_failures(token, &missing).await?);
+        }
+        Ok(written)
     }
 
     async fn unlock_row(&self, id: Uuid, reason: &UnlockReason) -> Result<Option<Event<R>>> {
@@ -251,6 +240,47 @@ async fn lock_ready(
 }
 
 impl<R: PgRoute> PgTable<R> {
+    /// Runs the failure statement for `failures` of `token`'s claim;
+    /// returns the rows written, with their new status.
+    async fn write_failures(
+        &self,
+        token: &ClaimToken,
+        failures: &[Failure],
+    ) -> Result<Vec<(Uuid, String)>> {
+        let ids: Vec<Uuid> = failures.iter().map(|f| f.id).collect();
+        let errors: Vec<String> = failures.iter().map(|f| stored_error(&f.error)).collect();
+        let counted: Vec<bool> = failures.iter().map(|f| f.counted).collect();
+        let retry_at: Vec<Option<Timestamp>> = failures
+            .iter()
+            .map(|f| match f.retry {
+                RetryAt::At(t) => Some(time::truncate(t)),
+                RetryAt::After(_) => None,
+            })
+            .collect();
+        let delay: Vec<Option<f64>> = failures
+            .iter()
+            .map(|f| match f.retry {
+                RetryAt::After(d) => Some(crate::store::secs(d)),
+                RetryAt::At(_) => None,
+            })
+            .collect();
+        let (from, to) = created_bounds(token.created_between);
+        sqlx::query_as(R::sql().fail)
+            .bind(&ids)
+            .bind(errors)
+            .bind(counted)
+            .bind(retry_at)
+            .bind(delay)
+            .bind(token.worker.as_str())
+            .bind(token.locked_at)
+            .bind(failures.iter().map(|f| f.dead).collect::<Vec<bool>>())
+            .bind(from)
+            .bind(to)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(storage)
+    }
+
     /// The outbox claim (see `store/claim.rs`): discover open keys and walk
     /// them, plan the runs, lock what can be locked, mark it claimed; one
     /// transaction. Every statement is planned for its own parameters
