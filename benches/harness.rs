@@ -921,7 +921,7 @@ fn publish(args: &Args, conn: &Conn) {
             "seconds": secs,
             "events_per_s": rate,
             "params": {"batch_size": args.batch, "workers": args.relays, "keys": keys, "sink": args.sink,
-                       "backlog": backlog, "hot": args.hot, "mode": args.mode, "analyze": args.analyze,
+                       "hold": args.hold, "backlog": backlog, "hot": args.hot, "mode": args.mode, "analyze": args.analyze,
                        "round": round, "drain_latency_p50_ms": p50, "drain_latency_p99_ms": p99,
                        "small_keys_done_s": small_done, "hot_key_done_s": hot_done},
             "verified": verified,

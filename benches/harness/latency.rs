@@ -62,7 +62,11 @@ pub fn latency(args: &Args, conn: &Conn) {
         "bench/run.sh latency --rate {rate} --seconds {seconds} --batch {} --conn {}{}",
         args.batch,
         args.conn,
-        if wal { " --relay-source wal" } else { "" }
+        if wal {
+            " --relay-source wal".to_string()
+        } else {
+            format!(" --hold {}", args.hold)
+        }
     );
     let mut results = std::fs::OpenOptions::new()
         .create(true)
@@ -108,7 +112,7 @@ pub fn latency(args: &Args, conn: &Conn) {
                     &schema,
                 ]
             } else {
-                Vec::new()
+                vec!["--hold", args.hold.as_str()]
             })
             .env("OMNIBOX_DATABASE_URL", relay_url)
             .env("OMNIBOX_DATABASE_SCHEMA", &schema)
