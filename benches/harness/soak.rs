@@ -123,8 +123,8 @@ pub fn soak(args: &Args, conn: &Conn) {
     let seconds = args.seconds.max(1);
     let every = args.every.clamp(1, seconds);
     let command = format!(
-        "bench/run.sh soak --rate {rate} --seconds {seconds} --every {every} --conn {}",
-        args.conn
+        "bench/run.sh soak --rate {rate} --seconds {seconds} --every {every} --conn {} --hold {}",
+        args.conn, args.hold
     );
     let schema = format!("bench_{}", uuid::Uuid::new_v4().simple());
     let dir = tempfile::tempdir().unwrap();
@@ -159,7 +159,7 @@ pub fn soak(args: &Args, conn: &Conn) {
     // without it they would stay pending and the inbox would only grow.
     let webhook = format!("http://{}/handled", ok_endpoint());
     let children = Killed(vec![
-        spawn(&["publish", "--broker", &broker]),
+        spawn(&["publish", "--broker", &broker, "--hold", &args.hold]),
         spawn(&["inbox", "consume", "--from", &broker, "--follow"]),
         spawn(&[
             "inbox",

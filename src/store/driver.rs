@@ -18,6 +18,7 @@ use super::audit::{AuditEntry, AuditFilter, AuditedChange};
 use super::dead_letters::{DeadLetterFilter, DeadLetterRecord, NewLetter};
 use super::diagnostics::{ClaimPlan, ReplicationSlot, Statistics, TableHealth};
 use super::dialect::{self, Dialect};
+use super::table::Pooled;
 use crate::error::Result;
 use crate::model::{InboxEvent, OutboxEvent, Table};
 
@@ -31,14 +32,11 @@ pub(crate) enum Retention {
 }
 
 /// A backend's statements for the features, on its pool.
-pub(crate) trait Driver: Sync {
+pub(crate) trait Driver: Pooled + Sync {
     /// A write transaction of this backend.
     type Tx: FeatureTx;
     /// The backend's dialect.
-    type D: Dialect;
-
-    /// The pool.
-    fn pool(&self) -> &sqlx::Pool<<Self::D as Dialect>::Db>;
+    type D: Dialect<Db = <Self as Pooled>::Db>;
 
     /// Opens a write transaction (SQLite takes the write lock at once, so
     /// what the transaction reads is what it changes).

@@ -197,20 +197,47 @@ pub(crate) async fn by_message_id<T: TableBackend<R = InboxRoute>>(
 /// The sqlx database of `T`'s dialect.
 pub(crate) type Db<T> = <<T as TableBackend>::D as Dialect>::Db;
 
+/// A route's table on dialect `D`: its statements and how a row reads
+/// (each backend implements it for the routes of its sealed route trait).
+pub(crate) trait TableOf<D: Dialect>: Route {
+    /// The table's statements.
+    fn sql() -> &'static TableSql;
+    /// Reads one whole row.
+    fn decode(row: &RowOf<D>) -> Result<Event<Self>>;
+}
+
+/// A handle on a pool (every [`StoreTable`]).
+pub(crate) trait Pooled {
+    /// Its sqlx database.
+    type Db: sqlx::Database;
+    /// The pool.
+    fn pool(&self) -> &sqlx::Pool<Self::Db>;
+}
+
+impl<DB: sqlx::Database, R> Pooled for StoreTable<DB, R> {
+    type Db = DB;
+
+    fn pool(&self) -> &sqlx::Pool<DB> {
+        &self.pool
+    }
+}
+
 /// A backend's table handle: each method runs one statement of the table
 /// (or, for the claim and the counts, the backend's whole procedure) and
 /// returns what it read, for the store traits written once below.
-pub(crate) trait TableBackend: Clone + Send + Sync + 'static {
+pub(crate) trait TableBackend: Pooled + Clone + Send + Sync + 'static {
     /// The table's route (which table).
-    type R: Route;
+    type R: TableOf<Self::D>;
     /// The backend's dialect.
-    type D: Dialect;
+    type D: Dialect<Db = <Self as Pooled>::Db>;
     /// The table's statements.
-    fn sql() -> &'static TableSql;
-    /// The pool.
-    fn pool(&self) -> &sqlx::Pool<Db<Self>>;
+    fn sql() -> &'static TableSql {
+        <Self::R as TableOf<Self::D>>::sql()
+    }
     /// Reads one whole row.
-    fn decode(row: &RowOf<Self::D>) -> Result<Event<Self::R>>;
+    fn decode(row: &RowOf<Self::D>) -> Result<Event<Self::R>> {
+        <Self::R as TableOf<Self::D>>::decode(row)
+    }
     /// Runs a `SELECT` of whole rows built on the table's statements.
     fn select(
         &self,

@@ -249,10 +249,6 @@ impl Driver for PgStore {
             })
             .collect()
     }
-
-    fn pool(&self) -> &sqlx::PgPool {
-        &self.pool
-    }
 }
 
 impl FeatureTx for PgFeatureTx {

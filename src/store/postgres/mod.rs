@@ -82,6 +82,15 @@ pub struct PgStore {
     held: std::sync::Arc<crate::store::held::HeldClaims<sqlx::Postgres>>,
 }
 
+/// The features' statements (`driver.rs`) run on the store's pool.
+impl crate::store::table::Pooled for PgStore {
+    type Db = sqlx::Postgres;
+
+    fn pool(&self) -> &sqlx::PgPool {
+        &self.pool
+    }
+}
+
 /// The advisory lock `migrate` holds for its whole run ("omnibox" in
 /// ASCII; sqlx's migrator takes a lock of its own inside it).
 const MIGRATE_LOCK: i64 = 0x006f_6d6e_6962_6f78;
@@ -444,6 +453,15 @@ impl PgRoute for InboxRoute {
             consumer_group: row.try_get("consumer_group")?,
             source: row.try_get("source")?,
         })
+    }
+}
+
+impl<R: PgRoute> crate::store::table::TableOf<crate::store::dialect::Pg> for R {
+    fn sql() -> &'static sql::TableSql {
+        <R as PgRoute>::sql()
+    }
+    fn decode(row: &PgRow) -> Result<Event<R>> {
+        decode(row)
     }
 }
 

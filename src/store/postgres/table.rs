@@ -11,11 +11,9 @@ use crate::error::{Result, storage};
 use crate::model::{Event, Timestamp, UnlockReason, time};
 use crate::store::claim::{self, Scanned, WalkRow};
 use crate::store::dialect::Pg;
-use crate::store::table::{TableBackend, TableSql, decode_all, exact_counts};
-use crate::store::{
-    Claim, ClaimOptions, ClaimToken, FailedErrors, Failure, FetchFilters, RetryAt, TableCounts,
-    stored_error,
-};
+use crate::store::table::{TableBackend, decode_all, exact_counts};
+use crate::store::{Claim, ClaimOptions, ClaimToken, FailedErrors, Failure, FetchFilters};
+use crate::store::{RetryAt, TableCounts, stored_error};
 
 impl<R: PgRoute> TableBackend for PgTable<R> {
     type R = R;
@@ -176,18 +174,6 @@ impl<R: PgRoute> TableBackend for PgTable<R> {
 
     async fn failed_groups(&self) -> Result<Vec<FailedErrors>> {
         super::maintenance::failed_errors(self).await
-    }
-
-    fn sql() -> &'static TableSql {
-        R::sql()
-    }
-
-    fn pool(&self) -> &sqlx::Pool<Postgres> {
-        &self.pool
-    }
-
-    fn decode(row: &sqlx::postgres::PgRow) -> Result<Event<R>> {
-        decode(row)
     }
 }
 

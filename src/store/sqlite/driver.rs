@@ -166,10 +166,6 @@ impl Driver for SqliteStore {
         .await
         .map_err(storage)
     }
-
-    fn pool(&self) -> &sqlx::SqlitePool {
-        &self.pool
-    }
 }
 
 impl FeatureTx for SqliteFeatureTx {

@@ -45,40 +45,99 @@ fn bind_common<'q, R: Route>(
         .bind(ts(&e.created_at)))
 }
 
-/// Inserts outbox events on `conn` (a connection or an open transaction) in
-/// order, respecting idempotency keys. Nothing is committed here.
-pub async fn insert_outbox(
-    conn: &mut SqliteConnection,
-    events: &[OutboxEvent],
-) -> Result<Vec<BulkOutcome>> {
-    let mut out = Vec::with_capacity(events.len());
-    for e in events {
-        let q = bind_common(sqlx::query(sql::INSERT_OUTBOX), e)?
-            .bind(e.route.aggregate_type.clone())
-            .bind(e.route.aggregate_id.to_string())
-            .bind(e.route.topic.clone())
-            .bind(e.route.partition_key.clone());
-        let inserted = q.fetch_optional(&mut *conn).await.map_err(storage)?;
-        if inserted.is_some() {
-            out.push(BulkOutcome {
-                id: e.id,
-                existing: false,
-            });
-            continue;
-        }
+type Query<'q> = sqlx::query::Query<'q, Sqlite, sqlx::sqlite::SqliteArguments>;
+
+/// What differs between the two tables' inserts: the statement, the
+/// route's columns, and how the row that an insert met is found.
+trait Insert: Route + Sized {
+    /// `INSERT ... ON CONFLICT DO NOTHING RETURNING id`.
+    const INSERT: &'static str;
+    /// Binds the route's columns, after the common ones.
+    fn bind_route<'q>(&self, q: Query<'q>) -> Query<'q>;
+    /// The id of the row whose key (the idempotency key, or the message id
+    /// in the consumer group) made `e`'s insert a no-op.
+    fn existing(
+        conn: &mut SqliteConnection,
+        e: &Event<Self>,
+    ) -> impl std::future::Future<Output = Result<Uuid>> + Send;
+}
+
+impl Insert for OutboxRoute {
+    const INSERT: &'static str = sql::INSERT_OUTBOX;
+
+    fn bind_route<'q>(&self, q: Query<'q>) -> Query<'q> {
+        q.bind(self.aggregate_type.clone())
+            .bind(self.aggregate_id.to_string())
+            .bind(self.topic.clone())
+            .bind(self.partition_key.clone())
+    }
+
+    async fn existing(conn: &mut SqliteConnection, e: &OutboxEvent) -> Result<Uuid> {
         let key = e.idempotency_key.clone().unwrap_or_default();
         let existing: String = sqlx::query_scalar(sql::OUTBOX_BY_IDEMPOTENCY_KEY)
             .bind(key)
             .fetch_one(&mut *conn)
             .await
             .map_err(storage)?;
-        let id = Uuid::parse_str(&existing).map_err(|err| Error::CorruptRow {
+        Uuid::parse_str(&existing).map_err(|err| Error::CorruptRow {
             id: existing.clone(),
             message: err.to_string(),
-        })?;
-        out.push(BulkOutcome { id, existing: true });
+        })
+    }
+}
+
+impl Insert for InboxRoute {
+    const INSERT: &'static str = sql::INSERT_INBOX;
+
+    async fn existing(conn: &mut SqliteConnection, e: &InboxEvent) -> Result<Uuid> {
+        let row = sqlx::query(sql::INBOX_BY_MESSAGE)
+            .bind(e.route.message_id.clone())
+            .bind(e.route.consumer_group.clone())
+            .fetch_one(&mut *conn)
+            .await
+            .map_err(storage)?;
+        let existing: InboxEvent = decode(&row)?;
+        Ok(existing.id)
+    }
+
+    fn bind_route<'q>(&self, q: Query<'q>) -> Query<'q> {
+        q.bind(self.message_id.clone())
+            .bind(self.consumer_group.clone())
+            .bind(self.source.clone())
+    }
+}
+
+/// Inserts `events` on `conn` in order, each unless its key exists (then
+/// its outcome names the row that does). Nothing is committed here.
+async fn insert_rows<R: Insert + Sync>(
+    conn: &mut SqliteConnection,
+    events: &[Event<R>],
+) -> Result<Vec<BulkOutcome>> {
+    let mut out = Vec::with_capacity(events.len());
+    for e in events {
+        let q = e.route.bind_route(bind_common(sqlx::query(R::INSERT), e)?);
+        let inserted = q.fetch_optional(&mut *conn).await.map_err(storage)?;
+        out.push(match inserted {
+            Some(_) => BulkOutcome {
+                id: e.id,
+                existing: false,
+            },
+            None => BulkOutcome {
+                id: R::existing(conn, e).await?,
+                existing: true,
+            },
+        });
     }
     Ok(out)
+}
+
+/// Inserts outbox events on `conn` (a connection or an open transaction) in
+/// order, respecting idempotency keys. Nothing is committed here.
+pub async fn insert_outbox(
+    conn: &mut SqliteConnection,
+    events: &[OutboxEvent],
+) -> Result<Vec<BulkOutcome>> {
+    insert_rows(conn, events).await
 }
 
 /// Inserts inbox events on `conn` in order; an existing
@@ -87,33 +146,7 @@ pub async fn insert_inbox(
     conn: &mut SqliteConnection,
     events: &[InboxEvent],
 ) -> Result<Vec<BulkOutcome>> {
-    let mut out = Vec::with_capacity(events.len());
-    for e in events {
-        let q = bind_common(sqlx::query(sql::INSERT_INBOX), e)?
-            .bind(e.route.message_id.clone())
-            .bind(e.route.consumer_group.clone())
-            .bind(e.route.source.clone());
-        let inserted = q.fetch_optional(&mut *conn).await.map_err(storage)?;
-        if inserted.is_some() {
-            out.push(BulkOutcome {
-                id: e.id,
-                existing: false,
-            });
-            continue;
-        }
-        let row = sqlx::query(sql::INBOX_BY_MESSAGE)
-            .bind(e.route.message_id.clone())
-            .bind(e.route.consumer_group.clone())
-            .fetch_one(&mut *conn)
-            .await
-            .map_err(storage)?;
-        let existing: InboxEvent = decode(&row)?;
-        out.push(BulkOutcome {
-            id: existing.id,
-            existing: true,
-        });
-    }
-    Ok(out)
+    insert_rows(conn, events).await
 }
 
 impl OutboxStore for SqliteTable<OutboxRoute> {

@@ -42,6 +42,15 @@ pub struct SqliteStore {
     held: std::sync::Arc<crate::store::held::HeldClaims<sqlx::Sqlite>>,
 }
 
+/// The features' statements (`driver.rs`) run on the store's pool.
+impl crate::store::table::Pooled for SqliteStore {
+    type Db = sqlx::Sqlite;
+
+    fn pool(&self) -> &sqlx::SqlitePool {
+        &self.pool
+    }
+}
+
 impl SqliteStore {
     /// Opens (creating it if missing) the database at `url`
     /// (`sqlite://PATH`, `sqlite:PATH`).
@@ -264,6 +273,15 @@ fn json_col<T: serde::de::DeserializeOwned>(
     let s: Option<String> = get(row, col)?;
     s.map(|s| serde_json::from_str(&s).map_err(|e| format!("column {col}: {e}")))
         .transpose()
+}
+
+impl<R: SqliteRoute> crate::store::table::TableOf<crate::store::dialect::Lite> for R {
+    fn sql() -> &'static sql::TableSql {
+        <R as SqliteRoute>::sql()
+    }
+    fn decode(row: &SqliteRow) -> Result<Event<R>> {
+        decode(row)
+    }
 }
 
 /// An event row of `R`'s table; a row that cannot be read is a corrupt-row

@@ -13,11 +13,9 @@ use crate::error::{Error, Result, storage};
 use crate::model::{Event, UnlockReason, time};
 use crate::store::claim::{self, Scanned, WalkRow};
 use crate::store::dialect::Lite;
-use crate::store::table::{TableBackend, TableSql, decode_all, exact_counts};
-use crate::store::{
-    Claim, ClaimOptions, ClaimToken, FailedErrors, Failure, FetchFilters, RetryAt, TableCounts,
-    stored_error,
-};
+use crate::store::table::{TableBackend, decode_all, exact_counts};
+use crate::store::{Claim, ClaimOptions, ClaimToken, FailedErrors, Failure, FetchFilters};
+use crate::store::{RetryAt, TableCounts, stored_error};
 
 impl<R: SqliteRoute> TableBackend for SqliteTable<R> {
     type R = R;
@@ -198,18 +196,6 @@ impl<R: SqliteRoute> TableBackend for SqliteTable<R> {
 
     async fn failed_groups(&self) -> Result<Vec<FailedErrors>> {
         super::maintenance::failed_errors(self).await
-    }
-
-    fn sql() -> &'static TableSql {
-        R::sql()
-    }
-
-    fn pool(&self) -> &sqlx::Pool<Sqlite> {
-        &self.pool
-    }
-
-    fn decode(row: &sqlx::sqlite::SqliteRow) -> Result<Event<R>> {
-        decode(row)
     }
 }
 
