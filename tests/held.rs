@@ -224,7 +224,10 @@ async fn a_dead_failure_meeting_an_unlock_in_progress_is_still_written() {
         let id = head.id();
         tokio::spawn(async move {
             outbox
-                .fail(&token, &[Failure::dead(id, "rejected, and a later row acknowledged")])
+                .fail(
+                    &token,
+                    &[Failure::dead(id, "rejected, and a later row acknowledged")],
+                )
                 .await
         })
     };
