@@ -135,7 +135,7 @@ set edit:completion:arg-completer[omnibox] = {|@words|
             cand --dlq 'Also keep events that end up failed as dead letters here (replay them with `omnibox replay --table dead-letters`)'
             cand --limit 'Stop after claiming this many events (whole batches), e.g. to drain a backlog in chunks'
             cand --topic-unavailable-limit 'How long a topic may stay unavailable (unknown, no leader) before its events spend attempts'
-            cand --hold 'How a claim holds its rows while they are published: lease (written on each row: status shows them locked, another relay takes them over when the lease runs out) or transaction (PostgreSQL: row locks in the claim''s open transaction, and each row written once, when done: about 1.5 times the rows/s; a relay that dies frees its rows at once, one that stops answering after the lease)'
+            cand --hold 'How a claim holds its rows while they are published: transaction (PostgreSQL: row locks in the claim''s open transaction, each row written once, when done; status shows rows in flight as pending; a relay that dies frees its rows at once, one that stops answering after the lease) or lease (written on each row: status shows them locked, another relay takes them over when the lease runs out; about two thirds of the rows/s) [default: transaction for the polling relay on PostgreSQL, else lease]'
             cand --source 'How new rows are found: poll (claim them from the table) or wal (PostgreSQL''s write-ahead log, through a replication slot)'
             cand --slot '--source wal: the logical replication slot to read (created when missing)'
             cand --publication '--source wal: the publication of the outbox''s inserts (created when missing)'

@@ -55,7 +55,7 @@ use super::{Context, ExitStatus, args, env, running};
 ///   omnibox publish --broker kafka://127.0.0.1:9092 --topic reports   # a relay for one slow topic
 ///   omnibox publish --batch 1000 --batch-bytes 8MiB   # large events: claims stop at 8 MiB
 ///   omnibox publish --source wal --broker kafka://127.0.0.1:9092 --batch 1000
-///   omnibox publish --hold transaction --batch 1000   # PostgreSQL: one write per row
+///   omnibox publish --hold lease                      # a lease on each row in flight (status shows them locked)
 #[derive(Debug, Args)]
 #[command(verbatim_doc_comment)]
 pub struct PublishArgs {
@@ -108,9 +108,9 @@ pub struct PublishArgs {
     /// How long a topic may stay unavailable (unknown, no leader) before its events spend attempts
     #[arg(long, allow_hyphen_values = true, default_value = "5m", value_parser = args::duration, value_name = "DURATION")]
     topic_unavailable_limit: Duration,
-    /// How a claim holds its rows while they are published: lease (written on each row: status shows them locked, another relay takes them over when the lease runs out) or transaction (PostgreSQL: row locks in the claim's open transaction, and each row written once, when done: about 1.5 times the rows/s; a relay that dies frees its rows at once, one that stops answering after the lease)
-    #[arg(long, value_enum, default_value = "lease", value_name = "HOW")]
-    hold: HoldArg,
+    /// How a claim holds its rows while they are published: transaction (PostgreSQL: row locks in the claim's open transaction, each row written once, when done; status shows rows in flight as pending; a relay that dies frees its rows at once, one that stops answering after the lease) or lease (written on each row: status shows them locked, another relay takes them over when the lease runs out; about two thirds of the rows/s) [default: transaction for the polling relay on PostgreSQL, else lease]
+    #[arg(long, value_enum, value_name = "HOW")]
+    hold: Option<HoldArg>,
     /// How new rows are found: poll (claim them from the table) or wal (PostgreSQL's write-ahead log, through a replication slot)
     #[arg(long, value_enum, default_value = "poll", value_name = "SOURCE")]
     source: SourceArg,
@@ -197,7 +197,7 @@ pub async fn run_publish(args: PublishArgs, ctx: &Context) -> Result<ExitStatus>
         let url = ctx.settings.database_url.as_str();
         url.starts_with("postgres://") || url.starts_with("postgresql://")
     };
-    if args.hold == HoldArg::Transaction {
+    if args.hold == Some(HoldArg::Transaction) {
         if !postgres {
             return Err(super::UsageError(
                 "--hold transaction holds rows with PostgreSQL's row locks; this database is SQLite: omit --hold (the lease)".into(),
@@ -234,7 +234,11 @@ pub async fn run_publish(args: PublishArgs, ctx: &Context) -> Result<ExitStatus>
     let mut options =
         running::processor_options(ctx, worker.clone(), args.batch, args.batch_bytes, lease);
     options.filters.topics = args.topics.clone();
-    options.hold_claims = args.hold == HoldArg::Transaction;
+    // Held claims unless asked otherwise, where they exist.
+    options.hold_claims = match args.hold {
+        Some(hold) => hold == HoldArg::Transaction,
+        None => postgres && !wal,
+    };
     let metrics = running::metrics("outbox");
     let publish = relay::PublishOptions {
         timeout: args.publish_timeout,
