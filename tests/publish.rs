@@ -289,7 +289,9 @@ async fn sigterm_flow(hold: &str) {
     let dir = tempfile::tempdir().unwrap();
     let child = omnibox(
         dir.path(),
-        &["publish", "--broker", &broker, "--batch", "200", "--hold", hold],
+        &[
+            "publish", "--broker", &broker, "--batch", "200", "--hold", hold,
+        ],
         &pg.env(),
     )
     .spawn()
