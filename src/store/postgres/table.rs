@@ -117,9 +117,10 @@ impl<R: PgRoute> TableBackend for PgTable<R> {
         // its key that were acknowledged: try those again, briefly. The
         // batch's other rows stay leased meanwhile, so nobody claims the key.
         for wait_ms in [5, 20, 80] {
+            let done: std::collections::HashSet<Uuid> = written.iter().map(|(id, _)| *id).collect();
             let missing: Vec<Failure> = failures
                 .iter()
-                .filter(|f| f.dead && !written.iter().any(|(id, _)| *id == f.id))
+                .filter(|f| f.dead && !done.contains(&f.id))
                 .cloned()
                 .collect();
             if missing.is_empty() {
