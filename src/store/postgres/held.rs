@@ -8,10 +8,10 @@
 use std::collections::HashSet;
 use std::time::Instant;
 
-use sqlx::{Postgres, Row, Transaction};
+use sqlx::{Postgres, Transaction};
 use uuid::Uuid;
 
-use super::table::created_bounds;
+use super::table::{Read, created_bounds};
 use super::{PgRoute, PgTable, decode};
 use crate::error::{Result, storage};
 use crate::model::Event;
@@ -20,8 +20,9 @@ use crate::store::table::decode_all;
 use crate::store::{ClaimOptions, ClaimToken};
 
 impl<R: PgRoute> PgTable<R> {
-    /// Reads the claimed rows `ids` and keeps `tx` open for them; returns
-    /// the events, and the claim to keep (`None`: `tx` is committed).
+    /// Keeps `tx` open for the claimed rows `ids`, as the claim's lock read
+    /// them (`read`, see `sql::OUTBOX_LOCK_READ`); returns the events, and
+    /// the claim to keep (`None`: `tx` is committed).
     ///
     /// Only rows without a lease are held. When a row still carries a lease
     /// that ran out, its former holder may yet write it under that lease,
@@ -33,26 +34,19 @@ impl<R: PgRoute> PgTable<R> {
         mut tx: Transaction<'static, Postgres>,
         opts: &ClaimOptions,
         ids: &[Uuid],
+        mut read: Read<R>,
         (from, to): (crate::model::Timestamp, crate::model::Timestamp),
     ) -> Result<(Vec<Event<R>>, Option<Held<Postgres>>)> {
-        let idle_ms = opts.lease.as_millis().clamp(1_000, i32::MAX as u128);
-        let rows = sqlx::query(super::sql::OUTBOX_HOLD)
-            .bind(ids)
-            .bind(opts.worker.as_str())
-            .bind(crate::store::secs(opts.lease))
-            .bind(from)
-            .bind(to)
-            .bind(idle_ms.to_string())
-            .fetch(&mut *tx);
-        let leased = std::sync::atomic::AtomicBool::new(false);
-        let events: Vec<Event<R>> = decode_all(rows, |row| {
-            if row.try_get::<bool, _>("leased").unwrap_or(true) {
-                leased.store(true, std::sync::atomic::Ordering::Relaxed);
-            }
-            decode(row)
-        })
-        .await?;
-        if leased.into_inner() {
+        let mut leased = false;
+        let events: Vec<Event<R>> = ids
+            .iter()
+            .filter_map(|id| read.remove(id))
+            .map(|(event, lease)| {
+                leased |= lease;
+                event
+            })
+            .collect();
+        if leased {
             let lease = (opts.worker.as_str(), opts.lease);
             let events = self::leased(&mut tx, ids, lease, (from, to)).await?;
             tx.commit().await.map_err(storage)?;

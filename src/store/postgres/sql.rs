@@ -408,23 +408,30 @@ pub const OUTBOX_MARK: &str = "UPDATE outbox_events
     WHERE id = ANY($1) AND status = 'pending' AND created_at >= $4 AND created_at <= $5
     RETURNING *";
 
-/// A held claim's rows ([`ClaimOptions::hold`](crate::store::ClaimOptions::hold)),
-/// read instead of `OUTBOX_MARK` writing a lease: as the mark would return
-/// them, with the lease the claim would have written ($1 ids, $2 worker,
-/// $3 lease seconds, $4..$5 the rows' `created_at` bounds). The claim's
-/// transaction stays open; the server ends it after $6 ms of idleness.
-/// `leased`: the row still carries a lease that ran out (another worker's,
-/// who may yet write it under that lease).
-pub const OUTBOX_HOLD: &str =
+/// Step 3a of a claim that may be held ([`ClaimOptions::hold`](crate::store::ClaimOptions::hold)):
+/// [`OUTBOX_LOCK`], returning each row whole, as [`OUTBOX_MARK`] would
+/// return it with the lease the claim would write, so that a held claim
+/// reads its rows once and writes nothing until they are done ($1 ids,
+/// $2..$3 the rows' `created_at` bounds, $4 worker, $5 lease seconds). The
+/// claim's transaction may stay open; the server ends it after $6 ms of
+/// idleness. `ready` as for `OUTBOX_LOCK`; `leased`: the row still carries
+/// a lease that ran out (another worker's, who may yet write it under that
+/// lease).
+pub const OUTBOX_LOCK_READ: &str = concat!(
     "WITH idle AS (SELECT set_config('idle_in_transaction_session_timeout', $6, true))
     SELECT e.id, e.seq, e.event_type, e.payload, e.headers, e.trace_id, e.idempotency_key,
            e.correlation_id, e.causation_id, e.schema_version, e.status, e.attempts_made,
            e.max_attempts, e.last_error, e.scheduled_at, e.completed_at, now() AS locked_at,
-           $2::varchar AS locked_by, now() + make_interval(secs => $3) AS locked_until,
+           $4::varchar AS locked_by, now() + make_interval(secs => $5) AS locked_until,
            now() AS updated_at, e.created_at, e.aggregate_type, e.aggregate_id, e.topic,
-           e.partition_key, e.payload_bytes, e.locked_at IS NOT NULL AS leased
+           e.partition_key, e.payload_bytes, e.locked_at IS NOT NULL AS leased,
+           e.status = 'pending' AND ",
+    ready!("e"),
+    " AS ready
       FROM outbox_events e, idle
-     WHERE e.id = ANY($1) AND e.status = 'pending' AND e.created_at >= $4 AND e.created_at <= $5";
+     WHERE e.id = ANY($1) AND e.created_at >= $2 AND e.created_at <= $3
+       FOR UPDATE OF e SKIP LOCKED"
+);
 
 /// Completes rows of a held claim in its transaction, committed durably
 /// ($1 ids, $2..$3 `created_at` bounds): each row is written once. A row

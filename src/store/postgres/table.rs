@@ -202,28 +202,59 @@ fn created_of(
     Some((*first, *last))
 }
 
+/// The rows a claim's lock read whole (`sql::OUTBOX_LOCK_READ`), by id:
+/// each ready row's event, and whether it still carries a lease.
+pub(super) type Read<R> = std::collections::HashMap<Uuid, (Event<R>, bool)>;
+
 /// Locks the rows of `ids` that no other transaction holds, and returns
-/// those still pending and ready.
-async fn lock_ready(
+/// those still pending and ready. With `read` (a claim that may be held),
+/// the ready rows are read whole into it as they are locked.
+async fn lock_ready<R: PgRoute>(
     tx: &mut sqlx::PgConnection,
     ids: &[Uuid],
     created: &std::collections::HashMap<Uuid, Timestamp>,
     taken: &mut usize,
+    read: Option<(&mut Read<R>, &ClaimOptions)>,
 ) -> Result<std::collections::HashSet<Uuid>> {
+    use futures_util::TryStreamExt;
     let (from, to) = created_bounds(created_of(created, ids));
-    let rows = sqlx::query_as::<_, (Uuid, bool)>(super::sql::OUTBOX_LOCK)
+    let Some((read, opts)) = read else {
+        let rows = sqlx::query_as::<_, (Uuid, bool)>(super::sql::OUTBOX_LOCK)
+            .bind(ids)
+            .bind(from)
+            .bind(to)
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(storage)?;
+        // Every row returned is locked, ready or not.
+        *taken += rows.len();
+        return Ok(rows
+            .into_iter()
+            .filter_map(|(id, ready)| ready.then_some(id))
+            .collect());
+    };
+    let idle_ms = opts.lease.as_millis().clamp(1_000, i32::MAX as u128);
+    let mut rows = sqlx::query(super::sql::OUTBOX_LOCK_READ)
         .bind(ids)
         .bind(from)
         .bind(to)
-        .fetch_all(&mut *tx)
-        .await
-        .map_err(storage)?;
-    // Every row returned is locked, ready or not.
-    *taken += rows.len();
-    Ok(rows
-        .into_iter()
-        .filter_map(|(id, ready)| ready.then_some(id))
-        .collect())
+        .bind(opts.worker.as_str())
+        .bind(crate::store::secs(opts.lease))
+        .bind(idle_ms.to_string())
+        .fetch(&mut *tx);
+    let mut ready = std::collections::HashSet::new();
+    while let Some(row) = rows.try_next().await.map_err(storage)? {
+        // Every row returned is locked, ready or not; only a ready one is
+        // decoded (the claim may take it).
+        *taken += 1;
+        if row.try_get::<bool, _>("ready").map_err(storage)? {
+            let event = decode::<R>(&row)?;
+            let leased = row.try_get::<bool, _>("leased").unwrap_or(true);
+            ready.insert(event.id());
+            read.insert(event.id(), (event, leased));
+        }
+    }
+    Ok(ready)
 }
 
 impl<R: PgRoute> PgTable<R> {
@@ -368,15 +399,27 @@ impl<R: PgRoute> PgTable<R> {
         // the rest of a run is locked only by the head's holder. (A run
         // always holds its head: `claim::plan` never makes an empty one.)
         let heads: Vec<Uuid> = runs.iter().map(|r| r.ids[0]).collect();
+        // A claim that may be held reads its rows whole as it locks them.
+        let pool_room = self.held.len() < self.pool.options().get_max_connections() as usize / 2;
+        let hold = opts.hold && pool_room;
+        let mut read = Read::new();
         let mut taken = 0;
-        let mut locked = lock_ready(&mut tx, &heads, &created, &mut taken).await?;
+        let mut locked = lock_ready(
+            &mut tx,
+            &heads,
+            &created,
+            &mut taken,
+            hold.then_some((&mut read, opts)),
+        )
+        .await?;
         let rest: Vec<Uuid> = runs
             .iter()
             .filter(|r| locked.contains(&r.ids[0]))
             .flat_map(|r| r.ids[1..].iter().copied())
             .collect();
         if !rest.is_empty() {
-            locked.extend(lock_ready(&mut tx, &rest, &created, &mut taken).await?);
+            let also = hold.then_some((&mut read, opts));
+            locked.extend(lock_ready(&mut tx, &rest, &created, &mut taken, also).await?);
         }
         let (ids, contended) = claim::keep_locked_prefixes(&runs, &locked);
         if ids.is_empty() {
@@ -388,9 +431,8 @@ impl<R: PgRoute> PgTable<R> {
         // claim that keeps every row it locked is held: rows locked and left
         // (not ready, or past a gap in their run) could carry another
         // worker's lease, whose writes would then wait for this claim.
-        let pool_room = self.held.len() < self.pool.options().get_max_connections() as usize / 2;
-        if opts.hold && taken == ids.len() && pool_room {
-            let (events, held) = self.hold(tx, opts, &ids, (from, to)).await?;
+        if hold && taken == ids.len() {
+            let (events, held) = self.hold(tx, opts, &ids, read, (from, to)).await?;
             let claim = claim::claimed(opts, None, events, contended, next);
             if let Some(held) = held {
                 self.held.put(&claim.token, held);
