@@ -1173,6 +1173,68 @@ mod cases {
         assert_eq!((c.completed, c.pending, c.failed), (6, 0, 0));
     }
 
+    /// A file is read ahead (its next batch is read and parsed while the
+    /// last one is stored: exactly-once without a handler): across many
+    /// small batches every message is stored once, in the file's order,
+    /// with its redeliveries counted as duplicates and its poison kept
+    /// (stored, and counted as poison too).
+    pub async fn a_file_read_ahead_stores_every_line_once_in_order(db: &TestDb) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ahead.jsonl");
+        let line = |i: usize| {
+            serde_json::json!({
+                "topic": "orders",
+                "headers": {"event_id": format!("m-{i}"), "event_type": "order.created"},
+                "value": {"n": i},
+            })
+            .to_string()
+        };
+        let mut lines = Vec::new();
+        for i in 0..60 {
+            lines.push(line(i));
+            if i % 4 == 3 {
+                lines.push(line(i / 2)); // delivered again
+            }
+            if i % 25 == 24 {
+                lines.push(format!("not json {i}"));
+            }
+        }
+        std::fs::write(&path, lines.join("\n") + "\n").unwrap();
+        let source = omnibox::inbox::FileSource::open(&path.display().to_string(), false)
+            .await
+            .unwrap();
+        let report = InboxConsumer::<_, AnyHandler>::new(
+            source,
+            db.store.inbox(),
+            None,
+            options(AckStrategy::ExactlyOnce, 7),
+        )
+        .run(true, stop())
+        .await
+        .unwrap();
+        assert_eq!(report.consumed, lines.len() as u64, "{report:?}");
+        assert_eq!(
+            (report.stored, report.duplicates, report.poison),
+            (62, 15, 2),
+            "{report:?}"
+        );
+        let mut rows = db
+            .store
+            .inbox()
+            .list(&omnibox::store::ListFilter::default())
+            .await
+            .unwrap();
+        rows.sort_by_key(|r| r.seq());
+        let stored: Vec<&str> = rows
+            .iter()
+            .map(|r| r.message_id())
+            .filter(|id| id.starts_with("m-"))
+            .collect();
+        let expected: Vec<String> = (0..60).map(|i| format!("m-{i}")).collect();
+        assert_eq!(stored, expected, "every message once, in the file's order");
+        assert_eq!(rows.len(), 62, "the two poison lines are kept");
+    }
+
     /// A service's own metrics back end (`MetricsRecorder`) gets the
     /// consumer's counters and each written batch with every outcome.
     pub async fn a_custom_metrics_backend_is_fed(db: &TestDb) {
@@ -1814,6 +1876,7 @@ backend_tests!(
     process_one_consumes_one_message_at_a_time,
     process_one_gives_back_a_message_it_could_not_finish,
     spawned_consumers_run_as_tasks,
+    a_file_read_ahead_stores_every_line_once_in_order,
     a_custom_metrics_backend_is_fed,
     prometheus_metrics_cover_handlers,
     consumers_share_a_concurrency_limit,

@@ -6,7 +6,7 @@ use std::collections::HashSet;
 use uuid::Uuid;
 
 use super::options::ConsumeReport;
-use super::{InboxConsumer, ToHandle, persist_error};
+use super::{Ahead, InboxConsumer, ToHandle, persist_error};
 use crate::error::Result;
 use crate::inbox::handler::Handler;
 use crate::inbox::normalize::{Normalized, RawMessage};
@@ -35,10 +35,10 @@ impl<S: Source, H: Handler, T: ConsumerStore> InboxConsumer<S, H, T> {
         let Some(handler) = self.handler.clone() else {
             // Nothing else to write with the rows: the store inserts them
             // on its own (on PostgreSQL a batch that fits one statement is
-            // one round trip, atomic without BEGIN and COMMIT).
+            // one round trip, atomic without BEGIN and COMMIT). Meanwhile
+            // the run loop's next batch is read, if the source reads ahead.
             let outcomes = self
-                .store
-                .insert_many(&events)
+                .insert_reading_ahead(&events)
                 .await
                 .map_err(|e| persist_error(&events, e))?;
             self.tally(normalized, &outcomes, report);
@@ -164,6 +164,41 @@ impl<S: Source, H: Handler, T: ConsumerStore> InboxConsumer<S, H, T> {
             self.pause_for(wait);
         }
         Ok(())
+    }
+
+    /// Inserts `events` (no handler: nothing else is written with them).
+    /// While [`run`](Self::run) loops over a source that
+    /// [reads ahead](Source::read_ahead), the next batch is polled (without
+    /// waiting) and parsed meanwhile, and kept for the loop, whatever the
+    /// insert's outcome: it comes next in any case (a batch stored without
+    /// a handler is never given back to the source).
+    async fn insert_reading_ahead(
+        &mut self,
+        events: &[InboxEvent],
+    ) -> Result<Vec<crate::store::BulkOutcome>> {
+        if !self.reading_ahead || self.ahead.is_some() {
+            return self.store.insert_many(events).await;
+        }
+        let budget = self.batch_budget();
+        let (store, source) = (&self.store, &mut self.source);
+        let (parser, domain, options) = (&self.parser, &self.domain, &self.options);
+        let read = async {
+            let polled = source
+                .poll_within(options.batch, budget, std::time::Duration::ZERO)
+                .await;
+            let normalized = match &polled {
+                Ok(p) => p
+                    .messages
+                    .iter()
+                    .map(|m| parser.parse(domain, m, &options.group))
+                    .collect(),
+                Err(_) => Vec::new(),
+            };
+            Ahead { polled, normalized }
+        };
+        let (stored, ahead) = tokio::join!(store.insert_many(events), read);
+        self.ahead = Some(ahead);
+        stored
     }
 
     /// Sends new poison rows to the DLQ and counts them (metrics and the

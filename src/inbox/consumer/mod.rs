@@ -63,6 +63,20 @@ pub struct InboxConsumer<S: Source, H: Handler, T: ConsumerStore = AnyTable<Inbo
     /// The last [`process_one`](Self::process_one) found the source at its
     /// end with nothing left.
     ended: bool,
+    /// Set while [`run`](Self::run) loops: a batch stored exactly-once
+    /// without a handler polls the next one meanwhile, if the source
+    /// [reads ahead](Source::read_ahead).
+    reading_ahead: bool,
+    /// The batch polled (and parsed) while the one before it was stored;
+    /// the run loop's next batch.
+    ahead: Option<Ahead>,
+}
+
+/// A batch polled while the batch before it was being stored, with its
+/// messages parsed.
+struct Ahead {
+    polled: Result<crate::inbox::source::Polled>,
+    normalized: Vec<Normalized>,
 }
 
 impl<S: Source, H: Handler, T: ConsumerStore> InboxConsumer<S, H, T> {
@@ -83,6 +97,8 @@ impl<S: Source, H: Handler, T: ConsumerStore> InboxConsumer<S, H, T> {
             parser: Arc::new(DefaultEnvelopeParser),
             ended: false,
             limit: None,
+            reading_ahead: false,
+            ahead: None,
         }
     }
 
@@ -151,6 +167,18 @@ impl<S: Source, H: Handler, T: ConsumerStore> InboxConsumer<S, H, T> {
     pub async fn run(
         &mut self,
         once: bool,
+        shutdown: watch::Receiver<bool>,
+    ) -> Result<ConsumeReport> {
+        self.reading_ahead = self.source.read_ahead();
+        let ran = self.run_loop(once, shutdown).await;
+        self.reading_ahead = false;
+        ran
+    }
+
+    /// [`run`](Self::run)'s loop.
+    async fn run_loop(
+        &mut self,
+        once: bool,
         mut shutdown: watch::Receiver<bool>,
     ) -> Result<ConsumeReport> {
         // A bad group would make every message's row invalid: refuse it
@@ -182,15 +210,20 @@ impl<S: Source, H: Handler, T: ConsumerStore> InboxConsumer<S, H, T> {
                 }
                 self.resume_at = None;
             }
-            let polled = tokio::select! {
-            p = self.source.poll_within(
-                self.options.batch,
-                self.options
-                    .batch_bytes
-                    .map_or(usize::MAX, |b| usize::try_from(b).unwrap_or(usize::MAX)),
-                self.options.poll_wait,
-            ) => p,
-            _ = stop_asked(&mut shutdown) => continue};
+            // The batch read ahead, if any, is next.
+            let (polled, mut parsed) = match self.ahead.take() {
+                Some(ahead) => (ahead.polled, Some(ahead.normalized)),
+                None => {
+                    let polled = tokio::select! {
+                    p = self.source.poll_within(
+                        self.options.batch,
+                        self.batch_budget(),
+                        self.options.poll_wait,
+                    ) => p,
+                    _ = stop_asked(&mut shutdown) => continue};
+                    (polled, None)
+                }
+            };
             let polled = match polled {
                 Ok(p) => {
                     errors = 0;
@@ -229,7 +262,13 @@ impl<S: Source, H: Handler, T: ConsumerStore> InboxConsumer<S, H, T> {
                     )
                 });
                 let stored = self
-                    .consume_through_outages(&polled.messages, &mut report, once, &mut shutdown)
+                    .consume_through_outages(
+                        &polled.messages,
+                        parsed.take(),
+                        &mut report,
+                        once,
+                        &mut shutdown,
+                    )
                     .await;
                 if let Some(cx) = span {
                     let error = stored.as_ref().err().map(|e| e.to_string());
@@ -242,15 +281,21 @@ impl<S: Source, H: Handler, T: ConsumerStore> InboxConsumer<S, H, T> {
             }
         }
         // A shutdown that cancelled a poll waiting for more input: what it
-        // had read is stored before the consumer stops (stdin cannot give
-        // it again).
-        let held = self.source.held();
+        // had read (after what was read ahead) is stored before the
+        // consumer stops (stdin cannot give it again).
+        let mut held = match self.ahead.take() {
+            Some(Ahead {
+                polled: Ok(polled), ..
+            }) => polled.messages,
+            _ => Vec::new(),
+        };
+        held.extend(self.source.held());
         if !held.is_empty() {
             tracing::info!(
                 messages = held.len(),
                 "storing the messages read before the shutdown"
             );
-            self.consume_through_outages(&held, &mut report, once, &mut shutdown)
+            self.consume_through_outages(&held, None, &mut report, once, &mut shutdown)
                 .await?;
         }
         report.elapsed_seconds = started.elapsed().as_secs_f64();
@@ -272,6 +317,7 @@ impl<S: Source, H: Handler, T: ConsumerStore> InboxConsumer<S, H, T> {
     async fn consume_through_outages(
         &mut self,
         messages: &[RawMessage],
+        mut parsed: Option<Vec<Normalized>>,
         report: &mut ConsumeReport,
         once: bool,
         shutdown: &mut watch::Receiver<bool>,
@@ -280,7 +326,7 @@ impl<S: Source, H: Handler, T: ConsumerStore> InboxConsumer<S, H, T> {
         let mut attempt = 0u32;
         loop {
             let before = report.clone();
-            match self.consume_batch(messages, report).await {
+            match self.consume_parsed(messages, parsed.take(), report).await {
                 Ok(()) => {
                     if let Some(since) = outage {
                         tracing::warn!(
@@ -323,15 +369,26 @@ impl<S: Source, H: Handler, T: ConsumerStore> InboxConsumer<S, H, T> {
         messages: &[RawMessage],
         report: &mut ConsumeReport,
     ) -> Result<()> {
+        self.consume_parsed(messages, None, report).await
+    }
+
+    /// [`consume_batch`](Self::consume_batch), with the messages parsed
+    /// already (`parsed`, one per message) or not.
+    async fn consume_parsed(
+        &mut self,
+        messages: &[RawMessage],
+        parsed: Option<Vec<Normalized>>,
+        report: &mut ConsumeReport,
+    ) -> Result<()> {
         report.consumed += messages.len() as u64;
         self.count("consumed", messages.len() as u64);
         if self.options.ack == AckStrategy::AtMostOnce {
             self.commit(messages, report).await?;
         }
-        let mut normalized: Vec<Normalized> = messages
-            .iter()
-            .map(|m| self.parser.parse(&self.domain, m, &self.options.group))
-            .collect();
+        let mut normalized: Vec<Normalized> = match parsed {
+            Some(parsed) if parsed.len() == messages.len() => parsed,
+            _ => messages.iter().map(|m| self.parse(m)).collect(),
+        };
         match self.options.ack {
             AckStrategy::ExactlyOnce => self.exactly_once(messages, &mut normalized, report).await,
             AckStrategy::AtMostOnce => {
@@ -343,6 +400,19 @@ impl<S: Source, H: Handler, T: ConsumerStore> InboxConsumer<S, H, T> {
                     .await
             }
         }
+    }
+
+    /// `message` as an event of this consumer's group.
+    fn parse(&self, message: &RawMessage) -> Normalized {
+        self.parser
+            .parse(&self.domain, message, &self.options.group)
+    }
+
+    /// The byte budget of a batch (`batch_bytes`).
+    fn batch_budget(&self) -> usize {
+        self.options
+            .batch_bytes
+            .map_or(usize::MAX, |b| usize::try_from(b).unwrap_or(usize::MAX))
     }
 
     /// Commits the source through `messages` (nothing when there are none), counting

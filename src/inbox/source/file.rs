@@ -35,6 +35,9 @@ pub struct FileSource {
     /// waits: a poll cancelled there (a shutdown while stdin waits for more
     /// lines) leaves them for the next poll, or for [`Source::held`].
     taken: Vec<RawMessage>,
+    /// A regular file (not stdin, a pipe or a device): a read of it
+    /// never waits for a writer.
+    regular: bool,
 }
 
 /// A line over `MAX_LINE` bytes read so far: its first `MAX_LINE` bytes (`head`),
@@ -59,6 +62,7 @@ impl FileSource {
     /// Opens `path` (`-` for stdin); with `follow`, waits for new lines at
     /// the end instead of ending.
     pub async fn open(path: &str, follow: bool) -> Result<Self> {
+        let mut regular = false;
         let (name, input): (String, Box<dyn AsyncRead + Send + Sync + Unpin>) = if path == "-" {
             ("stdin".into(), Box::new(tokio::io::stdin()))
         } else {
@@ -82,6 +86,7 @@ impl FileSource {
                     }
                 }
             };
+            regular = f.metadata().await.is_ok_and(|m| m.is_file());
             (format!("file:{}", p.display()), Box::new(f))
         };
         Ok(FileSource {
@@ -94,6 +99,7 @@ impl FileSource {
             pending: Vec::new(),
             long: None,
             taken: Vec::new(),
+            regular,
         })
     }
 
@@ -265,6 +271,14 @@ impl Source for FileSource {
     /// The lines a cancelled poll had read.
     fn held(&mut self) -> Vec<RawMessage> {
         std::mem::take(&mut self.taken)
+    }
+
+    /// A regular file's: its commits do nothing, and a read of it never
+    /// waits, so its next lines can be read while the last ones are stored.
+    /// Not stdin or a pipe: a read there waits for the writer, and only a
+    /// poll of the run loop can be cut short by a shutdown.
+    fn read_ahead(&self) -> bool {
+        self.regular
     }
 
     /// Nothing to do: a file keeps no offsets (reading it again is safe).

@@ -90,6 +90,16 @@ pub trait Source: Send {
     fn held(&mut self) -> Vec<RawMessage> {
         Vec::new()
     }
+
+    /// True when the consumer may poll the next batch while it stores the
+    /// one before (exactly-once without a handler, where a batch is never
+    /// given back): the source must not tie anything to the order of its
+    /// polls and commits (a file's commit does nothing; a Kafka source's
+    /// end-of-partition report confirms the commits made before it, so it
+    /// does not read ahead). The early poll waits for nothing.
+    fn read_ahead(&self) -> bool {
+        false
+    }
 }
 
 /// A source chosen by URL (`--from`).
@@ -173,6 +183,14 @@ impl Source for AnySource {
         match self {
             AnySource::Kafka(s) => s.held(),
             AnySource::File(s) => s.held(),
+        }
+    }
+
+    /// Whether the chosen source reads ahead.
+    fn read_ahead(&self) -> bool {
+        match self {
+            AnySource::Kafka(s) => s.read_ahead(),
+            AnySource::File(s) => s.read_ahead(),
         }
     }
 }
