@@ -100,6 +100,33 @@ async fn a_held_claim_locks_its_rows_and_writes_each_once_when_done() {
     assert_eq!(again.last_error(), Some("broker said no"));
 }
 
+/// A held claim's transaction begins before its batch is published; the
+/// completion is dated when it is written, not when the claim began.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_held_completion_is_dated_after_the_publish() {
+    let Some(db) = seeded(3).await else { return };
+    let outbox = db.store.outbox();
+    let claim = outbox
+        .claim(&ClaimOptions::new(worker("held"), 10).hold(true))
+        .await
+        .unwrap();
+    assert_eq!(claim.events.len(), 3);
+    // The publish: a slow broker.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let published = chrono::Utc::now();
+    let ids: Vec<Uuid> = claim.events.iter().map(|e| e.id()).collect();
+    assert_eq!(outbox.complete(&claim.token, &ids).await.unwrap(), 3);
+    for id in ids {
+        let row = outbox.get(id).await.unwrap().unwrap();
+        let done = row.completed_at().expect("completed");
+        assert!(
+            done >= published - chrono::Duration::milliseconds(50),
+            "completed_at {done} is before the publish at {published}"
+        );
+        assert!(row.updated_at() >= done, "{row:?}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failure_of_a_held_claim_writes_the_lease_first() {
     let Some(db) = seeded(3).await else { return };

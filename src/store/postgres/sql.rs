@@ -436,10 +436,14 @@ pub const OUTBOX_LOCK_READ: &str = concat!(
 /// Completes rows of a held claim in its transaction, committed durably
 /// ($1 ids, $2..$3 `created_at` bounds): each row is written once. A row
 /// claimed after its earlier lease ran out still carries that lease, and
-/// loses it here.
+/// loses it here. `completed_at` is the statement's time, not the
+/// transaction's: the claim's transaction began before the batch was
+/// published (a slow broker's seconds), and `now()` would date the
+/// completion before the publish.
 pub const OUTBOX_COMPLETE_HELD: &str =
     "WITH durable AS (SELECT set_config('synchronous_commit', 'on', true))
-    UPDATE outbox_events SET status = 'completed', completed_at = now(), updated_at = now(),
+    UPDATE outbox_events SET status = 'completed', completed_at = statement_timestamp(),
+           updated_at = statement_timestamp(),
            locked_at = NULL, locked_by = NULL, locked_until = NULL
       FROM durable
      WHERE id = ANY($1) AND status = 'pending' AND created_at >= $2 AND created_at <= $3
