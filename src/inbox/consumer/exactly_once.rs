@@ -169,9 +169,10 @@ impl<S: Source, H: Handler, T: ConsumerStore> InboxConsumer<S, H, T> {
     /// Inserts `events` (no handler: nothing else is written with them).
     /// While [`run`](Self::run) loops over a source that
     /// [reads ahead](Source::read_ahead), the next batch is polled (without
-    /// waiting) and parsed meanwhile, and kept for the loop, whatever the
-    /// insert's outcome: it comes next in any case (a batch stored without
-    /// a handler is never given back to the source).
+    /// waiting, within a quarter of the batch's byte budget) and parsed
+    /// meanwhile, and kept for the loop, whatever the insert's outcome: it
+    /// comes next in any case (a batch stored without a handler is never
+    /// given back to the source).
     async fn insert_reading_ahead(
         &mut self,
         events: &[InboxEvent],
@@ -179,7 +180,11 @@ impl<S: Source, H: Handler, T: ConsumerStore> InboxConsumer<S, H, T> {
         if !self.reading_ahead || self.ahead.is_some() {
             return self.store.insert_many(events).await;
         }
-        let budget = self.batch_budget();
+        // A quarter of a batch's bytes at most (one message at least): the
+        // batch read ahead is in memory beside the one being stored, and a
+        // batch of large messages costs several times its bytes once
+        // parsed. Batches of small messages end at their count first.
+        let budget = self.batch_budget() / 4;
         let (store, source) = (&self.store, &mut self.source);
         let (parser, domain, options) = (&self.parser, &self.domain, &self.options);
         let read = async {
