@@ -282,7 +282,8 @@ impl<S: Source, H: Handler, T: ConsumerStore> InboxConsumer<S, H, T> {
         }
         // A shutdown that cancelled a poll waiting for more input: what it
         // had read (after what was read ahead) is stored before the
-        // consumer stops (stdin cannot give it again).
+        // consumer stops (stdin cannot give it again), reading nothing more.
+        self.reading_ahead = false;
         let mut held = match self.ahead.take() {
             Some(Ahead {
                 polled: Ok(polled), ..
@@ -369,7 +370,23 @@ impl<S: Source, H: Handler, T: ConsumerStore> InboxConsumer<S, H, T> {
         messages: &[RawMessage],
         report: &mut ConsumeReport,
     ) -> Result<()> {
+        self.stop_reading_ahead().await?;
         self.consume_parsed(messages, None, report).await
+    }
+
+    /// Outside [`run`](Self::run) nothing is read ahead: a batch a run read
+    /// ahead and left (the run was cancelled) goes back to the source, to
+    /// be polled again.
+    pub(super) async fn stop_reading_ahead(&mut self) -> Result<()> {
+        self.reading_ahead = false;
+        if let Some(Ahead {
+            polled: Ok(polled), ..
+        }) = self.ahead.take()
+            && !polled.messages.is_empty()
+        {
+            self.source.rewind(&polled.messages).await?;
+        }
+        Ok(())
     }
 
     /// [`consume_batch`](Self::consume_batch), with the messages parsed

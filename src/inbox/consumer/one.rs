@@ -46,6 +46,7 @@ impl<S: Source, H: Handler, T: ConsumerStore> InboxConsumer<S, H, T> {
     /// [`source_ended`](Self::source_ended) tells it apart.
     pub async fn process_one(&mut self) -> Result<Option<ConsumeOne>> {
         crate::model::validate::consumer_group(&self.options.group)?;
+        self.stop_reading_ahead().await?;
         self.ended = false;
         if let Some(at) = self.resume_at {
             let now = Instant::now();

@@ -8,7 +8,7 @@
 use std::collections::HashSet;
 use std::time::Instant;
 
-use sqlx::{Postgres, Transaction};
+use sqlx::{Postgres, Row, Transaction};
 use uuid::Uuid;
 
 use super::table::{Read, created_bounds};
@@ -34,18 +34,16 @@ impl<R: PgRoute> PgTable<R> {
         mut tx: Transaction<'static, Postgres>,
         opts: &ClaimOptions,
         ids: &[Uuid],
-        mut read: Read<R>,
+        mut read: Read,
         (from, to): (crate::model::Timestamp, crate::model::Timestamp),
     ) -> Result<(Vec<Event<R>>, Option<Held<Postgres>>)> {
         let mut leased = false;
-        let events: Vec<Event<R>> = ids
-            .iter()
-            .filter_map(|id| read.remove(id))
-            .map(|(event, lease)| {
-                leased |= lease;
-                event
-            })
-            .collect();
+        let mut events: Vec<Event<R>> = Vec::with_capacity(ids.len());
+        for row in ids.iter().filter_map(|id| read.remove(id)) {
+            leased |= row.try_get::<bool, _>("leased").unwrap_or(true);
+            events.push(decode(&row)?);
+        }
+        drop(read);
         if leased {
             let lease = (opts.worker.as_str(), opts.lease);
             let events = self::leased(&mut tx, ids, lease, (from, to)).await?;

@@ -202,19 +202,19 @@ fn created_of(
     Some((*first, *last))
 }
 
-/// The rows a claim's lock read whole (`sql::OUTBOX_LOCK_READ`), by id:
-/// each ready row's event, and whether it still carries a lease.
-pub(super) type Read<R> = std::collections::HashMap<Uuid, (Event<R>, bool)>;
+/// The ready rows a claim's lock read whole (`sql::OUTBOX_LOCK_READ`), by
+/// id, not decoded yet (only those the claim keeps are).
+pub(super) type Read = std::collections::HashMap<Uuid, sqlx::postgres::PgRow>;
 
 /// Locks the rows of `ids` that no other transaction holds, and returns
 /// those still pending and ready. With `read` (a claim that may be held),
 /// the ready rows are read whole into it as they are locked.
-async fn lock_ready<R: PgRoute>(
+async fn lock_ready(
     tx: &mut sqlx::PgConnection,
     ids: &[Uuid],
     created: &std::collections::HashMap<Uuid, Timestamp>,
     taken: &mut usize,
-    read: Option<(&mut Read<R>, &ClaimOptions)>,
+    read: Option<(&mut Read, &ClaimOptions)>,
 ) -> Result<std::collections::HashSet<Uuid>> {
     use futures_util::TryStreamExt;
     let (from, to) = created_bounds(created_of(created, ids));
@@ -245,13 +245,12 @@ async fn lock_ready<R: PgRoute>(
     let mut ready = std::collections::HashSet::new();
     while let Some(row) = rows.try_next().await.map_err(storage)? {
         // Every row returned is locked, ready or not; only a ready one is
-        // decoded (the claim may take it).
+        // kept (the claim may take it).
         *taken += 1;
         if row.try_get::<bool, _>("ready").map_err(storage)? {
-            let event = decode::<R>(&row)?;
-            let leased = row.try_get::<bool, _>("leased").unwrap_or(true);
-            ready.insert(event.id());
-            read.insert(event.id(), (event, leased));
+            let id: Uuid = row.try_get("id").map_err(storage)?;
+            ready.insert(id);
+            read.insert(id, row);
         }
     }
     Ok(ready)
@@ -439,6 +438,8 @@ impl<R: PgRoute> PgTable<R> {
             }
             return Ok(claim);
         }
+        // Leased after all: the rows come back from the lease's write.
+        drop(read);
         let lease = (opts.worker.as_str(), opts.lease);
         let events = super::held::leased(&mut tx, &ids, lease, (from, to)).await?;
         tx.commit().await.map_err(storage)?;
