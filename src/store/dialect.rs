@@ -187,7 +187,7 @@ impl Dialect for Pg {
     const LETTER_COLUMNS: &'static str = "id, seq, origin, event_id, event_type, topic, attempts_made, error, event::text AS event, dead_at, replayed_at";
 
     fn decode_letter(row: &sqlx::postgres::PgRow) -> Result<DeadLetterRecord> {
-        super::postgres::driver::decode_letter(row)
+        super::postgres::letter::decode_letter(row)
     }
 
     runners!();
@@ -239,7 +239,7 @@ impl Dialect for Lite {
     const LETTER_COLUMNS: &'static str = "id, seq, origin, event_id, event_type, topic, attempts_made, error, event, dead_at, replayed_at";
 
     fn decode_letter(row: &sqlx::sqlite::SqliteRow) -> Result<DeadLetterRecord> {
-        super::sqlite::driver::decode_letter(row)
+        super::sqlite::letter::decode_letter(row)
     }
 
     runners!();

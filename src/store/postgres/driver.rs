@@ -7,11 +7,11 @@ use sqlx::{PgConnection, Postgres, Row, Transaction};
 use uuid::Uuid;
 
 use super::PgStore;
-use crate::error::{Error, Result, storage};
+use crate::error::{Result, storage};
 use crate::model::{InboxEvent, OutboxEvent, Table};
 use crate::store::BulkOutcome;
 use crate::store::audit::{self, AuditEntry, AuditFilter, AuditedChange};
-use crate::store::dead_letters::{self, DeadLetterRecord, NewLetter};
+use crate::store::dead_letters::{DeadLetterRecord, NewLetter};
 use crate::store::diagnostics::{
     ClaimPlan, ReplicationSlot, SMALL_TABLE_PAGES, Statistics, TableHealth,
 };
@@ -315,7 +315,7 @@ impl FeatureTx for PgFeatureTx {
         .await
         .map_err(storage)?
         .iter()
-        .map(decode_letter)
+        .map(super::letter::decode_letter)
         .collect()
     }
 
@@ -434,31 +434,4 @@ impl LetterColumns {
         self.error.push(r.error.clone());
         self.event.push(r.event.clone());
     }
-}
-
-/// A letter row; a row that cannot be read is a corrupt-row error naming it.
-pub(crate) fn decode_letter(r: &sqlx::postgres::PgRow) -> Result<DeadLetterRecord> {
-    let inner = || -> std::result::Result<DeadLetterRecord, String> {
-        let s = |e: sqlx::Error| e.to_string();
-        let event: String = r.try_get("event").map_err(s)?;
-        Ok(DeadLetterRecord {
-            id: r.try_get("id").map_err(s)?,
-            seq: r.try_get("seq").map_err(s)?,
-            origin: dead_letters::parse_origin(&r.try_get::<String, _>("origin").map_err(s)?)?,
-            event_id: r.try_get("event_id").map_err(s)?,
-            event_type: r.try_get("event_type").map_err(s)?,
-            topic: r.try_get("topic").map_err(s)?,
-            attempts_made: r.try_get("attempts_made").map_err(s)?,
-            error: r.try_get("error").map_err(s)?,
-            event: serde_json::from_str(&event).map_err(|e| e.to_string())?,
-            dead_at: r.try_get("dead_at").map_err(s)?,
-            replayed_at: r.try_get("replayed_at").map_err(s)?,
-        })
-    };
-    inner().map_err(|message| Error::CorruptRow {
-        id: r
-            .try_get::<Uuid, _>("id")
-            .map_or_else(|_| "?".into(), |id| id.to_string()),
-        message,
-    })
 }

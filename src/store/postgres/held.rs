@@ -11,13 +11,16 @@ use std::time::Instant;
 use sqlx::{Postgres, Row, Transaction};
 use uuid::Uuid;
 
-use super::table::{Read, created_bounds};
-use super::{PgRoute, PgTable, decode};
+use super::{PgRoute, PgTable, created_bounds, decode};
 use crate::error::{Result, storage};
 use crate::model::Event;
 use crate::store::held::Held;
 use crate::store::table::decode_all;
 use crate::store::{ClaimOptions, ClaimToken};
+
+/// The ready rows a claim's lock read whole (`sql::OUTBOX_LOCK_READ`), by
+/// id, not decoded yet (only those the claim keeps are).
+pub(super) type Read = std::collections::HashMap<Uuid, sqlx::postgres::PgRow>;
 
 impl<R: PgRoute> PgTable<R> {
     /// Keeps `tx` open for the claimed rows `ids`, as the claim's lock read

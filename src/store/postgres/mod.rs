@@ -32,6 +32,7 @@ pub(crate) mod driver;
 mod held;
 mod inbox_tx;
 mod insert;
+pub(crate) mod letter;
 pub(crate) mod maintenance;
 pub mod partition;
 mod sql;
@@ -462,6 +463,21 @@ impl<R: PgRoute> crate::store::table::TableOf<crate::store::dialect::Pg> for R {
     }
     fn decode(row: &PgRow) -> Result<Event<R>> {
         decode(row)
+    }
+}
+
+/// The `created_at` bounds of a write by id (see `sql::OUTBOX_MARK`): the
+/// rows' own, a second wider each way; without them, every time.
+pub(crate) fn created_bounds(
+    between: Option<(crate::model::Timestamp, crate::model::Timestamp)>,
+) -> (crate::model::Timestamp, crate::model::Timestamp) {
+    let second = chrono::Duration::seconds(1);
+    match between {
+        Some((first, last)) => (first - second, last + second),
+        None => (
+            chrono::DateTime::from_timestamp(-62_135_596_800, 0).unwrap_or_default(), // 0001-01-01
+            chrono::DateTime::from_timestamp(253_402_300_799, 0).unwrap_or_default(), // 9999-12-31
+        ),
     }
 }
 

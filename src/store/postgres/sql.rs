@@ -398,7 +398,7 @@ pub const OUTBOX_LOCK: &str = concat!(
 ///
 /// Every write by id (3a: $2/$3, 3b: $4/$5, and the writes that present a
 /// claim's token: their last two parameters) also bounds `created_at` by
-/// the rows' own (`table::created_bounds`): on a partitioned
+/// the rows' own (`postgres::created_bounds`): on a partitioned
 /// table only the partitions that can hold the rows are read. Without it
 /// the planner, which cannot tell in which partition an id lies, read
 /// every older partition whole to look a batch's ids up.

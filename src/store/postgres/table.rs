@@ -6,7 +6,8 @@ use std::time::Duration;
 use sqlx::{Postgres, QueryBuilder, Row};
 use uuid::Uuid;
 
-use super::{PgRoute, PgTable, decode};
+use super::held::Read;
+use super::{PgRoute, PgTable, created_bounds, decode};
 use crate::error::{Result, storage};
 use crate::model::{Event, Timestamp, UnlockReason, time};
 use crate::store::claim::{self, Scanned, WalkRow};
@@ -178,19 +179,6 @@ impl<R: PgRoute> TableBackend for PgTable<R> {
     }
 }
 
-/// The `created_at` bounds of a write by id (see `sql::OUTBOX_MARK`): the
-/// rows' own, a second wider each way; without them, every time.
-pub(super) fn created_bounds(between: Option<(Timestamp, Timestamp)>) -> (Timestamp, Timestamp) {
-    let second = chrono::Duration::seconds(1);
-    match between {
-        Some((first, last)) => (first - second, last + second),
-        None => (
-            chrono::DateTime::from_timestamp(-62_135_596_800, 0).unwrap_or_default(), // 0001-01-01
-            chrono::DateTime::from_timestamp(253_402_300_799, 0).unwrap_or_default(), // 9999-12-31
-        ),
-    }
-}
-
 /// The earliest and latest `created_at` of `ids` among the walked rows.
 fn created_of(
     created: &std::collections::HashMap<Uuid, Timestamp>,
@@ -201,10 +189,6 @@ fn created_of(
     let last = times.max()?;
     Some((*first, *last))
 }
-
-/// The ready rows a claim's lock read whole (`sql::OUTBOX_LOCK_READ`), by
-/// id, not decoded yet (only those the claim keeps are).
-pub(super) type Read = std::collections::HashMap<Uuid, sqlx::postgres::PgRow>;
 
 /// Locks the rows of `ids` that no other transaction holds, and returns
 /// those still pending and ready. With `read` (a claim that may be held),

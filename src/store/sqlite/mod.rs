@@ -21,6 +21,7 @@ use crate::model::{Event, EventStatus, InboxRoute, OutboxRoute, time};
 pub(crate) mod driver;
 mod inbox_tx;
 mod insert;
+pub(crate) mod letter;
 mod maintenance;
 mod sql;
 mod table;
