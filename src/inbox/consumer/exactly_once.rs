@@ -6,7 +6,8 @@ use std::collections::HashSet;
 use uuid::Uuid;
 
 use super::options::ConsumeReport;
-use super::{Ahead, InboxConsumer, ToHandle, persist_error};
+use super::run::Ahead;
+use super::{InboxConsumer, ToHandle, persist_error};
 use crate::error::Result;
 use crate::inbox::handler::Handler;
 use crate::inbox::normalize::{Normalized, RawMessage};
