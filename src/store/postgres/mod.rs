@@ -28,6 +28,7 @@ use super::redact_url;
 use crate::error::{Error, Result, storage};
 use crate::model::{Event, EventStatus, InboxRoute, OutboxRoute, Payload};
 
+mod copy;
 pub(crate) mod driver;
 mod held;
 mod inbox_tx;
