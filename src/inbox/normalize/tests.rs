@@ -1,0 +1,560 @@
+use super::*;
+
+fn raw(headers: &[(&str, &str)], value: &str) -> RawMessage {
+    RawMessage {
+        topic: "orders".into(),
+        partition: 2,
+        offset: 41,
+        key: Some(b"k".to_vec()),
+        headers: headers
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.as_bytes().to_vec()))
+            .collect(),
+        payload: Some(value.as_bytes().to_vec()),
+        position_is_identity: true,
+        cut: None,
+        origin: None,
+        defect: None,
+    }
+}
+
+/// The raw bytes a poison row keeps (`raw_base64`).
+fn raw_of(e: &InboxEvent) -> Vec<u8> {
+    let b64 = e.payload()["raw_base64"].as_str().unwrap();
+    base64::engine::general_purpose::STANDARD
+        .decode(b64)
+        .unwrap()
+}
+
+fn event(n: Normalized) -> InboxEvent {
+    match n {
+        Normalized::Event(e) => *e,
+        Normalized::Poison(e) => panic!("poison: {:?}", e.last_error()),
+    }
+}
+
+#[test]
+fn ids_types_and_sources_follow_the_precedence() {
+    let d = DomainService::default();
+    let e = event(normalize(
+        &d,
+        &raw(&[("message_id", "m-1"), ("event_id", "e-1")], r#"{"a":1}"#),
+        "g",
+    ));
+    assert_eq!(e.message_id(), "m-1");
+    let e = event(normalize(
+        &d,
+        &raw(&[("event_id", "e-1")], r#"{"a":1}"#),
+        "g",
+    ));
+    assert_eq!(e.message_id(), "e-1");
+    let e = event(normalize(&d, &raw(&[], r#"{"a":1}"#), "g"));
+    assert_eq!(e.message_id(), "orders:2:41");
+    assert_eq!(
+        e.event_type(),
+        "orders",
+        "event type falls back to the topic"
+    );
+    assert_eq!(e.source(), "orders", "source falls back to the topic");
+    assert_eq!(e.consumer_group(), "g");
+    let e = event(normalize(
+        &d,
+        &raw(&[("source_service", "billing")], r#"{"a":1}"#),
+        "g",
+    ));
+    assert_eq!(e.source(), "billing");
+    let e = event(normalize(
+        &d,
+        &raw(
+            &[("source", "shop"), ("source_service", "billing")],
+            r#"{"a":1}"#,
+        ),
+        "g",
+    ));
+    assert_eq!(e.source(), "shop");
+}
+
+#[test]
+fn envelopes_are_unwrapped_with_headers_first() {
+    let d = DomainService::default();
+    let value = r#"{"schema_version":"2.0.0","event_type":"order.created","aggregate_type":"order","aggregate_id":"x",
+            "payload":{"total":5},"timestamp":"2026-01-01T00:00:00Z","trace_id":"env-trace","correlation_id":"env-corr"}"#;
+    let e = event(normalize(
+        &d,
+        &raw(&[("trace_id", "hdr-trace"), ("event_id", "id-1")], value),
+        "g",
+    ));
+    assert_eq!(e.payload(), json!({"total": 5}).as_object().unwrap());
+    assert_eq!(e.event_type(), "order.created");
+    assert_eq!(e.schema_version(), Some("2.0.0"));
+    assert_eq!(e.trace_id(), Some("hdr-trace"), "headers win");
+    assert_eq!(
+        e.correlation_id(),
+        Some("env-corr"),
+        "the envelope fills in"
+    );
+    assert_eq!(e.header("trace_id"), Some("hdr-trace"));
+    let e = event(normalize(
+        &d,
+        &raw(&[("event_type", "hdr.type")], value),
+        "g",
+    ));
+    assert_eq!(e.event_type(), "hdr.type");
+    // A plain object with a payload field but no envelope keys is the payload itself.
+    let e = event(normalize(
+        &d,
+        &raw(&[], r#"{"payload":{"x":1},"other":2}"#),
+        "g",
+    ));
+    assert_eq!(e.payload().len(), 2);
+}
+
+#[test]
+fn unparseable_messages_become_failed_rows_with_the_raw_bytes() {
+    let d = DomainService::default();
+    for (value, why) in [
+        ("not json", "not JSON"),
+        ("[1,2]", "not a JSON object"),
+        ("{}", "breaks a rule"),
+    ] {
+        let n = normalize(&d, &raw(&[("event_id", "p-1")], value), "g");
+        assert!(n.is_poison(), "{value}");
+        let e = n.event();
+        assert_eq!(e.status(), EventStatus::Failed);
+        assert_eq!(e.attempts_made(), e.max_attempts());
+        assert_eq!(e.message_id(), "p-1");
+        assert!(
+            e.last_error().unwrap().contains(why),
+            "{:?}",
+            e.last_error()
+        );
+        assert_eq!(raw_of(e), value.as_bytes());
+        e.validate_invariants().unwrap();
+    }
+    let mut r = raw(&[], "x");
+    r.payload = None;
+    assert!(normalize(&d, &r, "g").is_poison());
+}
+
+#[test]
+fn bad_headers_are_left_out() {
+    let d = DomainService::default();
+    let long = "v".repeat(600);
+    let e = event(normalize(
+        &d,
+        &raw(
+            &[("ok", "1"), ("long", &long), ("OK", "dup"), ("ctl", "a\nb")],
+            r#"{"a":1}"#,
+        ),
+        "g",
+    ));
+    let h = e.headers().unwrap();
+    assert_eq!(h.len(), 1);
+    assert_eq!(h["ok"], "1");
+}
+
+#[test]
+fn file_lines_round_trip_the_sink_format() {
+    let line = r#"{"topic":"orders","key":"k1","headers":{"event_id":"e-9","event_type":"t"},"value":{"event_type":"t","schema_version":"1.0.0","payload":{"n":1}}}"#;
+    let r = from_json_line(line, 7, "file");
+    assert_eq!(
+        (r.topic.as_str(), r.offset, r.key.as_deref()),
+        ("orders", 7, Some(&b"k1"[..]))
+    );
+    let e = event(normalize(&DomainService::default(), &r, "g"));
+    assert_eq!(e.message_id(), "e-9");
+    assert_eq!(e.payload()["n"], 1);
+    let r = from_json_line("garbage", 3, "file");
+    assert_eq!(r.topic, "file");
+    assert!(normalize(&DomainService::default(), &r, "g").is_poison());
+}
+
+/// An envelope that lost its payload is poison with the reason, not a
+/// bare payload whose metadata becomes the payload (and whose type
+/// comes from the topic); an object with only one envelope field and
+/// no payload is a bare payload (the documented rule).
+#[test]
+fn an_envelope_without_its_payload_is_poison() {
+    let d = DomainService::default();
+    for (value, why) in [
+        (
+            r#"{"schema_version":"1.0.0","event_type":"order.created","aggregate_id":"a-1"}"#,
+            "event_type and schema_version but no payload",
+        ),
+        (
+            r#"{"event_type":"order.created","payload":[1,2]}"#,
+            "the envelope's payload is an array, not a JSON object",
+        ),
+        (
+            r#"{"schema_version":"1.0.0","payload":null}"#,
+            "the envelope's payload is null",
+        ),
+    ] {
+        let e = poison_row(normalize(&d, &raw(&[("event_id", "x")], value), "g"));
+        assert!(
+            e.last_error().unwrap().contains(why),
+            "{value}: {:?}",
+            e.last_error()
+        );
+    }
+    let e = event(normalize(
+        &d,
+        &raw(&[], r#"{"event_type":"signup","user":"u-1"}"#),
+        "g",
+    ));
+    assert_eq!(e.payload()["user"], "u-1");
+    assert_eq!(
+        e.event_type(),
+        "orders",
+        "the topic: no header says otherwise"
+    );
+}
+
+/// A line in the sink's format without a topic is still that format
+/// (its event_id header is the id); one whose key or headers are not
+/// strings, or that has no value, is poison with the reason; a line
+/// with other keys is a foreign message whose value is the line.
+#[test]
+fn sink_lines_are_read_or_refused_never_misread() {
+    let d = DomainService::default();
+    let r = from_json_line(
+        r#"{"key":"k1","headers":{"event_id":"e-7"},"value":{"n":1}}"#,
+        4,
+        "file",
+    );
+    assert_eq!(
+        (r.topic.as_str(), r.key.as_deref()),
+        ("file", Some(&b"k1"[..]))
+    );
+    let e = event(normalize(&d, &r, "g"));
+    assert_eq!(e.message_id(), "e-7");
+    assert_eq!(e.payload(), json!({"n": 1}).as_object().unwrap());
+    for (line, why) in [
+        (
+            r#"{"topic":"t","headers":{"event_id":5},"value":{"n":1}}"#,
+            r#"the line's header "event_id" is a number, not a string"#,
+        ),
+        (
+            r#"{"topic":"t","key":7,"value":{"n":1}}"#,
+            "the line's key is a number, not a string",
+        ),
+        (
+            r#"{"topic":"t","headers":["a"],"value":{"n":1}}"#,
+            "the line's headers are an array, not an object",
+        ),
+        (r#"{"topic":"t","key":"k"}"#, "without a value"),
+        (r#"{"topic":9,"value":{}}"#, "the line's topic is a number"),
+    ] {
+        let e = poison_row(normalize(&d, &from_json_line(line, 2, "file"), "g"));
+        assert!(
+            e.last_error().unwrap().contains(why),
+            "{line}: {:?}",
+            e.last_error()
+        );
+        assert_eq!(raw_of(&e), line.as_bytes(), "the line is kept as read");
+    }
+    let r = from_json_line(r#"{"value":{"n":1},"amount":5}"#, 1, "file");
+    let e = event(normalize(&d, &r, "g"));
+    assert_eq!(
+        e.payload()["amount"],
+        5,
+        "a foreign message: the line is the payload"
+    );
+}
+
+/// A poison row keeps the message's key and every header (base64 where
+/// they are not text), so the message can be rebuilt from the row.
+#[test]
+fn poison_keeps_the_key_and_every_header() {
+    let d = DomainService::default();
+    let mut r = raw(&[("event_id", "p-9"), ("trace", "t-1")], "not json");
+    r.key = Some(vec![0xff, 0x00, 0x01]);
+    r.headers.push(("bin".into(), vec![0xc3, 0x28]));
+    r.headers.push(("trace".into(), b"t-2".to_vec()));
+    let e = poison_row(normalize(&d, &r, "g"));
+    let p = e.payload();
+    assert_eq!(p["key_base64"], "/wAB");
+    assert!(p.get("key").is_none());
+    assert_eq!(
+        p["headers"],
+        json!([
+            {"name": "event_id", "value": "p-9"},
+            {"name": "trace", "value": "t-1"},
+            {"name": "bin", "value_base64": "wyg="},
+            {"name": "trace", "value": "t-2"},
+        ])
+    );
+    let r = raw(&[], "not json");
+    let p = poison_row(normalize(&d, &r, "g")).payload().clone();
+    assert_eq!(p["key"], "k");
+    assert!(p.get("headers").is_none());
+}
+
+/// Where a file source's poison came from: `stdin line N` or
+/// `file:PATH line N`; a line over the limit says so, not "not JSON".
+#[test]
+fn file_poison_says_where_and_why() {
+    let d = DomainService::default();
+    let mut r = from_json_line("garbage", 3, "file");
+    r.origin = Some("stdin".into());
+    let e = poison_row(normalize(&d, &r, "g"));
+    assert!(
+        e.last_error()
+            .unwrap()
+            .starts_with("cannot parse message stdin line 3: "),
+        "{:?}",
+        e.last_error()
+    );
+    let mut r = from_json_line(r#"{"topic":"t","value":{"n":"#, 5, "file");
+    r.origin = Some("file:in.jsonl".into());
+    r.cut = Some(Truncated {
+        len: 5_000_000,
+        limit: 4_194_304,
+        sha256: "00".into(),
+    });
+    let e = poison_row(normalize(&d, &r, "g"));
+    assert_eq!(
+        e.last_error(),
+        Some(
+            "cannot parse message file:in.jsonl line 5: the line is 5000000 bytes, longer than a line may be (4194304 bytes), so it was not parsed"
+        )
+    );
+}
+
+fn poison_row(n: Normalized) -> InboxEvent {
+    match n {
+        Normalized::Poison(e) => *e,
+        Normalized::Event(e) => panic!("not poison: {}", e.message_id()),
+    }
+}
+
+/// A file or stdin line without an id is identified by its content:
+/// line 1 of one input no longer collides with line 1 of another.
+#[test]
+fn lines_without_ids_are_identified_by_content() {
+    let d = DomainService::default();
+    let a = from_json_line(r#"{"topic":"t","value":{"a":1}}"#, 1, "file");
+    let b = from_json_line(r#"{"topic":"t","value":{"b":2}}"#, 1, "file");
+    let a_again = from_json_line(r#"{"topic":"t","value":{"a":1}}"#, 7, "file");
+    let (ia, ib, ia2) = (
+        event(normalize(&d, &a, "g")).message_id().to_string(),
+        event(normalize(&d, &b, "g")).message_id().to_string(),
+        event(normalize(&d, &a_again, "g")).message_id().to_string(),
+    );
+    assert!(ia.starts_with("sha256:") && ia.len() == 71, "{ia}");
+    assert_ne!(ia, ib);
+    assert_eq!(ia, ia2, "the same content is the same message");
+    // Garbage lines too: two different poison lines are two rows.
+    let g1 = poison_row(normalize(&d, &from_json_line("garbage", 1, "file"), "g"));
+    let g2 = poison_row(normalize(&d, &from_json_line("rubbish", 1, "file"), "g"));
+    assert_ne!(g1.message_id(), g2.message_id());
+    // Kafka keeps its position as the id.
+    let k = event(normalize(&d, &raw(&[], r#"{"a":1}"#), "g"));
+    assert_eq!(k.message_id(), "orders:2:41");
+}
+
+/// Poison keeps its exact bytes when the row can hold them, else a
+/// prefix, the whole length and its SHA-256; bytes that are not UTF-8
+/// are poison, never "repaired".
+#[test]
+fn poison_keeps_its_bytes_or_their_length_and_digest() {
+    use base64::Engine as _;
+    let d = DomainService::default();
+    let bad = b"{\"a\":\"\xff\"}".to_vec();
+    let mut m = raw(&[], "");
+    m.payload = Some(bad.clone());
+    let p = poison_row(normalize(&d, &m, "g"));
+    assert_eq!(raw_of(&p), bad);
+    assert_eq!(p.payload()["raw_sha256"], json!(sha256_hex(&bad)));
+    let big = vec![b'x'; 3_000_000];
+    m.payload = Some(big.clone());
+    let p = poison_row(normalize(&d, &m, "g"));
+    assert!(p.payload().get("raw_base64").is_none());
+    assert_eq!(p.payload()["raw_bytes"], json!(3_000_000));
+    assert_eq!(p.payload()["raw_sha256"], json!(sha256_hex(&big)));
+    let prefix = base64::engine::general_purpose::STANDARD
+        .decode(p.payload()["raw_prefix_base64"].as_str().unwrap())
+        .unwrap();
+    assert!(prefix.len() > 500_000 && big.starts_with(&prefix));
+}
+
+/// Every delivery of one message has the same event id (the handler's
+/// idempotency key), a function of the consumer group and message id,
+/// not a fresh UUID per delivery.
+#[test]
+fn the_event_id_is_the_same_for_every_delivery() {
+    let d = DomainService::default();
+    let m = raw(&[("message_id", "m-1")], r#"{"a":1}"#);
+    let first = event(normalize(&d, &m, "billing"));
+    let again = event(normalize(&d, &m, "billing"));
+    assert_eq!(first.id(), again.id());
+    assert_eq!(first.id(), crate::domain::inbox_event_id("billing", "m-1"));
+    assert_eq!(first.id().get_version_num(), 5);
+    let other_group = event(normalize(&d, &m, "audit"));
+    assert_ne!(first.id(), other_group.id());
+    let other_id = event(normalize(
+        &d,
+        &raw(&[("message_id", "m-2")], r#"{"a":1}"#),
+        "billing",
+    ));
+    assert_ne!(first.id(), other_id.id());
+}
+
+/// An id header is never altered: one that breaks a rule makes the
+/// message poison (with the reason) under its content id, so distinct
+/// messages never collide; a header of control characters does not
+/// panic.
+#[test]
+fn a_bad_id_header_makes_poison_and_never_collides() {
+    let d = DomainService::default();
+    let ok = event(normalize(
+        &d,
+        &raw(&[("message_id", "abcd")], r#"{"a":1}"#),
+        "g",
+    ));
+    assert_eq!(ok.message_id(), "abcd");
+    let ctl = poison_row(normalize(
+        &d,
+        &raw(&[("message_id", "ab\u{1}cd")], r#"{"a":1}"#),
+        "g",
+    ));
+    assert_ne!(ctl.message_id(), "abcd");
+    assert!(
+        ctl.last_error().unwrap().contains("message_id"),
+        "{:?}",
+        ctl.last_error()
+    );
+    let only_ctl = poison_row(normalize(
+        &d,
+        &raw(&[("message_id", "\u{1}\u{2}")], r#"{"a":1}"#),
+        "g",
+    ));
+    assert!(only_ctl.message_id().starts_with("sha256:"));
+    let long_a = format!("{}a", "x".repeat(300));
+    let long_b = format!("{}b", "x".repeat(300));
+    let pa = poison_row(normalize(
+        &d,
+        &raw(&[("message_id", &long_a)], r#"{"a":1}"#),
+        "g",
+    ));
+    let pb = poison_row(normalize(
+        &d,
+        &raw(&[("message_id", &long_b)], r#"{"a":1}"#),
+        "g",
+    ));
+    assert_ne!(pa.message_id(), pb.message_id());
+    let padded = poison_row(normalize(
+        &d,
+        &raw(&[("event_id", " id-1")], r#"{"a":1}"#),
+        "g",
+    ));
+    assert!(padded.last_error().unwrap().contains("event_id"));
+    let source = poison_row(normalize(
+        &d,
+        &raw(&[("source", "\u{1}")], r#"{"a":1}"#),
+        "g",
+    ));
+    assert_eq!(source.source(), "orders");
+}
+
+/// Randomized: arbitrary topics, keys, headers (ids, sources, types)
+/// and values, valid or not, never panic, and every message ends as a
+/// valid row or a poison row. OMNIBOX_FUZZ_CASES (default 20,000) and
+/// OMNIBOX_FUZZ_SEED replay or extend it.
+#[test]
+fn any_message_ends_as_a_row_or_poison() {
+    let cases: usize = std::env::var("OMNIBOX_FUZZ_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(20_000);
+    let seed: u64 = std::env::var("OMNIBOX_FUZZ_SEED")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| fastrand::u64(..));
+    eprintln!("normalisation fuzz: seed {seed} (OMNIBOX_FUZZ_SEED), {cases} cases");
+    let mut rng = fastrand::Rng::with_seed(seed);
+    let d = DomainService::default();
+    let pieces: [&[u8]; 12] = [
+        b"",
+        b" ",
+        b"\x01",
+        b"\xff\xfe",
+        b"id",
+        b"{",
+        b"}",
+        b"\"",
+        b"{\"a\":1}",
+        b"[1]",
+        b"null",
+        "\u{e9}\u{1F600}".as_bytes(),
+    ];
+    let bytes = |rng: &mut fastrand::Rng| -> Vec<u8> {
+        let mut v = Vec::new();
+        match rng.u8(0..10) {
+            0 => v.extend(std::iter::repeat_n(b'x', rng.usize(200..400))),
+            1 => (0..rng.usize(0..40)).for_each(|_| v.push(rng.u8(..))),
+            _ => (0..rng.usize(0..6))
+                .for_each(|_| v.extend_from_slice(pieces[rng.usize(..pieces.len())])),
+        }
+        v
+    };
+    let names = [
+        "message_id",
+        "event_id",
+        "source",
+        "source_service",
+        "event_type",
+        "trace_id",
+        "x",
+    ];
+    for case in 0..cases {
+        let headers = (0..rng.usize(0..5))
+            .map(|_| (names[rng.usize(..names.len())].to_string(), bytes(&mut rng)))
+            .collect();
+        let payload = match rng.u8(0..4) {
+            0 => None,
+            1 => Some(br#"{"order":1}"#.to_vec()),
+            _ => Some(bytes(&mut rng)),
+        };
+        let m = RawMessage {
+            topic: String::from_utf8_lossy(&bytes(&mut rng)).into_owned(),
+            partition: rng.i32(..),
+            offset: rng.i64(..),
+            key: rng.bool().then(|| bytes(&mut rng)),
+            headers,
+            payload,
+            position_is_identity: rng.bool(),
+            cut: None,
+            origin: None,
+            defect: None,
+        };
+        let n = std::panic::catch_unwind(|| normalize(&d, &m, "g"))
+            .unwrap_or_else(|_| panic!("case {case} (seed {seed}) panicked: {m:?}"));
+        let row = n.event();
+        assert!(
+            validate::exact(
+                "message_id",
+                row.message_id(),
+                limits::MESSAGE_ID_MAX_LENGTH
+            )
+            .is_ok(),
+            "case {case} (seed {seed}): id {:?}",
+            row.message_id()
+        );
+        if let Some(id) = m
+            .header_bytes("message_id")
+            .or_else(|| m.header_bytes("event_id"))
+            && !n.is_poison()
+        {
+            assert_eq!(
+                row.message_id().as_bytes(),
+                id,
+                "case {case} (seed {seed}): id altered"
+            );
+        }
+        if n.is_poison() {
+            assert_eq!(row.status(), EventStatus::Failed);
+            assert!(row.last_error().is_some());
+        }
+    }
+}
