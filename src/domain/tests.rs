@@ -484,45 +484,28 @@ fn backoff_doubles_caps_and_jitters_equally() {
 
 #[test]
 fn invariants_catch_inconsistent_rows() {
-    let mut e = locked();
-    e.status = EventStatus::Completed;
-    assert!(
-        e.validate_invariants()
-            .unwrap_err()
-            .to_string()
-            .contains("completed_at must be set")
-    );
-    let mut e = locked();
-    e.locked_by = None;
-    assert!(
-        e.validate_invariants()
-            .unwrap_err()
-            .to_string()
-            .contains("all set or all empty")
-    );
-    let mut e = locked();
-    e.locked_until = None;
-    assert!(
-        e.validate_invariants()
-            .unwrap_err()
-            .to_string()
-            .contains("all set or all empty")
-    );
-    let mut e = locked();
-    e.attempts_made = 7;
-    assert!(
-        e.validate_invariants()
-            .unwrap_err()
-            .to_string()
-            .contains("cannot exceed")
-    );
-    let mut e = locked();
-    e.status = EventStatus::Failed;
-    e.attempts_made = 6;
-    assert!(
-        e.validate_invariants()
-            .unwrap_err()
-            .to_string()
-            .contains("locked event must be pending")
-    );
+    // Each case: a locked row changed one way, and the error it must give.
+    type Change = fn(&mut OutboxEvent);
+    let cases: [(Change, &str); 5] = [
+        (
+            |e| e.status = EventStatus::Completed,
+            "completed_at must be set",
+        ),
+        (|e| e.locked_by = None, "all set or all empty"),
+        (|e| e.locked_until = None, "all set or all empty"),
+        (|e| e.attempts_made = 7, "cannot exceed"),
+        (
+            |e| {
+                e.status = EventStatus::Failed;
+                e.attempts_made = 6;
+            },
+            "locked event must be pending",
+        ),
+    ];
+    for (change, expected) in cases {
+        let mut e = locked();
+        change(&mut e);
+        let error = e.validate_invariants().unwrap_err().to_string();
+        assert!(error.contains(expected), "{error} (expected: {expected})");
+    }
 }
