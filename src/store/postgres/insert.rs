@@ -173,6 +173,39 @@ struct ColumnArrays {
     payload_bytes: Vec<i32>,
 }
 
+/// A query of this module, its arguments bound by value or borrowed for `'q`.
+type PgQuery<'q> = sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>;
+
+/// One route column of `chunk`, as an array to bind.
+fn column<'e, R: Route, T>(chunk: &'e [Event<R>], value: impl Fn(&'e R) -> T) -> Vec<T> {
+    chunk.iter().map(|e| value(&e.route)).collect()
+}
+
+/// Inserts `chunk` with `sql` (the common columns, then the route's, which
+/// `route` binds, then `payload_bytes`); returns the ids of the rows
+/// written (a row that exists already is not).
+async fn insert_chunk<'e, R: Route>(
+    conn: &mut PgConnection,
+    sql: &'static str,
+    chunk: &'e [Event<R>],
+    route: impl FnOnce(PgQuery<'e>) -> PgQuery<'e>,
+) -> Result<Vec<Uuid>> {
+    let mut common = ColumnArrays::default();
+    for e in chunk {
+        common.push(e)?;
+    }
+    let (q, payload_bytes) = common.bind(sqlx::query(sql));
+    route(q)
+        .bind(payload_bytes)
+        .fetch_all(&mut *conn)
+        .await
+        .map_err(storage)?
+        .iter()
+        .map(|r| r.try_get(0))
+        .collect::<Result<_, _>>()
+        .map_err(storage)
+}
+
 impl ColumnArrays {
     fn push<R: Route>(&mut self, e: &Event<R>) -> Result<()> {
         e.validate_invariants()?;
@@ -212,13 +245,7 @@ impl ColumnArrays {
 
     /// Binds the common columns ($1..$16); the caller binds the route's,
     /// then the returned `payload_bytes` last.
-    fn bind<'q>(
-        self,
-        q: sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>,
-    ) -> (
-        sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>,
-        Vec<i32>,
-    ) {
+    fn bind<'q>(self, q: PgQuery<'q>) -> (PgQuery<'q>, Vec<i32>) {
         let q = q
             .bind(self.id)
             .bind(self.event_type)
@@ -255,32 +282,13 @@ pub async fn insert_outbox(
             inserted.extend(chunk.iter().map(|e| e.id));
             continue;
         }
-        let mut common = ColumnArrays::default();
-        let mut aggregate_type = Vec::with_capacity(chunk.len());
-        let mut aggregate_id = Vec::with_capacity(chunk.len());
-        let mut topic = Vec::with_capacity(chunk.len());
-        let mut partition_key = Vec::with_capacity(chunk.len());
-        for e in chunk {
-            common.push(e)?;
-            aggregate_type.push(e.route.aggregate_type.as_str());
-            aggregate_id.push(e.route.aggregate_id);
-            topic.push(e.route.topic.as_str());
-            partition_key.push(e.route.partition_key.as_str());
-        }
-        let (q, payload_bytes) = common.bind(sqlx::query(sql::INSERT_OUTBOX));
-        let ids: Vec<Uuid> = q
-            .bind(aggregate_type)
-            .bind(aggregate_id)
-            .bind(topic)
-            .bind(partition_key)
-            .bind(payload_bytes)
-            .fetch_all(&mut *conn)
-            .await
-            .map_err(storage)?
-            .iter()
-            .map(|r| r.try_get(0))
-            .collect::<Result<_, _>>()
-            .map_err(storage)?;
+        let ids = insert_chunk(conn, sql::INSERT_OUTBOX, chunk, |q| {
+            q.bind(column(chunk, |r| r.aggregate_type.as_str()))
+                .bind(column(chunk, |r| r.aggregate_id))
+                .bind(column(chunk, |r| r.topic.as_str()))
+                .bind(column(chunk, |r| r.partition_key.as_str()))
+        })
+        .await?;
         inserted.extend(ids);
     }
     let skipped_keys: Vec<&str> = events
@@ -333,29 +341,12 @@ pub async fn insert_inbox(
 ) -> Result<Vec<BulkOutcome>> {
     let mut inserted = HashSet::with_capacity(events.len());
     for chunk in chunks(events) {
-        let mut common = ColumnArrays::default();
-        let mut message_id = Vec::with_capacity(chunk.len());
-        let mut consumer_group = Vec::with_capacity(chunk.len());
-        let mut source = Vec::with_capacity(chunk.len());
-        for e in chunk {
-            common.push(e)?;
-            message_id.push(e.route.message_id.as_str());
-            consumer_group.push(e.route.consumer_group.as_str());
-            source.push(e.route.source.as_str());
-        }
-        let (q, payload_bytes) = common.bind(sqlx::query(sql::INSERT_INBOX));
-        let ids: Vec<Uuid> = q
-            .bind(message_id)
-            .bind(consumer_group)
-            .bind(source)
-            .bind(payload_bytes)
-            .fetch_all(&mut *conn)
-            .await
-            .map_err(storage)?
-            .iter()
-            .map(|r| r.try_get(0))
-            .collect::<Result<_, _>>()
-            .map_err(storage)?;
+        let ids = insert_chunk(conn, sql::INSERT_INBOX, chunk, |q| {
+            q.bind(column(chunk, |r| r.message_id.as_str()))
+                .bind(column(chunk, |r| r.consumer_group.as_str()))
+                .bind(column(chunk, |r| r.source.as_str()))
+        })
+        .await?;
         inserted.extend(ids);
     }
     // One message twice in a batch has one id (it is derived from the
