@@ -249,14 +249,14 @@ impl Object {
         }
     }
 
+    /// The object for a reader: its [`key`](Self::key) with a space after
+    /// the kind, but a trigger named before its table and a function with
+    /// `()`.
     fn describe(&self) -> String {
         match self {
-            Object::Table(t) => format!("table {t}"),
-            Object::Index(i) => format!("index {i}"),
-            Object::Column(t, c) => format!("column {t}.{c}"),
             Object::Trigger(t, n) => format!("trigger {n} on {t}"),
             Object::Function(f) => format!("function {f}()"),
-            Object::Constraint(c) => format!("constraint {c}"),
+            _ => self.key().replacen(':', " ", 1),
         }
     }
 }

@@ -23,3 +23,24 @@ fn edited_migrations_keep_their_released_checksums() {
         )
     );
 }
+
+/// An object's key (what the catalog queries return) and how `doctor` and
+/// `migrate` name it.
+#[test]
+fn objects_are_keyed_and_described() {
+    use super::Object::*;
+    let cases = [
+        (Table("t"), "table:t", "table t"),
+        (Index("i"), "index:i", "index i"),
+        (Column("t", "c"), "column:t.c", "column t.c"),
+        (Trigger("t", "n"), "trigger:t.n", "trigger n on t"),
+        (Function("f"), "function:f", "function f()"),
+        (Constraint("c"), "constraint:c", "constraint c"),
+    ];
+    for (object, key, described) in cases {
+        assert_eq!(
+            (object.key().as_str(), object.describe().as_str()),
+            (key, described)
+        );
+    }
+}
