@@ -310,52 +310,75 @@ mod tests {
         }
     }
 
-    #[test]
-    fn a_free_head_before_a_row_in_flight_waits() {
-        let mut in_flight = row(1, 2, false, false);
-        in_flight.locked = true;
-        let rows = vec![row(1, 1, true, true), in_flight, row(2, 3, true, false)];
-        assert_eq!(seqs(&plan(&rows, 100, None)), vec![vec![3]]);
-    }
-
     fn seqs(runs: &[Run]) -> Vec<Vec<u128>> {
         runs.iter()
             .map(|r| r.ids.iter().map(|id| id.as_u128()).collect())
             .collect()
     }
 
-    #[test]
-    fn runs_stop_at_the_first_row_that_is_not_ready() {
-        let rows = vec![
-            row(1, 1, true, false),
-            row(1, 2, true, false),
-            row(1, 3, false, false), // locked by someone else, or a retry not yet due
-            row(1, 4, true, false),
-            row(2, 5, true, false),
-        ];
-        assert_eq!(seqs(&plan(&rows, 100, None)), vec![vec![1, 2], vec![5]]);
+    /// A row of a case of [`runs_follow_the_heads_of_their_keys`].
+    #[derive(Clone, Copy)]
+    enum Seen {
+        /// Ready, never tried.
+        Due,
+        /// Ready, tried before.
+        Retry,
+        /// Not ready (locked by someone else, or a retry not yet due).
+        Waiting,
+        /// Not ready and tried: a head that holds its key.
+        Held,
+        /// Not ready, locked by a live lease (another claim's, in flight).
+        InFlight,
     }
 
-    #[test]
-    fn a_held_head_hands_out_nothing() {
-        let rows = vec![
-            row(1, 1, false, true),
-            row(1, 2, true, false),
-            row(2, 3, true, false),
-        ];
-        assert_eq!(seqs(&plan(&rows, 100, None)), vec![vec![3]]);
+    /// Rows of keys and states, their seqs 1, 2, ... in order.
+    fn walk(rows: &[(i64, Seen)]) -> Vec<WalkRow> {
+        (1..)
+            .zip(rows)
+            .map(|(seq, &(key, seen))| {
+                let (ready, tried) = match seen {
+                    Seen::Due => (true, false),
+                    Seen::Retry => (true, true),
+                    Seen::Waiting | Seen::InFlight => (false, false),
+                    Seen::Held => (false, true),
+                };
+                WalkRow {
+                    locked: matches!(seen, Seen::InFlight),
+                    ..row(key, seq, ready, tried)
+                }
+            })
+            .collect()
     }
 
+    /// Which runs `plan` hands out (no bound reached), by rows' seqs.
     #[test]
-    fn a_tried_head_goes_alone_and_a_tried_row_ends_a_run() {
-        let rows = vec![
-            row(1, 1, true, true),
-            row(1, 2, true, false),
-            row(2, 3, true, false),
-            row(2, 4, true, true),
-            row(2, 5, true, false),
+    fn runs_follow_the_heads_of_their_keys() {
+        use Seen::*;
+        let cases: [(&str, &[(i64, Seen)], Vec<Vec<u128>>); 4] = [
+            (
+                "a free head before a row in flight waits",
+                &[(1, Retry), (1, InFlight), (2, Due)],
+                vec![vec![3]],
+            ),
+            (
+                "runs stop at the first row that is not ready",
+                &[(1, Due), (1, Due), (1, Waiting), (1, Due), (2, Due)],
+                vec![vec![1, 2], vec![5]],
+            ),
+            (
+                "a held head hands out nothing",
+                &[(1, Held), (1, Due), (2, Due)],
+                vec![vec![3]],
+            ),
+            (
+                "a tried head goes alone and a tried row ends a run",
+                &[(1, Retry), (1, Due), (2, Due), (2, Retry), (2, Due)],
+                vec![vec![1], vec![3]],
+            ),
         ];
-        assert_eq!(seqs(&plan(&rows, 100, None)), vec![vec![1], vec![3]]);
+        for (case, rows, runs) in cases {
+            assert_eq!(seqs(&plan(&walk(rows), 100, None)), runs, "{case}");
+        }
     }
 
     #[test]
