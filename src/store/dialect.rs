@@ -368,27 +368,10 @@ fn push_letters<D: Dialect>(qb: &mut QueryBuilder<D::Db>, filter: &DeadLetterFil
         qb.push(" AND origin = ");
         D::text(qb, origin.to_string());
     }
-    if let Some(t) = &filter.event_type {
-        qb.push(" AND event_type = ");
-        D::text(qb, t.clone());
-    }
-    if let Some(t) = &filter.topic {
-        qb.push(" AND topic = ");
-        D::text(qb, t.clone());
-    }
-    if let Some(text) = &filter.error_contains {
-        qb.push(" AND ").push(D::POSITION).push("(error, ");
-        D::text(qb, text.clone());
-        qb.push(") > 0");
-    }
-    if let Some(since) = &filter.since {
-        qb.push(" AND dead_at >= ");
-        D::time(qb, since);
-    }
-    if let Some(until) = &filter.until {
-        qb.push(" AND dead_at < ");
-        D::time(qb, until);
-    }
+    push_eq::<D>(qb, "event_type", filter.event_type.as_deref());
+    push_eq::<D>(qb, "topic", filter.topic.as_deref());
+    push_contains::<D>(qb, "error", filter.error_contains.as_deref());
+    push_window::<D>(qb, "dead_at", filter.since.as_ref(), filter.until.as_ref());
     if filter.open_only {
         qb.push(" AND replayed_at IS NULL");
     }
@@ -413,27 +396,13 @@ pub(crate) fn push_list<D: Dialect>(
     table: Table,
     filter: &ListFilter,
 ) {
-    if let Some(status) = filter.status {
-        qb.push(" AND status = ");
-        D::text(qb, status.as_str().to_string());
-    }
-    if let Some(t) = &filter.event_type {
-        qb.push(" AND event_type = ");
-        D::text(qb, t.clone());
-    }
-    if let Some(t) = &filter.topic {
-        qb.push(" AND ").push(topic_column(table)).push(" = ");
-        D::text(qb, t.clone());
-    }
-    if let Some(g) = &filter.consumer_group {
-        // Checked by the caller: inbox only.
-        qb.push(" AND consumer_group = ");
-        D::text(qb, g.clone());
-    }
-    if let Some(since) = filter.since {
-        qb.push(" AND created_at >= ");
-        D::time(qb, &since);
-    }
+    push_eq::<D>(qb, "status", filter.status.map(|s| s.as_str()));
+    push_selectors::<D>(
+        qb,
+        table,
+        [&filter.event_type, &filter.topic, &filter.consumer_group],
+    );
+    push_window::<D>(qb, "created_at", filter.since.as_ref(), None);
     if let Some(after) = filter.after_seq {
         qb.push(" AND seq > ");
         D::int(qb, after);
@@ -459,36 +428,73 @@ pub(crate) fn push_failed<D: Dialect>(
         qb.push(" AND ");
         D::id_in(qb, "id", &filter.ids);
     }
-    if let Some(t) = &filter.event_type {
-        qb.push(" AND event_type = ");
-        D::text(qb, t.clone());
-    }
-    if let Some(t) = &filter.topic {
-        qb.push(" AND ").push(topic_column(table)).push(" = ");
-        D::text(qb, t.clone());
-    }
-    if let Some(g) = &filter.consumer_group {
-        // Checked by the caller: inbox only.
-        qb.push(" AND consumer_group = ");
-        D::text(qb, g.clone());
-    }
-    if let Some(text) = &filter.error_contains {
-        qb.push(" AND ").push(D::POSITION).push("(last_error, ");
-        D::text(qb, text.clone());
-        qb.push(") > 0");
-    }
-    if let Some(since) = filter.since {
-        qb.push(" AND updated_at >= ");
-        D::time(qb, &since);
-    }
-    if let Some(until) = filter.until {
-        qb.push(" AND updated_at < ");
-        D::time(qb, &until);
-    }
+    push_selectors::<D>(
+        qb,
+        table,
+        [&filter.event_type, &filter.topic, &filter.consumer_group],
+    );
+    push_contains::<D>(qb, "last_error", filter.error_contains.as_deref());
+    push_window::<D>(
+        qb,
+        "updated_at",
+        filter.since.as_ref(),
+        filter.until.as_ref(),
+    );
     qb.push(" ORDER BY seq");
     if let Some(limit) = filter.limit {
         qb.push(" LIMIT ");
         D::int(qb, i64::from(limit));
+    }
+}
+
+/// The event type, topic (outbox) or source (inbox) and consumer group an
+/// event selection asks for, each when set, on `table`'s columns (a
+/// consumer group is checked by the caller: inbox only).
+fn push_selectors<D: Dialect>(
+    qb: &mut QueryBuilder<D::Db>,
+    table: Table,
+    [event_type, topic, group]: [&Option<String>; 3],
+) {
+    push_eq::<D>(qb, "event_type", event_type.as_deref());
+    push_eq::<D>(qb, topic_column(table), topic.as_deref());
+    push_eq::<D>(qb, "consumer_group", group.as_deref());
+}
+
+/// ` AND column = value`, when `value` is set.
+fn push_eq<D: Dialect>(qb: &mut QueryBuilder<D::Db>, column: &str, value: Option<&str>) {
+    if let Some(v) = value {
+        qb.push(" AND ").push(column).push(" = ");
+        D::text(qb, v.to_string());
+    }
+}
+
+/// ` AND` `column` contains `text`, when `text` is set.
+fn push_contains<D: Dialect>(qb: &mut QueryBuilder<D::Db>, column: &str, text: Option<&str>) {
+    if let Some(text) = text {
+        qb.push(" AND ")
+            .push(D::POSITION)
+            .push("(")
+            .push(column)
+            .push(", ");
+        D::text(qb, text.to_string());
+        qb.push(") > 0");
+    }
+}
+
+/// ` AND` `column` at or after `since` and before `until`, each when set.
+fn push_window<D: Dialect>(
+    qb: &mut QueryBuilder<D::Db>,
+    column: &str,
+    since: Option<&Timestamp>,
+    until: Option<&Timestamp>,
+) {
+    if let Some(since) = since {
+        qb.push(" AND ").push(column).push(" >= ");
+        D::time(qb, since);
+    }
+    if let Some(until) = until {
+        qb.push(" AND ").push(column).push(" < ");
+        D::time(qb, until);
     }
 }
 
