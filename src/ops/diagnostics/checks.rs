@@ -7,7 +7,7 @@ use std::time::Duration;
 use super::Check;
 use crate::model::Table;
 use crate::model::time::human_duration;
-use crate::store::diagnostics::{SMALL_TABLE_PAGES, Statistics};
+use crate::store::diagnostics::{ReplicationSlot, SMALL_TABLE_PAGES, Statistics};
 use crate::store::{AnyStore, OutboxStore};
 
 /// Whether the outbox claim's plan reads the claim index in order; a small table
@@ -315,7 +315,7 @@ pub(super) async fn slots_check(store: &AnyStore) -> Check {
             .collect::<Vec<_>>()
             .join(" ")
     };
-    let describe = |s: &crate::store::diagnostics::ReplicationSlot| -> String {
+    let describe = |s: &ReplicationSlot| -> String {
         let mut d = format!("{} ({}", s.name, s.kind);
         if let Some(db) = &s.database {
             d.push_str(&format!(", database {db}"));
@@ -332,40 +332,34 @@ pub(super) async fn slots_check(store: &AnyStore) -> Check {
         d.push(')');
         d
     };
-    let lost: Vec<_> = slots
-        .iter()
-        .filter(|s| s.wal_status.as_deref() == Some("lost"))
-        .collect();
-    let idle: Vec<_> = slots.iter().filter(|s| !s.active).collect();
-    let at_risk: Vec<_> = slots
-        .iter()
-        .filter(|s| s.active && s.wal_status.as_deref() == Some("unreserved"))
-        .collect();
-    // The worst finding, its slots, and what to do about them.
-    let finding = if !lost.is_empty() {
-        Some((
-            Check::fail as fn(&'static str, String, String) -> Check,
-            "lost the WAL it needed, its reader cannot go on",
-            lost,
-            "drop it (as a superuser or a role with REPLICATION), and let its reader start again from a new slot:",
-        ))
-    } else if !idle.is_empty() {
-        Some((
-            Check::warn as fn(&'static str, String, String) -> Check,
-            "not read",
-            idle,
-            "a slot nobody reads keeps every WAL segment since its position until the disk is full (cap it with max_slot_wal_keep_size); if nothing will read it again, drop it (as a superuser or a role with REPLICATION):",
-        ))
-    } else if !at_risk.is_empty() {
-        Some((
-            Check::warn as fn(&'static str, String, String) -> Check,
-            "read, but about to lose WAL it needs",
-            at_risk,
-            "its reader is behind by more than max_slot_wal_keep_size allows; speed the reader up or raise the setting, or the slot will be lost. To give it up instead:",
-        ))
-    } else {
-        None
+    let with = |keep: fn(&ReplicationSlot) -> bool| -> Vec<&ReplicationSlot> {
+        slots.iter().filter(|s| keep(s)).collect()
     };
+    // The findings, worst first: how bad, its slots, and what to do about them.
+    type Judge = fn(&'static str, String, String) -> Check;
+    let findings: [(Judge, &str, Vec<&ReplicationSlot>, &str); 3] = [
+        (
+            Check::fail,
+            "lost the WAL it needed, its reader cannot go on",
+            with(|s| s.wal_status.as_deref() == Some("lost")),
+            "drop it (as a superuser or a role with REPLICATION), and let its reader start again from a new slot:",
+        ),
+        (
+            Check::warn,
+            "not read",
+            with(|s| !s.active),
+            "a slot nobody reads keeps every WAL segment since its position until the disk is full (cap it with max_slot_wal_keep_size); if nothing will read it again, drop it (as a superuser or a role with REPLICATION):",
+        ),
+        (
+            Check::warn,
+            "read, but about to lose WAL it needs",
+            with(|s| s.active && s.wal_status.as_deref() == Some("unreserved")),
+            "its reader is behind by more than max_slot_wal_keep_size allows; speed the reader up or raise the setting, or the slot will be lost. To give it up instead:",
+        ),
+    ];
+    let finding = findings
+        .into_iter()
+        .find(|(_, _, found, _)| !found.is_empty());
     if let Some((judge, what, found, todo)) = finding {
         let names: Vec<&str> = found.iter().map(|s| s.name.as_str()).collect();
         let listed: Vec<String> = found.iter().map(|s| describe(s)).collect();
