@@ -354,7 +354,9 @@ mod tests {
     #[test]
     fn runs_follow_the_heads_of_their_keys() {
         use Seen::*;
-        let cases: [(&str, &[(i64, Seen)], Vec<Vec<u128>>); 4] = [
+        // What the case shows, its rows, and the runs handed out.
+        type Case = (&'static str, &'static [(i64, Seen)], Vec<Vec<u128>>);
+        let cases: [Case; 4] = [
             (
                 "a free head before a row in flight waits",
                 &[(1, Retry), (1, InFlight), (2, Due)],
