@@ -7,6 +7,41 @@ use serde::Serialize;
 
 use crate::error::{Error, Result};
 
+/// `Display` as `as_str`, and `FromStr` from any of `names` (trimmed, in
+/// any case); anything else is a validation error of `field` saying what
+/// is `expected`.
+macro_rules! named {
+    (
+        $ty:ident,
+        $field:literal,
+        $expected:literal,
+        [$($name:literal => $value:ident),+ $(,)?] $(,)?
+    ) => {
+        impl fmt::Display for $ty {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+
+        impl FromStr for $ty {
+            type Err = Error;
+
+            fn from_str(s: &str) -> Result<Self> {
+                let name = s.trim();
+                $(
+                    if name.eq_ignore_ascii_case($name) {
+                        return Ok($ty::$value);
+                    }
+                )+
+                Err(Error::validation(
+                    $field,
+                    format!(concat!("unknown ", $field, " {:?}; expected ", $expected), s),
+                ))
+            }
+        }
+    };
+}
+
 /// Lifecycle status of an event (docs/design.md, "Event lifecycle and rules").
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -37,27 +72,12 @@ impl EventStatus {
     }
 }
 
-impl fmt::Display for EventStatus {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-impl FromStr for EventStatus {
-    type Err = Error;
-
-    fn from_str(s: &str) -> Result<Self> {
-        match s.trim().to_ascii_lowercase().as_str() {
-            "pending" => Ok(EventStatus::Pending),
-            "completed" => Ok(EventStatus::Completed),
-            "failed" => Ok(EventStatus::Failed),
-            _ => Err(Error::validation(
-                "status",
-                format!("unknown status {s:?}; expected pending, completed or failed"),
-            )),
-        }
-    }
-}
+named!(
+    EventStatus,
+    "status",
+    "pending, completed or failed",
+    ["pending" => Pending, "completed" => Completed, "failed" => Failed],
+);
 
 /// Which of the two tables an event lives in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
@@ -90,23 +110,14 @@ impl Table {
     }
 }
 
-impl fmt::Display for Table {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-impl FromStr for Table {
-    type Err = Error;
-
-    fn from_str(s: &str) -> Result<Self> {
-        match s.trim().to_ascii_lowercase().as_str() {
-            "outbox" | "outbox_events" => Ok(Table::Outbox),
-            "inbox" | "inbox_events" => Ok(Table::Inbox),
-            _ => Err(Error::validation(
-                "table",
-                format!("unknown table {s:?}; expected outbox or inbox"),
-            )),
-        }
-    }
-}
+named!(
+    Table,
+    "table",
+    "outbox or inbox",
+    [
+        "outbox" => Outbox,
+        "outbox_events" => Outbox,
+        "inbox" => Inbox,
+        "inbox_events" => Inbox,
+    ],
+);
