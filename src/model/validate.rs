@@ -168,38 +168,11 @@ pub fn headers(headers: Option<Headers>, limits: &Limits) -> Result<Option<Heade
         if key.is_empty() {
             return Err(Error::validation("headers", "a header key is empty"));
         }
-        let key_chars = key.chars().count();
-        if key_chars > limits.header_key_max_length {
-            return Err(Error::validation(
-                field,
-                format!(
-                    "key is {key_chars} characters long; the limit is {}",
-                    limits.header_key_max_length
-                ),
-            ));
-        }
-        if key.chars().any(char::is_control) {
-            return Err(Error::validation(field, "key contains a control character"));
-        }
+        header_part(&field, "key", key, limits.header_key_max_length)?;
         if value.is_empty() {
             return Err(Error::validation(field, "value must not be empty"));
         }
-        let value_chars = value.chars().count();
-        if value_chars > limits.header_value_max_length {
-            return Err(Error::validation(
-                field,
-                format!(
-                    "value is {value_chars} characters long; the limit is {}",
-                    limits.header_value_max_length
-                ),
-            ));
-        }
-        if value.chars().any(char::is_control) {
-            return Err(Error::validation(
-                field,
-                "value contains a control character",
-            ));
-        }
+        header_part(&field, "value", value, limits.header_value_max_length)?;
         if let Some(other) = seen.insert(key.to_lowercase(), key) {
             return Err(Error::validation(
                 "headers",
@@ -208,6 +181,25 @@ pub fn headers(headers: Option<Headers>, limits: &Limits) -> Result<Option<Heade
         }
     }
     Ok(Some(headers))
+}
+
+/// A header's `part` (`key` or `value`): at most `max` characters, no
+/// control characters.
+fn header_part(field: &str, part: &str, text: &str, max: usize) -> Result<()> {
+    let chars = text.chars().count();
+    if chars > max {
+        return Err(Error::validation(
+            field,
+            format!("{part} is {chars} characters long; the limit is {max}"),
+        ));
+    }
+    if text.chars().any(char::is_control) {
+        return Err(Error::validation(
+            field,
+            format!("{part} contains a control character"),
+        ));
+    }
+    Ok(())
 }
 
 /// `scheduled_at` must lie within `[created_at - skew, created_at + max_future]`.
