@@ -5,6 +5,8 @@ mod event;
 mod new_event;
 mod state;
 mod status;
+#[cfg(test)]
+pub(crate) mod testing;
 pub(crate) use event::ClockDefault;
 #[doc(hidden)]
 pub mod input;

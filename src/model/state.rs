@@ -151,8 +151,6 @@ impl<R: super::Route> Event<R> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::domain::DomainService;
-    use crate::model::NewOutboxEvent;
 
     /// Random states, seeded (`OMNIBOX_STATE_SEED` replays one): a state is
     /// either refused with a validation error or taken whole, and a taken
@@ -164,16 +162,11 @@ mod tests {
             Err(_) => (0..2000).collect(),
         };
         let created = time::truncate(time::now());
-        let base = DomainService::default()
-            .create_outbox_event(NewOutboxEvent::new(
-                "order",
-                uuid::Uuid::nil(),
-                "order.created",
-                "orders",
-                "k",
-                serde_json::json!({"n": 1}),
-            ))
-            .unwrap();
+        let base = crate::model::testing::order_created(
+            uuid::Uuid::nil(),
+            "k",
+            serde_json::json!({"n": 1}),
+        );
         let workers = ["relay-1", "", "two words", "a/b:c.d-e", "\u{7}bell"];
         let mut taken = 0;
         for seed in seeds {

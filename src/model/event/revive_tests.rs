@@ -17,20 +17,10 @@ fn header_values_that_are_not_strings_keep_their_json_text() {
         assert!(headers_from_json(bad).unwrap_err().contains("JSON object"));
     }
 }
-use crate::domain::DomainService;
-use crate::model::NewOutboxEvent;
+use crate::model::testing;
 
 fn copy() -> Value {
-    let e = DomainService::default()
-        .create_outbox_event(NewOutboxEvent::new(
-            "order",
-            Uuid::now_v7(),
-            "order.created",
-            "orders",
-            "k1",
-            json!({"total": 12.5}),
-        ))
-        .unwrap();
+    let e = testing::order_created(Uuid::now_v7(), "k1", json!({"total": 12.5}));
     serde_json::to_value(&e).unwrap()
 }
 
@@ -58,16 +48,7 @@ fn a_copy_comes_back_as_a_fresh_pending_row() {
 /// OMNIBOX_FUZZ_CASES (default 5,000) and OMNIBOX_FUZZ_SEED.
 #[test]
 fn any_damaged_copy_comes_back_or_is_refused() {
-    let cases: usize = std::env::var("OMNIBOX_FUZZ_CASES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(5_000);
-    let seed: u64 = std::env::var("OMNIBOX_FUZZ_SEED")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| fastrand::u64(..));
-    eprintln!("dead-letter copy fuzz: seed {seed} (OMNIBOX_FUZZ_SEED), {cases} cases");
-    let mut rng = fastrand::Rng::with_seed(seed);
+    let (cases, mut rng) = testing::fuzz("dead-letter copy fuzz", 5_000);
     let base = copy();
     let keys: Vec<String> = base.as_object().unwrap().keys().cloned().collect();
     let values = [
