@@ -116,101 +116,71 @@ pub fn load(global: &GlobalArgs, args: &ArgSources) -> Result<Settings> {
         ),
         None => (FileConfig::default(), None),
     };
-    let file_duration = |key: &str, value: &Option<String>| -> Result<Option<Duration>> {
-        value
-            .as_deref()
-            .map(|v| {
-                super::args::duration(v).map_err(|e| {
-                    super::UsageError(format!(
-                        "config file {}: {key}: {e}",
-                        path.as_deref().unwrap_or(Path::new(DEFAULT_FILE)).display()
-                    ))
-                    .into()
-                })
-            })
-            .transpose()
-    };
-    let env_duration = |name: &str| -> Result<Option<Duration>> {
-        match std::env::var(name) {
-            Ok(v) if !v.trim().is_empty() => super::args::duration(&v)
-                .map(Some)
-                .map_err(|e| super::UsageError(format!("{name}: {e}")).into()),
-            _ => Ok(None),
-        }
-    };
+    let file_path = path.as_deref().unwrap_or(Path::new(DEFAULT_FILE));
     let dedup_window = global
         .dedup_window
-        .or(file_duration("dedup_window", &file.dedup_window)?)
+        .or(from_file(
+            file_path,
+            "dedup_window",
+            &file.dedup_window,
+            super::args::duration,
+        )?)
         .unwrap_or(DEFAULT_DEDUP_WINDOW);
-    let lease = env_duration(super::env::LEASE)?
-        .or(file_duration("lease", &file.lease)?)
+    let lease = from_env(super::env::LEASE, super::args::duration)?
+        .or(from_file(
+            file_path,
+            "lease",
+            &file.lease,
+            super::args::duration,
+        )?)
         .unwrap_or(omnibox::model::limits::DEFAULT_LEASE_TIMEOUT);
-    let batch_bytes = match std::env::var(super::env::BATCH_BYTES) {
-        Ok(v) if !v.trim().is_empty() => Some(
-            super::args::bytes(&v)
-                .map_err(|e| super::UsageError(format!("{}: {e}", super::env::BATCH_BYTES)))?,
-        ),
-        _ => None,
-    };
-    let batch_bytes = match batch_bytes {
+    // The file's value is read only when the environment has none.
+    let batch_bytes = match from_env(super::env::BATCH_BYTES, super::args::bytes)? {
         Some(b) => b,
-        None => file
-            .batch_bytes
-            .as_deref()
-            .map(|v| {
-                super::args::bytes(v).map_err(|e| {
-                    super::UsageError(format!(
-                        "config file {}: batch_bytes: {e}",
-                        path.as_deref().unwrap_or(Path::new(DEFAULT_FILE)).display()
-                    ))
-                })
-            })
-            .transpose()?
-            .unwrap_or(omnibox::model::limits::DEFAULT_BATCH_BYTES),
+        None => from_file(
+            file_path,
+            "batch_bytes",
+            &file.batch_bytes,
+            super::args::bytes,
+        )?
+        .unwrap_or(omnibox::model::limits::DEFAULT_BATCH_BYTES),
     };
-    let set = |v: bool| v.then_some(Source::Environment);
-    let env_set = |name: &str| set(std::env::var(name).is_ok_and(|v| !v.trim().is_empty()));
-    let file_set = |v: bool| v.then_some(Source::File);
-    let mut sources = std::collections::BTreeMap::new();
-    let mut source = |key: &'static str, arg: Option<Source>, file: Option<Source>| {
-        sources.insert(key, arg.or(file).unwrap_or(Source::Default));
+    let env_set = |name: &str| {
+        std::env::var(name)
+            .is_ok_and(|v| !v.trim().is_empty())
+            .then_some(Source::Environment)
     };
-    source(
-        "database_url",
-        args.get("database_url").copied(),
-        file_set(file.database_url.is_some()),
-    );
-    source(
-        "schema",
-        args.get("schema").copied(),
-        file_set(file.schema.is_some()),
-    );
-    source(
-        "format",
-        args.get("format").copied(),
-        file_set(file.format.is_some()),
-    );
-    source(
-        "dedup_window",
-        args.get("dedup_window").copied(),
-        file_set(file.dedup_window.is_some()),
-    );
-    source(
-        "lease",
-        env_set(super::env::LEASE),
-        file_set(file.lease.is_some()),
-    );
-    source(
-        "batch_bytes",
-        env_set(super::env::BATCH_BYTES),
-        file_set(file.batch_bytes.is_some()),
-    );
-    source(
-        "broker",
-        env_set(super::env::BROKER),
-        file_set(file.broker.is_some()),
-    );
-    source("kafka", None, file_set(!file.kafka.is_empty()));
+    // Each setting's flag or environment variable, and whether the file
+    // sets it: the first wins, else the default.
+    let given = [
+        (
+            "database_url",
+            args.get("database_url").copied(),
+            file.database_url.is_some(),
+        ),
+        ("schema", args.get("schema").copied(), file.schema.is_some()),
+        ("format", args.get("format").copied(), file.format.is_some()),
+        (
+            "dedup_window",
+            args.get("dedup_window").copied(),
+            file.dedup_window.is_some(),
+        ),
+        ("lease", env_set(super::env::LEASE), file.lease.is_some()),
+        (
+            "batch_bytes",
+            env_set(super::env::BATCH_BYTES),
+            file.batch_bytes.is_some(),
+        ),
+        ("broker", env_set(super::env::BROKER), file.broker.is_some()),
+        ("kafka", None, !file.kafka.is_empty()),
+    ];
+    let sources = given
+        .into_iter()
+        .map(|(key, outside, in_file)| {
+            let from_file = in_file.then_some(Source::File);
+            (key, outside.or(from_file).unwrap_or(Source::Default))
+        })
+        .collect();
     Ok(Settings {
         sources,
         dedup_window,
@@ -227,6 +197,35 @@ pub fn load(global: &GlobalArgs, args: &ArgSources) -> Result<Settings> {
         kafka_properties: file.kafka.into_iter().collect(),
         config_file: path,
     })
+}
+
+/// The value of environment variable `name` read by `parse`; none when it
+/// is unset or blank.
+fn from_env<T>(name: &str, parse: fn(&str) -> Result<T, String>) -> Result<Option<T>> {
+    match std::env::var(name) {
+        Ok(v) if !v.trim().is_empty() => parse(&v)
+            .map(Some)
+            .map_err(|e| super::UsageError(format!("{name}: {e}")).into()),
+        _ => Ok(None),
+    }
+}
+
+/// The value of `key` in the configuration file `path`, if set, read by
+/// `parse`.
+fn from_file<T>(
+    path: &Path,
+    key: &str,
+    value: &Option<String>,
+    parse: fn(&str) -> Result<T, String>,
+) -> Result<Option<T>> {
+    value
+        .as_deref()
+        .map(|v| {
+            parse(v).map_err(|e| {
+                super::UsageError(format!("config file {}: {key}: {e}", path.display())).into()
+            })
+        })
+        .transpose()
 }
 
 fn read(path: &Path) -> Result<FileConfig> {
