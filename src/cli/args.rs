@@ -145,12 +145,18 @@ pub fn property(s: &str) -> Result<(String, String), String> {
     Ok((k.trim().to_string(), v.to_string()))
 }
 
-/// A worker id.
-pub fn worker(s: &str) -> Result<omnibox::WorkerId, String> {
-    omnibox::WorkerId::new(s).map_err(|e| match e {
+/// What a refused value is told: a validation error's message alone (clap
+/// names the argument).
+fn refusal(e: omnibox::Error) -> String {
+    match e {
         omnibox::Error::Validation { message, .. } => message,
         other => other.to_string(),
-    })
+    }
+}
+
+/// A worker id.
+pub fn worker(s: &str) -> Result<omnibox::WorkerId, String> {
+    omnibox::WorkerId::new(s).map_err(refusal)
 }
 
 /// A filter value (`--topic`, `--source`, `--event-type`), exactly as given:
@@ -159,20 +165,14 @@ pub fn worker(s: &str) -> Result<omnibox::WorkerId, String> {
 pub fn filter_value(s: &str) -> Result<String, String> {
     omnibox::model::validate::exact("filter", s, 255)
         .map(|()| s.to_string())
-        .map_err(|e| match e {
-            omnibox::Error::Validation { message, .. } => message,
-            other => other.to_string(),
-        })
+        .map_err(refusal)
 }
 
 /// A consumer group, exactly as given.
 pub fn consumer_group(s: &str) -> Result<String, String> {
     omnibox::model::validate::consumer_group(s)
         .map(|()| s.to_string())
-        .map_err(|e| match e {
-            omnibox::Error::Validation { message, .. } => message,
-            other => other.to_string(),
-        })
+        .map_err(refusal)
 }
 
 /// A UUID.
@@ -184,17 +184,32 @@ pub fn uuid(text: &str) -> Result<uuid::Uuid, String> {
 mod tests {
     use super::*;
 
+    /// Asserts that `r` is refused with a message containing `says`.
+    #[track_caller]
+    fn refused<T: std::fmt::Debug>(r: Result<T, String>, says: &str) {
+        let err = r.unwrap_err();
+        assert!(err.contains(says), "{err:?} does not say {says:?}");
+    }
+
     #[test]
     fn durations() {
-        assert_eq!(duration("90s").unwrap(), Duration::from_secs(90));
-        assert_eq!(duration("5m").unwrap(), Duration::from_secs(300));
-        assert_eq!(duration("1h30m").unwrap(), Duration::from_secs(5400));
-        assert_eq!(duration("7d").unwrap(), Duration::from_secs(604_800));
+        for (text, secs) in [("90s", 90), ("5m", 300), ("1h30m", 5400), ("7d", 604_800)] {
+            assert_eq!(duration(text).unwrap(), Duration::from_secs(secs), "{text}");
+        }
         assert_eq!(duration("250ms").unwrap(), Duration::from_millis(250));
-        assert!(duration("5").unwrap_err().contains("has no unit"));
-        assert!(duration("5y").unwrap_err().contains("unknown unit"));
-        assert!(duration("abc").is_err());
-        assert!(duration("").is_err());
+        assert_eq!(
+            duration("36500d").unwrap(),
+            omnibox::model::limits::MAX_DURATION
+        );
+        for (text, says) in [
+            ("5", "has no unit"),
+            ("5y", "unknown unit"),
+            ("abc", "is not a duration"),
+            ("", "empty duration"),
+            ("-5d", "not negative"),
+        ] {
+            refused(duration(text), says);
+        }
         // Overflow is an error, never a panic or a time out of range.
         for huge in [
             "99999999w",
@@ -204,44 +219,39 @@ mod tests {
             "18446744073709551615ms18446744073709551615ms",
             "9999999999999999999999d",
         ] {
-            assert!(duration(huge).unwrap_err().contains("too long"), "{huge}");
+            refused(duration(huge), "too long");
             assert!(since(huge).is_err(), "{huge}");
         }
-        assert_eq!(
-            duration("36500d").unwrap(),
-            omnibox::model::limits::MAX_DURATION
-        );
-        assert!(duration("-5d").unwrap_err().contains("not negative"));
-        assert!(since("-5d").unwrap_err().contains("5d"));
+        refused(since("-5d"), "5d");
     }
 
     #[test]
     fn sizes() {
-        assert_eq!(bytes("16MiB").unwrap(), 16 << 20);
-        assert_eq!(bytes("16mib").unwrap(), 16 << 20);
-        assert_eq!(bytes("64MB").unwrap(), 64_000_000);
-        assert_eq!(bytes("512KiB").unwrap(), 512 << 10);
-        assert_eq!(bytes("2 GiB").unwrap(), 2 << 30);
-        assert_eq!(bytes("1048576").unwrap(), 1 << 20);
-        assert_eq!(bytes("100B").unwrap(), 100);
-        assert_eq!(bytes("64GiB").unwrap(), MAX_BYTES);
-        assert!(bytes("0").unwrap_err().contains("at least 1 byte"));
-        assert!(bytes("65GiB").unwrap_err().contains("too large"));
-        assert!(
-            bytes("99999999999999999999999")
-                .unwrap_err()
-                .contains("too large")
-        );
-        assert!(
-            bytes("18446744073709551615GiB")
-                .unwrap_err()
-                .contains("too large")
-        );
-        assert!(bytes("16M").unwrap_err().contains("unknown unit"));
-        assert!(bytes("-5MiB").unwrap_err().contains("not a size"));
-        assert!(bytes("MiB").unwrap_err().contains("not a size"));
-        assert!(bytes("").unwrap_err().contains("not a size"));
-        assert!(bytes("1.5MiB").unwrap_err().contains("unknown unit"));
+        for (text, size) in [
+            ("16MiB", 16 << 20),
+            ("16mib", 16 << 20),
+            ("64MB", 64_000_000),
+            ("512KiB", 512 << 10),
+            ("2 GiB", 2 << 30),
+            ("1048576", 1 << 20),
+            ("100B", 100),
+            ("64GiB", MAX_BYTES),
+        ] {
+            assert_eq!(bytes(text).unwrap(), size, "{text}");
+        }
+        for (text, says) in [
+            ("0", "at least 1 byte"),
+            ("65GiB", "too large"),
+            ("99999999999999999999999", "too large"),
+            ("18446744073709551615GiB", "too large"),
+            ("16M", "unknown unit"),
+            ("-5MiB", "not a size"),
+            ("MiB", "not a size"),
+            ("", "not a size"),
+            ("1.5MiB", "unknown unit"),
+        ] {
+            refused(bytes(text), says);
+        }
     }
 
     #[test]
@@ -251,11 +261,7 @@ mod tests {
         let ago = since("2h").unwrap();
         let delta = time::now() - ago;
         assert!((delta.num_seconds() - 7200).abs() < 5);
-        assert!(
-            since("2026-01-01T00:00:00")
-                .unwrap_err()
-                .contains("no UTC offset")
-        );
+        refused(since("2026-01-01T00:00:00"), "no UTC offset");
     }
 }
 
