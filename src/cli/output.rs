@@ -39,6 +39,13 @@ where
     t
 }
 
+/// A one-row table in the house style: each column's header and value.
+pub fn row_table(columns: Vec<(&str, String)>) -> Table {
+    let mut t = table(columns.iter().map(|(header, _)| *header));
+    t.add_row(columns.into_iter().map(|(_, value)| value));
+    t
+}
+
 /// `--quiet`: what a command reports is held back, and dropped when it
 /// succeeds (nothing on stdout or stderr, as cron wants it); a command that
 /// fails releases it before its error, so the failure comes with its report.

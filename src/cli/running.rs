@@ -205,7 +205,5 @@ pub fn summary_table(
         ),
         ("events/s", format!("{:.0}", r.events_per_second)),
     ]);
-    let mut t = super::output::table(columns.iter().map(|(h, _)| *h));
-    t.add_row(columns.into_iter().map(|(_, v)| v));
-    t
+    super::output::row_table(columns)
 }

@@ -295,33 +295,27 @@ fn print_summary(ctx: &Context, r: &ConsumeReport, source: &str, group: &str) ->
             output::json(&v)
         }
         Format::Table => {
-            let mut t = output::table([
-                "consumed",
-                "stored",
-                "duplicates",
-                "poison",
-                "processed",
-                "skipped",
-                "retrying",
-                "failed",
-                "redelivered",
-                "elapsed",
-                "msgs/s",
+            let counts = [
+                ("consumed", r.consumed),
+                ("stored", r.stored),
+                ("duplicates", r.duplicates),
+                ("poison", r.poison),
+                ("processed", r.processed),
+                ("skipped", r.skipped),
+                ("retrying", r.retrying),
+                ("failed", r.dead),
+                ("redelivered", r.redelivered),
+            ];
+            let mut columns: Vec<(&str, String)> =
+                counts.map(|(header, n)| (header, n.to_string())).into();
+            columns.extend([
+                (
+                    "elapsed",
+                    human_duration(Duration::from_secs_f64(r.elapsed_seconds)),
+                ),
+                ("msgs/s", format!("{:.0}", r.messages_per_second)),
             ]);
-            t.add_row(vec![
-                r.consumed.to_string(),
-                r.stored.to_string(),
-                r.duplicates.to_string(),
-                r.poison.to_string(),
-                r.processed.to_string(),
-                r.skipped.to_string(),
-                r.retrying.to_string(),
-                r.dead.to_string(),
-                r.redelivered.to_string(),
-                human_duration(Duration::from_secs_f64(r.elapsed_seconds)),
-                format!("{:.0}", r.messages_per_second),
-            ]);
-            output::line(t)
+            output::line(output::row_table(columns))
         }
     }
 }
