@@ -1,6 +1,5 @@
 //! `omnibox publish`: the outbox relay.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -8,7 +7,7 @@ use anyhow::Result;
 use clap::Args;
 use omnibox::pipeline::{KeyFeed, RunMode, RunOptions, RunReport, Wakeup, run};
 use omnibox::relay::{self, AnySink, Sink};
-use omnibox::{EventStore, Table, WorkerId};
+use omnibox::{Table, WorkerId};
 use serde_json::json;
 
 use super::output::{self, Format, human_duration};
@@ -68,13 +67,7 @@ pub struct PublishArgs {
     #[command(flatten)]
     kafka_security: crate::cli::kafka_security::KafkaSecurityArgs,
     #[command(flatten)]
-    circuit: args::CircuitArgs,
-    /// Events per claim
-    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..=100_000))]
-    batch: u32,
-    /// Payload bytes per claim, e.g. 64MiB: a claim stops before the event that would pass it (one event at least, however large); up to three batches are in flight [default: OMNIBOX_BATCH_BYTES, batch_bytes in omnibox.toml, or 16MiB]
-    #[arg(long, value_name = "SIZE", value_parser = args::bytes)]
-    batch_bytes: Option<u64>,
+    claim: running::ClaimArgs<Wording>,
     /// Publish what is due, then exit (for jobs and cron)
     #[arg(long)]
     once: bool,
@@ -123,15 +116,20 @@ pub struct PublishArgs {
     /// --source wal: when another relay reads the slot, wait and take over when it stops (instead of refusing to start)
     #[arg(long)]
     standby: bool,
-    /// Longest idle wait between polls when nothing is due (with --source wal: between scans of the table)
-    #[arg(long, allow_hyphen_values = true, default_value = "1s", value_parser = args::duration, value_name = "DURATION")]
-    poll_interval: Duration,
-    /// With --once: give up (exit 1) when the database stays unreachable this long; a running one waits however long
-    #[arg(long, allow_hyphen_values = true, default_value = "60s", value_parser = args::duration, value_name = "DURATION")]
-    outage_limit: Duration,
-    /// Serve Prometheus metrics on this address, e.g. 127.0.0.1:9898
-    #[arg(long, value_name = "ADDR")]
-    metrics_addr: Option<SocketAddr>,
+    #[command(flatten)]
+    watch: running::WatchArgs<Wording>,
+}
+
+/// The help of the shared flags, in the relay's words.
+#[derive(Debug)]
+struct Wording;
+
+impl running::Wording for Wording {
+    const BATCH: &'static str = "Events per claim";
+    const BATCH_BYTES: &'static str = "Payload bytes per claim, e.g. 64MiB: a claim stops before the event that would pass it (one event at least, however large); up to three batches are in flight [default: OMNIBOX_BATCH_BYTES, batch_bytes in omnibox.toml, or 16MiB]";
+    const POLL_INTERVAL: &'static str = "Longest idle wait between polls when nothing is due (with --source wal: between scans of the table)";
+    const METRICS_ADDR: &'static str =
+        "Serve Prometheus metrics on this address, e.g. 127.0.0.1:9898";
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -166,7 +164,7 @@ impl Wakeup for RelayWakeup {
 }
 
 pub async fn run_publish(args: PublishArgs, ctx: &Context) -> Result<ExitStatus> {
-    let circuit = args.circuit.config()?;
+    let circuit = args.claim.circuit.config()?;
     let broker = args
         .broker
         .clone()
@@ -231,8 +229,7 @@ pub async fn run_publish(args: PublishArgs, ctx: &Context) -> Result<ExitStatus>
     }
     let store = ctx.store().await?;
     let worker = running::worker_id(&args.worker_id);
-    let mut options =
-        running::processor_options(ctx, worker.clone(), args.batch, args.batch_bytes, lease);
+    let mut options = args.claim.processor_options(ctx, worker.clone(), lease);
     options.filters.topics = args.topics.clone();
     // Held claims unless asked otherwise, where they exist.
     options.hold_claims = match args.hold {
@@ -305,7 +302,7 @@ pub async fn run_publish(args: PublishArgs, ctx: &Context) -> Result<ExitStatus>
             &wal_options,
             start.confirmed,
         )?;
-        let feed = KeyFeed::new(args.poll_interval, start.confirmed);
+        let feed = KeyFeed::new(args.watch.poll_interval, start.confirmed);
         builder = builder.key_feed(feed.clone());
         // The stream ends the relay when it fails for good.
         let (failed_tx, failed_rx) = tokio::sync::watch::channel(false);
@@ -344,21 +341,17 @@ pub async fn run_publish(args: PublishArgs, ctx: &Context) -> Result<ExitStatus>
         RelayWakeup::Store(store.wakeup(Table::Outbox).await?)
     };
     let processor = builder.build();
-    let _metrics_server = running::serve_metrics(args.metrics_addr, &metrics, &store).await?;
-    let _partitions = running::keep_partitions(&store).await;
+    let _beside = running::beside(args.watch.metrics_addr, &metrics, &store).await?;
     let mode = running::run_mode(args.once);
     let run_options = RunOptions {
-        mode,
-        idle_max: args.poll_interval,
         max_rows: args.limit,
-        outage_limit: args.outage_limit,
-        ..RunOptions::default()
+        ..args.watch.run_options(mode)
     };
     if !ctx.quiet && mode == RunMode::Watch {
         crate::cli::output::notice!(
             "omnibox: publishing to {} as {worker} (batch {}); SIGINT or SIGTERM stops after the current batch",
             sink.describe(),
-            args.batch
+            args.claim.batch
         );
     }
     // Stdout's reader gone (`| head`): stop as a signal would, as other
@@ -366,25 +359,14 @@ pub async fn run_publish(args: PublishArgs, ctx: &Context) -> Result<ExitStatus>
     if let AnySink::Stdout(out) = &*sink {
         shutdown = super::signals::either(shutdown, out.closed());
     }
-    let progress = if running::shows_progress(ctx, mode) {
-        Some(running::progress_bar(
-            store.outbox().counts().await?.due_now,
-        ))
-    } else {
-        None
-    };
+    let progress = running::Progress::of(ctx, mode, &store.outbox()).await?;
     let report = run(&processor, &run_options, shutdown, &mut wakeup, |batch| {
-        if let Some(bar) = &progress {
-            bar.inc((batch.completed + batch.failed + batch.dead + batch.transient) as u64);
-            if batch.transient > 0 {
-                bar.set_message(format!("{} transient", batch.transient));
-            }
-        }
+        let done = batch.completed + batch.failed + batch.dead + batch.transient;
+        let transient = (batch.transient > 0).then(|| format!("{} transient", batch.transient));
+        progress.advance(done as u64, transient);
     })
     .await?;
-    if let Some(bar) = progress {
-        bar.finish_and_clear();
-    }
+    progress.finish();
     if let Some(stop) = stop_stream {
         let _ = stop.send(true);
     }

@@ -1,7 +1,6 @@
 //! `omnibox inbox consume`.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Result;
@@ -11,7 +10,6 @@ use omnibox::inbox::{
     AckStrategy, AnySource, CommitOn, ConsumeOptions, ConsumeReport, FileSource, InboxConsumer,
     KafkaSource,
 };
-use omnibox::relay::AnySink;
 use serde_json::json;
 
 use super::HandlerArgs;
@@ -105,15 +103,8 @@ pub struct ConsumeArgs {
     /// (extended every third of it while it lives; external handlers)
     #[arg(long, allow_hyphen_values = true, default_value = "30s", value_parser = args::duration, value_name = "DURATION")]
     lease: Duration,
-    /// Also write poison messages and rows that end up failed to this topic
-    #[arg(long, value_name = "TOPIC")]
-    dlq_topic: Option<String>,
-    /// Also keep poison messages and rows that end up failed as dead letters here
-    #[arg(long, value_enum, value_name = "WHERE")]
-    dlq: Option<args::DlqArg>,
-    /// Where the DLQ topic lives [default: the Kafka source's brokers, else file:omnibox-dlq.jsonl]
-    #[arg(long, value_name = "URL", requires = "dlq_topic")]
-    dlq_broker: Option<String>,
+    #[command(flatten)]
+    dead_letters: running::DlqArgs<Wording>,
     /// This consumer's id [default: HOST:PID]
     #[arg(long, value_name = "ID", value_parser = args::worker)]
     worker_id: Option<WorkerId>,
@@ -123,6 +114,18 @@ pub struct ConsumeArgs {
     /// Serve Prometheus metrics on this address
     #[arg(long, value_name = "ADDR")]
     metrics_addr: Option<SocketAddr>,
+}
+
+/// The help of the shared flags: failed rows and poison messages.
+#[derive(Debug)]
+struct Wording;
+
+impl running::Wording for Wording {
+    const DLQ_TOPIC: &'static str =
+        "Also write poison messages and rows that end up failed to this topic";
+    const DLQ: &'static str =
+        "Also keep poison messages and rows that end up failed as dead letters here";
+    const DLQ_BROKER: &'static str = "Where the DLQ topic lives [default: the Kafka source's brokers, else file:omnibox-dlq.jsonl]";
 }
 
 // The CLI's names: at-most-once, at-least-once, exactly-once.
@@ -247,26 +250,15 @@ pub async fn run(args: ConsumeArgs, ctx: &Context) -> Result<ExitStatus> {
     let describe = omnibox::inbox::Source::describe(&source);
     let mut consumer =
         InboxConsumer::new(source, store.inbox(), handler, options).metrics(metrics.clone());
-    if let Some(topic) = &args.dlq_topic {
-        let url = args.dlq_broker.clone().unwrap_or_else(|| {
-            if from.starts_with("kafka://") {
-                from.clone()
-            } else {
-                "file:omnibox-dlq.jsonl".to_string()
-            }
-        });
-        let sink = AnySink::from_url(
-            &url,
-            &properties_for(&url, &properties),
-            Duration::from_secs(30),
-        )?;
-        consumer = consumer.dead_letter(Arc::new(sink), topic.clone());
+    let dlq = &args.dead_letters;
+    let source_brokers = from.starts_with("kafka://").then_some(from.as_str());
+    if let Some((sink, topic)) = dlq.topic(source_brokers, &properties)? {
+        consumer = consumer.dead_letter(sink, topic);
     }
-    if let Some(table) = running::dead_letter_table(&args.dlq, &store) {
+    if let Some(table) = running::dead_letter_table(&dlq.dlq, &store) {
         consumer = consumer.dead_letter_store(table);
     }
-    let _server = running::serve_metrics(args.metrics_addr, &metrics, &store).await?;
-    let _partitions = running::keep_partitions(&store).await;
+    let _beside = running::beside(args.metrics_addr, &metrics, &store).await?;
     if !ctx.quiet && !args.once {
         crate::cli::output::notice!(
             "omnibox: consuming {describe} as {worker}; SIGINT or SIGTERM stops after the current batch"
@@ -276,14 +268,6 @@ pub async fn run(args: ConsumeArgs, ctx: &Context) -> Result<ExitStatus> {
     let report = consumer.run(once, signals::shutdown_channel()).await?;
     print_summary(ctx, &report, &describe, &args.group)?;
     Ok(ExitStatus::Success)
-}
-
-fn properties_for(url: &str, properties: &[(String, String)]) -> Vec<(String, String)> {
-    if url.starts_with("kafka://") {
-        properties.to_vec()
-    } else {
-        Vec::new()
-    }
 }
 
 fn print_summary(ctx: &Context, r: &ConsumeReport, source: &str, group: &str) -> Result<()> {

@@ -1,14 +1,13 @@
 //! `omnibox inbox process`.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Result;
 use clap::Args;
 use omnibox::inbox::HandlerStep;
-use omnibox::pipeline::{self, ProcessorBuilder, RunMode, RunOptions, RunReport};
-use omnibox::relay::{AnySink, DeadLetterTopic};
+use omnibox::pipeline::{self, ProcessorBuilder, RunMode, RunReport};
+use omnibox::relay::DeadLetterTopic;
 use omnibox::{Table, WorkerId};
 use serde_json::json;
 
@@ -37,13 +36,7 @@ pub struct ProcessArgs {
     #[command(flatten)]
     handler: HandlerArgs,
     #[command(flatten)]
-    circuit: args::CircuitArgs,
-    /// Rows per claim
-    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..=100_000))]
-    batch: u32,
-    /// Payload bytes per claim, e.g. 64MiB: a claim stops before the row that would pass it (one row at least, however large) [default: OMNIBOX_BATCH_BYTES, batch_bytes in omnibox.toml, or 16MiB]
-    #[arg(long, value_name = "SIZE", value_parser = args::bytes)]
-    batch_bytes: Option<u64>,
+    claim: running::ClaimArgs<Wording>,
     /// Handle only rows from this source (the producing service, or the
     /// topic; repeatable)
     #[arg(long = "source", value_name = "SOURCE", value_parser = args::filter_value)]
@@ -67,28 +60,20 @@ pub struct ProcessArgs {
     /// Lease of a claim (extended while handlers run) [default: OMNIBOX_LEASE, lease in omnibox.toml, or 5m]
     #[arg(long, allow_hyphen_values = true, value_parser = args::duration, value_name = "DURATION")]
     lease: Option<Duration>,
-    /// Also write rows that end up failed to this topic
-    #[arg(long, value_name = "TOPIC")]
-    dlq_topic: Option<String>,
-    /// Also keep rows that end up failed as dead letters here (replay them with `omnibox replay --table dead-letters`)
-    #[arg(long, value_enum, value_name = "WHERE")]
-    dlq: Option<args::DlqArg>,
-    /// Where the DLQ topic lives [default: file:omnibox-dlq.jsonl]
-    #[arg(long, value_name = "URL", requires = "dlq_topic")]
-    dlq_broker: Option<String>,
-    /// Longest idle wait between polls when nothing is due
-    #[arg(long, allow_hyphen_values = true, default_value = "1s", value_parser = args::duration, value_name = "DURATION")]
-    poll_interval: Duration,
-    /// With --once: give up (exit 1) when the database stays unreachable this long; a running one waits however long
-    #[arg(long, allow_hyphen_values = true, default_value = "60s", value_parser = args::duration, value_name = "DURATION")]
-    outage_limit: Duration,
-    /// Serve Prometheus metrics on this address
-    #[arg(long, value_name = "ADDR")]
-    metrics_addr: Option<SocketAddr>,
+    #[command(flatten)]
+    dead_letters: running::DlqArgs<Wording>,
+    #[command(flatten)]
+    watch: running::WatchArgs<Wording>,
 }
 
+/// The help of the shared flags: as [`running::Wording`] has it.
+#[derive(Debug)]
+struct Wording;
+
+impl running::Wording for Wording {}
+
 pub async fn run(args: ProcessArgs, ctx: &Context) -> Result<ExitStatus> {
-    let circuit = args.circuit.config()?;
+    let circuit = args.claim.circuit.config()?;
     let Some(handler) = args.handler.handler()? else {
         return Err(UsageError(
             "inbox process needs a handler: --exec CMD or --webhook URL".into(),
@@ -107,8 +92,7 @@ pub async fn run(args: ProcessArgs, ctx: &Context) -> Result<ExitStatus> {
     }
     let store = ctx.store().await?;
     let worker = running::worker_id(&args.worker_id);
-    let mut options =
-        running::processor_options(ctx, worker.clone(), args.batch, args.batch_bytes, lease);
+    let mut options = args.claim.processor_options(ctx, worker.clone(), lease);
     options.filters.sources = args.sources.clone();
     options.filters.event_types = args.event_types.clone();
     options.filters.consumer_groups = args.consumer_groups.clone();
@@ -119,27 +103,15 @@ pub async fn run(args: ProcessArgs, ctx: &Context) -> Result<ExitStatus> {
         .job("inbox_processor")
         .metrics(metrics.clone())
         .circuit(circuit);
-    if let Some(topic) = &args.dlq_topic {
-        let url = args
-            .dlq_broker
-            .clone()
-            .unwrap_or_else(|| "file:omnibox-dlq.jsonl".to_string());
-        let props = if url.starts_with("kafka://") {
-            ctx.settings.kafka_properties.clone()
-        } else {
-            Vec::new()
-        };
-        builder = builder.dead_letter_store(Arc::new(DeadLetterTopic::new(
-            Arc::new(AnySink::from_url(&url, &props, Duration::from_secs(30))?),
-            topic.clone(),
-        )));
+    let dlq = &args.dead_letters;
+    if let Some((sink, topic)) = dlq.topic(None, &ctx.settings.kafka_properties)? {
+        builder = builder.dead_letter_store(Arc::new(DeadLetterTopic::new(sink, topic)));
     }
-    if let Some(table) = running::dead_letter_table(&args.dlq, &store) {
+    if let Some(table) = running::dead_letter_table(&dlq.dlq, &store) {
         builder = builder.dead_letter_store(table);
     }
     let processor = builder.build();
-    let _server = running::serve_metrics(args.metrics_addr, &metrics, &store).await?;
-    let _partitions = running::keep_partitions(&store).await;
+    let _beside = running::beside(args.watch.metrics_addr, &metrics, &store).await?;
     let mode = running::run_mode(args.once);
     if !ctx.quiet && mode == RunMode::Watch {
         crate::cli::output::notice!(
@@ -147,34 +119,19 @@ pub async fn run(args: ProcessArgs, ctx: &Context) -> Result<ExitStatus> {
         );
     }
     let mut wakeup = store.wakeup(Table::Inbox).await?;
-    let run_options = RunOptions {
-        mode,
-        idle_max: args.poll_interval,
-        outage_limit: args.outage_limit,
-        ..RunOptions::default()
-    };
-    let progress = if running::shows_progress(ctx, mode) {
-        Some(running::progress_bar(
-            omnibox::EventStore::counts(&store.inbox()).await?.due_now,
-        ))
-    } else {
-        None
-    };
+    let progress = running::Progress::of(ctx, mode, &store.inbox()).await?;
     let report = pipeline::run(
         &processor,
-        &run_options,
+        &args.watch.run_options(mode),
         signals::shutdown_channel(),
         &mut wakeup,
         |b| {
-            if let Some(bar) = &progress {
-                bar.inc((b.completed + b.skipped + b.failed + b.dead + b.transient) as u64);
-            }
+            let done = b.completed + b.skipped + b.failed + b.dead + b.transient;
+            progress.advance(done as u64, None);
         },
     )
     .await?;
-    if let Some(bar) = progress {
-        bar.finish_and_clear();
-    }
+    progress.finish();
     print_summary(ctx, &report, &worker)?;
     let mut ok = report.commit_errors == 0;
     ok &= running::stopped_notice(&report);
