@@ -147,7 +147,7 @@ pub fn property(s: &str) -> Result<(String, String), String> {
 
 /// What a refused value is told: a validation error's message alone (clap
 /// names the argument).
-fn refusal(e: omnibox::Error) -> String {
+pub fn refusal(e: omnibox::Error) -> String {
     match e {
         omnibox::Error::Validation { message, .. } => message,
         other => other.to_string(),

@@ -104,10 +104,7 @@ fn parse_header(s: &str) -> Result<(String, String), String> {
 }
 
 fn parse_time(s: &str) -> Result<Timestamp, String> {
-    time::parse("scheduled_at", s).map_err(|e| match e {
-        omnibox::Error::Validation { message, .. } => message,
-        other => other.to_string(),
-    })
+    time::parse("scheduled_at", s).map_err(args::refusal)
 }
 
 /// What enqueue reports: `{"inserted", "existing", "ids"}` with

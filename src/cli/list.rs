@@ -34,15 +34,8 @@ pub struct ListArgs {
     /// Only this status: pending, completed or failed
     #[arg(long, value_parser = parse_status)]
     status: Option<EventStatus>,
-    /// Only this event type
-    #[arg(long, value_name = "TYPE")]
-    event_type: Option<String>,
-    /// Only this topic (the outbox; with --table inbox, the source)
-    #[arg(long, value_name = "TOPIC", conflicts_with = "source")]
-    topic: Option<String>,
-    /// Only this source (the inbox; with --table outbox, the topic)
-    #[arg(long, value_name = "SOURCE")]
-    source: Option<String>,
+    #[command(flatten)]
+    rows: RowFilterArgs<Wording>,
     /// Only inbox rows of this consumer group (the outbox has none)
     #[arg(long, value_name = "GROUP", value_parser = args::consumer_group)]
     consumer_group: Option<String>,
@@ -58,6 +51,61 @@ pub struct ListArgs {
     /// Only rows locked by this worker (see `omnibox unlock --worker`)
     #[arg(long, value_name = "WORKER")]
     locked_by: Option<String>,
+}
+
+/// `list`'s rows in the help: "Only this event type".
+#[derive(Debug)]
+struct Wording;
+
+impl FilterWording for Wording {
+    const ROWS: &'static str = "Only this";
+}
+
+/// How the help of the row filters `list` and `replay` share names the
+/// rows they select.
+pub trait FilterWording: std::fmt::Debug + Send + Sync + 'static {
+    /// What comes before "event type", "topic" or "source".
+    const ROWS: &'static str;
+}
+
+/// The row filters of `list` and `replay`: the event type, and the topic
+/// (an outbox column) or the source (the inbox's, in the same column).
+#[derive(Debug, clap::Args)]
+pub struct RowFilterArgs<W: FilterWording> {
+    /// The event type.
+    #[arg(long, value_name = "TYPE", help = format!("{} event type", W::ROWS))]
+    pub event_type: Option<String>,
+    /// The topic.
+    #[arg(long, value_name = "TOPIC", conflicts_with = "source", help = format!("{} topic (the outbox; with --table inbox, the source)", W::ROWS))]
+    pub topic: Option<String>,
+    /// The source.
+    #[arg(long, value_name = "SOURCE", help = format!("{} source (the inbox; with --table outbox, the topic)", W::ROWS))]
+    pub source: Option<String>,
+    #[arg(skip)]
+    wording: std::marker::PhantomData<W>,
+}
+
+impl<W: FilterWording> RowFilterArgs<W> {
+    /// The event tables these filters and `consumer_group` cover within
+    /// `table`: see [`covered`].
+    pub fn covered(
+        &self,
+        table: Option<Table>,
+        consumer_group: &Option<String>,
+    ) -> Result<Vec<Table>, UsageError> {
+        let given = TableFilters {
+            topic: self.topic.is_some(),
+            source: self.source.is_some(),
+            consumer_group: consumer_group.is_some(),
+        };
+        covered(table, given)
+    }
+
+    /// The value of the topic (or source) column: `--topic`, else
+    /// `--source`.
+    pub fn topic_or_source(&self) -> Option<String> {
+        self.topic.clone().or_else(|| self.source.clone())
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -126,10 +174,7 @@ pub fn tables_name(tables: &[Table]) -> &'static str {
 }
 
 fn parse_status(s: &str) -> Result<EventStatus, String> {
-    s.parse::<EventStatus>().map_err(|e| match e {
-        omnibox::Error::Validation { message, .. } => message,
-        other => other.to_string(),
-    })
+    s.parse::<EventStatus>().map_err(args::refusal)
 }
 
 pub async fn run(args: ListArgs, ctx: &Context) -> Result<ExitStatus> {
@@ -139,14 +184,7 @@ pub async fn run(args: ListArgs, ctx: &Context) -> Result<ExitStatus> {
         Some(RowsArg::Inbox) => Some(Table::Inbox),
         None => None,
     };
-    let tables = covered(
-        table,
-        TableFilters {
-            topic: args.topic.is_some(),
-            source: args.source.is_some(),
-            consumer_group: args.consumer_group.is_some(),
-        },
-    )?;
+    let tables = args.rows.covered(table, &args.consumer_group)?;
     if args.after.is_some() && tables.len() > 1 {
         return Err(UsageError(
             "--after pages one table by its seq: add --table outbox or --table inbox".into(),
@@ -156,8 +194,8 @@ pub async fn run(args: ListArgs, ctx: &Context) -> Result<ExitStatus> {
     let store: AnyStore = ctx.store().await?;
     let filter = ListFilter {
         status: args.status,
-        event_type: args.event_type.clone(),
-        topic: args.topic.clone().or_else(|| args.source.clone()),
+        event_type: args.rows.event_type.clone(),
+        topic: args.rows.topic_or_source(),
         consumer_group: args.consumer_group.clone(),
         since: args.since,
         after_seq: args.after,
@@ -290,8 +328,8 @@ async fn dead_letters(args: ListArgs, ctx: &Context) -> Result<ExitStatus> {
     let letters = store
         .dead_letters()
         .list(&DeadLetterFilter {
-            event_type: args.event_type.clone(),
-            topic: args.topic.clone().or_else(|| args.source.clone()),
+            event_type: args.rows.event_type.clone(),
+            topic: args.rows.topic_or_source(),
             consumer_group: args.consumer_group.clone(),
             since: args.since,
             after_seq: args.after,

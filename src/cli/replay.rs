@@ -9,7 +9,7 @@ use omnibox::{RequeueFilter, Table, Timestamp, time};
 use serde_json::json;
 use uuid::Uuid;
 
-use super::list::{RowsArg, TableFilters, covered, letter_table, tables_name};
+use super::list::{FilterWording, RowFilterArgs, RowsArg, letter_table, tables_name};
 use super::output::{self, Format, ellipsize};
 use super::safety::SafetyArgs;
 use super::{Context, ExitStatus, UsageError, args};
@@ -53,15 +53,8 @@ pub struct ReplayArgs {
     /// This row (repeatable)
     #[arg(long = "id", value_name = "UUID", value_parser = args::uuid)]
     ids: Vec<Uuid>,
-    /// Rows of this event type
-    #[arg(long, value_name = "TYPE")]
-    event_type: Option<String>,
-    /// Rows of this topic (the outbox; with --table inbox, the source)
-    #[arg(long, value_name = "TOPIC", conflicts_with = "source")]
-    topic: Option<String>,
-    /// Rows of this source (the inbox; with --table outbox, the topic)
-    #[arg(long, value_name = "SOURCE")]
-    source: Option<String>,
+    #[command(flatten)]
+    rows: RowFilterArgs<Wording>,
     /// Rows whose last error contains this text
     #[arg(long, value_name = "TEXT")]
     error_contains: Option<String>,
@@ -100,6 +93,14 @@ pub struct ReplayArgs {
     safety: SafetyArgs,
 }
 
+/// `replay`'s rows in the help: "Rows of this event type".
+#[derive(Debug)]
+struct Wording;
+
+impl FilterWording for Wording {
+    const ROWS: &'static str = "Rows of this";
+}
+
 impl ReplayArgs {
     /// The audit entry of this replay: the selectors and how many rows
     /// they picked.
@@ -107,7 +108,7 @@ impl ReplayArgs {
         let mut entry = AuditEntry::new(self.safety.actor(), self.action());
         entry.reason = self.reason.clone();
         entry.details = json!({
-            "event_type": self.event_type, "topic": self.topic, "source": self.source, "error_contains": self.error_contains,
+            "event_type": self.rows.event_type, "topic": self.rows.topic, "source": self.rows.source, "error_contains": self.error_contains,
             "consumer_group": self.consumer_group, "fingerprint": self.fingerprint, "since": self.since.map(|t| time::format(&t)), "until": self.until.map(|t| time::format(&t)),
             "all": self.all, "limit": self.limit, "rate": self.rate, "selected": selected,
         });
@@ -146,18 +147,11 @@ pub async fn run(args: ReplayArgs, ctx: &Context) -> Result<ExitStatus> {
         Some(RowsArg::Inbox) => Some(Table::Inbox),
         Some(RowsArg::DeadLetters) | None => None,
     };
-    let tables = covered(
-        table,
-        TableFilters {
-            topic: args.topic.is_some(),
-            source: args.source.is_some(),
-            consumer_group: args.consumer_group.is_some(),
-        },
-    )?;
+    let tables = args.rows.covered(table, &args.consumer_group)?;
     let filter = RequeueFilter {
         ids: args.ids.clone(),
-        event_type: args.event_type.clone(),
-        topic: args.topic.clone().or_else(|| args.source.clone()),
+        event_type: args.rows.event_type.clone(),
+        topic: args.rows.topic_or_source(),
         consumer_group: args.consumer_group.clone(),
         error_contains: args.error_contains.clone(),
         since: args.since,
