@@ -3,37 +3,13 @@
 
 pub use crate::store::table::TableSql;
 
-/// A row that can be handed out now: due, and unlocked or its lease passed
-/// (`$alias` is the table alias). Used by every claim and walk.
-macro_rules! ready {
-    ($a:literal) => {
-        concat!(
-            "((",
-            $a,
-            ".locked_at IS NULL OR ",
-            $a,
-            ".locked_until <= now()) AND ",
-            $a,
-            ".scheduled_at <= now())"
-        )
-    };
-}
+use super::shared_sql::{active, counts, ready, table_sql};
 
-/// A row that takes part in its key's order: due (or due within the next
-/// second: a row written "now" by a transaction that committed while the
-/// claim ran must not count as scheduled for later), tried, or locked. A
-/// row scheduled further ahead and never tried does not hold its key up.
-macro_rules! active {
-    ($a:literal) => {
-        concat!(
-            "(",
-            $a,
-            ".scheduled_at <= now() + interval '1 second' OR ",
-            $a,
-            ".last_error IS NOT NULL OR ",
-            $a,
-            ".locked_at IS NOT NULL)"
-        )
+/// The server's time a second from now: a row due by then takes part in
+/// its key's order (see `active!`).
+macro_rules! soon {
+    () => {
+        "now() + interval '1 second'"
     };
 }
 
@@ -122,11 +98,10 @@ macro_rules! plain_claimable_exists {
     };
 }
 
-macro_rules! table_sql {
+/// The statements of table `$t` on PostgreSQL (see `table_sql!`).
+macro_rules! pg_table_sql {
     ($t:literal, $claim:expr, $exists:expr) => {
-        TableSql {
-            claim: $claim,
-            claimable_exists: $exists,
+        table_sql!($t, $claim, $exists, {
             complete: concat!(
                 "UPDATE ", $t, "
                 SET status = 'completed', completed_at = now(), locked_at = NULL, locked_by = NULL,
@@ -213,16 +188,7 @@ macro_rules! table_sql {
                 )
                 DELETE FROM ", $t, " t USING batch WHERE t.id = batch.id AND t.status = 'completed'"
             ),
-            counts: concat!(
-                "SELECT count(*) FILTER (WHERE status = 'pending') AS pending,
-                        count(*) FILTER (WHERE status = 'completed') AS completed,
-                        count(*) FILTER (WHERE status = 'failed') AS failed,
-                        count(*) FILTER (WHERE locked_at IS NOT NULL) AS locked,
-                        count(*) FILTER (WHERE status = 'pending' AND ", ready!("t"), ") AS due_now,
-                        min(created_at) FILTER (WHERE status = 'pending') AS oldest_pending,
-                        now() AS now
-                FROM ", $t, " t"
-            ),
+            counts: counts!($t, "now()", "now() AS now"),
             select_all: concat!("SELECT * FROM ", $t, " WHERE TRUE"),
             requeue_head: concat!(
                 "UPDATE ", $t, "
@@ -231,11 +197,6 @@ macro_rules! table_sql {
             requeue_where: concat!(
                 "
                 WHERE id IN (SELECT id FROM ", $t, " WHERE status = 'failed'"
-            ),
-            failed_head: concat!("SELECT * FROM ", $t, " WHERE status = 'failed'"),
-            waiting_head: concat!(
-                "SELECT * FROM ", $t,
-                " WHERE status = 'pending' AND locked_at IS NULL AND last_error IS NOT NULL AND scheduled_at > "
             ),
             unlock_worker: concat!(
                 "UPDATE ", $t, "
@@ -266,11 +227,7 @@ macro_rules! table_sql {
                 )
                 DELETE FROM ", $t, " t USING batch WHERE t.id = batch.id AND t.status = 'failed'"
             ),
-            failed_by_type: concat!(
-                "SELECT event_type, count(*) FROM ", $t,
-                " WHERE status = 'failed' GROUP BY event_type ORDER BY count(*) DESC, event_type"
-            ),
-        }
+        })
     };
 }
 
@@ -338,21 +295,21 @@ pub const OUTBOX_SCAN: &str = "SELECT * FROM (
 /// changes, saved its planning, 0.5 ms a claim, but moved neither the
 /// relay's rate nor its latency measurably; the claim keeps custom plans.)
 pub const OUTBOX_WALK: &str = concat!(
-    "SELECT k.ord, w.id, w.seq, w.created_at, ", ready!("w"), " AS ready, w.last_error IS NOT NULL AS tried,
+    "SELECT k.ord, w.id, w.seq, w.created_at, ", ready!("w", "now()"), " AS ready, w.last_error IS NOT NULL AS tried,
             (w.locked_at IS NOT NULL AND w.locked_until > now()) AS locked, w.bytes
       FROM unnest($1::text[], $2::text[], $4::int8[], $5::int8[])
            WITH ORDINALITY AS k(topic, partition_key, own_first, own_last, ord)
      CROSS JOIN LATERAL (
-        SELECT e.seq, e.last_error IS NOT NULL AS tried, ", ready!("e"), " AS ready
+        SELECT e.seq, e.last_error IS NOT NULL AS tried, ", ready!("e", "now()"), " AS ready
           FROM outbox_events e
          WHERE e.status = 'pending' AND e.topic = k.topic AND e.partition_key = k.partition_key
-           AND ", active!("e"), "
+           AND ", active!("e", soon!()), "
          ORDER BY e.seq LIMIT 1) f
      CROSS JOIN LATERAL (
         SELECT CASE WHEN k.own_first IS NOT NULL AND f.seq >= k.own_first AND NOT EXISTS (
                         SELECT 1 FROM outbox_events g
                          WHERE g.status = 'pending' AND g.topic = k.topic AND g.partition_key = k.partition_key
-                           AND g.seq >= f.seq AND g.seq <= k.own_last AND ", active!("g"), "
+                           AND g.seq >= f.seq AND g.seq <= k.own_last AND ", active!("g", soon!()), "
                            AND NOT coalesce(g.locked_by = $6 AND g.locked_until > now(), false))
                     THEN k.own_last + 1
                     ELSE f.seq END AS seq
@@ -360,11 +317,11 @@ pub const OUTBOX_WALK: &str = concat!(
      CROSS JOIN LATERAL (
         SELECT f.seq, f.tried, f.ready WHERE s.seq = f.seq
         UNION ALL
-        (SELECT e.seq, e.last_error IS NOT NULL AS tried, ", ready!("e"), " AS ready
+        (SELECT e.seq, e.last_error IS NOT NULL AS tried, ", ready!("e", "now()"), " AS ready
           FROM outbox_events e
          WHERE s.seq <> f.seq
            AND e.status = 'pending' AND e.topic = k.topic AND e.partition_key = k.partition_key
-           AND e.seq >= s.seq AND ", active!("e"), "
+           AND e.seq >= s.seq AND ", active!("e", soon!()), "
          ORDER BY e.seq LIMIT 1)) h
      CROSS JOIN LATERAL (
         SELECT e.id, e.seq, e.locked_at, e.locked_until, e.scheduled_at, e.last_error, e.created_at,
@@ -372,7 +329,7 @@ pub const OUTBOX_WALK: &str = concat!(
           FROM outbox_events e
          WHERE h.ready AND e.status = 'pending' AND e.topic = k.topic AND e.partition_key = k.partition_key
            AND e.seq >= h.seq
-           AND ", active!("e"), "
+           AND ", active!("e", soon!()), "
          ORDER BY e.seq
          LIMIT CASE WHEN h.tried THEN 2 ELSE $3 END) w
      LIMIT $3 + cardinality($1)"
@@ -387,7 +344,7 @@ pub const OUTBOX_WALK: &str = concat!(
 /// pending and ready.
 pub const OUTBOX_LOCK: &str = concat!(
     "SELECT t.id, t.status = 'pending' AND ",
-    ready!("t"),
+    ready!("t", "now()"),
     " AS ready
        FROM outbox_events t
       WHERE t.id = ANY($1) AND t.created_at >= $2 AND t.created_at <= $3
@@ -426,7 +383,7 @@ pub const OUTBOX_LOCK_READ: &str = concat!(
            now() AS updated_at, e.created_at, e.aggregate_type, e.aggregate_id, e.topic,
            e.partition_key, e.payload_bytes, e.locked_at IS NOT NULL AS leased,
            e.status = 'pending' AND ",
-    ready!("e"),
+    ready!("e", "now()"),
     " AS ready
       FROM outbox_events e, idle
      WHERE e.id = ANY($1) AND e.created_at >= $2 AND e.created_at <= $3
@@ -464,20 +421,20 @@ pub const OUTBOX_CLAIMABLE_EXISTS: &str = concat!(
                 SELECT topic, partition_key FROM outbox_events r
                  WHERE r.locked_until <= now() AND r.scheduled_at <= now()
                    AND ($1::text[] IS NULL OR r.topic = ANY($1))) k
-         WHERE (SELECT ", ready!("e"), "
+         WHERE (SELECT ", ready!("e", "now()"), "
                   FROM outbox_events e
                  WHERE e.status = 'pending' AND e.topic = k.topic AND e.partition_key = k.partition_key
-                   AND ", active!("e"), "
+                   AND ", active!("e", soon!()), "
                  ORDER BY e.seq LIMIT 1))"
 );
 
-pub static OUTBOX: TableSql = table_sql!("outbox_events", "", OUTBOX_CLAIMABLE_EXISTS);
+pub static OUTBOX: TableSql = pg_table_sql!("outbox_events", "", OUTBOX_CLAIMABLE_EXISTS);
 /// The inbox claim: $1 lease seconds, $2 limit, $3 worker, $4 sources and
 /// $5 event types (`NULL`: any), $6 the byte budget, $7 consumer groups
 /// (`NULL`: any).
 pub const INBOX_CLAIM: &str = plain_claim!("inbox_events");
 
-pub static INBOX: TableSql = table_sql!(
+pub static INBOX: TableSql = pg_table_sql!(
     "inbox_events",
     INBOX_CLAIM,
     plain_claimable_exists!("inbox_events")

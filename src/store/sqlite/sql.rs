@@ -4,39 +4,7 @@
 
 pub use crate::store::table::TableSql;
 
-/// A row that can be handed out now (?1 is now): due, and unlocked or its
-/// lease passed.
-macro_rules! ready {
-    ($a:literal) => {
-        concat!(
-            "((",
-            $a,
-            ".locked_at IS NULL OR ",
-            $a,
-            ".locked_until <= ?1) AND ",
-            $a,
-            ".scheduled_at <= ?1)"
-        )
-    };
-}
-
-/// A row that takes part in its key's order (`$soon` is now plus a
-/// second, see the PostgreSQL twin): due soon, tried, or locked.
-macro_rules! active {
-    ($a:literal, $soon:literal) => {
-        concat!(
-            "(",
-            $a,
-            ".scheduled_at <= ",
-            $soon,
-            " OR ",
-            $a,
-            ".last_error IS NOT NULL OR ",
-            $a,
-            ".locked_at IS NOT NULL)"
-        )
-    };
-}
+use crate::store::postgres::shared_sql::{active, counts, ready, table_sql};
 
 /// ?1 now, ?2 the new locked_until, ?3 limit, ?4 worker, ?5 sources and
 /// ?6 event types and ?8 consumer groups (`NULL`: any), ?7 the byte budget: rows in `(scheduled_at,
@@ -100,11 +68,10 @@ macro_rules! plain_claimable_exists {
     };
 }
 
-macro_rules! table_sql {
+/// The statements of table `$t` on SQLite (see `table_sql!`).
+macro_rules! lite_table_sql {
     ($t:literal, $claim:expr, $exists:expr) => {
-        TableSql {
-            claim: $claim,
-            claimable_exists: $exists,
+        table_sql!($t, $claim, $exists, {
             complete: concat!(
                 "UPDATE ", $t, "
                 SET status = 'completed', completed_at = ?2, locked_at = NULL, locked_by = NULL,
@@ -165,26 +132,13 @@ macro_rules! table_sql {
                     WHERE status = 'completed' AND completed_at < ?1
                     ORDER BY completed_at LIMIT ?2)"
             ),
-            counts: concat!(
-                "SELECT count(*) FILTER (WHERE status = 'pending') AS pending,
-                        count(*) FILTER (WHERE status = 'completed') AS completed,
-                        count(*) FILTER (WHERE status = 'failed') AS failed,
-                        count(*) FILTER (WHERE locked_at IS NOT NULL) AS locked,
-                        count(*) FILTER (WHERE status = 'pending' AND ", ready!("t"), ") AS due_now,
-                        min(created_at) FILTER (WHERE status = 'pending') AS oldest_pending
-                FROM ", $t, " t"
-            ),
+            counts: counts!($t, "?1"),
             select_all: concat!("SELECT * FROM ", $t, " WHERE 1 = 1"),
             requeue_head: concat!(
                 "UPDATE ", $t, " SET status = 'pending', attempts_made = 0, last_error = NULL, scheduled_at = "
             ),
             requeue_where: concat!(
                 " WHERE seq IN (SELECT seq FROM ", $t, " WHERE status = 'failed'"
-            ),
-            failed_head: concat!("SELECT * FROM ", $t, " WHERE status = 'failed'"),
-            waiting_head: concat!(
-                "SELECT * FROM ", $t,
-                " WHERE status = 'pending' AND locked_at IS NULL AND last_error IS NOT NULL AND scheduled_at > "
             ),
             unlock_worker: concat!(
                 "UPDATE ", $t, "
@@ -208,11 +162,7 @@ macro_rules! table_sql {
                     WHERE status = 'failed' AND updated_at < ?1
                     ORDER BY updated_at LIMIT ?2)"
             ),
-            failed_by_type: concat!(
-                "SELECT event_type, count(*) FROM ", $t,
-                " WHERE status = 'failed' GROUP BY event_type ORDER BY count(*) DESC, event_type"
-            ),
-        }
+        })
     };
 }
 
@@ -277,7 +227,7 @@ pub const OUTBOX_WALK: &str = concat!(
     ),
     heads AS (
         SELECT k.ord, k.topic, k.partition_key, h.seq AS head_seq,
-               CASE WHEN NOT ", ready!("h"), " THEN -1
+               CASE WHEN NOT ", ready!("h", "?1"), " THEN -1
                     WHEN h.last_error IS NULL THEN 9223372036854775807
                     ELSE coalesce((SELECT n.seq FROM outbox_events n
                                     WHERE n.status = 'pending' AND n.topic = k.topic
@@ -287,7 +237,7 @@ pub const OUTBOX_WALK: &str = concat!(
           FROM starts k
           JOIN outbox_events h ON h.seq = k.start_seq
     )
-    SELECT k.ord, (SELECT json_group_array(json_array(w.id, w.seq, ", ready!("w"), ", w.last_error IS NOT NULL,
+    SELECT k.ord, (SELECT json_group_array(json_array(w.id, w.seq, ", ready!("w", "?1"), ", w.last_error IS NOT NULL,
                                                       w.locked_at IS NOT NULL AND w.locked_until > ?1, w.bytes))
               FROM (SELECT e.id, e.seq, e.locked_at, e.locked_until, e.scheduled_at, e.last_error,
                            octet_length(e.payload) AS bytes
@@ -325,7 +275,7 @@ pub const OUTBOX_CLAIMABLE_EXISTS: &str = concat!(
                 SELECT topic, partition_key FROM outbox_events r
                  WHERE r.locked_until <= ?1 AND r.scheduled_at <= ?1
                    AND (?3 IS NULL OR r.topic IN (SELECT value FROM json_each(?3)))) k
-         WHERE (SELECT ", ready!("e"), "
+         WHERE (SELECT ", ready!("e", "?1"), "
                   FROM outbox_events e
                  WHERE e.status = 'pending' AND e.topic = k.topic AND e.partition_key = k.partition_key
                    AND ", active!("e", "?2"), "
@@ -348,8 +298,8 @@ pub(super) const INSERT_INBOX: &str = "INSERT INTO inbox_events (
     ON CONFLICT (message_id, consumer_group) DO NOTHING
     RETURNING id";
 
-pub static OUTBOX: TableSql = table_sql!("outbox_events", "", OUTBOX_CLAIMABLE_EXISTS);
-pub static INBOX: TableSql = table_sql!(
+pub static OUTBOX: TableSql = lite_table_sql!("outbox_events", "", OUTBOX_CLAIMABLE_EXISTS);
+pub static INBOX: TableSql = lite_table_sql!(
     "inbox_events",
     plain_claim!("inbox_events"),
     plain_claimable_exists!("inbox_events")

@@ -1,0 +1,87 @@
+//! Statement text both backends write alike, as `concat!` macros: the
+//! PostgreSQL statements (`sql.rs`) and the SQLite ones
+//! (`store/sqlite/sql.rs`) pass what differs (the current time, a second
+//! from now) and get the same text around it.
+
+/// A row that can be handed out now (`$a` the table alias, `$now` the
+/// current time): due, and unlocked or its lease passed. Used by every
+/// claim and walk.
+macro_rules! ready {
+    ($a:literal, $now:expr) => {
+        concat!(
+            "((",
+            $a,
+            ".locked_at IS NULL OR ",
+            $a,
+            ".locked_until <= ",
+            $now,
+            ") AND ",
+            $a,
+            ".scheduled_at <= ",
+            $now,
+            ")"
+        )
+    };
+}
+
+/// A row that takes part in its key's order (`$soon`: the current time
+/// plus a second): due (or due within the next second: a row written "now"
+/// by a transaction that committed while the claim ran must not count as
+/// scheduled for later), tried, or locked. A row scheduled further ahead
+/// and never tried does not hold its key up.
+macro_rules! active {
+    ($a:literal, $soon:expr) => {
+        concat!(
+            "(",
+            $a,
+            ".scheduled_at <= ",
+            $soon,
+            " OR ",
+            $a,
+            ".last_error IS NOT NULL OR ",
+            $a,
+            ".locked_at IS NOT NULL)"
+        )
+    };
+}
+
+/// The counts for `status` of table `$t` (`$now` the current time), and
+/// the backend's further columns.
+macro_rules! counts {
+    ($t:literal, $now:literal $(, $more:literal)?) => {
+        concat!(
+            "SELECT count(*) FILTER (WHERE status = 'pending') AS pending,
+                        count(*) FILTER (WHERE status = 'completed') AS completed,
+                        count(*) FILTER (WHERE status = 'failed') AS failed,
+                        count(*) FILTER (WHERE locked_at IS NOT NULL) AS locked,
+                        count(*) FILTER (WHERE status = 'pending' AND ", ready!("t", $now), ") AS due_now,
+                        min(created_at) FILTER (WHERE status = 'pending') AS oldest_pending",
+            $(",\n                        ", $more,)?
+            "\n                FROM ", $t, " t"
+        )
+    };
+}
+
+/// The statements of table `$t`: its claim and claimable check, the
+/// backend's own statements (`$name: $sql`), and those whose text is the
+/// same on both backends.
+macro_rules! table_sql {
+    ($t:literal, $claim:expr, $exists:expr, { $($name:ident: $sql:expr,)* }) => {
+        $crate::store::table::TableSql {
+            claim: $claim,
+            claimable_exists: $exists,
+            $($name: $sql,)*
+            failed_head: concat!("SELECT * FROM ", $t, " WHERE status = 'failed'"),
+            waiting_head: concat!(
+                "SELECT * FROM ", $t,
+                " WHERE status = 'pending' AND locked_at IS NULL AND last_error IS NOT NULL AND scheduled_at > "
+            ),
+            failed_by_type: concat!(
+                "SELECT event_type, count(*) FROM ", $t,
+                " WHERE status = 'failed' GROUP BY event_type ORDER BY count(*) DESC, event_type"
+            ),
+        }
+    };
+}
+
+pub(crate) use {active, counts, ready, table_sql};
