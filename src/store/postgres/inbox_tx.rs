@@ -7,6 +7,7 @@ use sqlx::{PgConnection, Row};
 use uuid::Uuid;
 
 use super::decode;
+use super::shared::run;
 use crate::error::{Result, storage};
 use crate::model::{InboxEvent, Timestamp};
 use crate::store::dialect::{self, Pg};
@@ -17,18 +18,15 @@ pub async fn lock_inbox(
     ids: &[Uuid],
     token: &crate::store::ClaimToken,
 ) -> Result<()> {
-    sqlx::query(
+    let q = sqlx::query(
         "UPDATE inbox_events SET locked_at = $2, locked_by = $3, locked_until = $2 + make_interval(secs => $4), \
          updated_at = now() WHERE id = ANY($1)",
     )
     .bind(ids)
     .bind(token.locked_at)
     .bind(token.worker.as_str())
-    .bind(crate::store::secs(token.lease))
-        .execute(&mut *conn)
-        .await
-        .map_err(storage)?;
-    Ok(())
+    .bind(crate::store::secs(token.lease));
+    run(conn, q).await.map(drop)
 }
 
 /// Pending inbox rows met again by the consumer (inside its
@@ -80,17 +78,14 @@ pub async fn complete_claimed_inbox(
     worker: &str,
     locked_at: &crate::model::Timestamp,
 ) -> Result<bool> {
-    let done = sqlx::query(
+    let q = sqlx::query(
         "UPDATE inbox_events SET status = 'completed', completed_at = now(), locked_at = NULL, locked_by = NULL, \
          locked_until = NULL, updated_at = now() WHERE id = $1 AND status = 'pending' AND locked_by = $2 AND locked_at = $3",
     )
     .bind(id)
     .bind(worker)
-    .bind(locked_at)
-    .execute(&mut *conn)
-    .await
-    .map_err(storage)?;
-    Ok(done.rows_affected() == 1)
+    .bind(locked_at);
+    Ok(run(conn, q).await?.rows_affected() == 1)
 }
 
 /// Deletes inbox rows (inside the consumer's transaction).

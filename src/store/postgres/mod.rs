@@ -36,7 +36,7 @@ mod insert;
 pub(crate) mod letter;
 pub(crate) mod maintenance;
 pub mod partition;
-pub(crate) mod shared_sql;
+pub(crate) mod shared;
 mod sql;
 mod table;
 

@@ -11,6 +11,7 @@ use crate::error::{Result, storage};
 use crate::model::{InboxEvent, time};
 use crate::store::ClaimToken;
 use crate::store::dialect::{self, Dialect, Lite};
+use crate::store::postgres::shared::run;
 
 /// Locks inbox rows for `token` (inside the consumer's transaction).
 pub async fn lock_inbox(
@@ -18,18 +19,15 @@ pub async fn lock_inbox(
     ids: &[Uuid],
     token: &ClaimToken,
 ) -> Result<()> {
-    sqlx::query(
+    let q = sqlx::query(
         "UPDATE inbox_events SET locked_at = ?2, locked_by = ?3, locked_until = ?4, updated_at = ?2 \
          WHERE id IN (SELECT value FROM json_each(?1))",
     )
     .bind(id_array(ids))
     .bind(ts(&token.locked_at))
     .bind(token.worker.as_str().to_string())
-    .bind(ts(&(token.locked_at + chrono_dur(token.lease))))
-    .execute(&mut *conn)
-    .await
-    .map_err(storage)?;
-    Ok(())
+    .bind(ts(&(token.locked_at + chrono_dur(token.lease))));
+    run(conn, q).await.map(drop)
 }
 
 /// Pending inbox rows met again by the consumer (inside its
@@ -77,7 +75,7 @@ pub async fn complete_claimed_inbox(
     worker: &str,
     locked_at: &time::Timestamp,
 ) -> Result<bool> {
-    let done = sqlx::query(
+    let q = sqlx::query(
         "UPDATE inbox_events SET status = 'completed', completed_at = ?2, locked_at = NULL, locked_by = NULL, \
          locked_until = NULL, updated_at = ?2 WHERE id IN (SELECT value FROM json_each(?1)) AND status = 'pending' \
          AND locked_by = ?3 AND locked_at = ?4",
@@ -85,11 +83,8 @@ pub async fn complete_claimed_inbox(
     .bind(id_array(&[id]))
     .bind(ts(&time::now()))
     .bind(worker)
-    .bind(ts(locked_at))
-    .execute(&mut *conn)
-    .await
-    .map_err(storage)?;
-    Ok(done.rows_affected() == 1)
+    .bind(ts(locked_at));
+    Ok(run(conn, q).await?.rows_affected() == 1)
 }
 
 /// Deletes inbox rows (inside the consumer's transaction).

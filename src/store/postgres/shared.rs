@@ -1,7 +1,10 @@
-//! Statement text both backends write alike, as `concat!` macros: the
-//! PostgreSQL statements (`sql.rs`) and the SQLite ones
-//! (`store/sqlite/sql.rs`) pass what differs (the current time, a second
-//! from now) and get the same text around it.
+//! What the PostgreSQL and the SQLite backend write alike, for both:
+//! statement text as `concat!` macros (the PostgreSQL statements in
+//! `sql.rs` and the SQLite ones in `store/sqlite/sql.rs` pass what differs,
+//! such as the current time, and get the same text around it), and the
+//! running of a prepared statement, generic over the sqlx database.
+
+use crate::error::{Result, storage};
 
 /// A row that can be handed out now (`$a` the table alias, `$now` the
 /// current time): due, and unlocked or its lease passed. Used by every
@@ -85,3 +88,17 @@ macro_rules! table_sql {
 }
 
 pub(crate) use {active, counts, ready, table_sql};
+
+/// Runs the prepared statement `q` on `conn`; returns its result (rows
+/// changed).
+pub(crate) async fn run<'c, C, DB>(
+    conn: &'c mut C,
+    q: sqlx::query::Query<'_, DB, DB::Arguments>,
+) -> Result<DB::QueryResult>
+where
+    DB: sqlx::Database,
+    &'c mut C: sqlx::Executor<'c, Database = DB>,
+    DB::Arguments: sqlx::IntoArguments<DB>,
+{
+    q.execute(conn).await.map_err(storage)
+}
