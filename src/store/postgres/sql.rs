@@ -98,6 +98,40 @@ macro_rules! plain_claimable_exists {
     };
 }
 
+/// Deletes a batch of table `$t`'s rows of `$status` whose time `$at` is
+/// older than $1 seconds, at most $2 of them, oldest first. The batch is
+/// picked once (a materialized CTE: a subquery with LIMIT and SKIP LOCKED
+/// under `IN` may be run again by the plan, and each run picks other rows),
+/// and the delete tests the status again: on a partitioned table an id is
+/// unique within its partition only, and a row of another partition with
+/// the same id must not go with it.
+macro_rules! delete_aged {
+    ($t:literal, $status:literal, $at:literal) => {
+        concat!(
+            "WITH batch AS MATERIALIZED (
+                    SELECT id FROM ",
+            $t,
+            "
+                    WHERE status = '",
+            $status,
+            "' AND ",
+            $at,
+            " < now() - make_interval(secs => $1)
+                    ORDER BY ",
+            $at,
+            "
+                    LIMIT $2
+                    FOR UPDATE SKIP LOCKED
+                )
+                DELETE FROM ",
+            $t,
+            " t USING batch WHERE t.id = batch.id AND t.status = '",
+            $status,
+            "'"
+        )
+    };
+}
+
 /// The statements of table `$t` on PostgreSQL (see `table_sql!`).
 macro_rules! pg_table_sql {
     ($t:literal, $claim:expr, $exists:expr) => {
@@ -172,22 +206,7 @@ macro_rules! pg_table_sql {
                 SET locked_at = NULL, locked_by = NULL, locked_until = NULL, updated_at = now()
                 FROM stale WHERE t.id = stale.id"
             ),
-            // The batch is picked once (a materialized CTE: a subquery with
-            // LIMIT and SKIP LOCKED under `IN` may be run again by the plan,
-            // and each run picks other rows), and the delete tests the
-            // status again: on a partitioned table an id is unique within
-            // its partition only, and a row of another partition with the
-            // same id must not go with it.
-            delete_completed: concat!(
-                "WITH batch AS MATERIALIZED (
-                    SELECT id FROM ", $t, "
-                    WHERE status = 'completed' AND completed_at < now() - make_interval(secs => $1)
-                    ORDER BY completed_at
-                    LIMIT $2
-                    FOR UPDATE SKIP LOCKED
-                )
-                DELETE FROM ", $t, " t USING batch WHERE t.id = batch.id AND t.status = 'completed'"
-            ),
+            delete_completed: delete_aged!($t, "completed", "completed_at"),
             counts: counts!($t, "now()", "now() AS now"),
             select_all: concat!("SELECT * FROM ", $t, " WHERE TRUE"),
             requeue_head: concat!(
@@ -217,16 +236,7 @@ macro_rules! pg_table_sql {
                 "SELECT count(*) FROM ", $t,
                 " WHERE status = 'failed' AND updated_at < now() - make_interval(secs => $1)"
             ),
-            delete_failed: concat!(
-                "WITH batch AS MATERIALIZED (
-                    SELECT id FROM ", $t, "
-                    WHERE status = 'failed' AND updated_at < now() - make_interval(secs => $1)
-                    ORDER BY updated_at
-                    LIMIT $2
-                    FOR UPDATE SKIP LOCKED
-                )
-                DELETE FROM ", $t, " t USING batch WHERE t.id = batch.id AND t.status = 'failed'"
-            ),
+            delete_failed: delete_aged!($t, "failed", "updated_at"),
         })
     };
 }
