@@ -4,6 +4,7 @@
 
 use std::collections::{HashMap, HashSet};
 
+use sqlx::postgres::PgRow;
 use sqlx::{PgConnection, Row};
 use uuid::Uuid;
 
@@ -13,7 +14,7 @@ use super::sql;
 use crate::error::{Error, Result, storage};
 use crate::model::{Event, InboxEvent, InboxRoute, OutboxEvent, OutboxRoute, Route, Timestamp};
 use crate::store::table::InboxBackend;
-use crate::store::{BulkOutcome, OutboxStore};
+use crate::store::{BlockedKey, BulkOutcome, OutboxStore};
 
 /// Rows per statement.
 const CHUNK: usize = 1000;
@@ -412,26 +413,9 @@ pub async fn insert_inbox(
 }
 
 impl OutboxStore for PgTable<OutboxRoute> {
-    async fn blocked_keys(&self, limit: u32) -> Result<Vec<crate::store::BlockedKey>> {
-        let rows = sqlx::query(sql::BLOCKED_KEYS)
-            .bind(i64::from(limit))
-            .fetch_all(&self.pool)
-            .await
-            .map_err(storage)?;
-        rows.iter()
-            .map(|r| {
-                Ok(crate::store::BlockedKey {
-                    topic: r.try_get(0)?,
-                    partition_key: r.try_get(1)?,
-                    head_id: r.try_get(2)?,
-                    head_attempts: r.try_get(3)?,
-                    head_error: r.try_get(4)?,
-                    head_retry_at: r.try_get(5)?,
-                    waiting: r.try_get::<i64, _>(6)? as u64,
-                })
-            })
-            .collect::<Result<_, sqlx::Error>>()
-            .map_err(storage)
+    async fn blocked_keys(&self, limit: u32) -> Result<Vec<BlockedKey>> {
+        let q = sqlx::query(sql::BLOCKED_KEYS).bind(i64::from(limit));
+        super::shared::fetch_decoded(&self.pool, q, blocked_key).await
     }
 
     async fn create_many(&self, events: &[OutboxEvent]) -> Result<Vec<BulkOutcome>> {
@@ -456,4 +440,20 @@ impl InboxBackend for PgTable<InboxRoute> {
         tx.commit().await.map_err(storage)?;
         Ok(outcomes)
     }
+}
+
+/// A row of [`sql::BLOCKED_KEYS`].
+fn blocked_key(r: &PgRow) -> Result<BlockedKey> {
+    let key = || -> std::result::Result<BlockedKey, sqlx::Error> {
+        Ok(BlockedKey {
+            topic: r.try_get(0)?,
+            partition_key: r.try_get(1)?,
+            head_id: r.try_get(2)?,
+            head_attempts: r.try_get(3)?,
+            head_error: r.try_get(4)?,
+            head_retry_at: r.try_get(5)?,
+            waiting: r.try_get::<i64, _>(6)? as u64,
+        })
+    };
+    key().map_err(storage)
 }

@@ -102,3 +102,19 @@ where
 {
     q.execute(conn).await.map_err(storage)
 }
+
+/// Runs the prepared statement `q` on `executor`; returns its rows, each
+/// read by `decode`.
+pub(crate) async fn fetch_decoded<'c, E, DB, T>(
+    executor: E,
+    q: sqlx::query::Query<'_, DB, DB::Arguments>,
+    decode: impl Fn(&DB::Row) -> Result<T>,
+) -> Result<Vec<T>>
+where
+    E: sqlx::Executor<'c, Database = DB>,
+    DB: sqlx::Database,
+    DB::Arguments: sqlx::IntoArguments<DB>,
+{
+    let rows = q.fetch_all(executor).await.map_err(storage)?;
+    rows.iter().map(decode).collect()
+}

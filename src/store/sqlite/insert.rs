@@ -1,6 +1,7 @@
 //! Inserts, usable on the caller's own connection or transaction, and the
 //! [`OutboxStore`] and [`InboxStore`] writes built on them.
 
+use sqlx::sqlite::SqliteRow;
 use sqlx::{Row, Sqlite, SqliteConnection};
 use uuid::Uuid;
 
@@ -8,8 +9,9 @@ use super::ts;
 use super::{SqliteTable, decode, sql};
 use crate::error::{Error, Result, storage};
 use crate::model::{Event, InboxEvent, InboxRoute, OutboxEvent, OutboxRoute, Route, time};
+use crate::store::postgres::shared::fetch_decoded;
 use crate::store::table::InboxBackend;
-use crate::store::{BulkOutcome, OutboxStore};
+use crate::store::{BlockedKey, BulkOutcome, OutboxStore};
 
 /// Binds the common columns (?1..?16) of an insert.
 fn bind_common<'q, R: Route>(
@@ -150,33 +152,9 @@ pub async fn insert_inbox(
 }
 
 impl OutboxStore for SqliteTable<OutboxRoute> {
-    async fn blocked_keys(&self, limit: u32) -> Result<Vec<crate::store::BlockedKey>> {
-        let rows = sqlx::query(sql::BLOCKED_KEYS)
-            .bind(i64::from(limit))
-            .fetch_all(&self.pool)
-            .await
-            .map_err(storage)?;
-        rows.iter()
-            .map(|r| {
-                let id: String = r.try_get(2).map_err(storage)?;
-                let at: String = r.try_get(5).map_err(storage)?;
-                Ok(crate::store::BlockedKey {
-                    topic: r.try_get(0).map_err(storage)?,
-                    partition_key: r.try_get(1).map_err(storage)?,
-                    head_id: Uuid::parse_str(&id).map_err(|e| Error::CorruptRow {
-                        id: id.clone(),
-                        message: e.to_string(),
-                    })?,
-                    head_attempts: r.try_get(3).map_err(storage)?,
-                    head_error: r.try_get(4).map_err(storage)?,
-                    head_retry_at: time::parse_stored(&at).map_err(|m| Error::CorruptRow {
-                        id: id.clone(),
-                        message: m,
-                    })?,
-                    waiting: r.try_get::<i64, _>(6).map_err(storage)? as u64,
-                })
-            })
-            .collect()
+    async fn blocked_keys(&self, limit: u32) -> Result<Vec<BlockedKey>> {
+        let q = sqlx::query(sql::BLOCKED_KEYS).bind(i64::from(limit));
+        fetch_decoded(&self.pool, q, blocked_key).await
     }
 
     async fn create_many(&self, events: &[OutboxEvent]) -> Result<Vec<BulkOutcome>> {
@@ -194,4 +172,23 @@ impl InboxBackend for SqliteTable<InboxRoute> {
         tx.commit().await.map_err(storage)?;
         Ok(outcomes)
     }
+}
+
+/// A row of [`sql::BLOCKED_KEYS`] (the head's id and time stored as text).
+fn blocked_key(r: &SqliteRow) -> Result<BlockedKey> {
+    let id: String = r.try_get(2).map_err(storage)?;
+    let at: String = r.try_get(5).map_err(storage)?;
+    let corrupt = |message| Error::CorruptRow {
+        id: id.clone(),
+        message,
+    };
+    Ok(BlockedKey {
+        topic: r.try_get(0).map_err(storage)?,
+        partition_key: r.try_get(1).map_err(storage)?,
+        head_id: Uuid::parse_str(&id).map_err(|e| corrupt(e.to_string()))?,
+        head_attempts: r.try_get(3).map_err(storage)?,
+        head_error: r.try_get(4).map_err(storage)?,
+        head_retry_at: time::parse_stored(&at).map_err(corrupt)?,
+        waiting: r.try_get::<i64, _>(6).map_err(storage)? as u64,
+    })
 }
