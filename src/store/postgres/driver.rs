@@ -3,34 +3,35 @@
 
 use std::time::Duration;
 
-use sqlx::{PgConnection, Postgres, Row, Transaction};
+use sqlx::{PgConnection, Row};
 use uuid::Uuid;
 
 use super::PgStore;
+use super::shared::{self, FeatureTxOf, fetch_decoded};
 use crate::error::{Result, storage};
-use crate::model::{InboxEvent, OutboxEvent, Table};
-use crate::store::BulkOutcome;
+use crate::model::Table;
 use crate::store::audit::{self, AuditEntry, AuditFilter, AuditedChange};
 use crate::store::dead_letters::{DeadLetterRecord, NewLetter};
 use crate::store::diagnostics::{
     ClaimPlan, ReplicationSlot, SMALL_TABLE_PAGES, Statistics, TableHealth,
 };
-use crate::store::dialect::{self, Dialect, Pg};
+use crate::store::dialect::{Dialect, Pg};
 use crate::store::driver::{Driver, FeatureTx, Retention};
 
 /// A write transaction for the features.
-pub(crate) struct PgFeatureTx(Transaction<'static, Postgres>);
+pub(crate) type PgFeatureTx = FeatureTxOf<Pg>;
 
 impl Driver for PgStore {
     type Tx = PgFeatureTx;
     type D = Pg;
 
     async fn begin(&self) -> Result<PgFeatureTx> {
-        Ok(PgFeatureTx(self.pool().begin().await.map_err(storage)?))
+        let tx = self.pool().begin().await.map_err(storage)?;
+        Ok(FeatureTxOf { tx, now: Pg::now() })
     }
 
     async fn list_audit(&self, filter: &AuditFilter) -> Result<Vec<AuditEntry>> {
-        let rows = sqlx::query(
+        let q = sqlx::query(
             "SELECT id, at, actor, action, table_name, row_count, ids::text AS ids, reason, details::text AS details
              FROM omnibox_audit
              WHERE ($1::text IS NULL OR action = $1)
@@ -41,13 +42,11 @@ impl Driver for PgStore {
         .bind(&filter.action)
         .bind(filter.since)
         .bind(filter.id.map(|i| i.to_string()))
-        .bind(i64::from(filter.limit.unwrap_or(50)))
-        .fetch_all(self.pool())
+        .bind(i64::from(filter.limit.unwrap_or(50)));
+        fetch_decoded(self.pool(), q, |r| {
+            audit::decode(r, r.try_get("at").map_err(storage)?)
+        })
         .await
-        .map_err(storage)?;
-        rows.iter()
-            .map(|r| audit::decode(r, r.try_get("at").map_err(storage)?))
-            .collect()
     }
 
     async fn delete_older(&self, what: Retention, older_than: Duration, batch: i64) -> Result<u64> {
@@ -253,7 +252,9 @@ impl Driver for PgStore {
 
 impl FeatureTx for PgFeatureTx {
     async fn insert_audit(&mut self, entry: &AuditEntry) -> Result<i64> {
-        insert_audit(&mut self.0, entry).await
+        let sql = "INSERT INTO omnibox_audit (at, actor, action, table_name, row_count, ids, reason, details)
+             VALUES ($1, $2, $3, $4, $5, $6::jsonb, $7, $8::jsonb) RETURNING id";
+        shared::insert_audit(&mut *self.tx, sql, entry.at, entry).await
     }
 
     async fn audited_change(
@@ -262,7 +263,7 @@ impl FeatureTx for PgFeatureTx {
         change: AuditedChange<'_>,
     ) -> Result<Vec<Uuid>> {
         let t = table.sql_name();
-        let conn: &mut PgConnection = &mut self.0;
+        let conn: &mut PgConnection = &mut self.tx;
         match change {
             AuditedChange::UnlockOne { id, holder, reason } => sqlx::query_scalar(
                 sqlx::AssertSqlSafe(format!(
@@ -301,22 +302,16 @@ impl FeatureTx for PgFeatureTx {
     }
 
     async fn mark_replayed(&mut self, table: Table, events: &[Uuid]) -> Result<()> {
-        mark_replayed(&mut self.0, table, events).await
+        mark_replayed(&mut self.tx, table, events).await
     }
 
     async fn lock_open_letters(&mut self, ids: &[Uuid]) -> Result<Vec<DeadLetterRecord>> {
-        sqlx::query(sqlx::AssertSqlSafe(format!(
+        let q = sqlx::query(sqlx::AssertSqlSafe(format!(
             "SELECT {}
              FROM omnibox_dead_letters WHERE id = ANY($1) AND replayed_at IS NULL ORDER BY seq FOR UPDATE",
             Pg::LETTER_COLUMNS
-        )))
-        .bind(ids)
-        .fetch_all(&mut *self.0)
-        .await
-        .map_err(storage)?
-        .iter()
-        .map(super::letter::decode_letter)
-        .collect()
+        )));
+        fetch_decoded(&mut *self.tx, q.bind(ids), Pg::decode_letter).await
     }
 
     async fn requeue_failed(&mut self, table: Table, events: &[Uuid]) -> Result<Vec<Uuid>> {
@@ -327,7 +322,7 @@ impl FeatureTx for PgFeatureTx {
              WHERE id = ANY($1) AND status = 'failed' RETURNING id"
         )))
         .bind(events)
-        .fetch_all(&mut *self.0)
+        .fetch_all(&mut *self.tx)
         .await
         .map_err(storage)
     }
@@ -338,31 +333,12 @@ impl FeatureTx for PgFeatureTx {
             "SELECT id, status FROM {t} WHERE id = ANY($1)"
         )))
         .bind(events)
-        .fetch_all(&mut *self.0)
+        .fetch_all(&mut *self.tx)
         .await
         .map_err(storage)
     }
 
-    async fn insert_outbox(&mut self, events: &[OutboxEvent]) -> Result<Vec<BulkOutcome>> {
-        super::insert_outbox(&mut self.0, events).await
-    }
-
-    async fn insert_inbox(&mut self, events: &[InboxEvent]) -> Result<Vec<BulkOutcome>> {
-        super::insert_inbox(&mut self.0, events).await
-    }
-
-    async fn close_letters(&mut self, ids: &[Uuid]) -> Result<()> {
-        let qb = dialect::close_letters::<Pg>(ids, &());
-        dialect::execute(&mut *self.0, qb).await
-    }
-
-    async fn commit(self) -> Result<()> {
-        self.0.commit().await.map_err(storage)
-    }
-
-    async fn rollback(self) -> Result<()> {
-        self.0.rollback().await.map_err(storage)
-    }
+    shared::feature_tx_common!(Pg);
 }
 
 /// Marks the open letters of `events` (rows of `table` just requeued)
@@ -387,27 +363,6 @@ pub(crate) async fn mark_replayed(
     .await
     .map_err(storage)?;
     Ok(())
-}
-
-/// Records `entry` on `conn`; returns its id.
-async fn insert_audit(conn: &mut PgConnection, entry: &AuditEntry) -> Result<i64> {
-    let ids = serde_json::to_string(&entry.ids).unwrap_or_else(|_| "[]".into());
-    let details = serde_json::to_string(&entry.details).unwrap_or_else(|_| "{}".into());
-    sqlx::query_scalar(
-        "INSERT INTO omnibox_audit (at, actor, action, table_name, row_count, ids, reason, details)
-         VALUES ($1, $2, $3, $4, $5, $6::jsonb, $7, $8::jsonb) RETURNING id",
-    )
-    .bind(entry.at)
-    .bind(&entry.actor)
-    .bind(&entry.action)
-    .bind(&entry.table)
-    .bind(entry.count as i64)
-    .bind(ids)
-    .bind(&entry.reason)
-    .bind(details)
-    .fetch_one(conn)
-    .await
-    .map_err(storage)
 }
 
 /// Letters as column arrays, for one `UNNEST` insert.

@@ -5,6 +5,8 @@
 //! running of a prepared statement, generic over the sqlx database.
 
 use crate::error::{Result, storage};
+use crate::store::audit::AuditEntry;
+use crate::store::dialect::Dialect;
 
 /// A row that can be handed out now (`$a` the table alias, `$now` the
 /// current time): due, and unlocked or its lease passed. Used by every
@@ -118,3 +120,85 @@ where
     let rows = q.fetch_all(executor).await.map_err(storage)?;
     rows.iter().map(decode).collect()
 }
+
+/// Records `entry` on `conn` by `sql`, the backend's insert of an audit
+/// row whose parameters are the time `at` (as the backend stores times),
+/// the actor, the action, the table, the count, the ids (JSON text), the
+/// reason and the details (JSON text). Returns the row's id.
+pub(crate) async fn insert_audit<'c, C, DB, At>(
+    conn: &'c mut C,
+    sql: &'static str,
+    at: At,
+    entry: &AuditEntry,
+) -> Result<i64>
+where
+    DB: sqlx::Database,
+    &'c mut C: sqlx::Executor<'c, Database = DB>,
+    DB::Arguments: sqlx::IntoArguments<DB>,
+    At: for<'q> sqlx::Encode<'q, DB> + sqlx::Type<DB> + Send,
+    for<'q> &'q str: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+    for<'q> Option<&'q str>: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+    String: for<'q> sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+    i64: for<'q> sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+    (i64,): for<'r> sqlx::FromRow<'r, DB::Row>,
+{
+    let ids = serde_json::to_string(&entry.ids).unwrap_or_else(|_| "[]".into());
+    let details = serde_json::to_string(&entry.details).unwrap_or_else(|_| "{}".into());
+    sqlx::query_scalar(sql)
+        .bind(at)
+        .bind(entry.actor.as_str())
+        .bind(entry.action.as_str())
+        .bind(entry.table.as_deref())
+        .bind(entry.count as i64)
+        .bind(ids)
+        .bind(entry.reason.as_deref())
+        .bind(details)
+        .fetch_one(conn)
+        .await
+        .map_err(storage)
+}
+
+/// A write transaction for the features (`store/driver.rs`) on dialect
+/// `D`, with the time its statements share (SQLite's, taken when it
+/// begins; PostgreSQL's is the server's `now()`, nothing to carry).
+pub(crate) struct FeatureTxOf<D: Dialect> {
+    pub(crate) tx: sqlx::Transaction<'static, D::Db>,
+    pub(crate) now: D::Now,
+}
+
+/// The `FeatureTx` methods of a [`FeatureTxOf`] whose bodies read the same
+/// for both backends, expanded in each impl (where the database is
+/// concrete); `$d` is the dialect, and the backend's module has
+/// `insert_outbox` and `insert_inbox` on a connection.
+macro_rules! feature_tx_common {
+    ($d:ty) => {
+        async fn insert_outbox(
+            &mut self,
+            events: &[$crate::model::OutboxEvent],
+        ) -> $crate::error::Result<Vec<$crate::store::BulkOutcome>> {
+            super::insert_outbox(&mut self.tx, events).await
+        }
+
+        async fn insert_inbox(
+            &mut self,
+            events: &[$crate::model::InboxEvent],
+        ) -> $crate::error::Result<Vec<$crate::store::BulkOutcome>> {
+            super::insert_inbox(&mut self.tx, events).await
+        }
+
+        async fn close_letters(&mut self, ids: &[uuid::Uuid]) -> $crate::error::Result<()> {
+            let qb = $crate::store::dialect::close_letters::<$d>(ids, &self.now);
+            $crate::store::dialect::execute(&mut *self.tx, qb).await
+        }
+
+        async fn commit(self) -> $crate::error::Result<()> {
+            self.tx.commit().await.map_err($crate::error::storage)
+        }
+
+        async fn rollback(self) -> $crate::error::Result<()> {
+            self.tx.rollback().await.map_err($crate::error::storage)
+        }
+    };
+}
+
+pub(crate) use feature_tx_common;

@@ -5,24 +5,21 @@
 
 use std::time::Duration;
 
-use sqlx::{Row, Sqlite, SqliteConnection, Transaction};
+use sqlx::{Row, SqliteConnection};
 use uuid::Uuid;
 
 use super::{SqliteStore, id_array};
 use crate::error::{Error, Result, storage};
-use crate::model::{InboxEvent, OutboxEvent, Table, time};
-use crate::store::BulkOutcome;
+use crate::model::{Table, time};
 use crate::store::audit::{self, AuditEntry, AuditFilter, AuditedChange};
 use crate::store::dead_letters::{DeadLetterRecord, NewLetter};
 use crate::store::diagnostics::{ClaimPlan, ReplicationSlot, Statistics, TableHealth};
-use crate::store::dialect::{self, Dialect, Lite};
+use crate::store::dialect::{Dialect, Lite};
 use crate::store::driver::{Driver, FeatureTx, Retention};
+use crate::store::postgres::shared::{self, FeatureTxOf, fetch_decoded};
 
 /// A write transaction for the features, with its time.
-pub(crate) struct SqliteFeatureTx {
-    tx: Transaction<'static, Sqlite>,
-    now: String,
-}
+pub(crate) type SqliteFeatureTx = FeatureTxOf<Lite>;
 
 impl Driver for SqliteStore {
     type Tx = SqliteFeatureTx;
@@ -30,14 +27,14 @@ impl Driver for SqliteStore {
 
     async fn begin(&self) -> Result<SqliteFeatureTx> {
         let tx = super::write_tx(self.pool()).await?;
-        Ok(SqliteFeatureTx {
+        Ok(FeatureTxOf {
             tx,
-            now: time::format(&time::now()),
+            now: Lite::now(),
         })
     }
 
     async fn list_audit(&self, filter: &AuditFilter) -> Result<Vec<AuditEntry>> {
-        let rows = sqlx::query(
+        let q = sqlx::query(
             "SELECT id, at, actor, action, table_name, row_count, ids, reason, details
              FROM omnibox_audit
              WHERE (?1 IS NULL OR action = ?1)
@@ -48,20 +45,16 @@ impl Driver for SqliteStore {
         .bind(&filter.action)
         .bind(filter.since.map(|t| time::format(&t)))
         .bind(filter.id.map(|i| i.to_string()))
-        .bind(i64::from(filter.limit.unwrap_or(50)))
-        .fetch_all(self.pool())
+        .bind(i64::from(filter.limit.unwrap_or(50)));
+        fetch_decoded(self.pool(), q, |r| {
+            let at: String = r.try_get("at").map_err(storage)?;
+            let at = time::parse_stored(&at).map_err(|m| Error::CorruptRow {
+                id: "audit".into(),
+                message: m,
+            })?;
+            audit::decode(r, at)
+        })
         .await
-        .map_err(storage)?;
-        rows.iter()
-            .map(|r| {
-                let at: String = r.try_get("at").map_err(storage)?;
-                let at = time::parse_stored(&at).map_err(|m| Error::CorruptRow {
-                    id: "audit".into(),
-                    message: m,
-                })?;
-                audit::decode(r, at)
-            })
-            .collect()
     }
 
     async fn delete_older(&self, what: Retention, older_than: Duration, batch: i64) -> Result<u64> {
@@ -170,23 +163,9 @@ impl Driver for SqliteStore {
 
 impl FeatureTx for SqliteFeatureTx {
     async fn insert_audit(&mut self, entry: &AuditEntry) -> Result<i64> {
-        let ids = serde_json::to_string(&entry.ids).unwrap_or_else(|_| "[]".into());
-        let details = serde_json::to_string(&entry.details).unwrap_or_else(|_| "{}".into());
-        sqlx::query_scalar(
-            "INSERT INTO omnibox_audit (at, actor, action, table_name, row_count, ids, reason, details)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8) RETURNING id",
-        )
-        .bind(time::format(&entry.at))
-        .bind(&entry.actor)
-        .bind(&entry.action)
-        .bind(&entry.table)
-        .bind(entry.count as i64)
-        .bind(ids)
-        .bind(&entry.reason)
-        .bind(details)
-        .fetch_one(&mut *self.tx)
-        .await
-        .map_err(storage)
+        let sql = "INSERT INTO omnibox_audit (at, actor, action, table_name, row_count, ids, reason, details)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8) RETURNING id";
+        shared::insert_audit(&mut *self.tx, sql, time::format(&entry.at), entry).await
     }
 
     async fn audited_change(
@@ -245,19 +224,13 @@ impl FeatureTx for SqliteFeatureTx {
     async fn lock_open_letters(&mut self, ids: &[Uuid]) -> Result<Vec<DeadLetterRecord>> {
         // The transaction holds the write lock: no other replay reads these
         // letters before it ends.
-        sqlx::query(sqlx::AssertSqlSafe(format!(
+        let q = sqlx::query(sqlx::AssertSqlSafe(format!(
             "SELECT {}
              FROM omnibox_dead_letters
              WHERE id IN (SELECT value FROM json_each(?1)) AND replayed_at IS NULL ORDER BY seq",
             Lite::LETTER_COLUMNS
-        )))
-        .bind(id_array(ids))
-        .fetch_all(&mut *self.tx)
-        .await
-        .map_err(storage)?
-        .iter()
-        .map(super::letter::decode_letter)
-        .collect()
+        )));
+        fetch_decoded(&mut *self.tx, q.bind(id_array(ids)), Lite::decode_letter).await
     }
 
     async fn requeue_failed(&mut self, table: Table, events: &[Uuid]) -> Result<Vec<Uuid>> {
@@ -289,26 +262,7 @@ impl FeatureTx for SqliteFeatureTx {
             .collect()
     }
 
-    async fn insert_outbox(&mut self, events: &[OutboxEvent]) -> Result<Vec<BulkOutcome>> {
-        super::insert_outbox(&mut self.tx, events).await
-    }
-
-    async fn insert_inbox(&mut self, events: &[InboxEvent]) -> Result<Vec<BulkOutcome>> {
-        super::insert_inbox(&mut self.tx, events).await
-    }
-
-    async fn close_letters(&mut self, ids: &[Uuid]) -> Result<()> {
-        let qb = dialect::close_letters::<Lite>(ids, &self.now);
-        dialect::execute(&mut *self.tx, qb).await
-    }
-
-    async fn commit(self) -> Result<()> {
-        self.tx.commit().await.map_err(storage)
-    }
-
-    async fn rollback(self) -> Result<()> {
-        self.tx.rollback().await.map_err(storage)
-    }
+    shared::feature_tx_common!(Lite);
 }
 
 /// Marks the open letters of `events` (rows of `table` just requeued)
