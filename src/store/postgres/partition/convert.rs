@@ -16,11 +16,26 @@ use crate::store::postgres::PgStore;
 /// `omnibox_outbox_keys`.
 fn trigger_functions(schema_ident: &str) -> [String; 3] {
     [
+        ("omnibox_outbox_key", OUTBOX_KEY),
+        ("omnibox_outbox_key_gone", OUTBOX_KEY_GONE),
+        ("omnibox_inbox_dedup", INBOX_DEDUP),
+    ]
+    .map(|(name, body)| {
         format!(
-            "CREATE OR REPLACE FUNCTION omnibox_outbox_key() RETURNS trigger LANGUAGE plpgsql
+            "CREATE OR REPLACE FUNCTION {name}() RETURNS trigger LANGUAGE plpgsql
              SET search_path = {schema_ident} AS $$
              BEGIN
-                 -- A row whose id is taken is not inserted: its key must not
+{body}
+             END
+             $$"
+        )
+    })
+}
+
+/// Records an outbox row's idempotency key as it is inserted; a row whose
+/// key or id is taken is not inserted.
+const OUTBOX_KEY: &str =
+    "                 -- A row whose id is taken is not inserted: its key must not
                  -- be recorded either (it would point at another event).
                  IF EXISTS (SELECT 1 FROM outbox_events WHERE id = NEW.id) THEN
                      RETURN NULL;
@@ -31,36 +46,21 @@ fn trigger_functions(schema_ident: &str) -> [String; 3] {
                  IF NOT FOUND THEN
                      RETURN NULL;
                  END IF;
-                 RETURN NEW;
-             END
-             $$"
-        ),
-        format!(
-            "CREATE OR REPLACE FUNCTION omnibox_outbox_key_gone() RETURNS trigger LANGUAGE plpgsql
-             SET search_path = {schema_ident} AS $$
-             BEGIN
-                 DELETE FROM omnibox_outbox_keys
+                 RETURN NEW;";
+
+/// Forgets a deleted outbox row's idempotency key.
+const OUTBOX_KEY_GONE: &str = "                 DELETE FROM omnibox_outbox_keys
                   WHERE idempotency_key = OLD.idempotency_key AND event_id = OLD.id;
-                 RETURN NULL;
-             END
-             $$"
-        ),
-        format!(
-            "CREATE OR REPLACE FUNCTION omnibox_inbox_dedup() RETURNS trigger LANGUAGE plpgsql
-             SET search_path = {schema_ident} AS $$
-             BEGIN
-                 PERFORM pg_advisory_xact_lock(hashtextextended(
+                 RETURN NULL;";
+
+/// Skips an inbox row whose message the consumer group has already.
+const INBOX_DEDUP: &str = "                 PERFORM pg_advisory_xact_lock(hashtextextended(
                      'omnibox_inbox' || chr(1) || NEW.consumer_group || chr(1) || NEW.message_id, 0));
                  IF EXISTS (SELECT 1 FROM inbox_events
                              WHERE message_id = NEW.message_id AND consumer_group = NEW.consumer_group) THEN
                      RETURN NULL;
                  END IF;
-                 RETURN NEW;
-             END
-             $$"
-        ),
-    ]
-}
+                 RETURN NEW;";
 
 /// Makes `table` range-partitioned by `created_at` on `conn` (inside a
 /// transaction, under the migration lock). Everything the plain table
@@ -73,12 +73,9 @@ async fn convert(
     opts: &PartitionOptions,
 ) -> Result<TablePartitioning> {
     let t = table.sql_name();
-    let kind: Option<String> =
-        sqlx::query_scalar("SELECT relkind::text FROM pg_class WHERE oid = to_regclass($1)")
-            .bind(t)
-            .fetch_optional(&mut *conn)
-            .await
-            .map_err(storage)?;
+    // One row, or none if there is no such table.
+    let sql = "SELECT relkind::text FROM pg_class WHERE oid = to_regclass($1)";
+    let kind = texts_of(conn, sql, t).await?.into_iter().next();
     let mut report = TablePartitioning {
         table: table.to_string(),
         converted: false,
@@ -94,12 +91,8 @@ async fn convert(
             )));
         }
         Some("p") => {
-            let had: Option<String> =
-                sqlx::query_scalar("SELECT period FROM omnibox_partitioning WHERE table_name = $1")
-                    .bind(t)
-                    .fetch_optional(&mut *conn)
-                    .await
-                    .map_err(storage)?;
+            let sql = "SELECT period FROM omnibox_partitioning WHERE table_name = $1";
+            let had = texts_of(conn, sql, t).await?.into_iter().next();
             if let Some(had) = had
                 && had != opts.period.as_str()
             {
@@ -173,32 +166,29 @@ async fn convert_plain(
     .fetch_all(&mut *conn)
     .await
     .map_err(storage)?;
-    let triggers: Vec<String> = sqlx::query_scalar(
+    let triggers = texts_of(
+        conn,
         "SELECT pg_get_triggerdef(oid) FROM pg_trigger
           WHERE tgrelid = to_regclass($1) AND NOT tgisinternal ORDER BY tgname",
+        t,
     )
-    .bind(t)
-    .fetch_all(&mut *conn)
-    .await
-    .map_err(storage)?;
-    let grants: Vec<String> = sqlx::query_scalar(
+    .await?;
+    let grants = texts_of(
+        conn,
         "SELECT format('GRANT %s ON %I TO %s', a.privilege_type, c.relname,
                        CASE WHEN a.grantee = 0 THEN 'PUBLIC' ELSE quote_ident(pg_get_userbyid(a.grantee)) END)
            FROM pg_class c, aclexplode(c.relacl) a
           WHERE c.oid = to_regclass($1) AND a.grantee <> c.relowner",
+        t,
     )
-    .bind(t)
-    .fetch_all(&mut *conn)
-    .await
-    .map_err(storage)?;
-    let publications: Vec<String> = sqlx::query_scalar(
+    .await?;
+    let publications = texts_of(
+        conn,
         "SELECT quote_ident(pubname) FROM pg_publication_tables
           WHERE schemaname = current_schema() AND tablename = $1",
+        t,
     )
-    .bind(t)
-    .fetch_all(&mut *conn)
-    .await
-    .map_err(storage)?;
+    .await?;
 
     exec(
         conn,
@@ -272,32 +262,18 @@ async fn convert_plain(
     for def in triggers {
         exec(conn, def).await?;
     }
-    match table {
-        Table::Outbox => {
-            exec(
-                conn,
-                "CREATE TRIGGER outbox_events_key BEFORE INSERT ON outbox_events FOR EACH ROW
-                  WHEN (NEW.idempotency_key IS NOT NULL) EXECUTE FUNCTION omnibox_outbox_key()"
-                    .to_string(),
-            )
-            .await?;
-            exec(
-                conn,
-                "CREATE TRIGGER outbox_events_key_gone AFTER DELETE ON outbox_events FOR EACH ROW
-                  WHEN (OLD.idempotency_key IS NOT NULL) EXECUTE FUNCTION omnibox_outbox_key_gone()"
-                    .to_string(),
-            )
-            .await?;
-        }
-        Table::Inbox => {
-            exec(
-                conn,
-                "CREATE TRIGGER inbox_events_dedup BEFORE INSERT ON inbox_events FOR EACH ROW
-                  EXECUTE FUNCTION omnibox_inbox_dedup()"
-                    .to_string(),
-            )
-            .await?;
-        }
+    let key_triggers: &[&str] = match table {
+        Table::Outbox => &[
+            "CREATE TRIGGER outbox_events_key BEFORE INSERT ON outbox_events FOR EACH ROW
+                  WHEN (NEW.idempotency_key IS NOT NULL) EXECUTE FUNCTION omnibox_outbox_key()",
+            "CREATE TRIGGER outbox_events_key_gone AFTER DELETE ON outbox_events FOR EACH ROW
+                  WHEN (OLD.idempotency_key IS NOT NULL) EXECUTE FUNCTION omnibox_outbox_key_gone()",
+        ],
+        Table::Inbox => &["CREATE TRIGGER inbox_events_dedup BEFORE INSERT ON inbox_events FOR EACH ROW
+                  EXECUTE FUNCTION omnibox_inbox_dedup()"],
+    };
+    for def in key_triggers {
+        exec(conn, def.to_string()).await?;
     }
     for grant in grants {
         exec(conn, grant).await?;
@@ -437,4 +413,13 @@ impl PgStore {
         }
         Ok(())
     }
+}
+
+/// The texts that `sql` reads of table `t` (its one parameter), one a row.
+async fn texts_of(conn: &mut PgConnection, sql: &'static str, t: &str) -> Result<Vec<String>> {
+    sqlx::query_scalar(sql)
+        .bind(t)
+        .fetch_all(conn)
+        .await
+        .map_err(storage)
 }
