@@ -141,25 +141,14 @@ impl<R: SqliteRoute> TableBackend for SqliteTable<R> {
     }
 
     async fn unlock_row(&self, id: Uuid, reason: &UnlockReason) -> Result<Option<Event<R>>> {
-        let row = sqlx::query(R::sql().force_unlock)
-            .bind(id.to_string())
-            .bind(reason.last_error())
-            .bind(ts(&time::now()))
-            .fetch_optional(&self.pool)
-            .await
-            .map_err(storage)?;
+        let q = unlock(R::sql().force_unlock, id.to_string(), reason);
+        let row = q.fetch_optional(&self.pool).await.map_err(storage)?;
         row.as_ref().map(decode).transpose()
     }
 
     async fn unlock_worker(&self, worker: &str, reason: &UnlockReason) -> Result<Vec<Uuid>> {
-        let rows = sqlx::query(R::sql().unlock_worker)
-            .bind(worker.to_string())
-            .bind(reason.last_error())
-            .bind(ts(&time::now()))
-            .fetch_all(&self.pool)
-            .await
-            .map_err(storage)?;
-        changed_ids(&rows)
+        let q = unlock(R::sql().unlock_worker, worker.to_string(), reason);
+        changed_ids(&q.fetch_all(&self.pool).await.map_err(storage)?)
     }
 
     async fn release_stale_batch(&self, older_than: Duration, batch: i64) -> Result<u64> {
@@ -197,6 +186,20 @@ impl<R: SqliteRoute> TableBackend for SqliteTable<R> {
     async fn failed_groups(&self) -> Result<Vec<FailedErrors>> {
         super::maintenance::failed_errors(self).await
     }
+}
+
+/// An unlock statement `sql` (`force_unlock`, `unlock_worker`) of `who`
+/// (the row's id, or the worker) for `reason`: ?1 who, ?2 the error the
+/// rows keep, ?3 now.
+fn unlock(
+    sql: &'static str,
+    who: String,
+    reason: &UnlockReason,
+) -> sqlx::query::Query<'static, Sqlite, sqlx::sqlite::SqliteArguments> {
+    sqlx::query(sql)
+        .bind(who)
+        .bind(reason.last_error())
+        .bind(ts(&time::now()))
 }
 
 /// Reads one key's walk, a JSON array of `[id, seq, ready, tried, locked,
