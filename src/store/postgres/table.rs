@@ -348,31 +348,35 @@ impl<R: PgRoute> PgTable<R> {
             .unzip();
         let (topics, partition_keys): (Vec<String>, Vec<String>) = keys.into_iter().unzip();
         let mut created = std::collections::HashMap::new();
-        let walked = sqlx::query(super::sql::OUTBOX_WALK)
-            .bind(topics)
-            .bind(partition_keys)
-            .bind(i64::from(opts.limit))
-            .bind(own_first)
-            .bind(own_last)
-            .bind(opts.worker.as_str())
-            .fetch_all(&mut *tx)
-            .await
-            .map_err(storage)?
-            .iter()
-            .map(|r| {
-                created.insert(r.try_get("id")?, r.try_get("created_at")?);
-                Ok(WalkRow {
-                    key: r.try_get("ord")?,
-                    id: r.try_get("id")?,
-                    seq: r.try_get("seq")?,
-                    ready: r.try_get("ready")?,
-                    tried: r.try_get("tried")?,
-                    locked: r.try_get("locked")?,
-                    bytes: r.try_get::<i64, _>("bytes")?.max(0) as u64,
-                })
+        // The walk's columns in order: ord, id, seq, created_at, ready,
+        // tried, locked, bytes.
+        let walked: Vec<(i64, Uuid, i64, Timestamp, bool, bool, bool, i64)> =
+            sqlx::query_as(super::sql::OUTBOX_WALK)
+                .bind(topics)
+                .bind(partition_keys)
+                .bind(i64::from(opts.limit))
+                .bind(own_first)
+                .bind(own_last)
+                .bind(opts.worker.as_str())
+                .fetch_all(&mut *tx)
+                .await
+                .map_err(storage)?;
+        let walked: Vec<WalkRow> = walked
+            .into_iter()
+            .map(|(key, id, seq, created_at, ready, tried, locked, bytes)| {
+                created.insert(id, created_at);
+                let bytes = bytes.max(0) as u64;
+                WalkRow {
+                    key,
+                    id,
+                    seq,
+                    ready,
+                    tried,
+                    locked,
+                    bytes,
+                }
             })
-            .collect::<std::result::Result<Vec<_>, sqlx::Error>>()
-            .map_err(storage)?;
+            .collect();
         let runs = claim::plan(&walked, limit, opts.max_bytes);
         if runs.is_empty() {
             tx.commit().await.map_err(storage)?;
