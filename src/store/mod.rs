@@ -44,6 +44,7 @@ mod operations;
 pub mod postgres;
 mod report;
 mod request;
+pub(crate) mod shared;
 pub mod sqlite;
 mod table;
 mod traits;

@@ -7,7 +7,6 @@ use sqlx::{PgConnection, Row};
 use uuid::Uuid;
 
 use super::PgStore;
-use super::shared::{self, FeatureTxOf, fetch_decoded};
 use crate::error::{Result, storage};
 use crate::model::Table;
 use crate::store::audit::{self, AuditEntry, AuditFilter, AuditedChange};
@@ -17,6 +16,7 @@ use crate::store::diagnostics::{
 };
 use crate::store::dialect::{Dialect, Pg};
 use crate::store::driver::{Driver, FeatureTx, Retention};
+use crate::store::shared::{self, FeatureTxOf, fetch_decoded};
 
 /// A write transaction for the features.
 pub(crate) type PgFeatureTx = FeatureTxOf<Pg>;

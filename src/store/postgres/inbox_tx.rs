@@ -7,10 +7,10 @@ use sqlx::{PgConnection, Row};
 use uuid::Uuid;
 
 use super::decode;
-use super::shared::run;
 use crate::error::{Result, storage};
 use crate::model::{InboxEvent, Timestamp};
 use crate::store::dialect::{self, Pg};
+use crate::store::shared::run;
 
 /// Locks inbox rows for `token` (inside the consumer's transaction).
 pub async fn lock_inbox(

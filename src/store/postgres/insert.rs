@@ -415,7 +415,7 @@ pub async fn insert_inbox(
 impl OutboxStore for PgTable<OutboxRoute> {
     async fn blocked_keys(&self, limit: u32) -> Result<Vec<BlockedKey>> {
         let q = sqlx::query(sql::BLOCKED_KEYS).bind(i64::from(limit));
-        super::shared::fetch_decoded(&self.pool, q, blocked_key).await
+        crate::store::shared::fetch_decoded(&self.pool, q, blocked_key).await
     }
 
     async fn create_many(&self, events: &[OutboxEvent]) -> Result<Vec<BulkOutcome>> {

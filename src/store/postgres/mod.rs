@@ -36,7 +36,6 @@ mod insert;
 pub(crate) mod letter;
 pub(crate) mod maintenance;
 pub mod partition;
-pub(crate) mod shared;
 mod sql;
 mod table;
 

@@ -3,7 +3,7 @@
 
 pub use crate::store::table::TableSql;
 
-use super::shared::{active, counts, ready, table_sql};
+use crate::store::shared::{active, counts, ready, table_sql};
 
 /// The server's time a second from now: a row due by then takes part in
 /// its key's order (see `active!`).

@@ -16,7 +16,7 @@ use crate::store::dead_letters::{DeadLetterRecord, NewLetter};
 use crate::store::diagnostics::{ClaimPlan, ReplicationSlot, Statistics, TableHealth};
 use crate::store::dialect::{Dialect, Lite};
 use crate::store::driver::{Driver, FeatureTx, Retention};
-use crate::store::postgres::shared::{self, FeatureTxOf, fetch_decoded};
+use crate::store::shared::{self, FeatureTxOf, fetch_decoded};
 
 /// A write transaction for the features, with its time.
 pub(crate) type SqliteFeatureTx = FeatureTxOf<Lite>;

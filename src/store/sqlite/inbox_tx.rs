@@ -11,7 +11,7 @@ use crate::error::{Result, storage};
 use crate::model::{InboxEvent, time};
 use crate::store::ClaimToken;
 use crate::store::dialect::{self, Dialect, Lite};
-use crate::store::postgres::shared::run;
+use crate::store::shared::run;
 
 /// Locks inbox rows for `token` (inside the consumer's transaction).
 pub async fn lock_inbox(

@@ -9,7 +9,7 @@ use super::ts;
 use super::{SqliteTable, decode, sql};
 use crate::error::{Error, Result, storage};
 use crate::model::{Event, InboxEvent, InboxRoute, OutboxEvent, OutboxRoute, Route, time};
-use crate::store::postgres::shared::fetch_decoded;
+use crate::store::shared::fetch_decoded;
 use crate::store::table::InboxBackend;
 use crate::store::{BlockedKey, BulkOutcome, OutboxStore};
 

@@ -4,7 +4,7 @@
 
 pub use crate::store::table::TableSql;
 
-use crate::store::postgres::shared::{active, counts, ready, table_sql};
+use crate::store::shared::{active, counts, ready, table_sql};
 
 /// ?1 now, ?2 the new locked_until, ?3 limit, ?4 worker, ?5 sources and
 /// ?6 event types and ?8 consumer groups (`NULL`: any), ?7 the byte budget: rows in `(scheduled_at,

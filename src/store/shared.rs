@@ -1,10 +1,10 @@
-//! What the PostgreSQL and the SQLite backend write alike, once for both
-//! (the SQLite modules use it from here): statement text as `concat!`
-//! macros (the PostgreSQL statements in `sql.rs` and the SQLite ones in
-//! `store/sqlite/sql.rs` pass what differs, such as the current time, and
-//! get the same text around it); the running of a prepared statement and
-//! the audit row's insert, generic over the sqlx database; and the
-//! features' write transaction with the methods whose bodies are the same.
+//! What the PostgreSQL and the SQLite backend write alike, once for both:
+//! statement text as `concat!` macros (the PostgreSQL statements in
+//! `postgres/sql.rs` and the SQLite ones in `sqlite/sql.rs` pass what
+//! differs, such as the current time, and get the same text around it);
+//! the running of a prepared statement and the audit row's insert, generic
+//! over the sqlx database; and the features' write transaction with the
+//! methods whose bodies are the same.
 
 use crate::error::{Result, storage};
 use crate::store::audit::AuditEntry;
