@@ -119,20 +119,7 @@ impl DomainService {
                 limits::PARTITION_KEY_MAX_LENGTH,
             )?,
         };
-        let common = EventFields {
-            id: new.id,
-            event_type: new.event_type,
-            payload: new.payload,
-            headers: new.headers,
-            trace_id: new.trace_id,
-            idempotency_key: new.idempotency_key,
-            correlation_id: new.correlation_id,
-            causation_id: new.causation_id,
-            schema_version: new.schema_version,
-            max_attempts: new.max_attempts,
-            scheduled_at: new.scheduled_at,
-            created_at: new.created_at,
-        };
+        let common = event_fields!(new, id: new.id, idempotency_key: new.idempotency_key);
         self.build(common, route)
     }
 
@@ -155,22 +142,10 @@ impl DomainService {
             },
             source: validate::required("source", &new.source, limits::SOURCE_MAX_LENGTH)?,
         };
-        let common = EventFields {
-            id: new
-                .id
-                .or_else(|| Some(inbox_event_id(&route.consumer_group, &route.message_id))),
-            event_type: new.event_type,
-            payload: new.payload,
-            headers: new.headers,
-            trace_id: new.trace_id,
-            idempotency_key: None,
-            correlation_id: new.correlation_id,
-            causation_id: new.causation_id,
-            schema_version: new.schema_version,
-            max_attempts: new.max_attempts,
-            scheduled_at: new.scheduled_at,
-            created_at: new.created_at,
-        };
+        let id = new
+            .id
+            .or_else(|| Some(inbox_event_id(&route.consumer_group, &route.message_id)));
+        let common = event_fields!(new, id: id, idempotency_key: None);
         self.build(common, route)
     }
 
@@ -281,12 +256,10 @@ impl DomainService {
                 locked_by: owner.clone(),
             });
         }
-        let mut next = event.clone();
         let at = time::truncate(at);
+        let mut next = leased(event, at);
         next.locked_at = Some(at);
         next.locked_by = Some(worker.to_string());
-        next.locked_until = Some(at + chrono_dur(crate::model::limits::DEFAULT_LEASE_TIMEOUT));
-        next.updated_at = at;
         Ok(next)
     }
 
@@ -300,11 +273,7 @@ impl DomainService {
     ) -> Result<Event<R>> {
         require_pending(event, "only pending events can have their lock refreshed")?;
         self.assert_locked_by(event, worker)?;
-        let mut next = event.clone();
-        let now = time::truncate(now);
-        next.locked_until = Some(now + chrono_dur(crate::model::limits::DEFAULT_LEASE_TIMEOUT));
-        next.updated_at = now;
-        Ok(next)
+        Ok(leased(event, time::truncate(now)))
     }
 
     /// Releases the lock held by `worker`, changing nothing else.
@@ -346,26 +315,8 @@ impl DomainService {
         self.assert_locked_by(event, worker)?;
         require_pending(event, "only pending events can be completed")?;
         let at = time::truncate(at);
-        if at < event.created_at {
-            return Err(Error::validation(
-                "completed_at",
-                format!(
-                    "{} is before created_at {}",
-                    time::format(&at),
-                    time::format(&event.created_at)
-                ),
-            ));
-        }
-        if at < event.scheduled_at {
-            return Err(Error::validation(
-                "completed_at",
-                format!(
-                    "{} is before scheduled_at {}",
-                    time::format(&at),
-                    time::format(&event.scheduled_at)
-                ),
-            ));
-        }
+        not_before("completed_at", at, "created_at", event.created_at)?;
+        not_before("completed_at", at, "scheduled_at", event.scheduled_at)?;
         let mut next = unlocked(event);
         next.status = EventStatus::Completed;
         next.completed_at = Some(at);
@@ -408,16 +359,7 @@ impl DomainService {
             ));
         }
         let retry_at = time::truncate(retry_at);
-        if retry_at < event.created_at {
-            return Err(Error::validation(
-                "next_retry_at",
-                format!(
-                    "{} is before created_at {}",
-                    time::format(&retry_at),
-                    time::format(&event.created_at)
-                ),
-            ));
-        }
+        not_before("next_retry_at", retry_at, "created_at", event.created_at)?;
         if (retry_at - event.created_at).num_seconds() > self.limits.scheduled_at_max_future_seconds
         {
             return Err(Error::validation(
@@ -462,6 +404,7 @@ impl DomainService {
     }
 }
 
+/// The fields an outbox and an inbox event are both created from.
 struct EventFields {
     id: Option<Uuid>,
     event_type: String,
@@ -475,6 +418,53 @@ struct EventFields {
     max_attempts: Option<i32>,
     scheduled_at: Option<Timestamp>,
     created_at: Option<Timestamp>,
+}
+
+/// Moves the fields both kinds of new event share out of `$new` (a
+/// [`NewOutboxEvent`] or a [`NewInboxEvent`]) into an [`EventFields`], with
+/// the given id and idempotency key.
+macro_rules! event_fields {
+    ($new:ident, id: $id:expr, idempotency_key: $key:expr) => {
+        EventFields {
+            id: $id,
+            event_type: $new.event_type,
+            payload: $new.payload,
+            headers: $new.headers,
+            trace_id: $new.trace_id,
+            idempotency_key: $key,
+            correlation_id: $new.correlation_id,
+            causation_id: $new.causation_id,
+            schema_version: $new.schema_version,
+            max_attempts: $new.max_attempts,
+            scheduled_at: $new.scheduled_at,
+            created_at: $new.created_at,
+        }
+    };
+}
+use event_fields;
+
+/// A copy of `event` whose lock now expires a lease after `now`, changed at `now`.
+fn leased<R: Route>(event: &Event<R>, now: Timestamp) -> Event<R> {
+    let mut next = event.clone();
+    next.locked_until = Some(now + chrono_dur(limits::DEFAULT_LEASE_TIMEOUT));
+    next.updated_at = now;
+    next
+}
+
+/// Refuses `at` (the value of `field`) when it is earlier than the event's
+/// `bound_name` time `bound`.
+fn not_before(field: &str, at: Timestamp, bound_name: &str, bound: Timestamp) -> Result<()> {
+    if at < bound {
+        return Err(Error::validation(
+            field,
+            format!(
+                "{} is before {bound_name} {}",
+                time::format(&at),
+                time::format(&bound)
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// A copy of `event` with its lock cleared (holder, time and lease).
