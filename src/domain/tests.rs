@@ -31,6 +31,18 @@ fn worker(s: &str) -> WorkerId {
     WorkerId::new(s).unwrap()
 }
 
+/// Records a failure of `e` as worker w1, the holder of [`locked`]'s lock.
+fn fail_as_w1(e: &OutboxEvent, error: &str, retry: Retry, now: Timestamp) -> Result<OutboxEvent> {
+    svc().mark_failed(e, error, &worker("w1"), retry, now)
+}
+
+/// A new, unlocked outbox event allowed `max_attempts` counted failures.
+fn allowing_attempts(max_attempts: i32) -> OutboxEvent {
+    let mut n = new_outbox();
+    n.max_attempts = Some(max_attempts);
+    svc().create_outbox_event(n).unwrap()
+}
+
 fn locked() -> OutboxEvent {
     let e = svc().create_outbox_event(new_outbox()).unwrap();
     svc()
@@ -313,15 +325,7 @@ fn mark_completed_clears_the_lock() {
 fn counted_failure_spends_an_attempt_and_backs_off() {
     let e = locked();
     let now = at("2026-01-01T00:00:20Z");
-    let f = svc()
-        .mark_failed(
-            &e,
-            "  broker said no  ",
-            &worker("w1"),
-            Retry::Counted(None),
-            now,
-        )
-        .unwrap();
+    let f = fail_as_w1(&e, "  broker said no  ", Retry::Counted(None), now).unwrap();
     assert_eq!(f.status(), EventStatus::Pending);
     assert_eq!(f.attempts_made(), 1);
     assert_eq!(f.last_error(), Some("broker said no"));
@@ -334,11 +338,9 @@ fn counted_failure_spends_an_attempt_and_backs_off() {
 
 #[test]
 fn counted_failure_at_max_attempts_becomes_failed() {
-    let mut n = new_outbox();
-    n.max_attempts = Some(2);
     let s = svc();
     let w = worker("w1");
-    let mut e = s.create_outbox_event(n).unwrap();
+    let mut e = allowing_attempts(2);
     let mut now = at("2026-01-01T00:00:10Z");
     for round in 1..=2 {
         e = s.lock(&e, &w, now).unwrap();
@@ -364,15 +366,7 @@ fn not_counted_failure_only_reschedules() {
     let e = locked();
     let now = at("2026-01-01T00:00:20Z");
     let retry = now + chrono::Duration::seconds(1);
-    let f = svc()
-        .mark_failed(
-            &e,
-            "broker down",
-            &worker("w1"),
-            Retry::NotCounted(retry),
-            now,
-        )
-        .unwrap();
+    let f = fail_as_w1(&e, "broker down", Retry::NotCounted(retry), now).unwrap();
     assert_eq!(f.attempts_made(), 0);
     assert_eq!(f.status(), EventStatus::Pending);
     assert_eq!(f.scheduled_at(), retry);
@@ -384,50 +378,30 @@ fn mark_failed_rejections() {
     let e = locked();
     let now = at("2026-01-01T00:00:20Z");
     let s = svc();
-    assert!(
-        s.mark_failed(&e, "  ", &worker("w1"), Retry::Counted(None), now)
-            .is_err()
-    );
+    assert!(fail_as_w1(&e, "  ", Retry::Counted(None), now).is_err());
     assert!(matches!(
         s.mark_failed(&e, "x", &worker("w2"), Retry::Counted(None), now)
             .unwrap_err(),
         Error::LockedByAnotherWorker { .. }
     ));
-    let err = s
-        .mark_failed(
-            &e,
-            "x",
-            &worker("w1"),
-            Retry::NotCounted(at("2025-01-01T00:00:00Z")),
-            now,
-        )
-        .unwrap_err();
-    assert!(err.to_string().starts_with("next_retry_at:"), "{err}");
-    let err = s
-        .mark_failed(
-            &e,
-            "x",
-            &worker("w1"),
-            Retry::NotCounted(at("2028-01-01T00:00:00Z")),
-            now,
-        )
-        .unwrap_err();
-    assert!(err.to_string().contains("too far in the future"), "{err}");
+    // Each case: a retry time out of bounds, and what its error must say.
+    let cases: [(&str, fn(&str) -> bool); 2] = [
+        ("2025-01-01T00:00:00Z", |m| m.starts_with("next_retry_at:")),
+        ("2028-01-01T00:00:00Z", |m| {
+            m.contains("too far in the future")
+        }),
+    ];
+    for (retry_at, expected) in cases {
+        let err = fail_as_w1(&e, "x", Retry::NotCounted(at(retry_at)), now).unwrap_err();
+        assert!(expected(&err.to_string()), "{err}");
+    }
 }
 
 #[test]
 fn long_errors_are_truncated_on_a_char_boundary() {
     let e = locked();
     let msg = "ü".repeat(3000);
-    let f = svc()
-        .mark_failed(
-            &e,
-            &msg,
-            &worker("w1"),
-            Retry::Counted(None),
-            at("2026-01-01T00:00:20Z"),
-        )
-        .unwrap();
+    let f = fail_as_w1(&e, &msg, Retry::Counted(None), at("2026-01-01T00:00:20Z")).unwrap();
     let stored = f.last_error().unwrap();
     assert!(stored.len() <= 2000);
     assert!(stored.ends_with("... [TRUNCATED]"));
@@ -435,21 +409,11 @@ fn long_errors_are_truncated_on_a_char_boundary() {
 
 #[test]
 fn requeue_resets_a_failed_event() {
-    let mut n = new_outbox();
-    n.max_attempts = Some(1);
     let s = svc();
     let w = worker("w1");
-    let e = s.create_outbox_event(n).unwrap();
+    let e = allowing_attempts(1);
     let e = s.lock(&e, &w, at("2026-01-01T00:00:10Z")).unwrap();
-    let e = s
-        .mark_failed(
-            &e,
-            "boom",
-            &w,
-            Retry::Counted(None),
-            at("2026-01-01T00:00:11Z"),
-        )
-        .unwrap();
+    let e = fail_as_w1(&e, "boom", Retry::Counted(None), at("2026-01-01T00:00:11Z")).unwrap();
     assert_eq!(e.status(), EventStatus::Failed);
     let r = s.requeue(&e, at("2026-01-02T00:00:00Z")).unwrap();
     assert_eq!(r.status(), EventStatus::Pending);
