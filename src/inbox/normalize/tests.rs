@@ -18,6 +18,16 @@ fn raw(headers: &[(&str, &str)], value: &str) -> RawMessage {
     }
 }
 
+/// `m` normalised for the consumer group `g` with the default limits.
+fn normal(m: &RawMessage) -> Normalized {
+    normalize(&DomainService::default(), m, "g")
+}
+
+/// A message with these headers and the payload `{"a":1}`, normalised.
+fn with_headers(headers: &[(&str, &str)]) -> Normalized {
+    normal(&raw(headers, r#"{"a":1}"#))
+}
+
 /// The raw bytes a poison row keeps (`raw_base64`).
 fn raw_of(e: &InboxEvent) -> Vec<u8> {
     let b64 = e.payload()["raw_base64"].as_str().unwrap();
@@ -26,64 +36,80 @@ fn raw_of(e: &InboxEvent) -> Vec<u8> {
         .unwrap()
 }
 
-fn event(n: Normalized) -> InboxEvent {
+/// The row `n` normalised to, which must be poison when `poison` is true
+/// and a valid event otherwise.
+fn row(n: Normalized, poison: bool) -> InboxEvent {
+    let e = n.event();
+    assert_eq!(
+        n.is_poison(),
+        poison,
+        "{}: {:?}",
+        e.message_id(),
+        e.last_error()
+    );
     match n {
-        Normalized::Event(e) => *e,
-        Normalized::Poison(e) => panic!("poison: {:?}", e.last_error()),
+        Normalized::Event(e) | Normalized::Poison(e) => *e,
     }
+}
+
+/// The valid event `n` must be.
+fn event(n: Normalized) -> InboxEvent {
+    row(n, false)
+}
+
+/// The poison row `n` must be.
+fn poison_row(n: Normalized) -> InboxEvent {
+    row(n, true)
 }
 
 #[test]
 fn ids_types_and_sources_follow_the_precedence() {
-    let d = DomainService::default();
-    let e = event(normalize(
-        &d,
-        &raw(&[("message_id", "m-1"), ("event_id", "e-1")], r#"{"a":1}"#),
-        "g",
-    ));
-    assert_eq!(e.message_id(), "m-1");
-    let e = event(normalize(
-        &d,
-        &raw(&[("event_id", "e-1")], r#"{"a":1}"#),
-        "g",
-    ));
-    assert_eq!(e.message_id(), "e-1");
-    let e = event(normalize(&d, &raw(&[], r#"{"a":1}"#), "g"));
-    assert_eq!(e.message_id(), "orders:2:41");
-    assert_eq!(
-        e.event_type(),
-        "orders",
-        "event type falls back to the topic"
+    type Field = fn(&InboxEvent) -> &str;
+    let (id, ty, source, group): (Field, Field, Field, Field) = (
+        InboxEvent::message_id,
+        InboxEvent::event_type,
+        InboxEvent::source,
+        InboxEvent::consumer_group,
     );
-    assert_eq!(e.source(), "orders", "source falls back to the topic");
-    assert_eq!(e.consumer_group(), "g");
-    let e = event(normalize(
-        &d,
-        &raw(&[("source_service", "billing")], r#"{"a":1}"#),
-        "g",
-    ));
-    assert_eq!(e.source(), "billing");
-    let e = event(normalize(
-        &d,
-        &raw(
-            &[("source", "shop"), ("source_service", "billing")],
-            r#"{"a":1}"#,
+    // Each case: the message's headers, a field of its row and the value it must have.
+    let cases: [(&[(&str, &str)], Field, &str, &str); 8] = [
+        (
+            &[("message_id", "m-1"), ("event_id", "e-1")],
+            id,
+            "m-1",
+            "message_id first",
         ),
-        "g",
-    ));
-    assert_eq!(e.source(), "shop");
+        (&[("event_id", "e-1")], id, "e-1", "then event_id"),
+        (&[], id, "orders:2:41", "then the position"),
+        (&[], ty, "orders", "event type falls back to the topic"),
+        (&[], source, "orders", "source falls back to the topic"),
+        (&[], group, "g", "the consumer's group"),
+        (
+            &[("source_service", "billing")],
+            source,
+            "billing",
+            "source_service",
+        ),
+        (
+            &[("source", "shop"), ("source_service", "billing")],
+            source,
+            "shop",
+            "source first",
+        ),
+    ];
+    for (headers, field, expected, why) in cases {
+        assert_eq!(field(&event(with_headers(headers))), expected, "{why}");
+    }
 }
 
 #[test]
 fn envelopes_are_unwrapped_with_headers_first() {
-    let d = DomainService::default();
     let value = r#"{"schema_version":"2.0.0","event_type":"order.created","aggregate_type":"order","aggregate_id":"x",
             "payload":{"total":5},"timestamp":"2026-01-01T00:00:00Z","trace_id":"env-trace","correlation_id":"env-corr"}"#;
-    let e = event(normalize(
-        &d,
-        &raw(&[("trace_id", "hdr-trace"), ("event_id", "id-1")], value),
-        "g",
-    ));
+    let e = event(normal(&raw(
+        &[("trace_id", "hdr-trace"), ("event_id", "id-1")],
+        value,
+    )));
     assert_eq!(e.payload(), json!({"total": 5}).as_object().unwrap());
     assert_eq!(e.event_type(), "order.created");
     assert_eq!(e.schema_version(), Some("2.0.0"));
@@ -94,30 +120,21 @@ fn envelopes_are_unwrapped_with_headers_first() {
         "the envelope fills in"
     );
     assert_eq!(e.header("trace_id"), Some("hdr-trace"));
-    let e = event(normalize(
-        &d,
-        &raw(&[("event_type", "hdr.type")], value),
-        "g",
-    ));
+    let e = event(normal(&raw(&[("event_type", "hdr.type")], value)));
     assert_eq!(e.event_type(), "hdr.type");
     // A plain object with a payload field but no envelope keys is the payload itself.
-    let e = event(normalize(
-        &d,
-        &raw(&[], r#"{"payload":{"x":1},"other":2}"#),
-        "g",
-    ));
+    let e = event(normal(&raw(&[], r#"{"payload":{"x":1},"other":2}"#)));
     assert_eq!(e.payload().len(), 2);
 }
 
 #[test]
 fn unparseable_messages_become_failed_rows_with_the_raw_bytes() {
-    let d = DomainService::default();
     for (value, why) in [
         ("not json", "not JSON"),
         ("[1,2]", "not a JSON object"),
         ("{}", "breaks a rule"),
     ] {
-        let n = normalize(&d, &raw(&[("event_id", "p-1")], value), "g");
+        let n = normal(&raw(&[("event_id", "p-1")], value));
         assert!(n.is_poison(), "{value}");
         let e = n.event();
         assert_eq!(e.status(), EventStatus::Failed);
@@ -133,21 +150,18 @@ fn unparseable_messages_become_failed_rows_with_the_raw_bytes() {
     }
     let mut r = raw(&[], "x");
     r.payload = None;
-    assert!(normalize(&d, &r, "g").is_poison());
+    assert!(normal(&r).is_poison());
 }
 
 #[test]
 fn bad_headers_are_left_out() {
-    let d = DomainService::default();
     let long = "v".repeat(600);
-    let e = event(normalize(
-        &d,
-        &raw(
-            &[("ok", "1"), ("long", &long), ("OK", "dup"), ("ctl", "a\nb")],
-            r#"{"a":1}"#,
-        ),
-        "g",
-    ));
+    let e = event(with_headers(&[
+        ("ok", "1"),
+        ("long", &long),
+        ("OK", "dup"),
+        ("ctl", "a\nb"),
+    ]));
     let h = e.headers().unwrap();
     assert_eq!(h.len(), 1);
     assert_eq!(h["ok"], "1");
@@ -161,12 +175,12 @@ fn file_lines_round_trip_the_sink_format() {
         (r.topic.as_str(), r.offset, r.key.as_deref()),
         ("orders", 7, Some(&b"k1"[..]))
     );
-    let e = event(normalize(&DomainService::default(), &r, "g"));
+    let e = event(normal(&r));
     assert_eq!(e.message_id(), "e-9");
     assert_eq!(e.payload()["n"], 1);
     let r = from_json_line("garbage", 3, "file");
     assert_eq!(r.topic, "file");
-    assert!(normalize(&DomainService::default(), &r, "g").is_poison());
+    assert!(normal(&r).is_poison());
 }
 
 /// An envelope that lost its payload is poison with the reason, not a
@@ -175,7 +189,6 @@ fn file_lines_round_trip_the_sink_format() {
 /// no payload is a bare payload (the documented rule).
 #[test]
 fn an_envelope_without_its_payload_is_poison() {
-    let d = DomainService::default();
     for (value, why) in [
         (
             r#"{"schema_version":"1.0.0","event_type":"order.created","aggregate_id":"a-1"}"#,
@@ -190,18 +203,14 @@ fn an_envelope_without_its_payload_is_poison() {
             "the envelope's payload is null",
         ),
     ] {
-        let e = poison_row(normalize(&d, &raw(&[("event_id", "x")], value), "g"));
+        let e = poison_row(normal(&raw(&[("event_id", "x")], value)));
         assert!(
             e.last_error().unwrap().contains(why),
             "{value}: {:?}",
             e.last_error()
         );
     }
-    let e = event(normalize(
-        &d,
-        &raw(&[], r#"{"event_type":"signup","user":"u-1"}"#),
-        "g",
-    ));
+    let e = event(normal(&raw(&[], r#"{"event_type":"signup","user":"u-1"}"#)));
     assert_eq!(e.payload()["user"], "u-1");
     assert_eq!(
         e.event_type(),
@@ -216,7 +225,6 @@ fn an_envelope_without_its_payload_is_poison() {
 /// with other keys is a foreign message whose value is the line.
 #[test]
 fn sink_lines_are_read_or_refused_never_misread() {
-    let d = DomainService::default();
     let r = from_json_line(
         r#"{"key":"k1","headers":{"event_id":"e-7"},"value":{"n":1}}"#,
         4,
@@ -226,7 +234,7 @@ fn sink_lines_are_read_or_refused_never_misread() {
         (r.topic.as_str(), r.key.as_deref()),
         ("file", Some(&b"k1"[..]))
     );
-    let e = event(normalize(&d, &r, "g"));
+    let e = event(normal(&r));
     assert_eq!(e.message_id(), "e-7");
     assert_eq!(e.payload(), json!({"n": 1}).as_object().unwrap());
     for (line, why) in [
@@ -245,7 +253,7 @@ fn sink_lines_are_read_or_refused_never_misread() {
         (r#"{"topic":"t","key":"k"}"#, "without a value"),
         (r#"{"topic":9,"value":{}}"#, "the line's topic is a number"),
     ] {
-        let e = poison_row(normalize(&d, &from_json_line(line, 2, "file"), "g"));
+        let e = poison_row(normal(&from_json_line(line, 2, "file")));
         assert!(
             e.last_error().unwrap().contains(why),
             "{line}: {:?}",
@@ -254,7 +262,7 @@ fn sink_lines_are_read_or_refused_never_misread() {
         assert_eq!(raw_of(&e), line.as_bytes(), "the line is kept as read");
     }
     let r = from_json_line(r#"{"value":{"n":1},"amount":5}"#, 1, "file");
-    let e = event(normalize(&d, &r, "g"));
+    let e = event(normal(&r));
     assert_eq!(
         e.payload()["amount"],
         5,
@@ -266,12 +274,11 @@ fn sink_lines_are_read_or_refused_never_misread() {
 /// they are not text), so the message can be rebuilt from the row.
 #[test]
 fn poison_keeps_the_key_and_every_header() {
-    let d = DomainService::default();
     let mut r = raw(&[("event_id", "p-9"), ("trace", "t-1")], "not json");
     r.key = Some(vec![0xff, 0x00, 0x01]);
     r.headers.push(("bin".into(), vec![0xc3, 0x28]));
     r.headers.push(("trace".into(), b"t-2".to_vec()));
-    let e = poison_row(normalize(&d, &r, "g"));
+    let e = poison_row(normal(&r));
     let p = e.payload();
     assert_eq!(p["key_base64"], "/wAB");
     assert!(p.get("key").is_none());
@@ -285,7 +292,7 @@ fn poison_keeps_the_key_and_every_header() {
         ])
     );
     let r = raw(&[], "not json");
-    let p = poison_row(normalize(&d, &r, "g")).payload().clone();
+    let p = poison_row(normal(&r)).payload().clone();
     assert_eq!(p["key"], "k");
     assert!(p.get("headers").is_none());
 }
@@ -294,10 +301,9 @@ fn poison_keeps_the_key_and_every_header() {
 /// `file:PATH line N`; a line over the limit says so, not "not JSON".
 #[test]
 fn file_poison_says_where_and_why() {
-    let d = DomainService::default();
     let mut r = from_json_line("garbage", 3, "file");
     r.origin = Some("stdin".into());
-    let e = poison_row(normalize(&d, &r, "g"));
+    let e = poison_row(normal(&r));
     assert!(
         e.last_error()
             .unwrap()
@@ -312,7 +318,7 @@ fn file_poison_says_where_and_why() {
         limit: 4_194_304,
         sha256: "00".into(),
     });
-    let e = poison_row(normalize(&d, &r, "g"));
+    let e = poison_row(normal(&r));
     assert_eq!(
         e.last_error(),
         Some(
@@ -321,35 +327,27 @@ fn file_poison_says_where_and_why() {
     );
 }
 
-fn poison_row(n: Normalized) -> InboxEvent {
-    match n {
-        Normalized::Poison(e) => *e,
-        Normalized::Event(e) => panic!("not poison: {}", e.message_id()),
-    }
-}
-
 /// A file or stdin line without an id is identified by its content:
 /// line 1 of one input no longer collides with line 1 of another.
 #[test]
 fn lines_without_ids_are_identified_by_content() {
-    let d = DomainService::default();
     let a = from_json_line(r#"{"topic":"t","value":{"a":1}}"#, 1, "file");
     let b = from_json_line(r#"{"topic":"t","value":{"b":2}}"#, 1, "file");
     let a_again = from_json_line(r#"{"topic":"t","value":{"a":1}}"#, 7, "file");
     let (ia, ib, ia2) = (
-        event(normalize(&d, &a, "g")).message_id().to_string(),
-        event(normalize(&d, &b, "g")).message_id().to_string(),
-        event(normalize(&d, &a_again, "g")).message_id().to_string(),
+        event(normal(&a)).message_id().to_string(),
+        event(normal(&b)).message_id().to_string(),
+        event(normal(&a_again)).message_id().to_string(),
     );
     assert!(ia.starts_with("sha256:") && ia.len() == 71, "{ia}");
     assert_ne!(ia, ib);
     assert_eq!(ia, ia2, "the same content is the same message");
     // Garbage lines too: two different poison lines are two rows.
-    let g1 = poison_row(normalize(&d, &from_json_line("garbage", 1, "file"), "g"));
-    let g2 = poison_row(normalize(&d, &from_json_line("rubbish", 1, "file"), "g"));
+    let g1 = poison_row(normal(&from_json_line("garbage", 1, "file")));
+    let g2 = poison_row(normal(&from_json_line("rubbish", 1, "file")));
     assert_ne!(g1.message_id(), g2.message_id());
     // Kafka keeps its position as the id.
-    let k = event(normalize(&d, &raw(&[], r#"{"a":1}"#), "g"));
+    let k = event(with_headers(&[]));
     assert_eq!(k.message_id(), "orders:2:41");
 }
 
@@ -359,16 +357,15 @@ fn lines_without_ids_are_identified_by_content() {
 #[test]
 fn poison_keeps_its_bytes_or_their_length_and_digest() {
     use base64::Engine as _;
-    let d = DomainService::default();
     let bad = b"{\"a\":\"\xff\"}".to_vec();
     let mut m = raw(&[], "");
     m.payload = Some(bad.clone());
-    let p = poison_row(normalize(&d, &m, "g"));
+    let p = poison_row(normal(&m));
     assert_eq!(raw_of(&p), bad);
     assert_eq!(p.payload()["raw_sha256"], json!(sha256_hex(&bad)));
     let big = vec![b'x'; 3_000_000];
     m.payload = Some(big.clone());
-    let p = poison_row(normalize(&d, &m, "g"));
+    let p = poison_row(normal(&m));
     assert!(p.payload().get("raw_base64").is_none());
     assert_eq!(p.payload()["raw_bytes"], json!(3_000_000));
     assert_eq!(p.payload()["raw_sha256"], json!(sha256_hex(&big)));
@@ -406,54 +403,25 @@ fn the_event_id_is_the_same_for_every_delivery() {
 /// panic.
 #[test]
 fn a_bad_id_header_makes_poison_and_never_collides() {
-    let d = DomainService::default();
-    let ok = event(normalize(
-        &d,
-        &raw(&[("message_id", "abcd")], r#"{"a":1}"#),
-        "g",
-    ));
+    let ok = event(with_headers(&[("message_id", "abcd")]));
     assert_eq!(ok.message_id(), "abcd");
-    let ctl = poison_row(normalize(
-        &d,
-        &raw(&[("message_id", "ab\u{1}cd")], r#"{"a":1}"#),
-        "g",
-    ));
+    let ctl = poison_row(with_headers(&[("message_id", "ab\u{1}cd")]));
     assert_ne!(ctl.message_id(), "abcd");
     assert!(
         ctl.last_error().unwrap().contains("message_id"),
         "{:?}",
         ctl.last_error()
     );
-    let only_ctl = poison_row(normalize(
-        &d,
-        &raw(&[("message_id", "\u{1}\u{2}")], r#"{"a":1}"#),
-        "g",
-    ));
+    let only_ctl = poison_row(with_headers(&[("message_id", "\u{1}\u{2}")]));
     assert!(only_ctl.message_id().starts_with("sha256:"));
     let long_a = format!("{}a", "x".repeat(300));
     let long_b = format!("{}b", "x".repeat(300));
-    let pa = poison_row(normalize(
-        &d,
-        &raw(&[("message_id", &long_a)], r#"{"a":1}"#),
-        "g",
-    ));
-    let pb = poison_row(normalize(
-        &d,
-        &raw(&[("message_id", &long_b)], r#"{"a":1}"#),
-        "g",
-    ));
+    let pa = poison_row(with_headers(&[("message_id", &long_a)]));
+    let pb = poison_row(with_headers(&[("message_id", &long_b)]));
     assert_ne!(pa.message_id(), pb.message_id());
-    let padded = poison_row(normalize(
-        &d,
-        &raw(&[("event_id", " id-1")], r#"{"a":1}"#),
-        "g",
-    ));
+    let padded = poison_row(with_headers(&[("event_id", " id-1")]));
     assert!(padded.last_error().unwrap().contains("event_id"));
-    let source = poison_row(normalize(
-        &d,
-        &raw(&[("source", "\u{1}")], r#"{"a":1}"#),
-        "g",
-    ));
+    let source = poison_row(with_headers(&[("source", "\u{1}")]));
     assert_eq!(source.source(), "orders");
 }
 
