@@ -16,6 +16,31 @@ fn keys(t: Take) -> (Vec<(String, String)>, Receipt) {
     }
 }
 
+/// A feed at position 0 with hourly scans, whose first claim scanned and
+/// found no rows.
+fn scanned_feed() -> Arc<KeyFeed> {
+    let feed = KeyFeed::new(Duration::from_secs(3600), 0);
+    assert!(matches!(feed.take(1), Take::Scan), "the first claim scans");
+    feed.scanned(false);
+    feed
+}
+
+/// The key list of one topic and key.
+fn one_key(topic: &str, key: &str) -> Vec<(String, String)> {
+    vec![(topic.to_string(), key.to_string())]
+}
+
+/// Walks the parked key `key` of topic `t` each time it comes back, until it
+/// is left to the scans; `held` are the topics the claims hold.
+fn walk_parked(feed: &Arc<KeyFeed>, key: &str, held: &[String]) {
+    for _ in 0..PARK.len() {
+        std::thread::sleep(Duration::from_millis(60));
+        let (k, mut r) = keys(feed.take(10));
+        assert_eq!(k, one_key("t", key));
+        r.claimed(&HashSet::new(), false, held);
+    }
+}
+
 #[test]
 fn the_position_waits_for_every_earlier_transaction() {
     let feed = KeyFeed::new(Duration::from_secs(3600), 10);
@@ -26,9 +51,9 @@ fn the_position_waits_for_every_earlier_transaction() {
     feed.push(20, vec![row("t", "a"), row("t", "a")]);
     feed.push(30, vec![row("t", "b")]);
     let (k1, r1) = keys(feed.take(2));
-    assert_eq!(k1, vec![("t".to_string(), "a".to_string())]);
+    assert_eq!(k1, one_key("t", "a"));
     let (k2, r2) = keys(feed.take(2));
-    assert_eq!(k2, vec![("t".to_string(), "b".to_string())]);
+    assert_eq!(k2, one_key("t", "b"));
     drop(r2);
     assert_eq!(*acked.borrow(), 10, "30 waits for 20");
     drop(r1);
@@ -43,9 +68,7 @@ fn the_position_waits_for_every_earlier_transaction() {
 
 #[test]
 fn an_idle_position_waits_for_open_transactions() {
-    let feed = KeyFeed::new(Duration::from_secs(3600), 0);
-    assert!(matches!(feed.take(1), Take::Scan), "the first claim scans");
-    feed.scanned(false);
+    let feed = scanned_feed();
     feed.push(5, vec![row("t", "a")]);
     feed.idle_at(9);
     assert_eq!(*feed.acked().borrow(), 0);
@@ -56,9 +79,7 @@ fn an_idle_position_waits_for_open_transactions() {
 
 #[test]
 fn a_full_claim_gives_back_keys_with_rows_left() {
-    let feed = KeyFeed::new(Duration::from_secs(3600), 0);
-    assert!(matches!(feed.take(1), Take::Scan), "the first claim scans");
-    feed.scanned(false);
+    let feed = scanned_feed();
     let a = row("t", "a");
     let b = row("t", "b");
     feed.push(5, vec![a.clone(), b.clone()]);
@@ -68,17 +89,12 @@ fn a_full_claim_gives_back_keys_with_rows_left() {
     drop(r);
     assert_eq!(*feed.acked().borrow(), 0, "b's entry is open");
     let (k, mut r) = keys(feed.take(10));
-    assert_eq!(k, vec![("t".to_string(), "b".to_string())]);
+    assert_eq!(k, one_key("t", "b"));
     r.claimed(&HashSet::new(), false, &[]);
     drop(r);
     assert_eq!(*feed.acked().borrow(), 0, "parked: walked again shortly");
     assert!(matches!(feed.take(10), Take::Nothing), "not at once");
-    for _ in 0..PARK.len() {
-        std::thread::sleep(Duration::from_millis(60));
-        let (k, mut r) = keys(feed.take(10));
-        assert_eq!(k, vec![("t".to_string(), "b".to_string())]);
-        r.claimed(&HashSet::new(), false, &[]);
-    }
+    walk_parked(&feed, "b", &[]);
     assert_eq!(*feed.acked().borrow(), 5, "then left to the scans");
     assert!(matches!(feed.take(10), Take::Nothing));
 }
@@ -95,7 +111,7 @@ fn a_due_scan_goes_before_waiting_keys() {
     assert!(matches!(feed.take(1), Take::Scan), "due: before the keys");
     feed.scanned(true);
     let (k, r) = keys(feed.take(1));
-    assert_eq!(k, vec![("t".to_string(), "b".to_string())], "then the keys");
+    assert_eq!(k, one_key("t", "b"), "then the keys");
     drop(r);
     assert!(
         matches!(feed.take(1), Take::Scan),
@@ -140,15 +156,13 @@ fn a_scan_never_goes_twice_before_waiting_keys() {
 
 #[test]
 fn a_partly_handed_out_entry_settles_in_two_parts() {
-    let feed = KeyFeed::new(Duration::from_secs(3600), 0);
-    assert!(matches!(feed.take(1), Take::Scan));
-    feed.scanned(false);
+    let feed = scanned_feed();
     let (a1, a2) = (row("t", "a"), row("t", "a"));
     feed.push(5, vec![a1.clone(), a2.clone()]);
     let (_, mut first) = keys(feed.take(10));
     first.claimed(&[a1.id].into_iter().collect(), true, &[]);
     let (k, mut second) = keys(feed.take(10));
-    assert_eq!(k, vec![("t".to_string(), "a".to_string())], "the rest");
+    assert_eq!(k, one_key("t", "a"), "the rest");
     second.claimed(&[a2.id].into_iter().collect(), false, &[]);
     drop(second);
     assert_eq!(
@@ -162,9 +176,7 @@ fn a_partly_handed_out_entry_settles_in_two_parts() {
 
 #[test]
 fn a_failed_claim_gives_its_keys_back() {
-    let feed = KeyFeed::new(Duration::from_secs(3600), 0);
-    assert!(matches!(feed.take(1), Take::Scan));
-    feed.scanned(false);
+    let feed = scanned_feed();
     feed.push(5, vec![row("t", "a")]);
     let (_, r) = keys(feed.take(10));
     r.give_back();
@@ -174,9 +186,7 @@ fn a_failed_claim_gives_its_keys_back() {
 
 #[test]
 fn other_topics_settle_and_held_keys_park_even_when_full() {
-    let feed = KeyFeed::new(Duration::from_secs(3600), 0);
-    assert!(matches!(feed.take(1), Take::Scan));
-    feed.scanned(false);
+    let feed = scanned_feed();
     let (held, other, hot) = (row("t", "held"), row("x", "k"), row("t", "hot"));
     feed.push(5, vec![held.clone(), other.clone(), hot.clone()]);
     let (_, mut r) = keys(feed.take(10));
@@ -187,12 +197,7 @@ fn other_topics_settle_and_held_keys_park_even_when_full() {
         0,
         "held: parked, not requeued; other topic: settled"
     );
-    for _ in 0..PARK.len() {
-        std::thread::sleep(Duration::from_millis(60));
-        let (k, mut r) = keys(feed.take(10));
-        assert_eq!(k, vec![("t".to_string(), "held".to_string())]);
-        r.claimed(&HashSet::new(), false, &["t".to_string()]);
-    }
+    walk_parked(&feed, "held", &["t".to_string()]);
     assert_eq!(*feed.acked().borrow(), 5);
 }
 
