@@ -26,8 +26,24 @@ fn order(v: Option<&str>, payload: Value) -> InboxEvent {
     event("shop", "order.created", v, payload)
 }
 
+/// What the recording handlers got: `name:version:payload` a line.
+type Log = Arc<Mutex<Vec<String>>>;
+
+/// A router whose `order.created` handlers, one per (source, version,
+/// name), record what they get in its log.
+fn recording(routes: &[(&str, Option<&str>, &'static str)]) -> (Log, EventRouter) {
+    let log = Log::default();
+    let mut router = EventRouter::new();
+    for &(source, version, name) in routes {
+        router
+            .on(source, "order.created", version, recorder(&log, name))
+            .unwrap();
+    }
+    (log, router)
+}
+
 fn recorder(
-    log: &Arc<Mutex<Vec<String>>>,
+    log: &Log,
     name: &'static str,
 ) -> impl Fn(InboxEvent) -> std::future::Ready<Outcome> + use<> {
     let log = log.clone();
@@ -183,15 +199,11 @@ async fn registration_rules_and_lookups() {
 
 #[tokio::test]
 async fn exact_then_longest_prefix_then_versionless() {
-    let log = Arc::new(Mutex::new(Vec::new()));
-    let mut router = EventRouter::new();
-    router
-        .on("shop", "order.created", Some("1"), recorder(&log, "v1"))
-        .unwrap()
-        .on("shop", "order.created", Some("1.2"), recorder(&log, "v1.2"))
-        .unwrap()
-        .on("*", "order.created", None, recorder(&log, "any"))
-        .unwrap();
+    let (log, router) = recording(&[
+        ("shop", Some("1"), "v1"),
+        ("shop", Some("1.2"), "v1.2"),
+        ("*", None, "any"),
+    ]);
     for v in [Some("1.2.5"), Some("1.0.0"), Some("9.0.0"), None] {
         assert_eq!(
             send(&router, order(v, json!({"a": 1}))).await,
@@ -212,11 +224,7 @@ async fn exact_then_longest_prefix_then_versionless() {
 
 #[tokio::test]
 async fn migrations_chain_breadth_first() {
-    let log = Arc::new(Mutex::new(Vec::new()));
-    let mut router = EventRouter::new();
-    router
-        .on("shop", "order.created", Some("3.0.0"), recorder(&log, "v3"))
-        .unwrap();
+    let (log, mut router) = recording(&[("shop", Some("3.0.0"), "v3")]);
     router
         .registry_mut()
         .migration("order.created", "1.0.0", "2.0.0", |mut p| {
