@@ -7,7 +7,7 @@ use uuid::Uuid;
 
 use super::options::ConsumeReport;
 use super::run::Ahead;
-use super::{InboxConsumer, ToHandle, persist_error};
+use super::{Batch, InboxConsumer, ToHandle, persist_error};
 use crate::error::Result;
 use crate::inbox::handler::Handler;
 use crate::inbox::normalize::{Normalized, RawMessage};
@@ -109,8 +109,13 @@ impl<S: Source, H: Handler, T: ConsumerStore> InboxConsumer<S, H, T> {
             .collect();
         tx.delete(&beyond).await?;
 
+        let batch = Batch {
+            token: &token,
+            messages,
+            work: &work,
+        };
         let settled = if handler.in_transaction() {
-            self.handle_in_transaction(tx, &token, handler.as_ref(), messages, &work, report)
+            self.handle_in_transaction(tx, handler.as_ref(), batch, report)
                 .await?
         } else {
             let fresh: Vec<Uuid> = work
@@ -120,8 +125,7 @@ impl<S: Source, H: Handler, T: ConsumerStore> InboxConsumer<S, H, T> {
                 .collect();
             tx.lock(&fresh, &token).await?;
             tx.commit().await?;
-            self.handle_outside(&token, handler.as_ref(), messages, &work, report)
-                .await?
+            self.handle_outside(handler.as_ref(), batch, report).await?
         };
         let (end, retry_in) = match settled {
             Some((i, wait)) if i < end => (i, Some(wait)),

@@ -6,27 +6,24 @@ use std::time::Duration;
 use uuid::Uuid;
 
 use super::options::ConsumeReport;
-use super::{InboxConsumer, ToHandle, retry_wait};
+use super::{Batch, InboxConsumer, retry_wait};
 use crate::error::Result;
 use crate::inbox::handler::Handler;
-use crate::inbox::normalize::RawMessage;
 use crate::inbox::source::Source;
 use crate::inbox::unit_of_work::{ConsumerStore, ConsumerTx};
 use crate::model::InboxEvent;
 use crate::pipeline::Verdict;
-use crate::store::{ClaimToken, Failure};
+use crate::store::Failure;
 
 impl<S: Source, H: Handler, T: ConsumerStore> InboxConsumer<S, H, T> {
-    /// Runs a database handler inside `tx` on each row of `work`; completes
-    /// the rows it handled and commits. Returns the index of the message
-    /// whose failure ends the batch, with the wait before its retry.
+    /// Runs a database handler inside `tx` on each row of the batch's work;
+    /// completes the rows it handled and commits. Returns the index of the
+    /// message whose failure ends the batch, with the wait before its retry.
     pub(super) async fn handle_in_transaction(
         &mut self,
         mut tx: T::Tx,
-        token: &ClaimToken,
         handler: &H,
-        messages: &[RawMessage],
-        work: &[ToHandle],
+        batch: Batch<'_>,
         report: &mut ConsumeReport,
     ) -> Result<Option<(usize, Duration)>> {
         let mut completed = Vec::new();
@@ -34,8 +31,8 @@ impl<S: Source, H: Handler, T: ConsumerStore> InboxConsumer<S, H, T> {
         let mut stop: Option<(usize, usize, Duration)> = None;
         let mut gone_new = Vec::new();
         let mut gone_taken = Vec::new();
-        for (k, w) in work.iter().enumerate() {
-            if !self.source.owns(&messages[w.index]) {
+        for (k, w) in batch.work.iter().enumerate() {
+            if !self.source.owns(&batch.messages[w.index]) {
                 report.revoked += 1;
                 if w.new {
                     gone_new.push(w.event.id());
@@ -79,7 +76,7 @@ impl<S: Source, H: Handler, T: ConsumerStore> InboxConsumer<S, H, T> {
             }
         }
         if let Some((k, _, _)) = stop {
-            for w in &work[k + 1..] {
+            for w in &batch.work[k + 1..] {
                 if w.new {
                     gone_new.push(w.event.id());
                 } else {
@@ -93,16 +90,16 @@ impl<S: Source, H: Handler, T: ConsumerStore> InboxConsumer<S, H, T> {
         // lock the new ones now.
         let failed_new: Vec<Uuid> = failures
             .iter()
-            .filter(|(_, e)| work.iter().any(|w| w.new && w.event.id() == e.id()))
+            .filter(|(_, e)| batch.work.iter().any(|w| w.new && w.event.id() == e.id()))
             .map(|(f, _)| f.id)
             .collect();
-        tx.lock(&failed_new, token).await?;
+        tx.lock(&failed_new, batch.token).await?;
         tx.complete(&completed).await?;
         tx.commit().await?;
         self.count("processed", completed.len() as u64);
         if !failures.is_empty() {
             let list: Vec<Failure> = failures.iter().map(|(f, _)| f.clone()).collect();
-            let written = self.store.fail(token, &list).await?;
+            let written = self.store.fail(batch.token, &list).await?;
             self.forward_failed(&failures, &written.failed).await;
         }
         Ok(stop.map(|(_, i, wait)| (i, wait)))

@@ -378,6 +378,14 @@ struct ToHandle {
     new: bool,
 }
 
+/// An exactly-once batch handed to the handler: the claim its rows are
+/// locked by, the messages polled and the rows to handle, in message order.
+struct Batch<'a> {
+    token: &'a ClaimToken,
+    messages: &'a [RawMessage],
+    work: &'a [ToHandle],
+}
+
 /// How long until a written failure's retry.
 fn retry_wait(failure: &Failure) -> Duration {
     match failure.retry {

@@ -7,10 +7,9 @@ use std::time::Duration;
 use uuid::Uuid;
 
 use super::options::ConsumeReport;
-use super::{InboxConsumer, ToHandle, retry_wait};
+use super::{Batch, InboxConsumer, retry_wait};
 use crate::error::{Error, Result};
 use crate::inbox::handler::Handler;
-use crate::inbox::normalize::RawMessage;
 use crate::inbox::source::Source;
 use crate::inbox::unit_of_work::ConsumerStore;
 use crate::model::InboxEvent;
@@ -19,43 +18,49 @@ use crate::pipeline::Verdict;
 use crate::store::{ClaimToken, Failure};
 
 impl<S: Source, H: Handler, T: ConsumerStore> InboxConsumer<S, H, T> {
-    /// Runs an external handler on each row of `work` (stored and locked by
-    /// `token`) with no transaction open, writing each result before the
-    /// next handler starts. Returns the index of the message whose failure
-    /// ends the batch, with the wait before its retry.
+    /// Runs an external handler on each row of the batch's work (stored and
+    /// locked by its token) with no transaction open, writing each result
+    /// before the next handler starts. Returns the index of the message whose
+    /// failure ends the batch, with the wait before its retry.
     pub(super) async fn handle_outside(
         &mut self,
-        token: &ClaimToken,
         handler: &H,
-        messages: &[RawMessage],
-        work: &[ToHandle],
+        batch: Batch<'_>,
         report: &mut ConsumeReport,
     ) -> Result<Option<(usize, Duration)>> {
         let held = Arc::new(std::sync::Mutex::new(
-            work.iter().map(|w| w.event.id()).collect::<Vec<Uuid>>(),
+            batch
+                .work
+                .iter()
+                .map(|w| w.event.id())
+                .collect::<Vec<Uuid>>(),
         ));
-        let mut heartbeat =
-            Heartbeat::for_shared(&self.store, token.clone(), held.clone(), self.options.lease);
+        let mut heartbeat = Heartbeat::for_shared(
+            &self.store,
+            batch.token.clone(),
+            held.clone(),
+            self.options.lease,
+        );
         let mut stop = None;
         let mut k = 0;
-        while k < work.len() {
-            let w = &work[k];
+        while k < batch.work.len() {
+            let w = &batch.work[k];
             k += 1;
             if let Ok(mut h) = held.lock()
                 && k > 1
             {
                 // The rows before this one are settled.
-                h.retain(|id| *id != work[k - 2].event.id());
+                h.retain(|id| *id != batch.work[k - 2].event.id());
             }
-            if !self.source.owns(&messages[w.index]) {
+            if !self.source.owns(&batch.messages[w.index]) {
                 report.revoked += 1;
-                self.release(token, &[w.event.id()]).await?;
+                self.release(batch.token, &[w.event.id()]).await?;
                 continue;
             }
             let outcome = self.handle_detached(handler, &w.event).await;
             match outcome.verdict() {
                 verdict @ (Verdict::Processed | Verdict::Skipped) => {
-                    match self.store.complete(token, &[w.event.id()]).await {
+                    match self.store.complete(batch.token, &[w.event.id()]).await {
                         Ok(_) if matches!(verdict, Verdict::Skipped) => report.skipped += 1,
                         Ok(_) => {
                             report.processed += 1;
@@ -74,7 +79,10 @@ impl<S: Source, H: Handler, T: ConsumerStore> InboxConsumer<S, H, T> {
                     report.failed += 1;
                     let failure = self.failure(&w.event, error, retry);
                     let wait = retry_wait(&failure);
-                    let written = match self.store.fail(token, std::slice::from_ref(&failure)).await
+                    let written = match self
+                        .store
+                        .fail(batch.token, std::slice::from_ref(&failure))
+                        .await
                     {
                         Ok(w) => w,
                         Err(Error::ConcurrentUpdate { .. }) => {
@@ -100,8 +108,8 @@ impl<S: Source, H: Handler, T: ConsumerStore> InboxConsumer<S, H, T> {
             }
         }
         heartbeat.stop();
-        let rest: Vec<Uuid> = work[k..].iter().map(|w| w.event.id()).collect();
-        self.release(token, &rest).await?;
+        let rest: Vec<Uuid> = batch.work[k..].iter().map(|w| w.event.id()).collect();
+        self.release(batch.token, &rest).await?;
         Ok(stop)
     }
 
