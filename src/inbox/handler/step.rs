@@ -151,7 +151,11 @@ pub async fn run_handler<H: Handler>(
     system: Option<&'static str>,
     cx: &mut HandlerContext<'_>,
 ) -> Outcome {
-    let outcome = traced(handler, event, timeout, system, cx).await;
+    let run = tokio::time::timeout(
+        timeout,
+        std::panic::AssertUnwindSafe(handler.handle(event, cx)).catch_unwind(),
+    );
+    let outcome = traced(run, timeout, event, system).await;
     let keep = matches!(outcome, Outcome::Completed | Outcome::Skipped);
     match cx.settle(keep).await {
         Ok(None) => outcome,
@@ -163,19 +167,14 @@ pub async fn run_handler<H: Handler>(
     }
 }
 
-/// Runs `handler` on `event` within `timeout`, in a span carrying the
-/// event's trace context; a timeout is a counted failure.
-async fn traced<H: Handler>(
-    handler: &H,
-    event: &InboxEvent,
+/// Awaits a handler's `run` on `event` (bounded by `timeout`) in a span
+/// carrying the event's trace context; a timeout is a counted failure.
+async fn traced(
+    run: impl Future<Output = HandlerRun>,
     timeout: Duration,
+    event: &InboxEvent,
     system: Option<&'static str>,
-    cx: &mut HandlerContext<'_>,
 ) -> Outcome {
-    let run = tokio::time::timeout(
-        timeout,
-        std::panic::AssertUnwindSafe(handler.handle(event, cx)).catch_unwind(),
-    );
     if !crate::telemetry::enabled() {
         return settled(run.await, timeout);
     }
@@ -214,14 +213,14 @@ async fn traced<H: Handler>(
     outcome
 }
 
+/// How a handler's run ended: its outcome, a panic, or the timeout.
+type HandlerRun = Result<std::thread::Result<Outcome>, tokio::time::error::Elapsed>;
+
 /// A handler's run as an outcome: its own, or a counted failure when it
 /// timed out or panicked (a panic unwinds no further than here: the
 /// consumer goes on, and the message is retried, then failed and
 /// dead-lettered like any failure).
-fn settled(
-    run: Result<std::thread::Result<Outcome>, tokio::time::error::Elapsed>,
-    timeout: Duration,
-) -> Outcome {
+fn settled(run: HandlerRun, timeout: Duration) -> Outcome {
     match run {
         Ok(Ok(o)) => o,
         Ok(Err(panic)) => counted(format!(
