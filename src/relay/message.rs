@@ -7,7 +7,7 @@ use serde::Serialize;
 use serde_json::value::RawValue;
 use uuid::Uuid;
 
-use crate::model::{OutboxEvent, Payload, time};
+use crate::model::{Event, OutboxEvent, Payload, Route, time};
 
 /// Default `schema_version` of an envelope whose event has none.
 pub const DEFAULT_SCHEMA_VERSION: &str = "1.0.0";
@@ -78,17 +78,24 @@ pub fn headers(event: &OutboxEvent) -> BTreeMap<String, String> {
     let mut h: BTreeMap<String, String> = event.headers().cloned().unwrap_or_default();
     h.insert("event_id".into(), event.id().to_string());
     h.insert("event_type".into(), event.event_type().to_string());
-    for (name, value) in [
-        ("schema_version", event.schema_version()),
-        ("trace_id", event.trace_id()),
-        ("correlation_id", event.correlation_id()),
-        ("causation_id", event.causation_id()),
-    ] {
+    for (name, value) in passed_on(event) {
         if let Some(v) = value {
             h.insert(name.into(), v.to_string());
         }
     }
     h
+}
+
+/// The optional ids an event passes on to what it is handed to (a broker
+/// message's headers, a command's environment), by name: its schema
+/// version, trace, correlation and causation ids.
+pub(crate) fn passed_on<R: Route>(event: &Event<R>) -> [(&'static str, Option<&str>); 4] {
+    [
+        ("schema_version", event.schema_version()),
+        ("trace_id", event.trace_id()),
+        ("correlation_id", event.correlation_id()),
+        ("causation_id", event.causation_id()),
+    ]
 }
 
 impl Message {

@@ -39,6 +39,7 @@ pub mod wal;
 
 pub use dead_letter::{DeadLetter, DeadLetterTopic};
 
+pub(crate) use message::passed_on;
 pub use message::{DEFAULT_SCHEMA_VERSION, Message, envelope, envelope_with, headers};
 pub use sink::{AnySink, Delivery, Sink};
 

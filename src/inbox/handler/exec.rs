@@ -126,14 +126,9 @@ impl Handler for ExecHandler {
             .env("OMNIBOX_CONSUMER_GROUP", event.consumer_group())
             .env("OMNIBOX_SOURCE", event.source())
             .env("OMNIBOX_ATTEMPT", (event.attempts_made() + 1).to_string());
-        for (name, value) in [
-            ("OMNIBOX_SCHEMA_VERSION", event.schema_version()),
-            ("OMNIBOX_TRACE_ID", event.trace_id()),
-            ("OMNIBOX_CORRELATION_ID", event.correlation_id()),
-            ("OMNIBOX_CAUSATION_ID", event.causation_id()),
-        ] {
+        for (name, value) in crate::relay::passed_on(event) {
             if let Some(v) = value {
-                cmd.env(name, v);
+                cmd.env(format!("OMNIBOX_{}", name.to_ascii_uppercase()), v);
             }
         }
         // The W3C trace context: the handler span's, or the event's own.
