@@ -103,15 +103,20 @@ fn secret_key(key: &str) -> bool {
     .any(|s| k.ends_with(s))
 }
 
+/// Where the word that ends `s` starts: a word is ASCII letters and digits
+/// and the characters of `also` (a parameter's key, a URL's scheme).
+fn word_start(s: &str, also: &[char]) -> usize {
+    s.rfind(|c: char| !(c.is_ascii_alphanumeric() || also.contains(&c)))
+        .map_or(0, |i| i + 1)
+}
+
 /// Masks `key=value` pairs with a secret-looking key (in a query string or a
 /// `key=value ...` connection string).
 fn params(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
     let mut rest = text;
     while let Some(eq) = rest.find('=') {
-        let key_start = rest[..eq]
-            .rfind(|c: char| !(c.is_ascii_alphanumeric() || c == '_' || c == '-' || c == '.'))
-            .map_or(0, |i| i + 1);
+        let key_start = word_start(&rest[..eq], &['_', '-', '.']);
         let key = &rest[key_start..eq];
         out.push_str(&rest[..=eq]);
         rest = &rest[eq + 1..];
@@ -172,9 +177,7 @@ pub fn text(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
     let mut rest = text;
     while let Some(i) = rest.find("://") {
-        let start = rest[..i]
-            .rfind(|c: char| !(c.is_ascii_alphanumeric() || c == '+' || c == '-' || c == '.'))
-            .map_or(0, |j| j + 1);
+        let start = word_start(&rest[..i], &['+', '-', '.']);
         let end = rest[i..]
             .find(|c: char| c.is_whitespace() || matches!(c, '"' | '\'' | '`' | '<' | '>'))
             .map_or(rest.len(), |j| i + j);
