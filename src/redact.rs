@@ -106,8 +106,9 @@ fn secret_key(key: &str) -> bool {
 /// Where the word that ends `s` starts: a word is ASCII letters and digits
 /// and the characters of `also` (a parameter's key, a URL's scheme).
 fn word_start(s: &str, also: &[char]) -> usize {
-    s.rfind(|c: char| !(c.is_ascii_alphanumeric() || also.contains(&c)))
-        .map_or(0, |i| i + 1)
+    s.char_indices()
+        .rfind(|&(_, c)| !(c.is_ascii_alphanumeric() || also.contains(&c)))
+        .map_or(0, |(i, c)| i + c.len_utf8())
 }
 
 /// Masks `key=value` pairs with a secret-looking key (in a query string or a
@@ -282,5 +283,14 @@ mod tests {
             text(r#"{"fields":{"key":"sslpassword","value":"s3"}}"#),
             r#"{"fields":{"key":"sslpassword","value":"***"}}"#
         );
+    }
+
+    /// A word that follows a character of several bytes is cut at that
+    /// character's end, not inside it.
+    #[test]
+    fn words_after_wide_characters() {
+        assert_eq!(text("größe=5 é=1"), "größe=5 é=1");
+        assert_eq!(text("ü password=s3"), "ü password=***");
+        assert_eq!(text("ßpostgres://u:s3@h/db"), "ßpostgres://u:***@h/db");
     }
 }
