@@ -385,7 +385,8 @@ fn mark_failed_rejections() {
         Error::LockedByAnotherWorker { .. }
     ));
     // Each case: a retry time out of bounds, and what its error must say.
-    let cases: [(&str, fn(&str) -> bool); 2] = [
+    type Check = fn(&str) -> bool;
+    let cases: [(&str, Check); 2] = [
         ("2025-01-01T00:00:00Z", |m| m.starts_with("next_retry_at:")),
         ("2028-01-01T00:00:00Z", |m| {
             m.contains("too far in the future")

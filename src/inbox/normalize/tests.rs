@@ -72,7 +72,8 @@ fn ids_types_and_sources_follow_the_precedence() {
         InboxEvent::consumer_group,
     );
     // Each case: the message's headers, a field of its row and the value it must have.
-    let cases: [(&[(&str, &str)], Field, &str, &str); 8] = [
+    type Headers<'a> = &'a [(&'a str, &'a str)];
+    let cases: [(Headers, Field, &str, &str); 8] = [
         (
             &[("message_id", "m-1"), ("event_id", "e-1")],
             id,
