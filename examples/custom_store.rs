@@ -102,11 +102,18 @@ impl EventStore<OutboxRoute> for MemoryOutbox {
             .filter(|e| filter.status.is_none_or(|s| e.status() == s))
             .filter(|e| {
                 filter
+                    .select
                     .event_type
                     .as_deref()
                     .is_none_or(|t| e.event_type() == t)
             })
-            .filter(|e| filter.topic.as_deref().is_none_or(|t| e.topic() == t))
+            .filter(|e| {
+                filter
+                    .select
+                    .topic
+                    .as_deref()
+                    .is_none_or(|t| e.topic() == t)
+            })
             .take(filter.limit.map_or(usize::MAX, |n| n as usize))
             .cloned()
             .collect())
@@ -332,7 +339,8 @@ impl EventStore<OutboxRoute> for MemoryOutbox {
         let mut rows = self.rows.lock().expect("not poisoned");
         let mut ids = Vec::new();
         for row in rows.iter_mut().filter(|e| {
-            e.status() == EventStatus::Failed && (filter.all || filter.ids.contains(&e.id()))
+            e.status() == EventStatus::Failed
+                && (filter.all || filter.failures.ids.contains(&e.id()))
         }) {
             *row = DomainService::default().requeue(row, now)?;
             ids.push(row.id());

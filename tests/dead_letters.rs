@@ -28,9 +28,9 @@ use std::time::Duration;
 
 use omnibox::inbox::HandlerStep;
 use omnibox::pipeline::{Outcome, ProcessorBuilder, ProcessorOptions};
-use omnibox::store::AnyStore;
 use omnibox::store::audit::{AuditEntry, AuditedChange};
 use omnibox::store::dead_letters::DeadLetterFilter;
+use omnibox::store::{AnyStore, EventSelector, FailureSelector, TimeWindow};
 use omnibox::{
     DomainService, EventStatus, EventStore, InboxEvent, InboxStore, ListFilter, MaintenanceStore,
     NewInboxEvent, OutboxStore, Retry, Table, WorkerId, time,
@@ -452,84 +452,95 @@ async fn letter_filters(db: common::TestDb) {
         v.sort();
         v
     };
-    let all = list(DeadLetterFilter::default()).await;
-    assert_eq!(all, sorted(vec![order.id(), r1.id(), r2.id()]));
-    let by_event = list(DeadLetterFilter {
-        ids: vec![r1.id()],
-        ..Default::default()
-    })
-    .await;
-    assert_eq!(by_event, vec![r1.id()]);
     let letter_of_r2 = letters
         .list(&DeadLetterFilter {
-            ids: vec![r2.id()],
+            failures: FailureSelector {
+                ids: vec![r2.id()],
+                ..Default::default()
+            },
             ..Default::default()
         })
         .await
         .unwrap()[0]
         .clone();
-    let by_letter = list(DeadLetterFilter {
-        ids: vec![letter_of_r2.id, Uuid::now_v7()],
+    let ids = |ids| FailureSelector {
+        ids,
         ..Default::default()
-    })
-    .await;
-    assert_eq!(by_letter, vec![r2.id()]);
+    };
+    let select = |select| FailureSelector {
+        select,
+        ..Default::default()
+    };
+    let text = |text: &str| FailureSelector {
+        error_contains: Some(text.into()),
+        ..Default::default()
+    };
+    let window = |since, until| FailureSelector {
+        window: TimeWindow { since, until },
+        ..Default::default()
+    };
+    let later = time::now() + chrono::Duration::seconds(1);
+    let cases = [
+        (
+            "all",
+            FailureSelector::default(),
+            vec![order.id(), r1.id(), r2.id()],
+        ),
+        ("by event", ids(vec![r1.id()]), vec![r1.id()]),
+        (
+            "by letter",
+            ids(vec![letter_of_r2.id, Uuid::now_v7()]),
+            vec![r2.id()],
+        ),
+        (
+            "typed",
+            select(EventSelector {
+                event_type: Some("order.created".into()),
+                ..Default::default()
+            }),
+            vec![order.id()],
+        ),
+        (
+            "topic",
+            select(EventSelector {
+                topic: Some("billing".into()),
+                ..Default::default()
+            }),
+            vec![r1.id(), r2.id()],
+        ),
+        // The text is matched literally: `%` and `_` are not patterns.
+        ("text", text("100%"), vec![r2.id()]),
+        ("no pattern", text("_"), vec![]),
+        (
+            "group",
+            select(EventSelector {
+                consumer_group: Some("g1".into()),
+                ..Default::default()
+            }),
+            vec![r1.id()],
+        ),
+        (
+            "in window",
+            window(Some(before), Some(later)),
+            vec![order.id(), r1.id(), r2.id()],
+        ),
+        ("later", window(Some(later), None), vec![]),
+        ("earlier", window(None, Some(before)), vec![]),
+    ];
+    for (case, failures, want) in cases {
+        let got = list(DeadLetterFilter {
+            failures,
+            ..Default::default()
+        })
+        .await;
+        assert_eq!(got, sorted(want), "{case}");
+    }
     let inbox_only = list(DeadLetterFilter {
         origin: Some(Table::Inbox),
         ..Default::default()
     })
     .await;
     assert_eq!(inbox_only, sorted(vec![r1.id(), r2.id()]));
-    let typed = list(DeadLetterFilter {
-        event_type: Some("order.created".into()),
-        ..Default::default()
-    })
-    .await;
-    assert_eq!(typed, vec![order.id()]);
-    let topic = list(DeadLetterFilter {
-        topic: Some("billing".into()),
-        ..Default::default()
-    })
-    .await;
-    assert_eq!(topic, sorted(vec![r1.id(), r2.id()]));
-    // The text is matched literally: `%` and `_` are not patterns.
-    let text = list(DeadLetterFilter {
-        error_contains: Some("100%".into()),
-        ..Default::default()
-    })
-    .await;
-    assert_eq!(text, vec![r2.id()]);
-    let none = list(DeadLetterFilter {
-        error_contains: Some("_".into()),
-        ..Default::default()
-    })
-    .await;
-    assert!(none.is_empty(), "{none:?}");
-    let group = list(DeadLetterFilter {
-        consumer_group: Some("g1".into()),
-        ..Default::default()
-    })
-    .await;
-    assert_eq!(group, vec![r1.id()]);
-    let in_window = list(DeadLetterFilter {
-        since: Some(before),
-        until: Some(time::now() + chrono::Duration::seconds(1)),
-        ..Default::default()
-    })
-    .await;
-    assert_eq!(in_window.len(), 3);
-    let later = list(DeadLetterFilter {
-        since: Some(time::now() + chrono::Duration::seconds(1)),
-        ..Default::default()
-    })
-    .await;
-    assert!(later.is_empty());
-    let earlier = list(DeadLetterFilter {
-        until: Some(before),
-        ..Default::default()
-    })
-    .await;
-    assert!(earlier.is_empty());
     let page = letters
         .list(&DeadLetterFilter {
             limit: Some(2),
@@ -549,10 +560,16 @@ async fn letter_filters(db: common::TestDb) {
     assert_eq!(rest.len(), 1);
     assert!(rest[0].seq > page[1].seq);
     let together = list(DeadLetterFilter {
+        failures: FailureSelector {
+            error_contains: Some("timeout".into()),
+            select: EventSelector {
+                event_type: Some("refund.issued".into()),
+                consumer_group: Some("g1".into()),
+                ..Default::default()
+            },
+            ..Default::default()
+        },
         origin: Some(Table::Inbox),
-        event_type: Some("refund.issued".into()),
-        error_contains: Some("timeout".into()),
-        consumer_group: Some("g1".into()),
         open_only: true,
         ..Default::default()
     })

@@ -1543,7 +1543,10 @@ mod cases {
         let requeue = || async {
             outbox
                 .requeue_failed(&omnibox::RequeueFilter {
-                    ids: vec![e.id()],
+                    failures: omnibox::store::FailureSelector {
+                        ids: vec![e.id()],
+                        ..Default::default()
+                    },
                     ..Default::default()
                 })
                 .await

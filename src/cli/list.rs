@@ -3,7 +3,7 @@
 use anyhow::Result;
 use clap::Args;
 use omnibox::store::dead_letters::{DEAD_LETTERS, DeadLetterFilter, DeadLetterRecord};
-use omnibox::store::{AnyStore, ListFilter};
+use omnibox::store::{AnyStore, EventSelector, FailureSelector, ListFilter, TimeWindow};
 use omnibox::{Event, EventStatus, EventStore, Route, Table, Timestamp, time};
 use serde_json::json;
 
@@ -101,10 +101,15 @@ impl<W: FilterWording> RowFilterArgs<W> {
         covered(table, given)
     }
 
-    /// The value of the topic (or source) column: `--topic`, else
-    /// `--source`.
-    pub fn topic_or_source(&self) -> Option<String> {
-        self.topic.clone().or_else(|| self.source.clone())
+    /// The events these filters and `consumer_group` select: the event
+    /// type, the topic (or source) column's value (`--topic`, else
+    /// `--source`) and the consumer group.
+    pub fn selector(&self, consumer_group: &Option<String>) -> EventSelector {
+        EventSelector {
+            event_type: self.event_type.clone(),
+            topic: self.topic.clone().or_else(|| self.source.clone()),
+            consumer_group: consumer_group.clone(),
+        }
     }
 }
 
@@ -194,9 +199,7 @@ pub async fn run(args: ListArgs, ctx: &Context) -> Result<ExitStatus> {
     let store: AnyStore = ctx.store().await?;
     let filter = ListFilter {
         status: args.status,
-        event_type: args.rows.event_type.clone(),
-        topic: args.rows.topic_or_source(),
-        consumer_group: args.consumer_group.clone(),
+        select: args.rows.selector(&args.consumer_group),
         since: args.since,
         after_seq: args.after,
         locked_by: args.locked_by.clone(),
@@ -328,10 +331,14 @@ async fn dead_letters(args: ListArgs, ctx: &Context) -> Result<ExitStatus> {
     let letters = store
         .dead_letters()
         .list(&DeadLetterFilter {
-            event_type: args.rows.event_type.clone(),
-            topic: args.rows.topic_or_source(),
-            consumer_group: args.consumer_group.clone(),
-            since: args.since,
+            failures: FailureSelector {
+                select: args.rows.selector(&args.consumer_group),
+                window: TimeWindow {
+                    since: args.since,
+                    until: None,
+                },
+                ..FailureSelector::default()
+            },
             after_seq: args.after,
             limit: Some(args.limit),
             ..DeadLetterFilter::default()

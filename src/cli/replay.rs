@@ -3,8 +3,8 @@
 use anyhow::Result;
 use clap::Args;
 use omnibox::ops::replay::{self, Candidate, Selection};
-use omnibox::store::AnyStore;
 use omnibox::store::audit::AuditEntry;
+use omnibox::store::{AnyStore, FailureSelector, TimeWindow};
 use omnibox::{RequeueFilter, Table, Timestamp, time};
 use serde_json::json;
 use uuid::Uuid;
@@ -149,13 +149,15 @@ pub async fn run(args: ReplayArgs, ctx: &Context) -> Result<ExitStatus> {
     };
     let tables = args.rows.covered(table, &args.consumer_group)?;
     let filter = RequeueFilter {
-        ids: args.ids.clone(),
-        event_type: args.rows.event_type.clone(),
-        topic: args.rows.topic_or_source(),
-        consumer_group: args.consumer_group.clone(),
-        error_contains: args.error_contains.clone(),
-        since: args.since,
-        until: args.until,
+        failures: FailureSelector {
+            ids: args.ids.clone(),
+            select: args.rows.selector(&args.consumer_group),
+            error_contains: args.error_contains.clone(),
+            window: TimeWindow {
+                since: args.since,
+                until: args.until,
+            },
+        },
         all: args.all,
         limit: None,
     };

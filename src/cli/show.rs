@@ -9,6 +9,7 @@ use uuid::Uuid;
 use super::list::{TableArg, letter_table};
 use super::output::{self, Format};
 use super::{Context, ExitStatus, args};
+use omnibox::store::FailureSelector;
 use omnibox::store::dead_letters::{DEAD_LETTERS, DeadLetterFilter};
 
 /// Show one event in full, with its payload as pretty JSON
@@ -59,7 +60,10 @@ pub async fn run(args: ShowArgs, ctx: &Context) -> Result<ExitStatus> {
         let letters = store
             .dead_letters()
             .list(&DeadLetterFilter {
-                ids: vec![args.id],
+                failures: FailureSelector {
+                    ids: vec![args.id],
+                    ..FailureSelector::default()
+                },
                 ..DeadLetterFilter::default()
             })
             .await?;

@@ -21,7 +21,7 @@ use serde_json::{Value, json};
 use uuid::Uuid;
 
 use super::audit::AuditEntry;
-use super::{AnyStore, BulkOutcome, stored_error, topic_column};
+use super::{AnyStore, BulkOutcome, FailureSelector, stored_error, topic_column};
 use crate::error::{Error, Result};
 use crate::model::{Event, EventStatus, Route, Table, Timestamp};
 
@@ -63,22 +63,12 @@ pub struct DeadLetterRecord {
 /// Which letters [`DeadLetterTable::list`] returns; every field narrows.
 #[derive(Debug, Clone, Default)]
 pub struct DeadLetterFilter {
-    /// Letters with these ids, or of events with these ids.
-    pub ids: Vec<Uuid>,
+    /// Letters with these ids, or of events with these ids; of this event
+    /// type, topic (outbox) or source (inbox), or inbox consumer group;
+    /// whose error contains this text; written in this time window.
+    pub failures: FailureSelector,
     /// Letters of this table's events.
     pub origin: Option<Table>,
-    /// Letters of this event type.
-    pub event_type: Option<String>,
-    /// Letters of this topic (outbox) or source (inbox).
-    pub topic: Option<String>,
-    /// Letters of inbox events of this consumer group.
-    pub consumer_group: Option<String>,
-    /// Letters whose error contains this text.
-    pub error_contains: Option<String>,
-    /// Letters written at or after this time.
-    pub since: Option<Timestamp>,
-    /// Letters written before this time.
-    pub until: Option<Timestamp>,
     /// Only letters not replayed yet.
     pub open_only: bool,
     /// Letters after this `seq` (paging).
@@ -92,15 +82,8 @@ impl DeadLetterFilter {
     /// topic or source, consumer group, error text and time range (its
     /// `all` and `limit` play no part).
     pub fn of_events(events: &crate::store::RequeueFilter) -> Self {
-        let e = events.clone();
         DeadLetterFilter {
-            ids: e.ids,
-            event_type: e.event_type,
-            topic: e.topic,
-            consumer_group: e.consumer_group,
-            error_contains: e.error_contains,
-            since: e.since,
-            until: e.until,
+            failures: events.failures.clone(),
             ..Self::default()
         }
     }

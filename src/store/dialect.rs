@@ -10,7 +10,7 @@ use sqlx::{Postgres, QueryBuilder, Sqlite};
 use uuid::Uuid;
 
 use super::dead_letters::{DeadLetterFilter, DeadLetterRecord};
-use super::request::{ListFilter, RequeueFilter};
+use super::request::{EventSelector, ListFilter, RequeueFilter, TimeWindow};
 use super::{Capabilities, DEFAULT_LIST_LIMIT, topic_column};
 use crate::error::{Result, storage};
 use crate::model::{Table, Timestamp, time};
@@ -357,21 +357,22 @@ pub(crate) fn close_letters<D: Dialect>(ids: &[Uuid], now: &D::Now) -> QueryBuil
 /// A dead-letter listing's filters, order (oldest first) and limit, after
 /// `SELECT ... FROM omnibox_dead_letters WHERE true`.
 fn push_letters<D: Dialect>(qb: &mut QueryBuilder<D::Db>, filter: &DeadLetterFilter) {
-    if !filter.ids.is_empty() {
+    let f = &filter.failures;
+    if !f.ids.is_empty() {
         qb.push(" AND (");
-        D::id_in(qb, "id", &filter.ids);
+        D::id_in(qb, "id", &f.ids);
         qb.push(" OR ");
-        D::id_in(qb, "event_id", &filter.ids);
+        D::id_in(qb, "event_id", &f.ids);
         qb.push(")");
     }
     if let Some(origin) = filter.origin {
         qb.push(" AND origin = ");
         D::text(qb, origin.to_string());
     }
-    push_eq::<D>(qb, "event_type", filter.event_type.as_deref());
-    push_eq::<D>(qb, "topic", filter.topic.as_deref());
-    push_contains::<D>(qb, "error", filter.error_contains.as_deref());
-    push_window::<D>(qb, "dead_at", filter.since.as_ref(), filter.until.as_ref());
+    push_eq::<D>(qb, "event_type", f.select.event_type.as_deref());
+    push_eq::<D>(qb, "topic", f.select.topic.as_deref());
+    push_contains::<D>(qb, "error", f.error_contains.as_deref());
+    push_window::<D>(qb, "dead_at", &f.window);
     if filter.open_only {
         qb.push(" AND replayed_at IS NULL");
     }
@@ -379,7 +380,7 @@ fn push_letters<D: Dialect>(qb: &mut QueryBuilder<D::Db>, filter: &DeadLetterFil
         qb.push(" AND seq > ");
         D::int(qb, seq);
     }
-    if let Some(group) = &filter.consumer_group {
+    if let Some(group) = &f.select.consumer_group {
         qb.push(" AND origin = 'inbox' AND ")
             .push(D::LETTER_GROUP)
             .push(" = ");
@@ -397,12 +398,12 @@ pub(crate) fn push_list<D: Dialect>(
     filter: &ListFilter,
 ) {
     push_eq::<D>(qb, "status", filter.status.map(|s| s.as_str()));
-    push_selectors::<D>(
-        qb,
-        table,
-        [&filter.event_type, &filter.topic, &filter.consumer_group],
-    );
-    push_window::<D>(qb, "created_at", filter.since.as_ref(), None);
+    push_selectors::<D>(qb, table, &filter.select);
+    let window = TimeWindow {
+        since: filter.since,
+        until: None,
+    };
+    push_window::<D>(qb, "created_at", &window);
     if let Some(after) = filter.after_seq {
         qb.push(" AND seq > ");
         D::int(qb, after);
@@ -424,22 +425,14 @@ pub(crate) fn push_failed<D: Dialect>(
     table: Table,
     filter: &RequeueFilter,
 ) {
-    if !filter.ids.is_empty() {
+    let f = &filter.failures;
+    if !f.ids.is_empty() {
         qb.push(" AND ");
-        D::id_in(qb, "id", &filter.ids);
+        D::id_in(qb, "id", &f.ids);
     }
-    push_selectors::<D>(
-        qb,
-        table,
-        [&filter.event_type, &filter.topic, &filter.consumer_group],
-    );
-    push_contains::<D>(qb, "last_error", filter.error_contains.as_deref());
-    push_window::<D>(
-        qb,
-        "updated_at",
-        filter.since.as_ref(),
-        filter.until.as_ref(),
-    );
+    push_selectors::<D>(qb, table, &f.select);
+    push_contains::<D>(qb, "last_error", f.error_contains.as_deref());
+    push_window::<D>(qb, "updated_at", &f.window);
     qb.push(" ORDER BY seq");
     if let Some(limit) = filter.limit {
         qb.push(" LIMIT ");
@@ -450,14 +443,10 @@ pub(crate) fn push_failed<D: Dialect>(
 /// The event type, topic (outbox) or source (inbox) and consumer group an
 /// event selection asks for, each when set, on `table`'s columns (a
 /// consumer group is checked by the caller: inbox only).
-fn push_selectors<D: Dialect>(
-    qb: &mut QueryBuilder<D::Db>,
-    table: Table,
-    [event_type, topic, group]: [&Option<String>; 3],
-) {
-    push_eq::<D>(qb, "event_type", event_type.as_deref());
-    push_eq::<D>(qb, topic_column(table), topic.as_deref());
-    push_eq::<D>(qb, "consumer_group", group.as_deref());
+fn push_selectors<D: Dialect>(qb: &mut QueryBuilder<D::Db>, table: Table, select: &EventSelector) {
+    push_eq::<D>(qb, "event_type", select.event_type.as_deref());
+    push_eq::<D>(qb, topic_column(table), select.topic.as_deref());
+    push_eq::<D>(qb, "consumer_group", select.consumer_group.as_deref());
 }
 
 /// ` AND column = value`, when `value` is set.
@@ -481,18 +470,14 @@ fn push_contains<D: Dialect>(qb: &mut QueryBuilder<D::Db>, column: &str, text: O
     }
 }
 
-/// ` AND` `column` at or after `since` and before `until`, each when set.
-fn push_window<D: Dialect>(
-    qb: &mut QueryBuilder<D::Db>,
-    column: &str,
-    since: Option<&Timestamp>,
-    until: Option<&Timestamp>,
-) {
-    if let Some(since) = since {
+/// ` AND` `column` at or after the window's `since` and before its
+/// `until`, each when set.
+fn push_window<D: Dialect>(qb: &mut QueryBuilder<D::Db>, column: &str, window: &TimeWindow) {
+    if let Some(since) = &window.since {
         qb.push(" AND ").push(column).push(" >= ");
         D::time(qb, since);
     }
-    if let Some(until) = until {
+    if let Some(until) = &window.until {
         qb.push(" AND ").push(column).push(" < ");
         D::time(qb, until);
     }

@@ -176,18 +176,25 @@ mod tests {
             .check(Table::Outbox)
             .is_ok()
         );
+        let selecting = |select| RequeueFilter {
+            failures: FailureSelector {
+                select,
+                ..Default::default()
+            },
+            ..Default::default()
+        };
         assert!(
-            RequeueFilter {
+            selecting(EventSelector {
                 event_type: Some("x".into()),
                 ..Default::default()
-            }
+            })
             .check(Table::Outbox)
             .is_ok()
         );
-        let group = RequeueFilter {
+        let group = selecting(EventSelector {
             consumer_group: Some("billing".into()),
             ..Default::default()
-        };
+        });
         assert!(group.check(Table::Inbox).is_ok());
         let e = group.check(Table::Outbox).unwrap_err().to_string();
         assert!(e.contains("no consumer group"), "{e}");

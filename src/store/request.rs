@@ -409,17 +409,89 @@ pub struct FailReport {
     pub failed: Vec<Uuid>,
 }
 
+/// Which events a filter takes by what they are: their event type, their
+/// topic (outbox) or source (inbox), and their consumer group (inbox only).
+/// Every set field narrows; an empty selector takes every event.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct EventSelector {
+    /// This event type.
+    pub event_type: Option<String>,
+    /// This topic (outbox) or source (inbox).
+    pub topic: Option<String>,
+    /// This consumer group (inbox; the outbox has none, and refuses it).
+    pub consumer_group: Option<String>,
+}
+
+impl EventSelector {
+    /// True when nothing is selected (every event).
+    pub fn is_empty(&self) -> bool {
+        self.event_type.is_none() && self.topic.is_none() && self.consumer_group.is_none()
+    }
+
+    /// Refuses a consumer group on the outbox with [`Error::Validation`]:
+    /// a consumer group selects inbox rows only, and the outbox refuses it
+    /// rather than match nothing.
+    pub fn check(&self, table: Table) -> Result<()> {
+        match (table, &self.consumer_group) {
+            (Table::Outbox, Some(_)) => Err(Error::validation(
+                "consumer_group",
+                "outbox rows have no consumer group: a consumer group selects inbox rows",
+            )),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// A span of time: at or after `since` and before `until`, each when set.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TimeWindow {
+    /// At or after this time.
+    pub since: Option<Timestamp>,
+    /// Before this time.
+    pub until: Option<Timestamp>,
+}
+
+impl TimeWindow {
+    /// True when neither end is set (all time).
+    pub fn is_empty(&self) -> bool {
+        self.since.is_none() && self.until.is_none()
+    }
+}
+
+/// Which failures a filter takes: failed rows to requeue
+/// ([`RequeueFilter`]), or the dead letters kept of them
+/// ([`DeadLetterFilter`](super::dead_letters::DeadLetterFilter)). Every
+/// set field narrows.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct FailureSelector {
+    /// These events (dead letters: also the letters with these ids).
+    pub ids: Vec<Uuid>,
+    /// What the events are.
+    pub select: EventSelector,
+    /// Failures whose error contains this text.
+    pub error_contains: Option<String>,
+    /// When they failed: rows by their `updated_at`, letters by their
+    /// `dead_at`.
+    pub window: TimeWindow,
+}
+
+impl FailureSelector {
+    /// True when no selector is set.
+    pub fn is_empty(&self) -> bool {
+        self.ids.is_empty()
+            && self.select.is_empty()
+            && self.error_contains.is_none()
+            && self.window.is_empty()
+    }
+}
+
 /// Filters of [`EventStore::list`](super::EventStore::list). All set filters must match.
 #[derive(Debug, Clone, Default)]
 pub struct ListFilter {
     /// Only rows with this status.
     pub status: Option<EventStatus>,
-    /// Only this event type.
-    pub event_type: Option<String>,
-    /// Only this topic (outbox) or source (inbox).
-    pub topic: Option<String>,
-    /// Only this consumer group (inbox; the outbox has none, and refuses it).
-    pub consumer_group: Option<String>,
+    /// Only these events.
+    pub select: EventSelector,
     /// Only rows created at or after this time.
     pub since: Option<Timestamp>,
     /// Only rows after this `seq` (keyset paging).
@@ -434,20 +506,9 @@ pub struct ListFilter {
 /// At least one selector, or `all`, is required.
 #[derive(Debug, Clone, Default)]
 pub struct RequeueFilter {
-    /// These ids.
-    pub ids: Vec<Uuid>,
-    /// This event type.
-    pub event_type: Option<String>,
-    /// This topic (outbox) or source (inbox).
-    pub topic: Option<String>,
-    /// This consumer group (inbox; the outbox has none, and refuses it).
-    pub consumer_group: Option<String>,
-    /// Rows whose `last_error` contains this text.
-    pub error_contains: Option<String>,
-    /// Rows that failed at or after this time.
-    pub since: Option<Timestamp>,
-    /// Rows that failed before this time.
-    pub until: Option<Timestamp>,
+    /// The selectors: ids, event type, topic (outbox) or source (inbox),
+    /// consumer group, `last_error` text, and when the rows failed.
+    pub failures: FailureSelector,
     /// Every failed row (must be explicit).
     pub all: bool,
     /// Most rows to requeue.
@@ -457,13 +518,7 @@ pub struct RequeueFilter {
 impl RequeueFilter {
     /// True when no selector is set.
     pub fn selects_nothing(&self) -> bool {
-        self.ids.is_empty()
-            && self.event_type.is_none()
-            && self.topic.is_none()
-            && self.consumer_group.is_none()
-            && self.error_contains.is_none()
-            && self.since.is_none()
-            && self.until.is_none()
+        self.failures.is_empty()
     }
 
     /// Refuses a filter that selects nothing without asking for all rows,
@@ -479,24 +534,12 @@ impl RequeueFilter {
         if self.limit == Some(0) {
             return Err(Error::validation("limit", "must be at least 1"));
         }
-        check_consumer_group(table, self.consumer_group.as_deref())
+        self.failures.select.check(table)
     }
 }
 
 impl ListFilter {
     pub(crate) fn check(&self, table: Table) -> Result<()> {
-        check_consumer_group(table, self.consumer_group.as_deref())
-    }
-}
-
-/// A consumer group selects inbox rows only: the outbox refuses it rather
-/// than match nothing.
-fn check_consumer_group(table: Table, group: Option<&str>) -> Result<()> {
-    match (table, group) {
-        (Table::Outbox, Some(_)) => Err(Error::validation(
-            "consumer_group",
-            "outbox rows have no consumer group: a consumer group selects inbox rows",
-        )),
-        _ => Ok(()),
+        self.select.check(table)
     }
 }

@@ -444,7 +444,10 @@ pub(super) async fn requeue<S: OutboxStore>(store: &S) -> Check {
     );
     let back = call!(
         store.requeue_failed(&crate::store::RequeueFilter {
-            ids: vec![e.id()],
+            failures: crate::store::FailureSelector {
+                ids: vec![e.id()],
+                ..Default::default()
+            },
             ..Default::default()
         }),
         "requeue_failed"

@@ -3,7 +3,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use omnibox::store::{AnyStore, BulkOutcome, Created, ListFilter, RequeueFilter};
+use omnibox::store::{
+    AnyStore, BulkOutcome, Created, EventSelector, FailureSelector, ListFilter, RequeueFilter,
+    TimeWindow,
+};
 use omnibox::{
     ClaimOptions, DomainService, Error, EventStatus, EventStore, Failure, InboxStore,
     NewInboxEvent, NewOutboxEvent, OutboxEvent, OutboxStore, UnlockReason, WorkerId, time,
@@ -270,7 +273,10 @@ pub async fn list_filters_and_pages(db: &TestDb) {
     seed(db, &events).await;
     let payments = outbox
         .list(&ListFilter {
-            topic: Some("payments".into()),
+            select: EventSelector {
+                topic: Some("payments".into()),
+                ..Default::default()
+            },
             ..Default::default()
         })
         .await
@@ -279,7 +285,10 @@ pub async fn list_filters_and_pages(db: &TestDb) {
     assert!(payments.iter().all(|e| e.topic() == "payments"));
     let by_type = outbox
         .list(&ListFilter {
-            event_type: Some("order.created".into()),
+            select: EventSelector {
+                event_type: Some("order.created".into()),
+                ..Default::default()
+            },
             limit: Some(5),
             ..Default::default()
         })
@@ -288,7 +297,10 @@ pub async fn list_filters_and_pages(db: &TestDb) {
     assert_eq!(by_type.len(), 5);
     let next = outbox
         .list(&ListFilter {
-            event_type: Some("order.created".into()),
+            select: EventSelector {
+                event_type: Some("order.created".into()),
+                ..Default::default()
+            },
             limit: Some(100),
             after_seq: by_type.last().unwrap().seq(),
             ..Default::default()
@@ -975,7 +987,10 @@ pub async fn requeue_failed_by_filter(db: &TestDb) {
     assert!(matches!(err, Error::Validation { .. }));
     let by_id = outbox
         .requeue_failed(&RequeueFilter {
-            ids: vec![events[0].id()],
+            failures: FailureSelector {
+                ids: vec![events[0].id()],
+                ..Default::default()
+            },
             ..Default::default()
         })
         .await
@@ -988,7 +1003,13 @@ pub async fn requeue_failed_by_filter(db: &TestDb) {
     );
     let by_type = outbox
         .requeue_failed(&RequeueFilter {
-            event_type: Some("order.cancelled".into()),
+            failures: FailureSelector {
+                select: EventSelector {
+                    event_type: Some("order.cancelled".into()),
+                    ..Default::default()
+                },
+                ..Default::default()
+            },
             ..Default::default()
         })
         .await
@@ -996,7 +1017,10 @@ pub async fn requeue_failed_by_filter(db: &TestDb) {
     assert_eq!(by_type.len(), 2);
     let by_error = outbox
         .requeue_failed(&RequeueFilter {
-            error_contains: Some("timeout".into()),
+            failures: FailureSelector {
+                error_contains: Some("timeout".into()),
+                ..Default::default()
+            },
             ..Default::default()
         })
         .await
@@ -1009,7 +1033,13 @@ pub async fn requeue_failed_by_filter(db: &TestDb) {
     let future = time::now() + chrono::Duration::hours(1);
     let none = outbox
         .requeue_failed(&RequeueFilter {
-            since: Some(future),
+            failures: FailureSelector {
+                window: TimeWindow {
+                    since: Some(future),
+                    ..Default::default()
+                },
+                ..Default::default()
+            },
             ..Default::default()
         })
         .await
