@@ -2,7 +2,7 @@
 
 use anyhow::Result;
 use clap::Args;
-use omnibox::{Event, EventStore, Route, Table, time};
+use omnibox::{Event, EventStore, InboxRoute, OutboxRoute, Route, Table, time};
 use serde_json::json;
 use uuid::Uuid;
 
@@ -32,29 +32,37 @@ pub struct ShowArgs {
     table: Option<TableArg>,
 }
 
+/// A row's route fields, as `show` lists them after its event type: each
+/// field's name and how to read it.
+type RouteFields<R> = &'static [(&'static str, fn(&Event<R>) -> String)];
+
+/// An outbox row's route fields.
+const OUTBOX_ROUTE: RouteFields<OutboxRoute> = &[
+    ("aggregate type", |e| e.aggregate_type().to_string()),
+    ("aggregate id", |e| e.aggregate_id().to_string()),
+    ("topic", |e| e.topic().to_string()),
+    ("partition key", |e| e.partition_key().to_string()),
+];
+
+/// An inbox row's route fields.
+const INBOX_ROUTE: RouteFields<InboxRoute> = &[
+    ("message id", |e| e.message_id().to_string()),
+    ("consumer group", |e| e.consumer_group().to_string()),
+    ("source", |e| e.source().to_string()),
+];
+
 pub async fn run(args: ShowArgs, ctx: &Context) -> Result<ExitStatus> {
     let store = ctx.store().await?;
     let want = |t: Table| args.table.is_none_or(|a| Table::from(a) == t);
     if want(Table::Outbox)
         && let Some(e) = store.outbox().get(args.id).await?
     {
-        let route = vec![
-            ("aggregate type", e.aggregate_type().to_string()),
-            ("aggregate id", e.aggregate_id().to_string()),
-            ("topic", e.topic().to_string()),
-            ("partition key", e.partition_key().to_string()),
-        ];
-        return print(ctx, &e, route);
+        return print(ctx, &e, OUTBOX_ROUTE);
     }
     if want(Table::Inbox)
         && let Some(e) = store.inbox().get(args.id).await?
     {
-        let route = vec![
-            ("message id", e.message_id().to_string()),
-            ("consumer group", e.consumer_group().to_string()),
-            ("source", e.source().to_string()),
-        ];
-        return print(ctx, &e, route);
+        return print(ctx, &e, INBOX_ROUTE);
     }
     if args.table.is_none() {
         let letters = store
@@ -103,7 +111,7 @@ pub async fn run(args: ShowArgs, ctx: &Context) -> Result<ExitStatus> {
 fn print<R: Route + serde::Serialize>(
     ctx: &Context,
     e: &Event<R>,
-    route: Vec<(&'static str, String)>,
+    route: RouteFields<R>,
 ) -> Result<ExitStatus> {
     match ctx.format() {
         Format::Json => {
@@ -123,7 +131,7 @@ fn print<R: Route + serde::Serialize>(
                 ("status", e.status().to_string()),
                 ("event type", e.event_type().to_string()),
             ];
-            rows.extend(route);
+            rows.extend(route.iter().map(|(name, read)| (*name, read(e))));
             rows.extend([
                 (
                     "attempts",
