@@ -90,9 +90,14 @@ pub(crate) trait Dialect {
 }
 
 /// The [`Dialect`] functions whose bodies read the same for both
-/// backends, expanded in each impl (where the database is concrete).
+/// backends, expanded in each impl (where the database is concrete);
+/// `$backend` is the backend's module.
 macro_rules! runners {
-    () => {
+    ($backend:ident) => {
+        fn decode_letter(row: &RowOf<Self>) -> Result<DeadLetterRecord> {
+            super::$backend::letter::decode_letter(row)
+        }
+
         fn text(qb: &mut QueryBuilder<Self::Db>, v: String) {
             qb.push_bind(v);
         }
@@ -186,11 +191,7 @@ impl Dialect for Pg {
     const LETTER_GROUP: &'static str = "event->>'consumer_group'";
     const LETTER_COLUMNS: &'static str = "id, seq, origin, event_id, event_type, topic, attempts_made, error, event::text AS event, dead_at, replayed_at";
 
-    fn decode_letter(row: &sqlx::postgres::PgRow) -> Result<DeadLetterRecord> {
-        super::postgres::letter::decode_letter(row)
-    }
-
-    runners!();
+    runners!(postgres);
 }
 
 impl Pg {
@@ -238,11 +239,7 @@ impl Dialect for Lite {
     const LETTER_GROUP: &'static str = "json_extract(event, '$.consumer_group')";
     const LETTER_COLUMNS: &'static str = "id, seq, origin, event_id, event_type, topic, attempts_made, error, event, dead_at, replayed_at";
 
-    fn decode_letter(row: &sqlx::sqlite::SqliteRow) -> Result<DeadLetterRecord> {
-        super::sqlite::letter::decode_letter(row)
-    }
-
-    runners!();
+    runners!(sqlite);
 }
 
 impl Lite {
