@@ -147,8 +147,9 @@ pub use model::{
 pub use pipeline::{Outcome, ProcessorBuilder};
 pub use store::{
     AnyStore, BulkOutcome, Capabilities, Claim, ClaimOptions, ClaimToken, Created, EventConnection,
-    EventStore, FailReport, Failure, FetchFilters, InboxStore, ListFilter, MaintenanceStore,
-    OutboxStore, PgStore, RequeueFilter, SqliteStore, TableCounts, insert_inbox, insert_outbox,
+    EventSelector, EventStore, FailReport, Failure, FailureSelector, FetchFilters, InboxStore,
+    ListFilter, MaintenanceStore, OutboxStore, PgStore, RequeueFilter, SqliteStore, TableCounts,
+    TimeWindow, insert_inbox, insert_outbox,
 };
 
 /// What a service needs, in one import: `use omnibox::prelude::*;`.
