@@ -62,7 +62,7 @@ fn event(version: &str, payload: serde_json::Value) -> omnibox::Result<InboxEven
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let handled = Arc::new(Mutex::new(Vec::new()));
     let mut router = EventRouter::new();
-    router.on_handler("shop", "order.created", Some("2"), Ledger(handled.clone()))?;
+    router.on("shop", "order.created", Some("2"), Ledger(handled.clone()))?;
     // Version 1 had `total` in euros and no currency.
     router
         .registry_mut()

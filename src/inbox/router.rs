@@ -13,7 +13,6 @@
 //! 4. otherwise a counted failure that names what is missing.
 
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::future::Future;
 use std::sync::Arc;
 
 use serde_json::Value;
@@ -25,13 +24,28 @@ use crate::inbox::{Handler, HandlerContext};
 use crate::model::{InboxEvent, Payload};
 use crate::pipeline::Outcome;
 
-/// A registered handler, type-erased: any closure or `Handler` boxed to the one
-/// shape `dispatch` calls.
-type BoxHandler = Arc<
-    dyn for<'a, 'c> Fn(&'a InboxEvent, &'a mut HandlerContext<'c>) -> HandlerFuture<'a>
-        + Send
-        + Sync,
->;
+/// A registered [`Handler`], type-erased to the one shape `dispatch` calls:
+/// its future boxed by [`Handler::handle_boxed`] (a `tx_handler`'s future,
+/// boxed already, is not boxed twice).
+trait ErasedHandler: Send + Sync {
+    /// Runs the handler on `event`.
+    fn call<'a>(
+        &'a self,
+        event: &'a InboxEvent,
+        cx: &'a mut HandlerContext<'_>,
+    ) -> HandlerFuture<'a>;
+}
+
+impl<H: Handler> ErasedHandler for H {
+    fn call<'a>(
+        &'a self,
+        event: &'a InboxEvent,
+        cx: &'a mut HandlerContext<'_>,
+    ) -> HandlerFuture<'a> {
+        self.handle_boxed(event, cx)
+    }
+}
+
 /// A payload migration from one version to the next; `Err` carries the reason.
 type Migration = Arc<dyn Fn(Payload) -> Result<Payload, String> + Send + Sync>;
 /// Maps a source (topic) to the form routes are registered and looked up under.
@@ -241,7 +255,7 @@ impl SchemaRegistry {
 /// (`None`: any version).
 struct RouteEntry {
     version: Option<String>,
-    handler: BoxHandler,
+    handler: Box<dyn ErasedHandler>,
 }
 
 /// Routes inbox events to handlers. It is itself a [`Handler`], so it can be
@@ -292,75 +306,20 @@ impl EventRouter {
     }
 
     /// Routes events of `source` (`*` for any) and `event_type`, of
-    /// `version` (a version prefix, or `None` for any version), to a
-    /// closure of the event. A second handler for the same `(source,
-    /// event_type, version)` is an error
+    /// `version` (a version prefix, or `None` for any version), to any
+    /// [`Handler`]: a closure of the event (returning an [`Outcome`], `()`
+    /// or a `Result`), a [`tx_handler`](crate::inbox::tx_handler) closure
+    /// that also takes the [`HandlerContext`] (writes in the inbox's
+    /// transaction, dependencies), or a struct implementing the trait (the
+    /// reference's `register_class` / `register_instance`). A second handler
+    /// for the same `(source, event_type, version)` is an error
     /// ([`Error::HandlerAlreadyRegistered`]), not a silent override.
-    pub fn on<F, Fut>(
-        &mut self,
-        source: &str,
-        event_type: &str,
-        version: Option<&str>,
-        handler: F,
-    ) -> Result<&mut Self, Error>
-    where
-        F: Fn(InboxEvent) -> Fut + Send + Sync + 'static,
-        Fut: Future<Output = Outcome> + Send + 'static,
-    {
-        let handler: BoxHandler = Arc::new(
-            move |e: &InboxEvent, _cx: &mut HandlerContext<'_>| -> HandlerFuture<'_> {
-                Box::pin(handler(e.clone()))
-            },
-        );
-        self.add(source, event_type, version, handler)
-    }
-
-    /// As [`on`](Self::on), for a closure that also takes the
-    /// [`HandlerContext`] (writes in the inbox's transaction, dependencies);
-    /// see [`tx_handler`](crate::inbox::tx_handler) for its shape.
-    pub fn on_tx<F>(
-        &mut self,
-        source: &str,
-        event_type: &str,
-        version: Option<&str>,
-        handler: F,
-    ) -> Result<&mut Self, Error>
-    where
-        F: for<'a, 'c> Fn(&'a InboxEvent, &'a mut HandlerContext<'c>) -> HandlerFuture<'a>
-            + Send
-            + Sync
-            + 'static,
-    {
-        self.add(source, event_type, version, Arc::new(handler))
-    }
-
-    /// As [`on`](Self::on), for any [`Handler`] (a struct implementing the
-    /// trait: the reference's `register_class` / `register_instance`).
-    pub fn on_handler<H: Handler>(
+    pub fn on<H: Handler>(
         &mut self,
         source: &str,
         event_type: &str,
         version: Option<&str>,
         handler: H,
-    ) -> Result<&mut Self, Error> {
-        let handler = Arc::new(handler);
-        let boxed: BoxHandler = Arc::new(
-            move |e: &InboxEvent, cx: &mut HandlerContext<'_>| -> HandlerFuture<'_> {
-                let h = handler.clone();
-                Box::pin(async move { h.handle(e, cx).await })
-            },
-        );
-        self.add(source, event_type, version, boxed)
-    }
-
-    /// Registers `handler` under the normalized `source`; a second handler for the same
-    /// `(source, event_type, version)` is `Error::HandlerAlreadyRegistered`.
-    fn add(
-        &mut self,
-        source: &str,
-        event_type: &str,
-        version: Option<&str>,
-        handler: BoxHandler,
     ) -> Result<&mut Self, Error> {
         let source = self.normalize_topic(source);
         let entries = self
@@ -376,7 +335,7 @@ impl EventRouter {
         }
         entries.push(RouteEntry {
             version: version.map(str::to_string),
-            handler,
+            handler: Box::new(handler),
         });
         Ok(self)
     }
@@ -427,7 +386,7 @@ impl EventRouter {
                 .filter(|e| e.version.as_deref().is_some_and(|p| version_covers(p, v)))
                 .max_by_key(|e| e.version.as_deref().map_or(0, |p| p.split('.').count()));
             if let Some(e) = exact {
-                return (e.handler)(event, cx).await;
+                return e.handler.call(event, cx).await;
             }
             let targets: Vec<&str> = entries
                 .iter()
@@ -447,7 +406,7 @@ impl EventRouter {
                             .iter()
                             .find(|x| x.version.as_deref() == Some(target.as_str()))
                             .expect("the target has a handler");
-                        (entry.handler)(&e, cx).await
+                        entry.handler.call(&e, cx).await
                     }
                     Err(why) => Outcome::Failed {
                         error: format!(
@@ -460,7 +419,7 @@ impl EventRouter {
             }
         }
         if let Some(e) = entries.iter().find(|e| e.version.is_none()) {
-            return (e.handler)(event, cx).await;
+            return e.handler.call(event, cx).await;
         }
         let known: Vec<String> = entries.iter().filter_map(|e| e.version.clone()).collect();
         Outcome::Failed {

@@ -51,6 +51,17 @@ pub trait Handler: Send + Sync + 'static {
     fn in_transaction(&self) -> bool {
         true
     }
+
+    /// [`handle`](Self::handle)'s future, boxed, for a caller that holds
+    /// handlers of different types (the [`EventRouter`](super::router::EventRouter)).
+    /// A handler whose future is boxed already returns it as it is.
+    fn handle_boxed<'a>(
+        &'a self,
+        event: &'a InboxEvent,
+        cx: &'a mut HandlerContext<'_>,
+    ) -> HandlerFuture<'a> {
+        Box::pin(self.handle(event, cx))
+    }
 }
 
 impl<F, Fut> Handler for F
@@ -119,6 +130,15 @@ where
     /// Calls the closure with the event and the context.
     async fn handle(&self, event: &InboxEvent, cx: &mut HandlerContext<'_>) -> Outcome {
         (self.0)(event, cx).await
+    }
+
+    /// The closure's own boxed future.
+    fn handle_boxed<'a>(
+        &'a self,
+        event: &'a InboxEvent,
+        cx: &'a mut HandlerContext<'_>,
+    ) -> HandlerFuture<'a> {
+        (self.0)(event, cx)
     }
 }
 

@@ -167,15 +167,20 @@ async fn registration_rules_and_lookups() {
         }
     }
     router
-        .on_handler("billing", "refund.issued", None, Refunds)
+        .on("billing", "refund.issued", None, Refunds)
         .unwrap();
     router
-        .on_tx("*", "ping", None, |_, cx| {
-            Box::pin(async move {
-                assert!(cx.tx().await.is_err(), "no transaction here");
-                Outcome::Completed
-            })
-        })
+        .on(
+            "*",
+            "ping",
+            None,
+            crate::inbox::tx_handler(|_, cx| {
+                Box::pin(async move {
+                    assert!(cx.tx().await.is_err(), "no transaction here");
+                    Outcome::Completed
+                })
+            }),
+        )
         .unwrap();
     assert_eq!(router.topics(), vec!["*", "billing", "shop"]);
     assert_eq!(
