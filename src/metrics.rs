@@ -14,7 +14,7 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
-use prometheus_client::registry::Registry;
+use prometheus_client::registry::{Metric, Registry};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::error::{Error, Result};
@@ -98,6 +98,28 @@ pub struct CounterLabels {
     pub name: String,
 }
 
+/// Registers `metric` in `registry` as `name` with `help`, and gives it back
+/// (a metric is a handle: the registered copy shares its values).
+fn add<M: Metric + Clone>(registry: &mut Registry, name: &str, help: &str, metric: M) -> M {
+    registry.register(name, help, metric.clone());
+    metric
+}
+
+/// Buckets of `batch_size`: 1 to 4^7 rows, by factors of 4.
+fn batch_rows() -> Histogram {
+    Histogram::new(exponential_buckets(1.0, 4.0, 8))
+}
+
+/// Buckets of `batch_latency_seconds`: 1 ms to about 33 s, doubling.
+fn batch_seconds() -> Histogram {
+    Histogram::new(exponential_buckets(0.001, 2.0, 16))
+}
+
+/// Buckets of `handler_duration_seconds`: 0.5 ms to about 66 s, doubling.
+fn handler_seconds() -> Histogram {
+    Histogram::new(exponential_buckets(0.0005, 2.0, 18))
+}
+
 impl Default for Metrics {
     /// A fresh registry, as `Metrics::new`.
     fn default() -> Self {
@@ -109,130 +131,113 @@ impl Metrics {
     /// A registry with every family registered under the `omnibox_` prefix.
     pub fn new() -> Self {
         let mut registry = Registry::with_prefix("omnibox");
-        let completed = Family::<EventLabels, Counter>::default();
-        let skipped = Family::<EventLabels, Counter>::default();
-        let failed = Family::<FailureLabels, Counter>::default();
-        let released = Family::<TableLabels, Counter>::default();
-        let lease_lost = Family::<TableLabels, Counter>::default();
-        let commit_failed = Family::<TableLabels, Counter>::default();
-        let batch_size = Family::<TableLabels, Histogram>::new_with_constructor(|| {
-            Histogram::new(exponential_buckets(1.0, 4.0, 8))
-        });
-        let batch_latency = Family::<TableLabels, Histogram>::new_with_constructor(|| {
-            Histogram::new(exponential_buckets(0.001, 2.0, 16))
-        });
-        let lag_seconds =
-            Family::<TableLabels, Gauge<f64, std::sync::atomic::AtomicU64>>::default();
-        let counters = Family::<CounterLabels, Counter>::default();
-        let stale_locks = Family::<TableLabels, Gauge>::default();
-        let dead_letters_open = Family::<TableLabels, Gauge>::default();
-        let locked_batch_size = Family::<TableLabels, Gauge>::default();
-        let handler_duration = Family::<EventLabels, Histogram>::new_with_constructor(|| {
-            Histogram::new(exponential_buckets(0.0005, 2.0, 18))
-        });
-        registry.register(
-            "locked_batch_size",
-            "Rows of the last batch written (the rows its claim locked)",
-            locked_batch_size.clone(),
-        );
-        let wal_rows = Counter::default();
-        let wal_keys_waiting = Gauge::default();
-        let wal_confirmed_lsn = Gauge::<f64, std::sync::atomic::AtomicU64>::default();
-        registry.register(
-            "wal_rows",
-            "Outbox rows the replication stream reported inserted (publish --source wal)",
-            wal_rows.clone(),
-        );
-        registry.register(
-            "wal_keys_waiting",
-            "Keys the replication stream reported that no claim has walked yet (publish --source wal)",
-            wal_keys_waiting.clone(),
-        );
-        registry.register(
-            "wal_confirmed_lsn",
-            "The position confirmed to the replication slot, as a number (publish --source wal)",
-            wal_confirmed_lsn.clone(),
-        );
-        registry.register(
-            "handler_duration_seconds",
-            "Time one handler took on one event",
-            handler_duration.clone(),
-        );
-        registry.register(
-            "dead_letters_open",
-            "Dead letters kept in the database and not replayed yet",
-            dead_letters_open.clone(),
-        );
-        registry.register(
-            "stale_locks",
-            "Locked rows whose lease ran out (their worker stopped)",
-            stale_locks.clone(),
-        );
-        registry.register(
-            "events_completed",
-            "Events published or processed",
-            completed.clone(),
-        );
-        registry.register(
-            "events_skipped",
-            "Events a handler chose not to process",
-            skipped.clone(),
-        );
-        registry.register(
-            "events_failed",
-            "Failed attempts by kind (counted, transient, dead)",
-            failed.clone(),
-        );
-        registry.register(
-            "events_released",
-            "Events released untried",
-            released.clone(),
-        );
-        registry.register(
-            "lease_lost",
-            "Rows whose lease was lost before the result was written",
-            lease_lost.clone(),
-        );
-        registry.register(
-            "commit_failed",
-            "Result writes that failed after every retry",
-            commit_failed.clone(),
-        );
-        registry.register("batch_size", "Rows per claimed batch", batch_size.clone());
-        registry.register(
-            "batch_latency_seconds",
-            "Time to publish or handle a batch",
-            batch_latency.clone(),
-        );
-        registry.register(
-            "lag_seconds",
-            "Age of the oldest due event when claimed",
-            lag_seconds.clone(),
-        );
-        registry.register(
-            "component",
-            "Counters of the inbox consumer and other components",
-            counters.clone(),
-        );
+        let r = &mut registry;
+        // Each metric once: its field, its name and help, its buckets; in the
+        // order the scrape lists them.
         Metrics {
+            locked_batch_size: add(
+                r,
+                "locked_batch_size",
+                "Rows of the last batch written (the rows its claim locked)",
+                Family::default(),
+            ),
+            wal_rows: add(
+                r,
+                "wal_rows",
+                "Outbox rows the replication stream reported inserted (publish --source wal)",
+                Counter::default(),
+            ),
+            wal_keys_waiting: add(
+                r,
+                "wal_keys_waiting",
+                "Keys the replication stream reported that no claim has walked yet (publish --source wal)",
+                Gauge::default(),
+            ),
+            wal_confirmed_lsn: add(
+                r,
+                "wal_confirmed_lsn",
+                "The position confirmed to the replication slot, as a number (publish --source wal)",
+                Gauge::default(),
+            ),
+            handler_duration: add(
+                r,
+                "handler_duration_seconds",
+                "Time one handler took on one event",
+                Family::new_with_constructor(handler_seconds),
+            ),
+            dead_letters_open: add(
+                r,
+                "dead_letters_open",
+                "Dead letters kept in the database and not replayed yet",
+                Family::default(),
+            ),
+            stale_locks: add(
+                r,
+                "stale_locks",
+                "Locked rows whose lease ran out (their worker stopped)",
+                Family::default(),
+            ),
+            completed: add(
+                r,
+                "events_completed",
+                "Events published or processed",
+                Family::default(),
+            ),
+            skipped: add(
+                r,
+                "events_skipped",
+                "Events a handler chose not to process",
+                Family::default(),
+            ),
+            failed: add(
+                r,
+                "events_failed",
+                "Failed attempts by kind (counted, transient, dead)",
+                Family::default(),
+            ),
+            released: add(
+                r,
+                "events_released",
+                "Events released untried",
+                Family::default(),
+            ),
+            lease_lost: add(
+                r,
+                "lease_lost",
+                "Rows whose lease was lost before the result was written",
+                Family::default(),
+            ),
+            commit_failed: add(
+                r,
+                "commit_failed",
+                "Result writes that failed after every retry",
+                Family::default(),
+            ),
+            batch_size: add(
+                r,
+                "batch_size",
+                "Rows per claimed batch",
+                Family::new_with_constructor(batch_rows),
+            ),
+            batch_latency: add(
+                r,
+                "batch_latency_seconds",
+                "Time to publish or handle a batch",
+                Family::new_with_constructor(batch_seconds),
+            ),
+            lag_seconds: add(
+                r,
+                "lag_seconds",
+                "Age of the oldest due event when claimed",
+                Family::default(),
+            ),
+            counters: add(
+                r,
+                "component",
+                "Counters of the inbox consumer and other components",
+                Family::default(),
+            ),
             registry,
-            completed,
-            skipped,
-            failed,
-            released,
-            lease_lost,
-            commit_failed,
-            batch_size,
-            batch_latency,
-            lag_seconds,
-            counters,
-            stale_locks,
-            dead_letters_open,
-            locked_batch_size,
-            handler_duration,
-            wal_rows,
-            wal_keys_waiting,
-            wal_confirmed_lsn,
         }
     }
 
