@@ -45,6 +45,8 @@ where
             claimed: claim.events.len(),
             ..BatchReport::default()
         };
+        // Rows to complete now: completed or skipped (a `Committed` row was
+        // completed in its handler's transaction).
         let mut done = Vec::new();
         // Completed by the handler or written by it, in claim order.
         let mut completed = Vec::new();
@@ -56,19 +58,16 @@ where
         // a retry) and may stay pending: warned about once written.
         let mut retrying: HashSet<Uuid> = HashSet::new();
         for (event, outcome) in claim.events.iter().zip(outcomes) {
+            if matches!(outcome, Outcome::Completed | Outcome::Skipped) {
+                done.push(event.id());
+            }
             match outcome {
-                Outcome::Completed => {
-                    report.completed += 1;
-                    done.push(event.id());
-                    completed.push(event.id());
-                }
-                Outcome::Committed => {
+                Outcome::Completed | Outcome::Committed => {
                     report.completed += 1;
                     completed.push(event.id());
                 }
                 Outcome::Skipped => {
                     report.skipped += 1;
-                    done.push(event.id());
                     skipped.push(event.id());
                 }
                 Outcome::Released => {
