@@ -512,4 +512,6 @@ pub fn inbox_event_id(consumer_group: &str, message_id: &str) -> Uuid {
 }
 
 #[cfg(test)]
+pub(crate) mod testing;
+#[cfg(test)]
 mod tests;

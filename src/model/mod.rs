@@ -5,8 +5,6 @@ mod event;
 mod new_event;
 mod state;
 mod status;
-#[cfg(test)]
-pub(crate) mod testing;
 pub(crate) use event::ClockDefault;
 #[doc(hidden)]
 pub mod input;

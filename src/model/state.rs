@@ -162,7 +162,7 @@ mod tests {
             Err(_) => (0..2000).collect(),
         };
         let created = time::truncate(time::now());
-        let base = crate::model::testing::order_created(
+        let base = crate::domain::testing::order_created(
             uuid::Uuid::nil(),
             "k",
             serde_json::json!({"n": 1}),

@@ -17,7 +17,7 @@ fn header_values_that_are_not_strings_keep_their_json_text() {
         assert!(headers_from_json(bad).unwrap_err().contains("JSON object"));
     }
 }
-use crate::model::testing;
+use crate::domain::testing;
 
 fn copy() -> Value {
     let e = testing::order_created(Uuid::now_v7(), "k1", json!({"total": 12.5}));

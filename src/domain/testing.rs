@@ -4,8 +4,8 @@
 use serde_json::Value;
 use uuid::Uuid;
 
-use super::{NewOutboxEvent, OutboxEvent};
-use crate::domain::DomainService;
+use super::DomainService;
+use crate::model::{NewOutboxEvent, OutboxEvent};
 
 /// A valid `order.created` event of order `aggregate_id` for topic `orders`,
 /// with key `key` and `payload`.
