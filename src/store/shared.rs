@@ -7,6 +7,7 @@
 //! methods whose bodies are the same.
 
 use crate::error::{Result, storage};
+use crate::model::Table;
 use crate::store::audit::AuditEntry;
 use crate::store::dialect::Dialect;
 
@@ -121,6 +122,26 @@ where
 {
     let rows = q.fetch_all(executor).await.map_err(storage)?;
     rows.iter().map(decode).collect()
+}
+
+/// Reads a row's first column as text (for [`fetch_decoded`]).
+pub(crate) fn text_at_0<R: sqlx::Row>(row: &R) -> Result<String>
+where
+    usize: sqlx::ColumnIndex<R>,
+    for<'a> String: sqlx::Decode<'a, R::Database> + sqlx::Type<R::Database>,
+{
+    row.try_get(0).map_err(storage)
+}
+
+/// An operator's unlock of the rows of `table` that `rows` selects,
+/// returning their ids: each keeps its `last_error`, or gets the one bound
+/// as `error` (a parameter); `now` is the current time.
+pub(crate) fn unlock_sql(table: Table, error: &str, now: &str, rows: &str) -> String {
+    let t = table.sql_name();
+    format!(
+        "UPDATE {t} SET locked_at = NULL, locked_by = NULL, locked_until = NULL, \
+         last_error = COALESCE(last_error, {error}), updated_at = {now} WHERE {rows} RETURNING id"
+    )
 }
 
 /// Records `entry` on `conn` by `sql`, the backend's insert of an audit

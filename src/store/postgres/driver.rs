@@ -16,7 +16,7 @@ use crate::store::diagnostics::{
 };
 use crate::store::dialect::{Dialect, Pg};
 use crate::store::driver::{Driver, FeatureTx, Retention};
-use crate::store::shared::{self, FeatureTxOf, fetch_decoded};
+use crate::store::shared::{self, FeatureTxOf, fetch_decoded, text_at_0};
 
 /// A write transaction for the features.
 pub(crate) type PgFeatureTx = FeatureTxOf<Pg>;
@@ -207,13 +207,10 @@ impl Driver for PgStore {
     }
 
     async fn pending_topics(&self, limit: i64) -> Result<Vec<String>> {
-        sqlx::query_scalar(
+        let q = sqlx::query(
             "SELECT DISTINCT topic::text FROM outbox_events WHERE status = 'pending' LIMIT $1",
-        )
-        .bind(limit)
-        .fetch_all(self.pool())
-        .await
-        .map_err(storage)
+        );
+        fetch_decoded(self.pool(), q.bind(limit), text_at_0).await
     }
 
     async fn replication_slots(&self) -> Result<Vec<ReplicationSlot>> {
@@ -262,43 +259,30 @@ impl FeatureTx for PgFeatureTx {
         table: Table,
         change: AuditedChange<'_>,
     ) -> Result<Vec<Uuid>> {
-        let t = table.sql_name();
-        let conn: &mut PgConnection = &mut self.tx;
-        match change {
-            AuditedChange::UnlockOne { id, holder, reason } => sqlx::query_scalar(
-                sqlx::AssertSqlSafe(format!(
-                    "UPDATE {t} SET locked_at = NULL, locked_by = NULL, locked_until = NULL, \
-                     last_error = COALESCE(last_error, $2), updated_at = now() WHERE id = $1 AND locked_by = $3 RETURNING id"
-                )),
-            )
-            .bind(id)
-            .bind(reason.last_error())
-            .bind(holder)
-            .fetch_all(conn)
-            .await,
-            AuditedChange::UnlockWorker { worker, reason } => sqlx::query_scalar(
-                sqlx::AssertSqlSafe(format!(
-                    "UPDATE {t} SET locked_at = NULL, locked_by = NULL, locked_until = NULL, \
-                     last_error = COALESCE(last_error, $2), updated_at = now() WHERE locked_by = $1 RETURNING id"
-                )),
-            )
-            .bind(worker)
-            .bind(reason.last_error())
-            .fetch_all(conn)
-            .await,
+        let q = match change {
+            AuditedChange::UnlockOne { id, holder, reason } => {
+                sqlx::query_scalar(unlock(table, "id = $1 AND locked_by = $3"))
+                    .bind(id)
+                    .bind(reason.last_error())
+                    .bind(holder)
+            }
+            AuditedChange::UnlockWorker { worker, reason } => {
+                sqlx::query_scalar(unlock(table, "locked_by = $1"))
+                    .bind(worker)
+                    .bind(reason.last_error())
+            }
             AuditedChange::Requeue { ids } => return self.requeue_failed(table, ids).await,
-            AuditedChange::RetryNow { ids } => sqlx::query_scalar(
-                sqlx::AssertSqlSafe(format!(
+            AuditedChange::RetryNow { ids } => {
+                let t = table.sql_name();
+                sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
                     "UPDATE {t} SET scheduled_at = now(), updated_at = now() \
                      WHERE id = ANY($1) AND status = 'pending' AND locked_at IS NULL \
                      AND scheduled_at > now() RETURNING id"
-                )),
-            )
-            .bind(ids)
-            .fetch_all(conn)
-            .await,
-        }
-        .map_err(storage)
+                )))
+                .bind(ids)
+            }
+        };
+        q.fetch_all(&mut *self.tx).await.map_err(storage)
     }
 
     async fn mark_replayed(&mut self, table: Table, events: &[Uuid]) -> Result<()> {
@@ -339,6 +323,12 @@ impl FeatureTx for PgFeatureTx {
     }
 
     shared::feature_tx_common!(Pg);
+}
+
+/// An operator's unlock of the rows of `table` that `rows` selects ($2: the
+/// error a row without one gets).
+fn unlock(table: Table, rows: &str) -> sqlx::AssertSqlSafe<String> {
+    sqlx::AssertSqlSafe(shared::unlock_sql(table, "$2", "now()", rows))
 }
 
 /// Marks the open letters of `events` (rows of `table` just requeued)

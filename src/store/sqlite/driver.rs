@@ -16,7 +16,7 @@ use crate::store::dead_letters::{DeadLetterRecord, NewLetter};
 use crate::store::diagnostics::{ClaimPlan, ReplicationSlot, Statistics, TableHealth};
 use crate::store::dialect::{Dialect, Lite};
 use crate::store::driver::{Driver, FeatureTx, Retention};
-use crate::store::shared::{self, FeatureTxOf, fetch_decoded};
+use crate::store::shared::{self, FeatureTxOf, fetch_decoded, text_at_0};
 
 /// A write transaction for the features, with its time.
 pub(crate) type SqliteFeatureTx = FeatureTxOf<Lite>;
@@ -151,13 +151,10 @@ impl Driver for SqliteStore {
     }
 
     async fn pending_topics(&self, limit: i64) -> Result<Vec<String>> {
-        sqlx::query_scalar(
+        let q = sqlx::query(
             "SELECT DISTINCT topic FROM outbox_events WHERE status = 'pending' LIMIT ?1",
-        )
-        .bind(limit)
-        .fetch_all(self.pool())
-        .await
-        .map_err(storage)
+        );
+        fetch_decoded(self.pool(), q.bind(limit), text_at_0).await
     }
 }
 
@@ -173,47 +170,35 @@ impl FeatureTx for SqliteFeatureTx {
         table: Table,
         change: AuditedChange<'_>,
     ) -> Result<Vec<Uuid>> {
-        let t = table.sql_name();
-        let now = &self.now;
-        let conn: &mut SqliteConnection = &mut self.tx;
-        let rows: Vec<String> = match change {
-            AuditedChange::UnlockOne { id, holder, reason } => sqlx::query_scalar(
-                sqlx::AssertSqlSafe(format!(
-                    "UPDATE {t} SET locked_at = NULL, locked_by = NULL, locked_until = NULL, \
-                     last_error = COALESCE(last_error, ?2), updated_at = ?4 WHERE id = ?1 AND locked_by = ?3 RETURNING id"
-                )),
-            )
-            .bind(id.to_string())
-            .bind(reason.last_error())
-            .bind(holder)
-            .bind(now)
-            .fetch_all(conn)
-            .await,
-            AuditedChange::UnlockWorker { worker, reason } => sqlx::query_scalar(
-                sqlx::AssertSqlSafe(format!(
-                    "UPDATE {t} SET locked_at = NULL, locked_by = NULL, locked_until = NULL, \
-                     last_error = COALESCE(last_error, ?2), updated_at = ?3 WHERE locked_by = ?1 RETURNING id"
-                )),
-            )
-            .bind(worker)
-            .bind(reason.last_error())
-            .bind(now)
-            .fetch_all(conn)
-            .await,
+        // The current time is the last parameter of each.
+        let q = match change {
+            AuditedChange::UnlockOne { id, holder, reason } => {
+                sqlx::query_scalar(unlock(table, "?4", "id = ?1 AND locked_by = ?3"))
+                    .bind(id.to_string())
+                    .bind(reason.last_error())
+                    .bind(holder)
+            }
+            AuditedChange::UnlockWorker { worker, reason } => {
+                sqlx::query_scalar(unlock(table, "?3", "locked_by = ?1"))
+                    .bind(worker)
+                    .bind(reason.last_error())
+            }
             AuditedChange::Requeue { ids } => return self.requeue_failed(table, ids).await,
-            AuditedChange::RetryNow { ids } => sqlx::query_scalar(
-                sqlx::AssertSqlSafe(format!(
+            AuditedChange::RetryNow { ids } => {
+                let t = table.sql_name();
+                sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
                     "UPDATE {t} SET scheduled_at = ?2, updated_at = ?2 \
                      WHERE id IN (SELECT value FROM json_each(?1)) AND status = 'pending' \
                      AND locked_at IS NULL AND scheduled_at > ?2 RETURNING id"
-                )),
-            )
-            .bind(id_array(ids))
-            .bind(now)
-            .fetch_all(conn)
-            .await,
-        }
-        .map_err(storage)?;
+                )))
+                .bind(id_array(ids))
+            }
+        };
+        let rows: Vec<String> = q
+            .bind(&self.now)
+            .fetch_all(&mut *self.tx)
+            .await
+            .map_err(storage)?;
         parse_ids(&rows)
     }
 
@@ -263,6 +248,12 @@ impl FeatureTx for SqliteFeatureTx {
     }
 
     shared::feature_tx_common!(Lite);
+}
+
+/// An operator's unlock of the rows of `table` that `rows` selects, at the
+/// time `now` (?2: the error a row without one gets).
+fn unlock(table: Table, now: &str, rows: &str) -> sqlx::AssertSqlSafe<String> {
+    sqlx::AssertSqlSafe(shared::unlock_sql(table, "?2", now, rows))
 }
 
 /// Marks the open letters of `events` (rows of `table` just requeued)
