@@ -10,6 +10,7 @@ use crate::error::{Result, storage};
 use crate::model::Table;
 use crate::store::audit::AuditEntry;
 use crate::store::dialect::Dialect;
+use crate::store::table::TableSql;
 
 /// A row that can be handed out now (`$a` the table alias, `$now` the
 /// current time): due, and unlocked or its lease passed. Used by every
@@ -92,7 +93,37 @@ macro_rules! table_sql {
     };
 }
 
-pub(crate) use {active, counts, ready, table_sql};
+/// Implements a backend's sealed route trait `$trait` (rows `$row`,
+/// errors `$err`) for each route: `decode_route` reads each field from the
+/// column of its name, with `$get` or the field's own reader.
+macro_rules! route_columns {
+    (@get $get:path) => { $get };
+    (@get $get:path, $own:path) => { $own };
+    ($trait:ident($row:ty, $err:ty), $get:path:
+     $($route:ident { $($field:ident $(: $own:path)?),* })*) => {
+        $(impl $trait for $route {
+            fn decode_route(row: &$row) -> Result<Self, $err> {
+                Ok($route {
+                    $($field: $crate::store::shared::route_columns!(@get $get $(, $own)?)(row, stringify!($field))?,)*
+                })
+            }
+        })*
+    };
+}
+
+pub(crate) use {active, counts, ready, route_columns, table_sql};
+
+/// The statements of `table`: `outbox`'s or `inbox`'s.
+pub(crate) fn of_table(
+    table: Table,
+    outbox: &'static TableSql,
+    inbox: &'static TableSql,
+) -> &'static TableSql {
+    match table {
+        Table::Outbox => outbox,
+        Table::Inbox => inbox,
+    }
+}
 
 /// Runs the prepared statement `q` on `conn`; returns its result (rows
 /// changed).

@@ -230,6 +230,8 @@ pub(crate) trait TableBackend: Pooled + Clone + Send + Sync + 'static {
     type R: TableOf<Self::D>;
     /// The backend's dialect.
     type D: Dialect<Db = <Self as Pooled>::Db>;
+    /// True when the claim keeps per-key order (the outbox).
+    const KEY_ORDER: bool = matches!(<Self::R as Route>::TABLE, Table::Outbox);
     /// The table's statements.
     fn sql() -> &'static TableSql {
         <Self::R as TableOf<Self::D>>::sql()

@@ -25,6 +25,7 @@ use sqlx::{ConnectOptions, Connection, Row};
 use super::dialect::Pg;
 use super::migrate::{self, MigrationReport, MigrationScript};
 use super::redact_url;
+use super::shared;
 use crate::error::{Error, Result, storage};
 use crate::model::{Event, EventStatus, InboxRoute, OutboxRoute, Payload};
 
@@ -416,51 +417,23 @@ pub type PgTable<R> = crate::store::table::StoreTable<sqlx::Postgres, R>;
 mod sealed {
     use sqlx::postgres::PgRow;
 
-    /// Per-table SQL and decoding; implemented for the two routes only.
+    /// Per-table decoding; implemented for the two routes only.
     pub trait PgRoute: crate::model::Route + Sized {
-        /// The table's statements.
-        fn sql() -> &'static super::sql::TableSql;
         /// Reads the routing columns.
         fn decode_route(row: &PgRow) -> Result<Self, sqlx::Error>;
-        /// True when the claim keeps per-key order (the outbox).
-        const KEY_ORDER: bool;
     }
 }
 
 pub use sealed::PgRoute;
 
-impl PgRoute for OutboxRoute {
-    const KEY_ORDER: bool = true;
-    fn sql() -> &'static sql::TableSql {
-        &sql::OUTBOX
-    }
-    fn decode_route(row: &PgRow) -> Result<Self, sqlx::Error> {
-        Ok(OutboxRoute {
-            aggregate_type: row.try_get("aggregate_type")?,
-            aggregate_id: row.try_get("aggregate_id")?,
-            topic: row.try_get("topic")?,
-            partition_key: row.try_get("partition_key")?,
-        })
-    }
-}
+shared::route_columns!(PgRoute(PgRow, sqlx::Error), PgRow::try_get:
+    OutboxRoute { aggregate_type, aggregate_id, topic, partition_key }
+    InboxRoute { message_id, consumer_group, source }
+);
 
-impl PgRoute for InboxRoute {
-    const KEY_ORDER: bool = false;
+impl<R: PgRoute> crate::store::table::TableOf<Pg> for R {
     fn sql() -> &'static sql::TableSql {
-        &sql::INBOX
-    }
-    fn decode_route(row: &PgRow) -> Result<Self, sqlx::Error> {
-        Ok(InboxRoute {
-            message_id: row.try_get("message_id")?,
-            consumer_group: row.try_get("consumer_group")?,
-            source: row.try_get("source")?,
-        })
-    }
-}
-
-impl<R: PgRoute> crate::store::table::TableOf<crate::store::dialect::Pg> for R {
-    fn sql() -> &'static sql::TableSql {
-        <R as PgRoute>::sql()
+        shared::of_table(R::TABLE, &sql::OUTBOX, &sql::INBOX)
     }
     fn decode(row: &PgRow) -> Result<Event<R>> {
         decode(row)

@@ -21,7 +21,7 @@ impl<R: PgRoute> TableBackend for PgTable<R> {
     type D = Pg;
 
     async fn count_rows(&self) -> Result<TableCounts> {
-        let row = sqlx::query(R::sql().counts)
+        let row = sqlx::query(Self::sql().counts)
             .fetch_one(&self.pool)
             .await
             .map_err(storage)?;
@@ -34,10 +34,10 @@ impl<R: PgRoute> TableBackend for PgTable<R> {
     }
 
     async fn claim_rows(&self, opts: &ClaimOptions) -> Result<Claim<R>> {
-        if R::KEY_ORDER {
+        if Self::KEY_ORDER {
             return self.claim_in_key_order(opts).await;
         }
-        let rows = sqlx::query(R::sql().claim)
+        let rows = sqlx::query(Self::sql().claim)
             .bind(crate::store::secs(opts.lease))
             .bind(i64::from(opts.limit))
             .bind(opts.worker.as_str())
@@ -52,8 +52,8 @@ impl<R: PgRoute> TableBackend for PgTable<R> {
     }
 
     async fn claimable(&self, filters: &FetchFilters) -> Result<bool> {
-        let q = sqlx::query_scalar(R::sql().claimable_exists);
-        let q = if R::KEY_ORDER {
+        let q = sqlx::query_scalar(Self::sql().claimable_exists);
+        let q = if Self::KEY_ORDER {
             q.bind(FetchFilters::pg(&filters.topics))
         } else {
             q.bind(FetchFilters::pg(&filters.sources))
@@ -73,8 +73,8 @@ impl<R: PgRoute> TableBackend for PgTable<R> {
         ids: &[Uuid],
         lease: Option<Duration>,
     ) -> Result<Vec<Uuid>> {
-        if R::KEY_ORDER && self.held.holds(token) {
-            let sqls = R::sql();
+        if Self::KEY_ORDER && self.held.holds(token) {
+            let sqls = Self::sql();
             let held = if sql == sqls.complete {
                 self.complete_held(token, ids).await?
             } else if sql == sqls.extend_lease {
@@ -134,7 +134,7 @@ impl<R: PgRoute> TableBackend for PgTable<R> {
     }
 
     async fn unlock_row(&self, id: Uuid, reason: &UnlockReason) -> Result<Option<Event<R>>> {
-        let row = sqlx::query(R::sql().force_unlock)
+        let row = sqlx::query(Self::sql().force_unlock)
             .bind(id)
             .bind(reason.last_error())
             .fetch_optional(&self.pool)
@@ -144,7 +144,7 @@ impl<R: PgRoute> TableBackend for PgTable<R> {
     }
 
     async fn unlock_worker(&self, worker: &str, reason: &UnlockReason) -> Result<Vec<Uuid>> {
-        sqlx::query_scalar(R::sql().unlock_worker)
+        sqlx::query_scalar(Self::sql().unlock_worker)
             .bind(worker)
             .bind(reason.last_error())
             .fetch_all(&self.pool)
@@ -153,12 +153,12 @@ impl<R: PgRoute> TableBackend for PgTable<R> {
     }
 
     async fn release_stale_batch(&self, older_than: Duration, batch: i64) -> Result<u64> {
-        self.delete_aged(R::sql().release_stale, older_than, batch)
+        self.delete_aged(Self::sql().release_stale, older_than, batch)
             .await
     }
 
     async fn count_stale(&self, older_than: Duration) -> Result<i64> {
-        self.count_aged(R::sql().count_stale, older_than).await
+        self.count_aged(Self::sql().count_stale, older_than).await
     }
 
     async fn requeue(&self, mut qb: QueryBuilder<Postgres>, _now: ()) -> Result<Vec<Uuid>> {
@@ -266,7 +266,7 @@ impl<R: PgRoute> PgTable<R> {
             })
             .collect();
         let (from, to) = created_bounds(token.created_between);
-        sqlx::query_as(R::sql().fail)
+        sqlx::query_as(Self::sql().fail)
             .bind(&ids)
             .bind(errors)
             .bind(counted)

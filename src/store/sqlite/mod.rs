@@ -15,6 +15,7 @@ use uuid::Uuid;
 
 use super::dialect::Lite;
 use super::migrate::{self, MigrationReport, MigrationScript};
+use super::shared;
 use crate::error::{Error, Result, storage};
 use crate::model::{Event, EventStatus, InboxRoute, OutboxRoute, time};
 
@@ -197,47 +198,19 @@ pub type SqliteTable<R> = crate::store::table::StoreTable<sqlx::Sqlite, R>;
 mod sealed {
     use sqlx::sqlite::SqliteRow;
 
-    /// Per-table SQL and decoding; implemented for the two routes only.
+    /// Per-table decoding; implemented for the two routes only.
     pub trait SqliteRoute: crate::model::Route + Sized {
-        /// The table's statements.
-        fn sql() -> &'static super::sql::TableSql;
         /// Reads the routing columns.
         fn decode_route(row: &SqliteRow) -> Result<Self, String>;
-        /// True when the claim keeps per-key order (the outbox).
-        const KEY_ORDER: bool;
     }
 }
 
 pub use sealed::SqliteRoute;
 
-impl SqliteRoute for OutboxRoute {
-    const KEY_ORDER: bool = true;
-    fn sql() -> &'static sql::TableSql {
-        &sql::OUTBOX
-    }
-    fn decode_route(row: &SqliteRow) -> Result<Self, String> {
-        Ok(OutboxRoute {
-            aggregate_type: get(row, "aggregate_type")?,
-            aggregate_id: uuid_col(row, "aggregate_id")?,
-            topic: get(row, "topic")?,
-            partition_key: get(row, "partition_key")?,
-        })
-    }
-}
-
-impl SqliteRoute for InboxRoute {
-    const KEY_ORDER: bool = false;
-    fn sql() -> &'static sql::TableSql {
-        &sql::INBOX
-    }
-    fn decode_route(row: &SqliteRow) -> Result<Self, String> {
-        Ok(InboxRoute {
-            message_id: get(row, "message_id")?,
-            consumer_group: get(row, "consumer_group")?,
-            source: get(row, "source")?,
-        })
-    }
-}
+shared::route_columns!(SqliteRoute(SqliteRow, String), get:
+    OutboxRoute { aggregate_type, aggregate_id: uuid_col, topic, partition_key }
+    InboxRoute { message_id, consumer_group, source }
+);
 
 /// A column's value, the error as text.
 fn get<'r, T: sqlx::Decode<'r, sqlx::Sqlite> + sqlx::Type<sqlx::Sqlite>>(
@@ -276,9 +249,9 @@ fn json_col<T: serde::de::DeserializeOwned>(
         .transpose()
 }
 
-impl<R: SqliteRoute> crate::store::table::TableOf<crate::store::dialect::Lite> for R {
+impl<R: SqliteRoute> crate::store::table::TableOf<Lite> for R {
     fn sql() -> &'static sql::TableSql {
-        <R as SqliteRoute>::sql()
+        shared::of_table(R::TABLE, &sql::OUTBOX, &sql::INBOX)
     }
     fn decode(row: &SqliteRow) -> Result<Event<R>> {
         decode(row)

@@ -23,7 +23,7 @@ impl<R: SqliteRoute> TableBackend for SqliteTable<R> {
 
     async fn count_rows(&self) -> Result<TableCounts> {
         let now = time::now();
-        let row = sqlx::query(R::sql().counts)
+        let row = sqlx::query(Self::sql().counts)
             .bind(ts(&now))
             .fetch_one(&self.pool)
             .await
@@ -37,13 +37,13 @@ impl<R: SqliteRoute> TableBackend for SqliteTable<R> {
     }
 
     async fn claim_rows(&self, opts: &ClaimOptions) -> Result<Claim<R>> {
-        if R::KEY_ORDER {
+        if Self::KEY_ORDER {
             return self.claim_in_key_order(opts).await;
         }
         let now = time::now();
         let until = now + chrono_dur(opts.lease);
         let mut tx = super::write_tx(&self.pool).await?;
-        let seqs: Vec<i64> = sqlx::query_scalar(R::sql().claim)
+        let seqs: Vec<i64> = sqlx::query_scalar(Self::sql().claim)
             .bind(ts(&now))
             .bind(ts(&until))
             .bind(i64::from(opts.limit))
@@ -71,8 +71,8 @@ impl<R: SqliteRoute> TableBackend for SqliteTable<R> {
 
     async fn claimable(&self, filters: &FetchFilters) -> Result<bool> {
         let now = time::now();
-        let mut q = sqlx::query_scalar(R::sql().claimable_exists).bind(ts(&now));
-        if R::KEY_ORDER {
+        let mut q = sqlx::query_scalar(Self::sql().claimable_exists).bind(ts(&now));
+        if Self::KEY_ORDER {
             q = q
                 .bind(ts(&(now + chrono_dur(claim::KEY_ORDER_GRACE))))
                 .bind(FetchFilters::sqlite(&filters.topics));
@@ -125,7 +125,7 @@ impl<R: SqliteRoute> TableBackend for SqliteTable<R> {
                     "retry_at": ts(&time::truncate(retry_at))})
             })
             .collect();
-        let rows = sqlx::query(R::sql().fail)
+        let rows = sqlx::query(Self::sql().fail)
             .bind(serde_json::Value::Array(list).to_string())
             .bind(ts(&time::now()))
             .bind(token.worker.as_str())
@@ -141,19 +141,19 @@ impl<R: SqliteRoute> TableBackend for SqliteTable<R> {
     }
 
     async fn unlock_row(&self, id: Uuid, reason: &UnlockReason) -> Result<Option<Event<R>>> {
-        let q = unlock(R::sql().force_unlock, id.to_string(), reason);
+        let q = unlock(Self::sql().force_unlock, id.to_string(), reason);
         let row = q.fetch_optional(&self.pool).await.map_err(storage)?;
         row.as_ref().map(decode).transpose()
     }
 
     async fn unlock_worker(&self, worker: &str, reason: &UnlockReason) -> Result<Vec<Uuid>> {
-        let q = unlock(R::sql().unlock_worker, worker.to_string(), reason);
+        let q = unlock(Self::sql().unlock_worker, worker.to_string(), reason);
         changed_ids(&q.fetch_all(&self.pool).await.map_err(storage)?)
     }
 
     async fn release_stale_batch(&self, older_than: Duration, batch: i64) -> Result<u64> {
         let now = time::now();
-        Ok(sqlx::query(R::sql().release_stale)
+        Ok(sqlx::query(Self::sql().release_stale)
             .bind(ts(&now))
             .bind(ts(&(now - chrono_dur(older_than))))
             .bind(batch)
@@ -165,7 +165,7 @@ impl<R: SqliteRoute> TableBackend for SqliteTable<R> {
 
     async fn count_stale(&self, older_than: Duration) -> Result<i64> {
         let now = time::now();
-        sqlx::query_scalar(R::sql().count_stale)
+        sqlx::query_scalar(Self::sql().count_stale)
             .bind(ts(&(now - chrono_dur(older_than))))
             .bind(ts(&now))
             .fetch_one(&self.pool)
