@@ -240,6 +240,10 @@ async fn lock_ready(
     Ok(ready)
 }
 
+/// A row of the outbox's walk, its columns in order: ord, id, seq,
+/// created_at, ready, tried, locked, bytes.
+type WalkColumns = (i64, Uuid, i64, Timestamp, bool, bool, bool, i64);
+
 impl<R: PgRoute> PgTable<R> {
     /// Runs the failure statement for `failures` of `token`'s claim;
     /// returns the rows written, with their new status.
@@ -348,19 +352,16 @@ impl<R: PgRoute> PgTable<R> {
             .unzip();
         let (topics, partition_keys): (Vec<String>, Vec<String>) = keys.into_iter().unzip();
         let mut created = std::collections::HashMap::new();
-        // The walk's columns in order: ord, id, seq, created_at, ready,
-        // tried, locked, bytes.
-        let walked: Vec<(i64, Uuid, i64, Timestamp, bool, bool, bool, i64)> =
-            sqlx::query_as(super::sql::OUTBOX_WALK)
-                .bind(topics)
-                .bind(partition_keys)
-                .bind(i64::from(opts.limit))
-                .bind(own_first)
-                .bind(own_last)
-                .bind(opts.worker.as_str())
-                .fetch_all(&mut *tx)
-                .await
-                .map_err(storage)?;
+        let walked: Vec<WalkColumns> = sqlx::query_as(super::sql::OUTBOX_WALK)
+            .bind(topics)
+            .bind(partition_keys)
+            .bind(i64::from(opts.limit))
+            .bind(own_first)
+            .bind(own_last)
+            .bind(opts.worker.as_str())
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(storage)?;
         let walked: Vec<WalkRow> = walked
             .into_iter()
             .map(|(key, id, seq, created_at, ready, tried, locked, bytes)| {
