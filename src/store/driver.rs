@@ -20,7 +20,7 @@ use super::diagnostics::{ClaimPlan, ReplicationSlot, Statistics, TableHealth};
 use super::dialect::{self, Dialect};
 use super::table::Pooled;
 use crate::error::Result;
-use crate::model::{InboxEvent, OutboxEvent, Table};
+use crate::model::{InboxEvent, OutboxEvent, Table, UnlockReason};
 
 /// Rows a retention run deletes, oldest first.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -110,6 +110,19 @@ pub(crate) trait Driver: Pooled + Sync {
     fn replication_slots(&self) -> impl Future<Output = Result<Vec<ReplicationSlot>>> + Send;
 }
 
+/// Rows an operator unlocks: those `holder` holds (only row `id`, if
+/// given), each keeping its `last_error` or, without one, getting
+/// `reason`'s.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Unlock<'a> {
+    /// The one row, or all of the holder's.
+    pub(crate) id: Option<Uuid>,
+    /// The worker holding them.
+    pub(crate) holder: &'a str,
+    /// Why.
+    pub(crate) reason: &'a UnlockReason,
+}
+
 /// A backend's statements for the features, on one write transaction.
 /// Dropped without [`commit`](Self::commit), it rolls back.
 pub(crate) trait FeatureTx: Send {
@@ -121,6 +134,44 @@ pub(crate) trait FeatureTx: Send {
         &mut self,
         table: Table,
         change: AuditedChange<'_>,
+    ) -> impl Future<Output = Result<Vec<Uuid>>> + Send {
+        async move {
+            match change {
+                AuditedChange::UnlockOne { id, holder, reason } => {
+                    let rows = Unlock {
+                        id: Some(id),
+                        holder,
+                        reason,
+                    };
+                    self.unlock(table, rows).await
+                }
+                AuditedChange::UnlockWorker { worker, reason } => {
+                    let rows = Unlock {
+                        id: None,
+                        holder: worker,
+                        reason,
+                    };
+                    self.unlock(table, rows).await
+                }
+                AuditedChange::Requeue { ids } => self.requeue_failed(table, ids).await,
+                AuditedChange::RetryNow { ids } => self.retry_now(table, ids).await,
+            }
+        }
+    }
+
+    /// Makes the pending rows among `events` that wait for a retry
+    /// (unlocked and due later) due now; returns their ids.
+    fn retry_now(
+        &mut self,
+        table: Table,
+        events: &[Uuid],
+    ) -> impl Future<Output = Result<Vec<Uuid>>> + Send;
+
+    /// Unlocks `rows` of `table`; returns their ids.
+    fn unlock(
+        &mut self,
+        table: Table,
+        rows: Unlock<'_>,
     ) -> impl Future<Output = Result<Vec<Uuid>>> + Send;
 
     /// Marks the open letters of `events` (rows of `table` just requeued)

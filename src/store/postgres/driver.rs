@@ -9,13 +9,13 @@ use uuid::Uuid;
 use super::PgStore;
 use crate::error::{Result, storage};
 use crate::model::Table;
-use crate::store::audit::{self, AuditEntry, AuditFilter, AuditedChange};
+use crate::store::audit::{self, AuditEntry, AuditFilter};
 use crate::store::dead_letters::{DeadLetterRecord, NewLetter};
 use crate::store::diagnostics::{
     ClaimPlan, ReplicationSlot, SMALL_TABLE_PAGES, Statistics, TableHealth,
 };
 use crate::store::dialect::{Dialect, Pg};
-use crate::store::driver::{Driver, FeatureTx, Retention};
+use crate::store::driver::{Driver, FeatureTx, Retention, Unlock};
 use crate::store::shared::{self, FeatureTxOf, fetch_decoded, text_at_0};
 
 /// A write transaction for the features.
@@ -254,35 +254,31 @@ impl FeatureTx for PgFeatureTx {
         shared::insert_audit(&mut *self.tx, sql, entry.at, entry).await
     }
 
-    async fn audited_change(
-        &mut self,
-        table: Table,
-        change: AuditedChange<'_>,
-    ) -> Result<Vec<Uuid>> {
-        let q = match change {
-            AuditedChange::UnlockOne { id, holder, reason } => {
-                sqlx::query_scalar(unlock(table, "id = $1 AND locked_by = $3"))
-                    .bind(id)
-                    .bind(reason.last_error())
-                    .bind(holder)
-            }
-            AuditedChange::UnlockWorker { worker, reason } => {
-                sqlx::query_scalar(unlock(table, "locked_by = $1"))
-                    .bind(worker)
-                    .bind(reason.last_error())
-            }
-            AuditedChange::Requeue { ids } => return self.requeue_failed(table, ids).await,
-            AuditedChange::RetryNow { ids } => {
-                let t = table.sql_name();
-                sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
-                    "UPDATE {t} SET scheduled_at = now(), updated_at = now() \
-                     WHERE id = ANY($1) AND status = 'pending' AND locked_at IS NULL \
-                     AND scheduled_at > now() RETURNING id"
-                )))
-                .bind(ids)
-            }
+    async fn unlock(&mut self, table: Table, rows: Unlock<'_>) -> Result<Vec<Uuid>> {
+        let error = rows.reason.last_error();
+        let q = match rows.id {
+            Some(id) => sqlx::query_scalar(unlock(table, "id = $1 AND locked_by = $3"))
+                .bind(id)
+                .bind(error)
+                .bind(rows.holder),
+            None => sqlx::query_scalar(unlock(table, "locked_by = $1"))
+                .bind(rows.holder)
+                .bind(error),
         };
         q.fetch_all(&mut *self.tx).await.map_err(storage)
+    }
+
+    async fn retry_now(&mut self, table: Table, events: &[Uuid]) -> Result<Vec<Uuid>> {
+        let t = table.sql_name();
+        self.update_events(
+            format!(
+                "UPDATE {t} SET scheduled_at = now(), updated_at = now() \
+                 WHERE id = ANY($1) AND status = 'pending' AND locked_at IS NULL \
+                 AND scheduled_at > now() RETURNING id"
+            ),
+            events,
+        )
+        .await
     }
 
     async fn mark_replayed(&mut self, table: Table, events: &[Uuid]) -> Result<()> {
@@ -300,15 +296,15 @@ impl FeatureTx for PgFeatureTx {
 
     async fn requeue_failed(&mut self, table: Table, events: &[Uuid]) -> Result<Vec<Uuid>> {
         let t = table.sql_name();
-        sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
-            "UPDATE {t} SET status = 'pending', attempts_made = 0, last_error = NULL, \
-             scheduled_at = now(), updated_at = now() \
-             WHERE id = ANY($1) AND status = 'failed' RETURNING id"
-        )))
-        .bind(events)
-        .fetch_all(&mut *self.tx)
+        self.update_events(
+            format!(
+                "UPDATE {t} SET status = 'pending', attempts_made = 0, last_error = NULL, \
+                 scheduled_at = now(), updated_at = now() \
+                 WHERE id = ANY($1) AND status = 'failed' RETURNING id"
+            ),
+            events,
+        )
         .await
-        .map_err(storage)
     }
 
     async fn statuses(&mut self, table: Table, events: &[Uuid]) -> Result<Vec<(Uuid, String)>> {
@@ -323,6 +319,18 @@ impl FeatureTx for PgFeatureTx {
     }
 
     shared::feature_tx_common!(Pg);
+}
+
+impl PgFeatureTx {
+    /// Runs the `UPDATE` `sql` of the rows among `events` ($1); returns the
+    /// ids it changed.
+    async fn update_events(&mut self, sql: String, events: &[Uuid]) -> Result<Vec<Uuid>> {
+        sqlx::query_scalar(sqlx::AssertSqlSafe(sql))
+            .bind(events)
+            .fetch_all(&mut *self.tx)
+            .await
+            .map_err(storage)
+    }
 }
 
 /// An operator's unlock of the rows of `table` that `rows` selects ($2: the

@@ -11,11 +11,11 @@ use uuid::Uuid;
 use super::{SqliteStore, id_array};
 use crate::error::{Error, Result, storage};
 use crate::model::{Table, time};
-use crate::store::audit::{self, AuditEntry, AuditFilter, AuditedChange};
+use crate::store::audit::{self, AuditEntry, AuditFilter};
 use crate::store::dead_letters::{DeadLetterRecord, NewLetter};
 use crate::store::diagnostics::{ClaimPlan, ReplicationSlot, Statistics, TableHealth};
 use crate::store::dialect::{Dialect, Lite};
-use crate::store::driver::{Driver, FeatureTx, Retention};
+use crate::store::driver::{Driver, FeatureTx, Retention, Unlock};
 use crate::store::shared::{self, FeatureTxOf, fetch_decoded, text_at_0};
 
 /// A write transaction for the features, with its time.
@@ -165,41 +165,37 @@ impl FeatureTx for SqliteFeatureTx {
         shared::insert_audit(&mut *self.tx, sql, time::format(&entry.at), entry).await
     }
 
-    async fn audited_change(
-        &mut self,
-        table: Table,
-        change: AuditedChange<'_>,
-    ) -> Result<Vec<Uuid>> {
+    async fn unlock(&mut self, table: Table, rows: Unlock<'_>) -> Result<Vec<Uuid>> {
         // The current time is the last parameter of each.
-        let q = match change {
-            AuditedChange::UnlockOne { id, holder, reason } => {
-                sqlx::query_scalar(unlock(table, "?4", "id = ?1 AND locked_by = ?3"))
-                    .bind(id.to_string())
-                    .bind(reason.last_error())
-                    .bind(holder)
-            }
-            AuditedChange::UnlockWorker { worker, reason } => {
-                sqlx::query_scalar(unlock(table, "?3", "locked_by = ?1"))
-                    .bind(worker)
-                    .bind(reason.last_error())
-            }
-            AuditedChange::Requeue { ids } => return self.requeue_failed(table, ids).await,
-            AuditedChange::RetryNow { ids } => {
-                let t = table.sql_name();
-                sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
-                    "UPDATE {t} SET scheduled_at = ?2, updated_at = ?2 \
-                     WHERE id IN (SELECT value FROM json_each(?1)) AND status = 'pending' \
-                     AND locked_at IS NULL AND scheduled_at > ?2 RETURNING id"
-                )))
-                .bind(id_array(ids))
-            }
+        let error = rows.reason.last_error();
+        let q = match rows.id {
+            Some(id) => sqlx::query_scalar(unlock(table, "?4", "id = ?1 AND locked_by = ?3"))
+                .bind(id.to_string())
+                .bind(error)
+                .bind(rows.holder),
+            None => sqlx::query_scalar(unlock(table, "?3", "locked_by = ?1"))
+                .bind(rows.holder)
+                .bind(error),
         };
-        let rows: Vec<String> = q
+        let ids: Vec<String> = q
             .bind(&self.now)
             .fetch_all(&mut *self.tx)
             .await
             .map_err(storage)?;
-        parse_ids(&rows)
+        parse_ids(&ids)
+    }
+
+    async fn retry_now(&mut self, table: Table, events: &[Uuid]) -> Result<Vec<Uuid>> {
+        let t = table.sql_name();
+        self.update_events(
+            format!(
+                "UPDATE {t} SET scheduled_at = ?2, updated_at = ?2 \
+                 WHERE id IN (SELECT value FROM json_each(?1)) AND status = 'pending' \
+                 AND locked_at IS NULL AND scheduled_at > ?2 RETURNING id"
+            ),
+            events,
+        )
+        .await
     }
 
     async fn mark_replayed(&mut self, table: Table, events: &[Uuid]) -> Result<()> {
@@ -220,17 +216,15 @@ impl FeatureTx for SqliteFeatureTx {
 
     async fn requeue_failed(&mut self, table: Table, events: &[Uuid]) -> Result<Vec<Uuid>> {
         let t = table.sql_name();
-        let rows: Vec<String> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
-            "UPDATE {t} SET status = 'pending', attempts_made = 0, last_error = NULL, \
-             scheduled_at = ?2, updated_at = ?2 \
-             WHERE id IN (SELECT value FROM json_each(?1)) AND status = 'failed' RETURNING id"
-        )))
-        .bind(id_array(events))
-        .bind(&self.now)
-        .fetch_all(&mut *self.tx)
+        self.update_events(
+            format!(
+                "UPDATE {t} SET status = 'pending', attempts_made = 0, last_error = NULL, \
+                 scheduled_at = ?2, updated_at = ?2 \
+                 WHERE id IN (SELECT value FROM json_each(?1)) AND status = 'failed' RETURNING id"
+            ),
+            events,
+        )
         .await
-        .map_err(storage)?;
-        parse_ids(&rows)
     }
 
     async fn statuses(&mut self, table: Table, events: &[Uuid]) -> Result<Vec<(Uuid, String)>> {
@@ -248,6 +242,20 @@ impl FeatureTx for SqliteFeatureTx {
     }
 
     shared::feature_tx_common!(Lite);
+}
+
+impl SqliteFeatureTx {
+    /// Runs the `UPDATE` `sql` of the rows among `events` (?1) at this
+    /// transaction's time (?2); returns the ids it changed.
+    async fn update_events(&mut self, sql: String, events: &[Uuid]) -> Result<Vec<Uuid>> {
+        let ids: Vec<String> = sqlx::query_scalar(sqlx::AssertSqlSafe(sql))
+            .bind(id_array(events))
+            .bind(&self.now)
+            .fetch_all(&mut *self.tx)
+            .await
+            .map_err(storage)?;
+        parse_ids(&ids)
+    }
 }
 
 /// An operator's unlock of the rows of `table` that `rows` selects, at the
