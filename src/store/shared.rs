@@ -114,6 +114,7 @@ macro_rules! route_columns {
 pub(crate) use {active, counts, ready, route_columns, table_sql};
 
 /// The statements of `table`: `outbox`'s or `inbox`'s.
+#[inline]
 pub(crate) fn of_table(
     table: Table,
     outbox: &'static TableSql,
