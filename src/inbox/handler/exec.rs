@@ -220,3 +220,56 @@ impl Handler for ExecHandler {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::DomainService;
+    use crate::model::NewInboxEvent;
+
+    /// The command's environment names the event and passes its optional
+    /// ids on as `OMNIBOX_<NAME>` (docs/cli.md lists them); an id the event
+    /// lacks is not set.
+    #[tokio::test]
+    async fn the_command_gets_the_events_ids_in_its_environment() {
+        let mut n = NewInboxEvent::new(
+            "m-1",
+            "billing",
+            "shop",
+            "order.created",
+            serde_json::json!({"id": 1}),
+        );
+        n.schema_version = Some("2".into());
+        n.trace_id = Some("4bf92f3577b34da6a3ce929d0e0e4736".into());
+        n.correlation_id = Some("corr-1".into());
+        let event = DomainService::default().create_inbox_event(n).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("env");
+        let names = "OMNIBOX_MESSAGE_ID OMNIBOX_CONSUMER_GROUP OMNIBOX_SOURCE \
+                     OMNIBOX_EVENT_TYPE OMNIBOX_ATTEMPT OMNIBOX_SCHEMA_VERSION \
+                     OMNIBOX_TRACE_ID OMNIBOX_CORRELATION_ID OMNIBOX_CAUSATION_ID";
+        let command = format!(
+            "for n in {names}; do eval \"echo $n=\\${{$n-unset}}\"; done > '{}'",
+            out.display()
+        );
+        let handler = ExecHandler::new(command, Duration::from_secs(10));
+        let mut cx = HandlerContext::detached(crate::inbox::Dependencies::new());
+        let outcome = handler.handle(&event, &mut cx).await;
+        assert!(matches!(outcome, Outcome::Completed), "{outcome:?}");
+        let got = std::fs::read_to_string(&out).unwrap();
+        assert_eq!(
+            got.lines().collect::<Vec<_>>(),
+            [
+                "OMNIBOX_MESSAGE_ID=m-1",
+                "OMNIBOX_CONSUMER_GROUP=billing",
+                "OMNIBOX_SOURCE=shop",
+                "OMNIBOX_EVENT_TYPE=order.created",
+                "OMNIBOX_ATTEMPT=1",
+                "OMNIBOX_SCHEMA_VERSION=2",
+                "OMNIBOX_TRACE_ID=4bf92f3577b34da6a3ce929d0e0e4736",
+                "OMNIBOX_CORRELATION_ID=corr-1",
+                "OMNIBOX_CAUSATION_ID=unset",
+            ]
+        );
+    }
+}
