@@ -601,31 +601,38 @@ pub async fn extending_a_lease_keeps_the_rows(db: &TestDb) {
     let outbox = db.store.outbox();
     let events: Vec<OutboxEvent> = (0..3).map(|i| ev(&format!("k{i}"), i)).collect();
     seed(db, &events).await;
+    // A lease of 1 s extended every 300 ms, four times: the claim's own
+    // lease ran out long ago, and a machine that stalls a step (a loaded CI
+    // runner) has 700 ms of slack before the extended lease could lapse.
+    let lease = Duration::from_secs(1);
     let c = outbox
-        .claim(&ClaimOptions::new(w("w1"), 10).lease(Duration::from_millis(100)))
+        .claim(&ClaimOptions::new(w("w1"), 10).lease(lease))
         .await
         .unwrap();
+    let claimed = std::time::Instant::now();
     for _ in 0..4 {
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
         assert_eq!(
             outbox
-                .extend_lease(&c.token, &ids(&events), Duration::from_millis(100))
+                .extend_lease(&c.token, &ids(&events), lease)
                 .await
                 .unwrap(),
             3
         );
     }
+    assert!(claimed.elapsed() > lease, "the claim's own lease ran out");
     assert!(
         outbox
             .claim(&ClaimOptions::new(w("w2"), 10))
             .await
             .unwrap()
             .is_empty(),
-        "200 ms after a 100 ms claim, the extended lease still holds"
+        "1.2 s after a 1 s claim, the extended lease still holds"
     );
     let row = outbox.get(events[0].id()).await.unwrap().unwrap();
     assert_eq!(row.locked_at(), Some(c.token.locked_at));
-    assert!(row.locked_until().unwrap() > c.token.locked_at + chrono::Duration::milliseconds(150));
+    // Extended from the last call (at least 1.2 s in) by 1 s.
+    assert!(row.locked_until().unwrap() > c.token.locked_at + chrono::Duration::seconds(2));
     // A stale token extends nothing.
     let stale = omnibox::ClaimToken {
         locked_at: c.token.locked_at - chrono::Duration::seconds(1),
