@@ -101,7 +101,7 @@ pub struct PublishArgs {
     /// How long a topic may stay unavailable (unknown, no leader) before its events spend attempts
     #[arg(long, allow_hyphen_values = true, default_value = "5m", value_parser = args::duration, value_name = "DURATION")]
     topic_unavailable_limit: Duration,
-    /// How a claim holds its rows while they are published: transaction (PostgreSQL: row locks in the claim's open transaction, each row written once, when done; status shows rows in flight as pending; a relay that dies frees its rows at once, one that stops answering after the lease) or lease (written on each row: status shows them locked, another relay takes them over when the lease runs out; about two thirds of the rows/s) [default: transaction for the polling relay on PostgreSQL, else lease]
+    /// How a claim holds its rows while they are published: transaction (PostgreSQL: row locks in the claim's open transaction, each row written once, when done; status shows rows in flight as pending; a relay that dies frees its rows at once, one that stops answering after the lease) or lease (written on each row: status shows them locked, another relay takes them over when the lease runs out; about two thirds of the rows/s) [default: transaction on PostgreSQL (both sources), lease on SQLite]
     #[arg(long, value_enum, value_name = "HOW")]
     hold: Option<HoldArg>,
     /// How new rows are found: poll (claim them from the table) or wal (PostgreSQL's write-ahead log, through a replication slot)
@@ -202,12 +202,6 @@ pub async fn run_publish(args: PublishArgs, ctx: &Context) -> Result<ExitStatus>
             )
             .into());
         }
-        if wal {
-            return Err(super::UsageError(
-                "--hold transaction is the polling relay's; --source wal writes leases: omit one of them".into(),
-            )
-            .into());
-        }
     }
     if wal {
         if args.once {
@@ -234,7 +228,7 @@ pub async fn run_publish(args: PublishArgs, ctx: &Context) -> Result<ExitStatus>
     // Held claims unless asked otherwise, where they exist.
     options.hold_claims = match args.hold {
         Some(hold) => hold == HoldArg::Transaction,
-        None => postgres && !wal,
+        None => postgres,
     };
     let metrics = running::metrics("outbox");
     let publish = relay::PublishOptions {
