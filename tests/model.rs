@@ -211,6 +211,10 @@ struct Plan {
     final_relays: usize,
     chaos: Duration,
     max_attempts: i32,
+    /// Partitioned tables: a quarter of the rows are dated a day back (in
+    /// yesterday's partition), so the claim's walk reads keys over two
+    /// partitions, and its range of partitions with pending rows moves.
+    backdate: bool,
 }
 
 fn event(rng: &mut fastrand::Rng, plan: &Plan, n: usize) -> OutboxEvent {
@@ -226,6 +230,9 @@ fn event(rng: &mut fastrand::Rng, plan: &Plan, n: usize) -> OutboxEvent {
     );
     e.max_attempts = Some(rng.i32(1..=plan.max_attempts));
     let now = omnibox::time::now();
+    if plan.backdate && rng.u8(0..4) == 0 {
+        e.created_at = Some(now - chrono::Duration::hours(24));
+    }
     e.scheduled_at = match rng.u8(0..20) {
         0..=2 => Some(now - chrono::Duration::milliseconds(rng.i64(1..50_000))),
         3..=5 => Some(now + chrono::Duration::milliseconds(rng.i64(5..250))),
@@ -321,10 +328,15 @@ async fn all_rows(table: &AnyTable<OutboxRoute>) -> Vec<OutboxEvent> {
 /// broken invariant.
 async fn schedule(store: &AnyStore, seed: u64) -> Result<Plan, String> {
     let table = store.outbox();
+    let mut partitioned = false;
     match store {
         AnyStore::Postgres(s) => {
             sqlx::query("TRUNCATE outbox_events RESTART IDENTITY")
                 .execute(s.pool())
+                .await
+                .unwrap();
+            partitioned = sqlx::query_scalar(omnibox::store::postgres::OUTBOX_IS_PARTITIONED)
+                .fetch_one(s.pool())
                 .await
                 .unwrap();
         }
@@ -346,6 +358,7 @@ async fn schedule(store: &AnyStore, seed: u64) -> Result<Plan, String> {
         final_relays: rng.usize(1..=4),
         chaos: Duration::from_millis(rng.u64(50..400)),
         max_attempts: rng.i32(1..=4),
+        backdate: partitioned,
     };
     let sink = Arc::new(Scripted {
         seed,
@@ -817,7 +830,8 @@ async fn model_schedules_postgres() {
 }
 
 /// The same schedules on partitioned tables (`migrate --partitioned`: the
-/// claim reads every partition, ids are keyed per partition), half as many.
+/// claim reads the partitions that hold pending rows, ids are keyed per
+/// partition, a quarter of the rows dated into yesterday's), half as many.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn model_schedules_postgres_partitioned() {
     let mut dbs = Vec::new();
@@ -831,6 +845,13 @@ async fn model_schedules_postgres_partitioned() {
         pg.partition_tables(&omnibox::store::postgres::partition::PartitionOptions::default())
             .await
             .unwrap();
+        // Yesterday's partition, for the rows dated back (`Plan::backdate`).
+        pg.ensure_partitions_from(
+            Some(chrono::Utc::now() - chrono::Duration::days(1)),
+            Duration::from_secs(5),
+        )
+        .await
+        .unwrap();
         dbs.push(db);
     }
     let stores = dbs.iter().map(|d| d.store.clone()).collect();

@@ -16,8 +16,10 @@ use common::TestDb;
 use common::kafka::consume;
 use common::run::{Run, run};
 use common::tansu::{create_topic, shared_brokers};
-use omnibox::store::{Created, InboxStore};
-use omnibox::{DomainService, NewInboxEvent, NewOutboxEvent, OutboxEvent, OutboxStore};
+use omnibox::store::{ClaimOptions, Created, InboxStore};
+use omnibox::{
+    DomainService, EventStore, NewInboxEvent, NewOutboxEvent, OutboxEvent, OutboxStore, WorkerId,
+};
 use serde_json::json;
 use sqlx::PgPool;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
@@ -793,4 +795,133 @@ async fn the_relay_publishes_a_partitioned_outbox_and_keeps_partitions_ahead() {
     let bad = omnibox(&db, d, &["partitions", "create", "--from", "yesterday"]);
     assert_eq!(bad.code, 2, "{}", bad.render());
     assert!(bad.stderr.contains("is not a date"), "{}", bad.render());
+}
+
+/// The claim's walk reads only the partitions that hold pending rows
+/// (`OUTBOX_PENDING_RANGE`), and a key's pending head in an old partition
+/// still holds the key's later rows back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_walk_reads_only_partitions_with_pending_rows_and_keeps_key_order() {
+    let Some(db) = common::postgres().await else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    partition(&db, dir.path());
+    let pool = pool(&db).await;
+    let mut starts = HashMap::new();
+    for days in 1..=6 {
+        let (name, start) = day_partition(&pool, "outbox_events", days).await;
+        starts.insert(days, (name, start));
+    }
+    // History: completed rows only (these partitions hold nothing to walk).
+    for days in [6, 5, 2, 1] {
+        old_rows(
+            &pool,
+            starts[&days].1,
+            50,
+            "completed",
+            &format!("c{days}-"),
+        )
+        .await;
+    }
+    // Four days ago: key "held"'s head, tried and waiting for its retry an
+    // hour from now; key "due"'s head, due now.
+    let old = starts[&4].1 + chrono::Duration::hours(12);
+    let mut tried = outbox_event("orders", "held", 0);
+    tried.created_at = Some(old);
+    tried.scheduled_at = Some(Utc::now() + chrono::Duration::hours(1));
+    let tried = created(tried);
+    let mut due_old = outbox_event("orders", "due", 1);
+    due_old.created_at = Some(old);
+    let due_old = created(due_old);
+    db.store
+        .outbox()
+        .create_many(&[tried.clone(), due_old.clone()])
+        .await
+        .unwrap();
+    sqlx::query(
+        "UPDATE outbox_events SET last_error = 'broker said no', attempts_made = 1 WHERE id = $1",
+    )
+    .bind(tried.id())
+    .execute(&pool)
+    .await
+    .unwrap();
+    // Today: a later row of each, and a key of its own.
+    let later: Vec<OutboxEvent> = [("held", 2), ("due", 3), ("new", 4)]
+        .into_iter()
+        .map(|(k, n)| created(outbox_event("orders", k, n)))
+        .collect();
+    db.store.outbox().create_many(&later).await.unwrap();
+
+    // The range: from four days ago to the end of today.
+    let (lo, hi): (Option<DateTime<Utc>>, Option<DateTime<Utc>>) =
+        sqlx::query_as(omnibox::store::postgres::OUTBOX_PENDING_RANGE)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!(lo, Some(starts[&4].1));
+    assert_eq!(hi, Some(today() + chrono::Duration::days(1)));
+
+    // The walk's plan for that range leaves the other partitions out; with
+    // no range (a plain table) it reads them all.
+    let plan = |lo: Option<DateTime<Utc>>, hi: Option<DateTime<Utc>>| {
+        let pool = pool.clone();
+        async move {
+            let sql = format!(
+                "EXPLAIN (FORMAT TEXT) {}",
+                omnibox::store::postgres::OUTBOX_WALK
+            );
+            let rows: Vec<String> = sqlx::query_scalar(sqlx::AssertSqlSafe(sql))
+                .bind(vec!["orders".to_string()])
+                .bind(vec!["held".to_string()])
+                .bind(10_i64)
+                .bind(vec![None::<i64>])
+                .bind(vec![None::<i64>])
+                .bind("w")
+                .bind(lo)
+                .bind(hi)
+                .persistent(false)
+                .fetch_all(&pool)
+                .await
+                .unwrap();
+            rows.join("\n")
+        }
+    };
+    let bounded = plan(lo, hi).await;
+    let today_name = format!("outbox_events_p{}", today().format("%Y%m%d"));
+    assert!(bounded.contains(&starts[&4].0), "{bounded}");
+    assert!(bounded.contains(&today_name), "{bounded}");
+    for days in [6, 5] {
+        assert!(!bounded.contains(&starts[&days].0), "{bounded}");
+    }
+    let unbounded = plan(None, None).await;
+    assert!(unbounded.contains(&starts[&6].0), "{unbounded}");
+
+    // The claim: "due" from its old head on, "new"; "held" waits for its
+    // head's retry, its later row with it.
+    let claim = db
+        .store
+        .outbox()
+        .claim(&ClaimOptions::new(WorkerId::new("w").unwrap(), 10))
+        .await
+        .unwrap();
+    let got: HashSet<uuid::Uuid> = claim.events.iter().map(|e| e.id()).collect();
+    let want: HashSet<uuid::Uuid> = [due_old.id(), later[1].id(), later[2].id()]
+        .into_iter()
+        .collect();
+    assert_eq!(got, want);
+    // Once "held"'s head is done, its later row follows.
+    sqlx::query("UPDATE outbox_events SET status = 'completed', completed_at = now(), last_error = NULL WHERE id = $1")
+        .bind(tried.id())
+        .execute(&pool)
+        .await
+        .unwrap();
+    let next = db
+        .store
+        .outbox()
+        .claim(&ClaimOptions::new(WorkerId::new("w2").unwrap(), 10))
+        .await
+        .unwrap();
+    let ids: Vec<uuid::Uuid> = next.events.iter().map(|e| e.id()).collect();
+    assert_eq!(ids, vec![later[0].id()]);
 }

@@ -87,7 +87,36 @@ pub struct TableSql {
 pub struct StoreTable<DB: sqlx::Database, R> {
     pub(super) pool: sqlx::Pool<DB>,
     pub(super) held: Arc<super::held::HeldClaims<DB>>,
+    pub(super) layout: Arc<Layout>,
     route: PhantomData<fn() -> R>,
+}
+
+/// What a store's claims learned of its outbox's layout, shared by the
+/// store's table handles: whether the table is partitioned (PostgreSQL),
+/// asked again a minute later (`migrate --partitioned` may convert it
+/// while relays run; a stale answer costs speed, never a row: see
+/// `postgres/sql.rs`, `OUTBOX_PENDING_RANGE`).
+#[derive(Debug, Default)]
+pub(crate) struct Layout {
+    partitioned: std::sync::Mutex<Option<(std::time::Instant, bool)>>,
+}
+
+impl Layout {
+    /// How long an answer is kept.
+    const KEEP: Duration = Duration::from_secs(60);
+
+    /// Whether the outbox is partitioned, when known and recent.
+    pub(super) fn partitioned(&self) -> Option<bool> {
+        let cell = self.partitioned.lock().unwrap_or_else(|e| e.into_inner());
+        cell.filter(|(at, _)| at.elapsed() < Self::KEEP)
+            .map(|(_, p)| p)
+    }
+
+    /// Records the answer just read.
+    pub(super) fn set_partitioned(&self, partitioned: bool) {
+        let mut cell = self.partitioned.lock().unwrap_or_else(|e| e.into_inner());
+        *cell = Some((std::time::Instant::now(), partitioned));
+    }
 }
 
 impl<DB: sqlx::Database, R> std::fmt::Debug for StoreTable<DB, R> {
@@ -100,16 +129,22 @@ impl<DB: sqlx::Database, R> std::fmt::Debug for StoreTable<DB, R> {
 
 impl<DB: sqlx::Database, R> Clone for StoreTable<DB, R> {
     fn clone(&self) -> Self {
-        StoreTable::new(self.pool.clone(), self.held.clone())
+        StoreTable::new(self.pool.clone(), self.held.clone(), self.layout.clone())
     }
 }
 
 impl<DB: sqlx::Database, R> StoreTable<DB, R> {
-    /// The handle of `R`'s table on `pool`, with its store's held claims.
-    pub(super) fn new(pool: sqlx::Pool<DB>, held: Arc<super::held::HeldClaims<DB>>) -> Self {
+    /// The handle of `R`'s table on `pool`, with its store's held claims
+    /// and what its claims learned of the layout.
+    pub(super) fn new(
+        pool: sqlx::Pool<DB>,
+        held: Arc<super::held::HeldClaims<DB>>,
+        layout: Arc<Layout>,
+    ) -> Self {
         StoreTable {
             pool,
             held,
+            layout,
             route: PhantomData,
         }
     }
@@ -144,12 +179,12 @@ macro_rules! store_handles {
 
         /// The outbox table.
         pub fn outbox(&self) -> $table<OutboxRoute> {
-            $table::new(self.pool.clone(), self.held.clone())
+            $table::new(self.pool.clone(), self.held.clone(), self.layout.clone())
         }
 
         /// The inbox table.
         pub fn inbox(&self) -> $table<InboxRoute> {
-            $table::new(self.pool.clone(), self.held.clone())
+            $table::new(self.pool.clone(), self.held.clone(), self.layout.clone())
         }
 
         fn migrator() -> sqlx::migrate::Migrator {

@@ -1461,6 +1461,8 @@ pub async fn claim_is_served_by_the_index(db: &TestDb) {
                     .bind(vec![None, Some(1_i64), None])
                     .bind(vec![None, Some(900_i64), None])
                     .bind("relay-1")
+                    .bind(None::<chrono::DateTime<chrono::Utc>>)
+                    .bind(None::<chrono::DateTime<chrono::Utc>>)
                     .persistent(false)
                     .fetch_all(&mut *tx)
                     .await

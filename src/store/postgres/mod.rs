@@ -45,7 +45,7 @@ pub use inbox_tx::{
 };
 pub use insert::{insert_inbox, insert_outbox, insert_outbox_stream};
 #[doc(hidden)]
-pub use sql::{INBOX_CLAIM, OUTBOX_SCAN, OUTBOX_WALK};
+pub use sql::{INBOX_CLAIM, OUTBOX_IS_PARTITIONED, OUTBOX_PENDING_RANGE, OUTBOX_SCAN, OUTBOX_WALK};
 
 /// Connection settings beyond the URL.
 #[derive(Debug, Clone)]
@@ -83,6 +83,7 @@ pub struct PgStore {
     pool: PgPool,
     schema: Option<String>,
     held: std::sync::Arc<crate::store::held::HeldClaims<sqlx::Postgres>>,
+    layout: std::sync::Arc<crate::store::table::Layout>,
 }
 
 /// The features' statements (`driver.rs`) run on the store's pool.
@@ -274,6 +275,7 @@ impl PgStore {
             pool,
             schema: opts.schema.clone(),
             held: Default::default(),
+            layout: Default::default(),
         })
     }
 
@@ -283,6 +285,7 @@ impl PgStore {
             pool,
             schema: None,
             held: Default::default(),
+            layout: Default::default(),
         }
     }
 

@@ -286,6 +286,35 @@ impl<R: PgRoute> PgTable<R> {
             .map_err(storage)
     }
 
+    /// The `created_at` range the claim's walk reads
+    /// ([`OUTBOX_PENDING_RANGE`](super::sql::OUTBOX_PENDING_RANGE)): on a
+    /// partitioned outbox, the partitions holding pending rows; on a plain
+    /// one, no bound (and no statement: whether the table is partitioned is
+    /// asked once a minute).
+    async fn pending_range(
+        &self,
+        tx: &mut sqlx::Transaction<'_, Postgres>,
+    ) -> Result<(Option<Timestamp>, Option<Timestamp>)> {
+        let partitioned = match self.layout.partitioned() {
+            Some(p) => p,
+            None => {
+                let p: bool = sqlx::query_scalar(super::sql::OUTBOX_IS_PARTITIONED)
+                    .fetch_one(&mut **tx)
+                    .await
+                    .map_err(storage)?;
+                self.layout.set_partitioned(p);
+                p
+            }
+        };
+        if !partitioned {
+            return Ok((None, None));
+        }
+        sqlx::query_as(super::sql::OUTBOX_PENDING_RANGE)
+            .fetch_one(&mut **tx)
+            .await
+            .map_err(storage)
+    }
+
     /// The outbox claim (see `store/claim.rs`): discover open keys and walk
     /// them, plan the runs, lock what can be locked, mark it claimed; one
     /// transaction. Every statement is planned for its own parameters
@@ -351,6 +380,7 @@ impl<R: PgRoute> PgTable<R> {
             })
             .unzip();
         let (topics, partition_keys): (Vec<String>, Vec<String>) = keys.into_iter().unzip();
+        let (lo, hi) = self.pending_range(&mut tx).await?;
         let mut created = std::collections::HashMap::new();
         let walked: Vec<WalkColumns> = sqlx::query_as(super::sql::OUTBOX_WALK)
             .bind(topics)
@@ -359,6 +389,8 @@ impl<R: PgRoute> PgTable<R> {
             .bind(own_first)
             .bind(own_last)
             .bind(opts.worker.as_str())
+            .bind(lo)
+            .bind(hi)
             .fetch_all(&mut *tx)
             .await
             .map_err(storage)?;

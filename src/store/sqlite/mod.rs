@@ -42,6 +42,7 @@ pub const BUSY_TIMEOUT: Duration = Duration::from_secs(30);
 pub struct SqliteStore {
     pool: SqlitePool,
     held: std::sync::Arc<crate::store::held::HeldClaims<sqlx::Sqlite>>,
+    layout: std::sync::Arc<crate::store::table::Layout>,
 }
 
 /// The features' statements (`driver.rs`) run on the store's pool.
@@ -86,6 +87,7 @@ impl SqliteStore {
         SqliteStore {
             pool,
             held: Default::default(),
+            layout: Default::default(),
         }
     }
 
