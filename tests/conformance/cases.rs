@@ -1321,6 +1321,8 @@ pub async fn filtered_claims_take_only_their_rows_from_an_index(db: &TestDb) {
                         .bind(0_i64)
                         .bind(Some(topic))
                         .bind(None::<Vec<String>>)
+                        .bind(None::<chrono::DateTime<chrono::Utc>>)
+                        .bind(None::<chrono::DateTime<chrono::Utc>>)
                         .persistent(false)
                         .fetch_all(&pool)
                         .await
@@ -1446,6 +1448,8 @@ pub async fn claim_is_served_by_the_index(db: &TestDb) {
                     .bind(0_i64)
                     .bind(None::<String>)
                     .bind(None::<Vec<String>>)
+                    .bind(None::<chrono::DateTime<chrono::Utc>>)
+                    .bind(None::<chrono::DateTime<chrono::Utc>>)
                     .persistent(false)
                     .fetch_all(&mut *tx)
                     .await

@@ -251,45 +251,19 @@ macro_rules! pg_table_sql {
 pub const CLAIM_BEGIN: &str = "BEGIN; SET LOCAL synchronous_commit = off; \
      SET LOCAL plan_cache_mode = force_custom_plan";
 
-/// Step 1 of the outbox claim (see `store/claim.rs`): the due, unlocked
-/// rows after the cursor `($1, $2)` in `(scheduled_at, seq)` order (claim
-/// index), skipping $5 of them (a claimer spreading out), at most $3 of them, and at most $4 rows whose lease passed (lock
-/// index). Nothing is probed per row: whether a key can be handed out is
-/// found once per key by step 2. (A locked row is always pending, a check
-/// says so; leaving `status` out of the second scan keeps the planner from
-/// combining it with the key-order index.)
-pub const OUTBOX_SCAN: &str = "SELECT * FROM (
-        SELECT r.topic, r.partition_key, r.scheduled_at, r.seq, false AS expired
-          FROM outbox_events r
-         WHERE r.status = 'pending' AND r.locked_at IS NULL AND r.scheduled_at <= now()
-           AND (r.scheduled_at, r.seq) > ($1, $2)
-           AND ($6::text IS NULL OR r.topic = $6)
-           AND ($7::text[] IS NULL OR r.topic = ANY($7))
-         ORDER BY r.scheduled_at, r.seq
-         OFFSET $5
-         LIMIT $3) a
-    UNION ALL
-    SELECT * FROM (
-        SELECT r.topic, r.partition_key, r.scheduled_at, r.seq, true AS expired
-          FROM outbox_events r
-         WHERE r.locked_until <= now() AND r.scheduled_at <= now()
-           AND ($6::text IS NULL OR r.topic = $6)
-           AND ($7::text[] IS NULL OR r.topic = ANY($7))
-         ORDER BY r.locked_until
-         LIMIT $4) b";
-
 /// Whether the outbox is a partitioned table (`migrate --partitioned`).
 pub const OUTBOX_IS_PARTITIONED: &str = "SELECT coalesce((SELECT c.relkind = 'p'
        FROM pg_class c WHERE c.oid = to_regclass('outbox_events')), false)";
 
-/// Step 1b on a partitioned outbox: the `created_at` range of the
+/// Step 0 of a claim on a partitioned outbox: the `created_at` range of the
 /// partitions that hold pending rows, from the first such partition's lower
 /// bound to the last one's upper bound, or two NULLs (no bound) when no
 /// partition holds one or a partition's bound is not a plain range (a
 /// default partition, `MINVALUE`). The walk reads only the partitions in
 /// that range: a key's pending rows may lie in any partition, so without it
 /// every partition's key-order index is probed for every key (a week of
-/// daily partitions cost the drain about a quarter of its rate).
+/// daily partitions cost the drain about a quarter of its rate), and the
+/// scan ([`OUTBOX_SCAN`]) plans and reads only those partitions.
 ///
 /// One probe per partition (the key-order index of each, pruned at
 /// execution to that partition's range), not per key. Safe for the
@@ -317,15 +291,62 @@ pub const OUTBOX_PENDING_RANGE: &str =
 /// plans), a bound prunes the partitions outside it; none folds away.
 macro_rules! pending_range {
     ($t:literal) => {
+        pending_range!($t, "$7", "$8")
+    };
+    ($t:literal, $lo:literal, $hi:literal) => {
         concat!(
-            "($7::timestamptz IS NULL OR ",
+            "(",
+            $lo,
+            "::timestamptz IS NULL OR ",
             $t,
-            ".created_at >= $7) AND ($8::timestamptz IS NULL OR ",
+            ".created_at >= ",
+            $lo,
+            ") AND (",
+            $hi,
+            "::timestamptz IS NULL OR ",
             $t,
-            ".created_at < $8)"
+            ".created_at < ",
+            $hi,
+            ")"
         )
     };
 }
+
+/// Step 1 of the outbox claim (see `store/claim.rs`): the due, unlocked
+/// rows after the cursor `($1, $2)` in `(scheduled_at, seq)` order (claim
+/// index), skipping $5 of them (a claimer spreading out), at most $3 of them, and at most $4 rows whose lease passed (lock
+/// index); on a partitioned outbox only in the partitions that hold pending
+/// rows ($8..$9, [`OUTBOX_PENDING_RANGE`]; NULL: no bound). Nothing is probed per row: whether a key can be handed out is
+/// found once per key by step 2. (A locked row is always pending, a check
+/// says so; leaving `status` out of the second scan keeps the planner from
+/// combining it with the key-order index.)
+pub const OUTBOX_SCAN: &str = concat!(
+    "SELECT * FROM (
+        SELECT r.topic, r.partition_key, r.scheduled_at, r.seq, false AS expired
+          FROM outbox_events r
+         WHERE r.status = 'pending' AND r.locked_at IS NULL AND r.scheduled_at <= now()
+           AND (r.scheduled_at, r.seq) > ($1, $2)
+           AND ($6::text IS NULL OR r.topic = $6)
+           AND ($7::text[] IS NULL OR r.topic = ANY($7))
+           AND ",
+    pending_range!("r", "$8", "$9"),
+    "
+         ORDER BY r.scheduled_at, r.seq
+         OFFSET $5
+         LIMIT $3) a
+    UNION ALL
+    SELECT * FROM (
+        SELECT r.topic, r.partition_key, r.scheduled_at, r.seq, true AS expired
+          FROM outbox_events r
+         WHERE r.locked_until <= now() AND r.scheduled_at <= now()
+           AND ($6::text IS NULL OR r.topic = $6)
+           AND ($7::text[] IS NULL OR r.topic = ANY($7))
+           AND ",
+    pending_range!("r", "$8", "$9"),
+    "
+         ORDER BY r.locked_until
+         LIMIT $4) b"
+);
 
 /// Step 2: for each key ($1 topics, $2 partition keys, in the claim's
 /// order; $7..$8, when not NULL, the `created_at` range of the partitions

@@ -334,6 +334,8 @@ impl<R: PgRoute> PgTable<R> {
             .begin_with(super::sql::CLAIM_BEGIN)
             .await
             .map_err(storage)?;
+        // The partitions the scan and the walk read (a partitioned outbox).
+        let (lo, hi) = self.pending_range(&mut tx).await?;
         let (keys, next) = if opts.keys.is_empty() {
             let scanned = sqlx::query(super::sql::OUTBOX_SCAN)
                 .bind(start.scheduled_at)
@@ -348,6 +350,8 @@ impl<R: PgRoute> PgTable<R> {
                     _ => None,
                 })
                 .bind(FetchFilters::pg(&opts.filters.topics).filter(|t| t.len() > 1))
+                .bind(lo)
+                .bind(hi)
                 .fetch_all(&mut *tx)
                 .await
                 .map_err(storage)?
@@ -380,7 +384,6 @@ impl<R: PgRoute> PgTable<R> {
             })
             .unzip();
         let (topics, partition_keys): (Vec<String>, Vec<String>) = keys.into_iter().unzip();
-        let (lo, hi) = self.pending_range(&mut tx).await?;
         let mut created = std::collections::HashMap::new();
         let walked: Vec<WalkColumns> = sqlx::query_as(super::sql::OUTBOX_WALK)
             .bind(topics)
