@@ -248,8 +248,13 @@ macro_rules! pg_table_sql {
 /// - its statements are prepared once per connection, and each execution
 ///   is still planned for its own parameters (a generic plan cached after
 ///   five runs must not decide how the claim reads the table).
+///
+/// `DateStyle` is ISO for the claim (sqlx asks for it when it connects; a
+/// connection string's `options` could ask otherwise): the partition bounds
+/// [`OUTBOX_PENDING_RANGE`] prints and reads back then carry numeric UTC
+/// offsets, never an ambiguous zone abbreviation.
 pub const CLAIM_BEGIN: &str = "BEGIN; SET LOCAL synchronous_commit = off; \
-     SET LOCAL plan_cache_mode = force_custom_plan";
+     SET LOCAL plan_cache_mode = force_custom_plan; SET LOCAL DateStyle = 'ISO, MDY'";
 
 /// Whether the outbox is a partitioned table (`migrate --partitioned`).
 pub const OUTBOX_IS_PARTITIONED: &str = "SELECT coalesce((SELECT c.relkind = 'p'
@@ -271,8 +276,8 @@ pub const OUTBOX_IS_PARTITIONED: &str = "SELECT coalesce((SELECT c.relkind = 'p'
 /// ran; a row committed into it since is one the walk may equally not have
 /// seen had it committed a moment later (each of the claim's statements
 /// reads its own snapshot), and it comes up in the next claim. The bounds
-/// are printed by `pg_get_expr` and read back in the same session (same
-/// `DateStyle` and `TimeZone`).
+/// are printed by `pg_get_expr` and read back in the same transaction
+/// (same `TimeZone`; `DateStyle` ISO, see [`CLAIM_BEGIN`]).
 pub const OUTBOX_PENDING_RANGE: &str =
     "SELECT CASE WHEN bool_or(p.lo IS NULL OR p.hi IS NULL) THEN NULL ELSE min(p.lo) END,
             CASE WHEN bool_or(p.lo IS NULL OR p.hi IS NULL) THEN NULL ELSE max(p.hi) END
