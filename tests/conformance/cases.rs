@@ -1321,8 +1321,6 @@ pub async fn filtered_claims_take_only_their_rows_from_an_index(db: &TestDb) {
                         .bind(0_i64)
                         .bind(Some(topic))
                         .bind(None::<Vec<String>>)
-                        .bind(None::<chrono::DateTime<chrono::Utc>>)
-                        .bind(None::<chrono::DateTime<chrono::Utc>>)
                         .persistent(false)
                         .fetch_all(&pool)
                         .await
@@ -1448,8 +1446,6 @@ pub async fn claim_is_served_by_the_index(db: &TestDb) {
                     .bind(0_i64)
                     .bind(None::<String>)
                     .bind(None::<Vec<String>>)
-                    .bind(None::<chrono::DateTime<chrono::Utc>>)
-                    .bind(None::<chrono::DateTime<chrono::Utc>>)
                     .persistent(false)
                     .fetch_all(&mut *tx)
                     .await
@@ -1465,8 +1461,6 @@ pub async fn claim_is_served_by_the_index(db: &TestDb) {
                     .bind(vec![None, Some(1_i64), None])
                     .bind(vec![None, Some(900_i64), None])
                     .bind("relay-1")
-                    .bind(None::<chrono::DateTime<chrono::Utc>>)
-                    .bind(None::<chrono::DateTime<chrono::Utc>>)
                     .persistent(false)
                     .fetch_all(&mut *tx)
                     .await

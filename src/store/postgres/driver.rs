@@ -111,8 +111,6 @@ impl Driver for PgStore {
         .bind(0_i64)
         .bind(None::<String>)
         .bind(None::<Vec<String>>)
-        .bind(None::<chrono::DateTime<chrono::Utc>>)
-        .bind(None::<chrono::DateTime<chrono::Utc>>)
         .persistent(false)
         .fetch_all(&mut *tx)
         .await

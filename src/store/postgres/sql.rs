@@ -260,59 +260,47 @@ pub const CLAIM_BEGIN: &str = "BEGIN; SET LOCAL synchronous_commit = off; \
 pub const OUTBOX_IS_PARTITIONED: &str = "SELECT coalesce((SELECT c.relkind = 'p'
        FROM pg_class c WHERE c.oid = to_regclass('outbox_events')), false)";
 
-/// Step 0 of a claim on a partitioned outbox: the `created_at` range of the
-/// partitions that hold pending rows, from the first such partition's lower
-/// bound to the last one's upper bound, or two NULLs (no bound) when no
-/// partition holds one or a partition's bound is not a plain range (a
-/// default partition, `MINVALUE`). The walk reads only the partitions in
-/// that range: a key's pending rows may lie in any partition, so without it
-/// every partition's key-order index is probed for every key (a week of
-/// daily partitions cost the drain about a quarter of its rate), and the
-/// scan ([`OUTBOX_SCAN`]) plans and reads only those partitions.
-///
-/// One probe per partition (the key-order index of each, pruned at
-/// execution to that partition's range), not per key. Safe for the
-/// claim's rules: a partition left out had no visible pending row when this
-/// ran; a row committed into it since is one the walk may equally not have
-/// seen had it committed a moment later (each of the claim's statements
-/// reads its own snapshot), and it comes up in the next claim. The bounds
-/// are printed by `pg_get_expr` and read back in the same transaction
-/// (same `TimeZone`; `DateStyle` ISO, see [`CLAIM_BEGIN`]).
-pub const OUTBOX_PENDING_RANGE: &str =
-    "SELECT CASE WHEN bool_or(p.lo IS NULL OR p.hi IS NULL) THEN NULL ELSE min(p.lo) END,
-            CASE WHEN bool_or(p.lo IS NULL OR p.hi IS NULL) THEN NULL ELSE max(p.hi) END
-      FROM (SELECT b[1]::timestamptz AS lo, b[2]::timestamptz AS hi
-              FROM pg_inherits i
-              JOIN pg_class c ON c.oid = i.inhrelid
-              LEFT JOIN LATERAL regexp_match(pg_get_expr(c.relpartbound, c.oid),
-                   '^FOR VALUES FROM \\(''([^'']+)''\\) TO \\(''([^'']+)''\\)$') AS b ON true
-             WHERE i.inhparent = to_regclass('outbox_events')) p
-     WHERE p.lo IS NULL OR p.hi IS NULL OR EXISTS (
-            SELECT 1 FROM outbox_events e
-             WHERE e.status = 'pending' AND e.created_at >= p.lo AND e.created_at < p.hi)";
-
-/// The walk's condition that a row lies in [`OUTBOX_PENDING_RANGE`]'s range
-/// ($7..$8; NULL: no bound). Planned for its values (the claim's custom
-/// plans), a bound prunes the partitions outside it; none folds away.
-macro_rules! pending_range {
-    ($t:literal) => {
-        pending_range!($t, "$7", "$8")
+/// The text of [`OUTBOX_PENDING_RANGE`], for the statements that embed it.
+macro_rules! pending_range_sql {
+    () => {
+        "SELECT CASE WHEN bool_or(p.lo IS NULL OR p.hi IS NULL) THEN NULL ELSE min(p.lo) END AS lo,
+                CASE WHEN bool_or(p.lo IS NULL OR p.hi IS NULL) THEN NULL ELSE max(p.hi) END AS hi
+          FROM (SELECT b[1]::timestamptz AS lo, b[2]::timestamptz AS hi
+                  FROM pg_inherits i
+                  JOIN pg_class c ON c.oid = i.inhrelid
+                  LEFT JOIN LATERAL regexp_match(pg_get_expr(c.relpartbound, c.oid),
+                       '^FOR VALUES FROM \\(''([^'']+)''\\) TO \\(''([^'']+)''\\)$') AS b ON true
+                 WHERE i.inhparent = to_regclass('outbox_events')) p
+         WHERE p.lo IS NULL OR p.hi IS NULL OR EXISTS (
+                SELECT 1 FROM outbox_events e
+                 WHERE e.status = 'pending' AND e.created_at >= p.lo AND e.created_at < p.hi)"
     };
-    ($t:literal, $lo:literal, $hi:literal) => {
+}
+
+/// On a partitioned outbox: the `created_at` range of the partitions that
+/// hold pending rows, from the first such partition's lower bound to the
+/// last one's upper bound (`lo`, `hi`), or two NULLs (no bound) when no
+/// partition holds one or a partition's bound is not a plain range (a
+/// default partition, `MINVALUE`). One probe per partition (the key-order
+/// index of each, pruned at execution to that partition's range). The
+/// bounds are printed by `pg_get_expr` and read back in the same statement
+/// (same `TimeZone`; `DateStyle` ISO, see [`CLAIM_BEGIN`]).
+///
+/// [`OUTBOX_WALK_PARTITIONED`] reads it in its own statement: see there
+/// why it must.
+pub const OUTBOX_PENDING_RANGE: &str = pending_range_sql!();
+
+/// The walk's condition that row `$t` lies in the range its statement read
+/// first (`pending_range`); an unbounded side is infinite. Both are values
+/// known only at execution, so the partitions outside are pruned then
+/// (their probes are never run), not at planning.
+macro_rules! in_pending_range {
+    ($t:literal) => {
         concat!(
-            "(",
-            $lo,
-            "::timestamptz IS NULL OR ",
             $t,
-            ".created_at >= ",
-            $lo,
-            ") AND (",
-            $hi,
-            "::timestamptz IS NULL OR ",
+            ".created_at >= coalesce((SELECT lo FROM pending_range), '-infinity') AND ",
             $t,
-            ".created_at < ",
-            $hi,
-            ")"
+            ".created_at < coalesce((SELECT hi FROM pending_range), 'infinity')"
         )
     };
 }
@@ -320,22 +308,17 @@ macro_rules! pending_range {
 /// Step 1 of the outbox claim (see `store/claim.rs`): the due, unlocked
 /// rows after the cursor `($1, $2)` in `(scheduled_at, seq)` order (claim
 /// index), skipping $5 of them (a claimer spreading out), at most $3 of them, and at most $4 rows whose lease passed (lock
-/// index); on a partitioned outbox only in the partitions that hold pending
-/// rows ($8..$9, [`OUTBOX_PENDING_RANGE`]; NULL: no bound). Nothing is probed per row: whether a key can be handed out is
+/// index). Nothing is probed per row: whether a key can be handed out is
 /// found once per key by step 2. (A locked row is always pending, a check
 /// says so; leaving `status` out of the second scan keeps the planner from
 /// combining it with the key-order index.)
-pub const OUTBOX_SCAN: &str = concat!(
-    "SELECT * FROM (
+pub const OUTBOX_SCAN: &str = "SELECT * FROM (
         SELECT r.topic, r.partition_key, r.scheduled_at, r.seq, false AS expired
           FROM outbox_events r
          WHERE r.status = 'pending' AND r.locked_at IS NULL AND r.scheduled_at <= now()
            AND (r.scheduled_at, r.seq) > ($1, $2)
            AND ($6::text IS NULL OR r.topic = $6)
            AND ($7::text[] IS NULL OR r.topic = ANY($7))
-           AND ",
-    pending_range!("r", "$8", "$9"),
-    "
          ORDER BY r.scheduled_at, r.seq
          OFFSET $5
          LIMIT $3) a
@@ -346,16 +329,60 @@ pub const OUTBOX_SCAN: &str = concat!(
          WHERE r.locked_until <= now() AND r.scheduled_at <= now()
            AND ($6::text IS NULL OR r.topic = $6)
            AND ($7::text[] IS NULL OR r.topic = ANY($7))
-           AND ",
-    pending_range!("r", "$8", "$9"),
-    "
          ORDER BY r.locked_until
-         LIMIT $4) b"
-);
+         LIMIT $4) b";
+
+/// The walk's text: `$with` before it, `$e`/`$g` the range conditions of
+/// its probes (see [`OUTBOX_WALK`], [`OUTBOX_WALK_PARTITIONED`]).
+macro_rules! outbox_walk {
+    ($with:expr, $e:expr, $g:expr) => {
+        concat!(
+    $with,
+    "SELECT k.ord, w.id, w.seq, w.created_at, ", ready!("w", "now()"), " AS ready, w.last_error IS NOT NULL AS tried,
+            (w.locked_at IS NOT NULL AND w.locked_until > now()) AS locked, w.bytes
+      FROM unnest($1::text[], $2::text[], $4::int8[], $5::int8[])
+           WITH ORDINALITY AS k(topic, partition_key, own_first, own_last, ord)
+     CROSS JOIN LATERAL (
+        SELECT e.seq, e.last_error IS NOT NULL AS tried, ", ready!("e", "now()"), " AS ready
+          FROM outbox_events e
+         WHERE e.status = 'pending' AND e.topic = k.topic AND e.partition_key = k.partition_key
+           AND ", active!("e", soon!()), " AND ", $e, "
+         ORDER BY e.seq LIMIT 1) f
+     CROSS JOIN LATERAL (
+        SELECT CASE WHEN k.own_first IS NOT NULL AND f.seq >= k.own_first AND NOT EXISTS (
+                        SELECT 1 FROM outbox_events g
+                         WHERE g.status = 'pending' AND g.topic = k.topic AND g.partition_key = k.partition_key
+                           AND g.seq >= f.seq AND g.seq <= k.own_last AND ", active!("g", soon!()), "
+                           AND ", $g, "
+                           AND NOT coalesce(g.locked_by = $6 AND g.locked_until > now(), false))
+                    THEN k.own_last + 1
+                    ELSE f.seq END AS seq
+        OFFSET 0) s
+     CROSS JOIN LATERAL (
+        SELECT f.seq, f.tried, f.ready WHERE s.seq = f.seq
+        UNION ALL
+        (SELECT e.seq, e.last_error IS NOT NULL AS tried, ", ready!("e", "now()"), " AS ready
+          FROM outbox_events e
+         WHERE s.seq <> f.seq
+           AND e.status = 'pending' AND e.topic = k.topic AND e.partition_key = k.partition_key
+           AND e.seq >= s.seq AND ", active!("e", soon!()), " AND ", $e, "
+         ORDER BY e.seq LIMIT 1)) h
+     CROSS JOIN LATERAL (
+        SELECT e.id, e.seq, e.locked_at, e.locked_until, e.scheduled_at, e.last_error, e.created_at,
+               ", payload_bytes!("e"), " AS bytes
+          FROM outbox_events e
+         WHERE h.ready AND e.status = 'pending' AND e.topic = k.topic AND e.partition_key = k.partition_key
+           AND e.seq >= h.seq
+           AND ", active!("e", soon!()), " AND ", $e, "
+         ORDER BY e.seq
+         LIMIT CASE WHEN h.tried THEN 2 ELSE $3 END) w
+     LIMIT $3 + cardinality($1)"
+        )
+    };
+}
 
 /// Step 2: for each key ($1 topics, $2 partition keys, in the claim's
-/// order; $7..$8, when not NULL, the `created_at` range of the partitions
-/// that hold pending rows, [`OUTBOX_PENDING_RANGE`]), its head (first active row: one probe of the key-order index,
+/// order), its head (first active row: one probe of the key-order index,
 /// `f`), and, when the head can be handed out, its active rows from the head
 /// (the head and the row after it when the head was tried: a tried head
 /// goes alone, and the next row shows whether the key is still in flight),
@@ -380,46 +407,31 @@ pub const OUTBOX_SCAN: &str = concat!(
 /// 6.1 ms. (A cached generic plan for the walk, which no parameter's value
 /// changes, saved its planning, 0.5 ms a claim, but moved neither the
 /// relay's rate nor its latency measurably; the claim keeps custom plans.)
-pub const OUTBOX_WALK: &str = concat!(
-    "SELECT k.ord, w.id, w.seq, w.created_at, ", ready!("w", "now()"), " AS ready, w.last_error IS NOT NULL AS tried,
-            (w.locked_at IS NOT NULL AND w.locked_until > now()) AS locked, w.bytes
-      FROM unnest($1::text[], $2::text[], $4::int8[], $5::int8[])
-           WITH ORDINALITY AS k(topic, partition_key, own_first, own_last, ord)
-     CROSS JOIN LATERAL (
-        SELECT e.seq, e.last_error IS NOT NULL AS tried, ", ready!("e", "now()"), " AS ready
-          FROM outbox_events e
-         WHERE e.status = 'pending' AND e.topic = k.topic AND e.partition_key = k.partition_key
-           AND ", active!("e", soon!()), " AND ", pending_range!("e"), "
-         ORDER BY e.seq LIMIT 1) f
-     CROSS JOIN LATERAL (
-        SELECT CASE WHEN k.own_first IS NOT NULL AND f.seq >= k.own_first AND NOT EXISTS (
-                        SELECT 1 FROM outbox_events g
-                         WHERE g.status = 'pending' AND g.topic = k.topic AND g.partition_key = k.partition_key
-                           AND g.seq >= f.seq AND g.seq <= k.own_last AND ", active!("g", soon!()), "
-                           AND ", pending_range!("g"), "
-                           AND NOT coalesce(g.locked_by = $6 AND g.locked_until > now(), false))
-                    THEN k.own_last + 1
-                    ELSE f.seq END AS seq
-        OFFSET 0) s
-     CROSS JOIN LATERAL (
-        SELECT f.seq, f.tried, f.ready WHERE s.seq = f.seq
-        UNION ALL
-        (SELECT e.seq, e.last_error IS NOT NULL AS tried, ", ready!("e", "now()"), " AS ready
-          FROM outbox_events e
-         WHERE s.seq <> f.seq
-           AND e.status = 'pending' AND e.topic = k.topic AND e.partition_key = k.partition_key
-           AND e.seq >= s.seq AND ", active!("e", soon!()), " AND ", pending_range!("e"), "
-         ORDER BY e.seq LIMIT 1)) h
-     CROSS JOIN LATERAL (
-        SELECT e.id, e.seq, e.locked_at, e.locked_until, e.scheduled_at, e.last_error, e.created_at,
-               ", payload_bytes!("e"), " AS bytes
-          FROM outbox_events e
-         WHERE h.ready AND e.status = 'pending' AND e.topic = k.topic AND e.partition_key = k.partition_key
-           AND e.seq >= h.seq
-           AND ", active!("e", soon!()), " AND ", pending_range!("e"), "
-         ORDER BY e.seq
-         LIMIT CASE WHEN h.tried THEN 2 ELSE $3 END) w
-     LIMIT $3 + cardinality($1)"
+pub const OUTBOX_WALK: &str = outbox_walk!("", "true", "true");
+
+/// [`OUTBOX_WALK`] on a partitioned outbox: its probes read only the
+/// partitions that hold pending rows ([`OUTBOX_PENDING_RANGE`], read first
+/// in the same statement). A key's pending rows may lie in any partition,
+/// so unbounded the walk probes every partition's key-order index for
+/// every key (a week of daily partitions cost the drain about a quarter of
+/// its rate); this costs one probe per partition per claim.
+///
+/// The range must be read in the walk's own snapshot. A partition left out
+/// had no visible pending row in it, so every row the walk leaves out was
+/// not visible to the walk at all, as on a plain table. Read by an earlier
+/// statement, it broke a transaction's atomicity: rows one transaction
+/// inserts into two partitions (an older `created_at` and today's) could
+/// show the walk the later row without the earlier one, which lay in a
+/// partition left out when the range was read before the commit (the
+/// randomized model test found this).
+pub const OUTBOX_WALK_PARTITIONED: &str = outbox_walk!(
+    concat!(
+        "WITH pending_range AS MATERIALIZED (",
+        pending_range_sql!(),
+        ") "
+    ),
+    in_pending_range!("e"),
+    in_pending_range!("g")
 );
 
 /// Step 3a: lock planned rows (first the heads of the runs, then the rest

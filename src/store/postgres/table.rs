@@ -286,15 +286,14 @@ impl<R: PgRoute> PgTable<R> {
             .map_err(storage)
     }
 
-    /// The `created_at` range the claim's walk reads
-    /// ([`OUTBOX_PENDING_RANGE`](super::sql::OUTBOX_PENDING_RANGE)): on a
-    /// partitioned outbox, the partitions holding pending rows; on a plain
-    /// one, no bound (and no statement: whether the table is partitioned is
-    /// asked once a minute).
-    async fn pending_range(
-        &self,
-        tx: &mut sqlx::Transaction<'_, Postgres>,
-    ) -> Result<(Option<Timestamp>, Option<Timestamp>)> {
+    /// The claim's walk for this outbox: on a partitioned table
+    /// [`OUTBOX_WALK_PARTITIONED`](super::sql::OUTBOX_WALK_PARTITIONED),
+    /// which reads only the partitions holding pending rows. Whether the
+    /// table is partitioned is asked once a minute per store; a stale
+    /// answer costs speed, never order (either walk is right on either
+    /// table: on a plain one the partitioned walk finds no partitions and
+    /// no bound).
+    async fn walk_sql(&self, tx: &mut sqlx::Transaction<'_, Postgres>) -> Result<&'static str> {
         let partitioned = match self.layout.partitioned() {
             Some(p) => p,
             None => {
@@ -306,13 +305,11 @@ impl<R: PgRoute> PgTable<R> {
                 p
             }
         };
-        if !partitioned {
-            return Ok((None, None));
-        }
-        sqlx::query_as(super::sql::OUTBOX_PENDING_RANGE)
-            .fetch_one(&mut **tx)
-            .await
-            .map_err(storage)
+        Ok(if partitioned {
+            super::sql::OUTBOX_WALK_PARTITIONED
+        } else {
+            super::sql::OUTBOX_WALK
+        })
     }
 
     /// The outbox claim (see `store/claim.rs`): discover open keys and walk
@@ -334,8 +331,6 @@ impl<R: PgRoute> PgTable<R> {
             .begin_with(super::sql::CLAIM_BEGIN)
             .await
             .map_err(storage)?;
-        // The partitions the scan and the walk read (a partitioned outbox).
-        let (lo, hi) = self.pending_range(&mut tx).await?;
         let (keys, next) = if opts.keys.is_empty() {
             let scanned = sqlx::query(super::sql::OUTBOX_SCAN)
                 .bind(start.scheduled_at)
@@ -350,8 +345,6 @@ impl<R: PgRoute> PgTable<R> {
                     _ => None,
                 })
                 .bind(FetchFilters::pg(&opts.filters.topics).filter(|t| t.len() > 1))
-                .bind(lo)
-                .bind(hi)
                 .fetch_all(&mut *tx)
                 .await
                 .map_err(storage)?
@@ -384,16 +377,15 @@ impl<R: PgRoute> PgTable<R> {
             })
             .unzip();
         let (topics, partition_keys): (Vec<String>, Vec<String>) = keys.into_iter().unzip();
+        let walk = self.walk_sql(&mut tx).await?;
         let mut created = std::collections::HashMap::new();
-        let walked: Vec<WalkColumns> = sqlx::query_as(super::sql::OUTBOX_WALK)
+        let walked: Vec<WalkColumns> = sqlx::query_as(walk)
             .bind(topics)
             .bind(partition_keys)
             .bind(i64::from(opts.limit))
             .bind(own_first)
             .bind(own_last)
             .bind(opts.worker.as_str())
-            .bind(lo)
-            .bind(hi)
             .fetch_all(&mut *tx)
             .await
             .map_err(storage)?;
