@@ -201,6 +201,14 @@ impl Sink for Scripted {
     }
 }
 
+/// Which rows a schedule dates a day back (`Plan::backdate`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Backdate {
+    Never,
+    Any,
+    Meanwhile,
+}
+
 /// The knobs of one schedule, drawn from its seed.
 #[derive(Debug, Clone)]
 struct Plan {
@@ -213,11 +221,13 @@ struct Plan {
     max_attempts: i32,
     /// Partitioned tables: a quarter of the rows are dated a day back (in
     /// yesterday's partition), so the claim's walk reads keys over two
-    /// partitions, and its range of partitions with pending rows moves.
-    backdate: bool,
+    /// partitions, and its range of partitions with pending rows moves;
+    /// in half the schedules only rows inserted while the relays run, so
+    /// the walk's range hint (read while yesterday held none) goes stale.
+    backdate: Backdate,
 }
 
-fn event(rng: &mut fastrand::Rng, plan: &Plan, n: usize) -> OutboxEvent {
+fn event(rng: &mut fastrand::Rng, plan: &Plan, n: usize, meanwhile: bool) -> OutboxEvent {
     let key = rng.usize(0..plan.keys);
     let topic = format!("t{}", rng.usize(0..plan.topics));
     let mut e = NewOutboxEvent::new(
@@ -230,7 +240,12 @@ fn event(rng: &mut fastrand::Rng, plan: &Plan, n: usize) -> OutboxEvent {
     );
     e.max_attempts = Some(rng.i32(1..=plan.max_attempts));
     let now = omnibox::time::now();
-    if plan.backdate && rng.u8(0..4) == 0 {
+    let backdate = match plan.backdate {
+        Backdate::Never => false,
+        Backdate::Any => true,
+        Backdate::Meanwhile => meanwhile,
+    };
+    if backdate && rng.u8(0..4) == 0 {
         e.created_at = Some(now - chrono::Duration::hours(24));
     }
     e.scheduled_at = match rng.u8(0..20) {
@@ -358,7 +373,11 @@ async fn schedule(store: &AnyStore, seed: u64) -> Result<Plan, String> {
         final_relays: rng.usize(1..=4),
         chaos: Duration::from_millis(rng.u64(50..400)),
         max_attempts: rng.i32(1..=4),
-        backdate: partitioned,
+        backdate: match (partitioned, rng.bool()) {
+            (false, _) => Backdate::Never,
+            (true, true) => Backdate::Any,
+            (true, false) => Backdate::Meanwhile,
+        },
     };
     let sink = Arc::new(Scripted {
         seed,
@@ -380,7 +399,7 @@ async fn schedule(store: &AnyStore, seed: u64) -> Result<Plan, String> {
         let batch: Vec<OutboxEvent> = (0..chunk)
             .map(|_| {
                 n += 1;
-                event(&mut rng, &plan, n)
+                event(&mut rng, &plan, n, false)
             })
             .collect();
         note_later(&batch, &mut scheduled_later);
@@ -429,7 +448,7 @@ async fn schedule(store: &AnyStore, seed: u64) -> Result<Plan, String> {
                 let batch: Vec<OutboxEvent> = (0..rng.usize(1..5))
                     .map(|_| {
                         n += 1;
-                        event(&mut rng, &plan, n)
+                        event(&mut rng, &plan, n, true)
                     })
                     .collect();
                 note_later(&batch, &mut scheduled_later);
@@ -834,6 +853,10 @@ async fn model_schedules_postgres() {
 /// partition, a quarter of the rows dated into yesterday's), half as many.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn model_schedules_postgres_partitioned() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(std::env::var("OMNIBOX_TEST_LOG").unwrap_or_else(|_| "off".into()))
+        .with_writer(std::io::stderr)
+        .try_init();
     let mut dbs = Vec::new();
     for _ in 0..2 {
         let Some(db) = common::postgres().await else {

@@ -99,7 +99,13 @@ pub struct StoreTable<DB: sqlx::Database, R> {
 #[derive(Debug, Default)]
 pub(crate) struct Layout {
     partitioned: std::sync::Mutex<Option<(std::time::Instant, bool)>>,
+    /// Where pending rows lie (a partitioned outbox): a hint the walk
+    /// checks, kept a second.
+    range: std::sync::Mutex<Option<(std::time::Instant, Bounds)>>,
 }
+
+/// A `created_at` range (NULL: no bound).
+type Bounds = (Option<Timestamp>, Option<Timestamp>);
 
 impl Layout {
     /// How long an answer is kept.
@@ -116,6 +122,28 @@ impl Layout {
     pub(super) fn set_partitioned(&self, partitioned: bool) {
         let mut cell = self.partitioned.lock().unwrap_or_else(|e| e.into_inner());
         *cell = Some((std::time::Instant::now(), partitioned));
+    }
+
+    /// How long a range hint is kept.
+    const KEEP_RANGE: Duration = Duration::from_secs(1);
+
+    /// The range hint, when recent.
+    pub(super) fn range(&self) -> Option<Bounds> {
+        let cell = self.range.lock().unwrap_or_else(|e| e.into_inner());
+        cell.filter(|(at, _)| at.elapsed() < Self::KEEP_RANGE)
+            .map(|(_, r)| r)
+    }
+
+    /// Records the range just read.
+    pub(super) fn set_range(&self, range: Bounds) {
+        let mut cell = self.range.lock().unwrap_or_else(|e| e.into_inner());
+        *cell = Some((std::time::Instant::now(), range));
+    }
+
+    /// Drops the range hint (a walk found it stale).
+    pub(super) fn forget_range(&self) {
+        let mut cell = self.range.lock().unwrap_or_else(|e| e.into_inner());
+        *cell = None;
     }
 }
 

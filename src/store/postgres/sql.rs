@@ -260,23 +260,6 @@ pub const CLAIM_BEGIN: &str = "BEGIN; SET LOCAL synchronous_commit = off; \
 pub const OUTBOX_IS_PARTITIONED: &str = "SELECT coalesce((SELECT c.relkind = 'p'
        FROM pg_class c WHERE c.oid = to_regclass('outbox_events')), false)";
 
-/// The text of [`OUTBOX_PENDING_RANGE`], for the statements that embed it.
-macro_rules! pending_range_sql {
-    () => {
-        "SELECT CASE WHEN bool_or(p.lo IS NULL OR p.hi IS NULL) THEN NULL ELSE min(p.lo) END AS lo,
-                CASE WHEN bool_or(p.lo IS NULL OR p.hi IS NULL) THEN NULL ELSE max(p.hi) END AS hi
-          FROM (SELECT b[1]::timestamptz AS lo, b[2]::timestamptz AS hi
-                  FROM pg_inherits i
-                  JOIN pg_class c ON c.oid = i.inhrelid
-                  LEFT JOIN LATERAL regexp_match(pg_get_expr(c.relpartbound, c.oid),
-                       '^FOR VALUES FROM \\(''([^'']+)''\\) TO \\(''([^'']+)''\\)$') AS b ON true
-                 WHERE i.inhparent = to_regclass('outbox_events')) p
-         WHERE p.lo IS NULL OR p.hi IS NULL OR EXISTS (
-                SELECT 1 FROM outbox_events e
-                 WHERE e.status = 'pending' AND e.created_at >= p.lo AND e.created_at < p.hi)"
-    };
-}
-
 /// On a partitioned outbox: the `created_at` range of the partitions that
 /// hold pending rows, from the first such partition's lower bound to the
 /// last one's upper bound (`lo`, `hi`), or two NULLs (no bound) when no
@@ -286,21 +269,32 @@ macro_rules! pending_range_sql {
 /// bounds are printed by `pg_get_expr` and read back in the same statement
 /// (same `TimeZone`; `DateStyle` ISO, see [`CLAIM_BEGIN`]).
 ///
-/// [`OUTBOX_WALK_PARTITIONED`] reads it in its own statement: see there
-/// why it must.
-pub const OUTBOX_PENDING_RANGE: &str = pending_range_sql!();
+/// A hint for [`OUTBOX_WALK_PARTITIONED`], which checks it in its own
+/// snapshot.
+pub const OUTBOX_PENDING_RANGE: &str =
+    "SELECT CASE WHEN bool_or(p.lo IS NULL OR p.hi IS NULL) THEN NULL ELSE min(p.lo) END AS lo,
+                CASE WHEN bool_or(p.lo IS NULL OR p.hi IS NULL) THEN NULL ELSE max(p.hi) END AS hi
+          FROM (SELECT b[1]::timestamptz AS lo, b[2]::timestamptz AS hi
+                  FROM pg_inherits i
+                  JOIN pg_class c ON c.oid = i.inhrelid
+                  LEFT JOIN LATERAL regexp_match(pg_get_expr(c.relpartbound, c.oid),
+                       '^FOR VALUES FROM \\(''([^'']+)''\\) TO \\(''([^'']+)''\\)$') AS b ON true
+                 WHERE i.inhparent = to_regclass('outbox_events')) p
+         WHERE p.lo IS NULL OR p.hi IS NULL OR EXISTS (
+                SELECT 1 FROM outbox_events e
+                 WHERE e.status = 'pending' AND e.created_at >= p.lo AND e.created_at < p.hi)";
 
-/// The walk's condition that row `$t` lies in the range its statement read
-/// first (`pending_range`); an unbounded side is infinite. Both are values
-/// known only at execution, so the partitions outside are pruned then
-/// (their probes are never run), not at planning.
-macro_rules! in_pending_range {
+/// The partitioned walk's condition that row `$t` lies in its hint's
+/// range ($7..$8; NULL: no bound). Planned for the values (the claim's
+/// custom plans), a bound prunes the partitions outside it.
+macro_rules! pending_range {
     ($t:literal) => {
         concat!(
+            "($7::timestamptz IS NULL OR ",
             $t,
-            ".created_at >= coalesce((SELECT lo FROM pending_range), '-infinity') AND ",
+            ".created_at >= $7) AND ($8::timestamptz IS NULL OR ",
             $t,
-            ".created_at < coalesce((SELECT hi FROM pending_range), 'infinity')"
+            ".created_at < $8)"
         )
     };
 }
@@ -332,14 +326,13 @@ pub const OUTBOX_SCAN: &str = "SELECT * FROM (
          ORDER BY r.locked_until
          LIMIT $4) b";
 
-/// The walk's text: `$with` before it, `$e`/`$g` the range conditions of
-/// its probes (see [`OUTBOX_WALK`], [`OUTBOX_WALK_PARTITIONED`]).
+/// The walk's text: `$e`/`$g` the range conditions of its probes, `$stale`
+/// its guard column (see [`OUTBOX_WALK`], [`OUTBOX_WALK_PARTITIONED`]).
 macro_rules! outbox_walk {
-    ($with:expr, $e:expr, $g:expr) => {
+    ($e:expr, $g:expr, $stale:expr) => {
         concat!(
-    $with,
     "SELECT k.ord, w.id, w.seq, w.created_at, ", ready!("w", "now()"), " AS ready, w.last_error IS NOT NULL AS tried,
-            (w.locked_at IS NOT NULL AND w.locked_until > now()) AS locked, w.bytes
+            (w.locked_at IS NOT NULL AND w.locked_until > now()) AS locked, w.bytes, ", $stale, " AS stale
       FROM unnest($1::text[], $2::text[], $4::int8[], $5::int8[])
            WITH ORDINALITY AS k(topic, partition_key, own_first, own_last, ord)
      CROSS JOIN LATERAL (
@@ -407,31 +400,31 @@ macro_rules! outbox_walk {
 /// 6.1 ms. (A cached generic plan for the walk, which no parameter's value
 /// changes, saved its planning, 0.5 ms a claim, but moved neither the
 /// relay's rate nor its latency measurably; the claim keeps custom plans.)
-pub const OUTBOX_WALK: &str = outbox_walk!("", "true", "true");
+pub const OUTBOX_WALK: &str = outbox_walk!("true", "true", "false");
 
 /// [`OUTBOX_WALK`] on a partitioned outbox: its probes read only the
-/// partitions that hold pending rows ([`OUTBOX_PENDING_RANGE`], read first
-/// in the same statement). A key's pending rows may lie in any partition,
-/// so unbounded the walk probes every partition's key-order index for
-/// every key (a week of daily partitions cost the drain about a quarter of
-/// its rate); this costs one probe per partition per claim.
+/// partitions in `created_at` range $7..$8 (NULL: no bound), a hint of
+/// where pending rows lie ([`OUTBOX_PENDING_RANGE`], read earlier).
+/// Planned for its values, it prunes the other partitions at planning. A
+/// key's pending rows may lie in any partition, so unbounded the walk
+/// probes every partition's key-order index for every key (a week of daily
+/// partitions cost the drain about a quarter of its rate).
 ///
-/// The range must be read in the walk's own snapshot. A partition left out
-/// had no visible pending row in it, so every row the walk leaves out was
-/// not visible to the walk at all, as on a plain table. Read by an earlier
-/// statement, it broke a transaction's atomicity: rows one transaction
-/// inserts into two partitions (an older `created_at` and today's) could
-/// show the walk the later row without the earlier one, which lay in a
-/// partition left out when the range was read before the commit (the
-/// randomized model test found this).
+/// `stale`: whether a pending row lies outside the range, in the walk's
+/// own snapshot (one probe of each partition left out, per claim, not per
+/// key). When it is false, the partitions left out hold no pending row the
+/// walk could see, so the pruned walk reads what the whole walk would. When
+/// it is true, the caller drops the result and walks again without a
+/// bound. The hint alone is not enough: read by an earlier statement, it
+/// broke a transaction's atomicity (rows one transaction inserts into two
+/// partitions, an older `created_at` and today's, could show the walk the
+/// later row without the earlier one; the randomized model test found
+/// this).
 pub const OUTBOX_WALK_PARTITIONED: &str = outbox_walk!(
-    concat!(
-        "WITH pending_range AS MATERIALIZED (",
-        pending_range_sql!(),
-        ") "
-    ),
-    in_pending_range!("e"),
-    in_pending_range!("g")
+    pending_range!("e"),
+    pending_range!("g"),
+    "(SELECT EXISTS (SELECT 1 FROM outbox_events x
+        WHERE x.status = 'pending' AND (x.created_at < $7 OR x.created_at >= $8)))"
 );
 
 /// Step 3a: lock planned rows (first the heads of the runs, then the rest

@@ -242,7 +242,20 @@ async fn lock_ready(
 
 /// A row of the outbox's walk, its columns in order: ord, id, seq,
 /// created_at, ready, tried, locked, bytes.
-type WalkColumns = (i64, Uuid, i64, Timestamp, bool, bool, bool, i64);
+type WalkColumns = (i64, Uuid, i64, Timestamp, bool, bool, bool, i64, bool);
+
+/// A `created_at` range (NULL: no bound).
+pub(crate) type Bounds = (Option<Timestamp>, Option<Timestamp>);
+
+/// What the claim's walk binds.
+struct WalkKeys<'a> {
+    topics: Vec<String>,
+    partition_keys: Vec<String>,
+    limit: i64,
+    own_first: Vec<Option<i64>>,
+    own_last: Vec<Option<i64>>,
+    worker: &'a str,
+}
 
 impl<R: PgRoute> PgTable<R> {
     /// Runs the failure statement for `failures` of `token`'s claim;
@@ -286,30 +299,80 @@ impl<R: PgRoute> PgTable<R> {
             .map_err(storage)
     }
 
-    /// The claim's walk for this outbox: on a partitioned table
-    /// [`OUTBOX_WALK_PARTITIONED`](super::sql::OUTBOX_WALK_PARTITIONED),
-    /// which reads only the partitions holding pending rows. Whether the
-    /// table is partitioned is asked once a minute per store; a stale
-    /// answer costs speed, never order (either walk is right on either
-    /// table: on a plain one the partitioned walk finds no partitions and
-    /// no bound).
-    async fn walk_sql(&self, tx: &mut sqlx::Transaction<'_, Postgres>) -> Result<&'static str> {
-        let partitioned = match self.layout.partitioned() {
-            Some(p) => p,
-            None => {
-                let p: bool = sqlx::query_scalar(super::sql::OUTBOX_IS_PARTITIONED)
-                    .fetch_one(&mut **tx)
-                    .await
-                    .map_err(storage)?;
-                self.layout.set_partitioned(p);
-                p
+    /// Whether this outbox is partitioned, asked once a minute per store.
+    /// A stale answer costs speed, never order: the plain walk is right on
+    /// any table, and the partitioned one on a plain table finds no range.
+    async fn partitioned(&self, tx: &mut sqlx::Transaction<'_, Postgres>) -> Result<bool> {
+        if let Some(p) = self.layout.partitioned() {
+            return Ok(p);
+        }
+        let p: bool = sqlx::query_scalar(super::sql::OUTBOX_IS_PARTITIONED)
+            .fetch_one(&mut **tx)
+            .await
+            .map_err(storage)?;
+        self.layout.set_partitioned(p);
+        Ok(p)
+    }
+
+    /// The hint of where pending rows lie
+    /// ([`OUTBOX_PENDING_RANGE`](super::sql::OUTBOX_PENDING_RANGE)), read
+    /// again after a second or once a walk found it stale.
+    async fn range_hint(&self, tx: &mut sqlx::Transaction<'_, Postgres>) -> Result<Bounds> {
+        if let Some(range) = self.layout.range() {
+            return Ok(range);
+        }
+        let range: Bounds = sqlx::query_as(super::sql::OUTBOX_PENDING_RANGE)
+            .fetch_one(&mut **tx)
+            .await
+            .map_err(storage)?;
+        self.layout.set_range(range);
+        Ok(range)
+    }
+
+    /// The claim's walk (step 2): on a partitioned table pruned to the
+    /// range hint, and walked again without a bound when the walk's own
+    /// snapshot says a pending row lies outside it
+    /// ([`OUTBOX_WALK_PARTITIONED`](super::sql::OUTBOX_WALK_PARTITIONED)).
+    async fn walk(
+        &self,
+        tx: &mut sqlx::Transaction<'_, Postgres>,
+        keys: &WalkKeys<'_>,
+    ) -> Result<Vec<WalkColumns>> {
+        let run = |sql: &'static str, range: Option<Bounds>| {
+            let mut q = sqlx::query_as(sql)
+                .bind(&keys.topics)
+                .bind(&keys.partition_keys)
+                .bind(keys.limit)
+                .bind(&keys.own_first)
+                .bind(&keys.own_last)
+                .bind(keys.worker);
+            if let Some((lo, hi)) = range {
+                q = q.bind(lo).bind(hi);
             }
+            q
         };
-        Ok(if partitioned {
-            super::sql::OUTBOX_WALK_PARTITIONED
-        } else {
-            super::sql::OUTBOX_WALK
-        })
+        if !self.partitioned(tx).await? {
+            return run(super::sql::OUTBOX_WALK, None)
+                .fetch_all(&mut **tx)
+                .await
+                .map_err(storage);
+        }
+        let range = self.range_hint(tx).await?;
+        let walked: Vec<WalkColumns> = run(super::sql::OUTBOX_WALK_PARTITIONED, Some(range))
+            .fetch_all(&mut **tx)
+            .await
+            .map_err(storage)?;
+        if !walked.iter().any(|w| w.8) {
+            return Ok(walked);
+        }
+        tracing::debug!(
+            "a pending row lies outside the partitions the claim's range hint named; walking them all"
+        );
+        self.layout.forget_range();
+        run(super::sql::OUTBOX_WALK_PARTITIONED, Some((None, None)))
+            .fetch_all(&mut **tx)
+            .await
+            .map_err(storage)
     }
 
     /// The outbox claim (see `store/claim.rs`): discover open keys and walk
@@ -377,33 +440,33 @@ impl<R: PgRoute> PgTable<R> {
             })
             .unzip();
         let (topics, partition_keys): (Vec<String>, Vec<String>) = keys.into_iter().unzip();
-        let walk = self.walk_sql(&mut tx).await?;
         let mut created = std::collections::HashMap::new();
-        let walked: Vec<WalkColumns> = sqlx::query_as(walk)
-            .bind(topics)
-            .bind(partition_keys)
-            .bind(i64::from(opts.limit))
-            .bind(own_first)
-            .bind(own_last)
-            .bind(opts.worker.as_str())
-            .fetch_all(&mut *tx)
-            .await
-            .map_err(storage)?;
+        let walk_keys = WalkKeys {
+            topics,
+            partition_keys,
+            limit: i64::from(opts.limit),
+            own_first,
+            own_last,
+            worker: opts.worker.as_str(),
+        };
+        let walked = self.walk(&mut tx, &walk_keys).await?;
         let walked: Vec<WalkRow> = walked
             .into_iter()
-            .map(|(key, id, seq, created_at, ready, tried, locked, bytes)| {
-                created.insert(id, created_at);
-                let bytes = bytes.max(0) as u64;
-                WalkRow {
-                    key,
-                    id,
-                    seq,
-                    ready,
-                    tried,
-                    locked,
-                    bytes,
-                }
-            })
+            .map(
+                |(key, id, seq, created_at, ready, tried, locked, bytes, _)| {
+                    created.insert(id, created_at);
+                    let bytes = bytes.max(0) as u64;
+                    WalkRow {
+                        key,
+                        id,
+                        seq,
+                        ready,
+                        tried,
+                        locked,
+                        bytes,
+                    }
+                },
+            )
             .collect();
         let runs = claim::plan(&walked, limit, opts.max_bytes);
         if runs.is_empty() {
