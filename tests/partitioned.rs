@@ -927,6 +927,30 @@ async fn the_walk_reads_only_partitions_with_pending_rows_and_keeps_key_order() 
     // A hint that leaves out four days ago, where "held" and "due" have
     // their heads: the guard says so (the store then walks unbounded).
     assert_eq!(walk(Some(today()), hi, false).await, vec!["true"]);
+    // The scan, given the range, plans only its partitions too.
+    let sql = format!(
+        "EXPLAIN (COSTS OFF) {}",
+        omnibox::store::postgres::OUTBOX_SCAN_PARTITIONED
+    );
+    let scan: Vec<String> = sqlx::query_scalar(sqlx::AssertSqlSafe(sql))
+        .bind(DateTime::from_timestamp(-62_135_596_800, 0).unwrap())
+        .bind(0_i64)
+        .bind(10_i64)
+        .bind(10_i64)
+        .bind(0_i64)
+        .bind(None::<String>)
+        .bind(None::<Vec<String>>)
+        .bind(lo)
+        .bind(hi)
+        .persistent(false)
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+    let scan = scan.join("\n");
+    assert!(scan.contains(&today_name), "{scan}");
+    for days in [6, 5] {
+        assert!(!scan.contains(&starts[&days].0), "{scan}");
+    }
 
     // The claim: "due" from its old head on, "new"; "held" waits for its
     // head's retry, its later row with it.

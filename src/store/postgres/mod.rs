@@ -46,8 +46,8 @@ pub use inbox_tx::{
 pub use insert::{insert_inbox, insert_outbox, insert_outbox_stream};
 #[doc(hidden)]
 pub use sql::{
-    INBOX_CLAIM, OUTBOX_IS_PARTITIONED, OUTBOX_PENDING_RANGE, OUTBOX_SCAN, OUTBOX_WALK,
-    OUTBOX_WALK_PARTITIONED,
+    INBOX_CLAIM, OUTBOX_IS_PARTITIONED, OUTBOX_PENDING_RANGE, OUTBOX_SCAN, OUTBOX_SCAN_PARTITIONED,
+    OUTBOX_WALK, OUTBOX_WALK_PARTITIONED,
 };
 
 /// Connection settings beyond the URL.

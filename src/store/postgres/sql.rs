@@ -299,20 +299,20 @@ macro_rules! pending_range {
     };
 }
 
-/// Step 1 of the outbox claim (see `store/claim.rs`): the due, unlocked
-/// rows after the cursor `($1, $2)` in `(scheduled_at, seq)` order (claim
-/// index), skipping $5 of them (a claimer spreading out), at most $3 of them, and at most $4 rows whose lease passed (lock
-/// index). Nothing is probed per row: whether a key can be handed out is
-/// found once per key by step 2. (A locked row is always pending, a check
-/// says so; leaving `status` out of the second scan keeps the planner from
-/// combining it with the key-order index.)
-pub const OUTBOX_SCAN: &str = "SELECT * FROM (
+/// The scan's text: `$cond` narrows both of its reads (see [`OUTBOX_SCAN`],
+/// [`OUTBOX_SCAN_PARTITIONED`]).
+macro_rules! outbox_scan {
+    ($cond:expr) => {
+        concat!(
+            "SELECT * FROM (
         SELECT r.topic, r.partition_key, r.scheduled_at, r.seq, false AS expired
           FROM outbox_events r
          WHERE r.status = 'pending' AND r.locked_at IS NULL AND r.scheduled_at <= now()
            AND (r.scheduled_at, r.seq) > ($1, $2)
            AND ($6::text IS NULL OR r.topic = $6)
-           AND ($7::text[] IS NULL OR r.topic = ANY($7))
+           AND ($7::text[] IS NULL OR r.topic = ANY($7))",
+            $cond,
+            "
          ORDER BY r.scheduled_at, r.seq
          OFFSET $5
          LIMIT $3) a
@@ -322,9 +322,33 @@ pub const OUTBOX_SCAN: &str = "SELECT * FROM (
           FROM outbox_events r
          WHERE r.locked_until <= now() AND r.scheduled_at <= now()
            AND ($6::text IS NULL OR r.topic = $6)
-           AND ($7::text[] IS NULL OR r.topic = ANY($7))
+           AND ($7::text[] IS NULL OR r.topic = ANY($7))",
+            $cond,
+            "
          ORDER BY r.locked_until
-         LIMIT $4) b";
+         LIMIT $4) b"
+        )
+    };
+}
+
+/// Step 1 of the outbox claim (see `store/claim.rs`): the due, unlocked
+/// rows after the cursor `($1, $2)` in `(scheduled_at, seq)` order (claim
+/// index), skipping $5 of them (a claimer spreading out), at most $3 of them, and at most $4 rows whose lease passed (lock
+/// index). Nothing is probed per row: whether a key can be handed out is
+/// found once per key by step 2. (A locked row is always pending, a check
+/// says so; leaving `status` out of the second scan keeps the planner from
+/// combining it with the key-order index.)
+pub const OUTBOX_SCAN: &str = outbox_scan!("");
+
+/// [`OUTBOX_SCAN`] on a partitioned outbox: only in `created_at` range
+/// $8..$9 (NULL: no bound), the hint of where pending rows lie
+/// ([`OUTBOX_PENDING_RANGE`]), planned for it (the other partitions are
+/// pruned at planning). A hint that went stale costs nothing but a delay:
+/// the scan only proposes keys, and the walk decides in its own snapshot
+/// ([`OUTBOX_WALK_PARTITIONED`]).
+pub const OUTBOX_SCAN_PARTITIONED: &str = outbox_scan!(
+    " AND ($8::timestamptz IS NULL OR r.created_at >= $8) AND ($9::timestamptz IS NULL OR r.created_at < $9)"
+);
 
 /// The walk's text: `$e`/`$g` the range conditions of its probes, `$stale`
 /// its guard column (see [`OUTBOX_WALK`], [`OUTBOX_WALK_PARTITIONED`]).

@@ -337,6 +337,7 @@ impl<R: PgRoute> PgTable<R> {
         &self,
         tx: &mut sqlx::Transaction<'_, Postgres>,
         keys: &WalkKeys<'_>,
+        hint: Option<Bounds>,
     ) -> Result<Vec<WalkColumns>> {
         let run = |sql: &'static str, range: Option<Bounds>| {
             let mut q = sqlx::query_as(sql)
@@ -351,13 +352,12 @@ impl<R: PgRoute> PgTable<R> {
             }
             q
         };
-        if !self.partitioned(tx).await? {
+        let Some(range) = hint else {
             return run(super::sql::OUTBOX_WALK, None)
                 .fetch_all(&mut **tx)
                 .await
                 .map_err(storage);
-        }
-        let range = self.range_hint(tx).await?;
+        };
         let walked: Vec<WalkColumns> = run(super::sql::OUTBOX_WALK_PARTITIONED, Some(range))
             .fetch_all(&mut **tx)
             .await
@@ -394,8 +394,19 @@ impl<R: PgRoute> PgTable<R> {
             .begin_with(super::sql::CLAIM_BEGIN)
             .await
             .map_err(storage)?;
+        // A partitioned outbox: where pending rows lie, a hint the scan
+        // and the walk are planned for.
+        let hint = if self.partitioned(&mut tx).await? {
+            Some(self.range_hint(&mut tx).await?)
+        } else {
+            None
+        };
         let (keys, next) = if opts.keys.is_empty() {
-            let scanned = sqlx::query(super::sql::OUTBOX_SCAN)
+            let scan = match hint {
+                Some(_) => super::sql::OUTBOX_SCAN_PARTITIONED,
+                None => super::sql::OUTBOX_SCAN,
+            };
+            let mut scan = sqlx::query(scan)
                 .bind(start.scheduled_at)
                 .bind(start.seq)
                 .bind(i64::from(examine))
@@ -407,7 +418,11 @@ impl<R: PgRoute> PgTable<R> {
                     [one] => Some(one.clone()),
                     _ => None,
                 })
-                .bind(FetchFilters::pg(&opts.filters.topics).filter(|t| t.len() > 1))
+                .bind(FetchFilters::pg(&opts.filters.topics).filter(|t| t.len() > 1));
+            if let Some((lo, hi)) = hint {
+                scan = scan.bind(lo).bind(hi);
+            }
+            let scanned = scan
                 .fetch_all(&mut *tx)
                 .await
                 .map_err(storage)?
@@ -449,7 +464,7 @@ impl<R: PgRoute> PgTable<R> {
             own_last,
             worker: opts.worker.as_str(),
         };
-        let walked = self.walk(&mut tx, &walk_keys).await?;
+        let walked = self.walk(&mut tx, &walk_keys, hint).await?;
         let walked: Vec<WalkRow> = walked
             .into_iter()
             .map(
