@@ -94,8 +94,9 @@ pub struct StoreTable<DB: sqlx::Database, R> {
 /// What a store's claims learned of its outbox's layout, shared by the
 /// store's table handles: whether the table is partitioned (PostgreSQL),
 /// asked again a minute later (`migrate --partitioned` may convert it
-/// while relays run; a stale answer costs speed, never a row: see
-/// `postgres/sql.rs`, `OUTBOX_PENDING_RANGE`).
+/// while relays run), and where its pending rows lie, a hint kept a second.
+/// Neither can cost a row or an order when stale, only speed: see
+/// `postgres/sql.rs`, `OUTBOX_WALK_PARTITIONED`.
 #[derive(Debug, Default)]
 pub(crate) struct Layout {
     partitioned: std::sync::Mutex<Option<(std::time::Instant, bool)>>,
