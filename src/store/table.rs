@@ -99,52 +99,49 @@ pub struct StoreTable<DB: sqlx::Database, R> {
 /// `postgres/sql.rs`, `OUTBOX_WALK_PARTITIONED`.
 #[derive(Debug, Default)]
 pub(crate) struct Layout {
-    partitioned: std::sync::Mutex<Option<(std::time::Instant, bool)>>,
+    /// Whether the outbox is partitioned.
+    pub(super) partitioned: Kept<bool>,
     /// Where pending rows lie (a partitioned outbox): a hint the walk
-    /// checks, kept a second.
-    range: std::sync::Mutex<Option<(std::time::Instant, Bounds)>>,
+    /// checks.
+    pub(super) range: Kept<Bounds>,
+}
+
+impl Layout {
+    /// How long whether the outbox is partitioned is kept.
+    pub(super) const KEEP_PARTITIONED: Duration = Duration::from_secs(60);
+    /// How long a range hint is kept.
+    pub(super) const KEEP_RANGE: Duration = Duration::from_secs(1);
 }
 
 /// A `created_at` range (NULL: no bound).
-type Bounds = (Option<Timestamp>, Option<Timestamp>);
+pub(crate) type Bounds = (Option<Timestamp>, Option<Timestamp>);
 
-impl Layout {
-    /// How long an answer is kept.
-    const KEEP: Duration = Duration::from_secs(60);
+/// A value read from the database, kept for a while.
+#[derive(Debug)]
+pub(crate) struct Kept<T>(std::sync::Mutex<Option<(std::time::Instant, T)>>);
 
-    /// Whether the outbox is partitioned, when known and recent.
-    pub(super) fn partitioned(&self) -> Option<bool> {
-        let cell = self.partitioned.lock().unwrap_or_else(|e| e.into_inner());
-        cell.filter(|(at, _)| at.elapsed() < Self::KEEP)
-            .map(|(_, p)| p)
+impl<T> Default for Kept<T> {
+    fn default() -> Self {
+        Kept(std::sync::Mutex::new(None))
+    }
+}
+
+impl<T: Copy> Kept<T> {
+    /// The value, when read less than `keep` ago.
+    pub(super) fn get(&self, keep: Duration) -> Option<T> {
+        let cell = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        cell.filter(|(at, _)| at.elapsed() < keep).map(|(_, v)| v)
     }
 
-    /// Records the answer just read.
-    pub(super) fn set_partitioned(&self, partitioned: bool) {
-        let mut cell = self.partitioned.lock().unwrap_or_else(|e| e.into_inner());
-        *cell = Some((std::time::Instant::now(), partitioned));
+    /// Records the value just read.
+    pub(super) fn set(&self, value: T) {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()) =
+            Some((std::time::Instant::now(), value));
     }
 
-    /// How long a range hint is kept.
-    const KEEP_RANGE: Duration = Duration::from_secs(1);
-
-    /// The range hint, when recent.
-    pub(super) fn range(&self) -> Option<Bounds> {
-        let cell = self.range.lock().unwrap_or_else(|e| e.into_inner());
-        cell.filter(|(at, _)| at.elapsed() < Self::KEEP_RANGE)
-            .map(|(_, r)| r)
-    }
-
-    /// Records the range just read.
-    pub(super) fn set_range(&self, range: Bounds) {
-        let mut cell = self.range.lock().unwrap_or_else(|e| e.into_inner());
-        *cell = Some((std::time::Instant::now(), range));
-    }
-
-    /// Drops the range hint (a walk found it stale).
-    pub(super) fn forget_range(&self) {
-        let mut cell = self.range.lock().unwrap_or_else(|e| e.into_inner());
-        *cell = None;
+    /// Drops the value (found stale).
+    pub(super) fn forget(&self) {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = None;
     }
 }
 

@@ -12,7 +12,7 @@ use crate::error::{Result, storage};
 use crate::model::{Event, Timestamp, UnlockReason, time};
 use crate::store::claim::{self, Scanned, WalkRow};
 use crate::store::dialect::Pg;
-use crate::store::table::{TableBackend, decode_all, exact_counts};
+use crate::store::table::{Bounds, Layout, TableBackend, decode_all, exact_counts};
 use crate::store::{Claim, ClaimOptions, ClaimToken, FailedErrors, Failure, FetchFilters};
 use crate::store::{RetryAt, TableCounts, stored_error};
 
@@ -244,9 +244,6 @@ async fn lock_ready(
 /// created_at, ready, tried, locked, bytes.
 type WalkColumns = (i64, Uuid, i64, Timestamp, bool, bool, bool, i64, bool);
 
-/// A `created_at` range (NULL: no bound).
-pub(crate) type Bounds = (Option<Timestamp>, Option<Timestamp>);
-
 /// What the claim's walk binds.
 struct WalkKeys<'a> {
     topics: Vec<String>,
@@ -303,14 +300,15 @@ impl<R: PgRoute> PgTable<R> {
     /// A stale answer costs speed, never order: the plain walk is right on
     /// any table, and the partitioned one on a plain table finds no range.
     async fn partitioned(&self, tx: &mut sqlx::Transaction<'_, Postgres>) -> Result<bool> {
-        if let Some(p) = self.layout.partitioned() {
+        let kept = &self.layout.partitioned;
+        if let Some(p) = kept.get(Layout::KEEP_PARTITIONED) {
             return Ok(p);
         }
         let p: bool = sqlx::query_scalar(super::sql::OUTBOX_IS_PARTITIONED)
             .fetch_one(&mut **tx)
             .await
             .map_err(storage)?;
-        self.layout.set_partitioned(p);
+        kept.set(p);
         Ok(p)
     }
 
@@ -318,14 +316,15 @@ impl<R: PgRoute> PgTable<R> {
     /// ([`OUTBOX_PENDING_RANGE`](super::sql::OUTBOX_PENDING_RANGE)), read
     /// again after a second or once a walk found it stale.
     async fn range_hint(&self, tx: &mut sqlx::Transaction<'_, Postgres>) -> Result<Bounds> {
-        if let Some(range) = self.layout.range() {
+        let kept = &self.layout.range;
+        if let Some(range) = kept.get(Layout::KEEP_RANGE) {
             return Ok(range);
         }
         let range: Bounds = sqlx::query_as(super::sql::OUTBOX_PENDING_RANGE)
             .fetch_one(&mut **tx)
             .await
             .map_err(storage)?;
-        self.layout.set_range(range);
+        kept.set(range);
         Ok(range)
     }
 
@@ -368,7 +367,7 @@ impl<R: PgRoute> PgTable<R> {
         tracing::debug!(
             "a pending row lies outside the partitions the claim's range hint named; walking them all"
         );
-        self.layout.forget_range();
+        self.layout.range.forget();
         run(super::sql::OUTBOX_WALK_PARTITIONED, Some((None, None)))
             .fetch_all(&mut **tx)
             .await
