@@ -13,8 +13,8 @@
 # omnibox (the release binary, each figure timed from process start to exit,
 # as in bench/run.sh; no VACUUM ANALYZE and no warm-up before timing):
 #   enqueue 20,000; publish, null sink, batch 1000, 1 relay, unique keys
-#   (with leases, and with held claims: --hold transaction) and keys 1000,
-#   100, 10, 1; 4 relays, unique keys; inbox exactly-once from a
+#   (with held claims, the relay's default on PostgreSQL, and with leases:
+#   --hold lease) and keys 1000, 100, 10, 1; 4 relays, unique keys; inbox exactly-once from a
 #   file (20,000 distinct + 2,000 redelivered lines, 500 per transaction as
 #   in bench/RESULTS.md's inbox figures).
 # The Python reference (omni-box 0.3.1), when OMNIBOX_REFERENCE_DIR is set
@@ -150,7 +150,7 @@ fi
 configs=(
   "enqueue --events $events"
   "publish --events $events --batch 1000 --relays 1 --keys 0 --sink null"
-  "publish --events $events --batch 1000 --relays 1 --keys 0 --sink null --hold transaction"
+  "publish --events $events --batch 1000 --relays 1 --keys 0 --sink null --hold lease"
   "publish --events $events --batch 1000 --relays 1 --keys 1000 --sink null"
   "publish --events $events --batch 1000 --relays 1 --keys 100 --sink null"
   "publish --events $events --batch 1000 --relays 1 --keys 10 --sink null"
@@ -223,7 +223,7 @@ for line in open(path):
             key = f"omnibox: enqueue --jsonl, {r['events']:,} events (whole process)"
         elif s == "omnibox_publish":
             relays = p["workers"]
-            held = ", --hold transaction" if p.get("hold") == "transaction" else ""
+            held = ", --hold lease" if p.get("hold") == "lease" else ""
             key = f"omnibox: publish --once{held}, null sink, batch {p['batch_size']}, {relays} relay{'s' if relays > 1 else ''}, keys {p['keys']} (whole processes)"
         elif s == "omnibox_inbox_consume_file":
             key = f"omnibox: inbox consume --from file, exactly-once, {r['events']:,} lines (whole process)"

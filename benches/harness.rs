@@ -117,8 +117,9 @@ struct Args {
     /// publish: null or kafka
     #[arg(long, default_value = "null", value_parser = ["null", "kafka"])]
     sink: String,
-    /// publish: how claims hold their rows (`omnibox publish --hold`)
-    #[arg(long, default_value = "lease", value_parser = ["lease", "transaction"])]
+    /// publish, latency, soak: how claims hold their rows (`omnibox publish
+    /// --hold`); the default is the relay's own on PostgreSQL
+    #[arg(long, default_value = "transaction", value_parser = ["lease", "transaction"])]
     hold: String,
     /// publish: rows pending before the timed run (default: --events)
     #[arg(long)]
@@ -695,9 +696,9 @@ fn publish(args: &Args, conn: &Conn) {
         args.sink,
         args.mode,
         if args.hold == "lease" {
-            ""
+            " --hold lease"
         } else {
-            " --hold transaction"
+            ""
         },
         if args.analyze { " --analyze" } else { "" },
         if args.otlp { " --otlp" } else { "" },

@@ -1465,7 +1465,53 @@ pub async fn claim_is_served_by_the_index(db: &TestDb) {
                     .fetch_all(&mut *tx)
                     .await
                     .unwrap();
-                format!("{}\n--- walk\n{}", scan.join("\n"), walk.join("\n"))
+                drop(tx);
+                // The claim's writes by id, as the claim runs them: in its
+                // transaction, for a batch of 1,000 rows.
+                let mut tx =
+                    sqlx::Connection::begin_with(&mut *conn, omnibox::store::postgres::CLAIM_BEGIN)
+                        .await
+                        .unwrap();
+                let (ids, from, to): (Vec<Uuid>, chrono::DateTime<chrono::Utc>, chrono::DateTime<chrono::Utc>) =
+                    sqlx::query_as(
+                        "SELECT array_agg(id), min(created_at), max(created_at)
+                           FROM (SELECT id, created_at FROM outbox_events ORDER BY seq LIMIT 1000) b",
+                    )
+                    .fetch_one(&mut *tx)
+                    .await
+                    .unwrap();
+                let mut by_id = Vec::new();
+                for (name, sql) in [
+                    ("lock", omnibox::store::postgres::OUTBOX_LOCK),
+                    ("lock read", omnibox::store::postgres::OUTBOX_LOCK_READ),
+                    ("mark", omnibox::store::postgres::OUTBOX_MARK),
+                    (
+                        "held completion",
+                        omnibox::store::postgres::OUTBOX_COMPLETE_HELD,
+                    ),
+                ] {
+                    let sql = format!("EXPLAIN (FORMAT TEXT) {sql}");
+                    let q = sqlx::query_scalar(sqlx::AssertSqlSafe(sql)).bind(ids.clone());
+                    let q = match name {
+                        "lock" | "held completion" => q.bind(from).bind(to),
+                        "lock read" => q
+                            .bind(from)
+                            .bind(to)
+                            .bind("relay-1")
+                            .bind(60.0_f64)
+                            .bind("60000"),
+                        _ => q.bind("relay-1").bind(60.0_f64).bind(from).bind(to),
+                    };
+                    let plan: Vec<String> = q.persistent(false).fetch_all(&mut *tx).await.unwrap();
+                    by_id.push(format!("--- {name}\n{}", plan.join("\n")));
+                }
+                drop(tx);
+                format!(
+                    "{}\n--- walk\n{}\n{}",
+                    scan.join("\n"),
+                    walk.join("\n"),
+                    by_id.join("\n")
+                )
             };
             let mut plans = vec![("analyzed empty, then loaded", explain().await)];
             sqlx::query("DELETE FROM pg_statistic WHERE starelid = 'outbox_events'::regclass")
@@ -1498,6 +1544,14 @@ pub async fn claim_is_served_by_the_index(db: &TestDb) {
                     "Bitmap Index Scan on outbox_events_key_order",
                 ] {
                     assert!(!plan.contains(bad), "{when}: {bad}:\n{plan}");
+                }
+                // A batch's rows are found by primary key: never by reading
+                // the table, nor every pending row of a partial index.
+                for part in plan.split("--- ").skip(2) {
+                    assert!(part.contains("outbox_events_pkey"), "{when}:\n{part}");
+                    for bad in ["Seq Scan", "outbox_events_key_order", "outbox_events_claim"] {
+                        assert!(!part.contains(bad), "{when}: {bad}:\n{part}");
+                    }
                 }
             }
         }

@@ -247,14 +247,21 @@ macro_rules! pg_table_sql {
 ///   commit need not wait for the disk;
 /// - its statements are prepared once per connection, and each execution
 ///   is still planned for its own parameters (a generic plan cached after
-///   five runs must not decide how the claim reads the table).
+///   five runs must not decide how the claim reads the table);
+/// - every read of the claim has an index made for it, and a table the
+///   planner knows little about must not be read whole instead
+///   (`enable_seqscan = off`): never analyzed, or a partition created
+///   today, the planner prices a lookup of 1,000 ids by primary key above
+///   a sequential scan of up to a few hundred thousand rows (measured: 13
+///   ms against 1 ms for a batch in a partition of 100,000 rows).
 ///
 /// `DateStyle` is ISO for the claim (sqlx asks for it when it connects; a
 /// connection string's `options` could ask otherwise): the partition bounds
 /// [`OUTBOX_PENDING_RANGE`] prints and reads back then carry numeric UTC
 /// offsets, never an ambiguous zone abbreviation.
 pub const CLAIM_BEGIN: &str = "BEGIN; SET LOCAL synchronous_commit = off; \
-     SET LOCAL plan_cache_mode = force_custom_plan; SET LOCAL DateStyle = 'ISO, MDY'";
+     SET LOCAL plan_cache_mode = force_custom_plan; SET LOCAL enable_seqscan = off; \
+     SET LOCAL DateStyle = 'ISO, MDY'";
 
 /// Whether the outbox is a partitioned table (`migrate --partitioned`).
 pub const OUTBOX_IS_PARTITIONED: &str = "SELECT coalesce((SELECT c.relkind = 'p'
@@ -469,6 +476,16 @@ pub const OUTBOX_LOCK: &str = concat!(
 
 /// Step 3b: mark the rows claimed with the claimer's own lease.
 ///
+/// The rows are the claim's, locked by its transaction since step 3a found
+/// them pending, so their status cannot have changed. It is checked anyway,
+/// written `NOT IN ('completed', 'failed')` (the check constraint allows
+/// three values) rather than `= 'pending'`: the planner would take the
+/// latter as a reason to read a partial index on pending rows (the
+/// key-order index) and recheck every pending row against the ids, one
+/// batch's completion reading the whole backlog (measured: 20 ms of 26 for
+/// 1,000 rows over a backlog of 100,000); so the rows are found by primary
+/// key.
+///
 /// Every write by id (3a: $2/$3, 3b: $4/$5, and the writes that present a
 /// claim's token: their last two parameters) also bounds `created_at` by
 /// the rows' own (`postgres::created_bounds`): on a partitioned
@@ -478,7 +495,7 @@ pub const OUTBOX_LOCK: &str = concat!(
 pub const OUTBOX_MARK: &str = "UPDATE outbox_events
     SET locked_at = now(), locked_by = $2, locked_until = now() + make_interval(secs => $3),
         updated_at = now()
-    WHERE id = ANY($1) AND status = 'pending' AND created_at >= $4 AND created_at <= $5
+    WHERE id = ANY($1) AND status NOT IN ('completed', 'failed') AND created_at >= $4 AND created_at <= $5
     RETURNING *";
 
 /// Step 3a of a claim that may be held ([`ClaimOptions::hold`](crate::store::ClaimOptions::hold)):
@@ -512,14 +529,15 @@ pub const OUTBOX_LOCK_READ: &str = concat!(
 /// loses it here. `completed_at` is the statement's time, not the
 /// transaction's: the claim's transaction began before the batch was
 /// published (a slow broker's seconds), and `now()` would date the
-/// completion before the publish.
+/// completion before the publish. The status is checked as
+/// [`OUTBOX_MARK`] checks it, so that the rows are found by primary key.
 pub const OUTBOX_COMPLETE_HELD: &str =
     "WITH durable AS (SELECT set_config('synchronous_commit', 'on', true))
     UPDATE outbox_events SET status = 'completed', completed_at = statement_timestamp(),
            updated_at = statement_timestamp(),
            locked_at = NULL, locked_by = NULL, locked_until = NULL
       FROM durable
-     WHERE id = ANY($1) AND status = 'pending' AND created_at >= $2 AND created_at <= $3
+     WHERE id = ANY($1) AND status NOT IN ('completed', 'failed') AND created_at >= $2 AND created_at <= $3
     RETURNING id";
 
 /// Is anything claimable now (for `publish --once`): a key with a due,
