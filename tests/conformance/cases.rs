@@ -1506,6 +1506,68 @@ pub async fn claim_is_served_by_the_index(db: &TestDb) {
                     by_id.push(format!("--- {name}\n{}", plan.join("\n")));
                 }
                 drop(tx);
+                // The same and the walk as generic plans, as a claim runs
+                // them on a plain table (after its scan, or from the start
+                // for given keys): each prepared, then explained through
+                // EXECUTE, which plans it generically.
+                let mut tx = sqlx::Connection::begin_with(
+                    &mut *conn,
+                    omnibox::store::postgres::CLAIM_GENERIC_BEGIN,
+                )
+                .await
+                .unwrap();
+                for (name, sql, args) in [
+                    ("walk", omnibox::store::postgres::OUTBOX_WALK, 6),
+                    ("lock", omnibox::store::postgres::OUTBOX_LOCK, 3),
+                    ("lock read", omnibox::store::postgres::OUTBOX_LOCK_READ, 6),
+                    ("mark", omnibox::store::postgres::OUTBOX_MARK, 5),
+                    (
+                        "held completion",
+                        omnibox::store::postgres::OUTBOX_COMPLETE_HELD,
+                        3,
+                    ),
+                ] {
+                    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+                        "PREPARE omnibox_generic AS {sql}"
+                    )))
+                    .execute(&mut *tx)
+                    .await
+                    .unwrap();
+                    // EXECUTE takes no protocol parameters: the values are
+                    // written out (the test's own, and a generic plan does
+                    // not depend on them).
+                    let id_list = format!(
+                        "'{{{}}}'::uuid[]",
+                        ids.iter()
+                            .map(|i| i.to_string())
+                            .collect::<Vec<_>>()
+                            .join(",")
+                    );
+                    let (lo, hi) = (
+                        format!("'{}'::timestamptz", from.to_rfc3339()),
+                        format!("'{}'::timestamptz", to.to_rfc3339()),
+                    );
+                    let values = match name {
+                        "walk" => "ARRAY['orders','orders','orders'], ARRAY['k1','k2','k3'], 1000, \
+                                   ARRAY[NULL,1,NULL]::int8[], ARRAY[NULL,900,NULL]::int8[], 'relay-1'"
+                            .to_string(),
+                        "lock" | "held completion" => format!("{id_list}, {lo}, {hi}"),
+                        "lock read" => format!("{id_list}, {lo}, {hi}, 'relay-1', 60, '60000'"),
+                        _ => format!("{id_list}, 'relay-1', 60, {lo}, {hi}"),
+                    };
+                    let sql = format!("EXPLAIN (FORMAT TEXT) EXECUTE omnibox_generic({values})");
+                    let plan: Vec<String> = sqlx::query_scalar(sqlx::AssertSqlSafe(sql))
+                        .persistent(false)
+                        .fetch_all(&mut *tx)
+                        .await
+                        .unwrap();
+                    sqlx::raw_sql("DEALLOCATE omnibox_generic")
+                        .execute(&mut *tx)
+                        .await
+                        .unwrap();
+                    by_id.push(format!("--- generic {name}\n{}", plan.join("\n")));
+                }
+                drop(tx);
                 format!(
                     "{}\n--- walk\n{}\n{}",
                     scan.join("\n"),
@@ -1545,14 +1607,62 @@ pub async fn claim_is_served_by_the_index(db: &TestDb) {
                 ] {
                     assert!(!plan.contains(bad), "{when}: {bad}:\n{plan}");
                 }
+                // The scan switches the rest of its claim to generic plans
+                // once, before its first row.
+                assert!(plan.contains("One-Time Filter"), "{when}:\n{plan}");
                 // A batch's rows are found by primary key: never by reading
-                // the table, nor every pending row of a partial index.
+                // the table, nor every pending row of a partial index; the
+                // walk by the key-order index. The same as generic plans
+                // (their conditions name the parameters, not values).
                 for part in plan.split("--- ").skip(2) {
+                    if part.starts_with("generic walk") {
+                        assert!(
+                            part.contains("Index Scan using outbox_events_key_order"),
+                            "{when}:\n{part}"
+                        );
+                        assert!(part.contains("= $6)"), "{when}: not generic:\n{part}");
+                        assert!(!part.contains("Seq Scan"), "{when}:\n{part}");
+                        continue;
+                    }
                     assert!(part.contains("outbox_events_pkey"), "{when}:\n{part}");
+                    if part.starts_with("generic") {
+                        assert!(part.contains("ANY ($1)"), "{when}: not generic:\n{part}");
+                    }
                     for bad in ["Seq Scan", "outbox_events_key_order", "outbox_events_claim"] {
                         assert!(!part.contains(bad), "{when}: {bad}:\n{part}");
                     }
                 }
+            }
+            // Run, the scan leaves its transaction in generic plans (and
+            // the next claim's transaction starts in custom ones again).
+            let mut conn = s.pool().acquire().await.unwrap();
+            for _ in 0..2 {
+                let mut tx =
+                    sqlx::Connection::begin_with(&mut *conn, omnibox::store::postgres::CLAIM_BEGIN)
+                        .await
+                        .unwrap();
+                let mode = || sqlx::query_scalar::<_, String>("SHOW plan_cache_mode");
+                assert_eq!(
+                    mode().fetch_one(&mut *tx).await.unwrap(),
+                    "force_custom_plan"
+                );
+                let rows = sqlx::query(omnibox::store::postgres::OUTBOX_SCAN)
+                    .bind(chrono::DateTime::from_timestamp(-62_135_596_800, 0).unwrap())
+                    .bind(0_i64)
+                    .bind(10_i64)
+                    .bind(10_i64)
+                    .bind(0_i64)
+                    .bind(None::<String>)
+                    .bind(None::<Vec<String>>)
+                    .fetch_all(&mut *tx)
+                    .await
+                    .unwrap();
+                assert_eq!(rows.len(), 10);
+                assert_eq!(
+                    mode().fetch_one(&mut *tx).await.unwrap(),
+                    "force_generic_plan"
+                );
+                tx.rollback().await.unwrap();
             }
         }
         AnyStore::Sqlite(s) => {

@@ -376,9 +376,12 @@ impl<R: PgRoute> PgTable<R> {
 
     /// The outbox claim (see `store/claim.rs`): discover open keys and walk
     /// them, plan the runs, lock what can be locked, mark it claimed; one
-    /// transaction. Every statement is planned for its own parameters
+    /// transaction. The scan is planned for its own parameters
     /// (`plan_cache_mode = force_custom_plan` for the transaction): a cached
-    /// generic plan must not decide how the claim reads the table. The
+    /// generic plan must not decide how it reads the table. On a plain
+    /// table the statements after it run generic plans (see
+    /// `CLAIM_GENERIC_BEGIN`); on a partitioned one, custom plans that
+    /// prune its partitions. The
     /// statements themselves are prepared once per connection and reused,
     /// so each costs one round trip (an unnamed statement costs two: parse
     /// and describe, then bind and execute).
@@ -387,12 +390,16 @@ impl<R: PgRoute> PgTable<R> {
         let examine = opts.examine_limit();
         let start = claim::start(opts);
         // One round trip opens the transaction and sets it up (see
-        // `CLAIM_BEGIN`).
-        let mut tx = self
-            .pool
-            .begin_with(super::sql::CLAIM_BEGIN)
-            .await
-            .map_err(storage)?;
+        // `CLAIM_BEGIN`, `CLAIM_GENERIC_BEGIN`).
+        // A claim of given keys on a table known to be plain runs generic
+        // plans from the start (it has no scan to plan for its limits).
+        let known_plain = self.layout.partitioned.get(Layout::KEEP_PARTITIONED) == Some(false);
+        let begin = if known_plain && !opts.keys.is_empty() {
+            super::sql::CLAIM_GENERIC_BEGIN
+        } else {
+            super::sql::CLAIM_BEGIN
+        };
+        let mut tx = self.pool.begin_with(begin).await.map_err(storage)?;
         // A partitioned outbox: where pending rows lie, a hint the scan
         // and the walk are planned for.
         let hint = if self.partitioned(&mut tx).await? {
