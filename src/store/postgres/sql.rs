@@ -241,6 +241,17 @@ macro_rules! pg_table_sql {
     };
 }
 
+/// The claim's opening (see [`CLAIM_BEGIN`]) with plan cache mode `$mode`.
+macro_rules! claim_begin {
+    ($mode:literal) => {
+        concat!(
+            "BEGIN; SET LOCAL synchronous_commit = off; SET LOCAL plan_cache_mode = ",
+            $mode,
+            "; SET LOCAL enable_seqscan = off; SET LOCAL DateStyle = 'ISO, MDY'"
+        )
+    };
+}
+
 /// Opens the claim's transaction in one round trip (a simple query):
 /// - a claim is a lease, not a result: if the database crashes before it
 ///   is flushed, its rows are simply claimed (and published) again, so its
@@ -261,9 +272,7 @@ macro_rules! pg_table_sql {
 /// connection string's `options` could ask otherwise): the partition bounds
 /// [`OUTBOX_PENDING_RANGE`] prints and reads back then carry numeric UTC
 /// offsets, never an ambiguous zone abbreviation.
-pub const CLAIM_BEGIN: &str = "BEGIN; SET LOCAL synchronous_commit = off; \
-     SET LOCAL plan_cache_mode = force_custom_plan; SET LOCAL enable_seqscan = off; \
-     SET LOCAL DateStyle = 'ISO, MDY'";
+pub const CLAIM_BEGIN: &str = claim_begin!("force_custom_plan");
 
 /// [`CLAIM_BEGIN`] with generic plans: a claim of given keys (a fed relay:
 /// no scan) on a plain table. The claim's statements after the scan (the
@@ -274,9 +283,7 @@ pub const CLAIM_BEGIN: &str = "BEGIN; SET LOCAL synchronous_commit = off; \
 /// claim: at a low rate that planning was most of a claim's time (the
 /// walk's alone 0.4–1 ms against 0.05 ms of execution). A partitioned
 /// table keeps custom plans: they prune its partitions at planning.
-pub const CLAIM_GENERIC_BEGIN: &str = "BEGIN; SET LOCAL synchronous_commit = off; \
-     SET LOCAL plan_cache_mode = force_generic_plan; SET LOCAL enable_seqscan = off; \
-     SET LOCAL DateStyle = 'ISO, MDY'";
+pub const CLAIM_GENERIC_BEGIN: &str = claim_begin!("force_generic_plan");
 
 /// Whether the outbox is a partitioned table (`migrate --partitioned`).
 pub const OUTBOX_IS_PARTITIONED: &str = "SELECT coalesce((SELECT c.relkind = 'p'
