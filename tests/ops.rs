@@ -1265,6 +1265,32 @@ mod cases {
         assert_eq!((r.code, status_of(&r, "retention").as_str()), (1, "fail"));
         let r = omnibox(db, &["doctor", "--format", "json", "--dedup-window", "1d"]);
         assert_eq!((r.code, status_of(&r, "retention").as_str()), (0, "ok"));
+        // A record edited by hand is reported, not trusted (and no panic).
+        for bad in [json!(-5.0), json!(1e300), json!("1d"), json!({})] {
+            cleanup.details =
+                json!({"older_than_seconds": 864_000.0, "failed_older_than_seconds": bad});
+            db.store.record_audit(&cleanup).await.unwrap();
+            let r = omnibox(db, &["doctor", "--format", "json"]);
+            let check = doctor_check(&r, "retention");
+            assert_eq!(
+                (r.code, check["status"].as_str()),
+                (0, Some("warn")),
+                "{}",
+                r.render()
+            );
+            assert!(
+                check["message"]
+                    .as_str()
+                    .unwrap()
+                    .contains("failed_older_than_seconds = "),
+                "{}",
+                r.stdout
+            );
+        }
+        cleanup.details = json!({"older_than_seconds": 864_000.0});
+        db.store.record_audit(&cleanup).await.unwrap();
+        let r = omnibox(db, &["doctor", "--format", "json"]);
+        assert_eq!((r.code, status_of(&r, "retention").as_str()), (0, "ok"));
         // A worker that died holding rows; a key behind a failing head.
         let outbox = db.store.outbox();
         outbox

@@ -170,30 +170,45 @@ pub(super) async fn retention_check(store: &AnyStore, window: Duration) -> Check
             let last_inbox = entries
                 .iter()
                 .find(|e| e.table.as_deref() == Some(Table::Inbox.as_str()));
-            let kept = last_inbox.and_then(|e| {
-                let c = e.details["older_than_seconds"].as_f64()?;
-                let f = e.details["failed_older_than_seconds"].as_f64();
-                Some(f.map_or(c, |f| c.min(f)))
+            // The audit row is the database's word: a value edited by hand
+            // (negative, not a number, too large) is reported, not trusted.
+            let secs = |e: &crate::store::audit::AuditEntry, k: &str| {
+                let v = &e.details[k];
+                match v.as_f64().map(Duration::try_from_secs_f64) {
+                    None if v.is_null() => Ok(None),
+                    Some(Ok(d)) => Ok(Some(d)),
+                    _ => Err(format!("{k} = {v}")),
+                }
+            };
+            let kept = last_inbox.map(|e| -> Result<Duration, String> {
+                let c = secs(e, "older_than_seconds")?
+                    .ok_or_else(|| "no older_than_seconds".to_string())?;
+                Ok(secs(e, "failed_older_than_seconds")?.map_or(c, |f| c.min(f)))
             });
-            match kept {
-                Some(secs) if Duration::from_secs_f64(secs) < window => Check::fail(
+            match kept.transpose() {
+                Err(what) => Check::warn(
+                    "retention",
+                    format!("the last inbox cleanup's audit record is unreadable ({what})"),
+                    "run `omnibox cleanup` to record its retention again; `omnibox audit --action cleanup` shows the record",
+                ),
+                Ok(Some(kept)) if kept < window => Check::fail(
                     "retention",
                     format!(
                         "the last inbox cleanup kept rows {} but the deduplication window is {}",
-                        human_duration(Duration::from_secs_f64(secs)),
+                        human_duration(kept),
                         human_duration(window)
                     ),
                     "a redelivered message older than the retention is stored again as new: raise the cleanup's --older-than, or set the window (--dedup-window / OMNIBOX_DEDUP_WINDOW / dedup_window) to what you keep",
                 ),
-                Some(secs) => Check::ok(
+                Ok(Some(kept)) => Check::ok(
                     "retention",
                     format!(
                         "the last inbox cleanup kept rows {} (window {})",
-                        human_duration(Duration::from_secs_f64(secs)),
+                        human_duration(kept),
                         human_duration(window)
                     ),
                 ),
-                None => Check::ok(
+                Ok(None) => Check::ok(
                     "retention",
                     format!(
                         "no inbox cleanup recorded yet (window {})",
