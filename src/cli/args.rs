@@ -254,6 +254,86 @@ mod tests {
         }
     }
 
+    /// Randomized: any text given to a flag is a value within its bounds
+    /// or a refusal, never a panic. OMNIBOX_FUZZ_CASES (default 20,000) and
+    /// OMNIBOX_FUZZ_SEED replay or extend it.
+    #[test]
+    fn any_flag_text_is_a_value_or_a_refusal() {
+        let cases: usize = std::env::var("OMNIBOX_FUZZ_CASES")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(20_000);
+        let seed: u64 = std::env::var("OMNIBOX_FUZZ_SEED")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| fastrand::u64(..));
+        eprintln!("flag value fuzz: seed {seed} (OMNIBOX_FUZZ_SEED), {cases} cases");
+        let mut rng = fastrand::Rng::with_seed(seed);
+        let pieces = [
+            "0",
+            "1",
+            "9",
+            "18446744073709551615",
+            "18446744073709551616",
+            "99999999999",
+            "-",
+            "+",
+            " ",
+            ".",
+            "=",
+            ":",
+            "T",
+            "Z",
+            "ms",
+            "s",
+            "m",
+            "h",
+            "d",
+            "w",
+            "y",
+            "MiB",
+            "kb",
+            "GiB",
+            "B",
+            "é",
+            "\u{1F600}",
+            "\u{663}",
+            "\u{0}",
+            "2026-01-01",
+            "T00:00:00",
+            "+23:59",
+            "-23:59",
+            "9999-12-31",
+            "0190f1d2-7a3b-7cde-8f00-123456789abc",
+        ];
+        let now = time::now();
+        for _ in 0..cases {
+            let text: String = (0..rng.usize(0..6))
+                .map(|_| pieces[rng.usize(..pieces.len())])
+                .collect();
+            if let Ok(d) = duration(&text) {
+                assert!(d <= omnibox::model::limits::MAX_DURATION, "{text:?}");
+            }
+            if let Ok(b) = bytes(&text) {
+                assert!((1..=MAX_BYTES).contains(&b), "{text:?}");
+            }
+            if let Ok(t) = since(&text) {
+                // A moment, never an error later when it is formatted or compared.
+                let _ = time::format(&t);
+                if text.trim().starts_with(|c: char| c.is_ascii_digit()) && !text.contains('-') {
+                    assert!(t <= now + chrono::TimeDelta::seconds(5), "{text:?}");
+                }
+            }
+            if let Ok((k, _)) = property(&text) {
+                assert!(!k.is_empty() && k.trim() == k, "{text:?}");
+            }
+            let _ = uuid(&text);
+            let _ = worker(&text);
+            let _ = filter_value(&text).map(|v| assert_eq!(v, text));
+            let _ = consumer_group(&text).map(|v| assert_eq!(v, text));
+        }
+    }
+
     #[test]
     fn since_accepts_both_forms() {
         let t = since("2026-01-01T00:00:00Z").unwrap();

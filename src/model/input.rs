@@ -213,4 +213,144 @@ mod tests {
         );
         assert!(err(r#"{"payload": NaN}"#).starts_with("json: invalid JSON"));
     }
+
+    /// Randomized: any line, valid or mutated, is parsed into an event that
+    /// passes validation or refused with a validation error; never a panic.
+    /// OMNIBOX_FUZZ_CASES (default 5,000) and OMNIBOX_FUZZ_SEED replay or
+    /// extend it.
+    #[test]
+    fn any_line_is_an_event_or_a_validation_error() {
+        use serde_json::{Value, json};
+        let (cases, mut rng) = crate::domain::testing::fuzz("enqueue line fuzz", 5_000);
+        let domain = crate::domain::DomainService::default();
+        let strings = [
+            "",
+            " ",
+            "x",
+            " padded ",
+            "\u{1}",
+            "\u{7f}",
+            "é\u{1F600}",
+            "a\nb",
+            "2026-01-01T00:00:00Z",
+            "9999-12-31T23:59:59-23:59",
+            "0000-01-01T00:00:00+23:59",
+            "2026-01-01T00:00:00",
+            "2026-02-30T00:00:00Z",
+            "2026-01-01T24:00:00Z",
+            "0190f1d2-7a3b-7cde-8f00-123456789abc",
+            "00000000-0000-0000-0000-000000000000",
+            "{0190f1d2-7a3b-7cde-8f00-123456789abc}",
+            "urn:uuid:0190f1d2-7a3b-7cde-8f00-123456789abc",
+        ];
+        let any = |rng: &mut fastrand::Rng, depth: u32| -> Value {
+            fn go(rng: &mut fastrand::Rng, depth: u32, strings: &[&str]) -> Value {
+                match rng.u8(0..12) {
+                    0 => Value::Null,
+                    1 => json!(rng.bool()),
+                    2 => json!(rng.i64(..)),
+                    3 => json!(rng.u64(..)),
+                    4 => json!(rng.f64() * 1e300 - 5e299),
+                    5 => json!([-1_i64, 0, 1, i64::from(i32::MAX), 2_147_483_648][rng.usize(..5)]),
+                    6 => json!("x".repeat(rng.usize(0..3000))),
+                    7 | 8 if depth < 3 => {
+                        let mut m = serde_json::Map::new();
+                        for i in 0..rng.usize(0..4) {
+                            m.insert(
+                                strings[rng.usize(..strings.len())].to_string() + &i.to_string(),
+                                go(rng, depth + 1, strings),
+                            );
+                        }
+                        Value::Object(m)
+                    }
+                    9 if depth < 3 => Value::Array(
+                        (0..rng.usize(0..3))
+                            .map(|_| go(rng, depth + 1, strings))
+                            .collect(),
+                    ),
+                    _ => json!(strings[rng.usize(..strings.len())]),
+                }
+            }
+            go(rng, depth, &strings)
+        };
+        let valid: Value = serde_json::from_str(OK).unwrap();
+        let optional = [
+            "id",
+            "headers",
+            "idempotency_key",
+            "trace_id",
+            "correlation_id",
+            "causation_id",
+            "schema_version",
+            "max_attempts",
+            "scheduled_at",
+        ];
+        let (mut accepted, mut refused) = (0, 0);
+        for _ in 0..cases {
+            let mut line = valid.clone();
+            let m = line.as_object_mut().unwrap();
+            for _ in 0..rng.usize(0..4) {
+                let field = if rng.bool() {
+                    optional[rng.usize(..optional.len())].to_string()
+                } else {
+                    m.keys()
+                        .nth(rng.usize(..m.len().max(1)))
+                        .cloned()
+                        .unwrap_or_default()
+                };
+                match rng.u8(0..8) {
+                    0 => {
+                        m.remove(&field);
+                    }
+                    1 => {
+                        m.insert(format!("{field}_"), any(&mut rng, 0));
+                    }
+                    _ => {
+                        m.insert(field, any(&mut rng, 0));
+                    }
+                }
+            }
+            let mut text = line.to_string();
+            if rng.u8(0..5) == 0 {
+                // A byte-level mutation at a character boundary.
+                let cut = rng.usize(0..=text.len());
+                if text.is_char_boundary(cut) {
+                    match rng.u8(0..3) {
+                        0 => text.truncate(cut),
+                        1 => text.insert(
+                            cut,
+                            ['"', '{', '}', ',', ':', '\\', '\u{0}', 'é'][rng.usize(..8)],
+                        ),
+                        _ => text.insert_str(cut, "\"\\ud800\""),
+                    }
+                }
+            }
+            let result =
+                NewOutboxEvent::from_json(&text).and_then(|n| domain.create_outbox_event(n));
+            match result {
+                Ok(e) => {
+                    accepted += 1;
+                    assert!(
+                        !e.topic().trim().is_empty() && e.topic().chars().count() <= 255,
+                        "{text}"
+                    );
+                    assert!(!e.partition_key().is_empty(), "{text}");
+                    assert!(e.max_attempts() >= 1, "{text}");
+                    let ahead = e.scheduled_at() - e.created_at();
+                    assert!(ahead <= chrono::TimeDelta::days(366), "{text}");
+                    assert!(
+                        serde_json::to_string(e.payload()).unwrap().len() <= 1_000_000,
+                        "{text}"
+                    );
+                }
+                Err(Error::Validation { .. }) => refused += 1,
+                Err(other) => panic!("{text}: not a validation error: {other:?}"),
+            }
+        }
+        // Both sides are exercised.
+        assert!(
+            accepted > cases / 20 && refused > cases / 20,
+            "accepted {accepted}, refused {refused}"
+        );
+    }
 }

@@ -205,7 +205,7 @@ fn header_part(field: &str, part: &str, text: &str, max: usize) -> Result<()> {
 /// `scheduled_at` must lie within `[created_at - skew, created_at + max_future]`.
 pub fn scheduled_at(scheduled: Timestamp, created: Timestamp, limits: &Limits) -> Result<()> {
     let delta = (scheduled - created).num_milliseconds();
-    if delta < -limits.scheduled_at_skew_seconds * 1000 {
+    if delta < limits.scheduled_at_skew_seconds.saturating_mul(-1000) {
         return Err(Error::validation(
             "scheduled_at",
             format!(
@@ -216,7 +216,7 @@ pub fn scheduled_at(scheduled: Timestamp, created: Timestamp, limits: &Limits) -
             ),
         ));
     }
-    if delta > limits.scheduled_at_max_future_seconds * 1000 {
+    if delta > limits.scheduled_at_max_future_seconds.saturating_mul(1000) {
         return Err(Error::validation(
             "scheduled_at",
             format!(
