@@ -527,3 +527,82 @@ fn any_message_ends_as_a_row_or_poison() {
         }
     }
 }
+
+/// Randomized: any line of a file or of stdin (the sink's format with
+/// fields of any type, a bare value, bytes that are not UTF-8, a cut line)
+/// becomes a valid row or a poison row with its reason, never a panic.
+/// OMNIBOX_FUZZ_CASES (default 20,000) and OMNIBOX_FUZZ_SEED replay or
+/// extend it.
+#[test]
+fn any_line_ends_as_a_row_or_poison() {
+    let (cases, mut rng) = crate::domain::testing::fuzz("inbox line fuzz", 20_000);
+    let d = DomainService::default();
+    let values = [
+        "null",
+        "1",
+        "-1e400",
+        "true",
+        "\"\"",
+        "\" \"",
+        "\"\\u0001\"",
+        "\"\\ud800\"",
+        "\"k\"",
+        "{}",
+        "{\"order\":1}",
+        "[1]",
+        "{\"message_id\":\"m\",\"source\":\"s\"}",
+        "{\"a\":\"\\u0000\"}",
+    ];
+    let keys = ["topic", "key", "headers", "value", "x"];
+    for case in 0..cases {
+        let mut line: Vec<u8> = match rng.u8(0..6) {
+            0 => (0..rng.usize(0..40)).map(|_| rng.u8(..)).collect(),
+            1 => values[rng.usize(..values.len())].as_bytes().to_vec(),
+            _ => {
+                let fields: Vec<String> = (0..rng.usize(0..5))
+                    .map(|_| {
+                        let k = keys[rng.usize(..keys.len())];
+                        let v = if k == "headers" && rng.bool() {
+                            format!(
+                                "{{\"message_id\":{},\"event_type\":{}}}",
+                                values[rng.usize(..values.len())],
+                                values[rng.usize(..values.len())]
+                            )
+                        } else {
+                            values[rng.usize(..values.len())].to_string()
+                        };
+                        format!("\"{k}\":{v}")
+                    })
+                    .collect();
+                format!("{{{}}}", fields.join(",")).into_bytes()
+            }
+        };
+        if rng.u8(0..4) == 0 {
+            line.truncate(rng.usize(0..=line.len()));
+        }
+        let m = from_json_bytes(&line, rng.i64(0..1_000_000), "file");
+        let n = std::panic::catch_unwind(|| normalize(&d, &m, "g")).unwrap_or_else(|_| {
+            panic!(
+                "case {case} panicked (the seed is on stderr): {:?}",
+                String::from_utf8_lossy(&line)
+            )
+        });
+        let row = n.event();
+        assert!(
+            validate::exact(
+                "message_id",
+                row.message_id(),
+                limits::MESSAGE_ID_MAX_LENGTH
+            )
+            .is_ok(),
+            "case {case}: {:?}",
+            String::from_utf8_lossy(&line)
+        );
+        if n.is_poison() {
+            assert_eq!(row.status(), EventStatus::Failed);
+            assert!(row.last_error().is_some());
+        } else {
+            assert_eq!(row.status(), EventStatus::Pending);
+        }
+    }
+}
