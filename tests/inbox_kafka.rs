@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use omnibox::inbox::{AckStrategy, ConsumeOptions, InboxConsumer, KafkaSource};
 use omnibox::pipeline::Outcome;
-use omnibox::{EventStore, InboxEvent, WorkerId};
+use omnibox::{EventStore, InboxEvent, InboxStore, WorkerId};
 use rdkafka::ClientConfig;
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::mocking::MockCluster;
@@ -188,6 +188,95 @@ async fn cli_consume_from_tansu() {
         std::fs::read_to_string(&effects).unwrap().lines().count(),
         100
     );
+}
+
+/// A header whose name is not UTF-8 (no Java client sends one; any other
+/// producer can) does not stop the consumer: rdkafka's header reader
+/// panics on it, which would fail the same offset after every restart. The
+/// message is stored with the rest.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_header_name_that_is_not_text_is_read() {
+    let Some(brokers) = common::tansu::shared_brokers() else {
+        return;
+    };
+    let Some(db) = common::postgres().await else {
+        return;
+    };
+    let topic = format!("inbox-{}", &uuid::Uuid::new_v4().simple().to_string()[..10]);
+    common::tansu::create_topic(&brokers, &topic, 1).await;
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", &brokers)
+        .set("acks", "all")
+        .create()
+        .unwrap();
+    for id in ["odd-1", "odd-2"] {
+        let headers = OwnedHeaders::new().insert(Header {
+            key: "message_id",
+            value: Some(id),
+        });
+        if id == "odd-1" {
+            // rdkafka takes header names as &str; the C call takes bytes.
+            // `BorrowedHeaders` is librdkafka's header list itself.
+            let raw = headers.as_borrowed() as *const rdkafka::message::BorrowedHeaders
+                as *mut rdkafka::bindings::rd_kafka_headers_t;
+            let (name, value) = (b"\xffbad\xfe", b"v");
+            // SAFETY: `raw` is the live list `headers` owns; librdkafka
+            // copies both buffers, whose lengths are given.
+            let err = unsafe {
+                rdkafka::bindings::rd_kafka_header_add(
+                    raw,
+                    name.as_ptr().cast(),
+                    name.len() as isize,
+                    value.as_ptr().cast(),
+                    value.len() as isize,
+                )
+            };
+            assert_eq!(
+                err,
+                rdkafka::bindings::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR
+            );
+        }
+        producer
+            .send(
+                FutureRecord::to(&topic)
+                    .key(id)
+                    .payload(r#"{"n":1}"#)
+                    .headers(headers),
+                Duration::from_secs(10),
+            )
+            .await
+            .map_err(|(e, _)| e)
+            .unwrap();
+    }
+    let out = Command::new(env!("CARGO_BIN_EXE_omnibox"))
+        .args(["inbox", "consume", "--from", &format!("kafka://{brokers}")])
+        .args([
+            "--topic", &topic, "--group", "odd", "--once", "--format", "json",
+        ])
+        .env_clear()
+        .env("OMNIBOX_DATABASE_URL", &db.url)
+        .env("OMNIBOX_DATABASE_SCHEMA", db.schema())
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        (r["consumed"].as_u64(), r["stored"].as_u64()),
+        (Some(2), Some(2)),
+        "{r}"
+    );
+    let inbox = db.store.inbox();
+    for id in ["odd-1", "odd-2"] {
+        let row = inbox
+            .get_by_message_id(id, "odd")
+            .await
+            .unwrap()
+            .unwrap_or_else(|| panic!("{id} was not stored"));
+        assert_eq!(row.status(), omnibox::EventStatus::Pending, "{id}");
+    }
 }
 
 /// A handler failure under exactly-once seeks the Kafka consumer back: the

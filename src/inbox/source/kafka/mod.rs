@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::message::{Headers, Message};
+use rdkafka::message::Message;
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 
 use crate::error::{Error, Result};
@@ -167,14 +167,7 @@ impl KafkaSource {
     /// Copies a fetched message out of librdkafka's buffer (a header without a value
     /// becomes empty bytes); its topic, partition and offset identify it.
     fn to_raw(m: &rdkafka::message::BorrowedMessage<'_>) -> RawMessage {
-        let headers = m
-            .headers()
-            .map(|h| {
-                h.iter()
-                    .map(|h| (h.key.to_string(), h.value.unwrap_or_default().to_vec()))
-                    .collect()
-            })
-            .unwrap_or_default();
+        let headers = headers_of(m);
         RawMessage {
             topic: m.topic().to_string(),
             partition: m.partition(),
@@ -383,4 +376,49 @@ impl KafkaSource {
             position >= high
         })
     }
+}
+
+/// The headers of a fetched message, in order; a name that is not UTF-8
+/// is read with its invalid bytes replaced (U+FFFD). rdkafka's own reader
+/// panics on such a name, and a producer other than the Java client can
+/// send one: read through it, one message would stop the consumer at the
+/// same offset after every restart.
+fn headers_of(m: &rdkafka::message::BorrowedMessage<'_>) -> Vec<(String, Vec<u8>)> {
+    use rdkafka::bindings as rd;
+    use rdkafka::bindings::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR as OK;
+    let mut hdrs: *mut rd::rd_kafka_headers_t = std::ptr::null_mut();
+    // SAFETY: `m` is a live message for this whole function; librdkafka
+    // returns a pointer to headers the message owns (not copied, not to be
+    // freed), or an error when it has none.
+    if unsafe { rd::rd_kafka_message_headers(m.ptr(), &mut hdrs) } != OK || hdrs.is_null() {
+        return Vec::new();
+    }
+    // SAFETY: `hdrs` is the message's header list, valid while `m` is.
+    let count = unsafe { rd::rd_kafka_header_cnt(hdrs) };
+    (0..count)
+        .filter_map(|i| {
+            let mut name: *const std::ffi::c_char = std::ptr::null();
+            let mut value: *const std::ffi::c_void = std::ptr::null();
+            let mut size = 0usize;
+            // SAFETY: `i` is below the count; the out-pointers are locals.
+            // librdkafka points `name` at a NUL-terminated copy and `value`
+            // at `size` bytes (or NULL), both owned by the message.
+            let err =
+                unsafe { rd::rd_kafka_header_get_all(hdrs, i, &mut name, &mut value, &mut size) };
+            if err != OK || name.is_null() {
+                return None;
+            }
+            // SAFETY: as above; both are copied before `m` can go.
+            let name = unsafe { std::ffi::CStr::from_ptr(name) }
+                .to_string_lossy()
+                .into_owned();
+            let value = if value.is_null() {
+                Vec::new()
+            } else {
+                // SAFETY: as above.
+                unsafe { std::slice::from_raw_parts(value.cast::<u8>(), size) }.to_vec()
+            };
+            Some((name, value))
+        })
+        .collect()
 }
