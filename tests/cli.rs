@@ -1152,6 +1152,11 @@ fn hostile_database_urls_are_never_printed() {
     for (url, says) in [
         ("postgres:/weird:cret10@127.0.0.1:1/db", "two slashes"),
         ("postgresql:weird:cret11@127.0.0.1/db", "two slashes"),
+        // A scheme alone, with or without its colon (this panicked once).
+        ("postgres", "two slashes"),
+        ("PostgreSQL", "two slashes"),
+        ("postgresql:", "two slashes"),
+        ("postgres:/", "two slashes"),
         ("postgres://u:se/cret1@127.0.0.1:1/db", "percent-encoded"),
         ("postgres://u:se?cret2@127.0.0.1:1/db", "percent-encoded"),
     ] {

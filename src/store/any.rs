@@ -47,7 +47,11 @@ impl Backend {
             .unwrap_or_default()
             .to_ascii_lowercase();
         match scheme.as_str() {
-            "postgres" | "postgresql" if !url[scheme.len() + 1..].starts_with("//") => {
+            "postgres" | "postgresql"
+                if !url
+                    .get(scheme.len() + 1..)
+                    .is_some_and(|rest| rest.starts_with("//")) =>
+            {
                 // `postgres:/u:pw@h/db` would be read as a Unix socket path
                 // and a user named "anonymous".
                 Err(Error::Config(format!(
