@@ -348,14 +348,32 @@ fn poison(
     }
     candidates.push(with("raw_prefix_base64", &bytes[..prefix_len]));
     candidates.push(payload.clone());
-    // Headers beyond what a row holds: the position, length and digest.
+    // Headers beyond what a row holds: the position, length and digest; a
+    // topic or origin too long for a row (a file's line may name any topic)
+    // as its start, length and digest.
     let mut bare = payload.clone();
     if let Some(p) = bare.as_object_mut() {
         p.remove("headers");
         p.remove("key");
         p.remove("key_base64");
+        for (field, whole) in [
+            ("topic", Some(raw.topic.as_str())),
+            ("origin", raw.origin.as_deref()),
+        ] {
+            if let Some(whole) = whole.filter(|w| w.len() > 1024) {
+                if field == "topic" {
+                    p.remove("topic_base64");
+                }
+                p.insert(field.into(), json!(clip(whole, 255)));
+                p.insert(format!("{field}_bytes"), json!(whole.len()));
+                p.insert(
+                    format!("{field}_sha256"),
+                    json!(sha256_hex(whole.as_bytes())),
+                );
+            }
+        }
     }
-    candidates.push(bare);
+    candidates.push(bare.clone());
     let mut event = None;
     for (n, p) in candidates.into_iter().enumerate() {
         new.payload = p;
@@ -367,11 +385,19 @@ fn poison(
             break;
         }
     }
-    // Cannot be None for a valid consumer group (a precondition of
-    // `normalize`, checked by the consumer before it starts): the last
-    // candidate has a checked header id or a 71-character hash, a
-    // non-blank clipped source, a fixed type and a small payload.
-    let mut event = event.expect("a minimal poison row is valid");
+    // The last candidate is small (under 3 KiB) with a checked header id or
+    // a 71-character hash, a non-blank clipped source and a fixed type: a
+    // valid row under the default limits, which a library's own limits
+    // (a payload limit of a few bytes) cannot refuse.
+    let mut event = match event {
+        Some(e) => e,
+        None => {
+            new.payload = bare;
+            DomainService::default()
+                .create_inbox_event(new)
+                .expect("a minimal poison row is valid under the default limits")
+        }
+    };
     event.status = EventStatus::Failed;
     event.attempts_made = event.max_attempts;
     event.last_error = Some(

@@ -606,3 +606,29 @@ fn any_line_ends_as_a_row_or_poison() {
         }
     }
 }
+
+/// A line naming a topic too long for any row (a file's lines are up to
+/// 4 MiB) is poison with the topic's start, length and digest; and a
+/// library's own limits too small for any poison row get one under the
+/// default limits instead of a panic.
+#[test]
+fn poison_too_large_for_a_row_is_still_a_row() {
+    let topic = "a".repeat(1_000_001);
+    let line = format!(r#"{{"topic":"{topic}","value":1}}"#);
+    let p = poison_row(normal(&from_json_line(&line, 3, "file")));
+    let payload = p.payload();
+    assert_eq!(payload["topic"].as_str().unwrap().len(), 255);
+    assert_eq!(payload["topic_bytes"], 1_000_001);
+    assert_eq!(payload["topic_sha256"].as_str().unwrap().len(), 64);
+    assert!(p.last_error().is_some());
+    let tiny = DomainService::new(
+        crate::model::limits::Limits {
+            payload_max_bytes: 10,
+            ..Default::default()
+        },
+        crate::domain::Backoff::default(),
+    );
+    let n = normalize(&tiny, &from_json_line("garbage", 4, "file"), "g");
+    assert!(n.is_poison());
+    assert_eq!(n.event().status(), EventStatus::Failed);
+}
