@@ -13,6 +13,23 @@ pub fn now() -> Timestamp {
     truncate(Utc::now())
 }
 
+/// The moment `d` from now on the monotonic clock, `d` taken at most
+/// [`MAX_DURATION`](crate::model::limits::MAX_DURATION): a wait that comes
+/// from a handler or an option (`Duration::MAX` included) cannot overflow
+/// the clock.
+pub fn instant_after(d: std::time::Duration) -> std::time::Instant {
+    let now = std::time::Instant::now();
+    now.checked_add(d.min(crate::model::limits::MAX_DURATION))
+        .unwrap_or(now)
+}
+
+/// [`instant_after`] on tokio's clock.
+pub fn tokio_instant_after(d: std::time::Duration) -> tokio::time::Instant {
+    let now = tokio::time::Instant::now();
+    now.checked_add(d.min(crate::model::limits::MAX_DURATION))
+        .unwrap_or(now)
+}
+
 /// Truncates to microseconds, the precision both stores keep.
 pub fn truncate(t: Timestamp) -> Timestamp {
     t.trunc_subsecs(6)
@@ -100,6 +117,20 @@ pub(crate) mod serde_ts {
 mod tests {
     use super::*;
     use std::time::Duration;
+
+    /// A wait of any size (a handler's `Duration::MAX`) is a moment at most
+    /// 100 years away, on both clocks, never an overflow.
+    #[tokio::test]
+    async fn instants_after_any_wait() {
+        let max = crate::model::limits::MAX_DURATION;
+        for d in [Duration::ZERO, Duration::from_secs(5), max, Duration::MAX] {
+            let (now, at) = (std::time::Instant::now(), instant_after(d));
+            assert!(at >= now + d.min(max), "{d:?}");
+            assert!(at <= std::time::Instant::now() + d.min(max), "{d:?}");
+            let (now, at) = (tokio::time::Instant::now(), tokio_instant_after(d));
+            assert!(at >= now + d.min(max), "{d:?}");
+        }
+    }
 
     #[test]
     fn durations() {

@@ -73,7 +73,7 @@ impl CircuitBreaker {
                 .base
                 .saturating_mul(1 << doublings)
                 .min(self.config.max);
-            self.open_until = Some(Instant::now() + pause);
+            self.open_until = Some(crate::model::time::instant_after(pause));
         }
     }
 

@@ -330,7 +330,7 @@ where
         F: FnMut() -> Fut,
         Fut: Future<Output = Result<T>>,
     {
-        let deadline = Instant::now() + self.options.commit_retry_for;
+        let deadline = crate::model::time::instant_after(self.options.commit_retry_for);
         let mut wait = Duration::from_millis(100);
         let mut unanswered = false;
         loop {

@@ -93,7 +93,7 @@ pub(crate) async fn put_dead_letters<R: Route>(
     }
     let mut kept = letters.len();
     for store in stores {
-        let deadline = tokio::time::Instant::now() + retry_for;
+        let deadline = crate::model::time::tokio_instant_after(retry_for);
         let mut wait = Duration::from_millis(100);
         loop {
             match store.put(letters).await {

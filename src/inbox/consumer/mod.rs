@@ -352,7 +352,7 @@ impl<S: Source, H: Handler, T: ConsumerStore> InboxConsumer<S, H, T> {
 
     /// Pauses the source until `wait` has passed.
     fn pause_for(&mut self, wait: Duration) {
-        let at = Instant::now() + wait;
+        let at = time::instant_after(wait);
         self.resume_at = Some(self.resume_at.map_or(at, |r| r.max(at)));
     }
 }
@@ -389,7 +389,30 @@ struct Batch<'a> {
 /// How long until a written failure's retry.
 fn retry_wait(failure: &Failure) -> Duration {
     match failure.retry {
-        RetryAt::After(d) => d,
+        RetryAt::After(d) => d.min(crate::model::limits::MAX_DURATION),
         RetryAt::At(t) => (t - time::now()).to_std().unwrap_or_default(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A handler's `retry_after` of any size waits at most 100 years.
+    #[test]
+    fn a_retry_wait_is_bounded() {
+        let failure = |retry| Failure {
+            id: uuid::Uuid::nil(),
+            error: "x".into(),
+            counted: false,
+            retry,
+            dead: false,
+        };
+        let max = crate::model::limits::MAX_DURATION;
+        assert_eq!(retry_wait(&failure(RetryAt::After(Duration::MAX))), max);
+        let soon = Duration::from_secs(3);
+        assert_eq!(retry_wait(&failure(RetryAt::After(soon))), soon);
+        let past = time::now() - chrono::TimeDelta::hours(1);
+        assert_eq!(retry_wait(&failure(RetryAt::At(past))), Duration::ZERO);
     }
 }

@@ -227,7 +227,7 @@ impl Source for FileSource {
                 None => break,
             }
         }
-        let deadline = Instant::now() + wait;
+        let deadline = crate::model::time::instant_after(wait);
         while out.len() < max && !self.eof {
             // Kept in the source while the read waits: a cancelled poll
             // loses none of them (and neither does a failed read).

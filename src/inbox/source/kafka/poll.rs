@@ -37,7 +37,7 @@ impl Source for KafkaSource {
     async fn poll_within(&mut self, max: usize, budget: usize, wait: Duration) -> Result<Polled> {
         self.resume().await?;
         self.forget_revoked();
-        let deadline = tokio::time::Instant::now() + wait;
+        let deadline = crate::model::time::tokio_instant_after(wait);
         let mut out = Vec::new();
         let mut end = false;
         let mut bytes = 0usize;
