@@ -426,22 +426,37 @@ fn a_bad_id_header_makes_poison_and_never_collides() {
     assert_eq!(source.source(), "orders");
 }
 
+/// Normalises `m` (a randomized case, named by `what`; the seed is on
+/// stderr): no panic, a valid message id, and a poison row is `failed`
+/// with its reason.
+fn normalize_checked(d: &DomainService, m: &RawMessage, what: &str) -> Normalized {
+    let n = std::panic::catch_unwind(|| normalize(d, m, "g"))
+        .unwrap_or_else(|_| panic!("{what} panicked (the seed is on stderr)"));
+    let row = n.event();
+    assert!(
+        validate::exact(
+            "message_id",
+            row.message_id(),
+            limits::MESSAGE_ID_MAX_LENGTH
+        )
+        .is_ok(),
+        "{what}: id {:?}",
+        row.message_id()
+    );
+    if n.is_poison() {
+        assert_eq!(row.status(), EventStatus::Failed, "{what}");
+        assert!(row.last_error().is_some(), "{what}");
+    }
+    n
+}
+
 /// Randomized: arbitrary topics, keys, headers (ids, sources, types)
 /// and values, valid or not, never panic, and every message ends as a
 /// valid row or a poison row. OMNIBOX_FUZZ_CASES (default 20,000) and
 /// OMNIBOX_FUZZ_SEED replay or extend it.
 #[test]
 fn any_message_ends_as_a_row_or_poison() {
-    let cases: usize = std::env::var("OMNIBOX_FUZZ_CASES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(20_000);
-    let seed: u64 = std::env::var("OMNIBOX_FUZZ_SEED")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| fastrand::u64(..));
-    eprintln!("normalisation fuzz: seed {seed} (OMNIBOX_FUZZ_SEED), {cases} cases");
-    let mut rng = fastrand::Rng::with_seed(seed);
+    let (cases, mut rng) = crate::domain::testing::fuzz("normalisation fuzz", 20_000);
     let d = DomainService::default();
     let pieces: [&[u8]; 12] = [
         b"",
@@ -497,19 +512,8 @@ fn any_message_ends_as_a_row_or_poison() {
             origin: None,
             defect: None,
         };
-        let n = std::panic::catch_unwind(|| normalize(&d, &m, "g"))
-            .unwrap_or_else(|_| panic!("case {case} (seed {seed}) panicked: {m:?}"));
+        let n = normalize_checked(&d, &m, &format!("case {case}: {m:?}"));
         let row = n.event();
-        assert!(
-            validate::exact(
-                "message_id",
-                row.message_id(),
-                limits::MESSAGE_ID_MAX_LENGTH
-            )
-            .is_ok(),
-            "case {case} (seed {seed}): id {:?}",
-            row.message_id()
-        );
         if let Some(id) = m
             .header_bytes("message_id")
             .or_else(|| m.header_bytes("event_id"))
@@ -518,12 +522,8 @@ fn any_message_ends_as_a_row_or_poison() {
             assert_eq!(
                 row.message_id().as_bytes(),
                 id,
-                "case {case} (seed {seed}): id altered"
+                "case {case}: id altered (the seed is on stderr)"
             );
-        }
-        if n.is_poison() {
-            assert_eq!(row.status(), EventStatus::Failed);
-            assert!(row.last_error().is_some());
         }
     }
 }
@@ -581,28 +581,10 @@ fn any_line_ends_as_a_row_or_poison() {
             line.truncate(rng.usize(0..=line.len()));
         }
         let m = from_json_bytes(&line, rng.i64(0..1_000_000), "file");
-        let n = std::panic::catch_unwind(|| normalize(&d, &m, "g")).unwrap_or_else(|_| {
-            panic!(
-                "case {case} panicked (the seed is on stderr): {:?}",
-                String::from_utf8_lossy(&line)
-            )
-        });
-        let row = n.event();
-        assert!(
-            validate::exact(
-                "message_id",
-                row.message_id(),
-                limits::MESSAGE_ID_MAX_LENGTH
-            )
-            .is_ok(),
-            "case {case}: {:?}",
-            String::from_utf8_lossy(&line)
-        );
-        if n.is_poison() {
-            assert_eq!(row.status(), EventStatus::Failed);
-            assert!(row.last_error().is_some());
-        } else {
-            assert_eq!(row.status(), EventStatus::Pending);
+        let what = format!("case {case}: {:?}", String::from_utf8_lossy(&line));
+        let n = normalize_checked(&d, &m, &what);
+        if !n.is_poison() {
+            assert_eq!(n.event().status(), EventStatus::Pending, "{what}");
         }
     }
 }
