@@ -365,32 +365,56 @@ impl Metrics {
     }
 }
 
-/// Serves `GET /metrics` (any path, in fact) on `addr` until the task is dropped.
+/// Most metrics connections served at once.
+const METRICS_CONNECTIONS: usize = 32;
+
+/// Serves `GET /metrics` (any path, in fact) on `addr` until the task is
+/// dropped: at most 32 connections at once, each given 2 s to send its
+/// request and 10 s to take the reply.
 pub async fn serve(addr: SocketAddr, metrics: Arc<Metrics>) -> Result<tokio::task::JoinHandle<()>> {
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .map_err(|e| Error::Config(format!("cannot listen on {addr} for metrics: {e}")))?;
     tracing::info!(%addr, "serving Prometheus metrics");
+    // A scraper is one or two clients: more connections at once than this
+    // are closed unanswered, so a flood cannot run the process out of file
+    // descriptors.
+    let slots = Arc::new(tokio::sync::Semaphore::new(METRICS_CONNECTIONS));
     Ok(tokio::spawn(async move {
         loop {
-            let Ok((mut socket, _)) = listener.accept().await else {
+            let mut socket = match listener.accept().await {
+                Ok((socket, _)) => socket,
+                Err(e) => {
+                    // Out of file descriptors, say: retrying at once would
+                    // spin a core.
+                    tracing::warn!(error = %e, "metrics: cannot accept a connection");
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            let Ok(slot) = slots.clone().try_acquire_owned() else {
+                drop(socket);
                 continue;
             };
             let metrics = metrics.clone();
             tokio::spawn(async move {
+                let _slot = slot;
+                let wait = std::time::Duration::from_secs(2);
                 let mut buf = [0u8; 1024];
                 // Read the request head; its content does not matter.
-                let _ =
-                    tokio::time::timeout(std::time::Duration::from_secs(2), socket.read(&mut buf))
-                        .await;
+                let _ = tokio::time::timeout(wait, socket.read(&mut buf)).await;
                 let body = metrics.render();
                 let head = format!(
                     "HTTP/1.1 200 OK\r\ncontent-type: text/plain; version=0.0.4; charset=utf-8\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
                     body.len()
                 );
-                let _ = socket.write_all(head.as_bytes()).await;
-                let _ = socket.write_all(body.as_bytes()).await;
-                let _ = socket.shutdown().await;
+                // A client that does not read is dropped, not waited for.
+                let _ = tokio::time::timeout(wait.saturating_mul(5), async {
+                    socket.write_all(head.as_bytes()).await?;
+                    socket.write_all(body.as_bytes()).await?;
+                    socket.shutdown().await
+                })
+                .await;
             });
         }
     }))
@@ -516,5 +540,38 @@ mod tests {
         s.read_to_string(&mut resp).await.unwrap();
         assert!(resp.starts_with("HTTP/1.1 200 OK"));
         assert!(resp.contains("omnibox_events_completed_total"));
+    }
+
+    /// Clients that connect and send nothing hold at most 32 connections;
+    /// one more is closed at once, and once they go the endpoint answers.
+    #[tokio::test]
+    async fn a_flood_of_idle_clients_is_bounded() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        drop(listener);
+        let _server = serve(addr, Arc::new(Metrics::new())).await.unwrap();
+        let mut idle = Vec::new();
+        for _ in 0..METRICS_CONNECTIONS {
+            idle.push(tokio::net::TcpStream::connect(addr).await.unwrap());
+        }
+        // Accepted in order: give the server a moment to take them all.
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        let mut extra = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let mut buf = Vec::new();
+        let n = tokio::time::timeout(
+            std::time::Duration::from_secs(1),
+            extra.read_to_end(&mut buf),
+        )
+        .await
+        .expect("the connection over the limit is closed at once")
+        .unwrap_or(0);
+        assert_eq!(n, 0, "{:?}", String::from_utf8_lossy(&buf));
+        drop(idle);
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        s.write_all(b"GET /metrics HTTP/1.1\r\n\r\n").await.unwrap();
+        let mut resp = String::new();
+        s.read_to_string(&mut resp).await.unwrap();
+        assert!(resp.starts_with("HTTP/1.1 200 OK"), "{resp}");
     }
 }
