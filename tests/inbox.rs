@@ -1944,21 +1944,29 @@ async fn webhook_status_mapping() {
                     "ok" => ("200 OK", ""),
                     "dup" => ("409 Conflict", ""),
                     "busy" => ("503 Service Unavailable", "retry-after: 120\r\n"),
+                    "now" => ("503 Service Unavailable", "retry-after: 0\r\n"),
                     "moved" => (
                         "302 Found",
                         "location: /elsewhere?token=hidden-location-token\r\n",
                     ),
                     _ => ("500 Internal Server Error", ""),
                 };
+                // "flood" answers 500 with 16 MiB of body.
+                let body = if id == "flood" {
+                    "x".repeat(16 << 20)
+                } else {
+                    "nope".to_string()
+                };
                 let resp = format!(
-                    "HTTP/1.1 {status}\r\ncontent-length: 4\r\n{extra}connection: close\r\n\r\nnope"
+                    "HTTP/1.1 {status}\r\ncontent-length: {}\r\n{extra}connection: close\r\n\r\n{body}",
+                    body.len()
                 );
                 let _ = s.write_all(resp.as_bytes()).await;
             });
         }
     });
     let db = common::sqlite().await;
-    let mut rows: Vec<RawMessage> = ["ok", "dup", "busy", "err", "moved"]
+    let mut rows: Vec<RawMessage> = ["ok", "dup", "busy", "err", "moved", "now", "flood"]
         .iter()
         .enumerate()
         .map(|(i, id)| msg(id, i as i64, r#"{"a":1}"#))
@@ -2004,6 +2012,25 @@ async fn webhook_status_mapping() {
         (busy.scheduled_at() - before).num_seconds() >= 115,
         "Retry-After honoured: {}",
         busy.scheduled_at()
+    );
+    // `Retry-After: 0` waits a second all the same (no hot loop).
+    let now = get("now").await;
+    assert_eq!(
+        (now.status(), now.attempts_made()),
+        (EventStatus::Pending, 0)
+    );
+    assert!(
+        (now.scheduled_at() - before).num_milliseconds() >= 1000,
+        "{} against {before}",
+        now.scheduled_at()
+    );
+    // A huge error body: its tail, read from a bounded start.
+    let flood = get("flood").await;
+    let error = flood.last_error().unwrap();
+    assert!(
+        error.starts_with("webhook answered 500: xxx") && error.len() < 1600,
+        "{} bytes",
+        error.len()
     );
     let err = get("err").await;
     assert_eq!(err.attempts_made(), 1);

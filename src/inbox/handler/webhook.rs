@@ -80,7 +80,9 @@ fn retry_after(resp: &reqwest::Response) -> Duration {
         return crate::model::limits::DEFAULT_TRANSIENT_RETRY_DELAY;
     };
     if let Ok(secs) = value.parse::<u64>() {
-        return Duration::from_secs(secs.min(3600));
+        // At least a second: `Retry-After: 0` would have the row claimed
+        // and posted again at once, round after round.
+        return Duration::from_secs(secs.clamp(1, 3600));
     }
     chrono::DateTime::parse_from_rfc2822(value)
         .ok()
@@ -150,21 +152,42 @@ impl Handler for WebhookHandler {
             409 => Outcome::Skipped,
             429 | 502 | 503 | 504 => {
                 let after = retry_after(&resp);
-                let body = resp.text().await.unwrap_or_default();
-                transient(
-                    format!("webhook answered {status}: {}", tail(body.as_bytes(), 500)),
-                    after,
-                )
+                let body = body_tail(resp, 500).await;
+                transient(format!("webhook answered {status}: {body}"), after)
             }
             _ => {
-                let body = resp.text().await.unwrap_or_default();
-                counted(format!(
-                    "webhook answered {status}: {}",
-                    tail(body.as_bytes(), 1500)
-                ))
+                let body = body_tail(resp, 1500).await;
+                counted(format!("webhook answered {status}: {body}"))
             }
         }
     }
+}
+
+/// How much of an error reply's body is read: its end is kept for the
+/// row's error, and a server that sends more is not read further (the
+/// request's timeout bounds the time it may take).
+const BODY_READ_MAX: usize = 1 << 20;
+
+/// The last `max` bytes of an error reply's body, as text, from at most
+/// [`BODY_READ_MAX`] bytes read: a reply of any size costs no more memory.
+async fn body_tail(mut resp: reqwest::Response, max: usize) -> String {
+    let mut kept: Vec<u8> = Vec::new();
+    let mut read = 0usize;
+    while read < BODY_READ_MAX {
+        match resp.chunk().await {
+            Ok(Some(chunk)) => {
+                read += chunk.len();
+                kept.extend_from_slice(&chunk);
+                // Slack for the trimmed whitespace and a split character.
+                let keep = max + 256;
+                if kept.len() > 2 * keep {
+                    kept.drain(..kept.len() - keep);
+                }
+            }
+            Ok(None) | Err(_) => break,
+        }
+    }
+    tail(&kept, max)
 }
 
 /// A request error's text without the URL (which may hold credentials),
