@@ -182,6 +182,23 @@ mod cases {
 
     pub async fn replay_by_each_selector(db: &TestDb) {
         let ev = failed_rows(db).await;
+        // --limit without a fingerprint: the oldest rows, in insertion
+        // order (the database applies the limit).
+        let r = omnibox(
+            db,
+            &[
+                "replay",
+                "--all",
+                "--limit",
+                "2",
+                "--dry-run",
+                "--format",
+                "json",
+            ],
+        );
+        assert_eq!(r.code, 0, "{}", r.stderr);
+        let ids: Vec<String> = ev[..2].iter().map(|e| e.id().to_string()).collect();
+        assert_eq!(r.json()["ids"], json!(ids), "{}", r.stdout);
         // --id
         let r = omnibox(
             db,

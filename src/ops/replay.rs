@@ -77,8 +77,9 @@ pub async fn select(store: &AnyStore, selection: &Selection) -> Result<Vec<Candi
 }
 
 /// The rows of one table the selection picks: pending rows waiting for a retry
-/// (with `pending`) or failed ones, every match in insertion order (the limit
-/// applies after the merge), narrowed to the error fingerprint when one is given.
+/// (with `pending`) or failed ones, in insertion order, at most the limit
+/// (applied again after the merge), narrowed to the error fingerprint when
+/// one is given (every match is read then).
 async fn pick<R, S>(table: &S, selection: &Selection) -> Result<Vec<Candidate>>
 where
     R: Route,
@@ -86,7 +87,14 @@ where
 {
     let mut filter = selection.filter.clone();
     filter.all = true;
-    filter.limit = None;
+    // Without a fingerprint (matched here, not in the database) the limit
+    // is the database's: each table gives at most that many rows, in the
+    // order the merge takes them, so `replay --limit 10` over a million
+    // failed rows reads 10 a table, not all.
+    filter.limit = match &selection.fingerprint {
+        None => selection.limit,
+        Some(_) => None,
+    };
     let rows: Vec<Event<R>> = if selection.pending {
         table.list_waiting(&filter).await?
     } else {
@@ -181,6 +189,10 @@ pub async fn select_letters(
 ) -> Result<Vec<DeadLetterRecord>> {
     let mut filter = filter.clone();
     filter.open_only = true;
+    // The database applies the limit unless a fingerprint is matched here.
+    if fingerprint.is_none() {
+        filter.limit = limit;
+    }
     let mut letters = store.dead_letters().list(&filter).await?;
     if let Some(fp) = fingerprint {
         letters.retain(|l| fingerprint::fingerprint(&l.event_type, &l.error) == fp);
