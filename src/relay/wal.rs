@@ -136,9 +136,22 @@ pub async fn prepare(pool: &PgPool, opts: &WalOptions) -> Result<WalStart> {
     let mut created_publication = false;
     match publication {
         None => {
+            // Only the columns the relay reads (PostgreSQL 15 and later):
+            // the walsender then sends no payloads, so neither the stream
+            // nor the relay's buffer carries a row's megabyte.
+            let version: i32 =
+                sqlx::query_scalar("SELECT current_setting('server_version_num')::int")
+                    .fetch_one(pool)
+                    .await
+                    .map_err(storage)?;
+            let columns = if version >= 150_000 {
+                " (id, topic, partition_key)"
+            } else {
+                ""
+            };
             // An identifier cannot be bound; the name passed `check_name`.
             let ddl = format!(
-                "CREATE PUBLICATION {} FOR TABLE outbox_events WITH (publish = 'insert', publish_via_partition_root = true)",
+                "CREATE PUBLICATION {} FOR TABLE outbox_events{columns} WITH (publish = 'insert', publish_via_partition_root = true)",
                 opts.publication
             );
             sqlx::query(sqlx::AssertSqlSafe(ddl.clone())).execute(pool).await.map_err(|e| {
@@ -326,6 +339,7 @@ pub fn replication_config(url: &str, opts: &WalOptions, start: u64) -> Result<Re
     .with_start_lsn(Lsn::from_u64(start))
     .with_ack_lsn(Lsn::from_u64(start))
     .with_status_interval(opts.status_interval)
+    .with_buffer_size(STREAM_BUFFER)
     .with_options("-c TimeZone=UTC -c DateStyle=ISO")
     .with_application_name(format!("omnibox-wal-{}", opts.slot)))
 }
@@ -353,6 +367,16 @@ fn percent_decode(s: &str) -> Option<String> {
 
 /// Keys waiting for a claim past which the stream is not read.
 const MAX_WAITING: usize = 200_000;
+
+/// Rows of one transaction the stream keeps: a transaction that inserts
+/// more (a bulk load of millions) gives its first ones, and the scans find
+/// the rest, so the relay's memory does not grow with a transaction.
+const MAX_TX_ROWS: usize = 100_000;
+
+/// Replication messages buffered between the connection and the relay:
+/// each is a row's three columns (or, from a publication of every column,
+/// the whole row).
+const STREAM_BUFFER: usize = 1024;
 
 /// A stream's failure: whether it may be retried.
 fn slot_busy(e: &pgwire_replication::PgWireError) -> bool {
@@ -517,6 +541,7 @@ async fn read(
                     ReplicationEvent::XLogData { wal_start, data, .. } => {
                         if let Some(row) = decode(&mut decoder, data, wal_start.as_u64(), schema)
                             .map_err(Read::Fatal)?
+                            && rows.len() < MAX_TX_ROWS
                         {
                             rows.push(row);
                         }
