@@ -232,7 +232,22 @@ impl Source for FileSource {
             // Kept in the source while the read waits: a cancelled poll
             // loses none of them (and neither does a failed read).
             self.taken = std::mem::take(&mut out);
-            let next = self.next_line().await?;
+            // With lines in hand, a read that waits (a quiet pipe: `tail -f
+            // log | omnibox inbox consume --from -`) ends the poll at the
+            // deadline, so they are stored now, not when the writer goes
+            // on. Lines already buffered are read either way; an unfinished
+            // line stays in `pending`.
+            let next = if self.taken.is_empty() {
+                self.next_line().await?
+            } else {
+                match tokio::time::timeout_at(deadline.into(), self.next_line()).await {
+                    Ok(next) => next?,
+                    Err(_) => {
+                        out = std::mem::take(&mut self.taken);
+                        break;
+                    }
+                }
+            };
             out = std::mem::take(&mut self.taken);
             match next {
                 Some((line, None)) if line.iter().all(u8::is_ascii_whitespace) => continue,
@@ -324,6 +339,49 @@ mod tests {
             .iter()
             .map(|m| String::from_utf8_lossy(m.payload.as_deref().unwrap_or_default()).into_owned())
             .collect()
+    }
+
+    /// Lines from a pipe whose writer goes quiet (without closing it) are
+    /// handed out at the poll's deadline, not held until more arrive.
+    #[tokio::test]
+    async fn a_quiet_pipe_hands_out_what_it_has() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("fifo");
+        let made = std::process::Command::new("mkfifo")
+            .arg(&path)
+            .status()
+            .unwrap();
+        assert!(made.success());
+        let p = path.clone();
+        // Opening a FIFO waits for the other end: the writer opens it too.
+        let writer = std::thread::spawn(move || {
+            let mut w = std::fs::OpenOptions::new().write(true).open(p).unwrap();
+            w.write_all(b"{\"a\":1}\n{\"a\":2}\n{\"a\":").unwrap();
+            w.flush().unwrap();
+            std::thread::sleep(Duration::from_secs(3));
+            w.write_all(b"3}\n").unwrap();
+        });
+        let mut src = FileSource::open(path.to_str().unwrap(), false)
+            .await
+            .unwrap();
+        let started = Instant::now();
+        let got = tokio::time::timeout(
+            Duration::from_secs(2),
+            src.poll(100, Duration::from_millis(200)),
+        )
+        .await
+        .expect("the poll does not wait for the writer")
+        .unwrap();
+        assert!(started.elapsed() < Duration::from_secs(2));
+        assert_eq!(got.messages.len(), 2, "{:?}", got.messages);
+        assert!(!got.end);
+        // The unfinished third line is read whole once its end arrives.
+        let next = src.poll(100, Duration::from_millis(200)).await.unwrap();
+        assert_eq!(next.messages.len(), 1);
+        assert_eq!(next.messages[0].payload.as_deref(), Some(&b"{\"a\":3}"[..]));
+        writer.join().unwrap();
+        let last = src.poll(100, Duration::from_millis(200)).await.unwrap();
+        assert!(last.messages.is_empty() && last.end);
     }
 
     /// A line appended in pieces is read whole once its newline arrives:
