@@ -142,6 +142,16 @@ fn parse(
         ));
     }
     let bytes = raw.payload.as_deref().ok_or("the message has no value")?;
+    // Parsed, a JSON value takes several times its size: a value far over
+    // the payload limit (an envelope and whitespace allowed for) is refused
+    // unread, whatever the broker lets through (up to 100 MB by default).
+    let limit = domain.limits().payload_max_bytes;
+    if bytes.len() > limit.saturating_mul(4) {
+        return Err(format!(
+            "the value is {} bytes, more than four times the payload limit ({limit} bytes), so it was not parsed",
+            bytes.len()
+        ));
+    }
     let value: Value =
         serde_json::from_slice(bytes).map_err(|e| format!("the value is not JSON: {e}"))?;
     let Value::Object(object) = value else {
@@ -343,7 +353,8 @@ fn poison(
     };
     let prefix_len = (limit / 4 * 3).saturating_sub(4096).min(bytes.len());
     let mut candidates = Vec::new();
-    if raw.cut.is_none() {
+    // Whole only when it can fit (base64 is a third larger).
+    if raw.cut.is_none() && bytes.len() <= limit / 4 * 3 {
         candidates.push(with("raw_base64", bytes));
     }
     candidates.push(with("raw_prefix_base64", &bytes[..prefix_len]));

@@ -374,6 +374,27 @@ fn poison_keeps_its_bytes_or_their_length_and_digest() {
         .decode(p.payload()["raw_prefix_base64"].as_str().unwrap())
         .unwrap();
     assert!(prefix.len() > 500_000 && big.starts_with(&prefix));
+    // A value over four times the payload limit is not parsed at all.
+    let mut huge = br#"{"a":""#.to_vec();
+    huge.extend(std::iter::repeat_n(b'x', 5_000_000));
+    huge.extend(br#""}"#);
+    m.payload = Some(huge);
+    let p = poison_row(normal(&m));
+    assert!(
+        p.last_error()
+            .unwrap()
+            .contains("more than four times the payload limit"),
+        "{:?}",
+        p.last_error()
+    );
+    assert_eq!(p.payload()["raw_bytes"], json!(5_000_008));
+    // Under that bound a value is judged by its payload: 2 MB of
+    // whitespace around a small object is a valid message.
+    let mut padded = br#"{"a":1}"#.to_vec();
+    padded.extend(std::iter::repeat_n(b' ', 2_000_000));
+    m.payload = Some(padded);
+    let n = normal(&m);
+    assert!(!n.is_poison());
 }
 
 /// Every delivery of one message has the same event id (the handler's
