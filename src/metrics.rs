@@ -89,7 +89,16 @@ pub struct Metrics {
     /// rate is the WAL confirmed per second; the server's
     /// `pg_current_wal_lsn()` less it is the lag in bytes).
     pub wal_confirmed_lsn: Gauge<f64, std::sync::atomic::AtomicU64>,
+    /// The event types that have series of their own (see
+    /// [`Metrics::type_label`]).
+    event_types: std::sync::Mutex<std::collections::HashSet<String>>,
 }
+
+/// Event types given series of their own; later ones share the label
+/// `other`. An inbox's event types come from its messages, so a producer
+/// sending a new type per message would otherwise grow the registry, and
+/// every scrape, without bound.
+pub const EVENT_TYPE_LABELS: usize = 200;
 
 /// Labels of [`Metrics::counters`].
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -237,8 +246,25 @@ impl Metrics {
                 "Counters of the inbox consumer and other components",
                 Family::default(),
             ),
+            event_types: Default::default(),
             registry,
         }
+    }
+
+    /// The `event_type` label of `event_type`: itself for the first
+    /// [`EVENT_TYPE_LABELS`] types seen, `other` after.
+    pub fn type_label(&self, event_type: &str) -> String {
+        let Ok(mut known) = self.event_types.lock() else {
+            return "other".into();
+        };
+        if known.contains(event_type) {
+            return event_type.to_string();
+        }
+        if known.len() < EVENT_TYPE_LABELS {
+            known.insert(event_type.to_string());
+            return event_type.to_string();
+        }
+        "other".into()
     }
 
     /// Creates every series of `table` at zero, so a scrape shows every
@@ -341,7 +367,7 @@ impl Metrics {
         self.failed
             .get_or_create(&FailureLabels {
                 table: table.to_string(),
-                event_type: e.event_type.to_string(),
+                event_type: self.type_label(e.event_type),
                 kind: kind.into(),
             })
             .inc();
@@ -453,7 +479,7 @@ impl MetricsRecorder for Metrics {
         for e in events {
             let labels = EventLabels {
                 table: table.clone(),
-                event_type: e.event_type.to_string(),
+                event_type: m.type_label(e.event_type),
             };
             match e.outcome {
                 Outcome::Completed | Outcome::Committed => {
@@ -475,7 +501,7 @@ impl MetricsRecorder for Metrics {
         self.handler_duration
             .get_or_create(&EventLabels {
                 table: table.to_string(),
-                event_type: event_type.to_string(),
+                event_type: self.type_label(event_type),
             })
             .observe(took.as_secs_f64());
     }
@@ -540,6 +566,33 @@ mod tests {
         s.read_to_string(&mut resp).await.unwrap();
         assert!(resp.starts_with("HTTP/1.1 200 OK"));
         assert!(resp.contains("omnibox_events_completed_total"));
+    }
+
+    /// Past 200 event types, new ones share the label `other`: a producer
+    /// sending a type per message cannot grow the registry without bound.
+    #[test]
+    fn event_type_labels_are_bounded() {
+        let m = Metrics::new();
+        for i in 0..EVENT_TYPE_LABELS + 50 {
+            m.handler_time(
+                Table::Inbox,
+                &format!("t{i}"),
+                std::time::Duration::from_millis(1),
+            );
+        }
+        assert_eq!(m.type_label("t0"), "t0");
+        assert_eq!(
+            m.type_label(&format!("t{}", EVENT_TYPE_LABELS - 1)),
+            format!("t{}", EVENT_TYPE_LABELS - 1)
+        );
+        assert_eq!(m.type_label(&format!("t{EVENT_TYPE_LABELS}")), "other");
+        let text = m.render();
+        let series = text
+            .lines()
+            .filter(|l| l.starts_with("omnibox_handler_duration_seconds_count{"))
+            .count();
+        assert_eq!(series, EVENT_TYPE_LABELS + 1, "200 types and other");
+        assert!(text.contains(r#"event_type="other""#));
     }
 
     /// Clients that connect and send nothing hold at most 32 connections;
