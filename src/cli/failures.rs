@@ -112,23 +112,27 @@ pub async fn run(args: FailuresArgs, ctx: &Context) -> Result<ExitStatus> {
 async fn groups_of<R: Route, S: MaintenanceStore<R>>(table: &S) -> Result<Vec<Group>> {
     // Grouped by exact error in the database: every failed row counted,
     // no row read; the groups are then folded by fingerprint.
+    // Folded as they arrive: errors that differ in every row (an id in
+    // each) cost one group per fingerprint here, not one per row.
     let mut map: BTreeMap<String, Group> = BTreeMap::new();
-    for e in table.failed_errors().await? {
-        let error = e.error.as_deref().unwrap_or("");
-        let fp = fingerprint::fingerprint(&e.event_type, error);
-        let g = map.entry(fp.clone()).or_insert_with(|| Group {
-            table: R::TABLE,
-            fingerprint: fp,
-            event_type: e.event_type.clone(),
-            error: fingerprint::normalize_error(error),
-            count: 0,
-            first_seen: e.first_seen,
-            last_seen: e.last_seen,
-            sample_id: e.sample_id,
-        });
-        g.count += e.count;
-        g.first_seen = g.first_seen.min(e.first_seen);
-        g.last_seen = g.last_seen.max(e.last_seen);
-    }
+    table
+        .failed_errors(&mut |e| {
+            let error = e.error.as_deref().unwrap_or("");
+            let fp = fingerprint::fingerprint(&e.event_type, error);
+            let g = map.entry(fp.clone()).or_insert_with(|| Group {
+                table: R::TABLE,
+                fingerprint: fp,
+                event_type: e.event_type.clone(),
+                error: fingerprint::normalize_error(error),
+                count: 0,
+                first_seen: e.first_seen,
+                last_seen: e.last_seen,
+                sample_id: e.sample_id,
+            });
+            g.count += e.count;
+            g.first_seen = g.first_seen.min(e.first_seen);
+            g.last_seen = g.last_seen.max(e.last_seen);
+        })
+        .await?;
     Ok(map.into_values().collect())
 }

@@ -332,8 +332,11 @@ impl<R: PgRoute + SqliteRoute> super::MaintenanceStore<R> for AnyTable<R> {
         delegate!(self, t => t.failed_by_event_type())
     }
 
-    async fn failed_errors(&self) -> Result<Vec<super::FailedErrors>> {
-        delegate!(self, t => t.failed_errors())
+    async fn failed_errors(
+        &self,
+        each: &mut (dyn FnMut(super::FailedErrors) + Send),
+    ) -> Result<()> {
+        delegate!(self, t => t.failed_errors(each))
     }
 }
 

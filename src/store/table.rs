@@ -387,8 +387,12 @@ pub(crate) trait TableBackend: Pooled + Clone + Send + Sync + 'static {
     fn failed_by_type(&self) -> impl Future<Output = Result<Vec<(String, i64)>>> + Send {
         Self::D::fetch_pairs(self.pool(), Self::sql().failed_by_type)
     }
-    /// Failed rows grouped by event type and error.
-    fn failed_groups(&self) -> impl Future<Output = Result<Vec<FailedErrors>>> + Send;
+    /// Failed rows grouped by event type and error, each handed to `each`
+    /// as it is read.
+    fn failed_groups(
+        &self,
+        each: &mut (dyn FnMut(FailedErrors) + Send),
+    ) -> impl Future<Output = Result<()>> + Send;
 }
 
 /// A backend's inbox table: its insert, on which the rest of
@@ -587,8 +591,8 @@ impl<R: Route, T: TableBackend<R = R>> MaintenanceStore<R> for T {
         Ok(rows.into_iter().map(|(t, n)| (t, n as u64)).collect())
     }
 
-    async fn failed_errors(&self) -> Result<Vec<FailedErrors>> {
-        self.failed_groups().await
+    async fn failed_errors(&self, each: &mut (dyn FnMut(FailedErrors) + Send)) -> Result<()> {
+        self.failed_groups(each).await
     }
 }
 

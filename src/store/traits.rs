@@ -183,8 +183,13 @@ pub trait MaintenanceStore<R: Route>: EventStore<R> {
     /// Failed rows grouped in the database by event type and exact error,
     /// with their count, first and last failure and one row's id: every
     /// failed row counted, none of them read (`omnibox failures` folds the
-    /// groups by fingerprint).
-    fn failed_errors(&self) -> impl Future<Output = Result<Vec<FailedErrors>>> + Send;
+    /// groups by fingerprint). Each group is handed to `each` as it is
+    /// read, so errors that differ in every row (an id in each) take no
+    /// memory here.
+    fn failed_errors(
+        &self,
+        each: &mut (dyn FnMut(FailedErrors) + Send),
+    ) -> impl Future<Output = Result<()>> + Send;
 }
 
 /// One group of [`MaintenanceStore::failed_errors`](super::MaintenanceStore::failed_errors).

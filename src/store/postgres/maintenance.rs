@@ -8,20 +8,23 @@ use crate::error::{Result, storage};
 use crate::model::time;
 use crate::store::{EventStore, FailedErrors, TableCounts};
 
-/// Failed rows grouped by event type and error, with a sample id.
-pub(super) async fn failed_errors<R: PgRoute>(table: &PgTable<R>) -> Result<Vec<FailedErrors>> {
+/// Failed rows grouped by event type and error, with a sample id, each
+/// handed to `each` as it arrives (not collected).
+pub(super) async fn failed_errors<R: PgRoute>(
+    table: &PgTable<R>,
+    each: &mut (dyn FnMut(FailedErrors) + Send),
+) -> Result<()> {
+    use futures_util::TryStreamExt;
     let t = R::TABLE.sql_name();
-    let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+    let sql = format!(
         "SELECT event_type, last_error, count(*) AS n, min(updated_at) AS first_seen,
                 max(updated_at) AS last_seen, min(id::text)::uuid AS sample_id
          FROM {t} WHERE status = 'failed' GROUP BY event_type, last_error"
-    )))
-    .fetch_all(&table.pool)
-    .await
-    .map_err(storage)?;
-    rows.iter()
-        .map(|r| {
-            Ok(FailedErrors {
+    );
+    let mut rows = sqlx::query(sqlx::AssertSqlSafe(sql)).fetch(&table.pool);
+    while let Some(r) = rows.try_next().await.map_err(storage)? {
+        let group = (|| {
+            Ok::<_, sqlx::Error>(FailedErrors {
                 event_type: r.try_get("event_type")?,
                 error: r.try_get("last_error")?,
                 count: r.try_get::<i64, _>("n")?.max(0) as u64,
@@ -29,9 +32,11 @@ pub(super) async fn failed_errors<R: PgRoute>(table: &PgTable<R>) -> Result<Vec<
                 last_seen: r.try_get("last_seen")?,
                 sample_id: r.try_get("sample_id")?,
             })
-        })
-        .collect::<std::result::Result<_, sqlx::Error>>()
-        .map_err(storage)
+        })()
+        .map_err(storage)?;
+        each(group);
+    }
+    Ok(())
 }
 
 /// Tables estimated at fewer rows than this are counted exactly by

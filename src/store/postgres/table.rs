@@ -174,8 +174,8 @@ impl<R: PgRoute> TableBackend for PgTable<R> {
         Ok(ids)
     }
 
-    async fn failed_groups(&self) -> Result<Vec<FailedErrors>> {
-        super::maintenance::failed_errors(self).await
+    async fn failed_groups(&self, each: &mut (dyn FnMut(FailedErrors) + Send)) -> Result<()> {
+        super::maintenance::failed_errors(self, each).await
     }
 }
 

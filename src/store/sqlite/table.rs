@@ -183,8 +183,8 @@ impl<R: SqliteRoute> TableBackend for SqliteTable<R> {
         Ok(ids)
     }
 
-    async fn failed_groups(&self) -> Result<Vec<FailedErrors>> {
-        super::maintenance::failed_errors(self).await
+    async fn failed_groups(&self, each: &mut (dyn FnMut(FailedErrors) + Send)) -> Result<()> {
+        super::maintenance::failed_errors(self, each).await
     }
 }
 
