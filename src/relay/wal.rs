@@ -365,6 +365,13 @@ fn percent_decode(s: &str) -> Option<String> {
     String::from_utf8(out).ok()
 }
 
+/// How long a replication connection may take to start streaming (a
+/// second in unit tests).
+#[cfg(not(test))]
+const CONNECT_WAIT: Duration = Duration::from_secs(30);
+#[cfg(test)]
+const CONNECT_WAIT: Duration = Duration::from_secs(1);
+
 /// Keys waiting for a claim past which the stream is not read.
 const MAX_WAITING: usize = 200_000;
 
@@ -479,13 +486,29 @@ async fn read(
             Read::Broken(text, got)
         }
     };
-    // Connecting may wait on an unreachable host: a stop ends the wait.
+    // Connecting may wait on an unreachable host: a stop ends the wait,
+    // and a server that accepts the connection but never answers is given
+    // up on after CONNECT_WAIT (logged, then retried), not waited for in
+    // silence while the relay only scans.
     let connect = async {
-        let mut client = ReplicationClient::connect(cfg)
+        let started = async {
+            let mut client = ReplicationClient::connect(cfg)
+                .await
+                .map_err(|e| broken(e, false))?;
+            client.wait_started().await.map_err(|e| broken(e, false))?;
+            Ok::<_, Read>(client)
+        };
+        tokio::time::timeout(CONNECT_WAIT, started)
             .await
-            .map_err(|e| broken(e, false))?;
-        client.wait_started().await.map_err(|e| broken(e, false))?;
-        Ok::<_, Read>(client)
+            .unwrap_or_else(|_| {
+                Err(Read::Broken(
+                    format!(
+                        "the server did not start the stream within {}s",
+                        CONNECT_WAIT.as_secs()
+                    ),
+                    false,
+                ))
+            })
     };
     let mut stop = shutdown.clone();
     let stopped = async move {

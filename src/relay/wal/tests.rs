@@ -168,3 +168,36 @@ fn percent_decoding() {
     assert_eq!(percent_decode("%zz").as_deref(), Some("%zz"));
     assert_eq!(percent_decode("%ff"), None);
 }
+
+/// A server that accepts the replication connection and never answers is
+/// given up on after CONNECT_WAIT (the stream is then retried), not
+/// waited for in silence.
+#[tokio::test]
+async fn a_server_that_never_answers_is_given_up_on() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let held = tokio::spawn(async move {
+        let mut open = Vec::new();
+        while let Ok((s, _)) = listener.accept().await {
+            open.push(s);
+        }
+    });
+    let cfg =
+        ReplicationConfig::new("127.0.0.1", "u", "p", "db", "slot", "publication").with_port(port);
+    let feed = crate::pipeline::KeyFeed::new(Duration::from_secs(3600), 0);
+    let mut acked = feed.acked();
+    let (_stop, mut shutdown) = watch::channel(false);
+    let started = std::time::Instant::now();
+    let r = tokio::time::timeout(
+        Duration::from_secs(10),
+        read(cfg, "s", &feed, &mut acked, &mut shutdown),
+    )
+    .await
+    .expect("read gives up on its own");
+    match r {
+        Err(Read::Broken(e, false)) => assert!(e.contains("did not start the stream"), "{e}"),
+        other => panic!("not a broken stream: {}", matches!(other, Ok(()))),
+    }
+    assert!(started.elapsed() < Duration::from_secs(5));
+    held.abort();
+}
