@@ -237,7 +237,10 @@ impl Source for FileSource {
             // deadline, so they are stored now, not when the writer goes
             // on. Lines already buffered are read either way; an unfinished
             // line stays in `pending`.
-            let next = if self.taken.is_empty() {
+            // A regular file's read never waits for a writer: read on (a
+            // read-ahead polls with a deadline already past, and must not
+            // stop at every refill of the buffer).
+            let next = if self.taken.is_empty() || self.regular {
                 self.next_line().await?
             } else {
                 match tokio::time::timeout_at(deadline.into(), self.next_line()).await {
@@ -339,6 +342,25 @@ mod tests {
             .iter()
             .map(|m| String::from_utf8_lossy(m.payload.as_deref().unwrap_or_default()).into_owned())
             .collect()
+    }
+
+    /// A regular file fills its batch whatever the poll's deadline (the
+    /// read-ahead polls with none left): a read there never waits for a
+    /// writer, so the batch does not stop at a refill of the buffer.
+    #[tokio::test]
+    async fn a_regular_file_fills_its_batch_whatever_the_deadline() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("in.jsonl");
+        let line = format!("{{\"pad\":\"{}\"}}\n", "x".repeat(500));
+        std::fs::write(&path, line.repeat(2_000)).unwrap();
+        let mut src = FileSource::open(path.to_str().unwrap(), false)
+            .await
+            .unwrap();
+        for _ in 0..2 {
+            let p = src.poll(1_000, Duration::ZERO).await.unwrap();
+            assert_eq!(p.messages.len(), 1_000);
+        }
+        assert!(src.poll(1_000, Duration::ZERO).await.unwrap().end);
     }
 
     /// Lines from a pipe whose writer goes quiet (without closing it) are
