@@ -491,24 +491,26 @@ async fn read(
     // up on after CONNECT_WAIT (logged, then retried), not waited for in
     // silence while the relay only scans.
     let connect = async {
-        let started = async {
-            let mut client = ReplicationClient::connect(cfg)
-                .await
-                .map_err(|e| broken(e, false))?;
-            client.wait_started().await.map_err(|e| broken(e, false))?;
-            Ok::<_, Read>(client)
-        };
-        tokio::time::timeout(CONNECT_WAIT, started)
+        let mut client = ReplicationClient::connect(cfg)
             .await
-            .unwrap_or_else(|_| {
-                Err(Read::Broken(
+            .map_err(|e| broken(e, false))?;
+        match tokio::time::timeout(CONNECT_WAIT, client.wait_started()).await {
+            Ok(started) => started.map_err(|e| broken(e, false))?,
+            Err(_) => {
+                // The client's worker, waiting in the connection, does not
+                // see a stop there: end it, and its socket with it, or each
+                // retry would leave one behind.
+                client.abort();
+                return Err(Read::Broken(
                     format!(
                         "the server did not start the stream within {}s",
                         CONNECT_WAIT.as_secs()
                     ),
                     false,
-                ))
-            })
+                ));
+            }
+        }
+        Ok::<_, Read>(client)
     };
     let mut stop = shutdown.clone();
     let stopped = async move {

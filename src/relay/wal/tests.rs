@@ -174,13 +174,15 @@ fn percent_decoding() {
 /// waited for in silence.
 #[tokio::test]
 async fn a_server_that_never_answers_is_given_up_on() {
+    use tokio::io::AsyncReadExt;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
+    // The server reads what the client sends and answers nothing; it
+    // reports when the client's side is closed.
     let held = tokio::spawn(async move {
-        let mut open = Vec::new();
-        while let Ok((s, _)) = listener.accept().await {
-            open.push(s);
-        }
+        let (mut s, _) = listener.accept().await.unwrap();
+        let mut buf = [0u8; 1024];
+        while s.read(&mut buf).await.is_ok_and(|n| n > 0) {}
     });
     let cfg =
         ReplicationConfig::new("127.0.0.1", "u", "p", "db", "slot", "publication").with_port(port);
@@ -199,5 +201,9 @@ async fn a_server_that_never_answers_is_given_up_on() {
         other => panic!("not a broken stream: {}", matches!(other, Ok(()))),
     }
     assert!(started.elapsed() < Duration::from_secs(5));
-    held.abort();
+    // The connection given up on is closed, not left behind.
+    tokio::time::timeout(Duration::from_secs(3), held)
+        .await
+        .expect("the client's socket is closed")
+        .unwrap();
 }
