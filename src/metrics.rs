@@ -95,10 +95,15 @@ pub struct Metrics {
 }
 
 /// Event types given series of their own; later ones share the label
-/// `other`. An inbox's event types come from its messages, so a producer
+/// [`OTHER_EVENT_TYPES`]. An inbox's event types come from its messages, so a producer
 /// sending a new type per message would otherwise grow the registry, and
 /// every scrape, without bound.
 pub const EVENT_TYPE_LABELS: usize = 200;
+
+/// The `event_type` label of the types past [`EVENT_TYPE_LABELS`]: `" other"`,
+/// with a leading space, which no event type has (they are trimmed), so it
+/// never mixes with a real type's counts.
+pub const OTHER_EVENT_TYPES: &str = " other";
 
 /// Labels of [`Metrics::counters`].
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -252,10 +257,10 @@ impl Metrics {
     }
 
     /// The `event_type` label of `event_type`: itself for the first
-    /// [`EVENT_TYPE_LABELS`] types seen, `other` after.
+    /// [`EVENT_TYPE_LABELS`] types seen, [`OTHER_EVENT_TYPES`] after.
     pub fn type_label(&self, event_type: &str) -> String {
         let Ok(mut known) = self.event_types.lock() else {
-            return "other".into();
+            return OTHER_EVENT_TYPES.into();
         };
         if known.contains(event_type) {
             return event_type.to_string();
@@ -264,7 +269,7 @@ impl Metrics {
             known.insert(event_type.to_string());
             return event_type.to_string();
         }
-        "other".into()
+        OTHER_EVENT_TYPES.into()
     }
 
     /// Creates every series of `table` at zero, so a scrape shows every
@@ -568,7 +573,7 @@ mod tests {
         assert!(resp.contains("omnibox_events_completed_total"));
     }
 
-    /// Past 200 event types, new ones share the label `other`: a producer
+    /// Past 200 event types, new ones share the label `" other"`: a producer
     /// sending a type per message cannot grow the registry without bound.
     #[test]
     fn event_type_labels_are_bounded() {
@@ -585,14 +590,22 @@ mod tests {
             m.type_label(&format!("t{}", EVENT_TYPE_LABELS - 1)),
             format!("t{}", EVENT_TYPE_LABELS - 1)
         );
-        assert_eq!(m.type_label(&format!("t{EVENT_TYPE_LABELS}")), "other");
+        assert_eq!(
+            m.type_label(&format!("t{EVENT_TYPE_LABELS}")),
+            OTHER_EVENT_TYPES
+        );
+        // The overflow label is not a name a real type can have: a type
+        // named "other" seen past the first 200 is counted as overflow,
+        // and nothing else is ever counted under "other".
+        assert_eq!(m.type_label("other"), OTHER_EVENT_TYPES);
+        assert_ne!(OTHER_EVENT_TYPES, OTHER_EVENT_TYPES.trim());
         let text = m.render();
         let series = text
             .lines()
             .filter(|l| l.starts_with("omnibox_handler_duration_seconds_count{"))
             .count();
         assert_eq!(series, EVENT_TYPE_LABELS + 1, "200 types and other");
-        assert!(text.contains(r#"event_type="other""#));
+        assert!(text.contains(r#"event_type=" other""#));
     }
 
     /// Clients that connect and send nothing hold at most 32 connections;

@@ -91,7 +91,7 @@ fn retry_after(resp: &reqwest::Response) -> Duration {
                 .to_std()
                 .ok()
         })
-        .map(|d| d.min(Duration::from_secs(3600)))
+        .map(|d| d.clamp(Duration::from_secs(1), Duration::from_secs(3600)))
         .unwrap_or(crate::model::limits::DEFAULT_TRANSIENT_RETRY_DELAY)
 }
 
