@@ -357,8 +357,14 @@ where
                     return Written::Lost(missing);
                 }
                 Err(e) if Instant::now() + wait < deadline => {
+                    // Said once per write (an outage fails every attempt
+                    // alike); the attempts after it are at debug level.
+                    if unanswered {
+                        tracing::debug!(error = %e, retry_in_ms = wait.as_millis() as u64, "{what}: cannot write the results; retrying");
+                    } else {
+                        tracing::warn!(error = %e, retry_in_ms = wait.as_millis() as u64, "{what}: cannot write the results; retrying (logged once per batch)");
+                    }
                     unanswered = true;
-                    tracing::warn!(error = %e, retry_in_ms = wait.as_millis() as u64, "{what}: cannot write the results; retrying");
                     tokio::time::sleep(wait).await;
                     wait = (wait * 2).min(Duration::from_secs(5));
                 }
