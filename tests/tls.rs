@@ -3,7 +3,8 @@
 //! `sslmode=verify-full` with the CA works, a wrong CA and a plain
 //! connection are refused with exit 2, and a client certificate logs in.
 //! Statements over TLS never wait for a delayed ACK (TCP_NODELAY), no
-//! command leaves a `Connection reset by peer` in the server's log, and the
+//! command leaves a `Connection reset by peer` in the server's log (nor
+//! opens a connection it need not), and the
 //! binary's TLS library does not gather CPU jitter entropy at start.
 
 mod common;
@@ -294,6 +295,7 @@ fn commands_leave_no_reset_connections_in_the_server_log() {
             "-h", &pg_dir, "-p", LOG_PORT, "-U", "postgres", "-d", "postgres", "-q",
         ])
         .args(["-c", "ALTER SYSTEM SET log_line_prefix = '%m [%p] app=%a '"])
+        .args(["-c", "ALTER SYSTEM SET log_disconnections = on"])
         .args(["-c", "SELECT pg_reload_conf()"])
         .output()
         .expect("psql");
@@ -349,6 +351,19 @@ fn commands_leave_no_reset_connections_in_the_server_log() {
                 && ABRUPT.iter().any(|a| line.contains(a))),
             "after omnibox {args:?} the server logged:\n{new}"
         );
+        // enqueue: the connection that reports a refused server at once,
+        // then one for the schema check and the COPY (the check's
+        // connection is back in the pool before the COPY asks for one).
+        if args[0] == "enqueue" {
+            let sessions = new
+                .lines()
+                .filter(|l| l.contains("app=omnibox") && l.contains("disconnection:"))
+                .count();
+            assert_eq!(
+                sessions, 2,
+                "omnibox {args:?} connected {sessions} times:\n{new}"
+            );
+        }
         seen = text.len();
     }
     let published = std::fs::read_to_string(&published).unwrap();

@@ -351,7 +351,13 @@ impl PgStore {
     /// Versions applied so far (empty on a fresh database).
     pub async fn applied_versions(&self) -> Result<Vec<i64>> {
         let mut conn = self.pool.acquire().await.map_err(storage)?;
-        applied_versions(&mut conn).await
+        let versions = applied_versions(&mut conn).await;
+        // Back in the pool before the caller's next statement asks for one:
+        // a dropped connection is returned by a task of its own, and an
+        // acquire that comes first opens a second connection (every CLI
+        // command checks the schema, then runs its statements).
+        conn.return_to_pool().await;
+        versions
     }
 }
 
