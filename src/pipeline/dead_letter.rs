@@ -95,6 +95,7 @@ pub(crate) async fn put_dead_letters<R: Route>(
     for store in stores {
         let deadline = crate::model::time::tokio_instant_after(retry_for);
         let mut wait = Duration::from_millis(100);
+        let mut said = false;
         loop {
             match store.put(letters).await {
                 Ok(n) => {
@@ -104,7 +105,12 @@ pub(crate) async fn put_dead_letters<R: Route>(
                 // A refusal (the data, not the database) is not retried:
                 // it would only hold the processor up.
                 Err(e) if !refused(&e) && tokio::time::Instant::now() + wait < deadline => {
-                    tracing::warn!(error = %e, store = %store.describe(), retry_in_ms = wait.as_millis() as u64, "cannot keep dead letters; retrying");
+                    // Said once per batch; the attempts after it at debug.
+                    if std::mem::replace(&mut said, true) {
+                        tracing::debug!(error = %e, store = %store.describe(), retry_in_ms = wait.as_millis() as u64, "cannot keep dead letters; retrying");
+                    } else {
+                        tracing::warn!(error = %e, store = %store.describe(), retry_in_ms = wait.as_millis() as u64, "cannot keep dead letters; retrying (logged once per batch)");
+                    }
                     tokio::time::sleep(wait).await;
                     wait = (wait * 2).min(Duration::from_secs(5));
                 }
