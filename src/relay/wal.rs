@@ -406,6 +406,10 @@ pub async fn stream(
     let mut backoff = Duration::from_millis(200);
     let mut acked = feed.acked();
     let mut ever_read = false;
+    // A stream that stays down is said once (until a session reads again),
+    // not at every reconnection: an outage of minutes would log a line
+    // every ten seconds.
+    let mut said = false;
     loop {
         if *shutdown.borrow() {
             return Ok(());
@@ -427,7 +431,11 @@ pub async fn stream(
                 )));
             }
             Err(Read::Refused(e)) => {
-                tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "the server refused the replication connection; the relay goes on scanning the table and retries");
+                if std::mem::replace(&mut said, true) {
+                    tracing::debug!(error = %e, retry_in_ms = backoff.as_millis() as u64, "the replication connection is still refused");
+                } else {
+                    tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "the server refused the replication connection; the relay goes on scanning the table and retries (logged once until it streams again)");
+                }
                 tokio::select! {
                     _ = tokio::time::sleep(backoff) => {}
                     _ = shutdown.changed() => return Ok(()),
@@ -438,8 +446,13 @@ pub async fn stream(
                 ever_read |= got_data;
                 if got_data {
                     backoff = Duration::from_millis(200);
+                    said = false;
                 }
-                tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "the replication stream broke; the relay goes on scanning the table and reconnects");
+                if std::mem::replace(&mut said, true) {
+                    tracing::debug!(error = %e, retry_in_ms = backoff.as_millis() as u64, "the replication stream is still down");
+                } else {
+                    tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "the replication stream broke; the relay goes on scanning the table and reconnects (logged once until it streams again)");
+                }
                 tokio::select! {
                     _ = tokio::time::sleep(backoff) => {}
                     _ = shutdown.changed() => return Ok(()),
@@ -524,6 +537,17 @@ async fn read(
         () = stopped => return Ok(()),
     };
     tracing::info!(start = %format_lsn(*acked.borrow()), "reading the replication stream");
+    // PostgreSQL asks for an answer (a keepalive with a reply requested,
+    // which the client's worker answers at once with what it last had)
+    // when it stops: a fast shutdown waits until each logical client has
+    // confirmed everything it was sent, with no time limit while the
+    // client answers. It asks too when it has not heard from a client for
+    // half its wal_sender_timeout. The relay then confirms the stream's
+    // end: rows not yet settled stay pending in the table, where the scans
+    // find them, so nothing is lost, and the relay does not hold up a
+    // shutdown.
+    let metrics = client.metrics();
+    let mut asked = metrics.keepalive_replies();
     let mut decoder = PgOutputDecoder::with_protocol_version(1);
     let mut rows: Vec<FedRow> = Vec::new();
     let mut in_tx = false;
@@ -535,6 +559,13 @@ async fn read(
         // bound the stream is not read (the server keeps the WAL, and the
         // client keeps reporting the confirmed position).
         let full = feed.waiting() >= MAX_WAITING;
+        let replies = metrics.keepalive_replies();
+        if replies != asked {
+            asked = replies;
+            let end = metrics.last_wal_end();
+            tracing::debug!(wal_end = %format_lsn(end.as_u64()), "the server asked for an answer: confirming the stream's end");
+            client.update_applied_lsn(end);
+        }
         tokio::select! {
             biased;
             changed = shutdown.changed(), if shutdown_open => {
