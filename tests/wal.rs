@@ -631,11 +631,18 @@ async fn the_wal_relay_refuses_what_it_cannot_do() {
 /// tests/restarts.rs; 29341 to 29344 are restarts.rs's and tls.rs's).
 const PRIVATE_PORT: &str = "29345";
 
+/// The private server of the test of a shutdown while keys pile up.
+const PILE_PORT: &str = "29346";
+
 fn private_pg(cmd: &[&str]) -> String {
+    private_pg_on(PRIVATE_PORT, cmd)
+}
+
+fn private_pg_on(port: &str, cmd: &[&str]) -> String {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/postgres.sh");
     let out = Command::new(script)
         .args(cmd)
-        .args(["--port", PRIVATE_PORT])
+        .args(["--port", port])
         .stderr(Stdio::inherit())
         .output()
         .expect("run scripts/postgres.sh");
@@ -644,13 +651,13 @@ fn private_pg(cmd: &[&str]) -> String {
 }
 
 /// Stops the private server whatever happens to the test.
-struct PrivateServer;
+struct PrivateServer(&'static str);
 
 impl Drop for PrivateServer {
     fn drop(&mut self) {
         let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/postgres.sh");
         let _ = Command::new(script)
-            .args(["stop", "--port", PRIVATE_PORT])
+            .args(["stop", "--port", self.0])
             .status();
     }
 }
@@ -670,7 +677,7 @@ async fn the_wal_relay_goes_on_after_a_postgresql_restart() {
     let Some(brokers) = shared_brokers() else {
         return;
     };
-    let _server = PrivateServer;
+    let _server = PrivateServer(PRIVATE_PORT);
     let exports = private_pg(&["start", "--logical"]);
     let url = exports
         .lines()
@@ -799,6 +806,94 @@ async fn the_wal_relay_goes_on_after_a_postgresql_restart() {
     assert_eq!(ids.len(), 2300);
     let c = outbox.counts().await.unwrap();
     assert_eq!((c.pending, c.failed, c.locked), (0, 0, 0));
+}
+
+/// Keys pile up while the broker is down: past 200,000 waiting, the rows
+/// of new transactions are left to the scans and the stream goes on being
+/// read. A relay that stopped reading it instead (as it did) kept a fast
+/// shutdown of PostgreSQL waiting for its answer for as long as it ran.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fast_shutdown_is_not_held_up_while_keys_pile_up() {
+    if common::pg_url().is_none() {
+        return;
+    }
+    let _server = PrivateServer(PILE_PORT);
+    let exports = private_pg_on(PILE_PORT, &["start", "--logical"]);
+    let url = exports
+        .lines()
+        .find_map(|l| l.strip_prefix("export OMNIBOX_TEST_DATABASE_URL="))
+        .expect("the server's URL")
+        .to_string();
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let pool = PgPool::connect(&url).await.unwrap();
+    omnibox::store::PgStore::from_pool(pool.clone())
+        .migrate()
+        .await
+        .unwrap();
+    // No broker listens on port 1: claims pause at the first batch.
+    let relay = Relay(Some(
+        Command::new(env!("CARGO_BIN_EXE_omnibox"))
+            .current_dir(d)
+            .env_clear()
+            .env("OMNIBOX_DATABASE_URL", &url)
+            .args(["publish", "--source", "wal", "--batch", "50"])
+            .args(["--broker", "kafka://127.0.0.1:1"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(d.join("relay.log")).unwrap())
+            .spawn()
+            .unwrap(),
+    ));
+    // Its slot exists once it says so: later inserts are in the stream.
+    wait_for(d, "the relay started", Duration::from_secs(30), || async {
+        log(d, "relay.log").contains("reading the write-ahead log")
+    })
+    .await;
+    // Three transactions of 100,000 keys each (the stream keeps 100,000
+    // rows of one), then one more: it finds 200,000 keys waiting.
+    let insert = |rows: i32| {
+        let pool = pool.clone();
+        async move {
+            sqlx::query(
+                "INSERT INTO outbox_events (id, event_type, payload, created_at, updated_at,
+                                            scheduled_at, aggregate_type, aggregate_id, topic,
+                                            partition_key)
+                 SELECT gen_random_uuid(), 'order.created', '{}', now(), now(), now(), 'order',
+                        gen_random_uuid(), 'orders', gen_random_uuid()::text
+                   FROM generate_series(1, $1)",
+            )
+            .bind(rows)
+            .execute(&pool)
+            .await
+            .unwrap();
+        }
+    };
+    for _ in 0..3 {
+        insert(100_000).await;
+    }
+    let said = "the rows of new transactions are left to the table's scans";
+    wait_for(d, "keys piled up", Duration::from_secs(120), || {
+        let insert = insert(1);
+        async move {
+            insert.await;
+            tokio::time::sleep(Duration::from_millis(400)).await;
+            log(d, "relay.log").contains(said)
+        }
+    })
+    .await;
+    pool.close().await;
+    let started = Instant::now();
+    // postgres.sh's halt fails when the server is not down within 60 s.
+    private_pg_on(PILE_PORT, &["halt", "--mode", "fast"]);
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "the fast shutdown took {:?}",
+        started.elapsed()
+    );
+    let text = log(d, "relay.log");
+    assert_eq!(text.matches(said).count(), 1, "said once: {text}");
+    drop(relay);
 }
 
 /// A user without the REPLICATION attribute (`omnibox_cert`, which

@@ -372,7 +372,8 @@ const CONNECT_WAIT: Duration = Duration::from_secs(30);
 #[cfg(test)]
 const CONNECT_WAIT: Duration = Duration::from_secs(1);
 
-/// Keys waiting for a claim past which the stream is not read.
+/// Keys waiting for a claim past which the rows of new transactions are
+/// left to the scans.
 const MAX_WAITING: usize = 200_000;
 
 /// Rows of one transaction the stream keeps: a transaction that inserts
@@ -554,11 +555,13 @@ async fn read(
     let mut got = false;
     // A closed channel answers at once for ever: stop watching it.
     let (mut shutdown_open, mut acked_open) = (true, true);
+    // Keys pile up while claims are paused (the broker down): past a bound
+    // the rows of new transactions are left to the table's scans (as a
+    // transaction's rows past MAX_TX_ROWS are), and the stream goes on
+    // being read, so that the server's requests are answered (a shutdown
+    // waits for them). Whether rows are being left, to say so once.
+    let mut leaving = false;
     loop {
-        // Keys pile up while claims are paused (the broker down): past a
-        // bound the stream is not read (the server keeps the WAL, and the
-        // client keeps reporting the confirmed position).
-        let full = feed.waiting() >= MAX_WAITING;
         let replies = metrics.keepalive_replies();
         if replies != asked {
             asked = replies;
@@ -581,8 +584,7 @@ async fn read(
                     client.update_applied_lsn(Lsn::from_u64(*acked.borrow()));
                 }
             }
-            () = tokio::time::sleep(Duration::from_millis(20)), if full => {}
-            event = client.recv(), if !full => {
+            event = client.recv() => {
                 let event = match event {
                     Ok(Some(e)) => e,
                     Ok(None) => return Err(Read::Broken("the server ended the stream".into(), got)),
@@ -604,6 +606,18 @@ async fn read(
                     }
                     ReplicationEvent::Commit { end_lsn, .. } => {
                         in_tx = false;
+                        let waiting = feed.waiting();
+                        if waiting >= MAX_WAITING {
+                            if !std::mem::replace(&mut leaving, true) {
+                                tracing::warn!(
+                                    keys = waiting,
+                                    "keys wait for a claim (claims paused: is the broker down?); the rows of new transactions are left to the table's scans until fewer wait"
+                                );
+                            }
+                            rows.clear();
+                        } else if std::mem::replace(&mut leaving, false) {
+                            tracing::info!("keys are fed from the stream again");
+                        }
                         feed.push(end_lsn.as_u64(), std::mem::take(&mut rows));
                     }
                     ReplicationEvent::KeepAlive { wal_end, .. } if !in_tx => {
