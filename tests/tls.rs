@@ -295,6 +295,7 @@ fn commands_leave_no_reset_connections_in_the_server_log() {
             "-h", &pg_dir, "-p", LOG_PORT, "-U", "postgres", "-d", "postgres", "-q",
         ])
         .args(["-c", "ALTER SYSTEM SET log_line_prefix = '%m [%p] app=%a '"])
+        .args(["-c", "ALTER SYSTEM SET log_connections = on"])
         .args(["-c", "ALTER SYSTEM SET log_disconnections = on"])
         .args(["-c", "SELECT pg_reload_conf()"])
         .output()
@@ -335,6 +336,20 @@ fn commands_leave_no_reset_connections_in_the_server_log() {
         vec!["doctor"],
         vec!["status", "--format", "json"],
     ];
+    // omnibox's sessions begun and ended so far, by the server's log.
+    let sessions = |text: &str| {
+        let begun = text
+            .lines()
+            .filter(|l| {
+                l.contains("connection authorized") && l.contains("application_name=omnibox")
+            })
+            .count();
+        let ended = text
+            .lines()
+            .filter(|l| l.contains("app=omnibox") && l.contains("disconnection:"))
+            .count();
+        (begun, ended)
+    };
     let mut seen = std::fs::read_to_string(&log).unwrap_or_default().len();
     for args in &commands {
         let (code, out, err) = omnibox(d, &url, args);
@@ -342,27 +357,31 @@ fn commands_leave_no_reset_connections_in_the_server_log() {
             code == 0 || (args[0] == "doctor" && code == 1),
             "omnibox {args:?} exited {code}: {out}{err}"
         );
-        // The server logs a vanished client when its backend notices.
-        std::thread::sleep(std::time::Duration::from_millis(300));
-        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        // The server logs a vanished client, then its session's end, when
+        // its backend notices: wait until every session it logged begun
+        // has ended, so the next command's window holds only its own.
+        let started = std::time::Instant::now();
+        let text = loop {
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            let (begun, ended) = sessions(&text);
+            if begun == ended || started.elapsed() > std::time::Duration::from_secs(20) {
+                break text;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        };
         let new = &text[seen.min(text.len())..];
         assert!(
             !new.lines().any(|line| line.contains("app=omnibox")
                 && ABRUPT.iter().any(|a| line.contains(a))),
             "after omnibox {args:?} the server logged:\n{new}"
         );
+        let (begun, ended) = sessions(new);
+        assert_eq!(begun, ended, "omnibox {args:?} left sessions open:\n{new}");
         // enqueue: the connection that reports a refused server at once,
         // then one for the schema check and the COPY (the check's
         // connection is back in the pool before the COPY asks for one).
         if args[0] == "enqueue" {
-            let sessions = new
-                .lines()
-                .filter(|l| l.contains("app=omnibox") && l.contains("disconnection:"))
-                .count();
-            assert_eq!(
-                sessions, 2,
-                "omnibox {args:?} connected {sessions} times:\n{new}"
-            );
+            assert_eq!(begun, 2, "omnibox {args:?} connected {begun} times:\n{new}");
         }
         seen = text.len();
     }

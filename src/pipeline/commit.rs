@@ -362,7 +362,7 @@ where
                     if unanswered {
                         tracing::debug!(error = %e, retry_in_ms = wait.as_millis() as u64, "{what}: cannot write the results; retrying");
                     } else {
-                        tracing::warn!(error = %e, retry_in_ms = wait.as_millis() as u64, "{what}: cannot write the results; retrying (logged once per batch)");
+                        tracing::warn!(error = %e, retry_in_ms = wait.as_millis() as u64, "{what}: cannot write the results; retrying (logged once for this write)");
                     }
                     unanswered = true;
                     tokio::time::sleep(wait).await;

@@ -386,6 +386,24 @@ const MAX_TX_ROWS: usize = 100_000;
 /// the whole row).
 const STREAM_BUFFER: usize = 1024;
 
+/// Whether a stream failure is the first of its kind since the stream
+/// last read (to warn about it; later ones go to debug): its kind is
+/// `what` (refused or broke), and whether it is about the slot (missing,
+/// 42704, or no longer usable, 55000), which a restart does not mend. A
+/// server going down and coming back (closed, refused, starting up) is
+/// one outage.
+fn first_of_kind(said: &mut Option<String>, what: &str, error: &str) -> bool {
+    let slot = ["SQLSTATE 42704", "SQLSTATE 55000"]
+        .iter()
+        .any(|code| error.contains(code));
+    let kind = format!("{what}{}", if slot { " slot" } else { "" });
+    if said.as_deref() == Some(kind.as_str()) {
+        return false;
+    }
+    *said = Some(kind);
+    true
+}
+
 /// A stream's failure: whether it may be retried.
 fn slot_busy(e: &pgwire_replication::PgWireError) -> bool {
     e.to_string().contains("55006")
@@ -409,8 +427,12 @@ pub async fn stream(
     let mut ever_read = false;
     // A stream that stays down is said once (until a session reads again),
     // not at every reconnection: an outage of minutes would log a line
-    // every ten seconds.
-    let mut said = false;
+    // every ten seconds. A failure of another kind is said too (the stream
+    // ended by an administrator, then the slot found dropped).
+    let mut said: Option<String> = None;
+    // Whether new transactions' rows are being left to the scans, to say
+    // it once while keys stay piled up (across reconnections).
+    let mut leaving = false;
     loop {
         if *shutdown.borrow() {
             return Ok(());
@@ -420,7 +442,7 @@ pub async fn stream(
             .clone()
             .with_start_lsn(Lsn::from_u64(start))
             .with_ack_lsn(Lsn::from_u64(start));
-        match read(cfg, &schema, &feed, &mut acked, &mut shutdown).await {
+        match read(cfg, &schema, &feed, &mut acked, &mut shutdown, &mut leaving).await {
             Ok(()) => return Ok(()),
             Err(Read::Fatal(e)) => return Err(e),
             // The first session refused by the server (not a network
@@ -432,7 +454,7 @@ pub async fn stream(
                 )));
             }
             Err(Read::Refused(e)) => {
-                if std::mem::replace(&mut said, true) {
+                if !first_of_kind(&mut said, "refused", &e) {
                     tracing::debug!(error = %e, retry_in_ms = backoff.as_millis() as u64, "the replication connection is still refused");
                 } else {
                     tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "the server refused the replication connection; the relay goes on scanning the table and retries (logged once until it streams again)");
@@ -447,9 +469,9 @@ pub async fn stream(
                 ever_read |= got_data;
                 if got_data {
                     backoff = Duration::from_millis(200);
-                    said = false;
+                    said = None;
                 }
-                if std::mem::replace(&mut said, true) {
+                if !first_of_kind(&mut said, "broke", &e) {
                     tracing::debug!(error = %e, retry_in_ms = backoff.as_millis() as u64, "the replication stream is still down");
                 } else {
                     tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "the replication stream broke; the relay goes on scanning the table and reconnects (logged once until it streams again)");
@@ -479,6 +501,7 @@ async fn read(
     feed: &Arc<KeyFeed>,
     acked: &mut watch::Receiver<u64>,
     shutdown: &mut watch::Receiver<bool>,
+    leaving: &mut bool,
 ) -> std::result::Result<(), Read> {
     let broken = |e: pgwire_replication::PgWireError, got: bool| {
         use pgwire_replication::PgWireError as E;
@@ -538,17 +561,6 @@ async fn read(
         () = stopped => return Ok(()),
     };
     tracing::info!(start = %format_lsn(*acked.borrow()), "reading the replication stream");
-    // PostgreSQL asks for an answer (a keepalive with a reply requested,
-    // which the client's worker answers at once with what it last had)
-    // when it stops: a fast shutdown waits until each logical client has
-    // confirmed everything it was sent, with no time limit while the
-    // client answers. It asks too when it has not heard from a client for
-    // half its wal_sender_timeout. The relay then confirms the stream's
-    // end: rows not yet settled stay pending in the table, where the scans
-    // find them, so nothing is lost, and the relay does not hold up a
-    // shutdown.
-    let metrics = client.metrics();
-    let mut asked = metrics.keepalive_replies();
     let mut decoder = PgOutputDecoder::with_protocol_version(1);
     let mut rows: Vec<FedRow> = Vec::new();
     let mut in_tx = false;
@@ -559,16 +571,8 @@ async fn read(
     // the rows of new transactions are left to the table's scans (as a
     // transaction's rows past MAX_TX_ROWS are), and the stream goes on
     // being read, so that the server's requests are answered (a shutdown
-    // waits for them). Whether rows are being left, to say so once.
-    let mut leaving = false;
+    // waits for them).
     loop {
-        let replies = metrics.keepalive_replies();
-        if replies != asked {
-            asked = replies;
-            let end = metrics.last_wal_end();
-            tracing::debug!(wal_end = %format_lsn(end.as_u64()), "the server asked for an answer: confirming the stream's end");
-            client.update_applied_lsn(end);
-        }
         tokio::select! {
             biased;
             changed = shutdown.changed(), if shutdown_open => {
@@ -608,20 +612,38 @@ async fn read(
                         in_tx = false;
                         let waiting = feed.waiting();
                         if waiting >= MAX_WAITING {
-                            if !std::mem::replace(&mut leaving, true) {
+                            if !std::mem::replace(leaving, true) {
                                 tracing::warn!(
                                     keys = waiting,
                                     "keys wait for a claim (claims paused: is the broker down?); the rows of new transactions are left to the table's scans until fewer wait"
                                 );
                             }
                             rows.clear();
-                        } else if std::mem::replace(&mut leaving, false) {
+                        } else if std::mem::replace(leaving, false) {
                             tracing::info!("keys are fed from the stream again");
                         }
                         feed.push(end_lsn.as_u64(), std::mem::take(&mut rows));
                     }
-                    ReplicationEvent::KeepAlive { wal_end, .. } if !in_tx => {
-                        feed.idle_at(wal_end.as_u64());
+                    ReplicationEvent::KeepAlive { wal_end, reply_requested, .. } => {
+                        if !in_tx {
+                            feed.idle_at(wal_end.as_u64());
+                        }
+                        // PostgreSQL asks for an answer when it stops: a
+                        // fast shutdown waits until each logical client has
+                        // confirmed everything it was sent, with no time
+                        // limit while the client answers (the client's
+                        // worker has answered at once with what it had, and
+                        // the server asks again). It asks too when it has
+                        // not heard from a client for half its
+                        // wal_sender_timeout. The stream's end is confirmed
+                        // then: rows not yet settled stay pending in the
+                        // table (keys queued here are still walked; after
+                        // a restart the scans find them), so nothing is
+                        // lost, and the relay does not hold up a shutdown.
+                        if reply_requested {
+                            tracing::debug!(wal_end = %format_lsn(wal_end.as_u64()), "the server asked for an answer: confirming the stream's end");
+                            client.update_applied_lsn(wal_end);
+                        }
                     }
                     _ => {}
                 }

@@ -192,7 +192,7 @@ async fn a_server_that_never_answers_is_given_up_on() {
     let started = std::time::Instant::now();
     let r = tokio::time::timeout(
         Duration::from_secs(10),
-        read(cfg, "s", &feed, &mut acked, &mut shutdown),
+        read(cfg, "s", &feed, &mut acked, &mut shutdown, &mut false),
     )
     .await
     .expect("read gives up on its own");
@@ -206,4 +206,29 @@ async fn a_server_that_never_answers_is_given_up_on() {
         .await
         .expect("the client's socket is closed")
         .unwrap();
+}
+
+#[test]
+fn a_stream_failure_is_said_once_per_kind() {
+    let mut said = None;
+    let io = "io error: Connection refused (os error 111)";
+    assert!(first_of_kind(
+        &mut said,
+        "broke",
+        "io error: EOF while reading"
+    ));
+    assert!(!first_of_kind(&mut said, "broke", io));
+    assert!(!first_of_kind(
+        &mut said,
+        "broke",
+        "FATAL: the database system is starting up (SQLSTATE 57P03)"
+    ));
+    // The slot dropped meanwhile: said, once.
+    let missing = "ERROR: replication slot \"s\" does not exist (SQLSTATE 42704)";
+    assert!(first_of_kind(&mut said, "refused", missing));
+    assert!(!first_of_kind(&mut said, "refused", missing));
+    let lost = "ERROR: can no longer get changes from replication slot \"s\" (SQLSTATE 55000)";
+    assert!(first_of_kind(&mut said, "broke", lost));
+    assert!(!first_of_kind(&mut said, "broke", lost));
+    assert!(first_of_kind(&mut said, "broke", io));
 }

@@ -353,13 +353,20 @@ impl PgStore {
         let mut conn = self.pool.acquire().await.map_err(storage)?;
         let versions = applied_versions(&mut conn).await;
         // Back in the pool before the caller's next statement asks for one:
-        // a dropped connection is returned by a task of its own, and an
-        // acquire that comes first opens a second connection (every CLI
-        // command checks the schema, then runs its statements).
-        conn.return_to_pool().await;
+        // a dropped connection is returned by a task of its own (after a
+        // ping), and an acquire that comes first opens a second connection
+        // (every CLI command checks the schema, then runs its statements).
+        // `return_to_pool` is that task's work, run here (public in sqlx
+        // 0.9, though left out of its documentation); bounded, as the
+        // ping waits on the server.
+        let _ = tokio::time::timeout(RETURN_WAIT, conn.return_to_pool()).await;
         versions
     }
 }
+
+/// How long the schema check waits for its connection to be back in the
+/// pool (a ping) before it goes on without.
+const RETURN_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// A connection holding the migration lock (an advisory lock), for
 /// `migrate` and `migrate --partitioned`: concurrent runs wait for each
