@@ -650,6 +650,19 @@ fn private_pg_on(port: &str, cmd: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// Starts a private server with `wal_level = logical` on `port`: its guard
+/// and URL.
+fn start_private(port: &'static str) -> (PrivateServer, String) {
+    let server = PrivateServer(port);
+    let exports = private_pg_on(port, &["start", "--logical"]);
+    let url = exports
+        .lines()
+        .find_map(|l| l.strip_prefix("export OMNIBOX_TEST_DATABASE_URL="))
+        .expect("the server's URL")
+        .to_string();
+    (server, url)
+}
+
 /// Stops the private server whatever happens to the test.
 struct PrivateServer(&'static str);
 
@@ -677,13 +690,7 @@ async fn the_wal_relay_goes_on_after_a_postgresql_restart() {
     let Some(brokers) = shared_brokers() else {
         return;
     };
-    let _server = PrivateServer(PRIVATE_PORT);
-    let exports = private_pg(&["start", "--logical"]);
-    let url = exports
-        .lines()
-        .find_map(|l| l.strip_prefix("export OMNIBOX_TEST_DATABASE_URL="))
-        .expect("the server's URL")
-        .to_string();
+    let (_server, url) = start_private(PRIVATE_PORT);
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let store = omnibox::store::AnyStore::connect(&url, &Default::default())
@@ -817,13 +824,7 @@ async fn a_fast_shutdown_is_not_held_up_while_keys_pile_up() {
     if common::pg_url().is_none() {
         return;
     }
-    let _server = PrivateServer(PILE_PORT);
-    let exports = private_pg_on(PILE_PORT, &["start", "--logical"]);
-    let url = exports
-        .lines()
-        .find_map(|l| l.strip_prefix("export OMNIBOX_TEST_DATABASE_URL="))
-        .expect("the server's URL")
-        .to_string();
+    let (_server, url) = start_private(PILE_PORT);
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let pool = PgPool::connect(&url).await.unwrap();
