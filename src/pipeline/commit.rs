@@ -330,6 +330,7 @@ where
         F: FnMut() -> Fut,
         Fut: Future<Output = Result<T>>,
     {
+        let started = Instant::now();
         let deadline = crate::model::time::instant_after(self.options.commit_retry_for);
         let mut wait = Duration::from_millis(100);
         let mut unanswered = false;
@@ -370,9 +371,13 @@ where
                 }
                 Err(e) => {
                     let msg = format!(
-                        "{what}: cannot write the results after retrying for {:?}: {e}; the batch's rows stay locked by {} \
+                        "{what}: cannot write the results after retrying for {}s: {e}; the batch's rows stay locked by {} \
                          until their lease expires ({:?}), then they are handled again",
-                        self.options.commit_retry_for, self.options.worker, self.options.lease
+                        // The time it took, not the budget: the last attempt
+                        // may have waited for a connection beyond it.
+                        started.elapsed().as_secs().max(1),
+                        self.options.worker,
+                        self.options.lease
                     );
                     tracing::error!("{msg}");
                     report.commit_error = Some(msg);
