@@ -155,6 +155,30 @@ fn spawn_relay(db: &TestDb, dir: &Path, brokers: &str, extra: &[&str], log: &str
     Relay(Some(child))
 }
 
+/// The WAL relay on the test's slot and publication, to the null sink,
+/// serving metrics on `addr`, logging to relay.log.
+fn spawn_null_relay(db: &TestDb, dir: &Path, name: &str, extra: &[&str], addr: &str) -> Relay {
+    let child = command(db, dir)
+        .args([
+            "publish",
+            "--source",
+            "wal",
+            "--slot",
+            name,
+            "--publication",
+            name,
+        ])
+        .args(["--broker", "null"])
+        .args(extra)
+        .args(["--metrics-addr", addr])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(dir.join("relay.log")).unwrap())
+        .spawn()
+        .unwrap();
+    Relay(Some(child))
+}
+
 fn event(topic: &str, key: &str, n: usize) -> OutboxEvent {
     DomainService::default()
         .create_outbox_event(NewOutboxEvent::new(
@@ -1054,25 +1078,13 @@ async fn the_wal_relay_reads_a_partitioned_outbox() {
     // The relay's own publication publishes through the root: rows of
     // every partition arrive as outbox rows.
     let addr = common::free_addr();
-    let relay = Relay(Some(
-        command(&db, d)
-            .args([
-                "publish",
-                "--source",
-                "wal",
-                "--slot",
-                name,
-                "--publication",
-                name,
-            ])
-            .args(["--broker", "null", "--batch", "50", "--poll-interval", "5s"])
-            .args(["--metrics-addr", &addr])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(d.join("relay.log")).unwrap())
-            .spawn()
-            .unwrap(),
-    ));
+    let relay = spawn_null_relay(
+        &db,
+        d,
+        name,
+        &["--batch", "50", "--poll-interval", "5s"],
+        &addr,
+    );
     wait_for(d, "the slot held", Duration::from_secs(30), || {
         wal.held(d, "relay.log")
     })
@@ -1127,32 +1139,13 @@ async fn a_transaction_larger_than_the_stream_keeps_is_published_whole() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let addr = common::free_addr();
-    let relay = Relay(Some(
-        command(&db, d)
-            .args([
-                "publish",
-                "--source",
-                "wal",
-                "--slot",
-                &name,
-                "--publication",
-                &name,
-            ])
-            .args([
-                "--broker",
-                "null",
-                "--batch",
-                "1000",
-                "--poll-interval",
-                "1s",
-            ])
-            .args(["--metrics-addr", &addr])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(d.join("relay.log")).unwrap())
-            .spawn()
-            .unwrap(),
-    ));
+    let relay = spawn_null_relay(
+        &db,
+        d,
+        &name,
+        &["--batch", "1000", "--poll-interval", "1s"],
+        &addr,
+    );
     wait_for(d, "the slot held", Duration::from_secs(30), || {
         wal.held(d, "relay.log")
     })
