@@ -115,6 +115,81 @@ async fn publish_delivers_every_row_to_tansu() {
     }
 }
 
+/// An event at the payload limit (1,000,000 bytes) is published whole,
+/// although its record passes librdkafka's default limit of 1,000,000
+/// bytes; one whose headers take its record past the producer's limit is
+/// a rejection that says the record's size, the limits and what to change,
+/// and spends one attempt.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_at_the_payload_limit_is_published_whole() {
+    let Some(brokers) = shared_brokers() else {
+        return;
+    };
+    let Some((db, schema)) = pg().await else {
+        return;
+    };
+    let topic = topic_name("large");
+    create_topic(&brokers, &topic, 1).await;
+    let payload = json!({ "d": "x".repeat(1_000_000 - 8) });
+    assert_eq!(serde_json::to_string(&payload).unwrap().len(), 1_000_000);
+    let make = |key: &str, headers: usize| {
+        let mut e = NewOutboxEvent::new(
+            "order",
+            uuid::Uuid::now_v7(),
+            "order.updated",
+            &topic,
+            key,
+            payload.clone(),
+        );
+        e.headers = Some(
+            (0..headers)
+                .map(|i| (format!("h{i:0>63}"), "v".repeat(512)))
+                .collect(),
+        );
+        DomainService::default().create_outbox_event(e).unwrap()
+    };
+    let fits = make("fits", 20);
+    let too_large = make("too-large", 100);
+    db.store
+        .outbox()
+        .create_many(&[fits.clone(), too_large.clone()])
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let broker = format!("kafka://{brokers}");
+    let out = publish(
+        dir.path(),
+        &db,
+        &schema,
+        &["--once", "--broker", &broker, "--format", "json"],
+    )
+    .output()
+    .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let report: serde_json::Value =
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {stderr}"));
+    assert_eq!(report["completed"], 1, "{report} {stderr}");
+    assert_eq!(report["retrying"], 1, "{report} {stderr}");
+    let got = consume(&brokers, &topic, 1, Duration::from_secs(60)).await;
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].key, "fits");
+    assert_eq!(got[0].headers["event_id"], fits.id().to_string());
+    assert_eq!(got[0].value["payload"], payload);
+    let outbox = db.store.outbox();
+    let row = outbox.get(fits.id()).await.unwrap().unwrap();
+    assert_eq!(row.status(), EventStatus::Completed);
+    let row = outbox.get(too_large.id()).await.unwrap().unwrap();
+    assert_eq!(row.status(), EventStatus::Pending);
+    assert_eq!(row.attempts_made(), 1);
+    let error = row.last_error().unwrap();
+    assert!(
+        error.contains("Message size too large")
+            && error.contains("message.max.bytes (1048576)")
+            && error.contains("-X message.max.bytes=N"),
+        "{error}"
+    );
+}
+
 /// Four relay processes over 20,000 rows in 100 keys: each key's events are
 /// on the topic in insertion order, each once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -102,6 +102,10 @@ impl std::fmt::Debug for KafkaSink {
     }
 }
 
+/// The largest record the producer sends by default (value, key and
+/// headers): the Java client's `max.request.size`.
+pub const MAX_RECORD_BYTES: usize = 1_048_576;
+
 impl KafkaSink {
     /// A producer for `brokers` (`host:port[,host:port]`). `timeout` bounds
     /// each message's delivery (`message.timeout.ms`); `properties` override
@@ -127,6 +131,15 @@ impl KafkaSink {
             // A topic the broker does not know fails its messages after this
             // long rather than after the message timeout.
             .set("topic.metadata.propagation.max.ms", "1000")
+            // librdkafka refuses a record over 1,000,000 bytes (value, key
+            // and headers) before sending it, while a valid event's payload
+            // alone may be 1,000,000 bytes: its envelope would be rejected
+            // for ever. The Java client's limit (max.request.size), under
+            // a broker's default message.max.bytes (1,048,588): an event
+            // whose envelope is larger is refused by whichever limit it
+            // passes first, a rejection either way (-X raises it for a
+            // broker that takes more).
+            .set("message.max.bytes", MAX_RECORD_BYTES.to_string())
             .set("client.id", "omnibox-relay");
         for (k, v) in properties {
             config.set(k, v);
@@ -146,6 +159,30 @@ impl KafkaSink {
     }
 
     /// The producer in use now (a later `renew` may replace it; this handle stays valid).
+    /// A record refused for its size says how large it was, which limits
+    /// apply, and what to change.
+    fn explain_size(&self, m: &Message, e: &KafkaError, d: Delivery) -> Delivery {
+        let Delivery::Rejected(text) = d else {
+            return d;
+        };
+        if !matches!(
+            e.rdkafka_error_code(),
+            Some(RDKafkaErrorCode::MessageSizeTooLarge | RDKafkaErrorCode::MessageBatchTooLarge)
+        ) {
+            return Delivery::Rejected(text);
+        }
+        let size = m.value.get().len()
+            + m.key.len()
+            + m.headers
+                .iter()
+                .map(|(k, v)| k.len() + v.len())
+                .sum::<usize>();
+        let limit = self.config.get("message.max.bytes").unwrap_or("1000000");
+        Delivery::Rejected(format!(
+            "{text}: the record is {size} bytes (value, key and headers); the producer sends at most message.max.bytes ({limit}) and the topic accepts at most its max.message.bytes: raise both (-X message.max.bytes=N and the topic's setting) or make the event smaller"
+        ))
+    }
+
     fn producer(&self) -> Arc<Kafka> {
         self.producer
             .lock()
@@ -394,7 +431,7 @@ impl Sink for KafkaSink {
             match producer.producer.send_result(record) {
                 Ok(future) => pending.push((i, future)),
                 Err((e, _)) => {
-                    out[i] = classify(&m.topic, &e);
+                    out[i] = self.explain_size(m, &e, classify(&m.topic, &e));
                     failed_keys.insert(key);
                 }
             }
@@ -413,7 +450,7 @@ impl Sink for KafkaSink {
                             if e.rdkafka_error_code() == Some(RDKafkaErrorCode::MessageTimedOut) {
                                 timed_out.push(i);
                             }
-                            classify(&messages[i].topic, &e)
+                            self.explain_size(&messages[i], &e, classify(&messages[i].topic, &e))
                         }
                         Err(_) => {
                             Delivery::Transient("the producer dropped the delivery report".into())
