@@ -195,13 +195,11 @@ pub async fn run_publish(args: PublishArgs, ctx: &Context) -> Result<ExitStatus>
         let url = ctx.settings.database_url.as_str();
         url.starts_with("postgres://") || url.starts_with("postgresql://")
     };
-    if args.hold == Some(HoldArg::Transaction) {
-        if !postgres {
-            return Err(super::UsageError(
-                "--hold transaction holds rows with PostgreSQL's row locks; this database is SQLite: omit --hold (the lease)".into(),
-            )
-            .into());
-        }
+    if args.hold == Some(HoldArg::Transaction) && !postgres {
+        return Err(super::UsageError(
+            "--hold transaction holds rows with PostgreSQL's row locks; this database is SQLite: omit --hold (the lease)".into(),
+        )
+        .into());
     }
     if wal {
         if args.once {
