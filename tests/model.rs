@@ -313,6 +313,7 @@ fn spawn_relay(
             contention_limit: Duration::from_secs(20),
             max_rows: None,
             outage_limit: Duration::from_secs(20),
+            stall_limit: None,
         };
         run(&p, &opts, shutdown, &mut Sleep, |_| {})
             .await

@@ -34,7 +34,12 @@ pub struct FileConfig {
     /// The byte budget of a batch of `publish`, `inbox process` and `inbox
     /// consume` (e.g. "16MiB").
     pub batch_bytes: Option<String>,
+    /// The longest a statement may run (e.g. "5m").
+    pub statement_timeout: Option<String>,
 }
+
+/// Default of the statement timeout.
+pub const DEFAULT_STATEMENT_TIMEOUT: Duration = Duration::from_secs(300);
 
 /// Default of the deduplication window.
 pub const DEFAULT_DEDUP_WINDOW: Duration = Duration::from_secs(7 * 86_400);
@@ -56,6 +61,10 @@ pub struct Settings {
     /// The byte budget of a batch (the `--batch-bytes` default of `publish`,
     /// `inbox process` and `inbox consume`).
     pub batch_bytes: u64,
+    /// The longest a statement may run (PostgreSQL `statement_timeout`);
+    /// a claim or results write unanswered well past it ends a relay or
+    /// processor (see [`stall_limit`](Settings::stall_limit)).
+    pub statement_timeout: Duration,
     /// Where the file settings came from, if any.
     pub config_file: Option<PathBuf>,
     /// Where each setting came from, by its file key (`omnibox config show`).
@@ -145,6 +154,21 @@ pub fn load(global: &GlobalArgs, args: &ArgSources) -> Result<Settings> {
         )?
         .unwrap_or(omnibox::model::limits::DEFAULT_BATCH_BYTES),
     };
+    let statement_timeout = from_env(super::env::STATEMENT_TIMEOUT, super::args::duration)?
+        .or(from_file(
+            file_path,
+            "statement_timeout",
+            &file.statement_timeout,
+            super::args::duration,
+        )?)
+        .unwrap_or(DEFAULT_STATEMENT_TIMEOUT);
+    if statement_timeout < Duration::from_secs(1) {
+        return Err(super::UsageError(format!(
+            "statement_timeout must be at least 1s (got {statement_timeout:?}; {} or statement_timeout in the configuration file)",
+            super::env::STATEMENT_TIMEOUT
+        ))
+        .into());
+    }
     let env_set = |name: &str| {
         std::env::var(name)
             .is_ok_and(|v| !v.trim().is_empty())
@@ -171,6 +195,11 @@ pub fn load(global: &GlobalArgs, args: &ArgSources) -> Result<Settings> {
             env_set(super::env::BATCH_BYTES),
             file.batch_bytes.is_some(),
         ),
+        (
+            "statement_timeout",
+            env_set(super::env::STATEMENT_TIMEOUT),
+            file.statement_timeout.is_some(),
+        ),
         ("broker", env_set(super::env::BROKER), file.broker.is_some()),
         ("kafka", None, !file.kafka.is_empty()),
     ];
@@ -186,6 +215,7 @@ pub fn load(global: &GlobalArgs, args: &ArgSources) -> Result<Settings> {
         dedup_window,
         lease,
         batch_bytes,
+        statement_timeout,
         database_url: global
             .database_url
             .clone()
@@ -234,4 +264,21 @@ fn read(path: &Path) -> Result<FileConfig> {
     toml::from_str(&text).map_err(|e| {
         super::UsageError(format!("config file {}: {}", path.display(), e.message())).into()
     })
+}
+
+impl Settings {
+    /// Whether the database is a PostgreSQL server.
+    pub fn is_postgres(&self) -> bool {
+        let url = self.database_url.as_str();
+        url.starts_with("postgres://") || url.starts_with("postgresql://")
+    }
+
+    /// How long a relay or processor waits for the database to answer a
+    /// claim or a results write before it takes the connection for lost
+    /// and stops with an error: the statement timeout and a tenth of it
+    /// more (at least 5 s), since the server answers a slow statement with
+    /// an error by then.
+    pub fn stall_limit(&self) -> Duration {
+        self.statement_timeout + (self.statement_timeout / 10).max(Duration::from_secs(5))
+    }
 }

@@ -104,6 +104,11 @@ pub fn run(args: ConfigArgs, ctx: &Context) -> Result<ExitStatus> {
         ),
         ("lease", human_duration(s.lease), source("lease")),
         ("batch_bytes", bytes(s.batch_bytes), source("batch_bytes")),
+        (
+            "statement_timeout",
+            human_duration(s.statement_timeout),
+            source("statement_timeout"),
+        ),
     ];
     let file = s.config_file.as_ref().map(|p| p.display().to_string());
     match ctx.format() {

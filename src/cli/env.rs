@@ -25,6 +25,10 @@ pub const LEASE: &str = "OMNIBOX_LEASE";
 /// The byte budget of a batch of `publish`, `inbox process` and `inbox
 /// consume` (`--batch-bytes`, file `batch_bytes`); default 16MiB.
 pub const BATCH_BYTES: &str = "OMNIBOX_BATCH_BYTES";
+/// The longest a database statement may run (file `statement_timeout`);
+/// default 5m. A relay or processor whose claim or results write is not
+/// answered a tenth longer (at least 5 s more) stops with an error.
+pub const STATEMENT_TIMEOUT: &str = "OMNIBOX_STATEMENT_TIMEOUT";
 /// The Kafka SASL password (`--kafka-sasl-mechanism`), when no
 /// `--kafka-sasl-password-file` is given.
 pub const KAFKA_SASL_PASSWORD: &str = "OMNIBOX_KAFKA_SASL_PASSWORD";

@@ -223,7 +223,7 @@ impl Context {
             max_connections: None,
             // Every statement of every command is bounded: a maintenance
             // query stuck behind a lock fails instead of hanging a cron job.
-            statement_timeout: Some(STATEMENT_TIMEOUT),
+            statement_timeout: Some(self.settings.statement_timeout),
             // An outage is noticed (and warned about) within this, not
             // after the pool's 30 s.
             acquire_timeout: Some(ACQUIRE_TIMEOUT),
@@ -469,9 +469,6 @@ fn use_color(choice: ColorChoice) -> bool {
         }
     }
 }
-
-/// The longest any statement of the CLI may run (PostgreSQL).
-const STATEMENT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(300);
 
 /// stderr for log lines, with URLs' credentials and secret parameters
 /// masked (omnibox::redact::text), whatever a log line carries.

@@ -337,7 +337,7 @@ pub async fn run_publish(args: PublishArgs, ctx: &Context) -> Result<ExitStatus>
     let mode = running::run_mode(args.once);
     let run_options = RunOptions {
         max_rows: args.limit,
-        ..args.watch.run_options(mode)
+        ..args.watch.run_options(mode, ctx)
     };
     if !ctx.quiet && mode == RunMode::Watch {
         crate::cli::output::notice!(

@@ -185,12 +185,17 @@ pub struct WatchArgs<W: Wording> {
 }
 
 impl<W: Wording> WatchArgs<W> {
-    /// A run in `mode` with these flags.
-    pub fn run_options(&self, mode: RunMode) -> RunOptions {
+    /// A run in `mode` with these flags; on PostgreSQL, a claim or
+    /// results write unanswered past the settings' stall limit ends it.
+    pub fn run_options(&self, mode: RunMode, ctx: &Context) -> RunOptions {
         RunOptions {
             mode,
             idle_max: self.poll_interval,
             outage_limit: self.outage_limit,
+            stall_limit: ctx
+                .settings
+                .is_postgres()
+                .then(|| ctx.settings.stall_limit()),
             ..RunOptions::default()
         }
     }

@@ -335,7 +335,10 @@ where
         let mut wait = Duration::from_millis(100);
         let mut unanswered = false;
         loop {
-            match op().await {
+            let call = self.calls.begin("results write");
+            let result = op().await;
+            drop(call);
+            match result {
                 Ok(v) => return Written::Done(v),
                 Err(Error::ConcurrentUpdate {
                     expected,
@@ -409,8 +412,13 @@ where
                 error: errors.get(&e.id()).map(String::as_str).unwrap_or(""),
             })
             .collect();
-        report.dead_lettered +=
-            put_dead_letters(&self.dlq, &letters, self.options.commit_retry_for).await;
+        report.dead_lettered += put_dead_letters(
+            &self.dlq,
+            &letters,
+            self.options.commit_retry_for,
+            Some(&self.calls),
+        )
+        .await;
     }
 
     /// Hands the batch's report and each event's outcome (with its attempts as claimed)

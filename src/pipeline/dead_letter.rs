@@ -87,6 +87,7 @@ pub(crate) async fn put_dead_letters<R: Route>(
     stores: &[Arc<dyn DeadLetterStore<R>>],
     letters: &[Letter<'_, R>],
     retry_for: Duration,
+    calls: Option<&super::stall::Calls>,
 ) -> usize {
     if letters.is_empty() {
         return 0;
@@ -97,7 +98,10 @@ pub(crate) async fn put_dead_letters<R: Route>(
         let mut wait = Duration::from_millis(100);
         let mut said = false;
         loop {
-            match store.put(letters).await {
+            let call = calls.map(|c| c.begin("dead-letter write"));
+            let put = store.put(letters).await;
+            drop(call);
+            match put {
                 Ok(n) => {
                     kept = kept.min(n);
                     break;
@@ -190,7 +194,7 @@ mod tests {
             event: &e,
             error: "rejected",
         }];
-        let kept = put_dead_letters(&stores, &letters, Duration::from_millis(800)).await;
+        let kept = put_dead_letters(&stores, &letters, Duration::from_millis(800), None).await;
         let calls = *store.calls.lock().unwrap();
         (kept, calls)
     }

@@ -23,6 +23,7 @@ mod outcome;
 mod processor;
 mod recorder;
 pub mod runner;
+pub(crate) mod stall;
 mod step;
 pub(crate) mod throttle;
 

@@ -36,6 +36,8 @@ pub struct Processor<R: Route, S: EventStore<R>, H: BatchHandler<R>> {
     /// seconds (a failing handler fails every event of every batch).
     pub(super) warnings: Mutex<super::throttle::Throttle>,
     pub(super) flight: Arc<Mutex<Flight>>,
+    /// Claims and results writes in progress (the runner's watchdog).
+    pub(super) calls: super::stall::Calls,
     /// Keys to claim, pushed by a source that knows them (the WAL relay).
     pub(super) feed: Option<Arc<KeyFeed>>,
     pub(super) job: &'static str,
@@ -133,6 +135,7 @@ impl<R: Route, S: EventStore<R>, H: BatchHandler<R>> ProcessorBuilder<R, S, H> {
             scan: Mutex::new(ScanState::default()),
             warnings: Mutex::default(),
             flight: Arc::new(Mutex::new(Flight::default())),
+            calls: Default::default(),
             feed: self.feed,
             job: self.job,
             _route: std::marker::PhantomData,
@@ -250,6 +253,7 @@ where
                 no,
                 receipt: None,
             };
+            let call = self.calls.begin("claim");
             let claim = self
                 .store
                 .claim(&ClaimOptions {
@@ -266,6 +270,7 @@ where
                     hold: self.options.hold_claims,
                 })
                 .await;
+            drop(call);
             let claim = match claim {
                 Ok(claim) => claim,
                 Err(e) => {

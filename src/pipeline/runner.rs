@@ -53,6 +53,14 @@ pub struct RunOptions {
     /// for want of a connection) before the run gives up with an error. A
     /// `Watch` run waits for it however long, with one warning per outage.
     pub outage_limit: Duration,
+    /// A claim or results write the database has not answered for this
+    /// long ends the run with [`Error::Outage`](crate::Error::Outage): its
+    /// connection is taken for lost without a reset (a failover that moved
+    /// the server's address, a middlebox that dropped its state), which no
+    /// error would ever end. Set it well above the connections'
+    /// `statement_timeout` (the server answers a slow statement with an
+    /// error by then). `None` (the default): wait however long.
+    pub stall_limit: Option<Duration>,
 }
 
 impl Default for RunOptions {
@@ -66,6 +74,7 @@ impl Default for RunOptions {
             contention_limit: Duration::from_secs(60),
             max_rows: None,
             outage_limit: Duration::from_secs(60),
+            stall_limit: None,
         }
     }
 }
@@ -258,6 +267,9 @@ where
     let mut shutdown_gone = false;
     // The error the run ends with once what is in flight is written.
     let mut failure: Option<crate::error::Error> = None;
+    // The watchdog of calls the database never answers.
+    let mut stall_tick = tokio::time::interval(Duration::from_secs(1));
+    stall_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut finish = |report: &mut RunReport, batch: BatchReport| {
         report.add(&batch);
         on_batch(&batch);
@@ -404,13 +416,7 @@ where
                     // rest of a held backlog.
                     Ok(NextBatch::Empty { more: true, .. }) => {
                         claim_errors = 0;
-                        if options.mode == RunMode::Once
-                            && !processor
-                                .store()
-                                .claimable_exists_for(&processor.options().filters)
-                                .await
-                                .unwrap_or(true)
-                        {
+                        if options.mode == RunMode::Once && !claimable(processor, options).await {
                             stopping = true;
                         }
                     }
@@ -422,12 +428,7 @@ where
                         // failing check counts as "busy": the next claim
                         // retries and reports the database's error if it
                         // persists.
-                        let busy = contended
-                            || processor
-                                .store()
-                                .claimable_exists_for(&processor.options().filters)
-                                .await
-                                .unwrap_or(true);
+                        let busy = contended || claimable(processor, options).await;
                         if busy {
                             let since = *contended_since.get_or_insert_with(Instant::now);
                             if options.mode == RunMode::Once
@@ -486,6 +487,14 @@ where
                 if claim_timer.is_some() && claims.is_empty() && !stopping => {
                 claim_at = None;
             }
+            _ = stall_tick.tick(), if options.stall_limit.is_some() => {
+                if let Some(limit) = options.stall_limit
+                    && let Some(e) = processor.calls.stalled(limit)
+                {
+                    failure = Some(e);
+                    break;
+                }
+            }
             changed = shutdown.changed(), if !stopping && !shutdown_gone => {
                 // The sender is gone: no shutdown will come (do not spin on it).
                 shutdown_gone = changed.is_err();
@@ -513,6 +522,28 @@ where
             Ok(report)
         }
         None => Ok(report),
+    }
+}
+
+/// Whether rows are claimable (a failed check says yes: the next claim
+/// retries and reports the database's error if it persists). Bounded by
+/// the stall limit: a check on a lost connection says yes too, and the
+/// next claim meets the watchdog.
+async fn claimable<R, S, H>(processor: &Processor<R, S, H>, options: &RunOptions) -> bool
+where
+    R: Route,
+    S: EventStore<R>,
+    H: BatchHandler<R>,
+{
+    let check = processor
+        .store()
+        .claimable_exists_for(&processor.options().filters);
+    match options.stall_limit {
+        Some(limit) => tokio::time::timeout(limit, check)
+            .await
+            .unwrap_or(Ok(true))
+            .unwrap_or(true),
+        None => check.await.unwrap_or(true),
     }
 }
 

@@ -238,6 +238,10 @@ pub async fn run(args: ConsumeArgs, ctx: &Context) -> Result<ExitStatus> {
     }
     options.lease = args.lease;
     options.outage_limit = args.outage_limit;
+    options.stall_limit = ctx
+        .settings
+        .is_postgres()
+        .then(|| ctx.settings.stall_limit());
     options.ack = match args.ack {
         Ack::AtMostOnce => AckStrategy::AtMostOnce,
         Ack::AtLeastOnce => AckStrategy::AtLeastOnce(match args.commit_on {

@@ -122,7 +122,7 @@ pub async fn run(args: ProcessArgs, ctx: &Context) -> Result<ExitStatus> {
     let progress = running::Progress::of(ctx, mode, &store.inbox()).await?;
     let report = pipeline::run(
         &processor,
-        &args.watch.run_options(mode),
+        &args.watch.run_options(mode, ctx),
         signals::shutdown_channel(),
         &mut wakeup,
         |b| {

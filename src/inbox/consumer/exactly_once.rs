@@ -46,9 +46,9 @@ impl<S: Source, H: Handler, T: ConsumerStore> InboxConsumer<S, H, T> {
             self.forward_dead_poison(normalized, &outcomes).await;
             return self.commit(messages, report).await;
         };
-        let mut tx = self.store.begin().await?;
-        let outcomes = tx
-            .insert(&events)
+        let calls = self.calls.clone();
+        let mut tx = crate::pipeline::stall::watched(&calls, "store", self.store.begin()).await?;
+        let outcomes = crate::pipeline::stall::watched(&calls, "store", tx.insert(&events))
             .await
             .map_err(|e| persist_error(&events, e))?;
         let existing: Vec<Uuid> = outcomes
@@ -56,7 +56,8 @@ impl<S: Source, H: Handler, T: ConsumerStore> InboxConsumer<S, H, T> {
             .filter(|o| o.existing)
             .map(|o| o.id)
             .collect();
-        let mut met = tx.take(&existing, &token).await?;
+        let mut met =
+            crate::pipeline::stall::watched(&calls, "store", tx.take(&existing, &token)).await?;
         // Each new row goes to the handler's work list (moved, not copied).
         let mut events: Vec<Option<InboxEvent>> = events.into_iter().map(Some).collect();
 
@@ -101,13 +102,13 @@ impl<S: Source, H: Handler, T: ConsumerStore> InboxConsumer<S, H, T> {
             .into_iter()
             .filter_map(|(id, m)| matches!(m, Redelivered::Taken(_)).then_some(id))
             .collect();
-        tx.unlock(&untouched).await?;
+        crate::pipeline::stall::watched(&calls, "store", tx.unlock(&untouched)).await?;
         // New rows beyond the end are not kept: they come again.
         let beyond: Vec<Uuid> = (end..messages.len())
             .filter(|&i| !outcomes[i].existing && !normalized[i].is_poison())
             .map(|i| outcomes[i].id)
             .collect();
-        tx.delete(&beyond).await?;
+        crate::pipeline::stall::watched(&calls, "store", tx.delete(&beyond)).await?;
 
         let batch = Batch {
             token: &token,
@@ -123,8 +124,8 @@ impl<S: Source, H: Handler, T: ConsumerStore> InboxConsumer<S, H, T> {
                 .filter(|w| w.new)
                 .map(|w| w.event.id())
                 .collect();
-            tx.lock(&fresh, &token).await?;
-            tx.commit().await?;
+            crate::pipeline::stall::watched(&calls, "store", tx.lock(&fresh, &token)).await?;
+            crate::pipeline::stall::watched(&calls, "store", tx.commit()).await?;
             self.handle_outside(handler.as_ref(), batch, report).await?
         };
         let (end, retry_in) = match settled {
@@ -183,7 +184,12 @@ impl<S: Source, H: Handler, T: ConsumerStore> InboxConsumer<S, H, T> {
         events: &[InboxEvent],
     ) -> Result<Vec<crate::store::BulkOutcome>> {
         if !self.reading_ahead || self.ahead.is_some() {
-            return self.store.insert_many(events).await;
+            return crate::pipeline::stall::watched(
+                &self.calls,
+                "store",
+                self.store.insert_many(events),
+            )
+            .await;
         }
         // A quarter of a batch's bytes at most (one message at least): the
         // batch read ahead is in memory beside the one being stored, and a
@@ -206,7 +212,11 @@ impl<S: Source, H: Handler, T: ConsumerStore> InboxConsumer<S, H, T> {
             };
             Ahead { polled, normalized }
         };
-        let (stored, ahead) = tokio::join!(store.insert_many(events), read);
+        let calls = self.calls.clone();
+        let (stored, ahead) = tokio::join!(
+            crate::pipeline::stall::watched(&calls, "store", store.insert_many(events)),
+            read
+        );
         self.ahead = Some(ahead);
         stored
     }

@@ -84,8 +84,9 @@ impl<S: Source, H: Handler, T: ConsumerStore> InboxConsumer<S, H, T> {
                 }
             }
         }
-        tx.delete(&gone_new).await?;
-        tx.unlock(&gone_taken).await?;
+        let calls = self.calls.clone();
+        crate::pipeline::stall::watched(&calls, "store", tx.delete(&gone_new)).await?;
+        crate::pipeline::stall::watched(&calls, "store", tx.unlock(&gone_taken)).await?;
         // Failed rows are written through the lease, after the commit:
         // lock the new ones now.
         let failed_new: Vec<Uuid> = failures
@@ -93,13 +94,18 @@ impl<S: Source, H: Handler, T: ConsumerStore> InboxConsumer<S, H, T> {
             .filter(|(_, e)| batch.work.iter().any(|w| w.new && w.event.id() == e.id()))
             .map(|(f, _)| f.id)
             .collect();
-        tx.lock(&failed_new, batch.token).await?;
-        tx.complete(&completed).await?;
-        tx.commit().await?;
+        crate::pipeline::stall::watched(&calls, "store", tx.lock(&failed_new, batch.token)).await?;
+        crate::pipeline::stall::watched(&calls, "store", tx.complete(&completed)).await?;
+        crate::pipeline::stall::watched(&calls, "store", tx.commit()).await?;
         self.count("processed", completed.len() as u64);
         if !failures.is_empty() {
             let list: Vec<Failure> = failures.iter().map(|(f, _)| f.clone()).collect();
-            let written = self.store.fail(batch.token, &list).await?;
+            let written = crate::pipeline::stall::watched(
+                &calls,
+                "store",
+                self.store.fail(batch.token, &list),
+            )
+            .await?;
             self.forward_failed(&failures, &written.failed).await;
         }
         Ok(stop.map(|(_, i, wait)| (i, wait)))

@@ -71,6 +71,8 @@ pub struct InboxConsumer<S: Source, H: Handler, T: ConsumerStore = AnyTable<Inbo
     /// The batch polled (and parsed) while the one before it was stored;
     /// the run loop's next batch.
     ahead: Option<Ahead>,
+    /// Database calls in progress (the stall watchdog of [`run`](Self::run)).
+    calls: Arc<crate::pipeline::stall::Calls>,
 }
 
 impl<S: Source, H: Handler, T: ConsumerStore> InboxConsumer<S, H, T> {
@@ -93,6 +95,7 @@ impl<S: Source, H: Handler, T: ConsumerStore> InboxConsumer<S, H, T> {
             limit: None,
             reading_ahead: false,
             ahead: None,
+            calls: Default::default(),
         }
     }
 
@@ -270,7 +273,13 @@ impl<S: Source, H: Handler, T: ConsumerStore> InboxConsumer<S, H, T> {
                 error: e.last_error().unwrap_or("failed"),
             })
             .collect();
-        put_dead_letters(&self.dlq, &letters, Duration::from_secs(30)).await;
+        put_dead_letters(
+            &self.dlq,
+            &letters,
+            Duration::from_secs(30),
+            Some(&self.calls),
+        )
+        .await;
     }
 
     /// The token of this consumer's locks for one batch.

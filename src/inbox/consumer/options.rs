@@ -82,6 +82,13 @@ pub struct ConsumeOptions {
     /// A `once` run gives up (with an error) when the database has been
     /// unreachable this long; a running consumer waits for it however long.
     pub outage_limit: Duration,
+    /// A database call [`run`](crate::inbox::InboxConsumer::run) has not had
+    /// answered for this long ends the run with
+    /// [`Error::Outage`](crate::Error::Outage): its connection is taken for
+    /// lost without a reset, which no error would ever end. Set it well
+    /// above the connections' `statement_timeout`. `None` (the default):
+    /// wait however long.
+    pub stall_limit: Option<Duration>,
 }
 
 impl ConsumeOptions {
@@ -102,6 +109,7 @@ impl ConsumeOptions {
             transient_limit: DEFAULT_TRANSIENT_LIMIT,
             lease: DEFAULT_CONSUMER_LEASE,
             outage_limit: Duration::from_secs(60),
+            stall_limit: None,
         }
     }
 }

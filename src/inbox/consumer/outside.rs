@@ -60,7 +60,13 @@ impl<S: Source, H: Handler, T: ConsumerStore> InboxConsumer<S, H, T> {
             let outcome = self.handle_detached(handler, &w.event).await;
             match outcome.verdict() {
                 verdict @ (Verdict::Processed | Verdict::Skipped) => {
-                    match self.store.complete(batch.token, &[w.event.id()]).await {
+                    match crate::pipeline::stall::watched(
+                        &self.calls,
+                        "store",
+                        self.store.complete(batch.token, &[w.event.id()]),
+                    )
+                    .await
+                    {
                         Ok(_) if matches!(verdict, Verdict::Skipped) => report.skipped += 1,
                         Ok(_) => {
                             report.processed += 1;
@@ -79,10 +85,12 @@ impl<S: Source, H: Handler, T: ConsumerStore> InboxConsumer<S, H, T> {
                     report.failed += 1;
                     let failure = self.failure(&w.event, error, retry);
                     let wait = retry_wait(&failure);
-                    let written = match self
-                        .store
-                        .fail(batch.token, std::slice::from_ref(&failure))
-                        .await
+                    let written = match crate::pipeline::stall::watched(
+                        &self.calls,
+                        "store",
+                        self.store.fail(batch.token, std::slice::from_ref(&failure)),
+                    )
+                    .await
                     {
                         Ok(w) => w,
                         Err(Error::ConcurrentUpdate { .. }) => {
@@ -119,7 +127,9 @@ impl<S: Source, H: Handler, T: ConsumerStore> InboxConsumer<S, H, T> {
         if ids.is_empty() {
             return Ok(());
         }
-        match self.store.release(token, ids).await {
+        match crate::pipeline::stall::watched(&self.calls, "store", self.store.release(token, ids))
+            .await
+        {
             Ok(_) | Err(Error::ConcurrentUpdate { .. }) => Ok(()),
             Err(e) => Err(e),
         }

@@ -188,7 +188,18 @@ impl<S: Source, H: Handler, T: ConsumerStore> InboxConsumer<S, H, T> {
         let mut attempt = 0u32;
         loop {
             let before = report.clone();
-            match self.consume_parsed(messages, parsed.take(), report).await {
+            let calls = self.calls.clone();
+            let limit = self.options.stall_limit;
+            let consumed = tokio::select! {
+                consumed = self.consume_parsed(messages, parsed.take(), report) => consumed,
+                // The batch's work is dropped: nothing of it was committed
+                // to the source, so its messages come again to the next run.
+                e = crate::pipeline::stall::stalled(&calls, limit) => {
+                    *report = before;
+                    return Err(e);
+                }
+            };
+            match consumed {
                 Ok(()) => {
                     if let Some(since) = outage {
                         tracing::warn!(

@@ -32,9 +32,9 @@ impl<S: Source, H: Handler, T: ConsumerStore> InboxConsumer<S, H, T> {
         let events = self.new_rows(normalized);
         let normalized: &[Normalized] = normalized;
         let token = self.token();
-        let mut tx = self.store.begin().await?;
-        let outcomes = tx
-            .insert(&events)
+        let calls = self.calls.clone();
+        let mut tx = crate::pipeline::stall::watched(&calls, "store", self.store.begin()).await?;
+        let outcomes = crate::pipeline::stall::watched(&calls, "store", tx.insert(&events))
             .await
             .map_err(|e| persist_error(&events, e))?;
         let fresh: Vec<usize> = (0..normalized.len())
@@ -42,9 +42,9 @@ impl<S: Source, H: Handler, T: ConsumerStore> InboxConsumer<S, H, T> {
             .collect();
         if self.handler.is_some() {
             let ids: Vec<Uuid> = fresh.iter().map(|&i| outcomes[i].id).collect();
-            tx.lock(&ids, &token).await?;
+            crate::pipeline::stall::watched(&calls, "store", tx.lock(&ids, &token)).await?;
         }
-        tx.commit().await?;
+        crate::pipeline::stall::watched(&calls, "store", tx.commit()).await?;
         self.tally(normalized, &outcomes, report);
         let poison: Vec<&InboxEvent> = normalized
             .iter()
@@ -98,9 +98,15 @@ impl<S: Source, H: Handler, T: ConsumerStore> InboxConsumer<S, H, T> {
         }
         heartbeat.stop();
         self.count("processed", done.len() as u64);
-        self.store.complete(&token, &done).await?;
+        crate::pipeline::stall::watched(&self.calls, "store", self.store.complete(&token, &done))
+            .await?;
         let failed_ids: Vec<Uuid> = failures.iter().map(|f| f.id).collect();
-        let fail_report = self.store.fail(&token, &failures).await?;
+        let fail_report = crate::pipeline::stall::watched(
+            &self.calls,
+            "store",
+            self.store.fail(&token, &failures),
+        )
+        .await?;
         report.dead += fail_report.failed.len() as u64;
         report.retrying += (failures.len() - fail_report.failed.len()) as u64;
         if !fail_report.failed.is_empty() {

@@ -1,0 +1,431 @@
+//! Connections the network loses without a reset: `omnibox publish` and
+//! `omnibox inbox process` reach PostgreSQL through a proxy in this test
+//! that, on a signal, stops forwarding on every connection it carries while
+//! keeping them open (what a failover that moved the server's address, or
+//! a NAT that dropped its state, looks like to a client: no error, no
+//! answer). New connections after it go through. A claim or results write
+//! in progress then never returns; past the stall limit (the statement
+//! timeout and 5 s, with OMNIBOX_STATEMENT_TIMEOUT=1s) the command stops
+//! with exit 1 and says why, and a new run publishes every row: nothing
+//! lost.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use omnibox::{DomainService, EventStore, InboxStore, NewInboxEvent, NewOutboxEvent, OutboxStore};
+use serde_json::json;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+
+/// A TCP proxy whose connections can be frozen: connections opened before
+/// [`Proxy::freeze`] forward nothing more (each direction's data is read
+/// and dropped) and stay open until [`Proxy::release`] closes them.
+struct Proxy {
+    addr: SocketAddr,
+    /// Connections numbered below this are frozen.
+    frozen: watch::Sender<u64>,
+    /// Connections numbered below this are closed.
+    released: watch::Sender<u64>,
+    opened: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl Proxy {
+    async fn start(target: SocketAddr) -> Proxy {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (frozen, _) = watch::channel(0u64);
+        let (released, _) = watch::channel(0u64);
+        let opened = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let (f, r, o) = (frozen.clone(), released.clone(), opened.clone());
+        tokio::spawn(async move {
+            loop {
+                let Ok((client, _)) = listener.accept().await else {
+                    return;
+                };
+                let no = o.fetch_add(1, Ordering::SeqCst);
+                let Ok(server) = TcpStream::connect(target).await else {
+                    continue;
+                };
+                let _ = client.set_nodelay(true);
+                let _ = server.set_nodelay(true);
+                let (cr, cw) = client.into_split();
+                let (sr, sw) = server.into_split();
+                tokio::spawn(pump(cr, sw, no, f.subscribe(), r.subscribe()));
+                tokio::spawn(pump(sr, cw, no, f.subscribe(), r.subscribe()));
+            }
+        });
+        Proxy {
+            addr,
+            frozen,
+            released,
+            opened,
+        }
+    }
+
+    /// Freezes every connection opened so far.
+    fn freeze(&self) {
+        self.frozen.send_replace(self.opened.load(Ordering::SeqCst));
+    }
+
+    /// Closes the frozen connections.
+    fn release(&self) {
+        self.released.send_replace(*self.frozen.borrow());
+    }
+}
+
+async fn pump(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    no: u64,
+    mut frozen: watch::Receiver<u64>,
+    mut released: watch::Receiver<u64>,
+) {
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        if no < *frozen.borrow() {
+            break;
+        }
+        tokio::select! {
+            read = from.read(&mut buf) => {
+                let n = match read {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => n,
+                };
+                if no < *frozen.borrow() {
+                    break;
+                }
+                if to.write_all(&buf[..n]).await.is_err() {
+                    return;
+                }
+            }
+            _ = frozen.changed() => {}
+        }
+    }
+    // Frozen: read and drop whatever comes, answer nothing, keep the
+    // connection open until released.
+    loop {
+        if no < *released.borrow() {
+            return;
+        }
+        tokio::select! {
+            read = from.read(&mut buf) => {
+                if matches!(read, Ok(0) | Err(_)) {
+                    // The peer closed its side; hold ours until released.
+                    let _ = released.wait_for(|r| no < *r).await;
+                    return;
+                }
+            }
+            _ = released.changed() => {}
+        }
+    }
+}
+
+/// The test database's URL with its host and port replaced by `addr`.
+fn through(url: &str, addr: SocketAddr) -> String {
+    let at = url.rfind('@').expect("a URL with credentials") + 1;
+    let end = url[at..].find('/').map_or(url.len(), |i| at + i);
+    let host_port = &url[at..end];
+    format!("{}{addr}{}", &url[..at], &url[at + host_port.len()..])
+}
+
+fn target(url: &str) -> SocketAddr {
+    let at = url.rfind('@').expect("a URL with credentials") + 1;
+    let end = url[at..].find('/').map_or(url.len(), |i| at + i);
+    let host_port = url[at..end].replace("localhost", "127.0.0.1");
+    host_port.parse().expect("host:port of the test database")
+}
+
+/// A command killed if the test ends before it exits.
+struct Running(Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn omnibox(dir: &Path, url: &str, schema: &str, args: &[&str], log: &str) -> Running {
+    let log = std::fs::File::create(dir.join(log)).unwrap();
+    Running(
+        Command::new(env!("CARGO_BIN_EXE_omnibox"))
+            .args(args)
+            .current_dir(dir)
+            .env_clear()
+            .env("NO_COLOR", "1")
+            .env("OMNIBOX_DATABASE_URL", url)
+            .env("OMNIBOX_DATABASE_SCHEMA", schema)
+            .env("OMNIBOX_STATEMENT_TIMEOUT", "1s")
+            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap(),
+    )
+}
+
+async fn wait_until<F: std::future::Future<Output = bool>>(
+    what: &str,
+    limit: Duration,
+    mut check: impl FnMut() -> F,
+) {
+    let deadline = Instant::now() + limit;
+    while !check().await {
+        assert!(Instant::now() < deadline, "{what}: not within {limit:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Waits for `run` to exit by itself (the watchdog), at least `after`
+/// and at most `limit` after the freeze; returns its exit code.
+async fn exits(run: &mut Running, frozen_at: Instant, after: Duration, limit: Duration) -> i32 {
+    loop {
+        if let Some(status) = run.0.try_wait().unwrap() {
+            let took = frozen_at.elapsed();
+            assert!(
+                took >= after,
+                "stopped {took:?} after the freeze, before the stall limit"
+            );
+            return status.code().unwrap_or(-1);
+        }
+        assert!(
+            frozen_at.elapsed() < limit,
+            "still running {limit:?} after its connections were lost"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn assert_said_why(dir: &Path, log: &str) {
+    let text = std::fs::read_to_string(dir.join(log)).unwrap();
+    assert!(
+        text.contains("the database has not answered a")
+            && text.contains("(the limit is 6s")
+            && text.contains("taken for lost without a reset"),
+        "{text}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_and_a_processor_stop_when_their_connections_are_lost_without_a_reset() {
+    let Some(db) = common::postgres().await else {
+        return;
+    };
+    let schema = db.schema().to_string();
+    let dir = tempfile::tempdir().unwrap();
+    let domain = DomainService::default();
+
+    // The relay, under a steady insert, so that claims and writes are in
+    // progress when the connections are lost.
+    let proxy = Proxy::start(target(&db.url)).await;
+    let via = through(&db.url, proxy.addr);
+    let mut relay = omnibox(
+        dir.path(),
+        &via,
+        &schema,
+        &["publish", "--broker", "null"],
+        "relay.log",
+    );
+    let inserting = Arc::new(AtomicBool::new(true));
+    let inserter = {
+        let store = db.store.clone();
+        let inserting = inserting.clone();
+        let domain = domain.clone();
+        tokio::spawn(async move {
+            let mut n = 0usize;
+            while inserting.load(Ordering::SeqCst) {
+                let events: Vec<_> = (0..20)
+                    .map(|i| {
+                        domain
+                            .create_outbox_event(NewOutboxEvent::new(
+                                "order",
+                                uuid::Uuid::now_v7(),
+                                "order.created",
+                                "orders",
+                                format!("k{}", (n + i) % 7),
+                                json!({ "n": n + i }),
+                            ))
+                            .unwrap()
+                    })
+                    .collect();
+                store.outbox().create_many(&events).await.unwrap();
+                n += events.len();
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            n
+        })
+    };
+    let outbox = db.store.outbox();
+    wait_until("the relay publishes", Duration::from_secs(30), || async {
+        outbox.counts().await.unwrap().completed >= 200
+    })
+    .await;
+    let frozen_at = Instant::now();
+    proxy.freeze();
+    let code = exits(
+        &mut relay,
+        frozen_at,
+        Duration::from_secs(5),
+        Duration::from_secs(40),
+    )
+    .await;
+    inserting.store(false, Ordering::SeqCst);
+    let inserted = inserter.await.unwrap() as u64;
+    assert_eq!(code, 1, "publish's exit code");
+    assert_said_why(dir.path(), "relay.log");
+    // The lost connections end (the server rolls back what they held); a
+    // new relay, through new connections, publishes every row.
+    proxy.release();
+    let mut again = omnibox(
+        dir.path(),
+        &via,
+        &schema,
+        &["publish", "--broker", "null", "--once"],
+        "again.log",
+    );
+    let code = exits(
+        &mut again,
+        Instant::now(),
+        Duration::ZERO,
+        Duration::from_secs(60),
+    )
+    .await;
+    let log = std::fs::read_to_string(dir.path().join("again.log")).unwrap();
+    assert_eq!(code, 0, "{log}");
+    let counts = outbox.counts().await.unwrap();
+    assert_eq!(counts.completed, inserted, "{counts:?}");
+    assert_eq!(counts.pending + counts.failed, 0, "{counts:?}");
+
+    // The same for `inbox process`: a handler run per row, the rows
+    // inserted before; its results writes and claims lose their
+    // connections halfway.
+    let proxy = Proxy::start(target(&db.url)).await;
+    let via = through(&db.url, proxy.addr);
+    let rows: Vec<_> = (0..3000)
+        .map(|i| {
+            domain
+                .create_inbox_event(NewInboxEvent::new(
+                    format!("m{i}"),
+                    "g",
+                    "billing",
+                    "refund.issued",
+                    json!({ "n": i }),
+                ))
+                .unwrap()
+        })
+        .collect();
+    let inbox = db.store.inbox();
+    inbox.insert_many(&rows).await.unwrap();
+    let mut processor = omnibox(
+        dir.path(),
+        &via,
+        &schema,
+        &["inbox", "process", "--exec", "true", "--batch", "10"],
+        "process.log",
+    );
+    wait_until("inbox process works", Duration::from_secs(60), || async {
+        inbox.counts().await.unwrap().completed >= 20
+    })
+    .await;
+    let frozen_at = Instant::now();
+    proxy.freeze();
+    let code = exits(
+        &mut processor,
+        frozen_at,
+        Duration::from_secs(5),
+        Duration::from_secs(40),
+    )
+    .await;
+    assert_eq!(code, 1, "inbox process's exit code");
+    assert_said_why(dir.path(), "process.log");
+    proxy.release();
+    // Nothing was lost: the rows not completed are pending (those of the
+    // batch in flight under their lease, retaken when it ends), none
+    // failed.
+    let counts = inbox.counts().await.unwrap();
+    assert_eq!(counts.completed + counts.pending, 3000, "{counts:?}");
+    assert_eq!(counts.failed, 0, "{counts:?}");
+    assert!(counts.completed < 3000, "{counts:?}");
+
+    // And `inbox consume`, storing a large file exactly once: it stops
+    // halfway, and a second run stores the rest, each message once.
+    let proxy = Proxy::start(target(&db.url)).await;
+    let via = through(&db.url, proxy.addr);
+    let lines = 200_000;
+    let input = dir.path().join("messages.jsonl");
+    {
+        use std::io::Write;
+        let mut f = std::io::BufWriter::new(std::fs::File::create(&input).unwrap());
+        for i in 0..lines {
+            writeln!(
+                f,
+                r#"{{"message_id":"c{i}","event_type":"order.created","payload":{{"n":{i}}}}}"#
+            )
+            .unwrap();
+        }
+    }
+    let from = format!("file:{}", input.display());
+    let args = ["inbox", "consume", "--from", from.as_str(), "--group", "c"];
+    let stored = || async {
+        sqlx_count(
+            &db,
+            "SELECT count(*) FROM inbox_events WHERE consumer_group = 'c'",
+        )
+        .await
+    };
+    let mut consumer = omnibox(dir.path(), &via, &schema, &args, "consume.log");
+    wait_until("inbox consume stores", Duration::from_secs(60), || async {
+        stored().await >= 5_000
+    })
+    .await;
+    let frozen_at = Instant::now();
+    proxy.freeze();
+    let code = exits(
+        &mut consumer,
+        frozen_at,
+        Duration::from_secs(5),
+        Duration::from_secs(40),
+    )
+    .await;
+    assert_eq!(code, 1, "inbox consume's exit code");
+    assert_said_why(dir.path(), "consume.log");
+    proxy.release();
+    let halfway = stored().await;
+    assert!(
+        halfway < lines,
+        "stored {halfway} of {lines} before the loss"
+    );
+    let mut again = omnibox(
+        dir.path(),
+        &via,
+        &schema,
+        &[&args[..], &["--once"]].concat(),
+        "consume-again.log",
+    );
+    let code = exits(
+        &mut again,
+        Instant::now(),
+        Duration::ZERO,
+        Duration::from_secs(120),
+    )
+    .await;
+    let log = std::fs::read_to_string(dir.path().join("consume-again.log")).unwrap();
+    assert_eq!(code, 0, "{log}");
+    assert_eq!(stored().await, lines, "each message stored once");
+}
+
+async fn sqlx_count(db: &common::TestDb, sql: &'static str) -> u64 {
+    let omnibox::AnyStore::Postgres(pg) = &db.store else {
+        unreachable!("a PostgreSQL test")
+    };
+    let n: i64 = sqlx::query_scalar(sql).fetch_one(pg.pool()).await.unwrap();
+    n as u64
+}
