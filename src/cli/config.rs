@@ -273,12 +273,15 @@ impl Settings {
         url.starts_with("postgres://") || url.starts_with("postgresql://")
     }
 
-    /// How long a relay or processor waits for the database to answer a
-    /// claim or a results write before it takes the connection for lost
-    /// and stops with an error: the statement timeout and a tenth of it
-    /// more (at least 5 s), since the server answers a slow statement with
-    /// an error by then.
+    /// How long `publish`, `inbox process` and `inbox consume` wait for the
+    /// database to answer one call (a claim, a results write: a transaction
+    /// of a few statements, after a wait for a connection) before they take
+    /// its connection for lost and stop with an error: twice the statement
+    /// timeout and the pool's wait for a connection. A healthy server
+    /// answers each statement by its timeout, if only with an error.
     pub fn stall_limit(&self) -> Duration {
-        self.statement_timeout + (self.statement_timeout / 10).max(Duration::from_secs(5))
+        self.statement_timeout
+            .saturating_mul(2)
+            .saturating_add(super::ACQUIRE_TIMEOUT)
     }
 }

@@ -26,8 +26,9 @@ pub const LEASE: &str = "OMNIBOX_LEASE";
 /// consume` (`--batch-bytes`, file `batch_bytes`); default 16MiB.
 pub const BATCH_BYTES: &str = "OMNIBOX_BATCH_BYTES";
 /// The longest a database statement may run (file `statement_timeout`);
-/// default 5m. A relay or processor whose claim or results write is not
-/// answered a tenth longer (at least 5 s more) stops with an error.
+/// default 5m. `publish`, `inbox process` and `inbox consume` stop with an
+/// error when a database call is not answered within twice this and 10 s
+/// (its connection lost without a reset).
 pub const STATEMENT_TIMEOUT: &str = "OMNIBOX_STATEMENT_TIMEOUT";
 /// The Kafka SASL password (`--kafka-sasl-mechanism`), when no
 /// `--kafka-sasl-password-file` is given.

@@ -261,7 +261,7 @@ impl Context {
 
 /// How long a statement waits for a connection before the database counts
 /// as unreachable.
-const ACQUIRE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+pub(crate) const ACQUIRE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// How long the exit waits for connections still checked out to come back.
 const CLOSE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);

@@ -129,7 +129,12 @@ where
                     // The report of the attempt that wrote them was lost:
                     // read back which rows are failed now.
                     for f in failures.iter().filter(|f| f.counted) {
-                        if let Ok(Some(row)) = self.store.get(f.id).await
+                        if let Ok(Some(row)) = super::stall::watched(
+                            &self.calls,
+                            "a results read-back",
+                            self.store.get(f.id),
+                        )
+                        .await
                             && row.status() == crate::model::EventStatus::Failed
                         {
                             dead.push(f.id);
@@ -298,7 +303,13 @@ where
             ..BatchReport::default()
         };
         report.ids.released = ids.clone();
-        match self.store.release(&claim.token, &ids).await {
+        match super::stall::watched(
+            &self.calls,
+            "a results write",
+            self.store.release(&claim.token, &ids),
+        )
+        .await
+        {
             Ok(_) => {}
             Err(Error::ConcurrentUpdate { missing, .. }) => {
                 tracing::debug!(
@@ -335,7 +346,7 @@ where
         let mut wait = Duration::from_millis(100);
         let mut unanswered = false;
         loop {
-            let call = self.calls.begin("results write");
+            let call = self.calls.begin("a results write");
             let result = op().await;
             drop(call);
             match result {

@@ -42,6 +42,13 @@ pub trait DeadLetterStore<R: Route>: Send + Sync + 'static {
     /// Keeps `letters`; returns how many are kept. An `Err` means none was
     /// and the call may be retried.
     fn put<'a>(&'a self, letters: &'a [Letter<'a, R>]) -> BoxFuture<'a, Result<usize>>;
+
+    /// Whether `put` is a database call, watched like the processor's own
+    /// (see [`RunOptions::stall_limit`](crate::pipeline::RunOptions::stall_limit)):
+    /// a broker or HTTP store has timeouts of its own. `false` by default.
+    fn is_database(&self) -> bool {
+        false
+    }
 }
 
 /// A shared store.
@@ -54,6 +61,11 @@ impl<R: Route, D: DeadLetterStore<R>> DeadLetterStore<R> for Arc<D> {
     /// Puts the letters into the shared store.
     fn put<'a>(&'a self, letters: &'a [Letter<'a, R>]) -> BoxFuture<'a, Result<usize>> {
         D::put(self, letters)
+    }
+
+    /// Whether the shared store is a database.
+    fn is_database(&self) -> bool {
+        D::is_database(self)
     }
 }
 
@@ -71,6 +83,11 @@ impl<R: Route + serde::Serialize> DeadLetterStore<R> for DeadLetterTable {
             let pairs: Vec<_> = letters.iter().map(|l| (l.event, l.error)).collect();
             self.put_failed(&pairs).await
         })
+    }
+
+    /// A table: yes.
+    fn is_database(&self) -> bool {
+        true
     }
 }
 
@@ -98,7 +115,9 @@ pub(crate) async fn put_dead_letters<R: Route>(
         let mut wait = Duration::from_millis(100);
         let mut said = false;
         loop {
-            let call = calls.map(|c| c.begin("dead-letter write"));
+            let call = calls
+                .filter(|_| store.is_database())
+                .map(|c| c.begin("a dead-letter write"));
             let put = store.put(letters).await;
             drop(call);
             match put {

@@ -253,7 +253,7 @@ where
                 no,
                 receipt: None,
             };
-            let call = self.calls.begin("claim");
+            let call = self.calls.begin("a claim");
             let claim = self
                 .store
                 .claim(&ClaimOptions {

@@ -489,9 +489,12 @@ where
             }
             _ = stall_tick.tick(), if options.stall_limit.is_some() => {
                 if let Some(limit) = options.stall_limit
-                    && let Some(e) = processor.calls.stalled(limit)
+                    && let Some(why) = processor.calls.stalled(limit)
                 {
-                    failure = Some(e);
+                    failure = Some(crate::error::Error::Outage(format!(
+                        "{why}; {}",
+                        super::stall::STOPPING
+                    )));
                     break;
                 }
             }

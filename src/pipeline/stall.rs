@@ -55,8 +55,9 @@ pub(crate) async fn watched<T>(
 }
 
 /// Resolves once the oldest call in progress has run for `limit`, with
-/// the error that says so (checked every second); never without a limit.
-pub(crate) async fn stalled(calls: &Calls, limit: Option<Duration>) -> crate::Error {
+/// what [`Calls::stalled`] says (checked every second); never without a
+/// limit.
+pub(crate) async fn stalled(calls: &Calls, limit: Option<Duration>) -> String {
     let Some(limit) = limit else {
         return std::future::pending().await;
     };
@@ -69,17 +70,20 @@ pub(crate) async fn stalled(calls: &Calls, limit: Option<Duration>) -> crate::Er
     }
 }
 
+/// What a run that stops on a lost connection adds to [`Calls::stalled`].
+pub(crate) const STOPPING: &str = "stopping so that the process is started again (rows in flight are retaken after their lease, or once the server ends their transaction)";
+
 impl Calls {
-    /// The error a run ends with when its oldest call in progress has run
-    /// for `limit`.
-    pub(crate) fn stalled(&self, limit: Duration) -> Option<crate::Error> {
+    /// When the oldest call in progress has run for `limit`: what it is,
+    /// and that its connection is taken for lost.
+    pub(crate) fn stalled(&self, limit: Duration) -> Option<String> {
         let (age, what) = self.oldest()?;
         (age >= limit).then(|| {
-            crate::Error::Outage(format!(
-                "the database has not answered a {what} in {}s (the limit is {}s, past the longest a statement may run): its connection is taken for lost without a reset (a failover that moved the server's address, a firewall or NAT that dropped the connection); stopping so that the process is started again (rows in flight are retaken after their lease, or once the server ends their transaction)",
+            format!(
+                "the database has not answered {what} in {}s (the limit is {}s, past the longest a statement may run): its connection is taken for lost without a reset (a failover that moved the server's address, a firewall or NAT that dropped the connection)",
                 age.as_secs(),
                 limit.as_secs(),
-            ))
+            )
         })
     }
 }
@@ -98,14 +102,14 @@ mod tests {
     fn the_oldest_call_in_progress_is_reported_until_it_ends() {
         let calls = Calls::default();
         assert!(calls.oldest().is_none());
-        let first = calls.begin("claim");
+        let first = calls.begin("a claim");
         std::thread::sleep(Duration::from_millis(20));
-        let second = calls.begin("write");
+        let second = calls.begin("a write");
         let (age, what) = calls.oldest().unwrap();
-        assert_eq!(what, "claim");
+        assert_eq!(what, "a claim");
         assert!(age >= Duration::from_millis(20));
         drop(first);
-        assert_eq!(calls.oldest().unwrap().1, "write");
+        assert_eq!(calls.oldest().unwrap().1, "a write");
         drop(second);
         assert!(calls.oldest().is_none());
     }

@@ -47,17 +47,20 @@ impl<S: Source, H: Handler, T: ConsumerStore> InboxConsumer<S, H, T> {
             return self.commit(messages, report).await;
         };
         let calls = self.calls.clone();
-        let mut tx = crate::pipeline::stall::watched(&calls, "store", self.store.begin()).await?;
-        let outcomes = crate::pipeline::stall::watched(&calls, "store", tx.insert(&events))
-            .await
-            .map_err(|e| persist_error(&events, e))?;
+        let mut tx =
+            crate::pipeline::stall::watched(&calls, "an inbox write", self.store.begin()).await?;
+        let outcomes =
+            crate::pipeline::stall::watched(&calls, "an inbox write", tx.insert(&events))
+                .await
+                .map_err(|e| persist_error(&events, e))?;
         let existing: Vec<Uuid> = outcomes
             .iter()
             .filter(|o| o.existing)
             .map(|o| o.id)
             .collect();
         let mut met =
-            crate::pipeline::stall::watched(&calls, "store", tx.take(&existing, &token)).await?;
+            crate::pipeline::stall::watched(&calls, "an inbox write", tx.take(&existing, &token))
+                .await?;
         // Each new row goes to the handler's work list (moved, not copied).
         let mut events: Vec<Option<InboxEvent>> = events.into_iter().map(Some).collect();
 
@@ -102,13 +105,13 @@ impl<S: Source, H: Handler, T: ConsumerStore> InboxConsumer<S, H, T> {
             .into_iter()
             .filter_map(|(id, m)| matches!(m, Redelivered::Taken(_)).then_some(id))
             .collect();
-        crate::pipeline::stall::watched(&calls, "store", tx.unlock(&untouched)).await?;
+        crate::pipeline::stall::watched(&calls, "an inbox write", tx.unlock(&untouched)).await?;
         // New rows beyond the end are not kept: they come again.
         let beyond: Vec<Uuid> = (end..messages.len())
             .filter(|&i| !outcomes[i].existing && !normalized[i].is_poison())
             .map(|i| outcomes[i].id)
             .collect();
-        crate::pipeline::stall::watched(&calls, "store", tx.delete(&beyond)).await?;
+        crate::pipeline::stall::watched(&calls, "an inbox write", tx.delete(&beyond)).await?;
 
         let batch = Batch {
             token: &token,
@@ -124,8 +127,9 @@ impl<S: Source, H: Handler, T: ConsumerStore> InboxConsumer<S, H, T> {
                 .filter(|w| w.new)
                 .map(|w| w.event.id())
                 .collect();
-            crate::pipeline::stall::watched(&calls, "store", tx.lock(&fresh, &token)).await?;
-            crate::pipeline::stall::watched(&calls, "store", tx.commit()).await?;
+            crate::pipeline::stall::watched(&calls, "an inbox write", tx.lock(&fresh, &token))
+                .await?;
+            crate::pipeline::stall::watched(&calls, "an inbox write", tx.commit()).await?;
             self.handle_outside(handler.as_ref(), batch, report).await?
         };
         let (end, retry_in) = match settled {
@@ -186,7 +190,7 @@ impl<S: Source, H: Handler, T: ConsumerStore> InboxConsumer<S, H, T> {
         if !self.reading_ahead || self.ahead.is_some() {
             return crate::pipeline::stall::watched(
                 &self.calls,
-                "store",
+                "an inbox write",
                 self.store.insert_many(events),
             )
             .await;
@@ -214,7 +218,7 @@ impl<S: Source, H: Handler, T: ConsumerStore> InboxConsumer<S, H, T> {
         };
         let calls = self.calls.clone();
         let (stored, ahead) = tokio::join!(
-            crate::pipeline::stall::watched(&calls, "store", store.insert_many(events)),
+            crate::pipeline::stall::watched(&calls, "an inbox write", store.insert_many(events)),
             read
         );
         self.ahead = Some(ahead);

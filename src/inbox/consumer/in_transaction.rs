@@ -85,8 +85,8 @@ impl<S: Source, H: Handler, T: ConsumerStore> InboxConsumer<S, H, T> {
             }
         }
         let calls = self.calls.clone();
-        crate::pipeline::stall::watched(&calls, "store", tx.delete(&gone_new)).await?;
-        crate::pipeline::stall::watched(&calls, "store", tx.unlock(&gone_taken)).await?;
+        crate::pipeline::stall::watched(&calls, "an inbox write", tx.delete(&gone_new)).await?;
+        crate::pipeline::stall::watched(&calls, "an inbox write", tx.unlock(&gone_taken)).await?;
         // Failed rows are written through the lease, after the commit:
         // lock the new ones now.
         let failed_new: Vec<Uuid> = failures
@@ -94,15 +94,20 @@ impl<S: Source, H: Handler, T: ConsumerStore> InboxConsumer<S, H, T> {
             .filter(|(_, e)| batch.work.iter().any(|w| w.new && w.event.id() == e.id()))
             .map(|(f, _)| f.id)
             .collect();
-        crate::pipeline::stall::watched(&calls, "store", tx.lock(&failed_new, batch.token)).await?;
-        crate::pipeline::stall::watched(&calls, "store", tx.complete(&completed)).await?;
-        crate::pipeline::stall::watched(&calls, "store", tx.commit()).await?;
+        crate::pipeline::stall::watched(
+            &calls,
+            "an inbox write",
+            tx.lock(&failed_new, batch.token),
+        )
+        .await?;
+        crate::pipeline::stall::watched(&calls, "an inbox write", tx.complete(&completed)).await?;
+        crate::pipeline::stall::watched(&calls, "an inbox write", tx.commit()).await?;
         self.count("processed", completed.len() as u64);
         if !failures.is_empty() {
             let list: Vec<Failure> = failures.iter().map(|(f, _)| f.clone()).collect();
             let written = crate::pipeline::stall::watched(
                 &calls,
-                "store",
+                "an inbox write",
                 self.store.fail(batch.token, &list),
             )
             .await?;

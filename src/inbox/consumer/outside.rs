@@ -62,7 +62,7 @@ impl<S: Source, H: Handler, T: ConsumerStore> InboxConsumer<S, H, T> {
                 verdict @ (Verdict::Processed | Verdict::Skipped) => {
                     match crate::pipeline::stall::watched(
                         &self.calls,
-                        "store",
+                        "an inbox write",
                         self.store.complete(batch.token, &[w.event.id()]),
                     )
                     .await
@@ -87,7 +87,7 @@ impl<S: Source, H: Handler, T: ConsumerStore> InboxConsumer<S, H, T> {
                     let wait = retry_wait(&failure);
                     let written = match crate::pipeline::stall::watched(
                         &self.calls,
-                        "store",
+                        "an inbox write",
                         self.store.fail(batch.token, std::slice::from_ref(&failure)),
                     )
                     .await
@@ -127,8 +127,12 @@ impl<S: Source, H: Handler, T: ConsumerStore> InboxConsumer<S, H, T> {
         if ids.is_empty() {
             return Ok(());
         }
-        match crate::pipeline::stall::watched(&self.calls, "store", self.store.release(token, ids))
-            .await
+        match crate::pipeline::stall::watched(
+            &self.calls,
+            "an inbox write",
+            self.store.release(token, ids),
+        )
+        .await
         {
             Ok(_) | Err(Error::ConcurrentUpdate { .. }) => Ok(()),
             Err(e) => Err(e),

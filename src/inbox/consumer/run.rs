@@ -190,13 +190,26 @@ impl<S: Source, H: Handler, T: ConsumerStore> InboxConsumer<S, H, T> {
             let before = report.clone();
             let calls = self.calls.clone();
             let limit = self.options.stall_limit;
+            // A stopped run loses nothing when the source gives the batch
+            // again and nothing of it was committed before it was stored.
+            let may_stop = self.source.replays()
+                && !matches!(self.options.ack, crate::inbox::AckStrategy::AtMostOnce);
             let consumed = tokio::select! {
                 consumed = self.consume_parsed(messages, parsed.take(), report) => consumed,
-                // The batch's work is dropped: nothing of it was committed
-                // to the source, so its messages come again to the next run.
-                e = crate::pipeline::stall::stalled(&calls, limit) => {
-                    *report = before;
-                    return Err(e);
+                // The batch's work is dropped (the lost connection with it):
+                // the run stops, for the source to give the batch to the
+                // next one, or stores it again on a new connection.
+                why = crate::pipeline::stall::stalled(&calls, limit) => {
+                    if may_stop {
+                        *report = before;
+                        return Err(Error::Outage(format!(
+                            "{why}; {}",
+                            crate::pipeline::stall::STOPPING
+                        )));
+                    }
+                    Err(Error::Outage(format!(
+                        "{why}; the batch is stored again on a new connection (this source cannot give it again)"
+                    )))
                 }
             };
             match consumed {

@@ -33,18 +33,21 @@ impl<S: Source, H: Handler, T: ConsumerStore> InboxConsumer<S, H, T> {
         let normalized: &[Normalized] = normalized;
         let token = self.token();
         let calls = self.calls.clone();
-        let mut tx = crate::pipeline::stall::watched(&calls, "store", self.store.begin()).await?;
-        let outcomes = crate::pipeline::stall::watched(&calls, "store", tx.insert(&events))
-            .await
-            .map_err(|e| persist_error(&events, e))?;
+        let mut tx =
+            crate::pipeline::stall::watched(&calls, "an inbox write", self.store.begin()).await?;
+        let outcomes =
+            crate::pipeline::stall::watched(&calls, "an inbox write", tx.insert(&events))
+                .await
+                .map_err(|e| persist_error(&events, e))?;
         let fresh: Vec<usize> = (0..normalized.len())
             .filter(|&i| !outcomes[i].existing && !normalized[i].is_poison())
             .collect();
         if self.handler.is_some() {
             let ids: Vec<Uuid> = fresh.iter().map(|&i| outcomes[i].id).collect();
-            crate::pipeline::stall::watched(&calls, "store", tx.lock(&ids, &token)).await?;
+            crate::pipeline::stall::watched(&calls, "an inbox write", tx.lock(&ids, &token))
+                .await?;
         }
-        crate::pipeline::stall::watched(&calls, "store", tx.commit()).await?;
+        crate::pipeline::stall::watched(&calls, "an inbox write", tx.commit()).await?;
         self.tally(normalized, &outcomes, report);
         let poison: Vec<&InboxEvent> = normalized
             .iter()
@@ -98,12 +101,16 @@ impl<S: Source, H: Handler, T: ConsumerStore> InboxConsumer<S, H, T> {
         }
         heartbeat.stop();
         self.count("processed", done.len() as u64);
-        crate::pipeline::stall::watched(&self.calls, "store", self.store.complete(&token, &done))
-            .await?;
+        crate::pipeline::stall::watched(
+            &self.calls,
+            "an inbox write",
+            self.store.complete(&token, &done),
+        )
+        .await?;
         let failed_ids: Vec<Uuid> = failures.iter().map(|f| f.id).collect();
         let fail_report = crate::pipeline::stall::watched(
             &self.calls,
-            "store",
+            "an inbox write",
             self.store.fail(&token, &failures),
         )
         .await?;

@@ -299,6 +299,12 @@ impl Source for FileSource {
         self.regular
     }
 
+    /// A regular file is read again from its start by the next run; stdin
+    /// or a pipe is not.
+    fn replays(&self) -> bool {
+        self.regular
+    }
+
     /// Nothing to do: a file keeps no offsets (reading it again is safe).
     async fn commit(&mut self, _through: &[RawMessage]) -> Result<()> {
         Ok(())

@@ -100,6 +100,16 @@ pub trait Source: Send {
     fn read_ahead(&self) -> bool {
         false
     }
+
+    /// Whether what was read and not committed comes again to the next
+    /// run (a broker's consumer group, a file read from its start): a
+    /// consumer whose database connection is lost may then stop and be
+    /// started again. False (the default) for a source that cannot be read
+    /// again (stdin, a pipe): its consumer retries on a new connection
+    /// instead.
+    fn replays(&self) -> bool {
+        false
+    }
 }
 
 /// A source chosen by URL (`--from`).
@@ -191,6 +201,14 @@ impl Source for AnySource {
         match self {
             AnySource::Kafka(s) => s.read_ahead(),
             AnySource::File(s) => s.read_ahead(),
+        }
+    }
+
+    /// Whether the chosen source gives again what was not committed.
+    fn replays(&self) -> bool {
+        match self {
+            AnySource::Kafka(s) => s.replays(),
+            AnySource::File(s) => s.replays(),
         }
     }
 }

@@ -158,7 +158,6 @@ impl KafkaSink {
         let _ = self.producer().producer.flush(timeout);
     }
 
-    /// The producer in use now (a later `renew` may replace it; this handle stays valid).
     /// A record refused for its size says how large it was, which limits
     /// apply, and what to change.
     fn explain_size(&self, m: &Message, e: &KafkaError, d: Delivery) -> Delivery {
@@ -179,10 +178,11 @@ impl KafkaSink {
                 .sum::<usize>();
         let limit = self.config.get("message.max.bytes").unwrap_or("1000000");
         Delivery::Rejected(format!(
-            "{text}: the record is {size} bytes (value, key and headers); the producer sends at most message.max.bytes ({limit}) and the topic accepts at most its max.message.bytes: raise both (-X message.max.bytes=N and the topic's setting) or make the event smaller"
+            "{text}: the record is {size} bytes (value, key and headers, without the protocol's framing); the producer sends at most message.max.bytes ({limit}) and the topic accepts at most its max.message.bytes: raise both (-X message.max.bytes=N and the topic's setting) or make the event smaller"
         ))
     }
 
+    /// The producer in use now (a later `renew` may replace it; this handle stays valid).
     fn producer(&self) -> Arc<Kafka> {
         self.producer
             .lock()

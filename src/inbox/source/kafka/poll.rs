@@ -15,6 +15,12 @@ use crate::inbox::RawMessage;
 use crate::inbox::source::{Polled, Source};
 
 impl Source for KafkaSource {
+    /// The group's committed offsets: what was not committed is delivered
+    /// again to the next run.
+    fn replays(&self) -> bool {
+        true
+    }
+
     /// `kafka://BROKERS (group G, topics T1,T2)`, the brokers' credentials masked.
     fn describe(&self) -> String {
         format!(
