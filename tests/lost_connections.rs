@@ -1,15 +1,14 @@
-//! Connections the network loses without a reset: `omnibox publish` and
-//! `omnibox inbox process` reach PostgreSQL through a proxy in this test
-//! that, on a signal, stops forwarding on every connection it carries while
-//! keeping them open (what a failover that moved the server's address, or
-//! a NAT that dropped its state, looks like to a client: no error, no
-//! answer). New connections after it go through. A claim or results write
-//! in progress then never returns; past the stall limit (the statement
-//! twice the statement timeout and 10 s: 12 s with
-//! OMNIBOX_STATEMENT_TIMEOUT=1s) the command stops
-//! with exit 1 and says why, and a new run publishes every row: nothing
-//! lost. A consumer reading a pipe, which cannot be read again, carries on
-//! on a new connection instead.
+//! Connections the network loses without a reset: `omnibox publish`,
+//! `omnibox inbox process` and `omnibox inbox consume` reach PostgreSQL
+//! through a proxy in this test that, on a signal, stops forwarding on every
+//! connection it carries while keeping them open (what a failover that moved
+//! the server's address, or a NAT that dropped its state, looks like to a
+//! client: no error, no answer). New connections after it go through. A
+//! call in progress then never returns; past the stall limit (twice the
+//! statement timeout and 10 s: 12 s with OMNIBOX_STATEMENT_TIMEOUT=1s) the
+//! command stops with exit 1 and says why, and a new run finishes every
+//! row: nothing lost. A consumer reading a pipe, which cannot be read
+//! again, carries on on a new connection instead.
 
 mod common;
 
