@@ -81,6 +81,14 @@ impl Proxy {
     }
 }
 
+/// A test that fails still closes the frozen connections (the server
+/// would keep their sessions, and their locks, otherwise).
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.released.send_replace(u64::MAX);
+    }
+}
+
 async fn pump(
     mut from: tokio::net::tcp::OwnedReadHalf,
     mut to: tokio::net::tcp::OwnedWriteHalf,
@@ -106,7 +114,11 @@ async fn pump(
                     return;
                 }
             }
-            _ = frozen.changed() => {}
+            changed = frozen.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+            }
         }
     }
     // Frozen: read and drop whatever comes, answer nothing, keep the
@@ -123,7 +135,11 @@ async fn pump(
                     return;
                 }
             }
-            _ = released.changed() => {}
+            changed = released.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+            }
         }
     }
 }
@@ -265,7 +281,7 @@ async fn a_relay_stops_when_its_connections_are_lost_without_a_reset() {
         dir.path(),
         &via,
         &schema,
-        &["publish", "--broker", "null"],
+        &["publish", "--broker", "null", "--lease", "10s"],
         "relay.log",
     );
     let inserting = Arc::new(AtomicBool::new(true));
@@ -316,14 +332,16 @@ async fn a_relay_stops_when_its_connections_are_lost_without_a_reset() {
     .await;
     inserting.store(false, Ordering::SeqCst);
     let inserted = inserter.await.unwrap() as u64;
-    // The lost connections end (the server rolls back what they held); a
-    // new relay, through new connections, publishes every row.
-    proxy.release();
+    // A new relay, through new connections, publishes every row, while
+    // the lost ones stay open on the server: what they held (a held
+    // claim's row locks) is released when the server ends their idle
+    // transactions (after the lease, 10 s here, for a held claim; after
+    // the stall limit for the others).
     let mut again = omnibox(
         dir.path(),
         &via,
         &schema,
-        &["publish", "--broker", "null", "--once"],
+        &["publish", "--broker", "null", "--once", "--lease", "10s"],
         "again.log",
     );
     let code = exits(
@@ -338,6 +356,7 @@ async fn a_relay_stops_when_its_connections_are_lost_without_a_reset() {
     let counts = outbox.counts().await.unwrap();
     assert_eq!(counts.completed, inserted, "{counts:?}");
     assert_eq!(counts.pending + counts.failed, 0, "{counts:?}");
+    proxy.release();
 }
 
 /// The same for `inbox process`: a handler run per row, the rows inserted
@@ -464,7 +483,7 @@ async fn inbox_consume_from_a_file_stops_when_its_connections_are_lost_without_a
         assert_eq!(code, 1, "inbox consume's exit code");
         assert_said_why(dir.path(), "consume.log");
     }
-    proxy.release();
+    // The lost connections stay open on the server meanwhile.
     let mut again = omnibox(
         dir.path(),
         &via,
@@ -482,6 +501,7 @@ async fn inbox_consume_from_a_file_stops_when_its_connections_are_lost_without_a
     let log = std::fs::read_to_string(dir.path().join("consume-again.log")).unwrap();
     assert_eq!(code, 0, "{log}");
     assert_eq!(stored().await, lines, "each message stored once");
+    proxy.release();
 }
 
 /// `inbox consume` from a pipe cannot stop (the lines it holds would be
@@ -559,10 +579,9 @@ async fn inbox_consume_from_a_pipe_carries_on_when_its_connections_are_lost_with
     .await;
     let text = std::fs::read_to_string(dir.path().join("pipe.log")).unwrap();
     assert_eq!(code, 0, "{text}");
-    assert!(
-        text.contains("the database cannot be reached") && text.contains("taken for lost"),
-        "{text}"
-    );
+    // Said as an outage: the call taken for lost, or (its connection idle
+    // for over a second) the ping before it given up.
+    assert!(text.contains("the database cannot be reached"), "{text}");
     assert_eq!(stored().await, 3000, "each line stored once");
     proxy.release();
 }

@@ -224,6 +224,10 @@ impl Context {
             // Every statement of every command is bounded: a maintenance
             // query stuck behind a lock fails instead of hanging a cron job.
             statement_timeout: Some(self.settings.statement_timeout),
+            // A transaction whose client was lost without a reset (its
+            // claim or batch cut off by the stall watchdog, or a process
+            // whose network went away) ends by then, with its locks.
+            idle_in_transaction_timeout: Some(self.settings.stall_limit()),
             // An outage is noticed (and warned about) within this, not
             // after the pool's 30 s.
             acquire_timeout: Some(ACQUIRE_TIMEOUT),

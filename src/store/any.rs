@@ -100,6 +100,10 @@ pub struct StoreOptions {
     /// Longest a statement may run (PostgreSQL `statement_timeout`);
     /// `None` keeps the server's setting.
     pub statement_timeout: Option<Duration>,
+    /// Longest a transaction may stay idle before the server ends it
+    /// (PostgreSQL `idle_in_transaction_session_timeout`); `None` keeps
+    /// the server's setting.
+    pub idle_in_transaction_timeout: Option<Duration>,
     /// Longest wait for a connection from the pool, a new one included
     /// (PostgreSQL); `None` keeps the pool's default (30 s). A database
     /// that is down fails a statement after this long.
@@ -141,6 +145,7 @@ impl AnyStore {
                     pg.max_connections = n;
                 }
                 pg.statement_timeout = opts.statement_timeout;
+                pg.idle_in_transaction_timeout = opts.idle_in_transaction_timeout;
                 if let Some(t) = opts.acquire_timeout {
                     pg.acquire_timeout = t;
                 }

@@ -30,7 +30,11 @@ impl<S: Source, H: Handler, T: ConsumerStore> InboxConsumer<S, H, T> {
         once: bool,
         shutdown: watch::Receiver<bool>,
     ) -> Result<ConsumeReport> {
-        self.reading_ahead = self.source.read_ahead();
+        // A batch read ahead is dropped if the batch before it is cut off
+        // by the stall watchdog: read ahead only from a source that gives
+        // it again.
+        self.reading_ahead = self.source.read_ahead()
+            && (self.options.stall_limit.is_none() || self.source.replays());
         let ran = self.run_loop(once, shutdown).await;
         self.reading_ahead = false;
         ran
@@ -232,8 +236,16 @@ impl<S: Source, H: Handler, T: ConsumerStore> InboxConsumer<S, H, T> {
                         Instant::now()
                     });
                     if once && since.elapsed() >= self.options.outage_limit {
+                        let batch = if matches!(
+                            self.options.ack,
+                            crate::inbox::AckStrategy::AtMostOnce
+                        ) {
+                            "nothing of the batch in hand was stored, and with --ack at-most-once it had been committed to the source: its messages are lost"
+                        } else {
+                            "nothing of the batch in hand was stored or committed"
+                        };
                         return Err(Error::Outage(format!(
-                            "the database was unreachable for {}s (--outage-limit); nothing of the batch in hand was stored or committed: {e}",
+                            "the database was unreachable for {}s (--outage-limit); {batch}: {e}",
                             since.elapsed().as_secs()
                         )));
                     }

@@ -64,6 +64,11 @@ pub struct PgOptions {
     pub application_name: Option<String>,
     /// `statement_timeout` of the connections; `None` keeps the server's.
     pub statement_timeout: Option<Duration>,
+    /// `idle_in_transaction_session_timeout` of the connections: the
+    /// server ends a transaction left idle this long (its client lost
+    /// without a reset, say), releasing its locks; a held claim sets its
+    /// own (its lease). `None` keeps the server's.
+    pub idle_in_transaction_timeout: Option<Duration>,
 }
 
 impl Default for PgOptions {
@@ -74,6 +79,7 @@ impl Default for PgOptions {
             acquire_timeout: Duration::from_secs(30),
             application_name: None,
             statement_timeout: None,
+            idle_in_transaction_timeout: None,
         }
     }
 }
@@ -244,6 +250,10 @@ impl PgStore {
         if let Some(t) = opts.statement_timeout {
             let ms = t.as_millis().clamp(1, i32::MAX as u128).to_string();
             connect = connect.options([("statement_timeout", ms.as_str())]);
+        }
+        if let Some(t) = opts.idle_in_transaction_timeout {
+            let ms = t.as_millis().clamp(1, i32::MAX as u128).to_string();
+            connect = connect.options([("idle_in_transaction_session_timeout", ms.as_str())]);
         }
         connect = connect.log_statements(tracing::log::LevelFilter::Trace);
         // One direct connection first: the pool would retry a refused
