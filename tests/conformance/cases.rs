@@ -554,10 +554,11 @@ pub async fn claim_skips_held_rows_until_the_lease_expires(db: &TestDb) {
         "w1's 5-minute lease has not expired"
     );
     outbox.release(&first.token, &ids(&events)).await.unwrap();
-    // w1 again, now with a 30 ms lease: a worker with the default 5-minute
-    // lease takes the rows once w1's own lease has passed.
+    // w1 again, now with a 500 ms lease: a worker with the default 5-minute
+    // lease takes the rows once w1's own lease has passed (not before: the
+    // lease is long enough for the next claim on a loaded machine).
     let short = outbox
-        .claim(&ClaimOptions::new(w("w1"), 10).lease(Duration::from_millis(30)))
+        .claim(&ClaimOptions::new(w("w1"), 10).lease(Duration::from_millis(500)))
         .await
         .unwrap();
     assert_eq!(short.len(), 5);
@@ -568,7 +569,7 @@ pub async fn claim_skips_held_rows_until_the_lease_expires(db: &TestDb) {
             .unwrap()
             .is_empty()
     );
-    tokio::time::sleep(Duration::from_millis(60)).await;
+    tokio::time::sleep(Duration::from_millis(600)).await;
     assert!(outbox.claimable_exists().await.unwrap());
     let second = outbox.claim(&ClaimOptions::new(w("w2"), 10)).await.unwrap();
     assert_eq!(ids(&second.events), ids(&events));
