@@ -267,10 +267,13 @@ fn read(path: &Path) -> Result<FileConfig> {
 }
 
 impl Settings {
-    /// Whether the database is a PostgreSQL server.
+    /// Whether the database is a PostgreSQL server (the store's own
+    /// reading of the URL's scheme).
     pub fn is_postgres(&self) -> bool {
-        let url = self.database_url.as_str();
-        url.starts_with("postgres://") || url.starts_with("postgresql://")
+        matches!(
+            omnibox::store::Backend::from_url(&self.database_url),
+            Ok(omnibox::store::Backend::Postgres)
+        )
     }
 
     /// How long `publish`, `inbox process` and `inbox consume` wait for the

@@ -191,10 +191,7 @@ pub async fn run_publish(args: PublishArgs, ctx: &Context) -> Result<ExitStatus>
         .into());
     }
     let wal = args.source == SourceArg::Wal;
-    let postgres = {
-        let url = ctx.settings.database_url.as_str();
-        url.starts_with("postgres://") || url.starts_with("postgresql://")
-    };
+    let postgres = ctx.settings.is_postgres();
     if args.hold == Some(HoldArg::Transaction) && !postgres {
         return Err(super::UsageError(
             "--hold transaction holds rows with PostgreSQL's row locks; this database is SQLite: omit --hold (the lease)".into(),
